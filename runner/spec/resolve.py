@@ -1,0 +1,358 @@
+"""Spec file -> fully explicit, validated spec: presets merged, defaults filled, paths resolved.
+
+Every problem found is collected and raised at once as a :class:`SpecError`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runner.resources import resource_dir
+from runner.spec import schema as S
+from runner.spec.errors import Problem, SpecError, format_key_path
+from runner.spec.yamlio import LoadedYaml, Mark, YamlError, load_yaml_file
+
+# Which preset folder serves which section (key path of the 'preset' field -> folder).
+PRESET_FOLDERS: dict[tuple[str, ...], str] = {
+    ("train",): "train",
+    ("evaluate",): "inference",
+    ("generate", "video"): "video",
+}
+
+PROJECT_MARKERS = (".git", "runner.toml", ".runner")
+
+
+@dataclass
+class Spec:
+    """A loaded, validated and resolved spec."""
+
+    file: Path
+    project_root: Path
+    data: dict[str, Any]  # fully resolved (presets + defaults + normalized paths)
+    raw: dict[str, Any]  # as written
+    loaded: LoadedYaml
+    presets_used: dict[str, str] = field(default_factory=dict)  # section -> preset file
+
+    @property
+    def name(self) -> str:
+        return self.data["character"]["name"]
+
+    def abspath(self, value: str) -> Path:
+        """Absolute path of a normalized path value from the resolved spec."""
+        p = Path(value)
+        return p if p.is_absolute() else (self.project_root / p)
+
+
+def find_project_root(spec_file: Path) -> Path:
+    """Nearest ancestor of the spec's folder holding .git, runner.toml or .runner."""
+    start = spec_file.resolve().parent
+    for folder in (start, *start.parents):
+        if any((folder / m).exists() for m in PROJECT_MARKERS):
+            return folder
+    return start
+
+
+def deep_merge(base: Any, override: Any) -> Any:
+    """Override wins; mappings merge key by key; lists and scalars are replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        out = dict(base)
+        for k, v in override.items():
+            out[k] = deep_merge(base[k], v) if k in base else copy.deepcopy(v)
+        return out
+    return copy.deepcopy(override)
+
+
+def list_presets(folder: str) -> dict[str, Path]:
+    d = resource_dir("presets") / folder
+    return {p.stem: p for p in sorted(d.glob("*.yaml"))}
+
+
+def _get(d: dict, path: tuple) -> Any:
+    for k in path:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def _set(d: dict, path: tuple, value: Any) -> None:
+    for k in path[:-1]:
+        d = d.setdefault(k, {})
+    d[path[-1]] = value
+
+
+def _section_schema_for(path: tuple[str, ...]) -> tuple[dict, str]:
+    sch = S.section_schema(path[0])
+    uri = sch["$id"]
+    for key in path[1:]:
+        sub, uri = S.child_schema(sch, uri, key)
+        assert sub is not None
+        sch = sub
+    return sch, uri
+
+
+def load_spec(path: str | Path, *, allow_outside: bool = False, require_files: bool = True) -> Spec:
+    """Load, validate and resolve one spec file. Raises SpecError with every problem found.
+
+    ``require_files=False`` (``runner validate``) checks the spec's shape and where its paths
+    point, but not that the data is already there.
+    """
+    spec_file = Path(path)
+    problems: list[Problem] = []
+    try:
+        loaded = load_yaml_file(spec_file)
+    except YamlError as exc:
+        raise SpecError([_yaml_problem(exc)]) from None
+    raw = loaded.data
+    if raw is None:
+        raise SpecError([Problem(str(spec_file), 1, 1, "(top level)", "the file is empty",
+                                 hint="Run `runner init NAME` for a starter spec.")])
+    if not isinstance(raw, dict):
+        m = loaded.mark_for(())
+        raise SpecError([Problem(m.file, m.line, m.col, "(top level)",
+                                 "a spec must be a mapping of sections (character:, dataset:, ...)")])
+    # Every phase below runs even when an earlier one found problems, so that the user sees
+    # everything at once; only values of the right shape are used.
+    problems += S.validate(raw, loaded)
+
+    project_root = find_project_root(spec_file)
+    data = copy.deepcopy(raw)
+    presets_used: dict[str, str] = {}
+
+    # 1. presets, key by key under the user's values
+    for section_path, folder in PRESET_FOLDERS.items():
+        section = _get(data, section_path)
+        if not isinstance(section, dict) or not isinstance(section.get("preset"), str):
+            continue
+        name = section["preset"]
+        preset_file, preset_problems = _find_preset(name, folder, spec_file, loaded, section_path)
+        problems += preset_problems
+        if preset_file is None:
+            continue
+        try:
+            ploaded = load_yaml_file(preset_file)
+        except YamlError as exc:
+            problems.append(_yaml_problem(exc))
+            continue
+        pdata = ploaded.data
+        if not isinstance(pdata, dict) or not isinstance(pdata.get("values"), dict):
+            problems.append(Problem(str(preset_file), 1, 1, "values",
+                                    "a preset file needs a 'values:' mapping"))
+            continue
+        values = pdata["values"]
+        sch, _ = _section_schema_for(section_path)
+        problems += S.validate(values, ploaded, schema=sch, path_prefix=("values",), mark_prefix=("values",))
+        merged = deep_merge(values, section)
+        _set(data, section_path, merged)
+        presets_used[format_key_path(section_path)] = str(preset_file)
+
+    # 2. train variants: each must be a valid override of the train section
+    train = data.get("train")
+    variants = train.get("variants") if isinstance(train, dict) else None
+    if isinstance(variants, dict):
+        for vname, override in variants.items():
+            if not isinstance(override, dict):
+                continue
+            base = {k: v for k, v in train.items() if k not in ("variants", "include_base_variant")}
+            merged = deep_merge(base, override)
+            if "variants" in override or "include_base_variant" in override:
+                m = loaded.mark_for(("train", "variants", vname))
+                problems.append(Problem(m.file, m.line, m.col, f"train.variants.{vname}",
+                                        "a variant cannot contain 'variants' or 'include_base_variant'"))
+                continue
+            sch, _ = _section_schema_for(("train",))
+            prefix = ("train", "variants", vname)
+            for p in S.validate(merged, loaded, schema=sch, path_prefix=prefix, mark_prefix=prefix):
+                # Only what the override itself brings in; the base section is checked above.
+                rest = p.key_path[len(format_key_path(prefix)) + 1 :]
+                top = rest.split(".", 1)[0].split("[", 1)[0]
+                if top in override:
+                    problems.append(p)
+    if problems:
+        # Paths are still checked (escapes are worth knowing about), then everything is raised.
+        try:
+            problems += _resolve_paths(data, loaded, spec_file, project_root, allow_outside, False)
+        except Exception:  # a malformed spec can trip the walker; the schema problems say why
+            pass
+        raise SpecError(problems)
+
+    # 3. defaults
+    data = S.fill_defaults(data, S.root_schema(), S.root_uri())
+
+    # 4. paths
+    problems += _resolve_paths(data, loaded, spec_file, project_root, allow_outside, require_files)
+
+    # 5. checks that a schema cannot express
+    problems += _semantic_checks(data, loaded)
+    if problems:
+        raise SpecError(problems)
+    return Spec(
+        file=spec_file.resolve(),
+        project_root=project_root,
+        data=data,
+        raw=raw,
+        loaded=loaded,
+        presets_used=presets_used,
+    )
+
+
+def _yaml_problem(exc: YamlError) -> Problem:
+    return Problem(exc.mark.file, exc.mark.line, exc.mark.col, "(file)", exc.message, hint=exc.hint)
+
+
+def _find_preset(
+    name: str, folder: str, spec_file: Path, loaded: LoadedYaml, section_path: tuple
+) -> tuple[Path | None, list[Problem]]:
+    shipped = list_presets(folder)
+    if name in shipped:
+        return shipped[name], []
+    candidate = (spec_file.parent / name).resolve()
+    if (name.endswith((".yaml", ".yml")) or "/" in name) and candidate.is_file():
+        return candidate, []
+    import difflib
+
+    close = difflib.get_close_matches(name, list(shipped), n=1, cutoff=0.5)
+    m = loaded.mark_for(section_path + ("preset",))
+    return None, [
+        Problem(
+            m.file, m.line, m.col, format_key_path(section_path + ("preset",)),
+            f"unknown preset '{name}'",
+            expected="one of: " + ", ".join(shipped) + " (or a path to a preset .yaml file)",
+            hint=f"did you mean '{close[0]}'?" if close else "Run `runner presets` to list them.",
+        )
+    ]
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def _looks_like_path(value: str) -> bool:
+    return (
+        value.startswith(("./", "../", "/", "~"))
+        or value.endswith((".safetensors", ".ckpt", ".yaml", ".yml", ".json"))
+    )
+
+
+def _resolve_paths(
+    data: dict,
+    loaded: LoadedYaml,
+    spec_file: Path,
+    project_root: Path,
+    allow_outside: bool,
+    require_files: bool = True,
+) -> list[Problem]:
+    problems: list[Problem] = []
+    spec_dir = spec_file.resolve().parent
+
+    def visit(node: Any, sch: dict, uri: str, path: tuple, parent: Any, key: Any) -> None:
+        sch, uri = S.pick_branch(sch, uri, node)
+        kind = sch.get("x-path")
+        if kind and isinstance(node, str):
+            new = _resolve_one(node, kind, path)
+            if new is not None:
+                parent[key] = new
+            return
+        if isinstance(node, dict):
+            for k in list(node):
+                sub, suri = S.child_schema(sch, uri, k, node)
+                if sub is not None:
+                    visit(node[k], sub, suri, path + (k,), node, k)
+        elif isinstance(node, list):
+            for i in range(len(node)):
+                sub, suri = S.child_schema(sch, uri, i, node)
+                if sub is not None:
+                    visit(node[i], sub, suri, path + (i,), node, i)
+
+    def problem(path: tuple, message: str, hint: str = "") -> None:
+        m = _mark_for_resolved(loaded, path)
+        problems.append(Problem(m.file, m.line, m.col, format_key_path(path), message, hint=hint))
+
+    def normalize(p: Path) -> str:
+        try:
+            return p.relative_to(project_root).as_posix() or "."
+        except ValueError:
+            return str(p)
+
+    def _resolve_one(value: str, kind: str, path: tuple) -> str | None:
+        if kind == "preset":
+            return None
+        if kind == "cache":
+            return str(Path(value).expanduser())
+        if kind == "model":
+            if value.startswith("builtin:") or not (_looks_like_path(value) or (spec_dir / value).exists()):
+                return None  # builtin model or hub id
+            p = (spec_dir / Path(value).expanduser()).resolve()
+            if not p.exists() and require_files:
+                problem(path, f"model path not found: {p}", "Give an existing local path, or a hub id like 'org/name'.")
+            return normalize(p)
+        if kind == "named-or-data" and not _looks_like_path(value) and not (spec_dir / value).exists():
+            return None  # a built-in name such as 'builtin', 'best', 'storyboard'
+        p = (spec_dir / Path(value).expanduser()).resolve()
+        if not _inside(p, project_root) and not allow_outside:
+            problem(
+                path,
+                f"path '{value}' resolves to {p}, outside the project folder {project_root}",
+                "Move the data into the project, or pass --allow-outside-project if this is intended.",
+            )
+            return normalize(p)
+        if not p.exists() and require_files:
+            problem(path, f"path not found: {p}", f"Paths are relative to the spec file ({spec_dir}).")
+        return normalize(p)
+
+    visit(data, S.root_schema(), S.root_uri(), (), None, None)
+    return problems
+
+
+def _mark_for_resolved(loaded: LoadedYaml, path: tuple) -> Mark:
+    return loaded.mark_for(path)
+
+
+def _inside(p: Path, root: Path) -> bool:
+    try:
+        p.relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+# --------------------------------------------------------------------------- semantic checks
+
+
+def _semantic_checks(data: dict, loaded: LoadedYaml) -> list[Problem]:
+    problems: list[Problem] = []
+
+    def add(path: tuple, message: str, hint: str = "") -> None:
+        m = loaded.mark_for(path)
+        problems.append(Problem(m.file, m.line, m.col, format_key_path(path), message, hint=hint))
+
+    shots = data.get("dataset", {}).get("shots", {}).get("targets", {})
+    for cat, rng in shots.items():
+        if rng[0] > rng[1]:
+            add(("dataset", "shots", "targets", cat), f"min {rng[0]} is greater than max {rng[1]}")
+    mins = sum(r[0] for c, r in shots.items() if c not in ("complex_background", "occluded", "multi_character"))
+    if mins > 1.0 + 1e-9:
+        add(("dataset", "shots", "targets"), f"the minimum shares add up to {mins:.2f}, more than 1")
+
+    train = data.get("train")
+    if isinstance(train, dict):
+        names = [p["name"] for p in train.get("phases", [])]
+        dupes = {n for n in names if names.count(n) > 1}
+        for n in sorted(dupes):
+            add(("train", "phases"), f"phase name '{n}' is used more than once")
+        if "base" in train.get("variants", {}) and train.get("include_base_variant", True):
+            add(("train", "variants", "base"), "'base' is the name of the un-overridden variant",
+                "Rename the variant, or set include_base_variant: false.")
+
+    sb = data.get("generate", {}).get("storyboard")
+    if isinstance(sb, dict):
+        if sb["min_scenes"] > sb["max_scenes"]:
+            add(("generate", "storyboard", "min_scenes"),
+                f"min_scenes {sb['min_scenes']} is greater than max_scenes {sb['max_scenes']}")
+        if sb["planner"] == "manual" and not sb["scenes"]:
+            add(("generate", "storyboard", "scenes"), "planner 'manual' needs a list of scenes")
+        if sb["planner"] in ("rules", "llm") and not sb["story"].strip():
+            add(("generate", "storyboard", "story"), f"planner '{sb['planner']}' needs a story")
+    return problems

@@ -1,0 +1,377 @@
+"""The spec's JSON Schema (draft 2020-12): loading, validation into :class:`Problem` s, defaults."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterator
+
+from runner.resources import resource_dir, schema_path
+from runner.spec.errors import Problem, format_key_path
+from runner.spec.yamlio import LoadedYaml
+
+_TYPE_NAMES = {
+    "object": "a mapping",
+    "array": "a list",
+    "string": "a string",
+    "integer": "an integer",
+    "number": "a number",
+    "boolean": "true or false",
+    "null": "null",
+}
+
+
+@lru_cache(maxsize=1)
+def _registry_and_root() -> tuple[Any, dict[str, Any]]:
+    from referencing import Registry, Resource
+    from referencing.jsonschema import DRAFT202012
+
+    root_file = schema_path()
+    schemas_dir = resource_dir("schemas")
+    resources = []
+    for path in sorted(schemas_dir.rglob("*.schema.json")):
+        contents = json.loads(path.read_text(encoding="utf-8"))
+        resources.append((path.resolve().as_uri(), Resource.from_contents(contents, DRAFT202012)))
+    registry = Registry().with_resources(resources)
+    root = json.loads(root_file.read_text(encoding="utf-8"))
+    root["$id"] = root_file.resolve().as_uri()
+    return registry, root
+
+
+def root_schema() -> dict[str, Any]:
+    return _registry_and_root()[1]
+
+
+@lru_cache(maxsize=None)
+def section_schema(section: str) -> dict[str, Any]:
+    """The schema of one top-level section (refs inside it stay resolvable via the registry)."""
+    path = resource_dir("schemas") / "sections" / f"{section}.schema.json"
+    contents = json.loads(path.read_text(encoding="utf-8"))
+    contents["$id"] = path.resolve().as_uri()
+    return contents
+
+
+def _validator(schema: dict[str, Any]) -> Any:
+    from jsonschema import Draft202012Validator
+
+    registry, _ = _registry_and_root()
+    return Draft202012Validator(schema, registry=registry)
+
+
+def _walk_ref(schema: dict[str, Any], doc_uri: str) -> tuple[dict[str, Any], str]:
+    """Resolve $ref in the context of the document it appears in."""
+    if not isinstance(schema, dict) or "$ref" not in schema:
+        return schema, doc_uri
+    from urllib.parse import urljoin
+
+    registry, _ = _registry_and_root()
+    target = urljoin(doc_uri, schema["$ref"])
+    resolved = registry.resolver(base_uri=doc_uri).lookup(target)
+    return dict(resolved.contents), target.split("#", 1)[0]
+
+
+def child_schema(
+    schema: dict[str, Any], doc_uri: str, key: str | int, instance: Any = None
+) -> tuple[dict[str, Any] | None, str]:
+    """The subschema that governs ``instance[key]`` (properties, additionalProperties, items)."""
+    schema, doc_uri = _walk_ref(schema, doc_uri)
+    if isinstance(key, int):
+        items = schema.get("items")
+        if isinstance(items, dict):
+            return _walk_ref(items, doc_uri)
+        return None, doc_uri
+    props = schema.get("properties", {})
+    if key in props:
+        return _walk_ref(props[key], doc_uri)
+    addl = schema.get("additionalProperties")
+    if isinstance(addl, dict):
+        return _walk_ref(addl, doc_uri)
+    return None, doc_uri
+
+
+def pick_branch(schema: dict[str, Any], doc_uri: str, instance: Any) -> tuple[dict[str, Any], str]:
+    """For oneOf/anyOf schemas, the branch whose type fits the instance (for walking)."""
+    schema, doc_uri = _walk_ref(schema, doc_uri)
+    for keyword in ("oneOf", "anyOf"):
+        if keyword in schema:
+            for branch in schema[keyword]:
+                b, u = _walk_ref(branch, doc_uri)
+                if _type_fits(b.get("type"), instance):
+                    merged = {k: v for k, v in schema.items() if k != keyword}
+                    merged.update(b)
+                    return merged, u
+    return schema, doc_uri
+
+
+def _type_fits(t: Any, instance: Any) -> bool:
+    if t is None:
+        return True
+    types = t if isinstance(t, list) else [t]
+    for name in types:
+        if name == "object" and isinstance(instance, dict):
+            return True
+        if name == "array" and isinstance(instance, list):
+            return True
+        if name == "string" and isinstance(instance, str):
+            return True
+        if name == "integer" and isinstance(instance, int) and not isinstance(instance, bool):
+            return True
+        if name == "number" and isinstance(instance, (int, float)) and not isinstance(instance, bool):
+            return True
+        if name == "boolean" and isinstance(instance, bool):
+            return True
+        if name == "null" and instance is None:
+            return True
+    return False
+
+
+def root_uri() -> str:
+    return _registry_and_root()[1]["$id"]
+
+
+def section_uri(section: str) -> str:
+    return section_schema(section)["$id"]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate(
+    instance: Any,
+    loaded: LoadedYaml,
+    *,
+    schema: dict[str, Any] | None = None,
+    path_prefix: tuple = (),
+    mark_prefix: tuple = (),
+) -> list[Problem]:
+    """All schema problems of ``instance``, each with file:line:col from ``loaded``.
+
+    ``path_prefix`` is prepended to key paths in messages; ``mark_prefix`` to key paths looked up
+    in ``loaded`` (they differ when a sub-document is validated, e.g. a preset's values).
+    """
+    validator = _validator(schema or root_schema())
+    problems: list[Problem] = []
+    for error in validator.iter_errors(instance):
+        problems.extend(_to_problems(error, loaded, path_prefix, mark_prefix))
+    # de-duplicate (oneOf can report the same thing twice)
+    seen: set[tuple] = set()
+    unique = []
+    for p in problems:
+        k = (p.file, p.line, p.col, p.key_path, p.message)
+        if k not in seen:
+            seen.add(k)
+            unique.append(p)
+    return unique
+
+
+def _problem(
+    loaded: LoadedYaml,
+    path: tuple,
+    message: str,
+    *,
+    expected: str = "",
+    hint: str = "",
+    path_prefix: tuple = (),
+    mark_prefix: tuple = (),
+    prefer_key: bool = False,
+) -> Problem:
+    mark = loaded.mark_for(mark_prefix + tuple(path), prefer_key=prefer_key)
+    return Problem(
+        file=mark.file,
+        line=mark.line,
+        col=mark.col,
+        key_path=format_key_path(path_prefix + tuple(path)),
+        message=message,
+        expected=expected,
+        hint=hint,
+    )
+
+
+def _describe_type(t: Any) -> str:
+    types = t if isinstance(t, list) else [t]
+    return " or ".join(_TYPE_NAMES.get(x, str(x)) for x in types)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _to_problems(error: Any, loaded: LoadedYaml, pp: tuple, mp: tuple) -> Iterator[Problem]:
+    path = tuple(error.absolute_path)
+    schema = error.schema if isinstance(error.schema, dict) else {}
+    desc = schema.get("description", "")
+    v = error.validator
+    kw = {"path_prefix": pp, "mark_prefix": mp}
+
+    if v == "additionalProperties" and isinstance(error.instance, dict):
+        allowed = list(schema.get("properties", {}))
+        extras = [k for k in error.instance if k not in allowed]
+        for extra in extras:
+            close = difflib.get_close_matches(extra, allowed, n=1, cutoff=0.6)
+            hint = f"did you mean '{close[0]}'?" if close else ""
+            yield _problem(
+                loaded,
+                path + (extra,),
+                f"unknown key '{extra}'",
+                expected="one of: " + ", ".join(allowed),
+                hint=hint,
+                prefer_key=True,
+                **kw,
+            )
+        return
+    if "propertyNames" in error.schema_path and v == "enum":
+        bad = error.instance
+        # error.instance is the offending key name; its parent is at error.absolute_path
+        parent_path = path
+        allowed = [str(x) for x in error.validator_value]
+        close = difflib.get_close_matches(str(bad), allowed, n=1, cutoff=0.6) if allowed else []
+        yield _problem(
+            loaded,
+            parent_path + (bad,),
+            f"unknown name '{bad}'",
+            expected=("one of: " + ", ".join(allowed)) if allowed else error.message,
+            hint=f"did you mean '{close[0]}'?" if close else "",
+            prefer_key=True,
+            **kw,
+        )
+        return
+    if v == "required":
+        missing = [k for k in error.validator_value if k not in (error.instance or {})]
+        for key in missing:
+            sub = schema.get("properties", {}).get(key, {})
+            yield _problem(
+                loaded,
+                path,
+                f"missing required key '{key}'",
+                expected=sub.get("description", ""),
+                **kw,
+            )
+        return
+    if v == "type":
+        yield _problem(
+            loaded,
+            path,
+            f"is {_short(error.instance)}, which is not {_describe_type(error.validator_value)}",
+            expected=desc,
+            **kw,
+        )
+        return
+    if v == "enum":
+        options = [str(o) for o in error.validator_value]
+        close = (
+            difflib.get_close_matches(str(error.instance), options, n=1, cutoff=0.5)
+            if isinstance(error.instance, str)
+            else []
+        )
+        yield _problem(
+            loaded,
+            path,
+            f"{_short(error.instance)} is not allowed",
+            expected="one of: " + ", ".join(options),
+            hint=f"did you mean '{close[0]}'?" if close else desc,
+            **kw,
+        )
+        return
+    if v in ("oneOf", "anyOf"):
+        branches = error.validator_value
+        if all(set(b) == {"required"} and len(b["required"]) == 1 for b in branches):
+            keys = [b["required"][0] for b in branches]
+            present = [k for k in keys if isinstance(error.instance, dict) and k in error.instance]
+            what = "both " + " and ".join(present) if present else "none of them"
+            yield _problem(
+                loaded,
+                path,
+                f"needs exactly one of {', '.join(repr(k) for k in keys)} (has {what})",
+                expected=desc,
+                **kw,
+            )
+            return
+        from jsonschema.exceptions import best_match
+
+        best = best_match(error.context) if error.context else None
+        if best is not None and best.validator not in ("oneOf", "anyOf"):
+            yield from _to_problems(best, loaded, pp, mp)
+            return
+        yield _problem(loaded, path, f"{_short(error.instance)} does not fit", expected=desc, **kw)
+        return
+    if v == "pattern":
+        yield _problem(
+            loaded,
+            path,
+            f"{_short(error.instance)} does not match the pattern {error.validator_value}",
+            expected=desc,
+            **kw,
+        )
+        return
+    if v == "const":
+        yield _problem(
+            loaded, path, f"must be {_short(error.validator_value)}", expected=desc, **kw
+        )
+        return
+    # minimum, maximum, minItems, multipleOf, ...: jsonschema's message is already precise.
+    yield _problem(loaded, path, error.message, expected=desc, **kw)
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def fill_defaults(instance: Any, schema: dict[str, Any], doc_uri: str) -> Any:
+    """Return a copy of ``instance`` with every schema default filled in, recursively.
+
+    Objects that are absent but have ``"default": {}`` are created and filled too, so the
+    resolved spec is fully explicit.
+    """
+    schema, doc_uri = pick_branch(schema, doc_uri, instance)
+    if isinstance(instance, dict):
+        out = dict(instance)
+        props = schema.get("properties", {})
+        for key, sub in props.items():
+            sub_r, sub_uri = _walk_ref(sub, doc_uri)
+            if key not in out and "default" in sub_r:
+                out[key] = copy.deepcopy(sub_r["default"])
+            if key in out:
+                out[key] = fill_defaults(out[key], sub_r, sub_uri)
+        addl = schema.get("additionalProperties")
+        if isinstance(addl, dict):
+            addl_r, addl_uri = _walk_ref(addl, doc_uri)
+            for key in out:
+                if key not in props:
+                    out[key] = fill_defaults(out[key], addl_r, addl_uri)
+        return out
+    if isinstance(instance, list):
+        items = schema.get("items")
+        if isinstance(items, dict):
+            items_r, items_uri = _walk_ref(items, doc_uri)
+            return [fill_defaults(x, items_r, items_uri) for x in instance]
+        return list(instance)
+    return instance
+
+
+def iter_schema_fields(schema: dict[str, Any], doc_uri: str, path: tuple = ()) -> Iterator[tuple[tuple, dict]]:
+    """Every property schema in the tree (for docs and the 'every field documented' test)."""
+    schema, doc_uri = _walk_ref(schema, doc_uri)
+    for key, sub in schema.get("properties", {}).items():
+        sub_r, sub_uri = _walk_ref(sub, doc_uri)
+        yield path + (key,), sub_r
+        yield from iter_schema_fields(sub_r, sub_uri, path + (key,))
+    for kw in ("oneOf", "anyOf"):
+        for branch in schema.get(kw, []):
+            b, u = _walk_ref(branch, doc_uri)
+            if b.get("properties") or b.get("items") or b.get("additionalProperties"):
+                yield from iter_schema_fields(b, u, path)
+    items = schema.get("items")
+    if isinstance(items, dict):
+        yield from iter_schema_fields(items, doc_uri, path + ("[]",))
+    addl = schema.get("additionalProperties")
+    if isinstance(addl, dict):
+        yield from iter_schema_fields(addl, doc_uri, path + ("<name>",))
+
+
+def schema_file(section: str | None = None) -> Path:
+    if section is None:
+        return schema_path()
+    return resource_dir("schemas") / "sections" / f"{section}.schema.json"

@@ -1,0 +1,251 @@
+"""The stage contract every stage kind implements, and the registry that maps kind -> stage.
+
+A stage is a pure function::
+
+    run(config: dict, inputs: dict[str, Artifact], ctx: StageContext) -> dict[str, Artifact]
+
+- ``config`` is the stage's resolved, JSON-serializable configuration (part of its cache key).
+- ``inputs`` maps an input name to an :class:`Artifact` (an upstream stage output or a set of
+  files from the user's project), already digested by the engine.
+- The stage writes *only* into ``ctx.out_dir``; the engine promotes that folder atomically when
+  ``run`` returns. Long stages checkpoint into ``ctx.scratch_dir`` (kept across attempts with the
+  same cache key) so a new apply resumes them.
+- It reports progress and metrics through ``ctx``, never by printing. It knows nothing of the
+  engine, the CLI, Modal or the state database.
+
+How a spec turns into stage instances is also the stage kind's business: ``expand(spec, graph)``
+returns the :class:`PlanNode` s it contributes. The planner calls every registered kind's
+``expand`` in pipeline order, so adding a stage kind never touches the planner.
+
+Modules in ``runner.stages`` must keep heavy imports (torch, diffusers, dlib, cv2) inside
+functions: the CLI imports every stage module to build a plan, and a no-op ``runner apply`` has to
+stay well under a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One named input or output of a stage: a file or a folder.
+
+    For a file-set input (the user's photo folders), ``path`` is the folder and ``files`` lists
+    the files the engine digested, so the stage sees exactly what the cache key covered.
+    """
+
+    name: str
+    path: Path
+    digest: str = ""
+    files: tuple[Path, ...] = ()
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StageOutputRef:
+    """An input that is another stage's output."""
+
+    stage_id: str
+    output: str
+
+
+@dataclass(frozen=True)
+class FileSetRef:
+    """An input that is a set of files in the user's project (digested with a stat cache)."""
+
+    root: Path
+    patterns: tuple[str, ...] = ("*",)
+    recursive: bool = True
+    # The spec key this input came from, for messages ("dataset.sources[0].images").
+    spec_key: str = ""
+
+
+InputRef = StageOutputRef | FileSetRef
+
+
+@dataclass
+class PlanNode:
+    """One stage instance in a plan, before the engine decides whether it runs."""
+
+    id: str  # "<character>:<kind>" or "<character>:<kind>[<variant>]"
+    kind: str
+    character: str
+    config: dict[str, Any]
+    inputs: dict[str, InputRef] = field(default_factory=dict)
+    # Names of outputs the stage promises (checked after run).
+    outputs: tuple[str, ...] = ()
+    # "gpu" stages may run on a remote backend; the value is the GPU type asked for, or None.
+    gpu: str | None = None
+    # Extra edges that carry no artifact (ordering only).
+    after: tuple[str, ...] = ()
+    # A human label shown in the plan.
+    label: str = ""
+
+    def upstream_ids(self) -> list[str]:
+        ids = [ref.stage_id for ref in self.inputs.values() if isinstance(ref, StageOutputRef)]
+        ids.extend(self.after)
+        seen: dict[str, None] = {}
+        for i in ids:
+            seen.setdefault(i, None)
+        return list(seen)
+
+
+class ProgressHandle(Protocol):
+    def update(self, advance: int = 1, **fields: Any) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class StageContext(Protocol):
+    """What the engine hands a running stage."""
+
+    stage_id: str
+    character: str
+    out_dir: Path  # write outputs here and nowhere else
+    scratch_dir: Path  # survives a crash; same cache key -> same folder (checkpoints)
+    cache_dir: Path  # shared caches (models, latents); key your own entries by content
+    project_root: Path
+    run_id: str
+
+    def progress(self, total: int | None, desc: str) -> ProgressHandle: ...
+
+    def log(self, message: str, **fields: Any) -> None: ...
+
+    def metric(self, name: str, value: float, step: int | None = None) -> None: ...
+
+    def warn(self, message: str, **fields: Any) -> None: ...
+
+
+class GraphView(Protocol):
+    """What ``expand`` may ask about the nodes planned so far (same character)."""
+
+    character: str
+
+    def nodes_of(self, kind: str) -> list[PlanNode]: ...
+
+    def node(self, stage_id: str) -> PlanNode | None: ...
+
+
+class StageError(Exception):
+    """An expected failure with a message meant for the user (no traceback is shown)."""
+
+    def __init__(self, message: str, *, hint: str = "") -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+RunFn = Callable[[dict[str, Any], dict[str, Artifact], StageContext], dict[str, Artifact]]
+ExpandFn = Callable[[dict[str, Any], GraphView], Iterable[PlanNode]]
+ResumeFn = Callable[[Path], str | None]
+
+
+@dataclass
+class ReportSection:
+    """What a stage contributes to the HTML report.
+
+    ``template`` names a Jinja template under templates/sections/ (autoescaped); ``context`` is
+    what it renders with. Use :mod:`runner.report.embed` for images (data URIs) and
+    :mod:`runner.report.charts` for inline SVG charts, so the report stays one offline file.
+    """
+
+    title: str
+    template: str
+    context: dict[str, Any] = field(default_factory=dict)
+    anchor: str = ""
+
+
+# report(node_config, outputs, env) -> list of sections. ``env`` carries report settings
+# (thumbnail_px, gallery_limit) and the character; outputs are this stage's promoted artifacts.
+ReportFn = Callable[[dict[str, Any], dict[str, Artifact], dict[str, Any]], list[ReportSection]]
+
+
+@dataclass(frozen=True)
+class StageKind:
+    kind: str
+    version: int
+    run: RunFn
+    expand: ExpandFn
+    order: int  # pipeline position; expand() is called in this order
+    description: str = ""
+    # Given a scratch folder, say how the stage would resume ("resume at step 120"), or None.
+    resume_info: ResumeFn | None = None
+    # Sections this stage adds to the report (None: nothing beyond the timeline).
+    report: ReportFn | None = None
+
+
+_REGISTRY: dict[str, StageKind] = {}
+
+
+def _first_line(doc: str | None) -> str:
+    lines = (doc or "").strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def register(
+    kind: str,
+    *,
+    version: int,
+    order: int,
+    expand: ExpandFn,
+    description: str = "",
+    resume_info: ResumeFn | None = None,
+    report: ReportFn | None = None,
+) -> Callable[[RunFn], RunFn]:
+    """Decorator: ``@register("ingest", version=1, order=10, expand=expand_ingest)``.
+
+    Bump ``version`` whenever the stage's behaviour changes in a way that should invalidate
+    cached outputs: the version is part of every cache key.
+    """
+
+    def deco(fn: RunFn) -> RunFn:
+        if kind in _REGISTRY and _REGISTRY[kind].run is not fn:
+            raise RuntimeError(f"stage kind {kind!r} registered twice")
+        _REGISTRY[kind] = StageKind(
+            kind=kind,
+            version=version,
+            run=fn,
+            expand=expand,
+            order=order,
+            description=description or _first_line(fn.__doc__),
+            resume_info=resume_info,
+            report=report,
+        )
+        return fn
+
+    return deco
+
+
+def registry() -> dict[str, StageKind]:
+    """All registered stage kinds (imports the built-in stage modules on first use)."""
+    from runner import stages as _stages  # noqa: F401  (side effect: registration)
+
+    _stages.load_builtin_stages()
+    return dict(sorted(_REGISTRY.items(), key=lambda kv: kv[1].order))
+
+
+def get(kind: str) -> StageKind:
+    reg = registry()
+    if kind not in reg:
+        raise KeyError(f"unknown stage kind {kind!r}; known: {', '.join(reg)}")
+    return reg[kind]
+
+
+def node_id(character: str, kind: str, variant: str | None = None) -> str:
+    return f"{character}:{kind}" + (f"[{variant}]" if variant else "")
+
+
+def jsonable(obj: Any) -> Any:
+    """Convert paths/dataclasses/tuples into plain JSON types (for configs and manifests)."""
+    if isinstance(obj, Path):
+        return str(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return jsonable(dataclasses.asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    return obj
