@@ -121,9 +121,15 @@ class StageContext(Protocol):
 
 
 class GraphView(Protocol):
-    """What ``expand`` may ask about the nodes planned so far (same character)."""
+    """What ``expand`` may ask about the nodes planned so far (same character).
+
+    ``expand(spec_data, graph)`` gets the resolved spec as a dict (paths in it are relative to
+    ``graph.project_root``, or absolute when outside it) and returns its nodes.
+    """
 
     character: str
+    project_root: Path
+    spec_file: Path
 
     def nodes_of(self, kind: str) -> list[PlanNode]: ...
 
