@@ -1,0 +1,522 @@
+"""Face analysis behind one interface, with two real backends (dlib and insightface).
+
+API
+---
+::
+
+    from runner.vision.faces import get_face_backend, identity_similarity
+
+    backend = get_face_backend("auto")          # "auto" | "dlib" | "insightface"
+    print(backend.selection_note)               # which backend "auto" took, and why
+    faces = backend.analyze(rgb)                # rgb: HxWx3 uint8 numpy array (RGB order)
+    for f in faces:
+        f.box          # (x0, y0, x1, y1) float pixels of the input image
+        f.score        # detector confidence (HOG: SVM margin; CNN/insightface: confidence)
+        f.landmarks    # (68, 2) float array, iBUG-300W layout, or None (insightface pack
+                       #   without a 68-point model)
+        f.keypoints    # (5, 2): image-left eye, image-right eye, nose tip, image-left and
+                       #   image-right mouth corner (insightface order)
+        f.pose         # Pose(yaw, pitch, roll) in degrees, convention below
+        f.embedding    # float32 identity embedding, L2-normalized
+    identity_similarity(faces[0].embedding, ref_embedding)   # cosine in [-1, 1]
+    backend.name, backend.embedding_model, backend.default_identity_threshold
+
+Backends
+--------
+``dlib``
+    The models of the ``face_recognition_models`` package: the HOG detector (default, CPU) or the
+    MMOD CNN detector (``detector="cnn"``, slow without CUDA), the 68-point shape predictor and
+    the ResNet face-recognition model (128-d descriptor, L2-normalized here). Runs offline; this is
+    what tests and CI use.
+``insightface``
+    ``insightface.app.FaceAnalysis`` with a model pack (``buffalo_l``, ``antelopev2``, ...) found
+    at ``<root>/models/<pack>`` (root defaults to ``~/.insightface``) or at a folder path. The
+    pack folder is checked *before* insightface is asked for it, so a missing pack is a
+    :class:`~runner.stages.base.StageError` naming where to put it, never a download. ONNX Runtime
+    uses CUDA when its CUDA provider is available, else the CPU.
+``auto``
+    insightface when its pack folder exists (and insightface imports), else dlib. The choice and
+    its reason are in ``backend.selection_note``.
+
+Pose sign convention (both backends)
+------------------------------------
+Pose comes from the same place for both backends: ``cv2.solvePnP`` (SQPnP) of the 2D landmarks
+against a generic 3D face model (:data:`FACE_MODEL_3D`, millimetres, X to image right, Y down,
+Z away from the camera, so a frontal face has the identity rotation) with a pinhole camera whose
+focal length is the image's longest side. The angles are read off the rotated face:
+
+- ``yaw``   > 0: the person turns to *their* left, i.e. the face points to image right.
+- ``pitch`` > 0: the person looks up.
+- ``roll``  > 0: the head tilts toward the person's left shoulder (the eye line turns clockwise on
+  the image; the image-right eye is lower).
+
+A horizontal mirror flips the sign of yaw and roll and keeps pitch (tests check this, and check
+yaw on photos whose head turn is visible).
+
+Similarity scale
+----------------
+:func:`identity_similarity` is the cosine of the two L2-normalized embeddings. Its scale depends
+on the embedding model. dlib's 128-d descriptors of *different* people still score 0.80-0.89
+cosine on the shared test photos (dlib's published rule, Euclidean distance 0.6, is about cosine
+0.82 after normalization, too loose for curation), while the same person scores 0.94-0.99; ArcFace
+(insightface) embeddings of different people sit near 0 and the same person above ~0.4.
+Hence ``default_identity_threshold`` per backend; see docs/analysis.md for the measured
+distributions.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import threading
+import warnings
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from runner.stages.base import StageError
+
+__all__ = [
+    "FACE_MODEL_3D",
+    "Face",
+    "FaceBackend",
+    "DlibFaceBackend",
+    "InsightFaceBackend",
+    "Pose",
+    "get_face_backend",
+    "identity_similarity",
+    "insightface_pack_dir",
+    "keypoints_from_68",
+    "main_face",
+    "pose_from_landmarks",
+]
+
+
+class Pose(NamedTuple):
+    """Head pose in degrees (see the module docstring for the sign convention)."""
+
+    yaw: float
+    pitch: float
+    roll: float
+
+
+@dataclass
+class Face:
+    """One detected face, in the pixel coordinates of the image given to ``analyze``."""
+
+    box: tuple[float, float, float, float]
+    score: float
+    keypoints: np.ndarray  # (5, 2)
+    pose: Pose
+    embedding: np.ndarray  # (D,), float32, L2-normalized
+    landmarks: np.ndarray | None = None  # (68, 2) iBUG layout
+    # Backend-specific extras (insightface: landmarks_106, age, sex) as plain JSON values.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def width(self) -> float:
+        return self.box[2] - self.box[0]
+
+    @property
+    def height(self) -> float:
+        return self.box[3] - self.box[1]
+
+    @property
+    def area(self) -> float:
+        return max(0.0, self.width) * max(0.0, self.height)
+
+    def to_record(self, *, with_embedding: bool = True, ndigits: int = 2) -> dict[str, Any]:
+        """A JSON-ready dict (embedding as a list of floats when asked)."""
+        rec: dict[str, Any] = {
+            "box": [round(float(v), ndigits) for v in self.box],
+            "score": round(float(self.score), 4),
+            "keypoints": np.round(self.keypoints.astype(float), ndigits).tolist(),
+            "landmarks": None if self.landmarks is None else np.round(self.landmarks.astype(float), 1).tolist(),
+            "pose": {k: round(float(v), 2) for k, v in self.pose._asdict().items()},
+        }
+        if with_embedding:
+            rec["embedding"] = [round(float(v), 6) for v in self.embedding]
+        if self.extra:
+            rec["extra"] = self.extra
+        return rec
+
+
+def identity_similarity(a: np.ndarray | list[float], b: np.ndarray | list[float]) -> float:
+    """Cosine similarity of two embeddings (each is normalized here, so raw vectors work too)."""
+    va = np.asarray(a, dtype=np.float64).ravel()
+    vb = np.asarray(b, dtype=np.float64).ravel()
+    if va.shape != vb.shape:
+        raise ValueError(f"embeddings of different sizes: {va.shape[0]} vs {vb.shape[0]} (different backends?)")
+    na, nb = np.linalg.norm(va), np.linalg.norm(vb)
+    if na == 0 or nb == 0:
+        return 0.0
+    return float(np.dot(va, vb) / (na * nb))
+
+
+def main_face(faces: list[Face]) -> Face | None:
+    """The largest face (by box area), or None."""
+    return max(faces, key=lambda f: f.area) if faces else None
+
+
+def _l2n(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, dtype=np.float32).ravel()
+    n = float(np.linalg.norm(v))
+    return v / n if n > 0 else v
+
+
+# --------------------------------------------------------------------------------------------
+# Pose from landmarks
+# --------------------------------------------------------------------------------------------
+
+# A generic adult face in millimetres (anthropometric averages, rounded), in a camera-like frame:
+# X to image right, Y down, Z away from the camera; the nose tip is the origin. Keys are iBUG-68
+# indices. Contour points other than the chin are left out: they slide along the silhouette as
+# the head turns, which would bias yaw.
+FACE_MODEL_3D: dict[int, tuple[float, float, float]] = {
+    8: (0.0, 68.0, 28.0),  # chin (menton)
+    27: (0.0, -38.0, 20.0),  # nasion (bridge of the nose)
+    30: (0.0, 0.0, 0.0),  # nose tip (pronasale)
+    31: (-13.0, 8.0, 18.0),  # nostril wing, image left
+    33: (0.0, 11.0, 14.0),  # subnasale
+    35: (13.0, 8.0, 18.0),  # nostril wing, image right
+    36: (-45.0, -33.0, 32.0),  # outer corner of the image-left eye
+    39: (-16.0, -32.0, 26.0),  # inner corner of the image-left eye
+    42: (16.0, -32.0, 26.0),  # inner corner of the image-right eye
+    45: (45.0, -33.0, 32.0),  # outer corner of the image-right eye
+    48: (-25.0, 30.0, 24.0),  # mouth corner, image left
+    54: (25.0, 30.0, 24.0),  # mouth corner, image right
+}
+# The same model at the 5 keypoints (eye centres, nose tip, mouth corners).
+FACE_MODEL_3D_5: np.ndarray = np.array(
+    [(-30.0, -33.0, 29.0), (30.0, -33.0, 29.0), (0.0, 0.0, 0.0), (-25.0, 30.0, 24.0), (25.0, 30.0, 24.0)],
+    dtype=np.float64,
+)
+
+
+def keypoints_from_68(lm: np.ndarray) -> np.ndarray:
+    """The 5 keypoints (insightface order) from 68 iBUG landmarks."""
+    lm = np.asarray(lm, dtype=np.float64)
+    return np.stack([lm[36:42].mean(0), lm[42:48].mean(0), lm[30], lm[48], lm[54]]).astype(np.float32)
+
+
+def _angles_from_rotation(rot: np.ndarray) -> Pose:
+    # The face's forward direction (toward the camera when frontal) and its eye line, rotated.
+    forward = rot @ np.array([0.0, 0.0, -1.0])
+    eye_line = rot @ np.array([1.0, 0.0, 0.0])
+    yaw = math.degrees(math.atan2(forward[0], -forward[2]))
+    pitch = math.degrees(math.atan2(-forward[1], math.hypot(forward[0], forward[2])))
+    roll = math.degrees(math.atan2(eye_line[1], eye_line[0]))
+    return Pose(round(yaw, 2), round(pitch, 2), round(roll, 2))
+
+
+def pose_from_landmarks(points: np.ndarray, image_size: tuple[int, int]) -> Pose:
+    """Yaw/pitch/roll in degrees from 68 iBUG landmarks or 5 keypoints.
+
+    ``image_size`` is (width, height) of the image the points are in.
+    """
+    import cv2
+
+    pts = np.asarray(points, dtype=np.float64)
+    if pts.shape[0] == 68:
+        idx = sorted(FACE_MODEL_3D)
+        obj = np.array([FACE_MODEL_3D[i] for i in idx], dtype=np.float64)
+        img = pts[idx]
+    elif pts.shape[0] == 5:
+        obj = FACE_MODEL_3D_5
+        img = pts
+    else:
+        raise ValueError(f"pose needs 68 landmarks or 5 keypoints, got {pts.shape[0]} points")
+    w, h = image_size
+    f = float(max(w, h))
+    cam = np.array([[f, 0, w / 2.0], [0, f, h / 2.0], [0, 0, 1]], dtype=np.float64)
+    ok, rvec, tvec = cv2.solvePnP(obj, img.reshape(-1, 1, 2), cam, None, flags=cv2.SOLVEPNP_SQPNP)
+    if not ok:
+        return Pose(float("nan"), float("nan"), float("nan"))
+    rot, _ = cv2.Rodrigues(rvec)
+    return _angles_from_rotation(rot)
+
+
+# --------------------------------------------------------------------------------------------
+# Backends
+# --------------------------------------------------------------------------------------------
+
+
+class FaceBackend(ABC):
+    """Detect faces and describe them (box, landmarks, pose, identity embedding)."""
+
+    name: str = ""
+    #: Names the embedding model and its version; embeddings from different models never mix.
+    embedding_model: str = ""
+    #: Default minimum :func:`identity_similarity` for "same person" on this backend's scale.
+    default_identity_threshold: float = 0.5
+    #: Which backend ``auto`` took and why (or just the backend's description).
+    selection_note: str = ""
+
+    def __init__(self, *, max_side: int | None = 1600) -> None:
+        # Images are analyzed at most this size; coordinates are scaled back to the input.
+        self.max_side = max_side
+
+    def analyze(self, rgb: np.ndarray) -> list[Face]:
+        """All faces in an RGB uint8 image (HxWx3), largest first."""
+        rgb = _as_rgb_uint8(rgb)
+        h, w = rgb.shape[:2]
+        scale = 1.0
+        work = rgb
+        if self.max_side and max(h, w) > self.max_side:
+            import cv2
+
+            scale = self.max_side / float(max(h, w))
+            work = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+        faces = self._analyze(np.ascontiguousarray(work))
+        if scale != 1.0:
+            inv = 1.0 / scale
+            for f in faces:
+                f.box = tuple(float(v) * inv for v in f.box)  # type: ignore[assignment]
+                f.keypoints = (f.keypoints * inv).astype(np.float32)
+                if f.landmarks is not None:
+                    f.landmarks = (f.landmarks * inv).astype(np.float32)
+                if "landmarks_106" in f.extra:
+                    f.extra["landmarks_106"] = [[round(x * inv, 1), round(y * inv, 1)] for x, y in f.extra["landmarks_106"]]
+        faces.sort(key=lambda f: f.area, reverse=True)
+        return faces
+
+    @abstractmethod
+    def _analyze(self, rgb: np.ndarray) -> list[Face]: ...
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.embedding_model})"
+
+
+def _as_rgb_uint8(img: np.ndarray) -> np.ndarray:
+    arr = np.asarray(img)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image, got {arr.dtype}")
+    if arr.ndim == 2:
+        arr = np.stack([arr] * 3, axis=-1)
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+        raise ValueError(f"expected an HxWx3 RGB image, got shape {arr.shape}")
+    if arr.shape[2] == 4:
+        arr = arr[:, :, :3]
+    return arr
+
+
+def _face_recognition_models_dir() -> Path:
+    """The models/ folder of face_recognition_models, found without importing pkg_resources."""
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise StageError(
+            "the dlib face backend needs the face_recognition_models package",
+            hint="pip install 'character-runner[faces]' (or: pip install face_recognition_models 'setuptools<81')",
+        )
+    models = Path(list(spec.submodule_search_locations)[0]) / "models"
+    if not models.is_dir():  # unusual layout: ask the package itself (it imports pkg_resources)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import face_recognition_models as frm
+
+        models = Path(frm.pose_predictor_model_location()).parent
+    return models
+
+
+class DlibFaceBackend(FaceBackend):
+    """dlib + face_recognition_models: HOG or CNN detector, 68 landmarks, 128-d descriptor."""
+
+    name = "dlib"
+    default_identity_threshold = 0.92
+
+    def __init__(self, *, detector: str = "hog", upsample: int = 1, max_side: int | None = 1600,
+                 num_jitters: int = 0) -> None:
+        super().__init__(max_side=max_side)
+        try:
+            import dlib
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise StageError("the dlib face backend needs dlib", hint="pip install 'character-runner[faces]' (dlib-bin)") from exc
+        if detector not in ("hog", "cnn"):
+            raise StageError(f"unknown dlib detector {detector!r}", hint="dataset.analysis.dlib_detector: hog or cnn")
+        models = _face_recognition_models_dir()
+        self.detector_kind = detector
+        self.upsample = int(upsample)
+        self.num_jitters = int(num_jitters)
+        self._dlib = dlib
+        if detector == "cnn":
+            self._detector = dlib.cnn_face_detection_model_v1(str(models / "mmod_human_face_detector.dat"))
+        else:
+            self._detector = dlib.get_frontal_face_detector()
+        self._shape = dlib.shape_predictor(str(models / "shape_predictor_68_face_landmarks.dat"))
+        self._rec = dlib.face_recognition_model_v1(str(models / "dlib_face_recognition_resnet_model_v1.dat"))
+        self.embedding_model = f"dlib-{dlib.__version__}/dlib_face_recognition_resnet_model_v1"
+        self.selection_note = f"dlib ({detector} detector, upsample {self.upsample})"
+
+    def _detect(self, rgb: np.ndarray) -> list[tuple[Any, float]]:
+        if self.detector_kind == "cnn":
+            return [(d.rect, float(d.confidence)) for d in self._detector(rgb, self.upsample)]
+        rects, scores, _ = self._detector.run(rgb, self.upsample, 0.0)
+        return list(zip(rects, (float(s) for s in scores)))
+
+    def _analyze(self, rgb: np.ndarray) -> list[Face]:
+        h, w = rgb.shape[:2]
+        faces: list[Face] = []
+        for rect, score in self._detect(rgb):
+            shape = self._shape(rgb, rect)
+            lm = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)
+            desc = self._rec.compute_face_descriptor(rgb, shape, self.num_jitters)
+            faces.append(
+                Face(
+                    box=(float(rect.left()), float(rect.top()), float(rect.right() + 1), float(rect.bottom() + 1)),
+                    score=score,
+                    keypoints=keypoints_from_68(lm),
+                    pose=pose_from_landmarks(lm, (w, h)),
+                    embedding=_l2n(np.array(desc)),
+                    landmarks=lm,
+                )
+            )
+        return faces
+
+
+def insightface_pack_dir(pack: str, root: str | os.PathLike[str] = "~/.insightface") -> Path:
+    """Where a pack is expected: ``pack`` itself when it is a folder path, else <root>/models/<pack>."""
+    direct = Path(pack).expanduser()
+    if direct.is_dir() or os.sep in str(pack) or (os.altsep and os.altsep in str(pack)):
+        return direct
+    return Path(root).expanduser() / "models" / pack
+
+
+def _insightface_pack_ready(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.glob("*.onnx"))
+
+
+class InsightFaceBackend(FaceBackend):
+    """insightface FaceAnalysis with a local model pack (never downloads)."""
+
+    name = "insightface"
+    default_identity_threshold = 0.35
+
+    def __init__(self, *, pack: str = "buffalo_l", root: str = "~/.insightface", providers: list[str] | None = None,
+                 det_size: int = 640, det_thresh: float = 0.5, max_side: int | None = 1600) -> None:
+        super().__init__(max_side=max_side)
+        folder = insightface_pack_dir(pack, root)
+        if not _insightface_pack_ready(folder):
+            raise StageError(
+                f"insightface model pack {pack!r} not found: no *.onnx files in {folder}",
+                hint=(f"download the pack yourself and unzip it so that {folder}/*.onnx exists "
+                      "(or set dataset.analysis.insightface_pack to a pack folder, or use backend: dlib); "
+                      "the runner never downloads it"),
+            )
+        try:
+            import onnxruntime as ort
+            from insightface.app import FaceAnalysis
+        except ImportError as exc:
+            raise StageError("the insightface backend needs insightface and onnxruntime",
+                             hint="pip install onnxruntime && pip install --no-deps insightface") from exc
+        available = ort.get_available_providers()
+        if providers is None:
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        # Passing the folder path (not the pack name) is what keeps FaceAnalysis off its downloader.
+        self._app = FaceAnalysis(name=str(folder.resolve()), providers=providers)
+        ctx_id = 0 if "CUDAExecutionProvider" in providers else -1
+        self._app.prepare(ctx_id=ctx_id, det_thresh=det_thresh, det_size=(det_size, det_size))
+        self.providers = list(providers)
+        rec = self._app.models.get("recognition")
+        rec_file = Path(getattr(rec, "model_file", "") or "none").name
+        self.embedding_model = f"insightface/{folder.name}/{rec_file}"
+        self.selection_note = f"insightface (pack {folder}, providers {', '.join(self.providers)})"
+
+    def _analyze(self, rgb: np.ndarray) -> list[Face]:
+        h, w = rgb.shape[:2]
+        bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+        faces: list[Face] = []
+        for f in self._app.get(bgr):
+            kps = np.asarray(f.kps, dtype=np.float32) if getattr(f, "kps", None) is not None else None
+            lm68 = getattr(f, "landmark_3d_68", None)
+            lm = np.asarray(lm68, dtype=np.float32)[:, :2] if lm68 is not None else None
+            if kps is None and lm is not None:
+                kps = keypoints_from_68(lm)
+            if kps is None:
+                continue
+            emb = getattr(f, "normed_embedding", None)
+            if emb is None:
+                emb = np.zeros(512, dtype=np.float32)
+            extra: dict[str, Any] = {}
+            lm106 = getattr(f, "landmark_2d_106", None)
+            if lm106 is not None:
+                extra["landmarks_106"] = np.round(np.asarray(lm106, dtype=float), 1).tolist()
+            for key in ("age", "sex"):
+                val = getattr(f, key, None)
+                if val is not None:
+                    extra[key] = val if isinstance(val, str) else float(val)
+            faces.append(
+                Face(
+                    box=tuple(float(v) for v in f.bbox[:4]),  # type: ignore[arg-type]
+                    score=float(f.det_score),
+                    keypoints=kps,
+                    # Same PnP and convention as dlib (insightface's own pose uses another one).
+                    pose=pose_from_landmarks(lm if lm is not None else kps, (w, h)),
+                    embedding=_l2n(emb),
+                    landmarks=lm,
+                    extra=extra,
+                )
+            )
+        return faces
+
+
+_CACHE: dict[tuple[Any, ...], FaceBackend] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def get_face_backend(
+    name: str = "auto",
+    *,
+    dlib_detector: str = "hog",
+    upsample: int = 1,
+    insightface_pack: str = "buffalo_l",
+    insightface_root: str = "~/.insightface",
+    providers: list[str] | None = None,
+    det_size: int = 640,
+    max_side: int | None = 1600,
+    cache: bool = True,
+) -> FaceBackend:
+    """The face backend for ``name`` ("auto" | "dlib" | "insightface").
+
+    ``auto`` takes insightface when its pack folder holds .onnx files and insightface imports,
+    else dlib; ``backend.selection_note`` says which it took and why. Backends are cached per
+    process (loading the models is the slow part) unless ``cache=False``.
+    """
+    key = (name, dlib_detector, upsample, insightface_pack, insightface_root, tuple(providers or ()), det_size, max_side)
+    if cache:
+        with _CACHE_LOCK:
+            if key in _CACHE:
+                return _CACHE[key]
+    backend = _make_backend(name, dlib_detector=dlib_detector, upsample=upsample, insightface_pack=insightface_pack,
+                            insightface_root=insightface_root, providers=providers, det_size=det_size, max_side=max_side)
+    if cache:
+        with _CACHE_LOCK:
+            _CACHE[key] = backend
+    return backend
+
+
+def _make_backend(name: str, *, dlib_detector: str, upsample: int, insightface_pack: str, insightface_root: str,
+                  providers: list[str] | None, det_size: int, max_side: int | None) -> FaceBackend:
+    if name == "dlib":
+        return DlibFaceBackend(detector=dlib_detector, upsample=upsample, max_side=max_side)
+    if name == "insightface":
+        return InsightFaceBackend(pack=insightface_pack, root=insightface_root, providers=providers,
+                                  det_size=det_size, max_side=max_side)
+    if name != "auto":
+        raise StageError(f"unknown face backend {name!r}", hint="dataset.analysis.backend: auto, insightface or dlib")
+    folder = insightface_pack_dir(insightface_pack, insightface_root)
+    if _insightface_pack_ready(folder):
+        if importlib.util.find_spec("insightface") is not None and importlib.util.find_spec("onnxruntime") is not None:
+            backend: FaceBackend = InsightFaceBackend(pack=insightface_pack, root=insightface_root, providers=providers,
+                                                      det_size=det_size, max_side=max_side)
+            backend.selection_note = f"auto: took {backend.selection_note}"
+            return backend
+        reason = f"insightface pack found at {folder} but insightface/onnxruntime is not installed"
+    else:
+        reason = f"no insightface pack at {folder}"
+    backend = DlibFaceBackend(detector=dlib_detector, upsample=upsample, max_side=max_side)
+    backend.selection_note = f"auto: took {backend.selection_note} ({reason})"
+    return backend
