@@ -431,7 +431,8 @@ def ensure_tiny_model(which: str, cache_dir: str | Path) -> Path:
             return dest
         tmp = Path(tempfile.mkdtemp(prefix=f".build-tiny-{which}-", dir=dest.parent))
         try:
-            {"clip": _build_tiny_clip, "dino": _build_tiny_dino}[which](tmp)
+            with _quiet_transformers():
+                {"clip": _build_tiny_clip, "dino": _build_tiny_dino}[which](tmp)
             (tmp / "TINY_RANDOM_MODEL.txt").write_text(
                 f"builtin:tiny-{which} v{TINY_VERSION}: a tiny embedding model with random weights, built "
                 f"from config with seed {TINY_SEED} by character-runner. Its similarities are meaningless.\n"
