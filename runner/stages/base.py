@@ -131,6 +131,9 @@ class GraphView(Protocol):
     project_root: Path
     spec_file: Path
 
+    @property
+    def nodes(self) -> list[PlanNode]: ...  # every node planned so far for this character
+
     def nodes_of(self, kind: str) -> list[PlanNode]: ...
 
     def node(self, stage_id: str) -> PlanNode | None: ...

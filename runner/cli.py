@@ -1,0 +1,411 @@
+"""The `runner` command. Thin: parse arguments, call the library, print.
+
+Every command is a library call that a test can make without a terminal; errors the user can fix
+print a message and exit non-zero, never a traceback:
+  exit 0  success (plan --detailed-exitcode: no changes)
+  exit 1  a stage failed
+  exit 2  bad spec or request (plan --detailed-exitcode: changes present)
+  exit 3  the workspace is locked by another runner
+  exit 130 interrupted
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import click
+
+from runner import __version__
+
+
+def _echo_err(text: str) -> None:
+    click.echo(text, err=True)
+
+
+class UserError(click.ClickException):
+    exit_code = 2
+
+
+spec_args = click.argument("specs", nargs=-1, required=True, type=click.Path(path_type=str))
+allow_outside_opt = click.option(
+    "--allow-outside-project", is_flag=True,
+    help="Allow spec paths that resolve outside the project folder.",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="character-runner")
+def cli() -> None:
+    """character-runner: one declarative spec per character, one command to build it.
+
+    \b
+    runner init NAME            write a commented starter spec
+    runner validate SPEC...     check specs against the schema
+    runner plan SPEC...         show what would run, and why
+    runner apply SPEC...        run what changed, write the HTML report
+    runner status / runs        what the workspace holds
+    """
+
+
+# ----------------------------------------------------------------------------- validate
+
+
+@cli.command()
+@spec_args
+@allow_outside_opt
+@click.option("--require-files/--no-require-files", default=False, show_default=True,
+              help="Also require that every data path in the spec exists.")
+def validate(specs: tuple[str, ...], allow_outside_project: bool, require_files: bool) -> None:
+    """Check spec files against the schema; report every problem at once."""
+    from runner.spec import load_specs
+
+    loaded = load_specs(list(specs), allow_outside=allow_outside_project, require_files=require_files)
+    for s in loaded:
+        click.echo(f"{s.file}: ok ({s.name})")
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+def _plan_line(ps: Any) -> str:
+    sym = {"run": "+", "rerun": "~", "resume": ">", "cached": "="}[ps.action]
+    extra = ""
+    if ps.node.gpu:
+        extra = f"  [gpu: {ps.node.gpu}]"
+    return f"  {sym} {ps.id:<38} {ps.action:<7} {'; '.join(ps.reasons)}{extra}"
+
+
+def _print_plan(plan: Any, specs: list[Any], *, header: bool = True) -> None:
+    if header:
+        root = specs[0].project_root if specs else Path.cwd()
+        names = ", ".join(str(_rel(s.file)) for s in specs)
+        click.echo(f"Plan for {names} (project {root})")
+    for ps in plan.stages:
+        click.echo(_plan_line(ps))
+    click.echo(plan.summary())
+
+
+def _rel(p: Path) -> Path:
+    try:
+        return p.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return p
+
+
+@cli.command()
+@spec_args
+@click.option("--resolved", is_flag=True, help="Print the fully resolved spec(s) (presets and defaults applied).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (stage, kind, action, reason).")
+@click.option("--detailed-exitcode", is_flag=True, help="Exit 0 when nothing would run, 2 when something would.")
+@click.option("--force", multiple=True, metavar="STAGE", help="Plan STAGE (id, kind or glob) as re-running.")
+@click.option("--only", multiple=True, metavar="STAGE", help="Plan only STAGE and what it needs.")
+@allow_outside_opt
+def plan(specs: tuple[str, ...], resolved: bool, as_json: bool, detailed_exitcode: bool,
+         force: tuple[str, ...], only: tuple[str, ...], allow_outside_project: bool) -> None:
+    """Show, per stage, whether it runs, is cached, or re-runs, and why."""
+    from runner.engine.executor import plan_specs
+    from runner.spec import load_specs
+
+    loaded = load_specs(list(specs), allow_outside=allow_outside_project)
+    if resolved:
+        import yaml
+
+        for s in loaded:
+            click.echo(f"# {s.file} (resolved)")
+            click.echo(yaml.safe_dump(s.data, sort_keys=False, allow_unicode=True, width=100))
+        return
+    p, ws = plan_specs(loaded, force=list(force), only=list(only))
+    try:
+        if as_json:
+            click.echo(json.dumps(p.as_json(), indent=2))
+        else:
+            _print_plan(p, loaded)
+    finally:
+        ws.close()
+    if detailed_exitcode and p.has_changes:
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------- apply
+
+
+@cli.command()
+@spec_args
+@click.option("--force", multiple=True, metavar="STAGE", help="Re-run STAGE (id, kind or glob) even if cached.")
+@click.option("--only", multiple=True, metavar="STAGE", help="Run only STAGE and whatever it needs.")
+@click.option("--keep-going", "-k", is_flag=True, help="After a failure, keep running independent stages.")
+@click.option("--wait", "wait_s", type=float, default=0.0, metavar="SECONDS",
+              help="Wait up to SECONDS for another runner's workspace lock.")
+@click.option("--backend", type=click.Choice(["local", "modal"]), default=None,
+              help="Override hardware.backend for every spec.")
+@click.option("--quiet", "-q", is_flag=True, help="Only the plan summary, warnings and the result.")
+@allow_outside_opt
+def apply(specs: tuple[str, ...], force: tuple[str, ...], only: tuple[str, ...], keep_going: bool,
+          wait_s: float, backend: str | None, quiet: bool, allow_outside_project: bool) -> None:
+    """Run the stages that changed and write the HTML report."""
+    from runner.engine.executor import ApplyOptions
+    from runner.engine.executor import apply as do_apply
+    from runner.engine.progress import make_reporter
+    from runner.spec import load_specs
+
+    loaded = load_specs(list(specs), allow_outside=allow_outside_project)
+    options = ApplyOptions(force=list(force), only=list(only), keep_going=keep_going, wait_s=wait_s,
+                           backend=backend, command="runner apply " + " ".join(specs))
+    t0 = time.monotonic()
+    reporter = make_reporter(quiet=quiet)
+    result = do_apply(loaded, options, reporter,
+                      on_plan=None if quiet else (lambda p: (_print_plan(p, loaded), sys.stdout.flush())))
+    elapsed = time.monotonic() - t0
+    counts: dict[str, int] = {}
+    for r in result.results:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    if result.status == "no-op":
+        click.echo(f"No changes: {counts.get('cached', 0)} stages up to date ({elapsed:.2f}s).")
+    else:
+        parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        click.echo(f"Apply {'complete' if result.status == 'succeeded' else result.status}: {parts} "
+                   f"in {elapsed:.1f}s (run {result.run_id}).")
+    for char, path in result.reports.items():
+        click.echo(f"Report for {char}: {_rel(path)}")
+    if result.failed:
+        for r in result.failed:
+            _echo_err(f"error: {r.stage_id} failed: {r.error}")
+            if r.log_path:
+                _echo_err(f"  log: {_rel(Path(r.log_path))}")
+        sys.exit(1)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+@cli.command()
+@spec_args
+@allow_outside_opt
+def report(specs: tuple[str, ...], allow_outside_project: bool) -> None:
+    """Re-render the HTML report from what the workspace holds."""
+    from runner.engine.executor import plan_specs, rerender_reports
+    from runner.spec import load_specs
+
+    loaded = load_specs(list(specs), allow_outside=allow_outside_project)
+    p, ws = plan_specs(loaded)
+    ws.close()
+    stale = [s.id for s in p.stages if s.node.kind != "report" and s.will_execute]
+    if stale:
+        raise UserError(
+            f"{len(stale)} stage(s) are not up to date ({', '.join(stale[:5])}"
+            f"{', ...' if len(stale) > 5 else ''}); run `runner apply` first"
+        )
+    result = rerender_reports(loaded)
+    for char, path in result.reports.items():
+        click.echo(f"Report for {char}: {_rel(path)}")
+    if result.failed:
+        for r in result.failed:
+            _echo_err(f"error: {r.stage_id} failed: {r.error}")
+        sys.exit(1)
+
+
+# ----------------------------------------------------------------------------- status / runs
+
+
+def _workspace_for(specs: tuple[str, ...], project: str | None):
+    from runner.engine.workspace import Workspace
+    from runner.spec.resolve import PROJECT_MARKERS
+
+    if project:
+        return Workspace(Path(project))
+    if specs:
+        from runner.spec import load_specs
+
+        loaded = load_specs(list(specs), require_files=False)
+        return Workspace(loaded[0].project_root)
+    cwd = Path.cwd().resolve()
+    for folder in (cwd, *cwd.parents):
+        if any((folder / m).exists() for m in PROJECT_MARKERS):
+            return Workspace(folder)
+    return Workspace(cwd)
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "—"
+
+
+@cli.command()
+@click.argument("specs", nargs=-1, type=click.Path(path_type=str))
+@click.option("--project", type=click.Path(file_okay=False), help="Project folder (default: found from the current folder).")
+def status(specs: tuple[str, ...], project: str | None) -> None:
+    """Show the workspace: lock holder, last run, and (given specs) what is out of date."""
+    from runner.engine.lock import lock_status
+
+    ws = _workspace_for(specs, project)
+    click.echo(f"project:   {ws.project_root}")
+    click.echo(f"workspace: {ws.dir}{'' if ws.exists() else ' (empty: nothing applied yet)'}")
+    info = lock_status(ws.dir)
+    if info.held:
+        h = info.holder
+        click.echo(f"lock:      held by pid {h.get('pid')} on {h.get('host')} since {_when(h.get('since'))} ({h.get('command')})")
+    else:
+        click.echo("lock:      free")
+    if ws.exists():
+        runs = ws.runs(limit=1)
+        if runs:
+            r = runs[0]
+            click.echo(f"last run:  {r['id']} {r['status']} ({_when(r['started'])}) {r['command']}")
+    if specs:
+        from runner.engine.executor import plan_specs
+        from runner.spec import load_specs
+
+        loaded = load_specs(list(specs))
+        p, ws2 = plan_specs(loaded)
+        ws2.close()
+        for ps in p.stages:
+            state = "up to date" if not ps.will_execute else f"out of date ({'; '.join(ps.reasons)})"
+            click.echo(f"  {ps.id:<38} {state}")
+    ws.close()
+
+
+@cli.command()
+@click.argument("run_id", required=False)
+@click.option("--limit", default=20, show_default=True, help="How many runs to list.")
+@click.option("--project", type=click.Path(file_okay=False), help="Project folder (default: found from the current folder).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def runs(run_id: str | None, limit: int, project: str | None, as_json: bool) -> None:
+    """List recent runs, or the stage executions of RUN_ID."""
+    ws = _workspace_for((), project)
+    if not ws.exists():
+        raise UserError(f"no workspace in {ws.project_root}: nothing has been applied here yet")
+    try:
+        if run_id:
+            rows = ws.executions(run_id)
+            if not rows:
+                raise UserError(f"no run {run_id!r} (see `runner runs`)")
+            if as_json:
+                click.echo(json.dumps(rows, indent=2))
+                return
+            for e in rows:
+                cost = f"{e['cost']:.4f} {e['currency']}" if e["cost"] else ""
+                click.echo(f"{e['stage_id']:<38} {e['action']:<7} {e['status']:<11} {e['duration'] or 0:8.2f}s {cost}"
+                           + (f"  {e['error']}" if e["error"] else ""))
+            return
+        rows = ws.runs(limit=limit)
+        if as_json:
+            click.echo(json.dumps(rows, indent=2))
+            return
+        if not rows:
+            click.echo("no runs yet")
+        for r in rows:
+            dur = (r["finished"] - r["started"]) if r["finished"] else None
+            counts = r["summary"].get("counts", {}) if r["summary"] else {}
+            c = ", ".join(f"{n} {a}" for a, n in counts.items() if n)
+            click.echo(f"{r['id']}  {_when(r['started'])}  {r['status']:<11} "
+                       f"{(f'{dur:.1f}s' if dur is not None else '—'):>8}  {c}")
+    finally:
+        ws.close()
+
+
+@cli.command()
+@click.option("--project", type=click.Path(file_okay=False), help="Project folder (default: found from the current folder).")
+@click.option("--force", is_flag=True, help="Remove the lock even if its holder looks alive.")
+def unlock(project: str | None, force: bool) -> None:
+    """Clear a workspace lock left behind by a runner that is gone."""
+    from runner.engine.lock import unlock as do_unlock
+
+    ws = _workspace_for((), project)
+    click.echo(do_unlock(ws.dir, force=force))
+
+
+# ----------------------------------------------------------------------------- init / presets / schema
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--dir", "folder", default="specs", show_default=True, type=click.Path(file_okay=False),
+              help="Folder to write NAME.yaml into.")
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def init(name: str, folder: str, force: bool) -> None:
+    """Write a commented starter spec NAME.yaml that editors can autocomplete."""
+    from runner.spec.starter import write_starter
+
+    path = write_starter(name, Path(folder), force=force)
+    click.echo(f"wrote {_rel(path)}")
+    click.echo(f"next: put photos in the folder it names, then `runner plan {_rel(path)}`")
+
+
+@cli.command()
+def presets() -> None:
+    """List the shipped training, inference and video presets."""
+    import yaml
+
+    from runner.spec.resolve import PRESET_FOLDERS, list_presets
+
+    for section, folder in PRESET_FOLDERS.items():
+        click.echo(f"{'.'.join(section)}.preset:")
+        for name, path in list_presets(folder).items():
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            click.echo(f"  {name:<22} {data.get('description', '')}")
+
+
+@cli.command()
+def schema() -> None:
+    """Print where the spec JSON Schema is (for editors and CI)."""
+    from runner.resources import schema_path
+
+    click.echo(str(schema_path()))
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def main(argv: list[str] | None = None) -> None:
+    from runner.engine.executor import ApplyError
+    from runner.engine.lock import LockHeld
+    from runner.plan.graph import GraphError
+    from runner.spec.errors import SpecError
+    from runner.stages.base import StageError
+
+    try:
+        cli.main(args=argv, prog_name="runner", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        _echo_err("aborted")
+        sys.exit(130)
+    except SpecError as exc:
+        _echo_err(exc.render())
+        sys.exit(2)
+    except (ApplyError, GraphError) as exc:
+        _echo_err(f"error: {exc}")
+        sys.exit(2)
+    except StageError as exc:
+        _echo_err(f"error: {exc}" + (f"\n  hint: {exc.hint}" if exc.hint else ""))
+        sys.exit(1)
+    except LockHeld as exc:
+        _echo_err(f"error: {exc}")
+        sys.exit(3)
+    except KeyboardInterrupt:
+        _echo_err("interrupted: finished stages are kept; the next apply continues from there")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # a bug: say so plainly, keep the traceback in a file
+        crash = Path(os.environ.get("TMPDIR", "/tmp")) / f"character-runner-crash-{os.getpid()}.txt"
+        try:
+            crash.write_text(traceback.format_exc(), encoding="utf-8")
+            where = f" (traceback saved to {crash})"
+        except OSError:
+            where = ""
+        _echo_err(f"internal error: {type(exc).__name__}: {exc}{where}\n"
+                  "This is a bug in character-runner; please report it with the saved traceback.")
+        sys.exit(70)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Spec(s) -> a graph of stage instances.
+
+Every registered stage kind contributes its nodes through its ``expand`` function, called in
+pipeline order; the graph is then checked (unique ids, known inputs, no cycles) and ordered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runner.spec.resolve import Spec
+from runner.stages import base
+
+
+class GraphError(Exception):
+    """The stages a spec expands to do not fit together (a bug or an unsupported combination)."""
+
+
+@dataclass
+class _View:
+    character: str
+    project_root: Path
+    spec_file: Path
+    _nodes: list[base.PlanNode] = field(default_factory=list)
+
+    def nodes_of(self, kind: str) -> list[base.PlanNode]:
+        return [n for n in self._nodes if n.kind == kind]
+
+    def node(self, stage_id: str) -> base.PlanNode | None:
+        for n in self._nodes:
+            if n.id == stage_id:
+                return n
+        return None
+
+    @property
+    def nodes(self) -> list[base.PlanNode]:
+        return list(self._nodes)
+
+
+@dataclass
+class Graph:
+    nodes: dict[str, base.PlanNode]  # in topological (execution) order
+    specs: dict[str, Spec]  # character -> spec
+
+    def upstream(self, stage_id: str) -> list[str]:
+        return self.nodes[stage_id].upstream_ids()
+
+    def downstream(self, stage_id: str) -> list[str]:
+        return [n.id for n in self.nodes.values() if stage_id in n.upstream_ids()]
+
+    def closure_up(self, ids: set[str]) -> set[str]:
+        out: set[str] = set()
+        todo = list(ids)
+        while todo:
+            i = todo.pop()
+            if i in out:
+                continue
+            out.add(i)
+            todo.extend(self.upstream(i))
+        return out
+
+
+def expand_spec(spec: Spec) -> list[base.PlanNode]:
+    view = _View(character=spec.name, project_root=spec.project_root, spec_file=spec.file)
+    for kind in base.registry().values():
+        for node in kind.expand(spec.data, view):
+            if node.kind != kind.kind:
+                raise GraphError(f"stage kind {kind.kind!r} expanded a node of kind {node.kind!r}")
+            view._nodes.append(node)
+    return view.nodes
+
+
+def build_graph(specs: list[Spec]) -> Graph:
+    by_char: dict[str, Spec] = {}
+    for spec in specs:
+        if spec.name in by_char:
+            raise GraphError(
+                f"two specs define the character '{spec.name}': {by_char[spec.name].file} and {spec.file}; "
+                "character.name must be unique in a batch"
+            )
+        by_char[spec.name] = spec
+    nodes: dict[str, base.PlanNode] = {}
+    for spec in specs:
+        for node in expand_spec(spec):
+            if node.id in nodes:
+                raise GraphError(f"duplicate stage id {node.id!r}")
+            nodes[node.id] = node
+    for node in nodes.values():
+        for name, ref in node.inputs.items():
+            if isinstance(ref, base.StageOutputRef):
+                if ref.stage_id not in nodes:
+                    raise GraphError(f"{node.id}: input {name!r} refers to unknown stage {ref.stage_id!r}")
+                up = nodes[ref.stage_id]
+                if up.outputs and ref.output not in up.outputs:
+                    raise GraphError(
+                        f"{node.id}: input {name!r} wants output {ref.output!r} of {up.id}, "
+                        f"which only has {', '.join(up.outputs)}"
+                    )
+        for after in node.after:
+            if after not in nodes:
+                raise GraphError(f"{node.id}: runs after unknown stage {after!r}")
+    return Graph(nodes=_toposort(nodes), specs=by_char)
+
+
+def _toposort(nodes: dict[str, base.PlanNode]) -> dict[str, base.PlanNode]:
+    order: list[str] = []
+    state: dict[str, int] = {}  # 1 visiting, 2 done
+
+    def visit(i: str, trail: list[str]) -> None:
+        s = state.get(i)
+        if s == 2:
+            return
+        if s == 1:
+            raise GraphError("stage cycle: " + " -> ".join(trail + [i]))
+        state[i] = 1
+        for up in nodes[i].upstream_ids():
+            visit(up, trail + [i])
+        state[i] = 2
+        order.append(i)
+
+    for i in nodes:  # insertion order = pipeline order per character: stable output
+        visit(i, [])
+    return {i: nodes[i] for i in order}

@@ -1,0 +1,319 @@
+"""Graph + workspace state -> a plan: per stage, its cache key, what will happen, and why.
+
+Pure logic: file digests and the state of earlier runs come in through two small interfaces
+(:class:`FileDigester`, :class:`PlanState`), so this module never touches the disk itself.
+
+A stage's cache key is the hash of its kind, version, resolved config and input digests. An input
+that is another stage's output is digested as that stage's key (input-addressed, as Nix does), so
+a change anywhere upstream changes every key downstream of it, and the plan can be computed before
+anything runs. Each "did this change?" question is a small predicate that states its reason.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from runner.plan.graph import Graph
+from runner.stages import base
+
+ACTIONS = ("run", "rerun", "resume", "cached")
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(base.jsonable(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class FileSetDigest:
+    digest: str
+    files: tuple[tuple[str, str], ...]  # (path relative to root, content digest), sorted
+    root: Path
+
+    @property
+    def count(self) -> int:
+        return len(self.files)
+
+
+class FileDigester(Protocol):
+    def digest_fileset(self, ref: base.FileSetRef) -> FileSetDigest: ...
+
+
+@dataclass(frozen=True)
+class PriorRecord:
+    key: str
+    components: dict[str, Any]
+    run_id: str
+    finished_at: float
+
+
+class PlanState(Protocol):
+    def last_success(self, stage_id: str) -> PriorRecord | None: ...
+
+    def store_has(self, key: str) -> bool: ...
+
+    def scratch_dir(self, key: str) -> Path: ...
+
+    def fileset_listing(self, digest: str) -> dict[str, str] | None: ...
+
+
+@dataclass
+class PlannedStage:
+    node: base.PlanNode
+    key: str
+    components: dict[str, Any]
+    action: str  # run | rerun | resume | cached
+    reasons: list[str]
+    fileset_digests: dict[str, FileSetDigest] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return self.node.id
+
+    @property
+    def will_execute(self) -> bool:
+        return self.action != "cached"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "stage": self.node.id,
+            "kind": self.node.kind,
+            "character": self.node.character,
+            "action": self.action,
+            "reason": "; ".join(self.reasons),
+            "reasons": self.reasons,
+            "key": self.key,
+            "gpu": self.node.gpu,
+        }
+
+
+@dataclass
+class Plan:
+    stages: list[PlannedStage]
+    graph: Graph
+
+    def by_id(self, stage_id: str) -> PlannedStage:
+        for s in self.stages:
+            if s.id == stage_id:
+                return s
+        raise KeyError(stage_id)
+
+    @property
+    def has_changes(self) -> bool:
+        return any(s.will_execute for s in self.stages)
+
+    def counts(self) -> dict[str, int]:
+        out = {a: 0 for a in ACTIONS}
+        for s in self.stages:
+            out[s.action] += 1
+        return out
+
+    def summary(self) -> str:
+        c = self.counts()
+        if not self.has_changes:
+            return f"No changes. {c['cached']} stage{'s' if c['cached'] != 1 else ''} up to date."
+        parts = []
+        if c["run"]:
+            parts.append(f"{c['run']} to run")
+        if c["rerun"]:
+            parts.append(f"{c['rerun']} to re-run")
+        if c["resume"]:
+            parts.append(f"{c['resume']} to resume")
+        parts.append(f"{c['cached']} cached")
+        return "Plan: " + ", ".join(parts) + "."
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "stages": [s.as_json() for s in self.stages],
+            "summary": self.counts(),
+            "changes": self.has_changes,
+        }
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def select_stages(graph: Graph, patterns: list[str]) -> set[str]:
+    """Stage ids matching any pattern: a stage id, a kind, or a glob ('luca:train*')."""
+    chosen: set[str] = set()
+    for pat in patterns:
+        hits = {
+            i
+            for i, n in graph.nodes.items()
+            if i == pat or n.kind == pat or fnmatch.fnmatchcase(i, pat)
+            or fnmatch.fnmatchcase(i.split(":", 1)[1], pat)
+        }
+        if not hits:
+            raise KeyError(
+                f"no stage matches {pat!r}; stages are: " + ", ".join(graph.nodes)
+            )
+        chosen |= hits
+    return chosen
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def make_plan(
+    graph: Graph,
+    state: PlanState,
+    digester: FileDigester,
+    *,
+    force: list[str] | None = None,
+    only: list[str] | None = None,
+) -> Plan:
+    forced = select_stages(graph, force) if force else set()
+    targets = graph.closure_up(select_stages(graph, only)) if only else None
+
+    keys: dict[str, str] = {}
+    planned: dict[str, PlannedStage] = {}
+    for sid, node in graph.nodes.items():
+        kind = base.get(node.kind)
+        input_digests: dict[str, Any] = {}
+        filesets: dict[str, FileSetDigest] = {}
+        for name, ref in sorted(node.inputs.items()):
+            if isinstance(ref, base.StageOutputRef):
+                input_digests[name] = {"stage": ref.stage_id, "output": ref.output, "key": keys[ref.stage_id]}
+            else:
+                fd = digester.digest_fileset(ref)
+                filesets[name] = fd
+                input_digests[name] = {"files": fd.count, "digest": fd.digest}
+        components = {
+            "kind": node.kind,
+            "version": kind.version,
+            "config": base.jsonable(node.config),
+            "inputs": input_digests,
+        }
+        key = sha256_text(canonical_json(components))
+        keys[sid] = key
+        if targets is not None and sid not in targets:
+            continue
+        action, reasons = _decide(node, key, components, kind, state, planned, sid in forced, filesets)
+        planned[sid] = PlannedStage(node, key, components, action, reasons, filesets)
+
+    # The report re-renders whenever another stage of its character executes in this run, so its
+    # timeline shows the run that produced it.
+    for ps in planned.values():
+        if ps.node.kind == "report" and ps.action == "cached":
+            ran = [o.id for o in planned.values() if o.node.character == ps.node.character
+                   and o.node.kind != "report" and o.will_execute]
+            if ran:
+                ps.action = "rerun"
+                ps.reasons = [f"{len(ran)} stage{'s' if len(ran) != 1 else ''} of this character run"]
+    return Plan(stages=list(planned.values()), graph=graph)
+
+
+def _decide(
+    node: base.PlanNode,
+    key: str,
+    components: dict[str, Any],
+    kind: base.StageKind,
+    state: PlanState,
+    planned: dict[str, PlannedStage],
+    forced: bool,
+    filesets: dict[str, FileSetDigest],
+) -> tuple[str, list[str]]:
+    prior = state.last_success(node.id)
+    resume = kind.resume_info(state.scratch_dir(key)) if kind.resume_info else None
+
+    def executing(default_action: str, reasons: list[str]) -> tuple[str, list[str]]:
+        if resume:
+            return "resume", [resume] + reasons
+        return default_action, reasons
+
+    if forced:
+        return executing("rerun" if prior else "run", ["forced (--force)"])
+    if state.store_has(key):
+        if prior is None or prior.key == key:
+            return "cached", ["up to date"]
+        return "cached", ["outputs for these inputs exist from an earlier run"]
+    if prior is None:
+        return executing("run", ["new stage"])
+    if prior.key == key:
+        return executing("rerun", ["outputs missing from the store"])
+    return executing("rerun", explain_change(prior.components, components, planned, state, filesets))
+
+
+def explain_change(
+    old: dict[str, Any],
+    new: dict[str, Any],
+    planned: dict[str, PlannedStage] | None = None,
+    state: PlanState | None = None,
+    filesets: dict[str, FileSetDigest] | None = None,
+) -> list[str]:
+    """Human reasons why two key components differ (which key changed)."""
+    reasons: list[str] = []
+    if old.get("kind") != new.get("kind") or old.get("version") != new.get("version"):
+        reasons.append(f"stage version changed ({old.get('version')} -> {new.get('version')})")
+    for path, a, b in _diff(old.get("config", {}), new.get("config", {})):
+        if a is _MISSING:
+            reasons.append(f"config {path} added ({_short(b)})")
+        elif b is _MISSING:
+            reasons.append(f"config {path} removed (was {_short(a)})")
+        else:
+            reasons.append(f"config {path} changed: {_short(a)} -> {_short(b)}")
+    old_in, new_in = old.get("inputs", {}), new.get("inputs", {})
+    for name in sorted(set(old_in) | set(new_in)):
+        a, b = old_in.get(name), new_in.get(name)
+        if a == b:
+            continue
+        if b is None:
+            reasons.append(f"input {name} removed")
+        elif a is None:
+            reasons.append(f"input {name} added")
+        elif "stage" in b:
+            up = (planned or {}).get(b["stage"])
+            if up is not None and up.will_execute:
+                reasons.append(f"input {name}: {b['stage']} {'re-runs' if up.action != 'run' else 'runs'}")
+            else:
+                reasons.append(f"input {name}: {b['stage']} changed")
+        else:
+            reasons.append(f"input {name}: " + _fileset_change(a, b, name, state, filesets))
+    return reasons or ["key changed"]
+
+
+def _fileset_change(a: dict, b: dict, name: str, state: PlanState | None,
+                    filesets: dict[str, FileSetDigest] | None) -> str:
+    old_listing = state.fileset_listing(a.get("digest", "")) if state else None
+    new = (filesets or {}).get(name)
+    if old_listing is None or new is None:
+        return f"files changed ({a.get('files')} -> {b.get('files')} files)"
+    new_listing = dict(new.files)
+    added = len(set(new_listing) - set(old_listing))
+    removed = len(set(old_listing) - set(new_listing))
+    modified = sum(1 for p in set(new_listing) & set(old_listing) if new_listing[p] != old_listing[p])
+    bits = [f"{n} {w}" for n, w in ((added, "added"), (removed, "removed"), (modified, "modified")) if n]
+    return "files " + ", ".join(bits) if bits else "files changed"
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+_MISSING = _Missing()
+
+
+def _diff(a: Any, b: Any, path: str = "") -> list[tuple[str, Any, Any]]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            p = f"{path}.{k}" if path else str(k)
+            out.extend(_diff(a.get(k, _MISSING), b.get(k, _MISSING), p))
+        return out
+    if a != b:
+        return [(path or "(all)", a, b)]
+    return []
+
+
+def _short(v: Any) -> str:
+    s = json.dumps(v, default=str) if not isinstance(v, _Missing) else "<missing>"
+    return s if len(s) <= 48 else s[:45] + "..."

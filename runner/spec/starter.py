@@ -1,0 +1,101 @@
+"""`runner init NAME`: a commented starter spec that validates and that editors autocomplete."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+from runner.resources import resource_dir
+from runner.spec.errors import Problem, SpecError
+from runner.spec.resolve import find_project_root
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+TEMPLATE = """\
+# yaml-language-server: $schema={schema}
+# Spec for {name}. Every key is documented in the schema (your editor shows it on hover);
+# `runner plan --resolved {spec_rel}` prints this spec with presets and defaults filled in.
+version: 1
+
+character:
+  name: {name}
+  display_name: {display}
+  trigger: {trigger}            # a rare token that stands for the character in captions and prompts
+  class_word: person            # what the character is: woman, man, 3d cartoon boy, ...
+  description: ""
+  traits:
+    fixed: []                   # what must never change, e.g. "short curly brown hair"
+    variable: []                # what may change, e.g. "outfit"
+  references: []                # images or folders that define the identity, e.g. [../data/{name}/reference]
+
+dataset:
+  sources:
+    - images: ../data/{name}/photos   # relative to this file
+  shots:
+    strategy: report            # report | select | reweight | augment
+    targets:                    # share of the dataset per shot type, [min, max]
+      close_up: [0.2, 0.35]
+      medium: [0.25, 0.4]
+      full_body: [0.15, 0.3]
+      wide: [0.05, 0.15]
+
+# Uncomment to train and evaluate (see `runner presets`):
+# train:
+#   preset: sdxl-character
+# evaluate:
+#   preset: sdxl-quality
+
+hardware:
+  backend: local                # local | modal
+"""
+
+
+def write_starter(name: str, folder: Path, *, force: bool = False) -> Path:
+    if not NAME_RE.match(name):
+        raise SpecError([Problem("(command line)", 1, 1, "NAME", f"'{name}' is not a valid character name",
+                                 expected="lowercase letters, digits, '_' and '-', starting with a letter or digit")])
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.yaml"
+    if path.exists() and not force:
+        raise SpecError([Problem(str(path), 1, 1, "(file)", "file already exists",
+                                 hint="Pass --force to overwrite it, or choose another name.")])
+    schema_ref = _schema_reference(path)
+    trigger = _trigger_for(name)
+    text = TEMPLATE.format(
+        schema=schema_ref,
+        name=name,
+        display=name.replace("_", " ").replace("-", " ").title(),
+        trigger=trigger,
+        spec_rel=path.as_posix(),
+    )
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _trigger_for(name: str) -> str:
+    # A rare-looking token from the name: consonants first, e.g. valentina -> vlntn.
+    letters = re.sub(r"[^a-z]", "", name.lower())
+    consonants = re.sub(r"[aeiou]", "", letters)
+    token = (consonants or letters or "chr")[:6]
+    return token + ("chr" if len(token) < 4 else "")
+
+
+def _schema_reference(spec_path: Path) -> str:
+    """A relative path from the spec to the schema, copying the schema into the project if the
+    installed package lives outside it (editors resolve relative $refs from the file's folder)."""
+    schemas = resource_dir("schemas")
+    root = find_project_root(spec_path)
+    target_dir = schemas
+    try:
+        schemas.resolve().relative_to(root.resolve())
+    except ValueError:
+        target_dir = root / ".runner" / "schemas"
+        if target_dir.exists():
+            shutil.rmtree(target_dir)
+        shutil.copytree(schemas, target_dir)
+    rel = os.path.relpath(target_dir / "character.schema.json", spec_path.resolve().parent)
+    return Path(rel).as_posix()

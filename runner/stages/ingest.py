@@ -1,0 +1,285 @@
+"""`ingest`: read image folders, normalize every usable image, quarantine the rest with a reason.
+
+Normalization: EXIF orientation applied, RGB (alpha flattened on white, 16-bit scaled to 8-bit,
+CMYK through its ICC profile when it has one), longest side capped at ``max_side``, stored as PNG
+(or JPEG). Images with more than ``max_pixels`` pixels are refused before they are decoded
+(decompression bombs). Exact byte duplicates are kept once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from runner.stages import base
+
+
+def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
+    dataset = spec.get("dataset", {})
+    sources = [(i, s) for i, s in enumerate(dataset.get("sources", [])) if "images" in s]
+    if not sources:
+        return []
+    ing = dataset.get("ingest", {})
+    inputs: dict[str, base.InputRef] = {}
+    cfg_sources = []
+    for i, src in sources:
+        inputs[f"source{i}"] = base.FileSetRef(
+            root=graph.project_root / src["images"],
+            patterns=("*",),
+            recursive=bool(src.get("recursive", True)),
+            spec_key=f"dataset.sources[{i}].images",
+        )
+        cfg_sources.append({"index": i, "path": src["images"], "label": src.get("label", ""),
+                            "recursive": bool(src.get("recursive", True))})
+    config = {
+        "sources": cfg_sources,
+        "extensions": sorted(ing.get("extensions", [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"])),
+        "max_pixels": ing.get("max_pixels", 64_000_000),
+        "max_side": ing.get("max_side", 2048),
+        "min_side": ing.get("min_side", 64),
+        "format": ing.get("format", "png"),
+    }
+    return [
+        base.PlanNode(
+            id=base.node_id(graph.character, "ingest"),
+            kind="ingest",
+            character=graph.character,
+            config=config,
+            inputs=inputs,
+            outputs=("images", "quarantine"),
+            label=f"{len(sources)} image folder{'s' if len(sources) != 1 else ''}",
+        )
+    ]
+
+
+class _Reject(Exception):
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def normalize_image(data: bytes, *, max_pixels: int, max_side: int, min_side: int):
+    """Decode bytes into a normalized RGB PIL image, or raise _Reject with a reason.
+
+    Returns (image, info) where info records the original size/format/mode and what was done.
+    """
+    from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+
+    if not data:
+        raise _Reject("empty file", "0 bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            w, h = im.size
+            if w * h > max_pixels:
+                raise _Reject("too many pixels (decompression bomb guard)",
+                              f"{w}x{h} = {w * h} pixels > max_pixels {max_pixels}")
+            fmt, mode = im.format, im.mode
+            im.load()
+    except _Reject:
+        raise
+    except UnidentifiedImageError:
+        raise _Reject("not an image", "the file's content is not a format Pillow can read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _Reject("too many pixels (decompression bomb guard)", str(exc)) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        msg = str(exc)
+        reason = "truncated or corrupt image" if "truncat" in msg.lower() or "broken" in msg.lower() else "cannot decode image"
+        raise _Reject(reason, msg) from None
+
+    transposed = False
+    try:
+        exif_orientation = im.getexif().get(0x0112, 1)
+    except Exception:
+        exif_orientation = 1
+    if exif_orientation not in (None, 1):
+        im = ImageOps.exif_transpose(im)
+        transposed = True
+
+    # Colour: to 8-bit RGB.
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        import numpy as np
+
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype("uint8")
+        im = Image.fromarray(arr, mode="L")
+    if im.mode == "CMYK":
+        icc = im.info.get("icc_profile")
+        if icc:
+            try:
+                src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+                im = ImageCms.profileToProfile(im, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
+            except (ImageCms.PyCMSError, OSError):
+                im = im.convert("RGB")
+        else:
+            im = im.convert("RGB")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        bg.alpha_composite(rgba)
+        im = bg.convert("RGB")
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+
+    ow, oh = im.size
+    if min(ow, oh) < min_side:
+        raise _Reject("too small", f"{ow}x{oh}, shorter side below min_side {min_side}")
+    scale = 1.0
+    if max(ow, oh) > max_side:
+        scale = max_side / max(ow, oh)
+        im = im.resize((max(1, round(ow * scale)), max(1, round(oh * scale))), Image.Resampling.LANCZOS)
+    info = {
+        "orig_width": w,
+        "orig_height": h,
+        "orig_format": fmt,
+        "orig_mode": mode,
+        "exif_transposed": transposed,
+        "scale": round(scale, 6),
+    }
+    return im, info
+
+
+def _process(job: tuple[int, str, Path, str, int, str], cfg: dict[str, Any], images_dir: Path,
+             project_root: Path) -> dict[str, Any]:
+    order, label, path, ext_ok, source_index, _ = job
+    try:
+        rel_source = path.resolve().relative_to(project_root.resolve()).as_posix()
+    except ValueError:
+        rel_source = str(path)
+    if not ext_ok:
+        return {"order": order, "reject": {"source": rel_source, "reason": "unsupported file type",
+                                           "detail": f"extension {path.suffix or '(none)'!r}; read: "
+                                                     + ", ".join(cfg["extensions"])}}
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return {"order": order, "reject": {"source": rel_source, "reason": "cannot read file", "detail": exc.strerror or str(exc)}}
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        im, info = normalize_image(data, max_pixels=cfg["max_pixels"], max_side=cfg["max_side"], min_side=cfg["min_side"])
+    except _Reject as rej:
+        return {"order": order, "reject": {"source": rel_source, "reason": rej.reason, "detail": rej.detail, "sha256": sha}}
+    image_id = sha[:16]
+    ext = "png" if cfg["format"] == "png" else "jpg"
+    out = images_dir / f"{image_id}.{ext}"
+    if not out.exists():
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.{order}")
+        if ext == "png":
+            im.save(tmp, format="PNG", compress_level=1)
+        else:
+            im.save(tmp, format="JPEG", quality=95)
+        os.replace(tmp, out)
+    record = {
+        "id": image_id,
+        "file": f"images/{out.name}",
+        "source": rel_source,
+        "source_index": source_index,
+        "label": label,
+        "sha256": sha,
+        "width": im.size[0],
+        "height": im.size[1],
+        **info,
+    }
+    return {"order": order, "record": record}
+
+
+@base.register("ingest", version=1, order=10, expand=expand,
+               description="Read image folders; normalize images; quarantine unusable files.",
+               report=lambda config, outputs, env: report_sections(config, outputs, env))
+def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.StageContext) -> dict[str, base.Artifact]:
+    """Read image folders; normalize images; quarantine unusable files."""
+    images_art = ctx.out_dir / "images"
+    images_dir = images_art / "images"
+    images_dir.mkdir(parents=True)
+    quarantine_art = ctx.out_dir / "quarantine"
+    quarantine_art.mkdir()
+    exts = {e.lower() for e in config["extensions"]}
+
+    jobs = []
+    for src in config["sources"]:
+        art = inputs[f"source{src['index']}"]
+        for f in art.files:
+            jobs.append((len(jobs), src.get("label", ""), Path(f), f.suffix.lower() in exts, src["index"], ""))
+    if not jobs:
+        ctx.warn("no files found in the image sources")
+    progress = ctx.progress(len(jobs), "images")
+    results: list[dict[str, Any]] = []
+    workers = min(8, (os.cpu_count() or 2) * 2)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for res in pool.map(lambda j: _process(j, config, images_dir, ctx.project_root), jobs):
+            results.append(res)
+            progress.update(1)
+    progress.close()
+    results.sort(key=lambda r: r["order"])
+
+    seen: dict[str, str] = {}
+    kept, rejected = [], []
+    for r in results:
+        if "reject" in r:
+            rejected.append(r["reject"])
+            continue
+        rec = r["record"]
+        if rec["id"] in seen:
+            rejected.append({"source": rec["source"], "reason": "exact duplicate", "detail": f"same bytes as {seen[rec['id']]}"})
+            continue
+        seen[rec["id"]] = rec["source"]
+        kept.append(rec)
+    with (images_art / "manifest.jsonl").open("w", encoding="utf-8") as fh:
+        for rec in kept:
+            fh.write(json.dumps(rec) + "\n")
+    with (quarantine_art / "quarantine.jsonl").open("w", encoding="utf-8") as fh:
+        for rec in rejected:
+            fh.write(json.dumps(rec) + "\n")
+    for rec in rejected:
+        ctx.log(f"quarantined {rec['source']}: {rec['reason']}", detail=rec.get("detail", ""))
+    ctx.metric("images_kept", len(kept))
+    ctx.metric("images_quarantined", len(rejected))
+    ctx.log(f"{len(kept)} images kept, {len(rejected)} quarantined")
+    return {
+        "images": base.Artifact("images", images_art, meta={"count": len(kept)}),
+        "quarantine": base.Artifact("quarantine", quarantine_art, meta={"count": len(rejected)}),
+    }
+
+
+def read_manifest(images_artifact: Path) -> list[dict[str, Any]]:
+    """Records of an `images` artifact (ingest's, or any stage writing the same layout)."""
+    path = Path(images_artifact) / "manifest.jsonl"
+    if not path.exists():
+        return []
+    with path.open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], env: dict[str, Any]) -> list[base.ReportSection]:
+    from runner.report.embed import thumbnail_data_uri
+
+    records = read_manifest(outputs["images"].path)
+    limit = env.get("gallery_limit", 120)
+    px = env.get("thumbnail_px", 192)
+    gallery = [
+        {"src": thumbnail_data_uri(outputs["images"].path / r["file"], px),
+         "caption": r["source"], "size": f"{r['orig_width']}x{r['orig_height']}"}
+        for r in records[:limit]
+    ]
+    qpath = outputs["quarantine"].path / "quarantine.jsonl"
+    quarantined = [json.loads(line) for line in qpath.read_text(encoding="utf-8").splitlines() if line.strip()] if qpath.exists() else []
+    return [
+        base.ReportSection(
+            title="Ingested images",
+            template="sections/ingest.html.j2",
+            anchor="ingest",
+            context={"gallery": gallery, "total": len(records), "shown": len(gallery),
+                     "quarantined": quarantined, "sources": config["sources"]},
+        )
+    ]

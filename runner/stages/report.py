@@ -1,0 +1,193 @@
+"""`report`: one self-contained HTML file per run (autoescaped Jinja2, images as data URIs).
+
+It takes every other stage of the character as input and asks each stage kind for its report
+sections (the ``report=`` hook of :func:`runner.stages.base.register`), then adds the spec summary
+and the run's timeline of stages with durations, cache hits and costs.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+from pathlib import Path
+from typing import Any
+
+from runner.stages import base
+
+
+def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
+    inputs: dict[str, base.InputRef] = {}
+    stages = []
+    for node in graph.nodes:
+        stages.append({"id": node.id, "kind": node.kind, "label": node.label, "config": node.config})
+        for out in node.outputs:
+            inputs[f"{node.id}/{out}"] = base.StageOutputRef(node.id, out)
+    try:
+        spec_rel = graph.spec_file.resolve().relative_to(graph.project_root.resolve()).as_posix()
+    except ValueError:
+        spec_rel = str(graph.spec_file)
+    config = {
+        "report": spec.get("report", {}),
+        "character": spec.get("character", {}),
+        "spec_file": spec_rel,
+        "spec": spec,
+        "stages": stages,
+    }
+    return [
+        base.PlanNode(
+            id=base.node_id(graph.character, "report"),
+            kind="report",
+            character=graph.character,
+            config=config,
+            inputs=inputs,
+            outputs=("report",),
+            label="HTML report",
+        )
+    ]
+
+
+def _jinja_env():
+    import jinja2
+
+    from runner.report import charts, embed
+    from runner.resources import resource_dir
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(resource_dir("templates"))),
+        autoescape=True,  # every template: spec text is user input and must stay text
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.globals["charts"] = charts
+    env.globals["thumb"] = embed.thumbnail_data_uri
+    env.filters["duration"] = _fmt_duration
+    env.filters["pct"] = lambda v, d=1: "—" if v is None else f"{float(v) * 100:.{d}f}%"
+    env.filters["num"] = lambda v, d=3: "—" if v is None else f"{float(v):.{d}f}"
+    return env
+
+
+def _fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    s = float(seconds)
+    if s < 1:
+        return f"{s * 1000:.0f} ms"
+    if s < 120:
+        return f"{s:.1f} s"
+    m, s = divmod(int(s), 60)
+    if m < 120:
+        return f"{m} min {s:02d} s"
+    h, m = divmod(m, 60)
+    return f"{h} h {m:02d} min"
+
+
+def _spec_yaml(spec: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(spec, sort_keys=False, allow_unicode=True, width=100)
+
+
+@base.register("report", version=1, order=100, expand=expand,
+               description="Render the self-contained HTML report.")
+def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.StageContext) -> dict[str, base.Artifact]:
+    """Render the self-contained HTML report."""
+    rep = config.get("report", {})
+    env_settings = {
+        "gallery_limit": rep.get("gallery_limit", 120),
+        "thumbnail_px": rep.get("thumbnail_px", 192),
+        "character": config.get("character", {}),
+        "project_root": str(ctx.project_root),
+    }
+    registry = base.registry()
+    sections: list[dict[str, Any]] = []
+    jenv = _jinja_env()
+    for st in config["stages"]:
+        kind = registry.get(st["kind"])
+        if kind is None or kind.report is None:
+            continue
+        outputs = {
+            name.split("/", 1)[1]: art
+            for name, art in inputs.items()
+            if name.split("/", 1)[0] == st["id"]
+        }
+        try:
+            produced = kind.report(st["config"], outputs, env_settings)
+        except Exception as exc:  # a broken section must not cost the whole report
+            ctx.warn(f"report section of {st['id']} failed: {type(exc).__name__}: {exc}")
+            sections.append({"title": st["id"], "anchor": _anchor(st["id"]), "stage": st["id"],
+                             "html": f'<p class="error">This section could not be rendered: '
+                                     f'{html.escape(type(exc).__name__)}: {html.escape(str(exc))}</p>'})
+            continue
+        for sec in produced:
+            body = jenv.get_template(sec.template).render(**sec.context, stage_id=st["id"], section=sec)
+            sections.append({"title": sec.title, "anchor": sec.anchor or _anchor(st["id"] + "-" + sec.title),
+                             "stage": st["id"], "html": body})
+
+    extra = getattr(ctx, "extra", {}) or {}
+    timeline = [t for t in extra.get("timeline", []) if t.get("character") == ctx.character]
+    ws = extra.get("workspace")
+    costs = []
+    if ws is not None:
+        for e in ws.executions(ctx.run_id):
+            if e["character"] == ctx.character:
+                costs.append(e)
+    cost_by_stage = {e["stage_id"]: e for e in costs}
+    for t in timeline:
+        e = cost_by_stage.get(t["stage_id"])
+        t["cost"] = e["cost"] if e else None
+        t["currency"] = e["currency"] if e else ""
+        t["gpu"] = e["gpu"] if e else None
+        t["backend"] = e["backend"] if e else ""
+    total_time = sum(t["duration"] for t in timeline)
+    total_cost = sum((t.get("cost") or 0.0) for t in timeline)
+    character = config.get("character", {})
+    title = rep.get("title") or character.get("display_name") or character.get("name", "character")
+    refs = []
+    for ref in character.get("references", []):
+        p = Path(ref) if Path(ref).is_absolute() else ctx.project_root / ref
+        files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else ([p] if p.exists() else [])
+        for f in files[:8]:
+            try:
+                refs.append({"src": _thumb_or_none(f, env_settings["thumbnail_px"]), "name": f.name})
+            except Exception:
+                continue
+    refs = [r for r in refs if r["src"]]
+    page = jenv.get_template("report.html.j2").render(
+        title=title,
+        character=character,
+        spec_file=config.get("spec_file", ""),
+        spec_yaml=_spec_yaml(config.get("spec", {})),
+        references=refs,
+        sections=sections,
+        timeline=timeline,
+        total_time=total_time,
+        total_cost=total_cost,
+        currency=(timeline[0].get("currency") if timeline else "") or config.get("spec", {}).get("hardware", {}).get("currency", "USD"),
+        run_id=ctx.run_id,
+        generated=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        version=_version(),
+    )
+    out = ctx.out_dir / "report.html"
+    out.write_text(page, encoding="utf-8")
+    ctx.metric("report_bytes", out.stat().st_size)
+    return {"report": base.Artifact("report", out)}
+
+
+def _thumb_or_none(path: Path, px: int) -> str | None:
+    from runner.report.embed import thumbnail_data_uri
+
+    try:
+        return thumbnail_data_uri(path, px)
+    except Exception:
+        return None
+
+
+def _anchor(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+
+
+def _version() -> str:
+    from runner import __version__
+
+    return __version__
