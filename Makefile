@@ -1,0 +1,33 @@
+# Two commands do all the setup (see README.md):
+#   make demo   creates .venv, installs character-runner, runs the built-in demo (offline, CPU)
+#   make test   creates .venv, installs character-runner with test extras, runs the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first, pinned: a plain "torch" requirement would pull several GB of CUDA packages.
+	$(BIN)/pip install --disable-pip-version-check -q "torch==2.13.0"
+	$(BIN)/pip install --disable-pip-version-check -q -c constraints.txt -e ".[all,test]"
+	# insightface without its deps: its wheel requires the GUI opencv-python, which would
+	# replace opencv-python-headless; everything it needs is in the [faces] extra.
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps "insightface==2.1"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/runner apply specs/demo.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf .runner reports/demo
