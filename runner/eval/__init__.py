@@ -1,0 +1,1 @@
+"""Evaluation: prompt suites, targets and best-checkpoint selection, the comparison page."""
