@@ -1,12 +1,14 @@
 """Stage kinds. Each module registers itself with :func:`runner.stages.base.register`.
 
 To add a stage kind, add its module name to ``BUILTIN_STAGE_MODULES`` (pipeline order is given by
-each kind's ``order``, not by this list).
+each kind's ``order``, not by this list). Stage kinds of your own live in any importable module
+named in the ``CHARACTER_RUNNER_STAGE_PLUGINS`` environment variable (comma-separated).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 
 BUILTIN_STAGE_MODULES = (
     "ingest",
@@ -22,4 +24,6 @@ def load_builtin_stages() -> None:
         return
     for name in BUILTIN_STAGE_MODULES:
         importlib.import_module(f"runner.stages.{name}")
+    for name in filter(None, (m.strip() for m in os.environ.get("CHARACTER_RUNNER_STAGE_PLUGINS", "").split(","))):
+        importlib.import_module(name)
     _loaded = True
