@@ -1,0 +1,125 @@
+"""Pose, expression, occlusion and lighting buckets of one face observation.
+
+Sign conventions follow runner.vision.faces: yaw > 0 when the face turns towards the image's
+left... whatever the backend documents; the bins are symmetric, so only pitch's sign matters:
+pitch > 0 is "up".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# Yaw bins in degrees; values beyond +-45 fall into the outer bins (and count as extreme pose).
+YAW_EDGES = (-45.0, -30.0, -15.0, -5.0, 5.0, 15.0, 30.0, 45.0)
+YAW_BINS = ("[-45,-30]", "[-30,-15]", "[-15,-5]", "[-5,5]", "[5,15]", "[15,30]", "[30,45]")
+# Pitch bins: down < -20 <= slight-down < -8 <= neutral <= 8 < slight-up <= 20 < up
+PITCH_EDGES = (-20.0, -8.0, 8.0, 20.0)
+PITCH_BINS = ("down", "slight-down", "neutral", "slight-up", "up")
+EXPRESSION_BINS = ("neutral", "smile", "mouth_open", "eyes_closed")
+OCCLUSION_BINS = ("none", "partial", "heavy")
+LIGHTING_BINS = ("normal", "dark", "overexposed")
+
+AXES = {
+    "yaw": YAW_BINS,
+    "pitch": PITCH_BINS,
+    "expression": EXPRESSION_BINS,
+    "occlusion": OCCLUSION_BINS,
+    "lighting": LIGHTING_BINS,
+}
+
+# Landmark-proxy thresholds (documented in docs/video-identity.md).
+EYES_CLOSED_EAR = 0.18  # eye aspect ratio below this: eyes closed
+MOUTH_OPEN_MAR = 0.30  # inner-lip opening / mouth width above this: mouth open
+SMILE_WIDTH = 0.42  # mouth width / inter-ocular... (see expression_bin)
+DARK_MEAN = 60.0
+BRIGHT_MEAN = 200.0
+
+
+def yaw_bin(yaw: float) -> int:
+    for i in range(len(YAW_BINS)):
+        if yaw < YAW_EDGES[i + 1]:
+            return i
+    return len(YAW_BINS) - 1
+
+
+def pitch_bin(pitch: float) -> int:
+    for i, edge in enumerate(PITCH_EDGES):
+        if pitch < edge or (i == 2 and pitch <= edge):
+            return i
+    return len(PITCH_BINS) - 1
+
+
+def expression_bin(measures: dict[str, Any]) -> int:
+    """eyes_closed > mouth_open > smile > neutral, from landmark proxies.
+
+    ``eye_open`` (eye aspect ratio), ``mouth_open`` (inner-lip gap / mouth width) and ``smile``
+    (a bool or a score in [0, 1]) come from runner.video.measures.
+    """
+    ear = measures.get("eye_open")
+    if ear is not None and ear < EYES_CLOSED_EAR:
+        return 3
+    mar = measures.get("mouth_open")
+    if mar is not None and mar > MOUTH_OPEN_MAR:
+        return 2
+    smile = measures.get("smile")
+    if smile is not None and float(smile) >= 0.5:
+        return 1
+    return 0
+
+
+def occlusion_bin(occlusion: float) -> int:
+    if occlusion < 0.1:
+        return 0
+    if occlusion <= 0.4:
+        return 1
+    return 2
+
+
+def lighting_bin(brightness: float) -> int:
+    if brightness < DARK_MEAN:
+        return 1
+    if brightness > BRIGHT_MEAN:
+        return 2
+    return 0
+
+
+@dataclass(frozen=True)
+class Bins:
+    yaw: int
+    pitch: int
+    expression: int
+    occlusion: int
+    lighting: int
+
+    @property
+    def selection_key(self) -> tuple[int, int, int]:
+        """What the selection fills: one bucket per (yaw, pitch, expression)."""
+        return (self.yaw, self.pitch, self.expression)
+
+    def labels(self) -> dict[str, str]:
+        return {
+            "yaw": YAW_BINS[self.yaw],
+            "pitch": PITCH_BINS[self.pitch],
+            "expression": EXPRESSION_BINS[self.expression],
+            "occlusion": OCCLUSION_BINS[self.occlusion],
+            "lighting": LIGHTING_BINS[self.lighting],
+        }
+
+    @property
+    def near_frontal(self) -> bool:
+        return 2 <= self.yaw <= 4 and 1 <= self.pitch <= 3
+
+
+def bins_for(yaw: float, pitch: float, measures: dict[str, Any]) -> Bins:
+    return Bins(
+        yaw=yaw_bin(yaw),
+        pitch=pitch_bin(pitch),
+        expression=expression_bin(measures),
+        occlusion=occlusion_bin(float(measures.get("occlusion", 0.0))),
+        lighting=lighting_bin(float(measures.get("brightness", 128.0))),
+    )
+
+
+def extreme_pose(yaw: float, pitch: float) -> bool:
+    return abs(yaw) >= 30.0 or abs(pitch) > 20.0

@@ -1,0 +1,243 @@
+"""Which frames of one person are saved: buckets, anchors, challenge, and when to stop.
+
+Policy for a candidate (a frame that passed the loose gate with stable identity), in its
+(yaw, pitch, expression) bucket:
+
+1. the bucket is empty -> save it;
+2. it is not novel next to the bucket's nearest item (general-vision distance < ``novelty_add``)
+   but of better quality -> it replaces that item;
+3. it is novel and the bucket has room (``max_per_bucket``, default 2) -> add it;
+4. it is novel, the bucket is full, and it beats the bucket's worst item -> replace that one;
+5. otherwise skip it.
+
+Anchors (3-5) come from a separate pool: strict gate, near-frontal, open eyes, no occlusion,
+normal light, best quality first, no two within ``anchor_min_gap`` frames. Challenge (5-8) keeps
+stable frames with an extreme pose, bad light or heavy occlusion, round robin over those kinds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from runner.video.buckets import AXES, Bins
+from runner.video.stability import l2n
+
+
+@dataclass
+class Candidate:
+    person: int
+    frame_idx: int
+    timestamp_ms: float
+    bins: Bins
+    quality: float
+    stable: float
+    strict: bool
+    extreme_pose: bool
+    general: np.ndarray = field(repr=False)  # L2-normalized general-vision embedding
+    crop: Any = field(default=None, repr=False)  # RGB crop (np.ndarray), kept only while saved
+    face_bbox: tuple[float, float, float, float] = (0, 0, 0, 0)
+    crop_box: tuple[int, int, int, int] = (0, 0, 0, 0)
+    novelty: float = 1.0
+    yaw: float = 0.0
+    pitch: float = 0.0
+    measures: dict[str, Any] = field(default_factory=dict)
+
+    def challenge_kinds(self) -> list[str]:
+        kinds = []
+        if self.extreme_pose:
+            kinds.append("extreme_pose")
+        if self.bins.lighting == 1:
+            kinds.append("dark")
+        if self.bins.lighting == 2:
+            kinds.append("overexposed")
+        if self.bins.occlusion == 2:
+            kinds.append("heavy_occlusion")
+        return kinds
+
+
+@dataclass
+class StopRule:
+    yaw: int = 6
+    pitch: int = 4
+    expression: int = 3
+    anchors: int = 3
+    novelty_window: int = 20
+    novelty_below: float = 0.08
+
+
+class Selector:
+    def __init__(
+        self,
+        *,
+        max_per_bucket: int = 2,
+        novelty_add: float = 0.15,
+        anchors_max: int = 5,
+        anchor_min_gap: int = 15,
+        challenge_max: int = 8,
+        stop: StopRule | None = None,
+    ) -> None:
+        self.max_per_bucket = max_per_bucket
+        self.novelty_add = novelty_add
+        self.anchors_max = anchors_max
+        self.anchor_min_gap = anchor_min_gap
+        self.challenge_max = challenge_max
+        self.stop = stop or StopRule()
+        self.buckets: dict[tuple[int, int, int], list[Candidate]] = {}
+        self.anchor_pool: list[Candidate] = []
+        self.challenge_pool: dict[str, list[Candidate]] = {}
+        self.novelty_history: list[float] = []
+        self.actions: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ what is saved now
+    def coverage(self) -> list[Candidate]:
+        out = []
+        for key in sorted(self.buckets):
+            out.extend(sorted(self.buckets[key], key=lambda c: -c.quality))
+        return out
+
+    def anchors(self) -> list[Candidate]:
+        picked: list[Candidate] = []
+        for c in sorted(self.anchor_pool, key=lambda c: (-c.quality, c.frame_idx)):
+            if all(abs(c.frame_idx - p.frame_idx) >= self.anchor_min_gap for p in picked):
+                picked.append(c)
+            if len(picked) >= self.anchors_max:
+                break
+        return picked
+
+    def challenge(self) -> list[Candidate]:
+        queues = {k: sorted(v, key=lambda c: -c.quality) for k, v in sorted(self.challenge_pool.items())}
+        picked: list[Candidate] = []
+        seen: set[int] = set()
+        while len(picked) < self.challenge_max and any(queues.values()):
+            for k in list(queues):
+                while queues[k] and queues[k][0].frame_idx in seen:
+                    queues[k].pop(0)
+                if queues[k] and len(picked) < self.challenge_max:
+                    c = queues[k].pop(0)
+                    picked.append(c)
+                    seen.add(c.frame_idx)
+        return picked
+
+    def saved(self) -> list[Candidate]:
+        seen: dict[int, Candidate] = {}
+        for c in [*self.anchors(), *self.coverage(), *self.challenge()]:
+            seen.setdefault(c.frame_idx, c)
+        return list(seen.values())
+
+    def saved_embeddings(self) -> np.ndarray:
+        s = self.saved()
+        return np.stack([c.general for c in s]) if s else np.zeros((0, 1))
+
+    def filled(self) -> dict[str, int]:
+        keys = list(self.buckets)
+        return {
+            "yaw": len({k[0] for k in keys}),
+            "pitch": len({k[1] for k in keys}),
+            "expression": len({k[2] for k in keys}),
+            "occlusion": len({c.bins.occlusion for c in self.coverage()}),
+            "lighting": len({c.bins.lighting for c in self.coverage()}),
+        }
+
+    # ------------------------------------------------------------------ the policy
+    def offer(self, c: Candidate) -> str:
+        """Offer one candidate (its ``novelty`` already set); returns the action taken."""
+        self.novelty_history.append(c.novelty)
+        action = self._offer_bucket(c)
+        if c.strict and c.bins.near_frontal and c.bins.occlusion == 0 and c.bins.lighting == 0 \
+                and c.bins.expression in (0, 1):
+            self.anchor_pool.append(c)
+            self.anchor_pool.sort(key=lambda a: -a.quality)
+            del self.anchor_pool[self.anchors_max * 4:]
+            action += "+anchor_pool"
+        for kind in c.challenge_kinds():
+            pool = self.challenge_pool.setdefault(kind, [])
+            pool.append(c)
+            pool.sort(key=lambda a: -a.quality)
+            del pool[self.challenge_max:]
+            action += f"+challenge:{kind}"
+        self.actions[action.split("+")[0]] = self.actions.get(action.split("+")[0], 0) + 1
+        return action
+
+    def _offer_bucket(self, c: Candidate) -> str:
+        items = self.buckets.setdefault(c.bins.selection_key, [])
+        if not items:
+            items.append(c)
+            return "save:new_bucket"
+        sims = np.array([float(l2n(c.general) @ l2n(i.general)) for i in items])
+        nearest = int(np.argmax(sims))
+        dist = 1.0 - sims[nearest]
+        if dist < self.novelty_add:
+            if c.quality > items[nearest].quality:
+                items[nearest] = c
+                return "replace:better_quality"
+            return "skip:not_novel"
+        if len(items) < self.max_per_bucket:
+            items.append(c)
+            return "add:novel"
+        worst = int(np.argmin([i.quality for i in items]))
+        if c.quality > items[worst].quality:
+            items[worst] = c
+            return "replace:novel_better_than_worst"
+        return "skip:bucket_full"
+
+    # ------------------------------------------------------------------ stopping
+    def missing(self) -> list[str]:
+        """What the early-stop rule still waits for (empty: it may stop)."""
+        f = self.filled()
+        s = self.stop
+        out = []
+        for axis, need in (("yaw", s.yaw), ("pitch", s.pitch), ("expression", s.expression)):
+            if f[axis] < need:
+                out.append(f"{axis} buckets {f[axis]}/{len(AXES[axis])} (need {need})")
+        n_anchor = len(self.anchors())
+        if n_anchor < s.anchors:
+            out.append(f"anchors {n_anchor} (need {s.anchors})")
+        recent = self.novelty_history[-s.novelty_window:]
+        if len(recent) < s.novelty_window:
+            out.append(f"only {len(self.novelty_history)} candidates (need {s.novelty_window} for the novelty window)")
+        elif float(np.mean(recent)) >= s.novelty_below:
+            out.append(f"mean novelty of the last {s.novelty_window} candidates "
+                       f"{float(np.mean(recent)):.3f} (need < {s.novelty_below})")
+        return out
+
+    def should_stop(self) -> bool:
+        return not self.missing()
+
+
+def conditioning_ratio(base: tuple[int, int, int] | list[int], *, anchors: int, challenge: int,
+                       yaw_filled: int, adjust: bool = True, min_anchors: int = 3) -> dict[str, Any]:
+    """anchor:coverage:challenge shares for identity-adapter conditioning (default 20:70:10).
+
+    Adjustments (when ``adjust``), each recorded in "adjustments":
+    - fewer anchors than ``min_anchors``: the anchor share shrinks in proportion, coverage gets it;
+    - no challenge image: the challenge share goes to coverage;
+    - thin pose coverage (fewer than 4 of 7 yaw buckets): anchors +10 from coverage, since the
+      frontal identity is then the more reliable signal.
+    """
+    a, c, ch = (float(x) for x in base)
+    notes = []
+    if adjust:
+        if yaw_filled < 4 and anchors >= min_anchors:
+            shift = min(10.0, c)
+            a, c = a + shift, c - shift
+            notes.append(f"yaw coverage {yaw_filled}/7 < 4: anchors +{shift:g} from coverage")
+        if anchors < min_anchors:
+            keep = a * anchors / float(min_anchors)
+            c += a - keep
+            notes.append(f"{anchors} anchors < {min_anchors}: anchor share {a:g} -> {keep:g}")
+            a = keep
+        if challenge == 0 and ch > 0:
+            c += ch
+            notes.append("no challenge images: challenge share moved to coverage")
+            ch = 0.0
+    total = a + c + ch or 1.0
+    return {
+        "base": [float(x) for x in base],
+        "anchor": round(100.0 * a / total, 2),
+        "coverage": round(100.0 * c / total, 2),
+        "challenge": round(100.0 * ch / total, 2),
+        "adjustments": notes,
+    }
