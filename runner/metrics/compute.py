@@ -1,0 +1,171 @@
+"""Batched metric computation for sets of generated images (used by the evaluate stage).
+
+:class:`MetricComputer` holds the three models (CLIP, DINO, a face backend), embeds the references
+once, embeds generated images ``batch_size`` at a time (CLIP image + DINO in batches, every
+distinct prompt's CLIP text embedding once), and turns embeddings into the metrics of
+:mod:`runner.metrics.definitions` per image, per category and overall.
+
+``batch_size=1`` is the one-image-at-a-time baseline that bench/evaluate compares against.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from runner.metrics import definitions as M
+from runner.stages.base import StageError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image
+
+# Metrics averaged over categories (equal weight per category) for the "overall" row.
+CATEGORY_MEAN_METRICS = ("face_similarity", "face_similarity_max", "no_face_rate", "consistency",
+                         "clip_t", "clip_score", "clip_i", "dino", "diversity")
+
+
+@dataclass
+class EmbeddedImages:
+    """Everything the metrics need from a set of images; one row / entry per image."""
+
+    clip: np.ndarray  # (N, Dc)
+    dino: np.ndarray  # (N, Dd)
+    faces: list[np.ndarray | None]  # identity embedding of the main face, None: no face found
+    face_boxes: list[list[float] | None]
+
+
+@dataclass
+class ReferenceSet:
+    names: list[str]
+    clip: np.ndarray
+    dino: np.ndarray
+    faces: np.ndarray  # (K, Df) identity embeddings of references with a face
+    face_found: list[bool] = field(default_factory=list)
+
+
+class MetricComputer:
+    def __init__(self, *, clip, dino, face_backend, batch_size: int = 16) -> None:
+        self.clip = clip
+        self.dino = dino
+        self.face_backend = face_backend
+        self.batch_size = max(1, int(batch_size))
+
+    @property
+    def tiny_random(self) -> bool:
+        return bool(getattr(self.clip, "is_tiny_random", False) or getattr(self.dino, "is_tiny_random", False))
+
+    def models(self) -> dict[str, Any]:
+        fb = self.face_backend
+        return {
+            "clip": self.clip.name, "clip_tiny_random": bool(self.clip.is_tiny_random),
+            "dino": self.dino.name, "dino_tiny_random": bool(self.dino.is_tiny_random),
+            "face_backend": getattr(fb, "name", str(fb)),
+            "face_embedding_model": getattr(fb, "embedding_model", ""),
+            "face_selection": getattr(fb, "selection_note", ""),
+        }
+
+    # ------------------------------------------------------------------ embedding
+    def main_face(self, image: "Image.Image") -> tuple[np.ndarray | None, list[float] | None]:
+        from runner.vision.faces import main_face
+
+        face = main_face(self.face_backend.analyze(np.asarray(image.convert("RGB"))))
+        if face is None:
+            return None, None
+        return np.asarray(face.embedding, dtype=np.float32), [round(float(v), 1) for v in face.box]
+
+    def embed(self, images: Sequence["Image.Image"], batch_size: int | None = None) -> EmbeddedImages:
+        bs = batch_size or self.batch_size
+        clip = self.clip.embed_images(images, batch_size=bs)
+        dino = self.dino.embed_images(images, batch_size=bs)
+        faces: list[np.ndarray | None] = []
+        boxes: list[list[float] | None] = []
+        for im in images:  # face detectors work per image
+            emb, box = self.main_face(im)
+            faces.append(emb)
+            boxes.append(box)
+        return EmbeddedImages(clip=clip, dino=dino, faces=faces, face_boxes=boxes)
+
+    def references(self, images: Sequence["Image.Image"], names: Sequence[str]) -> ReferenceSet:
+        if not images:
+            raise StageError("no reference images to evaluate against",
+                             hint="List reference images (files or folders) under character.references.")
+        emb = self.embed(images)
+        found = [f is not None for f in emb.faces]
+        if not any(found):
+            raise StageError(
+                f"no face found in any of the {len(images)} reference image(s) "
+                f"({', '.join(list(names)[:5])}{', ...' if len(names) > 5 else ''}) with the "
+                f"{getattr(self.face_backend, 'name', 'face')} backend",
+                hint="Face similarity needs references showing the character's face; add clear, "
+                "frontal photos to character.references (or try evaluate.face_model: insightface).",
+            )
+        return ReferenceSet(names=list(names), clip=emb.clip, dino=emb.dino,
+                            faces=np.stack([f for f in emb.faces if f is not None]), face_found=found)
+
+    def text_embeddings(self, prompts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
+        """CLIP text embedding per prompt; each distinct prompt is embedded once."""
+        bs = batch_size or self.batch_size
+        unique = list(dict.fromkeys(prompts))
+        table = dict(zip(unique, self.clip.embed_texts(unique, batch_size=bs)))
+        return np.stack([table[p] for p in prompts]) if prompts else np.zeros((0, self.clip.dim), np.float32)
+
+    # ------------------------------------------------------------------ metrics
+    def score(
+        self,
+        emb: EmbeddedImages,
+        text_emb: np.ndarray,
+        refs: ReferenceSet,
+        *,
+        categories: Sequence[str],
+        prompt_keys: Sequence[str],
+    ) -> tuple[list[dict[str, Any]], dict[str, dict[str, float | None]], dict[str, float | None]]:
+        """(per image, per category, overall) metrics; see runner.metrics.definitions."""
+        n = len(emb.faces)
+        if not (len(emb.clip) == len(text_emb) == len(categories) == len(prompt_keys) == n):
+            raise ValueError("images, prompts, categories and keys must line up")
+        per_image = []
+        ct = M.clip_t(emb.clip, text_emb) if n else np.zeros(0)
+        cs = M.clip_score(emb.clip, text_emb) if n else np.zeros(0)
+        ci = M.reference_similarity(emb.clip, refs.clip) if n else np.zeros(0)
+        di = M.reference_similarity(emb.dino, refs.dino) if n else np.zeros(0)
+        fmean, fmax, found = M.face_similarity_per_image(emb.faces, refs.faces) if n else (np.zeros(0),) * 3
+        for i in range(n):
+            per_image.append({
+                "clip_t": float(ct[i]), "clip_score": float(cs[i]), "clip_i": float(ci[i]), "dino": float(di[i]),
+                "face_found": bool(found[i]), "face_similarity": float(fmean[i]),
+                "face_similarity_max": float(fmax[i]), "face_box": emb.face_boxes[i],
+            })
+        per_cat: dict[str, dict[str, float | None]] = {}
+        for cat in dict.fromkeys(categories):
+            rows = [i for i in range(n) if categories[i] == cat]
+            per_cat[cat] = self._aggregate(emb, rows, per_image, [prompt_keys[i] for i in rows])
+        overall: dict[str, float | None] = {}
+        for m in CATEGORY_MEAN_METRICS:
+            vals = [v[m] for v in per_cat.values() if v.get(m) is not None and not math.isnan(v[m])]  # type: ignore[arg-type]
+            overall[m] = float(np.mean(vals)) if vals else None
+        overall["images"] = n
+        return per_image, per_cat, overall
+
+    @staticmethod
+    def _aggregate(emb: EmbeddedImages, rows: list[int], per_image: list[dict[str, Any]],
+                   keys: list[str]) -> dict[str, float | None]:
+        def mean(name: str) -> float:
+            return float(np.mean([per_image[i][name] for i in rows]))
+
+        faces = [emb.faces[i] for i in rows]
+        cons = M.consistency(faces)
+        return {
+            "images": len(rows),
+            "face_similarity": mean("face_similarity"),
+            "face_similarity_max": mean("face_similarity_max"),
+            "no_face_rate": 1.0 - float(np.mean([per_image[i]["face_found"] for i in rows])),
+            "consistency": None if math.isnan(cons) else cons,
+            "clip_t": mean("clip_t"),
+            "clip_score": mean("clip_score"),
+            "clip_i": mean("clip_i"),
+            "dino": mean("dino"),
+            "diversity": M.diversity(emb.dino[rows], keys),
+        }

@@ -1,0 +1,108 @@
+"""Trust in the identity metric, on the real photos in ../shared/data (dlib backend, offline).
+
+Face similarity must separate same-person from different-person pairs (ROC AUC reported), and an
+image with no face must be counted in no_face_rate with similarity 0, never skipped.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from runner.metrics import definitions as M
+from runner.metrics.compute import MetricComputer
+
+PEOPLE = ["obama", "biden", "kit_harington", "rose_leslie", "alex_lacamoire", "lin_manuel_miranda"]
+
+
+def _load(path: Path, max_side: int = 800) -> Image.Image:
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im).convert("RGB")
+    im.thumbnail((max_side, max_side))
+    return im
+
+
+@pytest.fixture(scope="module")
+def backend():
+    from runner.vision.faces import get_face_backend
+
+    return get_face_backend("dlib")
+
+
+@pytest.fixture(scope="module")
+def identities(shared_data: Path, backend) -> dict[str, dict[str, np.ndarray]]:
+    """person -> {file name: main-face identity embedding} for every photo with a face."""
+    from runner.vision.faces import main_face
+
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for person in PEOPLE:
+        for f in sorted((shared_data / "faces" / person).iterdir()):
+            face = main_face(backend.analyze(np.asarray(_load(f))))
+            if face is not None:
+                out.setdefault(person, {})[f.name] = face.embedding
+    return out
+
+
+def test_face_similarity_separates_same_from_different_people(identities, record_property) -> None:
+    found = sum(len(v) for v in identities.values())
+    assert found >= 15, f"dlib found faces in only {found} photos"
+    items = [(p, e) for p, files in identities.items() for e in files.values()]
+    same, diff = [], []
+    for (pa, ea), (pb, eb) in itertools.combinations(items, 2):
+        (same if pa == pb else diff).append(float(M.cosine_matrix(ea, eb)[0, 0]))
+    auc = M.roc_auc(same, diff)
+    record_property("face_roc_auc_dlib", auc)
+    record_property("pairs", f"{len(same)} same / {len(diff)} different")
+    print(f"\nface similarity ROC AUC (dlib, {len(same)} same-person / {len(diff)} different-person pairs): {auc:.4f}")
+    assert len(same) >= 20 and len(diff) >= 100
+    assert auc >= 0.98
+
+
+def test_face_similarity_metric_ranks_the_right_person_first(identities) -> None:
+    obama = list(identities["obama"].values())
+    refs = np.stack(obama[:2])
+    same = M.face_similarity(obama[2:], refs)
+    others = [e for p, files in identities.items() if p != "obama" for e in files.values()]
+    different = M.face_similarity(others, refs)
+    assert same["no_face_rate"] == 0.0 and different["no_face_rate"] == 0.0
+    assert same["face_similarity"] > different["face_similarity"] + 0.05
+    assert same["face_similarity_max"] > different["face_similarity_max"]
+
+
+def test_missing_face_is_counted_not_skipped(shared_data: Path, backend) -> None:
+    from runner.metrics.embedders import TINY_CLIP, TINY_DINO, load_image_embedder
+
+    mc = MetricComputer(clip=load_image_embedder(TINY_CLIP), dino=load_image_embedder(TINY_DINO),
+                        face_backend=backend, batch_size=4)
+    refs = mc.references([_load(shared_data / "faces" / "obama" / "obama_01.jpg")], ["obama_01.jpg"])
+    with_face = _load(shared_data / "faces" / "obama" / "obama_02.jpg")
+    no_face = Image.new("RGB", (256, 256), (90, 140, 200))  # a plain sky: nothing to find
+    images = [with_face, no_face, with_face, no_face]
+    emb = mc.embed(images)
+    assert [f is not None for f in emb.faces] == [True, False, True, False]
+    prompts = ["a photo of tok man"] * 4
+    per_image, per_cat, overall = mc.score(emb, mc.text_embeddings(prompts), refs,
+                                           categories=["close_up"] * 4, prompt_keys=["p0", "p1", "p0", "p1"])
+    assert per_image[1]["face_found"] is False and per_image[1]["face_similarity"] == 0.0
+    cat = per_cat["close_up"]
+    assert cat["no_face_rate"] == pytest.approx(0.5)
+    assert cat["images"] == 4
+    # the faceless images pull the mean down to half the real similarity
+    assert cat["face_similarity"] == pytest.approx(per_image[0]["face_similarity"] / 2)
+    # consistency: the pair of real faces (~1) plus five pairs with a faceless image (0)
+    assert cat["consistency"] == pytest.approx(1 / 6, abs=1e-3)
+    assert overall["no_face_rate"] == pytest.approx(0.5)
+
+
+def test_references_without_any_face_are_a_clear_error(backend) -> None:
+    from runner.metrics.embedders import TINY_CLIP, TINY_DINO, load_image_embedder
+    from runner.stages.base import StageError
+
+    mc = MetricComputer(clip=load_image_embedder(TINY_CLIP), dino=load_image_embedder(TINY_DINO),
+                        face_backend=backend)
+    with pytest.raises(StageError, match="no face found in any of the 1 reference"):
+        mc.references([Image.new("RGB", (128, 128), (20, 20, 20))], ["dark.png"])
