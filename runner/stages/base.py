@@ -211,8 +211,9 @@ def register(
     """
 
     def deco(fn: RunFn) -> RunFn:
-        if kind in _REGISTRY and _REGISTRY[kind].run is not fn:
-            raise RuntimeError(f"stage kind {kind!r} registered twice")
+        prev = _REGISTRY.get(kind)
+        if prev is not None and (prev.run.__module__, prev.run.__qualname__) != (fn.__module__, fn.__qualname__):
+            raise RuntimeError(f"stage kind {kind!r} registered twice ({prev.run.__module__} and {fn.__module__})")
         _REGISTRY[kind] = StageKind(
             kind=kind,
             version=version,

@@ -1,0 +1,217 @@
+"""Planner change detection and engine behaviour on a small diamond of fake stages after ingest."""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from runner.engine.executor import ApplyOptions, apply, plan_specs
+from runner.engine.progress import QuietReporter
+from runner.spec import load_spec
+from runner.stages import base
+
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture()
+def fake_kinds(monkeypatch):
+    """Only ingest, report and the fake kinds: engine behaviour, not the real pipeline's cost."""
+    base.registry()  # load the built-in kinds first
+    monkeypatch.setattr(base, "_REGISTRY", {k: v for k, v in base._REGISTRY.items() if k in ("ingest", "report")})
+    sys.path.insert(0, str(TESTS))
+    try:
+        import fake_stages
+
+        importlib.reload(fake_stages)
+        yield fake_stages
+    finally:
+        sys.path.remove(str(TESTS))
+
+
+SPEC = """\
+version: 1
+character:
+  name: hero
+  trigger: hrochr
+  class_word: man
+  description: first
+  traits: {fixed: [tall], variable: [hat]}
+dataset:
+  sources:
+    - images: ../photos
+"""
+
+
+@pytest.fixture()
+def hero(project, shared_data, fake_kinds):
+    photos = project / "photos"
+    photos.mkdir()
+    for name in ("obama_01.jpg", "obama_02.jpg"):
+        shutil.copy(shared_data / "faces" / "obama" / name, photos / name)
+    spec_file = project / "specs" / "hero.yaml"
+    spec_file.write_text(SPEC)
+    return spec_file
+
+
+def edit(spec_file: Path, old: str, new: str) -> None:
+    spec_file.write_text(spec_file.read_text().replace(old, new))
+
+
+def plan_of(spec_file: Path, **kw):
+    p, ws = plan_specs([load_spec(spec_file)], **kw)
+    ws.close()
+    return {s.id: s for s in p.stages}, p
+
+
+def run(spec_file: Path, **kw):
+    return apply([load_spec(spec_file)], ApplyOptions(**kw), QuietReporter())
+
+
+def actions(plan_stages) -> dict[str, str]:
+    return {k: v.action for k, v in plan_stages.items()}
+
+
+def test_first_plan_runs_everything_then_noop(hero):
+    stages, p = plan_of(hero)
+    assert list(stages) == ["hero:ingest", "hero:fake_a", "hero:fake_b", "hero:fake_c", "hero:fake_slow", "hero:report"]
+    assert set(actions(stages).values()) == {"run"}
+    assert p.summary() == "Plan: 6 to run, 0 cached."
+    res = run(hero)
+    assert res.status == "succeeded" and not res.failed
+    stages, p = plan_of(hero)
+    assert set(actions(stages).values()) == {"cached"}
+    assert not p.has_changes and p.summary().startswith("No changes.")
+    res = run(hero)
+    assert res.status == "no-op"
+    assert [r.status for r in res.results] == ["cached"] * 6
+
+
+def test_changing_one_parameter_reruns_exactly_that_stage_and_dependents(hero):
+    run(hero)
+    edit(hero, "description: first", "description: second")
+    stages, _ = plan_of(hero)
+    assert actions(stages) == {
+        "hero:ingest": "cached", "hero:fake_a": "rerun", "hero:fake_b": "rerun",
+        "hero:fake_c": "cached", "hero:fake_slow": "cached", "hero:report": "rerun",
+    }
+    assert stages["hero:fake_a"].reasons == ['config value changed: "first" -> "second"']
+    assert stages["hero:fake_b"].reasons == ["input a: hero:fake_a re-runs"]
+    res = run(hero)
+    executed = [r.stage_id for r in res.results if r.status == "succeeded"]
+    assert executed == ["hero:fake_a", "hero:fake_b", "hero:report"]
+
+    edit(hero, "fixed: [tall]", "fixed: [tall, bald]")
+    stages, _ = plan_of(hero)
+    assert [k for k, v in actions(stages).items() if v != "cached"] == ["hero:fake_b", "hero:report"]
+
+
+def test_changing_a_value_back_restores_cached_outputs(hero):
+    run(hero)
+    edit(hero, "description: first", "description: second")
+    run(hero)
+    edit(hero, "description: second", "description: first")
+    stages, _ = plan_of(hero)
+    assert stages["hero:fake_a"].action == "cached"
+    assert "earlier run" in stages["hero:fake_a"].reasons[0]
+
+
+def test_data_change_is_detected_and_explained(hero, shared_data):
+    run(hero)
+    shutil.copy(shared_data / "faces" / "obama" / "obama_03.jpg", hero.parent.parent / "photos" / "new.jpg")
+    stages, _ = plan_of(hero)
+    assert stages["hero:ingest"].action == "rerun"
+    assert stages["hero:ingest"].reasons == ["input source0: files 1 added"]
+    assert all(s.action == "rerun" for s in stages.values())
+    # touching a file without changing its bytes is not a change
+    run(hero)
+    p = hero.parent.parent / "photos" / "new.jpg"
+    p.write_bytes(p.read_bytes())
+    stages, _ = plan_of(hero)
+    assert all(s.action == "cached" for s in stages.values())
+
+
+def test_force_and_only(hero):
+    run(hero)
+    stages, _ = plan_of(hero, force=["fake_c"])
+    assert [k for k, v in actions(stages).items() if v != "cached"] == ["hero:fake_c", "hero:report"]
+    assert stages["hero:fake_c"].reasons == ["forced (--force)"]
+    edit(hero, "description: first", "description: other")
+    stages, _ = plan_of(hero, only=["hero:fake_b"])
+    assert list(stages) == ["hero:ingest", "hero:fake_a", "hero:fake_b"]
+    res = run(hero, only=["fake_b"])
+    assert [r.stage_id for r in res.results if r.status == "succeeded"] == ["hero:fake_a", "hero:fake_b"]
+    with pytest.raises(Exception, match="no stage matches 'nope'"):
+        plan_of(hero, only=["nope"])
+
+
+def test_failure_stops_or_keeps_going(hero):
+    edit(hero, "variable: [hat]", "variable: [FAIL]")
+    res = run(hero)
+    status = {r.stage_id: r.status for r in res.results}
+    assert res.status == "failed"
+    assert status["hero:fake_c"] == "failed"
+    assert status["hero:fake_slow"] == "skipped" and status["hero:report"] == "skipped"
+    assert "hint: remove FAIL" in res.failed[0].error
+
+    res = run(hero, keep_going=True)
+    status = {r.stage_id: r.status for r in res.results}
+    assert status["hero:fake_c"] == "failed"
+    assert status["hero:fake_slow"] == "succeeded"  # independent branch kept going
+    assert status["hero:report"] == "skipped"  # depends on the failed stage
+    # the successful stages are cached for the next apply
+    edit(hero, "variable: [FAIL]", "variable: [hat]")
+    stages, _ = plan_of(hero)
+    assert actions(stages)["hero:fake_slow"] == "cached"
+    assert actions(stages)["hero:fake_c"] == "run"
+
+
+def test_state_db_records_runs_and_executions(hero):
+    from runner.engine.workspace import Workspace
+
+    res = run(hero)
+    ws = Workspace(hero.parent.parent)
+    rows = ws.executions(res.run_id)
+    assert [r["stage_id"] for r in rows][0] == "hero:ingest"
+    ing = rows[0]
+    assert ing["status"] == "succeeded" and ing["duration"] > 0 and ing["action"] == "run"
+    assert ing["metrics"]["images_kept"] == 2
+    assert ing["cost"] == 0.0 and ing["currency"] == "USD"
+    assert Path(ing["log_path"]).is_file()
+    assert ws.runs()[0]["status"] == "succeeded"
+    ws.close()
+
+
+def test_stat_cache_avoids_rereading_unchanged_files(hero, monkeypatch):
+    from runner.engine import workspace as wsmod
+
+    run(hero)
+    calls = []
+    real = wsmod.file_digest
+    monkeypatch.setattr(wsmod, "file_digest", lambda p, *a: calls.append(p) or real(p, *a))
+    plan_of(hero)
+    assert calls == []
+    (hero.parent.parent / "photos" / "obama_01.jpg").touch()
+    plan_of(hero)
+    assert [Path(c).name for c in calls] == ["obama_01.jpg"]
+
+
+def test_batch_of_specs_and_duplicate_names(hero, project):
+    other = project / "specs" / "villain.yaml"
+    other.write_text(SPEC.replace("name: hero", "name: villain"))
+    from runner.spec import load_specs
+
+    p, ws = plan_specs(load_specs([project / "specs"]))
+    ws.close()
+    ids = [s.id for s in p.stages]
+    assert "hero:ingest" in ids and "villain:ingest" in ids
+    dup = project / "specs" / "zz.yaml"
+    dup.write_text(SPEC)
+    from runner.plan.graph import GraphError
+
+    with pytest.raises(GraphError, match="two specs define the character 'hero'"):
+        plan_specs(load_specs([project / "specs"]))
