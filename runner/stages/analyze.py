@@ -1,0 +1,390 @@
+"""`analyze`: faces, pose, expression, quality, shot type, identity and a perceptual hash per image.
+
+Inputs: every upstream artifact named ``images...`` (ingest's ``images``, video identity
+builders' ``images``) in the manifest.jsonl layout, and the character's reference images as
+file sets ``reference<i>``. Output ``analysis``: a folder with
+
+- ``records.jsonl``: one record per image (see :mod:`runner.vision.analysis` for the fields),
+- ``references.json``: each reference file with its main face and embedding,
+- ``summary.json``: backend, counts per shot type and flag, timing,
+- ``thumbs/<id>.jpg``: 256 px thumbnails for the report (face boxes are drawn at report time).
+
+Images are analyzed in a pool of ``dataset.analysis.workers`` processes (0: one per core) and the
+records are streamed to disk in input order, so memory stays flat with the dataset's size.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from runner.stages import base
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+THUMB_PX = 256
+
+
+def image_inputs(graph: base.GraphView) -> dict[str, base.InputRef]:
+    """Every upstream output named ``images...``: ingest's, and video identity builders'."""
+    inputs: dict[str, base.InputRef] = {}
+    ingest = graph.node(base.node_id(graph.character, "ingest"))
+    if ingest is not None:
+        for out in ingest.outputs:
+            if out.startswith("images"):
+                inputs[out] = base.StageOutputRef(ingest.id, out)
+    for node in graph.nodes_of("video_identity"):
+        tag = node.id.split(":", 1)[1].replace("[", ".").replace("]", "")
+        for out in node.outputs:
+            if out.startswith("images"):
+                inputs[f"images:{tag}" + ("" if out == "images" else f":{out}")] = base.StageOutputRef(node.id, out)
+    return inputs
+
+
+def reference_inputs(spec: dict[str, Any], graph: base.GraphView) -> dict[str, base.InputRef]:
+    refs = spec.get("character", {}).get("references", []) or []
+    return {
+        f"reference{i}": base.FileSetRef(root=graph.project_root / ref, patterns=("*",), recursive=True,
+                                         spec_key=f"character.references[{i}]")
+        for i, ref in enumerate(refs)
+    }
+
+
+def backend_options(analysis: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": analysis.get("backend", "auto"),
+        "dlib_detector": analysis.get("dlib_detector", "hog"),
+        "upsample": int(analysis.get("upsample", 1)),
+        "insightface_pack": analysis.get("insightface_pack", "buffalo_l"),
+        "insightface_root": analysis.get("insightface_root", "~/.insightface"),
+        "max_side": int(analysis.get("max_analysis_side", 1600)),
+    }
+
+
+def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
+    dataset = spec.get("dataset", {})
+    if not dataset.get("sources"):
+        return []
+    images = image_inputs(graph)
+    if not images:
+        return []
+    analysis = dataset.get("analysis", {})
+    config = {
+        **backend_options(analysis),
+        # Only changes speed, but the config is the one channel from the spec to the stage.
+        "workers": int(analysis.get("workers", 0)),
+        "references": list(spec.get("character", {}).get("references", []) or []),
+    }
+    return [
+        base.PlanNode(
+            id=base.node_id(graph.character, "analyze"),
+            kind="analyze",
+            character=graph.character,
+            config=config,
+            inputs={**images, **reference_inputs(spec, graph)},
+            outputs=("analysis",),
+            label=f"faces ({config['name']}), shot types, identity",
+        )
+    ]
+
+
+def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    with Path(path).open(encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                yield json.loads(line)
+
+
+def _resolve_pack(opts: dict[str, Any], project_root: Path) -> dict[str, Any]:
+    pack = opts.get("insightface_pack", "")
+    if pack and not Path(pack).is_absolute() and (project_root / pack).is_dir():
+        opts = {**opts, "insightface_pack": str(project_root / pack)}
+    return opts
+
+
+def _make_backend(opts: dict[str, Any]):
+    from runner.vision.faces import get_face_backend
+
+    kw = dict(opts)
+    name = kw.pop("name")
+    return get_face_backend(name, **kw)
+
+
+def _backend_options_for_workers(backend: Any, opts: dict[str, Any]) -> dict[str, Any]:
+    # Workers must build the backend auto picked, not decide again.
+    kw = dict(opts)
+    kw["name"] = backend.name
+    return kw
+
+
+def _reference_embeddings(config: dict[str, Any], inputs: dict[str, base.Artifact], backend: Any,
+                          ctx: base.StageContext) -> tuple[list[Any], list[dict[str, Any]]]:
+    from runner.vision.analysis import load_rgb
+
+    embeddings, records = [], []
+    ref_names = sorted((n for n in inputs if n.startswith("reference")), key=lambda n: int(n[len("reference"):] or 0))
+    for name in ref_names:
+        art = inputs[name]
+        idx = int(name[len("reference"):] or 0)
+        key = art.meta.get("spec_key") or f"character.references[{idx}]"
+        files = list(art.files) if art.files else ([art.path] if Path(art.path).is_file() else sorted(Path(art.path).rglob("*")))
+        files = [Path(f) for f in files if Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+        if not files:
+            raise base.StageError(f"{key}: no image files in {art.path}",
+                                  hint="references must be image files or folders of images (jpg, png, webp, ...)")
+        for f in sorted(files):
+            try:
+                rel = f.resolve().relative_to(Path(ctx.project_root).resolve()).as_posix()
+            except ValueError:
+                rel = str(f)
+            try:
+                rgb = load_rgb(f)
+            except Exception as exc:
+                ctx.warn(f"reference {rel} cannot be read ({exc}); skipped")
+                records.append({"file": rel, "faces": 0, "used": False, "reason": f"unreadable: {exc}"})
+                continue
+            faces = backend.analyze(rgb)
+            if not faces:
+                ctx.warn(f"no face found in reference {rel}; it is not used for identity")
+                records.append({"file": rel, "faces": 0, "used": False, "reason": "no face found"})
+                continue
+            if len(faces) > 1:
+                ctx.warn(f"reference {rel} has {len(faces)} faces; the largest is used")
+            embeddings.append(faces[0].embedding)
+            records.append({"file": rel, "faces": len(faces), "used": True, "box": [round(v, 1) for v in faces[0].box],
+                            "embedding": [round(float(v), 6) for v in faces[0].embedding]})
+    if ref_names and not embeddings:
+        raise base.StageError(
+            "no face was found in any reference image (" + ", ".join(config.get("references", [])) + ")",
+            hint="character.references should show the character's face clearly; without them the identity filter cannot work",
+        )
+    return embeddings, records
+
+
+def _jobs(inputs: dict[str, base.Artifact], thumbs: Path, ctx: base.StageContext) -> tuple[list[dict[str, Any]], int]:
+    """Jobs from every images* input's manifest (records are small; the images stay on disk)."""
+    jobs: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    dupes = 0
+    for name in sorted(n for n in inputs if n.startswith("images")):
+        art = inputs[name]
+        manifest = Path(art.path) / "manifest.jsonl"
+        if not manifest.exists():
+            raise base.StageError(f"input {name} has no manifest.jsonl at {manifest}",
+                                  hint="image-producing stages must write manifest.jsonl (see the ingest stage)")
+        for rec in read_jsonl(manifest):
+            if rec["id"] in seen:
+                dupes += 1
+                continue
+            seen.add(rec["id"])
+            jobs.append({
+                "id": rec["id"], "input": name, "file": rec["file"], "source": rec.get("source", ""),
+                "label": rec.get("label", ""), "path": str(Path(art.path) / rec["file"]),
+                "thumb": str(thumbs / f"{rec['id']}.jpg"),
+            })
+    return jobs, dupes
+
+
+def _write_thumb(job: dict[str, Any]) -> None:
+    from PIL import Image
+
+    try:
+        with Image.open(job["path"]) as im:
+            im = im.convert("RGB")
+            im.thumbnail((THUMB_PX, THUMB_PX), Image.Resampling.LANCZOS)
+            im.save(job["thumb"], format="JPEG", quality=85)
+    except Exception:
+        pass  # the record carries the read error; the report shows no thumbnail
+
+
+@base.register("analyze", version=1, order=20, expand=expand,
+               description="Per image: faces, pose, expression, quality, shot type, identity, perceptual hash.",
+               report=lambda config, outputs, env: report_sections(config, outputs, env))
+def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.StageContext) -> dict[str, base.Artifact]:
+    """Per image: faces, pose, expression, quality, shot type, identity, perceptual hash."""
+    from runner.vision.analysis import default_workers, iter_analyses, reference_matrix
+
+    out = Path(ctx.out_dir) / "analysis"
+    thumbs = out / "thumbs"
+    thumbs.mkdir(parents=True)
+
+    # 1. The backend ("auto" decides here, once) and the reference embeddings.
+    opts = _resolve_pack({k: config[k] for k in ("name", "dlib_detector", "upsample", "insightface_pack",
+                                                  "insightface_root", "max_side")}, Path(ctx.project_root))
+    backend = _make_backend(opts)
+    ctx.log(f"face backend: {backend.selection_note}")
+    ref_embs, ref_records = _reference_embeddings(config, inputs, backend, ctx)
+    if not ref_names_present(inputs):
+        ctx.warn("no character.references: identity similarity is not computed and the identity filter is skipped")
+    refs = reference_matrix(ref_embs)
+
+    # 2. Jobs from the manifests; records streamed to disk in input order.
+    jobs, dupes = _jobs(inputs, thumbs, ctx)
+    if dupes:
+        ctx.log(f"{dupes} image(s) appear in more than one input; analyzed once")
+    if not jobs:
+        ctx.warn("no images to analyze")
+    workers = min(default_workers(int(config.get("workers", 0))), max(1, len(jobs)))
+    if len(jobs) < 4:
+        workers = 1  # starting processes costs more than it saves
+    counts = {"images": 0, "faces": 0, "no_face": 0, "errors": 0}
+    shots: dict[str, int] = {}
+    flags: dict[str, int] = {}
+    t0 = time.monotonic()
+    progress = ctx.progress(len(jobs), "analyze images")
+    tmp = out / "records.jsonl.partial"
+    with tmp.open("w", encoding="utf-8") as fh:
+        for job in jobs:
+            _write_thumb(job)
+        for rec in iter_analyses(jobs, workers=workers, backend_options=_backend_options_for_workers(backend, opts),
+                                 refs=refs):
+            rec.pop("thumb", None)
+            fh.write(json.dumps(rec) + "\n")
+            counts["images"] += 1
+            counts["faces"] += len(rec.get("faces", []))
+            if rec.get("error"):
+                counts["errors"] += 1
+                ctx.warn(f"{rec.get('source') or rec['id']}: {rec['error']}")
+            elif rec.get("no_face"):
+                counts["no_face"] += 1
+            if not rec.get("error"):
+                shots[rec["shot"]] = shots.get(rec["shot"], 0) + 1
+                for f, on in rec.get("flags", {}).items():
+                    flags[f] = flags.get(f, 0) + int(bool(on))
+            progress.update(1)
+    progress.close()
+    tmp.rename(out / "records.jsonl")
+    elapsed = time.monotonic() - t0
+
+    summary = {
+        "backend": backend.name,
+        "selection_note": backend.selection_note,
+        "embedding_model": backend.embedding_model,
+        "default_identity_threshold": backend.default_identity_threshold,
+        "workers": workers,
+        "counts": counts,
+        "shots": shots,
+        "flags": flags,
+        "references": sum(1 for r in ref_records if r.get("used")),
+        "seconds": round(elapsed, 3),
+        "images_per_s": round(counts["images"] / elapsed, 3) if elapsed > 0 else None,
+    }
+    (out / "references.json").write_text(json.dumps(ref_records, indent=1), encoding="utf-8")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    ctx.metric("images_analyzed", counts["images"])
+    ctx.metric("faces_found", counts["faces"])
+    ctx.metric("images_without_face", counts["no_face"])
+    if summary["images_per_s"]:
+        ctx.metric("images_per_s", summary["images_per_s"])
+    ctx.log(f"{counts['images']} images analyzed with {workers} worker(s): {counts['faces']} faces, "
+            f"{counts['no_face']} without a face, {counts['errors']} unreadable")
+    return {"analysis": base.Artifact("analysis", out, meta={"count": counts["images"], "backend": backend.name})}
+
+
+def ref_names_present(inputs: dict[str, base.Artifact]) -> bool:
+    return any(n.startswith("reference") for n in inputs)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def thumb_with_boxes(analysis_dir: Path, rec: dict[str, Any], px: int, *, main_color: str = "#39d353") -> str | None:
+    """A data-URI thumbnail of an analyzed image with its face boxes (main face in green)."""
+    from PIL import Image, ImageDraw
+
+    from runner.report.embed import image_to_data_uri
+
+    path = Path(analysis_dir) / "thumbs" / f"{rec['id']}.jpg"
+    if not path.exists():
+        return None
+    with Image.open(path) as im:
+        img = im.convert("RGB")
+    s = img.size[0] / float(rec.get("width") or img.size[0])
+    if max(img.size) > px:
+        k = px / float(max(img.size))
+        img = img.resize((max(1, round(img.size[0] * k)), max(1, round(img.size[1] * k))), Image.Resampling.LANCZOS)
+        s *= k
+    draw = ImageDraw.Draw(img)
+    lw = max(1, round(max(img.size) / 96))
+    for i, f in enumerate(rec.get("faces", [])):
+        x0, y0, x1, y1 = f["box"]
+        draw.rectangle([x0 * s, y0 * s, x1 * s, y1 * s], outline=main_color if i == rec.get("main_face") else "#f08c00",
+                       width=lw)
+    return image_to_data_uri(img)
+
+
+def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], env: dict[str, Any]) -> list[base.ReportSection]:
+    from runner.report import charts
+    from runner.vision.shots import SHOT_TYPES, SHOT_WORDS
+
+    adir = Path(outputs["analysis"].path)
+    summary = json.loads((adir / "summary.json").read_text(encoding="utf-8"))
+    px = int(env.get("thumbnail_px", 192))
+    limit = int(env.get("gallery_limit", 120))
+    per_shot = max(4, limit // len(SHOT_TYPES))
+    galleries: dict[str, list[dict[str, Any]]] = {s: [] for s in SHOT_TYPES}
+    totals: dict[str, int] = {s: 0 for s in SHOT_TYPES}
+    yaw, pitch, roll, ident = [], [], [], []
+    expr = {"smiling": 0, "mouth_open": 0, "eyes_closed": 0, "neutral": 0}
+    pose_buckets = {"frontal (|yaw| < 15)": 0, "three-quarter (15-45)": 0, "profile (>= 45)": 0}
+    no_face = []
+    for rec in read_jsonl(adir / "records.jsonl"):
+        if rec.get("error"):
+            continue
+        shot = rec["shot"]
+        totals[shot] += 1
+        if rec.get("no_face"):
+            no_face.append(rec.get("source") or rec["id"])
+        elif len(galleries[shot]) < per_shot:
+            src = thumb_with_boxes(adir, rec, px)
+            if src:
+                f = rec["faces"][rec["main_face"]]
+                cap = f"{Path(rec.get('source') or rec['id']).name} · yaw {f['pose']['yaw']:.0f}°"
+                if rec.get("identity") is not None:
+                    cap += f" · id {rec['identity']:.2f}"
+                galleries[shot].append({"src": src, "caption": cap})
+        if rec.get("main_face") is not None:
+            p = rec["faces"][rec["main_face"]]["pose"]
+            yaw.append(p["yaw"])
+            pitch.append(p["pitch"])
+            roll.append(p["roll"])
+            ay = abs(p["yaw"])
+            pose_buckets["frontal (|yaw| < 15)" if ay < 15 else ("three-quarter (15-45)" if ay < 45 else "profile (>= 45)")] += 1
+            e = rec.get("expression") or {}
+            hit = False
+            for k in ("smiling", "mouth_open", "eyes_closed"):
+                if e.get(k):
+                    expr[k] += 1
+                    hit = True
+            if not hit:
+                expr["neutral"] += 1
+        if rec.get("identity") is not None:
+            ident.append(rec["identity"])
+    n_faces = max(1, len(yaw))
+    charts_html = {
+        "yaw": charts.histogram(yaw, bins=18, lo=-90, hi=90, title="Yaw (degrees; > 0 = turned to their left)", xlabel="yaw"),
+        "pitch": charts.histogram(pitch, bins=12, lo=-45, hi=45, title="Pitch (degrees; > 0 = looking up)", xlabel="pitch"),
+        "pose_buckets": charts.bar_chart({k: v / n_faces for k, v in pose_buckets.items()}, title="Head pose coverage"),
+        "expression": charts.bar_chart({k.replace("_", " "): v / n_faces for k, v in expr.items()}, title="Expression coverage"),
+    }
+    threshold = summary.get("default_identity_threshold")
+    if ident:
+        lo = min(min(ident), threshold or 1.0) - 0.02
+        charts_html["identity"] = charts.histogram(ident, bins=24, lo=lo, hi=1.0, threshold=threshold,
+                                                   title="Identity similarity of the main face to the references",
+                                                   xlabel=f"cosine ({summary['backend']})")
+    return [
+        base.ReportSection(
+            title="Dataset analysis",
+            template="sections/analyze.html.j2",
+            anchor="analyze",
+            context={
+                "summary": summary,
+                "galleries": [{"shot": s, "words": SHOT_WORDS[s], "total": totals[s], "items": galleries[s]} for s in SHOT_TYPES],
+                "charts": charts_html,
+                "no_face": no_face,
+                "has_identity": bool(ident),
+            },
+        )
+    ]

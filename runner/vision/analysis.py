@@ -1,0 +1,195 @@
+"""Per-image analysis (faces, measures, shot type, identity, hash) and a streaming process pool.
+
+:func:`analyze_image` turns one RGB image into one JSON-ready record. :func:`iter_analyses`
+runs it over many files in worker processes, yielding records in input order while holding at
+most a small window of jobs in flight, so memory stays flat however large the dataset is.
+
+A record (one per image; the fields the later stages rely on)::
+
+    {"id", "input", "file", "source", "label", "width", "height",
+     "faces": [{"box", "score", "keypoints", "landmarks", "pose": {"yaw","pitch","roll"},
+                "height_rel", "width_rel", "truncation", "landmarks_outside",
+                "eyes": {"left","right","mean"}, "mouth_open", "smile": {"width","lift","score"},
+                "blur", "exposure": {"mean","contrast","clipped_dark","clipped_bright","side_balance"},
+                "identity"}],            # largest face first
+     "main_face": 0 | null, "no_face": bool, "people": int, "people_substantial": int,
+     "shot": "close_up", "flags": {"multi_character", "complex_background", "occluded"},
+     "categories": ["close_up", ...], "background_edges": float,
+     "identity": float | null,          # main face vs the centroid of the reference embeddings
+     "identity_max": float | null,      # main face vs its best single reference
+     "embedding": [...] | null,         # main face embedding (L2-normalized)
+     "expression": {"smiling", "mouth_open", "eyes_closed"}, "phash": "16 hex",
+     "error": null | "why the image could not be analyzed"}
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from runner.vision import measures as M
+from runner.vision import shots as S
+
+
+def load_rgb(path: str | Path) -> np.ndarray:
+    """An image file as RGB uint8 (EXIF rotation applied, alpha flattened on white)."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("RGBA", "LA", "PA", "P"):
+            rgba = im.convert("RGBA")
+            bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            bg.alpha_composite(rgba)
+            im = bg
+        return np.asarray(im.convert("RGB"))
+
+
+def reference_matrix(embeddings: list[np.ndarray]) -> np.ndarray | None:
+    if not embeddings:
+        return None
+    return np.stack([np.asarray(e, dtype=np.float32) for e in embeddings])
+
+
+def identity_scores(embedding: np.ndarray, refs: np.ndarray | None) -> tuple[float | None, float | None]:
+    """(similarity to the normalized centroid of refs, best similarity to a single ref)."""
+    if refs is None or len(refs) == 0:
+        return None, None
+    e = np.asarray(embedding, dtype=np.float64)
+    e = e / (np.linalg.norm(e) or 1.0)
+    r = refs.astype(np.float64)
+    r = r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), 1e-12)
+    c = r.mean(0)
+    c = c / (np.linalg.norm(c) or 1.0)
+    return round(float(e @ c), 4), round(float((r @ e).max()), 4)
+
+
+def analyze_image(rgb: np.ndarray, backend: Any, refs: np.ndarray | None = None) -> dict[str, Any]:
+    """Faces, measures, shot type, flags, identity and perceptual hash of one image."""
+    h, w = rgb.shape[:2]
+    faces = backend.analyze(rgb)
+    face_recs: list[dict[str, Any]] = []
+    for f in faces:
+        rec = f.to_record(with_embedding=False)
+        rec.update(M.face_measures(rgb, f))
+        rec["identity"] = identity_scores(f.embedding, refs)[0]
+        face_recs.append(rec)
+    main = 0 if faces else None
+    bg = M.background_edge_density(rgb, [f.box for f in faces])
+    flags = S.image_flags(face_recs, main, bg)
+    if main is None:
+        shot = "wide"
+        ident, ident_max, emb = None, None, None
+    else:
+        shot = S.classify_shot(faces[main].box, h)
+        ident, ident_max = identity_scores(faces[main].embedding, refs)
+        emb = [round(float(v), 6) for v in faces[main].embedding]
+    mh = faces[main].height if main is not None else 0.0
+    return {
+        "width": w,
+        "height": h,
+        "faces": face_recs,
+        "main_face": main,
+        "no_face": main is None,
+        "people": len(faces),
+        "people_substantial": sum(1 for f in faces if f.height >= S.SUBSTANTIAL_FACE * mh) if faces else 0,
+        "shot": shot,
+        "flags": flags,
+        "categories": S.categories_of(shot, flags),
+        "background_edges": bg,
+        "identity": ident,
+        "identity_max": ident_max,
+        "embedding": emb,
+        "expression": S.expression_of(face_recs[main] if main is not None else None),
+        "phash": M.perceptual_hash(rgb),
+        "error": None,
+    }
+
+
+# --------------------------------------------------------------------------- worker pool
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(backend_options: dict[str, Any], refs: list[list[float]] | None) -> None:
+    try:
+        import cv2
+
+        cv2.setNumThreads(1)  # one process per core already
+    except ImportError:  # pragma: no cover
+        pass
+    from runner.vision.faces import get_face_backend
+
+    _WORKER["backend"] = get_face_backend(**backend_options)
+    _WORKER["refs"] = np.asarray(refs, dtype=np.float32) if refs else None
+
+
+def analyze_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Analyze one file described by ``job`` (keys: path, plus fields copied into the record)."""
+    base = {k: v for k, v in job.items() if k != "path"}
+    try:
+        rgb = load_rgb(job["path"])
+    except Exception as exc:  # unreadable: the record says why, curate drops it
+        return {**base, "error": f"cannot read image: {exc}", "faces": [], "main_face": None, "no_face": True}
+    try:
+        rec = analyze_image(rgb, _WORKER["backend"], _WORKER.get("refs"))
+    except Exception as exc:
+        return {**base, "error": f"analysis failed: {type(exc).__name__}: {exc}", "faces": [], "main_face": None,
+                "no_face": True}
+    return {**base, **rec}
+
+
+def default_workers(requested: int) -> int:
+    if requested and requested > 0:
+        return requested
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def iter_analyses(jobs: Iterable[dict[str, Any]], *, workers: int, backend_options: dict[str, Any],
+                  refs: np.ndarray | None, window_per_worker: int = 4) -> Iterator[dict[str, Any]]:
+    """Analyze ``jobs`` with ``workers`` processes, yielding records in order.
+
+    At most ``workers * window_per_worker`` jobs are in flight, so memory does not grow with the
+    number of images. ``workers <= 1`` runs in this process (no pool start-up cost).
+    """
+    ref_list = refs.tolist() if refs is not None else None
+    if workers <= 1:
+        _init_worker(backend_options, ref_list)
+        for job in jobs:
+            yield analyze_job(job)
+        return
+    ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited threads or locks
+    it = iter(jobs)
+    window = max(1, workers * window_per_worker)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(backend_options, ref_list)) as pool:
+        pending: deque[Future[dict[str, Any]]] = deque()
+        for job in it:
+            pending.append(pool.submit(analyze_job, job))
+            if len(pending) >= window:
+                break
+        while pending:
+            try:
+                res = pending.popleft().result()
+            except BrokenProcessPool as exc:
+                from runner.stages.base import StageError
+
+                raise StageError(
+                    "an analysis worker process died (out of memory, or a crash in the face library)",
+                    hint="set dataset.analysis.workers to 1 to analyze in-process and see the error; "
+                         "lower dataset.analysis.max_analysis_side if memory is short",
+                ) from exc
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(pool.submit(analyze_job, nxt))
+            yield res
