@@ -1,0 +1,84 @@
+"""The HTML report: self-contained, autoescaped, with gallery, quarantine and timeline."""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import pytest
+
+from runner.engine.executor import ApplyOptions, apply
+from runner.engine.progress import QuietReporter
+from runner.spec import load_spec
+from runner.stages import base
+
+HOSTILE = "<script>alert('pwned')</script>"
+
+SPEC = f"""\
+version: 1
+character:
+  name: hero
+  display_name: "Hero \\"><img src=x onerror=alert(1)>"
+  trigger: hrochr
+  description: "{HOSTILE} & friends"
+  traits: {{fixed: ["<b>bold</b>"]}}
+  references: [../refs]
+dataset:
+  sources:
+    - images: ../photos
+report:
+  gallery_limit: 2
+"""
+
+
+@pytest.fixture()
+def only_ingest_and_report(monkeypatch):
+    base.registry()
+    monkeypatch.setattr(base, "_REGISTRY", {k: v for k, v in base._REGISTRY.items() if k in ("ingest", "report")})
+
+
+def test_report_is_self_contained_and_escapes_spec_text(project, shared_data, only_ingest_and_report):
+    photos = project / "photos"
+    photos.mkdir()
+    for name in ("obama_01.jpg", "obama_02.jpg", "obama_small.jpg"):
+        shutil.copy(shared_data / "faces" / "obama" / name, photos / name)
+    (photos / "broken.jpg").write_text("not a jpeg")
+    (project / "refs").mkdir()
+    shutil.copy(shared_data / "faces" / "obama" / "obama_04.jpg", project / "refs" / "ref.jpg")
+    spec_file = project / "specs" / "hero.yaml"
+    spec_file.write_text(SPEC)
+    res = apply([load_spec(spec_file)], ApplyOptions(), QuietReporter())
+    assert res.status == "succeeded"
+    path = res.reports["hero"]
+    assert path.parent == project / "reports" / "hero" and path.name == f"{res.run_id}.html"
+    assert (project / "reports" / "hero" / "latest.html").read_text() == path.read_text()
+    html = path.read_text()
+    # hostile text stays text
+    assert HOSTILE not in html and "&lt;script&gt;alert(" in html
+    assert "<img src=x" not in html and "<b>bold</b>" not in html
+    assert "&amp; friends" in html
+    assert not re.search(r"<script", html, re.I)
+    # self-contained: every image is a data URI, nothing is fetched from anywhere
+    srcs = re.findall(r'(?:src|href)="([^"#][^"]*)"', html)
+    assert srcs and all(s.startswith("data:") for s in srcs), [s[:40] for s in srcs if not s.startswith("data:")]
+    # gallery capped at gallery_limit, with the count; quarantine list with the reason; timeline
+    assert html.count('<figure><img src="data:image/jpeg;base64,') == 2
+    assert "Showing the first 2." in html
+    assert "broken.jpg" in html and "not an image" in html
+    assert "hero:ingest" in html and "Timeline" in html
+    assert 'alt="ref.jpg"' in html  # the reference thumbnail
+
+
+def test_runner_report_rerenders(project, shared_data, only_ingest_and_report):
+    photos = project / "photos"
+    photos.mkdir()
+    shutil.copy(shared_data / "faces" / "obama" / "obama_small.jpg", photos / "a.jpg")
+    spec_file = project / "specs" / "hero.yaml"
+    spec_file.write_text(SPEC.replace("  references: [../refs]\n", ""))
+    first = apply([load_spec(spec_file)], ApplyOptions(), QuietReporter())
+    from runner.engine.executor import rerender_reports
+
+    again = rerender_reports([load_spec(spec_file)], QuietReporter())
+    statuses = {r.stage_id: r.status for r in again.results}
+    assert statuses == {"hero:ingest": "cached", "hero:report": "succeeded"}
+    assert again.reports["hero"] != first.reports["hero"] and again.reports["hero"].exists()
