@@ -12,6 +12,7 @@ import os
 
 BUILTIN_STAGE_MODULES = (
     "ingest",
+    "video_identity",
     "report",
 )
 

@@ -147,6 +147,48 @@ def _face_obs(frame_idx: int, ts: float, rgb: np.ndarray, face: Any) -> FaceObs:
     )
 
 
+def _analyze_frames(frames: Any, face_backend: Any, make_backend: Callable[[], Any] | None,
+                    workers: int) -> Any:
+    """Yield (frame, [FaceObs]) in frame order, analyzing up to ``workers`` frames at a time."""
+    def one(backend: Any, frame: Any) -> tuple[Any, list[FaceObs]]:
+        faces = backend.analyze(frame.rgb)
+        obs = [_face_obs(frame.index, frame.timestamp_ms, frame.rgb, f) for f in faces]
+        frame.rgb = None  # pass 1 keeps no pixels
+        return frame, obs
+
+    if workers <= 1 or make_backend is None:
+        for frame in frames:
+            yield one(face_backend, frame)
+        return
+    import queue
+    import threading
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool_backends: queue.Queue = queue.Queue()
+    pool_backends.put(face_backend)
+    for _ in range(workers - 1):
+        pool_backends.put(make_backend())
+    lock = threading.Lock()
+
+    def task(frame: Any) -> tuple[Any, list[FaceObs]]:
+        with lock:
+            backend = pool_backends.get()
+        try:
+            return one(backend, frame)
+        finally:
+            pool_backends.put(backend)
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="video-faces") as ex:
+        pending: deque = deque()
+        for frame in frames:
+            pending.append(ex.submit(task, frame))
+            while len(pending) >= workers * 2:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def _score01(score: float, backend_name: str) -> float:
     """Detector score on [0, 1]: insightface/CNN give a confidence; HOG an SVM margin (~0-3)."""
     if backend_name == "dlib":
@@ -203,7 +245,15 @@ def build_identity_sets(
     reference_embeddings: Sequence[np.ndarray] = (),
     progress: Callable[[str, int, int | None], None] | None = None,
     on_truncated: str = "quarantine",
+    make_backend: Callable[[], Any] | None = None,
+    workers: int = 1,
 ) -> VideoResult:
+    """Run steps 1-6 on one video (see the module docstring).
+
+    ``face_backend`` analyzes frames; with ``workers`` > 1 and ``make_backend`` (a factory for more
+    instances of the same backend: dlib's networks are not safe to share between threads), frames
+    are analyzed in that many threads while tracking stays in frame order.
+    """
     opts = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None or k == "tau"}}
     for k, v in DEFAULTS.items():
         if opts.get(k) is None and k != "tau":
@@ -229,10 +279,9 @@ def build_identity_sets(
     faces_per_frame: list[tuple[int, float, int]] = []
     total_est = (info.frame_count // stride + 1) if info.frame_count else None
     t0 = time.perf_counter()
+    frames_iter = iter_frames(video_path, stride=stride, decoder=info.decoder, stats=stats)
     try:
-        for frame in iter_frames(video_path, stride=stride, decoder=info.decoder, stats=stats):
-            faces = face_backend.analyze(frame.rgb)
-            obs = [_face_obs(frame.index, frame.timestamp_ms, frame.rgb, f) for f in faces]
+        for frame, obs in _analyze_frames(frames_iter, face_backend, make_backend, workers):
             tracker.update(obs)
             faces_per_frame.append((frame.index, frame.timestamp_ms, len(obs)))
             sampled += 1

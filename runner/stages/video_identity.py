@@ -1,0 +1,367 @@
+"""`video_identity`: a video source becomes per-person identity sets (anchors, coverage, challenge).
+
+One node per video source: ``<character>:video_identity[<i>]`` (i = index in dataset.sources).
+Outputs:
+
+- ``identity``: person_<k>/{anchors,coverage,challenge}/ (image + _meta.json each), person meta.json
+  and timeline.json, pair/ for two people, summary.json (see runner/video/export.py);
+- ``images``: images/<id>.png + manifest.jsonl in the ingest layout, so curate and train take the
+  frames like any other images input;
+- ``quarantine``: quarantine.jsonl; a file that is not a readable video (or is truncated) lands
+  here with a reason instead of failing the run.
+
+The work is in runner.video (pipeline.py reads top to bottom); this module wires it to the spec,
+the stage context and the report. Heavy imports stay inside functions.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from runner.stages import base
+
+KIND = "video_identity"
+VERSION = 1
+REFERENCE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+VIDEO_OPTION_DEFAULTS: dict[str, Any] = {
+    "tau": None,
+    "upsample": None,
+    "max_per_bucket": 2,
+    "novelty_add": 0.15,
+    "anchors": 5,
+    "challenge": 8,
+    "early_stop": True,
+    "stop_novelty": 0.08,
+    "conditioning_ratio": [20, 70, 10],
+    "adjust_ratio": True,
+    "pair_set": True,
+    "pair_max": 10,
+    "general_model": "facebook/dinov2-small",
+    "general_fallback": "auto",
+    "crop_scale": 2.2,
+    "crop_max_side": 512,
+    "on_truncated": "quarantine",
+}
+
+
+def _file_ref(path: Path, spec_key: str) -> base.FileSetRef:
+    return base.FileSetRef(root=path.parent, patterns=(glob.escape(path.name),), recursive=False, spec_key=spec_key)
+
+
+def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
+    dataset = spec.get("dataset", {}) or {}
+    analysis = dataset.get("analysis", {}) or {}
+    character = spec.get("character", {}) or {}
+    refs = list(character.get("references", []) or [])
+    nodes = []
+    for i, src in enumerate(dataset.get("sources", []) or []):
+        if "video" not in src:
+            continue
+        video_rel = src["video"]
+        video_abs = Path(video_rel) if Path(video_rel).is_absolute() else graph.project_root / video_rel
+        inputs: dict[str, base.InputRef] = {"video": _file_ref(video_abs, f"dataset.sources[{i}].video")}
+        for j, ref in enumerate(refs):
+            rp = Path(ref) if Path(ref).is_absolute() else graph.project_root / ref
+            key = f"character.references[{j}]"
+            if rp.is_dir():
+                patterns = tuple(f"*{e}" for e in REFERENCE_EXTS) + tuple(f"*{e.upper()}" for e in REFERENCE_EXTS)
+                inputs[f"references{j}"] = base.FileSetRef(root=rp, patterns=patterns, recursive=True, spec_key=key)
+            else:
+                inputs[f"references{j}"] = _file_ref(rp, key)
+        opts = {**VIDEO_OPTION_DEFAULTS, **(src.get("video_options") or {})}
+        upsample = opts["upsample"] if opts["upsample"] is not None else analysis.get("upsample", 1)
+        config = {
+            "video": video_rel,
+            "source_index": i,
+            "label": src.get("label", ""),
+            "people": int(src.get("people", 1)),
+            "stride": int(src.get("stride", 5)),
+            "face": {
+                "backend": analysis.get("backend", "auto"),
+                "dlib_detector": analysis.get("dlib_detector", "hog"),
+                "upsample": int(upsample),
+                "insightface_pack": analysis.get("insightface_pack", "buffalo_l"),
+                "insightface_root": analysis.get("insightface_root", "~/.insightface"),
+            },
+            "options": {k: v for k, v in opts.items() if k != "upsample"},
+            "references": refs,
+        }
+        nodes.append(base.PlanNode(
+            id=base.node_id(graph.character, KIND, str(i)),
+            kind=KIND,
+            character=graph.character,
+            config=config,
+            inputs=inputs,
+            outputs=("identity", "images", "quarantine"),
+            label=f"{video_rel}: {config['people']} person{'s' if config['people'] != 1 else ''}, "
+                  f"every {config['stride']}th frame",
+        ))
+    return nodes
+
+
+def analysis_threads() -> int:
+    """Frames analyzed in parallel: CHARACTER_RUNNER_VIDEO_THREADS, else the CPU count (at most 4).
+
+    Threads change the speed, never the outputs (tracking consumes frames in order), so the
+    number is not part of the stage config or its cache key.
+    """
+    env = os.environ.get("CHARACTER_RUNNER_VIDEO_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _reference_embeddings(files: list[Path], backend: Any, ctx: base.StageContext) -> list[Any]:
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    out = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                rgb = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+        except Exception as exc:  # an unreadable reference is worth a warning, not a failure
+            ctx.warn(f"reference {f.name} could not be read ({exc}); skipped")
+            continue
+        faces = backend.analyze(rgb)
+        if not faces:
+            ctx.warn(f"no face found in reference {f.name}; skipped")
+            continue
+        out.append(faces[0].embedding)
+    return out
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+@base.register(KIND, version=VERSION, order=15, expand=expand,
+               description="Video -> per-person identity sets: tracks, main person, buckets, novelty, anchors/coverage/challenge.",
+               report=lambda config, outputs, env: report_sections(config, outputs, env))
+def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.StageContext) -> dict[str, base.Artifact]:
+    """Video -> per-person identity sets (anchors, coverage, challenge, pair)."""
+    from runner.video.descriptors import load_general_embedder
+    from runner.video.export import export_result
+    from runner.video.pipeline import build_identity_sets
+    from runner.vision.faces import get_face_backend
+
+    identity_dir = ctx.out_dir / "identity"
+    images_dir = ctx.out_dir / "images"
+    quarantine_dir = ctx.out_dir / "quarantine"
+    for d in (identity_dir, images_dir / "images", quarantine_dir):
+        d.mkdir(parents=True, exist_ok=True)
+
+    video_art = inputs.get("video")
+    files = [Path(f) for f in (video_art.files if video_art else ())]
+    if len(files) != 1 or not files[0].is_file():
+        raise base.StageError(
+            f"dataset.sources[{config['source_index']}].video: {config['video']} was not found",
+            hint="Check the path (relative to the spec file) and that the file exists.",
+        )
+    video = files[0]
+    video_rel = _rel(video, ctx.project_root)
+    opts = dict(config["options"])
+    face_cfg = config["face"]
+
+    backend_kwargs = dict(dlib_detector=face_cfg["dlib_detector"], upsample=face_cfg["upsample"],
+                          insightface_pack=face_cfg["insightface_pack"],
+                          insightface_root=face_cfg["insightface_root"])
+    backend = get_face_backend(face_cfg["backend"], **backend_kwargs)
+    ctx.log(f"face backend: {backend.selection_note or backend.describe()}")
+    workers = analysis_threads()
+
+    def make_backend() -> Any:
+        return get_face_backend(backend.name, cache=False, **backend_kwargs)
+
+    ref_files = sorted(Path(f) for name, art in inputs.items() if name.startswith("references") for f in art.files)
+    ref_emb = _reference_embeddings(ref_files, backend, ctx) if ref_files else []
+
+    fallback = opts.get("general_fallback", "auto")
+    general, general_note = load_general_embedder(opts.get("general_model"), cache_dir=ctx.cache_dir,
+                                                  fallback=fallback, warn=ctx.warn)
+    ctx.log(general_note)
+    if getattr(general, "is_tiny_random", False):
+        ctx.warn(f"novelty uses {general.name}, a tiny random model: its numbers are meaningless")
+
+    handles: dict[str, Any] = {}
+
+    def progress(desc: str, done: int, total: int | None) -> None:
+        h = handles.get(desc)
+        if h is None:
+            h = handles[desc] = ctx.progress(total, f"{desc} {Path(video_rel).name}")
+        h.update(done - h.completed if hasattr(h, "completed") else 1)
+
+    pipe_opts = {
+        "people": config["people"],
+        "stride": config["stride"],
+        "tau": opts.get("tau"),
+        "max_per_bucket": opts["max_per_bucket"],
+        "novelty_add": opts["novelty_add"],
+        "anchors_max": opts["anchors"],
+        "challenge_max": opts["challenge"],
+        "pair_max": opts["pair_max"] if opts.get("pair_set", True) else 0,
+        "crop_scale": opts["crop_scale"],
+        "crop_max_side": opts["crop_max_side"],
+        "early_stop": opts["early_stop"],
+        "stop_novelty": opts["stop_novelty"],
+        "conditioning_ratio": opts["conditioning_ratio"],
+        "adjust_ratio": opts["adjust_ratio"],
+    }
+    result = build_identity_sets(
+        str(video), face_backend=backend, general_embedder=general, options=pipe_opts,
+        reference_embeddings=ref_emb, progress=progress, on_truncated=opts.get("on_truncated", "quarantine"),
+        make_backend=make_backend, workers=workers,
+    )
+    for h in handles.values():
+        h.close()
+    if not opts.get("pair_set", True):
+        result.pairs = []
+
+    quarantined = []
+    if result.quarantine:
+        quarantined.append({"source": video_rel, **result.quarantine})
+        ctx.warn(f"quarantined {video_rel}: {result.quarantine['reason']} ({result.quarantine['detail']})")
+    with (quarantine_dir / "quarantine.jsonl").open("w", encoding="utf-8") as fh:
+        for q in quarantined:
+            fh.write(json.dumps(q) + "\n")
+
+    summary = export_result(
+        result, identity_dir, images_dir, video_rel=video_rel,
+        video_sha256=_sha256_file(video), source_index=int(config["source_index"]), label=config.get("label", ""),
+        identity_model=getattr(backend, "embedding_model", backend.name), general_model=general.name,
+        general_is_fallback=bool(general.is_fallback),
+        extra_summary={
+            "face_backend": backend.name,
+            "face_backend_note": backend.selection_note,
+            "general_note": general_note,
+            "general_is_tiny_random": bool(getattr(general, "is_tiny_random", False)),
+            "references": [_rel(f, ctx.project_root) for f in ref_files],
+            "reference_faces": len(ref_emb),
+            "workers": workers,
+        },
+    )
+    if result.empty_reason:
+        ctx.warn(f"{video_rel}: empty result: {result.empty_reason}")
+    for note in result.notes:
+        ctx.warn(f"{video_rel}: {note}")
+    for p in summary["persons"]:
+        ctx.log(f"person {p['person_id']}: {p['anchor_count']} anchors, {p['coverage_count']} coverage, "
+                f"{p['challenge_count']} challenge; {p['stop_reason']}")
+        ctx.metric(f"person{p['person_id']}_saved", p["total_saved"])
+    ctx.metric("images", summary["images"])
+    ctx.metric("sampled_frames", summary["sampled_frames"])
+    if result.info and result.info.duration_s and result.timings.get("total_s"):
+        ctx.metric("realtime_ratio", result.info.duration_s / result.timings["total_s"])
+    return {
+        "identity": base.Artifact("identity", identity_dir, meta={"persons": len(summary["persons"]),
+                                                                  "empty_reason": result.empty_reason}),
+        "images": base.Artifact("images", images_dir, meta={"count": summary["images"]}),
+        "quarantine": base.Artifact("quarantine", quarantine_dir, meta={"count": len(quarantined)}),
+    }
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def coverage_grid(metas: list[dict[str, Any]], px: int, images_root: Path | None = None) -> list[list[dict[str, Any]]]:
+    """Rows pitch (up at the top) x columns yaw: count and the best image's thumbnail per cell."""
+    from runner.video.buckets import PITCH_BINS, YAW_BINS
+
+    cells: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for m in metas:
+        cells.setdefault((m["bins"]["pitch"], m["bins"]["yaw"]), []).append(m)
+    grid = []
+    for pitch in reversed(PITCH_BINS):
+        row = []
+        for yaw in YAW_BINS:
+            items = sorted(cells.get((pitch, yaw), []), key=lambda m: -m["quality"])
+            cell = {"pitch": pitch, "yaw": yaw, "count": len(items), "src": None}
+            if items and images_root is not None and items[0].get("_image"):
+                from runner.report.embed import thumbnail_data_uri
+
+                cell["src"] = thumbnail_data_uri(items[0]["_image"], px)
+            row.append(cell)
+        grid.append(row)
+    return grid
+
+
+def _read_set(folder: Path) -> list[dict[str, Any]]:
+    out = []
+    if not folder.is_dir():
+        return out
+    for meta_file in sorted(folder.glob("*_meta.json")):
+        m = json.loads(meta_file.read_text(encoding="utf-8"))
+        img = meta_file.with_name(meta_file.name[: -len("_meta.json")] + ".png")
+        m["_image"] = img if img.exists() else None
+        out.append(m)
+    return out
+
+
+def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], env: dict[str, Any]) -> list[base.ReportSection]:
+    from runner.report.charts import line_chart
+    from runner.report.embed import thumbnail_data_uri
+
+    root = outputs["identity"].path
+    summary_file = root / "summary.json"
+    if not summary_file.exists():
+        return []
+    summary = json.loads(summary_file.read_text(encoding="utf-8"))
+    px = int(env.get("thumbnail_px", 192))
+    limit = int(env.get("gallery_limit", 120))
+    persons = []
+    for pm in summary["persons"]:
+        pdir = root / f"person_{pm['person_id']}"
+        sets = {}
+        for name in ("anchors", "coverage", "challenge"):
+            items = _read_set(pdir / name)
+            sets[name] = [{
+                "src": thumbnail_data_uri(m["_image"], px) if m["_image"] else None,
+                "caption": f"#{m['frame_idx']} · {m['timestamp_ms'] / 1000:.2f}s",
+                "bins": m["bins"], "quality": m["quality"], "stable": m["stable"], "novelty": m["novelty"],
+                "kinds": m.get("challenge_kinds", []),
+            } for m in items[:limit]]
+            if name == "coverage":
+                grid = coverage_grid(items, max(48, px // 2), root)
+        tl_file = pdir / "timeline.json"
+        timeline = json.loads(tl_file.read_text(encoding="utf-8")) if tl_file.exists() else []
+        stable_pts = [(e["t_s"], e["stable"]) for e in timeline if e.get("stable") is not None]
+        nov_pts = [(e["t_s"], e["novelty"]) for e in timeline if e.get("novelty") is not None]
+        tau = pm.get("tau")
+        series = {"stable(t) = cos(identity, prototype)": stable_pts}
+        if stable_pts and tau is not None:
+            series[f"tau = {tau}"] = [(stable_pts[0][0], tau), (stable_pts[-1][0], tau)]
+        chart_stable = line_chart(series, title=f"Identity stability, person {pm['person_id']}", xlabel="time (s)")
+        chart_novelty = line_chart({"novelty(t)": nov_pts}, title=f"Novelty of candidates, person {pm['person_id']}",
+                                   xlabel="time (s)")
+        persons.append({"meta": pm, "sets": sets, "grid": grid, "chart_stable": chart_stable,
+                        "chart_novelty": chart_novelty})
+    pairs = []
+    for m in _read_set(root / "pair")[:limit]:
+        pairs.append({"src": thumbnail_data_uri(m["_image"], px) if m["_image"] else None,
+                      "caption": f"#{m['frame_idx']} · {m['timestamp_ms'] / 1000:.2f}s"})
+    qpath = outputs["quarantine"].path / "quarantine.jsonl" if "quarantine" in outputs else None
+    quarantined = ([json.loads(x) for x in qpath.read_text(encoding="utf-8").splitlines() if x.strip()]
+                   if qpath is not None and qpath.exists() else [])
+    return [base.ReportSection(
+        title=f"Identity sets from video {summary['video']}",
+        template="sections/video_identity.html.j2",
+        anchor=f"video-identity-{config.get('source_index', 0)}",
+        context={"summary": summary, "persons": persons, "pairs": pairs, "quarantined": quarantined},
+    )]
