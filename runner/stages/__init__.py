@@ -13,6 +13,7 @@ import os
 BUILTIN_STAGE_MODULES = (
     "ingest",
     "video_identity",
+    "evaluate",
     "report",
 )
 

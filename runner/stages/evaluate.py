@@ -1,0 +1,531 @@
+"""`evaluate`: which checkpoint (and LoRA scale) is best, and where does the character drift?
+
+One node per train node: ``<char>:evaluate`` or ``<char>:evaluate[<variant>]``. Inputs: the train
+node's ``lora`` artifact (index.json + checkpoints) and the character's reference images
+(``reference<i>`` file sets). For every kept checkpoint x LoRA scale (a *cell*):
+
+1. generate the prompt suite (prompts x seeds), batched, with the base model + that checkpoint;
+2. embed the images in batches (CLIP image/text, DINO) and find the main face's identity
+   embedding; compute the metrics of :mod:`runner.metrics.definitions` per image, per category
+   and overall;
+3. check the targets (pass/fail per category x metric) and compute the overall score.
+
+Then the best cell is chosen by ``evaluate.objective`` (:mod:`runner.eval.selection`) and its LoRA
+files are copied under ``best/``. Output artifact ``evaluation``: a folder with
+``evaluation.json``, ``best/`` and ``images/<cell>/...`` (the generated images the report shows).
+
+Cells finished before a crash are kept in the scratch folder (``cells/<cell>/cell.json``), so a
+new apply resumes at the next cell. Figures measured with tiny random models (builtin:tiny-*)
+are flagged in evaluation.json and labelled in the report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from runner.stages import base
+
+VERSION = 1
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+REPORT_METRICS = ("face_similarity", "face_similarity_max", "no_face_rate", "consistency", "clip_t",
+                  "clip_score", "clip_i", "dino", "diversity")
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _variant_of(node_id: str) -> str | None:
+    return node_id[node_id.index("[") + 1 : -1] if node_id.endswith("]") and "[" in node_id else None
+
+
+def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
+    """One evaluate node per train node, when the spec has an ``evaluate`` section."""
+    from runner.eval import selection
+    from runner.eval.suites import load_suite, render_suite
+
+    ev = spec.get("evaluate")
+    trains = graph.nodes_of("train")
+    if not isinstance(ev, dict) or not trains:
+        return []
+    character = spec.get("character", {})
+    refs = list(character.get("references", []) or [])
+    if not refs:
+        raise base.StageError(
+            "evaluate: character.references is empty; face similarity, CLIP-I and DINO compare "
+            "generated images with the character's reference images",
+            hint="Add reference photos (files or folders) under character.references, or remove the evaluate section.",
+        )
+    suite = load_suite(ev.get("suite", "builtin"), project_root=graph.project_root)
+    rendered = render_suite(
+        suite,
+        trigger=character["trigger"],
+        class_word=character.get("class_word", "person"),
+        categories=list(ev.get("categories") or []) or None,
+        prompts_per_category=ev.get("prompts_per_category"),
+        default_negative=ev.get("negative_prompt", ""),
+    )
+    targets = ev.get("targets") or {}
+    objective = {"maximize": "face_similarity", "constraints": {}, **(ev.get("objective") or {})}
+    selection.validate_targets(targets, rendered.categories)
+    selection.validate_objective(objective, rendered.categories)
+    seeds = list(ev.get("seeds", [1, 2]))
+    scales = list(ev.get("lora_scales", [1.0]))
+    if not seeds or not scales:
+        raise base.StageError("evaluate: seeds and lora_scales need at least one value each",
+                              hint="e.g. seeds: [1, 2], lora_scales: [0.8, 1.0]")
+    analysis = spec.get("dataset", {}).get("analysis", {})
+    hardware = spec.get("hardware", {})
+    config_common = {
+        "trigger": character["trigger"],
+        "class_word": character.get("class_word", "person"),
+        "suite": {"source": rendered.source, "prompts": [p.to_dict() for p in rendered.prompts]},
+        "seeds": [int(s) for s in seeds],
+        "lora_scales": [float(s) for s in scales],
+        "checkpoints": ev.get("checkpoints", "all"),
+        "steps": int(ev.get("steps", 30)),
+        "guidance": float(ev.get("guidance", 7.0)),
+        "resolution": ev.get("resolution"),
+        "batch_size": int(ev.get("batch_size", 4)),
+        "face": {
+            "name": ev.get("face_model", "auto"),
+            "insightface_pack": ev.get("insightface_pack") or analysis.get("insightface_pack", "buffalo_l"),
+            "insightface_root": ev.get("insightface_root") or analysis.get("insightface_root", "~/.insightface"),
+            "dlib_detector": analysis.get("dlib_detector", "hog"),
+            "upsample": int(analysis.get("upsample", 1)),
+        },
+        "clip_model": ev.get("clip_model", "openai/clip-vit-large-patch14"),
+        "dino_model": ev.get("dino_model", "facebook/dino-vits16"),
+        "targets": targets,
+        "objective": objective,
+        "references": refs,
+        "device": hardware.get("device", "auto"),
+    }
+    ref_inputs = {
+        f"reference{i}": base.FileSetRef(root=graph.project_root / r, patterns=("*",), recursive=True,
+                                         spec_key=f"character.references[{i}]")
+        for i, r in enumerate(refs)
+    }
+    gpu = hardware.get("stage_gpu", {}).get("evaluate") or hardware.get("gpu")
+    nodes = []
+    n_images = len(rendered.prompts) * len(seeds) * len(scales)
+    for train in trains:
+        variant = _variant_of(train.id)
+        nodes.append(base.PlanNode(
+            id=base.node_id(graph.character, "evaluate", variant),
+            kind="evaluate",
+            character=graph.character,
+            config={**config_common, "variant": variant},
+            inputs={"lora": base.StageOutputRef(train.id, "lora"), **ref_inputs},
+            outputs=("evaluation",),
+            gpu=gpu,
+            label=(f"{len(rendered.categories)} categories x {len(rendered.prompts)} prompts x "
+                   f"{len(seeds)} seeds x {len(scales)} scales = {n_images} images per checkpoint"),
+        ))
+    return nodes
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _read_index(lora: base.Artifact) -> dict[str, Any]:
+    path = Path(lora.path) / "index.json"
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise base.StageError(f"cannot read the train stage's LoRA index {path}: {exc}",
+                              hint="Re-run the train stage (runner apply --force train).") from None
+    missing = [k for k in ("base_model", "checkpoints", "final") if k not in index]
+    if missing or not index.get("checkpoints"):
+        raise base.StageError(f"{path}: missing {', '.join(missing) or 'checkpoints'}",
+                              hint="The train stage's index.json must list its checkpoints.")
+    return index
+
+
+def _reference_files(inputs: dict[str, base.Artifact]) -> list[Path]:
+    files: list[Path] = []
+    for name in sorted(inputs):
+        if not name.startswith("reference"):
+            continue
+        art = inputs[name]
+        cands = list(art.files) if art.files else ([Path(art.path)] if Path(art.path).is_file()
+                                                   else sorted(Path(art.path).rglob("*")))
+        files += [Path(f) for f in cands if Path(f).suffix.lower() in IMAGE_EXTENSIONS and Path(f).is_file()]
+    return list(dict.fromkeys(files))
+
+
+def _load_rgb(path: Path):
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("RGBA", "LA", "P"):
+            im = im.convert("RGBA")
+            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(bg, im)
+        return im.convert("RGB")
+
+
+def _local_or_ref(value: str, project_root: Path) -> str:
+    """Project-relative model paths from the resolved spec -> absolute; hub ids stay."""
+    if value.startswith("builtin:") or value.startswith("open_clip:"):
+        return value
+    p = Path(value).expanduser()
+    if not p.is_absolute() and (project_root / p).exists():
+        return str(project_root / p)
+    return value
+
+
+def cell_name(step: int, scale: float) -> str:
+    return f"step{int(step):06d}_scale{float(scale):g}"
+
+
+def _image_name(prompt: dict[str, Any], seed: int, ext: str) -> str:
+    return f"{prompt['category']}_{int(prompt['index']):02d}_seed{seed}{ext}"
+
+
+def _save_image(img, folder: Path, stem_name: str) -> str:
+    path = folder / stem_name
+    if path.suffix == ".png":
+        img.save(path, format="PNG", optimize=False)
+    else:
+        img.convert("RGB").save(path, format="JPEG", quality=92)
+    return path.name
+
+
+def _select_checkpoints(index: dict[str, Any], which: str) -> list[tuple[int, dict[str, Any]]]:
+    cks = list(enumerate(index["checkpoints"]))
+    if which == "last":
+        final = int(index.get("final", len(cks) - 1))
+        return [cks[final]]
+    return cks
+
+
+@base.register("evaluate", version=VERSION, order=60, expand=expand,
+               description="Generate the prompt suite per checkpoint x LoRA scale, score identity and prompt alignment, pick the best.",
+               resume_info=lambda scratch: _resume_info(scratch),
+               report=lambda config, outputs, env: report_sections(config, outputs, env))
+def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.StageContext) -> dict[str, base.Artifact]:
+    """Generate the prompt suite per checkpoint x LoRA scale, score it, pick the best."""
+    from runner.eval import selection
+    from runner.metrics.compute import MetricComputer
+
+    t_start = time.monotonic()
+    if "lora" not in inputs:
+        raise base.StageError("evaluate needs the train stage's 'lora' output")
+    lora = inputs["lora"]
+    lora_root = Path(lora.path)
+    index = _read_index(lora)
+    checkpoints = _select_checkpoints(index, config.get("checkpoints", "all"))
+    for _, ck in checkpoints:
+        f = lora_root / ck.get("diffusers", "")
+        if not ck.get("diffusers") or not f.is_file():
+            raise base.StageError(f"checkpoint at step {ck.get('step')} has no LoRA file {f}",
+                                  hint="Re-run the train stage; its output folder looks incomplete.")
+    prompts: list[dict[str, Any]] = config["suite"]["prompts"]
+    seeds: list[int] = config["seeds"]
+    scales: list[float] = config["lora_scales"]
+    resolution = int(config.get("resolution") or index.get("resolution") or 512)
+
+    # 1. references and metric models
+    ref_files = _reference_files(inputs)
+    if not ref_files:
+        raise base.StageError("no reference images found in character.references "
+                              f"({', '.join(config.get('references', []))})",
+                              hint=f"Put images ({', '.join(IMAGE_EXTENSIONS)}) in the reference folders.")
+    computer = MetricComputer(
+        clip=_load_embedder(config["clip_model"], ctx, "evaluate.clip_model"),
+        dino=_load_embedder(config["dino_model"], ctx, "evaluate.dino_model"),
+        face_backend=_face_backend(config["face"], ctx.project_root),
+        batch_size=config["batch_size"],
+    )
+    ctx.log(f"face backend: {getattr(computer.face_backend, 'selection_note', computer.face_backend.name)}")
+    ref_images = [_load_rgb(f) for f in ref_files]
+    refs = computer.references(ref_images, [_rel(f, ctx.project_root) for f in ref_files])
+    for f, ok in zip(ref_files, refs.face_found):
+        if not ok:
+            ctx.warn(f"no face found in reference {_rel(f, ctx.project_root)}; it still counts for CLIP-I and DINO")
+    text_emb_all = computer.text_embeddings([p["prompt"] for p in prompts for _ in seeds])
+
+    # 2. the pipeline
+    pipe = _load_pipeline(index, config, ctx)
+    tiny_diffusion = bool(index.get("tiny_random_model") or getattr(pipe, "_character_runner_tiny", False))
+
+    # 3. cells (resumable)
+    cells_dir = ctx.scratch_dir / "cells"
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    total = len(checkpoints) * len(scales) * len(prompts) * len(seeds)
+    prog = ctx.progress(total, "evaluate: generate + score")
+    cells: list[dict[str, Any]] = []
+    from runner.diffusion.lora import load_lora, unload_loras
+
+    for ck_index, ck in checkpoints:
+        loaded = False
+        for scale in scales:
+            name = cell_name(ck["step"], scale)
+            folder = cells_dir / name
+            done = folder / "cell.json"
+            if done.is_file():
+                cells.append(json.loads(done.read_text(encoding="utf-8")))
+                prog.update(len(prompts) * len(seeds))
+                continue
+            if not loaded:
+                load_lora(pipe, lora_root / ck["diffusers"], adapter_name="evaluate")
+                loaded = True
+            cells.append(_run_cell(pipe, computer, refs, text_emb_all, config, ck, ck_index, scale,
+                                   resolution, folder, prog))
+        if loaded:
+            unload_loras(pipe)
+    prog.close()
+
+    # 4. targets, score, best
+    targets = config.get("targets") or {}
+    for c in cells:
+        c["targets"] = selection.evaluate_targets(c["categories"], c["overall"], targets)
+        c["targets_total"] = sum(len(v) for v in c["targets"].values())
+        c["targets_passed"] = sum(1 for row in c["targets"].values() for t in row.values() if t["pass"])
+        c["score"], score_kind = selection.cell_score(c["targets"], c["overall"])
+    score_kind = selection.cell_score(cells[0]["targets"], cells[0]["overall"])[1]
+    choice = selection.select_best(cells, config["objective"])
+    best_cell = cells[choice["index"]]
+    if not choice["constraints_met"]:
+        ctx.warn(f"evaluate: {choice['reason']}")
+
+    # 5. outputs: images, best LoRA files, evaluation.json
+    out = ctx.out_dir / "evaluation"
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    for c in cells:
+        src = cells_dir / c["cell"]
+        dst = out / "images" / c["cell"]
+        dst.mkdir(parents=True, exist_ok=True)
+        for img in c["images"]:
+            _link_or_copy(src / img["file"], dst / img["file"])
+            img["path"] = f"images/{c['cell']}/{img['file']}"
+    best_ck = index["checkpoints"][best_cell["checkpoint_index"]]
+    (out / "best").mkdir()
+    lora_diffusers = f"best/{Path(best_ck['diffusers']).name}"
+    shutil.copy2(lora_root / best_ck["diffusers"], out / lora_diffusers)
+    lora_kohya = None
+    if best_ck.get("kohya") and (lora_root / best_ck["kohya"]).is_file():
+        lora_kohya = f"best/{Path(best_ck['kohya']).name}"
+        shutil.copy2(lora_root / best_ck["kohya"], out / lora_kohya)
+    tiny = {"diffusion": tiny_diffusion, "clip": bool(computer.clip.is_tiny_random),
+            "dino": bool(computer.dino.is_tiny_random)}
+    best = {
+        "variant": config.get("variant"),
+        "step": best_cell["step"],
+        "phase": best_cell.get("phase"),
+        "lora_scale": best_cell["lora_scale"],
+        "score": best_cell["score"],
+        "cell": best_cell["cell"],
+        "checkpoint_index": best_cell["checkpoint_index"],
+        "lora_diffusers": lora_diffusers,
+        "lora_kohya": lora_kohya,
+        "objective": config["objective"],
+        "objective_value": selection.metric_value(best_cell, choice["maximize"]),
+        "constraints_met": choice["constraints_met"],
+        "constraints": choice["constraints"],
+        "reason": choice["reason"],
+    }
+    evaluation = {
+        "format": 1,
+        "character": ctx.character,
+        "stage_id": ctx.stage_id,
+        "run_id": ctx.run_id,
+        "variant": config.get("variant"),
+        "trigger": config["trigger"],
+        "class_word": config["class_word"],
+        "base_model": index.get("base_model"),
+        "model_family": index.get("model_family"),
+        "tiny_random": {**tiny, "any": any(tiny.values())},
+        "models": computer.models(),
+        "generation": {"steps": config["steps"], "guidance": config["guidance"], "resolution": resolution,
+                       "seeds": seeds, "lora_scales": scales, "batch_size": config["batch_size"]},
+        "suite": {"source": config["suite"]["source"], "categories": list(dict.fromkeys(p["category"] for p in prompts)),
+                  "prompts": prompts},
+        "references": [{"file": n, "face_found": ok} for n, ok in zip(refs.names, refs.face_found)],
+        "metric_definitions": _metric_definitions(),
+        "targets": targets,
+        "score_kind": score_kind,
+        "cells": cells,
+        "best": best,
+        "duration_s": round(time.monotonic() - t_start, 2),
+    }
+    tmp = out / "evaluation.json.tmp"
+    tmp.write_text(json.dumps(evaluation, indent=1, default=_json_default), encoding="utf-8")
+    os.replace(tmp, out / "evaluation.json")
+
+    for m in ("face_similarity", "no_face_rate", "clip_t", "clip_score", "clip_i", "dino", "consistency", "diversity"):
+        v = best_cell["overall"].get(m)
+        if v is not None:
+            ctx.metric(f"best_{m}", v)
+    if best_cell["score"] is not None:
+        ctx.metric("best_score", best_cell["score"])
+    ctx.metric("best_step", best_cell["step"])
+    ctx.metric("best_lora_scale", best_cell["lora_scale"])
+    label = " (tiny random models: figures are meaningless)" if evaluation["tiny_random"]["any"] else ""
+    ctx.log(f"best: step {best['step']} at LoRA scale {best['lora_scale']:g} - {choice['reason']}{label}")
+    return {"evaluation": base.Artifact("evaluation", out, meta={"best": best, "tiny_random": evaluation["tiny_random"]["any"]})}
+
+
+def _run_cell(pipe, computer, refs, text_emb_all, config, ck, ck_index, scale, resolution, folder: Path, prog) -> dict[str, Any]:
+    """Generate and score one checkpoint x scale; written to ``folder/cell.json`` when complete."""
+    from runner.diffusion.generate import generate_images
+
+    if folder.exists():
+        shutil.rmtree(folder)  # an incomplete cell from a crash: start it over
+    folder.mkdir(parents=True)
+    prompts = config["suite"]["prompts"]
+    seeds = config["seeds"]
+    jobs = [(p, s) for p in prompts for s in seeds]  # the order of text_emb_all
+    ext = ".png" if resolution <= 512 else ".jpg"
+    images: list[Any] = [None] * len(jobs)
+    # Prompts sharing a negative prompt are generated together, in batches.
+    by_negative: dict[str, list[int]] = {}
+    for i, (p, _) in enumerate(jobs):
+        by_negative.setdefault(p.get("negative", ""), []).append(i)
+    t0 = time.monotonic()
+    for negative, rows in by_negative.items():
+        imgs = generate_images(
+            pipe, [jobs[i][0]["prompt"] for i in rows], negative_prompt=negative,
+            seeds=[jobs[i][1] for i in rows], steps=config["steps"], guidance=config["guidance"],
+            width=resolution, height=resolution, lora_scale=scale, batch_size=config["batch_size"],
+            progress=prog,
+        )
+        for i, im in zip(rows, imgs):
+            images[i] = im
+    t_gen = time.monotonic() - t0
+    t0 = time.monotonic()
+    emb = computer.embed(images)
+    per_image, per_cat, overall = computer.score(
+        emb, text_emb_all, refs,
+        categories=[p["category"] for p, _ in jobs],
+        prompt_keys=[f"{p['category']}/{p['index']}" for p, _ in jobs],
+    )
+    t_metrics = time.monotonic() - t0
+    records = []
+    for (p, seed), im, scores in zip(jobs, images, per_image):
+        fname = _save_image(im, folder, _image_name(p, seed, ext))
+        records.append({"category": p["category"], "prompt_index": p["index"], "seed": seed, "file": fname,
+                        **{k: (round(v, 5) if isinstance(v, float) else v) for k, v in scores.items()}})
+    cell = {
+        "cell": folder.name,
+        "step": int(ck["step"]),
+        "phase": ck.get("phase"),
+        "checkpoint_index": ck_index,
+        "lora_scale": float(scale),
+        "categories": per_cat,
+        "overall": overall,
+        "images": records,
+        "timing": {"generate_s": round(t_gen, 3), "metrics_s": round(t_metrics, 3),
+                   "images": len(jobs)},
+    }
+    tmp = folder / "cell.json.tmp"
+    tmp.write_text(json.dumps(cell, default=_json_default), encoding="utf-8")
+    os.replace(tmp, folder / "cell.json")
+    return cell
+
+
+def _load_embedder(ref: str, ctx: base.StageContext, key: str):
+    from runner.metrics.embedders import EmbedderError, load_image_embedder
+
+    try:
+        return load_image_embedder(_local_or_ref(ref, ctx.project_root), ctx.cache_dir, device="auto")
+    except EmbedderError as exc:
+        raise base.StageError(f"{key}: {exc}", hint=exc.hint) from None
+
+
+def _face_backend(opts: dict[str, Any], project_root: Path):
+    from runner.vision.faces import get_face_backend
+
+    pack = opts.get("insightface_pack", "buffalo_l")
+    if pack and not Path(pack).is_absolute() and (project_root / pack).is_dir():
+        pack = str(project_root / pack)
+    try:
+        return get_face_backend(opts.get("name", "auto"), dlib_detector=opts.get("dlib_detector", "hog"),
+                                upsample=int(opts.get("upsample", 1)), insightface_pack=pack,
+                                insightface_root=opts.get("insightface_root", "~/.insightface"))
+    except base.StageError as exc:
+        raise base.StageError(f"evaluate.face_model: {exc}", hint=exc.hint) from None
+
+
+def _load_pipeline(index: dict[str, Any], config: dict[str, Any], ctx: base.StageContext):
+    from runner.diffusion.models import ModelLoadError, load_pipeline
+
+    device = config.get("device", "auto")
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return load_pipeline(index["base_model"], family=index.get("model_family", "auto"), device=device,
+                             cache_dir=ctx.cache_dir, project_root=ctx.project_root)
+    except ModelLoadError as exc:
+        raise base.StageError(f"evaluate: {exc}", hint=exc.hint) from None
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    if dst.exists():
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _rel(p: Path, root: Path) -> str:
+    try:
+        return Path(p).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return str(p)
+
+
+def _json_default(o: Any) -> Any:
+    try:
+        import numpy as np
+
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(o, float) and math.isnan(o):
+        return None
+    return str(o)
+
+
+def _metric_definitions() -> dict[str, str]:
+    from runner.metrics.definitions import METRICS
+
+    return {k: v["desc"] for k, v in METRICS.items()}
+
+
+def _resume_info(scratch: Path) -> str | None:
+    cells = sorted((Path(scratch) / "cells").glob("*/cell.json"))
+    if not cells:
+        return None
+    return f"resume after {len(cells)} finished checkpoint x scale cell{'s' if len(cells) != 1 else ''}"
+
+
+# --------------------------------------------------------------------------- report
+
+
+def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], env: dict[str, Any]) -> list[base.ReportSection]:
+    from runner.eval.report import evaluation_context
+
+    art = outputs.get("evaluation")
+    if art is None:
+        return []
+    folder = Path(art.path)
+    ev = json.loads((folder / "evaluation.json").read_text(encoding="utf-8"))
+    ctx = evaluation_context(ev, folder, thumb_px=int(env.get("thumbnail_px", 192)))
+    variant = ev.get("variant")
+    title = "Evaluation" + (f" [{variant}]" if variant else "")
+    return [base.ReportSection(title=title, template="sections/evaluate.html.j2", context=ctx,
+                               anchor="evaluate" + (f"-{variant}" if variant else ""))]
