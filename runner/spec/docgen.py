@@ -1,0 +1,64 @@
+"""Generate docs/spec-reference.md from the JSON Schema (so the reference is never stale).
+
+    python -m runner.spec.docgen > docs/spec-reference.md
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from runner.spec import schema as S
+
+SECTIONS = ["character", "dataset", "train", "evaluate", "generate", "hardware", "report"]
+
+
+def _type(sub: dict[str, Any]) -> str:
+    t = sub.get("type")
+    if t is None and "oneOf" in sub:
+        return " or ".join(_type(b) for b in sub["oneOf"])
+    if isinstance(t, list):
+        return " or ".join(t)
+    if t == "array" and isinstance(sub.get("items"), dict) and sub["items"].get("type"):
+        return f"list of {_type(sub['items'])}"
+    return t or ("object" if "$ref" in sub else "any")
+
+
+def _default(sub: dict[str, Any]) -> str:
+    if "default" not in sub:
+        return ""
+    d = sub["default"]
+    if d == {} and _type(sub) == "object":
+        return ""
+    return "`" + json.dumps(d) + "`"
+
+
+def render() -> str:
+    out = [
+        "# Spec reference",
+        "",
+        "Generated from `schemas/` by `python -m runner.spec.docgen`; do not edit by hand.",
+        "Paths are relative to the spec file. Presets (`train.preset`, `evaluate.preset`,",
+        "`generate.video.preset`) supply values first; keys in the spec override them one by one;",
+        "schema defaults fill whatever is left. `runner plan --resolved SPEC` prints the result.",
+        "",
+    ]
+    root = S.root_schema()
+    for section in SECTIONS:
+        sch = S.section_schema(section)
+        required = " (required)" if section in root.get("required", []) else ""
+        out += [f"## `{section}`{required}", "", sch.get("description", ""), "",
+                "| key | type | default | description |", "| --- | --- | --- | --- |"]
+        for path, sub in S.iter_schema_fields(sch, sch["$id"]):
+            key = ".".join(str(p) for p in path)
+            enum = sub.get("enum")
+            desc = sub.get("description", "").replace("|", "\\|").replace("\n", " ")
+            if enum:
+                desc += " One of: " + ", ".join(f"`{e}`" for e in enum) + "."
+            out.append(f"| `{key}` | {_type(sub)} | {_default(sub)} | {desc} |")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(render())
