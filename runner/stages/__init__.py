@@ -13,6 +13,10 @@ import os
 BUILTIN_STAGE_MODULES = (
     "ingest",
     "video_identity",
+    "analyze",
+    "curate",
+    "caption",
+    "export",
     "evaluate",
     "report",
 )

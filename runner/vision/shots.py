@@ -206,48 +206,50 @@ def table_json(rows: list[BalanceRow]) -> list[dict[str, Any]]:
 
 
 def select_to_targets(items: list[dict[str, Any]], targets: Mapping[str, Sequence[float]],
-                      score_key: str = "quality") -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Subsample categories that are over their target's max (lowest quality first).
+                      score_key: str = "quality") -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any], str]]]:
+    """Subsample categories that are over their target's max, lowest quality first.
 
-    Returns (kept, dropped). A removal is skipped when it would push another category under its
-    min or the over-target category itself under its min; selection cannot fix an under-target
-    category (use augment or reweight for that).
+    Returns (kept, dropped); dropped holds (item, the over-target category it was cut for). A
+    removal is skipped when it would push a category that meets its min under it; selection
+    cannot fix an under-target category (augment or reweight can).
     """
-    kept = list(items)
-    dropped: list[dict[str, Any]] = []
+    kept = {id(it): it for it in items}
+    counts = {c: 0 for c in CATEGORIES}
+    for it in items:
+        for c in it["categories"]:
+            counts[c] += 1
+    dropped: list[tuple[dict[str, Any], str]] = []
+    order = sorted(items, key=lambda it: (it.get(score_key, 0.0), str(it.get("id", ""))))
 
-    def shares(pool: list[dict[str, Any]]) -> dict[str, float]:
-        n = len(pool) or 1
-        out = {c: 0.0 for c in CATEGORIES}
-        for it in pool:
-            for c in it["categories"]:
-                out[c] += 1.0 / n
-        return out
+    def ok_to_remove(it: dict[str, Any], n: int) -> bool:
+        if n <= 1:
+            return False
+        for c, (lo, _) in targets.items():
+            before = counts[c] / n
+            after = (counts[c] - (c in it["categories"])) / (n - 1)
+            if before >= lo - 1e-9 and after < lo - 1e-9:
+                return False
+        return True
 
     while True:
-        cur = shares(kept)
-        over = sorted(((cur[c] - t[1], c) for c, t in targets.items() if cur.get(c, 0.0) > t[1] + 1e-9), reverse=True)
-        if not over:
-            break
+        n = len(kept)
+        over = sorted(((counts[c] / n - t[1], c) for c, t in targets.items() if n and counts[c] / n > t[1] + 1e-9),
+                      reverse=True)
         removed = False
         for _, cat in over:
-            candidates = sorted((it for it in kept if cat in it["categories"]), key=lambda it: it.get(score_key, 0.0))
-            for cand in candidates:
-                trial = [it for it in kept if it is not cand]
-                if not trial:
+            for cand in order:
+                if id(cand) in kept and cat in cand["categories"] and ok_to_remove(cand, n):
+                    del kept[id(cand)]
+                    for c in cand["categories"]:
+                        counts[c] -= 1
+                    dropped.append((cand, cat))
+                    removed = True
                     break
-                ts = shares(trial)
-                if any(c in targets and ts[c] < targets[c][0] - 1e-9 and cur[c] >= targets[c][0] - 1e-9 for c in CATEGORIES):
-                    continue
-                kept = trial
-                dropped.append(cand)
-                removed = True
-                break
             if removed:
                 break
         if not removed:
             break
-    return kept, dropped
+    return [it for it in items if id(it) in kept], dropped
 
 
 def reweight_to_targets(items: list[dict[str, Any]], targets: Mapping[str, Sequence[float]], *,

@@ -1,0 +1,224 @@
+"""`caption`: one caption per kept image, written as a .txt sidecar, and the training dataset.
+
+The caption is ``dataset.captions.template`` filled with:
+
+- ``{trigger}`` ``{class}``: character.trigger and character.class_word;
+- ``{shot}``: "close-up", "medium shot", ... (from the analysis);
+- ``{pose}``: "frontal view" / "three-quarter view" / "profile view" (+ "looking up/down");
+- ``{expression}``: "smiling", "open mouth", "eyes closed" or "neutral expression";
+- ``{lighting}``: "bright lighting", "dim lighting", "side lighting" or nothing;
+- ``{people}``: "solo" or "N people";
+- ``{attributes}``: pose, expression, lighting, people, then the captioning model's text (when
+  ``captions.model`` names one) and ``extra_tags``.
+
+Empty fields and doubled commas are cleaned up. Output ``dataset`` (the interface the train stage
+reads): ``<id>.png`` + ``<id>.txt`` per image (crops included) and ``dataset.jsonl``; output
+``balance``: ``balance.json`` from curation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import string
+from pathlib import Path
+from typing import Any
+
+from runner.stages import base
+from runner.stages.analyze import image_inputs, read_jsonl
+
+TEMPLATE_FIELDS = ("trigger", "class", "shot", "attributes", "pose", "expression", "lighting", "people")
+
+
+def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
+    curate = graph.node(base.node_id(graph.character, "curate"))
+    if curate is None:
+        return []
+    ch = spec.get("character", {})
+    cap = spec.get("dataset", {}).get("captions", {})
+    config = {
+        "trigger": ch["trigger"],
+        "class_word": ch.get("class_word", "person"),
+        "template": cap.get("template", "{trigger} {class}, {shot}, {attributes}"),
+        "extra_tags": list(cap.get("extra_tags", [])),
+        "model": cap.get("model"),
+    }
+    check_template(config["template"], "dataset.captions.template")
+    return [
+        base.PlanNode(
+            id=base.node_id(graph.character, "caption"),
+            kind="caption",
+            character=graph.character,
+            config=config,
+            inputs={"curated": base.StageOutputRef(curate.id, "curated"), **image_inputs(graph)},
+            outputs=("dataset", "balance"),
+            label="template captions" + (f" + {config['model']}" if config["model"] else ""),
+        )
+    ]
+
+
+def check_template(template: str, key: str) -> None:
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise base.StageError(f"{key}: {exc}", hint="use {field} placeholders; write {{ and }} for literal braces") from None
+    unknown = [n for n in names if n not in TEMPLATE_FIELDS]
+    if unknown:
+        raise base.StageError(f"{key}: unknown field {{{unknown[0]}}}", hint="fields: " + " ".join("{" + f + "}" for f in TEMPLATE_FIELDS))
+
+
+def people_words(n: int) -> str:
+    return "solo" if n <= 1 else f"{n} people"
+
+
+def caption_fields(entry: dict[str, Any], config: dict[str, Any], model_text: str = "") -> dict[str, str]:
+    from runner.vision import shots as S
+
+    pose = S.pose_words(entry.get("pose"))
+    expression = S.expression_words(entry.get("expression") or {}) if entry.get("pose") else ""
+    lighting = S.lighting_words(entry.get("exposure"))
+    people = people_words(int(entry.get("people") or 0))
+    attrs = [a for a in (pose, expression, lighting, people, model_text.strip(), *config.get("extra_tags", [])) if a]
+    return {
+        "trigger": config["trigger"], "class": config["class_word"], "shot": S.SHOT_WORDS.get(entry["shot"], entry["shot"]),
+        "pose": pose, "expression": expression, "lighting": lighting, "people": people, "attributes": ", ".join(attrs),
+    }
+
+
+def render_caption(template: str, fields: dict[str, str]) -> str:
+    text = template.format(**fields)
+    text = re.sub(r"\s+", " ", text)
+    text = re.sub(r"(\s*,\s*)+", ", ", text)  # empty fields leave ", ," behind
+    return text.strip(" ,")
+
+
+class ModelCaptioner:
+    """A captioning model through transformers (BLIP-style image-to-text), loaded on first use."""
+
+    def __init__(self, model_ref: str, project_root: Path) -> None:
+        local = project_root / model_ref
+        self.ref = str(local) if local.exists() else model_ref
+        self._model = None
+        self._processor = None
+
+    def _load(self) -> None:
+        try:
+            import torch  # noqa: F401
+            from transformers import AutoModelForImageTextToText, AutoProcessor
+        except ImportError as exc:
+            raise base.StageError("captions.model needs transformers and torch",
+                                  hint="pip install 'character-runner[train]', or remove dataset.captions.model") from exc
+        try:
+            self._processor = AutoProcessor.from_pretrained(self.ref)
+            self._model = AutoModelForImageTextToText.from_pretrained(self.ref).eval()
+        except (OSError, ValueError) as exc:
+            raise base.StageError(
+                f"dataset.captions.model: cannot load {self.ref!r}: {str(exc).splitlines()[0]}",
+                hint="give a local folder with the model, or a hub id reachable from this machine; captions work without a model",
+            ) from exc
+
+    def __call__(self, image) -> str:
+        import torch
+
+        if self._model is None:
+            self._load()
+        inputs = self._processor(images=image, return_tensors="pt")
+        with torch.inference_mode():
+            out = self._model.generate(**inputs, max_new_tokens=30, do_sample=False)
+        return self._processor.batch_decode(out, skip_special_tokens=True)[0].strip()
+
+
+def _place_image(src: Path, dest: Path) -> None:
+    """Hard-link (cached artifacts are immutable) or copy; convert to PNG when needed."""
+    if src.suffix.lower() == ".png":
+        try:
+            os.link(src, dest)
+            return
+        except OSError:
+            shutil.copyfile(src, dest)
+            return
+    from PIL import Image
+
+    with Image.open(src) as im:
+        im.convert("RGB").save(dest, format="PNG", compress_level=1)
+
+
+@base.register("caption", version=1, order=40, expand=expand,
+               description="Template captions (optional captioning model) as .txt sidecars; the training dataset.",
+               report=lambda config, outputs, env: report_sections(config, outputs, env))
+def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.StageContext) -> dict[str, base.Artifact]:
+    """Template captions (optional captioning model) as .txt sidecars; the training dataset."""
+    check_template(config["template"], "dataset.captions.template")
+    cdir = Path(inputs["curated"].path)
+    out = Path(ctx.out_dir) / "dataset"
+    out.mkdir(parents=True)
+    bal_dir = Path(ctx.out_dir) / "balance"
+    bal_dir.mkdir()
+    shutil.copyfile(cdir / "balance.json", bal_dir / "balance.json")
+    captioner = ModelCaptioner(config["model"], Path(ctx.project_root)) if config.get("model") else None
+    if captioner:
+        ctx.log(f"captioning model: {captioner.ref}")
+
+    entries = list(read_jsonl(cdir / "curated.jsonl"))
+    progress = ctx.progress(len(entries), "captions")
+    n = 0
+    with (out / "dataset.jsonl").open("w", encoding="utf-8") as fh:
+        for e in entries:
+            if e.get("parent"):
+                src = cdir / e["file"]
+            else:
+                art = inputs.get(e["input"])
+                if art is None:
+                    raise base.StageError(f"caption: input {e['input']!r} for image {e['id']} is missing",
+                                          hint="the curate and caption stages must see the same image inputs")
+                src = Path(art.path) / e["file"]
+            dest = out / f"{e['id']}.png"
+            _place_image(src, dest)
+            model_text = ""
+            if captioner:
+                from PIL import Image
+
+                with Image.open(dest) as im:
+                    model_text = captioner(im.convert("RGB"))
+            fields = caption_fields(e, config, model_text)
+            caption = render_caption(config["template"], fields)
+            (out / f"{e['id']}.txt").write_text(caption + "\n", encoding="utf-8")
+            rec = {
+                "id": e["id"], "image": dest.name, "caption": caption, "shot": e["shot"],
+                "categories": e["categories"], "repeats": int(e.get("repeats", 1)), "parent": e.get("parent"),
+                "width": e["width"], "height": e["height"], "source": e.get("source", ""),
+                "crop_box": e.get("crop_box"), "identity": e.get("identity"), "quality": e.get("quality"),
+                "attributes": {k: fields[k] for k in ("pose", "expression", "lighting", "people")},
+            }
+            fh.write(json.dumps(rec) + "\n")
+            n += 1
+            progress.update(1)
+    progress.close()
+    if n == 0:
+        ctx.warn("no images survived curation: the dataset is empty")
+    ctx.metric("captions", n)
+    ctx.log(f"{n} captions written")
+    return {
+        "dataset": base.Artifact("dataset", out, meta={"count": n}),
+        "balance": base.Artifact("balance", bal_dir),
+    }
+
+
+def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], env: dict[str, Any]) -> list[base.ReportSection]:
+    from runner.report.embed import thumbnail_data_uri
+
+    folder = Path(outputs["dataset"].path)
+    px = int(env.get("thumbnail_px", 192))
+    limit = min(int(env.get("gallery_limit", 120)), 48)
+    items = []
+    total = 0
+    for r in read_jsonl(folder / "dataset.jsonl"):
+        total += 1
+        if len(items) < limit:
+            items.append({"src": thumbnail_data_uri(folder / r["image"], px), "caption": r["caption"],
+                          "repeats": r["repeats"], "parent": r.get("parent")})
+    return [base.ReportSection(title="Captions", template="sections/caption.html.j2", anchor="caption",
+                               context={"items": items, "total": total, "template": config["template"],
+                                        "model": config.get("model")})]
