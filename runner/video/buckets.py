@@ -1,8 +1,8 @@
 """Pose, expression, occlusion and lighting buckets of one face observation.
 
-Sign conventions follow runner.vision.faces: yaw > 0 when the face turns towards the image's
-left... whatever the backend documents; the bins are symmetric, so only pitch's sign matters:
-pitch > 0 is "up".
+Pose follows runner.vision.faces' convention: yaw > 0 when the person turns to their left (face
+pointing to image right), pitch > 0 when the person looks up. Expression uses the thresholds of
+runner.vision.shots.expression_of, so the analyze stage and the video builder agree.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ AXES = {
     "lighting": LIGHTING_BINS,
 }
 
-# Landmark-proxy thresholds (documented in docs/video-identity.md).
-EYES_CLOSED_EAR = 0.18  # eye aspect ratio below this: eyes closed
-MOUTH_OPEN_MAR = 0.30  # inner-lip opening / mouth width above this: mouth open
-SMILE_WIDTH = 0.42  # mouth width / inter-ocular... (see expression_bin)
+# Landmark-proxy thresholds, the same as runner.vision.shots.expression_of.
+EYES_CLOSED_EAR = 0.16  # mean eye aspect ratio below this: eyes closed
+MOUTH_OPEN_MAR = 0.30  # inner-lip gap / inner mouth width above this: mouth open
+SMILE_SCORE = 0.5  # runner.vision.measures.smile_proxy score at or above this: smile
 DARK_MEAN = 60.0
 BRIGHT_MEAN = 200.0
 
@@ -53,8 +53,8 @@ def pitch_bin(pitch: float) -> int:
 def expression_bin(measures: dict[str, Any]) -> int:
     """eyes_closed > mouth_open > smile > neutral, from landmark proxies.
 
-    ``eye_open`` (eye aspect ratio), ``mouth_open`` (inner-lip gap / mouth width) and ``smile``
-    (a bool or a score in [0, 1]) come from runner.video.measures.
+    ``eye_open`` (mean eye aspect ratio), ``mouth_open`` (inner-lip gap / mouth width) and
+    ``smile`` (score in [0, 1]) come from runner.video.measures (runner.vision.measures).
     """
     ear = measures.get("eye_open")
     if ear is not None and ear < EYES_CLOSED_EAR:
@@ -63,7 +63,7 @@ def expression_bin(measures: dict[str, Any]) -> int:
     if mar is not None and mar > MOUTH_OPEN_MAR:
         return 2
     smile = measures.get("smile")
-    if smile is not None and float(smile) >= 0.5:
+    if smile is not None and float(smile) >= SMILE_SCORE:
         return 1
     return 0
 

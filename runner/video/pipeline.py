@@ -189,6 +189,19 @@ def _analyze_frames(frames: Any, face_backend: Any, make_backend: Callable[[], A
             yield pending.popleft().result()
 
 
+# Similarity under which two faces are clearly different people, per backend: dlib's published
+# same-person rule (Euclidean distance 0.6 on its descriptors, about cosine 0.82 once normalized);
+# ArcFace embeddings of different people sit near 0.
+VETO_THRESHOLDS = {"dlib": 0.82, "insightface": 0.15}
+
+
+def veto_threshold(face_backend: Any) -> float:
+    name = getattr(face_backend, "name", "")
+    if name in VETO_THRESHOLDS:
+        return VETO_THRESHOLDS[name]
+    return 0.5 * float(getattr(face_backend, "default_identity_threshold", 0.0))
+
+
 def _score01(score: float, backend_name: str) -> float:
     """Detector score on [0, 1]: insightface/CNN give a confidence; HOG an SVM margin (~0-3)."""
     if backend_name == "dlib":
@@ -273,7 +286,8 @@ def build_identity_sets(
     stride = int(opts["stride"])
 
     # 2. pass 1: detect, measure, track -----------------------------------------------------
-    tracker = FaceTracker(id_threshold=tau, max_gap=int(opts.get("max_gap_samples", 3)))
+    tracker = FaceTracker(id_threshold=tau, max_gap=int(opts.get("max_gap_samples", 3)),
+                          veto_threshold=veto_threshold(face_backend))
     stats: dict[str, Any] = {}
     sampled = 0
     faces_per_frame: list[tuple[int, float, int]] = []

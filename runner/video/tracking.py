@@ -2,8 +2,10 @@
 
 Each sampled frame's faces are matched to the active tracks by minimizing
 ``1 - (w_iou * IoU + w_id * identity similarity)`` with
-:func:`scipy.optimize.linear_sum_assignment`; a pair is only allowed when the boxes overlap
-(IoU >= ``min_iou``) or the identities agree (similarity >= ``id_threshold``). Faces left over
+:func:`scipy.optimize.linear_sum_assignment`; a pair is only allowed when the identities agree
+(similarity >= ``id_threshold``), or when the boxes overlap (IoU >= ``min_iou``) and the
+identities do not clearly disagree (similarity >= ``veto_threshold``: a different person who
+appears where the last one was, after a cut, starts a new track). Faces left over
 are offered to tracks lost earlier (after a cut, or when the person left the frame), this time by
 identity alone, so one person who reappears keeps one track. The rest start new tracks.
 """
@@ -97,8 +99,10 @@ class FaceTracker:
         min_iou: float = 0.3,
         iou_weight: float = 0.5,
         max_gap: int = 3,
+        veto_threshold: float | None = None,
     ) -> None:
         self.id_threshold = float(id_threshold)
+        self.veto_threshold = float(veto_threshold) if veto_threshold is not None else -1.0
         self.min_iou = float(min_iou)
         self.iou_weight = float(iou_weight)
         self.max_gap = int(max_gap)  # sampled frames a track may miss before it counts as lost
@@ -124,7 +128,7 @@ class FaceTracker:
                 for j, t in enumerate(active):
                     iou = box_iou(f.box, t.last_box)
                     sim = cosine(f.embedding, t.embedding)
-                    if iou >= self.min_iou or sim >= self.id_threshold:
+                    if sim >= self.id_threshold or (iou >= self.min_iou and sim >= self.veto_threshold):
                         cost[i, j] = 1.0 - (self.iou_weight * iou + (1.0 - self.iou_weight) * max(sim, 0.0))
             rows, cols = linear_sum_assignment(cost)
             for i, j in zip(rows, cols):
