@@ -104,6 +104,17 @@ class ModelCaptioner:
         self._processor = None
 
     def _load(self) -> None:
+        if not Path(self.ref).exists() and os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+            # Fail fast offline, before importing torch: is the hub id in the local cache at all?
+            from huggingface_hub import try_to_load_from_cache
+
+            if not isinstance(try_to_load_from_cache(self.ref, "config.json"), str):
+                raise base.StageError(
+                    f"dataset.captions.model: {self.ref!r} is neither a local folder nor in the Hugging Face cache, "
+                    "and HF_HUB_OFFLINE is set",
+                    hint="download the model where the hub is reachable (or point to a local folder); "
+                         "captions work without a model",
+                )
         try:
             import torch  # noqa: F401
             from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -120,10 +131,10 @@ class ModelCaptioner:
             ) from exc
 
     def __call__(self, image) -> str:
-        import torch
-
         if self._model is None:
             self._load()
+        import torch
+
         inputs = self._processor(images=image, return_tensors="pt")
         with torch.inference_mode():
             out = self._model.generate(**inputs, max_new_tokens=30, do_sample=False)
