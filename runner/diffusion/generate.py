@@ -47,13 +47,16 @@ def generate_images(
     lora_scale: float = 1.0,
     batch_size: int = 4,
     progress=None,
+    pipe_kwargs: dict | None = None,
 ):
     """Generate one image per (prompt, seed) pair; returns a list of PIL images in that order.
 
     Pairing: ``prompts`` and ``seeds`` of the same length are zipped; a single prompt is used
     for every seed, a single seed for every prompt. ``lora_scale`` scales every loaded LoRA
     adapter (ignored when none is loaded). ``progress`` is an optional handle with
-    ``update(n)`` (``ctx.progress(...)``).
+    ``update(n)`` (``ctx.progress(...)``). ``pipe_kwargs`` are passed to every pipeline call
+    as they are (e.g. a ControlNet ``image`` or an ``ip_adapter_image`` that the pipeline
+    broadcasts over the batch).
     """
     import torch
 
@@ -77,6 +80,7 @@ def generate_images(
                 generator=gens,
                 output_type="pil",
                 **kwargs,
+                **(pipe_kwargs or {}),
             )
         images.extend(out.images)
         if progress is not None:
