@@ -20,6 +20,7 @@ import glob
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,26 @@ def analysis_threads() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+_SPARE_BACKENDS: dict[tuple, list[Any]] = {}
+_SPARE_LOCK = threading.Lock()
+
+
+def _borrow_backends(n: int, key: tuple, factory: Any) -> list[Any]:
+    """``n`` face-backend instances for this run's threads, reused across runs in this process
+    (loading dlib's models takes about a second each); give them back with _return_backends."""
+    with _SPARE_LOCK:
+        spare = _SPARE_BACKENDS.setdefault(key, [])
+        got = [spare.pop() for _ in range(min(n, len(spare)))]
+    while len(got) < n:
+        got.append(factory())
+    return got
+
+
+def _return_backends(key: tuple, backends: list[Any]) -> None:
+    with _SPARE_LOCK:
+        _SPARE_BACKENDS.setdefault(key, []).extend(backends)
+
+
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as fh:
@@ -157,9 +178,6 @@ def _rel(path: Path, root: Path) -> str:
                report=lambda config, outputs, env: report_sections(config, outputs, env))
 def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.StageContext) -> dict[str, base.Artifact]:
     """Video -> per-person identity sets (anchors, coverage, challenge, pair)."""
-    from runner.video.descriptors import load_general_embedder
-    from runner.video.export import export_result
-    from runner.video.pipeline import build_identity_sets
     from runner.vision.faces import get_face_backend
 
     identity_dir = ctx.out_dir / "identity"
@@ -183,12 +201,32 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     backend_kwargs = dict(dlib_detector=face_cfg["dlib_detector"], upsample=face_cfg["upsample"],
                           insightface_pack=face_cfg["insightface_pack"],
                           insightface_root=face_cfg["insightface_root"])
-    backend = get_face_backend(face_cfg["backend"], **backend_kwargs)
-    ctx.log(f"face backend: {backend.selection_note or backend.describe()}")
+    chosen = get_face_backend(face_cfg["backend"], **backend_kwargs)  # resolves "auto", says why
+    ctx.log(f"face backend: {chosen.selection_note or chosen.describe()}")
+    if chosen.name != "dlib":
+        # ONNX Runtime sessions are thread-safe and use several cores themselves: one instance.
+        return _run_with(config, inputs, ctx, [chosen], chosen.selection_note, video, video_rel, opts, 1)
     workers = analysis_threads()
+    pool_key = (chosen.name, tuple(sorted(backend_kwargs.items())))
+    backends = _borrow_backends(workers, pool_key,
+                                lambda: get_face_backend(chosen.name, cache=False, **backend_kwargs))
+    try:
+        return _run_with(config, inputs, ctx, backends, chosen.selection_note, video, video_rel, opts, workers)
+    finally:
+        _return_backends(pool_key, backends)
 
-    def make_backend() -> Any:
-        return get_face_backend(backend.name, cache=False, **backend_kwargs)
+
+def _run_with(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.StageContext, backends: list[Any],
+              selection_note: str, video: Path, video_rel: str, opts: dict[str, Any],
+              workers: int) -> dict[str, base.Artifact]:
+    from runner.video.descriptors import load_general_embedder
+    from runner.video.export import export_result
+    from runner.video.pipeline import build_identity_sets
+
+    identity_dir = ctx.out_dir / "identity"
+    images_dir = ctx.out_dir / "images"
+    quarantine_dir = ctx.out_dir / "quarantine"
+    backend = backends[0]
 
     ref_files = sorted(Path(f) for name, art in inputs.items() if name.startswith("references") for f in art.files)
     ref_emb = _reference_embeddings(ref_files, backend, ctx) if ref_files else []
@@ -227,7 +265,7 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     result = build_identity_sets(
         str(video), face_backend=backend, general_embedder=general, options=pipe_opts,
         reference_embeddings=ref_emb, progress=progress, on_truncated=opts.get("on_truncated", "quarantine"),
-        make_backend=make_backend, workers=workers,
+        extra_backends=backends[1:],
     )
     for h in handles.values():
         h.close()
@@ -249,7 +287,7 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
         general_is_fallback=bool(general.is_fallback),
         extra_summary={
             "face_backend": backend.name,
-            "face_backend_note": backend.selection_note,
+            "face_backend_note": selection_note,
             "general_note": general_note,
             "general_is_tiny_random": bool(getattr(general, "is_tiny_random", False)),
             "references": [_rel(f, ctx.project_root) for f in ref_files],

@@ -147,33 +147,29 @@ def _face_obs(frame_idx: int, ts: float, rgb: np.ndarray, face: Any) -> FaceObs:
     )
 
 
-def _analyze_frames(frames: Any, face_backend: Any, make_backend: Callable[[], Any] | None,
-                    workers: int) -> Any:
-    """Yield (frame, [FaceObs]) in frame order, analyzing up to ``workers`` frames at a time."""
+def _analyze_frames(frames: Any, backends: Sequence[Any]) -> Any:
+    """Yield (frame, [FaceObs]) in frame order, analyzing one frame per backend at a time."""
     def one(backend: Any, frame: Any) -> tuple[Any, list[FaceObs]]:
         faces = backend.analyze(frame.rgb)
         obs = [_face_obs(frame.index, frame.timestamp_ms, frame.rgb, f) for f in faces]
         frame.rgb = None  # pass 1 keeps no pixels
         return frame, obs
 
-    if workers <= 1 or make_backend is None:
+    workers = len(backends)
+    if workers <= 1:
         for frame in frames:
-            yield one(face_backend, frame)
+            yield one(backends[0], frame)
         return
     import queue
-    import threading
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
     pool_backends: queue.Queue = queue.Queue()
-    pool_backends.put(face_backend)
-    for _ in range(workers - 1):
-        pool_backends.put(make_backend())
-    lock = threading.Lock()
+    for b in backends:
+        pool_backends.put(b)
 
     def task(frame: Any) -> tuple[Any, list[FaceObs]]:
-        with lock:
-            backend = pool_backends.get()
+        backend = pool_backends.get()
         try:
             return one(backend, frame)
         finally:
@@ -258,14 +254,13 @@ def build_identity_sets(
     reference_embeddings: Sequence[np.ndarray] = (),
     progress: Callable[[str, int, int | None], None] | None = None,
     on_truncated: str = "quarantine",
-    make_backend: Callable[[], Any] | None = None,
-    workers: int = 1,
+    extra_backends: Sequence[Any] = (),
 ) -> VideoResult:
     """Run steps 1-6 on one video (see the module docstring).
 
-    ``face_backend`` analyzes frames; with ``workers`` > 1 and ``make_backend`` (a factory for more
-    instances of the same backend: dlib's networks are not safe to share between threads), frames
-    are analyzed in that many threads while tracking stays in frame order.
+    ``face_backend`` analyzes frames; ``extra_backends`` (more instances of the same backend:
+    dlib's networks are not safe to share between threads) analyze frames in parallel threads,
+    one instance per thread, while tracking consumes the results in frame order.
     """
     opts = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None or k == "tau"}}
     for k, v in DEFAULTS.items():
@@ -295,7 +290,7 @@ def build_identity_sets(
     t0 = time.perf_counter()
     frames_iter = iter_frames(video_path, stride=stride, decoder=info.decoder, stats=stats)
     try:
-        for frame, obs in _analyze_frames(frames_iter, face_backend, make_backend, workers):
+        for frame, obs in _analyze_frames(frames_iter, [face_backend, *extra_backends]):
             tracker.update(obs)
             faces_per_frame.append((frame.index, frame.timestamp_ms, len(obs)))
             sampled += 1
@@ -333,10 +328,12 @@ def build_identity_sets(
     n_faces = sum(n for _, _, n in faces_per_frame)
     if not ranked:
         if n_faces == 0:
-            result.empty_reason = f"no face found in {sampled} sampled frames (every {stride}th frame)"
+            result.empty_reason = f"no person found: no face in {sampled} sampled frames (every {stride}th frame)"
         else:
-            result.empty_reason = (f"{n_faces} faces found in {sampled} sampled frames, but no face track "
-                                   f"lasted {opts['min_track_observations']} sampled frames")
+            result.empty_reason = (f"no person found: {n_faces} face detection(s) in {sampled} sampled frames "
+                                   f"(every {stride}th frame), but no face track lasted "
+                                   f"{opts['min_track_observations']} sampled frames; isolated detections are "
+                                   "treated as false positives")
         return result
     ref_emb = l2n(np.mean([l2n(e) for e in reference_embeddings], axis=0)) if len(reference_embeddings) else None
     groups = group_persons(tracker.tracks, ranked, int(opts["people"]), tau, ref_emb)

@@ -1,0 +1,204 @@
+"""The video_identity stage on the shared clips (../shared/data/video) with the dlib backend.
+
+- short_hamilton_clip.mp4: the main person's anchors are lin_manuel_miranda by identity;
+- carphone.mp4: one person, with mouth_open frames saved;
+- bigbuckbunny_no_faces.mp4: an empty result with a clear reason;
+- a truncated copy and a text file named .mp4: quarantined with a reason;
+- a side-by-side clip made from two of them: two people and a pair/ set.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runner.engine.context import LocalStageContext
+from runner.stages import base
+from runner.stages import video_identity as V
+
+REQUIRED_META = ("type", "person_id", "frame_idx", "timestamp_ms", "bins", "quality", "novelty", "stable",
+                 "face_bbox", "crop_box", "embedding_model", "gate_version")
+
+
+def config_for(video: Path, *, people: int = 1, stride: int = 5, upsample: int = 1, **options) -> dict:
+    opts = {k: v for k, v in V.VIDEO_OPTION_DEFAULTS.items() if k != "upsample"}
+    opts["general_fallback"] = "always"  # the labelled fallback descriptor: no model load in most tests
+    opts.update(options)
+    return {"video": video.name, "source_index": 0, "label": "clip", "people": people, "stride": stride,
+            "face": {"backend": "dlib", "dlib_detector": "hog", "upsample": upsample, "insightface_pack": "buffalo_l",
+                     "insightface_root": "~/.insightface"},
+            "options": opts, "references": []}
+
+
+def run_stage(tmp: Path, video: Path, refs: list[Path] = (), **kw) -> tuple[dict, LocalStageContext]:
+    ctx = LocalStageContext.for_folder(tmp, stage_id="hero:video_identity[0]", character="hero",
+                                       project_root=video.parent)
+    inputs = {"video": base.Artifact("video", video.parent, files=(video,))}
+    if refs:
+        inputs["references0"] = base.Artifact("references0", Path(refs[0]).parent, files=tuple(refs))
+    out = V.run(config_for(video, **kw), inputs, ctx)
+    return out, ctx
+
+
+def summary_of(out: dict) -> dict:
+    return json.loads((out["identity"].path / "summary.json").read_text())
+
+
+def metas(folder: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*_meta.json"))]
+
+
+def render(sections: list[base.ReportSection], repo_root: Path) -> str:
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(repo_root / "templates")), autoescape=True,
+                             undefined=jinja2.StrictUndefined)
+    return "".join(env.get_template(s.template).render(**s.context) for s in sections)
+
+
+@pytest.fixture(scope="module")
+def dlib_backend():
+    from runner.vision.faces import get_face_backend
+
+    return get_face_backend("dlib", upsample=1)
+
+
+@pytest.fixture(scope="module")
+def hamilton(tmp_path_factory, shared_data):
+    folder = tmp_path_factory.mktemp("hamilton")
+    video = folder / "short_hamilton_clip.mp4"
+    shutil.copy(shared_data / "video" / video.name, video)
+    out, ctx = run_stage(folder / "stage", video)
+    return out, ctx
+
+
+def test_hamilton_anchors_are_lin_manuel_miranda(hamilton, shared_data, dlib_backend, repo_root):
+    from PIL import Image
+
+    from runner.vision.faces import identity_similarity
+
+    out, ctx = hamilton
+    s = summary_of(out)
+    assert s["empty_reason"] == "" and s["quarantine"] is None and len(s["persons"]) == 1
+    ref = dlib_backend.analyze(np.asarray(Image.open(shared_data / "faces/lin_manuel_miranda/lmm_01.png").convert("RGB")))
+    person = out["identity"].path / "person_0"
+    anchors = sorted((person / "anchors").glob("*.png"))
+    assert len(anchors) >= 2
+    for a in anchors:
+        faces = dlib_backend.analyze(np.asarray(Image.open(a).convert("RGB")))
+        assert faces, f"no face in anchor {a.name}"
+        sim = identity_similarity(faces[0].embedding, ref[0].embedding)
+        assert sim >= dlib_backend.default_identity_threshold, (a.name, sim)
+    for set_name in ("anchors", "coverage", "challenge"):
+        for m in metas(person / set_name):
+            for key in REQUIRED_META:
+                assert key in m, (set_name, key)
+            assert m["stable"] >= s["persons"][0]["tau"], "frames under tau are never saved"
+            assert m["embedding_model"]["general_is_fallback"] is True
+    pm = json.loads((person / "meta.json").read_text())
+    assert pm["anchor_count"] == len(anchors) and pm["buckets_filled"]["yaw"] >= 4
+    assert pm["stop_reason"] and pm["conditioning_ratio"]["anchor"] + pm["conditioning_ratio"]["coverage"] \
+        + pm["conditioning_ratio"]["challenge"] == pytest.approx(100.0)
+    # the images artifact in the ingest layout
+    records = [json.loads(x) for x in (out["images"].path / "manifest.jsonl").read_text().splitlines()]
+    assert len(records) == pm["total_saved"] and all((out["images"].path / r["file"]).is_file() for r in records)
+    assert {r["source"] for r in records} == {"short_hamilton_clip.mp4"}
+    # the report section renders, says which novelty descriptor it used, and shows the grid
+    html = render(V.report_sections(config_for(Path("x.mp4")), out, {"thumbnail_px": 96}), repo_root)
+    assert "Coverage grid" in html and "cheap fallback descriptor" in html and "data:image/jpeg;base64," in html
+    assert "<svg" in html and pm["stop_reason"].split(";")[0] in html
+
+
+def test_carphone_one_person_with_mouth_open_frames(tmp_path, shared_data):
+    video = shared_data / "video" / "carphone.mp4"
+    out, ctx = run_stage(tmp_path, video, refs=[shared_data / "faces/obama/obama_01.jpg"], stride=4)
+    s = summary_of(out)
+    assert len(s["persons"]) == 1
+    person = out["identity"].path / "person_0"
+    saved = [m for name in ("anchors", "coverage", "challenge") for m in metas(person / name)]
+    assert any(m["bins"]["expression"] == "mouth_open" for m in saved)
+    # an unrelated reference: recorded, said, and the track_score choice stands
+    assert s["persons"][0]["reference_similarity"] < s["persons"][0]["tau"]
+    assert any("no track matches the references" in n for n in s["notes"])
+
+
+def test_no_face_clip_is_an_empty_result_with_a_reason(tmp_path, shared_data):
+    # 1280x720: no upsampling keeps the test short (a face would be over 80 px here anyway)
+    out, ctx = run_stage(tmp_path, shared_data / "video" / "bigbuckbunny_no_faces.mp4", stride=10, upsample=0)
+    s = summary_of(out)
+    assert s["persons"] == [] and s["empty_reason"].startswith("no person found")
+    assert (out["images"].path / "manifest.jsonl").read_text() == ""
+    assert (out["quarantine"].path / "quarantine.jsonl").read_text() == ""
+    assert any("empty result" in w for w in ctx.warnings)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "text"])
+def test_truncated_and_non_video_files_are_quarantined(tmp_path, shared_data, kind):
+    video = tmp_path / "broken.mp4"
+    if kind == "truncated":
+        data = (shared_data / "video" / "short_hamilton_clip.mp4").read_bytes()
+        video.write_bytes(data[: len(data) // 2])
+    else:
+        video.write_text("not a video\n" * 100)
+    out, ctx = run_stage(tmp_path / "stage", video)
+    q = [json.loads(x) for x in (out["quarantine"].path / "quarantine.jsonl").read_text().splitlines()]
+    assert len(q) == 1 and q[0]["source"] == "broken.mp4" and q[0]["reason"] and q[0]["detail"]
+    s = summary_of(out)
+    assert s["persons"] == [] and s["empty_reason"]
+    assert (out["images"].path / "manifest.jsonl").read_text() == ""
+
+
+def test_missing_video_is_a_stage_error(tmp_path):
+    ctx = LocalStageContext.for_folder(tmp_path)
+    with pytest.raises(base.StageError) as e:
+        V.run(config_for(tmp_path / "nope.mp4"), {"video": base.Artifact("video", tmp_path, files=())}, ctx)
+    assert "nope.mp4" in str(e.value) and e.value.hint
+
+
+def _side_by_side(shared_data: Path, dest: Path) -> Path:
+    """carphone (scaled x2) beside a crop of the hamilton clip: two people in every frame."""
+    import av
+    import cv2
+
+    from runner.video.decode import iter_frames
+
+    left = [f.rgb for f in iter_frames(shared_data / "video" / "carphone.mp4", stride=1)][:40]
+    right = [f.rgb for f in iter_frames(shared_data / "video" / "short_hamilton_clip.mp4", wanted=set(range(95, 135)))]
+    with av.open(str(dest), "w") as out:
+        s = out.add_stream("libx264", rate=10, options={"crf": "16", "preset": "veryfast"})
+        s.width, s.height, s.pix_fmt = 704, 288, "yuv420p"
+        for a, b in zip(left, right):
+            frame = np.concatenate([cv2.resize(a, (352, 288)), b[0:288, 100:452]], axis=1)
+            for pkt in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                out.mux(pkt)
+        for pkt in s.encode():
+            out.mux(pkt)
+    return dest
+
+
+def test_two_people_and_pair_set(tmp_path, shared_data):
+    video = _side_by_side(shared_data, tmp_path / "two.mp4")
+    out, ctx = run_stage(tmp_path / "stage", video, people=2, stride=4)
+    s = summary_of(out)
+    assert len(s["persons"]) == 2, s["notes"]
+    root = out["identity"].path
+    for k in (0, 1):
+        assert (root / f"person_{k}" / "meta.json").is_file()
+    pairs = metas(root / "pair")
+    assert pairs and all(len(p["persons"]) == 2 for p in pairs)
+    assert s["pairs"] == len(pairs)
+
+
+@pytest.mark.slow  # imports torch and builds the tiny DINO model once
+def test_general_vision_model_path_is_labelled(tmp_path, shared_data, repo_root):
+    video = shared_data / "video" / "carphone.mp4"
+    out, ctx = run_stage(tmp_path, video, stride=8, general_model="builtin:tiny-dino", general_fallback="never")
+    s = summary_of(out)
+    assert s["embedding_model"]["general"] == "builtin:tiny-dino" and s["general_is_tiny_random"] is True
+    assert s["embedding_model"]["general_is_fallback"] is False
+    html = render(V.report_sections(config_for(video), out, {"thumbnail_px": 64}), repo_root)
+    assert "tiny random model" in html
