@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import marshal
 import os
 import shutil
 import socket
@@ -42,8 +43,7 @@ CREATE INDEX IF NOT EXISTS executions_stage ON executions(stage_id);
 CREATE TABLE IF NOT EXISTS stage_current(
   stage_id TEXT PRIMARY KEY, key TEXT, components TEXT, run_id TEXT, finished REAL);
 CREATE TABLE IF NOT EXISTS filesets(digest TEXT PRIMARY KEY, listing TEXT);
-CREATE TABLE IF NOT EXISTS stat_cache(
-  path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, inode INTEGER, digest TEXT);
+CREATE TABLE IF NOT EXISTS stat_blob(root TEXT PRIMARY KEY, data BLOB);
 """
 
 MANIFEST = "_manifest.json"
@@ -140,30 +140,30 @@ class Workspace:
 
     # ------------------------------------------------------------------ FileDigester
     def digest_fileset(self, ref: base.FileSetRef) -> FileSetDigest:
-        """Digest a set of files, re-reading only files whose (size, mtime, inode) changed."""
+        """Digest a set of files, re-reading only files whose (size, mtime, inode) changed.
+
+        The stat cache of one root is a single marshalled row: loading 10,000 entries this way is
+        an order of magnitude faster than 10,000 SQLite rows, and a no-op plan is dominated by it.
+        """
         root = Path(ref.root)
-        entries = list(_scan(root, ref.patterns, ref.recursive))
-        prefix = str(root)
-        cached = {
-            row[0]: row[1:]
-            for row in self.db.execute(
-                "SELECT path, size, mtime_ns, inode, digest FROM stat_cache WHERE path >= ? AND path < ?",
-                (prefix, prefix + "\uffff"),
-            )
-        }
+        root_key = str(root)
+        row = self.db.execute("SELECT data FROM stat_blob WHERE root=?", (root_key,)).fetchone()
+        cached: dict[str, tuple] = marshal.loads(row[0]) if row else {}
         files: list[tuple[str, str]] = []
-        updates: list[tuple] = []
-        for rel, full, st in entries:
-            hit = cached.get(full)
-            if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns and hit[2] == st.st_ino:
+        fresh: dict[str, tuple] = {}
+        changed = False
+        for rel, full, st in _scan(root, ref.patterns, ref.recursive):
+            hit = cached.get(rel)
+            if hit is not None and hit[0] == st.st_size and hit[1] == st.st_mtime_ns and hit[2] == st.st_ino:
                 digest = hit[3]
             else:
                 digest = file_digest(Path(full))
-                updates.append((full, st.st_size, st.st_mtime_ns, st.st_ino, digest))
+                changed = True
+            fresh[rel] = (st.st_size, st.st_mtime_ns, st.st_ino, digest)
             files.append((rel, digest))
-        if updates:
+        if changed or len(fresh) != len(cached):
             with self.db:
-                self.db.executemany("INSERT OR REPLACE INTO stat_cache VALUES (?,?,?,?,?)", updates)
+                self.db.execute("INSERT OR REPLACE INTO stat_blob VALUES (?, ?)", (root_key, marshal.dumps(fresh)))
         files.sort()
         digest = sha256_text(canonical_json(files))
         return FileSetDigest(digest=digest, files=tuple(files), root=root)
@@ -297,6 +297,7 @@ def _scan(root: Path, patterns: tuple[str, ...], recursive: bool):
         yield root.name, str(root), st
         return
     pats = tuple(p.lower() for p in patterns)
+    match_all = pats == ("*",)
     stack = [(root, "")]
     while stack:
         folder, rel = stack.pop()
@@ -315,7 +316,7 @@ def _scan(root: Path, patterns: tuple[str, ...], recursive: bool):
                         continue
                     if not entry.is_file(follow_symlinks=True):
                         continue
-                    if not any(fnmatch.fnmatchcase(entry.name.lower(), p) for p in pats):
+                    if not match_all and not any(fnmatch.fnmatchcase(entry.name.lower(), p) for p in pats):
                         continue
                     yield f"{rel}{entry.name}", entry.path, entry.stat(follow_symlinks=True)
                 except OSError:
