@@ -39,6 +39,11 @@ class ApplyOptions:
     backend: str | None = None  # overrides hardware.backend of every spec
     command: str = "runner apply"
     dry_run: bool = False
+    # Where remote stages run instead of Modal: a RemoteBackend, or a transport such as
+    # runner.backends.remote.FolderTransport (tests; debugging a stage the way Modal runs it).
+    remote: Any = None
+    # Remote stages at once (default: the smallest hardware.modal.max_parallel of the batch).
+    max_parallel: int | None = None
 
 
 @dataclass
@@ -101,67 +106,230 @@ def apply(specs: list[Spec], options: ApplyOptions | None = None,
                 plan = make_plan(graph, ws, ws, force=options.force, only=options.only)
             except KeyError as exc:
                 raise ApplyError(str(exc.args[0]) if exc.args else str(exc)) from None
-            _check_backend(specs, options)
+            remote_ids = _check_backend(specs, options, plan, graph)
             if on_plan is not None:
                 on_plan(plan)
-            return _execute(plan, graph, ws, options, reporter, [str(s.file) for s in specs])
+            return _execute(plan, graph, ws, options, reporter, [str(s.file) for s in specs], remote_ids)
     finally:
         reporter.close()
         ws.close()
 
 
-def _check_backend(specs: list[Spec], options: ApplyOptions) -> None:
-    for spec in specs:
-        backend = options.backend or spec.data.get("hardware", {}).get("backend", "local")
-        if backend == "modal":
-            raise ApplyError(
-                f"{spec.file}: hardware.backend is 'modal', but this version of character-runner "
-                "has no Modal backend yet; run with --backend local"
-            )
+def backend_of(spec: Spec, options: ApplyOptions) -> str:
+    return options.backend or spec.data.get("hardware", {}).get("backend", "local")
+
+
+def is_remote(node: base.PlanNode, graph: Graph, options: ApplyOptions) -> bool:
+    """GPU stages of a spec whose backend is modal run remotely; everything else stays local."""
+    return node.gpu is not None and backend_of(graph.specs[node.character], options) == "modal"
+
+
+def _check_backend(specs: list[Spec], options: ApplyOptions, plan: Plan | None = None,
+                   graph: Graph | None = None) -> list[str]:
+    """The remote stages this apply will execute; fails at once (no network, no hang) when they
+    need Modal and no credentials are configured."""
+    if plan is None or graph is None:
+        return []
+    remote = [ps.id for ps in plan.stages if ps.will_execute and is_remote(ps.node, graph, options)]
+    if remote and options.remote is None:
+        from runner.backends.modal_backend import ModalUnavailable, require_credentials
+
+        try:
+            require_credentials("hardware.backend: modal" if options.backend is None else "--backend modal")
+        except ModalUnavailable as exc:
+            raise ApplyError(f"{len(remote)} GPU stage(s) to run on Modal ({', '.join(remote[:4])}"
+                             f"{', ...' if len(remote) > 4 else ''}): {exc}") from None
+    return remote
+
+
+def plan_estimates(plan: Plan, backend: str | None = None, ws: Workspace | None = None) -> dict[str, cost_mod.Estimate]:
+    """Estimated GPU and cost of every remote stage of ``plan`` (``runner plan`` shows them):
+    from earlier runs in the state database where there are some, else from the price table and a
+    per-kind default duration (each estimate says which)."""
+    out: dict[str, cost_mod.Estimate] = {}
+    opts = ApplyOptions(backend=backend)
+    db = ws.db if ws is not None and ws.exists() else None
+    for ps in plan.stages:
+        spec = plan.graph.specs[ps.node.character]
+        if not is_remote(ps.node, plan.graph, opts):
+            continue
+        est = cost_mod.estimate_stage(ps.node, spec.data.get("hardware", {}), "modal", db)
+        if est is not None:
+            out[ps.id] = est
+    return out
+
+
+class _LockedReporter:
+    """Serializes reporter calls when stages run in threads (rich is not thread-safe)."""
+
+    def __init__(self, inner: Any) -> None:
+        import threading
+
+        self._inner = inner
+        self._lock = threading.RLock()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                return attr(*args, **kwargs)
+
+        return call
+
+
+def _make_remote_backend(plan: Plan, graph: Graph, ws: Workspace, options: ApplyOptions, remote_ids: list[str]):
+    from runner.backends.remote import RemoteBackend
+
+    def gpu_of(node: base.PlanNode) -> str | None:
+        return cost_mod.stage_gpu(node, graph.specs[node.character].data.get("hardware", {}), "modal")
+
+    if options.remote is not None:
+        r = options.remote
+        return r if hasattr(r, "run_stage") else RemoteBackend(r, ws.dir, gpu_of)
+    from runner.backends.modal_backend import ModalTransport, ModalUnavailable, build_stage_app
+
+    try:
+        stage_app = build_stage_app(graph, [graph.nodes[i] for i in remote_ids])
+    except ModalUnavailable as exc:
+        raise ApplyError(str(exc)) from None
+    return RemoteBackend(ModalTransport(stage_app), ws.dir, gpu_of)
+
+
+def _max_parallel(graph: Graph, options: ApplyOptions) -> int:
+    if options.max_parallel:
+        return max(1, int(options.max_parallel))
+    values = [int(((s.data.get("hardware", {}).get("modal") or {}).get("max_parallel", 4)))
+              for s in graph.specs.values()]
+    return max(1, min(values or [4]))
 
 
 def _execute(plan: Plan, graph: Graph, ws: Workspace, options: ApplyOptions,
-             reporter: PlainReporter, spec_files: list[str]) -> ApplyResult:
+             reporter: PlainReporter, spec_files: list[str], remote_ids: list[str] | None = None) -> ApplyResult:
+    """Run the plan in dependency order. Local stages run one at a time in this thread; remote
+    stages (GPU stages on Modal) fan out to a thread pool, up to hardware.modal.max_parallel at
+    once. Only this thread touches the state database and the store: a worker thread uploads,
+    calls and downloads into the stage's tmp folder, and this thread promotes and records it, so a
+    failure in one remote stage never loses the results of the others."""
+    from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+
+    remote_ids = remote_ids or []
     run_id = ws.start_run(options.command, spec_files)
     results: list[StageResult] = []
     timeline: list[dict[str, Any]] = []
-    failed_ids: set[str] = set()
+    done: dict[str, str] = {}  # stage id -> final status
     by_id = {s.id: s for s in plan.stages}
     status = "succeeded" if plan.has_changes else "no-op"
     interrupted = False
     stop = False
+    remote_backend = None
+    pool: ThreadPoolExecutor | None = None
+    running: dict[Future, _Running] = {}
+    max_parallel = _max_parallel(graph, options)
+    if remote_ids:
+        reporter = _LockedReporter(reporter)  # type: ignore[assignment]
+    local_backend = _local_backend()
+
+    def finish(r: _Running, outcome: tuple) -> None:
+        nonlocal status, stop
+        res = _finish(r, outcome, graph, ws, run_id, reporter, options)
+        results.append(res)
+        done[res.stage_id] = res.status
+        timeline.append(_timeline_entry(r.ps, res.status, res.duration, time.time() - res.duration, res.error))
+        if res.status == "failed":
+            status = "failed"
+            if not options.keep_going:
+                stop = True
+
+    session = None
     try:
-        for ps in plan.stages:
-            node = ps.node
-            blocked = [u for u in node.upstream_ids() if u in failed_ids]
-            if stop or blocked:
-                why = f"upstream {blocked[0]} failed" if blocked else "not run: an earlier stage failed"
-                results.append(StageResult(ps.id, node.kind, ps.action, "skipped", error=why))
-                failed_ids.add(ps.id)
-                timeline.append(_timeline_entry(ps, "skipped", 0.0, time.time(), why))
-                ws.record_execution(_record(run_id, ps, graph, "skipped", time.time(), 0.0, {}, why, None, options))
+        if remote_ids:
+            remote_backend = _make_remote_backend(plan, graph, ws, options, remote_ids)
+            session = remote_backend.session()
+            session.__enter__()
+            pool = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="remote-stage")
+        pending = list(plan.stages)
+        while pending or running:
+            progressed = False
+            for ps in list(pending):
+                node = ps.node
+                ups = [u for u in node.upstream_ids() if u in by_id]
+                blocked = [u for u in ups if done.get(u) in ("failed", "skipped")]
+                if stop or blocked:
+                    why = f"upstream {blocked[0]} failed" if blocked else "not run: an earlier stage failed"
+                    results.append(StageResult(ps.id, node.kind, ps.action, "skipped", error=why))
+                    done[ps.id] = "skipped"
+                    timeline.append(_timeline_entry(ps, "skipped", 0.0, time.time(), why))
+                    ws.record_execution(_record(run_id, ps, graph, "skipped", time.time(), 0.0, {}, why, None, options))
+                    pending.remove(ps)
+                    progressed = True
+                    continue
+                if any(u not in done for u in ups):
+                    continue  # waits for a running upstream
+                if not ps.will_execute:
+                    results.append(StageResult(ps.id, node.kind, ps.action, "cached"))
+                    done[ps.id] = "cached"
+                    timeline.append(_timeline_entry(ps, "cached", 0.0, time.time(), "; ".join(ps.reasons)))
+                    ws.record_execution(_record(run_id, ps, graph, "cached", time.time(), 0.0, {}, None, None, options))
+                    pending.remove(ps)
+                    progressed = True
+                    continue
+                if ps.id in remote_ids and pool is not None and remote_backend is not None:
+                    if len(running) >= max_parallel:
+                        continue
+                    r = _start(ps, by_id, ws, run_id, reporter, timeline, remote_backend, remote=True)
+                    running[pool.submit(_body, r)] = r
+                    pending.remove(ps)
+                    progressed = True
+                    continue
+                r = _start(ps, by_id, ws, run_id, reporter, timeline, local_backend, remote=False)
+                pending.remove(ps)
+                try:
+                    outcome = _body(r, in_main_thread=True)
+                except KeyboardInterrupt:
+                    _interrupted(r, graph, ws, run_id, reporter, options)
+                    raise
+                finish(r, outcome)
+                progressed = True
+                break  # re-scan from the start: a finished stage may unblock earlier-listed ones
+            if progressed:
                 continue
-            if not ps.will_execute:
-                results.append(StageResult(ps.id, node.kind, ps.action, "cached"))
-                timeline.append(_timeline_entry(ps, "cached", 0.0, time.time(), "; ".join(ps.reasons)))
-                ws.record_execution(_record(run_id, ps, graph, "cached", time.time(), 0.0, {}, None, None, options))
+            if running:
+                finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    r = running.pop(fut)
+                    finish(r, fut.result())
                 continue
-            res = _run_stage(ps, by_id, graph, ws, run_id, reporter, timeline, options)
-            results.append(res)
-            timeline.append(_timeline_entry(ps, res.status, res.duration, time.time() - res.duration, res.error))
-            if res.status == "failed":
-                failed_ids.add(ps.id)
-                status = "failed"
-                if not options.keep_going:
-                    stop = True
+            break  # nothing runnable and nothing running: every stage is decided
     except KeyboardInterrupt:
         interrupted = True
         status = "interrupted"
+        if remote_backend is not None:
+            remote_backend.cancel_all()
+        for fut, r in list(running.items()):
+            _interrupted(r, graph, ws, run_id, reporter, options)
+        running.clear()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=not interrupted, cancel_futures=True)
+        if session is not None:
+            try:
+                session.__exit__(None, None, None)
+            except Exception:  # leaving the Modal app can fail on a lost connection; results are in
+                pass
     reports = _publish_reports(plan, ws, graph, run_id, results)
     ws.finish_run(run_id, status, {"counts": plan.counts(), "stages": len(plan.stages)})
     if interrupted:
         raise KeyboardInterrupt
     return ApplyResult(run_id=run_id, plan=plan, results=results, reports=reports, status=status)
+
+
+def _local_backend():
+    from runner.backends import local
+
+    return local.LocalBackend()
 
 
 def _timeline_entry(ps: PlannedStage, status: str, duration: float, started: float, note: str | None) -> dict:
@@ -201,72 +369,117 @@ def _safe_name(stage_id: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in stage_id)
 
 
-def _run_stage(ps: PlannedStage, by_id: dict[str, PlannedStage], graph: Graph, ws: Workspace, run_id: str,
-               reporter: PlainReporter, timeline: list[dict], options: ApplyOptions) -> StageResult:
+@dataclass
+class _Running:
+    ps: PlannedStage
+    ctx: LocalStageContext
+    tmp: Path
+    log_path: Path
+    started: float
+    t0: float
+    by_id: dict[str, PlannedStage]
+    ws: Workspace
+    backend: Any
+    remote: bool
+
+
+def _start(ps: PlannedStage, by_id: dict[str, PlannedStage], ws: Workspace, run_id: str,
+           reporter: Any, timeline: list[dict], backend: Any, *, remote: bool) -> _Running:
+    """Open a stage execution (main thread): tmp output folder, context, first log line."""
     node = ps.node
-    kind = base.get(node.kind)
     reporter.stage_started(ps.id, ps.action, "; ".join(ps.reasons))
     log_path = ws.logs_dir / run_id / f"{_safe_name(ps.id)}.jsonl"
-    started = time.time()
-    t0 = time.monotonic()
     tmp = ws.new_tmp_dir(ps.key)
+    # A remote stage keeps its resumable state on the volume, not in the local scratch folder.
+    scratch = tmp.with_name(tmp.name + ".scratch") if remote else ws.scratch_dir(ps.key)
     ctx = LocalStageContext(
         stage_id=ps.id,
         character=node.character,
         out_dir=tmp,
-        scratch_dir=ws.scratch_dir(ps.key),
+        scratch_dir=scratch,
         cache_dir=cache_root(),
         project_root=ws.project_root,
         run_id=run_id,
         log_file=log_path,
         reporter=reporter,
-        extra={"timeline": list(timeline), "run_id": run_id, "workspace": ws,
+        extra={"timeline": list(timeline), "run_id": run_id, "workspace": ws, "key": ps.key,
                "plan": [s.as_json() for s in by_id.values() if s.node.character == node.character]},
     )
     ctx._write({"event": "start", "action": ps.action, "reasons": ps.reasons, "key": ps.key,
-                "config": node.config, "host": socket.gethostname(), "pid": os.getpid()})
+                "config": node.config, "host": socket.gethostname(), "pid": os.getpid(),
+                "backend": "modal" if remote else "local"})
+    return _Running(ps, ctx, tmp, log_path, time.time(), time.monotonic(), by_id, ws, backend, remote)
+
+
+def _body(r: _Running, in_main_thread: bool = False) -> tuple:
+    """Run the stage body; returns ("ok", outputs) or ("error", exc, traceback). Safe in a worker
+    thread (no database access)."""
+    kind = base.get(r.ps.node.kind)
+    try:
+        inputs = _inputs_for(r.ps, r.by_id, r.ws)
+        outputs = r.backend.run_stage(kind, r.ps.node, inputs, r.ctx)
+        return ("ok", outputs)
+    except KeyboardInterrupt:
+        if in_main_thread:
+            raise
+        return ("error", RuntimeError("interrupted"), "")
+    except BaseException as exc:  # noqa: BLE001  (reported as the stage's failure)
+        return ("error", exc, traceback.format_exc())
+
+
+def _interrupted(r: _Running, graph: Graph, ws: Workspace, run_id: str, reporter: Any,
+                 options: ApplyOptions) -> None:
+    shutil.rmtree(r.tmp, ignore_errors=True)
+    duration = time.monotonic() - r.t0
+    r.ctx._write({"event": "interrupted"})
+    ws.record_execution(_record(run_id, r.ps, graph, "interrupted", r.started, duration, r.ctx.metrics,
+                                "interrupted", str(r.log_path), options, remote=r.ctx.extra.get("remote")))
+    reporter.stage_finished(r.ps.id, "interrupted", duration)
+
+
+def _finish(r: _Running, outcome: tuple, graph: Graph, ws: Workspace, run_id: str, reporter: Any,
+            options: ApplyOptions) -> StageResult:
+    """Promote or discard a stage's outputs and record it (main thread only)."""
+    ps, ctx, tmp = r.ps, r.ctx, r.tmp
     error: str | None = None
     status = "succeeded"
     try:
-        inputs = _inputs_for(ps, by_id, ws)
-        backend = _backend_for(node, options)
-        outputs = backend.run_stage(kind, node, inputs, ctx)
-        manifest = _manifest(ps, outputs, tmp, run_id, ctx)
-        ws.promote(tmp, ps.key, manifest)
-        ws.set_current(ps.id, ps.key, ps.components, run_id, ps.fileset_digests)
-        # A finished stage no longer needs its resumable state.
-        shutil.rmtree(ws.scratch_dir(ps.key), ignore_errors=True)
+        if outcome[0] == "ok":
+            manifest = _manifest(ps, outcome[1], tmp, run_id, ctx)
+            ws.promote(tmp, ps.key, manifest)
+            ws.set_current(ps.id, ps.key, ps.components, run_id, ps.fileset_digests)
+            # A finished stage no longer needs its resumable state.
+            shutil.rmtree(ctx.scratch_dir, ignore_errors=True)
+        else:
+            raise outcome[1]
     except KeyboardInterrupt:
-        shutil.rmtree(tmp, ignore_errors=True)
-        duration = time.monotonic() - t0
-        ctx._write({"event": "interrupted"})
-        ws.record_execution(_record(run_id, ps, graph, "interrupted", started, duration, ctx.metrics,
-                                    "interrupted", str(log_path), options))
-        reporter.stage_finished(ps.id, "interrupted", duration)
         raise
     except base.StageError as exc:
         status = "failed"
         error = str(exc) + (f" (hint: {exc.hint})" if exc.hint else "")
         ctx._write({"event": "error", "error": error})
-    except Exception as exc:  # a bug or an unexpected library error: keep the traceback in the log
+    except BaseException as exc:  # a bug or an unexpected library error: keep the traceback in the log
         status = "failed"
         error = f"{type(exc).__name__}: {exc}"
-        ctx._write({"event": "error", "error": error, "traceback": traceback.format_exc()})
+        tb = outcome[2] if outcome[0] == "error" and len(outcome) > 2 else traceback.format_exc()
+        ctx._write({"event": "error", "error": error, "traceback": tb})
     if status == "failed":
         shutil.rmtree(tmp, ignore_errors=True)
-    duration = time.monotonic() - t0
-    ctx._write({"event": "end", "status": status, "duration": duration, "metrics": ctx.metrics})
-    ws.record_execution(_record(run_id, ps, graph, status, started, duration, ctx.metrics, error,
-                                str(log_path), options))
+        if r.remote:
+            shutil.rmtree(ctx.scratch_dir, ignore_errors=True)
+    duration = time.monotonic() - r.t0
+    remote = ctx.extra.get("remote")
+    if remote is not None:
+        ctx.metrics.update(remote.as_metrics())
+    ctx._write({"event": "end", "status": status, "duration": duration, "metrics": ctx.metrics,
+                **({"remote_call_id": remote.call_id} if remote is not None else {})})
+    ws.record_execution(_record(run_id, ps, graph, status, r.started, duration, ctx.metrics, error,
+                                str(r.log_path), options, remote=remote))
     note = error if error else (f"{len(ctx.warnings)} warning(s)" if ctx.warnings else "")
+    if remote is not None and not error:
+        note = (note + "; " if note else "") + f"modal call {remote.call_id}"
     reporter.stage_finished(ps.id, status, duration, note)
-    return StageResult(ps.id, node.kind, ps.action, status, duration, error, str(log_path))
-
-
-def _backend_for(node: base.PlanNode, options: ApplyOptions):
-    from runner.backends import local
-
-    return local.LocalBackend()
+    return StageResult(ps.id, ps.node.kind, ps.action, status, duration, error, str(r.log_path))
 
 
 def _manifest(ps: PlannedStage, outputs: dict[str, base.Artifact], tmp: Path, run_id: str,
@@ -304,16 +517,23 @@ def _manifest(ps: PlannedStage, outputs: dict[str, base.Artifact], tmp: Path, ru
 
 def _record(run_id: str, ps: PlannedStage, graph: Graph, status: str, started: float,
             duration: float, metrics: dict, error: str | None, log_path: str | None,
-            options: ApplyOptions) -> ExecutionRecord:
+            options: ApplyOptions, remote: Any = None) -> ExecutionRecord:
     hardware = graph.specs[ps.node.character].data.get("hardware", {})
-    backend = options.backend or hardware.get("backend", "local")
+    backend = "modal" if is_remote(ps.node, graph, options) else "local"
     gpu = cost_mod.stage_gpu(ps.node, hardware, backend)
-    price = cost_mod.stage_cost(duration, gpu, hardware) if status in ("succeeded", "failed") else (0.0, hardware.get("currency", "USD"))
+    call_id = None
+    billed = duration
+    if remote is not None:
+        call_id = remote.call_id or None
+        # Modal bills the container time of every attempt, which the worker measures on the
+        # volume; a call that never answered is charged its wall time (an upper bound).
+        billed = remote.billed_s if (remote.billed_s or remote.reused_result) else duration
+    price = cost_mod.stage_cost(billed, gpu, hardware) if status in ("succeeded", "failed") else (0.0, hardware.get("currency", "USD"))
     return ExecutionRecord(
         run_id=run_id, stage_id=ps.id, kind=ps.node.kind, character=ps.node.character, key=ps.key,
         action=ps.action, reason="; ".join(ps.reasons), status=status, started=started,
         duration=duration, metrics=metrics, cost=price[0], currency=price[1], gpu=gpu,
-        backend=backend, remote_call_id=None, error=error, log_path=log_path,
+        backend=backend, remote_call_id=call_id, error=error, log_path=log_path,
     )
 
 

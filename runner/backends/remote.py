@@ -1,0 +1,426 @@
+"""Run a stage remotely: inputs up (content-addressed), one worker call, outputs back.
+
+:class:`RemoteBackend` is what the executor uses for a GPU stage when the backend is ``modal``.
+Where the call runs is a *transport*:
+
+- :class:`runner.backends.modal_backend.ModalTransport`: a Modal function call and a Modal Volume;
+- :class:`FolderTransport`: the same worker entry point in a local subprocess, with a folder
+  standing in for the volume (tests, and debugging a stage the way Modal runs it).
+
+A transport offers ``missing(shas)``, ``upload({sha: path})``, ``fetch(sha, dest)``,
+``read_result(key)`` and ``invoke(kind, config, manifest, node) -> RemoteCall``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from runner.backends.volume import atomic_write_text, sha256_file
+from runner.stages import base
+
+MANIFEST_NAME = "_manifest.json"
+
+
+class RemoteCallError(Exception):
+    """The remote call itself failed (crashed on every attempt, lost its container...)."""
+
+
+class RemoteCall(Protocol):
+    call_id: str
+
+    def result(self) -> dict[str, Any]: ...
+
+    def cancel(self) -> None: ...
+
+
+class Transport(Protocol):
+    name: str
+
+    def missing(self, shas: set[str]) -> set[str]: ...
+
+    def upload(self, files: dict[str, Path]) -> None: ...
+
+    def fetch(self, sha: str, dest: Path) -> None: ...
+
+    def read_result(self, key: str) -> dict[str, Any] | None: ...
+
+    def invoke(self, kind: str, config: dict[str, Any], manifest: dict[str, Any],
+               node: base.PlanNode) -> RemoteCall: ...
+
+
+# ----------------------------------------------------------------------------- digests
+
+
+class DigestCache:
+    """sha256 of local files, remembered by (size, mtime_ns) in one JSON file per folder, so a
+    large dataset is hashed once, not at every apply. Also a local index digest -> file, so an
+    output whose bytes are already here is copied, not downloaded."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._lock = threading.Lock()
+        self._known: dict[str, Path] = {}
+
+    def _file_for(self, root: Path) -> Path:
+        import hashlib
+
+        return self.folder / (hashlib.sha256(str(root).encode()).hexdigest()[:24] + ".json")
+
+    def digest_tree(self, root: Path, files: list[Path]) -> list[list[Any]]:
+        """[[relative path, sha256, size], ...] of ``files`` under ``root`` (or of the file root)."""
+        cache_file = self._file_for(root)
+        try:
+            cached = json.loads(cache_file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            cached = {}
+        out, changed = [], False
+        for f in files:
+            st = f.stat()
+            rel = f.name if root.is_file() else f.relative_to(root).as_posix()
+            hit = cached.get(rel)
+            if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+                sha = hit[2]
+            else:
+                sha = sha256_file(f)
+                cached[rel] = [st.st_size, st.st_mtime_ns, sha]
+                changed = True
+            out.append([rel, sha, st.st_size])
+            with self._lock:
+                self._known[sha] = f
+        if changed:
+            atomic_write_text(cache_file, json.dumps(cached))
+        return out
+
+    def local_copy(self, sha: str, size: int) -> Path | None:
+        with self._lock:
+            p = self._known.get(sha)
+        if p is not None and p.is_file() and p.stat().st_size == size:
+            return p
+        return None
+
+    def remember(self, sha: str, path: Path) -> None:
+        with self._lock:
+            self._known[sha] = path
+
+
+def _artifact_files(art: base.Artifact) -> tuple[Path, str, list[Path]]:
+    """(root, type, files) of an input artifact; a store folder's manifest is not an input."""
+    root = Path(art.path)
+    if art.files:
+        files = [Path(f) for f in art.files]
+        return root, ("file" if root.is_file() else "dir"), files
+    if root.is_file():
+        return root, "file", [root]
+    if not root.is_dir():
+        raise base.StageError(f"input {art.name!r} does not exist: {root}")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+    return root, "dir", files
+
+
+def project_paths(config: Any, project_root: Path, limit: int = 20000) -> list[Path]:
+    """Files in the project that the stage config names (a local base model, a prompt suite
+    file...): a remote stage gets them at the same project-relative path."""
+    root = project_root.resolve()
+    found: dict[Path, None] = {}
+
+    def visit(v: Any) -> None:
+        if isinstance(v, dict):
+            for x in v.values():
+                visit(x)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                visit(x)
+        elif isinstance(v, str) and v and len(v) < 1024 and "\n" not in v and ":" not in v[:10]:
+            p = Path(v).expanduser()
+            p = (p if p.is_absolute() else root / p)
+            try:
+                p = p.resolve()
+                p.relative_to(root)
+            except (ValueError, OSError):
+                return
+            if p == root or not p.exists() or ".runner" in p.relative_to(root).parts:
+                return
+            if p.is_file():
+                found[p] = None
+            else:
+                for f in sorted(p.rglob("*")):
+                    if f.is_file() and not any(part.startswith(".") for part in f.relative_to(root).parts):
+                        found[f] = None
+                        if len(found) > limit:
+                            raise base.StageError(
+                                f"the stage config names {v!r}, a project folder with over {limit} files",
+                                hint="Point the config at a smaller folder or a single file.")
+
+    visit(config)
+    return list(found)
+
+
+# ----------------------------------------------------------------------------- backend
+
+
+@dataclass
+class RemoteInfo:
+    call_id: str
+    transport: str
+    gpu: str | None
+    wall_s: float = 0.0
+    remote_s: float = 0.0
+    billed_s: float = 0.0
+    attempts: int = 0
+    uploaded_files: int = 0
+    uploaded_bytes: int = 0
+    reused_files: int = 0
+    downloaded_files: int = 0
+    downloaded_bytes: int = 0
+    reused_result: bool = False
+    resumed: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_metrics(self) -> dict[str, float]:
+        return {
+            "remote.billed_s": round(self.billed_s, 3),
+            "remote.duration_s": round(self.remote_s, 3),
+            "remote.attempts": float(self.attempts),
+            "remote.uploaded_files": float(self.uploaded_files),
+            "remote.uploaded_bytes": float(self.uploaded_bytes),
+            "remote.downloaded_files": float(self.downloaded_files),
+            "remote.downloaded_bytes": float(self.downloaded_bytes),
+        }
+
+
+class RemoteBackend:
+    """Runs a stage through a transport. Thread-safe: the executor fans out with one call per
+    thread. It never touches the state database; what it learned about the call is left in
+    ``ctx.extra["remote"]`` (a :class:`RemoteInfo`) for the executor to record."""
+
+    name = "modal"
+
+    def __init__(self, transport: Transport, workspace_dir: Path,
+                 gpu_of: Callable[[base.PlanNode], str | None] | None = None) -> None:
+        self.transport = transport
+        self.digests = DigestCache(workspace_dir / "remote" / "digests")
+        self.gpu_of = gpu_of or (lambda node: node.gpu)
+        self._calls: dict[str, RemoteCall] = {}
+        self._lock = threading.Lock()
+
+    # -- inputs
+    def build_manifest(self, node: base.PlanNode, inputs: dict[str, base.Artifact],
+                       ctx: Any) -> tuple[dict[str, Any], dict[str, Path]]:
+        manifest: dict[str, Any] = {"stage_id": node.id, "character": node.character, "kind": node.kind,
+                                    "key": ctx.extra.get("key", ""), "run_id": ctx.run_id, "inputs": {}}
+        local: dict[str, Path] = {}
+        for name, art in inputs.items():
+            root, typ, files = _artifact_files(art)
+            listing = self.digests.digest_tree(root, files)
+            for (rel, sha, _), f in zip(listing, files):
+                local[sha] = f
+            manifest["inputs"][name] = {"type": typ, "files": listing, "meta": base.jsonable(art.meta),
+                                        "digest": art.digest, "fileset": bool(art.files)}
+        project_root = Path(ctx.project_root)
+        proj_files = project_paths(node.config, project_root)
+        if proj_files:
+            listing = self.digests.digest_tree(project_root, proj_files)
+            for (rel, sha, _), f in zip(listing, proj_files):
+                local[sha] = f
+            manifest["project"] = listing
+        return manifest, local
+
+    def _upload(self, local: dict[str, Path], info: RemoteInfo) -> None:
+        missing = self.transport.missing(set(local))
+        info.reused_files = len(local) - len(missing)
+        if missing:
+            todo = {sha: local[sha] for sha in sorted(missing)}
+            self.transport.upload(todo)
+            info.uploaded_files = len(todo)
+            info.uploaded_bytes = sum(p.stat().st_size for p in todo.values())
+
+    # -- outputs
+    def _download(self, result: dict[str, Any], out_dir: Path, info: RemoteInfo) -> dict[str, base.Artifact]:
+        for rel, sha, size in result["files"]:
+            dest = out_dir / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            have = self.digests.local_copy(sha, size)
+            if have is not None:
+                import shutil
+
+                shutil.copyfile(have, dest)
+            else:
+                self.transport.fetch(sha, dest)
+                info.downloaded_files += 1
+                info.downloaded_bytes += size
+            self.digests.remember(sha, dest)
+        arts = {}
+        for name, o in result["outputs"].items():
+            p = out_dir if o["path"] == "." else out_dir / o["path"]
+            p.mkdir(parents=True, exist_ok=True) if o["type"] == "dir" else None
+            arts[name] = base.Artifact(name=name, path=p, meta=o.get("meta", {}))
+        return arts
+
+    def _replay(self, result: dict[str, Any], ctx: Any) -> None:
+        """The remote stage's log, metrics and warnings, into the local stage log and context."""
+        for ev in result.get("events", []):
+            kind = ev.get("event")
+            if kind == "metric":
+                ctx.metrics[ev["name"]] = float(ev["value"])
+                ctx.metric_history.append({"name": ev["name"], "value": ev["value"], "step": ev.get("step")})
+            if kind in ("start", "end"):
+                continue
+            ctx._write({**{k: v for k, v in ev.items() if k not in ("t", "stage")}, "remote": True,
+                        "remote_t": ev.get("t")})
+        for w in result.get("warnings", []):
+            if w not in ctx.warnings:
+                ctx.warnings.append(w)
+                ctx.reporter.log(ctx.stage_id, "warning", w)
+        for k, v in (result.get("metrics") or {}).items():
+            ctx.metrics[k] = float(v)
+
+    # -- the stage
+    def run_stage(self, kind: base.StageKind, node: base.PlanNode, inputs: dict[str, base.Artifact],
+                  ctx: Any) -> dict[str, base.Artifact]:
+        t0 = time.monotonic()
+        info = RemoteInfo(call_id="", transport=self.transport.name, gpu=self.gpu_of(node))
+        ctx.extra["remote"] = info
+        manifest, local = self.build_manifest(node, inputs, ctx)
+        key = manifest["key"]
+        result = self.transport.read_result(key) if key else None
+        if result is not None and result.get("status") == "succeeded":
+            info.reused_result = True
+            info.call_id = "reused:" + key[:16]
+            ctx.log("outputs for this cache key were already on the volume; fetching them")
+        else:
+            self._upload(local, info)
+            ctx.log(f"inputs: {info.uploaded_files} file(s) uploaded ({info.uploaded_bytes} bytes), "
+                    f"{info.reused_files} already on the volume")
+            call = self.transport.invoke(kind.kind, node.config, manifest, node)
+            info.call_id = call.call_id
+            ctx._write({"event": "remote_call", "call_id": call.call_id, "transport": self.transport.name,
+                        "gpu": info.gpu})
+            with self._lock:
+                self._calls[call.call_id] = call
+            try:
+                result = call.result()
+            finally:
+                with self._lock:
+                    self._calls.pop(call.call_id, None)
+        info.attempts = int(result.get("attempts", 0))
+        info.billed_s = 0.0 if info.reused_result else float(result.get("billed_s", 0.0))
+        info.remote_s = float(result.get("duration_s", 0.0))
+        info.resumed = result.get("resumed")
+        if info.resumed:
+            ctx.log(f"resumed on the volume: {info.resumed}")
+        self._replay(result, ctx)
+        if result.get("status") != "succeeded":
+            info.wall_s = time.monotonic() - t0
+            raise base.StageError(f"{result.get('error', 'remote stage failed')} (remote call {info.call_id})",
+                                  hint=result.get("hint", ""))
+        outputs = self._download(result, Path(ctx.out_dir), info)
+        info.wall_s = time.monotonic() - t0
+        return outputs
+
+    def cancel_all(self) -> None:
+        with self._lock:
+            calls = list(self._calls.values())
+        for c in calls:
+            try:
+                c.cancel()
+            except Exception:
+                pass
+
+    def session(self):
+        """Context manager around a run's remote calls (the Modal app runs inside it)."""
+        from contextlib import nullcontext
+
+        sess = getattr(self.transport, "session", None)
+        return sess() if sess is not None else nullcontext()
+
+
+# ----------------------------------------------------------------------------- folder transport
+
+
+class _SubprocessCall:
+    def __init__(self, transport: "FolderTransport", request: dict[str, Any]) -> None:
+        self.transport = transport
+        self.request = request
+        self.call_id = "local-" + uuid.uuid4().hex[:12]
+        self._proc: subprocess.Popen | None = None
+        self._cancelled = False
+
+    def result(self) -> dict[str, Any]:
+        t = self.transport
+        with tempfile.TemporaryDirectory(prefix="runner-call-") as d:
+            req = Path(d) / "request.json"
+            out = Path(d) / "result.json"
+            req.write_text(json.dumps(self.request), encoding="utf-8")
+            errors = []
+            for attempt in range(t.retries + 1):  # as modal.Retries: the same call, again
+                if self._cancelled:
+                    raise RemoteCallError(f"call {self.call_id} cancelled")
+                self._proc = subprocess.Popen(
+                    [t.python, "-m", "runner.backends.worker", "--request", str(req),
+                     "--volume-root", str(t.root), "--result", str(out)],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=t.env(),
+                )
+                _, stderr = self._proc.communicate()
+                if self._proc.returncode == 0 and out.is_file():
+                    return json.loads(out.read_text(encoding="utf-8"))
+                tail = (stderr or "").strip().splitlines()[-1:] or [f"exit status {self._proc.returncode}"]
+                errors.append(f"attempt {attempt + 1}: {tail[0]}")
+            raise RemoteCallError(f"remote call {self.call_id} failed on every attempt: " + "; ".join(errors))
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+
+
+class FolderTransport:
+    """The worker entry point in a local subprocess, a folder as the volume.
+
+    ``retries`` re-runs a call whose process died (as modal.Retries does for a crashed or
+    preempted container); the stage then resumes from its checkpoint in ``<root>/scratch``."""
+
+    name = "folder"
+
+    def __init__(self, root: Path | str, *, retries: int = 0, python: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        from runner.backends.volume import FolderVolume
+
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.volume = FolderVolume(self.root)
+        self.retries = retries
+        self.python = python or sys.executable
+        self.extra_env = env or {}
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        repo = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH", "")]))
+        env.update(self.extra_env)
+        return env
+
+    def missing(self, shas: set[str]) -> set[str]:
+        return self.volume.missing(shas)
+
+    def upload(self, files: dict[str, Path]) -> None:
+        self.volume.upload(files)
+
+    def fetch(self, sha: str, dest: Path) -> None:
+        self.volume.fetch(sha, dest)
+
+    def read_result(self, key: str) -> dict[str, Any] | None:
+        return self.volume.read_result(key)
+
+    def invoke(self, kind: str, config: dict[str, Any], manifest: dict[str, Any],
+               node: base.PlanNode) -> _SubprocessCall:
+        return _SubprocessCall(self, {"kind": kind, "config": config, "manifest": manifest})
