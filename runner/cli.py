@@ -73,22 +73,41 @@ def validate(specs: tuple[str, ...], allow_outside_project: bool, require_files:
 # ----------------------------------------------------------------------------- plan
 
 
-def _plan_line(ps: Any) -> str:
+def _plan_line(ps: Any, estimate: Any = None) -> str:
     sym = {"run": "+", "rerun": "~", "resume": ">", "cached": "="}[ps.action]
     extra = ""
-    if ps.node.gpu:
+    if estimate is not None:  # a remote stage: its GPU on Modal and what a run would cost
+        extra = f"  [modal {estimate.gpu}, {estimate.short()}: {estimate.note}]"
+    elif ps.node.gpu:
         extra = f"  [gpu: {ps.node.gpu}]"
     return f"  {sym} {ps.id:<38} {ps.action:<7} {'; '.join(ps.reasons)}{extra}"
 
 
-def _print_plan(plan: Any, specs: list[Any], *, header: bool = True) -> None:
+def _print_plan(plan: Any, specs: list[Any], *, header: bool = True, estimates: dict | None = None) -> None:
+    estimates = estimates or {}
     if header:
         root = specs[0].project_root if specs else Path.cwd()
         names = ", ".join(str(_rel(s.file)) for s in specs)
         click.echo(f"Plan for {names} (project {root})")
     for ps in plan.stages:
-        click.echo(_plan_line(ps))
+        click.echo(_plan_line(ps, estimates.get(ps.id)))
     click.echo(plan.summary())
+    todo = [estimates[ps.id] for ps in plan.stages if ps.id in estimates and ps.will_execute]
+    if todo:
+        cur = todo[0].currency
+        click.echo(f"Estimated Modal cost of this plan: ~{sum(e.cost for e in todo):.2f} {cur} "
+                   f"({len(todo)} remote stage{'s' if len(todo) != 1 else ''}; price table in hardware.price_table)")
+
+
+def _estimates(p: Any, backend: str | None) -> dict:
+    from runner.engine.executor import plan_estimates
+    from runner.engine.workspace import Workspace
+
+    ws = Workspace(next(iter(p.graph.specs.values())).project_root)
+    try:
+        return plan_estimates(p, backend, ws)
+    finally:
+        ws.close()
 
 
 def _rel(p: Path) -> Path:
@@ -105,9 +124,11 @@ def _rel(p: Path) -> Path:
 @click.option("--detailed-exitcode", is_flag=True, help="Exit 0 when nothing would run, 2 when something would.")
 @click.option("--force", multiple=True, metavar="STAGE", help="Plan STAGE (id, kind or glob) as re-running.")
 @click.option("--only", multiple=True, metavar="STAGE", help="Plan only STAGE and what it needs.")
+@click.option("--backend", type=click.Choice(["local", "modal"]), default=None,
+              help="Override hardware.backend (modal: show GPU types and estimated costs).")
 @allow_outside_opt
 def plan(specs: tuple[str, ...], resolved: bool, as_json: bool, detailed_exitcode: bool,
-         force: tuple[str, ...], only: tuple[str, ...], allow_outside_project: bool) -> None:
+         force: tuple[str, ...], only: tuple[str, ...], backend: str | None, allow_outside_project: bool) -> None:
     """Show, per stage, whether it runs, is cached, or re-runs, and why."""
     from runner.engine.executor import plan_specs
     from runner.spec import load_specs
@@ -122,10 +143,17 @@ def plan(specs: tuple[str, ...], resolved: bool, as_json: bool, detailed_exitcod
         return
     p, ws = plan_specs(loaded, force=list(force), only=list(only))
     try:
+        from runner.engine.executor import plan_estimates
+
+        estimates = plan_estimates(p, backend, ws)
         if as_json:
-            click.echo(json.dumps(p.as_json(), indent=2))
+            data = p.as_json()
+            for st in data["stages"]:
+                if st["stage"] in estimates:
+                    st["remote"] = {"backend": "modal", **estimates[st["stage"]].as_json()}
+            click.echo(json.dumps(data, indent=2))
         else:
-            _print_plan(p, loaded)
+            _print_plan(p, loaded, estimates=estimates)
     finally:
         ws.close()
     if detailed_exitcode and p.has_changes:
@@ -160,7 +188,8 @@ def apply(specs: tuple[str, ...], force: tuple[str, ...], only: tuple[str, ...],
     t0 = time.monotonic()
     reporter = make_reporter(quiet=quiet)
     result = do_apply(loaded, options, reporter,
-                      on_plan=None if quiet else (lambda p: (_print_plan(p, loaded), sys.stdout.flush())))
+                      on_plan=None if quiet else (lambda p: (_print_plan(p, loaded, estimates=_estimates(p, backend)),
+                                                             sys.stdout.flush())))
     elapsed = time.monotonic() - t0
     counts: dict[str, int] = {}
     for r in result.results:

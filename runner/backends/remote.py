@@ -63,26 +63,34 @@ class Transport(Protocol):
 
 class DigestCache:
     """sha256 of local files, remembered by (size, mtime_ns) in one JSON file per folder, so a
-    large dataset is hashed once, not at every apply. Also a local index digest -> file, so an
-    output whose bytes are already here is copied, not downloaded."""
+    large dataset is hashed once, not at every apply. The same files are the local side of the
+    content addressing: an output whose bytes are already here (in the store, in the project) is
+    copied, not downloaded."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self._lock = threading.Lock()
         self._known: dict[str, Path] = {}
+        self._indexed = False
 
     def _file_for(self, root: Path) -> Path:
         import hashlib
 
         return self.folder / (hashlib.sha256(str(root).encode()).hexdigest()[:24] + ".json")
 
+    def _load(self, root: Path) -> dict[str, list]:
+        try:
+            data = json.loads(self._file_for(root).read_text(encoding="utf-8"))
+            return data.get("files", {}) if data.get("root") == str(root) else {}
+        except (OSError, json.JSONDecodeError, AttributeError):
+            return {}
+
+    def _save(self, root: Path, files: dict[str, list]) -> None:
+        atomic_write_text(self._file_for(root), json.dumps({"root": str(root), "files": files}))
+
     def digest_tree(self, root: Path, files: list[Path]) -> list[list[Any]]:
         """[[relative path, sha256, size], ...] of ``files`` under ``root`` (or of the file root)."""
-        cache_file = self._file_for(root)
-        try:
-            cached = json.loads(cache_file.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            cached = {}
+        cached = self._load(root)
         out, changed = [], False
         for f in files:
             st = f.stat()
@@ -98,12 +106,44 @@ class DigestCache:
             with self._lock:
                 self._known[sha] = f
         if changed:
-            atomic_write_text(cache_file, json.dumps(cached))
+            self._save(root, cached)
         return out
+
+    def record(self, root: Path, listing: list[list[Any]], base_dir: Path) -> None:
+        """Remember files (downloaded into ``base_dir``) that will live under ``root`` (their
+        store folder once promoted; a rename keeps size and mtime)."""
+        files = {}
+        for rel, sha, size in listing:
+            try:
+                st = (base_dir / rel).stat()
+            except OSError:
+                continue
+            files[rel] = [st.st_size, st.st_mtime_ns, sha]
+        self._save(root, files)
+
+    def _index_all(self) -> None:
+        known: dict[str, Path] = {}
+        for f in sorted(self.folder.glob("*.json")) if self.folder.is_dir() else []:
+            try:
+                data = json.loads(f.read_text(encoding="utf-8"))
+                root = Path(data["root"])
+                for rel, (size, mtime, sha) in data["files"].items():
+                    known.setdefault(sha, root if root.is_file() else root / rel)
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        with self._lock:
+            for sha, p in known.items():
+                self._known.setdefault(sha, p)
+            self._indexed = True
 
     def local_copy(self, sha: str, size: int) -> Path | None:
         with self._lock:
             p = self._known.get(sha)
+            indexed = self._indexed
+        if p is None and not indexed:
+            self._index_all()
+            with self._lock:
+                p = self._known.get(sha)
         if p is not None and p.is_file() and p.stat().st_size == size:
             return p
         return None
@@ -209,6 +249,7 @@ class RemoteBackend:
                  gpu_of: Callable[[base.PlanNode], str | None] | None = None) -> None:
         self.transport = transport
         self.digests = DigestCache(workspace_dir / "remote" / "digests")
+        self.store_dir = workspace_dir / "store"  # where the executor promotes outputs
         self.gpu_of = gpu_of or (lambda node: node.gpu)
         self._calls: dict[str, RemoteCall] = {}
         self._lock = threading.Lock()
@@ -259,10 +300,12 @@ class RemoteBackend:
                 info.downloaded_files += 1
                 info.downloaded_bytes += size
             self.digests.remember(sha, dest)
+        self.digests.record(self.store_dir / result["key"], result["files"], out_dir)
         arts = {}
         for name, o in result["outputs"].items():
             p = out_dir if o["path"] == "." else out_dir / o["path"]
-            p.mkdir(parents=True, exist_ok=True) if o["type"] == "dir" else None
+            if o["type"] == "dir":
+                p.mkdir(parents=True, exist_ok=True)  # an output folder may be empty
             arts[name] = base.Artifact(name=name, path=p, meta=o.get("meta", {}))
         return arts
 
