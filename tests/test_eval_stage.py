@@ -216,3 +216,65 @@ def test_bad_inputs_are_clear(lora_and_refs, tmp_path: Path) -> None:
     with pytest.raises(base.StageError, match="evaluate.clip_model"):
         E.run(_config(["refs"], clip_model="builtin:nope"), {"lora": lora, "reference0": ref_art}, ctx)
     assert not any(ctx.out_dir.iterdir())  # nothing half-written
+
+
+class _Graph:
+    def __init__(self, root: Path, trains: list[base.PlanNode]):
+        self.character = "luca"
+        self.project_root = root
+        self.spec_file = root / "specs" / "luca.yaml"
+        self._trains = trains
+
+    def nodes_of(self, kind: str):
+        return self._trains if kind == "train" else []
+
+    def node(self, stage_id: str):
+        return next((n for n in self._trains if n.id == stage_id), None)
+
+
+def _train(variant: str | None) -> base.PlanNode:
+    return base.PlanNode(id=base.node_id("luca", "train", variant), kind="train", character="luca",
+                         config={}, outputs=("lora", "logs"))
+
+
+def test_expand_one_node_per_train_variant(tmp_path: Path) -> None:
+    spec = {
+        "character": {"name": "luca", "trigger": "lcachar", "class_word": "3d cartoon boy", "references": ["data/ref"]},
+        "dataset": {"analysis": {"insightface_pack": "buffalo_l", "insightface_root": "~/.insightface"}},
+        "evaluate": {"suite": "builtin", "categories": ["close_up", "full_body"], "prompts_per_category": 3,
+                     "seeds": [1, 2], "lora_scales": [0.7, 1.0], "targets": {"close_up": {"consistency": ">0.9"}},
+                     "objective": {"maximize": "face_similarity", "constraints": {"clip_t": ">=0.22"}}},
+        "hardware": {"gpu": "A10G", "stage_gpu": {"evaluate": "L40S"}},
+    }
+    graph = _Graph(tmp_path, [_train("base"), _train("higher_rank")])
+    nodes = E.expand(spec, graph)
+    assert [n.id for n in nodes] == ["luca:evaluate[base]", "luca:evaluate[higher_rank]"]
+    n = nodes[1]
+    assert n.inputs["lora"] == base.StageOutputRef("luca:train[higher_rank]", "lora")
+    assert isinstance(n.inputs["reference0"], base.FileSetRef) and n.inputs["reference0"].root == tmp_path / "data/ref"
+    assert n.config["variant"] == "higher_rank" and n.gpu == "L40S"
+    prompts = n.config["suite"]["prompts"]
+    assert len(prompts) == 6 and all("lcachar 3d cartoon boy" in p["prompt"] for p in prompts)
+    json.dumps(n.config)  # JSON-serializable (hashed into the cache key)
+    assert "= 24 images per checkpoint" in n.label
+    # nothing to evaluate without train nodes or without an evaluate section
+    assert E.expand(spec, _Graph(tmp_path, [])) == []
+    assert E.expand({k: v for k, v in spec.items() if k != "evaluate"}, graph) == []
+
+
+@pytest.mark.parametrize("patch, match", [
+    ({"targets": {"wide": {"dino": ">0.5"}}}, "category 'wide' is not evaluated"),
+    ({"objective": {"maximize": "beauty"}}, "unknown metric 'beauty'"),
+    ({"suite": "nope"}, "neither a built-in suite"),
+    ({"categories": ["occluded"]}, "occluded not in suite"),
+])
+def test_expand_rejects_bad_evaluate_sections(tmp_path: Path, patch: dict, match: str) -> None:
+    spec = {"character": {"name": "luca", "trigger": "t", "references": ["r"]}, "evaluate": {"suite": "builtin", **patch}}
+    with pytest.raises(base.StageError, match=match):
+        E.expand(spec, _Graph(tmp_path, [_train(None)]))
+
+
+def test_expand_needs_references(tmp_path: Path) -> None:
+    spec = {"character": {"name": "luca", "trigger": "t", "references": []}, "evaluate": {}}
+    with pytest.raises(base.StageError, match="character.references is empty"):
+        E.expand(spec, _Graph(tmp_path, [_train(None)]))
