@@ -7,6 +7,7 @@ fallback descriptor below is used and every place that shows novelty says so.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 import numpy as np
@@ -87,6 +88,46 @@ class ModelDescriptor:
         return np.asarray(self._e.embed_images([Image.fromarray(c) for c in crops]), dtype=np.float32)
 
 
+# model_ref -> why it could not be loaded in this process (an offline hub is not retried per video).
+_FAILED: dict[str, str] = {}
+
+
+def _looks_like_hub_id(ref: str) -> bool:
+    if ref.startswith(("builtin:", "open_clip:", "/", "./", "../", "~")) or Path(ref).expanduser().exists():
+        return False
+    return ref.count("/") == 1
+
+
+def hub_unavailable(ref: str, timeout: float = 3.0) -> str | None:
+    """Why a hub id cannot be loaded right now, or None when it may be (cached, or hub reachable).
+
+    Without this check an offline machine spends about 20 s in the hub client's retries before
+    the fallback is taken.
+    """
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub.constants import ENDPOINT, HF_HUB_OFFLINE
+    except ImportError:
+        return None
+    try:
+        cached = try_to_load_from_cache(ref, "config.json")
+    except Exception:  # an odd id: let the loader say what is wrong
+        return None
+    if isinstance(cached, str):
+        return None
+    if HF_HUB_OFFLINE:
+        return "not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return None
+    except OSError as exc:
+        return f"not in the local Hugging Face cache and {url.hostname} is unreachable ({exc})"
+
+
 def load_general_embedder(model_ref: str | None, *, cache_dir: Any, fallback: str = "auto",
                           warn: Any = None) -> tuple[GeneralEmbedder, str]:
     """(embedder, note). ``fallback``: "auto" (use the fallback when the model will not load),
@@ -94,16 +135,28 @@ def load_general_embedder(model_ref: str | None, *, cache_dir: Any, fallback: st
     """
     if fallback == "always" or not model_ref:
         return FallbackDescriptor(), "general-vision model not requested: cheap fallback descriptor"
-    try:
-        from runner.metrics.embedders import load_image_embedder
+    why = _FAILED.get(model_ref)
+    if why is None and _looks_like_hub_id(model_ref):
+        why = hub_unavailable(model_ref)
+    if why is None:
+        try:
+            from runner.metrics.embedders import load_image_embedder
 
-        emb = load_image_embedder(model_ref, cache_dir=cache_dir)
-        return ModelDescriptor(emb), f"general-vision model {getattr(emb, 'name', model_ref)}"
-    except Exception as exc:  # offline, missing files, missing module: say so, then fall back
-        if fallback == "never":
-            raise
-        note = (f"general-vision model {model_ref!r} could not be loaded ({type(exc).__name__}: "
-                f"{str(exc)[:200]}); novelty uses the cheap fallback descriptor {FALLBACK_NAME}")
-        if warn is not None:
-            warn(note)
-        return FallbackDescriptor(), note
+            emb = load_image_embedder(model_ref, cache_dir=cache_dir)
+            return ModelDescriptor(emb), f"general-vision model {getattr(emb, 'name', model_ref)}"
+        except Exception as exc:  # missing files, missing module, bad folder: say so
+            if fallback == "never":
+                raise
+            why = f"{type(exc).__name__}: {str(exc)[:200]}"
+    _FAILED[model_ref] = why
+    if fallback == "never":
+        from runner.stages.base import StageError
+
+        raise StageError(f"general-vision model {model_ref!r} cannot be loaded: {why}",
+                         hint="Download it into the Hugging Face cache or give a local folder, or set "
+                              "video_options.general_fallback: auto to use the labelled fallback descriptor.")
+    note = (f"general-vision model {model_ref!r} could not be loaded ({why}); novelty uses the cheap "
+            f"fallback descriptor {FALLBACK_NAME}")
+    if warn is not None:
+        warn(note)
+    return FallbackDescriptor(), note
