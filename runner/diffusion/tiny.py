@@ -23,7 +23,7 @@ from typing import Iterator
 
 # Bump when the configs below change: the cache folder name carries it, so an old build is
 # never loaded for a new definition.
-TINY_VERSION = 1
+TINY_VERSION = 2
 TINY_MODELS = ("tiny-sd", "tiny-sdxl")
 TINY_SEED = 0
 
@@ -141,13 +141,14 @@ def _vae():
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        block_out_channels=(32, 64),
+        block_out_channels=(16, 32, 32),  # 3 blocks: 4x downscale, so 64 px -> 16x16 latents
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
         latent_channels=4,
-        norm_num_groups=16,
+        layers_per_block=1,
+        norm_num_groups=8,
         sample_size=64,
     )
 
@@ -176,8 +177,8 @@ def _build_tiny_sd(dest: Path) -> None:
     torch.manual_seed(TINY_SEED)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
+        layers_per_block=1,
+        sample_size=16,
         in_channels=4,
         out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -209,8 +210,8 @@ def _build_tiny_sdxl(dest: Path) -> None:
     torch.manual_seed(TINY_SEED)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
+        layers_per_block=2,  # as in the real SDXL UNet, so the kohya sgm key mapping is exercised
+        sample_size=16,
         in_channels=4,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),

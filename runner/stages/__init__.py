@@ -17,6 +17,7 @@ BUILTIN_STAGE_MODULES = (
     "curate",
     "caption",
     "export",
+    "train",
     "evaluate",
     "report",
 )

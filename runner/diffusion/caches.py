@@ -1,0 +1,130 @@
+"""On-disk caches of VAE latents and text embeddings, shared by every variant and phase.
+
+Entries live under ``<cache_dir>/train/<model fingerprint>/`` and are keyed by content:
+
+- latents: image bytes (sha256) + bucket size + crop method -> the VAE's latent distribution
+  (mean and std, so each step can still sample from it) and SDXL's size/crop conditioning;
+- text: caption string -> prompt embeddings (and SDXL's pooled embedding).
+
+A second variant or phase of the same model on the same data finds every entry and encodes
+nothing. Each entry is written to a temporary file and renamed into place, so a killed run never
+leaves a truncated entry, and two runs writing the same entry write the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+CROP_METHOD = "cover-center-crop-v1"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:32]
+
+
+def _atomic_save(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class TrainCache:
+    """Latent and text-embedding cache for one base model."""
+
+    def __init__(self, cache_dir: Path, model_fingerprint: str) -> None:
+        self.root = Path(cache_dir) / "train" / model_fingerprint
+        self.hits = {"latents": 0, "text": 0}
+        self.misses = {"latents": 0, "text": 0}
+
+    # -- latents ---------------------------------------------------------------------------
+    def latent_path(self, image_sha: str, bucket: tuple[int, int]) -> Path:
+        k = _key("latent", image_sha, bucket[0], bucket[1], CROP_METHOD)
+        return self.root / "latents" / k[:2] / f"{k}.safetensors"
+
+    def text_path(self, caption: str) -> Path:
+        k = _key("text", caption)
+        return self.root / "text" / k[:2] / f"{k}.safetensors"
+
+    def ensure_latents(self, items: Sequence[tuple[Path, tuple[int, int]]], encode: Callable, *,
+                       batch_size: int = 8, progress=None) -> list[Path]:
+        """Make sure every (image, bucket) has an entry; ``encode(list[PIL], bucket)`` returns
+        (mean, std) tensors. Returns the entry paths in ``items`` order."""
+        from runner.diffusion.data import load_bucketed
+
+        paths: list[Path] = []
+        todo: dict[tuple[int, int], list[tuple[Path, Path]]] = {}
+        for img, bucket in items:
+            p = self.latent_path(file_sha256(img), bucket)
+            paths.append(p)
+            if p.is_file():
+                self.hits["latents"] += 1
+            else:
+                self.misses["latents"] += 1
+                todo.setdefault(bucket, [])
+                if all(q != p for _, q in todo[bucket]):
+                    todo[bucket].append((img, p))
+        for bucket, entries in todo.items():
+            for s in range(0, len(entries), batch_size):
+                chunk = entries[s:s + batch_size]
+                loaded = [load_bucketed(img, bucket) for img, _ in chunk]
+                mean, std = encode([im for im, _, _ in loaded], bucket)
+                for j, ((_, p), (_, orig, crop)) in enumerate(zip(chunk, loaded)):
+                    import torch
+
+                    _atomic_save(
+                        {"mean": mean[j], "std": std[j],
+                         "original_size": torch.tensor(orig), "crop_top_left": torch.tensor(crop),
+                         "target_size": torch.tensor((bucket[1], bucket[0]))},
+                        p, metadata={"crop_method": CROP_METHOD},
+                    )
+                if progress is not None:
+                    progress.update(len(chunk))
+        return paths
+
+    def ensure_text(self, captions: Sequence[str], encode: Callable, *, batch_size: int = 32, progress=None) -> dict[str, Path]:
+        """Make sure every caption has an entry; ``encode(list[str])`` returns a dict of batched
+        tensors (``prompt_embeds``, and ``pooled`` for SDXL)."""
+        out: dict[str, Path] = {}
+        todo: list[str] = []
+        for c in dict.fromkeys(captions):
+            p = self.text_path(c)
+            out[c] = p
+            if p.is_file():
+                self.hits["text"] += 1
+            else:
+                self.misses["text"] += 1
+                todo.append(c)
+        for s in range(0, len(todo), batch_size):
+            chunk = todo[s:s + batch_size]
+            enc = encode(chunk)
+            for j, c in enumerate(chunk):
+                _atomic_save({k: v[j] for k, v in enc.items()}, out[c])
+            if progress is not None:
+                progress.update(len(chunk))
+        return out
+
+
+def load_entry(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))

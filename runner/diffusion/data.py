@@ -1,0 +1,262 @@
+"""Training data: the caption stage's dataset, validation split, aspect buckets, caption
+variants (tag shuffle) and the weighted, position-addressable batch sampler of a phase.
+
+Everything random here is a pure function of (seed, position), so a resumed run draws exactly
+the batches an uninterrupted run would have drawn: the sampler's "position" is the micro-step
+index, stored in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+SHOTS = ("extreme_close_up", "close_up", "medium", "full_body", "wide")
+
+
+class DataError(ValueError):
+    """Bad training data; message names the file and key, hint says what to do."""
+
+    def __init__(self, message: str, *, hint: str = "") -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+@dataclass
+class Example:
+    id: str
+    image: Path
+    caption: str
+    shot: str
+    categories: list[str]
+    repeats: int = 1
+    parent: str | None = None
+    width: int = 0
+    height: int = 0
+    # filled in by the trainer
+    bucket: tuple[int, int] = (0, 0)
+    captions: list[str] = field(default_factory=list)  # caption variants (index 0 = as written)
+    is_regularization: bool = False
+
+
+def read_dataset(folder: Path) -> list[Example]:
+    """Read ``dataset.jsonl`` of the caption stage's ``dataset`` artifact."""
+    folder = Path(folder)
+    manifest = folder / "dataset.jsonl"
+    if not manifest.is_file():
+        raise DataError(f"{manifest} not found", hint="The train stage takes the caption stage's `dataset` artifact.")
+    examples: list[Example] = []
+    for n, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{manifest}:{n}: not valid JSON ({exc.msg})") from None
+        for key in ("id", "image", "caption"):
+            if key not in rec:
+                raise DataError(f"{manifest}:{n}: record lacks {key!r}", hint="Re-run the caption stage.")
+        img = folder / rec["image"]
+        if not img.is_file():
+            raise DataError(f"{manifest}:{n}: image {rec['image']!r} is missing from {folder}")
+        shot = rec.get("shot") or "medium"
+        cats = list(rec.get("categories") or [shot])
+        if shot not in cats:
+            cats.insert(0, shot)
+        repeats = int(rec.get("repeats", 1) or 1)
+        if repeats < 1:
+            raise DataError(f"{manifest}:{n}: repeats must be >= 1 (got {repeats})")
+        examples.append(Example(
+            id=str(rec["id"]), image=img, caption=str(rec["caption"]), shot=shot, categories=cats,
+            repeats=repeats, parent=rec.get("parent"), width=int(rec.get("width") or 0),
+            height=int(rec.get("height") or 0),
+        ))
+    if not examples:
+        raise DataError(f"{manifest} lists no images", hint="The caption stage kept no image; check curation.")
+    return examples
+
+
+def _h(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()[:8], "big")
+
+
+def split_validation(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Hold out ``fraction`` of the original images (at least one when fraction > 0 and there are
+    two or more); augmented crops of a held-out image are dropped from training too, so the
+    validation loss never sees an image the model was trained on."""
+    originals = [e for e in examples if not e.parent]
+    if fraction <= 0 or len(originals) < 2:
+        return list(examples), []
+    n_val = max(1, int(round(fraction * len(originals))))
+    n_val = min(n_val, len(originals) - 1)
+    ranked = sorted(originals, key=lambda e: _h(seed, "val", e.id))
+    val_ids = {e.id for e in ranked[:n_val]}
+    val = [e for e in examples if e.id in val_ids]
+    train = [e for e in examples if e.id not in val_ids and e.parent not in val_ids]
+    return train, val
+
+
+# ---------------------------------------------------------------------------------------------
+# aspect-ratio buckets
+
+def make_buckets(resolution: int, *, min_side: int, max_side: int, step: int, multiple: int = 8) -> list[tuple[int, int]]:
+    """(width, height) buckets of about resolution**2 pixels, sides multiples of ``step``.
+
+    ``multiple`` is what the model needs (VAE scale x UNet downsampling); ``step`` is rounded up
+    to a multiple of it.
+    """
+    step = max(multiple, int(math.ceil(step / multiple)) * multiple)
+    area = resolution * resolution
+    lo = max(step, int(math.ceil(min_side / step)) * step)
+    hi = max(lo, (max_side // step) * step)
+    buckets = {(resolution // step * step or step,) * 2}
+    w = lo
+    while w <= hi:
+        h = int(area / w) // step * step
+        if lo <= h <= hi and w * h <= area * 1.0001:
+            buckets.add((w, h))
+        w += step
+    return sorted(buckets, key=lambda b: (b[0] / b[1], b[0]))
+
+
+def assign_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest (in log space) to the image's; larger area wins ties."""
+    ar = math.log(width / height)
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ar), -b[0] * b[1]))
+
+
+def load_bucketed(path: Path, bucket: tuple[int, int]):
+    """Load an image, scale it to cover the bucket and center-crop it.
+
+    Returns (PIL image, original (height, width), crop top-left (top, left)) in the scaled
+    image's pixels, as SDXL's micro-conditioning wants them.
+    """
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        img = ImageOps.exif_transpose(im).convert("RGB")
+    bw, bh = bucket
+    w, h = img.size
+    scale = max(bw / w, bh / h)
+    nw, nh = max(bw, round(w * scale)), max(bh, round(h * scale))
+    img = img.resize((nw, nh), Image.Resampling.LANCZOS)
+    left, top = (nw - bw) // 2, (nh - bh) // 2
+    return img.crop((left, top, left + bw, top + bh)), (h, w), (top, left)
+
+
+# ---------------------------------------------------------------------------------------------
+# captions
+
+def split_tags(caption: str) -> list[str]:
+    return [t.strip() for t in caption.split(",") if t.strip()]
+
+
+def caption_variants(caption: str, *, n: int, shuffle: bool, keep_tokens: int, seed: int, key: str) -> list[str]:
+    """Caption variants encoded into the text cache: the caption as written, then n-1 with the
+    tags after the first ``keep_tokens`` shuffled (deterministically per image)."""
+    import random
+
+    if not shuffle or n <= 1:
+        return [caption]
+    tags = split_tags(caption)
+    head, tail = tags[:keep_tokens], tags[keep_tokens:]
+    out = [caption]
+    rng = random.Random(_h(seed, "tags", key))
+    tries = 0
+    while len(out) < n and tries < 20 * n:
+        tries += 1
+        t = tail[:]
+        rng.shuffle(t)
+        cand = ", ".join(head + t)
+        if cand not in out or len(tail) < 2:
+            out.append(cand)
+    while len(out) < n:
+        out.append(out[len(out) % max(1, len(out))])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# phase data mix
+
+def mix_weights(examples: Sequence[Example], mix: str | Mapping[str, float]) -> tuple[list[float], list[str]]:
+    """Per-example sampling weights for a phase's data mix, and warnings.
+
+    natural: proportional to repeats (the curated distribution). balanced: every shot present gets
+    the same total mass. {category: weight}: each category's mass is spread over its images (by
+    repeats); an image in several listed categories collects each one's share.
+    """
+    warnings: list[str] = []
+    reps = [float(e.repeats) for e in examples]
+    if mix in (None, "natural"):
+        w = reps
+    elif mix == "balanced":
+        by_shot: dict[str, float] = {}
+        for e, r in zip(examples, reps):
+            by_shot[e.shot] = by_shot.get(e.shot, 0.0) + r
+        w = [r / by_shot[e.shot] for e, r in zip(examples, reps)]
+    elif isinstance(mix, Mapping):
+        present: dict[str, float] = {}
+        for e, r in zip(examples, reps):
+            for c in set(e.categories):
+                present[c] = present.get(c, 0.0) + r
+        missing = [c for c, v in mix.items() if v > 0 and c not in present]
+        if missing:
+            warnings.append(f"data mix names categories with no training image: {', '.join(sorted(missing))}; "
+                            "their share goes to the other categories")
+        w = []
+        for e, r in zip(examples, reps):
+            w.append(sum(float(mix[c]) * r / present[c] for c in set(e.categories) if c in mix and c in present))
+        if sum(w) <= 0:
+            raise DataError(
+                f"data mix {dict(mix)} selects no training image (categories present: {', '.join(sorted(present))})",
+                hint="Name at least one category that the curated dataset has.",
+            )
+    else:
+        raise DataError(f"unknown data mix {mix!r}", hint="Use natural, balanced or {category: weight}.")
+    total = sum(w)
+    return [x / total for x in w], warnings
+
+
+def mix_summary(examples: Sequence[Example], weights: Sequence[float]) -> dict[str, float]:
+    """Expected share of each shot under the weights."""
+    out: dict[str, float] = {}
+    for e, w in zip(examples, weights):
+        out[e.shot] = out.get(e.shot, 0.0) + w
+    return {k: round(v, 4) for k, v in sorted(out.items())}
+
+
+class BatchSampler:
+    """Draws micro-batches by weight; every image in a batch shares one bucket.
+
+    ``batch(position)`` is a pure function of (seed, phase, position): resuming at a position
+    replays exactly the batches an uninterrupted run draws.
+    """
+
+    def __init__(self, examples: Sequence[Example], weights: Sequence[float], batch_size: int, *, seed: int, salt: str) -> None:
+        import numpy as np
+
+        self.examples = list(examples)
+        self.weights = np.asarray(weights, dtype=np.float64)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.salt = salt
+        self.by_bucket: dict[tuple[int, int], list[int]] = {}
+        for i, e in enumerate(self.examples):
+            if self.weights[i] > 0:
+                self.by_bucket.setdefault(e.bucket, []).append(i)
+
+    def batch(self, position: int) -> list[int]:
+        import numpy as np
+
+        rng = np.random.default_rng([self.seed, _h(self.salt) % (2**32), position])
+        first = int(rng.choice(len(self.examples), p=self.weights))
+        members = self.by_bucket[self.examples[first].bucket]
+        if self.batch_size == 1:
+            return [first]
+        p = self.weights[members] / self.weights[members].sum()
+        rest = rng.choice(members, size=self.batch_size - 1, replace=True, p=p)
+        return [first, *map(int, rest)]

@@ -1,0 +1,884 @@
+"""The LoRA trainer behind the ``train`` stage (diffusers + peft + accelerate).
+
+Reading order of :meth:`LoraTrainer.run`:
+
+1. load the base model (any of the forms :func:`runner.diffusion.models.load_pipeline` takes);
+2. read the dataset, hold out validation images, assign aspect buckets, make caption variants;
+3. fill the latent and text-embedding caches (shared across variants and phases), and the
+   prior-preservation class images when asked;
+4. attach the LoRA adapters (UNet, optionally the text encoders), restore the last resume state;
+5. run the phases: per optimizer step, ``gradient_accumulation`` micro-batches drawn by the
+   phase's weighted sampler; min-SNR weighted loss, noise offset, caption dropout, prior loss;
+6. every N steps and at the end of each phase: a checkpoint (diffusers/peft file + kohya file),
+   samples at fixed seeds, validation loss at fixed timesteps, then the resume state (atomic);
+7. copy the kept checkpoints, samples and logs into the output folder with ``index.json``.
+
+Resume: randomness of a step (batch choice, noise, timesteps, caption variant, dropout of the
+caption) is a pure function of (seed, phase, position), so resuming from a checkpoint replays the
+same steps; the global torch/numpy/python RNG states (LoRA dropout) are saved and restored too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from runner.diffusion.data import (
+    BatchSampler,
+    DataError,
+    Example,
+    assign_bucket,
+    caption_variants,
+    make_buckets,
+    mix_summary,
+    mix_weights,
+    read_dataset,
+    split_validation,
+)
+
+STATE_DIR = "state"
+STATE_FILE = "resume.pt"
+STATE_META = "resume.json"
+TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+class TrainError(Exception):
+    def __init__(self, message: str, *, hint: str = "") -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+def _h(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()[:8], "big") & ((1 << 63) - 1)
+
+
+def config_digest(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_resume_meta(scratch_dir: Path) -> dict[str, Any] | None:
+    p = Path(scratch_dir) / STATE_DIR / STATE_META
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+@dataclass
+class Phase:
+    name: str
+    steps: int
+    lr: float
+    mix: Any
+    start: int = 0
+
+    @property
+    def end(self) -> int:
+        return self.start + self.steps
+
+
+def phases_of(config: dict[str, Any]) -> list[Phase]:
+    raw = config.get("phases") or []
+    if not raw:
+        raw = [{"name": "main", "steps": int(config["steps"]), "lr": None, "mix": "natural"}]
+    out: list[Phase] = []
+    start = 0
+    for p in raw:
+        ph = Phase(name=p["name"], steps=int(p["steps"]), lr=float(p.get("lr") or config["lr"]),
+                   mix=p.get("mix", "natural"), start=start)
+        out.append(ph)
+        start = ph.end
+    return out
+
+
+class Callbacks:
+    """What the trainer reports through (the stage passes ctx methods in)."""
+
+    def __init__(self, *, log: Callable = None, warn: Callable = None, metric: Callable = None,
+                 progress: Callable = None) -> None:
+        self.log = log or (lambda msg, **kw: None)
+        self.warn = warn or (lambda msg, **kw: None)
+        self.metric = metric or (lambda name, value, step=None: None)
+        self.progress = progress  # progress(total, desc) -> handle with update()/close()
+
+    def bar(self, total: int, desc: str):
+        class _Null:
+            def update(self, n: int = 1, **kw: Any) -> None: ...
+
+            def close(self) -> None: ...
+
+        return self.progress(total, desc) if self.progress else _Null()
+
+
+class LoraTrainer:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        *,
+        dataset_dir: Path,
+        out_dir: Path,
+        scratch_dir: Path,
+        cache_dir: Path,
+        project_root: Path | None = None,
+        regularization_dir: Path | None = None,
+        device: str = "auto",
+        callbacks: Callbacks | None = None,
+        stop_after_step: int | None = None,
+    ) -> None:
+        self.cfg = config
+        self.dataset_dir = Path(dataset_dir)
+        self.out_dir = Path(out_dir)
+        self.scratch = Path(scratch_dir)
+        self.cache_dir = Path(cache_dir)
+        self.project_root = project_root
+        self.reg_dir = regularization_dir
+        self.cb = callbacks or Callbacks()
+        self.stop_after_step = stop_after_step  # tests: simulate a crash after this step
+        import torch
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device
+        mp = config.get("mixed_precision", "no")
+        self.mixed_precision = mp if device.startswith("cuda") else "no"
+        self.timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------------
+    # 1. model
+    def _load_model(self) -> None:
+        import torch
+        from diffusers import DDPMScheduler
+
+        from runner.diffusion.models import ModelLoadError, load_pipeline, model_fingerprint
+
+        self.weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.mixed_precision, torch.float32)
+        try:
+            self.pipe = load_pipeline(self.cfg["base_model"], family=self.cfg.get("model_family", "auto"),
+                                      device=self.device, dtype=self.weight_dtype, cache_dir=self.cache_dir,
+                                      project_root=self.project_root)
+            self.model_fp = model_fingerprint(self.cfg["base_model"], cache_dir=self.cache_dir, project_root=self.project_root)
+        except ModelLoadError as exc:
+            raise TrainError(f"train.base_model: {exc}", hint=exc.hint) from None
+        self.pipe.set_progress_bar_config(disable=True)
+        self.family = "sdxl" if getattr(self.pipe, "text_encoder_2", None) is not None else "sd15"
+        self.tiny = str(self.cfg["base_model"]).startswith("builtin:")
+        self.unet = self.pipe.unet
+        self.vae = self.pipe.vae
+        self.text_encoders = [m for m in (self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None)) if m is not None]
+        for m in (self.unet, self.vae, *self.text_encoders):
+            m.requires_grad_(False)
+        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        # what the bucket sides must be divisible by: VAE downscale x UNet downsamplings
+        self.multiple = self.pipe.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    # ------------------------------------------------------------------------------------
+    # 2. data
+    def _prepare_data(self) -> None:
+        cfg = self.cfg
+        try:
+            examples = read_dataset(self.dataset_dir)
+        except DataError as exc:
+            raise TrainError(str(exc), hint=exc.hint) from None
+        ck = cfg.get("checkpoints", {})
+        self.train_ex, self.val_ex = split_validation(examples, float(ck.get("validation_fraction", 0.1)), int(cfg["seed"]))
+        if not self.train_ex:
+            raise TrainError("no training image left after holding out validation images",
+                             hint="Lower train.checkpoints.validation_fraction or add images.")
+        res = int(cfg["resolution"])
+        b = cfg.get("buckets", {})
+        if b.get("enabled", True):
+            self.buckets = make_buckets(res, min_side=int(b.get("min_side", 256)), max_side=int(b.get("max_side", 2048)),
+                                        step=int(b.get("step", 64)), multiple=self.multiple)
+        else:
+            side = max(self.multiple, res // self.multiple * self.multiple)
+            self.buckets = [(side, side)]
+        from PIL import Image
+
+        for e in (*self.train_ex, *self.val_ex):
+            if not (e.width and e.height):
+                with Image.open(e.image) as im:
+                    e.width, e.height = im.size
+            e.bucket = assign_bucket(e.width, e.height, self.buckets)
+        n_var = int(cfg.get("caption_variants", 4)) if cfg.get("shuffle_tags") else 1
+        for e in self.train_ex:
+            e.captions = caption_variants(e.caption, n=n_var, shuffle=bool(cfg.get("shuffle_tags")),
+                                          keep_tokens=int(cfg.get("keep_tokens", 1)), seed=int(cfg["seed"]), key=e.id)
+        for e in self.val_ex:
+            e.captions = [e.caption]
+        self.phases = phases_of(cfg)
+        self.total_steps = self.phases[-1].end
+        self.bs = int(cfg.get("batch_size", 1))
+        self.ga = int(cfg.get("gradient_accumulation", 1))
+        epoch_images = sum(e.repeats for e in self.train_ex)
+        self.steps_per_epoch = max(1, math.ceil(epoch_images / (self.bs * self.ga)))
+        every_epochs = ck.get("every_epochs")
+        self.every = int(every_epochs) * self.steps_per_epoch if every_epochs else int(ck.get("every_steps", 250))
+
+    # ------------------------------------------------------------------------------------
+    # 3. caches
+    def _encode_images(self, images, bucket):
+        import numpy as np
+        import torch
+
+        x = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 127.5 - 1.0 for im in images])).permute(0, 3, 1, 2)
+        vae = self.vae
+        upcast = vae.dtype == torch.float16  # fp16 VAEs (SDXL's) overflow while encoding
+        if upcast:
+            vae.to(torch.float32)
+        with torch.no_grad():
+            dist = vae.encode(x.to(self.device, vae.dtype)).latent_dist
+        if upcast:
+            vae.to(self.weight_dtype)
+        return dist.mean.float().cpu(), dist.std.float().cpu()
+
+    def _encode_text(self, captions: list[str], *, grad: bool = False) -> dict[str, Any]:
+        import torch
+
+        ctx = torch.enable_grad() if grad else torch.no_grad()
+        with ctx:
+            if self.family == "sdxl":
+                pe, _, pooled, _ = self.pipe.encode_prompt(prompt=list(captions), device=self.device,
+                                                           num_images_per_prompt=1, do_classifier_free_guidance=False)
+                out = {"prompt_embeds": pe, "pooled": pooled}
+            else:
+                pe, _ = self.pipe.encode_prompt(list(captions), self.device, 1, False)
+                out = {"prompt_embeds": pe}
+        return out if grad else {k: v.float().cpu() for k, v in out.items()}
+
+    def _class_prompt(self) -> str:
+        reg = self.cfg.get("regularization", {})
+        return reg.get("prompt") or f"a photo of a {self.cfg.get('class_word') or 'person'}"
+
+    def _regularization_images(self) -> list[Path]:
+        """Class images from the given folder, or generated once by the base model (cached)."""
+        from runner.diffusion.tiny import file_lock
+
+        reg = self.cfg.get("regularization", {})
+        exts = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+        if self.reg_dir is not None:
+            files = sorted(p for p in Path(self.reg_dir).rglob("*") if p.suffix.lower() in exts)
+            if not files:
+                raise TrainError(f"train.regularization.images: no image found in {self.reg_dir}",
+                                 hint="Put class images (png/jpg) there, or set it to null to generate them.")
+            return files
+        count = int(reg.get("count", 100))
+        res = int(self.cfg["resolution"])
+        steps = int(reg.get("steps", 30))
+        prompt = self._class_prompt()
+        key = hashlib.sha256(json.dumps([self.model_fp, prompt, count, res, steps, int(self.cfg["seed"])]).encode()).hexdigest()[:16]
+        folder = self.cache_dir / "train" / self.model_fp / "class-images" / key
+        done = folder / "done.json"
+        if not done.is_file():
+            with file_lock(folder.parent / f".{key}.lock"):
+                if not done.is_file():
+                    from runner.diffusion.generate import generate_images
+
+                    folder.mkdir(parents=True, exist_ok=True)
+                    bar = self.cb.bar(count, "generating class images")
+                    seeds = [int(self.cfg["seed"]) * 100003 + i for i in range(count)]
+                    for s in range(0, count, 4):
+                        chunk = seeds[s:s + 4]
+                        imgs = generate_images(self.pipe, [prompt], seeds=chunk, steps=steps, guidance=6.0,
+                                               width=res, height=res, batch_size=4)
+                        for seed, im in zip(chunk, imgs):
+                            im.save(folder / f"class-{seed}.png")
+                        bar.update(len(chunk))
+                    bar.close()
+                    _atomic_write_text(done, json.dumps({"prompt": prompt, "count": count, "tiny_random_model": self.tiny}))
+        return sorted(folder.glob("class-*.png"))
+
+    def _fill_caches(self) -> None:
+        import torch
+
+        from runner.diffusion.caches import TrainCache, load_entry
+
+        t0 = time.perf_counter()
+        self.cache = TrainCache(self.cache_dir, self.model_fp)
+        reg_cfg = self.cfg.get("regularization", {})
+        self.reg_ex: list[Example] = []
+        if reg_cfg.get("enabled"):
+            from PIL import Image
+
+            for p in self._regularization_images():
+                with Image.open(p) as im:
+                    w, h = im.size
+                self.reg_ex.append(Example(id=p.stem, image=p, caption=self._class_prompt(), shot="medium",
+                                           categories=["medium"], width=w, height=h, is_regularization=True,
+                                           bucket=assign_bucket(w, h, self.buckets), captions=[self._class_prompt()]))
+        all_ex = [*self.train_ex, *self.val_ex, *self.reg_ex]
+        bar = self.cb.bar(len(all_ex), "caching latents")
+        paths = self.cache.ensure_latents([(e.image, e.bucket) for e in all_ex], self._encode_images,
+                                          batch_size=8, progress=bar)
+        bar.close()
+        self.latents = {id(e): load_entry(p) for e, p in zip(all_ex, paths)}
+        self.train_te = bool(self.cfg.get("lora", {}).get("train_text_encoder"))
+        self.text: dict[str, dict[str, torch.Tensor]] = {}
+        if not self.train_te:
+            captions = [c for e in all_ex for c in e.captions]
+            captions += [e.caption for e in all_ex]
+            if float(self.cfg.get("caption_dropout", 0)) > 0:
+                captions.append("")
+            bar = self.cb.bar(len(set(captions)), "caching text embeddings")
+            tpaths = self.cache.ensure_text(captions, lambda caps: self._encode_text(caps), progress=bar)
+            bar.close()
+            self.text = {c: load_entry(p) for c, p in tpaths.items()}
+        self.timings["cache_s"] = time.perf_counter() - t0
+        self.cb.log(f"caches: latents {self.cache.hits['latents']} hit / {self.cache.misses['latents']} encoded, "
+                    f"text {self.cache.hits['text']} hit / {self.cache.misses['text']} encoded",
+                    hits=self.cache.hits, misses=self.cache.misses)
+
+    # ------------------------------------------------------------------------------------
+    # 4. adapters
+    def _attach_lora(self) -> None:
+        import torch
+        from diffusers.training_utils import cast_training_params
+        from peft import LoraConfig
+
+        lcfg = self.cfg.get("lora", {})
+        self.rank = int(lcfg.get("rank", 16))
+        self.alpha = float(lcfg.get("alpha") if lcfg.get("alpha") is not None else self.rank)
+        targets = list(lcfg.get("target_modules") or ["to_q", "to_k", "to_v", "to_out.0"])
+        conf = LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=float(lcfg.get("dropout", 0.0)),
+                          init_lora_weights="gaussian", target_modules=targets)
+        try:
+            self.unet.add_adapter(conf)
+        except ValueError as exc:
+            raise TrainError(f"train.lora.target_modules {targets} match no UNet module ({exc})",
+                             hint="Use names such as to_q, to_k, to_v, to_out.0, proj_in, proj_out, ff.net.2.") from None
+        self.trained = [self.unet]
+        if self.train_te:
+            for te in self.text_encoders:
+                te.add_adapter(LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=float(lcfg.get("dropout", 0.0)),
+                                          init_lora_weights="gaussian", target_modules=TE_TARGETS))
+                self.trained.append(te)
+        if self.weight_dtype != torch.float32:
+            cast_training_params(self.trained, dtype=torch.float32)  # LoRA weights train in fp32
+        if self.cfg.get("gradient_checkpointing"):
+            self.unet.enable_gradient_checkpointing()
+            if self.train_te:
+                for te in self.text_encoders:
+                    te.gradient_checkpointing_enable()
+        self.unet.train()
+        for te in self.text_encoders:
+            te.train(self.train_te)
+
+    def _lora_state(self) -> dict[str, dict]:
+        from peft.utils import get_peft_model_state_dict
+
+        out = {"unet": get_peft_model_state_dict(self.unet)}
+        if self.train_te:
+            for name, te in zip(("text_encoder", "text_encoder_2"), self.text_encoders):
+                out[name] = get_peft_model_state_dict(te)
+        return out
+
+    def _load_lora_state(self, state: dict[str, dict]) -> None:
+        from peft.utils import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.unet, state["unet"])
+        for name, te in zip(("text_encoder", "text_encoder_2"), self.text_encoders):
+            if name in state:
+                set_peft_model_state_dict(te, state[name])
+
+    def _param_groups(self, phase: Phase) -> list[dict]:
+        lcfg = self.cfg.get("lora", {})
+        groups = [{"params": [p for p in self.unet.parameters() if p.requires_grad], "lr": phase.lr}]
+        if self.train_te:
+            te_lr = lcfg.get("text_encoder_lr")
+            te_lr = phase.lr if te_lr is None else float(te_lr) * phase.lr / float(self.cfg["lr"])
+            groups.append({"params": [p for te in self.text_encoders for p in te.parameters() if p.requires_grad], "lr": te_lr})
+        return groups
+
+    def _optimizer(self, phase: Phase):
+        import torch
+
+        name = self.cfg.get("optimizer", "adamw")
+        groups = self._param_groups(phase)
+        kw = dict(betas=(0.9, 0.999), weight_decay=float(self.cfg.get("weight_decay", 0.01)), eps=1e-8)
+        if name == "adamw8bit":
+            try:
+                if not self.device.startswith("cuda"):
+                    raise ImportError("8-bit AdamW needs a CUDA device")
+                import bitsandbytes as bnb
+
+                self.optimizer_name = "adamw8bit"
+                return bnb.optim.AdamW8bit(groups, **kw)
+            except ImportError as exc:
+                if not getattr(self, "_warned_8bit", False):
+                    self.cb.warn(f"optimizer adamw8bit unavailable ({exc}); using torch AdamW")
+                    self._warned_8bit = True
+        self.optimizer_name = "adamw"
+        return torch.optim.AdamW(groups, **kw)
+
+    def _lr_scheduler(self, optimizer, phase: Phase):
+        from diffusers.optimization import get_scheduler
+
+        s = self.cfg.get("lr_scheduler", {})
+        return get_scheduler(s.get("name", "constant"), optimizer,
+                             num_warmup_steps=min(int(s.get("warmup_steps", 0)), phase.steps),
+                             num_training_steps=phase.steps, num_cycles=int(s.get("num_cycles", 1)))
+
+    # ------------------------------------------------------------------------------------
+    # 5. the loss of one micro-batch
+    def _batch_tensors(self, examples: list[Example], gen, *, fixed_caption: bool = False):
+        import torch
+
+        mean = torch.stack([self.latents[id(e)]["mean"] for e in examples])
+        std = torch.stack([self.latents[id(e)]["std"] for e in examples])
+        latents = mean + std * torch.randn(mean.shape, generator=gen)
+        sf = self.vae.config.scaling_factor
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        latents = (latents - shift) * sf
+        drop = float(self.cfg.get("caption_dropout", 0.0))
+        caps = []
+        for e in examples:
+            k = int(torch.randint(len(e.captions), (1,), generator=gen)) if len(e.captions) > 1 and not fixed_caption else 0
+            c = e.captions[k]
+            if drop > 0 and not fixed_caption and not e.is_regularization and float(torch.rand((), generator=gen)) < drop:
+                c = ""
+            caps.append(c)
+        if self.train_te:
+            enc = self._encode_text(caps, grad=True)
+        else:
+            enc = {k: torch.stack([self.text[c][k] for c in caps]) for k in self.text[caps[0]]}
+        added = None
+        if self.family == "sdxl":
+            time_ids = torch.stack([torch.cat([self.latents[id(e)]["original_size"], self.latents[id(e)]["crop_top_left"],
+                                               self.latents[id(e)]["target_size"]]) for e in examples]).float()
+            added = {"text_embeds": enc["pooled"].to(self.device, self.weight_dtype),
+                     "time_ids": time_ids.to(self.device, self.weight_dtype)}
+        return latents, enc["prompt_embeds"].to(self.device, self.weight_dtype), added
+
+    def _loss(self, examples: list[Example], gen, *, timesteps=None, noise=None, weighted: bool = True):
+        import torch
+        import torch.nn.functional as F
+        from diffusers.training_utils import compute_snr
+
+        latents, emb, added = self._batch_tensors(examples, gen, fixed_caption=timesteps is not None)
+        if noise is None:
+            noise = torch.randn(latents.shape, generator=gen)
+            off = float(self.cfg.get("noise_offset", 0.0))
+            if off > 0:
+                noise = noise + off * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=gen)
+        if timesteps is None:
+            timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
+        latents, noise, timesteps = latents.to(self.device), noise.to(self.device), timesteps.to(self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        ptype = self.noise_scheduler.config.prediction_type
+        target = noise if ptype == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        with self.accelerator.autocast():
+            pred = self.unet(noisy.to(self.weight_dtype), timesteps, encoder_hidden_states=emb,
+                             added_cond_kwargs=added, return_dict=False)[0]
+        per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        gamma = self.cfg.get("min_snr_gamma")
+        if weighted and gamma:
+            snr = compute_snr(self.noise_scheduler, timesteps)
+            w = torch.clamp(snr, max=float(gamma))
+            w = w / snr if ptype == "epsilon" else w / (snr + 1)
+            per = per * w
+        return per.mean()
+
+    def validation_loss(self, examples: list[Example] | None = None) -> float | None:
+        """Unweighted MSE on the held-out images (or ``examples``) at fixed timesteps with fixed
+        noise: comparable across checkpoints, variants and runs of the same data."""
+        import torch
+
+        examples = self.val_ex if examples is None else examples
+        if not examples:
+            return None
+        ts = [int(t) for t in self.cfg.get("checkpoints", {}).get("validation_timesteps", [100, 300, 500, 700, 900])]
+        ts = [min(t, self.noise_scheduler.config.num_train_timesteps - 1) for t in ts]
+        self._eval_mode(True)
+        total, n = 0.0, 0
+        with torch.no_grad():
+            for e in examples:
+                for t in ts:
+                    gen = torch.Generator().manual_seed(_h(self.cfg["seed"], "val", e.id, t))
+                    shape = self.latents[id(e)]["mean"].shape
+                    noise = torch.randn((1, *shape), generator=gen)
+                    total += float(self._loss([e], gen, timesteps=torch.tensor([t]), noise=noise, weighted=False))
+                    n += 1
+        self._eval_mode(False)
+        return total / max(1, n)
+
+    def _eval_mode(self, on: bool) -> None:
+        for m in self.trained:
+            m.train(not on)
+
+    # ------------------------------------------------------------------------------------
+    # 6. checkpoints
+    def _stem(self) -> str:
+        char = self.cfg.get("character") or "lora"
+        variant = self.cfg.get("variant")
+        return f"{char}-{variant}" if variant else str(char)
+
+    def _sample_prompts(self) -> list[str]:
+        ck = self.cfg.get("checkpoints", {})
+        trig, cls = self.cfg.get("trigger") or "", self.cfg.get("class_word") or ""
+        return [p.replace("{trigger}", trig).replace("{class}", cls).strip() for p in ck.get("sample_prompts", [])]
+
+    def _samples(self, folder: Path) -> list[str]:
+        from runner.diffusion.generate import generate_images
+
+        ck = self.cfg.get("checkpoints", {})
+        prompts, seeds = self._sample_prompts(), [int(s) for s in ck.get("sample_seeds", [1])]
+        if not prompts or not seeds:
+            return []
+        pairs = [(pi, p, s) for pi, p in enumerate(prompts) for s in seeds]
+        res = int(self.cfg["resolution"])
+        self._eval_mode(True)
+        imgs = generate_images(self.pipe, [p for _, p, _ in pairs], seeds=[s for _, _, s in pairs],
+                               steps=int(ck.get("sample_steps", 25)), guidance=float(ck.get("sample_guidance", 6.0)),
+                               width=res, height=res, batch_size=4,
+                               negative_prompt=ck.get("sample_negative_prompt", "") or "")
+        self._eval_mode(False)
+        folder.mkdir(parents=True, exist_ok=True)
+        names = []
+        for (pi, _, s), im in zip(pairs, imgs):
+            name = f"p{pi}-s{s}.png"
+            im.save(folder / name)
+            names.append(name)
+        return names
+
+    def _save_lora_files(self, folder: Path, step: int) -> dict[str, str]:
+        import torch
+
+        from runner.diffusion.kohya import kohya_metadata, peft_to_kohya, save_kohya
+
+        state = self._lora_state()
+        save_dtype = torch.float32 if self.mixed_precision == "no" else torch.float16
+        state = {k: {n: t.detach().to("cpu", save_dtype) for n, t in sd.items()} for k, sd in state.items()}
+        cls = type(self.pipe)
+        kw: dict[str, Any] = {"unet_lora_layers": state["unet"],
+                              "unet_lora_adapter_metadata": self.unet.peft_config["default"].to_dict()}
+        if self.train_te:
+            kw["text_encoder_lora_layers"] = state["text_encoder"]
+            kw["text_encoder_lora_adapter_metadata"] = self.text_encoders[0].peft_config["default"].to_dict()
+            if self.family == "sdxl":
+                kw["text_encoder_2_lora_layers"] = state["text_encoder_2"]
+                kw["text_encoder_2_lora_adapter_metadata"] = self.text_encoders[1].peft_config["default"].to_dict()
+        cls.save_lora_weights(str(folder), safe_serialization=True, **kw)
+        kohya = peft_to_kohya(state["unet"], family=self.family, unet_config=self.unet.config, alpha=self.alpha,
+                              text_encoder_sds={k: v for k, v in state.items() if k != "unet"})
+        ph = self._phase_at(step)
+        md = kohya_metadata(
+            family=self.family, base_model=str(self.cfg["base_model"]), rank=self.rank, alpha=self.alpha,
+            lr=ph.lr, text_encoder_lr=self.cfg.get("lora", {}).get("text_encoder_lr"), steps=step,
+            max_steps=self.total_steps, resolution=int(self.cfg["resolution"]), trigger=self.cfg.get("trigger") or "",
+            title=f"{self._stem()} step {step}", captions=[e.caption for e in self.train_ex],
+            dataset_summary=self.dataset_summary(), seed=int(self.cfg["seed"]),
+            extra={"ss_lr_scheduler": self.cfg.get("lr_scheduler", {}).get("name", "constant"),
+                   "ss_min_snr_gamma": self.cfg.get("min_snr_gamma"), "ss_noise_offset": self.cfg.get("noise_offset", 0.0),
+                   "ss_mixed_precision": self.mixed_precision, "ss_optimizer": self.optimizer_name,
+                   "ss_gradient_accumulation_steps": self.ga, "ss_batch_size_per_device": self.bs,
+                   "ss_phase": ph.name, "ss_caption_dropout_rate": self.cfg.get("caption_dropout", 0.0),
+                   "ss_keep_tokens": self.cfg.get("keep_tokens", 1), "ss_shuffle_caption": bool(self.cfg.get("shuffle_tags")),
+                   "ss_prior_loss_weight": self.cfg.get("regularization", {}).get("prior_loss_weight", 1.0)
+                   if self.reg_ex else 0.0,
+                   "ss_network_dropout": self.cfg.get("lora", {}).get("dropout", 0.0),
+                   "ss_tiny_random_model": self.tiny},
+        )
+        kname = f"{self._stem()}-step{step:06d}.safetensors"
+        save_kohya(folder / kname, kohya, md)
+        return {"diffusers": "pytorch_lora_weights.safetensors", "kohya": kname}
+
+    def dataset_summary(self) -> dict[str, Any]:
+        shots: dict[str, int] = {}
+        for e in self.train_ex:
+            shots[e.shot] = shots.get(e.shot, 0) + 1
+        return {"train_images": len(self.train_ex), "validation_images": len(self.val_ex),
+                "regularization_images": len(self.reg_ex), "shots": dict(sorted(shots.items())),
+                "buckets": sorted({f"{e.bucket[0]}x{e.bucket[1]}" for e in self.train_ex})}
+
+    def _phase_at(self, step: int) -> Phase:
+        for ph in self.phases:
+            if step <= ph.end:
+                return ph
+        return self.phases[-1]
+
+    def _checkpoint(self, step: int, phase: Phase) -> None:
+        t0 = time.perf_counter()
+        ck_root = self.scratch / "checkpoints"
+        final = ck_root / f"step-{step:06d}"
+        tmp = ck_root / f".tmp-step-{step:06d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        files = self._save_lora_files(tmp, step)
+        sample_dir = self.scratch / "samples" / f"step-{step:06d}"
+        shutil.rmtree(sample_dir, ignore_errors=True)
+        samples = self._samples(sample_dir)
+        val = self.validation_loss()
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        self.history = [h for h in self.history if h["step"] != step]
+        self.history.append({"step": step, "phase": phase.name, "val_loss": val, **files,
+                             "samples": [f"samples/step-{step:06d}/{n}" for n in samples]})
+        keep = int(self.cfg.get("checkpoints", {}).get("keep_last", 4))
+        kept_steps = [h["step"] for h in self.history][-keep:]
+        for h in self.history:
+            if h["step"] not in kept_steps:
+                shutil.rmtree(ck_root / f"step-{h['step']:06d}", ignore_errors=True)
+        if val is not None:
+            self.cb.metric("val_loss", val, step)
+            self._log_metrics({"step": step, "phase": phase.name, "val_loss": val})
+        self.cb.log(f"checkpoint at step {step}" + (f", validation loss {val:.4f}" if val is not None else ""), step=step)
+        self.timings["checkpoint_s"] = self.timings.get("checkpoint_s", 0.0) + time.perf_counter() - t0
+
+    def _save_state(self, step: int, phase_index: int, optimizer, scheduler) -> None:
+        import numpy as np
+        import torch
+
+        d = self.scratch / STATE_DIR
+        d.mkdir(parents=True, exist_ok=True)
+        state = {
+            "config_digest": config_digest(self.cfg),
+            "step": step,
+            "phase_index": phase_index,
+            "lora": {k: {n: t.detach().cpu() for n, t in sd.items()} for k, sd in self._lora_state().items()},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": self.accelerator.scaler.state_dict() if getattr(self.accelerator, "scaler", None) else None,
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "history": self.history,
+        }
+        tmp = d / f".tmp-{os.getpid()}-{STATE_FILE}"
+        torch.save(state, tmp)
+        os.replace(tmp, d / STATE_FILE)
+        _atomic_write_text(d / STATE_META, json.dumps({"step": step, "total_steps": self.total_steps,
+                                                        "phase": self.phases[phase_index].name,
+                                                        "config_digest": state["config_digest"]}))
+
+    def _load_state(self) -> dict | None:
+        import torch
+
+        p = self.scratch / STATE_DIR / STATE_FILE
+        if not p.is_file():
+            return None
+        try:
+            state = torch.load(p, map_location="cpu", weights_only=False)
+        except Exception as exc:  # a torn file cannot happen (atomic rename), but be safe
+            self.cb.warn(f"resume state {p} unreadable ({exc}); starting over")
+            return None
+        if state.get("config_digest") != config_digest(self.cfg):
+            self.cb.warn("resume state belongs to another configuration; starting over")
+            return None
+        return state
+
+    # ------------------------------------------------------------------------------------
+    # logging
+    def _log_metrics(self, rec: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k if "/" in k else f"train/{k}", v, rec["step"])
+
+    def _open_logs(self, resume_step: int) -> None:
+        logs = self.scratch / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = logs / "metrics.jsonl"
+        # steps logged after the last checkpoint by a killed run are replayed: drop them
+        if self.metrics_path.is_file():
+            keep = [ln for ln in self.metrics_path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            _atomic_write_text(self.metrics_path, "".join(k + "\n" for k in keep))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(logs / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+        except ImportError:
+            self.tb = None
+
+    # ------------------------------------------------------------------------------------
+    # the run
+    def run(self) -> dict[str, Any]:
+        import numpy as np
+        import torch
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState, GradientState
+
+        t_start = time.perf_counter()
+        self._load_model()
+        self._prepare_data()
+        self._fill_caches()
+        self._attach_lora()
+        # a fresh accelerate state per run (tests run several trainers in one process)
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        self.accelerator = Accelerator(mixed_precision=self.mixed_precision, gradient_accumulation_steps=self.ga,
+                                       cpu=not self.device.startswith("cuda"))
+        state = self._load_state()
+        self.history: list[dict] = []
+        step = 0
+        if state is not None:
+            self._load_lora_state(state["lora"])
+            self.history = state["history"]
+            step = int(state["step"])
+            torch.set_rng_state(state["rng"]["torch"])
+            np.random.set_state(state["rng"]["numpy"])
+            random.setstate(state["rng"]["python"])
+            if state["rng"].get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+            self.cb.log(f"resuming at step {step} of {self.total_steps}", step=step)
+        else:
+            random.seed(int(self.cfg["seed"]))
+            np.random.seed(int(self.cfg["seed"]) % (2**32))
+            torch.manual_seed(int(self.cfg["seed"]))
+        self.resumed_from = step
+        self._open_logs(step)
+        bar = self.cb.bar(self.total_steps, "training")
+        if step:
+            bar.update(step)
+        reg_w = float(self.cfg.get("regularization", {}).get("prior_loss_weight", 1.0))
+        self.phase_mix: dict[str, dict[str, float]] = {}
+        t_train = time.perf_counter()
+        steps_run = 0
+        for pi, phase in enumerate(self.phases):
+            try:
+                weights, warns = mix_weights(self.train_ex, phase.mix)
+            except DataError as exc:
+                raise TrainError(f"train.phases[{pi}] ({phase.name}).mix: {exc}", hint=exc.hint) from None
+            self.phase_mix[phase.name] = mix_summary(self.train_ex, weights)
+            if step >= phase.end:
+                continue
+            for w in warns:
+                self.cb.warn(f"phase {phase.name}: {w}")
+            sampler = BatchSampler(self.train_ex, weights, self.bs, seed=int(self.cfg["seed"]), salt=phase.name)
+            reg_sampler = None
+            if self.reg_ex:
+                reg_sampler = BatchSampler(self.reg_ex, [1.0 / len(self.reg_ex)] * len(self.reg_ex), self.bs,
+                                           seed=int(self.cfg["seed"]), salt=phase.name + "/prior")
+            optimizer = self.accelerator.prepare(self._optimizer(phase))
+            scheduler = self._lr_scheduler(optimizer, phase)
+            if state is not None and step > phase.start and state["phase_index"] == pi:
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+                if state.get("scaler") and getattr(self.accelerator, "scaler", None):
+                    self.accelerator.scaler.load_state_dict(state["scaler"])
+            self.cb.log(f"phase {phase.name}: steps {phase.start + 1}-{phase.end}, lr {phase.lr:g}, mix {self.phase_mix[phase.name]}")
+            while step < phase.end:
+                losses, prior_losses, shots = [], [], {}
+                for micro in range(self.ga):
+                    pos = (step - phase.start) * self.ga + micro
+                    gen = torch.Generator().manual_seed(_h(self.cfg["seed"], "step", phase.name, pos))
+                    batch = [self.train_ex[i] for i in sampler.batch(pos)]
+                    for e in batch:
+                        shots[e.shot] = shots.get(e.shot, 0) + 1
+                    with self.accelerator.accumulate(self.unet):
+                        loss = self._loss(batch, gen)
+                        losses.append(float(loss.detach()))
+                        if reg_sampler is not None:
+                            prior = self._loss([self.reg_ex[i] for i in reg_sampler.batch(pos)], gen)
+                            prior_losses.append(float(prior.detach()))
+                            loss = loss + reg_w * prior
+                        self.accelerator.backward(loss)
+                        grad_norm = None
+                        if self.accelerator.sync_gradients and float(self.cfg.get("max_grad_norm", 0)) > 0:
+                            params = [p for m in self.trained for p in m.parameters() if p.requires_grad]
+                            grad_norm = float(self.accelerator.clip_grad_norm_(params, float(self.cfg["max_grad_norm"])))
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                if not self.accelerator.sync_gradients:
+                    raise RuntimeError("gradient accumulation out of step with optimizer steps")
+                lr_now = scheduler.get_last_lr()[0]
+                scheduler.step()
+                step += 1
+                steps_run += 1
+                rec = {"step": step, "phase": phase.name, "loss": sum(losses) / len(losses), "lr": lr_now,
+                       "epoch": round(step / self.steps_per_epoch, 4), "shots": shots}
+                if prior_losses:
+                    rec["prior_loss"] = sum(prior_losses) / len(prior_losses)
+                if grad_norm is not None and math.isfinite(grad_norm):
+                    rec["grad_norm"] = grad_norm
+                if not math.isfinite(rec["loss"]):
+                    raise TrainError(f"loss became {rec['loss']} at step {step}",
+                                     hint="Lower train.lr, or use mixed_precision bf16 instead of fp16.")
+                self._log_metrics(rec)
+                self.cb.metric("loss", rec["loss"], step)
+                self.cb.metric("lr", lr_now, step)
+                bar.update(1, loss=round(rec["loss"], 5))
+                if step % self.every == 0 or step == phase.end:
+                    self._checkpoint(step, phase)
+                    self._save_state(step, pi, optimizer, scheduler)
+                if self.stop_after_step is not None and step >= self.stop_after_step:
+                    bar.close()
+                    if self.tb is not None:
+                        self.tb.close()
+                    return {"stopped_at": step}
+            state = None  # the next phase starts fresh (optimizer, schedule) from these weights
+        bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        self.timings["train_s"] = time.perf_counter() - t_train
+        self.timings["steps_run"] = steps_run
+        self.timings["total_s"] = time.perf_counter() - t_start
+        return self._write_outputs()
+
+    # ------------------------------------------------------------------------------------
+    # 7. outputs
+    def _write_outputs(self) -> dict[str, Any]:
+        lora_dir = self.out_dir / "lora"
+        logs_dir = self.out_dir / "logs"
+        lora_dir.mkdir(parents=True, exist_ok=True)
+        logs_dir.mkdir(parents=True, exist_ok=True)
+        checkpoints = []
+        for h in self.history:
+            src = self.scratch / "checkpoints" / f"step-{h['step']:06d}"
+            if src.is_dir():
+                shutil.copytree(src, lora_dir / src.name, dirs_exist_ok=True)
+                checkpoints.append({"step": h["step"], "phase": h["phase"],
+                                    "diffusers": f"{src.name}/{h['diffusers']}", "kohya": f"{src.name}/{h['kohya']}",
+                                    "val_loss": h["val_loss"], "samples": h["samples"]})
+        if (self.scratch / "samples").is_dir():
+            shutil.copytree(self.scratch / "samples", lora_dir / "samples", dirs_exist_ok=True)
+        index = {
+            "base_model": str(self.cfg["base_model"]),
+            "model_family": self.family,
+            "resolution": int(self.cfg["resolution"]),
+            "trigger": self.cfg.get("trigger") or "",
+            "class_word": self.cfg.get("class_word") or "",
+            "variant": self.cfg.get("variant"),
+            "tiny_random_model": self.tiny,
+            "checkpoints": checkpoints,
+            "final": len(checkpoints) - 1,
+            "history": [{"step": h["step"], "phase": h["phase"], "val_loss": h["val_loss"], "samples": h["samples"]}
+                        for h in self.history],
+            "sample_prompts": self._sample_prompts(),
+            "sample_seeds": [int(s) for s in self.cfg.get("checkpoints", {}).get("sample_seeds", [1])],
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "phases": [{"name": p.name, "steps": p.steps, "lr": p.lr, "start": p.start, "mix": p.mix,
+                        "shot_share": self.phase_mix.get(p.name, {})} for p in self.phases],
+            "dataset": self.dataset_summary(),
+            "total_steps": self.total_steps,
+            "resumed_from_step": self.resumed_from,
+            "cache": {"hits": self.cache.hits, "misses": self.cache.misses},
+            "device": self.device,
+            "mixed_precision": self.mixed_precision,
+            "optimizer": getattr(self, "optimizer_name", self.cfg.get("optimizer", "adamw")),
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+        }
+        (lora_dir / "index.json").write_text(json.dumps(index, indent=2))
+        shutil.copy2(self.metrics_path, logs_dir / "metrics.jsonl")
+        tb = self.scratch / "logs" / "tensorboard"
+        if tb.is_dir():
+            shutil.copytree(tb, logs_dir / "tensorboard", dirs_exist_ok=True)
+        return index

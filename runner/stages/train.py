@@ -1,0 +1,207 @@
+"""The ``train`` stage: LoRA training on the caption stage's dataset (one node per variant).
+
+Node ids: ``<character>:train`` without variants; with variants ``<character>:train[<variant>]``
+for each variant, plus ``<character>:train[base]`` when ``include_base_variant``. Each node's
+config is the train section with that variant's overrides merged in, so unchanged variants keep
+their cache keys. Outputs: ``lora`` (index.json + checkpoints + samples) and ``logs``
+(metrics.jsonl + TensorBoard events). Heavy imports live in runner.diffusion.trainer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from runner.stages import base
+
+KIND = "train"
+VERSION = 1
+# Keys of the train section that only shape the plan, not what one node computes.
+_PLAN_ONLY = ("variants", "include_base_variant", "preset")
+
+
+def train_config(section: dict[str, Any], *, character: str, trigger: str, class_word: str,
+                 variant: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The node config: schema defaults < train section < variant overrides, plus the character
+    facts the outputs depend on (trigger and class word go into samples and file metadata)."""
+    from runner.spec import schema as S
+    from runner.spec.resolve import deep_merge
+
+    cfg = {k: v for k, v in section.items() if k not in _PLAN_ONLY}
+    if overrides:
+        cfg = deep_merge(cfg, {k: v for k, v in overrides.items() if k not in _PLAN_ONLY})
+    cfg = S.fill_defaults(cfg, S.section_schema("train"), S.section_uri("train"))
+    for k in _PLAN_ONLY:
+        cfg.pop(k, None)
+    cfg.update({"character": character, "trigger": trigger, "class_word": class_word, "variant": variant})
+    return cfg
+
+
+def _check_variant(name: str, overrides: Any) -> None:
+    """A variant's overrides must themselves be a valid train section (typos fail at plan time)."""
+    import jsonschema
+
+    from runner.spec import schema as S
+
+    if not isinstance(overrides, dict):
+        raise base.StageError(f"train.variants.{name} must be a mapping of train keys to override",
+                              hint="e.g. higher_rank: {lora: {rank: 64}}")
+    bad = [k for k in overrides if k in _PLAN_ONLY]
+    if bad:
+        raise base.StageError(f"train.variants.{name} cannot override {', '.join(bad)}")
+    validator = jsonschema.Draft202012Validator(S.section_schema("train"))
+    errors = sorted(validator.iter_errors(overrides), key=lambda e: list(e.path))
+    if errors:
+        e = errors[0]
+        where = ".".join(str(p) for p in e.path)
+        raise base.StageError(f"train.variants.{name}{'.' + where if where else ''}: {e.message}",
+                              hint="A variant overrides keys of the train section; see `runner plan --resolved`.")
+
+
+def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
+    section = spec.get("train")
+    if not isinstance(section, dict):
+        return []
+    char = graph.character
+    caption = graph.node(base.node_id(char, "caption"))
+    if caption is None:
+        return []  # nothing to train on (no dataset stage in this spec)
+    character = spec.get("character", {})
+    trigger = character.get("trigger", "")
+    class_word = character.get("class_word", "")
+    variants: dict[str, Any] = section.get("variants") or {}
+    runs: list[tuple[str | None, dict[str, Any]]] = []
+    if variants:
+        if section.get("include_base_variant", True):
+            runs.append(("base", {}))
+        for name, ov in variants.items():
+            _check_variant(name, ov)
+            runs.append((name, ov))
+    else:
+        runs.append((None, {}))
+    hw = spec.get("hardware", {})
+    gpu = (hw.get("stage_gpu") or {}).get(KIND) or hw.get("gpu")
+    nodes = []
+    for variant, ov in runs:
+        cfg = train_config(section, character=char, trigger=trigger, class_word=class_word,
+                           variant=variant, overrides=ov)
+        inputs: dict[str, base.InputRef] = {"dataset": base.StageOutputRef(caption.id, "dataset")}
+        reg = cfg.get("regularization", {})
+        if reg.get("enabled") and reg.get("images"):
+            inputs["regularization"] = base.FileSetRef(
+                root=graph.project_root / reg["images"],
+                patterns=("*.png", "*.jpg", "*.jpeg", "*.webp", "*.PNG", "*.JPG", "*.JPEG"),
+                spec_key="train.regularization.images",
+            )
+        steps = sum(p["steps"] for p in cfg["phases"]) if cfg["phases"] else cfg["steps"]
+        label = f"{cfg['base_model']} r{cfg['lora']['rank']} {steps} steps"
+        if cfg["phases"]:
+            label += f" in {len(cfg['phases'])} phases"
+        if variant:
+            label += f" (variant {variant})"
+        nodes.append(base.PlanNode(
+            id=base.node_id(char, KIND, variant),
+            kind=KIND,
+            character=char,
+            config=cfg,
+            inputs=inputs,
+            outputs=("lora", "logs"),
+            gpu=gpu,
+            label=label,
+        ))
+    return nodes
+
+
+def resume_info(scratch_dir: Path) -> str | None:
+    """"resume at step N of M" when a killed run left a resume state (no heavy imports)."""
+    from runner.diffusion.trainer import read_resume_meta
+
+    meta = read_resume_meta(scratch_dir)
+    if not meta or not meta.get("step"):
+        return None
+    return f"resume at step {meta['step']} of {meta['total_steps']} (phase {meta['phase']})"
+
+
+def _device(ctx: base.StageContext) -> str:
+    extra = getattr(ctx, "extra", None) or {}
+    dev = extra.get("device", "auto")
+    return dev if dev in ("cpu", "cuda", "mps") or str(dev).startswith("cuda") else "auto"
+
+
+def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], env: dict[str, Any]) -> list[base.ReportSection]:
+    from runner.report import charts
+    from runner.report.embed import thumbnail_data_uri
+
+    lora = outputs["lora"].path
+    index = json.loads((lora / "index.json").read_text())
+    logs = outputs.get("logs")
+    records = []
+    if logs is not None and (logs.path / "metrics.jsonl").is_file():
+        records = [json.loads(ln) for ln in (logs.path / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    loss = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    # a smoothed curve next to the raw one (exponential moving average)
+    ema, smooth = None, []
+    for s, v in loss:
+        ema = v if ema is None else 0.9 * ema + 0.1 * v
+        smooth.append((s, ema))
+    series = {"loss": loss, "loss (smoothed)": smooth}
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if val:
+        series["validation loss"] = val
+    tiny = bool(index.get("tiny_random_model"))
+    tag = " (tiny random model)" if tiny else ""
+    loss_chart = charts.line_chart(series, title="Training loss" + tag, xlabel="step", ylabel="loss") if loss else None
+    lr = [(r["step"], r["lr"]) for r in records if "lr" in r]
+    lr_chart = charts.line_chart({"learning rate": lr}, title="Learning rate", xlabel="step") if lr else None
+    px = int(env.get("thumbnail_px", 192))
+    prompts = index.get("sample_prompts", [])
+    seeds = index.get("sample_seeds", [])
+    rows = []
+    for h in index.get("history", []):
+        cells = []
+        for rel in h.get("samples", []):
+            f = lora / rel
+            cells.append({"src": thumbnail_data_uri(f, px) if f.is_file() else None, "name": Path(rel).name})
+        rows.append({"step": h["step"], "phase": h["phase"], "val_loss": h.get("val_loss"), "cells": cells})
+    kept = {c["step"]: c for c in index.get("checkpoints", [])}
+    final = index["checkpoints"][index["final"]] if index.get("checkpoints") else None
+    variant = index.get("variant")
+    title = "Training" + (f" · variant {variant}" if variant else "")
+    return [base.ReportSection(
+        title=title,
+        template="sections/train.html.j2",
+        anchor="train" + (f"-{variant}" if variant else ""),
+        context={
+            "index": index, "tiny": tiny, "loss_chart": loss_chart, "lr_chart": lr_chart, "rows": rows,
+            "prompts": prompts, "seeds": seeds, "kept": kept, "final": final, "config": config,
+            "last_loss": loss[-1][1] if loss else None,
+        },
+    )]
+
+
+@base.register(KIND, version=VERSION, order=50, expand=expand, resume_info=resume_info, report=report_sections,
+               description="Train a LoRA (diffusers + peft) with cached latents, phases, checkpoints and samples.")
+def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.StageContext) -> dict[str, base.Artifact]:
+    """Train a LoRA (diffusers + peft) with cached latents, phases, checkpoints and samples."""
+    from runner.diffusion.trainer import Callbacks, LoraTrainer, TrainError
+
+    if "dataset" not in inputs:
+        raise base.StageError("the train stage needs the caption stage's `dataset` artifact")
+    reg = inputs.get("regularization")
+    cb = Callbacks(log=ctx.log, warn=ctx.warn, metric=ctx.metric, progress=ctx.progress)
+    trainer = LoraTrainer(
+        config, dataset_dir=inputs["dataset"].path, out_dir=ctx.out_dir, scratch_dir=ctx.scratch_dir,
+        cache_dir=ctx.cache_dir, project_root=ctx.project_root, regularization_dir=reg.path if reg else None,
+        device=_device(ctx), callbacks=cb,
+    )
+    try:
+        index = trainer.run()
+    except TrainError as exc:
+        raise base.StageError(str(exc), hint=exc.hint) from None
+    if index.get("tiny_random_model"):
+        ctx.warn("trained on a tiny random model: losses and samples are for testing only")
+    return {
+        "lora": base.Artifact("lora", ctx.out_dir / "lora"),
+        "logs": base.Artifact("logs", ctx.out_dir / "logs"),
+    }
