@@ -56,7 +56,7 @@ yaw on photos whose head turn is visible).
 Similarity scale
 ----------------
 :func:`identity_similarity` is the cosine of the two L2-normalized embeddings. Its scale depends
-on the embedding model. dlib's 128-d descriptors of *different* people still score 0.80-0.89
+on the embedding model. dlib's 128-d descriptors of *different* people still score 0.76-0.89
 cosine on the shared test photos (dlib's published rule, Euclidean distance 0.6, is about cosine
 0.82 after normalization, too loose for curation), while the same person scores 0.94-0.99; ArcFace
 (insightface) embeddings of different people sit near 0 and the same person above ~0.4.
