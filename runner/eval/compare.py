@@ -1,0 +1,236 @@
+"""`runner compare`: one self-contained HTML page comparing evaluations of several runs or variants.
+
+Each evaluation is an ``evaluation`` artifact of the evaluate stage (a folder with
+evaluation.json). The first one is the baseline. The page shows, for each evaluation's best
+checkpoint and scale:
+
+- the overall metrics with deltas against the baseline (green where better, red where worse, by
+  each metric's direction);
+- per category: the metrics and deltas, and which categories improved or regressed on the
+  baseline's objective metric (``evaluate.objective.maximize``, face similarity by default);
+- the same prompts side by side (matched by category, prompt template and seed).
+
+Library entry points: :func:`evaluations_in` (find evaluation folders under a path),
+:func:`evaluations_of_run` (a run's evaluate outputs, given a workspace), :func:`write_comparison`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from runner.eval.report import TABLE_METRICS, SHORT, cell_label, fmt, tiny_note
+from runner.metrics.definitions import METRICS
+from runner.stages.base import StageError
+
+# A change smaller than this is "unchanged" when deciding whether a category improved.
+IMPROVEMENT_EPS = 0.005
+
+
+@dataclass
+class Evaluation:
+    label: str
+    folder: Path
+    data: dict[str, Any]
+
+    @property
+    def best_cell(self) -> dict[str, Any]:
+        name = self.data["best"]["cell"]
+        return next(c for c in self.data["cells"] if c["cell"] == name)
+
+
+def load_evaluation(path: str | Path, label: str | None = None) -> Evaluation:
+    """An evaluation from its folder or its evaluation.json."""
+    p = Path(path)
+    f = p if p.is_file() else p / "evaluation.json"
+    if not f.is_file():
+        raise StageError(f"no evaluation.json at {p}",
+                         hint="Give an evaluation folder, its evaluation.json, or a run id (see `runner runs`).")
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise StageError(f"cannot read {f}: {exc}") from None
+    for key in ("cells", "best", "suite"):
+        if key not in data:
+            raise StageError(f"{f} is not an evaluate stage output (no {key!r})")
+    default = data.get("stage_id") or f.parent.name
+    if data.get("run_id") and not label:
+        default = f"{data['run_id']} {default}"
+    return Evaluation(label=label or default, folder=f.parent, data=data)
+
+
+def evaluations_in(path: str | Path) -> list[Path]:
+    """evaluation.json files at or below ``path`` (a file, an evaluation folder or a tree)."""
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    if (p / "evaluation.json").is_file():
+        return [p / "evaluation.json"]
+    return sorted(p.rglob("evaluation.json")) if p.is_dir() else []
+
+
+def evaluations_of_run(workspace: Any, run_id: str) -> list[tuple[str, Path]]:
+    """(label, evaluation folder) of every evaluate stage of a run that has outputs in the store.
+
+    ``workspace`` is a :class:`runner.engine.workspace.Workspace` (duck-typed: ``executions``,
+    ``store_has``, ``load_outputs``).
+    """
+    out = []
+    for e in workspace.executions(run_id):
+        if e.get("kind") != "evaluate" or not e.get("key") or not workspace.store_has(e["key"]):
+            continue
+        arts = workspace.load_outputs(e["key"])
+        if "evaluation" in arts:
+            out.append((f"{run_id} {e['stage_id']}", Path(arts["evaluation"].path)))
+    return out
+
+
+def _delta(metric: str, value: float | None, base: float | None) -> dict[str, Any]:
+    if value is None or base is None or (isinstance(value, float) and math.isnan(value)) or (
+            isinstance(base, float) and math.isnan(base)):
+        return {"text": "", "cls": ""}
+    d = float(value) - float(base)
+    if abs(d) < 1e-9:
+        return {"text": "±0", "cls": ""}
+    better = METRICS.get(metric, {}).get("better", "higher")
+    good = d > 0 if better == "higher" else d < 0
+    text = f"{d * 100:+.0f} pp" if metric == "no_face_rate" else f"{d:+.3f}"
+    return {"text": text, "cls": "pass" if good else "fail"}
+
+
+def comparison_context(evals: Sequence[Evaluation], *, thumb_px: int = 160, prompts_per_category: int = 3) -> dict[str, Any]:
+    from runner.report import charts
+    from runner.report.embed import thumbnail_data_uri
+
+    if len(evals) < 2:
+        raise StageError("a comparison needs at least two evaluations",
+                         hint="Pass two or more runs, folders or evaluation.json files (or a run with several variants).")
+    base = evals[0]
+    objective = (base.data["best"].get("objective") or {}).get("maximize", "face_similarity")
+    if objective not in METRICS:
+        objective = "face_similarity"
+    bests = [e.best_cell for e in evals]
+
+    columns = [{"label": e.label, "best": cell_label(c), "variant": e.data.get("variant") or "",
+                "tiny": bool((e.data.get("tiny_random") or {}).get("any")),
+                "models": e.data.get("models", {})} for e, c in zip(evals, bests)]
+
+    overall_rows = []
+    for m in TABLE_METRICS:
+        b = bests[0]["overall"].get(m)
+        overall_rows.append({"metric": SHORT[m], "key": m, "values": [
+            {"text": fmt(c["overall"].get(m), m), **({"delta": _delta(m, c["overall"].get(m), b)} if i else {"delta": {"text": "", "cls": ""}})}
+            for i, c in enumerate(bests)]})
+    targets_row = [f"{c.get('targets_passed', 0)}/{c.get('targets_total', 0)}" for c in bests]
+
+    categories: list[str] = []
+    for e in evals:
+        for cat in e.data["suite"]["categories"]:
+            if cat not in categories:
+                categories.append(cat)
+    category_rows = []
+    verdicts: list[dict[str, list[str]]] = [{"improved": [], "regressed": [], "unchanged": [], "missing": []} for _ in evals]
+    for cat in categories:
+        b = bests[0]["categories"].get(cat, {})
+        metrics = []
+        for m in ("face_similarity", "consistency", "no_face_rate", "clip_t", "dino", "diversity"):
+            metrics.append({"metric": SHORT[m], "values": [
+                {"text": fmt(c["categories"].get(cat, {}).get(m), m),
+                 "delta": _delta(m, c["categories"].get(cat, {}).get(m), b.get(m)) if i else {"text": "", "cls": ""}}
+                for i, c in enumerate(bests)]})
+        category_rows.append({"category": cat, "metrics": metrics})
+        for i, c in enumerate(bests[1:], start=1):
+            v, bv = c["categories"].get(cat, {}).get(objective), b.get(objective)
+            if v is None or bv is None:
+                verdicts[i]["missing"].append(cat)
+                continue
+            d = float(v) - float(bv)
+            if METRICS[objective]["better"] == "lower":
+                d = -d
+            key = "improved" if d > IMPROVEMENT_EPS else "regressed" if d < -IMPROVEMENT_EPS else "unchanged"
+            verdicts[i][key].append(cat)
+
+    # Same prompts side by side: matched on (category, template or prompt, seed).
+    def key_of(ev: Evaluation, img: dict[str, Any]) -> tuple:
+        p = next((q for q in ev.data["suite"]["prompts"]
+                  if q["category"] == img["category"] and q["index"] == img["prompt_index"]), {})
+        return (img["category"], p.get("template") or p.get("prompt", ""), img["seed"])
+
+    indexed = []
+    for e, c in zip(evals, bests):
+        indexed.append({key_of(e, img): img for img in c["images"]})
+    common = [k for k in indexed[0] if all(k in ix for ix in indexed[1:])]
+    side_by_side: dict[str, list[dict[str, Any]]] = {}
+    first_seed = min((k[2] for k in common), default=None)
+    for k in common:
+        cat, template, seed = k
+        if seed != first_seed or len(side_by_side.get(cat, [])) >= prompts_per_category:
+            continue
+        row = {"prompt": _prompt_text(evals[0], k, indexed[0][k]), "seed": seed, "images": []}
+        for e, ix in zip(evals, indexed):
+            img = ix[k]
+            path = e.folder / img.get("path", f"images/{img.get('cell', '')}/{img['file']}")
+            try:
+                src = thumbnail_data_uri(path, thumb_px, boxes=[img["face_box"]] if img.get("face_box") else ())
+            except OSError:
+                src = ""
+            row["images"].append({"src": src, "face": img["face_found"],
+                                  "caption": f"face {fmt(img['face_similarity']) if img['face_found'] else 'none'} · CLIP-T {fmt(img['clip_t'])}"})
+        side_by_side.setdefault(cat, []).append(row)
+
+    points = []
+    for e, c in zip(evals, bests):
+        for cell in e.data["cells"]:
+            points.append({"label": f"{e.label}: {cell_label(cell)}", "clip_t": cell["overall"].get("clip_t"),
+                           "face_similarity": cell["overall"].get("face_similarity"), "best": cell is c})
+    any_tiny = any(col["tiny"] for col in columns)
+    return {
+        "columns": columns,
+        "objective": objective,
+        "objective_name": SHORT.get(objective, objective),
+        "overall_rows": overall_rows,
+        "targets_row": targets_row,
+        "category_rows": category_rows,
+        "verdicts": [{"label": columns[i]["label"], **verdicts[i]} for i in range(1, len(evals))],
+        "side_by_side": side_by_side,
+        "scatter": charts.scatter(points, x="clip_t", y="face_similarity", label="label", highlight="best",
+                                  title="Identity vs prompt alignment, every checkpoint x scale"
+                                  + (" (tiny random models)" if any_tiny else ""),
+                                  xlabel="CLIP-T (raw cosine)", ylabel="face similarity"),
+        "tiny_notes": sorted({tiny_note(e.data) for e in evals if tiny_note(e.data)}),
+        "common_prompts": len({(k[0], k[1]) for k in common}),
+        "metric_help": [{"name": SHORT[m], "desc": METRICS[m]["desc"], "better": METRICS[m]["better"]} for m in TABLE_METRICS],
+        "generated": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def _prompt_text(ev: Evaluation, key: tuple, img: dict[str, Any]) -> str:
+    p = next((q for q in ev.data["suite"]["prompts"]
+              if q["category"] == img["category"] and q["index"] == img["prompt_index"]), {})
+    return p.get("prompt", key[1])
+
+
+def render_comparison(evals: Sequence[Evaluation], **kw: Any) -> str:
+    import jinja2
+
+    from runner.resources import resource_dir
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(resource_dir("templates"))), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    return env.get_template("compare.html.j2").render(**comparison_context(evals, **kw))
+
+
+def write_comparison(sources: Iterable[tuple[str | None, str | Path]], out_file: str | Path, **kw: Any) -> Path:
+    """Write the comparison page of ``sources`` ((label or None, evaluation folder/json), first = baseline)."""
+    evals = [load_evaluation(path, label) for label, path in sources]
+    html = render_comparison(evals, **kw)
+    out = Path(out_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(html, encoding="utf-8")
+    tmp.replace(out)
+    return out
