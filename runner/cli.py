@@ -338,6 +338,41 @@ def runs(run_id: str | None, limit: int, project: str | None, as_json: bool) -> 
 
 
 @cli.command()
+@click.argument("refs", metavar="RUN...", nargs=-1, required=True)
+@click.option("--out", "-o", type=click.Path(dir_okay=False), help="HTML file to write (default: reports/compare-<time>.html).")
+@click.option("--project", type=click.Path(file_okay=False), help="Project folder (default: found from the current folder).")
+def compare(refs: tuple[str, ...], out: str | None, project: str | None) -> None:
+    """Compare evaluations on one HTML page: run ids ('latest' too; every evaluate variant of the
+    run) or evaluation folders. The first is the baseline."""
+    from runner.eval.compare import evaluations_in, evaluations_of_run, write_comparison
+
+    sources: list[tuple[str | None, Path]] = []
+    ws = None
+    try:
+        for ref in refs:
+            if Path(ref).exists():
+                found = evaluations_in(Path(ref))
+                if not found:
+                    raise UserError(f"{ref}: no evaluation.json in it")
+                sources += [(None, f) for f in found]
+                continue
+            ws = ws or _workspace_for((), project)
+            run_id = (ws.last_run_id() if ws.exists() else None) if ref == "latest" else ref
+            runs_found = evaluations_of_run(ws, run_id) if run_id and ws.exists() else []
+            if not runs_found:
+                raise UserError(f"{ref!r} is neither an evaluation folder nor a run with evaluate outputs (see `runner runs`)")
+            sources += runs_found
+        if len(sources) < 2:
+            raise UserError(f"found {len(sources)} evaluation(s); a comparison needs at least two")
+        root = ws.project_root if ws is not None else Path.cwd()
+        path = write_comparison(sources, Path(out) if out else root / "reports" / f"compare-{time.strftime('%Y%m%d-%H%M%S')}.html")
+    finally:
+        if ws is not None:
+            ws.close()
+    click.echo(f"wrote {_rel(path)} ({len(sources)} evaluations, baseline: {sources[0][0] or sources[0][1]})")
+
+
+@cli.command()
 @click.option("--project", type=click.Path(file_okay=False), help="Project folder (default: found from the current folder).")
 @click.option("--force", is_flag=True, help="Remove the lock even if its holder looks alive.")
 def unlock(project: str | None, force: bool) -> None:

@@ -89,3 +89,18 @@ def test_evaluations_of_run_reads_the_workspace(tmp_path: Path) -> None:
             return {"evaluation": Artifact("evaluation", a)}
 
     assert C.evaluations_of_run(WS(), "r9") == [("r9 demo:evaluate[base]", a)]
+
+
+def test_cli_compare(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from runner.cli import cli
+
+    a = _evaluation(tmp_path / "a", fs={"close_up": 0.8})
+    b = _evaluation(tmp_path / "b", fs={"close_up": 0.9})
+    res = CliRunner().invoke(cli, ["compare", str(a), str(b), "-o", str(tmp_path / "c.html"), "--project", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "2 evaluations" in res.output and (tmp_path / "c.html").is_file()
+    res = CliRunner().invoke(cli, ["compare", str(a), "r-unknown", "--project", str(tmp_path)])
+    assert res.exit_code == 2 and "neither an evaluation folder nor a run" in res.output
+    assert not (tmp_path / ".runner").exists()  # looking up a run id creates no workspace
