@@ -19,6 +19,8 @@ BUILTIN_STAGE_MODULES = (
     "export",
     "train",
     "evaluate",
+    "storyboard",
+    "video",
     "report",
 )
 

@@ -1,0 +1,185 @@
+"""Storyboard frames: batched generation, validation against the character, retries.
+
+Every frame is scored against the character's references:
+
+- ``face_similarity``: cosine between the identity embedding of the frame's main face and each
+  reference face, averaged over the references (the evaluate stage's definition,
+  :func:`runner.metrics.definitions.face_similarity_per_image`); a frame without a face scores 0.
+- ``clip_i``: mean cosine between the frame's CLIP image embedding and the references'
+  (:func:`runner.metrics.definitions.reference_similarity`).
+
+A frame passes when every metric with a threshold (``validation.face_similarity``,
+``validation.clip_i``; null: not checked) reaches it. Frames that fail are regenerated, all
+together in one batch per round, with new seeds, up to ``validation.retries`` times. The
+attempt kept for a scene is the passing one with the largest *margin* (the smallest
+``value - threshold`` over the checked metrics), or, when none passes, the attempt with the
+largest margin. With no metric checked, the first attempt is kept. Every attempt is recorded.
+
+Seeds: scene ``i`` (0-based) of ``n`` at attempt ``a`` uses ``seed + a * n + i``, so seeds never
+repeat within a storyboard and a frame is reproducible on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+
+@dataclass
+class Thresholds:
+    face_similarity: float | None = 0.7
+    clip_i: float | None = None
+
+    def checked(self) -> dict[str, float]:
+        return {k: float(v) for k, v in (("face_similarity", self.face_similarity), ("clip_i", self.clip_i))
+                if v is not None}
+
+
+class FrameValidator:
+    """Scores images against reference images (faces with a face backend, CLIP-I with an embedder).
+
+    ``face_backend`` may be None when face similarity is not checked; ``clip`` may be None when
+    CLIP-I is not checked (then it is not reported either).
+    """
+
+    def __init__(self, *, face_backend, clip, reference_images: Sequence[Any], thresholds: Thresholds) -> None:
+        from runner.stages.base import StageError
+        from runner.vision.faces import main_face
+
+        self.face_backend = face_backend
+        self.clip = clip
+        self.thresholds = thresholds
+        self.ref_faces: np.ndarray | None = None
+        self.ref_clip: np.ndarray | None = None
+        if not reference_images and thresholds.checked():
+            raise StageError("generate.storyboard.validation needs reference images (character.references)",
+                             hint="Add reference photos to character.references, or set the validation "
+                             "thresholds to null.")
+        if face_backend is not None and reference_images:
+            embs = []
+            for im in reference_images:
+                f = main_face(face_backend.analyze(np.asarray(im.convert("RGB"))))
+                if f is not None:
+                    embs.append(np.asarray(f.embedding, dtype=np.float32))
+            if embs:
+                self.ref_faces = np.stack(embs)
+            elif thresholds.face_similarity is not None:
+                raise StageError(
+                    f"no face found in any of the {len(reference_images)} reference image(s) with the "
+                    f"{getattr(face_backend, 'name', 'face')} backend; frames cannot be checked for face similarity",
+                    hint="Add clear frontal photos to character.references, or set "
+                    "generate.storyboard.validation.face_similarity: null.",
+                )
+        if clip is not None and reference_images:
+            self.ref_clip = clip.embed_images(list(reference_images))
+
+    def score(self, images: Sequence[Any]) -> list[dict[str, Any]]:
+        from runner.metrics import definitions as M
+        from runner.vision.faces import main_face
+
+        rows: list[dict[str, Any]] = [{} for _ in images]
+        if self.face_backend is not None and self.ref_faces is not None:
+            faces, boxes = [], []
+            for im in images:
+                f = main_face(self.face_backend.analyze(np.asarray(im.convert("RGB"))))
+                faces.append(None if f is None else np.asarray(f.embedding, dtype=np.float32))
+                boxes.append(None if f is None else [round(float(v), 1) for v in f.box])
+            mean, best, found = M.face_similarity_per_image(faces, self.ref_faces)
+            for i, r in enumerate(rows):
+                r.update(face_found=bool(found[i]), face_similarity=round(float(mean[i]), 5),
+                         face_similarity_max=round(float(best[i]), 5), face_box=boxes[i])
+        if self.clip is not None and self.ref_clip is not None and len(images):
+            ci = M.reference_similarity(self.clip.embed_images(list(images)), self.ref_clip)
+            for i, r in enumerate(rows):
+                r["clip_i"] = round(float(ci[i]), 5)
+        for r in rows:
+            r["margin"], r["pass"] = self.judge(r)
+        return rows
+
+    def judge(self, scores: dict[str, Any]) -> tuple[float | None, bool]:
+        checks = self.thresholds.checked()
+        if not checks:
+            return None, True
+        margins = [float(scores.get(k, 0.0) or 0.0) - t for k, t in checks.items()]
+        m = min(margins)
+        return round(m, 5), m >= 0
+
+
+@dataclass
+class FrameJob:
+    scene_index: int  # 1-based scene number
+    prompt: str
+    group: str = ""  # frames of one group share pipeline kwargs (e.g. one control image)
+
+
+@dataclass
+class FrameResult:
+    scene_index: int
+    kept: int  # index into attempts
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    images: list[Any] = field(default_factory=list)  # PIL images, one per attempt
+
+    @property
+    def image(self):
+        return self.images[self.kept]
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.attempts[self.kept]["pass"])
+
+
+def seed_for(base_seed: int, scene_pos: int, attempt: int, n_scenes: int) -> int:
+    return int(base_seed) + attempt * n_scenes + scene_pos
+
+
+def generate_validated(
+    jobs: Sequence[FrameJob],
+    generate: Callable[[list[FrameJob], list[int]], list[Any]],
+    validator: FrameValidator,
+    *,
+    base_seed: int,
+    retries: int,
+    n_scenes: int | None = None,
+    positions: Sequence[int] | None = None,
+    on_round: Callable[[int, int], None] | None = None,
+) -> list[FrameResult]:
+    """Generate every job, validate, regenerate failures with new seeds (batched per round).
+
+    ``generate(jobs, seeds)`` returns one PIL image per job. ``positions`` are the jobs' 0-based
+    positions among the storyboard's ``n_scenes`` scenes (seed numbering); default 0..len-1.
+    ``on_round(round, n)`` is called before each round (progress).
+    """
+    n = int(n_scenes or len(jobs))
+    pos = list(positions) if positions is not None else list(range(len(jobs)))
+    results = [FrameResult(scene_index=j.scene_index, kept=0) for j in jobs]
+    pending = list(range(len(jobs)))
+    for attempt in range(int(retries) + 1):
+        if not pending:
+            break
+        if on_round is not None:
+            on_round(attempt, len(pending))
+        seeds = [seed_for(base_seed, pos[i], attempt, n) for i in pending]
+        images = generate([jobs[i] for i in pending], seeds)
+        scores = validator.score(images)
+        still = []
+        for i, seed, im, sc in zip(pending, seeds, images, scores):
+            res = results[i]
+            res.attempts.append({"attempt": attempt, "seed": seed, **sc})
+            res.images.append(im)
+            if not sc["pass"]:
+                still.append(i)
+        pending = still
+    for res in results:
+        res.kept = best_attempt(res.attempts)
+    return results
+
+
+def best_attempt(attempts: list[dict[str, Any]]) -> int:
+    """Index of the attempt to keep (see the module docstring)."""
+    if all(a.get("margin") is None for a in attempts):
+        return 0
+    passing = [i for i, a in enumerate(attempts) if a["pass"]]
+    pool = passing or list(range(len(attempts)))
+    return max(pool, key=lambda i: (attempts[i]["margin"], -i))

@@ -1,0 +1,226 @@
+"""Reference-guided frames: IP-Adapter (the reference face) and ControlNet (a pose or edge map).
+
+Everything is loaded through diffusers' own loaders:
+
+- IP-Adapter: ``pipe.load_ip_adapter(repo_or_folder, subfolder=..., weight_name=...,
+  image_encoder_folder=...)`` then ``pipe.set_ip_adapter_scale(scale)``. A local folder has the
+  hub repo's layout: ``<folder>/<subfolder>/<weight_name>`` (keys ``image_proj.*`` and
+  ``ip_adapter.<n>.to_k_ip/to_v_ip.weight``) and the CLIP image encoder in
+  ``<folder>/<subfolder>/image_encoder`` (a ``CLIPVisionModelWithProjection``).
+- ControlNet: ``ControlNetModel.from_pretrained(repo_or_folder)``, then
+  ``StableDiffusion(XL)ControlNetPipeline.from_pipe(pipe, controlnet=...)``, which shares the
+  base pipeline's modules (the LoRA and the IP-Adapter loaded on its UNet stay in place).
+
+``builtin:tiny-ip-adapter`` and ``builtin:tiny-controlnet`` are random-weight components for
+``builtin:tiny-sd`` built from config (tests, the demo), saved in the hub layout and loaded by the
+same loaders.
+
+Control maps (``control``):
+
+- ``canny``: OpenCV Canny edges (thresholds 100/200) of the reference frame, white on black.
+- ``pose``: the face backend's 68 landmarks of the reference frame drawn as white polylines on
+  black (the input format of face-landmark ControlNets). Body pose needs a body-pose estimator,
+  which this package does not ship; give a pose map per scene (``scenes[].control_image``) for
+  body-pose ControlNets.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runner.stages.base import StageError
+
+# iBUG-68 landmark polylines (jaw, brows, nose, eyes, lips); closed ones loop back.
+_LANDMARK_LINES = ((0, 17, False), (17, 22, False), (22, 27, False), (27, 31, False), (31, 36, False),
+                   (36, 42, True), (42, 48, True), (48, 60, True), (60, 68, True))
+
+
+def canny_map(image, low: int = 100, high: int = 200):
+    import cv2
+    from PIL import Image
+
+    gray = cv2.cvtColor(np.asarray(image.convert("RGB")), cv2.COLOR_RGB2GRAY)
+    edges = cv2.Canny(gray, low, high)
+    return Image.fromarray(np.stack([edges] * 3, axis=-1))
+
+
+def face_pose_map(image, face_backend):
+    """Landmark map of the main face; raises StageError when no face with landmarks is found."""
+    import cv2
+    from PIL import Image
+
+    from runner.vision.faces import main_face
+
+    rgb = np.asarray(image.convert("RGB"))
+    face = main_face(face_backend.analyze(rgb))
+    if face is None or face.landmarks is None:
+        raise StageError(
+            "reference_guided.control: pose needs a face with landmarks in the reference frame (frame 1), "
+            "and none was found",
+            hint="Use control: canny, or give scenes[].control_image maps.",
+        )
+    canvas = np.zeros_like(rgb)
+    lm = np.round(np.asarray(face.landmarks)).astype(np.int32)
+    thick = max(1, round(max(rgb.shape[:2]) / 256))
+    for a, b, closed in _LANDMARK_LINES:
+        cv2.polylines(canvas, [lm[a:b].reshape(-1, 1, 2)], closed, (255, 255, 255), thick)
+    return Image.fromarray(canvas)
+
+
+def control_map(image, kind: str, face_backend=None):
+    if kind == "canny":
+        return canny_map(image)
+    if kind == "pose":
+        if face_backend is None:
+            raise StageError("reference_guided.control: pose needs a face backend")
+        return face_pose_map(image, face_backend)
+    raise StageError(f"reference_guided.control: unknown control {kind!r}", hint="Use canny or pose.")
+
+
+def _local_or_hub(ref: str, project_root: Path | None, cache_dir: Path | None = None) -> str:
+    if ref.startswith("builtin:"):
+        return str(tiny_guided_path(ref, cache_dir))
+    p = Path(ref).expanduser()
+    if not p.is_absolute() and project_root is not None and (project_root / p).exists():
+        return str(project_root / p)
+    return str(p) if p.exists() else ref
+
+
+def load_ip_adapter(pipe, ref: str, *, weight_name: str | None, subfolder: str | None,
+                    image_encoder_folder: str | None, scale: float, family: str,
+                    project_root: Path | None = None, cache_dir: Path | None = None) -> dict[str, Any]:
+    """Load an IP-Adapter onto ``pipe`` (in place); returns what was loaded (for the report)."""
+    location = _local_or_hub(ref, project_root, cache_dir)
+    sub = subfolder if subfolder is not None else ("sdxl_models" if family == "sdxl" else "models")
+    weight = weight_name or ("ip-adapter_sdxl.safetensors" if family == "sdxl" else "ip-adapter_sd15.safetensors")
+    enc = image_encoder_folder or "image_encoder"
+    try:
+        pipe.load_ip_adapter(location, subfolder=sub, weight_name=weight, image_encoder_folder=enc)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise StageError(
+            f"generate.storyboard.reference_guided.ip_adapter: cannot load {ref!r} "
+            f"(subfolder {sub!r}, weight {weight!r}, image encoder {enc!r}): {exc}",
+            hint="Give a hub id (h94/IP-Adapter) or a local folder with <subfolder>/<weight_name> and "
+            "<subfolder>/image_encoder; set ip_adapter_subfolder / ip_adapter_weight_name to match, and "
+            "use an adapter made for the base model's family.",
+        ) from None
+    pipe.set_ip_adapter_scale(float(scale))
+    return {"ip_adapter": ref, "subfolder": sub, "weight_name": weight, "image_encoder_folder": enc,
+            "scale": float(scale)}
+
+
+def controlnet_pipeline(pipe, ref: str, *, family: str, project_root: Path | None = None,
+                        cache_dir: Path | None = None):
+    """A ControlNet pipeline sharing ``pipe``'s modules, with the ControlNet at ``ref``."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
+
+    location = _local_or_hub(ref, project_root, cache_dir)
+    try:
+        cn = ControlNetModel.from_pretrained(location, dtype=pipe.unet.dtype)
+    except (OSError, ValueError) as exc:
+        raise StageError(
+            f"generate.storyboard.reference_guided.controlnet: cannot load {ref!r}: {exc}",
+            hint="Give a ControlNet hub id (e.g. lllyasviel/control_v11p_sd15_canny) or a local diffusers folder "
+            "made for the base model's family.",
+        ) from None
+    cls = StableDiffusionXLControlNetPipeline if family == "sdxl" else StableDiffusionControlNetPipeline
+    cpipe = cls.from_pipe(pipe, controlnet=cn.to(pipe.device))
+    cpipe.set_progress_bar_config(disable=True)
+    return cpipe
+
+
+# --------------------------------------------------------------------------- tiny built-ins
+
+TINY_GUIDED_VERSION = 1
+TINY_GUIDED = ("tiny-ip-adapter", "tiny-controlnet")
+
+
+def _build_tiny_ip_adapter(dest: Path, unet_config: dict[str, Any]) -> None:
+    """An IP-Adapter for builtin:tiny-sd in the hub repo's layout (models/ + models/image_encoder/)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    cad = int(unet_config["cross_attention_dim"])
+    blocks = list(unet_config["block_out_channels"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(11)
+        enc = CLIPVisionModelWithProjection(CLIPVisionConfig(
+            image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+            num_attention_heads=4, projection_dim=32))
+        enc.save_pretrained(str(dest / "models" / "image_encoder"))
+        sd = {"image_proj.proj.weight": torch.randn(cad * 4, 32) * 0.02, "image_proj.proj.bias": torch.zeros(cad * 4),
+              "image_proj.norm.weight": torch.ones(cad), "image_proj.norm.bias": torch.zeros(cad)}
+        # Key numbering of diffusers' loader: every attention processor counts, cross-attention
+        # ones (attn2) carry weights at odd ids 1, 3, 5, ... in the UNet's processor order.
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_config(unet_config)
+        key_id = 1
+        for name in unet.attn_processors:
+            if name.endswith("attn1.processor"):
+                continue
+            if name.startswith("mid_block"):
+                hidden = blocks[-1]
+            elif name.startswith("up_blocks"):
+                hidden = list(reversed(blocks))[int(name[len("up_blocks.")])]
+            else:
+                hidden = blocks[int(name[len("down_blocks.")])]
+            sd[f"ip_adapter.{key_id}.to_k_ip.weight"] = torch.randn(hidden, cad) * 0.02
+            sd[f"ip_adapter.{key_id}.to_v_ip.weight"] = torch.randn(hidden, cad) * 0.02
+            key_id += 2
+    save_file(sd, str(dest / "models" / "ip-adapter_sd15.safetensors"))
+
+
+def _build_tiny_controlnet(dest: Path, unet_config: dict[str, Any]) -> None:
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(12)
+        unet = UNet2DConditionModel.from_config(unet_config)
+        # The tiny VAE downsamples 2x: one stride-2 stage in the conditioning embedding.
+        cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+    cn.save_pretrained(str(dest))
+
+
+def tiny_guided_path(name: str, cache_dir: Path | str | None = None) -> Path:
+    """Build once (for builtin:tiny-sd) and return builtin:tiny-ip-adapter / builtin:tiny-controlnet."""
+    import json
+    import os
+    import shutil
+    import tempfile
+
+    from runner.diffusion.tiny import file_lock, models_cache_dir, tiny_model_path
+
+    name = name.removeprefix("builtin:")
+    if name not in TINY_GUIDED:
+        raise StageError(f"unknown builtin model builtin:{name}",
+                         hint="Use builtin:tiny-ip-adapter or builtin:tiny-controlnet (for builtin:tiny-sd), a hub id or a path.")
+    root = models_cache_dir(cache_dir)
+    final = root / f"builtin-{name}-v{TINY_GUIDED_VERSION}"
+    if (final / "DONE").is_file():
+        return final
+    unet_config = json.loads((tiny_model_path("tiny-sd", cache_dir) / "unet" / "config.json").read_text())
+    with file_lock(root / f".builtin-{name}.lock"):
+        if (final / "DONE").is_file():
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".build-{name}-", dir=root))
+        try:
+            from runner.metrics.embedders import _quiet_transformers
+
+            with _quiet_transformers():
+                (_build_tiny_ip_adapter if name == "tiny-ip-adapter" else _build_tiny_controlnet)(tmp, unet_config)
+            (tmp / "TINY_RANDOM_MODEL.txt").write_text(
+                f"builtin:{name} v{TINY_GUIDED_VERSION}: random weights for builtin:tiny-sd, built by character-runner.\n")
+            (tmp / "DONE").write_text("ok\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return final

@@ -1,0 +1,508 @@
+"""`storyboard`: a story -> scenes -> validated frames, with the character's LoRA.
+
+Node ``<char>:storyboard`` when the spec has ``generate.storyboard``. Which LoRA it uses
+(``generate.checkpoint``):
+
+- ``best`` (default): the best checkpoint and LoRA scale chosen by evaluation, i.e. the
+  ``evaluation`` artifact of ``<char>:evaluate``; with train variants, of the *first* evaluate
+  node in plan order, which is ``<char>:evaluate[base]`` when the base variant is trained (else
+  the first variant listed). Without an evaluate stage: the last (``final``) checkpoint of the
+  matching train node (``<char>:train`` or the first ``<char>:train[...]``), at LoRA scale 1.0.
+- ``last``: the final checkpoint of that train node, even when evaluate exists.
+- a path to a LoRA ``.safetensors`` file: that file, on ``train.base_model``.
+
+``generate.lora_scale`` overrides the scale in every case.
+
+Steps (run): 1. scenes (the planner; manual and rules scenes are computed at plan time and are
+part of the cache key, the llm planner is asked at run time and its answer kept in the scratch
+folder, so a resumed run does not ask again); 2. the base pipeline + LoRA; 3. frames, batched,
+validated against the references and regenerated up to ``validation.retries`` times
+(:mod:`runner.generate.frames`); in reference-guided mode frame 1 is generated first, becomes the
+reference, and frames 2..N use IP-Adapter and ControlNet (:mod:`runner.generate.guided`); 4. output
+artifact ``storyboard``: ``frames/NN.png`` in scene order, ``attempts/`` (every attempt),
+``report.json`` (scenes, prompts, every attempt with seed and scores, kept attempt, timing, models,
+tiny-model flags).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from runner.stages import base
+
+VERSION = 1
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def lora_source(spec: dict[str, Any], graph: base.GraphView, where: str) -> tuple[dict[str, Any], dict[str, base.InputRef]]:
+    """Where the character's LoRA comes from: (config part, inputs). See the module docstring."""
+    gen = spec.get("generate") or {}
+    checkpoint = str(gen.get("checkpoint", "best"))
+    train_spec = spec.get("train") or {}
+    base_model = train_spec.get("base_model", "builtin:tiny-sd")
+    common = {"checkpoint": checkpoint, "lora_scale": gen.get("lora_scale"),
+              "base_model": base_model, "model_family": train_spec.get("model_family", "auto"),
+              "resolution": train_spec.get("resolution")}
+    if checkpoint not in ("best", "last"):
+        p = graph.project_root / checkpoint
+        return ({**common, "source": "file", "lora_file": checkpoint},
+                {"lora_file": base.FileSetRef(root=p, patterns=("*",), recursive=False, spec_key="generate.checkpoint")})
+    evaluates = graph.nodes_of("evaluate")
+    trains = graph.nodes_of("train")
+    if checkpoint == "best" and evaluates:
+        ev = evaluates[0]
+        return {**common, "source": "evaluate", "source_node": ev.id}, {"evaluation": base.StageOutputRef(ev.id, "evaluation")}
+    if trains:
+        tr = trains[0]
+        return {**common, "source": "train", "source_node": tr.id}, {"lora": base.StageOutputRef(tr.id, "lora")}
+    raise base.StageError(
+        f"{where} needs the character's LoRA: the spec has no train stage and generate.checkpoint is {checkpoint!r}",
+        hint="Add a train section, or set generate.checkpoint to a LoRA .safetensors file.",
+    )
+
+
+def reference_inputs(spec: dict[str, Any], graph: base.GraphView) -> dict[str, base.InputRef]:
+    refs = list((spec.get("character") or {}).get("references") or [])
+    return {f"reference{i}": base.FileSetRef(root=graph.project_root / r, patterns=("*",), recursive=True,
+                                             spec_key=f"character.references[{i}]") for i, r in enumerate(refs)}
+
+
+def face_options(spec: dict[str, Any], override: str | None = None) -> dict[str, Any]:
+    analysis = (spec.get("dataset") or {}).get("analysis") or {}
+    ev = spec.get("evaluate") or {}
+    return {
+        "name": override or ev.get("face_model") or "auto",
+        "insightface_pack": ev.get("insightface_pack") or analysis.get("insightface_pack", "buffalo_l"),
+        "insightface_root": ev.get("insightface_root") or analysis.get("insightface_root", "~/.insightface"),
+        "dlib_detector": analysis.get("dlib_detector", "hog"),
+        "upsample": int(analysis.get("upsample", 1)),
+    }
+
+
+def _model_input(value: str | None, graph: base.GraphView, name: str, key: str) -> dict[str, base.InputRef]:
+    """A local model folder becomes a file-set input (its content is in the cache key); hub ids stay config."""
+    if not value or value.startswith("builtin:"):
+        return {}
+    p = graph.project_root / value
+    if p.exists():
+        return {name: base.FileSetRef(root=p, patterns=("*",), recursive=True, spec_key=key)}
+    return {}
+
+
+def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
+    from runner.generate.planner import plan_scenes
+
+    sb = (spec.get("generate") or {}).get("storyboard")
+    if not isinstance(sb, dict):
+        return []
+    lora_cfg, inputs = lora_source(spec, graph, "generate.storyboard")
+    inputs.update(reference_inputs(spec, graph))
+    scenes = [] if sb.get("planner") == "llm" else [s.to_dict() for s in plan_scenes(spec)]
+    for s in scenes:
+        if s.get("control_image"):
+            inputs[f"control{s['index']}"] = base.FileSetRef(root=graph.project_root / s["control_image"],
+                                                             patterns=("*",), recursive=False,
+                                                             spec_key=f"generate.storyboard.scenes[{s['index'] - 1}].control_image")
+    guided = dict(sb.get("reference_guided") or {})
+    if guided.get("enabled"):
+        if not guided.get("ip_adapter") and not guided.get("controlnet"):
+            raise base.StageError("generate.storyboard.reference_guided: enabled, but neither ip_adapter nor controlnet is set",
+                                  hint="Give an IP-Adapter (e.g. h94/IP-Adapter) and/or a ControlNet id or path.")
+        inputs.update(_model_input(guided.get("ip_adapter"), graph, "ip_adapter", "generate.storyboard.reference_guided.ip_adapter"))
+        inputs.update(_model_input(guided.get("controlnet"), graph, "controlnet", "generate.storyboard.reference_guided.controlnet"))
+    val = dict(sb.get("validation") or {})
+    ev = spec.get("evaluate") or {}
+    character = spec.get("character") or {}
+    hardware = spec.get("hardware") or {}
+    config = {
+        **lora_cfg,
+        "planner": sb.get("planner", "rules"),
+        "scenes": scenes,
+        "story": sb.get("story", "") if sb.get("planner") == "llm" else "",
+        "llm": sb.get("llm", {}) if sb.get("planner") == "llm" else {},
+        "min_scenes": sb.get("min_scenes", 6),
+        "max_scenes": sb.get("max_scenes", 10),
+        "character": {k: character.get(k) for k in ("name", "display_name", "trigger", "class_word", "description", "traits")},
+        "style_prompt": sb.get("style_prompt", ""),
+        "negative_prompt": sb.get("negative_prompt", ""),
+        "seed": int(sb.get("seed", 1000)),
+        "steps": int(sb.get("steps", 30)),
+        "guidance": float(sb.get("guidance", 7.0)),
+        "width": sb.get("width"),
+        "height": sb.get("height"),
+        "batch_size": int(sb.get("batch_size", 4)),
+        "validation": {
+            "face_similarity": val.get("face_similarity", 0.7),
+            "clip_i": val.get("clip_i"),
+            "retries": int(val.get("retries", 2)),
+            "clip_model": val.get("clip_model") or ev.get("clip_model") or "openai/clip-vit-large-patch14",
+        },
+        "face": face_options(spec, val.get("face_model")),
+        "reference_guided": guided if guided.get("enabled") else {"enabled": False},
+        "references": list(character.get("references") or []),
+        "device": hardware.get("device", "auto"),
+    }
+    gpu = hardware.get("stage_gpu", {}).get("storyboard") or hardware.get("gpu")
+    n = f"{len(scenes)} scenes" if scenes else f"{config['min_scenes']}-{config['max_scenes']} scenes from the LLM"
+    label = f"{n} ({config['planner']}), LoRA from {lora_cfg.get('source_node') or lora_cfg.get('lora_file')}"
+    if guided.get("enabled"):
+        label += ", reference-guided"
+    return [base.PlanNode(
+        id=base.node_id(graph.character, "storyboard"),
+        kind="storyboard",
+        character=graph.character,
+        config=config,
+        inputs=inputs,
+        outputs=("storyboard",),
+        gpu=gpu,
+        label=label,
+    )]
+
+
+# --------------------------------------------------------------------------- running
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_lora(config: dict[str, Any], inputs: dict[str, base.Artifact]) -> dict[str, Any]:
+    """The LoRA file, scale, base model and family to generate with (from whichever input exists)."""
+    scale_override = config.get("lora_scale")
+    if "evaluation" in inputs:
+        folder = Path(inputs["evaluation"].path)
+        try:
+            ev = json.loads((folder / "evaluation.json").read_text(encoding="utf-8"))
+            best = ev["best"]
+            lora_file = folder / best["lora_diffusers"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise base.StageError(f"cannot read the evaluation artifact {folder}/evaluation.json: {exc}",
+                                  hint="Re-run the evaluate stage (runner apply --force evaluate).") from None
+        return {"file": lora_file, "scale": float(scale_override if scale_override is not None else best.get("lora_scale", 1.0)),
+                "base_model": ev.get("base_model") or config["base_model"], "family": ev.get("model_family") or "auto",
+                "step": best.get("step"), "variant": best.get("variant"), "from": config.get("source_node"),
+                "tiny_random": bool((ev.get("tiny_random") or {}).get("diffusion"))}
+    if "lora" in inputs:
+        folder = Path(inputs["lora"].path)
+        try:
+            index = json.loads((folder / "index.json").read_text(encoding="utf-8"))
+            ck = index["checkpoints"][int(index.get("final", -1))]
+            lora_file = folder / ck["diffusers"]
+        except (OSError, ValueError, KeyError, IndexError) as exc:
+            raise base.StageError(f"cannot read the train stage's LoRA index {folder}/index.json: {exc}",
+                                  hint="Re-run the train stage.") from None
+        return {"file": lora_file, "scale": float(scale_override if scale_override is not None else 1.0),
+                "base_model": index.get("base_model") or config["base_model"], "family": index.get("model_family") or "auto",
+                "step": ck.get("step"), "variant": index.get("variant"), "from": config.get("source_node"),
+                "tiny_random": bool(index.get("tiny_random_model"))}
+    if "lora_file" in inputs:
+        art = inputs["lora_file"]
+        f = Path(art.files[0]) if art.files else Path(art.path)
+        if not f.is_file():
+            raise base.StageError(f"generate.checkpoint: LoRA file {config.get('lora_file')} not found",
+                                  hint="Give a .safetensors LoRA file (diffusers or kohya format).")
+        return {"file": f, "scale": float(scale_override if scale_override is not None else 1.0),
+                "base_model": config["base_model"], "family": config.get("model_family", "auto"), "step": None,
+                "variant": None, "from": config.get("lora_file"),
+                "tiny_random": str(config["base_model"]).startswith("builtin:")}
+    raise base.StageError("storyboard: no LoRA input (evaluation, lora or lora_file)")
+
+
+def load_character_pipeline(lora: dict[str, Any], device: str, ctx: base.StageContext, where: str):
+    from runner.diffusion.lora import load_lora
+    from runner.diffusion.models import ModelLoadError, load_pipeline
+
+    try:
+        pipe = load_pipeline(lora["base_model"], family=lora.get("family", "auto"), device=device,
+                             cache_dir=ctx.cache_dir, project_root=ctx.project_root)
+    except ModelLoadError as exc:
+        raise base.StageError(f"{where}: {exc}", hint=exc.hint) from None
+    pipe.set_progress_bar_config(disable=True)
+    if not Path(lora["file"]).is_file():
+        raise base.StageError(f"{where}: LoRA file {lora['file']} not found", hint="Re-run the stage that made it.")
+    load_lora(pipe, lora["file"], adapter_name="character", scale=lora["scale"])
+    return pipe
+
+
+def face_backend_from(opts: dict[str, Any], project_root: Path, where: str):
+    from runner.vision.faces import get_face_backend
+
+    pack = opts.get("insightface_pack", "buffalo_l")
+    if pack and not Path(pack).is_absolute() and (project_root / pack).is_dir():
+        pack = str(project_root / pack)
+    try:
+        return get_face_backend(opts.get("name", "auto"), dlib_detector=opts.get("dlib_detector", "hog"),
+                                upsample=int(opts.get("upsample", 1)), insightface_pack=pack,
+                                insightface_root=opts.get("insightface_root", "~/.insightface"))
+    except base.StageError as exc:
+        raise base.StageError(f"{where}: {exc}", hint=exc.hint) from None
+
+
+def load_references(inputs: dict[str, base.Artifact]):
+    from runner.stages.evaluate import _load_rgb, _reference_files
+
+    files = _reference_files(inputs)
+    return files, [_load_rgb(f) for f in files]
+
+
+def _scenes(config: dict[str, Any], ctx: base.StageContext) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    if config["planner"] != "llm":
+        return config["scenes"], None
+    from runner.generate.planner import plan_scenes
+
+    cached = ctx.scratch_dir / "llm_scenes.json"
+    if cached.is_file():
+        data = json.loads(cached.read_text(encoding="utf-8"))
+        return data["scenes"], data["exchange"]
+    spec_like = {"character": config["character"], "generate": {"storyboard": {
+        "planner": "llm", "story": config["story"], "llm": config["llm"], "min_scenes": config["min_scenes"],
+        "max_scenes": config["max_scenes"], "style_prompt": config["style_prompt"]}}}
+    exchange: dict[str, Any] = {}
+    scenes = [s.to_dict() for s in plan_scenes(spec_like, llm_exchange=exchange)]
+    tmp = cached.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"scenes": scenes, "exchange": exchange}), encoding="utf-8")
+    os.replace(tmp, cached)
+    return scenes, exchange
+
+
+@base.register("storyboard", version=VERSION, order=70, expand=expand,
+               description="Story -> scenes -> frames with the character's LoRA, validated and regenerated below threshold.",
+               report=lambda config, outputs, env: report_sections(config, outputs, env))
+def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.StageContext) -> dict[str, base.Artifact]:
+    """Story -> scenes -> frames with the character's LoRA, validated and regenerated below threshold."""
+    from runner.generate.frames import FrameJob, FrameValidator, Thresholds, generate_validated
+
+    t0 = time.monotonic()
+    timing: dict[str, float] = {}
+    # 1. scenes
+    scenes, exchange = _scenes(config, ctx)
+    if not scenes:
+        raise base.StageError("storyboard: the planner returned no scenes")
+    timing["plan_s"] = round(time.monotonic() - t0, 3)
+
+    # 2. pipeline, references, validator
+    t = time.monotonic()
+    device = resolve_device(config.get("device", "auto"))
+    lora = resolve_lora(config, inputs)
+    pipe = load_character_pipeline(lora, device, ctx, "generate.storyboard")
+    from runner.diffusion.models import family_of
+
+    family = family_of(pipe)
+    resolution = int(config.get("resolution") or 512)
+    width = int(config.get("width") or resolution)
+    height = int(config.get("height") or resolution)
+    ref_files, ref_images = load_references(inputs)
+    val = config["validation"]
+    thresholds = Thresholds(face_similarity=val.get("face_similarity"), clip_i=val.get("clip_i"))
+    face_backend = face_backend_from(config["face"], ctx.project_root, "generate.storyboard.validation") if ref_images else None
+    clip = None
+    if thresholds.clip_i is not None:
+        from runner.stages.evaluate import _load_embedder
+
+        clip = _load_embedder(val["clip_model"], ctx, "generate.storyboard.validation.clip_model")
+    validator = FrameValidator(face_backend=face_backend, clip=clip, reference_images=ref_images, thresholds=thresholds)
+    timing["load_s"] = round(time.monotonic() - t, 3)
+
+    # 3. frames
+    from runner.diffusion.generate import generate_images
+
+    n = len(scenes)
+    jobs = [FrameJob(scene_index=s["index"], prompt=s["prompt"], group=s.get("control_image") or "") for s in scenes]
+    prog = ctx.progress(None, "storyboard: frames")
+    gen_time = [0.0]
+    gen_count = [0]
+
+    def make_generate(p, kwargs_for_group):
+        def gen(batch: list[FrameJob], seeds: list[int]):
+            t1 = time.monotonic()
+            out: list[Any] = [None] * len(batch)
+            groups: dict[str, list[int]] = {}
+            for i, j in enumerate(batch):
+                groups.setdefault(j.group, []).append(i)
+            for g, rows in groups.items():
+                imgs = generate_images(p, [batch[i].prompt for i in rows], negative_prompt=config["negative_prompt"],
+                                       seeds=[seeds[i] for i in rows], steps=config["steps"], guidance=config["guidance"],
+                                       width=width, height=height, lora_scale=lora["scale"],
+                                       batch_size=config["batch_size"], progress=prog, pipe_kwargs=kwargs_for_group(g))
+                for i, im in zip(rows, imgs):
+                    out[i] = im
+            gen_time[0] += time.monotonic() - t1
+            gen_count[0] += len(batch)
+            return out
+        return gen
+
+    def on_round(r: int, k: int) -> None:
+        ctx.log(f"storyboard: round {r + 1} ({'first attempt' if r == 0 else 'retry'}), {k} frame(s)")
+
+    guided = config.get("reference_guided") or {}
+    guided_info: dict[str, Any] = {"enabled": bool(guided.get("enabled"))}
+    if not guided.get("enabled"):
+        results = generate_validated(jobs, make_generate(pipe, lambda g: None), validator, base_seed=config["seed"],
+                                     retries=val["retries"], n_scenes=n, on_round=on_round)
+    else:
+        results, guided_info = _guided_frames(config, inputs, ctx, pipe, family, jobs, validator, make_generate,
+                                              face_backend, on_round)
+    prog.close()
+    timing["generate_s"] = round(gen_time[0], 3)
+    timing["images_generated"] = gen_count[0]
+
+    # 4. outputs
+    out = ctx.out_dir / "storyboard"
+    (out / "frames").mkdir(parents=True, exist_ok=True)
+    (out / "attempts").mkdir(exist_ok=True)
+    frames = []
+    for s, res in zip(scenes, results):
+        for a, im in zip(res.attempts, res.images):
+            a["file"] = f"attempts/scene{s['index']:02d}_attempt{a['attempt']}.png"
+            im.save(out / a["file"])
+        frame_file = f"frames/{s['index']:02d}.png"
+        res.image.save(out / frame_file)
+        frames.append({**s, "file": frame_file, "kept_attempt": res.kept, "passed": res.passed,
+                       "scores": {k: v for k, v in res.attempts[res.kept].items() if k not in ("file",)},
+                       "attempts": res.attempts})
+    tiny = {"diffusion": bool(lora["tiny_random"] or getattr(pipe, "_character_runner_tiny", False)),
+            "clip": bool(clip is not None and clip.is_tiny_random)}
+    report = {
+        "format": 1,
+        "character": ctx.character,
+        "stage_id": ctx.stage_id,
+        "run_id": ctx.run_id,
+        "planner": config["planner"],
+        "llm": exchange,
+        "lora": {k: (str(v) if isinstance(v, Path) else v) for k, v in lora.items()},
+        "lora_file": _rel(Path(lora["file"]), ctx.project_root),
+        "model_family": family,
+        "generation": {"steps": config["steps"], "guidance": config["guidance"], "width": width, "height": height,
+                       "seed": config["seed"], "negative_prompt": config["negative_prompt"],
+                       "batch_size": config["batch_size"], "device": device},
+        "validation": {**val, "face_backend": getattr(face_backend, "name", None),
+                       "face_embedding_model": getattr(face_backend, "embedding_model", None),
+                       "clip": getattr(clip, "name", None)},
+        "references": [_rel(f, ctx.project_root) for f in ref_files],
+        "reference_guided": guided_info,
+        "tiny_random": {**tiny, "any": any(tiny.values())},
+        "frames": frames,
+        "summary": {
+            "scenes": n,
+            "passed": sum(1 for f in frames if f["passed"]),
+            "attempts": sum(len(f["attempts"]) for f in frames),
+            "retried": sum(1 for f in frames if len(f["attempts"]) > 1),
+        },
+        "timing": {**timing, "total_s": round(time.monotonic() - t0, 3),
+                   "frames_per_s": round(gen_count[0] / gen_time[0], 4) if gen_time[0] > 0 else None},
+    }
+    tmp = out / "report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
+    os.replace(tmp, out / "report.json")
+    ctx.metric("frames_passed", report["summary"]["passed"])
+    ctx.metric("frames_attempts", report["summary"]["attempts"])
+    if report["timing"]["frames_per_s"]:
+        ctx.metric("frames_per_s", report["timing"]["frames_per_s"])
+    failed = n - report["summary"]["passed"]
+    if failed:
+        ctx.warn(f"storyboard: {failed} of {n} frame(s) stayed below the validation thresholds after "
+                 f"{val['retries']} retries; the best attempt is kept and flagged")
+    return {"storyboard": base.Artifact("storyboard", out, meta={"frames": n, "tiny_random": report["tiny_random"]["any"]})}
+
+
+def _guided_frames(config, inputs, ctx, pipe, family, jobs, validator, make_generate, face_backend, on_round):
+    """Frame 1 plain (validated) -> reference; frames 2..N with IP-Adapter and/or ControlNet."""
+    from runner.generate import guided as G
+    from runner.generate.frames import generate_validated
+    from runner.stages.evaluate import _load_rgb
+
+    g = config["reference_guided"]
+    val = config["validation"]
+    n = len(jobs)
+    first = generate_validated(jobs[:1], make_generate(pipe, lambda grp: None), validator, base_seed=config["seed"],
+                               retries=val["retries"], n_scenes=n, on_round=on_round)
+    reference = first[0].image
+    info: dict[str, Any] = {"enabled": True, "reference_frame": 1, "control": g.get("control", "canny")}
+    if n == 1:
+        return first, info
+    kwargs: dict[str, Any] = {}
+    if g.get("ip_adapter"):
+        info.update(G.load_ip_adapter(pipe, g["ip_adapter"], weight_name=g.get("ip_adapter_weight_name"),
+                                      subfolder=g.get("ip_adapter_subfolder"),
+                                      image_encoder_folder=g.get("ip_adapter_image_encoder_folder"),
+                                      scale=g.get("ip_adapter_scale", 0.6), family=family, project_root=ctx.project_root,
+                                      cache_dir=ctx.cache_dir))
+        kwargs["ip_adapter_image"] = reference
+    gen_pipe = pipe
+    maps: dict[str, Any] = {}
+    if g.get("controlnet"):
+        gen_pipe = G.controlnet_pipeline(pipe, g["controlnet"], family=family, project_root=ctx.project_root,
+                                         cache_dir=ctx.cache_dir)
+        info["controlnet"] = g["controlnet"]
+        info["controlnet_scale"] = float(g.get("controlnet_scale", 0.5))
+        kwargs["controlnet_conditioning_scale"] = float(g.get("controlnet_scale", 0.5))
+        maps[""] = G.control_map(reference, g.get("control", "canny"), face_backend)
+        for j in jobs[1:]:
+            if j.group and j.group not in maps:
+                art = inputs.get(f"control{j.scene_index}")
+                path = (Path(art.files[0]) if art is not None and art.files else ctx.project_root / j.group)
+                maps[j.group] = _load_rgb(path)
+
+    def kwargs_for(grp: str) -> dict[str, Any]:
+        kw = dict(kwargs)
+        if maps:
+            kw["image"] = maps.get(grp, maps[""])
+        return kw
+
+    rest = generate_validated(jobs[1:], make_generate(gen_pipe, kwargs_for), validator, base_seed=config["seed"],
+                              retries=val["retries"], n_scenes=n, positions=range(1, n), on_round=on_round)
+    if maps:
+        folder = ctx.out_dir / "storyboard" / "control"
+        folder.mkdir(parents=True, exist_ok=True)
+        maps[""].save(folder / "reference_control.png")
+        info["control_map_file"] = "control/reference_control.png"
+    return first + rest, info
+
+
+def _rel(p: Path, root: Path) -> str:
+    try:
+        return Path(p).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return str(p)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], env: dict[str, Any]) -> list[base.ReportSection]:
+    from runner.report.embed import thumbnail_data_uri
+
+    art = outputs.get("storyboard")
+    if art is None:
+        return []
+    folder = Path(art.path)
+    rep = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+    px = int(env.get("thumbnail_px", 192))
+    frames = []
+    for f in rep["frames"]:
+        attempts = [{**a, "thumb": thumbnail_data_uri(folder / a["file"], max(64, px // 2)) if (folder / a["file"]).is_file() else None,
+                     "kept": i == f["kept_attempt"]} for i, a in enumerate(f["attempts"])]
+        frames.append({**f, "image": thumbnail_data_uri(folder / f["file"], px * 2), "attempt_rows": attempts})
+    control = None
+    cm = folder / "control" / "reference_control.png"
+    if cm.is_file():
+        control = thumbnail_data_uri(cm, px)
+    tiny = rep.get("tiny_random", {})
+    tiny_note = ""
+    if tiny.get("any"):
+        which = [k for k in ("diffusion", "clip") if tiny.get(k)]
+        tiny_note = (f"Made with tiny random models ({', '.join(which)}): the frames are noise and their scores "
+                     "say nothing about the character; they only show that the pipeline runs end to end.")
+    return [base.ReportSection(title="Storyboard", template="sections/storyboard.html.j2", anchor="storyboard",
+                               context={"rep": rep, "frames": frames, "control": control, "tiny_note": tiny_note})]

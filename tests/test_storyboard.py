@@ -1,0 +1,193 @@
+"""The storyboard stage end to end on CPU: tiny SD + a real LoRA file, references from ../shared/data.
+
+Frames from tiny random models are noise (no face), so thresholds force retries; a second test
+swaps the generator for real photos to check that validation keeps the passing attempt.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from runner.engine.context import LocalStageContext
+from runner.stages import base
+from runner.stages import storyboard as SB
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_lora(root: Path, cache: Path) -> Path:
+    """A random, non-zero LoRA for builtin:tiny-sd in diffusers format, plus the train index.json."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from runner.diffusion.models import load_pipeline
+
+    pipe = load_pipeline("builtin:tiny-sd", cache_dir=cache)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                         target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name="a")
+    sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet, adapter_name="a"))
+    folder = root / "checkpoint-10"
+    StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=sd)
+    (root / "index.json").write_text(json.dumps({
+        "base_model": "builtin:tiny-sd", "model_family": "sd15", "resolution": 64, "trigger": "dmochr",
+        "class_word": "man", "variant": None, "tiny_random_model": True, "final": 0,
+        "checkpoints": [{"step": 10, "phase": "main", "diffusers": "checkpoint-10/pytorch_lora_weights.safetensors",
+                         "kohya": None, "val_loss": None, "samples": []}]}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def proj(tmp_path_factory, shared_data: Path):
+    root = tmp_path_factory.mktemp("sbproj")
+    refs = root / "refs"
+    refs.mkdir()
+    for name in ("obama_01.jpg", "obama_02.jpg"):
+        shutil.copy(shared_data / "faces" / "obama" / name, refs / name)
+    make_lora(root / "lora", root / "cache")
+    return root
+
+
+def spec(**storyboard) -> dict:
+    sb = {"planner": "manual", "scenes": [{"text": "He waves at the camera.", "shot": "close_up"},
+                                          {"text": "He walks through the park.", "shot": "full_body"},
+                                          {"text": "He sits on a bench.", "shot": "medium"}],
+          "seed": 5, "steps": 2, "guidance": 2.0, "width": 64, "height": 64, "batch_size": 4,
+          "validation": {"face_similarity": 0.7, "clip_i": None, "retries": 1}}
+    sb.update(storyboard)
+    return {
+        "character": {"name": "demo", "trigger": "dmochr", "class_word": "man", "references": ["refs"],
+                      "traits": {"fixed": ["short grey hair"]}},
+        "train": {"base_model": "builtin:tiny-sd", "resolution": 64},
+        "evaluate": {"face_model": "dlib", "clip_model": "builtin:tiny-clip"},
+        "generate": {"checkpoint": "best", "lora_scale": None, "storyboard": sb},
+        "hardware": {"device": "cpu"},
+    }
+
+
+class Graph:
+    def __init__(self, root: Path, nodes: list[base.PlanNode]):
+        self.character = "demo"
+        self.project_root = root
+        self.spec_file = root / "specs" / "demo.yaml"
+        self.nodes = nodes
+
+    def nodes_of(self, kind: str):
+        return [n for n in self.nodes if n.kind == kind]
+
+    def node(self, stage_id: str):
+        return next((n for n in self.nodes if n.id == stage_id), None)
+
+
+def _node(kind: str, variant: str | None = None) -> base.PlanNode:
+    return base.PlanNode(id=base.node_id("demo", kind, variant), kind=kind, character="demo", config={})
+
+
+def inputs_for(proj: Path, node: base.PlanNode) -> dict[str, base.Artifact]:
+    out = {"lora": base.Artifact("lora", proj / "lora")}
+    refs = proj / "refs"
+    out["reference0"] = base.Artifact("reference0", refs, files=tuple(sorted(refs.iterdir())))
+    return out
+
+
+def test_expand_picks_the_lora_source(proj: Path) -> None:
+    s = spec()
+    # evaluate present: best comes from the first evaluate node (the base variant with variants)
+    g = Graph(proj, [_node("train", "base"), _node("train", "rank64"), _node("evaluate", "base"), _node("evaluate", "rank64")])
+    n = SB.expand(s, g)[0]
+    assert n.id == "demo:storyboard" and n.inputs["evaluation"] == base.StageOutputRef("demo:evaluate[base]", "evaluation")
+    assert [sc["index"] for sc in n.config["scenes"]] == [1, 2, 3]
+    assert n.config["scenes"][0]["prompt"].startswith("dmochr man, close-up portrait, He waves at the camera")
+    assert "short grey hair" in n.config["scenes"][1]["prompt"]
+    json.dumps(n.config)
+    # no evaluate stage: the train node's last checkpoint
+    n = SB.expand(s, Graph(proj, [_node("train")]))[0]
+    assert n.inputs["lora"] == base.StageOutputRef("demo:train", "lora") and n.config["source"] == "train"
+    # checkpoint: last skips evaluate; a path becomes a file input
+    s2 = spec()
+    s2["generate"]["checkpoint"] = "last"
+    assert "lora" in SB.expand(s2, g)[0].inputs
+    s2["generate"]["checkpoint"] = "lora/checkpoint-10/pytorch_lora_weights.safetensors"
+    n = SB.expand(s2, Graph(proj, []))[0]
+    assert isinstance(n.inputs["lora_file"], base.FileSetRef) and n.config["source"] == "file"
+    # no LoRA anywhere: a clear error
+    with pytest.raises(base.StageError, match="needs the character's LoRA"):
+        SB.expand(spec(), Graph(proj, []))
+    # nothing without a storyboard section
+    assert SB.expand({"generate": {}}, g) == []
+
+
+def test_tiny_sd_frames_retry_below_threshold(proj: Path, tmp_path: Path) -> None:
+    node = SB.expand(spec(), Graph(proj, [_node("train")]))[0]
+    ctx = LocalStageContext.for_folder(tmp_path / "run", stage_id=node.id, character="demo", project_root=proj)
+    ctx.cache_dir = proj / "cache"
+    out = SB.run(node.config, inputs_for(proj, node), ctx)
+    folder = out["storyboard"].path
+    rep = json.loads((folder / "report.json").read_text())
+    assert [f["file"] for f in rep["frames"]] == ["frames/01.png", "frames/02.png", "frames/03.png"]
+    # noise has no face: every frame fails 0.7, is retried once with a new seed, and is flagged
+    for i, f in enumerate(rep["frames"]):
+        assert [a["seed"] for a in f["attempts"]] == [5 + i, 5 + 3 + i]
+        assert all(a["face_found"] is False and a["face_similarity"] == 0.0 and not a["pass"] for a in f["attempts"])
+        assert not f["passed"]
+        assert (folder / f["file"]).is_file() and all((folder / a["file"]).is_file() for a in f["attempts"])
+    assert rep["summary"] == {"scenes": 3, "passed": 0, "attempts": 6, "retried": 3}
+    assert rep["tiny_random"]["any"] and rep["lora"]["scale"] == 1.0
+    assert any("below the validation thresholds" in w for w in ctx.warnings)
+    with Image.open(folder / "frames/01.png") as im:
+        assert im.size == (64, 64)
+    # the report section renders (autoescaped template, data URIs only)
+    from runner.stages.report import _jinja_env
+
+    secs = SB.report_sections(node.config, out, {"thumbnail_px": 64})
+    html = _jinja_env().get_template(secs[0].template).render(**secs[0].context)
+    assert "Tiny random models" in html and html.count("data:image/jpeg;base64,") >= 9
+    assert "He walks through the park." in html and "0/3 frames pass" in html
+
+
+def test_validation_keeps_the_passing_attempt(proj: Path, tmp_path: Path, shared_data: Path, monkeypatch) -> None:
+    """Seeds map to real photos: the first attempt of scene 2 is someone else, its retry is the
+    character; scene 1 passes at once. CLIP-I is checked too (tiny CLIP, threshold -1)."""
+    import runner.diffusion.generate as G
+
+    photos = {"obama": shared_data / "faces" / "obama" / "obama_03.jpg",
+              "biden": shared_data / "faces" / "biden" / sorted(p.name for p in (shared_data / "faces" / "biden").iterdir())[0]}
+    by_seed = {5: "obama", 6: "biden", 8: "obama"}  # scene 1 seed 5; scene 2 seeds 6 then 6+2
+
+    calls = []
+
+    def fake_generate(pipe, prompts, *, seeds, width, height, **kw):
+        calls.append(list(seeds))
+        return [Image.open(photos[by_seed.get(s, "biden")]).convert("RGB") for s in seeds]
+
+    monkeypatch.setattr(G, "generate_images", fake_generate)
+    s = spec(scenes=[{"text": "He smiles.", "shot": "close_up"}, {"text": "He listens.", "shot": "close_up"}],
+             validation={"face_similarity": 0.93, "clip_i": -1.0, "retries": 2})
+    node = SB.expand(s, Graph(proj, [_node("train")]))[0]
+    ctx = LocalStageContext.for_folder(tmp_path / "run", stage_id=node.id, character="demo", project_root=proj)
+    ctx.cache_dir = proj / "cache"
+    rep = json.loads((SB.run(node.config, inputs_for(proj, node), ctx)["storyboard"].path / "report.json").read_text())
+    assert calls == [[5, 6], [8]]  # one batch per round; only the failing scene is regenerated
+    f1, f2 = rep["frames"]
+    assert len(f1["attempts"]) == 1 and f1["passed"] and f1["scores"]["face_similarity"] >= 0.93
+    assert [a["pass"] for a in f2["attempts"]] == [False, True] and f2["kept_attempt"] == 1 and f2["passed"]
+    assert f2["attempts"][0]["face_similarity"] < 0.93 <= f2["attempts"][1]["face_similarity"]
+    assert all("clip_i" in a for a in f1["attempts"] + f2["attempts"])
+    assert rep["summary"]["passed"] == 2 and rep["tiny_random"]["clip"]
