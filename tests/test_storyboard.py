@@ -191,3 +191,52 @@ def test_validation_keeps_the_passing_attempt(proj: Path, tmp_path: Path, shared
     assert f2["attempts"][0]["face_similarity"] < 0.93 <= f2["attempts"][1]["face_similarity"]
     assert all("clip_i" in a for a in f1["attempts"] + f2["attempts"])
     assert rep["summary"]["passed"] == 2 and rep["tiny_random"]["clip"]
+
+
+def test_reference_guided_ip_adapter_and_controlnet(proj: Path, tmp_path: Path, monkeypatch) -> None:
+    """Frame 1 plain, frames 2-3 through diffusers' IP-Adapter loader and a ControlNet pipeline
+    (tiny components built from config); the later frames get the reference and its edge map."""
+    import runner.diffusion.generate as G
+
+    seen = []
+    real = G.generate_images
+
+    def spy(pipe, prompts, **kw):
+        seen.append((type(pipe).__name__, sorted((kw.get("pipe_kwargs") or {}).keys()), list(kw["seeds"])))
+        return real(pipe, prompts, **kw)
+
+    monkeypatch.setattr(G, "generate_images", spy)
+    s = spec(validation={"face_similarity": None, "clip_i": None, "retries": 2},
+             reference_guided={"enabled": True, "ip_adapter": "builtin:tiny-ip-adapter", "ip_adapter_scale": 0.5,
+                               "controlnet": "builtin:tiny-controlnet", "control": "canny", "controlnet_scale": 0.7})
+    node = SB.expand(s, Graph(proj, [_node("train")]))[0]
+    assert "reference-guided" in node.label
+    ctx = LocalStageContext.for_folder(tmp_path / "run", stage_id=node.id, character="demo", project_root=proj)
+    ctx.cache_dir = proj / "cache"
+    out = SB.run(node.config, inputs_for(proj, node), ctx)
+    folder = out["storyboard"].path
+    rep = json.loads((folder / "report.json").read_text())
+    assert seen[0] == ("StableDiffusionPipeline", [], [5])
+    assert seen[1] == ("StableDiffusionControlNetPipeline",
+                       ["controlnet_conditioning_scale", "image", "ip_adapter_image"], [6, 7])
+    rg = rep["reference_guided"]
+    assert rg["enabled"] and rg["scale"] == 0.5 and rg["weight_name"] == "ip-adapter_sd15.safetensors"
+    assert rg["controlnet"] == "builtin:tiny-controlnet" and (folder / rg["control_map_file"]).is_file()
+    assert [len(f["attempts"]) for f in rep["frames"]] == [1, 1, 1]  # nothing checked: no retries
+    assert rep["summary"]["passed"] == 3
+
+
+def test_control_maps(shared_data: Path) -> None:
+    import numpy as np
+
+    from runner.generate.guided import canny_map, control_map
+    from runner.vision.faces import get_face_backend
+
+    photo = Image.open(shared_data / "faces" / "obama" / "obama_01.jpg").convert("RGB")
+    edges = np.asarray(canny_map(photo))
+    assert edges.shape == (photo.height, photo.width, 3) and set(np.unique(edges)) <= {0, 255} and edges.mean() > 1
+    fb = get_face_backend("dlib")
+    pose = np.asarray(control_map(photo, "pose", fb))
+    assert pose.max() == 255 and 0 < (pose > 0).mean() < 0.2  # thin landmark lines on black
+    with pytest.raises(base.StageError, match="pose needs a face"):
+        control_map(Image.new("RGB", (64, 64), "gray"), "pose", fb)

@@ -134,11 +134,11 @@ def controlnet_pipeline(pipe, ref: str, *, family: str, project_root: Path | Non
 
 # --------------------------------------------------------------------------- tiny built-ins
 
-TINY_GUIDED_VERSION = 1
+TINY_GUIDED_VERSION = 1  # + the tiny-sd version: rebuilt when builtin:tiny-sd changes
 TINY_GUIDED = ("tiny-ip-adapter", "tiny-controlnet")
 
 
-def _build_tiny_ip_adapter(dest: Path, unet_config: dict[str, Any]) -> None:
+def _build_tiny_ip_adapter(dest: Path, unet_config: dict[str, Any], vae_config: dict[str, Any]) -> None:
     """An IP-Adapter for builtin:tiny-sd in the hub repo's layout (models/ + models/image_encoder/)."""
     import torch
     from safetensors.torch import save_file
@@ -175,15 +175,18 @@ def _build_tiny_ip_adapter(dest: Path, unet_config: dict[str, Any]) -> None:
     save_file(sd, str(dest / "models" / "ip-adapter_sd15.safetensors"))
 
 
-def _build_tiny_controlnet(dest: Path, unet_config: dict[str, Any]) -> None:
+def _build_tiny_controlnet(dest: Path, unet_config: dict[str, Any], vae_config: dict[str, Any]) -> None:
     import torch
     from diffusers import ControlNetModel, UNet2DConditionModel
 
+    # The conditioning embedding must downsample the control image as much as the VAE does
+    # (one stride-2 stage per VAE down block after the first).
+    n_down = len(vae_config["block_out_channels"]) - 1
+    channels = tuple(16 * 2 ** i for i in range(n_down + 1))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(12)
         unet = UNet2DConditionModel.from_config(unet_config)
-        # The tiny VAE downsamples 2x: one stride-2 stage in the conditioning embedding.
-        cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+        cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
     cn.save_pretrained(str(dest))
 
 
@@ -201,10 +204,14 @@ def tiny_guided_path(name: str, cache_dir: Path | str | None = None) -> Path:
         raise StageError(f"unknown builtin model builtin:{name}",
                          hint="Use builtin:tiny-ip-adapter or builtin:tiny-controlnet (for builtin:tiny-sd), a hub id or a path.")
     root = models_cache_dir(cache_dir)
-    final = root / f"builtin-{name}-v{TINY_GUIDED_VERSION}"
+    from runner.diffusion.tiny import TINY_VERSION
+
+    final = root / f"builtin-{name}-v{TINY_GUIDED_VERSION}-sd{TINY_VERSION}"
     if (final / "DONE").is_file():
         return final
-    unet_config = json.loads((tiny_model_path("tiny-sd", cache_dir) / "unet" / "config.json").read_text())
+    sd_folder = tiny_model_path("tiny-sd", cache_dir)
+    unet_config = json.loads((sd_folder / "unet" / "config.json").read_text())
+    vae_config = json.loads((sd_folder / "vae" / "config.json").read_text())
     with file_lock(root / f".builtin-{name}.lock"):
         if (final / "DONE").is_file():
             return final
@@ -213,7 +220,7 @@ def tiny_guided_path(name: str, cache_dir: Path | str | None = None) -> Path:
             from runner.metrics.embedders import _quiet_transformers
 
             with _quiet_transformers():
-                (_build_tiny_ip_adapter if name == "tiny-ip-adapter" else _build_tiny_controlnet)(tmp, unet_config)
+                (_build_tiny_ip_adapter if name == "tiny-ip-adapter" else _build_tiny_controlnet)(tmp, unet_config, vae_config)
             (tmp / "TINY_RANDOM_MODEL.txt").write_text(
                 f"builtin:{name} v{TINY_GUIDED_VERSION}: random weights for builtin:tiny-sd, built by character-runner.\n")
             (tmp / "DONE").write_text("ok\n")
