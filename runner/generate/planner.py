@@ -227,9 +227,10 @@ def validate_scene_list(answer: Any, min_scenes: int, max_scenes: int) -> list[t
     import jsonschema
 
     validator = jsonschema.Draft202012Validator(scene_list_schema(min_scenes, max_scenes))
-    errors = sorted(validator.iter_errors(answer), key=lambda e: list(e.absolute_path))
+    errors = list(validator.iter_errors(answer))
     if errors:
-        err = errors[0]
+        # A missing required field says more than the extra one next to it.
+        err = min(errors, key=lambda e: (e.validator != "required", len(e.absolute_path)))
         more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
         raise PlannerError(
             f"generate.storyboard.llm: the model's answer does not fit the scene-list schema at "
