@@ -63,10 +63,11 @@ def run_stage(stride: int, upsample: int, general: str | None, out: Path) -> tup
     cfg = {"video": CLIP.name, "source_index": 0, "label": "", "people": 1, "stride": stride,
            "face": {"backend": "dlib", "dlib_detector": "hog", "upsample": upsample, "insightface_pack": "buffalo_l",
                     "insightface_root": "~/.insightface"}, "options": opts, "references": []}
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     res = V.run(cfg, {"video": base.Artifact("video", CLIP.parent, files=(CLIP,))}, ctx)
-    dt = time.perf_counter() - t
+    dt, cpu = time.perf_counter() - t, time.process_time() - c
     summary = json.loads((res["identity"].path / "summary.json").read_text())
+    summary["_cpu_s"] = cpu
     return dt, summary
 
 
@@ -92,7 +93,7 @@ def main() -> None:
         else:
             os.environ.pop("CHARACTER_RUNNER_VIDEO_THREADS", None)
         dec = statistics.median(decode_only(stride) for _ in range(args.repeat))
-        times, summary = [], {}
+        times, cpus, summary = [], [], {}
         for i in range(args.repeat + 1):
             dt, summary = run_stage(stride, upsample, general, WORK / name)
             if i == 0:
@@ -100,7 +101,9 @@ def main() -> None:
                     cold = {"config": name, "seconds": round(dt, 3)}
                 continue  # the first run loads models (and imports torch when a model is tried)
             times.append(dt)
+            cpus.append(summary["_cpu_s"])
         t = statistics.median(times)
+        cpu = statistics.median(cpus)
         p = summary["persons"][0] if summary["persons"] else {}
         rows.append({
             "config": name, "stride": stride, "upsample": upsample,
@@ -108,6 +111,9 @@ def main() -> None:
             "decode_s": round(dec, 3), "stage_s": round(t, 3), "stage_runs_s": [round(x, 3) for x in times],
             "pass1_s": summary["timings"].get("pass1_s"), "pass2_s": summary["timings"].get("pass2_s"),
             "ratio": round(duration / t, 2), "decode_ratio": round(duration / dec, 2),
+            # CPU seconds of this process (all threads): less sensitive to other load on the
+            # machine; cpu_s / cores is the wall time an idle machine with perfect scaling would take.
+            "cpu_s": round(cpu, 3), "ratio_if_idle": round(duration / (cpu / max(1, min(cores or 1, threads or 4))), 2),
             "sampled": summary["sampled_frames"], "anchors": p.get("anchor_count"),
             "coverage": p.get("coverage_count"), "challenge": p.get("challenge_count"),
             "yaw_filled": (p.get("buckets_filled") or {}).get("yaw"),
@@ -117,11 +123,12 @@ def main() -> None:
               "loadavg_end": [round(x, 2) for x in os.getloadavg()], "cold_first_run": cold, "rows": rows,
               "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print("\n| config | stride | upsample | threads | novelty descriptor | decode-only s | stage s (median) | ratio | sampled | anchors/coverage/challenge | yaw bins |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| config | stride | upsample | threads | novelty descriptor | decode-only s | stage s (median) | ratio | stage CPU s | ratio if idle | sampled | anchors/coverage/challenge | yaw bins |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['config']} | {r['stride']} | {r['upsample']} | {r['threads']} | {r['general']} | {r['decode_s']} | "
-              f"{r['stage_s']} | {r['ratio']} | {r['sampled']} | {r['anchors']}/{r['coverage']}/{r['challenge']} | {r['yaw_filled']}/7 |")
+              f"{r['stage_s']} | {r['ratio']} | {r['cpu_s']} | {r['ratio_if_idle']} | {r['sampled']} | "
+              f"{r['anchors']}/{r['coverage']}/{r['challenge']} | {r['yaw_filled']}/7 |")
     print(f"\nclip {duration:.2f} s; {cores} cores; load average at the end {result['loadavg_end']}; cold first run {cold}")
 
 

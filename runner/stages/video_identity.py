@@ -107,7 +107,7 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
 
 
 def analysis_threads() -> int:
-    """Frames analyzed in parallel: CHARACTER_RUNNER_VIDEO_THREADS, else the CPU count (at most 4).
+    """Frames analyzed in parallel: CHARACTER_RUNNER_VIDEO_THREADS, else the usable cores (at most 4).
 
     Threads change the speed, never the outputs (tracking consumes frames in order), so the
     number is not part of the stage config or its cache key.
@@ -115,7 +115,8 @@ def analysis_threads() -> int:
     env = os.environ.get("CHARACTER_RUNNER_VIDEO_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
-    return max(1, min(4, os.cpu_count() or 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores))
 
 
 _SPARE_BACKENDS: dict[tuple, list[Any]] = {}

@@ -63,7 +63,8 @@ def make_gates(options: dict[str, Any]) -> tuple[Gate, Gate]:
         min_brightness=60.0,
         max_brightness=200.0,
         max_clipped=0.10,
-        min_score=float(options.get("strict_min_score", 0.0)),
+        # detector score on [0, 1] (pipeline._score01: HOG margin / 1.5, else the confidence)
+        min_score=float(options.get("strict_min_score", 0.1)),
         max_occlusion=0.10,
     )
     loose = Gate(
@@ -73,7 +74,7 @@ def make_gates(options: dict[str, Any]) -> tuple[Gate, Gate]:
         min_brightness=25.0,
         max_brightness=235.0,
         max_clipped=0.40,
-        min_score=float(options.get("loose_min_score", -1e9)),
+        min_score=float(options.get("loose_min_score", 0.0)),
         max_occlusion=1.0,  # heavy occlusion is kept for the challenge set
     )
     return strict, loose

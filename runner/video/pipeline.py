@@ -286,7 +286,7 @@ def build_identity_sets(
     stats: dict[str, Any] = {}
     sampled = 0
     faces_per_frame: list[tuple[int, float, int]] = []
-    total_est = (info.frame_count // stride + 1) if info.frame_count else None
+    total_est = -(-info.frame_count // stride) if info.frame_count else None
     t0 = time.perf_counter()
     frames_iter = iter_frames(video_path, stride=stride, decoder=info.decoder, stats=stats)
     try:
