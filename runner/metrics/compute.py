@@ -76,16 +76,27 @@ class MetricComputer:
             return None, None
         return np.asarray(face.embedding, dtype=np.float32), [round(float(v), 1) for v in face.box]
 
-    def embed(self, images: Sequence["Image.Image"], batch_size: int | None = None) -> EmbeddedImages:
+    def embed(self, images: Sequence["Image.Image"], batch_size: int | None = None,
+              timings: dict[str, float] | None = None) -> EmbeddedImages:
+        """Embed ``images``; ``timings`` (if given) receives seconds spent in clip / dino / faces."""
+        import time
+
         bs = batch_size or self.batch_size
+        t0 = time.perf_counter()
         clip = self.clip.embed_images(images, batch_size=bs)
+        t1 = time.perf_counter()
         dino = self.dino.embed_images(images, batch_size=bs)
+        t2 = time.perf_counter()
         faces: list[np.ndarray | None] = []
         boxes: list[list[float] | None] = []
         for im in images:  # face detectors work per image
             emb, box = self.main_face(im)
             faces.append(emb)
             boxes.append(box)
+        t3 = time.perf_counter()
+        if timings is not None:
+            for k, v in (("clip", t1 - t0), ("dino", t2 - t1), ("faces", t3 - t2)):
+                timings[k] = timings.get(k, 0.0) + v
         return EmbeddedImages(clip=clip, dino=dino, faces=faces, face_boxes=boxes)
 
     def references(self, images: Sequence["Image.Image"], names: Sequence[str]) -> ReferenceSet:
