@@ -383,6 +383,89 @@ def unlock(project: str | None, force: bool) -> None:
     click.echo(do_unlock(ws.dir, force=force))
 
 
+# ----------------------------------------------------------------------------- serve / deploy
+
+
+def _one_spec(specs: tuple[str, ...], allow_outside_project: bool = False):
+    from runner.spec import load_specs
+
+    # the photos need not be here: serving needs only the workspace's trained outputs
+    loaded = load_specs(list(specs), allow_outside=allow_outside_project, require_files=False)
+    if len(loaded) != 1:
+        raise UserError("give exactly one spec: one server per character")
+    return loaded[0]
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(path_type=str))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", default=8000, show_default=True, type=int, help="Port to listen on.")
+@click.option("--checkpoint", default=None, help="Override generate.checkpoint: best, last or a LoRA file.")
+@click.option("--device", default="auto", show_default=True, help="torch device: auto, cpu, cuda, mps.")
+@click.option("--safety-model", default=None, metavar="REF",
+              help="Safety checker (hub id or folder); turns the filter on (generate.api.safety_filter).")
+@click.option("--insecure-no-auth", is_flag=True, help="Serve without a bearer token (trusted loopback use only).")
+@allow_outside_opt
+def serve(spec: str, host: str, port: int, checkpoint: str | None, device: str, safety_model: str | None,
+          insecure_no_auth: bool, allow_outside_project: bool) -> None:
+    """Start the generation API (FastAPI) for SPEC's trained character."""
+    from runner.serve import ServeError, api_settings, build_app, token_from_env
+    from runner.serve.character import resolve_target
+
+    s = _one_spec((spec,), allow_outside_project)
+    target = resolve_target(s, checkpoint=checkpoint)
+    api = api_settings(target)
+    try:
+        token = token_from_env(api["token_env"], insecure_no_auth=insecure_no_auth)
+    except ServeError as exc:
+        raise UserError(str(exc)) from None
+    if token is None and host not in ("127.0.0.1", "localhost", "::1"):
+        _echo_err(f"warning: serving on {host} without authentication (--insecure-no-auth)")
+    for w in target.warnings:
+        _echo_err(f"warning: {w}")
+    click.echo(f"loading {target.base_model} + {target.lora_source or 'no LoRA'} ...")
+    try:
+        app = build_app(target, token=token, device=device, safety_model=safety_model)
+    except Exception as exc:
+        hint = getattr(exc, "hint", "")
+        raise UserError(f"could not load the model: {exc}" + (f" (hint: {hint})" if hint else "")) from None
+    if target.tiny_random:
+        _echo_err("note: builtin:tiny-* is a tiny random model: its images are noise (for tests and demos)")
+    import uvicorn
+
+    auth = "no auth" if token is None else f"bearer token from ${api['token_env']}"
+    click.echo(f"serving {target.character} on http://{host}:{port} ({auth}); docs at /docs")
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(path_type=str))
+@click.option("--checkpoint", default=None, help="Override generate.checkpoint: best, last or a LoRA file.")
+@click.option("--token-secret", default="character-runner-api", show_default=True,
+              help="modal.Secret holding the API token under the name generate.api.token_env.")
+@click.option("--name", "app_name", default=None, help="Modal app name (default: <hardware.modal.app_name>-api).")
+@click.option("--min-containers", default=0, show_default=True, type=int, help="Containers kept warm.")
+@allow_outside_opt
+def deploy(spec: str, checkpoint: str | None, token_secret: str, app_name: str | None, min_containers: int,
+           allow_outside_project: bool) -> None:
+    """Deploy SPEC's generation API as a Modal web endpoint."""
+    from runner.backends.modal_backend import ModalUnavailable, require_credentials
+    from runner.serve.character import resolve_target
+    from runner.serve.deploy import deploy as do_deploy
+
+    try:
+        require_credentials("runner deploy")
+    except ModalUnavailable as exc:
+        raise UserError(str(exc)) from None
+    s = _one_spec((spec,), allow_outside_project)
+    target = resolve_target(s, checkpoint=checkpoint)
+    for w in target.warnings:
+        _echo_err(f"warning: {w}")
+    dep, url = do_deploy(s, target, token_secret=token_secret, app_name=app_name, min_containers=min_containers)
+    click.echo(f"deployed {dep.app_name}: {url or '(see `modal app list`)'}")
+    click.echo(f"serving {target.lora_source or 'the base model'}; requests need 'Authorization: Bearer <token>'")
+
+
 # ----------------------------------------------------------------------------- init / presets / schema
 
 

@@ -306,10 +306,12 @@ class ModalTransport:
     def _listing(self) -> set[str]:
         with self._lock:
             if self._blobs is None:
+                import modal
+
                 try:
                     entries = self.volume.listdir("/blobs", recursive=True)
-                except FileNotFoundError:
-                    entries = []
+                except (FileNotFoundError, modal.exception.NotFoundError):
+                    entries = []  # a new volume
                 self._blobs = {Path(e.path).name for e in entries}
             return self._blobs
 

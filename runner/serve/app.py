@@ -1,0 +1,231 @@
+"""The HTTP API (FastAPI) for on-demand generation with a trained character.
+
+Endpoints (every /v1 endpoint needs ``Authorization: Bearer <token>``)::
+
+    GET  /healthz        liveness, no auth
+    GET  /v1/info        the character, model, LoRA, defaults, limits, queue and batch statistics
+    POST /v1/images      one image: PNG (default) or JSON with the PNG in base64
+    POST /v1/videos      one clip (mp4) when the spec has generate.video; 501 otherwise
+
+Errors are JSON: ``{"error": {"code": ..., "message": ..., "details": [...]}}`` with
+401 (token missing or wrong), 422 (invalid request: one entry per bad field, with the reason),
+429 (queue full, with Retry-After), 400 ``content_filtered`` (the safety checker withheld the
+output), 501 (video not available), 500 (generation failed).
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import io
+import random
+import time
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from runner.serve.batcher import Batcher, QueueFull
+from runner.serve.engine import ContentFiltered, ImageJob, ImageParams, VideoJob, png_bytes
+
+MAX_SEED = 2**32 - 1
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, details: list[dict[str, Any]] | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.details = details or []
+        self.headers = headers or {}
+
+
+def _error(status: int, code: str, message: str, details: list | None = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"error": {"code": code, "message": message}}
+    if details:
+        body["error"]["details"] = details
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class ImageRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=2000, description="What to generate.")
+    negative_prompt: str = Field("", max_length=2000)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="None: a random seed (returned).")
+    steps: int | None = Field(None, ge=1, le=150)
+    guidance: float | None = Field(None, ge=0.0, le=30.0)
+    lora_scale: float | None = Field(None, ge=0.0, le=2.0, description="None: the evaluated best scale.")
+    width: int | None = Field(None, ge=64, description="Multiple of 8, at most generate.api.max_side.")
+    height: int | None = Field(None, ge=64)
+    include_trigger: bool = Field(True, description="Prepend the trigger word when the prompt lacks it.")
+    response_format: Literal["png", "json"] = "png"
+
+
+class VideoRequest(ImageRequest):
+    frames: int = Field(25, ge=9, le=257, description="k * 8 + 1 for LTX-Video.")
+    fps: int = Field(24, ge=1, le=60)
+    image_base64: str | None = Field(None, description="PNG/JPEG to animate; None: the character is generated first.")
+    response_format: Literal["mp4", "json"] = "mp4"  # type: ignore[assignment]
+
+
+def create_app(engine: Any, *, token: str | None, max_queue: int = 32, max_batch: int = 4,
+               max_side: int = 1536, batch_window_s: float = 0.02) -> FastAPI:
+    """The ASGI app around a loaded :class:`runner.serve.engine.ImageEngine`. ``token=None``
+    turns authentication off (only with --insecure-no-auth)."""
+    target = engine.target
+    batcher = Batcher(engine.run_batch, max_queue=max_queue, max_batch=max_batch, batch_window_s=batch_window_s)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await batcher.start()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title=f"character-runner: {target.character}", version="1", lifespan=lifespan,
+                  description=__doc__)
+    app.state.batcher = batcher
+    app.state.engine = engine
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        details = [{"field": ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body",
+                    "reason": e.get("msg", "invalid")} for e in exc.errors()]
+        return _error(422, "invalid_request", "the request is invalid: "
+                      + "; ".join(f"{d['field']}: {d['reason']}" for d in details), details)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.message, exc.details, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error(exc.status_code, code, str(exc.detail))
+
+    def authorized(request: Request) -> None:
+        if token is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise ApiError(401, "unauthorized", "missing bearer token: send 'Authorization: Bearer <token>'",
+                           headers={"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise ApiError(401, "unauthorized", "wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    def _size(req: ImageRequest) -> tuple[int, int]:
+        w = req.width or target.resolution
+        h = req.height or target.resolution
+        bad = []
+        for name, v in (("width", w), ("height", h)):
+            if v % 8:
+                bad.append({"field": name, "reason": f"must be a multiple of 8 (got {v})"})
+            if v > max_side:
+                bad.append({"field": name, "reason": f"must be at most {max_side} (generate.api.max_side; got {v})"})
+        if bad:
+            raise ApiError(422, "invalid_request", "the request is invalid: "
+                           + "; ".join(f"{d['field']}: {d['reason']}" for d in bad), bad)
+        return w, h
+
+    def _prompt(req: ImageRequest) -> str:
+        p = req.prompt.strip()
+        if req.include_trigger and target.trigger.lower() not in p.lower():
+            p = f"{target.trigger} {target.class_word}, {p}"
+        return p
+
+    async def _run(job: Any) -> Any:
+        try:
+            fut = batcher.submit(job)
+        except QueueFull as exc:
+            raise ApiError(429, "queue_full", str(exc), headers={"Retry-After": "5"}) from None
+        try:
+            return await fut
+        except ContentFiltered:
+            raise ApiError(400, "content_filtered",
+                           "the safety checker flagged the output; it was withheld") from None
+        except ApiError:
+            raise
+        except Exception as exc:
+            hint = getattr(exc, "hint", "")
+            raise ApiError(500, "generation_failed", f"{type(exc).__name__}: {exc}"
+                           + (f" (hint: {hint})" if hint else "")) from None
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "character": target.character}
+
+    @app.get("/v1/info", dependencies=[Depends(authorized)])
+    async def info() -> dict[str, Any]:
+        video_ok, video_why = engine.video_available
+        return {
+            "character": target.character, "trigger": target.trigger, "class_word": target.class_word,
+            "base_model": target.base_model, "lora": target.lora_source or None, "lora_loaded": engine.lora_loaded,
+            "tiny_random_model": target.tiny_random,
+            "note": "builtin:tiny-* models are tiny random models: their images are noise" if target.tiny_random else "",
+            "defaults": {"steps": target.steps, "guidance": target.guidance, "lora_scale": target.lora_scale,
+                         "width": target.resolution, "height": target.resolution},
+            "limits": {"max_queue": max_queue, "max_batch": max_batch, "max_side": max_side},
+            "safety_filter": engine.safety is not None, "device": engine.device,
+            "video": {"available": video_ok, "reason": video_why or None},
+            "queue": {"waiting": batcher.waiting, "running": batcher.running, **batcher.stats.as_json()},
+            "warnings": target.warnings,
+        }
+
+    @app.post("/v1/images", dependencies=[Depends(authorized)])
+    async def images(req: ImageRequest) -> Response:
+        w, h = _size(req)
+        seed = req.seed if req.seed is not None else random.randint(0, MAX_SEED)
+        params = ImageParams(
+            negative_prompt=req.negative_prompt, steps=req.steps or target.steps,
+            guidance=target.guidance if req.guidance is None else req.guidance,
+            width=w, height=h, lora_scale=target.lora_scale if req.lora_scale is None else req.lora_scale)
+        t0 = time.monotonic()
+        res = await _run(ImageJob(prompt=_prompt(req), seed=seed, params=params))
+        image, flagged = res.value
+        if flagged:
+            raise ApiError(400, "content_filtered", "the safety checker flagged the image; it was withheld")
+        png = png_bytes(image)
+        headers = {"X-Seed": str(seed), "X-Batch-Size": str(res.batch_size),
+                   "X-Queue-Seconds": f"{res.queued_s:.3f}", "X-Generation-Seconds": f"{res.run_s:.3f}"}
+        if target.tiny_random:
+            headers["X-Tiny-Random-Model"] = "true"
+        if req.response_format == "json":
+            return JSONResponse({"seed": seed, "width": w, "height": h, "batch_size": res.batch_size,
+                                 "seconds": round(time.monotonic() - t0, 3), "tiny_random_model": target.tiny_random,
+                                 "png_base64": base64.b64encode(png).decode("ascii")}, headers=headers)
+        return Response(png, media_type="image/png", headers=headers)
+
+    @app.post("/v1/videos", dependencies=[Depends(authorized)])
+    async def videos(req: VideoRequest) -> Response:
+        ok, why = engine.video_available
+        if not ok:
+            raise ApiError(501, "video_not_available", f"video jobs are not available for {target.character}: {why}")
+        w, h = _size(req)
+        seed = req.seed if req.seed is not None else random.randint(0, MAX_SEED)
+        image = None
+        if req.image_base64:
+            from PIL import Image, UnidentifiedImageError
+
+            try:
+                image = Image.open(io.BytesIO(base64.b64decode(req.image_base64, validate=True))).convert("RGB")
+            except (ValueError, UnidentifiedImageError) as exc:
+                raise ApiError(422, "invalid_request", f"image_base64: not a readable image ({exc})",
+                               [{"field": "image_base64", "reason": "not a base64 PNG/JPEG"}]) from None
+        v = target.video or {}
+        job = VideoJob(prompt=_prompt(req), negative_prompt=req.negative_prompt, seed=seed,
+                       steps=req.steps or int(v.get("steps") or 10), guidance=1.0 if req.guidance is None else req.guidance,
+                       width=w, height=h, frames=req.frames, fps=req.fps,
+                       lora_scale=target.lora_scale if req.lora_scale is None else req.lora_scale, image=image)
+        res = await _run(job)
+        headers = {"X-Seed": str(seed), "X-Generation-Seconds": f"{res.run_s:.3f}"}
+        if req.response_format == "json":
+            return JSONResponse({"seed": seed, "mp4_base64": base64.b64encode(res.value).decode("ascii")}, headers=headers)
+        return Response(res.value, media_type="video/mp4", headers=headers)
+
+    return app

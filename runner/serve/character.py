@@ -1,0 +1,173 @@
+"""What `runner serve` loads for a character: the base model and the LoRA to put on it.
+
+``generate.checkpoint`` decides:
+
+- ``best`` (default): the best LoRA the evaluate stage chose (its ``best/`` copy and LoRA scale);
+  when there is no evaluation yet, the last checkpoint of the train stage, with a warning;
+- ``last``: the final checkpoint of the train stage (the base variant when there are variants);
+- a path: that LoRA file (``.safetensors``, diffusers or kohya format), project-relative.
+
+Everything is read from the workspace (``.runner``) of the spec's project: run ``runner apply``
+first. A manifest of the choice (:meth:`ServeTarget.as_json`) is also what `runner deploy` ships
+to Modal, with the files it names uploaded to the volume.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runner.stages.base import StageError
+
+
+@dataclass
+class ServeTarget:
+    character: str
+    trigger: str
+    class_word: str
+    base_model: str
+    family: str
+    lora_file: str | None  # absolute path (or None: the base model alone)
+    lora_source: str  # what was chosen and why, shown by /v1/info and the CLI
+    lora_scale: float
+    resolution: int
+    steps: int = 30
+    guidance: float = 7.0
+    tiny_random: bool = False
+    project_root: str = ""
+    api: dict[str, Any] = field(default_factory=dict)
+    video: dict[str, Any] | None = None
+    hardware: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "ServeTarget":
+        return cls(**data)
+
+
+def _current_outputs(ws: Any, prefix: str) -> list[tuple[str, dict[str, Any]]]:
+    """(stage id, outputs) of every promoted stage whose id starts with ``prefix``."""
+    rows = ws.db.execute("SELECT stage_id, key FROM stage_current WHERE stage_id LIKE ? ORDER BY stage_id",
+                         (prefix.replace("%", r"\%") + "%",)).fetchall()
+    out = []
+    for stage_id, key in rows:
+        if ws.store_has(key):
+            out.append((stage_id, ws.load_outputs(key)))
+    return out
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise StageError(f"cannot read {path}: {exc}", hint="Re-run `runner apply` for this character.") from None
+
+
+def _last_checkpoint(ws: Any, character: str) -> tuple[Path, dict[str, Any], str] | None:
+    trains = _current_outputs(ws, f"{character}:train")
+    if not trains:
+        return None
+    # the base variant first ([base] or no variant), else the first variant by name
+    trains.sort(key=lambda t: (t[0] not in (f"{character}:train", f"{character}:train[base]"), t[0]))
+    stage_id, outs = trains[0]
+    if "lora" not in outs:
+        return None
+    root = Path(outs["lora"].path)
+    index = _read_json(root / "index.json")
+    ck = index["checkpoints"][int(index.get("final", -1))]
+    return root / ck["diffusers"], index, f"last checkpoint of {stage_id} (step {ck.get('step')})"
+
+
+def resolve_target(spec: Any, *, checkpoint: str | None = None) -> ServeTarget:
+    """The model and LoRA to serve for ``spec`` (a loaded runner.spec Spec)."""
+    from runner.engine.workspace import Workspace
+
+    data = spec.data
+    character = data["character"]
+    gen = data.get("generate") or {}
+    train = data.get("train") or {}
+    choice = checkpoint or gen.get("checkpoint") or "best"
+    root = Path(spec.project_root)
+    warnings: list[str] = []
+    base_model = train.get("base_model", "builtin:tiny-sd")
+    family = train.get("model_family", "auto")
+    resolution = int(train.get("resolution", 512))
+    steps, guidance = 30, 7.0
+    scale = 1.0
+    lora: Path | None = None
+    source = ""
+    ws = Workspace(root)
+    try:
+        if choice == "best":
+            evals = [(sid, o) for sid, o in (_current_outputs(ws, f"{spec.name}:evaluate") if ws.exists() else [])
+                     if "evaluation" in o]
+            best = None
+            for sid, outs in evals:
+                ev = _read_json(Path(outs["evaluation"].path) / "evaluation.json")
+                b = ev.get("best") or {}
+                score = b.get("score")
+                if best is None or (score is not None and (best[2] is None or score > best[2])):
+                    best = (sid, outs, score, ev)
+            if best is not None:
+                sid, outs, score, ev = best
+                b = ev["best"]
+                lora = Path(outs["evaluation"].path) / b["lora_diffusers"]
+                scale = float(b.get("lora_scale", 1.0))
+                base_model = ev.get("base_model") or base_model
+                family = ev.get("model_family") or family
+                g = ev.get("generation") or {}
+                steps = int(g.get("steps", steps))
+                guidance = float(g.get("guidance", guidance))
+                resolution = int(g.get("resolution") or resolution)
+                source = (f"best of {sid}: step {b.get('step')} at LoRA scale {scale:g}"
+                          + (f" (score {score:.3f})" if isinstance(score, (int, float)) else ""))
+            else:
+                last = _last_checkpoint(ws, spec.name) if ws.exists() else None
+                if last is None:
+                    raise StageError(
+                        f"{spec.file}: no trained LoRA for {spec.name} in {ws.dir} (generate.checkpoint: best)",
+                        hint="Run `runner apply` first (train and evaluate), or set generate.checkpoint to a LoRA file.")
+                lora, index, source = last
+                warnings.append("no evaluation found: serving the last train checkpoint instead of the best one")
+                base_model = index.get("base_model") or base_model
+                family = index.get("model_family") or family
+                resolution = int(index.get("resolution") or resolution)
+        elif choice == "last":
+            last = _last_checkpoint(ws, spec.name) if ws.exists() else None
+            if last is None:
+                raise StageError(f"{spec.file}: no train stage output for {spec.name} (generate.checkpoint: last)",
+                                 hint="Run `runner apply` first.")
+            lora, index, source = last
+            base_model = index.get("base_model") or base_model
+            family = index.get("model_family") or family
+            resolution = int(index.get("resolution") or resolution)
+        else:
+            p = Path(choice).expanduser()
+            lora = p if p.is_absolute() else root / p
+            if not lora.is_file():
+                raise StageError(f"{spec.file}: generate.checkpoint {choice!r} is not a file ({lora})",
+                                 hint="Give 'best', 'last' or the path of a LoRA .safetensors file.")
+            source = f"generate.checkpoint {choice}"
+    finally:
+        ws.close()
+    if lora is not None and not lora.is_file():
+        raise StageError(f"the LoRA file {lora} is missing from the workspace store",
+                         hint="Re-run `runner apply` for this character.")
+    if gen.get("lora_scale") is not None:
+        scale = float(gen["lora_scale"])
+    bm = Path(str(base_model)).expanduser()
+    if not str(base_model).startswith("builtin:") and not bm.is_absolute() and (root / bm).exists():
+        base_model = str(root / bm)
+    return ServeTarget(
+        character=spec.name, trigger=character["trigger"], class_word=character.get("class_word", "person"),
+        base_model=str(base_model), family=family, lora_file=str(lora) if lora else None, lora_source=source,
+        lora_scale=scale, resolution=resolution, steps=steps, guidance=guidance,
+        tiny_random=str(base_model).startswith("builtin:"), project_root=str(root),
+        api=dict(gen.get("api") or {}), video=dict(gen["video"]) if isinstance(gen.get("video"), dict) else None,
+        hardware=dict(data.get("hardware") or {}), warnings=warnings,
+    )
