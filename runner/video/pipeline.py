@@ -396,31 +396,34 @@ def build_identity_sets(
     timeline_index = {p["pid"]: {e["frame_idx"]: e for e in p["timeline"]} for p in plans}
     pairs: list[dict[str, Any]] = []
     t0 = time.perf_counter()
+    pair_wanted = len(plans) == 2 and int(opts["pair_max"]) > 0
     wanted = set(by_frame)
     done = 0
     if wanted:
         try:
             for frame in iter_frames(video_path, decoder=info.decoder, wanted=wanted):
-                entries = [e for e in by_frame.get(frame.index, []) if e[0] not in stopped_at]
-                if not entries:
-                    if len(stopped_at) == len(plans):
+                everyone = by_frame.get(frame.index, [])
+                entries = [e for e in everyone if e[0] not in stopped_at]
+                want_pair = pair_wanted and len({e[0] for e in everyone}) == 2
+                if not entries and not want_pair:
+                    if len(stopped_at) == len(plans) and not pair_wanted:
                         break
                     continue
-                crops, boxes = [], []
-                for pid, o, st in entries:
-                    cb = crop_box_for(plans[pid]["smoothed"][o.frame_idx], info.width, info.height,
-                                      float(opts["crop_scale"]))
-                    crops.append(_crop(frame.rgb, cb, int(opts["crop_max_side"])))
-                    boxes.append(cb)
-                gen = l2n(general_embedder.embed(crops))
-                for (pid, o, st), crop, cb, g in zip(entries, crops, boxes, gen):
+                boxes = {}
+                for pid, o, st in everyone:
+                    boxes[pid] = crop_box_for(plans[pid]["smoothed"][o.frame_idx], info.width, info.height,
+                                              float(opts["crop_scale"]))
+                crops = [_crop(frame.rgb, boxes[pid], int(opts["crop_max_side"])) for pid, _, _ in entries]
+                gen = l2n(general_embedder.embed(crops)) if crops else []
+                for (pid, o, st), crop, g in zip(entries, crops, gen):
                     sel = selectors[pid]
                     q = quality_score(o.size, _score01(o.score, face_backend.name), o.measures)
                     bins = B.bins_for(o.yaw, o.pitch, o.measures)
                     c = Candidate(person=pid, frame_idx=o.frame_idx, timestamp_ms=o.timestamp_ms, bins=bins,
                                   quality=q, stable=st, strict=id(o) in plans[pid]["strict_ids"],
                                   extreme_pose=B.extreme_pose(o.yaw, o.pitch), general=g, crop=crop,
-                                  face_bbox=o.box, crop_box=cb, yaw=o.yaw, pitch=o.pitch, measures=o.measures)
+                                  face_bbox=o.box, crop_box=boxes[pid], yaw=o.yaw, pitch=o.pitch,
+                                  measures=o.measures)
                     c.novelty = novelty(g, sel.saved_embeddings()) if sel.saved() else 1.0
                     action = sel.offer(c)
                     e = timeline_index[pid][o.frame_idx]
@@ -428,9 +431,9 @@ def build_identity_sets(
                     e["action"] = action
                     if opts["early_stop"] and sel.should_stop():
                         stopped_at[pid] = c
-                if len(plans) == 2 and len(entries) == 2 and entries[0][0] != entries[1][0]:
-                    pairs.append(_pair_candidate(frame, entries, boxes, info, opts, face_backend.name,
-                                                 general_embedder))
+                if want_pair:
+                    pairs.append(_pair_candidate(frame, everyone, [boxes[pid] for pid, _, _ in everyone], info,
+                                                 opts, face_backend.name, general_embedder))
                     _keep_pairs(pairs, int(opts["pair_max"]), float(opts["novelty_add"]))
                 done += 1
                 if progress:
