@@ -355,6 +355,7 @@ class LoraTrainer:
         self.rank = int(lcfg.get("rank", 16))
         self.alpha = float(lcfg.get("alpha") if lcfg.get("alpha") is not None else self.rank)
         targets = list(lcfg.get("target_modules") or ["to_q", "to_k", "to_v", "to_out.0"])
+        torch.manual_seed(_h(self.cfg["seed"], "lora-init"))  # same initial A matrices on every run
         conf = LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=float(lcfg.get("dropout", 0.0)),
                           init_lora_weights="gaussian", target_modules=targets)
         try:
