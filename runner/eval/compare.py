@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from runner.eval.report import TABLE_METRICS, SHORT, cell_label, fmt, tiny_note
-from runner.metrics.definitions import METRICS
+from runner.metrics.catalog import METRICS
 from runner.stages.base import StageError
 
 # A change smaller than this is "unchanged" when deciding whether a category improved.

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from runner.metrics.definitions import METRICS
+from runner.metrics.catalog import METRICS
 
 TABLE_METRICS = ("face_similarity", "face_similarity_max", "no_face_rate", "consistency", "clip_t",
                  "clip_score", "clip_i", "dino", "diversity")

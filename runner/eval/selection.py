@@ -22,7 +22,7 @@ import operator
 import re
 from typing import Any, Iterable
 
-from runner.metrics.definitions import METRICS
+from runner.metrics.catalog import METRICS
 from runner.stages.base import StageError
 
 _CMP = re.compile(r"^\s*(>=|<=|>|<)\s*(-?[0-9]*\.?[0-9]+)\s*$")

@@ -33,8 +33,6 @@ from runner.stages import base
 
 VERSION = 1
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-REPORT_METRICS = ("face_similarity", "face_similarity_max", "no_face_rate", "consistency", "clip_t",
-                  "clip_score", "clip_i", "dino", "diversity")
 
 
 # --------------------------------------------------------------------------- planning
@@ -501,7 +499,7 @@ def _json_default(o: Any) -> Any:
 
 
 def _metric_definitions() -> dict[str, str]:
-    from runner.metrics.definitions import METRICS
+    from runner.metrics.catalog import METRICS
 
     return {k: v["desc"] for k, v in METRICS.items()}
 
