@@ -21,6 +21,7 @@ are flagged in evaluation.json and labelled in the report.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -273,7 +274,8 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
                 prog.update(len(prompts) * len(seeds))
                 continue
             if not loaded:
-                load_lora(pipe, lora_root / ck["diffusers"], adapter_name="evaluate")
+                with _quiet_diffusers():  # "no LoRA keys for the text encoder" is expected
+                    load_lora(pipe, lora_root / ck["diffusers"], adapter_name="evaluate")
                 loaded = True
             cells.append(_run_cell(pipe, computer, refs, text_emb_all, config, ck, ck_index, scale,
                                    resolution, folder, prog))
@@ -465,6 +467,18 @@ def _load_pipeline(index: dict[str, Any], config: dict[str, Any], ctx: base.Stag
                              cache_dir=ctx.cache_dir, project_root=ctx.project_root)
     except ModelLoadError as exc:
         raise base.StageError(f"evaluate: {exc}", hint=exc.hint) from None
+
+
+@contextlib.contextmanager
+def _quiet_diffusers():
+    from diffusers.utils import logging as dlogging
+
+    level = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlogging.set_verbosity(level)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
