@@ -104,7 +104,7 @@ def _build_tiny_ltx_upsampler(dest: Path) -> None:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED + 3)
-        model = LTXLatentUpsamplerModel(in_channels=8, mid_channels=16, num_blocks_per_stage=1, dims=3,
+        model = LTXLatentUpsamplerModel(in_channels=8, mid_channels=32, num_blocks_per_stage=1, dims=3,
                                         spatial_upsample=True, temporal_upsample=False)
     model.save_pretrained(str(dest))
 
@@ -228,8 +228,8 @@ def load_video_pipeline(model: str, *, pipeline: str = "auto", image_conditionin
 
 
 def check_shape(vp: VideoPipeline, width: int, height: int, frames: int) -> None:
-    """LTX needs width/height divisible by the VAE's spatial ratio and frames = k * temporal ratio + 1."""
-    s, t = vp.spatial_ratio, vp.temporal_ratio
+    """LTX needs width/height divisible by 32 (and the VAE's spatial ratio) and frames = k * temporal ratio + 1."""
+    s, t = max(32, vp.spatial_ratio), vp.temporal_ratio
     bad = []
     if width % s or height % s:
         bad.append(f"width and height must be multiples of {s} (got {width}x{height}; e.g. "
@@ -237,7 +237,7 @@ def check_shape(vp: VideoPipeline, width: int, height: int, frames: int) -> None
     if (frames - 1) % t:
         bad.append(f"frames must be k*{t}+1 (got {frames}; e.g. {(frames - 1) // t * t + 1})")
     if bad:
-        raise StageError("generate.video: " + "; ".join(bad), hint=f"The model {vp.model} compresses {s}x in space and {t}x in time.")
+        raise StageError("generate.video: " + "; ".join(bad), hint=f"The LTX pipelines need multiples of {s} in space; {vp.model} compresses {t}x in time.")
 
 
 def load_video_lora(vp: VideoPipeline, file: str | Path, scale: float) -> None:

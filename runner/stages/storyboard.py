@@ -359,6 +359,8 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
 
     # 4. outputs
     out = ctx.out_dir / "storyboard"
+    for sub in ("frames", "attempts"):  # left by an interrupted attempt; this stage owns them
+        shutil.rmtree(out / sub, ignore_errors=True)
     (out / "frames").mkdir(parents=True, exist_ok=True)
     (out / "attempts").mkdir(exist_ok=True)
     frames = []

@@ -281,6 +281,8 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
 
     # 4. outputs
     out = ctx.out_dir / "video"
+    if out.exists():  # left by an interrupted attempt; this stage owns it
+        shutil.rmtree(out)
     (out / "clips").mkdir(parents=True)
     for c in clips:
         for key in ("file", "poster"):
