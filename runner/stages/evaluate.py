@@ -238,8 +238,8 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
                               f"({', '.join(config.get('references', []))})",
                               hint=f"Put images ({', '.join(IMAGE_EXTENSIONS)}) in the reference folders.")
     computer = MetricComputer(
-        clip=_load_embedder(config["clip_model"], ctx, "evaluate.clip_model"),
-        dino=_load_embedder(config["dino_model"], ctx, "evaluate.dino_model"),
+        clip=_load_embedder(config["clip_model"], ctx, "evaluate.clip_model", config.get("device", "auto")),
+        dino=_load_embedder(config["dino_model"], ctx, "evaluate.dino_model", config.get("device", "auto")),
         face_backend=_face_backend(config["face"], ctx.project_root),
         batch_size=config["batch_size"],
     )
@@ -431,11 +431,11 @@ def _run_cell(pipe, computer, refs, text_emb_all, config, ck, ck_index, scale, r
     return cell
 
 
-def _load_embedder(ref: str, ctx: base.StageContext, key: str):
+def _load_embedder(ref: str, ctx: base.StageContext, key: str, device: str = "auto"):
     from runner.metrics.embedders import EmbedderError, load_image_embedder
 
     try:
-        return load_image_embedder(_local_or_ref(ref, ctx.project_root), ctx.cache_dir, device="auto")
+        return load_image_embedder(_local_or_ref(ref, ctx.project_root), ctx.cache_dir, device=device)
     except EmbedderError as exc:
         raise base.StageError(f"{key}: {exc}", hint=exc.hint) from None
 
