@@ -163,3 +163,27 @@ def test_plan_estimates_from_earlier_runs(hero, tmp_path, monkeypatch, no_creden
     est = stages["hero:fake_gpu_train[a]"]["remote"]
     assert est["source"] == "history" and est["runs"] == 1 and 0 < est["seconds"] < 60
     assert "this stage" in est["note"]
+
+
+def test_deploy_declares_an_asgi_web_endpoint(hero, tmp_path):
+    from runner.serve.character import ServeTarget
+    from runner.serve.deploy import build_deployment
+
+    lora = tmp_path / "pytorch_lora_weights.safetensors"
+    lora.write_bytes(b"lora bytes")
+    spec = load_specs([str(hero)])[0]
+    target = ServeTarget(character="hero", trigger="hrochr", class_word="man", base_model="builtin:tiny-sd",
+                         family="sd15", lora_file=str(lora), lora_source="test", lora_scale=0.8, resolution=64,
+                         project_root=str(spec.project_root), api={"token_env": "HERO_TOKEN"})
+    dep = build_deployment(spec, target, token_secret="hero-api")
+    info = dep.function.info()
+    assert dep.app_name == "character-runner-hero-api"
+    assert info.web_info is not None  # modal.asgi_app
+    assert info.gpus == [("A10G", 1)]  # hardware.gpu (no stage_gpu.serve in this spec)
+    assert "modal.Secret.from_name('hero-api')" in info.secrets
+    assert "modal.Secret.from_name('huggingface')" in info.secrets
+    assert info.volumes[modal_backend.VOLUME_MOUNT].name == "hero-store"
+    assert info.concurrency_info is not None
+    # the LoRA goes up content-addressed; the container finds it at a volume path
+    (sha, path), = dep.uploads.items()
+    assert path == lora and dep.manifest["lora_file"].startswith(f"{modal_backend.VOLUME_MOUNT}/serve/{sha}/")
