@@ -186,18 +186,6 @@ def _jobs(inputs: dict[str, base.Artifact], thumbs: Path, ctx: base.StageContext
     return jobs, dupes
 
 
-def _write_thumb(job: dict[str, Any]) -> None:
-    from PIL import Image
-
-    try:
-        with Image.open(job["path"]) as im:
-            im = im.convert("RGB")
-            im.thumbnail((THUMB_PX, THUMB_PX), Image.Resampling.LANCZOS)
-            im.save(job["thumb"], format="JPEG", quality=85)
-    except Exception:
-        pass  # the record carries the read error; the report shows no thumbnail
-
-
 @base.register("analyze", version=1, order=20, expand=expand,
                description="Per image: faces, pose, expression, quality, shot type, identity, perceptual hash.",
                report=lambda config, outputs, env: report_sections(config, outputs, env))
@@ -235,11 +223,8 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     progress = ctx.progress(len(jobs), "analyze images")
     tmp = out / "records.jsonl.partial"
     with tmp.open("w", encoding="utf-8") as fh:
-        for job in jobs:
-            _write_thumb(job)
         for rec in iter_analyses(jobs, workers=workers, backend_options=_backend_options_for_workers(backend, opts),
                                  refs=refs):
-            rec.pop("thumb", None)
             fh.write(json.dumps(rec) + "\n")
             counts["images"] += 1
             counts["faces"] += len(rec.get("faces", []))

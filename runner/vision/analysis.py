@@ -131,13 +131,27 @@ def _init_worker(backend_options: dict[str, Any], refs: list[list[float]] | None
     _WORKER["refs"] = np.asarray(refs, dtype=np.float32) if refs else None
 
 
+def write_thumbnail(rgb: np.ndarray, dest: str | Path, px: int = 256) -> None:
+    from PIL import Image
+
+    im = Image.fromarray(rgb)
+    im.thumbnail((px, px), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    im.save(dest, format="JPEG", quality=85)
+
+
 def analyze_job(job: dict[str, Any]) -> dict[str, Any]:
-    """Analyze one file described by ``job`` (keys: path, plus fields copied into the record)."""
-    base = {k: v for k, v in job.items() if k != "path"}
+    """Analyze one file described by ``job``.
+
+    Keys: ``path`` (the image), optional ``thumb`` (where to write a 256 px JPEG thumbnail); the
+    other keys are copied into the record.
+    """
+    base = {k: v for k, v in job.items() if k not in ("path", "thumb")}
     try:
         rgb = load_rgb(job["path"])
     except Exception as exc:  # unreadable: the record says why, curate drops it
         return {**base, "error": f"cannot read image: {exc}", "faces": [], "main_face": None, "no_face": True}
+    if job.get("thumb"):
+        write_thumbnail(rgb, job["thumb"])
     try:
         rec = analyze_image(rgb, _WORKER["backend"], _WORKER.get("refs"))
     except Exception as exc:
