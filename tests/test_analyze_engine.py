@@ -84,3 +84,18 @@ def test_apply_through_the_engine_then_noop_then_curate_only_change(hero: Path) 
     actions = {s.id: s.action for s in plan.stages}
     assert actions["hero:ingest"] == "cached" and actions["hero:analyze"] == "cached"
     assert actions["hero:curate"] != "cached" and actions["hero:export"] != "cached"
+
+
+def test_video_identity_images_feed_analyze(project: Path, shared_data: Path) -> None:
+    (project / "clips").mkdir()
+    shutil.copy(shared_data / "video" / "carphone.mp4", project / "clips" / "carphone.mp4")
+    spec = project / "specs" / "clip.yaml"
+    spec.write_text(SPEC.replace("name: hero", "name: clip").replace("references: [../refs]", "references: []")
+                    .replace("    - images: ../photos", "    - video: ../clips/carphone.mp4"))
+    graph = build_graph([load_spec(spec)])
+    assert "clip:ingest" not in graph.nodes
+    video_nodes = [n for n in graph.nodes.values() if n.kind == "video_identity"]
+    assert video_nodes
+    inputs = graph.nodes["clip:analyze"].inputs
+    assert {ref.stage_id for name, ref in inputs.items() if name.startswith("images")} == {n.id for n in video_nodes}
+    assert not any(name.startswith("reference") for name in inputs)
