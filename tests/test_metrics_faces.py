@@ -19,7 +19,7 @@ from runner.metrics.compute import MetricComputer
 PEOPLE = ["obama", "biden", "kit_harington", "rose_leslie", "alex_lacamoire", "lin_manuel_miranda"]
 
 
-def _load(path: Path, max_side: int = 800) -> Image.Image:
+def _load(path: Path, max_side: int = 512) -> Image.Image:
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im).convert("RGB")
     im.thumbnail((max_side, max_side))
