@@ -216,6 +216,19 @@ def _execute(plan: Plan, graph: Graph, ws: Workspace, options: ApplyOptions,
     from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
     remote_ids = remote_ids or []
+    # Declared before the run starts: a Modal app that cannot be built fails the apply cleanly.
+    remote_backend = _make_remote_backend(plan, graph, ws, options, remote_ids) if remote_ids else None
+    session = None
+    if remote_backend is not None:
+        session = remote_backend.session()
+        if getattr(remote_backend.transport, "name", "") == "modal":
+            reporter.log("modal", "info", f"starting the Modal app for {len(remote_ids)} GPU stage(s) "
+                         "(the first run builds the image: a few minutes)")
+        try:
+            session.__enter__()  # for Modal: app.run() (builds the image the first time)
+        except Exception as exc:
+            raise ApplyError(f"could not start the Modal app for the GPU stages: {type(exc).__name__}: {exc}"
+                             " (check `modal token new` / `modal profile current`, or run with --backend local)") from None
     run_id = ws.start_run(options.command, spec_files)
     results: list[StageResult] = []
     timeline: list[dict[str, Any]] = []
@@ -224,7 +237,6 @@ def _execute(plan: Plan, graph: Graph, ws: Workspace, options: ApplyOptions,
     status = "succeeded" if plan.has_changes else "no-op"
     interrupted = False
     stop = False
-    remote_backend = None
     pool: ThreadPoolExecutor | None = None
     running: dict[Future, _Running] = {}
     max_parallel = _max_parallel(graph, options)
@@ -243,12 +255,8 @@ def _execute(plan: Plan, graph: Graph, ws: Workspace, options: ApplyOptions,
             if not options.keep_going:
                 stop = True
 
-    session = None
     try:
-        if remote_ids:
-            remote_backend = _make_remote_backend(plan, graph, ws, options, remote_ids)
-            session = remote_backend.session()
-            session.__enter__()
+        if remote_backend is not None:
             pool = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="remote-stage")
         pending = list(plan.stages)
         while pending or running:
