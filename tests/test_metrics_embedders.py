@@ -87,3 +87,20 @@ def test_open_clip_is_optional(tmp_path: Path) -> None:
         assert "pip install open_clip_torch" in exc.value.hint
     else:  # pragma: no cover - only where open_clip is installed
         pytest.skip("open_clip installed; weights cannot be downloaded here")
+
+
+def test_dinov2_folder_loads_through_automodel(tmp_path: Path) -> None:
+    """A DINOv2 checkpoint (model_type dinov2) saved locally loads via AutoModel; CLS embedding."""
+    import torch
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    folder = tmp_path / "dinov2-tiny"
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(image_size=56, patch_size=14, hidden_size=24, intermediate_size=48,
+                             num_hidden_layers=1, num_attention_heads=2)).save_pretrained(str(folder))
+    BitImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}).save_pretrained(str(folder))
+    emb = E.load_image_embedder(str(folder), tmp_path)
+    assert emb.kind == "dino" and not emb.is_tiny_random and emb.dim == 24
+    out = emb.embed_images(_images(3), batch_size=2)
+    assert out.shape == (3, 24)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
