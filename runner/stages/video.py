@@ -109,6 +109,10 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
     else:
         p = graph.project_root / source
         inputs["source"] = base.FileSetRef(root=p, patterns=("*",), recursive=False, spec_key="generate.video.source")
+    width, height = int(video.get("width", 704)), int(video.get("height", 480))
+    if width % 32 or height % 32:
+        raise base.StageError(f"generate.video: width and height must be multiples of 32 for LTX-Video (got {width}x{height})",
+                              hint=f"e.g. width: {width // 32 * 32}, height: {height // 32 * 32}")
     inputs.update(reference_inputs(spec, graph))
     for name, key in (("model", "model"), ("lora", "lora"), ("upsampler", "upsampler")):
         ref = _file_input(video.get(key), graph, f"generate.video.{key}")
@@ -221,21 +225,7 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     sources = _sources(config, inputs)
     device = resolve_device(config.get("device", "auto"))
 
-    # 1. what each clip compares with
-    from runner.stages.storyboard import load_references
-
-    face_backend = face_backend_from(config["face"], ctx.project_root, "generate.video.fidelity")
-    ref_files, ref_images = load_references(inputs)
-    ref_faces = _face_embeddings(face_backend, ref_images)
-    against = config["fidelity"]["against"]
-    if against == "references" and len(ref_faces) == 0:
-        ctx.warn("video: no reference face found in character.references; fidelity compares with each clip's source image")
-        against = "source"
-    threshold = float(getattr(face_backend, "default_identity_threshold", 0.5))
-    hardware = {"price_table": config["price"]["table"], "currency": config["price"]["currency"]}
-    per_hour, currency = price(config["price"]["gpu"], hardware)
-
-    # 2. the model
+    # 1. the model (first: a bad shape fails before anything slow)
     t = time.monotonic()
     try:
         vp = ltx.load_video_pipeline(config["model"], pipeline=config["pipeline"],
@@ -249,6 +239,20 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
         lora_path = Path(art.files[0]) if art is not None and art.files else ctx.project_root / config["lora"]
         ltx.load_video_lora(vp, lora_path, config["lora_scale"])
     load_s = time.monotonic() - t
+    # 2. what each clip compares with
+    from runner.stages.storyboard import load_references
+
+    face_backend = face_backend_from(config["face"], ctx.project_root, "generate.video.fidelity")
+    ref_files, ref_images = load_references(inputs)
+    ref_faces = _face_embeddings(face_backend, ref_images)
+    against = config["fidelity"]["against"]
+    if against == "references" and len(ref_faces) == 0:
+        ctx.warn("video: no reference face found in character.references; fidelity compares with each clip's source image")
+        against = "source"
+    threshold = float(getattr(face_backend, "default_identity_threshold", 0.5))
+    hardware = {"price_table": config["price"]["table"], "currency": config["price"]["currency"]}
+    per_hour, currency = price(config["price"]["gpu"], hardware)
+
     clip_model = None
     if config.get("suite") and any(c["expect"].get("features_kept") and c["features"] for c in config["suite"]["cases"]):
         from runner.stages.evaluate import _load_embedder
