@@ -202,3 +202,35 @@ def test_general_vision_model_path_is_labelled(tmp_path, shared_data, repo_root)
     assert s["embedding_model"]["general_is_fallback"] is False
     html = render(V.report_sections(config_for(video), out, {"thumbnail_px": 64}), repo_root)
     assert "tiny random model" in html
+
+
+def test_spec_to_report_through_the_engine(project, shared_data, monkeypatch):
+    """A video source in a spec: planned as hero:video_identity[0], run by the engine, cached on the
+    second apply, its images offered downstream, its section in the report."""
+    from runner.engine.executor import ApplyOptions, apply
+    from runner.engine.progress import QuietReporter
+    from runner.spec import load_spec
+
+    base.registry()
+    monkeypatch.setattr(base, "_REGISTRY", {k: v for k, v in base._REGISTRY.items()
+                                            if k in ("video_identity", "report")})
+    (project / "rides").mkdir()
+    shutil.copy(shared_data / "video" / "carphone.mp4", project / "rides" / "ride_001.mp4")
+    spec_file = project / "specs" / "hero.yaml"
+    spec_file.write_text(
+        "version: 1\n"
+        "character: {name: hero, trigger: hrochr, class_word: man}\n"
+        "dataset:\n"
+        "  sources:\n"
+        "    - video: ../rides/ride_001.mp4\n"
+        "      stride: 8\n"
+        "      video_options: {general_fallback: always}\n"
+    )
+    first = apply([load_spec(spec_file)], ApplyOptions(), QuietReporter())
+    assert first.status == "succeeded", [(r.stage_id, r.error) for r in first.results]
+    ran = {r.stage_id: r.status for r in first.results}
+    assert ran["hero:video_identity[0]"] == "succeeded"
+    html = first.reports["hero"].read_text()
+    assert "Identity sets from video rides/ride_001.mp4" in html and "Coverage grid" in html
+    second = apply([load_spec(spec_file)], ApplyOptions(), QuietReporter())
+    assert {r.stage_id: r.status for r in second.results}.get("hero:video_identity[0]") in (None, "cached")
