@@ -356,3 +356,33 @@ def test_safety_filter_withholds_flagged_images(engine, tmp_path):
             assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     finally:
         engine.safety = None
+
+
+def test_video_job_with_the_tiny_video_model(engine):
+    """A clip from a given image, and one from the character generated first (builtin:tiny-ltx)."""
+    import av
+
+    still = io.BytesIO()
+    Image.new("RGB", (64, 64), (120, 90, 60)).save(still, format="PNG")
+    body = {"prompt": "turns the head", "seed": 5, "steps": 2, "frames": 9, "fps": 8, "width": 64, "height": 64}
+    engine.target.video = {"model": "builtin:tiny-ltx", "steps": 2}
+    try:
+        with Server(app_for(engine)) as url, httpx.Client(base_url=url, timeout=300) as c:
+            assert c.get("/v1/info", headers=AUTH).json()["video"]["available"] is True
+            import base64
+
+            r = c.post("/v1/videos", headers=AUTH,
+                       json={**body, "image_base64": base64.b64encode(still.getvalue()).decode()})
+            assert r.status_code == 200, r.text
+            assert r.headers["content-type"] == "video/mp4"
+            with av.open(io.BytesIO(r.content)) as container:
+                frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+            assert len(frames) == 9 and frames[0].shape == (64, 64, 3)
+            r = c.post("/v1/videos", headers=AUTH, json=body)  # the character first, then the motion
+            assert r.status_code == 200 and len(r.content) > 100
+            r = c.post("/v1/videos", headers=AUTH, json={**body, "frames": 12})
+            assert r.status_code == 422 and "frames must be" in r.json()["error"]["message"]
+            r = c.post("/v1/videos", headers=AUTH, json={**body, "image_base64": "not base64!"})
+            assert r.status_code == 422 and r.json()["error"]["details"][0]["field"] == "image_base64"
+    finally:
+        engine.target.video = None

@@ -152,6 +152,12 @@ def create_app(engine: Any, *, token: str | None, max_queue: int = 32, max_batch
         except ApiError:
             raise
         except Exception as exc:
+            from runner.stages.base import StageError
+
+            if isinstance(exc, StageError) and type(exc).__name__ != "VideoModelError":
+                # a request the model cannot honour (e.g. a clip length the video VAE cannot make)
+                raise ApiError(422, "invalid_request", str(exc) + (f" (hint: {exc.hint})" if exc.hint else ""),
+                               [{"field": "body", "reason": str(exc)}]) from None
             hint = getattr(exc, "hint", "")
             raise ApiError(500, "generation_failed", f"{type(exc).__name__}: {exc}"
                            + (f" (hint: {hint})" if hint else "")) from None

@@ -160,8 +160,8 @@ class ImageEngine:
         check_shape(vp, job.width, job.height, job.frames)
         image = job.image
         if image is None:  # the character first, then the motion
-            params = ImageParams(job.negative_prompt, 30 if not self.target.tiny_random else job.steps,
-                                 self.target.guidance, job.width, job.height, job.lora_scale)
+            params = ImageParams(job.negative_prompt, self.target.steps, self.target.guidance, job.width,
+                                 job.height, job.lora_scale)
             image, flagged = self.run_images([ImageJob(job.prompt, job.seed, params)])[0]
             if flagged:
                 raise ContentFiltered()
