@@ -383,6 +383,23 @@ def unlock(project: str | None, force: bool) -> None:
     click.echo(do_unlock(ws.dir, force=force))
 
 
+@cli.command("storyboard-preview")
+@click.argument("spec", type=click.Path(path_type=str))
+@click.option("--llm", "call_llm", is_flag=True, help="For planner 'llm': call the chat endpoint now (needs its key).")
+@click.option("--json", "as_json", is_flag=True, help="Print the scenes as JSON.")
+@allow_outside_opt
+def storyboard_preview(spec: str, call_llm: bool, as_json: bool, allow_outside_project: bool) -> None:
+    """Print a spec's storyboard scenes and frame prompts (no GPU, no model)."""
+    from runner.generate.planner import format_scenes, plan_scenes
+
+    s = _one_spec((spec,), allow_outside_project)
+    scenes = plan_scenes(s.data, allow_llm=call_llm)
+    if as_json:
+        click.echo(json.dumps([sc.to_dict() for sc in scenes], indent=2))
+    else:
+        click.echo(format_scenes(scenes))
+
+
 # ----------------------------------------------------------------------------- serve / deploy
 
 

@@ -84,6 +84,7 @@ def decode(path: Path) -> list[np.ndarray]:
         return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
 
 
+@pytest.mark.slow
 def test_tiny_ltx_clip_suite_upscale_first_frame_budget(proj: Path, tmp_path: Path) -> None:
     s = spec(suite="builtin", upscale=True, replace_first_frame=True,
              fidelity={"frames": 3, "excellent": 20, "fail": 30, "on_fail": "regenerate", "retries": 1})

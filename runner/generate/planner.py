@@ -91,7 +91,7 @@ def scene_prompt(text: str, shot: str, character: dict[str, Any], style_prompt: 
     """The frame prompt for a scene: who, framing, what happens, fixed traits, style."""
     traits = [t for t in ((character.get("traits") or {}).get("fixed") or []) if t]
     parts = [f"{character_phrase(character)}, {SHOT_PHRASES.get(shot, shot.replace('_', ' '))}",
-             text.strip().rstrip(".")]
+             text.strip().rstrip(" .!?;,")]
     if traits:
         parts.append(", ".join(traits))
     if style_prompt.strip():

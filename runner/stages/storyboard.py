@@ -46,7 +46,7 @@ def lora_source(spec: dict[str, Any], graph: base.GraphView, where: str) -> tupl
     gen = spec.get("generate") or {}
     checkpoint = str(gen.get("checkpoint", "best"))
     train_spec = spec.get("train") or {}
-    base_model = train_spec.get("base_model", "builtin:tiny-sd")
+    base_model = gen.get("base_model") or train_spec.get("base_model", "builtin:tiny-sd")
     common = {"checkpoint": checkpoint, "lora_scale": gen.get("lora_scale"),
               "base_model": base_model, "model_family": train_spec.get("model_family", "auto"),
               "resolution": train_spec.get("resolution")}
