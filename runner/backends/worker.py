@@ -41,7 +41,6 @@ from runner.backends.volume import (
     atomic_write_text,
     blob_relpath,
     result_relpath,
-    sha256_file,
 )
 
 MAX_EVENTS = 5000
