@@ -139,6 +139,15 @@ def pinned_requirements(extras: tuple[str, ...] = REMOTE_EXTRAS) -> list[str]:
     return sorted(out, key=str.lower)
 
 
+def _insightface_pin() -> str:
+    import importlib.metadata as md
+
+    try:
+        return f"insightface=={md.version('insightface')}"
+    except md.PackageNotFoundError:
+        return "insightface==2.1"
+
+
 def _norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
@@ -153,6 +162,8 @@ def build_image(python_version: str | None = None):
         modal.Image.debian_slim(python_version=py)
         .apt_install("libgl1", "libglib2.0-0", "ffmpeg")
         .pip_install(*pinned_requirements())
+        # as in the README: insightface's wheel wants the GUI OpenCV, so it goes in without deps
+        .pip_install(_insightface_pin(), extra_options="--no-deps")
         .env({"CHARACTER_RUNNER_CACHE": f"{VOLUME_MOUNT}/cache", "HF_HOME": f"{VOLUME_MOUNT}/cache/hf",
               "TORCH_HOME": f"{VOLUME_MOUNT}/cache/torch", "PYTHONUNBUFFERED": "1"})
         .add_local_dir(PACKAGE_DIR, "/root/runner", ignore=ignore)
