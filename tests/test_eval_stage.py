@@ -151,6 +151,33 @@ def test_evaluate_tiny_sd_end_to_end_and_resume(lora_and_refs, tmp_path: Path) -
     assert E._resume_info(ctx.scratch_dir) == "resume after 4 finished checkpoint x scale cells"
 
 
+def test_changing_targets_reuses_cached_cells(lora_and_refs, tmp_path: Path, monkeypatch) -> None:
+    """Only targets/objective changed: a new stage run (new scratch) re-selects without generating."""
+    import runner.diffusion.generate as G
+
+    root, lora, ref_art = lora_and_refs
+    cache = tmp_path / "shared-cache"
+
+    def ctx_in(name: str) -> LocalStageContext:
+        return LocalStageContext(stage_id="demo:evaluate", character="demo", out_dir=tmp_path / name / "out",
+                                 scratch_dir=tmp_path / name / "scratch", cache_dir=cache, project_root=root)
+
+    cfg = _config(["refs"], lora_scales=[1.0], checkpoints="last")
+    E.run(cfg, {"lora": lora, "reference0": ref_art}, ctx_in("a"))
+    calls = []
+    real = G.generate_images
+    monkeypatch.setattr(G, "generate_images", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg2 = {**cfg, "targets": {"full_body": {"clip_t": ">5"}}, "objective": {"maximize": "clip_t", "constraints": {}}}
+    out = E.run(cfg2, {"lora": lora, "reference0": ref_art}, ctx_in("b"))
+    assert calls == []
+    ev = json.loads((out["evaluation"].path / "evaluation.json").read_text())
+    assert ev["cells"][0]["targets"]["full_body"]["clip_t"]["pass"] is False and ev["best"]["step"] == 200
+    # a different seed list is a different cell: generated again
+    E.run({**cfg, "seeds": [3, 4]}, {"lora": lora, "reference0": ref_art}, ctx_in("c"))
+    assert calls
+    assert not [p for p in (cache / "evaluate-cells").iterdir() if p.name.startswith(".")]  # no temp leftovers
+
+
 def test_best_follows_identity_with_real_faces(lora_and_refs, tmp_path: Path, shared_data: Path, monkeypatch) -> None:
     """With a generator that 'draws' the right person only at step 200, scale 1.0, that cell wins."""
     import runner.diffusion.generate as G

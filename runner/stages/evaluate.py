@@ -255,30 +255,43 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     pipe = _load_pipeline(index, config, ctx)
     tiny_diffusion = bool(index.get("tiny_random_model") or getattr(pipe, "_character_runner_tiny", False))
 
-    # 3. cells (resumable)
-    cells_dir = ctx.scratch_dir / "cells"
-    cells_dir.mkdir(parents=True, exist_ok=True)
+    # 3. cells. Each checkpoint x scale is generated and scored once and kept in the shared cache
+    # under a key of everything that affects it (LoRA file content, base model, prompts, seeds,
+    # sampler settings, metric models, reference files). A crash resumes at the next cell, and
+    # changing only targets or the objective re-selects without generating anything.
+    cells_root = ctx.cache_dir / "evaluate-cells"
+    cells_root.mkdir(parents=True, exist_ok=True)
+    common_key = _common_cell_key(config, index, resolution, ref_files)
     total = len(checkpoints) * len(scales) * len(prompts) * len(seeds)
     prog = ctx.progress(total, "evaluate: generate + score")
     cells: list[dict[str, Any]] = []
+    cell_dirs: dict[str, Path] = {}
+    done_names: list[str] = []
     from runner.diffusion.lora import load_lora, unload_loras
 
     for ck_index, ck in checkpoints:
         loaded = False
+        lora_sha = _file_sha256(lora_root / ck["diffusers"])
         for scale in scales:
             name = cell_name(ck["step"], scale)
-            folder = cells_dir / name
+            folder = cells_root / _sha256_text(json.dumps([common_key, lora_sha, float(scale)]))[:40]
             done = folder / "cell.json"
             if done.is_file():
-                cells.append(json.loads(done.read_text(encoding="utf-8")))
+                cell = json.loads(done.read_text(encoding="utf-8"))
                 prog.update(len(prompts) * len(seeds))
-                continue
-            if not loaded:
-                with _quiet_diffusers():  # "no LoRA keys for the text encoder" is expected
-                    load_lora(pipe, lora_root / ck["diffusers"], adapter_name="evaluate")
-                loaded = True
-            cells.append(_run_cell(pipe, computer, refs, text_emb_all, config, ck, ck_index, scale,
-                                   resolution, folder, prog))
+            else:
+                if not loaded:
+                    with _quiet_diffusers():  # "no LoRA keys for the text encoder" is expected
+                        load_lora(pipe, lora_root / ck["diffusers"], adapter_name="evaluate")
+                    loaded = True
+                cell = _run_cell(pipe, computer, refs, text_emb_all, config, scale, resolution, folder, prog)
+            # Which checkpoint this is belongs to this run, not to the cached content.
+            cell.update({"cell": name, "step": int(ck["step"]), "phase": ck.get("phase"),
+                         "checkpoint_index": ck_index, "lora_scale": float(scale)})
+            cells.append(cell)
+            cell_dirs[name] = folder
+            done_names.append(name)
+            _write_json(ctx.scratch_dir / "cells_done.json", done_names)
         if loaded:
             unload_loras(pipe)
     prog.close()
@@ -300,7 +313,7 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     out = ctx.out_dir / "evaluation"
     (out / "images").mkdir(parents=True, exist_ok=True)
     for c in cells:
-        src = cells_dir / c["cell"]
+        src = cell_dirs[c["cell"]]
         dst = out / "images" / c["cell"]
         dst.mkdir(parents=True, exist_ok=True)
         for img in c["images"]:
@@ -373,13 +386,24 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     return {"evaluation": base.Artifact("evaluation", out, meta={"best": best, "tiny_random": evaluation["tiny_random"]["any"]})}
 
 
-def _run_cell(pipe, computer, refs, text_emb_all, config, ck, ck_index, scale, resolution, folder: Path, prog) -> dict[str, Any]:
-    """Generate and score one checkpoint x scale; written to ``folder/cell.json`` when complete."""
+def _run_cell(pipe, computer, refs, text_emb_all, config, scale, resolution, final: Path, prog) -> dict[str, Any]:
+    """Generate and score one checkpoint x scale into ``final`` (written elsewhere, then renamed
+    into place, so a crash or a concurrent run never leaves a half-written cell)."""
+    import tempfile
+
     from runner.diffusion.generate import generate_images
 
-    if folder.exists():
-        shutil.rmtree(folder)  # an incomplete cell from a crash: start it over
-    folder.mkdir(parents=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        return _generate_and_score(pipe, computer, refs, text_emb_all, config, scale, resolution, folder, final,
+                                   prog, generate_images)
+    finally:
+        if folder.exists():  # failed, or lost a race: nothing half-written stays in the cache
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _generate_and_score(pipe, computer, refs, text_emb_all, config, scale, resolution, folder: Path,
+                        final: Path, prog, generate_images) -> dict[str, Any]:
     prompts = config["suite"]["prompts"]
     seeds = config["seeds"]
     jobs = [(p, s) for p in prompts for s in seeds]  # the order of text_emb_all
@@ -414,10 +438,6 @@ def _run_cell(pipe, computer, refs, text_emb_all, config, ck, ck_index, scale, r
         records.append({"category": p["category"], "prompt_index": p["index"], "seed": seed, "file": fname,
                         **{k: (round(v, 5) if isinstance(v, float) else v) for k, v in scores.items()}})
     cell = {
-        "cell": folder.name,
-        "step": int(ck["step"]),
-        "phase": ck.get("phase"),
-        "checkpoint_index": ck_index,
         "lora_scale": float(scale),
         "categories": per_cat,
         "overall": overall,
@@ -425,10 +445,47 @@ def _run_cell(pipe, computer, refs, text_emb_all, config, ck, ck_index, scale, r
         "timing": {"generate_s": round(t_gen, 3), "metrics_s": round(t_metrics, 3),
                    "images": len(jobs)},
     }
-    tmp = folder / "cell.json.tmp"
-    tmp.write_text(json.dumps(cell, default=_json_default), encoding="utf-8")
-    os.replace(tmp, folder / "cell.json")
+    _write_json(folder / "cell.json", cell)
+    try:
+        os.rename(folder, final)
+    except OSError:  # another run finished the same cell first: use theirs
+        return json.loads((final / "cell.json").read_text(encoding="utf-8"))
     return cell
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, default=_json_default), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _sha256_text(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _common_cell_key(config: dict[str, Any], index: dict[str, Any], resolution: int, ref_files: list[Path]) -> str:
+    """Everything but the LoRA file and scale that changes a cell's images or metrics."""
+    return _sha256_text(json.dumps({
+        "version": VERSION,
+        "base_model": index.get("base_model"), "model_family": index.get("model_family"),
+        "prompts": config["suite"]["prompts"], "seeds": config["seeds"], "steps": config["steps"],
+        "guidance": config["guidance"], "resolution": resolution, "batch_size": config["batch_size"],
+        "clip": config["clip_model"], "dino": config["dino_model"], "face": config["face"],
+        "device": config.get("device", "auto"),
+        "references": sorted(_file_sha256(f) for f in ref_files),
+    }, sort_keys=True))
 
 
 def _load_embedder(ref: str, ctx: base.StageContext, key: str, device: str = "auto"):
@@ -519,10 +576,13 @@ def _metric_definitions() -> dict[str, str]:
 
 
 def _resume_info(scratch: Path) -> str | None:
-    cells = sorted((Path(scratch) / "cells").glob("*/cell.json"))
-    if not cells:
+    try:
+        done = json.loads((Path(scratch) / "cells_done.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
-    return f"resume after {len(cells)} finished checkpoint x scale cell{'s' if len(cells) != 1 else ''}"
+    if not done:
+        return None
+    return f"resume after {len(done)} finished checkpoint x scale cell{'s' if len(done) != 1 else ''}"
 
 
 # --------------------------------------------------------------------------- report
