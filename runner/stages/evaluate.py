@@ -14,9 +14,12 @@ Then the best cell is chosen by ``evaluate.objective`` (:mod:`runner.eval.select
 files are copied under ``best/``. Output artifact ``evaluation``: a folder with
 ``evaluation.json``, ``best/`` and ``images/<cell>/...`` (the generated images the report shows).
 
-Cells finished before a crash are kept in the scratch folder (``cells/<cell>/cell.json``), so a
-new apply resumes at the next cell. Figures measured with tiny random models (builtin:tiny-*)
-are flagged in evaluation.json and labelled in the report.
+Finished cells are kept in the shared cache (``<cache>/evaluate-cells/<key>/``), keyed by
+everything that affects their images and metrics (the LoRA file's content, base model, prompts,
+seeds, sampler settings, metric models, reference files): a new apply after a crash resumes at
+the next cell, and changing only ``targets`` or ``objective`` re-selects the best without
+generating anything. Figures measured with tiny random models (builtin:tiny-*) are flagged in
+evaluation.json and labelled in the report and the log.
 """
 
 from __future__ import annotations
