@@ -186,4 +186,15 @@ def test_deploy_declares_an_asgi_web_endpoint(hero, tmp_path):
     assert info.concurrency_info is not None
     # the LoRA goes up content-addressed; the container finds it at a volume path
     (sha, path), = dep.uploads.items()
-    assert path == lora and dep.manifest["lora_file"].startswith(f"{modal_backend.VOLUME_MOUNT}/serve/{sha}/")
+    assert path == lora and dep.manifest["lora_file"].endswith(f"/{sha}/pytorch_lora_weights.safetensors")
+    assert dep.manifest["_links"] == [[f"blobs/{sha[:2]}/{sha}", dep.manifest["lora_file"]]]
+    # what the container does at start-up, with a folder standing in for the volume
+    from runner.backends.volume import FolderVolume
+    from runner.serve.deploy import prepare_target
+
+    vol = tmp_path / "vol"
+    FolderVolume(vol).upload(dep.uploads)
+    manifest = {**dep.manifest, "_links": [[b, str(tmp_path / "local" / Path(d).name)] for b, d in dep.manifest["_links"]],
+                "lora_file": str(tmp_path / "local" / "pytorch_lora_weights.safetensors")}
+    t = prepare_target(manifest, vol)
+    assert Path(t.lora_file).read_bytes() == b"lora bytes" and t.lora_scale == 0.8 and t.character == "hero"

@@ -1,7 +1,8 @@
 """`runner deploy SPEC`: the serve app as a Modal web endpoint (``modal.asgi_app``).
 
 1. the LoRA (and a local base model folder or file) go up to the spec's Modal Volume,
-   content-addressed like stage inputs (only what the volume lacks);
+   content-addressed like stage inputs (only what the volume lacks); each container copies them
+   to its own disk at start-up;
 2. a Modal app is declared: one function on the serving GPU (``hardware.stage_gpu.serve`` or
    ``hardware.gpu``) with the package image, the volume, the spec's secrets plus the secret that
    holds the API token (its key is generate.api.token_env), ``@modal.concurrent`` so that
@@ -27,6 +28,9 @@ from runner.backends.modal_backend import (
 )
 
 DEFAULT_TOKEN_SECRET = "character-runner-api"
+# Serving files are copied from the volume's blobs to the container's own disk at start-up (the
+# loaders want real file names; concurrent containers never write to the volume).
+LOCAL_SERVE_DIR = "/tmp/character-runner-serve"
 
 
 @dataclass
@@ -49,46 +53,54 @@ def serving_files(target: Any) -> tuple[dict[str, Any], dict[str, Path]]:
         p = Path(target.lora_file)
         sha = sha256_file(p)
         uploads[sha] = p
-        data["lora_file"] = f"{VOLUME_MOUNT}/serve/{sha}/{p.name}"
-        data["_links"] = [[f"{VOLUME_MOUNT}/{blob_relpath(sha)}", data["lora_file"]]]
+        data["lora_file"] = f"{LOCAL_SERVE_DIR}/{sha}/{p.name}"
+        data["_links"] = [[blob_relpath(sha), data["lora_file"]]]
     bm = Path(target.base_model)
     if not target.base_model.startswith("builtin:") and bm.exists():
         files = [bm] if bm.is_file() else sorted(f for f in bm.rglob("*") if f.is_file())
         cache = DigestCache(Path(target.project_root) / ".runner" / "remote" / "digests")
         listing = cache.digest_tree(bm, files)
-        dest = f"{VOLUME_MOUNT}/serve/models/{slug(bm.name)}"
+        dest = f"{LOCAL_SERVE_DIR}/models/{slug(bm.name)}"
         data["base_model"] = dest if bm.is_dir() else f"{dest}/{bm.name}"
         links = data.setdefault("_links", [])
         for (rel, sha, _), f in zip(listing, files):
             uploads[sha] = f
-            links.append([f"{VOLUME_MOUNT}/{blob_relpath(sha)}", f"{dest}/{rel}"])
+            links.append([blob_relpath(sha), f"{dest}/{rel}"])
     data["project_root"] = ""
     return data, uploads
+
+
+def prepare_target(manifest: dict[str, Any], volume_root: str | Path) -> Any:
+    """In the container: copy the serving files from the volume's blobs to where the manifest's
+    target expects them, and return that :class:`ServeTarget`."""
+    import shutil
+
+    from runner.serve.character import ServeTarget
+
+    for blob, dest in manifest.get("_links", []):
+        d = Path(dest)
+        if not d.is_file():
+            d.parent.mkdir(parents=True, exist_ok=True)
+            tmp = d.with_name(d.name + ".part")
+            shutil.copyfile(Path(volume_root) / blob, tmp)
+            tmp.replace(d)
+    return ServeTarget.from_json({k: v for k, v in manifest.items() if not k.startswith("_")})
 
 
 def _serve_entry(manifest: dict[str, Any], token_env: str, device: str):
     """Build the ASGI app inside the container (called once per container)."""
     import os
-    import shutil
-    from pathlib import Path
 
     import modal
 
     from runner.serve import build_app, token_from_env
-    from runner.serve.character import ServeTarget
 
     vol = modal.Volume.from_name(manifest["_volume"])
     try:
         vol.reload()
     except Exception:
         pass
-    for src, dest in manifest.get("_links", []):
-        d = Path(dest)
-        if not d.is_file():
-            d.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, d)
-    data = {k: v for k, v in manifest.items() if not k.startswith("_")}
-    target = ServeTarget.from_json(data)
+    target = prepare_target(manifest, VOLUME_MOUNT)
     token = token_from_env(token_env, insecure_no_auth=os.environ.get("RUNNER_INSECURE_NO_AUTH") == "1")
     return build_app(target, token=token, device=device)
 
