@@ -47,7 +47,6 @@ def main() -> None:
     from PIL import Image, ImageOps
 
     from runner.eval.suites import load_suite, render_suite
-    from runner.metrics import definitions as M
     from runner.metrics.compute import MetricComputer
     from runner.metrics.embedders import load_image_embedder
     from runner.vision.faces import get_face_backend, main_face
