@@ -154,7 +154,8 @@ def test_overfitting_one_image_lowers_its_loss(shared_data: Path, tmp_path: Path
 
 
 def test_phases_switch_lr_and_mix(dataset: Path, tmp_path: Path) -> None:
-    cfg = _cfg(phases=[{"name": "foundation", "steps": 3, "lr": 1e-3, "mix": {"close_up": 1.0}},
+    cfg = _cfg(gradient_checkpointing=True,
+               phases=[{"name": "foundation", "steps": 3, "lr": 1e-3, "mix": {"close_up": 1.0}},
                        {"name": "polish", "steps": 3, "lr": 2e-4, "mix": "balanced"}],
                checkpoints={"every_steps": 100, "keep_last": 2, "sample_prompts": [], "validation_fraction": 0.0})
     index, _ = _run(cfg, dataset, tmp_path)
@@ -168,6 +169,7 @@ def test_phases_switch_lr_and_mix(dataset: Path, tmp_path: Path) -> None:
     shares = {p["name"]: p["shot_share"] for p in index["phases"]}
     assert shares["foundation"] == {"close_up": 1.0, "full_body": 0.0, "medium": 0.0, "wide": 0.0}
     assert len(set(shares["polish"].values())) == 1  # balanced: equal per shot
+    assert index["gradient_checkpointing"] is True and index["attention"] == ["AttnProcessor2_0"]
 
 
 def test_variants_expand_to_nodes_and_share_caches(dataset: Path, tmp_path: Path) -> None:
@@ -189,6 +191,9 @@ def test_variants_expand_to_nodes_and_share_caches(dataset: Path, tmp_path: Path
     json.dumps([n.config for n in nodes])  # JSON-serializable configs
     # without the dataset stage there is nothing to train
     assert T.expand(spec, FakeGraph(tmp_path, [])) == []
+    # one node without variants
+    plain = T.expand({**spec, "train": {k: v for k, v in section.items() if k != "variants"}}, FakeGraph(tmp_path, [caption]))
+    assert [n.id for n in plain] == ["demo:train"] and plain[0].config["variant"] is None
     # a typo in a variant fails at plan time, naming the key
     bad = {**spec, "train": {**section, "variants": {"oops": {"lora": {"rnak": 8}}}}}
     with pytest.raises(base.StageError, match="train.variants.oops.lora"):
@@ -268,3 +273,25 @@ def test_kill_and_resume_matches_uninterrupted_run(dataset: Path, tmp_path: Path
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
     assert [h["val_loss"] for h in index["history"]] == pytest.approx([h["val_loss"] for h in ref_index["history"]], rel=1e-4)
+
+
+def test_bad_input_gives_clear_errors(dataset: Path, tmp_path: Path) -> None:
+    import shutil
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(base.StageError, match="dataset.jsonl not found"):
+        _run(_cfg(), empty, tmp_path / "r1")
+    broken = tmp_path / "broken"
+    shutil.copytree(dataset, broken)
+    (broken / "img00.png").write_bytes(b"not a png")
+    with pytest.raises(base.StageError, match="img00.png: cannot read the image") as err:
+        _run(_cfg(), broken, tmp_path / "r2")
+    assert err.value.hint
+    with pytest.raises(base.StageError, match=r"train.phases\[0\] \(only\).mix"):
+        _run(_cfg(phases=[{"name": "only", "steps": 1, "mix": {"nonexistent": 1.0}}]), dataset, tmp_path / "r3")
+    with pytest.raises(base.StageError, match="target_modules"):
+        _run(_cfg(lora={"target_modules": ["no_such_layer"]}), dataset, tmp_path / "r4")
+    with pytest.raises(base.StageError, match="train.base_model"):
+        _run(_cfg(base_model=str(tmp_path / "missing.safetensors")), dataset, tmp_path / "r5")
+    assert not (tmp_path / "r3" / "out" / "lora").exists()  # no half-written output

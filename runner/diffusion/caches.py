@@ -86,7 +86,15 @@ class TrainCache:
         for bucket, entries in todo.items():
             for s in range(0, len(entries), batch_size):
                 chunk = entries[s:s + batch_size]
-                loaded = [load_bucketed(img, bucket) for img, _ in chunk]
+                loaded = []
+                for img, _ in chunk:
+                    try:
+                        loaded.append(load_bucketed(img, bucket))
+                    except OSError as exc:  # PIL's UnidentifiedImageError is an OSError
+                        from runner.diffusion.data import DataError
+
+                        raise DataError(f"{img}: cannot read the image ({exc})",
+                                        hint="Re-run the caption stage, or remove the file from the dataset.") from None
                 mean, std = encode([im for im, _, _ in loaded], bucket)
                 for j, ((_, p), (_, orig, crop)) in enumerate(zip(chunk, loaded)):
                     import torch

@@ -185,8 +185,20 @@ class LoraTrainer:
         for m in (self.unet, self.vae, *self.text_encoders):
             m.requires_grad_(False)
         self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        self._use_sdpa()
         # what the bucket sides must be divisible by: VAE downscale x UNet downsamplings
         self.multiple = self.pipe.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def _use_sdpa(self) -> None:
+        """Attention through torch's scaled_dot_product_attention (flash / memory-efficient
+        kernels on GPU). diffusers picks it by default; a model saved with the classic processor
+        is switched over."""
+        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+        procs = self.unet.attn_processors
+        if any(type(p) is AttnProcessor for p in procs.values()):
+            self.unet.set_attn_processor(AttnProcessor2_0())
+        self.attention = sorted({type(p).__name__ for p in self.unet.attn_processors.values()})
 
     # ------------------------------------------------------------------------------------
     # 2. data
@@ -309,7 +321,7 @@ class LoraTrainer:
 
         from runner.diffusion.caches import TrainCache, load_entry
 
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         self.cache = TrainCache(self.cache_dir, self.model_fp)
         reg_cfg = self.cfg.get("regularization", {})
         self.reg_ex: list[Example] = []
@@ -324,8 +336,11 @@ class LoraTrainer:
                                            bucket=assign_bucket(w, h, self.buckets), captions=[self._class_prompt()]))
         all_ex = [*self.train_ex, *self.val_ex, *self.reg_ex]
         bar = self.cb.bar(len(all_ex), "caching latents")
-        paths = self.cache.ensure_latents([(e.image, e.bucket) for e in all_ex], self._encode_images,
-                                          batch_size=8, progress=bar)
+        try:
+            paths = self.cache.ensure_latents([(e.image, e.bucket) for e in all_ex], self._encode_images,
+                                              batch_size=8, progress=bar)
+        except DataError as exc:
+            raise TrainError(str(exc), hint=exc.hint) from None
         bar.close()
         self.latents = {id(e): load_entry(p) for e, p in zip(all_ex, paths)}
         self.train_te = bool(self.cfg.get("lora", {}).get("train_text_encoder"))
@@ -340,6 +355,7 @@ class LoraTrainer:
             bar.close()
             self.text = {c: load_entry(p) for c, p in tpaths.items()}
         self.timings["cache_s"] = time.perf_counter() - t0
+        self.timings["cache_cpu_s"] = time.process_time() - c0
         self.cb.log(f"caches: latents {self.cache.hits['latents']} hit / {self.cache.misses['latents']} encoded, "
                     f"text {self.cache.hits['text']} hit / {self.cache.misses['text']} encoded",
                     hits=self.cache.hits, misses=self.cache.misses)
@@ -614,7 +630,7 @@ class LoraTrainer:
         return self.phases[-1]
 
     def _checkpoint(self, step: int, phase: Phase) -> None:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         ck_root = self.scratch / "checkpoints"
         final = ck_root / f"step-{step:06d}"
         tmp = ck_root / f".tmp-step-{step:06d}"
@@ -640,6 +656,7 @@ class LoraTrainer:
             self._log_metrics({"step": step, "phase": phase.name, "val_loss": val})
         self.cb.log(f"checkpoint at step {step}" + (f", validation loss {val:.4f}" if val is not None else ""), step=step)
         self.timings["checkpoint_s"] = self.timings.get("checkpoint_s", 0.0) + time.perf_counter() - t0
+        self.timings["checkpoint_cpu_s"] = self.timings.get("checkpoint_cpu_s", 0.0) + time.process_time() - c0
 
     def _save_state(self, step: int, phase_index: int, optimizer, scheduler) -> None:
         import numpy as np
@@ -750,7 +767,8 @@ class LoraTrainer:
             bar.update(step)
         reg_w = float(self.cfg.get("regularization", {}).get("prior_loss_weight", 1.0))
         self.phase_mix: dict[str, dict[str, float]] = {}
-        t_train = time.perf_counter()
+        trainable = [p for m in self.trained for p in m.parameters() if p.requires_grad]
+        t_train, c_train = time.perf_counter(), time.process_time()
         steps_run = 0
         for pi, phase in enumerate(self.phases):
             try:
@@ -793,8 +811,7 @@ class LoraTrainer:
                         self.accelerator.backward(loss)
                         grad_norm = None
                         if self.accelerator.sync_gradients and float(self.cfg.get("max_grad_norm", 0)) > 0:
-                            params = [p for m in self.trained for p in m.parameters() if p.requires_grad]
-                            grad_norm = float(self.accelerator.clip_grad_norm_(params, float(self.cfg["max_grad_norm"])))
+                            grad_norm = float(self.accelerator.clip_grad_norm_(trainable, float(self.cfg["max_grad_norm"])))
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
                 if not self.accelerator.sync_gradients:
@@ -829,6 +846,7 @@ class LoraTrainer:
         if self.tb is not None:
             self.tb.close()
         self.timings["train_s"] = time.perf_counter() - t_train
+        self.timings["train_cpu_s"] = time.process_time() - c_train
         self.timings["steps_run"] = steps_run
         self.timings["total_s"] = time.perf_counter() - t_start
         return self._write_outputs()
@@ -875,6 +893,8 @@ class LoraTrainer:
             "device": self.device,
             "mixed_precision": self.mixed_precision,
             "optimizer": getattr(self, "optimizer_name", self.cfg.get("optimizer", "adamw")),
+            "attention": self.attention,
+            "gradient_checkpointing": bool(self.cfg.get("gradient_checkpointing")),
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
         }
         (lora_dir / "index.json").write_text(json.dumps(index, indent=2))
