@@ -86,14 +86,18 @@ def run_train(config, inputs, ctx):
     crash_marker = os.environ.get("FAKE_GPU_CRASH_ONCE")
     crash_at = int(os.environ.get("FAKE_GPU_CRASH_AT", "3"))
     done_now = []
+    bar = ctx.progress(config["steps"], "training")
+    bar.update(first - 1)
     for step in range(first, config["steps"] + 1):
         time.sleep(config["sleep"])
+        bar.update(1)
         (ctx.scratch_dir / f"step-{step}.json").write_text(json.dumps({"step": step}))
         done_now.append(step)
         ctx.metric("loss", 1.0 / step, step=step)
         if crash_marker and step == crash_at and not Path(crash_marker).exists():
             Path(crash_marker).write_text(str(os.getpid()))
             os._exit(137)  # the container is gone: no cleanup, no result
+    bar.close()
     out = ctx.out_dir / "lora"
     out.mkdir()
     (out / "index.json").write_text(json.dumps({"variant": config["variant"], "images": images,

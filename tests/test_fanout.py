@@ -192,3 +192,25 @@ def test_preempted_attempt_is_retried_within_the_call_and_resumes(hero, tmp_path
     assert index["resumed_from"] == 2 and index["steps_run_here"] == [3, 4, 5]
     e = executions(project, result.run_id)["hero:fake_gpu_train[a]"]
     assert e["metrics"]["remote.attempts"] == 2
+
+
+def test_remote_progress_reaches_the_reporter_while_the_stage_runs(hero, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_GPU_VARIANTS", "a")
+    monkeypatch.setenv("FAKE_GPU_SLEEP", "0.5")
+    seen: list[tuple[str, str, float]] = []
+    finished: dict[str, float] = {}
+
+    class Recorder(PlainReporter):
+        def progress(self, stage_id, desc, completed, total):
+            seen.append((stage_id, desc, __import__("time").monotonic()))
+
+        def stage_finished(self, stage_id, status, duration, note=""):
+            finished[stage_id] = __import__("time").monotonic()
+
+    import io
+
+    opts = ApplyOptions(only=["fake_gpu_train*"], remote=transport(tmp_path), command="test")
+    result = apply(load_specs([str(hero)]), opts, Recorder(io.StringIO()))
+    assert result.status == "succeeded"
+    relayed = [t for sid, desc, t in seen if sid == "hero:fake_gpu_train[a]" and desc == "training"]
+    assert relayed and relayed[0] < finished["hero:fake_gpu_train[a]"]

@@ -302,6 +302,7 @@ class ModalTransport:
     at once and recorded)."""
 
     name = "modal"
+    progress_poll_s = 30.0
 
     def __init__(self, stage_app: ModalStageApp) -> None:
         self.stage_app = stage_app
@@ -362,6 +363,25 @@ class ModalTransport:
                 return None
             raise
         return json.loads(data.decode("utf-8"))
+
+    def progress_events(self, key: str) -> tuple[str, list[dict[str, Any]]]:
+        """The running attempt's log as last committed by the worker (every minute)."""
+        from runner.backends.remote import parse_events
+        from runner.backends.volume import WORK
+
+        try:
+            entries = self.volume.listdir(f"/{WORK}/{key}")
+        except Exception:
+            return "", []
+        attempts = sorted((Path(e.path).name for e in entries if Path(e.path).name.startswith("attempt")),
+                          key=lambda n: int(n[7:] or 0))
+        if not attempts:
+            return "", []
+        try:
+            data = b"".join(self.volume.read_file(f"/{WORK}/{key}/{attempts[-1]}/log.jsonl"))
+        except Exception:
+            return "", []
+        return attempts[-1], parse_events(data.decode("utf-8", errors="replace"))
 
     def invoke(self, kind: str, config: dict[str, Any], manifest: dict[str, Any], node: base.PlanNode) -> _ModalCall:
         fn = self.stage_app.function_for(node).function

@@ -350,9 +350,12 @@ class RemoteBackend:
                         "gpu": info.gpu})
             with self._lock:
                 self._calls[call.call_id] = call
+            relay = _ProgressRelay(self.transport, key, ctx)
+            relay.start()
             try:
                 result = call.result()
             finally:
+                relay.stop()
                 with self._lock:
                     self._calls.pop(call.call_id, None)
         info.attempts = int(result.get("attempts", 0))
@@ -385,6 +388,61 @@ class RemoteBackend:
 
         sess = getattr(self.transport, "session", None)
         return sess() if sess is not None else nullcontext()
+
+
+class _ProgressRelay:
+    """While a remote stage runs, polls its log on the volume (``transport.progress_events``) and
+    hands new progress lines to the reporter, so a long remote train shows its steps here too.
+    On Modal the log becomes visible when the worker commits the volume (every minute)."""
+
+    def __init__(self, transport: Any, key: str, ctx: Any) -> None:
+        self.transport = transport
+        self.key = key
+        self.ctx = ctx
+        self.every_s = float(getattr(transport, "progress_poll_s", 0) or 0)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._attempt = ""
+        self._count = 0  # events of the current attempt's log already relayed (the log only grows)
+
+    def start(self) -> None:
+        if self.every_s > 0 and hasattr(self.transport, "progress_events"):
+            self._thread = threading.Thread(target=self._loop, name="progress-relay", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                attempt, events = self.transport.progress_events(self.key)
+            except Exception:  # progress is best effort; the result is what counts
+                continue
+            if attempt != self._attempt:  # a retry writes a new log
+                self._attempt, self._count = attempt, 0
+            new, self._count = events[self._count:], max(self._count, len(events))
+            for ev in new:
+                if ev.get("event") == "progress":
+                    self.ctx.reporter.progress(self.ctx.stage_id, str(ev.get("desc", "")),
+                                               int(ev.get("completed", 0)), ev.get("total"))
+                elif ev.get("event") == "log":
+                    self.ctx.reporter.log(self.ctx.stage_id, str(ev.get("level", "info")),
+                                          "[remote] " + str(ev.get("message", "")))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+
+def parse_events(text: str) -> list[dict[str, Any]]:
+    """Complete JSON lines of a log being written (a last line without its newline is left for
+    the next poll)."""
+    out = []
+    for line in text.split("\n")[:-1]:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            out.append({})  # keeps the count aligned with the file's lines
+    return out
 
 
 # ----------------------------------------------------------------------------- folder transport
@@ -433,6 +491,7 @@ class FolderTransport:
     preempted container); the stage then resumes from its checkpoint in ``<root>/scratch``."""
 
     name = "folder"
+    progress_poll_s = 0.25
 
     def __init__(self, root: Path | str, *, retries: int = 0, python: str | None = None,
                  env: dict[str, str] | None = None) -> None:
@@ -463,6 +522,16 @@ class FolderTransport:
 
     def read_result(self, key: str) -> dict[str, Any] | None:
         return self.volume.read_result(key)
+
+    def progress_events(self, key: str) -> tuple[str, list[dict[str, Any]]]:
+        """(attempt, the events its log holds so far) of the running attempt at ``key``."""
+        from runner.backends.volume import WORK
+
+        attempts = sorted((self.root / WORK / key).glob("attempt*"), key=lambda p: int(p.name[7:] or 0))
+        if not attempts or not (attempts[-1] / "log.jsonl").is_file():
+            return "", []
+        text = (attempts[-1] / "log.jsonl").read_text(encoding="utf-8", errors="replace")
+        return attempts[-1].name, parse_events(text)
 
     def invoke(self, kind: str, config: dict[str, Any], manifest: dict[str, Any],
                node: base.PlanNode) -> _SubprocessCall:
