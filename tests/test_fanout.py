@@ -214,3 +214,20 @@ def test_remote_progress_reaches_the_reporter_while_the_stage_runs(hero, tmp_pat
     assert result.status == "succeeded"
     relayed = [t for sid, desc, t in seen if sid == "hero:fake_gpu_train[a]" and desc == "training"]
     assert relayed and relayed[0] < finished["hero:fake_gpu_train[a]"]
+
+
+def test_characters_of_one_batch_run_their_gpu_stages_in_parallel(hero, tmp_path, monkeypatch):
+    import io
+
+    project = hero.parent.parent
+    villain = project / "specs" / "villain.yaml"
+    villain.write_text(SPEC.replace("name: hero", "name: villain").replace("hrochr", "vlnchr"))
+    monkeypatch.setenv("FAKE_GPU_VARIANTS", "a")
+    opts = ApplyOptions(only=["fake_gpu_train*"], remote=transport(tmp_path), command="test")
+    result = apply(load_specs([str(hero), str(villain)]), opts, PlainReporter(io.StringIO()))
+    assert result.status == "succeeded"
+    iv = intervals(tmp_path / "times.txt")
+    h, v = iv["hero:fake_gpu_train[a]"], iv["villain:fake_gpu_train[a]"]
+    assert h[0] < v[1] and v[0] < h[1], f"characters did not overlap: {h} {v}"
+    ex = executions(project, result.run_id)
+    assert {ex[f"{c}:fake_gpu_train[a]"]["character"] for c in ("hero", "villain")} == {"hero", "villain"}
