@@ -396,3 +396,57 @@ def test_expand_one_node_per_video_source(tmp_path):
 
     assert fnmatch.fnmatch("ride [1].mp4", v.patterns[0])
     assert n.inputs["references0"].recursive and n.inputs["references1"].patterns == ("one.png",)
+
+
+# ------------------------------------------------------------------------------ key-frame / ROI detection
+
+
+class SquareBackend:
+    """A stand-in face backend: every bright square is a 'face' (records the input sizes it saw)."""
+
+    name = "fake"
+    default_identity_threshold = 0.9
+
+    def __init__(self) -> None:
+        self.sizes: list[tuple[int, int]] = []
+
+    def analyze(self, rgb):
+        from runner.vision.faces import Face, Pose
+
+        self.sizes.append(rgb.shape[:2])
+        ys, xs = np.nonzero(rgb[:, :, 0] > 200)
+        if not len(xs):
+            return []
+        x0, y0, x1, y1 = float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)
+        w, h = x1 - x0, y1 - y0
+        kps = np.array([[x0 + 0.3 * w, y0 + 0.35 * h], [x0 + 0.7 * w, y0 + 0.35 * h], [x0 + 0.5 * w, y0 + 0.55 * h],
+                        [x0 + 0.35 * w, y0 + 0.75 * h], [x0 + 0.65 * w, y0 + 0.75 * h]], np.float32)
+        return [Face(box=(x0, y0, x1, y1), score=1.0, keypoints=kps, pose=Pose(0.0, 0.0, 0.0),
+                     embedding=unit(np.ones(8)).astype(np.float32))]
+
+
+def square_frames(n: int):
+    from runner.video.decode import Frame
+
+    for i in range(n):
+        rgb = np.zeros((120, 200, 3), np.uint8)
+        x = 20 + 8 * i
+        rgb[40:80, x:x + 40] = 255
+        yield Frame(i * 5, i * 166.0, rgb)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_key_frames_search_whole_frames_and_the_rest_only_around_faces(threads):
+    from runner.video.pipeline import _analyze_frames
+
+    backends = [SquareBackend() for _ in range(threads)]
+    out = list(_analyze_frames(square_frames(7), backends, full_every=3, roi_margin=1.0))
+    assert [f.index for f, _ in out] == [0, 5, 10, 15, 20, 25, 30]
+    for i, (_, obs) in enumerate(out):
+        assert len(obs) == 1
+        assert obs[0].box == (20 + 8 * i, 40, 60 + 8 * i, 80), "boxes are in frame coordinates"
+    sizes = sorted(s for b in backends for s in b.sizes)
+    assert sizes.count((120, 200)) == 3  # key frames 0, 3, 6 searched whole
+    assert len(sizes) == 7 and all(s[0] <= 120 and s[1] < 200 for s in sizes[:4])
+    every = list(_analyze_frames(square_frames(7), [SquareBackend()], full_every=1))
+    assert [o[0].box for _, o in every] == [o[0].box for _, o in out]

@@ -48,6 +48,7 @@ VIDEO_OPTION_DEFAULTS: dict[str, Any] = {
     "crop_scale": 2.2,
     "crop_max_side": 512,
     "on_truncated": "quarantine",
+    "full_detect_every": 3,
 }
 
 
@@ -262,6 +263,7 @@ def _run_with(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: bas
         "stop_novelty": opts["stop_novelty"],
         "conditioning_ratio": opts["conditioning_ratio"],
         "adjust_ratio": opts["adjust_ratio"],
+        "full_detect_every": opts.get("full_detect_every", 3),
     }
     result = build_identity_sets(
         str(video), face_backend=backend, general_embedder=general, options=pipe_opts,

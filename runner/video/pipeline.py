@@ -49,6 +49,7 @@ DEFAULTS: dict[str, Any] = {
     "early_stop": True,
     "conditioning_ratio": [20, 70, 10],
     "adjust_ratio": True,
+    "full_detect_every": 3,
 }
 
 
@@ -147,39 +148,92 @@ def _face_obs(frame_idx: int, ts: float, rgb: np.ndarray, face: Any) -> FaceObs:
     )
 
 
-def _analyze_frames(frames: Any, backends: Sequence[Any]) -> Any:
-    """Yield (frame, [FaceObs]) in frame order, analyzing one frame per backend at a time."""
-    def one(backend: Any, frame: Any) -> tuple[Any, list[FaceObs]]:
-        faces = backend.analyze(frame.rgb)
+def _roi_faces(backend: Any, rgb: np.ndarray, boxes: Sequence[Sequence[float]], margin: float) -> list[Any]:
+    """Faces found in regions around ``boxes`` (each box grown by ``margin`` x its size on every
+    side), in frame coordinates, with pose recomputed for the whole frame's camera model."""
+    from runner.vision.faces import pose_from_landmarks
+
+    h, w = rgb.shape[:2]
+    found: list[Any] = []
+    for x0, y0, x1, y1 in boxes:
+        s = max(x1 - x0, y1 - y0)
+        rx0, ry0 = max(0, int(x0 - margin * s)), max(0, int(y0 - margin * s))
+        rx1, ry1 = min(w, int(np.ceil(x1 + margin * s))), min(h, int(np.ceil(y1 + margin * s)))
+        if rx1 - rx0 < 16 or ry1 - ry0 < 16:
+            continue
+        for f in backend.analyze(np.ascontiguousarray(rgb[ry0:ry1, rx0:rx1])):
+            off = np.array([rx0, ry0], dtype=np.float32)
+            f.box = (f.box[0] + rx0, f.box[1] + ry0, f.box[2] + rx0, f.box[3] + ry0)
+            f.keypoints = (np.asarray(f.keypoints) + off).astype(np.float32)
+            if f.landmarks is not None:
+                f.landmarks = (np.asarray(f.landmarks) + off).astype(np.float32)
+            pts = f.landmarks if f.landmarks is not None else f.keypoints
+            f.pose = pose_from_landmarks(pts, (w, h))
+            # two regions can overlap: keep one detection per face
+            if all(box_iou(f.box, g.box) < 0.5 for g in found):
+                found.append(f)
+    return found
+
+
+def _analyze_frames(frames: Any, backends: Sequence[Any], *, full_every: int = 1,
+                    roi_margin: float = 1.0) -> Any:
+    """Yield (frame, [FaceObs]) in frame order, analyzing one frame per backend at a time.
+
+    Every ``full_every``-th sampled frame (a key frame) is searched whole; the frames between
+    are searched only around the faces of the key frame before them (regions grown by
+    ``roi_margin`` x the face size), which costs a fraction of a full-frame detection. A face
+    that enters the picture is found at the next key frame.
+    """
+    import queue
+    from collections import deque
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    full_every = max(1, int(full_every))
+
+    def one(backend: Any, frame: Any, key_boxes: list | None) -> tuple[Any, list[FaceObs]]:
+        if key_boxes is None:
+            faces = backend.analyze(frame.rgb)
+        else:
+            faces = _roi_faces(backend, frame.rgb, key_boxes, roi_margin) if key_boxes else []
         obs = [_face_obs(frame.index, frame.timestamp_ms, frame.rgb, f) for f in faces]
         frame.rgb = None  # pass 1 keeps no pixels
         return frame, obs
 
     workers = len(backends)
     if workers <= 1:
-        for frame in frames:
-            yield one(backends[0], frame)
+        key_boxes: list = []
+        for n, frame in enumerate(frames):
+            is_key = n % full_every == 0
+            fr, obs = one(backends[0], frame, None if is_key else key_boxes)
+            if is_key:
+                key_boxes = [o.box for o in obs]
+            yield fr, obs
         return
-    import queue
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
 
     pool_backends: queue.Queue = queue.Queue()
     for b in backends:
         pool_backends.put(b)
 
-    def task(frame: Any) -> tuple[Any, list[FaceObs]]:
+    def task(frame: Any, key: Future | None) -> tuple[Any, list[FaceObs]]:
+        # Waiting happens before a backend is taken; the key frame was submitted earlier, so it
+        # is already running or done (the pool runs tasks in submission order): no deadlock.
+        boxes = None if key is None else [o.box for o in key.result()[1]]
         backend = pool_backends.get()
         try:
-            return one(backend, frame)
+            return one(backend, frame, boxes)
         finally:
             pool_backends.put(backend)
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="video-faces") as ex:
         pending: deque = deque()
-        for frame in frames:
-            pending.append(ex.submit(task, frame))
-            while len(pending) >= workers * 2:
+        key_future: Future | None = None
+        for n, frame in enumerate(frames):
+            if n % full_every == 0:
+                key_future = ex.submit(task, frame, None)
+                pending.append(key_future)
+            else:
+                pending.append(ex.submit(task, frame, key_future))
+            while len(pending) >= workers * 2 + full_every:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
@@ -290,7 +344,8 @@ def build_identity_sets(
     t0 = time.perf_counter()
     frames_iter = iter_frames(video_path, stride=stride, decoder=info.decoder, stats=stats)
     try:
-        for frame, obs in _analyze_frames(frames_iter, [face_backend, *extra_backends]):
+        for frame, obs in _analyze_frames(frames_iter, [face_backend, *extra_backends],
+                                          full_every=int(opts["full_detect_every"])):
             tracker.update(obs)
             faces_per_frame.append((frame.index, frame.timestamp_ms, len(obs)))
             sampled += 1
