@@ -295,3 +295,31 @@ def test_bad_input_gives_clear_errors(dataset: Path, tmp_path: Path) -> None:
     with pytest.raises(base.StageError, match="train.base_model"):
         _run(_cfg(base_model=str(tmp_path / "missing.safetensors")), dataset, tmp_path / "r5")
     assert not (tmp_path / "r3" / "out" / "lora").exists()  # no half-written output
+
+
+def test_sdxl_with_cached_text_buckets_and_class_image_folder(dataset: Path, shared_data: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    reg = tmp_path / "class"
+    reg.mkdir()
+    for i, src in enumerate(sorted((shared_data / "faces" / "kit_harington").glob("*.jpg"))[:2]):
+        with Image.open(src) as im:
+            im.convert("RGB").resize((80, 48)).save(reg / f"c{i}.png")
+    cfg = _cfg(base_model="builtin:tiny-sdxl", steps=2, caption_dropout=0.5,
+               regularization={"enabled": True, "images": "class", "prior_loss_weight": 1.0},
+               checkpoints={"every_steps": 2, "sample_prompts": ["{trigger} {class}"], "validation_fraction": 0.2})
+    ctx = LocalStageContext.for_folder(tmp_path / "run", stage_id="demo:train")
+    out = T.run(cfg, {"dataset": base.Artifact("dataset", dataset), "regularization": base.Artifact("regularization", reg)}, ctx)
+    index = json.loads((out["lora"].path / "index.json").read_text())
+    assert index["model_family"] == "sdxl" and index["dataset"]["regularization_images"] == 2
+    assert len(index["dataset"]["buckets"]) > 1  # portrait, landscape and square photos
+    assert index["cache"]["misses"]["text"] > 0  # SDXL prompt + pooled embeddings cached
+    rows = [r for r in _metrics(tmp_path / "run") if "loss" in r]
+    assert len(rows) == 2 and all("prior_loss" in r for r in rows)
+    assert index["history"][-1]["val_loss"] is not None
+    # expand() turns the folder into a file-set input of the node
+    spec = {"character": {"name": "demo", "trigger": "sks", "class_word": "person"},
+            "train": {**{k: v for k, v in cfg.items() if k not in ("character", "trigger", "class_word", "variant")}}}
+    caption = base.PlanNode(id="demo:caption", kind="caption", character="demo", config={}, outputs=("dataset",))
+    node = T.expand(spec, FakeGraph(tmp_path, [caption]))[0]
+    assert isinstance(node.inputs["regularization"], base.FileSetRef) and node.inputs["regularization"].root == tmp_path / "class"
