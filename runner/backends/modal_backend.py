@@ -330,6 +330,12 @@ class ModalTransport:
     def missing(self, shas: set[str]) -> set[str]:
         return set(shas) - self._listing()
 
+    def note_present(self, shas: set[str]) -> None:
+        """Blobs a stage wrote on the volume (its outputs): no need to list the volume again."""
+        with self._lock:
+            if self._blobs is not None:
+                self._blobs |= set(shas)
+
     def upload(self, files: dict[str, Path]) -> None:
         from runner.backends.volume import blob_relpath
 

@@ -358,6 +358,9 @@ class RemoteBackend:
                 relay.stop()
                 with self._lock:
                     self._calls.pop(call.call_id, None)
+        note = getattr(self.transport, "note_present", None)
+        if note is not None and result.get("files"):
+            note({sha for _, sha, _ in result["files"]})  # the outputs are on the volume now
         info.attempts = int(result.get("attempts", 0))
         info.billed_s = 0.0 if info.reused_result else float(result.get("billed_s", 0.0))
         info.remote_s = float(result.get("duration_s", 0.0))
