@@ -198,3 +198,78 @@ def test_deploy_declares_an_asgi_web_endpoint(hero, tmp_path):
                 "lora_file": str(tmp_path / "local" / "pytorch_lora_weights.safetensors")}
     t = prepare_target(manifest, vol)
     assert Path(t.lora_file).read_bytes() == b"lora bytes" and t.lora_scale == 0.8 and t.character == "hero"
+
+
+class FolderBackedVolume:
+    """Stands in for a hydrated modal.Volume: the methods ModalTransport calls, over a folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def listdir(self, path, recursive=False):
+        from types import SimpleNamespace
+
+        base = self.root / path.lstrip("/")
+        if not base.exists():
+            import modal
+
+            raise modal.exception.NotFoundError(f"{path} not found")
+        it = base.rglob("*") if recursive else base.iterdir()
+        return [SimpleNamespace(path=str(p.relative_to(self.root))) for p in it]
+
+    def batch_upload(self, force=False):
+        vol = self
+
+        class Batch:
+            def __enter__(self):
+                return self
+
+            def put_file(self, local, remote):
+                dest = vol.root / remote.lstrip("/")
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(Path(local).read_bytes())
+
+            def __exit__(self, *exc):
+                return False
+
+        return Batch()
+
+    def read_file(self, path):
+        p = self.root / path.lstrip("/")
+        if not p.is_file():
+            raise FileNotFoundError(path)
+        yield p.read_bytes()
+
+    def read_file_into_fileobj(self, path, fileobj):
+        fileobj.write(next(self.read_file(path)))
+
+
+def test_modal_transport_volume_calls(tmp_path):
+    """ModalTransport's volume traffic, against the method names modal.Volume really has."""
+    import modal
+
+    from runner.backends.volume import blob_relpath, sha256_file
+
+    for name in ("listdir", "batch_upload", "read_file", "read_file_into_fileobj", "reload", "commit"):
+        assert callable(getattr(modal.Volume, name)), name
+    vol_root = tmp_path / "vol"
+    vol_root.mkdir()
+    app = modal_backend.ModalStageApp(app=None, app_name="x", volume_name="v", volume=FolderBackedVolume(vol_root),
+                                      secrets=[], max_parallel=1)
+    tr = modal_backend.ModalTransport(app)
+    f = tmp_path / "a.bin"
+    f.write_bytes(b"abc")
+    sha = sha256_file(f)
+    assert tr.missing({sha}) == {sha}  # a new volume has no blobs folder yet
+    tr.upload({sha: f})
+    assert (vol_root / blob_relpath(sha)).read_bytes() == b"abc"
+    assert tr.missing({sha, "0" * 64}) == {"0" * 64}
+    tr.fetch(sha, tmp_path / "back" / "a.bin")
+    assert (tmp_path / "back" / "a.bin").read_bytes() == b"abc"
+    assert tr.read_result("nokey") is None
+    (vol_root / "results").mkdir()
+    (vol_root / "results" / "k.json").write_text('{"status": "succeeded"}')
+    assert tr.read_result("k") == {"status": "succeeded"}
+    (vol_root / "work" / "k" / "attempt2").mkdir(parents=True)
+    (vol_root / "work" / "k" / "attempt2" / "log.jsonl").write_text('{"event": "progress"}\n{"event": "lo')
+    assert tr.progress_events("k") == ("attempt2", [{"event": "progress"}])
