@@ -29,29 +29,10 @@ def _one_torch_thread():
 
 
 def make_lora(root: Path, cache: Path) -> Path:
-    """A random, non-zero LoRA for builtin:tiny-sd in diffusers format, plus the train index.json."""
-    import torch
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
+    """The train stage's ``lora`` output with one random, non-zero checkpoint (step 10) for tiny SD."""
+    from test_eval_stage import _make_lora_artifact
 
-    from runner.diffusion.models import load_pipeline
-
-    pipe = load_pipeline("builtin:tiny-sd", cache_dir=cache)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(3)
-        pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
-                                         target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name="a")
-    sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet, adapter_name="a"))
-    folder = root / "checkpoint-10"
-    StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=sd)
-    (root / "index.json").write_text(json.dumps({
-        "base_model": "builtin:tiny-sd", "model_family": "sd15", "resolution": 64, "trigger": "dmochr",
-        "class_word": "man", "variant": None, "tiny_random_model": True, "final": 0,
-        "checkpoints": [{"step": 10, "phase": "main", "diffusers": "checkpoint-10/pytorch_lora_weights.safetensors",
-                         "kohya": None, "val_loss": None, "samples": []}]}))
-    return root
+    return _make_lora_artifact(root, cache, steps=(10,)).path
 
 
 @pytest.fixture(scope="module")

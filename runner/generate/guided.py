@@ -193,41 +193,21 @@ def _build_tiny_controlnet(dest: Path, unet_config: dict[str, Any], vae_config: 
 def tiny_guided_path(name: str, cache_dir: Path | str | None = None) -> Path:
     """Build once (for builtin:tiny-sd) and return builtin:tiny-ip-adapter / builtin:tiny-controlnet."""
     import json
-    import os
-    import shutil
-    import tempfile
 
-    from runner.diffusion.tiny import file_lock, models_cache_dir, tiny_model_path
+    from runner.diffusion.tiny import TINY_VERSION, models_cache_dir, tiny_model_path
+    from runner.generate.builtins import build_once
 
     name = name.removeprefix("builtin:")
     if name not in TINY_GUIDED:
         raise StageError(f"unknown builtin model builtin:{name}",
                          hint="Use builtin:tiny-ip-adapter or builtin:tiny-controlnet (for builtin:tiny-sd), a hub id or a path.")
-    root = models_cache_dir(cache_dir)
-    from runner.diffusion.tiny import TINY_VERSION
-
-    final = root / f"builtin-{name}-v{TINY_GUIDED_VERSION}-sd{TINY_VERSION}"
+    final = models_cache_dir(cache_dir) / f"builtin-{name}-v{TINY_GUIDED_VERSION}-sd{TINY_VERSION}"
     if (final / "DONE").is_file():
         return final
     sd_folder = tiny_model_path("tiny-sd", cache_dir)
     unet_config = json.loads((sd_folder / "unet" / "config.json").read_text())
     vae_config = json.loads((sd_folder / "vae" / "config.json").read_text())
-    with file_lock(root / f".builtin-{name}.lock"):
-        if (final / "DONE").is_file():
-            return final
-        tmp = Path(tempfile.mkdtemp(prefix=f".build-{name}-", dir=root))
-        try:
-            from runner.metrics.embedders import _quiet_transformers
-
-            with _quiet_transformers():
-                (_build_tiny_ip_adapter if name == "tiny-ip-adapter" else _build_tiny_controlnet)(tmp, unet_config, vae_config)
-            (tmp / "TINY_RANDOM_MODEL.txt").write_text(
-                f"builtin:{name} v{TINY_GUIDED_VERSION}: random weights for builtin:tiny-sd, built by character-runner.\n")
-            (tmp / "DONE").write_text("ok\n")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    build = _build_tiny_ip_adapter if name == "tiny-ip-adapter" else _build_tiny_controlnet
+    return build_once(final, lambda tmp: build(tmp, unet_config, vae_config),
+                      f"builtin:{name} v{TINY_GUIDED_VERSION}: random weights for builtin:tiny-sd v{TINY_VERSION}, "
+                      "built from config by character-runner.")

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,38 +112,17 @@ _BUILDERS = {"tiny-ltx": _build_tiny_ltx, "tiny-ltx-upsampler": _build_tiny_ltx_
 
 
 def tiny_ltx_path(name: str, cache_dir: Path | str | None = None) -> Path:
-    """Build (once, under a lock, renamed into place) and return the folder of a tiny LTX model."""
-    from runner.diffusion.tiny import file_lock, models_cache_dir
+    """Build (once) and return the folder of builtin:tiny-ltx or builtin:tiny-ltx-upsampler."""
+    from runner.diffusion.tiny import models_cache_dir
+    from runner.generate.builtins import build_once
 
     name = name.removeprefix("builtin:")
     if name not in _BUILDERS:
         raise VideoModelError(f"unknown builtin video model {name!r}",
                               hint="Use builtin:tiny-ltx (and builtin:tiny-ltx-upsampler), a hub id or a local folder.")
-    root = models_cache_dir(cache_dir)
-    final = root / f"builtin-{name}-v{TINY_LTX_VERSION}"
-    if (final / "DONE").is_file():
-        return final
-    with file_lock(root / f".builtin-{name}.lock"):
-        if (final / "DONE").is_file():
-            return final
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".build-{name}-", dir=root))
-        try:
-            from runner.metrics.embedders import _quiet_transformers
-
-            with _quiet_transformers():
-                _BUILDERS[name](tmp)
-            (tmp / "TINY_RANDOM_MODEL.txt").write_text(
-                f"builtin:{name} v{TINY_LTX_VERSION}: a tiny LTX-Video model with random weights, built from "
-                f"config with seed {TINY_SEED} by character-runner. Its clips are noise.\n")
-            (tmp / "DONE").write_text(json.dumps({"builtin": f"builtin:{name}", "version": TINY_LTX_VERSION}))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return build_once(models_cache_dir(cache_dir) / f"builtin-{name}-v{TINY_LTX_VERSION}", _BUILDERS[name],
+                      f"builtin:{name} v{TINY_LTX_VERSION}: a tiny LTX-Video model with random weights, built from "
+                      f"config with seed {TINY_SEED} by character-runner. Its clips are noise.")
 
 
 # --------------------------------------------------------------------------- loading

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.stages import base
+from runner.stages.evaluate import _rel
 
 VERSION = 1
 
@@ -236,17 +237,13 @@ def load_character_pipeline(lora: dict[str, Any], device: str, ctx: base.StageCo
 
 
 def face_backend_from(opts: dict[str, Any], project_root: Path, where: str):
-    from runner.vision.faces import get_face_backend
+    """The face backend named by ``opts`` (the evaluate stage's loader; errors name ``where``)."""
+    from runner.stages.evaluate import _face_backend
 
-    pack = opts.get("insightface_pack", "buffalo_l")
-    if pack and not Path(pack).is_absolute() and (project_root / pack).is_dir():
-        pack = str(project_root / pack)
     try:
-        return get_face_backend(opts.get("name", "auto"), dlib_detector=opts.get("dlib_detector", "hog"),
-                                upsample=int(opts.get("upsample", 1)), insightface_pack=pack,
-                                insightface_root=opts.get("insightface_root", "~/.insightface"))
+        return _face_backend(opts, project_root)
     except base.StageError as exc:
-        raise base.StageError(f"{where}: {exc}", hint=exc.hint) from None
+        raise base.StageError(f"{where}: {str(exc).removeprefix('evaluate.face_model: ')}", hint=exc.hint) from None
 
 
 def load_references(inputs: dict[str, base.Artifact]):
@@ -470,13 +467,6 @@ def _guided_frames(config, inputs, ctx, pipe, family, jobs, validator, make_gene
         maps[""].save(folder / "reference_control.png")
         info["control_map_file"] = "control/reference_control.png"
     return first + rest, info
-
-
-def _rel(p: Path, root: Path) -> str:
-    try:
-        return Path(p).resolve().relative_to(Path(root).resolve()).as_posix()
-    except ValueError:
-        return str(p)
 
 
 # --------------------------------------------------------------------------- report

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.stages import base
-from runner.stages.storyboard import face_backend_from, face_options, reference_inputs, resolve_device
+from runner.stages.storyboard import _rel, face_backend_from, face_options, reference_inputs, resolve_device
 
 VERSION = 1
 # Steps whose wall time counts against targets.max_seconds (analysis is the runner's own check).
@@ -477,13 +477,6 @@ def _resume_info(scratch: Path) -> str | None:
     if not done:
         return None
     return f"resume after {len(done)} finished clip{'s' if len(done) != 1 else ''}"
-
-
-def _rel(p: Path, root: Path) -> str:
-    try:
-        return Path(p).resolve().relative_to(Path(root).resolve()).as_posix()
-    except ValueError:
-        return str(p)
 
 
 # --------------------------------------------------------------------------- report
