@@ -123,7 +123,8 @@ class Sampler:
         self._t.join()
 
 
-def run_analyze(images: Path, workers: int, work: Path, reporter=None) -> tuple[float, int]:
+def run_analyze(images: Path, workers: int, work: Path, reporter=None) -> tuple[float, int, float]:
+    """(wall seconds, images, CPU seconds of this process and its finished workers)."""
     from runner.engine.context import LocalStageContext
     from runner.stages import analyze, base
 
@@ -132,11 +133,14 @@ def run_analyze(images: Path, workers: int, work: Path, reporter=None) -> tuple[
                             cache_dir=work / "c", project_root=work, reporter=reporter)
     cfg = {"name": "dlib", "dlib_detector": "hog", "upsample": 1, "insightface_pack": "buffalo_l",
            "insightface_root": "~/.insightface", "max_side": 1600, "workers": workers, "references": []}
+    c0 = os.times()
     t0 = time.perf_counter()
     out = analyze.run(cfg, {"images": base.Artifact("images", images)}, ctx)
     dt = time.perf_counter() - t0
+    c1 = os.times()
+    cpu = (c1.user - c0.user) + (c1.system - c0.system) + (c1.children_user - c0.children_user) + (c1.children_system - c0.children_system)
     n = sum(1 for _ in open(out["analysis"].path / "records.jsonl"))
-    return dt, n
+    return dt, n, cpu
 
 
 def main() -> None:
@@ -145,6 +149,7 @@ def main() -> None:
     ap.add_argument("--speed-images", type=int, default=200, help="images for the 1-vs-N-worker speed runs")
     ap.add_argument("--side", type=int, default=640, help="longest side of the generated images")
     ap.add_argument("--workers", type=int, default=0, help="worker processes (0: one per core)")
+    ap.add_argument("--skip-memory", action="store_true", help="only the 1-vs-N-worker speed runs")
     args = ap.parse_args()
 
     from runner.vision.analysis import default_workers
@@ -156,21 +161,34 @@ def main() -> None:
     print(f"dataset: {args.images} images, longest side {args.side}px ({time.perf_counter() - t:.0f} s to make)")
 
     small = subset(full, work / "images_speed", args.speed_images)
-    dt1, n1 = run_analyze(small, 1, work / "run1")
-    dtn, nn = run_analyze(small, workers, work / "runN")
-    print(f"speed, {n1} images: 1 worker {n1 / dt1:.2f} images/s; {workers} workers {nn / dtn:.2f} images/s; "
-          f"ratio {dt1 / dtn:.2f}x")
+    # N workers first, then 1: neither run gets a warmer page cache than the other.
+    dtn, nn, cpun = run_analyze(small, workers, work / "runN")
+    dt1, n1, cpu1 = run_analyze(small, 1, work / "run1")
+    load = os.getloadavg()[0]
+    # "cores used" = CPU seconds / wall seconds: what the scheduler actually gave the run. On a
+    # shared machine (sched autogroup: one share per session) it stays near the same value
+    # whatever the worker count, and then only the CPU cost per image is comparable.
+    print(f"speed, {n1} images: 1 worker {n1 / dt1:.2f} images/s ({cpu1 / n1:.3f} CPU-s/image, {cpu1 / dt1:.2f} cores used); "
+          f"{workers} workers {nn / dtn:.2f} images/s ({cpun / nn:.3f} CPU-s/image, {cpun / dtn:.2f} cores used); "
+          f"wall ratio {dt1 / dtn:.2f}x (1-min load average at the end: {load:.1f} on {os.cpu_count()} cores)")
+    speed = {"speed_images": n1, "images_per_s_1_worker": round(n1 / dt1, 3), "images_per_s_n_workers": round(nn / dtn, 3),
+             "speedup": round(dt1 / dtn, 3), "cpu_s_per_image_1_worker": round(cpu1 / n1, 4),
+             "cpu_s_per_image_n_workers": round(cpun / nn, 4), "cores_used_1_worker": round(cpu1 / dt1, 3),
+             "cores_used_n_workers": round(cpun / dtn, 3), "load_average_1min": round(load, 2)}
+    if args.skip_memory:
+        (work / "result_speed.json").write_text(json.dumps(speed, indent=1))
+        return
 
     with Sampler() as sampler:
-        dtm, nm = run_analyze(full, workers, work / "runM", reporter=sampler)
+        dtm, nm, cpum = run_analyze(full, workers, work / "runM", reporter=sampler)
     tenth = max(1, nm // 10)
     early = [r for d, r in sampler.samples if 0 < d <= tenth]
     late = [r for d, r in sampler.samples if d >= nm - tenth]
     peak = max(r for _, r in sampler.samples)
     result = {
         "images": nm, "side": args.side, "workers": workers, "cores": os.cpu_count(),
-        "speed_images": n1, "images_per_s_1_worker": round(n1 / dt1, 3), "images_per_s_n_workers": round(nn / dtn, 3),
-        "speedup": round(dt1 / dtn, 3), "memory_run_s": round(dtm, 1), "memory_run_images_per_s": round(nm / dtm, 3),
+        **speed, "memory_run_s": round(dtm, 1), "memory_run_images_per_s": round(nm / dtm, 3),
+        "memory_run_cores_used": round(cpum / dtm, 3),
         "rss_peak_mb": round(peak, 1), "rss_peak_first_10pct_mb": round(max(early), 1) if early else None,
         "rss_peak_last_10pct_mb": round(max(late), 1) if late else None,
         "samples": [(d, round(r, 1)) for d, r in sampler.samples[:: max(1, len(sampler.samples) // 40)]],
