@@ -234,7 +234,10 @@ def _run_with(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: bas
     ref_emb = _reference_embeddings(ref_files, backend, ctx) if ref_files else []
 
     fallback = opts.get("general_fallback", "auto")
-    general, general_note = load_general_embedder(opts.get("general_model"), cache_dir=ctx.cache_dir,
+    model_ref = opts.get("general_model")
+    if model_ref and not Path(model_ref).is_absolute() and (ctx.project_root / model_ref).exists():
+        model_ref = str(ctx.project_root / model_ref)  # the resolved spec keeps local paths project-relative
+    general, general_note = load_general_embedder(model_ref, cache_dir=ctx.cache_dir,
                                                   fallback=fallback, warn=ctx.warn)
     ctx.log(general_note)
     if getattr(general, "is_tiny_random", False):
