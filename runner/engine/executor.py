@@ -310,7 +310,11 @@ def _execute(plan: Plan, graph: Graph, ws: Workspace, options: ApplyOptions,
                     r = running.pop(fut)
                     finish(r, fut.result())
                 continue
-            break  # nothing runnable and nothing running: every stage is decided
+            for ps in pending:  # cannot happen with a valid graph; never drop a stage silently
+                why = "not scheduled: its upstream stages never finished"
+                results.append(StageResult(ps.id, ps.node.kind, ps.action, "skipped", error=why))
+                ws.record_execution(_record(run_id, ps, graph, "skipped", time.time(), 0.0, {}, why, None, options))
+            break
     except KeyboardInterrupt:
         interrupted = True
         status = "interrupted"
