@@ -195,6 +195,9 @@ def _make_remote_backend(plan: Plan, graph: Graph, ws: Workspace, options: Apply
         stage_app = build_stage_app(graph, [graph.nodes[i] for i in remote_ids])
     except ModalUnavailable as exc:
         raise ApplyError(str(exc)) from None
+    except Exception as exc:  # the SDK rejected a setting (a GPU name, a timeout...)
+        raise ApplyError(f"the Modal app for the GPU stages could not be declared: {type(exc).__name__}: {exc} "
+                         "(check hardware.gpu, hardware.stage_gpu and hardware.modal)") from None
     return RemoteBackend(ModalTransport(stage_app), ws.dir, gpu_of)
 
 
