@@ -126,4 +126,6 @@ def estimate_stage(node: base.PlanNode, hardware: dict[str, Any] | None, backend
         source, runs = "default", 0
         note = f"no earlier runs: price table x default estimate for {node.kind} ({seconds / 60:.0f} min)"
     price, currency = stage_cost(seconds, gpu, hardware)
+    if gpu not in {**BUILTIN_PRICES_PER_HOUR, **(hardware or {}).get("price_table", {})}:
+        note += f"; no price for {gpu!r}: add it to hardware.price_table"
     return Estimate(node.id, gpu, seconds, round(price, 2), currency, source, runs, note)
