@@ -15,16 +15,7 @@ from runner.engine.context import LocalStageContext
 from runner.generate import measures as MS
 from runner.stages import base
 from runner.stages import video as V
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from test_storyboard import Graph, _one_torch_thread  # noqa: F401  (autouse: one torch thread)
 
 
 @pytest.fixture(scope="module")
@@ -35,20 +26,6 @@ def proj(tmp_path_factory, shared_data: Path) -> Path:
         shutil.copy(shared_data / "faces" / "obama" / n, root / "refs" / n)
     shutil.copy(shared_data / "faces" / "obama" / "obama_03.jpg", root / "still.jpg")
     return root
-
-
-class Graph:
-    def __init__(self, root: Path, nodes=()):
-        self.character = "demo"
-        self.project_root = root
-        self.spec_file = root / "specs" / "demo.yaml"
-        self.nodes = list(nodes)
-
-    def nodes_of(self, kind):
-        return [n for n in self.nodes if n.kind == kind]
-
-    def node(self, stage_id):
-        return next((n for n in self.nodes if n.id == stage_id), None)
 
 
 def spec(**video) -> dict:

@@ -64,11 +64,11 @@ def spec(**storyboard) -> dict:
 
 
 class Graph:
-    def __init__(self, root: Path, nodes: list[base.PlanNode]):
+    def __init__(self, root: Path, nodes=()):
         self.character = "demo"
         self.project_root = root
         self.spec_file = root / "specs" / "demo.yaml"
-        self.nodes = nodes
+        self.nodes = list(nodes)
 
     def nodes_of(self, kind: str):
         return [n for n in self.nodes if n.kind == kind]

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from test_cli import runner
 from test_storyboard import make_lora
 
 SPEC = """\
@@ -48,11 +47,6 @@ generate:
     targets: {max_seconds: 120, max_cost: 1}
 hardware: {device: cpu}
 """
-
-
-def runner(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "runner.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=900)
 
 
 @pytest.fixture(scope="module")
