@@ -416,7 +416,17 @@ class InsightFaceBackend(FaceBackend):
         if providers is None:
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         # Passing the folder path (not the pack name) is what keeps FaceAnalysis off its downloader.
-        self._app = FaceAnalysis(name=str(folder.resolve()), providers=providers)
+        try:
+            self._app = FaceAnalysis(name=str(folder.resolve()), providers=providers)
+        except AssertionError:  # FaceAnalysis asserts that the pack has a detector
+            raise StageError(f"insightface pack {folder} has no face detection model",
+                             hint="a pack needs a detector (det_*.onnx) and a recognition model (w600k_*.onnx, glintr100.onnx)") from None
+        except Exception as exc:
+            raise StageError(f"insightface pack {folder} cannot be loaded: {type(exc).__name__}: {exc}",
+                             hint="check the pack's .onnx files (re-download and unzip it), or use backend: dlib") from exc
+        if "recognition" not in self._app.models:
+            raise StageError(f"insightface pack {folder} has no recognition model: identity needs one",
+                             hint="use a full pack such as buffalo_l or antelopev2")
         ctx_id = 0 if "CUDAExecutionProvider" in providers else -1
         self._app.prepare(ctx_id=ctx_id, det_thresh=det_thresh, det_size=(det_size, det_size))
         self.providers = list(providers)
