@@ -29,7 +29,7 @@ VOLUME_MOUNT = "/vol"
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 REPO_DIR = PACKAGE_DIR.parent
 # Extras a remote stage needs (train, evaluate, storyboard, video) and the serving app.
-REMOTE_EXTRAS = ("train", "faces", "video", "serve")
+REMOTE_EXTRAS = ("train", "faces", "video", "generate", "serve")
 DEFAULTS = {"volume": "character-runner-store", "secrets": [], "timeout_s": 14400, "retries": 2,
             "max_parallel": 4, "app_name": None}
 
