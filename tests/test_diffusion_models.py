@@ -14,6 +14,17 @@ from runner.diffusion.models import ModelLoadError, detect_family, load_pipeline
 from runner.diffusion.tiny import tiny_clip_tokenizer, tiny_model_path
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models are overhead-bound: on a shared 2-core machine one thread is much faster
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_tiny_tokenizer_is_clip_shaped(tmp_path: Path) -> None:
     tok = tiny_clip_tokenizer(tmp_path / "tok")
     ids = tok("a photo of sks man, full body")["input_ids"]
@@ -55,6 +66,26 @@ def test_model_refs_and_family(tmp_path: Path) -> None:
         resolve_model_ref(str(tmp_path / "empty"))
     with pytest.raises(ModelLoadError, match="does not exist"):
         resolve_model_ref(str(tmp_path / "missing.safetensors"))
+
+
+def test_single_file_family_from_keys(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from runner.diffusion.models import detect_family_of_file
+
+    def t():
+        return torch.zeros(1)
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": t(), "conditioner.embedders.1.model.ln_final.weight": t()},
+              str(tmp_path / "xl.safetensors"))
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": t(), "cond_stage_model.transformer.x": t()},
+              str(tmp_path / "v15.safetensors"))
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": t()}, str(tmp_path / "lora.safetensors"))
+    assert detect_family_of_file(tmp_path / "xl.safetensors") == "sdxl"
+    assert detect_family_of_file(tmp_path / "v15.safetensors") == "sd15"
+    with pytest.raises(ModelLoadError, match="LoRA"):
+        detect_family_of_file(tmp_path / "lora.safetensors")
+    assert resolve_model_ref(str(tmp_path / "xl.safetensors"))[0] == "file"
 
 
 def test_folder_load_and_family_mismatch() -> None:

@@ -85,6 +85,9 @@ def detect_family_of_file(path: Path) -> str:
         return "sdxl"
     if any(k.startswith("cond_stage_model") for k in keys) or any(k.startswith("model.diffusion_model") for k in keys):
         return "sd15"
+    if any("lora" in k.lower() for k in keys[:50]):
+        raise ModelLoadError(f"{path} is a LoRA file, not a base model",
+                             hint="Set train.base_model to the checkpoint the LoRA was trained on.")
     raise ModelLoadError(f"{path} does not look like an SD 1.5 or SDXL checkpoint (no UNet keys)",
                          hint="Give a full single-file checkpoint, not a LoRA or VAE file.")
 
