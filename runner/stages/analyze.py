@@ -16,6 +16,7 @@ records are streamed to disk in input order, so memory stays flat with the datas
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -325,11 +326,14 @@ def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], e
             src = thumb_with_boxes(adir, rec, px)
             if src:
                 f = rec["faces"][rec["main_face"]]
-                cap = f"{Path(rec.get('source') or rec['id']).name} · yaw {f['pose']['yaw']:.0f}°"
+                yaw = f["pose"].get("yaw")
+                cap = Path(rec.get("source") or rec["id"]).name
+                if yaw is not None and math.isfinite(yaw):
+                    cap += f" · yaw {round(yaw):d}°"
                 if rec.get("identity") is not None:
                     cap += f" · id {rec['identity']:.2f}"
                 galleries[shot].append({"src": src, "caption": cap})
-        if rec.get("main_face") is not None:
+        if rec.get("main_face") is not None and all(math.isfinite(v) for v in rec["faces"][rec["main_face"]]["pose"].values()):
             p = rec["faces"][rec["main_face"]]["pose"]
             yaw.append(p["yaw"])
             pitch.append(p["pitch"])
