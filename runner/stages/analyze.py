@@ -326,10 +326,10 @@ def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], e
             src = thumb_with_boxes(adir, rec, px)
             if src:
                 f = rec["faces"][rec["main_face"]]
-                yaw = f["pose"].get("yaw")
+                face_yaw = f["pose"].get("yaw")
                 cap = Path(rec.get("source") or rec["id"]).name
-                if yaw is not None and math.isfinite(yaw):
-                    cap += f" · yaw {round(yaw):d}°"
+                if face_yaw is not None and math.isfinite(face_yaw):
+                    cap += f" · yaw {round(face_yaw):d}°"
                 if rec.get("identity") is not None:
                     cap += f" · id {rec['identity']:.2f}"
                 galleries[shot].append({"src": src, "caption": cap})
