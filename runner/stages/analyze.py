@@ -215,6 +215,9 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     if not jobs:
         ctx.warn("no images to analyze")
     workers = min(default_workers(int(config.get("workers", 0))), max(1, len(jobs)))
+    if int(config.get("workers", 0)) == 0 and "CUDAExecutionProvider" in getattr(backend, "providers", []):
+        workers = 1  # the GPU does the work; more processes would each hold a CUDA context
+        ctx.log("insightface on CUDA: analyzing in one process")
     if len(jobs) < 4:
         workers = 1  # starting processes costs more than it saves
     counts = {"images": 0, "faces": 0, "no_face": 0, "errors": 0}
