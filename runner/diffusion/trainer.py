@@ -742,7 +742,7 @@ class LoraTrainer:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
         self.accelerator = Accelerator(mixed_precision=self.mixed_precision, gradient_accumulation_steps=self.ga,
-                                       cpu=not self.device.startswith("cuda"))
+                                       cpu=self.device == "cpu")
         state = self._load_state()
         self.history: list[dict] = []
         step = 0

@@ -86,6 +86,7 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
     for variant, ov in runs:
         cfg = train_config(section, character=char, trigger=trigger, class_word=class_word,
                            variant=variant, overrides=ov)
+        cfg["device"] = hw.get("device", "auto")  # torch numerics differ by device: part of the key
         inputs: dict[str, base.InputRef] = {"dataset": base.StageOutputRef(caption.id, "dataset")}
         reg = cfg.get("regularization", {})
         if reg.get("enabled") and reg.get("images"):
@@ -123,10 +124,19 @@ def resume_info(scratch_dir: Path) -> str | None:
     return f"resume at step {meta['step']} of {meta['total_steps']} (phase {meta['phase']})"
 
 
-def _device(ctx: base.StageContext) -> str:
+def _device(config: dict[str, Any], ctx: base.StageContext) -> str:
+    """hardware.device from the spec (auto: CUDA when there is one, else CPU)."""
     extra = getattr(ctx, "extra", None) or {}
-    dev = extra.get("device", "auto")
-    return dev if dev in ("cpu", "cuda", "mps") or str(dev).startswith("cuda") else "auto"
+    dev = str(config.get("device") or extra.get("device") or "auto")
+    if dev == "auto" or dev == "mps":
+        import torch
+
+        if torch.cuda.is_available():
+            return "cuda"
+        if dev == "mps" and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    return dev
 
 
 def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], env: dict[str, Any]) -> list[base.ReportSection]:
@@ -193,7 +203,7 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     trainer = LoraTrainer(
         config, dataset_dir=inputs["dataset"].path, out_dir=ctx.out_dir, scratch_dir=ctx.scratch_dir,
         cache_dir=ctx.cache_dir, project_root=ctx.project_root, regularization_dir=reg.path if reg else None,
-        device=_device(ctx), callbacks=cb,
+        device=_device(config, ctx), callbacks=cb,
     )
     try:
         index = trainer.run()
