@@ -106,6 +106,11 @@ def test_shot_types_on_known_framings(analyzed):
     assert r["biden--biden_02.jpg"]["shot"] == "close_up"  # portrait
     assert r["kit_harington--kit_02.jpg"]["shot"] == "close_up"
     assert r["obama--obama_02.jpg"]["shot"] == "medium"
+    # Background clutter: red carpet and group shots vs plain backdrops.
+    assert r["groups--kit_with_rose.jpg"]["flags"]["complex_background"]
+    assert r["kit_harington--kit_03.jpg"]["flags"]["complex_background"]
+    assert not r["obama--obama_02.jpg"]["flags"]["complex_background"]
+    assert not r["rose_leslie--rose_02.jpg"]["flags"]["complex_background"]
 
 
 def test_partial_faces_are_flagged_as_cut_by_the_frame(analyzed):
