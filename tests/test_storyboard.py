@@ -221,3 +221,49 @@ def test_control_maps(shared_data: Path) -> None:
     assert pose.max() == 255 and 0 < (pose > 0).mean() < 0.2  # thin landmark lines on black
     with pytest.raises(base.StageError, match="pose needs a face"):
         control_map(Image.new("RGB", (64, 64), "gray"), "pose", fb)
+
+
+def test_llm_planner_in_the_stage_is_asked_once(proj: Path, tmp_path: Path, monkeypatch) -> None:
+    """Planner llm: scenes come from the loopback endpoint at run time; the answer is kept in the
+    scratch folder, so a re-run (a resumed apply) does not ask again."""
+    import runner.diffusion.generate as G
+    from test_generate_planner import _Server
+
+    monkeypatch.setattr(G, "generate_images", lambda pipe, prompts, *, seeds, width, height, **kw:
+                        [Image.new("RGB", (width, height), (i * 40, 90, 160)) for i, _ in enumerate(seeds)])
+    monkeypatch.setenv("SB_TEST_KEY", "k")
+    server = _Server()
+    try:
+        server.answers.append((200, json.dumps({"scenes": [{"text": "He looks up.", "shot": "close_up"},
+                                                           {"text": "He crosses the bridge.", "shot": "wide"}]})))
+        s = spec(planner="llm", story="He looks up and crosses the bridge.", min_scenes=2, max_scenes=3,
+                 llm={"base_url": server.url, "model": "m", "api_key_env": "SB_TEST_KEY", "timeout_s": 5},
+                 validation={"face_similarity": None, "clip_i": None, "retries": 2})
+        node = SB.expand(s, Graph(proj, [_node("train")]))[0]
+        assert node.config["scenes"] == [] and "from the LLM" in node.label
+        for attempt in range(2):
+            ctx = LocalStageContext.for_folder(tmp_path / "run", stage_id=node.id, character="demo", project_root=proj)
+            ctx.cache_dir = proj / "cache"
+            out = SB.run(node.config, inputs_for(proj, node), ctx)
+            rep = json.loads((out["storyboard"].path / "report.json").read_text())
+            assert [f["text"] for f in rep["frames"]] == ["He looks up.", "He crosses the bridge."]
+            assert rep["frames"][1]["prompt"].startswith("dmochr man, wide establishing shot")
+            assert rep["llm"]["model"] == "m" and len(server.requests) == 1
+    finally:
+        server.close()
+
+
+def test_best_attempt_and_validator_errors() -> None:
+    from runner.generate.frames import FrameValidator, Thresholds, best_attempt, seed_for
+
+    assert best_attempt([{"margin": -0.2, "pass": False}, {"margin": 0.05, "pass": True}, {"margin": 0.3, "pass": True}]) == 2
+    assert best_attempt([{"margin": -0.2, "pass": False}, {"margin": -0.1, "pass": False}]) == 1
+    assert best_attempt([{"margin": None, "pass": True}]) == 0
+    assert [seed_for(100, i, a, 3) for a in (0, 1) for i in range(3)] == [100, 101, 102, 103, 104, 105]
+    with pytest.raises(base.StageError, match="needs reference images"):
+        FrameValidator(face_backend=None, clip=None, reference_images=[], thresholds=Thresholds(0.7, None))
+    from runner.vision.faces import get_face_backend
+
+    with pytest.raises(base.StageError, match="no face found in any of the 1 reference"):
+        FrameValidator(face_backend=get_face_backend("dlib"), clip=None,
+                       reference_images=[Image.new("RGB", (96, 96), "white")], thresholds=Thresholds(0.7, None))
