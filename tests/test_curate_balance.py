@@ -43,7 +43,7 @@ def test_select_drops_lowest_quality_of_over_category_only():
 
 def test_select_never_pushes_a_met_minimum_under():
     items = [item(i, "close_up", flags=("multi_character",)) for i in range(6)] + [item(9, "medium")]
-    kept, dropped = S.select_to_targets(items, {"close_up": [0.0, 0.5], "multi_character": [0.85, 1.0]})
+    _, dropped = S.select_to_targets(items, {"close_up": [0.0, 0.5], "multi_character": [0.85, 1.0]})
     assert not dropped  # removing a close-up would take multi_character (6/7) under its 85% minimum
 
 

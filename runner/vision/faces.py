@@ -233,7 +233,7 @@ def pose_from_landmarks(points: np.ndarray, image_size: tuple[int, int]) -> Pose
     w, h = image_size
     f = float(max(w, h))
     cam = np.array([[f, 0, w / 2.0], [0, f, h / 2.0], [0, 0, 1]], dtype=np.float64)
-    ok, rvec, tvec = cv2.solvePnP(obj, img.reshape(-1, 1, 2), cam, None, flags=cv2.SOLVEPNP_SQPNP)
+    ok, rvec, _tvec = cv2.solvePnP(obj, img.reshape(-1, 1, 2), cam, None, flags=cv2.SOLVEPNP_SQPNP)
     if not ok:
         return Pose(float("nan"), float("nan"), float("nan"))
     rot, _ = cv2.Rodrigues(rvec)
