@@ -35,7 +35,7 @@ WORK = REPO / "bench" / "_work" / "video"
 CONFIGS = {
     "default": (5, 1, None, "facebook/dinov2-small", 3),  # what a spec gets; offline -> labelled fallback
     "fullframe": (5, 1, None, None, 1),  # every analyzed frame searched whole
-    "1thread": (5, 1, 1, None, 3),
+    "2threads": (5, 1, 2, None, 3),
     "upsample0": (5, 0, None, None, 3),
     "stride3": (3, 1, None, None, 3),
     "stride10": (10, 1, None, None, 3),
@@ -109,7 +109,7 @@ def main() -> None:
         p = summary["persons"][0] if summary["persons"] else {}
         rows.append({
             "config": name, "stride": stride, "upsample": upsample, "full_detect_every": full_every,
-            "threads": threads or min(4, cores or 1), "general": summary["embedding_model"]["general"],
+            "threads": threads or 1, "general": summary["embedding_model"]["general"],
             "decode_s": round(dec, 3), "stage_s": round(t, 3), "stage_runs_s": [round(x, 3) for x in times],
             "pass1_s": summary["timings"].get("pass1_s"), "pass2_s": summary["timings"].get("pass2_s"),
             "ratio": round(duration / t, 2), "decode_ratio": round(duration / dec, 2),

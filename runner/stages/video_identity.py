@@ -108,16 +108,17 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
 
 
 def analysis_threads() -> int:
-    """Frames analyzed in parallel: CHARACTER_RUNNER_VIDEO_THREADS, else the usable cores (at most 4).
+    """Frames analyzed in parallel threads: CHARACTER_RUNNER_VIDEO_THREADS, default 1.
 
-    Threads change the speed, never the outputs (tracking consumes frames in order), so the
-    number is not part of the stage config or its cache key.
+    dlib releases the GIL for most of its HOG detection but holds it through the ResNet identity
+    descriptor, so a second thread gains little, and on a busy 2-core machine it was slower
+    (bench/README.md, video). Threads change the speed, never the outputs (tracking consumes frames
+    in order), so the number is not part of the stage config or its cache key.
     """
     env = os.environ.get("CHARACTER_RUNNER_VIDEO_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(4, cores))
+    return 1
 
 
 _SPARE_BACKENDS: dict[tuple, list[Any]] = {}
