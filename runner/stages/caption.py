@@ -106,9 +106,11 @@ class ModelCaptioner:
     def _load(self) -> None:
         if not Path(self.ref).exists() and os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
             # Fail fast offline, before importing torch: is the hub id in the local cache at all?
-            from huggingface_hub import try_to_load_from_cache
-
-            if not isinstance(try_to_load_from_cache(self.ref, "config.json"), str):
+            try:
+                from huggingface_hub import try_to_load_from_cache
+            except ImportError:  # no transformers stack at all: the import below says so
+                try_to_load_from_cache = None
+            if try_to_load_from_cache and not isinstance(try_to_load_from_cache(self.ref, "config.json"), str):
                 raise base.StageError(
                     f"dataset.captions.model: {self.ref!r} is neither a local folder nor in the Hugging Face cache, "
                     "and HF_HUB_OFFLINE is set",
