@@ -102,7 +102,8 @@ def test_diffusers_and_kohya_files_give_the_same_images(model: str, shared_data:
     prompts, seeds = ["sks person, portrait", "sks person, full body"], [5, 6]
     base_imgs = generate_images(load_pipeline(model), prompts, seeds=seeds, **kw)
     via_diffusers = generate_images(load_lora(load_pipeline(model), dfile, "d"), prompts, seeds=seeds, **kw)
-    via_kohya = generate_images(load_lora(load_pipeline(model), kfile, "k"), prompts, seeds=seeds, **kw)
+    kohya_pipe = load_lora(load_pipeline(model), kfile, "k")
+    via_kohya = generate_images(kohya_pipe, prompts, seeds=seeds, **kw)
     # the trained pipeline itself makes the same images as the file loaded back
     trained = generate_images(tr.pipe, prompts, seeds=seeds, **kw)
 
@@ -113,6 +114,10 @@ def test_diffusers_and_kohya_files_give_the_same_images(model: str, shared_data:
         assert np.abs(a(d) - a(k)).max() <= 1
         assert np.abs(a(d) - a(t)).max() <= 1
         assert np.abs(a(d) - a(b)).mean() > 0.5  # the LoRA does change the images
-    # scale 0 switches it off
+    # scale 0 switches it off, set at load time or per generation call
     off = generate_images(load_lora(load_pipeline(model), kfile, "k", scale=0.0), prompts, seeds=seeds, **kw)
     assert np.abs(a(off[0]) - a(base_imgs[0])).max() <= 1
+    off2 = generate_images(kohya_pipe, prompts, seeds=seeds, lora_scale=0.0, **kw)
+    assert np.abs(a(off2[0]) - a(base_imgs[0])).max() <= 1
+    half = generate_images(kohya_pipe, prompts, seeds=seeds, lora_scale=0.5, **kw)
+    assert np.abs(a(half[0]) - a(base_imgs[0])).mean() > 0.1 and np.abs(a(half[0]) - a(via_kohya[0])).mean() > 0.1
