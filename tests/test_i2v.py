@@ -151,7 +151,12 @@ def test_expand_sources_and_errors(proj: Path) -> None:
     s["hardware"] = {"backend": "modal", "gpu": "A10G", "stage_gpu": {"video": "H100"}}
     n = V.expand(s, Graph(proj, [sb]))[0]
     assert n.id == "demo:video" and n.inputs["storyboard"] == base.StageOutputRef("demo:storyboard", "storyboard")
-    assert n.config["key_frames"] == [1, 3] and n.config["price"]["gpu"] == "H100" and n.gpu == "H100"
+    assert n.config["key_frames"] == [1, 3] and n.gpu == "H100"
+    from runner.generate.budget import priced_gpu
+
+    assert priced_gpu({}, s["hardware"], "cpu") == "H100"  # Modal: the stage's GPU
+    assert priced_gpu({}, {"gpu": "L4"}, "cuda") == "L4" and priced_gpu({}, {"gpu": "L4"}, "cpu") == "cpu"
+    assert priced_gpu({"gpu": "A100-80GB"}, {"gpu": "L4"}, "cpu") == "A100-80GB"
     assert "from storyboard frames [1, 3]" in n.label
     with pytest.raises(base.StageError, match=r"key_frames: \[5\] beyond the storyboard's 3 scenes"):
         V.expand(spec(source="storyboard", key_frames=[5]), Graph(proj, [sb]))

@@ -3,7 +3,7 @@
 Cost = price per hour of the priced GPU (``hardware.price_table`` merged over the built-in
 estimates of :mod:`runner.engine.cost`) x wall seconds / 3600. The priced GPU is
 ``generate.video.targets.gpu`` when set; else ``hardware.stage_gpu.video`` or ``hardware.gpu``
-when GPU stages run on Modal or locally on CUDA; else ``cpu``.
+when GPU stages run on Modal or the stage runs on a CUDA device; else ``cpu``.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 
-def priced_gpu(targets: dict[str, Any], hardware: dict[str, Any], kind: str = "video") -> str:
+def priced_gpu(targets: dict[str, Any], hardware: dict[str, Any], device: str, kind: str = "video") -> str:
+    """The price-table entry a clip is costed with (see the module docstring)."""
     if targets.get("gpu"):
         return str(targets["gpu"])
-    if hardware.get("backend") == "modal" or hardware.get("device") == "cuda":
+    if hardware.get("backend") == "modal" or str(device).startswith("cuda"):
         return str((hardware.get("stage_gpu") or {}).get(kind) or hardware.get("gpu") or "cpu")
     return "cpu"
 

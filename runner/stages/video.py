@@ -124,9 +124,6 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
     fid = dict(video.get("fidelity") or {})
     ev = spec.get("evaluate") or {}
     targets = dict(video.get("targets") or {})
-    from runner.generate.budget import priced_gpu
-
-    gpu_name = priced_gpu(targets, hardware)
     config = {
         "model": video.get("model", "Lightricks/LTX-Video"),
         "pipeline": video.get("pipeline", "auto"),
@@ -157,7 +154,9 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
                      "retries": int(fid.get("retries", 1)), "against": fid.get("against", "references")},
         "dynamics": {"frames": 16, "frozen_below": 0.01, "flow_side": 256, **(video.get("dynamics") or {})},
         "targets": {"max_seconds": targets.get("max_seconds"), "max_cost": targets.get("max_cost")},
-        "price": {"gpu": gpu_name, "table": hardware.get("price_table", {}), "currency": hardware.get("currency", "USD")},
+        "price": {"targets_gpu": targets.get("gpu"), "backend": hardware.get("backend", "local"),
+                  "gpu": hardware.get("gpu"), "stage_gpu": hardware.get("stage_gpu", {}),
+                  "table": hardware.get("price_table", {}), "currency": hardware.get("currency", "USD")},
         "face": face_options(spec, fid.get("face_model")),
         "clip_model": ev.get("clip_model") or "openai/clip-vit-large-patch14",
         "suite": suite,
@@ -219,7 +218,7 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     import numpy as np
 
     from runner.generate import ltx
-    from runner.generate.budget import price
+    from runner.generate.budget import price, priced_gpu
 
     t_start = time.monotonic()
     sources = _sources(config, inputs)
@@ -250,8 +249,11 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
         ctx.warn("video: no reference face found in character.references; fidelity compares with each clip's source image")
         against = "source"
     threshold = float(getattr(face_backend, "default_identity_threshold", 0.5))
-    hardware = {"price_table": config["price"]["table"], "currency": config["price"]["currency"]}
-    per_hour, currency = price(config["price"]["gpu"], hardware)
+    pc = config["price"]
+    hardware = {"backend": pc["backend"], "gpu": pc["gpu"], "stage_gpu": pc["stage_gpu"], "price_table": pc["table"],
+                "currency": pc["currency"]}
+    gpu_name = priced_gpu({"gpu": pc["targets_gpu"]}, hardware, device)
+    per_hour, currency = price(gpu_name, hardware)
 
     clip_model = None
     if config.get("suite") and any(c["expect"].get("features_kept") and c["features"] for c in config["suite"]["cases"]):
@@ -279,7 +281,7 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
         src_faces = _face_embeddings(face_backend, [job["source"]["image"]])
         compare = ref_faces if against == "references" else src_faces
         clips.append(_make_clip(job, j_index, config, vp, face_backend, compare, threshold, against, clip_model,
-                                per_hour, currency, done_dir / job["name"], ctx))
+                                per_hour, currency, gpu_name, done_dir / job["name"], ctx))
         prog.update(1)
     prog.close()
 
@@ -313,7 +315,7 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
                                        "reference faces, t = the backend's identity threshold; no face = 100"},
         "dynamics_settings": config["dynamics"],
         "references": [_rel(f, ctx.project_root) for f in ref_files],
-        "price": {"gpu": config["price"]["gpu"], "per_hour": per_hour, "currency": currency},
+        "price": {"gpu": gpu_name, "per_hour": per_hour, "currency": currency, "device": device},
         "targets": config["targets"],
         "suite": config.get("suite"),
         "tiny_random": {**tiny, "any": any(tiny.values())},
@@ -390,7 +392,7 @@ def render_clip(vp, job: dict[str, Any], config: dict[str, Any], seed: int, time
 
 
 def _make_clip(job, j_index, config, vp, face_backend, compare, threshold, against, clip_model, per_hour, currency,
-               folder: Path, ctx) -> dict[str, Any]:
+               gpu_name: str, folder: Path, ctx) -> dict[str, Any]:
     from runner.generate import ltx
     from runner.generate import measures as MS
     from runner.generate.budget import StepTimer, budget
@@ -406,7 +408,9 @@ def _make_clip(job, j_index, config, vp, face_backend, compare, threshold, again
         seed = config["seed"] + j_index + attempt * 1000
         frames = render_clip(vp, job, config, seed, timer, ctx)
         with timer.step("analysis"):
-            idx_fid = MS.evenly_spaced(len(frames), fid_cfg["frames"])
+            # A replaced first frame is the source image itself: not generated, so not checked.
+            skip = 1 if config["replace_first_frame"] and len(frames) > 1 else 0
+            idx_fid = [i + skip for i in MS.evenly_spaced(len(frames) - skip, fid_cfg["frames"])]
             idx_dyn = MS.evenly_spaced(len(frames), dyn_cfg["frames"])
             recs = MS.analyse_faces(frames, sorted(set(idx_fid) | set(idx_dyn)), face_backend)
             by_frame = {r["frame"]: r for r in recs}
@@ -435,7 +439,7 @@ def _make_clip(job, j_index, config, vp, face_backend, compare, threshold, again
                                     f"mouth std {dyn['mouth_std']}, eye std {dyn['eye_std']}"}
         if exp.get("features_kept"):
             if case["features"] and clip_model is not None:
-                feats = MS.text_feature_drift(clip_model, best_frames, MS.evenly_spaced(len(best_frames), fid_cfg["frames"]),
+                feats = MS.text_feature_drift(clip_model, best_frames, [f["frame"] for f in fid["frames"]] or [0],
                                               job["source"]["image"], case["features"])
                 checks["features_kept"] = {"pass": all(f["kept"] for f in feats), "features": feats}
             else:
@@ -443,7 +447,7 @@ def _make_clip(job, j_index, config, vp, face_backend, compare, threshold, again
     with timer.step("export"):
         meta = ltx.export_mp4(best_frames, folder / f"{job['name']}.mp4", config["fps"])
         best_frames[0].convert("RGB").save(folder / f"{job['name']}.jpg", quality=88)
-    bud = budget(timer.seconds, per_hour, currency, config["price"]["gpu"], config["targets"], COUNTED_STEPS)
+    bud = budget(timer.seconds, per_hour, currency, gpu_name, config["targets"], COUNTED_STEPS)
     flagged = fid["grade"] == "fail" or any(c.get("pass") is False for c in checks.values())
     record = {
         "name": job["name"],
