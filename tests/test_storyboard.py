@@ -132,6 +132,7 @@ def test_tiny_sd_frames_retry_below_threshold(proj: Path, tmp_path: Path) -> Non
     assert rep["summary"] == {"scenes": 3, "passed": 0, "attempts": 6, "retried": 3}
     assert rep["tiny_random"]["any"] and rep["lora"]["scale"] == 1.0
     assert any("below the validation thresholds" in w for w in ctx.warnings)
+    assert any("below the dlib backend's identity threshold 0.92" in w for w in ctx.warnings)
     with Image.open(folder / "frames/01.png") as im:
         assert im.size == (64, 64)
     # the report section renders (autoescaped template, data URIs only)

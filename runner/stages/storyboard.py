@@ -309,6 +309,11 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
 
         clip = _load_embedder(val["clip_model"], ctx, "generate.storyboard.validation.clip_model")
     validator = FrameValidator(face_backend=face_backend, clip=clip, reference_images=ref_images, thresholds=thresholds)
+    backend_t = getattr(face_backend, "default_identity_threshold", None)
+    if thresholds.face_similarity is not None and backend_t is not None and thresholds.face_similarity < backend_t:
+        # Cosine scales differ per embedding model: 0.7 is strict for ArcFace, loose for dlib.
+        ctx.warn(f"generate.storyboard.validation.face_similarity {thresholds.face_similarity} is below the "
+                 f"{face_backend.name} backend's identity threshold {backend_t}: frames of someone else can pass")
     timing["load_s"] = round(time.monotonic() - t, 3)
 
     # 3. frames
@@ -408,6 +413,9 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     ctx.metric("frames_attempts", report["summary"]["attempts"])
     if report["timing"]["frames_per_s"]:
         ctx.metric("frames_per_s", report["timing"]["frames_per_s"])
+    label = " (tiny random models: frames and scores are meaningless)" if report["tiny_random"]["any"] else ""
+    ctx.log(f"storyboard: {report['summary']['passed']}/{n} frames pass, {report['summary']['attempts']} images "
+            f"generated{label}")
     failed = n - report["summary"]["passed"]
     if failed:
         ctx.warn(f"storyboard: {failed} of {n} frame(s) stayed below the validation thresholds after "

@@ -337,6 +337,9 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     if clips:
         ctx.metric("mean_fidelity_distance", report["summary"]["mean_distance"])
         ctx.metric("mean_seconds_per_clip", float(np.mean([c["budget"]["seconds"] for c in clips])))
+    label = " (tiny random models: clips and figures are meaningless)" if report["tiny_random"]["any"] else ""
+    ctx.log(f"video: {len(clips)} clip(s), {report['summary']['excellent']} excellent, {report['summary']['fail']} "
+            f"failing fidelity{label}")
     flagged = report["summary"]["flagged"]
     if flagged:
         ctx.warn(f"video: {flagged} of {len(clips)} clip(s) flagged (fidelity fail or a suite check failed)")
