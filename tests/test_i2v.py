@@ -72,7 +72,9 @@ def test_tiny_ltx_clip_suite_upscale_first_frame_budget(proj: Path, tmp_path: Pa
     assert rep["pipeline"] == "image-to-video" and rep["tiny_random"]["video_model"]
     assert rep["upscale_method"].startswith("plain 2x Lanczos resize")
     folder = out["video"].path
-    src = np.asarray(Image.open(proj / "still.jpg").convert("RGB").resize((128, 128)), dtype=np.float32)
+    from runner.generate.ltx import fit_to
+
+    src = np.asarray(fit_to(Image.open(proj / "still.jpg"), 128, 128), dtype=np.float32)
     for c in rep["clips"]:
         frames = decode(folder / c["file"])
         assert len(frames) == 9 and frames[0].shape == (128, 128, 3)  # 2x upscaled

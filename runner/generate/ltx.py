@@ -247,7 +247,7 @@ def generate_clip(vp: VideoPipeline, image, *, prompt: str, negative_prompt: str
     )
     if vp.pipe.vae.config.timestep_conditioning:
         kwargs.update(decode_timestep=float(decode_timestep), decode_noise_scale=float(decode_noise_scale))
-    image = image.convert("RGB").resize((int(width), int(height)))
+    image = fit_to(image, int(width), int(height))
     if vp.kind == "condition":
         kwargs.update(image=image, strength=float(image_conditioning))
     else:
@@ -314,12 +314,17 @@ def resize_frames(frames: list, factor: int = 2) -> list:
     return [f.resize((f.width * factor, f.height * factor), Image.Resampling.LANCZOS) for f in frames]
 
 
-def replace_first_frame(frames: list, image) -> list:
-    """The input image (resized to the clip's size) as frame 0."""
-    from PIL import Image
+def fit_to(image, width: int, height: int):
+    """Centre-crop to the clip's aspect ratio, then resize (a square storyboard frame into a 704x480
+    clip keeps its proportions)."""
+    from PIL import Image, ImageOps
 
-    first = image.convert("RGB").resize(frames[0].size, Image.Resampling.LANCZOS)
-    return [first] + list(frames[1:])
+    return ImageOps.fit(image.convert("RGB"), (int(width), int(height)), Image.Resampling.LANCZOS)
+
+
+def replace_first_frame(frames: list, image) -> list:
+    """The input image (cropped and resized to the clip's size, as it was conditioned) as frame 0."""
+    return [fit_to(image, *frames[0].size)] + list(frames[1:])
 
 
 # --------------------------------------------------------------------------- export
