@@ -226,3 +226,22 @@ def test_motion_magnitude_follows_a_known_shift(shared_data: Path) -> None:
     assert m["px_per_frame"] == pytest.approx(3.0, abs=0.8) and m["pairs"] == 4
     still = MS.motion_magnitude([base_img] * 3, [0, 1, 2])
     assert still["px_per_frame"] < 0.05
+
+
+def test_video_presets_fill_values_and_spec_overrides_win(project: Path) -> None:
+    from runner.spec import load_spec
+
+    f = project / "specs" / "v.yaml"
+    f.write_text("version: 1\ncharacter: {name: v, trigger: vchr}\n"
+                 "generate:\n  video: {preset: aggressive-quality, source: storyboard, steps: 5, prompt_suffix: slow}\n")
+    v = load_spec(f).data["generate"]["video"]
+    assert (v["steps"], v["guidance"], v["image_conditioning"]) == (5, 3.0, 0.85)
+    assert v["prompt_prefix"].startswith("Cinematic motion, natural character movement") and v["prompt_suffix"] == "slow"
+    f.write_text("version: 1\ncharacter: {name: v, trigger: vchr}\ngenerate:\n  video: {source: storyboard}\n")
+    data = load_spec(f).data
+    data["generate"]["video"].update(source="still.jpg")
+    sb_free = Graph(project)
+    (project / "still.jpg").write_bytes(b"")
+    c = V.expand(data, sb_free)[0].config  # the default preset (baseline) fills what the spec leaves null
+    assert (c["preset"], c["steps"], c["guidance"], c["image_conditioning"], c["prompt_suffix"]) == \
+        ("baseline", 10, 1.0, 1.0, "subtle motion")

@@ -77,6 +77,27 @@ def _render_case(case: dict[str, Any], character: dict[str, Any]) -> dict[str, A
             "expect": dict(case.get("expect") or {})}
 
 
+PRESET_KEYS = ("steps", "guidance", "image_conditioning", "prompt_prefix", "prompt_suffix")
+
+
+def _preset_fill(video: dict[str, Any], project_root: Path) -> dict[str, Any]:
+    """Values the preset gives for keys still null. The spec resolver merges a preset the user
+    names; this also covers the default preset (``baseline``) when none is named."""
+    missing = [k for k in PRESET_KEYS if video.get(k) is None]
+    if not missing:
+        return {}
+    from runner.spec.resolve import list_presets
+    from runner.spec.yamlio import load_yaml_file
+
+    name = video.get("preset") or "baseline"
+    path = list_presets("video").get(name) or (project_root / name)
+    if not Path(path).is_file():
+        raise base.StageError(f"generate.video.preset: unknown preset {name!r}",
+                              hint="Use baseline or aggressive-quality (runner presets), or a path to a preset .yaml.")
+    values = (load_yaml_file(Path(path)).data or {}).get("values") or {}
+    return {k: values[k] for k in missing if values.get(k) is not None}
+
+
 def _file_input(value: str | None, graph: base.GraphView, key: str) -> base.FileSetRef | None:
     if not value or value.startswith("builtin:"):
         return None
@@ -121,6 +142,7 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
     suite = load_suite(video.get("suite"), graph.project_root)
     if suite is not None:
         suite = {"source": suite["source"], "cases": [_render_case(c, character) for c in suite["cases"]]}
+    video = {**video, **_preset_fill(video, graph.project_root)}
     fid = dict(video.get("fidelity") or {})
     ev = spec.get("evaluate") or {}
     targets = dict(video.get("targets") or {})
