@@ -109,6 +109,31 @@ def test_decode_bad_files_have_reasons(tmp_path):
         assert exc.reason in ("truncated", "unreadable", "no_frames")
 
 
+def test_display_rotation_is_applied_like_a_player(tmp_path):
+    import av
+
+    path = tmp_path / "portrait.mp4"
+    with av.open(str(path), "w") as out:
+        s = out.add_stream("mpeg4", rate=10)
+        s.width, s.height, s.pix_fmt = 64, 32, "yuv420p"
+        s.set_display_rotation(90)  # a phone held upright
+        for _ in range(3):
+            img = np.zeros((32, 64, 3), np.uint8)
+            img[:8, :8] = 255  # a mark in the stored image's top-left corner
+            for pkt in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(pkt)
+        for pkt in s.encode():
+            out.mux(pkt)
+    info = probe_video(path)
+    assert (info.width, info.height, info.rotation) == (32, 64, 90)
+    rgb = next(iter_frames(path)).rgb
+    assert rgb.shape[:2] == (64, 32)
+    ys, xs = np.nonzero(rgb[:, :, 0] > 200)
+    assert ys.min() >= 48 and xs.max() <= 12, "counterclockwise: top-left goes to bottom-left"
+    cv = next(iter_frames(path, decoder="opencv")).rgb  # OpenCV rotates by itself: the same picture
+    assert cv.shape == rgb.shape and np.abs(cv.astype(int) - rgb.astype(int)).mean() < 8
+
+
 # ------------------------------------------------------------------------------ tracking
 
 

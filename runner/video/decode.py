@@ -35,6 +35,7 @@ class VideoInfo:
     duration_s: float | None
     codec: str
     decoder: str  # "pyav" or "opencv"
+    rotation: int = 0  # display rotation applied to every frame (degrees counterclockwise)
 
 
 @dataclass
@@ -79,18 +80,42 @@ def _probe_pyav(path: Path) -> VideoInfo:
             elif container.duration:
                 duration = container.duration / 1e6
             frames = int(s.frames) if s.frames else None
-            return VideoInfo(str(path), int(s.codec_context.width), int(s.codec_context.height), fps,
-                             frames, duration, s.codec_context.name, "pyav")
+            width, height = int(s.codec_context.width), int(s.codec_context.height)
+            rotation = _first_frame_rotation(container, s)
+            if rotation % 180:
+                width, height = height, width
+            return VideoInfo(str(path), width, height, fps, frames, duration, s.codec_context.name, "pyav",
+                             rotation)
     except VideoDecodeError:
         raise
     except (av.FFmpegError, OSError, ValueError) as exc:
         raise VideoDecodeError("unreadable", f"{path.name} cannot be opened as a video ({exc})") from None
 
 
+def _first_frame_rotation(container: object, stream: object) -> int:
+    """The display rotation (phone videos shot upright carry one) read off the first frame."""
+    try:
+        for frame in container.decode(stream):  # type: ignore[attr-defined]
+            return _quarter_turns(getattr(frame, "rotation", 0) or 0) * 90
+    except Exception:  # an undecodable start shows up when the frames are read
+        return 0
+    return 0
+
+
+def _quarter_turns(rotation: float) -> int:
+    return int(round(float(rotation) / 90.0)) % 4
+
+
+def _upright(rgb: np.ndarray, rotation: float) -> np.ndarray:
+    """Apply the display matrix's rotation (counterclockwise degrees), as players do."""
+    k = _quarter_turns(rotation)
+    return np.ascontiguousarray(np.rot90(rgb, k)) if k else rgb
+
+
 def _probe_opencv(path: Path) -> VideoInfo:
     import cv2
 
-    cap = cv2.VideoCapture(str(path))
+    cap = cv2.VideoCapture(str(path))  # OpenCV applies the display rotation itself
     try:
         if not cap.isOpened():
             raise VideoDecodeError("unreadable", f"{path.name} cannot be opened as a video (OpenCV)")
@@ -170,7 +195,8 @@ def _iter_pyav(path: Path, stride: int, wanted: set[int] | None, max_frames: int
                     ts = (frame.pts - start) * tb * 1000.0
                 else:
                     ts = index * 1000.0 / fps if fps else 0.0
-                yield Frame(index, round(ts, 3), frame.to_ndarray(format="rgb24"))
+                rgb = _upright(frame.to_ndarray(format="rgb24"), getattr(frame, "rotation", 0) or 0)
+                yield Frame(index, round(ts, 3), rgb)
                 n_out += 1
                 if max_frames is not None and n_out >= max_frames:
                     return
