@@ -475,3 +475,21 @@ def test_key_frames_search_whole_frames_and_the_rest_only_around_faces(threads):
     assert len(sizes) == 7 and all(s[0] <= 120 and s[1] < 200 for s in sizes[:4])
     every = list(_analyze_frames(square_frames(7), [SquareBackend()], full_every=1))
     assert [o[0].box for _, o in every] == [o[0].box for _, o in out]
+
+
+@pytest.mark.parametrize("policy", ["quarantine", "use_partial"])
+def test_truncated_video_policy(tmp_path, policy):
+    from runner.video.descriptors import FallbackDescriptor
+    from runner.video.pipeline import build_identity_sets
+
+    data = write_video(tmp_path / "clip.mp4", 40).read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) // 2])
+    res = build_identity_sets(str(cut), face_backend=SquareBackend(), general_embedder=FallbackDescriptor(),
+                              options={"stride": 2}, on_truncated=policy)
+    if policy == "quarantine":
+        assert res.quarantine and res.quarantine["reason"] in ("truncated", "unreadable", "no_frames")
+        assert res.empty_reason and res.persons == []
+    elif res.quarantine is None:  # the readable part was used, and the result says so
+        assert res.truncated and any("truncated" in n for n in res.notes)
+        assert 0 < res.sampled_frames < 20
