@@ -126,7 +126,7 @@ def test_carphone_one_person_with_mouth_open_frames(tmp_path, shared_data):
     assert any("no track matches the references" in n for n in s["notes"])
 
 
-def test_no_face_clip_is_an_empty_result_with_a_reason(tmp_path, shared_data):
+def test_no_face_clip_is_an_empty_result_with_a_reason(tmp_path, shared_data, repo_root):
     # 1280x720: no upsampling keeps the test short (a face would be over 80 px here anyway)
     out, ctx = run_stage(tmp_path, shared_data / "video" / "bigbuckbunny_no_faces.mp4", stride=10, upsample=0)
     s = summary_of(out)
@@ -134,10 +134,12 @@ def test_no_face_clip_is_an_empty_result_with_a_reason(tmp_path, shared_data):
     assert (out["images"].path / "manifest.jsonl").read_text() == ""
     assert (out["quarantine"].path / "quarantine.jsonl").read_text() == ""
     assert any("empty result" in w for w in ctx.warnings)
+    html = render(V.report_sections(config_for(Path("x.mp4")), out, {}), repo_root)
+    assert "No identity sets: no person found" in html
 
 
 @pytest.mark.parametrize("kind", ["truncated", "text"])
-def test_truncated_and_non_video_files_are_quarantined(tmp_path, shared_data, kind):
+def test_truncated_and_non_video_files_are_quarantined(tmp_path, shared_data, kind, repo_root):
     video = tmp_path / "broken.mp4"
     if kind == "truncated":
         data = (shared_data / "video" / "short_hamilton_clip.mp4").read_bytes()
@@ -150,6 +152,8 @@ def test_truncated_and_non_video_files_are_quarantined(tmp_path, shared_data, ki
     s = summary_of(out)
     assert s["persons"] == [] and s["empty_reason"]
     assert (out["images"].path / "manifest.jsonl").read_text() == ""
+    html = render(V.report_sections(config_for(video), out, {}), repo_root)
+    assert "broken.mp4" in html and q[0]["reason"] in html
 
 
 def test_missing_video_is_a_stage_error(tmp_path):

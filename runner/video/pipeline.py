@@ -329,7 +329,7 @@ def build_identity_sets(
     except VideoDecodeError as exc:
         return VideoResult(None, quarantine={"reason": exc.reason, "detail": exc.detail},
                            empty_reason=f"not a readable video: {exc.detail}", options=opts)
-    result = VideoResult(info, options=opts)
+    result = VideoResult(info, options=opts, timings=timings)  # early returns keep what was timed
     tau = float(opts["tau"]) if opts.get("tau") is not None else float(face_backend.default_identity_threshold)
     strict_gate, loose_gate = make_gates(opts)
     stride = int(opts["stride"])
