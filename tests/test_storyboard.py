@@ -268,3 +268,36 @@ def test_best_attempt_and_validator_errors() -> None:
     with pytest.raises(base.StageError, match="no face found in any of the 1 reference"):
         FrameValidator(face_backend=get_face_backend("dlib"), clip=None,
                        reference_images=[Image.new("RGB", (96, 96), "white")], thresholds=Thresholds(0.7, None))
+
+
+def test_sdxl_lora_by_path(proj: Path, tmp_path: Path) -> None:
+    """generate.checkpoint as a LoRA file on builtin:tiny-sdxl (generate.base_model): the SDXL
+    pipeline is detected and the frames come out at the asked size."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from runner.diffusion.models import load_pipeline
+
+    pipe = load_pipeline("builtin:tiny-sdxl", cache_dir=proj / "cache")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(4)
+        pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                         target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    StableDiffusionXLPipeline.save_lora_weights(
+        str(proj / "xl_lora"), unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet)))
+    s = spec(scenes=[{"text": "He nods.", "shot": "close_up"}], width=64, height=64,
+             validation={"face_similarity": None, "clip_i": None, "retries": 0})
+    s["generate"].update(checkpoint="xl_lora/pytorch_lora_weights.safetensors", base_model="builtin:tiny-sdxl",
+                         lora_scale=0.8)
+    node = SB.expand(s, Graph(proj))[0]
+    art = proj / "xl_lora" / "pytorch_lora_weights.safetensors"
+    ctx = LocalStageContext.for_folder(tmp_path / "run", stage_id=node.id, character="demo", project_root=proj)
+    ctx.cache_dir = proj / "cache"
+    inputs = {**inputs_for(proj, node), "lora_file": base.Artifact("lora_file", art, files=(art,))}
+    del inputs["lora"]
+    rep = json.loads((SB.run(node.config, inputs, ctx)["storyboard"].path / "report.json").read_text())
+    assert rep["model_family"] == "sdxl" and rep["lora"]["scale"] == 0.8 and rep["lora_file"] == "xl_lora/pytorch_lora_weights.safetensors"
+    assert rep["frames"][0]["passed"] and rep["generation"]["width"] == 64
