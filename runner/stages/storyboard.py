@@ -126,12 +126,12 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
         **lora_cfg,
         "planner": sb.get("planner", "rules"),
         "scenes": scenes,
-        "story": sb.get("story", "") if sb.get("planner") == "llm" else "",
-        "llm": sb.get("llm", {}) if sb.get("planner") == "llm" else {},
-        "min_scenes": sb.get("min_scenes", 6),
-        "max_scenes": sb.get("max_scenes", 10),
-        "character": {k: character.get(k) for k in ("name", "display_name", "trigger", "class_word", "description", "traits")},
-        "style_prompt": sb.get("style_prompt", ""),
+        # What the llm planner is asked at run time (manual/rules scenes are already in "scenes").
+        "llm_request": None if sb.get("planner") != "llm" else {
+            "story": sb.get("story", ""), "llm": sb.get("llm", {}), "min_scenes": sb.get("min_scenes", 6),
+            "max_scenes": sb.get("max_scenes", 10), "style_prompt": sb.get("style_prompt", ""),
+            "character": {k: character.get(k) for k in ("name", "display_name", "trigger", "class_word",
+                                                        "description", "traits")}},
         "negative_prompt": sb.get("negative_prompt", ""),
         "seed": int(sb.get("seed", 1000)),
         "steps": int(sb.get("steps", 30)),
@@ -151,7 +151,8 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
         "device": hardware.get("device", "auto"),
     }
     gpu = hardware.get("stage_gpu", {}).get("storyboard") or hardware.get("gpu")
-    n = f"{len(scenes)} scenes" if scenes else f"{config['min_scenes']}-{config['max_scenes']} scenes from the LLM"
+    n = (f"{len(scenes)} scenes" if scenes else
+         f"{config['llm_request']['min_scenes']}-{config['llm_request']['max_scenes']} scenes from the LLM")
     label = f"{n} ({config['planner']}), LoRA from {lora_cfg.get('source_node') or lora_cfg.get('lora_file')}"
     if guided.get("enabled"):
         label += ", reference-guided"
@@ -262,9 +263,10 @@ def _scenes(config: dict[str, Any], ctx: base.StageContext) -> tuple[list[dict[s
     if cached.is_file():
         data = json.loads(cached.read_text(encoding="utf-8"))
         return data["scenes"], data["exchange"]
-    spec_like = {"character": config["character"], "generate": {"storyboard": {
-        "planner": "llm", "story": config["story"], "llm": config["llm"], "min_scenes": config["min_scenes"],
-        "max_scenes": config["max_scenes"], "style_prompt": config["style_prompt"]}}}
+    req = config["llm_request"]
+    spec_like = {"character": req["character"], "generate": {"storyboard": {
+        "planner": "llm", "story": req["story"], "llm": req["llm"], "min_scenes": req["min_scenes"],
+        "max_scenes": req["max_scenes"], "style_prompt": req["style_prompt"]}}}
     exchange: dict[str, Any] = {}
     scenes = [s.to_dict() for s in plan_scenes(spec_like, llm_exchange=exchange)]
     tmp = cached.with_suffix(".tmp")

@@ -121,7 +121,7 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
         if sb is None:
             raise base.StageError("generate.video.source is 'storyboard' but the spec has no generate.storyboard",
                                   hint="Add generate.storyboard, or set generate.video.source to an image path.")
-        n = len(sb.config.get("scenes") or []) or int(sb.config.get("max_scenes", 10))
+        n = len(sb.config.get("scenes") or []) or int((sb.config.get("llm_request") or {}).get("max_scenes", 10))
         too_big = [k for k in key_frames if k > n]
         if too_big:
             raise base.StageError(f"generate.video.key_frames: {too_big} beyond the storyboard's {n} scenes",
@@ -182,7 +182,6 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
         "face": face_options(spec, fid.get("face_model")),
         "clip_model": ev.get("clip_model") or "openai/clip-vit-large-patch14",
         "suite": suite,
-        "character": {k: character.get(k) for k in ("name", "trigger", "class_word", "traits")},
         "references": list(character.get("references") or []),
         "device": hardware.get("device", "auto"),
     }
