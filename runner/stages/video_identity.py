@@ -110,7 +110,7 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
 def analysis_threads() -> int:
     """Frames analyzed in parallel threads: CHARACTER_RUNNER_VIDEO_THREADS, default 1.
 
-    dlib releases the GIL for most of its HOG detection but holds it through the ResNet identity
+    dlib releases the GIL for part of its HOG detection but holds it through the ResNet identity
     descriptor, so a second thread gains little, and on a busy 2-core machine it was slower
     (bench/README.md, video). Threads change the speed, never the outputs (tracking consumes frames
     in order), so the number is not part of the stage config or its cache key.
