@@ -232,7 +232,7 @@ def _features(out: Any):
 
 # --------------------------------------------------------------------------- loading
 
-_LOADED: dict[tuple[str, str, str], ImageEmbedder] = {}
+_LOADED: dict[tuple[str, str, str, str], ImageEmbedder] = {}
 _LOAD_LOCK = threading.Lock()
 
 
@@ -252,7 +252,8 @@ def load_image_embedder(
     ref = str(model_ref)
     device = _resolve_device(device)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = (ref, device, str(dtype))
+    # Built-in tiny models live in the cache folder: a different cache is a different model file.
+    key = (ref, str(cache.resolve()) if ref.startswith("builtin:") else "", device, str(dtype))
     with _LOAD_LOCK:
         if key in _LOADED:
             return _LOADED[key]
