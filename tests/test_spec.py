@@ -249,3 +249,11 @@ def test_cli_validate_exit_code_and_no_traceback(project):
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     assert f"{bad}:5:1: bogus: unknown key 'bogus'" in r.stderr
+
+
+def test_a_sections_default_preset_is_applied(project):
+    p = write(project, MINIMAL + "generate:\n  video: {frames: 17}\n")
+    video = load_spec(p).data["generate"]["video"]
+    assert video["preset"] == "baseline"
+    assert (video["steps"], video["guidance"], video["image_conditioning"]) == (10, 1.0, 1.0)
+    assert video["frames"] == 17

@@ -125,7 +125,14 @@ def load_spec(path: str | Path, *, allow_outside: bool = False, require_files: b
     # 1. presets, key by key under the user's values
     for section_path, folder in PRESET_FOLDERS.items():
         section = _get(data, section_path)
-        if not isinstance(section, dict) or not isinstance(section.get("preset"), str):
+        if not isinstance(section, dict):
+            continue
+        if "preset" not in section:
+            # A section whose schema names a default preset (generate.video: baseline) gets it.
+            default = _section_schema_for(section_path)[0].get("properties", {}).get("preset", {}).get("default")
+            if isinstance(default, str):
+                section = {"preset": default, **section}
+        if not isinstance(section.get("preset"), str):
             continue
         name = section["preset"]
         preset_file, preset_problems = _find_preset(name, folder, spec_file, loaded, section_path)
