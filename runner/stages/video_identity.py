@@ -206,17 +206,20 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
                           insightface_root=face_cfg["insightface_root"])
     chosen = get_face_backend(face_cfg["backend"], **backend_kwargs)  # resolves "auto", says why
     ctx.log(f"face backend: {chosen.selection_note or chosen.describe()}")
-    if chosen.name != "dlib":
-        # ONNX Runtime sessions are thread-safe and use several cores themselves: one instance.
-        return _run_with(config, inputs, ctx, [chosen], chosen.selection_note, video, video_rel, opts, 1)
     workers = analysis_threads()
+    if chosen.name != "dlib" or workers == 1:
+        # One thread: the process-wide backend (the engine runs local stages one at a time).
+        # ONNX Runtime sessions (insightface) are thread-safe and use several cores themselves.
+        return _run_with(config, inputs, ctx, [chosen], chosen.selection_note, video, video_rel, opts, 1)
+    # More threads: one more dlib instance per extra thread (dlib's networks are not thread-safe).
     pool_key = (chosen.name, tuple(sorted(backend_kwargs.items())))
-    backends = _borrow_backends(workers, pool_key,
-                                lambda: get_face_backend(chosen.name, cache=False, **backend_kwargs))
+    extra = _borrow_backends(workers - 1, pool_key,
+                             lambda: get_face_backend(chosen.name, cache=False, **backend_kwargs))
     try:
-        return _run_with(config, inputs, ctx, backends, chosen.selection_note, video, video_rel, opts, workers)
+        return _run_with(config, inputs, ctx, [chosen, *extra], chosen.selection_note, video, video_rel, opts,
+                         workers)
     finally:
-        _return_backends(pool_key, backends)
+        _return_backends(pool_key, extra)
 
 
 def _run_with(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.StageContext, backends: list[Any],
