@@ -526,6 +526,10 @@ def schema() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Library chatter (torchvision fallbacks, "no LoRA keys for the text encoder") is not for
+    # users of a finished pipeline; set these to "info" to see it again.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     from runner.engine.executor import ApplyError
     from runner.engine.lock import LockHeld
     from runner.plan.graph import GraphError
