@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import shutil
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest

@@ -16,13 +16,14 @@ file is fetched only when no local file with its digest is known.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Iterable
+
+from runner.hashing import file_sha256 as sha256_file
 
 BLOBS = "blobs"
 RESULTS = "results"
@@ -38,17 +39,6 @@ def blob_relpath(sha: str) -> str:
 
 def result_relpath(key: str) -> str:
     return f"{RESULTS}/{key}.json"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while True:
-            b = fh.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 def atomic_write_text(path: Path, text: str) -> None:

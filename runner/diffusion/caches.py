@@ -18,16 +18,9 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
+from runner.hashing import file_sha256
 
 CROP_METHOD = "cover-center-crop-v1"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _key(*parts: Any) -> str:

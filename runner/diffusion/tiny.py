@@ -13,13 +13,11 @@ it tokenizes any text (unknown words fall back to bytes) deterministically.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterator
+
+from runner.buildcache import build_once
 
 # Bump when the configs below change: the cache folder name carries it, so an old build is
 # never loaded for a new definition.
@@ -246,23 +244,6 @@ def _build_tiny_sdxl(dest: Path) -> None:
 _BUILDERS = {"tiny-sd": _build_tiny_sd, "tiny-sdxl": _build_tiny_sdxl}
 
 
-@contextlib.contextmanager
-def file_lock(lock_path: Path) -> Iterator[None]:
-    """An exclusive inter-process lock (flock) held for the duration of the block."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(lock_path, "a+")
-    try:
-        try:
-            import fcntl
-
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        except ImportError:  # pragma: no cover - Windows: msvcrt byte lock
-            import msvcrt
-
-            msvcrt.locking(fh.fileno(), msvcrt.LK_LOCK, 1)
-        yield
-    finally:
-        fh.close()  # closing the descriptor releases the lock
 
 
 def models_cache_dir(cache_dir: Path | str | None = None) -> Path:
@@ -284,28 +265,15 @@ def tiny_model_path(name: str, cache_dir: Path | str | None = None) -> Path:
     name = name.removeprefix("builtin:")
     if name not in _BUILDERS:
         raise ValueError(f"unknown builtin model {name!r}; known: {', '.join('builtin:' + n for n in TINY_MODELS)}")
-    root = models_cache_dir(cache_dir)
-    final = root / f"builtin-{name}-v{TINY_VERSION}"
-    if (final / "model_index.json").is_file():
-        return final
-    with file_lock(root / f".builtin-{name}.lock"):
-        if (final / "model_index.json").is_file():  # another process built it meanwhile
-            return final
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".build-{name}-", dir=root))
-        try:
-            _BUILDERS[name](tmp)
-            (tmp / "TINY_RANDOM_MODEL.txt").write_text(
-                f"builtin:{name} v{TINY_VERSION}: a tiny model with random weights, built from config "
-                f"with seed {TINY_SEED} by character-runner. Its images are noise.\n"
-            )
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    final = models_cache_dir(cache_dir) / f"builtin-{name}-v{TINY_VERSION}"
+    return build_once(
+        final,
+        _BUILDERS[name],
+        marker="DONE",
+        notes={"TINY_RANDOM_MODEL.txt": f"builtin:{name} v{TINY_VERSION}: a tiny model with random weights, "
+                                        f"built from config with seed {TINY_SEED} by character-runner. "
+                                        "Its images are noise.\n"},
+    )
 
 
 def is_tiny(base_model: str) -> bool:

@@ -280,7 +280,7 @@ class LoraTrainer:
 
     def _regularization_images(self) -> list[Path]:
         """Class images from the given folder, or generated once by the base model (cached)."""
-        from runner.diffusion.tiny import file_lock
+        from runner.buildcache import file_lock
 
         reg = self.cfg.get("regularization", {})
         exts = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}

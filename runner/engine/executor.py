@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import sys
 import time
 import traceback
 from dataclasses import dataclass, field

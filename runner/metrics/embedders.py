@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
-import tempfile
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -421,32 +419,20 @@ def ensure_tiny_model(which: str, cache_dir: str | Path) -> Path:
     Built in a temporary sibling under an inter-process lock and renamed into place, so a killed
     build never leaves a half-written model behind and concurrent builders wait for each other.
     """
-    from runner.diffusion.tiny import file_lock
+    from runner.buildcache import build_once
 
-    dest = tiny_model_dir(which, cache_dir)
-    if (dest / "DONE").is_file():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(dest.parent / f".builtin-tiny-{which}.lock"):
-        if (dest / "DONE").is_file():
-            return dest
-        tmp = Path(tempfile.mkdtemp(prefix=f".build-tiny-{which}-", dir=dest.parent))
-        try:
-            with _quiet_transformers():
-                {"clip": _build_tiny_clip, "dino": _build_tiny_dino}[which](tmp)
-            (tmp / "TINY_RANDOM_MODEL.txt").write_text(
-                f"builtin:tiny-{which} v{TINY_VERSION}: a tiny embedding model with random weights, built "
-                f"from config with seed {TINY_SEED} by character-runner. Its similarities are meaningless.\n"
-            )
-            (tmp / "DONE").write_text(json.dumps({"builtin": f"builtin:tiny-{which}", "seed": TINY_SEED,
-                                                  "version": TINY_VERSION}))
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(tmp, dest)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    def build(tmp: Path) -> None:
+        with _quiet_transformers():
+            {"clip": _build_tiny_clip, "dino": _build_tiny_dino}[which](tmp)
+
+    return build_once(
+        tiny_model_dir(which, cache_dir),
+        build,
+        marker_text=json.dumps({"builtin": f"builtin:tiny-{which}", "seed": TINY_SEED, "version": TINY_VERSION}),
+        notes={"TINY_RANDOM_MODEL.txt": (
+            f"builtin:tiny-{which} v{TINY_VERSION}: a tiny embedding model with random weights, built "
+            f"from config with seed {TINY_SEED} by character-runner. Its similarities are meaningless.\n")},
+    )
 
 
 def _build_tiny_clip(folder: Path) -> None:

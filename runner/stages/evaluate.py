@@ -34,9 +34,14 @@ from pathlib import Path
 from typing import Any
 
 from runner.stages import base
+from runner.stages.common import IMAGE_EXTENSIONS
+from runner.stages.common import face_backend as _face_backend
+from runner.stages.common import load_embedder as _load_embedder
+from runner.stages.common import load_rgb as _load_rgb
+from runner.stages.common import reference_files as _reference_files
+from runner.stages.common import rel_path as _rel
 
 VERSION = 1
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 
 # --------------------------------------------------------------------------- planning
@@ -149,38 +154,10 @@ def _read_index(lora: base.Artifact) -> dict[str, Any]:
     return index
 
 
-def _reference_files(inputs: dict[str, base.Artifact]) -> list[Path]:
-    files: list[Path] = []
-    for name in sorted(inputs):
-        if not name.startswith("reference"):
-            continue
-        art = inputs[name]
-        cands = list(art.files) if art.files else ([Path(art.path)] if Path(art.path).is_file()
-                                                   else sorted(Path(art.path).rglob("*")))
-        files += [Path(f) for f in cands if Path(f).suffix.lower() in IMAGE_EXTENSIONS and Path(f).is_file()]
-    return list(dict.fromkeys(files))
 
 
-def _load_rgb(path: Path):
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("RGBA", "LA", "P"):
-            im = im.convert("RGBA")
-            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(bg, im)
-        return im.convert("RGB")
 
 
-def _local_or_ref(value: str, project_root: Path) -> str:
-    """Project-relative model paths from the resolved spec -> absolute; hub ids stay."""
-    if value.startswith("builtin:") or value.startswith("open_clip:"):
-        return value
-    p = Path(value).expanduser()
-    if not p.is_absolute() and (project_root / p).exists():
-        return str(project_root / p)
-    return value
 
 
 def cell_name(step: int, scale: float) -> str:
@@ -469,13 +446,9 @@ def _sha256_text(text: str) -> str:
 
 
 def _file_sha256(path: Path) -> str:
-    import hashlib
+    from runner.hashing import file_sha256
 
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(path)
 
 
 def _common_cell_key(config: dict[str, Any], index: dict[str, Any], resolution: int, ref_files: list[Path]) -> str:
@@ -491,27 +464,8 @@ def _common_cell_key(config: dict[str, Any], index: dict[str, Any], resolution: 
     }, sort_keys=True))
 
 
-def _load_embedder(ref: str, ctx: base.StageContext, key: str, device: str = "auto"):
-    from runner.metrics.embedders import EmbedderError, load_image_embedder
-
-    try:
-        return load_image_embedder(_local_or_ref(ref, ctx.project_root), ctx.cache_dir, device=device)
-    except EmbedderError as exc:
-        raise base.StageError(f"{key}: {exc}", hint=exc.hint) from None
 
 
-def _face_backend(opts: dict[str, Any], project_root: Path):
-    from runner.vision.faces import get_face_backend
-
-    pack = opts.get("insightface_pack", "buffalo_l")
-    if pack and not Path(pack).is_absolute() and (project_root / pack).is_dir():
-        pack = str(project_root / pack)
-    try:
-        return get_face_backend(opts.get("name", "auto"), dlib_detector=opts.get("dlib_detector", "hog"),
-                                upsample=int(opts.get("upsample", 1)), insightface_pack=pack,
-                                insightface_root=opts.get("insightface_root", "~/.insightface"))
-    except base.StageError as exc:
-        raise base.StageError(f"evaluate.face_model: {exc}", hint=exc.hint) from None
 
 
 def _load_pipeline(index: dict[str, Any], config: dict[str, Any], ctx: base.StageContext):
@@ -550,11 +504,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _rel(p: Path, root: Path) -> str:
-    try:
-        return Path(p).resolve().relative_to(Path(root).resolve()).as_posix()
-    except ValueError:
-        return str(p)
 
 
 def _json_default(o: Any) -> Any:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.stages import base
-from runner.stages.evaluate import _rel
+from runner.stages.common import rel_path as _rel
 
 VERSION = 1
 
@@ -239,7 +239,7 @@ def load_character_pipeline(lora: dict[str, Any], device: str, ctx: base.StageCo
 
 def face_backend_from(opts: dict[str, Any], project_root: Path, where: str):
     """The face backend named by ``opts`` (the evaluate stage's loader; errors name ``where``)."""
-    from runner.stages.evaluate import _face_backend
+    from runner.stages.common import face_backend as _face_backend
 
     try:
         return _face_backend(opts, project_root)
@@ -248,7 +248,7 @@ def face_backend_from(opts: dict[str, Any], project_root: Path, where: str):
 
 
 def load_references(inputs: dict[str, base.Artifact]):
-    from runner.stages.evaluate import _load_rgb, _reference_files
+    from runner.stages.common import load_rgb as _load_rgb, reference_files as _reference_files
 
     files = _reference_files(inputs)
     return files, [_load_rgb(f) for f in files]
@@ -307,7 +307,7 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     face_backend = face_backend_from(config["face"], ctx.project_root, "generate.storyboard.validation") if ref_images else None
     clip = None
     if thresholds.clip_i is not None:
-        from runner.stages.evaluate import _load_embedder
+        from runner.stages.common import load_embedder as _load_embedder
 
         clip = _load_embedder(val["clip_model"], ctx, "generate.storyboard.validation.clip_model")
     validator = FrameValidator(face_backend=face_backend, clip=clip, reference_images=ref_images, thresholds=thresholds)
@@ -429,7 +429,7 @@ def _guided_frames(config, inputs, ctx, pipe, family, jobs, validator, make_gene
     """Frame 1 plain (validated) -> reference; frames 2..N with IP-Adapter and/or ControlNet."""
     from runner.generate import guided as G
     from runner.generate.frames import generate_validated
-    from runner.stages.evaluate import _load_rgb
+    from runner.stages.common import load_rgb as _load_rgb
 
     g = config["reference_guided"]
     val = config["validation"]

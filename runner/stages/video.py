@@ -198,7 +198,7 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
 
 
 def _sources(config: dict[str, Any], inputs: dict[str, base.Artifact]) -> list[dict[str, Any]]:
-    from runner.stages.evaluate import _load_rgb
+    from runner.stages.common import load_rgb as _load_rgb
 
     if config["source"] == "storyboard":
         art = inputs.get("storyboard")
@@ -278,7 +278,7 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
 
     clip_model = None
     if config.get("suite") and any(c["expect"].get("features_kept") and c["features"] for c in config["suite"]["cases"]):
-        from runner.stages.evaluate import _load_embedder
+        from runner.stages.common import load_embedder as _load_embedder
 
         clip_model = _load_embedder(config["clip_model"], ctx, "evaluate.clip_model")
 

@@ -17,7 +17,6 @@ the stage context and the report. Heavy imports stay inside functions.
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import threading
@@ -142,11 +141,9 @@ def _return_backends(key: tuple, backends: list[Any]) -> None:
 
 
 def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from runner.hashing import file_sha256
+
+    return file_sha256(path)
 
 
 def _reference_embeddings(files: list[Path], backend: Any, ctx: base.StageContext) -> list[Any]:

@@ -1,0 +1,82 @@
+"""Helpers several stage kinds share (evaluate, storyboard, video). Not a stage kind itself.
+
+Like every module under runner/stages, it keeps heavy imports inside functions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from runner.stages import base
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def rel_path(p: Path | str, root: Path | str) -> str:
+    """``p`` relative to ``root`` (posix) when inside it, else as given."""
+    try:
+        return Path(p).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return str(p)
+
+
+def reference_files(inputs: dict[str, base.Artifact]) -> list[Path]:
+    """Image files of every input named ``reference*`` (file sets of character.references)."""
+    files: list[Path] = []
+    for name in sorted(inputs):
+        if not name.startswith("reference"):
+            continue
+        art = inputs[name]
+        cands = list(art.files) if art.files else ([Path(art.path)] if Path(art.path).is_file()
+                                                   else sorted(Path(art.path).rglob("*")))
+        files += [Path(f) for f in cands if Path(f).suffix.lower() in IMAGE_EXTENSIONS and Path(f).is_file()]
+    return list(dict.fromkeys(files))
+
+
+def load_rgb(path: Path):
+    """A PIL RGB image, EXIF-rotated, with transparency flattened on white."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("RGBA", "LA", "P"):
+            im = im.convert("RGBA")
+            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(bg, im)
+        return im.convert("RGB")
+
+
+def model_ref(value: str, project_root: Path) -> str:
+    """Project-relative model paths from the resolved spec -> absolute; hub ids stay as they are."""
+    if value.startswith("builtin:") or value.startswith("open_clip:"):
+        return value
+    p = Path(value).expanduser()
+    if not p.is_absolute() and (project_root / p).exists():
+        return str(project_root / p)
+    return value
+
+
+def load_embedder(ref: str, ctx: base.StageContext, key: str, device: str = "auto"):
+    """A CLIP/DINO image embedder for a spec value; a bad value is a StageError naming ``key``."""
+    from runner.metrics.embedders import EmbedderError, load_image_embedder
+
+    try:
+        return load_image_embedder(model_ref(ref, ctx.project_root), ctx.cache_dir, device=device)
+    except EmbedderError as exc:
+        raise base.StageError(f"{key}: {exc}", hint=exc.hint) from None
+
+
+def face_backend(opts: dict[str, Any], project_root: Path, key: str = "evaluate.face_model"):
+    """The face backend named by ``opts`` (name, dlib_detector, upsample, insightface_pack/root)."""
+    from runner.vision.faces import get_face_backend
+
+    pack = opts.get("insightface_pack", "buffalo_l")
+    if pack and not Path(pack).is_absolute() and (project_root / pack).is_dir():
+        pack = str(project_root / pack)
+    try:
+        return get_face_backend(opts.get("name", "auto"), dlib_detector=opts.get("dlib_detector", "hog"),
+                                upsample=int(opts.get("upsample", 1)), insightface_pack=pack,
+                                insightface_root=opts.get("insightface_root", "~/.insightface"))
+    except base.StageError as exc:
+        raise base.StageError(f"{key}: {exc}", hint=exc.hint) from None
