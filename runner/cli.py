@@ -78,8 +78,8 @@ def _plan_line(ps: Any, estimate: Any = None) -> str:
     extra = ""
     if estimate is not None:  # a remote stage: its GPU on Modal and what a run would cost
         extra = f"  [modal {estimate.gpu}, {estimate.short()}: {estimate.note}]"
-    elif ps.node.gpu:
-        extra = f"  [gpu: {ps.node.gpu}]"
+    elif ps.node.gpu:  # runs here; the GPU type only applies on a remote backend
+        extra = "  [gpu stage, local]"
     return f"  {sym} {ps.id:<38} {ps.action:<7} {'; '.join(ps.reasons)}{extra}"
 
 

@@ -146,7 +146,7 @@ def test_apply_without_credentials_fails_at_once_and_plan_still_works(hero, no_c
     assert "remote" not in stages["hero:ingest"]
     # --backend local: no remote stages, no estimates; the apply would run everything here
     r = cli(project, "plan", "--backend", "local", "specs/hero.yaml", env=env)
-    assert "modal" not in r.stdout and "[gpu: A100-80GB]" in r.stdout
+    assert "modal" not in r.stdout and "[gpu stage, local]" in r.stdout
 
 
 def test_plan_estimates_from_earlier_runs(hero, tmp_path, monkeypatch, no_credentials):
