@@ -126,9 +126,12 @@ def _rel(p: Path) -> Path:
 @click.option("--only", multiple=True, metavar="STAGE", help="Plan only STAGE and what it needs.")
 @click.option("--backend", type=click.Choice(["local", "modal"]), default=None,
               help="Override hardware.backend (modal: show GPU types and estimated costs).")
+@click.option("--scenes", is_flag=True,
+              help="Also print each storyboard's scenes and frame prompts (manual and rules planners; no GPU).")
 @allow_outside_opt
 def plan(specs: tuple[str, ...], resolved: bool, as_json: bool, detailed_exitcode: bool,
-         force: tuple[str, ...], only: tuple[str, ...], backend: str | None, allow_outside_project: bool) -> None:
+         force: tuple[str, ...], only: tuple[str, ...], backend: str | None, scenes: bool,
+         allow_outside_project: bool) -> None:
     """Show, per stage, whether it runs, is cached, or re-runs, and why."""
     from runner.engine.executor import plan_specs
     from runner.spec import load_specs
@@ -154,10 +157,25 @@ def plan(specs: tuple[str, ...], resolved: bool, as_json: bool, detailed_exitcod
             click.echo(json.dumps(data, indent=2))
         else:
             _print_plan(p, loaded, estimates=estimates)
+            if scenes:
+                _print_scenes(loaded)
     finally:
         ws.close()
     if detailed_exitcode and p.has_changes:
         sys.exit(2)
+
+
+def _print_scenes(specs: list[Any]) -> None:
+    from runner.generate.planner import PlannerError, format_scenes, plan_scenes
+
+    for s in specs:
+        if not isinstance(s.data.get("generate", {}).get("storyboard"), dict):
+            continue
+        click.echo(f"\nStoryboard scenes for {s.name} ({s.data['generate']['storyboard']['planner']} planner):")
+        try:
+            click.echo(format_scenes(plan_scenes(s.data, allow_llm=False)))
+        except PlannerError as exc:
+            click.echo(f"  (not previewed: {exc}; `runner storyboard-preview --llm` asks the endpoint)")
 
 
 # ----------------------------------------------------------------------------- apply

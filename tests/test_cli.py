@@ -64,6 +64,9 @@ def test_demo_apply_then_noop_then_change(demo_project):
 def test_plan_resolved_and_presets(demo_project):
     r = runner("plan", "--resolved", "specs/demo.yaml", cwd=demo_project, check=True)
     assert "trigger: dmochr" in r.stdout and "max_pixels: 64000000" in r.stdout
+    sc = runner("plan", "--scenes", "specs/demo.yaml", cwd=demo_project, check=True)
+    assert "Storyboard scenes for demo (rules planner):" in sc.stdout
+    assert "prompt: dmochr man, close-up portrait, He greets the reporters with a smile" in sc.stdout
     p = runner("presets", cwd=demo_project, check=True)
     assert "sdxl-character" in p.stdout and "aggressive-quality" in p.stdout
 
