@@ -214,3 +214,10 @@ def test_batch_of_specs_and_duplicate_names(hero, project):
 
     with pytest.raises(GraphError, match="two specs define the character 'hero'"):
         plan_specs(load_specs([project / "specs"]))
+
+
+def test_symlink_loops_in_a_photo_folder_are_followed_once(hero):
+    photos = hero.parent.parent / "photos"
+    (photos / "loop").symlink_to(photos)
+    stages, _ = plan_of(hero)
+    assert stages["hero:ingest"].fileset_digests["source0"].count == 2

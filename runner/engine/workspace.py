@@ -293,6 +293,7 @@ def _scan(root: Path, patterns: tuple[str, ...], recursive: bool):
     pats = tuple(p.lower() for p in patterns)
     match_all = pats == ("*",)
     stack = [(root, "")]
+    seen_dirs = {(st.st_dev, st.st_ino)}  # symlinked folders are followed once: no loops
     while stack:
         folder, rel = stack.pop()
         try:
@@ -306,7 +307,10 @@ def _scan(root: Path, patterns: tuple[str, ...], recursive: bool):
                 try:
                     if entry.is_dir(follow_symlinks=True):
                         if recursive:
-                            stack.append((Path(entry.path), f"{rel}{entry.name}/"))
+                            dst = entry.stat(follow_symlinks=True)
+                            if (dst.st_dev, dst.st_ino) not in seen_dirs:
+                                seen_dirs.add((dst.st_dev, dst.st_ino))
+                                stack.append((Path(entry.path), f"{rel}{entry.name}/"))
                         continue
                     if not entry.is_file(follow_symlinks=True):
                         continue
