@@ -106,3 +106,40 @@ def test_references_without_any_face_are_a_clear_error(backend) -> None:
                         face_backend=backend)
     with pytest.raises(StageError, match="no face found in any of the 1 reference"):
         mc.references([Image.new("RGB", (128, 128), (20, 20, 20))], ["dark.png"])
+
+
+def test_face_worker_processes_give_the_same_faces_as_in_process(shared_data: Path, backend) -> None:
+    """The evaluate stage's dlib pool: same embeddings, boxes and misses, in input order."""
+    from runner.metrics.embedders import TINY_CLIP, TINY_DINO, load_image_embedder
+    from runner.vision.analysis import FacePool
+
+    clip, dino = load_image_embedder(TINY_CLIP), load_image_embedder(TINY_DINO)
+    images = [_load(f, 256) for f in sorted((shared_data / "faces" / "obama").iterdir())[:3]]
+    images += [Image.new("RGB", (200, 160), (90, 140, 200)), _load(shared_data / "faces" / "biden" / "biden_01.jpg", 256)]
+    plain = MetricComputer(clip=clip, dino=dino, face_backend=backend).embed(images)
+    with MetricComputer(clip=clip, dino=dino, face_backend=backend,
+                        face_pool=FacePool(2, {"name": "dlib"})) as mc:
+        cheap = mc.embed([Image.new("RGB", (64, 64), (90, 140, 200))] * 6)
+        assert not mc.face_pool.started  # 6 faceless thumbnails: far cheaper than starting workers
+        assert cheap.faces == [None] * 6
+        mc.POOL_WORTH_S = 0.0  # from now on every set is worth the workers
+        pooled = mc.embed(images)
+        assert mc.face_pool.started
+    assert not mc.face_pool.started  # closed on leaving the block
+    assert [f is None for f in pooled.faces] == [f is None for f in plain.faces]
+    assert pooled.faces[3] is None and sum(f is not None for f in pooled.faces) >= 3
+    for a, b in zip(plain.faces, pooled.faces):
+        if a is not None:
+            np.testing.assert_allclose(a, b, atol=1e-6)
+    assert pooled.face_boxes == plain.face_boxes
+
+
+def test_a_face_worker_that_cannot_start_is_a_clear_error(backend) -> None:
+    from runner.stages.base import StageError
+    from runner.vision.analysis import FacePool
+
+    images = [np.zeros((64, 64, 3), np.uint8)] * 2
+    with FacePool(2, {"name": "no-such-backend"}, hint="set evaluate.face_workers: 1") as pool:
+        with pytest.raises(StageError, match="face analysis worker process died") as err:
+            pool.results(pool.submit(images))
+    assert "evaluate.face_workers: 1" in err.value.hint

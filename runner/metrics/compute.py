@@ -6,6 +6,10 @@ distinct prompt's CLIP text embedding once), and turns embeddings into the metri
 :mod:`runner.metrics.definitions` per image, per category and overall.
 
 ``batch_size=1`` is the one-image-at-a-time baseline that bench/evaluate compares against.
+
+Face detectors and dlib's identity network work one image at a time, so batching cannot speed
+them up; with ``face_pool`` (a :class:`runner.vision.analysis.FacePool`) the faces of a set are
+analyzed in worker processes while this process runs the CLIP/DINO batches.
 """
 
 from __future__ import annotations
@@ -47,11 +51,28 @@ class ReferenceSet:
 
 
 class MetricComputer:
-    def __init__(self, *, clip, dino, face_backend, batch_size: int = 16) -> None:
+    def __init__(self, *, clip, dino, face_backend, batch_size: int = 16, face_pool=None) -> None:
         self.clip = clip
         self.dino = dino
         self.face_backend = face_backend
         self.batch_size = max(1, int(batch_size))
+        self.face_pool = face_pool  # FacePool | None; started when worth it, closed by close()
+        self._face_s = 0.0  # in-process face analysis: seconds and images so far
+        self._face_n = 0
+
+    # Start the face worker processes only for sets whose in-process face analysis is expected to
+    # take longer than this (starting them and loading their models costs about 2 s).
+    POOL_WORTH_S = 4.0
+
+    def close(self) -> None:
+        if self.face_pool is not None:
+            self.face_pool.close()
+
+    def __enter__(self) -> "MetricComputer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def tiny_random(self) -> bool:
@@ -69,12 +90,18 @@ class MetricComputer:
 
     # ------------------------------------------------------------------ embedding
     def main_face(self, image: "Image.Image") -> tuple[np.ndarray | None, list[float] | None]:
-        from runner.vision.faces import main_face
+        from runner.vision.analysis import main_face_of
 
-        face = main_face(self.face_backend.analyze(np.asarray(image.convert("RGB"))))
-        if face is None:
-            return None, None
-        return np.asarray(face.embedding, dtype=np.float32), [round(float(v), 1) for v in face.box]
+        return main_face_of(self.face_backend, np.asarray(image.convert("RGB")))
+
+    def _timed_main_face(self, image: "Image.Image") -> tuple[np.ndarray | None, list[float] | None]:
+        import time
+
+        t = time.perf_counter()
+        out = self.main_face(image)
+        self._face_s += time.perf_counter() - t
+        self._face_n += 1
+        return out
 
     def embed(self, images: Sequence["Image.Image"], batch_size: int | None = None,
               timings: dict[str, float] | None = None) -> EmbeddedImages:
@@ -83,18 +110,29 @@ class MetricComputer:
 
         bs = batch_size or self.batch_size
         t0 = time.perf_counter()
+        found: list[tuple[np.ndarray | None, list[float] | None]] = []
+        futures = None
+        pool = self.face_pool
+        if pool is not None and images:
+            if not pool.started and self._face_n == 0:
+                found.append(self._timed_main_face(images[0]))  # what one face costs here
+            rest = images[len(found):]
+            if rest and (pool.started or self._face_s / self._face_n * len(rest) > self.POOL_WORTH_S):
+                # Submitted first: the workers analyze faces while the batches below run here.
+                futures = pool.submit(np.asarray(im.convert("RGB")) for im in rest)
         clip = self.clip.embed_images(images, batch_size=bs)
         t1 = time.perf_counter()
         dino = self.dino.embed_images(images, batch_size=bs)
         t2 = time.perf_counter()
-        faces: list[np.ndarray | None] = []
-        boxes: list[list[float] | None] = []
-        for im in images:  # face detectors work per image
-            emb, box = self.main_face(im)
-            faces.append(emb)
-            boxes.append(box)
+        if futures is not None:
+            found += pool.results(futures)
+        else:
+            found += [self._timed_main_face(im) for im in images[len(found):]]  # detectors work per image
+        faces = [emb for emb, _ in found]
+        boxes = [box for _, box in found]
         t3 = time.perf_counter()
         if timings is not None:
+            # With a pool, "faces" is only the wait after the CLIP/DINO batches.
             for k, v in (("clip", t1 - t0), ("dino", t2 - t1), ("faces", t3 - t2)):
                 timings[k] = timings.get(k, 0.0) + v
         return EmbeddedImages(clip=clip, dino=dino, faces=faces, face_boxes=boxes)
@@ -103,7 +141,9 @@ class MetricComputer:
         if not images:
             raise StageError("no reference images to evaluate against",
                              hint="List reference images (files or folders) under character.references.")
+        spent = (self._face_s, self._face_n)
         emb = self.embed(images)
+        self._face_s, self._face_n = spent  # references are no guide to what generated images cost
         found = [f is not None for f in emb.faces]
         if not any(found):
             raise StageError(

@@ -67,16 +67,22 @@ def load_embedder(ref: str, ctx: base.StageContext, key: str, device: str = "aut
         raise base.StageError(f"{key}: {exc}", hint=exc.hint) from None
 
 
-def face_backend(opts: dict[str, Any], project_root: Path, key: str = "evaluate.face_model"):
-    """The face backend named by ``opts`` (name, dlib_detector, upsample, insightface_pack/root)."""
-    from runner.vision.faces import get_face_backend
-
+def face_backend_kwargs(opts: dict[str, Any], project_root: Path) -> dict[str, Any]:
+    """``get_face_backend`` keyword arguments for ``opts`` (name, dlib_detector, upsample,
+    insightface_pack/root); a pack folder relative to the project is made absolute."""
     pack = opts.get("insightface_pack", "buffalo_l")
     if pack and not Path(pack).is_absolute() and (project_root / pack).is_dir():
         pack = str(project_root / pack)
+    return {"name": opts.get("name", "auto"), "dlib_detector": opts.get("dlib_detector", "hog"),
+            "upsample": int(opts.get("upsample", 1)), "insightface_pack": pack,
+            "insightface_root": opts.get("insightface_root", "~/.insightface")}
+
+
+def face_backend(opts: dict[str, Any], project_root: Path, key: str = "evaluate.face_model"):
+    """The face backend named by ``opts`` (see :func:`face_backend_kwargs`)."""
+    from runner.vision.faces import get_face_backend
+
     try:
-        return get_face_backend(opts.get("name", "auto"), dlib_detector=opts.get("dlib_detector", "hog"),
-                                upsample=int(opts.get("upsample", 1)), insightface_pack=pack,
-                                insightface_root=opts.get("insightface_root", "~/.insightface"))
+        return get_face_backend(**face_backend_kwargs(opts, project_root))
     except base.StageError as exc:
         raise base.StageError(f"{key}: {exc}", hint=exc.hint) from None

@@ -99,6 +99,8 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
         "guidance": float(ev.get("guidance", 7.0)),
         "resolution": ev.get("resolution"),
         "batch_size": int(ev.get("batch_size", 4)),
+        # Only changes speed (kept out of the cell key).
+        "face_workers": int(ev.get("face_workers", 0)),
         "face": {
             "name": ev.get("face_model", "auto"),
             "insightface_pack": ev.get("insightface_pack") or analysis.get("insightface_pack", "buffalo_l"),
@@ -191,7 +193,6 @@ def _select_checkpoints(index: dict[str, Any], which: str) -> list[tuple[int, di
                report=lambda config, outputs, env: report_sections(config, outputs, env))
 def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.StageContext) -> dict[str, base.Artifact]:
     """Generate the prompt suite per checkpoint x LoRA scale, score it, pick the best."""
-    from runner.eval import selection
     from runner.metrics.compute import MetricComputer
 
     t_start = time.monotonic()
@@ -217,13 +218,44 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
         raise base.StageError("no reference images found in character.references "
                               f"({', '.join(config.get('references', []))})",
                               hint=f"Put images ({', '.join(IMAGE_EXTENSIONS)}) in the reference folders.")
+    face = _face_backend(config["face"], ctx.project_root)
     computer = MetricComputer(
         clip=_load_embedder(config["clip_model"], ctx, "evaluate.clip_model", config.get("device", "auto")),
         dino=_load_embedder(config["dino_model"], ctx, "evaluate.dino_model", config.get("device", "auto")),
-        face_backend=_face_backend(config["face"], ctx.project_root),
-        batch_size=config["batch_size"],
+        face_backend=face, batch_size=config["batch_size"],
+        face_pool=_face_pool(config, face, len(prompts) * len(seeds), ctx),
     )
-    ctx.log(f"face backend: {getattr(computer.face_backend, 'selection_note', computer.face_backend.name)}")
+    ctx.log(f"face backend: {getattr(face, 'selection_note', face.name)}")
+    with computer:
+        return _evaluate(config, inputs, ctx, computer, lora, lora_root, index, checkpoints, prompts, seeds, scales,
+                         resolution, ref_files, t_start)
+
+
+def _face_pool(config: dict[str, Any], face: Any, images_per_cell: int, ctx: base.StageContext):
+    """Worker processes for dlib's per-image face analysis (``evaluate.face_workers``), or None.
+
+    dlib's identity network runs one face at a time and holds the GIL, so processes are the way to
+    use more cores; insightface runs in ONNX Runtime, which already uses them.
+    """
+    from runner.metrics.compute import MetricComputer
+    from runner.stages.common import face_backend_kwargs
+    from runner.vision.analysis import FacePool, default_workers
+
+    workers = min(default_workers(int(config.get("face_workers", 0))), images_per_cell)
+    if face.name != "dlib" or workers <= 1:
+        return None
+    ctx.log(f"face analysis: {workers} worker processes for sets whose in-process analysis would take "
+            f"over {MetricComputer.POOL_WORTH_S:.0f} s")
+    options = {**face_backend_kwargs(config["face"], ctx.project_root), "name": face.name}
+    return FacePool(workers, options, hint="set evaluate.face_workers: 1 to analyze faces in-process and see the error")
+
+
+def _evaluate(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.StageContext, computer: Any,
+              lora: base.Artifact, lora_root: Path, index: dict[str, Any], checkpoints: list, prompts: list,
+              seeds: list[int], scales: list[float], resolution: int, ref_files: list[Path],
+              t_start: float) -> dict[str, base.Artifact]:
+    from runner.eval import selection
+
     ref_images = [_load_rgb(f) for f in ref_files]
     refs = computer.references(ref_images, [_rel(f, ctx.project_root) for f in ref_files])
     for f, ok in zip(ref_files, refs.face_found):

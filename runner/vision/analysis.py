@@ -182,11 +182,9 @@ def iter_analyses(jobs: Iterable[dict[str, Any]], *, workers: int, backend_optio
         for job in jobs:
             yield analyze_job(job)
         return
-    ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited threads or locks
     it = iter(jobs)
     window = max(1, workers * window_per_worker)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(backend_options, ref_list)) as pool:
+    with spawn_pool(workers, backend_options, ref_list) as pool:
         pending: deque[Future[dict[str, Any]]] = deque()
         for job in it:
             pending.append(pool.submit(analyze_job, job))
@@ -196,14 +194,93 @@ def iter_analyses(jobs: Iterable[dict[str, Any]], *, workers: int, backend_optio
             try:
                 res = pending.popleft().result()
             except BrokenProcessPool as exc:
-                from runner.stages.base import StageError
-
-                raise StageError(
-                    "an analysis worker process died (out of memory, or a crash in the face library)",
-                    hint="set dataset.analysis.workers to 1 to analyze in-process and see the error; "
-                         "lower dataset.analysis.max_analysis_side if memory is short",
-                ) from exc
+                raise _worker_died("set dataset.analysis.workers to 1 to analyze in-process and see the error; "
+                                   "lower dataset.analysis.max_analysis_side if memory is short") from exc
             nxt = next(it, None)
             if nxt is not None:
                 pending.append(pool.submit(analyze_job, nxt))
             yield res
+
+
+def spawn_pool(workers: int, backend_options: dict[str, Any], refs: list[list[float]] | None = None
+               ) -> ProcessPoolExecutor:
+    """``workers`` processes, each with its own face backend built from ``backend_options``.
+
+    Processes, not threads: dlib holds the GIL through its ResNet descriptor and its models are
+    not thread-safe. "spawn" starts fresh interpreters (no inherited threads, locks or torch state).
+    """
+    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                               initargs=(backend_options, refs))
+
+
+def _worker_died(hint: str) -> Exception:
+    from runner.stages.base import StageError
+
+    return StageError("a face analysis worker process died (out of memory, or a crash in the face library)", hint=hint)
+
+
+def main_face_of(backend: Any, rgb: np.ndarray) -> tuple[np.ndarray | None, list[float] | None]:
+    """(identity embedding, box) of the main (largest) face in ``rgb``; (None, None) without a face."""
+    from runner.vision.faces import main_face
+
+    face = main_face(backend.analyze(rgb))
+    if face is None:
+        return None, None
+    return np.asarray(face.embedding, dtype=np.float32), [round(float(v), 1) for v in face.box]
+
+
+def _ready() -> bool:
+    return "backend" in _WORKER
+
+
+def main_face_job(rgb: np.ndarray) -> tuple[np.ndarray | None, list[float] | None]:
+    return main_face_of(_WORKER["backend"], rgb)
+
+
+class FacePool:
+    """Main-face embeddings of many images in ``workers`` processes, started on first use and kept
+    until :meth:`close` (starting a worker and loading its models costs about a second)."""
+
+    def __init__(self, workers: int, backend_options: dict[str, Any], *, hint: str = "") -> None:
+        self.workers = int(workers)
+        self.backend_options = dict(backend_options)
+        self.hint = hint or "analyze faces in-process (1 worker) to see the error"
+        self._pool: ProcessPoolExecutor | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._pool is not None
+
+    def start(self) -> None:
+        """Start the workers and wait until each has loaded its models (optional: the first
+        :meth:`submit` starts them too)."""
+        if self._pool is None:
+            self._pool = spawn_pool(self.workers, self.backend_options)
+        self.results([self._pool.submit(_ready) for _ in range(self.workers)])
+
+    def submit(self, images: Iterable[np.ndarray]) -> list[Future]:
+        if self._pool is None:
+            self._pool = spawn_pool(self.workers, self.backend_options)
+        try:
+            return [self._pool.submit(main_face_job, np.ascontiguousarray(rgb)) for rgb in images]
+        except BrokenProcessPool as exc:
+            self.close()
+            raise _worker_died(self.hint) from exc
+
+    def results(self, futures: list[Future]) -> list[tuple[np.ndarray | None, list[float] | None]]:
+        try:
+            return [f.result() for f in futures]
+        except BrokenProcessPool as exc:
+            self.close()
+            raise _worker_died(self.hint) from exc
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> "FacePool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
