@@ -495,7 +495,7 @@ def _make_clip(job, j_index, config, vp, face_backend, compare, threshold, again
     tmp = folder / "clip.json.tmp"
     tmp.write_text(json.dumps(record, default=str), encoding="utf-8")
     os.replace(tmp, folder / "clip.json")
-    ctx.log(f"video: {job['name']}: fidelity {fid['distance']} ({fid['grade']}), {bud['seconds']:.1f} s, "
+    ctx.log(f"video: {job['name']}: fidelity distance {fid['distance']}/100, lower is closer ({fid['grade']}), {bud['seconds']:.1f} s, "
             f"{bud['cost']:.4f} {currency}")
     return record
 
