@@ -143,3 +143,22 @@ def test_a_face_worker_that_cannot_start_is_a_clear_error(backend) -> None:
         with pytest.raises(StageError, match="face analysis worker process died") as err:
             pool.results(pool.submit(images))
     assert "evaluate.face_workers: 1" in err.value.hint
+
+
+def test_main_face_embeddings_match_the_full_analysis_on_group_photos(shared_data: Path, backend) -> None:
+    """The metrics path describes only the largest face; it must pick and embed the same one."""
+    from runner.vision.faces import main_face
+
+    files = sorted((shared_data / "faces" / "groups").iterdir())
+    images = [np.asarray(_load(f, 1024)) for f in files] + [np.full((120, 160, 3), 200, np.uint8)]
+    fast = backend.main_face_embeddings(images)
+    assert fast[-1] == (None, None)
+    several = 0
+    for rgb, (emb, box) in zip(images[:-1], fast[:-1]):
+        faces = backend.analyze(rgb)
+        several += len(faces) > 1
+        ref = main_face(faces)
+        assert emb is not None and ref is not None
+        np.testing.assert_allclose(emb, ref.embedding, atol=1e-6)
+        assert box == [round(float(v), 1) for v in ref.box]
+    assert several >= 3  # the group photos do have several faces each

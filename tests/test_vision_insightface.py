@@ -62,10 +62,11 @@ def fake_detector(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def fake_embedder(path: Path) -> None:
+def fake_embedder(path: Path, batch: int | str = 1) -> None:
+    """An ArcFace-shaped embedder; ``batch`` 1 (fixed) or a name (dynamic, as the real packs)."""
     rng = np.random.default_rng(0)
-    x = helper.make_tensor_value_info("data", TensorProto.FLOAT, [1, 3, 112, 112])
-    y = helper.make_tensor_value_info("fc1", TensorProto.FLOAT, [1, 512])
+    x = helper.make_tensor_value_info("data", TensorProto.FLOAT, [batch, 3, 112, 112])
+    y = helper.make_tensor_value_info("fc1", TensorProto.FLOAT, [batch, 512])
     nodes = [
         helper.make_node("AveragePool", ["data"], ["p"], kernel_shape=[16, 16], strides=[16, 16], name="pool"),
         helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
@@ -137,3 +138,28 @@ def test_a_pack_without_a_detector_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(StageError, match="no face detection model"):
         get_face_backend("insightface", insightface_pack="halfpack", insightface_root=str(tmp_path),
                          providers=["CPUExecutionProvider"], cache=False)
+
+
+@pytest.mark.parametrize("batch", [1, "n"])
+def test_main_face_embeddings_batched_match_the_full_analysis(tmp_path: Path, batch) -> None:
+    pack = tmp_path / "models" / "pack"
+    pack.mkdir(parents=True)
+    fake_detector(pack / "det_fake.onnx")
+    fake_embedder(pack / "w600k_fake.onnx", batch=batch)
+    backend = get_face_backend("insightface", insightface_pack="pack", insightface_root=str(tmp_path),
+                               providers=["CPUExecutionProvider"], cache=False, max_side=400)
+    two = scene(64, 64, texture=4)
+    two[300:364, 448:512] = 255  # a second face, same size: the first detected stays the main one
+    images = [scene(256, 192), np.zeros((480, 640, 3), np.uint8), scene(96, 320, texture=4), two]
+    fast = backend.main_face_embeddings(images)
+    assert fast[1] == (None, None)
+    for rgb, (emb, box) in zip(images, fast):
+        faces = backend.analyze(rgb)
+        if not faces:
+            assert emb is None
+            continue
+        ref = faces[0]
+        assert emb is not None and emb.shape == (512,)
+        np.testing.assert_allclose(emb, ref.embedding, atol=1e-5)
+        assert box == [round(float(v), 1) for v in ref.box]  # max_side 400 < 640: rescaled alike
+    assert len(backend.analyze(two)) == 2

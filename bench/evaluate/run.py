@@ -53,7 +53,7 @@ def main() -> None:
     from runner.metrics.compute import MetricComputer
     from runner.metrics.embedders import load_image_embedder
     from runner.vision.analysis import FacePool, default_workers
-    from runner.vision.faces import get_face_backend, main_face
+    from runner.vision.faces import get_face_backend
 
     torch.set_num_threads(args.threads)
     cache = REPO / "bench" / "_work" / "cache"
@@ -90,9 +90,9 @@ def main() -> None:
         dino_rows.append(dino.embed_images([im], batch_size=1)[0])
         text_rows.append(clip.embed_texts([pr], batch_size=1)[0])
         tf = time.perf_counter()
-        f = main_face(face.analyze(np.asarray(im)))
+        emb, _ = face.main_face_embeddings([np.asarray(im)])[0]  # the same per-image work as batched
         t_face += time.perf_counter() - tf
-        faces.append(None if f is None else f.embedding)
+        faces.append(emb)
     from runner.metrics.compute import EmbeddedImages
 
     emb1 = EmbeddedImages(clip=np.stack(clip_rows), dino=np.stack(dino_rows), faces=faces, face_boxes=[None] * len(faces))

@@ -46,7 +46,6 @@ class FrameValidator:
 
     def __init__(self, *, face_backend, clip, reference_images: Sequence[Any], thresholds: Thresholds) -> None:
         from runner.stages.base import StageError
-        from runner.vision.faces import main_face
 
         self.face_backend = face_backend
         self.clip = clip
@@ -58,11 +57,8 @@ class FrameValidator:
                              hint="Add reference photos to character.references, or set the validation "
                              "thresholds to null.")
         if face_backend is not None and reference_images:
-            embs = []
-            for im in reference_images:
-                f = main_face(face_backend.analyze(np.asarray(im.convert("RGB"))))
-                if f is not None:
-                    embs.append(np.asarray(f.embedding, dtype=np.float32))
+            found = face_backend.main_face_embeddings([np.asarray(im.convert("RGB")) for im in reference_images])
+            embs = [emb for emb, _ in found if emb is not None]
             if embs:
                 self.ref_faces = np.stack(embs)
             elif thresholds.face_similarity is not None:
@@ -77,15 +73,12 @@ class FrameValidator:
 
     def score(self, images: Sequence[Any]) -> list[dict[str, Any]]:
         from runner.metrics import definitions as M
-        from runner.vision.faces import main_face
 
         rows: list[dict[str, Any]] = [{} for _ in images]
         if self.face_backend is not None and self.ref_faces is not None:
-            faces, boxes = [], []
-            for im in images:
-                f = main_face(self.face_backend.analyze(np.asarray(im.convert("RGB"))))
-                faces.append(None if f is None else np.asarray(f.embedding, dtype=np.float32))
-                boxes.append(None if f is None else [round(float(v), 1) for v in f.box])
+            found = self.face_backend.main_face_embeddings([np.asarray(im.convert("RGB")) for im in images])
+            faces = [emb for emb, _ in found]
+            boxes = [box for _, box in found]
             mean, best, found = M.face_similarity_per_image(faces, self.ref_faces)
             for i, r in enumerate(rows):
                 r.update(face_found=bool(found[i]), face_similarity=round(float(mean[i]), 5),

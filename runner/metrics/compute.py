@@ -89,18 +89,16 @@ class MetricComputer:
         }
 
     # ------------------------------------------------------------------ embedding
-    def main_face(self, image: "Image.Image") -> tuple[np.ndarray | None, list[float] | None]:
-        from runner.vision.analysis import main_face_of
-
-        return main_face_of(self.face_backend, np.asarray(image.convert("RGB")))
-
-    def _timed_main_face(self, image: "Image.Image") -> tuple[np.ndarray | None, list[float] | None]:
+    def _timed_faces(self, images: Sequence["Image.Image"]) -> list[tuple[np.ndarray | None, list[float] | None]]:
+        """Main faces in this process (batched where the backend can), timing them for the pool."""
         import time
 
+        if not images:
+            return []
         t = time.perf_counter()
-        out = self.main_face(image)
+        out = self.face_backend.main_face_embeddings([np.asarray(im.convert("RGB")) for im in images])
         self._face_s += time.perf_counter() - t
-        self._face_n += 1
+        self._face_n += len(images)
         return out
 
     def embed(self, images: Sequence["Image.Image"], batch_size: int | None = None,
@@ -115,7 +113,7 @@ class MetricComputer:
         pool = self.face_pool
         if pool is not None and images:
             if not pool.started and self._face_n == 0:
-                found.append(self._timed_main_face(images[0]))  # what one face costs here
+                found += self._timed_faces(images[:1])  # what one image costs here
             rest = images[len(found):]
             if rest and (pool.started or self._face_s / self._face_n * len(rest) > self.POOL_WORTH_S):
                 # Submitted first: the workers analyze faces while the batches below run here.
@@ -127,7 +125,7 @@ class MetricComputer:
         if futures is not None:
             found += pool.results(futures)
         else:
-            found += [self._timed_main_face(im) for im in images[len(found):]]  # detectors work per image
+            found += self._timed_faces(images[len(found):])
         faces = [emb for emb, _ in found]
         boxes = [box for _, box in found]
         t3 = time.perf_counter()

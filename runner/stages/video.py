@@ -376,13 +376,9 @@ def _upscale_method(config: dict[str, Any]) -> str | None:
 def _face_embeddings(face_backend, images):
     import numpy as np
 
-    from runner.vision.faces import main_face
 
-    embs = []
-    for im in images:
-        f = main_face(face_backend.analyze(np.asarray(im.convert("RGB"))))
-        if f is not None:
-            embs.append(np.asarray(f.embedding, dtype=np.float32))
+    found = face_backend.main_face_embeddings([np.asarray(im.convert("RGB")) for im in images])
+    embs = [emb for emb, _ in found if emb is not None]
     return np.stack(embs) if embs else np.zeros((0, 1), np.float32)
 
 

@@ -221,12 +221,7 @@ def _worker_died(hint: str) -> Exception:
 
 def main_face_of(backend: Any, rgb: np.ndarray) -> tuple[np.ndarray | None, list[float] | None]:
     """(identity embedding, box) of the main (largest) face in ``rgb``; (None, None) without a face."""
-    from runner.vision.faces import main_face
-
-    face = main_face(backend.analyze(rgb))
-    if face is None:
-        return None, None
-    return np.asarray(face.embedding, dtype=np.float32), [round(float(v), 1) for v in face.box]
+    return backend.main_face_embeddings([rgb])[0]
 
 
 def _ready() -> bool:

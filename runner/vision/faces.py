@@ -74,7 +74,7 @@ import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
@@ -160,6 +160,18 @@ def identity_similarity(a: np.ndarray | list[float], b: np.ndarray | list[float]
 def main_face(faces: list[Face]) -> Face | None:
     """The largest face (by box area), or None."""
     return max(faces, key=lambda f: f.area) if faces else None
+
+
+def _embedding_and_box(face: Face | None) -> tuple[np.ndarray | None, list[float] | None]:
+    if face is None:
+        return None, None
+    return np.asarray(face.embedding, dtype=np.float32), [round(float(v), 1) for v in face.box]
+
+
+def _largest(boxes: Sequence[Sequence[float]]) -> int:
+    """Index of the largest box (x0, y0, x1, y1); the first of equals, as :func:`main_face` picks."""
+    areas = [max(0.0, float(b[2]) - float(b[0])) * max(0.0, float(b[3]) - float(b[1])) for b in boxes]
+    return areas.index(max(areas))
 
 
 def _l2n(v: np.ndarray) -> np.ndarray:
@@ -262,16 +274,32 @@ class FaceBackend(ABC):
 
     def analyze(self, rgb: np.ndarray) -> list[Face]:
         """All faces in an RGB uint8 image (HxWx3), largest first."""
+        work, scale = self._work_image(rgb)
+        faces = self._rescale(self._analyze(work), scale)
+        faces.sort(key=lambda f: f.area, reverse=True)
+        return faces
+
+    def main_face_embeddings(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray | None, list[float] | None]]:
+        """(identity embedding, box) of the main (largest) face of each RGB image, (None, None)
+        where no face is found: what the identity metrics need. Same results as
+        ``main_face(analyze(img))``; backends override it to describe only that face, and batch."""
+        return [_embedding_and_box(main_face(self.analyze(rgb))) for rgb in images]
+
+    def _work_image(self, rgb: np.ndarray) -> tuple[np.ndarray, float]:
+        """The image to analyze (at most ``max_side``) and its scale from the input."""
         rgb = _as_rgb_uint8(rgb)
         h, w = rgb.shape[:2]
-        scale = 1.0
-        work = rgb
-        if self.max_side and max(h, w) > self.max_side:
-            import cv2
+        if not self.max_side or max(h, w) <= self.max_side:
+            return np.ascontiguousarray(rgb), 1.0
+        import cv2
 
-            scale = self.max_side / float(max(h, w))
-            work = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-        faces = self._analyze(np.ascontiguousarray(work))
+        scale = self.max_side / float(max(h, w))
+        work = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+        return np.ascontiguousarray(work), scale
+
+    @staticmethod
+    def _rescale(faces: list[Face], scale: float) -> list[Face]:
+        """Coordinates of ``faces`` found in the work image, back in the input image."""
         if scale != 1.0:
             inv = 1.0 / scale
             for f in faces:
@@ -281,7 +309,6 @@ class FaceBackend(ABC):
                     f.landmarks = (f.landmarks * inv).astype(np.float32)
                 if "landmarks_106" in f.extra:
                     f.extra["landmarks_106"] = [[round(x * inv, 1), round(y * inv, 1)] for x, y in f.extra["landmarks_106"]]
-        faces.sort(key=lambda f: f.area, reverse=True)
         return faces
 
     @abstractmethod
@@ -357,10 +384,22 @@ class DlibFaceBackend(FaceBackend):
         rects, scores, _ = self._detector.run(rgb, self.upsample, 0.0)
         return list(zip(rects, (float(s) for s in scores)))
 
-    def _analyze(self, rgb: np.ndarray) -> list[Face]:
+    def main_face_embeddings(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray | None, list[float] | None]]:
+        out: list[tuple[np.ndarray | None, list[float] | None]] = []
+        for rgb in images:
+            work, scale = self._work_image(rgb)
+            faces = self._rescale(self._analyze(work, main_only=True), scale)
+            out.append(_embedding_and_box(faces[0] if faces else None))
+        return out
+
+    def _analyze(self, rgb: np.ndarray, main_only: bool = False) -> list[Face]:
         h, w = rgb.shape[:2]
         faces: list[Face] = []
-        for rect, score in self._detect(rgb):
+        dets = self._detect(rgb)
+        if main_only and dets:  # the identity network (~90 % of the time) runs for the main face only
+            boxes = [(r.left(), r.top(), r.right() + 1, r.bottom() + 1) for r, _ in dets]
+            dets = [dets[_largest(boxes)]]
+        for rect, score in dets:
             shape = self._shape(rgb, rect)
             lm = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)
             desc = self._rec.compute_face_descriptor(rgb, shape, self.num_jitters)
@@ -434,6 +473,43 @@ class InsightFaceBackend(FaceBackend):
         rec_file = Path(getattr(rec, "model_file", "") or "none").name
         self.embedding_model = f"insightface/{folder.name}/{rec_file}"
         self.selection_note = f"insightface (pack {folder}, providers {', '.join(self.providers)})"
+
+    def main_face_embeddings(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray | None, list[float] | None]]:
+        """Detection per image, then the main faces' aligned crops through the recognition model
+        in one batch (one at a time if the model's batch size is fixed); the pack's other models
+        (landmarks, gender/age) are skipped, as the metrics do not use them."""
+        from insightface.utils import face_align
+
+        rec = self._app.models["recognition"]
+        picks: list[tuple[list[float], np.ndarray] | None] = []
+        for rgb in images:
+            work, scale = self._work_image(rgb)
+            bgr = np.ascontiguousarray(work[:, :, ::-1])
+            bboxes, kpss = self._app.det_model.detect(bgr, max_num=0, metric="default")
+            if bboxes.shape[0] == 0 or kpss is None:
+                picks.append(None)
+                continue
+            i = _largest(bboxes[:, :4])
+            crop = face_align.norm_crop(bgr, landmark=kpss[i], image_size=rec.input_size[0])
+            inv = 1.0 / scale  # as _rescale does
+            picks.append(([round(float(v) * inv, 1) for v in bboxes[i, :4]], crop))
+        crops = [p[1] for p in picks if p is not None]
+        batch = rec.session.get_inputs()[0].shape[0]
+        if not crops:
+            feats = np.zeros((0, 1), np.float32)
+        elif isinstance(batch, int):  # a model exported with a fixed batch size
+            feats = np.concatenate([rec.get_feat(c) for c in crops])
+        else:
+            feats = rec.get_feat(crops)
+        out: list[tuple[np.ndarray | None, list[float] | None]] = []
+        k = 0
+        for p in picks:
+            if p is None:
+                out.append((None, None))
+            else:
+                out.append((_l2n(np.asarray(feats[k], dtype=np.float32).ravel()).astype(np.float32), p[0]))
+                k += 1
+        return out
 
     def _analyze(self, rgb: np.ndarray) -> list[Face]:
         h, w = rgb.shape[:2]
