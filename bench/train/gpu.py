@@ -11,7 +11,8 @@ Needs a CUDA GPU; the weights are random (built from the published UNet configs)
 downloaded.
 
     .venv/bin/python bench/train/gpu.py [--rank 32] [--steps 10] [--gradient-checkpointing]
-        [--peak-tflops 989] [--only sdxl] [--compile]
+        [--peak-tflops 989] [--only sdxl] [--compile] [--resolutions 512 1024] [--batches 1 4]
+    .venv/bin/python bench/train/gpu.py --smoke-cpu --resolutions 64 --batches 1 --steps 1 --warmup 1
 """
 
 from __future__ import annotations
@@ -48,14 +49,20 @@ def peak_tflops(name: str) -> float | None:
     return None
 
 
-def bench_one(family: str, res: int, bs: int, *, rank: int, steps: int, warmup: int, ckpt: bool, compile_: bool):
+def bench_one(family: str, res: int, bs: int, *, rank: int, steps: int, warmup: int, ckpt: bool, compile_: bool,
+              dev: str = "cuda"):
     import torch
     from diffusers import UNet2DConditionModel
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
     from torch.utils.flop_counter import FlopCounterMode
 
-    dev = "cuda"
+    cuda = dev == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
     torch.manual_seed(0)
     cfg = SDXL_UNET if family == "sdxl" else SD15_UNET
     unet = UNet2DConditionModel(**cfg).to(dev, torch.bfloat16)
@@ -67,7 +74,7 @@ def bench_one(family: str, res: int, bs: int, *, rank: int, steps: int, warmup: 
         unet.enable_gradient_checkpointing()
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
     lat = res // 8
     x = torch.randn(bs, 4, lat, lat, device=dev, dtype=torch.bfloat16)
     emb = torch.randn(bs, 77, cfg["cross_attention_dim"], device=dev, dtype=torch.bfloat16)
@@ -79,7 +86,7 @@ def bench_one(family: str, res: int, bs: int, *, rank: int, steps: int, warmup: 
 
     def step():
         t = torch.randint(0, 1000, (bs,), device=dev)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(dev, dtype=torch.bfloat16):
             pred = fwd(x, t, encoder_hidden_states=emb, added_cond_kwargs=added, return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(pred.float(), x.float())
         loss.backward()
@@ -88,22 +95,24 @@ def bench_one(family: str, res: int, bs: int, *, rank: int, steps: int, warmup: 
 
     for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
+    sync()
     with FlopCounterMode(display=False) as fc:
         step()
     flops = fc.get_total_flops()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    torch.cuda.synchronize()
+    sync()
     dt = (time.perf_counter() - t0) / steps
-    peak_mem = torch.cuda.max_memory_allocated() / 2**30
+    peak_mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     del unet, opt
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return {"family": family, "resolution": res, "batch": bs, "steps_per_s": round(1 / dt, 3),
-            "images_per_s": round(bs / dt, 2), "step_ms": round(dt * 1000, 1), "peak_mem_gib": round(peak_mem, 2),
+            "images_per_s": round(bs / dt, 2), "step_ms": round(dt * 1000, 1), "peak_mem_gib": None if peak_mem is None else round(peak_mem, 2),
             "tflop_per_step": round(flops / 1e12, 3), "achieved_tflops": round(flops / dt / 1e12, 1)}
 
 
@@ -116,24 +125,31 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the GPU (auto for known GPUs)")
     ap.add_argument("--only", choices=["sd15", "sdxl"], default=None)
+    ap.add_argument("--resolutions", type=int, nargs="+", default=[512, 1024])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--smoke-cpu", action="store_true",
+                    help="run the same code on the CPU (e.g. --resolutions 64 --batches 1 --steps 1) to check "
+                         "the script before a GPU session; its timings mean nothing")
     args = ap.parse_args()
 
     import torch
 
-    if not torch.cuda.is_available():
-        raise SystemExit("bench/train/gpu.py needs a CUDA GPU (this machine has none); see bench/README.md")
+    dev = "cpu" if args.smoke_cpu else "cuda"
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench/train/gpu.py needs a CUDA GPU (this machine has none; --smoke-cpu checks the "
+                         "script on the CPU); see bench/README.md")
     torch.backends.cuda.matmul.allow_tf32 = True
-    name = torch.cuda.get_device_name(0)
-    peak = args.peak_tflops or peak_tflops(name)
+    name = torch.cuda.get_device_name(0) if dev == "cuda" else "CPU smoke run (timings mean nothing)"
+    peak = (args.peak_tflops or peak_tflops(name)) if dev == "cuda" else None
     rows = []
     for family in ("sd15", "sdxl"):
         if args.only and family != args.only:
             continue
-        for res in (512, 1024):
-            for bs in (1, 4):
+        for res in args.resolutions:
+            for bs in args.batches:
                 try:
                     r = bench_one(family, res, bs, rank=args.rank, steps=args.steps, warmup=args.warmup,
-                                  ckpt=args.gradient_checkpointing, compile_=args.compile)
+                                  ckpt=args.gradient_checkpointing, compile_=args.compile, dev=dev)
                 except torch.cuda.OutOfMemoryError:
                     r = {"family": family, "resolution": res, "batch": bs, "error": "out of memory"}
                     torch.cuda.empty_cache()
