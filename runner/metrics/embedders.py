@@ -86,16 +86,19 @@ class ImageEmbedder:
     def embed_images(self, images: Sequence["Image.Image"], batch_size: int | None = None) -> np.ndarray:
         """(N, D) L2-normalized float32 embeddings of ``images``, ``batch_size`` at a time."""
         images = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
-        if not images:
+        return self._batched(images, batch_size, self._image_features)
+
+    def _batched(self, items: list, batch_size: int | None, features) -> np.ndarray:
+        """``features`` over ``items``, ``batch_size`` at a time, one forward at a time, normalized."""
+        if not items:
             return np.zeros((0, self.dim), dtype=np.float32)
         bs = max(1, int(batch_size or self.default_batch_size))
         import torch
 
         chunks = []
         with self._lock, torch.inference_mode():
-            for i in range(0, len(images), bs):
-                feats = self._image_features(images[i : i + bs])
-                chunks.append(feats.float().cpu().numpy())
+            for i in range(0, len(items), bs):
+                chunks.append(features(items[i : i + bs]).float().cpu().numpy())
         return l2_normalize(np.concatenate(chunks, axis=0))
 
     @property
@@ -106,7 +109,18 @@ class ImageEmbedder:
         raise NotImplementedError
 
 
-class ClipEmbedder(ImageEmbedder):
+class TextEmbedder(ImageEmbedder):
+    """An embedder with a text tower too (CLIP): subclasses add ``_text_features(list[str])``."""
+
+    def embed_texts(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
+        """(N, D) L2-normalized text embeddings; prompts longer than the context are truncated."""
+        return self._batched(list(texts), batch_size, self._text_features)
+
+    def _text_features(self, texts: list[str]):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class ClipEmbedder(TextEmbedder):
     """transformers CLIPModel: projected image and text embeddings (the CLIPScore space)."""
 
     kind = "clip"
@@ -128,25 +142,11 @@ class ClipEmbedder(ImageEmbedder):
         out = self.model.get_image_features(pixel_values=pixel_values.to(param.device, param.dtype))
         return _features(out)
 
-    def embed_texts(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
-        """(N, D) L2-normalized text embeddings; prompts longer than the context are truncated."""
-        texts = list(texts)
-        if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        bs = max(1, int(batch_size or self.default_batch_size))
-        import torch
-
-        chunks = []
-        with self._lock, torch.inference_mode():
-            for i in range(0, len(texts), bs):
-                tok = self.tokenizer(
-                    texts[i : i + bs], padding=True, truncation=True,
-                    max_length=self.max_text_tokens, return_tensors="pt",
-                )
-                dev = next(self.model.parameters()).device
-                tok = {k: v.to(dev) for k, v in tok.items() if k in ("input_ids", "attention_mask")}
-                chunks.append(_features(self.model.get_text_features(**tok)).float().cpu().numpy())
-        return l2_normalize(np.concatenate(chunks, axis=0))
+    def _text_features(self, texts: list[str]):
+        tok = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_text_tokens, return_tensors="pt")
+        dev = next(self.model.parameters()).device
+        tok = {k: v.to(dev) for k, v in tok.items() if k in ("input_ids", "attention_mask")}
+        return _features(self.model.get_text_features(**tok))
 
 
 class DinoEmbedder(ImageEmbedder):
@@ -171,7 +171,7 @@ class DinoEmbedder(ImageEmbedder):
         return out.last_hidden_state[:, 0]
 
 
-class OpenClipEmbedder(ImageEmbedder):
+class OpenClipEmbedder(TextEmbedder):
     """open_clip model (optional backend)."""
 
     kind = "clip"
@@ -198,19 +198,8 @@ class OpenClipEmbedder(ImageEmbedder):
         batch = torch.stack([self.preprocess(im) for im in images]).to(self.device)
         return self.model.encode_image(batch)
 
-    def embed_texts(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
-        texts = list(texts)
-        if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        bs = max(1, int(batch_size or self.default_batch_size))
-        import torch
-
-        chunks = []
-        with self._lock, torch.inference_mode():
-            for i in range(0, len(texts), bs):
-                tok = self.tokenizer(texts[i : i + bs]).to(self.device)
-                chunks.append(self.model.encode_text(tok).float().cpu().numpy())
-        return l2_normalize(np.concatenate(chunks, axis=0))
+    def _text_features(self, texts: list[str]):
+        return self.model.encode_text(self.tokenizer(texts).to(self.device))
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
