@@ -162,3 +162,44 @@ def test_main_face_embeddings_match_the_full_analysis_on_group_photos(shared_dat
         np.testing.assert_allclose(emb, ref.embedding, atol=1e-6)
         assert box == [round(float(v), 1) for v in ref.box]
     assert several >= 3  # the group photos do have several faces each
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie has exited; reaping it is its new parent's business
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_face_workers_exit_when_their_parent_is_killed(tmp_path: Path) -> None:
+    """kill -9 of the runner must not leave workers holding face models forever."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+        "from runner.vision.analysis import FacePool\n"
+        "if __name__ == '__main__':\n"
+        "    pool = FacePool(2, {'name': 'dlib'})\n"
+        "    pool.start()\n"
+        "    print(' '.join(str(p.pid) for p in pool._pool._processes.values()), flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        workers = [int(p) for p in proc.stdout.readline().split()]
+        assert len(workers) == 2 and all(_alive(p) for p in workers)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + 15
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in workers)

@@ -118,7 +118,28 @@ def analyze_image(rgb: np.ndarray, backend: Any, refs: np.ndarray | None = None)
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(backend_options: dict[str, Any], refs: list[list[float]] | None) -> None:
+def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
+    """Exit this worker once its parent is gone (killed with -9, say): a pool's workers would
+    otherwise wait on their queue forever, each holding its face models."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _init_worker(backend_options: dict[str, Any], refs: list[list[float]] | None,
+                 parent: int | None = None) -> None:
+    import signal
+
+    # Ctrl-C reaches the whole process group: the parent stops the pool; a worker has nothing to say.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if parent is not None:
+        _exit_with_parent(parent)
     try:
         import cv2
 
@@ -210,7 +231,7 @@ def spawn_pool(workers: int, backend_options: dict[str, Any], refs: list[list[fl
     not thread-safe. "spawn" starts fresh interpreters (no inherited threads, locks or torch state).
     """
     return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                               initargs=(backend_options, refs))
+                               initargs=(backend_options, refs, os.getpid()))
 
 
 def _worker_died(hint: str) -> Exception:
