@@ -41,6 +41,19 @@ def _isolated_model_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch:
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture()
+def one_torch_thread():
+    """One torch thread for the test (use with ``pytestmark = pytest.mark.usefixtures(...)``): the
+    tiny models are overhead-bound, and on a shared 2-core machine two OpenMP threads spin against
+    each other and run 10-50x slower than one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def copy_photos(src: Path, dest: Path, names: list[str] | None = None) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     for p in sorted(src.iterdir()):

@@ -14,15 +14,7 @@ from runner.diffusion.models import ModelLoadError, detect_family, load_pipeline
 from runner.diffusion.tiny import tiny_clip_tokenizer, tiny_model_path
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models are overhead-bound: on a shared 2-core machine one thread is much faster
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_tiny_tokenizer_is_clip_shaped(tmp_path: Path) -> None:

@@ -25,16 +25,7 @@ from train_helpers import make_dataset  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The tiny models are overhead-bound; on a shared 2-core machine two OpenMP threads spin
-    # against each other and run 10-50x slower than one.
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
