@@ -193,6 +193,7 @@ def _select_checkpoints(index: dict[str, Any], which: str) -> list[tuple[int, di
                report=lambda config, outputs, env: report_sections(config, outputs, env))
 def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.StageContext) -> dict[str, base.Artifact]:
     """Generate the prompt suite per checkpoint x LoRA scale, score it, pick the best."""
+    from runner.eval import selection
     from runner.metrics.compute import MetricComputer
 
     t_start = time.monotonic()
@@ -226,87 +227,59 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
         face_pool=_face_pool(config, face, len(prompts) * len(seeds), ctx),
     )
     ctx.log(f"face backend: {getattr(face, 'selection_note', face.name)}")
+    # The face workers (if any) live as long as the scoring.
     with computer:
-        return _evaluate(config, inputs, ctx, computer, lora, lora_root, index, checkpoints, prompts, seeds, scales,
-                         resolution, ref_files, t_start)
+        ref_images = [_load_rgb(f) for f in ref_files]
+        refs = computer.references(ref_images, [_rel(f, ctx.project_root) for f in ref_files])
+        for f, ok in zip(ref_files, refs.face_found):
+            if not ok:
+                ctx.warn(f"no face found in reference {_rel(f, ctx.project_root)}; it still counts for CLIP-I and DINO")
+        text_emb_all = computer.text_embeddings([p["prompt"] for p in prompts for _ in seeds])
 
+        # 2. the pipeline
+        pipe = _load_pipeline(index, config, ctx)
+        tiny_diffusion = bool(index.get("tiny_random_model") or getattr(pipe, "_character_runner_tiny", False))
 
-def _face_pool(config: dict[str, Any], face: Any, images_per_cell: int, ctx: base.StageContext):
-    """Worker processes for dlib's per-image face analysis (``evaluate.face_workers``), or None.
+        # 3. cells. Each checkpoint x scale is generated and scored once and kept in the shared cache
+        # under a key of everything that affects it (LoRA file content, base model, prompts, seeds,
+        # sampler settings, metric models, reference files). A crash resumes at the next cell, and
+        # changing only targets or the objective re-selects without generating anything.
+        cells_root = ctx.cache_dir / "evaluate-cells"
+        cells_root.mkdir(parents=True, exist_ok=True)
+        common_key = _common_cell_key(config, index, resolution, ref_files)
+        total = len(checkpoints) * len(scales) * len(prompts) * len(seeds)
+        prog = ctx.progress(total, "evaluate: generate + score")
+        cells: list[dict[str, Any]] = []
+        cell_dirs: dict[str, Path] = {}
+        done_names: list[str] = []
+        from runner.diffusion.lora import load_lora, unload_loras
 
-    dlib's identity network runs one face at a time and holds the GIL, so processes are the way to
-    use more cores; insightface runs in ONNX Runtime, which already uses them.
-    """
-    from runner.metrics.compute import MetricComputer
-    from runner.stages.common import face_backend_kwargs
-    from runner.vision.analysis import FacePool, default_workers
-
-    workers = min(default_workers(int(config.get("face_workers", 0))), images_per_cell)
-    if face.name != "dlib" or workers <= 1:
-        return None
-    ctx.log(f"face analysis: {workers} worker processes for sets whose in-process analysis would take "
-            f"over {MetricComputer.POOL_WORTH_S:.0f} s")
-    options = {**face_backend_kwargs(config["face"], ctx.project_root), "name": face.name}
-    return FacePool(workers, options, hint="set evaluate.face_workers: 1 to analyze faces in-process and see the error")
-
-
-def _evaluate(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.StageContext, computer: Any,
-              lora: base.Artifact, lora_root: Path, index: dict[str, Any], checkpoints: list, prompts: list,
-              seeds: list[int], scales: list[float], resolution: int, ref_files: list[Path],
-              t_start: float) -> dict[str, base.Artifact]:
-    from runner.eval import selection
-
-    ref_images = [_load_rgb(f) for f in ref_files]
-    refs = computer.references(ref_images, [_rel(f, ctx.project_root) for f in ref_files])
-    for f, ok in zip(ref_files, refs.face_found):
-        if not ok:
-            ctx.warn(f"no face found in reference {_rel(f, ctx.project_root)}; it still counts for CLIP-I and DINO")
-    text_emb_all = computer.text_embeddings([p["prompt"] for p in prompts for _ in seeds])
-
-    # 2. the pipeline
-    pipe = _load_pipeline(index, config, ctx)
-    tiny_diffusion = bool(index.get("tiny_random_model") or getattr(pipe, "_character_runner_tiny", False))
-
-    # 3. cells. Each checkpoint x scale is generated and scored once and kept in the shared cache
-    # under a key of everything that affects it (LoRA file content, base model, prompts, seeds,
-    # sampler settings, metric models, reference files). A crash resumes at the next cell, and
-    # changing only targets or the objective re-selects without generating anything.
-    cells_root = ctx.cache_dir / "evaluate-cells"
-    cells_root.mkdir(parents=True, exist_ok=True)
-    common_key = _common_cell_key(config, index, resolution, ref_files)
-    total = len(checkpoints) * len(scales) * len(prompts) * len(seeds)
-    prog = ctx.progress(total, "evaluate: generate + score")
-    cells: list[dict[str, Any]] = []
-    cell_dirs: dict[str, Path] = {}
-    done_names: list[str] = []
-    from runner.diffusion.lora import load_lora, unload_loras
-
-    for ck_index, ck in checkpoints:
-        loaded = False
-        lora_sha = _file_sha256(lora_root / ck["diffusers"])
-        for scale in scales:
-            name = cell_name(ck["step"], scale)
-            folder = cells_root / _sha256_text(json.dumps([common_key, lora_sha, float(scale)]))[:40]
-            done = folder / "cell.json"
-            if done.is_file():
-                cell = json.loads(done.read_text(encoding="utf-8"))
-                prog.update(len(prompts) * len(seeds))
-            else:
-                if not loaded:
-                    with _quiet_diffusers():  # "no LoRA keys for the text encoder" is expected
-                        load_lora(pipe, lora_root / ck["diffusers"], adapter_name="evaluate")
-                    loaded = True
-                cell = _run_cell(pipe, computer, refs, text_emb_all, config, scale, resolution, folder, prog)
-            # Which checkpoint this is belongs to this run, not to the cached content.
-            cell.update({"cell": name, "step": int(ck["step"]), "phase": ck.get("phase"),
-                         "checkpoint_index": ck_index, "lora_scale": float(scale)})
-            cells.append(cell)
-            cell_dirs[name] = folder
-            done_names.append(name)
-            _write_json(ctx.scratch_dir / "cells_done.json", done_names)
-        if loaded:
-            unload_loras(pipe)
-    prog.close()
+        for ck_index, ck in checkpoints:
+            loaded = False
+            lora_sha = _file_sha256(lora_root / ck["diffusers"])
+            for scale in scales:
+                name = cell_name(ck["step"], scale)
+                folder = cells_root / _sha256_text(json.dumps([common_key, lora_sha, float(scale)]))[:40]
+                done = folder / "cell.json"
+                if done.is_file():
+                    cell = json.loads(done.read_text(encoding="utf-8"))
+                    prog.update(len(prompts) * len(seeds))
+                else:
+                    if not loaded:
+                        with _quiet_diffusers():  # "no LoRA keys for the text encoder" is expected
+                            load_lora(pipe, lora_root / ck["diffusers"], adapter_name="evaluate")
+                        loaded = True
+                    cell = _run_cell(pipe, computer, refs, text_emb_all, config, scale, resolution, folder, prog)
+                # Which checkpoint this is belongs to this run, not to the cached content.
+                cell.update({"cell": name, "step": int(ck["step"]), "phase": ck.get("phase"),
+                             "checkpoint_index": ck_index, "lora_scale": float(scale)})
+                cells.append(cell)
+                cell_dirs[name] = folder
+                done_names.append(name)
+                _write_json(ctx.scratch_dir / "cells_done.json", done_names)
+            if loaded:
+                unload_loras(pipe)
+        prog.close()
 
     # 4. targets, score, best
     targets = config.get("targets") or {}
@@ -396,6 +369,26 @@ def _evaluate(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: bas
     label = " (tiny random models: figures are meaningless)" if evaluation["tiny_random"]["any"] else ""
     ctx.log(f"best: step {best['step']} at LoRA scale {best['lora_scale']:g} - {choice['reason']}{label}")
     return {"evaluation": base.Artifact("evaluation", out, meta={"best": best, "tiny_random": evaluation["tiny_random"]["any"]})}
+
+
+def _face_pool(config: dict[str, Any], face: Any, images_per_cell: int, ctx: base.StageContext):
+    """Worker processes for dlib's per-image face analysis (``evaluate.face_workers``), or None.
+
+    dlib's identity network runs one face at a time and holds the GIL, so processes are the way to
+    use more cores; insightface runs in ONNX Runtime, which already uses them.
+    """
+    from runner.metrics.compute import MetricComputer
+    from runner.stages.common import face_backend_kwargs
+    from runner.vision.analysis import FacePool, default_workers
+
+    workers = min(default_workers(int(config.get("face_workers", 0))), images_per_cell)
+    if face.name != "dlib" or workers <= 1:
+        return None
+    ctx.log(f"face analysis: {workers} worker processes for sets whose in-process analysis would take "
+            f"over {MetricComputer.POOL_WORTH_S:.0f} s")
+    options = {**face_backend_kwargs(config["face"], ctx.project_root), "name": face.name}
+    return FacePool(workers, options,
+                    hint="set evaluate.face_workers: 1 to analyze faces in-process and see the error")
 
 
 def _run_cell(pipe, computer, refs, text_emb_all, config, scale, resolution, final: Path, prog) -> dict[str, Any]:
