@@ -240,17 +240,13 @@ def _worker_died(hint: str) -> Exception:
     return StageError("a face analysis worker process died (out of memory, or a crash in the face library)", hint=hint)
 
 
-def main_face_of(backend: Any, rgb: np.ndarray) -> tuple[np.ndarray | None, list[float] | None]:
-    """(identity embedding, box) of the main (largest) face in ``rgb``; (None, None) without a face."""
-    return backend.main_face_embeddings([rgb])[0]
-
-
 def _ready() -> bool:
     return "backend" in _WORKER
 
 
 def main_face_job(rgb: np.ndarray) -> tuple[np.ndarray | None, list[float] | None]:
-    return main_face_of(_WORKER["backend"], rgb)
+    """(identity embedding, box) of the main face in ``rgb``, or (None, None)."""
+    return _WORKER["backend"].main_face_embeddings([rgb])[0]
 
 
 class FacePool:
@@ -268,17 +264,14 @@ class FacePool:
         return self._pool is not None
 
     def start(self) -> None:
-        """Start the workers and wait until each has loaded its models (optional: the first
+        """Start the workers and wait until they answer, models loaded (optional: the first
         :meth:`submit` starts them too)."""
-        if self._pool is None:
-            self._pool = spawn_pool(self.workers, self.backend_options)
-        self.results([self._pool.submit(_ready) for _ in range(self.workers)])
+        self.results([self._executor().submit(_ready) for _ in range(self.workers)])
 
     def submit(self, images: Iterable[np.ndarray]) -> list[Future]:
-        if self._pool is None:
-            self._pool = spawn_pool(self.workers, self.backend_options)
+        pool = self._executor()
         try:
-            return [self._pool.submit(main_face_job, np.ascontiguousarray(rgb)) for rgb in images]
+            return [pool.submit(main_face_job, np.ascontiguousarray(rgb)) for rgb in images]
         except BrokenProcessPool as exc:
             self.close()
             raise _worker_died(self.hint) from exc
@@ -289,6 +282,11 @@ class FacePool:
         except BrokenProcessPool as exc:
             self.close()
             raise _worker_died(self.hint) from exc
+
+    def _executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = spawn_pool(self.workers, self.backend_options)
+        return self._pool
 
     def close(self) -> None:
         if self._pool is not None:

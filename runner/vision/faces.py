@@ -127,7 +127,7 @@ class Face:
 
     @property
     def area(self) -> float:
-        return max(0.0, self.width) * max(0.0, self.height)
+        return box_area(self.box)
 
     def to_record(self, *, with_embedding: bool = True, ndigits: int = 2) -> dict[str, Any]:
         """A JSON-ready dict (embedding as a list of floats when asked)."""
@@ -168,9 +168,14 @@ def _embedding_and_box(face: Face | None) -> tuple[np.ndarray | None, list[float
     return np.asarray(face.embedding, dtype=np.float32), [round(float(v), 1) for v in face.box]
 
 
+def box_area(box: Sequence[float]) -> float:
+    """Area of an (x0, y0, x1, y1) box; 0 for an empty one."""
+    return max(0.0, float(box[2]) - float(box[0])) * max(0.0, float(box[3]) - float(box[1]))
+
+
 def _largest(boxes: Sequence[Sequence[float]]) -> int:
-    """Index of the largest box (x0, y0, x1, y1); the first of equals, as :func:`main_face` picks."""
-    areas = [max(0.0, float(b[2]) - float(b[0])) * max(0.0, float(b[3]) - float(b[1])) for b in boxes]
+    """Index of the largest box; the first of equals, as :func:`main_face` picks."""
+    areas = [box_area(b) for b in boxes]
     return areas.index(max(areas))
 
 
@@ -501,15 +506,8 @@ class InsightFaceBackend(FaceBackend):
             feats = np.concatenate([rec.get_feat(c) for c in crops])
         else:
             feats = rec.get_feat(crops)
-        out: list[tuple[np.ndarray | None, list[float] | None]] = []
-        k = 0
-        for p in picks:
-            if p is None:
-                out.append((None, None))
-            else:
-                out.append((_l2n(np.asarray(feats[k], dtype=np.float32).ravel()).astype(np.float32), p[0]))
-                k += 1
-        return out
+        rows = iter(feats)
+        return [(None, None) if p is None else (_l2n(next(rows)), p[0]) for p in picks]
 
     def _analyze(self, rgb: np.ndarray) -> list[Face]:
         h, w = rgb.shape[:2]
