@@ -132,14 +132,17 @@ def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def _init_worker(backend_options: dict[str, Any], refs: list[list[float]] | None,
-                 parent: int | None = None) -> None:
+def _init_pool_worker(backend_options: dict[str, Any], refs: list[list[float]] | None, parent: int) -> None:
+    """Initializer of a spawned pool worker (never of the runner's own process)."""
     import signal
 
     # Ctrl-C reaches the whole process group: the parent stops the pool; a worker has nothing to say.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if parent is not None:
-        _exit_with_parent(parent)
+    _exit_with_parent(parent)
+    _init_worker(backend_options, refs)
+
+
+def _init_worker(backend_options: dict[str, Any], refs: list[list[float]] | None) -> None:
     try:
         import cv2
 
@@ -230,7 +233,7 @@ def spawn_pool(workers: int, backend_options: dict[str, Any], refs: list[list[fl
     Processes, not threads: dlib holds the GIL through its ResNet descriptor and its models are
     not thread-safe. "spawn" starts fresh interpreters (no inherited threads, locks or torch state).
     """
-    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_init_pool_worker,
                                initargs=(backend_options, refs, os.getpid()))
 
 
