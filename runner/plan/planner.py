@@ -177,21 +177,7 @@ def make_plan(
     planned: dict[str, PlannedStage] = {}
     for sid, node in graph.nodes.items():
         kind = base.get(node.kind)
-        input_digests: dict[str, Any] = {}
-        filesets: dict[str, FileSetDigest] = {}
-        for name, ref in sorted(node.inputs.items()):
-            if isinstance(ref, base.StageOutputRef):
-                input_digests[name] = {"stage": ref.stage_id, "output": ref.output, "key": keys[ref.stage_id]}
-            else:
-                fd = digester.digest_fileset(ref)
-                filesets[name] = fd
-                input_digests[name] = {"files": fd.count, "digest": fd.digest}
-        components = {
-            "kind": node.kind,
-            "version": kind.version,
-            "config": base.jsonable(node.config),
-            "inputs": input_digests,
-        }
+        components, filesets = key_components(node, kind.version, keys, digester)
         key = sha256_text(canonical_json(components))
         keys[sid] = key
         if targets is not None and sid not in targets:
@@ -209,6 +195,31 @@ def make_plan(
                 ps.action = "rerun"
                 ps.reasons = [f"{len(ran)} stage{'s' if len(ran) != 1 else ''} of this character run"]
     return Plan(stages=list(planned.values()), graph=graph)
+
+
+def keyed_config(node: base.PlanNode) -> dict[str, Any]:
+    """The part of a node's config that is in its cache key: all of it but ``node.unkeyed``
+    (settings the stage reads that change no output: worker counts, prices)."""
+    return {k: v for k, v in base.jsonable(node.config).items() if k not in node.unkeyed}
+
+
+def key_components(
+    node: base.PlanNode, version: int, upstream_keys: dict[str, str], digester: FileDigester
+) -> tuple[dict[str, Any], dict[str, FileSetDigest]]:
+    """What a node's cache key hashes: kind, version, keyed config, and a digest per input (an
+    upstream stage by its key, a file set by its content)."""
+    input_digests: dict[str, Any] = {}
+    filesets: dict[str, FileSetDigest] = {}
+    for name, ref in sorted(node.inputs.items()):
+        if isinstance(ref, base.StageOutputRef):
+            input_digests[name] = {"stage": ref.stage_id, "output": ref.output,
+                                   "key": upstream_keys.get(ref.stage_id, "")}
+        else:
+            fd = digester.digest_fileset(ref)
+            filesets[name] = fd
+            input_digests[name] = {"files": fd.count, "digest": fd.digest}
+    components = {"kind": node.kind, "version": version, "config": keyed_config(node), "inputs": input_digests}
+    return components, filesets
 
 
 def _decide(

@@ -33,6 +33,18 @@ def _default(sub: dict[str, Any]) -> str:
     return "`" + json.dumps(d) + "`"
 
 
+def _affects(sub: dict[str, Any]) -> str:
+    """Which stages re-run when the key changes (its "x-affects" declaration)."""
+    decl = sub.get("x-affects")
+    if decl is None:
+        return ""
+    if decl == "none":
+        return "none"
+    if decl == "all":
+        return "all"
+    return ", ".join(decl)
+
+
 def render() -> str:
     out = [
         "# Spec reference",
@@ -41,6 +53,9 @@ def render() -> str:
         "Paths are relative to the spec file. Presets (`train.preset`, `evaluate.preset`,",
         "`generate.video.preset`) supply values first; keys in the spec override them one by one;",
         "schema defaults fill whatever is left. `runner plan --resolved SPEC` prints the result.",
+        "The *re-runs* column names the stages whose cache key the key is part of (and so re-run",
+        "when it changes, with everything downstream of them); `none`: no stage, only the report,",
+        "which prints the whole spec, is re-rendered.",
         "",
     ]
     root = S.root_schema()
@@ -48,14 +63,14 @@ def render() -> str:
         sch = S.section_schema(section)
         required = " (required)" if section in root.get("required", []) else ""
         out += [f"## `{section}`{required}", "", sch.get("description", ""), "",
-                "| key | type | default | description |", "| --- | --- | --- | --- |"]
+                "| key | type | default | re-runs | description |", "| --- | --- | --- | --- | --- |"]
         for path, sub in S.iter_schema_fields(sch, sch["$id"]):
             key = ".".join(str(p) for p in path)
             enum = sub.get("enum")
             desc = sub.get("description", "").replace("|", "\\|").replace("\n", " ")
             if enum:
                 desc += " One of: " + ", ".join(f"`{e}`" for e in enum) + "."
-            out.append(f"| `{key}` | {_type(sub)} | {_default(sub)} | {desc} |")
+            out.append(f"| `{key}` | {_type(sub)} | {_default(sub)} | {_affects(sub)} | {desc} |")
         out.append("")
     return "\n".join(out)
 

@@ -73,7 +73,7 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
     analysis = dataset.get("analysis", {})
     config = {
         **backend_options(analysis),
-        # Only changes speed, but the config is the one channel from the spec to the stage.
+        # Only changes speed: passed to run, left out of the cache key (unkeyed below).
         "workers": int(analysis.get("workers", 0)),
         "references": list(spec.get("character", {}).get("references", []) or []),
     }
@@ -86,6 +86,7 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
             inputs={**images, **reference_inputs(spec, graph)},
             outputs=("analysis",),
             label=f"faces ({config['name']}), shot types, identity",
+            unkeyed=("workers",),
         )
     ]
 

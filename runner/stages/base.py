@@ -84,6 +84,12 @@ class PlanNode:
     after: tuple[str, ...] = ()
     # A human label shown in the plan.
     label: str = ""
+    # Top-level config entries the stage reads that change none of its outputs (worker counts,
+    # prices): passed to ``run`` but left out of the cache key. Which spec keys may be unkeyed is
+    # declared in the schema ("x-affects", see docs/architecture.md, "Cache keys").
+    unkeyed: tuple[str, ...] = ()
+    # Lines the plan prints under the stage (a variant's effective differences).
+    notes: tuple[str, ...] = ()
 
     def upstream_ids(self) -> list[str]:
         ids = [ref.stage_id for ref in self.inputs.values() if isinstance(ref, StageOutputRef)]

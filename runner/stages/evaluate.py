@@ -99,7 +99,7 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
         "guidance": float(ev.get("guidance", 7.0)),
         "resolution": ev.get("resolution"),
         "batch_size": int(ev.get("batch_size", 4)),
-        # Only changes speed (kept out of the cell key).
+        # Only changes speed: left out of the stage's key (unkeyed below) and the cell key.
         "face_workers": int(ev.get("face_workers", 0)),
         "face": {
             "name": ev.get("face_model", "auto"),
@@ -133,6 +133,7 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
             inputs={"lora": base.StageOutputRef(train.id, "lora"), **ref_inputs},
             outputs=("evaluation",),
             gpu=gpu,
+            unkeyed=("face_workers",),
             label=(f"{len(rendered.categories)} categories x {len(rendered.prompts)} prompts x "
                    f"{len(seeds)} seeds x {len(scales)} scales = {n_images} images per checkpoint"),
         ))

@@ -190,8 +190,10 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
     label = (f"{n_clips} clip{'s' if n_clips != 1 else ''} ({config['frames']} frames {config['width']}x{config['height']}, "
              f"preset {config['preset']}, {config['steps']} steps) from {'storyboard frames ' + str(key_frames) if source == 'storyboard' else source}")
     gpu = hardware.get("stage_gpu", {}).get("video") or hardware.get("gpu")
+    # Prices and time/cost targets only grade the clips (re-graded at report time): not keyed.
     return [base.PlanNode(id=base.node_id(graph.character, "video"), kind="video", character=graph.character,
-                          config=config, inputs=inputs, outputs=("video",), gpu=gpu, label=label)]
+                          config=config, inputs=inputs, outputs=("video",), gpu=gpu, label=label,
+                          unkeyed=("price", "targets"))]
 
 
 # --------------------------------------------------------------------------- running
@@ -239,7 +241,6 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     import numpy as np
 
     from runner.generate import ltx
-    from runner.generate.budget import price, priced_gpu
 
     t_start = time.monotonic()
     sources = _sources(config, inputs)
@@ -270,11 +271,7 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
         ctx.warn("video: no reference face found in character.references; fidelity compares with each clip's source image")
         against = "source"
     threshold = float(getattr(face_backend, "default_identity_threshold", 0.5))
-    pc = config["price"]
-    hardware = {"backend": pc["backend"], "gpu": pc["gpu"], "stage_gpu": pc["stage_gpu"], "price_table": pc["table"],
-                "currency": pc["currency"]}
-    gpu_name = priced_gpu({"gpu": pc["targets_gpu"]}, hardware, device)
-    per_hour, currency = price(gpu_name, hardware)
+    gpu_name, per_hour, currency = _pricing(config, device)
 
     clip_model = None
     if config.get("suite") and any(c["expect"].get("features_kept") and c["features"] for c in config["suite"]["cases"]):
@@ -365,6 +362,37 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     if flagged:
         ctx.warn(f"video: {flagged} of {len(clips)} clip(s) flagged (fidelity fail or a suite check failed)")
     return {"video": base.Artifact("video", out, meta={"clips": len(clips), "tiny_random": report["tiny_random"]["any"]})}
+
+
+def _pricing(config: dict[str, Any], device: str) -> tuple[str, float, str]:
+    """(priced GPU, price per hour, currency) from the spec's price settings (config["price"])."""
+    from runner.generate.budget import price, priced_gpu
+
+    pc = config["price"]
+    hardware = {"backend": pc["backend"], "gpu": pc["gpu"], "stage_gpu": pc["stage_gpu"], "price_table": pc["table"],
+                "currency": pc["currency"]}
+    gpu_name = priced_gpu({"gpu": pc["targets_gpu"]}, hardware, device)
+    per_hour, currency = price(gpu_name, hardware)
+    return gpu_name, per_hour, currency
+
+
+def _repriced(rep: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """The stage's report.json with cost and time verdicts at the spec's current prices and targets.
+
+    Prices and targets change no clip, so they are not in the cache key (``unkeyed``); a cached
+    clip is shown with what the spec says now, from the wall seconds it measured.
+    """
+    from runner.generate.budget import budget
+
+    if "price" not in config or "targets" not in config:
+        return rep
+    gpu_name, per_hour, currency = _pricing(config, rep.get("price", {}).get("device", "cpu"))
+    clips = [{**c, "budget": budget(c["budget"]["steps_s"], per_hour, currency, gpu_name, config["targets"],
+                                    tuple(c["budget"]["counted_steps"]))} for c in rep["clips"]]
+    summary = {**rep["summary"], "time_pass": sum(1 for c in clips if c["budget"]["time_pass"]),
+               "cost_pass": sum(1 for c in clips if c["budget"]["cost_pass"])}
+    price = {**rep.get("price", {}), "gpu": gpu_name, "per_hour": per_hour, "currency": currency}
+    return {**rep, "clips": clips, "summary": summary, "price": price, "targets": config["targets"]}
 
 
 def _upscale_method(config: dict[str, Any]) -> str | None:
@@ -514,7 +542,7 @@ def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], e
     if art is None:
         return []
     folder = Path(art.path)
-    rep = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+    rep = _repriced(json.loads((folder / "report.json").read_text(encoding="utf-8")), config)
     max_embed = int(env.get("video_embed_max_bytes", 8 * 1024 * 1024))
     clips = []
     for c in rep["clips"]:
