@@ -463,3 +463,66 @@ def test_cached_clips_are_costed_at_the_current_prices():
         assert (clip["cost"], clip["currency"], clip["gpu"]) == (per_hour / 2, "EUR", "H100")
         assert clip["cost_pass"] is passes and out["summary"]["cost_pass"] == int(passes)
         assert out["price"]["per_hour"] == per_hour
+
+
+# --------------------------------------------------------------------------- local model files
+
+
+def model_keys() -> list[tuple]:
+    return [p for p, s in declared_keys() if s.get("x-path") == "model"]
+
+
+def _with_local_model(spec: Spec, path: tuple, rel: str) -> Spec:
+    spec = with_context(spec, dotted(path))
+    data = copy.deepcopy(spec.data)
+    for loc in locations(data, path):
+        set_in(data, loc, rel)
+    return Spec(file=spec.file, project_root=spec.project_root, data=data, raw=spec.raw, loaded=spec.loaded)
+
+
+@pytest.mark.parametrize("as_folder", [False, True], ids=["file", "folder"])
+@pytest.mark.parametrize("path", model_keys(), ids=dotted)
+def test_local_model_content_is_in_the_key(path, as_folder, full_spec, full_project, digester):
+    """A model key pointing at a local file or diffusers-style folder: replacing its bytes changes
+    the keys of exactly the stages the key declares (the same value as a hub id would not)."""
+    sub = dict(declared_keys())[path]
+    name = dotted(path).replace(".", "_").replace("[]", "i").replace("<name>", "n")
+    target = full_project / "models" / name
+    shutil.rmtree(target, ignore_errors=True)
+    weights = (target / "unet" / "model.safetensors") if as_folder else target.with_suffix(".safetensors")
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    weights.write_bytes(b"weights v1")
+    rel = (target if as_folder else weights).relative_to(full_project).as_posix()
+    spec = _with_local_model(full_spec, path, rel)
+    before = direct_components(spec, digester)
+    weights.write_bytes(b"weights v2, replaced")
+    after = direct_components(spec, digester)
+    assert changed_kinds(before, after) == declared_effect(dotted(path), sub), (
+        f"{dotted(path)} = {rel}: replacing the model's bytes must change the keys of the declared stages")
+
+
+def test_replaced_model_file_reruns_train_and_says_which_file(full_spec, full_project, monkeypatch):
+    """The issue's case: train.base_model: ../models/m.safetensors, bytes replaced -> train re-runs,
+    and the reason names the file; a hub id stays keyed by its name."""
+    from runner.plan.graph import build_graph
+    from runner.plan.planner import make_plan
+
+    models = full_project / "models"
+    models.mkdir(exist_ok=True)
+    (models / "m.safetensors").write_bytes(b"old weights")
+    spec = _with_local_model(full_spec, ("train", "base_model"), "models/m.safetensors")
+    ws = Workspace(full_project)
+    try:
+        plan = make_plan(build_graph([spec]), ws, ws)
+        for ps in plan.stages:  # as if everything had run
+            ws.set_current(ps.id, ps.key, ps.components, "run1", ps.fileset_digests)
+        monkeypatch.setattr(ws, "store_has", lambda key, keys={p.key for p in plan.stages}: key in keys)
+        (models / "m.safetensors").write_bytes(b"new weights, same name")
+        again = {ps.id: ps for ps in make_plan(build_graph([spec]), ws, ws).stages}
+    finally:
+        ws.close()
+    train = again["hero:train[base]"]
+    assert train.action == "rerun"
+    assert any("train.base_model" in r and "m.safetensors" in r and "modified" in r for r in train.reasons), train.reasons
+    assert again["hero:caption"].action == "cached"
+    assert again["hero:evaluate[base]"].action == "rerun"  # downstream of the new LoRA

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from runner.spec import schema as S
+from runner.spec.errors import format_key_path
 from runner.spec.resolve import Spec
 from runner.stages import base
 
@@ -63,12 +66,65 @@ class Graph:
 
 def expand_spec(spec: Spec) -> list[base.PlanNode]:
     view = _View(character=spec.name, project_root=spec.project_root, spec_file=spec.file)
+    models = local_models(spec)
     for kind in base.registry().values():
         for node in kind.expand(spec.data, view):
             if node.kind != kind.kind:
                 raise GraphError(f"stage kind {kind.kind!r} expanded a node of kind {node.kind!r}")
+            node.inputs.update(model_inputs(node, models))
             view._nodes.append(node)
     return view.nodes
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    """A spec value naming a local model file or folder (``"x-path": "model"`` in the schema)."""
+
+    spec_key: str  # "train.base_model"
+    value: str  # as in the resolved spec (project-relative)
+    path: Path
+    affects: Any  # the key's "x-affects" declaration
+
+
+def local_models(spec: Spec) -> list[LocalModel]:
+    """Every model-valued key whose value is a file or folder (hub ids and builtin: are not)."""
+    out = []
+    for path, value, sch in S.iter_instance(spec.data):
+        if sch.get("x-path") != "model" or not isinstance(value, str) or value.startswith("builtin:"):
+            continue
+        p = spec.abspath(value)
+        if p.exists():
+            out.append(LocalModel(format_key_path(path), value, p, sch.get("x-affects")))
+    return out
+
+
+def model_inputs(node: base.PlanNode, models: list[LocalModel]) -> dict[str, base.FileSetRef]:
+    """File-set inputs for the local models a node reads, so their content is in its key.
+
+    A node reads a model when the key declares an effect on its kind and the value is in its
+    config; models the stage already takes as an input (same folder or file) are not added twice.
+    """
+    have = {Path(r.root).resolve() for r in node.inputs.values() if isinstance(r, base.FileSetRef)}
+    strings = set(_strings(node.config))
+    out: dict[str, base.FileSetRef] = {}
+    for m in models:
+        reads = m.affects == "all" or (isinstance(m.affects, list) and node.kind in m.affects)
+        if reads and m.value in strings and m.path.resolve() not in have:
+            have.add(m.path.resolve())
+            out[f"model:{m.spec_key}"] = base.FileSetRef(root=m.path, patterns=("*",), recursive=True,
+                                                         spec_key=m.spec_key)
+    return out
+
+
+def _strings(obj: Any):
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _strings(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _strings(v)
 
 
 def build_graph(specs: list[Spec]) -> Graph:

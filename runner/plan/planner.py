@@ -300,8 +300,10 @@ def _fileset_change(a: dict, b: dict, name: str, state: PlanState | None,
     new_listing = dict(new.files)
     added = len(set(new_listing) - set(old_listing))
     removed = len(set(old_listing) - set(new_listing))
-    modified = sum(1 for p in set(new_listing) & set(old_listing) if new_listing[p] != old_listing[p])
-    bits = [f"{n} {w}" for n, w in ((added, "added"), (removed, "removed"), (modified, "modified")) if n]
+    modified = sorted(p for p in set(new_listing) & set(old_listing) if new_listing[p] != old_listing[p])
+    bits = [f"{n} {w}" for n, w in ((added, "added"), (removed, "removed"), (len(modified), "modified")) if n]
+    if modified:  # name them: "a model file changed" is worth seeing which
+        bits[-1] += " (" + ", ".join(modified[:3]) + (", ..." if len(modified) > 3 else "") + ")"
     return "files " + ", ".join(bits) if bits else "files changed"
 
 

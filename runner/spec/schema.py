@@ -351,6 +351,21 @@ def fill_defaults(instance: Any, schema: dict[str, Any], doc_uri: str) -> Any:
     return instance
 
 
+def iter_instance(instance: Any, schema: dict[str, Any] | None = None, doc_uri: str | None = None,
+                  path: tuple = ()) -> Iterator[tuple[tuple, Any, dict]]:
+    """(key path, value, governing schema) of every value in a spec, depth first (the root
+    schema when none is given). Values no schema governs are skipped."""
+    if schema is None:
+        schema, doc_uri = root_schema(), root_uri()
+    schema, doc_uri = pick_branch(schema, doc_uri, instance)
+    yield path, instance, schema
+    children = instance.items() if isinstance(instance, dict) else enumerate(instance) if isinstance(instance, list) else ()
+    for key, value in children:
+        sub, sub_uri = child_schema(schema, doc_uri, key, instance)
+        if sub is not None:
+            yield from iter_instance(value, sub, sub_uri, path + (key,))
+
+
 def iter_schema_fields(schema: dict[str, Any], doc_uri: str, path: tuple = ()) -> Iterator[tuple[tuple, dict]]:
     """Every property schema in the tree (for docs and the 'every field documented' test)."""
     schema, doc_uri = _walk_ref(schema, doc_uri)
