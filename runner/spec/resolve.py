@@ -207,7 +207,8 @@ def load_spec(path: str | Path, *, allow_outside: bool = False, require_files: b
 
 
 def _yaml_problem(exc: YamlError) -> Problem:
-    return Problem(exc.mark.file, exc.mark.line, exc.mark.col, "(file)", exc.message, hint=exc.hint)
+    where = format_key_path(exc.key_path) if exc.key_path else "(file)"
+    return Problem(exc.mark.file, exc.mark.line, exc.mark.col, where, exc.message, hint=exc.hint)
 
 
 def _find_preset(
