@@ -157,12 +157,35 @@ def plan(specs: tuple[str, ...], resolved: bool, as_json: bool, detailed_exitcod
             click.echo(json.dumps(data, indent=2))
         else:
             _print_plan(p, loaded, estimates=estimates)
+            _print_review_orphans(p, ws, loaded)
             if scenes:
                 _print_scenes(loaded)
     finally:
         ws.close()
     if detailed_exitcode and p.has_changes:
         sys.exit(2)
+
+
+def _print_review_orphans(plan: Any, ws: Any, specs: list[Any]) -> None:
+    """Decisions in <spec>.review.yaml whose image, frame or clip the workspace no longer has."""
+    from runner.review.decisions import review_path
+
+    for s in specs:
+        path = review_path(s.file)
+        if not path.exists():
+            continue
+        from runner.review.state import ReviewState
+
+        st = ReviewState(spec=s, review_file=path)
+        st.use_plan(plan, ws)
+        orphans = st.orphans()
+        if orphans:
+            click.echo(f"Review ({_rel(path)}): {len(orphans)} decision{'s' if len(orphans) != 1 else ''} for "
+                       "things no longer in the workspace (kept in the file):")
+            for o in orphans:
+                what = o.get("decision") or o.get("verdict") or o.get("rating") or ("shot " + str(o.get("shot", "")))
+                click.echo(f"  {o['section']}: {o.get('file') or o.get('clip') or o.get('cell') or ''} "
+                           f"(sha256 {o['sha'][:12]}): {what}")
 
 
 def _print_scenes(specs: list[Any]) -> None:
@@ -499,6 +522,44 @@ def deploy(spec: str, checkpoint: str | None, token_secret: str, app_name: str |
     dep, url = do_deploy(s, target, token_secret=token_secret, app_name=app_name, min_containers=min_containers)
     click.echo(f"deployed {dep.app_name}: {url or '(see `modal app list`)'}")
     click.echo(f"serving {target.lora_source or 'the base model'}; requests need 'Authorization: Bearer <token>'")
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(path_type=str))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", default=8765, show_default=True, type=int, help="Port to listen on.")
+@click.option("--insecure-no-auth", is_flag=True, help="Serve on a non-loopback host without a bearer token.")
+@allow_outside_opt
+def review(spec: str, host: str, port: int, insecure_no_auth: bool, allow_outside_project: bool) -> None:
+    """Open the review pages for SPEC: curate the dataset, rate images, pick a checkpoint.
+
+    Decisions go to <spec>.review.yaml next to the spec; the next `runner apply` uses them.
+    On any host but 127.0.0.1 the pages need the bearer token in $RUNNER_API_TOKEN
+    (generate.api.token_env), as `runner serve` does; open /?token=<token> once in the browser."""
+    from runner.review import decisions
+    from runner.review.app import serve as serve_review
+    from runner.serve import ServeError, token_from_env
+
+    s = _one_spec((spec,), allow_outside_project)
+    token = None
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        from runner.spec.schema import section_schema
+
+        default_env = section_schema("generate")["properties"]["api"]["properties"]["token_env"]["default"]
+        env = ((s.data.get("generate") or {}).get("api") or {}).get("token_env") or default_env
+        try:
+            token = token_from_env(env, insecure_no_auth=insecure_no_auth)
+        except ServeError as exc:
+            raise UserError(str(exc)) from None
+        if token is None:
+            _echo_err(f"warning: serving the review pages on {host} without authentication (--insecure-no-auth)")
+    try:
+        decisions.for_spec(s.file)
+    except decisions.ReviewError as exc:
+        raise UserError(str(exc)) from None
+    click.echo(f"reviewing {s.name} on http://{host}:{port}/ (decisions: {_rel(decisions.review_path(s.file))}); "
+               "Ctrl-C to stop")
+    serve_review(s, host=host, port=port, token=token)
 
 
 # ----------------------------------------------------------------------------- init / presets / schema

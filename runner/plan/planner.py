@@ -264,7 +264,13 @@ def explain_change(
     reasons: list[str] = []
     if old.get("kind") != new.get("kind") or old.get("version") != new.get("version"):
         reasons.append(f"stage version changed ({old.get('version')} -> {new.get('version')})")
-    for path, a, b in _diff(old.get("config", {}), new.get("config", {})):
+    old_cfg, new_cfg = dict(old.get("config", {})), dict(new.get("config", {}))
+    old_review, new_review = old_cfg.pop("review", None), new_cfg.pop("review", None)
+    if old_review != new_review:  # the reviewer's decisions (runner review): one summary reason
+        from runner.review.decisions import describe_change
+
+        reasons.append(describe_change(old_review, new_review))
+    for path, a, b in _diff(old_cfg, new_cfg):
         if a is _MISSING:
             reasons.append(f"config {path} added ({_short(b)})")
         elif b is _MISSING:

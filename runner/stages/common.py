@@ -86,3 +86,16 @@ def face_backend(opts: dict[str, Any], project_root: Path, key: str = "evaluate.
         return get_face_backend(**face_backend_kwargs(opts, project_root))
     except base.StageError as exc:
         raise base.StageError(f"{key}: {exc}", hint=exc.hint) from None
+
+
+def review_section(graph: base.GraphView, part: str, **kw: Any) -> dict[str, Any]:
+    """For ``expand``: the part of the spec's review decisions (``<spec>.review.yaml``) that the
+    stage depends on, {} when there are none (see :mod:`runner.review.decisions`). It goes into
+    the node's config as ``review``, so only a change to that part re-runs the stage."""
+    from runner.review import decisions
+
+    try:
+        return decisions.stage_section(decisions.for_spec(graph.spec_file), part, **kw)
+    except decisions.ReviewError as exc:
+        raise base.StageError(str(exc), hint="the file is written by `runner review`; "
+                                             "`git diff` shows hand edits") from None

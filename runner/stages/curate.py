@@ -1,6 +1,8 @@
 """`curate`: keep the character's good images and balance the shot types.
 
-In order: (1) drop unreadable images and, with ``require_face``, images without a face; (2) the
+In order: (0) the reviewer's decisions from ``<spec>.review.yaml`` (``runner review``): drop,
+keep whatever the gates say, change the shot type, mark as a reference; (1) drop unreadable
+images and, with ``require_face``, images without a face; (2) the
 identity filter: drop images whose main face is less similar to the references than
 ``identity_threshold`` (null: the backend's default, measured in docs/analysis.md); (3) quality
 gates on the main face (size, blur, clipped exposure); (4) near-duplicates by perceptual hash,
@@ -14,8 +16,9 @@ keeping the better image; (5) shot balance against ``dataset.shots.targets`` wit
   detected face (each crop records its parent and crop box).
 
 Every dropped image keeps its reason. Output ``curated``: ``curated.jsonl`` (kept images and
-crops), ``rejected.jsonl``, ``balance.json`` (table before/after), ``crops/`` and ``thumbs/``
-(small thumbnails of the rejected images, for the report).
+crops), ``rejected.jsonl``, ``balance.json`` (table before/after), ``review.json`` (what the
+reviewer's decisions did, and decisions for images no longer in the dataset), ``crops/`` and
+``thumbs/`` (small thumbnails of the rejected images, for the report).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any
 
 from runner.stages import base
 from runner.stages.analyze import image_inputs, read_jsonl
+from runner.stages.common import review_section
 
 DEFAULTS = {
     "identity_threshold": None,
@@ -50,6 +54,9 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
     config = {**cur, "strategy": shots["strategy"], "targets": {k: list(v) for k, v in sorted(shots["targets"].items())},
               "augment_min_side": shots["augment_min_side"], "max_repeats": shots["max_repeats"]}
     inputs: dict[str, base.InputRef] = {"analysis": base.StageOutputRef(analyze.id, "analysis")}
+    review = review_section(graph, "dataset")
+    if review:
+        config["review"] = review
     if config["strategy"] == "augment":  # crops need the pixels; otherwise records suffice
         inputs.update(image_inputs(graph))
     return [
@@ -144,6 +151,30 @@ def dedupe(items: list[dict[str, Any]], max_distance: int) -> tuple[list[dict[st
     order = {r["id"]: i for i, r in enumerate(items)}
     kept.sort(key=lambda r: order[r["id"]])
     return kept, dups
+
+
+def reviewer_decisions(review: dict[str, Any], ids: set[str]) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """Step 0: the reviewer's decisions for the analyzed images, and those whose image is gone.
+
+    The review file keys decisions by the image file's sha256 and records the image id analyze
+    uses (itself derived from content: a renamed photo keeps both); the stage's section is keyed
+    by that id (see :func:`runner.review.decisions.stage_section`)."""
+    wanted = {**review.get("identity", {}), **review.get("images", {})}
+    decided = {i: d for i, d in wanted.items() if i in ids}
+    missing = [{"image_id": i, **d} for i, d in sorted(wanted.items()) if i not in ids]
+    return decided, missing
+
+
+def _reviewed(rec: dict[str, Any], dec: dict[str, Any] | None) -> bool:
+    """Apply a shot-type change to ``rec``; True when the reviewer keeps it whatever the gates say."""
+    if not dec:
+        return False
+    if dec.get("shot") and not rec.get("error"):
+        from runner.vision.shots import categories_of
+
+        rec["shot"] = dec["shot"]
+        rec["categories"] = categories_of(dec["shot"], rec.get("flags", {}))
+    return (dec.get("decision") == "keep" or bool(dec.get("reference"))) and not rec.get("error")
 
 
 def _entry(rec: dict[str, Any]) -> dict[str, Any]:
@@ -270,27 +301,44 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
         threshold = None
     else:
         ctx.log(f"identity threshold {threshold} ({'spec' if cfg['identity_threshold'] is not None else 'default for ' + summary['backend']})")
+    # 0. The reviewer's decisions (runner review): they come before every automatic rule.
+    all_records = list(read_jsonl(adir / "records.jsonl"))
+    decided, missing = reviewer_decisions(cfg.get("review") or {}, {r["id"] for r in all_records})
+    for m in missing:
+        ctx.warn(f"review: a decision ({', '.join(f'{k} {v}' for k, v in m.items() if k != 'image_id')}) is for "
+                 f"image {m['image_id']}, which is no longer in the dataset; it is kept in the review file")
     records: dict[str, dict[str, Any]] = {}
     survivors: list[dict[str, Any]] = []
+    forced: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
-    for rec in read_jsonl(adir / "records.jsonl"):
+    for rec in all_records:
         rec["quality"] = quality_score(rec)
         rec.pop("embedding", None)
         for f in rec.get("faces", []):
             f.pop("landmarks", None)  # not needed past analysis; keeps memory small
+        dec = decided.get(rec["id"])
+        keep_anyway = _reviewed(rec, dec)
+        if dec and dec.get("decision") == "drop":
+            rejected.append(_reject(rec, "dropped by reviewer", "a reviewer dropped it in runner review"))
+            continue
         fail = gate(rec, cfg, threshold)
-        if fail:
+        if fail and not keep_anyway:
             rejected.append(_reject(rec, *fail))
             continue
         records[rec["id"]] = rec
-        survivors.append(rec)
+        (forced if keep_anyway else survivors).append(rec)
 
-    # 4. Near-duplicates.
+    # 4. Near-duplicates (images the reviewer keeps are never dropped as one).
     survivors, dups = dedupe(survivors, int(cfg["dedupe_hamming"]))
     for rec, keeper, dist in dups:
         rejected.append(_reject(rec, "near-duplicate", f"phash distance {dist} <= {cfg['dedupe_hamming']} from "
                                                        f"{keeper.get('source') or keeper['id']} (kept: better quality)"))
-    entries = [_entry(r) for r in survivors]
+    entries = [_entry(r) for r in forced + survivors]
+    for e in entries:
+        dec = decided.get(e["id"])
+        if dec:
+            e["review"] = {k: dec[k] for k in ("decision", "shot", "reference", "set") if k in dec}
+            e["reference"] = bool(dec.get("reference"))
 
     # 5. Shot balance.
     before = S.shot_balance_table(((e["categories"], 1) for e in entries), targets)
@@ -346,6 +394,12 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
         "rejected_by_reason": reasons,
     }
     (out / "balance.json").write_text(json.dumps(balance, indent=1), encoding="utf-8")
+    review_out = {"applied": len(decided), "missing": missing,
+                  "dropped": sum(1 for d in decided.values() if d.get("decision") == "drop"),
+                  "kept": sum(1 for e in entries if (e.get("review") or {}).get("decision") == "keep"),
+                  "shots": sum(1 for d in decided.values() if d.get("shot")),
+                  "references": sum(1 for e in entries if e.get("reference"))}
+    (out / "review.json").write_text(json.dumps(review_out, indent=1), encoding="utf-8")
     ctx.metric("images_kept", len(entries))
     ctx.metric("images_rejected", len(rejected))
     for row in after:

@@ -33,6 +33,9 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
         "spec": spec,
         "stages": stages,
     }
+    review = _review_decisions(graph)
+    if review:
+        config["review"] = review
     return [
         base.PlanNode(
             id=base.node_id(graph.character, "report"),
@@ -44,6 +47,27 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
             label="HTML report",
         )
     ]
+
+
+def _review_decisions(graph: base.GraphView) -> dict[str, Any]:
+    """Everything people decided in `runner review`, for the report's review section."""
+    from runner.review import decisions
+
+    try:
+        data = decisions.for_spec(graph.spec_file)
+    except decisions.ReviewError as exc:
+        raise base.StageError(str(exc)) from None
+    return {k: v for k, v in data.items() if k != "format" and v}
+
+
+def _review_section(config: dict[str, Any], inputs: dict[str, base.Artifact], jenv: Any) -> dict[str, Any]:
+    from runner.review.summary import report_context
+
+    evaluations = {n.split("/", 1)[0]: Path(a.path) for n, a in inputs.items() if n.endswith("/evaluation")}
+    curated = next((Path(a.path) for n, a in inputs.items() if n.endswith("/curated")), None)
+    ctx = report_context(config["review"], evaluations, curated)
+    return {"title": "Review", "anchor": "review", "stage": "review",
+            "html": jenv.get_template("sections/review.html.j2").render(**ctx)}
 
 
 def _jinja_env():
@@ -124,6 +148,8 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
             sections.append({"title": sec.title, "anchor": sec.anchor or _anchor(st["id"] + "-" + sec.title),
                              "stage": st["id"], "html": body})
 
+    if config.get("review"):  # what people decided in `runner review`
+        sections.append(_review_section(config, inputs, jenv))
     extra = getattr(ctx, "extra", {}) or {}
     timeline = [t for t in extra.get("timeline", []) if t.get("character") == ctx.character]
     ws = extra.get("workspace")

@@ -11,7 +11,9 @@ Node ``<char>:storyboard`` when the spec has ``generate.storyboard``. Which LoRA
 - ``last``: the final checkpoint of that train node, even when evaluate exists.
 - a path to a LoRA ``.safetensors`` file: that file, on ``train.base_model``.
 
-``generate.lora_scale`` overrides the scale in every case.
+``generate.lora_scale`` overrides the scale in every case. A checkpoint a reviewer picked in
+``runner review`` (``<spec>.review.yaml``) replaces evaluation's best for ``best``; a frame a
+reviewer rejected is generated again from seeds it has not used.
 
 Steps (run): 1. scenes (the planner; manual and rules scenes are computed at plan time and are
 part of the cache key, the llm planner is asked at run time and its answer kept in the scratch
@@ -35,6 +37,7 @@ from typing import Any
 
 from runner.stages import base
 from runner.stages.common import rel_path as _rel
+from runner.stages.common import review_section
 
 VERSION = 1
 
@@ -104,6 +107,10 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
     if not isinstance(sb, dict):
         return []
     lora_cfg, inputs = lora_source(spec, graph, "generate.storyboard")
+    review = review_section(graph, "storyboard",
+                            evaluate=lora_cfg["source_node"] if lora_cfg.get("source") == "evaluate" else None)
+    if review.get("checkpoint"):  # the picked checkpoint's LoRA file is in the train output
+        inputs["lora"] = graph.node(lora_cfg["source_node"]).inputs["lora"]
     inputs.update(reference_inputs(spec, graph))
     scenes = [] if sb.get("planner") == "llm" else [s.to_dict() for s in plan_scenes(spec)]
     for s in scenes:
@@ -149,6 +156,7 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
         "reference_guided": guided if guided.get("enabled") else {"enabled": False},
         "references": list(character.get("references") or []),
         "device": hardware.get("device", "auto"),
+        **({"review": review} if review else {}),
     }
     gpu = hardware.get("stage_gpu", {}).get("storyboard") or hardware.get("gpu")
     n = (f"{len(scenes)} scenes" if scenes else
@@ -182,6 +190,11 @@ def resolve_device(device: str) -> str:
 def resolve_lora(config: dict[str, Any], inputs: dict[str, base.Artifact]) -> dict[str, Any]:
     """The LoRA file, scale, base model and family to generate with (from whichever input exists)."""
     scale_override = config.get("lora_scale")
+    pick = (config.get("review") or {}).get("checkpoint")
+    if pick and "lora" in inputs:
+        picked = picked_checkpoint(pick, inputs["lora"], scale_override)
+        if picked is not None:
+            return {**picked, "base_model": picked["base_model"] or config["base_model"]}
     if "evaluation" in inputs:
         folder = Path(inputs["evaluation"].path)
         try:
@@ -219,6 +232,57 @@ def resolve_lora(config: dict[str, Any], inputs: dict[str, base.Artifact]) -> di
                 "variant": None, "from": config.get("lora_file"),
                 "tiny_random": str(config["base_model"]).startswith("builtin:")}
     raise base.StageError("storyboard: no LoRA input (evaluation, lora or lora_file)")
+
+
+def picked_checkpoint(pick: dict[str, Any], lora: base.Artifact, scale_override: float | None) -> dict[str, Any] | None:
+    """The reviewer's checkpoint (runner review) from the train output, or None when that step (with
+    that file content) is no longer there; then evaluation's best is used and the run says so."""
+    from runner.hashing import file_sha256
+
+    folder = Path(lora.path)
+    try:
+        index = json.loads((folder / "index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for ck in index.get("checkpoints", []):
+        f = folder / ck.get("diffusers", "")
+        if int(ck.get("step", -1)) != int(pick["step"]) or not f.is_file():
+            continue
+        if pick.get("lora_sha256") and file_sha256(f) != pick["lora_sha256"]:
+            continue
+        scale = scale_override if scale_override is not None else pick.get("lora_scale", 1.0)
+        return {"file": f, "scale": float(scale), "base_model": index.get("base_model"),
+                "family": index.get("model_family") or "auto", "step": ck.get("step"), "variant": index.get("variant"),
+                "from": f"reviewer's pick in {pick.get('stage')}", "picked": True,
+                "tiny_random": bool(index.get("tiny_random_model"))}
+    return None
+
+
+def scenes_to_regenerate(config: dict[str, Any]) -> dict[int, int]:
+    """Scene index -> how many times a reviewer rejected its frame (runner review)."""
+    return {int(k): int(v) for k, v in ((config.get("review") or {}).get("regenerate_scenes") or {}).items()}
+
+
+def validated_frames(jobs: list[Any], generate: Any, validator: Any, config: dict[str, Any], n: int,
+                     on_round: Any, positions: list[int] | None = None) -> list[Any]:
+    """:func:`runner.generate.frames.generate_validated`, where a frame a reviewer rejected r times
+    starts r * (retries + 1) attempts further on, so it never reuses a seed it was made from."""
+    from runner.generate.frames import generate_validated
+
+    rejected = scenes_to_regenerate(config)
+    retries = int(config["validation"]["retries"])
+    pos = list(positions) if positions is not None else list(range(len(jobs)))
+    groups: dict[int, list[int]] = {}
+    for i, job in enumerate(jobs):
+        groups.setdefault(rejected.get(job.scene_index, 0), []).append(i)
+    results: list[Any] = [None] * len(jobs)
+    for times, rows in sorted(groups.items()):
+        got = generate_validated([jobs[i] for i in rows], generate, validator,
+                                 base_seed=int(config["seed"]) + times * (retries + 1) * n, retries=retries,
+                                 n_scenes=n, positions=[pos[i] for i in rows], on_round=on_round)
+        for i, res in zip(rows, got):
+            results[i] = res
+    return results
 
 
 def load_character_pipeline(lora: dict[str, Any], device: str, ctx: base.StageContext, where: str):
@@ -280,7 +344,7 @@ def _scenes(config: dict[str, Any], ctx: base.StageContext) -> tuple[list[dict[s
                report=lambda config, outputs, env: report_sections(config, outputs, env))
 def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.StageContext) -> dict[str, base.Artifact]:
     """Story -> scenes -> frames with the character's LoRA, validated and regenerated below threshold."""
-    from runner.generate.frames import FrameJob, FrameValidator, Thresholds, generate_validated
+    from runner.generate.frames import FrameJob, FrameValidator, Thresholds
 
     t0 = time.monotonic()
     timing: dict[str, float] = {}
@@ -294,6 +358,10 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     t = time.monotonic()
     device = resolve_device(config.get("device", "auto"))
     lora = resolve_lora(config, inputs)
+    pick = (config.get("review") or {}).get("checkpoint")
+    if pick and not lora.get("picked"):
+        ctx.warn(f"review: the picked checkpoint (step {pick['step']} of {pick.get('stage')}) is no longer in the "
+                 "train output; using evaluation's best")
     pipe = load_character_pipeline(lora, device, ctx, "generate.storyboard")
     from runner.diffusion.models import family_of
 
@@ -352,8 +420,7 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     guided = config.get("reference_guided") or {}
     guided_info: dict[str, Any] = {"enabled": bool(guided.get("enabled"))}
     if not guided.get("enabled"):
-        results = generate_validated(jobs, make_generate(pipe, lambda g: None), validator, base_seed=config["seed"],
-                                     retries=val["retries"], n_scenes=n, on_round=on_round)
+        results = validated_frames(jobs, make_generate(pipe, lambda g: None), validator, config, n, on_round)
     else:
         results, guided_info = _guided_frames(config, inputs, ctx, pipe, family, jobs, validator, make_generate,
                                               face_backend, on_round)
@@ -375,6 +442,7 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
         frame_file = f"frames/{s['index']:02d}.png"
         res.image.save(out / frame_file)
         frames.append({**s, "file": frame_file, "kept_attempt": res.kept, "passed": res.passed,
+                       "rejected_by_reviewer": scenes_to_regenerate(config).get(s["index"], 0),
                        "scores": {k: v for k, v in res.attempts[res.kept].items() if k not in ("file",)},
                        "attempts": res.attempts})
     tiny = {"diffusion": bool(lora["tiny_random"] or getattr(pipe, "_character_runner_tiny", False)),
@@ -428,14 +496,12 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
 def _guided_frames(config, inputs, ctx, pipe, family, jobs, validator, make_generate, face_backend, on_round):
     """Frame 1 plain (validated) -> reference; frames 2..N with IP-Adapter and/or ControlNet."""
     from runner.generate import guided as G
-    from runner.generate.frames import generate_validated
     from runner.stages.common import load_rgb as _load_rgb
 
     g = config["reference_guided"]
     val = config["validation"]
     n = len(jobs)
-    first = generate_validated(jobs[:1], make_generate(pipe, lambda grp: None), validator, base_seed=config["seed"],
-                               retries=val["retries"], n_scenes=n, on_round=on_round)
+    first = validated_frames(jobs[:1], make_generate(pipe, lambda grp: None), validator, config, n, on_round)
     reference = first[0].image
     info: dict[str, Any] = {"enabled": True, "reference_frame": 1, "control": g.get("control", "canny")}
     if n == 1:
@@ -469,8 +535,8 @@ def _guided_frames(config, inputs, ctx, pipe, family, jobs, validator, make_gene
             kw["image"] = maps.get(grp, maps[""])
         return kw
 
-    rest = generate_validated(jobs[1:], make_generate(gen_pipe, kwargs_for), validator, base_seed=config["seed"],
-                              retries=val["retries"], n_scenes=n, positions=range(1, n), on_round=on_round)
+    rest = validated_frames(jobs[1:], make_generate(gen_pipe, kwargs_for), validator, config, n, on_round,
+                            positions=list(range(1, n)))
     if maps:
         folder = ctx.out_dir / "storyboard" / "control"
         folder.mkdir(parents=True, exist_ok=True)
