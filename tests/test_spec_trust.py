@@ -26,10 +26,14 @@ character:
 
 
 def run_cli(*args: str, capsys) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as ei:
+    """`runner ARGS` in this process: (exit code, stdout + stderr)."""
+    try:
         cli_main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
     captured = capsys.readouterr()
-    return ei.value.code, captured.out + captured.err
+    return code, captured.out + captured.err
 
 
 def write_bytes(project: Path, data: bytes, name: str = "hero.yaml") -> Path:
@@ -142,3 +146,138 @@ def test_merge_keys_let_explicit_keys_win(project):
     """)).encode(), "ok.yaml")
     lora = load_spec(ok, require_files=False).data["train"]["lora"]
     assert (lora["rank"], lora["alpha"]) == (16, 8)
+
+
+# --------------------------------------------------------------------------- part 2: names
+
+
+def _schema_places(formats: tuple[str, ...]) -> list[tuple[tuple, bool]]:
+    """(key path, is_a_mapping_key) of every schema place whose strings carry one of ``formats``."""
+    from runner.spec import schema as S
+
+    places = []
+    for path, sub in S.iter_schema_fields(S.root_schema(), S.root_uri()):
+        if sub.get("format") in formats:
+            places.append((path, False))
+        if (sub.get("propertyNames") or {}).get("format") in formats:
+            places.append((path + ("<name>",), True))
+    return sorted(set(places))
+
+
+def _minimal(sch: dict, uri: str):
+    """A small valid instance of a schema (required keys only)."""
+    from runner.spec import schema as S
+
+    sch, uri = S._walk_ref(sch, uri)
+    t = sch.get("type")
+    t = next((x for x in t if x != "null"), None) if isinstance(t, list) else t
+    if "enum" in sch:
+        return sch["enum"][0]
+    if t == "object" or (t is None and "properties" in sch):
+        out = {}
+        for key in sch.get("required", []):
+            sub, suri = S.child_schema(sch, uri, key)
+            out[key] = _minimal(sub, suri)
+        return out
+    if t == "array":
+        items = sch.get("items")
+        return [_minimal(items, uri)] * sch.get("minItems", 0) if isinstance(items, dict) else []
+    if t in ("integer", "number"):
+        return max(1, sch.get("minimum", 1))
+    if t == "boolean":
+        return False
+    return "okname1"
+
+
+def _instance_at(path: tuple, value, is_key: bool) -> dict:
+    """The smallest spec section tree that holds ``value`` at ``path`` (as a key when is_key)."""
+    from runner.spec import schema as S
+
+    def build(sch, uri, rest):
+        sch, uri = S.pick_branch(*S._walk_ref(sch, uri), {})
+        if not rest:
+            return value
+        head, tail = rest[0], rest[1:]
+        if head == "[]":
+            sub, suri = S.child_schema(sch, uri, 0)
+            return [build(sub, suri, tail)]
+        if head == "<name>" and is_key and not tail:
+            sub, suri = S.child_schema(sch, uri, "any")
+            return {value: _minimal(sub, suri) if sub else {}}
+        name = "okname1" if head == "<name>" else head
+        sub, suri = S.child_schema(sch, uri, name)
+        node = _minimal(sch, uri)
+        node[name] = build(sub, suri, tail)
+        return node
+
+    from runner.spec import schema as S2
+
+    return build(S2.root_schema(), S2.root_uri(), path)
+
+
+HOSTILE_NAMES = [
+    "a/b", "/abs", "a\\b", "..", "../up", "a..b", ".hidden", ".", "a\x00b", "a\x01b", "a\x1fb",
+    "a\x7fb", "a\u202eb", "a\u200bb", "a\nb", "a\tb", "a:b", "a*b", "a?b", 'a"b', "a|b", "a<b>",
+    "x" * 101, " lead", "trail ", "\u00e9" * 60,
+]
+HOSTILE_SUB_PATHS = ["../x", "/abs", "~/x", "a/../../b", "a\\b", ".hidden/x", "a\x01/b", "..", "a/.."]
+
+
+def _spec_text(tree: dict) -> tuple[str, dict[str, int]]:
+    """YAML (one JSON flow mapping per section, one section per line) and each section's line."""
+    import json
+
+    tree = {"version": 1, **tree}
+    tree.setdefault("character", {})
+    tree["character"] = {"name": "hero", "trigger": "hrochr", **tree["character"]}
+    lines, where = [], {}
+    for i, (section, body) in enumerate(tree.items(), start=1):
+        lines.append(f"{section}: {json.dumps(body)}")
+        where[section] = i
+    return "\n".join(lines) + "\n", where
+
+
+def test_every_key_that_names_files_is_marked():
+    marked = {".".join(map(str, p)) for p, _ in _schema_places(("file-name",))}
+    must = {"character.name", "character.trigger", "character.class_word", "train.phases.[].name",
+            "train.variants.<name>", "evaluate.suite.categories.<name>"}
+    assert must <= marked, must - marked
+
+
+@pytest.mark.parametrize("fmt,hostile,safe", [("file-name", HOSTILE_NAMES, "okname1"),
+                                              ("sub-path", HOSTILE_SUB_PATHS, "models/image_encoder")])
+def test_hostile_names_are_refused_at_validate_with_their_position(project, capsys, fmt, hostile, safe):
+    import re
+
+    from runner.spec.errors import format_key_path
+
+    places = _schema_places((fmt,))
+    assert places, f"no schema key carries format {fmt}"
+    for path, is_key in places:
+        concrete = tuple(0 if p == "[]" else "okname1" if p == "<name>" else p for p in path)
+        key = format_key_path(concrete[:-1] if is_key else concrete)
+
+        def problem_at(spec: Path, line: int, out: str, about: str = "") -> bool:
+            pattern = rf"^{re.escape(str(spec))}:{line}:\d+: {re.escape(key)}.*{about}"
+            return re.search(pattern, out, re.M) is not None
+
+        ok_text, where = _spec_text(_instance_at(path, safe, is_key))
+        ok = write_bytes(project, ok_text.encode(), "ok.yaml")
+        code, out = run_cli("validate", str(ok), capsys=capsys)
+        # the builder makes specs whose value at this key is fine: the refusals below are the names'
+        assert not problem_at(ok, where[path[0]], out, "(cannot be used as|pattern)"), (key, out)
+        for bad in hostile:
+            text, where = _spec_text(_instance_at(path, bad, is_key))
+            spec = write_bytes(project, text.encode())
+            code, out = run_cli("validate", str(spec), capsys=capsys)
+            assert code == 2 and "Traceback" not in out, (key, bad, out)
+            assert problem_at(spec, where[path[0]], out), (key, bad, out)
+
+
+def test_file_name_rule_keeps_ordinary_names():
+    from runner.paths import file_name_problem
+
+    for name in ["vlntna", "ohwx_man", "3d cartoon boy", "Алдар", "sks-1", "v1.5", "a.b.c", ""]:
+        assert file_name_problem(name) is None, name
+    for name in HOSTILE_NAMES:
+        assert file_name_problem(name), repr(name)

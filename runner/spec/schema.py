@@ -9,6 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
+from runner.paths import file_name_problem, sub_path_problem
 from runner.resources import resource_dir, schema_path
 from runner.spec.errors import Problem, format_key_path
 from runner.spec.yamlio import LoadedYaml
@@ -54,11 +55,36 @@ def section_schema(section: str) -> dict[str, Any]:
     return contents
 
 
+# Formats the schema uses on user strings: format -> (the rule in runner.paths, what it is, hint).
+FORMATS = {
+    "file-name": (file_name_problem, "a file or folder name",
+                  "This value becomes part of a file or folder name: use letters, digits, spaces, '_' or '-'."),
+    "sub-path": (sub_path_problem, "a path inside its folder",
+                 "Give a relative path that stays inside the folder, e.g. 'models' or 'models/image_encoder'."),
+}
+
+
+@lru_cache(maxsize=1)
+def format_checker() -> Any:
+    from jsonschema import FormatChecker
+
+    checker = FormatChecker(formats=())
+    for name, (rule, _, _) in FORMATS.items():
+        def check(instance: Any, rule=rule) -> bool:
+            problem = rule(instance) if isinstance(instance, str) else None
+            if problem:
+                raise ValueError(problem)
+            return True
+
+        checker.checks(name, raises=ValueError)(check)
+    return checker
+
+
 def _validator(schema: dict[str, Any]) -> Any:
     from jsonschema import Draft202012Validator
 
     registry, _ = _registry_and_root()
-    return Draft202012Validator(schema, registry=registry)
+    return Draft202012Validator(schema, registry=registry, format_checker=format_checker())
 
 
 def _walk_ref(schema: dict[str, Any], doc_uri: str) -> tuple[dict[str, Any], str]:
@@ -104,6 +130,18 @@ def pick_branch(schema: dict[str, Any], doc_uri: str, instance: Any) -> tuple[di
                     merged.update(b)
                     return merged, u
     return schema, doc_uri
+
+
+def _branch_type(branch: Any) -> Any:
+    """The declared type of a oneOf/anyOf branch (None for a $ref or an untyped branch)."""
+    return branch.get("type") if isinstance(branch, dict) else None
+
+
+def _format_problem(schema: dict[str, Any], instance: Any) -> str | None:
+    fmt = schema.get("format")
+    if fmt not in FORMATS or not isinstance(instance, str):
+        return None
+    return FORMATS[fmt][0](instance)
 
 
 def _type_fits(t: Any, instance: Any) -> bool:
@@ -239,6 +277,19 @@ def _to_problems(error: Any, loaded: LoadedYaml, pp: tuple, mp: tuple) -> Iterat
             **kw,
         )
         return
+    if v == "format" and error.validator_value in FORMATS:
+        is_key = "propertyNames" in error.schema_path
+        _, what, hint = FORMATS[error.validator_value]
+        yield _problem(
+            loaded,
+            path + ((error.instance,) if is_key else ()),
+            f"{_short(error.instance)} cannot be used as {what}: {error.cause or error.message}",
+            expected=desc,
+            hint=hint,
+            prefer_key=is_key,
+            **kw,
+        )
+        return
     if v == "required":
         missing = [k for k in error.validator_value if k not in (error.instance or {})]
         for key in missing:
@@ -292,18 +343,25 @@ def _to_problems(error: Any, loaded: LoadedYaml, pp: tuple, mp: tuple) -> Iterat
             return
         from jsonschema.exceptions import best_match
 
-        best = best_match(error.context) if error.context else None
+        # Only the branches whose type fits the value can say what is wrong with it.
+        fitting = [e for e in error.context
+                   if _type_fits(_branch_type(branches[e.relative_schema_path[0]]), error.instance)]
+        best = best_match(fitting or error.context) if error.context else None
         if best is not None and best.validator not in ("oneOf", "anyOf"):
             yield from _to_problems(best, loaded, pp, mp)
             return
         yield _problem(loaded, path, f"{_short(error.instance)} does not fit", expected=desc, **kw)
         return
     if v == "pattern":
+        if _format_problem(schema, error.instance):
+            return  # the format's message says exactly what is wrong
+        is_key = "propertyNames" in error.schema_path
         yield _problem(
             loaded,
-            path,
+            path + ((error.instance,) if is_key else ()),
             f"{_short(error.instance)} does not match the pattern {error.validator_value}",
             expected=desc,
+            prefer_key=is_key,
             **kw,
         )
         return

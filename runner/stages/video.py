@@ -48,7 +48,8 @@ def load_suite(ref: str | None, project_root: Path) -> dict[str, Any] | None:
     if not ref:
         return None
     from runner.resources import resource_dir
-    from runner.spec.yamlio import load_yaml_file
+    from runner.paths import file_name_problem
+    from runner.spec.yamlio import YamlError, load_yaml_file
 
     path = resource_dir("presets") / "video_suite" / f"{ref}.yaml"
     if not path.is_file():
@@ -56,14 +57,21 @@ def load_suite(ref: str | None, project_root: Path) -> dict[str, Any] | None:
     if not path.is_file():
         raise base.StageError(f"generate.video.suite: {ref!r} is neither a built-in suite nor a file",
                               hint="Use suite: builtin, or a path to a suite .yaml (cases: [{name, prompt, expect}]).")
-    data = load_yaml_file(path).data or {}
-    cases = data.get("cases")
+    try:
+        data = load_yaml_file(path).data or {}
+    except YamlError as exc:
+        raise base.StageError(f"generate.video.suite: {exc}", hint=exc.hint or "Fix the suite file's YAML.") from None
+    cases = data.get("cases") if isinstance(data, dict) else None
     if not isinstance(cases, list) or not cases:
         raise base.StageError(f"generate.video.suite: {path} has no 'cases' list",
                               hint="A suite file needs cases: [{name: ..., prompt: ..., expect: {...}}].")
     for i, c in enumerate(cases):
         if not isinstance(c, dict) or not c.get("name") or not c.get("prompt"):
             raise base.StageError(f"generate.video.suite: {path}: cases[{i}] needs a name and a prompt")
+        bad_name = file_name_problem(str(c["name"]))  # it names the clip's folder and files
+        if bad_name:
+            raise base.StageError(f"generate.video.suite: {path}: cases[{i}].name {c['name']!r}: {bad_name}",
+                                  hint="Case names become file names: use letters, digits, '_' or '-'.")
     return {"source": ref, "cases": cases}
 
 
