@@ -1,0 +1,264 @@
+"""The review decisions file (<spec>.review.yaml) and how it flows into stages, without a browser:
+format and merge-on-write, concurrent savers in separate processes, validation messages, the part
+of the file each stage is keyed by, the plan's wording, curate applying the decisions, the picked
+checkpoint and the regenerated frame in the storyboard stage, and the report's agreement table."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from runner.review import agreement, decisions
+from runner.review.decisions import ReviewError
+
+SHA = [f"{i:02x}" * 32 for i in range(40)]
+
+
+def test_file_is_sorted_blocks_with_who_and_when(tmp_path: Path) -> None:
+    f = tmp_path / "hero.review.yaml"
+    for sha in (SHA[3], SHA[1], SHA[2]):
+        decisions.save(f, [("images", sha, {"decision": "drop", "file": f"photos/{sha[:4]}.jpg", "image_id": sha[:16]})],
+                       by="alice")
+    text = f.read_text()
+    assert text.startswith("# Review decisions")
+    data = yaml.safe_load(text)
+    assert list(data["images"]) == sorted(data["images"])  # sorted keys: merge-friendly in git
+    assert all(e["by"] == "alice" and e["at"].endswith("Z") for e in data["images"].values())
+    # one field per line, one block per decision (block style, no flow mappings)
+    assert "{" not in text and text.count("decision: drop") == 3
+    assert decisions.load(f)["images"] == data["images"]
+
+
+def test_save_merges_fields_and_withdraws(tmp_path: Path) -> None:
+    f = tmp_path / "r.review.yaml"
+    decisions.save(f, [("images", SHA[0], {"decision": "drop"})], by="alice")
+    decisions.save(f, [("images", SHA[0], {"shot": "close_up"}), ("images", SHA[1], {"decision": "keep"})], by="bob")
+    e = decisions.load(f)["images"][SHA[0]]
+    assert e["decision"] == "drop" and e["shot"] == "close_up" and e["by"] == "bob"
+    decisions.save(f, [("images", SHA[0], {"decision": None, "shot": None})], by="bob")
+    assert SHA[0] not in decisions.load(f)["images"]  # nothing but names left: the decision is gone
+    assert decisions.load(f)["images"][SHA[1]]["decision"] == "keep"
+
+
+def _saver(args: tuple[str, int, int]) -> None:
+    path, who, n = args
+    for i in range(n):
+        decisions.save(Path(path), [("ratings", f"{who:02x}{i:02x}" * 16, {"rating": "pass" if i % 2 else "fail",
+                                                                         "note": f"by {who}"})], by=f"r{who}")
+
+
+def test_concurrent_savers_lose_nothing(tmp_path: Path) -> None:
+    f = tmp_path / "r.review.yaml"
+    workers, each = 6, 15
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        pool.map(_saver, [(str(f), w, each) for w in range(workers)])
+    ratings = decisions.load(f)["ratings"]
+    assert len(ratings) == workers * each
+    assert not list(tmp_path.glob(".*.tmp"))  # every temporary file was renamed into place
+
+
+@pytest.mark.parametrize("section,fields,needle", [
+    ("images", {"decision": "maybe"}, "images.k.decision: 'maybe' is not one of 'keep', 'drop'"),
+    ("images", {"shot": "portrait"}, "images.k.shot"),
+    ("ratings", {"rating": 1}, "ratings.k.rating"),
+    ("nope", {}, "unknown section 'nope'"),
+    ("frames", {"note": ["a"]}, "frames.k.note: must be text"),
+])
+def test_invalid_decisions_are_refused_with_the_key(tmp_path: Path, section, fields, needle) -> None:
+    f = tmp_path / "r.review.yaml"
+    with pytest.raises(ReviewError) as exc:
+        decisions.save(f, [(section, "k", fields)])
+    assert needle in str(exc.value)
+    assert not f.exists()  # nothing half-written
+
+
+def test_broken_file_names_its_line(tmp_path: Path) -> None:
+    f = tmp_path / "r.review.yaml"
+    f.write_text("format: 1\nimages:\n  abc: [unclosed\n")
+    with pytest.raises(ReviewError, match=r"r\.review\.yaml:\d+:\d+: not valid YAML"):
+        decisions.load(f)
+    f.write_text("format: 1\nphotos: {}\n")
+    with pytest.raises(ReviewError, match="unknown section 'photos'"):
+        decisions.load(f)
+
+
+def test_stage_sections_hold_only_what_changes_outputs() -> None:
+    data = decisions.empty()
+    data["images"][SHA[0]] = {"decision": "drop", "note": "blurry", "by": "a", "at": "t", "image_id": "vid0000000000001"}
+    data["images"][SHA[1]] = {"shot": "medium", "by": "a", "at": "t"}
+    data["ratings"][SHA[2]] = {"rating": "fail"}
+    data["frames"][SHA[3]] = {"verdict": "reject", "scene": 2}
+    data["frames"][SHA[4]] = {"verdict": "approve", "scene": 1}
+    data["checkpoints"]["hero:evaluate"] = {"cell": "c", "step": 8, "lora_scale": 0.8, "by": "a"}
+    ds = decisions.stage_section(data, "dataset")
+    assert ds == {"images": {"vid0000000000001": {"decision": "drop"}, SHA[1][:16]: {"shot": "medium"}}}
+    noted = json.loads(json.dumps(data))
+    noted["images"][SHA[0]].update(note="changed", by="b", at="later")
+    noted["ratings"][SHA[2]]["rating"] = "pass"
+    assert decisions.stage_section(noted, "dataset") == ds  # a note or a rating never re-runs curate
+    sb = decisions.stage_section(data, "storyboard", evaluate="hero:evaluate")
+    assert sb == {"regenerate_scenes": {"2": 1},
+                  "checkpoint": {"stage": "hero:evaluate", "step": 8, "lora_scale": 0.8}}
+    assert decisions.stage_section(data, "storyboard", evaluate="hero:evaluate[other]") == {"regenerate_scenes": {"2": 1}}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["drop", "keep", None]), st.sampled_from([None, "close_up", "wide"])),
+                min_size=0, max_size=12))
+def test_plan_reason_counts_what_changed(changes) -> None:
+    old = decisions.empty()
+    new = decisions.empty()
+    for i, (dec, shot) in enumerate(changes):
+        fields = {k: v for k, v in (("decision", dec), ("shot", shot)) if v}
+        if fields:
+            new["images"][SHA[i]] = fields
+    reason = decisions.describe_change(decisions.stage_section(old, "dataset"), decisions.stage_section(new, "dataset"))
+    drops = sum(1 for d, _ in changes if d == "drop")
+    keeps = sum(1 for d, _ in changes if d == "keep")
+    shots = sum(1 for _, s in changes if s)
+    expect = [f"{n} {w}" for n, w in ((drops, "image" + "s" * (drops != 1) + " dropped"),
+                                      (keeps, "image" + "s" * (keeps != 1) + " kept by hand"),
+                                      (shots, "shot type" + "s" * (shots != 1) + " changed")) if n]
+    assert reason == "review: " + (", ".join(expect) if expect else "decisions changed")
+    back = decisions.describe_change(decisions.stage_section(new, "dataset"), decisions.stage_section(old, "dataset"))
+    if drops or keeps:
+        assert "withdrawn" in back
+
+
+# --------------------------------------------------------------------------- curate applies them
+
+
+class _Ctx:
+    def __init__(self, out: Path) -> None:
+        self.out_dir, self.warnings = out, []
+
+    def log(self, *a, **k) -> None: ...
+    def metric(self, *a, **k) -> None: ...
+    def warn(self, message: str, **k) -> None:
+        self.warnings.append(message)
+
+
+def _record(i: int, *, blur: float = 200.0, phash: str | None = None) -> dict:
+    box = [100, 100, 300, 340]
+    return {"id": f"{i:016x}", "source": f"photos/p{i}.jpg", "input": "images", "file": f"images/{i}.jpg",
+            "width": 600, "height": 800, "shot": "medium", "categories": ["medium"], "flags": {},
+            "faces": [{"box": box, "blur": blur, "exposure": {}, "pose": {"yaw": 0.0, "pitch": 0.0, "roll": 0.0}}],
+            "main_face": 0, "identity": 0.95, "phash": phash or f"{random.Random(i).getrandbits(64):016x}",
+            "people_substantial": 1}
+
+
+def _run_curate(tmp_path: Path, records: list[dict], review: dict) -> tuple[dict, _Ctx]:
+    from runner.stages import base
+    from runner.stages import curate
+
+    adir = tmp_path / "analysis"
+    (adir / "thumbs").mkdir(parents=True)
+    (adir / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (adir / "summary.json").write_text(json.dumps({"references": 1, "default_identity_threshold": 0.5,
+                                                   "backend": "dlib"}))
+    cfg = {**curate.DEFAULTS, **curate.SHOT_DEFAULTS, **({"review": review} if review else {})}
+    ctx = _Ctx(tmp_path / "out")
+    out = curate.run(cfg, {"analysis": base.Artifact("analysis", adir)}, ctx)["curated"].path
+    read = lambda f: [json.loads(x) for x in (Path(out) / f).read_text().splitlines() if x]  # noqa: E731
+    return {"kept": {e["id"]: e for e in read("curated.jsonl")}, "rejected": {r["id"]: r for r in read("rejected.jsonl")},
+            "review": json.loads((Path(out) / "review.json").read_text())}, ctx
+
+
+def test_curate_applies_drop_keep_shot_and_lists_missing(tmp_path: Path) -> None:
+    recs = [_record(i) for i in range(6)]
+    recs[4] = _record(4, blur=1.0)  # fails the blur gate
+    recs[5] = _record(5, phash=recs[0]["phash"])  # a near-duplicate of image 0
+    data = decisions.empty()
+    ids = [r["id"] for r in recs]
+    data["images"][SHA[0]] = {"decision": "drop", "image_id": ids[1]}
+    data["images"][SHA[1]] = {"decision": "keep", "image_id": ids[4]}  # kept despite the gate
+    data["images"][SHA[2]] = {"shot": "close_up", "image_id": ids[2]}
+    data["images"][SHA[3]] = {"reference": True, "image_id": ids[5]}  # a reference survives dedupe
+    data["images"][SHA[4]] = {"decision": "drop", "image_id": "feedfeedfeedfeed"}  # image gone
+    got, ctx = _run_curate(tmp_path, recs, decisions.stage_section(data, "dataset"))
+    assert got["rejected"][ids[1]]["reason"] == "dropped by reviewer"
+    assert ids[4] in got["kept"] and got["kept"][ids[4]]["review"] == {"decision": "keep"}
+    assert got["kept"][ids[2]]["shot"] == "close_up" and "close_up" in got["kept"][ids[2]]["categories"]
+    assert ids[5] in got["kept"] and got["kept"][ids[5]]["reference"] is True
+    assert [m["image_id"] for m in got["review"]["missing"]] == ["feedfeedfeedfeed"]
+    assert any("feedfeedfeedfeed" in w and "no longer in the dataset" in w for w in ctx.warnings)
+    plain, _ = _run_curate(tmp_path / "plain", recs, {})
+    assert ids[4] not in plain["kept"] and ids[5] not in plain["kept"] and ids[1] in plain["kept"]
+
+
+# --------------------------------------------------------------------------- storyboard
+
+
+def test_picked_checkpoint_replaces_best_and_a_changed_file_falls_back(tmp_path: Path) -> None:
+    from runner.hashing import file_sha256
+    from runner.stages import base
+    from runner.stages.storyboard import resolve_lora
+
+    lora = tmp_path / "lora"
+    for step in (4, 8):
+        (lora / f"ck{step}").mkdir(parents=True)
+        (lora / f"ck{step}" / "w.safetensors").write_bytes(bytes([step]) * 64)
+    (lora / "index.json").write_text(json.dumps({"base_model": "builtin:tiny-sd", "checkpoints": [
+        {"step": 4, "diffusers": "ck4/w.safetensors"}, {"step": 8, "diffusers": "ck8/w.safetensors"}]}))
+    ev = tmp_path / "evaluation"
+    (ev / "best").mkdir(parents=True)
+    (ev / "best" / "w.safetensors").write_bytes(b"best")
+    (ev / "evaluation.json").write_text(json.dumps({"best": {"lora_diffusers": "best/w.safetensors", "lora_scale": 1.0,
+                                                             "step": 4}}))
+    inputs = {"evaluation": base.Artifact("evaluation", ev), "lora": base.Artifact("lora", lora)}
+    cfg = {"base_model": "builtin:tiny-sd", "lora_scale": None,
+           "review": {"checkpoint": {"stage": "hero:evaluate", "step": 8, "lora_scale": 0.7,
+                                     "lora_sha256": file_sha256(lora / "ck8" / "w.safetensors")}}}
+    got = resolve_lora(cfg, inputs)
+    assert got["file"] == lora / "ck8" / "w.safetensors" and got["scale"] == 0.7 and got["picked"]
+    (lora / "ck8" / "w.safetensors").write_bytes(b"retrained")  # not the file the reviewer picked
+    assert resolve_lora(cfg, inputs)["file"] == ev / "best" / "w.safetensors"
+
+
+def test_rejected_frame_gets_seeds_it_never_used() -> None:
+    from runner.generate.frames import FrameJob
+    from runner.stages.storyboard import validated_frames
+
+    class Validator:
+        def score(self, images):
+            return [{"pass": False, "margin": -1.0} for _ in images]
+
+    seen: list[list[int]] = []
+
+    def gen(batch, seeds):
+        seen.append(list(seeds))
+        return [object() for _ in batch]
+
+    jobs = [FrameJob(scene_index=i + 1, prompt=f"p{i}") for i in range(3)]
+    base_cfg = {"seed": 100, "validation": {"retries": 1}}
+    first = validated_frames(jobs, gen, Validator(), base_cfg, 3, None)
+    before = {r.scene_index: [a["seed"] for a in r.attempts] for r in first}
+    seen.clear()
+    again = validated_frames(jobs, gen, Validator(), {**base_cfg, "review": {"regenerate_scenes": {"2": 1}}}, 3, None)
+    after = {r.scene_index: [a["seed"] for a in r.attempts] for r in again}
+    assert after[1] == before[1] and after[3] == before[3]  # untouched frames are made the same way
+    used = {s for v in before.values() for s in v}
+    assert not set(after[2]) & used  # the rejected frame never reuses a seed
+
+
+# --------------------------------------------------------------------------- agreement
+
+
+def test_rank_and_target_agreement_per_category() -> None:
+    ev = {"targets": {"close_up": {"face_similarity": ">= 0.5"}}, "cells": [{"cell": "c", "images": [
+        {"category": "close_up", "path": f"i{i}", "face_similarity": v, "clip_t": 1 - v} for i, v in
+        enumerate([0.9, 0.8, 0.2, 0.1])]}]}
+    ratings = {f"s{i}": {"rating": r} for i, r in enumerate(["pass", "pass", "fail", "fail"])}
+    rated = agreement.rated_images(ev, ratings, {f"i{i}": f"s{i}" for i in range(4)})
+    rows = {r["metric"]: r for r in agreement.table(ev, rated)}
+    assert rows["face_similarity"]["rank_agreement"] == 1.0 and rows["face_similarity"]["target_agreement"] == 1.0
+    assert rows["clip_t"]["rank_agreement"] == 0.0 and rows["clip_t"]["target"] is None
+    # no target for clip_t: the failed images that score above the passed ones' median disagree
+    assert agreement.disagreements(ev, rated) == {"i2": ["clip_t"], "i3": ["clip_t"]}
