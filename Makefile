@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test clean
+.PHONY: setup browser demo test clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,12 +18,18 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps "insightface==2.1"
 	touch $(STAMP)
 
-setup: $(STAMP)
+# The review pages' browser tests drive Debian's chromium (Playwright never downloads a browser).
+# CI runs as root on Debian: install it when it is missing; elsewhere say how.
+browser:
+	@test -x /usr/bin/chromium || { apt-get update -q && apt-get install -y -q chromium; } \
+	  || echo "note: no /usr/bin/chromium; the browser tests skip (run: sudo apt-get install chromium)"
+
+setup: $(STAMP) browser
 
 demo: $(STAMP)
 	$(BIN)/runner apply specs/demo.yaml
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
 clean:
