@@ -91,6 +91,8 @@ def _print_plan(plan: Any, specs: list[Any], *, header: bool = True, estimates: 
         click.echo(f"Plan for {names} (project {root})")
     for ps in plan.stages:
         click.echo(_plan_line(ps, estimates.get(ps.id)))
+        for note in ps.node.notes:  # a variant's effective differences
+            click.echo(f"      {note}")
     click.echo(plan.summary())
     todo = [estimates[ps.id] for ps in plan.stages if ps.id in estimates and ps.will_execute]
     if todo:
@@ -140,9 +142,12 @@ def plan(specs: tuple[str, ...], resolved: bool, as_json: bool, detailed_exitcod
     if resolved:
         import yaml
 
+        from runner.spec.variants import resolved_variants_comment
+
         for s in loaded:
             click.echo(f"# {s.file} (resolved)")
             click.echo(yaml.safe_dump(s.data, sort_keys=False, allow_unicode=True, width=100))
+            click.echo(resolved_variants_comment(s.data.get("train")), nl=False)
         return
     p, ws = plan_specs(loaded, force=list(force), only=list(only))
     try:

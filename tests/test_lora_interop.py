@@ -114,3 +114,80 @@ def test_diffusers_and_kohya_files_give_the_same_images(model: str, shared_data:
     assert np.abs(a(off2[0]) - a(base_imgs[0])).max() <= 1
     half = generate_images(kohya_pipe, prompts, seeds=seeds, lora_scale=0.5, **kw)
     assert np.abs(a(half[0]) - a(base_imgs[0])).mean() > 0.1 and np.abs(a(half[0]) - a(via_kohya[0])).mean() > 0.1
+
+
+# The nested CLIP layout every reader expects for a text-encoder LoRA in a diffusers file:
+# diffusers <= 0.32 with transformers 4.x (flat keys raised IndexError there), ComfyUI's
+# "text_encoder.text_model.encoder.layers.{b}.{c}" map, and the installed diffusers.
+_TE_KEY = r"text_encoder(_2)?\.text_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])\.lora_[AB]\.weight"
+
+
+@pytest.mark.parametrize("model", ["builtin:tiny-sd", "builtin:tiny-sdxl"])
+def test_diffusers_file_text_encoder_keys_load_everywhere(model: str, tmp_path: Path) -> None:
+    import re
+
+    import torch
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from runner.diffusion.lora import load_lora, save_diffusers_lora
+    from runner.diffusion.models import load_pipeline
+
+    pipe = load_pipeline(model)
+    encoders = {n: getattr(pipe, n) for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None}
+    torch.manual_seed(0)
+    # alpha != rank: readers that ignore the adapter metadata must still get the trained strength
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=1, init_lora_weights="gaussian", target_modules=["to_q", "to_v"]))
+    for te in encoders.values():
+        te.add_adapter(LoraConfig(r=4, lora_alpha=1, init_lora_weights="gaussian",
+                                  target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]))
+    state = {}
+    for name, model_ in {"unet": pipe.unet, **encoders}.items():
+        state[name] = {k: v + 0.05 * torch.randn_like(v) for k, v in get_peft_model_state_dict(model_).items()}
+        set_peft_model_state_dict(model_, state[name])  # lora_B is not all zeros
+    file = save_diffusers_lora(pipe, tmp_path, state)
+
+    with safe_open(str(file), "pt") as f:
+        te_keys = [k for k in f.keys() if k.startswith("text_encoder")]
+    assert te_keys and all(re.fullmatch(_TE_KEY, k) for k in te_keys), [k for k in te_keys if not re.fullmatch(_TE_KEY, k)][:3]
+    assert len(te_keys) == sum(len(state[n]) for n in encoders)
+    # a reader that ignores the metadata (alpha = rank: diffusers 0.32, ComfyUI) gets B @ A as is
+    file_sd = load_file(str(file))
+    live = {f"{prefix}.{n}": m for prefix, model_ in {"unet": pipe.unet, **encoders}.items()
+            for n, m in model_.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    checked = 0
+    for key in file_sd:
+        if key.endswith(".lora_A.weight"):
+            mod = key[: -len(".lora_A.weight")]
+            m = live.get(mod) or live[mod.replace(".text_model.", ".", 1)]
+            want_delta = m.lora_B["default"].weight @ m.lora_A["default"].weight * m.scaling["default"]
+            torch.testing.assert_close(file_sd[mod + ".lora_B.weight"] @ file_sd[key], want_delta)
+            checked += 1
+    assert checked == len(live)
+
+    ids = torch.tensor([[0, 5, 9, 3, 1]])
+
+    def unet_out(unet):
+        g = torch.Generator().manual_seed(0)
+        c = unet.config
+        kw = {}
+        if c.addition_embed_type == "text_time":
+            kw["added_cond_kwargs"] = {"time_ids": torch.ones(1, 6) * 64, "text_embeds": torch.randn(
+                1, c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim, generator=g)}
+        x, ctx = torch.randn(1, c.in_channels, 8, 8, generator=g), torch.randn(1, 5, c.cross_attention_dim, generator=g)
+        with torch.no_grad():
+            return unet(x, 10, encoder_hidden_states=ctx, **kw).sample
+
+    with torch.no_grad():
+        want = {n: te(ids)[0] for n, te in encoders.items()}
+    want_unet = unet_out(pipe.unet)
+    fresh = load_lora(load_pipeline(model), file, "x")
+    torch.testing.assert_close(unet_out(fresh.unet), want_unet, rtol=1e-4, atol=1e-5)
+    for name in encoders:
+        te = getattr(fresh, name)
+        n_lora = sum(1 for n, _ in te.named_modules() if n.endswith("lora_A.x"))
+        assert n_lora * 2 == len(state[name])  # every module of the file found its layer
+        with torch.no_grad():
+            torch.testing.assert_close(te(ids)[0], want[name], rtol=1e-4, atol=1e-5)

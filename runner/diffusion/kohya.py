@@ -152,10 +152,27 @@ def peft_to_kohya(
             prefix = "lora_te1_" if name == "text_encoder" else "lora_te2_"
         else:
             prefix = "lora_te_"
-        # The original CLIP layout nests everything under text_model (transformers 5 flattened it);
-        # ComfyUI and A1111 match lora_te_text_model_encoder_layers_...
-        add(prefix, sd, lambda m: m if m.startswith("text_model.") else "text_model." + m)
+        add(prefix, sd, clip_text_model_path)
     return out
+
+
+def clip_text_model_path(path: str) -> str:
+    """A CLIP text-encoder module or key path in the original layout, under ``text_model.``.
+
+    transformers 5 flattened ``CLIPTextModel`` (``encoder.layers.0...``) while
+    ``CLIPTextModelWithProjection`` (SDXL's second encoder) still nests it under ``text_model``.
+    Every other reader expects the nested form: older transformers (where the module *is*
+    ``text_model.encoder...``, so diffusers <= 0.32 finds no rank for flat keys and raises
+    IndexError), ComfyUI (``text_encoder.text_model.encoder.layers.N...`` for diffusers files,
+    ``lora_te_text_model_encoder_layers_N_...`` for kohya files) and A1111. The installed diffusers
+    strips the prefix again when the encoder has no ``text_model`` attribute.
+    """
+    return path if path.startswith("text_model.") else "text_model." + path
+
+
+def clip_text_model_layout(sd: Mapping[str, Any]) -> dict[str, Any]:
+    """A peft text-encoder state dict with every key in the nested ``text_model.`` layout."""
+    return {clip_text_model_path(k): v for k, v in sd.items()}
 
 
 def tag_frequency(captions: list[str]) -> dict[str, int]:

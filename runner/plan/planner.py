@@ -92,6 +92,7 @@ class PlannedStage:
             "reasons": self.reasons,
             "key": self.key,
             "gpu": self.node.gpu,
+            "notes": list(self.node.notes),
         }
 
 

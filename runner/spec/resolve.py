@@ -329,6 +329,26 @@ def _inside(p: Path, root: Path) -> bool:
 # --------------------------------------------------------------------------- semantic checks
 
 
+def _noop_variants(data: dict, loaded: LoadedYaml) -> list[Problem]:
+    """A train variant that would train the same LoRA as another stage is refused, naming both
+    (precedence and what counts as 'the same': runner.spec.variants)."""
+    from runner.spec.variants import duplicate_stages
+
+    char = data.get("character", {}).get("name", "?")
+    out = []
+    for name, other, why in duplicate_stages(data["train"]):
+        m = loaded.mark_for(("train", "variants", name))
+        twin = "the train section itself" if other == "base" else f"variant '{other}'"
+        out.append(Problem(
+            m.file, m.line, m.col, f"train.variants.{name}",
+            f"changes nothing: {char}:train[{name}] would train the same LoRA as {char}:train[{other}] "
+            f"({twin}): {'; '.join(why)}",
+            hint="Override a key that changes training (a variant's lr applies to every phase; with phases, "
+                 "give a variant its own phases), or remove the variant. `runner plan --resolved` shows "
+                 "each variant's differences."))
+    return out
+
+
 def _semantic_checks(data: dict, loaded: LoadedYaml) -> list[Problem]:
     problems: list[Problem] = []
 
@@ -353,6 +373,8 @@ def _semantic_checks(data: dict, loaded: LoadedYaml) -> list[Problem]:
         if "base" in train.get("variants", {}) and train.get("include_base_variant", True):
             add(("train", "variants", "base"), "'base' is the name of the un-overridden variant",
                 "Rename the variant, or set include_base_variant: false.")
+        else:
+            problems += _noop_variants(data, loaded)
 
     sb = data.get("generate", {}).get("storyboard")
     if isinstance(sb, dict):

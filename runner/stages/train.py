@@ -17,23 +17,16 @@ from runner.stages import base
 
 KIND = "train"
 VERSION = 1
-# Keys of the train section that only shape the plan, not what one node computes.
-_PLAN_ONLY = ("variants", "include_base_variant", "preset")
 
 
 def train_config(section: dict[str, Any], *, character: str, trigger: str, class_word: str,
                  variant: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The node config: schema defaults < train section < variant overrides, plus the character
-    facts the outputs depend on (trigger and class word go into samples and file metadata)."""
-    from runner.spec import schema as S
-    from runner.spec.resolve import deep_merge
+    """The node config: the train section with the variant's overrides (precedence: variant over
+    phase over section, see runner.spec.variants), plus the character facts the outputs depend on
+    (trigger and class word go into samples and file metadata)."""
+    from runner.spec.variants import apply_variant
 
-    cfg = {k: v for k, v in section.items() if k not in _PLAN_ONLY}
-    if overrides:
-        cfg = deep_merge(cfg, {k: v for k, v in overrides.items() if k not in _PLAN_ONLY})
-    cfg = S.fill_defaults(cfg, S.section_schema("train"), S.section_uri("train"))
-    for k in _PLAN_ONLY:
-        cfg.pop(k, None)
+    cfg = apply_variant(section, overrides)
     cfg.update({"character": character, "trigger": trigger, "class_word": class_word, "variant": variant})
     return cfg
 
@@ -43,11 +36,12 @@ def _check_variant(name: str, overrides: Any) -> None:
     import jsonschema
 
     from runner.spec import schema as S
+    from runner.spec.variants import PLAN_ONLY
 
     if not isinstance(overrides, dict):
         raise base.StageError(f"train.variants.{name} must be a mapping of train keys to override",
                               hint="e.g. higher_rank: {lora: {rank: 64}}")
-    bad = [k for k in overrides if k in _PLAN_ONLY]
+    bad = [k for k in overrides if k in PLAN_ONLY]
     if bad:
         raise base.StageError(f"train.variants.{name} cannot override {', '.join(bad)}")
     validator = jsonschema.Draft202012Validator(S.section_schema("train"))
@@ -60,6 +54,8 @@ def _check_variant(name: str, overrides: Any) -> None:
 
 
 def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
+    from runner.spec.variants import variant_notes
+
     section = spec.get("train")
     if not isinstance(section, dict):
         return []
@@ -101,6 +97,8 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
             label += f" in {len(cfg['phases'])} phases"
         if variant:
             label += f" (variant {variant})"
+        notes = () if variant in (None, "base") else (f"variant {variant} vs the train section: "
+                                                      + "; ".join(variant_notes(section, variant)),)
         nodes.append(base.PlanNode(
             id=base.node_id(char, KIND, variant),
             kind=KIND,
@@ -110,6 +108,7 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
             outputs=("lora", "logs"),
             gpu=gpu,
             label=label,
+            notes=notes,
         ))
     return nodes
 
