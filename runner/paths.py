@@ -77,3 +77,61 @@ def sub_path_problem(value: str) -> str | None:
         if problem:
             return problem
     return None
+
+
+def inside(path: Path | str, root: Path | str) -> bool:
+    """Whether ``path`` lies in ``root`` once every symlink in both is resolved."""
+    try:
+        Path(os.path.realpath(path)).relative_to(os.path.realpath(root))
+        return True
+    except ValueError:
+        return False
+
+
+def iter_tree(root: Path, recursive: bool = True, enter=None):
+    """(relative posix path, os.DirEntry) of everything under folder ``root``, the way the runner
+    reads folders: hidden names are skipped; sub-folders (symlinked ones too, each real folder
+    once, so a link loop ends) are entered when ``recursive`` and ``enter(entry)`` allows it.
+    Entries that cannot be read are skipped."""
+    try:
+        st = os.stat(root)
+    except OSError:
+        return
+    stack = [(str(root), "")]
+    seen = {(st.st_dev, st.st_ino)}
+    while stack:
+        folder, rel = stack.pop()
+        try:
+            it = os.scandir(folder)
+        except OSError:
+            continue
+        with it:
+            for entry in it:
+                if entry.name.startswith("."):
+                    continue
+                yield f"{rel}{entry.name}", entry
+                try:
+                    if not (recursive and entry.is_dir(follow_symlinks=True)):
+                        continue
+                    if enter is not None and not enter(entry):
+                        continue
+                    dst = entry.stat(follow_symlinks=True)
+                except OSError:
+                    continue
+                if (dst.st_dev, dst.st_ino) not in seen:
+                    seen.add((dst.st_dev, dst.st_ino))
+                    stack.append((entry.path, f"{rel}{entry.name}/"))
+
+
+def links_leaving(folder: Path, root: Path, *, recursive: bool = True) -> list[tuple[str, str]]:
+    """(relative path, real target) of every symlink under ``folder`` that leads outside ``root``,
+    among the entries the runner would read (see iter_tree); such links are not entered."""
+    found: list[tuple[str, str]] = []
+
+    def stays(entry: os.DirEntry) -> bool:
+        return not entry.is_symlink() or inside(entry.path, root)
+
+    for rel, entry in iter_tree(folder, recursive, enter=stays):
+        if entry.is_symlink() and not inside(entry.path, root):
+            found.append((rel, os.path.realpath(entry.path)))
+    return sorted(found)

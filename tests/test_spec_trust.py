@@ -281,3 +281,228 @@ def test_file_name_rule_keeps_ordinary_names():
         assert file_name_problem(name) is None, name
     for name in HOSTILE_NAMES:
         assert file_name_problem(name), repr(name)
+
+
+# --------------------------------------------------------------------------- part 1: paths
+
+
+def _path_keys() -> list[tuple[tuple, str]]:
+    """(key path, x-path kind) of every path-valued key of the schema (oneOf branches included)."""
+    from runner.spec import schema as S
+
+    found = []
+    for path, sub, uri in S.walk_fields(S.root_schema(), S.root_uri()):
+        for branch in S.branches(sub, uri):
+            if branch.get("x-path"):
+                found.append((path, branch["x-path"]))
+            for kw, step in (("items", "[]"), ("additionalProperties", "<name>")):  # lists of paths
+                inner = branch.get(kw)
+                if isinstance(inner, dict) and S._walk_ref(inner, uri)[0].get("x-path"):
+                    found.append((path + (step,), S._walk_ref(inner, uri)[0]["x-path"]))
+    return sorted(set(found))
+
+
+def test_every_path_key_is_marked_and_of_a_known_kind():
+    import re
+
+    from runner.spec import schema as S
+    from runner.spec.paths import CHECKED_KINDS, EXEMPT_KINDS
+
+    keys = _path_keys()
+    kinds = {kind for _, kind in keys}
+    assert kinds <= set(CHECKED_KINDS + EXEMPT_KINDS), kinds
+    # exempt keys are shared caches outside any project; a new one must be added here on purpose
+    exempt = {".".join(map(str, p)) for p, kind in keys if kind in EXEMPT_KINDS}
+    assert exempt == {"dataset.analysis.insightface_root", "evaluate.insightface_root"}
+    # a string key whose description speaks of a path, folder or file carries x-path or a format
+    unmarked = []
+    for path, sub, uri in S.walk_fields(S.root_schema(), S.root_uri()):
+        branches = S.branches(sub, uri)
+        strings = [b for b in branches if "string" in (b.get("type") if isinstance(b.get("type"), list) else [b.get("type")])]
+        if not strings or sub.get("enum"):
+            continue
+        if re.search(r"\b(path|folder|file|directory)s?\b", sub.get("description", ""), re.I):
+            if not any(b.get("x-path") or b.get("format") for b in branches):
+                unmarked.append(".".join(map(str, path)))
+    assert not unmarked, unmarked
+    # named-or-data keys say which names they accept; everything else is a path
+    for path, kind in keys:
+        if kind == "named-or-data":
+            sub = _schema_at(path)
+            assert sub.get("x-names") or sub.get("x-names-dir"), path
+
+
+def _schema_at(path: tuple) -> dict:
+    from runner.spec import schema as S
+
+    sch, uri = S.root_schema(), S.root_uri()
+    for p in path:
+        sch, uri = S.child_schema(sch, uri, 0 if p == "[]" else "any" if p == "<name>" else p)
+    return next(b for b in S.branches(sch, uri) if b.get("x-path"))
+
+
+def _checked_path_keys():
+    from runner.spec.paths import CHECKED_KINDS
+
+    return [(p, k) for p, k in _path_keys() if k in CHECKED_KINDS]
+
+
+def _outside_cases(project: Path) -> list[tuple[str, str]]:
+    """(how, value) pairs that all lead outside the project; the values are relative to specs/."""
+    outside = project.parent / "outside"
+    outside.mkdir(exist_ok=True)
+    (outside / "t.yaml").write_text("values: {}\n")
+    link = project / "specs" / "lnk.yaml"
+    if not link.is_symlink():
+        link.symlink_to(outside / "t.yaml")
+    inner = project / "data" / "via"
+    inner.mkdir(parents=True, exist_ok=True)
+    if not (inner / "up").is_symlink():
+        (inner / "up").symlink_to(outside)
+    return [("relative", "../../outside/t.yaml"), ("absolute", str(outside / "t.yaml")),
+            ("home", "~/t.yaml"), ("symlinked file", "lnk.yaml"),
+            ("through a symlinked folder", "../data/via/up/t.yaml")]
+
+
+def _outside_problem(spec: Path, line: int, key: str, out: str) -> bool:
+    import re
+
+    pattern = rf"^{re.escape(str(spec))}:{line}:\d+: {re.escape(key)}: .*outside the project"
+    return re.search(pattern, out, re.M) is not None
+
+
+def test_every_path_key_refuses_paths_outside_the_project(project, capsys):
+    from runner.spec.errors import format_key_path
+
+    cases = _outside_cases(project)
+    (project / "specs" / "inside.yaml").write_text("values: {}\n")
+    keys = _checked_path_keys()
+    assert len(keys) >= 20, keys  # sources, references, models, LoRA files, suites, output_dir, ...
+    for path, kind in keys:
+        key = format_key_path(tuple(0 if p == "[]" else "okname1" if p == "<name>" else p for p in path))
+        for how, value in cases:
+            text, where = _spec_text(_instance_at(path, value, False))
+            spec = write_bytes(project, text.encode())
+            code, out = run_cli("validate", str(spec), capsys=capsys)
+            assert code == 2 and _outside_problem(spec, where[path[0]], key, out), (key, how, out)
+            if how == "symlinked file":  # --allow-outside-project lets it through
+                code, out = run_cli("validate", "--allow-outside-project", str(spec), capsys=capsys)
+                assert not _outside_problem(spec, where[path[0]], key, out), (key, how, out)
+        text, where = _spec_text(_instance_at(path, "inside.yaml", False))
+        spec = write_bytes(project, text.encode())
+        code, out = run_cli("validate", str(spec), capsys=capsys)
+        assert not _outside_problem(spec, where[path[0]], key, out), (key, "inside", out)
+
+
+def _folder_with_links(project: Path, outside: Path) -> Path:
+    """A data folder whose real photos sit beside symlinks that lead outside in every way."""
+    (outside / "secret").mkdir(parents=True, exist_ok=True)
+    (outside / "secret" / "passwd.jpg").write_bytes(b"private")
+    folder = project / "data" / "photos"
+    (folder / "sub" / "deeper").mkdir(parents=True)
+    (folder / "ok.jpg").write_bytes(b"photo")
+    (folder / "file_link.jpg").symlink_to(outside / "secret" / "passwd.jpg")
+    (folder / "dir_link").symlink_to(outside / "secret")
+    (folder / "sub" / "deeper" / "relative.jpg").symlink_to(Path("../../../../../outside/secret/passwd.jpg"))
+    (folder / "etc").symlink_to("/etc")
+    return folder
+
+
+def test_dataset_folders_with_links_leading_outside_are_refused_and_never_read(project, capsys, monkeypatch):
+    from runner.engine import workspace as W
+    from runner.spec import SpecError, load_spec
+
+    outside = project.parent / "outside"
+    folder = _folder_with_links(project, outside)
+    reads: list[str] = []
+    real_digest = W.file_digest
+    monkeypatch.setattr(W, "file_digest", lambda p: reads.append(str(p)) or real_digest(p))
+    folder_keys = [p for p, kind in _checked_path_keys() if kind in ("data", "named-or-data", "model")]
+    for path in folder_keys:
+        text, where = _spec_text(_instance_at(path, "../data/photos", False))
+        spec = write_bytes(project, text.encode())
+        for command in ("validate", "plan"):
+            code, out = run_cli(command, str(spec), capsys=capsys)
+            assert code == 2, (path, out)
+            for link in ("file_link.jpg", "dir_link", "sub/deeper/relative.jpg", "etc ->"):
+                assert link in out, (path, link, out)
+    assert not [r for r in reads if not r.startswith(str(project))], reads
+    # a hidden link is never read, so it is not refused; links that stay inside are fine
+    for name in ("file_link.jpg", "dir_link", "etc"):
+        (folder / name).unlink()
+    (folder / "sub" / "deeper" / "relative.jpg").unlink()
+    (folder / ".hidden_link").symlink_to("/etc")
+    (folder / "loop").symlink_to(folder)
+    (folder / "also_ok.jpg").symlink_to(folder / "ok.jpg")
+    spec = write_bytes(project, (MINIMAL + "dataset:\n  sources: [{images: ../data/photos}]\n").encode())
+    load_spec(spec)
+    # --allow-outside-project lets a link out on purpose
+    (folder / "file_link.jpg").symlink_to(outside / "secret" / "passwd.jpg")
+    with pytest.raises(SpecError, match="file_link.jpg"):
+        load_spec(spec)
+    load_spec(spec, allow_outside=True)
+
+
+def test_non_recursive_sources_only_check_what_they_read(project):
+    from runner.spec import load_spec
+
+    folder = _folder_with_links(project, project.parent / "outside")
+    for name in ("file_link.jpg", "dir_link", "etc"):
+        (folder / name).unlink()
+    spec = write_bytes(project, (MINIMAL + "dataset:\n  sources: [{images: ../data/photos, recursive: false}]\n").encode())
+    load_spec(spec)  # the link two folders down is never read
+
+
+def _report_only(monkeypatch):
+    from runner.stages import base
+
+    base.registry()
+    monkeypatch.setattr(base, "_REGISTRY", {k: v for k, v in base._REGISTRY.items() if k == "report"})
+
+
+def test_report_output_dir_is_relative_to_the_spec_file(project, monkeypatch):
+    from runner.engine.executor import ApplyOptions, apply
+    from runner.engine.progress import QuietReporter
+    from runner.spec import load_spec
+
+    _report_only(monkeypatch)
+    (project / "specs" / "team").mkdir()
+    spec = project / "specs" / "team" / "hero.yaml"
+    spec.write_text(MINIMAL + "report: {output_dir: out}\n")
+    res = apply([load_spec(spec)], ApplyOptions(), QuietReporter())
+    assert res.reports["hero"].parent == project / "specs" / "team" / "out" / "hero"
+    spec.write_text(MINIMAL + "report: {output_dir: ../../shared-reports}\n")
+    res = apply([load_spec(spec)], ApplyOptions(), QuietReporter())
+    assert res.reports["hero"].parent == project / "shared-reports" / "hero"
+    spec.write_text(MINIMAL)  # the default: the project's reports/ folder, wherever the spec is
+    res = apply([load_spec(spec)], ApplyOptions(), QuietReporter())
+    assert res.reports["hero"].parent == project / "reports" / "hero"
+
+
+@pytest.mark.parametrize("output_dir", ["../..", "../../..", "/tmp/character-runner-escape", "~/reports",
+                                        "link-out", "../reports/../../x"])
+def test_report_output_dir_outside_the_project_is_refused(project, capsys, monkeypatch, output_dir):
+    _report_only(monkeypatch)
+    outside = project.parent / "outside-reports"
+    outside.mkdir(exist_ok=True)
+    (project / "specs" / "link-out").symlink_to(outside)
+    spec = write_bytes(project, (MINIMAL + f"report: {{output_dir: {output_dir!r}}}\n").encode())
+    for command in ("validate", "plan", "apply"):
+        code, out = run_cli(command, str(spec), capsys=capsys)
+        assert code == 2 and f"{spec}:5:" in out and "report.output_dir" in out, out
+    assert not list(outside.iterdir()) and not Path("/tmp/character-runner-escape").exists()
+
+
+def test_a_character_report_folder_symlinked_outside_is_refused_before_anything_runs(project, capsys, monkeypatch):
+    _report_only(monkeypatch)
+    outside = project.parent / "outside-reports"
+    outside.mkdir()
+    (project / "reports").mkdir()
+    (project / "reports" / "hero").symlink_to(outside)
+    spec = write_bytes(project, MINIMAL.encode())
+    code, out = run_cli("apply", str(spec), capsys=capsys)
+    assert code == 2 and "report.output_dir" in out and "outside the project" in out, out
+    assert not list(outside.iterdir())
+    assert not (project / ".runner" / "store").exists()
+    code, out = run_cli("apply", "--allow-outside-project", str(spec), capsys=capsys)
+    assert code == 0 and (outside / "latest.html").is_file(), out

@@ -577,20 +577,12 @@ class LoraTrainer:
         import torch
 
         from runner.diffusion.kohya import kohya_metadata, peft_to_kohya, save_kohya
+        from runner.diffusion.lora import DIFFUSERS_FILE, save_diffusers_lora
 
         state = self._lora_state()
         save_dtype = torch.float32 if self.mixed_precision == "no" else torch.float16
         state = {k: {n: t.detach().to("cpu", save_dtype) for n, t in sd.items()} for k, sd in state.items()}
-        cls = type(self.pipe)
-        kw: dict[str, Any] = {"unet_lora_layers": state["unet"],
-                              "unet_lora_adapter_metadata": self.unet.peft_config["default"].to_dict()}
-        if self.train_te:
-            kw["text_encoder_lora_layers"] = state["text_encoder"]
-            kw["text_encoder_lora_adapter_metadata"] = self.text_encoders[0].peft_config["default"].to_dict()
-            if self.family == "sdxl":
-                kw["text_encoder_2_lora_layers"] = state["text_encoder_2"]
-                kw["text_encoder_2_lora_adapter_metadata"] = self.text_encoders[1].peft_config["default"].to_dict()
-        cls.save_lora_weights(str(folder), safe_serialization=True, **kw)
+        save_diffusers_lora(self.pipe, folder, state)
         kohya = peft_to_kohya(state["unet"], family=self.family, unet_config=self.unet.config, alpha=self.alpha,
                               text_encoder_sds={k: v for k, v in state.items() if k != "unet"})
         ph = self._phase_at(step)
@@ -613,7 +605,7 @@ class LoraTrainer:
         )
         kname = f"{self._stem()}-step{step:06d}.safetensors"
         save_kohya(folder / kname, kohya, md)
-        return {"diffusers": "pytorch_lora_weights.safetensors", "kohya": kname}
+        return {"diffusers": DIFFUSERS_FILE, "kohya": kname}
 
     def dataset_summary(self) -> dict[str, Any]:
         shots: dict[str, int] = {}

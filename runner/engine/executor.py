@@ -16,7 +16,7 @@ from runner.engine.context import LocalStageContext
 from runner.engine.lock import workspace_lock
 from runner.engine.progress import PlainReporter, make_reporter
 from runner.engine.workspace import ExecutionRecord, Workspace
-from runner.paths import cache_root
+from runner.paths import cache_root, inside
 from runner.plan.graph import Graph, build_graph
 from runner.plan.planner import Plan, PlannedStage, make_plan
 from runner.spec.resolve import Spec
@@ -96,6 +96,8 @@ def apply(specs: list[Spec], options: ApplyOptions | None = None,
     plan before anything runs (the CLI prints it there)."""
     options = options or ApplyOptions()
     reporter = reporter or make_reporter()
+    for spec in specs:
+        report_folder(spec)  # refuse a report folder outside the project before anything runs
     ws = Workspace(project_root_of(specs))
     try:
         with workspace_lock(ws.dir, command=options.command, wait_s=options.wait_s):
@@ -551,6 +553,17 @@ def _record(run_id: str, ps: PlannedStage, graph: Graph, status: str, started: f
     )
 
 
+def report_folder(spec: Spec) -> Path:
+    """``<report.output_dir>/<character>`` (output_dir is resolved relative to the spec file). A
+    symlink that takes it outside the project is refused before anything runs (exit 2)."""
+    folder = spec.abspath(spec.data["report"]["output_dir"]) / spec.name
+    if not spec.allow_outside and not inside(folder, spec.project_root):
+        raise ApplyError(f"{spec.file}: report.output_dir: the report folder {folder} resolves to "
+                         f"{os.path.realpath(folder)}, outside the project folder {spec.project_root}; "
+                         "remove the symlink, or pass --allow-outside-project if this is intended")
+    return folder
+
+
 def _publish_reports(plan: Plan, ws: Workspace, graph: Graph, run_id: str,
                      results: list[StageResult]) -> dict[str, Path]:
     """Copy each character's report into <project>/<report.output_dir>/<character>/."""
@@ -559,8 +572,7 @@ def _publish_reports(plan: Plan, ws: Workspace, graph: Graph, run_id: str,
     for ps in plan.stages:
         if ps.node.kind != "report" or status.get(ps.id) not in ("succeeded", "cached"):
             continue
-        spec = graph.specs[ps.node.character]
-        folder = ws.project_root / spec.data.get("report", {}).get("output_dir", "reports") / ps.node.character
+        folder = report_folder(graph.specs[ps.node.character])
         src = ws.store_path(ps.key) / "report.html"
         if not src.exists():
             continue

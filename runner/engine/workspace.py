@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from runner.hashing import file_sha256
-from runner.paths import workspace_dir
+from runner.paths import iter_tree, workspace_dir
 from runner.plan.planner import FileSetDigest, PriorRecord, canonical_json, sha256_text
 from runner.stages import base
 
@@ -280,7 +280,9 @@ class Workspace:
 
 
 def _scan(root: Path, patterns: tuple[str, ...], recursive: bool):
-    """(relative posix path, full path, stat) of matching files, skipping hidden ones."""
+    """(relative posix path, full path, stat) of matching files, read the way runner.paths.iter_tree
+    walks folders (hidden names skipped, symlinked folders followed once). Whether a symlink may
+    lead outside the project was decided when the spec was loaded (runner.spec.paths)."""
     import fnmatch
 
     try:
@@ -292,33 +294,15 @@ def _scan(root: Path, patterns: tuple[str, ...], recursive: bool):
         return
     pats = tuple(p.lower() for p in patterns)
     match_all = pats == ("*",)
-    stack = [(root, "")]
-    seen_dirs = {(st.st_dev, st.st_ino)}  # symlinked folders are followed once: no loops
-    while stack:
-        folder, rel = stack.pop()
+    for rel, entry in iter_tree(root, recursive):
         try:
-            it = os.scandir(folder)
+            if not entry.is_file(follow_symlinks=True):
+                continue
+            if not match_all and not any(fnmatch.fnmatchcase(entry.name.lower(), p) for p in pats):
+                continue
+            yield rel, entry.path, entry.stat(follow_symlinks=True)
         except OSError:
             continue
-        with it:
-            for entry in it:
-                if entry.name.startswith("."):
-                    continue
-                try:
-                    if entry.is_dir(follow_symlinks=True):
-                        if recursive:
-                            dst = entry.stat(follow_symlinks=True)
-                            if (dst.st_dev, dst.st_ino) not in seen_dirs:
-                                seen_dirs.add((dst.st_dev, dst.st_ino))
-                                stack.append((Path(entry.path), f"{rel}{entry.name}/"))
-                        continue
-                    if not entry.is_file(follow_symlinks=True):
-                        continue
-                    if not match_all and not any(fnmatch.fnmatchcase(entry.name.lower(), p) for p in pats):
-                        continue
-                    yield f"{rel}{entry.name}", entry.path, entry.stat(follow_symlinks=True)
-                except OSError:
-                    continue
 
 
 def _fsync_dir(path: Path) -> None:

@@ -45,6 +45,16 @@ def _affects(sub: dict[str, Any]) -> str:
     return ", ".join(decl)
 
 
+def _marks(sub: dict[str, Any]) -> str:
+    """' *path*' / ' *file name*' for the keys the path and name rules cover (see the header)."""
+    from runner.spec.paths import CHECKED_KINDS
+
+    kinds = {b.get("x-path") for b in [sub, *sub.get("oneOf", []), sub.get("items") or {}] if isinstance(b, dict)}
+    fmts = {sub.get("format"), (sub.get("propertyNames") or {}).get("format")}
+    out = " *path*" if kinds & set(CHECKED_KINDS) else ""
+    return out + (" *file name*" if "file-name" in fmts else "")
+
+
 def render() -> str:
     out = [
         "# Spec reference",
@@ -56,6 +66,12 @@ def render() -> str:
         "The *re-runs* column names the stages whose cache key the key is part of (and so re-run",
         "when it changes, with everything downstream of them); `none`: no stage, only the report,",
         "which prints the whole spec, is re-rendered.",
+        "",
+        "Keys marked *path* must stay inside the project folder (the nearest folder above the spec",
+        "holding `.git`, `runner.toml` or `.runner`) once every symlink is resolved, and so must every",
+        "symlink inside a folder they name; `--allow-outside-project` lifts the rule. Keys marked",
+        "*file name* end up in file or folder names: no `/`, `\\`, `..`, control characters, leading",
+        "`.` or leading/trailing space, at most 100 bytes.",
         "",
     ]
     root = S.root_schema()
@@ -70,6 +86,7 @@ def render() -> str:
             desc = sub.get("description", "").replace("|", "\\|").replace("\n", " ")
             if enum:
                 desc += " One of: " + ", ".join(f"`{e}`" for e in enum) + "."
+            desc += _marks(sub)
             out.append(f"| `{key}` | {_type(sub)} | {_default(sub)} | {_affects(sub)} | {desc} |")
         out.append("")
     return "\n".join(out)

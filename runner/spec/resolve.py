@@ -13,7 +13,8 @@ from typing import Any
 from runner.resources import resource_dir
 from runner.spec import schema as S
 from runner.spec.errors import Problem, SpecError, format_key_path
-from runner.spec.yamlio import LoadedYaml, Mark, YamlError, load_yaml_file
+from runner.spec.paths import EXEMPT_KINDS, OUTSIDE_HINT, PathRules, declared_names, is_path
+from runner.spec.yamlio import LoadedYaml, YamlError, load_yaml_file
 
 # Which preset folder serves which section (key path of the 'preset' field -> folder).
 PRESET_FOLDERS: dict[tuple[str, ...], str] = {
@@ -35,6 +36,7 @@ class Spec:
     raw: dict[str, Any]  # as written
     loaded: LoadedYaml
     presets_used: dict[str, str] = field(default_factory=dict)  # section -> preset file
+    allow_outside: bool = False  # --allow-outside-project: paths may lead outside project_root
 
     @property
     def name(self) -> str:
@@ -119,6 +121,7 @@ def load_spec(path: str | Path, *, allow_outside: bool = False, require_files: b
     problems += S.validate(raw, loaded)
 
     project_root = find_project_root(spec_file)
+    rules = PathRules(spec_file.resolve().parent, project_root, allow_outside)
     data = copy.deepcopy(raw)
     presets_used: dict[str, str] = {}
 
@@ -135,7 +138,7 @@ def load_spec(path: str | Path, *, allow_outside: bool = False, require_files: b
         if not isinstance(section.get("preset"), str):
             continue
         name = section["preset"]
-        preset_file, preset_problems = _find_preset(name, folder, spec_file, loaded, section_path)
+        preset_file, preset_problems = _find_preset(name, folder, rules, loaded, section_path)
         problems += preset_problems
         if preset_file is None:
             continue
@@ -181,7 +184,7 @@ def load_spec(path: str | Path, *, allow_outside: bool = False, require_files: b
     if problems:
         # Paths are still checked (escapes are worth knowing about), then everything is raised.
         try:
-            problems += _resolve_paths(data, loaded, spec_file, project_root, allow_outside, False)
+            problems += _resolve_paths(data, loaded, rules, False)
         except Exception:  # a malformed spec can trip the walker; the schema problems say why
             pass
         raise SpecError(problems)
@@ -190,7 +193,7 @@ def load_spec(path: str | Path, *, allow_outside: bool = False, require_files: b
     data = S.fill_defaults(data, S.root_schema(), S.root_uri())
 
     # 4. paths
-    problems += _resolve_paths(data, loaded, spec_file, project_root, allow_outside, require_files)
+    problems += _resolve_paths(data, loaded, rules, require_files)
 
     # 5. checks that a schema cannot express
     problems += _semantic_checks(data, loaded)
@@ -203,6 +206,7 @@ def load_spec(path: str | Path, *, allow_outside: bool = False, require_files: b
         raw=raw,
         loaded=loaded,
         presets_used=presets_used,
+        allow_outside=allow_outside,
     )
 
 
@@ -212,12 +216,16 @@ def _yaml_problem(exc: YamlError) -> Problem:
 
 
 def _find_preset(
-    name: str, folder: str, spec_file: Path, loaded: LoadedYaml, section_path: tuple
+    name: str, folder: str, rules: PathRules, loaded: LoadedYaml, section_path: tuple
 ) -> tuple[Path | None, list[Problem]]:
     shipped = list_presets(folder)
     if name in shipped:
         return shipped[name], []
-    candidate = (spec_file.parent / name).resolve()
+    candidate, trouble = rules.locate(name)
+    if trouble:
+        m = loaded.mark_for(section_path + ("preset",))
+        return None, [Problem(m.file, m.line, m.col, format_key_path(section_path + ("preset",)), trouble,
+                              hint=OUTSIDE_HINT if candidate is not None else "")]
     if (name.endswith((".yaml", ".yml")) or "/" in name) and candidate.is_file():
         return candidate, []
     import difflib
@@ -237,29 +245,17 @@ def _find_preset(
 # --------------------------------------------------------------------------- paths
 
 
-def _looks_like_path(value: str) -> bool:
-    return (
-        value.startswith(("./", "../", "/", "~"))
-        or value.endswith((".safetensors", ".ckpt", ".yaml", ".yml", ".json"))
-    )
-
-
-def _resolve_paths(
-    data: dict,
-    loaded: LoadedYaml,
-    spec_file: Path,
-    project_root: Path,
-    allow_outside: bool,
-    require_files: bool = True,
-) -> list[Problem]:
+def _resolve_paths(data: dict, loaded: LoadedYaml, rules: PathRules, require_files: bool = True) -> list[Problem]:
+    """Normalize every ``x-path`` value of the schema and apply the outside-project rule to it
+    (runner.spec.paths: one check for every path key, found from the schema)."""
     problems: list[Problem] = []
-    spec_dir = spec_file.resolve().parent
+    project_root = rules.project_root
 
     def visit(node: Any, sch: dict, uri: str, path: tuple, parent: Any, key: Any) -> None:
         sch, uri = S.pick_branch(sch, uri, node)
         kind = sch.get("x-path")
-        if kind and isinstance(node, str):
-            new = _resolve_one(node, kind, path)
+        if kind:
+            new = _resolve_one(node, kind, sch, path, parent)
             if new is not None:
                 parent[key] = new
             return
@@ -275,55 +271,37 @@ def _resolve_paths(
                     visit(node[i], sub, suri, path + (i,), node, i)
 
     def problem(path: tuple, message: str, hint: str = "") -> None:
-        m = _mark_for_resolved(loaded, path)
+        m = loaded.mark_for(path)
         problems.append(Problem(m.file, m.line, m.col, format_key_path(path), message, hint=hint))
 
-    def normalize(p: Path) -> str:
-        try:
-            return p.relative_to(project_root).as_posix() or "."
-        except ValueError:
-            return str(p)
-
-    def _resolve_one(value: str, kind: str, path: tuple) -> str | None:
-        if kind == "preset":
+    def _resolve_one(value: Any, kind: str, sch: dict, path: tuple, parent: Any) -> str | None:
+        if kind == "output" and value is None and sch.get("x-project-default"):
+            return rules.normalize(project_root / sch["x-project-default"])
+        if kind in EXEMPT_KINDS:
+            return str(Path(value).expanduser()) if isinstance(value, str) else None
+        if kind == "preset" or not isinstance(value, str):  # presets were placed by _find_preset
             return None
-        if kind == "cache":
-            return str(Path(value).expanduser())
-        if kind == "model":
-            if value.startswith("builtin:") or not (_looks_like_path(value) or (spec_dir / value).exists()):
-                return None  # builtin model or hub id
-            p = (spec_dir / Path(value).expanduser()).resolve()
-            if not p.exists() and require_files:
-                problem(path, f"model path not found: {p}", "Give an existing local path, or a hub id like 'org/name'.")
-            return normalize(p)
-        if kind == "named-or-data" and not _looks_like_path(value) and not (spec_dir / value).exists():
-            return None  # a built-in name such as 'builtin', 'best', 'storyboard'
-        p = (spec_dir / Path(value).expanduser()).resolve()
-        if not _inside(p, project_root) and not allow_outside:
-            problem(
-                path,
-                f"path '{value}' resolves to {p}, outside the project folder {project_root}",
-                "Move the data into the project, or pass --allow-outside-project if this is intended.",
-            )
-            return normalize(p)
-        if not p.exists() and require_files:
-            problem(path, f"path not found: {p}", f"Paths are relative to the spec file ({spec_dir}).")
-        return normalize(p)
+        if not is_path(value, kind, sch, rules.spec_dir):
+            return None  # a builtin or shipped name, a hub id
+        p, trouble = rules.locate(value)
+        if trouble:
+            problem(path, trouble, OUTSIDE_HINT if p is not None else "")
+            return rules.normalize(p) if p is not None else None
+        if kind != "output" and not p.exists() and require_files:
+            names = sorted(declared_names(sch)) if kind == "named-or-data" else []
+            problem(path, f"{'model path' if kind == 'model' else 'path'} not found: {p}",
+                    f"Paths are relative to the spec file ({rules.spec_dir})."
+                    + (f" Or one of: {', '.join(names)}." if names else "")
+                    + (" Or a hub id like 'org/name'." if kind == "model" else ""))
+        recursive = parent.get("recursive", True) if isinstance(parent, dict) else True
+        links = rules.links_out(p, recursive is not False)
+        if links:
+            problem(path, links, "Remove the links or copy what they point at into the project, "
+                                 "or pass --allow-outside-project if this is intended.")
+        return rules.normalize(p)
 
     visit(data, S.root_schema(), S.root_uri(), (), None, None)
     return problems
-
-
-def _mark_for_resolved(loaded: LoadedYaml, path: tuple) -> Mark:
-    return loaded.mark_for(path)
-
-
-def _inside(p: Path, root: Path) -> bool:
-    try:
-        p.relative_to(root.resolve())
-        return True
-    except ValueError:
-        return False
 
 
 # --------------------------------------------------------------------------- semantic checks

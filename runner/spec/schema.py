@@ -426,22 +426,37 @@ def iter_instance(instance: Any, schema: dict[str, Any] | None = None, doc_uri: 
 
 def iter_schema_fields(schema: dict[str, Any], doc_uri: str, path: tuple = ()) -> Iterator[tuple[tuple, dict]]:
     """Every property schema in the tree (for docs and the 'every field documented' test)."""
+    for field_path, sub, _ in walk_fields(schema, doc_uri, path):
+        yield field_path, sub
+
+
+def walk_fields(schema: dict[str, Any], doc_uri: str, path: tuple = ()) -> Iterator[tuple[tuple, dict, str]]:
+    """(key path, property schema, URI of the document it lives in) for every property in the
+    tree; lists add "[]" to the path and named entries (additionalProperties) "<name>"."""
     schema, doc_uri = _walk_ref(schema, doc_uri)
     for key, sub in schema.get("properties", {}).items():
         sub_r, sub_uri = _walk_ref(sub, doc_uri)
-        yield path + (key,), sub_r
-        yield from iter_schema_fields(sub_r, sub_uri, path + (key,))
+        yield path + (key,), sub_r, sub_uri
+        yield from walk_fields(sub_r, sub_uri, path + (key,))
     for kw in ("oneOf", "anyOf"):
         for branch in schema.get(kw, []):
             b, u = _walk_ref(branch, doc_uri)
             if b.get("properties") or b.get("items") or b.get("additionalProperties"):
-                yield from iter_schema_fields(b, u, path)
+                yield from walk_fields(b, u, path)
     items = schema.get("items")
     if isinstance(items, dict):
-        yield from iter_schema_fields(items, doc_uri, path + ("[]",))
+        yield from walk_fields(items, doc_uri, path + ("[]",))
     addl = schema.get("additionalProperties")
     if isinstance(addl, dict):
-        yield from iter_schema_fields(addl, doc_uri, path + ("<name>",))
+        yield from walk_fields(addl, doc_uri, path + ("<name>",))
+
+
+def branches(schema: dict[str, Any], doc_uri: str) -> list[dict[str, Any]]:
+    """A property schema and its oneOf/anyOf branches, each resolved (where x-path may live)."""
+    out = [schema]
+    for kw in ("oneOf", "anyOf"):
+        out += [_walk_ref(b, doc_uri)[0] for b in schema.get(kw, [])]
+    return out
 
 
 def schema_file(section: str | None = None) -> Path:
