@@ -513,10 +513,7 @@ def test_replaced_model_file_reruns_train_and_says_which_file(full_spec, full_pr
     spec = _with_local_model(full_spec, ("train", "base_model"), "models/m.safetensors")
     ws = Workspace(full_project)
     try:
-        plan = make_plan(build_graph([spec]), ws, ws)
-        for ps in plan.stages:  # as if everything had run
-            ws.set_current(ps.id, ps.key, ps.components, "run1", ps.fileset_digests)
-        monkeypatch.setattr(ws, "store_has", lambda key, keys={p.key for p in plan.stages}: key in keys)
+        _planned_as_done(spec, ws, monkeypatch)
         (models / "m.safetensors").write_bytes(b"new weights, same name")
         again = {ps.id: ps for ps in make_plan(build_graph([spec]), ws, ws).stages}
     finally:
@@ -526,3 +523,35 @@ def test_replaced_model_file_reruns_train_and_says_which_file(full_spec, full_pr
     assert any("train.base_model" in r and "m.safetensors" in r and "modified" in r for r in train.reasons), train.reasons
     assert again["hero:caption"].action == "cached"
     assert again["hero:evaluate[base]"].action == "rerun"  # downstream of the new LoRA
+
+
+def _planned_as_done(spec: Spec, ws: Workspace, monkeypatch) -> None:
+    """Record every stage of ``spec`` as run, with its outputs in the store."""
+    from runner.plan.graph import build_graph
+    from runner.plan.planner import make_plan
+
+    plan = make_plan(build_graph([spec]), ws, ws)
+    for ps in plan.stages:
+        ws.set_current(ps.id, ps.key, ps.components, "run1", ps.fileset_digests)
+    monkeypatch.setattr(ws, "store_has", lambda key, keys={p.key for p in plan.stages}: key in keys)
+
+
+@pytest.mark.parametrize("path", [p for p, s in declared_keys() if s.get("x-affects") == "none"
+                                  and "const" not in s], ids=dotted)
+def test_a_key_without_effect_reruns_nothing(path, full_spec, full_project, monkeypatch):
+    """Editing a price, the backend, a GPU type or a worker count: the plan says every stage is
+    up to date but the report (which prints the spec)."""
+    from runner.plan.graph import build_graph
+    from runner.plan.planner import make_plan
+
+    sub = dict(declared_keys())[path]
+    spec = with_context(full_spec, dotted(path))
+    ws = Workspace(full_project)
+    try:
+        _planned_as_done(spec, ws, monkeypatch)
+        plan = make_plan(build_graph([changed_spec(spec, path, sub)]), ws, ws)
+    finally:
+        ws.close()
+    reruns = [f"{ps.id} ({'; '.join(ps.reasons)})" for ps in plan.stages
+              if ps.node.kind != "report" and ps.action != "cached"]
+    assert not reruns, f"changing {dotted(path)} re-runs {reruns}"

@@ -174,3 +174,27 @@ def test_shipped_luca_variants_each_change_training():
         assert variant_notes(train, name) != ["no effective difference"], name
     assert variant_notes(train, "lower_lr") == ["phases[0].lr 0.0001 -> 8e-05", "phases[1].lr 6e-05 -> 4.8e-05",
                                                 "phases[2].lr 2e-05 -> 1.6e-05"]
+
+
+def test_plan_prints_each_variants_effective_differences(tmp_path):
+    """`runner plan` on the demo with two variants: each variant's line is followed by what it changes."""
+    import shutil
+
+    root = tmp_path / "proj"
+    (root / "specs").mkdir(parents=True)
+    (root / "runner.toml").write_text("")
+    shutil.copytree(REPO / "specs" / "demo", root / "specs" / "demo")
+    text = (REPO / "specs" / "demo.yaml").read_text()
+    assert "train:\n  preset: tiny-demo\n" in text
+    text = text.replace("train:\n  preset: tiny-demo\n", "train:\n  preset: tiny-demo\n" + yaml.safe_dump(
+        {"phases": PHASED["phases"], "variants": {"low": {"lr": 5.0e-5}, "rank8": {"lora": {"rank": 8}}}},
+        sort_keys=False).replace("\n", "\n  ").join(["  ", ""]).rstrip() + "\n", 1)
+    (root / "specs" / "demo.yaml").write_text(text)
+    run = subprocess.run([sys.executable, "-m", "runner.cli", "plan", "specs/demo.yaml"],
+                         capture_output=True, text=True, cwd=root)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    low = next(i for i, line in enumerate(lines) if "demo:train[low]" in line)
+    assert lines[low + 1].strip() == "variant low vs the train section: phases[0].lr 0.0002 -> 5e-05; phases[1].lr 0.001 -> 5e-05"
+    rank = next(i for i, line in enumerate(lines) if "demo:train[rank8]" in line)
+    assert lines[rank + 1].strip() == "variant rank8 vs the train section: lora.rank 4 -> 8"
