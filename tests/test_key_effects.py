@@ -555,3 +555,18 @@ def test_a_key_without_effect_reruns_nothing(path, full_spec, full_project, monk
     reruns = [f"{ps.id} ({'; '.join(ps.reasons)})" for ps in plan.stages
               if ps.node.kind != "report" and ps.action != "cached"]
     assert not reruns, f"changing {dotted(path)} re-runs {reruns}"
+
+
+def test_a_variants_local_base_model_is_digested_for_that_variant_only(full_spec, full_project, digester):
+    models = full_project / "models"
+    models.mkdir(exist_ok=True)
+    (models / "variant.safetensors").write_bytes(b"v1")
+    data = copy.deepcopy(full_spec.data)
+    data["train"]["variants"]["local"] = {"base_model": "models/variant.safetensors"}
+    spec = Spec(file=full_spec.file, project_root=full_spec.project_root, data=data, raw=full_spec.raw,
+                loaded=full_spec.loaded)
+    before = direct_components(spec, digester)
+    (models / "variant.safetensors").write_bytes(b"v2, other weights")
+    after = direct_components(spec, digester)
+    changed = {sid for sid in before if before[sid][1] != after[sid][1]} - {"hero:report"}
+    assert changed == {"hero:train[local]"}

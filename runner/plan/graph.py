@@ -87,9 +87,15 @@ class LocalModel:
 
 
 def local_models(spec: Spec) -> list[LocalModel]:
-    """Every model-valued key whose value is a file or folder (hub ids and builtin: are not)."""
+    """Every model-valued key whose value is a file or folder (hub ids and builtin: are not),
+    train variants' overrides included (they are train sections in part)."""
     out = []
-    for path, value, sch in S.iter_instance(spec.data):
+    train = S.section_schema("train")
+    variants = (spec.data.get("train") or {}).get("variants") or {}
+    values = list(S.iter_instance(spec.data))
+    for name, override in variants.items():
+        values += S.iter_instance(override, train, train["$id"], ("train", "variants", name))
+    for path, value, sch in values:
         if sch.get("x-path") != "model" or not isinstance(value, str) or value.startswith("builtin:"):
             continue
         p = spec.abspath(value)
