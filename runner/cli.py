@@ -159,6 +159,7 @@ def plan(specs: tuple[str, ...], resolved: bool, as_json: bool, detailed_exitcod
             for st in data["stages"]:
                 if st["stage"] in estimates:
                     st["remote"] = {"backend": "modal", **estimates[st["stage"]].as_json()}
+            data["review_orphans"] = _review_orphans(p, ws, loaded)
             click.echo(json.dumps(data, indent=2))
         else:
             _print_plan(p, loaded, estimates=estimates)
@@ -171,10 +172,11 @@ def plan(specs: tuple[str, ...], resolved: bool, as_json: bool, detailed_exitcod
         sys.exit(2)
 
 
-def _print_review_orphans(plan: Any, ws: Any, specs: list[Any]) -> None:
+def _review_orphans(plan: Any, ws: Any, specs: list[Any]) -> list[dict[str, Any]]:
     """Decisions in <spec>.review.yaml whose image, frame or clip the workspace no longer has."""
     from runner.review.decisions import review_path
 
+    out = []
     for s in specs:
         path = review_path(s.file)
         if not path.exists():
@@ -183,14 +185,20 @@ def _print_review_orphans(plan: Any, ws: Any, specs: list[Any]) -> None:
 
         st = ReviewState(spec=s, review_file=path)
         st.use_plan(plan, ws)
-        orphans = st.orphans()
-        if orphans:
-            click.echo(f"Review ({_rel(path)}): {len(orphans)} decision{'s' if len(orphans) != 1 else ''} for "
-                       "things no longer in the workspace (kept in the file):")
-            for o in orphans:
-                what = o.get("decision") or o.get("verdict") or o.get("rating") or ("shot " + str(o.get("shot", "")))
-                click.echo(f"  {o['section']}: {o.get('file') or o.get('clip') or o.get('cell') or ''} "
-                           f"(sha256 {o['sha'][:12]}): {what}")
+        out += [{"review_file": str(_rel(path)), **o} for o in st.orphans()]
+    return out
+
+
+def _print_review_orphans(plan: Any, ws: Any, specs: list[Any]) -> None:
+    orphans = _review_orphans(plan, ws, specs)
+    for path in dict.fromkeys(o["review_file"] for o in orphans):
+        mine = [o for o in orphans if o["review_file"] == path]
+        click.echo(f"Review ({path}): {len(mine)} decision{'s' if len(mine) != 1 else ''} for "
+                   "things no longer in the workspace (kept in the file):")
+        for o in mine:
+            what = o.get("decision") or o.get("verdict") or o.get("rating") or ("shot " + str(o.get("shot", "")))
+            click.echo(f"  {o['section']}: {o.get('file') or o.get('clip') or o.get('cell') or ''} "
+                       f"(sha256 {o['sha'][:12]}): {what}")
 
 
 def _print_scenes(specs: list[Any]) -> None:

@@ -186,6 +186,14 @@ def test_reviewer_flow_then_plan_and_apply(server: str, browser, project: Path) 
     assert data["images"][shot_key]["shot"] == new_shot
     assert data["checkpoints"]["hero:evaluate"]["step"] == 8
 
+    # `runner serve` takes the pick as best too.
+    from runner.serve.character import resolve_target
+    from runner.spec import load_spec
+
+    target = resolve_target(load_spec(project / "specs" / "hero.yaml"))
+    assert target.lora_file.endswith("checkpoint-8/pytorch_lora_weights.safetensors"), target.lora_source
+    assert target.lora_source.startswith("reviewer's pick for hero:evaluate: step 8")
+
     plan = runner("plan", "specs/hero.yaml", cwd=project)
     assert plan.returncode == 0, plan.stderr
     lines = {ln.split()[1]: ln for ln in plan.stdout.splitlines() if ln.startswith("  ")}

@@ -262,3 +262,47 @@ def test_rank_and_target_agreement_per_category() -> None:
     assert rows["clip_t"]["rank_agreement"] == 0.0 and rows["clip_t"]["target"] is None
     # no target for clip_t: the failed images that score above the passed ones' median disagree
     assert agreement.disagreements(ev, rated) == {"i2": ["clip_t"], "i3": ["clip_t"]}
+
+
+# --------------------------------------------------------------------------- which stages see what
+
+
+GRAPH_SPEC = """\
+version: 1
+character: {name: hero, trigger: hrochr, class_word: man, references: [../refs]}
+dataset: {sources: [{images: ../photos}]}
+train: {preset: tiny-demo}
+evaluate: {preset: tiny-demo}
+generate:
+  storyboard: {planner: manual, scenes: [{text: He waves., shot: close_up}], steps: 2, width: 64, height: 64}
+  video: {model: "builtin:tiny-ltx", key_frames: [1], frames: 9, width: 64, height: 64}
+"""
+
+
+def _review_configs(project: Path, data: dict) -> dict[str, dict]:
+    from runner.plan.graph import build_graph
+    from runner.spec import load_spec
+
+    spec_file = project / "specs" / "hero.yaml"
+    decisions.review_path(spec_file).write_text(decisions.dump(data))
+    graph = build_graph([load_spec(spec_file)])
+    return {n.kind: n.config["review"] for n in graph.nodes.values() if "review" in n.config}
+
+
+def test_each_decision_reaches_only_the_stages_it_affects(project: Path) -> None:
+    for d in ("photos", "refs"):
+        (project / d).mkdir()
+    (project / "specs" / "hero.yaml").write_text(GRAPH_SPEC)
+    assert _review_configs(project, decisions.empty()) == {}  # no decisions: no key changes anywhere
+    data = decisions.empty()
+    data["ratings"][SHA[0]] = {"rating": "fail", "note": "blurry"}
+    assert set(_review_configs(project, data)) == {"report"}
+    data["clips"][SHA[1]] = {"verdict": "reject", "clip": "frame01"}
+    got = _review_configs(project, data)
+    assert set(got) == {"report", "video"} and got["video"] == {"regenerate_clips": {"frame01": 1}}
+    data["checkpoints"]["hero:evaluate"] = {"cell": "c", "step": 4, "lora_scale": 1.0}
+    data["images"][SHA[2]] = {"decision": "drop"}
+    got = _review_configs(project, data)
+    assert set(got) == {"report", "video", "storyboard", "curate"}
+    assert got["curate"] == {"images": {SHA[2][:16]: {"decision": "drop"}}}
+    assert got["storyboard"]["checkpoint"]["step"] == 4

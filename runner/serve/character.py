@@ -2,8 +2,9 @@
 
 ``generate.checkpoint`` decides:
 
-- ``best`` (default): the best LoRA the evaluate stage chose (its ``best/`` copy and LoRA scale);
-  when there is no evaluation yet, the last checkpoint of the train stage, with a warning;
+- ``best`` (default): the best LoRA the evaluate stage chose (its ``best/`` copy and LoRA scale),
+  or the checkpoint a reviewer picked in ``runner review`` (``<spec>.review.yaml``) when its LoRA
+  file is still in the train output; when there is no evaluation yet, the last checkpoint of the train stage, with a warning;
 - ``last``: the final checkpoint of the train stage (the base variant when there are variants);
 - a path: that LoRA file (``.safetensors``, diffusers or kohya format), project-relative.
 
@@ -83,6 +84,29 @@ def _last_checkpoint(ws: Any, character: str) -> tuple[Path, dict[str, Any], str
     return root / ck["diffusers"], index, f"last checkpoint of {stage_id} (step {ck.get('step')})"
 
 
+def _reviewer_pick(spec: Any, ws: Any, evaluate_id: str, warnings: list[str]) -> tuple[Path, float, str] | None:
+    """The checkpoint a reviewer picked for ``evaluate_id`` in `runner review` (it replaces
+    evaluation's best), as (LoRA file, scale, source); None when there is no pick or it is gone."""
+    from runner.review import decisions
+    from runner.stages.storyboard import picked_checkpoint
+
+    try:
+        pick = decisions.for_spec(spec.file)["checkpoints"].get(evaluate_id)
+    except decisions.ReviewError as exc:
+        raise StageError(str(exc)) from None
+    if not pick or pick.get("step") is None:
+        return None
+    train_id = evaluate_id.replace(":evaluate", ":train", 1)
+    outs = dict(_current_outputs(ws, train_id)).get(train_id, {})
+    got = picked_checkpoint(pick, outs["lora"], None) if "lora" in outs else None
+    if got is None:
+        warnings.append(f"the checkpoint a reviewer picked (step {pick['step']} of {evaluate_id}) is no longer in "
+                        "the train output: serving evaluation's best")
+        return None
+    return (Path(got["file"]), float(got["scale"]),
+            f"reviewer's pick for {evaluate_id}: step {got['step']} at LoRA scale {got['scale']:g}")
+
+
 def resolve_target(spec: Any, *, checkpoint: str | None = None) -> ServeTarget:
     """The model and LoRA to serve for ``spec`` (a loaded runner.spec Spec)."""
     from runner.engine.workspace import Workspace
@@ -126,6 +150,9 @@ def resolve_target(spec: Any, *, checkpoint: str | None = None) -> ServeTarget:
                 resolution = int(g.get("resolution") or resolution)
                 source = (f"best of {sid}: step {b.get('step')} at LoRA scale {scale:g}"
                           + (f" (score {score:.3f})" if isinstance(score, (int, float)) else ""))
+                picked = _reviewer_pick(spec, ws, sid, warnings)
+                if picked is not None:
+                    lora, scale, source = picked
             else:
                 last = _last_checkpoint(ws, spec.name) if ws.exists() else None
                 if last is None:

@@ -16,7 +16,8 @@ upsampler when ``upsampler`` is set, else a Lanczos resize, and the report says 
 3. optional first-frame replacement by the source image; 4. measure fidelity at ``fidelity.frames``
 evenly spaced frames, expression dynamics and motion (:mod:`runner.generate.measures`); a clip
 graded ``fail`` is regenerated with the next seed up to ``fidelity.retries`` times when
-``on_fail: regenerate`` (the best attempt is kept), else flagged; 5. mp4 (H.264, PyAV) + poster
+``on_fail: regenerate`` (the best attempt is kept), else flagged (a clip a reviewer rejected in
+``runner review`` is made again from seeds it never used); 5. mp4 (H.264, PyAV) + poster
 frame; 6. time per step and cost against ``targets`` (:mod:`runner.generate.budget`).
 Finished clips are kept in the scratch folder, so a new apply resumes at the next clip.
 
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.stages import base
+from runner.stages.common import review_section
 from runner.stages.storyboard import _rel, face_backend_from, face_options, reference_inputs, resolve_device
 
 VERSION = 1
@@ -193,6 +195,9 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
         "references": list(character.get("references") or []),
         "device": hardware.get("device", "auto"),
     }
+    review = review_section(graph, "video")  # clips a reviewer rejected (runner review)
+    if review:
+        config["review"] = review
     n_src = len(key_frames) if source == "storyboard" else 1
     n_clips = n_src * (1 + (len(suite["cases"]) if suite else 0))
     label = (f"{n_clips} clip{'s' if n_clips != 1 else ''} ({config['frames']} frames {config['width']}x{config['height']}, "
@@ -461,7 +466,9 @@ def _make_clip(job, j_index, config, vp, face_backend, compare, threshold, again
     timer = StepTimer()
     attempts, best, best_frames = [], None, None
     for attempt in range(retries + 1):
-        seed = config["seed"] + j_index + attempt * 1000
+        # A clip a reviewer rejected r times starts r * (retries + 1) attempts on: no seed is reused.
+        rejected = int((config.get("review") or {}).get("regenerate_clips", {}).get(job["name"], 0))
+        seed = config["seed"] + j_index + (attempt + rejected * (retries + 1)) * 1000
         frames = render_clip(vp, job, config, seed, timer, ctx)
         with timer.step("analysis"):
             # A replaced first frame is the source image itself: not generated, so not checked.
