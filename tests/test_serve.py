@@ -380,3 +380,101 @@ def test_video_job_with_the_tiny_video_model(engine):
             assert r.status_code == 422 and r.json()["error"]["details"][0]["field"] == "image_base64"
     finally:
         engine.target.video = None
+
+
+# ----------------------------------------------------------------------------- body limits, JSON errors
+
+
+class _NoModelEngine:
+    """Enough of an engine for requests that are refused before any generation."""
+
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        self.target = SimpleNamespace(character="hero", trigger="hrochr", class_word="man", resolution=64)
+
+    def run_batch(self, jobs):  # pragma: no cover - never reached by these requests
+        raise AssertionError("no request in these tests reaches the model")
+
+
+@pytest.fixture(scope="module")
+def small_limit_server():
+    from runner.serve.app import create_app
+
+    app = create_app(_NoModelEngine(), token=TOKEN, max_body_bytes=2048)
+    with Server(app) as url:
+        yield url
+
+
+@pytest.mark.parametrize("size", [2049, 4096, 100_000, 3 * 2**20])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_bodies_over_the_limit_get_413_with_or_without_content_length(small_limit_server, size, chunked):
+    body = json.dumps({"prompt": "x" * size}).encode()
+
+    def chunks():
+        for i in range(0, len(body), 1000):
+            yield body[i:i + 1000]
+
+    with httpx.Client(base_url=small_limit_server, timeout=30) as c:
+        r = c.post("/v1/images", headers={**AUTH, "Content-Type": "application/json"},
+                   content=chunks() if chunked else body)
+    assert r.status_code == 413, r.text
+    err = r.json()["error"]
+    assert err["code"] == "payload_too_large"
+    assert "2048 bytes" in err["message"] and "generate.api.max_body_bytes" in err["message"]
+
+
+def test_bodies_under_the_limit_pass_the_cap(small_limit_server):
+    with httpx.Client(base_url=small_limit_server, timeout=30) as c:
+        # chunked, under the cap: reaches validation (422), not 413
+        r = c.post("/v1/images", headers={**AUTH, "Content-Type": "application/json"},
+                   content=iter([b'{"prompt": "', b"x" * 500, b'", "steps": 0}']))
+    assert r.status_code == 422 and r.json()["error"]["details"][0]["field"] == "steps"
+
+
+def test_the_default_limit_comes_from_the_schema():
+    from runner.serve import api_default
+    from runner.serve.app import create_app
+
+    app = create_app(_NoModelEngine(), token=None)
+    assert app.state.max_body_bytes == api_default("max_body_bytes") == 16 * 2**20
+
+
+def _broken_json_docs():
+    """(document, offset of the first error as json.loads reports it) for many kinds of breakage."""
+    good = '{\n  "prompt": "a portrait",\n  "seed": 7,\n  "steps": 3\n}'
+    docs = [
+        good.replace('"seed": 7,', '"seed": 7'),     # missing comma
+        good.replace('"steps": 3', '"steps": '),      # missing value
+        good.replace('"prompt"', "prompt"),           # unquoted key
+        good[:-2],                                    # truncated
+        good.replace(": 7", ": 07"),                  # leading zero
+        good + "\n  garbage",                         # trailing data
+        "",                                           # nothing at all (with a JSON content type)
+        "\n\n\n   {",
+        '{"prompt": "tab\there"}',                    # control character in a string
+    ]
+    out = []
+    for d in docs:
+        try:
+            json.loads(d)
+        except json.JSONDecodeError as exc:
+            out.append((d, exc))
+    assert len(out) >= 8
+    return out
+
+
+def test_malformed_json_is_placed_by_line_and_column_not_named_as_a_field(small_limit_server):
+    with httpx.Client(base_url=small_limit_server, timeout=30) as c:
+        for doc, exc in _broken_json_docs():
+            r = c.post("/v1/images", headers={**AUTH, "Content-Type": "application/json"}, content=doc.encode())
+            if not doc:  # an empty body is "field required", not a syntax error
+                assert r.status_code == 422
+                continue
+            assert r.status_code == 422, (doc, r.text)
+            err = r.json()["error"]
+            (d,) = err["details"]
+            assert d["field"] == "body", (doc, d)  # never the offset as if it were a field name
+            assert (d["line"], d["column"], d["char"]) == (exc.lineno, exc.colno, exc.pos), (doc, d)
+            assert f"line {exc.lineno}, column {exc.colno}" in err["message"]
+            assert exc.msg in err["message"]

@@ -18,10 +18,20 @@ class ServeError(Exception):
     """A problem the user can fix before the server starts (message says how)."""
 
 
+def _api_schema() -> dict[str, Any]:
+    from runner.spec.schema import section_schema
+
+    return section_schema("generate")["properties"]["api"]["properties"]
+
+
+def api_default(key: str) -> Any:
+    """The default of generate.api.<key>, read from the schema (where spec defaults live)."""
+    return _api_schema()[key]["default"]
+
+
 def api_settings(target: Any) -> dict[str, Any]:
-    api = {"token_env": "RUNNER_API_TOKEN", "max_queue": 32, "max_batch": 4, "safety_filter": False,
-           "max_side": 1536, **(target.api or {})}
-    return api
+    """generate.api of the target's spec, schema defaults filled in."""
+    return {**{k: v["default"] for k, v in _api_schema().items()}, **(target.api or {})}
 
 
 def token_from_env(token_env: str, *, insecure_no_auth: bool) -> str | None:
@@ -51,4 +61,4 @@ def build_app(target: Any, *, token: str | None, device: str = "auto", safety_mo
         safety_model = SAFETY_CHECKER_DEFAULT
     engine = ImageEngine(target, device=device, safety_model=safety_model)
     return create_app(engine, token=token, max_queue=int(api["max_queue"]), max_batch=int(api["max_batch"]),
-                      max_side=int(api["max_side"]))
+                      max_side=int(api["max_side"]), max_body_bytes=int(api["max_body_bytes"]))

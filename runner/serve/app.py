@@ -8,9 +8,11 @@ Endpoints (every /v1 endpoint needs ``Authorization: Bearer <token>``)::
     POST /v1/videos      one clip (mp4) when the spec has generate.video; 501 otherwise
 
 Errors are JSON: ``{"error": {"code": ..., "message": ..., "details": [...]}}`` with
-401 (token missing or wrong), 422 (invalid request: one entry per bad field, with the reason),
-429 (queue full, with Retry-After), 400 ``content_filtered`` (the safety checker withheld the
-output), 501 (video not available), 500 (generation failed).
+401 (token missing or wrong), 422 (invalid request: one entry per bad field, with the reason;
+a body that is not JSON gets one entry for ``body`` with the line, column and character offset
+of the syntax error), 413 (body larger than generate.api.max_body_bytes, whether or not the
+client sent Content-Length), 429 (queue full, with Retry-After), 400 ``content_filtered`` (the
+safety checker withheld the output), 501 (video not available), 500 (generation failed).
 """
 
 from __future__ import annotations
@@ -74,11 +76,89 @@ class VideoRequest(ImageRequest):
     response_format: Literal["mp4", "json"] = "mp4"  # type: ignore[assignment]
 
 
+class BodyLimit:
+    """ASGI middleware: 413 for a request body over ``max_bytes``.
+
+    A Content-Length over the cap is answered before the body is read; a body without one
+    (chunked) is counted as it arrives, and once past the cap the app's own answer (it sees the
+    read fail) is replaced by the 413. Starlette's limiter answers in plain text; this one answers
+    in the API's JSON error format.
+    """
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, int(max_bytes)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._too_large(scope, receive, send)
+        seen, over, answered = 0, False, False
+
+        async def counted_receive() -> dict:
+            nonlocal seen, over
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    over = True
+                    raise ValueError("request body over the limit")
+            return message
+
+        async def guarded_send(message: dict) -> None:
+            nonlocal answered
+            if not over:
+                await send(message)
+            elif not answered:
+                answered = True
+                await self._too_large(scope, receive, send)
+
+        await self.app(scope, counted_receive, guarded_send)
+
+    async def _too_large(self, scope: dict, receive: Any, send: Any) -> None:
+        mib = self.max_bytes / 2**20
+        await _error(413, "payload_too_large",
+                     f"the request body is larger than {self.max_bytes} bytes ({mib:.3g} MiB), the most this "
+                     "server accepts (generate.api.max_body_bytes); send a smaller request "
+                     "(e.g. a smaller image_base64)")(scope, receive, send)
+
+
+def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
+    """One entry per problem; a JSON syntax error is placed by line, column and character offset
+    (FastAPI reports it with the offset in ``loc``, where a field name would be)."""
+    details = []
+    for e in exc.errors():
+        if e.get("type") == "json_invalid":
+            details.append(_json_syntax_detail(exc.body, e))
+            continue
+        details.append({"field": ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body",
+                        "reason": e.get("msg", "invalid")})
+    return details
+
+
+def _json_syntax_detail(doc: Any, error: dict[str, Any]) -> dict[str, Any]:
+    loc = error.get("loc", ())
+    pos = next((p for p in reversed(loc) if isinstance(p, int)), 0)
+    text = doc.decode("utf-8", "replace") if isinstance(doc, bytes) else str(doc or "")
+    line = text.count("\n", 0, pos) + 1
+    column = pos - (text.rfind("\n", 0, pos) + 1) + 1
+    why = (error.get("ctx") or {}).get("error") or error.get("msg", "invalid JSON")
+    return {"field": "body", "reason": f"not valid JSON: {why} at line {line}, column {column} (char {pos})",
+            "line": line, "column": column, "char": pos}
+
+
 def create_app(engine: Any, *, token: str | None, max_queue: int = 32, max_batch: int = 4,
-               max_side: int = 1536, batch_window_s: float = 0.02) -> FastAPI:
+               max_side: int = 1536, batch_window_s: float = 0.02,
+               max_body_bytes: int | None = None) -> FastAPI:
     """The ASGI app around a loaded :class:`runner.serve.engine.ImageEngine`. ``token=None``
-    turns authentication off (only with --insecure-no-auth)."""
+    turns authentication off (only with --insecure-no-auth). ``max_body_bytes``: the largest
+    request body accepted (None: the generate.api.max_body_bytes default)."""
     target = engine.target
+    if max_body_bytes is None:
+        from runner.serve import api_default
+
+        max_body_bytes = int(api_default("max_body_bytes"))
     batcher = Batcher(engine.run_batch, max_queue=max_queue, max_batch=max_batch, batch_window_s=batch_window_s)
 
     @asynccontextmanager
@@ -89,13 +169,14 @@ def create_app(engine: Any, *, token: str | None, max_queue: int = 32, max_batch
 
     app = FastAPI(title=f"character-runner: {target.character}", version="1", lifespan=lifespan,
                   description=__doc__)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.state.batcher = batcher
     app.state.engine = engine
+    app.state.max_body_bytes = max_body_bytes
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        details = [{"field": ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body",
-                    "reason": e.get("msg", "invalid")} for e in exc.errors()]
+        details = _validation_details(exc)
         return _error(422, "invalid_request", "the request is invalid: "
                       + "; ".join(f"{d['field']}: {d['reason']}" for d in details), details)
 
@@ -176,7 +257,8 @@ def create_app(engine: Any, *, token: str | None, max_queue: int = 32, max_batch
             "note": "builtin:tiny-* models are tiny random models: their images are noise" if target.tiny_random else "",
             "defaults": {"steps": target.steps, "guidance": target.guidance, "lora_scale": target.lora_scale,
                          "width": target.resolution, "height": target.resolution},
-            "limits": {"max_queue": max_queue, "max_batch": max_batch, "max_side": max_side},
+            "limits": {"max_queue": max_queue, "max_batch": max_batch, "max_side": max_side,
+                       "max_body_bytes": max_body_bytes},
             "safety_filter": engine.safety is not None, "device": engine.device,
             "video": {"available": video_ok, "reason": video_why or None},
             "queue": {"waiting": batcher.waiting, "running": batcher.running, **batcher.stats.as_json()},
