@@ -16,7 +16,10 @@ import pytest
 from PIL import Image
 
 from runner.engine.context import LocalStageContext
+from runner.diffusion.data import Example, split_validation
 from runner.stages import analyze, base, caption, curate, export, ingest
+from runner.vision import balance as B
+from runner.vision import shots as S
 
 TRIGGER, CLASS = "obmx", "man"
 
@@ -202,7 +205,8 @@ def test_reweight_hits_target_midpoints_with_repeats(analyzed):
     assert all(after[c]["status"] == "ok" for c in targets), bal["after"]
     entries = _jsonl(folder / "curated.jsonl")
     assert any(e["repeats"] > 1 for e in entries) and all(e["repeats"] >= 1 for e in entries)
-    assert {e["shot"]: e["repeats"] for e in entries} == bal["repeats_by_shot"]
+    groups = {tuple(g["categories"]): g["repeats"] for g in bal["repeats"]}
+    assert all(groups[tuple(sorted(set(e["categories"]), key=S.CATEGORIES.index))] == e["repeats"] for e in entries)
 
 
 @pytest.fixture(scope="module")
@@ -290,3 +294,112 @@ def test_report_sections_render(analyzed, augmented, captioned, tmp_path):
     assert html.count("data:image/jpeg;base64") > 10
     assert "not the character" in html and "no face found" in html
     assert "extreme close-up" in html and "Yaw" in html and "<svg" in html
+
+
+# --------------------------------------------------------------------------- balancing never makes it worse
+
+
+OBAMA = {"obama--obama_02.jpg", "obama--obama_03.jpg", "obama--obama_04.jpg", "obama--obama_240p.jpg",
+         "obama--obama_partial_01.jpg", "obama--obama_partial_02.jpg", "obama--obama_small.jpg",
+         "groups--obama_and_biden.jpg"}
+# The issue's case: the only full-body photo (obama_03) has a busy background, as has the group photo.
+ISSUE_TARGETS = {"full_body": [0.25, 0.3], "close_up": [0.3, 0.5], "complex_background": [0.0, 0.1]}
+
+
+def _rows(bal: dict, which: str) -> dict:
+    return {r["category"]: r for r in bal[which]}
+
+
+def _distances(bal: dict, which: str) -> dict:
+    return {c: B.distance(r["share"], r["target"]) for c, r in _rows(bal, which).items() if r["target"]}
+
+
+def test_the_obama_set_has_one_full_body_photo_with_a_busy_background(curated_report):
+    entries = {Path(e["source"]).name: e for e in _jsonl(curated_report[0] / "curated.jsonl")}
+    names = {"obama--obama_02.jpg" if n == "odd--rgba_32bit.png" else n for n in entries}  # the RGBA copy of obama_02
+    assert names == OBAMA
+    full = [n for n, e in entries.items() if e["shot"] == "full_body"]
+    assert full == ["obama--obama_03.jpg"] and "complex_background" in entries[full[0]]["categories"]
+
+
+@pytest.mark.parametrize("strategy", ["report", "select", "reweight", "augment"])
+@pytest.mark.parametrize("targets", [
+    ISSUE_TARGETS,
+    {"medium": [0.2, 0.4], "close_up": [0.2, 0.6], "full_body": [0.1, 0.4]},
+    {"occluded": [0.0, 0.1], "multi_character": [0.2, 0.4], "close_up": [0.4, 0.6]},
+    {"medium": [0.0, 0.2], "extreme_close_up": [0.1, 0.2], "complex_background": [0.3, 0.5]},
+], ids=["issue", "shots", "flags", "mixed"])
+def test_no_strategy_ends_farther_from_any_target_on_real_photos(analyzed, strategy, targets, request):
+    folder, _ = curate_run(analyzed, f"never_worse_{request.node.callspec.id}", strategy=strategy, targets=targets)
+    bal = json.loads((folder / "balance.json").read_text())
+    before, after = _distances(bal, "before"), _distances(bal, "after")
+    assert all(after[c] <= before[c] + 1e-4 for c in targets), (before, after)
+    counts = {c: r["count"] for c, r in _rows(bal, "before").items()}
+    kept = {c: r["count"] for c, r in _rows(bal, "after").items()}
+    for c, row in _rows(bal, "before").items():
+        if counts[c] and (row["status"] == "under" or not row["target"]):
+            assert kept.get(c, 0) >= 1, f"{strategy} removed the last {c} image"
+    off = {c for c, r in _rows(bal, "after").items() if r["status"] in ("under", "over")}
+    assert {s["category"] for s in bal["shortfalls"]} == off
+    assert all(s["text"].startswith(B.label(s["category"]) + " ") for s in bal["shortfalls"])
+
+
+def test_select_keeps_the_only_full_body_photo_and_says_what_it_cannot_fix(analyzed):
+    folder, ctx = curate_run(analyzed, "select_issue", strategy="select", targets=ISSUE_TARGETS)
+    kept = {Path(e["source"]).name for e in _jsonl(folder / "curated.jsonl")}
+    assert "obama--obama_03.jpg" in kept
+    bal = json.loads((folder / "balance.json").read_text())
+    assert _rows(bal, "after")["full_body"]["share"] >= _rows(bal, "before")["full_body"]["share"] > 0
+    text = {s["category"]: s["text"] for s in bal["shortfalls"]}["full_body"]
+    assert text.startswith("full-body ") and "(target 25%–30%)" in text and "add full-body photos" in text
+    assert any("full-body" in w for w in ctx.warnings)
+
+
+def test_augment_mirrors_only_when_flips_are_allowed(analyzed):
+    targets = {"full_body": [0.25, 0.3]}
+    off, _ = curate_run(analyzed, "augment_noflip", strategy="augment", targets=targets)
+    assert not any(e.get("mirrored") for e in _jsonl(off / "curated.jsonl"))
+    assert "allow_flips" in json.loads((off / "balance.json").read_text())["shortfalls"][0]["text"]
+    on, _ = curate_run(analyzed, "augment_flip", strategy="augment", targets=targets, allow_flips=True)
+    entries = {e["id"]: e for e in _jsonl(on / "curated.jsonl")}
+    mirrors = [e for e in entries.values() if e.get("mirrored")]
+    assert [Path(entries[m["parent"]]["source"]).name for m in mirrors] == ["obama--obama_03.jpg"]
+    m, parent = mirrors[0], entries[mirrors[0]["parent"]]
+    assert m["shot"] == "full_body" and m["categories"] == parent["categories"]
+    assert m["face_box"][0] == pytest.approx(parent["width"] - parent["face_box"][2])
+    assert m["pose"]["yaw"] == pytest.approx(-parent["pose"]["yaw"])
+    with Image.open(on / m["file"]) as im, Image.open(analyzed["images"].path / parent["file"]) as src:
+        assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(src.convert("RGB"))[:, ::-1])
+    bal = json.loads((on / "balance.json").read_text())
+    assert bal["mirrors"] == 1 and _rows(bal, "after")["full_body"]["share"] > _rows(bal, "before")["full_body"]["share"]
+    sided, ctx = curate_run(analyzed, "augment_sided", strategy="augment", targets=targets, allow_flips=True,
+                            sided_traits=["mole on the left cheek"])
+    assert not any(e.get("mirrored") for e in _jsonl(sided / "curated.jsonl"))
+    assert any("names a side" in w for w in ctx.warnings)
+
+
+def test_augment_names_a_busy_background_it_cannot_remove(analyzed):
+    folder, _ = curate_run(analyzed, "augment_bg", strategy="augment", targets={"complex_background": [0.0, 0.1]})
+    bal = json.loads((folder / "balance.json").read_text())
+    assert _distances(bal, "after")["complex_background"] <= _distances(bal, "before")["complex_background"]
+    entries = _jsonl(folder / "curated.jsonl")
+    busy = [e for e in entries if "complex_background" in e["categories"]]
+    assert busy and all("busy background" in e.get("caption_hints", []) for e in busy)
+    assert not any(e.get("caption_hints") for e in entries if e not in busy)
+    cfg = {"trigger": TRIGGER, "class_word": CLASS, "extra_tags": []}
+    assert "busy background" in caption.render_caption("{trigger} {class}, {attributes}", caption.caption_fields(busy[0], cfg))
+    if _rows(bal, "after")["complex_background"]["status"] == "over":
+        text = bal["shortfalls"][0]["text"]
+        assert "segmentation" in text and "busy background" in text
+
+
+def test_holdout_keeps_the_only_multi_character_photo_of_the_real_set(curated_report):
+    entries = _jsonl(curated_report[0] / "curated.jsonl")
+    examples = [Example(id=e["id"], image=Path(e["file"]), caption="", shot=e["shot"], categories=e["categories"])
+                for e in entries]
+    multi = [e["id"] for e in entries if "multi_character" in e["categories"]]
+    assert len(multi) == 1  # obama_and_biden.jpg
+    for seed in range(40):
+        train, val = split_validation(examples, 0.2, seed)
+        assert val and multi[0] not in {e.id for e in val}
+        assert {c for e in examples for c in e.categories} == {c for e in train for c in e.categories}

@@ -86,18 +86,50 @@ def _h(*parts: Any) -> int:
 
 def split_validation(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
     """Hold out ``fraction`` of the original images (at least one when fraction > 0 and there are
-    two or more); augmented crops of a held-out image are dropped from training too, so the
-    validation loss never sees an image the model was trained on."""
-    originals = [e for e in examples if not e.parent]
+    two or more), stratified by category; crops and mirrored copies of a held-out image leave
+    training with it, so the validation loss never sees an image the model was trained on.
+
+    Stratified: each pick is the image that brings the held-out count of every category closest
+    to ``fraction`` of its count (least squares over shot types and flags together), ties broken
+    by a hash of (seed, id). An image is never held out when that would leave one of its
+    categories (its own or its derived images') without a training image, so the only
+    multi-character photo, or the only full-body one, always trains; nor when a category already
+    has its share held out (rounded up). When no image is left to pick, fewer are held out.
+    """
+    originals = sorted((e for e in examples if not e.parent), key=lambda e: _h(seed, "val", e.id))
     if fraction <= 0 or len(originals) < 2:
         return list(examples), []
-    n_val = max(1, int(round(fraction * len(originals))))
-    n_val = min(n_val, len(originals) - 1)
-    ranked = sorted(originals, key=lambda e: _h(seed, "val", e.id))
-    val_ids = {e.id for e in ranked[:n_val]}
+    trains = {e.id: set(e.categories) for e in originals}  # what leaves training with each original
+    for e in examples:
+        if e.parent in trains:
+            trains[e.parent].update(e.categories)
+    training = _category_counts(trains.values())
+    want = {c: fraction * n for c, n in _category_counts(set(e.categories) for e in originals).items()}
+    held = dict.fromkeys(want, 0)
+    val_ids: set[str] = set()
+    for _ in range(min(max(1, int(round(fraction * len(originals)))), len(originals) - 1)):
+        free = [e for e in originals if e.id not in val_ids and all(training[c] > 1 for c in trains[e.id])
+                and all(held[c] + 1 <= math.ceil(want[c] - 1e-9) for c in e.categories)]
+        if not free:
+            break
+        # Adding one image to category c changes (held - want)^2 by 2 (held - want) + 1.
+        pick = min(free, key=lambda e: sum(2 * (held[c] - want[c]) + 1 for c in set(e.categories)))
+        val_ids.add(pick.id)
+        for c in set(pick.categories):
+            held[c] += 1
+        for c in trains[pick.id]:
+            training[c] -= 1
     val = [e for e in examples if e.id in val_ids]
     train = [e for e in examples if e.id not in val_ids and e.parent not in val_ids]
     return train, val
+
+
+def _category_counts(sets) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for cats in sets:
+        for c in cats:
+            counts[c] = counts.get(c, 0) + 1
+    return counts
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ The caption is ``dataset.captions.template`` filled with:
 - ``{expression}``: "smiling", "open mouth", "eyes closed" or "neutral expression";
 - ``{lighting}``: "bright lighting", "dim lighting", "side lighting" or nothing;
 - ``{people}``: "solo" or "N people";
-- ``{attributes}``: pose, expression, lighting, people, then the captioning model's text (when
+- ``{attributes}``: pose, expression, lighting, people, curate's caption hints (``augment``
+  names a busy background that stays over its target), then the captioning model's text (when
   ``captions.model`` names one) and ``extra_tags``.
 
 Empty fields and doubled commas are cleaned up. Output ``dataset`` (the interface the train stage
@@ -80,7 +81,8 @@ def caption_fields(entry: dict[str, Any], config: dict[str, Any], model_text: st
     expression = S.expression_words(entry.get("expression") or {}) if entry.get("pose") else ""
     lighting = S.lighting_words(entry.get("exposure"))
     people = people_words(int(entry.get("people") or 0))
-    attrs = [a for a in (pose, expression, lighting, people, model_text.strip(), *config.get("extra_tags", [])) if a]
+    hints = entry.get("caption_hints") or []  # from curate (e.g. "busy background" when that stays over target)
+    attrs = [a for a in (pose, expression, lighting, people, *hints, model_text.strip(), *config.get("extra_tags", [])) if a]
     return {
         "trigger": config["trigger"], "class": config["class_word"], "shot": S.SHOT_WORDS.get(entry["shot"], entry["shot"]),
         "pose": pose, "expression": expression, "lighting": lighting, "people": people, "attributes": ", ".join(attrs),

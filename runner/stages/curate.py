@@ -9,15 +9,19 @@ gates on the main face (size, blur, clipped exposure); (4) near-duplicates by pe
 keeping the better image; (5) shot balance against ``dataset.shots.targets`` with one strategy:
 
 - ``report``: the table only;
-- ``select``: drop the lowest-quality images of categories over their max;
-- ``reweight``: per-image repeat counts (by shot type) so the effective shares approach the
-  target midpoints;
-- ``augment``: crop medium and close-up images out of full-body and medium ones around the
-  detected face (each crop records its parent and crop box).
+- ``select``: drop the lowest-quality images while that brings a category closer to its target;
+- ``reweight``: repeat counts per category set so effective shares move toward the targets;
+- ``augment``: add crops around the detected face that frame it as a narrower shot, and mirrored
+  copies when ``allow_flips`` is on; when complex_background stays over its max, the captions of
+  those images name the busy background (a caption hint the caption stage adds).
 
-Every dropped image keeps its reason. Output ``curated``: ``curated.jsonl`` (kept images and
-crops), ``rejected.jsonl``, ``balance.json`` (table before/after), ``review.json`` (what the
-reviewer's decisions did, and decisions for images no longer in the dataset), ``crops/`` and
+Every strategy obeys runner/vision/balance.py: no move leaves any targeted category farther from
+its target, the last image of a category under its target is never dropped, and what stays off
+target is written out with the reason and what would fix it (``balance.json`` "shortfalls").
+
+Every dropped image keeps its reason. Output ``curated``: ``curated.jsonl`` (kept images,
+crops and mirrored copies), ``rejected.jsonl``, ``balance.json`` (table before/after), ``review.json`` (what the
+reviewer's decisions did, and decisions for images no longer in the dataset), ``crops/``, ``mirrors/`` and
 ``thumbs/`` (small thumbnails of the rejected images, for the report).
 """
 
@@ -25,13 +29,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from runner.stages import base
 from runner.stages.analyze import image_inputs, read_jsonl
 from runner.stages.common import review_section
+from runner.vision import balance as B
+from runner.vision import shots as S
 
 DEFAULTS = {
     "identity_threshold": None,
@@ -41,7 +49,10 @@ DEFAULTS = {
     "min_blur": 30.0,
     "max_clipped": 0.25,
 }
-SHOT_DEFAULTS = {"strategy": "report", "targets": {}, "augment_min_side": 384, "max_repeats": 20}
+SHOT_DEFAULTS = {"strategy": "report", "targets": {}, "augment_min_side": 384, "max_repeats": 20,
+                 "allow_flips": False}
+CAPTION_HINTS = {"complex_background": "busy background"}  # flag -> words its captions get when it stays over
+SIDED = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 
 
 def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
@@ -52,7 +63,8 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
     cur = {**DEFAULTS, **dataset.get("curation", {})}
     shots = {**SHOT_DEFAULTS, **dataset.get("shots", {})}
     config = {**cur, "strategy": shots["strategy"], "targets": {k: list(v) for k, v in sorted(shots["targets"].items())},
-              "augment_min_side": shots["augment_min_side"], "max_repeats": shots["max_repeats"]}
+              "augment_min_side": shots["augment_min_side"], "max_repeats": shots["max_repeats"],
+              "allow_flips": bool(shots["allow_flips"]), "sided_traits": sided_traits(spec, shots)}
     inputs: dict[str, base.InputRef] = {"analysis": base.StageOutputRef(analyze.id, "analysis")}
     review = review_section(graph, "dataset")
     if review:
@@ -70,6 +82,15 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
             label=f"identity filter, dedupe, quality gates, balance: {config['strategy']}",
         )
     ]
+
+
+def sided_traits(spec: dict[str, Any], shots: dict[str, Any]) -> list[str]:
+    """Fixed traits that name a side ("scar over the left eye"): a mirror would move them, so they
+    turn allow_flips off. Empty unless allow_flips is on (so traits do not key curate otherwise)."""
+    if not shots.get("allow_flips"):
+        return []
+    fixed = ((spec.get("character") or {}).get("traits") or {}).get("fixed") or []
+    return [t for t in fixed if SIDED.search(t)]
 
 
 def quality_score(rec: dict[str, Any]) -> float:
@@ -191,95 +212,281 @@ def _entry(rec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _crop_entries(parents: list[dict[str, Any]], records: dict[str, dict[str, Any]], inputs: dict[str, base.Artifact],
-                  targets: dict[str, list[float]], kept_count: dict[str, int], min_side: int, crops_dir: Path,
-                  ctx: base.StageContext) -> list[dict[str, Any]]:
-    """Medium and close-up crops from full-body and medium parents, as many as the targets ask."""
+# --------------------------------------------------------------------------- 5. shot balance
+
+
+@dataclass
+class Balancing:
+    """What a balance strategy works with."""
+
+    entries: list[dict[str, Any]]
+    records: dict[str, dict[str, Any]]
+    targets: dict[str, list[float]]
+    cfg: dict[str, Any]
+    images: dict[str, base.Artifact]
+    out: Path
+    ctx: base.StageContext
+
+
+@dataclass
+class Balanced:
+    """What it produced: the entries, the images it dropped, repeat counts, what stays off target."""
+
+    entries: list[dict[str, Any]]
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    repeats: list[dict[str, Any]] = field(default_factory=list)
+    shortfalls: list[B.Shortfall] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _tally(entries: list[dict[str, Any]]) -> B.Tally:
+    return B.Tally.of((e["categories"], float(e["repeats"])) for e in entries)
+
+
+def balance_report(job: Balancing) -> Balanced:
+    """The table only: nothing changes."""
+    return Balanced(job.entries, shortfalls=B.shortfalls(_tally(job.entries), job.targets))
+
+
+def balance_select(job: Balancing) -> Balanced:
+    """Drop the lowest-quality images while that brings a category closer and none farther."""
+    if not job.targets:
+        job.ctx.warn("strategy select without dataset.shots.targets: nothing to select")
+    kept, dropped, short = B.select(job.entries, job.targets, pinned=_pinned)
+    rejected = []
+    for e, cat in dropped:
+        lo, hi = job.targets[cat]
+        why = (f"{cat} over its target max {hi:.0%}" if cat in e["categories"]
+               else f"{cat} under its target min {lo:.0%}, and dropping other images raises its share")
+        rejected.append(_reject(job.records[e["id"]], "shot balance", f"{why} (lowest quality first)"))
+    return Balanced(kept, rejected=rejected, shortfalls=short)
+
+
+def _pinned(e: dict[str, Any]) -> bool:
+    """A reviewer keeps it (or made it a reference): balancing never drops it."""
+    return (e.get("review") or {}).get("decision") == "keep" or bool(e.get("reference"))
+
+
+def balance_reweight(job: Balancing) -> Balanced:
+    """Repeat counts per category set, so effective shares move toward the targets."""
+    if not job.targets:
+        job.ctx.warn("strategy reweight without dataset.shots.targets: every repeat count stays 1")
+        return Balanced(job.entries)
+    repeats, short = B.reweight(job.entries, job.targets, max_repeats=int(job.cfg["max_repeats"]))
+    sizes: dict[tuple[str, ...], int] = {}
+    for e in job.entries:
+        group = B.signature(e)
+        e["repeats"] = repeats[group]
+        sizes[group] = sizes.get(group, 0) + 1
+    table = [{"categories": list(g), "images": sizes[g], "repeats": r}
+             for g, r in sorted(repeats.items(), key=lambda gr: [S.CATEGORIES.index(c) for c in gr[0]])]
+    return Balanced(job.entries, repeats=table, shortfalls=short)
+
+
+def balance_augment(job: Balancing) -> Balanced:
+    """Add crops (and mirrored copies when allowed) while that brings the shares closer to the
+    targets; name the busy background in captions when complex_background stays over its max."""
+    tally = _tally(job.entries)
+    need = not job.targets or B.off_target(tally, job.targets)
+    candidates = (_crop_candidates(job) + _mirror_candidates(job)) if need else []
+    chosen, short = B.add(job.entries, candidates, job.targets)
+    derived = [_materialize(e, job) for e in chosen]
+    if derived:
+        job.ctx.log("augment: " + ", ".join(f"{n} {k}" for k, n in _derived_counts(derived).items()))
+    entries = job.entries + derived
+    notes = _caption_hints(entries, job.targets)
+    return Balanced(entries, shortfalls=short, notes=notes)
+
+
+STRATEGIES: dict[str, Callable[[Balancing], Balanced]] = {
+    "report": balance_report, "select": balance_select, "reweight": balance_reweight, "augment": balance_augment,
+}
+
+
+# --------------------------------------------------------------------------- augment: candidates
+
+
+def _crop_candidates(job: Balancing) -> list[tuple[dict[str, Any], tuple]]:
+    """Every crop around the main face that frames it as a narrower shot (CROP_LAYOUT), fits in
+    the frame, re-classifies as intended and is at least augment_min_side; with the categories the
+    crop itself has (its flags are measured on the crop's pixels)."""
     from PIL import Image
 
+    min_side = int(job.cfg["augment_min_side"])
+    cands = []
+    for p in job.entries:
+        boxes = _crop_boxes(p, min_side)
+        if not boxes:
+            continue
+        with Image.open(_source_path(p, job)) as im:
+            rgb = im.convert("RGB")
+            for shot, box in boxes:
+                cands.append((_crop_entry(p, job.records[p["id"]], rgb.crop(box), shot, box), (0, -p["quality"], p["id"], shot)))
+    return cands
+
+
+def _crop_boxes(p: dict[str, Any], min_side: int) -> list[tuple[str, tuple[int, int, int, int]]]:
+    if p.get("parent") or p.get("face_box") is None or p["flags"].get("occluded"):
+        return []
+    out = []
+    for shot in S.CROP_LAYOUT:
+        if S.SHOT_TYPES.index(shot) >= S.SHOT_TYPES.index(p["shot"]):
+            continue  # crops only narrow the framing
+        box = S.crop_box_for(p["face_box"], (p["width"], p["height"]), shot)
+        if box is None or min(box[2] - box[0], box[3] - box[1]) < min_side:
+            continue
+        fb = p["face_box"]
+        if S.classify_shot((fb[0] - box[0], fb[1] - box[1], fb[2] - box[0], fb[3] - box[1]), box[3] - box[1]) == shot:
+            out.append((shot, box))
+    return out
+
+
+def _crop_entry(parent: dict[str, Any], rec: dict[str, Any], crop, shot: str, box: tuple[int, int, int, int]) -> dict[str, Any]:
+    """The entry of a crop: the parent's faces moved into the crop, flags measured on its pixels."""
+    import numpy as np
+
     from runner.vision import measures as M
-    from runner.vision import shots as S
 
-    sources = {"medium": ("full_body",), "close_up": ("full_body", "medium")}
-    wanted = [s for s in ("medium", "close_up") if not targets or s in targets]
-    # Candidate (parent, shot, box) in parent-quality order.
-    cands: dict[str, list[tuple[dict[str, Any], tuple[int, int, int, int]]]] = {s: [] for s in wanted}
-    for p in sorted(parents, key=lambda e: (-e["quality"], e["id"])):
-        for shot in wanted:
-            if p["shot"] not in sources[shot] or p.get("face_box") is None or p["flags"].get("occluded"):
-                continue
-            box = S.crop_box_for(p["face_box"], (p["width"], p["height"]), shot)
-            if box is None or min(box[2] - box[0], box[3] - box[1]) < min_side:
-                continue
-            fb = p["face_box"]
-            moved = (fb[0] - box[0], fb[1] - box[1], fb[2] - box[0], fb[3] - box[1])
-            if S.classify_shot(moved, box[3] - box[1]) != shot:
-                continue
-            cands[shot].append((p, box))
-    counts = dict(kept_count)
-    total = sum(counts.get(s, 0) for s in S.SHOT_TYPES)
-    chosen: list[tuple[dict[str, Any], str, tuple[int, int, int, int]]] = []
-    if not targets:
-        chosen = [(p, s, b) for s in wanted for p, b in cands[s]]
+    w, h = crop.size
+    faces = []
+    for f in rec["faces"]:
+        b = f["box"]
+        nb = [b[0] - box[0], b[1] - box[1], b[2] - box[0], b[3] - box[1]]
+        if nb[2] > 0 and nb[3] > 0 and nb[0] < w and nb[1] < h:
+            faces.append({**f, "box": nb, "truncation": M.truncation(nb, w, h), "landmarks_outside": None})
+    faces.sort(key=lambda f: (f["box"][2] - f["box"][0]) * (f["box"][3] - f["box"][1]), reverse=True)
+    flags = S.image_flags(faces, 0 if faces else None, M.background_edge_density(np.asarray(crop), [f["box"] for f in faces]))
+    main_h = (faces[0]["box"][3] - faces[0]["box"][1]) if faces else 0
+    cid = hashlib.sha256(f"{parent['id']}:{shot}:{box}".encode()).hexdigest()[:16]
+    return {
+        **parent, "id": cid, "input": None, "file": f"crops/{cid}.png", "width": w, "height": h,
+        "shot": shot, "categories": S.categories_of(shot, flags), "flags": flags, "repeats": 1,
+        "parent": parent["id"], "crop_box": list(box), "mirrored": False, "face_box": faces[0]["box"] if faces else None,
+        "people": sum(1 for f in faces if (f["box"][3] - f["box"][1]) >= S.SUBSTANTIAL_FACE * main_h),
+    }
+
+
+def _mirror_candidates(job: Balancing) -> list[tuple[dict[str, Any], tuple]]:
+    """A left-right mirrored copy of every original image, when dataset.shots.allow_flips is on
+    and no fixed trait names a side."""
+    if not job.cfg.get("allow_flips"):
+        return []
+    if job.cfg.get("sided_traits"):
+        job.ctx.warn("dataset.shots.allow_flips is on, but character.traits.fixed names a side ("
+                     + "; ".join(repr(t) for t in job.cfg["sided_traits"]) + "): no mirrored copies, a mirror "
+                     "would move it to the other side")
+        return []
+    return [(_mirror_entry(e), (1, -e["quality"], e["id"])) for e in job.entries if not e.get("parent")]
+
+
+def _mirror_entry(e: dict[str, Any]) -> dict[str, Any]:
+    """A mirrored copy's entry: x coordinates, yaw, roll and the lighting side change sign."""
+    mid = hashlib.sha256(f"{e['id']}:mirror".encode()).hexdigest()[:16]
+    w = e["width"]
+    fb = e.get("face_box")
+    pose = e.get("pose")
+    exposure = e.get("exposure")
+    return {
+        **e, "id": mid, "input": None, "file": f"mirrors/{mid}.png", "parent": e["id"], "crop_box": None,
+        "mirrored": True, "repeats": 1,
+        "face_box": [w - fb[2], fb[1], w - fb[0], fb[3]] if fb else None,
+        "pose": {**pose, "yaw": -pose["yaw"], "roll": -pose["roll"]} if pose else pose,
+        "exposure": {**exposure, "side_balance": -exposure.get("side_balance", 0.0)} if exposure else exposure,
+    }
+
+
+def _source_path(e: dict[str, Any], job: Balancing) -> Path:
+    if e.get("parent"):
+        return job.out / e["file"]
+    return Path(job.images[e["input"]].path) / e["file"]
+
+
+def _materialize(entry: dict[str, Any], job: Balancing) -> dict[str, Any]:
+    """Write a chosen crop or mirrored copy as PNG under the output folder."""
+    from PIL import Image, ImageOps
+
+    parent = next(e for e in job.entries if e["id"] == entry["parent"])
+    dest = job.out / entry["file"]
+    dest.parent.mkdir(exist_ok=True)
+    with Image.open(_source_path(parent, job)) as im:
+        rgb = im.convert("RGB")
+        img = ImageOps.mirror(rgb) if entry["mirrored"] else rgb.crop(tuple(entry["crop_box"]))
+    img.save(dest, format="PNG", compress_level=1)
+    return entry
+
+
+def _derived_counts(entries: list[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for e in entries:
+        if e.get("parent"):
+            kind = "mirrored copies" if e.get("mirrored") else f"{e['shot']} crops"
+            counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+def _caption_hints(entries: list[dict[str, Any]], targets: dict[str, list[float]]) -> list[str]:
+    """When a flag stays over its max, captions of its images name it (CAPTION_HINTS), so the
+    LoRA learns it as its own concept instead of part of the character."""
+    tally = _tally(entries)
+    notes = []
+    for flag, hint in CAPTION_HINTS.items():
+        if flag in targets and B.status_of(tally.share(flag), targets[flag]) == "over":
+            tagged = [e for e in entries if flag in e["categories"]]
+            for e in tagged:
+                e["caption_hints"] = [*e.get("caption_hints", []), hint]
+            notes.append(f"{len(tagged)} caption(s) of {B.label(flag)} images name the {hint}")
+    return notes
+
+
+# --------------------------------------------------------------------------- what stays off target
+
+
+def shortfall_text(s: B.Shortfall, strategy: str, cfg: dict[str, Any]) -> str:
+    """"full-body 0% (target 25–30%): no candidates; add full-body photos or a video source"."""
+    head = f"{B.label(s.category)} {s.share:.0%} (target {s.target[0]:.0%}–{s.target[1]:.0%})"
+    if strategy == "report":
+        why = "strategy report changes nothing"
+    elif s.blockers:
+        why = (f"every {MOVE_WORDS[strategy]} that would help pushes "
+               + ", ".join(B.label(c) for c in s.blockers) + " farther off target")
+    elif s.status == "under" and not s.count:
+        why = "no candidates"
     else:
-        idx = {s: 0 for s in wanted}
-        while True:
-            # The shot furthest below its target midpoint that still has candidates.
-            gaps = []
-            for s in wanted:
-                lo, hi = targets[s]
-                share = counts.get(s, 0) / total if total else 0.0
-                if share < (lo + hi) / 2.0 - 1e-9 and idx[s] < len(cands[s]):
-                    gaps.append(((lo + hi) / 2.0 - share, s))
-            if not gaps:
-                break
-            _, s = max(gaps)
-            p, b = cands[s][idx[s]]
-            idx[s] += 1
-            chosen.append((p, s, b))
-            counts[s] = counts.get(s, 0) + 1
-            total += 1
-    entries = []
-    for parent, shot, box in chosen:
-        cid = hashlib.sha256(f"{parent['id']}:{shot}:{box}".encode()).hexdigest()[:16]
-        src = Path(inputs[parent["input"]].path) / parent["file"]
-        with Image.open(src) as im:
-            crop = im.convert("RGB").crop(box)
-        rel = f"crops/{cid}.png"
-        crop.save(crops_dir / f"{cid}.png", format="PNG", compress_level=1)
-        rec = records[parent["id"]]
-        faces = []
-        for f in rec["faces"]:
-            b = f["box"]
-            nb = [b[0] - box[0], b[1] - box[1], b[2] - box[0], b[3] - box[1]]
-            if nb[2] <= 0 or nb[3] <= 0 or nb[0] >= crop.size[0] or nb[1] >= crop.size[1]:
-                continue
-            faces.append({**f, "box": nb, "truncation": M.truncation(nb, crop.size[0], crop.size[1]),
-                          "landmarks_outside": None})
-        import numpy as np
-
-        faces.sort(key=lambda f: (f["box"][2] - f["box"][0]) * (f["box"][3] - f["box"][1]), reverse=True)
-        bg = M.background_edge_density(np.asarray(crop), [f["box"] for f in faces])
-        flags = S.image_flags(faces, 0 if faces else None, bg)
-        entries.append({
-            **parent, "id": cid, "input": None, "file": rel, "width": crop.size[0], "height": crop.size[1],
-            "shot": shot, "categories": S.categories_of(shot, flags), "flags": flags, "repeats": 1,
-            "parent": parent["id"], "crop_box": list(box), "face_box": faces[0]["box"] if faces else None,
-            "people": sum(1 for f in faces if faces and (f["box"][3] - f["box"][1]) >= S.SUBSTANTIAL_FACE * (faces[0]["box"][3] - faces[0]["box"][1])),
-        })
-    if chosen:
-        ctx.log(f"augment: {len(entries)} crop(s) derived: " + ", ".join(
-            f"{sum(1 for e in entries if e['shot'] == s)} {s}" for s in wanted))
-    return entries
+        why = NO_MOVE[strategy].format(max_repeats=cfg["max_repeats"])
+    return f"{head}: {why}; {_advice(s, strategy, cfg)}"
 
 
-@base.register("curate", version=1, order=30, expand=expand,
+MOVE_WORDS = {"select": "image select could drop", "reweight": "extra repeat", "augment": "crop or mirrored copy"}
+NO_MOVE = {
+    "select": "select only drops images, and no drop helps (the last image of a category is kept)",
+    "reweight": "no repeat count can help within max_repeats {max_repeats}",
+    "augment": "no crop or mirrored copy of the kept images has it",
+}
+ADD_WORDS = {
+    "multi_character": "add photos of the character with other people",
+    "complex_background": "add photos with busy backgrounds (street, stage, crowd)",
+    "occluded": "add photos with the face partly hidden or cut by the frame",
+}
+
+
+def _advice(s: B.Shortfall, strategy: str, cfg: dict[str, Any]) -> str:
+    if s.status == "under":
+        words = ADD_WORDS.get(s.category, f"add {B.label(s.category)} photos or a video source")
+        if strategy == "augment" and s.count and not cfg.get("allow_flips"):
+            words += " (or set dataset.shots.allow_flips for mirrored copies, if the character is symmetric)"
+        return words
+    words = f"add images that are not {B.label(s.category)}" + ("" if strategy == "select" else ", or use strategy select")
+    if s.category in CAPTION_HINTS and strategy == "augment":
+        words += ("; augment cannot replace a background (that needs person segmentation, which the runner does "
+                  f"not do), so the captions of these images name the {CAPTION_HINTS[s.category]}")
+    return words
+
+
+@base.register("curate", version=2, order=30, expand=expand,
                description="Identity filter, near-duplicate removal, quality gates and shot balance.",
                report=lambda config, outputs, env: report_sections(config, outputs, env))
 def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.StageContext) -> dict[str, base.Artifact]:
     """Identity filter, near-duplicate removal, quality gates and shot balance."""
-    from runner.vision import shots as S
-
     cfg = {**DEFAULTS, **SHOT_DEFAULTS, **config}
     adir = Path(inputs["analysis"].path)
     summary = json.loads((adir / "summary.json").read_text(encoding="utf-8"))
@@ -340,32 +547,14 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
             e["review"] = {k: dec[k] for k in ("decision", "shot", "reference", "set") if k in dec}
             e["reference"] = bool(dec.get("reference"))
 
-    # 5. Shot balance.
-    before = S.shot_balance_table(((e["categories"], 1) for e in entries), targets)
-    strategy = cfg["strategy"]
-    repeats_by_shot: dict[str, int] = {}
-    if strategy == "select":
-        if not targets:
-            ctx.warn("strategy select without dataset.shots.targets: nothing to select")
-        entries, cut = S.select_to_targets(entries, targets)
-        for e, cat in cut:
-            rejected.append({**_reject(records[e["id"]], "shot balance",
-                                       f"{cat} over its target max {targets[cat][1]:.0%} (lowest quality first)")})
-    elif strategy == "reweight":
-        if not targets:
-            ctx.warn("strategy reweight without dataset.shots.targets: every repeat count stays 1")
-        else:
-            repeats_by_shot = S.reweight_to_targets(entries, targets, max_repeats=int(cfg["max_repeats"]))
-            for e in entries:
-                e["repeats"] = repeats_by_shot.get(e["shot"], 1)
-    elif strategy == "augment":
-        kept_count: dict[str, int] = {}
-        for e in entries:
-            kept_count[e["shot"]] = kept_count.get(e["shot"], 0) + 1
-        image_arts = {n: a for n, a in inputs.items() if n.startswith("images")}
-        entries += _crop_entries(entries, records, image_arts, targets, kept_count, int(cfg["augment_min_side"]),
-                                 out / "crops", ctx)
-    after = S.shot_balance_table(((e["categories"], e["repeats"]) for e in entries), targets)
+    # 5. Shot balance (STRATEGIES; runner/vision/balance.py holds the rules every strategy obeys).
+    images = {n: a for n, a in inputs.items() if n.startswith("images")}
+    before = B.shot_balance_table(((e["categories"], 1) for e in entries), targets)
+    balanced = STRATEGIES[cfg["strategy"]](Balancing(entries, records, targets, cfg, images, out, ctx))
+    entries = balanced.entries
+    rejected += balanced.rejected
+    after = B.shot_balance_table(((e["categories"], e["repeats"]) for e in entries), targets)
+    shortfalls = [shortfall_text(sf, cfg["strategy"], cfg) for sf in balanced.shortfalls]
 
     # Outputs.
     with (out / "curated.jsonl").open("w", encoding="utf-8") as fh:
@@ -381,15 +570,19 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     for r in rejected:
         reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
     balance = {
-        "strategy": strategy,
+        "strategy": cfg["strategy"],
         "targets": targets,
         "identity_threshold": threshold,
         "backend": summary.get("backend"),
-        "before": S.table_json(before),
-        "after": S.table_json(after),
-        "repeats_by_shot": repeats_by_shot,
+        "before": B.table_json(before),
+        "after": B.table_json(after),
+        "repeats": balanced.repeats,
+        "shortfalls": [{"category": sf.category, "share": sf.share, "target": list(sf.target), "status": sf.status,
+                        "text": text} for sf, text in zip(balanced.shortfalls, shortfalls)],
+        "notes": balanced.notes,
         "kept": len(entries),
-        "crops": sum(1 for e in entries if e["parent"]),
+        "crops": sum(1 for e in entries if e["parent"] and not e.get("mirrored")),
+        "mirrors": sum(1 for e in entries if e.get("mirrored")),
         "rejected": len(rejected),
         "rejected_by_reason": reasons,
     }
@@ -405,10 +598,9 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     for row in after:
         if row.category in S.SHOT_TYPES:
             ctx.metric(f"share_{row.category}", row.share)
-    off = [f"{r.category} {r.status} ({r.share:.0%})" for r in after if r.status in ("under", "over")]
-    if off:
-        ctx.warn("shot balance off target after curation: " + ", ".join(off))
-    ctx.log(f"{len(entries)} kept ({balance['crops']} crops), {len(rejected)} rejected: "
+    if shortfalls:
+        ctx.warn("shot balance off target after curation: " + "; ".join(shortfalls))
+    ctx.log(f"{len(entries)} kept ({balance['crops']} crops, {balance['mirrors']} mirrored), {len(rejected)} rejected: "
             + ", ".join(f"{v} {k}" for k, v in sorted(reasons.items())))
     return {"curated": base.Artifact("curated", out, meta={"kept": len(entries), "rejected": len(rejected)})}
 
@@ -453,7 +645,8 @@ def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], e
     crops = []
     for e in read_jsonl(folder / "curated.jsonl"):
         if e.get("parent") and len(crops) < min(24, limit):
-            crops.append({"src": thumbnail_data_uri(folder / e["file"], px), "caption": f"{e['shot']} from {e['parent']}"})
+            what = f"mirror of {e['parent']}" if e.get("mirrored") else f"{e['shot']} from {e['parent']}"
+            crops.append({"src": thumbnail_data_uri(folder / e["file"], px), "caption": what})
     show_after = bal["strategy"] in ("select", "reweight", "augment")
     return [
         base.ReportSection(

@@ -1,4 +1,4 @@
-"""Shot types, attribute words and shot balance (the rules are documented in docs/analysis.md).
+"""Shot types, attribute words and crop geometry (the rules are documented in docs/analysis.md).
 
 Shot type is read from the main face box, in units of the face box height ``fh`` (dlib's box runs
 from the eyebrows to the chin; a standing adult is about 9 such boxes tall):
@@ -29,8 +29,7 @@ than 5% of its box or its landmarks outside) or covered by another face box (>15
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 SHOT_TYPES: tuple[str, ...] = ("extreme_close_up", "close_up", "medium", "full_body", "wide")
 FLAGS: tuple[str, ...] = ("multi_character", "complex_background", "occluded")
@@ -156,133 +155,16 @@ def lighting_words(exposure: Mapping[str, float] | None) -> str:
     return ", ".join(words)
 
 
-# --------------------------------------------------------------------------- balance
-
-
-@dataclass
-class BalanceRow:
-    category: str
-    count: float  # effective count (repeats counted)
-    share: float
-    target: tuple[float, float] | None
-    status: str  # ok | under | over | "" (no target)
-
-
-def status_of(share: float, target: Sequence[float] | None, tol: float = 1e-9) -> str:
-    if not target:
-        return ""
-    lo, hi = target
-    if share < lo - tol:
-        return "under"
-    if share > hi + tol:
-        return "over"
-    return "ok"
-
-
-def shot_balance_table(items: Iterable[tuple[Sequence[str], float]], targets: Mapping[str, Sequence[float]]) -> list[BalanceRow]:
-    """Rows for every shot type plus every flag with a target or a non-zero count.
-
-    ``items`` are (categories, weight) per image; weight is the repeat count (1 without reweighting).
-    """
-    counts = {c: 0.0 for c in CATEGORIES}
-    total = 0.0
-    for cats, w in items:
-        total += w
-        for c in cats:
-            counts[c] = counts.get(c, 0.0) + w
-    rows = []
-    for c in CATEGORIES:
-        if c in FLAGS and c not in targets and counts[c] == 0:
-            continue
-        share = counts[c] / total if total else 0.0
-        tgt = tuple(targets[c]) if c in targets else None
-        rows.append(BalanceRow(c, counts[c], round(share, 4), tgt, status_of(share, tgt)))  # type: ignore[arg-type]
-    return rows
-
-
-def table_json(rows: list[BalanceRow]) -> list[dict[str, Any]]:
-    return [{"category": r.category, "count": r.count, "share": r.share,
-             "target": list(r.target) if r.target else None, "status": r.status} for r in rows]
-
-
-def select_to_targets(items: list[dict[str, Any]], targets: Mapping[str, Sequence[float]],
-                      score_key: str = "quality") -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any], str]]]:
-    """Subsample categories that are over their target's max, lowest quality first.
-
-    Returns (kept, dropped); dropped holds (item, the over-target category it was cut for). A
-    removal is skipped when it would push a category that meets its min under it; selection
-    cannot fix an under-target category (augment or reweight can).
-    """
-    kept = {id(it): it for it in items}
-    counts = {c: 0 for c in CATEGORIES}
-    for it in items:
-        for c in it["categories"]:
-            counts[c] += 1
-    dropped: list[tuple[dict[str, Any], str]] = []
-    order = sorted(items, key=lambda it: (it.get(score_key, 0.0), str(it.get("id", ""))))
-
-    def ok_to_remove(it: dict[str, Any], n: int) -> bool:
-        if n <= 1:
-            return False
-        for c, (lo, _) in targets.items():
-            before = counts[c] / n
-            after = (counts[c] - (c in it["categories"])) / (n - 1)
-            if before >= lo - 1e-9 and after < lo - 1e-9:
-                return False
-        return True
-
-    while True:
-        n = len(kept)
-        over = sorted(((counts[c] / n - t[1], c) for c, t in targets.items() if n and counts[c] / n > t[1] + 1e-9),
-                      reverse=True)
-        removed = False
-        for _, cat in over:
-            for cand in order:
-                if id(cand) in kept and cat in cand["categories"] and ok_to_remove(cand, n):
-                    del kept[id(cand)]
-                    for c in cand["categories"]:
-                        counts[c] -= 1
-                    dropped.append((cand, cat))
-                    removed = True
-                    break
-            if removed:
-                break
-        if not removed:
-            break
-    return [it for it in items if id(it) in kept], dropped
-
-
-def reweight_to_targets(items: list[dict[str, Any]], targets: Mapping[str, Sequence[float]], *,
-                        max_repeats: int = 20) -> dict[str, int]:
-    """Per-shot-type repeat counts (>= 1) so the effective shares approach the target midpoints.
-
-    Only the exclusive shot types are reweighted; a shot type without a target keeps its current
-    share. Returns {shot: repeats}.
-    """
-    counts = {s: 0 for s in SHOT_TYPES}
-    for it in items:
-        counts[it["shot"]] += 1
-    present = [s for s in SHOT_TYPES if counts[s] > 0]
-    if not present:
-        return {}
-    n = sum(counts.values())
-    want = {s: ((targets[s][0] + targets[s][1]) / 2.0 if s in targets else counts[s] / n) for s in present}
-    total_want = sum(want.values())
-    if total_want <= 0:
-        return {s: 1 for s in present}
-    want = {s: v / total_want for s, v in want.items()}
-    raw = {s: (want[s] / counts[s]) if want[s] > 0 else 0.0 for s in present}
-    base = min(v for v in raw.values() if v > 0) if any(v > 0 for v in raw.values()) else 1.0
-    return {s: max(1, min(max_repeats, round(raw[s] / base))) for s in present}
+# --------------------------------------------------------------------------- crops (balance: runner/vision/balance.py)
 
 
 # Crop geometry for augment: face heights of frame above the face box and below the chin.
-CROP_LAYOUT = {"medium": (0.6, 3.2), "close_up": (0.5, 1.2)}
+CROP_LAYOUT = {"medium": (0.6, 3.2), "close_up": (0.5, 1.2), "extreme_close_up": (0.1, 0.1)}
 CROP_ASPECT = 0.8  # width / height
 
 
 def crop_box_for(face_box: Sequence[float], image_size: tuple[int, int], shot: str) -> tuple[int, int, int, int] | None:
-    """A crop of the image around the face that frames it as ``shot`` (medium or close_up).
+    """A crop of the image around the face that frames it as ``shot`` (a key of CROP_LAYOUT).
 
     None when the crop does not fit inside the image.
     """
