@@ -479,18 +479,21 @@ def test_report_output_dir_is_relative_to_the_spec_file(project, monkeypatch):
     assert res.reports["hero"].parent == project / "reports" / "hero"
 
 
-@pytest.mark.parametrize("output_dir", ["../..", "../../..", "/tmp/character-runner-escape", "~/reports",
+@pytest.mark.parametrize("output_dir", ["../..", "../../..", "{tmp}/abs-escape", "~/reports",
                                         "link-out", "../reports/../../x"])
 def test_report_output_dir_outside_the_project_is_refused(project, capsys, monkeypatch, output_dir):
     _report_only(monkeypatch)
+    monkeypatch.setenv("HOME", str(project.parent / "home"))  # '~' stays in the test's folder
     outside = project.parent / "outside-reports"
     outside.mkdir(exist_ok=True)
     (project / "specs" / "link-out").symlink_to(outside)
+    output_dir = output_dir.format(tmp=project.parent)
     spec = write_bytes(project, (MINIMAL + f"report: {{output_dir: {output_dir!r}}}\n").encode())
     for command in ("validate", "plan", "apply"):
         code, out = run_cli(command, str(spec), capsys=capsys)
         assert code == 2 and f"{spec}:5:" in out and "report.output_dir" in out, out
-    assert not list(outside.iterdir()) and not Path("/tmp/character-runner-escape").exists()
+    assert sorted(p.name for p in project.parent.iterdir()) == ["outside-reports", "proj"]
+    assert not list(outside.iterdir())
 
 
 def test_a_character_report_folder_symlinked_outside_is_refused_before_anything_runs(project, capsys, monkeypatch):
@@ -506,3 +509,18 @@ def test_a_character_report_folder_symlinked_outside_is_refused_before_anything_
     assert not (project / ".runner" / "store").exists()
     code, out = run_cli("apply", "--allow-outside-project", str(spec), capsys=capsys)
     assert code == 0 and (outside / "latest.html").is_file(), out
+
+
+def test_a_model_value_the_loaders_would_find_in_the_project_root_is_checked_too(project):
+    from runner.spec import SpecError, load_spec
+
+    outside = project.parent / "outside-model"
+    outside.mkdir()
+    (outside / "model_index.json").write_text("{}")
+    (project / "models").mkdir()
+    (project / "models" / "m").symlink_to(outside)  # 'models/m' looks like a hub id from specs/
+    spec = write_bytes(project, (MINIMAL + "train: {base_model: models/m}\n").encode())
+    with pytest.raises(SpecError, match="train.base_model"):
+        load_spec(spec, require_files=False)
+    spec = write_bytes(project, (MINIMAL + "train: {base_model: org/name}\n").encode())
+    assert load_spec(spec).data["train"]["base_model"] == "org/name"  # a hub id stays one

@@ -75,12 +75,12 @@ class PathRules:
             return str(p)
 
 
-def is_path(value: str, kind: str, sch: dict[str, Any], spec_dir: Path) -> bool:
+def is_path(value: str, kind: str, sch: dict[str, Any], rules: PathRules) -> bool:
     """Whether a value of an ``x-path`` key names a file or folder (else a name, hub id, ...)."""
     if kind == "named-or-data":
         return value not in declared_names(sch)
     if kind == "model":
-        return is_local_model(value, spec_dir)
+        return is_local_model(value, rules.spec_dir, rules.project_root)
     return kind in ("data", "output", "preset")
 
 
@@ -94,9 +94,10 @@ def declared_names(sch: dict[str, Any]) -> set[str]:
     return names
 
 
-def is_local_model(value: str, spec_dir: Path) -> bool:
+def is_local_model(value: str, spec_dir: Path, project_root: Path) -> bool:
     """A model value is a local path unless it is a ``scheme:`` name or looks like a hub id
-    (``name`` or ``org/name``) that names nothing next to the spec."""
+    (``name`` or ``org/name``) that names nothing next to the spec, nor in the project root (where
+    the loaders look for project-relative paths: such a value is checked as a path too)."""
     if _SCHEME.match(value):
         return False
     if value.startswith(("./", "../", "/", "~")) or "\\" in value:
@@ -106,4 +107,4 @@ def is_local_model(value: str, spec_dir: Path) -> bool:
     parts = value.split("/")
     if len(parts) > 2 or any(p in ("", ".", "..") for p in parts):
         return True  # a hub id has at most one '/' and no '.' or '..' parts
-    return os.path.lexists(spec_dir / value)
+    return os.path.lexists(spec_dir / value) or os.path.lexists(project_root / value)

@@ -281,7 +281,7 @@ def _resolve_paths(data: dict, loaded: LoadedYaml, rules: PathRules, require_fil
             return str(Path(value).expanduser()) if isinstance(value, str) else None
         if kind == "preset" or not isinstance(value, str):  # presets were placed by _find_preset
             return None
-        if not is_path(value, kind, sch, rules.spec_dir):
+        if not is_path(value, kind, sch, rules):
             return None  # a builtin or shipped name, a hub id
         p, trouble = rules.locate(value)
         if trouble:

@@ -238,6 +238,15 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _at_value_or_name(error: Any, loaded: LoadedYaml, message: str, *, hint: str = "", **kw: Any) -> Problem:
+    """A problem at the offending value, or at the mapping key when the error is about a key's name
+    (propertyNames)."""
+    is_key = "propertyNames" in error.schema_path
+    path = tuple(error.absolute_path) + ((error.instance,) if is_key else ())
+    desc = error.schema.get("description", "") if isinstance(error.schema, dict) else ""
+    return _problem(loaded, path, message, expected=desc, hint=hint, prefer_key=is_key, **kw)
+
+
 def _to_problems(error: Any, loaded: LoadedYaml, pp: tuple, mp: tuple) -> Iterator[Problem]:
     path = tuple(error.absolute_path)
     schema = error.schema if isinstance(error.schema, dict) else {}
@@ -278,17 +287,9 @@ def _to_problems(error: Any, loaded: LoadedYaml, pp: tuple, mp: tuple) -> Iterat
         )
         return
     if v == "format" and error.validator_value in FORMATS:
-        is_key = "propertyNames" in error.schema_path
         _, what, hint = FORMATS[error.validator_value]
-        yield _problem(
-            loaded,
-            path + ((error.instance,) if is_key else ()),
-            f"{_short(error.instance)} cannot be used as {what}: {error.cause or error.message}",
-            expected=desc,
-            hint=hint,
-            prefer_key=is_key,
-            **kw,
-        )
+        message = f"{_short(error.instance)} cannot be used as {what}: {error.cause or error.message}"
+        yield _at_value_or_name(error, loaded, message, hint=hint, **kw)
         return
     if v == "required":
         missing = [k for k in error.validator_value if k not in (error.instance or {})]
@@ -355,15 +356,8 @@ def _to_problems(error: Any, loaded: LoadedYaml, pp: tuple, mp: tuple) -> Iterat
     if v == "pattern":
         if _format_problem(schema, error.instance):
             return  # the format's message says exactly what is wrong
-        is_key = "propertyNames" in error.schema_path
-        yield _problem(
-            loaded,
-            path + ((error.instance,) if is_key else ()),
-            f"{_short(error.instance)} does not match the pattern {error.validator_value}",
-            expected=desc,
-            prefer_key=is_key,
-            **kw,
-        )
+        message = f"{_short(error.instance)} does not match the pattern {error.validator_value}"
+        yield _at_value_or_name(error, loaded, message, **kw)
         return
     if v == "const":
         yield _problem(
@@ -422,6 +416,19 @@ def iter_instance(instance: Any, schema: dict[str, Any] | None = None, doc_uri: 
         sub, sub_uri = child_schema(schema, doc_uri, key, instance)
         if sub is not None:
             yield from iter_instance(value, sub, sub_uri, path + (key,))
+
+
+def without_effect_free(spec: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a spec without the values whose key changes no output (``"x-affects": "none"``)."""
+    out = copy.deepcopy(spec)
+    drop = [path for path, _, sch in iter_instance(spec) if path and sch.get("x-affects") == "none"]
+    for path in sorted(drop, key=len, reverse=True):
+        parent = out
+        for k in path[:-1]:
+            parent = parent[k]
+        if isinstance(parent, dict):
+            parent.pop(path[-1], None)
+    return out
 
 
 def iter_schema_fields(schema: dict[str, Any], doc_uri: str, path: tuple = ()) -> Iterator[tuple[tuple, dict]]:
