@@ -5,8 +5,8 @@ kinds, or ``"none"``; see docs/architecture.md, "Cache keys"). This test walks t
 each declared key it takes a full spec that uses every key, changes that one value, expands and
 digests both specs, and compares each stage's *own* key components (its keyed config and its
 file inputs; upstream stages count by id, not by key, so only direct effects show). The kinds
-whose components changed must be exactly the declared ones. The report stage prints the whole
-spec, so every edit re-renders it; it is left out of the comparison.
+whose components changed must be exactly the declared ones, plus the report (it prints the
+spec), except for keys declared "none": those change no key at all, the report's included.
 
 A new schema key without ``x-affects`` fails here, and so does a declaration the code does not
 honour (a price that re-renders clips, a model file whose bytes are not in the key).
@@ -278,7 +278,7 @@ def changed_kinds(before: dict, after: dict) -> set[str]:
         a, b = before.get(sid), after.get(sid)
         if a is None or b is None or a[1] != b[1]:
             kinds.add((a or b)[0])
-    return kinds - {"report"}
+    return kinds
 
 
 def locations(data: Any, path: tuple) -> list[tuple]:
@@ -408,8 +408,8 @@ def declared_effect(key: str, sub: dict[str, Any]) -> set[str]:
     if decl == "none":
         return set()
     if decl == "all":
-        return set(base.registry()) - {"report"}
-    return set(decl) - {"report"}
+        return set(base.registry())
+    return set(decl) | {"report"}  # the report prints the spec
 
 
 # --------------------------------------------------------------------------- tests
@@ -497,7 +497,7 @@ def test_local_model_content_is_in_the_key(path, as_folder, full_spec, full_proj
     before = direct_components(spec, digester)
     weights.write_bytes(b"weights v2, replaced")
     after = direct_components(spec, digester)
-    assert changed_kinds(before, after) == declared_effect(dotted(path), sub), (
+    assert changed_kinds(before, after) == declared_effect(dotted(path), sub) - {"report"}, (
         f"{dotted(path)} = {rel}: replacing the model's bytes must change the keys of the declared stages")
 
 
@@ -540,7 +540,7 @@ def _planned_as_done(spec: Spec, ws: Workspace, monkeypatch) -> None:
                                   and "const" not in s], ids=dotted)
 def test_a_key_without_effect_reruns_nothing(path, full_spec, full_project, monkeypatch):
     """Editing a price, the backend, a GPU type or a worker count: the plan says every stage is
-    up to date but the report (which prints the spec)."""
+    up to date, the report included (`plan --detailed-exitcode` exits 0)."""
     from runner.plan.graph import build_graph
     from runner.plan.planner import make_plan
 
@@ -552,8 +552,7 @@ def test_a_key_without_effect_reruns_nothing(path, full_spec, full_project, monk
         plan = make_plan(build_graph([changed_spec(spec, path, sub)]), ws, ws)
     finally:
         ws.close()
-    reruns = [f"{ps.id} ({'; '.join(ps.reasons)})" for ps in plan.stages
-              if ps.node.kind != "report" and ps.action != "cached"]
+    reruns = [f"{ps.id} ({'; '.join(ps.reasons)})" for ps in plan.stages if ps.action != "cached"]
     assert not reruns, f"changing {dotted(path)} re-runs {reruns}"
 
 

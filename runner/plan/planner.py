@@ -198,12 +198,6 @@ def make_plan(
     return Plan(stages=list(planned.values()), graph=graph)
 
 
-def keyed_config(node: base.PlanNode) -> dict[str, Any]:
-    """The part of a node's config that is in its cache key: all of it but ``node.unkeyed``
-    (settings the stage reads that change no output: worker counts, prices)."""
-    return {k: v for k, v in base.jsonable(node.config).items() if k not in node.unkeyed}
-
-
 def key_components(
     node: base.PlanNode, version: int, upstream_keys: dict[str, str], digester: FileDigester
 ) -> tuple[dict[str, Any], dict[str, FileSetDigest]]:
@@ -219,7 +213,7 @@ def key_components(
             fd = digester.digest_fileset(ref)
             filesets[name] = fd
             input_digests[name] = {"files": fd.count, "digest": fd.digest}
-    components = {"kind": node.kind, "version": version, "config": keyed_config(node), "inputs": input_digests}
+    components = {"kind": node.kind, "version": version, "config": node.keyed_config(), "inputs": input_digests}
     return components, filesets
 
 

@@ -91,6 +91,10 @@ class PlanNode:
     # Lines the plan prints under the stage (a variant's effective differences).
     notes: tuple[str, ...] = ()
 
+    def keyed_config(self) -> dict[str, Any]:
+        """The part of the config that is in the cache key: all of it but ``unkeyed``."""
+        return {k: v for k, v in jsonable(self.config).items() if k not in self.unkeyed}
+
     def upstream_ids(self) -> list[str]:
         ids = [ref.stage_id for ref in self.inputs.values() if isinstance(ref, StageOutputRef)]
         ids.extend(self.after)

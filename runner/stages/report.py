@@ -16,6 +16,8 @@ from runner.stages import base
 
 
 def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
+    from runner.spec import schema as S
+
     inputs: dict[str, base.InputRef] = {}
     stages = []
     for node in graph.nodes:
@@ -32,6 +34,10 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
         "spec_file": spec_rel,
         "spec": spec,
         "stages": stages,
+        # What the key covers: the spec and the stage configs without settings that change no
+        # output (prices, worker counts...): editing one re-renders nothing.
+        "keyed": {"spec": S.without_effect_free(spec),
+                  "stages": [{**st, "config": node.keyed_config()} for st, node in zip(stages, graph.nodes)]},
     }
     review = _review_decisions(graph)
     if review:
@@ -45,6 +51,7 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
             inputs=inputs,
             outputs=("report",),
             label="HTML report",
+            unkeyed=("report", "character", "spec", "stages"),
         )
     ]
 
