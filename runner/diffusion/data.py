@@ -135,6 +135,48 @@ def _category_counts(sets) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------
 # aspect-ratio buckets
 
+@dataclass(frozen=True)
+class BucketSettings:
+    """The aspect-ratio buckets of a run: what the trainer builds them from, and what the kohya
+    export writes (``enable_bucket``, ``bucket_reso_steps``, ``min_bucket_reso``,
+    ``max_bucket_reso``: :meth:`kohya`)."""
+
+    resolution: int
+    enabled: bool
+    step: int  # train.buckets.step rounded up to a multiple of what the model needs
+    min_side: int  # sides of the non-square buckets (multiples of step)
+    max_side: int
+
+    @property
+    def square(self) -> int:
+        return self.resolution // self.step * self.step or self.step
+
+    def buckets(self) -> list[tuple[int, int]]:
+        """The buckets (one square one when bucketing is off)."""
+        if not self.enabled:
+            return [(self.square, self.square)]
+        return make_buckets(self.resolution, min_side=self.min_side, max_side=self.max_side,
+                            step=self.step, multiple=self.step)
+
+    def kohya(self) -> dict[str, Any]:
+        """The sd-scripts dataset keys. min/max are widened to the square side, as sd-scripts
+        requires min_bucket_reso <= resolution <= max_bucket_reso (and rounds max up to a step)."""
+        return {"enable_bucket": self.enabled, "bucket_reso_steps": self.step, "bucket_no_upscale": False,
+                "min_bucket_reso": min(self.min_side, self.square),
+                "max_bucket_reso": max(self.max_side, int(math.ceil(self.resolution / self.step)) * self.step)}
+
+
+def bucket_settings(resolution: int, buckets: Mapping[str, Any], *, multiple: int) -> BucketSettings:
+    """``train.resolution`` and ``train.buckets`` (defaults filled) for a model whose image sides
+    must be multiples of ``multiple`` (VAE downscale x 2**(UNet downsamplings): 64 for SD 1.x,
+    32 for SDXL, what sd-scripts also requires of bucket_reso_steps)."""
+    enabled = bool(buckets.get("enabled", True))
+    step = max(multiple, int(math.ceil(int(buckets["step"]) / multiple)) * multiple) if enabled else multiple
+    lo = max(step, int(math.ceil(int(buckets["min_side"]) / step)) * step)
+    hi = max(lo, (int(buckets["max_side"]) // step) * step)
+    return BucketSettings(int(resolution), enabled, step, lo, hi)
+
+
 def make_buckets(resolution: int, *, min_side: int, max_side: int, step: int, multiple: int = 8) -> list[tuple[int, int]]:
     """(width, height) buckets of about resolution**2 pixels, sides multiples of ``step``.
 

@@ -109,6 +109,35 @@ def detect_family(base_model: str, *, cache_dir: Path | str | None = None,
         return "sdxl" if "xl" in loc.lower() else "sd15"
 
 
+# VAE downscale x 2**(UNet down blocks - 1) of the real architectures (sd-scripts requires the
+# same of bucket_reso_steps): what image sides must be multiples of.
+FAMILY_SIZE_MULTIPLE = {"sd15": 64, "sdxl": 32}
+
+
+def size_multiple(base_model: str, *, family: str = "auto", cache_dir: Path | str | None = None,
+                  project_root: Path | None = None) -> int:
+    """What image sides must be divisible by for ``base_model`` (VAE downscale x 2 ** (UNet down
+    blocks - 1), the trainer's ``multiple``), read from the model's config files, no weights.
+    Single files and hub ids that are not cached locally use their family's value."""
+    kind, loc = resolve_model_ref(base_model, cache_dir=cache_dir, project_root=project_root)
+    folder = Path(loc) if kind in ("builtin", "folder") else None
+    if kind == "hub":
+        try:
+            from huggingface_hub import hf_hub_download
+
+            folder = Path(hf_hub_download(loc, "unet/config.json")).parent.parent
+            hf_hub_download(loc, "vae/config.json")
+        except Exception:
+            folder = None
+    if folder is not None and (folder / "unet" / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        return 2 ** (len(vae["block_out_channels"]) - 1) * 2 ** (len(unet["block_out_channels"]) - 1)
+    if family == "auto":
+        family = detect_family(base_model, cache_dir=cache_dir, project_root=project_root)
+    return FAMILY_SIZE_MULTIPLE[family]
+
+
 def _pipeline_class(family: str):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 

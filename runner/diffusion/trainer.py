@@ -36,8 +36,8 @@ from runner.diffusion.data import (
     DataError,
     Example,
     assign_bucket,
+    bucket_settings,
     caption_variants,
-    make_buckets,
     mix_summary,
     mix_weights,
     read_dataset,
@@ -213,14 +213,8 @@ class LoraTrainer:
         if not self.train_ex:
             raise TrainError("no training image left after holding out validation images",
                              hint="Lower train.checkpoints.validation_fraction or add images.")
-        res = int(cfg["resolution"])
-        b = cfg.get("buckets", {})
-        if b.get("enabled", True):
-            self.buckets = make_buckets(res, min_side=int(b.get("min_side", 256)), max_side=int(b.get("max_side", 2048)),
-                                        step=int(b.get("step", 64)), multiple=self.multiple)
-        else:
-            side = max(self.multiple, res // self.multiple * self.multiple)
-            self.buckets = [(side, side)]
+        self.bucket_settings = bucket_settings(int(cfg["resolution"]), cfg["buckets"], multiple=self.multiple)
+        self.buckets = self.bucket_settings.buckets()
         from PIL import Image
 
         for e in (*self.train_ex, *self.val_ex):
@@ -876,6 +870,7 @@ class LoraTrainer:
             "sample_seeds": [int(s) for s in self.cfg.get("checkpoints", {}).get("sample_seeds", [1])],
             "rank": self.rank,
             "alpha": self.alpha,
+            "buckets": {"resolution": self.bucket_settings.resolution, **self.bucket_settings.kohya()},
             "phases": [{"name": p.name, "steps": p.steps, "lr": p.lr, "start": p.start, "mix": p.mix,
                         "shot_share": self.phase_mix.get(p.name, {})} for p in self.phases],
             "dataset": self.dataset_summary(),

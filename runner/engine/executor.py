@@ -336,6 +336,7 @@ def _execute(plan: Plan, graph: Graph, ws: Workspace, options: ApplyOptions,
             except Exception:  # leaving the Modal app can fail on a lost connection; results are in
                 pass
     reports = _publish_reports(plan, ws, graph, run_id, results)
+    _publish_outputs(plan, ws, results, reporter)
     ws.finish_run(run_id, status, {"counts": plan.counts(), "stages": len(plan.stages)})
     if interrupted:
         raise KeyboardInterrupt
@@ -586,6 +587,19 @@ def _publish_reports(plan: Plan, ws: Workspace, graph: Graph, run_id: str,
         else:
             out[ps.node.character] = latest if latest.exists() else src
     return out
+
+
+def _publish_outputs(plan: Plan, ws: Workspace, results: list[StageResult], reporter: Any) -> None:
+    """Stages with a ``publish`` hook copy their outputs to <project>/.runner/exports/<character>/."""
+    status = {r.stage_id: r.status for r in results}
+    for ps in plan.stages:
+        kind = base.get(ps.node.kind)
+        if kind.publish is None or status.get(ps.id) not in ("succeeded", "cached") or not ws.store_has(ps.key):
+            continue
+        try:
+            kind.publish(ps.node.config, ws.load_outputs(ps.key), ws.dir / "exports" / ps.node.character)
+        except OSError as exc:
+            reporter.log(ps.id, "warning", f"could not publish to {ws.dir / 'exports' / ps.node.character}: {exc}")
 
 
 def _atomic_copy(src: Path, dest: Path) -> None:

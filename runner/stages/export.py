@@ -1,12 +1,22 @@
 """`export`: trainer-ready copies of the captioned dataset.
 
+The stage writes into the store; ``runner apply`` then publishes a copy of it, outside the store,
+to ``<project>/.runner/exports/<character>/`` (see :func:`publish`). Point every trainer at that
+copy: sd-scripts writes ``.npz`` latents next to the images, ai-toolkit writes ``_latent_cache/``,
+``_t_e_cache/`` and ``.aitk_size.json`` into its folder, and none of that may change the store.
+The published config files carry absolute paths into the published copy.
+
 - ``kohya``: sd-scripts DreamBooth-style folders ``kohya/img/<repeats>_<trigger> <class>/`` with
   ``<stem>.png`` + ``<stem>.txt`` (stems are the hex image ids: no underscores), one folder per
   distinct repeat count (``export.repeats`` times the image's reweighting repeats), and
-  ``kohya/dataset_config.toml`` whose ``image_dir`` paths are relative to the export folder (run
-  sd-scripts from there, or edit the paths).
-- ``plain``: ``plain/<stem>.png`` + ``.txt``, the image+caption folder ai-toolkit and OneTrainer
-  read (per-image repeats are in metadata.jsonl and the kohya folders).
+  ``kohya/dataset_config.toml`` with the bucket settings the trainer uses
+  (:class:`runner.diffusion.data.BucketSettings`, one source for both).
+- ``plain``: ``plain/`` holds every image once with its ``.txt`` caption: the folder ai-toolkit's
+  ``folder_path`` points at (it walks sub-folders, so nothing else may lie below it). When
+  reweighting gave images different repeat counts they sit in ``plain/repeats_<n>/``. Beside it:
+  ``concepts.json`` (OneTrainer's concept list, one concept per repeat group, ``balancing`` = the
+  group's repeats) and ``ai-toolkit.yaml`` (the ``datasets:`` entries for an ai-toolkit config,
+  ``num_repeats`` per group).
 - ``jsonl``: ``metadata.jsonl``, every dataset record plus ``file_name`` (Hugging Face imagefolder
   convention: relative to the metadata file).
 
@@ -25,20 +35,31 @@ from runner.stages import base
 from runner.stages.analyze import read_jsonl
 
 FORMATS = ("kohya", "plain", "jsonl")
+PUBLISHED = Path("exports")  # under the workspace folder (.runner/): <character>/
+_KEY_FILE = ".export-key"
 
 
 def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
+    from runner.stages.train import train_config
+
     caption = graph.node(base.node_id(graph.character, "caption"))
     if caption is None:
         return []
     ch = spec.get("character", {})
     ex = spec.get("dataset", {}).get("export", {})
+    section = spec.get("train")
+    train = train_config(section if isinstance(section, dict) else {}, character=graph.character,
+                         trigger=ch["trigger"], class_word=ch.get("class_word", "person"))
     config = {
         "formats": sorted(set(ex.get("formats", list(FORMATS)))),
         "repeats": int(ex.get("repeats", 10)),
         "trigger": ch["trigger"],
         "class_word": ch.get("class_word", "person"),
-        "resolution": int(spec.get("train", {}).get("resolution", 512)),
+        "resolution": int(train["resolution"]),
+        "buckets": train["buckets"],
+        # the model decides what bucket sides must be multiples of; no train section: SD 1.x's 64
+        "base_model": train["base_model"] if isinstance(section, dict) else None,
+        "model_family": train["model_family"],
     }
     return [
         base.PlanNode(
@@ -65,24 +86,48 @@ def _toml_str(s: str) -> str:
     return json.dumps(s, ensure_ascii=False)
 
 
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return _toml_str(v) if isinstance(v, str) else str(v)
+
+
 def kohya_folder_name(repeats: int, trigger: str, class_word: str) -> str:
     return f"{repeats}_{trigger} {class_word}".strip()
 
 
-def dataset_config_toml(subsets: list[tuple[str, int]], *, resolution: int, class_tokens: str) -> str:
+def bucket_settings_of(config: dict[str, Any], ctx: base.StageContext | None = None):
+    """The trainer's bucket settings for this export's train section (see BucketSettings)."""
+    from runner.diffusion.data import bucket_settings
+
+    multiple = 64
+    if config.get("base_model"):
+        try:
+            from runner.diffusion.models import ModelLoadError, size_multiple
+
+            multiple = size_multiple(config["base_model"], family=config.get("model_family", "auto"),
+                                     cache_dir=getattr(ctx, "cache_dir", None), project_root=getattr(ctx, "project_root", None))
+        except (ImportError, ModelLoadError, OSError, KeyError, ValueError) as exc:
+            if ctx is not None:
+                ctx.warn(f"export: could not read the size multiple of {config['base_model']} ({exc}); "
+                         "dataset_config.toml assumes 64 (SD 1.x)")
+    return bucket_settings(config["resolution"], config["buckets"], multiple=multiple)
+
+
+def dataset_config_toml(subsets: list[tuple[str, int]], *, buckets: dict[str, Any], resolution: int,
+                        class_tokens: str, keep_tokens: int = 1) -> str:
+    """sd-scripts' dataset config: ``buckets`` is ``BucketSettings.kohya()``."""
     lines = [
-        "# sd-scripts dataset config written by character-runner (image_dir relative to the export folder).",
+        "# sd-scripts dataset config written by character-runner: the buckets the runner trains with.",
         "[general]",
         'caption_extension = ".txt"',
         "shuffle_caption = false",
-        "keep_tokens = 1",
+        f"keep_tokens = {keep_tokens}",
         "",
         "[[datasets]]",
         f"resolution = {resolution}",
         "batch_size = 1",
-        "enable_bucket = true",
-        f"min_bucket_reso = {max(64, resolution // 2)}",
-        f"max_bucket_reso = {resolution * 2}",
+        *(f"{k} = {_toml_value(v)}" for k, v in buckets.items()),
     ]
     for image_dir, repeats in subsets:
         lines += ["", "  [[datasets.subsets]]", f"  image_dir = {_toml_str(image_dir)}", f"  num_repeats = {repeats}",
@@ -90,11 +135,89 @@ def dataset_config_toml(subsets: list[tuple[str, int]], *, resolution: int, clas
     return "\n".join(lines) + "\n"
 
 
-@base.register("export", version=1, order=45, expand=expand,
-               description="Trainer-ready folders: kohya sd-scripts, plain image+txt, metadata.jsonl.",
-               report=lambda config, outputs, env: report_sections(config, outputs, env))
+def onetrainer_concepts(groups: dict[int, str], *, name: str) -> list[dict[str, Any]]:
+    """OneTrainer's concepts.json (a list of ConceptConfig dicts, config version 2): one concept
+    per repeat group, captions from the .txt beside each image (prompt_source "sample")."""
+    return [{
+        "__version": 2, "name": f"{name} x{reps}" if len(groups) > 1 else name, "path": path, "seed": 0,
+        "enabled": True, "type": "STANDARD", "include_subdirectories": False,
+        "image_variations": 1, "text_variations": 1,
+        "balancing": float(reps), "balancing_strategy": "REPEATS", "loss_weight": 1.0, "concept_stats": {},
+        "image": {"enable_crop_jitter": True, "enable_random_flip": False, "enable_fixed_flip": False},
+        "text": {"prompt_source": "sample", "prompt_path": "", "enable_tag_shuffling": False,
+                 "tag_delimiter": ",", "keep_tags_count": 1},
+    } for reps, path in sorted(groups.items())]
+
+
+def ai_toolkit_datasets(groups: dict[int, str], *, resolution: int) -> str:
+    """The ``datasets:`` entries of an ai-toolkit config, one per repeat group (YAML)."""
+    lines = ["# ai-toolkit: paste under config.process[0] of your job file, or point folder_path at",
+             "# the plain/ folder beside this file (it holds every image once).", "datasets:"]
+    for reps, path in sorted(groups.items()):
+        lines += [f"  - folder_path: {json.dumps(path)}", '    caption_ext: "txt"', f"    num_repeats: {reps}",
+                  f"    resolution: [{resolution}]"]
+    return "\n".join(lines) + "\n"
+
+
+def _image_repeats(r: dict[str, Any]) -> int:
+    return max(1, int(r.get("repeats", 1)))
+
+
+def write_tool_configs(out: Path, summary: dict[str, Any], root: str = "") -> None:
+    """(Re)write the files that name paths: relative to the export folder in the store, and with
+    ``root`` (the published copy, absolute) in front when publishing."""
+    def at(rel: str) -> str:
+        return f"{root}/{rel}" if root else rel
+
+    if "kohya" in summary:
+        k = summary["kohya"]
+        toml = dataset_config_toml([(at(f"kohya/img/{name}"), reps) for name, reps in k["subsets"]],
+                                   buckets=k["buckets"], resolution=k["resolution"], class_tokens=k["class_tokens"])
+        (out / "kohya" / "dataset_config.toml").write_text(toml, encoding="utf-8")
+    if "plain" in summary:
+        groups = {int(reps): at(rel) for reps, rel in summary["plain"]["groups"].items()}
+        (out / "concepts.json").write_text(json.dumps(onetrainer_concepts(groups, name=summary["name"]), indent=1),
+                                           encoding="utf-8")
+        (out / "ai-toolkit.yaml").write_text(ai_toolkit_datasets(groups, resolution=summary["resolution"]),
+                                             encoding="utf-8")
+
+
+def _export_kohya(records: list[dict], ddir: Path, out: Path, config: dict[str, Any], ctx) -> dict[str, Any]:
+    img_root = out / "kohya" / "img"
+    img_root.mkdir(parents=True)
+    subsets: dict[int, str] = {}
+    for r in records:
+        reps = config["repeats"] * _image_repeats(r)
+        if reps not in subsets:
+            subsets[reps] = kohya_folder_name(reps, config["trigger"], config["class_word"])
+            (img_root / subsets[reps]).mkdir()
+        r["_kohya"] = f"kohya/img/{subsets[reps]}/{r['id'].replace('_', '')}"
+        _link(ddir / r["image"], out / f"{r['_kohya']}.png")
+        _link(ddir / f"{Path(r['image']).stem}.txt", out / f"{r['_kohya']}.txt")
+    settings = bucket_settings_of(config, ctx)
+    return {"subsets": [(subsets[k], k) for k in sorted(subsets)], "buckets": settings.kohya(),
+            "resolution": config["resolution"], "class_tokens": f"{config['trigger']} {config['class_word']}".strip(),
+            "folders": {subsets[k]: sum(1 for r in records if config["repeats"] * _image_repeats(r) == k) for k in sorted(subsets)}}
+
+
+def _export_plain(records: list[dict], ddir: Path, out: Path) -> dict[str, Any]:
+    counts = sorted({_image_repeats(r) for r in records})
+    groups = {n: "plain" if len(counts) <= 1 else f"plain/repeats_{n}" for n in counts} or {1: "plain"}
+    for rel in groups.values():
+        (out / rel).mkdir(parents=True, exist_ok=True)
+    for r in records:
+        r["_plain"] = f"{groups[_image_repeats(r)]}/{r['image']}"
+        _link(ddir / r["image"], out / r["_plain"])
+        _link(ddir / f"{Path(r['image']).stem}.txt", out / Path(r["_plain"]).with_suffix(".txt"))
+    return {"groups": {str(n): rel for n, rel in groups.items()}}
+
+
+@base.register("export", version=2, order=45, expand=expand,
+               description="Trainer-ready folders: kohya sd-scripts, image+txt (ai-toolkit, OneTrainer), metadata.jsonl.",
+               report=lambda config, outputs, env: report_sections(config, outputs, env),
+               publish=lambda config, outputs, dest: publish(outputs["export"].path, dest))
 def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.StageContext) -> dict[str, base.Artifact]:
-    """Trainer-ready folders: kohya sd-scripts, plain image+txt, metadata.jsonl."""
+    """Trainer-ready folders: kohya sd-scripts, image+txt (ai-toolkit, OneTrainer), metadata.jsonl."""
     unknown = [f for f in config["formats"] if f not in FORMATS]
     if unknown:
         raise base.StageError(f"dataset.export.formats: unknown format {unknown[0]!r}", hint="use kohya, plain, jsonl")
@@ -106,45 +229,48 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     out.mkdir(parents=True)
     records = list(read_jsonl(ddir / "dataset.jsonl"))
     formats = set(config["formats"])
-    summary: dict[str, Any] = {"images": len(records), "formats": sorted(formats)}
-
+    summary: dict[str, Any] = {"images": len(records), "formats": sorted(formats), "name": ctx.character,
+                               "resolution": config["resolution"]}
     if "kohya" in formats:
-        img_root = out / "kohya" / "img"
-        img_root.mkdir(parents=True)
-        subsets: dict[int, str] = {}
-        for r in records:
-            reps = config["repeats"] * max(1, int(r.get("repeats", 1)))
-            if reps not in subsets:
-                name = kohya_folder_name(reps, config["trigger"], config["class_word"])
-                (img_root / name).mkdir()
-                subsets[reps] = name
-            folder = img_root / subsets[reps]
-            stem = r["id"].replace("_", "")
-            _link(ddir / r["image"], folder / f"{stem}.png")
-            _link(ddir / f"{Path(r['image']).stem}.txt", folder / f"{stem}.txt")
-        toml = dataset_config_toml([(f"kohya/img/{subsets[k]}", k) for k in sorted(subsets)],
-                                   resolution=config["resolution"],
-                                   class_tokens=f"{config['trigger']} {config['class_word']}".strip())
-        (out / "kohya" / "dataset_config.toml").write_text(toml, encoding="utf-8")
-        summary["kohya_folders"] = {subsets[k]: sum(1 for r in records if config["repeats"] * max(1, int(r.get("repeats", 1))) == k)
-                                    for k in sorted(subsets)}
+        summary["kohya"] = _export_kohya(records, ddir, out, config, ctx)
+        summary["kohya_folders"] = summary["kohya"]["folders"]
     if "plain" in formats:
-        (out / "plain").mkdir()
-        for r in records:
-            _link(ddir / r["image"], out / "plain" / r["image"])
-            _link(ddir / f"{Path(r['image']).stem}.txt", out / "plain" / f"{Path(r['image']).stem}.txt")
+        summary["plain"] = _export_plain(records, ddir, out)
+    write_tool_configs(out, summary)
     if "jsonl" in formats:
         with (out / "metadata.jsonl").open("w", encoding="utf-8") as fh:
             for r in records:
-                file_name = f"plain/{r['image']}" if "plain" in formats else None
-                if file_name is None and "kohya" in formats:
-                    reps = config["repeats"] * max(1, int(r.get("repeats", 1)))
-                    file_name = f"kohya/img/{kohya_folder_name(reps, config['trigger'], config['class_word'])}/{r['id']}.png"
-                fh.write(json.dumps({"file_name": file_name, **r}) + "\n")
+                file_name = r.get("_plain") or (f"{r['_kohya']}.png" if "_kohya" in r else None)
+                rec = {k: v for k, v in r.items() if not k.startswith("_")}
+                fh.write(json.dumps({"file_name": file_name, **rec}) + "\n")
     (out / "export.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     ctx.metric("exported_images", len(records))
     ctx.log(f"exported {len(records)} images as {', '.join(sorted(formats))}")
-    return {"export": base.Artifact("export", out, meta=summary)}
+    return {"export": base.Artifact("export", out, meta={k: summary[k] for k in ("images", "formats")})}
+
+
+def publish(src: Path, dest: Path) -> Path:
+    """Copy the stored export to ``dest`` (outside the store) for trainers to read and write in,
+    with the config files' paths pointing into the copy. Nothing happens when ``dest`` already
+    holds this export; a different one is replaced whole (what tools cached there goes with it,
+    as it belongs to other images)."""
+    key = src.parent.name
+    marker = dest / _KEY_FILE
+    if marker.is_file() and marker.read_text(encoding="utf-8").strip() == key:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)  # real copies: a tool rewriting an image must not reach the store
+    summary = json.loads((tmp / "export.json").read_text(encoding="utf-8"))
+    write_tool_configs(tmp, summary, root=dest.resolve().as_posix())
+    (tmp / _KEY_FILE).write_text(key, encoding="utf-8")
+    old = dest.with_name(f".{dest.name}.{os.getpid()}.old")
+    if dest.exists():
+        os.rename(dest, old)
+    os.rename(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest
 
 
 def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], env: dict[str, Any]) -> list[base.ReportSection]:
@@ -152,4 +278,5 @@ def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], e
     summary = json.loads((folder / "export.json").read_text(encoding="utf-8"))
     toml = (folder / "kohya" / "dataset_config.toml").read_text(encoding="utf-8") if (folder / "kohya" / "dataset_config.toml").exists() else ""
     return [base.ReportSection(title="Trainer export", template="sections/export.html.j2", anchor="export",
-                               context={"summary": summary, "toml": toml})]
+                               context={"summary": summary, "toml": toml,
+                                        "published": f".runner/{PUBLISHED.as_posix()}/{env.get('character', '')}"})]
