@@ -180,6 +180,10 @@ class ReportSection:
 # report(node_config, outputs, env) -> list of sections. ``env`` carries report settings
 # (thumbnail_px, gallery_limit) and the character; outputs are this stage's promoted artifacts.
 ReportFn = Callable[[dict[str, Any], dict[str, Artifact], dict[str, Any]], list[ReportSection]]
+# publish(node_config, outputs, dest): after an apply, copy what users point other tools at out of
+# the store into ``dest`` (<project>/.runner/exports/<character>/), where those tools may write.
+# Called for succeeded and cached stages; it must be idempotent and cheap when nothing changed.
+PublishFn = Callable[[dict[str, Any], dict[str, Artifact], Path], Any]
 
 
 @dataclass(frozen=True)
@@ -194,6 +198,8 @@ class StageKind:
     resume_info: ResumeFn | None = None
     # Sections this stage adds to the report (None: nothing beyond the timeline).
     report: ReportFn | None = None
+    # Copies of its outputs published outside the store (None: nothing).
+    publish: PublishFn | None = None
 
 
 _REGISTRY: dict[str, StageKind] = {}
@@ -213,6 +219,7 @@ def register(
     description: str = "",
     resume_info: ResumeFn | None = None,
     report: ReportFn | None = None,
+    publish: PublishFn | None = None,
 ) -> Callable[[RunFn], RunFn]:
     """Decorator: ``@register("ingest", version=1, order=10, expand=expand_ingest)``.
 
@@ -233,6 +240,7 @@ def register(
             description=description or _first_line(fn.__doc__),
             resume_info=resume_info,
             report=report,
+            publish=publish,
         )
         return fn
 
