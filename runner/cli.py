@@ -196,9 +196,7 @@ def _print_review_orphans(plan: Any, ws: Any, specs: list[Any]) -> None:
         click.echo(f"Review ({path}): {len(mine)} decision{'s' if len(mine) != 1 else ''} for "
                    "things no longer in the workspace (kept in the file):")
         for o in mine:
-            what = o.get("decision") or o.get("verdict") or o.get("rating") or ("shot " + str(o.get("shot", "")))
-            click.echo(f"  {o['section']}: {o.get('file') or o.get('clip') or o.get('cell') or ''} "
-                       f"(sha256 {o['sha'][:12]}): {what}")
+            click.echo(f"  {o['section']}: {o['what']} (sha256 {o['sha'][:12]}): {o['decision']}")
 
 
 def _print_scenes(specs: list[Any]) -> None:

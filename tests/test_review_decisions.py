@@ -306,3 +306,85 @@ def test_each_decision_reaches_only_the_stages_it_affects(project: Path) -> None
     assert set(got) == {"report", "video", "storyboard", "curate"}
     assert got["curate"] == {"images": {SHA[2][:16]: {"decision": "drop"}}}
     assert got["storyboard"]["checkpoint"]["step"] == 4
+
+
+# --------------------------------------------------------------------------- the app's guards
+
+
+@pytest.fixture()
+def app_project(project: Path) -> Path:
+    (project / "specs" / "hero.yaml").write_text("version: 1\ncharacter: {name: hero, trigger: hrochr}\n")
+    store = project / ".runner" / "store" / ("ab" * 32)
+    (store / "thumbs").mkdir(parents=True)
+    (store / "thumbs" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (store / "_manifest.json").write_text("{}")
+    (project / "secret.png").write_bytes(b"nope")
+    return project
+
+
+def _client(project: Path, token: str | None = None):
+    from fastapi.testclient import TestClient
+
+    from runner.review.app import create_app
+    from runner.spec import load_spec
+
+    return TestClient(create_app(load_spec(project / "specs" / "hero.yaml"), token=token))
+
+
+def test_bearer_token_rule_off_loopback(app_project: Path) -> None:
+    token = "t" * 24
+    c = _client(app_project, token)
+    assert c.get("/dataset").status_code == 401
+    assert c.get("/dataset", headers={"Authorization": "Bearer wrong-token-wrong-token"}).status_code == 401
+    assert c.get("/dataset", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    r = c.get(f"/?token={token}", follow_redirects=False)
+    assert r.status_code == 303 and "httponly" in r.headers["set-cookie"].lower()
+    assert c.get("/identity").status_code == 200  # the cookie now carries the token
+
+
+def test_files_only_from_inside_the_store_and_saves_need_the_header(app_project: Path) -> None:
+    c = _client(app_project)
+    key = "ab" * 32
+    assert c.get(f"/file/{key}/thumbs/a.png").status_code == 200
+    for bad in (f"{key}/../../../secret.png", f"{key}/_manifest.json", "..%2F..%2Fsecret.png", f"{key}/%2e%2e/x.png",
+                "abc/thumbs/a.png", f"{key}/thumbs/missing.png"):
+        assert c.get(f"/file/{bad}").status_code == 404, bad
+    body = {"section": "images", "key": SHA[0], "fields": {"decision": "drop"}}
+    assert c.post("/api/decide", json=body).status_code == 403  # a cross-site form cannot send X-Review
+    r = c.post("/api/decide", json={**body, "fields": {"decision": "burn"}}, headers={"X-Review": "1"})
+    assert r.status_code == 422 and "images." in r.json()["error"]["message"]
+    r = c.post("/api/decide", json=body, headers={"X-Review": "1"})
+    assert r.status_code == 200 and r.json()["entry"]["decision"] == "drop"
+    assert decisions.load(app_project / "specs" / "hero.review.yaml")["images"][SHA[0]]["decision"] == "drop"
+
+
+# --------------------------------------------------------------------------- the report's review section
+
+
+def test_report_review_section_shows_decisions_agreement_and_escapes(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from runner.hashing import file_sha256
+    from runner.stages import base
+    from runner.stages.report import _jinja_env, _review_section
+
+    ev = tmp_path / "evaluation"
+    images = []
+    for i, v in enumerate([0.9, 0.7, 0.3, 0.1]):
+        f = ev / "images" / "c" / f"{i}.png"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (i * 60, 0, 0)).save(f)
+        images.append({"category": "close_up", "path": f"images/c/{i}.png", "face_similarity": v, "clip_t": 0.5})
+    (ev / "evaluation.json").write_text(json.dumps({"targets": {"close_up": {"face_similarity": ">= 0.5"}},
+                                                    "cells": [{"cell": "c", "images": images}], "best": {"cell": "c"}}))
+    data = decisions.empty()
+    for i, r in enumerate(["pass", "pass", "fail", "pass"]):
+        data["ratings"][file_sha256(ev / "images" / "c" / f"{i}.png")] = {"rating": r}
+    data["checkpoints"]["hero:evaluate"] = {"cell": "c", "step": 4, "by": "Ada", "at": "t"}
+    data["images"][SHA[0]] = {"decision": "drop", "file": "photos/<script>x</script>.jpg", "note": "“ü” <b>", "by": "Ada"}
+    inputs = {"hero:evaluate/evaluation": base.Artifact("evaluation", ev)}
+    html = _review_section({"review": {k: v for k, v in data.items() if k != "format" and v}}, inputs, _jinja_env())["html"]
+    assert "images dropped: <b>1</b>" in html and "picked by Ada" in html
+    assert "<script>x" not in html and "&lt;script&gt;x&lt;/script&gt;" in html and "&lt;b&gt;" in html
+    assert "face_similarity" in html and ">= 0.5" in html.replace("&gt;", ">")
+    assert "0.67" in html  # rank agreement of face_similarity: 2 of 3 pass-fail pairs ordered as people did

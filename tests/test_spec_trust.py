@@ -524,3 +524,18 @@ def test_a_model_value_the_loaders_would_find_in_the_project_root_is_checked_too
         load_spec(spec, require_files=False)
     spec = write_bytes(project, (MINIMAL + "train: {base_model: org/name}\n").encode())
     assert load_spec(spec).data["train"]["base_model"] == "org/name"  # a hub id stays one
+
+
+@pytest.mark.parametrize("suite", ['cases:\n  - {name: "../evil", prompt: "a {subject}"}\n',
+                                   'cases:\n  - {name: ".hidden", prompt: "a {subject}"}\n',
+                                   "cases: [[[[\n", "cases:\n  - {name: a, prompt: \"x\\0\"}\n"])
+def test_files_a_spec_names_that_cannot_be_used_exit_2_at_plan(project, capsys, suite):
+    from PIL import Image
+
+    (project / "data").mkdir()
+    Image.new("RGB", (64, 64)).save(project / "data" / "still.png")
+    (project / "specs" / "suite.yaml").write_text(suite)
+    spec = write_bytes(project, (MINIMAL + "generate:\n  video: {model: builtin:tiny-ltx, source: ../data/still.png,"
+                                           " suite: suite.yaml}\n").encode())
+    code, out = run_cli("plan", str(spec), capsys=capsys)
+    assert code == 2 and "generate.video.suite" in out and "suite.yaml" in out and "Traceback" not in out, out

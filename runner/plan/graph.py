@@ -68,12 +68,22 @@ def expand_spec(spec: Spec) -> list[base.PlanNode]:
     view = _View(character=spec.name, project_root=spec.project_root, spec_file=spec.file)
     models = local_models(spec)
     for kind in base.registry().values():
-        for node in kind.expand(spec.data, view):
+        for node in _expand(kind, spec, view):
             if node.kind != kind.kind:
                 raise GraphError(f"stage kind {kind.kind!r} expanded a node of kind {node.kind!r}")
             node.inputs.update(model_inputs(node, models))
             view._nodes.append(node)
     return view.nodes
+
+
+def _expand(kind: base.StageKind, spec: Spec, view: "_View") -> list[base.PlanNode]:
+    """A kind's nodes; a file the spec names that cannot be used (a suite with a bad case name,
+    broken YAML) is a problem with the spec, exit 2, like the spec's own problems."""
+    try:
+        return list(kind.expand(spec.data, view))
+    except base.StageError as exc:
+        hint = f"\n  hint: {exc.hint}" if exc.hint else ""
+        raise GraphError(f"{spec.file}: {exc}{hint}") from None
 
 
 @dataclass(frozen=True)

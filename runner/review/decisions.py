@@ -331,3 +331,20 @@ def for_spec(spec_file: Path) -> dict[str, Any]:
         _CACHE[path] = hit
     return hit[1]
 
+
+
+def describe(section: str, key: str, entry: dict[str, Any]) -> dict[str, str]:
+    """One decision as text for pages, plan and report: what it is about, what was decided, by whom."""
+    what = entry.get("file") or entry.get("clip") or entry.get("cell") or (
+        f"scene {entry['scene']}" if entry.get("scene") is not None else key[:12])
+    bits = [str(entry[f]) for f in ("decision", "verdict", "rating") if entry.get(f) and entry.get(f) != "set"]
+    if entry.get("shot"):
+        bits.append(f"shot {entry['shot']}")
+    if entry.get("reference"):
+        bits.append("reference")
+    if entry.get("set"):
+        bits.append(f"moved to {entry['set']}")
+    if section == "checkpoints":
+        bits.append(f"picked step {entry.get('step')} at LoRA scale {entry.get('lora_scale', 1.0)}")
+    return {"section": section, "key": key, "what": str(what), "decision": ", ".join(bits),
+            "note": str(entry.get("note", "")), "by": str(entry.get("by", "")), "at": str(entry.get("at", ""))}

@@ -250,7 +250,7 @@ class ReviewState:
                 continue  # that stage has not run here: nothing to compare with
             for sha, entry in sorted(data[section].items()):
                 if sha not in shas:
-                    out.append({"section": section, "sha": sha, **entry})
+                    out.append({**decisions.describe(section, sha, entry), "sha": sha})
         return out
 
 

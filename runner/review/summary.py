@@ -30,6 +30,7 @@ def report_context(data: dict[str, Any], evaluations: dict[str, Path], curated: 
     missing = []
     if curated is not None and (Path(curated) / "review.json").is_file():
         missing = json.loads((Path(curated) / "review.json").read_text(encoding="utf-8")).get("missing", [])
-    decided = [{"section": s, "key": k, **e} for s in ("images", "identity", "frames", "clips")
+    decided = [decisions.describe(s, k, e) for s in decisions.SECTIONS if s != "ratings"
                for k, e in sorted(data.get(s, {}).items())]
+    missing = [decisions.describe("images", m["image_id"], {**m, "file": f"image {m['image_id']}"}) for m in missing]
     return {"summary": decisions.summary(data), "agreement": tables, "missing": missing, "decided": decided}

@@ -4,7 +4,8 @@
 
 - ``best`` (default): the best LoRA the evaluate stage chose (its ``best/`` copy and LoRA scale),
   or the checkpoint a reviewer picked in ``runner review`` (``<spec>.review.yaml``) when its LoRA
-  file is still in the train output; when there is no evaluation yet, the last checkpoint of the train stage, with a warning;
+  file is still in the train output; when there is no evaluation yet, the last checkpoint of the
+  train stage, with a warning;
 - ``last``: the final checkpoint of the train stage (the base variant when there are variants);
 - a path: that LoRA file (``.safetensors``, diffusers or kohya format), project-relative.
 

@@ -6,6 +6,7 @@ Every problem found is collected and raised at once as a :class:`SpecError`.
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -287,7 +288,11 @@ def _resolve_paths(data: dict, loaded: LoadedYaml, rules: PathRules, require_fil
         if trouble:
             problem(path, trouble, OUTSIDE_HINT if p is not None else "")
             return rules.normalize(p) if p is not None else None
-        if kind != "output" and not p.exists() and require_files:
+        shadow = project_root / value
+        if kind == "model" and not p.exists() and os.path.lexists(shadow):
+            problem(path, f"'{value}' names nothing next to the spec file, but {shadow} exists",
+                    f"Paths are relative to the spec file: write it as {os.path.relpath(shadow, rules.spec_dir)}.")
+        elif kind != "output" and not p.exists() and require_files:
             names = sorted(declared_names(sch)) if kind == "named-or-data" else []
             problem(path, f"{'model path' if kind == 'model' else 'path'} not found: {p}",
                     f"Paths are relative to the spec file ({rules.spec_dir})."
