@@ -388,3 +388,14 @@ def test_report_review_section_shows_decisions_agreement_and_escapes(tmp_path: P
     assert "<script>x" not in html and "&lt;script&gt;x&lt;/script&gt;" in html and "&lt;b&gt;" in html
     assert "face_similarity" in html and ">= 0.5" in html.replace("&gt;", ">")
     assert "0.67" in html  # rank agreement of face_similarity: 2 of 3 pass-fail pairs ordered as people did
+
+
+def test_review_command_refuses_an_open_host_without_a_token(app_project: Path, monkeypatch) -> None:
+    from test_cli import runner
+
+    monkeypatch.delenv("RUNNER_API_TOKEN", raising=False)
+    r = runner("review", "specs/hero.yaml", "--host", "0.0.0.0", cwd=app_project)
+    assert r.returncode == 2 and "RUNNER_API_TOKEN" in r.stderr and "Traceback" not in r.stderr
+    decisions.review_path(app_project / "specs" / "hero.yaml").write_text("images: [\n")
+    r = runner("review", "specs/hero.yaml", cwd=app_project)
+    assert r.returncode == 2 and "hero.review.yaml:" in r.stderr and "not valid YAML" in r.stderr

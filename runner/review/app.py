@@ -1,6 +1,7 @@
 """The review app (FastAPI, server-rendered Jinja pages, a little vanilla JS for keys and saving).
 
-Pages: ``/dataset`` (every ingested image with its analysis and curate's decision; keep, drop,
+Pages and saves run in the server's thread pool (plain ``def`` endpoints), so a slow page never
+holds up a save. Pages: ``/dataset`` (every ingested image with its analysis and curate's decision; keep, drop,
 shot type, reference), ``/identity`` (identity sets from video; move between sets, drop),
 ``/evaluation`` (checkpoint x category x scale grid; rate pass/fail, pick a checkpoint; where
 people and metrics disagree), ``/storyboard`` (frames and clips; approve or reject with a note).
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from runner.review import decisions
@@ -105,11 +107,11 @@ def create_app(spec: Any, *, token: str | None = None) -> FastAPI:
                                                                       "img-src 'self'; media-src 'self'; frame-ancestors 'none'"})
 
     @app.get("/")
-    async def index() -> RedirectResponse:
+    def index() -> RedirectResponse:
         return RedirectResponse("/dataset", status_code=303)
 
     @app.get("/dataset", response_class=HTMLResponse)
-    async def dataset(request: Request, shot: str = "", status: str = "all", q: str = "", sort: str = "name"):
+    def dataset(request: Request, shot: str = "", status: str = "all", q: str = "", sort: str = "name"):
         state.refresh()
         rows = state.dataset()
         shown = filter_rows(rows, shot=shot if shot in decisions.SHOT_TYPES else "",
@@ -119,29 +121,29 @@ def create_app(spec: Any, *, token: str | None = None) -> FastAPI:
                     sorts=SORTS, statuses=STATUSES)
 
     @app.get("/identity", response_class=HTMLResponse)
-    async def identity(request: Request):
+    def identity(request: Request):
         state.refresh()
         return page("identity", request, videos=state.identity(), sets=decisions.VIDEO_SETS)
 
     @app.get("/evaluation", response_class=HTMLResponse)
-    async def evaluation(request: Request):
+    def evaluation(request: Request):
         state.refresh()
         return page("evaluation", request, evaluations=[_grid(e, state) for e in state.evaluations()])
 
     @app.get("/storyboard", response_class=HTMLResponse)
-    async def storyboard(request: Request):
+    def storyboard(request: Request):
         state.refresh()
         return page("storyboard", request, **state.storyboard())
 
     @app.get("/static/review.js")
-    async def script() -> Response:
+    def script() -> Response:
         from runner.resources import resource_dir
 
         js = (resource_dir("templates") / "review" / "review.js").read_text(encoding="utf-8")
         return Response(js, media_type="text/javascript", headers={"Cache-Control": "no-store"})
 
     @app.get("/file/{rel:path}")
-    async def file(rel: str) -> Response:
+    def file(rel: str) -> Response:
         path = state.store_file(rel)
         if path is None:
             return JSONResponse({"error": {"code": "not_found", "message": "no such file in the workspace store"}},
@@ -150,15 +152,19 @@ def create_app(spec: Any, *, token: str | None = None) -> FastAPI:
                                            "X-Content-Type-Options": "nosniff"})
 
     @app.get("/api/decisions")
-    async def get_decisions() -> JSONResponse:
+    def get_decisions() -> JSONResponse:
         return JSONResponse(state.decisions())
 
     @app.post("/api/decide")
     async def decide(request: Request) -> JSONResponse:
         if request.headers.get("x-review") != "1":
             return _bad(403, "send the X-Review: 1 header (the page does)")
+        raw = await request.body()
+        return await run_in_threadpool(_decide, raw)
+
+    def _decide(raw: bytes) -> JSONResponse:
         try:
-            body = json.loads(await request.body())
+            body = json.loads(raw)
             section, key, fields = body["section"], str(body["key"]), dict(body["fields"])
         except (ValueError, KeyError, TypeError):
             return _bad(422, "expected JSON {section, key, fields: {...}, by}")

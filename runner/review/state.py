@@ -57,8 +57,7 @@ class ReviewState:
 
     def use_plan(self, plan: Any, ws: Any) -> None:
         """Take the outputs of ``plan``'s stages from workspace ``ws`` (an open Workspace)."""
-        self.plan, self.store_dir = plan, ws.store_dir.resolve()
-        self.stages = {}
+        stages: dict[str, StageOutputs] = {}  # built aside, then swapped in: pages run in threads
         for ps in plan.stages:
             if ps.node.character != self.spec.name:
                 continue
@@ -69,7 +68,8 @@ class ReviewState:
             if key is None:
                 continue
             folders = {name: Path(a.path) for name, a in ws.load_outputs(key).items()}
-            self.stages[ps.id] = StageOutputs(ps.id, key, folders, ps.node.config, key == ps.key)
+            stages[ps.id] = StageOutputs(ps.id, key, folders, ps.node.config, key == ps.key)
+        self.plan, self.store_dir, self.stages = plan, ws.store_dir.resolve(), stages
 
     # ------------------------------------------------------------------ helpers
     def decisions(self) -> dict[str, Any]:

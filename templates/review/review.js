@@ -28,6 +28,8 @@
       var v = JSON.parse(b.getAttribute("data-value"));
       b.setAttribute("aria-pressed", entry[b.getAttribute("data-field")] === v ? "true" : "false");
     });
+    var shot = item.querySelector(".shot");
+    if (shot && entry.shot) { shot.textContent = entry.shot.replace(/_/g, " "); }
     var w = item.querySelector("[data-who]");
     if (w) { w.textContent = entry.by ? entry.by + " · " + entry.at : ""; }
   }
