@@ -316,6 +316,15 @@ def _when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "—"
 
 
+def _run_state(r: dict) -> str:
+    """A run's status, with when its process was last seen where that matters."""
+    if r["status"] == "killed":
+        return f"killed (process died; last seen {_when(r.get('last_seen'))})"
+    if r["status"] == "running":
+        return f"running (pid {r.get('pid')} on {r.get('host')}; last seen {_when(r.get('last_seen'))})"
+    return r["status"]
+
+
 @cli.command()
 @click.argument("specs", nargs=-1, type=click.Path(path_type=str))
 @click.option("--project", type=click.Path(file_okay=False), help="Project folder (default: found from the current folder).")
@@ -333,10 +342,11 @@ def status(specs: tuple[str, ...], project: str | None) -> None:
     else:
         click.echo("lock:      free")
     if ws.exists():
+        ws.settle_dead_runs()
         runs = ws.runs(limit=1)
         if runs:
             r = runs[0]
-            click.echo(f"last run:  {r['id']} {r['status']} ({_when(r['started'])}) {r['command']}")
+            click.echo(f"last run:  {r['id']} {_run_state(r)}, started {_when(r['started'])}: {r['command']}")
     if specs:
         from runner.engine.executor import plan_specs
         from runner.spec import load_specs
@@ -361,6 +371,7 @@ def runs(run_id: str | None, limit: int, project: str | None, as_json: bool) -> 
     if not ws.exists():
         raise UserError(f"no workspace in {ws.project_root}: nothing has been applied here yet")
     try:
+        ws.settle_dead_runs()
         if run_id:
             rows = ws.executions(run_id)
             if not rows:
@@ -383,8 +394,9 @@ def runs(run_id: str | None, limit: int, project: str | None, as_json: bool) -> 
             dur = (r["finished"] - r["started"]) if r["finished"] else None
             counts = r["summary"].get("counts", {}) if r["summary"] else {}
             c = ", ".join(f"{n} {a}" for a, n in counts.items() if n)
+            seen = f"  last seen {_when(r['last_seen'])}" if r["status"] in ("killed", "running") else ""
             click.echo(f"{r['id']}  {_when(r['started'])}  {r['status']:<11} "
-                       f"{(f'{dur:.1f}s' if dur is not None else '—'):>8}  {c}")
+                       f"{(f'{dur:.1f}s' if dur is not None else '—'):>8}  {c}{seen}")
     finally:
         ws.close()
 
@@ -426,13 +438,22 @@ def compare(refs: tuple[str, ...], out: str | None, project: str | None) -> None
 
 @cli.command()
 @click.option("--project", type=click.Path(file_okay=False), help="Project folder (default: found from the current folder).")
-@click.option("--force", is_flag=True, help="Remove the lock even if its holder looks alive.")
+@click.option("--force", is_flag=True,
+              help="Kept for scripts: a lock that a live process holds is never taken (two applies would run at once).")
 def unlock(project: str | None, force: bool) -> None:
-    """Clear a workspace lock left behind by a runner that is gone."""
+    """Clear the record of a workspace lock whose holder is gone, and mark its runs killed.
+
+    The lock is an flock the kernel releases when its holder dies, so a dead runner never blocks
+    the next apply; while a live process holds it, unlock refuses (exit 3) and names it."""
     from runner.engine.lock import unlock as do_unlock
 
     ws = _workspace_for((), project)
-    click.echo(do_unlock(ws.dir, force=force))
+    try:
+        click.echo(do_unlock(ws.dir, force=force))
+        for run_id, seen in ws.settle_dead_runs():
+            click.echo(f"run {run_id} marked killed (last seen {_when(seen)})")
+    finally:
+        ws.close()
 
 
 @cli.command("storyboard-preview")

@@ -101,6 +101,7 @@ def apply(specs: list[Spec], options: ApplyOptions | None = None,
     ws = Workspace(project_root_of(specs))
     try:
         with workspace_lock(ws.dir, command=options.command, wait_s=options.wait_s):
+            _settle_dead_runs(ws, reporter)
             ws.clear_tmp()
             graph = build_graph(specs)
             try:
@@ -114,6 +115,16 @@ def apply(specs: list[Spec], options: ApplyOptions | None = None,
     finally:
         reporter.close()
         ws.close()
+
+
+def _settle_dead_runs(ws: Workspace, reporter: Any) -> None:
+    """With the lock held, every run still recorded as running belongs to a process that died."""
+    if not ws.exists():
+        return
+    for run_id, seen in ws.mark_dead_runs():
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seen))
+        reporter.log("runs", "warning", f"run {run_id} was killed (its process died; last seen {when}); "
+                     "it is marked killed in `runner runs`")
 
 
 def backend_of(spec: Spec, options: ApplyOptions) -> str:
@@ -234,6 +245,7 @@ def _execute(plan: Plan, graph: Graph, ws: Workspace, options: ApplyOptions,
             raise ApplyError(f"could not start the Modal app for the GPU stages: {type(exc).__name__}: {exc}"
                              " (check `modal token new` / `modal profile current`, or run with --backend local)") from None
     run_id = ws.start_run(options.command, spec_files)
+    heartbeat = ws.heartbeat(run_id)
     results: list[StageResult] = []
     timeline: list[dict[str, Any]] = []
     done: dict[str, str] = {}  # stage id -> final status
@@ -247,6 +259,13 @@ def _execute(plan: Plan, graph: Graph, ws: Workspace, options: ApplyOptions,
     if remote_ids:
         reporter = _LockedReporter(reporter)  # type: ignore[assignment]
     local_backend = _local_backend()
+
+    def begin(ps: PlannedStage, backend: Any, remote: bool) -> _Running:
+        r = _start(ps, by_id, ws, run_id, reporter, timeline, backend, remote=remote)
+        # recorded as running at once: a process that dies now leaves a row `runner runs` marks killed
+        r.exec_id = ws.record_execution(_record(run_id, ps, graph, "running", r.started, 0.0, {}, None,
+                                                str(r.log_path), options))
+        return r
 
     def finish(r: _Running, outcome: tuple) -> None:
         nonlocal status, stop
@@ -291,12 +310,12 @@ def _execute(plan: Plan, graph: Graph, ws: Workspace, options: ApplyOptions,
                 if ps.id in remote_ids and pool is not None and remote_backend is not None:
                     if len(running) >= max_parallel:
                         continue
-                    r = _start(ps, by_id, ws, run_id, reporter, timeline, remote_backend, remote=True)
+                    r = begin(ps, remote_backend, True)
                     running[pool.submit(_body, r)] = r
                     pending.remove(ps)
                     progressed = True
                     continue
-                r = _start(ps, by_id, ws, run_id, reporter, timeline, local_backend, remote=False)
+                r = begin(ps, local_backend, False)
                 pending.remove(ps)
                 try:
                     outcome = _body(r, in_main_thread=True)
@@ -327,6 +346,11 @@ def _execute(plan: Plan, graph: Graph, ws: Workspace, options: ApplyOptions,
         for fut, r in list(running.items()):
             _interrupted(r, graph, ws, run_id, reporter, options)
         running.clear()
+    except BaseException:  # a bug or a database error: the run ended, say so rather than "running"
+        heartbeat.stop()
+        ws.finish_run(run_id, "failed", {"counts": plan.counts(), "stages": len(plan.stages),
+                                         "error": "the runner stopped on an internal error"})
+        raise
     finally:
         if pool is not None:
             pool.shutdown(wait=not interrupted, cancel_futures=True)
@@ -337,6 +361,7 @@ def _execute(plan: Plan, graph: Graph, ws: Workspace, options: ApplyOptions,
                 pass
     reports = _publish_reports(plan, ws, graph, run_id, results)
     _publish_outputs(plan, ws, results, reporter)
+    heartbeat.stop()
     ws.finish_run(run_id, status, {"counts": plan.counts(), "stages": len(plan.stages)})
     if interrupted:
         raise KeyboardInterrupt
@@ -398,6 +423,7 @@ class _Running:
     ws: Workspace
     backend: Any
     remote: bool
+    exec_id: int = 0  # its row in the executions table (status running until it ends)
 
 
 def _start(ps: PlannedStage, by_id: dict[str, PlannedStage], ws: Workspace, run_id: str,
@@ -449,7 +475,7 @@ def _interrupted(r: _Running, graph: Graph, ws: Workspace, run_id: str, reporter
     shutil.rmtree(r.tmp, ignore_errors=True)
     duration = time.monotonic() - r.t0
     r.ctx._write({"event": "interrupted"})
-    ws.record_execution(_record(run_id, r.ps, graph, "interrupted", r.started, duration, r.ctx.metrics,
+    ws.update_execution(r.exec_id, _record(run_id, r.ps, graph, "interrupted", r.started, duration, r.ctx.metrics,
                                 "interrupted", str(r.log_path), options, remote=r.ctx.extra.get("remote")))
     reporter.stage_finished(r.ps.id, "interrupted", duration)
 
@@ -490,8 +516,8 @@ def _finish(r: _Running, outcome: tuple, graph: Graph, ws: Workspace, run_id: st
         ctx.metrics.update(remote.as_metrics())
     ctx._write({"event": "end", "status": status, "duration": duration, "metrics": ctx.metrics,
                 **({"remote_call_id": remote.call_id} if remote is not None else {})})
-    ws.record_execution(_record(run_id, ps, graph, status, r.started, duration, ctx.metrics, error,
-                                str(r.log_path), options, remote=remote))
+    ws.update_execution(r.exec_id, _record(run_id, ps, graph, status, r.started, duration, ctx.metrics, error,
+                                           str(r.log_path), options, remote=remote))
     note = error if error else (f"{len(ctx.warnings)} warning(s)" if ctx.warnings else "")
     if remote is not None and not error:
         note = (note + "; " if note else "") + f"modal call {remote.call_id}"

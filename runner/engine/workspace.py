@@ -3,6 +3,8 @@
 Layout::
 
     .runner/state.db          SQLite: runs, stage executions, current key per stage, stat cache
+                              (a run's heartbeat column says when its process was last seen;
+                              runs and executions of a process that died are marked killed)
     .runner/lock              who holds the workspace (see lock.py)
     .runner/store/<key>/      promoted stage outputs, one folder per cache key, never modified
     .runner/tmp/              stage output folders while a stage runs (cleared at the next apply)
@@ -18,12 +20,14 @@ import os
 import shutil
 import socket
 import sqlite3
+import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
+from runner.engine.lock import pid_alive, probe_lock
 from runner.hashing import file_sha256
 from runner.paths import iter_tree, workspace_dir
 from runner.plan.planner import FileSetDigest, PriorRecord, canonical_json, sha256_text
@@ -32,7 +36,7 @@ from runner.stages import base
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs(
   id TEXT PRIMARY KEY, started REAL, finished REAL, status TEXT, command TEXT,
-  specs TEXT, summary TEXT, host TEXT, pid INTEGER);
+  specs TEXT, summary TEXT, host TEXT, pid INTEGER, heartbeat REAL);
 CREATE TABLE IF NOT EXISTS executions(
   id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT, stage_id TEXT, kind TEXT, character TEXT,
   key TEXT, action TEXT, reason TEXT, status TEXT, started REAL, duration REAL, metrics TEXT,
@@ -47,6 +51,9 @@ CREATE TABLE IF NOT EXISTS stat_blob(root TEXT PRIMARY KEY, data BLOB);
 """
 
 MANIFEST = "_manifest.json"
+
+# Seconds between two "still alive" writes of a running apply (runs.heartbeat).
+HEARTBEAT_S = float(os.environ.get("CHARACTER_RUNNER_HEARTBEAT_S", "5"))
 
 
 def new_run_id() -> str:
@@ -99,6 +106,7 @@ class Workspace:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(SCHEMA)
+            _add_missing_columns(db, "runs", {"heartbeat": "REAL"})
             self._db = db
         return self._db
 
@@ -165,29 +173,85 @@ class Workspace:
     # ------------------------------------------------------------------ runs
     def start_run(self, command: str, specs: Iterable[str]) -> str:
         run_id = new_run_id()
+        now = time.time()
         with self.db:
             self.db.execute(
-                "INSERT INTO runs(id, started, status, command, specs, host, pid) VALUES (?,?,?,?,?,?,?)",
-                (run_id, time.time(), "running", command, json.dumps(list(specs)), socket.gethostname(), os.getpid()),
+                "INSERT INTO runs(id, started, status, command, specs, host, pid, heartbeat) VALUES (?,?,?,?,?,?,?,?)",
+                (run_id, now, "running", command, json.dumps(list(specs)), socket.gethostname(), os.getpid(), now),
             )
         return run_id
 
     def finish_run(self, run_id: str, status: str, summary: dict[str, Any]) -> None:
+        now = time.time()
         with self.db:
             self.db.execute(
-                "UPDATE runs SET finished=?, status=?, summary=? WHERE id=?",
-                (time.time(), status, json.dumps(summary), run_id),
+                "UPDATE runs SET finished=?, heartbeat=?, status=?, summary=? WHERE id=?",
+                (now, now, status, json.dumps(summary), run_id),
             )
 
-    def record_execution(self, rec: ExecutionRecord) -> None:
+    def beat(self, run_id: str) -> None:
+        """Record that the process of ``run_id`` is alive now."""
         with self.db:
-            self.db.execute(
+            self.db.execute("UPDATE runs SET heartbeat=? WHERE id=?", (time.time(), run_id))
+
+    def heartbeat(self, run_id: str, interval_s: float = HEARTBEAT_S) -> "Heartbeat":
+        """A started :class:`Heartbeat` for ``run_id``; call ``stop()`` when the run ends."""
+        return Heartbeat(self.dir / "state.db", run_id, interval_s)
+
+    def mark_dead_runs(self, alive: Callable[[str, int], bool] | None = None) -> list[tuple[str, float]]:
+        """Mark the runs still recorded as running whose process is gone as killed, with the last
+        heartbeat as their finish time, and their running executions likewise; returns (run id,
+        last seen) of each. ``alive(host, pid)`` tells which processes may still run one; without
+        it (the caller holds the lock) every "running" run is dead: only one apply runs per
+        workspace, so the others died (kill -9, OOM, reboot)."""
+        rows = self.db.execute(
+            "SELECT id, started, host, pid, heartbeat FROM runs WHERE status='running'").fetchall()
+        dead = [r for r in rows if alive is None or not alive(r[2], r[3])]
+        with self.db:
+            for run_id, started, host, pid, beat in dead:
+                seen = beat or started
+                why = (f"killed: the runner process (pid {pid} on {host}) died while this stage ran; "
+                       f"last seen {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(seen))}")
+                self.db.execute("UPDATE runs SET status='killed', finished=? WHERE id=? AND status='running'",
+                                (seen, run_id))
+                self.db.execute(
+                    "UPDATE executions SET status='killed', duration=MAX(0, ? - started), error=?"
+                    " WHERE run_id=? AND status='running'", (seen, why, run_id))
+        return [(r[0], r[4] or r[1]) for r in dead]
+
+    def settle_dead_runs(self) -> list[tuple[str, float]]:
+        """`mark_dead_runs` for a reader that does not hold the lock (`runner runs`, `status`):
+        takes the lock for a moment when it is free; while an apply holds it, only that
+        holder's process, and processes alive on this host, count as alive."""
+        if not self.exists():
+            return []
+        with probe_lock(self.dir) as holder:
+            if holder is None:
+                return self.mark_dead_runs()
+            me = socket.gethostname()
+            return self.mark_dead_runs(
+                lambda host, pid: (host, pid) == (holder.get("host"), holder.get("pid"))
+                or (host == me and pid_alive(int(pid or 0))))
+
+    def record_execution(self, rec: ExecutionRecord) -> int:
+        """Insert an execution row (status ``running`` while a stage runs); returns its id."""
+        with self.db:
+            cur = self.db.execute(
                 "INSERT INTO executions(run_id, stage_id, kind, character, key, action, reason, status,"
                 " started, duration, metrics, cost, currency, gpu, backend, remote_call_id, error, log_path)"
                 " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (rec.run_id, rec.stage_id, rec.kind, rec.character, rec.key, rec.action, rec.reason,
-                 rec.status, rec.started, rec.duration, json.dumps(rec.metrics), rec.cost, rec.currency,
-                 rec.gpu, rec.backend, rec.remote_call_id, rec.error, rec.log_path),
+                _execution_values(rec),
+            )
+        return int(cur.lastrowid)
+
+    def update_execution(self, exec_id: int, rec: ExecutionRecord) -> None:
+        """Overwrite the row ``record_execution`` returned (a running stage that finished)."""
+        with self.db:
+            self.db.execute(
+                "UPDATE executions SET run_id=?, stage_id=?, kind=?, character=?, key=?, action=?, reason=?,"
+                " status=?, started=?, duration=?, metrics=?, cost=?, currency=?, gpu=?, backend=?,"
+                " remote_call_id=?, error=?, log_path=? WHERE id=?",
+                (*_execution_values(rec), exec_id),
             )
 
     def set_current(self, stage_id: str, key: str, components: dict[str, Any], run_id: str,
@@ -203,13 +267,15 @@ class Workspace:
                 )
 
     def runs(self, limit: int = 20) -> list[dict[str, Any]]:
+        """Recent runs, newest first; ``last_seen`` is the run's last heartbeat."""
         rows = self.db.execute(
-            "SELECT id, started, finished, status, command, summary FROM runs ORDER BY started DESC LIMIT ?",
+            "SELECT id, started, finished, status, command, summary, heartbeat, host, pid FROM runs"
+            " ORDER BY started DESC LIMIT ?",
             (limit,),
         ).fetchall()
         return [
             {"id": r[0], "started": r[1], "finished": r[2], "status": r[3], "command": r[4],
-             "summary": json.loads(r[5]) if r[5] else {}}
+             "summary": json.loads(r[5]) if r[5] else {}, "last_seen": r[6], "host": r[7], "pid": r[8]}
             for r in rows
         ]
 
@@ -277,6 +343,50 @@ class Workspace:
 
     def manifest(self, key: str) -> dict[str, Any]:
         return json.loads((self.store_path(key) / MANIFEST).read_text(encoding="utf-8"))
+
+
+class Heartbeat:
+    """Writes ``runs.heartbeat`` every ``interval_s`` seconds from a daemon thread with its own
+    connection, so a run that dies mid-stage (even hours into a training step) shows when it was
+    last alive. ``stop()`` ends it; a killed process takes the thread with it."""
+
+    def __init__(self, db_path: Path, run_id: str, interval_s: float) -> None:
+        self._db_path, self._run_id, self._interval = db_path, run_id, max(0.05, float(interval_s))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="run-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        db = sqlite3.connect(self._db_path, timeout=30, isolation_level=None)
+        try:
+            while not self._stop.wait(self._interval):
+                try:
+                    db.execute("UPDATE runs SET heartbeat=? WHERE id=?", (time.time(), self._run_id))
+                except sqlite3.Error:
+                    continue  # a busy database: the next beat tries again
+        finally:
+            db.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def _execution_values(rec: ExecutionRecord) -> tuple:
+    return (rec.run_id, rec.stage_id, rec.kind, rec.character, rec.key, rec.action, rec.reason,
+            rec.status, rec.started, rec.duration, json.dumps(rec.metrics), rec.cost, rec.currency,
+            rec.gpu, rec.backend, rec.remote_call_id, rec.error, rec.log_path)
+
+
+def _add_missing_columns(db: sqlite3.Connection, table: str, columns: dict[str, str]) -> None:
+    """Bring a state database written by an older version up to the current schema."""
+    have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+    for name, sql_type in columns.items():
+        if name not in have:
+            try:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}")
+            except sqlite3.OperationalError:  # another process added it first
+                pass
 
 
 def _scan(root: Path, patterns: tuple[str, ...], recursive: bool):

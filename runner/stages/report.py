@@ -172,6 +172,7 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
         t["currency"] = e["currency"] if e else ""
         t["gpu"] = e["gpu"] if e else None
         t["backend"] = e["backend"] if e else ""
+    killed_runs = _killed_runs_before(ws, ctx.run_id, ctx.character) if ws is not None else []
     total_time = sum(t["duration"] for t in timeline)
     total_cost = sum((t.get("cost") or 0.0) for t in timeline)
     character = config.get("character", {})
@@ -194,6 +195,7 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
         references=refs,
         sections=sections,
         timeline=timeline,
+        killed_runs=killed_runs,
         total_time=total_time,
         total_cost=total_cost,
         currency=(timeline[0].get("currency") if timeline else "") or config.get("spec", {}).get("hardware", {}).get("currency", "USD"),
@@ -205,6 +207,25 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     out.write_text(page, encoding="utf-8")
     ctx.metric("report_bytes", out.stat().st_size)
     return {"report": base.Artifact("report", out)}
+
+
+def _killed_runs_before(ws: Any, run_id: str, character: str) -> list[dict[str, Any]]:
+    """The runs of this character killed since the last one that ended normally (newest first):
+    their process died, so they never wrote a report of their own."""
+    def utc(ts: float | None) -> str:
+        return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") if ts else "—"
+
+    out = []
+    for r in ws.runs(limit=50):
+        if r["id"] == run_id or r["status"] == "running":
+            continue
+        if r["status"] != "killed":
+            break  # older runs were in an earlier report
+        mine = [e for e in ws.executions(r["id"]) if e["character"] == character]
+        if mine:
+            out.append({"id": r["id"], "started": utc(r["started"]), "last_seen": utc(r["last_seen"]),
+                        "stages": [e["stage_id"] for e in mine if e["status"] == "killed"]})
+    return out
 
 
 def _thumb_or_none(path: Path, px: int) -> str | None:
