@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 from runner.resources import resource_dir
@@ -84,18 +85,53 @@ def _trigger_for(name: str) -> str:
     return token + ("chr" if len(token) < 4 else "")
 
 
+SCHEMA_FOLDER = "schema"  # next to the spec: <spec folder>/schema/character.schema.json
+
+
 def _schema_reference(spec_path: Path) -> str:
-    """A relative path from the spec to the schema, copying the schema into the project if the
-    installed package lives outside it (editors resolve relative $refs from the file's folder)."""
+    """The spec-relative path editors find the schema at, in every clone of the user's repo.
+
+    In a checkout of character-runner itself the schema is a tracked file of the repo, so the spec
+    points at it. Anywhere else (an installed package, a virtual environment inside the project,
+    a git-ignored folder) the schema is copied next to the spec, into ``schema/``: files the user
+    commits with the spec. ``runner init`` refreshes that copy."""
     schemas = resource_dir("schemas")
-    root = find_project_root(spec_path)
-    target_dir = schemas
+    spec_dir = spec_path.resolve().parent
+    if _tracked_in_project(schemas, find_project_root(spec_path)):
+        target = schemas / "character.schema.json"
+    else:
+        target = _copy_schema(schemas, spec_dir / SCHEMA_FOLDER) / "character.schema.json"
+    return Path(os.path.relpath(target, spec_dir)).as_posix()
+
+
+def _tracked_in_project(folder: Path, root: Path) -> bool:
+    """Whether ``folder`` is part of the project's own files: inside it, not in an installed
+    package, and not ignored by its git (a fresh clone would not have it)."""
     try:
-        schemas.resolve().relative_to(root.resolve())
+        rel = folder.resolve().relative_to(root.resolve())
     except ValueError:
-        target_dir = root / ".runner" / "schemas"
-        if target_dir.exists():
-            shutil.rmtree(target_dir)
-        shutil.copytree(schemas, target_dir)
-    rel = os.path.relpath(target_dir / "character.schema.json", spec_path.resolve().parent)
-    return Path(rel).as_posix()
+        return False
+    if "site-packages" in rel.parts or "dist-packages" in rel.parts:
+        return False
+    if not (root / ".git").exists():
+        return True
+    try:
+        r = subprocess.run(["git", "-C", str(root), "ls-files", "--error-unmatch", str(rel / "character.schema.json")],
+                           capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0
+
+
+def _copy_schema(schemas: Path, dest: Path) -> Path:
+    """Replace ``dest`` with a copy of the schema files (JSON only), atomically."""
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(schemas, tmp, ignore=lambda d, names: [n for n in names
+                                                            if not n.endswith(".json") and not (Path(d) / n).is_dir()])
+    old = dest.with_name(f".{dest.name}.{os.getpid()}.old")
+    if dest.exists():
+        os.rename(dest, old)
+    os.rename(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest
