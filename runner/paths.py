@@ -135,3 +135,18 @@ def links_leaving(folder: Path, root: Path, *, recursive: bool = True) -> list[t
         if entry.is_symlink() and not inside(entry.path, root):
             found.append((rel, os.path.realpath(entry.path)))
     return sorted(found)
+
+
+def list_files(root: Path | str, recursive: bool = True) -> list[Path]:
+    """The files the runner reads under ``root`` (see iter_tree), sorted; ``[root]`` for a file."""
+    root = Path(root)
+    if not root.is_dir():
+        return [root] if root.is_file() else []
+    out = []
+    for _, entry in iter_tree(root, recursive):
+        try:
+            if entry.is_file(follow_symlinks=True):
+                out.append(Path(entry.path))
+        except OSError:
+            continue
+    return sorted(out)

@@ -99,7 +99,7 @@ HOSTILE = [
 
 
 @pytest.mark.parametrize("name,tail,line", HOSTILE, ids=[h[0] for h in HOSTILE])
-@pytest.mark.parametrize("command", ["validate", "plan"])
+@pytest.mark.parametrize("command", ["validate", "plan", "apply"])
 def test_hostile_yaml_is_a_spec_error_with_its_line(project, capsys, name, tail, line, command):
     spec = write_bytes(project, MINIMAL.encode() + tail)
     code, out = run_cli(command, str(spec), capsys=capsys)
@@ -539,3 +539,24 @@ def test_files_a_spec_names_that_cannot_be_used_exit_2_at_plan(project, capsys, 
                                            " suite: suite.yaml}\n").encode())
     code, out = run_cli("plan", str(spec), capsys=capsys)
     assert code == 2 and "generate.video.suite" in out and "suite.yaml" in out and "Traceback" not in out, out
+
+
+def test_the_report_lists_references_the_way_the_stages_read_them(project, shared_data, monkeypatch):
+    import shutil
+
+    from runner.engine.executor import ApplyOptions, apply
+    from runner.engine.progress import QuietReporter
+    from runner.spec import load_spec
+
+    _report_only(monkeypatch)
+    outside = project.parent / "private"
+    outside.mkdir()
+    shutil.copy(shared_data / "faces" / "obama" / "obama_01.jpg", outside / "secret_face.jpg")
+    refs = project / "refs"
+    refs.mkdir()
+    shutil.copy(shared_data / "faces" / "obama" / "obama_02.jpg", refs / "ref.jpg")
+    (refs / ".secret_face.jpg").symlink_to(outside / "secret_face.jpg")  # hidden: never read
+    spec = write_bytes(project, (MINIMAL + "  references: [../refs]\n").encode())
+    res = apply([load_spec(spec)], ApplyOptions(), QuietReporter())
+    html = res.reports["hero"].read_text()
+    assert "ref.jpg" in html and "secret_face" not in html

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from runner.paths import list_files
 from runner.stages import base
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -130,7 +131,7 @@ def _reference_embeddings(config: dict[str, Any], inputs: dict[str, base.Artifac
         art = inputs[name]
         idx = int(name[len("reference"):] or 0)
         key = art.meta.get("spec_key") or f"character.references[{idx}]"
-        files = list(art.files) if art.files else ([art.path] if Path(art.path).is_file() else sorted(Path(art.path).rglob("*")))
+        files = list(art.files) if art.files else list_files(art.path)
         files = [Path(f) for f in files if Path(f).suffix.lower() in IMAGE_EXTENSIONS]
         if not files:
             raise base.StageError(f"{key}: no image files in {art.path}",

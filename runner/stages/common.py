@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from runner.paths import list_files
 from runner.stages import base
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -28,8 +29,7 @@ def reference_files(inputs: dict[str, base.Artifact]) -> list[Path]:
         if not name.startswith("reference"):
             continue
         art = inputs[name]
-        cands = list(art.files) if art.files else ([Path(art.path)] if Path(art.path).is_file()
-                                                   else sorted(Path(art.path).rglob("*")))
+        cands = list(art.files) if art.files else list_files(art.path)
         files += [Path(f) for f in cands if Path(f).suffix.lower() in IMAGE_EXTENSIONS and Path(f).is_file()]
     return list(dict.fromkeys(files))
 

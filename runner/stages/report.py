@@ -12,6 +12,7 @@ import html
 from pathlib import Path
 from typing import Any
 
+from runner.paths import list_files
 from runner.stages import base
 
 
@@ -180,7 +181,7 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     refs = []
     for ref in character.get("references", []):
         p = Path(ref) if Path(ref).is_absolute() else ctx.project_root / ref
-        files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else ([p] if p.exists() else [])
+        files = list_files(p)  # what the other stages read: hidden names skipped
         for f in files[:8]:
             try:
                 refs.append({"src": _thumb_or_none(f, env_settings["thumbnail_px"]), "name": f.name})
