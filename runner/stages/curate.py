@@ -252,14 +252,22 @@ def balance_select(job: Balancing) -> Balanced:
     """Drop the lowest-quality images while that brings a category closer and none farther."""
     if not job.targets:
         job.ctx.warn("strategy select without dataset.shots.targets: nothing to select")
+    start = B.off_target(_tally(job.entries), job.targets)
     kept, dropped, short = B.select(job.entries, job.targets, pinned=_pinned)
-    rejected = []
-    for e, cat in dropped:
-        lo, hi = job.targets[cat]
-        why = (f"{cat} over its target max {hi:.0%}" if cat in e["categories"]
-               else f"{cat} under its target min {lo:.0%}, and dropping other images raises its share")
-        rejected.append(_reject(job.records[e["id"]], "shot balance", f"{why} (lowest quality first)"))
+    rejected = [_reject(job.records[e["id"]], "shot balance", _drop_detail(e, cat, start, job.targets))
+                for e, cat in dropped]
     return Balanced(kept, rejected=rejected, shortfalls=short)
+
+
+def _drop_detail(e: dict[str, Any], cat: str, start: dict[str, str], targets: dict[str, list[float]]) -> str:
+    lo, hi = targets[cat]
+    if start.get(cat) == "over" and cat in e["categories"]:
+        why = f"{cat} over its target max {hi:.0%}"
+    elif start.get(cat) == "under" and cat not in e["categories"]:
+        why = f"{cat} under its target min {lo:.0%}, and dropping other images raises its share"
+    else:
+        why = f"with the other shot-balance drops it brings {cat} closer to its target {lo:.0%}–{hi:.0%}"
+    return f"{why} (lowest quality first)"
 
 
 def _pinned(e: dict[str, Any]) -> bool:
@@ -290,7 +298,8 @@ def balance_augment(job: Balancing) -> Balanced:
     need = not job.targets or B.off_target(tally, job.targets)
     candidates = (_crop_candidates(job) + _mirror_candidates(job)) if need else []
     chosen, short = B.add(job.entries, candidates, job.targets)
-    derived = [_materialize(e, job) for e in chosen]
+    parents = {e["id"]: e for e in job.entries}
+    derived = [_materialize(e, parents[e["parent"]], job) for e in chosen]
     if derived:
         job.ctx.log("augment: " + ", ".join(f"{n} {k}" for k, n in _derived_counts(derived).items()))
     entries = job.entries + derived
@@ -401,11 +410,10 @@ def _source_path(e: dict[str, Any], job: Balancing) -> Path:
     return Path(job.images[e["input"]].path) / e["file"]
 
 
-def _materialize(entry: dict[str, Any], job: Balancing) -> dict[str, Any]:
+def _materialize(entry: dict[str, Any], parent: dict[str, Any], job: Balancing) -> dict[str, Any]:
     """Write a chosen crop or mirrored copy as PNG under the output folder."""
     from PIL import Image, ImageOps
 
-    parent = next(e for e in job.entries if e["id"] == entry["parent"])
     dest = job.out / entry["file"]
     dest.parent.mkdir(exist_ok=True)
     with Image.open(_source_path(parent, job)) as im:
