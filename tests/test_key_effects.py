@@ -347,11 +347,8 @@ def with_context(spec: Spec, key: str) -> Spec:
     return Spec(file=spec.file, project_root=spec.project_root, data=data, raw=spec.raw, loaded=spec.loaded)
 
 
-def schema_problems(data: dict) -> list[str]:
-    from jsonschema import Draft202012Validator
-
-    registry, root = S._registry_and_root()
-    return [e.message for e in Draft202012Validator(root, registry=registry).iter_errors(data)]
+def schema_problems(data: dict, spec: Spec) -> list[str]:
+    return [p.render() for p in S.validate(data, spec.loaded)]
 
 
 def changed_spec(spec: Spec, path: tuple, sub: dict[str, Any]) -> Spec:
@@ -376,7 +373,7 @@ def changed_spec(spec: Spec, path: tuple, sub: dict[str, Any]) -> Spec:
         value = get_in(spec.data, loc)
         set_in(mutated, loc, changed_value(key, value, sub))
         assert get_in(mutated, loc) != value, f"{key}: the new value equals the old one"
-    bad = schema_problems(mutated)
+    bad = schema_problems(mutated, spec)
     assert not bad, f"{key}: the changed spec is invalid: {bad[:2]}"
     return Spec(file=spec.file, project_root=spec.project_root, data=mutated, raw=spec.raw, loaded=spec.loaded)
 
