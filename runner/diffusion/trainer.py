@@ -83,29 +83,79 @@ def read_resume_meta(scratch_dir: Path) -> dict[str, Any] | None:
 
 @dataclass
 class Phase:
+    """One phase, in optimizer steps. ``epochs`` is set when the spec gave the phase in epochs;
+    ``steps`` and ``start`` are None only at plan time, before the dataset size is known."""
+
     name: str
-    steps: int
+    steps: int | None
     lr: float
     mix: Any
-    start: int = 0
+    start: int | None = 0
+    epochs: int | None = None
 
     @property
-    def end(self) -> int:
-        return self.start + self.steps
+    def end(self) -> int | None:
+        return None if self.start is None or self.steps is None else self.start + self.steps
 
 
-def phases_of(config: dict[str, Any]) -> list[Phase]:
+def epoch_steps(examples: list[Example], batch_size: int, gradient_accumulation: int) -> int:
+    """Optimizer steps of one epoch: every training image once, counting its repeats, in steps
+    of batch_size x gradient_accumulation images (the last one may be partial)."""
+    return max(1, math.ceil(sum(e.repeats for e in examples) / (batch_size * gradient_accumulation)))
+
+
+def phases_of(config: dict[str, Any], steps_per_epoch: int | None) -> list[Phase]:
+    """The phases of a train config in steps: a phase given in epochs takes epochs x
+    ``steps_per_epoch`` steps (unknown, None, at plan time before the dataset is captioned)."""
     raw = config.get("phases") or []
     if not raw:
         raw = [{"name": "main", "steps": int(config["steps"]), "lr": None, "mix": "natural"}]
     out: list[Phase] = []
-    start = 0
+    start: int | None = 0
     for p in raw:
-        ph = Phase(name=p["name"], steps=int(p["steps"]), lr=float(p.get("lr") or config["lr"]),
-                   mix=p.get("mix", "natural"), start=start)
+        epochs = int(p["epochs"]) if p.get("epochs") is not None else None
+        steps = int(p["steps"]) if epochs is None else (epochs * steps_per_epoch if steps_per_epoch else None)
+        ph = Phase(name=p["name"], steps=steps, lr=float(p.get("lr") or config["lr"]),
+                   mix=p.get("mix", "natural"), start=start, epochs=epochs)
         out.append(ph)
         start = ph.end
     return out
+
+
+def dataset_steps_per_epoch(dataset_dir: Path, config: dict[str, Any]) -> tuple[int, str]:
+    """(steps per epoch, how) for the caption stage's dataset folder and a train config: the
+    images the trainer keeps after its validation hold-out, as :meth:`LoraTrainer.run` counts."""
+    ck = config.get("checkpoints", {})
+    train_ex, _ = split_validation(read_dataset(dataset_dir), float(ck.get("validation_fraction", 0.1)), int(config["seed"]))
+    bs, ga = int(config.get("batch_size", 1)), int(config.get("gradient_accumulation", 1))
+    n = epoch_steps(train_ex, bs, ga)
+    return n, (f"{len(train_ex)} training images, {sum(e.repeats for e in train_ex)} with repeats, "
+               f"/ (batch {bs} x accumulation {ga})")
+
+
+def describe_phases(config: dict[str, Any], steps_per_epoch: int | None, how: str = "") -> str:
+    """One line for the plan: each phase in steps and epochs."""
+    parts = []
+    for ph in phases_of(config, steps_per_epoch):
+        if ph.start is None or ph.steps is None:  # an epoch phase (or one after it) before the data is known
+            parts.append(f"{ph.name} {ph.epochs or ph.steps} {'epochs' if ph.epochs else 'steps'}")
+            continue
+        text = f"{ph.name} steps {ph.start + 1}-{ph.end}"
+        if steps_per_epoch:
+            text += " = " + _epoch_span(ph.start, ph.end, steps_per_epoch)
+        parts.append(text)
+    if steps_per_epoch:
+        return f"phases: {'; '.join(parts)} ({steps_per_epoch} steps per epoch: {how})"
+    return (f"phases: {'; '.join(parts)} (steps of phases in epochs are known once the caption stage has run: "
+            "ceil(images x repeats after the validation hold-out / (batch_size x gradient_accumulation)) per epoch)")
+
+
+def _epoch_span(start: int, end: int, steps_per_epoch: int) -> str:
+    """'epochs 7-12' for whole epochs, '83.3 epochs' otherwise."""
+    if start % steps_per_epoch == 0 and end % steps_per_epoch == 0:
+        first, last = start // steps_per_epoch + 1, end // steps_per_epoch
+        return f"epoch {last}" if first == last else f"epochs {first}-{last}"
+    return f"{(end - start) / steps_per_epoch:.1f} epochs"
 
 
 class Callbacks:
@@ -228,12 +278,11 @@ class LoraTrainer:
                                           keep_tokens=int(cfg.get("keep_tokens", 1)), seed=int(cfg["seed"]), key=e.id)
         for e in self.val_ex:
             e.captions = [e.caption]
-        self.phases = phases_of(cfg)
-        self.total_steps = self.phases[-1].end
         self.bs = int(cfg.get("batch_size", 1))
         self.ga = int(cfg.get("gradient_accumulation", 1))
-        epoch_images = sum(e.repeats for e in self.train_ex)
-        self.steps_per_epoch = max(1, math.ceil(epoch_images / (self.bs * self.ga)))
+        self.steps_per_epoch = epoch_steps(self.train_ex, self.bs, self.ga)
+        self.phases = phases_of(cfg, self.steps_per_epoch)
+        self.total_steps = self.phases[-1].end
         every_epochs = ck.get("every_epochs")
         self.every = int(every_epochs) * self.steps_per_epoch if every_epochs else int(ck.get("every_steps", 250))
 
@@ -279,7 +328,9 @@ class LoraTrainer:
         reg = self.cfg.get("regularization", {})
         exts = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
         if self.reg_dir is not None:
-            files = sorted(p for p in Path(self.reg_dir).rglob("*") if p.suffix.lower() in exts)
+            from runner.paths import list_files  # what the plan digested: hidden names skipped
+
+            files = [p for p in list_files(self.reg_dir) if p.suffix.lower() in exts]
             if not files:
                 raise TrainError(f"train.regularization.images: no image found in {self.reg_dir}",
                                  hint="Put class images (png/jpg) there, or set it to null to generate them.")
@@ -667,6 +718,7 @@ class LoraTrainer:
         os.replace(tmp, d / STATE_FILE)
         _atomic_write_text(d / STATE_META, json.dumps({"step": step, "total_steps": self.total_steps,
                                                         "phase": self.phases[phase_index].name,
+                                                        "steps_per_epoch": self.steps_per_epoch,
                                                         "config_digest": state["config_digest"]}))
 
     def _load_state(self) -> dict | None:
@@ -871,8 +923,9 @@ class LoraTrainer:
             "rank": self.rank,
             "alpha": self.alpha,
             "buckets": {"resolution": self.bucket_settings.resolution, **self.bucket_settings.kohya()},
-            "phases": [{"name": p.name, "steps": p.steps, "lr": p.lr, "start": p.start, "mix": p.mix,
+            "phases": [{"name": p.name, "steps": p.steps, "epochs": p.epochs, "lr": p.lr, "start": p.start, "mix": p.mix,
                         "shot_share": self.phase_mix.get(p.name, {})} for p in self.phases],
+            "steps_per_epoch": self.steps_per_epoch,
             "dataset": self.dataset_summary(),
             "total_steps": self.total_steps,
             "resumed_from_step": self.resumed_from,
