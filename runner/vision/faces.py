@@ -40,10 +40,12 @@ Backends
 
 Pose sign convention (both backends)
 ------------------------------------
-Pose comes from the same place for both backends: ``cv2.solvePnP`` (SQPnP) of the 2D landmarks
-against a generic 3D face model (:data:`FACE_MODEL_3D`, millimetres, X to image right, Y down,
-Z away from the camera, so a frontal face has the identity rotation) with a pinhole camera whose
-focal length is the image's longest side. The angles are read off the rotated face:
+Pose comes from the same place for both backends: ``cv2.solvePnP`` (SQPnP) of the rigid upper-face
+landmarks against a generic 3D face model (:data:`FACE_MODEL_3D`, millimetres, X to image right, Y
+down, Z away from the camera, so a frontal face has the identity rotation) seen by a virtual camera
+that looks straight at the face: the pose is relative to the line of sight, so it does not change
+when the face moves in the frame or the image is padded or cropped around it.
+The angles are read off the rotated face:
 
 - ``yaw``   > 0: the person turns to *their* left, i.e. the face points to image right.
 - ``pitch`` > 0: the person looks up.
@@ -189,29 +191,47 @@ def _l2n(v: np.ndarray) -> np.ndarray:
 # Pose from landmarks
 # --------------------------------------------------------------------------------------------
 
-# A generic adult face in millimetres (anthropometric averages, rounded), in a camera-like frame:
-# X to image right, Y down, Z away from the camera; the nose tip is the origin. Keys are iBUG-68
-# indices. Contour points other than the chin are left out: they slide along the silhouette as
-# the head turns, which would bias yaw.
+# A generic adult face in millimetres, in a camera-like frame: X to image right, Y down, Z away
+# from the camera; the nose tip is the origin. Keys are iBUG-68 indices.
+#
+# X and Y are the mean shape of dlib's 68-point shape predictor (the average of its iBUG 300-W
+# training annotations, read out of face_recognition_models' shape_predictor_68_face_landmarks.dat
+# by bench/pose_model/mean_shape.py) scaled to 90 mm between the outer eye corners: "pitch 0" is the
+# average photographed face, not a guess. Z is anthropometric (rounded adult averages: the inner
+# eye corners 32 mm and the outer ones 40 mm behind the nose tip, the nasal bridge rising from the
+# tip to 18 mm at the sellion, the nostril wings 20 mm back).
+#
+# Only the rigid upper face is used: eye corners, the nasal bridge and the nose base. The chin drops
+# when the mouth opens and the mouth corners rise in a smile, and both read as pitch when they are
+# fitted (talking faces read 10-20 degrees "up"); the other contour points slide along the
+# silhouette as the head turns.
 FACE_MODEL_3D: dict[int, tuple[float, float, float]] = {
-    8: (0.0, 68.0, 28.0),  # chin (menton)
-    27: (0.0, -38.0, 20.0),  # nasion (bridge of the nose)
+    27: (0.0, -38.0, 18.0),  # sellion (top of the nasal bridge)
+    28: (0.0, -25.4, 12.0),
+    29: (0.0, -12.9, 6.0),
     30: (0.0, 0.0, 0.0),  # nose tip (pronasale)
-    31: (-13.0, 8.0, 18.0),  # nostril wing, image left
-    33: (0.0, 11.0, 14.0),  # subnasale
-    35: (13.0, 8.0, 18.0),  # nostril wing, image right
-    36: (-45.0, -33.0, 32.0),  # outer corner of the image-left eye
-    39: (-16.0, -32.0, 26.0),  # inner corner of the image-left eye
-    42: (16.0, -32.0, 26.0),  # inner corner of the image-right eye
-    45: (45.0, -33.0, 32.0),  # outer corner of the image-right eye
-    48: (-25.0, 30.0, 24.0),  # mouth corner, image left
-    54: (25.0, 30.0, 24.0),  # mouth corner, image right
+    31: (-15.0, 8.7, 20.0),  # nostril wing, image left
+    32: (-7.8, 11.4, 15.0),
+    33: (0.0, 13.6, 10.0),  # subnasale
+    34: (7.8, 11.4, 15.0),
+    35: (15.0, 8.7, 20.0),  # nostril wing, image right
+    36: (-45.0, -36.4, 40.0),  # outer corner of the image-left eye
+    39: (-19.0, -34.5, 32.0),  # inner corner of the image-left eye
+    42: (19.0, -34.5, 32.0),  # inner corner of the image-right eye
+    45: (45.0, -36.4, 40.0),  # outer corner of the image-right eye
 }
-# The same model at the 5 keypoints (eye centres, nose tip, mouth corners).
+# The same model at the 5 keypoints (eye centres, nose tip, mouth corners; the mouth corners are the
+# only lower-face points, as a 5-point pack has nothing else below the nose).
 FACE_MODEL_3D_5: np.ndarray = np.array(
-    [(-30.0, -33.0, 29.0), (30.0, -33.0, 29.0), (0.0, 0.0, 0.0), (-25.0, 30.0, 24.0), (25.0, 30.0, 24.0)],
+    [(-32.3, -36.5, 36.0), (32.3, -36.5, 36.0), (0.0, 0.0, 0.0), (-28.8, 32.1, 26.0), (28.8, 32.1, 26.0)],
     dtype=np.float64,
 )
+#: Camera distance assumed for the perspective of the pose fit, in millimetres (a portrait or a
+#: webcam; the angles change by under a degree between 400 mm and 3 m).
+POSE_CAMERA_DISTANCE_MM = 800.0
+#: Landmarks closer than this fraction of the outer-eye-corner distance to the frame edge are left
+#: out of the fit (the shape predictor guesses them).
+POSE_EDGE_MARGIN = 0.05
 
 
 def keypoints_from_68(lm: np.ndarray) -> np.ndarray:
@@ -230,26 +250,45 @@ def _angles_from_rotation(rot: np.ndarray) -> Pose:
     return Pose(round(yaw, 2), round(pitch, 2), round(roll, 2))
 
 
-def pose_from_landmarks(points: np.ndarray, image_size: tuple[int, int]) -> Pose:
-    """Yaw/pitch/roll in degrees from 68 iBUG landmarks or 5 keypoints.
+def _model_correspondences(pts: np.ndarray, image_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(3D model points, their 2D image points) for 68 landmarks or 5 keypoints."""
+    if pts.shape[0] == 5:
+        return FACE_MODEL_3D_5, pts
+    if pts.shape[0] != 68:
+        raise ValueError(f"pose needs 68 landmarks or 5 keypoints, got {pts.shape[0]} points")
+    w, h = image_size
+    margin = POSE_EDGE_MARGIN * float(np.hypot(*(pts[45] - pts[36])))
+    idx = [i for i in sorted(FACE_MODEL_3D)
+           if margin <= pts[i, 0] <= w - 1 - margin and margin <= pts[i, 1] <= h - 1 - margin]
+    if len(idx) < 6:  # a face mostly out of the frame: fit what there is
+        idx = sorted(FACE_MODEL_3D)
+    return np.array([FACE_MODEL_3D[i] for i in idx], dtype=np.float64), pts[idx]
 
-    ``image_size`` is (width, height) of the image the points are in.
+
+def pose_from_landmarks(points: np.ndarray, image_size: tuple[int, int]) -> Pose:
+    """Yaw/pitch/roll in degrees from 68 iBUG landmarks or 5 keypoints, relative to the line of
+    sight to the face.
+
+    The fit (``cv2.solvePnP``, SQPnP) uses a virtual camera looking straight at the face: its
+    principal point is the centre of the fitted points and its focal length puts the face
+    :data:`POSE_CAMERA_DISTANCE_MM` away (pixels per millimetre from the points' spread). So the
+    pose depends on the face's own pixels only: moving, padding or cropping around a face leaves
+    it unchanged, where a camera-axis pose (principal point at the image centre) shifted by the
+    angle between the axis and the line of sight (up to 30 degrees at the corners of a wide
+    frame). ``image_size`` (width, height) only decides which landmarks are too close to the frame
+    edge to trust.
     """
     import cv2
 
     pts = np.asarray(points, dtype=np.float64)
-    if pts.shape[0] == 68:
-        idx = sorted(FACE_MODEL_3D)
-        obj = np.array([FACE_MODEL_3D[i] for i in idx], dtype=np.float64)
-        img = pts[idx]
-    elif pts.shape[0] == 5:
-        obj = FACE_MODEL_3D_5
-        img = pts
-    else:
-        raise ValueError(f"pose needs 68 landmarks or 5 keypoints, got {pts.shape[0]} points")
-    w, h = image_size
-    f = float(max(w, h))
-    cam = np.array([[f, 0, w / 2.0], [0, f, h / 2.0], [0, 0, 1]], dtype=np.float64)
+    obj, img = _model_correspondences(pts, image_size)
+    centre = img.mean(0)
+    spread_px = float(np.sqrt(((img - centre) ** 2).sum(1).mean()))
+    spread_mm = float(np.sqrt(((obj[:, :2] - obj[:, :2].mean(0)) ** 2).sum(1).mean()))
+    if spread_px <= 0:
+        return Pose(float("nan"), float("nan"), float("nan"))
+    f = spread_px / spread_mm * POSE_CAMERA_DISTANCE_MM
+    cam = np.array([[f, 0, centre[0]], [0, f, centre[1]], [0, 0, 1]], dtype=np.float64)
     ok, rvec, _tvec = cv2.solvePnP(obj, img.reshape(-1, 1, 2), cam, None, flags=cv2.SOLVEPNP_SQPNP)
     if not ok:
         return Pose(float("nan"), float("nan"), float("nan"))
@@ -354,6 +393,11 @@ def _face_recognition_models_dir() -> Path:
     return models
 
 
+#: Where dlib's 68-point mean shape sits in its unit face box: centroid (x, y) and RMS radius, in
+#: box sides (read from shape_predictor_68_face_landmarks.dat by bench/pose_model/mean_shape.py).
+MEAN_SHAPE_IN_BOX = (0.5, 0.566, 0.3523)
+
+
 class DlibFaceBackend(FaceBackend):
     """dlib + face_recognition_models: HOG or CNN detector, 68 landmarks, 128-d descriptor."""
 
@@ -374,8 +418,9 @@ class DlibFaceBackend(FaceBackend):
         self.upsample = int(upsample)
         self.num_jitters = int(num_jitters)
         self._dlib = dlib
+        self._cnn: Any = None  # analyze_cnn's detector, loaded on first use
         if detector == "cnn":
-            self._detector = dlib.cnn_face_detection_model_v1(str(models / "mmod_human_face_detector.dat"))
+            self._detector = self._cnn = dlib.cnn_face_detection_model_v1(str(models / "mmod_human_face_detector.dat"))
         else:
             self._detector = dlib.get_frontal_face_detector()
         self._shape = dlib.shape_predictor(str(models / "shape_predictor_68_face_landmarks.dat"))
@@ -389,6 +434,35 @@ class DlibFaceBackend(FaceBackend):
         rects, scores, _ = self._detector.run(rgb, self.upsample, 0.0)
         return list(zip(rects, (float(s) for s in scores)))
 
+    def analyze_cnn(self, rgb: np.ndarray, *, scale: float = 1.0) -> list[Face]:
+        """Faces found by dlib's MMOD CNN detector (``mmod_human_face_detector.dat``), which finds
+        profiles and turned heads that the HOG detector misses, searched on a copy of ``rgb``
+        resized by ``scale`` (the CNN finds faces of about 80 px and more at its own scale, and its
+        cost grows with the pixels: 640x360 takes about 2-4 s on one CPU core, 320x180 a quarter
+        of that); landmarks and the descriptor are computed on ``rgb`` itself. Each face has
+        ``extra["detector"] == "cnn"`` and the CNN's confidence as its score. The model is loaded
+        on first use."""
+        rgb = _as_rgb_uint8(rgb)
+        if self._cnn is None:
+            with _CACHE_LOCK:
+                if self._cnn is None:
+                    self._cnn = self._dlib.cnn_face_detection_model_v1(
+                        str(_face_recognition_models_dir() / "mmod_human_face_detector.dat"))
+        work = np.ascontiguousarray(rgb)
+        if scale != 1.0:
+            import cv2
+
+            h, w = rgb.shape[:2]
+            work = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+        inv = 1.0 / scale
+        rect = self._dlib.rectangle
+        dets = [(rect(round(d.rect.left() * inv), round(d.rect.top() * inv), round((d.rect.right() + 1) * inv) - 1,
+                      round((d.rect.bottom() + 1) * inv) - 1), float(d.confidence)) for d in self._cnn(work, 0)]
+        faces = self._analyze(np.ascontiguousarray(rgb), dets=dets)
+        for f in faces:
+            f.extra["detector"] = "cnn"
+        return faces
+
     def main_face_embeddings(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray | None, list[float] | None]]:
         out: list[tuple[np.ndarray | None, list[float] | None]] = []
         for rgb in images:
@@ -397,17 +471,53 @@ class DlibFaceBackend(FaceBackend):
             out.append(_embedding_and_box(faces[0] if faces else None))
         return out
 
-    def _analyze(self, rgb: np.ndarray, main_only: bool = False) -> list[Face]:
+    def _landmarks_and_descriptor(self, rgb: np.ndarray, rect: Any) -> tuple[np.ndarray, Any]:
+        """68 landmarks and the identity descriptor of the face the detector boxed in ``rect``.
+
+        The shape predictor runs twice: on the detector's box, then on the box that the first
+        landmarks imply (:data:`MEAN_SHAPE_IN_BOX`). The detector's box moves in steps of its 8 px
+        HOG cells, so the same face pixels at another place in the frame got another box and
+        landmarks (up to 4 degrees of yaw); the second box follows the face.
+        """
+        lm = self._fit_shape(rgb, rect)[0]
+        lm, shape, padded = self._fit_shape(rgb, self._box_of_landmarks(lm))
+        return lm, self._rec.compute_face_descriptor(padded, shape, self.num_jitters)
+
+    def _box_of_landmarks(self, lm: np.ndarray) -> Any:
+        cx, cy, rms = MEAN_SHAPE_IN_BOX
+        centre = lm.mean(0)
+        side = float(np.sqrt(((lm - centre) ** 2).sum(1).mean())) / rms
+        x0, y0 = centre[0] - cx * side, centre[1] - cy * side
+        return self._dlib.rectangle(int(round(x0)), int(round(y0)), int(round(x0 + side)) - 1, int(round(y0 + side)) - 1)
+
+    def _fit_shape(self, rgb: np.ndarray, rect: Any) -> tuple[np.ndarray, Any, np.ndarray]:
+        """(landmarks in ``rgb``, dlib shape, the image it was fitted on).
+
+        A box that runs past the frame edge is fitted on a copy padded with mid-grey: the shape
+        predictor reads pixels outside the image as black, which pulls the landmarks of a cut face
+        toward the edge (obama_partial_02, cut through one eye, read yaw 19 degrees instead of 1).
+        """
+        h, w = rgb.shape[:2]
+        pad = max(0, -rect.left(), -rect.top(), rect.right() + 1 - w, rect.bottom() + 1 - h)
+        if pad:
+            import cv2
+
+            rgb = cv2.copyMakeBorder(rgb, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(128, 128, 128))
+            rect = self._dlib.rectangle(rect.left() + pad, rect.top() + pad, rect.right() + pad, rect.bottom() + pad)
+        shape = self._shape(rgb, rect)
+        lm = np.array([(p.x - pad, p.y - pad) for p in shape.parts()], dtype=np.float32)
+        return lm, shape, rgb
+
+    def _analyze(self, rgb: np.ndarray, main_only: bool = False,
+                 dets: list[tuple[Any, float]] | None = None) -> list[Face]:
         h, w = rgb.shape[:2]
         faces: list[Face] = []
-        dets = self._detect(rgb)
+        dets = self._detect(rgb) if dets is None else dets
         if main_only and dets:  # the identity network (~90 % of the time) runs for the main face only
             boxes = [(r.left(), r.top(), r.right() + 1, r.bottom() + 1) for r, _ in dets]
             dets = [dets[_largest(boxes)]]
         for rect, score in dets:
-            shape = self._shape(rgb, rect)
-            lm = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)
-            desc = self._rec.compute_face_descriptor(rgb, shape, self.num_jitters)
+            lm, desc = self._landmarks_and_descriptor(rgb, rect)
             faces.append(
                 Face(
                     box=(float(rect.left()), float(rect.top()), float(rect.right() + 1), float(rect.bottom() + 1)),
