@@ -277,7 +277,7 @@ def test_export_kohya_plain_and_jsonl(captioned, analyzed):
     assert len(meta) == len(records) and all((out / m["file_name"]).exists() for m in meta)
 
 
-def test_report_sections_render(analyzed, augmented, captioned, tmp_path):
+def _render(sections) -> str:
     import jinja2
 
     from runner.report import charts
@@ -286,11 +286,15 @@ def test_report_sections_render(analyzed, augmented, captioned, tmp_path):
                              autoescape=True, undefined=jinja2.StrictUndefined)
     env.filters["pct"] = lambda v, d=1: "—" if v is None else f"{float(v) * 100:.{d}f}%"
     env.globals["charts"] = charts
+    return "".join(env.get_template(s.template).render(**s.context) for s in sections)
+
+
+def test_report_sections_render(analyzed, augmented, captioned, tmp_path):
     settings = {"thumbnail_px": 96, "gallery_limit": 20}
     sections = analyze.report_sections({}, {"analysis": analyzed["analysis"]}, settings)
     sections += curate.report_sections({}, {"curated": base.Artifact("curated", augmented[0])}, settings)
     sections += caption.report_sections({"template": "{trigger}"}, captioned, settings)
-    html = "".join(env.get_template(s.template).render(**s.context) for s in sections)
+    html = _render(sections)
     assert html.count("data:image/jpeg;base64") > 10
     assert "not the character" in html and "no face found" in html
     assert "extreme close-up" in html and "Yaw" in html and "<svg" in html
@@ -353,6 +357,8 @@ def test_select_keeps_the_only_full_body_photo_and_says_what_it_cannot_fix(analy
     text = {s["category"]: s["text"] for s in bal["shortfalls"]}["full_body"]
     assert text.startswith("full-body ") and "(target 25%–30%)" in text and "add full-body photos" in text
     assert any("full-body" in w for w in ctx.warnings)
+    html = _render(curate.report_sections({}, {"curated": base.Artifact("curated", folder)}, {"thumbnail_px": 64}))
+    assert "Still off target" in html and "add full-body photos or a video source" in html
 
 
 def test_augment_mirrors_only_when_flips_are_allowed(analyzed):
@@ -370,6 +376,8 @@ def test_augment_mirrors_only_when_flips_are_allowed(analyzed):
     assert m["pose"]["yaw"] == pytest.approx(-parent["pose"]["yaw"])
     with Image.open(on / m["file"]) as im, Image.open(analyzed["images"].path / parent["file"]) as src:
         assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(src.convert("RGB"))[:, ::-1])
+    html = _render(curate.report_sections({}, {"curated": base.Artifact("curated", on)}, {"thumbnail_px": 64}))
+    assert "mirror of " in html and "1 mirrored copy" in html
     bal = json.loads((on / "balance.json").read_text())
     assert bal["mirrors"] == 1 and _rows(bal, "after")["full_body"]["share"] > _rows(bal, "before")["full_body"]["share"]
     sided, ctx = curate_run(analyzed, "augment_sided", strategy="augment", targets=targets, allow_flips=True,
