@@ -31,7 +31,6 @@ COOKIE = "runner_review_token"
 PAGES = (("dataset", "Dataset"), ("identity", "Identity sets"), ("evaluation", "Evaluation"),
          ("storyboard", "Storyboard and clips"))
 SORTS = ("name", "identity", "yaw", "shot", "people")
-STATUSES = ("all", "curate-kept", "curate-dropped", "reviewed", "unreviewed", "reviewer-dropped", "disagree")
 
 
 def _jinja():
@@ -56,24 +55,39 @@ def token_ok(request: Request, token: str | None) -> bool:
     return bool(given) and hmac.compare_digest(given.strip().encode(), token.encode())
 
 
+def _reviewed(r: dict[str, Any]) -> bool:
+    return any(r["review"].get(k) for k in ("decision", "shot", "reference"))
+
+
+# What each "Show" choice of the dataset page keeps.
+STATUS_FILTERS: dict[str, Any] = {
+    "all": lambda r: True,
+    "curate-kept": lambda r: r["curate"]["decision"] == "keep",
+    "curate-dropped": lambda r: r["curate"]["decision"] == "drop",
+    "reviewed": _reviewed,
+    "unreviewed": lambda r: not _reviewed(r),
+    "reviewer-dropped": lambda r: r["review"].get("decision") == "drop",
+    "disagree": lambda r: bool(r["review"].get("decision")) and r["review"]["decision"] != r["curate"]["decision"],
+}
+STATUSES = tuple(STATUS_FILTERS)
+
+
+def shown_shot(r: dict[str, Any]) -> str | None:
+    return r["review"].get("shot") or r["shot"]
+
+
 def filter_rows(rows: list[dict[str, Any]], *, shot: str = "", status: str = "all", q: str = "",
                 sort: str = "name") -> list[dict[str, Any]]:
-    """The dataset rows a filter selects, in the order ``sort`` names (missing values last)."""
-    def keep(r: dict[str, Any]) -> bool:
-        rv, cur = r["review"], r["curate"]["decision"]
-        shown_shot = rv.get("shot") or r["shot"]
-        return ((not shot or shown_shot == shot) and (not q or q.lower() in r["source"].lower())
-                and {"all": True, "curate-kept": cur == "keep", "curate-dropped": cur == "drop",
-                     "reviewed": any(rv.get(k) for k in ("decision", "shot", "reference")),
-                     "unreviewed": not any(rv.get(k) for k in ("decision", "shot", "reference")),
-                     "reviewer-dropped": rv.get("decision") == "drop",
-                     "disagree": bool(rv.get("decision")) and rv.get("decision") != cur}.get(status, True))
+    """The dataset rows a filter selects, in the order ``sort`` names (rows without a value last)."""
+    keep = STATUS_FILTERS.get(status, STATUS_FILTERS["all"])
 
-    def key(r: dict[str, Any]):
-        v = r["name"].lower() if sort == "name" else (r["review"].get("shot") or r["shot"]) if sort == "shot" else r.get(sort)
+    def key(r: dict[str, Any]) -> tuple:
+        v = r["name"].lower() if sort == "name" else shown_shot(r) if sort == "shot" else r.get(sort)
         return (v is None, v if v is not None else 0, r["name"])
 
-    return sorted((r for r in rows if keep(r)), key=key, reverse=False)
+    picked = (r for r in rows if keep(r) and (not shot or shown_shot(r) == shot)
+              and (not q or q.lower() in r["source"].lower()))
+    return sorted(picked, key=key)
 
 
 def create_app(spec: Any, *, token: str | None = None) -> FastAPI:

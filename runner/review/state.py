@@ -119,23 +119,15 @@ class ReviewState:
                 if name.startswith("images") and (folder / "manifest.jsonl").is_file():
                     for rec in read_jsonl(folder / "manifest.jsonl"):
                         manifests[rec["id"]] = {**rec, "path": folder / rec["file"]}
-        curate = self.of_kind("curate")
-        kept, rejected, cfg, threshold = {}, {}, {}, None
-        if curate:
-            cdir = curate[0].folders["curated"]
-            kept = {e["id"]: e for e in read_jsonl(cdir / "curated.jsonl") if not e.get("parent")}
-            rejected = {r["id"]: r for r in read_jsonl(cdir / "rejected.jsonl") if "id" in r}
-            cfg = curate[0].config
-            threshold = json.loads((cdir / "balance.json").read_text(encoding="utf-8")).get("identity_threshold")
+        view = CurateView.of(self.of_kind("curate"))
         records = list(read_jsonl(adir / "records.jsonl"))
-        groups = _duplicate_groups(records, int(cfg.get("dedupe_hamming", 6)) if cfg else 6)
+        groups = _duplicate_groups(records, int(view.cfg.get("dedupe_hamming", 6)) if view.cfg else 6)
         dec = self.decisions()["images"]
         rows = []
         for rec in records:
             man = manifests.get(rec["id"], {})
-            sha = man.get("sha256") or ""
-            rows.append(_dataset_row(rec, man, sha, dec.get(sha, {}), kept, rejected, cfg, threshold,
-                                     groups.get(rec["id"]), self._thumb(adir, rec, man)))
+            rows.append(_dataset_row(rec, man, dec.get(man.get("sha256", ""), {}), view, groups.get(rec["id"]),
+                                     self._thumb(adir, rec, man)))
         return rows
 
     def _thumb(self, adir: Path, rec: dict[str, Any], man: dict[str, Any]) -> str | None:
@@ -279,27 +271,53 @@ def _duplicate_groups(records: list[dict[str, Any]], hamming: int) -> dict[str, 
     return groups
 
 
-def _dataset_row(rec: dict[str, Any], man: dict[str, Any], sha: str, dec: dict[str, Any], kept: dict, rejected: dict,
-                 cfg: dict[str, Any], threshold: float | None, group: str | None, thumb: str | None) -> dict[str, Any]:
-    from runner.stages.curate import gate
+@dataclass
+class CurateView:
+    """What curate's outputs say about each image (empty when curate has not run)."""
 
+    kept: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rejected: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cfg: dict[str, Any] = field(default_factory=dict)
+    threshold: float | None = None
+
+    @classmethod
+    def of(cls, curate: list[StageOutputs]) -> "CurateView":
+        from runner.stages.analyze import read_jsonl
+
+        if not curate:
+            return cls()
+        cdir = curate[0].folders["curated"]
+        return cls(kept={e["id"]: e for e in read_jsonl(cdir / "curated.jsonl") if not e.get("parent")},
+                   rejected={r["id"]: r for r in read_jsonl(cdir / "rejected.jsonl") if "id" in r},
+                   cfg=curate[0].config, threshold=_read_json(cdir / "balance.json").get("identity_threshold"))
+
+    def decision(self, image_id: str) -> dict[str, Any]:
+        if image_id in self.kept:
+            by_hand = (self.kept[image_id].get("review") or {}).get("decision") == "keep"
+            return {"decision": "keep", "reason": "kept by a reviewer's decision" if by_hand else "passed every gate"}
+        if image_id in self.rejected:
+            r = self.rejected[image_id]
+            return {"decision": "drop", "reason": f"{r['reason']}: {r.get('detail', '')}".rstrip(": ")}
+        return {"decision": None, "reason": "curate has not run on this image"}
+
+    def gate(self, rec: dict[str, Any]) -> tuple[str, str] | None:
+        from runner.stages.curate import gate
+
+        return gate(rec, self.cfg, self.threshold) if self.cfg else None
+
+
+def _dataset_row(rec: dict[str, Any], man: dict[str, Any], dec: dict[str, Any], curate: CurateView,
+                 group: str | None, thumb: str | None) -> dict[str, Any]:
     face = rec["faces"][rec["main_face"]] if rec.get("main_face") is not None else None
     pose = (face or {}).get("pose") or {}
-    failed = gate(rec, cfg, threshold) if cfg else None
-    if rec["id"] in kept:
-        curate = {"decision": "keep", "reason": "passed every gate"}
-    elif rec["id"] in rejected:
-        r = rejected[rec["id"]]
-        curate = {"decision": "drop", "reason": f"{r['reason']}: {r.get('detail', '')}".rstrip(": ")}
-    else:
-        curate = {"decision": None, "reason": "curate has not run on this image"}
+    failed = curate.gate(rec)
     return {
-        "id": rec["id"], "sha256": sha, "source": rec.get("source") or man.get("source", ""),
+        "id": rec["id"], "sha256": man.get("sha256", ""), "source": rec.get("source") or man.get("source", ""),
         "name": Path(rec.get("source") or rec["id"]).name, "thumb": thumb,
         "shot": rec.get("shot"), "people": rec.get("people_substantial", rec.get("people", 0)),
         "yaw": _num(pose.get("yaw")), "pitch": _num(pose.get("pitch")), "identity": _num(rec.get("identity")),
         "gates": [failed[0]] if failed else [], "gate_detail": failed[1] if failed else "",
-        "group": group, "curate": curate, "video": bool(man.get("video")),
+        "group": group, "curate": curate.decision(rec["id"]), "video": bool(man.get("video")),
         "review": {k: dec.get(k) for k in ("decision", "shot", "reference", "note", "by", "at")},
     }
 
