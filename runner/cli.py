@@ -91,14 +91,22 @@ def _print_plan(plan: Any, specs: list[Any], *, header: bool = True, estimates: 
         click.echo(f"Plan for {names} (project {root})")
     for ps in plan.stages:
         click.echo(_plan_line(ps, estimates.get(ps.id)))
-        for note in ps.node.notes:  # a variant's effective differences
+        for note in ps.notes:  # a variant's effective differences, phases in steps and epochs
             click.echo(f"      {note}")
     click.echo(plan.summary())
+    _warn_uncached_models(plan)
     todo = [estimates[ps.id] for ps in plan.stages if ps.id in estimates and ps.will_execute]
     if todo:
         cur = todo[0].currency
         click.echo(f"Estimated Modal cost of this plan: ~{sum(e.cost for e in todo):.2f} {cur} "
                    f"({len(todo)} remote stage{'s' if len(todo) != 1 else ''}; price table in hardware.price_table)")
+
+
+def _warn_uncached_models(plan: Any) -> None:
+    from runner.plan.preflight import uncached_models
+
+    for m in uncached_models(plan):
+        _echo_err(f"warning: {m.message()}")
 
 
 def _estimates(p: Any, backend: str | None) -> dict:
@@ -155,7 +163,10 @@ def plan(specs: tuple[str, ...], resolved: bool, as_json: bool, detailed_exitcod
 
         estimates = plan_estimates(p, backend, ws)
         if as_json:
+            from runner.plan.preflight import uncached_models
+
             data = p.as_json()
+            data["uncached_models"] = [m.as_json() for m in uncached_models(p)]
             for st in data["stages"]:
                 if st["stage"] in estimates:
                     st["remote"] = {"backend": "modal", **estimates[st["stage"]].as_json()}

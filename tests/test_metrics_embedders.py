@@ -68,8 +68,9 @@ def test_bad_references_say_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(E.EmbedderError, match="not found"):
         E.load_image_embedder(str(tmp_path / "no" / "such" / "model"), tmp_path)
     # An unreachable hub id (offline in tests) is a clear error, not a traceback.
-    with pytest.raises(E.EmbedderError, match="cannot load"):
+    with pytest.raises(E.EmbedderError, match="nobody-here/no-such-model' is not in the Hugging Face cache") as exc:
         E.load_image_embedder("nobody-here/no-such-model", tmp_path)
+    assert "hf download nobody-here/no-such-model" in exc.value.hint
     # A folder of a model type that is neither CLIP nor DINO.
     weird = tmp_path / "weird"
     weird.mkdir()

@@ -55,7 +55,9 @@ def resolve_model_ref(base_model: str, *, cache_dir: Path | str | None = None,
         if not p.is_file():
             raise ModelLoadError(f"model file {p} does not exist", hint="Check train.base_model.")
         return "file", str(p)
-    if ref.count("/") == 1 and not ref.startswith((".", "/", "~")):
+    from runner.hub import is_hub_id
+
+    if is_hub_id(ref):
         return "hub", ref
     raise ModelLoadError(
         f"base model {ref!r} is neither a hub id (owner/name), an existing folder, a .safetensors file nor builtin:*",
@@ -100,13 +102,27 @@ def detect_family(base_model: str, *, cache_dir: Path | str | None = None,
         return detect_family_of_folder(Path(loc))
     if kind == "file":
         return detect_family_of_file(Path(loc))
-    # hub id: ask the hub's model_index.json (cached locally when it was downloaded before)
+    # hub id: ask the hub's model_index.json (the cached snapshot's when the hub is out of reach)
+    loc = hub_location(loc)
+    if Path(loc).is_dir():
+        return detect_family_of_folder(Path(loc))
     try:
         from huggingface_hub import hf_hub_download
 
         return detect_family_of_folder(Path(hf_hub_download(loc, "model_index.json")).parent)
     except Exception:
         return "sdxl" if "xl" in loc.lower() else "sd15"
+
+
+def hub_location(ref: str, key: str = "train.base_model") -> str:
+    """Where to load hub model ``ref`` from (see :func:`runner.hub.resolve_hub_model`): fails in
+    seconds with :class:`ModelLoadError` when it is neither cached nor downloadable."""
+    from runner.hub import ModelUnavailable, resolve_hub_model
+
+    try:
+        return resolve_hub_model(ref, key=key)
+    except ModelUnavailable as exc:
+        raise ModelLoadError(str(exc), hint=exc.hint) from None
 
 
 # VAE downscale x 2**(UNet down blocks - 1) of the real architectures (sd-scripts requires the
@@ -166,6 +182,8 @@ def load_pipeline(base_model: str, *, family: str = "auto", device: str = "cpu",
     if family not in ("auto", *FAMILIES):
         raise ModelLoadError(f"unknown model family {family!r}", hint="Use auto, sd15 or sdxl.")
     kind, loc = resolve_model_ref(base_model, cache_dir=cache_dir, project_root=project_root)
+    if kind == "hub":
+        loc = hub_location(loc)  # before any download attempt: offline and uncached fails now
     detected = detect_family(base_model, cache_dir=cache_dir, project_root=project_root)
     if family != "auto" and family != detected and kind != "hub":
         raise ModelLoadError(f"base model {base_model!r} is {detected}, not {family}",

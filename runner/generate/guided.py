@@ -80,20 +80,29 @@ def control_map(image, kind: str, face_backend=None):
     raise StageError(f"reference_guided.control: unknown control {kind!r}", hint="Use canny or pose.")
 
 
-def _local_or_hub(ref: str, project_root: Path | None, cache_dir: Path | None = None) -> str:
+def _local_or_hub(ref: str, project_root: Path | None, cache_dir: Path | None = None, key: str = "") -> str:
     if ref.startswith("builtin:"):
         return str(tiny_guided_path(ref, cache_dir))
     p = Path(ref).expanduser()
     if not p.is_absolute() and project_root is not None and (project_root / p).exists():
         return str(project_root / p)
-    return str(p) if p.exists() else ref
+    if p.exists():
+        return str(p)
+    from runner.hub import ModelUnavailable, is_hub_id, resolve_hub_model
+
+    if not is_hub_id(ref):
+        return ref
+    try:  # offline and not cached: fail now, not after the hub client's retries
+        return resolve_hub_model(ref, key=key)
+    except ModelUnavailable as exc:
+        raise StageError(f"{key}: {exc}", hint=exc.hint) from None
 
 
 def load_ip_adapter(pipe, ref: str, *, weight_name: str | None, subfolder: str | None,
                     image_encoder_folder: str | None, scale: float, family: str,
                     project_root: Path | None = None, cache_dir: Path | None = None) -> dict[str, Any]:
     """Load an IP-Adapter onto ``pipe`` (in place); returns what was loaded (for the report)."""
-    location = _local_or_hub(ref, project_root, cache_dir)
+    location = _local_or_hub(ref, project_root, cache_dir, "generate.storyboard.reference_guided.ip_adapter")
     sub = subfolder if subfolder is not None else ("sdxl_models" if family == "sdxl" else "models")
     weight = weight_name or ("ip-adapter_sdxl.safetensors" if family == "sdxl" else "ip-adapter_sd15.safetensors")
     enc = image_encoder_folder or "image_encoder"
@@ -115,9 +124,9 @@ def load_ip_adapter(pipe, ref: str, *, weight_name: str | None, subfolder: str |
 def controlnet_pipeline(pipe, ref: str, *, family: str, project_root: Path | None = None,
                         cache_dir: Path | None = None):
     """A ControlNet pipeline sharing ``pipe``'s modules, with the ControlNet at ``ref``."""
+    location = _local_or_hub(ref, project_root, cache_dir, "generate.storyboard.reference_guided.controlnet")
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
 
-    location = _local_or_hub(ref, project_root, cache_dir)
     try:
         cn = ControlNetModel.from_pretrained(location, dtype=pipe.unet.dtype)
     except (OSError, ValueError) as exc:

@@ -138,7 +138,7 @@ class VideoPipeline:
     temporal_ratio: int
 
 
-def _locate(model: str, cache_dir, project_root: Path | None) -> tuple[str, bool]:
+def _locate(model: str, cache_dir, project_root: Path | None, key: str = "generate.video.model") -> tuple[str, bool]:
     if model.startswith("builtin:"):
         return str(tiny_ltx_path(model, cache_dir)), True
     p = Path(model).expanduser()
@@ -146,9 +146,14 @@ def _locate(model: str, cache_dir, project_root: Path | None) -> tuple[str, bool
         p = project_root / p
     if p.exists():
         return str(p), False
-    if model.count("/") == 1 and not model.startswith((".", "/", "~")):
-        return model, False
-    raise VideoModelError(f"generate.video.model: {model!r} is neither a hub id, an existing folder nor builtin:tiny-ltx",
+    from runner.hub import ModelUnavailable, is_hub_id, resolve_hub_model
+
+    if is_hub_id(model):
+        try:  # offline and not cached: fail now, not after the hub client's retries
+            return resolve_hub_model(model, key=key), False
+        except ModelUnavailable as exc:
+            raise VideoModelError(f"{key}: {exc}", hint=exc.hint) from None
+    raise VideoModelError(f"{key}: {model!r} is neither a hub id, an existing folder nor builtin:tiny-ltx",
                           hint="e.g. Lightricks/LTX-Video, a local diffusers folder, or builtin:tiny-ltx for tests.")
 
 
@@ -175,12 +180,12 @@ def choose_pipeline(requested: str, declared_class: str, image_conditioning: flo
 def load_video_pipeline(model: str, *, pipeline: str = "auto", image_conditioning: float = 1.0,
                         device: str = "cpu", dtype: Any = None, cache_dir: Path | str | None = None,
                         project_root: Path | None = None) -> VideoPipeline:
+    location, tiny = _locate(model, cache_dir, project_root)  # before the heavy imports: fails fast
     import torch
     from diffusers import LTXConditionPipeline, LTXImageToVideoPipeline
     from diffusers.utils import logging as dlogging
     from transformers.utils import logging as tlogging
 
-    location, tiny = _locate(model, cache_dir, project_root)
     kind = choose_pipeline(pipeline, _declared_class(location), image_conditioning)
     cls = LTXConditionPipeline if kind == "condition" else LTXImageToVideoPipeline
     if dtype is None:
@@ -268,11 +273,11 @@ def generate_clip(vp: VideoPipeline, image, *, prompt: str, negative_prompt: str
 def latent_upscale(vp: VideoPipeline, latents, upsampler: str, *, width: int, height: int, seed: int,
                    decode_timestep: float, decode_noise_scale: float, cache_dir=None, project_root: Path | None = None):
     """2x in latent space with LTXLatentUpsamplePipeline, decoded by the clip's VAE."""
+    location, _ = _locate(upsampler, cache_dir, project_root, "generate.video.upsampler")
     import torch
     from diffusers import LTXLatentUpsamplePipeline
     from diffusers.pipelines.ltx.modeling_latent_upsampler import LTXLatentUpsamplerModel
 
-    location, _ = _locate(upsampler, cache_dir, project_root)
     try:
         model = LTXLatentUpsamplerModel.from_pretrained(location, subfolder="latent_upsampler"
                                                         if (Path(location) / "latent_upsampler").is_dir() else None)

@@ -282,7 +282,11 @@ def _load(ref: str, cache: Path, device: str, dtype: str | None) -> ImageEmbedde
             hint=f"Built-in embedders are {TINY_CLIP} and {TINY_DINO}; otherwise give a hub id or a local folder.",
         )
     if ref.startswith("open_clip:"):
-        return _load_open_clip(ref[len("open_clip:") :], ref, device)
+        spec = ref[len("open_clip:") :]
+        if spec.startswith("hf-hub:"):
+            where = _hub_location(spec[len("hf-hub:") :])
+            spec = spec if where == spec[len("hf-hub:") :] else "local-dir:" + where
+        return _load_open_clip(spec, ref, device)
     local = Path(ref).expanduser()
     if local.is_dir() and not (local / "config.json").is_file() and (local / "open_clip_config.json").is_file():
         return _load_open_clip("local-dir:" + str(local), ref, device)
@@ -290,7 +294,20 @@ def _load(ref: str, cache: Path, device: str, dtype: str | None) -> ImageEmbedde
     if looks_local and not local.exists():
         raise EmbedderError(f"embedding model folder not found: {ref}",
                             hint="Give a folder saved with save_pretrained(), or a hub id like 'facebook/dino-vits16'.")
-    return _load_transformers(ref, ref, device, dtype, is_tiny_random=False)
+    from runner.hub import is_hub_id
+
+    path = _hub_location(ref) if is_hub_id(ref) else ref
+    return _load_transformers(path, ref, device, dtype, is_tiny_random=False)
+
+
+def _hub_location(ref: str) -> str:
+    """Where to load hub model ``ref`` from; an uncached model offline fails now, not after retries."""
+    from runner.hub import ModelUnavailable, resolve_hub_model
+
+    try:
+        return resolve_hub_model(ref)
+    except ModelUnavailable as exc:
+        raise EmbedderError(str(exc), hint=exc.hint) from None
 
 
 def _load_transformers(path: str, name: str, device: str, dtype: str | None, *, is_tiny_random: bool) -> ImageEmbedder:

@@ -75,12 +75,18 @@ class SafetyFilter:
     CLIPImageProcessor, loaded from a hub id or a local folder holding both."""
 
     def __init__(self, model_ref: str, device: str = "cpu") -> None:
+        from runner.hub import ModelUnavailable, is_hub_id, resolve_hub_model
+
+        try:  # before the heavy imports: an uncached id offline fails in seconds
+            location = resolve_hub_model(model_ref, key="--safety-model") if is_hub_id(model_ref) else model_ref
+        except ModelUnavailable as exc:
+            raise RuntimeError(f"the safety checker: {exc} ({exc.hint})") from None
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
         from transformers import CLIPImageProcessor
 
         try:
-            self.checker = StableDiffusionSafetyChecker.from_pretrained(model_ref).to(device).eval()
-            self.processor = CLIPImageProcessor.from_pretrained(model_ref)
+            self.checker = StableDiffusionSafetyChecker.from_pretrained(location).to(device).eval()
+            self.processor = CLIPImageProcessor.from_pretrained(location)
         except (OSError, ValueError) as exc:
             raise RuntimeError(
                 f"could not load the safety checker {model_ref!r}: {exc}. Download it first "

@@ -106,19 +106,18 @@ class ModelCaptioner:
         self._processor = None
 
     def _load(self) -> None:
-        if not Path(self.ref).exists() and os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-            # Fail fast offline, before importing torch: is the hub id in the local cache at all?
+        location = self.ref
+        from runner.hub import is_hub_id
+
+        if is_hub_id(self.ref):
+            # an uncached model without the hub fails now, before torch is imported or anything retries
+            from runner.hub import ModelUnavailable, resolve_hub_model
+
             try:
-                from huggingface_hub import try_to_load_from_cache
-            except ImportError:  # no transformers stack at all: the import below says so
-                try_to_load_from_cache = None
-            if try_to_load_from_cache and not isinstance(try_to_load_from_cache(self.ref, "config.json"), str):
-                raise base.StageError(
-                    f"dataset.captions.model: {self.ref!r} is neither a local folder nor in the Hugging Face cache, "
-                    "and HF_HUB_OFFLINE is set",
-                    hint="download the model where the hub is reachable (or point to a local folder); "
-                         "captions work without a model",
-                )
+                location = resolve_hub_model(self.ref, key="dataset.captions.model")
+            except ModelUnavailable as exc:
+                raise base.StageError(f"dataset.captions.model: {exc}",
+                                      hint=exc.hint + "; captions work without a model") from None
         try:
             import torch  # noqa: F401
             from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -126,8 +125,8 @@ class ModelCaptioner:
             raise base.StageError("captions.model needs transformers and torch",
                                   hint="pip install 'character-runner[train]', or remove dataset.captions.model") from exc
         try:
-            self._processor = AutoProcessor.from_pretrained(self.ref)
-            self._model = AutoModelForImageTextToText.from_pretrained(self.ref).eval()
+            self._processor = AutoProcessor.from_pretrained(location)
+            self._model = AutoModelForImageTextToText.from_pretrained(location).eval()
         except (OSError, ValueError) as exc:
             raise base.StageError(
                 f"dataset.captions.model: cannot load {self.ref!r}: {str(exc).splitlines()[0]}",

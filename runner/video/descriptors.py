@@ -92,40 +92,18 @@ class ModelDescriptor:
 _FAILED: dict[str, str] = {}
 
 
-def _looks_like_hub_id(ref: str) -> bool:
-    if ref.startswith(("builtin:", "open_clip:", "/", "./", "../", "~")) or Path(ref).expanduser().exists():
-        return False
-    return ref.count("/") == 1
+def _hub_unavailable(model_ref: str) -> str | None:
+    """Why a hub id cannot be loaded now (not cached, and no hub), found in seconds rather than
+    after the hub client's retries; None for local models and loadable ids."""
+    from runner.hub import ModelUnavailable, is_hub_id, resolve_hub_model
 
-
-def hub_unavailable(ref: str, timeout: float = 3.0) -> str | None:
-    """Why a hub id cannot be loaded right now, or None when it may be (cached, or hub reachable).
-
-    Without this check an offline machine spends about 20 s in the hub client's retries before
-    the fallback is taken.
-    """
-    try:
-        from huggingface_hub import try_to_load_from_cache
-        from huggingface_hub.constants import ENDPOINT, HF_HUB_OFFLINE
-    except ImportError:
+    if not is_hub_id(model_ref):
         return None
     try:
-        cached = try_to_load_from_cache(ref, "config.json")
-    except Exception:  # an odd id: let the loader say what is wrong
-        return None
-    if isinstance(cached, str):
-        return None
-    if HF_HUB_OFFLINE:
-        return "not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
-    import socket
-    from urllib.parse import urlparse
-
-    url = urlparse(ENDPOINT)
-    try:
-        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
-            return None
-    except OSError as exc:
-        return f"not in the local Hugging Face cache and {url.hostname} is unreachable ({exc})"
+        resolve_hub_model(model_ref, key="dataset.source.video_options.general_model")
+    except ModelUnavailable as exc:
+        return f"{exc} ({exc.hint})"
+    return None
 
 
 def load_general_embedder(model_ref: str | None, *, cache_dir: Any, fallback: str = "auto",
@@ -136,8 +114,8 @@ def load_general_embedder(model_ref: str | None, *, cache_dir: Any, fallback: st
     if fallback == "always" or not model_ref:
         return FallbackDescriptor(), "general-vision model not requested: cheap fallback descriptor"
     why = _FAILED.get(model_ref)
-    if why is None and _looks_like_hub_id(model_ref):
-        why = hub_unavailable(model_ref)
+    if why is None:
+        why = _hub_unavailable(model_ref)
     if why is None:
         try:
             from runner.metrics.embedders import load_image_embedder
