@@ -560,3 +560,24 @@ def test_the_report_lists_references_the_way_the_stages_read_them(project, share
     res = apply([load_spec(spec)], ApplyOptions(), QuietReporter())
     html = res.reports["hero"].read_text()
     assert "ref.jpg" in html and "secret_face" not in html
+
+
+def test_paths_in_train_variants_obey_the_same_rule(project):
+    from runner.spec import SpecError, load_spec
+
+    outside = project.parent / "outside"
+    outside.mkdir()
+    (outside / "m.safetensors").write_bytes(b"x")
+    (project / "models").mkdir()
+    (project / "models" / "m.safetensors").write_bytes(b"y")
+    (project / "class").mkdir()
+    for override, key in [("{base_model: ../../outside/m.safetensors}", "train.variants.other.base_model"),
+                          ("{regularization: {enabled: true, images: ../../outside}}",
+                           "train.variants.other.regularization.images")]:
+        spec = write_bytes(project, (MINIMAL + f"train:\n  variants:\n    other: {override}\n").encode())
+        with pytest.raises(SpecError) as ei:
+            load_spec(spec)
+        assert [p.key_path for p in ei.value.problems] == [key] and "outside the project" in str(ei.value)
+    spec = write_bytes(project, (MINIMAL + "train:\n  variants:\n    other: {base_model: ../models/m.safetensors}\n").encode())
+    # held relative to the project root, like every resolved path
+    assert load_spec(spec).data["train"]["variants"]["other"]["base_model"] == "models/m.safetensors"

@@ -253,6 +253,9 @@ def _resolve_paths(data: dict, loaded: LoadedYaml, rules: PathRules, require_fil
     project_root = rules.project_root
 
     def visit(node: Any, sch: dict, uri: str, path: tuple, parent: Any, key: Any) -> None:
+        if sch.get("x-override-of"):  # a train variant holds keys of the train section
+            sch = S.section_schema(sch["x-override-of"])
+            uri = sch["$id"]
         sch, uri = S.pick_branch(sch, uri, node)
         kind = sch.get("x-path")
         if kind:
