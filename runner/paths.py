@@ -140,8 +140,8 @@ def links_leaving(folder: Path, root: Path, *, recursive: bool = True) -> list[t
 def list_files(root: Path | str, recursive: bool = True) -> list[Path]:
     """The files the runner reads under ``root`` (see iter_tree), sorted; ``[root]`` for a file."""
     root = Path(root)
-    if not root.is_dir():
-        return [root] if root.is_file() else []
+    if not os.path.isdir(root):
+        return [root] if os.path.isfile(root) else []
     out = []
     for _, entry in iter_tree(root, recursive):
         try:

@@ -581,3 +581,16 @@ def test_paths_in_train_variants_obey_the_same_rule(project):
     spec = write_bytes(project, (MINIMAL + "train:\n  variants:\n    other: {base_model: ../models/m.safetensors}\n").encode())
     # held relative to the project root, like every resolved path
     assert load_spec(spec).data["train"]["variants"]["other"]["base_model"] == "models/m.safetensors"
+
+
+def test_paths_that_cannot_be_resolved_are_spec_errors_for_every_path_key(project, capsys):
+    from runner.spec.errors import format_key_path
+
+    for path, _ in _checked_path_keys():
+        key = format_key_path(tuple(0 if p == "[]" else "okname1" if p == "<name>" else p for p in path))
+        for value in ["a" * 300 + ".yaml", "/".join(["d" * 200] * 30) + ".yaml", "~no_such_user_xyz/x.yaml"]:
+            text, where = _spec_text(_instance_at(path, value, False))
+            spec = write_bytes(project, text.encode())
+            code, out = run_cli("validate", str(spec), capsys=capsys)
+            assert code == 2 and f"{spec}:{where[path[0]]}:" in out and key in out, (key, value[:20], out)
+            assert "Traceback" not in out and "internal error" not in out, out

@@ -37,6 +37,7 @@ DATA_FILE_SUFFIXES = (".yaml", ".yml", ".json")
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9_+.-]*:(?![\\/])")  # builtin:tiny-sd, open_clip:ViT-B-32
 OUTSIDE_HINT = "Keep it inside the project (move or copy what it names there), or pass --allow-outside-project if this is intended."
 MAX_LINKS_LISTED = 5
+MAX_PATH_BYTES = 4096  # PATH_MAX on Linux
 
 
 @dataclass(frozen=True)
@@ -47,17 +48,20 @@ class PathRules:
 
     def locate(self, value: str) -> tuple[Path | None, str]:
         """The resolved path of a spec value and '' , or the problem with it."""
+        shown = value if len(value) <= 80 else value[:77] + "..."
         try:
             p = (self.spec_dir / Path(value).expanduser()).resolve()
-        except (RuntimeError, OSError) as exc:  # unknown ~user, a symlink loop, a name too long
-            return None, f"path '{value}' cannot be resolved: {exc}"
+        except (RuntimeError, OSError) as exc:  # unknown ~user, a symlink loop
+            return None, f"path '{shown}' cannot be resolved: {exc}"
+        if len(str(p).encode()) >= MAX_PATH_BYTES or any(len(part.encode()) > 255 for part in p.parts):
+            return None, f"path '{shown}' is too long for the file system (a name over 255 bytes or a path over 4 KiB)"
         if not self.allow_outside and not inside(p, self.project_root):
             return p, f"path '{value}' resolves to {p}, outside the project folder {self.project_root}"
         return p, ""
 
     def links_out(self, folder: Path, recursive: bool = True) -> str:
         """A problem naming the symlinks under ``folder`` that lead outside the project, or ''."""
-        if self.allow_outside or not folder.is_dir():
+        if self.allow_outside or not os.path.isdir(folder):
             return ""
         links = links_leaving(folder, self.project_root, recursive=recursive)
         if not links:

@@ -292,10 +292,10 @@ def _resolve_paths(data: dict, loaded: LoadedYaml, rules: PathRules, require_fil
             problem(path, trouble, OUTSIDE_HINT if p is not None else "")
             return rules.normalize(p) if p is not None else None
         shadow = project_root / value
-        if kind == "model" and not p.exists() and os.path.lexists(shadow):
+        if kind == "model" and not os.path.exists(p) and os.path.lexists(shadow):
             problem(path, f"'{value}' names nothing next to the spec file, but {shadow} exists",
                     f"Paths are relative to the spec file: write it as {os.path.relpath(shadow, rules.spec_dir)}.")
-        elif kind != "output" and not p.exists() and require_files:
+        elif kind != "output" and not os.path.exists(p) and require_files:
             names = sorted(declared_names(sch)) if kind == "named-or-data" else []
             problem(path, f"{'model path' if kind == 'model' else 'path'} not found: {p}",
                     f"Paths are relative to the spec file ({rules.spec_dir})."
