@@ -255,3 +255,28 @@ def test_two_sessions_saving_at_once_lose_nothing(server: str, browser, project:
     assert a.locator("img[src='x']").count() == 0 and not a.dialogs
     for p in (a, b):
         p.context.close()
+
+
+def test_identity_sets_move_and_drop_reach_curate(server: str, browser, project: Path) -> None:
+    page = _page(browser)
+    page.goto(f"{server}/identity")
+    frames = page.locator(".item[data-section=identity]")
+    assert frames.count() == 3
+    first, second = frames.nth(0), frames.nth(1)
+    before = first.get_attribute("data-saved")
+    page.keyboard.press("3")  # the first frame (an anchor) moves to challenge
+    _saved(page, first, before)
+    before = second.get_attribute("data-saved")
+    page.keyboard.press("j")
+    page.keyboard.press("d")
+    _saved(page, second, before)
+    keys = first.get_attribute("data-key"), second.get_attribute("data-key")
+    page.context.close()
+    ident = _decisions(project)["identity"]
+    assert ident[keys[0]]["set"] == "challenge" and ident[keys[1]]["decision"] == "drop"
+    from runner.plan.graph import build_graph
+    from runner.spec import load_spec
+
+    graph = build_graph([load_spec(project / "specs" / "hero.yaml")])
+    section = graph.nodes["hero:curate"].config["review"]["identity"]
+    assert sorted(v.get("decision") for v in section.values()) == ["drop", "set"]

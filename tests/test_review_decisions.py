@@ -182,11 +182,13 @@ def test_curate_applies_drop_keep_shot_and_lists_missing(tmp_path: Path) -> None
     data["images"][SHA[2]] = {"shot": "close_up", "image_id": ids[2]}
     data["images"][SHA[3]] = {"reference": True, "image_id": ids[5]}  # a reference survives dedupe
     data["images"][SHA[4]] = {"decision": "drop", "image_id": "feedfeedfeedfeed"}  # image gone
+    data["identity"][SHA[5]] = {"decision": "drop", "image_id": ids[3]}  # a video frame, dropped on its page
     got, ctx = _run_curate(tmp_path, recs, decisions.stage_section(data, "dataset"))
     assert got["rejected"][ids[1]]["reason"] == "dropped by reviewer"
     assert ids[4] in got["kept"] and got["kept"][ids[4]]["review"] == {"decision": "keep"}
     assert got["kept"][ids[2]]["shot"] == "close_up" and "close_up" in got["kept"][ids[2]]["categories"]
     assert ids[5] in got["kept"] and got["kept"][ids[5]]["reference"] is True
+    assert got["rejected"][ids[3]]["reason"] == "dropped by reviewer"
     assert [m["image_id"] for m in got["review"]["missing"]] == ["feedfeedfeedfeed"]
     assert any("feedfeedfeedfeed" in w and "no longer in the dataset" in w for w in ctx.warnings)
     plain, _ = _run_curate(tmp_path / "plain", recs, {})
