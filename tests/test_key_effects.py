@@ -62,7 +62,7 @@ train:
   regularization: {enabled: true, images: ../reg, prompt: a photo of a man}
   phases:
     - {name: first, steps: 10, lr: 0.0002, mix: balanced}
-    - {name: second, steps: 10, mix: {close_up: 0.5, medium: 0.5}}
+    - {name: second, epochs: 2, mix: {close_up: 0.5, medium: 0.5}}
   variants:
     wide: {lora: {rank: 32}}
   checkpoints: {every_epochs: 2}

@@ -244,7 +244,9 @@ def test_kill_and_resume_matches_uninterrupted_run(dataset: Path, tmp_path: Path
     assert 4 <= stopped < 16 and stopped % 4 == 0
     assert not (run_root / "out" / "lora" / "index.json").exists()
     # the plan says where it resumes
-    assert T.resume_info(run_root / "scratch") == f"resume at step {stopped} of 16 (phase main)"
+    spe = json.loads(meta.read_text())["steps_per_epoch"]
+    assert T.resume_info(run_root / "scratch") == \
+        f"resume at step {stopped} of 16 (phase main, epoch {stopped / spe:.3g} of {16 / spe:.3g})"
     assert T.resume_info(tmp_path / "nothing") is None
 
     index, _ = _run(cfg, dataset, run_root, cache)

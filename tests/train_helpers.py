@@ -44,3 +44,17 @@ def make_dataset(shared_data: Path, dest: Path, *, trigger: str = "sks", class_w
                         "parent": None, "width": img.width, "height": img.height, "source": str(src.name)})
     (dest / "dataset.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return dest
+
+
+def two_photo_project(project: Path, shared_data: Path, extra_yaml: str = "") -> Path:
+    """specs/hero.yaml in ``project``: two Obama photos, dlib analysis in one process, plus
+    ``extra_yaml`` (top-level sections). Returns the spec's path."""
+    import shutil
+
+    (project / "photos").mkdir()
+    for name in ("obama_02.jpg", "obama_04.jpg"):
+        shutil.copy(shared_data / "faces" / "obama" / name, project / "photos" / name)
+    spec = project / "specs" / "hero.yaml"
+    spec.write_text("version: 1\ncharacter: {name: hero, trigger: hrochr, class_word: man}\n"
+                    "dataset:\n  sources: [{images: ../photos}]\n  analysis: {backend: dlib, workers: 1}\n" + extra_yaml)
+    return spec

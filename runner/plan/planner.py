@@ -60,6 +60,8 @@ class PlanState(Protocol):
 
     def store_has(self, key: str) -> bool: ...
 
+    def load_outputs(self, key: str) -> dict[str, base.Artifact]: ...
+
     def scratch_dir(self, key: str) -> Path: ...
 
     def fileset_listing(self, digest: str) -> dict[str, str] | None: ...
@@ -73,6 +75,8 @@ class PlannedStage:
     action: str  # run | rerun | resume | cached
     reasons: list[str]
     fileset_digests: dict[str, FileSetDigest] = field(default_factory=dict)
+    # Lines the plan prints under the stage: the node's notes, then the stage kind's plan_notes.
+    notes: list[str] = field(default_factory=list)
 
     @property
     def id(self) -> str:
@@ -92,7 +96,7 @@ class PlannedStage:
             "reasons": self.reasons,
             "key": self.key,
             "gpu": self.node.gpu,
-            "notes": list(self.node.notes),
+            "notes": self.notes,
         }
 
 
@@ -184,7 +188,8 @@ def make_plan(
         if targets is not None and sid not in targets:
             continue
         action, reasons = _decide(node, key, components, kind, state, planned, sid in forced, filesets)
-        planned[sid] = PlannedStage(node, key, components, action, reasons, filesets)
+        notes = list(node.notes) + _plan_notes(node, kind, keys, state)
+        planned[sid] = PlannedStage(node, key, components, action, reasons, filesets, notes)
 
     # The report re-renders whenever another stage of its character executes in this run, so its
     # timeline shows the run that produced it.
@@ -196,6 +201,18 @@ def make_plan(
                 ps.action = "rerun"
                 ps.reasons = [f"{len(ran)} stage{'s' if len(ran) != 1 else ''} of this character run"]
     return Plan(stages=list(planned.values()), graph=graph)
+
+
+def _plan_notes(node: base.PlanNode, kind: base.StageKind, keys: dict[str, str], state: PlanState) -> list[str]:
+    """The stage kind's plan_notes, given its upstream outputs that the store already holds."""
+    if kind.plan_notes is None:
+        return []
+    upstream: dict[str, base.Artifact | None] = {}
+    for name, ref in node.inputs.items():
+        if isinstance(ref, base.StageOutputRef):
+            key = keys.get(ref.stage_id, "")
+            upstream[name] = state.load_outputs(key).get(ref.output) if key and state.store_has(key) else None
+    return list(kind.plan_notes(node.config, upstream))
 
 
 def key_components(

@@ -184,6 +184,9 @@ ReportFn = Callable[[dict[str, Any], dict[str, Artifact], dict[str, Any]], list[
 # the store into ``dest`` (<project>/.runner/exports/<character>/), where those tools may write.
 # Called for succeeded and cached stages; it must be idempotent and cheap when nothing changed.
 PublishFn = Callable[[dict[str, Any], dict[str, Artifact], Path], Any]
+# plan_notes(node_config, upstream) -> lines `runner plan` prints under the stage; ``upstream``
+# maps each stage-output input to its artifact when the store already holds it, else None.
+PlanNotesFn = Callable[[dict[str, Any], dict[str, "Artifact | None"]], Iterable[str]]
 
 
 @dataclass(frozen=True)
@@ -200,6 +203,8 @@ class StageKind:
     report: ReportFn | None = None
     # Copies of its outputs published outside the store (None: nothing).
     publish: PublishFn | None = None
+    # Plan-time lines computed from upstream outputs already in the store (None: nothing).
+    plan_notes: PlanNotesFn | None = None
 
 
 _REGISTRY: dict[str, StageKind] = {}
@@ -220,6 +225,7 @@ def register(
     resume_info: ResumeFn | None = None,
     report: ReportFn | None = None,
     publish: PublishFn | None = None,
+    plan_notes: PlanNotesFn | None = None,
 ) -> Callable[[RunFn], RunFn]:
     """Decorator: ``@register("ingest", version=1, order=10, expand=expand_ingest)``.
 
@@ -241,6 +247,7 @@ def register(
             resume_info=resume_info,
             report=report,
             publish=publish,
+            plan_notes=plan_notes,
         )
         return fn
 

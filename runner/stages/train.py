@@ -91,8 +91,7 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
                 patterns=("*.png", "*.jpg", "*.jpeg", "*.webp", "*.PNG", "*.JPG", "*.JPEG"),
                 spec_key="train.regularization.images",
             )
-        steps = sum(p["steps"] for p in cfg["phases"]) if cfg["phases"] else cfg["steps"]
-        label = f"{cfg['base_model']} r{cfg['lora']['rank']} {steps} steps"
+        label = f"{cfg['base_model']} r{cfg['lora']['rank']} {_length(cfg)}"
         if cfg["phases"]:
             label += f" in {len(cfg['phases'])} phases"
         if variant:
@@ -113,6 +112,31 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
     return nodes
 
 
+def _length(cfg: dict[str, Any]) -> str:
+    """'1000 steps', '16 epochs', or '500 steps + 6 epochs' (phases in both)."""
+    phases = cfg["phases"] or [{"steps": cfg["steps"]}]
+    steps = sum(int(p.get("steps") or 0) for p in phases)
+    epochs = sum(int(p.get("epochs") or 0) for p in phases)
+    return " + ".join(t for t in (f"{steps} steps" if steps else "", f"{epochs} epochs" if epochs else "") if t)
+
+
+def plan_notes(config: dict[str, Any], upstream: dict[str, base.Artifact | None]) -> list[str]:
+    """The phases in steps and epochs: steps per epoch from the captioned dataset when the store
+    holds it (the images left after the validation hold-out, with their repeats, over
+    batch_size x gradient_accumulation), else the epoch phases' steps are left open."""
+    from runner.diffusion.data import DataError
+    from runner.diffusion.trainer import dataset_steps_per_epoch, describe_phases
+
+    dataset = upstream.get("dataset")
+    spe, how = None, ""
+    if dataset is not None:
+        try:
+            spe, how = dataset_steps_per_epoch(dataset.path, config)
+        except (DataError, OSError):
+            pass
+    return [describe_phases(config, spe, how)]
+
+
 def resume_info(scratch_dir: Path) -> str | None:
     """"resume at step N of M" when a killed run left a resume state (no heavy imports)."""
     from runner.diffusion.trainer import read_resume_meta
@@ -120,7 +144,10 @@ def resume_info(scratch_dir: Path) -> str | None:
     meta = read_resume_meta(scratch_dir)
     if not meta or not meta.get("step"):
         return None
-    return f"resume at step {meta['step']} of {meta['total_steps']} (phase {meta['phase']})"
+    where = f"phase {meta['phase']}"
+    if meta.get("steps_per_epoch"):
+        where += f", epoch {meta['step'] / meta['steps_per_epoch']:.3g} of {meta['total_steps'] / meta['steps_per_epoch']:.3g}"
+    return f"resume at step {meta['step']} of {meta['total_steps']} ({where})"
 
 
 def _device(config: dict[str, Any], ctx: base.StageContext) -> str:
@@ -190,6 +217,7 @@ def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], e
 
 
 @base.register(KIND, version=VERSION, order=50, expand=expand, resume_info=resume_info, report=report_sections,
+               plan_notes=plan_notes,
                description="Train a LoRA (diffusers + peft) with cached latents, phases, checkpoints and samples.")
 def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.StageContext) -> dict[str, base.Artifact]:
     """Train a LoRA (diffusers + peft) with cached latents, phases, checkpoints and samples."""
