@@ -29,6 +29,9 @@ from runner.engine.context import LocalStageContext
 from runner.stages import base, export
 from runner.stages.train import train_config
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_helpers import two_photo_project  # noqa: E402
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -315,12 +318,7 @@ def test_apply_publishes_the_export_outside_the_store(project: Path, shared_data
     from runner.engine.progress import QuietReporter
     from runner.spec import load_spec
 
-    (project / "photos").mkdir()
-    for name in ("obama_02.jpg", "obama_04.jpg"):
-        shutil.copy(shared_data / "faces" / "obama" / name, project / "photos" / name)
-    spec = project / "specs" / "hero.yaml"
-    spec.write_text("version: 1\ncharacter: {name: hero, trigger: hrochr, class_word: man}\n"
-                    "dataset:\n  sources: [{images: ../photos}]\n  analysis: {backend: dlib, workers: 1}\n")
+    spec = two_photo_project(project, shared_data)
     res = apply([load_spec(spec)], ApplyOptions(only=["export"]), QuietReporter())
     assert res.status == "succeeded", [(r.stage_id, r.error) for r in res.failed]
     pub = project / ".runner" / "exports" / "hero"

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from runner.paths import replace_folder
 from runner.resources import resource_dir
 from runner.spec.errors import Problem, SpecError
 from runner.spec.resolve import find_project_root
@@ -124,14 +125,6 @@ def _tracked_in_project(folder: Path, root: Path) -> bool:
 
 
 def _copy_schema(schemas: Path, dest: Path) -> Path:
-    """Replace ``dest`` with a copy of the schema files (JSON only), atomically."""
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(schemas, tmp, ignore=lambda d, names: [n for n in names
-                                                            if not n.endswith(".json") and not (Path(d) / n).is_dir()])
-    old = dest.with_name(f".{dest.name}.{os.getpid()}.old")
-    if dest.exists():
-        os.rename(dest, old)
-    os.rename(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
-    return dest
+    """Replace ``dest`` with a copy of the schema files (JSON only)."""
+    json_only = lambda d, names: [n for n in names if not n.endswith(".json") and not (Path(d) / n).is_dir()]  # noqa: E731
+    return replace_folder(dest, lambda tmp: shutil.copytree(schemas, tmp, ignore=json_only))

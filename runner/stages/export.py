@@ -31,6 +31,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from runner.paths import replace_folder
 from runner.stages import base
 from runner.stages.analyze import read_jsonl
 
@@ -258,19 +259,13 @@ def publish(src: Path, dest: Path) -> Path:
     marker = dest / _KEY_FILE
     if marker.is_file() and marker.read_text(encoding="utf-8").strip() == key:
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)  # real copies: a tool rewriting an image must not reach the store
-    summary = json.loads((tmp / "export.json").read_text(encoding="utf-8"))
-    write_tool_configs(tmp, summary, root=dest.resolve().as_posix())
-    (tmp / _KEY_FILE).write_text(key, encoding="utf-8")
-    old = dest.with_name(f".{dest.name}.{os.getpid()}.old")
-    if dest.exists():
-        os.rename(dest, old)
-    os.rename(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
-    return dest
+    def fill(tmp: Path) -> None:
+        shutil.copytree(src, tmp)  # real copies: a tool rewriting an image must not reach the store
+        summary = json.loads((tmp / "export.json").read_text(encoding="utf-8"))
+        write_tool_configs(tmp, summary, root=dest.resolve().as_posix())
+        (tmp / _KEY_FILE).write_text(key, encoding="utf-8")
+
+    return replace_folder(dest, fill)
 
 
 def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], env: dict[str, Any]) -> list[base.ReportSection]:
