@@ -499,7 +499,6 @@ def _guided_frames(config, inputs, ctx, pipe, family, jobs, validator, make_gene
     from runner.stages.common import load_rgb as _load_rgb
 
     g = config["reference_guided"]
-    val = config["validation"]
     n = len(jobs)
     first = validated_frames(jobs[:1], make_generate(pipe, lambda grp: None), validator, config, n, on_round)
     reference = first[0].image
