@@ -146,6 +146,8 @@ def describe_phases(config: dict[str, Any], steps_per_epoch: int | None, how: st
         parts.append(text)
     if steps_per_epoch:
         return f"phases: {'; '.join(parts)} ({steps_per_epoch} steps per epoch: {how})"
+    if not any(p.get("epochs") for p in config.get("phases") or []):
+        return f"phases: {'; '.join(parts)} (epochs known once the caption stage has run)"
     return (f"phases: {'; '.join(parts)} (steps of phases in epochs are known once the caption stage has run: "
             "ceil(images x repeats after the validation hold-out / (batch_size x gradient_accumulation)) per epoch)")
 
