@@ -280,3 +280,22 @@ def test_identity_sets_move_and_drop_reach_curate(server: str, browser, project:
     graph = build_graph([load_spec(project / "specs" / "hero.yaml")])
     section = graph.nodes["hero:curate"].config["review"]["identity"]
     assert sorted(v.get("decision") for v in section.values()) == ["drop", "set"]
+
+
+def test_a_decision_for_a_vanished_image_is_listed_not_dropped(server: str, browser, project: Path) -> None:
+    from runner.review.decisions import review_path, save
+
+    gone = "0f" * 32
+    save(review_path(project / "specs" / "hero.yaml"),
+         [("images", gone, {"decision": "drop", "file": "photos/renamed_away.jpg"})], by="Ada")
+    page = _page(browser)
+    page.goto(f"{server}/dataset")
+    listed = page.locator("ul.orphans li")
+    assert listed.count() == 1 and "photos/renamed_away.jpg" in listed.inner_text() and gone[:12] in listed.inner_text()
+    page.context.close()
+    plan = runner("plan", "specs/hero.yaml", cwd=project)
+    assert "1 decision for things no longer in the workspace" in plan.stdout
+    assert f"images: photos/renamed_away.jpg (sha256 {gone[:12]}): drop" in plan.stdout
+    data = json.loads(runner("plan", "specs/hero.yaml", "--json", cwd=project).stdout)
+    assert [o["sha"] for o in data["review_orphans"]] == [gone]
+    assert gone in _decisions(project)["images"]  # still in the file

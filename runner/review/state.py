@@ -238,7 +238,7 @@ class ReviewState:
         }
         out = []
         for section, shas in known.items():
-            if section in ("identity", "ratings", "frames", "clips") and not shas:
+            if not shas:
                 continue  # that stage has not run here: nothing to compare with
             for sha, entry in sorted(data[section].items()):
                 if sha not in shas:
