@@ -1,7 +1,11 @@
 """The video_identity stage on the shared clips (../shared/data/video) with the dlib backend.
 
-- short_hamilton_clip.mp4: the main person's anchors are lin_manuel_miranda by identity;
+- short_hamilton_clip.mp4: the main person's anchors are lin_manuel_miranda by identity; the
+  over-the-shoulder profile (frames 20-45), which dlib's HOG detector misses, is found;
 - carphone.mp4: one person, with mouth_open frames saved;
+- both: the output layout downstream tools read (anchors/anchor_001.jpg, coverage/cov_yaw.._pitch.._
+  <expression>.jpg, challenge/challenge_001.jpg, each with its _meta.json; meta.json's fields and
+  types) and a challenge set spread over the clip;
 - bigbuckbunny_no_faces.mp4: an empty result with a clear reason;
 - a truncated copy and a text file named .mp4: quarantined with a reason;
 - a side-by-side clip made from two of them: two people and a pair/ set.
@@ -20,12 +24,14 @@ from runner.engine.context import LocalStageContext
 from runner.stages import base
 from runner.stages import video_identity as V
 
-REQUIRED_META = ("type", "person_id", "frame_idx", "timestamp_ms", "bins", "quality", "novelty", "stable",
-                 "face_bbox", "crop_box", "embedding_model", "gate_version")
+REQUIRED_META = ("type", "person_id", "file", "frame_idx", "timestamp_ms", "bins", "bucket", "quality", "novelty",
+                 "stable", "face_bbox", "crop_box", "embedding_model", "gate_version", "detector")
+SET_NAMES = {"anchors": r"anchor_\d{3}", "challenge": r"challenge_\d{3}",
+             "coverage": r"cov_yaw-?\d+_pitch-?\d+_(neutral|smile|mouth_open|eyes_closed)(_\d+)?"}
 
 
 def config_for(video: Path, *, people: int = 1, stride: int = 5, upsample: int = 1, **options) -> dict:
-    opts = {k: v for k, v in V.VIDEO_OPTION_DEFAULTS.items() if k != "upsample"}
+    opts = {k: v for k, v in V.video_option_defaults().items() if k != "upsample"}
     opts["general_fallback"] = "always"  # the labelled fallback descriptor: no model load in most tests
     opts.update(options)
     return {"video": video.name, "source_index": 0, "label": "clip", "people": people, "stride": stride,
@@ -86,7 +92,7 @@ def test_hamilton_anchors_are_lin_manuel_miranda(hamilton, shared_data, dlib_bac
     assert s["empty_reason"] == "" and s["quarantine"] is None and len(s["persons"]) == 1
     ref = dlib_backend.analyze(np.asarray(Image.open(shared_data / "faces/lin_manuel_miranda/lmm_01.png").convert("RGB")))
     person = out["identity"].path / "person_0"
-    anchors = sorted((person / "anchors").glob("*.png"))
+    anchors = sorted((person / "anchors").glob("*.jpg"))
     assert len(anchors) >= 2
     for a in anchors:
         faces = dlib_backend.analyze(np.asarray(Image.open(a).convert("RGB")))
@@ -100,7 +106,7 @@ def test_hamilton_anchors_are_lin_manuel_miranda(hamilton, shared_data, dlib_bac
             assert m["stable"] >= s["persons"][0]["tau"], "frames under tau are never saved"
             assert m["embedding_model"]["general_is_fallback"] is True
     pm = json.loads((person / "meta.json").read_text())
-    assert pm["anchor_count"] == len(anchors) and pm["buckets_filled"]["yaw"] >= 4
+    assert pm["anchor_count"] == len(anchors) and int(pm["coverage_buckets_filled"]["yaw"].split("/")[0]) >= 4
     assert pm["stop_reason"] and pm["conditioning_ratio"]["anchor"] + pm["conditioning_ratio"]["coverage"] \
         + pm["conditioning_ratio"]["challenge"] == pytest.approx(100.0)
     # the images artifact in the ingest layout
@@ -110,12 +116,93 @@ def test_hamilton_anchors_are_lin_manuel_miranda(hamilton, shared_data, dlib_bac
     # the report section renders, says which novelty descriptor it used, and shows the grid
     html = render(V.report_sections(config_for(Path("x.mp4")), out, {"thumbnail_px": 96}), repo_root)
     assert "Coverage grid" in html and "cheap fallback descriptor" in html and "data:image/jpeg;base64," in html
-    assert "<svg" in html and pm["stop_reason"].split(";")[0] in html
+    assert "<svg" in html and pm["stop_reason"] in html and pm["stop_detail"].split(";")[0] in html
 
 
-def test_carphone_one_person_with_mouth_open_frames(tmp_path, shared_data):
+@pytest.fixture(scope="module")
+def carphone(tmp_path_factory, shared_data):
     video = shared_data / "video" / "carphone.mp4"
-    out, ctx = run_stage(tmp_path, video, refs=[shared_data / "faces/obama/obama_01.jpg"], stride=4)
+    return run_stage(tmp_path_factory.mktemp("carphone"), video, refs=[shared_data / "faces/obama/obama_01.jpg"],
+                     stride=4)
+
+
+def check_layout(identity: Path, fps: float) -> list[dict]:
+    """The layout and meta.json of every person; returns the person metas."""
+    import re
+
+    from PIL import Image
+
+    from runner.video.pipeline import STOP_REASONS
+
+    persons = []
+    for pdir in sorted(identity.glob("person_*")):
+        pm = json.loads((pdir / "meta.json").read_text())
+        for key, kind in (("person_id", int), ("track_score", float), ("track_score_components", dict),
+                          ("prototype_type", str), ("anchor_count", int), ("coverage_buckets_filled", dict),
+                          ("challenge_count", int), ("total_saved", int), ("stop_reason", str), ("stop_detail", str)):
+            assert isinstance(pm[key], kind), (pdir.name, key, pm.get(key))
+        assert pdir.name == f"person_{pm['person_id']}" and 0.0 <= pm["track_score"] <= 1.0
+        c = pm["track_score_components"]
+        assert pm["track_score"] == pytest.approx(0.4 * c["size"] + 0.3 * c["centre"] + 0.3 * c["length"], abs=1e-5)
+        assert pm["prototype_type"] in ("medoid_strict", "medoid_loose", "medoid_all")
+        assert pm["stop_reason"] in STOP_REASONS
+        assert set(pm["coverage_buckets_filled"]) == {"yaw", "pitch", "expression", "occlusion", "lighting"}
+        for axis, filled in pm["coverage_buckets_filled"].items():
+            n, total = re.fullmatch(r"(\d+)/(\d+)", filled).groups()
+            assert 0 <= int(n) <= int(total) and int(total) == {"yaw": 7, "pitch": 5, "expression": 4}.get(axis, 3)
+        frames = set()
+        for set_name, pattern in SET_NAMES.items():
+            images = sorted(x.name for x in (pdir / set_name).glob("*.jpg"))
+            metas_ = sorted(x.name for x in (pdir / set_name).glob("*_meta.json"))
+            assert sorted(m.replace("_meta.json", ".jpg") for m in metas_) == images, set_name
+            assert all(re.fullmatch(pattern + r"\.jpg", n) for n in images), (set_name, images)
+            if set_name != "coverage":  # numbered from 001 without holes
+                assert images == [f"{set_name[:-1] if set_name == 'anchors' else set_name}_{i:03d}.jpg"
+                                  for i in range(1, len(images) + 1)]
+            for name in images:
+                m = json.loads((pdir / set_name / name.replace(".jpg", "_meta.json")).read_text())
+                assert m["file"] == name and m["person_id"] == pm["person_id"]
+                if set_name == "coverage":
+                    b = m["bucket"]
+                    assert name.startswith(f"cov_yaw{b['yaw']}_pitch{b['pitch']}_{b['expression']}")
+                with Image.open(pdir / set_name / name) as im:
+                    assert im.format == "JPEG" and list(im.size) == m["image_size"]
+                frames.add(m["frame_idx"])
+        assert pm["anchor_count"] == len(list((pdir / "anchors").glob("*.jpg")))
+        assert pm["challenge_count"] == len(list((pdir / "challenge").glob("*.jpg")))
+        assert pm["total_saved"] == len(frames)
+        challenge = sorted(json.loads(x.read_text())["frame_idx"] for x in (pdir / "challenge").glob("*_meta.json"))
+        assert len(challenge) <= 8
+        gaps = np.diff(challenge)
+        assert (gaps >= round(fps / 2)).all(), f"challenge frames {challenge} are not spread out"
+        persons.append(pm)
+    return persons
+
+
+@pytest.mark.parametrize("clip", ["hamilton", "carphone"])
+def test_layout_meta_and_challenge_spacing_on_real_clips(clip, request):
+    out, _ = request.getfixturevalue(clip)
+    s = summary_of(out)
+    persons = check_layout(out["identity"].path, s["info"]["fps"])
+    assert [p["person_id"] for p in persons] == [p["person_id"] for p in s["persons"]] == [0]
+
+
+def test_hamilton_profile_segment_is_found(hamilton):
+    """Frames 20-45 of the clip are an over-the-shoulder profile (a face of about 200 px) that the
+    HOG detector does not find in any of them; the CNN fallback does."""
+    out, _ = hamilton
+    s = summary_of(out)
+    profile = [t for t in s["tracks"] if t["first_frame"] <= 45 and t["last_frame"] >= 20
+               and t["detectors"].get("cnn", 0) >= 2]
+    assert profile, s["tracks"]
+    assert s["detections"]["cnn_faces"] >= 3 and s["detections"]["cnn_runs"] >= 1
+    timeline = json.loads((out["identity"].path / "person_0" / "timeline.json").read_text())
+    found = [e["frame_idx"] for e in timeline if 20 <= e["frame_idx"] <= 45 and e["detector"] == "cnn"]
+    assert len(found) >= 2, "the profile is the main person's (its track joins theirs)"
+
+
+def test_carphone_one_person_with_mouth_open_frames(carphone):
+    out, ctx = carphone
     s = summary_of(out)
     assert len(s["persons"]) == 1
     person = out["identity"].path / "person_0"
@@ -131,6 +218,8 @@ def test_no_face_clip_is_an_empty_result_with_a_reason(tmp_path, shared_data, re
     out, ctx = run_stage(tmp_path, shared_data / "video" / "bigbuckbunny_no_faces.mp4", stride=10, upsample=0)
     s = summary_of(out)
     assert s["persons"] == [] and s["empty_reason"].startswith("no person found")
+    assert not list(out["identity"].path.glob("person_*")) and s["tracks"] == [] and s["images"] == 0
+    assert s["detections"]["faces"] == 0 and s["detections"]["cnn_runs"] >= 1, "profiles were looked for"
     assert (out["images"].path / "manifest.jsonl").read_text() == ""
     assert (out["quarantine"].path / "quarantine.jsonl").read_text() == ""
     assert any("empty result" in w for w in ctx.warnings)

@@ -15,7 +15,7 @@ from runner.video.descriptors import FALLBACK_NAME, FallbackDescriptor, load_gen
 from runner.video.gates import make_gates, quality_score
 from runner.video.selection import Candidate, Selector, StopRule, conditioning_ratio
 from runner.video.stability import medoid, novelty, stability
-from runner.video.tracking import FaceObs, FaceTracker, box_iou, track_scores
+from runner.video.tracking import FaceObs, FaceTracker, TrackScore, box_iou, track_scores
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -286,7 +286,7 @@ def test_selection_policy_actions():
 
 
 def test_anchors_challenge_and_early_stop():
-    sel = Selector(anchors_max=5, anchor_min_gap=10, challenge_max=3,
+    sel = Selector(anchors_max=5, anchor_min_gap=10, challenge_max=3, challenge_min_gap=5,
                    stop=StopRule(novelty_window=5, novelty_below=0.08))
     g = np.eye(64)
     f = 0
@@ -356,10 +356,12 @@ def test_export_layout_and_meta(tmp_path):
     a = cand(10, quality=0.9)
     c1 = cand(20, yaw=20)
     ch = cand(30, yaw=-44)
-    person = PersonResult(person_id=0, track_ids=[0], track_score={"score": 0.8, "size": 1, "centre": 0.5, "length": 0.9},
-                          prototype_type="medoid of 3 strict-gate frames", tau=0.92, reference_similarity=None,
-                          anchors=[a], coverage=[a, c1], challenge=[ch], stop_reason="end of video",
-                          stopped_early=False, filled={"yaw": 2, "pitch": 1, "expression": 1, "occlusion": 1, "lighting": 1},
+    c2 = cand(25, yaw=20, general=np.eye(8)[3])  # a second image of c1's bucket
+    person = PersonResult(person_id=0, track_ids=[0], track_score=TrackScore(0, 0.8, 1.0, 0.5, 0.9, 3),
+                          prototype_type="medoid_strict", prototype_frames=3, prototype_frame_idx=10, tau=0.92,
+                          reference_similarity=None, anchors=[a], coverage=[a, c1, c2], challenge=[ch],
+                          stop_reason="video_exhausted", stop_detail="end of video",
+                          filled={"yaw": 2, "pitch": 1, "expression": 1, "occlusion": 1, "lighting": 1},
                           timeline=[{"frame_idx": 10, "t_s": 0.33, "stable": 0.95, "novelty": 1.0, "action": "save"}],
                           gate_counts={}, actions={}, observations=3, candidates=3)
     info = VideoInfo("v.mp4", 320, 240, 30.0, 90, 3.0, "h264", "pyav")
@@ -368,26 +370,43 @@ def test_export_layout_and_meta(tmp_path):
                             video_sha256="ab" * 32, source_index=2, label="ride", identity_model="dlib-x",
                             general_model=FALLBACK_NAME, general_is_fallback=True)
     p = tmp_path / "identity" / "person_0"
-    assert sorted(x.name for x in (p / "anchors").iterdir()) == ["f000010.png", "f000010_meta.json"]
-    assert len(list((p / "coverage").glob("*.png"))) == 2 and len(list((p / "challenge").glob("*.png"))) == 1
-    meta = json.loads((p / "anchors" / "f000010_meta.json").read_text())
-    for key in ("type", "person_id", "frame_idx", "timestamp_ms", "bins", "quality", "novelty", "stable", "face_bbox",
-                "crop_box", "embedding_model", "gate_version"):
+    assert sorted(x.name for x in (p / "anchors").iterdir()) == ["anchor_001.jpg", "anchor_001_meta.json"]
+    assert sorted(x.name for x in (p / "coverage").glob("*.jpg")) == [
+        "cov_yaw0_pitch0_neutral.jpg", "cov_yaw22_pitch0_neutral.jpg", "cov_yaw22_pitch0_neutral_2.jpg"]
+    assert sorted(x.name for x in (p / "challenge").iterdir()) == ["challenge_001.jpg", "challenge_001_meta.json"]
+    meta = json.loads((p / "anchors" / "anchor_001_meta.json").read_text())
+    for key in ("type", "person_id", "file", "frame_idx", "timestamp_ms", "bins", "bucket", "quality", "novelty",
+                "stable", "face_bbox", "crop_box", "embedding_model", "gate_version", "detector"):
         assert key in meta, key
     assert meta["type"] == "anchor" and meta["embedding_model"]["general_is_fallback"] is True
+    assert meta["file"] == "anchor_001.jpg" and meta["frame_idx"] == 10
+    from PIL import Image
+
+    with Image.open(p / "anchors" / "anchor_001.jpg") as im:
+        assert im.format == "JPEG"
+    for m in (p / "coverage").glob("*_meta.json"):  # the name carries the bucket the meta states
+        cm = json.loads(m.read_text())
+        b = cm["bucket"]
+        assert m.name.startswith(f"cov_yaw{b['yaw']}_pitch{b['pitch']}_{b['expression']}")
+        assert cm["file"] == m.name.replace("_meta.json", ".jpg")
     pm = json.loads((p / "meta.json").read_text())
-    for key in ("track_score", "prototype_type", "anchor_count", "buckets_filled", "challenge_count", "total_saved",
-                "stop_reason", "conditioning_ratio"):
-        assert key in pm, key
-    assert pm["total_saved"] == 3 and pm["anchor_count"] == 1
+    assert pm["person_id"] == 0 and pm["track_score"] == 0.8 and isinstance(pm["track_score"], float)
+    assert pm["track_score_components"]["size"] == 1.0 and pm["track_score_components"]["length"] == 0.9
+    assert pm["prototype_type"] == "medoid_strict" and pm["prototype_frame_idx"] == 10
+    assert pm["coverage_buckets_filled"] == {"yaw": "2/7", "pitch": "1/5", "expression": "1/4", "occlusion": "1/3",
+                                             "lighting": "1/3"}
+    assert (pm["anchor_count"], pm["coverage_count"], pm["challenge_count"], pm["total_saved"]) == (1, 3, 1, 4)
+    assert pm["stop_reason"] == "video_exhausted" and pm["stop_detail"] == "end of video"
+    assert pm["stopped_early"] is False and "conditioning_ratio" in pm
     records = [json.loads(x) for x in (tmp_path / "images" / "manifest.jsonl").read_text().splitlines()]
-    assert len(records) == 3, "an image in two sets is written once"
+    assert len(records) == 4, "an image in two sets is written once"
+    assert all((tmp_path / "identity" / r["video"]["meta"]).is_file() for r in records)
     for r in records:
         assert INGEST_KEYS <= set(r) and (tmp_path / "images" / r["file"]).is_file()
         assert r["source"] == "rides/v.mp4" and r["source_index"] == 2 and r["label"] == "ride"
     both = [r for r in records if r["video"]["frame_idx"] == 10][0]
     assert sorted(both["video"]["sets"]) == ["anchor", "coverage"]
-    assert summary["images"] == 3 and summary["embedding_model"]["general"] == FALLBACK_NAME
+    assert summary["images"] == 4 and summary["embedding_model"]["general"] == FALLBACK_NAME
 
 
 # ------------------------------------------------------------------------------ spec -> nodes
@@ -493,3 +512,153 @@ def test_truncated_video_policy(tmp_path, policy):
     elif res.quarantine is None:  # the readable part was used, and the result says so
         assert res.truncated and any("truncated" in n for n in res.notes)
         assert 0 < res.sampled_frames < 20
+
+
+# ------------------------------------------------------------------------------ issue 15: layout, diversity, profiles
+
+
+def test_bucket_names_carry_the_bucket_values_for_every_bucket():
+    import re
+
+    names = set()
+    for yi in range(len(B.YAW_BINS)):
+        for pi in range(len(B.PITCH_BINS)):
+            for ei in range(len(B.EXPRESSION_BINS)):
+                bins = B.Bins(yi, pi, ei, 0, 0)
+                name = bins.bucket_name()
+                m = re.fullmatch(r"yaw(-?\d+)_pitch(-?\d+)_([a-z_]+)", name)
+                assert m, name
+                yaw, pitch = int(m.group(1)), int(m.group(2))
+                # the value in the name falls in the bucket it names
+                assert B.yaw_bin(yaw) == yi and B.pitch_bin(pitch) == pi and m.group(3) == B.EXPRESSION_BINS[ei]
+                assert bins.bucket() == {"yaw": yaw, "pitch": pitch, "expression": B.EXPRESSION_BINS[ei]}
+                names.add(name)
+    assert len(names) == len(B.YAW_BINS) * len(B.PITCH_BINS) * len(B.EXPRESSION_BINS)
+
+
+def test_set_stems_number_anchors_and_challenge_and_suffix_repeated_buckets():
+    from runner.video.export import set_stems
+
+    items = [cand(i, yaw=20 if i % 2 else 0) for i in range(5)]
+    assert set_stems("anchors", items) == [f"anchor_{i:03d}" for i in range(1, 6)]
+    assert set_stems("challenge", items[:2]) == ["challenge_001", "challenge_002"]
+    cov = set_stems("coverage", items)
+    assert len(set(cov)) == 5 and cov[:3] == ["cov_yaw0_pitch0_neutral", "cov_yaw22_pitch0_neutral",
+                                              "cov_yaw0_pitch0_neutral_2"]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_challenge_set_is_spaced_in_time_and_novel(seed):
+    rng = np.random.default_rng(seed)
+    gap = int(rng.integers(5, 20))
+    sel = Selector(challenge_max=8, challenge_min_gap=gap, novelty_add=0.15)
+    look = unit(rng.normal(size=32))
+    # one moment: a run of consecutive extreme-pose frames that look alike (the old set took 4+ of these)
+    for f in range(100, 100 + 4 * gap):
+        sel.offer(cand(f, yaw=-44, quality=float(rng.uniform(0.5, 1.0)), general=look + 0.01 * rng.normal(size=32)))
+    picked = sel.challenge()
+    assert len(picked) == 1, "frames of one moment that look alike count once"
+    # ten moments far apart that look different: 5-8 of them are kept
+    for k in range(10):
+        f = 1000 + k * 3 * gap
+        kind = [dict(yaw=44), dict(lighting=30.0), dict(occlusion=0.7)][k % 3]
+        for j in range(3):  # each moment is a few consecutive frames
+            sel.offer(cand(f + j, quality=float(rng.uniform(0.2, 0.9)), general=unit(rng.normal(size=32)), **kind))
+    picked = sel.challenge()
+    assert 5 <= len(picked) <= 8
+    for a in picked:
+        for b in picked:
+            if a is not b:
+                assert abs(a.frame_idx - b.frame_idx) >= gap
+                assert 1.0 - float(a.general @ b.general) >= 0.15
+    assert {k for c in picked for k in c.challenge_kinds()} >= {"extreme_pose", "dark", "heavy_occlusion"}
+
+
+class ProfileBackend(SquareBackend):
+    """HOG stand-in that sees only red squares ('frontal'); analyze_cnn sees red and green ones
+    ('profiles') and records the scale it was asked for."""
+
+    name = "dlib"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cnn_calls: list[tuple[tuple[int, int], float]] = []
+
+    def analyze(self, rgb):
+        return super().analyze(np.where((rgb[:, :, 1:2] > 200), 0, rgb).astype(np.uint8))
+
+    def analyze_cnn(self, rgb, *, scale=1.0):
+        self.cnn_calls.append((rgb.shape[:2], scale))
+        faces = super().analyze(np.stack([np.maximum(rgb[:, :, 0], rgb[:, :, 1])] * 3, axis=-1))
+        self.sizes.pop()
+        for f in faces:
+            f.extra["detector"] = "cnn"
+        return faces
+
+
+def profile_frames(n: int, turn_at: int, side: int = 100, w: int = 640, h: int = 360):
+    from runner.video.decode import Frame
+
+    for i in range(n):
+        rgb = np.zeros((h, w, 3), np.uint8)
+        x = 100 + 6 * i
+        rgb[100:100 + side, x:x + side, 0 if i < turn_at else 1] = 255
+        yield Frame(i * 5, i * 166.0, rgb)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_profiles_hog_misses_are_found_by_the_cnn(threads):
+    from runner.video.pipeline import PROFILE_FRAME_SIDE, FrameDetector, _analyze_frames
+
+    backends = [ProfileBackend() for _ in range(threads)]
+    det = FrameDetector()
+    out = list(_analyze_frames(profile_frames(12, turn_at=4), backends, full_every=3, detector=det))
+    assert all(len(obs) == 1 for _, obs in out), "every frame has its face, frontal or profile"
+    assert [o[0].detector for _, o in out] == [""] * 4 + ["cnn"] * 8
+    calls = [c for b in backends for c in b.cnn_calls]
+    assert det.counts["cnn_faces"] == 8 and det.counts["cnn_runs"] == len(calls) == 8
+    whole = [s for shape, s in calls if shape == (360, 640)]
+    assert whole and all(s == pytest.approx(PROFILE_FRAME_SIDE / 640) for s in whole), "whole frames at reduced size"
+    assert all(s <= 1.0 for _, s in calls)
+    off = list(_analyze_frames(profile_frames(12, turn_at=4), [ProfileBackend()], full_every=3,
+                               detector=FrameDetector(profile=False)))
+    assert [len(o) for _, o in off] == [1] * 4 + [0] * 8
+
+
+def test_profile_search_backs_off_on_faceless_frames_and_skips_small_lost_faces():
+    from runner.video.decode import Frame
+    from runner.video.pipeline import PROFILE_MAX_SKIP, FrameDetector, _analyze_frames
+
+    b = ProfileBackend()
+    empty = (Frame(i, i * 40.0, np.zeros((90, 160, 3), np.uint8)) for i in range(40))
+    list(_analyze_frames(empty, [b], full_every=1, detector=FrameDetector()))
+    runs = len(b.cnn_calls)
+    assert runs <= 40 / (PROFILE_MAX_SKIP + 1) + 3 and runs >= 40 / (PROFILE_MAX_SKIP + 1)
+    # a 40 px face that turns: too small for the CNN without upsampling, so no run is spent on it
+    b = ProfileBackend()
+    out = list(_analyze_frames(profile_frames(6, turn_at=1, side=40), [b], full_every=6, detector=FrameDetector()))
+    assert [len(o) for _, o in out] == [1, 0, 0, 0, 0, 0] and b.cnn_calls == []
+
+
+def test_stop_reason_codes(tmp_path):
+    from runner.video.descriptors import FallbackDescriptor
+    from runner.video.pipeline import STOP_REASONS, build_identity_sets
+
+    import av
+
+    path = tmp_path / "square.mp4"
+    with av.open(str(path), "w") as out:
+        s = out.add_stream("mpeg4", rate=10)
+        s.width, s.height, s.pix_fmt = 200, 120, "yuv420p"
+        for frame in square_frames(12):
+            for pkt in s.encode(av.VideoFrame.from_ndarray(frame.rgb, format="rgb24")):
+                out.mux(pkt)
+        for pkt in s.encode():
+            out.mux(pkt)
+    res = build_identity_sets(str(path), face_backend=SquareBackend(), general_embedder=FallbackDescriptor(),
+                              options={"stride": 1})
+    assert len(res.persons) == 1
+    p = res.persons[0]
+    # a flat square has no texture: it fails the loose gate's blur limit, so nothing can be saved
+    assert p.stop_reason == "no_candidates" and p.stop_reason in STOP_REASONS and "loose gate" in p.stop_detail
+    assert p.stopped_early is False

@@ -31,14 +31,15 @@ sys.path.insert(0, str(REPO))
 CLIP = REPO.parent / "shared" / "data" / "video" / "short_hamilton_clip.mp4"
 WORK = REPO / "bench" / "_work" / "video"
 
-# name -> (stride, upsample, threads, general_model or None for the fallback, full_detect_every)
+# name -> (stride, upsample, threads, general_model or None for the fallback, full_detect_every, profile_detector)
 CONFIGS = {
-    "default": (5, 1, None, "facebook/dinov2-small", 3),  # what a spec gets; offline -> labelled fallback
-    "fullframe": (5, 1, None, None, 1),  # every analyzed frame searched whole
-    "2threads": (5, 1, 2, None, 3),
-    "upsample0": (5, 0, None, None, 3),
-    "stride3": (3, 1, None, None, 3),
-    "stride10": (10, 1, None, None, 3),
+    "default": (5, 1, None, "facebook/dinov2-small", 3, "cnn"),  # what a spec gets; offline -> labelled fallback
+    "noprofile": (5, 1, None, None, 3, "off"),  # HOG only: no CNN where HOG finds nothing
+    "fullframe": (5, 1, None, None, 1, "cnn"),  # every analyzed frame searched whole
+    "2threads": (5, 1, 2, None, 3, "cnn"),
+    "upsample0": (5, 0, None, None, 3, "cnn"),
+    "stride3": (3, 1, None, None, 3, "cnn"),
+    "stride10": (10, 1, None, None, 3, "cnn"),
 }
 
 
@@ -51,17 +52,19 @@ def decode_only(stride: int) -> float:
     return time.perf_counter() - t
 
 
-def run_stage(stride: int, upsample: int, general: str | None, full_every: int, out: Path) -> tuple[float, dict]:
+def run_stage(stride: int, upsample: int, general: str | None, full_every: int, profile: str,
+              out: Path) -> tuple[float, dict]:
     from runner.engine.context import LocalStageContext
     from runner.stages import base
     from runner.stages import video_identity as V
 
     shutil.rmtree(out, ignore_errors=True)
     ctx = LocalStageContext.for_folder(out, stage_id="bench:video_identity[0]", project_root=CLIP.parent)
-    opts = {k: v for k, v in V.VIDEO_OPTION_DEFAULTS.items() if k != "upsample"}
+    opts = {k: v for k, v in V.video_option_defaults().items() if k != "upsample"}
     opts["general_model"] = general
     opts["general_fallback"] = "auto" if general else "always"
     opts["full_detect_every"] = full_every
+    opts["profile_detector"] = profile
     cfg = {"video": CLIP.name, "source_index": 0, "label": "", "people": 1, "stride": stride,
            "face": {"backend": "dlib", "dlib_detector": "hog", "upsample": upsample, "insightface_pack": "buffalo_l",
                     "insightface_root": "~/.insightface"}, "options": opts, "references": []}
@@ -89,7 +92,7 @@ def main() -> None:
     names = [c for c in args.configs.split(",") if c]
     cold = None
     for name in names:
-        stride, upsample, threads, general, full_every = CONFIGS[name]
+        stride, upsample, threads, general, full_every, profile = CONFIGS[name]
         if threads:
             os.environ["CHARACTER_RUNNER_VIDEO_THREADS"] = str(threads)
         else:
@@ -97,7 +100,7 @@ def main() -> None:
         dec = statistics.median(decode_only(stride) for _ in range(args.repeat))
         times, cpus, summary = [], [], {}
         for i in range(args.repeat + 1):
-            dt, summary = run_stage(stride, upsample, general, full_every, WORK / name)
+            dt, summary = run_stage(stride, upsample, general, full_every, profile, WORK / name)
             if i == 0:
                 if cold is None:
                     cold = {"config": name, "seconds": round(dt, 3)}
@@ -109,6 +112,8 @@ def main() -> None:
         p = summary["persons"][0] if summary["persons"] else {}
         rows.append({
             "config": name, "stride": stride, "upsample": upsample, "full_detect_every": full_every,
+            "profile_detector": profile, "cnn_runs": summary["detections"].get("cnn_runs"),
+            "cnn_faces": summary["detections"].get("cnn_faces"),
             "threads": threads or 1, "general": summary["embedding_model"]["general"],
             "decode_s": round(dec, 3), "stage_s": round(t, 3), "stage_runs_s": [round(x, 3) for x in times],
             "pass1_s": summary["timings"].get("pass1_s"), "pass2_s": summary["timings"].get("pass2_s"),
@@ -121,19 +126,19 @@ def main() -> None:
             "cpu_s": round(cpu, 3), "ratio_cpu": round(duration / cpu, 2),
             "sampled": summary["sampled_frames"], "anchors": p.get("anchor_count"),
             "coverage": p.get("coverage_count"), "challenge": p.get("challenge_count"),
-            "yaw_filled": (p.get("buckets_filled") or {}).get("yaw"),
+            "yaw_filled": (p.get("coverage_buckets_filled") or {}).get("yaw"),
         })
         print(json.dumps(rows[-1]), flush=True)
     result = {"clip": CLIP.name, "duration_s": round(duration, 3), "cores": cores,
               "loadavg_end": [round(x, 2) for x in os.getloadavg()], "cold_first_run": cold, "rows": rows,
               "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print("\n| config | stride | upsample | full search every | threads | novelty descriptor | decode-only s | stage s (median) | ratio | best run s | best ratio | stage CPU s | duration / CPU s | sampled | anchors/coverage/challenge | yaw bins |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| config | stride | upsample | full search every | profiles | threads | novelty descriptor | decode-only s | stage s (median) | ratio | best run s | best ratio | stage CPU s | duration / CPU s | sampled | CNN runs / faces | anchors/coverage/challenge | yaw bins |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['config']} | {r['stride']} | {r['upsample']} | {r['full_detect_every']} | {r['threads']} | {r['general']} | {r['decode_s']} | "
+        print(f"| {r['config']} | {r['stride']} | {r['upsample']} | {r['full_detect_every']} | {r['profile_detector']} | {r['threads']} | {r['general']} | {r['decode_s']} | "
               f"{r['stage_s']} | {r['ratio']} | {r['stage_min_s']} | {r['ratio_best']} | {r['cpu_s']} | {r['ratio_cpu']} | {r['sampled']} | "
-              f"{r['anchors']}/{r['coverage']}/{r['challenge']} | {r['yaw_filled']}/7 |")
+              f"{r['cnn_runs']} / {r['cnn_faces']} | {r['anchors']}/{r['coverage']}/{r['challenge']} | {r['yaw_filled']} |")
     print(f"\nclip {duration:.2f} s; {cores} cores; load average at the end {result['loadavg_end']}; cold first run {cold}")
 
 

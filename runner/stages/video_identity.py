@@ -29,26 +29,12 @@ KIND = "video_identity"
 VERSION = 1
 REFERENCE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
-VIDEO_OPTION_DEFAULTS: dict[str, Any] = {
-    "tau": None,
-    "upsample": None,
-    "max_per_bucket": 2,
-    "novelty_add": 0.15,
-    "anchors": 5,
-    "challenge": 8,
-    "early_stop": True,
-    "stop_novelty": 0.08,
-    "conditioning_ratio": [20, 70, 10],
-    "adjust_ratio": True,
-    "pair_set": True,
-    "pair_max": 10,
-    "general_model": "facebook/dinov2-small",
-    "general_fallback": "auto",
-    "crop_scale": 2.2,
-    "crop_max_side": 512,
-    "on_truncated": "quarantine",
-    "full_detect_every": 3,
-}
+def video_option_defaults() -> dict[str, Any]:
+    """``dataset.sources[].video_options`` defaults, read from the schema (where spec defaults live)."""
+    from runner.spec.schema import section_schema
+
+    props = section_schema("dataset")["$defs"]["source"]["properties"]["video_options"]["properties"]
+    return {k: v["default"] for k, v in props.items()}
 
 
 def _file_ref(path: Path, spec_key: str) -> base.FileSetRef:
@@ -60,6 +46,7 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
     analysis = dataset.get("analysis", {}) or {}
     character = spec.get("character", {}) or {}
     refs = list(character.get("references", []) or [])
+    defaults = video_option_defaults()
     nodes = []
     for i, src in enumerate(dataset.get("sources", []) or []):
         if "video" not in src:
@@ -75,7 +62,7 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
                 inputs[f"references{j}"] = base.FileSetRef(root=rp, patterns=patterns, recursive=True, spec_key=key)
             else:
                 inputs[f"references{j}"] = _file_ref(rp, key)
-        opts = {**VIDEO_OPTION_DEFAULTS, **(src.get("video_options") or {})}
+        opts = {**defaults, **(src.get("video_options") or {})}
         upsample = opts["upsample"] if opts["upsample"] is not None else analysis.get("upsample", 1)
         config = {
             "video": video_rel,
@@ -267,7 +254,8 @@ def _run_with(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: bas
         "stop_novelty": opts["stop_novelty"],
         "conditioning_ratio": opts["conditioning_ratio"],
         "adjust_ratio": opts["adjust_ratio"],
-        "full_detect_every": opts.get("full_detect_every", 3),
+        "full_detect_every": opts["full_detect_every"],
+        "profile_detector": opts["profile_detector"],
     }
     result = build_identity_sets(
         str(video), face_backend=backend, general_embedder=general, options=pipe_opts,
@@ -308,7 +296,7 @@ def _run_with(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: bas
         ctx.warn(f"{video_rel}: {note}")
     for p in summary["persons"]:
         ctx.log(f"person {p['person_id']}: {p['anchor_count']} anchors, {p['coverage_count']} coverage, "
-                f"{p['challenge_count']} challenge; {p['stop_reason']}")
+                f"{p['challenge_count']} challenge; {p['stop_reason']}: {p['stop_detail']}")
         ctx.metric(f"person{p['person_id']}_saved", p["total_saved"])
     ctx.metric("images", summary["images"])
     ctx.metric("sampled_frames", summary["sampled_frames"])
@@ -353,7 +341,7 @@ def _read_set(folder: Path) -> list[dict[str, Any]]:
         return out
     for meta_file in sorted(folder.glob("*_meta.json")):
         m = json.loads(meta_file.read_text(encoding="utf-8"))
-        img = meta_file.with_name(meta_file.name[: -len("_meta.json")] + ".png")
+        img = folder / m.get("file", meta_file.name[: -len("_meta.json")] + ".png")  # pair/ has no "file"
         m["_image"] = img if img.exists() else None
         out.append(m)
     return out

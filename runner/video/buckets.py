@@ -20,6 +20,11 @@ EXPRESSION_BINS = ("neutral", "smile", "mouth_open", "eyes_closed")
 OCCLUSION_BINS = ("none", "partial", "heavy")
 LIGHTING_BINS = ("normal", "dark", "overexposed")
 
+# The bucket values that name coverage files (cov_yaw22_pitch0_neutral.jpg): the midpoint of each
+# bin's range in degrees, rounded; the open outer pitch bins are taken as wide as their neighbours.
+YAW_NOMINAL = (-38, -22, -10, 0, 10, 22, 38)
+PITCH_NOMINAL = (-26, -14, 0, 14, 26)
+
 AXES = {
     "yaw": YAW_BINS,
     "pitch": PITCH_BINS,
@@ -56,8 +61,11 @@ def expression_bin(measures: dict[str, Any]) -> int:
     ``eye_open`` (mean eye aspect ratio), ``mouth_open`` (inner-lip gap / mouth width) and
     ``smile`` (score in [0, 1]) come from runner.video.measures (runner.vision.measures).
     """
-    ear = measures.get("eye_open")
-    if ear is not None and ear < EYES_CLOSED_EAR:
+    closed = measures.get("eyes_closed")
+    if closed is not None:  # size-aware (runner.vision.measures.closed_eye_threshold); a wink counts
+        if closed != "none":
+            return 3
+    elif measures.get("eye_open") is not None and measures["eye_open"] < EYES_CLOSED_EAR:
         return 3
     mar = measures.get("mouth_open")
     if mar is not None and mar > MOUTH_OPEN_MAR:
@@ -105,6 +113,16 @@ class Bins:
             "occlusion": OCCLUSION_BINS[self.occlusion],
             "lighting": LIGHTING_BINS[self.lighting],
         }
+
+    def bucket(self) -> dict[str, Any]:
+        """The selection bucket by value: nominal yaw and pitch in degrees, the expression label."""
+        return {"yaw": YAW_NOMINAL[self.yaw], "pitch": PITCH_NOMINAL[self.pitch],
+                "expression": EXPRESSION_BINS[self.expression]}
+
+    def bucket_name(self) -> str:
+        """``yaw<deg>_pitch<deg>_<expression>``, e.g. ``yaw22_pitch0_neutral``, ``yaw-38_pitch14_smile``."""
+        b = self.bucket()
+        return f"yaw{b['yaw']}_pitch{b['pitch']}_{b['expression']}"
 
     @property
     def near_frontal(self) -> bool:

@@ -12,7 +12,9 @@ Policy for a candidate (a frame that passed the loose gate with stable identity)
 
 Anchors (3-5) come from a separate pool: strict gate, near-frontal, open eyes, no occlusion,
 normal light, best quality first, no two within ``anchor_min_gap`` frames. Challenge (5-8) keeps
-stable frames with an extreme pose, bad light or heavy occlusion, round robin over those kinds.
+stable frames with an extreme pose, bad light or heavy occlusion, round robin over those kinds,
+best quality first, each at least ``challenge_min_gap`` frames from the others and novel next to
+them (general-vision distance >= ``novelty_add``): several moments, not one moment four times.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class Candidate:
     yaw: float = 0.0
     pitch: float = 0.0
     measures: dict[str, Any] = field(default_factory=dict)
+    detector: str = ""  # as FaceObs.detector
 
     def challenge_kinds(self) -> list[str]:
         kinds = []
@@ -77,6 +80,7 @@ class Selector:
         anchors_max: int = 5,
         anchor_min_gap: int = 15,
         challenge_max: int = 8,
+        challenge_min_gap: int = 15,
         stop: StopRule | None = None,
     ) -> None:
         self.max_per_bucket = max_per_bucket
@@ -84,6 +88,7 @@ class Selector:
         self.anchors_max = anchors_max
         self.anchor_min_gap = anchor_min_gap
         self.challenge_max = challenge_max
+        self.challenge_min_gap = challenge_min_gap
         self.stop = stop or StopRule()
         self.buckets: dict[tuple[int, int, int], list[Candidate]] = {}
         self.anchor_pool: list[Candidate] = []
@@ -108,18 +113,21 @@ class Selector:
         return picked
 
     def challenge(self) -> list[Candidate]:
-        queues = {k: sorted(v, key=lambda c: -c.quality) for k, v in sorted(self.challenge_pool.items())}
+        """Round robin over the challenge kinds, best quality first, diverse (see _diverse)."""
+        queues = [sorted(v, key=lambda c: (-c.quality, c.frame_idx)) for _, v in sorted(self.challenge_pool.items())]
         picked: list[Candidate] = []
-        seen: set[int] = set()
-        while len(picked) < self.challenge_max and any(queues.values()):
-            for k in list(queues):
-                while queues[k] and queues[k][0].frame_idx in seen:
-                    queues[k].pop(0)
-                if queues[k] and len(picked) < self.challenge_max:
-                    c = queues[k].pop(0)
-                    picked.append(c)
-                    seen.add(c.frame_idx)
+        while len(picked) < self.challenge_max and any(queues):
+            for q in queues:
+                while q and not self._diverse(q[0], picked):
+                    q.pop(0)
+                if q and len(picked) < self.challenge_max:
+                    picked.append(q.pop(0))
         return picked
+
+    def _diverse(self, c: Candidate, picked: list[Candidate]) -> bool:
+        """At least ``challenge_min_gap`` frames from every picked one, and novel next to them."""
+        return all(abs(c.frame_idx - p.frame_idx) >= self.challenge_min_gap
+                   and 1.0 - float(l2n(c.general) @ l2n(p.general)) >= self.novelty_add for p in picked)
 
     def saved(self) -> list[Candidate]:
         seen: dict[int, Candidate] = {}
@@ -153,13 +161,16 @@ class Selector:
             del self.anchor_pool[self.anchors_max * 4:]
             action += "+anchor_pool"
         for kind in c.challenge_kinds():
-            pool = self.challenge_pool.setdefault(kind, [])
-            pool.append(c)
-            pool.sort(key=lambda a: -a.quality)
-            del pool[self.challenge_max:]
+            self._add_challenge(kind, c)
             action += f"+challenge:{kind}"
         self.actions[action.split("+")[0]] = self.actions.get(action.split("+")[0], 0) + 1
         return action
+
+    def _add_challenge(self, kind: str, c: Candidate) -> None:
+        pool = self.challenge_pool.setdefault(kind, [])
+        pool.append(c)
+        pool.sort(key=lambda a: -a.quality)
+        del pool[self.challenge_max * 4:]  # room for diverse picks (challenge() spaces them)
 
     def _offer_bucket(self, c: Candidate) -> str:
         items = self.buckets.setdefault(c.bins.selection_key, [])

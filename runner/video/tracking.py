@@ -35,6 +35,7 @@ class FaceObs:
     landmarks: np.ndarray | None = field(default=None, repr=False)
     measures: dict[str, Any] = field(default_factory=dict)  # blur, brightness, eyes, mouth, ...
     track_id: int = -1
+    detector: str = ""  # "cnn" when dlib's CNN found it (a profile HOG missed); "": the backend's own
 
     @property
     def size(self) -> float:
