@@ -401,3 +401,37 @@ def test_review_command_refuses_an_open_host_without_a_token(app_project: Path, 
     decisions.review_path(app_project / "specs" / "hero.yaml").write_text("images: [\n")
     r = runner("review", "specs/hero.yaml", cwd=app_project)
     assert r.returncode == 2 and "hero.review.yaml:" in r.stderr and "not valid YAML" in r.stderr
+
+
+def test_a_renamed_photo_keeps_its_key(project: Path, shared_data: Path) -> None:
+    """Decisions are keyed by the file's sha256, and the image id analyze and curate use derives
+    from it: ingest a photo, rename it, ingest again, and both keys stay."""
+    from runner.engine.executor import ApplyOptions, apply, plan_specs
+    from runner.engine.progress import QuietReporter
+    from runner.spec import load_spec
+    from runner.stages.ingest import read_manifest
+
+    (project / "photos").mkdir()
+    photo = project / "photos" / "a.jpg"
+    photo.write_bytes((shared_data / "faces" / "obama" / "obama_02.jpg").read_bytes())
+    spec_file = project / "specs" / "hero.yaml"
+    spec_file.write_text("version: 1\ncharacter: {name: hero, trigger: hrochr}\ndataset: {sources: [{images: ../photos}]}\n")
+
+    def manifest() -> list[dict]:
+        spec = load_spec(spec_file)
+        assert apply([spec], ApplyOptions(only=["ingest"]), QuietReporter()).status in ("succeeded", "no-op")
+        plan, ws = plan_specs([spec])
+        try:
+            ps = next(p for p in plan.stages if p.node.kind == "ingest")
+            return read_manifest(ws.store_path(ps.key) / "images")
+        finally:
+            ws.close()
+
+    before = manifest()
+    photo.rename(project / "photos" / "renamed <b>ü.jpg")
+    after = manifest()
+    assert [r["source"] for r in after] == ["photos/renamed <b>ü.jpg"]
+    assert (after[0]["sha256"], after[0]["id"]) == (before[0]["sha256"], before[0]["id"])
+    data = decisions.empty()
+    data["images"][before[0]["sha256"]] = {"decision": "drop"}
+    assert decisions.stage_section(data, "dataset") == {"images": {after[0]["id"]: {"decision": "drop"}}}
