@@ -6,6 +6,7 @@ print a message and exit non-zero, never a traceback:
   exit 1  a stage failed
   exit 2  bad spec or request (plan --detailed-exitcode: changes present)
   exit 3  the workspace is locked by another runner
+  exit 4  runner publish: the tag is already published with other content
   exit 130 interrupted
 """
 
@@ -50,6 +51,7 @@ def cli() -> None:
     runner plan SPEC...         show what would run, and why
     runner apply SPEC...        run what changed, write the HTML report
     runner status / runs        what the workspace holds
+    runner publish SPEC --to URL  upload a released version (LoRA, report, manifest)
     """
 
 
@@ -603,6 +605,91 @@ def review(spec: str, host: str, port: int, insecure_no_auth: bool, allow_outsid
     click.echo(f"reviewing {s.name} on http://{host}:{port}/ (decisions: {_rel(decisions.review_path(s.file))}); "
                "Ctrl-C to stop")
     serve_review(s, host=host, port=port, token=token)
+
+
+# ----------------------------------------------------------------------------- publish
+
+
+def _storage_url(value: str) -> str:
+    """--to: a URL as given, or a local folder as a file:// URL."""
+    return value if "://" in value else Path(value).expanduser().resolve().as_uri()
+
+
+def _print_versions(rows: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    if not rows:
+        click.echo("no published versions")
+        return
+    click.echo(f"{'character':<14} {'tag':<14} {'created':<21} {'checkpoint':<22} {'metrics':<36} digest")
+    for r in rows:
+        ck = r["checkpoint"]
+        where = f"step {ck.get('step')}" if ck.get("step") is not None else "a LoRA file"
+        where += f" @ {ck['lora_scale']:g}" if isinstance(ck.get("lora_scale"), (int, float)) else ""
+        where += " (review)" if ck.get("picked_by_reviewer") else ""
+        m = r["metrics"]
+        figures = " ".join(f"{k}={m[k]:.3f}" for k in ("face_similarity", "clip_t", "score") if isinstance(m.get(k), (int, float)))
+        click.echo(f"{r['character']:<14} {r['tag']:<14} {r['created'] or '?':<21} {where:<22} {figures or '-':<36} "
+                   f"{(r['digest'] or '?')[:19]}")
+
+
+@cli.command()
+@click.argument("spec", required=False, type=click.Path(path_type=str))
+@click.option("--to", "to", default=None, metavar="URL",
+              help="s3://bucket/prefix, file:///folder or a local folder (default: publish.to of SPEC).")
+@click.option("--tag", default=None, help="Version tag, e.g. v3 (default: publish.tag of SPEC).")
+@click.option("--checkpoint", default=None,
+              help="best (evaluation's best, or the reviewer's pick; default), last, or a LoRA file.")
+@click.option("--endpoint-url", default=None, metavar="URL",
+              help="S3-compatible server (default: publish.endpoint_url, then $AWS_ENDPOINT_URL).")
+@click.option("--list", "list_only", is_flag=True, help="List the published versions (of SPEC's character, or all).")
+@click.option("--json", "as_json", is_flag=True, help="With --list: print JSON.")
+@allow_outside_opt
+def publish(spec: str | None, to: str | None, tag: str | None, checkpoint: str | None, endpoint_url: str | None,
+            list_only: bool, as_json: bool, allow_outside_project: bool) -> None:
+    """Upload SPEC's chosen LoRA, metadata, report and manifest as a version to object storage.
+
+    \b
+    Content-addressed: <to>/<character>/blobs/sha256/<hash> and
+    <to>/<character>/versions/<tag>/manifest.json. Publishing the same content again is a no-op;
+    a published tag with other content is refused (exit 4). Credentials come only from the
+    environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE)."""
+    from runner import publish as P
+
+    s = _one_spec((spec,), allow_outside_project) if spec else None
+    defaults = (s.data.get("publish") or {}) if s else {}
+    to = to or defaults.get("to")
+    if not to:
+        raise UserError((f"{s.file}: " if s else "") + "no destination: pass --to s3://bucket/prefix "
+                        "(or file:///folder), or set publish.to in the spec")
+    endpoint_url = endpoint_url or defaults.get("endpoint_url")
+    try:
+        if list_only:
+            _print_versions(P.list_versions(_storage_url(to), s.name if s else None, endpoint_url=endpoint_url), as_json)
+            return
+        if s is None:
+            raise UserError("give the SPEC to publish (or --list to see what is published)")
+        done = P.publish(s, _storage_url(to), tag or defaults.get("tag") or "", checkpoint=checkpoint,
+                         endpoint_url=endpoint_url)
+    except (P.PublishError, P.NothingToPublish, P.BadDestination) as exc:
+        raise UserError(str(exc)) from None
+    except P.VersionExists as exc:
+        _echo_err(f"error: {exc}")
+        sys.exit(4)
+    except P.StoreError as exc:
+        _echo_err(f"error: {exc}")
+        sys.exit(1)
+    for w in done.warnings:
+        _echo_err(f"warning: {w}")
+    ck = done.manifest.get("checkpoint") or {}
+    if done.unchanged:
+        click.echo(f"{done.character} {done.tag} is already published with this content ({done.digest[:19]}): "
+                   f"nothing to do ({done.url})")
+        return
+    click.echo(f"published {done.character} {done.tag}: {ck.get('source')}")
+    click.echo(f"  {len(done.uploaded)} file(s) uploaded, {len(done.skipped)} already stored; "
+               f"manifest {done.url} ({done.digest[:19]})")
 
 
 # ----------------------------------------------------------------------------- init / presets / schema

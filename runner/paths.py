@@ -79,6 +79,29 @@ def sub_path_problem(value: str) -> str | None:
     return None
 
 
+def storage_url_problem(url: str) -> str | None:
+    """Why ``url`` is not a place `runner publish` can upload to (``format: storage-url``), or None.
+
+    ``s3://bucket/prefix`` (S3 or an S3-compatible server) or ``file:///absolute/folder``; no
+    credentials inside the URL (they come from the environment only, so they never reach a spec,
+    a manifest or a log)."""
+    from urllib.parse import urlsplit
+
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("s3", "file"):
+        return "it is not an s3://bucket/prefix or file:///folder URL"
+    parts = urlsplit(url)
+    if "@" in parts.netloc:
+        return "it holds credentials (user@ or key:secret@); set them in the environment instead"
+    if scheme == "s3" and not parts.netloc:
+        return "it names no bucket (s3://bucket/prefix)"
+    if scheme == "file" and (parts.netloc or not rest.startswith("/")):
+        return "a file:// URL must name an absolute folder (file:///srv/releases)"
+    if any(file_name_problem(p) for p in (parts.netloc + parts.path).split("/") if p):
+        return "a part of it cannot be a file or folder name (hidden, '..', control characters)"
+    return None
+
+
 def inside(path: Path | str, root: Path | str) -> bool:
     """Whether ``path`` lies in ``root`` once every symlink in both is resolved."""
     try:

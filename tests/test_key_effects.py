@@ -121,6 +121,7 @@ hardware:
   price_table: {A10G: 1.1}
   modal: {app_name: hero-app, secrets: [hf]}
 report: {title: Hero}
+publish: {to: "s3://releases/characters", tag: v1, endpoint_url: "http://127.0.0.1:9000"}
 """
 
 VIDEO_SUITE = """\

@@ -52,7 +52,7 @@ class ServeTarget:
         return cls(**data)
 
 
-def _current_outputs(ws: Any, prefix: str) -> list[tuple[str, dict[str, Any]]]:
+def current_outputs(ws: Any, prefix: str) -> list[tuple[str, dict[str, Any]]]:
     """(stage id, outputs) of every promoted stage whose id starts with ``prefix``."""
     rows = ws.db.execute("SELECT stage_id, key FROM stage_current WHERE stage_id LIKE ? ORDER BY stage_id",
                          (prefix.replace("%", r"\%") + "%",)).fetchall()
@@ -71,7 +71,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _last_checkpoint(ws: Any, character: str) -> tuple[Path, dict[str, Any], str] | None:
-    trains = _current_outputs(ws, f"{character}:train")
+    trains = current_outputs(ws, f"{character}:train")
     if not trains:
         return None
     # the base variant first ([base] or no variant), else the first variant by name
@@ -98,7 +98,7 @@ def _reviewer_pick(spec: Any, ws: Any, evaluate_id: str, warnings: list[str]) ->
     if not pick or pick.get("step") is None:
         return None
     train_id = evaluate_id.replace(":evaluate", ":train", 1)
-    outs = dict(_current_outputs(ws, train_id)).get(train_id, {})
+    outs = dict(current_outputs(ws, train_id)).get(train_id, {})
     got = picked_checkpoint(pick, outs["lora"], None) if "lora" in outs else None
     if got is None:
         warnings.append(f"the checkpoint a reviewer picked (step {pick['step']} of {evaluate_id}) is no longer in "
@@ -106,6 +106,20 @@ def _reviewer_pick(spec: Any, ws: Any, evaluate_id: str, warnings: list[str]) ->
         return None
     return (Path(got["file"]), float(got["scale"]),
             f"reviewer's pick for {evaluate_id}: step {got['step']} at LoRA scale {got['scale']:g}")
+
+
+def best_evaluation(ws: Any, character: str) -> tuple[str, dict[str, Any], float | None, dict[str, Any]] | None:
+    """(stage id, outputs, score, evaluation.json) of the character's evaluate stage whose best
+    cell scores highest (one per train variant), or None when nothing was evaluated yet."""
+    best = None
+    for sid, outs in (current_outputs(ws, f"{character}:evaluate") if ws.exists() else []):
+        if "evaluation" not in outs:
+            continue
+        ev = _read_json(Path(outs["evaluation"].path) / "evaluation.json")
+        score = (ev.get("best") or {}).get("score")
+        if best is None or (score is not None and (best[2] is None or score > best[2])):
+            best = (sid, outs, score, ev)
+    return best
 
 
 def resolve_target(spec: Any, *, checkpoint: str | None = None) -> ServeTarget:
@@ -129,15 +143,7 @@ def resolve_target(spec: Any, *, checkpoint: str | None = None) -> ServeTarget:
     ws = Workspace(root)
     try:
         if choice == "best":
-            evals = [(sid, o) for sid, o in (_current_outputs(ws, f"{spec.name}:evaluate") if ws.exists() else [])
-                     if "evaluation" in o]
-            best = None
-            for sid, outs in evals:
-                ev = _read_json(Path(outs["evaluation"].path) / "evaluation.json")
-                b = ev.get("best") or {}
-                score = b.get("score")
-                if best is None or (score is not None and (best[2] is None or score > best[2])):
-                    best = (sid, outs, score, ev)
+            best = best_evaluation(ws, spec.name)
             if best is not None:
                 sid, outs, score, ev = best
                 b = ev["best"]

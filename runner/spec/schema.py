@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
-from runner.paths import file_name_problem, sub_path_problem
+from runner.paths import file_name_problem, storage_url_problem, sub_path_problem
 from runner.resources import resource_dir, schema_path
 from runner.spec.errors import Problem, format_key_path
 from runner.spec.yamlio import LoadedYaml
@@ -61,6 +61,8 @@ FORMATS = {
                   "This value becomes part of a file or folder name: use letters, digits, spaces, '_' or '-'."),
     "sub-path": (sub_path_problem, "a path inside its folder",
                  "Give a relative path that stays inside the folder, e.g. 'models' or 'models/image_encoder'."),
+    "storage-url": (storage_url_problem, "a storage URL",
+                    "Give s3://bucket/prefix or file:///absolute/folder; credentials go in the environment."),
 }
 
 
