@@ -210,9 +210,18 @@ def _plan_notes(node: base.PlanNode, kind: base.StageKind, keys: dict[str, str],
     upstream: dict[str, base.Artifact | None] = {}
     for name, ref in node.inputs.items():
         if isinstance(ref, base.StageOutputRef):
-            key = keys.get(ref.stage_id, "")
-            upstream[name] = state.load_outputs(key).get(ref.output) if key and state.store_has(key) else None
+            upstream[name] = _stored_output(state, keys.get(ref.stage_id, ""), ref.output)
     return list(kind.plan_notes(node.config, upstream))
+
+
+def _stored_output(state: PlanState, key: str, output: str) -> base.Artifact | None:
+    """An upstream output from the store, or None (not there, or unreadable: a note never stops a plan)."""
+    if not key or not state.store_has(key):
+        return None
+    try:
+        return state.load_outputs(key).get(output)
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def key_components(
