@@ -48,6 +48,7 @@ generate:
     width: 64
     height: 64
     validation: {{face_similarity: 0.7, retries: 0}}
+  video: {{model: "builtin:tiny-ltx", key_frames: [1], frames: 9, width: 64, height: 64}}
 hardware: {{device: cpu}}
 """
 
@@ -89,6 +90,7 @@ def build(root: Path, shared_data: Path, *, real_lora: Callable[[Path], None] | 
         lora = ws.store_path(by_kind["train"].key) / "lora"
         promote(ws, by_kind["evaluate"], lambda out: _evaluation(out / "evaluation", by_kind["evaluate"], lora))
         promote(ws, by_kind["storyboard"], lambda out: _storyboard(out / "storyboard", by_kind["storyboard"]))
+        promote(ws, by_kind["video"], lambda out: _clip(out / "video", shared_data))
     finally:
         ws.close()
     return spec_file
@@ -191,6 +193,17 @@ def _evaluation(folder: Path, ps, lora: Path) -> None:
           "best": {"cell": best["cell"], "step": best["step"], "lora_scale": 1.0, "checkpoint_index": 0,
                    "lora_diffusers": "best/pytorch_lora_weights.safetensors", "score": best["score"]}}
     (folder / "evaluation.json").write_text(json.dumps(ev))
+
+
+def _clip(folder: Path, shared_data: Path) -> None:
+    """clips/frame01.mp4 and its poster, in the video stage's layout (a shared clip stands in)."""
+    from PIL import Image
+
+    (folder / "clips").mkdir(parents=True)
+    shutil.copy(shared_data / "video" / "carphone.mp4", folder / "clips" / "frame01.mp4")
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(folder / "clips" / "frame01.jpg")
+    (folder / "report.json").write_text(json.dumps({"format": 1, "clips": [{"name": "frame01", "file": "clips/frame01.mp4",
+                                                                          "poster": "clips/frame01.jpg"}]}))
 
 
 def _storyboard(folder: Path, ps) -> None:

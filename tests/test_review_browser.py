@@ -299,3 +299,24 @@ def test_a_decision_for_a_vanished_image_is_listed_not_dropped(server: str, brow
     data = json.loads(runner("plan", "specs/hero.yaml", "--json", cwd=project).stdout)
     assert [o["sha"] for o in data["review_orphans"]] == [gone]
     assert gone in _decisions(project)["images"]  # still in the file
+
+
+def test_a_rejected_clip_reaches_the_video_stage(server: str, browser, project: Path) -> None:
+    page = _page(browser)
+    page.goto(f"{server}/storyboard")
+    clip = page.locator(".item[data-section=clips]")
+    assert clip.count() == 1 and page.locator("video").count() == 1
+    frames = page.locator(".item[data-section=frames]").count()
+    for _ in range(frames):
+        page.keyboard.press("j")
+    before = clip.get_attribute("data-saved")
+    page.keyboard.press("n")
+    _saved(page, clip, before)
+    key = clip.get_attribute("data-key")
+    page.context.close()
+    assert _decisions(project)["clips"][key]["verdict"] == "reject"
+    from runner.plan.graph import build_graph
+    from runner.spec import load_spec
+
+    graph = build_graph([load_spec(project / "specs" / "hero.yaml")])
+    assert graph.nodes["hero:video"].config["review"] == {"regenerate_clips": {"frame01": 1}}
