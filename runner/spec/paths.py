@@ -109,6 +109,6 @@ def is_local_model(value: str, spec_dir: Path, project_root: Path) -> bool:
     if value.endswith(MODEL_FILE_SUFFIXES + DATA_FILE_SUFFIXES):
         return True
     parts = value.split("/")
-    if len(parts) > 2 or any(p in ("", ".", "..") for p in parts):
-        return True  # a hub id has at most one '/' and no '.' or '..' parts
+    if len(parts) > 2 or any(p in ("", ".", "..") or len(p.encode()) > 255 for p in parts):
+        return True  # a hub id has at most one '/', no '.' or '..' parts, no name a file could not have
     return os.path.lexists(spec_dir / value) or os.path.lexists(project_root / value)

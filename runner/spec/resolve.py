@@ -281,8 +281,12 @@ def _resolve_paths(data: dict, loaded: LoadedYaml, rules: PathRules, require_fil
     def _resolve_one(value: Any, kind: str, sch: dict, path: tuple, parent: Any) -> str | None:
         if kind == "output" and value is None and sch.get("x-project-default"):
             return rules.normalize(project_root / sch["x-project-default"])
-        if kind in EXEMPT_KINDS:
-            return str(Path(value).expanduser()) if isinstance(value, str) else None
+        if kind in EXEMPT_KINDS:  # a shared cache: only '~' is expanded
+            try:
+                return str(Path(value).expanduser()) if isinstance(value, str) else None
+            except RuntimeError as exc:  # ~nosuchuser
+                problem(path, f"path '{value}' cannot be resolved: {exc}")
+                return None
         if kind == "preset" or not isinstance(value, str):  # presets were placed by _find_preset
             return None
         if not is_path(value, kind, sch, rules):
