@@ -278,6 +278,18 @@ def _resolve_paths(data: dict, loaded: LoadedYaml, rules: PathRules, require_fil
         m = loaded.mark_for(path)
         problems.append(Problem(m.file, m.line, m.col, format_key_path(path), message, hint=hint))
 
+    def missing(value: str, kind: str, sch: dict, p: Path, path: tuple) -> None:
+        shadow = project_root / value  # where the loaders would look for a project-relative path
+        if kind == "model" and os.path.lexists(shadow):
+            problem(path, f"'{value}' names nothing next to the spec file, but {shadow} exists",
+                    f"Paths are relative to the spec file: write it as {os.path.relpath(shadow, rules.spec_dir)}.")
+        elif require_files:
+            names = sorted(declared_names(sch)) if kind == "named-or-data" else []
+            problem(path, f"{'model path' if kind == 'model' else 'path'} not found: {p}",
+                    f"Paths are relative to the spec file ({rules.spec_dir})."
+                    + (f" Or one of: {', '.join(names)}." if names else "")
+                    + (" Or a hub id like 'org/name'." if kind == "model" else ""))
+
     def _resolve_one(value: Any, kind: str, sch: dict, path: tuple, parent: Any) -> str | None:
         if kind == "output" and value is None and sch.get("x-project-default"):
             return rules.normalize(project_root / sch["x-project-default"])
@@ -295,16 +307,8 @@ def _resolve_paths(data: dict, loaded: LoadedYaml, rules: PathRules, require_fil
         if trouble:
             problem(path, trouble, OUTSIDE_HINT if p is not None else "")
             return rules.normalize(p) if p is not None else None
-        shadow = project_root / value
-        if kind == "model" and not os.path.exists(p) and os.path.lexists(shadow):
-            problem(path, f"'{value}' names nothing next to the spec file, but {shadow} exists",
-                    f"Paths are relative to the spec file: write it as {os.path.relpath(shadow, rules.spec_dir)}.")
-        elif kind != "output" and not os.path.exists(p) and require_files:
-            names = sorted(declared_names(sch)) if kind == "named-or-data" else []
-            problem(path, f"{'model path' if kind == 'model' else 'path'} not found: {p}",
-                    f"Paths are relative to the spec file ({rules.spec_dir})."
-                    + (f" Or one of: {', '.join(names)}." if names else "")
-                    + (" Or a hub id like 'org/name'." if kind == "model" else ""))
+        if kind != "output" and not os.path.exists(p):
+            missing(value, kind, sch, p, path)
         recursive = parent.get("recursive", True) if isinstance(parent, dict) else True
         links = rules.links_out(p, recursive is not False)
         if links:
