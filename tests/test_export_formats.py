@@ -61,7 +61,7 @@ def export_config(train: dict | None = None, **over) -> dict:
 def run_export(tmp_path: Path, cfg: dict, repeats=(1, 3, 3)) -> Path:
     if not (tmp_path / "ds").exists():
         make_dataset(tmp_path / "ds", repeats)
-    ctx = LocalStageContext.for_folder(tmp_path / "x")
+    ctx = LocalStageContext.for_folder(tmp_path / "x", character="hero")
     ctx.cache_dir = Path(os.environ.get("CHARACTER_RUNNER_CACHE", tmp_path / "cache"))
     return export.run(cfg, {"dataset": base.Artifact("dataset", tmp_path / "ds")}, ctx)["export"].path
 
@@ -330,3 +330,16 @@ def test_apply_publishes_the_export_outside_the_store(project: Path, shared_data
     res = apply([load_spec(spec)], ApplyOptions(only=["export"]), QuietReporter())  # cached: kept as it is
     assert all(r.status == "cached" for r in res.results) and (pub / "plain" / "_latent_cache").is_dir()
     assert _tree_digest(store) == before
+
+
+def test_report_section_names_the_published_folder(tmp_path: Path) -> None:
+    import jinja2
+
+    from runner.resources import resource_dir
+
+    out = run_export(tmp_path, export_config())
+    (sec,) = export.report_sections({}, {"export": base.Artifact("export", out)}, {"character": {"name": "hero"}})
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(resource_dir("templates"))), autoescape=True)
+    html = env.get_template(sec.template).render(**sec.context)
+    assert ".runner/exports/hero/plain" in html and ".runner/exports/hero/concepts.json" in html
+    assert "bucket_reso_steps" in html

@@ -274,4 +274,4 @@ def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], e
     toml = (folder / "kohya" / "dataset_config.toml").read_text(encoding="utf-8") if (folder / "kohya" / "dataset_config.toml").exists() else ""
     return [base.ReportSection(title="Trainer export", template="sections/export.html.j2", anchor="export",
                                context={"summary": summary, "toml": toml,
-                                        "published": f".runner/{PUBLISHED.as_posix()}/{env.get('character', '')}"})]
+                                        "published": f".runner/{PUBLISHED.as_posix()}/{summary.get('name', '')}"})]
