@@ -20,6 +20,7 @@ the expensive part when a real DINOv2 runs.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -255,14 +256,14 @@ class FrameDetector:
         self._misses = 0  # whole-frame CNN searches in a row that found nothing
         self._skip = 0  # faceless key frames left to pass before the next whole-frame CNN search
         self.counts: dict[str, float] = {"faces": 0, "cnn_faces": 0, "cnn_runs": 0, "cnn_s": 0.0}
+        self._lock = threading.Lock()
 
     def _cnn(self, backend: Any, rgb: np.ndarray, scale: float) -> list[Any]:
         if not (self.profile and hasattr(backend, "analyze_cnn")):
             return []
         t = time.perf_counter()
         faces = backend.analyze_cnn(rgb, scale=min(1.0, scale))
-        self.counts["cnn_runs"] += 1
-        self.counts["cnn_s"] += time.perf_counter() - t
+        self._count(cnn_runs=1, cnn_s=time.perf_counter() - t)
         return faces
 
     def _whole_frame_cnn(self, backend: Any, rgb: np.ndarray) -> list[Any]:
@@ -278,14 +279,15 @@ class FrameDetector:
         self._skip = min(2 ** self._misses - 1, PROFILE_MAX_SKIP)
         return faces
 
-    def _in_regions(self, backend: Any, rgb: np.ndarray, boxes: Sequence[Sequence[float]]) -> list[Any]:
-        """HOG around each box; the CNN around the largest box where HOG found nothing, if that
-        face is at least PROFILE_MIN_FACE_PX (one CNN run per frame at most: the main person is
-        usually the largest face)."""
+    def _in_regions(self, backend: Any, rgb: np.ndarray, boxes: Sequence[Sequence[float]],
+                    hog: bool = True) -> list[Any]:
+        """HOG around each box (unless ``hog`` is False: it already failed there); the CNN around
+        the largest box where HOG found nothing, if that face is at least PROFILE_MIN_FACE_PX (one
+        CNN run per frame at most: the main person is usually the largest face)."""
         h, w = rgb.shape[:2]
         regions = [(box, r) for box in boxes if (r := _region(box, self.roi_margin, w, h)) is not None]
         rois = [np.ascontiguousarray(rgb[r[1]:r[3], r[0]:r[2]]) for _, r in regions]
-        per_region = [backend.analyze(roi) for roi in rois]
+        per_region = [backend.analyze(roi) if hog else [] for roi in rois]
         lost = [i for i, faces in enumerate(per_region) if not faces and _side(regions[i][0]) >= PROFILE_MIN_FACE_PX]
         if lost:
             i = max(lost, key=lambda j: _side(regions[j][0]))
@@ -308,16 +310,20 @@ class FrameDetector:
             faces = self._in_regions(backend, rgb, boxes)
         else:
             faces = backend.analyze(rgb)
-            if not faces:
-                faces = self._whole_frame_cnn(backend, rgb)
-            else:
+            if faces:
                 self._misses = self._skip = 0
-                lost = [b for b in boxes if not any(box_iou(b, f.box) > 0 for f in faces)]
-                faces += [f for f in self._in_regions(backend, rgb, lost)
-                          if all(box_iou(f.box, g.box) < 0.5 for g in faces)]
-        self.counts["faces"] += len(faces)
-        self.counts["cnn_faces"] += sum(1 for f in faces if f.extra.get("detector") == "cnn")
+            else:
+                faces = self._whole_frame_cnn(backend, rgb)
+            lost = [b for b in boxes if not any(box_iou(b, f.box) > 0 for f in faces)]
+            faces += [f for f in self._in_regions(backend, rgb, lost, hog=False)
+                      if all(box_iou(f.box, g.box) < 0.5 for g in faces)]
+        self._count(faces=len(faces), cnn_faces=sum(1 for f in faces if f.extra.get("detector") == "cnn"))
         return faces
+
+    def _count(self, **add: float) -> None:
+        with self._lock:  # frames between key frames run in parallel threads
+            for k, v in add.items():
+                self.counts[k] += v
 
 
 def _analyze_frames(frames: Any, backends: Sequence[Any], *, full_every: int = 1, roi_margin: float = 1.0,
