@@ -94,7 +94,7 @@ def test_per_face_measures_are_present_and_plausible(analyzed):
     assert len(f["landmarks"]) == 68 and len(rec["embedding"]) == 128
     assert 0.15 < f["eyes"]["mean"] < 0.45
     assert f["mouth_open"] > 0.3  # obama_02 is talking
-    assert f["blur"] > 100 and 0.2 < f["exposure"]["mean"] < 0.8
+    assert f["blur"] > 40 and f["blur_sigma"] < 1.6 and 0.2 < f["exposure"]["mean"] < 0.8  # sharp: 100 / sigma^2
     assert 0.1 < f["height_rel"] < 0.5 and f["truncation"] == 0.0
     assert len(rec["phash"]) == 16
     smiling = analyzed["records"]["obama--obama_small.jpg"]

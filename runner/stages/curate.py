@@ -102,7 +102,7 @@ def quality_score(rec: dict[str, Any]) -> float:
     exp = f.get("exposure") or {}
     clipped = exp.get("clipped_dark", 0.0) + exp.get("clipped_bright", 0.0)
     ident = rec.get("identity")
-    score = 0.4 * min(1.0, fh / 400.0) + 0.3 * min(1.0, (f.get("blur") or 0.0) / 300.0) + 0.1 * (1.0 - min(1.0, clipped))
+    score = 0.4 * min(1.0, fh / 400.0) + 0.3 * min(1.0, (f.get("blur") or 0.0) / 100.0) + 0.1 * (1.0 - min(1.0, clipped))
     score += 0.2 * (1.0 if ident is None else max(0.0, min(1.0, ident)))
     return round(score, 4)
 
@@ -134,8 +134,11 @@ def gate(rec: dict[str, Any], cfg: dict[str, Any], threshold: float | None) -> t
     fh = f["box"][3] - f["box"][1]
     if fh < cfg["min_face_px"]:
         return "face too small", f"main face {fh:.0f} px tall < min_face_px {cfg['min_face_px']}"
-    if (f.get("blur") or 0.0) < cfg["min_blur"]:
-        return "blurry face", f"Laplacian variance {f.get('blur', 0):.1f} < min_blur {cfg['min_blur']}"
+    if f.get("blur") is None:  # too small for the measure (runner.vision.measures.face_sharpness)
+        return "face too small", (f.get("unmeasured") or {}).get("blur", "sharpness could not be measured")
+    if f["blur"] < cfg["min_blur"]:
+        return "blurry face", (f"sharpness {f['blur']:.1f} < min_blur {cfg['min_blur']} "
+                               f"(blur sigma {f.get('blur_sigma') or 0:.2f} px at 40 px between the eyes)")
     exp = f.get("exposure") or {}
     clipped = exp.get("clipped_dark", 0.0) + exp.get("clipped_bright", 0.0)
     if clipped > cfg["max_clipped"]:

@@ -2,8 +2,8 @@
 
 The strict gate decides what may become an anchor (and what the identity prototype is built
 from); the loose gate decides what may be saved at all. Both look only at numbers measured per
-face (runner.video.measures): blur (Laplacian variance of the face normalized to a fixed
-height), brightness (mean grey level of the face), clipped (share of face pixels at 0 or 255),
+face (runner.video.measures): blur (sharpness, 100 / sigma^2 of the face resampled to 40 px
+between the eyes), brightness (mean grey level of the face), clipped (share of face pixels at 0 or 255),
 face size in pixels, and the detector's score.
 """
 
@@ -31,9 +31,11 @@ class Gate:
         out = []
         if face_px < self.min_face_px:
             out.append(f"face {face_px:.0f}px < {self.min_face_px:.0f}px")
-        blur = float(measures.get("blur", 0.0))
-        if blur < self.min_blur:
-            out.append(f"blur {blur:.1f} < {self.min_blur:.1f}")
+        blur = measures.get("blur", 0.0)
+        if blur is None:
+            out.append("sharpness not measurable (face too small)")
+        elif float(blur) < self.min_blur:
+            out.append(f"blur {float(blur):.1f} < {self.min_blur:.1f}")
         b = float(measures.get("brightness", 128.0))
         if not (self.min_brightness <= b <= self.max_brightness):
             out.append(f"brightness {b:.0f} outside [{self.min_brightness:.0f}, {self.max_brightness:.0f}]")
@@ -83,13 +85,13 @@ def make_gates(options: dict[str, Any]) -> tuple[Gate, Gate]:
 def quality_score(face_px: float, score01: float, measures: dict[str, Any]) -> float:
     """A [0, 1] score to rank frames: sharpness, size, exposure and detector confidence.
 
-    0.35 x sharpness (log Laplacian variance, 1.0 at 300) + 0.25 x size (1.0 at 160 px)
+    0.35 x sharpness (log of runner.vision.measures.face_sharpness, 1.0 at 100) + 0.25 x size (1.0 at 160 px)
     + 0.25 x exposure (1 at mid-grey, minus the clipped share) + 0.15 x detector score in [0, 1].
     """
     import math
 
-    blur = max(0.0, float(measures.get("blur", 0.0)))
-    sharp = min(1.0, math.log1p(blur) / math.log1p(300.0))
+    blur = max(0.0, float(measures.get("blur") or 0.0))
+    sharp = min(1.0, math.log1p(blur) / math.log1p(100.0))
     size = min(1.0, face_px / 160.0)
     b = float(measures.get("brightness", 128.0))
     exposure = max(0.0, 1.0 - abs(b - 128.0) / 128.0 - float(measures.get("clipped", 0.0)))

@@ -2,13 +2,14 @@
 
 Everything that runner.vision.measures already measures is taken from there (the same numbers
 the analyze stage records for still images): eye aspect ratio, mouth openness, the smile proxy,
-blur (Laplacian variance of the face resized to 128 px), exposure, and truncation at the frame
-edge. Added here, for the occlusion bucket only, is a skin-chroma proxy (see
+sharpness (``blur``: 100 / sigma^2 of the face resampled to 40 px between the eyes; None when the
+face is too small), exposure, and truncation at the frame edge. Added here, for the occlusion bucket only, is a skin-chroma proxy (see
 :func:`skin_occlusion`).
 
 Keys returned by :func:`face_measures`:
 ``blur``, ``brightness`` (0-255 mean grey of the face), ``clipped`` (share of clipped dark +
-bright pixels), ``eye_open`` (mean EAR), ``mouth_open``, ``smile`` (score 0-1),
+bright pixels), ``eye_open`` (mean EAR), ``eyes_closed`` ("none", "left", "right", "both" with the
+size-aware threshold; None when the eyes are too small), ``mouth_open``, ``smile`` (score 0-1),
 ``out_of_frame`` (truncation), ``occlusion`` (max of truncation and the skin proxy).
 """
 
@@ -55,27 +56,29 @@ def skin_occlusion(rgb: np.ndarray, lm: np.ndarray) -> float:
     return float(off.sum() / mask.sum())
 
 
-def face_measures(rgb: np.ndarray, face: Any) -> dict[str, float]:
+def face_measures(rgb: np.ndarray, face: Any) -> dict[str, Any]:
     """The measures of one face (a runner.vision.faces.Face) in one RGB frame."""
     h, w = rgb.shape[:2]
-    m: dict[str, float] = {}
+    m: dict[str, Any] = {}
+    lm = getattr(face, "landmarks", None)
+    m["blur"] = VM.face_sharpness(rgb, lm if lm is not None else face.keypoints)[0]
     crop = VM.face_crop(rgb, face.box)
     if crop is not None:
-        m["blur"] = float(VM.blur_laplacian(crop))
         ex = VM.exposure(crop)
         m["brightness"] = round(ex["mean"] * 255.0, 3)
         m["clipped"] = round(ex["clipped_dark"] + ex["clipped_bright"], 4)
     else:
-        m.update(blur=0.0, brightness=0.0, clipped=1.0)
+        m.update(brightness=0.0, clipped=1.0)
     oof = float(VM.truncation(face.box, w, h))
     occ = oof
-    lm = getattr(face, "landmarks", None)
     if lm is not None and len(lm) == 68:
         lm = np.asarray(lm, dtype=np.float64)
-        m["eye_open"] = float(VM.eye_aspect_ratio(lm)["mean"])
+        eyes = VM.eye_aspect_ratio(lm)
+        m["eye_open"] = None if eyes is None else float(eyes["mean"])
+        m["eyes_closed"] = None if eyes is None else eyes["closed"]
         m["mouth_open"] = float(VM.mouth_openness(lm))
         m["smile"] = float(VM.smile_proxy(lm)["score"])
         occ = max(oof, skin_occlusion(rgb, lm))
     m["out_of_frame"] = round(oof, 4)
     m["occlusion"] = round(float(occ), 4)
-    return {k: (v if np.isfinite(v) else 0.0) for k, v in m.items()}
+    return {k: (0.0 if isinstance(v, float) and not np.isfinite(v) else v) for k, v in m.items()}

@@ -114,8 +114,10 @@ def pose_words(pose: Mapping[str, float] | None) -> str:
 
 
 def expression_of(face: Mapping[str, Any] | None) -> dict[str, bool]:
-    """smiling (smile score >= 0.5), mouth_open (> 0.3), eyes_closed (mean EAR < 0.16)."""
-    out = {"smiling": False, "mouth_open": False, "eyes_closed": False}
+    """smiling (smile score >= 0.5), mouth_open (> 0.3), eyes_closed (both eyes under the size-aware
+    closed-eye ratio of runner.vision.measures.eye_aspect_ratio), winking (one eye). Eyes too small
+    to judge (``eyes`` None) read open."""
+    out = {"smiling": False, "mouth_open": False, "eyes_closed": False, "winking": False}
     if not face:
         return out
     smile = face.get("smile") or {}
@@ -124,9 +126,9 @@ def expression_of(face: Mapping[str, Any] | None) -> dict[str, bool]:
     mo = face.get("mouth_open")
     if mo is not None and not math.isnan(mo):
         out["mouth_open"] = mo > 0.3
-    eyes = face.get("eyes") or {}
-    if eyes.get("mean") is not None and not math.isnan(eyes["mean"]):
-        out["eyes_closed"] = eyes["mean"] < 0.16
+    closed = (face.get("eyes") or {}).get("closed")
+    out["eyes_closed"] = closed == "both"
+    out["winking"] = closed in ("left", "right")
     return out
 
 
@@ -138,6 +140,8 @@ def expression_words(expr: Mapping[str, bool]) -> str:
         words.append("open mouth")
     if expr.get("eyes_closed"):
         words.append("eyes closed")
+    elif expr.get("winking"):
+        words.append("winking")
     return ", ".join(words) or "neutral expression"
 
 
