@@ -396,6 +396,10 @@ def runs(run_id: str | None, limit: int, project: str | None, as_json: bool) -> 
                 cost = f"{e['cost']:.4f} {e['currency']}" if e["cost"] else ""
                 click.echo(f"{e['stage_id']:<38} {e['action']:<7} {e['status']:<11} {e['duration'] or 0:8.2f}s {cost}"
                            + (f"  {e['error']}" if e["error"] else ""))
+                for t in e.get("tracking") or []:  # experiment-tracker runs (runner.tracking)
+                    where = t.get("url") or t.get("uri") or ""
+                    click.echo(f"    {t['backend']} run {t.get('run_id') or '—'}  {where}"
+                               + (f"  warning: {t['warning']}" if t.get("warning") else ""))
             return
         rows = ws.runs(limit=limit)
         if as_json:
@@ -622,7 +626,7 @@ def _print_versions(rows: list[dict[str, Any]], as_json: bool) -> None:
     if not rows:
         click.echo("no published versions")
         return
-    click.echo(f"{'character':<14} {'tag':<14} {'created':<21} {'checkpoint':<22} {'metrics':<36} digest")
+    click.echo(f"{'character':<14} {'tag':<14} {'created':<21} {'checkpoint':<22} {'metrics':<50} digest")
     for r in rows:
         ck = r["checkpoint"]
         where = f"step {ck.get('step')}" if ck.get("step") is not None else "a LoRA file"
@@ -630,7 +634,7 @@ def _print_versions(rows: list[dict[str, Any]], as_json: bool) -> None:
         where += " (review)" if ck.get("picked_by_reviewer") else ""
         m = r["metrics"]
         figures = " ".join(f"{k}={m[k]:.3f}" for k in ("face_similarity", "clip_t", "score") if isinstance(m.get(k), (int, float)))
-        click.echo(f"{r['character']:<14} {r['tag']:<14} {r['created'] or '?':<21} {where:<22} {figures or '-':<36} "
+        click.echo(f"{r['character']:<14} {r['tag']:<14} {r['created'] or '?':<21} {where:<22} {figures or '-':<50} "
                    f"{(r['digest'] or '?')[:19]}")
 
 

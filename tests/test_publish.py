@@ -306,11 +306,15 @@ def test_nothing_to_publish_and_bad_requests_exit_non_zero(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_spec_defaults_and_a_spec_with_credentials_in_the_url(tmp_path, s3_env, capsys):
-    spec = make_project(tmp_path / "proj", extra=f"publish: {{to: 's3://{BUCKET}/spec-default', tag: v7}}\n")
+def test_spec_defaults_and_a_spec_with_credentials_in_the_url(tmp_path, s3_env, capsys, monkeypatch):
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # the endpoint comes from the spec, then from the flag
+    spec = make_project(tmp_path / "proj", extra=f"publish: {{to: 's3://{BUCKET}/spec-default', tag: v7, "
+                                                 f"endpoint_url: '{s3_env}'}}\n")
     code, out = run("publish", str(spec))
     assert code == 0 and "published hero v7" in out, out
     assert s3fs_client(s3_env).exists(f"{BUCKET}/spec-default/hero/versions/v7/manifest.json")
+    code, out = run("publish", "--list", "--json", "--to", f"s3://{BUCKET}/spec-default", "--endpoint-url", s3_env)
+    assert code == 0 and [r["tag"] for r in json.loads(out)] == ["v7"], out
     spec.write_text(SPEC.format(extra="publish: {to: 's3://key:secret@bucket/p'}\n"))
     from runner.cli import main
 
@@ -373,3 +377,32 @@ def test_a_version_that_appears_during_the_upload_is_not_replaced(tmp_path, monk
     with pytest.raises(P.VersionExists, match="hero v1 is already published"):
         P.publish(spec, url, "v1")
     assert path.read_bytes() == before
+
+
+def test_git_commit_and_dirty_flag_are_provenance_not_content(tmp_path):
+    """The manifest names the spec repository's commit and whether it was dirty; neither is part
+    of the content digest, so an unrelated commit does not make the same version 'different'."""
+    spec = make_project(tmp_path / "proj")
+    proj = tmp_path / "proj"
+    (proj / ".gitignore").write_text(".runner/\nreports/\n")
+    (proj / "notes.txt").write_text("one\n")
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(proj), "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-q", "-m", "one")
+    url = (tmp_path / "out").as_uri()
+    assert run("publish", str(spec), "--to", url, "--tag", "v1")[0] == 0
+    m1 = json.loads((tmp_path / "out" / "hero" / "versions" / "v1" / "manifest.json").read_text())
+    assert m1["git"] == {"commit": git("rev-parse", "HEAD"), "dirty": False}
+    (proj / "notes.txt").write_text("two\n")  # a tracked file edited: dirty
+    code, out = run("publish", str(spec), "--to", url, "--tag", "v1")
+    assert code == 0 and "already published with this content" in out, out
+    assert run("publish", str(spec), "--to", url, "--tag", "v2")[0] == 0
+    m2 = json.loads((tmp_path / "out" / "hero" / "versions" / "v2" / "manifest.json").read_text())
+    assert m2["git"] == {"commit": m1["git"]["commit"], "dirty": True}
+    assert {k: v for k, v in m2.items() if k not in ("tag", "git", "created", "content_digest")} == \
+        {k: v for k, v in m1.items() if k not in ("tag", "git", "created", "content_digest")}
