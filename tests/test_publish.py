@@ -406,3 +406,19 @@ def test_git_commit_and_dirty_flag_are_provenance_not_content(tmp_path):
     assert m2["git"] == {"commit": m1["git"]["commit"], "dirty": True}
     assert {k: v for k, v in m2.items() if k not in ("tag", "git", "created", "content_digest")} == \
         {k: v for k, v in m1.items() if k not in ("tag", "git", "created", "content_digest")}
+
+
+@pytest.mark.parametrize("error", [RuntimeError, PermissionError, FileNotFoundError])
+def test_storage_errors_never_echo_credentials(tmp_path, monkeypatch, error):
+    from runner.publish.store import Store, StoreError
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLEKEY")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    store = Store((tmp_path / "out").as_uri())
+
+    def leaky(*a, **k):
+        raise error(f"request signed with AKIAEXAMPLEKEY / {SECRET} was refused")
+
+    with pytest.raises(StoreError) as exc:
+        store.call("uploading x", leaky)
+    assert "AKIAEXAMPLEKEY" not in str(exc.value) and SECRET not in str(exc.value) and "***" in str(exc.value)

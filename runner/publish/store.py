@@ -44,6 +44,19 @@ def redacted(url: str) -> str:
     return f"{scheme}{sep}{'***@' + host.rsplit('@', 1)[1] if '@' in host else host}{slash}{path}"
 
 
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
+
+
+def scrubbed(text: str) -> str:
+    """``text`` with the credentials of the environment blanked out (storage errors echo
+    requests; nothing of a credential reaches the terminal or a log)."""
+    for name in SECRET_ENV:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
 def endpoint_from_env() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
@@ -116,15 +129,15 @@ class Store:
         except FileNotFoundError as exc:
             if reading:
                 raise
-            raise StoreError(f"{what} at {self.where()}: not found ({exc}); does the bucket exist?") from None
+            raise StoreError(f"{what} at {self.where()}: not found ({scrubbed(str(exc))}); does the bucket exist?") from None
         except PermissionError as exc:
-            raise StoreError(f"{what} at {self.where()}: permission denied ({exc}); check the credentials in "
+            raise StoreError(f"{what} at {self.where()}: permission denied ({scrubbed(str(exc))}); check the credentials in "
                              "the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY or AWS_PROFILE)") from None
         except Exception as exc:  # botocore and aiohttp errors have no common base class
             name = type(exc).__name__
             hint = ("; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment"
                     if "Credential" in name else "")
-            raise StoreError(f"{what} at {self.where()}: {name}: {exc}{hint}") from None
+            raise StoreError(scrubbed(f"{what} at {self.where()}: {name}: {exc}{hint}")) from None
 
     def read_json(self, path: str) -> dict[str, Any] | None:
         """The JSON document at ``path``, or None when there is none."""
