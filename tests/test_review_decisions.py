@@ -56,7 +56,7 @@ def _saver(args: tuple[str, int, int]) -> None:
 
 def test_concurrent_savers_lose_nothing(tmp_path: Path) -> None:
     f = tmp_path / "r.review.yaml"
-    workers, each = 6, 15
+    workers, each = 4, 12
     with multiprocessing.get_context("fork").Pool(workers) as pool:
         pool.map(_saver, [(str(f), w, each) for w in range(workers)])
     ratings = decisions.load(f)["ratings"]
