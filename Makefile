@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml constraints.txt
 	# insightface without its deps: its wheel requires the GUI opencv-python, which would
 	# replace opencv-python-headless; everything it needs is in the [faces] extra.
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps "insightface==2.1"
+	# rtmlib (body pose for ControlNet-OpenPose) the same way: it requires the GUI opencv builds too.
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps "rtmlib==0.0.16"
 	touch $(STAMP)
 
 # The review pages' browser tests drive Debian's chromium (Playwright never downloads a browser).

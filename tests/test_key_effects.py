@@ -122,6 +122,10 @@ hardware:
   modal: {app_name: hero-app, secrets: [hf]}
 report: {title: Hero}
 publish: {to: "s3://releases/characters", tag: v1, endpoint_url: "http://127.0.0.1:9000"}
+tracking:
+  mlflow: {enabled: true, tracking_uri: "http://127.0.0.1:5000", experiment: heroes, artifacts: true}
+  wandb: {enabled: true, project: hero, entity: team, mode: offline, artifacts: true}
+  tags: {team: vision}
 """
 
 VIDEO_SUITE = """\
@@ -143,6 +147,8 @@ CONTEXTS: list[tuple[str, dict[str, Any]]] = [
     ("character.traits.variable", {"generate.storyboard.planner": "llm"}),
     ("evaluate.suite", {"evaluate.categories": [], "evaluate.targets": {}}),
     ("train.steps", {"train.phases": []}),
+    *((f"generate.storyboard.reference_guided.{k}", {"generate.storyboard.reference_guided.control": "pose"})
+      for k in ("pose_model", "pose_detector_file", "pose_estimator_file", "pose_parts")),
 ]
 
 # New values for keys whose change cannot be derived from the schema alone.
@@ -207,6 +213,10 @@ CHANGES: dict[str, Any] = {
     "hardware.price_table": {"A10G": 2.2},
     "hardware.modal.secrets": ["hf", "wandb"],
     "report.output_dir": "other-reports",
+    "tracking.mlflow": True,
+    "tracking.mlflow.tracking_uri": "sqlite:///mlflow.db",
+    "tracking.wandb": False,
+    "tracking.tags": {"team": "graphics"},
 }
 
 

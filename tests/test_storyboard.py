@@ -129,7 +129,7 @@ def test_tiny_sd_frames_retry_below_threshold(proj: Path, tmp_path: Path) -> Non
         assert all(a["face_found"] is False and a["face_similarity"] == 0.0 and not a["pass"] for a in f["attempts"])
         assert not f["passed"]
         assert (folder / f["file"]).is_file() and all((folder / a["file"]).is_file() for a in f["attempts"])
-    assert rep["summary"] == {"scenes": 3, "passed": 0, "attempts": 6, "retried": 3}
+    assert rep["summary"] == {"scenes": 3, "passed": 0, "attempts": 6, "retried": 3, "without_character": 0}
     assert rep["tiny_random"]["any"] and rep["lora"]["scale"] == 1.0
     assert any("below the validation thresholds" in w for w in ctx.warnings)
     assert any("below the dlib backend's identity threshold 0.92" in w for w in ctx.warnings)
@@ -218,10 +218,10 @@ def test_control_maps(shared_data: Path) -> None:
     edges = np.asarray(canny_map(photo))
     assert edges.shape == (photo.height, photo.width, 3) and set(np.unique(edges)) <= {0, 255} and edges.mean() > 1
     fb = get_face_backend("dlib")
-    pose = np.asarray(control_map(photo, "pose", fb))
+    pose = np.asarray(control_map(photo, "face_landmarks", fb))
     assert pose.max() == 255 and 0 < (pose > 0).mean() < 0.2  # thin landmark lines on black
-    with pytest.raises(base.StageError, match="pose needs a face"):
-        control_map(Image.new("RGB", (64, 64), "gray"), "pose", fb)
+    with pytest.raises(base.StageError, match="face_landmarks needs a face"):
+        control_map(Image.new("RGB", (64, 64), "gray"), "face_landmarks", fb)
 
 
 def test_llm_planner_in_the_stage_is_asked_once(proj: Path, tmp_path: Path, monkeypatch) -> None:
@@ -301,3 +301,103 @@ def test_sdxl_lora_by_path(proj: Path, tmp_path: Path) -> None:
     rep = json.loads((SB.run(node.config, inputs, ctx)["storyboard"].path / "report.json").read_text())
     assert rep["model_family"] == "sdxl" and rep["lora"]["scale"] == 0.8 and rep["lora_file"] == "xl_lora/pytorch_lora_weights.safetensors"
     assert rep["frames"][0]["passed"] and rep["generation"]["width"] == 64
+
+
+def _photos(shared_data: Path) -> dict[str, Path]:
+    biden = shared_data / "faces" / "biden"
+    return {"obama": shared_data / "faces" / "obama" / "obama_03.jpg",
+            "obama2": shared_data / "faces" / "obama" / "obama_02.jpg",
+            "biden": biden / sorted(p.name for p in biden.iterdir())[0]}
+
+
+@pytest.fixture()
+def no_pipeline(monkeypatch):
+    """For tests whose frames come from a fake generate_images: no diffusion pipeline is loaded."""
+    import runner.diffusion.models as M
+
+    monkeypatch.setattr(SB, "load_character_pipeline", lambda *a, **k: object())
+    monkeypatch.setattr(M, "family_of", lambda pipe: "sd15")
+
+
+def _run(proj: Path, tmp_path: Path, s: dict, inputs=None) -> dict:
+    node = SB.expand(s, Graph(proj, [_node("train")]))[0]
+    ctx = LocalStageContext.for_folder(tmp_path / "run", stage_id=node.id, character="demo", project_root=proj)
+    ctx.cache_dir = proj / "cache"
+    out = SB.run(node.config, inputs if inputs is not None else inputs_for(proj, node), ctx)
+    return json.loads((out["storyboard"].path / "report.json").read_text())
+
+
+def test_a_scene_without_the_character_skips_the_identity_gate(proj: Path, tmp_path: Path, shared_data: Path,
+                                                               monkeypatch, no_pipeline) -> None:
+    """The planner says scene 2 (a horse) is not of the character: its prompt has no trigger, its
+    frame is not checked against the references (no retry, passes, says why); scene 1 is."""
+    import runner.diffusion.generate as G
+
+    photos = _photos(shared_data)
+    prompts: list[str] = []
+
+    def fake_generate(pipe, batch_prompts, *, seeds, width, height, **kw):
+        prompts.extend(batch_prompts)
+        return [Image.open(photos["biden"]).convert("RGB") for _ in seeds]  # never the character
+
+    monkeypatch.setattr(G, "generate_images", fake_generate)
+    s = spec(scenes=[{"text": "He smiles.", "shot": "close_up"}, {"text": "The old horse sleeps in the barn."}],
+             validation={"face_similarity": 0.93, "clip_i": None, "retries": 1})
+    rep = _run(proj, tmp_path, s)
+    f1, f2 = rep["frames"]
+    assert f1["hero"] and len(f1["attempts"]) == 2 and not f1["passed"]  # checked, retried, flagged
+    assert not f2["hero"] and "another character" not in f2["hero_reason"] and "not a person" in f2["hero_reason"]
+    assert len(f2["attempts"]) == 1 and f2["passed"] and "face_similarity" not in f2["attempts"][0]
+    assert f2["attempts"][0]["identity_check"] == "skipped: the character is not in this scene"
+    assert "dmochr" not in f2["prompt"] and "short grey hair" not in f2["prompt"]
+    assert rep["summary"]["without_character"] == 1 and rep["summary"]["passed"] == 1
+
+
+@pytest.mark.parametrize("against, refs", [("auto", True), ("frame1", True), ("references", True), ("auto", False)])
+def test_reference_mode_validates_against_frame1_references_or_both(proj: Path, tmp_path: Path, shared_data: Path,
+                                                                    monkeypatch, no_pipeline, against: str,
+                                                                    refs: bool) -> None:
+    """Frames 2+ in reference mode: against frame 1 (the storyboard system's rule), the references,
+    or both; each attempt records which. Frame 1 is Obama; scene 3's first try is someone else
+    (fails whatever it is checked against), its retry is Obama again. A scene without the
+    character is made plain (no IP-Adapter image) and not checked."""
+    import runner.diffusion.generate as G
+    from runner.generate import guided as GD
+
+    photos = _photos(shared_data)
+    by_seed = {5: "obama", 6: "biden", 7: "biden", 10: "obama2"}  # seed + attempt * 3 + position
+    kwargs_seen: dict[int, list] = {}
+
+    def fake_generate(pipe, batch_prompts, *, seeds, width, height, pipe_kwargs=None, **kw):
+        for sd in seeds:
+            kwargs_seen[sd] = sorted(pipe_kwargs or {})
+        return [Image.open(photos[by_seed.get(sd, "biden")]).convert("RGB") for sd in seeds]
+
+    monkeypatch.setattr(G, "generate_images", fake_generate)
+    monkeypatch.setattr(GD, "load_ip_adapter", lambda pipe, *a, **k: {"ip_adapter": a[0], "scale": k.get("scale")})
+    s = spec(scenes=[{"text": "He smiles.", "shot": "close_up"}, {"text": "A horse sleeps in the barn.", "shot": "wide"},
+                     {"text": "He laughs.", "shot": "close_up"}],
+             validation={"face_similarity": 0.93, "clip_i": None, "retries": 1},
+             reference_guided={"enabled": True, "ip_adapter": "builtin:tiny-ip-adapter", "validate_against": against})
+    if not refs:
+        s["character"]["references"] = []
+    node = SB.expand(s, Graph(proj, [_node("train")]))[0]
+    inputs = inputs_for(proj, node)
+    if not refs:
+        del inputs["reference0"]
+    rep = _run(proj, tmp_path, s, inputs)
+    expected = {"both": ["references", "frame1"], "auto": ["references", "frame1"] if refs else ["frame1"],
+                "frame1": ["frame1"], "references": ["references"]}[against]
+    rg = rep["reference_guided"]
+    assert rg["reference_frame"] == 1 and rg["validate_against"] == expected and rg["unguided_frames"] == [2]
+    assert kwargs_seen[6] == [] and kwargs_seen[7] == ["ip_adapter_image"]  # scene 2 plain, scene 3 guided
+    f1, f2, f3 = rep["frames"]
+    assert f1["attempts"][0]["against"] == (["references"] if refs else [])
+    assert f2["attempts"][0]["identity_check"].startswith("skipped") and len(f2["attempts"]) == 1
+    assert [a["pass"] for a in f3["attempts"]] == [False, True] and f3["kept_attempt"] == 1
+    for a in f3["attempts"]:
+        assert a["against"] == expected and set(a["checks"]) == set(expected)
+        assert ("frame1_face_similarity" in a) == ("frame1" in expected)
+        assert ("face_similarity" in a) == ("references" in expected)
+    if "frame1" in expected:  # the same person as frame 1 scores high against it; someone else does not
+        assert f3["attempts"][1]["frame1_face_similarity"] > 0.93 > f3["attempts"][0]["frame1_face_similarity"]

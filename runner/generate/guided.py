@@ -15,13 +15,18 @@ Everything is loaded through diffusers' own loaders:
 ``builtin:tiny-sd`` built from config (tests, the demo), saved in the hub layout and loaded by the
 same loaders.
 
-Control maps (``control``):
+Control maps (``control``), made from the reference frame (frame 1) at the generation size:
 
 - ``canny``: OpenCV Canny edges (thresholds 100/200) of the reference frame, white on black.
-- ``pose``: the face backend's 68 landmarks of the reference frame drawn as white polylines on
-  black (the input format of face-landmark ControlNets). Body pose needs a body-pose estimator,
-  which this package does not ship; give a pose map per scene (``scenes[].control_image``) for
-  body-pose ControlNets.
+- ``pose``: body pose in the OpenPose ControlNet format (for ``lllyasviel/control_v11p_sd15_openpose``
+  and the like): DWPose / RTMPose keypoints from ``pose_model`` through rtmlib, drawn by
+  :func:`runner.generate.pose.draw_openpose`.
+- ``face_landmarks``: the face backend's 68 landmarks of the reference frame drawn as white
+  polylines on black (the input format of face-landmark ControlNets).
+
+A scene's own ``control_image`` is used as is when it is a map (mostly black:
+:func:`runner.generate.pose.looks_like_map`); a photo is turned into a map the same way as frame 1
+(its body pose, edges or landmarks), fitted over the generation size (resized and centre-cropped).
 """
 
 from __future__ import annotations
@@ -58,8 +63,8 @@ def face_pose_map(image, face_backend):
     face = main_face(face_backend.analyze(rgb))
     if face is None or face.landmarks is None:
         raise StageError(
-            "reference_guided.control: pose needs a face with landmarks in the reference frame (frame 1), "
-            "and none was found",
+            "reference_guided.control: face_landmarks needs a face with landmarks in the image (frame 1 or a "
+            "scene's control photo), and none was found",
             hint="Use control: canny, or give scenes[].control_image maps.",
         )
     canvas = np.zeros_like(rgb)
@@ -70,14 +75,94 @@ def face_pose_map(image, face_backend):
     return Image.fromarray(canvas)
 
 
-def control_map(image, kind: str, face_backend=None):
-    if kind == "canny":
-        return canny_map(image)
+def control_map(image, kind: str, face_backend=None, pose=None, size: tuple[int, int] | None = None,
+                parts: str = "body"):
+    """The ``kind`` map of ``image`` at ``size`` (w, h; default: the image's); ``pose`` is a
+    loaded :class:`runner.generate.pose.PoseDetector` (``kind == "pose"``)."""
+    size = size or image.size
     if kind == "pose":
+        if pose is None:
+            raise StageError("reference_guided.control: pose needs a pose detector (pose_model)")
+        return body_pose_map(image, pose, size, parts)[0]
+    if kind == "canny":
+        m = canny_map(image)
+    elif kind == "face_landmarks":
         if face_backend is None:
-            raise StageError("reference_guided.control: pose needs a face backend")
-        return face_pose_map(image, face_backend)
-    raise StageError(f"reference_guided.control: unknown control {kind!r}", hint="Use canny or pose.")
+            raise StageError("reference_guided.control: face_landmarks needs a face backend")
+        m = face_pose_map(image, face_backend)
+    else:
+        raise StageError(f"reference_guided.control: unknown control {kind!r}",
+                         hint="Use canny, pose or face_landmarks.")
+    return m if m.size == size else _cover(m, size)
+
+
+def _cover(image, size: tuple[int, int]):
+    from PIL import ImageOps
+
+    return ImageOps.fit(image, size)
+
+
+def body_pose_map(image, pose, size: tuple[int, int], parts: str = "body"):
+    """(OpenPose map at ``size``, the people found with their visible body keypoint counts)."""
+    from runner.generate.pose import cover_transform, draw_openpose
+
+    people = pose.detect(np.asarray(image.convert("RGB")))
+    s, dx, dy = cover_transform(image.size, size)
+    placed = [p.transformed(s, dx, dy) for p in people]
+    return draw_openpose(placed, size[0], size[1], parts), [p.visible() for p in people]
+
+
+POSE_KEYS = ("pose_model", "pose_detector_file", "pose_estimator_file", "pose_parts")
+
+
+def keyed_options(guided: dict[str, Any]) -> dict[str, Any]:
+    """reference_guided as the stage config keeps it: the pose keys only with ``control: pose``."""
+    if guided.get("control", "canny") == "pose":
+        return dict(guided)
+    return {k: v for k, v in guided.items() if k not in POSE_KEYS}
+
+
+class ControlMaps:
+    """The control maps of one storyboard run: frame 1's (:meth:`extract`) and each scene's given
+    image (:meth:`given`). ``info`` records how each map was made (report.json), ``warnings``
+    what the user must know (a tiny random pose model, a map without anyone in it)."""
+
+    def __init__(self, g: dict[str, Any], face_backend, size: tuple[int, int], *, device: str = "cpu",
+                 project_root: Path | None = None, cache_dir: Path | None = None) -> None:
+        self.kind, self.parts, self.size = g.get("control", "canny"), g.get("pose_parts", "body"), size
+        self.face_backend, self.pose, self.warnings = face_backend, None, []
+        self.info: dict[str, Any] = {"kind": self.kind, "size": list(size), "maps": {}}
+        if self.kind == "pose":
+            from runner.generate.pose import load_pose_detector
+
+            self.pose = load_pose_detector(g.get("pose_model") or "", detector_file=g.get("pose_detector_file"),
+                                           estimator_file=g.get("pose_estimator_file") or "",
+                                           device=device, project_root=project_root, cache_dir=cache_dir)
+            self.info["pose"] = {"model": self.pose.ref, "keypoints": self.pose.keypoints, "parts": self.parts,
+                                 "tiny_random": self.pose.tiny_random}
+            if self.pose.tiny_random:
+                note = (f"pose_model {self.pose.ref} is a tiny random model: its keypoints are meaningless and "
+                        "so is the pose map; it only shows that the pipeline runs")
+                self.info["pose"]["note"] = note
+                self.warnings.append(note)
+
+    def extract(self, image, label: str):
+        if self.kind != "pose":
+            self.info["maps"][label] = {"from": "photo", "made": self.kind}
+            return control_map(image, self.kind, self.face_backend, size=self.size)
+        m, people = body_pose_map(image, self.pose, self.size, self.parts)
+        self.info["maps"][label] = {"from": "photo", "made": "pose", "people": len(people), "visible_keypoints": people}
+        if not any(people):
+            self.warnings.append(f"control map of {label}: no body keypoints found (score above 0.3); the pose map is black")
+        return m
+
+    def given(self, image, label: str):
+        from runner.generate.pose import looks_like_map
+
+        if looks_like_map(image):
+            self.info["maps"][label] = {"from": "map", "made": "used as is"}
+            return image
+        return self.extract(image, label)
 
 
 def _local_or_hub(ref: str, project_root: Path | None, cache_dir: Path | None = None, key: str = "") -> str:

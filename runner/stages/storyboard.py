@@ -101,18 +101,20 @@ def _model_input(value: str | None, graph: base.GraphView, name: str, key: str) 
 
 
 def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
-    from runner.generate.planner import plan_scenes
+    from runner.generate import guided as G
+    from runner.generate.planner import plan_story
 
     sb = (spec.get("generate") or {}).get("storyboard")
     if not isinstance(sb, dict):
         return []
+    story = plan_story(spec, allow_llm=False)
     lora_cfg, inputs = lora_source(spec, graph, "generate.storyboard")
     review = review_section(graph, "storyboard",
                             evaluate=lora_cfg["source_node"] if lora_cfg.get("source") == "evaluate" else None)
     if review.get("checkpoint"):  # the picked checkpoint's LoRA file is in the train output
         inputs["lora"] = graph.node(lora_cfg["source_node"]).inputs["lora"]
     inputs.update(reference_inputs(spec, graph))
-    scenes = [] if sb.get("planner") == "llm" else [s.to_dict() for s in plan_scenes(spec)]
+    scenes = [s.to_dict() for s in story.scenes]
     for s in scenes:
         if s.get("control_image"):
             inputs[f"control{s['index']}"] = base.FileSetRef(root=graph.project_root / s["control_image"],
@@ -125,20 +127,23 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
                                   hint="Give an IP-Adapter (e.g. h94/IP-Adapter) and/or a ControlNet id or path.")
         inputs.update(_model_input(guided.get("ip_adapter"), graph, "ip_adapter", "generate.storyboard.reference_guided.ip_adapter"))
         inputs.update(_model_input(guided.get("controlnet"), graph, "controlnet", "generate.storyboard.reference_guided.controlnet"))
+        if guided.get("control") == "pose":
+            inputs.update(_model_input(guided.get("pose_model"), graph, "pose_model", "generate.storyboard.reference_guided.pose_model"))
     val = dict(sb.get("validation") or {})
     ev = spec.get("evaluate") or {}
     character = spec.get("character") or {}
     hardware = spec.get("hardware") or {}
     config = {
         **lora_cfg,
-        "planner": sb.get("planner", "rules"),
+        "planner": story.planner,
+        "planner_notes": story.notes,
         "scenes": scenes,
         # What the llm planner is asked at run time (manual/rules scenes are already in "scenes").
-        "llm_request": None if sb.get("planner") != "llm" else {
+        "llm_request": None if story.planner != "llm" else {
             "story": sb.get("story", ""), "llm": sb.get("llm", {}), "min_scenes": sb.get("min_scenes", 6),
             "max_scenes": sb.get("max_scenes", 10), "style_prompt": sb.get("style_prompt", ""),
             "character": {k: character.get(k) for k in ("name", "display_name", "trigger", "class_word",
-                                                        "description", "traits")}},
+                                                        "description", "traits", "aliases")}},
         "negative_prompt": sb.get("negative_prompt", ""),
         "seed": int(sb.get("seed", 1000)),
         "steps": int(sb.get("steps", 30)),
@@ -147,13 +152,14 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
         "height": sb.get("height"),
         "batch_size": int(sb.get("batch_size", 4)),
         "validation": {
-            "face_similarity": val.get("face_similarity", 0.7),
+            "face_similarity": val.get("face_similarity", "backend"),
             "clip_i": val.get("clip_i"),
             "retries": int(val.get("retries", 2)),
             "clip_model": val.get("clip_model") or ev.get("clip_model") or "openai/clip-vit-large-patch14",
         },
         "face": face_options(spec, val.get("face_model")),
-        "reference_guided": guided if guided.get("enabled") else {"enabled": False},
+        "reference_guided": ({**G.keyed_options(guided), "validate_against": validation_sets(guided, character)}
+                             if guided.get("enabled") else {"enabled": False}),
         "references": list(character.get("references") or []),
         "device": hardware.get("device", "auto"),
         **({"review": review} if review else {}),
@@ -161,6 +167,9 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
     gpu = hardware.get("stage_gpu", {}).get("storyboard") or hardware.get("gpu")
     n = (f"{len(scenes)} scenes" if scenes else
          f"{config['llm_request']['min_scenes']}-{config['llm_request']['max_scenes']} scenes from the LLM")
+    absent = [str(s["index"]) for s in scenes if not s.get("hero", True)]
+    if absent:
+        n += f" (the character not in {len(absent)}: {', '.join(absent)})"
     label = f"{n} ({config['planner']}), LoRA from {lora_cfg.get('source_node') or lora_cfg.get('lora_file')}"
     if guided.get("enabled"):
         label += ", reference-guided"
@@ -173,7 +182,18 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
         outputs=("storyboard",),
         gpu=gpu,
         label=label,
+        unkeyed=("planner_notes",),
+        notes=tuple(story.notes),
     )]
+
+
+def validation_sets(guided: dict[str, Any], character: dict[str, Any]) -> list[str]:
+    """Reference mode: what frames 2+ are validated against (``validate_against``; auto: the
+    references and frame 1 when the character has references, else frame 1)."""
+    choice = guided.get("validate_against", "auto")
+    if choice == "auto":
+        return ["references", "frame1"] if character.get("references") else ["frame1"]
+    return ["references", "frame1"] if choice == "both" else [choice]
 
 
 # --------------------------------------------------------------------------- running
@@ -339,12 +359,46 @@ def _scenes(config: dict[str, Any], ctx: base.StageContext) -> tuple[list[dict[s
     return scenes, exchange
 
 
+def build_validators(config: dict[str, Any], ref_images: list[Any], thresholds: Any, ctx: base.StageContext):
+    """(face backend, CLIP embedder, the validator of plain frames, and a function giving the
+    validator of reference mode's frames 2+ from frame 1: against the references, frame 1 or both)."""
+    from runner.generate.frames import FrameValidator, Thresholds, ValidationSet, frame_validator
+
+    val = config["validation"]
+    guided = config.get("reference_guided") or {}
+    against = (guided.get("validate_against") or ["references"]) if guided.get("enabled") else ["references"]
+    wants_faces = thresholds.face_similarity is not None and (ref_images or "frame1" in against)
+    face_backend = face_backend_from(config["face"], ctx.project_root, "generate.storyboard.validation") if wants_faces else None
+    if thresholds.face_similarity == "backend":  # the calibrated threshold of the backend in use
+        thresholds = Thresholds(face_backend.default_identity_threshold if face_backend else None, thresholds.clip_i)
+        if face_backend:
+            ctx.log(f"face similarity threshold {thresholds.face_similarity} ({face_backend.name} backend's calibrated default)")
+    clip = None
+    if thresholds.clip_i is not None:
+        from runner.stages.common import load_embedder as _load_embedder
+
+        clip = _load_embedder(val["clip_model"], ctx, "generate.storyboard.validation.clip_model")
+    # Without references, reference mode against frame 1 only leaves frame 1 itself unchecked.
+    plain = thresholds if ref_images or "references" in against else Thresholds(None, None)
+    refs = FrameValidator(face_backend=face_backend if ref_images else None, clip=clip, reference_images=ref_images,
+                          thresholds=plain)
+
+    def later_validator(reference: Any) -> ValidationSet:
+        sets: dict[str, Any] = {"references": refs} if "references" in against else {}
+        notes: list[str] = []
+        if "frame1" in against:
+            sets["frame1"], notes = frame_validator(reference, face_backend=face_backend, clip=clip, thresholds=thresholds)
+        return ValidationSet(sets, notes)
+
+    return face_backend, clip, ValidationSet({"references": refs}), later_validator, thresholds
+
+
 @base.register("storyboard", version=VERSION, order=70, expand=expand,
                description="Story -> scenes -> frames with the character's LoRA, validated and regenerated below threshold.",
                report=lambda config, outputs, env: report_sections(config, outputs, env))
 def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.StageContext) -> dict[str, base.Artifact]:
     """Story -> scenes -> frames with the character's LoRA, validated and regenerated below threshold."""
-    from runner.generate.frames import FrameJob, FrameValidator, Thresholds
+    from runner.generate.frames import FrameJob, Thresholds
 
     t0 = time.monotonic()
     timing: dict[str, float] = {}
@@ -372,16 +426,12 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     ref_files, ref_images = load_references(inputs)
     val = config["validation"]
     thresholds = Thresholds(face_similarity=val.get("face_similarity"), clip_i=val.get("clip_i"))
-    face_backend = face_backend_from(config["face"], ctx.project_root, "generate.storyboard.validation") if ref_images else None
-    clip = None
-    if thresholds.clip_i is not None:
-        from runner.stages.common import load_embedder as _load_embedder
-
-        clip = _load_embedder(val["clip_model"], ctx, "generate.storyboard.validation.clip_model")
-    validator = FrameValidator(face_backend=face_backend, clip=clip, reference_images=ref_images, thresholds=thresholds)
+    guided = config.get("reference_guided") or {}
+    face_backend, clip, validator, later_validator, thresholds = build_validators(config, ref_images, thresholds, ctx)
     backend_t = getattr(face_backend, "default_identity_threshold", None)
     if thresholds.face_similarity is not None and backend_t is not None and thresholds.face_similarity < backend_t:
         # Cosine scales differ per embedding model: 0.7 is strict for ArcFace, loose for dlib.
+        # (The default, "backend", takes the backend's calibrated threshold.)
         ctx.warn(f"generate.storyboard.validation.face_similarity {thresholds.face_similarity} is below the "
                  f"{face_backend.name} backend's identity threshold {backend_t}: frames of someone else can pass")
     timing["load_s"] = round(time.monotonic() - t, 3)
@@ -390,7 +440,8 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     from runner.diffusion.generate import generate_images
 
     n = len(scenes)
-    jobs = [FrameJob(scene_index=s["index"], prompt=s["prompt"], group=s.get("control_image") or "") for s in scenes]
+    jobs = [FrameJob(scene_index=s["index"], prompt=s["prompt"], group=s.get("control_image") or "",
+                     hero=bool(s.get("hero", True))) for s in scenes]
     prog = ctx.progress(None, "storyboard: frames")
     gen_time = [0.0]
     gen_count = [0]
@@ -417,13 +468,12 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     def on_round(r: int, k: int) -> None:
         ctx.log(f"storyboard: round {r + 1} ({'first attempt' if r == 0 else 'retry'}), {k} frame(s)")
 
-    guided = config.get("reference_guided") or {}
     guided_info: dict[str, Any] = {"enabled": bool(guided.get("enabled"))}
     if not guided.get("enabled"):
         results = validated_frames(jobs, make_generate(pipe, lambda g: None), validator, config, n, on_round)
     else:
-        results, guided_info = _guided_frames(config, inputs, ctx, pipe, family, jobs, validator, make_generate,
-                                              face_backend, on_round)
+        results, guided_info = _guided_frames(config, inputs, ctx, pipe, family, jobs, (validator, later_validator),
+                                              make_generate, face_backend, on_round)
     prog.close()
     timing["generate_s"] = round(gen_time[0], 3)
     timing["images_generated"] = gen_count[0]
@@ -446,7 +496,8 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
                        "scores": {k: v for k, v in res.attempts[res.kept].items() if k not in ("file",)},
                        "attempts": res.attempts})
     tiny = {"diffusion": bool(lora["tiny_random"] or getattr(pipe, "_character_runner_tiny", False)),
-            "clip": bool(clip is not None and clip.is_tiny_random)}
+            "clip": bool(clip is not None and clip.is_tiny_random),
+            "pose": bool(guided_info.get("control_maps", {}).get("pose", {}).get("tiny_random"))}
     report = {
         "format": 1,
         "character": ctx.character,
@@ -460,15 +511,17 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
         "generation": {"steps": config["steps"], "guidance": config["guidance"], "width": width, "height": height,
                        "seed": config["seed"], "negative_prompt": config["negative_prompt"],
                        "batch_size": config["batch_size"], "device": device},
-        "validation": {**val, "face_backend": getattr(face_backend, "name", None),
+        "validation": {**val, "against": validator.against, "face_backend": getattr(face_backend, "name", None),
                        "face_embedding_model": getattr(face_backend, "embedding_model", None),
                        "clip": getattr(clip, "name", None)},
         "references": [_rel(f, ctx.project_root) for f in ref_files],
         "reference_guided": guided_info,
         "tiny_random": {**tiny, "any": any(tiny.values())},
         "frames": frames,
+        "planner_notes": config.get("planner_notes") or [],
         "summary": {
             "scenes": n,
+            "without_character": sum(1 for s in scenes if not s.get("hero", True)),
             "passed": sum(1 for f in frames if f["passed"]),
             "attempts": sum(len(f["attempts"]) for f in frames),
             "retried": sum(1 for f in frames if len(f["attempts"]) > 1),
@@ -493,18 +546,32 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     return {"storyboard": base.Artifact("storyboard", out, meta={"frames": n, "tiny_random": report["tiny_random"]["any"]})}
 
 
-def _guided_frames(config, inputs, ctx, pipe, family, jobs, validator, make_generate, face_backend, on_round):
-    """Frame 1 plain (validated) -> reference; frames 2..N with IP-Adapter and/or ControlNet."""
+def _guided_frames(config, inputs, ctx, pipe, family, jobs, validators, make_generate, face_backend, on_round):
+    """The first scene with the character, plain (validated) -> the reference; the scenes without
+    the character plain too (the reference's identity and layout are not theirs); the other
+    frames with IP-Adapter and/or ControlNet, validated per ``validate_against``."""
     from runner.generate import guided as G
     from runner.stages.common import load_rgb as _load_rgb
 
     g = config["reference_guided"]
+    validator, later_validator = validators
     n = len(jobs)
-    first = validated_frames(jobs[:1], make_generate(pipe, lambda grp: None), validator, config, n, on_round)
+    ref_pos = next((k for k, j in enumerate(jobs) if j.hero), 0)
+    plain = [ref_pos] + [k for k, j in enumerate(jobs) if not j.hero and k != ref_pos]
+    rest_pos = [k for k in range(n) if k not in plain]
+    results: list[Any] = [None] * n
+    first = validated_frames([jobs[k] for k in plain], make_generate(pipe, lambda grp: None), validator, config, n,
+                             on_round, positions=plain)
+    for k, res in zip(plain, first):
+        results[k] = res
     reference = first[0].image
-    info: dict[str, Any] = {"enabled": True, "reference_frame": 1, "control": g.get("control", "canny")}
-    if n == 1:
-        return first, info
+    info: dict[str, Any] = {"enabled": True, "reference_frame": jobs[ref_pos].scene_index, "control": g.get("control", "canny"),
+                            "unguided_frames": [jobs[k].scene_index for k in plain[1:]]}
+    if not rest_pos:
+        return results, info
+    later = later_validator(reference)
+    info["validate_against"] = later.against
+    info["validation_notes"] = later.notes
     kwargs: dict[str, Any] = {}
     if g.get("ip_adapter"):
         info.update(G.load_ip_adapter(pipe, g["ip_adapter"], weight_name=g.get("ip_adapter_weight_name"),
@@ -521,12 +588,17 @@ def _guided_frames(config, inputs, ctx, pipe, family, jobs, validator, make_gene
         info["controlnet"] = g["controlnet"]
         info["controlnet_scale"] = float(g.get("controlnet_scale", 0.5))
         kwargs["controlnet_conditioning_scale"] = float(g.get("controlnet_scale", 0.5))
-        maps[""] = G.control_map(reference, g.get("control", "canny"), face_backend)
-        for j in jobs[1:]:
+        maker = G.ControlMaps(g, face_backend, reference.size, device=str(pipe.device), project_root=ctx.project_root,
+                              cache_dir=ctx.cache_dir)
+        maps[""] = maker.extract(reference, "frame 1")
+        for j in (jobs[k] for k in rest_pos):
             if j.group and j.group not in maps:
                 art = inputs.get(f"control{j.scene_index}")
                 path = (Path(art.files[0]) if art is not None and art.files else ctx.project_root / j.group)
-                maps[j.group] = _load_rgb(path)
+                maps[j.group] = maker.given(_load_rgb(path), j.group)
+        info["control_maps"] = maker.info
+        for note in maker.warnings:
+            ctx.warn(f"storyboard: {note}")
 
     def kwargs_for(grp: str) -> dict[str, Any]:
         kw = dict(kwargs)
@@ -534,14 +606,16 @@ def _guided_frames(config, inputs, ctx, pipe, family, jobs, validator, make_gene
             kw["image"] = maps.get(grp, maps[""])
         return kw
 
-    rest = validated_frames(jobs[1:], make_generate(gen_pipe, kwargs_for), validator, config, n, on_round,
-                            positions=list(range(1, n)))
+    rest = validated_frames([jobs[k] for k in rest_pos], make_generate(gen_pipe, kwargs_for), later, config, n,
+                            on_round, positions=rest_pos)
+    for k, res in zip(rest_pos, rest):
+        results[k] = res
     if maps:
         folder = ctx.out_dir / "storyboard" / "control"
         folder.mkdir(parents=True, exist_ok=True)
         maps[""].save(folder / "reference_control.png")
         info["control_map_file"] = "control/reference_control.png"
-    return first + rest, info
+    return results, info
 
 
 # --------------------------------------------------------------------------- report
@@ -568,7 +642,7 @@ def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], e
     tiny = rep.get("tiny_random", {})
     tiny_note = ""
     if tiny.get("any"):
-        which = [k for k in ("diffusion", "clip") if tiny.get(k)]
+        which = [k for k in ("diffusion", "clip", "pose") if tiny.get(k)]
         tiny_note = (f"Made with tiny random models ({', '.join(which)}): the frames are noise and their scores "
                      "say nothing about the character; they only show that the pipeline runs end to end.")
     return [base.ReportSection(title="Storyboard", template="sections/storyboard.html.j2", anchor="storyboard",
