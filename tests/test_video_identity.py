@@ -173,8 +173,16 @@ def check_layout(identity: Path, fps: float) -> list[dict]:
         assert pm["total_saved"] == len(frames)
         challenge = sorted(json.loads(x.read_text())["frame_idx"] for x in (pdir / "challenge").glob("*_meta.json"))
         assert len(challenge) <= 8
-        gaps = np.diff(challenge)
-        assert (gaps >= round(fps / 2)).all(), f"challenge frames {challenge} are not spread out"
+        half_second = round(fps / 2)
+        assert (np.diff(challenge) >= half_second).all(), f"challenge frames {challenge} are not spread out"
+        # ... and none left out: every hard stable frame not taken is within a second of one taken
+        # (too close to it), unless the set is full
+        timeline = json.loads((pdir / "timeline.json").read_text())
+        hard = [e["frame_idx"] for e in timeline if "+challenge:" in e["action"]]
+        if hard and len(challenge) < 8:
+            for f in set(hard) - set(challenge):
+                assert min(abs(f - c) for c in challenge) < 2 * half_second, (f, challenge)
+        assert set(challenge) <= set(hard)
         persons.append(pm)
     return persons
 

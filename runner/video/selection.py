@@ -12,9 +12,10 @@ Policy for a candidate (a frame that passed the loose gate with stable identity)
 
 Anchors (3-5) come from a separate pool: strict gate, near-frontal, open eyes, no occlusion,
 normal light, best quality first, no two within ``anchor_min_gap`` frames. Challenge (5-8) keeps
-stable frames with an extreme pose, bad light or heavy occlusion, round robin over those kinds,
-best quality first, each at least ``challenge_min_gap`` frames from the others and novel next to
-them (general-vision distance >= ``novelty_add``): several moments, not one moment four times.
+stable frames with an extreme pose, occlusion, bad light or only the loose gate passed
+(CHALLENGE_KINDS), round robin over those kinds, best quality first, each at least
+``challenge_min_gap`` frames from the others and novel next to them or from another moment (see
+``Selector._diverse``): several moments, not one moment four times.
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ import numpy as np
 
 from runner.video.buckets import AXES, Bins
 from runner.video.stability import l2n
+
+
+#: What makes a stable frame a challenge frame, in the order the round robin visits them: a turned
+#: head (|yaw| >= 30 or |pitch| > 20), heavy or partial occlusion (a microphone, a phone, the frame
+#: edge), bad light, and frames that passed only the loose gate (a small, soft or weakly detected
+#: face).
+CHALLENGE_KINDS = ("extreme_pose", "heavy_occlusion", "dark", "overexposed", "partial_occlusion",
+                   "below_strict_gate")
 
 
 @dataclass
@@ -49,16 +58,11 @@ class Candidate:
     detector: str = ""  # as FaceObs.detector
 
     def challenge_kinds(self) -> list[str]:
-        kinds = []
-        if self.extreme_pose:
-            kinds.append("extreme_pose")
-        if self.bins.lighting == 1:
-            kinds.append("dark")
-        if self.bins.lighting == 2:
-            kinds.append("overexposed")
-        if self.bins.occlusion == 2:
-            kinds.append("heavy_occlusion")
-        return kinds
+        """What makes this frame hard, in CHALLENGE_KINDS order (empty: not a challenge frame)."""
+        hard = {"extreme_pose": self.extreme_pose, "heavy_occlusion": self.bins.occlusion == 2,
+                "dark": self.bins.lighting == 1, "overexposed": self.bins.lighting == 2,
+                "partial_occlusion": self.bins.occlusion == 1, "below_strict_gate": not self.strict}
+        return [k for k in CHALLENGE_KINDS if hard[k]]
 
 
 @dataclass
@@ -114,7 +118,8 @@ class Selector:
 
     def challenge(self) -> list[Candidate]:
         """Round robin over the challenge kinds, best quality first, diverse (see _diverse)."""
-        queues = [sorted(v, key=lambda c: (-c.quality, c.frame_idx)) for _, v in sorted(self.challenge_pool.items())]
+        queues = [sorted(self.challenge_pool[k], key=lambda c: (-c.quality, c.frame_idx))
+                  for k in CHALLENGE_KINDS if k in self.challenge_pool]
         picked: list[Candidate] = []
         while len(picked) < self.challenge_max and any(queues):
             for q in queues:
@@ -125,9 +130,15 @@ class Selector:
         return picked
 
     def _diverse(self, c: Candidate, picked: list[Candidate]) -> bool:
-        """At least ``challenge_min_gap`` frames from every picked one, and novel next to them."""
-        return all(abs(c.frame_idx - p.frame_idx) >= self.challenge_min_gap
-                   and 1.0 - float(l2n(c.general) @ l2n(p.general)) >= self.novelty_add for p in picked)
+        """At least ``challenge_min_gap`` frames from every picked one, and either novel next to it
+        (general-vision distance >= ``novelty_add``) or another moment of the clip (at least 2 x
+        ``challenge_min_gap`` away: the cheap fallback descriptor reads a whole shot as one look)."""
+        def apart(p: Candidate) -> bool:
+            gap = abs(c.frame_idx - p.frame_idx)
+            return gap >= self.challenge_min_gap and (
+                gap >= 2 * self.challenge_min_gap or 1.0 - float(l2n(c.general) @ l2n(p.general)) >= self.novelty_add)
+
+        return all(apart(p) for p in picked)
 
     def saved(self) -> list[Candidate]:
         seen: dict[int, Candidate] = {}
