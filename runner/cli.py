@@ -213,16 +213,17 @@ def _print_review_orphans(plan: Any, ws: Any, specs: list[Any]) -> None:
 
 
 def _print_scenes(specs: list[Any]) -> None:
-    from runner.generate.planner import PlannerError, format_scenes, plan_scenes
+    from runner.generate.planner import format_scenes, plan_story
 
     for s in specs:
         if not isinstance(s.data.get("generate", {}).get("storyboard"), dict):
             continue
-        click.echo(f"\nStoryboard scenes for {s.name} ({s.data['generate']['storyboard']['planner']} planner):")
-        try:
-            click.echo(format_scenes(plan_scenes(s.data, allow_llm=False)))
-        except PlannerError as exc:
-            click.echo(f"  (not previewed: {exc}; `runner storyboard-preview --llm` asks the endpoint)")
+        story = plan_story(s.data, allow_llm=False)
+        click.echo(f"\nStoryboard scenes for {s.name} ({story.planner} planner):")
+        click.echo(format_scenes(story.scenes, story.notes))
+        if story.planner == "llm":
+            click.echo("  (not previewed: the LLM planner is asked at run time; `runner storyboard-preview --llm` "
+                       "asks the endpoint now)")
 
 
 # ----------------------------------------------------------------------------- apply
@@ -480,14 +481,18 @@ def unlock(project: str | None, force: bool) -> None:
 @allow_outside_opt
 def storyboard_preview(spec: str, call_llm: bool, as_json: bool, allow_outside_project: bool) -> None:
     """Print a spec's storyboard scenes and frame prompts (no GPU, no model)."""
-    from runner.generate.planner import format_scenes, plan_scenes
+    from runner.generate.planner import PlannerError, format_scenes, plan_story
 
     s = _one_spec((spec,), allow_outside_project)
-    scenes = plan_scenes(s.data, allow_llm=call_llm)
+    story = plan_story(s.data, allow_llm=call_llm)
+    if story.planner == "llm" and not story.scenes:
+        raise PlannerError("; ".join(story.notes + ["the LLM planner asks a chat endpoint for the scenes; the preview "
+                                                    "does not call it"]),
+                           hint="Run `runner storyboard-preview --llm SPEC` to call the endpoint now.")
     if as_json:
-        click.echo(json.dumps([sc.to_dict() for sc in scenes], indent=2))
+        click.echo(json.dumps([sc.to_dict() for sc in story.scenes], indent=2))
     else:
-        click.echo(format_scenes(scenes))
+        click.echo(format_scenes(story.scenes, story.notes))
 
 
 # ----------------------------------------------------------------------------- serve / deploy

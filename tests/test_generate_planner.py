@@ -31,18 +31,73 @@ def test_rules_planner_beats_shots_and_prompts() -> None:
     scenes = P.plan_scenes(spec())
     assert 6 <= len(scenes) <= 8 and [s.index for s in scenes] == list(range(1, len(scenes) + 1))
     assert scenes[0].text.startswith("Aldar Kose rides into a steppe village") and scenes[0].shot == "wide"
-    assert any(s.shot == "close_up" and "shivers" in s.text for s in scenes)  # the split clause, a reaction shot
     for s in scenes:
-        assert s.prompt.startswith("aldrkse man, ") and "fox-fur hat, beardless face" in s.prompt
-        assert s.prompt.endswith("storybook") and s.source == "rules"
+        assert s.prompt.endswith("storybook") and s.source == "rules" and s.hero_reason
+        if s.hero:
+            assert s.prompt.startswith("aldrkse man, ") and "fox-fur hat, beardless face" in s.prompt
+        else:  # no trigger, no class word, no traits: the frame is not of him
+            assert "aldrkse" not in s.prompt and "fox-fur hat" not in s.prompt and " man," not in s.prompt
+    # the issue's scene: the bai shivers; the hero is not in it, and it is a close-up of the bai
+    shiver = next(s for s in scenes if "shivers" in s.text)
+    assert not shiver.hero and shiver.subject == "the bai" and shiver.shot == "close_up"
+    assert shiver.prompt == "close-up portrait, The bai shivers in the worn coat, storybook"
+    assert [s.hero for s in scenes] == [True, True, True, False, True, False]
     # deterministic, and the whole story is covered in order
     assert [s.to_dict() for s in P.plan_scenes(spec())] == [s.to_dict() for s in scenes]
     joined = " ".join(s.text for s in scenes)
     assert joined.index("greedy bai") < joined.index("magic fur coat") < joined.index("shivers")
     # more beats than max_scenes: neighbours are merged
     assert len(P.plan_scenes(spec(min_scenes=2, max_scenes=3))) == 3
-    with pytest.raises(P.PlannerError, match="fewer than min_scenes"):
-        P.plan_scenes(spec(story="He sleeps.", min_scenes=3))
+
+
+ONE_LINERS = [
+    "He sleeps.",
+    "Aldar rides to the bazaar, trades his hat for a melon and laughs all the way home.",
+    "Aldar wakes before dawn and feeds his horse while the bai snores in his yurt; then he rides off.",
+    "The wind howls over the empty steppe",
+    "Aldar smiles",
+]
+
+
+@pytest.mark.parametrize("story", ONE_LINERS)
+@pytest.mark.parametrize("min_s, max_s", [(1, 1), (3, 4), (6, 8), (8, 10)])
+def test_one_line_story_is_split_into_the_scene_range(story: str, min_s: int, max_s: int) -> None:
+    """short_story: split (the default) turns any one-line story into min..max scenes, in story
+    order, and says how; a place or thing never gets a close-up."""
+    plan = P.plan_story(spec(story=story, min_scenes=min_s, max_scenes=max_s))
+    assert plan.planner == "rules" and min_s <= len(plan.scenes) <= max_s
+    assert [s.index for s in plan.scenes] == list(range(1, len(plan.scenes) + 1))
+    words = [w.strip(".,;") for s in plan.scenes for w in s.text.lower().split()]
+    assert set(words) <= set(story.lower().replace(",", "").replace(";", "").replace(".", "").split())
+    if min_s > 1:
+        assert plan.notes and "fewer than min_scenes" in plan.notes[0] and "short_story: split" in plan.notes[0]
+    else:
+        assert not plan.notes
+    for s in plan.scenes:
+        if not s.hero and s.subject and "wind" in s.subject:
+            assert s.shot in ("wide", "medium")
+    # same beat shown again: a different framing first
+    texts = [s.text for s in plan.scenes]
+    for t in set(texts):
+        shots = [s.shot for s in plan.scenes if s.text == t]
+        assert len(set(shots)) == min(len(shots), 4 if any(s.hero for s in plan.scenes if s.text == t) else 2)
+
+
+def test_one_line_story_can_go_to_the_llm_planner() -> None:
+    plan = P.plan_story(spec(story="He sleeps.", min_scenes=3, short_story="llm"), allow_llm=False)
+    assert plan.planner == "llm" and plan.scenes == []
+    assert "the LLM planner makes the scenes (short_story: llm)" in plan.notes[0]
+    with pytest.raises(P.PlannerError, match="preview does not call it"):
+        P.plan_scenes(spec(story="He sleeps.", min_scenes=3, short_story="llm"), allow_llm=False)
+    # enough sentences: the rules planner, whatever short_story says
+    assert P.plan_story(spec(short_story="llm", min_scenes=3)).planner == "rules"
+
+
+def test_format_scenes_says_who_is_in_each_scene() -> None:
+    plan = P.plan_story(spec())
+    text = P.format_scenes(plan.scenes, plan.notes)
+    assert "character: not in the scene (its subject is 'the bai', another character" in text
+    assert "character: in the scene (names the character ('aldar kose'))" in text
 
 
 def test_manual_planner_keeps_order_and_explicit_prompts() -> None:
@@ -50,11 +105,15 @@ def test_manual_planner_keeps_order_and_explicit_prompts() -> None:
         {"text": "Aldar grins.", "shot": "close_up"},
         {"text": "A wide steppe.", "shot": "wide", "prompt": "empty steppe at dawn"},
         {"text": "Aldar with hat.", "prompt": "aldrkse man in a hat"},
+        {"text": "The horse waits.", "prompt": "a horse by a yurt", "hero": True},
+        {"text": "He grins.", "hero": False},
     ]))
-    assert [s.shot for s in scenes] == ["close_up", "wide", "medium"]
+    assert [s.shot for s in scenes] == ["close_up", "wide", "medium", "medium", "medium"]
     assert scenes[0].prompt == "aldrkse man, close-up portrait, Aldar grins, fox-fur hat, beardless face, storybook"
-    assert scenes[1].prompt == "aldrkse man, empty steppe at dawn"  # the trigger is added when missing
-    assert scenes[2].prompt == "aldrkse man in a hat"
+    assert scenes[1].prompt == "empty steppe at dawn" and not scenes[1].hero  # no hero: no trigger added
+    assert scenes[2].prompt == "aldrkse man in a hat" and scenes[2].hero
+    assert scenes[3].prompt == "aldrkse man, a horse by a yurt" and "scenes[3].hero is true" in scenes[3].hero_reason
+    assert scenes[4].prompt == "medium shot, He grins, storybook" and not scenes[4].hero
     with pytest.raises(P.PlannerError, match="needs a list of scenes"):
         P.plan_scenes(spec(planner="manual", scenes=[]))
 
@@ -109,47 +168,84 @@ def _llm_spec(server: _Server, **llm: Any) -> dict:
                      "timeout_s": 5, **llm})
 
 
+SCENES = {"scenes": [{"text": "Aldar arrives on his horse.", "description": "a man on a horse faces the viewer in a village",
+                       "hero": True, "shot": "wide"},
+                      {"text": "The bai shivers.", "description": "an old man in a thin coat shivers, front view",
+                       "hero": False, "shot": "close_up"}]}
+PROMPTS = {"prompts": ["man riding a brown horse, front view, snowy village, morning light",
+                       "old man shivering, worn thin coat, front view, frost"]}
+
+
 def test_llm_planner_against_loopback_server(server: _Server, monkeypatch) -> None:
     monkeypatch.setenv("TEST_PLANNER_KEY", "sk-test")
-    answer = {"scenes": [{"text": "Aldar arrives on his horse.", "shot": "wide"},
-                         {"text": "Aldar laughs at the bai.", "shot": "close_up"}]}
-    server.answers.append((200, json.dumps(answer)))
+    server.answers += [(200, json.dumps(SCENES)), (200, json.dumps(PROMPTS))]
     exchange: dict = {}
     scenes = P.plan_scenes(_llm_spec(server), llm_exchange=exchange)
-    assert [(s.text, s.shot, s.source) for s in scenes] == [("Aldar arrives on his horse.", "wide", "llm"),
-                                                             ("Aldar laughs at the bai.", "close_up", "llm")]
-    assert scenes[1].prompt.startswith("aldrkse man, close-up portrait, Aldar laughs at the bai")
-    req = server.requests[0]
-    assert req["path"] == "/v1/chat/completions" and req["auth"] == "Bearer sk-test"
-    body = req["body"]
+    assert [(s.text, s.shot, s.source, s.hero) for s in scenes] == [
+        ("Aldar arrives on his horse.", "wide", "llm", True), ("The bai shivers.", "close_up", "llm", False)]
+    # the refined prompts, with the trigger and traits only where the hero is
+    assert scenes[0].prompt == ("aldrkse man, wide establishing shot, man riding a brown horse, front view, snowy village, "
+                                "morning light, fox-fur hat, beardless face, storybook")
+    assert scenes[1].prompt == "close-up portrait, old man shivering, worn thin coat, front view, frost, storybook"
+    first, second = server.requests
+    assert first["path"] == "/v1/chat/completions" and first["auth"] == "Bearer sk-test"
+    body = first["body"]
     assert body["model"] == "tiny-planner" and body["response_format"]["type"] == "json_schema"
-    assert body["response_format"]["json_schema"]["schema"]["properties"]["scenes"]["maxItems"] == 4
-    assert STORY in body["messages"][1]["content"]
-    assert exchange["answer"] == answer
-    # json_object mode is requested as such (and still validated)
-    server.answers.append((200, json.dumps(answer)))
-    P.plan_scenes(_llm_spec(server, response_format="json_object"))
-    assert server.requests[1]["body"]["response_format"] == {"type": "json_object"}
+    schema = body["response_format"]["json_schema"]["schema"]
+    assert schema["properties"]["scenes"]["maxItems"] == 4
+    assert schema["properties"]["scenes"]["items"]["required"] == ["text", "description", "hero", "shot"]
+    assert STORY in body["messages"][1]["content"] and "front view" in body["messages"][0]["content"]
+    # the refinement pass gets the descriptions back and asks for exactly one prompt per scene
+    ref = second["body"]
+    assert ref["response_format"]["json_schema"]["name"] == "prompt_list"
+    assert ref["response_format"]["json_schema"]["schema"]["properties"]["prompts"]["minItems"] == 2
+    assert json.loads(ref["messages"][1]["content"])[1]["description"] == SCENES["scenes"][1]["description"]
+    assert exchange["answer"] == SCENES and exchange["refined"] == PROMPTS and exchange["requests"] == 2
+    # json_object mode is requested as such (and still validated); no refinement when turned off
+    server.answers.append((200, json.dumps(SCENES)))
+    plain = P.plan_scenes(_llm_spec(server, response_format="json_object", refine_prompts=False))
+    assert server.requests[2]["body"]["response_format"] == {"type": "json_object"} and len(server.requests) == 3
+    assert "a man on a horse faces the viewer in a village" in plain[0].prompt
     # the preview never calls the network
     with pytest.raises(P.PlannerError, match="preview does not call it"):
         P.plan_scenes(_llm_spec(server), allow_llm=False)
 
 
+def test_llm_planner_retries_once_with_the_validation_error(server: _Server, monkeypatch) -> None:
+    monkeypatch.setenv("TEST_PLANNER_KEY", "sk-test")
+    bad = {"scenes": [{**SCENES["scenes"][0], "shot": "extreme"}, SCENES["scenes"][1]]}
+    server.answers += [(200, json.dumps(bad)), (200, json.dumps(SCENES)), (200, "not json"), (200, json.dumps(PROMPTS))]
+    exchange: dict = {}
+    scenes = P.plan_scenes(_llm_spec(server), llm_exchange=exchange)
+    assert [s.shot for s in scenes] == ["wide", "close_up"] and len(server.requests) == 4
+    retry = server.requests[1]["body"]["messages"]
+    assert retry[-2] == {"role": "assistant", "content": json.dumps(bad)}
+    assert "answer.scenes[0].shot: 'extreme' is not one of" in retry[-1]["content"]
+    assert "is not JSON" in server.requests[3]["body"]["messages"][-1]["content"]
+    assert exchange["retries"] == {"scene_list": 1, "prompt_list": 1}
+
+
 @pytest.mark.parametrize("status, content, message", [
-    (200, json.dumps({"scenes": [{"text": "A", "shot": "wide"}, {"text": "B", "shot": "extreme"}]}),
+    (200, json.dumps({"scenes": [SCENES["scenes"][0], {**SCENES["scenes"][1], "shot": "extreme"}]}),
      r"at answer\.scenes\[1\]\.shot: 'extreme' is not one of"),
-    (200, json.dumps({"scenes": [{"text": "only one", "shot": "wide"}]}), r"at answer\.scenes: .* should be non-empty|too short"),
+    (200, json.dumps({"scenes": [SCENES["scenes"][0]]}), r"at answer\.scenes: .* should be non-empty|too short"),
     (200, json.dumps({"frames": []}), r"at answer: 'scenes' is a required property"),
+    (200, json.dumps({"scenes": [{"text": "A", "shot": "wide"}] * 2}), r"'description' is a required property"),
     (200, "Sure! Here are your scenes: ...", "is not JSON"),
     (500, {"error": {"message": "overloaded"}}, "HTTP 500"),
     (200, b'{"unexpected": true}', r"did not answer in the chat-completions format"),
 ])
 def test_llm_planner_clear_errors(server: _Server, monkeypatch, status, content, message) -> None:
+    """A bad answer is asked for once more (quoting the error), then it is an error naming the
+    field; HTTP and format failures are not retried."""
     monkeypatch.setenv("TEST_PLANNER_KEY", "sk-test")
-    server.answers.append((status, content))
+    server.answers += [(status, content), (status, content)]
     with pytest.raises(P.PlannerError, match=message) as ei:
         P.plan_scenes(_llm_spec(server))
     assert "generate.storyboard.llm" in str(ei.value) and ei.value.hint
+    assert len(server.requests) == (2 if status == 200 and not isinstance(content, bytes) else 1)
+    if len(server.requests) == 2:
+        assert "asked twice" in str(ei.value)
 
 
 def test_llm_planner_missing_key_and_timeout(server: _Server, monkeypatch) -> None:

@@ -303,6 +303,12 @@ def test_sdxl_lora_by_path(proj: Path, tmp_path: Path) -> None:
     assert rep["frames"][0]["passed"] and rep["generation"]["width"] == 64
 
 
+def _small(path: Path) -> Image.Image:
+    im = Image.open(path).convert("RGB")
+    im.thumbnail((256, 256))
+    return im
+
+
 def _photos(shared_data: Path) -> dict[str, Path]:
     biden = shared_data / "faces" / "biden"
     return {"obama": shared_data / "faces" / "obama" / "obama_03.jpg",
@@ -338,7 +344,7 @@ def test_a_scene_without_the_character_skips_the_identity_gate(proj: Path, tmp_p
 
     def fake_generate(pipe, batch_prompts, *, seeds, width, height, **kw):
         prompts.extend(batch_prompts)
-        return [Image.open(photos["biden"]).convert("RGB") for _ in seeds]  # never the character
+        return [_small(photos["biden"]) for _ in seeds]  # never the character
 
     monkeypatch.setattr(G, "generate_images", fake_generate)
     s = spec(scenes=[{"text": "He smiles.", "shot": "close_up"}, {"text": "The old horse sleeps in the barn."}],
@@ -371,7 +377,7 @@ def test_reference_mode_validates_against_frame1_references_or_both(proj: Path, 
     def fake_generate(pipe, batch_prompts, *, seeds, width, height, pipe_kwargs=None, **kw):
         for sd in seeds:
             kwargs_seen[sd] = sorted(pipe_kwargs or {})
-        return [Image.open(photos[by_seed.get(sd, "biden")]).convert("RGB") for sd in seeds]
+        return [_small(photos[by_seed.get(sd, "biden")]) for sd in seeds]
 
     monkeypatch.setattr(G, "generate_images", fake_generate)
     monkeypatch.setattr(GD, "load_ip_adapter", lambda pipe, *a, **k: {"ip_adapter": a[0], "scale": k.get("scale")})

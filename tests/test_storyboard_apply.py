@@ -67,7 +67,8 @@ def test_plan_preview_apply_report_noop(project: Path) -> None:
     assert prev.returncode == 0, prev.stderr
     lines = prev.stdout.splitlines()
     assert lines[0] == "  1. [full_body] Hero walks into the old market."
-    assert lines[3] == "     prompt: hrochr man, close-up portrait, He smiles at a child, short grey hair"
+    assert lines[1] == "     character: in the scene (names the character ('hero'))"
+    assert lines[5] == "     prompt: hrochr man, close-up portrait, He smiles at a child, short grey hair"
     scenes = json.loads(runner("storyboard-preview", "specs/hero.yaml", "--json", cwd=project).stdout)
     assert [s["shot"] for s in scenes] == ["full_body", "close_up", "wide"]
 

@@ -15,6 +15,16 @@ attempt kept for a scene is the passing one with the largest *margin* (the small
 ``value - threshold`` over the checked metrics), or, when none passes, the attempt with the
 largest margin. With no metric checked, the first attempt is kept. Every attempt is recorded.
 
+A scene without the character (``FrameJob.hero`` False, decided by the planner) is not checked
+against the character at all: its attempt records ``identity_check: skipped ...`` and passes.
+
+Reference mode validates frames 2+ against several image sets at once (:class:`ValidationSet`):
+``references`` (``character.references``) and ``frame1`` (the reference frame, the storyboard
+system's rule). A frame passes when it passes against each; the scores against ``references``
+keep their names (``face_similarity``), the others are prefixed (``frame1_face_similarity``), and
+``against`` lists the sets checked. A reference frame with no face is no face reference: the face
+check against it is dropped, and the record says so.
+
 Seeds: scene ``i`` (0-based) of ``n`` at attempt ``a`` uses ``seed + a * n + i``, so seeds never
 repeat within a storyboard and a frame is reproducible on its own.
 """
@@ -29,7 +39,7 @@ import numpy as np
 
 @dataclass
 class Thresholds:
-    face_similarity: float | None = 0.7
+    face_similarity: float | None = None  # the stage resolves the spec's "backend" to a number
     clip_i: float | None = None
 
     def checked(self) -> dict[str, float]:
@@ -100,11 +110,68 @@ class FrameValidator:
         return round(m, 5), m >= 0
 
 
+class ValidationSet:
+    """Validators by the image set they compare with ("references", "frame1"); see the module docstring."""
+
+    def __init__(self, validators: dict[str, FrameValidator], notes: Sequence[str] = ()) -> None:
+        self.validators = validators
+        self.notes = list(notes)
+
+    @property
+    def against(self) -> list[str]:
+        return [name for name, v in self.validators.items() if v.thresholds.checked()]
+
+    def score(self, images: Sequence[Any]) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = [{"against": self.against, "checks": {}} for _ in images]
+        for name, v in self.validators.items():
+            prefix = "" if name == "references" else f"{name}_"
+            for r, sc in zip(rows, v.score(images)):
+                margin, ok = sc.pop("margin"), sc.pop("pass")
+                r.update({prefix + k: val for k, val in sc.items()})
+                if margin is not None:
+                    r["checks"][name] = {"margin": margin, "pass": ok}
+        for r in rows:
+            margins = [c["margin"] for c in r["checks"].values()]
+            r["margin"] = min(margins) if margins else None
+            r["pass"] = all(c["pass"] for c in r["checks"].values())
+            if self.notes:
+                r["notes"] = self.notes
+        return rows
+
+
+def frame_validator(image: Any, *, face_backend, clip, thresholds: Thresholds) -> tuple[FrameValidator, list[str]]:
+    """A validator against one generated frame (reference mode's frame 1), and notes: a frame
+    without a face gives no face check."""
+    notes = []
+    if face_backend is not None and thresholds.face_similarity is not None:
+        emb, _ = face_backend.main_face_embeddings([np.asarray(image.convert("RGB"))])[0]
+        if emb is None:
+            thresholds = Thresholds(face_similarity=None, clip_i=thresholds.clip_i)
+            notes.append("frame 1 has no face: face similarity to frame 1 not checked")
+    if thresholds.face_similarity is None:
+        face_backend = None
+    return FrameValidator(face_backend=face_backend, clip=clip, reference_images=[image], thresholds=thresholds), notes
+
+
 @dataclass
 class FrameJob:
     scene_index: int  # 1-based scene number
     prompt: str
     group: str = ""  # frames of one group share pipeline kwargs (e.g. one control image)
+    hero: bool = True  # the character is in the scene: checked against the character
+
+
+SKIPPED = {"identity_check": "skipped: the character is not in this scene", "margin": None, "pass": True}
+
+
+def score_jobs(validator: Any, jobs: Sequence[FrameJob], images: Sequence[Any]) -> list[dict[str, Any]]:
+    """``validator.score`` for the frames of the character; the others are not checked (:data:`SKIPPED`)."""
+    rows = [dict(SKIPPED) for _ in images]
+    mine = [k for k, j in enumerate(jobs) if j.hero]
+    if mine:
+        for k, row in zip(mine, validator.score([images[k] for k in mine])):
+            rows[k] = row
+    return rows
 
 
 @dataclass
@@ -154,8 +221,9 @@ def generate_validated(
         if on_round is not None:
             on_round(attempt, len(pending))
         seeds = [seed_for(base_seed, pos[i], attempt, n) for i in pending]
-        images = generate([jobs[i] for i in pending], seeds)
-        scores = validator.score(images)
+        batch = [jobs[i] for i in pending]
+        images = generate(batch, seeds)
+        scores = score_jobs(validator, batch, images)
         still = []
         for i, seed, im, sc in zip(pending, seeds, images, scores):
             res = results[i]

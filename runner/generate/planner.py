@@ -28,12 +28,11 @@ them without a GPU); ``llm`` makes one HTTP request.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from runner.generate.presence import Presence, hero_presence
 from runner.stages.base import StageError
 
 SHOTS = ("close_up", "medium", "full_body", "wide")
@@ -56,7 +55,10 @@ SHOT_KEYWORDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("full_body", ("walks", "walking", "runs", "running", "dances", "dancing", "jumps", "stands", "standing",
                    "climbs", "wears", "outfit")),
 )
-_CLAUSE_SPLITS = ("; ", ", then ", ", and ", " while ", " and then ", " and ", ", ")
+_CLAUSE_SPLITS = ("; ", ", then ", ", and ", ", but ", " while ", " and then ", " and ", " but ", ", so ", ", ")
+# Shot coverage: a beat shown again from another framing, in this order (persons first).
+COVERAGE = ("wide", "medium", "close_up", "full_body")
+PERSON_SHOTS = {"close_up", "full_body"}  # framings of a person: a place or thing gets wide or medium
 
 
 class PlannerError(StageError):
@@ -73,6 +75,9 @@ class Scene:
     prompt: str
     source: str  # manual | rules | llm
     control_image: str | None = None  # project-relative path of a pose/edge map (guided mode)
+    hero: bool = True  # the character is in this scene (trigger, traits and the identity check)
+    hero_reason: str = ""  # why (runner.generate.presence, the spec or the LLM)
+    subject: str | None = None  # the scene's subject as written
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,11 +92,12 @@ def character_phrase(character: dict[str, Any]) -> str:
     return f"{trigger} {class_word}".strip()
 
 
-def scene_prompt(text: str, shot: str, character: dict[str, Any], style_prompt: str = "") -> str:
-    """The frame prompt for a scene: who, framing, what happens, fixed traits, style."""
-    traits = [t for t in ((character.get("traits") or {}).get("fixed") or []) if t]
-    parts = [f"{character_phrase(character)}, {SHOT_PHRASES.get(shot, shot.replace('_', ' '))}",
-             text.strip().rstrip(" .!?;,")]
+def scene_prompt(text: str, shot: str, character: dict[str, Any], style_prompt: str = "", hero: bool = True) -> str:
+    """The frame prompt for a scene: who, framing, what happens, fixed traits, style. A scene
+    without the character has no trigger, class word or traits."""
+    traits = [t for t in ((character.get("traits") or {}).get("fixed") or []) if t] if hero else []
+    who = f"{character_phrase(character)}, " if hero else ""
+    parts = [f"{who}{SHOT_PHRASES.get(shot, shot.replace('_', ' '))}", text.strip().rstrip(" .!?;,")]
     if traits:
         parts.append(", ".join(traits))
     if style_prompt.strip():
@@ -99,9 +105,9 @@ def scene_prompt(text: str, shot: str, character: dict[str, Any], style_prompt: 
     return ", ".join(p for p in parts if p)
 
 
-def _explicit_prompt(prompt: str, character: dict[str, Any]) -> str:
+def _explicit_prompt(prompt: str, character: dict[str, Any], hero: bool = True) -> str:
     trigger = str(character.get("trigger", "")).strip()
-    if trigger and trigger.lower() not in prompt.lower():
+    if hero and trigger and trigger.lower() not in prompt.lower():
         return f"{character_phrase(character)}, {prompt.strip()}"
     return prompt.strip()
 
@@ -154,156 +160,89 @@ def story_beats(story: str, min_scenes: int, max_scenes: int) -> list[str]:
     return beats
 
 
-def shot_for(text: str, position: int) -> str:
+def shot_for(text: str, position: int, person: bool = True) -> str:
+    """The shot by keyword (:data:`SHOT_KEYWORDS`); a scene of a place or thing (``person``
+    False) gets no close-up or full-body shot: medium instead, and wide by default."""
     words = set(re.findall(r"[a-z]+", text.lower()))
     for shot, keys in SHOT_KEYWORDS:
         if words.intersection(keys):
-            return shot
-    return "wide" if position == 0 else "medium"
+            return shot if person or shot not in PERSON_SHOTS else "medium"
+    return "wide" if position == 0 or not person else "medium"
 
 
-def rules_scenes(story: str, min_scenes: int, max_scenes: int) -> list[tuple[str, str]]:
+def covered(rows: list[tuple[str, str, Presence]], n: int) -> list[tuple[str, str, Presence]]:
+    """Shot coverage: while there are fewer than ``n`` rows, the beat with the fewest shots (the
+    earliest on a tie) is shown once more, from the next framing of :data:`COVERAGE` it has not
+    had (wide and medium only for a place or thing), right after its other shots."""
+    groups = [[r] for r in rows]
+    while groups and sum(len(g) for g in groups) < n:
+        g = min(groups, key=len)
+        text, _, pres = g[0]
+        options = [s for s in COVERAGE if pres.hero or pres.subject_is_person or s not in PERSON_SHOTS]
+        used = [r[1] for r in g]
+        fresh = [s for s in options if s not in used] or [options[len(used) % len(options)]]
+        g.append((text, fresh[0], pres))
+    return [r for g in groups for r in g]
+
+
+def rules_scenes(story: str, character: dict[str, Any], min_scenes: int,
+                 max_scenes: int) -> tuple[list[tuple[str, str, Presence]], list[str]]:
+    """[(beat, shot, presence)] and the notes saying how a short story was split."""
+    sentences = split_sentences(story)
     beats = story_beats(story, min_scenes, max_scenes)
-    if len(beats) < min_scenes:
-        raise PlannerError(
-            f"generate.storyboard.story: the rules planner found {len(beats)} beat(s), fewer than "
-            f"min_scenes ({min_scenes})",
-            hint="Write the story in more sentences (one per scene), lower min_scenes, or list the scenes "
-            "yourself with planner: manual.",
-        )
-    return [(b, shot_for(b, i)) for i, b in enumerate(beats)]
-
-
-# --------------------------------------------------------------------------- llm planner
-
-
-def scene_list_schema(min_scenes: int, max_scenes: int) -> dict[str, Any]:
-    """JSON Schema of the LLM's answer: {"scenes": [{"text": str, "shot": one of SHOTS}, ...]}."""
-    return {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["scenes"],
-        "properties": {
-            "scenes": {
-                "type": "array",
-                "minItems": int(min_scenes),
-                "maxItems": int(max_scenes),
-                "items": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "required": ["text", "shot"],
-                    "properties": {
-                        "text": {"type": "string", "minLength": 1},
-                        "shot": {"type": "string", "enum": list(SHOTS)},
-                    },
-                },
-            }
-        },
-    }
-
-
-def _llm_messages(story: str, character: dict[str, Any], min_scenes: int, max_scenes: int) -> list[dict[str, str]]:
-    name = character.get("display_name") or character.get("name") or "the character"
-    system = (
-        "You turn a story into a storyboard. Answer with JSON only: an object with a key 'scenes', "
-        f"a list of {min_scenes} to {max_scenes} scenes in story order. Each scene has 'text' (one sentence: "
-        "what is seen in that frame, with the main character in it) and 'shot', one of "
-        + ", ".join(SHOTS) + "."
-    )
-    desc = character.get("description") or ""
-    user = f"Main character: {name}. {desc}\n\nStory:\n{story.strip()}"
-    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
-
-
-def _schema_error_path(err: Any) -> str:
-    path = "answer"
-    for part in err.absolute_path:
-        path += f"[{part}]" if isinstance(part, int) else f".{part}"
-    return path
-
-
-def validate_scene_list(answer: Any, min_scenes: int, max_scenes: int) -> list[tuple[str, str]]:
-    """Validate a parsed LLM answer; returns [(text, shot)] or raises PlannerError naming the field."""
-    import jsonschema
-
-    validator = jsonschema.Draft202012Validator(scene_list_schema(min_scenes, max_scenes))
-    errors = list(validator.iter_errors(answer))
-    if errors:
-        # A missing required field says more than the extra one next to it.
-        err = min(errors, key=lambda e: (e.validator != "required", len(e.absolute_path)))
-        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-        raise PlannerError(
-            f"generate.storyboard.llm: the model's answer does not fit the scene-list schema at "
-            f"{_schema_error_path(err)}: {err.message}{more}",
-            hint="Use a model that supports JSON output (response_format), or plan the scenes with "
-            "planner: rules / manual.",
-        )
-    return [(s["text"].strip(), s["shot"]) for s in answer["scenes"]]
-
-
-def call_llm_planner(story: str, character: dict[str, Any], llm: dict[str, Any], min_scenes: int,
-                     max_scenes: int) -> tuple[list[tuple[str, str]], dict[str, Any]]:
-    """Ask an OpenAI-compatible chat endpoint for the scenes. Returns (scenes, exchange record)."""
-    import httpx
-
-    env = llm.get("api_key_env", "OPENAI_API_KEY")
-    key = os.environ.get(env, "")
-    if not key:
-        raise PlannerError(
-            f"generate.storyboard.llm.api_key_env: the environment variable {env} is not set",
-            hint=f"export {env}=... (the API key of {llm.get('base_url')}), or use planner: rules.",
-        )
-    base_url = str(llm.get("base_url", "https://api.openai.com/v1")).rstrip("/")
-    fmt = llm.get("response_format", "json_schema")
-    if fmt == "json_schema":
-        response_format: dict[str, Any] = {"type": "json_schema", "json_schema": {
-            "name": "scene_list", "strict": True, "schema": scene_list_schema(min_scenes, max_scenes)}}
-    else:
-        response_format = {"type": "json_object"}
-    body = {
-        "model": llm.get("model", "gpt-4o-mini"),
-        "messages": _llm_messages(story, character, min_scenes, max_scenes),
-        "response_format": response_format,
-        "temperature": float(llm.get("temperature", 0.2)),
-    }
-    url = f"{base_url}/chat/completions"
-    try:
-        resp = httpx.post(url, json=body, headers={"Authorization": f"Bearer {key}"},
-                          timeout=float(llm.get("timeout_s", 60)))
-    except httpx.TimeoutException:
-        raise PlannerError(f"generate.storyboard.llm: no answer from {url} within {llm.get('timeout_s', 60)} s",
-                           hint="Raise llm.timeout_s or check the endpoint.") from None
-    except httpx.HTTPError as exc:
-        raise PlannerError(f"generate.storyboard.llm: cannot reach {url}: {exc}",
-                           hint="Check llm.base_url and the network.") from None
-    if resp.status_code != 200:
-        raise PlannerError(f"generate.storyboard.llm: {url} answered HTTP {resp.status_code}: {resp.text[:300]}",
-                           hint=f"Check llm.model and the key in {env}.")
-    try:
-        content = resp.json()["choices"][0]["message"]["content"]
-    except (ValueError, KeyError, IndexError, TypeError):
-        raise PlannerError(f"generate.storyboard.llm: {url} did not answer in the chat-completions format "
-                           f"(choices[0].message.content): {resp.text[:300]}",
-                           hint="llm.base_url must point at an OpenAI-compatible API (ending in /v1).") from None
-    try:
-        answer = json.loads(content)
-    except (TypeError, json.JSONDecodeError) as exc:
-        raise PlannerError(f"generate.storyboard.llm: the model's answer is not JSON ({exc}): {str(content)[:200]}",
-                           hint="Use a model that supports response_format JSON.") from None
-    scenes = validate_scene_list(answer, min_scenes, max_scenes)
-    return scenes, {"url": url, "model": body["model"], "response_format": fmt, "answer": answer}
+    presence = hero_presence(beats, character, story)
+    rows = [(b, shot_for(b, i, p.hero or p.subject_is_person), p) for i, (b, p) in enumerate(zip(beats, presence))]
+    if len(sentences) >= min_scenes:
+        return rows, []
+    rows = covered(rows, min_scenes)
+    extra = len(rows) - len(beats)
+    note = (f"generate.storyboard.story has {len(sentences)} sentence(s), fewer than min_scenes ({min_scenes}): "
+            f"split into {len(beats)} beat(s) at clause boundaries")
+    if extra:
+        note += f", and {extra} more shot(s) of the same beats (shot coverage)"
+    return rows, [note + " (short_story: split; short_story: llm asks the LLM planner instead)"]
 
 
 # --------------------------------------------------------------------------- entry point
 
 
-def plan_scenes(spec_data: dict[str, Any], *, allow_llm: bool = True,
-                llm_exchange: dict[str, Any] | None = None) -> list[Scene]:
-    """The storyboard's scenes for a resolved spec (``generate.storyboard`` must be present).
+@dataclass
+class StoryPlan:
+    """What the planner decided: the scenes (empty while the LLM is still to be asked), the
+    planner that makes them, and notes saying how (a short story split or sent to the LLM)."""
 
-    ``allow_llm=False`` makes planner ``llm`` raise :class:`PlannerError` instead of calling the
-    network (the plan preview). ``llm_exchange``, when given, receives the request/answer record.
-    """
+    scenes: list[Scene]
+    planner: str
+    notes: list[str]
+    llm_exchange: dict[str, Any] | None = None
+
+
+def _manual_scenes(sb: dict[str, Any], character: dict[str, Any], style: str) -> list[Scene]:
+    listed = sb.get("scenes") or []
+    if not listed:
+        raise PlannerError("generate.storyboard.scenes: planner 'manual' needs a list of scenes",
+                           hint="List scenes as {text: ..., shot: close_up|medium|full_body|wide}.")
+    presence = hero_presence([s["text"] for s in listed], character)
+    trigger = str(character.get("trigger", "")).lower()
+    scenes = []
+    for i, (s, pres) in enumerate(zip(listed, presence)):
+        hero, why = pres.hero, pres.reason
+        if s.get("hero") is not None:
+            hero, why = bool(s["hero"]), f"scenes[{i}].hero is {str(bool(s['hero'])).lower()} in the spec"
+        elif s.get("prompt") and trigger and trigger in str(s["prompt"]).lower():
+            hero, why = True, "its prompt has the trigger"
+        shot = s.get("shot") or "medium"
+        prompt = (_explicit_prompt(s["prompt"], character, hero) if s.get("prompt")
+                  else scene_prompt(s["text"], shot, character, style, hero))
+        scenes.append(Scene(i + 1, s["text"], shot, prompt, "manual", s.get("control_image"), hero, why, pres.subject))
+    return scenes
+
+
+def plan_story(spec_data: dict[str, Any], *, allow_llm: bool = True) -> StoryPlan:
+    """The storyboard of a resolved spec (``generate.storyboard`` must be present).
+
+    With ``allow_llm=False`` scenes the LLM planner would make are not asked for: the plan has
+    planner ``llm`` and no scenes (the stage asks at run time; the preview says so)."""
     sb = (spec_data.get("generate") or {}).get("storyboard")
     if not isinstance(sb, dict):
         raise PlannerError("the spec has no generate.storyboard section",
@@ -312,41 +251,54 @@ def plan_scenes(spec_data: dict[str, Any], *, allow_llm: bool = True,
     planner = sb.get("planner", "rules")
     min_s, max_s = int(sb.get("min_scenes", 6)), int(sb.get("max_scenes", 10))
     style = sb.get("style_prompt", "") or ""
-    scenes: list[Scene] = []
     if planner == "manual":
-        listed = sb.get("scenes") or []
-        if not listed:
-            raise PlannerError("generate.storyboard.scenes: planner 'manual' needs a list of scenes",
-                               hint="List scenes as {text: ..., shot: close_up|medium|full_body|wide}.")
-        for i, s in enumerate(listed):
-            shot = s.get("shot") or "medium"
-            prompt = _explicit_prompt(s["prompt"], character) if s.get("prompt") else scene_prompt(s["text"], shot, character, style)
-            scenes.append(Scene(i + 1, s["text"], shot, prompt, "manual", s.get("control_image")))
-        return scenes
+        return StoryPlan(_manual_scenes(sb, character, style), "manual", [])
     story = sb.get("story", "") or ""
     if not story.strip():
         raise PlannerError(f"generate.storyboard.story: planner '{planner}' needs a story",
                            hint="Write the story text under generate.storyboard.story.")
+    notes: list[str] = []
+    if planner == "rules" and sb.get("short_story", "split") == "llm" and len(split_sentences(story)) < min_s:
+        notes.append(f"generate.storyboard.story has {len(split_sentences(story))} sentence(s), fewer than "
+                     f"min_scenes ({min_s}): the LLM planner makes the scenes (short_story: llm)")
+        planner = "llm"
     if planner == "rules":
-        pairs = rules_scenes(story, min_s, max_s)
-    elif planner == "llm":
-        if not allow_llm:
-            raise PlannerError("planner 'llm' asks a chat endpoint for the scenes; the preview does not call it",
-                               hint="Run `runner storyboard-preview --llm SPEC` to call the endpoint now.")
-        pairs, exchange = call_llm_planner(story, character, sb.get("llm") or {}, min_s, max_s)
-        if llm_exchange is not None:
-            llm_exchange.update(exchange)
-    else:
+        rows, notes = rules_scenes(story, character, min_s, max_s)
+        return StoryPlan([Scene(i + 1, text, shot, scene_prompt(text, shot, character, style, p.hero), "rules",
+                                hero=p.hero, hero_reason=p.reason, subject=p.subject)
+                          for i, (text, shot, p) in enumerate(rows)], "rules", notes)
+    if planner != "llm":
         raise PlannerError(f"generate.storyboard.planner: unknown planner {planner!r}",
                            hint="Use manual, rules or llm.")
-    return [Scene(i + 1, text, shot, scene_prompt(text, shot, character, style), planner)
-            for i, (text, shot) in enumerate(pairs)]
+    if not allow_llm:
+        return StoryPlan([], "llm", notes)
+    from runner.generate.llm_planner import call_llm_planner
+
+    rows, exchange = call_llm_planner(story, character, sb.get("llm") or {}, min_s, max_s)
+    scenes = [Scene(i + 1, r["text"], r["shot"], scene_prompt(r["prompt"], r["shot"], character, style, r["hero"]),
+                    "llm", hero=r["hero"], hero_reason="the LLM planner's answer") for i, r in enumerate(rows)]
+    return StoryPlan(scenes, "llm", notes, exchange)
 
 
-def format_scenes(scenes: list[Scene]) -> str:
-    """A plain-text table of scenes (for the CLI preview)."""
-    lines = []
+def plan_scenes(spec_data: dict[str, Any], *, allow_llm: bool = True,
+                llm_exchange: dict[str, Any] | None = None) -> list[Scene]:
+    """The storyboard's scenes (:func:`plan_story`). ``allow_llm=False`` makes scenes that only
+    the LLM planner can make raise :class:`PlannerError` instead of calling the network (the
+    plan preview). ``llm_exchange``, when given, receives the request/answer record."""
+    plan = plan_story(spec_data, allow_llm=allow_llm)
+    if plan.planner == "llm" and not plan.scenes:
+        raise PlannerError("planner 'llm' asks a chat endpoint for the scenes; the preview does not call it",
+                           hint="Run `runner storyboard-preview --llm SPEC` to call the endpoint now.")
+    if llm_exchange is not None and plan.llm_exchange:
+        llm_exchange.update(plan.llm_exchange)
+    return plan.scenes
+
+
+def format_scenes(scenes: list[Scene], notes: list[str] | None = None) -> str:
+    """A plain-text table of scenes, with whether the character is in each and why (the CLI preview)."""
+    lines = [f"  note: {n}" for n in notes or []]
     for s in scenes:
         lines.append(f"{s.index:>3}. [{s.shot}] {s.text}")
+        lines.append(f"     character: {'in' if s.hero else 'not in'} the scene ({s.hero_reason or 'as planned'})")
         lines.append(f"     prompt: {s.prompt}")
     return "\n".join(lines)

@@ -143,7 +143,7 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
             "story": sb.get("story", ""), "llm": sb.get("llm", {}), "min_scenes": sb.get("min_scenes", 6),
             "max_scenes": sb.get("max_scenes", 10), "style_prompt": sb.get("style_prompt", ""),
             "character": {k: character.get(k) for k in ("name", "display_name", "trigger", "class_word",
-                                                        "description", "traits", "aliases")}},
+                                                        "description", "traits", "aliases", "pronouns")}},
         "negative_prompt": sb.get("negative_prompt", ""),
         "seed": int(sb.get("seed", 1000)),
         "steps": int(sb.get("steps", 30)),
