@@ -26,7 +26,7 @@ from typing import Any
 from runner.stages import base
 
 KIND = "video_identity"
-VERSION = 1
+VERSION = 2  # 2: anchor_001.jpg / cov_<bucket>.jpg / challenge_001.jpg layout, meta.json fields (issue 15)
 REFERENCE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 def video_option_defaults() -> dict[str, Any]:
