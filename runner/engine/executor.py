@@ -360,6 +360,7 @@ def _execute(plan: Plan, graph: Graph, ws: Workspace, options: ApplyOptions,
             except Exception:  # leaving the Modal app can fail on a lost connection; results are in
                 pass
     reports = _publish_reports(plan, ws, graph, run_id, results)
+    _track_reports(ws, run_id, reports, results, reporter)
     _publish_outputs(plan, ws, results, reporter)
     heartbeat.stop()
     ws.finish_run(run_id, status, {"counts": plan.counts(), "stages": len(plan.stages)})
@@ -518,11 +519,50 @@ def _finish(r: _Running, outcome: tuple, graph: Graph, ws: Workspace, run_id: st
                 **({"remote_call_id": remote.call_id} if remote is not None else {})})
     ws.update_execution(r.exec_id, _record(run_id, ps, graph, status, r.started, duration, ctx.metrics, error,
                                            str(r.log_path), options, remote=remote))
+    if status == "succeeded":
+        _track(r, ws, run_id, reporter)
     note = error if error else (f"{len(ctx.warnings)} warning(s)" if ctx.warnings else "")
     if remote is not None and not error:
         note = (note + "; " if note else "") + f"modal call {remote.call_id}"
     reporter.stage_finished(ps.id, status, duration, note)
     return StageResult(ps.id, ps.node.kind, ps.action, status, duration, error, str(r.log_path))
+
+
+def _track(r: _Running, ws: Workspace, run_id: str, reporter: Any) -> None:
+    """A succeeded stage's ``track`` hook (experiment trackers), recorded in executions.tracking;
+    a tracker's failure is a warning, never the stage's failure."""
+    kind = base.get(r.ps.node.kind)
+    if kind.track is None or not r.ps.node.config.get("tracking"):
+        return
+    env = {"stage_id": r.ps.id, "character": r.ps.node.character, "run_id": run_id, "key": r.ps.key,
+           "project_root": str(ws.project_root), "workspace_dir": str(ws.dir)}
+    try:
+        runs = kind.track(r.ps.node.config, ws.load_outputs(r.ps.key), env)
+    except Exception as exc:  # noqa: BLE001  (a bug in a hook must not cost the stage)
+        runs = [{"backend": "tracking", "run_id": "", "warning": f"tracking failed: {type(exc).__name__}: {exc}"}]
+    ws.set_tracking(r.exec_id, runs)
+    for run in runs:
+        if run.get("warning"):
+            r.ctx.warn(f"tracking: {run['warning']} (the stage's outputs are kept)")
+        else:
+            r.ctx.log(f"tracked as {run['backend']} run {run['run_id']}", tracking=run)
+            reporter.log(r.ps.id, "info", f"{run['backend']} run {run['run_id']}" + (f": {run['url']}" if run.get("url") else ""))
+
+
+def _track_reports(ws: Workspace, run_id: str, reports: dict[str, Path], results: list[StageResult],
+                   reporter: Any) -> None:
+    """Add each character's new report to the tracker runs of this apply (artifacts)."""
+    fresh = {r.stage_id.split(":", 1)[0] for r in results if r.kind == "report" and r.status == "succeeded"}
+    if not fresh:
+        return
+    from runner import tracking
+
+    for e in ws.executions(run_id):
+        report = reports.get(e["character"])
+        if not e["tracking"] or e["character"] not in fresh or report is None:
+            continue
+        for warning in tracking.attach(e["tracking"], [(report, "report")], ws.dir):
+            reporter.log(e["stage_id"], "warning", f"tracking: {warning}")
 
 
 def _manifest(ps: PlannedStage, outputs: dict[str, base.Artifact], tmp: Path, run_id: str,

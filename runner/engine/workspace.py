@@ -41,7 +41,7 @@ CREATE TABLE IF NOT EXISTS executions(
   id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT, stage_id TEXT, kind TEXT, character TEXT,
   key TEXT, action TEXT, reason TEXT, status TEXT, started REAL, duration REAL, metrics TEXT,
   cost REAL, currency TEXT, gpu TEXT, backend TEXT, remote_call_id TEXT, error TEXT,
-  log_path TEXT);
+  log_path TEXT, tracking TEXT);
 CREATE INDEX IF NOT EXISTS executions_run ON executions(run_id);
 CREATE INDEX IF NOT EXISTS executions_stage ON executions(stage_id);
 CREATE TABLE IF NOT EXISTS stage_current(
@@ -107,6 +107,7 @@ class Workspace:
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(SCHEMA)
             _add_missing_columns(db, "runs", {"heartbeat": "REAL"})
+            _add_missing_columns(db, "executions", {"tracking": "TEXT"})
             self._db = db
         return self._db
 
@@ -254,6 +255,19 @@ class Workspace:
                 (*_execution_values(rec), exec_id),
             )
 
+    def set_tracking(self, exec_id: int, runs: list[dict[str, Any]]) -> None:
+        """The experiment-tracker runs (runner.tracking.TrackedRun as JSON) of an execution."""
+        with self.db:
+            self.db.execute("UPDATE executions SET tracking=? WHERE id=?", (json.dumps(runs), exec_id))
+
+    def tracked_runs(self, stage_id: str, key: str) -> list[dict[str, Any]]:
+        """The tracker runs of the newest execution that produced ``key`` for ``stage_id`` (what a
+        cached stage's outputs were logged as), [] when it was never tracked."""
+        row = self.db.execute(
+            "SELECT tracking FROM executions WHERE stage_id=? AND key=? AND tracking IS NOT NULL"
+            " ORDER BY id DESC LIMIT 1", (stage_id, key)).fetchone()
+        return json.loads(row[0]) if row else []
+
     def set_current(self, stage_id: str, key: str, components: dict[str, Any], run_id: str,
                     filesets: dict[str, FileSetDigest]) -> None:
         with self.db:
@@ -282,7 +296,7 @@ class Workspace:
     def executions(self, run_id: str) -> list[dict[str, Any]]:
         cols = ["stage_id", "kind", "character", "key", "action", "reason", "status", "started",
                 "duration", "metrics", "cost", "currency", "gpu", "backend", "remote_call_id", "error",
-                "log_path"]
+                "log_path", "tracking"]
         rows = self.db.execute(
             f"SELECT {', '.join(cols)} FROM executions WHERE run_id=? ORDER BY id", (run_id,)
         ).fetchall()
@@ -290,6 +304,7 @@ class Workspace:
         for r in rows:
             d = dict(zip(cols, r))
             d["metrics"] = json.loads(d["metrics"] or "{}")
+            d["tracking"] = json.loads(d["tracking"] or "[]")
             out.append(d)
         return out
 

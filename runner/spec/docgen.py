@@ -10,7 +10,7 @@ from typing import Any
 
 from runner.spec import schema as S
 
-SECTIONS = ["character", "dataset", "train", "evaluate", "generate", "hardware", "report", "publish"]
+SECTIONS = ["character", "dataset", "train", "evaluate", "generate", "hardware", "report", "publish", "tracking"]
 
 
 def _type(sub: dict[str, Any]) -> str:

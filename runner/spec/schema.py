@@ -11,6 +11,7 @@ from typing import Any, Iterator
 
 from runner.paths import file_name_problem, storage_url_problem, sub_path_problem
 from runner.resources import resource_dir, schema_path
+from runner.tracking.uri import tracking_uri_problem
 from runner.spec.errors import Problem, format_key_path
 from runner.spec.yamlio import LoadedYaml
 
@@ -63,6 +64,8 @@ FORMATS = {
                  "Give a relative path that stays inside the folder, e.g. 'models' or 'models/image_encoder'."),
     "storage-url": (storage_url_problem, "a storage URL",
                     "Give s3://bucket/prefix or file:///absolute/folder; credentials go in the environment."),
+    "tracking-uri": (tracking_uri_problem, "an MLflow tracking URI",
+                     "e.g. http://127.0.0.1:5000 or sqlite:///mlflow.db; passwords go in the environment."),
 }
 
 

@@ -187,6 +187,12 @@ PublishFn = Callable[[dict[str, Any], dict[str, Artifact], Path], Any]
 # plan_notes(node_config, upstream) -> lines `runner plan` prints under the stage; ``upstream``
 # maps each stage-output input to its artifact when the store already holds it, else None.
 PlanNotesFn = Callable[[dict[str, Any], dict[str, "Artifact | None"]], Iterable[str]]
+# track(node_config, outputs, env) -> runs logged to experiment trackers (runner.tracking), each a
+# JSON dict the engine keeps in executions.tracking. Called in the apply's process after the stage
+# succeeded and was promoted (remote stages too); ``env`` has stage_id, character, run_id, key,
+# project_root and workspace_dir. It must not raise for a tracker's failure (runner.tracking
+# turns those into a warning on the run entry).
+TrackFn = Callable[[dict[str, Any], dict[str, Artifact], dict[str, Any]], list[dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -205,6 +211,8 @@ class StageKind:
     publish: PublishFn | None = None
     # Plan-time lines computed from upstream outputs already in the store (None: nothing).
     plan_notes: PlanNotesFn | None = None
+    # Logs a finished execution to experiment trackers (None: never tracked).
+    track: TrackFn | None = None
 
 
 _REGISTRY: dict[str, StageKind] = {}
@@ -226,6 +234,7 @@ def register(
     report: ReportFn | None = None,
     publish: PublishFn | None = None,
     plan_notes: PlanNotesFn | None = None,
+    track: TrackFn | None = None,
 ) -> Callable[[RunFn], RunFn]:
     """Decorator: ``@register("ingest", version=1, order=10, expand=expand_ingest)``.
 
@@ -248,6 +257,7 @@ def register(
             report=report,
             publish=publish,
             plan_notes=plan_notes,
+            track=track,
         )
         return fn
 

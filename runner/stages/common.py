@@ -99,3 +99,37 @@ def review_section(graph: base.GraphView, part: str, **kw: Any) -> dict[str, Any
     except decisions.ReviewError as exc:
         raise base.StageError(str(exc), hint="the file is written by `runner review`; "
                                              "`git diff` shows hand edits") from None
+
+
+def with_tracking(node: base.PlanNode, spec: dict[str, Any], graph: base.GraphView) -> base.PlanNode:
+    """For ``expand``: ``node`` with the spec's enabled trackers in its config as ``tracking``
+    (shorthand ``mlflow: true`` expanded with the schema's defaults), unkeyed: tracking changes
+    no output. Unchanged when no tracker is enabled. A tracking setting that cannot work is a
+    spec problem (exit 2)."""
+    from runner.spec import schema as S
+    from runner.tracking import settings
+
+    section = dict(spec.get("tracking") or {})
+    for name in settings.BACKENDS:
+        if section.get(name) is True:
+            sub, uri = S.child_schema(S.section_schema("tracking"), S.section_uri("tracking"), name)
+            section[name] = S.fill_defaults({}, sub, uri)
+    try:
+        conf = settings.for_node(section, Path(graph.spec_file).parent)
+    except settings.TrackingError as exc:
+        raise base.StageError(str(exc), hint=exc.hint) from None
+    if conf is not None:
+        node.config["tracking"] = conf
+        node.unkeyed = (*node.unkeyed, "tracking")
+    return node
+
+
+def track(node_config: dict[str, Any], log: Any, env: dict[str, Any]) -> list[dict[str, Any]]:
+    """For a ``track`` hook: send ``log`` (a runner.tracking.StageLog) to the node's trackers,
+    tagged with the stage and the apply run; returns the runs as executions.tracking entries."""
+    from runner import tracking
+
+    log.tags.update({"runner.stage_id": env["stage_id"], "runner.run_id": env["run_id"],
+                     "runner.character": env["character"], "runner.key": env["key"][:16]})
+    runs = tracking.log_stage(node_config.get("tracking"), log, Path(env["workspace_dir"]))
+    return [r.as_json() for r in runs]

@@ -40,6 +40,7 @@ from runner.stages.common import load_embedder as _load_embedder
 from runner.stages.common import load_rgb as _load_rgb
 from runner.stages.common import reference_files as _reference_files
 from runner.stages.common import rel_path as _rel
+from runner.stages.common import with_tracking
 
 VERSION = 1
 
@@ -125,7 +126,7 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
     n_images = len(rendered.prompts) * len(seeds) * len(scales)
     for train in trains:
         variant = _variant_of(train.id)
-        nodes.append(base.PlanNode(
+        nodes.append(with_tracking(base.PlanNode(
             id=base.node_id(graph.character, "evaluate", variant),
             kind="evaluate",
             character=graph.character,
@@ -136,7 +137,7 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
             unkeyed=("face_workers",),
             label=(f"{len(rendered.categories)} categories x {len(rendered.prompts)} prompts x "
                    f"{len(seeds)} seeds x {len(scales)} scales = {n_images} images per checkpoint"),
-        ))
+        ), spec, graph))
     return nodes
 
 
@@ -188,7 +189,39 @@ def _select_checkpoints(index: dict[str, Any], which: str) -> list[tuple[int, di
     return cks
 
 
-@base.register("evaluate", version=VERSION, order=60, expand=expand,
+def track(config: dict[str, Any], outputs: dict[str, base.Artifact], env: dict[str, Any]) -> list[dict[str, Any]]:
+    """One tracked run: the node config as params; per checkpoint (the step axis) and LoRA scale,
+    every metric of every category and overall (``eval/<category>/<metric>/scale_<s>``) and the
+    cell's score; the best cell's values as the summary; evaluation.json and the best LoRA files
+    as artifacts."""
+    from runner.stages.common import track as send
+    from runner.tracking import StageLog
+
+    out = outputs["evaluation"].path
+    evaluation = json.loads((out / "evaluation.json").read_text(encoding="utf-8"))
+    series: dict[str, list[tuple[int, float]]] = {}
+    for cell in evaluation.get("cells", []):
+        scale = f"scale_{float(cell['lora_scale']):g}"
+        rows = {**cell.get("categories", {}), "overall": cell.get("overall", {}),
+                "cell": {"score": cell.get("score"), "targets_passed": cell.get("targets_passed")}}
+        for category, values in rows.items():
+            for metric, v in (values or {}).items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    series.setdefault(f"eval/{category}/{metric}/{scale}", []).append((int(cell["step"]), float(v)))
+    best = evaluation.get("best", {})
+    summary = {f"best_{k}": float(best[k]) for k in ("step", "lora_scale", "score", "objective_value")
+               if isinstance(best.get(k), (int, float))}
+    best_cell = next((c for c in evaluation.get("cells", []) if c.get("cell") == best.get("cell")), {})
+    summary.update({f"best_{m}": float(v) for m, v in best_cell.get("overall", {}).items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)})
+    log = StageLog(name=f"{env['stage_id']} {env['run_id']}", kind="evaluate",
+                   params={k: v for k, v in config.items() if k != "tracking"},
+                   tags={"runner.variant": str(config.get("variant") or "")}, series=series, metrics=summary,
+                   artifacts=[(out / "evaluation.json", "evaluation"), (out / "best", "best")])
+    return send(config, log, env)
+
+
+@base.register("evaluate", version=VERSION, order=60, expand=expand, track=track,
                description="Generate the prompt suite per checkpoint x LoRA scale, score identity and prompt alignment, pick the best.",
                resume_info=lambda scratch: _resume_info(scratch),
                report=lambda config, outputs, env: report_sections(config, outputs, env))

@@ -173,6 +173,10 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
         t["currency"] = e["currency"] if e else ""
         t["gpu"] = e["gpu"] if e else None
         t["backend"] = e["backend"] if e else ""
+    tracked = _tracked_runs(ws, ctx.run_id, ctx.character) if ws is not None else []
+    if tracked:  # the experiment-tracker runs of this report's stages (runner.tracking)
+        sections.append({"title": "Experiment tracking", "anchor": "tracking", "stage": "tracking",
+                         "html": jenv.get_template("sections/tracking.html.j2").render(runs=tracked)})
     killed_runs = _killed_runs_before(ws, ctx.run_id, ctx.character) if ws is not None else []
     total_time = sum(t["duration"] for t in timeline)
     total_cost = sum((t.get("cost") or 0.0) for t in timeline)
@@ -208,6 +212,18 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     out.write_text(page, encoding="utf-8")
     ctx.metric("report_bytes", out.stat().st_size)
     return {"report": base.Artifact("report", out)}
+
+
+def _tracked_runs(ws: Any, run_id: str, character: str) -> list[dict[str, Any]]:
+    """Tracker runs of the character's stages in this apply; a cached stage shows the runs of the
+    execution that produced its outputs."""
+    rows = []
+    for e in ws.executions(run_id):
+        if e["character"] != character:
+            continue
+        runs = e["tracking"] or (ws.tracked_runs(e["stage_id"], e["key"]) if e["status"] == "cached" else [])
+        rows += [{**r, "stage_id": e["stage_id"], "status": e["status"]} for r in runs]
+    return rows
 
 
 def _killed_runs_before(ws: Any, run_id: str, character: str) -> list[dict[str, Any]]:

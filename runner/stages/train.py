@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.stages import base
+from runner.stages.common import with_tracking
 
 KIND = "train"
 VERSION = 1
@@ -98,7 +99,7 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
             label += f" (variant {variant})"
         notes = () if variant in (None, "base") else (f"variant {variant} vs the train section: "
                                                       + "; ".join(variant_notes(section, variant)),)
-        nodes.append(base.PlanNode(
+        nodes.append(with_tracking(base.PlanNode(
             id=base.node_id(char, KIND, variant),
             kind=KIND,
             character=char,
@@ -108,7 +109,7 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
             gpu=gpu,
             label=label,
             notes=notes,
-        ))
+        ), spec, graph))
     return nodes
 
 
@@ -172,9 +173,7 @@ def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], e
     lora = outputs["lora"].path
     index = json.loads((lora / "index.json").read_text())
     logs = outputs.get("logs")
-    records = []
-    if logs is not None and (logs.path / "metrics.jsonl").is_file():
-        records = [json.loads(ln) for ln in (logs.path / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    records = _records(logs.path) if logs is not None else []
     loss = [(r["step"], r["loss"]) for r in records if "loss" in r]
     # a smoothed curve next to the raw one (exponential moving average)
     ema, smooth = None, []
@@ -216,8 +215,41 @@ def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], e
     )]
 
 
+def _records(logs: Path) -> list[dict[str, Any]]:
+    """The trainer's logged history (logs/metrics.jsonl: one record per step and per validation)."""
+    path = logs / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def track(config: dict[str, Any], outputs: dict[str, base.Artifact], env: dict[str, Any]) -> list[dict[str, Any]]:
+    """One tracked run: the node config as params, every numeric field of the logged history as a
+    curve (loss, lr, val_loss, grad_norm, ...), each kept checkpoint's LoRA files as artifacts."""
+    from runner.stages.common import track as send
+    from runner.tracking import StageLog
+
+    lora, logs = outputs["lora"].path, outputs["logs"].path
+    index = json.loads((lora / "index.json").read_text())
+    series: dict[str, list[tuple[int, float]]] = {}
+    for rec in _records(logs):
+        for name, value in rec.items():
+            if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                series.setdefault(name, []).append((int(rec["step"]), float(value)))
+    summary = {f"final_{n}": pts[-1][1] for n, pts in series.items() if n in ("loss", "val_loss")}
+    summary["total_steps"] = float(index.get("total_steps") or 0)
+    files = [(lora / Path(ck["diffusers"]).parent, f"lora/{Path(ck['diffusers']).parent.name}")
+             for ck in index.get("checkpoints", [])]
+    files += [(lora / "index.json", "lora"), (logs / "metrics.jsonl", "logs")]
+    log = StageLog(name=f"{env['stage_id']} {env['run_id']}", kind=KIND,
+                   params={k: v for k, v in config.items() if k != "tracking"},
+                   tags={"runner.variant": str(config.get("variant") or "")},
+                   series=series, metrics=summary, artifacts=files)
+    return send(config, log, env)
+
+
 @base.register(KIND, version=VERSION, order=50, expand=expand, resume_info=resume_info, report=report_sections,
-               plan_notes=plan_notes,
+               plan_notes=plan_notes, track=track,
                description="Train a LoRA (diffusers + peft) with cached latents, phases, checkpoints and samples.")
 def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.StageContext) -> dict[str, base.Artifact]:
     """Train a LoRA (diffusers + peft) with cached latents, phases, checkpoints and samples."""
