@@ -145,6 +145,9 @@ CONTEXTS: list[tuple[str, dict[str, Any]]] = [
     ("character.description", {"generate.storyboard.planner": "llm"}),
     ("character.display_name", {"generate.storyboard.planner": "llm"}),
     ("character.traits.variable", {"generate.storyboard.planner": "llm"}),
+    ("character.aliases", {"generate.storyboard.planner": "llm"}),
+    ("character.pronouns", {"generate.storyboard.planner": "llm"}),
+    ("generate.storyboard.short_story", {"generate.storyboard.min_scenes": 5, "generate.storyboard.max_scenes": 6}),
     ("evaluate.suite", {"evaluate.categories": [], "evaluate.targets": {}}),
     ("train.steps", {"train.phases": []}),
     *((f"generate.storyboard.reference_guided.{k}", {"generate.storyboard.reference_guided.control": "pose"})
@@ -206,6 +209,8 @@ CHANGES: dict[str, Any] = {
     "generate.video.height": 96,
     "generate.video.suite": None,
     "generate.storyboard.validation.face_model": "dlib",
+    "character.aliases": ["the champion"],
+    "generate.storyboard.scenes.[].hero": True,
     "generate.video.fidelity.face_model": "dlib",
     "generate.video.targets.gpu": "L40S",
     "hardware.gpu": "T4",
