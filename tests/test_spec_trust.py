@@ -597,3 +597,42 @@ def test_paths_that_cannot_be_resolved_are_spec_errors_for_every_path_key(projec
             code, out = run_cli("validate", str(spec), capsys=capsys)
             assert code == 2 and f"{spec}:{where[path[0]]}:" in out and key in out, (key, value[:20], out)
             assert "Traceback" not in out and "internal error" not in out, out
+
+
+def _refused_by_the_spec_loader(text: bytes) -> bool:
+    from runner.spec.yamlio import YamlError, load_yaml_text
+
+    try:
+        load_yaml_text(text.decode("utf-8"), "x.yaml")
+    except (YamlError, UnicodeDecodeError):
+        return True
+    return False
+
+
+# Every hostile input the spec loader refuses on its own, as the whole of another YAML file.
+HOSTILE_FILES = [h for h in HOSTILE if _refused_by_the_spec_loader(h[1])]
+
+
+@pytest.mark.parametrize("name,text,line", HOSTILE_FILES, ids=[h[0] for h in HOSTILE_FILES])
+@pytest.mark.parametrize("which", ["evaluate suite", "review file"])
+def test_yaml_files_a_spec_names_are_read_like_the_spec(project, capsys, name, text, line, which):
+    """A prompt-suite file or the <spec>.review.yaml beside the spec is read by the spec's own
+    loader: any input it refuses is exit 2 naming that file and line, never a RecursionError."""
+    from PIL import Image
+
+    assert len(HOSTILE_FILES) > 20
+    (project / "refs").mkdir()
+    Image.new("RGB", (64, 64)).save(project / "refs" / "a.png")
+    body = MINIMAL.replace("  trigger: hrochr\n", "  trigger: hrochr\n  references: [../refs]\n")
+    body += "dataset: {sources: [{images: ../refs}]}\n"
+    if which == "evaluate suite":
+        target = project / "specs" / "suite.yaml"
+        body += "train: {base_model: builtin:tiny-sd}\nevaluate: {suite: suite.yaml}\n"
+    else:
+        target = project / "specs" / "hero.review.yaml"
+    target.write_bytes(text)
+    spec = write_bytes(project, body.encode())
+    code, out = run_cli("plan", str(spec), capsys=capsys)
+    assert code == 2, out
+    assert "Traceback" not in out and "internal error" not in out, out
+    assert f"{target.name}:{line - 4 if line else ''}" in out, out

@@ -105,17 +105,15 @@ def load_suite(value: str | dict[str, Any], *, project_root: Path | None = None,
 
 
 def _read_yaml(path: Path, spec_key: str) -> Any:
-    import yaml
+    """A suite file's data, read like the spec itself (runner.spec.yamlio: bounded nesting and
+    size, aliases capped, NUL and tags refused), so any broken file is a message with file:line."""
+    from runner.spec.yamlio import YamlError, load_yaml_file
 
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise StageError(f"{spec_key}: cannot read suite file {path}: {exc}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
-        raise StageError(f"suite file {path}{at} is not valid YAML: {getattr(exc, 'problem', exc)}",
-                         hint="Check indentation and quote prompts that contain ':' or '#'.") from None
+        return load_yaml_file(path).data
+    except YamlError as exc:
+        raise StageError(f"{spec_key}: suite file {exc.mark}: {exc.message}",
+                         hint=exc.hint or "Check indentation and quote prompts that contain ':' or '#'.") from None
 
 
 def _parse(data: Any, *, source: str, where: str) -> Suite:

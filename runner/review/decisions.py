@@ -86,17 +86,15 @@ def empty() -> dict[str, Any]:
 
 def load(path: Path) -> dict[str, Any]:
     """The decisions in ``path`` (an empty set when the file does not exist)."""
-    import yaml
+    from runner.spec.yamlio import YamlError, load_yaml_file
 
     path = Path(path)
     if not path.exists():
         return empty()
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        raise ReviewError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)}); "
+    try:  # read like the spec (bounded nesting, aliases and size; no tags): any failure names its line
+        data = load_yaml_file(path).data or {}
+    except YamlError as exc:
+        raise ReviewError(f"{exc.mark}: not valid YAML ({exc.message}); "
                           "fix or remove the file (git diff shows what changed)") from None
     if not isinstance(data, dict):
         raise ReviewError(f"{path}: expected a mapping with the sections {', '.join(SECTIONS)}")
