@@ -112,7 +112,7 @@ def _read_yaml(path: Path, spec_key: str) -> Any:
     try:
         return load_yaml_file(path).data
     except YamlError as exc:
-        raise StageError(f"{spec_key}: suite file {exc.mark}: {exc.message}",
+        raise StageError(f"{spec_key}: suite file {exc.mark} is not valid YAML: {exc.message}",
                          hint=exc.hint or "Check indentation and quote prompts that contain ':' or '#'.") from None
 
 
