@@ -84,6 +84,7 @@ from runner.stages.base import StageError
 
 __all__ = [
     "FACE_MODEL_3D",
+    "IDENTITY_THRESHOLDS",
     "Face",
     "FaceBackend",
     "DlibFaceBackend",
@@ -301,6 +302,17 @@ def pose_from_landmarks(points: np.ndarray, image_size: tuple[int, int]) -> Pose
 # --------------------------------------------------------------------------------------------
 
 
+#: The minimum :func:`identity_similarity` for "same person", per backend: the one place the
+#: runner's identity thresholds live (analyze/curate, evaluate, storyboard and the video builder all
+#: read ``backend.default_identity_threshold``). dlib's is calibrated on held-out faces (the video
+#: clips' faces, which no test uses) at a false-accept rate of 0.1%:
+#: bench/calibrate_identity/calibrate.py writes bench/calibrate_identity/dlib.json, and
+#: tests/test_vision_identity_threshold.py keeps the two equal. insightface's is the usual ArcFace
+#: operating point, not calibrated here (no model pack on this machine): run the same script with
+#: ``--backend insightface`` where a pack is installed.
+IDENTITY_THRESHOLDS: dict[str, float] = {"dlib": 0.92, "insightface": 0.35}
+
+
 class FaceBackend(ABC):
     """Detect faces and describe them (box, landmarks, pose, identity embedding)."""
 
@@ -417,7 +429,7 @@ class DlibFaceBackend(FaceBackend):
     """dlib + face_recognition_models: HOG or CNN detector, 68 landmarks, 128-d descriptor."""
 
     name = "dlib"
-    default_identity_threshold = 0.92
+    default_identity_threshold = IDENTITY_THRESHOLDS["dlib"]
 
     def __init__(self, *, detector: str = "hog", upsample: int = 1, max_side: int | None = 1600,
                  num_jitters: int = 0) -> None:
@@ -577,7 +589,7 @@ class InsightFaceBackend(FaceBackend):
     """insightface FaceAnalysis with a local model pack (never downloads)."""
 
     name = "insightface"
-    default_identity_threshold = 0.35
+    default_identity_threshold = IDENTITY_THRESHOLDS["insightface"]
 
     def __init__(self, *, pack: str = "buffalo_l", root: str = "~/.insightface", providers: list[str] | None = None,
                  det_size: int = 640, det_thresh: float = 0.5, max_side: int | None = 1600) -> None:
