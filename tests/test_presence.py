@@ -40,6 +40,9 @@ STORIES = [
     # a woman hero: 'he' is somebody else
     (MAYA, ["Maya paints by the sea.", "He walks past her.", "Maya waves."], [True, True, True]),
     (MAYA, ["Maya paints by the sea.", "A fisherman pulls in his nets.", "He sings."], [True, False, False]),
+    # a capitalised opening word is no person by itself: 'He' skips over the snow
+    (ALDAR, ["He smiles.", "Snow falls on the barn.", "He laughs."], [True, False, True]),
+    (ALDAR, ["Aldar waits.", "Timur says hello.", "He bows."], [True, False, False]),
 ]
 
 

@@ -235,8 +235,10 @@ def test_llm_planner_in_the_stage_is_asked_once(proj: Path, tmp_path: Path, monk
     monkeypatch.setenv("SB_TEST_KEY", "k")
     server = _Server()
     try:
-        server.answers.append((200, json.dumps({"scenes": [{"text": "He looks up.", "shot": "close_up"},
-                                                           {"text": "He crosses the bridge.", "shot": "wide"}]})))
+        server.answers.append((200, json.dumps({"scenes": [
+            {"text": "He looks up.", "description": "a man looks up, front view", "hero": True, "shot": "close_up"},
+            {"text": "He crosses the bridge.", "description": "a man crosses a bridge", "hero": True, "shot": "wide"}]})))
+        server.answers.append((200, json.dumps({"prompts": ["man looking up", "man crossing a stone bridge"]})))
         s = spec(planner="llm", story="He looks up and crosses the bridge.", min_scenes=2, max_scenes=3,
                  llm={"base_url": server.url, "model": "m", "api_key_env": "SB_TEST_KEY", "timeout_s": 5},
                  validation={"face_similarity": None, "clip_i": None, "retries": 2})
@@ -248,8 +250,8 @@ def test_llm_planner_in_the_stage_is_asked_once(proj: Path, tmp_path: Path, monk
             out = SB.run(node.config, inputs_for(proj, node), ctx)
             rep = json.loads((out["storyboard"].path / "report.json").read_text())
             assert [f["text"] for f in rep["frames"]] == ["He looks up.", "He crosses the bridge."]
-            assert rep["frames"][1]["prompt"].startswith("dmochr man, wide establishing shot")
-            assert rep["llm"]["model"] == "m" and len(server.requests) == 1
+            assert rep["frames"][1]["prompt"].startswith("dmochr man, wide establishing shot, man crossing a stone bridge")
+            assert rep["llm"]["model"] == "m" and len(server.requests) == 2  # scenes + prompt refinement
     finally:
         server.close()
 
@@ -407,3 +409,28 @@ def test_reference_mode_validates_against_frame1_references_or_both(proj: Path, 
         assert ("face_similarity" in a) == ("references" in expected)
     if "frame1" in expected:  # the same person as frame 1 scores high against it; someone else does not
         assert f3["attempts"][1]["frame1_face_similarity"] > 0.93 > f3["attempts"][0]["frame1_face_similarity"]
+
+
+def test_report_section_shows_presence_and_what_was_checked(proj: Path, tmp_path: Path, shared_data: Path,
+                                                           monkeypatch, no_pipeline) -> None:
+    import runner.diffusion.generate as G
+    from runner.generate import guided as GD
+    from runner.stages.report import _jinja_env
+
+    photos = _photos(shared_data)
+    monkeypatch.setattr(G, "generate_images", lambda pipe, p, *, seeds, **kw: [_small(photos["obama"]) for _ in seeds])
+    monkeypatch.setattr(GD, "load_ip_adapter", lambda pipe, *a, **k: {"ip_adapter": a[0], "weight_name": "w", "scale": 0.6})
+    s = spec(scenes=[{"text": "He smiles.", "shot": "close_up"}, {"text": "Snow falls on the barn.", "shot": "wide"},
+                     {"text": "He laughs.", "shot": "close_up"}],
+             validation={"face_similarity": 0.9, "clip_i": None, "retries": 0},
+             reference_guided={"enabled": True, "ip_adapter": "builtin:tiny-ip-adapter"})
+    node = SB.expand(s, Graph(proj, [_node("train")]))[0]
+    assert "the character not in 1: 2" in node.label, node.label
+    ctx = LocalStageContext.for_folder(tmp_path / "run", stage_id=node.id, character="demo", project_root=proj)
+    ctx.cache_dir = proj / "cache"
+    out = SB.run(node.config, inputs_for(proj, node), ctx)
+    secs = SB.report_sections(node.config, out, {"thumbnail_px": 64})
+    html = _jinja_env().get_template(secs[0].template).render(**secs[0].context)
+    assert "without the character" in html and "Character not in the scene: its subject is" in html
+    assert "validated against references and frame 1" in html and "face vs frame 1" in html
+    assert "identity check skipped: the character is not in this scene" in html

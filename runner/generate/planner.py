@@ -1,29 +1,35 @@
 """Story -> scenes: the storyboard planners.
 
-``plan_scenes(spec_data)`` returns the list of :class:`Scene` s for a resolved spec's
-``generate.storyboard`` section. Three planners:
+``plan_story(spec_data)`` returns a :class:`StoryPlan` (the :class:`Scene` s, the planner that
+made them, notes) for a resolved spec's ``generate.storyboard`` section; ``plan_scenes`` returns
+just the scenes. Three planners:
 
 ``manual``
-    The scenes listed in ``generate.storyboard.scenes`` (text, shot, optional prompt), in order.
+    The scenes listed in ``generate.storyboard.scenes`` (text, shot, optional prompt, optional
+    ``hero``), in order.
 ``rules``
     The story is split into beats: sentences first; while there are fewer than ``min_scenes``,
-    the longest beat is split at its last clause boundary (``;``, ``, then``, ``, and``,
-    `` while ``, `` and ``, ``,``); while there are more than ``max_scenes``, the shortest
-    neighbouring pair is merged. Each beat gets a shot by keyword (:data:`SHOT_KEYWORDS`: faces
-    and feelings -> close_up, journeys and places -> wide, ...; the first beat defaults to a
-    wide establishing shot, the others to medium).
+    the longest beat is split at its most central clause boundary (:data:`_CLAUSE_SPLITS`); while
+    there are more than ``max_scenes``, the shortest neighbouring pair is merged. Each beat gets
+    a shot by keyword (:data:`SHOT_KEYWORDS`: faces and feelings -> close_up, journeys and places
+    -> wide, ...; the first beat defaults to a wide establishing shot, the others to medium; a
+    beat about a place or thing never gets a person's framing). A story with fewer sentences than
+    ``min_scenes`` follows ``short_story``: ``split`` (clauses, then :func:`covered`, the same beat
+    from other framings) or ``llm`` (the LLM planner makes the scenes); a note says which.
 ``llm``
-    Any OpenAI-compatible ``/chat/completions`` endpoint (``llm.base_url``, ``llm.model``, the key
-    in the environment variable named by ``llm.api_key_env``). The answer is requested as JSON
-    (``response_format``) and validated with jsonschema against :func:`scene_list_schema`; an
-    answer that does not fit raises :class:`PlannerError` naming the field.
+    Any OpenAI-compatible ``/chat/completions`` endpoint (:mod:`runner.generate.llm_planner`):
+    simplified, front-facing scene descriptions, then a prompt-refinement pass, each answered as
+    JSON and validated with jsonschema (one retry quoting the error).
 
-Whatever the planner, every scene's prompt is written by :func:`scene_prompt`: trigger token and
-class word, shot framing, the scene text, the character's fixed traits, the style prompt.
-A scene with an explicit ``prompt`` keeps it (the trigger is prepended when missing).
+Whether the character is in each scene (``Scene.hero``, with ``hero_reason``) comes from
+:mod:`runner.generate.presence` for rules and manual scenes (``scenes[].hero`` overrides), from
+the answer for llm scenes. Every scene's prompt is written by :func:`scene_prompt`: trigger token
+and class word, shot framing, the scene text, the character's fixed traits, the style prompt; a
+scene without the character has no trigger, class word or traits. A scene with an explicit
+``prompt`` keeps it (the trigger is prepended when missing and the character is in the scene).
 
 ``manual`` and ``rules`` are pure functions of the spec (``runner storyboard-preview`` prints
-them without a GPU); ``llm`` makes one HTTP request.
+them without a GPU); ``llm`` makes two HTTP requests (three or four with retries).
 """
 
 from __future__ import annotations

@@ -205,6 +205,8 @@ def _person_evidence(story: str) -> set[str]:
     found = {m.group(1).lower() for m in re.finditer(r"\b([A-Za-z]+)\s*,?\s+(?:who|whom)\b", story)}
     ws = _words(story)
     found |= {a.lower() for a, b in zip(ws, ws[1:]) if b.lower() in PERSON_VERBS}
+    # a capitalised word inside a sentence is a name ("Aldar meets Omar")
+    found |= {m.group(1).lower() for m in re.finditer(r"(?<=[a-z,;:]\s)([A-Z][a-z]+)", story)}
     return found
 
 
@@ -238,7 +240,7 @@ class Reader:
         if kind == "name" and (head in self.cast.parts or head in self.cast.names):
             return self.hero
         if head not in self.known:
-            person = kind == "name" or head in self.people_words
+            person = head in self.people_words  # a capitalised opening word is not a name by itself
             if head in MASCULINE or head in FEMININE:
                 pron = frozenset({"he" if head in MASCULINE else "she"})
             elif head in self.genders:
