@@ -44,6 +44,25 @@ def image_inputs(graph: base.GraphView) -> dict[str, base.InputRef]:
     return inputs
 
 
+def curated_image_inputs(graph: base.GraphView) -> dict[str, base.InputRef]:
+    """image_inputs plus the extract stage's frames (curate and caption read pixels from both)."""
+    inputs = image_inputs(graph)
+    extract = graph.node(base.node_id(graph.character, "extract"))
+    if extract is not None:
+        inputs["images:extract"] = base.StageOutputRef(extract.id, "images")
+    return inputs
+
+
+def analysis_inputs(graph: base.GraphView) -> dict[str, base.InputRef]:
+    """analyze's records, and the extract stage's records in the same format when it runs."""
+    inputs: dict[str, base.InputRef] = {"analysis": base.StageOutputRef(base.node_id(graph.character, "analyze"),
+                                                                         "analysis")}
+    extract = graph.node(base.node_id(graph.character, "extract"))
+    if extract is not None:
+        inputs["analysis:extract"] = base.StageOutputRef(extract.id, "analysis")
+    return inputs
+
+
 def reference_inputs(spec: dict[str, Any], graph: base.GraphView) -> dict[str, base.InputRef]:
     refs = spec.get("character", {}).get("references", []) or []
     return {
@@ -189,7 +208,9 @@ def _jobs(inputs: dict[str, base.Artifact], thumbs: Path, ctx: base.StageContext
     return jobs, dupes
 
 
-@base.register("analyze", version=1, order=20, expand=expand,
+# version 2: pose relative to the line of sight, sharpness (blur) as 100 / sigma^2 on a fixed eye
+# distance, eyes.closed, None + unmeasured for faces too small (records of version 1 mean other things)
+@base.register("analyze", version=2, order=20, expand=expand,
                description="Per image: faces, pose, expression, quality, shot type, identity, perceptual hash.",
                report=lambda config, outputs, env: report_sections(config, outputs, env))
 def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.StageContext) -> dict[str, base.Artifact]:
