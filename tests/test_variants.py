@@ -93,7 +93,8 @@ def problems_of(spec_file: Path) -> list[str]:
 
 
 # Keys the trainer does not read with PHASED (phases set; regularization, text encoder off).
-UNUSED_WITH_PHASES = {("steps",), ("lora", "text_encoder_lr")} | {
+UNUSED_WITH_PHASES = {("steps",), ("lora", "text_encoder_lr"), ("keep_tokens",), ("caption_variants",),
+                      ("lr_scheduler", "num_cycles")} | {
     ("regularization", k) for k in ("images", "count", "prompt", "prior_loss_weight", "steps")}
 
 
@@ -198,3 +199,50 @@ def test_plan_prints_each_variants_effective_differences(tmp_path):
     assert lines[low + 1].strip() == "variant low vs the train section: phases[0].lr 0.0002 -> 5e-05; phases[1].lr 0.001 -> 5e-05"
     rank = next(i for i, line in enumerate(lines) if "demo:train[rank8]" in line)
     assert lines[rank + 1].strip() == "variant rank8 vs the train section: lora.rank 4 -> 8"
+
+
+def _integer_leaves() -> list[tuple]:
+    return [p for p, sub in train_leaves() if "integer" in (sub.get("type") if isinstance(sub.get("type"), list)
+                                                              else [sub.get("type")])]
+
+
+@pytest.mark.parametrize("path", _integer_leaves(), ids=lambda p: ".".join(p))
+def test_an_integer_written_as_a_float_is_the_same_value(project, path):
+    """``steps: 8.0`` resolves to 8: a variant that only rewrites an integer key as a float is
+    refused, and the train stage's config (its cache key) is the same as with the integer."""
+    base_spec = load_spec(write_spec(project, PHASED, "base.yaml"), require_files=False)
+    same = resolved_value(base_spec.data["train"], path)
+    if same is None:
+        same = 3
+        base_spec = load_spec(write_spec(project, {**PHASED, **nested(path, 3)}, "base.yaml"), require_files=False)
+    spec_file = write_spec(project, {**PHASED, **nested(path, same), "variants": {"as_float": nested(path, float(same))}})
+    probs = [p for p in problems_of(spec_file) if "train.variants.as_float" in p]
+    assert probs and "changes nothing" in probs[0], probs
+    as_float = load_spec(write_spec(project, {**PHASED, **nested(path, float(same))}, "f.yaml"), require_files=False)
+    assert resolved_value(as_float.data["train"], path) == same
+    assert type(resolved_value(as_float.data["train"], path)) is int
+
+
+@pytest.mark.parametrize("name", S.section_schema("train")["properties"]["lr_scheduler"]["properties"]["name"]["enum"])
+def test_scheduler_settings_called_unused_are_the_ones_get_scheduler_ignores(name):
+    """What variants call unused for each schedule is checked against diffusers' own schedules:
+    a setting is unused exactly when changing it leaves every step's learning rate the same."""
+    import torch
+    from diffusers.optimization import get_scheduler
+
+    from runner.spec.variants import _unused_settings
+
+    def rates(warmup: int, cycles: int) -> list[float]:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        kw = {"step_rules": "1:10,0.1"} if name == "piecewise_constant" else {}
+        sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=40, num_cycles=cycles, **kw)
+        out = []
+        for _ in range(40):
+            out.append(sched.get_last_lr()[0])
+            opt.step()
+            sched.step()
+        return out
+
+    unused = {path[-1] for path, _ in _unused_settings({"lr_scheduler": {"name": name}, "shuffle_tags": True})}
+    assert ("warmup_steps" in unused) == (rates(0, 1) == rates(10, 1))
+    assert ("num_cycles" in unused) == (rates(5, 1) == rates(5, 3))

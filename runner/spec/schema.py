@@ -405,7 +405,14 @@ def fill_defaults(instance: Any, schema: dict[str, Any], doc_uri: str) -> Any:
             items_r, items_uri = _walk_ref(items, doc_uri)
             return [fill_defaults(x, items_r, items_uri) for x in instance]
         return list(instance)
+    if isinstance(instance, float) and instance.is_integer() and _integer_only(schema.get("type")):
+        return int(instance)  # 8.0 where the schema asks for an integer: the same value, the same key
     return instance
+
+
+def _integer_only(t: Any) -> bool:
+    types = t if isinstance(t, list) else [t]
+    return "integer" in types and "number" not in types
 
 
 def iter_instance(instance: Any, schema: dict[str, Any] | None = None, doc_uri: str | None = None,

@@ -63,6 +63,24 @@ def effective(cfg: dict[str, Any]) -> dict[str, Any]:
         part = out.get(switch)
         if isinstance(part, dict) and not part.get("enabled"):
             out[switch] = {"enabled": False}
+    for path, _ in _unused_settings(out):
+        parent = out if len(path) == 1 else out.get(path[0]) or {}
+        parent.pop(path[-1], None)
+    return out
+
+
+def _unused_settings(cfg: dict[str, Any]) -> list[tuple[tuple[str, ...], str]]:
+    """(key path, why) of the settings the trainer does not read in ``cfg``: the scheduler's
+    restarts and warm-up where diffusers' get_scheduler ignores them, the caption-shuffle
+    settings without shuffle_tags (runner.diffusion.trainer reads them only then)."""
+    sched = (cfg.get("lr_scheduler") or {}).get("name")
+    out = []
+    if sched != "cosine_with_restarts":
+        out.append((("lr_scheduler", "num_cycles"), f"'lr_scheduler.num_cycles' is unused by the {sched} schedule"))
+    if sched in ("constant", "piecewise_constant"):
+        out.append((("lr_scheduler", "warmup_steps"), f"'lr_scheduler.warmup_steps' is unused by the {sched} schedule"))
+    if not cfg.get("shuffle_tags"):
+        out += [((k,), f"'{k}' is unused without shuffle_tags") for k in ("keep_tokens", "caption_variants")]
     return out
 
 
@@ -132,9 +150,17 @@ def _shadowed(train: dict[str, Any], name: str, other: str) -> list[str]:
         elif key == "lora" and "text_encoder_lr" in (ov[key] or {}) and not deep_merge(
                 train.get("lora") or {}, ov[key]).get("train_text_encoder"):
             reasons.append("'lora.text_encoder_lr' is unused without lora.train_text_encoder")
+    merged = apply_variant(train, ov)
+    reasons += [why for path, why in _unused_settings(merged) if _get_path(ov, path) is not None]
     if not reasons and other != BASE:
         reasons.append(f"its overrides resolve to the same values as variant '{other}'")
     return reasons or ["its values are the ones the section already has"]
+
+
+def _get_path(d: Any, path: tuple[str, ...]) -> Any:
+    for k in path:
+        d = d.get(k) if isinstance(d, dict) else None
+    return d
 
 
 def resolved_variants_comment(train: Any) -> str:
