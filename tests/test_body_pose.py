@@ -241,7 +241,10 @@ def test_storyboard_pose_control_on_the_tiny_controlnet(tmp_path: Path, shared_d
     proj = tmp_path / "proj"
     (proj / "refs").mkdir(parents=True)
     shutil.copy(shared_data / "faces" / "obama" / "obama_01.jpg", proj / "refs")
-    make_lora(proj / "lora", proj / "cache")
+    from runner.paths import cache_root
+
+    cache = cache_root()  # the session's model cache: tiny models built once for every test
+    make_lora(proj / "lora", cache)
     (proj / "maps").mkdir()
     P.draw_openpose([person(scale=0.125)], 64, 64).save(proj / "maps" / "pose.png")
     shutil.copy(shared_data / "faces" / "obama" / "obama_03.jpg", proj / "maps" / "photo.jpg")
@@ -258,7 +261,7 @@ def test_storyboard_pose_control_on_the_tiny_controlnet(tmp_path: Path, shared_d
     s2["generate"]["storyboard"]["reference_guided"] = canny
     assert "pose_model" not in SB.expand(s2, Graph(proj, [_node("train")]))[0].config["reference_guided"]
     ctx = LocalStageContext.for_folder(tmp_path / "run", stage_id=node.id, character="demo", project_root=proj)
-    ctx.cache_dir = proj / "cache"
+    ctx.cache_dir = cache
     inputs = inputs_for(proj, node)
     for i in (2, 3):
         ref = node.inputs[f"control{i}"]
