@@ -183,7 +183,8 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
         gpu=gpu,
         label=label,
         unkeyed=("planner_notes",),
-        notes=tuple(story.notes),
+        notes=tuple(story.notes + ([f"the character is not in scene(s) {', '.join(absent)}: no trigger, no identity "
+                                    "check (`runner plan --scenes` says why)"] if absent else [])),
     )]
 
 
