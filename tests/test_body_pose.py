@@ -227,6 +227,34 @@ def test_pose_model_errors(tmp_path: Path, monkeypatch) -> None:
         P.load_pose_detector("someone/no-such-pose", detector_file="a.onnx", estimator_file="b.onnx")
 
 
+def test_pose_model_from_a_hub_id(tmp_path: Path, monkeypatch) -> None:
+    """A hub id loads from the cached snapshot when the hub cannot be reached, and otherwise
+    downloads only the two files named by the spec."""
+    import huggingface_hub
+
+    import runner.hub as H
+
+    snap = tmp_path / "snapshot"
+    snap.mkdir()
+    constant_estimator(snap / "pose.onnx")
+    monkeypatch.setattr(H, "offline_reason", lambda: "HF_HUB_OFFLINE is set")
+    monkeypatch.setattr(H, "cached_snapshot", lambda ref: str(snap) if ref == "org/pose" else None)
+    det = P.load_pose_detector("org/pose", detector_file=None, estimator_file="pose.onnx")
+    assert det.ref == "org/pose" and det.keypoints == 17
+    asked = []
+
+    def download(ref, allow_patterns=None, **kw):
+        asked.append((ref, allow_patterns))
+        return str(snap)
+
+    monkeypatch.setattr(H, "offline_reason", lambda: None)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    assert P.pose_model_folder("org/pose", ["det.onnx", "pose.onnx"]) == snap
+    assert asked == [("org/pose", ["det.onnx", "pose.onnx"])]
+    with pytest.raises(base.StageError, match="neither a folder nor a hub id"):
+        P.pose_model_folder("no/such/folder/x", ["a.onnx"])
+
+
 # --------------------------------------------------------------------------- the storyboard
 
 
