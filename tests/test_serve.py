@@ -251,8 +251,9 @@ def test_auth_validation_generation_and_errors(engine):
         r = c.post("/v1/images", headers=AUTH, json={"prompt": "x", "width": 70, "height": 256})
         fields = {d["field"]: d["reason"] for d in r.json()["error"]["details"]}
         assert r.status_code == 422 and "multiple of 8" in fields["width"] and "at most 128" in fields["height"]
-        assert c.post("/v1/images", headers=AUTH, content=b"not json",
+        assert c.post("/v1/images", headers={**AUTH, "Content-Type": "application/json"}, content=b"not json",
                       ).status_code == 422
+        assert c.post("/v1/images", headers=AUTH, content=b"not json").status_code == 415  # no Content-Type
 
         r = c.post("/v1/images", headers=AUTH, json={"prompt": "a portrait in the rain", "seed": 42, "steps": 2})
         assert r.status_code == 200, r.text
@@ -478,3 +479,37 @@ def test_malformed_json_is_placed_by_line_and_column_not_named_as_a_field(small_
             assert (d["line"], d["column"], d["char"]) == (exc.lineno, exc.colno, exc.pos), (doc, d)
             assert f"line {exc.lineno}, column {exc.colno}" in err["message"]
             assert exc.msg in err["message"]
+
+
+# (headers, body): bodies the API cannot read as JSON, each answered 415 with what to send
+_UNREADABLE = [
+    ({"Content-Type": "application/json", "Content-Encoding": "gzip"}, "gzip"),
+    ({"Content-Type": "application/json", "Content-Encoding": "br"}, "raw"),
+    ({"Content-Type": "application/json; charset=latin-1"}, "raw"),
+    ({"Content-Type": 'application/json; charset="UTF-16"'}, "raw"),
+    ({"Content-Type": "text/plain"}, "raw"),
+    ({"Content-Type": "application/x-www-form-urlencoded"}, "raw"),
+    ({"Content-Type": "multipart/form-data; boundary=x"}, "raw"),
+    ({}, "raw"),
+]
+
+
+@pytest.mark.parametrize("headers,encode", _UNREADABLE, ids=[str(h) for h, _ in _UNREADABLE])
+def test_bodies_that_are_not_json_get_415_saying_what_to_send(small_limit_server, headers, encode):
+    import gzip
+
+    body = json.dumps({"prompt": "a portrait", "steps": 0}).encode()
+    with httpx.Client(base_url=small_limit_server, timeout=30) as c:
+        r = c.post("/v1/images", headers={**AUTH, **headers}, content=gzip.compress(body) if encode == "gzip" else body)
+    assert r.status_code == 415, r.text
+    err = r.json()["error"]
+    assert err["code"] == "unsupported_media_type" and "Content-Type: application/json" in err["message"]
+
+
+@pytest.mark.parametrize("ctype", ["application/json", "application/json; charset=utf-8", "Application/JSON",
+                                   "application/merge-patch+json"])
+def test_json_bodies_pass_the_media_type_check(small_limit_server, ctype):
+    body = json.dumps({"prompt": "a portrait", "steps": 0}).encode()
+    with httpx.Client(base_url=small_limit_server, timeout=30) as c:
+        r = c.post("/v1/images", headers={**AUTH, "Content-Type": ctype}, content=body)
+    assert r.status_code == 422 and r.json()["error"]["details"][0]["field"] == "steps", r.text

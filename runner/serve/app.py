@@ -11,7 +11,8 @@ Errors are JSON: ``{"error": {"code": ..., "message": ..., "details": [...]}}`` 
 401 (token missing or wrong), 422 (invalid request: one entry per bad field, with the reason;
 a body that is not JSON gets one entry for ``body`` with the line, column and character offset
 of the syntax error), 413 (body larger than generate.api.max_body_bytes, whether or not the
-client sent Content-Length), 429 (queue full, with Retry-After), 400 ``content_filtered`` (the
+client sent Content-Length), 415 (a body that is not uncompressed UTF-8 JSON with
+``Content-Type: application/json``), 429 (queue full, with Retry-After), 400 ``content_filtered`` (the
 safety checker withheld the output), 501 (video not available), 500 (generation failed).
 """
 
@@ -91,9 +92,13 @@ class BodyLimit:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
             return await self._too_large(scope, receive, send)
+        unreadable = _not_json(headers) if scope.get("method") in ("POST", "PUT", "PATCH") else None
+        if unreadable:
+            return await _error(415, "unsupported_media_type", unreadable)(scope, receive, send)
         seen, over, answered = 0, False, False
 
         async def counted_receive() -> dict:
@@ -122,6 +127,24 @@ class BodyLimit:
                      f"the request body is larger than {self.max_bytes} bytes ({mib:.3g} MiB), the most this "
                      "server accepts (generate.api.max_body_bytes); send a smaller request "
                      "(e.g. a smaller image_base64)")(scope, receive, send)
+
+
+def _not_json(headers: dict[bytes, bytes]) -> str | None:
+    """Why a request body would not be read as JSON (FastAPI would answer a vague 400 or 'not a
+    dictionary'), or None: the API reads uncompressed UTF-8 JSON only."""
+    send = "send the request as uncompressed UTF-8 JSON with 'Content-Type: application/json'"
+    encoding = headers.get(b"content-encoding", b"identity").decode("latin-1").strip().lower()
+    if encoding not in ("", "identity"):
+        return f"request bodies with Content-Encoding '{encoding}' are not accepted; {send}"
+    media, _, params = headers.get(b"content-type", b"").decode("latin-1").partition(";")
+    media = media.strip().lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        return f"the body's Content-Type is {repr(media) if media else 'missing'}; {send}"
+    charset = next((v.strip().strip('"').lower() for k, _, v in (p.partition("=") for p in params.split(";"))
+                    if k.strip().lower() == "charset"), "utf-8")
+    if charset not in ("utf-8", "utf8"):
+        return f"the body's charset is {charset!r}; {send}"
+    return None
 
 
 def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
