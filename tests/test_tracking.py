@@ -194,7 +194,7 @@ def mlflow_server(tmp_path_factory):
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=15)
+            proc.wait(timeout=5)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -261,6 +261,7 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_runs_read_back_through_the_mlflow_client(tracked, mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -350,6 +351,7 @@ def _wandb_records(path: Path):
             yield rec
 
 
+@pytest.mark.slow
 def test_wandb_offline_runs_hold_the_history(tracked):
     root, result = tracked
     ex = _executions(root, result.run_id)
@@ -367,9 +369,11 @@ def test_wandb_offline_runs_hold_the_history(tracked):
     logged = [json.loads(x) for x in (_store(root, "hero:train") / "logs" / "metrics.jsonl").read_text().splitlines()]
     losses = {r["step"]: r["loss"] for r in logged if "loss" in r}
     assert {s: h["loss"] for s, h in history.items() if "loss" in h} == pytest.approx(losses)
-    assert config["base_model"]["value"] == "builtin:tiny-sd"
+    value = config["base_model"]
+    assert (value.get("value") if isinstance(value, dict) else value) == "builtin:tiny-sd"
 
 
+@pytest.mark.slow
 def test_runs_and_the_report_show_the_tracking_run_ids(tracked, capsys):
     from test_spec_trust import run_cli
 
@@ -382,6 +386,7 @@ def test_runs_and_the_report_show_the_tracking_run_ids(tracked, capsys):
     assert "Experiment tracking" in html and all(i in html for i in ids)
 
 
+@pytest.mark.slow
 def test_a_tracking_server_that_is_down_is_a_warning_not_a_failure(tracked):
     """Training again with the server's address pointing nowhere: the stage succeeds, its outputs
     are promoted, and the warning is on its execution record and in `runner runs`."""
@@ -403,3 +408,33 @@ def test_a_tracking_server_that_is_down_is_a_warning_not_a_failure(tracked):
     assert dead in entry["warning"] and "not reachable" in entry["warning"]
     assert (_store(root, "hero:train") / "lora" / "index.json").is_file()
     assert time.monotonic() - t0 < 60
+
+
+@pytest.mark.slow
+def test_default_mlflow_store_is_sqlite_in_the_workspace(tmp_path, monkeypatch):
+    """`mlflow: true` without a URI: a SQLite store at .runner/mlflow.db with the artifacts beside
+    it (never in the current folder); names from a spec in param keys are made legal."""
+    from mlflow.tracking import MlflowClient
+
+    from runner.tracking import StageLog, log_stage
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    ws_dir = tmp_path / "project" / ".runner"
+    ws_dir.mkdir(parents=True)
+    lora = tmp_path / "lora.safetensors"
+    lora.write_bytes(b"\x00weights")
+    log = StageLog(name="hero:train r1", kind="train", params={"variants": {"wide (r=64)+": {"lora": {"rank": 64}}}},
+                   tags={"runner.character": "hero"}, series={"loss": [(1, 0.5), (2, 0.25)]},
+                   metrics={"final_loss": 0.25}, artifacts=[(lora, "lora")])
+    conf = {"enabled": True, "tracking_uri": None, "experiment": None, "artifacts": True}
+    (run,) = log_stage({"mlflow": conf, "tags": {"team": "vision"}}, log, ws_dir)
+    assert run.warning is None and run.uri == f"sqlite:///{ws_dir / 'mlflow.db'}" and run.url is None
+    client = MlflowClient(tracking_uri=run.uri)
+    got = client.get_run(run.run_id)
+    assert got.data.params == {"variants.wide _r_64__.lora.rank": "64"}
+    assert got.data.tags["team"] == "vision" and client.get_experiment(got.info.experiment_id).name == "hero"
+    assert [(m.step, m.value) for m in client.get_metric_history(run.run_id, "loss")] == [(1, 0.5), (2, 0.25)]
+    stored = ws_dir / "mlartifacts" / "hero" / run.run_id / "artifacts" / "lora" / "lora.safetensors"
+    assert stored.read_bytes() == b"\x00weights"
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "mlartifacts").exists()

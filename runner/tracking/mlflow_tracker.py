@@ -51,7 +51,8 @@ class MlflowTracker(Tracker):
         run_id = run.info.run_id
         try:
             now = int(time.time() * 1000)
-            params = [Param(k[:250], v[:6000]) for k, v in flatten(log.params).items()]
+            flat = {_key(k): v[:6000] for k, v in flatten(log.params).items()}  # user names in keys
+            params = [Param(k, v) for k, v in flat.items()]
             metrics = [Metric(_key(n), float(v), now, int(s)) for n, pts in log.series.items() for s, v in pts]
             metrics += [Metric(_key(n), float(v), now, 0) for n, v in log.metrics.items()]
             for i in range(0, len(params), 100):
