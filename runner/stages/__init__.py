@@ -15,6 +15,7 @@ BUILTIN_STAGE_MODULES = (
     "video_identity",
     "analyze",
     "curate",
+    "extract",
     "caption",
     "export",
     "train",

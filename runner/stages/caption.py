@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.stages import base
-from runner.stages.analyze import image_inputs, read_jsonl
+from runner.stages.analyze import curated_image_inputs, read_jsonl
 
 TEMPLATE_FIELDS = ("trigger", "class", "shot", "attributes", "pose", "expression", "lighting", "people")
 
@@ -53,7 +53,7 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
             kind="caption",
             character=graph.character,
             config=config,
-            inputs={"curated": base.StageOutputRef(curate.id, "curated"), **image_inputs(graph)},
+            inputs={"curated": base.StageOutputRef(curate.id, "curated"), **curated_image_inputs(graph)},
             outputs=("dataset", "balance"),
             label="template captions" + (f" + {config['model']}" if config["model"] else ""),
         )

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from runner.stages import base
-from runner.stages.analyze import image_inputs, read_jsonl
+from runner.stages.analyze import analysis_inputs, curated_image_inputs, read_jsonl
 from runner.stages.common import review_section
 from runner.vision import balance as B
 from runner.vision import shots as S
@@ -65,12 +65,12 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
     config = {**cur, "strategy": shots["strategy"], "targets": {k: list(v) for k, v in sorted(shots["targets"].items())},
               "augment_min_side": shots["augment_min_side"], "max_repeats": shots["max_repeats"],
               "allow_flips": bool(shots["allow_flips"]), "sided_traits": sided_traits(spec, shots)}
-    inputs: dict[str, base.InputRef] = {"analysis": base.StageOutputRef(analyze.id, "analysis")}
+    inputs: dict[str, base.InputRef] = analysis_inputs(graph)
     review = review_section(graph, "dataset")
     if review:
         config["review"] = review
     if config["strategy"] == "augment":  # crops need the pixels; otherwise records suffice
-        inputs.update(image_inputs(graph))
+        inputs.update(curated_image_inputs(graph))
     return [
         base.PlanNode(
             id=base.node_id(graph.character, "curate"),
@@ -212,7 +212,22 @@ def _entry(rec: dict[str, Any]) -> dict[str, Any]:
         "people": rec.get("people_substantial", rec.get("people", 0)),
         "face_box": f["box"] if f else None, "pose": f["pose"] if f else None,
         "expression": rec.get("expression") or {}, "exposure": (f or {}).get("exposure"),
+        **({"provenance": rec["provenance"]} if rec.get("provenance") else {}),
     }
+
+
+def _analysis_records(inputs: dict[str, base.Artifact]) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+    """The records of every analysis input (analyze's, then the extract stage's frames), and the
+    folder holding each extracted record's thumbnail."""
+    records: list[dict[str, Any]] = []
+    thumb_dirs: dict[str, Path] = {}
+    for name in sorted(n for n in inputs if n.startswith("analysis")):
+        folder = Path(inputs[name].path)
+        for rec in read_jsonl(folder / "records.jsonl"):
+            records.append(rec)
+            if name != "analysis":
+                thumb_dirs[rec["id"]] = folder
+    return records, thumb_dirs
 
 
 # --------------------------------------------------------------------------- 5. shot balance
@@ -520,7 +535,7 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     else:
         ctx.log(f"identity threshold {threshold} ({'spec' if cfg['identity_threshold'] is not None else 'default for ' + summary['backend']})")
     # 0. The reviewer's decisions (runner review): they come before every automatic rule.
-    all_records = list(read_jsonl(adir / "records.jsonl"))
+    all_records, thumb_dirs = _analysis_records(inputs)
     decided, missing = reviewer_decisions(cfg.get("review") or {}, {r["id"] for r in all_records})
     for m in missing:
         ctx.warn(f"review: a decision ({', '.join(f'{k} {v}' for k, v in m.items() if k != 'image_id')}) is for "
@@ -574,7 +589,7 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     with (out / "rejected.jsonl").open("w", encoding="utf-8") as fh:
         for r in rejected:
             fh.write(json.dumps(r) + "\n")
-            thumb = adir / "thumbs" / f"{r['id']}.jpg"
+            thumb = thumb_dirs.get(r["id"], adir) / "thumbs" / f"{r['id']}.jpg"
             if thumb.exists():
                 shutil.copyfile(thumb, out / "thumbs" / f"{r['id']}.jpg")
     reasons: dict[str, int] = {}
