@@ -204,3 +204,32 @@ def test_what_the_clip_cannot_supply_is_said(lin_project, shared_data, monkeypat
     (line,) = [x for x in summary["could_not_supply"] if x.startswith("full-body")]
     assert "no frame of the character passing the gates is full-body in 1 video" in line
     assert "What the videos could not supply" in result.reports["lin"].read_text()
+
+
+def _record(i: int, shot: str) -> dict:
+    return {"id": f"r{i}", "shot": shot, "categories": [shot], "main_face": 0, "no_face": False, "identity": 0.95,
+            "phash": f"{(0x9E3779B97F4A7C15 * (i + 1)) % 2**64:016x}", "flags": {},
+            "faces": [{"box": [0, 0, 100, 100], "blur": 80.0, "exposure": {"clipped_dark": 0.0, "clipped_bright": 0.0}}]}
+
+
+@pytest.mark.parametrize("close,full", [(7, 0), (10, 1), (4, 2)])
+def test_plan_notes_say_what_will_be_extracted(tmp_path, close, full):
+    from runner.stages import extract as E
+
+    config = {"videos": {"1": "clips/a.mp4", "2": "clips/b.mp4"}, "targets": {"full_body": [0.25, 0.3]},
+              "max_per_category": 50, "curation": dict(E.CURATION_DEFAULTS)}
+    before = E.plan_notes(config, {"analysis": None})
+    assert before == ["after analysis: will look in 2 videos for frames of the categories under target among "
+                      "full-body (25%-30%)"]
+    adir = tmp_path / "analysis"
+    adir.mkdir()
+    recs = [_record(i, "close_up") for i in range(close)] + [_record(close + i, "full_body") for i in range(full)]
+    (adir / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (adir / "summary.json").write_text(json.dumps({"references": 1, "default_identity_threshold": 0.92}))
+    notes = E.plan_notes(config, {"analysis": base.Artifact("analysis", adir)})
+    tally = B.Tally.of((r["categories"], 1.0) for r in recs)
+    need = X.needs(tally, config["targets"], 50)
+    if need:
+        assert notes == [f"will extract up to {need[0].cap} full-body from 2 videos to reach targets"]
+    else:
+        assert "no frames to extract" in notes[0]
