@@ -19,6 +19,10 @@ The published config files carry absolute paths into the published copy.
   ``num_repeats`` per group).
 - ``jsonl``: ``metadata.jsonl``, every dataset record plus ``file_name`` (Hugging Face imagefolder
   convention: relative to the metadata file).
+- ``identity_crops``: ``identity_crops/<adapter>/<crop>/<id>.png`` + ``manifest.json`` per identity
+  adapter (InstantID, IP-Adapter-FaceID and its Plus, PuLID), each face aligned from the analysis'
+  landmarks the way the adapter expects, optionally without its background
+  (:mod:`runner.vision.identity_crops`).
 
 Files are hard-linked from the dataset artifact when possible (cached artifacts never change).
 """
@@ -35,7 +39,8 @@ from runner.paths import replace_folder
 from runner.stages import base
 from runner.stages.analyze import read_jsonl
 
-FORMATS = ("kohya", "plain", "jsonl")
+FORMATS = ("kohya", "plain", "jsonl", "identity_crops")
+DEFAULT_FORMATS = ("kohya", "plain", "jsonl")
 PUBLISHED = Path("exports")  # under the workspace folder (.runner/): <character>/
 _KEY_FILE = ".export-key"
 
@@ -52,7 +57,7 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
     train = train_config(section if isinstance(section, dict) else {}, character=graph.character,
                          trigger=ch["trigger"], class_word=ch.get("class_word", "person"))
     config = {
-        "formats": sorted(set(ex.get("formats", list(FORMATS)))),
+        "formats": sorted(set(ex.get("formats", list(DEFAULT_FORMATS)))),
         "repeats": int(ex.get("repeats", 10)),
         "trigger": ch["trigger"],
         "class_word": ch.get("class_word", "person"),
@@ -62,17 +67,77 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
         "base_model": train["base_model"] if isinstance(section, dict) else None,
         "model_family": train["model_family"],
     }
+    inputs: dict[str, base.InputRef] = {"dataset": base.StageOutputRef(caption.id, "dataset")}
+    if "identity_crops" in config["formats"]:
+        config["identity_crops"] = identity_crops_config(ex.get("identity_crops") or {})
+        inputs.update(identity_crops_inputs(config["identity_crops"], caption, graph))
     return [
         base.PlanNode(
             id=base.node_id(graph.character, "export"),
             kind="export",
             character=graph.character,
             config=config,
-            inputs={"dataset": base.StageOutputRef(caption.id, "dataset")},
+            inputs=inputs,
             outputs=("export",),
             label=", ".join(config["formats"]),
         )
     ]
+
+
+def identity_crops_config(section: dict[str, Any]) -> dict[str, Any]:
+    """The node config of ``dataset.export.identity_crops`` (defaults come from the schema)."""
+    bg = dict(section.get("background") or {})
+    return {"adapters": sorted(set(section["adapters"])), "max_upscale": float(section["max_upscale"]),
+            "max_yaw": float(section["max_yaw"]), "max_pitch": float(section["max_pitch"]),
+            "background": bg if bg.get("model") else None}
+
+
+def identity_crops_inputs(cfg: dict[str, Any], caption: base.PlanNode, graph: base.GraphView) -> dict[str, base.InputRef]:
+    """The analysis (landmarks), curation's identity threshold and a local matting model's bytes."""
+    analyze = graph.node(base.node_id(graph.character, "analyze"))
+    if analyze is None:
+        raise base.StageError("dataset.export.formats: identity_crops needs the face analysis of dataset.sources",
+                              hint="add image sources, or drop identity_crops from dataset.export.formats")
+    inputs: dict[str, base.InputRef] = {"analysis": base.StageOutputRef(analyze.id, "analysis"),
+                                        "balance": base.StageOutputRef(caption.id, "balance")}
+    model = (cfg.get("background") or {}).get("model") or ""
+    p = graph.project_root / model
+    if model and not model.startswith("rembg:") and p.exists():
+        inputs["matting_model"] = base.FileSetRef(root=p, patterns=("*",), recursive=True,
+                                                  spec_key="dataset.export.identity_crops.background.model")
+    return inputs
+
+
+def _export_identity_crops(records: list[dict], ddir: Path, out: Path, config: dict[str, Any],
+                           inputs: dict[str, base.Artifact], ctx) -> dict[str, Any]:
+    from runner.vision import identity_crops as IC
+
+    cfg = config["identity_crops"]
+    adir = Path(inputs["analysis"].path)
+    summary = json.loads((adir / "summary.json").read_text(encoding="utf-8"))
+    balance = json.loads((Path(inputs["balance"].path) / "balance.json").read_text(encoding="utf-8"))
+    wanted = {r["id"] for r in records}
+    analysis = {r["id"]: r for r in read_jsonl(adir / "records.jsonl") if r["id"] in wanted}
+    settings = IC.Settings(adapters=cfg["adapters"], max_upscale=cfg["max_upscale"], max_yaw=cfg["max_yaw"],
+                           max_pitch=cfg["max_pitch"], identity_threshold=balance.get("identity_threshold"),
+                           backend=summary.get("backend", ""))
+    bg = cfg.get("background")
+    if bg:
+        from runner.vision.matting import check_color, load_matting
+
+        key = "dataset.export.identity_crops.background"
+        settings.color = check_color(bg["color"], f"{key}.color")
+        settings.output = bg["output"]
+        settings.matting = load_matting(bg["model"], bg.get("session"), Path(ctx.project_root), key=f"{key}.model")
+        if settings.matting.info["tiny_random_model"]:
+            ctx.warn(f"{key}.model is a tiny random model: its masks are noise")
+    if settings.identity_threshold is None:
+        ctx.warn("identity_crops: no character.references, so no face is identity-checked and none is exported")
+    progress = ctx.progress(len(records), "identity crops")
+    counts = IC.export(records, analysis, ddir, out / "identity_crops", settings, progress=lambda: progress.update(1))
+    progress.close()
+    ctx.log("identity crops: " + ", ".join(f"{a} {c['images']} ({c['skipped']} skipped)" for a, c in counts.items()))
+    return counts
 
 
 def _link(src: Path, dest: Path) -> None:
@@ -221,7 +286,7 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     """Trainer-ready folders: kohya sd-scripts, image+txt (ai-toolkit, OneTrainer), metadata.jsonl."""
     unknown = [f for f in config["formats"] if f not in FORMATS]
     if unknown:
-        raise base.StageError(f"dataset.export.formats: unknown format {unknown[0]!r}", hint="use kohya, plain, jsonl")
+        raise base.StageError(f"dataset.export.formats: unknown format {unknown[0]!r}", hint="use " + ", ".join(FORMATS))
     if "_" in config["trigger"] and "kohya" in config["formats"]:
         ctx.warn(f"trigger {config['trigger']!r} contains '_': sd-scripts splits '<repeats>_<name>' at the first '_', "
                  "which still works, but check the class tokens in dataset_config.toml")
@@ -238,6 +303,8 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     if "plain" in formats:
         summary["plain"] = _export_plain(records, ddir, out)
     write_tool_configs(out, summary)
+    if "identity_crops" in formats:
+        summary["identity_crops"] = _export_identity_crops(records, ddir, out, config, inputs, ctx)
     if "jsonl" in formats:
         with (out / "metadata.jsonl").open("w", encoding="utf-8") as fh:
             for r in records:
