@@ -55,6 +55,9 @@ dataset:
     strategy: augment
     targets: {close_up: [0.2, 0.5], medium: [0.2, 0.5]}
   captions: {model: org/captioner, extra_tags: [photo]}
+  export:
+    formats: [kohya, plain, jsonl, identity_crops]
+    identity_crops: {adapters: [pulid, instantid], background: {model: org/matting, session: u2net}}
 train:
   base_model: builtin:tiny-sd
   steps: 20
@@ -218,6 +221,8 @@ CHANGES: dict[str, Any] = {
     "hardware.price_table": {"A10G": 2.2},
     "hardware.modal.secrets": ["hf", "wandb"],
     "report.output_dir": "other-reports",
+    "dataset.export.identity_crops.background.session": "isnet-general-use",
+    "dataset.export.identity_crops.background.color": "#000000",
     "tracking.mlflow": True,
     "tracking.mlflow.tracking_uri": "sqlite:///mlflow.db",
     "tracking.wandb": False,
