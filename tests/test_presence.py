@@ -71,6 +71,8 @@ def test_cast_names_and_pronouns() -> None:
     assert cast.named_in("Kose laughs.") == "Kose"  # a part of the name, capitalised
     assert cast.named_in("a kose laughs") is None  # a part in lower case is just a word
     assert cast.named_in("ALDRKSE waves") == "aldrkse"
+    chris = Cast.of({"name": "chris", "display_name": "Chris Lane", "trigger": "chrsln", "class_word": "man"})
+    assert chris.named_in("Lane's dog barks.") == "Lane's" and chris.named_in("Chris's hat") == "chris"
     assert pronouns_of({"class_word": "3d cartoon boy"}) == {"he"}
     assert pronouns_of({"class_word": "woman"}) == {"she"}
     assert pronouns_of({"class_word": "person"}) == {"he", "she"}

@@ -109,7 +109,7 @@ class Cast:
             if f" {n} " in low:
                 return n
         for w in _WORD.findall(text):
-            if w[:1].isupper() and w.lower().rstrip("'s\u2019") in self.parts:
+            if w[:1].isupper() and w.lower().removesuffix("'s").removesuffix("\u2019s") in self.parts:
                 return w
         m = re.search(rf"\bthe\s+{re.escape(self.class_word)}\b", text, re.IGNORECASE)
         return m.group(0).lower() if m and self.class_word not in ("person", "character") else None
