@@ -90,3 +90,30 @@ def test_cast_names_and_pronouns() -> None:
 ])
 def test_subject_phrase(clause, expected) -> None:
     assert subject_phrase(clause) == expected
+
+
+OTHERS = ["the bai", "the old merchant", "Omar", "the village elder", "a shepherd"]
+VERBS = ["laughs at the joke", "counts the coins", "shivers in the cold", "sells a horse", "waits by the well"]
+HEROES = [(ALDAR, "Aldar"), (ALDAR, "Aldar Kose"), ({**ALDAR, "aliases": ["the trickster"]}, "The trickster"),
+          (MAYA, "Maya"), (MAYA, "The painter")]
+
+
+@pytest.mark.parametrize("character, hero_name", HEROES, ids=[h for _, h in HEROES])
+def test_generated_stories(character, hero_name) -> None:
+    """Every other character x verb: the hero's own scene is his, the other's is not, 'him/her'
+    in the other's scene is the hero, and a subject pronoun goes to the last subject it fits."""
+    own = {"he": "his", "she": "her"}
+    for other in OTHERS:
+        other_cap = other[:1].upper() + other[1:]
+        for verb in VERBS:
+            obj = "her" if MAYA is character else "him"
+            scenes = [f"{hero_name} {verb}.", f"{other_cap} {verb}.", f"{other_cap} looks at {obj}.",
+                      f"{hero_name} {verb.split()[0]} {own['she' if MAYA is character else 'he']} hat away."]
+            got = [p.hero for p in hero_presence(scenes, character)]
+            assert got == [True, False, True, True], (scenes, [p.reason for p in hero_presence(scenes, character)])
+    # a subject pronoun after another character goes to that character only when it fits
+    for other in ("the bai", "Omar", "the merchant"):
+        story = [f"Aldar arrives.", f"{other[:1].upper() + other[1:]} frowns.", "He leaves."]
+        assert [p.hero for p in hero_presence(story, ALDAR)] == [True, False, False]
+    story = ["Aldar arrives.", "The old woman frowns.", "He leaves."]  # 'he' cannot be the woman
+    assert [p.hero for p in hero_presence(story, ALDAR)] == [True, False, True]
