@@ -60,13 +60,21 @@ def cached_snapshot(ref: str) -> str | None:
         return None
 
 
+def offline_setting() -> str | None:
+    """'HF_HUB_OFFLINE is set' when the environment turns the hub off, else None (no network)."""
+    from huggingface_hub import constants
+
+    return "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE or _env_true("HF_HUB_OFFLINE") else None
+
+
 def offline_reason() -> str | None:
     """Why the hub cannot be reached now (HF_HUB_OFFLINE, no route, no DNS), or None."""
     global _probe
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE or _env_true("HF_HUB_OFFLINE"):
-        return "HF_HUB_OFFLINE is set"
+    off = offline_setting()
+    if off:
+        return off
     if _probe is not None and time.monotonic() - _probe[0] < 60:
         return _probe[1]
     from huggingface_hub.utils import get_session

@@ -223,6 +223,7 @@ def test_plan_warns_about_every_uncached_hub_model_key(tmp_path, shared_data):
         assert len(hits) == 1, (key, r.stderr)
         assert key in re.sub(r"\[\d+\]", ".[]", hits[0]) and hub_cache in hits[0], hits[0]
         assert "hero:" in hits[0] and "hero:report" not in hits[0], hits[0]
+        assert "will fail when it starts (HF_HUB_OFFLINE is set" in hits[0] and "will download" not in hits[0], hits[0]
     data = json.loads(run_plan(spec, tmp_path, "--json").stdout)
     assert {m["model"] for m in data["uncached_models"]} == set(values.values())
 
@@ -242,3 +243,20 @@ def test_plan_is_quiet_about_builtin_local_and_cached_models(tmp_path, shared_da
     r = run_plan(spec, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Plan:" in r.stdout and "warning: model" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("offline", ["1", "true", "ON", ""])
+def test_the_plan_warning_says_what_will_happen_with_this_environment(monkeypatch, offline):
+    """With HF_HUB_OFFLINE set the warning says the stage will fail (not that it will download)."""
+    from huggingface_hub import constants
+
+    from runner.plan.preflight import UncachedModel
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    text = UncachedModel("org/m", "not in the Hugging Face cache (/c)", ["train.base_model"], ["hero:train"]).message()
+    if offline:
+        assert "hero:train will fail when it starts (HF_HUB_OFFLINE is set" in text and "will download" not in text
+    else:
+        assert "hero:train will download it when it runs" in text
+    assert "hf download org/m" in text

@@ -27,10 +27,14 @@ class UncachedModel:
     stages: list[str] = field(default_factory=list)
 
     def message(self) -> str:
-        return (f"model {self.model!r} ({', '.join(self.keys)}) is {self.why} and not a local path: "
+        from runner.hub import offline_setting
+
+        off = offline_setting()
+        when = (f"{', '.join(self.stages)} will fail when it starts ({off}, so nothing is downloaded)" if off else
                 f"{', '.join(self.stages)} will download it when it runs, which needs the network "
-                "(offline or with HF_HUB_OFFLINE=1 it fails at that point). Download it first "
-                f"(`hf download {self.model}`) or point the key at a local folder.")
+                "(offline or with HF_HUB_OFFLINE=1 it fails at that point)")
+        return (f"model {self.model!r} ({', '.join(self.keys)}) is {self.why} and not a local path: {when}. "
+                f"Download it first (`hf download {self.model}`) or point the key at a local folder.")
 
     def as_json(self) -> dict:
         return {"model": self.model, "reason": self.why, "keys": self.keys, "stages": self.stages}
