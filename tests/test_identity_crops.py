@@ -346,3 +346,13 @@ def test_apply_exports_identity_crops_per_adapter(project: Path, shared_data: Pa
         assert im.mode == "RGB" and im.size == (112, 112)  # the embedding crop never is
     summary = json.loads((project / ".runner" / "exports" / "hero" / "export.json").read_text())
     assert summary["identity_crops"]["pulid"] == {"images": 1, "skipped": 2}
+
+    import jinja2
+
+    from runner.resources import resource_dir
+    from runner.stages import base, export
+
+    (sec,) = export.report_sections({}, {"export": base.Artifact("export", project / ".runner" / "exports" / "hero")}, {})
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(resource_dir("templates"))), autoescape=True)
+    html = env.get_template(sec.template).render(**sec.context)
+    assert "<code>pulid</code>" in html and "manifest.json" in html
