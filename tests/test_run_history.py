@@ -200,3 +200,26 @@ def test_an_old_state_database_gains_the_heartbeat_column(tmp_path):
     assert ws.settle_dead_runs() == [("old", 1.0)]
     assert ws.runs()[0]["status"] == "killed"
     ws.close()
+
+
+@pytest.mark.parametrize("beat,ends,seen", [(None, [105.0], 105.0), (110.0, [105.0], 110.0),
+                                            (101.0, [103.0, 108.5], 108.5), (None, [], 100.0)])
+def test_a_killed_run_is_last_seen_at_its_last_sign_of_life(tmp_path, beat, ends, seen):
+    """A stage the run finished after its last heartbeat (or before the first) is a sign of life:
+    'last seen' and the killed stage's duration count from the later of the two."""
+    ws = Workspace(tmp_path)
+    run = ws.start_run("runner apply a", [])
+    ws.db.execute("UPDATE runs SET started=?, heartbeat=? WHERE id=?", (100.0, beat, run))
+    t = 100.0
+    for i, end in enumerate(ends):
+        ws.db.execute("INSERT INTO executions(run_id, stage_id, character, status, started, duration)"
+                      " VALUES (?,?,?,?,?,?)", (run, f"x:s{i}", "x", "succeeded", t, end - t))
+        t = end
+    ws.db.execute("INSERT INTO executions(run_id, stage_id, character, status, started) VALUES (?,?,?,?,?)",
+                  (run, "x:train", "x", "running", t))
+    with workspace_lock(ws.dir, command="t"):
+        assert ws.mark_dead_runs() == [(run, seen)]
+    assert {r["id"]: r for r in ws.runs()}[run]["finished"] == seen
+    (duration,), = ws.db.execute("SELECT duration FROM executions WHERE stage_id='x:train'").fetchall()
+    assert duration == seen - t
+    ws.close()

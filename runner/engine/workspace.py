@@ -208,9 +208,13 @@ class Workspace:
         rows = self.db.execute(
             "SELECT id, started, host, pid, heartbeat FROM runs WHERE status='running'").fetchall()
         dead = [r for r in rows if alive is None or not alive(r[2], r[3])]
+        out: list[tuple[str, float]] = []
         with self.db:
             for run_id, started, host, pid, beat in dead:
-                seen = beat or started
+                # its last sign of life: the heartbeat, or a stage it finished after the last beat
+                (ended,) = self.db.execute("SELECT MAX(started + duration) FROM executions WHERE run_id=?"
+                                           " AND status!='running'", (run_id,)).fetchone()
+                seen = max(beat or started, ended or 0)
                 why = (f"killed: the runner process (pid {pid} on {host}) died while this stage ran; "
                        f"last seen {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(seen))}")
                 self.db.execute("UPDATE runs SET status='killed', finished=? WHERE id=? AND status='running'",
@@ -218,7 +222,8 @@ class Workspace:
                 self.db.execute(
                     "UPDATE executions SET status='killed', duration=MAX(0, ? - started), error=?"
                     " WHERE run_id=? AND status='running'", (seen, why, run_id))
-        return [(r[0], r[4] or r[1]) for r in dead]
+                out.append((run_id, seen))
+        return out
 
     def settle_dead_runs(self) -> list[tuple[str, float]]:
         """`mark_dead_runs` for a reader that does not hold the lock (`runner runs`, `status`):
