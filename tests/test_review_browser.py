@@ -115,8 +115,11 @@ def _load_all_images(page) -> None:
         return i.complete ? 0 : new Promise(r => { i.onload = i.onerror = r; }); }))""")
 
 
-def test_pages_fit_phone_and_desktop_and_escape_hostile_names(server: str, browser, project: Path) -> None:
-    out = REPO / "docs" / "images"
+def test_pages_fit_phone_and_desktop_and_escape_hostile_names(server: str, browser, project: Path,
+                                                               tmp_path: Path) -> None:
+    # The README's screenshots are made by this test: RUNNER_UPDATE_SCREENSHOTS=1 writes them into
+    # docs/images; otherwise they go to the test's tmp folder, so a test run leaves the tree clean.
+    out = REPO / "docs" / "images" if os.environ.get("RUNNER_UPDATE_SCREENSHOTS") else tmp_path / "shots"
     out.mkdir(parents=True, exist_ok=True)
     for width, suffix in ((1280, ""), (390, "-mobile")):
         page = _page(browser, width)
