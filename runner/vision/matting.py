@@ -58,8 +58,11 @@ def session_names() -> list[str]:
     """The rembg sessions a model can run in (local, one foreground mask)."""
     from rembg.sessions import sessions
 
-    return sorted(n for n, cls in sessions.items() if n not in _UNUSABLE and cls.is_local()
-                  and not cls.requires_credentials() and not cls.has_usage_cost())
+    def usable(cls: Any) -> bool:  # the remote, paid and keyed sessions of newer rembg versions are not
+        return (getattr(cls, "is_local", lambda: True)() and not getattr(cls, "requires_credentials", lambda: False)()
+                and not getattr(cls, "has_usage_cost", lambda: False)())
+
+    return sorted(n for n, cls in sessions.items() if n not in _UNUSABLE and usable(cls))
 
 
 def _session_class(name: str, key: str) -> type:
