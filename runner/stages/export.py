@@ -87,6 +87,10 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
 def identity_crops_config(section: dict[str, Any]) -> dict[str, Any]:
     """The node config of ``dataset.export.identity_crops`` (defaults come from the schema)."""
     bg = dict(section.get("background") or {})
+    if bg.get("model") and not str(bg["model"]).startswith("rembg:") and not bg.get("session"):
+        raise base.StageError("dataset.export.identity_crops.background.session: a local or hub model needs the rembg "
+                              "session it was exported for", hint="e.g. session: u2net (320 px), isnet-general-use, "
+                              "birefnet-general or bria-rmbg; or use model: rembg:<session>")
     return {"adapters": sorted(set(section["adapters"])), "max_upscale": float(section["max_upscale"]),
             "max_yaw": float(section["max_yaw"]), "max_pitch": float(section["max_pitch"]),
             "background": bg if bg.get("model") else None}
