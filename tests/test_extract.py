@@ -125,7 +125,7 @@ def _apply(project: Path, video: str, targets: str, monkeypatch):
 
     base.registry()
     monkeypatch.setattr(base, "_REGISTRY", {k: v for k, v in base._REGISTRY.items()
-                                            if k in ("ingest", "analyze", "extract", "curate", "report")})
+                                            if k in ("ingest", "analyze", "extract", "curate", "caption", "report")})
     spec_file = project / "specs" / "lin.yaml"
     spec_file.write_text(
         "version: 1\n"
@@ -182,6 +182,8 @@ def test_full_body_gap_filled_from_a_video_in_one_apply(lin_project, shared_data
         p = e["provenance"]
         assert p["video"] == "clips/portrait.mp4" and p["reason"].startswith("full-body: short of target 25%-30% by")
         assert isinstance(p["frame_index"], int) and e["identity"] >= balance["identity_threshold"]
+    captioned = {p.stem for p in (lin_project / ".runner" / "store").glob("*/dataset/*.png")}
+    assert {e["id"] for e in added} <= captioned  # caption found the frames' pixels
     html = result.reports["lin"].read_text()
     assert "Frames extracted from video" in html and "Where each added frame came from" in html
     for e in added:

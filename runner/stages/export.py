@@ -37,7 +37,7 @@ from typing import Any
 
 from runner.paths import replace_folder
 from runner.stages import base
-from runner.stages.analyze import read_jsonl
+from runner.stages.analyze import analysis_inputs, read_jsonl
 
 FORMATS = ("kohya", "plain", "jsonl", "identity_crops")
 DEFAULT_FORMATS = ("kohya", "plain", "jsonl")
@@ -102,7 +102,7 @@ def identity_crops_inputs(cfg: dict[str, Any], caption: base.PlanNode, graph: ba
     if analyze is None:
         raise base.StageError("dataset.export.formats: identity_crops needs the face analysis of dataset.sources",
                               hint="add image sources, or drop identity_crops from dataset.export.formats")
-    inputs: dict[str, base.InputRef] = {"analysis": base.StageOutputRef(analyze.id, "analysis"),
+    inputs: dict[str, base.InputRef] = {**analysis_inputs(graph),  # analyze's records and extracted frames'
                                         "balance": base.StageOutputRef(caption.id, "balance")}
     model = (cfg.get("background") or {}).get("model") or ""
     p = graph.project_root / model
@@ -121,7 +121,8 @@ def _export_identity_crops(records: list[dict], ddir: Path, out: Path, config: d
     summary = json.loads((adir / "summary.json").read_text(encoding="utf-8"))
     balance = json.loads((Path(inputs["balance"].path) / "balance.json").read_text(encoding="utf-8"))
     wanted = {r["id"] for r in records}
-    analysis = {r["id"]: r for r in read_jsonl(adir / "records.jsonl") if r["id"] in wanted}
+    analysis = {r["id"]: r for name in sorted(n for n in inputs if n.startswith("analysis"))
+                for r in read_jsonl(Path(inputs[name].path) / "records.jsonl") if r["id"] in wanted}
     settings = IC.Settings(adapters=cfg["adapters"], max_upscale=cfg["max_upscale"], max_yaw=cfg["max_yaw"],
                            max_pitch=cfg["max_pitch"], identity_threshold=balance.get("identity_threshold"),
                            backend=summary.get("backend", ""))

@@ -153,7 +153,11 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     stats: list[X.ScanStats] = []
     chosen: list[X.Candidate] = []
     lost: dict[str, int] = {}
-    if need_list:
+    if need_list and not summary.get("references"):
+        need_list = []
+        ctx.warn("extract: no reference faces (character.references), so a frame cannot be checked as the "
+                 "character: no video decoded; add references to fill the shot gaps from the videos")
+    elif need_list:
         candidates = _scan_videos(config, inputs, summary, {nd.category for nd in need_list}, stats, ctx)
         picks, lost = X.diverse(candidates, {nd.category: nd.cap for nd in need_list},
                                 min_gap_s=float(config["min_gap_s"]),
