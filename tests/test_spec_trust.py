@@ -636,3 +636,25 @@ def test_yaml_files_a_spec_names_are_read_like_the_spec(project, capsys, name, t
     assert code == 2, out
     assert "Traceback" not in out and "internal error" not in out, out
     assert f"{target.name}:{line - 4 if line else ''}" in out, out
+
+
+@pytest.mark.parametrize("target", ["outside", "etc", "inside", "chain"])
+@pytest.mark.parametrize("command", ["plan", "apply"])
+def test_a_review_file_that_is_a_symlink_is_never_read_through(project, capsys, tmp_path, target, command):
+    """<spec>.review.yaml is a file the runner writes itself: a symlink there (to a file outside the
+    project, /etc, or anything else) is refused (exit 2) without showing what it points at."""
+    secret = tmp_path / "secret.yaml"
+    secret.write_text("format: 1\nimages:\n  TOPSECRET:\n    decision: drop\n")
+    inner = project / "specs" / "elsewhere.yaml"
+    inner.write_text(secret.read_text())
+    link = project / "specs" / "hero.review.yaml"
+    dest = {"outside": secret, "etc": Path("/etc/passwd"), "inside": inner}.get(target)
+    if dest is None:  # a link to a link to the secret
+        (project / "specs" / "hop.yaml").symlink_to(secret)
+        dest = project / "specs" / "hop.yaml"
+    link.symlink_to(dest)
+    spec = write_bytes(project, MINIMAL.encode())
+    code, out = run_cli(command, str(spec), capsys=capsys)
+    assert code == 2 and "hero.review.yaml" in out and "symbolic link" in out, out
+    assert "TOPSECRET" not in out and "root:" not in out and "Traceback" not in out, out
+    assert link.is_symlink() and dest.read_text()  # nothing was written through or over it

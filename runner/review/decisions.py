@@ -91,6 +91,10 @@ def load(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         return empty()
+    if path.is_symlink():  # never read through: it could lead out of the project, and a save replaces it
+        raise ReviewError(f"{path}: is a symbolic link (to {os.path.realpath(path)}), which is not read; "
+                          "`runner review` writes this file itself (a save replaces the link): make it a "
+                          "plain file next to the spec, or remove it")
     try:  # read like the spec (bounded nesting, aliases and size; no tags): any failure names its line
         data = load_yaml_file(path).data or {}
     except YamlError as exc:
