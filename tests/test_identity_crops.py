@@ -356,3 +356,20 @@ def test_apply_exports_identity_crops_per_adapter(project: Path, shared_data: Pa
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(resource_dir("templates"))), autoescape=True)
     html = env.get_template(sec.template).render(**sec.context)
     assert "<code>pulid</code>" in html and "manifest.json" in html
+
+
+def test_a_model_file_without_its_session_is_a_spec_error(project: Path):
+    import subprocess
+    import sys
+
+    (project / "photos").mkdir()
+    tiny_matting_model(project / "m.onnx", 320)
+    spec = project / "specs" / "hero.yaml"
+    spec.write_text(
+        "version: 1\ncharacter: {name: hero, trigger: hrochr}\ndataset:\n  sources: [{images: ../photos}]\n"
+        "  export:\n    formats: [identity_crops]\n    identity_crops: {background: {model: ../m.onnx}}\n")
+    res = subprocess.run([sys.executable, "-m", "runner.cli", "plan", str(spec)], capture_output=True, text=True,
+                         cwd=project, timeout=120)
+    out = res.stdout + res.stderr
+    assert res.returncode == 2, out
+    assert "dataset.export.identity_crops.background.session" in out and "Traceback" not in out
