@@ -10,6 +10,7 @@ outside the project.
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
@@ -658,3 +659,36 @@ def test_a_review_file_that_is_a_symlink_is_never_read_through(project, capsys, 
     assert code == 2 and "hero.review.yaml" in out and "symbolic link" in out, out
     assert "TOPSECRET" not in out and "root:" not in out and "Traceback" not in out, out
     assert link.is_symlink() and dest.read_text()  # nothing was written through or over it
+
+
+@pytest.mark.parametrize("how", ["file link", "folder link", "relative link"])
+def test_a_spec_linked_out_of_its_project_is_refused(project, capsys, tmp_path, how):
+    """A spec named inside a project but whose file is elsewhere (a symlink to it, or to its folder)
+    would get that folder's workspace and paths: refused (exit 2) unless --allow-outside-project;
+    links into a project from outside any project, and a project reached through a link, are fine."""
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "specs").mkdir(parents=True)
+    (elsewhere / "specs" / "hero.yaml").write_text(MINIMAL)
+    if how == "folder link":
+        (project / "specs" / "linked").symlink_to(elsewhere / "specs")
+        spec = project / "specs" / "linked" / "hero.yaml"
+    else:
+        target = elsewhere / "specs" / "hero.yaml"
+        spec = project / "specs" / "hero.yaml"
+        spec.symlink_to(os.path.relpath(target, spec.parent) if how == "relative link" else target)
+    code, out = run_cli("plan", str(spec), capsys=capsys)
+    assert code == 2 and f"{spec}:1:1:" in out and "symbolic link" in out and str(project) in out, out
+    assert not (elsewhere / ".runner").exists() and not (tmp_path / ".runner").exists()
+    code, out = run_cli("plan", "--allow-outside-project", str(spec), capsys=capsys)
+    assert code == 0, out
+
+
+def test_a_spec_reached_through_links_that_stay_in_its_project_is_accepted(project, capsys, tmp_path):
+    (project / "specs" / "hero.yaml").write_text(MINIMAL)
+    (project / "specs" / "alias.yaml").symlink_to("hero.yaml")
+    (tmp_path / "project_link").symlink_to(project)
+    (tmp_path / "loose.yaml").symlink_to(project / "specs" / "hero.yaml")  # from outside any project
+    for spec in (project / "specs" / "alias.yaml", tmp_path / "project_link" / "specs" / "hero.yaml",
+                 tmp_path / "loose.yaml"):
+        code, out = run_cli("validate", str(spec), capsys=capsys)
+        assert code == 0, out

@@ -58,6 +58,19 @@ def find_project_root(spec_file: Path) -> Path:
     return start
 
 
+def _spec_link_problems(spec_file: Path, project_root: Path) -> list[Problem]:
+    """A spec reached through a symbolic link that leads out of the project it was named in (its
+    workspace, reports and relative paths would be those of another folder) is refused."""
+    given = Path(os.path.abspath(spec_file)).parent
+    named_in = next((f for f in (given, *given.parents) if any((f / m).exists() for m in PROJECT_MARKERS)), None)
+    if named_in is None or Path(os.path.realpath(named_in)) == project_root:
+        return []
+    return [Problem(str(spec_file), 1, 1, "(file)",
+                    f"the spec file is a symbolic link to {spec_file.resolve()}, outside the project folder "
+                    f"{named_in} (its workspace and paths would be those of {project_root})",
+                    hint="Copy the spec into the project, or pass --allow-outside-project if this is intended.")]
+
+
 def deep_merge(base: Any, override: Any) -> Any:
     """Override wins; mappings merge key by key; lists and scalars are replaced."""
     if isinstance(base, dict) and isinstance(override, dict):
@@ -123,6 +136,8 @@ def load_spec(path: str | Path, *, allow_outside: bool = False, require_files: b
 
     project_root = find_project_root(spec_file)
     rules = PathRules(spec_file.resolve().parent, project_root, allow_outside)
+    if not allow_outside:
+        problems += _spec_link_problems(spec_file, project_root)
     data = copy.deepcopy(raw)
     presets_used: dict[str, str] = {}
 
