@@ -235,3 +235,52 @@ def test_plan_notes_say_what_will_be_extracted(tmp_path, close, full):
         assert notes == [f"will extract up to {need[0].cap} full-body from 2 videos to reach targets"]
     else:
         assert "no frames to extract" in notes[0]
+
+
+class _Ctx:
+    """The few StageContext calls scan_video makes."""
+
+    def __init__(self) -> None:
+        self.warnings: list[str] = []
+
+    def warn(self, msg: str) -> None:
+        self.warnings.append(msg)
+
+    def log(self, msg: str) -> None:
+        pass
+
+    def progress(self, total, desc):
+        class _P:
+            def update(self, n):
+                pass
+
+            def close(self):
+                pass
+
+        return _P()
+
+
+def _fake_analyze(rgb):
+    return {"categories": ["full_body"], "quality": float(rgb.mean()) / 255.0, "phash": "0" * 16}
+
+
+@pytest.mark.parametrize("cut", [None, 0.5, 0.01])
+def test_scan_video_survives_truncated_and_unreadable_files(tmp_path, shared_data, cut):
+    """A truncated clip gives the frames before the break; a file that is no video is skipped with a
+    warning naming its source, never an exception."""
+    from runner.stages.extract import scan_video
+
+    data = (shared_data / "video" / "carphone.mp4").read_bytes()
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(data if cut is None else data[: int(len(data) * cut)])
+    ctx = _Ctx()
+    st, found = scan_video(3, "clips/clip.mp4", clip, 5.0, _fake_analyze, lambda r: None, {"full_body"}, ctx)
+    assert st.sampled == len(found) == st.candidates
+    if cut is None:
+        assert st.error is None and st.sampled >= 20 and not ctx.warnings
+    else:
+        assert st.error and ctx.warnings and ctx.warnings[0].startswith("dataset.sources[3].video: ")
+        assert st.sampled < 20
+    missing, none = scan_video(0, "clips/gone.mp4", tmp_path / "gone.mp4", 5.0, _fake_analyze, lambda r: None,
+                               {"full_body"}, ctx)
+    assert none == [] and missing.error.startswith("missing")

@@ -221,7 +221,6 @@ def _scan_videos(config: dict[str, Any], inputs: dict[str, base.Artifact], summa
                  wanted: set[str], stats: list[Any], ctx: base.StageContext) -> list[Any]:
     from runner.stages.curate import gate, quality_score
     from runner.video import extract as X
-    from runner.video.decode import VideoDecodeError, iter_frames, probe_video
     from runner.vision.analysis import analyze_image
 
     backend = _backend(config, summary, Path(ctx.project_root))
@@ -233,28 +232,55 @@ def _scan_videos(config: dict[str, Any], inputs: dict[str, base.Artifact], summa
         rec["quality"] = quality_score(rec)
         return rec
 
+    gate_fn = lambda r: gate(r, config["curation"], threshold)  # noqa: E731
     out: list[X.Candidate] = []
     for i, rel in config["videos"].items():
-        st = X.ScanStats(rel)
-        stats.append(st)
         files = list(inputs[f"video{i}"].files) if f"video{i}" in inputs else []
-        if not files:
-            st.error = "file not found"
-            ctx.warn(f"dataset.sources[{i}].video: {rel} was not found; skipped")
-            continue
-        try:
-            info = probe_video(files[0])
-            stride = max(1, round((info.fps or 25.0) / float(config["sample_fps"])))
-            progress = ctx.progress(info.frame_count // stride + 1 if info.frame_count else None, f"extract {Path(rel).name}")
-            frames = _counted(iter_frames(files[0], stride=stride), progress)
-            out += X.scan(frames, rel, analyze, lambda r: gate(r, config["curation"], threshold), wanted, st)
-            progress.close()
-        except VideoDecodeError as exc:
-            st.error = f"{exc.reason}: {exc.detail}"
-            ctx.warn(f"{rel}: {st.error}; frames read before it are used")
-        ctx.log(f"{rel}: {st.sampled} frames sampled, {st.candidates} candidates "
-                + ", ".join(f"{n} {c}" for c, n in sorted(st.per_category.items())))
+        st, found = scan_video(i, rel, Path(files[0]) if files else None, float(config["sample_fps"]),
+                               analyze, gate_fn, wanted, ctx)
+        stats.append(st)
+        out += found
     return out
+
+
+def scan_video(i: int | str, rel: str, path: Path | None, sample_fps: float, analyze: Any, gate_fn: Any,
+               wanted: set[str], ctx: base.StageContext) -> tuple[Any, list[Any]]:
+    """One video's scan: (its ScanStats, its candidates). A missing or unreadable file is skipped with
+    a warning; a truncated one gives the frames before the break."""
+    from runner.video import extract as X
+    from runner.video.decode import VideoDecodeError, iter_frames, probe_video
+
+    st = X.ScanStats(rel)
+    try:
+        if path is None or not path.is_file():
+            raise VideoDecodeError("missing", f"{rel} was not found")
+        info = probe_video(path)
+    except VideoDecodeError as exc:
+        st.error = f"{exc.reason}: {exc.detail}"
+        ctx.warn(f"dataset.sources[{i}].video: {st.error}; skipped")
+        return st, []
+    stride = max(1, round((info.fps or 25.0) / sample_fps))
+    progress = ctx.progress(info.frame_count // stride + 1 if info.frame_count else None, f"extract {Path(rel).name}")
+    found = X.scan(_counted(_readable(iter_frames(path, stride=stride), st), progress), rel, analyze, gate_fn,
+                   wanted, st)
+    progress.close()
+    if st.error:
+        ctx.warn(f"dataset.sources[{i}].video: {st.error}; "
+                 + (f"the {st.sampled} frames sampled before it are used" if st.sampled else "skipped"))
+    ctx.log(f"{rel}: {st.sampled} frames sampled, {st.candidates} candidates "
+            + ", ".join(f"{n} {c}" for c, n in sorted(st.per_category.items())))
+    return st, found
+
+
+def _readable(frames: Any, stats: Any = None) -> Any:
+    """The frames a video yields up to a decode error (a truncated file), which ``stats`` records."""
+    from runner.video.decode import VideoDecodeError
+
+    try:
+        yield from frames
+    except VideoDecodeError as exc:
+        if stats is not None:
+            stats.error = f"{exc.reason}: {exc.detail}"
 
 
 def _counted(frames: Any, progress: Any) -> Any:
@@ -284,7 +310,7 @@ def _write_frames(chosen: list[Any], config: dict[str, Any], inputs: dict[str, b
     for rel, cands in by_video.items():
         sha = file_sha256(files[rel])
         want = {c.frame_index: c for c in cands}
-        for fr in iter_frames(files[rel], wanted=set(want)):
+        for fr in _readable(iter_frames(files[rel], wanted=set(want))):
             c = want[fr.index]
             fid = frame_id(sha, fr.index)
             Image.fromarray(fr.rgb).save(images_dir / "images" / f"{fid}.png", format="PNG", compress_level=1)
