@@ -24,7 +24,7 @@ import json
 from typing import Any
 
 from runner.spec import schema as S
-from runner.spec.resolve import deep_merge
+from runner.spec.resolve import _get, deep_merge
 
 # Keys of the train section that shape the plan (which nodes exist), not what one node computes.
 PLAN_ONLY = ("variants", "include_base_variant", "preset")
@@ -151,16 +151,10 @@ def _shadowed(train: dict[str, Any], name: str, other: str) -> list[str]:
                 train.get("lora") or {}, ov[key]).get("train_text_encoder"):
             reasons.append("'lora.text_encoder_lr' is unused without lora.train_text_encoder")
     merged = apply_variant(train, ov)
-    reasons += [why for path, why in _unused_settings(merged) if _get_path(ov, path) is not None]
+    reasons += [why for path, why in _unused_settings(merged) if _get(ov, path) is not None]
     if not reasons and other != BASE:
         reasons.append(f"its overrides resolve to the same values as variant '{other}'")
     return reasons or ["its values are the ones the section already has"]
-
-
-def _get_path(d: Any, path: tuple[str, ...]) -> Any:
-    for k in path:
-        d = d.get(k) if isinstance(d, dict) else None
-    return d
 
 
 def resolved_variants_comment(train: Any) -> str:
