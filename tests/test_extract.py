@@ -64,6 +64,10 @@ def test_diverse_spaces_frames_and_drops_near_duplicates():
     # a dataset image's hash also blocks, and the cap stops
     assert X.diverse([cands[0]], {"full_body": 5}, min_gap_s=0, dedupe_hamming=4, dataset_hashes=[hashes[0]])[0] == []
     assert len(X.diverse(cands, {"full_body": 2}, min_gap_s=0, dedupe_hamming=0)[0]) == 2
+    # a frame of two needed categories counts for the first with room left, and says which
+    both = [_cand("c.mp4", i * 2.0, 0.9 - i / 100, hashes[i], ("full_body", "wide")) for i in range(4)]
+    picks3, _ = X.diverse(both, {"full_body": 1, "wide": 2}, min_gap_s=1.0, dedupe_hamming=0)
+    assert [p.picked_for for p in picks3] == ["full_body", "wide", "wide"]
 
 
 def test_choose_never_pushes_another_target_farther():

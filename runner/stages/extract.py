@@ -316,7 +316,7 @@ def _write_frames(chosen: list[Any], config: dict[str, Any], inputs: dict[str, b
             Image.fromarray(fr.rgb).save(images_dir / "images" / f"{fid}.png", format="PNG", compress_level=1)
             write_thumbnail(fr.rgb, adir / "thumbs" / f"{fid}.jpg")
             prov = {"video": rel, "video_sha256": sha, "timestamp_s": c.timestamp_s, "frame_index": fr.index,
-                    "reason": reasons[c.fills[0]], "categories": list(c.record["categories"])}
+                    "reason": reasons[c.picked_for or c.fills[0]], "categories": list(c.record["categories"])}
             src = f"{rel}@{c.timestamp_s:.2f}s"
             records.append({"id": fid, "input": INPUT, "file": f"images/{fid}.png", "source": src,
                             "label": "extracted", **c.record, "provenance": prov})

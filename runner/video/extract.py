@@ -70,6 +70,7 @@ class Candidate:
     timestamp_s: float
     record: dict[str, Any]  # the analysis record (analyze's format)
     fills: list[str]  # the needed categories it has
+    picked_for: str = ""  # the category diverse() took it for
 
     @property
     def quality(self) -> float:
@@ -142,6 +143,7 @@ def diverse(candidates: Sequence[Candidate], caps: Mapping[str, int], *, min_gap
         if close or dup:
             lost[cat] = lost.get(cat, 0) + 1
             continue
+        cand.picked_for = cat
         picked.append(cand)
         hashes.append(cand.record["phash"])
         left[cat] -= 1
