@@ -246,3 +246,16 @@ def test_scheduler_settings_called_unused_are_the_ones_get_scheduler_ignores(nam
     unused = {path[-1] for path, _ in _unused_settings({"lr_scheduler": {"name": name}, "shuffle_tags": True})}
     assert ("warmup_steps" in unused) == (rates(0, 1) == rates(10, 1))
     assert ("num_cycles" in unused) == (rates(5, 1) == rates(5, 3))
+
+
+@pytest.mark.parametrize("names", [["renamed", "second"], ["first", "other"], ["x", "y"]])
+def test_a_variant_that_only_renames_phases_is_refused(project, names):
+    """Phase names are labels (logs, LoRA metadata): the same phases under other names train the
+    same LoRA; changing a phase's steps, lr or mix next to the rename is still a change."""
+    renamed = [{**p, "name": n} for p, n in zip(PHASED["phases"], names)]
+    spec_file = write_spec(project, {**PHASED, "variants": {"renamed": {"phases": renamed}}})
+    probs = [p for p in problems_of(spec_file) if "train.variants.renamed" in p]
+    assert probs and "phase names are labels" in probs[0], probs
+    changed = [{**renamed[0], "mix": "natural"}, renamed[1]]
+    spec_file = write_spec(project, {**PHASED, "variants": {"renamed": {"phases": changed}}})
+    assert not [p for p in problems_of(spec_file) if "train.variants.renamed" in p]

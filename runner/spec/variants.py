@@ -52,7 +52,9 @@ def effective(cfg: dict[str, Any]) -> dict[str, Any]:
     """What training uses from a resolved train section (defaults filled): see the module doc."""
     out = {k: copy.deepcopy(v) for k, v in cfg.items() if k not in PLAN_ONLY + ("variant",)}
     phases = out.get("phases") or [{"name": "main", "steps": out.get("steps"), "lr": None, "mix": "natural"}]
-    out["phases"] = [{**p, "lr": p.get("lr") if p.get("lr") is not None else out.get("lr")} for p in phases]
+    # a phase's name is a label (logs, file metadata): the same phases under other names train the same LoRA
+    out["phases"] = [{**{k: v for k, v in p.items() if k != "name"},
+                      "lr": p.get("lr") if p.get("lr") is not None else out.get("lr")} for p in phases]
     out.pop("steps", None)
     lora = out.get("lora") or {}
     if not lora.get("train_text_encoder"):
@@ -150,6 +152,9 @@ def _shadowed(train: dict[str, Any], name: str, other: str) -> list[str]:
         elif key == "lora" and "text_encoder_lr" in (ov[key] or {}) and not deep_merge(
                 train.get("lora") or {}, ov[key]).get("train_text_encoder"):
             reasons.append("'lora.text_encoder_lr' is unused without lora.train_text_encoder")
+    if "phases" in ov and [p.get("name") for p in ov["phases"] or []] != [
+            p.get("name") for p in apply_variant(train, None).get("phases") or [{"name": "main"}]]:
+        reasons.append("phase names are labels: the same phases under other names train the same LoRA")
     merged = apply_variant(train, ov)
     reasons += [why for path, why in _unused_settings(merged) if _get(ov, path) is not None]
     if not reasons and other != BASE:
