@@ -692,3 +692,23 @@ def test_a_spec_reached_through_links_that_stay_in_its_project_is_accepted(proje
                  tmp_path / "loose.yaml"):
         code, out = run_cli("validate", str(spec), capsys=capsys)
         assert code == 0, out
+
+
+def test_every_path_key_refuses_a_fifo_or_device(project, capsys):
+    """A path key naming a FIFO (whose digest would wait forever) or a device is a spec error at
+    its key; report.output_dir naming a file likewise (it must be a folder)."""
+    from runner.spec.errors import format_key_path
+
+    os.mkfifo(project / "specs" / "pipe.yaml")
+    (project / "specs" / "plain.yaml").write_text("values: {}\n")
+    keys = [(p, k) for p, k in _checked_path_keys() if k != "preset"]  # a preset must be a .yaml file
+    assert len(keys) >= 20, keys
+    for path, kind in keys:
+        key = format_key_path(tuple(0 if p == "[]" else "okname1" if p == "<name>" else p for p in path))
+        for value, what in [("pipe.yaml", "FIFO"), ("/dev/null", "character device"), ("plain.yaml", "file")]:
+            if what == "file" and kind != "output":
+                continue
+            text, where = _spec_text(_instance_at(path, value, False))
+            spec = write_bytes(project, text.encode())
+            code, out = run_cli("validate", "--allow-outside-project", str(spec), capsys=capsys)  # for /dev
+            assert code == 2 and f":{where[path[0]]}:" in out and key in out and f"(it is a {what})" in out, (key, out)

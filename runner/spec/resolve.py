@@ -324,6 +324,11 @@ def _resolve_paths(data: dict, loaded: LoadedYaml, rules: PathRules, require_fil
             return rules.normalize(p) if p is not None else None
         if kind != "output" and not os.path.exists(p):
             missing(value, kind, sch, p, path)
+        elif os.path.exists(p) and not os.path.isdir(p) and (kind == "output" or not os.path.isfile(p)):
+            # a FIFO would hang the digest, a device would be read without end
+            problem(path, f"{p} is not a {'folder' if kind == 'output' else 'regular file or folder'} "
+                          f"(it is a {_file_type(p)})", "Point the key at a plain file or folder.")
+            return rules.normalize(p)
         recursive = parent.get("recursive", True) if isinstance(parent, dict) else True
         links = rules.links_out(p, recursive is not False)
         if links:
@@ -333,6 +338,15 @@ def _resolve_paths(data: dict, loaded: LoadedYaml, rules: PathRules, require_fil
 
     visit(data, S.root_schema(), S.root_uri(), (), None, None)
     return problems
+
+
+def _file_type(p: Path) -> str:
+    import stat
+
+    mode = os.stat(p).st_mode
+    return next((name for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
+                                         (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                                         (stat.S_ISREG, "file")) if test(mode)), "special file")
 
 
 # --------------------------------------------------------------------------- semantic checks
