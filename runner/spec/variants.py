@@ -12,7 +12,8 @@ Precedence, highest first: **variant, phase, section, preset, schema default.**
 :func:`effective` is what the trainer actually uses from a resolved train section: the values
 above applied, and the values that cannot change the LoRA dropped (``steps`` beside phases,
 settings of a disabled regularization or bucketing, a text-encoder rate without text-encoder
-training). Two stages with the same effective config would train the same LoRA, so
+training, scheduler settings the schedule ignores, caption-shuffle settings without shuffle_tags,
+phase names). Two stages with the same effective config would train the same LoRA, so
 :func:`variant_problems` refuses a variant whose effective config equals another stage's, and
 :func:`differences` says what a variant changes (``runner plan`` prints it).
 """
