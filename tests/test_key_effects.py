@@ -14,6 +14,7 @@ honour (a price that re-renders clips, a model file whose bytes are not in the k
 
 from __future__ import annotations
 
+import json
 import copy
 import shutil
 from pathlib import Path
@@ -587,3 +588,15 @@ def test_a_variants_local_base_model_is_digested_for_that_variant_only(full_spec
     after = direct_components(spec, digester)
     changed = {sid for sid in before if before[sid][1] != after[sid][1]} - {"hero:report"}
     assert changed == {"hero:train[local]"}
+
+
+@pytest.mark.parametrize("old,new", [(0.0, 0), (5, 5.0), ([1, 2.0], [1, 2]), (True, 1), (-0.0, 0.0)])
+def test_a_change_of_spelling_the_key_sees_is_named_as_a_reason(old, new):
+    """Values Python calls equal but the cache key spells apart (0.0 and 0, True and 1) re-run a
+    stage; the plan names the key instead of a bare 'key changed'."""
+    from runner.plan.planner import canonical_json, explain_change
+
+    assert canonical_json(old) != canonical_json(new)
+    reasons = explain_change({"kind": "train", "version": 1, "config": {"x": {"y": old}}},
+                             {"kind": "train", "version": 1, "config": {"x": {"y": new}}})
+    assert reasons == [f"config x.y changed: {json.dumps(old)} -> {json.dumps(new)}"], reasons

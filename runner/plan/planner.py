@@ -349,7 +349,7 @@ def _diff(a: Any, b: Any, path: str = "") -> list[tuple[str, Any, Any]]:
             p = f"{path}.{k}" if path else str(k)
             out.extend(_diff(a.get(k, _MISSING), b.get(k, _MISSING), p))
         return out
-    if a != b:
+    if a != b or canonical_json(a) != canonical_json(b):  # 0 == 0.0, but the key spells them apart
         return [(path or "(all)", a, b)]
     return []
 
