@@ -31,6 +31,7 @@ def workspace_dir(project_root: Path) -> Path:
 
 MAX_NAME_BYTES = 100  # a kohya folder '<repeats>_<trigger> <class>' stays under the 255-byte limit
 _WINDOWS_RESERVED = '<>:"|?*'
+_WINDOWS_DEVICES = {"CON", "PRN", "AUX", "NUL", *(f"{d}{i}" for d in ("COM", "LPT") for i in range(1, 10))}
 
 
 def file_name_problem(name: str) -> str | None:
@@ -58,6 +59,10 @@ def file_name_problem(name: str) -> str | None:
         return "it starts with '.', which makes a hidden file"
     if name != name.strip():
         return "it starts or ends with a space"
+    if name.endswith("."):
+        return "it ends with '.', which Windows drops from file names"
+    if name.split(".")[0].upper() in _WINDOWS_DEVICES:
+        return f"'{name.split('.')[0]}' is a device name on Windows (CON, PRN, AUX, NUL, COM1-9, LPT1-9)"
     if len(name.encode("utf-8")) > MAX_NAME_BYTES:
         return f"it is longer than {MAX_NAME_BYTES} bytes"
     return None

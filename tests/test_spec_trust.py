@@ -219,7 +219,7 @@ def _instance_at(path: tuple, value, is_key: bool) -> dict:
 HOSTILE_NAMES = [
     "a/b", "/abs", "a\\b", "..", "../up", "a..b", ".hidden", ".", "a\x00b", "a\x01b", "a\x1fb",
     "a\x7fb", "a\u202eb", "a\u200bb", "a\nb", "a\tb", "a:b", "a*b", "a?b", 'a"b', "a|b", "a<b>",
-    "x" * 101, " lead", "trail ", "\u00e9" * 60,
+    "x" * 101, " lead", "trail ", "\u00e9" * 60, "trail.", "a..", "CON", "nul", "Com1", "lpt9.txt", "aux.tar.gz",
 ]
 HOSTILE_SUB_PATHS = ["../x", "/abs", "~/x", "a/../../b", "a\\b", ".hidden/x", "a\x01/b", "..", "a/.."]
 
@@ -278,7 +278,8 @@ def test_hostile_names_are_refused_at_validate_with_their_position(project, caps
 def test_file_name_rule_keeps_ordinary_names():
     from runner.paths import file_name_problem
 
-    for name in ["vlntna", "ohwx_man", "3d cartoon boy", "Алдар", "sks-1", "v1.5", "a.b.c", ""]:
+    for name in ["vlntna", "ohwx_man", "3d cartoon boy", "Алдар", "sks-1", "v1.5", "a.b.c", "", "console", "com10",
+                 "nulled", "lpt", "icon"]:
         assert file_name_problem(name) is None, name
     for name in HOSTILE_NAMES:
         assert file_name_problem(name), repr(name)
@@ -712,3 +713,10 @@ def test_every_path_key_refuses_a_fifo_or_device(project, capsys):
             spec = write_bytes(project, text.encode())
             code, out = run_cli("validate", "--allow-outside-project", str(spec), capsys=capsys)  # for /dev
             assert code == 2 and f":{where[path[0]]}:" in out and key in out and f"(it is a {what})" in out, (key, out)
+
+
+@pytest.mark.parametrize("name", ["con", "nul", "com1", "lpt9", "aux"])
+def test_runner_init_never_writes_a_spec_whose_name_fails_validation(tmp_path, monkeypatch, capsys, name):
+    monkeypatch.chdir(tmp_path)
+    code, out = run_cli("init", name, capsys=capsys)
+    assert code == 2 and "device name on Windows" in out and not (tmp_path / "specs" / f"{name}.yaml").exists(), out

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from runner.paths import replace_folder
+from runner.paths import file_name_problem, replace_folder
 from runner.resources import resource_dir
 from runner.spec.errors import Problem, SpecError
 from runner.spec.resolve import find_project_root
@@ -55,9 +55,10 @@ hardware:
 
 
 def write_starter(name: str, folder: Path, *, force: bool = False) -> Path:
-    if not NAME_RE.match(name):
+    if not NAME_RE.match(name) or file_name_problem(name):  # the spec must validate (not 'con')
         raise SpecError([Problem("(command line)", 1, 1, "NAME", f"'{name}' is not a valid character name",
-                                 expected="lowercase letters, digits, '_' and '-', starting with a letter or digit")])
+                                 expected="lowercase letters, digits, '_' and '-', starting with a letter or digit",
+                                 hint=file_name_problem(name) or "")])
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.yaml"
     if path.exists() and not force:
