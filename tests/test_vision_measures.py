@@ -133,3 +133,30 @@ def test_open_eyes_stay_open_when_the_face_is_small(rel: str) -> None:
     for target in (None, 30.0, 20.0):  # eyes 20 px apart: faces of about 50 px
         eyes = M.face_measures(*face_at(rel, target))["eyes"]
         assert eyes is not None and eyes["closed"] == "none", (rel, target, eyes)
+
+
+def test_carphone_blinks_read_shut_against_the_tracks_own_open_eyes() -> None:
+    """The eye-opening's appearance (grey sclera against the skin), compared with the face's own
+    median over the clip, calls all three blinks, frame 92 included (its EAR 0.21/0.20 overlaps
+    smiling open eyes), and no open frame."""
+    backend = get_face_backend("dlib")
+    frames = carphone_frames()
+    picked = sorted(set(range(0, 120, 4)) | {b + d for b in CARPHONE_BLINKS for d in (-3, -1, 0, 1, 3)})
+    apps = []
+    for i in picked:
+        faces = backend.analyze(frames[i])
+        apps.append(M.eye_appearance(frames[i], faces[0].landmarks) if faces else None)
+    shut = {i for i, s in zip(picked, M.blinks_in_track(apps)) if s}
+    assert set(CARPHONE_BLINKS) <= shut, shut
+    assert all(min(abs(i - b) for b in CARPHONE_BLINKS) <= 1 for i in shut), shut
+    # a bare track (under 5 measured frames) has no baseline: None, not a guess
+    assert M.blinks_in_track(apps[:3]) == [None] * 3
+
+
+@pytest.mark.parametrize("rel", PHOTOS)
+def test_eye_appearance_is_a_ratio_that_holds_across_face_sizes(rel: str) -> None:
+    """Open eyes of the photos show a dark iris against the skin at every size (44-120 px faces)."""
+    for target in (48.0, 25.0, 18.0):
+        rgb, face = face_at(rel, target)
+        app = M.eye_appearance(rgb, face.landmarks)
+        assert min(app["left"]["dark"], app["right"]["dark"]) > 0.45, (rel, target, app)
