@@ -39,7 +39,8 @@ def file_name_problem(name: str) -> str | None:
 
     The one rule for every user value that reaches a file name (schema ``format: file-name``):
     no path separators, no '..', no control or invisible format characters, no leading dot (a
-    hidden file), no characters Windows refuses, no leading or trailing space, at most 100 bytes.
+    hidden file), no characters or device names Windows refuses, no trailing dot, no leading or
+    trailing space, at most 100 bytes.
     """
     import unicodedata
 
