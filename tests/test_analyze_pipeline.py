@@ -264,7 +264,11 @@ def test_caption_writes_the_dataset_interface(captioned, augmented):
 def test_export_kohya_plain_and_jsonl(captioned, analyzed):
     ctx = LocalStageContext.for_folder(analyzed["tmp"] / "export", stage_id="obama:export", character="obama",
                                        project_root=analyzed["project"])
-    cfg = {"formats": ["jsonl", "kohya", "plain"], "repeats": 10, "trigger": TRIGGER, "class_word": CLASS, "resolution": 512}
+    from runner.stages.train import train_config
+
+    buckets = train_config({}, character="obama", trigger=TRIGGER, class_word=CLASS)["buckets"]  # the schema's
+    cfg = {"formats": ["jsonl", "kohya", "plain"], "repeats": 10, "trigger": TRIGGER, "class_word": CLASS,
+           "resolution": 512, "buckets": buckets}
     out = export.run(cfg, {"dataset": captioned["dataset"]}, ctx)["export"].path
     records = _jsonl(captioned["dataset"].path / "dataset.jsonl")
     folder = out / "kohya" / "img" / f"10_{TRIGGER} {CLASS}"

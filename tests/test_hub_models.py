@@ -154,6 +154,7 @@ dataset:
     - video: ../clips/clip.mp4
       video_options: {{general_model: {general_model}}}
   captions: {{model: {captions}}}
+  export: {{formats: [kohya, identity_crops], identity_crops: {{background: {{model: {matting}, session: u2net}}}}}}
 train: {{base_model: {base}, steps: 2, resolution: 64}}
 evaluate: {{clip_model: {clip}, dino_model: {dino}, seeds: [1], resolution: 64, prompts_per_category: 1}}
 generate:
@@ -163,7 +164,8 @@ generate:
     width: 64
     height: 64
     validation: {{clip_i: 0.5, clip_model: {validation_clip}}}
-    reference_guided: {{enabled: true, ip_adapter: {ip_adapter}, controlnet: {controlnet}}}
+    reference_guided: {{enabled: true, ip_adapter: {ip_adapter}, controlnet: {controlnet}, control: pose,
+                       pose_model: {pose}}}
   video:
     key_frames: [1]
     model: {video}
@@ -178,6 +180,8 @@ SLOTS = {  # template slot -> the schema key it fills
     "ip_adapter": "generate.storyboard.reference_guided.ip_adapter",
     "controlnet": "generate.storyboard.reference_guided.controlnet",
     "video": "generate.video.model", "upsampler": "generate.video.upsampler",
+    "pose": "generate.storyboard.reference_guided.pose_model",
+    "matting": "dataset.export.identity_crops.background.model",
 }
 
 
@@ -235,7 +239,7 @@ def test_plan_is_quiet_about_builtin_local_and_cached_models(tmp_path, shared_da
               for slot in SLOTS}
     values.update(base="builtin:tiny-sd", video="builtin:tiny-ltx", upsampler="builtin:tiny-ltx-upsampler",
                   ip_adapter="builtin:tiny-ip-adapter", controlnet="../models/cn", captions="test-org/cached-captioner",
-                  general_model="builtin:tiny-dino")
+                  general_model="builtin:tiny-dino", pose="builtin:tiny-dwpose", matting="rembg:u2net")
     spec = plan_project(tmp_path, shared_data, values)
     (spec.parent.parent / "models" / "cn").mkdir(parents=True)
     (spec.parent.parent / "models" / "cn" / "config.json").write_text("{}")

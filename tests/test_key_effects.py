@@ -175,6 +175,7 @@ CHANGES: dict[str, Any] = {
     "dataset.captions.template": "{trigger} {class}, {shot}",
     "dataset.ingest.extensions": [".jpg", ".png"],
     "train.base_model": "builtin:tiny-sdxl",
+    "generate.storyboard.validation.face_similarity": 0.8,
     "train.preset": "tiny-demo",
     "train.resolution": 256,
     "train.phases.[].lr": 0.0003,
