@@ -9,7 +9,8 @@ face is too small), exposure, and truncation at the frame edge. Added here, for 
 Keys returned by :func:`face_measures`:
 ``blur``, ``brightness`` (0-255 mean grey of the face), ``clipped`` (share of clipped dark +
 bright pixels), ``eye_open`` (mean EAR), ``eyes_closed`` ("none", "left", "right", "both" with the
-size-aware threshold; None when the eyes are too small), ``mouth_open``, ``smile`` (score 0-1),
+size-aware threshold, a wink by eye appearance; None when the eyes are too small),
+``eye_appearance`` (per eye, for a track's open-eye baseline: VM.blinks_in_track), ``mouth_open``, ``smile`` (score 0-1),
 ``out_of_frame`` (truncation), ``occlusion`` (max of truncation and the skin proxy).
 """
 
@@ -73,9 +74,10 @@ def face_measures(rgb: np.ndarray, face: Any) -> dict[str, Any]:
     occ = oof
     if lm is not None and len(lm) == 68:
         lm = np.asarray(lm, dtype=np.float64)
-        eyes = VM.eye_aspect_ratio(lm)
+        eyes = VM.eye_openness(rgb, lm)
         m["eye_open"] = None if eyes is None else float(eyes["mean"])
         m["eyes_closed"] = None if eyes is None else eyes["closed"]
+        m["eye_appearance"] = None if eyes is None else eyes["appearance"]
         m["mouth_open"] = float(VM.mouth_openness(lm))
         m["smile"] = float(VM.smile_proxy(lm)["score"])
         occ = max(oof, skin_occlusion(rgb, lm))

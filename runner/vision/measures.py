@@ -151,6 +151,21 @@ def wink_by_appearance(app: dict[str, dict[str, float]]) -> str | None:
     return lo if app[lo]["edges"] < WINK_EDGE_RATIO * app[hi]["edges"] else None
 
 
+def eye_openness(rgb: np.ndarray, lm: np.ndarray) -> dict[str, Any] | None:
+    """:func:`eye_aspect_ratio` with ``appearance`` (:func:`eye_appearance`) and ``closed_by``
+    ("landmarks", "appearance" or None). The landmarks fit both eyes alike, so where the pixels
+    show a wink (:func:`wink_by_appearance`) it replaces a landmark "none" or "both"."""
+    eyes = eye_aspect_ratio(lm)
+    if eyes is None:
+        return None
+    app = eye_appearance(rgb, lm)
+    wink = wink_by_appearance(app)
+    eyes.update(appearance=app, closed_by="landmarks" if eyes["closed"] != "none" else None)
+    if eyes["closed"] in ("none", "both") and wink is not None:
+        eyes.update(closed=wink, closed_by="appearance")
+    return eyes
+
+
 #: A frame of a track is a blink when both eyes' ``sclera`` is under this fraction of the track's
 #: median (the face's own open-eye baseline).
 BLINK_SCLERA_RATIO = 0.5
@@ -390,15 +405,8 @@ def face_measures(rgb: np.ndarray, face: Any) -> dict[str, Any]:
     why: dict[str, str] = {}
     lm = None if face.landmarks is None else np.asarray(face.landmarks, dtype=np.float64)
     if lm is not None:
-        out["eyes"] = eye_aspect_ratio(lm)
-        if out["eyes"] is not None:
-            app = eye_appearance(rgb, lm)
-            wink = wink_by_appearance(app)
-            out["eyes"].update(appearance=app, closed_by="landmarks" if out["eyes"]["closed"] != "none" else None)
-            # the landmarks fit both eyes alike: which one is shut, the pixels tell
-            if out["eyes"]["closed"] in ("none", "both") and wink is not None:
-                out["eyes"].update(closed=wink, closed_by="appearance")
-        else:
+        out["eyes"] = eye_openness(rgb, lm)
+        if out["eyes"] is None:
             eye_w = (_dist(lm[36], lm[39]) + _dist(lm[42], lm[45])) / 2.0
             why["eyes"] = f"eyes {eye_w:.0f} px wide, under {MIN_EYE_WIDTH_PX:.0f} px: too small to judge openness"
         out["mouth_open"] = mouth_openness(lm)
