@@ -209,7 +209,8 @@ def save(path: Path, patches: list[tuple[str, str, dict[str, Any]]], *, by: str 
 
 def stage_section(data: dict[str, Any], part: str, **kw: Any) -> dict[str, Any]:
     """The part of the decisions one stage depends on (only fields that change its outputs), so
-    a note or a rating never re-runs curate. ``part``: dataset | storyboard | video."""
+    a note or a rating never re-runs curate. ``part``: dataset (curate) | references (analyze) |
+    identity (video_identity) | storyboard | video."""
     def effects(section: str) -> dict[str, dict[str, Any]]:
         keep = EFFECT_FIELDS[section]
         out = {}
@@ -223,6 +224,12 @@ def stage_section(data: dict[str, Any], part: str, **kw: Any) -> dict[str, Any]:
         sec = {s: {(data[s][k].get("image_id") or k[:16]): v for k, v in effects(s).items()}
                for s in ("images", "identity")}
         return {k: dict(sorted(v.items())) for k, v in sec.items() if v}
+    if part == "references":  # analyze: images a reviewer marked as references, by image id
+        refs = {(data["images"][k].get("image_id") or k[:16]): {"reference": True}
+                for k, v in effects("images").items() if v.get("reference")}
+        return {"images": dict(sorted(refs.items()))} if refs else {}
+    if part == "identity":  # video_identity: drops and moves of frames, by the frame's PNG sha256
+        return {"identity": effects("identity")} if effects("identity") else {}
     if part == "storyboard":
         out: dict[str, Any] = {}
         regen: dict[str, int] = {}
@@ -274,7 +281,7 @@ def describe_change(old: dict[str, Any] | None, new: dict[str, Any] | None) -> s
     word(s_add, "shot type", "changed")
     word(s_rem, "shot type change", "withdrawn")
     r_add, r_rem = count("images", "reference", True)
-    word(r_add, "reference", "marked")
+    word(r_add, "image", "marked as reference")
     word(r_rem, "reference mark", "withdrawn")
     v_add, _ = count("identity", "set")
     word(v_add, "video frame", "moved to another set")

@@ -5,7 +5,9 @@ builders' ``images``) in the manifest.jsonl layout, and the character's referenc
 file sets ``reference<i>``. Output ``analysis``: a folder with
 
 - ``records.jsonl``: one record per image (see :mod:`runner.vision.analysis` for the fields),
-- ``references.json``: each reference file with its main face and embedding,
+- ``references.json``: each reference file with its main face and embedding, then each image a
+  reviewer marked as reference in ``runner review`` (``origin: review``; only that part of
+  ``<spec>.review.yaml`` is in this stage's key),
 - ``summary.json``: backend, counts per shot type and flag, timing,
 - ``thumbs/<id>.jpg``: 256 px thumbnails for the report (face boxes are drawn at report time).
 
@@ -23,6 +25,7 @@ from typing import Any, Iterator
 
 from runner.paths import list_files
 from runner.stages import base
+from runner.stages.common import review_section
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 THUMB_PX = 256
@@ -97,6 +100,9 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
         "workers": int(analysis.get("workers", 0)),
         "references": list(spec.get("character", {}).get("references", []) or []),
     }
+    review = review_section(graph, "references")
+    if review:  # images a reviewer marked as references (runner review): only that part is keyed
+        config["review"] = review
     return [
         base.PlanNode(
             id=base.node_id(graph.character, "analyze"),
@@ -176,11 +182,45 @@ def _reference_embeddings(config: dict[str, Any], inputs: dict[str, base.Artifac
             embeddings.append(faces[0].embedding)
             records.append({"file": rel, "faces": len(faces), "used": True, "box": [round(v, 1) for v in faces[0].box],
                             "embedding": [round(float(v), 6) for v in faces[0].embedding]})
-    if ref_names and not embeddings:
+    if ref_names and not embeddings and not (config.get("review") or {}).get("images"):
         raise base.StageError(
             "no face was found in any reference image (" + ", ".join(config.get("references", [])) + ")",
             hint="character.references should show the character's face clearly; without them the identity filter cannot work",
         )
+    return embeddings, records
+
+
+def _reviewed_references(config: dict[str, Any], jobs: list[dict[str, Any]], backend: Any,
+                         ctx: base.StageContext) -> tuple[list[Any], list[dict[str, Any]]]:
+    """Images a reviewer marked as reference (``review.images``, by image id): their main face
+    joins the reference embeddings. A mark for an image no longer in the dataset is a warning."""
+    from runner.vision.analysis import load_rgb
+
+    marked = (config.get("review") or {}).get("images") or {}
+    by_id = {j["id"]: j for j in jobs}
+    embeddings, records = [], []
+    for image_id in sorted(marked):
+        job = by_id.get(image_id)
+        if job is None:
+            ctx.warn(f"review: image {image_id} is marked as reference but is no longer in the dataset; not used")
+            continue
+        name = job["source"] or job["file"]
+        rec = {"file": name, "image_id": image_id, "origin": "review"}
+        try:
+            faces = backend.analyze(load_rgb(Path(job["path"])))
+        except Exception as exc:
+            ctx.warn(f"review: reference {name} cannot be read ({exc}); not used")
+            records.append({**rec, "faces": 0, "used": False, "reason": f"unreadable: {exc}"})
+            continue
+        if not faces:
+            ctx.warn(f"review: no face found in {name}, marked as reference; it is not used for identity")
+            records.append({**rec, "faces": 0, "used": False, "reason": "no face found"})
+            continue
+        embeddings.append(faces[0].embedding)
+        records.append({**rec, "faces": len(faces), "used": True, "box": [round(v, 1) for v in faces[0].box],
+                        "embedding": [round(float(v), 6) for v in faces[0].embedding]})
+    if records:
+        ctx.log(f"review: {sum(r['used'] for r in records)} of {len(records)} image(s) marked as reference used")
     return embeddings, records
 
 
@@ -227,12 +267,18 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     backend = _make_backend(opts)
     ctx.log(f"face backend: {backend.selection_note}")
     ref_embs, ref_records = _reference_embeddings(config, inputs, backend, ctx)
-    if not ref_names_present(inputs):
-        ctx.warn("no character.references: identity similarity is not computed and the identity filter is skipped")
-    refs = reference_matrix(ref_embs)
 
     # 2. Jobs from the manifests; records streamed to disk in input order.
     jobs, dupes = _jobs(inputs, thumbs, ctx)
+    marked_embs, marked_records = _reviewed_references(config, jobs, backend, ctx)
+    ref_embs, ref_records = ref_embs + marked_embs, ref_records + marked_records
+    if ref_names_present(inputs) and not ref_embs:
+        raise base.StageError("no face was found in any reference image (character.references and the images "
+                              "marked as reference in runner review)",
+                              hint="references should show the character's face clearly")
+    if not ref_embs:
+        ctx.warn("no character.references: identity similarity is not computed and the identity filter is skipped")
+    refs = reference_matrix(ref_embs)
     if dupes:
         ctx.log(f"{dupes} image(s) appear in more than one input; analyzed once")
     if not jobs:
