@@ -145,29 +145,33 @@ class ReviewState:
             if root is None:
                 continue
             summary = _read_json(root / "summary.json")
-            ids_by_sha = {}
-            images = s.folders.get("images")
-            if images is not None and (images / "manifest.jsonl").is_file():
-                from runner.stages.analyze import read_jsonl
-
-                ids_by_sha = {r["sha256"]: r["id"] for r in read_jsonl(images / "manifest.jsonl")}
+            records = _frame_records(s.folders.get("images"))
             persons = []
             for pdir in sorted(root.glob("person_*")):
                 sets = {}
                 for name in decisions.VIDEO_SETS:
                     items = []
-                    for png in sorted((pdir / name).glob("*.png")):
-                        sha = self.sha(png)
+                    for meta_file in sorted((pdir / name).glob("*_meta.json")):
+                        meta = _read_json(meta_file)
+                        png = meta_file.with_name(meta.get("file") or meta_file.name[: -len("_meta.json")] + ".png")
+                        if not png.is_file():
+                            continue
+                        # The key is the frame's PNG in the images artifact (what video_identity and
+                        # curate match), the set file's own sha256 when the manifest lacks it.
+                        rec = records.get((meta.get("person_id", _person_no(pdir)), meta.get("frame_idx"),
+                                           tuple(meta.get("crop_box") or ())), {})
+                        sha = rec.get("sha256") or self.sha(png)
                         d = dec.get(sha, {})
-                        meta = _read_json(png.with_name(png.stem + "_meta.json"))
-                        items.append({"sha": sha, "image_id": ids_by_sha.get(sha, ""), "src": self.url(png),
+                        items.append({"sha": sha, "image_id": rec.get("id", ""), "src": self.url(png),
                                       "name": png.name, "set": name, "person": pdir.name,
                                       "quality": meta.get("quality"), "timestamp_ms": meta.get("timestamp_ms"),
                                       "decision": d.get("decision"), "review_set": d.get("set"),
                                       "note": d.get("note", "")})
                     sets[name] = items
                 persons.append({"name": pdir.name, "meta": _read_json(pdir / "meta.json"), "sets": sets})
-            out.append({"stage": s.stage_id, "video": summary.get("video", ""), "persons": persons})
+            applied = _read_json(root / "review.json").get("applied", [])  # drops video_identity applied
+            out.append({"stage": s.stage_id, "video": summary.get("video", ""), "persons": persons,
+                        "applied": applied})
         return out
 
     # ------------------------------------------------------------------ evaluation
@@ -231,7 +235,7 @@ class ReviewState:
         known: dict[str, set[str]] = {
             "images": {r["sha256"] for r in self.dataset() if r["sha256"]},
             "identity": {i["sha"] for v in self.identity() for p in v["persons"] for items in p["sets"].values()
-                         for i in items},
+                         for i in items} | {sha for v in self.identity() for sha in v["applied"]},
             "ratings": {sha for e in self.evaluations() for sha in e["sha_of"].values()},
             "frames": {f["sha"] for f in self.storyboard()["frames"]},
             "clips": {c["sha"] for c in self.storyboard()["clips"]},
@@ -249,6 +253,24 @@ class ReviewState:
 def _verdict(d: dict[str, Any] | None) -> dict[str, Any]:
     d = d or {}
     return {"verdict": d.get("verdict"), "note": d.get("note", ""), "by": d.get("by", ""), "at": d.get("at", "")}
+
+
+def _person_no(pdir: Path) -> int | None:
+    tail = pdir.name.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+def _frame_records(images: Path | None) -> dict[tuple, dict[str, Any]]:
+    """Manifest records of a video_identity images artifact by (person, frame, crop box)."""
+    if images is None or not (images / "manifest.jsonl").is_file():
+        return {}
+    from runner.stages.analyze import read_jsonl
+
+    out = {}
+    for r in read_jsonl(images / "manifest.jsonl"):
+        v = r.get("video") or {}
+        out[(v.get("person_id"), v.get("frame_idx"), tuple(v.get("crop_box") or ()))] = r
+    return out
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -185,7 +185,9 @@ def reviewer_decisions(review: dict[str, Any], ids: set[str]) -> tuple[dict[str,
     by that id (see :func:`runner.review.decisions.stage_section`)."""
     wanted = {**review.get("identity", {}), **review.get("images", {})}
     decided = {i: d for i, d in wanted.items() if i in ids}
-    missing = [{"image_id": i, **d} for i, d in sorted(wanted.items()) if i not in ids]
+    # A video frame the reviewer dropped is gone because video_identity applied the drop.
+    gone = {i for i, d in review.get("identity", {}).items() if d.get("decision") == "drop" and i not in review.get("images", {})}
+    missing = [{"image_id": i, **d} for i, d in sorted(wanted.items()) if i not in ids and i not in gone]
     return decided, missing
 
 

@@ -10,6 +10,10 @@ Outputs:
 - ``quarantine``: quarantine.jsonl; a file that is not a readable video (or is truncated) lands
   here with a reason instead of failing the run.
 
+The reviewer's drops and moves of frames (``runner review``: the ``identity`` section of
+``<spec>.review.yaml``, the only part in this stage's key) are applied to the built result before
+export (runner/video/review.py), so counts and buckets filled follow them.
+
 The work is in runner.video (pipeline.py reads top to bottom); this module wires it to the spec,
 the stage context and the report. Heavy imports stay inside functions.
 """
@@ -24,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.stages import base
+from runner.stages.common import review_section
 
 KIND = "video_identity"
 VERSION = 2  # 2: anchor_001.jpg / cov_<bucket>.jpg / challenge_001.jpg layout, meta.json fields (issue 15)
@@ -80,6 +85,9 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
             "options": {k: v for k, v in opts.items() if k != "upsample"},
             "references": refs,
         }
+        review = review_section(graph, "identity")
+        if review:  # the reviewer's drops and moves of frames (runner review): only that part is keyed
+            config["review"] = review
         nodes.append(base.PlanNode(
             id=base.node_id(graph.character, KIND, str(i)),
             kind=KIND,
@@ -266,6 +274,12 @@ def _run_with(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: bas
         h.close()
     if not opts.get("pair_set", True):
         result.pairs = []
+    if config.get("review"):
+        from runner.video.review import apply_identity_decisions
+
+        done = apply_identity_decisions(result, config["review"].get("identity", {}))
+        ctx.log(f"review: {done['dropped']} frame(s) dropped, {done['moved']} moved to another set")
+        identity_dir.joinpath("review.json").write_text(json.dumps(done, indent=1), encoding="utf-8")
 
     quarantined = []
     if result.quarantine:
