@@ -202,3 +202,18 @@ def test_a_wink_pasted_into_real_faces_is_called_on_its_side_at_50_to_130_px() -
     print("winks called", called, "mirrored", mirrored_ok, "of", 2 * 3 * len(PHOTOS))
     assert wrong == 0 and mirrored_wrong == 0, (wrong, mirrored_wrong)
     assert called >= 20 and mirrored_ok >= 20, (called, mirrored_ok)
+
+
+def test_the_video_pipeline_marks_a_tracks_blinks_closed() -> None:
+    """The carphone face's frames as the video builder observes them: its blinks read eyes_closed
+    "both" in the person's plan (the landmarks alone called frame 92 open), its open frames not."""
+    from runner.video.pipeline import _face_obs, _mark_blinks
+
+    backend = get_face_backend("dlib")
+    frames = carphone_frames()
+    picked = sorted(set(range(0, 120, 6)) | set(CARPHONE_BLINKS))
+    obs = [_face_obs(i, i * 40.0, frames[i], f[0]) for i in picked if (f := backend.analyze(frames[i]))]
+    _mark_blinks(obs)
+    closed = {o.frame_idx for o in obs if o.measures["eyes_closed"] != "none"}
+    assert set(CARPHONE_BLINKS) <= closed, closed
+    assert all(min(abs(i - b) for b in CARPHONE_BLINKS) <= 1 for i in closed), closed

@@ -559,11 +559,22 @@ def _timeline_entry(o: FaceObs, st: float, strict: bool, loose_failures: list[st
     return entry
 
 
+def _mark_blinks(obs: list[FaceObs]) -> None:
+    """Frames whose eyes look shut against the person's own open eyes (runner.vision.measures
+    .blinks_in_track) read ``eyes_closed`` "both" where the landmarks alone said "none"."""
+    from runner.vision.measures import blinks_in_track
+
+    for o, shut in zip(obs, blinks_in_track([o.measures.get("eye_appearance") for o in obs])):
+        if shut and o.measures.get("eyes_closed") == "none":
+            o.measures["eyes_closed"] = "both"
+
+
 def plan_person(pid: int, members: list[Track], score: TrackScore, ref_sim: float | None, *, gates: tuple[Gate, Gate],
                 tau: float, backend_name: str, opts: dict[str, Any], max_gap_frames: int, fps: float) -> PersonPlan:
     """Step 4 for one person: gates, prototype, stability per frame, smoothed boxes."""
     strict_gate, loose_gate = gates
     obs = sorted((o for t in members for o in t.observations), key=lambda o: o.frame_idx)
+    _mark_blinks(obs)
     strict = [o for o in obs if strict_gate.passes(o.size, _score01(o, backend_name), o.measures)]
     loose_fail = {id(o): loose_gate.failures(o.size, _score01(o, backend_name), o.measures) for o in obs}
     loose = [o for o in obs if not loose_fail[id(o)]]
