@@ -183,6 +183,7 @@ def test_curate_applies_drop_keep_shot_and_lists_missing(tmp_path: Path) -> None
     data["images"][SHA[3]] = {"reference": True, "image_id": ids[5]}  # a reference survives dedupe
     data["images"][SHA[4]] = {"decision": "drop", "image_id": "feedfeedfeedfeed"}  # image gone
     data["identity"][SHA[5]] = {"decision": "drop", "image_id": ids[3]}  # a video frame, dropped on its page
+    data["identity"][SHA[6]] = {"decision": "drop", "image_id": "0dd0dd0dd0dd0dd0"}  # video_identity removed it
     got, ctx = _run_curate(tmp_path, recs, decisions.stage_section(data, "dataset"))
     assert got["rejected"][ids[1]]["reason"] == "dropped by reviewer"
     assert ids[4] in got["kept"] and got["kept"][ids[4]]["review"] == {"decision": "keep"}
