@@ -335,3 +335,30 @@ def test_spec_to_report_through_the_engine(project, shared_data, monkeypatch):
     assert "Identity sets from video rides/ride_001.mp4" in html and "Coverage grid" in html
     second = apply([load_spec(spec_file)], ApplyOptions(), QuietReporter())
     assert {r.stage_id: r.status for r in second.results}.get("hero:video_identity[0]") in (None, "cached")
+
+
+def test_reviewer_drop_and_move_reach_the_stage_outputs(carphone, tmp_path, shared_data):
+    """The stage applies its config's review section (runner review's identity decisions, keyed
+    by the frame PNG's sha256 in the images manifest) to the real carphone sets."""
+    out, _ = carphone
+    manifest = [json.loads(x) for x in (out["images"].path / "manifest.jsonl").read_text().splitlines()]
+    by_set = {s: [r for r in manifest if r["video"]["sets"] == [s]] for s in ("anchor", "coverage", "challenge")}
+    drop = (by_set["coverage"] or by_set["challenge"])[0]
+    move = next(r for r in manifest if r is not drop and "coverage" not in r["video"]["sets"])
+    review = {"identity": {drop["sha256"]: {"decision": "drop"}, move["sha256"]: {"decision": "set", "set": "coverage"}}}
+    before = json.loads((out["identity"].path / "person_0" / "meta.json").read_text())
+    ctx = LocalStageContext.for_folder(tmp_path / "r2", stage_id="hero:video_identity[0]", character="hero",
+                                       project_root=shared_data / "video")
+    video = shared_data / "video" / "carphone.mp4"
+    ref = shared_data / "faces/obama/obama_01.jpg"
+    got = V.run({**config_for(video, stride=4), "review": review},
+                {"video": base.Artifact("video", video.parent, files=(video,)),
+                 "references0": base.Artifact("references0", ref.parent, files=(ref,))}, ctx)
+    after_manifest = {r["sha256"]: r for r in
+                      (json.loads(x) for x in (got["images"].path / "manifest.jsonl").read_text().splitlines())}
+    assert drop["sha256"] not in after_manifest
+    assert "coverage" in after_manifest[move["sha256"]]["video"]["sets"]
+    pm = json.loads((got["identity"].path / "person_0" / "meta.json").read_text())
+    assert pm["total_saved"] == before["total_saved"] - 1 == len(after_manifest)
+    assert pm["coverage_count"] == len(list((got["identity"].path / "person_0" / "coverage").glob("*.jpg")))
+    assert json.loads((got["identity"].path / "review.json").read_text())["applied"] == sorted(review["identity"])
