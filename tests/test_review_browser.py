@@ -277,12 +277,15 @@ def test_identity_sets_move_and_drop_reach_curate(server: str, browser, project:
     page.context.close()
     ident = _decisions(project)["identity"]
     assert ident[keys[0]]["set"] == "challenge" and ident[keys[1]]["decision"] == "drop"
+    assert {ident[k]["origin"] for k in keys} == {"hero:video_identity[1]"}  # the stage whose sets they are
     from runner.plan.graph import build_graph
     from runner.spec import load_spec
 
     graph = build_graph([load_spec(project / "specs" / "hero.yaml")])
     section = graph.nodes["hero:curate"].config["review"]["identity"]
     assert sorted(v.get("decision") for v in section.values()) == ["drop", "set"]
+    video = graph.nodes["hero:video_identity[1]"].config["review"]["identity"]  # its sets are rebuilt
+    assert video == {keys[0]: {"decision": "set", "set": "challenge"}, keys[1]: {"decision": "drop"}}
 
 
 def test_a_decision_for_a_vanished_image_is_listed_not_dropped(server: str, browser, project: Path) -> None:

@@ -151,6 +151,9 @@ def test_only_the_identity_section_enters_video_identitys_key(project: Path, sha
     got = section(data)
     assert got == {"identity": {"cc" * 32: {"decision": "drop"}, "dd" * 32: {"decision": "set", "set": "challenge"}}}
     assert decisions.describe_change(None, got) == "review: 1 video frame dropped, 1 video frame moved to another set"
+    data["identity"]["ee" * 32] = {"decision": "drop", "origin": "hero:video_identity[3]"}  # another video's frame
+    data["identity"]["cc" * 32]["origin"] = "hero:video_identity[0]"
+    assert section(data) == got
 
 
 def _state(tmp: Path, review_file: Path):

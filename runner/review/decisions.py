@@ -15,7 +15,7 @@ stages it affects as part of their config (so into their cache keys). The format
         by: alice
         at: '2026-12-01T22:40:00Z'
     identity:                     # frames of video identity sets, by sha256 of the frame PNG
-      <sha256>: {decision: drop | set, set: anchors | coverage | challenge, person: 0, ...}
+      <sha256>: {decision: drop | set, set: anchors | coverage | challenge, person: 0, origin: <stage id>, ...}
     ratings:                      # evaluation images, by sha256 of the generated image
       <sha256>: {rating: pass | fail, note, stage, cell, category, ...}
     checkpoints:                  # the reviewer's checkpoint per evaluate stage: `best` for generation
@@ -228,8 +228,12 @@ def stage_section(data: dict[str, Any], part: str, **kw: Any) -> dict[str, Any]:
         refs = {(data["images"][k].get("image_id") or k[:16]): {"reference": True}
                 for k, v in effects("images").items() if v.get("reference")}
         return {"images": dict(sorted(refs.items()))} if refs else {}
-    if part == "identity":  # video_identity: drops and moves of frames, by the frame's PNG sha256
-        return {"identity": effects("identity")} if effects("identity") else {}
+    if part == "identity":  # video_identity: drops and moves of frames, by the frame's PNG sha256;
+        # with ``stage``, only frames of that stage (the page records it as ``origin``)
+        stage = kw.get("stage")
+        mine = {k: v for k, v in effects("identity").items()
+                if stage is None or data["identity"][k].get("origin") in (None, stage)}
+        return {"identity": mine} if mine else {}
     if part == "storyboard":
         out: dict[str, Any] = {}
         regen: dict[str, int] = {}

@@ -85,7 +85,7 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
             "options": {k: v for k, v in opts.items() if k != "upsample"},
             "references": refs,
         }
-        review = review_section(graph, "identity")
+        review = review_section(graph, "identity", stage=base.node_id(graph.character, KIND, str(i)))
         if review:  # the reviewer's drops and moves of frames (runner review): only that part is keyed
             config["review"] = review
         nodes.append(base.PlanNode(
