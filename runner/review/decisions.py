@@ -45,6 +45,8 @@ import subprocess
 from pathlib import Path
 from typing import Any, Iterator
 
+from runner.backends.volume import atomic_write_text
+
 FORMAT = 1
 SECTIONS = ("images", "identity", "ratings", "checkpoints", "frames", "clips")
 SHOT_TYPES = ("extreme_close_up", "close_up", "medium", "full_body", "wide")
@@ -198,9 +200,7 @@ def save(path: Path, patches: list[tuple[str, str, dict[str, Any]]], *, by: str 
         data = load(path)
         for section, key, fields in patches:
             apply_patch(data, section, key, fields, by=who, at=when)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(dump(data), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, dump(data))
     return data
 
 
