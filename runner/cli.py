@@ -752,7 +752,7 @@ def main(argv: list[str] | None = None) -> None:
     from runner.engine.lock import LockHeld
     from runner.plan.graph import GraphError
     from runner.spec.errors import SpecError
-    from runner.stages.base import StageError
+    from runner.core.errors import StageError
 
     try:
         cli.main(args=argv, prog_name="runner", standalone_mode=False)

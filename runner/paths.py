@@ -179,21 +179,3 @@ def list_files(root: Path | str, recursive: bool = True) -> list[Path]:
         except OSError:
             continue
     return sorted(out)
-
-
-def replace_folder(dest: Path, fill) -> Path:
-    """Replace folder ``dest`` with a new one that ``fill(tmp)`` builds, by renames: a reader sees
-    the old folder or the complete new one, and a crash while filling leaves ``dest`` as it was.
-    ``fill`` gets the path of a folder that does not exist yet (``shutil.copytree`` makes it)."""
-    import shutil
-
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    old = dest.with_name(f".{dest.name}.{os.getpid()}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fill(tmp)
-    if dest.exists():
-        os.rename(dest, old)
-    os.rename(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
-    return dest

@@ -18,7 +18,7 @@ import os
 import time
 from pathlib import Path
 
-from runner.stages import base
+from runner.core import contract
 
 STEPS = 5
 
@@ -36,12 +36,12 @@ def expand_train(spec, graph):
     ingest = graph.nodes_of("ingest")
     nodes = []
     for v in _variants():
-        nodes.append(base.PlanNode(
-            id=base.node_id(graph.character, "fake_gpu_train", v), kind="fake_gpu_train",
+        nodes.append(contract.PlanNode(
+            id=contract.node_id(graph.character, "fake_gpu_train", v), kind="fake_gpu_train",
             character=graph.character,
             config={"variant": v, "steps": STEPS, "sleep": float(os.environ.get("FAKE_GPU_SLEEP", "0.3")),
                     "note": spec["character"].get("description", "")},
-            inputs={"images": base.StageOutputRef(ingest[0].id, "images")}, outputs=("lora",),
+            inputs={"images": contract.StageOutputRef(ingest[0].id, "images")}, outputs=("lora",),
             gpu=_gpu(spec, "fake_gpu_train")))
     return nodes
 
@@ -50,10 +50,10 @@ def expand_eval(spec, graph):
     nodes = []
     for t in graph.nodes_of("fake_gpu_train"):
         v = t.config["variant"]
-        nodes.append(base.PlanNode(
-            id=base.node_id(graph.character, "fake_gpu_eval", v), kind="fake_gpu_eval",
+        nodes.append(contract.PlanNode(
+            id=contract.node_id(graph.character, "fake_gpu_eval", v), kind="fake_gpu_eval",
             character=graph.character, config={"variant": v},
-            inputs={"lora": base.StageOutputRef(t.id, "lora")}, outputs=("evaluation",),
+            inputs={"lora": contract.StageOutputRef(t.id, "lora")}, outputs=("evaluation",),
             gpu=_gpu(spec, "fake_gpu_eval")))
     return nodes
 
@@ -75,12 +75,12 @@ def _times(stage_id: str, start: float) -> None:
             fh.write(f"{stage_id} {start} {time.time()} {os.getpid()}\n")
 
 
-@base.register("fake_gpu_train", version=1, order=55, expand=expand_train, resume_info=resume_info)
+@contract.register("fake_gpu_train", version=1, order=55, expand=expand_train, resume_info=resume_info)
 def run_train(config, inputs, ctx):
     start = time.time()
     if "FAIL" in config["variant"]:
         time.sleep(config["sleep"])
-        raise base.StageError(f"variant {config['variant']} was asked to fail", hint="rename the variant")
+        raise contract.StageError(f"variant {config['variant']} was asked to fail", hint="rename the variant")
     images = sorted(p.name for p in Path(inputs["images"].path).rglob("*.png"))
     first = _last_step(ctx.scratch_dir) + 1
     crash_marker = os.environ.get("FAKE_GPU_CRASH_ONCE")
@@ -106,10 +106,10 @@ def run_train(config, inputs, ctx):
     (out / "shared.bin").write_bytes(b"\x00" * 4096)
     ctx.log(f"trained {config['variant']}")
     _times(ctx.stage_id, start)
-    return {"lora": base.Artifact("lora", out)}
+    return {"lora": contract.Artifact("lora", out)}
 
 
-@base.register("fake_gpu_eval", version=1, order=65, expand=expand_eval)
+@contract.register("fake_gpu_eval", version=1, order=65, expand=expand_eval)
 def run_eval(config, inputs, ctx):
     start = time.time()
     index = json.loads((Path(inputs["lora"].path) / "index.json").read_text())
@@ -118,4 +118,4 @@ def run_eval(config, inputs, ctx):
     (out / "evaluation.json").write_text(json.dumps({"variant": config["variant"], "from": index["variant"]}))
     ctx.metric("score", 0.5)
     _times(ctx.stage_id, start)
-    return {"evaluation": base.Artifact("evaluation", out)}
+    return {"evaluation": contract.Artifact("evaluation", out)}

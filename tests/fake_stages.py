@@ -18,37 +18,37 @@ import os
 import time
 from pathlib import Path
 
-from runner.stages import base
+from runner.core import contract
 
 KINDS = ("fake_a", "fake_b", "fake_c", "fake_slow")
 
 
-def _ingest(graph: base.GraphView) -> dict:
+def _ingest(graph: contract.GraphView) -> dict:
     nodes = graph.nodes_of("ingest")
-    return {"images": base.StageOutputRef(nodes[0].id, "images")} if nodes else {}
+    return {"images": contract.StageOutputRef(nodes[0].id, "images")} if nodes else {}
 
 
 def expand_a(spec, graph):
-    return [base.PlanNode(id=base.node_id(graph.character, "fake_a"), kind="fake_a", character=graph.character,
+    return [contract.PlanNode(id=contract.node_id(graph.character, "fake_a"), kind="fake_a", character=graph.character,
                           config={"value": spec["character"].get("description", "")}, inputs=_ingest(graph),
                           outputs=("out",))]
 
 
 def expand_b(spec, graph):
     a = graph.nodes_of("fake_a")[0]
-    return [base.PlanNode(id=base.node_id(graph.character, "fake_b"), kind="fake_b", character=graph.character,
+    return [contract.PlanNode(id=contract.node_id(graph.character, "fake_b"), kind="fake_b", character=graph.character,
                           config={"value": spec["character"]["traits"]["fixed"]},
-                          inputs={"a": base.StageOutputRef(a.id, "out")}, outputs=("out",))]
+                          inputs={"a": contract.StageOutputRef(a.id, "out")}, outputs=("out",))]
 
 
 def expand_c(spec, graph):
-    return [base.PlanNode(id=base.node_id(graph.character, "fake_c"), kind="fake_c", character=graph.character,
+    return [contract.PlanNode(id=contract.node_id(graph.character, "fake_c"), kind="fake_c", character=graph.character,
                           config={"value": spec["character"]["traits"]["variable"]}, inputs=_ingest(graph),
                           outputs=("out",))]
 
 
 def expand_slow(spec, graph):
-    return [base.PlanNode(id=base.node_id(graph.character, "fake_slow"), kind="fake_slow",
+    return [contract.PlanNode(id=contract.node_id(graph.character, "fake_slow"), kind="fake_slow",
                           character=graph.character, config={"value": spec["character"]["class_word"]},
                           inputs=_ingest(graph), outputs=("out",))]
 
@@ -62,27 +62,27 @@ def _write(ctx, config, inputs, name):
     if counter:  # lets tests count real executions across processes
         with open(counter, "a") as fh:
             fh.write(ctx.stage_id + "\n")
-    return {"out": base.Artifact("out", out)}
+    return {"out": contract.Artifact("out", out)}
 
 
-@base.register("fake_a", version=1, order=21, expand=expand_a)
+@contract.register("fake_a", version=1, order=21, expand=expand_a)
 def run_a(config, inputs, ctx):
     return _write(ctx, config, inputs, "a")
 
 
-@base.register("fake_b", version=1, order=22, expand=expand_b)
+@contract.register("fake_b", version=1, order=22, expand=expand_b)
 def run_b(config, inputs, ctx):
     return _write(ctx, config, inputs, "b")
 
 
-@base.register("fake_c", version=1, order=23, expand=expand_c)
+@contract.register("fake_c", version=1, order=23, expand=expand_c)
 def run_c(config, inputs, ctx):
     if any("FAIL" in v for v in config["value"]):
-        raise base.StageError("fake_c was asked to fail", hint="remove FAIL from traits.variable")
+        raise contract.StageError("fake_c was asked to fail", hint="remove FAIL from traits.variable")
     return _write(ctx, config, inputs, "c")
 
 
-@base.register("fake_slow", version=1, order=24, expand=expand_slow)
+@contract.register("fake_slow", version=1, order=24, expand=expand_slow)
 def run_slow(config, inputs, ctx):
     out = ctx.out_dir / "out"
     out.mkdir()
@@ -104,12 +104,12 @@ def _write_extra(ctx, out):
     if counter:
         with open(counter, "a") as fh:
             fh.write(ctx.stage_id + "\n")
-    return {"out": base.Artifact("out", out)}
+    return {"out": contract.Artifact("out", out)}
 
 
 # Engine tests run only ingest, report and these kinds, not the (heavier) real pipeline stages.
 _only = os.environ.get("FAKE_STAGES_ONLY_KINDS")
 if _only:
     keep = set(_only.split(","))
-    for _k in [k for k in base._REGISTRY if k not in keep]:
-        del base._REGISTRY[_k]
+    for _k in [k for k in contract.BUILTIN.kinds() if k not in keep]:
+        contract.BUILTIN.remove(_k)

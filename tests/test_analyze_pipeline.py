@@ -17,7 +17,8 @@ from PIL import Image
 
 from runner.engine.context import LocalStageContext
 from runner.diffusion.data import Example, split_validation
-from runner.stages import analyze, base, caption, curate, export, ingest
+from runner.core import contract
+from runner.stages import analyze, caption, curate, export, ingest
 from runner.vision import balance as B
 from runner.vision import shots as S
 
@@ -28,13 +29,13 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _ingest(project: Path, folder: str, tmp: Path) -> base.Artifact:
+def _ingest(project: Path, folder: str, tmp: Path) -> contract.Artifact:
     files = tuple(sorted(p for p in (project / folder).rglob("*") if p.is_file()))
     ctx = LocalStageContext.for_folder(tmp / "ingest", stage_id="obama:ingest", character="obama", project_root=project)
     cfg = {"sources": [{"index": 0, "path": folder, "label": "", "recursive": True}],
            "extensions": [".jpg", ".jpeg", ".png"], "max_pixels": 64_000_000, "max_side": 2048, "min_side": 64,
            "format": "png"}
-    return ingest.run(cfg, {"source0": base.Artifact("source0", project / folder, files=files)}, ctx)["images"]
+    return ingest.run(cfg, {"source0": contract.Artifact("source0", project / folder, files=files)}, ctx)["images"]
 
 
 def analyze_config(workers: int = 2, **kw) -> dict:
@@ -62,7 +63,7 @@ def analyzed(tmp_path_factory, shared_data):
     Image.fromarray(smooth).save(photos / "synthetic--no_face.png")
     images = _ingest(project, "photos", tmp)
     ctx = LocalStageContext.for_folder(tmp / "analyze", stage_id="obama:analyze", character="obama", project_root=project)
-    refs = base.Artifact("reference0", project / "refs", files=(project / "refs" / "obama_01.jpg",),
+    refs = contract.Artifact("reference0", project / "refs", files=(project / "refs" / "obama_01.jpg",),
                          meta={"spec_key": "character.references[0]"})
     out = analyze.run(analyze_config(), {"images": images, "reference0": refs}, ctx)
     records = {Path(r["source"]).name: r for r in _jsonl(out["analysis"].path / "records.jsonl")}
@@ -240,7 +241,7 @@ def captioned(augmented, analyzed):
                                        project_root=analyzed["project"])
     cfg = {"trigger": TRIGGER, "class_word": CLASS, "template": "{trigger} {class}, {shot}, {attributes}",
            "extra_tags": ["photo"], "model": None}
-    return caption.run(cfg, {"curated": base.Artifact("curated", folder), "images": analyzed["images"]}, ctx)
+    return caption.run(cfg, {"curated": contract.Artifact("curated", folder), "images": analyzed["images"]}, ctx)
 
 
 def test_caption_writes_the_dataset_interface(captioned, augmented):
@@ -298,7 +299,7 @@ def _render(sections) -> str:
 def test_report_sections_render(analyzed, augmented, captioned, tmp_path):
     settings = {"thumbnail_px": 96, "gallery_limit": 20}
     sections = analyze.report_sections({}, {"analysis": analyzed["analysis"]}, settings)
-    sections += curate.report_sections({}, {"curated": base.Artifact("curated", augmented[0])}, settings)
+    sections += curate.report_sections({}, {"curated": contract.Artifact("curated", augmented[0])}, settings)
     sections += caption.report_sections({"template": "{trigger}"}, captioned, settings)
     html = _render(sections)
     assert html.count("data:image/jpeg;base64") > 10
@@ -363,7 +364,7 @@ def test_select_keeps_the_only_full_body_photo_and_says_what_it_cannot_fix(analy
     text = {s["category"]: s["text"] for s in bal["shortfalls"]}["full_body"]
     assert text.startswith("full-body ") and "(target 25%–30%)" in text and "add full-body photos" in text
     assert any("full-body" in w for w in ctx.warnings)
-    html = _render(curate.report_sections({}, {"curated": base.Artifact("curated", folder)}, {"thumbnail_px": 64}))
+    html = _render(curate.report_sections({}, {"curated": contract.Artifact("curated", folder)}, {"thumbnail_px": 64}))
     assert "Still off target" in html and "add full-body photos or a video source" in html
 
 
@@ -382,7 +383,7 @@ def test_augment_mirrors_only_when_flips_are_allowed(analyzed):
     assert m["pose"]["yaw"] == pytest.approx(-parent["pose"]["yaw"])
     with Image.open(on / m["file"]) as im, Image.open(analyzed["images"].path / parent["file"]) as src:
         assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(src.convert("RGB"))[:, ::-1])
-    html = _render(curate.report_sections({}, {"curated": base.Artifact("curated", on)}, {"thumbnail_px": 64}))
+    html = _render(curate.report_sections({}, {"curated": contract.Artifact("curated", on)}, {"thumbnail_px": 64}))
     assert "mirror of " in html and "1 mirrored copy" in html
     bal = json.loads((on / "balance.json").read_text())
     assert bal["mirrors"] == 1 and _rows(bal, "after")["full_body"]["share"] > _rows(bal, "before")["full_body"]["share"]

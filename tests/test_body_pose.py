@@ -21,7 +21,7 @@ pytest.importorskip("rtmlib")
 onnx = pytest.importorskip("onnx")
 
 from runner.generate import pose as P  # noqa: E402
-from runner.stages import base  # noqa: E402
+from runner.core import contract  # noqa: E402
 
 # A person standing, arms out, in a 512 x 512 frame (COCO names -> pixels).
 STANDING = {"nose": (256, 80), "left_eye": (266, 70), "right_eye": (246, 70), "left_ear": (280, 76),
@@ -212,18 +212,18 @@ def test_tiny_dwpose_on_a_real_photo(tmp_path: Path, shared_data: Path) -> None:
 
 def test_pose_model_errors(tmp_path: Path, monkeypatch) -> None:
     constant_estimator(tmp_path / "body.onnx")
-    with pytest.raises(base.StageError, match="has no yolox_l.onnx") as e:
+    with pytest.raises(contract.StageError, match="has no yolox_l.onnx") as e:
         P.load_pose_detector(str(tmp_path), detector_file="yolox_l.onnx", estimator_file="body.onnx")
     assert "body.onnx" in e.value.hint
     constant_estimator(tmp_path / "k26.onnx", k=26)
-    with pytest.raises(base.StageError, match="K = 17 .* or 133"):
+    with pytest.raises(contract.StageError, match="K = 17 .* or 133"):
         P.load_pose_detector(str(tmp_path), detector_file=None, estimator_file="k26.onnx")
     (tmp_path / "bad.onnx").write_bytes(b"not onnx")
-    with pytest.raises(base.StageError, match="cannot load the pose models"):
+    with pytest.raises(contract.StageError, match="cannot load the pose models"):
         P.load_pose_detector(str(tmp_path), detector_file=None, estimator_file="bad.onnx")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(base.StageError, match="pose_model: model 'someone/no-such-pose'"):
+    with pytest.raises(contract.StageError, match="pose_model: model 'someone/no-such-pose'"):
         P.load_pose_detector("someone/no-such-pose", detector_file="a.onnx", estimator_file="b.onnx")
 
 
@@ -251,7 +251,7 @@ def test_pose_model_from_a_hub_id(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
     assert P.pose_model_folder("org/pose", ["det.onnx", "pose.onnx"]) == snap
     assert asked == [("org/pose", ["det.onnx", "pose.onnx"])]
-    with pytest.raises(base.StageError, match="neither a folder nor a hub id"):
+    with pytest.raises(contract.StageError, match="neither a folder nor a hub id"):
         P.pose_model_folder("no/such/folder/x", ["a.onnx"])
 
 
@@ -293,7 +293,7 @@ def test_storyboard_pose_control_on_the_tiny_controlnet(tmp_path: Path, shared_d
     inputs = inputs_for(proj, node)
     for i in (2, 3):
         ref = node.inputs[f"control{i}"]
-        inputs[f"control{i}"] = base.Artifact(f"control{i}", ref.root, files=(ref.root,))
+        inputs[f"control{i}"] = contract.Artifact(f"control{i}", ref.root, files=(ref.root,))
     out = SB.run(node.config, inputs, ctx)
     folder = out["storyboard"].path
     rep = json.loads((folder / "report.json").read_text())

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from runner.engine.context import LocalStageContext
-from runner.stages import base, caption
+from runner.core import contract
+from runner.stages import caption
 
 
 def tiny_blip(dest: Path) -> Path:
@@ -57,7 +58,7 @@ def test_caption_stage_with_a_local_captioning_model(tmp_path):
     ctx = LocalStageContext.for_folder(tmp_path / "c", project_root=tmp_path / "proj")
     cfg = {"trigger": "zq", "class_word": "man", "template": "{trigger} {class}, {attributes}", "extra_tags": [],
            "model": "models/tiny-blip"}  # project-relative, as the resolver writes it
-    out = caption.run(cfg, {"curated": base.Artifact("curated", cur)}, ctx)
+    out = caption.run(cfg, {"curated": contract.Artifact("curated", cur)}, ctx)
     rec = json.loads((out["dataset"].path / "dataset.jsonl").read_text())
     assert rec["caption"].startswith("zq man, solo, smiling")
     assert (out["dataset"].path / "abcd.txt").read_text().strip() == rec["caption"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from runner.stages import caption
-from runner.stages.base import StageError
+from runner.core.errors import StageError
 
 CFG = {"trigger": "vlntna", "class_word": "woman", "template": "{trigger} {class}, {shot}, {attributes}",
        "extra_tags": ["film grain"], "model": None}

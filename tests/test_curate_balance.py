@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from runner.diffusion.data import Example, split_validation
 from runner.stages import curate
-from runner.stages.base import StageError
+from runner.core.errors import StageError
 from runner.vision import balance as B
 from runner.vision import shots as S
 
@@ -134,7 +134,7 @@ def test_targets_min_above_max_is_a_clear_error(tmp_path):
     import json
 
     from runner.engine.context import LocalStageContext
-    from runner.stages import base
+    from runner.core import contract
 
     adir = tmp_path / "analysis"
     adir.mkdir()
@@ -143,7 +143,7 @@ def test_targets_min_above_max_is_a_clear_error(tmp_path):
     ctx = LocalStageContext.for_folder(tmp_path / "c")
     with pytest.raises(StageError, match="close_up"):
         curate.run({**curate.DEFAULTS, **curate.SHOT_DEFAULTS, "targets": {"close_up": [0.6, 0.2]}},
-                   {"analysis": base.Artifact("analysis", adir)}, ctx)
+                   {"analysis": contract.Artifact("analysis", adir)}, ctx)
 
 
 # --------------------------------------------------------------------------- properties

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from runner.eval import compare as C
-from runner.stages.base import StageError
+from runner.core.errors import StageError
 
 
 def _evaluation(folder: Path, *, fs: dict[str, float], no_face: float = 0.0, tiny: bool = False,
@@ -72,7 +72,7 @@ def test_tiny_models_labelled_and_bad_inputs(tmp_path: Path) -> None:
 
 
 def test_evaluations_of_run_reads_the_workspace(tmp_path: Path) -> None:
-    from runner.stages.base import Artifact
+    from runner.core.contract import Artifact
 
     a = _evaluation(tmp_path / "a", fs={"close_up": 0.8})
 

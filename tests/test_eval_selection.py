@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from runner.eval import selection as S
-from runner.stages.base import StageError
+from runner.core.errors import StageError
 
 
 def cell(step, scale, fs, clip_t, cats=None, score=None):

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from runner.engine.context import LocalStageContext
-from runner.stages import base
+from runner.core import contract
 from runner.stages import evaluate as E
 
 
@@ -31,7 +31,7 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
-def _make_lora_artifact(root: Path, cache: Path, steps=(100, 200)) -> base.Artifact:
+def _make_lora_artifact(root: Path, cache: Path, steps=(100, 200)) -> contract.Artifact:
     import torch
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -60,7 +60,7 @@ def _make_lora_artifact(root: Path, cache: Path, steps=(100, 200)) -> base.Artif
         "base_model": "builtin:tiny-sd", "model_family": "sd15", "resolution": 64, "trigger": "dmochr",
         "class_word": "man", "variant": None, "tiny_random_model": True, "checkpoints": checkpoints,
         "final": len(checkpoints) - 1}))
-    return base.Artifact("lora", root)
+    return contract.Artifact("lora", root)
 
 
 def _config(refs: list[str], **over) -> dict:
@@ -91,7 +91,7 @@ def lora_and_refs(tmp_path_factory, shared_data: Path):
     for name in ("obama_01.jpg", "obama_02.jpg"):
         shutil.copy(shared_data / "faces" / "obama" / name, refs / name)
     lora = _make_lora_artifact(root / "lora", root / "cache")
-    ref_art = base.Artifact("reference0", refs, files=tuple(sorted(refs.iterdir())))
+    ref_art = contract.Artifact("reference0", refs, files=tuple(sorted(refs.iterdir())))
     return root, lora, ref_art
 
 
@@ -234,19 +234,19 @@ def test_bad_inputs_are_clear(lora_and_refs, tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "index.json").write_text("{not json")
-    with pytest.raises(base.StageError, match="cannot read the train stage's LoRA index"):
-        E.run(_config(["refs"]), {"lora": base.Artifact("lora", broken), "reference0": ref_art}, ctx)
+    with pytest.raises(contract.StageError, match="cannot read the train stage's LoRA index"):
+        E.run(_config(["refs"]), {"lora": contract.Artifact("lora", broken), "reference0": ref_art}, ctx)
     empty = tmp_path / "norefs"
     empty.mkdir()
-    with pytest.raises(base.StageError, match="no reference images"):
-        E.run(_config(["norefs"]), {"lora": lora, "reference0": base.Artifact("reference0", empty)}, ctx)
-    with pytest.raises(base.StageError, match="evaluate.clip_model"):
+    with pytest.raises(contract.StageError, match="no reference images"):
+        E.run(_config(["norefs"]), {"lora": lora, "reference0": contract.Artifact("reference0", empty)}, ctx)
+    with pytest.raises(contract.StageError, match="evaluate.clip_model"):
         E.run(_config(["refs"], clip_model="builtin:nope"), {"lora": lora, "reference0": ref_art}, ctx)
     assert not any(ctx.out_dir.iterdir())  # nothing half-written
 
 
 class _Graph:
-    def __init__(self, root: Path, trains: list[base.PlanNode]):
+    def __init__(self, root: Path, trains: list[contract.PlanNode]):
         self.character = "luca"
         self.project_root = root
         self.spec_file = root / "specs" / "luca.yaml"
@@ -259,8 +259,8 @@ class _Graph:
         return next((n for n in self._trains if n.id == stage_id), None)
 
 
-def _train(variant: str | None) -> base.PlanNode:
-    return base.PlanNode(id=base.node_id("luca", "train", variant), kind="train", character="luca",
+def _train(variant: str | None) -> contract.PlanNode:
+    return contract.PlanNode(id=contract.node_id("luca", "train", variant), kind="train", character="luca",
                          config={}, outputs=("lora", "logs"))
 
 
@@ -277,8 +277,8 @@ def test_expand_one_node_per_train_variant(tmp_path: Path) -> None:
     nodes = E.expand(spec, graph)
     assert [n.id for n in nodes] == ["luca:evaluate[base]", "luca:evaluate[higher_rank]"]
     n = nodes[1]
-    assert n.inputs["lora"] == base.StageOutputRef("luca:train[higher_rank]", "lora")
-    assert isinstance(n.inputs["reference0"], base.FileSetRef) and n.inputs["reference0"].root == tmp_path / "data/ref"
+    assert n.inputs["lora"] == contract.StageOutputRef("luca:train[higher_rank]", "lora")
+    assert isinstance(n.inputs["reference0"], contract.FileSetRef) and n.inputs["reference0"].root == tmp_path / "data/ref"
     assert n.config["variant"] == "higher_rank" and n.gpu == "L40S"
     prompts = n.config["suite"]["prompts"]
     assert len(prompts) == 6 and all("lcachar 3d cartoon boy" in p["prompt"] for p in prompts)
@@ -297,11 +297,11 @@ def test_expand_one_node_per_train_variant(tmp_path: Path) -> None:
 ])
 def test_expand_rejects_bad_evaluate_sections(tmp_path: Path, patch: dict, match: str) -> None:
     spec = {"character": {"name": "luca", "trigger": "t", "references": ["r"]}, "evaluate": {"suite": "builtin", **patch}}
-    with pytest.raises(base.StageError, match=match):
+    with pytest.raises(contract.StageError, match=match):
         E.expand(spec, _Graph(tmp_path, [_train(None)]))
 
 
 def test_expand_needs_references(tmp_path: Path) -> None:
     spec = {"character": {"name": "luca", "trigger": "t", "references": []}, "evaluate": {}}
-    with pytest.raises(base.StageError, match="character.references is empty"):
+    with pytest.raises(contract.StageError, match="character.references is empty"):
         E.expand(spec, _Graph(tmp_path, [_train(None)]))

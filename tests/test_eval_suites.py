@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from runner.eval import suites as S
-from runner.stages.base import StageError
+from runner.core.errors import StageError
 
 FIVE = ["close_up", "medium", "full_body", "multi_character", "complex_background"]
 

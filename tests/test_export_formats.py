@@ -26,7 +26,8 @@ import pytest
 from PIL import Image
 
 from runner.engine.context import LocalStageContext
-from runner.stages import base, export
+from runner.core import contract
+from runner.stages import export
 from runner.stages.train import train_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -63,7 +64,7 @@ def run_export(tmp_path: Path, cfg: dict, repeats=(1, 3, 3)) -> Path:
         make_dataset(tmp_path / "ds", repeats)
     ctx = LocalStageContext.for_folder(tmp_path / "x", character="hero")
     ctx.cache_dir = Path(os.environ.get("CHARACTER_RUNNER_CACHE", tmp_path / "cache"))
-    return export.run(cfg, {"dataset": base.Artifact("dataset", tmp_path / "ds")}, ctx)["export"].path
+    return export.run(cfg, {"dataset": contract.Artifact("dataset", tmp_path / "ds")}, ctx)["export"].path
 
 
 def ai_toolkit_images(folder: Path) -> list[Path]:
@@ -338,7 +339,7 @@ def test_report_section_names_the_published_folder(tmp_path: Path) -> None:
     from runner.resources import resource_dir
 
     out = run_export(tmp_path, export_config())
-    (sec,) = export.report_sections({}, {"export": base.Artifact("export", out)}, {"character": {"name": "hero"}})
+    (sec,) = export.report_sections({}, {"export": contract.Artifact("export", out)}, {"character": {"name": "hero"}})
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(resource_dir("templates"))), autoescape=True)
     html = env.get_template(sec.template).render(**sec.context)
     assert ".runner/exports/hero/plain" in html and ".runner/exports/hero/concepts.json" in html

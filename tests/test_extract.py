@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runner.stages import base
+from runner.core import contract
+
+from runner.stages import registry as stage_registry
 from runner.video import extract as X
 from runner.vision import balance as B
 
@@ -127,8 +129,8 @@ def _apply(project: Path, video: str, targets: str, monkeypatch):
     from runner.engine.progress import QuietReporter
     from runner.spec import load_spec
 
-    base.registry()
-    monkeypatch.setattr(base, "_REGISTRY", {k: v for k, v in base._REGISTRY.items()
+    stage_registry()
+    monkeypatch.setattr(contract.BUILTIN, "_kinds", {k: v for k, v in contract.BUILTIN._kinds.items()
                                             if k in ("ingest", "analyze", "extract", "curate", "caption", "report")})
     spec_file = project / "specs" / "lin.yaml"
     spec_file.write_text(
@@ -232,7 +234,7 @@ def test_plan_notes_say_what_will_be_extracted(tmp_path, close, full):
     recs = [_record(i, "close_up") for i in range(close)] + [_record(close + i, "full_body") for i in range(full)]
     (adir / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     (adir / "summary.json").write_text(json.dumps({"references": 1, "default_identity_threshold": 0.92}))
-    notes = E.plan_notes(config, {"analysis": base.Artifact("analysis", adir)})
+    notes = E.plan_notes(config, {"analysis": contract.Artifact("analysis", adir)})
     tally = B.Tally.of((r["categories"], 1.0) for r in recs)
     need = X.needs(tally, config["targets"], 50)
     if need:

@@ -13,7 +13,7 @@ from PIL import Image
 
 from runner.engine.context import LocalStageContext
 from runner.generate import measures as MS
-from runner.stages import base
+from runner.core import contract
 from runner.stages import video as V
 from test_storyboard import Graph, _one_torch_thread  # noqa: F401  (autouse: one torch thread)
 
@@ -40,9 +40,9 @@ def spec(**video) -> dict:
             "generate": {"video": v}, "hardware": {"device": "cpu", "currency": "EUR", "price_table": {"cpu": 3.6}}}
 
 
-def inputs_for(root: Path) -> dict[str, base.Artifact]:
-    return {"source": base.Artifact("source", root / "still.jpg", files=(root / "still.jpg",)),
-            "reference0": base.Artifact("reference0", root / "refs", files=tuple(sorted((root / "refs").iterdir())))}
+def inputs_for(root: Path) -> dict[str, contract.Artifact]:
+    return {"source": contract.Artifact("source", root / "still.jpg", files=(root / "still.jpg",)),
+            "reference0": contract.Artifact("reference0", root / "refs", files=tuple(sorted((root / "refs").iterdir())))}
 
 
 def run(root: Path, tmp: Path, s: dict):
@@ -114,9 +114,9 @@ def test_condition_pipeline_latent_upsampler_and_shape_errors(proj: Path, tmp_pa
     assert rep["pipeline"] == "condition" and rep["upscale_method"].startswith("latent upsampler")
     frames = decode(out["video"].path / rep["clips"][0]["file"])
     assert len(frames) == 9 and frames[0].shape == (128, 128, 3)
-    with pytest.raises(base.StageError, match=r"frames must be k\*4\+1 \(got 10; e.g. 9\)"):
+    with pytest.raises(contract.StageError, match=r"frames must be k\*4\+1 \(got 10; e.g. 9\)"):
         run(proj, tmp_path / "b", spec(frames=10))
-    with pytest.raises(base.StageError, match="multiples of 32"):
+    with pytest.raises(contract.StageError, match="multiples of 32"):
         run(proj, tmp_path / "c", spec(width=66))
 
 
@@ -142,17 +142,17 @@ def test_video_lora_changes_the_clip(proj: Path, tmp_path: Path) -> None:
     fa = decode(out_a["video"].path / rep_a["clips"][0]["file"])
     fb = decode(out_b["video"].path / rep_b["clips"][0]["file"])
     assert rep_b["settings"]["lora"] and np.abs(fa[4].astype(float) - fb[4].astype(float)).mean() > 1
-    with pytest.raises(base.StageError, match="generate.video.lora"):
+    with pytest.raises(contract.StageError, match="generate.video.lora"):
         run(proj, tmp_path / "c", spec(lora="still.jpg"))
 
 
 def test_expand_sources_and_errors(proj: Path) -> None:
-    sb = base.PlanNode(id="demo:storyboard", kind="storyboard", character="demo",
+    sb = contract.PlanNode(id="demo:storyboard", kind="storyboard", character="demo",
                        config={"scenes": [{"index": i} for i in (1, 2, 3)]}, outputs=("storyboard",))
     s = spec(source="storyboard", key_frames=[1, 3], preset="aggressive-quality")
     s["hardware"] = {"backend": "modal", "gpu": "A10G", "stage_gpu": {"video": "H100"}}
     n = V.expand(s, Graph(proj, [sb]))[0]
-    assert n.id == "demo:video" and n.inputs["storyboard"] == base.StageOutputRef("demo:storyboard", "storyboard")
+    assert n.id == "demo:video" and n.inputs["storyboard"] == contract.StageOutputRef("demo:storyboard", "storyboard")
     assert n.config["key_frames"] == [1, 3] and n.gpu == "H100"
     from runner.generate.budget import priced_gpu
 
@@ -160,11 +160,11 @@ def test_expand_sources_and_errors(proj: Path) -> None:
     assert priced_gpu({}, {"gpu": "L4"}, "cuda") == "L4" and priced_gpu({}, {"gpu": "L4"}, "cpu") == "cpu"
     assert priced_gpu({"gpu": "A100-80GB"}, {"gpu": "L4"}, "cpu") == "A100-80GB"
     assert "from storyboard frames [1, 3]" in n.label
-    with pytest.raises(base.StageError, match=r"key_frames: \[5\] beyond the storyboard's 3 scenes"):
+    with pytest.raises(contract.StageError, match=r"key_frames: \[5\] beyond the storyboard's 3 scenes"):
         V.expand(spec(source="storyboard", key_frames=[5]), Graph(proj, [sb]))
-    with pytest.raises(base.StageError, match="has no generate.storyboard"):
+    with pytest.raises(contract.StageError, match="has no generate.storyboard"):
         V.expand(spec(source="storyboard"), Graph(proj))
-    with pytest.raises(base.StageError, match="suite: 'nope'"):
+    with pytest.raises(contract.StageError, match="suite: 'nope'"):
         V.expand(spec(suite="nope"), Graph(proj))
     assert V.expand({"generate": {}}, Graph(proj)) == []
     assert V.clip_prompt({"prompt": None, "prompt_prefix": "Cinematic motion", "prompt_suffix": ""}, "He smiles.") == \

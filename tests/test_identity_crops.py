@@ -22,7 +22,7 @@ import pytest
 cv2 = pytest.importorskip("cv2")
 pytest.importorskip("insightface")
 
-from runner.stages.base import StageError  # noqa: E402
+from runner.core.contract import StageError  # noqa: E402
 from runner.vision import align as A  # noqa: E402
 from runner.vision import identity_crops as IC  # noqa: E402
 
@@ -350,9 +350,10 @@ def test_apply_exports_identity_crops_per_adapter(project: Path, shared_data: Pa
     import jinja2
 
     from runner.resources import resource_dir
-    from runner.stages import base, export
+    from runner.core import contract
+    from runner.stages import export
 
-    (sec,) = export.report_sections({}, {"export": base.Artifact("export", project / ".runner" / "exports" / "hero")}, {})
+    (sec,) = export.report_sections({}, {"export": contract.Artifact("export", project / ".runner" / "exports" / "hero")}, {})
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(resource_dir("templates"))), autoescape=True)
     html = env.get_template(sec.template).render(**sec.context)
     assert "<code>pulid</code>" in html and "manifest.json" in html

@@ -14,7 +14,7 @@ HEAVY = ["torch", "diffusers", "transformers", "peft", "accelerate", "dlib", "cv
 
 def test_registry_and_cli_import_no_heavy_modules():
     code = (
-        "import sys, json; import runner.cli; from runner.stages import base; base.registry();"
+        "import sys, json; import runner.cli; from runner.stages import registry; registry();"
         f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

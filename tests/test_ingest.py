@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from runner.engine.context import LocalStageContext
-from runner.stages import base
+from runner.core import contract
 from runner.stages import ingest
 
 CONFIG = {
@@ -28,7 +28,7 @@ def run_ingest(folder: Path, tmp_path: Path, **overrides):
     files = tuple(sorted(p for p in folder.rglob("*") if p.is_file()))
     ctx = LocalStageContext.for_folder(tmp_path / "stage", project_root=folder.parent)
     cfg = {**CONFIG, **overrides}
-    out = ingest.run(cfg, {"source0": base.Artifact("source0", folder, files=files)}, ctx)
+    out = ingest.run(cfg, {"source0": contract.Artifact("source0", folder, files=files)}, ctx)
     records = ingest.read_manifest(out["images"].path)
     q = [json.loads(x) for x in (out["quarantine"].path / "quarantine.jsonl").read_text().splitlines() if x]
     return out, records, {Path(r["source"]).name: r for r in q}, ctx

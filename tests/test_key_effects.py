@@ -28,7 +28,7 @@ from runner.plan.planner import key_components
 from runner.spec import load_spec
 from runner.spec import schema as S
 from runner.spec.resolve import Spec
-from runner.stages import base
+from runner.stages import registry as stage_registry
 
 FULL_SPEC = """\
 $schema: ../schemas/character.schema.json
@@ -425,7 +425,7 @@ def _base_components(spec: Spec, digester) -> dict:
 
 def builtin_kinds() -> set[str]:
     """The stage kinds runner ships (other tests register fake kinds in the same process)."""
-    return {kind for kind, sk in base.registry().items() if sk.run.__module__.startswith("runner.stages.")}
+    return {kind for kind, sk in stage_registry().kinds().items() if sk.run.__module__.startswith("runner.stages.")}
 
 
 def declared_effect(key: str, sub: dict[str, Any]) -> set[str]:
@@ -441,7 +441,7 @@ def declared_effect(key: str, sub: dict[str, Any]) -> set[str]:
 
 
 def test_every_key_declares_its_effect():
-    kinds = set(base.registry())
+    kinds = set(stage_registry().kinds())
     missing, bad = [], []
     for path, sub in declared_keys():
         decl = sub.get("x-affects")

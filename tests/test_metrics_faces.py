@@ -100,7 +100,7 @@ def test_missing_face_is_counted_not_skipped(shared_data: Path, backend) -> None
 
 def test_references_without_any_face_are_a_clear_error(backend) -> None:
     from runner.metrics.embedders import TINY_CLIP, TINY_DINO, load_image_embedder
-    from runner.stages.base import StageError
+    from runner.core.errors import StageError
 
     mc = MetricComputer(clip=load_image_embedder(TINY_CLIP), dino=load_image_embedder(TINY_DINO),
                         face_backend=backend)
@@ -135,7 +135,7 @@ def test_face_worker_processes_give_the_same_faces_as_in_process(shared_data: Pa
 
 
 def test_a_face_worker_that_cannot_start_is_a_clear_error(backend) -> None:
-    from runner.stages.base import StageError
+    from runner.core.errors import StageError
     from runner.vision.analysis import FacePool
 
     images = [np.zeros((64, 64, 3), np.uint8)] * 2

@@ -12,7 +12,8 @@ import pytest
 from runner.engine.executor import ApplyOptions, apply, plan_specs
 from runner.engine.progress import QuietReporter
 from runner.spec import load_spec
-from runner.stages import base
+from runner.core import contract
+from runner.stages import registry as stage_registry
 
 TESTS = Path(__file__).resolve().parent
 
@@ -20,8 +21,8 @@ TESTS = Path(__file__).resolve().parent
 @pytest.fixture()
 def fake_kinds(monkeypatch):
     """Only ingest, report and the fake kinds: engine behaviour, not the real pipeline's cost."""
-    base.registry()  # load the built-in kinds first
-    monkeypatch.setattr(base, "_REGISTRY", {k: v for k, v in base._REGISTRY.items() if k in ("ingest", "report")})
+    stage_registry()  # load the built-in kinds first
+    monkeypatch.setattr(contract.BUILTIN, "_kinds", {k: v for k, v in contract.BUILTIN._kinds.items() if k in ("ingest", "report")})
     sys.path.insert(0, str(TESTS))
     try:
         import fake_stages

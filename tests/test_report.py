@@ -10,7 +10,8 @@ import pytest
 from runner.engine.executor import ApplyOptions, apply
 from runner.engine.progress import QuietReporter
 from runner.spec import load_spec
-from runner.stages import base
+from runner.core import contract
+from runner.stages import registry as stage_registry
 
 HOSTILE = "<script>alert('pwned')</script>"
 
@@ -33,8 +34,8 @@ report:
 
 @pytest.fixture()
 def only_ingest_and_report(monkeypatch):
-    base.registry()
-    monkeypatch.setattr(base, "_REGISTRY", {k: v for k, v in base._REGISTRY.items() if k in ("ingest", "report")})
+    stage_registry()
+    monkeypatch.setattr(contract.BUILTIN, "_kinds", {k: v for k, v in contract.BUILTIN._kinds.items() if k in ("ingest", "report")})
 
 
 def test_report_is_self_contained_and_escapes_spec_text(project, shared_data, only_ingest_and_report):

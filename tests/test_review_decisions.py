@@ -155,7 +155,7 @@ def _record(i: int, *, blur: float = 200.0, phash: str | None = None) -> dict:
 
 
 def _run_curate(tmp_path: Path, records: list[dict], review: dict) -> tuple[dict, _Ctx]:
-    from runner.stages import base
+    from runner.core import contract
     from runner.stages import curate
 
     adir = tmp_path / "analysis"
@@ -165,7 +165,7 @@ def _run_curate(tmp_path: Path, records: list[dict], review: dict) -> tuple[dict
                                                    "backend": "dlib"}))
     cfg = {**curate.DEFAULTS, **curate.SHOT_DEFAULTS, **({"review": review} if review else {})}
     ctx = _Ctx(tmp_path / "out")
-    out = curate.run(cfg, {"analysis": base.Artifact("analysis", adir)}, ctx)["curated"].path
+    out = curate.run(cfg, {"analysis": contract.Artifact("analysis", adir)}, ctx)["curated"].path
     read = lambda f: [json.loads(x) for x in (Path(out) / f).read_text().splitlines() if x]  # noqa: E731
     return {"kept": {e["id"]: e for e in read("curated.jsonl")}, "rejected": {r["id"]: r for r in read("rejected.jsonl")},
             "review": json.loads((Path(out) / "review.json").read_text())}, ctx
@@ -200,8 +200,8 @@ def test_curate_applies_drop_keep_shot_and_lists_missing(tmp_path: Path) -> None
 
 
 def test_picked_checkpoint_replaces_best_and_a_changed_file_falls_back(tmp_path: Path) -> None:
-    from runner.hashing import file_sha256
-    from runner.stages import base
+    from runner.core.hashing import file_sha256
+    from runner.core import contract
     from runner.stages.storyboard import resolve_lora
 
     lora = tmp_path / "lora"
@@ -215,7 +215,7 @@ def test_picked_checkpoint_replaces_best_and_a_changed_file_falls_back(tmp_path:
     (ev / "best" / "w.safetensors").write_bytes(b"best")
     (ev / "evaluation.json").write_text(json.dumps({"best": {"lora_diffusers": "best/w.safetensors", "lora_scale": 1.0,
                                                              "step": 4}}))
-    inputs = {"evaluation": base.Artifact("evaluation", ev), "lora": base.Artifact("lora", lora)}
+    inputs = {"evaluation": contract.Artifact("evaluation", ev), "lora": contract.Artifact("lora", lora)}
     cfg = {"base_model": "builtin:tiny-sd", "lora_scale": None,
            "review": {"checkpoint": {"stage": "hero:evaluate", "step": 8, "lora_scale": 0.7,
                                      "lora_sha256": file_sha256(lora / "ck8" / "w.safetensors")}}}
@@ -367,8 +367,8 @@ def test_files_only_from_inside_the_store_and_saves_need_the_header(app_project:
 def test_report_review_section_shows_decisions_agreement_and_escapes(tmp_path: Path) -> None:
     from PIL import Image
 
-    from runner.hashing import file_sha256
-    from runner.stages import base
+    from runner.core.hashing import file_sha256
+    from runner.core import contract
     from runner.stages.report import _jinja_env, _review_section
 
     ev = tmp_path / "evaluation"
@@ -385,7 +385,7 @@ def test_report_review_section_shows_decisions_agreement_and_escapes(tmp_path: P
         data["ratings"][file_sha256(ev / "images" / "c" / f"{i}.png")] = {"rating": r}
     data["checkpoints"]["hero:evaluate"] = {"cell": "c", "step": 4, "by": "Ada", "at": "t"}
     data["images"][SHA[0]] = {"decision": "drop", "file": "photos/<script>x</script>.jpg", "note": "“ü” <b>", "by": "Ada"}
-    inputs = {"hero:evaluate/evaluation": base.Artifact("evaluation", ev)}
+    inputs = {"hero:evaluate/evaluation": contract.Artifact("evaluation", ev)}
     html = _review_section({"review": {k: v for k, v in data.items() if k != "format" and v}}, inputs, _jinja_env())["html"]
     assert "images dropped: <b>1</b>" in html and "picked by Ada" in html
     assert "<script>x" not in html and "&lt;script&gt;x&lt;/script&gt;" in html and "&lt;b&gt;" in html

@@ -12,7 +12,8 @@ import pytest
 
 from runner.engine.context import LocalStageContext
 from runner.review import decisions
-from runner.stages import analyze, base, ingest
+from runner.core import contract
+from runner.stages import analyze, ingest
 
 PHOTOS = ("obama/obama_02.jpg", "obama/obama_03.jpg", "biden/biden_01.jpg", "kit_harington/kit_01.jpg")
 
@@ -36,9 +37,9 @@ def photos(tmp_path_factory, shared_data):
     ctx = LocalStageContext.for_folder(tmp / "ingest", stage_id="obama:ingest", character="obama", project_root=project)
     cfg = {"sources": [{"index": 0, "path": "photos", "label": "", "recursive": True}], "extensions": [".jpg"],
            "max_pixels": 64_000_000, "max_side": 1024, "min_side": 64, "format": "png"}
-    images = ingest.run(cfg, {"source0": base.Artifact("source0", project / "photos", files=files)}, ctx)["images"]
+    images = ingest.run(cfg, {"source0": contract.Artifact("source0", project / "photos", files=files)}, ctx)["images"]
     manifest = {Path(r["source"]).name: r for r in _jsonl(Path(images.path) / "manifest.jsonl")}
-    refs = base.Artifact("reference0", project / "refs", files=(project / "refs" / "obama_01.jpg",),
+    refs = contract.Artifact("reference0", project / "refs", files=(project / "refs" / "obama_01.jpg",),
                          meta={"spec_key": "character.references[0]"})
     return {"tmp": tmp, "project": project, "images": images, "refs": refs, "manifest": manifest}
 

@@ -23,7 +23,7 @@ from runner.engine.workspace import Workspace
 from runner.serve import ServeError, token_from_env
 from runner.serve.character import resolve_target
 from runner.spec import load_specs
-from runner.stages.base import StageError
+from runner.core.errors import StageError
 
 TOKEN = "test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

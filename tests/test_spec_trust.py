@@ -456,10 +456,11 @@ def test_non_recursive_sources_only_check_what_they_read(project):
 
 
 def _report_only(monkeypatch):
-    from runner.stages import base
+    from runner.core import contract
+    from runner.stages import registry as stage_registry
 
-    base.registry()
-    monkeypatch.setattr(base, "_REGISTRY", {k: v for k, v in base._REGISTRY.items() if k == "report"})
+    stage_registry()
+    monkeypatch.setattr(contract.BUILTIN, "_kinds", {k: v for k, v in contract.BUILTIN._kinds.items() if k == "report"})
 
 
 def test_report_output_dir_is_relative_to_the_spec_file(project, monkeypatch):

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from runner.engine.context import LocalStageContext
-from runner.stages import base
+from runner.core import contract
 from runner.stages import storyboard as SB
 
 
@@ -77,14 +77,14 @@ class Graph:
         return next((n for n in self.nodes if n.id == stage_id), None)
 
 
-def _node(kind: str, variant: str | None = None) -> base.PlanNode:
-    return base.PlanNode(id=base.node_id("demo", kind, variant), kind=kind, character="demo", config={})
+def _node(kind: str, variant: str | None = None) -> contract.PlanNode:
+    return contract.PlanNode(id=contract.node_id("demo", kind, variant), kind=kind, character="demo", config={})
 
 
-def inputs_for(proj: Path, node: base.PlanNode) -> dict[str, base.Artifact]:
-    out = {"lora": base.Artifact("lora", proj / "lora")}
+def inputs_for(proj: Path, node: contract.PlanNode) -> dict[str, contract.Artifact]:
+    out = {"lora": contract.Artifact("lora", proj / "lora")}
     refs = proj / "refs"
-    out["reference0"] = base.Artifact("reference0", refs, files=tuple(sorted(refs.iterdir())))
+    out["reference0"] = contract.Artifact("reference0", refs, files=tuple(sorted(refs.iterdir())))
     return out
 
 
@@ -93,23 +93,23 @@ def test_expand_picks_the_lora_source(proj: Path) -> None:
     # evaluate present: best comes from the first evaluate node (the base variant with variants)
     g = Graph(proj, [_node("train", "base"), _node("train", "rank64"), _node("evaluate", "base"), _node("evaluate", "rank64")])
     n = SB.expand(s, g)[0]
-    assert n.id == "demo:storyboard" and n.inputs["evaluation"] == base.StageOutputRef("demo:evaluate[base]", "evaluation")
+    assert n.id == "demo:storyboard" and n.inputs["evaluation"] == contract.StageOutputRef("demo:evaluate[base]", "evaluation")
     assert [sc["index"] for sc in n.config["scenes"]] == [1, 2, 3]
     assert n.config["scenes"][0]["prompt"].startswith("dmochr man, close-up portrait, He waves at the camera")
     assert "short grey hair" in n.config["scenes"][1]["prompt"]
     json.dumps(n.config)
     # no evaluate stage: the train node's last checkpoint
     n = SB.expand(s, Graph(proj, [_node("train")]))[0]
-    assert n.inputs["lora"] == base.StageOutputRef("demo:train", "lora") and n.config["source"] == "train"
+    assert n.inputs["lora"] == contract.StageOutputRef("demo:train", "lora") and n.config["source"] == "train"
     # checkpoint: last skips evaluate; a path becomes a file input
     s2 = spec()
     s2["generate"]["checkpoint"] = "last"
     assert "lora" in SB.expand(s2, g)[0].inputs
     s2["generate"]["checkpoint"] = "lora/checkpoint-10/pytorch_lora_weights.safetensors"
     n = SB.expand(s2, Graph(proj, []))[0]
-    assert isinstance(n.inputs["lora_file"], base.FileSetRef) and n.config["source"] == "file"
+    assert isinstance(n.inputs["lora_file"], contract.FileSetRef) and n.config["source"] == "file"
     # no LoRA anywhere: a clear error
-    with pytest.raises(base.StageError, match="needs the character's LoRA"):
+    with pytest.raises(contract.StageError, match="needs the character's LoRA"):
         SB.expand(spec(), Graph(proj, []))
     # nothing without a storyboard section
     assert SB.expand({"generate": {}}, g) == []
@@ -220,7 +220,7 @@ def test_control_maps(shared_data: Path) -> None:
     fb = get_face_backend("dlib")
     pose = np.asarray(control_map(photo, "face_landmarks", fb))
     assert pose.max() == 255 and 0 < (pose > 0).mean() < 0.2  # thin landmark lines on black
-    with pytest.raises(base.StageError, match="face_landmarks needs a face"):
+    with pytest.raises(contract.StageError, match="face_landmarks needs a face"):
         control_map(Image.new("RGB", (64, 64), "gray"), "face_landmarks", fb)
 
 
@@ -263,11 +263,11 @@ def test_best_attempt_and_validator_errors() -> None:
     assert best_attempt([{"margin": -0.2, "pass": False}, {"margin": -0.1, "pass": False}]) == 1
     assert best_attempt([{"margin": None, "pass": True}]) == 0
     assert [seed_for(100, i, a, 3) for a in (0, 1) for i in range(3)] == [100, 101, 102, 103, 104, 105]
-    with pytest.raises(base.StageError, match="needs reference images"):
+    with pytest.raises(contract.StageError, match="needs reference images"):
         FrameValidator(face_backend=None, clip=None, reference_images=[], thresholds=Thresholds(0.7, None))
     from runner.vision.faces import get_face_backend
 
-    with pytest.raises(base.StageError, match="no face found in any of the 1 reference"):
+    with pytest.raises(contract.StageError, match="no face found in any of the 1 reference"):
         FrameValidator(face_backend=get_face_backend("dlib"), clip=None,
                        reference_images=[Image.new("RGB", (96, 96), "white")], thresholds=Thresholds(0.7, None))
 
@@ -298,7 +298,7 @@ def test_sdxl_lora_by_path(proj: Path, tmp_path: Path) -> None:
     art = proj / "xl_lora" / "pytorch_lora_weights.safetensors"
     ctx = LocalStageContext.for_folder(tmp_path / "run", stage_id=node.id, character="demo", project_root=proj)
     ctx.cache_dir = proj / "cache"
-    inputs = {**inputs_for(proj, node), "lora_file": base.Artifact("lora_file", art, files=(art,))}
+    inputs = {**inputs_for(proj, node), "lora_file": contract.Artifact("lora_file", art, files=(art,))}
     del inputs["lora"]
     rep = json.loads((SB.run(node.config, inputs, ctx)["storyboard"].path / "report.json").read_text())
     assert rep["model_family"] == "sdxl" and rep["lora"]["scale"] == 0.8 and rep["lora_file"] == "xl_lora/pytorch_lora_weights.safetensors"

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from runner.engine.context import LocalStageContext
-from runner.stages import base
+from runner.core import contract
 from runner.stages import train as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -51,7 +51,7 @@ def _run(cfg: dict, dataset: Path, root: Path, cache: Path | None = None) -> tup
     ctx = LocalStageContext.for_folder(root, stage_id="demo:train")
     if cache is not None:
         ctx.cache_dir = cache
-    out = T.run(cfg, {"dataset": base.Artifact("dataset", dataset)}, ctx)
+    out = T.run(cfg, {"dataset": contract.Artifact("dataset", dataset)}, ctx)
     index = json.loads((out["lora"].path / "index.json").read_text())
     return index, ctx
 
@@ -61,16 +61,16 @@ def _metrics(root: Path) -> list[dict]:
 
 
 class FakeGraph:
-    def __init__(self, root: Path, nodes: list[base.PlanNode]) -> None:
+    def __init__(self, root: Path, nodes: list[contract.PlanNode]) -> None:
         self.character = "demo"
         self.project_root = root
         self.spec_file = root / "specs" / "demo.yaml"
         self._nodes = {n.id: n for n in nodes}
 
-    def nodes_of(self, kind: str) -> list[base.PlanNode]:
+    def nodes_of(self, kind: str) -> list[contract.PlanNode]:
         return [n for n in self._nodes.values() if n.kind == kind]
 
-    def node(self, stage_id: str) -> base.PlanNode | None:
+    def node(self, stage_id: str) -> contract.PlanNode | None:
         return self._nodes.get(stage_id)
 
 
@@ -116,8 +116,8 @@ def test_short_run_outputs(dataset: Path, tmp_path: Path) -> None:
     assert "sks person" in json.loads(md["ss_tag_frequency"])["dataset"]
     assert any(k.startswith("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q") for k in keys)
     # the report section renders
-    secs = T.report_sections(cfg, {"lora": base.Artifact("lora", out / "lora"),
-                                   "logs": base.Artifact("logs", out / "logs")}, {"thumbnail_px": 64})
+    secs = T.report_sections(cfg, {"lora": contract.Artifact("lora", out / "lora"),
+                                   "logs": contract.Artifact("logs", out / "logs")}, {"thumbnail_px": 64})
     import jinja2
 
     from runner.resources import resource_dir
@@ -170,14 +170,14 @@ def test_variants_expand_to_nodes_and_share_caches(dataset: Path, tmp_path: Path
                "variants": {"higher_rank": {"lora": {"rank": 8}}, "lower_lr": {"lr": 5e-4}},
                "include_base_variant": True}
     spec = {"character": {"name": "demo", "trigger": "sks", "class_word": "person"}, "train": section}
-    caption = base.PlanNode(id="demo:caption", kind="caption", character="demo", config={}, outputs=("dataset",))
+    caption = contract.PlanNode(id="demo:caption", kind="caption", character="demo", config={}, outputs=("dataset",))
     nodes = T.expand(spec, FakeGraph(tmp_path, [caption]))
     assert [n.id for n in nodes] == ["demo:train[base]", "demo:train[higher_rank]", "demo:train[lower_lr]"]
     by = {n.id: n for n in nodes}
     assert by["demo:train[higher_rank]"].config["lora"]["rank"] == 8
     assert by["demo:train[base]"].config["lora"]["rank"] == 4
     assert by["demo:train[lower_lr]"].config["lr"] == 5e-4
-    assert all(n.inputs["dataset"] == base.StageOutputRef("demo:caption", "dataset") for n in nodes)
+    assert all(n.inputs["dataset"] == contract.StageOutputRef("demo:caption", "dataset") for n in nodes)
     assert all("variants" not in n.config for n in nodes)
     json.dumps([n.config for n in nodes])  # JSON-serializable configs
     # without the dataset stage there is nothing to train
@@ -187,7 +187,7 @@ def test_variants_expand_to_nodes_and_share_caches(dataset: Path, tmp_path: Path
     assert [n.id for n in plain] == ["demo:train"] and plain[0].config["variant"] is None
     # a typo in a variant fails at plan time, naming the key
     bad = {**spec, "train": {**section, "variants": {"oops": {"lora": {"rnak": 8}}}}}
-    with pytest.raises(base.StageError, match="train.variants.oops.lora"):
+    with pytest.raises(contract.StageError, match="train.variants.oops.lora"):
         T.expand(bad, FakeGraph(tmp_path, [caption]))
     # two variants, one shared cache: the second encodes nothing
     cache = tmp_path / "shared-cache"
@@ -206,12 +206,13 @@ _CHILD = textwrap.dedent("""
     torch.set_num_threads(1)
     from pathlib import Path
     from runner.engine.context import LocalStageContext
-    from runner.stages import base, train as T
+    from runner.core import contract
+    from runner.stages import train as T
     cfg = json.loads(Path(sys.argv[1]).read_text())
     root = Path(sys.argv[2])
     ctx = LocalStageContext.for_folder(root, stage_id="demo:train")
     ctx.cache_dir = Path(sys.argv[4])
-    T.run(cfg, {"dataset": base.Artifact("dataset", Path(sys.argv[3]))}, ctx)
+    T.run(cfg, {"dataset": contract.Artifact("dataset", Path(sys.argv[3]))}, ctx)
 """)
 
 
@@ -273,19 +274,19 @@ def test_bad_input_gives_clear_errors(dataset: Path, tmp_path: Path) -> None:
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(base.StageError, match="dataset.jsonl not found"):
+    with pytest.raises(contract.StageError, match="dataset.jsonl not found"):
         _run(_cfg(), empty, tmp_path / "r1")
     broken = tmp_path / "broken"
     shutil.copytree(dataset, broken)
     (broken / "img00.png").write_bytes(b"not a png")
-    with pytest.raises(base.StageError, match="img00.png: cannot read the image") as err:
+    with pytest.raises(contract.StageError, match="img00.png: cannot read the image") as err:
         _run(_cfg(), broken, tmp_path / "r2")
     assert err.value.hint
-    with pytest.raises(base.StageError, match=r"train.phases\[0\] \(only\).mix"):
+    with pytest.raises(contract.StageError, match=r"train.phases\[0\] \(only\).mix"):
         _run(_cfg(phases=[{"name": "only", "steps": 1, "mix": {"nonexistent": 1.0}}]), dataset, tmp_path / "r3")
-    with pytest.raises(base.StageError, match="target_modules"):
+    with pytest.raises(contract.StageError, match="target_modules"):
         _run(_cfg(lora={"target_modules": ["no_such_layer"]}), dataset, tmp_path / "r4")
-    with pytest.raises(base.StageError, match="train.base_model"):
+    with pytest.raises(contract.StageError, match="train.base_model"):
         _run(_cfg(base_model=str(tmp_path / "missing.safetensors")), dataset, tmp_path / "r5")
     assert not (tmp_path / "r3" / "out" / "lora").exists()  # no half-written output
 
@@ -302,7 +303,7 @@ def test_sdxl_with_cached_text_buckets_and_class_image_folder(dataset: Path, sha
                regularization={"enabled": True, "images": "class", "prior_loss_weight": 1.0},
                checkpoints={"every_steps": 2, "sample_prompts": ["{trigger} {class}"], "validation_fraction": 0.2})
     ctx = LocalStageContext.for_folder(tmp_path / "run", stage_id="demo:train")
-    out = T.run(cfg, {"dataset": base.Artifact("dataset", dataset), "regularization": base.Artifact("regularization", reg)}, ctx)
+    out = T.run(cfg, {"dataset": contract.Artifact("dataset", dataset), "regularization": contract.Artifact("regularization", reg)}, ctx)
     index = json.loads((out["lora"].path / "index.json").read_text())
     assert index["model_family"] == "sdxl" and index["dataset"]["regularization_images"] == 2
     assert len(index["dataset"]["buckets"]) > 1  # portrait, landscape and square photos
@@ -313,6 +314,6 @@ def test_sdxl_with_cached_text_buckets_and_class_image_folder(dataset: Path, sha
     # expand() turns the folder into a file-set input of the node
     spec = {"character": {"name": "demo", "trigger": "sks", "class_word": "person"},
             "train": {**{k: v for k, v in cfg.items() if k not in ("character", "trigger", "class_word", "variant")}}}
-    caption = base.PlanNode(id="demo:caption", kind="caption", character="demo", config={}, outputs=("dataset",))
+    caption = contract.PlanNode(id="demo:caption", kind="caption", character="demo", config={}, outputs=("dataset",))
     node = T.expand(spec, FakeGraph(tmp_path, [caption]))[0]
-    assert isinstance(node.inputs["regularization"], base.FileSetRef) and node.inputs["regularization"].root == tmp_path / "class"
+    assert isinstance(node.inputs["regularization"], contract.FileSetRef) and node.inputs["regularization"].root == tmp_path / "class"

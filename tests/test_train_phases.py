@@ -13,7 +13,7 @@ import pytest
 
 from runner.diffusion.data import Example
 from runner.diffusion.trainer import describe_phases, epoch_steps, phases_of
-from runner.stages import base
+from runner.core import contract
 from runner.stages import train as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -146,7 +146,7 @@ def test_plan_shows_steps_and_epochs(dataset: Path, tmp_path: Path) -> None:
     assert waiting == ["phases: foundation 2 epochs; polish 4 steps (steps of phases in epochs are known once the "
                        "caption stage has run: ceil(images x repeats after the validation hold-out / "
                        "(batch_size x gradient_accumulation)) per epoch)"]
-    known = T.plan_notes(cfg, {"dataset": base.Artifact("dataset", dataset)})
+    known = T.plan_notes(cfg, {"dataset": contract.Artifact("dataset", dataset)})
     assert known == ["phases: foundation steps 1-6 = epochs 1-2; polish steps 7-10 = 1.3 epochs (3 steps per epoch: "
                      "5 training images, 6 with repeats, / (batch 2 x accumulation 1))"]
     # the plan line label names the length as given

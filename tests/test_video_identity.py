@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from runner.engine.context import LocalStageContext
-from runner.stages import base
+from runner.core import contract
+from runner.stages import registry as stage_registry
 from runner.stages import video_identity as V
 
 REQUIRED_META = ("type", "person_id", "file", "frame_idx", "timestamp_ms", "bins", "bucket", "quality", "novelty",
@@ -43,9 +44,9 @@ def config_for(video: Path, *, people: int = 1, stride: int = 5, upsample: int =
 def run_stage(tmp: Path, video: Path, refs: list[Path] = (), **kw) -> tuple[dict, LocalStageContext]:
     ctx = LocalStageContext.for_folder(tmp, stage_id="hero:video_identity[0]", character="hero",
                                        project_root=video.parent)
-    inputs = {"video": base.Artifact("video", video.parent, files=(video,))}
+    inputs = {"video": contract.Artifact("video", video.parent, files=(video,))}
     if refs:
-        inputs["references0"] = base.Artifact("references0", Path(refs[0]).parent, files=tuple(refs))
+        inputs["references0"] = contract.Artifact("references0", Path(refs[0]).parent, files=tuple(refs))
     out = V.run(config_for(video, **kw), inputs, ctx)
     return out, ctx
 
@@ -58,7 +59,7 @@ def metas(folder: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*_meta.json"))]
 
 
-def render(sections: list[base.ReportSection], repo_root: Path) -> str:
+def render(sections: list[contract.ReportSection], repo_root: Path) -> str:
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(repo_root / "templates")), autoescape=True,
@@ -255,8 +256,8 @@ def test_truncated_and_non_video_files_are_quarantined(tmp_path, shared_data, ki
 
 def test_missing_video_is_a_stage_error(tmp_path):
     ctx = LocalStageContext.for_folder(tmp_path)
-    with pytest.raises(base.StageError) as e:
-        V.run(config_for(tmp_path / "nope.mp4"), {"video": base.Artifact("video", tmp_path, files=())}, ctx)
+    with pytest.raises(contract.StageError) as e:
+        V.run(config_for(tmp_path / "nope.mp4"), {"video": contract.Artifact("video", tmp_path, files=())}, ctx)
     assert "nope.mp4" in str(e.value) and e.value.hint
 
 
@@ -312,8 +313,8 @@ def test_spec_to_report_through_the_engine(project, shared_data, monkeypatch):
     from runner.engine.progress import QuietReporter
     from runner.spec import load_spec
 
-    base.registry()
-    monkeypatch.setattr(base, "_REGISTRY", {k: v for k, v in base._REGISTRY.items()
+    stage_registry()
+    monkeypatch.setattr(contract.BUILTIN, "_kinds", {k: v for k, v in contract.BUILTIN._kinds.items()
                                             if k in ("video_identity", "report")})
     (project / "rides").mkdir()
     shutil.copy(shared_data / "video" / "carphone.mp4", project / "rides" / "ride_001.mp4")
@@ -352,8 +353,8 @@ def test_reviewer_drop_and_move_reach_the_stage_outputs(carphone, tmp_path, shar
     video = shared_data / "video" / "carphone.mp4"
     ref = shared_data / "faces/obama/obama_01.jpg"
     got = V.run({**config_for(video, stride=4), "review": review},
-                {"video": base.Artifact("video", video.parent, files=(video,)),
-                 "references0": base.Artifact("references0", ref.parent, files=(ref,))}, ctx)
+                {"video": contract.Artifact("video", video.parent, files=(video,)),
+                 "references0": contract.Artifact("references0", ref.parent, files=(ref,))}, ctx)
     after_manifest = {r["sha256"]: r for r in
                       (json.loads(x) for x in (got["images"].path / "manifest.jsonl").read_text().splitlines())}
     assert drop["sha256"] not in after_manifest

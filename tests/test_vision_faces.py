@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from runner.stages.base import StageError
+from runner.core.errors import StageError
 from runner.vision.faces import (
     get_face_backend,
     identity_similarity,

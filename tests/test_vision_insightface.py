@@ -130,7 +130,7 @@ def test_pack_given_as_a_folder_path(pack_root: Path) -> None:
 
 
 def test_a_pack_without_a_detector_is_a_clear_error(tmp_path: Path) -> None:
-    from runner.stages.base import StageError
+    from runner.core.errors import StageError
 
     pack = tmp_path / "models" / "halfpack"
     pack.mkdir(parents=True)

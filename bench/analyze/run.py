@@ -126,7 +126,8 @@ class Sampler:
 def run_analyze(images: Path, workers: int, work: Path, reporter=None) -> tuple[float, int, float]:
     """(wall seconds, images, CPU seconds of this process and its finished workers)."""
     from runner.engine.context import LocalStageContext
-    from runner.stages import analyze, base
+    from runner.core import contract
+    from runner.stages import analyze
 
     shutil.rmtree(work, ignore_errors=True)
     ctx = LocalStageContext(stage_id="bench:analyze", character="bench", out_dir=work / "out", scratch_dir=work / "s",
@@ -135,7 +136,7 @@ def run_analyze(images: Path, workers: int, work: Path, reporter=None) -> tuple[
            "insightface_root": "~/.insightface", "max_side": 1600, "workers": workers, "references": []}
     c0 = os.times()
     t0 = time.perf_counter()
-    out = analyze.run(cfg, {"images": base.Artifact("images", images)}, ctx)
+    out = analyze.run(cfg, {"images": contract.Artifact("images", images)}, ctx)
     dt = time.perf_counter() - t0
     c1 = os.times()
     cpu = (c1.user - c0.user) + (c1.system - c0.system) + (c1.children_user - c0.children_user) + (c1.children_system - c0.children_system)

@@ -55,7 +55,7 @@ def decode_only(stride: int) -> float:
 def run_stage(stride: int, upsample: int, general: str | None, full_every: int, profile: str,
               out: Path) -> tuple[float, dict]:
     from runner.engine.context import LocalStageContext
-    from runner.stages import base
+    from runner.core import contract
     from runner.stages import video_identity as V
 
     shutil.rmtree(out, ignore_errors=True)
@@ -69,7 +69,7 @@ def run_stage(stride: int, upsample: int, general: str | None, full_every: int, 
            "face": {"backend": "dlib", "dlib_detector": "hog", "upsample": upsample, "insightface_pack": "buffalo_l",
                     "insightface_root": "~/.insightface"}, "options": opts, "references": []}
     t, c = time.perf_counter(), time.process_time()
-    res = V.run(cfg, {"video": base.Artifact("video", CLIP.parent, files=(CLIP,))}, ctx)
+    res = V.run(cfg, {"video": contract.Artifact("video", CLIP.parent, files=(CLIP,))}, ctx)
     dt, cpu = time.perf_counter() - t, time.process_time() - c
     summary = json.loads((res["identity"].path / "summary.json").read_text())
     summary["_cpu_s"] = cpu

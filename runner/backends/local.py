@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from runner.stages import base
+from runner.core import contract
 
 
 class LocalBackend:
     name = "local"
 
-    def run_stage(self, kind: base.StageKind, node: base.PlanNode, inputs: dict[str, base.Artifact],
-                  ctx: Any) -> dict[str, base.Artifact]:
+    def run_stage(self, kind: contract.StageKind, node: contract.PlanNode, inputs: dict[str, contract.Artifact],
+                  ctx: Any) -> dict[str, contract.Artifact]:
         return kind.run(node.config, inputs, ctx)

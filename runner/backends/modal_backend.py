@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from runner.stages import base
+from runner.core import contract
 
 VOLUME_MOUNT = "/vol"
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -100,7 +100,7 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def stage_gpu(node: base.PlanNode, hardware: dict[str, Any]) -> str | None:
+def stage_gpu(node: contract.PlanNode, hardware: dict[str, Any]) -> str | None:
     from runner.engine import cost
 
     return cost.stage_gpu(node, hardware, "modal")
@@ -223,7 +223,7 @@ class ModalStageApp:
     functions: dict[str, StageFunction] = field(default_factory=dict)
     by_node: dict[str, str] = field(default_factory=dict)  # stage id -> function name
 
-    def function_for(self, node: base.PlanNode) -> StageFunction:
+    def function_for(self, node: contract.PlanNode) -> StageFunction:
         return self.functions[self.by_node[node.id]]
 
 
@@ -240,7 +240,7 @@ def _common_settings(specs_hw: dict[str, dict[str, Any]]) -> tuple[str, dict[str
     return app_name, settings
 
 
-def build_stage_app(graph: Any, nodes: list[base.PlanNode] | None = None) -> ModalStageApp:
+def build_stage_app(graph: Any, nodes: list[contract.PlanNode] | None = None) -> ModalStageApp:
     """Declare the Modal app for the GPU stages of ``graph`` (a runner.plan.graph.Graph):
     no network call happens here."""
     import modal
@@ -389,6 +389,6 @@ class ModalTransport:
             return "", []
         return attempts[-1], parse_events(data.decode("utf-8", errors="replace"))
 
-    def invoke(self, kind: str, config: dict[str, Any], manifest: dict[str, Any], node: base.PlanNode) -> _ModalCall:
+    def invoke(self, kind: str, config: dict[str, Any], manifest: dict[str, Any], node: contract.PlanNode) -> _ModalCall:
         fn = self.stage_app.function_for(node).function
         return _ModalCall(fn.spawn(kind, config, manifest, self.stage_app.volume_name))

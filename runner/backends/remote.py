@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from runner.backends.volume import atomic_write_text, sha256_file
-from runner.stages import base
+from runner.core import contract
 
 MANIFEST_NAME = "_manifest.json"
 
@@ -55,7 +55,7 @@ class Transport(Protocol):
     def read_result(self, key: str) -> dict[str, Any] | None: ...
 
     def invoke(self, kind: str, config: dict[str, Any], manifest: dict[str, Any],
-               node: base.PlanNode) -> RemoteCall: ...
+               node: contract.PlanNode) -> RemoteCall: ...
 
 
 # ----------------------------------------------------------------------------- digests
@@ -153,7 +153,7 @@ class DigestCache:
             self._known[sha] = path
 
 
-def _artifact_files(art: base.Artifact) -> tuple[Path, str, list[Path]]:
+def _artifact_files(art: contract.Artifact) -> tuple[Path, str, list[Path]]:
     """(root, type, files) of an input artifact; a store folder's manifest is not an input."""
     root = Path(art.path)
     if art.files:
@@ -162,7 +162,7 @@ def _artifact_files(art: base.Artifact) -> tuple[Path, str, list[Path]]:
     if root.is_file():
         return root, "file", [root]
     if not root.is_dir():
-        raise base.StageError(f"input {art.name!r} does not exist: {root}")
+        raise contract.StageError(f"input {art.name!r} does not exist: {root}")
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
     return root, "dir", files
 
@@ -197,7 +197,7 @@ def project_paths(config: Any, project_root: Path, limit: int = 20000) -> list[P
                     if f.is_file() and not any(part.startswith(".") for part in f.relative_to(root).parts):
                         found[f] = None
                         if len(found) > limit:
-                            raise base.StageError(
+                            raise contract.StageError(
                                 f"the stage config names {v!r}, a project folder with over {limit} files",
                                 hint="Point the config at a smaller folder or a single file.")
 
@@ -246,7 +246,7 @@ class RemoteBackend:
     name = "modal"
 
     def __init__(self, transport: Transport, workspace_dir: Path,
-                 gpu_of: Callable[[base.PlanNode], str | None] | None = None) -> None:
+                 gpu_of: Callable[[contract.PlanNode], str | None] | None = None) -> None:
         self.transport = transport
         self.digests = DigestCache(workspace_dir / "remote" / "digests")
         self.store_dir = workspace_dir / "store"  # where the executor promotes outputs
@@ -255,7 +255,7 @@ class RemoteBackend:
         self._lock = threading.Lock()
 
     # -- inputs
-    def build_manifest(self, node: base.PlanNode, inputs: dict[str, base.Artifact],
+    def build_manifest(self, node: contract.PlanNode, inputs: dict[str, contract.Artifact],
                        ctx: Any) -> tuple[dict[str, Any], dict[str, Path]]:
         manifest: dict[str, Any] = {"stage_id": node.id, "character": node.character, "kind": node.kind,
                                     "key": ctx.extra.get("key", ""), "run_id": ctx.run_id, "inputs": {}}
@@ -265,7 +265,7 @@ class RemoteBackend:
             listing = self.digests.digest_tree(root, files)
             for (rel, sha, _), f in zip(listing, files):
                 local[sha] = f
-            manifest["inputs"][name] = {"type": typ, "files": listing, "meta": base.jsonable(art.meta),
+            manifest["inputs"][name] = {"type": typ, "files": listing, "meta": contract.jsonable(art.meta),
                                         "digest": art.digest, "fileset": bool(art.files)}
         project_root = Path(ctx.project_root)
         proj_files = project_paths(node.config, project_root)
@@ -286,7 +286,7 @@ class RemoteBackend:
             info.uploaded_bytes = sum(p.stat().st_size for p in todo.values())
 
     # -- outputs
-    def _download(self, result: dict[str, Any], out_dir: Path, info: RemoteInfo) -> dict[str, base.Artifact]:
+    def _download(self, result: dict[str, Any], out_dir: Path, info: RemoteInfo) -> dict[str, contract.Artifact]:
         for rel, sha, size in result["files"]:
             dest = out_dir / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -306,7 +306,7 @@ class RemoteBackend:
             p = out_dir if o["path"] == "." else out_dir / o["path"]
             if o["type"] == "dir":
                 p.mkdir(parents=True, exist_ok=True)  # an output folder may be empty
-            arts[name] = base.Artifact(name=name, path=p, meta=o.get("meta", {}))
+            arts[name] = contract.Artifact(name=name, path=p, meta=o.get("meta", {}))
         return arts
 
     def _replay(self, result: dict[str, Any], ctx: Any) -> None:
@@ -328,8 +328,8 @@ class RemoteBackend:
             ctx.metrics[k] = float(v)
 
     # -- the stage
-    def run_stage(self, kind: base.StageKind, node: base.PlanNode, inputs: dict[str, base.Artifact],
-                  ctx: Any) -> dict[str, base.Artifact]:
+    def run_stage(self, kind: contract.StageKind, node: contract.PlanNode, inputs: dict[str, contract.Artifact],
+                  ctx: Any) -> dict[str, contract.Artifact]:
         t0 = time.monotonic()
         info = RemoteInfo(call_id="", transport=self.transport.name, gpu=self.gpu_of(node))
         ctx.extra["remote"] = info
@@ -370,7 +370,7 @@ class RemoteBackend:
         self._replay(result, ctx)
         if result.get("status") != "succeeded":
             info.wall_s = time.monotonic() - t0
-            raise base.StageError(f"{result.get('error', 'remote stage failed')} (remote call {info.call_id})",
+            raise contract.StageError(f"{result.get('error', 'remote stage failed')} (remote call {info.call_id})",
                                   hint=result.get("hint", ""))
         outputs = self._download(result, Path(ctx.out_dir), info)
         info.wall_s = time.monotonic() - t0
@@ -537,5 +537,5 @@ class FolderTransport:
         return attempts[-1].name, parse_events(text)
 
     def invoke(self, kind: str, config: dict[str, Any], manifest: dict[str, Any],
-               node: base.PlanNode) -> _SubprocessCall:
+               node: contract.PlanNode) -> _SubprocessCall:
         return _SubprocessCall(self, {"kind": kind, "config": config, "manifest": manifest})

@@ -17,13 +17,11 @@ file is fetched only when no local file with its digest is known.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
-from runner.hashing import file_sha256 as sha256_file
+from runner.core.fs import atomic_write_text, copy_atomic  # noqa: F401  (volume writers use these)
+from runner.core.hashing import file_sha256 as sha256_file
 
 BLOBS = "blobs"
 RESULTS = "results"
@@ -39,20 +37,6 @@ def blob_relpath(sha: str) -> str:
 
 def result_relpath(key: str) -> str:
     return f"{RESULTS}/{key}.json"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def copy_atomic(src: Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dest)
 
 
 class FolderVolume:

@@ -13,7 +13,7 @@ plain folder standing in for the volume. Either way:
 4. its outputs are stored as blobs, the output manifest goes to ``results/<key>.json``, the
    scratch and work folders are removed, the volume is committed, and the manifest returned.
 
-A :class:`runner.stages.base.StageError` (the user's problem) comes back as a ``failed``
+A :class:`runner.stages.contract.StageError` (the user's problem) comes back as a ``failed``
 manifest and is not retried; any other exception propagates, so the caller's retry policy (and
 preemption handling) applies.
 """
@@ -149,7 +149,8 @@ def run_stage_in_volume(kind: str, node_config: dict[str, Any], input_manifest: 
     """Run stage ``kind`` with ``node_config`` on the inputs listed in ``input_manifest`` (blobs
     already on the volume at ``volume_root``); returns the output manifest (see module doc)."""
     from runner.engine.context import LocalStageContext
-    from runner.stages import base
+    from runner.core import contract
+    from runner.stages import registry as stage_registry
 
     root = Path(volume_root)
     vol = FolderVolume(root)
@@ -159,7 +160,7 @@ def run_stage_in_volume(kind: str, node_config: dict[str, Any], input_manifest: 
     if done is not None:
         return {**done, "reused": True}
 
-    stage = base.get(kind)
+    stage = stage_registry().get(kind)
     previous = _attempts(root, key)
     attempt = 1 + sum(1 for a in previous if a.get("event") == "start")
     started = time.time()
@@ -172,10 +173,10 @@ def run_stage_in_volume(kind: str, node_config: dict[str, Any], input_manifest: 
     scratch = root / SCRATCH / key
     resume = stage.resume_info(scratch) if stage.resume_info and scratch.is_dir() else None
 
-    inputs: dict[str, base.Artifact] = {}
+    inputs: dict[str, contract.Artifact] = {}
     for name, entry in input_manifest.get("inputs", {}).items():
         path, files = _materialize(vol, entry, work / "inputs" / name)
-        inputs[name] = base.Artifact(name=name, path=path, digest=entry.get("digest", ""),
+        inputs[name] = contract.Artifact(name=name, path=path, digest=entry.get("digest", ""),
                                      files=files if entry.get("fileset") else (),
                                      meta=entry.get("meta", {}))
     project_root = work / "project"
@@ -199,7 +200,7 @@ def run_stage_in_volume(kind: str, node_config: dict[str, Any], input_manifest: 
     try:
         with _Committer(commit, commit_every_s):
             outputs = stage.run(node_config, inputs, ctx)
-    except base.StageError as exc:
+    except contract.StageError as exc:
         duration = time.monotonic() - t0
         _append_attempt(root, key, {"event": "end", "attempt": attempt, "t": time.time(), "status": "failed"})
         billed, n = billed_seconds(_attempts(root, key), time.time())
@@ -222,11 +223,11 @@ def run_stage_in_volume(kind: str, node_config: dict[str, Any], input_manifest: 
         try:
             rel = p.relative_to(out_dir).as_posix() or "."
         except ValueError:
-            raise base.StageError(f"stage {stage_id} output {name!r} is outside its output folder: {p}") from None
+            raise contract.StageError(f"stage {stage_id} output {name!r} is outside its output folder: {p}") from None
         if not p.exists():
-            raise base.StageError(f"stage {stage_id} output {name!r} does not exist: {p}")
+            raise contract.StageError(f"stage {stage_id} output {name!r} does not exist: {p}")
         listing[name] = {"path": rel, "type": "dir" if p.is_dir() else "file",
-                         "meta": base.jsonable(art.meta)}
+                         "meta": contract.jsonable(art.meta)}
     files = []
     for f in sorted(x for x in out_dir.rglob("*") if x.is_file()):
         sha = vol.put_blob(f)

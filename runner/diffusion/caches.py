@@ -18,7 +18,7 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
-from runner.hashing import file_sha256
+from runner.core.hashing import file_sha256
 
 CROP_METHOD = "cover-center-crop-v1"
 

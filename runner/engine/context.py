@@ -49,7 +49,7 @@ class _Progress:
 
 
 class LocalStageContext:
-    """Implements :class:`runner.stages.base.StageContext`.
+    """Implements :class:`runner.core.contract.StageContext`.
 
     Everything a stage reports goes to one JSONL log per stage execution (``log_file``) and to the
     reporter; metrics are also kept in ``self.metrics`` (last value per name) for the state db.

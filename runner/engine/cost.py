@@ -6,43 +6,15 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from runner.stages import base
+from runner.core import contract
+from runner.core.pricing import BUILTIN_PRICES_PER_HOUR, price_per_hour, stage_cost  # noqa: F401
 
-# Built-in estimates of on-demand prices per GPU-hour (USD), used when the spec's
-# hardware.price_table does not name a GPU. They are estimates: put your provider's current prices
-# in the spec for real cost accounting.
-BUILTIN_PRICES_PER_HOUR: dict[str, float] = {
-    "cpu": 0.0,
-    "T4": 0.59,
-    "L4": 0.80,
-    "A10G": 1.10,
-    "L40S": 1.95,
-    "A100-40GB": 2.10,
-    "A100-80GB": 2.50,
-    "H100": 3.95,
-    "H200": 4.54,
-    "B200": 6.25,
-}
-
-
-def price_per_hour(gpu: str | None, hardware: dict[str, Any] | None) -> tuple[float, str]:
-    hardware = hardware or {}
-    table = {**BUILTIN_PRICES_PER_HOUR, **hardware.get("price_table", {})}
-    currency = hardware.get("currency", "USD")
-    return float(table.get(gpu or "cpu", 0.0)), currency
-
-
-def stage_gpu(node: base.PlanNode, hardware: dict[str, Any] | None, backend: str) -> str | None:
+def stage_gpu(node: contract.PlanNode, hardware: dict[str, Any] | None, backend: str) -> str | None:
     """The GPU a stage would use on a remote backend (None when it runs on the CPU/locally)."""
     if node.gpu is None or backend != "modal":
         return None
     hardware = hardware or {}
     return hardware.get("stage_gpu", {}).get(node.kind) or node.gpu or hardware.get("gpu")
-
-
-def stage_cost(duration_s: float, gpu: str | None, hardware: dict[str, Any] | None) -> tuple[float, str]:
-    per_hour, currency = price_per_hour(gpu, hardware)
-    return round(per_hour * duration_s / 3600.0, 6), currency
 
 
 # --------------------------------------------------------------------------- estimates (plan)
@@ -84,7 +56,7 @@ def _median(values: list[float]) -> float:
     return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
 
 
-def earlier_durations(db: Any, node: base.PlanNode, gpu: str) -> tuple[list[float], str]:
+def earlier_durations(db: Any, node: contract.PlanNode, gpu: str) -> tuple[list[float], str]:
     """Billed seconds of earlier successful remote runs on ``gpu``: of this stage if any, else of
     its kind. Returns (seconds, which)."""
     if db is None:
@@ -110,7 +82,7 @@ def earlier_durations(db: Any, node: base.PlanNode, gpu: str) -> tuple[list[floa
     return [], ""
 
 
-def estimate_stage(node: base.PlanNode, hardware: dict[str, Any] | None, backend: str,
+def estimate_stage(node: contract.PlanNode, hardware: dict[str, Any] | None, backend: str,
                    db: Any = None) -> Estimate | None:
     """Estimated GPU type and cost of running ``node`` remotely (None when it runs locally)."""
     gpu = stage_gpu(node, hardware, backend)

@@ -20,7 +20,8 @@ from runner.paths import cache_root, inside
 from runner.plan.graph import Graph, build_graph
 from runner.plan.planner import Plan, PlannedStage, make_plan
 from runner.spec.resolve import Spec
-from runner.stages import base
+from runner.core import contract
+from runner.stages import registry as stage_registry
 
 
 class ApplyError(Exception):
@@ -131,7 +132,7 @@ def backend_of(spec: Spec, options: ApplyOptions) -> str:
     return options.backend or spec.data.get("hardware", {}).get("backend", "local")
 
 
-def is_remote(node: base.PlanNode, graph: Graph, options: ApplyOptions) -> bool:
+def is_remote(node: contract.PlanNode, graph: Graph, options: ApplyOptions) -> bool:
     """GPU stages of a spec whose backend is modal run remotely; everything else stays local."""
     return node.gpu is not None and backend_of(graph.specs[node.character], options) == "modal"
 
@@ -195,7 +196,7 @@ class _LockedReporter:
 def _make_remote_backend(plan: Plan, graph: Graph, ws: Workspace, options: ApplyOptions, remote_ids: list[str]):
     from runner.backends.remote import RemoteBackend
 
-    def gpu_of(node: base.PlanNode) -> str | None:
+    def gpu_of(node: contract.PlanNode) -> str | None:
         return cost_mod.stage_gpu(node, graph.specs[node.character].data.get("hardware", {}), "modal")
 
     if options.remote is not None:
@@ -389,21 +390,21 @@ def _timeline_entry(ps: PlannedStage, status: str, duration: float, started: flo
     }
 
 
-def _inputs_for(ps: PlannedStage, by_id: dict[str, PlannedStage], ws: Workspace) -> dict[str, base.Artifact]:
-    inputs: dict[str, base.Artifact] = {}
+def _inputs_for(ps: PlannedStage, by_id: dict[str, PlannedStage], ws: Workspace) -> dict[str, contract.Artifact]:
+    inputs: dict[str, contract.Artifact] = {}
     node_keys = {sid: p.key for sid, p in by_id.items()}
     for name, ref in ps.node.inputs.items():
-        if isinstance(ref, base.StageOutputRef):
+        if isinstance(ref, contract.StageOutputRef):
             key = node_keys[ref.stage_id]
             outs = ws.load_outputs(key)
             if ref.output not in outs:
-                raise base.StageError(f"{ref.stage_id} has no output {ref.output!r}")
+                raise contract.StageError(f"{ref.stage_id} has no output {ref.output!r}")
             inputs[name] = outs[ref.output]
         else:
             fd = ps.fileset_digests[name]
             root = Path(ref.root)
             files = tuple((root / rel) if root.is_dir() else root for rel, _ in fd.files)
-            inputs[name] = base.Artifact(name=name, path=root, digest=fd.digest, files=files,
+            inputs[name] = contract.Artifact(name=name, path=root, digest=fd.digest, files=files,
                                          meta={"spec_key": ref.spec_key})
     return inputs
 
@@ -458,7 +459,7 @@ def _start(ps: PlannedStage, by_id: dict[str, PlannedStage], ws: Workspace, run_
 def _body(r: _Running, in_main_thread: bool = False) -> tuple:
     """Run the stage body; returns ("ok", outputs) or ("error", exc, traceback). Safe in a worker
     thread (no database access)."""
-    kind = base.get(r.ps.node.kind)
+    kind = stage_registry().get(r.ps.node.kind)
     try:
         inputs = _inputs_for(r.ps, r.by_id, r.ws)
         outputs = r.backend.run_stage(kind, r.ps.node, inputs, r.ctx)
@@ -498,7 +499,7 @@ def _finish(r: _Running, outcome: tuple, graph: Graph, ws: Workspace, run_id: st
             raise outcome[1]
     except KeyboardInterrupt:
         raise
-    except base.StageError as exc:
+    except contract.StageError as exc:
         status = "failed"
         error = str(exc) + (f" (hint: {exc.hint})" if exc.hint else "")
         ctx._write({"event": "error", "error": error})
@@ -531,7 +532,7 @@ def _finish(r: _Running, outcome: tuple, graph: Graph, ws: Workspace, run_id: st
 def _track(r: _Running, ws: Workspace, run_id: str, reporter: Any) -> None:
     """A succeeded stage's ``track`` hook (experiment trackers), recorded in executions.tracking;
     a tracker's failure is a warning, never the stage's failure."""
-    kind = base.get(r.ps.node.kind)
+    kind = stage_registry().get(r.ps.node.kind)
     if kind.track is None or not r.ps.node.config.get("tracking"):
         return
     env = {"stage_id": r.ps.id, "character": r.ps.node.character, "run_id": run_id, "key": r.ps.key,
@@ -565,13 +566,13 @@ def _track_reports(ws: Workspace, run_id: str, reports: dict[str, Path], results
             reporter.log(e["stage_id"], "warning", f"tracking: {warning}")
 
 
-def _manifest(ps: PlannedStage, outputs: dict[str, base.Artifact], tmp: Path, run_id: str,
+def _manifest(ps: PlannedStage, outputs: dict[str, contract.Artifact], tmp: Path, run_id: str,
               ctx: LocalStageContext) -> dict[str, Any]:
     if not isinstance(outputs, dict):
-        raise base.StageError(f"stage {ps.id} returned {type(outputs).__name__}, not a dict of artifacts")
+        raise contract.StageError(f"stage {ps.id} returned {type(outputs).__name__}, not a dict of artifacts")
     missing = [o for o in ps.node.outputs if o not in outputs]
     if missing:
-        raise base.StageError(f"stage {ps.id} did not produce its outputs: {', '.join(missing)}")
+        raise contract.StageError(f"stage {ps.id} did not produce its outputs: {', '.join(missing)}")
     rel: dict[str, str] = {}
     meta: dict[str, Any] = {}
     tmp_r = tmp.resolve()
@@ -580,10 +581,10 @@ def _manifest(ps: PlannedStage, outputs: dict[str, base.Artifact], tmp: Path, ru
         try:
             rel[name] = p.relative_to(tmp_r).as_posix() or "."
         except ValueError:
-            raise base.StageError(f"stage {ps.id} output {name!r} is outside its output folder: {p}") from None
+            raise contract.StageError(f"stage {ps.id} output {name!r} is outside its output folder: {p}") from None
         if not p.exists():
-            raise base.StageError(f"stage {ps.id} output {name!r} does not exist: {p}")
-        meta[name] = base.jsonable(art.meta)
+            raise contract.StageError(f"stage {ps.id} output {name!r} does not exist: {p}")
+        meta[name] = contract.jsonable(art.meta)
     return {
         "stage_id": ps.id,
         "kind": ps.node.kind,
@@ -659,7 +660,7 @@ def _publish_outputs(plan: Plan, ws: Workspace, results: list[StageResult], repo
     """Stages with a ``publish`` hook copy their outputs to <project>/.runner/exports/<character>/."""
     status = {r.stage_id: r.status for r in results}
     for ps in plan.stages:
-        kind = base.get(ps.node.kind)
+        kind = stage_registry().get(ps.node.kind)
         if kind.publish is None or status.get(ps.id) not in ("succeeded", "cached") or not ws.store_has(ps.key):
             continue
         try:

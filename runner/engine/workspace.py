@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from runner.engine.lock import pid_alive, probe_lock
-from runner.hashing import file_sha256
+from runner.core.hashing import file_sha256
 from runner.paths import iter_tree, workspace_dir
 from runner.plan.planner import FileSetDigest, PriorRecord, canonical_json, sha256_text
-from runner.stages import base
+from runner.core import contract
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs(
@@ -142,7 +142,7 @@ class Workspace:
         return dict(json.loads(row[0])) if row else None
 
     # ------------------------------------------------------------------ FileDigester
-    def digest_fileset(self, ref: base.FileSetRef) -> FileSetDigest:
+    def digest_fileset(self, ref: contract.FileSetRef) -> FileSetDigest:
         """Digest a set of files, re-reading only files whose (size, mtime, inode) changed.
 
         The stat cache of one root is a single marshalled row: loading 10,000 entries this way is
@@ -353,11 +353,11 @@ class Workspace:
             shutil.rmtree(old, ignore_errors=True)
         return dest
 
-    def load_outputs(self, key: str) -> dict[str, base.Artifact]:
+    def load_outputs(self, key: str) -> dict[str, contract.Artifact]:
         d = self.store_path(key)
         manifest = json.loads((d / MANIFEST).read_text(encoding="utf-8"))
         return {
-            name: base.Artifact(name=name, path=d / rel, digest=key, meta=manifest.get("meta", {}).get(name, {}))
+            name: contract.Artifact(name=name, path=d / rel, digest=key, meta=manifest.get("meta", {}).get(name, {}))
             for name, rel in manifest["outputs"].items()
         }
 

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Sequence
 
 from runner.eval.report import TABLE_METRICS, SHORT, cell_label, fmt, tiny_note
 from runner.metrics.catalog import METRICS
-from runner.stages.base import StageError
+from runner.core.errors import StageError
 
 # A change smaller than this is "unchanged" when deciding whether a category improved.
 IMPROVEMENT_EPS = 0.005

@@ -23,7 +23,7 @@ import re
 from typing import Any, Iterable
 
 from runner.metrics.catalog import METRICS
-from runner.stages.base import StageError
+from runner.core.errors import StageError
 
 _CMP = re.compile(r"^\s*(>=|<=|>|<)\s*(-?[0-9]*\.?[0-9]+)\s*$")
 _OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runner.stages.base import StageError
+from runner.core.errors import StageError
 
 PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 KNOWN_PLACEHOLDERS = ("trigger", "class")

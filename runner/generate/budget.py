@@ -23,7 +23,7 @@ def priced_gpu(targets: dict[str, Any], hardware: dict[str, Any], device: str, k
 
 
 def price(gpu: str, hardware: dict[str, Any]) -> tuple[float, str]:
-    from runner.engine.cost import price_per_hour
+    from runner.core.pricing import price_per_hour
 
     return price_per_hour(gpu, hardware)
 

@@ -55,7 +55,7 @@ class FrameValidator:
     """
 
     def __init__(self, *, face_backend, clip, reference_images: Sequence[Any], thresholds: Thresholds) -> None:
-        from runner.stages.base import StageError
+        from runner.core.errors import StageError
 
         self.face_backend = face_backend
         self.clip = clip

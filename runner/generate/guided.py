@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from runner.stages.base import StageError
+from runner.core.errors import StageError
 
 # iBUG-68 landmark polylines (jaw, brows, nose, eyes, lips); closed ones loop back.
 _LANDMARK_LINES = ((0, 17, False), (17, 22, False), (22, 27, False), (27, 31, False), (31, 36, False),

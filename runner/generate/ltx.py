@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runner.stages.base import StageError
+from runner.core.errors import StageError
 
 TINY_LTX_VERSION = 1
 TINY_SEED = 7

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from runner.generate.presence import Presence, hero_presence
-from runner.stages.base import StageError
+from runner.core.errors import StageError
 
 SHOTS = ("close_up", "medium", "full_body", "wide")
 SHOT_PHRASES = {

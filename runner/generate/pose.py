@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from runner.stages.base import StageError
+from runner.core.errors import StageError
 
 KEY = "generate.storyboard.reference_guided.pose_model"
 THRESHOLD = 0.3  # the annotators' visibility threshold on keypoint scores

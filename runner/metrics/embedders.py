@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from runner.stages.base import StageError
+from runner.core.errors import StageError
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image

@@ -13,7 +13,8 @@ from typing import Any
 from runner.spec import schema as S
 from runner.spec.errors import format_key_path
 from runner.spec.resolve import Spec
-from runner.stages import base
+from runner.core import contract
+from runner.stages import registry as stage_registry
 
 
 class GraphError(Exception):
@@ -25,25 +26,25 @@ class _View:
     character: str
     project_root: Path
     spec_file: Path
-    _nodes: list[base.PlanNode] = field(default_factory=list)
+    _nodes: list[contract.PlanNode] = field(default_factory=list)
 
-    def nodes_of(self, kind: str) -> list[base.PlanNode]:
+    def nodes_of(self, kind: str) -> list[contract.PlanNode]:
         return [n for n in self._nodes if n.kind == kind]
 
-    def node(self, stage_id: str) -> base.PlanNode | None:
+    def node(self, stage_id: str) -> contract.PlanNode | None:
         for n in self._nodes:
             if n.id == stage_id:
                 return n
         return None
 
     @property
-    def nodes(self) -> list[base.PlanNode]:
+    def nodes(self) -> list[contract.PlanNode]:
         return list(self._nodes)
 
 
 @dataclass
 class Graph:
-    nodes: dict[str, base.PlanNode]  # in topological (execution) order
+    nodes: dict[str, contract.PlanNode]  # in topological (execution) order
     specs: dict[str, Spec]  # character -> spec
 
     def upstream(self, stage_id: str) -> list[str]:
@@ -64,10 +65,10 @@ class Graph:
         return out
 
 
-def expand_spec(spec: Spec) -> list[base.PlanNode]:
+def expand_spec(spec: Spec) -> list[contract.PlanNode]:
     view = _View(character=spec.name, project_root=spec.project_root, spec_file=spec.file)
     models = local_models(spec)
-    for kind in base.registry().values():
+    for kind in stage_registry().kinds().values():
         for node in _expand(kind, spec, view):
             if node.kind != kind.kind:
                 raise GraphError(f"stage kind {kind.kind!r} expanded a node of kind {node.kind!r}")
@@ -76,12 +77,12 @@ def expand_spec(spec: Spec) -> list[base.PlanNode]:
     return view.nodes
 
 
-def _expand(kind: base.StageKind, spec: Spec, view: "_View") -> list[base.PlanNode]:
+def _expand(kind: contract.StageKind, spec: Spec, view: "_View") -> list[contract.PlanNode]:
     """A kind's nodes; a file the spec names that cannot be used (a suite with a bad case name,
     broken YAML) is a problem with the spec, exit 2, like the spec's own problems."""
     try:
         return list(kind.expand(spec.data, view))
-    except base.StageError as exc:
+    except contract.StageError as exc:
         hint = f"\n  hint: {exc.hint}" if exc.hint else ""
         raise GraphError(f"{spec.file}: {exc}{hint}") from None
 
@@ -114,20 +115,20 @@ def local_models(spec: Spec) -> list[LocalModel]:
     return out
 
 
-def model_inputs(node: base.PlanNode, models: list[LocalModel]) -> dict[str, base.FileSetRef]:
+def model_inputs(node: contract.PlanNode, models: list[LocalModel]) -> dict[str, contract.FileSetRef]:
     """File-set inputs for the local models a node reads, so their content is in its key.
 
     A node reads a model when the key declares an effect on its kind and the value is in its
     config; models the stage already takes as an input (same folder or file) are not added twice.
     """
-    have = {Path(r.root).resolve() for r in node.inputs.values() if isinstance(r, base.FileSetRef)}
+    have = {Path(r.root).resolve() for r in node.inputs.values() if isinstance(r, contract.FileSetRef)}
     strings = set(_strings(node.config))
-    out: dict[str, base.FileSetRef] = {}
+    out: dict[str, contract.FileSetRef] = {}
     for m in models:
         reads = m.affects == "all" or (isinstance(m.affects, list) and node.kind in m.affects)
         if reads and m.value in strings and m.path.resolve() not in have:
             have.add(m.path.resolve())
-            out[f"model:{m.spec_key}"] = base.FileSetRef(root=m.path, patterns=("*",), recursive=True,
+            out[f"model:{m.spec_key}"] = contract.FileSetRef(root=m.path, patterns=("*",), recursive=True,
                                                          spec_key=m.spec_key)
     return out
 
@@ -152,7 +153,7 @@ def build_graph(specs: list[Spec]) -> Graph:
                 "character.name must be unique in a batch"
             )
         by_char[spec.name] = spec
-    nodes: dict[str, base.PlanNode] = {}
+    nodes: dict[str, contract.PlanNode] = {}
     for spec in specs:
         for node in expand_spec(spec):
             if node.id in nodes:
@@ -160,7 +161,7 @@ def build_graph(specs: list[Spec]) -> Graph:
             nodes[node.id] = node
     for node in nodes.values():
         for name, ref in node.inputs.items():
-            if isinstance(ref, base.StageOutputRef):
+            if isinstance(ref, contract.StageOutputRef):
                 if ref.stage_id not in nodes:
                     raise GraphError(f"{node.id}: input {name!r} refers to unknown stage {ref.stage_id!r}")
                 up = nodes[ref.stage_id]
@@ -175,7 +176,7 @@ def build_graph(specs: list[Spec]) -> Graph:
     return Graph(nodes=_toposort(nodes), specs=by_char)
 
 
-def _toposort(nodes: dict[str, base.PlanNode]) -> dict[str, base.PlanNode]:
+def _toposort(nodes: dict[str, contract.PlanNode]) -> dict[str, contract.PlanNode]:
     order: list[str] = []
     state: dict[str, int] = {}  # 1 visiting, 2 done
 

@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from runner.plan.graph import Graph
-from runner.stages import base
+from runner.core import contract
+from runner.stages import registry as stage_registry
 
 ACTIONS = ("run", "rerun", "resume", "cached")
 
 
 def canonical_json(obj: Any) -> str:
-    return json.dumps(base.jsonable(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(contract.jsonable(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def sha256_text(text: str) -> str:
@@ -44,7 +45,7 @@ class FileSetDigest:
 
 
 class FileDigester(Protocol):
-    def digest_fileset(self, ref: base.FileSetRef) -> FileSetDigest: ...
+    def digest_fileset(self, ref: contract.FileSetRef) -> FileSetDigest: ...
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class PlanState(Protocol):
 
     def store_has(self, key: str) -> bool: ...
 
-    def load_outputs(self, key: str) -> dict[str, base.Artifact]: ...
+    def load_outputs(self, key: str) -> dict[str, contract.Artifact]: ...
 
     def scratch_dir(self, key: str) -> Path: ...
 
@@ -69,7 +70,7 @@ class PlanState(Protocol):
 
 @dataclass
 class PlannedStage:
-    node: base.PlanNode
+    node: contract.PlanNode
     key: str
     components: dict[str, Any]
     action: str  # run | rerun | resume | cached
@@ -181,7 +182,7 @@ def make_plan(
     keys: dict[str, str] = {}
     planned: dict[str, PlannedStage] = {}
     for sid, node in graph.nodes.items():
-        kind = base.get(node.kind)
+        kind = stage_registry().get(node.kind)
         components, filesets = key_components(node, kind.version, keys, digester)
         key = sha256_text(canonical_json(components))
         keys[sid] = key
@@ -203,18 +204,18 @@ def make_plan(
     return Plan(stages=list(planned.values()), graph=graph)
 
 
-def _plan_notes(node: base.PlanNode, kind: base.StageKind, keys: dict[str, str], state: PlanState) -> list[str]:
+def _plan_notes(node: contract.PlanNode, kind: contract.StageKind, keys: dict[str, str], state: PlanState) -> list[str]:
     """The stage kind's plan_notes, given its upstream outputs that the store already holds."""
     if kind.plan_notes is None:
         return []
-    upstream: dict[str, base.Artifact | None] = {}
+    upstream: dict[str, contract.Artifact | None] = {}
     for name, ref in node.inputs.items():
-        if isinstance(ref, base.StageOutputRef):
+        if isinstance(ref, contract.StageOutputRef):
             upstream[name] = _stored_output(state, keys.get(ref.stage_id, ""), ref.output)
     return list(kind.plan_notes(node.config, upstream))
 
 
-def _stored_output(state: PlanState, key: str, output: str) -> base.Artifact | None:
+def _stored_output(state: PlanState, key: str, output: str) -> contract.Artifact | None:
     """An upstream output from the store, or None (not there, or unreadable: a note never stops a plan)."""
     if not key or not state.store_has(key):
         return None
@@ -225,14 +226,14 @@ def _stored_output(state: PlanState, key: str, output: str) -> base.Artifact | N
 
 
 def key_components(
-    node: base.PlanNode, version: int, upstream_keys: dict[str, str], digester: FileDigester
+    node: contract.PlanNode, version: int, upstream_keys: dict[str, str], digester: FileDigester
 ) -> tuple[dict[str, Any], dict[str, FileSetDigest]]:
     """What a node's cache key hashes: kind, version, keyed config, and a digest per input (an
     upstream stage by its key, a file set by its content)."""
     input_digests: dict[str, Any] = {}
     filesets: dict[str, FileSetDigest] = {}
     for name, ref in sorted(node.inputs.items()):
-        if isinstance(ref, base.StageOutputRef):
+        if isinstance(ref, contract.StageOutputRef):
             input_digests[name] = {"stage": ref.stage_id, "output": ref.output,
                                    "key": upstream_keys.get(ref.stage_id, "")}
         else:
@@ -244,10 +245,10 @@ def key_components(
 
 
 def _decide(
-    node: base.PlanNode,
+    node: contract.PlanNode,
     key: str,
     components: dict[str, Any],
-    kind: base.StageKind,
+    kind: contract.StageKind,
     state: PlanState,
     planned: dict[str, PlannedStage],
     forced: bool,

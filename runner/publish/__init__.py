@@ -11,7 +11,7 @@ content-addressed (see :mod:`runner.publish.store` for the layout and the write 
 3. blobs the store lacks are uploaded;
 4. the manifest is written last, create-only.
 
-Not to be confused with the stage ``publish`` hook (:mod:`runner.stages.base`), which copies
+Not to be confused with the stage ``publish`` hook (:mod:`runner.core.contract`), which copies
 exports out of the store into ``.runner/exports/`` after an apply.
 """
 

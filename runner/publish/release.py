@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runner.hashing import file_sha256
+from runner.core.hashing import file_sha256
 
 MANIFEST_FORMAT = 1
 # Manifest fields that say when and with what a version was made, not what it is: they are left
@@ -186,7 +186,7 @@ def choose(spec: Any, checkpoint: str | None) -> tuple[Any, dict[str, Any], list
 
 
 def _resolve(resolve_target: Any, spec: Any, choice: str) -> Any:
-    from runner.stages.base import StageError
+    from runner.core.errors import StageError
 
     try:
         target = resolve_target(spec, checkpoint=choice)

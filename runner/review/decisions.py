@@ -45,7 +45,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Iterator
 
-from runner.backends.volume import atomic_write_text
+from runner.core.fs import atomic_write_text
 
 FORMAT = 1
 SECTIONS = ("images", "identity", "ratings", "checkpoints", "frames", "clips")

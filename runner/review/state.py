@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runner.hashing import file_sha256
+from runner.core.hashing import file_sha256
 from runner.review import agreement, decisions
 
 KEY_RE = re.compile(r"^[0-9a-f]{64}$")

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from runner.hashing import file_sha256
+from runner.core.hashing import file_sha256
 from runner.review import agreement, decisions
 
 

@@ -256,7 +256,7 @@ def create_app(engine: Any, *, token: str | None, max_queue: int = 32, max_batch
         except ApiError:
             raise
         except Exception as exc:
-            from runner.stages.base import StageError
+            from runner.core.errors import StageError
 
             if isinstance(exc, StageError) and type(exc).__name__ != "VideoModelError":
                 # a request the model cannot honour (e.g. a clip length the video VAE cannot make)

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runner.stages.base import StageError
+from runner.core.errors import StageError
 
 
 @dataclass

@@ -8,7 +8,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from runner.paths import file_name_problem, replace_folder
+from runner.core.fs import replace_folder
+from runner.paths import file_name_problem
 from runner.resources import resource_dir
 from runner.spec.errors import Problem, SpecError
 from runner.spec.resolve import find_project_root

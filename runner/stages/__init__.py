@@ -1,4 +1,4 @@
-"""Stage kinds. Each module registers itself with :func:`runner.stages.base.register`.
+"""Stage kinds. Each module registers itself with :func:`runner.core.contract.register`.
 
 To add a stage kind, add its module name to ``BUILTIN_STAGE_MODULES`` (pipeline order is given by
 each kind's ``order``, not by this list). Stage kinds of your own live in any importable module
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import os
+
+from runner.core.contract import BUILTIN, Registry
 
 BUILTIN_STAGE_MODULES = (
     "ingest",
@@ -37,3 +39,10 @@ def load_builtin_stages() -> None:
     for name in filter(None, (m.strip() for m in os.environ.get("CHARACTER_RUNNER_STAGE_PLUGINS", "").split(","))):
         importlib.import_module(name)
     _loaded = True
+
+
+def registry() -> Registry:
+    """The registry of built-in stage kinds and plugins (imported on first use)."""
+    load_builtin_stages()
+    return BUILTIN
+

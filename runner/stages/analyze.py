@@ -24,52 +24,52 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from runner.paths import list_files
-from runner.stages import base
+from runner.core import contract
 from runner.stages.common import review_section
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 THUMB_PX = 256
 
 
-def image_inputs(graph: base.GraphView) -> dict[str, base.InputRef]:
+def image_inputs(graph: contract.GraphView) -> dict[str, contract.InputRef]:
     """Every upstream output named ``images...``: ingest's, and video identity builders'."""
-    inputs: dict[str, base.InputRef] = {}
-    ingest = graph.node(base.node_id(graph.character, "ingest"))
+    inputs: dict[str, contract.InputRef] = {}
+    ingest = graph.node(contract.node_id(graph.character, "ingest"))
     if ingest is not None:
         for out in ingest.outputs:
             if out.startswith("images"):
-                inputs[out] = base.StageOutputRef(ingest.id, out)
+                inputs[out] = contract.StageOutputRef(ingest.id, out)
     for node in graph.nodes_of("video_identity"):
         tag = node.id.split(":", 1)[1].replace("[", ".").replace("]", "")
         for out in node.outputs:
             if out.startswith("images"):
-                inputs[f"images:{tag}" + ("" if out == "images" else f":{out}")] = base.StageOutputRef(node.id, out)
+                inputs[f"images:{tag}" + ("" if out == "images" else f":{out}")] = contract.StageOutputRef(node.id, out)
     return inputs
 
 
-def curated_image_inputs(graph: base.GraphView) -> dict[str, base.InputRef]:
+def curated_image_inputs(graph: contract.GraphView) -> dict[str, contract.InputRef]:
     """image_inputs plus the extract stage's frames (curate and caption read pixels from both)."""
     inputs = image_inputs(graph)
-    extract = graph.node(base.node_id(graph.character, "extract"))
+    extract = graph.node(contract.node_id(graph.character, "extract"))
     if extract is not None:
-        inputs["images:extract"] = base.StageOutputRef(extract.id, "images")
+        inputs["images:extract"] = contract.StageOutputRef(extract.id, "images")
     return inputs
 
 
-def analysis_inputs(graph: base.GraphView) -> dict[str, base.InputRef]:
+def analysis_inputs(graph: contract.GraphView) -> dict[str, contract.InputRef]:
     """analyze's records, and the extract stage's records in the same format when it runs."""
-    inputs: dict[str, base.InputRef] = {"analysis": base.StageOutputRef(base.node_id(graph.character, "analyze"),
+    inputs: dict[str, contract.InputRef] = {"analysis": contract.StageOutputRef(contract.node_id(graph.character, "analyze"),
                                                                          "analysis")}
-    extract = graph.node(base.node_id(graph.character, "extract"))
+    extract = graph.node(contract.node_id(graph.character, "extract"))
     if extract is not None:
-        inputs["analysis:extract"] = base.StageOutputRef(extract.id, "analysis")
+        inputs["analysis:extract"] = contract.StageOutputRef(extract.id, "analysis")
     return inputs
 
 
-def reference_inputs(spec: dict[str, Any], graph: base.GraphView) -> dict[str, base.InputRef]:
+def reference_inputs(spec: dict[str, Any], graph: contract.GraphView) -> dict[str, contract.InputRef]:
     refs = spec.get("character", {}).get("references", []) or []
     return {
-        f"reference{i}": base.FileSetRef(root=graph.project_root / ref, patterns=("*",), recursive=True,
+        f"reference{i}": contract.FileSetRef(root=graph.project_root / ref, patterns=("*",), recursive=True,
                                          spec_key=f"character.references[{i}]")
         for i, ref in enumerate(refs)
     }
@@ -86,7 +86,7 @@ def backend_options(analysis: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
+def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.PlanNode]:
     dataset = spec.get("dataset", {})
     if not dataset.get("sources"):
         return []
@@ -104,8 +104,8 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
     if review:  # images a reviewer marked as references (runner review): only that part is keyed
         config["review"] = review
     return [
-        base.PlanNode(
-            id=base.node_id(graph.character, "analyze"),
+        contract.PlanNode(
+            id=contract.node_id(graph.character, "analyze"),
             kind="analyze",
             character=graph.character,
             config=config,
@@ -146,8 +146,8 @@ def _backend_options_for_workers(backend: Any, opts: dict[str, Any]) -> dict[str
     return kw
 
 
-def _reference_embeddings(config: dict[str, Any], inputs: dict[str, base.Artifact], backend: Any,
-                          ctx: base.StageContext) -> tuple[list[Any], list[dict[str, Any]]]:
+def _reference_embeddings(config: dict[str, Any], inputs: dict[str, contract.Artifact], backend: Any,
+                          ctx: contract.StageContext) -> tuple[list[Any], list[dict[str, Any]]]:
     from runner.vision.analysis import load_rgb
 
     embeddings, records = [], []
@@ -159,7 +159,7 @@ def _reference_embeddings(config: dict[str, Any], inputs: dict[str, base.Artifac
         files = list(art.files) if art.files else list_files(art.path)
         files = [Path(f) for f in files if Path(f).suffix.lower() in IMAGE_EXTENSIONS]
         if not files:
-            raise base.StageError(f"{key}: no image files in {art.path}",
+            raise contract.StageError(f"{key}: no image files in {art.path}",
                                   hint="references must be image files or folders of images (jpg, png, webp, ...)")
         for f in sorted(files):
             try:
@@ -183,7 +183,7 @@ def _reference_embeddings(config: dict[str, Any], inputs: dict[str, base.Artifac
             records.append({"file": rel, "faces": len(faces), "used": True, "box": [round(v, 1) for v in faces[0].box],
                             "embedding": [round(float(v), 6) for v in faces[0].embedding]})
     if ref_names and not embeddings and not (config.get("review") or {}).get("images"):
-        raise base.StageError(
+        raise contract.StageError(
             "no face was found in any reference image (" + ", ".join(config.get("references", [])) + ")",
             hint="character.references should show the character's face clearly; without them the identity filter cannot work",
         )
@@ -191,7 +191,7 @@ def _reference_embeddings(config: dict[str, Any], inputs: dict[str, base.Artifac
 
 
 def _reviewed_references(config: dict[str, Any], jobs: list[dict[str, Any]], backend: Any,
-                         ctx: base.StageContext) -> tuple[list[Any], list[dict[str, Any]]]:
+                         ctx: contract.StageContext) -> tuple[list[Any], list[dict[str, Any]]]:
     """Images a reviewer marked as reference (``review.images``, by image id): their main face
     joins the reference embeddings. A mark for an image no longer in the dataset is a warning."""
     from runner.vision.analysis import load_rgb
@@ -224,7 +224,7 @@ def _reviewed_references(config: dict[str, Any], jobs: list[dict[str, Any]], bac
     return embeddings, records
 
 
-def _jobs(inputs: dict[str, base.Artifact], thumbs: Path, ctx: base.StageContext) -> tuple[list[dict[str, Any]], int]:
+def _jobs(inputs: dict[str, contract.Artifact], thumbs: Path, ctx: contract.StageContext) -> tuple[list[dict[str, Any]], int]:
     """Jobs from every images* input's manifest (records are small; the images stay on disk)."""
     jobs: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -233,7 +233,7 @@ def _jobs(inputs: dict[str, base.Artifact], thumbs: Path, ctx: base.StageContext
         art = inputs[name]
         manifest = Path(art.path) / "manifest.jsonl"
         if not manifest.exists():
-            raise base.StageError(f"input {name} has no manifest.jsonl at {manifest}",
+            raise contract.StageError(f"input {name} has no manifest.jsonl at {manifest}",
                                   hint="image-producing stages must write manifest.jsonl (see the ingest stage)")
         for rec in read_jsonl(manifest):
             if rec["id"] in seen:
@@ -250,10 +250,10 @@ def _jobs(inputs: dict[str, base.Artifact], thumbs: Path, ctx: base.StageContext
 
 # version 2: pose relative to the line of sight, sharpness (blur) as 100 / sigma^2 on a fixed eye
 # distance, eyes.closed, None + unmeasured for faces too small (records of version 1 mean other things)
-@base.register("analyze", version=2, order=20, expand=expand,
+@contract.register("analyze", version=2, order=20, expand=expand,
                description="Per image: faces, pose, expression, quality, shot type, identity, perceptual hash.",
                report=lambda config, outputs, env: report_sections(config, outputs, env))
-def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.StageContext) -> dict[str, base.Artifact]:
+def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contract.StageContext) -> dict[str, contract.Artifact]:
     """Per image: faces, pose, expression, quality, shot type, identity, perceptual hash."""
     from runner.vision.analysis import default_workers, iter_analyses, reference_matrix
 
@@ -273,7 +273,7 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     marked_embs, marked_records = _reviewed_references(config, jobs, backend, ctx)
     ref_embs, ref_records = ref_embs + marked_embs, ref_records + marked_records
     if ref_names_present(inputs) and not ref_embs:
-        raise base.StageError("no face was found in any reference image (character.references and the images "
+        raise contract.StageError("no face was found in any reference image (character.references and the images "
                               "marked as reference in runner review)",
                               hint="references should show the character's face clearly")
     if not ref_embs:
@@ -337,10 +337,10 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
         ctx.metric("images_per_s", summary["images_per_s"])
     ctx.log(f"{counts['images']} images analyzed with {workers} worker(s): {counts['faces']} faces, "
             f"{counts['no_face']} without a face, {counts['errors']} unreadable")
-    return {"analysis": base.Artifact("analysis", out, meta={"count": counts["images"], "backend": backend.name})}
+    return {"analysis": contract.Artifact("analysis", out, meta={"count": counts["images"], "backend": backend.name})}
 
 
-def ref_names_present(inputs: dict[str, base.Artifact]) -> bool:
+def ref_names_present(inputs: dict[str, contract.Artifact]) -> bool:
     return any(n.startswith("reference") for n in inputs)
 
 
@@ -372,7 +372,7 @@ def thumb_with_boxes(analysis_dir: Path, rec: dict[str, Any], px: int, *, main_c
     return image_to_data_uri(img)
 
 
-def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], env: dict[str, Any]) -> list[base.ReportSection]:
+def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact], env: dict[str, Any]) -> list[contract.ReportSection]:
     from runner.report import charts
     from runner.vision.shots import SHOT_TYPES, SHOT_WORDS
 
@@ -436,7 +436,7 @@ def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], e
                                                    title="Identity similarity of the main face to the references",
                                                    xlabel=f"cosine ({summary['backend']})")
     return [
-        base.ReportSection(
+        contract.ReportSection(
             title="Dataset analysis",
             template="sections/analyze.html.j2",
             anchor="analyze",

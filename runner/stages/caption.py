@@ -27,14 +27,14 @@ import string
 from pathlib import Path
 from typing import Any
 
-from runner.stages import base
+from runner.core import contract
 from runner.stages.analyze import curated_image_inputs, read_jsonl
 
 TEMPLATE_FIELDS = ("trigger", "class", "shot", "attributes", "pose", "expression", "lighting", "people")
 
 
-def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
-    curate = graph.node(base.node_id(graph.character, "curate"))
+def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.PlanNode]:
+    curate = graph.node(contract.node_id(graph.character, "curate"))
     if curate is None:
         return []
     ch = spec.get("character", {})
@@ -48,12 +48,12 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
     }
     check_template(config["template"], "dataset.captions.template")
     return [
-        base.PlanNode(
-            id=base.node_id(graph.character, "caption"),
+        contract.PlanNode(
+            id=contract.node_id(graph.character, "caption"),
             kind="caption",
             character=graph.character,
             config=config,
-            inputs={"curated": base.StageOutputRef(curate.id, "curated"), **curated_image_inputs(graph)},
+            inputs={"curated": contract.StageOutputRef(curate.id, "curated"), **curated_image_inputs(graph)},
             outputs=("dataset", "balance"),
             label="template captions" + (f" + {config['model']}" if config["model"] else ""),
         )
@@ -64,10 +64,10 @@ def check_template(template: str, key: str) -> None:
     try:
         names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
     except ValueError as exc:
-        raise base.StageError(f"{key}: {exc}", hint="use {field} placeholders; write {{ and }} for literal braces") from None
+        raise contract.StageError(f"{key}: {exc}", hint="use {field} placeholders; write {{ and }} for literal braces") from None
     unknown = [n for n in names if n not in TEMPLATE_FIELDS]
     if unknown:
-        raise base.StageError(f"{key}: unknown field {{{unknown[0]}}}", hint="fields: " + " ".join("{" + f + "}" for f in TEMPLATE_FIELDS))
+        raise contract.StageError(f"{key}: unknown field {{{unknown[0]}}}", hint="fields: " + " ".join("{" + f + "}" for f in TEMPLATE_FIELDS))
 
 
 def people_words(n: int) -> str:
@@ -116,19 +116,19 @@ class ModelCaptioner:
             try:
                 location = resolve_hub_model(self.ref, key="dataset.captions.model")
             except ModelUnavailable as exc:
-                raise base.StageError(f"dataset.captions.model: {exc}",
+                raise contract.StageError(f"dataset.captions.model: {exc}",
                                       hint=exc.hint + "; captions work without a model") from None
         try:
             import torch  # noqa: F401
             from transformers import AutoModelForImageTextToText, AutoProcessor
         except ImportError as exc:
-            raise base.StageError("captions.model needs transformers and torch",
+            raise contract.StageError("captions.model needs transformers and torch",
                                   hint="pip install 'character-runner[train]', or remove dataset.captions.model") from exc
         try:
             self._processor = AutoProcessor.from_pretrained(location)
             self._model = AutoModelForImageTextToText.from_pretrained(location).eval()
         except (OSError, ValueError) as exc:
-            raise base.StageError(
+            raise contract.StageError(
                 f"dataset.captions.model: cannot load {self.ref!r}: {str(exc).splitlines()[0]}",
                 hint="give a local folder with the model, or a hub id reachable from this machine; captions work without a model",
             ) from exc
@@ -159,10 +159,10 @@ def _place_image(src: Path, dest: Path) -> None:
         im.convert("RGB").save(dest, format="PNG", compress_level=1)
 
 
-@base.register("caption", version=1, order=40, expand=expand,
+@contract.register("caption", version=1, order=40, expand=expand,
                description="Template captions (optional captioning model) as .txt sidecars; the training dataset.",
                report=lambda config, outputs, env: report_sections(config, outputs, env))
-def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.StageContext) -> dict[str, base.Artifact]:
+def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contract.StageContext) -> dict[str, contract.Artifact]:
     """Template captions (optional captioning model) as .txt sidecars; the training dataset."""
     check_template(config["template"], "dataset.captions.template")
     cdir = Path(inputs["curated"].path)
@@ -185,7 +185,7 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
             else:
                 art = inputs.get(e["input"])
                 if art is None:
-                    raise base.StageError(f"caption: input {e['input']!r} for image {e['id']} is missing",
+                    raise contract.StageError(f"caption: input {e['input']!r} for image {e['id']} is missing",
                                           hint="the curate and caption stages must see the same image inputs")
                 src = Path(art.path) / e["file"]
             dest = out / f"{e['id']}.png"
@@ -215,12 +215,12 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     ctx.metric("captions", n)
     ctx.log(f"{n} captions written")
     return {
-        "dataset": base.Artifact("dataset", out, meta={"count": n}),
-        "balance": base.Artifact("balance", bal_dir),
+        "dataset": contract.Artifact("dataset", out, meta={"count": n}),
+        "balance": contract.Artifact("balance", bal_dir),
     }
 
 
-def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], env: dict[str, Any]) -> list[base.ReportSection]:
+def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact], env: dict[str, Any]) -> list[contract.ReportSection]:
     from runner.report.embed import thumbnail_data_uri
 
     folder = Path(outputs["dataset"].path)
@@ -233,6 +233,6 @@ def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], e
         if len(items) < limit:
             items.append({"src": thumbnail_data_uri(folder / r["image"], px), "caption": r["caption"],
                           "repeats": r["repeats"], "parent": r.get("parent")})
-    return [base.ReportSection(title="Captions", template="sections/caption.html.j2", anchor="caption",
+    return [contract.ReportSection(title="Captions", template="sections/caption.html.j2", anchor="caption",
                                context={"items": items, "total": total, "template": config["template"],
                                         "model": config.get("model")})]

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.paths import list_files
-from runner.stages import base
+from runner.core import contract
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -22,7 +22,7 @@ def rel_path(p: Path | str, root: Path | str) -> str:
         return str(p)
 
 
-def reference_files(inputs: dict[str, base.Artifact]) -> list[Path]:
+def reference_files(inputs: dict[str, contract.Artifact]) -> list[Path]:
     """Image files of every input named ``reference*`` (file sets of character.references)."""
     files: list[Path] = []
     for name in sorted(inputs):
@@ -57,14 +57,14 @@ def model_ref(value: str, project_root: Path) -> str:
     return value
 
 
-def load_embedder(ref: str, ctx: base.StageContext, key: str, device: str = "auto"):
+def load_embedder(ref: str, ctx: contract.StageContext, key: str, device: str = "auto"):
     """A CLIP/DINO image embedder for a spec value; a bad value is a StageError naming ``key``."""
     from runner.metrics.embedders import EmbedderError, load_image_embedder
 
     try:
         return load_image_embedder(model_ref(ref, ctx.project_root), ctx.cache_dir, device=device)
     except EmbedderError as exc:
-        raise base.StageError(f"{key}: {exc}", hint=exc.hint) from None
+        raise contract.StageError(f"{key}: {exc}", hint=exc.hint) from None
 
 
 def face_backend_kwargs(opts: dict[str, Any], project_root: Path) -> dict[str, Any]:
@@ -84,11 +84,11 @@ def face_backend(opts: dict[str, Any], project_root: Path, key: str = "evaluate.
 
     try:
         return get_face_backend(**face_backend_kwargs(opts, project_root))
-    except base.StageError as exc:
-        raise base.StageError(f"{key}: {exc}", hint=exc.hint) from None
+    except contract.StageError as exc:
+        raise contract.StageError(f"{key}: {exc}", hint=exc.hint) from None
 
 
-def review_section(graph: base.GraphView, part: str, **kw: Any) -> dict[str, Any]:
+def review_section(graph: contract.GraphView, part: str, **kw: Any) -> dict[str, Any]:
     """For ``expand``: the part of the spec's review decisions (``<spec>.review.yaml``) that the
     stage depends on, {} when there are none (see :mod:`runner.review.decisions`). It goes into
     the node's config as ``review``, so only a change to that part re-runs the stage."""
@@ -97,11 +97,11 @@ def review_section(graph: base.GraphView, part: str, **kw: Any) -> dict[str, Any
     try:
         return decisions.stage_section(decisions.for_spec(graph.spec_file), part, **kw)
     except decisions.ReviewError as exc:
-        raise base.StageError(str(exc), hint="the file is written by `runner review`; "
+        raise contract.StageError(str(exc), hint="the file is written by `runner review`; "
                                              "`git diff` shows hand edits") from None
 
 
-def with_tracking(node: base.PlanNode, spec: dict[str, Any], graph: base.GraphView) -> base.PlanNode:
+def with_tracking(node: contract.PlanNode, spec: dict[str, Any], graph: contract.GraphView) -> contract.PlanNode:
     """For ``expand``: ``node`` with the spec's enabled trackers in its config as ``tracking``
     (shorthand ``mlflow: true`` expanded with the schema's defaults), unkeyed: tracking changes
     no output. Unchanged when no tracker is enabled. A tracking setting that cannot work is a
@@ -117,7 +117,7 @@ def with_tracking(node: base.PlanNode, spec: dict[str, Any], graph: base.GraphVi
     try:
         conf = settings.for_node(section, Path(graph.spec_file).parent)
     except settings.TrackingError as exc:
-        raise base.StageError(str(exc), hint=exc.hint) from None
+        raise contract.StageError(str(exc), hint=exc.hint) from None
     if conf is not None:
         node.config["tracking"] = conf
         node.unkeyed = (*node.unkeyed, "tracking")

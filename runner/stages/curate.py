@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from runner.stages import base
+from runner.core import contract
 from runner.stages.analyze import analysis_inputs, curated_image_inputs, read_jsonl
 from runner.stages.common import review_section
 from runner.vision import balance as B
@@ -55,9 +55,9 @@ CAPTION_HINTS = {"complex_background": "busy background"}  # flag -> words its c
 SIDED = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 
 
-def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
+def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.PlanNode]:
     dataset = spec.get("dataset", {})
-    analyze = graph.node(base.node_id(graph.character, "analyze"))
+    analyze = graph.node(contract.node_id(graph.character, "analyze"))
     if not dataset.get("sources") or analyze is None:
         return []
     cur = {**DEFAULTS, **dataset.get("curation", {})}
@@ -65,15 +65,15 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
     config = {**cur, "strategy": shots["strategy"], "targets": {k: list(v) for k, v in sorted(shots["targets"].items())},
               "augment_min_side": shots["augment_min_side"], "max_repeats": shots["max_repeats"],
               "allow_flips": bool(shots["allow_flips"]), "sided_traits": sided_traits(spec, shots)}
-    inputs: dict[str, base.InputRef] = analysis_inputs(graph)
+    inputs: dict[str, contract.InputRef] = analysis_inputs(graph)
     review = review_section(graph, "dataset")
     if review:
         config["review"] = review
     if config["strategy"] == "augment":  # crops need the pixels; otherwise records suffice
         inputs.update(curated_image_inputs(graph))
     return [
-        base.PlanNode(
-            id=base.node_id(graph.character, "curate"),
+        contract.PlanNode(
+            id=contract.node_id(graph.character, "curate"),
             kind="curate",
             character=graph.character,
             config=config,
@@ -218,7 +218,7 @@ def _entry(rec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _analysis_records(inputs: dict[str, base.Artifact]) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+def _analysis_records(inputs: dict[str, contract.Artifact]) -> tuple[list[dict[str, Any]], dict[str, Path]]:
     """The records of every analysis input (analyze's, then the extract stage's frames), and the
     folder holding each extracted record's thumbnail."""
     records: list[dict[str, Any]] = []
@@ -243,9 +243,9 @@ class Balancing:
     records: dict[str, dict[str, Any]]
     targets: dict[str, list[float]]
     cfg: dict[str, Any]
-    images: dict[str, base.Artifact]
+    images: dict[str, contract.Artifact]
     out: Path
-    ctx: base.StageContext
+    ctx: contract.StageContext
 
 
 @dataclass
@@ -510,10 +510,10 @@ def _advice(s: B.Shortfall, strategy: str, cfg: dict[str, Any]) -> str:
     return words
 
 
-@base.register("curate", version=2, order=30, expand=expand,
+@contract.register("curate", version=2, order=30, expand=expand,
                description="Identity filter, near-duplicate removal, quality gates and shot balance.",
                report=lambda config, outputs, env: report_sections(config, outputs, env))
-def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.StageContext) -> dict[str, base.Artifact]:
+def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contract.StageContext) -> dict[str, contract.Artifact]:
     """Identity filter, near-duplicate removal, quality gates and shot balance."""
     cfg = {**DEFAULTS, **SHOT_DEFAULTS, **config}
     adir = Path(inputs["analysis"].path)
@@ -524,7 +524,7 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     targets = {k: list(v) for k, v in (cfg["targets"] or {}).items()}
     for k, (lo, hi) in targets.items():
         if lo > hi:
-            raise base.StageError(f"dataset.shots.targets.{k}: min {lo} is above max {hi}", hint="write [min, max]")
+            raise contract.StageError(f"dataset.shots.targets.{k}: min {lo} is above max {hi}", hint="write [min, max]")
 
     # 1-3. Filters and gates, in one pass over the records.
     threshold = cfg["identity_threshold"]
@@ -630,7 +630,7 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
         ctx.warn("shot balance off target after curation: " + "; ".join(shortfalls))
     ctx.log(f"{len(entries)} kept ({balance['crops']} crops, {balance['mirrors']} mirrored), {len(rejected)} rejected: "
             + ", ".join(f"{v} {k}" for k, v in sorted(reasons.items())))
-    return {"curated": base.Artifact("curated", out, meta={"kept": len(entries), "rejected": len(rejected)})}
+    return {"curated": contract.Artifact("curated", out, meta={"kept": len(entries), "rejected": len(rejected)})}
 
 
 # --------------------------------------------------------------------------- report
@@ -651,7 +651,7 @@ def balance_chart(rows: list[dict[str, Any]], title: str):
     )
 
 
-def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], env: dict[str, Any]) -> list[base.ReportSection]:
+def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact], env: dict[str, Any]) -> list[contract.ReportSection]:
     from runner.report.embed import thumbnail_data_uri
 
     folder = Path(outputs["curated"].path)
@@ -677,7 +677,7 @@ def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], e
             crops.append({"src": thumbnail_data_uri(folder / e["file"], px), "caption": what})
     show_after = bal["strategy"] in ("select", "reweight", "augment")
     return [
-        base.ReportSection(
+        contract.ReportSection(
             title="Curation and shot balance",
             template="sections/curate.html.j2",
             anchor="curate",

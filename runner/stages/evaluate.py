@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runner.stages import base
+from runner.core import contract
 from runner.stages.common import IMAGE_EXTENSIONS
 from runner.stages.common import face_backend as _face_backend
 from runner.stages.common import load_embedder as _load_embedder
@@ -52,7 +52,7 @@ def _variant_of(node_id: str) -> str | None:
     return node_id[node_id.index("[") + 1 : -1] if node_id.endswith("]") and "[" in node_id else None
 
 
-def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
+def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.PlanNode]:
     """One evaluate node per train node, when the spec has an ``evaluate`` section."""
     from runner.eval import selection
     from runner.eval.suites import load_suite, render_suite
@@ -64,7 +64,7 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
     character = spec.get("character", {})
     refs = list(character.get("references", []) or [])
     if not refs:
-        raise base.StageError(
+        raise contract.StageError(
             "evaluate: character.references is empty; face similarity, CLIP-I and DINO compare "
             "generated images with the character's reference images",
             hint="Add reference photos (files or folders) under character.references, or remove the evaluate section.",
@@ -85,7 +85,7 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
     seeds = list(ev.get("seeds", [1, 2]))
     scales = list(ev.get("lora_scales", [1.0]))
     if not seeds or not scales:
-        raise base.StageError("evaluate: seeds and lora_scales need at least one value each",
+        raise contract.StageError("evaluate: seeds and lora_scales need at least one value each",
                               hint="e.g. seeds: [1, 2], lora_scales: [0.8, 1.0]")
     analysis = spec.get("dataset", {}).get("analysis", {})
     hardware = spec.get("hardware", {})
@@ -117,7 +117,7 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
         "device": hardware.get("device", "auto"),
     }
     ref_inputs = {
-        f"reference{i}": base.FileSetRef(root=graph.project_root / r, patterns=("*",), recursive=True,
+        f"reference{i}": contract.FileSetRef(root=graph.project_root / r, patterns=("*",), recursive=True,
                                          spec_key=f"character.references[{i}]")
         for i, r in enumerate(refs)
     }
@@ -126,12 +126,12 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
     n_images = len(rendered.prompts) * len(seeds) * len(scales)
     for train in trains:
         variant = _variant_of(train.id)
-        nodes.append(with_tracking(base.PlanNode(
-            id=base.node_id(graph.character, "evaluate", variant),
+        nodes.append(with_tracking(contract.PlanNode(
+            id=contract.node_id(graph.character, "evaluate", variant),
             kind="evaluate",
             character=graph.character,
             config={**config_common, "variant": variant},
-            inputs={"lora": base.StageOutputRef(train.id, "lora"), **ref_inputs},
+            inputs={"lora": contract.StageOutputRef(train.id, "lora"), **ref_inputs},
             outputs=("evaluation",),
             gpu=gpu,
             unkeyed=("face_workers",),
@@ -144,16 +144,16 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
 # --------------------------------------------------------------------------- running
 
 
-def _read_index(lora: base.Artifact) -> dict[str, Any]:
+def _read_index(lora: contract.Artifact) -> dict[str, Any]:
     path = Path(lora.path) / "index.json"
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise base.StageError(f"cannot read the train stage's LoRA index {path}: {exc}",
+        raise contract.StageError(f"cannot read the train stage's LoRA index {path}: {exc}",
                               hint="Re-run the train stage (runner apply --force train).") from None
     missing = [k for k in ("base_model", "checkpoints", "final") if k not in index]
     if missing or not index.get("checkpoints"):
-        raise base.StageError(f"{path}: missing {', '.join(missing) or 'checkpoints'}",
+        raise contract.StageError(f"{path}: missing {', '.join(missing) or 'checkpoints'}",
                               hint="The train stage's index.json must list its checkpoints.")
     return index
 
@@ -189,7 +189,7 @@ def _select_checkpoints(index: dict[str, Any], which: str) -> list[tuple[int, di
     return cks
 
 
-def track(config: dict[str, Any], outputs: dict[str, base.Artifact], env: dict[str, Any]) -> list[dict[str, Any]]:
+def track(config: dict[str, Any], outputs: dict[str, contract.Artifact], env: dict[str, Any]) -> list[dict[str, Any]]:
     """One tracked run: the node config as params; per checkpoint (the step axis) and LoRA scale,
     every metric of every category and overall (``eval/<category>/<metric>/scale_<s>``) and the
     cell's score; the best cell's values as the summary; evaluation.json and the best LoRA files
@@ -221,18 +221,18 @@ def track(config: dict[str, Any], outputs: dict[str, base.Artifact], env: dict[s
     return send(config, log, env)
 
 
-@base.register("evaluate", version=VERSION, order=60, expand=expand, track=track,
+@contract.register("evaluate", version=VERSION, order=60, expand=expand, track=track,
                description="Generate the prompt suite per checkpoint x LoRA scale, score identity and prompt alignment, pick the best.",
                resume_info=lambda scratch: _resume_info(scratch),
                report=lambda config, outputs, env: report_sections(config, outputs, env))
-def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.StageContext) -> dict[str, base.Artifact]:
+def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contract.StageContext) -> dict[str, contract.Artifact]:
     """Generate the prompt suite per checkpoint x LoRA scale, score it, pick the best."""
     from runner.eval import selection
     from runner.metrics.compute import MetricComputer
 
     t_start = time.monotonic()
     if "lora" not in inputs:
-        raise base.StageError("evaluate needs the train stage's 'lora' output")
+        raise contract.StageError("evaluate needs the train stage's 'lora' output")
     lora = inputs["lora"]
     lora_root = Path(lora.path)
     index = _read_index(lora)
@@ -240,7 +240,7 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     for _, ck in checkpoints:
         f = lora_root / ck.get("diffusers", "")
         if not ck.get("diffusers") or not f.is_file():
-            raise base.StageError(f"checkpoint at step {ck.get('step')} has no LoRA file {f}",
+            raise contract.StageError(f"checkpoint at step {ck.get('step')} has no LoRA file {f}",
                                   hint="Re-run the train stage; its output folder looks incomplete.")
     prompts: list[dict[str, Any]] = config["suite"]["prompts"]
     seeds: list[int] = config["seeds"]
@@ -250,7 +250,7 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     # 1. references and metric models
     ref_files = _reference_files(inputs)
     if not ref_files:
-        raise base.StageError("no reference images found in character.references "
+        raise contract.StageError("no reference images found in character.references "
                               f"({', '.join(config.get('references', []))})",
                               hint=f"Put images ({', '.join(IMAGE_EXTENSIONS)}) in the reference folders.")
     face = _face_backend(config["face"], ctx.project_root)
@@ -402,10 +402,10 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     ctx.metric("best_lora_scale", best_cell["lora_scale"])
     label = " (tiny random models: figures are meaningless)" if evaluation["tiny_random"]["any"] else ""
     ctx.log(f"best: step {best['step']} at LoRA scale {best['lora_scale']:g} - {choice['reason']}{label}")
-    return {"evaluation": base.Artifact("evaluation", out, meta={"best": best, "tiny_random": evaluation["tiny_random"]["any"]})}
+    return {"evaluation": contract.Artifact("evaluation", out, meta={"best": best, "tiny_random": evaluation["tiny_random"]["any"]})}
 
 
-def _face_pool(config: dict[str, Any], face: Any, images_per_cell: int, ctx: base.StageContext):
+def _face_pool(config: dict[str, Any], face: Any, images_per_cell: int, ctx: contract.StageContext):
     """Worker processes for dlib's per-image face analysis (``evaluate.face_workers``), or None.
 
     dlib's identity network runs one face at a time and holds the GIL, so processes are the way to
@@ -505,7 +505,7 @@ def _sha256_text(text: str) -> str:
 
 
 def _file_sha256(path: Path) -> str:
-    from runner.hashing import file_sha256
+    from runner.core.hashing import file_sha256
 
     return file_sha256(path)
 
@@ -527,7 +527,7 @@ def _common_cell_key(config: dict[str, Any], index: dict[str, Any], resolution: 
 
 
 
-def _load_pipeline(index: dict[str, Any], config: dict[str, Any], ctx: base.StageContext):
+def _load_pipeline(index: dict[str, Any], config: dict[str, Any], ctx: contract.StageContext):
     from runner.diffusion.models import ModelLoadError, load_pipeline
 
     device = config.get("device", "auto")
@@ -539,7 +539,7 @@ def _load_pipeline(index: dict[str, Any], config: dict[str, Any], ctx: base.Stag
         return load_pipeline(index["base_model"], family=index.get("model_family", "auto"), device=device,
                              cache_dir=ctx.cache_dir, project_root=ctx.project_root)
     except ModelLoadError as exc:
-        raise base.StageError(f"evaluate: {exc}", hint=exc.hint) from None
+        raise contract.StageError(f"evaluate: {exc}", hint=exc.hint) from None
 
 
 @contextlib.contextmanager
@@ -599,7 +599,7 @@ def _resume_info(scratch: Path) -> str | None:
 # --------------------------------------------------------------------------- report
 
 
-def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], env: dict[str, Any]) -> list[base.ReportSection]:
+def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact], env: dict[str, Any]) -> list[contract.ReportSection]:
     from runner.eval.report import evaluation_context
 
     art = outputs.get("evaluation")
@@ -610,5 +610,5 @@ def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], e
     ctx = evaluation_context(ev, folder, thumb_px=int(env.get("thumbnail_px", 192)))
     variant = ev.get("variant")
     title = "Evaluation" + (f" [{variant}]" if variant else "")
-    return [base.ReportSection(title=title, template="sections/evaluate.html.j2", context=ctx,
+    return [contract.ReportSection(title=title, template="sections/evaluate.html.j2", context=ctx,
                                anchor="evaluate" + (f"-{variant}" if variant else ""))]

@@ -35,8 +35,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from runner.paths import replace_folder
-from runner.stages import base
+from runner.core.fs import replace_folder
+from runner.core import contract
 from runner.stages.analyze import analysis_inputs, read_jsonl
 
 FORMATS = ("kohya", "plain", "jsonl", "identity_crops")
@@ -45,10 +45,10 @@ PUBLISHED = Path("exports")  # under the workspace folder (.runner/): <character
 _KEY_FILE = ".export-key"
 
 
-def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
+def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.PlanNode]:
     from runner.stages.train import train_config
 
-    caption = graph.node(base.node_id(graph.character, "caption"))
+    caption = graph.node(contract.node_id(graph.character, "caption"))
     if caption is None:
         return []
     ch = spec.get("character", {})
@@ -67,13 +67,13 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
         "base_model": train["base_model"] if isinstance(section, dict) else None,
         "model_family": train["model_family"],
     }
-    inputs: dict[str, base.InputRef] = {"dataset": base.StageOutputRef(caption.id, "dataset")}
+    inputs: dict[str, contract.InputRef] = {"dataset": contract.StageOutputRef(caption.id, "dataset")}
     if "identity_crops" in config["formats"]:
         config["identity_crops"] = identity_crops_config(ex.get("identity_crops") or {})
         inputs.update(identity_crops_inputs(config["identity_crops"], caption, graph))
     return [
-        base.PlanNode(
-            id=base.node_id(graph.character, "export"),
+        contract.PlanNode(
+            id=contract.node_id(graph.character, "export"),
             kind="export",
             character=graph.character,
             config=config,
@@ -88,7 +88,7 @@ def identity_crops_config(section: dict[str, Any]) -> dict[str, Any]:
     """The node config of ``dataset.export.identity_crops`` (defaults come from the schema)."""
     bg = dict(section.get("background") or {})
     if bg.get("model") and not str(bg["model"]).startswith("rembg:") and not bg.get("session"):
-        raise base.StageError("dataset.export.identity_crops.background.session: a local or hub model needs the rembg "
+        raise contract.StageError("dataset.export.identity_crops.background.session: a local or hub model needs the rembg "
                               "session it was exported for", hint="e.g. session: u2net (320 px), isnet-general-use, "
                               "birefnet-general or bria-rmbg; or use model: rembg:<session>")
     return {"adapters": sorted(set(section["adapters"])), "max_upscale": float(section["max_upscale"]),
@@ -96,24 +96,24 @@ def identity_crops_config(section: dict[str, Any]) -> dict[str, Any]:
             "background": bg if bg.get("model") else None}
 
 
-def identity_crops_inputs(cfg: dict[str, Any], caption: base.PlanNode, graph: base.GraphView) -> dict[str, base.InputRef]:
+def identity_crops_inputs(cfg: dict[str, Any], caption: contract.PlanNode, graph: contract.GraphView) -> dict[str, contract.InputRef]:
     """The analysis (landmarks), curation's identity threshold and a local matting model's bytes."""
-    analyze = graph.node(base.node_id(graph.character, "analyze"))
+    analyze = graph.node(contract.node_id(graph.character, "analyze"))
     if analyze is None:
-        raise base.StageError("dataset.export.formats: identity_crops needs the face analysis of dataset.sources",
+        raise contract.StageError("dataset.export.formats: identity_crops needs the face analysis of dataset.sources",
                               hint="add image sources, or drop identity_crops from dataset.export.formats")
-    inputs: dict[str, base.InputRef] = {**analysis_inputs(graph),  # analyze's records and extracted frames'
-                                        "balance": base.StageOutputRef(caption.id, "balance")}
+    inputs: dict[str, contract.InputRef] = {**analysis_inputs(graph),  # analyze's records and extracted frames'
+                                        "balance": contract.StageOutputRef(caption.id, "balance")}
     model = (cfg.get("background") or {}).get("model") or ""
     p = graph.project_root / model
     if model and not model.startswith("rembg:") and p.exists():
-        inputs["matting_model"] = base.FileSetRef(root=p, patterns=("*",), recursive=True,
+        inputs["matting_model"] = contract.FileSetRef(root=p, patterns=("*",), recursive=True,
                                                   spec_key="dataset.export.identity_crops.background.model")
     return inputs
 
 
 def _export_identity_crops(records: list[dict], ddir: Path, out: Path, config: dict[str, Any],
-                           inputs: dict[str, base.Artifact], ctx) -> dict[str, Any]:
+                           inputs: dict[str, contract.Artifact], ctx) -> dict[str, Any]:
     from runner.vision import identity_crops as IC
 
     cfg = config["identity_crops"]
@@ -167,7 +167,7 @@ def kohya_folder_name(repeats: int, trigger: str, class_word: str) -> str:
     return f"{repeats}_{trigger} {class_word}".strip()
 
 
-def bucket_settings_of(config: dict[str, Any], ctx: base.StageContext | None = None):
+def bucket_settings_of(config: dict[str, Any], ctx: contract.StageContext | None = None):
     """The trainer's bucket settings for this export's train section (see BucketSettings)."""
     from runner.diffusion.data import bucket_settings
 
@@ -283,15 +283,15 @@ def _export_plain(records: list[dict], ddir: Path, out: Path) -> dict[str, Any]:
     return {"groups": {str(n): rel for n, rel in groups.items()}}
 
 
-@base.register("export", version=2, order=45, expand=expand,
+@contract.register("export", version=2, order=45, expand=expand,
                description="Trainer-ready folders: kohya sd-scripts, image+txt (ai-toolkit, OneTrainer), metadata.jsonl.",
                report=lambda config, outputs, env: report_sections(config, outputs, env),
                publish=lambda config, outputs, dest: publish(outputs["export"].path, dest))
-def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.StageContext) -> dict[str, base.Artifact]:
+def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contract.StageContext) -> dict[str, contract.Artifact]:
     """Trainer-ready folders: kohya sd-scripts, image+txt (ai-toolkit, OneTrainer), metadata.jsonl."""
     unknown = [f for f in config["formats"] if f not in FORMATS]
     if unknown:
-        raise base.StageError(f"dataset.export.formats: unknown format {unknown[0]!r}", hint="use " + ", ".join(FORMATS))
+        raise contract.StageError(f"dataset.export.formats: unknown format {unknown[0]!r}", hint="use " + ", ".join(FORMATS))
     if "_" in config["trigger"] and "kohya" in config["formats"]:
         ctx.warn(f"trigger {config['trigger']!r} contains '_': sd-scripts splits '<repeats>_<name>' at the first '_', "
                  "which still works, but check the class tokens in dataset_config.toml")
@@ -319,7 +319,7 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     (out / "export.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     ctx.metric("exported_images", len(records))
     ctx.log(f"exported {len(records)} images as {', '.join(sorted(formats))}")
-    return {"export": base.Artifact("export", out, meta={k: summary[k] for k in ("images", "formats")})}
+    return {"export": contract.Artifact("export", out, meta={k: summary[k] for k in ("images", "formats")})}
 
 
 def publish(src: Path, dest: Path) -> Path:
@@ -340,10 +340,10 @@ def publish(src: Path, dest: Path) -> Path:
     return replace_folder(dest, fill)
 
 
-def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], env: dict[str, Any]) -> list[base.ReportSection]:
+def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact], env: dict[str, Any]) -> list[contract.ReportSection]:
     folder = Path(outputs["export"].path)
     summary = json.loads((folder / "export.json").read_text(encoding="utf-8"))
     toml = (folder / "kohya" / "dataset_config.toml").read_text(encoding="utf-8") if (folder / "kohya" / "dataset_config.toml").exists() else ""
-    return [base.ReportSection(title="Trainer export", template="sections/export.html.j2", anchor="export",
+    return [contract.ReportSection(title="Trainer export", template="sections/export.html.j2", anchor="export",
                                context={"summary": summary, "toml": toml,
                                         "published": f".runner/{PUBLISHED.as_posix()}/{summary.get('name', '')}"})]

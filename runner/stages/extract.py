@@ -27,7 +27,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from runner.stages import base
+from runner.core import contract
 from runner.stages.analyze import backend_options, read_jsonl
 from runner.stages.curate import DEFAULTS as CURATION_DEFAULTS
 
@@ -46,18 +46,18 @@ def _videos(dataset: dict[str, Any]) -> list[tuple[int, str]]:
     return [(i, s["video"]) for i, s in enumerate(dataset.get("sources") or []) if "video" in s]
 
 
-def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
+def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.PlanNode]:
     dataset = spec.get("dataset", {}) or {}
     opts = {**option_defaults(), **(dataset.get("extract") or {})}
     targets = (dataset.get("shots") or {}).get("targets") or {}
-    analyze = graph.node(base.node_id(graph.character, "analyze"))
+    analyze = graph.node(contract.node_id(graph.character, "analyze"))
     videos = _videos(dataset)
     if not (opts["enabled"] and videos and analyze is not None and any(lo > 0 for lo, _ in targets.values())):
         return []
-    inputs: dict[str, base.InputRef] = {"analysis": base.StageOutputRef(analyze.id, "analysis")}
+    inputs: dict[str, contract.InputRef] = {"analysis": contract.StageOutputRef(analyze.id, "analysis")}
     for i, rel in videos:
         p = Path(rel) if Path(rel).is_absolute() else graph.project_root / rel
-        inputs[f"video{i}"] = base.FileSetRef(root=p.parent, patterns=(glob.escape(p.name),), recursive=False,
+        inputs[f"video{i}"] = contract.FileSetRef(root=p.parent, patterns=(glob.escape(p.name),), recursive=False,
                                               spec_key=f"dataset.sources[{i}].video")
     analysis = dataset.get("analysis", {}) or {}
     config = {
@@ -67,8 +67,8 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
         "videos": {str(i): rel for i, rel in videos},
         **{k: v for k, v in opts.items() if k != "enabled"},
     }
-    return [base.PlanNode(
-        id=base.node_id(graph.character, KIND), kind=KIND, character=graph.character, config=config, inputs=inputs,
+    return [contract.PlanNode(
+        id=contract.node_id(graph.character, KIND), kind=KIND, character=graph.character, config=config, inputs=inputs,
         outputs=("images", "analysis"),
         label=f"frames from {len(videos)} video{'s' if len(videos) != 1 else ''} for shot categories under target",
     )]
@@ -107,7 +107,7 @@ def _needs(config: dict[str, Any], adir: Path) -> tuple[list[Any], list[dict[str
     return X.needs(tally, config["targets"], int(config["max_per_category"])), kept, summary
 
 
-def plan_notes(config: dict[str, Any], upstream: dict[str, base.Artifact | None]) -> list[str]:
+def plan_notes(config: dict[str, Any], upstream: dict[str, contract.Artifact | None]) -> list[str]:
     """'will extract up to 3 full-body, 2 medium from 1 video to reach targets', or what it looks for."""
     n = len(config["videos"])
     vids = f"{n} video{'s' if n != 1 else ''}"
@@ -129,10 +129,10 @@ def plan_notes(config: dict[str, Any], upstream: dict[str, base.Artifact | None]
 # --------------------------------------------------------------------------- run
 
 
-@base.register(KIND, version=1, order=25, expand=expand, plan_notes=plan_notes,
+@contract.register(KIND, version=1, order=25, expand=expand, plan_notes=plan_notes,
                description="Frames of the character from the videos for the shot categories under target.",
                report=lambda config, outputs, env: report_sections(config, outputs, env))
-def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.StageContext) -> dict[str, base.Artifact]:
+def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contract.StageContext) -> dict[str, contract.Artifact]:
     """Frames of the character from the videos for the shot categories under target."""
     from runner.video import extract as X
     from runner.vision import balance as B
@@ -194,8 +194,8 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
         ctx.warn(f"extract: {line}")
     ctx.metric("frames_added", len(records))
     ctx.log(f"{len(records)} frame(s) added from {len(stats)} video(s)")
-    return {"images": base.Artifact("images", images_dir, meta={"count": len(records)}),
-            "analysis": base.Artifact("analysis", adir_out, meta={"count": len(records)})}
+    return {"images": contract.Artifact("images", images_dir, meta={"count": len(records)}),
+            "analysis": contract.Artifact("analysis", adir_out, meta={"count": len(records)})}
 
 
 def _backend(config: dict[str, Any], summary: dict[str, Any], project_root: Path) -> Any:
@@ -217,8 +217,8 @@ def _reference_matrix(adir: Path) -> Any:
     return reference_matrix([np.asarray(r["embedding"], dtype=np.float32) for r in refs if r.get("used")])
 
 
-def _scan_videos(config: dict[str, Any], inputs: dict[str, base.Artifact], summary: dict[str, Any],
-                 wanted: set[str], stats: list[Any], ctx: base.StageContext) -> list[Any]:
+def _scan_videos(config: dict[str, Any], inputs: dict[str, contract.Artifact], summary: dict[str, Any],
+                 wanted: set[str], stats: list[Any], ctx: contract.StageContext) -> list[Any]:
     from runner.stages.curate import gate, quality_score
     from runner.video import extract as X
     from runner.vision.analysis import analyze_image
@@ -244,7 +244,7 @@ def _scan_videos(config: dict[str, Any], inputs: dict[str, base.Artifact], summa
 
 
 def scan_video(i: int | str, rel: str, path: Path | None, sample_fps: float, analyze: Any, gate_fn: Any,
-               wanted: set[str], ctx: base.StageContext) -> tuple[Any, list[Any]]:
+               wanted: set[str], ctx: contract.StageContext) -> tuple[Any, list[Any]]:
     """One video's scan: (its ScanStats, its candidates). A missing or unreadable file is skipped with
     a warning; a truncated one gives the frames before the break."""
     from runner.video import extract as X
@@ -293,12 +293,12 @@ def frame_id(video_sha: str, frame_index: int) -> str:
     return hashlib.sha256(f"{video_sha}:{frame_index}".encode()).hexdigest()[:16]
 
 
-def _write_frames(chosen: list[Any], config: dict[str, Any], inputs: dict[str, base.Artifact], reasons: dict[str, str],
-                  images_dir: Path, adir: Path, ctx: base.StageContext) -> list[dict[str, Any]]:
+def _write_frames(chosen: list[Any], config: dict[str, Any], inputs: dict[str, contract.Artifact], reasons: dict[str, str],
+                  images_dir: Path, adir: Path, ctx: contract.StageContext) -> list[dict[str, Any]]:
     """Decode the chosen frames again and write them, the manifest and the records, in pick order."""
     from PIL import Image
 
-    from runner.hashing import file_sha256
+    from runner.core.hashing import file_sha256
     from runner.video.decode import iter_frames
     from runner.vision.analysis import write_thumbnail
 
@@ -333,7 +333,7 @@ def _write_frames(chosen: list[Any], config: dict[str, Any], inputs: dict[str, b
 # --------------------------------------------------------------------------- report
 
 
-def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], env: dict[str, Any]) -> list[base.ReportSection]:
+def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact], env: dict[str, Any]) -> list[contract.ReportSection]:
     from runner.report.embed import thumbnail_data_uri
     from runner.stages.curate import balance_chart
 
@@ -345,7 +345,7 @@ def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], e
         thumb = adir / "thumbs" / f"{r['id']}.jpg"
         frames.append({**r["provenance"], "id": r["id"], "shot": r["shot"], "identity": r.get("identity"),
                        "src": thumbnail_data_uri(thumb, px) if thumb.exists() else None})
-    return [base.ReportSection(
+    return [contract.ReportSection(
         title="Frames extracted from video", template="sections/extract.html.j2", anchor="extract",
         context={"summary": summary, "frames": frames,
                  "chart_before": balance_chart(summary["before"], "Before extraction (after curate's gates)"),

@@ -17,19 +17,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from runner.stages import base
+from runner.core import contract
 
 
-def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
+def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.PlanNode]:
     dataset = spec.get("dataset", {})
     sources = [(i, s) for i, s in enumerate(dataset.get("sources", [])) if "images" in s]
     if not sources:
         return []
     ing = dataset.get("ingest", {})
-    inputs: dict[str, base.InputRef] = {}
+    inputs: dict[str, contract.InputRef] = {}
     cfg_sources = []
     for i, src in sources:
-        inputs[f"source{i}"] = base.FileSetRef(
+        inputs[f"source{i}"] = contract.FileSetRef(
             root=graph.project_root / src["images"],
             patterns=("*",),
             recursive=bool(src.get("recursive", True)),
@@ -46,8 +46,8 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
         "format": ing.get("format", "png"),
     }
     return [
-        base.PlanNode(
-            id=base.node_id(graph.character, "ingest"),
+        contract.PlanNode(
+            id=contract.node_id(graph.character, "ingest"),
             kind="ingest",
             character=graph.character,
             config=config,
@@ -194,10 +194,10 @@ def _process(job: tuple[int, str, Path, str, int, str], cfg: dict[str, Any], ima
     return {"order": order, "record": record}
 
 
-@base.register("ingest", version=1, order=10, expand=expand,
+@contract.register("ingest", version=1, order=10, expand=expand,
                description="Read image folders; normalize images; quarantine unusable files.",
                report=lambda config, outputs, env: report_sections(config, outputs, env))
-def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.StageContext) -> dict[str, base.Artifact]:
+def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contract.StageContext) -> dict[str, contract.Artifact]:
     """Read image folders; normalize images; quarantine unusable files."""
     images_art = ctx.out_dir / "images"
     images_dir = images_art / "images"
@@ -247,8 +247,8 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     ctx.metric("images_quarantined", len(rejected))
     ctx.log(f"{len(kept)} images kept, {len(rejected)} quarantined")
     return {
-        "images": base.Artifact("images", images_art, meta={"count": len(kept)}),
-        "quarantine": base.Artifact("quarantine", quarantine_art, meta={"count": len(rejected)}),
+        "images": contract.Artifact("images", images_art, meta={"count": len(kept)}),
+        "quarantine": contract.Artifact("quarantine", quarantine_art, meta={"count": len(rejected)}),
     }
 
 
@@ -261,7 +261,7 @@ def read_manifest(images_artifact: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], env: dict[str, Any]) -> list[base.ReportSection]:
+def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact], env: dict[str, Any]) -> list[contract.ReportSection]:
     from runner.report.embed import thumbnail_data_uri
 
     records = read_manifest(outputs["images"].path)
@@ -275,7 +275,7 @@ def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], e
     qpath = outputs["quarantine"].path / "quarantine.jsonl"
     quarantined = [json.loads(line) for line in qpath.read_text(encoding="utf-8").splitlines() if line.strip()] if qpath.exists() else []
     return [
-        base.ReportSection(
+        contract.ReportSection(
             title="Ingested images",
             template="sections/ingest.html.j2",
             anchor="ingest",

@@ -1,7 +1,7 @@
 """`report`: one self-contained HTML file per run (autoescaped Jinja2, images as data URIs).
 
 It takes every other stage of the character as input and asks each stage kind for its report
-sections (the ``report=`` hook of :func:`runner.stages.base.register`), then adds the spec summary
+sections (the ``report=`` hook of :func:`runner.stages.contract.register`), then adds the spec summary
 and the run's timeline of stages with durations, cache hits and costs.
 """
 
@@ -13,18 +13,19 @@ from pathlib import Path
 from typing import Any
 
 from runner.paths import list_files
-from runner.stages import base
+from runner.core import contract
+from runner.stages import registry as stage_registry
 
 
-def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
+def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.PlanNode]:
     from runner.spec import schema as S
 
-    inputs: dict[str, base.InputRef] = {}
+    inputs: dict[str, contract.InputRef] = {}
     stages = []
     for node in graph.nodes:
         stages.append({"id": node.id, "kind": node.kind, "label": node.label, "config": node.config})
         for out in node.outputs:
-            inputs[f"{node.id}/{out}"] = base.StageOutputRef(node.id, out)
+            inputs[f"{node.id}/{out}"] = contract.StageOutputRef(node.id, out)
     try:
         spec_rel = graph.spec_file.resolve().relative_to(graph.project_root.resolve()).as_posix()
     except ValueError:
@@ -44,8 +45,8 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
     if review:
         config["review"] = review
     return [
-        base.PlanNode(
-            id=base.node_id(graph.character, "report"),
+        contract.PlanNode(
+            id=contract.node_id(graph.character, "report"),
             kind="report",
             character=graph.character,
             config=config,
@@ -57,18 +58,18 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
     ]
 
 
-def _review_decisions(graph: base.GraphView) -> dict[str, Any]:
+def _review_decisions(graph: contract.GraphView) -> dict[str, Any]:
     """Everything people decided in `runner review`, for the report's review section."""
     from runner.review import decisions
 
     try:
         data = decisions.for_spec(graph.spec_file)
     except decisions.ReviewError as exc:
-        raise base.StageError(str(exc)) from None
+        raise contract.StageError(str(exc)) from None
     return {k: v for k, v in data.items() if k != "format" and v}
 
 
-def _review_section(config: dict[str, Any], inputs: dict[str, base.Artifact], jenv: Any) -> dict[str, Any]:
+def _review_section(config: dict[str, Any], inputs: dict[str, contract.Artifact], jenv: Any) -> dict[str, Any]:
     from runner.review.summary import report_context
 
     evaluations = {n.split("/", 1)[0]: Path(a.path) for n, a in inputs.items() if n.endswith("/evaluation")}
@@ -120,9 +121,9 @@ def _spec_yaml(spec: dict[str, Any]) -> str:
     return yaml.safe_dump(spec, sort_keys=False, allow_unicode=True, width=100)
 
 
-@base.register("report", version=1, order=100, expand=expand,
+@contract.register("report", version=1, order=100, expand=expand,
                description="Render the self-contained HTML report.")
-def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.StageContext) -> dict[str, base.Artifact]:
+def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contract.StageContext) -> dict[str, contract.Artifact]:
     """Render the self-contained HTML report."""
     rep = config.get("report", {})
     env_settings = {
@@ -131,7 +132,7 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
         "character": config.get("character", {}),
         "project_root": str(ctx.project_root),
     }
-    registry = base.registry()
+    registry = stage_registry()
     sections: list[dict[str, Any]] = []
     jenv = _jinja_env()
     for st in config["stages"]:
@@ -211,7 +212,7 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     out = ctx.out_dir / "report.html"
     out.write_text(page, encoding="utf-8")
     ctx.metric("report_bytes", out.stat().st_size)
-    return {"report": base.Artifact("report", out)}
+    return {"report": contract.Artifact("report", out)}
 
 
 def _tracked_runs(ws: Any, run_id: str, character: str) -> list[dict[str, Any]]:

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runner.stages import base
+from runner.core import contract
 from runner.stages.common import rel_path as _rel
 from runner.stages.common import review_section
 
@@ -45,7 +45,7 @@ VERSION = 1
 # --------------------------------------------------------------------------- planning
 
 
-def lora_source(spec: dict[str, Any], graph: base.GraphView, where: str) -> tuple[dict[str, Any], dict[str, base.InputRef]]:
+def lora_source(spec: dict[str, Any], graph: contract.GraphView, where: str) -> tuple[dict[str, Any], dict[str, contract.InputRef]]:
     """Where the character's LoRA comes from: (config part, inputs). See the module docstring."""
     gen = spec.get("generate") or {}
     checkpoint = str(gen.get("checkpoint", "best"))
@@ -57,24 +57,24 @@ def lora_source(spec: dict[str, Any], graph: base.GraphView, where: str) -> tupl
     if checkpoint not in ("best", "last"):
         p = graph.project_root / checkpoint
         return ({**common, "source": "file", "lora_file": checkpoint},
-                {"lora_file": base.FileSetRef(root=p, patterns=("*",), recursive=False, spec_key="generate.checkpoint")})
+                {"lora_file": contract.FileSetRef(root=p, patterns=("*",), recursive=False, spec_key="generate.checkpoint")})
     evaluates = graph.nodes_of("evaluate")
     trains = graph.nodes_of("train")
     if checkpoint == "best" and evaluates:
         ev = evaluates[0]
-        return {**common, "source": "evaluate", "source_node": ev.id}, {"evaluation": base.StageOutputRef(ev.id, "evaluation")}
+        return {**common, "source": "evaluate", "source_node": ev.id}, {"evaluation": contract.StageOutputRef(ev.id, "evaluation")}
     if trains:
         tr = trains[0]
-        return {**common, "source": "train", "source_node": tr.id}, {"lora": base.StageOutputRef(tr.id, "lora")}
-    raise base.StageError(
+        return {**common, "source": "train", "source_node": tr.id}, {"lora": contract.StageOutputRef(tr.id, "lora")}
+    raise contract.StageError(
         f"{where} needs the character's LoRA: the spec has no train stage and generate.checkpoint is {checkpoint!r}",
         hint="Add a train section, or set generate.checkpoint to a LoRA .safetensors file.",
     )
 
 
-def reference_inputs(spec: dict[str, Any], graph: base.GraphView) -> dict[str, base.InputRef]:
+def reference_inputs(spec: dict[str, Any], graph: contract.GraphView) -> dict[str, contract.InputRef]:
     refs = list((spec.get("character") or {}).get("references") or [])
-    return {f"reference{i}": base.FileSetRef(root=graph.project_root / r, patterns=("*",), recursive=True,
+    return {f"reference{i}": contract.FileSetRef(root=graph.project_root / r, patterns=("*",), recursive=True,
                                              spec_key=f"character.references[{i}]") for i, r in enumerate(refs)}
 
 
@@ -90,17 +90,17 @@ def face_options(spec: dict[str, Any], override: str | None = None) -> dict[str,
     }
 
 
-def _model_input(value: str | None, graph: base.GraphView, name: str, key: str) -> dict[str, base.InputRef]:
+def _model_input(value: str | None, graph: contract.GraphView, name: str, key: str) -> dict[str, contract.InputRef]:
     """A local model folder becomes a file-set input (its content is in the cache key); hub ids stay config."""
     if not value or value.startswith("builtin:"):
         return {}
     p = graph.project_root / value
     if p.exists():
-        return {name: base.FileSetRef(root=p, patterns=("*",), recursive=True, spec_key=key)}
+        return {name: contract.FileSetRef(root=p, patterns=("*",), recursive=True, spec_key=key)}
     return {}
 
 
-def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
+def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.PlanNode]:
     from runner.generate import guided as G
     from runner.generate.planner import plan_story
 
@@ -117,13 +117,13 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
     scenes = [s.to_dict() for s in story.scenes]
     for s in scenes:
         if s.get("control_image"):
-            inputs[f"control{s['index']}"] = base.FileSetRef(root=graph.project_root / s["control_image"],
+            inputs[f"control{s['index']}"] = contract.FileSetRef(root=graph.project_root / s["control_image"],
                                                              patterns=("*",), recursive=False,
                                                              spec_key=f"generate.storyboard.scenes[{s['index'] - 1}].control_image")
     guided = dict(sb.get("reference_guided") or {})
     if guided.get("enabled"):
         if not guided.get("ip_adapter") and not guided.get("controlnet"):
-            raise base.StageError("generate.storyboard.reference_guided: enabled, but neither ip_adapter nor controlnet is set",
+            raise contract.StageError("generate.storyboard.reference_guided: enabled, but neither ip_adapter nor controlnet is set",
                                   hint="Give an IP-Adapter (e.g. h94/IP-Adapter) and/or a ControlNet id or path.")
         inputs.update(_model_input(guided.get("ip_adapter"), graph, "ip_adapter", "generate.storyboard.reference_guided.ip_adapter"))
         inputs.update(_model_input(guided.get("controlnet"), graph, "controlnet", "generate.storyboard.reference_guided.controlnet"))
@@ -173,8 +173,8 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
     label = f"{n} ({config['planner']}), LoRA from {lora_cfg.get('source_node') or lora_cfg.get('lora_file')}"
     if guided.get("enabled"):
         label += ", reference-guided"
-    return [base.PlanNode(
-        id=base.node_id(graph.character, "storyboard"),
+    return [contract.PlanNode(
+        id=contract.node_id(graph.character, "storyboard"),
         kind="storyboard",
         character=graph.character,
         config=config,
@@ -208,7 +208,7 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def resolve_lora(config: dict[str, Any], inputs: dict[str, base.Artifact]) -> dict[str, Any]:
+def resolve_lora(config: dict[str, Any], inputs: dict[str, contract.Artifact]) -> dict[str, Any]:
     """The LoRA file, scale, base model and family to generate with (from whichever input exists)."""
     scale_override = config.get("lora_scale")
     pick = (config.get("review") or {}).get("checkpoint")
@@ -223,7 +223,7 @@ def resolve_lora(config: dict[str, Any], inputs: dict[str, base.Artifact]) -> di
             best = ev["best"]
             lora_file = folder / best["lora_diffusers"]
         except (OSError, ValueError, KeyError) as exc:
-            raise base.StageError(f"cannot read the evaluation artifact {folder}/evaluation.json: {exc}",
+            raise contract.StageError(f"cannot read the evaluation artifact {folder}/evaluation.json: {exc}",
                                   hint="Re-run the evaluate stage (runner apply --force evaluate).") from None
         return {"file": lora_file, "scale": float(scale_override if scale_override is not None else best.get("lora_scale", 1.0)),
                 "base_model": ev.get("base_model") or config["base_model"], "family": ev.get("model_family") or "auto",
@@ -236,7 +236,7 @@ def resolve_lora(config: dict[str, Any], inputs: dict[str, base.Artifact]) -> di
             ck = index["checkpoints"][int(index.get("final", -1))]
             lora_file = folder / ck["diffusers"]
         except (OSError, ValueError, KeyError, IndexError) as exc:
-            raise base.StageError(f"cannot read the train stage's LoRA index {folder}/index.json: {exc}",
+            raise contract.StageError(f"cannot read the train stage's LoRA index {folder}/index.json: {exc}",
                                   hint="Re-run the train stage.") from None
         return {"file": lora_file, "scale": float(scale_override if scale_override is not None else 1.0),
                 "base_model": index.get("base_model") or config["base_model"], "family": index.get("model_family") or "auto",
@@ -246,19 +246,19 @@ def resolve_lora(config: dict[str, Any], inputs: dict[str, base.Artifact]) -> di
         art = inputs["lora_file"]
         f = Path(art.files[0]) if art.files else Path(art.path)
         if not f.is_file():
-            raise base.StageError(f"generate.checkpoint: LoRA file {config.get('lora_file')} not found",
+            raise contract.StageError(f"generate.checkpoint: LoRA file {config.get('lora_file')} not found",
                                   hint="Give a .safetensors LoRA file (diffusers or kohya format).")
         return {"file": f, "scale": float(scale_override if scale_override is not None else 1.0),
                 "base_model": config["base_model"], "family": config.get("model_family", "auto"), "step": None,
                 "variant": None, "from": config.get("lora_file"),
                 "tiny_random": str(config["base_model"]).startswith("builtin:")}
-    raise base.StageError("storyboard: no LoRA input (evaluation, lora or lora_file)")
+    raise contract.StageError("storyboard: no LoRA input (evaluation, lora or lora_file)")
 
 
-def picked_checkpoint(pick: dict[str, Any], lora: base.Artifact, scale_override: float | None) -> dict[str, Any] | None:
+def picked_checkpoint(pick: dict[str, Any], lora: contract.Artifact, scale_override: float | None) -> dict[str, Any] | None:
     """The reviewer's checkpoint (runner review) from the train output, or None when that step (with
     that file content) is no longer there; then evaluation's best is used and the run says so."""
-    from runner.hashing import file_sha256
+    from runner.core.hashing import file_sha256
 
     folder = Path(lora.path)
     try:
@@ -306,7 +306,7 @@ def validated_frames(jobs: list[Any], generate: Any, validator: Any, config: dic
     return results
 
 
-def load_character_pipeline(lora: dict[str, Any], device: str, ctx: base.StageContext, where: str):
+def load_character_pipeline(lora: dict[str, Any], device: str, ctx: contract.StageContext, where: str):
     from runner.diffusion.lora import load_lora
     from runner.diffusion.models import ModelLoadError, load_pipeline
 
@@ -314,10 +314,10 @@ def load_character_pipeline(lora: dict[str, Any], device: str, ctx: base.StageCo
         pipe = load_pipeline(lora["base_model"], family=lora.get("family", "auto"), device=device,
                              cache_dir=ctx.cache_dir, project_root=ctx.project_root)
     except ModelLoadError as exc:
-        raise base.StageError(f"{where}: {exc}", hint=exc.hint) from None
+        raise contract.StageError(f"{where}: {exc}", hint=exc.hint) from None
     pipe.set_progress_bar_config(disable=True)
     if not Path(lora["file"]).is_file():
-        raise base.StageError(f"{where}: LoRA file {lora['file']} not found", hint="Re-run the stage that made it.")
+        raise contract.StageError(f"{where}: LoRA file {lora['file']} not found", hint="Re-run the stage that made it.")
     load_lora(pipe, lora["file"], adapter_name="character", scale=lora["scale"])
     return pipe
 
@@ -328,18 +328,18 @@ def face_backend_from(opts: dict[str, Any], project_root: Path, where: str):
 
     try:
         return _face_backend(opts, project_root)
-    except base.StageError as exc:
-        raise base.StageError(f"{where}: {str(exc).removeprefix('evaluate.face_model: ')}", hint=exc.hint) from None
+    except contract.StageError as exc:
+        raise contract.StageError(f"{where}: {str(exc).removeprefix('evaluate.face_model: ')}", hint=exc.hint) from None
 
 
-def load_references(inputs: dict[str, base.Artifact]):
+def load_references(inputs: dict[str, contract.Artifact]):
     from runner.stages.common import load_rgb as _load_rgb, reference_files as _reference_files
 
     files = _reference_files(inputs)
     return files, [_load_rgb(f) for f in files]
 
 
-def _scenes(config: dict[str, Any], ctx: base.StageContext) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+def _scenes(config: dict[str, Any], ctx: contract.StageContext) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     if config["planner"] != "llm":
         return config["scenes"], None
     from runner.generate.planner import plan_scenes
@@ -360,7 +360,7 @@ def _scenes(config: dict[str, Any], ctx: base.StageContext) -> tuple[list[dict[s
     return scenes, exchange
 
 
-def build_validators(config: dict[str, Any], ref_images: list[Any], thresholds: Any, ctx: base.StageContext):
+def build_validators(config: dict[str, Any], ref_images: list[Any], thresholds: Any, ctx: contract.StageContext):
     """(face backend, CLIP embedder, the validator of plain frames, and a function giving the
     validator of reference mode's frames 2+ from frame 1: against the references, frame 1 or both)."""
     from runner.generate.frames import FrameValidator, Thresholds, ValidationSet, frame_validator
@@ -394,10 +394,10 @@ def build_validators(config: dict[str, Any], ref_images: list[Any], thresholds: 
     return face_backend, clip, ValidationSet({"references": refs}), later_validator, thresholds
 
 
-@base.register("storyboard", version=VERSION, order=70, expand=expand,
+@contract.register("storyboard", version=VERSION, order=70, expand=expand,
                description="Story -> scenes -> frames with the character's LoRA, validated and regenerated below threshold.",
                report=lambda config, outputs, env: report_sections(config, outputs, env))
-def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.StageContext) -> dict[str, base.Artifact]:
+def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contract.StageContext) -> dict[str, contract.Artifact]:
     """Story -> scenes -> frames with the character's LoRA, validated and regenerated below threshold."""
     from runner.generate.frames import FrameJob, Thresholds
 
@@ -406,7 +406,7 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     # 1. scenes
     scenes, exchange = _scenes(config, ctx)
     if not scenes:
-        raise base.StageError("storyboard: the planner returned no scenes")
+        raise contract.StageError("storyboard: the planner returned no scenes")
     timing["plan_s"] = round(time.monotonic() - t0, 3)
 
     # 2. pipeline, references, validator
@@ -544,7 +544,7 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     if failed:
         ctx.warn(f"storyboard: {failed} of {n} frame(s) stayed below the validation thresholds after "
                  f"{val['retries']} retries; the best attempt is kept and flagged")
-    return {"storyboard": base.Artifact("storyboard", out, meta={"frames": n, "tiny_random": report["tiny_random"]["any"]})}
+    return {"storyboard": contract.Artifact("storyboard", out, meta={"frames": n, "tiny_random": report["tiny_random"]["any"]})}
 
 
 def _guided_frames(config, inputs, ctx, pipe, family, jobs, validators, make_generate, face_backend, on_round):
@@ -622,7 +622,7 @@ def _guided_frames(config, inputs, ctx, pipe, family, jobs, validators, make_gen
 # --------------------------------------------------------------------------- report
 
 
-def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], env: dict[str, Any]) -> list[base.ReportSection]:
+def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact], env: dict[str, Any]) -> list[contract.ReportSection]:
     from runner.report.embed import thumbnail_data_uri
 
     art = outputs.get("storyboard")
@@ -646,5 +646,5 @@ def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], e
         which = [k for k in ("diffusion", "clip", "pose") if tiny.get(k)]
         tiny_note = (f"Made with tiny random models ({', '.join(which)}): the frames are noise and their scores "
                      "say nothing about the character; they only show that the pipeline runs end to end.")
-    return [base.ReportSection(title="Storyboard", template="sections/storyboard.html.j2", anchor="storyboard",
+    return [contract.ReportSection(title="Storyboard", template="sections/storyboard.html.j2", anchor="storyboard",
                                context={"rep": rep, "frames": frames, "control": control, "tiny_note": tiny_note})]

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from runner.stages import base
+from runner.core import contract
 from runner.stages.common import with_tracking
 
 KIND = "train"
@@ -40,28 +40,28 @@ def _check_variant(name: str, overrides: Any) -> None:
     from runner.spec.variants import PLAN_ONLY
 
     if not isinstance(overrides, dict):
-        raise base.StageError(f"train.variants.{name} must be a mapping of train keys to override",
+        raise contract.StageError(f"train.variants.{name} must be a mapping of train keys to override",
                               hint="e.g. higher_rank: {lora: {rank: 64}}")
     bad = [k for k in overrides if k in PLAN_ONLY]
     if bad:
-        raise base.StageError(f"train.variants.{name} cannot override {', '.join(bad)}")
+        raise contract.StageError(f"train.variants.{name} cannot override {', '.join(bad)}")
     validator = jsonschema.Draft202012Validator(S.section_schema("train"))
     errors = sorted(validator.iter_errors(overrides), key=lambda e: list(e.path))
     if errors:
         e = errors[0]
         where = ".".join(str(p) for p in e.path)
-        raise base.StageError(f"train.variants.{name}{'.' + where if where else ''}: {e.message}",
+        raise contract.StageError(f"train.variants.{name}{'.' + where if where else ''}: {e.message}",
                               hint="A variant overrides keys of the train section; see `runner plan --resolved`.")
 
 
-def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
+def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.PlanNode]:
     from runner.spec.variants import variant_notes
 
     section = spec.get("train")
     if not isinstance(section, dict):
         return []
     char = graph.character
-    caption = graph.node(base.node_id(char, "caption"))
+    caption = graph.node(contract.node_id(char, "caption"))
     if caption is None:
         return []  # nothing to train on (no dataset stage in this spec)
     character = spec.get("character", {})
@@ -84,10 +84,10 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
         cfg = train_config(section, character=char, trigger=trigger, class_word=class_word,
                            variant=variant, overrides=ov)
         cfg["device"] = hw.get("device", "auto")  # torch numerics differ by device: part of the key
-        inputs: dict[str, base.InputRef] = {"dataset": base.StageOutputRef(caption.id, "dataset")}
+        inputs: dict[str, contract.InputRef] = {"dataset": contract.StageOutputRef(caption.id, "dataset")}
         reg = cfg.get("regularization", {})
         if reg.get("enabled") and reg.get("images"):
-            inputs["regularization"] = base.FileSetRef(
+            inputs["regularization"] = contract.FileSetRef(
                 root=graph.project_root / reg["images"],
                 patterns=("*.png", "*.jpg", "*.jpeg", "*.webp", "*.PNG", "*.JPG", "*.JPEG"),
                 spec_key="train.regularization.images",
@@ -99,8 +99,8 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
             label += f" (variant {variant})"
         notes = () if variant in (None, "base") else (f"variant {variant} vs the train section: "
                                                       + "; ".join(variant_notes(section, variant)),)
-        nodes.append(with_tracking(base.PlanNode(
-            id=base.node_id(char, KIND, variant),
+        nodes.append(with_tracking(contract.PlanNode(
+            id=contract.node_id(char, KIND, variant),
             kind=KIND,
             character=char,
             config=cfg,
@@ -121,7 +121,7 @@ def _length(cfg: dict[str, Any]) -> str:
     return " + ".join(t for t in (f"{steps} steps" if steps else "", f"{epochs} epochs" if epochs else "") if t)
 
 
-def plan_notes(config: dict[str, Any], upstream: dict[str, base.Artifact | None]) -> list[str]:
+def plan_notes(config: dict[str, Any], upstream: dict[str, contract.Artifact | None]) -> list[str]:
     """The phases in steps and epochs: steps per epoch from the captioned dataset when the store
     holds it (the images left after the validation hold-out, with their repeats, over
     batch_size x gradient_accumulation), else the epoch phases' steps are left open."""
@@ -151,7 +151,7 @@ def resume_info(scratch_dir: Path) -> str | None:
     return f"resume at step {meta['step']} of {meta['total_steps']} ({where})"
 
 
-def _device(config: dict[str, Any], ctx: base.StageContext) -> str:
+def _device(config: dict[str, Any], ctx: contract.StageContext) -> str:
     """hardware.device from the spec (auto: CUDA when there is one, else CPU)."""
     extra = getattr(ctx, "extra", None) or {}
     dev = str(config.get("device") or extra.get("device") or "auto")
@@ -166,7 +166,7 @@ def _device(config: dict[str, Any], ctx: base.StageContext) -> str:
     return dev
 
 
-def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], env: dict[str, Any]) -> list[base.ReportSection]:
+def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact], env: dict[str, Any]) -> list[contract.ReportSection]:
     from runner.report import charts
     from runner.report.embed import thumbnail_data_uri
 
@@ -203,7 +203,7 @@ def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], e
     final = index["checkpoints"][index["final"]] if index.get("checkpoints") else None
     variant = index.get("variant")
     title = "Training" + (f" · variant {variant}" if variant else "")
-    return [base.ReportSection(
+    return [contract.ReportSection(
         title=title,
         template="sections/train.html.j2",
         anchor="train" + (f"-{variant}" if variant else ""),
@@ -223,7 +223,7 @@ def _records(logs: Path) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
-def track(config: dict[str, Any], outputs: dict[str, base.Artifact], env: dict[str, Any]) -> list[dict[str, Any]]:
+def track(config: dict[str, Any], outputs: dict[str, contract.Artifact], env: dict[str, Any]) -> list[dict[str, Any]]:
     """One tracked run: the node config as params, every numeric field of the logged history as a
     curve (loss, lr, val_loss, grad_norm, ...), each kept checkpoint's LoRA files as artifacts."""
     from runner.stages.common import track as send
@@ -248,15 +248,15 @@ def track(config: dict[str, Any], outputs: dict[str, base.Artifact], env: dict[s
     return send(config, log, env)
 
 
-@base.register(KIND, version=VERSION, order=50, expand=expand, resume_info=resume_info, report=report_sections,
+@contract.register(KIND, version=VERSION, order=50, expand=expand, resume_info=resume_info, report=report_sections,
                plan_notes=plan_notes, track=track,
                description="Train a LoRA (diffusers + peft) with cached latents, phases, checkpoints and samples.")
-def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.StageContext) -> dict[str, base.Artifact]:
+def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contract.StageContext) -> dict[str, contract.Artifact]:
     """Train a LoRA (diffusers + peft) with cached latents, phases, checkpoints and samples."""
     from runner.diffusion.trainer import Callbacks, LoraTrainer, TrainError
 
     if "dataset" not in inputs:
-        raise base.StageError("the train stage needs the caption stage's `dataset` artifact")
+        raise contract.StageError("the train stage needs the caption stage's `dataset` artifact")
     reg = inputs.get("regularization")
     cb = Callbacks(log=ctx.log, warn=ctx.warn, metric=ctx.metric, progress=ctx.progress)
     trainer = LoraTrainer(
@@ -267,10 +267,10 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     try:
         index = trainer.run()
     except TrainError as exc:
-        raise base.StageError(str(exc), hint=exc.hint) from None
+        raise contract.StageError(str(exc), hint=exc.hint) from None
     if index.get("tiny_random_model"):
         ctx.warn("trained on a tiny random model: losses and samples are for testing only")
     return {
-        "lora": base.Artifact("lora", ctx.out_dir / "lora"),
-        "logs": base.Artifact("logs", ctx.out_dir / "logs"),
+        "lora": contract.Artifact("lora", ctx.out_dir / "lora"),
+        "logs": contract.Artifact("logs", ctx.out_dir / "logs"),
     }

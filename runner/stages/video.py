@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runner.stages import base
+from runner.core import contract
 from runner.stages.common import review_section
 from runner.stages.storyboard import _rel, face_backend_from, face_options, reference_inputs, resolve_device
 
@@ -57,22 +57,22 @@ def load_suite(ref: str | None, project_root: Path) -> dict[str, Any] | None:
     if not path.is_file():
         path = project_root / ref
     if not path.is_file():
-        raise base.StageError(f"generate.video.suite: {ref!r} is neither a built-in suite nor a file",
+        raise contract.StageError(f"generate.video.suite: {ref!r} is neither a built-in suite nor a file",
                               hint="Use suite: builtin, or a path to a suite .yaml (cases: [{name, prompt, expect}]).")
     try:
         data = load_yaml_file(path).data or {}
     except YamlError as exc:
-        raise base.StageError(f"generate.video.suite: {exc}", hint=exc.hint or "Fix the suite file's YAML.") from None
+        raise contract.StageError(f"generate.video.suite: {exc}", hint=exc.hint or "Fix the suite file's YAML.") from None
     cases = data.get("cases") if isinstance(data, dict) else None
     if not isinstance(cases, list) or not cases:
-        raise base.StageError(f"generate.video.suite: {path} has no 'cases' list",
+        raise contract.StageError(f"generate.video.suite: {path} has no 'cases' list",
                               hint="A suite file needs cases: [{name: ..., prompt: ..., expect: {...}}].")
     for i, c in enumerate(cases):
         if not isinstance(c, dict) or not c.get("name") or not c.get("prompt"):
-            raise base.StageError(f"generate.video.suite: {path}: cases[{i}] needs a name and a prompt")
+            raise contract.StageError(f"generate.video.suite: {path}: cases[{i}] needs a name and a prompt")
         bad_name = file_name_problem(str(c["name"]))  # it names the clip's folder and files
         if bad_name:
-            raise base.StageError(f"generate.video.suite: {path}: cases[{i}].name {c['name']!r}: {bad_name}",
+            raise contract.StageError(f"generate.video.suite: {path}: cases[{i}].name {c['name']!r}: {bad_name}",
                                   hint="Case names become file names: use letters, digits, '_' or '-'.")
     return {"source": ref, "cases": cases}
 
@@ -102,47 +102,47 @@ def _preset_fill(video: dict[str, Any], project_root: Path) -> dict[str, Any]:
     name = video.get("preset") or "baseline"
     path = list_presets("video").get(name) or (project_root / name)
     if not Path(path).is_file():
-        raise base.StageError(f"generate.video.preset: unknown preset {name!r}",
+        raise contract.StageError(f"generate.video.preset: unknown preset {name!r}",
                               hint="Use baseline or aggressive-quality (runner presets), or a path to a preset .yaml.")
     values = (load_yaml_file(Path(path)).data or {}).get("values") or {}
     return {k: values[k] for k in missing if values.get(k) is not None}
 
 
-def _file_input(value: str | None, graph: base.GraphView, key: str) -> base.FileSetRef | None:
+def _file_input(value: str | None, graph: contract.GraphView, key: str) -> contract.FileSetRef | None:
     if not value or value.startswith("builtin:"):
         return None
     p = graph.project_root / value
     if p.exists():
-        return base.FileSetRef(root=p, patterns=("*",), recursive=True, spec_key=key)
+        return contract.FileSetRef(root=p, patterns=("*",), recursive=True, spec_key=key)
     return None
 
 
-def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
+def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.PlanNode]:
     video = (spec.get("generate") or {}).get("video")
     if not isinstance(video, dict):
         return []
     character = spec.get("character") or {}
     hardware = spec.get("hardware") or {}
-    inputs: dict[str, base.InputRef] = {}
+    inputs: dict[str, contract.InputRef] = {}
     source = video.get("source", "storyboard")
     key_frames = [int(k) for k in video.get("key_frames", [1])]
     if source == "storyboard":
-        sb = graph.node(base.node_id(graph.character, "storyboard"))
+        sb = graph.node(contract.node_id(graph.character, "storyboard"))
         if sb is None:
-            raise base.StageError("generate.video.source is 'storyboard' but the spec has no generate.storyboard",
+            raise contract.StageError("generate.video.source is 'storyboard' but the spec has no generate.storyboard",
                                   hint="Add generate.storyboard, or set generate.video.source to an image path.")
         n = len(sb.config.get("scenes") or []) or int((sb.config.get("llm_request") or {}).get("max_scenes", 10))
         too_big = [k for k in key_frames if k > n]
         if too_big:
-            raise base.StageError(f"generate.video.key_frames: {too_big} beyond the storyboard's {n} scenes",
+            raise contract.StageError(f"generate.video.key_frames: {too_big} beyond the storyboard's {n} scenes",
                                   hint=f"Use frame numbers 1..{n}.")
-        inputs["storyboard"] = base.StageOutputRef(sb.id, "storyboard")
+        inputs["storyboard"] = contract.StageOutputRef(sb.id, "storyboard")
     else:
         p = graph.project_root / source
-        inputs["source"] = base.FileSetRef(root=p, patterns=("*",), recursive=False, spec_key="generate.video.source")
+        inputs["source"] = contract.FileSetRef(root=p, patterns=("*",), recursive=False, spec_key="generate.video.source")
     width, height = int(video.get("width", 704)), int(video.get("height", 480))
     if width % 32 or height % 32:
-        raise base.StageError(f"generate.video: width and height must be multiples of 32 for LTX-Video (got {width}x{height})",
+        raise contract.StageError(f"generate.video: width and height must be multiples of 32 for LTX-Video (got {width}x{height})",
                               hint=f"e.g. width: {width // 32 * 32}, height: {height // 32 * 32}")
     inputs.update(reference_inputs(spec, graph))
     for name, key in (("model", "model"), ("lora", "lora"), ("upsampler", "upsampler")):
@@ -204,7 +204,7 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
              f"preset {config['preset']}, {config['steps']} steps) from {'storyboard frames ' + str(key_frames) if source == 'storyboard' else source}")
     gpu = hardware.get("stage_gpu", {}).get("video") or hardware.get("gpu")
     # Prices and time/cost targets only grade the clips (re-graded at report time): not keyed.
-    return [base.PlanNode(id=base.node_id(graph.character, "video"), kind="video", character=graph.character,
+    return [contract.PlanNode(id=contract.node_id(graph.character, "video"), kind="video", character=graph.character,
                           config=config, inputs=inputs, outputs=("video",), gpu=gpu, label=label,
                           unkeyed=("price", "targets"))]
 
@@ -212,20 +212,20 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
 # --------------------------------------------------------------------------- running
 
 
-def _sources(config: dict[str, Any], inputs: dict[str, base.Artifact]) -> list[dict[str, Any]]:
+def _sources(config: dict[str, Any], inputs: dict[str, contract.Artifact]) -> list[dict[str, Any]]:
     from runner.stages.common import load_rgb as _load_rgb
 
     if config["source"] == "storyboard":
         art = inputs.get("storyboard")
         if art is None:
-            raise base.StageError("video: the storyboard input is missing")
+            raise contract.StageError("video: the storyboard input is missing")
         folder = Path(art.path)
         rep = json.loads((folder / "report.json").read_text(encoding="utf-8"))
         by_index = {int(f["index"]): f for f in rep["frames"]}
         out = []
         for k in config["key_frames"]:
             if k not in by_index:
-                raise base.StageError(f"generate.video.key_frames: frame {k} is not in the storyboard ({len(by_index)} frames)",
+                raise contract.StageError(f"generate.video.key_frames: frame {k} is not in the storyboard ({len(by_index)} frames)",
                                       hint=f"Use frame numbers 1..{len(by_index)}.")
             f = by_index[k]
             out.append({"name": f"frame{k:02d}", "image": _load_rgb(folder / f["file"]), "text": f["text"],
@@ -234,7 +234,7 @@ def _sources(config: dict[str, Any], inputs: dict[str, base.Artifact]) -> list[d
     art = inputs["source"]
     path = Path(art.files[0]) if art.files else Path(art.path)
     if not path.is_file():
-        raise base.StageError(f"generate.video.source: {config['source']} is not an image file",
+        raise contract.StageError(f"generate.video.source: {config['source']} is not an image file",
                               hint="Give an image path (png/jpg) or 'storyboard'.")
     return [{"name": "source", "image": _load_rgb(path), "text": "", "from": config["source"], "tiny_random": False}]
 
@@ -245,11 +245,11 @@ def clip_prompt(config: dict[str, Any], text: str) -> str:
     return ", ".join(p.strip().rstrip(",") for p in parts if p and p.strip())
 
 
-@base.register("video", version=VERSION, order=80, expand=expand,
+@contract.register("video", version=VERSION, order=80, expand=expand,
                description="Image-to-video clips (LTX-Video) with fidelity, expression dynamics, motion, time and cost.",
                resume_info=lambda scratch: _resume_info(scratch),
                report=lambda config, outputs, env: report_sections(config, outputs, env))
-def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.StageContext) -> dict[str, base.Artifact]:
+def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contract.StageContext) -> dict[str, contract.Artifact]:
     """Image-to-video clips (LTX-Video) with fidelity, expression dynamics, motion, time and cost."""
     import numpy as np
 
@@ -266,7 +266,7 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
                                      image_conditioning=config["image_conditioning"], device=device,
                                      cache_dir=ctx.cache_dir, project_root=ctx.project_root)
     except ltx.VideoModelError as exc:
-        raise base.StageError(f"generate.video.model: {exc}", hint=exc.hint) from None
+        raise contract.StageError(f"generate.video.model: {exc}", hint=exc.hint) from None
     ltx.check_shape(vp, config["width"], config["height"], config["frames"])
     if config.get("lora"):
         art = inputs.get("lora_files")
@@ -374,7 +374,7 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     flagged = report["summary"]["flagged"]
     if flagged:
         ctx.warn(f"video: {flagged} of {len(clips)} clip(s) flagged (fidelity fail or a suite check failed)")
-    return {"video": base.Artifact("video", out, meta={"clips": len(clips), "tiny_random": report["tiny_random"]["any"]})}
+    return {"video": contract.Artifact("video", out, meta={"clips": len(clips), "tiny_random": report["tiny_random"]["any"]})}
 
 
 def _pricing(config: dict[str, Any], device: str) -> tuple[str, float, str]:
@@ -549,7 +549,7 @@ def _resume_info(scratch: Path) -> str | None:
 # --------------------------------------------------------------------------- report
 
 
-def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], env: dict[str, Any]) -> list[base.ReportSection]:
+def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact], env: dict[str, Any]) -> list[contract.ReportSection]:
     from runner.report import charts
     from runner.report.embed import thumbnail_data_uri, video_data_uri
 
@@ -578,5 +578,5 @@ def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], e
         which = [k.replace("_", " ") for k in ("video_model", "source_frames", "clip") if tiny.get(k)]
         tiny_note = (f"Made with tiny random models ({', '.join(which)}): the clips are noise; fidelity, dynamics, "
                      "motion and timings only show that the pipeline runs end to end.")
-    return [base.ReportSection(title="Image-to-video", template="sections/video.html.j2", anchor="video",
+    return [contract.ReportSection(title="Image-to-video", template="sections/video.html.j2", anchor="video",
                                context={"rep": rep, "clips": clips, "tiny_note": tiny_note})]

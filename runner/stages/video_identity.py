@@ -27,7 +27,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from runner.stages import base
+from runner.core import contract
 from runner.stages.common import review_section
 
 KIND = "video_identity"
@@ -42,11 +42,11 @@ def video_option_defaults() -> dict[str, Any]:
     return {k: v["default"] for k, v in props.items()}
 
 
-def _file_ref(path: Path, spec_key: str) -> base.FileSetRef:
-    return base.FileSetRef(root=path.parent, patterns=(glob.escape(path.name),), recursive=False, spec_key=spec_key)
+def _file_ref(path: Path, spec_key: str) -> contract.FileSetRef:
+    return contract.FileSetRef(root=path.parent, patterns=(glob.escape(path.name),), recursive=False, spec_key=spec_key)
 
 
-def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
+def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.PlanNode]:
     dataset = spec.get("dataset", {}) or {}
     analysis = dataset.get("analysis", {}) or {}
     character = spec.get("character", {}) or {}
@@ -58,13 +58,13 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
             continue
         video_rel = src["video"]
         video_abs = Path(video_rel) if Path(video_rel).is_absolute() else graph.project_root / video_rel
-        inputs: dict[str, base.InputRef] = {"video": _file_ref(video_abs, f"dataset.sources[{i}].video")}
+        inputs: dict[str, contract.InputRef] = {"video": _file_ref(video_abs, f"dataset.sources[{i}].video")}
         for j, ref in enumerate(refs):
             rp = Path(ref) if Path(ref).is_absolute() else graph.project_root / ref
             key = f"character.references[{j}]"
             if rp.is_dir():
                 patterns = tuple(f"*{e}" for e in REFERENCE_EXTS) + tuple(f"*{e.upper()}" for e in REFERENCE_EXTS)
-                inputs[f"references{j}"] = base.FileSetRef(root=rp, patterns=patterns, recursive=True, spec_key=key)
+                inputs[f"references{j}"] = contract.FileSetRef(root=rp, patterns=patterns, recursive=True, spec_key=key)
             else:
                 inputs[f"references{j}"] = _file_ref(rp, key)
         opts = {**defaults, **(src.get("video_options") or {})}
@@ -85,11 +85,11 @@ def expand(spec: dict[str, Any], graph: base.GraphView) -> list[base.PlanNode]:
             "options": {k: v for k, v in opts.items() if k != "upsample"},
             "references": refs,
         }
-        review = review_section(graph, "identity", stage=base.node_id(graph.character, KIND, str(i)))
+        review = review_section(graph, "identity", stage=contract.node_id(graph.character, KIND, str(i)))
         if review:  # the reviewer's drops and moves of frames (runner review): only that part is keyed
             config["review"] = review
-        nodes.append(base.PlanNode(
-            id=base.node_id(graph.character, KIND, str(i)),
+        nodes.append(contract.PlanNode(
+            id=contract.node_id(graph.character, KIND, str(i)),
             kind=KIND,
             character=graph.character,
             config=config,
@@ -136,12 +136,12 @@ def _return_backends(key: tuple, backends: list[Any]) -> None:
 
 
 def _sha256_file(path: Path) -> str:
-    from runner.hashing import file_sha256
+    from runner.core.hashing import file_sha256
 
     return file_sha256(path)
 
 
-def _reference_embeddings(files: list[Path], backend: Any, ctx: base.StageContext) -> list[Any]:
+def _reference_embeddings(files: list[Path], backend: Any, ctx: contract.StageContext) -> list[Any]:
     import numpy as np
     from PIL import Image, ImageOps
 
@@ -168,10 +168,10 @@ def _rel(path: Path, root: Path) -> str:
         return str(path)
 
 
-@base.register(KIND, version=VERSION, order=15, expand=expand,
+@contract.register(KIND, version=VERSION, order=15, expand=expand,
                description="Video -> per-person identity sets: tracks, main person, buckets, novelty, anchors/coverage/challenge.",
                report=lambda config, outputs, env: report_sections(config, outputs, env))
-def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.StageContext) -> dict[str, base.Artifact]:
+def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contract.StageContext) -> dict[str, contract.Artifact]:
     """Video -> per-person identity sets (anchors, coverage, challenge, pair)."""
     from runner.vision.faces import get_face_backend
 
@@ -184,7 +184,7 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
     video_art = inputs.get("video")
     files = [Path(f) for f in (video_art.files if video_art else ())]
     if len(files) != 1 or not files[0].is_file():
-        raise base.StageError(
+        raise contract.StageError(
             f"dataset.sources[{config['source_index']}].video: {config['video']} was not found",
             hint="Check the path (relative to the spec file) and that the file exists.",
         )
@@ -214,9 +214,9 @@ def run(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.Stag
         _return_backends(pool_key, extra)
 
 
-def _run_with(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: base.StageContext, backends: list[Any],
+def _run_with(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contract.StageContext, backends: list[Any],
               selection_note: str, video: Path, video_rel: str, opts: dict[str, Any],
-              workers: int) -> dict[str, base.Artifact]:
+              workers: int) -> dict[str, contract.Artifact]:
     from runner.video.descriptors import load_general_embedder
     from runner.video.export import export_result
     from runner.video.pipeline import build_identity_sets
@@ -317,10 +317,10 @@ def _run_with(config: dict[str, Any], inputs: dict[str, base.Artifact], ctx: bas
     if result.info and result.info.duration_s and result.timings.get("total_s"):
         ctx.metric("realtime_ratio", result.info.duration_s / result.timings["total_s"])
     return {
-        "identity": base.Artifact("identity", identity_dir, meta={"persons": len(summary["persons"]),
+        "identity": contract.Artifact("identity", identity_dir, meta={"persons": len(summary["persons"]),
                                                                   "empty_reason": result.empty_reason}),
-        "images": base.Artifact("images", images_dir, meta={"count": summary["images"]}),
-        "quarantine": base.Artifact("quarantine", quarantine_dir, meta={"count": len(quarantined)}),
+        "images": contract.Artifact("images", images_dir, meta={"count": summary["images"]}),
+        "quarantine": contract.Artifact("quarantine", quarantine_dir, meta={"count": len(quarantined)}),
     }
 
 
@@ -361,7 +361,7 @@ def _read_set(folder: Path) -> list[dict[str, Any]]:
     return out
 
 
-def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], env: dict[str, Any]) -> list[base.ReportSection]:
+def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact], env: dict[str, Any]) -> list[contract.ReportSection]:
     from runner.report.charts import line_chart
     from runner.report.embed import thumbnail_data_uri
 
@@ -406,7 +406,7 @@ def report_sections(config: dict[str, Any], outputs: dict[str, base.Artifact], e
     qpath = outputs["quarantine"].path / "quarantine.jsonl" if "quarantine" in outputs else None
     quarantined = ([json.loads(x) for x in qpath.read_text(encoding="utf-8").splitlines() if x.strip()]
                    if qpath is not None and qpath.exists() else [])
-    return [base.ReportSection(
+    return [contract.ReportSection(
         title=f"Identity sets from video {summary['video']}",
         template="sections/video_identity.html.j2",
         anchor=f"video-identity-{config.get('source_index', 0)}",

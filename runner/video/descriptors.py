@@ -7,7 +7,6 @@ fallback descriptor below is used and every place that shows novelty says so.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 import numpy as np
@@ -128,7 +127,7 @@ def load_general_embedder(model_ref: str | None, *, cache_dir: Any, fallback: st
             why = f"{type(exc).__name__}: {str(exc)[:200]}"
     _FAILED[model_ref] = why
     if fallback == "never":
-        from runner.stages.base import StageError
+        from runner.core.errors import StageError
 
         raise StageError(f"general-vision model {model_ref!r} cannot be loaded: {why}",
                          hint="Download it into the Hugging Face cache or give a local folder, or set "

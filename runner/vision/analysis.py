@@ -238,7 +238,7 @@ def spawn_pool(workers: int, backend_options: dict[str, Any], refs: list[list[fl
 
 
 def _worker_died(hint: str) -> Exception:
-    from runner.stages.base import StageError
+    from runner.core.errors import StageError
 
     return StageError("a face analysis worker process died (out of memory, or a crash in the face library)", hint=hint)
 

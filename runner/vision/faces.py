@@ -32,7 +32,7 @@ Backends
     ``insightface.app.FaceAnalysis`` with a model pack (``buffalo_l``, ``antelopev2``, ...) found
     at ``<root>/models/<pack>`` (root defaults to ``~/.insightface``) or at a folder path. The
     pack folder is checked *before* insightface is asked for it, so a missing pack is a
-    :class:`~runner.stages.base.StageError` naming where to put it, never a download. ONNX Runtime
+    :class:`~runner.core.contract.StageError` naming where to put it, never a download. ONNX Runtime
     uses CUDA when its CUDA provider is available, else the CPU.
 ``auto``
     insightface when its pack folder exists (and insightface imports), else dlib. The choice and
@@ -80,7 +80,7 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-from runner.stages.base import StageError
+from runner.core.errors import StageError
 
 __all__ = [
     "FACE_MODEL_3D",

@@ -151,7 +151,7 @@ def _entry(rec: dict[str, Any], face: dict[str, Any], sha: str, adapter: str,
 def export(records: list[dict[str, Any]], analysis: dict[str, dict[str, Any]], ddir: Path, out: Path, s: Settings,
            progress: Callable[[], None] = lambda: None) -> dict[str, Any]:
     """Write every adapter's folder and manifest under ``out``; returns counts per adapter."""
-    from runner.hashing import file_sha256
+    from runner.core.hashing import file_sha256
     from runner.vision.analysis import load_rgb
 
     entries: dict[str, list[dict[str, Any]]] = {a: [] for a in s.adapters}

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from runner.stages.base import StageError
+from runner.core.errors import StageError
 
 SCHEME = "rembg:"
 TINY_RANDOM_KEY = "character_runner.tiny_random"
@@ -144,7 +144,7 @@ def load_matting(ref: str, session: str | None, project_root: Path, *, key: str)
 
 
 def _sha256(path: Path) -> str:
-    from runner.hashing import file_sha256
+    from runner.core.hashing import file_sha256
 
     return file_sha256(path)
 

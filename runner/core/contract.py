@@ -1,4 +1,4 @@
-"""The stage contract every stage kind implements, and the registry that maps kind -> stage.
+"""The stage contract every stage kind implements, and the registry that maps kind -> stage kind.
 
 A stage is a pure function::
 
@@ -27,7 +27,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
+
+from runner.core.errors import StageError, UserError  # noqa: F401  (part of the contract)
 
 
 @dataclass(frozen=True)
@@ -149,14 +151,6 @@ class GraphView(Protocol):
     def node(self, stage_id: str) -> PlanNode | None: ...
 
 
-class StageError(Exception):
-    """An expected failure with a message meant for the user (no traceback is shown)."""
-
-    def __init__(self, message: str, *, hint: str = "") -> None:
-        super().__init__(message)
-        self.hint = hint
-
-
 RunFn = Callable[[dict[str, Any], dict[str, Artifact], StageContext], dict[str, Artifact]]
 ExpandFn = Callable[[dict[str, Any], GraphView], Iterable[PlanNode]]
 ResumeFn = Callable[[Path], str | None]
@@ -197,6 +191,9 @@ TrackFn = Callable[[dict[str, Any], dict[str, Artifact], dict[str, Any]], list[d
 
 @dataclass(frozen=True)
 class StageKind:
+    """A registered stage kind: its hooks, and the traits the engine and planner go by (they never
+    compare kind names)."""
+
     kind: str
     version: int
     run: RunFn
@@ -213,9 +210,13 @@ class StageKind:
     plan_notes: PlanNotesFn | None = None
     # Logs a finished execution to experiment trackers (None: never tracked).
     track: TrackFn | None = None
-
-
-_REGISTRY: dict[str, StageKind] = {}
+    # Traits. ``summarizes``: the stage summarizes its character's run (the report): it re-runs
+    # whenever another stage of its character runs, runs after them, is not counted as pending
+    # work of its own, and its ``document`` output is copied to the spec's report folder.
+    summarizes: bool = False
+    # Typical wall time of one remote execution, for `runner plan` cost estimates while the state
+    # database has no earlier run of the stage (None: the engine's fallback).
+    typical_seconds: float | None = None
 
 
 def _first_line(doc: str | None) -> str:
@@ -223,60 +224,64 @@ def _first_line(doc: str | None) -> str:
     return lines[0] if lines else ""
 
 
-def register(
-    kind: str,
-    *,
-    version: int,
-    order: int,
-    expand: ExpandFn,
-    description: str = "",
-    resume_info: ResumeFn | None = None,
-    report: ReportFn | None = None,
-    publish: PublishFn | None = None,
-    plan_notes: PlanNotesFn | None = None,
-    track: TrackFn | None = None,
-) -> Callable[[RunFn], RunFn]:
-    """Decorator: ``@register("ingest", version=1, order=10, expand=expand_ingest)``.
+class Registry:
+    """Stage kinds by name. The built-in kinds register into :data:`BUILTIN` (see
+    ``runner.stages.registry()``); planner and engine take a registry as an argument, so tests can
+    plan against a registry of fake kinds."""
 
-    Bump ``version`` whenever the stage's behaviour changes in a way that should invalidate
-    cached outputs: the version is part of every cache key.
-    """
+    def __init__(self, kinds: Iterable[StageKind] = ()) -> None:
+        self._kinds: dict[str, StageKind] = {}
+        for k in kinds:
+            self.add(k)
 
-    def deco(fn: RunFn) -> RunFn:
-        prev = _REGISTRY.get(kind)
-        if prev is not None and (prev.run.__module__, prev.run.__qualname__) != (fn.__module__, fn.__qualname__):
-            raise RuntimeError(f"stage kind {kind!r} registered twice ({prev.run.__module__} and {fn.__module__})")
-        _REGISTRY[kind] = StageKind(
-            kind=kind,
-            version=version,
-            run=fn,
-            expand=expand,
-            order=order,
-            description=description or _first_line(fn.__doc__),
-            resume_info=resume_info,
-            report=report,
-            publish=publish,
-            plan_notes=plan_notes,
-            track=track,
-        )
-        return fn
+    def add(self, sk: StageKind) -> StageKind:
+        prev = self._kinds.get(sk.kind)
+        if prev is not None and (prev.run.__module__, prev.run.__qualname__) != (sk.run.__module__, sk.run.__qualname__):
+            raise RuntimeError(f"stage kind {sk.kind!r} registered twice ({prev.run.__module__} and {sk.run.__module__})")
+        self._kinds[sk.kind] = sk
+        return sk
 
-    return deco
+    def remove(self, kind: str) -> None:
+        self._kinds.pop(kind, None)
+
+    def kinds(self) -> dict[str, StageKind]:
+        """Every kind, in pipeline order."""
+        return dict(sorted(self._kinds.items(), key=lambda kv: kv[1].order))
+
+    def get(self, kind: str) -> StageKind:
+        if kind not in self._kinds:
+            raise KeyError(f"unknown stage kind {kind!r}; known: {', '.join(self.kinds())}")
+        return self._kinds[kind]
+
+    def __contains__(self, kind: object) -> bool:
+        return kind in self._kinds
+
+    def __iter__(self) -> Iterator[StageKind]:
+        return iter(self.kinds().values())
+
+    def __len__(self) -> int:
+        return len(self._kinds)
+
+    def register(self, kind: str, *, version: int, order: int, expand: ExpandFn, description: str = "",
+                 **hooks_and_traits: Any) -> Callable[[RunFn], RunFn]:
+        """Decorator: ``@register("ingest", version=1, order=10, expand=expand_ingest)``; further
+        keywords are the optional hooks and traits of :class:`StageKind`.
+
+        Bump ``version`` whenever the stage's behaviour changes in a way that should invalidate
+        cached outputs: the version is part of every cache key.
+        """
+
+        def deco(fn: RunFn) -> RunFn:
+            self.add(StageKind(kind=kind, version=version, run=fn, expand=expand, order=order,
+                               description=description or _first_line(fn.__doc__), **hooks_and_traits))
+            return fn
+
+        return deco
 
 
-def registry() -> dict[str, StageKind]:
-    """All registered stage kinds (imports the built-in stage modules on first use)."""
-    from runner import stages as _stages  # noqa: F401  (side effect: registration)
-
-    _stages.load_builtin_stages()
-    return dict(sorted(_REGISTRY.items(), key=lambda kv: kv[1].order))
-
-
-def get(kind: str) -> StageKind:
-    reg = registry()
-    if kind not in reg:
-        raise KeyError(f"unknown stage kind {kind!r}; known: {', '.join(reg)}")
-    return reg[kind]
+# The built-in stage kinds (and plugins) register here; ``runner.stages.registry()`` loads them.
+BUILTIN = Registry()
+register = BUILTIN.register
 
 
 def node_id(character: str, kind: str, variant: str | None = None) -> str:

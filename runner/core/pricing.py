@@ -1,0 +1,37 @@
+"""GPU prices per hour and the cost of a stage's duration.
+
+The built-in prices are estimates of on-demand prices (USD); a spec's ``hardware.price_table``
+overrides them, and its ``hardware.currency`` names the currency.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+BUILTIN_PRICES_PER_HOUR: dict[str, float] = {
+    "cpu": 0.0,
+    "T4": 0.59,
+    "L4": 0.80,
+    "A10G": 1.10,
+    "L40S": 1.95,
+    "A100-40GB": 2.10,
+    "A100-80GB": 2.50,
+    "H100": 3.95,
+    "H200": 4.54,
+    "B200": 6.25,
+}
+
+
+def price_table(hardware: dict[str, Any] | None) -> dict[str, float]:
+    """The built-in prices with the spec's own on top."""
+    return {**BUILTIN_PRICES_PER_HOUR, **(hardware or {}).get("price_table", {})}
+
+
+def price_per_hour(gpu: str | None, hardware: dict[str, Any] | None) -> tuple[float, str]:
+    currency = (hardware or {}).get("currency", "USD")
+    return float(price_table(hardware).get(gpu or "cpu", 0.0)), currency
+
+
+def stage_cost(duration_s: float, gpu: str | None, hardware: dict[str, Any] | None) -> tuple[float, str]:
+    per_hour, currency = price_per_hour(gpu, hardware)
+    return round(per_hour * duration_s / 3600.0, 6), currency
