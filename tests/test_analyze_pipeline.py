@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runner.engine.context import LocalStageContext
+from runner.backends.context import LocalStageContext
 from runner.diffusion.data import Example, split_validation
 from runner.core import contract
 from runner.stages import analyze, caption, curate, export, ingest

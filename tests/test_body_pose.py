@@ -263,7 +263,7 @@ def test_storyboard_pose_control_on_the_tiny_controlnet(tmp_path: Path, shared_d
     scene's map is used as is, a scene's photo goes through the detector; all labelled tiny."""
     from test_storyboard import Graph, _node, inputs_for, make_lora, spec
 
-    from runner.engine.context import LocalStageContext
+    from runner.backends.context import LocalStageContext
     from runner.stages import storyboard as SB
 
     proj = tmp_path / "proj"

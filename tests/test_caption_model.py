@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from runner.engine.context import LocalStageContext
+from runner.backends.context import LocalStageContext
 from runner.core import contract
 from runner.stages import caption
 

@@ -133,7 +133,7 @@ def test_augment_prefers_crops_and_stops_inside_the_range():
 def test_targets_min_above_max_is_a_clear_error(tmp_path):
     import json
 
-    from runner.engine.context import LocalStageContext
+    from runner.backends.context import LocalStageContext
     from runner.core import contract
 
     adir = tmp_path / "analysis"

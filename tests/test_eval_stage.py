@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runner.engine.context import LocalStageContext
+from runner.backends.context import LocalStageContext
 from runner.core import contract
 from runner.stages import evaluate as E
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runner.engine.context import LocalStageContext
+from runner.backends.context import LocalStageContext
 from runner.generate import measures as MS
 from runner.core import contract
 from runner.stages import video as V

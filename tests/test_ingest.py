@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from runner.engine.context import LocalStageContext
+from runner.backends.context import LocalStageContext
 from runner.core import contract
 from runner.stages import ingest
 

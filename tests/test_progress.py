@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 
-from runner.engine.context import LocalStageContext
+from runner.backends.context import LocalStageContext
 from runner.engine.progress import PlainReporter, RichReporter, make_reporter
 
 

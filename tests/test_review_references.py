@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.engine.context import LocalStageContext
+from runner.backends.context import LocalStageContext
 from runner.review import decisions
 from runner.core import contract
 from runner.stages import analyze, ingest

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from runner.engine.context import LocalStageContext
+from runner.backends.context import LocalStageContext
 from runner.core import contract
 from runner.stages import train as T
 
@@ -205,7 +205,7 @@ _CHILD = textwrap.dedent("""
     import json, sys, torch
     torch.set_num_threads(1)
     from pathlib import Path
-    from runner.engine.context import LocalStageContext
+    from runner.backends.context import LocalStageContext
     from runner.core import contract
     from runner.stages import train as T
     cfg = json.loads(Path(sys.argv[1]).read_text())

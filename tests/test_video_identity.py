@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runner.engine.context import LocalStageContext
+from runner.backends.context import LocalStageContext
 from runner.core import contract
 from runner.stages import registry as stage_registry
 from runner.stages import video_identity as V

@@ -125,7 +125,7 @@ class Sampler:
 
 def run_analyze(images: Path, workers: int, work: Path, reporter=None) -> tuple[float, int, float]:
     """(wall seconds, images, CPU seconds of this process and its finished workers)."""
-    from runner.engine.context import LocalStageContext
+    from runner.backends.context import LocalStageContext
     from runner.core import contract
     from runner.stages import analyze
 

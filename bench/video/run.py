@@ -54,7 +54,7 @@ def decode_only(stride: int) -> float:
 
 def run_stage(stride: int, upsample: int, general: str | None, full_every: int, profile: str,
               out: Path) -> tuple[float, dict]:
-    from runner.engine.context import LocalStageContext
+    from runner.backends.context import LocalStageContext
     from runner.core import contract
     from runner.stages import video_identity as V
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from runner.core import contract
+from runner.core.pricing import remote_gpu
 
 VOLUME_MOUNT = "/vol"
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -98,12 +99,6 @@ def modal_settings(hardware: dict[str, Any] | None) -> dict[str, Any]:
 
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
-def stage_gpu(node: contract.PlanNode, hardware: dict[str, Any]) -> str | None:
-    from runner.engine import cost
-
-    return cost.stage_gpu(node, hardware, "modal")
 
 
 def pinned_requirements(extras: tuple[str, ...] = REMOTE_EXTRAS) -> list[str]:
@@ -258,7 +253,7 @@ def build_stage_app(graph: Any, nodes: list[contract.PlanNode] | None = None) ->
                         secrets=secret_names, max_parallel=min(int(s["max_parallel"]) for s in settings.values()))
     for node in nodes:
         s = settings[node.character]
-        gpu = stage_gpu(node, hw_of[node.character])
+        gpu = remote_gpu(node.kind, node.gpu, hw_of[node.character])
         name = f"stage-{slug(node.kind)}-{slug(gpu or 'cpu')}-t{int(s['timeout_s'])}-r{int(s['retries'])}"
         if name not in out.functions:
             fn = app.function(

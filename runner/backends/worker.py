@@ -148,7 +148,7 @@ def run_stage_in_volume(kind: str, node_config: dict[str, Any], input_manifest: 
                         commit_every_s: float = 60.0) -> dict[str, Any]:
     """Run stage ``kind`` with ``node_config`` on the inputs listed in ``input_manifest`` (blobs
     already on the volume at ``volume_root``); returns the output manifest (see module doc)."""
-    from runner.engine.context import LocalStageContext
+    from runner.backends.context import LocalStageContext
     from runner.core import contract
     from runner.stages import registry as stage_registry
 

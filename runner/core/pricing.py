@@ -35,3 +35,13 @@ def price_per_hour(gpu: str | None, hardware: dict[str, Any] | None) -> tuple[fl
 def stage_cost(duration_s: float, gpu: str | None, hardware: dict[str, Any] | None) -> tuple[float, str]:
     per_hour, currency = price_per_hour(gpu, hardware)
     return round(per_hour * duration_s / 3600.0, 6), currency
+
+
+def remote_gpu(kind: str, requested: str | None, hardware: dict[str, Any] | None) -> str | None:
+    """The GPU type a stage of ``kind`` asks for on a remote backend: ``hardware.stage_gpu[kind]``,
+    else what the stage requested, else ``hardware.gpu``; None for a stage that needs no GPU
+    (``requested`` None)."""
+    if requested is None:
+        return None
+    hardware = hardware or {}
+    return (hardware.get("stage_gpu") or {}).get(kind) or requested or hardware.get("gpu")

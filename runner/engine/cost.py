@@ -7,27 +7,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from runner.core import contract
-from runner.core.pricing import BUILTIN_PRICES_PER_HOUR, price_per_hour, stage_cost  # noqa: F401
+from runner.core.pricing import price_table, remote_gpu, stage_cost
+
 
 def stage_gpu(node: contract.PlanNode, hardware: dict[str, Any] | None, backend: str) -> str | None:
     """The GPU a stage would use on a remote backend (None when it runs on the CPU/locally)."""
-    if node.gpu is None or backend != "modal":
-        return None
-    hardware = hardware or {}
-    return hardware.get("stage_gpu", {}).get(node.kind) or node.gpu or hardware.get("gpu")
+    return remote_gpu(node.kind, node.gpu, hardware) if backend == "modal" else None
 
 
 # --------------------------------------------------------------------------- estimates (plan)
 
-# Rough wall times of one remote execution per stage kind, used by `runner plan` only while the
-# state database has no earlier run of the stage to go by. Guesses for a typical spec (SDXL LoRA,
-# ~2000 steps; an evaluation suite of ~50 images per checkpoint), labelled as such wherever shown.
-DEFAULT_DURATION_S: dict[str, float] = {
-    "train": 5400.0,
-    "evaluate": 1200.0,
-    "storyboard": 600.0,
-    "video": 900.0,
-}
+# The wall time `runner plan` assumes for a remote stage whose kind declares no
+# ``typical_seconds`` while the state database has no earlier run of it to go by. Each stage kind
+# states its own typical duration at registration (a guess for a typical spec, labelled as such
+# wherever shown).
 FALLBACK_DURATION_S = 1800.0
 
 
@@ -83,8 +76,9 @@ def earlier_durations(db: Any, node: contract.PlanNode, gpu: str) -> tuple[list[
 
 
 def estimate_stage(node: contract.PlanNode, hardware: dict[str, Any] | None, backend: str,
-                   db: Any = None) -> Estimate | None:
-    """Estimated GPU type and cost of running ``node`` remotely (None when it runs locally)."""
+                   db: Any = None, typical_seconds: float | None = None) -> Estimate | None:
+    """Estimated GPU type and cost of running ``node`` remotely (None when it runs locally);
+    ``typical_seconds`` is its kind's declared typical duration, used when no earlier run is known."""
     gpu = stage_gpu(node, hardware, backend)
     if gpu is None:
         return None
@@ -94,10 +88,10 @@ def estimate_stage(node: contract.PlanNode, hardware: dict[str, Any] | None, bac
         source, runs = "history", len(secs)
         note = f"median of {runs} earlier run{'s' if runs != 1 else ''} of {which} on {gpu} ({seconds / 60:.0f} min)"
     else:
-        seconds = DEFAULT_DURATION_S.get(node.kind, FALLBACK_DURATION_S)
+        seconds = typical_seconds or FALLBACK_DURATION_S
         source, runs = "default", 0
         note = f"no earlier runs: price table x default estimate for {node.kind} ({seconds / 60:.0f} min)"
     price, currency = stage_cost(seconds, gpu, hardware)
-    if gpu not in {**BUILTIN_PRICES_PER_HOUR, **(hardware or {}).get("price_table", {})}:
+    if gpu not in price_table(hardware):
         note += f"; no price for {gpu!r}: add it to hardware.price_table"
     return Estimate(node.id, gpu, seconds, round(price, 2), currency, source, runs, note)

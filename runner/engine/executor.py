@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.engine import cost as cost_mod
-from runner.engine.context import LocalStageContext
+from runner.backends.context import LocalStageContext
 from runner.engine.lock import workspace_lock
 from runner.engine.progress import PlainReporter, make_reporter
 from runner.engine.workspace import ExecutionRecord, Workspace
@@ -158,7 +158,7 @@ def _check_backend(specs: list[Spec], options: ApplyOptions, plan: Plan | None =
 def plan_estimates(plan: Plan, backend: str | None = None, ws: Workspace | None = None) -> dict[str, cost_mod.Estimate]:
     """Estimated GPU and cost of every remote stage of ``plan`` (``runner plan`` shows them):
     from earlier runs in the state database where there are some, else from the price table and a
-    per-kind default duration (each estimate says which)."""
+    the typical duration its kind declares (each estimate says which)."""
     out: dict[str, cost_mod.Estimate] = {}
     opts = ApplyOptions(backend=backend)
     db = ws.db if ws is not None and ws.exists() else None
@@ -166,7 +166,8 @@ def plan_estimates(plan: Plan, backend: str | None = None, ws: Workspace | None 
         spec = plan.graph.specs[ps.node.character]
         if not is_remote(ps.node, plan.graph, opts):
             continue
-        est = cost_mod.estimate_stage(ps.node, spec.data.get("hardware", {}), "modal", db)
+        typical = plan.graph.registry.get(ps.node.kind).typical_seconds
+        est = cost_mod.estimate_stage(ps.node, spec.data.get("hardware", {}), "modal", db, typical)
         if est is not None:
             out[ps.id] = est
     return out

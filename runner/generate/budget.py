@@ -1,7 +1,7 @@
 """Wall time and cost per clip against the spec's targets.
 
 Cost = price per hour of the priced GPU (``hardware.price_table`` merged over the built-in
-estimates of :mod:`runner.engine.cost`) x wall seconds / 3600. The priced GPU is
+estimates of :mod:`runner.core.pricing`) x wall seconds / 3600. The priced GPU is
 ``generate.video.targets.gpu`` when set; else ``hardware.stage_gpu.video`` or ``hardware.gpu``
 when GPU stages run on Modal or the stage runs on a CUDA device; else ``cpu``.
 """

@@ -14,7 +14,6 @@ from runner.spec import schema as S
 from runner.spec.errors import format_key_path
 from runner.spec.resolve import Spec
 from runner.core import contract
-from runner.stages import registry as stage_registry
 
 
 class GraphError(Exception):
@@ -46,6 +45,8 @@ class _View:
 class Graph:
     nodes: dict[str, contract.PlanNode]  # in topological (execution) order
     specs: dict[str, Spec]  # character -> spec
+    # The stage kinds the nodes were expanded by (the planner and engine look kinds up here).
+    registry: contract.Registry = field(default_factory=contract.Registry)
 
     def upstream(self, stage_id: str) -> list[str]:
         return self.nodes[stage_id].upstream_ids()
@@ -65,10 +66,21 @@ class Graph:
         return out
 
 
-def expand_spec(spec: Spec) -> list[contract.PlanNode]:
+def builtin_registry(registry: contract.Registry | None = None) -> contract.Registry:
+    """``registry``, or the built-in stage kinds and plugins when None (callers at the top pass
+    ``runner.stages.registry()``; helpers default to it)."""
+    if registry is not None:
+        return registry
+    from runner.stages import registry as stage_registry
+
+    return stage_registry()
+
+
+def expand_spec(spec: Spec, registry: contract.Registry | None = None) -> list[contract.PlanNode]:
+    """The nodes every kind of ``registry`` contributes for ``spec``, in pipeline order."""
     view = _View(character=spec.name, project_root=spec.project_root, spec_file=spec.file)
     models = local_models(spec)
-    for kind in stage_registry().kinds().values():
+    for kind in builtin_registry(registry):
         for node in _expand(kind, spec, view):
             if node.kind != kind.kind:
                 raise GraphError(f"stage kind {kind.kind!r} expanded a node of kind {node.kind!r}")
@@ -144,7 +156,10 @@ def _strings(obj: Any):
             yield from _strings(v)
 
 
-def build_graph(specs: list[Spec]) -> Graph:
+def build_graph(specs: list[Spec], registry: contract.Registry | None = None) -> Graph:
+    """Expand ``specs`` with the kinds of ``registry`` (default: the built-in ones) and check that
+    the nodes fit together."""
+    registry = builtin_registry(registry)
     by_char: dict[str, Spec] = {}
     for spec in specs:
         if spec.name in by_char:
@@ -153,27 +168,38 @@ def build_graph(specs: list[Spec]) -> Graph:
                 "character.name must be unique in a batch"
             )
         by_char[spec.name] = spec
-    nodes: dict[str, contract.PlanNode] = {}
+    nodes: list[contract.PlanNode] = []
     for spec in specs:
-        for node in expand_spec(spec):
-            if node.id in nodes:
-                raise GraphError(f"duplicate stage id {node.id!r}")
-            nodes[node.id] = node
-    for node in nodes.values():
-        for name, ref in node.inputs.items():
-            if isinstance(ref, contract.StageOutputRef):
-                if ref.stage_id not in nodes:
-                    raise GraphError(f"{node.id}: input {name!r} refers to unknown stage {ref.stage_id!r}")
-                up = nodes[ref.stage_id]
-                if up.outputs and ref.output not in up.outputs:
-                    raise GraphError(
-                        f"{node.id}: input {name!r} wants output {ref.output!r} of {up.id}, "
-                        f"which only has {', '.join(up.outputs)}"
-                    )
-        for after in node.after:
-            if after not in nodes:
-                raise GraphError(f"{node.id}: runs after unknown stage {after!r}")
-    return Graph(nodes=_toposort(nodes), specs=by_char)
+        nodes.extend(expand_spec(spec, registry))
+    return graph_of(nodes, by_char, registry)
+
+
+def graph_of(nodes: list[contract.PlanNode], specs: dict[str, Spec], registry: contract.Registry) -> Graph:
+    """A checked, ordered graph of ``nodes`` (unique ids, known inputs and outputs, no cycles)."""
+    by_id: dict[str, contract.PlanNode] = {}
+    for node in nodes:
+        if node.id in by_id:
+            raise GraphError(f"duplicate stage id {node.id!r}")
+        by_id[node.id] = node
+    for node in by_id.values():
+        _check_edges(node, by_id)
+    return Graph(nodes=_toposort(by_id), specs=specs, registry=registry)
+
+
+def _check_edges(node: contract.PlanNode, nodes: dict[str, contract.PlanNode]) -> None:
+    for name, ref in node.inputs.items():
+        if isinstance(ref, contract.StageOutputRef):
+            if ref.stage_id not in nodes:
+                raise GraphError(f"{node.id}: input {name!r} refers to unknown stage {ref.stage_id!r}")
+            up = nodes[ref.stage_id]
+            if up.outputs and ref.output not in up.outputs:
+                raise GraphError(
+                    f"{node.id}: input {name!r} wants output {ref.output!r} of {up.id}, "
+                    f"which only has {', '.join(up.outputs)}"
+                )
+    for after in node.after:
+        if after not in nodes:
+            raise GraphError(f"{node.id}: runs after unknown stage {after!r}")
 
 
 def _toposort(nodes: dict[str, contract.PlanNode]) -> dict[str, contract.PlanNode]:

@@ -16,11 +16,10 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterable, Protocol
 
-from runner.plan.graph import Graph
 from runner.core import contract
-from runner.stages import registry as stage_registry
+from runner.plan.graph import Graph
 
 ACTIONS = ("run", "rerun", "resume", "cached")
 
@@ -78,6 +77,9 @@ class PlannedStage:
     fileset_digests: dict[str, FileSetDigest] = field(default_factory=dict)
     # Lines the plan prints under the stage: the node's notes, then the stage kind's plan_notes.
     notes: list[str] = field(default_factory=list)
+    # Its kind summarizes the character's run (the report): it re-runs whenever another stage of
+    # its character runs and is not pending work of its own.
+    summarizes: bool = False
 
     @property
     def id(self) -> str:
@@ -115,6 +117,10 @@ class Plan:
     @property
     def has_changes(self) -> bool:
         return any(s.will_execute for s in self.stages)
+
+    def pending_work(self) -> list[PlannedStage]:
+        """The stages that will execute, without the summaries that re-run because of them."""
+        return [s for s in self.stages if s.will_execute and not s.summarizes]
 
     def counts(self) -> dict[str, int]:
         out = {a: 0 for a in ACTIONS}
@@ -175,14 +181,18 @@ def make_plan(
     *,
     force: list[str] | None = None,
     only: list[str] | None = None,
+    registry: contract.Registry | None = None,
 ) -> Plan:
+    """Decide, per node of ``graph``, what happens and why. Kinds are looked up in ``registry``
+    (default: the one the graph was built with)."""
+    registry = registry if registry is not None else graph.registry
     forced = select_stages(graph, force) if force else set()
     targets = graph.closure_up(select_stages(graph, only)) if only else None
 
     keys: dict[str, str] = {}
     planned: dict[str, PlannedStage] = {}
     for sid, node in graph.nodes.items():
-        kind = stage_registry().get(node.kind)
+        kind = registry.get(node.kind)
         components, filesets = key_components(node, kind.version, keys, digester)
         key = sha256_text(canonical_json(components))
         keys[sid] = key
@@ -190,18 +200,22 @@ def make_plan(
             continue
         action, reasons = _decide(node, key, components, kind, state, planned, sid in forced, filesets)
         notes = list(node.notes) + _plan_notes(node, kind, keys, state)
-        planned[sid] = PlannedStage(node, key, components, action, reasons, filesets, notes)
+        planned[sid] = PlannedStage(node, key, components, action, reasons, filesets, notes, kind.summarizes)
+    _rerun_summaries(planned.values())
+    return Plan(stages=list(planned.values()), graph=graph)
 
-    # The report re-renders whenever another stage of its character executes in this run, so its
-    # timeline shows the run that produced it.
-    for ps in planned.values():
-        if ps.node.kind == "report" and ps.action == "cached":
-            ran = [o.id for o in planned.values() if o.node.character == ps.node.character
-                   and o.node.kind != "report" and o.will_execute]
+
+def _rerun_summaries(stages: Iterable[PlannedStage]) -> None:
+    """A summarizing stage (the report) re-runs whenever another stage of its character executes
+    in this run, so its timeline shows the run that produced it."""
+    stages = list(stages)
+    for ps in stages:
+        if ps.summarizes and ps.action == "cached":
+            ran = [o.id for o in stages if o.node.character == ps.node.character
+                   and not o.summarizes and o.will_execute]
             if ran:
                 ps.action = "rerun"
                 ps.reasons = [f"{len(ran)} stage{'s' if len(ran) != 1 else ''} of this character run"]
-    return Plan(stages=list(planned.values()), graph=graph)
 
 
 def _plan_notes(node: contract.PlanNode, kind: contract.StageKind, keys: dict[str, str], state: PlanState) -> list[str]:

@@ -121,7 +121,7 @@ def _spec_yaml(spec: dict[str, Any]) -> str:
     return yaml.safe_dump(spec, sort_keys=False, allow_unicode=True, width=100)
 
 
-@contract.register("report", version=1, order=100, expand=expand,
+@contract.register("report", version=1, order=100, expand=expand, summarizes=True,
                description="Render the self-contained HTML report.")
 def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contract.StageContext) -> dict[str, contract.Artifact]:
     """Render the self-contained HTML report."""

@@ -394,7 +394,7 @@ def build_validators(config: dict[str, Any], ref_images: list[Any], thresholds: 
     return face_backend, clip, ValidationSet({"references": refs}), later_validator, thresholds
 
 
-@contract.register("storyboard", version=VERSION, order=70, expand=expand,
+@contract.register("storyboard", version=VERSION, order=70, expand=expand, typical_seconds=600.0,
                description="Story -> scenes -> frames with the character's LoRA, validated and regenerated below threshold.",
                report=lambda config, outputs, env: report_sections(config, outputs, env))
 def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contract.StageContext) -> dict[str, contract.Artifact]:

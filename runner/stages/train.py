@@ -249,7 +249,7 @@ def track(config: dict[str, Any], outputs: dict[str, contract.Artifact], env: di
 
 
 @contract.register(KIND, version=VERSION, order=50, expand=expand, resume_info=resume_info, report=report_sections,
-               plan_notes=plan_notes, track=track,
+               plan_notes=plan_notes, track=track, typical_seconds=5400.0,
                description="Train a LoRA (diffusers + peft) with cached latents, phases, checkpoints and samples.")
 def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contract.StageContext) -> dict[str, contract.Artifact]:
     """Train a LoRA (diffusers + peft) with cached latents, phases, checkpoints and samples."""

@@ -245,7 +245,7 @@ def clip_prompt(config: dict[str, Any], text: str) -> str:
     return ", ".join(p.strip().rstrip(",") for p in parts if p and p.strip())
 
 
-@contract.register("video", version=VERSION, order=80, expand=expand,
+@contract.register("video", version=VERSION, order=80, expand=expand, typical_seconds=900.0,
                description="Image-to-video clips (LTX-Video) with fidelity, expression dynamics, motion, time and cost.",
                resume_info=lambda scratch: _resume_info(scratch),
                report=lambda config, outputs, env: report_sections(config, outputs, env))

@@ -1,4 +1,11 @@
-"""The StageContext the engine hands to a running stage (also usable directly in tests)."""
+"""The StageContext a running stage gets (also usable directly in tests and notebooks).
+
+It lives with the backends, not the engine, because both sides construct one: the engine opens
+one per stage execution in this process, and the worker (:mod:`runner.backends.worker`) opens one
+next to the volume for a remote stage. Backends sit below the engine (docs/architecture.md,
+layers), so the engine imports it from here and nothing in ``runner.backends`` imports
+``runner.engine``. It needs nothing but the standard library.
+"""
 
 from __future__ import annotations
 
