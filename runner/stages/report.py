@@ -132,7 +132,8 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contr
         "character": config.get("character", {}),
         "project_root": str(ctx.project_root),
     }
-    registry = stage_registry()
+    # the registry the engine planned with (a test's fake kinds); the built-in one when run alone
+    registry = (getattr(ctx, "extra", {}) or {}).get("registry") or stage_registry()
     sections: list[dict[str, Any]] = []
     jenv = _jinja_env()
     for st in config["stages"]:
