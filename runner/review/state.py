@@ -107,7 +107,7 @@ class ReviewState:
     # ------------------------------------------------------------------ dataset
     def dataset(self) -> list[dict[str, Any]]:
         """Every analyzed image with its analysis, curate's decision and the reviewer's."""
-        from runner.stages.analyze import read_jsonl
+        from runner.stages.common import read_jsonl
 
         analyze = self.of_kind("analyze")
         if not analyze:
@@ -264,7 +264,7 @@ def _frame_records(images: Path | None) -> dict[tuple, dict[str, Any]]:
     """Manifest records of a video_identity images artifact by (person, frame, crop box)."""
     if images is None or not (images / "manifest.jsonl").is_file():
         return {}
-    from runner.stages.analyze import read_jsonl
+    from runner.stages.common import read_jsonl
 
     out = {}
     for r in read_jsonl(images / "manifest.jsonl"):
@@ -282,7 +282,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _duplicate_groups(records: list[dict[str, Any]], hamming: int) -> dict[str, str]:
     """Image id -> the id of its near-duplicate group (the best image of it), for groups of 2+."""
-    from runner.stages.curate import dedupe, quality_score
+    from runner.stages.common import dedupe, quality_score
 
     cands = [{**r, "quality": quality_score(r)} for r in records if r.get("phash") and not r.get("error")]
     _, dups = dedupe(cands, hamming)
@@ -304,7 +304,7 @@ class CurateView:
 
     @classmethod
     def of(cls, curate: list[StageOutputs]) -> "CurateView":
-        from runner.stages.analyze import read_jsonl
+        from runner.stages.common import read_jsonl
 
         if not curate:
             return cls()
@@ -323,7 +323,7 @@ class CurateView:
         return {"decision": None, "reason": "curate has not run on this image"}
 
     def gate(self, rec: dict[str, Any]) -> tuple[str, str] | None:
-        from runner.stages.curate import gate
+        from runner.stages.common import gate
 
         return gate(rec, self.cfg, self.threshold) if self.cfg else None
 

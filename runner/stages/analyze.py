@@ -21,69 +21,22 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from runner.paths import list_files
 from runner.core import contract
-from runner.stages.common import review_section
+from runner.paths import list_files
+from runner.stages.common import (
+    IMAGE_EXTENSIONS,
+    backend_options,
+    image_inputs,
+    read_jsonl,
+    reference_inputs,
+    review_section,
+)
+from runner.stages.common import make_face_backend as _make_backend
+from runner.stages.common import resolve_pack as _resolve_pack
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 THUMB_PX = 256
-
-
-def image_inputs(graph: contract.GraphView) -> dict[str, contract.InputRef]:
-    """Every upstream output named ``images...``: ingest's, and video identity builders'."""
-    inputs: dict[str, contract.InputRef] = {}
-    ingest = graph.node(contract.node_id(graph.character, "ingest"))
-    if ingest is not None:
-        for out in ingest.outputs:
-            if out.startswith("images"):
-                inputs[out] = contract.StageOutputRef(ingest.id, out)
-    for node in graph.nodes_of("video_identity"):
-        tag = node.id.split(":", 1)[1].replace("[", ".").replace("]", "")
-        for out in node.outputs:
-            if out.startswith("images"):
-                inputs[f"images:{tag}" + ("" if out == "images" else f":{out}")] = contract.StageOutputRef(node.id, out)
-    return inputs
-
-
-def curated_image_inputs(graph: contract.GraphView) -> dict[str, contract.InputRef]:
-    """image_inputs plus the extract stage's frames (curate and caption read pixels from both)."""
-    inputs = image_inputs(graph)
-    extract = graph.node(contract.node_id(graph.character, "extract"))
-    if extract is not None:
-        inputs["images:extract"] = contract.StageOutputRef(extract.id, "images")
-    return inputs
-
-
-def analysis_inputs(graph: contract.GraphView) -> dict[str, contract.InputRef]:
-    """analyze's records, and the extract stage's records in the same format when it runs."""
-    inputs: dict[str, contract.InputRef] = {"analysis": contract.StageOutputRef(contract.node_id(graph.character, "analyze"),
-                                                                         "analysis")}
-    extract = graph.node(contract.node_id(graph.character, "extract"))
-    if extract is not None:
-        inputs["analysis:extract"] = contract.StageOutputRef(extract.id, "analysis")
-    return inputs
-
-
-def reference_inputs(spec: dict[str, Any], graph: contract.GraphView) -> dict[str, contract.InputRef]:
-    refs = spec.get("character", {}).get("references", []) or []
-    return {
-        f"reference{i}": contract.FileSetRef(root=graph.project_root / ref, patterns=("*",), recursive=True,
-                                         spec_key=f"character.references[{i}]")
-        for i, ref in enumerate(refs)
-    }
-
-
-def backend_options(analysis: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "name": analysis.get("backend", "auto"),
-        "dlib_detector": analysis.get("dlib_detector", "hog"),
-        "upsample": int(analysis.get("upsample", 1)),
-        "insightface_pack": analysis.get("insightface_pack", "buffalo_l"),
-        "insightface_root": analysis.get("insightface_root", "~/.insightface"),
-        "max_side": int(analysis.get("max_analysis_side", 1600)),
-    }
 
 
 def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.PlanNode]:
@@ -115,28 +68,6 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
             unkeyed=("workers",),
         )
     ]
-
-
-def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    with Path(path).open(encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                yield json.loads(line)
-
-
-def _resolve_pack(opts: dict[str, Any], project_root: Path) -> dict[str, Any]:
-    pack = opts.get("insightface_pack", "")
-    if pack and not Path(pack).is_absolute() and (project_root / pack).is_dir():
-        opts = {**opts, "insightface_pack": str(project_root / pack)}
-    return opts
-
-
-def _make_backend(opts: dict[str, Any]):
-    from runner.vision.faces import get_face_backend
-
-    kw = dict(opts)
-    name = kw.pop("name")
-    return get_face_backend(name, **kw)
 
 
 def _backend_options_for_workers(backend: Any, opts: dict[str, Any]) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.core import contract
-from runner.stages.analyze import curated_image_inputs, read_jsonl
+from runner.stages.common import curated_image_inputs, read_jsonl
 
 TEMPLATE_FIELDS = ("trigger", "class", "shot", "attributes", "pose", "expression", "lighting", "people")
 

@@ -1,17 +1,27 @@
-"""Helpers several stage kinds share (evaluate, storyboard, video). Not a stage kind itself.
+"""Helpers the stage kinds share; no stage module imports another stage module, only this one
+(and runner.core). Not a stage kind itself.
+
+Sections: files and records; plan-time inputs (what ``expand`` wires); the face backend and other
+models (what ``run`` loads); curation rules (curate, extract and the review pages apply the same
+gates); report and resume helpers; experiment tracking.
 
 Like every module under runner/stages, it keeps heavy imports inside functions.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from runner.paths import list_files
 from runner.core import contract
+from runner.paths import list_files
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+
+# --------------------------------------------------------------------------- files and records
 
 
 def rel_path(p: Path | str, root: Path | str) -> str:
@@ -20,6 +30,20 @@ def rel_path(p: Path | str, root: Path | str) -> str:
         return Path(p).resolve().relative_to(Path(root).resolve()).as_posix()
     except ValueError:
         return str(p)
+
+
+def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """The records of a JSON-lines file (blank lines skipped)."""
+    with Path(path).open(encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                yield json.loads(line)
+
+
+def write_jsonl(path: Path, rows: Any) -> None:
+    """One JSON record per line."""
+    with Path(path).open("w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 def reference_files(inputs: dict[str, contract.Artifact]) -> list[Path]:
@@ -47,9 +71,164 @@ def load_rgb(path: Path):
         return im.convert("RGB")
 
 
+def load_references(inputs: dict[str, contract.Artifact]) -> tuple[list[Path], list[Any]]:
+    """(reference files, their RGB images)."""
+    files = reference_files(inputs)
+    return files, [load_rgb(f) for f in files]
+
+
+def input_file(art: contract.Artifact | None, fallback: Path) -> Path:
+    """The one file of a single-file input (a file set of one path), else ``fallback``."""
+    return Path(art.files[0]) if art is not None and art.files else fallback
+
+
+# --------------------------------------------------------------------------- plan-time inputs
+
+
+def variant_of(node_id: str) -> str | None:
+    """``"luca:train[wide]"`` -> ``"wide"``; None without a variant."""
+    return node_id[node_id.index("[") + 1 : -1] if node_id.endswith("]") and "[" in node_id else None
+
+
+def reference_inputs(spec: dict[str, Any], graph: contract.GraphView) -> dict[str, contract.InputRef]:
+    """``reference<i>``: a file set per entry of character.references."""
+    refs = list((spec.get("character") or {}).get("references") or [])
+    return {f"reference{i}": contract.FileSetRef(root=graph.project_root / r, patterns=("*",), recursive=True,
+                                                 spec_key=f"character.references[{i}]") for i, r in enumerate(refs)}
+
+
+def model_input(value: str | None, graph: contract.GraphView, key: str) -> contract.FileSetRef | None:
+    """A local model file or folder as a file-set input (its content is in the cache key); None for
+    hub ids and builtin models (they stay config)."""
+    if not value or value.startswith("builtin:"):
+        return None
+    p = graph.project_root / value
+    if p.exists():
+        return contract.FileSetRef(root=p, patterns=("*",), recursive=True, spec_key=key)
+    return None
+
+
+def image_inputs(graph: contract.GraphView) -> dict[str, contract.InputRef]:
+    """Every upstream output named ``images...``: ingest's, and video identity builders'."""
+    inputs: dict[str, contract.InputRef] = {}
+    ingest = graph.node(contract.node_id(graph.character, "ingest"))
+    if ingest is not None:
+        for out in ingest.outputs:
+            if out.startswith("images"):
+                inputs[out] = contract.StageOutputRef(ingest.id, out)
+    for node in graph.nodes_of("video_identity"):
+        tag = node.id.split(":", 1)[1].replace("[", ".").replace("]", "")
+        for out in node.outputs:
+            if out.startswith("images"):
+                inputs[f"images:{tag}" + ("" if out == "images" else f":{out}")] = contract.StageOutputRef(node.id, out)
+    return inputs
+
+
+def _extract_output(graph: contract.GraphView, output: str) -> dict[str, contract.InputRef]:
+    extract = graph.node(contract.node_id(graph.character, "extract"))
+    return {} if extract is None else {f"{output}:extract": contract.StageOutputRef(extract.id, output)}
+
+
+def curated_image_inputs(graph: contract.GraphView) -> dict[str, contract.InputRef]:
+    """image_inputs plus the extract stage's frames (curate and caption read pixels from both)."""
+    return {**image_inputs(graph), **_extract_output(graph, "images")}
+
+
+def analysis_inputs(graph: contract.GraphView) -> dict[str, contract.InputRef]:
+    """analyze's records, and the extract stage's records in the same format when it runs."""
+    analyze = contract.StageOutputRef(contract.node_id(graph.character, "analyze"), "analysis")
+    return {"analysis": analyze, **_extract_output(graph, "analysis")}
+
+
+def review_section(graph: contract.GraphView, part: str, **kw: Any) -> dict[str, Any]:
+    """For ``expand``: the part of the spec's review decisions (``<spec>.review.yaml``) that the
+    stage depends on, {} when there are none (see :mod:`runner.review.decisions`). It goes into
+    the node's config as ``review``, so only a change to that part re-runs the stage."""
+    from runner.review import decisions
+
+    try:
+        return decisions.stage_section(decisions.for_spec(graph.spec_file), part, **kw)
+    except decisions.ReviewError as exc:
+        raise contract.StageError(str(exc), hint="the file is written by `runner review`; "
+                                             "`git diff` shows hand edits") from None
+
+
+def stage_gpu(spec: dict[str, Any], kind: str) -> str | None:
+    """The GPU a stage asks for: hardware.stage_gpu.<kind>, else hardware.gpu."""
+    hardware = spec.get("hardware") or {}
+    return (hardware.get("stage_gpu") or {}).get(kind) or hardware.get("gpu")
+
+
+# --------------------------------------------------------------------------- faces and other models
+
+
+def face_options(spec: dict[str, Any], override: str | None = None) -> dict[str, Any]:
+    """The face backend of identity checks on generated images (evaluate's, storyboard's, video's):
+    ``override`` or evaluate.face_model, with dataset.analysis's detector settings."""
+    analysis = (spec.get("dataset") or {}).get("analysis") or {}
+    ev = spec.get("evaluate") or {}
+    return {
+        "name": override or ev.get("face_model") or "auto",
+        "insightface_pack": ev.get("insightface_pack") or analysis.get("insightface_pack", "buffalo_l"),
+        "insightface_root": ev.get("insightface_root") or analysis.get("insightface_root", "~/.insightface"),
+        "dlib_detector": analysis.get("dlib_detector", "hog"),
+        "upsample": int(analysis.get("upsample", 1)),
+    }
+
+
+def backend_options(analysis: dict[str, Any]) -> dict[str, Any]:
+    """The face backend of dataset analysis (analyze's and extract's), from dataset.analysis."""
+    return {
+        "name": analysis.get("backend", "auto"),
+        "dlib_detector": analysis.get("dlib_detector", "hog"),
+        "upsample": int(analysis.get("upsample", 1)),
+        "insightface_pack": analysis.get("insightface_pack", "buffalo_l"),
+        "insightface_root": analysis.get("insightface_root", "~/.insightface"),
+        "max_side": int(analysis.get("max_analysis_side", 1600)),
+    }
+
+
+def resolve_pack(opts: dict[str, Any], project_root: Path) -> dict[str, Any]:
+    """``opts`` with an insightface pack folder relative to the project made absolute."""
+    pack = opts.get("insightface_pack", "")
+    if pack and not Path(pack).is_absolute() and (project_root / pack).is_dir():
+        opts = {**opts, "insightface_pack": str(project_root / pack)}
+    return opts
+
+
+def make_face_backend(opts: dict[str, Any]):
+    """The face backend of :func:`backend_options` (``name`` picks it, the rest configures it)."""
+    from runner.vision.faces import get_face_backend
+
+    kw = dict(opts)
+    name = kw.pop("name")
+    return get_face_backend(name, **kw)
+
+
+def face_backend_kwargs(opts: dict[str, Any], project_root: Path) -> dict[str, Any]:
+    """``get_face_backend`` keyword arguments for ``opts`` (name, dlib_detector, upsample,
+    insightface_pack/root); a pack folder relative to the project is made absolute."""
+    pack = opts.get("insightface_pack", "buffalo_l")
+    if pack and not Path(pack).is_absolute() and (project_root / pack).is_dir():
+        pack = str(project_root / pack)
+    return {"name": opts.get("name", "auto"), "dlib_detector": opts.get("dlib_detector", "hog"),
+            "upsample": int(opts.get("upsample", 1)), "insightface_pack": pack,
+            "insightface_root": opts.get("insightface_root", "~/.insightface")}
+
+
+def face_backend(opts: dict[str, Any], project_root: Path, key: str = "evaluate.face_model"):
+    """The face backend named by ``opts`` (see :func:`face_backend_kwargs`); errors name ``key``."""
+    from runner.vision.faces import get_face_backend
+
+    try:
+        return get_face_backend(**face_backend_kwargs(opts, project_root))
+    except contract.StageError as exc:
+        raise contract.StageError(f"{key}: {exc}", hint=exc.hint) from None
+
+
 def model_ref(value: str, project_root: Path) -> str:
     """Project-relative model paths from the resolved spec -> absolute; hub ids stay as they are."""
-    if value.startswith("builtin:") or value.startswith("open_clip:"):
+    if value.startswith(("builtin:", "open_clip:")):
         return value
     p = Path(value).expanduser()
     if not p.is_absolute() and (project_root / p).exists():
@@ -67,38 +246,149 @@ def load_embedder(ref: str, ctx: contract.StageContext, key: str, device: str = 
         raise contract.StageError(f"{key}: {exc}", hint=exc.hint) from None
 
 
-def face_backend_kwargs(opts: dict[str, Any], project_root: Path) -> dict[str, Any]:
-    """``get_face_backend`` keyword arguments for ``opts`` (name, dlib_detector, upsample,
-    insightface_pack/root); a pack folder relative to the project is made absolute."""
-    pack = opts.get("insightface_pack", "buffalo_l")
-    if pack and not Path(pack).is_absolute() and (project_root / pack).is_dir():
-        pack = str(project_root / pack)
-    return {"name": opts.get("name", "auto"), "dlib_detector": opts.get("dlib_detector", "hog"),
-            "upsample": int(opts.get("upsample", 1)), "insightface_pack": pack,
-            "insightface_root": opts.get("insightface_root", "~/.insightface")}
+def resolve_device(device: str) -> str:
+    """``auto`` -> cuda when torch sees a GPU, else cpu; any other value as given."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def face_backend(opts: dict[str, Any], project_root: Path, key: str = "evaluate.face_model"):
-    """The face backend named by ``opts`` (see :func:`face_backend_kwargs`)."""
-    from runner.vision.faces import get_face_backend
+# --------------------------------------------------------------------------- curation rules
 
-    try:
-        return get_face_backend(**face_backend_kwargs(opts, project_root))
-    except contract.StageError as exc:
-        raise contract.StageError(f"{key}: {exc}", hint=exc.hint) from None
+# dataset.curation's settings as curate and extract apply them.
+CURATION_DEFAULTS = {
+    "identity_threshold": None,
+    "require_face": True,
+    "dedupe_hamming": 6,
+    "min_face_px": 48,
+    "min_blur": 30.0,
+    "max_clipped": 0.25,
+}
 
 
-def review_section(graph: contract.GraphView, part: str, **kw: Any) -> dict[str, Any]:
-    """For ``expand``: the part of the spec's review decisions (``<spec>.review.yaml``) that the
-    stage depends on, {} when there are none (see :mod:`runner.review.decisions`). It goes into
-    the node's config as ``review``, so only a change to that part re-runs the stage."""
-    from runner.review import decisions
+def quality_score(rec: dict[str, Any]) -> float:
+    """0..1: bigger, sharper, well-exposed, more clearly the character (ties broken by id)."""
+    f = rec["faces"][rec["main_face"]] if rec.get("main_face") is not None else None
+    if f is None:
+        return 0.0
+    fh = f["box"][3] - f["box"][1]
+    exp = f.get("exposure") or {}
+    clipped = exp.get("clipped_dark", 0.0) + exp.get("clipped_bright", 0.0)
+    ident = rec.get("identity")
+    score = 0.4 * min(1.0, fh / 400.0) + 0.3 * min(1.0, (f.get("blur") or 0.0) / 100.0) + 0.1 * (1.0 - min(1.0, clipped))
+    score += 0.2 * (1.0 if ident is None else max(0.0, min(1.0, ident)))
+    return round(score, 4)
 
-    try:
-        return decisions.stage_section(decisions.for_spec(graph.spec_file), part, **kw)
-    except decisions.ReviewError as exc:
-        raise contract.StageError(str(exc), hint="the file is written by `runner review`; "
-                                             "`git diff` shows hand edits") from None
+
+def _identity_gate(rec: dict[str, Any], threshold: float) -> tuple[str, str]:
+    others = [(i, g["identity"]) for i, g in enumerate(rec["faces"])
+              if i != rec["main_face"] and g.get("identity") is not None and g["identity"] >= threshold]
+    if others:
+        i, s = max(others, key=lambda t: t[1])
+        return ("character is not the main face",
+                f"main face identity {rec['identity']:.3f} < {threshold}; face #{i + 1} matches ({s:.3f}) but is smaller")
+    return "not the character", f"identity {rec['identity']:.3f} < threshold {threshold}"
+
+
+def gate(rec: dict[str, Any], cfg: dict[str, Any], threshold: float | None) -> tuple[str, str] | None:
+    """(reason, detail) when the record fails a filter or quality gate, else None."""
+    if rec.get("error"):
+        return "unreadable", rec["error"]
+    if rec.get("no_face"):
+        if cfg["require_face"]:
+            return "no face found", "no face was detected (require_face is on)"
+        return None
+    f = rec["faces"][rec["main_face"]]
+    if threshold is not None and rec.get("identity") is not None and rec["identity"] < threshold:
+        return _identity_gate(rec, threshold)
+    fh = f["box"][3] - f["box"][1]
+    if fh < cfg["min_face_px"]:
+        return "face too small", f"main face {fh:.0f} px tall < min_face_px {cfg['min_face_px']}"
+    if f.get("blur") is None:  # too small for the measure (runner.vision.measures.face_sharpness)
+        return "face too small", (f.get("unmeasured") or {}).get("blur", "sharpness could not be measured")
+    if f["blur"] < cfg["min_blur"]:
+        return "blurry face", (f"sharpness {f['blur']:.1f} < min_blur {cfg['min_blur']} "
+                               f"(blur sigma {f.get('blur_sigma') or 0:.2f} px at 40 px between the eyes)")
+    exp = f.get("exposure") or {}
+    clipped = exp.get("clipped_dark", 0.0) + exp.get("clipped_bright", 0.0)
+    if clipped > cfg["max_clipped"]:
+        return "badly exposed face", f"{clipped:.0%} of face pixels clipped > max_clipped {cfg['max_clipped']:.0%}"
+    return None
+
+
+def dedupe(items: list[dict[str, Any]], max_distance: int) -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any], dict[str, Any], int]]]:
+    """Keep the best of each group of near-duplicates (phash Hamming distance <= max_distance).
+
+    Vectorized: each candidate (best first) is compared with every kept hash at once.
+    """
+    import numpy as np
+
+    if max_distance <= 0:
+        return items, []
+    ordered = sorted(items, key=lambda r: (-r["quality"], r["id"]))
+    kept: list[dict[str, Any]] = []
+    dups: list[tuple[dict[str, Any], dict[str, Any], int]] = []
+    hashes = np.zeros(len(ordered), dtype=np.uint64)
+    n = 0
+    for rec in ordered:
+        h = np.uint64(int(rec["phash"], 16))
+        if n:
+            x = np.bitwise_xor(hashes[:n], h)
+            dist = np.unpackbits(x.view(np.uint8).reshape(-1, 8), axis=1).sum(1)
+            j = int(dist.argmin())
+            if int(dist[j]) <= max_distance:
+                dups.append((rec, kept[j], int(dist[j])))
+                continue
+        hashes[n] = h
+        n += 1
+        kept.append(rec)
+    order = {r["id"]: i for i, r in enumerate(items)}
+    kept.sort(key=lambda r: order[r["id"]])
+    return kept, dups
+
+
+# --------------------------------------------------------------------------- report and resume
+
+
+def output_json(outputs: dict[str, contract.Artifact], name: str, file: str) -> tuple[Path, dict[str, Any]] | None:
+    """For a ``report`` hook: (folder of output ``name``, its JSON ``file``), None without that output."""
+    art = outputs.get(name)
+    if art is None:
+        return None
+    folder = Path(art.path)
+    return folder, json.loads((folder / file).read_text(encoding="utf-8"))
+
+
+def resume_note(done: int, what: str) -> str | None:
+    """For a ``resume_info`` hook: "resume after 3 finished clips", None when nothing is done."""
+    if not done:
+        return None
+    return f"resume after {done} finished {what}{'s' if done != 1 else ''}"
+
+
+def tiny_note(tiny: dict[str, Any], parts: tuple[str, ...], what: str) -> str:
+    """The report's warning for outputs made with tiny random models ('' when none was)."""
+    if not tiny.get("any"):
+        return ""
+    which = [k.replace("_", " ") for k in parts if tiny.get(k)]
+    return f"Made with tiny random models ({', '.join(which)}): {what}"
+
+
+def balance_chart(rows: list[dict[str, Any]], title: str):
+    """Shares per shot category against their targets (curate's and extract's tables)."""
+    from runner.report import charts
+
+    return charts.bar_chart(
+        {r["category"]: r["share"] for r in rows},
+        ranges={r["category"]: r["target"] for r in rows if r["target"]},
+        status={r["category"]: r["status"] for r in rows if r["status"]},
+        title=title,
+    )
+
+
+# --------------------------------------------------------------------------- experiment tracking
 
 
 def with_tracking(node: contract.PlanNode, spec: dict[str, Any], graph: contract.GraphView) -> contract.PlanNode:

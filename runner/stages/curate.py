@@ -31,24 +31,27 @@ import hashlib
 import json
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from runner.core import contract
-from runner.stages.analyze import analysis_inputs, curated_image_inputs, read_jsonl
-from runner.stages.common import review_section
+from runner.stages.common import CURATION_DEFAULTS as DEFAULTS
+from runner.stages.common import (
+    analysis_inputs,
+    balance_chart,
+    curated_image_inputs,
+    dedupe,
+    gate,
+    quality_score,
+    read_jsonl,
+    review_section,
+    write_jsonl,
+)
 from runner.vision import balance as B
 from runner.vision import shots as S
 
-DEFAULTS = {
-    "identity_threshold": None,
-    "require_face": True,
-    "dedupe_hamming": 6,
-    "min_face_px": 48,
-    "min_blur": 30.0,
-    "max_clipped": 0.25,
-}
 SHOT_DEFAULTS = {"strategy": "report", "targets": {}, "augment_min_side": 384, "max_repeats": 20,
                  "allow_flips": False}
 CAPTION_HINTS = {"complex_background": "busy background"}  # flag -> words its captions get when it stays over
@@ -93,88 +96,11 @@ def sided_traits(spec: dict[str, Any], shots: dict[str, Any]) -> list[str]:
     return [t for t in fixed if SIDED.search(t)]
 
 
-def quality_score(rec: dict[str, Any]) -> float:
-    """0..1: bigger, sharper, well-exposed, more clearly the character (ties broken by id)."""
-    f = rec["faces"][rec["main_face"]] if rec.get("main_face") is not None else None
-    if f is None:
-        return 0.0
-    fh = f["box"][3] - f["box"][1]
-    exp = f.get("exposure") or {}
-    clipped = exp.get("clipped_dark", 0.0) + exp.get("clipped_bright", 0.0)
-    ident = rec.get("identity")
-    score = 0.4 * min(1.0, fh / 400.0) + 0.3 * min(1.0, (f.get("blur") or 0.0) / 100.0) + 0.1 * (1.0 - min(1.0, clipped))
-    score += 0.2 * (1.0 if ident is None else max(0.0, min(1.0, ident)))
-    return round(score, 4)
-
-
 def _reject(rec: dict[str, Any], reason: str, detail: str) -> dict[str, Any]:
     return {"id": rec["id"], "source": rec.get("source", ""), "input": rec.get("input", ""), "reason": reason,
             "detail": detail, "shot": rec.get("shot"), "identity": rec.get("identity"),
             "faces": [f["box"] for f in rec.get("faces", [])], "main_face": rec.get("main_face"),
             "width": rec.get("width"), "height": rec.get("height")}
-
-
-def gate(rec: dict[str, Any], cfg: dict[str, Any], threshold: float | None) -> tuple[str, str] | None:
-    """(reason, detail) when the record fails a filter or quality gate, else None."""
-    if rec.get("error"):
-        return "unreadable", rec["error"]
-    if rec.get("no_face"):
-        if cfg["require_face"]:
-            return "no face found", "no face was detected (require_face is on)"
-        return None
-    f = rec["faces"][rec["main_face"]]
-    if threshold is not None and rec.get("identity") is not None and rec["identity"] < threshold:
-        others = [(i, g["identity"]) for i, g in enumerate(rec["faces"])
-                  if i != rec["main_face"] and g.get("identity") is not None and g["identity"] >= threshold]
-        if others:
-            i, s = max(others, key=lambda t: t[1])
-            return ("character is not the main face",
-                    f"main face identity {rec['identity']:.3f} < {threshold}; face #{i + 1} matches ({s:.3f}) but is smaller")
-        return "not the character", f"identity {rec['identity']:.3f} < threshold {threshold}"
-    fh = f["box"][3] - f["box"][1]
-    if fh < cfg["min_face_px"]:
-        return "face too small", f"main face {fh:.0f} px tall < min_face_px {cfg['min_face_px']}"
-    if f.get("blur") is None:  # too small for the measure (runner.vision.measures.face_sharpness)
-        return "face too small", (f.get("unmeasured") or {}).get("blur", "sharpness could not be measured")
-    if f["blur"] < cfg["min_blur"]:
-        return "blurry face", (f"sharpness {f['blur']:.1f} < min_blur {cfg['min_blur']} "
-                               f"(blur sigma {f.get('blur_sigma') or 0:.2f} px at 40 px between the eyes)")
-    exp = f.get("exposure") or {}
-    clipped = exp.get("clipped_dark", 0.0) + exp.get("clipped_bright", 0.0)
-    if clipped > cfg["max_clipped"]:
-        return "badly exposed face", f"{clipped:.0%} of face pixels clipped > max_clipped {cfg['max_clipped']:.0%}"
-    return None
-
-
-def dedupe(items: list[dict[str, Any]], max_distance: int) -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any], dict[str, Any], int]]]:
-    """Keep the best of each group of near-duplicates (phash Hamming distance <= max_distance).
-
-    Vectorized: each candidate (best first) is compared with every kept hash at once.
-    """
-    import numpy as np
-
-    if max_distance <= 0:
-        return items, []
-    ordered = sorted(items, key=lambda r: (-r["quality"], r["id"]))
-    kept: list[dict[str, Any]] = []
-    dups: list[tuple[dict[str, Any], dict[str, Any], int]] = []
-    hashes = np.zeros(len(ordered), dtype=np.uint64)
-    n = 0
-    for rec in ordered:
-        h = np.uint64(int(rec["phash"], 16))
-        if n:
-            x = np.bitwise_xor(hashes[:n], h)
-            dist = np.unpackbits(x.view(np.uint8).reshape(-1, 8), axis=1).sum(1)
-            j = int(dist.argmin())
-            if int(dist[j]) <= max_distance:
-                dups.append((rec, kept[j], int(dist[j])))
-                continue
-        hashes[n] = h
-        n += 1
-        kept.append(rec)
-    order = {r["id"]: i for i, r in enumerate(items)}
-    kept.sort(key=lambda r: order[r["id"]])
-    return kept, dups
 
 
 def reviewer_decisions(review: dict[str, Any], ids: set[str]) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
@@ -510,6 +436,17 @@ def _advice(s: B.Shortfall, strategy: str, cfg: dict[str, Any]) -> str:
     return words
 
 
+@dataclass
+class Sorting:
+    """Steps 0-4: the records that pass (``forced``: kept by a reviewer whatever the gates say) and
+    the rejected ones with their reasons."""
+
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    survivors: list[dict[str, Any]] = field(default_factory=list)
+    forced: list[dict[str, Any]] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+
+
 @contract.register("curate", version=2, order=30, expand=expand,
                description="Identity filter, near-duplicate removal, quality gates and shot balance.",
                report=lambda config, outputs, env: report_sections(config, outputs, env))
@@ -521,32 +458,68 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contr
     out = Path(ctx.out_dir) / "curated"
     (out / "crops").mkdir(parents=True)
     (out / "thumbs").mkdir()
+    targets = _targets(cfg)
+    threshold = _identity_threshold(cfg, summary, ctx)
+
+    # 0. The reviewer's decisions (runner review): they come before every automatic rule.
+    all_records, thumb_dirs = _analysis_records(inputs)
+    decided, missing = _decisions(cfg, all_records, ctx)
+    # 1-3. Filters and gates, in one pass over the records.
+    sorting = _filter(all_records, decided, cfg, threshold)
+    # 4. Near-duplicates (images the reviewer keeps are never dropped as one).
+    entries = _deduped_entries(sorting, decided, cfg)
+    # 5. Shot balance (STRATEGIES; runner/vision/balance.py holds the rules every strategy obeys).
+    images = {n: a for n, a in inputs.items() if n.startswith("images")}
+    before = B.shot_balance_table(((e["categories"], 1) for e in entries), targets)
+    balanced = STRATEGIES[cfg["strategy"]](Balancing(entries, sorting.records, targets, cfg, images, out, ctx))
+    entries = balanced.entries
+    rejected = sorting.rejected + balanced.rejected
+    after = B.shot_balance_table(((e["categories"], e["repeats"]) for e in entries), targets)
+    shortfalls = [shortfall_text(sf, cfg["strategy"], cfg) for sf in balanced.shortfalls]
+
+    # 6. Outputs.
+    _write_lists(out, entries, rejected, thumb_dirs, adir)
+    balance = _balance_json(cfg, targets, threshold, summary, (before, after), balanced, shortfalls, entries, rejected)
+    (out / "balance.json").write_text(json.dumps(balance, indent=1), encoding="utf-8")
+    (out / "review.json").write_text(json.dumps(_review_json(decided, missing, entries), indent=1), encoding="utf-8")
+    _report_run(ctx, balance, after, shortfalls)
+    return {"curated": contract.Artifact("curated", out, meta={"kept": len(entries), "rejected": len(rejected)})}
+
+
+def _targets(cfg: dict[str, Any]) -> dict[str, list[float]]:
     targets = {k: list(v) for k, v in (cfg["targets"] or {}).items()}
     for k, (lo, hi) in targets.items():
         if lo > hi:
             raise contract.StageError(f"dataset.shots.targets.{k}: min {lo} is above max {hi}", hint="write [min, max]")
+    return targets
 
-    # 1-3. Filters and gates, in one pass over the records.
+
+def _identity_threshold(cfg: dict[str, Any], summary: dict[str, Any], ctx: contract.StageContext) -> float | None:
+    """The spec's identity threshold, else the backend's default; None without reference faces."""
     threshold = cfg["identity_threshold"]
     if threshold is None:
         threshold = summary.get("default_identity_threshold")
-    has_refs = summary.get("references", 0) > 0
-    if not has_refs:
+    if not summary.get("references", 0) > 0:
         ctx.warn("no reference faces: the identity filter is skipped")
-        threshold = None
-    else:
-        ctx.log(f"identity threshold {threshold} ({'spec' if cfg['identity_threshold'] is not None else 'default for ' + summary['backend']})")
-    # 0. The reviewer's decisions (runner review): they come before every automatic rule.
-    all_records, thumb_dirs = _analysis_records(inputs)
-    decided, missing = reviewer_decisions(cfg.get("review") or {}, {r["id"] for r in all_records})
+        return None
+    source = "spec" if cfg["identity_threshold"] is not None else "default for " + summary["backend"]
+    ctx.log(f"identity threshold {threshold} ({source})")
+    return threshold
+
+
+def _decisions(cfg: dict[str, Any], records: list[dict[str, Any]],
+               ctx: contract.StageContext) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    decided, missing = reviewer_decisions(cfg.get("review") or {}, {r["id"] for r in records})
     for m in missing:
         ctx.warn(f"review: a decision ({', '.join(f'{k} {v}' for k, v in m.items() if k != 'image_id')}) is for "
                  f"image {m['image_id']}, which is no longer in the dataset; it is kept in the review file")
-    records: dict[str, dict[str, Any]] = {}
-    survivors: list[dict[str, Any]] = []
-    forced: list[dict[str, Any]] = []
-    rejected: list[dict[str, Any]] = []
-    for rec in all_records:
+    return decided, missing
+
+
+def _filter(records: list[dict[str, Any]], decided: dict[str, dict[str, Any]], cfg: dict[str, Any],
+            threshold: float | None) -> Sorting:
+    sorting = Sorting()
+    for rec in records:
         rec["quality"] = quality_score(rec)
         rec.pop("embedding", None)
         for f in rec.get("faces", []):
@@ -554,56 +527,55 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contr
         dec = decided.get(rec["id"])
         keep_anyway = _reviewed(rec, dec)
         if dec and dec.get("decision") == "drop":
-            rejected.append(_reject(rec, "dropped by reviewer", "a reviewer dropped it in runner review"))
+            sorting.rejected.append(_reject(rec, "dropped by reviewer", "a reviewer dropped it in runner review"))
             continue
         fail = gate(rec, cfg, threshold)
         if fail and not keep_anyway:
-            rejected.append(_reject(rec, *fail))
+            sorting.rejected.append(_reject(rec, *fail))
             continue
-        records[rec["id"]] = rec
-        (forced if keep_anyway else survivors).append(rec)
+        sorting.records[rec["id"]] = rec
+        (sorting.forced if keep_anyway else sorting.survivors).append(rec)
+    return sorting
 
-    # 4. Near-duplicates (images the reviewer keeps are never dropped as one).
-    survivors, dups = dedupe(survivors, int(cfg["dedupe_hamming"]))
+
+def _deduped_entries(sorting: Sorting, decided: dict[str, dict[str, Any]], cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    survivors, dups = dedupe(sorting.survivors, int(cfg["dedupe_hamming"]))
     for rec, keeper, dist in dups:
-        rejected.append(_reject(rec, "near-duplicate", f"phash distance {dist} <= {cfg['dedupe_hamming']} from "
-                                                       f"{keeper.get('source') or keeper['id']} (kept: better quality)"))
-    entries = [_entry(r) for r in forced + survivors]
+        sorting.rejected.append(_reject(rec, "near-duplicate", f"phash distance {dist} <= {cfg['dedupe_hamming']} from "
+                                                               f"{keeper.get('source') or keeper['id']} (kept: better quality)"))
+    entries = [_entry(r) for r in sorting.forced + survivors]
     for e in entries:
         dec = decided.get(e["id"])
         if dec:
             e["review"] = {k: dec[k] for k in ("decision", "shot", "reference", "set") if k in dec}
             e["reference"] = bool(dec.get("reference"))
+    return entries
 
-    # 5. Shot balance (STRATEGIES; runner/vision/balance.py holds the rules every strategy obeys).
-    images = {n: a for n, a in inputs.items() if n.startswith("images")}
-    before = B.shot_balance_table(((e["categories"], 1) for e in entries), targets)
-    balanced = STRATEGIES[cfg["strategy"]](Balancing(entries, records, targets, cfg, images, out, ctx))
-    entries = balanced.entries
-    rejected += balanced.rejected
-    after = B.shot_balance_table(((e["categories"], e["repeats"]) for e in entries), targets)
-    shortfalls = [shortfall_text(sf, cfg["strategy"], cfg) for sf in balanced.shortfalls]
 
-    # Outputs.
-    with (out / "curated.jsonl").open("w", encoding="utf-8") as fh:
-        for e in entries:
-            fh.write(json.dumps(e) + "\n")
-    with (out / "rejected.jsonl").open("w", encoding="utf-8") as fh:
-        for r in rejected:
-            fh.write(json.dumps(r) + "\n")
-            thumb = thumb_dirs.get(r["id"], adir) / "thumbs" / f"{r['id']}.jpg"
-            if thumb.exists():
-                shutil.copyfile(thumb, out / "thumbs" / f"{r['id']}.jpg")
+def _write_lists(out: Path, entries: list[dict[str, Any]], rejected: list[dict[str, Any]],
+                 thumb_dirs: dict[str, Path], adir: Path) -> None:
+    """curated.jsonl, rejected.jsonl and the rejected images' thumbnails."""
+    write_jsonl(out / "curated.jsonl", entries)
+    write_jsonl(out / "rejected.jsonl", rejected)
+    for r in rejected:
+        thumb = thumb_dirs.get(r["id"], adir) / "thumbs" / f"{r['id']}.jpg"
+        if thumb.exists():
+            shutil.copyfile(thumb, out / "thumbs" / f"{r['id']}.jpg")
+
+
+def _balance_json(cfg: dict[str, Any], targets: dict[str, list[float]], threshold: float | None,
+                  summary: dict[str, Any], tables: tuple[Any, Any], balanced: Balanced, shortfalls: list[str],
+                  entries: list[dict[str, Any]], rejected: list[dict[str, Any]]) -> dict[str, Any]:
     reasons: dict[str, int] = {}
     for r in rejected:
         reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
-    balance = {
+    return {
         "strategy": cfg["strategy"],
         "targets": targets,
         "identity_threshold": threshold,
         "backend": summary.get("backend"),
-        "before": B.table_json(before),
-        "after": B.table_json(after),
+        "before": B.table_json(tables[0]),
+        "after": B.table_json(tables[1]),
         "repeats": balanced.repeats,
         "shortfalls": [{"category": sf.category, "share": sf.share, "target": list(sf.target), "status": sf.status,
                         "text": text} for sf, text in zip(balanced.shortfalls, shortfalls)],
@@ -614,23 +586,29 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contr
         "rejected": len(rejected),
         "rejected_by_reason": reasons,
     }
-    (out / "balance.json").write_text(json.dumps(balance, indent=1), encoding="utf-8")
-    review_out = {"applied": len(decided), "missing": missing,
-                  "dropped": sum(1 for d in decided.values() if d.get("decision") == "drop"),
-                  "kept": sum(1 for e in entries if (e.get("review") or {}).get("decision") == "keep"),
-                  "shots": sum(1 for d in decided.values() if d.get("shot")),
-                  "references": sum(1 for e in entries if e.get("reference"))}
-    (out / "review.json").write_text(json.dumps(review_out, indent=1), encoding="utf-8")
-    ctx.metric("images_kept", len(entries))
-    ctx.metric("images_rejected", len(rejected))
+
+
+def _review_json(decided: dict[str, dict[str, Any]], missing: list[dict[str, Any]],
+                 entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the reviewer's decisions did (review.json)."""
+    return {"applied": len(decided), "missing": missing,
+            "dropped": sum(1 for d in decided.values() if d.get("decision") == "drop"),
+            "kept": sum(1 for e in entries if (e.get("review") or {}).get("decision") == "keep"),
+            "shots": sum(1 for d in decided.values() if d.get("shot")),
+            "references": sum(1 for e in entries if e.get("reference"))}
+
+
+def _report_run(ctx: contract.StageContext, balance: dict[str, Any], after: Any, shortfalls: list[str]) -> None:
+    ctx.metric("images_kept", balance["kept"])
+    ctx.metric("images_rejected", balance["rejected"])
     for row in after:
         if row.category in S.SHOT_TYPES:
             ctx.metric(f"share_{row.category}", row.share)
     if shortfalls:
         ctx.warn("shot balance off target after curation: " + "; ".join(shortfalls))
-    ctx.log(f"{len(entries)} kept ({balance['crops']} crops, {balance['mirrors']} mirrored), {len(rejected)} rejected: "
+    reasons = balance["rejected_by_reason"]
+    ctx.log(f"{balance['kept']} kept ({balance['crops']} crops, {balance['mirrors']} mirrored), {balance['rejected']} rejected: "
             + ", ".join(f"{v} {k}" for k, v in sorted(reasons.items())))
-    return {"curated": contract.Artifact("curated", out, meta={"kept": len(entries), "rejected": len(rejected)})}
 
 
 # --------------------------------------------------------------------------- report
@@ -638,17 +616,6 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contr
 
 def read_balance(folder: Path) -> dict[str, Any]:
     return json.loads((Path(folder) / "balance.json").read_text(encoding="utf-8"))
-
-
-def balance_chart(rows: list[dict[str, Any]], title: str):
-    from runner.report import charts
-
-    return charts.bar_chart(
-        {r["category"]: r["share"] for r in rows},
-        ranges={r["category"]: r["target"] for r in rows if r["target"]},
-        status={r["category"]: r["status"] for r in rows if r["status"]},
-        title=title,
-    )
 
 
 def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact], env: dict[str, Any]) -> list[contract.ReportSection]:

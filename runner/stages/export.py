@@ -37,7 +37,7 @@ from typing import Any
 
 from runner.core.fs import replace_folder
 from runner.core import contract
-from runner.stages.analyze import analysis_inputs, read_jsonl
+from runner.stages.common import analysis_inputs, read_jsonl
 
 FORMATS = ("kohya", "plain", "jsonl", "identity_crops")
 DEFAULT_FORMATS = ("kohya", "plain", "jsonl")

@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.core import contract
-from runner.stages.analyze import backend_options, read_jsonl
-from runner.stages.curate import DEFAULTS as CURATION_DEFAULTS
+from runner.stages.common import CURATION_DEFAULTS, backend_options, read_jsonl
 
 KIND = "extract"
 INPUT = "images:extract"  # the name curate and caption give this stage's images
@@ -79,7 +78,7 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
 
 def curated_view(records: list[dict[str, Any]], cfg: dict[str, Any], threshold: float | None) -> list[dict[str, Any]]:
     """The records curate keeps before balancing (gates, then near-duplicates), with quality."""
-    from runner.stages.curate import dedupe, gate, quality_score
+    from runner.stages.common import dedupe, gate, quality_score
 
     kept = []
     for rec in records:
@@ -200,11 +199,11 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contr
 
 def _backend(config: dict[str, Any], summary: dict[str, Any], project_root: Path) -> Any:
     """The face backend analyze used (its records and this stage's must be comparable)."""
-    from runner.stages.analyze import _make_backend, _resolve_pack
+    from runner.stages.common import make_face_backend, resolve_pack
 
-    opts = _resolve_pack(dict(config["face"]), project_root)
+    opts = resolve_pack(dict(config["face"]), project_root)
     opts["name"] = summary.get("backend") or opts["name"]
-    return _make_backend(opts)
+    return make_face_backend(opts)
 
 
 def _reference_matrix(adir: Path) -> Any:
@@ -219,7 +218,7 @@ def _reference_matrix(adir: Path) -> Any:
 
 def _scan_videos(config: dict[str, Any], inputs: dict[str, contract.Artifact], summary: dict[str, Any],
                  wanted: set[str], stats: list[Any], ctx: contract.StageContext) -> list[Any]:
-    from runner.stages.curate import gate, quality_score
+    from runner.stages.common import gate, quality_score
     from runner.video import extract as X
     from runner.vision.analysis import analyze_image
 
@@ -335,7 +334,7 @@ def _write_frames(chosen: list[Any], config: dict[str, Any], inputs: dict[str, c
 
 def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact], env: dict[str, Any]) -> list[contract.ReportSection]:
     from runner.report.embed import thumbnail_data_uri
-    from runner.stages.curate import balance_chart
+    from runner.stages.common import balance_chart
 
     adir = Path(outputs["analysis"].path)
     summary = json.loads((adir / "summary.json").read_text(encoding="utf-8"))
