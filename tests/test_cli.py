@@ -34,7 +34,7 @@ def demo_project(tmp_path_factory) -> Path:
 def test_demo_apply_then_noop_then_change(demo_project):
     r = runner("apply", "specs/demo.yaml", cwd=demo_project, check=True)
     assert "Plan:" in r.stdout and "Apply complete" in r.stdout
-    report_line = [l for l in r.stdout.splitlines() if l.startswith("Report for demo:")]
+    report_line = [line for line in r.stdout.splitlines() if line.startswith("Report for demo:")]
     assert report_line, r.stdout
     report = demo_project / report_line[0].split(": ", 1)[1]
     assert report.is_file() and report.stat().st_size > 10_000

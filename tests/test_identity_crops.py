@@ -252,7 +252,7 @@ def test_matting_runs_a_local_model_in_rembgs_session(session, size, tmp_path):
     pytest.importorskip("rembg")
     from runner.vision import matting as MT
 
-    path = tiny_matting_model(tmp_path / "m.onnx", size)
+    tiny_matting_model(tmp_path / "m.onnx", size)
     m = MT.load_matting("m.onnx", session, tmp_path, key="k.model")
     assert m.info["session"] == session and m.info["tiny_random_model"] is True and len(m.info["sha256"]) == 64
     rgb = np.random.default_rng(0).integers(0, 255, (90, 70, 3), dtype=np.uint8)

@@ -72,7 +72,7 @@ def test_package_outside_the_project(tmp_path: Path, monkeypatch) -> None:
     git(repo, "init", "-q")
     (repo / ".gitignore").write_text(".runner/\n")  # the workspace: store, state, logs
     installed_at(monkeypatch, tmp_path / "site-packages" / "runner" / "_data" / "schemas")
-    spec = starter.write_starter("hero", repo / "specs")
+    starter.write_starter("hero", repo / "specs")
     target = check_in_fresh_clone(repo, "specs/hero.yaml", tmp_path)
     assert target.resolve().parent.parent == (tmp_path / "clone" / "specs").resolve()
 

@@ -45,7 +45,7 @@ def test_worker_materializes_inputs_stores_outputs_and_reuses_results(tmp_path):
     files = {rel: (s, size) for rel, s, size in result["files"]}
     assert set(files) == {"lora/index.json", "lora/shared.bin"}
     assert result["outputs"] == {"lora": {"path": "lora", "type": "dir", "meta": {}}}
-    for rel, (s, size) in files.items():
+    for s, size in files.values():
         blob = vol / blob_relpath(s)
         assert blob.is_file() and blob.stat().st_size == size and sha256_file(blob) == s
     index = json.loads((vol / blob_relpath(files["lora/index.json"][0])).read_text())

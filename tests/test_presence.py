@@ -50,7 +50,7 @@ STORIES = [
 def test_presence_over_stories(character, scenes, expected) -> None:
     got = hero_presence(scenes, character)
     assert [p.hero for p in got] == expected, [(t, p.hero, p.reason) for t, p in zip(scenes, got)]
-    for text, p in zip(scenes, got):
+    for p in got:
         assert p.reason  # every decision says why
         if not p.hero:
             assert "character" in p.reason
@@ -113,7 +113,7 @@ def test_generated_stories(character, hero_name) -> None:
             assert got == [True, False, True, True], (scenes, [p.reason for p in hero_presence(scenes, character)])
     # a subject pronoun after another character goes to that character only when it fits
     for other in ("the bai", "Omar", "the merchant"):
-        story = [f"Aldar arrives.", f"{other[:1].upper() + other[1:]} frowns.", "He leaves."]
+        story = ["Aldar arrives.", f"{other[:1].upper() + other[1:]} frowns.", "He leaves."]
         assert [p.hero for p in hero_presence(story, ALDAR)] == [True, False, False]
     story = ["Aldar arrives.", "The old woman frowns.", "He leaves."]  # 'he' cannot be the woman
     assert [p.hero for p in hero_presence(story, ALDAR)] == [True, False, True]

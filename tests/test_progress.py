@@ -31,7 +31,7 @@ def test_plain_lines_are_throttled():
     lines = out.getvalue().splitlines()
     assert lines[0] == "[demo:ingest] run: new stage"
     assert lines[-1] == "[demo:ingest] succeeded in 1.5s"
-    progress = [l for l in lines if "images:" in l]
+    progress = [line for line in lines if "images:" in line]
     assert 5 <= len(progress) <= 12  # every 10%, not 1000 lines
     assert progress[-1] == "[demo:ingest] images: 1000/1000"
 
@@ -57,7 +57,7 @@ def test_structured_log_per_stage(tmp_path):
     ctx.log("hello", n=1)
     ctx.warn("careful")
     ctx.metric("loss", 0.5, step=3)
-    records = [json.loads(l) for l in (tmp_path / "stage.log.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "stage.log.jsonl").read_text().splitlines()]
     events = [(r["event"], r.get("level")) for r in records]
     assert ("log", "info") in events and ("log", "warning") in events and ("metric", None) in events
     assert all(r["stage"] == "demo:x" and "t" in r for r in records)

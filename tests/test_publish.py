@@ -57,9 +57,9 @@ def moto_endpoint(tmp_path_factory):
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
                 break
-            except OSError:
+            except OSError as exc:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto server did not start (exit {proc.poll()})")
+                    raise RuntimeError(f"moto server did not start (exit {proc.poll()})") from exc
                 time.sleep(0.2)
         import boto3
 

@@ -57,7 +57,7 @@ def project(tmp_path_factory, shared_data: Path) -> Path:
                 promote(ws, ps, lambda out: _make_lora_artifact(out / "lora", root / ".cache", steps=(4, 8)))
             elif ps.node.kind == "evaluate":
                 lora = ws.store_path(next(p.key for p in plan.stages if p.node.kind == "train")) / "lora"
-                promote(ws, ps, lambda out: _best_of(out / "evaluation", lora))
+                promote(ws, ps, lambda out, lora=lora: _best_of(out / "evaluation", lora))
             elif ps.node.kind not in ("storyboard", "report"):
                 promote(ws, ps, lambda out: None)
     finally:

@@ -16,7 +16,10 @@ import pytest
 
 from runner.engine.lock import LockHeld, lock_status, unlock, workspace_lock
 from runner.engine.workspace import Workspace
-from test_engine import hero, runner_cmd, runner_env, wait_for  # noqa: F401  (hero is a fixture)
+import test_engine
+from test_engine import runner_cmd, runner_env, wait_for
+
+hero = test_engine.hero  # test_engine's fixture: the tests below take it by name
 
 ROOT = Path(__file__).resolve().parents[1]
 

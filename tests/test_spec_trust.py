@@ -258,7 +258,7 @@ def test_hostile_names_are_refused_at_validate_with_their_position(project, caps
         concrete = tuple(0 if p == "[]" else "okname1" if p == "<name>" else p for p in path)
         key = format_key_path(concrete[:-1] if is_key else concrete)
 
-        def problem_at(spec: Path, line: int, out: str, about: str = "") -> bool:
+        def problem_at(spec: Path, line: int, out: str, about: str = "", key: str = key) -> bool:
             pattern = rf"^{re.escape(str(spec))}:{line}:\d+: {re.escape(key)}.*{about}"
             return re.search(pattern, out, re.M) is not None
 
@@ -380,7 +380,7 @@ def test_every_path_key_refuses_paths_outside_the_project(project, capsys):
     (project / "specs" / "inside.yaml").write_text("values: {}\n")
     keys = _checked_path_keys()
     assert len(keys) >= 20, keys  # sources, references, models, LoRA files, suites, output_dir, ...
-    for path, kind in keys:
+    for path, _kind in keys:
         key = format_key_path(tuple(0 if p == "[]" else "okname1" if p == "<name>" else p for p in path))
         for how, value in cases:
             text, where = _spec_text(_instance_at(path, value, False))

@@ -244,7 +244,7 @@ def test_llm_planner_in_the_stage_is_asked_once(proj: Path, tmp_path: Path, monk
                  validation={"face_similarity": None, "clip_i": None, "retries": 2})
         node = SB.expand(s, Graph(proj, [_node("train")]))[0]
         assert node.config["scenes"] == [] and "from the LLM" in node.label
-        for attempt in range(2):
+        for _attempt in range(2):
             ctx = LocalStageContext.for_folder(tmp_path / "run", stage_id=node.id, character="demo", project_root=proj)
             ctx.cache_dir = proj / "cache"
             out = SB.run(node.config, inputs_for(proj, node), ctx)

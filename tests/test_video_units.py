@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from runner.core.errors import UserError
 from runner.video import buckets as B
 from runner.video.decode import VideoDecodeError, check_complete, iter_frames, probe_video
 from runner.video.descriptors import FALLBACK_NAME, FallbackDescriptor, load_general_embedder
@@ -155,7 +156,7 @@ def test_tracker_keeps_identities_through_crossing_and_cut():
     first = ids[0]
     assert all(i == first for i in ids), "identity must win over box overlap at the crossing"
     # a cut: person a reappears far away after a gap longer than max_gap
-    for t in range(8, 12):
+    for _ in range(8, 12):
         tr.update([])
     got = tr.update([obs(12, (200, 100, 240, 140), emb(1, 0.05, 50))])
     assert got == [first[0]], "a lost track is found again by identity"
@@ -255,7 +256,7 @@ def test_fallback_descriptor_is_labelled_normalized_and_discriminative(tmp_path)
     assert out[0] @ out[2] < 0.9
     emb_, note = load_general_embedder("org/does-not-exist", cache_dir=tmp_path, fallback="auto")
     assert emb_.is_fallback and "could not be loaded" in note and FALLBACK_NAME in note
-    with pytest.raises(Exception):
+    with pytest.raises(UserError, match="cannot be loaded"):
         load_general_embedder("org/does-not-exist", cache_dir=tmp_path, fallback="never")
     emb_, note = load_general_embedder("facebook/dinov2-small", cache_dir=tmp_path, fallback="always")
     assert emb_.is_fallback and "not requested" in note

@@ -43,7 +43,7 @@ def fake_detector(path: Path) -> None:
             "bbox": (8, np.zeros((8, 3, 1, 1)), np.full(8, 4.0)),
             "kps": (20, np.zeros((20, 3, 1, 1)), np.array([v for _ in range(2) for p in KPS for v in p])),
         }
-        for head, (ch, w, b) in specs.items():
+        for head, (_ch, w, b) in specs.items():
             inits += [_const(f"w_{head}{s}", w), _const(f"b_{head}{s}", b)]
             conv_out = f"conv_{head}{s}"
             nodes.append(helper.make_node("Conv", [f"pool{s}", f"w_{head}{s}", f"b_{head}{s}"], [conv_out]))

@@ -124,7 +124,7 @@ def ltx_gpu_part(args) -> dict:
         mask = torch.ones(b, text_len, device=dev, dtype=torch.long)
         t = torch.full((b,), 500.0, device=dev)
 
-        def step():
+        def step(hidden=hidden, text=text, t=t, mask=mask):  # this iteration's tensors, bound now
             with torch.inference_mode():
                 model(hidden_states=hidden, encoder_hidden_states=text, timestep=t, encoder_attention_mask=mask,
                       num_frames=f, height=h, width=w, return_dict=False)
