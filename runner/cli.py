@@ -23,14 +23,31 @@ from typing import Any
 import click
 
 from runner import __version__
+from runner.core.errors import UserError
 
 
 def _echo_err(text: str) -> None:
     click.echo(text, err=True)
 
 
-class UserError(click.ClickException):
+class BadRequest(UserError):
+    """A command line that cannot be carried out as given (two specs where one is needed, no
+    destination): exit 2."""
+
     exit_code = 2
+
+
+class _Commands(click.Group):
+    """The command group: an expected failure (any :class:`UserError`) prints its message and
+    hint and exits with its ``exit_code``; here rather than in :func:`main`, so every way of
+    calling a command (``main``, click's test runner) reports it the same."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            _echo_err(exc.render())
+            sys.exit(exc.exit_code)
 
 
 spec_args = click.argument("specs", nargs=-1, required=True, type=click.Path(path_type=str))
@@ -40,7 +57,7 @@ allow_outside_opt = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="character-runner")
 def cli() -> None:
     """character-runner: one declarative spec per character, one command to build it.
@@ -292,7 +309,7 @@ def report(specs: tuple[str, ...], allow_outside_project: bool) -> None:
     ws.close()
     stale = [s.id for s in p.stages if s.node.kind != "report" and s.will_execute]
     if stale:
-        raise UserError(
+        raise BadRequest(
             f"{len(stale)} stage(s) are not up to date ({', '.join(stale[:5])}"
             f"{', ...' if len(stale) > 5 else ''}); run `runner apply` first"
         )
@@ -383,13 +400,13 @@ def runs(run_id: str | None, limit: int, project: str | None, as_json: bool) -> 
     """List recent runs, or the stage executions of RUN_ID."""
     ws = _workspace_for((), project)
     if not ws.exists():
-        raise UserError(f"no workspace in {ws.project_root}: nothing has been applied here yet")
+        raise BadRequest(f"no workspace in {ws.project_root}: nothing has been applied here yet")
     try:
         ws.settle_dead_runs()
         if run_id:
             rows = ws.executions(run_id)
             if not rows:
-                raise UserError(f"no run {run_id!r} (see `runner runs`)")
+                raise BadRequest(f"no run {run_id!r} (see `runner runs`)")
             if as_json:
                 click.echo(json.dumps(rows, indent=2))
                 return
@@ -435,17 +452,17 @@ def compare(refs: tuple[str, ...], out: str | None, project: str | None) -> None
             if Path(ref).exists():
                 found = evaluations_in(Path(ref))
                 if not found:
-                    raise UserError(f"{ref}: no evaluation.json in it")
+                    raise BadRequest(f"{ref}: no evaluation.json in it")
                 sources += [(None, f) for f in found]
                 continue
             ws = ws or _workspace_for((), project)
             run_id = (ws.last_run_id() if ws.exists() else None) if ref == "latest" else ref
             runs_found = evaluations_of_run(ws, run_id) if run_id and ws.exists() else []
             if not runs_found:
-                raise UserError(f"{ref!r} is neither an evaluation folder nor a run with evaluate outputs (see `runner runs`)")
+                raise BadRequest(f"{ref!r} is neither an evaluation folder nor a run with evaluate outputs (see `runner runs`)")
             sources += runs_found
         if len(sources) < 2:
-            raise UserError(f"found {len(sources)} evaluation(s); a comparison needs at least two")
+            raise BadRequest(f"found {len(sources)} evaluation(s); a comparison needs at least two")
         root = ws.project_root if ws is not None else Path.cwd()
         path = write_comparison(sources, Path(out) if out else root / "reports" / f"compare-{time.strftime('%Y%m%d-%H%M%S')}.html")
     finally:
@@ -504,7 +521,7 @@ def _one_spec(specs: tuple[str, ...], allow_outside_project: bool = False):
     # the photos need not be here: serving needs only the workspace's trained outputs
     loaded = load_specs(list(specs), allow_outside=allow_outside_project, require_files=False)
     if len(loaded) != 1:
-        raise UserError("give exactly one spec: one server per character")
+        raise BadRequest("give exactly one spec: one server per character")
     return loaded[0]
 
 
@@ -521,16 +538,13 @@ def _one_spec(specs: tuple[str, ...], allow_outside_project: bool = False):
 def serve(spec: str, host: str, port: int, checkpoint: str | None, device: str, safety_model: str | None,
           insecure_no_auth: bool, allow_outside_project: bool) -> None:
     """Start the generation API (FastAPI) for SPEC's trained character."""
-    from runner.serve import ServeError, api_settings, build_app, token_from_env
+    from runner.serve import api_settings, build_app, token_from_env
     from runner.serve.character import resolve_target
 
     s = _one_spec((spec,), allow_outside_project)
     target = resolve_target(s, checkpoint=checkpoint)
     api = api_settings(target)
-    try:
-        token = token_from_env(api["token_env"], insecure_no_auth=insecure_no_auth)
-    except ServeError as exc:
-        raise UserError(str(exc)) from None
+    token = token_from_env(api["token_env"], insecure_no_auth=insecure_no_auth)
     if token is None and host not in ("127.0.0.1", "localhost", "::1"):
         _echo_err(f"warning: serving on {host} without authentication (--insecure-no-auth)")
     for w in target.warnings:
@@ -539,8 +553,7 @@ def serve(spec: str, host: str, port: int, checkpoint: str | None, device: str, 
     try:
         app = build_app(target, token=token, device=device, safety_model=safety_model)
     except Exception as exc:
-        hint = getattr(exc, "hint", "")
-        raise UserError(f"could not load the model: {exc}" + (f" (hint: {hint})" if hint else "")) from None
+        raise BadRequest(f"could not load the model: {exc}", hint=getattr(exc, "hint", "")) from None
     if target.tiny_random:
         _echo_err("note: builtin:tiny-* is a tiny random model: its images are noise (for tests and demos)")
     import uvicorn
@@ -568,7 +581,7 @@ def deploy(spec: str, checkpoint: str | None, token_secret: str, app_name: str |
     try:
         require_credentials("runner deploy")
     except ModalUnavailable as exc:
-        raise UserError(str(exc)) from None
+        raise BadRequest(str(exc)) from None
     s = _one_spec((spec,), allow_outside_project)
     target = resolve_target(s, checkpoint=checkpoint)
     for w in target.warnings:
@@ -592,7 +605,7 @@ def review(spec: str, host: str, port: int, insecure_no_auth: bool, allow_outsid
     (generate.api.token_env), as `runner serve` does; open /?token=<token> once in the browser."""
     from runner.review import decisions
     from runner.review.app import serve as serve_review
-    from runner.serve import ServeError, token_from_env
+    from runner.serve import token_from_env
 
     s = _one_spec((spec,), allow_outside_project)
     token = None
@@ -601,16 +614,10 @@ def review(spec: str, host: str, port: int, insecure_no_auth: bool, allow_outsid
 
         default_env = section_schema("generate")["properties"]["api"]["properties"]["token_env"]["default"]
         env = ((s.data.get("generate") or {}).get("api") or {}).get("token_env") or default_env
-        try:
-            token = token_from_env(env, insecure_no_auth=insecure_no_auth)
-        except ServeError as exc:
-            raise UserError(str(exc)) from None
+        token = token_from_env(env, insecure_no_auth=insecure_no_auth)
         if token is None:
             _echo_err(f"warning: serving the review pages on {host} without authentication (--insecure-no-auth)")
-    try:
-        decisions.for_spec(s.file)
-    except decisions.ReviewError as exc:
-        raise UserError(str(exc)) from None
+    decisions.for_spec(s.file)  # a broken review file is refused before the server starts
     click.echo(f"reviewing {s.name} on http://{host}:{port}/ (decisions: {_rel(decisions.review_path(s.file))}); "
                "Ctrl-C to stop")
     serve_review(s, host=host, port=port, token=token)
@@ -670,25 +677,16 @@ def publish(spec: str | None, to: str | None, tag: str | None, checkpoint: str |
     defaults = (s.data.get("publish") or {}) if s else {}
     to = to or defaults.get("to")
     if not to:
-        raise UserError((f"{s.file}: " if s else "") + "no destination: pass --to s3://bucket/prefix "
+        raise BadRequest((f"{s.file}: " if s else "") + "no destination: pass --to s3://bucket/prefix "
                         "(or file:///folder), or set publish.to in the spec")
     endpoint_url = endpoint_url or defaults.get("endpoint_url")
-    try:
-        if list_only:
-            _print_versions(P.list_versions(_storage_url(to), s.name if s else None, endpoint_url=endpoint_url), as_json)
-            return
-        if s is None:
-            raise UserError("give the SPEC to publish (or --list to see what is published)")
-        done = P.publish(s, _storage_url(to), tag or defaults.get("tag") or "", checkpoint=checkpoint,
-                         endpoint_url=endpoint_url)
-    except (P.PublishError, P.NothingToPublish, P.BadDestination) as exc:
-        raise UserError(str(exc)) from None
-    except P.VersionExists as exc:
-        _echo_err(f"error: {exc}")
-        sys.exit(4)
-    except P.StoreError as exc:
-        _echo_err(f"error: {exc}")
-        sys.exit(1)
+    if list_only:
+        _print_versions(P.list_versions(_storage_url(to), s.name if s else None, endpoint_url=endpoint_url), as_json)
+        return
+    if s is None:
+        raise BadRequest("give the SPEC to publish (or --list to see what is published)")
+    done = P.publish(s, _storage_url(to), tag or defaults.get("tag") or "", checkpoint=checkpoint,
+                     endpoint_url=endpoint_url)
     for w in done.warnings:
         _echo_err(f"warning: {w}")
     ck = done.manifest.get("checkpoint") or {}
@@ -751,8 +749,6 @@ def main(argv: list[str] | None = None) -> None:
     from runner.engine.executor import ApplyError
     from runner.engine.lock import LockHeld
     from runner.plan.graph import GraphError
-    from runner.spec.errors import SpecError
-    from runner.core.errors import StageError
 
     try:
         cli.main(args=argv, prog_name="runner", standalone_mode=False)
@@ -764,15 +760,9 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         _echo_err("aborted")
         sys.exit(130)
-    except SpecError as exc:
-        _echo_err(exc.render())
-        sys.exit(2)
     except (ApplyError, GraphError) as exc:
         _echo_err(f"error: {exc}")
         sys.exit(2)
-    except StageError as exc:
-        _echo_err(f"error: {exc}" + (f"\n  hint: {exc.hint}" if exc.hint else ""))
-        sys.exit(1)
     except LockHeld as exc:
         _echo_err(f"error: {exc}")
         sys.exit(3)

@@ -21,17 +21,15 @@ import re
 import time
 from pathlib import Path
 
+from runner.core.errors import UserError
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_]$")
 _PROBE_TIMEOUT_S = 3.0
 _probe: tuple[float, str | None] | None = None  # (when, why unreachable or None)
 
 
-class ModelUnavailable(Exception):
+class ModelUnavailable(UserError):
     """A hub model that is neither cached nor downloadable now; the message says where we looked."""
-
-    def __init__(self, message: str, *, hint: str = "") -> None:
-        super().__init__(message)
-        self.hint = hint
 
 
 def is_hub_id(ref: str, project_root: Path | None = None) -> bool:

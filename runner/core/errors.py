@@ -20,6 +20,10 @@ class UserError(Exception):
         self.message = message
         self.hint = hint
 
+    def render(self) -> str:
+        """What the CLI prints: ``error: <message>`` and, when there is one, the hint below it."""
+        return f"error: {self}" + (f"\n  hint: {self.hint}" if self.hint else "")
+
 
 class StageError(UserError):
     """A stage's expected failure (bad input, missing model): the run records it and stops."""

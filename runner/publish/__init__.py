@@ -22,18 +22,24 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from runner.core.errors import UserError
 from runner.publish.release import NothingToPublish, Release, build, content_digest
 from runner.publish.store import BadDestination, Store, StoreError
 
 __all__ = ["BadDestination", "NothingToPublish", "PublishError", "Published", "StoreError", "VersionExists", "list_versions", "publish"]
 
 
-class PublishError(Exception):
-    """A request `runner publish` cannot carry out (no tag, a bad destination)."""
+class PublishError(UserError):
+    """A request `runner publish` cannot carry out (no tag, a bad destination); exit 2."""
+
+    exit_code = 2
 
 
-class VersionExists(Exception):
-    """The tag is published with other content; the message names the tag and what differs."""
+class VersionExists(UserError):
+    """The tag is published with other content; the message names the tag and what differs.
+    Exit 4, so a script can tell it from other failures."""
+
+    exit_code = 4
 
 
 @dataclass

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runner.core.errors import UserError
 from runner.core.hashing import file_sha256
 
 MANIFEST_FORMAT = 1
@@ -30,8 +31,10 @@ MANIFEST_FORMAT = 1
 PROVENANCE = ("created", "runner_version", "git", "content_digest")
 
 
-class NothingToPublish(Exception):
-    """There is no run (or no chosen checkpoint) to publish; the message says what to run."""
+class NothingToPublish(UserError):
+    """There is no run (or no chosen checkpoint) to publish; the message says what to run (exit 2)."""
+
+    exit_code = 2
 
 
 @dataclass
@@ -191,7 +194,7 @@ def _resolve(resolve_target: Any, spec: Any, choice: str) -> Any:
     try:
         target = resolve_target(spec, checkpoint=choice)
     except StageError as exc:
-        raise NothingToPublish(f"nothing to publish for {spec.name}: {exc}" + (f" ({exc.hint})" if exc.hint else "")) from None
+        raise NothingToPublish(f"nothing to publish for {spec.name}: {exc}", hint=exc.hint) from None
     if not target.lora_file:
         raise NothingToPublish(f"nothing to publish for {spec.name}: no LoRA file was chosen ({target.lora_source})")
     return target

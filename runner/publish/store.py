@@ -26,15 +26,18 @@ import posixpath
 import uuid
 from typing import Any, Iterator
 
+from runner.core.errors import UserError
 from runner.paths import storage_url_problem
 
 
-class StoreError(Exception):
-    """The destination cannot be reached or used; the message says why and what to set."""
+class StoreError(UserError):
+    """The destination cannot be reached or used; the message says why and what to set (exit 1)."""
 
 
 class BadDestination(StoreError):
-    """The destination URL itself is unusable (a request error, not a storage failure)."""
+    """The destination URL itself is unusable (a request error, not a storage failure: exit 2)."""
+
+    exit_code = 2
 
 
 def redacted(url: str) -> str:

@@ -45,6 +45,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Iterator
 
+from runner.core.errors import UserError
 from runner.core.fs import atomic_write_text
 
 FORMAT = 1
@@ -72,8 +73,11 @@ HEADER = ("# Review decisions, written by `runner review` (see README: Reviewing
           "# One block per decision, sorted by content hash; `by` and `at` say who decided and when.\n")
 
 
-class ReviewError(Exception):
-    """The review file cannot be read or a decision is invalid (the message names the file/key)."""
+class ReviewError(UserError):
+    """The review file cannot be read or a decision is invalid (the message names the file/key);
+    exit 2, like a spec problem."""
+
+    exit_code = 2
 
 
 def review_path(spec_file: Path) -> Path:

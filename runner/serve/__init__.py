@@ -13,9 +13,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from runner.core.errors import UserError
 
-class ServeError(Exception):
-    """A problem the user can fix before the server starts (message says how)."""
+
+class ServeError(UserError):
+    """A problem the user can fix before the server starts (message says how); exit 2."""
+
+    exit_code = 2
 
 
 def _api_schema() -> dict[str, Any]:

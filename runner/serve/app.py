@@ -32,17 +32,20 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from runner.core.errors import UserError
 from runner.serve.batcher import Batcher, QueueFull
 from runner.serve.engine import ContentFiltered, ImageJob, ImageParams, VideoJob, png_bytes
 
 MAX_SEED = 2**32 - 1
 
 
-class ApiError(Exception):
+class ApiError(UserError):
+    """A request the API refuses or cannot serve: answered as JSON with ``status`` and ``code``."""
+
     def __init__(self, status: int, code: str, message: str, details: list[dict[str, Any]] | None = None,
                  headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code = status, code
         self.details = details or []
         self.headers = headers or {}
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from runner.core.errors import UserError
+
 
 def format_key_path(path: tuple) -> str:
     out = ""
@@ -34,8 +36,9 @@ class Problem:
         return text
 
 
-class SpecError(Exception):
-    """One or more problems with one or more spec files. Exit code 2."""
+class SpecError(UserError):
+    """One or more problems with one or more spec files. Exit code 2; :meth:`render` lists them
+    all (each problem carries its own hint)."""
 
     exit_code = 2
 

@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from runner.core.errors import UserError
+
 MAX_NODES = 200_000  # values constructed, aliases counted each time they are expanded
 MAX_BYTES = 4 * 1024 * 1024
 MAX_DEPTH = 64  # nesting levels; real specs use fewer than 10
@@ -63,15 +65,19 @@ class LoadedYaml:
             p = p[:-1]
 
 
-class YamlError(Exception):
-    """A YAML problem with its position."""
+class YamlError(UserError):
+    """A YAML problem with its position: ``message`` says what, ``mark`` where; ``str()`` is
+    ``file:line:col: message``. A broken YAML file is a spec problem (exit 2)."""
+
+    exit_code = 2
 
     def __init__(self, message: str, mark: Mark, hint: str = "", key_path: KeyPath = ()) -> None:
-        super().__init__(f"{mark}: {message}")
-        self.message = message
+        super().__init__(message, hint=hint)
         self.mark = mark
-        self.hint = hint
         self.key_path = key_path  # where in the document, when known
+
+    def __str__(self) -> str:
+        return f"{self.mark}: {self.message}"
 
 
 _SAFE_TAGS = {

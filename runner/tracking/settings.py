@@ -13,17 +13,16 @@ import os
 from pathlib import Path
 from typing import Any
 
+from runner.core.errors import UserError
 from runner.tracking.uri import resolve_relative, tracking_uri_problem
 
 BACKENDS = ("mlflow", "wandb")
 
 
-class TrackingError(ValueError):
-    """A tracking setting that cannot work (raised at plan time)."""
+class TrackingError(UserError):
+    """A tracking setting that cannot work (raised at plan time): a spec problem, exit 2."""
 
-    def __init__(self, message: str, hint: str = "") -> None:
-        super().__init__(message)
-        self.hint = hint
+    exit_code = 2
 
 
 def for_node(section: dict[str, Any], spec_dir: Path) -> dict[str, Any] | None:

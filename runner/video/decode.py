@@ -14,8 +14,10 @@ from typing import Iterator
 
 import numpy as np
 
+from runner.core.errors import UserError
 
-class VideoDecodeError(Exception):
+
+class VideoDecodeError(UserError):
     """The file is not a readable video. ``reason`` is a short code for the quarantine list."""
 
     def __init__(self, reason: str, detail: str, *, frames_read: int = 0) -> None:
