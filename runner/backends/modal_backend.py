@@ -342,15 +342,11 @@ class ModalTransport:
                 self._blobs |= set(files)
 
     def fetch(self, sha: str, dest: Path) -> None:
-        import uuid
-
         from runner.backends.volume import blob_relpath
+        from runner.core.fs import atomic_path
 
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
-        with open(tmp, "wb") as fh:
+        with atomic_path(dest) as tmp, open(tmp, "wb") as fh:
             self.volume.read_file_into_fileobj("/" + blob_relpath(sha), fh)
-        os.replace(tmp, dest)
 
     def read_result(self, key: str) -> dict[str, Any] | None:
         from runner.backends.volume import result_relpath

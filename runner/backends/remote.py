@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from runner.backends.volume import atomic_write_text, sha256_file
 from runner.core import contract
+from runner.core.fs import atomic_write_text
+from runner.core.hashing import HashIndex
 
 MANIFEST_NAME = "_manifest.json"
 
@@ -62,10 +63,10 @@ class Transport(Protocol):
 
 
 class DigestCache:
-    """sha256 of local files, remembered by (size, mtime_ns) in one JSON file per folder, so a
-    large dataset is hashed once, not at every apply. The same files are the local side of the
-    content addressing: an output whose bytes are already here (in the store, in the project) is
-    copied, not downloaded."""
+    """sha256 of local files, remembered by their stat signature (:class:`runner.core.hashing.
+    HashIndex`) in one JSON file per folder, so a large dataset is hashed once, not at every
+    apply. The same files are the local side of the content addressing: an output whose bytes are
+    already here (in the store, in the project) is copied, not downloaded."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -78,48 +79,45 @@ class DigestCache:
 
         return self.folder / (hashlib.sha256(str(root).encode()).hexdigest()[:24] + ".json")
 
-    def _load(self, root: Path) -> dict[str, list]:
+    def _load(self, root: Path) -> HashIndex:
         try:
             data = json.loads(self._file_for(root).read_text(encoding="utf-8"))
-            return data.get("files", {}) if data.get("root") == str(root) else {}
+            entries = data.get("files", {}) if data.get("root") == str(root) else {}
         except (OSError, json.JSONDecodeError, AttributeError):
-            return {}
+            entries = {}
+        return HashIndex(entries)
 
-    def _save(self, root: Path, files: dict[str, list]) -> None:
-        atomic_write_text(self._file_for(root), json.dumps({"root": str(root), "files": files}))
+    def _save(self, root: Path, index: HashIndex) -> None:
+        """Keep what was known of the folder's other files (stages name different files of one
+        project) with what this call saw; write only when that changed."""
+        files = {**index.old, **index.entries}
+        if files != index.old:
+            atomic_write_text(self._file_for(root), json.dumps({"root": str(root), "files": files}))
 
     def digest_tree(self, root: Path, files: list[Path]) -> list[list[Any]]:
         """[[relative path, sha256, size], ...] of ``files`` under ``root`` (or of the file root)."""
-        cached = self._load(root)
-        out, changed = [], False
+        index = self._load(root)
+        out = []
         for f in files:
             st = f.stat()
             rel = f.name if root.is_file() else f.relative_to(root).as_posix()
-            hit = cached.get(rel)
-            if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
-                sha = hit[2]
-            else:
-                sha = sha256_file(f)
-                cached[rel] = [st.st_size, st.st_mtime_ns, sha]
-                changed = True
+            sha = index.sha256(rel, f, st)
             out.append([rel, sha, st.st_size])
             with self._lock:
                 self._known[sha] = f
-        if changed:
-            self._save(root, cached)
+        self._save(root, index)
         return out
 
     def record(self, root: Path, listing: list[list[Any]], base_dir: Path) -> None:
         """Remember files (downloaded into ``base_dir``) that will live under ``root`` (their
-        store folder once promoted; a rename keeps size and mtime)."""
-        files = {}
-        for rel, sha, size in listing:
+        store folder once promoted; a rename keeps size, mtime and inode)."""
+        index = HashIndex()
+        for rel, sha, _size in listing:
             try:
-                st = (base_dir / rel).stat()
+                index.remember(rel, base_dir / rel, sha)
             except OSError:
                 continue
-            files[rel] = [st.st_size, st.st_mtime_ns, sha]
-        self._save(root, files)
+        self._save(root, index)
 
     def _index_all(self) -> None:
         known: dict[str, Path] = {}
@@ -127,8 +125,8 @@ class DigestCache:
             try:
                 data = json.loads(f.read_text(encoding="utf-8"))
                 root = Path(data["root"])
-                for rel, (size, mtime, sha) in data["files"].items():
-                    known.setdefault(sha, root if root.is_file() else root / rel)
+                for rel, entry in data["files"].items():
+                    known.setdefault(entry[-1], root if root.is_file() else root / rel)
             except (OSError, ValueError, KeyError, TypeError):
                 continue
         with self._lock:

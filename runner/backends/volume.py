@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
-from runner.core.fs import atomic_write_text, copy_atomic  # noqa: F401  (volume writers use these)
+from runner.core.fs import copy_atomic
 from runner.core.hashing import file_sha256 as sha256_file
 
 BLOBS = "blobs"

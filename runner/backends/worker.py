@@ -13,7 +13,7 @@ plain folder standing in for the volume. Either way:
 4. its outputs are stored as blobs, the output manifest goes to ``results/<key>.json``, the
    scratch and work folders are removed, the volume is committed, and the manifest returned.
 
-A :class:`runner.stages.contract.StageError` (the user's problem) comes back as a ``failed``
+A :class:`runner.core.errors.UserError` (the user's problem, such as a ``StageError``) comes back as a ``failed``
 manifest and is not retried; any other exception propagates, so the caller's retry policy (and
 preemption handling) applies.
 """
@@ -29,19 +29,21 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from runner.backends.context import LocalStageContext
 from runner.backends.volume import (
     ATTEMPTS,
     CACHE,
     SCRATCH,
     WORK,
     FolderVolume,
-    atomic_write_text,
     blob_relpath,
     result_relpath,
 )
+from runner.core.fs import atomic_write_text
 
 MAX_EVENTS = 5000
 
@@ -143,80 +145,137 @@ def _read_events(log_file: Path) -> list[dict[str, Any]]:
     return events
 
 
+@dataclass
+class _Attempt:
+    """One attempt at a stage on the volume: where it works and what it reports back."""
+
+    root: Path
+    key: str
+    stage_id: str
+    number: int
+    work: Path  # work/<key>/attempt<N>
+    scratch: Path  # scratch/<key> (kept across attempts)
+    resume: str | None
+    commit: Callable[[], None] | None
+
+    @property
+    def log_file(self) -> Path:
+        return self.work / "log.jsonl"
+
+    def end(self, status: str, ctx: Any, duration: float) -> dict[str, Any]:
+        """Record the attempt's end; the fields every result carries."""
+        _append_attempt(self.root, self.key, {"event": "end", "attempt": self.number, "t": time.time(),
+                                              "status": status})
+        billed, n = billed_seconds(_attempts(self.root, self.key), time.time())
+        return {"status": status, "stage_id": self.stage_id, "key": self.key, "attempt": self.number,
+                "attempts": n, "billed_s": billed, "duration_s": duration, "resumed": self.resume,
+                "metrics": ctx.metrics, "warnings": ctx.warnings, "events": _read_events(self.log_file)}
+
+    def commit_volume(self) -> None:
+        if self.commit is not None:
+            self.commit()
+
+
 def run_stage_in_volume(kind: str, node_config: dict[str, Any], input_manifest: dict[str, Any],
                         volume_root: str | Path, *, commit: Callable[[], None] | None = None,
-                        commit_every_s: float = 60.0) -> dict[str, Any]:
+                        commit_every_s: float = 60.0, registry: Any = None) -> dict[str, Any]:
     """Run stage ``kind`` with ``node_config`` on the inputs listed in ``input_manifest`` (blobs
-    already on the volume at ``volume_root``); returns the output manifest (see module doc)."""
-    from runner.backends.context import LocalStageContext
-    from runner.core import contract
-    from runner.stages import registry as stage_registry
+    already on the volume at ``volume_root``); returns the output manifest (see module doc).
+    ``registry`` holds the stage kinds (default: the built-in ones and plugins)."""
+    from runner.core.errors import UserError
 
-    root = Path(volume_root)
-    vol = FolderVolume(root)
-    key = input_manifest["key"]
-    stage_id = input_manifest["stage_id"]
-    done = vol.read_result(key)
+    vol = FolderVolume(Path(volume_root))
+    done = vol.read_result(input_manifest["key"])
     if done is not None:
         return {**done, "reused": True}
+    if registry is None:
+        from runner.stages import registry as stage_registry
 
-    stage = stage_registry().get(kind)
-    previous = _attempts(root, key)
-    attempt = 1 + sum(1 for a in previous if a.get("event") == "start")
-    started = time.time()
-    _append_attempt(root, key, {"event": "start", "attempt": attempt, "t": started,
-                                "host": socket.gethostname(), "pid": os.getpid()})
-    if commit is not None:
-        commit()
-    work = root / WORK / key / f"attempt{attempt}"
-    shutil.rmtree(work, ignore_errors=True)
-    scratch = root / SCRATCH / key
-    resume = stage.resume_info(scratch) if stage.resume_info and scratch.is_dir() else None
-
-    inputs: dict[str, contract.Artifact] = {}
-    for name, entry in input_manifest.get("inputs", {}).items():
-        path, files = _materialize(vol, entry, work / "inputs" / name)
-        inputs[name] = contract.Artifact(name=name, path=path, digest=entry.get("digest", ""),
-                                     files=files if entry.get("fileset") else (),
-                                     meta=entry.get("meta", {}))
-    project_root = work / "project"
-    for rel, sha, _size in input_manifest.get("project", []):
-        target = project_root / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(vol.path(blob_relpath(sha)), target)
-    project_root.mkdir(parents=True, exist_ok=True)
-
-    cache_dir = root / CACHE
-    os.environ.setdefault("CHARACTER_RUNNER_CACHE", str(cache_dir))
-    log_file = work / "log.jsonl"
-    ctx = LocalStageContext(
-        stage_id=stage_id, character=input_manifest.get("character", ""), out_dir=work / "out",
-        scratch_dir=scratch, cache_dir=cache_dir, project_root=project_root,
-        run_id=input_manifest.get("run_id", "remote"), log_file=log_file,
-        extra=dict(input_manifest.get("extra", {})),
-    )
-    ctx._write({"event": "start", "attempt": attempt, "resume": resume, "host": socket.gethostname()})
+        registry = stage_registry()
+    stage = registry.get(kind)
+    att = _begin_attempt(vol, input_manifest, stage, commit)
+    inputs = _materialize_inputs(vol, input_manifest, att.work)
+    ctx = _context(att, input_manifest)
     t0 = time.monotonic()
     try:
         with _Committer(commit, commit_every_s):
             outputs = stage.run(node_config, inputs, ctx)
-    except contract.StageError as exc:
-        duration = time.monotonic() - t0
-        _append_attempt(root, key, {"event": "end", "attempt": attempt, "t": time.time(), "status": "failed"})
-        billed, n = billed_seconds(_attempts(root, key), time.time())
-        result = {"status": "failed", "stage_id": stage_id, "key": key, "error": str(exc), "hint": exc.hint,
-                  "attempt": attempt, "attempts": n, "billed_s": billed, "duration_s": duration,
-                  "resumed": resume, "metrics": ctx.metrics, "warnings": ctx.warnings,
-                  "events": _read_events(log_file)}
-        shutil.rmtree(work, ignore_errors=True)
-        if commit is not None:
-            commit()
+    except UserError as exc:  # the user's problem: a failed result, not retried
+        result = {**att.end("failed", ctx, time.monotonic() - t0), "error": str(exc), "hint": exc.hint}
+        shutil.rmtree(att.work, ignore_errors=True)
+        att.commit_volume()
         return result
     duration = time.monotonic() - t0
+    listing, files = _store_outputs(vol, att.stage_id, outputs, att.work / "out")
+    result = {**att.end("succeeded", ctx, duration), "outputs": listing, "files": files,
+              "metric_history": ctx.metric_history, "finished": time.time()}
+    atomic_write_text(att.root / result_relpath(att.key), json.dumps(result))
+    shutil.rmtree(att.scratch, ignore_errors=True)
+    shutil.rmtree(att.root / WORK / att.key, ignore_errors=True)
+    att.commit_volume()
+    return result
+
+
+def _begin_attempt(vol: FolderVolume, manifest: dict[str, Any], stage: Any,
+                   commit: Callable[[], None] | None) -> _Attempt:
+    """Record a new attempt (committed at once, so a preempted one still counts) and say how the
+    stage would resume from the scratch folder an earlier attempt left."""
+    root, key = vol.root, manifest["key"]
+    number = 1 + sum(1 for a in _attempts(root, key) if a.get("event") == "start")
+    _append_attempt(root, key, {"event": "start", "attempt": number, "t": time.time(),
+                                "host": socket.gethostname(), "pid": os.getpid()})
+    if commit is not None:
+        commit()
+    work = root / WORK / key / f"attempt{number}"
+    shutil.rmtree(work, ignore_errors=True)
+    scratch = root / SCRATCH / key
+    resume = stage.resume_info(scratch) if stage.resume_info and scratch.is_dir() else None
+    return _Attempt(root, key, manifest["stage_id"], number, work, scratch, resume, commit)
+
+
+def _materialize_inputs(vol: FolderVolume, manifest: dict[str, Any], work: Path) -> dict[str, Any]:
+    """The stage's inputs as artifacts under ``work/inputs``, and the project files it names under
+    ``work/project`` (at their project-relative paths)."""
+    from runner.core import contract
+
+    inputs: dict[str, contract.Artifact] = {}
+    for name, entry in manifest.get("inputs", {}).items():
+        path, files = _materialize(vol, entry, work / "inputs" / name)
+        inputs[name] = contract.Artifact(name=name, path=path, digest=entry.get("digest", ""),
+                                         files=files if entry.get("fileset") else (),
+                                         meta=entry.get("meta", {}))
+    project_root = work / "project"
+    for rel, sha, _size in manifest.get("project", []):
+        target = project_root / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(vol.path(blob_relpath(sha)), target)
+    project_root.mkdir(parents=True, exist_ok=True)
+    return inputs
+
+
+def _context(att: _Attempt, manifest: dict[str, Any]) -> LocalStageContext:
+    """The stage's context next to the volume (the model cache on the volume), with the attempt's
+    first log line written."""
+    cache_dir = att.root / CACHE
+    os.environ.setdefault("CHARACTER_RUNNER_CACHE", str(cache_dir))
+    ctx = LocalStageContext(
+        stage_id=att.stage_id, character=manifest.get("character", ""), out_dir=att.work / "out",
+        scratch_dir=att.scratch, cache_dir=cache_dir, project_root=att.work / "project",
+        run_id=manifest.get("run_id", "remote"), log_file=att.log_file,
+        extra=dict(manifest.get("extra", {})),
+    )
+    ctx._write({"event": "start", "attempt": att.number, "resume": att.resume, "host": socket.gethostname()})
+    return ctx
+
+
+def _store_outputs(vol: FolderVolume, stage_id: str, outputs: Any, out_dir: Path) -> tuple[dict[str, Any], list]:
+    """Check the stage's outputs lie in its output folder and store every file as a blob; returns
+    (output name -> path/type/meta, [[relative path, sha256, size], ...])."""
+    from runner.core import contract
 
     if not isinstance(outputs, dict):
         raise TypeError(f"stage {stage_id} returned {type(outputs).__name__}, not a dict of artifacts")
-    out_dir = (work / "out").resolve()
+    out_dir = out_dir.resolve()
     listing: dict[str, Any] = {}
     for name, art in outputs.items():
         p = Path(art.path).resolve()
@@ -226,26 +285,10 @@ def run_stage_in_volume(kind: str, node_config: dict[str, Any], input_manifest: 
             raise contract.StageError(f"stage {stage_id} output {name!r} is outside its output folder: {p}") from None
         if not p.exists():
             raise contract.StageError(f"stage {stage_id} output {name!r} does not exist: {p}")
-        listing[name] = {"path": rel, "type": "dir" if p.is_dir() else "file",
-                         "meta": contract.jsonable(art.meta)}
-    files = []
-    for f in sorted(x for x in out_dir.rglob("*") if x.is_file()):
-        sha = vol.put_blob(f)
-        files.append([f.relative_to(out_dir).as_posix(), sha, f.stat().st_size])
-    _append_attempt(root, key, {"event": "end", "attempt": attempt, "t": time.time(), "status": "succeeded"})
-    billed, n = billed_seconds(_attempts(root, key), time.time())
-    result = {
-        "status": "succeeded", "stage_id": stage_id, "key": key, "outputs": listing, "files": files,
-        "metrics": ctx.metrics, "metric_history": ctx.metric_history, "warnings": ctx.warnings,
-        "events": _read_events(log_file), "attempt": attempt, "attempts": n, "billed_s": billed,
-        "duration_s": duration, "resumed": resume, "finished": time.time(),
-    }
-    atomic_write_text(root / result_relpath(key), json.dumps(result))
-    shutil.rmtree(scratch, ignore_errors=True)
-    shutil.rmtree(root / WORK / key, ignore_errors=True)
-    if commit is not None:
-        commit()
-    return result
+        listing[name] = {"path": rel, "type": "dir" if p.is_dir() else "file", "meta": contract.jsonable(art.meta)}
+    files = [[f.relative_to(out_dir).as_posix(), vol.put_blob(f), f.stat().st_size]
+             for f in sorted(x for x in out_dir.rglob("*") if x.is_file())]
+    return listing, files
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from runner.core import contract
+from runner.core.hashing import HashIndex, file_sha256
 from runner.engine.lock import pid_alive, probe_lock
-from runner.core.hashing import file_sha256
 from runner.paths import iter_tree, workspace_dir
 from runner.plan.planner import FileSetDigest, PriorRecord, canonical_json, sha256_text
-from runner.core import contract
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs(
@@ -151,23 +151,12 @@ class Workspace:
         root = Path(ref.root)
         root_key = str(root)
         row = self.db.execute("SELECT data FROM stat_blob WHERE root=?", (root_key,)).fetchone()
-        cached: dict[str, tuple] = marshal.loads(row[0]) if row else {}
-        files: list[tuple[str, str]] = []
-        fresh: dict[str, tuple] = {}
-        changed = False
-        for rel, full, st in _scan(root, ref.patterns, ref.recursive):
-            hit = cached.get(rel)
-            if hit is not None and hit[0] == st.st_size and hit[1] == st.st_mtime_ns and hit[2] == st.st_ino:
-                digest = hit[3]
-            else:
-                digest = file_digest(Path(full))
-                changed = True
-            fresh[rel] = (st.st_size, st.st_mtime_ns, st.st_ino, digest)
-            files.append((rel, digest))
-        if changed or len(fresh) != len(cached):
+        # file_digest is looked up at call time: tests replace it to count reads
+        index = HashIndex(marshal.loads(row[0]) if row else {}, hasher=lambda path: file_digest(Path(path)))
+        files = sorted((rel, index.sha256(rel, full, st)) for rel, full, st in _scan(root, ref.patterns, ref.recursive))
+        if index.changed:
             with self.db:
-                self.db.execute("INSERT OR REPLACE INTO stat_blob VALUES (?, ?)", (root_key, marshal.dumps(fresh)))
-        files.sort()
+                self.db.execute("INSERT OR REPLACE INTO stat_blob VALUES (?, ?)", (root_key, marshal.dumps(index.entries)))
         digest = sha256_text(canonical_json(files))
         return FileSetDigest(digest=digest, files=tuple(files), root=root)
 
