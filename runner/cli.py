@@ -164,6 +164,7 @@ def plan(specs: tuple[str, ...], resolved: bool, as_json: bool, detailed_exitcod
     """Show, per stage, whether it runs, is cached, or re-runs, and why."""
     from runner.engine.executor import plan_specs
     from runner.spec import load_specs
+    from runner.stages import registry
 
     loaded = load_specs(list(specs), allow_outside=allow_outside_project)
     if resolved:
@@ -176,7 +177,7 @@ def plan(specs: tuple[str, ...], resolved: bool, as_json: bool, detailed_exitcod
             click.echo(yaml.safe_dump(s.data, sort_keys=False, allow_unicode=True, width=100))
             click.echo(resolved_variants_comment(s.data.get("train")), nl=False)
         return
-    p, ws = plan_specs(loaded, force=list(force), only=list(only))
+    p, ws = plan_specs(loaded, force=list(force), only=list(only), registry=registry())
     try:
         from runner.engine.executor import plan_estimates
 
@@ -264,13 +265,14 @@ def apply(specs: tuple[str, ...], force: tuple[str, ...], only: tuple[str, ...],
     from runner.engine.executor import apply as do_apply
     from runner.engine.progress import make_reporter
     from runner.spec import load_specs
+    from runner.stages import registry
 
     loaded = load_specs(list(specs), allow_outside=allow_outside_project)
     options = ApplyOptions(force=list(force), only=list(only), keep_going=keep_going, wait_s=wait_s,
                            backend=backend, command="runner apply " + " ".join(specs))
     t0 = time.monotonic()
     reporter = make_reporter(quiet=quiet)
-    result = do_apply(loaded, options, reporter,
+    result = do_apply(loaded, options, reporter, registry=registry(),
                       on_plan=None if quiet else (lambda p: (_print_plan(p, loaded, estimates=_estimates(p, backend)),
                                                              sys.stdout.flush())))
     elapsed = time.monotonic() - t0
@@ -303,17 +305,18 @@ def report(specs: tuple[str, ...], allow_outside_project: bool) -> None:
     """Re-render the HTML report from what the workspace holds."""
     from runner.engine.executor import plan_specs, rerender_reports
     from runner.spec import load_specs
+    from runner.stages import registry
 
     loaded = load_specs(list(specs), allow_outside=allow_outside_project)
-    p, ws = plan_specs(loaded)
+    p, ws = plan_specs(loaded, registry=registry())
     ws.close()
-    stale = [s.id for s in p.stages if s.node.kind != "report" and s.will_execute]
+    stale = [s.id for s in p.pending_work()]
     if stale:
         raise BadRequest(
             f"{len(stale)} stage(s) are not up to date ({', '.join(stale[:5])}"
             f"{', ...' if len(stale) > 5 else ''}); run `runner apply` first"
         )
-    result = rerender_reports(loaded)
+    result = rerender_reports(loaded, registry=registry())
     for char, path in result.reports.items():
         click.echo(f"Report for {char}: {_rel(path)}")
     if result.failed:
@@ -381,9 +384,10 @@ def status(specs: tuple[str, ...], project: str | None) -> None:
     if specs:
         from runner.engine.executor import plan_specs
         from runner.spec import load_specs
+        from runner.stages import registry
 
         loaded = load_specs(list(specs))
-        p, ws2 = plan_specs(loaded)
+        p, ws2 = plan_specs(loaded, registry=registry())
         ws2.close()
         for ps in p.stages:
             state = "up to date" if not ps.will_execute else f"out of date ({'; '.join(ps.reasons)})"

@@ -48,8 +48,9 @@ class ReviewState:
 
     def refresh(self) -> None:
         from runner.engine.executor import plan_specs
+        from runner.stages import registry
 
-        plan, ws = plan_specs([self.spec])
+        plan, ws = plan_specs([self.spec], registry=registry())
         try:
             self.use_plan(plan, ws)
         finally:
