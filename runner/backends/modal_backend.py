@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from runner.core import contract
+from runner.core.errors import UserError
 from runner.core.pricing import remote_gpu
 
 VOLUME_MOUNT = "/vol"
@@ -35,7 +36,7 @@ DEFAULTS = {"volume": "character-runner-store", "secrets": [], "timeout_s": 1440
             "max_parallel": 4, "app_name": None}
 
 
-class ModalUnavailable(Exception):
+class ModalUnavailable(UserError):
     """Modal cannot be used from here (no credentials, no SDK); the message says what to do."""
 
 

@@ -21,13 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from runner.core.errors import UserError
 
 # A reader (`runner status`, `runner runs`) holds the lock for a few milliseconds while it marks
 # dead runs; an apply without --wait still waits this long before it says the workspace is busy.
 MIN_WAIT_S = 1.0
 
 
-class LockHeld(Exception):
+class LockHeld(UserError):
+    """Another process holds the workspace (exit 3)."""
+
     exit_code = 3
 
     def __init__(self, holder: dict, lock_file: Path, advice: str = "") -> None:

@@ -14,10 +14,14 @@ from runner.spec import schema as S
 from runner.spec.errors import format_key_path
 from runner.spec.resolve import Spec
 from runner.core import contract
+from runner.core.errors import UserError
 
 
-class GraphError(Exception):
-    """The stages a spec expands to do not fit together (a bug or an unsupported combination)."""
+class GraphError(UserError):
+    """The stages a spec expands to do not fit together (a bug or an unsupported combination), or
+    a file the spec names cannot be used: exit 2, like the spec's own problems."""
+
+    exit_code = 2
 
 
 @dataclass
