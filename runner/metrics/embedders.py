@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from runner.core.device import choose_device
 from runner.core.errors import StageError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -233,11 +234,12 @@ def load_image_embedder(
     """Load a CLIP or DINO embedder (see module docstring for what ``model_ref`` may be).
 
     ``cache_dir`` holds the built-in tiny models (``<cache_dir>/models/...``); hub downloads use
-    the Hugging Face cache as usual. ``device``: "cpu", "cuda", "cuda:1" or "auto". Loaded models
+    the Hugging Face cache as usual. ``device``: "cpu", "cuda", "cuda:1", "mps" or "auto"
+(:func:`runner.core.device.choose_device`). Loaded models
     are kept per process, so a stage that loads the same model twice pays once.
     """
     ref = str(model_ref)
-    device = _resolve_device(device)
+    device = choose_device(device)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     # Built-in tiny models live in the cache folder: a different cache is a different model file.
     key = (ref, str(cache.resolve()) if ref.startswith("builtin:") else "", device, str(dtype))
@@ -247,14 +249,6 @@ def load_image_embedder(
         emb = _load(ref, cache, device, dtype)
         _LOADED[key] = emb
         return emb
-
-
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def _torch_dtype(dtype: str | None, device: str):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runner.core.device import choose_device
 from runner.serve.character import ServeTarget
 
 SAFETY_CHECKER_DEFAULT = "CompVis/stable-diffusion-safety-checker"
@@ -58,18 +59,6 @@ class VideoJob:
         return ("video", id(self))  # one clip per pipeline call
 
 
-def pick_device(device: str = "auto") -> str:
-    import torch
-
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
 class SafetyFilter:
     """diffusers' StableDiffusionSafetyChecker (a CLIP model with NSFW concept embeddings) with its
     CLIPImageProcessor, loaded from a hub id or a local folder holding both."""
@@ -111,7 +100,7 @@ class ImageEngine:
         from runner.diffusion.models import load_pipeline
 
         self.target = target
-        self.device = pick_device(device)
+        self.device = choose_device(device, setting="--device")
         self.pipe = load_pipeline(target.base_model, family=target.family, device=self.device,
                                   project_root=Path(target.project_root) if target.project_root else None)
         self.lora_loaded = False

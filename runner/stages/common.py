@@ -247,12 +247,10 @@ def load_embedder(ref: str, ctx: contract.StageContext, key: str, device: str = 
 
 
 def resolve_device(device: str) -> str:
-    """``auto`` -> cuda when torch sees a GPU, else cpu; any other value as given."""
-    if device != "auto":
-        return device
-    import torch
+    """The torch device for ``hardware.device`` (:func:`runner.core.device.choose_device`)."""
+    from runner.core.device import choose_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return choose_device(device)
 
 
 # --------------------------------------------------------------------------- curation rules

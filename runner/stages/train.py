@@ -152,18 +152,11 @@ def resume_info(scratch_dir: Path) -> str | None:
 
 
 def _device(config: dict[str, Any], ctx: contract.StageContext) -> str:
-    """hardware.device from the spec (auto: CUDA when there is one, else CPU)."""
-    extra = getattr(ctx, "extra", None) or {}
-    dev = str(config.get("device") or extra.get("device") or "auto")
-    if dev == "auto" or dev == "mps":
-        import torch
+    """hardware.device from the spec (:func:`runner.core.device.choose_device`)."""
+    from runner.core.device import choose_device
 
-        if torch.cuda.is_available():
-            return "cuda"
-        if dev == "mps" and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    return dev
+    extra = getattr(ctx, "extra", None) or {}
+    return choose_device(config.get("device") or extra.get("device") or "auto")
 
 
 def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact], env: dict[str, Any]) -> list[contract.ReportSection]:

@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from runner.core import contract
+from runner.core.device import choose_device
 from runner.stages.common import review_section
-from runner.stages.storyboard import _rel, face_backend_from, face_options, reference_inputs, resolve_device
+from runner.stages.storyboard import _rel, face_backend_from, face_options, reference_inputs
 
 VERSION = 1
 # Steps whose wall time counts against targets.max_seconds (analysis is the runner's own check).
@@ -257,7 +258,7 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contr
 
     t_start = time.monotonic()
     sources = _sources(config, inputs)
-    device = resolve_device(config.get("device", "auto"))
+    device = choose_device(config.get("device", "auto"))
 
     # 1. the model (first: a bad shape fails before anything slow)
     t = time.monotonic()
