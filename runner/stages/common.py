@@ -246,13 +246,6 @@ def load_embedder(ref: str, ctx: contract.StageContext, key: str, device: str = 
         raise contract.StageError(f"{key}: {exc}", hint=exc.hint) from None
 
 
-def resolve_device(device: str) -> str:
-    """The torch device for ``hardware.device`` (:func:`runner.core.device.choose_device`)."""
-    from runner.core.device import choose_device
-
-    return choose_device(device)
-
-
 # --------------------------------------------------------------------------- curation rules
 
 # dataset.curation's settings as curate and extract apply them.
@@ -275,7 +268,8 @@ def quality_score(rec: dict[str, Any]) -> float:
     exp = f.get("exposure") or {}
     clipped = exp.get("clipped_dark", 0.0) + exp.get("clipped_bright", 0.0)
     ident = rec.get("identity")
-    score = 0.4 * min(1.0, fh / 400.0) + 0.3 * min(1.0, (f.get("blur") or 0.0) / 100.0) + 0.1 * (1.0 - min(1.0, clipped))
+    score = (0.4 * min(1.0, fh / 400.0) + 0.3 * min(1.0, (f.get("blur") or 0.0) / 100.0)
+             + 0.1 * (1.0 - min(1.0, clipped)))
     score += 0.2 * (1.0 if ident is None else max(0.0, min(1.0, ident)))
     return round(score, 4)
 
@@ -286,7 +280,8 @@ def _identity_gate(rec: dict[str, Any], threshold: float) -> tuple[str, str]:
     if others:
         i, s = max(others, key=lambda t: t[1])
         return ("character is not the main face",
-                f"main face identity {rec['identity']:.3f} < {threshold}; face #{i + 1} matches ({s:.3f}) but is smaller")
+                f"main face identity {rec['identity']:.3f} < {threshold}; face #{i + 1} matches ({s:.3f}) "
+                "but is smaller")
     return "not the character", f"identity {rec['identity']:.3f} < threshold {threshold}"
 
 
@@ -316,7 +311,10 @@ def gate(rec: dict[str, Any], cfg: dict[str, Any], threshold: float | None) -> t
     return None
 
 
-def dedupe(items: list[dict[str, Any]], max_distance: int) -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any], dict[str, Any], int]]]:
+Duplicate = tuple[dict[str, Any], dict[str, Any], int]  # (dropped record, the kept one, phash distance)
+
+
+def dedupe(items: list[dict[str, Any]], max_distance: int) -> tuple[list[dict[str, Any]], list[Duplicate]]:
     """Keep the best of each group of near-duplicates (phash Hamming distance <= max_distance).
 
     Vectorized: each candidate (best first) is compared with every kept hash at once.
@@ -327,7 +325,7 @@ def dedupe(items: list[dict[str, Any]], max_distance: int) -> tuple[list[dict[st
         return items, []
     ordered = sorted(items, key=lambda r: (-r["quality"], r["id"]))
     kept: list[dict[str, Any]] = []
-    dups: list[tuple[dict[str, Any], dict[str, Any], int]] = []
+    dups: list[Duplicate] = []
     hashes = np.zeros(len(ordered), dtype=np.uint64)
     n = 0
     for rec in ordered:

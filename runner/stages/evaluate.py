@@ -30,38 +30,68 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from runner.core import contract
-from runner.stages.common import IMAGE_EXTENSIONS
-from runner.stages.common import face_backend as _face_backend
-from runner.stages.common import load_embedder as _load_embedder
-from runner.stages.common import load_rgb as _load_rgb
-from runner.stages.common import reference_files as _reference_files
-from runner.stages.common import rel_path as _rel
-from runner.stages.common import with_tracking
+from runner.core.device import choose_device
+from runner.core.fs import atomic_write_text
+from runner.stages.common import (
+    IMAGE_EXTENSIONS,
+    face_backend,
+    face_options,
+    load_embedder,
+    load_rgb,
+    output_json,
+    reference_files,
+    reference_inputs,
+    rel_path,
+    resume_note,
+    stage_gpu,
+    variant_of,
+    with_tracking,
+)
 
 VERSION = 1
+# Metrics of the best cell reported as stage metrics (best_<name>).
+BEST_METRICS = ("face_similarity", "no_face_rate", "clip_t", "clip_score", "clip_i", "dino", "consistency", "diversity")
 
 
 # --------------------------------------------------------------------------- planning
 
 
-def _variant_of(node_id: str) -> str | None:
-    return node_id[node_id.index("[") + 1 : -1] if node_id.endswith("]") and "[" in node_id else None
-
-
 def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.PlanNode]:
     """One evaluate node per train node, when the spec has an ``evaluate`` section."""
-    from runner.eval import selection
-    from runner.eval.suites import load_suite, render_suite
-
     ev = spec.get("evaluate")
     trains = graph.nodes_of("train")
     if not isinstance(ev, dict) or not trains:
         return []
     character = spec.get("character", {})
+    refs = _references_of(character)
+    rendered = _rendered_suite(ev, character, graph)
+    config = _node_config(spec, ev, rendered, refs)
+    n_images = len(rendered.prompts) * len(config["seeds"]) * len(config["lora_scales"])
+    label = (f"{len(rendered.categories)} categories x {len(rendered.prompts)} prompts x {len(config['seeds'])} seeds "
+             f"x {len(config['lora_scales'])} scales = {n_images} images per checkpoint")
+    nodes = []
+    for train in trains:
+        variant = variant_of(train.id)
+        nodes.append(with_tracking(contract.PlanNode(
+            id=contract.node_id(graph.character, "evaluate", variant),
+            kind="evaluate",
+            character=graph.character,
+            config={**config, "variant": variant},
+            inputs={"lora": contract.StageOutputRef(train.id, "lora"), **reference_inputs(spec, graph)},
+            outputs=("evaluation",),
+            gpu=stage_gpu(spec, "evaluate"),
+            unkeyed=("face_workers",),
+            label=label,
+        ), spec, graph))
+    return nodes
+
+
+def _references_of(character: dict[str, Any]) -> list[str]:
     refs = list(character.get("references", []) or [])
     if not refs:
         raise contract.StageError(
@@ -69,8 +99,15 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
             "generated images with the character's reference images",
             hint="Add reference photos (files or folders) under character.references, or remove the evaluate section.",
         )
+    return refs
+
+
+def _rendered_suite(ev: dict[str, Any], character: dict[str, Any], graph: contract.GraphView):
+    """The prompt suite with the trigger and class word filled in (runner.eval.suites)."""
+    from runner.eval.suites import load_suite, render_suite
+
     suite = load_suite(ev.get("suite", "builtin"), project_root=graph.project_root)
-    rendered = render_suite(
+    return render_suite(
         suite,
         trigger=character["trigger"],
         class_word=character.get("class_word", "person"),
@@ -78,6 +115,13 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
         prompts_per_category=ev.get("prompts_per_category"),
         default_negative=ev.get("negative_prompt", ""),
     )
+
+
+def _node_config(spec: dict[str, Any], ev: dict[str, Any], rendered: Any, refs: list[str]) -> dict[str, Any]:
+    """What every evaluate node of the spec runs with (the variant is added per node)."""
+    from runner.eval import selection
+
+    character = spec["character"]
     targets = ev.get("targets") or {}
     objective = {"maximize": "face_similarity", "constraints": {}, **(ev.get("objective") or {})}
     selection.validate_targets(targets, rendered.categories)
@@ -86,10 +130,8 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
     scales = list(ev.get("lora_scales", [1.0]))
     if not seeds or not scales:
         raise contract.StageError("evaluate: seeds and lora_scales need at least one value each",
-                              hint="e.g. seeds: [1, 2], lora_scales: [0.8, 1.0]")
-    analysis = spec.get("dataset", {}).get("analysis", {})
-    hardware = spec.get("hardware", {})
-    config_common = {
+                                  hint="e.g. seeds: [1, 2], lora_scales: [0.8, 1.0]")
+    return {
         "trigger": character["trigger"],
         "class_word": character.get("class_word", "person"),
         "suite": {"source": rendered.source, "prompts": [p.to_dict() for p in rendered.prompts]},
@@ -100,93 +142,83 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
         "guidance": float(ev.get("guidance", 7.0)),
         "resolution": ev.get("resolution"),
         "batch_size": int(ev.get("batch_size", 4)),
-        # Only changes speed: left out of the stage's key (unkeyed below) and the cell key.
+        # Only changes speed: left out of the stage's key (unkeyed) and the cell key.
         "face_workers": int(ev.get("face_workers", 0)),
-        "face": {
-            "name": ev.get("face_model", "auto"),
-            "insightface_pack": ev.get("insightface_pack") or analysis.get("insightface_pack", "buffalo_l"),
-            "insightface_root": ev.get("insightface_root") or analysis.get("insightface_root", "~/.insightface"),
-            "dlib_detector": analysis.get("dlib_detector", "hog"),
-            "upsample": int(analysis.get("upsample", 1)),
-        },
+        "face": face_options(spec),
         "clip_model": ev.get("clip_model", "openai/clip-vit-large-patch14"),
         "dino_model": ev.get("dino_model", "facebook/dino-vits16"),
         "targets": targets,
         "objective": objective,
         "references": refs,
-        "device": hardware.get("device", "auto"),
+        "device": (spec.get("hardware") or {}).get("device", "auto"),
     }
-    ref_inputs = {
-        f"reference{i}": contract.FileSetRef(root=graph.project_root / r, patterns=("*",), recursive=True,
-                                         spec_key=f"character.references[{i}]")
-        for i, r in enumerate(refs)
-    }
-    gpu = hardware.get("stage_gpu", {}).get("evaluate") or hardware.get("gpu")
-    nodes = []
-    n_images = len(rendered.prompts) * len(seeds) * len(scales)
-    for train in trains:
-        variant = _variant_of(train.id)
-        nodes.append(with_tracking(contract.PlanNode(
-            id=contract.node_id(graph.character, "evaluate", variant),
-            kind="evaluate",
-            character=graph.character,
-            config={**config_common, "variant": variant},
-            inputs={"lora": contract.StageOutputRef(train.id, "lora"), **ref_inputs},
-            outputs=("evaluation",),
-            gpu=gpu,
-            unkeyed=("face_workers",),
-            label=(f"{len(rendered.categories)} categories x {len(rendered.prompts)} prompts x "
-                   f"{len(seeds)} seeds x {len(scales)} scales = {n_images} images per checkpoint"),
-        ), spec, graph))
-    return nodes
 
 
 # --------------------------------------------------------------------------- running
-
-
-def _read_index(lora: contract.Artifact) -> dict[str, Any]:
-    path = Path(lora.path) / "index.json"
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise contract.StageError(f"cannot read the train stage's LoRA index {path}: {exc}",
-                              hint="Re-run the train stage (runner apply --force train).") from None
-    missing = [k for k in ("base_model", "checkpoints", "final") if k not in index]
-    if missing or not index.get("checkpoints"):
-        raise contract.StageError(f"{path}: missing {', '.join(missing) or 'checkpoints'}",
-                              hint="The train stage's index.json must list its checkpoints.")
-    return index
-
-
-
-
-
-
 
 
 def cell_name(step: int, scale: float) -> str:
     return f"step{int(step):06d}_scale{float(scale):g}"
 
 
-def _image_name(prompt: dict[str, Any], seed: int, ext: str) -> str:
-    return f"{prompt['category']}_{int(prompt['index']):02d}_seed{seed}{ext}"
+@dataclass(frozen=True)
+class Checkpoint:
+    """One train checkpoint to evaluate: its entry in the train stage's index.json."""
+
+    index: int  # position in index.json's checkpoints
+    entry: dict[str, Any]  # step, phase, diffusers (and kohya) file names
+    file: Path  # the diffusers LoRA file
+
+    @property
+    def step(self) -> int:
+        return int(self.entry["step"])
 
 
-def _save_image(img, folder: Path, stem_name: str) -> str:
-    path = folder / stem_name
-    if path.suffix == ".png":
-        img.save(path, format="PNG", optimize=False)
-    else:
-        img.convert("RGB").save(path, format="JPEG", quality=92)
-    return path.name
+@dataclass
+class EvalJob:
+    """What a run evaluates: the train output, its checkpoints, the suite and sampler settings."""
+
+    config: dict[str, Any]
+    lora_root: Path
+    index: dict[str, Any]
+    checkpoints: list[Checkpoint]
+    prompts: list[dict[str, Any]]
+    seeds: list[int]
+    scales: list[float]
+    resolution: int
+
+    @classmethod
+    def of(cls, config: dict[str, Any], inputs: dict[str, contract.Artifact]) -> EvalJob:
+        if "lora" not in inputs:
+            raise contract.StageError("evaluate needs the train stage's 'lora' output")
+        lora_root = Path(inputs["lora"].path)
+        index = _read_index(lora_root)
+        checkpoints = [Checkpoint(i, ck, lora_root / ck.get("diffusers", ""))
+                       for i, ck in _select_checkpoints(index, config.get("checkpoints", "all"))]
+        for ck in checkpoints:
+            if not ck.entry.get("diffusers") or not ck.file.is_file():
+                raise contract.StageError(f"checkpoint at step {ck.entry.get('step')} has no LoRA file {ck.file}",
+                                          hint="Re-run the train stage; its output folder looks incomplete.")
+        return cls(config, lora_root, index, checkpoints, config["suite"]["prompts"], config["seeds"],
+                   config["lora_scales"], int(config.get("resolution") or index.get("resolution") or 512))
+
+    @property
+    def jobs(self) -> list[tuple[dict[str, Any], int]]:
+        """(prompt, seed) of every image of a cell, in the order of the text embeddings."""
+        return [(p, s) for p in self.prompts for s in self.seeds]
 
 
-def _select_checkpoints(index: dict[str, Any], which: str) -> list[tuple[int, dict[str, Any]]]:
-    cks = list(enumerate(index["checkpoints"]))
-    if which == "last":
-        final = int(index.get("final", len(cks) - 1))
-        return [cks[final]]
-    return cks
+@dataclass
+class Scorer:
+    """The metric models and what generated images are compared with."""
+
+    computer: Any  # runner.metrics.compute.MetricComputer (its face workers live as long as it)
+    ref_files: list[Path]
+    refs: Any = None  # the reference set (MetricComputer.references)
+    text_emb: Any = None  # the text embedding of every (prompt, seed) job
+
+    def tiny(self) -> dict[str, bool]:
+        return {"clip": bool(self.computer.clip.is_tiny_random), "dino": bool(self.computer.dino.is_tiny_random)}
 
 
 def track(config: dict[str, Any], outputs: dict[str, contract.Artifact], env: dict[str, Any]) -> list[dict[str, Any]]:
@@ -222,187 +254,92 @@ def track(config: dict[str, Any], outputs: dict[str, contract.Artifact], env: di
 
 
 @contract.register("evaluate", version=VERSION, order=60, expand=expand, track=track, typical_seconds=1200.0,
-               description="Generate the prompt suite per checkpoint x LoRA scale, score identity and prompt alignment, pick the best.",
-               resume_info=lambda scratch: _resume_info(scratch),
-               report=lambda config, outputs, env: report_sections(config, outputs, env))
-def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contract.StageContext) -> dict[str, contract.Artifact]:
+                   description="Generate the prompt suite per checkpoint x LoRA scale, score identity and prompt "
+                               "alignment, pick the best.",
+                   resume_info=lambda scratch: _resume_info(scratch),
+                   report=lambda config, outputs, env: report_sections(config, outputs, env))
+def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
+        ctx: contract.StageContext) -> dict[str, contract.Artifact]:
     """Generate the prompt suite per checkpoint x LoRA scale, score it, pick the best."""
-    from runner.eval import selection
-    from runner.metrics.compute import MetricComputer
-
     t_start = time.monotonic()
-    if "lora" not in inputs:
-        raise contract.StageError("evaluate needs the train stage's 'lora' output")
-    lora = inputs["lora"]
-    lora_root = Path(lora.path)
-    index = _read_index(lora)
-    checkpoints = _select_checkpoints(index, config.get("checkpoints", "all"))
-    for _, ck in checkpoints:
-        f = lora_root / ck.get("diffusers", "")
-        if not ck.get("diffusers") or not f.is_file():
-            raise contract.StageError(f"checkpoint at step {ck.get('step')} has no LoRA file {f}",
-                                  hint="Re-run the train stage; its output folder looks incomplete.")
-    prompts: list[dict[str, Any]] = config["suite"]["prompts"]
-    seeds: list[int] = config["seeds"]
-    scales: list[float] = config["lora_scales"]
-    resolution = int(config.get("resolution") or index.get("resolution") or 512)
-
+    job = EvalJob.of(config, inputs)
     # 1. references and metric models
-    ref_files = _reference_files(inputs)
-    if not ref_files:
-        raise contract.StageError("no reference images found in character.references "
-                              f"({', '.join(config.get('references', []))})",
-                              hint=f"Put images ({', '.join(IMAGE_EXTENSIONS)}) in the reference folders.")
-    face = _face_backend(config["face"], ctx.project_root)
-    computer = MetricComputer(
-        clip=_load_embedder(config["clip_model"], ctx, "evaluate.clip_model", config.get("device", "auto")),
-        dino=_load_embedder(config["dino_model"], ctx, "evaluate.dino_model", config.get("device", "auto")),
-        face_backend=face, batch_size=config["batch_size"],
-        face_pool=_face_pool(config, face, len(prompts) * len(seeds), ctx),
-    )
-    ctx.log(f"face backend: {getattr(face, 'selection_note', face.name)}")
-    # The face workers (if any) live as long as the scoring.
-    with computer:
-        ref_images = [_load_rgb(f) for f in ref_files]
-        refs = computer.references(ref_images, [_rel(f, ctx.project_root) for f in ref_files])
-        for f, ok in zip(ref_files, refs.face_found):
-            if not ok:
-                ctx.warn(f"no face found in reference {_rel(f, ctx.project_root)}; it still counts for CLIP-I and DINO")
-        text_emb_all = computer.text_embeddings([p["prompt"] for p in prompts for _ in seeds])
-
+    scorer = _scorer(job, inputs, ctx)
+    with scorer.computer:
+        _embed_references(scorer, job, ctx)
         # 2. the pipeline
-        pipe = _load_pipeline(index, config, ctx)
-        tiny_diffusion = bool(index.get("tiny_random_model") or getattr(pipe, "_character_runner_tiny", False))
-
-        # 3. cells. Each checkpoint x scale is generated and scored once and kept in the shared cache
-        # under a key of everything that affects it (LoRA file content, base model, prompts, seeds,
-        # sampler settings, metric models, reference files). A crash resumes at the next cell, and
-        # changing only targets or the objective re-selects without generating anything.
-        cells_root = ctx.cache_dir / "evaluate-cells"
-        cells_root.mkdir(parents=True, exist_ok=True)
-        common_key = _common_cell_key(config, index, resolution, ref_files)
-        total = len(checkpoints) * len(scales) * len(prompts) * len(seeds)
-        prog = ctx.progress(total, "evaluate: generate + score")
-        cells: list[dict[str, Any]] = []
-        cell_dirs: dict[str, Path] = {}
-        done_names: list[str] = []
-        from runner.diffusion.lora import load_lora, unload_loras
-
-        for ck_index, ck in checkpoints:
-            loaded = False
-            lora_sha = _file_sha256(lora_root / ck["diffusers"])
-            for scale in scales:
-                name = cell_name(ck["step"], scale)
-                folder = cells_root / _sha256_text(json.dumps([common_key, lora_sha, float(scale)]))[:40]
-                done = folder / "cell.json"
-                if done.is_file():
-                    cell = json.loads(done.read_text(encoding="utf-8"))
-                    prog.update(len(prompts) * len(seeds))
-                else:
-                    if not loaded:
-                        with _quiet_diffusers():  # "no LoRA keys for the text encoder" is expected
-                            load_lora(pipe, lora_root / ck["diffusers"], adapter_name="evaluate")
-                        loaded = True
-                    cell = _run_cell(pipe, computer, refs, text_emb_all, config, scale, resolution, folder, prog)
-                # Which checkpoint this is belongs to this run, not to the cached content.
-                cell.update({"cell": name, "step": int(ck["step"]), "phase": ck.get("phase"),
-                             "checkpoint_index": ck_index, "lora_scale": float(scale)})
-                cells.append(cell)
-                cell_dirs[name] = folder
-                done_names.append(name)
-                _write_json(ctx.scratch_dir / "cells_done.json", done_names)
-            if loaded:
-                unload_loras(pipe)
-        prog.close()
-
+        pipe = _load_pipeline(job.index, config, ctx)
+        tiny_diffusion = bool(job.index.get("tiny_random_model") or getattr(pipe, "_character_runner_tiny", False))
+        # 3. cells, generated and scored once each (or taken from the shared cache)
+        runner = CellRunner.start(job, scorer, pipe, ctx)
+        cells = runner.run_all()
     # 4. targets, score, best
-    targets = config.get("targets") or {}
-    for c in cells:
-        c["targets"] = selection.evaluate_targets(c["categories"], c["overall"], targets)
-        c["targets_total"] = sum(len(v) for v in c["targets"].values())
-        c["targets_passed"] = sum(1 for row in c["targets"].values() for t in row.values() if t["pass"])
-        c["score"], score_kind = selection.cell_score(c["targets"], c["overall"])
-    score_kind = selection.cell_score(cells[0]["targets"], cells[0]["overall"])[1]
-    choice = selection.select_best(cells, config["objective"])
+    choice, score_kind = _choose(cells, config, ctx)
     best_cell = cells[choice["index"]]
-    if not choice["constraints_met"]:
-        ctx.warn(f"evaluate: {choice['reason']}")
-
     # 5. outputs: images, best LoRA files, evaluation.json
     out = ctx.out_dir / "evaluation"
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    for c in cells:
-        src = cell_dirs[c["cell"]]
-        dst = out / "images" / c["cell"]
-        dst.mkdir(parents=True, exist_ok=True)
-        for img in c["images"]:
-            _link_or_copy(src / img["file"], dst / img["file"])
-            img["path"] = f"images/{c['cell']}/{img['file']}"
-    best_ck = index["checkpoints"][best_cell["checkpoint_index"]]
-    (out / "best").mkdir()
-    lora_diffusers = f"best/{Path(best_ck['diffusers']).name}"
-    shutil.copy2(lora_root / best_ck["diffusers"], out / lora_diffusers)
-    lora_kohya = None
-    if best_ck.get("kohya") and (lora_root / best_ck["kohya"]).is_file():
-        lora_kohya = f"best/{Path(best_ck['kohya']).name}"
-        shutil.copy2(lora_root / best_ck["kohya"], out / lora_kohya)
-    tiny = {"diffusion": tiny_diffusion, "clip": bool(computer.clip.is_tiny_random),
-            "dino": bool(computer.dino.is_tiny_random)}
-    best = {
-        "variant": config.get("variant"),
-        "step": best_cell["step"],
-        "phase": best_cell.get("phase"),
-        "lora_scale": best_cell["lora_scale"],
-        "score": best_cell["score"],
-        "cell": best_cell["cell"],
-        "checkpoint_index": best_cell["checkpoint_index"],
-        "lora_diffusers": lora_diffusers,
-        "lora_kohya": lora_kohya,
-        "objective": config["objective"],
-        "objective_value": selection.metric_value(best_cell, choice["maximize"]),
-        "constraints_met": choice["constraints_met"],
-        "constraints": choice["constraints"],
-        "reason": choice["reason"],
-    }
-    evaluation = {
-        "format": 1,
-        "character": ctx.character,
-        "stage_id": ctx.stage_id,
-        "run_id": ctx.run_id,
-        "variant": config.get("variant"),
-        "trigger": config["trigger"],
-        "class_word": config["class_word"],
-        "base_model": index.get("base_model"),
-        "model_family": index.get("model_family"),
-        "tiny_random": {**tiny, "any": any(tiny.values())},
-        "models": computer.models(),
-        "generation": {"steps": config["steps"], "guidance": config["guidance"], "resolution": resolution,
-                       "seeds": seeds, "lora_scales": scales, "batch_size": config["batch_size"]},
-        "suite": {"source": config["suite"]["source"], "categories": list(dict.fromkeys(p["category"] for p in prompts)),
-                  "prompts": prompts},
-        "references": [{"file": n, "face_found": ok} for n, ok in zip(refs.names, refs.face_found)],
-        "metric_definitions": _metric_definitions(),
-        "targets": targets,
-        "score_kind": score_kind,
-        "cells": cells,
-        "best": best,
-        "duration_s": round(time.monotonic() - t_start, 2),
-    }
-    tmp = out / "evaluation.json.tmp"
-    tmp.write_text(json.dumps(evaluation, indent=1, default=_json_default), encoding="utf-8")
-    os.replace(tmp, out / "evaluation.json")
+    _copy_images(out, cells, runner.folders)
+    best = _best(best_cell, choice, config, _copy_best_lora(out, job, best_cell))
+    tiny = {"diffusion": tiny_diffusion, **scorer.tiny()}
+    evaluation = _evaluation(job, scorer, cells, best, score_kind, tiny, ctx)
+    evaluation["duration_s"] = round(time.monotonic() - t_start, 2)
+    atomic_write_text(out / "evaluation.json", json.dumps(evaluation, indent=1, default=_json_default))
+    _log_best(ctx, best_cell, best, choice["reason"], evaluation["tiny_random"]["any"])
+    meta = {"best": best, "tiny_random": evaluation["tiny_random"]["any"]}
+    return {"evaluation": contract.Artifact("evaluation", out, meta=meta)}
 
-    for m in ("face_similarity", "no_face_rate", "clip_t", "clip_score", "clip_i", "dino", "consistency", "diversity"):
-        v = best_cell["overall"].get(m)
-        if v is not None:
-            ctx.metric(f"best_{m}", v)
-    if best_cell["score"] is not None:
-        ctx.metric("best_score", best_cell["score"])
-    ctx.metric("best_step", best_cell["step"])
-    ctx.metric("best_lora_scale", best_cell["lora_scale"])
-    label = " (tiny random models: figures are meaningless)" if evaluation["tiny_random"]["any"] else ""
-    ctx.log(f"best: step {best['step']} at LoRA scale {best['lora_scale']:g} - {choice['reason']}{label}")
-    return {"evaluation": contract.Artifact("evaluation", out, meta={"best": best, "tiny_random": evaluation["tiny_random"]["any"]})}
+
+def _read_index(lora_root: Path) -> dict[str, Any]:
+    path = lora_root / "index.json"
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise contract.StageError(f"cannot read the train stage's LoRA index {path}: {exc}",
+                                  hint="Re-run the train stage (runner apply --force train).") from None
+    missing = [k for k in ("base_model", "checkpoints", "final") if k not in index]
+    if missing or not index.get("checkpoints"):
+        raise contract.StageError(f"{path}: missing {', '.join(missing) or 'checkpoints'}",
+                                  hint="The train stage's index.json must list its checkpoints.")
+    return index
+
+
+def _select_checkpoints(index: dict[str, Any], which: str) -> list[tuple[int, dict[str, Any]]]:
+    cks = list(enumerate(index["checkpoints"]))
+    if which == "last":
+        final = int(index.get("final", len(cks) - 1))
+        return [cks[final]]
+    return cks
+
+
+def _scorer(job: EvalJob, inputs: dict[str, contract.Artifact], ctx: contract.StageContext) -> Scorer:
+    """The reference files and the metric models (CLIP, DINO, the face backend)."""
+    from runner.metrics.compute import MetricComputer
+
+    config = job.config
+    ref_files = reference_files(inputs)
+    if not ref_files:
+        raise contract.StageError("no reference images found in character.references "
+                                  f"({', '.join(config.get('references', []))})",
+                                  hint=f"Put images ({', '.join(IMAGE_EXTENSIONS)}) in the reference folders.")
+    face = face_backend(config["face"], ctx.project_root)
+    device = config.get("device", "auto")
+    computer = MetricComputer(
+        clip=load_embedder(config["clip_model"], ctx, "evaluate.clip_model", device),
+        dino=load_embedder(config["dino_model"], ctx, "evaluate.dino_model", device),
+        face_backend=face, batch_size=config["batch_size"],
+        face_pool=_face_pool(config, face, len(job.jobs), ctx),
+    )
+    ctx.log(f"face backend: {getattr(face, 'selection_note', face.name)}")
+    return Scorer(computer, ref_files)
+
+
+def _embed_references(scorer: Scorer, job: EvalJob, ctx: contract.StageContext) -> None:
+    names = [rel_path(f, ctx.project_root) for f in scorer.ref_files]
+    scorer.refs = scorer.computer.references([load_rgb(f) for f in scorer.ref_files], names)
+    for name, ok in zip(names, scorer.refs.face_found):
+        if not ok:
+            ctx.warn(f"no face found in reference {name}; it still counts for CLIP-I and DINO")
+    scorer.text_emb = scorer.computer.text_embeddings([p["prompt"] for p, _ in job.jobs])
 
 
 def _face_pool(config: dict[str, Any], face: Any, images_per_cell: int, ctx: contract.StageContext):
@@ -425,66 +362,159 @@ def _face_pool(config: dict[str, Any], face: Any, images_per_cell: int, ctx: con
                     hint="set evaluate.face_workers: 1 to analyze faces in-process and see the error")
 
 
-def _run_cell(pipe, computer, refs, text_emb_all, config, scale, resolution, final: Path, prog) -> dict[str, Any]:
-    """Generate and score one checkpoint x scale into ``final`` (written elsewhere, then renamed
-    into place, so a crash or a concurrent run never leaves a half-written cell)."""
-    import tempfile
+def _load_pipeline(index: dict[str, Any], config: dict[str, Any], ctx: contract.StageContext):
+    from runner.diffusion.models import ModelLoadError, load_pipeline
 
-    from runner.diffusion.generate import generate_images
-
-    folder = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
-        return _generate_and_score(pipe, computer, refs, text_emb_all, config, scale, resolution, folder, final,
-                                   prog, generate_images)
-    finally:
-        if folder.exists():  # failed, or lost a race: nothing half-written stays in the cache
-            shutil.rmtree(folder, ignore_errors=True)
+        return load_pipeline(index["base_model"], family=index.get("model_family", "auto"),
+                             device=choose_device(config.get("device", "auto")),
+                             cache_dir=ctx.cache_dir, project_root=ctx.project_root)
+    except ModelLoadError as exc:
+        raise contract.StageError(f"evaluate: {exc}", hint=exc.hint) from None
 
 
-def _generate_and_score(pipe, computer, refs, text_emb_all, config, scale, resolution, folder: Path,
-                        final: Path, prog, generate_images) -> dict[str, Any]:
-    prompts = config["suite"]["prompts"]
-    seeds = config["seeds"]
-    jobs = [(p, s) for p in prompts for s in seeds]  # the order of text_emb_all
-    ext = ".png" if resolution <= 512 else ".jpg"
-    images: list[Any] = [None] * len(jobs)
-    # Prompts sharing a negative prompt are generated together, in batches.
-    by_negative: dict[str, list[int]] = {}
-    for i, (p, _) in enumerate(jobs):
-        by_negative.setdefault(p.get("negative", ""), []).append(i)
-    t0 = time.monotonic()
-    for negative, rows in by_negative.items():
-        imgs = generate_images(
-            pipe, [jobs[i][0]["prompt"] for i in rows], negative_prompt=negative,
-            seeds=[jobs[i][1] for i in rows], steps=config["steps"], guidance=config["guidance"],
-            width=resolution, height=resolution, lora_scale=scale, batch_size=config["batch_size"],
-            progress=prog,
+# --------------------------------------------------------------------------- the cells
+
+
+@dataclass
+class CellRunner:
+    """Generates and scores the cells (one checkpoint x one LoRA scale).
+
+    Each cell is generated and scored once and kept in the shared cache
+    (``<cache>/evaluate-cells/<key>/``) under a key of everything that affects it (LoRA file
+    content, base model, prompts, seeds, sampler settings, metric models, reference files). A crash
+    resumes at the next cell, and changing only targets or the objective re-selects without
+    generating anything. The scratch folder's cells_done.json lists the finished cells.
+    """
+
+    job: EvalJob
+    scorer: Scorer
+    pipe: Any
+    ctx: contract.StageContext
+    common_key: str
+    prog: Any
+    folders: dict[str, Path] = field(default_factory=dict)  # cell name -> its cache folder
+    done: list[str] = field(default_factory=list)  # finished cells, in order (scratch/cells_done.json)
+
+    @classmethod
+    def start(cls, job: EvalJob, scorer: Scorer, pipe: Any, ctx: contract.StageContext) -> CellRunner:
+        (ctx.cache_dir / "evaluate-cells").mkdir(parents=True, exist_ok=True)
+        total = len(job.checkpoints) * len(job.scales) * len(job.jobs)
+        return cls(job, scorer, pipe, ctx, _common_cell_key(job, scorer.ref_files),
+                   ctx.progress(total, "evaluate: generate + score"))
+
+    def run_all(self) -> list[dict[str, Any]]:
+        cells = [cell for ck in self.job.checkpoints for cell in self.checkpoint(ck)]
+        self.prog.close()
+        return cells
+
+    def checkpoint(self, ck: Checkpoint) -> list[dict[str, Any]]:
+        """Every scale of one checkpoint; its LoRA is loaded only when a cell is not cached."""
+        from runner.core.hashing import file_sha256
+        from runner.diffusion.lora import unload_loras
+
+        lora_sha = file_sha256(ck.file)
+        loaded = False
+        cells = []
+        for scale in self.job.scales:
+            key = _sha256_text(json.dumps([self.common_key, lora_sha, float(scale)]))[:40]
+            folder = self.ctx.cache_dir / "evaluate-cells" / key
+            cell = self._cached(folder)
+            if cell is None:
+                loaded = loaded or self._load_lora(ck)
+                cell = self._generate_cell(scale, folder)
+            cells.append(self._done(cell, ck, scale, folder))
+        if loaded:
+            unload_loras(self.pipe)
+        return cells
+
+    def _cached(self, folder: Path) -> dict[str, Any] | None:
+        done = folder / "cell.json"
+        if not done.is_file():
+            return None
+        self.prog.update(len(self.job.jobs))
+        return json.loads(done.read_text(encoding="utf-8"))
+
+    def _load_lora(self, ck: Checkpoint) -> bool:
+        from runner.diffusion.lora import load_lora
+
+        with _quiet_diffusers():  # "no LoRA keys for the text encoder" is expected
+            load_lora(self.pipe, ck.file, adapter_name="evaluate")
+        return True
+
+    def _done(self, cell: dict[str, Any], ck: Checkpoint, scale: float, folder: Path) -> dict[str, Any]:
+        """Which checkpoint this is belongs to this run, not to the cached content."""
+        name = cell_name(ck.step, scale)
+        cell.update({"cell": name, "step": ck.step, "phase": ck.entry.get("phase"),
+                     "checkpoint_index": ck.index, "lora_scale": float(scale)})
+        self.folders[name] = folder
+        self.done.append(name)
+        atomic_write_text(self.ctx.scratch_dir / "cells_done.json", json.dumps(self.done, default=_json_default))
+        return cell
+
+    def _generate_cell(self, scale: float, final: Path) -> dict[str, Any]:
+        """Generate and score one cell into ``final``: written in a temporary folder, then renamed
+        into place, so a crash or a concurrent run never leaves a half-written cell."""
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+        try:
+            t0 = time.monotonic()
+            images = self._generate(scale)
+            t_gen = time.monotonic() - t0
+            t0 = time.monotonic()
+            per_image, per_cat, overall = self._score(images)
+            timing = {"generate_s": round(t_gen, 3), "metrics_s": round(time.monotonic() - t0, 3),
+                      "images": len(images)}
+            cell = {"lora_scale": float(scale), "categories": per_cat, "overall": overall,
+                    "images": self._save(images, per_image, folder), "timing": timing}
+            atomic_write_text(folder / "cell.json", json.dumps(cell, default=_json_default))
+            return _promote_cell(folder, final, cell)
+        finally:
+            if folder.exists():  # failed, or lost a race: nothing half-written stays in the cache
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _generate(self, scale: float) -> list[Any]:
+        """Every (prompt, seed) image; prompts sharing a negative prompt are generated together, in batches."""
+        from runner.diffusion.generate import generate_images
+
+        jobs, config, res = self.job.jobs, self.job.config, self.job.resolution
+        images: list[Any] = [None] * len(jobs)
+        by_negative: dict[str, list[int]] = {}
+        for i, (p, _) in enumerate(jobs):
+            by_negative.setdefault(p.get("negative", ""), []).append(i)
+        for negative, rows in by_negative.items():
+            imgs = generate_images(
+                self.pipe, [jobs[i][0]["prompt"] for i in rows], negative_prompt=negative,
+                seeds=[jobs[i][1] for i in rows], steps=config["steps"], guidance=config["guidance"],
+                width=res, height=res, lora_scale=scale, batch_size=config["batch_size"], progress=self.prog,
+            )
+            for i, im in zip(rows, imgs):
+                images[i] = im
+        return images
+
+    def _score(self, images: list[Any]) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+        jobs = self.job.jobs
+        emb = self.scorer.computer.embed(images)
+        return self.scorer.computer.score(
+            emb, self.scorer.text_emb, self.scorer.refs,
+            categories=[p["category"] for p, _ in jobs],
+            prompt_keys=[f"{p['category']}/{p['index']}" for p, _ in jobs],
         )
-        for i, im in zip(rows, imgs):
-            images[i] = im
-    t_gen = time.monotonic() - t0
-    t0 = time.monotonic()
-    emb = computer.embed(images)
-    per_image, per_cat, overall = computer.score(
-        emb, text_emb_all, refs,
-        categories=[p["category"] for p, _ in jobs],
-        prompt_keys=[f"{p['category']}/{p['index']}" for p, _ in jobs],
-    )
-    t_metrics = time.monotonic() - t0
-    records = []
-    for (p, seed), im, scores in zip(jobs, images, per_image):
-        fname = _save_image(im, folder, _image_name(p, seed, ext))
-        records.append({"category": p["category"], "prompt_index": p["index"], "seed": seed, "file": fname,
-                        **{k: (round(v, 5) if isinstance(v, float) else v) for k, v in scores.items()}})
-    cell = {
-        "lora_scale": float(scale),
-        "categories": per_cat,
-        "overall": overall,
-        "images": records,
-        "timing": {"generate_s": round(t_gen, 3), "metrics_s": round(t_metrics, 3),
-                   "images": len(jobs)},
-    }
-    _write_json(folder / "cell.json", cell)
+
+    def _save(self, images: list[Any], per_image: list[dict[str, Any]], folder: Path) -> list[dict[str, Any]]:
+        ext = ".png" if self.job.resolution <= 512 else ".jpg"
+        records = []
+        for (p, seed), im, scores in zip(self.job.jobs, images, per_image):
+            fname = _save_image(im, folder, f"{p['category']}_{int(p['index']):02d}_seed{seed}{ext}")
+            records.append({"category": p["category"], "prompt_index": p["index"], "seed": seed, "file": fname,
+                            **{k: (round(v, 5) if isinstance(v, float) else v) for k, v in scores.items()}})
+        return records
+
+
+def _promote_cell(folder: Path, final: Path, cell: dict[str, Any]) -> dict[str, Any]:
+    """Rename the finished cell into the cache. Not core.fs.replace_folder: the first run to finish
+    a cell wins and the others use its folder (a reader of that folder never sees it replaced)."""
     try:
         os.rename(folder, final)
     except OSError:  # another run finished the same cell first: use theirs
@@ -492,10 +522,13 @@ def _generate_and_score(pipe, computer, refs, text_emb_all, config, scale, resol
     return cell
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, default=_json_default), encoding="utf-8")
-    os.replace(tmp, path)
+def _save_image(img, folder: Path, stem_name: str) -> str:
+    path = folder / stem_name
+    if path.suffix == ".png":
+        img.save(path, format="PNG", optimize=False)
+    else:
+        img.convert("RGB").save(path, format="JPEG", quality=92)
+    return path.name
 
 
 def _sha256_text(text: str) -> str:
@@ -504,42 +537,20 @@ def _sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
+def _common_cell_key(job: EvalJob, ref_files: list[Path]) -> str:
+    """Everything but the LoRA file and scale that changes a cell's images or metrics."""
     from runner.core.hashing import file_sha256
 
-    return file_sha256(path)
-
-
-def _common_cell_key(config: dict[str, Any], index: dict[str, Any], resolution: int, ref_files: list[Path]) -> str:
-    """Everything but the LoRA file and scale that changes a cell's images or metrics."""
+    config = job.config
     return _sha256_text(json.dumps({
         "version": VERSION,
-        "base_model": index.get("base_model"), "model_family": index.get("model_family"),
+        "base_model": job.index.get("base_model"), "model_family": job.index.get("model_family"),
         "prompts": config["suite"]["prompts"], "seeds": config["seeds"], "steps": config["steps"],
-        "guidance": config["guidance"], "resolution": resolution, "batch_size": config["batch_size"],
+        "guidance": config["guidance"], "resolution": job.resolution, "batch_size": config["batch_size"],
         "clip": config["clip_model"], "dino": config["dino_model"], "face": config["face"],
         "device": config.get("device", "auto"),
-        "references": sorted(_file_sha256(f) for f in ref_files),
+        "references": sorted(file_sha256(f) for f in ref_files),
     }, sort_keys=True))
-
-
-
-
-
-
-def _load_pipeline(index: dict[str, Any], config: dict[str, Any], ctx: contract.StageContext):
-    from runner.diffusion.models import ModelLoadError, load_pipeline
-
-    device = config.get("device", "auto")
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        return load_pipeline(index["base_model"], family=index.get("model_family", "auto"), device=device,
-                             cache_dir=ctx.cache_dir, project_root=ctx.project_root)
-    except ModelLoadError as exc:
-        raise contract.StageError(f"evaluate: {exc}", hint=exc.hint) from None
 
 
 @contextlib.contextmanager
@@ -554,6 +565,40 @@ def _quiet_diffusers():
         dlogging.set_verbosity(level)
 
 
+# --------------------------------------------------------------------------- the best cell and the outputs
+
+
+def _choose(cells: list[dict[str, Any]], config: dict[str, Any],
+            ctx: contract.StageContext) -> tuple[dict[str, Any], str]:
+    """Targets per cell (pass/fail per category x metric), the cell score, and the best cell by
+    ``evaluate.objective``: (selection.select_best's choice, the score's kind)."""
+    from runner.eval import selection
+
+    targets = config.get("targets") or {}
+    for c in cells:
+        c["targets"] = selection.evaluate_targets(c["categories"], c["overall"], targets)
+        c["targets_total"] = sum(len(v) for v in c["targets"].values())
+        c["targets_passed"] = sum(1 for row in c["targets"].values() for t in row.values() if t["pass"])
+        c["score"], _ = selection.cell_score(c["targets"], c["overall"])
+    score_kind = selection.cell_score(cells[0]["targets"], cells[0]["overall"])[1]
+    choice = selection.select_best(cells, config["objective"])
+    if not choice["constraints_met"]:
+        ctx.warn(f"evaluate: {choice['reason']}")
+    return choice, score_kind
+
+
+def _copy_images(out: Path, cells: list[dict[str, Any]], folders: dict[str, Path]) -> None:
+    """Every cell's images under images/<cell>/ (hard links to the cache where possible)."""
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    for c in cells:
+        src = folders[c["cell"]]
+        dst = out / "images" / c["cell"]
+        dst.mkdir(parents=True, exist_ok=True)
+        for img in c["images"]:
+            _link_or_copy(src / img["file"], dst / img["file"])
+            img["path"] = f"images/{c['cell']}/{img['file']}"
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     if dst.exists():
         return
@@ -563,6 +608,84 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def _copy_best_lora(out: Path, job: EvalJob, best_cell: dict[str, Any]) -> tuple[str, str | None]:
+    """The best checkpoint's LoRA files under best/: (diffusers file, kohya file or None)."""
+    best_ck = job.index["checkpoints"][best_cell["checkpoint_index"]]
+    (out / "best").mkdir()
+    lora_diffusers = f"best/{Path(best_ck['diffusers']).name}"
+    shutil.copy2(job.lora_root / best_ck["diffusers"], out / lora_diffusers)
+    lora_kohya = None
+    if best_ck.get("kohya") and (job.lora_root / best_ck["kohya"]).is_file():
+        lora_kohya = f"best/{Path(best_ck['kohya']).name}"
+        shutil.copy2(job.lora_root / best_ck["kohya"], out / lora_kohya)
+    return lora_diffusers, lora_kohya
+
+
+def _best(best_cell: dict[str, Any], choice: dict[str, Any], config: dict[str, Any],
+          lora_files: tuple[str, str | None]) -> dict[str, Any]:
+    """evaluation.json's ``best``: the chosen cell, its LoRA files under best/, why it won."""
+    from runner.eval import selection
+
+    return {
+        "variant": config.get("variant"),
+        "step": best_cell["step"],
+        "phase": best_cell.get("phase"),
+        "lora_scale": best_cell["lora_scale"],
+        "score": best_cell["score"],
+        "cell": best_cell["cell"],
+        "checkpoint_index": best_cell["checkpoint_index"],
+        "lora_diffusers": lora_files[0],
+        "lora_kohya": lora_files[1],
+        "objective": config["objective"],
+        "objective_value": selection.metric_value(best_cell, choice["maximize"]),
+        "constraints_met": choice["constraints_met"],
+        "constraints": choice["constraints"],
+        "reason": choice["reason"],
+    }
+
+
+def _evaluation(job: EvalJob, scorer: Scorer, cells: list[dict[str, Any]], best: dict[str, Any], score_kind: str,
+                tiny: dict[str, bool], ctx: contract.StageContext) -> dict[str, Any]:
+    """evaluation.json (duration_s is added last)."""
+    config, prompts = job.config, job.prompts
+    refs = scorer.refs
+    return {
+        "format": 1,
+        "character": ctx.character,
+        "stage_id": ctx.stage_id,
+        "run_id": ctx.run_id,
+        "variant": config.get("variant"),
+        "trigger": config["trigger"],
+        "class_word": config["class_word"],
+        "base_model": job.index.get("base_model"),
+        "model_family": job.index.get("model_family"),
+        "tiny_random": {**tiny, "any": any(tiny.values())},
+        "models": scorer.computer.models(),
+        "generation": {"steps": config["steps"], "guidance": config["guidance"], "resolution": job.resolution,
+                       "seeds": job.seeds, "lora_scales": job.scales, "batch_size": config["batch_size"]},
+        "suite": {"source": config["suite"]["source"],
+                  "categories": list(dict.fromkeys(p["category"] for p in prompts)), "prompts": prompts},
+        "references": [{"file": n, "face_found": ok} for n, ok in zip(refs.names, refs.face_found)],
+        "metric_definitions": _metric_definitions(),
+        "targets": config.get("targets") or {},
+        "score_kind": score_kind,
+        "cells": cells,
+        "best": best,
+    }
+
+
+def _log_best(ctx: contract.StageContext, best_cell: dict[str, Any], best: dict[str, Any], reason: str,
+              tiny_any: bool) -> None:
+    for m in BEST_METRICS:
+        v = best_cell["overall"].get(m)
+        if v is not None:
+            ctx.metric(f"best_{m}", v)
+    if best_cell["score"] is not None:
+        ctx.metric("best_score", best_cell["score"])
+    ctx.metric("best_step", best_cell["step"])
+    ctx.metric("best_lora_scale", best_cell["lora_scale"])
+    label = " (tiny random models: figures are meaningless)" if tiny_any else ""
+    ctx.log(f"best: step {best['step']} at LoRA scale {best['lora_scale']:g} - {reason}{label}")
 
 
 def _json_default(o: Any) -> Any:
@@ -591,24 +714,22 @@ def _resume_info(scratch: Path) -> str | None:
         done = json.loads((Path(scratch) / "cells_done.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not done:
-        return None
-    return f"resume after {len(done)} finished checkpoint x scale cell{'s' if len(done) != 1 else ''}"
+    return resume_note(len(done), "checkpoint x scale cell")
 
 
 # --------------------------------------------------------------------------- report
 
 
-def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact], env: dict[str, Any]) -> list[contract.ReportSection]:
+def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact],
+                    env: dict[str, Any]) -> list[contract.ReportSection]:
     from runner.eval.report import evaluation_context
 
-    art = outputs.get("evaluation")
-    if art is None:
+    found = output_json(outputs, "evaluation", "evaluation.json")
+    if found is None:
         return []
-    folder = Path(art.path)
-    ev = json.loads((folder / "evaluation.json").read_text(encoding="utf-8"))
+    folder, ev = found
     ctx = evaluation_context(ev, folder, thumb_px=int(env.get("thumbnail_px", 192)))
     variant = ev.get("variant")
     title = "Evaluation" + (f" [{variant}]" if variant else "")
     return [contract.ReportSection(title=title, template="sections/evaluate.html.j2", context=ctx,
-                               anchor="evaluate" + (f"-{variant}" if variant else ""))]
+                                   anchor="evaluate" + (f"-{variant}" if variant else ""))]
