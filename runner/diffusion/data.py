@@ -15,15 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from runner.core.errors import UserError
+from runner.spec.sections import BucketsConfig
+
 SHOTS = ("extreme_close_up", "close_up", "medium", "full_body", "wide")
 
 
-class DataError(ValueError):
-    """Bad training data; message names the file and key, hint says what to do."""
-
-    def __init__(self, message: str, *, hint: str = "") -> None:
-        super().__init__(message)
-        self.hint = hint
+class DataError(UserError, ValueError):
+    """Bad training data; message names the file and key, hint says what to do (still a
+    ValueError for callers that catch bad values)."""
 
 
 @dataclass
@@ -166,15 +166,15 @@ class BucketSettings:
                 "max_bucket_reso": max(self.max_side, int(math.ceil(self.resolution / self.step)) * self.step)}
 
 
-def bucket_settings(resolution: int, buckets: Mapping[str, Any], *, multiple: int) -> BucketSettings:
-    """``train.resolution`` and ``train.buckets`` (defaults filled) for a model whose image sides
-    must be multiples of ``multiple`` (VAE downscale x 2**(UNet downsamplings): 64 for SD 1.x,
-    32 for SDXL, what sd-scripts also requires of bucket_reso_steps)."""
-    enabled = bool(buckets.get("enabled", True))
-    step = max(multiple, int(math.ceil(int(buckets["step"]) / multiple)) * multiple) if enabled else multiple
-    lo = max(step, int(math.ceil(int(buckets["min_side"]) / step)) * step)
-    hi = max(lo, (int(buckets["max_side"]) // step) * step)
-    return BucketSettings(int(resolution), enabled, step, lo, hi)
+def bucket_settings(resolution: int, buckets: BucketsConfig | Mapping[str, Any], *, multiple: int) -> BucketSettings:
+    """``train.resolution`` and ``train.buckets`` for a model whose image sides must be multiples
+    of ``multiple`` (VAE downscale x 2**(UNet downsamplings): 64 for SD 1.x, 32 for SDXL, what
+    sd-scripts also requires of bucket_reso_steps)."""
+    b = BucketsConfig.from_dict(buckets)
+    step = max(multiple, int(math.ceil(b.step / multiple)) * multiple) if b.enabled else multiple
+    lo = max(step, int(math.ceil(b.min_side / step)) * step)
+    hi = max(lo, (b.max_side // step) * step)
+    return BucketSettings(int(resolution), b.enabled, step, lo, hi)
 
 
 def make_buckets(resolution: int, *, min_side: int, max_side: int, step: int, multiple: int = 8) -> list[tuple[int, int]]:

@@ -12,15 +12,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from runner.core.errors import UserError
+
 FAMILIES = ("sd15", "sdxl")
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(UserError):
     """A base model could not be found or loaded; the message says what to do."""
-
-    def __init__(self, message: str, *, hint: str = "") -> None:
-        super().__init__(message)
-        self.hint = hint
 
 
 def resolve_model_ref(base_model: str, *, cache_dir: Path | str | None = None,

@@ -23,14 +23,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from runner.core.errors import UserError
+from runner.core.fs import atomic_path, atomic_write_text, replace_folder
 from runner.diffusion.data import (
     BatchSampler,
     DataError,
@@ -43,6 +45,9 @@ from runner.diffusion.data import (
     read_dataset,
     split_validation,
 )
+from runner.spec.config import fields, node_field, schema_config
+from runner.spec.config import schema_default as _schema_default
+from runner.spec.sections import PhaseConfig, TrainConfig
 
 STATE_DIR = "state"
 STATE_FILE = "resume.pt"
@@ -50,25 +55,38 @@ STATE_META = "resume.json"
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
-class TrainError(Exception):
-    def __init__(self, message: str, *, hint: str = "") -> None:
-        super().__init__(message)
-        self.hint = hint
+class TrainError(UserError):
+    """Training cannot go on (bad data, a model that does not load, a loss that diverged)."""
+
+
+@schema_config("train")
+class TrainerConfig(TrainConfig):
+    """What the trainer reads: the train stage's node config, i.e. the train section with the
+    variant's overrides (every default the schema's) plus the facts of the character that go into
+    samples and file metadata (runner.stages.train.train_config writes them)."""
+
+    character: str = node_field()
+    trigger: str = node_field()
+    class_word: str = node_field(_schema_default("character", "class_word"))
+    variant: str | None = node_field(None)
+    device: str = node_field(_schema_default("hardware", "device"))
+    tracking: Mapping[str, Any] | None = node_field(None)  # unkeyed: trackers of the run
 
 
 def _h(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()[:8], "big") & ((1 << 63) - 1)
 
 
-def config_digest(config: dict[str, Any]) -> str:
+def train_section(config: TrainConfig | Mapping[str, Any]) -> TrainConfig:
+    """The train section of a node config (its stage keys set aside) or of a section mapping."""
+    if isinstance(config, TrainConfig):
+        return config
+    stage_keys = {f.name for f in fields(TrainerConfig) if f.node}
+    return TrainConfig.from_dict({k: v for k, v in config.items() if k not in stage_keys})
+
+
+def config_digest(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def read_resume_meta(scratch_dir: Path) -> dict[str, Any] | None:
@@ -104,39 +122,36 @@ def epoch_steps(examples: list[Example], batch_size: int, gradient_accumulation:
     return max(1, math.ceil(sum(e.repeats for e in examples) / (batch_size * gradient_accumulation)))
 
 
-def phases_of(config: dict[str, Any], steps_per_epoch: int | None) -> list[Phase]:
+def phases_of(config: TrainConfig | Mapping[str, Any], steps_per_epoch: int | None) -> list[Phase]:
     """The phases of a train config in steps: a phase given in epochs takes epochs x
     ``steps_per_epoch`` steps (unknown, None, at plan time before the dataset is captioned)."""
-    raw = config.get("phases") or []
-    if not raw:
-        raw = [{"name": "main", "steps": int(config["steps"]), "lr": None, "mix": "natural"}]
+    cfg = train_section(config)
     out: list[Phase] = []
     start: int | None = 0
-    for p in raw:
-        epochs = int(p["epochs"]) if p.get("epochs") is not None else None
-        steps = int(p["steps"]) if epochs is None else (epochs * steps_per_epoch if steps_per_epoch else None)
-        ph = Phase(name=p["name"], steps=steps, lr=float(p.get("lr") or config["lr"]),
-                   mix=p.get("mix", "natural"), start=start, epochs=epochs)
+    for p in cfg.phases or (PhaseConfig(name="main", steps=cfg.steps),):
+        steps = p.steps if p.epochs is None else (p.epochs * steps_per_epoch if steps_per_epoch else None)
+        ph = Phase(name=p.name, steps=steps, lr=float(p.lr or cfg.lr), mix=p.mix, start=start, epochs=p.epochs)
         out.append(ph)
         start = ph.end
     return out
 
 
-def dataset_steps_per_epoch(dataset_dir: Path, config: dict[str, Any]) -> tuple[int, str]:
+def dataset_steps_per_epoch(dataset_dir: Path, config: TrainConfig | Mapping[str, Any]) -> tuple[int, str]:
     """(steps per epoch, how) for the caption stage's dataset folder and a train config: the
     images the trainer keeps after its validation hold-out, as :meth:`LoraTrainer.run` counts."""
-    ck = config.get("checkpoints", {})
-    train_ex, _ = split_validation(read_dataset(dataset_dir), float(ck.get("validation_fraction", 0.1)), int(config["seed"]))
-    bs, ga = int(config.get("batch_size", 1)), int(config.get("gradient_accumulation", 1))
+    cfg = train_section(config)
+    train_ex, _ = split_validation(read_dataset(dataset_dir), cfg.checkpoints.validation_fraction, cfg.seed)
+    bs, ga = cfg.batch_size, cfg.gradient_accumulation
     n = epoch_steps(train_ex, bs, ga)
     return n, (f"{len(train_ex)} training images, {sum(e.repeats for e in train_ex)} with repeats, "
                f"/ (batch {bs} x accumulation {ga})")
 
 
-def describe_phases(config: dict[str, Any], steps_per_epoch: int | None, how: str = "") -> str:
+def describe_phases(config: TrainConfig | Mapping[str, Any], steps_per_epoch: int | None, how: str = "") -> str:
     """One line for the plan: each phase in steps and epochs."""
+    cfg = train_section(config)
     parts = []
-    for ph in phases_of(config, steps_per_epoch):
+    for ph in phases_of(cfg, steps_per_epoch):
         if ph.start is None or ph.steps is None:  # an epoch phase (or one after it) before the data is known
             parts.append(f"{ph.name} {ph.epochs or ph.steps} {'epochs' if ph.epochs else 'steps'}")
             continue
@@ -146,7 +161,7 @@ def describe_phases(config: dict[str, Any], steps_per_epoch: int | None, how: st
         parts.append(text)
     if steps_per_epoch:
         return f"phases: {'; '.join(parts)} ({steps_per_epoch} steps per epoch: {how})"
-    if not any(p.get("epochs") for p in config.get("phases") or []):
+    if not any(p.epochs for p in cfg.phases):
         return f"phases: {'; '.join(parts)} (epochs known once the caption stage has run)"
     return (f"phases: {'; '.join(parts)} (steps of phases in epochs are known once the caption stage has run: "
             "ceil(images x repeats after the validation hold-out / (batch_size x gradient_accumulation)) per epoch)")
@@ -182,7 +197,7 @@ class Callbacks:
 class LoraTrainer:
     def __init__(
         self,
-        config: dict[str, Any],
+        config: TrainerConfig | Mapping[str, Any],
         *,
         dataset_dir: Path,
         out_dir: Path,
@@ -194,7 +209,10 @@ class LoraTrainer:
         callbacks: Callbacks | None = None,
         stop_after_step: int | None = None,
     ) -> None:
-        self.cfg = config
+        self.cfg = TrainerConfig.from_dict(config)
+        # resume states carry this digest; the node config as given, so a state written before
+        # the typed view still resumes
+        self.digest = config_digest(config if isinstance(config, Mapping) else self.cfg.to_dict())
         self.dataset_dir = Path(dataset_dir)
         self.out_dir = Path(out_dir)
         self.scratch = Path(scratch_dir)
@@ -203,13 +221,10 @@ class LoraTrainer:
         self.reg_dir = regularization_dir
         self.cb = callbacks or Callbacks()
         self.stop_after_step = stop_after_step  # tests: simulate a crash after this step
-        import torch
+        from runner.core.device import choose_device
 
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = device
-        mp = config.get("mixed_precision", "no")
-        self.mixed_precision = mp if device.startswith("cuda") else "no"
+        self.device = device = choose_device(device)
+        self.mixed_precision = self.cfg.mixed_precision if device.startswith("cuda") else "no"
         self.timings: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------------
@@ -222,15 +237,15 @@ class LoraTrainer:
 
         self.weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.mixed_precision, torch.float32)
         try:
-            self.pipe = load_pipeline(self.cfg["base_model"], family=self.cfg.get("model_family", "auto"),
+            self.pipe = load_pipeline(self.cfg.base_model, family=self.cfg.model_family,
                                       device=self.device, dtype=self.weight_dtype, cache_dir=self.cache_dir,
                                       project_root=self.project_root)
-            self.model_fp = model_fingerprint(self.cfg["base_model"], cache_dir=self.cache_dir, project_root=self.project_root)
+            self.model_fp = model_fingerprint(self.cfg.base_model, cache_dir=self.cache_dir, project_root=self.project_root)
         except ModelLoadError as exc:
             raise TrainError(f"train.base_model: {exc}", hint=exc.hint) from None
         self.pipe.set_progress_bar_config(disable=True)
         self.family = "sdxl" if getattr(self.pipe, "text_encoder_2", None) is not None else "sd15"
-        self.tiny = str(self.cfg["base_model"]).startswith("builtin:")
+        self.tiny = self.cfg.base_model.startswith("builtin:")
         self.unet = self.pipe.unet
         self.vae = self.pipe.vae
         self.text_encoders = [m for m in (self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None)) if m is not None]
@@ -260,12 +275,12 @@ class LoraTrainer:
             examples = read_dataset(self.dataset_dir)
         except DataError as exc:
             raise TrainError(str(exc), hint=exc.hint) from None
-        ck = cfg.get("checkpoints", {})
-        self.train_ex, self.val_ex = split_validation(examples, float(ck.get("validation_fraction", 0.1)), int(cfg["seed"]))
+        ck = cfg.checkpoints
+        self.train_ex, self.val_ex = split_validation(examples, ck.validation_fraction, cfg.seed)
         if not self.train_ex:
             raise TrainError("no training image left after holding out validation images",
                              hint="Lower train.checkpoints.validation_fraction or add images.")
-        self.bucket_settings = bucket_settings(int(cfg["resolution"]), cfg["buckets"], multiple=self.multiple)
+        self.bucket_settings = bucket_settings(cfg.resolution, cfg.buckets, multiple=self.multiple)
         self.buckets = self.bucket_settings.buckets()
         from PIL import Image
 
@@ -274,19 +289,18 @@ class LoraTrainer:
                 with Image.open(e.image) as im:
                     e.width, e.height = im.size
             e.bucket = assign_bucket(e.width, e.height, self.buckets)
-        n_var = int(cfg.get("caption_variants", 4)) if cfg.get("shuffle_tags") else 1
+        n_var = cfg.caption_variants if cfg.shuffle_tags else 1
         for e in self.train_ex:
-            e.captions = caption_variants(e.caption, n=n_var, shuffle=bool(cfg.get("shuffle_tags")),
-                                          keep_tokens=int(cfg.get("keep_tokens", 1)), seed=int(cfg["seed"]), key=e.id)
+            e.captions = caption_variants(e.caption, n=n_var, shuffle=cfg.shuffle_tags,
+                                          keep_tokens=cfg.keep_tokens, seed=cfg.seed, key=e.id)
         for e in self.val_ex:
             e.captions = [e.caption]
-        self.bs = int(cfg.get("batch_size", 1))
-        self.ga = int(cfg.get("gradient_accumulation", 1))
+        self.bs = cfg.batch_size
+        self.ga = cfg.gradient_accumulation
         self.steps_per_epoch = epoch_steps(self.train_ex, self.bs, self.ga)
         self.phases = phases_of(cfg, self.steps_per_epoch)
         self.total_steps = self.phases[-1].end
-        every_epochs = ck.get("every_epochs")
-        self.every = int(every_epochs) * self.steps_per_epoch if every_epochs else int(ck.get("every_steps", 250))
+        self.every = ck.every_epochs * self.steps_per_epoch if ck.every_epochs else ck.every_steps
 
     # ------------------------------------------------------------------------------------
     # 3. caches
@@ -320,14 +334,13 @@ class LoraTrainer:
         return out if grad else {k: v.float().cpu() for k, v in out.items()}
 
     def _class_prompt(self) -> str:
-        reg = self.cfg.get("regularization", {})
-        return reg.get("prompt") or f"a photo of a {self.cfg.get('class_word') or 'person'}"
+        return self.cfg.regularization.prompt or f"a photo of a {self.cfg.class_word}"
 
     def _regularization_images(self) -> list[Path]:
         """Class images from the given folder, or generated once by the base model (cached)."""
         from runner.buildcache import file_lock
 
-        reg = self.cfg.get("regularization", {})
+        reg = self.cfg.regularization
         exts = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
         if self.reg_dir is not None:
             from runner.paths import list_files  # what the plan digested: hidden names skipped
@@ -337,11 +350,9 @@ class LoraTrainer:
                 raise TrainError(f"train.regularization.images: no image found in {self.reg_dir}",
                                  hint="Put class images (png/jpg) there, or set it to null to generate them.")
             return files
-        count = int(reg.get("count", 100))
-        res = int(self.cfg["resolution"])
-        steps = int(reg.get("steps", 30))
+        count, res, steps, seed = reg.count, self.cfg.resolution, reg.steps, self.cfg.seed
         prompt = self._class_prompt()
-        key = hashlib.sha256(json.dumps([self.model_fp, prompt, count, res, steps, int(self.cfg["seed"])]).encode()).hexdigest()[:16]
+        key = hashlib.sha256(json.dumps([self.model_fp, prompt, count, res, steps, seed]).encode()).hexdigest()[:16]
         folder = self.cache_dir / "train" / self.model_fp / "class-images" / key
         done = folder / "done.json"
         if not done.is_file():
@@ -351,7 +362,7 @@ class LoraTrainer:
 
                     folder.mkdir(parents=True, exist_ok=True)
                     bar = self.cb.bar(count, "generating class images")
-                    seeds = [int(self.cfg["seed"]) * 100003 + i for i in range(count)]
+                    seeds = [seed * 100003 + i for i in range(count)]
                     for s in range(0, count, 4):
                         chunk = seeds[s:s + 4]
                         imgs = generate_images(self.pipe, [prompt], seeds=chunk, steps=steps, guidance=6.0,
@@ -360,7 +371,7 @@ class LoraTrainer:
                             im.save(folder / f"class-{seed}.png")
                         bar.update(len(chunk))
                     bar.close()
-                    _atomic_write_text(done, json.dumps({"prompt": prompt, "count": count, "tiny_random_model": self.tiny}))
+                    atomic_write_text(done, json.dumps({"prompt": prompt, "count": count, "tiny_random_model": self.tiny}))
         return sorted(folder.glob("class-*.png"))
 
     def _fill_caches(self) -> None:
@@ -370,9 +381,8 @@ class LoraTrainer:
 
         t0, c0 = time.perf_counter(), time.process_time()
         self.cache = TrainCache(self.cache_dir, self.model_fp)
-        reg_cfg = self.cfg.get("regularization", {})
         self.reg_ex: list[Example] = []
-        if reg_cfg.get("enabled"):
+        if self.cfg.regularization.enabled:
             from PIL import Image
 
             for p in self._regularization_images():
@@ -390,12 +400,12 @@ class LoraTrainer:
             raise TrainError(str(exc), hint=exc.hint) from None
         bar.close()
         self.latents = {id(e): load_entry(p) for e, p in zip(all_ex, paths)}
-        self.train_te = bool(self.cfg.get("lora", {}).get("train_text_encoder"))
+        self.train_te = self.cfg.lora.train_text_encoder
         self.text: dict[str, dict[str, torch.Tensor]] = {}
         if not self.train_te:
             captions = [c for e in all_ex for c in e.captions]
             captions += [e.caption for e in all_ex]
-            if float(self.cfg.get("caption_dropout", 0)) > 0:
+            if self.cfg.caption_dropout > 0:
                 captions.append("")
             bar = self.cb.bar(len(set(captions)), "caching text embeddings")
             tpaths = self.cache.ensure_text(captions, lambda caps: self._encode_text(caps), progress=bar)
@@ -414,12 +424,12 @@ class LoraTrainer:
         from diffusers.training_utils import cast_training_params
         from peft import LoraConfig
 
-        lcfg = self.cfg.get("lora", {})
-        self.rank = int(lcfg.get("rank", 16))
-        self.alpha = float(lcfg.get("alpha") if lcfg.get("alpha") is not None else self.rank)
-        targets = list(lcfg.get("target_modules") or ["to_q", "to_k", "to_v", "to_out.0"])
-        torch.manual_seed(_h(self.cfg["seed"], "lora-init"))  # same initial A matrices on every run
-        conf = LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=float(lcfg.get("dropout", 0.0)),
+        lcfg = self.cfg.lora
+        self.rank = lcfg.rank
+        self.alpha = float(lcfg.alpha if lcfg.alpha is not None else self.rank)
+        targets = list(lcfg.target_modules)
+        torch.manual_seed(_h(self.cfg.seed, "lora-init"))  # same initial A matrices on every run
+        conf = LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=float(lcfg.dropout),
                           init_lora_weights="gaussian", target_modules=targets)
         try:
             self.unet.add_adapter(conf)
@@ -429,12 +439,12 @@ class LoraTrainer:
         self.trained = [self.unet]
         if self.train_te:
             for te in self.text_encoders:
-                te.add_adapter(LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=float(lcfg.get("dropout", 0.0)),
+                te.add_adapter(LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=float(lcfg.dropout),
                                           init_lora_weights="gaussian", target_modules=TE_TARGETS))
                 self.trained.append(te)
         if self.weight_dtype != torch.float32:
             cast_training_params(self.trained, dtype=torch.float32)  # LoRA weights train in fp32
-        if self.cfg.get("gradient_checkpointing"):
+        if self.cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             if self.train_te:
                 for te in self.text_encoders:
@@ -461,20 +471,19 @@ class LoraTrainer:
                 set_peft_model_state_dict(te, state[name])
 
     def _param_groups(self, phase: Phase) -> list[dict]:
-        lcfg = self.cfg.get("lora", {})
         groups = [{"params": [p for p in self.unet.parameters() if p.requires_grad], "lr": phase.lr}]
         if self.train_te:
-            te_lr = lcfg.get("text_encoder_lr")
-            te_lr = phase.lr if te_lr is None else float(te_lr) * phase.lr / float(self.cfg["lr"])
+            te_lr = self.cfg.lora.text_encoder_lr
+            te_lr = phase.lr if te_lr is None else float(te_lr) * phase.lr / float(self.cfg.lr)
             groups.append({"params": [p for te in self.text_encoders for p in te.parameters() if p.requires_grad], "lr": te_lr})
         return groups
 
     def _optimizer(self, phase: Phase):
         import torch
 
-        name = self.cfg.get("optimizer", "adamw")
+        name = self.cfg.optimizer
         groups = self._param_groups(phase)
-        kw = dict(betas=(0.9, 0.999), weight_decay=float(self.cfg.get("weight_decay", 0.01)), eps=1e-8)
+        kw = dict(betas=(0.9, 0.999), weight_decay=float(self.cfg.weight_decay), eps=1e-8)
         if name == "adamw8bit":
             try:
                 if not self.device.startswith("cuda"):
@@ -493,10 +502,9 @@ class LoraTrainer:
     def _lr_scheduler(self, optimizer, phase: Phase):
         from diffusers.optimization import get_scheduler
 
-        s = self.cfg.get("lr_scheduler", {})
-        return get_scheduler(s.get("name", "constant"), optimizer,
-                             num_warmup_steps=min(int(s.get("warmup_steps", 0)), phase.steps),
-                             num_training_steps=phase.steps, num_cycles=int(s.get("num_cycles", 1)))
+        s = self.cfg.lr_scheduler
+        return get_scheduler(s.name, optimizer, num_warmup_steps=min(s.warmup_steps, phase.steps),
+                             num_training_steps=phase.steps, num_cycles=s.num_cycles)
 
     # ------------------------------------------------------------------------------------
     # 5. the loss of one micro-batch
@@ -509,7 +517,7 @@ class LoraTrainer:
         sf = self.vae.config.scaling_factor
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         latents = (latents - shift) * sf
-        drop = float(self.cfg.get("caption_dropout", 0.0))
+        drop = float(self.cfg.caption_dropout)
         caps = []
         for e in examples:
             k = int(torch.randint(len(e.captions), (1,), generator=gen)) if len(e.captions) > 1 and not fixed_caption else 0
@@ -537,7 +545,7 @@ class LoraTrainer:
         latents, emb, added = self._batch_tensors(examples, gen, fixed_caption=timesteps is not None)
         if noise is None:
             noise = torch.randn(latents.shape, generator=gen)
-            off = float(self.cfg.get("noise_offset", 0.0))
+            off = float(self.cfg.noise_offset)
             if off > 0:
                 noise = noise + off * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=gen)
         if timesteps is None:
@@ -550,7 +558,7 @@ class LoraTrainer:
             pred = self.unet(noisy.to(self.weight_dtype), timesteps, encoder_hidden_states=emb,
                              added_cond_kwargs=added, return_dict=False)[0]
         per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        gamma = self.cfg.get("min_snr_gamma")
+        gamma = self.cfg.min_snr_gamma
         if weighted and gamma:
             snr = compute_snr(self.noise_scheduler, timesteps)
             w = torch.clamp(snr, max=float(gamma))
@@ -566,14 +574,14 @@ class LoraTrainer:
         examples = self.val_ex if examples is None else examples
         if not examples:
             return None
-        ts = [int(t) for t in self.cfg.get("checkpoints", {}).get("validation_timesteps", [100, 300, 500, 700, 900])]
+        ts = [int(t) for t in self.cfg.checkpoints.validation_timesteps]
         ts = [min(t, self.noise_scheduler.config.num_train_timesteps - 1) for t in ts]
         self._eval_mode(True)
         total, n = 0.0, 0
         with torch.no_grad():
             for e in examples:
                 for t in ts:
-                    gen = torch.Generator().manual_seed(_h(self.cfg["seed"], "val", e.id, t))
+                    gen = torch.Generator().manual_seed(_h(self.cfg.seed, "val", e.id, t))
                     shape = self.latents[id(e)]["mean"].shape
                     noise = torch.randn((1, *shape), generator=gen)
                     total += float(self._loss([e], gen, timesteps=torch.tensor([t]), noise=noise, weighted=False))
@@ -588,29 +596,26 @@ class LoraTrainer:
     # ------------------------------------------------------------------------------------
     # 6. checkpoints
     def _stem(self) -> str:
-        char = self.cfg.get("character") or "lora"
-        variant = self.cfg.get("variant")
-        return f"{char}-{variant}" if variant else str(char)
+        char, variant = self.cfg.character, self.cfg.variant
+        return f"{char}-{variant}" if variant else char
 
     def _sample_prompts(self) -> list[str]:
-        ck = self.cfg.get("checkpoints", {})
-        trig, cls = self.cfg.get("trigger") or "", self.cfg.get("class_word") or ""
-        return [p.replace("{trigger}", trig).replace("{class}", cls).strip() for p in ck.get("sample_prompts", [])]
+        trig, cls = self.cfg.trigger, self.cfg.class_word
+        return [p.replace("{trigger}", trig).replace("{class}", cls).strip() for p in self.cfg.checkpoints.sample_prompts]
 
     def _samples(self, folder: Path) -> list[str]:
         from runner.diffusion.generate import generate_images
 
-        ck = self.cfg.get("checkpoints", {})
-        prompts, seeds = self._sample_prompts(), [int(s) for s in ck.get("sample_seeds", [1])]
+        ck = self.cfg.checkpoints
+        prompts, seeds = self._sample_prompts(), [int(s) for s in ck.sample_seeds]
         if not prompts or not seeds:
             return []
         pairs = [(pi, p, s) for pi, p in enumerate(prompts) for s in seeds]
-        res = int(self.cfg["resolution"])
+        res = self.cfg.resolution
         self._eval_mode(True)
         imgs = generate_images(self.pipe, [p for _, p, _ in pairs], seeds=[s for _, _, s in pairs],
-                               steps=int(ck.get("sample_steps", 25)), guidance=float(ck.get("sample_guidance", 6.0)),
-                               width=res, height=res, batch_size=4,
-                               negative_prompt=ck.get("sample_negative_prompt", "") or "")
+                               steps=ck.sample_steps, guidance=float(ck.sample_guidance),
+                               width=res, height=res, batch_size=4, negative_prompt=ck.sample_negative_prompt)
         self._eval_mode(False)
         folder.mkdir(parents=True, exist_ok=True)
         names = []
@@ -632,27 +637,29 @@ class LoraTrainer:
         save_diffusers_lora(self.pipe, folder, state)
         kohya = peft_to_kohya(state["unet"], family=self.family, unet_config=self.unet.config, alpha=self.alpha,
                               text_encoder_sds={k: v for k, v in state.items() if k != "unet"})
-        ph = self._phase_at(step)
+        cfg, ph = self.cfg, self._phase_at(step)
         md = kohya_metadata(
-            family=self.family, base_model=str(self.cfg["base_model"]), rank=self.rank, alpha=self.alpha,
-            lr=ph.lr, text_encoder_lr=self.cfg.get("lora", {}).get("text_encoder_lr"), steps=step,
-            max_steps=self.total_steps, resolution=int(self.cfg["resolution"]), trigger=self.cfg.get("trigger") or "",
+            family=self.family, base_model=cfg.base_model, rank=self.rank, alpha=self.alpha,
+            lr=ph.lr, text_encoder_lr=cfg.lora.text_encoder_lr, steps=step,
+            max_steps=self.total_steps, resolution=cfg.resolution, trigger=cfg.trigger,
             title=f"{self._stem()} step {step}", captions=[e.caption for e in self.train_ex],
-            dataset_summary=self.dataset_summary(), seed=int(self.cfg["seed"]),
-            extra={"ss_lr_scheduler": self.cfg.get("lr_scheduler", {}).get("name", "constant"),
-                   "ss_min_snr_gamma": self.cfg.get("min_snr_gamma"), "ss_noise_offset": self.cfg.get("noise_offset", 0.0),
-                   "ss_mixed_precision": self.mixed_precision, "ss_optimizer": self.optimizer_name,
-                   "ss_gradient_accumulation_steps": self.ga, "ss_batch_size_per_device": self.bs,
-                   "ss_phase": ph.name, "ss_caption_dropout_rate": self.cfg.get("caption_dropout", 0.0),
-                   "ss_keep_tokens": self.cfg.get("keep_tokens", 1), "ss_shuffle_caption": bool(self.cfg.get("shuffle_tags")),
-                   "ss_prior_loss_weight": self.cfg.get("regularization", {}).get("prior_loss_weight", 1.0)
-                   if self.reg_ex else 0.0,
-                   "ss_network_dropout": self.cfg.get("lora", {}).get("dropout", 0.0),
-                   "ss_tiny_random_model": self.tiny},
+            dataset_summary=self.dataset_summary(), seed=cfg.seed, extra=self._kohya_extra(ph),
         )
         kname = f"{self._stem()}-step{step:06d}.safetensors"
         save_kohya(folder / kname, kohya, md)
         return {"diffusers": DIFFUSERS_FILE, "kohya": kname}
+
+    def _kohya_extra(self, ph: Phase) -> dict[str, Any]:
+        """The training settings sd-scripts records in a LoRA file's metadata (ss_*)."""
+        cfg = self.cfg
+        return {"ss_lr_scheduler": cfg.lr_scheduler.name, "ss_min_snr_gamma": cfg.min_snr_gamma,
+                "ss_noise_offset": cfg.noise_offset, "ss_mixed_precision": self.mixed_precision,
+                "ss_optimizer": self.optimizer_name, "ss_gradient_accumulation_steps": self.ga,
+                "ss_batch_size_per_device": self.bs, "ss_phase": ph.name,
+                "ss_caption_dropout_rate": cfg.caption_dropout, "ss_keep_tokens": cfg.keep_tokens,
+                "ss_shuffle_caption": cfg.shuffle_tags,
+                "ss_prior_loss_weight": cfg.regularization.prior_loss_weight if self.reg_ex else 0.0,
+                "ss_network_dropout": cfg.lora.dropout, "ss_tiny_random_model": self.tiny}
 
     def dataset_summary(self) -> dict[str, Any]:
         shots: dict[str, int] = {}
@@ -669,24 +676,24 @@ class LoraTrainer:
         return self.phases[-1]
 
     def _checkpoint(self, step: int, phase: Phase) -> None:
+        """The LoRA files (folder replaced whole), samples, validation loss; keep_last kept."""
         t0, c0 = time.perf_counter(), time.process_time()
         ck_root = self.scratch / "checkpoints"
-        final = ck_root / f"step-{step:06d}"
-        tmp = ck_root / f".tmp-step-{step:06d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        files = self._save_lora_files(tmp, step)
+        files: dict[str, str] = {}
+
+        def fill(tmp: Path) -> None:
+            tmp.mkdir(parents=True)
+            files.update(self._save_lora_files(tmp, step))
+
+        replace_folder(ck_root / f"step-{step:06d}", fill)
         sample_dir = self.scratch / "samples" / f"step-{step:06d}"
         shutil.rmtree(sample_dir, ignore_errors=True)
         samples = self._samples(sample_dir)
         val = self.validation_loss()
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
         self.history = [h for h in self.history if h["step"] != step]
         self.history.append({"step": step, "phase": phase.name, "val_loss": val, **files,
                              "samples": [f"samples/step-{step:06d}/{n}" for n in samples]})
-        keep = int(self.cfg.get("checkpoints", {}).get("keep_last", 4))
-        kept_steps = [h["step"] for h in self.history][-keep:]
+        kept_steps = [h["step"] for h in self.history][-self.cfg.checkpoints.keep_last:]
         for h in self.history:
             if h["step"] not in kept_steps:
                 shutil.rmtree(ck_root / f"step-{h['step']:06d}", ignore_errors=True)
@@ -702,9 +709,8 @@ class LoraTrainer:
         import torch
 
         d = self.scratch / STATE_DIR
-        d.mkdir(parents=True, exist_ok=True)
         state = {
-            "config_digest": config_digest(self.cfg),
+            "config_digest": self.digest,
             "step": step,
             "phase_index": phase_index,
             "lora": {k: {n: t.detach().cpu() for n, t in sd.items()} for k, sd in self._lora_state().items()},
@@ -715,13 +721,12 @@ class LoraTrainer:
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             "history": self.history,
         }
-        tmp = d / f".tmp-{os.getpid()}-{STATE_FILE}"
-        torch.save(state, tmp)
-        os.replace(tmp, d / STATE_FILE)
-        _atomic_write_text(d / STATE_META, json.dumps({"step": step, "total_steps": self.total_steps,
-                                                        "phase": self.phases[phase_index].name,
-                                                        "steps_per_epoch": self.steps_per_epoch,
-                                                        "config_digest": state["config_digest"]}))
+        with atomic_path(d / STATE_FILE) as tmp:
+            torch.save(state, tmp)
+        atomic_write_text(d / STATE_META, json.dumps({"step": step, "total_steps": self.total_steps,
+                                                      "phase": self.phases[phase_index].name,
+                                                      "steps_per_epoch": self.steps_per_epoch,
+                                                      "config_digest": state["config_digest"]}))
 
     def _load_state(self) -> dict | None:
         import torch
@@ -734,10 +739,34 @@ class LoraTrainer:
         except Exception as exc:  # a torn file cannot happen (atomic rename), but be safe
             self.cb.warn(f"resume state {p} unreadable ({exc}); starting over")
             return None
-        if state.get("config_digest") != config_digest(self.cfg):
+        if state.get("config_digest") != self.digest:
             self.cb.warn("resume state belongs to another configuration; starting over")
             return None
         return state
+
+    def _restore(self, state: dict | None) -> int:
+        """The step to start at: the resume state's (LoRA weights, history and RNG states
+        restored), else 0 with every RNG seeded from train.seed."""
+        import numpy as np
+        import torch
+
+        self.history: list[dict] = []
+        if state is None:
+            seed = self.cfg.seed
+            random.seed(seed)
+            np.random.seed(seed % (2**32))
+            torch.manual_seed(seed)
+            return 0
+        self._load_lora_state(state["lora"])
+        self.history = state["history"]
+        step = int(state["step"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        if state["rng"].get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.cb.log(f"resuming at step {step} of {self.total_steps}", step=step)
+        return step
 
     # ------------------------------------------------------------------------------------
     # logging
@@ -757,7 +786,7 @@ class LoraTrainer:
         if self.metrics_path.is_file():
             keep = [ln for ln in self.metrics_path.read_text().splitlines()
                     if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            _atomic_write_text(self.metrics_path, "".join(k + "\n" for k in keep))
+            atomic_write_text(self.metrics_path, "".join(k + "\n" for k in keep))
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -765,131 +794,159 @@ class LoraTrainer:
         except ImportError:
             self.tb = None
 
+    def _close_logs(self, bar) -> None:
+        bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
     # ------------------------------------------------------------------------------------
     # the run
     def run(self) -> dict[str, Any]:
-        import numpy as np
-        import torch
-        from accelerate import Accelerator
-        from accelerate.state import AcceleratorState, GradientState
-
+        """Train every phase (see the module doc for the order); the output index, or
+        ``{"stopped_at": step}`` when ``stop_after_step`` (tests) stopped it early."""
         t_start = time.perf_counter()
         self._load_model()
         self._prepare_data()
         self._fill_caches()
         self._attach_lora()
-        # a fresh accelerate state per run (tests run several trainers in one process)
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-        self.accelerator = Accelerator(mixed_precision=self.mixed_precision, gradient_accumulation_steps=self.ga,
-                                       cpu=self.device == "cpu")
+        self._new_accelerator()
         state = self._load_state()
-        self.history: list[dict] = []
-        step = 0
-        if state is not None:
-            self._load_lora_state(state["lora"])
-            self.history = state["history"]
-            step = int(state["step"])
-            torch.set_rng_state(state["rng"]["torch"])
-            np.random.set_state(state["rng"]["numpy"])
-            random.setstate(state["rng"]["python"])
-            if state["rng"].get("cuda") is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-            self.cb.log(f"resuming at step {step} of {self.total_steps}", step=step)
-        else:
-            random.seed(int(self.cfg["seed"]))
-            np.random.seed(int(self.cfg["seed"]) % (2**32))
-            torch.manual_seed(int(self.cfg["seed"]))
-        self.resumed_from = step
+        step = self.resumed_from = self._restore(state)
         self._open_logs(step)
         bar = self.cb.bar(self.total_steps, "training")
         if step:
             bar.update(step)
-        reg_w = float(self.cfg.get("regularization", {}).get("prior_loss_weight", 1.0))
         self.phase_mix: dict[str, dict[str, float]] = {}
-        trainable = [p for m in self.trained for p in m.parameters() if p.requires_grad]
-        t_train, c_train = time.perf_counter(), time.process_time()
-        steps_run = 0
+        self.trainable = [p for m in self.trained for p in m.parameters() if p.requires_grad]
+        self.stopped = False
+        t_train, c_train, self.steps_run = time.perf_counter(), time.process_time(), 0
         for pi, phase in enumerate(self.phases):
-            try:
-                weights, warns = mix_weights(self.train_ex, phase.mix)
-            except DataError as exc:
-                raise TrainError(f"train.phases[{pi}] ({phase.name}).mix: {exc}", hint=exc.hint) from None
-            self.phase_mix[phase.name] = mix_summary(self.train_ex, weights)
-            if step >= phase.end:
-                continue
-            for w in warns:
-                self.cb.warn(f"phase {phase.name}: {w}")
-            sampler = BatchSampler(self.train_ex, weights, self.bs, seed=int(self.cfg["seed"]), salt=phase.name)
-            reg_sampler = None
-            if self.reg_ex:
-                reg_sampler = BatchSampler(self.reg_ex, [1.0 / len(self.reg_ex)] * len(self.reg_ex), self.bs,
-                                           seed=int(self.cfg["seed"]), salt=phase.name + "/prior")
-            optimizer = self.accelerator.prepare(self._optimizer(phase))
-            scheduler = self._lr_scheduler(optimizer, phase)
-            if state is not None and step > phase.start and state["phase_index"] == pi:
-                optimizer.load_state_dict(state["optimizer"])
-                scheduler.load_state_dict(state["scheduler"])
-                if state.get("scaler") and getattr(self.accelerator, "scaler", None):
-                    self.accelerator.scaler.load_state_dict(state["scaler"])
-            self.cb.log(f"phase {phase.name}: steps {phase.start + 1}-{phase.end}, lr {phase.lr:g}, mix {self.phase_mix[phase.name]}")
-            while step < phase.end:
-                losses, prior_losses, shots = [], [], {}
-                for micro in range(self.ga):
-                    pos = (step - phase.start) * self.ga + micro
-                    gen = torch.Generator().manual_seed(_h(self.cfg["seed"], "step", phase.name, pos))
-                    batch = [self.train_ex[i] for i in sampler.batch(pos)]
-                    for e in batch:
-                        shots[e.shot] = shots.get(e.shot, 0) + 1
-                    with self.accelerator.accumulate(self.unet):
-                        loss = self._loss(batch, gen)
-                        losses.append(float(loss.detach()))
-                        if reg_sampler is not None:
-                            prior = self._loss([self.reg_ex[i] for i in reg_sampler.batch(pos)], gen)
-                            prior_losses.append(float(prior.detach()))
-                            loss = loss + reg_w * prior
-                        self.accelerator.backward(loss)
-                        grad_norm = None
-                        if self.accelerator.sync_gradients and float(self.cfg.get("max_grad_norm", 0)) > 0:
-                            grad_norm = float(self.accelerator.clip_grad_norm_(trainable, float(self.cfg["max_grad_norm"])))
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                if not self.accelerator.sync_gradients:
-                    raise RuntimeError("gradient accumulation out of step with optimizer steps")
-                lr_now = scheduler.get_last_lr()[0]
-                scheduler.step()
-                step += 1
-                steps_run += 1
-                rec = {"step": step, "phase": phase.name, "loss": sum(losses) / len(losses), "lr": lr_now,
-                       "epoch": round(step / self.steps_per_epoch, 4), "shots": shots}
-                if prior_losses:
-                    rec["prior_loss"] = sum(prior_losses) / len(prior_losses)
-                if grad_norm is not None and math.isfinite(grad_norm):
-                    rec["grad_norm"] = grad_norm
-                if not math.isfinite(rec["loss"]):
-                    raise TrainError(f"loss became {rec['loss']} at step {step}",
-                                     hint="Lower train.lr, or use mixed_precision bf16 instead of fp16.")
-                self._log_metrics(rec)
-                self.cb.metric("loss", rec["loss"], step)
-                self.cb.metric("lr", lr_now, step)
-                bar.update(1, loss=round(rec["loss"], 5))
-                if step % self.every == 0 or step == phase.end:
-                    self._checkpoint(step, phase)
-                    self._save_state(step, pi, optimizer, scheduler)
-                if self.stop_after_step is not None and step >= self.stop_after_step:
-                    bar.close()
-                    if self.tb is not None:
-                        self.tb.close()
-                    return {"stopped_at": step}
-            state = None  # the next phase starts fresh (optimizer, schedule) from these weights
-        bar.close()
-        if self.tb is not None:
-            self.tb.close()
+            resume = state if state is not None and state["phase_index"] == pi else None
+            step = self._run_phase(pi, phase, step, resume, bar)
+            if self.stopped:
+                self._close_logs(bar)
+                return {"stopped_at": step}
+        self._close_logs(bar)
         self.timings["train_s"] = time.perf_counter() - t_train
         self.timings["train_cpu_s"] = time.process_time() - c_train
-        self.timings["steps_run"] = steps_run
+        self.timings["steps_run"] = self.steps_run
         self.timings["total_s"] = time.perf_counter() - t_start
         return self._write_outputs()
+
+    def _new_accelerator(self) -> None:
+        """A fresh accelerate state per run (tests run several trainers in one process)."""
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        self.accelerator = Accelerator(mixed_precision=self.mixed_precision, gradient_accumulation_steps=self.ga,
+                                       cpu=self.device == "cpu")
+
+    def _phase_samplers(self, pi: int, phase: Phase) -> tuple[BatchSampler, BatchSampler | None, list[str]]:
+        """The phase's batch sampler over its data mix (and the prior images'), with the mix's
+        warnings; records the mix's shot shares for the index."""
+        try:
+            weights, warns = mix_weights(self.train_ex, phase.mix)
+        except DataError as exc:
+            raise TrainError(f"train.phases[{pi}] ({phase.name}).mix: {exc}", hint=exc.hint) from None
+        self.phase_mix[phase.name] = mix_summary(self.train_ex, weights)
+        seed = self.cfg.seed
+        sampler = BatchSampler(self.train_ex, weights, self.bs, seed=seed, salt=phase.name)
+        reg_sampler = None
+        if self.reg_ex:
+            reg_sampler = BatchSampler(self.reg_ex, [1.0 / len(self.reg_ex)] * len(self.reg_ex), self.bs,
+                                       seed=seed, salt=phase.name + "/prior")
+        return sampler, reg_sampler, warns
+
+    def _phase_optimizer(self, phase: Phase, state: dict | None):
+        """The phase's optimizer and schedule, from ``state`` when resuming inside the phase."""
+        optimizer = self.accelerator.prepare(self._optimizer(phase))
+        scheduler = self._lr_scheduler(optimizer, phase)
+        if state is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if state.get("scaler") and getattr(self.accelerator, "scaler", None):
+                self.accelerator.scaler.load_state_dict(state["scaler"])
+        return optimizer, scheduler
+
+    def _run_phase(self, pi: int, phase: Phase, step: int, state: dict | None, bar) -> int:
+        """Run phase ``pi`` from ``step`` to its end (``state``: the resume state when it was
+        written in this phase); the step reached. Sets ``self.stopped`` at ``stop_after_step``."""
+        sampler, reg_sampler, warns = self._phase_samplers(pi, phase)
+        if step >= phase.end:
+            return step
+        for w in warns:
+            self.cb.warn(f"phase {phase.name}: {w}")
+        optimizer, scheduler = self._phase_optimizer(phase, state if step > phase.start else None)
+        self.cb.log(f"phase {phase.name}: steps {phase.start + 1}-{phase.end}, lr {phase.lr:g}, "
+                    f"mix {self.phase_mix[phase.name]}")
+        while step < phase.end:
+            rec = self._optimizer_step(phase, step, sampler, reg_sampler, optimizer)
+            rec["lr"] = scheduler.get_last_lr()[0]
+            scheduler.step()
+            step += 1
+            self.steps_run += 1
+            self._record_step(step, rec, bar)
+            if step % self.every == 0 or step == phase.end:
+                self._checkpoint(step, phase)
+                self._save_state(step, pi, optimizer, scheduler)
+            if self.stop_after_step is not None and step >= self.stop_after_step:
+                self.stopped = True
+                return step
+        return step
+
+    def _optimizer_step(self, phase: Phase, step: int, sampler: BatchSampler, reg_sampler: BatchSampler | None,
+                        optimizer) -> dict[str, Any]:
+        """``gradient_accumulation`` micro-batches and one optimizer step at ``step`` of the run;
+        what to log of it (loss, prior_loss, grad_norm, shots)."""
+        import torch
+
+        losses, prior_losses, shots = [], [], {}
+        reg_w = float(self.cfg.regularization.prior_loss_weight)
+        max_norm = float(self.cfg.max_grad_norm)
+        grad_norm = None
+        for micro in range(self.ga):
+            pos = (step - phase.start) * self.ga + micro
+            gen = torch.Generator().manual_seed(_h(self.cfg.seed, "step", phase.name, pos))
+            batch = [self.train_ex[i] for i in sampler.batch(pos)]
+            for e in batch:
+                shots[e.shot] = shots.get(e.shot, 0) + 1
+            with self.accelerator.accumulate(self.unet):
+                loss = self._loss(batch, gen)
+                losses.append(float(loss.detach()))
+                if reg_sampler is not None:
+                    prior = self._loss([self.reg_ex[i] for i in reg_sampler.batch(pos)], gen)
+                    prior_losses.append(float(prior.detach()))
+                    loss = loss + reg_w * prior
+                self.accelerator.backward(loss)
+                grad_norm = None
+                if self.accelerator.sync_gradients and max_norm > 0:
+                    grad_norm = float(self.accelerator.clip_grad_norm_(self.trainable, max_norm))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        if not self.accelerator.sync_gradients:
+            raise RuntimeError("gradient accumulation out of step with optimizer steps")
+        rec: dict[str, Any] = {"phase": phase.name, "loss": sum(losses) / len(losses), "shots": shots}
+        if prior_losses:
+            rec["prior_loss"] = sum(prior_losses) / len(prior_losses)
+        if grad_norm is not None and math.isfinite(grad_norm):
+            rec["grad_norm"] = grad_norm
+        return rec
+
+    def _record_step(self, step: int, rec: dict[str, Any], bar) -> None:
+        """Log one optimizer step (metrics.jsonl, TensorBoard, callbacks); a loss that is not
+        finite stops training."""
+        rec = {"step": step, "phase": rec["phase"], "loss": rec["loss"], "lr": rec["lr"],
+               "epoch": round(step / self.steps_per_epoch, 4), "shots": rec["shots"],
+               **{k: rec[k] for k in ("prior_loss", "grad_norm") if k in rec}}
+        if not math.isfinite(rec["loss"]):
+            raise TrainError(f"loss became {rec['loss']} at step {step}",
+                             hint="Lower train.lr, or use mixed_precision bf16 instead of fp16.")
+        self._log_metrics(rec)
+        self.cb.metric("loss", rec["loss"], step)
+        self.cb.metric("lr", rec["lr"], step)
+        bar.update(1, loss=round(rec["loss"], 5))
 
     # ------------------------------------------------------------------------------------
     # 7. outputs
@@ -898,6 +955,17 @@ class LoraTrainer:
         logs_dir = self.out_dir / "logs"
         lora_dir.mkdir(parents=True, exist_ok=True)
         logs_dir.mkdir(parents=True, exist_ok=True)
+        checkpoints = self._copy_checkpoints(lora_dir)
+        index = self._index(checkpoints)
+        (lora_dir / "index.json").write_text(json.dumps(index, indent=2))
+        shutil.copy2(self.metrics_path, logs_dir / "metrics.jsonl")
+        tb = self.scratch / "logs" / "tensorboard"
+        if tb.is_dir():
+            shutil.copytree(tb, logs_dir / "tensorboard", dirs_exist_ok=True)
+        return index
+
+    def _copy_checkpoints(self, lora_dir: Path) -> list[dict[str, Any]]:
+        """The kept checkpoints and their samples into the output folder; their index entries."""
         checkpoints = []
         for h in self.history:
             src = self.scratch / "checkpoints" / f"step-{h['step']:06d}"
@@ -908,20 +976,25 @@ class LoraTrainer:
                                     "val_loss": h["val_loss"], "samples": h["samples"]})
         if (self.scratch / "samples").is_dir():
             shutil.copytree(self.scratch / "samples", lora_dir / "samples", dirs_exist_ok=True)
-        index = {
-            "base_model": str(self.cfg["base_model"]),
+        return checkpoints
+
+    def _index(self, checkpoints: list[dict[str, Any]]) -> dict[str, Any]:
+        """index.json: what was trained, how, and where each checkpoint is."""
+        cfg = self.cfg
+        return {
+            "base_model": cfg.base_model,
             "model_family": self.family,
-            "resolution": int(self.cfg["resolution"]),
-            "trigger": self.cfg.get("trigger") or "",
-            "class_word": self.cfg.get("class_word") or "",
-            "variant": self.cfg.get("variant"),
+            "resolution": cfg.resolution,
+            "trigger": cfg.trigger,
+            "class_word": cfg.class_word,
+            "variant": cfg.variant,
             "tiny_random_model": self.tiny,
             "checkpoints": checkpoints,
             "final": len(checkpoints) - 1,
             "history": [{"step": h["step"], "phase": h["phase"], "val_loss": h["val_loss"], "samples": h["samples"]}
                         for h in self.history],
             "sample_prompts": self._sample_prompts(),
-            "sample_seeds": [int(s) for s in self.cfg.get("checkpoints", {}).get("sample_seeds", [1])],
+            "sample_seeds": [int(s) for s in cfg.checkpoints.sample_seeds],
             "rank": self.rank,
             "alpha": self.alpha,
             "buckets": {"resolution": self.bucket_settings.resolution, **self.bucket_settings.kohya()},
@@ -934,14 +1007,8 @@ class LoraTrainer:
             "cache": {"hits": self.cache.hits, "misses": self.cache.misses},
             "device": self.device,
             "mixed_precision": self.mixed_precision,
-            "optimizer": getattr(self, "optimizer_name", self.cfg.get("optimizer", "adamw")),
+            "optimizer": getattr(self, "optimizer_name", cfg.optimizer),
             "attention": self.attention,
-            "gradient_checkpointing": bool(self.cfg.get("gradient_checkpointing")),
+            "gradient_checkpointing": cfg.gradient_checkpointing,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
         }
-        (lora_dir / "index.json").write_text(json.dumps(index, indent=2))
-        shutil.copy2(self.metrics_path, logs_dir / "metrics.jsonl")
-        tb = self.scratch / "logs" / "tensorboard"
-        if tb.is_dir():
-            shutil.copytree(tb, logs_dir / "tensorboard", dirs_exist_ok=True)
-        return index

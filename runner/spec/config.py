@@ -385,3 +385,11 @@ def replace(obj: T, **changes: Any) -> T:
 def schema_fields(cls: type) -> list[str]:
     """The names of the fields of ``cls`` that are schema keys (not stage keys of a node config)."""
     return [f.name for f in cls.__config_fields__.values() if not f.node]  # type: ignore[attr-defined]
+
+
+def view_of(cls: type[T], data: Mapping[str, Any]) -> T:
+    """The typed view of the keys of ``data`` that are fields of ``cls``, the rest left out: for a
+    mapping that holds a section's settings beside other things (a report hook's ``env`` holds
+    thumbnail_px and gallery_limit of the report section); absent fields take their default."""
+    table = cls.__config_fields__  # type: ignore[attr-defined]
+    return cls.from_dict({k: v for k, v in data.items() if k in table})  # type: ignore[attr-defined]
