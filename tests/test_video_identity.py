@@ -83,6 +83,7 @@ def hamilton(tmp_path_factory, shared_data):
     return out, ctx
 
 
+@pytest.mark.slow  # the hamilton fixture: about 24 s
 def test_hamilton_anchors_are_lin_manuel_miranda(hamilton, shared_data, dlib_backend, repo_root):
     from PIL import Image
 
@@ -104,7 +105,8 @@ def test_hamilton_anchors_are_lin_manuel_miranda(hamilton, shared_data, dlib_bac
         for m in metas(person / set_name):
             for key in REQUIRED_META:
                 assert key in m, (set_name, key)
-            assert m["stable"] >= s["persons"][0]["tau"], "frames under tau are never saved"
+            # under tau only when the track carries the identity (runner.video.stability)
+            assert m["stable"] >= s["persons"][0]["tau"] or m["identity"]["basis"] == "track_continuity"
             assert m["embedding_model"]["general_is_fallback"] is True
     pm = json.loads((person / "meta.json").read_text())
     assert pm["anchor_count"] == len(anchors) and int(pm["coverage_buckets_filled"]["yaw"].split("/")[0]) >= 4
@@ -189,6 +191,7 @@ def check_layout(identity: Path, fps: float) -> list[dict]:
 
 
 @pytest.mark.parametrize("clip", ["hamilton", "carphone"])
+@pytest.mark.slow  # both clips' fixtures: 6-24 s
 def test_layout_meta_and_challenge_spacing_on_real_clips(clip, request):
     out, _ = request.getfixturevalue(clip)
     s = summary_of(out)
@@ -196,6 +199,7 @@ def test_layout_meta_and_challenge_spacing_on_real_clips(clip, request):
     assert [p["person_id"] for p in persons] == [p["person_id"] for p in s["persons"]] == [0]
 
 
+@pytest.mark.slow  # the hamilton fixture: about 24 s
 def test_hamilton_profile_segment_is_found(hamilton):
     """Frames 20-45 of the clip are an over-the-shoulder profile (a face of about 200 px) that the
     HOG detector does not find in any of them; the CNN fallback does."""
@@ -208,8 +212,13 @@ def test_hamilton_profile_segment_is_found(hamilton):
     timeline = json.loads((out["identity"].path / "person_0" / "timeline.json").read_text())
     found = [e["frame_idx"] for e in timeline if 20 <= e["frame_idx"] <= 45 and e["detector"] == "cnn"]
     assert len(found) >= 2, "the profile is the main person's (its track joins theirs)"
+    # Barack Obama, in the audience after the cut between frames 210 and 215, sits in the main person's track
+    # (boxes overlap across the cut) at 0.85-0.87: never taken for them, by embedding or track
+    assert all(e["frame_idx"] <= 210 or (e["identity"] == "embedding" and e["action"].startswith("unstable"))
+               for e in timeline)
 
 
+@pytest.mark.slow  # the carphone fixture: about 6 s
 def test_carphone_one_person_with_mouth_open_frames(carphone):
     out, ctx = carphone
     s = summary_of(out)
@@ -282,6 +291,7 @@ def _side_by_side(shared_data: Path, dest: Path) -> Path:
     return dest
 
 
+@pytest.mark.slow  # about 5 s
 def test_two_people_and_pair_set(tmp_path, shared_data):
     video = _side_by_side(shared_data, tmp_path / "two.mp4")
     out, ctx = run_stage(tmp_path / "stage", video, people=2, stride=4)
@@ -306,6 +316,7 @@ def test_general_vision_model_path_is_labelled(tmp_path, shared_data, repo_root)
     assert "tiny random model" in html
 
 
+@pytest.mark.slow  # about 3 s
 def test_spec_to_report_through_the_engine(project, shared_data, monkeypatch):
     """A video source in a spec: planned as hero:video_identity[0], run by the engine, cached on the
     second apply, its images offered downstream, its section in the report."""
@@ -338,6 +349,7 @@ def test_spec_to_report_through_the_engine(project, shared_data, monkeypatch):
     assert {r.stage_id: r.status for r in second.results}.get("hero:video_identity[0]") in (None, "cached")
 
 
+@pytest.mark.slow  # the carphone fixture: about 6 s
 def test_reviewer_drop_and_move_reach_the_stage_outputs(carphone, tmp_path, shared_data):
     """The stage applies its config's review section (runner review's identity decisions, keyed
     by the frame PNG's sha256 in the images manifest) to the real carphone sets."""

@@ -12,7 +12,14 @@ Data (derived here from files in ../shared/data/video, which no test uses for id
 
 The threshold is the lowest value, rounded up to 0.01, whose false-accept rate on the impostor
 pairs is at most ``--far``; with N pairs and none accepted the 95% upper bound on the true rate is
-3/N (the rule of three), which is what the JSON reports as ``far_upper_95``. Writes
+3/N (the rule of three), which is what the JSON reports as ``far_upper_95``.
+
+The *profile floor* (``--profile-far``, default 0.5) is the same rule at a much looser rate: the
+median stranger's score. The video identity builder admits a turned face (|yaw| >= 30) under the
+threshold only when an unbroken chain of same-track links, each at least the threshold, ties it to
+a frame that passed the threshold (runner.video.stability.continuity_admissions); the floor is the
+second condition: such a face must still look at least as much like the person as a typical
+stranger does. Writes
 ``bench/calibrate_identity/<backend>.json``; runner.vision.faces.IDENTITY_THRESHOLDS holds the
 value the runner uses (tests/test_vision_identity_threshold.py checks they agree).
 """
@@ -74,11 +81,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backend", default="dlib", choices=["dlib", "insightface"])
     ap.add_argument("--far", type=float, default=0.001, help="target false-accept rate (default 0.001)")
+    ap.add_argument("--profile-far", type=float, default=0.5,
+                    help="false-accept rate of the profile floor (default 0.5: the median stranger)")
     args = ap.parse_args()
     data = pair_scores(args.backend)
     imp, gen = np.asarray(data["impostor"]), np.asarray(data["genuine"])
     t = threshold_at(data["impostor"], args.far)
     accepted = int((imp >= t).sum())
+    floor = threshold_at(data["impostor"], args.profile_far)
     result = {
         "backend": args.backend,
         "embedding_model": data["embedding_model"],
@@ -90,6 +100,9 @@ def main() -> None:
         "far_upper_95": round((accepted + 3) / imp.size, 6) if accepted == 0 else None,
         "impostor_max": round(float(imp.max()), 4),
         "impostor_quantiles": {q: round(float(np.quantile(imp, float(q))), 4) for q in ("0.5", "0.9", "0.99", "0.999")},
+        "profile_floor": floor,
+        "profile_floor_far_target": args.profile_far,
+        "profile_floor_far_measured": round(float((imp >= floor).mean()), 4),
         "genuine_pairs": int(gen.size),
         "genuine_min": round(float(gen.min()), 4) if gen.size else None,
         "genuine_median": round(float(np.median(gen)), 4) if gen.size else None,

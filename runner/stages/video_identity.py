@@ -31,7 +31,7 @@ from runner.core import contract
 from runner.stages.common import review_section
 
 KIND = "video_identity"
-VERSION = 2  # 2: anchor_001.jpg / cov_<bucket>.jpg / challenge_001.jpg layout, meta.json fields (issue 15)
+VERSION = 3  # 2: anchor_001.jpg / cov_<bucket>.jpg / challenge_001.jpg layout, meta.json fields (issue 15); 3: turned faces admitted by track continuity, "identity" in meta
 REFERENCE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 def video_option_defaults() -> dict[str, Any]:

@@ -86,6 +86,7 @@ def candidate_meta(c: Candidate, set_name: str, *, file: str, identity_model: st
         "quality": round(c.quality, 4),
         "novelty": round(c.novelty, 4),
         "stable": round(c.stable, 4),
+        "identity": {"basis": "embedding"} if c.admitted is None else {"basis": "track_continuity", **c.admitted},
         "strict_gate": c.strict,
         "challenge_kinds": c.challenge_kinds(),
         "face_bbox": [round(float(v), 1) for v in c.face_bbox],

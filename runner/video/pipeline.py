@@ -31,7 +31,7 @@ from runner.video import buckets as B
 from runner.video.decode import VideoDecodeError, VideoInfo, check_complete, iter_frames, probe_video
 from runner.video.gates import GATE_VERSION, Gate, make_gates, quality_score
 from runner.video.selection import Candidate, Selector, StopRule, conditioning_ratio
-from runner.video.stability import l2n, medoid, novelty, stability
+from runner.video.stability import l2n, mark_continuity_admissions, medoid, novelty, profile_floor, stability
 from runner.video.tracking import FaceObs, FaceTracker, Track, TrackScore, box_iou, cosine, track_scores
 
 DEFAULTS: dict[str, Any] = {
@@ -549,10 +549,10 @@ def _prototype(obs: list[FaceObs], strict: list[FaceObs], loose: list[FaceObs]) 
 def _timeline_entry(o: FaceObs, st: float, strict: bool, loose_failures: list[str], tau: float) -> dict[str, Any]:
     entry = {"frame_idx": o.frame_idx, "t_s": round(o.timestamp_ms / 1000.0, 3), "stable": round(st, 4),
              "strict": strict, "loose": not loose_failures, "detector": o.detector or "backend",
-             "novelty": None, "action": ""}
+             "novelty": None, "action": "", "identity": "embedding" if o.admitted is None else "track_continuity"}
     if loose_failures:
         entry["action"] = "gate:" + "; ".join(loose_failures)
-    elif st < tau:
+    elif st < tau and o.admitted is None:
         entry["action"] = f"unstable ({st:.3f} < tau {tau})"
     elif o.yaw is None or o.pitch is None:
         entry["action"] = "no pose"
@@ -580,6 +580,8 @@ def plan_person(pid: int, members: list[Track], score: TrackScore, ref_sim: floa
     loose = [o for o in obs if not loose_fail[id(o)]]
     proto, proto_type, pool, proto_frame = _prototype(obs, strict, loose)
     strict_ids = {id(o) for o in strict}
+    admitted = mark_continuity_admissions(members, proto, tau=tau, floor=profile_floor(backend_name),
+                                          max_gap_frames=max_gap_frames)
     timeline, cands = [], []
     for o in obs:
         st = stability(o.embedding, proto)
@@ -598,7 +600,7 @@ def plan_person(pid: int, members: list[Track], score: TrackScore, ref_sim: floa
         smoothed=_smooth_boxes(obs, float(opts["smoothing"]), max_gap_frames), strict_ids=strict_ids,
         timeline=timeline, candidates=cands, selector=selector,
         gate_counts={"observations": len(obs), "strict": len(strict), "loose": len(loose),
-                     "stable_candidates": len(cands)})
+                     "stable_candidates": len(cands), "continuity_admitted": admitted})
 
 
 def _offer(plan: PersonPlan, o: FaceObs, st: float, crop: np.ndarray, g: np.ndarray, crop_box: tuple,
@@ -609,7 +611,7 @@ def _offer(plan: PersonPlan, o: FaceObs, st: float, crop: np.ndarray, g: np.ndar
                   bins=B.bins_for(o.yaw, o.pitch, o.measures), quality=quality_score(o.size, _score01(o, backend_name), o.measures),
                   stable=st, strict=id(o) in plan.strict_ids, extreme_pose=B.extreme_pose(o.yaw, o.pitch), general=g,
                   crop=crop, face_bbox=o.box, crop_box=crop_box, yaw=o.yaw, pitch=o.pitch, measures=o.measures,
-                  detector=o.detector)
+                  detector=o.detector, admitted=o.admitted)
     c.novelty = novelty(g, sel.saved_embeddings()) if sel.saved() else 1.0
     action = sel.offer(c)
     e = plan.timeline_entry(o.frame_idx)

@@ -56,6 +56,7 @@ class Candidate:
     pitch: float = 0.0
     measures: dict[str, Any] = field(default_factory=dict)
     detector: str = ""  # as FaceObs.detector
+    admitted: dict[str, Any] | None = None  # as FaceObs.admitted: under tau, identity carried by the track
 
     def challenge_kinds(self) -> list[str]:
         """What makes this frame hard, in CHALLENGE_KINDS order (empty: not a challenge frame)."""

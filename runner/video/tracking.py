@@ -36,6 +36,9 @@ class FaceObs:
     measures: dict[str, Any] = field(default_factory=dict)  # blur, brightness, eyes, mouth, ...
     track_id: int = -1
     detector: str = ""  # "cnn" when dlib's CNN found it (a profile HOG missed); "": the backend's own
+    #: Set when the face is under tau but its track carries the identity
+    #: (runner.video.stability.mark_continuity_admissions: the chain and the floor); None: by embedding.
+    admitted: dict[str, Any] | None = None
 
     @property
     def size(self) -> float:

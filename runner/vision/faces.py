@@ -85,6 +85,7 @@ from runner.core.errors import StageError
 __all__ = [
     "FACE_MODEL_3D",
     "IDENTITY_THRESHOLDS",
+    "PROFILE_FLOORS",
     "Face",
     "FaceBackend",
     "DlibFaceBackend",
@@ -311,6 +312,13 @@ def pose_from_landmarks(points: np.ndarray, image_size: tuple[int, int]) -> Pose
 #: operating point, not calibrated here (no model pack on this machine): run the same script with
 #: ``--backend insightface`` where a pack is installed.
 IDENTITY_THRESHOLDS: dict[str, float] = {"dlib": 0.92, "insightface": 0.35}
+#: The lowest identity similarity at which a turned face (|yaw| >= 30) under the threshold may still
+#: be taken for the person when its video track ties it to frames that passed the threshold
+#: (runner.video.stability.mark_continuity_admissions): the held-out impostor pairs' median (a face
+#: under it looks less like the person than the typical stranger does), written by the same
+#: calibration (``profile_floor`` in bench/calibrate_identity/dlib.json). A backend without one
+#: (insightface, not calibrated here) admits no face under its threshold.
+PROFILE_FLOORS: dict[str, float] = {"dlib": 0.88}
 
 
 class FaceBackend(ABC):
