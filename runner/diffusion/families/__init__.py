@@ -1,0 +1,143 @@
+"""The model family registry: one module per family in this package, each defining ``FAMILY``
+(or ``FAMILIES``, a tuple, when one module holds variants with different pipelines). Adding a
+family is adding a module; nothing else names families.
+
+    from runner.diffusion import families
+    fam = families.get("flux1")                    # or families.detect_folder(path)
+    pipe = families.load_pipeline(fam, folder)     # the diffusers pipeline of that family
+    c = families.components_of(pipe, fam)          # denoiser, training scheduler, objective
+    families.add_lora(c, rank=16)                  # on the family's default target modules
+    raw = fam.images_to_raw(pipe, pixels)          # cached: VAE mean/std
+    text = fam.encode_captions(pipe, captions)     # cached: one dict of tensors per caption
+    batch = families.Batch(latents=fam.to_model_latents(pipe, sample), text=fam.collate(text), ...)
+    loss = families.training_loss(c, batch).mean()
+
+Module imports stay light (no torch, diffusers or transformers until a function runs).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pkgutil
+import re
+from pathlib import Path
+from typing import Any
+
+from runner.diffusion.families.base import (  # noqa: F401  (the package's public API)
+    Batch,
+    Components,
+    Family,
+    LatentFormat,
+    Objective,
+    SampleDefaults,
+    TextEncoding,
+    add_lora,
+    components_of,
+    training_loss,
+    unmatched_targets,
+)
+from runner.core.errors import UserError
+
+_NOT_FAMILIES = {"base", "tinykit"}
+_REGISTRY: dict[str, Family] = {}
+
+
+def _load() -> dict[str, Family]:
+    if not _REGISTRY:
+        for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+            if info.name in _NOT_FAMILIES or info.name.startswith("_"):
+                continue
+            mod = importlib.import_module(f"{__name__}.{info.name}")
+            for fam in getattr(mod, "FAMILIES", ()) or (mod.FAMILY,):
+                register(fam)
+    return _REGISTRY
+
+
+def register(family: Family) -> Family:
+    """Add a family (plugins may call this); a second family of the same name is an error."""
+    if family.name in _REGISTRY and _REGISTRY[family.name] is not family:
+        raise ValueError(f"model family {family.name!r} is registered twice")
+    _REGISTRY[family.name] = family
+    return family
+
+
+def names() -> list[str]:
+    return sorted(_load())
+
+
+def all_families() -> list[Family]:
+    return [_load()[n] for n in names()]
+
+
+def get(name: str) -> Family:
+    fams = _load()
+    if name not in fams:
+        raise UserError(f"unknown model family {name!r}", hint=f"Known families: {', '.join(names())}.")
+    return fams[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# detection
+
+
+def detect_folder(folder: Path | str) -> Family:
+    """The family of a diffusers folder, from its model_index.json ``_class_name``."""
+    index_path = Path(folder) / "model_index.json"
+    try:
+        cls = str(json.loads(index_path.read_text()).get("_class_name", ""))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{index_path}: cannot read the model index ({exc})",
+                        hint="Give a diffusers-format folder (with model_index.json).") from None
+    for fam in all_families():
+        if cls in fam.class_names:
+            return fam
+    known = ", ".join(c for f in all_families() for c in f.class_names)
+    raise UserError(f"{index_path}: pipeline {cls or '(none)'} is not a model family the runner trains",
+                    hint=f"Supported pipelines: {known}.")
+
+
+def detect_hub_id(ref: str) -> Family | None:
+    """The family a hub id names by its well-known pattern, or None (then read its
+    model_index.json)."""
+    for fam in all_families():
+        if any(re.search(p, ref, re.IGNORECASE) for p in fam.hub_patterns):
+            return fam
+    return None
+
+
+def by_tiny_name(ref: str) -> Family | None:
+    name = ref.removeprefix("builtin:")
+    return next((f for f in all_families() if f.tiny == name), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny models and loading
+
+
+def tiny_path(ref: str, cache_dir: Path | str | None = None) -> Path:
+    """Build once (under a lock) and return the diffusers folder of ``builtin:tiny-<family>``."""
+    from runner.buildcache import build_once
+    from runner.diffusion.tiny import TINY_SEED, models_cache_dir, tiny_model_path
+
+    fam = by_tiny_name(ref)
+    if fam is None:
+        raise UserError(f"unknown builtin model {ref!r}",
+                        hint=f"Known: {', '.join('builtin:' + f.tiny for f in all_families())}.")
+    if fam.build_tiny is None:  # SD 1.5 / SDXL: the folder runner.diffusion.tiny has always built
+        return tiny_model_path(fam.tiny, cache_dir)
+    final = models_cache_dir(cache_dir) / f"builtin-{fam.tiny}-v{fam.tiny_version}"
+    note = (f"builtin:{fam.tiny} v{fam.tiny_version}: a tiny {fam.title} with random weights, built from config "
+            f"with seed {TINY_SEED} by character-runner. Its images are noise.\n")
+    return build_once(final, fam.build_tiny, marker="DONE", notes={"TINY_RANDOM_MODEL.txt": note})
+
+
+def load_pipeline(family: Family, folder: Path | str, *, device: str = "cpu", dtype: Any = None):
+    """``<family.pipeline>.from_pretrained(folder)`` on ``device`` (float32 unless ``dtype``)."""
+    import diffusers
+    import torch
+
+    cls = getattr(diffusers, family.pipeline)
+    pipe = cls.from_pretrained(str(folder), dtype=dtype or torch.float32, **dict(family.pipeline_kwargs))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)

@@ -1,0 +1,346 @@
+"""What a model family is: data (classes, text encoding, latents, objective, LoRA targets,
+detection) plus the few functions that differ between families (encode captions, normalize
+latents, run the denoiser on a noisy batch). Everything the trainer does per batch goes through
+:func:`training_loss`, the same for every family; the family only supplies ``predict``.
+
+Conventions (one for all families, so the trainer never branches on a family name):
+
+- *raw latents* are what the VAE encoder gives (mean and std of its distribution, ``(B, C, H, W)``),
+  cached once per image and bucket; :attr:`Family.to_model_latents` turns a sample of them into
+  *model latents*, the space the denoiser is trained in (scaled, shifted, normalized, patchified).
+- timesteps are on the 0..1000 scale of ``num_train_timesteps`` for every family: a UNet family
+  reads them as DDPM steps, a flow family as ``sigma = t / 1000``.
+- :func:`training_loss` returns the loss of each example (shape ``(B,)``), so the caller can mix
+  prior-preservation and instance losses with its own weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+# The prediction an objective trains: 'scheduler' (UNet families: epsilon or v, as the model's
+# scheduler config says), or 'flow' (the velocity noise - x0 of rectified flow).
+PREDICTIONS = ("scheduler", "flow")
+TIMESTEP_SAMPLING = ("uniform", "logit_normal", "mode")
+WEIGHTINGS = ("none", "min_snr", "sigma_sqrt", "cosmap")
+
+
+@dataclass(frozen=True)
+class TextEncoding:
+    """How captions become conditioning."""
+
+    encoders: tuple[str, ...]  # pipeline components that encode text, in the order they run
+    outputs: str  # what is taken from them, in words (for the plan and the docs)
+    pooled: bool  # a pooled vector conditions the denoiser besides the token sequence
+    max_tokens: int  # tokens per caption the family trains with
+    masked: bool = False  # embeddings vary in length per caption (padding or lists, see collate)
+    cacheable: bool = True  # embeddings can be cached and the encoders freed before the loop
+
+
+@dataclass(frozen=True)
+class LatentFormat:
+    """How images become model latents (figures of the real model; tiny ones are smaller)."""
+
+    channels: int  # VAE latent channels
+    downscale: int  # VAE spatial downscale
+    patch: int  # denoiser patch side in latent pixels (2: 2x2 patches packed into tokens)
+    normalization: str  # in words: what turns raw VAE latents into model latents
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The training objective. ``shift=None`` samples sigmas shifted as the model's own scheduler
+    shifts them at inference (static ``shift``, or the resolution-dependent one when the
+    scheduler config says ``use_dynamic_shifting``); a number fixes a static shift."""
+
+    prediction: str = "scheduler"
+    timestep_sampling: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    shift: float | None = None
+    weighting: str = "none"
+    min_snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    guidance: float | None = None  # guidance-distilled models (Flux.1-dev): the guidance embedding's value
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (("prediction", self.prediction, PREDICTIONS),
+                                     ("timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLING),
+                                     ("weighting", self.weighting, WEIGHTINGS)):
+            if value not in allowed:
+                raise ValueError(f"objective {name} {value!r} is not one of {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class SampleDefaults:
+    steps: int
+    guidance: float
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family. The functions receive the loaded diffusers pipeline (or
+    :class:`Components`) and import what they need inside."""
+
+    name: str
+    title: str
+    pipeline: str  # diffusers pipeline class name
+    components: Mapping[str, str]  # component -> class name (diffusers or transformers)
+    denoiser: str  # the pipeline attribute that is trained: 'unet' or 'transformer'
+    text: TextEncoding
+    latents: LatentFormat
+    objective: Objective
+    lora_targets: tuple[str, ...]  # peft target module names (suffixes) of the denoiser
+    class_names: tuple[str, ...]  # model_index.json _class_name values that mean this family
+    hub_patterns: tuple[str, ...]  # regexes (case-insensitive, searched) on hub ids
+    sample: SampleDefaults
+    size_multiple: int  # what image sides must be divisible by for the real model
+    tiny: str  # builtin:<tiny> names the tiny random model
+    tiny_version: int
+    build_tiny: Callable[[Any], None] | None  # build_tiny(dest folder); None: built by runner.diffusion.tiny
+    encode_captions: Callable[[Any, list[str]], list[dict[str, Any]]]
+    to_model_latents: Callable[[Any, Any], Any]  # (pipe, raw latents sample) -> model latents
+    predict: Callable[["Components", Any, Any, "Batch"], Any]  # (c, noisy, t, batch) -> prediction
+    encode_images: Callable[[Any, Any], dict[str, Any]] | None = None  # default: vae_encode
+    collate_text: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None  # default: stack
+    extra_conditioning: str = ""  # in words: what else conditions the denoiser (time ids, image ids)
+    variants: Mapping[str, str] = field(default_factory=dict)  # variant -> how it differs
+    pipeline_kwargs: Mapping[str, Any] = field(default_factory=dict)  # from_pretrained extras
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        return (self.collate_text or stack_text)(items)
+
+    def images_to_raw(self, pipe, pixels) -> dict[str, Any]:
+        return (self.encode_images or vae_encode)(pipe, pixels)
+
+
+@dataclass
+class Components:
+    """What one training run holds of a loaded pipeline (see :func:`components_of`)."""
+
+    family: Family
+    pipe: Any
+    denoiser: Any
+    scheduler: Any  # DDPMScheduler for 'scheduler' objectives, the pipeline's flow scheduler otherwise
+    objective: Objective
+
+    @property
+    def device(self):
+        return self.denoiser.device
+
+    @property
+    def dtype(self):
+        return self.denoiser.dtype
+
+
+@dataclass
+class Batch:
+    """One micro-batch, already on the CPU or the device. ``noise`` and ``timesteps`` (0..1000)
+    are drawn from ``generator`` when not given (validation passes fixed ones)."""
+
+    latents: Any  # model latents (B, C, H, W)
+    text: dict[str, Any]  # family.collate(...) of the cached caption embeddings
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. SDXL's time_ids (B, 6)
+    generator: Any = None
+    noise: Any = None
+    timesteps: Any = None
+
+
+def components_of(pipe, family: Family, objective: Objective | None = None) -> Components:
+    objective = objective or family.objective
+    scheduler = pipe.scheduler
+    if objective.prediction == "scheduler":
+        from diffusers import DDPMScheduler
+
+        scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    return Components(family=family, pipe=pipe, denoiser=getattr(pipe, family.denoiser), scheduler=scheduler,
+                      objective=objective)
+
+
+# ---------------------------------------------------------------------------------------------
+# defaults shared by families
+
+
+def vae_encode(pipe, pixels) -> dict[str, Any]:
+    """Raw latents of pixels in [-1, 1] ``(B, 3, H, W)``: the VAE distribution's mean and std,
+    float32 on the CPU. fp16 VAEs are run in fp32 (SDXL's overflows in fp16)."""
+    import torch
+
+    vae = pipe.vae
+    upcast = vae.dtype == torch.float16
+    if upcast:
+        vae.to(torch.float32)
+    with torch.no_grad():
+        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    if upcast:
+        vae.to(torch.float16)
+    return {"mean": dist.mean.float().cpu(), "std": dist.std.float().cpu()}
+
+
+def stack_text(items: list[dict[str, Any]]) -> dict[str, Any]:
+    import torch
+
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+def pad_text(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Variable-length ``prompt_embeds`` (L_i, D) padded to the longest, with a 0/1 mask."""
+    import torch
+
+    longest = max(it["prompt_embeds"].shape[0] for it in items)
+    embeds, masks = [], []
+    for it in items:
+        e = it["prompt_embeds"]
+        pad = longest - e.shape[0]
+        embeds.append(torch.cat([e, e.new_zeros(pad, e.shape[1])]))
+        masks.append(torch.cat([torch.ones(e.shape[0], dtype=torch.long), torch.zeros(pad, dtype=torch.long)]))
+    return {"prompt_embeds": torch.stack(embeds), "mask": torch.stack(masks)}
+
+
+def split_batch(tensors: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """{name: (B, ...)} -> one {name: (...)} per example, float32 on the CPU (for the cache)."""
+    n = len(next(iter(tensors.values())))
+    return [{k: v[i].detach().float().cpu() for k, v in tensors.items()} for i in range(n)]
+
+
+def scale_shift(pipe, raw):
+    """(raw - shift_factor) * scaling_factor, as the VAE config says (SD: no shift)."""
+    cfg = pipe.vae.config
+    shift = getattr(cfg, "shift_factor", None) or 0.0
+    return (raw - shift) * cfg.scaling_factor
+
+
+# ---------------------------------------------------------------------------------------------
+# the objective
+
+
+def training_loss(c: Components, batch: Batch, *, weighted: bool = True):
+    """Loss of each example of ``batch`` (shape ``(B,)``, float32) under the family's objective."""
+    if c.objective.prediction == "flow":
+        return _flow_loss(c, batch, weighted)
+    return _scheduler_loss(c, batch, weighted)
+
+
+def _noise(c: Components, batch: Batch):
+    import torch
+
+    x0 = batch.latents
+    if batch.noise is not None:
+        return batch.noise.to(x0.device, torch.float32)
+    noise = torch.randn(x0.shape, generator=batch.generator)
+    if c.objective.noise_offset > 0:
+        offset = torch.randn((x0.shape[0], x0.shape[1], 1, 1), generator=batch.generator)
+        noise = noise + c.objective.noise_offset * offset
+    return noise.to(x0.device)
+
+
+def _scheduler_loss(c: Components, batch: Batch, weighted: bool):
+    import torch
+    import torch.nn.functional as F
+    from diffusers.training_utils import compute_snr
+
+    x0 = batch.latents.float()
+    noise = _noise(c, batch)
+    sched = c.scheduler
+    t = batch.timesteps
+    if t is None:
+        t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],), generator=batch.generator)
+    t = t.to(x0.device).long()
+    noisy = sched.add_noise(x0, noise, t)
+    ptype = sched.config.prediction_type
+    target = noise if ptype == "epsilon" else sched.get_velocity(x0, noise, t)
+    pred = c.family.predict(c, noisy, t, batch)
+    per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+    gamma = c.objective.min_snr_gamma
+    if weighted and gamma and c.objective.weighting in ("min_snr", "none"):
+        snr = compute_snr(sched, t)
+        w = torch.clamp(snr, max=float(gamma))
+        per = per * (w / snr if ptype == "epsilon" else w / (snr + 1))
+    return per
+
+
+def sample_sigmas(c: Components, batch_size: int, seq_len: int, generator=None):
+    """Sigmas in (0, 1) for a batch: the objective's density, then its shift."""
+    import torch
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    o = c.objective
+    u = compute_density_for_timestep_sampling(o.timestep_sampling if o.timestep_sampling != "uniform" else "none",
+                                              batch_size, logit_mean=o.logit_mean, logit_std=o.logit_std,
+                                              mode_scale=o.mode_scale, generator=generator)
+    return shift_sigmas(c, u.clamp(1e-5, 1 - 1e-5), seq_len).to(torch.float32)
+
+
+def shift_sigmas(c: Components, u, seq_len: int):
+    """The shift the objective (or, with ``shift=None``, the model's scheduler) applies."""
+    cfg = c.scheduler.config
+    if c.objective.shift is None and cfg.get("use_dynamic_shifting"):
+        mu = dynamic_mu(cfg, seq_len)
+        return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
+    shift = float(c.objective.shift if c.objective.shift is not None else cfg.get("shift", 1.0))
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def dynamic_mu(cfg, seq_len: int) -> float:
+    """The resolution-dependent shift exponent of the flow pipelines (linear in the number of
+    image tokens between the scheduler's base and max sequence lengths)."""
+    base_len, max_len = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
+    base, top = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
+    m = (top - base) / (max_len - base_len)
+    return seq_len * m + base - m * base_len
+
+
+def _flow_loss(c: Components, batch: Batch, weighted: bool):
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    x0 = batch.latents.float()
+    noise = _noise(c, batch)
+    if batch.timesteps is None:
+        seq_len = (x0.shape[-2] // c.family.latents.patch) * (x0.shape[-1] // c.family.latents.patch)
+        sigmas = sample_sigmas(c, x0.shape[0], seq_len, batch.generator)
+    else:
+        sigmas = batch.timesteps.float() / 1000.0
+    sigmas = sigmas.to(x0.device)
+    s = sigmas.view(-1, *([1] * (x0.ndim - 1)))
+    noisy = (1.0 - s) * x0 + s * noise
+    pred = c.family.predict(c, noisy, sigmas, batch)
+    per = ((pred.float() - (noise - x0)) ** 2).mean(dim=tuple(range(1, x0.ndim)))
+    if weighted and c.objective.weighting in ("sigma_sqrt", "cosmap"):
+        per = per * compute_loss_weighting_for_sd3(c.objective.weighting, sigmas).float()
+    return per
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA
+
+
+def unmatched_targets(model, targets: tuple[str, ...] | list[str]) -> list[str]:
+    """The targets that name no module of ``model`` (peft matches a target on a whole dotted
+    suffix of a module name)."""
+    names = [n for n, _ in model.named_modules()]
+    return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+
+
+def add_lora(c: Components, *, rank: int, alpha: float | None = None, targets=None, dropout: float = 0.0,
+             seed: int | None = None):
+    """Attach a LoRA adapter to the denoiser on ``targets`` (default: the family's). Fails with
+    the names that match nothing. Returns the peft ``LoraConfig``."""
+    import torch
+    from peft import LoraConfig
+
+    targets = list(targets or c.family.lora_targets)
+    missing = unmatched_targets(c.denoiser, targets)
+    if missing:
+        from runner.core.errors import UserError
+
+        raise UserError(f"LoRA target modules {missing} match no module of the {c.family.title} {c.family.denoiser}",
+                        hint=f"The family's defaults are {', '.join(c.family.lora_targets)}.")
+    if seed is not None:
+        torch.manual_seed(seed)
+    conf = LoraConfig(r=rank, lora_alpha=float(alpha if alpha is not None else rank), lora_dropout=dropout,
+                      init_lora_weights="gaussian", target_modules=targets)
+    c.denoiser.add_adapter(conf)
+    return conf

@@ -1,0 +1,57 @@
+"""Stable Diffusion 1.5: a UNet on 4-channel latents (VAE x8), conditioned on the last hidden
+state of one CLIP text encoder (77 tokens); epsilon or v-prediction as the model's scheduler
+config says, optionally min-SNR weighted. The tiny model is ``builtin:tiny-sd``, built by
+:mod:`runner.diffusion.tiny` (same folder and cache keys as before the registry)."""
+
+from __future__ import annotations
+
+from runner.diffusion.families.base import (
+    Family,
+    LatentFormat,
+    Objective,
+    SampleDefaults,
+    TextEncoding,
+    scale_shift,
+    split_batch,
+)
+from runner.diffusion.tiny import TINY_VERSION
+
+UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def encode_captions(pipe, captions: list[str]) -> list[dict]:
+    import torch
+
+    with torch.no_grad():
+        pe, _ = pipe.encode_prompt(list(captions), pipe.unet.device, 1, False)
+    return split_batch({"prompt_embeds": pe})
+
+
+def predict(c, noisy, t, batch):
+    emb = batch.text["prompt_embeds"].to(c.device, c.dtype)
+    return c.denoiser(noisy.to(c.dtype), t, encoder_hidden_states=emb, return_dict=False)[0]
+
+
+FAMILY = Family(
+    name="sd15",
+    title="Stable Diffusion 1.5",
+    pipeline="StableDiffusionPipeline",
+    components={"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel",
+                "tokenizer": "CLIPTokenizer", "scheduler": "PNDMScheduler"},
+    denoiser="unet",
+    text=TextEncoding(encoders=("text_encoder",), outputs="CLIP last hidden state", pooled=False, max_tokens=77),
+    latents=LatentFormat(channels=4, downscale=8, patch=1, normalization="raw x vae.scaling_factor (0.18215)"),
+    objective=Objective(prediction="scheduler"),
+    lora_targets=UNET_LORA_TARGETS,
+    class_names=("StableDiffusionPipeline",),
+    hub_patterns=(r"stable-diffusion-v1-[45]", r"/sd-?1\.?5", r"runwayml/stable-diffusion"),
+    sample=SampleDefaults(steps=25, guidance=6.0),
+    size_multiple=64,
+    tiny="tiny-sd",
+    tiny_version=TINY_VERSION,
+    build_tiny=None,
+    encode_captions=encode_captions,
+    to_model_latents=scale_shift,
+    predict=predict,
+    pipeline_kwargs={"safety_checker": None, "requires_safety_checker": False},
+)

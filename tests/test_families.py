@@ -1,0 +1,249 @@
+"""The model family registry (runner/diffusion/families): every family's tiny model builds
+offline, is detected from its folder, encodes real photos and captions, gives a finite loss that
+falls when a LoRA on the family's default targets overfits one batch, and generates an image;
+the objectives' maths is checked on exact predictors without any model."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from runner.core.errors import UserError
+from runner.diffusion import families
+from runner.diffusion.families import base
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+EXPECTED = {"sd15", "sdxl", "flux1", "flux2_klein", "qwen_image", "z_image"}
+HUB_IDS = {
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15",
+    "runwayml/stable-diffusion-v1-5": "sd15",
+    "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
+    "black-forest-labs/FLUX.1-dev": "flux1",
+    "black-forest-labs/FLUX.1-schnell": "flux1",
+    "black-forest-labs/FLUX.2-klein-4B": "flux2_klein",
+    "black-forest-labs/FLUX.2-klein-base-9B": "flux2_klein",
+    "Qwen/Qwen-Image": "qwen_image",
+    "Tongyi-MAI/Z-Image-Turbo": "z_image",
+}
+SIDE = 32  # pixels: every tiny model's latents are 8x8 or 16x16 at this size
+LR, STEPS = 5e-2, 15  # overfitting one batch: enough for every tiny family's LoRA to cut its loss by 10%
+
+
+def test_registry_holds_every_family_with_real_classes():
+    import diffusers
+    import transformers
+
+    assert EXPECTED <= set(families.names())
+    for fam in families.all_families():
+        assert families.get(fam.name) is fam
+        assert hasattr(diffusers, fam.pipeline), fam.pipeline
+        for comp, cls in fam.components.items():
+            assert hasattr(diffusers, cls) or hasattr(transformers, cls), f"{fam.name}.{comp}: {cls}"
+        assert fam.pipeline in fam.class_names
+        assert fam.lora_targets and fam.text.max_tokens > 0 and fam.size_multiple % 8 == 0
+        assert families.by_tiny_name(f"builtin:{fam.tiny}") is fam
+
+
+def test_unknown_family_and_unknown_pipeline_say_what_exists(tmp_path: Path):
+    with pytest.raises(UserError) as exc:
+        families.get("sd3")
+    assert "flux1" in exc.value.hint
+    (tmp_path / "model_index.json").write_text('{"_class_name": "KandinskyPipeline"}')
+    with pytest.raises(UserError) as exc:
+        families.detect_folder(tmp_path)
+    assert "model_index.json" in str(exc.value) and "KandinskyPipeline" in str(exc.value)
+    assert "FluxPipeline" in exc.value.hint
+    with pytest.raises(UserError, match="model_index.json"):
+        families.detect_folder(tmp_path / "missing")
+    with pytest.raises(UserError, match="builtin:tiny-nope"):
+        families.tiny_path("builtin:tiny-nope", tmp_path)
+
+
+@pytest.mark.parametrize("hub_id", sorted(HUB_IDS))
+def test_hub_ids_name_exactly_one_family(hub_id: str):
+    import re
+
+    matches = [f.name for f in families.all_families() if any(re.search(p, hub_id, re.I) for p in f.hub_patterns)]
+    assert matches == [HUB_IDS[hub_id]]
+    assert families.detect_hub_id(hub_id).name == HUB_IDS[hub_id]
+
+
+def test_unmatched_targets_reports_names_that_match_no_module():
+    import torch
+
+    model = torch.nn.Sequential()
+    model.add_module("attn", torch.nn.Module())
+    model.attn.add_module("to_q", torch.nn.Linear(2, 2))
+    model.attn.add_module("to_out", torch.nn.ModuleList([torch.nn.Linear(2, 2)]))
+    assert base.unmatched_targets(model, ["to_q", "attn.to_q", "to_out.0", "to_k", "o_q"]) == ["to_k", "o_q"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the objectives, on exact predictors (no model)
+
+
+class _Exact:
+    """A denoiser stand-in whose prediction is exactly the objective's target."""
+
+    def __init__(self, target):
+        self.target = target
+        self.device, self.dtype = "cpu", None
+
+
+def _components(prediction: str, **objective):
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    sched = (DDPMScheduler(num_train_timesteps=1000) if prediction == "scheduler"
+             else FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True))
+    fam = families.get("flux1" if prediction == "flow" else "sd15")
+    return base.Components(family=fam, pipe=None, denoiser=None, scheduler=sched,
+                           objective=base.Objective(prediction=prediction, **objective))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_flow_loss_is_zero_for_the_velocity_and_positive_otherwise(seed: int):
+    import dataclasses
+
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(3, 4, 8, 8, generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    t = torch.tensor([50.0, 500.0, 950.0])
+    c = _components("flow")
+    exact = dataclasses.replace(c.family, predict=lambda c_, noisy, sigmas, b: noise - x0)
+    c.family = exact
+    batch = base.Batch(latents=x0, text={}, noise=noise, timesteps=t)
+    assert torch.allclose(base.training_loss(c, batch), torch.zeros(3), atol=1e-6)
+    c.family = dataclasses.replace(exact, predict=lambda c_, noisy, sigmas, b: noisy)  # not the velocity
+    per = base.training_loss(c, batch)
+    assert per.shape == (3,) and bool((per > 0).all())
+
+
+def test_scheduler_loss_is_zero_for_epsilon_and_v_targets():
+    import dataclasses
+
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 4, 8, 8, generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    t = torch.tensor([10, 700])
+    for ptype in ("epsilon", "v_prediction"):
+        c = _components("scheduler", min_snr_gamma=5.0)
+        c.scheduler.register_to_config(prediction_type=ptype)
+        target = noise if ptype == "epsilon" else c.scheduler.get_velocity(x0, noise, t)
+        c.family = dataclasses.replace(c.family, predict=lambda c_, noisy, tt, b, target=target: target)
+        loss = base.training_loss(c, base.Batch(latents=x0, text={}, noise=noise, timesteps=t))
+        assert torch.allclose(loss, torch.zeros(2), atol=1e-6), ptype
+
+
+def test_sigma_sampling_follows_density_and_shift():
+    import torch
+
+    def mean_sigma(seq_len: int, **objective) -> float:
+        c = _components("flow", **objective)
+        return float(base.sample_sigmas(c, 4000, seq_len, torch.Generator().manual_seed(0)).mean())
+
+    uniform = mean_sigma(256, shift=1.0)
+    assert abs(uniform - 0.5) < 0.02
+    assert mean_sigma(256, shift=3.0) > uniform + 0.1  # a shift > 1 spends more steps at high noise
+    assert mean_sigma(4096) > mean_sigma(256) + 0.05  # dynamic: more image tokens, more noise
+    s = base.sample_sigmas(_components("flow", timestep_sampling="logit_normal"), 1000, 1024,
+                           torch.Generator().manual_seed(1))
+    assert bool(((s > 0) & (s < 1)).all())
+
+
+def test_dynamic_mu_matches_the_pipeline_formula():
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    cfg = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
+    for n in (64, 256, 1024, 4096):
+        assert math.isclose(base.dynamic_mu(cfg, n), calculate_shift(n, 256, 4096, 0.5, 1.15))
+
+
+def test_objective_rejects_unknown_names():
+    with pytest.raises(ValueError, match="timestep_sampling"):
+        base.Objective(prediction="flow", timestep_sampling="cosine")
+
+
+# ---------------------------------------------------------------------------------------------
+# every family's tiny model
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.getbasetemp() / "model-cache"
+
+
+def _pixels(shared_data: Path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    photos = [shared_data / "faces" / "obama" / "obama_01.jpg", shared_data / "faces" / "biden" / "biden_01.jpg"]
+    arrays = []
+    for p in photos:
+        with Image.open(p) as im:
+            arrays.append(np.asarray(im.convert("RGB").resize((SIDE, SIDE)), dtype=np.float32) / 127.5 - 1.0)
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+
+def _batch(fam, pipe, pixels, captions, seed: int):
+    import torch
+
+    raw = fam.images_to_raw(pipe, pixels)
+    assert raw["mean"].shape[0] == len(captions) and raw["mean"].ndim == 4
+    gen = torch.Generator().manual_seed(seed)
+    sample = raw["mean"] + raw["std"] * torch.randn(raw["mean"].shape, generator=gen)
+    latents = fam.to_model_latents(pipe, sample)
+    text = fam.encode_captions(pipe, captions)
+    assert len(text) == len(captions)
+    noise = torch.randn(latents.shape, generator=gen)
+    return base.Batch(latents=latents, text=fam.collate(text), generator=gen, noise=noise,
+                      timesteps=torch.tensor([300.0, 700.0]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_tiny_family_detects_trains_and_generates(name: str, tiny_cache: Path, shared_data: Path):
+    import numpy as np
+    import torch
+
+    fam = families.get(name)
+    folder = families.tiny_path(f"builtin:{fam.tiny}", tiny_cache)
+    assert families.tiny_path(f"builtin:{fam.tiny}", tiny_cache) == folder  # built once
+    assert families.detect_folder(folder) is fam
+    pipe = families.load_pipeline(fam, folder)
+    c = families.components_of(pipe, fam)
+
+    images = pipe(prompt="a photo of a man", num_inference_steps=2, height=SIDE, width=SIDE, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, SIDE, SIDE, 3) and np.isfinite(images).all()
+
+    families.add_lora(c, rank=4, seed=0)
+    lora_modules = [n for n, _ in c.denoiser.named_modules() if n.endswith(".lora_A")]
+    for target in fam.lora_targets:
+        assert any(n.removesuffix(".lora_A").endswith(target) for n in lora_modules), target
+
+    batch = _batch(fam, pipe, _pixels(shared_data), ["a photo of the man, portrait", "a man smiling in the park"], 0)
+    params = [p for p in c.denoiser.parameters() if p.requires_grad]
+    assert params and all(".lora_" in n for n, p in c.denoiser.named_parameters() if p.requires_grad)
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+    losses = []
+    for _ in range(STEPS):
+        loss = families.training_loss(c, batch).mean()
+        assert math.isfinite(float(loss.detach()))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.9 * losses[0], losses
+
+    with torch.no_grad():  # the same batch, weighted or not, gives the same finite loss twice
+        again = families.training_loss(c, batch, weighted=False)
+        assert torch.equal(again, families.training_loss(c, batch, weighted=False))
+        assert again.shape == (2,) and bool(torch.isfinite(again).all())
