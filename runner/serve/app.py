@@ -24,15 +24,16 @@ import io
 import random
 import time
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, Literal
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from runner.core.errors import UserError
+from runner.core.errors import StageError, UserError
 from runner.serve.batcher import Batcher, QueueFull
 from runner.serve.engine import ContentFiltered, ImageJob, ImageParams, VideoJob, png_bytes
 
@@ -174,81 +175,47 @@ def _json_syntax_detail(doc: Any, error: dict[str, Any]) -> dict[str, Any]:
             "line": line, "column": column, "char": pos}
 
 
-def create_app(engine: Any, *, token: str | None, max_queue: int = 32, max_batch: int = 4,
-               max_side: int = 1536, batch_window_s: float = 0.02,
-               max_body_bytes: int | None = None) -> FastAPI:
-    """The ASGI app around a loaded :class:`runner.serve.engine.ImageEngine`. ``token=None``
-    turns authentication off (only with --insecure-no-auth). ``max_body_bytes``: the largest
-    request body accepted (None: the generate.api.max_body_bytes default)."""
-    target = engine.target
-    if max_body_bytes is None:
-        from runner.serve import api_default
+@dataclass
+class _Server:
+    """What the routes need: the engine, its batcher and the limits (``app.state.server``)."""
 
-        max_body_bytes = int(api_default("max_body_bytes"))
-    batcher = Batcher(engine.run_batch, max_queue=max_queue, max_batch=max_batch, batch_window_s=batch_window_s)
+    engine: Any
+    batcher: Batcher
+    token: str | None
+    max_queue: int
+    max_batch: int
+    max_side: int
+    max_body_bytes: int
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        await batcher.start()
-        yield
-        await batcher.stop()
+    @property
+    def target(self) -> Any:
+        return self.engine.target
 
-    app = FastAPI(title=f"character-runner: {target.character}", version="1", lifespan=lifespan,
-                  description=__doc__)
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
-    app.state.batcher = batcher
-    app.state.engine = engine
-    app.state.max_body_bytes = max_body_bytes
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        details = _validation_details(exc)
-        return _error(422, "invalid_request", "the request is invalid: "
-                      + "; ".join(f"{d['field']}: {d['reason']}" for d in details), details)
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.code, exc.message, exc.details, exc.headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _error(exc.status_code, code, str(exc.detail))
-
-    def authorized(request: Request) -> None:
-        if token is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not given:
-            raise ApiError(401, "unauthorized", "missing bearer token: send 'Authorization: Bearer <token>'",
-                           headers={"WWW-Authenticate": "Bearer"})
-        if not hmac.compare_digest(given.strip().encode(), token.encode()):
-            raise ApiError(401, "unauthorized", "wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
-
-    def _size(req: ImageRequest) -> tuple[int, int]:
-        w = req.width or target.resolution
-        h = req.height or target.resolution
+    def size(self, req: ImageRequest) -> tuple[int, int]:
+        w = req.width or self.target.resolution
+        h = req.height or self.target.resolution
         bad = []
         for name, v in (("width", w), ("height", h)):
             if v % 8:
                 bad.append({"field": name, "reason": f"must be a multiple of 8 (got {v})"})
-            if v > max_side:
-                bad.append({"field": name, "reason": f"must be at most {max_side} (generate.api.max_side; got {v})"})
+            if v > self.max_side:
+                bad.append({"field": name,
+                            "reason": f"must be at most {self.max_side} (generate.api.max_side; got {v})"})
         if bad:
             raise ApiError(422, "invalid_request", "the request is invalid: "
                            + "; ".join(f"{d['field']}: {d['reason']}" for d in bad), bad)
         return w, h
 
-    def _prompt(req: ImageRequest) -> str:
+    def prompt(self, req: ImageRequest) -> str:
         p = req.prompt.strip()
-        if req.include_trigger and target.trigger.lower() not in p.lower():
-            p = f"{target.trigger} {target.class_word}, {p}"
+        if req.include_trigger and self.target.trigger.lower() not in p.lower():
+            p = f"{self.target.trigger} {self.target.class_word}, {p}"
         return p
 
-    async def _run(job: Any) -> Any:
+    async def run(self, job: Any) -> Any:
+        """The job's result through the batcher; every failure becomes the API's JSON error."""
         try:
-            fut = batcher.submit(job)
+            fut = self.batcher.submit(job)
         except QueueFull as exc:
             raise ApiError(429, "queue_full", str(exc), headers={"Retry-After": "5"}) from None
         try:
@@ -259,87 +226,168 @@ def create_app(engine: Any, *, token: str | None, max_queue: int = 32, max_batch
         except ApiError:
             raise
         except Exception as exc:
-            from runner.core.errors import StageError
+            raise _generation_error(exc) from None
 
-            if isinstance(exc, StageError) and type(exc).__name__ != "VideoModelError":
-                # a request the model cannot honour (e.g. a clip length the video VAE cannot make)
-                raise ApiError(422, "invalid_request", str(exc) + (f" (hint: {exc.hint})" if exc.hint else ""),
-                               [{"field": "body", "reason": str(exc)}]) from None
-            hint = getattr(exc, "hint", "")
-            raise ApiError(500, "generation_failed", f"{type(exc).__name__}: {exc}"
-                           + (f" (hint: {hint})" if hint else "")) from None
 
-    @app.get("/healthz")
-    async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "character": target.character}
+def _generation_error(exc: Exception) -> ApiError:
+    if isinstance(exc, StageError) and type(exc).__name__ != "VideoModelError":
+        # a request the model cannot honour (e.g. a clip length the video VAE cannot make)
+        return ApiError(422, "invalid_request", str(exc) + (f" (hint: {exc.hint})" if exc.hint else ""),
+                        [{"field": "body", "reason": str(exc)}])
+    hint = getattr(exc, "hint", "")
+    return ApiError(500, "generation_failed", f"{type(exc).__name__}: {exc}" + (f" (hint: {hint})" if hint else ""))
 
-    @app.get("/v1/info", dependencies=[Depends(authorized)])
-    async def info() -> dict[str, Any]:
-        video_ok, video_why = engine.video_available
-        return {
-            "character": target.character, "trigger": target.trigger, "class_word": target.class_word,
-            "base_model": target.base_model, "lora": target.lora_source or None, "lora_loaded": engine.lora_loaded,
-            "tiny_random_model": target.tiny_random,
-            "note": "builtin:tiny-* models are tiny random models: their images are noise" if target.tiny_random else "",
-            "defaults": {"steps": target.steps, "guidance": target.guidance, "lora_scale": target.lora_scale,
-                         "width": target.resolution, "height": target.resolution},
-            "limits": {"max_queue": max_queue, "max_batch": max_batch, "max_side": max_side,
-                       "max_body_bytes": max_body_bytes},
-            "safety_filter": engine.safety is not None, "device": engine.device,
-            "video": {"available": video_ok, "reason": video_why or None},
-            "queue": {"waiting": batcher.waiting, "running": batcher.running, **batcher.stats.as_json()},
-            "warnings": target.warnings,
-        }
 
-    @app.post("/v1/images", dependencies=[Depends(authorized)])
-    async def images(req: ImageRequest) -> Response:
-        w, h = _size(req)
-        seed = req.seed if req.seed is not None else random.randint(0, MAX_SEED)
-        params = ImageParams(
-            negative_prompt=req.negative_prompt, steps=req.steps or target.steps,
-            guidance=target.guidance if req.guidance is None else req.guidance,
-            width=w, height=h, lora_scale=target.lora_scale if req.lora_scale is None else req.lora_scale)
-        t0 = time.monotonic()
-        res = await _run(ImageJob(prompt=_prompt(req), seed=seed, params=params))
-        image, flagged = res.value
-        if flagged:
-            raise ApiError(400, "content_filtered", "the safety checker flagged the image; it was withheld")
-        png = png_bytes(image)
-        headers = {"X-Seed": str(seed), "X-Batch-Size": str(res.batch_size),
-                   "X-Queue-Seconds": f"{res.queued_s:.3f}", "X-Generation-Seconds": f"{res.run_s:.3f}"}
-        if target.tiny_random:
-            headers["X-Tiny-Random-Model"] = "true"
-        if req.response_format == "json":
-            return JSONResponse({"seed": seed, "width": w, "height": h, "batch_size": res.batch_size,
-                                 "seconds": round(time.monotonic() - t0, 3), "tiny_random_model": target.tiny_random,
-                                 "png_base64": base64.b64encode(png).decode("ascii")}, headers=headers)
-        return Response(png, media_type="image/png", headers=headers)
+def create_app(engine: Any, *, token: str | None, max_queue: int = 32, max_batch: int = 4,
+               max_side: int = 1536, batch_window_s: float = 0.02,
+               max_body_bytes: int | None = None) -> FastAPI:
+    """The ASGI app around a loaded :class:`runner.serve.engine.ImageEngine`. ``token=None``
+    turns authentication off (only with --insecure-no-auth). ``max_body_bytes``: the largest
+    request body accepted (None: the generate.api.max_body_bytes default)."""
+    if max_body_bytes is None:
+        from runner.serve import api_default
 
-    @app.post("/v1/videos", dependencies=[Depends(authorized)])
-    async def videos(req: VideoRequest) -> Response:
-        ok, why = engine.video_available
-        if not ok:
-            raise ApiError(501, "video_not_available", f"video jobs are not available for {target.character}: {why}")
-        w, h = _size(req)
-        seed = req.seed if req.seed is not None else random.randint(0, MAX_SEED)
-        image = None
-        if req.image_base64:
-            from PIL import Image, UnidentifiedImageError
-
-            try:
-                image = Image.open(io.BytesIO(base64.b64decode(req.image_base64, validate=True))).convert("RGB")
-            except (ValueError, UnidentifiedImageError) as exc:
-                raise ApiError(422, "invalid_request", f"image_base64: not a readable image ({exc})",
-                               [{"field": "image_base64", "reason": "not a base64 PNG/JPEG"}]) from None
-        v = target.video or {}
-        job = VideoJob(prompt=_prompt(req), negative_prompt=req.negative_prompt, seed=seed,
-                       steps=req.steps or int(v.get("steps") or 10), guidance=1.0 if req.guidance is None else req.guidance,
-                       width=w, height=h, frames=req.frames, fps=req.fps,
-                       lora_scale=target.lora_scale if req.lora_scale is None else req.lora_scale, image=image)
-        res = await _run(job)
-        headers = {"X-Seed": str(seed), "X-Generation-Seconds": f"{res.run_s:.3f}"}
-        if req.response_format == "json":
-            return JSONResponse({"seed": seed, "mp4_base64": base64.b64encode(res.value).decode("ascii")}, headers=headers)
-        return Response(res.value, media_type="video/mp4", headers=headers)
-
+        max_body_bytes = int(api_default("max_body_bytes"))
+    batcher = Batcher(engine.run_batch, max_queue=max_queue, max_batch=max_batch, batch_window_s=batch_window_s)
+    app = FastAPI(title=f"character-runner: {engine.target.character}", version="1", lifespan=_lifespan,
+                  description=__doc__)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.state.server = _Server(engine, batcher, token, max_queue, max_batch, max_side, max_body_bytes)
+    app.state.batcher = batcher
+    app.state.engine = engine
+    app.state.max_body_bytes = max_body_bytes
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http)
+    app.include_router(router)
     return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    await app.state.server.batcher.start()
+    yield
+    await app.state.server.batcher.stop()
+
+
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    details = _validation_details(exc)
+    return _error(422, "invalid_request", "the request is invalid: "
+                  + "; ".join(f"{d['field']}: {d['reason']}" for d in details), details)
+
+
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return _error(exc.status, exc.code, exc.message, exc.details, exc.headers)
+
+
+async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return _error(exc.status_code, code, str(exc.detail))
+
+
+def _server(request: Request) -> _Server:
+    return request.app.state.server
+
+
+def authorized(request: Request) -> None:
+    token = _server(request).token
+    if token is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        raise ApiError(401, "unauthorized", "missing bearer token: send 'Authorization: Bearer <token>'",
+                       headers={"WWW-Authenticate": "Bearer"})
+    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise ApiError(401, "unauthorized", "wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+
+router = APIRouter()
+
+
+@router.get("/healthz")
+async def healthz(request: Request) -> dict[str, Any]:
+    return {"status": "ok", "character": _server(request).target.character}
+
+
+@router.get("/v1/info", dependencies=[Depends(authorized)])
+async def info(request: Request) -> dict[str, Any]:
+    srv = _server(request)
+    engine, target, batcher = srv.engine, srv.target, srv.batcher
+    video_ok, video_why = engine.video_available
+    return {
+        "character": target.character, "trigger": target.trigger, "class_word": target.class_word,
+        "base_model": target.base_model, "lora": target.lora_source or None, "lora_loaded": engine.lora_loaded,
+        "tiny_random_model": target.tiny_random,
+        "note": "builtin:tiny-* models are tiny random models: their images are noise" if target.tiny_random else "",
+        "defaults": {"steps": target.steps, "guidance": target.guidance, "lora_scale": target.lora_scale,
+                     "width": target.resolution, "height": target.resolution},
+        "limits": {"max_queue": srv.max_queue, "max_batch": srv.max_batch, "max_side": srv.max_side,
+                   "max_body_bytes": srv.max_body_bytes},
+        "safety_filter": engine.safety is not None, "device": engine.device,
+        "video": {"available": video_ok, "reason": video_why or None},
+        "queue": {"waiting": batcher.waiting, "running": batcher.running, **batcher.stats.as_json()},
+        "warnings": target.warnings,
+    }
+
+
+@router.post("/v1/images", dependencies=[Depends(authorized)])
+async def images(req: ImageRequest, request: Request) -> Response:
+    srv = _server(request)
+    target = srv.target
+    w, h = srv.size(req)
+    seed = req.seed if req.seed is not None else random.randint(0, MAX_SEED)
+    params = ImageParams(
+        negative_prompt=req.negative_prompt, steps=req.steps or target.steps,
+        guidance=target.guidance if req.guidance is None else req.guidance,
+        width=w, height=h, lora_scale=target.lora_scale if req.lora_scale is None else req.lora_scale)
+    t0 = time.monotonic()
+    res = await srv.run(ImageJob(prompt=srv.prompt(req), seed=seed, params=params))
+    image, flagged = res.value
+    if flagged:
+        raise ApiError(400, "content_filtered", "the safety checker flagged the image; it was withheld")
+    png = png_bytes(image)
+    headers = {"X-Seed": str(seed), "X-Batch-Size": str(res.batch_size),
+               "X-Queue-Seconds": f"{res.queued_s:.3f}", "X-Generation-Seconds": f"{res.run_s:.3f}"}
+    if target.tiny_random:
+        headers["X-Tiny-Random-Model"] = "true"
+    if req.response_format == "json":
+        return JSONResponse({"seed": seed, "width": w, "height": h, "batch_size": res.batch_size,
+                             "seconds": round(time.monotonic() - t0, 3), "tiny_random_model": target.tiny_random,
+                             "png_base64": base64.b64encode(png).decode("ascii")}, headers=headers)
+    return Response(png, media_type="image/png", headers=headers)
+
+
+@router.post("/v1/videos", dependencies=[Depends(authorized)])
+async def videos(req: VideoRequest, request: Request) -> Response:
+    srv = _server(request)
+    target = srv.target
+    ok, why = srv.engine.video_available
+    if not ok:
+        raise ApiError(501, "video_not_available", f"video jobs are not available for {target.character}: {why}")
+    w, h = srv.size(req)
+    seed = req.seed if req.seed is not None else random.randint(0, MAX_SEED)
+    v = target.video or {}
+    job = VideoJob(prompt=srv.prompt(req), negative_prompt=req.negative_prompt, seed=seed,
+                   steps=req.steps or int(v.get("steps") or 10), guidance=1.0 if req.guidance is None else req.guidance,
+                   width=w, height=h, frames=req.frames, fps=req.fps,
+                   lora_scale=target.lora_scale if req.lora_scale is None else req.lora_scale,
+                   image=_start_image(req.image_base64))
+    res = await srv.run(job)
+    headers = {"X-Seed": str(seed), "X-Generation-Seconds": f"{res.run_s:.3f}"}
+    if req.response_format == "json":
+        return JSONResponse({"seed": seed, "mp4_base64": base64.b64encode(res.value).decode("ascii")}, headers=headers)
+    return Response(res.value, media_type="video/mp4", headers=headers)
+
+
+def _start_image(image_base64: str | None) -> Any:
+    """The image a clip starts from (None: the character is generated first)."""
+    if not image_base64:
+        return None
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return Image.open(io.BytesIO(base64.b64decode(image_base64, validate=True))).convert("RGB")
+    except (ValueError, UnidentifiedImageError) as exc:
+        raise ApiError(422, "invalid_request", f"image_base64: not a readable image ({exc})",
+                       [{"field": "image_base64", "reason": "not a base64 PNG/JPEG"}]) from None

@@ -117,86 +117,22 @@ def load_spec(path: str | Path, *, allow_outside: bool = False, require_files: b
     point, but not that the data is already there.
     """
     spec_file = Path(path)
-    problems: list[Problem] = []
-    try:
-        loaded = load_yaml_file(spec_file)
-    except YamlError as exc:
-        raise SpecError([_yaml_problem(exc)]) from None
+    loaded = _read_mapping(spec_file)
     raw = loaded.data
-    if raw is None:
-        raise SpecError([Problem(str(spec_file), 1, 1, "(top level)", "the file is empty",
-                                 hint="Run `runner init NAME` for a starter spec.")])
-    if not isinstance(raw, dict):
-        m = loaded.mark_for(())
-        raise SpecError([Problem(m.file, m.line, m.col, "(top level)",
-                                 "a spec must be a mapping of sections (character:, dataset:, ...)")])
     # Every phase below runs even when an earlier one found problems, so that the user sees
     # everything at once; only values of the right shape are used.
-    problems += S.validate(raw, loaded)
-
+    problems = S.validate(raw, loaded)
     project_root = find_project_root(spec_file)
     rules = PathRules(spec_file.resolve().parent, project_root, allow_outside)
     if not allow_outside:
         problems += _spec_link_problems(spec_file, project_root)
     data = copy.deepcopy(raw)
-    presets_used: dict[str, str] = {}
-
     # 1. presets, key by key under the user's values
+    presets_used: dict[str, str] = {}
     for section_path, folder in PRESET_FOLDERS.items():
-        section = _get(data, section_path)
-        if not isinstance(section, dict):
-            continue
-        if "preset" not in section:
-            # A section whose schema names a default preset (generate.video: baseline) gets it.
-            default = _section_schema_for(section_path)[0].get("properties", {}).get("preset", {}).get("default")
-            if isinstance(default, str):
-                section = {"preset": default, **section}
-        if not isinstance(section.get("preset"), str):
-            continue
-        name = section["preset"]
-        preset_file, preset_problems = _find_preset(name, folder, rules, loaded, section_path)
-        problems += preset_problems
-        if preset_file is None:
-            continue
-        try:
-            ploaded = load_yaml_file(preset_file)
-        except YamlError as exc:
-            problems.append(_yaml_problem(exc))
-            continue
-        pdata = ploaded.data
-        if not isinstance(pdata, dict) or not isinstance(pdata.get("values"), dict):
-            problems.append(Problem(str(preset_file), 1, 1, "values",
-                                    "a preset file needs a 'values:' mapping"))
-            continue
-        values = pdata["values"]
-        sch, _ = _section_schema_for(section_path)
-        problems += S.validate(values, ploaded, schema=sch, path_prefix=("values",), mark_prefix=("values",))
-        merged = deep_merge(values, section)
-        _set(data, section_path, merged)
-        presets_used[format_key_path(section_path)] = str(preset_file)
-
+        problems += _apply_preset(data, section_path, folder, loaded, rules, presets_used)
     # 2. train variants: each must be a valid override of the train section
-    train = data.get("train")
-    variants = train.get("variants") if isinstance(train, dict) else None
-    if isinstance(variants, dict):
-        for vname, override in variants.items():
-            if not isinstance(override, dict):
-                continue
-            base = {k: v for k, v in train.items() if k not in ("variants", "include_base_variant")}
-            merged = deep_merge(base, override)
-            if "variants" in override or "include_base_variant" in override:
-                m = loaded.mark_for(("train", "variants", vname))
-                problems.append(Problem(m.file, m.line, m.col, f"train.variants.{vname}",
-                                        "a variant cannot contain 'variants' or 'include_base_variant'"))
-                continue
-            sch, _ = _section_schema_for(("train",))
-            prefix = ("train", "variants", vname)
-            for p in S.validate(merged, loaded, schema=sch, path_prefix=prefix, mark_prefix=prefix):
-                # Only what the override itself brings in; the base section is checked above.
-                rest = p.key_path[len(format_key_path(prefix)) + 1 :]
-                top = rest.split(".", 1)[0].split("[", 1)[0]
-                if top in override:
-                    problems.append(p)
+    problems += _variant_problems(data, loaded)
     if problems:
         # Paths are still checked (escapes are worth knowing about), then everything is raised.
         try:
@@ -204,26 +140,89 @@ def load_spec(path: str | Path, *, allow_outside: bool = False, require_files: b
         except Exception:  # a malformed spec can trip the walker; the schema problems say why
             pass
         raise SpecError(problems)
-
     # 3. defaults
     data = S.fill_defaults(data, S.root_schema(), S.root_uri())
-
-    # 4. paths
-    problems += _resolve_paths(data, loaded, rules, require_files)
-
-    # 5. checks that a schema cannot express
-    problems += _semantic_checks(data, loaded)
+    # 4. paths, 5. checks that a schema cannot express
+    problems = _resolve_paths(data, loaded, rules, require_files) + _semantic_checks(data, loaded)
     if problems:
         raise SpecError(problems)
-    return Spec(
-        file=spec_file.resolve(),
-        project_root=project_root,
-        data=data,
-        raw=raw,
-        loaded=loaded,
-        presets_used=presets_used,
-        allow_outside=allow_outside,
-    )
+    return Spec(file=spec_file.resolve(), project_root=project_root, data=data, raw=raw, loaded=loaded,
+                presets_used=presets_used, allow_outside=allow_outside)
+
+
+def _read_mapping(spec_file: Path) -> LoadedYaml:
+    """The spec file parsed; broken YAML, an empty file or a top level that is not a mapping is
+    a SpecError at once (nothing else can be checked)."""
+    try:
+        loaded = load_yaml_file(spec_file)
+    except YamlError as exc:
+        raise SpecError([_yaml_problem(exc)]) from None
+    if loaded.data is None:
+        raise SpecError([Problem(str(spec_file), 1, 1, "(top level)", "the file is empty",
+                                 hint="Run `runner init NAME` for a starter spec.")])
+    if not isinstance(loaded.data, dict):
+        m = loaded.mark_for(())
+        raise SpecError([Problem(m.file, m.line, m.col, "(top level)",
+                                 "a spec must be a mapping of sections (character:, dataset:, ...)")])
+    return loaded
+
+
+def _apply_preset(data: dict, section_path: tuple[str, ...], folder: str, loaded: LoadedYaml, rules: PathRules,
+                  presets_used: dict[str, str]) -> list[Problem]:
+    """Merge the preset that the section at ``section_path`` names (or its schema's default
+    preset) under the section's own values, in ``data``; record it in ``presets_used``."""
+    section = _get(data, section_path)
+    if not isinstance(section, dict):
+        return []
+    if "preset" not in section:
+        # A section whose schema names a default preset (generate.video: baseline) gets it.
+        default = _section_schema_for(section_path)[0].get("properties", {}).get("preset", {}).get("default")
+        if isinstance(default, str):
+            section = {"preset": default, **section}
+    if not isinstance(section.get("preset"), str):
+        return []
+    preset_file, problems = _find_preset(section["preset"], folder, rules, loaded, section_path)
+    if preset_file is None:
+        return problems
+    try:
+        ploaded = load_yaml_file(preset_file)
+    except YamlError as exc:
+        return problems + [_yaml_problem(exc)]
+    pdata = ploaded.data
+    if not isinstance(pdata, dict) or not isinstance(pdata.get("values"), dict):
+        return problems + [Problem(str(preset_file), 1, 1, "values", "a preset file needs a 'values:' mapping")]
+    values = pdata["values"]
+    sch, _ = _section_schema_for(section_path)
+    problems += S.validate(values, ploaded, schema=sch, path_prefix=("values",), mark_prefix=("values",))
+    _set(data, section_path, deep_merge(values, section))
+    presets_used[format_key_path(section_path)] = str(preset_file)
+    return problems
+
+
+def _variant_problems(data: dict, loaded: LoadedYaml) -> list[Problem]:
+    """Each train variant merged over the train section must be a valid train section; only the
+    problems the override itself brings in are reported (the base section is checked already)."""
+    train = data.get("train")
+    variants = train.get("variants") if isinstance(train, dict) else None
+    if not isinstance(variants, dict):
+        return []
+    problems: list[Problem] = []
+    sch, _ = _section_schema_for(("train",))
+    base = {k: v for k, v in train.items() if k not in ("variants", "include_base_variant")}
+    for vname, override in variants.items():
+        if not isinstance(override, dict):
+            continue
+        if "variants" in override or "include_base_variant" in override:
+            m = loaded.mark_for(("train", "variants", vname))
+            problems.append(Problem(m.file, m.line, m.col, f"train.variants.{vname}",
+                                    "a variant cannot contain 'variants' or 'include_base_variant'"))
+            continue
+        prefix = ("train", "variants", vname)
+        for p in S.validate(deep_merge(base, override), loaded, schema=sch, path_prefix=prefix, mark_prefix=prefix):
+            rest = p.key_path[len(format_key_path(prefix)) + 1 :]
+            if rest.split(".", 1)[0].split("[", 1)[0] in override:
+                problems.append(p)
+    return problems
 
 
 def _yaml_problem(exc: YamlError) -> Problem:

@@ -253,124 +253,121 @@ def _at_value_or_name(error: Any, loaded: LoadedYaml, message: str, *, hint: str
 
 
 def _to_problems(error: Any, loaded: LoadedYaml, pp: tuple, mp: tuple) -> Iterator[Problem]:
-    path = tuple(error.absolute_path)
-    schema = error.schema if isinstance(error.schema, dict) else {}
-    desc = schema.get("description", "")
-    v = error.validator
+    """The problems one jsonschema error stands for, each at its file:line:col. The validator
+    keyword picks the wording (an unknown key with "did you mean", a missing key, a wrong type...);
+    keywords without a wording of their own (minimum, maxItems, ...) keep jsonschema's message."""
     kw = {"path_prefix": pp, "mark_prefix": mp}
+    keyword = error.validator
+    if keyword == "enum" and "propertyNames" in error.schema_path:
+        keyword = "propertyNames"
+    return _WORDINGS.get(keyword, _as_reported)(error, loaded, kw)
 
-    if v == "additionalProperties" and isinstance(error.instance, dict):
-        allowed = list(schema.get("properties", {}))
-        extras = [k for k in error.instance if k not in allowed]
-        for extra in extras:
-            close = difflib.get_close_matches(extra, allowed, n=1, cutoff=0.6)
-            hint = f"did you mean '{close[0]}'?" if close else ""
-            yield _problem(
-                loaded,
-                path + (extra,),
-                f"unknown key '{extra}'",
-                expected="one of: " + ", ".join(allowed),
-                hint=hint,
-                prefer_key=True,
-                **kw,
-            )
-        return
-    if "propertyNames" in error.schema_path and v == "enum":
-        bad = error.instance
-        # error.instance is the offending key name; its parent is at error.absolute_path
-        parent_path = path
-        allowed = [str(x) for x in error.validator_value]
-        close = difflib.get_close_matches(str(bad), allowed, n=1, cutoff=0.6) if allowed else []
-        yield _problem(
-            loaded,
-            parent_path + (bad,),
-            f"unknown name '{bad}'",
-            expected=("one of: " + ", ".join(allowed)) if allowed else error.message,
-            hint=f"did you mean '{close[0]}'?" if close else "",
-            prefer_key=True,
-            **kw,
-        )
-        return
-    if v == "format" and error.validator_value in FORMATS:
-        _, what, hint = FORMATS[error.validator_value]
-        message = f"{_short(error.instance)} cannot be used as {what}: {error.cause or error.message}"
-        yield _at_value_or_name(error, loaded, message, hint=hint, **kw)
-        return
-    if v == "required":
-        missing = [k for k in error.validator_value if k not in (error.instance or {})]
-        for key in missing:
-            sub = schema.get("properties", {}).get(key, {})
-            yield _problem(
-                loaded,
-                path,
-                f"missing required key '{key}'",
-                expected=sub.get("description", ""),
-                **kw,
-            )
-        return
-    if v == "type":
-        yield _problem(
-            loaded,
-            path,
-            f"is {_short(error.instance)}, which is not {_describe_type(error.validator_value)}",
-            expected=desc,
-            **kw,
-        )
-        return
-    if v == "enum":
-        options = [str(o) for o in error.validator_value]
-        close = (
-            difflib.get_close_matches(str(error.instance), options, n=1, cutoff=0.5)
-            if isinstance(error.instance, str)
-            else []
-        )
-        yield _problem(
-            loaded,
-            path,
-            f"{_short(error.instance)} is not allowed",
-            expected="one of: " + ", ".join(options),
-            hint=f"did you mean '{close[0]}'?" if close else desc,
-            **kw,
-        )
-        return
-    if v in ("oneOf", "anyOf"):
-        branches = error.validator_value
-        if all(set(b) == {"required"} and len(b["required"]) == 1 for b in branches):
-            keys = [b["required"][0] for b in branches]
-            present = [k for k in keys if isinstance(error.instance, dict) and k in error.instance]
-            what = "both " + " and ".join(present) if present else "none of them"
-            yield _problem(
-                loaded,
-                path,
-                f"needs exactly one of {', '.join(repr(k) for k in keys)} (has {what})",
-                expected=desc,
-                **kw,
-            )
-            return
-        from jsonschema.exceptions import best_match
 
-        # Only the branches whose type fits the value can say what is wrong with it.
-        fitting = [e for e in error.context
-                   if _type_fits(_branch_type(branches[e.relative_schema_path[0]]), error.instance)]
-        best = best_match(fitting or error.context) if error.context else None
-        if best is not None and best.validator not in ("oneOf", "anyOf"):
-            yield from _to_problems(best, loaded, pp, mp)
-            return
-        yield _problem(loaded, path, f"{_short(error.instance)} does not fit", expected=desc, **kw)
-        return
-    if v == "pattern":
-        if _format_problem(schema, error.instance):
-            return  # the format's message says exactly what is wrong
-        message = f"{_short(error.instance)} does not match the pattern {error.validator_value}"
-        yield _at_value_or_name(error, loaded, message, **kw)
-        return
-    if v == "const":
-        yield _problem(
-            loaded, path, f"must be {_short(error.validator_value)}", expected=desc, **kw
-        )
-        return
+def _schema_of(error: Any) -> dict[str, Any]:
+    return error.schema if isinstance(error.schema, dict) else {}
+
+
+def _did_you_mean(word: Any, options: list[str], cutoff: float = 0.6) -> str:
+    close = difflib.get_close_matches(word, options, n=1, cutoff=cutoff)
+    return f"did you mean '{close[0]}'?" if close else ""
+
+
+def _as_reported(error: Any, loaded: LoadedYaml, kw: dict) -> Iterator[Problem]:
     # minimum, maximum, minItems, multipleOf, ...: jsonschema's message is already precise.
-    yield _problem(loaded, path, error.message, expected=desc, **kw)
+    yield _problem(loaded, tuple(error.absolute_path), error.message, expected=_schema_of(error).get("description", ""),
+                   **kw)
+
+
+def _unknown_keys(error: Any, loaded: LoadedYaml, kw: dict) -> Iterator[Problem]:
+    if not isinstance(error.instance, dict):
+        yield from _as_reported(error, loaded, kw)
+        return
+    allowed = list(_schema_of(error).get("properties", {}))
+    for extra in (k for k in error.instance if k not in allowed):
+        yield _problem(loaded, tuple(error.absolute_path) + (extra,), f"unknown key '{extra}'",
+                       expected="one of: " + ", ".join(allowed), hint=_did_you_mean(extra, allowed),
+                       prefer_key=True, **kw)
+
+
+def _unknown_name(error: Any, loaded: LoadedYaml, kw: dict) -> Iterator[Problem]:
+    # error.instance is the offending key name; its parent is at error.absolute_path
+    bad = error.instance
+    allowed = [str(x) for x in error.validator_value]
+    yield _problem(loaded, tuple(error.absolute_path) + (bad,), f"unknown name '{bad}'",
+                   expected=("one of: " + ", ".join(allowed)) if allowed else error.message,
+                   hint=_did_you_mean(str(bad), allowed), prefer_key=True, **kw)
+
+
+def _bad_format(error: Any, loaded: LoadedYaml, kw: dict) -> Iterator[Problem]:
+    if error.validator_value not in FORMATS:
+        yield from _as_reported(error, loaded, kw)
+        return
+    _, what, hint = FORMATS[error.validator_value]
+    message = f"{_short(error.instance)} cannot be used as {what}: {error.cause or error.message}"
+    yield _at_value_or_name(error, loaded, message, hint=hint, **kw)
+
+
+def _missing_keys(error: Any, loaded: LoadedYaml, kw: dict) -> Iterator[Problem]:
+    properties = _schema_of(error).get("properties", {})
+    for key in (k for k in error.validator_value if k not in (error.instance or {})):
+        yield _problem(loaded, tuple(error.absolute_path), f"missing required key '{key}'",
+                       expected=properties.get(key, {}).get("description", ""), **kw)
+
+
+def _wrong_type(error: Any, loaded: LoadedYaml, kw: dict) -> Iterator[Problem]:
+    yield _problem(loaded, tuple(error.absolute_path),
+                   f"is {_short(error.instance)}, which is not {_describe_type(error.validator_value)}",
+                   expected=_schema_of(error).get("description", ""), **kw)
+
+
+def _not_allowed(error: Any, loaded: LoadedYaml, kw: dict) -> Iterator[Problem]:
+    options = [str(o) for o in error.validator_value]
+    hint = _did_you_mean(error.instance, options, cutoff=0.5) if isinstance(error.instance, str) else ""
+    yield _problem(loaded, tuple(error.absolute_path), f"{_short(error.instance)} is not allowed",
+                   expected="one of: " + ", ".join(options), hint=hint or _schema_of(error).get("description", ""),
+                   **kw)
+
+
+def _no_branch_fits(error: Any, loaded: LoadedYaml, kw: dict) -> Iterator[Problem]:
+    """oneOf / anyOf: "exactly one of these keys" when the branches only require one key each;
+    else what the best-fitting branch (one whose type fits the value) says is wrong."""
+    from jsonschema.exceptions import best_match
+
+    path, desc, branches = tuple(error.absolute_path), _schema_of(error).get("description", ""), error.validator_value
+    if all(set(b) == {"required"} and len(b["required"]) == 1 for b in branches):
+        keys = [b["required"][0] for b in branches]
+        present = [k for k in keys if isinstance(error.instance, dict) and k in error.instance]
+        what = "both " + " and ".join(present) if present else "none of them"
+        yield _problem(loaded, path, f"needs exactly one of {', '.join(repr(k) for k in keys)} (has {what})",
+                       expected=desc, **kw)
+        return
+    # Only the branches whose type fits the value can say what is wrong with it.
+    fitting = [e for e in error.context
+               if _type_fits(_branch_type(branches[e.relative_schema_path[0]]), error.instance)]
+    best = best_match(fitting or error.context) if error.context else None
+    if best is not None and best.validator not in ("oneOf", "anyOf"):
+        yield from _to_problems(best, loaded, kw["path_prefix"], kw["mark_prefix"])
+        return
+    yield _problem(loaded, path, f"{_short(error.instance)} does not fit", expected=desc, **kw)
+
+
+def _no_match(error: Any, loaded: LoadedYaml, kw: dict) -> Iterator[Problem]:
+    if _format_problem(_schema_of(error), error.instance):
+        return  # the format's message says exactly what is wrong
+    message = f"{_short(error.instance)} does not match the pattern {error.validator_value}"
+    yield _at_value_or_name(error, loaded, message, **kw)
+
+
+def _not_const(error: Any, loaded: LoadedYaml, kw: dict) -> Iterator[Problem]:
+    yield _problem(loaded, tuple(error.absolute_path), f"must be {_short(error.validator_value)}",
+                   expected=_schema_of(error).get("description", ""), **kw)
+
+
+_WORDINGS = {
+    "additionalProperties": _unknown_keys, "propertyNames": _unknown_name, "format": _bad_format,
+    "required": _missing_keys, "type": _wrong_type, "enum": _not_allowed, "oneOf": _no_branch_fits,
+    "anyOf": _no_branch_fits, "pattern": _no_match, "const": _not_const,
+}
 
 
 # --------------------------------------------------------------------------- defaults
@@ -423,7 +420,8 @@ def iter_instance(instance: Any, schema: dict[str, Any] | None = None, doc_uri: 
         schema, doc_uri = root_schema(), root_uri()
     schema, doc_uri = pick_branch(schema, doc_uri, instance)
     yield path, instance, schema
-    children = instance.items() if isinstance(instance, dict) else enumerate(instance) if isinstance(instance, list) else ()
+    children = (instance.items() if isinstance(instance, dict)
+                else enumerate(instance) if isinstance(instance, list) else ())
     for key, value in children:
         sub, sub_uri = child_schema(schema, doc_uri, key, instance)
         if sub is not None:
