@@ -21,6 +21,10 @@ from pathlib import Path
 from runner.core import contract
 
 KINDS = ("fake_a", "fake_b", "fake_c", "fake_slow")
+# The fake kinds in a registry of their own: tests in this process plan with
+# contract.Registry([*built-in kinds they want, *REGISTRY]); loaded as a plugin
+# (CHARACTER_RUNNER_STAGE_PLUGINS=fake_stages, the CLI tests) they join the built-in registry.
+REGISTRY = contract.Registry()
 
 
 def _ingest(graph: contract.GraphView) -> dict:
@@ -65,24 +69,24 @@ def _write(ctx, config, inputs, name):
     return {"out": contract.Artifact("out", out)}
 
 
-@contract.register("fake_a", version=1, order=21, expand=expand_a)
+@REGISTRY.register("fake_a", version=1, order=21, expand=expand_a)
 def run_a(config, inputs, ctx):
     return _write(ctx, config, inputs, "a")
 
 
-@contract.register("fake_b", version=1, order=22, expand=expand_b)
+@REGISTRY.register("fake_b", version=1, order=22, expand=expand_b)
 def run_b(config, inputs, ctx):
     return _write(ctx, config, inputs, "b")
 
 
-@contract.register("fake_c", version=1, order=23, expand=expand_c)
+@REGISTRY.register("fake_c", version=1, order=23, expand=expand_c)
 def run_c(config, inputs, ctx):
     if any("FAIL" in v for v in config["value"]):
         raise contract.StageError("fake_c was asked to fail", hint="remove FAIL from traits.variable")
     return _write(ctx, config, inputs, "c")
 
 
-@contract.register("fake_slow", version=1, order=24, expand=expand_slow)
+@REGISTRY.register("fake_slow", version=1, order=24, expand=expand_slow)
 def run_slow(config, inputs, ctx):
     out = ctx.out_dir / "out"
     out.mkdir()
@@ -107,9 +111,12 @@ def _write_extra(ctx, out):
     return {"out": contract.Artifact("out", out)}
 
 
-# Engine tests run only ingest, report and these kinds, not the (heavier) real pipeline stages.
-_only = os.environ.get("FAKE_STAGES_ONLY_KINDS")
-if _only:
-    keep = set(_only.split(","))
-    for _k in [k for k in contract.BUILTIN.kinds() if k not in keep]:
-        contract.BUILTIN.remove(_k)
+if __name__ in os.environ.get("CHARACTER_RUNNER_STAGE_PLUGINS", "").split(","):
+    for _kind in REGISTRY:
+        contract.BUILTIN.add(_kind)
+    # Engine tests run only ingest, report and these kinds, not the (heavier) real pipeline stages.
+    _only = os.environ.get("FAKE_STAGES_ONLY_KINDS")
+    if _only:
+        keep = set(_only.split(","))
+        for _k in [k for k in contract.BUILTIN.kinds() if k not in keep]:
+            contract.BUILTIN.remove(_k)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import shutil
 import sys
 from pathlib import Path
@@ -18,18 +17,24 @@ from runner.stages import registry as stage_registry
 TESTS = Path(__file__).resolve().parent
 
 
+class _Kinds:
+    """The registry the helpers below plan and apply with (set by the ``fake_kinds`` fixture)."""
+
+    registry: contract.Registry | None = None
+
+
 @pytest.fixture()
-def fake_kinds(monkeypatch):
+def fake_kinds():
     """Only ingest, report and the fake kinds: engine behaviour, not the real pipeline's cost."""
-    stage_registry()  # load the built-in kinds first
-    monkeypatch.setattr(contract.BUILTIN, "_kinds", {k: v for k, v in contract.BUILTIN._kinds.items() if k in ("ingest", "report")})
+    builtin = stage_registry()
     sys.path.insert(0, str(TESTS))
     try:
         import fake_stages
 
-        importlib.reload(fake_stages)
-        yield fake_stages
+        _Kinds.registry = contract.Registry([builtin.get("ingest"), builtin.get("report"), *fake_stages.REGISTRY])
+        yield _Kinds.registry
     finally:
+        _Kinds.registry = None
         sys.path.remove(str(TESTS))
 
 
@@ -63,13 +68,13 @@ def edit(spec_file: Path, old: str, new: str) -> None:
 
 
 def plan_of(spec_file: Path, **kw):
-    p, ws = plan_specs([load_spec(spec_file)], **kw)
+    p, ws = plan_specs([load_spec(spec_file)], registry=_Kinds.registry, **kw)
     ws.close()
     return {s.id: s for s in p.stages}, p
 
 
 def run(spec_file: Path, **kw):
-    return apply([load_spec(spec_file)], ApplyOptions(**kw), QuietReporter())
+    return apply([load_spec(spec_file)], ApplyOptions(**kw), QuietReporter(), registry=_Kinds.registry)
 
 
 def actions(plan_stages) -> dict[str, str]:
@@ -205,7 +210,7 @@ def test_batch_of_specs_and_duplicate_names(hero, project):
     other.write_text(SPEC.replace("name: hero", "name: villain"))
     from runner.spec import load_specs
 
-    p, ws = plan_specs(load_specs([project / "specs"]))
+    p, ws = plan_specs(load_specs([project / "specs"]), registry=_Kinds.registry)
     ws.close()
     ids = [s.id for s in p.stages]
     assert "hero:ingest" in ids and "villain:ingest" in ids
@@ -214,7 +219,7 @@ def test_batch_of_specs_and_duplicate_names(hero, project):
     from runner.plan.graph import GraphError
 
     with pytest.raises(GraphError, match="two specs define the character 'hero'"):
-        plan_specs(load_specs([project / "specs"]))
+        plan_specs(load_specs([project / "specs"]), registry=_Kinds.registry)
 
 
 def test_symlink_loops_in_a_photo_folder_are_followed_once(hero):

@@ -33,9 +33,9 @@ report:
 
 
 @pytest.fixture()
-def only_ingest_and_report(monkeypatch):
-    stage_registry()
-    monkeypatch.setattr(contract.BUILTIN, "_kinds", {k: v for k, v in contract.BUILTIN._kinds.items() if k in ("ingest", "report")})
+def only_ingest_and_report() -> contract.Registry:
+    builtin = stage_registry()
+    return contract.Registry([builtin.get("ingest"), builtin.get("report")])
 
 
 def test_report_is_self_contained_and_escapes_spec_text(project, shared_data, only_ingest_and_report):
@@ -48,7 +48,7 @@ def test_report_is_self_contained_and_escapes_spec_text(project, shared_data, on
     shutil.copy(shared_data / "faces" / "obama" / "obama_04.jpg", project / "refs" / "ref.jpg")
     spec_file = project / "specs" / "hero.yaml"
     spec_file.write_text(SPEC)
-    res = apply([load_spec(spec_file)], ApplyOptions(), QuietReporter())
+    res = apply([load_spec(spec_file)], ApplyOptions(), QuietReporter(), registry=only_ingest_and_report)
     assert res.status == "succeeded"
     path = res.reports["hero"]
     assert path.parent == project / "reports" / "hero" and path.name == f"{res.run_id}.html"
@@ -76,10 +76,10 @@ def test_runner_report_rerenders(project, shared_data, only_ingest_and_report):
     shutil.copy(shared_data / "faces" / "obama" / "obama_small.jpg", photos / "a.jpg")
     spec_file = project / "specs" / "hero.yaml"
     spec_file.write_text(SPEC.replace("  references: [../refs]\n", ""))
-    first = apply([load_spec(spec_file)], ApplyOptions(), QuietReporter())
+    first = apply([load_spec(spec_file)], ApplyOptions(), QuietReporter(), registry=only_ingest_and_report)
     from runner.engine.executor import rerender_reports
 
-    again = rerender_reports([load_spec(spec_file)], QuietReporter())
+    again = rerender_reports([load_spec(spec_file)], QuietReporter(), registry=only_ingest_and_report)
     statuses = {r.stage_id: r.status for r in again.results}
     assert statuses == {"hero:ingest": "cached", "hero:report": "succeeded"}
     assert again.reports["hero"] != first.reports["hero"] and again.reports["hero"].exists()
