@@ -26,6 +26,7 @@ from typing import Any, Iterable, Sequence
 from runner.eval.report import TABLE_METRICS, SHORT, cell_label, fmt, tiny_note
 from runner.metrics.catalog import METRICS
 from runner.core.errors import StageError
+from runner.core.fs import atomic_write_text
 
 # A change smaller than this is "unchanged" when deciding whether a category improved.
 IMPROVEMENT_EPS = 0.005
@@ -102,110 +103,122 @@ def _delta(metric: str, value: float | None, base: float | None) -> dict[str, An
     return {"text": text, "cls": "pass" if good else "fail"}
 
 
-def comparison_context(evals: Sequence[Evaluation], *, thumb_px: int = 160, prompts_per_category: int = 3) -> dict[str, Any]:
-    from runner.report import charts
-    from runner.report.embed import thumbnail_data_uri
+_NO_DELTA = {"text": "", "cls": ""}
+CATEGORY_METRICS = ("face_similarity", "consistency", "no_face_rate", "clip_t", "dino", "diversity")
 
+
+def comparison_context(evals: Sequence[Evaluation], *, thumb_px: int = 160,
+                       prompts_per_category: int = 3) -> dict[str, Any]:
+    """What compare.html.j2 renders: each evaluation's best cell against the first one's (overall
+    and per category, with deltas and verdicts), the same prompts side by side and a scatter."""
     if len(evals) < 2:
         raise StageError("a comparison needs at least two evaluations",
-                         hint="Pass two or more runs, folders or evaluation.json files (or a run with several variants).")
-    base = evals[0]
-    objective = (base.data["best"].get("objective") or {}).get("maximize", "face_similarity")
-    if objective not in METRICS:
-        objective = "face_similarity"
+                         hint="Pass two or more runs, folders or evaluation.json files "
+                              "(or a run with several variants).")
+    objective = _objective(evals[0])
     bests = [e.best_cell for e in evals]
-
     columns = [{"label": e.label, "best": cell_label(c), "variant": e.data.get("variant") or "",
                 "tiny": bool((e.data.get("tiny_random") or {}).get("any")),
                 "models": e.data.get("models", {})} for e, c in zip(evals, bests)]
-
-    overall_rows = []
-    for m in TABLE_METRICS:
-        b = bests[0]["overall"].get(m)
-        overall_rows.append({"metric": SHORT[m], "key": m, "values": [
-            {"text": fmt(c["overall"].get(m), m), **({"delta": _delta(m, c["overall"].get(m), b)} if i else {"delta": {"text": "", "cls": ""}})}
-            for i, c in enumerate(bests)]})
-    targets_row = [f"{c.get('targets_passed', 0)}/{c.get('targets_total', 0)}" for c in bests]
-
-    categories: list[str] = []
-    for e in evals:
-        for cat in e.data["suite"]["categories"]:
-            if cat not in categories:
-                categories.append(cat)
-    category_rows = []
-    verdicts: list[dict[str, list[str]]] = [{"improved": [], "regressed": [], "unchanged": [], "missing": []} for _ in evals]
-    for cat in categories:
-        b = bests[0]["categories"].get(cat, {})
-        metrics = []
-        for m in ("face_similarity", "consistency", "no_face_rate", "clip_t", "dino", "diversity"):
-            metrics.append({"metric": SHORT[m], "values": [
-                {"text": fmt(c["categories"].get(cat, {}).get(m), m),
-                 "delta": _delta(m, c["categories"].get(cat, {}).get(m), b.get(m)) if i else {"text": "", "cls": ""}}
-                for i, c in enumerate(bests)]})
-        category_rows.append({"category": cat, "metrics": metrics})
-        for i, c in enumerate(bests[1:], start=1):
-            v, bv = c["categories"].get(cat, {}).get(objective), b.get(objective)
-            if v is None or bv is None:
-                verdicts[i]["missing"].append(cat)
-                continue
-            d = float(v) - float(bv)
-            if METRICS[objective]["better"] == "lower":
-                d = -d
-            key = "improved" if d > IMPROVEMENT_EPS else "regressed" if d < -IMPROVEMENT_EPS else "unchanged"
-            verdicts[i][key].append(cat)
-
-    # Same prompts side by side: matched on (category, template or prompt, seed).
-    def key_of(ev: Evaluation, img: dict[str, Any]) -> tuple:
-        p = next((q for q in ev.data["suite"]["prompts"]
-                  if q["category"] == img["category"] and q["index"] == img["prompt_index"]), {})
-        return (img["category"], p.get("template") or p.get("prompt", ""), img["seed"])
-
-    indexed = []
-    for e, c in zip(evals, bests):
-        indexed.append({key_of(e, img): img for img in c["images"]})
-    common = [k for k in indexed[0] if all(k in ix for ix in indexed[1:])]
-    side_by_side: dict[str, list[dict[str, Any]]] = {}
-    first_seed = min((k[2] for k in common), default=None)
-    for k in common:
-        cat, template, seed = k
-        if seed != first_seed or len(side_by_side.get(cat, [])) >= prompts_per_category:
-            continue
-        row = {"prompt": _prompt_text(evals[0], k, indexed[0][k]), "seed": seed, "images": []}
-        for e, ix in zip(evals, indexed):
-            img = ix[k]
-            path = e.folder / img.get("path", f"images/{img.get('cell', '')}/{img['file']}")
-            try:
-                src = thumbnail_data_uri(path, thumb_px, boxes=[img["face_box"]] if img.get("face_box") else ())
-            except OSError:
-                src = ""
-            row["images"].append({"src": src, "face": img["face_found"],
-                                  "caption": f"face {fmt(img['face_similarity']) if img['face_found'] else 'none'} · CLIP-T {fmt(img['clip_t'])}"})
-        side_by_side.setdefault(cat, []).append(row)
-
-    points = []
-    for e, c in zip(evals, bests):
-        for cell in e.data["cells"]:
-            points.append({"label": f"{e.label}: {cell_label(cell)}", "clip_t": cell["overall"].get("clip_t"),
-                           "face_similarity": cell["overall"].get("face_similarity"), "best": cell is c})
-    any_tiny = any(col["tiny"] for col in columns)
+    categories = list(dict.fromkeys(cat for e in evals for cat in e.data["suite"]["categories"]))
+    side_by_side, common = _side_by_side(evals, bests, thumb_px, prompts_per_category)
     return {
         "columns": columns,
         "objective": objective,
         "objective_name": SHORT.get(objective, objective),
-        "overall_rows": overall_rows,
-        "targets_row": targets_row,
-        "category_rows": category_rows,
-        "verdicts": [{"label": columns[i]["label"], **verdicts[i]} for i in range(1, len(evals))],
+        "overall_rows": [_metric_row(m, [c["overall"] for c in bests], {"key": m}) for m in TABLE_METRICS],
+        "targets_row": [f"{c.get('targets_passed', 0)}/{c.get('targets_total', 0)}" for c in bests],
+        "category_rows": [{"category": cat, "metrics": [_metric_row(m, [c["categories"].get(cat, {}) for c in bests])
+                                                        for m in CATEGORY_METRICS]}
+                          for cat in categories],
+        "verdicts": [{"label": columns[i]["label"], **_verdicts(bests[0], c, categories, objective)}
+                     for i, c in enumerate(bests) if i],
         "side_by_side": side_by_side,
-        "scatter": charts.scatter(points, x="clip_t", y="face_similarity", label="label", highlight="best",
-                                  title="Identity vs prompt alignment, every checkpoint x scale"
-                                  + (" (tiny random models)" if any_tiny else ""),
-                                  xlabel="CLIP-T (raw cosine)", ylabel="face similarity"),
+        "scatter": _scatter(evals, bests, any(col["tiny"] for col in columns)),
         "tiny_notes": sorted({tiny_note(e.data) for e in evals if tiny_note(e.data)}),
         "common_prompts": len({(k[0], k[1]) for k in common}),
-        "metric_help": [{"name": SHORT[m], "desc": METRICS[m]["desc"], "better": METRICS[m]["better"]} for m in TABLE_METRICS],
+        "metric_help": [{"name": SHORT[m], "desc": METRICS[m]["desc"], "better": METRICS[m]["better"]}
+                        for m in TABLE_METRICS],
         "generated": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+def _objective(base: Evaluation) -> str:
+    """The baseline's objective metric (``evaluate.objective.maximize``), face similarity when unknown."""
+    objective = (base.data["best"].get("objective") or {}).get("maximize", "face_similarity")
+    return objective if objective in METRICS else "face_similarity"
+
+
+def _metric_row(metric: str, values: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One metric across the evaluations (``values``: each one's metrics), deltas against the first."""
+    base = values[0].get(metric)
+    return {"metric": SHORT[metric], **(extra or {}), "values": [
+        {"text": fmt(v.get(metric), metric), "delta": _delta(metric, v.get(metric), base) if i else dict(_NO_DELTA)}
+        for i, v in enumerate(values)]}
+
+
+def _verdicts(base: dict[str, Any], cell: dict[str, Any], categories: list[str],
+              objective: str) -> dict[str, list[str]]:
+    """The categories where ``cell`` improved, regressed or held on the objective against ``base``."""
+    out: dict[str, list[str]] = {"improved": [], "regressed": [], "unchanged": [], "missing": []}
+    for cat in categories:
+        v, bv = cell["categories"].get(cat, {}).get(objective), base["categories"].get(cat, {}).get(objective)
+        if v is None or bv is None:
+            out["missing"].append(cat)
+            continue
+        d = float(v) - float(bv)
+        if METRICS[objective]["better"] == "lower":
+            d = -d
+        out["improved" if d > IMPROVEMENT_EPS else "regressed" if d < -IMPROVEMENT_EPS else "unchanged"].append(cat)
+    return out
+
+
+def _side_by_side(evals: Sequence[Evaluation], bests: list[dict[str, Any]], thumb_px: int,
+                  per_category: int) -> tuple[dict[str, list[dict[str, Any]]], list[tuple]]:
+    """Same prompts side by side: matched on (category, template or prompt, seed), the first seed
+    only, at most ``per_category`` rows per category; and every key all evaluations share."""
+    indexed = [{_image_key(e, img): img for img in c["images"]} for e, c in zip(evals, bests)]
+    common = [k for k in indexed[0] if all(k in ix for ix in indexed[1:])]
+    side_by_side: dict[str, list[dict[str, Any]]] = {}
+    first_seed = min((k[2] for k in common), default=None)
+    for k in common:
+        cat, _, seed = k
+        if seed != first_seed or len(side_by_side.get(cat, [])) >= per_category:
+            continue
+        side_by_side.setdefault(cat, []).append({
+            "prompt": _prompt_text(evals[0], k, indexed[0][k]), "seed": seed,
+            "images": [_side_image(e, ix[k], thumb_px) for e, ix in zip(evals, indexed)]})
+    return side_by_side, common
+
+
+def _image_key(ev: Evaluation, img: dict[str, Any]) -> tuple:
+    p = next((q for q in ev.data["suite"]["prompts"]
+              if q["category"] == img["category"] and q["index"] == img["prompt_index"]), {})
+    return (img["category"], p.get("template") or p.get("prompt", ""), img["seed"])
+
+
+def _side_image(ev: Evaluation, img: dict[str, Any], thumb_px: int) -> dict[str, Any]:
+    from runner.report.embed import thumbnail_data_uri
+
+    path = ev.folder / img.get("path", f"images/{img.get('cell', '')}/{img['file']}")
+    try:
+        src = thumbnail_data_uri(path, thumb_px, boxes=[img["face_box"]] if img.get("face_box") else ())
+    except OSError:
+        src = ""
+    face = fmt(img["face_similarity"]) if img["face_found"] else "none"
+    return {"src": src, "face": img["face_found"], "caption": f"face {face} · CLIP-T {fmt(img['clip_t'])}"}
+
+
+def _scatter(evals: Sequence[Evaluation], bests: list[dict[str, Any]], any_tiny: bool) -> Any:
+    from runner.report import charts
+
+    points = [{"label": f"{e.label}: {cell_label(cell)}", "clip_t": cell["overall"].get("clip_t"),
+               "face_similarity": cell["overall"].get("face_similarity"), "best": cell is c}
+              for e, c in zip(evals, bests) for cell in e.data["cells"]]
+    return charts.scatter(points, x="clip_t", y="face_similarity", label="label", highlight="best",
+                          title="Identity vs prompt alignment, every checkpoint x scale"
+                          + (" (tiny random models)" if any_tiny else ""),
+                          xlabel="CLIP-T (raw cosine)", ylabel="face similarity")
 
 
 def _prompt_text(ev: Evaluation, key: tuple, img: dict[str, Any]) -> str:
@@ -229,8 +242,5 @@ def write_comparison(sources: Iterable[tuple[str | None, str | Path]], out_file:
     evals = [load_evaluation(path, label) for label, path in sources]
     html = render_comparison(evals, **kw)
     out = Path(out_file)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(out)
+    atomic_write_text(out, html)
     return out

@@ -47,79 +47,121 @@ def target_class(cell: dict[str, Any], category: str, metric: str) -> str:
     return "pass" if t["pass"] else "fail"
 
 
-def evaluation_context(ev: dict[str, Any], folder: Path, *, thumb_px: int = 192, grid_per_category: int = 2) -> dict[str, Any]:
-    from runner.report import charts
-    from runner.report.embed import thumbnail_data_uri
-
+def evaluation_context(ev: dict[str, Any], folder: Path, *, thumb_px: int = 192,
+                       grid_per_category: int = 2) -> dict[str, Any]:
+    """What the evaluate section template renders: the run's facts, the best cell, one row per
+    cell, the best cell per category, every target across cells, the image grid and a scatter."""
     cells = ev["cells"]
     best = ev["best"]
-    categories = ev["suite"]["categories"]
-    prompts = {(p["category"], p["index"]): p for p in ev["suite"]["prompts"]}
-    tiny = tiny_note(ev)
-    suffix = " (tiny random models)" if tiny else ""
-
-    rows = []
-    for c in cells:
-        is_best = c["cell"] == best["cell"]
-        rows.append({
-            "label": cell_label(c), "step": c["step"], "phase": c.get("phase") or "", "scale": f"{c['lora_scale']:g}",
-            "best": is_best,
-            "metrics": [{"text": fmt(c["overall"].get(m), m), "cls": target_class(c, "overall", m)} for m in TABLE_METRICS],
-            "targets": f"{c.get('targets_passed', 0)}/{c.get('targets_total', 0)}",
-            "score": fmt(c.get("score")),
-            "timing": c.get("timing", {}),
-        })
-
     best_cell = next(c for c in cells if c["cell"] == best["cell"])
-    category_rows = []
+    tiny = tiny_note(ev)
+    return {
+        "ev": _run_facts(ev),
+        "models": ev.get("models", {}),
+        "tiny_note": tiny,
+        "best": _best_view(best, best_cell),
+        "metric_names": [SHORT[m] for m in TABLE_METRICS],
+        "metric_help": [{"name": SHORT[m], "key": m, "desc": METRICS[m]["desc"], "better": METRICS[m]["better"]}
+                        for m in TABLE_METRICS],
+        "rows": [_cell_row(c, c["cell"] == best["cell"]) for c in cells],
+        "category_rows": _category_rows(best_cell, ev["suite"]["categories"]),
+        "target_matrix": _target_matrix(ev, cells),
+        "cell_labels": [cell_label(c) for c in cells],
+        "grid": _grid(ev, folder, thumb_px, grid_per_category),
+        "categories": ev["suite"]["categories"],
+        "scatter": _scatter(cells, best, " (tiny random models)" if tiny else ""),
+        "references": ev.get("references", []),
+    }
+
+
+def _run_facts(ev: dict[str, Any]) -> dict[str, Any]:
+    gen = ev["generation"]
+    return {"variant": ev.get("variant"), "base_model": ev.get("base_model"), "model_family": ev.get("model_family"),
+            "suite": ev["suite"]["source"], "n_prompts": len(ev["suite"]["prompts"]),
+            "seeds": ", ".join(str(s) for s in gen["seeds"]),
+            "scales": ", ".join(f"{s:g}" for s in gen["lora_scales"]),
+            "steps": gen["steps"], "guidance": gen["guidance"],
+            "resolution": gen["resolution"], "score_kind": ev.get("score_kind", ""),
+            "duration_s": ev.get("duration_s")}
+
+
+def _cell_row(c: dict[str, Any], is_best: bool) -> dict[str, Any]:
+    return {
+        "label": cell_label(c), "step": c["step"], "phase": c.get("phase") or "", "scale": f"{c['lora_scale']:g}",
+        "best": is_best,
+        "metrics": [{"text": fmt(c["overall"].get(m), m), "cls": target_class(c, "overall", m)} for m in TABLE_METRICS],
+        "targets": f"{c.get('targets_passed', 0)}/{c.get('targets_total', 0)}",
+        "score": fmt(c.get("score")),
+        "timing": c.get("timing", {}),
+    }
+
+
+def _category_rows(best_cell: dict[str, Any], categories: list[str]) -> list[dict[str, Any]]:
+    rows = []
     for cat in categories:
         vals = best_cell["categories"].get(cat, {})
-        category_rows.append({
+        rows.append({
             "category": cat,
             "metrics": [{"text": fmt(vals.get(m), m), "cls": target_class(best_cell, cat, m),
                          "target": ((best_cell.get("targets") or {}).get(cat, {}).get(m) or {}).get("target", "")}
                         for m in TABLE_METRICS],
         })
+    return rows
 
-    # Every declared target across all cells: where does the character drift?
-    target_matrix = []
-    for cat, metrics in (ev.get("targets") or {}).items():
-        for metric, cmp in metrics.items():
-            target_matrix.append({
-                "category": cat, "metric": metric, "target": cmp,
-                "cells": [{"text": fmt((c.get("targets") or {}).get(cat, {}).get(metric, {}).get("value"), metric),
-                           "cls": target_class(c, cat, metric)} for c in cells],
-            })
 
-    # Checkpoint x category grid: the first prompts of each category, first seed.
+def _target_matrix(ev: dict[str, Any], cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every declared target across all cells: where does the character drift?"""
+    return [{"category": cat, "metric": metric, "target": cmp,
+             "cells": [{"text": fmt((c.get("targets") or {}).get(cat, {}).get(metric, {}).get("value"), metric),
+                        "cls": target_class(c, cat, metric)} for c in cells]}
+            for cat, metrics in (ev.get("targets") or {}).items() for metric, cmp in metrics.items()]
+
+
+def _grid(ev: dict[str, Any], folder: Path, thumb_px: int, per_category: int) -> list[dict[str, Any]]:
+    """Checkpoint x category grid: the first prompts of each category, first seed."""
     first_seed = ev["generation"]["seeds"][0]
+    prompts = {(p["category"], p["index"]): p for p in ev["suite"]["prompts"]}
     grid = []
-    for c in cells:
-        row = {"label": cell_label(c), "best": c["cell"] == best["cell"], "categories": []}
-        for cat in categories:
-            items = []
-            for img in c["images"]:
-                if img["category"] != cat or img["seed"] != first_seed or img["prompt_index"] >= grid_per_category:
-                    continue
-                path = folder / img.get("path", f"images/{c['cell']}/{img['file']}")
-                p = prompts.get((cat, img["prompt_index"]), {})
-                caption = (f"{p.get('prompt', '')} | seed {img['seed']} | face "
-                           f"{fmt(img['face_similarity']) if img['face_found'] else 'none'} | CLIP-T {fmt(img['clip_t'])}")
-                try:
-                    src = thumbnail_data_uri(path, thumb_px, boxes=[img["face_box"]] if img.get("face_box") else ())
-                except OSError:
-                    continue
-                items.append({"src": src, "caption": caption, "face": img["face_found"]})
+    for c in ev["cells"]:
+        row = {"label": cell_label(c), "best": c["cell"] == ev["best"]["cell"], "categories": []}
+        for cat in ev["suite"]["categories"]:
+            shown = [img for img in c["images"]
+                     if img["category"] == cat and img["seed"] == first_seed and img["prompt_index"] < per_category]
+            items = [item for img in shown
+                     if (item := _grid_item(c, img, folder, prompts.get((cat, img["prompt_index"]), {}), thumb_px))]
             row["categories"].append({"category": cat, "items": items})
         grid.append(row)
+    return grid
+
+
+def _grid_item(c: dict[str, Any], img: dict[str, Any], folder: Path, prompt: dict[str, Any],
+               thumb_px: int) -> dict[str, Any] | None:
+    """One thumbnail with its caption; None when the image file cannot be read."""
+    from runner.report.embed import thumbnail_data_uri
+
+    path = folder / img.get("path", f"images/{c['cell']}/{img['file']}")
+    caption = (f"{prompt.get('prompt', '')} | seed {img['seed']} | face "
+               f"{fmt(img['face_similarity']) if img['face_found'] else 'none'} | CLIP-T {fmt(img['clip_t'])}")
+    try:
+        src = thumbnail_data_uri(path, thumb_px, boxes=[img["face_box"]] if img.get("face_box") else ())
+    except OSError:
+        return None
+    return {"src": src, "caption": caption, "face": img["face_found"]}
+
+
+def _scatter(cells: list[dict[str, Any]], best: dict[str, Any], suffix: str) -> Any:
+    from runner.report import charts
 
     points = [{"label": cell_label(c), "clip_t": c["overall"].get("clip_t"),
                "face_similarity": c["overall"].get("face_similarity"), "best": c["cell"] == best["cell"]}
               for c in cells]
-    scatter = charts.scatter(points, x="clip_t", y="face_similarity", label="label", highlight="best",
-                             title="Identity vs prompt alignment" + suffix,
-                             xlabel="CLIP-T (raw cosine)", ylabel="face similarity")
-    best_view = {
+    return charts.scatter(points, x="clip_t", y="face_similarity", label="label", highlight="best",
+                          title="Identity vs prompt alignment" + suffix,
+                          xlabel="CLIP-T (raw cosine)", ylabel="face similarity")
+
+
+def _best_view(best: dict[str, Any], best_cell: dict[str, Any]) -> dict[str, Any]:
+    return {
         "label": cell_label(best_cell),
         "step": best["step"], "scale": f"{best['lora_scale']:g}", "score": fmt(best.get("score")),
         "reason": best.get("reason", ""), "constraints_met": best.get("constraints_met", True),
@@ -128,28 +170,4 @@ def evaluation_context(ev: dict[str, Any], folder: Path, *, thumb_px: int = 192,
         "maximize": (best.get("objective") or {}).get("maximize", "face_similarity"),
         "objective_value": fmt(best.get("objective_value")),
         "lora_diffusers": best.get("lora_diffusers"), "lora_kohya": best.get("lora_kohya"),
-    }
-    models = ev.get("models", {})
-    return {
-        "ev": {"variant": ev.get("variant"), "base_model": ev.get("base_model"), "model_family": ev.get("model_family"),
-               "suite": ev["suite"]["source"], "n_prompts": len(ev["suite"]["prompts"]),
-               "seeds": ", ".join(str(s) for s in ev["generation"]["seeds"]),
-               "scales": ", ".join(f"{s:g}" for s in ev["generation"]["lora_scales"]),
-               "steps": ev["generation"]["steps"], "guidance": ev["generation"]["guidance"],
-               "resolution": ev["generation"]["resolution"], "score_kind": ev.get("score_kind", ""),
-               "duration_s": ev.get("duration_s")},
-        "models": models,
-        "tiny_note": tiny,
-        "best": best_view,
-        "metric_names": [SHORT[m] for m in TABLE_METRICS],
-        "metric_help": [{"name": SHORT[m], "key": m, "desc": METRICS[m]["desc"], "better": METRICS[m]["better"]}
-                        for m in TABLE_METRICS],
-        "rows": rows,
-        "category_rows": category_rows,
-        "target_matrix": target_matrix,
-        "cell_labels": [cell_label(c) for c in cells],
-        "grid": grid,
-        "categories": categories,
-        "scatter": scatter,
-        "references": ev.get("references", []),
     }
