@@ -100,6 +100,30 @@ def build_tiny_klein(dest) -> None:
     tinykit.remove(dest / "_tok")
 
 
+def build_tiny_dev(dest) -> None:
+    from diffusers import Flux2Pipeline
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    from runner.diffusion.families import tinykit
+
+    tok = tinykit.mistral_tokenizer(dest / "_tok")
+    transformer, vae, scheduler = _tiny_parts(16, guidance_embeds=True)
+    tinykit.seeded(2)
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    text_encoder = Mistral3ForConditionalGeneration(Mistral3Config(  # 30 layers: the pipeline reads 10, 20 and 30
+        text_config={"model_type": "mistral", "vocab_size": len(tok), "hidden_size": 16, "intermediate_size": 16,
+                     "max_position_embeddings": 1024, "num_attention_heads": 2, "num_hidden_layers": 30,
+                     "num_key_value_heads": 2, "head_dim": 8, "sliding_window": None, **ids},
+        vision_config={"model_type": "pixtral", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "intermediate_size": 16, "image_size": 32, "patch_size": 16, "num_channels": 3},
+        image_token_index=tok.convert_tokens_to_ids("[IMG]"), image_seq_length=4, vision_feature_layer=-1, **ids,
+    ))
+    pipe = Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok,
+                         transformer=transformer)
+    tinykit.save_pipeline(pipe, dest)
+    tinykit.remove(dest / "_tok")
+
+
 _COMMON = dict(
     denoiser="transformer",
     latents=LatentFormat(channels=32, downscale=8, patch=2,
@@ -130,4 +154,21 @@ KLEIN = Family(
     **_COMMON,
 )
 
-FAMILIES = (KLEIN,)
+DEV = Family(
+    name="flux2",
+    title="FLUX.2 dev",
+    pipeline="Flux2Pipeline",
+    components={**_COMPONENTS, "text_encoder": "Mistral3ForConditionalGeneration", "tokenizer": "PixtralProcessor"},
+    text=TextEncoding(encoders=("text_encoder",),
+                      outputs="Mistral Small 3.1 hidden states of layers 10, 20, 30 stacked per token (system prompt)",
+                      pooled=False, max_tokens=MAX_TOKENS),
+    class_names=("Flux2Pipeline",),
+    hub_patterns=(r"flux\.?2-dev",),
+    sample=SampleDefaults(steps=50, guidance=4.0),
+    tiny="tiny-flux2",
+    build_tiny=build_tiny_dev,
+    variants={"dev": "guidance-distilled: the guidance embedding takes objective.guidance while training"},
+    **_COMMON,
+)
+
+FAMILIES = (DEV, KLEIN)

@@ -25,20 +25,45 @@ QWEN_CHAT_TEMPLATE = (
 )
 
 
-def qwen_tokenizer(dest: Path):
-    """A ``Qwen2Tokenizer`` with one token per byte (no merges) and the Qwen chat specials, saved
-    into ``dest`` and loaded back."""
+MISTRAL_SPECIALS = ("<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
+                    "[IMG]", "[IMG_BREAK]", "[IMG_END]")
+MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% set text = m['content'] if m['content'] is string else "
+    "m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}"
+    "{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]"
+    "{% elif m['role'] == 'user' %}[INST]{{ text }}[/INST]{% else %}{{ text }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def byte_tokenizer(dest: Path, specials: tuple[str, ...], chat_template: str, **roles: str):
+    """A byte-level BPE tokenizer in ``Qwen2Tokenizer``'s class: one token per byte (no merges),
+    then ``specials``; ``roles`` name the unk/bos/eos/pad tokens among them. Saved into ``dest``
+    and loaded back."""
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import Qwen2Tokenizer
 
     vocab = {ch: i for i, ch in enumerate(sorted(ByteLevel.alphabet()))}
-    for tok in QWEN_SPECIALS:
+    for tok in specials:
         vocab[tok] = len(vocab)
-    tok = Qwen2Tokenizer(vocab=vocab, merges=[])
-    tok.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIALS[1:])})
-    tok.chat_template = QWEN_CHAT_TEMPLATE
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], **roles)
+    tok.add_special_tokens({"additional_special_tokens": [t for t in specials if t not in roles.values()]})
+    tok.chat_template = chat_template
     tok.save_pretrained(str(dest))
     return Qwen2Tokenizer.from_pretrained(str(dest))
+
+
+def qwen_tokenizer(dest: Path):
+    """The Qwen chat tokenizer (Qwen-Image, FLUX.2 klein, Z-Image)."""
+    return byte_tokenizer(dest, QWEN_SPECIALS, QWEN_CHAT_TEMPLATE, unk_token="<|endoftext|>")
+
+
+def mistral_tokenizer(dest: Path):
+    """A Mistral-format chat tokenizer (FLUX.2 dev). The real model's tokenizer is a
+    PixtralProcessor, which needs torchvision; for text the pipeline only calls its
+    ``apply_chat_template``, which a tokenizer has too."""
+    return byte_tokenizer(dest, MISTRAL_SPECIALS, MISTRAL_CHAT_TEMPLATE, unk_token="<unk>", bos_token="<s>",
+                          eos_token="</s>", pad_token="<pad>")
 
 
 def t5_tokenizer(dest: Path, *, model_max_length: int = 512):
