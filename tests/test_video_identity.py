@@ -186,6 +186,10 @@ def check_layout(identity: Path, fps: float) -> list[dict]:
             for f in set(hard) - set(challenge):
                 assert min(abs(f - c) for c in challenge) < 2 * half_second, (f, challenge)
         assert set(challenge) <= set(hard)
+        # a short set says so (the clip's distinct hard moments), instead of padding with repeats
+        ch = pm["challenge"]
+        assert ch["wanted"] == "5-8" and ch["hard_frames"] == len(set(hard)) and (ch["moments"] >= 1) == bool(hard)
+        assert bool(ch["note"]) == (len(challenge) < 5) and (not ch["note"] or f"{ch['moments']} moment" in ch["note"])
         persons.append(pm)
     return persons
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from runner.video.gates import GATE_VERSION
 from runner.video.pipeline import PersonResult, VideoResult, conditioning_for, person_meta
-from runner.video.selection import Candidate
+from runner.video.selection import Candidate, challenge_report
 
 SETS = ("anchors", "coverage", "challenge")
 SET_TYPE = {"anchors": "anchor", "coverage": "coverage", "challenge": "challenge"}
@@ -159,6 +159,9 @@ class _Export:
                                      _png_bytes(c.crop))
         pm = person_meta(p, conditioning=conditioning_for(p, self.result.options))
         pm["embedding_model"] = em
+        fps = (self.result.info.fps if self.result.info else 0.0) or 25.0
+        pm["challenge"] = challenge_report(p.timeline, [c.frame_idx for c in p.challenge], fps=fps,
+                                           challenge_max=int(self.result.options.get("challenge_max", 8)))
         _write_json(pdir / "meta.json", pm)
         _write_json(pdir / "timeline.json", p.timeline)
         return pm

@@ -264,3 +264,36 @@ def conditioning_ratio(base: tuple[int, int, int] | list[int], *, anchors: int, 
         "challenge": round(100.0 * ch / total, 2),
         "adjustments": notes,
     }
+
+
+#: The challenge set the ride design asks for holds 5-8 images "when the clip has them".
+CHALLENGE_MIN = 5
+
+
+def challenge_report(timeline: list[dict[str, Any]], taken: list[int], *, fps: float,
+                     challenge_max: int) -> dict[str, Any]:
+    """How many distinct hard moments the person's frames offered, and why the set is short.
+
+    ``timeline`` is the person's timeline (an offered hard frame's action names its challenge
+    kinds), ``taken`` the challenge frames saved. ``moments``: the most hard frames that are
+    pairwise a second or more apart (beyond a second the selector's spacing always lets a frame
+    in; within it only a novel one), counted greedily in time order, which is the maximum. A set
+    under CHALLENGE_MIN gets a ``note`` saying the clip offered no more, instead of being padded
+    with repeats of one moment.
+    """
+    hard = sorted(e["frame_idx"] for e in timeline if "challenge:" in str(e.get("action", "")))
+    second = 2 * max(1, int(round(fps / 2)))
+    moments, last = 0, None
+    for f in hard:
+        if last is None or f - last >= second:
+            moments, last = moments + 1, f
+    unconfirmed = sum(1 for e in timeline if str(e.get("action", "")).startswith("unstable"))
+    out = {"wanted": f"{CHALLENGE_MIN}-{challenge_max}", "hard_frames": len(hard), "moments": moments, "note": ""}
+    if len(taken) < CHALLENGE_MIN:
+        out["note"] = (f"{len(taken)} challenge image(s), under {CHALLENGE_MIN}: the {len(hard)} hard frame(s) that "
+                       f"passed the gates and the identity check hold {moments} moment(s) a second or more apart"
+                       + (f"; {unconfirmed} frame(s) under tau, not tied to a confirmed frame by the track, are not "
+                          "used" if unconfirmed else "")
+                       + (f"; {moments - len(taken)} more would have needed frames within a second of a taken "
+                          "one that look alike" if moments > len(taken) else ""))
+    return out
