@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from runner.core import contract
+from runner.spec.config import to_plain, view_of
+from runner.spec.sections import ReportConfig, TrainConfig, spec_config
 from runner.stages.common import with_tracking
 
 KIND = "train"
@@ -55,69 +57,66 @@ def _check_variant(name: str, overrides: Any) -> None:
 
 
 def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.PlanNode]:
-    from runner.spec.variants import variant_notes
-
-    section = spec.get("train")
-    if not isinstance(section, dict):
-        return []
+    typed = spec_config(spec)
     char = graph.character
     caption = graph.node(contract.node_id(char, "caption"))
-    if caption is None:
-        return []  # nothing to train on (no dataset stage in this spec)
-    character = spec.get("character", {})
-    trigger = character.get("trigger", "")
-    class_word = character.get("class_word", "")
-    variants: dict[str, Any] = section.get("variants") or {}
-    runs: list[tuple[str | None, dict[str, Any]]] = []
-    if variants:
-        if section.get("include_base_variant", True):
-            runs.append(("base", {}))
-        for name, ov in variants.items():
-            _check_variant(name, ov)
-            runs.append((name, ov))
-    else:
-        runs.append((None, {}))
-    hw = spec.get("hardware", {})
-    gpu = (hw.get("stage_gpu") or {}).get(KIND) or hw.get("gpu")
+    if typed.train is None or caption is None:
+        return []  # no train section, or nothing to train on (no dataset stage in this spec)
+    section = spec["train"]  # node configs are built from the section as resolved (cache keys)
+    hw = typed.hardware
+    gpu = hw.stage_gpu.get(KIND) or hw.gpu
     nodes = []
-    for variant, ov in runs:
-        cfg = train_config(section, character=char, trigger=trigger, class_word=class_word,
-                           variant=variant, overrides=ov)
-        cfg["device"] = hw.get("device", "auto")  # torch numerics differ by device: part of the key
-        inputs: dict[str, contract.InputRef] = {"dataset": contract.StageOutputRef(caption.id, "dataset")}
-        reg = cfg.get("regularization", {})
-        if reg.get("enabled") and reg.get("images"):
-            inputs["regularization"] = contract.FileSetRef(
-                root=graph.project_root / reg["images"],
-                patterns=("*.png", "*.jpg", "*.jpeg", "*.webp", "*.PNG", "*.JPG", "*.JPEG"),
-                spec_key="train.regularization.images",
-            )
-        label = f"{cfg['base_model']} r{cfg['lora']['rank']} {_length(cfg)}"
-        if cfg["phases"]:
-            label += f" in {len(cfg['phases'])} phases"
-        if variant:
-            label += f" (variant {variant})"
-        notes = () if variant in (None, "base") else (f"variant {variant} vs the train section: "
-                                                      + "; ".join(variant_notes(section, variant)),)
-        nodes.append(with_tracking(contract.PlanNode(
-            id=contract.node_id(char, KIND, variant),
-            kind=KIND,
-            character=char,
-            config=cfg,
-            inputs=inputs,
-            outputs=("lora", "logs"),
-            gpu=gpu,
-            label=label,
-            notes=notes,
-        ), spec, graph))
+    for variant, ov in _runs(typed.train):
+        cfg = train_config(section, character=char, trigger=typed.character.trigger,
+                           class_word=typed.character.class_word, variant=variant, overrides=ov)
+        cfg["device"] = hw.device  # torch numerics differ by device: part of the key
+        nodes.append(with_tracking(_node(cfg, variant, section, caption.id, graph, gpu), spec, graph))
     return nodes
 
 
-def _length(cfg: dict[str, Any]) -> str:
+def _runs(train: TrainConfig) -> list[tuple[str | None, dict[str, Any]]]:
+    """(variant, its overrides) of every train stage: one without variants; with them, each
+    variant (checked) and 'base' when include_base_variant."""
+    if not train.variants:
+        return [(None, {})]
+    runs: list[tuple[str | None, dict[str, Any]]] = [("base", {})] if train.include_base_variant else []
+    for name, ov in train.variants.items():
+        _check_variant(name, to_plain(ov))  # plain data: the overrides are merged into node configs
+        runs.append((name, to_plain(ov)))
+    return runs
+
+
+def _node(cfg: dict[str, Any], variant: str | None, section: dict[str, Any], caption_id: str,
+          graph: contract.GraphView, gpu: str | None) -> contract.PlanNode:
+    """The plan node of one train stage with node config ``cfg``."""
+    from runner.diffusion.trainer import TrainerConfig
+    from runner.spec.variants import variant_notes
+
+    node = TrainerConfig.from_dict(cfg)
+    inputs: dict[str, contract.InputRef] = {"dataset": contract.StageOutputRef(caption_id, "dataset")}
+    reg = node.regularization
+    if reg.enabled and reg.images:
+        inputs["regularization"] = contract.FileSetRef(
+            root=graph.project_root / reg.images,
+            patterns=("*.png", "*.jpg", "*.jpeg", "*.webp", "*.PNG", "*.JPG", "*.JPEG"),
+            spec_key="train.regularization.images",
+        )
+    label = f"{node.base_model} r{node.lora.rank} {_length(node)}"
+    if node.phases:
+        label += f" in {len(node.phases)} phases"
+    if variant:
+        label += f" (variant {variant})"
+    notes = () if variant in (None, "base") else (f"variant {variant} vs the train section: "
+                                                  + "; ".join(variant_notes(section, variant)),)
+    return contract.PlanNode(id=contract.node_id(node.character, KIND, variant), kind=KIND,
+                             character=node.character, config=cfg, inputs=inputs, outputs=("lora", "logs"),
+                             gpu=gpu, label=label, notes=notes)
+
+
+def _length(cfg: TrainConfig) -> str:
     """'1000 steps', '16 epochs', or '500 steps + 6 epochs' (phases in both)."""
-    phases = cfg["phases"] or [{"steps": cfg["steps"]}]
-    steps = sum(int(p.get("steps") or 0) for p in phases)
-    epochs = sum(int(p.get("epochs") or 0) for p in phases)
+    steps = sum(p.steps or 0 for p in cfg.phases) if cfg.phases else cfg.steps
+    epochs = sum(p.epochs or 0 for p in cfg.phases)
     return " + ".join(t for t in (f"{steps} steps" if steps else "", f"{epochs} epochs" if epochs else "") if t)
 
 
@@ -139,7 +138,8 @@ def plan_notes(config: dict[str, Any], upstream: dict[str, contract.Artifact | N
 
 
 def resume_info(scratch_dir: Path) -> str | None:
-    """"resume at step N of M" when a killed run left a resume state (no heavy imports)."""
+    """"resume at step N of M" when a killed run left a resume state (no heavy imports); the
+    meta is the trainer's JSON file, not a config."""
     from runner.diffusion.trainer import read_resume_meta
 
     meta = read_resume_meta(scratch_dir)
@@ -147,19 +147,13 @@ def resume_info(scratch_dir: Path) -> str | None:
         return None
     where = f"phase {meta['phase']}"
     if meta.get("steps_per_epoch"):
-        where += f", epoch {meta['step'] / meta['steps_per_epoch']:.3g} of {meta['total_steps'] / meta['steps_per_epoch']:.3g}"
+        spe = meta["steps_per_epoch"]
+        where += f", epoch {meta['step'] / spe:.3g} of {meta['total_steps'] / spe:.3g}"
     return f"resume at step {meta['step']} of {meta['total_steps']} ({where})"
 
 
-def _device(config: dict[str, Any], ctx: contract.StageContext) -> str:
-    """hardware.device from the spec (:func:`runner.core.device.choose_device`)."""
-    from runner.core.device import choose_device
-
-    extra = getattr(ctx, "extra", None) or {}
-    return choose_device(config.get("device") or extra.get("device") or "auto")
-
-
-def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact], env: dict[str, Any]) -> list[contract.ReportSection]:
+def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact],
+                    env: dict[str, Any]) -> list[contract.ReportSection]:
     from runner.report import charts
     from runner.report.embed import thumbnail_data_uri
 
@@ -182,7 +176,7 @@ def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact
     loss_chart = charts.line_chart(series, title="Training loss" + tag, xlabel="step", ylabel="loss") if loss else None
     lr = [(r["step"], r["lr"]) for r in records if "lr" in r]
     lr_chart = charts.line_chart({"learning rate": lr}, title="Learning rate", xlabel="step") if lr else None
-    px = int(env.get("thumbnail_px", 192))
+    px = view_of(ReportConfig, env).thumbnail_px
     prompts = index.get("sample_prompts", [])
     seeds = index.get("sample_seeds", [])
     rows = []
@@ -219,6 +213,7 @@ def _records(logs: Path) -> list[dict[str, Any]]:
 def track(config: dict[str, Any], outputs: dict[str, contract.Artifact], env: dict[str, Any]) -> list[dict[str, Any]]:
     """One tracked run: the node config as params, every numeric field of the logged history as a
     curve (loss, lr, val_loss, grad_norm, ...), each kept checkpoint's LoRA files as artifacts."""
+    from runner.diffusion.trainer import TrainerConfig
     from runner.stages.common import track as send
     from runner.tracking import StageLog
 
@@ -236,7 +231,7 @@ def track(config: dict[str, Any], outputs: dict[str, contract.Artifact], env: di
     files += [(lora / "index.json", "lora"), (logs / "metrics.jsonl", "logs")]
     log = StageLog(name=f"{env['stage_id']} {env['run_id']}", kind=KIND,
                    params={k: v for k, v in config.items() if k != "tracking"},
-                   tags={"runner.variant": str(config.get("variant") or "")},
+                   tags={"runner.variant": str(TrainerConfig.from_dict(config).variant or "")},
                    series=series, metrics=summary, artifacts=files)
     return send(config, log, env)
 
@@ -244,18 +239,21 @@ def track(config: dict[str, Any], outputs: dict[str, contract.Artifact], env: di
 @contract.register(KIND, version=VERSION, order=50, expand=expand, resume_info=resume_info, report=report_sections,
                plan_notes=plan_notes, track=track, typical_seconds=5400.0,
                description="Train a LoRA (diffusers + peft) with cached latents, phases, checkpoints and samples.")
-def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contract.StageContext) -> dict[str, contract.Artifact]:
+def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
+        ctx: contract.StageContext) -> dict[str, contract.Artifact]:
     """Train a LoRA (diffusers + peft) with cached latents, phases, checkpoints and samples."""
-    from runner.diffusion.trainer import Callbacks, LoraTrainer, TrainError
+    from runner.core.device import choose_device
+    from runner.diffusion.trainer import Callbacks, LoraTrainer, TrainerConfig, TrainError
 
     if "dataset" not in inputs:
         raise contract.StageError("the train stage needs the caption stage's `dataset` artifact")
     reg = inputs.get("regularization")
     cb = Callbacks(log=ctx.log, warn=ctx.warn, metric=ctx.metric, progress=ctx.progress)
+    node = TrainerConfig.from_dict(config)
     trainer = LoraTrainer(
-        config, dataset_dir=inputs["dataset"].path, out_dir=ctx.out_dir, scratch_dir=ctx.scratch_dir,
+        node, dataset_dir=inputs["dataset"].path, out_dir=ctx.out_dir, scratch_dir=ctx.scratch_dir,
         cache_dir=ctx.cache_dir, project_root=ctx.project_root, regularization_dir=reg.path if reg else None,
-        device=_device(config, ctx), callbacks=cb,
+        device=choose_device(node.device), callbacks=cb,
     )
     try:
         index = trainer.run()
