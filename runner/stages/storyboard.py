@@ -29,15 +29,30 @@ tiny-model flags).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from runner.core import contract
-from runner.stages.common import rel_path as _rel
-from runner.stages.common import review_section
+from runner.core.device import choose_device
+from runner.core.fs import atomic_write_text
+from runner.stages.common import face_backend as common_face_backend
+from runner.stages.common import (
+    face_options,
+    input_file,
+    load_embedder,
+    load_references,
+    load_rgb,
+    model_input,
+    output_json,
+    reference_inputs,
+    rel_path,
+    review_section,
+    stage_gpu,
+    tiny_note,
+)
 
 VERSION = 1
 
@@ -45,7 +60,8 @@ VERSION = 1
 # --------------------------------------------------------------------------- planning
 
 
-def lora_source(spec: dict[str, Any], graph: contract.GraphView, where: str) -> tuple[dict[str, Any], dict[str, contract.InputRef]]:
+def lora_source(spec: dict[str, Any], graph: contract.GraphView,
+                where: str) -> tuple[dict[str, Any], dict[str, contract.InputRef]]:
     """Where the character's LoRA comes from: (config part, inputs). See the module docstring."""
     gen = spec.get("generate") or {}
     checkpoint = str(gen.get("checkpoint", "best"))
@@ -57,12 +73,14 @@ def lora_source(spec: dict[str, Any], graph: contract.GraphView, where: str) -> 
     if checkpoint not in ("best", "last"):
         p = graph.project_root / checkpoint
         return ({**common, "source": "file", "lora_file": checkpoint},
-                {"lora_file": contract.FileSetRef(root=p, patterns=("*",), recursive=False, spec_key="generate.checkpoint")})
+                {"lora_file": contract.FileSetRef(root=p, patterns=("*",), recursive=False,
+                                                  spec_key="generate.checkpoint")})
     evaluates = graph.nodes_of("evaluate")
     trains = graph.nodes_of("train")
     if checkpoint == "best" and evaluates:
         ev = evaluates[0]
-        return {**common, "source": "evaluate", "source_node": ev.id}, {"evaluation": contract.StageOutputRef(ev.id, "evaluation")}
+        return ({**common, "source": "evaluate", "source_node": ev.id},
+                {"evaluation": contract.StageOutputRef(ev.id, "evaluation")})
     if trains:
         tr = trains[0]
         return {**common, "source": "train", "source_node": tr.id}, {"lora": contract.StageOutputRef(tr.id, "lora")}
@@ -72,36 +90,7 @@ def lora_source(spec: dict[str, Any], graph: contract.GraphView, where: str) -> 
     )
 
 
-def reference_inputs(spec: dict[str, Any], graph: contract.GraphView) -> dict[str, contract.InputRef]:
-    refs = list((spec.get("character") or {}).get("references") or [])
-    return {f"reference{i}": contract.FileSetRef(root=graph.project_root / r, patterns=("*",), recursive=True,
-                                             spec_key=f"character.references[{i}]") for i, r in enumerate(refs)}
-
-
-def face_options(spec: dict[str, Any], override: str | None = None) -> dict[str, Any]:
-    analysis = (spec.get("dataset") or {}).get("analysis") or {}
-    ev = spec.get("evaluate") or {}
-    return {
-        "name": override or ev.get("face_model") or "auto",
-        "insightface_pack": ev.get("insightface_pack") or analysis.get("insightface_pack", "buffalo_l"),
-        "insightface_root": ev.get("insightface_root") or analysis.get("insightface_root", "~/.insightface"),
-        "dlib_detector": analysis.get("dlib_detector", "hog"),
-        "upsample": int(analysis.get("upsample", 1)),
-    }
-
-
-def _model_input(value: str | None, graph: contract.GraphView, name: str, key: str) -> dict[str, contract.InputRef]:
-    """A local model folder becomes a file-set input (its content is in the cache key); hub ids stay config."""
-    if not value or value.startswith("builtin:"):
-        return {}
-    p = graph.project_root / value
-    if p.exists():
-        return {name: contract.FileSetRef(root=p, patterns=("*",), recursive=True, spec_key=key)}
-    return {}
-
-
 def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.PlanNode]:
-    from runner.generate import guided as G
     from runner.generate.planner import plan_story
 
     sb = (spec.get("generate") or {}).get("storyboard")
@@ -115,26 +104,58 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
         inputs["lora"] = graph.node(lora_cfg["source_node"]).inputs["lora"]
     inputs.update(reference_inputs(spec, graph))
     scenes = [s.to_dict() for s in story.scenes]
-    for s in scenes:
-        if s.get("control_image"):
-            inputs[f"control{s['index']}"] = contract.FileSetRef(root=graph.project_root / s["control_image"],
-                                                             patterns=("*",), recursive=False,
-                                                             spec_key=f"generate.storyboard.scenes[{s['index'] - 1}].control_image")
+    inputs.update(_control_inputs(scenes, graph))
     guided = dict(sb.get("reference_guided") or {})
-    if guided.get("enabled"):
-        if not guided.get("ip_adapter") and not guided.get("controlnet"):
-            raise contract.StageError("generate.storyboard.reference_guided: enabled, but neither ip_adapter nor controlnet is set",
+    inputs.update(_guided_inputs(guided, graph))
+    config = {**lora_cfg, **_node_config(spec, sb, story, scenes, guided), **({"review": review} if review else {})}
+    absent = [str(s["index"]) for s in scenes if not s.get("hero", True)]
+    notes = [f"the character is not in scene(s) {', '.join(absent)}: no trigger, no identity "
+             "check (`runner plan --scenes` says why)"] if absent else []
+    return [contract.PlanNode(
+        id=contract.node_id(graph.character, "storyboard"),
+        kind="storyboard",
+        character=graph.character,
+        config=config,
+        inputs=inputs,
+        outputs=("storyboard",),
+        gpu=stage_gpu(spec, "storyboard"),
+        label=_label(config, absent, bool(guided.get("enabled"))),
+        unkeyed=("planner_notes",),
+        notes=tuple(story.notes + notes),
+    )]
+
+
+def _control_inputs(scenes: list[dict[str, Any]], graph: contract.GraphView) -> dict[str, contract.InputRef]:
+    """``control<i>``: the control image a scene names (a file-set input, so its content is keyed)."""
+    return {f"control{s['index']}": contract.FileSetRef(
+        root=graph.project_root / s["control_image"], patterns=("*",), recursive=False,
+        spec_key=f"generate.storyboard.scenes[{s['index'] - 1}].control_image")
+        for s in scenes if s.get("control_image")}
+
+
+def _guided_inputs(guided: dict[str, Any], graph: contract.GraphView) -> dict[str, contract.InputRef]:
+    """Reference mode's local model files (IP-Adapter, ControlNet, pose model) as inputs."""
+    if not guided.get("enabled"):
+        return {}
+    if not guided.get("ip_adapter") and not guided.get("controlnet"):
+        raise contract.StageError("generate.storyboard.reference_guided: enabled, but neither ip_adapter nor "
+                                  "controlnet is set",
                                   hint="Give an IP-Adapter (e.g. h94/IP-Adapter) and/or a ControlNet id or path.")
-        inputs.update(_model_input(guided.get("ip_adapter"), graph, "ip_adapter", "generate.storyboard.reference_guided.ip_adapter"))
-        inputs.update(_model_input(guided.get("controlnet"), graph, "controlnet", "generate.storyboard.reference_guided.controlnet"))
-        if guided.get("control") == "pose":
-            inputs.update(_model_input(guided.get("pose_model"), graph, "pose_model", "generate.storyboard.reference_guided.pose_model"))
+    names = ["ip_adapter", "controlnet"] + (["pose_model"] if guided.get("control") == "pose" else [])
+    refs = {name: model_input(guided.get(name), graph, f"generate.storyboard.reference_guided.{name}")
+            for name in names}
+    return {name: ref for name, ref in refs.items() if ref is not None}
+
+
+def _node_config(spec: dict[str, Any], sb: dict[str, Any], story: Any, scenes: list[dict[str, Any]],
+                 guided: dict[str, Any]) -> dict[str, Any]:
+    """The node config after the LoRA source's part (lora_source) and before the review's."""
+    from runner.generate import guided as G
+
     val = dict(sb.get("validation") or {})
     ev = spec.get("evaluate") or {}
     character = spec.get("character") or {}
-    hardware = spec.get("hardware") or {}
-    config = {
-        **lora_cfg,
+    return {
         "planner": story.planner,
         "planner_notes": story.notes,
         "scenes": scenes,
@@ -161,31 +182,17 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
         "reference_guided": ({**G.keyed_options(guided), "validate_against": validation_sets(guided, character)}
                              if guided.get("enabled") else {"enabled": False}),
         "references": list(character.get("references") or []),
-        "device": hardware.get("device", "auto"),
-        **({"review": review} if review else {}),
+        "device": (spec.get("hardware") or {}).get("device", "auto"),
     }
-    gpu = hardware.get("stage_gpu", {}).get("storyboard") or hardware.get("gpu")
-    n = (f"{len(scenes)} scenes" if scenes else
-         f"{config['llm_request']['min_scenes']}-{config['llm_request']['max_scenes']} scenes from the LLM")
-    absent = [str(s["index"]) for s in scenes if not s.get("hero", True)]
+
+
+def _label(config: dict[str, Any], absent: list[str], guided: bool) -> str:
+    scenes, req = config["scenes"], config["llm_request"]
+    n = f"{len(scenes)} scenes" if scenes else f"{req['min_scenes']}-{req['max_scenes']} scenes from the LLM"
     if absent:
         n += f" (the character not in {len(absent)}: {', '.join(absent)})"
-    label = f"{n} ({config['planner']}), LoRA from {lora_cfg.get('source_node') or lora_cfg.get('lora_file')}"
-    if guided.get("enabled"):
-        label += ", reference-guided"
-    return [contract.PlanNode(
-        id=contract.node_id(graph.character, "storyboard"),
-        kind="storyboard",
-        character=graph.character,
-        config=config,
-        inputs=inputs,
-        outputs=("storyboard",),
-        gpu=gpu,
-        label=label,
-        unkeyed=("planner_notes",),
-        notes=tuple(story.notes + ([f"the character is not in scene(s) {', '.join(absent)}: no trigger, no identity "
-                                    "check (`runner plan --scenes` says why)"] if absent else [])),
-    )]
+    label = f"{n} ({config['planner']}), LoRA from {config.get('source_node') or config.get('lora_file')}"
+    return label + (", reference-guided" if guided else "")
 
 
 def validation_sets(guided: dict[str, Any], character: dict[str, Any]) -> list[str]:
@@ -200,14 +207,6 @@ def validation_sets(guided: dict[str, Any], character: dict[str, Any]) -> list[s
 # --------------------------------------------------------------------------- running
 
 
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def resolve_lora(config: dict[str, Any], inputs: dict[str, contract.Artifact]) -> dict[str, Any]:
     """The LoRA file, scale, base model and family to generate with (from whichever input exists)."""
     scale_override = config.get("lora_scale")
@@ -217,45 +216,57 @@ def resolve_lora(config: dict[str, Any], inputs: dict[str, contract.Artifact]) -
         if picked is not None:
             return {**picked, "base_model": picked["base_model"] or config["base_model"]}
     if "evaluation" in inputs:
-        folder = Path(inputs["evaluation"].path)
-        try:
-            ev = json.loads((folder / "evaluation.json").read_text(encoding="utf-8"))
-            best = ev["best"]
-            lora_file = folder / best["lora_diffusers"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise contract.StageError(f"cannot read the evaluation artifact {folder}/evaluation.json: {exc}",
-                                  hint="Re-run the evaluate stage (runner apply --force evaluate).") from None
-        return {"file": lora_file, "scale": float(scale_override if scale_override is not None else best.get("lora_scale", 1.0)),
-                "base_model": ev.get("base_model") or config["base_model"], "family": ev.get("model_family") or "auto",
-                "step": best.get("step"), "variant": best.get("variant"), "from": config.get("source_node"),
-                "tiny_random": bool((ev.get("tiny_random") or {}).get("diffusion"))}
+        return _lora_of_evaluation(Path(inputs["evaluation"].path), config, scale_override)
     if "lora" in inputs:
-        folder = Path(inputs["lora"].path)
-        try:
-            index = json.loads((folder / "index.json").read_text(encoding="utf-8"))
-            ck = index["checkpoints"][int(index.get("final", -1))]
-            lora_file = folder / ck["diffusers"]
-        except (OSError, ValueError, KeyError, IndexError) as exc:
-            raise contract.StageError(f"cannot read the train stage's LoRA index {folder}/index.json: {exc}",
-                                  hint="Re-run the train stage.") from None
-        return {"file": lora_file, "scale": float(scale_override if scale_override is not None else 1.0),
-                "base_model": index.get("base_model") or config["base_model"], "family": index.get("model_family") or "auto",
-                "step": ck.get("step"), "variant": index.get("variant"), "from": config.get("source_node"),
-                "tiny_random": bool(index.get("tiny_random_model"))}
+        return _lora_of_train(Path(inputs["lora"].path), config, scale_override)
     if "lora_file" in inputs:
-        art = inputs["lora_file"]
-        f = Path(art.files[0]) if art.files else Path(art.path)
+        f = input_file(inputs["lora_file"], Path(inputs["lora_file"].path))
         if not f.is_file():
             raise contract.StageError(f"generate.checkpoint: LoRA file {config.get('lora_file')} not found",
-                                  hint="Give a .safetensors LoRA file (diffusers or kohya format).")
-        return {"file": f, "scale": float(scale_override if scale_override is not None else 1.0),
+                                      hint="Give a .safetensors LoRA file (diffusers or kohya format).")
+        return {"file": f, "scale": _scale(scale_override, 1.0),
                 "base_model": config["base_model"], "family": config.get("model_family", "auto"), "step": None,
                 "variant": None, "from": config.get("lora_file"),
                 "tiny_random": str(config["base_model"]).startswith("builtin:")}
     raise contract.StageError("storyboard: no LoRA input (evaluation, lora or lora_file)")
 
 
-def picked_checkpoint(pick: dict[str, Any], lora: contract.Artifact, scale_override: float | None) -> dict[str, Any] | None:
+def _scale(override: float | None, default: float) -> float:
+    return float(override if override is not None else default)
+
+
+def _lora_of_evaluation(folder: Path, config: dict[str, Any], scale_override: float | None) -> dict[str, Any]:
+    """Evaluation's best checkpoint at its best scale."""
+    try:
+        ev = json.loads((folder / "evaluation.json").read_text(encoding="utf-8"))
+        best = ev["best"]
+        lora_file = folder / best["lora_diffusers"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise contract.StageError(f"cannot read the evaluation artifact {folder}/evaluation.json: {exc}",
+                                  hint="Re-run the evaluate stage (runner apply --force evaluate).") from None
+    return {"file": lora_file, "scale": _scale(scale_override, best.get("lora_scale", 1.0)),
+            "base_model": ev.get("base_model") or config["base_model"], "family": ev.get("model_family") or "auto",
+            "step": best.get("step"), "variant": best.get("variant"), "from": config.get("source_node"),
+            "tiny_random": bool((ev.get("tiny_random") or {}).get("diffusion"))}
+
+
+def _lora_of_train(folder: Path, config: dict[str, Any], scale_override: float | None) -> dict[str, Any]:
+    """The train output's final checkpoint."""
+    try:
+        index = json.loads((folder / "index.json").read_text(encoding="utf-8"))
+        ck = index["checkpoints"][int(index.get("final", -1))]
+        lora_file = folder / ck["diffusers"]
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        raise contract.StageError(f"cannot read the train stage's LoRA index {folder}/index.json: {exc}",
+                                  hint="Re-run the train stage.") from None
+    return {"file": lora_file, "scale": _scale(scale_override, 1.0),
+            "base_model": index.get("base_model") or config["base_model"],
+            "family": index.get("model_family") or "auto", "step": ck.get("step"), "variant": index.get("variant"),
+            "from": config.get("source_node"), "tiny_random": bool(index.get("tiny_random_model"))}
+
+
+def picked_checkpoint(pick: dict[str, Any], lora: contract.Artifact,
+                      scale_override: float | None) -> dict[str, Any] | None:
     """The reviewer's checkpoint (runner review) from the train output, or None when that step (with
     that file content) is no longer there; then evaluation's best is used and the run says so."""
     from runner.core.hashing import file_sha256
@@ -322,23 +333,6 @@ def load_character_pipeline(lora: dict[str, Any], device: str, ctx: contract.Sta
     return pipe
 
 
-def face_backend_from(opts: dict[str, Any], project_root: Path, where: str):
-    """The face backend named by ``opts`` (the evaluate stage's loader; errors name ``where``)."""
-    from runner.stages.common import face_backend as _face_backend
-
-    try:
-        return _face_backend(opts, project_root)
-    except contract.StageError as exc:
-        raise contract.StageError(f"{where}: {str(exc).removeprefix('evaluate.face_model: ')}", hint=exc.hint) from None
-
-
-def load_references(inputs: dict[str, contract.Artifact]):
-    from runner.stages.common import load_rgb as _load_rgb, reference_files as _reference_files
-
-    files = _reference_files(inputs)
-    return files, [_load_rgb(f) for f in files]
-
-
 def _scenes(config: dict[str, Any], ctx: contract.StageContext) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     if config["planner"] != "llm":
         return config["scenes"], None
@@ -354,9 +348,7 @@ def _scenes(config: dict[str, Any], ctx: contract.StageContext) -> tuple[list[di
         "max_scenes": req["max_scenes"], "style_prompt": req["style_prompt"]}}}
     exchange: dict[str, Any] = {}
     scenes = [s.to_dict() for s in plan_scenes(spec_like, llm_exchange=exchange)]
-    tmp = cached.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"scenes": scenes, "exchange": exchange}), encoding="utf-8")
-    os.replace(tmp, cached)
+    atomic_write_text(cached, json.dumps({"scenes": scenes, "exchange": exchange}))
     return scenes, exchange
 
 
@@ -369,16 +361,16 @@ def build_validators(config: dict[str, Any], ref_images: list[Any], thresholds: 
     guided = config.get("reference_guided") or {}
     against = (guided.get("validate_against") or ["references"]) if guided.get("enabled") else ["references"]
     wants_faces = thresholds.face_similarity is not None and (ref_images or "frame1" in against)
-    face_backend = face_backend_from(config["face"], ctx.project_root, "generate.storyboard.validation") if wants_faces else None
+    face_backend = (common_face_backend(config["face"], ctx.project_root, key="generate.storyboard.validation")
+                    if wants_faces else None)
     if thresholds.face_similarity == "backend":  # the calibrated threshold of the backend in use
         thresholds = Thresholds(face_backend.default_identity_threshold if face_backend else None, thresholds.clip_i)
         if face_backend:
-            ctx.log(f"face similarity threshold {thresholds.face_similarity} ({face_backend.name} backend's calibrated default)")
+            ctx.log(f"face similarity threshold {thresholds.face_similarity} ({face_backend.name} backend's "
+                    "calibrated default)")
     clip = None
     if thresholds.clip_i is not None:
-        from runner.stages.common import load_embedder as _load_embedder
-
-        clip = _load_embedder(val["clip_model"], ctx, "generate.storyboard.validation.clip_model")
+        clip = load_embedder(val["clip_model"], ctx, "generate.storyboard.validation.clip_model")
     # Without references, reference mode against frame 1 only leaves frame 1 itself unchecked.
     plain = thresholds if ref_images or "references" in against else Thresholds(None, None)
     refs = FrameValidator(face_backend=face_backend if ref_images else None, clip=clip, reference_images=ref_images,
@@ -388,18 +380,71 @@ def build_validators(config: dict[str, Any], ref_images: list[Any], thresholds: 
         sets: dict[str, Any] = {"references": refs} if "references" in against else {}
         notes: list[str] = []
         if "frame1" in against:
-            sets["frame1"], notes = frame_validator(reference, face_backend=face_backend, clip=clip, thresholds=thresholds)
+            sets["frame1"], notes = frame_validator(reference, face_backend=face_backend, clip=clip,
+                                                    thresholds=thresholds)
         return ValidationSet(sets, notes)
 
     return face_backend, clip, ValidationSet({"references": refs}), later_validator, thresholds
 
 
+@dataclass
+class Checks:
+    """How frames are validated (build_validators): the face backend and CLIP model, the
+    validator of plain frames and the one of reference mode's frames 2+ (given frame 1)."""
+
+    face_backend: Any
+    clip: Any
+    validator: Any
+    later_validator: Any
+    thresholds: Any
+
+
+@dataclass
+class FrameMaker:
+    """Generates frames with the character's pipeline in batches (one per control image), and
+    counts the images and the seconds spent."""
+
+    config: dict[str, Any]
+    lora_scale: float
+    width: int
+    height: int
+    prog: Any
+    seconds: float = 0.0
+    images: int = 0
+
+    def generator(self, pipe: Any, kwargs_for_group: Any = lambda group: None):
+        """The ``generate(batch, seeds)`` function runner.generate.frames calls."""
+        return lambda batch, seeds: self.generate(pipe, kwargs_for_group, batch, seeds)
+
+    def generate(self, pipe: Any, kwargs_for_group: Any, batch: list[Any], seeds: list[int]) -> list[Any]:
+        from runner.diffusion.generate import generate_images
+
+        config = self.config
+        t1 = time.monotonic()
+        out: list[Any] = [None] * len(batch)
+        groups: dict[str, list[int]] = {}
+        for i, j in enumerate(batch):
+            groups.setdefault(j.group, []).append(i)
+        for g, rows in groups.items():
+            imgs = generate_images(pipe, [batch[i].prompt for i in rows], negative_prompt=config["negative_prompt"],
+                                   seeds=[seeds[i] for i in rows], steps=config["steps"], guidance=config["guidance"],
+                                   width=self.width, height=self.height, lora_scale=self.lora_scale,
+                                   batch_size=config["batch_size"], progress=self.prog, pipe_kwargs=kwargs_for_group(g))
+            for i, im in zip(rows, imgs):
+                out[i] = im
+        self.seconds += time.monotonic() - t1
+        self.images += len(batch)
+        return out
+
+
 @contract.register("storyboard", version=VERSION, order=70, expand=expand, typical_seconds=600.0,
-               description="Story -> scenes -> frames with the character's LoRA, validated and regenerated below threshold.",
-               report=lambda config, outputs, env: report_sections(config, outputs, env))
-def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contract.StageContext) -> dict[str, contract.Artifact]:
+                   description="Story -> scenes -> frames with the character's LoRA, validated and regenerated "
+                               "below threshold.",
+                   report=lambda config, outputs, env: report_sections(config, outputs, env))
+def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
+        ctx: contract.StageContext) -> dict[str, contract.Artifact]:
     """Story -> scenes -> frames with the character's LoRA, validated and regenerated below threshold."""
-    from runner.generate.frames import FrameJob, Thresholds
+    from runner.diffusion.models import family_of
 
     t0 = time.monotonic()
     timing: dict[str, float] = {}
@@ -411,80 +456,96 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contr
 
     # 2. pipeline, references, validator
     t = time.monotonic()
-    device = resolve_device(config.get("device", "auto"))
+    device = choose_device(config.get("device", "auto"))
+    lora = _lora(config, inputs, ctx)
+    pipe = load_character_pipeline(lora, device, ctx, "generate.storyboard")
+    family = family_of(pipe)
+    ref_files, ref_images = load_references(inputs)
+    checks = _checks(config, ref_images, ctx)
+    timing["load_s"] = round(time.monotonic() - t, 3)
+
+    # 3. frames
+    maker = _frame_maker(config, lora, ctx)
+    results, guided_info = _all_frames(config, inputs, ctx, pipe, family, scenes, checks, maker)
+    maker.prog.close()
+    timing["generate_s"] = round(maker.seconds, 3)
+    timing["images_generated"] = maker.images
+
+    # 4. outputs
+    out = ctx.out_dir / "storyboard"
+    frames = _write_frames(out, scenes, results, config)
+    tiny = {"diffusion": bool(lora["tiny_random"] or getattr(pipe, "_character_runner_tiny", False)),
+            "clip": bool(checks.clip is not None and checks.clip.is_tiny_random),
+            "pose": bool(guided_info.get("control_maps", {}).get("pose", {}).get("tiny_random"))}
+    report = {**_report_head(config, ctx, exchange, lora, family, maker, device, checks, ref_files),
+              "reference_guided": guided_info, "tiny_random": {**tiny, "any": any(tiny.values())}, "frames": frames,
+              "planner_notes": config.get("planner_notes") or [], "summary": _summary(scenes, frames),
+              "timing": {**timing, "total_s": round(time.monotonic() - t0, 3),
+                         "frames_per_s": round(maker.images / maker.seconds, 4) if maker.seconds > 0 else None}}
+    atomic_write_text(out / "report.json", json.dumps(report, indent=1, default=str))
+    _log_run(ctx, report, config)
+    meta = {"frames": len(scenes), "tiny_random": report["tiny_random"]["any"]}
+    return {"storyboard": contract.Artifact("storyboard", out, meta=meta)}
+
+
+def _lora(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contract.StageContext) -> dict[str, Any]:
     lora = resolve_lora(config, inputs)
     pick = (config.get("review") or {}).get("checkpoint")
     if pick and not lora.get("picked"):
         ctx.warn(f"review: the picked checkpoint (step {pick['step']} of {pick.get('stage')}) is no longer in the "
                  "train output; using evaluation's best")
-    pipe = load_character_pipeline(lora, device, ctx, "generate.storyboard")
-    from runner.diffusion.models import family_of
+    return lora
 
-    family = family_of(pipe)
-    resolution = int(config.get("resolution") or 512)
-    width = int(config.get("width") or resolution)
-    height = int(config.get("height") or resolution)
-    ref_files, ref_images = load_references(inputs)
+
+def _checks(config: dict[str, Any], ref_images: list[Any], ctx: contract.StageContext) -> Checks:
+    from runner.generate.frames import Thresholds
+
     val = config["validation"]
     thresholds = Thresholds(face_similarity=val.get("face_similarity"), clip_i=val.get("clip_i"))
-    guided = config.get("reference_guided") or {}
-    face_backend, clip, validator, later_validator, thresholds = build_validators(config, ref_images, thresholds, ctx)
-    backend_t = getattr(face_backend, "default_identity_threshold", None)
-    if thresholds.face_similarity is not None and backend_t is not None and thresholds.face_similarity < backend_t:
+    checks = Checks(*build_validators(config, ref_images, thresholds, ctx))
+    backend_t = getattr(checks.face_backend, "default_identity_threshold", None)
+    t = checks.thresholds.face_similarity
+    if t is not None and backend_t is not None and t < backend_t:
         # Cosine scales differ per embedding model: 0.7 is strict for ArcFace, loose for dlib.
         # (The default, "backend", takes the backend's calibrated threshold.)
-        ctx.warn(f"generate.storyboard.validation.face_similarity {thresholds.face_similarity} is below the "
-                 f"{face_backend.name} backend's identity threshold {backend_t}: frames of someone else can pass")
-    timing["load_s"] = round(time.monotonic() - t, 3)
+        ctx.warn(f"generate.storyboard.validation.face_similarity {t} is below the "
+                 f"{checks.face_backend.name} backend's identity threshold {backend_t}: frames of someone else "
+                 "can pass")
+    return checks
 
-    # 3. frames
-    from runner.diffusion.generate import generate_images
 
-    n = len(scenes)
+def _frame_maker(config: dict[str, Any], lora: dict[str, Any], ctx: contract.StageContext) -> FrameMaker:
+    resolution = int(config.get("resolution") or 512)
+    return FrameMaker(config, lora["scale"], int(config.get("width") or resolution),
+                      int(config.get("height") or resolution), ctx.progress(None, "storyboard: frames"))
+
+
+def _all_frames(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contract.StageContext, pipe: Any,
+                family: str, scenes: list[dict[str, Any]], checks: Checks,
+                maker: FrameMaker) -> tuple[list[Any], dict[str, Any]]:
+    """A validated frame per scene (reference mode: _guided_frames), and what reference mode did."""
+    from runner.generate.frames import FrameJob
+
     jobs = [FrameJob(scene_index=s["index"], prompt=s["prompt"], group=s.get("control_image") or "",
                      hero=bool(s.get("hero", True))) for s in scenes]
-    prog = ctx.progress(None, "storyboard: frames")
-    gen_time = [0.0]
-    gen_count = [0]
-
-    def make_generate(p, kwargs_for_group):
-        def gen(batch: list[FrameJob], seeds: list[int]):
-            t1 = time.monotonic()
-            out: list[Any] = [None] * len(batch)
-            groups: dict[str, list[int]] = {}
-            for i, j in enumerate(batch):
-                groups.setdefault(j.group, []).append(i)
-            for g, rows in groups.items():
-                imgs = generate_images(p, [batch[i].prompt for i in rows], negative_prompt=config["negative_prompt"],
-                                       seeds=[seeds[i] for i in rows], steps=config["steps"], guidance=config["guidance"],
-                                       width=width, height=height, lora_scale=lora["scale"],
-                                       batch_size=config["batch_size"], progress=prog, pipe_kwargs=kwargs_for_group(g))
-                for i, im in zip(rows, imgs):
-                    out[i] = im
-            gen_time[0] += time.monotonic() - t1
-            gen_count[0] += len(batch)
-            return out
-        return gen
 
     def on_round(r: int, k: int) -> None:
         ctx.log(f"storyboard: round {r + 1} ({'first attempt' if r == 0 else 'retry'}), {k} frame(s)")
 
-    guided_info: dict[str, Any] = {"enabled": bool(guided.get("enabled"))}
-    if not guided.get("enabled"):
-        results = validated_frames(jobs, make_generate(pipe, lambda g: None), validator, config, n, on_round)
-    else:
-        results, guided_info = _guided_frames(config, inputs, ctx, pipe, family, jobs, (validator, later_validator),
-                                              make_generate, face_backend, on_round)
-    prog.close()
-    timing["generate_s"] = round(gen_time[0], 3)
-    timing["images_generated"] = gen_count[0]
+    if not (config.get("reference_guided") or {}).get("enabled"):
+        results = validated_frames(jobs, maker.generator(pipe), checks.validator, config, len(jobs), on_round)
+        return results, {"enabled": False}
+    return _guided_frames(config, inputs, ctx, pipe, family, jobs, checks, maker, on_round)
 
-    # 4. outputs
-    out = ctx.out_dir / "storyboard"
+
+def _write_frames(out: Path, scenes: list[dict[str, Any]], results: list[Any],
+                  config: dict[str, Any]) -> list[dict[str, Any]]:
+    """frames/NN.png (the kept attempt) and attempts/ (every attempt); report.json's frame records."""
     for sub in ("frames", "attempts"):  # left by an interrupted attempt; this stage owns them
         shutil.rmtree(out / sub, ignore_errors=True)
     (out / "frames").mkdir(parents=True, exist_ok=True)
     (out / "attempts").mkdir(exist_ok=True)
+    rejected = scenes_to_regenerate(config)
     frames = []
     for s, res in zip(scenes, results):
         for a, im in zip(res.attempts, res.images):
@@ -493,13 +554,18 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contr
         frame_file = f"frames/{s['index']:02d}.png"
         res.image.save(out / frame_file)
         frames.append({**s, "file": frame_file, "kept_attempt": res.kept, "passed": res.passed,
-                       "rejected_by_reviewer": scenes_to_regenerate(config).get(s["index"], 0),
+                       "rejected_by_reviewer": rejected.get(s["index"], 0),
                        "scores": {k: v for k, v in res.attempts[res.kept].items() if k not in ("file",)},
                        "attempts": res.attempts})
-    tiny = {"diffusion": bool(lora["tiny_random"] or getattr(pipe, "_character_runner_tiny", False)),
-            "clip": bool(clip is not None and clip.is_tiny_random),
-            "pose": bool(guided_info.get("control_maps", {}).get("pose", {}).get("tiny_random"))}
-    report = {
+    return frames
+
+
+def _report_head(config: dict[str, Any], ctx: contract.StageContext, exchange: dict[str, Any] | None,
+                 lora: dict[str, Any], family: str, maker: FrameMaker, device: str, checks: Checks,
+                 ref_files: list[Path]) -> dict[str, Any]:
+    """report.json up to the reference-guided part: the run, the LoRA, the settings, the validation."""
+    face_backend = checks.face_backend
+    return {
         "format": 1,
         "character": ctx.character,
         "stage_id": ctx.stage_id,
@@ -507,144 +573,162 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contr
         "planner": config["planner"],
         "llm": exchange,
         "lora": {k: (str(v) if isinstance(v, Path) else v) for k, v in lora.items()},
-        "lora_file": _rel(Path(lora["file"]), ctx.project_root),
+        "lora_file": rel_path(Path(lora["file"]), ctx.project_root),
         "model_family": family,
-        "generation": {"steps": config["steps"], "guidance": config["guidance"], "width": width, "height": height,
-                       "seed": config["seed"], "negative_prompt": config["negative_prompt"],
+        "generation": {"steps": config["steps"], "guidance": config["guidance"], "width": maker.width,
+                       "height": maker.height, "seed": config["seed"], "negative_prompt": config["negative_prompt"],
                        "batch_size": config["batch_size"], "device": device},
-        "validation": {**val, "against": validator.against, "face_backend": getattr(face_backend, "name", None),
+        "validation": {**config["validation"], "against": checks.validator.against,
+                       "face_backend": getattr(face_backend, "name", None),
                        "face_embedding_model": getattr(face_backend, "embedding_model", None),
-                       "clip": getattr(clip, "name", None)},
-        "references": [_rel(f, ctx.project_root) for f in ref_files],
-        "reference_guided": guided_info,
-        "tiny_random": {**tiny, "any": any(tiny.values())},
-        "frames": frames,
-        "planner_notes": config.get("planner_notes") or [],
-        "summary": {
-            "scenes": n,
-            "without_character": sum(1 for s in scenes if not s.get("hero", True)),
-            "passed": sum(1 for f in frames if f["passed"]),
-            "attempts": sum(len(f["attempts"]) for f in frames),
-            "retried": sum(1 for f in frames if len(f["attempts"]) > 1),
-        },
-        "timing": {**timing, "total_s": round(time.monotonic() - t0, 3),
-                   "frames_per_s": round(gen_count[0] / gen_time[0], 4) if gen_time[0] > 0 else None},
+                       "clip": getattr(checks.clip, "name", None)},
+        "references": [rel_path(f, ctx.project_root) for f in ref_files],
     }
-    tmp = out / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
-    os.replace(tmp, out / "report.json")
-    ctx.metric("frames_passed", report["summary"]["passed"])
-    ctx.metric("frames_attempts", report["summary"]["attempts"])
+
+
+def _summary(scenes: list[dict[str, Any]], frames: list[dict[str, Any]]) -> dict[str, int]:
+    return {
+        "scenes": len(scenes),
+        "without_character": sum(1 for s in scenes if not s.get("hero", True)),
+        "passed": sum(1 for f in frames if f["passed"]),
+        "attempts": sum(len(f["attempts"]) for f in frames),
+        "retried": sum(1 for f in frames if len(f["attempts"]) > 1),
+    }
+
+
+def _log_run(ctx: contract.StageContext, report: dict[str, Any], config: dict[str, Any]) -> None:
+    summary, n = report["summary"], report["summary"]["scenes"]
+    ctx.metric("frames_passed", summary["passed"])
+    ctx.metric("frames_attempts", summary["attempts"])
     if report["timing"]["frames_per_s"]:
         ctx.metric("frames_per_s", report["timing"]["frames_per_s"])
     label = " (tiny random models: frames and scores are meaningless)" if report["tiny_random"]["any"] else ""
-    ctx.log(f"storyboard: {report['summary']['passed']}/{n} frames pass, {report['summary']['attempts']} images "
-            f"generated{label}")
-    failed = n - report["summary"]["passed"]
+    ctx.log(f"storyboard: {summary['passed']}/{n} frames pass, {summary['attempts']} images generated{label}")
+    failed = n - summary["passed"]
     if failed:
         ctx.warn(f"storyboard: {failed} of {n} frame(s) stayed below the validation thresholds after "
-                 f"{val['retries']} retries; the best attempt is kept and flagged")
-    return {"storyboard": contract.Artifact("storyboard", out, meta={"frames": n, "tiny_random": report["tiny_random"]["any"]})}
+                 f"{config['validation']['retries']} retries; the best attempt is kept and flagged")
 
 
-def _guided_frames(config, inputs, ctx, pipe, family, jobs, validators, make_generate, face_backend, on_round):
+# --------------------------------------------------------------------------- reference mode
+
+
+def _guided_frames(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contract.StageContext,
+                   pipe: Any, family: str, jobs: list[Any], checks: Checks, maker: FrameMaker,
+                   on_round: Any) -> tuple[list[Any], dict[str, Any]]:
     """The first scene with the character, plain (validated) -> the reference; the scenes without
     the character plain too (the reference's identity and layout are not theirs); the other
     frames with IP-Adapter and/or ControlNet, validated per ``validate_against``."""
-    from runner.generate import guided as G
-    from runner.stages.common import load_rgb as _load_rgb
-
     g = config["reference_guided"]
-    validator, later_validator = validators
     n = len(jobs)
     ref_pos = next((k for k, j in enumerate(jobs) if j.hero), 0)
     plain = [ref_pos] + [k for k, j in enumerate(jobs) if not j.hero and k != ref_pos]
     rest_pos = [k for k in range(n) if k not in plain]
     results: list[Any] = [None] * n
-    first = validated_frames([jobs[k] for k in plain], make_generate(pipe, lambda grp: None), validator, config, n,
+    first = validated_frames([jobs[k] for k in plain], maker.generator(pipe), checks.validator, config, n,
                              on_round, positions=plain)
     for k, res in zip(plain, first):
         results[k] = res
     reference = first[0].image
-    info: dict[str, Any] = {"enabled": True, "reference_frame": jobs[ref_pos].scene_index, "control": g.get("control", "canny"),
+    info: dict[str, Any] = {"enabled": True, "reference_frame": jobs[ref_pos].scene_index,
+                            "control": g.get("control", "canny"),
                             "unguided_frames": [jobs[k].scene_index for k in plain[1:]]}
     if not rest_pos:
         return results, info
-    later = later_validator(reference)
+    later = checks.later_validator(reference)
     info["validate_against"] = later.against
     info["validation_notes"] = later.notes
-    kwargs: dict[str, Any] = {}
+    guidance = Guidance(pipe)
     if g.get("ip_adapter"):
-        info.update(G.load_ip_adapter(pipe, g["ip_adapter"], weight_name=g.get("ip_adapter_weight_name"),
-                                      subfolder=g.get("ip_adapter_subfolder"),
-                                      image_encoder_folder=g.get("ip_adapter_image_encoder_folder"),
-                                      scale=g.get("ip_adapter_scale", 0.6), family=family, project_root=ctx.project_root,
-                                      cache_dir=ctx.cache_dir))
-        kwargs["ip_adapter_image"] = reference
-    gen_pipe = pipe
-    maps: dict[str, Any] = {}
+        info.update(_with_ip_adapter(guidance, g, family, reference, ctx))
     if g.get("controlnet"):
-        gen_pipe = G.controlnet_pipeline(pipe, g["controlnet"], family=family, project_root=ctx.project_root,
-                                         cache_dir=ctx.cache_dir)
-        info["controlnet"] = g["controlnet"]
-        info["controlnet_scale"] = float(g.get("controlnet_scale", 0.5))
-        kwargs["controlnet_conditioning_scale"] = float(g.get("controlnet_scale", 0.5))
-        maker = G.ControlMaps(g, face_backend, reference.size, device=str(pipe.device), project_root=ctx.project_root,
-                              cache_dir=ctx.cache_dir)
-        maps[""] = maker.extract(reference, "frame 1")
-        for j in (jobs[k] for k in rest_pos):
-            if j.group and j.group not in maps:
-                art = inputs.get(f"control{j.scene_index}")
-                path = (Path(art.files[0]) if art is not None and art.files else ctx.project_root / j.group)
-                maps[j.group] = maker.given(_load_rgb(path), j.group)
-        info["control_maps"] = maker.info
-        for note in maker.warnings:
-            ctx.warn(f"storyboard: {note}")
-
-    def kwargs_for(grp: str) -> dict[str, Any]:
-        kw = dict(kwargs)
-        if maps:
-            kw["image"] = maps.get(grp, maps[""])
-        return kw
-
-    rest = validated_frames([jobs[k] for k in rest_pos], make_generate(gen_pipe, kwargs_for), later, config, n,
-                            on_round, positions=rest_pos)
+        info.update(_with_controlnet(guidance, g, family, reference, [jobs[k] for k in rest_pos], inputs, checks, ctx))
+    rest = validated_frames([jobs[k] for k in rest_pos], maker.generator(guidance.pipe, guidance.kwargs_for), later,
+                            config, n, on_round, positions=rest_pos)
     for k, res in zip(rest_pos, rest):
         results[k] = res
-    if maps:
+    if guidance.maps:
         folder = ctx.out_dir / "storyboard" / "control"
         folder.mkdir(parents=True, exist_ok=True)
-        maps[""].save(folder / "reference_control.png")
+        guidance.maps[""].save(folder / "reference_control.png")
         info["control_map_file"] = "control/reference_control.png"
     return results, info
+
+
+@dataclass
+class Guidance:
+    """What reference mode's frames 2+ are generated with: the pipeline (a ControlNet pipeline when
+    one is set), extra pipeline arguments, and the control map per control image ('' = frame 1's)."""
+
+    pipe: Any
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    maps: dict[str, Any] = field(default_factory=dict)
+
+    def kwargs_for(self, group: str) -> dict[str, Any]:
+        kw = dict(self.kwargs)
+        if self.maps:
+            kw["image"] = self.maps.get(group, self.maps[""])
+        return kw
+
+
+def _with_ip_adapter(guidance: Guidance, g: dict[str, Any], family: str, reference: Any,
+                     ctx: contract.StageContext) -> dict[str, Any]:
+    from runner.generate import guided as G
+
+    info = G.load_ip_adapter(guidance.pipe, g["ip_adapter"], weight_name=g.get("ip_adapter_weight_name"),
+                             subfolder=g.get("ip_adapter_subfolder"),
+                             image_encoder_folder=g.get("ip_adapter_image_encoder_folder"),
+                             scale=g.get("ip_adapter_scale", 0.6), family=family, project_root=ctx.project_root,
+                             cache_dir=ctx.cache_dir)
+    guidance.kwargs["ip_adapter_image"] = reference
+    return info
+
+
+def _with_controlnet(guidance: Guidance, g: dict[str, Any], family: str, reference: Any, jobs: list[Any],
+                     inputs: dict[str, contract.Artifact], checks: Checks,
+                     ctx: contract.StageContext) -> dict[str, Any]:
+    """The ControlNet pipeline and the control maps: frame 1's, and each scene control image's."""
+    from runner.generate import guided as G
+
+    pipe = guidance.pipe
+    guidance.pipe = G.controlnet_pipeline(pipe, g["controlnet"], family=family, project_root=ctx.project_root,
+                                          cache_dir=ctx.cache_dir)
+    scale = float(g.get("controlnet_scale", 0.5))
+    guidance.kwargs["controlnet_conditioning_scale"] = scale
+    maker = G.ControlMaps(g, checks.face_backend, reference.size, device=str(pipe.device),
+                          project_root=ctx.project_root, cache_dir=ctx.cache_dir)
+    guidance.maps[""] = maker.extract(reference, "frame 1")
+    for j in jobs:
+        if j.group and j.group not in guidance.maps:
+            path = input_file(inputs.get(f"control{j.scene_index}"), ctx.project_root / j.group)
+            guidance.maps[j.group] = maker.given(load_rgb(path), j.group)
+    for note in maker.warnings:
+        ctx.warn(f"storyboard: {note}")
+    return {"controlnet": g["controlnet"], "controlnet_scale": scale, "control_maps": maker.info}
 
 
 # --------------------------------------------------------------------------- report
 
 
-def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact], env: dict[str, Any]) -> list[contract.ReportSection]:
+def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact],
+                    env: dict[str, Any]) -> list[contract.ReportSection]:
     from runner.report.embed import thumbnail_data_uri
 
-    art = outputs.get("storyboard")
-    if art is None:
+    found = output_json(outputs, "storyboard", "report.json")
+    if found is None:
         return []
-    folder = Path(art.path)
-    rep = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+    folder, rep = found
     px = int(env.get("thumbnail_px", 192))
     frames = []
     for f in rep["frames"]:
-        attempts = [{**a, "thumb": thumbnail_data_uri(folder / a["file"], max(64, px // 2)) if (folder / a["file"]).is_file() else None,
-                     "kept": i == f["kept_attempt"]} for i, a in enumerate(f["attempts"])]
+        attempts = [{**a, "kept": i == f["kept_attempt"],
+                     "thumb": thumbnail_data_uri(folder / a["file"], max(64, px // 2))
+                     if (folder / a["file"]).is_file() else None} for i, a in enumerate(f["attempts"])]
         frames.append({**f, "image": thumbnail_data_uri(folder / f["file"], px * 2), "attempt_rows": attempts})
-    control = None
     cm = folder / "control" / "reference_control.png"
-    if cm.is_file():
-        control = thumbnail_data_uri(cm, px)
-    tiny = rep.get("tiny_random", {})
-    tiny_note = ""
-    if tiny.get("any"):
-        which = [k for k in ("diffusion", "clip", "pose") if tiny.get(k)]
-        tiny_note = (f"Made with tiny random models ({', '.join(which)}): the frames are noise and their scores "
-                     "say nothing about the character; they only show that the pipeline runs end to end.")
+    control = thumbnail_data_uri(cm, px) if cm.is_file() else None
+    note = tiny_note(rep.get("tiny_random", {}), ("diffusion", "clip", "pose"),
+                     "the frames are noise and their scores say nothing about the character; they only show that "
+                     "the pipeline runs end to end.")
     return [contract.ReportSection(title="Storyboard", template="sections/storyboard.html.j2", anchor="storyboard",
-                               context={"rep": rep, "frames": frames, "control": control, "tiny_note": tiny_note})]
+                                   context={"rep": rep, "frames": frames, "control": control, "tiny_note": note})]

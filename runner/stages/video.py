@@ -27,20 +27,39 @@ Output artifact ``video``: ``clips/<name>.mp4``, ``clips/<name>.jpg`` (poster), 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from runner.core import contract
 from runner.core.device import choose_device
-from runner.stages.common import review_section
-from runner.stages.storyboard import _rel, face_backend_from, face_options, reference_inputs
+from runner.core.fs import atomic_write_text
+from runner.stages.common import (
+    face_backend,
+    face_options,
+    input_file,
+    load_embedder,
+    load_references,
+    load_rgb,
+    model_input,
+    output_json,
+    reference_inputs,
+    rel_path,
+    resume_note,
+    review_section,
+    stage_gpu,
+    tiny_note,
+)
 
 VERSION = 1
 # Steps whose wall time counts against targets.max_seconds (analysis is the runner's own check).
 COUNTED_STEPS = ("generation", "upscale", "first_frame", "export")
+# The settings report.json repeats.
+SETTINGS = ("steps", "guidance", "image_conditioning", "frames", "fps", "width", "height", "prompt_prefix",
+            "prompt_suffix", "negative_prompt", "seed", "lora", "lora_scale", "replace_first_frame", "upscale",
+            "upsampler")
 
 
 # --------------------------------------------------------------------------- planning
@@ -63,7 +82,8 @@ def load_suite(ref: str | None, project_root: Path) -> dict[str, Any] | None:
     try:
         data = load_yaml_file(path).data or {}
     except YamlError as exc:
-        raise contract.StageError(f"generate.video.suite: {exc}", hint=exc.hint or "Fix the suite file's YAML.") from None
+        raise contract.StageError(f"generate.video.suite: {exc}",
+                                  hint=exc.hint or "Fix the suite file's YAML.") from None
     cases = data.get("cases") if isinstance(data, dict) else None
     if not isinstance(cases, list) or not cases:
         raise contract.StageError(f"generate.video.suite: {path} has no 'cases' list",
@@ -109,55 +129,62 @@ def _preset_fill(video: dict[str, Any], project_root: Path) -> dict[str, Any]:
     return {k: values[k] for k in missing if values.get(k) is not None}
 
 
-def _file_input(value: str | None, graph: contract.GraphView, key: str) -> contract.FileSetRef | None:
-    if not value or value.startswith("builtin:"):
-        return None
-    p = graph.project_root / value
-    if p.exists():
-        return contract.FileSetRef(root=p, patterns=("*",), recursive=True, spec_key=key)
-    return None
-
-
 def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.PlanNode]:
     video = (spec.get("generate") or {}).get("video")
     if not isinstance(video, dict):
         return []
-    character = spec.get("character") or {}
-    hardware = spec.get("hardware") or {}
-    inputs: dict[str, contract.InputRef] = {}
     source = video.get("source", "storyboard")
     key_frames = [int(k) for k in video.get("key_frames", [1])]
-    if source == "storyboard":
-        sb = graph.node(contract.node_id(graph.character, "storyboard"))
-        if sb is None:
-            raise contract.StageError("generate.video.source is 'storyboard' but the spec has no generate.storyboard",
-                                  hint="Add generate.storyboard, or set generate.video.source to an image path.")
-        n = len(sb.config.get("scenes") or []) or int((sb.config.get("llm_request") or {}).get("max_scenes", 10))
-        too_big = [k for k in key_frames if k > n]
-        if too_big:
-            raise contract.StageError(f"generate.video.key_frames: {too_big} beyond the storyboard's {n} scenes",
-                                  hint=f"Use frame numbers 1..{n}.")
-        inputs["storyboard"] = contract.StageOutputRef(sb.id, "storyboard")
-    else:
-        p = graph.project_root / source
-        inputs["source"] = contract.FileSetRef(root=p, patterns=("*",), recursive=False, spec_key="generate.video.source")
+    inputs = _source_input(source, key_frames, graph)
     width, height = int(video.get("width", 704)), int(video.get("height", 480))
     if width % 32 or height % 32:
-        raise contract.StageError(f"generate.video: width and height must be multiples of 32 for LTX-Video (got {width}x{height})",
-                              hint=f"e.g. width: {width // 32 * 32}, height: {height // 32 * 32}")
+        raise contract.StageError(f"generate.video: width and height must be multiples of 32 for LTX-Video "
+                                  f"(got {width}x{height})",
+                                  hint=f"e.g. width: {width // 32 * 32}, height: {height // 32 * 32}")
     inputs.update(reference_inputs(spec, graph))
-    for name, key in (("model", "model"), ("lora", "lora"), ("upsampler", "upsampler")):
-        ref = _file_input(video.get(key), graph, f"generate.video.{key}")
+    for key in ("model", "lora", "upsampler"):
+        ref = model_input(video.get(key), graph, f"generate.video.{key}")
         if ref is not None:
-            inputs[f"{name}_files"] = ref
+            inputs[f"{key}_files"] = ref
     suite = load_suite(video.get("suite"), graph.project_root)
     if suite is not None:
+        character = spec.get("character") or {}
         suite = {"source": suite["source"], "cases": [_render_case(c, character) for c in suite["cases"]]}
     video = {**video, **_preset_fill(video, graph.project_root)}
+    config = _node_config(spec, video, source, key_frames, suite)
+    review = review_section(graph, "video")  # clips a reviewer rejected (runner review)
+    if review:
+        config["review"] = review
+    # Prices and time/cost targets only grade the clips (re-graded at report time): not keyed.
+    return [contract.PlanNode(id=contract.node_id(graph.character, "video"), kind="video", character=graph.character,
+                              config=config, inputs=inputs, outputs=("video",), gpu=stage_gpu(spec, "video"),
+                              label=_label(config, key_frames), unkeyed=("price", "targets"))]
+
+
+def _source_input(source: str, key_frames: list[int], graph: contract.GraphView) -> dict[str, contract.InputRef]:
+    """The storyboard's output (its frames numbered in key_frames must exist), or the source image."""
+    if source != "storyboard":
+        return {"source": contract.FileSetRef(root=graph.project_root / source, patterns=("*",), recursive=False,
+                                              spec_key="generate.video.source")}
+    sb = graph.node(contract.node_id(graph.character, "storyboard"))
+    if sb is None:
+        raise contract.StageError("generate.video.source is 'storyboard' but the spec has no generate.storyboard",
+                                  hint="Add generate.storyboard, or set generate.video.source to an image path.")
+    n = len(sb.config.get("scenes") or []) or int((sb.config.get("llm_request") or {}).get("max_scenes", 10))
+    too_big = [k for k in key_frames if k > n]
+    if too_big:
+        raise contract.StageError(f"generate.video.key_frames: {too_big} beyond the storyboard's {n} scenes",
+                                  hint=f"Use frame numbers 1..{n}.")
+    return {"storyboard": contract.StageOutputRef(sb.id, "storyboard")}
+
+
+def _node_config(spec: dict[str, Any], video: dict[str, Any], source: str, key_frames: list[int],
+                 suite: dict[str, Any] | None) -> dict[str, Any]:
+    """The node config (``video`` has the preset's values filled in), without the review's part."""
+    hardware = spec.get("hardware") or {}
     fid = dict(video.get("fidelity") or {})
-    ev = spec.get("evaluate") or {}
     targets = dict(video.get("targets") or {})
-    config = {
+    return {
         "model": video.get("model", "Lightricks/LTX-Video"),
         "pipeline": video.get("pipeline", "auto"),
         "preset": video.get("preset", "baseline"),
@@ -169,7 +196,8 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
         "negative_prompt": video.get("negative_prompt", ""),
         "steps": int(video.get("steps") or 10),
         "guidance": float(video.get("guidance") if video.get("guidance") is not None else 1.0),
-        "image_conditioning": float(video.get("image_conditioning") if video.get("image_conditioning") is not None else 1.0),
+        "image_conditioning": float(video.get("image_conditioning")
+                                    if video.get("image_conditioning") is not None else 1.0),
         "frames": int(video.get("frames", 97)),
         "fps": int(video.get("fps", 24)),
         "width": int(video.get("width", 704)),
@@ -191,31 +219,27 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
                   "gpu": hardware.get("gpu"), "stage_gpu": hardware.get("stage_gpu", {}),
                   "table": hardware.get("price_table", {}), "currency": hardware.get("currency", "USD")},
         "face": face_options(spec, fid.get("face_model")),
-        "clip_model": ev.get("clip_model") or "openai/clip-vit-large-patch14",
+        "clip_model": (spec.get("evaluate") or {}).get("clip_model") or "openai/clip-vit-large-patch14",
         "suite": suite,
-        "references": list(character.get("references") or []),
+        "references": list((spec.get("character") or {}).get("references") or []),
         "device": hardware.get("device", "auto"),
     }
-    review = review_section(graph, "video")  # clips a reviewer rejected (runner review)
-    if review:
-        config["review"] = review
-    n_src = len(key_frames) if source == "storyboard" else 1
-    n_clips = n_src * (1 + (len(suite["cases"]) if suite else 0))
-    label = (f"{n_clips} clip{'s' if n_clips != 1 else ''} ({config['frames']} frames {config['width']}x{config['height']}, "
-             f"preset {config['preset']}, {config['steps']} steps) from {'storyboard frames ' + str(key_frames) if source == 'storyboard' else source}")
-    gpu = hardware.get("stage_gpu", {}).get("video") or hardware.get("gpu")
-    # Prices and time/cost targets only grade the clips (re-graded at report time): not keyed.
-    return [contract.PlanNode(id=contract.node_id(graph.character, "video"), kind="video", character=graph.character,
-                          config=config, inputs=inputs, outputs=("video",), gpu=gpu, label=label,
-                          unkeyed=("price", "targets"))]
+
+
+def _label(config: dict[str, Any], key_frames: list[int]) -> str:
+    from_storyboard = config["source"] == "storyboard"
+    suite = config["suite"]
+    n_clips = (len(key_frames) if from_storyboard else 1) * (1 + (len(suite["cases"]) if suite else 0))
+    return (f"{n_clips} clip{'s' if n_clips != 1 else ''} ({config['frames']} frames "
+            f"{config['width']}x{config['height']}, preset {config['preset']}, {config['steps']} steps) from "
+            f"{'storyboard frames ' + str(key_frames) if from_storyboard else config['source']}")
 
 
 # --------------------------------------------------------------------------- running
 
 
 def _sources(config: dict[str, Any], inputs: dict[str, contract.Artifact]) -> list[dict[str, Any]]:
-    from runner.stages.common import load_rgb as _load_rgb
-
+    """The source images: the storyboard's key frames, or the source file."""
     if config["source"] == "storyboard":
         art = inputs.get("storyboard")
         if art is None:
@@ -223,21 +247,22 @@ def _sources(config: dict[str, Any], inputs: dict[str, contract.Artifact]) -> li
         folder = Path(art.path)
         rep = json.loads((folder / "report.json").read_text(encoding="utf-8"))
         by_index = {int(f["index"]): f for f in rep["frames"]}
+        tiny = bool((rep.get("tiny_random") or {}).get("any"))
         out = []
         for k in config["key_frames"]:
             if k not in by_index:
-                raise contract.StageError(f"generate.video.key_frames: frame {k} is not in the storyboard ({len(by_index)} frames)",
-                                      hint=f"Use frame numbers 1..{len(by_index)}.")
+                raise contract.StageError(f"generate.video.key_frames: frame {k} is not in the storyboard "
+                                          f"({len(by_index)} frames)", hint=f"Use frame numbers 1..{len(by_index)}.")
             f = by_index[k]
-            out.append({"name": f"frame{k:02d}", "image": _load_rgb(folder / f["file"]), "text": f["text"],
-                        "from": f"storyboard frame {k}", "tiny_random": bool((rep.get("tiny_random") or {}).get("any"))})
+            out.append({"name": f"frame{k:02d}", "image": load_rgb(folder / f["file"]), "text": f["text"],
+                        "from": f"storyboard frame {k}", "tiny_random": tiny})
         return out
     art = inputs["source"]
-    path = Path(art.files[0]) if art.files else Path(art.path)
+    path = input_file(art, Path(art.path))
     if not path.is_file():
         raise contract.StageError(f"generate.video.source: {config['source']} is not an image file",
-                              hint="Give an image path (png/jpg) or 'storyboard'.")
-    return [{"name": "source", "image": _load_rgb(path), "text": "", "from": config["source"], "tiny_random": False}]
+                                  hint="Give an image path (png/jpg) or 'storyboard'.")
+    return [{"name": "source", "image": load_rgb(path), "text": "", "from": config["source"], "tiny_random": False}]
 
 
 def clip_prompt(config: dict[str, Any], text: str) -> str:
@@ -246,22 +271,78 @@ def clip_prompt(config: dict[str, Any], text: str) -> str:
     return ", ".join(p.strip().rstrip(",") for p in parts if p and p.strip())
 
 
+@dataclass
+class ClipJob:
+    """One clip to make: a source image (a storyboard frame or the source file) and its prompt;
+    ``case`` is the suite case it checks, None for the plain clip."""
+
+    name: str
+    source: dict[str, Any]  # name, image, text, from, tiny_random
+    prompt: str
+    case: dict[str, Any] | None = None
+
+
+@dataclass
+class Fidelity:
+    """What a clip's faces are compared with: the reference faces, or each clip's source image."""
+
+    face_backend: Any
+    ref_faces: Any
+    against: str  # "references" or "source"
+    threshold: float
+
+    def compare_with(self, job: ClipJob) -> Any:
+        src_faces = _face_embeddings(self.face_backend, [job.source["image"]])
+        return self.ref_faces if self.against == "references" else src_faces
+
+
+@dataclass(frozen=True)
+class Pricing:
+    gpu: str
+    per_hour: float
+    currency: str
+
+
 @contract.register("video", version=VERSION, order=80, expand=expand, typical_seconds=900.0,
-               description="Image-to-video clips (LTX-Video) with fidelity, expression dynamics, motion, time and cost.",
-               resume_info=lambda scratch: _resume_info(scratch),
-               report=lambda config, outputs, env: report_sections(config, outputs, env))
-def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contract.StageContext) -> dict[str, contract.Artifact]:
+                   description="Image-to-video clips (LTX-Video) with fidelity, expression dynamics, motion, time "
+                               "and cost.",
+                   resume_info=lambda scratch: _resume_info(scratch),
+                   report=lambda config, outputs, env: report_sections(config, outputs, env))
+def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
+        ctx: contract.StageContext) -> dict[str, contract.Artifact]:
     """Image-to-video clips (LTX-Video) with fidelity, expression dynamics, motion, time and cost."""
-    import numpy as np
-
-    from runner.generate import ltx
-
     t_start = time.monotonic()
     sources = _sources(config, inputs)
     device = choose_device(config.get("device", "auto"))
-
     # 1. the model (first: a bad shape fails before anything slow)
     t = time.monotonic()
+    vp = _video_pipeline(config, inputs, device, ctx)
+    load_s = time.monotonic() - t
+    # 2. what each clip compares with
+    fidelity, ref_files = _fidelity(config, inputs, ctx)
+    pricing = _pricing(config, device)
+    clip_model = _clip_model(config, ctx)
+    # 3. clips (finished ones are kept in scratch)
+    maker = ClipMaker(config, vp, fidelity, clip_model, pricing, ctx)
+    clips = maker.all_clips(_clip_jobs(config, sources))
+    # 4. outputs
+    out = _copy_clips(ctx, clips)
+    tiny = {"video_model": vp.tiny_random, "source_frames": any(s["tiny_random"] for s in sources),
+            "clip": bool(clip_model is not None and clip_model.is_tiny_random)}
+    report = {**_report_head(config, ctx, vp, fidelity, ref_files, pricing, device),
+              "tiny_random": {**tiny, "any": any(tiny.values())}, "clips": clips, "summary": _summary(clips),
+              "timing": {"load_s": round(load_s, 3), "total_s": round(time.monotonic() - t_start, 3)}}
+    atomic_write_text(out / "report.json", json.dumps(report, indent=1, default=str))
+    _log_run(ctx, report)
+    return {"video": contract.Artifact("video", out, meta={"clips": len(clips),
+                                                           "tiny_random": report["tiny_random"]["any"]})}
+
+
+def _video_pipeline(config: dict[str, Any], inputs: dict[str, contract.Artifact], device: str,
+                    ctx: contract.StageContext):
+    """The LTX pipeline (its shape checked) with the video LoRA when one is set."""
+    from runner.generate import ltx
+
     try:
         vp = ltx.load_video_pipeline(config["model"], pipeline=config["pipeline"],
                                      image_conditioning=config["image_conditioning"], device=device,
@@ -270,65 +351,62 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contr
         raise contract.StageError(f"generate.video.model: {exc}", hint=exc.hint) from None
     ltx.check_shape(vp, config["width"], config["height"], config["frames"])
     if config.get("lora"):
-        art = inputs.get("lora_files")
-        lora_path = Path(art.files[0]) if art is not None and art.files else ctx.project_root / config["lora"]
+        lora_path = input_file(inputs.get("lora_files"), ctx.project_root / config["lora"])
         ltx.load_video_lora(vp, lora_path, config["lora_scale"])
-    load_s = time.monotonic() - t
-    # 2. what each clip compares with
-    from runner.stages.storyboard import load_references
+    return vp
 
-    face_backend = face_backend_from(config["face"], ctx.project_root, "generate.video.fidelity")
+
+def _fidelity(config: dict[str, Any], inputs: dict[str, contract.Artifact],
+              ctx: contract.StageContext) -> tuple[Fidelity, list[Path]]:
+    """What clips are compared with, and the reference files."""
+    backend = face_backend(config["face"], ctx.project_root, key="generate.video.fidelity")
     ref_files, ref_images = load_references(inputs)
-    ref_faces = _face_embeddings(face_backend, ref_images)
+    ref_faces = _face_embeddings(backend, ref_images)
     against = config["fidelity"]["against"]
     if against == "references" and len(ref_faces) == 0:
-        ctx.warn("video: no reference face found in character.references; fidelity compares with each clip's source image")
+        ctx.warn("video: no reference face found in character.references; fidelity compares with each clip's "
+                 "source image")
         against = "source"
-    threshold = float(getattr(face_backend, "default_identity_threshold", 0.5))
-    gpu_name, per_hour, currency = _pricing(config, device)
+    threshold = float(getattr(backend, "default_identity_threshold", 0.5))
+    return Fidelity(backend, ref_faces, against, threshold), ref_files
 
-    clip_model = None
-    if config.get("suite") and any(c["expect"].get("features_kept") and c["features"] for c in config["suite"]["cases"]):
-        from runner.stages.common import load_embedder as _load_embedder
 
-        clip_model = _load_embedder(config["clip_model"], ctx, "evaluate.clip_model")
+def _clip_model(config: dict[str, Any], ctx: contract.StageContext):
+    """The CLIP model of the suite's features_kept checks, None when no case needs it."""
+    suite = config.get("suite")
+    if suite and any(c["expect"].get("features_kept") and c["features"] for c in suite["cases"]):
+        return load_embedder(config["clip_model"], ctx, "evaluate.clip_model")
+    return None
 
-    # 3. clips (finished ones are kept in scratch)
+
+def _clip_jobs(config: dict[str, Any], sources: list[dict[str, Any]]) -> list[ClipJob]:
+    """A clip per source, and one per suite case and source."""
     jobs = []
     for src in sources:
-        jobs.append({"name": src["name"], "case": None, "source": src, "prompt": clip_prompt(config, src["text"])})
+        jobs.append(ClipJob(src["name"], src, clip_prompt(config, src["text"])))
         for case in (config.get("suite") or {}).get("cases", []):
-            jobs.append({"name": f"{src['name']}_{case['name']}", "case": case, "source": src,
-                         "prompt": clip_prompt({**config, "prompt": None}, case["prompt"])})
-    done_dir = ctx.scratch_dir / "clips"
-    done_dir.mkdir(parents=True, exist_ok=True)
-    prog = ctx.progress(len(jobs), "video: clips")
-    clips = []
-    for j_index, job in enumerate(jobs):
-        record_file = done_dir / job["name"] / "clip.json"
-        if record_file.is_file():
-            clips.append(json.loads(record_file.read_text(encoding="utf-8")))
-            prog.update(1)
-            continue
-        src_faces = _face_embeddings(face_backend, [job["source"]["image"]])
-        compare = ref_faces if against == "references" else src_faces
-        clips.append(_make_clip(job, j_index, config, vp, face_backend, compare, threshold, against, clip_model,
-                                per_hour, currency, gpu_name, done_dir / job["name"], ctx))
-        prog.update(1)
-    prog.close()
+            jobs.append(ClipJob(f"{src['name']}_{case['name']}", src,
+                                clip_prompt({**config, "prompt": None}, case["prompt"]), case))
+    return jobs
 
-    # 4. outputs
+
+def _copy_clips(ctx: contract.StageContext, clips: list[dict[str, Any]]) -> Path:
+    """Each clip's mp4 and poster from scratch into the output's clips/."""
     out = ctx.out_dir / "video"
     if out.exists():  # left by an interrupted attempt; this stage owns it
         shutil.rmtree(out)
     (out / "clips").mkdir(parents=True)
     for c in clips:
         for key in ("file", "poster"):
-            shutil.copy2(done_dir / c["name"] / Path(c[key]).name, out / c[key])
-    tiny = {"video_model": vp.tiny_random, "source_frames": any(s["tiny_random"] for s in sources),
-            "clip": bool(clip_model is not None and clip_model.is_tiny_random)}
-    grades = [c["fidelity"]["grade"] for c in clips]
-    report = {
+            shutil.copy2(ctx.scratch_dir / "clips" / c["name"] / Path(c[key]).name, out / c[key])
+    return out
+
+
+def _report_head(config: dict[str, Any], ctx: contract.StageContext, vp: Any, fidelity: Fidelity,
+                 ref_files: list[Path], pricing: Pricing, device: str) -> dict[str, Any]:
+    """report.json up to its tiny_random flags: the run, the model and settings, fidelity, prices."""
+    backend = fidelity.face_backend
+    return {
         "format": 1,
         "character": ctx.character,
         "stage_id": ctx.stage_id,
@@ -336,58 +414,60 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contr
         "model": config["model"],
         "pipeline": vp.kind,
         "preset": config["preset"],
-        "settings": {k: config[k] for k in ("steps", "guidance", "image_conditioning", "frames", "fps", "width", "height",
-                                            "prompt_prefix", "prompt_suffix", "negative_prompt", "seed", "lora",
-                                            "lora_scale", "replace_first_frame", "upscale", "upsampler")},
+        "settings": {k: config[k] for k in SETTINGS},
         "upscale_method": _upscale_method(config),
-        "fidelity_settings": {**config["fidelity"], "against": against, "threshold": threshold,
-                              "face_backend": getattr(face_backend, "name", None),
-                              "face_embedding_model": getattr(face_backend, "embedding_model", None),
+        "fidelity_settings": {**config["fidelity"], "against": fidelity.against, "threshold": fidelity.threshold,
+                              "face_backend": getattr(backend, "name", None),
+                              "face_embedding_model": getattr(backend, "embedding_model", None),
                               "scale": "distance = min(100, max(0, 30 * (1 - s) / (1 - t))); s = mean cosine to the "
                                        "reference faces, t = the backend's identity threshold; no face = 100"},
         "dynamics_settings": config["dynamics"],
-        "references": [_rel(f, ctx.project_root) for f in ref_files],
-        "price": {"gpu": gpu_name, "per_hour": per_hour, "currency": currency, "device": device},
+        "references": [rel_path(f, ctx.project_root) for f in ref_files],
+        "price": {"gpu": pricing.gpu, "per_hour": pricing.per_hour, "currency": pricing.currency, "device": device},
         "targets": config["targets"],
         "suite": config.get("suite"),
-        "tiny_random": {**tiny, "any": any(tiny.values())},
-        "clips": clips,
-        "summary": {
-            "clips": len(clips),
-            "excellent": grades.count("excellent"), "ok": grades.count("ok"), "fail": grades.count("fail"),
-            "flagged": sum(1 for c in clips if c["flagged"]),
-            "time_pass": sum(1 for c in clips if c["budget"]["time_pass"]),
-            "cost_pass": sum(1 for c in clips if c["budget"]["cost_pass"]),
-            "mean_distance": round(float(np.mean([c["fidelity"]["distance"] for c in clips])), 2) if clips else None,
-        },
-        "timing": {"load_s": round(load_s, 3), "total_s": round(time.monotonic() - t_start, 3)},
     }
-    tmp = out / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
-    os.replace(tmp, out / "report.json")
+
+
+def _summary(clips: list[dict[str, Any]]) -> dict[str, Any]:
+    import numpy as np
+
+    grades = [c["fidelity"]["grade"] for c in clips]
+    return {
+        "clips": len(clips),
+        "excellent": grades.count("excellent"), "ok": grades.count("ok"), "fail": grades.count("fail"),
+        "flagged": sum(1 for c in clips if c["flagged"]),
+        "time_pass": sum(1 for c in clips if c["budget"]["time_pass"]),
+        "cost_pass": sum(1 for c in clips if c["budget"]["cost_pass"]),
+        "mean_distance": round(float(np.mean([c["fidelity"]["distance"] for c in clips])), 2) if clips else None,
+    }
+
+
+def _log_run(ctx: contract.StageContext, report: dict[str, Any]) -> None:
+    import numpy as np
+
+    clips, summary = report["clips"], report["summary"]
     ctx.metric("clips", len(clips))
     if clips:
-        ctx.metric("mean_fidelity_distance", report["summary"]["mean_distance"])
+        ctx.metric("mean_fidelity_distance", summary["mean_distance"])
         ctx.metric("mean_seconds_per_clip", float(np.mean([c["budget"]["seconds"] for c in clips])))
     label = " (tiny random models: clips and figures are meaningless)" if report["tiny_random"]["any"] else ""
-    ctx.log(f"video: {len(clips)} clip(s), {report['summary']['excellent']} excellent, {report['summary']['fail']} "
+    ctx.log(f"video: {len(clips)} clip(s), {summary['excellent']} excellent, {summary['fail']} "
             f"failing fidelity{label}")
-    flagged = report["summary"]["flagged"]
-    if flagged:
-        ctx.warn(f"video: {flagged} of {len(clips)} clip(s) flagged (fidelity fail or a suite check failed)")
-    return {"video": contract.Artifact("video", out, meta={"clips": len(clips), "tiny_random": report["tiny_random"]["any"]})}
+    if summary["flagged"]:
+        ctx.warn(f"video: {summary['flagged']} of {len(clips)} clip(s) flagged (fidelity fail or a suite check failed)")
 
 
-def _pricing(config: dict[str, Any], device: str) -> tuple[str, float, str]:
-    """(priced GPU, price per hour, currency) from the spec's price settings (config["price"])."""
+def _pricing(config: dict[str, Any], device: str) -> Pricing:
+    """The priced GPU, its price per hour and the currency (the spec's price settings, config["price"])."""
     from runner.generate.budget import price, priced_gpu
 
     pc = config["price"]
-    hardware = {"backend": pc["backend"], "gpu": pc["gpu"], "stage_gpu": pc["stage_gpu"], "price_table": pc["table"],
-                "currency": pc["currency"]}
+    hardware = {"backend": pc["backend"], "gpu": pc["gpu"], "stage_gpu": pc["stage_gpu"],
+                "price_table": pc["table"], "currency": pc["currency"]}
     gpu_name = priced_gpu({"gpu": pc["targets_gpu"]}, hardware, device)
     per_hour, currency = price(gpu_name, hardware)
-    return gpu_name, per_hour, currency
+    return Pricing(gpu_name, per_hour, currency)
 
 
 def _repriced(rep: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
@@ -400,39 +480,40 @@ def _repriced(rep: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
 
     if "price" not in config or "targets" not in config:
         return rep
-    gpu_name, per_hour, currency = _pricing(config, rep.get("price", {}).get("device", "cpu"))
-    clips = [{**c, "budget": budget(c["budget"]["steps_s"], per_hour, currency, gpu_name, config["targets"],
+    p = _pricing(config, rep.get("price", {}).get("device", "cpu"))
+    clips = [{**c, "budget": budget(c["budget"]["steps_s"], p.per_hour, p.currency, p.gpu, config["targets"],
                                     tuple(c["budget"]["counted_steps"]))} for c in rep["clips"]]
     summary = {**rep["summary"], "time_pass": sum(1 for c in clips if c["budget"]["time_pass"]),
                "cost_pass": sum(1 for c in clips if c["budget"]["cost_pass"])}
-    price = {**rep.get("price", {}), "gpu": gpu_name, "per_hour": per_hour, "currency": currency}
+    price = {**rep.get("price", {}), "gpu": p.gpu, "per_hour": p.per_hour, "currency": p.currency}
     return {**rep, "clips": clips, "summary": summary, "price": price, "targets": config["targets"]}
 
 
 def _upscale_method(config: dict[str, Any]) -> str | None:
     if not config["upscale"]:
         return None
-    return "latent upsampler (LTXLatentUpsamplePipeline)" if config.get("upsampler") else "plain 2x Lanczos resize (no latent upsampler configured)"
+    if config.get("upsampler"):
+        return "latent upsampler (LTXLatentUpsamplePipeline)"
+    return "plain 2x Lanczos resize (no latent upsampler configured)"
 
 
 def _face_embeddings(face_backend, images):
     import numpy as np
-
 
     found = face_backend.main_face_embeddings([np.asarray(im.convert("RGB")) for im in images])
     embs = [emb for emb, _ in found if emb is not None]
     return np.stack(embs) if embs else np.zeros((0, 1), np.float32)
 
 
-def render_clip(vp, job: dict[str, Any], config: dict[str, Any], seed: int, timer, ctx) -> list:
+def render_clip(vp, job: ClipJob, config: dict[str, Any], seed: int, timer, ctx) -> list:
     """Generate (and upscale / replace the first frame of) one clip; steps timed into ``timer``."""
     from runner.generate import ltx
 
-    image = job["source"]["image"]
-    kw = dict(prompt=job["prompt"], negative_prompt=config["negative_prompt"], width=config["width"],
-              height=config["height"], frames=config["frames"], fps=config["fps"], steps=config["steps"],
-              guidance=config["guidance"], image_conditioning=config["image_conditioning"], seed=seed,
-              decode_timestep=config["decode_timestep"], decode_noise_scale=config["decode_noise_scale"])
+    image = job.source["image"]
+    kw = {"prompt": job.prompt, "negative_prompt": config["negative_prompt"], "width": config["width"],
+          "height": config["height"], "frames": config["frames"], "fps": config["fps"], "steps": config["steps"],
+          "guidance": config["guidance"], "image_conditioning": config["image_conditioning"], "seed": seed,
+          "decode_timestep": config["decode_timestep"], "decode_noise_scale": config["decode_noise_scale"]}
     latent_up = bool(config["upscale"] and config.get("upsampler"))
     with timer.step("generation"):
         result = ltx.generate_clip(vp, image, output_latents=latent_up, **kw)
@@ -440,7 +521,8 @@ def render_clip(vp, job: dict[str, Any], config: dict[str, Any], seed: int, time
         with timer.step("upscale"):
             if latent_up:
                 up_ref = config["upsampler"]
-                result = ltx.latent_upscale(vp, result, up_ref, width=config["width"], height=config["height"], seed=seed,
+                result = ltx.latent_upscale(vp, result, up_ref, width=config["width"], height=config["height"],
+                                            seed=seed,
                                             decode_timestep=config["decode_timestep"],
                                             decode_noise_scale=config["decode_noise_scale"],
                                             cache_dir=ctx.cache_dir, project_root=ctx.project_root)
@@ -453,131 +535,198 @@ def render_clip(vp, job: dict[str, Any], config: dict[str, Any], seed: int, time
     return frames
 
 
-def _make_clip(job, j_index, config, vp, face_backend, compare, threshold, against, clip_model, per_hour, currency,
-               gpu_name: str, folder: Path, ctx) -> dict[str, Any]:
-    from runner.generate import ltx
-    from runner.generate import measures as MS
-    from runner.generate.budget import StepTimer, budget
+@dataclass
+class Attempt:
+    """One generated clip and its measures."""
 
-    if folder.exists():
-        shutil.rmtree(folder)  # an unfinished clip from a crash
-    folder.mkdir(parents=True)
-    fid_cfg, dyn_cfg = config["fidelity"], config["dynamics"]
-    retries = fid_cfg["retries"] if fid_cfg["on_fail"] == "regenerate" else 0
-    timer = StepTimer()
-    attempts, best, best_frames = [], None, None
-    for attempt in range(retries + 1):
-        # A clip a reviewer rejected r times starts r * (retries + 1) attempts on: no seed is reused.
-        rejected = int((config.get("review") or {}).get("regenerate_clips", {}).get(job["name"], 0))
-        seed = config["seed"] + j_index + (attempt + rejected * (retries + 1)) * 1000
-        frames = render_clip(vp, job, config, seed, timer, ctx)
-        with timer.step("analysis"):
-            # A replaced first frame is the source image itself: not generated, so not checked.
-            skip = 1 if config["replace_first_frame"] and len(frames) > 1 else 0
-            idx_fid = [i + skip for i in MS.evenly_spaced(len(frames) - skip, fid_cfg["frames"])]
-            idx_dyn = MS.evenly_spaced(len(frames), dyn_cfg["frames"])
-            recs = MS.analyse_faces(frames, sorted(set(idx_fid) | set(idx_dyn)), face_backend)
-            by_frame = {r["frame"]: r for r in recs}
-            if len(compare):
-                fid = MS.fidelity([by_frame[i] for i in idx_fid], compare, threshold,
-                                  excellent=fid_cfg["excellent"], fail=fid_cfg["fail"])
+    frames: list[Any]
+    seed: int
+    attempt: int
+    fidelity: dict[str, Any]
+    dynamics: dict[str, Any]
+    motion: Any
+
+
+@dataclass
+class ClipMaker:
+    """Makes each clip once: generate, measure, regenerate a failing clip when asked, export, cost.
+    A finished clip's folder (``<scratch>/clips/<name>/``, its clip.json last) is reused."""
+
+    config: dict[str, Any]
+    vp: Any
+    fidelity: Fidelity
+    clip_model: Any
+    pricing: Pricing
+    ctx: contract.StageContext
+
+    def all_clips(self, jobs: list[ClipJob]) -> list[dict[str, Any]]:
+        done_dir = self.ctx.scratch_dir / "clips"
+        done_dir.mkdir(parents=True, exist_ok=True)
+        prog = self.ctx.progress(len(jobs), "video: clips")
+        clips = []
+        for j_index, job in enumerate(jobs):
+            record_file = done_dir / job.name / "clip.json"
+            if record_file.is_file():
+                clips.append(json.loads(record_file.read_text(encoding="utf-8")))
             else:
-                fid = {"distance": 100.0, "worst": 100.0, "grade": "fail", "frames": [], "threshold": threshold,
-                       "excellent": fid_cfg["excellent"], "fail": fid_cfg["fail"], "faces_found": 0,
-                       "note": "no face in the references nor in the source image: nothing to compare with"}
-            dyn = MS.expression_dynamics([by_frame[i] for i in idx_dyn], dyn_cfg["frozen_below"])
-            motion = MS.motion_magnitude(frames, idx_dyn, dyn_cfg["flow_side"])
-        attempts.append({"attempt": attempt, "seed": seed, "distance": fid["distance"], "grade": fid["grade"]})
-        if best is None or fid["distance"] < best[0]["distance"]:
-            best, best_frames = (fid, dyn, motion, seed, attempt), frames
-        if fid["grade"] != "fail":
-            break
-    fid, dyn, motion, seed, kept = best
-    checks: dict[str, Any] = {}
-    case = job.get("case")
-    if case:
+                clips.append(self.make(job, j_index, done_dir / job.name))
+            prog.update(1)
+        prog.close()
+        return clips
+
+    def make(self, job: ClipJob, j_index: int, folder: Path) -> dict[str, Any]:
+        from runner.generate import ltx
+        from runner.generate.budget import StepTimer, budget
+
+        compare = self.fidelity.compare_with(job)
+        if folder.exists():
+            shutil.rmtree(folder)  # an unfinished clip from a crash
+        folder.mkdir(parents=True)
+        timer = StepTimer()
+        best, attempts = self._best_attempt(job, j_index, compare, timer)
+        checks = self._checks(job, best)
+        with timer.step("export"):
+            meta = ltx.export_mp4(best.frames, folder / f"{job.name}.mp4", self.config["fps"])
+            best.frames[0].convert("RGB").save(folder / f"{job.name}.jpg", quality=88)
+        p = self.pricing
+        bud = budget(timer.seconds, p.per_hour, p.currency, p.gpu, self.config["targets"], COUNTED_STEPS)
+        record = _clip_record(job, best, attempts, meta, checks, bud)
+        atomic_write_text(folder / "clip.json", json.dumps(record, default=str))
+        self.ctx.log(f"video: {job.name}: fidelity distance {best.fidelity['distance']}/100, lower is closer "
+                     f"({best.fidelity['grade']}), {bud['seconds']:.1f} s, {bud['cost']:.4f} {p.currency}")
+        return record
+
+    def _best_attempt(self, job: ClipJob, j_index: int, compare: Any,
+                      timer: Any) -> tuple[Attempt, list[dict[str, Any]]]:
+        """Generate and measure; a clip graded fail is made again with the next seed (on_fail:
+        regenerate) up to fidelity.retries times. The closest attempt is kept."""
+        config = self.config
+        fid_cfg = config["fidelity"]
+        retries = fid_cfg["retries"] if fid_cfg["on_fail"] == "regenerate" else 0
+        # A clip a reviewer rejected r times starts r * (retries + 1) attempts on: no seed is reused.
+        rejected = int((config.get("review") or {}).get("regenerate_clips", {}).get(job.name, 0))
+        attempts, best = [], None
+        for attempt in range(retries + 1):
+            seed = config["seed"] + j_index + (attempt + rejected * (retries + 1)) * 1000
+            frames = render_clip(self.vp, job, config, seed, timer, self.ctx)
+            with timer.step("analysis"):
+                got = Attempt(frames, seed, attempt, *self._measure(frames, compare))
+            attempts.append({"attempt": attempt, "seed": seed, "distance": got.fidelity["distance"],
+                             "grade": got.fidelity["grade"]})
+            if best is None or got.fidelity["distance"] < best.fidelity["distance"]:
+                best = got
+            if got.fidelity["grade"] != "fail":
+                break
+        return best, attempts
+
+    def _measure(self, frames: list[Any], compare: Any) -> tuple[dict[str, Any], dict[str, Any], Any]:
+        """(fidelity at fidelity.frames evenly spaced frames, expression dynamics, motion)."""
+        from runner.generate import measures as MS
+
+        fid_cfg, dyn_cfg = self.config["fidelity"], self.config["dynamics"]
+        # A replaced first frame is the source image itself: not generated, so not checked.
+        skip = 1 if self.config["replace_first_frame"] and len(frames) > 1 else 0
+        idx_fid = [i + skip for i in MS.evenly_spaced(len(frames) - skip, fid_cfg["frames"])]
+        idx_dyn = MS.evenly_spaced(len(frames), dyn_cfg["frames"])
+        recs = MS.analyse_faces(frames, sorted(set(idx_fid) | set(idx_dyn)), self.fidelity.face_backend)
+        by_frame = {r["frame"]: r for r in recs}
+        threshold = self.fidelity.threshold
+        if len(compare):
+            fid = MS.fidelity([by_frame[i] for i in idx_fid], compare, threshold,
+                              excellent=fid_cfg["excellent"], fail=fid_cfg["fail"])
+        else:
+            fid = {"distance": 100.0, "worst": 100.0, "grade": "fail", "frames": [], "threshold": threshold,
+                   "excellent": fid_cfg["excellent"], "fail": fid_cfg["fail"], "faces_found": 0,
+                   "note": "no face in the references nor in the source image: nothing to compare with"}
+        dyn = MS.expression_dynamics([by_frame[i] for i in idx_dyn], dyn_cfg["frozen_below"])
+        return fid, dyn, MS.motion_magnitude(frames, idx_dyn, dyn_cfg["flow_side"])
+
+    def _checks(self, job: ClipJob, best: Attempt) -> dict[str, Any]:
+        """The suite case's expectations (not_frozen, features_kept) on the kept attempt."""
+        from runner.generate import measures as MS
+
+        checks: dict[str, Any] = {}
+        case, dyn = job.case, best.dynamics
+        if not case:
+            return checks
         exp = case.get("expect") or {}
         if exp.get("not_frozen"):
             checks["not_frozen"] = {"pass": None if dyn["frozen"] is None else not dyn["frozen"],
                                     "detail": "no landmarks in 2+ frames" if dyn["frozen"] is None else
                                     f"mouth std {dyn['mouth_std']}, eye std {dyn['eye_std']}"}
         if exp.get("features_kept"):
-            if case["features"] and clip_model is not None:
-                feats = MS.text_feature_drift(clip_model, best_frames, [f["frame"] for f in fid["frames"]] or [0],
-                                              job["source"]["image"], case["features"])
+            if case["features"] and self.clip_model is not None:
+                feats = MS.text_feature_drift(self.clip_model, best.frames,
+                                              [f["frame"] for f in best.fidelity["frames"]] or [0],
+                                              job.source["image"], case["features"])
                 checks["features_kept"] = {"pass": all(f["kept"] for f in feats), "features": feats}
             else:
                 checks["features_kept"] = {"pass": None, "detail": "the spec lists no character.traits.fixed"}
-    with timer.step("export"):
-        meta = ltx.export_mp4(best_frames, folder / f"{job['name']}.mp4", config["fps"])
-        best_frames[0].convert("RGB").save(folder / f"{job['name']}.jpg", quality=88)
-    bud = budget(timer.seconds, per_hour, currency, gpu_name, config["targets"], COUNTED_STEPS)
-    flagged = fid["grade"] == "fail" or any(c.get("pass") is False for c in checks.values())
-    record = {
-        "name": job["name"],
-        "case": case["name"] if case else None,
-        "source": job["source"]["from"],
-        "prompt": job["prompt"],
-        "seed": seed,
-        "kept_attempt": kept,
+        return checks
+
+
+def _clip_record(job: ClipJob, best: Attempt, attempts: list[dict[str, Any]], meta: Any, checks: dict[str, Any],
+                 bud: dict[str, Any]) -> dict[str, Any]:
+    """A clip's clip.json (and its entry in report.json)."""
+    flagged = best.fidelity["grade"] == "fail" or any(c.get("pass") is False for c in checks.values())
+    return {
+        "name": job.name,
+        "case": job.case["name"] if job.case else None,
+        "source": job.source["from"],
+        "prompt": job.prompt,
+        "seed": best.seed,
+        "kept_attempt": best.attempt,
         "attempts": attempts,
-        "file": f"clips/{job['name']}.mp4",
-        "poster": f"clips/{job['name']}.jpg",
+        "file": f"clips/{job.name}.mp4",
+        "poster": f"clips/{job.name}.jpg",
         "video": meta,
-        "fidelity": fid,
-        "dynamics": dyn,
-        "motion": motion,
+        "fidelity": best.fidelity,
+        "dynamics": best.dynamics,
+        "motion": best.motion,
         "checks": checks,
         "budget": bud,
         "flagged": bool(flagged),
         "action": ("regenerated" if len(attempts) > 1 else "none") + ("; flagged" if flagged else ""),
     }
-    tmp = folder / "clip.json.tmp"
-    tmp.write_text(json.dumps(record, default=str), encoding="utf-8")
-    os.replace(tmp, folder / "clip.json")
-    ctx.log(f"video: {job['name']}: fidelity distance {fid['distance']}/100, lower is closer ({fid['grade']}), {bud['seconds']:.1f} s, "
-            f"{bud['cost']:.4f} {currency}")
-    return record
 
 
 def _resume_info(scratch: Path) -> str | None:
-    done = sorted((Path(scratch) / "clips").glob("*/clip.json"))
-    if not done:
-        return None
-    return f"resume after {len(done)} finished clip{'s' if len(done) != 1 else ''}"
+    return resume_note(len(list((Path(scratch) / "clips").glob("*/clip.json"))), "clip")
 
 
 # --------------------------------------------------------------------------- report
 
 
-def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact], env: dict[str, Any]) -> list[contract.ReportSection]:
-    from runner.report import charts
+def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact],
+                    env: dict[str, Any]) -> list[contract.ReportSection]:
     from runner.report.embed import thumbnail_data_uri, video_data_uri
 
-    art = outputs.get("video")
-    if art is None:
+    found = output_json(outputs, "video", "report.json")
+    if found is None:
         return []
-    folder = Path(art.path)
-    rep = _repriced(json.loads((folder / "report.json").read_text(encoding="utf-8")), config)
+    folder, rep = found
+    rep = _repriced(rep, config)
     max_embed = int(env.get("video_embed_max_bytes", 8 * 1024 * 1024))
     clips = []
     for c in rep["clips"]:
         f = folder / c["file"]
         embed = f.is_file() and f.stat().st_size <= max_embed
-        series = c["dynamics"]["series"]
-        chart = None
-        if len(series.get("mouth_open", [])) >= 2:
-            chart = charts.line_chart(
-                {"mouth openness": list(enumerate(series["mouth_open"])),
-                 "eye aspect ratio": list(enumerate(series.get("eye_ratio", [])))},
-                width=320, height=140, xlabel="analysed frame")
         clips.append({**c, "video_uri": video_data_uri(f) if embed else None,
-                      "poster_uri": thumbnail_data_uri(folder / c["poster"], 512), "chart": chart})
-    tiny = rep.get("tiny_random", {})
-    tiny_note = ""
-    if tiny.get("any"):
-        which = [k.replace("_", " ") for k in ("video_model", "source_frames", "clip") if tiny.get(k)]
-        tiny_note = (f"Made with tiny random models ({', '.join(which)}): the clips are noise; fidelity, dynamics, "
-                     "motion and timings only show that the pipeline runs end to end.")
+                      "poster_uri": thumbnail_data_uri(folder / c["poster"], 512),
+                      "chart": _dynamics_chart(c["dynamics"]["series"])})
+    note = tiny_note(rep.get("tiny_random", {}), ("video_model", "source_frames", "clip"),
+                     "the clips are noise; fidelity, dynamics, motion and timings only show that the pipeline "
+                     "runs end to end.")
     return [contract.ReportSection(title="Image-to-video", template="sections/video.html.j2", anchor="video",
-                               context={"rep": rep, "clips": clips, "tiny_note": tiny_note})]
+                                   context={"rep": rep, "clips": clips, "tiny_note": note})]
+
+
+def _dynamics_chart(series: dict[str, list[float]]):
+    """Mouth openness and eye aspect ratio over the analysed frames (None under two frames)."""
+    from runner.report import charts
+
+    if len(series.get("mouth_open", [])) < 2:
+        return None
+    return charts.line_chart({"mouth openness": list(enumerate(series["mouth_open"])),
+                              "eye aspect ratio": list(enumerate(series.get("eye_ratio", [])))},
+                             width=320, height=140, xlabel="analysed frame")
