@@ -60,6 +60,7 @@ def test_expand_wires_ingest_references_and_the_chain(hero: Path) -> None:
     json.dumps([n.config for n in graph.nodes.values()])  # configs are JSON
 
 
+@pytest.mark.slow  # about 4 s
 def test_apply_through_the_engine_then_noop_then_curate_only_change(hero: Path) -> None:
     res = apply([load_spec(hero)], ApplyOptions(only=["export"]), QuietReporter())
     assert res.status == "succeeded", [(r.stage_id, r.error) for r in res.failed]

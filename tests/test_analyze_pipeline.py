@@ -22,6 +22,9 @@ from runner.stages import analyze, caption, curate, export, ingest
 from runner.vision import balance as B
 from runner.vision import shots as S
 
+# Every test here builds on the module fixture that analyzes every photo of faces/ (about 16 s).
+pytestmark = pytest.mark.slow
+
 TRIGGER, CLASS = "obmx", "man"
 
 

@@ -258,6 +258,7 @@ def test_pose_model_from_a_hub_id(tmp_path: Path, monkeypatch) -> None:
 # --------------------------------------------------------------------------- the storyboard
 
 
+@pytest.mark.slow  # about 9 s
 def test_storyboard_pose_control_on_the_tiny_controlnet(tmp_path: Path, shared_data: Path) -> None:
     """control: pose: frame 1's body pose (tiny DWPose) -> the tiny ControlNet for frames 2+; a
     scene's map is used as is, a scene's photo goes through the detector; all labelled tiny."""

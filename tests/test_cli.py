@@ -31,6 +31,7 @@ def demo_project(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow  # the whole demo apply: about 90 s
 def test_demo_apply_then_noop_then_change(demo_project):
     r = runner("apply", "specs/demo.yaml", cwd=demo_project, check=True)
     assert "Plan:" in r.stdout and "Apply complete" in r.stdout

@@ -95,6 +95,7 @@ def lora_and_refs(tmp_path_factory, shared_data: Path):
     return root, lora, ref_art
 
 
+@pytest.mark.slow  # about 5 s
 def test_evaluate_tiny_sd_end_to_end_and_resume(lora_and_refs, tmp_path: Path) -> None:
     root, lora, ref_art = lora_and_refs
     ctx = LocalStageContext.for_folder(tmp_path / "run", stage_id="demo:evaluate", character="demo", project_root=root)
@@ -151,6 +152,7 @@ def test_evaluate_tiny_sd_end_to_end_and_resume(lora_and_refs, tmp_path: Path) -
     assert E._resume_info(ctx.scratch_dir) == "resume after 4 finished checkpoint x scale cells"
 
 
+@pytest.mark.slow  # about 6 s
 def test_changing_targets_reuses_cached_cells(lora_and_refs, tmp_path: Path, monkeypatch) -> None:
     """Only targets/objective changed: a new stage run (new scratch) re-selects without generating."""
     import runner.diffusion.generate as G
@@ -178,6 +180,7 @@ def test_changing_targets_reuses_cached_cells(lora_and_refs, tmp_path: Path, mon
     assert not [p for p in (cache / "evaluate-cells").iterdir() if p.name.startswith(".")]  # no temp leftovers
 
 
+@pytest.mark.slow  # about 3 s
 def test_best_follows_identity_with_real_faces(lora_and_refs, tmp_path: Path, shared_data: Path, monkeypatch) -> None:
     """With a generator that 'draws' the right person only at step 200, scale 1.0, that cell wins."""
     import runner.diffusion.generate as G

@@ -170,6 +170,7 @@ def _share(balance: dict, part: str, cat: str) -> float:
     return next(r["share"] for r in balance[part] if r["category"] == cat)
 
 
+@pytest.mark.slow  # about 9 s
 def test_full_body_gap_filled_from_a_video_in_one_apply(lin_project, shared_data, monkeypatch):
     """Close-ups only; a video with full-body frames: one apply ends with full-body in 25-30%, every
     added frame with its provenance in the curated records and the report."""
@@ -196,6 +197,7 @@ def test_full_body_gap_filled_from_a_video_in_one_apply(lin_project, shared_data
         assert f"{e['provenance']['timestamp_s']:.2f} s" in html
 
 
+@pytest.mark.slow  # about 6 s
 def test_what_the_clip_cannot_supply_is_said(lin_project, shared_data, monkeypatch):
     """The clip as it is: medium shots fill medium's gap; it has no full-body frame of him, and the
     report says so instead of claiming the target."""

@@ -130,6 +130,7 @@ def test_fanout_runs_variants_in_parallel_and_a_failure_keeps_the_others(hero, t
         ws.close()
 
 
+@pytest.mark.slow  # about 4 s
 def test_inputs_go_up_once_and_outputs_come_back_by_digest(hero, tmp_path, monkeypatch):
     project = hero.parent.parent
     tr = transport(tmp_path)

@@ -109,6 +109,7 @@ def fake_cached_snapshot(hf_home: Path, repo_id: str, folder: Path) -> Path:
 
 
 @pytest.mark.parametrize("mode", ["offline", "unreachable"])
+@pytest.mark.slow  # 7-8 s each
 def test_a_cached_hub_model_loads_without_network(tmp_path, mode):
     from runner.metrics.embedders import ensure_tiny_model
 

@@ -108,6 +108,7 @@ def test_tiny_ltx_clip_suite_upscale_first_frame_budget(proj: Path, tmp_path: Pa
     assert [c["budget"] for c in rep2["clips"]] == [c["budget"] for c in rep["clips"]]
 
 
+@pytest.mark.slow  # about 5 s
 def test_condition_pipeline_latent_upsampler_and_shape_errors(proj: Path, tmp_path: Path) -> None:
     s = spec(image_conditioning=0.85, guidance=3.0, upscale=True, upsampler="builtin:tiny-ltx-upsampler")
     node, ctx, out, rep = run(proj, tmp_path / "a", s)
@@ -120,6 +121,7 @@ def test_condition_pipeline_latent_upsampler_and_shape_errors(proj: Path, tmp_pa
         run(proj, tmp_path / "c", spec(width=66))
 
 
+@pytest.mark.slow  # about 7 s
 def test_video_lora_changes_the_clip(proj: Path, tmp_path: Path) -> None:
     """A LoRA for the LTX transformer, saved by diffusers and loaded back by the stage."""
     import torch
@@ -196,6 +198,7 @@ def _photos(shared_data: Path, person: str) -> list[Image.Image]:
     return out
 
 
+@pytest.mark.slow  # about 5 s
 def test_fidelity_dynamics_on_real_faces(shared_data: Path) -> None:
     from runner.vision.faces import get_face_backend
 

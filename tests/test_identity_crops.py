@@ -305,6 +305,7 @@ def test_matting_refuses_what_it_cannot_load_without_downloading(tmp_path, monke
 # --------------------------------------------------------------------------- the stage
 
 
+@pytest.mark.slow  # about 3 s: a whole apply
 def test_apply_exports_identity_crops_per_adapter(project: Path, shared_data: Path):
     pytest.importorskip("rembg")
     from PIL import Image

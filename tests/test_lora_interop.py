@@ -123,6 +123,7 @@ _TE_KEY = r"text_encoder(_2)?\.text_model\.encoder\.layers\.\d+\.(self_attn\.(q|
 
 
 @pytest.mark.parametrize("model", ["builtin:tiny-sd", "builtin:tiny-sdxl"])
+@pytest.mark.slow  # about 3 s each
 def test_diffusers_file_text_encoder_keys_load_everywhere(model: str, tmp_path: Path) -> None:
     import re
 

@@ -47,6 +47,7 @@ def identities(shared_data: Path, backend) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
+@pytest.mark.slow  # the identities fixture: about 10 s
 def test_face_similarity_separates_same_from_different_people(identities, record_property) -> None:
     found = sum(len(v) for v in identities.values())
     assert found >= 15, f"dlib found faces in only {found} photos"
@@ -62,6 +63,7 @@ def test_face_similarity_separates_same_from_different_people(identities, record
     assert auc >= 0.98
 
 
+@pytest.mark.slow  # the identities fixture: about 10 s
 def test_face_similarity_metric_ranks_the_right_person_first(identities) -> None:
     obama = list(identities["obama"].values())
     refs = np.stack(obama[:2])
@@ -108,6 +110,7 @@ def test_references_without_any_face_are_a_clear_error(backend) -> None:
         mc.references([Image.new("RGB", (128, 128), (20, 20, 20))], ["dark.png"])
 
 
+@pytest.mark.slow  # about 10 s
 def test_face_worker_processes_give_the_same_faces_as_in_process(shared_data: Path, backend) -> None:
     """The evaluate stage's dlib pool: same embeddings, boxes and misses, in input order."""
     from runner.metrics.embedders import TINY_CLIP, TINY_DINO, load_image_embedder
@@ -145,6 +148,7 @@ def test_a_face_worker_that_cannot_start_is_a_clear_error(backend) -> None:
     assert "evaluate.face_workers: 1" in err.value.hint
 
 
+@pytest.mark.slow  # about 7 s
 def test_main_face_embeddings_match_the_full_analysis_on_group_photos(shared_data: Path, backend) -> None:
     """The metrics path describes only the largest face; it must pick and embed the same one."""
     from runner.vision.faces import main_face
@@ -173,6 +177,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+@pytest.mark.slow  # about 3 s
 def test_face_workers_exit_when_their_parent_is_killed(tmp_path: Path) -> None:
     """kill -9 of the runner must not leave workers holding face models forever."""
     import os

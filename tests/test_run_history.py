@@ -55,6 +55,7 @@ def db_rows(project: Path, sql: str) -> list[tuple]:
 
 
 @pytest.mark.parametrize("reader", ["runs", "status", "apply"])
+@pytest.mark.slow  # 3-6 s each: real runs killed
 def test_a_run_killed_by_sigkill_is_marked_killed_by_the_next_runner(hero, tmp_path, reader):
     project = hero.parent.parent
     proc, _ = start_slow_apply(hero, tmp_path)

@@ -115,6 +115,7 @@ def test_expand_picks_the_lora_source(proj: Path) -> None:
     assert SB.expand({"generate": {}}, g) == []
 
 
+@pytest.mark.slow  # about 3 s
 def test_tiny_sd_frames_retry_below_threshold(proj: Path, tmp_path: Path) -> None:
     node = SB.expand(spec(), Graph(proj, [_node("train")]))[0]
     ctx = LocalStageContext.for_folder(tmp_path / "run", stage_id=node.id, character="demo", project_root=proj)
@@ -144,6 +145,7 @@ def test_tiny_sd_frames_retry_below_threshold(proj: Path, tmp_path: Path) -> Non
     assert "He walks through the park." in html and "0/3 frames pass" in html
 
 
+@pytest.mark.slow  # about 17 s
 def test_validation_keeps_the_passing_attempt(proj: Path, tmp_path: Path, shared_data: Path, monkeypatch) -> None:
     """Seeds map to real photos: the first attempt of scene 2 is someone else, its retry is the
     character; scene 1 passes at once. CLIP-I is checked too (tiny CLIP, threshold -1)."""
@@ -362,6 +364,7 @@ def test_a_scene_without_the_character_skips_the_identity_gate(proj: Path, tmp_p
 
 
 @pytest.mark.parametrize("against, refs", [("auto", True), ("frame1", True), ("references", True), ("auto", False)])
+@pytest.mark.slow  # about 3 s each
 def test_reference_mode_validates_against_frame1_references_or_both(proj: Path, tmp_path: Path, shared_data: Path,
                                                                     monkeypatch, no_pipeline, against: str,
                                                                     refs: bool) -> None:

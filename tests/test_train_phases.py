@@ -108,6 +108,7 @@ def _cfg(**over) -> dict:
     return T.train_config(deep_merge(section, over), character="demo", trigger="sks", class_word="person")
 
 
+@pytest.mark.slow  # about 5 s: trains twice
 def test_trainer_runs_epoch_phases_and_resumes_them(dataset: Path, tmp_path: Path) -> None:
     from runner.diffusion.trainer import LoraTrainer, dataset_steps_per_epoch
 

@@ -40,6 +40,7 @@ def faces_of(path: Path):
 
 @pytest.mark.parametrize("name,count", [("two_people.jpg", 2), ("obama_and_biden.jpg", 3), ("six_people.jpg", 6),
                                         ("kit_with_rose.jpg", 2)])
+@pytest.mark.slow  # about 1.5 s each
 def test_group_face_counts(shared_data: Path, name: str, count: int) -> None:
     faces = faces_of(shared_data / "faces" / "groups" / name)
     assert len(faces) == count
@@ -52,6 +53,7 @@ def test_group_face_counts(shared_data: Path, name: str, count: int) -> None:
         assert abs(float(np.linalg.norm(f.embedding)) - 1.0) < 1e-4
 
 
+@pytest.mark.slow  # about 2 s
 def test_yaw_sign_on_photos_with_a_visible_head_turn(shared_data: Path) -> None:
     # kit_02: the face points to image left (he turns to his right); obama_04: to image right.
     kit = faces_of(shared_data / "faces" / "kit_harington" / "kit_02.jpg")[0]
@@ -107,6 +109,7 @@ def test_pose_from_synthetic_projection_recovers_yaw(centre) -> None:
     assert abs(pose.yaw - 30) < 3.0 and abs(pose.pitch) < 2.0 and abs(pose.roll) < 2.0, pose
 
 
+@pytest.mark.slow  # about 12 s
 def test_same_person_pairs_score_above_different_person_pairs(shared_data: Path) -> None:
     embs = {}
     for p in sorted((shared_data / "faces").glob("*/*")):

@@ -29,6 +29,7 @@ def test_the_calibration_data_is_held_out() -> None:
     assert cal["faces"] and all(name.endswith(".mp4") for name in cal["faces"])
 
 
+@pytest.mark.slow  # about 14 s
 def test_the_threshold_holds_on_the_photos_it_was_not_fitted_on(shared_data: Path) -> None:
     # The test set: the 19 single-person photos (171 pairs) and the margin on each side.
     import numpy as np

@@ -62,6 +62,7 @@ def carphone_frames() -> tuple[np.ndarray, ...]:
         return tuple(fr.to_ndarray(format="rgb24") for fr in c.decode(video=0))
 
 
+@pytest.mark.slow  # about 19 s
 def test_blurred_copies_rank_by_sigma_across_photos_and_face_sizes() -> None:
     import cv2
 
@@ -83,6 +84,7 @@ def test_blurred_copies_rank_by_sigma_across_photos_and_face_sizes() -> None:
 
 
 @pytest.mark.parametrize("rel", PHOTOS[:3])
+@pytest.mark.slow  # 3-4 s each
 def test_sharpness_does_not_depend_on_the_detector_box_or_the_face_size(rel: str) -> None:
     rgb, face = face_at(rel, None)
     base = M.face_measures(rgb, face)["blur"]
@@ -107,6 +109,7 @@ def test_too_small_faces_get_none_with_a_reason() -> None:
 
 
 @pytest.mark.parametrize("scale", [1.0, 2.0])
+@pytest.mark.slow  # about 3 s each
 def test_carphone_blinks_read_closed_and_open_frames_do_not(scale: float) -> None:
     backend = get_face_backend("dlib")
     frames = carphone_frames()
@@ -129,12 +132,14 @@ def test_carphone_blinks_read_closed_and_open_frames_do_not(scale: float) -> Non
 
 
 @pytest.mark.parametrize("rel", PHOTOS)
+@pytest.mark.slow  # 2-4 s each
 def test_open_eyes_stay_open_when_the_face_is_small(rel: str) -> None:
     for target in (None, 48.0, 30.0, 20.0):  # eyes 20 px apart: faces of about 50 px
         eyes = M.face_measures(*face_at(rel, target))["eyes"]
         assert eyes is not None and eyes["closed"] == "none", (rel, target, eyes)
 
 
+@pytest.mark.slow  # about 7 s
 def test_carphone_blinks_read_shut_against_the_tracks_own_open_eyes() -> None:
     """The eye-opening's appearance (grey sclera against the skin), compared with the face's own
     median over the clip, calls all three blinks, frame 92 included (its EAR 0.21/0.20 overlaps
@@ -154,6 +159,7 @@ def test_carphone_blinks_read_shut_against_the_tracks_own_open_eyes() -> None:
 
 
 @pytest.mark.parametrize("rel", PHOTOS)
+@pytest.mark.slow  # 1-3 s each
 def test_eye_appearance_is_a_ratio_that_holds_across_face_sizes(rel: str) -> None:
     """Open eyes of the photos show a dark iris against the skin at every size (44-120 px faces)."""
     for target in (48.0, 25.0, 18.0):
@@ -178,6 +184,7 @@ def closed_eye_copy(rgb: np.ndarray, lm: np.ndarray, side: str) -> np.ndarray:
     return (rgb * (1 - mask) + below * mask).astype(np.uint8)
 
 
+@pytest.mark.slow  # about 15 s
 def test_a_wink_pasted_into_real_faces_is_called_on_its_side_at_50_to_130_px() -> None:
     """One eye shut (closed_eye_copy) on six photos at faces of 50-130 px: the appearance of the two
     eyes calls the wink on the right side, and the mirrored copy on the other; the landmark rule
@@ -204,6 +211,7 @@ def test_a_wink_pasted_into_real_faces_is_called_on_its_side_at_50_to_130_px() -
     assert called >= 20 and mirrored_ok >= 20, (called, mirrored_ok)
 
 
+@pytest.mark.slow  # about 4 s
 def test_the_video_pipeline_marks_a_tracks_blinks_closed() -> None:
     """The carphone face's frames as the video builder observes them: its blinks read eyes_closed
     "both" in the person's plan (the landmarks alone called frame 92 open), its open frames not."""

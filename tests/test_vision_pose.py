@@ -72,6 +72,7 @@ def test_landmarks_moved_anywhere_on_any_canvas_keep_their_pose(rel: str) -> Non
 
 
 @pytest.mark.parametrize("rel", ["obama/obama_01.jpg", "kit_harington/kit_03.jpg"])
+@pytest.mark.slow  # 4-5 s each
 def test_face_pasted_across_a_large_canvas_keeps_its_pose(rel: str) -> None:
     patch = face_patch(rel)
     backend = get_face_backend("dlib")
@@ -86,6 +87,7 @@ def test_face_pasted_across_a_large_canvas_keeps_its_pose(rel: str) -> None:
 
 
 @pytest.mark.parametrize("rel", PHOTOS)
+@pytest.mark.slow  # 1-2 s each, six photos
 def test_crop_and_pad_around_the_face_keep_its_pose(rel: str) -> None:
     import cv2
 
@@ -130,6 +132,7 @@ def test_frontal_portraits_read_level(rel: str) -> None:
 
 
 @pytest.mark.parametrize("clip,step", [("short_hamilton_clip.mp4", 23), ("carphone.mp4", 20)])
+@pytest.mark.slow  # up to 4 s each
 def test_clip_frames_read_the_same_pose_as_a_crop_centred_on_the_face(shared_data: Path, clip: str, step: int) -> None:
     # What the video identity builder saves: a crop around the face. Its pose must be the frame's.
     import av
