@@ -174,6 +174,8 @@ def _converter(tp: Any, where: str) -> Callable[[Any], Any]:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if is_config_class(tp):
         return lambda v: v if isinstance(v, tp) else tp.from_dict(v, where=where)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # a plain record of a node config
+        return lambda v: tp(**v) if isinstance(v, Mapping) else v
     if origin in (typing.Union, types.UnionType):
         return _union_converter(args, where)
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
@@ -207,6 +209,8 @@ def to_plain(value: Any) -> Any:
     """A typed value as plain JSON data: config objects and mappings -> dicts, tuples -> lists."""
     if is_config_class(type(value)):
         return value.to_dict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, Mapping):
         return {k: to_plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

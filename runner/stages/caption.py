@@ -28,25 +28,35 @@ from pathlib import Path
 from typing import Any
 
 from runner.core import contract
+from runner.spec.config import node_field, schema_config, view_of
+from runner.spec.sections import CaptionsConfig, ReportConfig, spec_config
 from runner.stages.common import curated_image_inputs, read_jsonl
 
 TEMPLATE_FIELDS = ("trigger", "class", "shot", "attributes", "pose", "expression", "lighting", "people")
+
+
+@schema_config("dataset", "captions")
+class CaptionNode(CaptionsConfig):
+    """The caption stage's node config: dataset.captions plus the character's trigger and class word."""
+
+    trigger: str = node_field()
+    class_word: str = node_field()
 
 
 def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.PlanNode]:
     curate = graph.node(contract.node_id(graph.character, "curate"))
     if curate is None:
         return []
-    ch = spec.get("character", {})
-    cap = spec.get("dataset", {}).get("captions", {})
+    typed = spec_config(spec)
+    ch, cap = typed.character, typed.dataset.captions
     config = {
-        "trigger": ch["trigger"],
-        "class_word": ch.get("class_word", "person"),
-        "template": cap.get("template", "{trigger} {class}, {shot}, {attributes}"),
-        "extra_tags": list(cap.get("extra_tags", [])),
-        "model": cap.get("model"),
+        "trigger": ch.trigger,
+        "class_word": ch.class_word,
+        "template": cap.template,
+        "extra_tags": list(cap.extra_tags),
+        "model": cap.model,
     }
-    check_template(config["template"], "dataset.captions.template")
+    check_template(cap.template, "dataset.captions.template")
     return [
         contract.PlanNode(
             id=contract.node_id(graph.character, "caption"),
@@ -55,7 +65,7 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
             config=config,
             inputs={"curated": contract.StageOutputRef(curate.id, "curated"), **curated_image_inputs(graph)},
             outputs=("dataset", "balance"),
-            label="template captions" + (f" + {config['model']}" if config["model"] else ""),
+            label="template captions" + (f" + {cap.model}" if cap.model else ""),
         )
     ]
 
@@ -74,17 +84,20 @@ def people_words(n: int) -> str:
     return "solo" if n <= 1 else f"{n} people"
 
 
-def caption_fields(entry: dict[str, Any], config: dict[str, Any], model_text: str = "") -> dict[str, str]:
+def caption_fields(entry: dict[str, Any], config: CaptionNode | dict[str, Any], model_text: str = "") -> dict[str, str]:
+    """The template's fields for one curated record (``entry``: analysis + curate's fields)."""
     from runner.vision import shots as S
+
+    node = CaptionNode.from_dict(config)
 
     pose = S.pose_words(entry.get("pose"))
     expression = S.expression_words(entry.get("expression") or {}) if entry.get("pose") else ""
     lighting = S.lighting_words(entry.get("exposure"))
     people = people_words(int(entry.get("people") or 0))
     hints = entry.get("caption_hints") or []  # from curate (e.g. "busy background" when that stays over target)
-    attrs = [a for a in (pose, expression, lighting, people, *hints, model_text.strip(), *config.get("extra_tags", [])) if a]
+    attrs = [a for a in (pose, expression, lighting, people, *hints, model_text.strip(), *node.extra_tags) if a]
     return {
-        "trigger": config["trigger"], "class": config["class_word"], "shot": S.SHOT_WORDS.get(entry["shot"], entry["shot"]),
+        "trigger": node.trigger, "class": node.class_word, "shot": S.SHOT_WORDS.get(entry["shot"], entry["shot"]),
         "pose": pose, "expression": expression, "lighting": lighting, "people": people, "attributes": ", ".join(attrs),
     }
 
@@ -164,14 +177,15 @@ def _place_image(src: Path, dest: Path) -> None:
                report=lambda config, outputs, env: report_sections(config, outputs, env))
 def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contract.StageContext) -> dict[str, contract.Artifact]:
     """Template captions (optional captioning model) as .txt sidecars; the training dataset."""
-    check_template(config["template"], "dataset.captions.template")
+    node = CaptionNode.from_dict(config)
+    check_template(node.template, "dataset.captions.template")
     cdir = Path(inputs["curated"].path)
     out = Path(ctx.out_dir) / "dataset"
     out.mkdir(parents=True)
     bal_dir = Path(ctx.out_dir) / "balance"
     bal_dir.mkdir()
     shutil.copyfile(cdir / "balance.json", bal_dir / "balance.json")
-    captioner = ModelCaptioner(config["model"], Path(ctx.project_root)) if config.get("model") else None
+    captioner = ModelCaptioner(node.model, Path(ctx.project_root)) if node.model else None
     if captioner:
         ctx.log(f"captioning model: {captioner.ref}")
 
@@ -196,8 +210,8 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contr
 
                 with Image.open(dest) as im:
                     model_text = captioner(im.convert("RGB"))
-            fields = caption_fields(e, config, model_text)
-            caption = render_caption(config["template"], fields)
+            fields = caption_fields(e, node, model_text)
+            caption = render_caption(node.template, fields)
             (out / f"{e['id']}.txt").write_text(caption + "\n", encoding="utf-8")
             rec = {
                 "id": e["id"], "image": dest.name, "caption": caption, "shot": e["shot"],
@@ -223,9 +237,10 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contr
 def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact], env: dict[str, Any]) -> list[contract.ReportSection]:
     from runner.report.embed import thumbnail_data_uri
 
+    node = CaptionNode.from_dict(config)
     folder = Path(outputs["dataset"].path)
-    px = int(env.get("thumbnail_px", 192))
-    limit = min(int(env.get("gallery_limit", 120)), 48)
+    rep = view_of(ReportConfig, env)
+    px, limit = rep.thumbnail_px, min(rep.gallery_limit, 48)
     items = []
     total = 0
     for r in read_jsonl(folder / "dataset.jsonl"):
@@ -234,5 +249,5 @@ def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact
             items.append({"src": thumbnail_data_uri(folder / r["image"], px), "caption": r["caption"],
                           "repeats": r["repeats"], "parent": r.get("parent")})
     return [contract.ReportSection(title="Captions", template="sections/caption.html.j2", anchor="caption",
-                               context={"items": items, "total": total, "template": config["template"],
-                                        "model": config.get("model")})]
+                               context={"items": items, "total": total, "template": node.template,
+                                        "model": node.model})]
