@@ -217,7 +217,8 @@ def test_a_data_change_names_the_files():
 def test_forced_stages_rerun_and_new_forced_stages_run():
     state, digester = applied()
     p = plan(nodes_for(), state, digester, force=["side"])
-    assert actions(p) == {"hero:source": "cached", "hero:shape": "cached", "hero:side": "rerun", "hero:summary": "rerun"}
+    assert actions(p) == {"hero:source": "cached", "hero:shape": "cached", "hero:side": "rerun",
+                          "hero:summary": "rerun"}
     assert reasons(p, "hero:side") == ["forced (--force)"]
     fresh = plan(nodes_for(), MemoryState(), digester, force=["hero:sha*"])
     assert fresh.by_id("hero:shape").action == "run" and reasons(fresh, "hero:shape") == ["forced (--force)"]

@@ -381,6 +381,7 @@ class ModalTransport:
             return "", []
         return attempts[-1], parse_events(data.decode("utf-8", errors="replace"))
 
-    def invoke(self, kind: str, config: dict[str, Any], manifest: dict[str, Any], node: contract.PlanNode) -> _ModalCall:
+    def invoke(self, kind: str, config: dict[str, Any], manifest: dict[str, Any],
+               node: contract.PlanNode) -> _ModalCall:
         fn = self.stage_app.function_for(node).function
         return _ModalCall(fn.spawn(kind, config, manifest, self.stage_app.volume_name))

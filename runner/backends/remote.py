@@ -261,7 +261,7 @@ class RemoteBackend:
         for name, art in inputs.items():
             root, typ, files = _artifact_files(art)
             listing = self.digests.digest_tree(root, files)
-            for (rel, sha, _), f in zip(listing, files):
+            for (_rel, sha, _), f in zip(listing, files):
                 local[sha] = f
             manifest["inputs"][name] = {"type": typ, "files": listing, "meta": contract.jsonable(art.meta),
                                         "digest": art.digest, "fileset": bool(art.files)}
@@ -269,7 +269,7 @@ class RemoteBackend:
         proj_files = project_paths(node.config, project_root)
         if proj_files:
             listing = self.digests.digest_tree(project_root, proj_files)
-            for (rel, sha, _), f in zip(listing, proj_files):
+            for (_rel, sha, _), f in zip(listing, proj_files):
                 local[sha] = f
             manifest["project"] = listing
         return manifest, local

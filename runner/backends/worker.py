@@ -141,7 +141,8 @@ def _read_events(log_file: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     if len(events) > MAX_EVENTS:  # keep the start and the end
-        events = events[: MAX_EVENTS // 2] + [{"event": "log", "level": "info", "message": "(events elided)"}] + events[-MAX_EVENTS // 2:]
+        elided = {"event": "log", "level": "info", "message": "(events elided)"}
+        events = events[: MAX_EVENTS // 2] + [elided] + events[-MAX_EVENTS // 2:]
     return events
 
 

@@ -64,8 +64,9 @@ class RemoteFanout:
         try:
             session.__enter__()  # for Modal: app.run() (builds the image the first time)
         except Exception as exc:
-            raise ApplyError(f"could not start the Modal app for the GPU stages: {type(exc).__name__}: {exc}"
-                             " (check `modal token new` / `modal profile current`, or run with --backend local)") from None
+            raise ApplyError(f"could not start the Modal app for the GPU stages: {type(exc).__name__}: {exc}",
+                             hint="check `modal token new` / `modal profile current`, or run with --backend local"
+                             ) from None
         fan._session = session
         fan._pool = ThreadPoolExecutor(max_workers=fan.max_parallel, thread_name_prefix="remote-stage")
         return fan

@@ -161,7 +161,8 @@ def unlock(ws_dir: Path, *, force: bool = False) -> str:
         os.close(fd)
     if not holder:
         return "lock is free: nothing to clear"
-    return f"lock cleared (it was free; the record named pid {holder.get('pid')} on {holder.get('host')}, which is gone)"
+    return (f"lock cleared (it was free; the record named pid {holder.get('pid')} on {holder.get('host')}, "
+            "which is gone)")
 
 
 def _held_advice(holder: dict, lock_file: Path, force: bool) -> str:

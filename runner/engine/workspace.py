@@ -156,7 +156,8 @@ class Workspace:
         files = sorted((rel, index.sha256(rel, full, st)) for rel, full, st in _scan(root, ref.patterns, ref.recursive))
         if index.changed:
             with self.db:
-                self.db.execute("INSERT OR REPLACE INTO stat_blob VALUES (?, ?)", (root_key, marshal.dumps(index.entries)))
+                self.db.execute("INSERT OR REPLACE INTO stat_blob VALUES (?, ?)",
+                                (root_key, marshal.dumps(index.entries)))
         digest = sha256_text(canonical_json(files))
         return FileSetDigest(digest=digest, files=tuple(files), root=root)
 

@@ -123,7 +123,8 @@ def _spec_yaml(spec: dict[str, Any]) -> str:
 
 @contract.register("report", version=1, order=100, expand=expand, summarizes=True,
                description="Render the self-contained HTML report.")
-def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contract.StageContext) -> dict[str, contract.Artifact]:
+def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
+        ctx: contract.StageContext) -> dict[str, contract.Artifact]:
     """Render the self-contained HTML report."""
     rep = config.get("report", {})
     env_settings = {
@@ -205,7 +206,8 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contr
         killed_runs=killed_runs,
         total_time=total_time,
         total_cost=total_cost,
-        currency=(timeline[0].get("currency") if timeline else "") or config.get("spec", {}).get("hardware", {}).get("currency", "USD"),
+        currency=((timeline[0].get("currency") if timeline else "")
+                  or config.get("spec", {}).get("hardware", {}).get("currency", "USD")),
         run_id=ctx.run_id,
         generated=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         version=_version(),
