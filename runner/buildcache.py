@@ -2,18 +2,17 @@
 
 Used for the built-in tiny models (diffusion, CLIP/DINO, IP-Adapter, ControlNet, LTX): the build
 goes into a temporary sibling folder, a marker file is written last, and the folder is renamed
-into place under an inter-process lock, so a killed build never leaves a half-written model and
-concurrent builders wait for one another instead of racing.
+into place (:func:`runner.core.fs.replace_folder`) under an inter-process lock, so a killed build
+never leaves a half-written model and concurrent builders wait for one another instead of racing.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
+
+from runner.core.fs import replace_folder
 
 
 @contextlib.contextmanager
@@ -48,16 +47,13 @@ def build_once(final: Path, build: Callable[[Path], None], *, marker: str = "DON
     with file_lock(final.parent / f".{final.name}.lock"):
         if (final / marker).is_file():  # another process built it meanwhile
             return final
-        tmp = Path(tempfile.mkdtemp(prefix=f".build-{final.name}-", dir=final.parent))
-        try:
+
+        def fill(tmp: Path) -> None:
+            tmp.mkdir()
             build(tmp)
             for name, text in (notes or {}).items():
                 (tmp / name).write_text(text)
             (tmp / marker).write_text(marker_text)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+
+        replace_folder(final, fill)
     return final

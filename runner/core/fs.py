@@ -60,12 +60,17 @@ def copy_atomic(src: Path | str, dest: Path | str) -> None:
 def replace_folder(dest: Path, fill: Callable[[Path], Any]) -> Path:
     """Replace folder ``dest`` with a new one that ``fill(tmp)`` builds, by renames: a reader sees
     the old folder or the complete new one, and a crash while filling leaves ``dest`` as it was.
-    ``fill`` gets the path of a folder that does not exist yet (``shutil.copytree`` makes it)."""
+    ``fill`` gets the path of a folder that does not exist yet (``shutil.copytree`` makes it);
+    when it raises, what it made is removed."""
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     old = dest.with_name(f".{dest.name}.{os.getpid()}.old")
     shutil.rmtree(tmp, ignore_errors=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fill(tmp)
+    try:
+        fill(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if dest.exists():
         os.rename(dest, old)
     os.rename(tmp, dest)

@@ -27,7 +27,6 @@ loaded back with ``from_pretrained``. Its clips are noise.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -340,11 +339,12 @@ def export_mp4(frames: list, path: Path, fps: int, *, crf: int = 20) -> dict[str
     import av
     import numpy as np
 
+    from runner.core.fs import atomic_path
+
     path = Path(path)
     w, h = frames[0].size
     w2, h2 = w - w % 2, h - h % 2
-    tmp = path.with_suffix(".tmp.mp4")
-    with av.open(str(tmp), mode="w") as container:
+    with atomic_path(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=int(fps))
         stream.width, stream.height = w2, h2
         stream.pix_fmt = "yuv420p"
@@ -355,5 +355,4 @@ def export_mp4(frames: list, path: Path, fps: int, *, crf: int = 20) -> dict[str
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    os.replace(tmp, path)
     return {"width": w2, "height": h2, "frames": len(frames), "bytes": path.stat().st_size}

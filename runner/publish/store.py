@@ -27,6 +27,7 @@ import uuid
 from typing import Any, Iterator
 
 from runner.core.errors import UserError
+from runner.core.fs import atomic_write_bytes, copy_atomic
 from runner.paths import storage_url_problem
 
 
@@ -161,15 +162,17 @@ class Store:
         return info.get("type") == "file" and int(info.get("size") or -1) == size
 
     def put_blob(self, local: Any, data: bytes | None, path: str) -> None:
-        """Upload one blob; on a local folder through a temporary name, so a reader never sees
-        half a file under a hash."""
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}" if self.scheme == "file" else path
-        if data is not None:
-            self.call(f"uploading {path}", self.fs.pipe_file, tmp, data)
+        """Upload one blob; on a local folder through a temporary name (:mod:`runner.core.fs`),
+        so a reader never sees half a file under a hash."""
+        if self.scheme == "file":
+            if data is not None:
+                self.call(f"uploading {path}", atomic_write_bytes, path, data)
+            else:
+                self.call(f"uploading {path}", copy_atomic, local, path)
+        elif data is not None:
+            self.call(f"uploading {path}", self.fs.pipe_file, path, data)
         else:
-            self.call(f"uploading {path}", self.fs.put_file, str(local), tmp)
-        if tmp != path:
-            self.fs.mv(tmp, path)
+            self.call(f"uploading {path}", self.fs.put_file, str(local), path)
 
     def create_only(self, path: str, data: bytes) -> None:
         """Write ``path`` only if it does not exist (FileExistsError otherwise)."""

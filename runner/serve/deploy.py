@@ -73,17 +73,12 @@ def serving_files(target: Any) -> tuple[dict[str, Any], dict[str, Path]]:
 def prepare_target(manifest: dict[str, Any], volume_root: str | Path) -> Any:
     """In the container: copy the serving files from the volume's blobs to where the manifest's
     target expects them, and return that :class:`ServeTarget`."""
-    import shutil
-
+    from runner.core.fs import copy_atomic
     from runner.serve.character import ServeTarget
 
     for blob, dest in manifest.get("_links", []):
-        d = Path(dest)
-        if not d.is_file():
-            d.parent.mkdir(parents=True, exist_ok=True)
-            tmp = d.with_name(d.name + ".part")
-            shutil.copyfile(Path(volume_root) / blob, tmp)
-            tmp.replace(d)
+        if not Path(dest).is_file():
+            copy_atomic(Path(volume_root) / blob, dest)
     return ServeTarget.from_json({k: v for k, v in manifest.items() if not k.startswith("_")})
 
 

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from runner.core.fs import replace_folder
+from runner.core.fs import atomic_write_text, replace_folder
 from runner.paths import file_name_problem
 from runner.resources import resource_dir
 from runner.spec.errors import Problem, SpecError
@@ -74,9 +74,7 @@ def write_starter(name: str, folder: Path, *, force: bool = False) -> Path:
         trigger=trigger,
         spec_rel=path.as_posix(),
     )
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
     return path
 
 
