@@ -14,36 +14,52 @@ import json
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from runner.core import contract
+from runner.core.fs import atomic_path
+from runner.spec.config import node_field, schema_config, view_of
+from runner.spec.sections import IngestConfig, ReportConfig, spec_config
+
+
+@dataclass(frozen=True)
+class IngestSource:
+    """One image folder of the ingest node: its place in dataset.sources, path, label, recursion."""
+
+    index: int
+    path: str
+    label: str
+    recursive: bool
+
+
+@schema_config("dataset", "ingest")
+class IngestNode(IngestConfig):
+    """The ingest stage's node config: dataset.ingest plus the image folders to read."""
+
+    sources: tuple[IngestSource, ...] = node_field()
 
 
 def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.PlanNode]:
-    dataset = spec.get("dataset", {})
-    sources = [(i, s) for i, s in enumerate(dataset.get("sources", [])) if "images" in s]
+    dataset = spec_config(spec).dataset
+    sources = [IngestSource(i, s.images, s.label, s.recursive) for i, s in enumerate(dataset.sources) if s.images]
     if not sources:
         return []
-    ing = dataset.get("ingest", {})
-    inputs: dict[str, contract.InputRef] = {}
-    cfg_sources = []
-    for i, src in sources:
-        inputs[f"source{i}"] = contract.FileSetRef(
-            root=graph.project_root / src["images"],
-            patterns=("*",),
-            recursive=bool(src.get("recursive", True)),
-            spec_key=f"dataset.sources[{i}].images",
-        )
-        cfg_sources.append({"index": i, "path": src["images"], "label": src.get("label", ""),
-                            "recursive": bool(src.get("recursive", True))})
+    ing = dataset.ingest
+    inputs: dict[str, contract.InputRef] = {
+        f"source{src.index}": contract.FileSetRef(root=graph.project_root / src.path, patterns=("*",),
+                                                  recursive=src.recursive,
+                                                  spec_key=f"dataset.sources[{src.index}].images")
+        for src in sources}
     config = {
-        "sources": cfg_sources,
-        "extensions": sorted(ing.get("extensions", [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"])),
-        "max_pixels": ing.get("max_pixels", 64_000_000),
-        "max_side": ing.get("max_side", 2048),
-        "min_side": ing.get("min_side", 64),
-        "format": ing.get("format", "png"),
+        "sources": [{"index": src.index, "path": src.path, "label": src.label, "recursive": src.recursive}
+                    for src in sources],
+        "extensions": sorted(ing.extensions),
+        "max_pixels": ing.max_pixels,
+        "max_side": ing.max_side,
+        "min_side": ing.min_side,
+        "format": ing.format,
     }
     return [
         contract.PlanNode(
@@ -150,7 +166,7 @@ def normalize_image(data: bytes, *, max_pixels: int, max_side: int, min_side: in
     return im, info
 
 
-def _process(job: tuple[int, str, Path, str, int, str], cfg: dict[str, Any], images_dir: Path,
+def _process(job: tuple[int, str, Path, str, int, str], cfg: IngestNode, images_dir: Path,
              project_root: Path) -> dict[str, Any]:
     order, label, path, ext_ok, source_index, _ = job
     try:
@@ -160,26 +176,25 @@ def _process(job: tuple[int, str, Path, str, int, str], cfg: dict[str, Any], ima
     if not ext_ok:
         return {"order": order, "reject": {"source": rel_source, "reason": "unsupported file type",
                                            "detail": f"extension {path.suffix or '(none)'!r}; read: "
-                                                     + ", ".join(cfg["extensions"])}}
+                                                     + ", ".join(cfg.extensions)}}
     try:
         data = path.read_bytes()
     except OSError as exc:
         return {"order": order, "reject": {"source": rel_source, "reason": "cannot read file", "detail": exc.strerror or str(exc)}}
     sha = hashlib.sha256(data).hexdigest()
     try:
-        im, info = normalize_image(data, max_pixels=cfg["max_pixels"], max_side=cfg["max_side"], min_side=cfg["min_side"])
+        im, info = normalize_image(data, max_pixels=cfg.max_pixels, max_side=cfg.max_side, min_side=cfg.min_side)
     except _Reject as rej:
         return {"order": order, "reject": {"source": rel_source, "reason": rej.reason, "detail": rej.detail, "sha256": sha}}
     image_id = sha[:16]
-    ext = "png" if cfg["format"] == "png" else "jpg"
+    ext = "png" if cfg.format == "png" else "jpg"
     out = images_dir / f"{image_id}.{ext}"
     if not out.exists():
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.{order}")
-        if ext == "png":
-            im.save(tmp, format="PNG", compress_level=1)
-        else:
-            im.save(tmp, format="JPEG", quality=95)
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:
+            if ext == "png":
+                im.save(tmp, format="PNG", compress_level=1)
+            else:
+                im.save(tmp, format="JPEG", quality=95)
     record = {
         "id": image_id,
         "file": f"images/{out.name}",
@@ -204,20 +219,21 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contr
     images_dir.mkdir(parents=True)
     quarantine_art = ctx.out_dir / "quarantine"
     quarantine_art.mkdir()
-    exts = {e.lower() for e in config["extensions"]}
+    node = IngestNode.from_dict(config)
+    exts = {e.lower() for e in node.extensions}
 
     jobs = []
-    for src in config["sources"]:
-        art = inputs[f"source{src['index']}"]
+    for src in node.sources:
+        art = inputs[f"source{src.index}"]
         for f in art.files:
-            jobs.append((len(jobs), src.get("label", ""), Path(f), f.suffix.lower() in exts, src["index"], ""))
+            jobs.append((len(jobs), src.label, Path(f), f.suffix.lower() in exts, src.index, ""))
     if not jobs:
         ctx.warn("no files found in the image sources")
     progress = ctx.progress(len(jobs), "images")
     results: list[dict[str, Any]] = []
     workers = min(8, (os.cpu_count() or 2) * 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for res in pool.map(lambda j: _process(j, config, images_dir, ctx.project_root), jobs):
+        for res in pool.map(lambda j: _process(j, node, images_dir, ctx.project_root), jobs):
             results.append(res)
             progress.update(1)
     progress.close()
@@ -265,8 +281,8 @@ def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact
     from runner.report.embed import thumbnail_data_uri
 
     records = read_manifest(outputs["images"].path)
-    limit = env.get("gallery_limit", 120)
-    px = env.get("thumbnail_px", 192)
+    rep = view_of(ReportConfig, env)
+    limit, px = rep.gallery_limit, rep.thumbnail_px
     gallery = [
         {"src": thumbnail_data_uri(outputs["images"].path / r["file"], px),
          "caption": r["source"], "size": f"{r['orig_width']}x{r['orig_height']}"}
@@ -280,6 +296,6 @@ def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact
             template="sections/ingest.html.j2",
             anchor="ingest",
             context={"gallery": gallery, "total": len(records), "shown": len(gallery),
-                     "quarantined": quarantined, "sources": config["sources"]},
+                     "quarantined": quarantined, "sources": IngestNode.from_dict(config).sources},
         )
     ]
