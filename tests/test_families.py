@@ -263,3 +263,68 @@ def test_tiny_family_detects_trains_and_generates(name: str, tiny_cache: Path, s
         again = families.training_loss(c, batch, weighted=False)
         assert torch.equal(again, families.training_loss(c, batch, weighted=False))
         assert again.shape == (2,) and bool(torch.isfinite(again).all())
+
+
+# ---------------------------------------------------------------------------------------------
+# training predicts what the family's own sampler steps with
+
+
+def _pipeline_layouts(name: str):
+    """(model latents -> the pipeline's ``latents=`` input, its ``output_type="latent"`` output
+    -> model latents) for one flow family: each pipeline keeps latents in its own layout."""
+    import diffusers
+
+    def flux1(pipe, x):
+        return diffusers.FluxPipeline._pack_latents(x, *x.shape)
+
+    def flux1_back(pipe, out, x):
+        vsf = pipe.vae_scale_factor
+        return diffusers.FluxPipeline._unpack_latents(out, x.shape[2] * vsf, x.shape[3] * vsf, vsf)
+
+    def qwen(pipe, x):
+        return diffusers.QwenImagePipeline._pack_latents(x, *x.shape)
+
+    def qwen_back(pipe, out, x):
+        vsf = pipe.vae_scale_factor
+        return diffusers.QwenImagePipeline._unpack_latents(out, x.shape[2] * vsf, x.shape[3] * vsf, vsf).squeeze(2)
+
+    same = lambda pipe, x: x  # noqa: E731
+    return {
+        "flux1": (flux1, flux1_back),
+        "flux2": (same, lambda pipe, out, x: type(pipe)._unpack_latents_with_ids(out, pipe._prepare_latent_ids(x))),
+        "flux2_klein": (same, lambda pipe, out, x: families.get("flux2_klein").to_model_latents(pipe, out)),
+        "qwen_image": (qwen, qwen_back),
+        "z_image": (same, lambda pipe, out, x: out),
+    }[name]
+
+
+NO_CFG = {"z_image": 0.0}  # the guidance_scale that means no classifier-free guidance (else 1: none or embedded 1)
+FLOW = sorted(n for n in EXPECTED if families.get(n).objective.prediction == "flow")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FLOW)
+def test_flow_prediction_is_what_the_pipeline_steps_with(name: str, tiny_cache: Path):
+    """One Euler step of the pipeline from pure noise (sigma 1 -> 0) lands on noise - v; the
+    family's ``predict`` on the same noise, caption and sigma 1 must give that v. This checks
+    packing, position ids, the time scale and sign, and the text conditioning against diffusers'
+    own sampler."""
+    import torch
+
+    fam = families.get(name)
+    pipe = families.load_pipeline(fam, families.tiny_path(f"builtin:{fam.tiny}", tiny_cache))
+    if pipe.scheduler.config.get("shift_terminal"):  # one step cannot be stretched to a terminal sigma
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, shift_terminal=None)
+    c = families.components_of(pipe, fam)
+    raw = fam.images_to_raw(pipe, torch.zeros(1, 3, SIDE, SIDE))["mean"]
+    noise = torch.randn(fam.to_model_latents(pipe, raw).shape, generator=torch.Generator().manual_seed(3))
+    to_pipe, from_pipe = _pipeline_layouts(name)
+    prompt = "a photo of the man smiling"
+    with torch.no_grad():
+        out = pipe(prompt=prompt, num_inference_steps=1, guidance_scale=NO_CFG.get(name, 1.0), height=SIDE, width=SIDE,
+                   latents=to_pipe(pipe, noise.clone()), output_type="latent").images
+        stepped = from_pipe(pipe, out, noise)
+        batch = base.Batch(latents=noise, text=fam.collate(fam.encode_captions(pipe, [prompt])))
+        v = fam.predict(c, noise, torch.ones(1), batch)
+    assert stepped.shape == noise.shape
+    assert torch.allclose(stepped, noise - v, atol=1e-4), float((stepped - (noise - v)).abs().max())

@@ -82,7 +82,7 @@ FAMILY = Family(
     lora_targets=LORA_TARGETS,
     class_names=("ZImagePipeline",),
     hub_patterns=(r"z-image",),
-    sample=SampleDefaults(steps=8, guidance=1.0),
+    sample=SampleDefaults(steps=8, guidance=0.0),  # ZImagePipeline: pos + g (pos - neg), so 0 is no CFG (Turbo)
     size_multiple=16,
     tiny="tiny-z-image",
     tiny_version=1,
@@ -92,5 +92,6 @@ FAMILY = Family(
     predict=predict,
     collate_text=list_text,
     extra_conditioning="none besides the caption (positions come from the lists' shapes)",
-    variants={"turbo": "distilled, 8 steps, guidance 1", "base": "undistilled, ~30-50 steps with CFG"},
+    variants={"turbo": "distilled, 8 steps, guidance_scale 0 (the pipeline's CFG is pos + g (pos - neg))",
+              "base": "undistilled, ~30-50 steps with CFG"},
 )
