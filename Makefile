@@ -1,12 +1,15 @@
 # Two commands do all the setup (see README.md):
 #   make demo   creates .venv, installs character-runner, runs the built-in demo (offline, CPU)
-#   make test   creates .venv, installs character-runner with test extras, runs the test suite
+#   make test   creates .venv, installs character-runner with test extras, runs `make lint`, then
+#               the whole test suite (CI runs exactly this: .ci/run)
+#   make lint   ruff, and the architecture guards (import layers, function lengths)
+#   make test-fast  lint, then the suite without the tests marked slow (a few minutes on 2 cores)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup browser demo test clean
+.PHONY: setup browser demo lint test test-fast clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,8 +34,22 @@ setup: $(STAMP) browser
 demo: $(STAMP)
 	$(BIN)/runner apply specs/demo.yaml
 
-test: $(STAMP) browser
+# ruff with pyproject.toml's [tool.ruff] settings, and tests/test_layers.py (no import goes up a layer
+# of docs/architecture.md; no function in runner/engine over 60 lines, none in runner/ over 100).
+# Both run even when the first fails, so one call lists every problem.
+lint: $(STAMP)
+	@status=0; \
+	$(BIN)/ruff check . || status=1; \
+	$(BIN)/python -m pytest -q tests/test_layers.py || status=1; \
+	exit $$status
+
+test: lint browser
 	$(BIN)/python -m pytest -q
+
+# The fast lane: what `make test` runs but the tests marked @pytest.mark.slow (more than a few
+# seconds each: whole applies, real-photo and real-clip sweeps, the demo); `make test` runs them all.
+test-fast: lint
+	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:
 	rm -rf .runner reports/demo
