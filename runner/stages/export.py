@@ -37,40 +37,60 @@ from typing import Any
 
 from runner.core.fs import replace_folder
 from runner.core import contract
+from runner.spec.config import node_field, schema_config
+from runner.spec.sections import (BackgroundConfig, BucketsConfig, DatasetExportConfig, IdentityCropsConfig, TrainConfig,
+                                  spec_config)
 from runner.stages.common import analysis_inputs, read_jsonl
 
 FORMATS = ("kohya", "plain", "jsonl", "identity_crops")
-DEFAULT_FORMATS = ("kohya", "plain", "jsonl")
 PUBLISHED = Path("exports")  # under the workspace folder (.runner/): <character>/
 _KEY_FILE = ".export-key"
 
 
-def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.PlanNode]:
-    from runner.stages.train import train_config
+@schema_config("dataset", "export", "identity_crops")
+class IdentityCropsNode(IdentityCropsConfig):
+    """identity_crops in the export node: the section, with no background when no matting model is set."""
 
+    background: BackgroundConfig | None = node_field(None)
+
+
+@schema_config("dataset", "export")
+class ExportNode(DatasetExportConfig):
+    """The export stage's node config: dataset.export, the character's trigger and class word, and
+    the train section's resolution, buckets and model (what bucket sides must be multiples of;
+    base_model None without a train section: SD 1.x's 64)."""
+
+    identity_crops: IdentityCropsNode | None = node_field(None)  # only with the identity_crops format
+    trigger: str = node_field()
+    class_word: str = node_field()
+    resolution: int = node_field()
+    buckets: BucketsConfig = node_field()
+    base_model: str | None = node_field(None)
+    model_family: str = node_field()
+
+
+def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.PlanNode]:
     caption = graph.node(contract.node_id(graph.character, "caption"))
     if caption is None:
         return []
-    ch = spec.get("character", {})
-    ex = spec.get("dataset", {}).get("export", {})
-    section = spec.get("train")
-    train = train_config(section if isinstance(section, dict) else {}, character=graph.character,
-                         trigger=ch["trigger"], class_word=ch.get("class_word", "person"))
+    typed = spec_config(spec)
+    ch, ex = typed.character, typed.dataset.export
+    train = typed.train or TrainConfig.from_dict({})
+    formats = sorted(set(ex.formats))
     config = {
-        "formats": sorted(set(ex.get("formats", list(DEFAULT_FORMATS)))),
-        "repeats": int(ex.get("repeats", 10)),
-        "trigger": ch["trigger"],
-        "class_word": ch.get("class_word", "person"),
-        "resolution": int(train["resolution"]),
-        "buckets": train["buckets"],
-        # the model decides what bucket sides must be multiples of; no train section: SD 1.x's 64
-        "base_model": train["base_model"] if isinstance(section, dict) else None,
-        "model_family": train["model_family"],
+        "formats": formats,
+        "repeats": ex.repeats,
+        "trigger": ch.trigger,
+        "class_word": ch.class_word,
+        "resolution": train.resolution,
+        "buckets": train.buckets.to_dict(),
+        "base_model": train.base_model if typed.train else None,
+        "model_family": train.model_family,
     }
     inputs: dict[str, contract.InputRef] = {"dataset": contract.StageOutputRef(caption.id, "dataset")}
-    if "identity_crops" in config["formats"]:
-        config["identity_crops"] = identity_crops_config(ex.get("identity_crops") or {})
-        inputs.update(identity_crops_inputs(config["identity_crops"], caption, graph))
+    if "identity_crops" in formats:
+        crops = config["identity_crops"] = identity_crops_config(ex.identity_crops)
+        inputs.update(identity_crops_inputs(IdentityCropsNode.from_dict(crops), caption, graph))
     return [
         contract.PlanNode(
             id=contract.node_id(graph.character, "export"),
@@ -79,24 +99,26 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
             config=config,
             inputs=inputs,
             outputs=("export",),
-            label=", ".join(config["formats"]),
+            label=", ".join(formats),
         )
     ]
 
 
-def identity_crops_config(section: dict[str, Any]) -> dict[str, Any]:
+def identity_crops_config(section: IdentityCropsConfig | dict[str, Any]) -> dict[str, Any]:
     """The node config of ``dataset.export.identity_crops`` (defaults come from the schema)."""
-    bg = dict(section.get("background") or {})
-    if bg.get("model") and not str(bg["model"]).startswith("rembg:") and not bg.get("session"):
+    crops = IdentityCropsConfig.from_dict(section)
+    bg = crops.background
+    if bg.model and not bg.model.startswith("rembg:") and not bg.session:
         raise contract.StageError("dataset.export.identity_crops.background.session: a local or hub model needs the rembg "
                               "session it was exported for", hint="e.g. session: u2net (320 px), isnet-general-use, "
                               "birefnet-general or bria-rmbg; or use model: rembg:<session>")
-    return {"adapters": sorted(set(section["adapters"])), "max_upscale": float(section["max_upscale"]),
-            "max_yaw": float(section["max_yaw"]), "max_pitch": float(section["max_pitch"]),
-            "background": bg if bg.get("model") else None}
+    return {"adapters": sorted(set(crops.adapters)), "max_upscale": float(crops.max_upscale),
+            "max_yaw": float(crops.max_yaw), "max_pitch": float(crops.max_pitch),
+            "background": bg.to_dict() if bg.model else None}
 
 
-def identity_crops_inputs(cfg: dict[str, Any], caption: contract.PlanNode, graph: contract.GraphView) -> dict[str, contract.InputRef]:
+def identity_crops_inputs(cfg: IdentityCropsNode, caption: contract.PlanNode,
+                          graph: contract.GraphView) -> dict[str, contract.InputRef]:
     """The analysis (landmarks), curation's identity threshold and a local matting model's bytes."""
     analyze = graph.node(contract.node_id(graph.character, "analyze"))
     if analyze is None:
@@ -104,7 +126,7 @@ def identity_crops_inputs(cfg: dict[str, Any], caption: contract.PlanNode, graph
                               hint="add image sources, or drop identity_crops from dataset.export.formats")
     inputs: dict[str, contract.InputRef] = {**analysis_inputs(graph),  # analyze's records and extracted frames'
                                         "balance": contract.StageOutputRef(caption.id, "balance")}
-    model = (cfg.get("background") or {}).get("model") or ""
+    model = (cfg.background.model if cfg.background else None) or ""
     p = graph.project_root / model
     if model and not model.startswith("rembg:") and p.exists():
         inputs["matting_model"] = contract.FileSetRef(root=p, patterns=("*",), recursive=True,
@@ -112,28 +134,28 @@ def identity_crops_inputs(cfg: dict[str, Any], caption: contract.PlanNode, graph
     return inputs
 
 
-def _export_identity_crops(records: list[dict], ddir: Path, out: Path, config: dict[str, Any],
+def _export_identity_crops(records: list[dict], ddir: Path, out: Path, config: ExportNode,
                            inputs: dict[str, contract.Artifact], ctx) -> dict[str, Any]:
     from runner.vision import identity_crops as IC
 
-    cfg = config["identity_crops"]
+    cfg = config.identity_crops or IdentityCropsNode.from_dict(identity_crops_config({}))
     adir = Path(inputs["analysis"].path)
     summary = json.loads((adir / "summary.json").read_text(encoding="utf-8"))
     balance = json.loads((Path(inputs["balance"].path) / "balance.json").read_text(encoding="utf-8"))
     wanted = {r["id"] for r in records}
     analysis = {r["id"]: r for name in sorted(n for n in inputs if n.startswith("analysis"))
                 for r in read_jsonl(Path(inputs[name].path) / "records.jsonl") if r["id"] in wanted}
-    settings = IC.Settings(adapters=cfg["adapters"], max_upscale=cfg["max_upscale"], max_yaw=cfg["max_yaw"],
-                           max_pitch=cfg["max_pitch"], identity_threshold=balance.get("identity_threshold"),
+    settings = IC.Settings(adapters=list(cfg.adapters), max_upscale=cfg.max_upscale, max_yaw=cfg.max_yaw,
+                           max_pitch=cfg.max_pitch, identity_threshold=balance.get("identity_threshold"),
                            backend=summary.get("backend", ""))
-    bg = cfg.get("background")
+    bg = cfg.background
     if bg:
         from runner.vision.matting import check_color, load_matting
 
         key = "dataset.export.identity_crops.background"
-        settings.color = check_color(bg["color"], f"{key}.color")
-        settings.output = bg["output"]
-        settings.matting = load_matting(bg["model"], bg.get("session"), Path(ctx.project_root), key=f"{key}.model")
+        settings.color = check_color(bg.color, f"{key}.color")
+        settings.output = bg.output
+        settings.matting = load_matting(bg.model, bg.session, Path(ctx.project_root), key=f"{key}.model")
         if settings.matting.info["tiny_random_model"]:
             ctx.warn(f"{key}.model is a tiny random model: its masks are noise")
     if settings.identity_threshold is None:
@@ -167,22 +189,23 @@ def kohya_folder_name(repeats: int, trigger: str, class_word: str) -> str:
     return f"{repeats}_{trigger} {class_word}".strip()
 
 
-def bucket_settings_of(config: dict[str, Any], ctx: contract.StageContext | None = None):
+def bucket_settings_of(config: ExportNode | dict[str, Any], ctx: contract.StageContext | None = None):
     """The trainer's bucket settings for this export's train section (see BucketSettings)."""
     from runner.diffusion.data import bucket_settings
 
+    node = ExportNode.from_dict(config)
     multiple = 64
-    if config.get("base_model"):
+    if node.base_model:
         try:
             from runner.diffusion.models import ModelLoadError, size_multiple
 
-            multiple = size_multiple(config["base_model"], family=config.get("model_family", "auto"),
-                                     cache_dir=getattr(ctx, "cache_dir", None), project_root=getattr(ctx, "project_root", None))
+            multiple = size_multiple(node.base_model, family=node.model_family, cache_dir=getattr(ctx, "cache_dir", None),
+                                     project_root=getattr(ctx, "project_root", None))
         except (ImportError, ModelLoadError, OSError, KeyError, ValueError) as exc:
             if ctx is not None:
-                ctx.warn(f"export: could not read the size multiple of {config['base_model']} ({exc}); "
+                ctx.warn(f"export: could not read the size multiple of {node.base_model} ({exc}); "
                          "dataset_config.toml assumes 64 (SD 1.x)")
-    return bucket_settings(config["resolution"], config["buckets"], multiple=multiple)
+    return bucket_settings(node.resolution, node.buckets, multiple=multiple)
 
 
 def dataset_config_toml(subsets: list[tuple[str, int]], *, buckets: dict[str, Any], resolution: int,
@@ -253,22 +276,23 @@ def write_tool_configs(out: Path, summary: dict[str, Any], root: str = "") -> No
                                              encoding="utf-8")
 
 
-def _export_kohya(records: list[dict], ddir: Path, out: Path, config: dict[str, Any], ctx) -> dict[str, Any]:
+def _export_kohya(records: list[dict], ddir: Path, out: Path, config: ExportNode, ctx) -> dict[str, Any]:
     img_root = out / "kohya" / "img"
     img_root.mkdir(parents=True)
     subsets: dict[int, str] = {}
     for r in records:
-        reps = config["repeats"] * _image_repeats(r)
+        reps = config.repeats * _image_repeats(r)
         if reps not in subsets:
-            subsets[reps] = kohya_folder_name(reps, config["trigger"], config["class_word"])
+            subsets[reps] = kohya_folder_name(reps, config.trigger, config.class_word)
             (img_root / subsets[reps]).mkdir()
         r["_kohya"] = f"kohya/img/{subsets[reps]}/{r['id'].replace('_', '')}"
         _link(ddir / r["image"], out / f"{r['_kohya']}.png")
         _link(ddir / f"{Path(r['image']).stem}.txt", out / f"{r['_kohya']}.txt")
     settings = bucket_settings_of(config, ctx)
     return {"subsets": [(subsets[k], k) for k in sorted(subsets)], "buckets": settings.kohya(),
-            "resolution": config["resolution"], "class_tokens": f"{config['trigger']} {config['class_word']}".strip(),
-            "folders": {subsets[k]: sum(1 for r in records if config["repeats"] * _image_repeats(r) == k) for k in sorted(subsets)}}
+            "resolution": config.resolution, "class_tokens": f"{config.trigger} {config.class_word}".strip(),
+            "folders": {subsets[k]: sum(1 for r in records if config.repeats * _image_repeats(r) == k)
+                        for k in sorted(subsets)}}
 
 
 def _export_plain(records: list[dict], ddir: Path, out: Path) -> dict[str, Any]:
@@ -289,27 +313,28 @@ def _export_plain(records: list[dict], ddir: Path, out: Path) -> dict[str, Any]:
                publish=lambda config, outputs, dest: publish(outputs["export"].path, dest))
 def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contract.StageContext) -> dict[str, contract.Artifact]:
     """Trainer-ready folders: kohya sd-scripts, image+txt (ai-toolkit, OneTrainer), metadata.jsonl."""
-    unknown = [f for f in config["formats"] if f not in FORMATS]
+    node = ExportNode.from_dict(config)
+    unknown = [f for f in node.formats if f not in FORMATS]
     if unknown:
         raise contract.StageError(f"dataset.export.formats: unknown format {unknown[0]!r}", hint="use " + ", ".join(FORMATS))
-    if "_" in config["trigger"] and "kohya" in config["formats"]:
-        ctx.warn(f"trigger {config['trigger']!r} contains '_': sd-scripts splits '<repeats>_<name>' at the first '_', "
+    if "_" in node.trigger and "kohya" in node.formats:
+        ctx.warn(f"trigger {node.trigger!r} contains '_': sd-scripts splits '<repeats>_<name>' at the first '_', "
                  "which still works, but check the class tokens in dataset_config.toml")
     ddir = Path(inputs["dataset"].path)
     out = Path(ctx.out_dir) / "export"
     out.mkdir(parents=True)
     records = list(read_jsonl(ddir / "dataset.jsonl"))
-    formats = set(config["formats"])
+    formats = set(node.formats)
     summary: dict[str, Any] = {"images": len(records), "formats": sorted(formats), "name": ctx.character,
-                               "resolution": config["resolution"]}
+                               "resolution": node.resolution}
     if "kohya" in formats:
-        summary["kohya"] = _export_kohya(records, ddir, out, config, ctx)
+        summary["kohya"] = _export_kohya(records, ddir, out, node, ctx)
         summary["kohya_folders"] = summary["kohya"]["folders"]
     if "plain" in formats:
         summary["plain"] = _export_plain(records, ddir, out)
     write_tool_configs(out, summary)
     if "identity_crops" in formats:
-        summary["identity_crops"] = _export_identity_crops(records, ddir, out, config, inputs, ctx)
+        summary["identity_crops"] = _export_identity_crops(records, ddir, out, node, inputs, ctx)
     if "jsonl" in formats:
         with (out / "metadata.jsonl").open("w", encoding="utf-8") as fh:
             for r in records:
