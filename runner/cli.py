@@ -1,9 +1,10 @@
 """The `runner` command. Thin: parse arguments, call the library, print.
 
 Every command is a library call that a test can make without a terminal; errors the user can fix
-print a message and exit non-zero, never a traceback:
+(every :class:`runner.core.errors.UserError`) print their message and hint and exit with the
+error's ``exit_code``, never a traceback:
   exit 0  success (plan --detailed-exitcode: no changes)
-  exit 1  a stage failed
+  exit 1  a stage failed, or another expected failure (storage unreachable, a model not cached)
   exit 2  bad spec or request (plan --detailed-exitcode: changes present)
   exit 3  the workspace is locked by another runner
   exit 4  runner publish: the tag is already published with other content
@@ -463,7 +464,8 @@ def compare(refs: tuple[str, ...], out: str | None, project: str | None) -> None
             run_id = (ws.last_run_id() if ws.exists() else None) if ref == "latest" else ref
             runs_found = evaluations_of_run(ws, run_id) if run_id and ws.exists() else []
             if not runs_found:
-                raise BadRequest(f"{ref!r} is neither an evaluation folder nor a run with evaluate outputs (see `runner runs`)")
+                raise BadRequest(f"{ref!r} is neither an evaluation folder nor a run with evaluate outputs "
+                                 "(see `runner runs`)")
             sources += runs_found
         if len(sources) < 2:
             raise BadRequest(f"found {len(sources)} evaluation(s); a comparison needs at least two")
@@ -578,14 +580,11 @@ def serve(spec: str, host: str, port: int, checkpoint: str | None, device: str, 
 def deploy(spec: str, checkpoint: str | None, token_secret: str, app_name: str | None, min_containers: int,
            allow_outside_project: bool) -> None:
     """Deploy SPEC's generation API as a Modal web endpoint."""
-    from runner.backends.modal_backend import ModalUnavailable, require_credentials
+    from runner.backends.modal_backend import require_credentials
     from runner.serve.character import resolve_target
     from runner.serve.deploy import deploy as do_deploy
 
-    try:
-        require_credentials("runner deploy")
-    except ModalUnavailable as exc:
-        raise BadRequest(str(exc)) from None
+    require_credentials("runner deploy")
     s = _one_spec((spec,), allow_outside_project)
     target = resolve_target(s, checkpoint=checkpoint)
     for w in target.warnings:
@@ -750,10 +749,6 @@ def main(argv: list[str] | None = None) -> None:
     # users of a finished pipeline; set these to "info" to see it again.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    from runner.engine.executor import ApplyError
-    from runner.engine.lock import LockHeld
-    from runner.plan.graph import GraphError
-
     try:
         cli.main(args=argv, prog_name="runner", standalone_mode=False)
     except click.exceptions.Exit as exc:
@@ -764,12 +759,6 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         _echo_err("aborted")
         sys.exit(130)
-    except (ApplyError, GraphError) as exc:
-        _echo_err(f"error: {exc}")
-        sys.exit(2)
-    except LockHeld as exc:
-        _echo_err(f"error: {exc}")
-        sys.exit(3)
     except KeyboardInterrupt:
         _echo_err("interrupted: finished stages are kept; the next apply continues from there")
         sys.exit(130)

@@ -37,7 +37,10 @@ DEFAULTS = {"volume": "character-runner-store", "secrets": [], "timeout_s": 1440
 
 
 class ModalUnavailable(UserError):
-    """Modal cannot be used from here (no credentials, no SDK); the message says what to do."""
+    """Modal cannot be used from here (no credentials, no SDK); the message says what to do.
+    Exit 2: the request cannot be carried out as given (like `runner deploy` without a token)."""
+
+    exit_code = 2
 
 
 # ----------------------------------------------------------------------------- credentials
