@@ -33,6 +33,7 @@ from runner.diffusion.families.base import (  # noqa: F401  (the package's publi
     SampleDefaults,
     TextEncoding,
     add_lora,
+    save_lora,
     components_of,
     training_loss,
     unmatched_targets,

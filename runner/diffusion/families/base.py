@@ -344,3 +344,22 @@ def add_lora(c: Components, *, rank: int, alpha: float | None = None, targets=No
                       init_lora_weights="gaussian", target_modules=targets)
     c.denoiser.add_adapter(conf)
     return conf
+
+
+def save_lora(c: Components, folder, *, weight_name: str | None = None):
+    """Write the denoiser's LoRA as the diffusers file ``<Pipeline>.load_lora_weights`` reads
+    (``<denoiser>.<module>.lora_A/B.weight``; alpha / r folded into lora_B, so readers that
+    ignore the adapter metadata apply the trained strength). Returns the file's path."""
+    from pathlib import Path
+
+    from peft.utils import get_peft_model_state_dict
+
+    from runner.diffusion.lora import DIFFUSERS_FILE, _fold_alpha
+
+    weight_name = weight_name or DIFFUSERS_FILE
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(c.denoiser).items()}
+    sd, meta = _fold_alpha(sd, c.denoiser.peft_config["default"].to_dict())
+    name = c.family.denoiser
+    type(c.pipe).save_lora_weights(str(folder), weight_name=weight_name, safe_serialization=True,
+                                   **{f"{name}_lora_layers": sd, f"{name}_lora_adapter_metadata": meta})
+    return Path(folder) / weight_name
