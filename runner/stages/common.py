@@ -17,6 +17,7 @@ from typing import Any
 
 from runner.core import contract
 from runner.paths import list_files
+from runner.spec.sections import CurationConfig
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -165,27 +166,33 @@ def stage_gpu(spec: dict[str, Any], kind: str) -> str | None:
 def face_options(spec: dict[str, Any], override: str | None = None) -> dict[str, Any]:
     """The face backend of identity checks on generated images (evaluate's, storyboard's, video's):
     ``override`` or evaluate.face_model, with dataset.analysis's detector settings."""
-    analysis = (spec.get("dataset") or {}).get("analysis") or {}
-    ev = spec.get("evaluate") or {}
+    from runner.spec.sections import EvaluateConfig
+
+    analysis = _analysis(spec)
+    ev = EvaluateConfig.from_dict(spec.get("evaluate") or {})
     return {
-        "name": override or ev.get("face_model") or "auto",
-        "insightface_pack": ev.get("insightface_pack") or analysis.get("insightface_pack", "buffalo_l"),
-        "insightface_root": ev.get("insightface_root") or analysis.get("insightface_root", "~/.insightface"),
-        "dlib_detector": analysis.get("dlib_detector", "hog"),
-        "upsample": int(analysis.get("upsample", 1)),
+        "name": override or ev.face_model or "auto",
+        "insightface_pack": ev.insightface_pack or analysis.insightface_pack,
+        "insightface_root": ev.insightface_root or analysis.insightface_root,
+        "dlib_detector": analysis.dlib_detector,
+        "upsample": int(analysis.upsample),
     }
+
+
+def _analysis(spec: dict[str, Any]):
+    from runner.spec.sections import AnalysisConfig
+
+    return AnalysisConfig.from_dict((spec.get("dataset") or {}).get("analysis") or {})
 
 
 def backend_options(analysis: dict[str, Any]) -> dict[str, Any]:
     """The face backend of dataset analysis (analyze's and extract's), from dataset.analysis."""
-    return {
-        "name": analysis.get("backend", "auto"),
-        "dlib_detector": analysis.get("dlib_detector", "hog"),
-        "upsample": int(analysis.get("upsample", 1)),
-        "insightface_pack": analysis.get("insightface_pack", "buffalo_l"),
-        "insightface_root": analysis.get("insightface_root", "~/.insightface"),
-        "max_side": int(analysis.get("max_analysis_side", 1600)),
-    }
+    from runner.spec.sections import AnalysisConfig
+
+    a = AnalysisConfig.from_dict(analysis)
+    return {"name": a.backend, "dlib_detector": a.dlib_detector, "upsample": int(a.upsample),
+            "insightface_pack": a.insightface_pack, "insightface_root": a.insightface_root,
+            "max_side": int(a.max_analysis_side)}
 
 
 def resolve_pack(opts: dict[str, Any], project_root: Path) -> dict[str, Any]:
@@ -248,15 +255,8 @@ def load_embedder(ref: str, ctx: contract.StageContext, key: str, device: str = 
 
 # --------------------------------------------------------------------------- curation rules
 
-# dataset.curation's settings as curate and extract apply them.
-CURATION_DEFAULTS = {
-    "identity_threshold": None,
-    "require_face": True,
-    "dedupe_hamming": 6,
-    "min_face_px": 48,
-    "min_blur": 30.0,
-    "max_clipped": 0.25,
-}
+# dataset.curation's settings as curate and extract apply them (the schema's defaults).
+CURATION_DEFAULTS = CurationConfig.from_dict({}).to_dict()
 
 
 def quality_score(rec: dict[str, Any]) -> float:

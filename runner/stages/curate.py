@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.core import contract
+from runner.spec.sections import CurationConfig, ShotsConfig
 from runner.stages.common import CURATION_DEFAULTS as DEFAULTS
 from runner.stages.common import (
     analysis_inputs,
@@ -52,8 +53,8 @@ from runner.stages.common import (
 from runner.vision import balance as B
 from runner.vision import shots as S
 
-SHOT_DEFAULTS = {"strategy": "report", "targets": {}, "augment_min_side": 384, "max_repeats": 20,
-                 "allow_flips": False}
+# dataset.shots's settings as the balance strategies read them (the schema's defaults).
+SHOT_DEFAULTS = ShotsConfig.from_dict({}).to_dict()
 CAPTION_HINTS = {"complex_background": "busy background"}  # flag -> words its captions get when it stays over
 SIDED = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 
@@ -63,11 +64,11 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
     analyze = graph.node(contract.node_id(graph.character, "analyze"))
     if not dataset.get("sources") or analyze is None:
         return []
-    cur = {**DEFAULTS, **dataset.get("curation", {})}
-    shots = {**SHOT_DEFAULTS, **dataset.get("shots", {})}
-    config = {**cur, "strategy": shots["strategy"], "targets": {k: list(v) for k, v in sorted(shots["targets"].items())},
-              "augment_min_side": shots["augment_min_side"], "max_repeats": shots["max_repeats"],
-              "allow_flips": bool(shots["allow_flips"]), "sided_traits": sided_traits(spec, shots)}
+    shots = ShotsConfig.from_dict(dataset.get("shots") or {})
+    config = {**CurationConfig.from_dict(dataset.get("curation") or {}).to_dict(),
+              "strategy": shots.strategy, "targets": {k: list(v) for k, v in sorted(shots.targets.items())},
+              "augment_min_side": shots.augment_min_side, "max_repeats": shots.max_repeats,
+              "allow_flips": bool(shots.allow_flips), "sided_traits": sided_traits(spec, shots.to_dict())}
     inputs: dict[str, contract.InputRef] = analysis_inputs(graph)
     review = review_section(graph, "dataset")
     if review:
@@ -112,7 +113,8 @@ def reviewer_decisions(review: dict[str, Any], ids: set[str]) -> tuple[dict[str,
     wanted = {**review.get("identity", {}), **review.get("images", {})}
     decided = {i: d for i, d in wanted.items() if i in ids}
     # A video frame the reviewer dropped is gone because video_identity applied the drop.
-    gone = {i for i, d in review.get("identity", {}).items() if d.get("decision") == "drop" and i not in review.get("images", {})}
+    gone = {i for i, d in review.get("identity", {}).items()
+            if d.get("decision") == "drop" and i not in review.get("images", {})}
     missing = [{"image_id": i, **d} for i, d in sorted(wanted.items()) if i not in ids and i not in gone]
     return decided, missing
 
@@ -276,7 +278,8 @@ def _crop_candidates(job: Balancing) -> list[tuple[dict[str, Any], tuple]]:
         with Image.open(_source_path(p, job)) as im:
             rgb = im.convert("RGB")
             for shot, box in boxes:
-                cands.append((_crop_entry(p, job.records[p["id"]], rgb.crop(box), shot, box), (0, -p["quality"], p["id"], shot)))
+                entry = _crop_entry(p, job.records[p["id"]], rgb.crop(box), shot, box)
+                cands.append((entry, (0, -p["quality"], p["id"], shot)))
     return cands
 
 
@@ -296,7 +299,8 @@ def _crop_boxes(p: dict[str, Any], min_side: int) -> list[tuple[str, tuple[int, 
     return out
 
 
-def _crop_entry(parent: dict[str, Any], rec: dict[str, Any], crop, shot: str, box: tuple[int, int, int, int]) -> dict[str, Any]:
+def _crop_entry(parent: dict[str, Any], rec: dict[str, Any], crop, shot: str,
+                box: tuple[int, int, int, int]) -> dict[str, Any]:
     """The entry of a crop: the parent's faces moved into the crop, flags measured on its pixels."""
     import numpy as np
 
@@ -310,13 +314,15 @@ def _crop_entry(parent: dict[str, Any], rec: dict[str, Any], crop, shot: str, bo
         if nb[2] > 0 and nb[3] > 0 and nb[0] < w and nb[1] < h:
             faces.append({**f, "box": nb, "truncation": M.truncation(nb, w, h), "landmarks_outside": None})
     faces.sort(key=lambda f: (f["box"][2] - f["box"][0]) * (f["box"][3] - f["box"][1]), reverse=True)
-    flags = S.image_flags(faces, 0 if faces else None, M.background_edge_density(np.asarray(crop), [f["box"] for f in faces]))
+    edges = M.background_edge_density(np.asarray(crop), [f["box"] for f in faces])
+    flags = S.image_flags(faces, 0 if faces else None, edges)
     main_h = (faces[0]["box"][3] - faces[0]["box"][1]) if faces else 0
     cid = hashlib.sha256(f"{parent['id']}:{shot}:{box}".encode()).hexdigest()[:16]
     return {
         **parent, "id": cid, "input": None, "file": f"crops/{cid}.png", "width": w, "height": h,
         "shot": shot, "categories": S.categories_of(shot, flags), "flags": flags, "repeats": 1,
-        "parent": parent["id"], "crop_box": list(box), "mirrored": False, "face_box": faces[0]["box"] if faces else None,
+        "parent": parent["id"], "crop_box": list(box), "mirrored": False,
+        "face_box": faces[0]["box"] if faces else None,
         "people": sum(1 for f in faces if (f["box"][3] - f["box"][1]) >= S.SUBSTANTIAL_FACE * main_h),
     }
 
@@ -429,7 +435,8 @@ def _advice(s: B.Shortfall, strategy: str, cfg: dict[str, Any]) -> str:
         if strategy == "augment" and s.count and not cfg.get("allow_flips"):
             words += " (or set dataset.shots.allow_flips for mirrored copies, if the character is symmetric)"
         return words
-    words = f"add images that are not {B.label(s.category)}" + ("" if strategy == "select" else ", or use strategy select")
+    words = (f"add images that are not {B.label(s.category)}"
+             + ("" if strategy == "select" else ", or use strategy select"))
     if s.category in CAPTION_HINTS and strategy == "augment":
         words += ("; augment cannot replace a background (that needs person segmentation, which the runner does "
                   f"not do), so the captions of these images name the {CAPTION_HINTS[s.category]}")
@@ -450,7 +457,8 @@ class Sorting:
 @contract.register("curate", version=2, order=30, expand=expand,
                description="Identity filter, near-duplicate removal, quality gates and shot balance.",
                report=lambda config, outputs, env: report_sections(config, outputs, env))
-def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contract.StageContext) -> dict[str, contract.Artifact]:
+def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
+        ctx: contract.StageContext) -> dict[str, contract.Artifact]:
     """Identity filter, near-duplicate removal, quality gates and shot balance."""
     cfg = {**DEFAULTS, **SHOT_DEFAULTS, **config}
     adir = Path(inputs["analysis"].path)
@@ -541,8 +549,9 @@ def _filter(records: list[dict[str, Any]], decided: dict[str, dict[str, Any]], c
 def _deduped_entries(sorting: Sorting, decided: dict[str, dict[str, Any]], cfg: dict[str, Any]) -> list[dict[str, Any]]:
     survivors, dups = dedupe(sorting.survivors, int(cfg["dedupe_hamming"]))
     for rec, keeper, dist in dups:
-        sorting.rejected.append(_reject(rec, "near-duplicate", f"phash distance {dist} <= {cfg['dedupe_hamming']} from "
-                                                               f"{keeper.get('source') or keeper['id']} (kept: better quality)"))
+        detail = (f"phash distance {dist} <= {cfg['dedupe_hamming']} from "
+                  f"{keeper.get('source') or keeper['id']} (kept: better quality)")
+        sorting.rejected.append(_reject(rec, "near-duplicate", detail))
     entries = [_entry(r) for r in sorting.forced + survivors]
     for e in entries:
         dec = decided.get(e["id"])
@@ -607,8 +616,8 @@ def _report_run(ctx: contract.StageContext, balance: dict[str, Any], after: Any,
     if shortfalls:
         ctx.warn("shot balance off target after curation: " + "; ".join(shortfalls))
     reasons = balance["rejected_by_reason"]
-    ctx.log(f"{balance['kept']} kept ({balance['crops']} crops, {balance['mirrors']} mirrored), {balance['rejected']} rejected: "
-            + ", ".join(f"{v} {k}" for k, v in sorted(reasons.items())))
+    ctx.log(f"{balance['kept']} kept ({balance['crops']} crops, {balance['mirrors']} mirrored), "
+            f"{balance['rejected']} rejected: " + ", ".join(f"{v} {k}" for k, v in sorted(reasons.items())))
 
 
 # --------------------------------------------------------------------------- report
@@ -618,7 +627,8 @@ def read_balance(folder: Path) -> dict[str, Any]:
     return json.loads((Path(folder) / "balance.json").read_text(encoding="utf-8"))
 
 
-def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact], env: dict[str, Any]) -> list[contract.ReportSection]:
+def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact],
+                    env: dict[str, Any]) -> list[contract.ReportSection]:
     from runner.report.embed import thumbnail_data_uri
 
     folder = Path(outputs["curated"].path)
@@ -650,8 +660,10 @@ def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact
             anchor="curate",
             context={
                 "balance": bal,
-                "chart_before": balance_chart(bal["before"], "Shot balance after filtering" + (" (before balancing)" if show_after else "")),
-                "chart_after": balance_chart(bal["after"], f"After {bal['strategy']}" + (" (effective, with repeats)" if bal["strategy"] == "reweight" else "")) if show_after else None,
+                "chart_before": balance_chart(bal["before"], "Shot balance after filtering"
+                                              + (" (before balancing)" if show_after else "")),
+                "chart_after": balance_chart(bal["after"], f"After {bal['strategy']}" + (
+                    " (effective, with repeats)" if bal["strategy"] == "reweight" else "")) if show_after else None,
                 "rejected": rejected,
                 "crops": crops,
             },

@@ -37,6 +37,7 @@ from typing import Any
 from runner.core import contract
 from runner.core.device import choose_device
 from runner.core.fs import atomic_write_text
+from runner.spec.sections import CharacterConfig, EvaluateConfig, HardwareConfig
 from runner.stages.common import (
     IMAGE_EXTENSIONS,
     face_backend,
@@ -63,14 +64,20 @@ BEST_METRICS = ("face_similarity", "no_face_rate", "clip_t", "clip_score", "clip
 
 def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.PlanNode]:
     """One evaluate node per train node, when the spec has an ``evaluate`` section."""
-    ev = spec.get("evaluate")
     trains = graph.nodes_of("train")
-    if not isinstance(ev, dict) or not trains:
+    if not isinstance(spec.get("evaluate"), dict) or not trains:
         return []
-    character = spec.get("character", {})
-    refs = _references_of(character)
-    rendered = _rendered_suite(ev, character, graph)
-    config = _node_config(spec, ev, rendered, refs)
+    ev = EvaluateConfig.from_dict(spec["evaluate"])
+    character = CharacterConfig.from_dict(spec["character"])
+    if not character.references:
+        raise contract.StageError(
+            "evaluate: character.references is empty; face similarity, CLIP-I and DINO compare "
+            "generated images with the character's reference images",
+            hint="Add reference photos (files or folders) under character.references, or remove the evaluate section.",
+        )
+    # The suite as written (a name, a file or inline categories) is what load_suite reads.
+    rendered = _rendered_suite(spec["evaluate"].get("suite", ev.suite), ev, character, graph)
+    config = _node_config(spec, ev, character, rendered)
     n_images = len(rendered.prompts) * len(config["seeds"]) * len(config["lora_scales"])
     label = (f"{len(rendered.categories)} categories x {len(rendered.prompts)} prompts x {len(config['seeds'])} seeds "
              f"x {len(config['lora_scales'])} scales = {n_images} images per checkpoint")
@@ -91,66 +98,53 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
     return nodes
 
 
-def _references_of(character: dict[str, Any]) -> list[str]:
-    refs = list(character.get("references", []) or [])
-    if not refs:
-        raise contract.StageError(
-            "evaluate: character.references is empty; face similarity, CLIP-I and DINO compare "
-            "generated images with the character's reference images",
-            hint="Add reference photos (files or folders) under character.references, or remove the evaluate section.",
-        )
-    return refs
-
-
-def _rendered_suite(ev: dict[str, Any], character: dict[str, Any], graph: contract.GraphView):
+def _rendered_suite(suite: Any, ev: EvaluateConfig, character: CharacterConfig, graph: contract.GraphView):
     """The prompt suite with the trigger and class word filled in (runner.eval.suites)."""
     from runner.eval.suites import load_suite, render_suite
 
-    suite = load_suite(ev.get("suite", "builtin"), project_root=graph.project_root)
     return render_suite(
-        suite,
-        trigger=character["trigger"],
-        class_word=character.get("class_word", "person"),
-        categories=list(ev.get("categories") or []) or None,
-        prompts_per_category=ev.get("prompts_per_category"),
-        default_negative=ev.get("negative_prompt", ""),
+        load_suite(suite, project_root=graph.project_root),
+        trigger=character.trigger,
+        class_word=character.class_word,
+        categories=list(ev.categories) or None,
+        prompts_per_category=ev.prompts_per_category,
+        default_negative=ev.negative_prompt,
     )
 
 
-def _node_config(spec: dict[str, Any], ev: dict[str, Any], rendered: Any, refs: list[str]) -> dict[str, Any]:
+def _node_config(spec: dict[str, Any], ev: EvaluateConfig, character: CharacterConfig,
+                 rendered: Any) -> dict[str, Any]:
     """What every evaluate node of the spec runs with (the variant is added per node)."""
     from runner.eval import selection
+    from runner.spec.config import to_plain
 
-    character = spec["character"]
-    targets = ev.get("targets") or {}
-    objective = {"maximize": "face_similarity", "constraints": {}, **(ev.get("objective") or {})}
+    targets = to_plain(ev.targets)
+    objective = ev.objective.to_dict()
     selection.validate_targets(targets, rendered.categories)
     selection.validate_objective(objective, rendered.categories)
-    seeds = list(ev.get("seeds", [1, 2]))
-    scales = list(ev.get("lora_scales", [1.0]))
-    if not seeds or not scales:
+    if not ev.seeds or not ev.lora_scales:
         raise contract.StageError("evaluate: seeds and lora_scales need at least one value each",
                                   hint="e.g. seeds: [1, 2], lora_scales: [0.8, 1.0]")
     return {
-        "trigger": character["trigger"],
-        "class_word": character.get("class_word", "person"),
+        "trigger": character.trigger,
+        "class_word": character.class_word,
         "suite": {"source": rendered.source, "prompts": [p.to_dict() for p in rendered.prompts]},
-        "seeds": [int(s) for s in seeds],
-        "lora_scales": [float(s) for s in scales],
-        "checkpoints": ev.get("checkpoints", "all"),
-        "steps": int(ev.get("steps", 30)),
-        "guidance": float(ev.get("guidance", 7.0)),
-        "resolution": ev.get("resolution"),
-        "batch_size": int(ev.get("batch_size", 4)),
+        "seeds": [int(s) for s in ev.seeds],
+        "lora_scales": [float(s) for s in ev.lora_scales],
+        "checkpoints": ev.checkpoints,
+        "steps": int(ev.steps),
+        "guidance": float(ev.guidance),
+        "resolution": ev.resolution,
+        "batch_size": int(ev.batch_size),
         # Only changes speed: left out of the stage's key (unkeyed) and the cell key.
-        "face_workers": int(ev.get("face_workers", 0)),
+        "face_workers": int(ev.face_workers),
         "face": face_options(spec),
-        "clip_model": ev.get("clip_model", "openai/clip-vit-large-patch14"),
-        "dino_model": ev.get("dino_model", "facebook/dino-vits16"),
+        "clip_model": ev.clip_model,
+        "dino_model": ev.dino_model,
         "targets": targets,
         "objective": objective,
-        "references": refs,
-        "device": (spec.get("hardware") or {}).get("device", "auto"),
+        "references": list(character.references),
+        "device": HardwareConfig.from_dict(spec.get("hardware") or {}).device,
     }
 
 

@@ -24,15 +24,18 @@ import glob
 import json
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from runner.core import contract
-from runner.stages.common import review_section
+from runner.stages.common import IMAGE_EXTENSIONS, rel_path, review_section, write_jsonl
 
 KIND = "video_identity"
-VERSION = 3  # 2: anchor_001.jpg / cov_<bucket>.jpg / challenge_001.jpg layout, meta.json fields (issue 15); 3: turned faces admitted by track continuity, "identity" in meta
-REFERENCE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+# 2: anchor_001.jpg / cov_<bucket>.jpg / challenge_001.jpg layout, meta.json fields (issue 15);
+# 3: turned faces admitted by track continuity, "identity" in meta
+VERSION = 3
+REFERENCE_EXTS = IMAGE_EXTENSIONS
 
 def video_option_defaults() -> dict[str, Any]:
     """``dataset.sources[].video_options`` defaults, read from the schema (where spec defaults live)."""
@@ -135,12 +138,6 @@ def _return_backends(key: tuple, backends: list[Any]) -> None:
         _SPARE_BACKENDS.setdefault(key, []).extend(backends)
 
 
-def _sha256_file(path: Path) -> str:
-    from runner.core.hashing import file_sha256
-
-    return file_sha256(path)
-
-
 def _reference_embeddings(files: list[Path], backend: Any, ctx: contract.StageContext) -> list[Any]:
     import numpy as np
     from PIL import Image, ImageOps
@@ -161,93 +158,129 @@ def _reference_embeddings(files: list[Path], backend: Any, ctx: contract.StageCo
     return out
 
 
-def _rel(path: Path, root: Path) -> str:
-    try:
-        return path.resolve().relative_to(root.resolve()).as_posix()
-    except ValueError:
-        return str(path)
+@dataclass
+class VideoJob:
+    """The video a run reads and the three output folders it writes."""
+
+    config: dict[str, Any]
+    ctx: contract.StageContext
+    video: Path
+    video_rel: str  # as the spec and the outputs name it
+    opts: dict[str, Any]  # video_options
+
+    @property
+    def identity_dir(self) -> Path:
+        return self.ctx.out_dir / "identity"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.ctx.out_dir / "images"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.ctx.out_dir / "quarantine"
+
+    @classmethod
+    def of(cls, config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contract.StageContext) -> VideoJob:
+        for d in (ctx.out_dir / "identity", ctx.out_dir / "images" / "images", ctx.out_dir / "quarantine"):
+            d.mkdir(parents=True, exist_ok=True)
+        video_art = inputs.get("video")
+        files = [Path(f) for f in (video_art.files if video_art else ())]
+        if len(files) != 1 or not files[0].is_file():
+            raise contract.StageError(
+                f"dataset.sources[{config['source_index']}].video: {config['video']} was not found",
+                hint="Check the path (relative to the spec file) and that the file exists.",
+            )
+        return cls(config, ctx, files[0], rel_path(files[0], ctx.project_root), dict(config["options"]))
 
 
 @contract.register(KIND, version=VERSION, order=15, expand=expand,
-               description="Video -> per-person identity sets: tracks, main person, buckets, novelty, anchors/coverage/challenge.",
-               report=lambda config, outputs, env: report_sections(config, outputs, env))
-def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contract.StageContext) -> dict[str, contract.Artifact]:
+                   description="Video -> per-person identity sets: tracks, main person, buckets, novelty, "
+                               "anchors/coverage/challenge.",
+                   report=lambda config, outputs, env: report_sections(config, outputs, env))
+def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
+        ctx: contract.StageContext) -> dict[str, contract.Artifact]:
     """Video -> per-person identity sets (anchors, coverage, challenge, pair)."""
     from runner.vision.faces import get_face_backend
 
-    identity_dir = ctx.out_dir / "identity"
-    images_dir = ctx.out_dir / "images"
-    quarantine_dir = ctx.out_dir / "quarantine"
-    for d in (identity_dir, images_dir / "images", quarantine_dir):
-        d.mkdir(parents=True, exist_ok=True)
-
-    video_art = inputs.get("video")
-    files = [Path(f) for f in (video_art.files if video_art else ())]
-    if len(files) != 1 or not files[0].is_file():
-        raise contract.StageError(
-            f"dataset.sources[{config['source_index']}].video: {config['video']} was not found",
-            hint="Check the path (relative to the spec file) and that the file exists.",
-        )
-    video = files[0]
-    video_rel = _rel(video, ctx.project_root)
-    opts = dict(config["options"])
+    job = VideoJob.of(config, inputs, ctx)
     face_cfg = config["face"]
-
-    backend_kwargs = dict(dlib_detector=face_cfg["dlib_detector"], upsample=face_cfg["upsample"],
-                          insightface_pack=face_cfg["insightface_pack"],
-                          insightface_root=face_cfg["insightface_root"])
+    backend_kwargs = {"dlib_detector": face_cfg["dlib_detector"], "upsample": face_cfg["upsample"],
+                      "insightface_pack": face_cfg["insightface_pack"],
+                      "insightface_root": face_cfg["insightface_root"]}
     chosen = get_face_backend(face_cfg["backend"], **backend_kwargs)  # resolves "auto", says why
     ctx.log(f"face backend: {chosen.selection_note or chosen.describe()}")
     workers = analysis_threads()
     if chosen.name != "dlib" or workers == 1:
         # One thread: the process-wide backend (the engine runs local stages one at a time).
         # ONNX Runtime sessions (insightface) are thread-safe and use several cores themselves.
-        return _run_with(config, inputs, ctx, [chosen], chosen.selection_note, video, video_rel, opts, 1)
+        return _run_with(job, inputs, [chosen], chosen.selection_note, 1)
     # More threads: one more dlib instance per extra thread (dlib's networks are not thread-safe).
     pool_key = (chosen.name, tuple(sorted(backend_kwargs.items())))
     extra = _borrow_backends(workers - 1, pool_key,
                              lambda: get_face_backend(chosen.name, cache=False, **backend_kwargs))
     try:
-        return _run_with(config, inputs, ctx, [chosen, *extra], chosen.selection_note, video, video_rel, opts,
-                         workers)
+        return _run_with(job, inputs, [chosen, *extra], chosen.selection_note, workers)
     finally:
         _return_backends(pool_key, extra)
 
 
-def _run_with(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contract.StageContext, backends: list[Any],
-              selection_note: str, video: Path, video_rel: str, opts: dict[str, Any],
+def _run_with(job: VideoJob, inputs: dict[str, contract.Artifact], backends: list[Any], selection_note: str,
               workers: int) -> dict[str, contract.Artifact]:
-    from runner.video.descriptors import load_general_embedder
+    from runner.core.hashing import file_sha256
     from runner.video.export import export_result
-    from runner.video.pipeline import build_identity_sets
 
-    identity_dir = ctx.out_dir / "identity"
-    images_dir = ctx.out_dir / "images"
-    quarantine_dir = ctx.out_dir / "quarantine"
-    backend = backends[0]
-
+    ctx, config, backend = job.ctx, job.config, backends[0]
+    # 1. the reference faces and the general (novelty) embedder
     ref_files = sorted(Path(f) for name, art in inputs.items() if name.startswith("references") for f in art.files)
     ref_emb = _reference_embeddings(ref_files, backend, ctx) if ref_files else []
+    general, general_note = _general_embedder(job.opts, ctx)
+    # 2. the identity sets, with the reviewer's drops and moves applied
+    result = _build(job, backends, general, ref_emb)
+    # 3. outputs: quarantine.jsonl, then the sets and the images (runner/video/export.py)
+    quarantined = _write_quarantine(job, result)
+    summary = export_result(
+        result, job.identity_dir, job.images_dir, video_rel=job.video_rel,
+        video_sha256=file_sha256(job.video), source_index=int(config["source_index"]), label=config.get("label", ""),
+        identity_model=getattr(backend, "embedding_model", backend.name), general_model=general.name,
+        general_is_fallback=bool(general.is_fallback),
+        extra_summary={
+            "face_backend": backend.name,
+            "face_backend_note": selection_note,
+            "general_note": general_note,
+            "general_is_tiny_random": bool(getattr(general, "is_tiny_random", False)),
+            "references": [rel_path(f, ctx.project_root) for f in ref_files],
+            "reference_faces": len(ref_emb),
+            "workers": workers,
+        },
+    )
+    _log_result(ctx, job.video_rel, result, summary)
+    return {
+        "identity": contract.Artifact("identity", job.identity_dir, meta={"persons": len(summary["persons"]),
+                                                                          "empty_reason": result.empty_reason}),
+        "images": contract.Artifact("images", job.images_dir, meta={"count": summary["images"]}),
+        "quarantine": contract.Artifact("quarantine", job.quarantine_dir, meta={"count": len(quarantined)}),
+    }
 
-    fallback = opts.get("general_fallback", "auto")
+
+def _general_embedder(opts: dict[str, Any], ctx: contract.StageContext) -> tuple[Any, str]:
+    """The general image embedder novelty is measured with (video_options.general_model)."""
+    from runner.video.descriptors import load_general_embedder
+
     model_ref = opts.get("general_model")
     if model_ref and not Path(model_ref).is_absolute() and (ctx.project_root / model_ref).exists():
         model_ref = str(ctx.project_root / model_ref)  # the resolved spec keeps local paths project-relative
-    general, general_note = load_general_embedder(model_ref, cache_dir=ctx.cache_dir,
-                                                  fallback=fallback, warn=ctx.warn)
-    ctx.log(general_note)
+    general, note = load_general_embedder(model_ref, cache_dir=ctx.cache_dir,
+                                          fallback=opts.get("general_fallback", "auto"), warn=ctx.warn)
+    ctx.log(note)
     if getattr(general, "is_tiny_random", False):
         ctx.warn(f"novelty uses {general.name}, a tiny random model: its numbers are meaningless")
+    return general, note
 
-    handles: dict[str, Any] = {}
 
-    def progress(desc: str, done: int, total: int | None) -> None:
-        h = handles.get(desc)
-        if h is None:
-            h = handles[desc] = ctx.progress(total, f"{desc} {Path(video_rel).name}")
-        h.update(done - h.completed if hasattr(h, "completed") else 1)
-
-    pipe_opts = {
+def pipeline_options(config: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
+    """build_identity_sets' options from the node config and its video_options."""
+    return {
         "people": config["people"],
         "stride": config["stride"],
         "tau": opts.get("tau"),
@@ -265,8 +298,23 @@ def _run_with(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx:
         "full_detect_every": opts["full_detect_every"],
         "profile_detector": opts["profile_detector"],
     }
+
+
+def _build(job: VideoJob, backends: list[Any], general: Any, ref_emb: list[Any]) -> Any:
+    """build_identity_sets on the video (progress per step), then the reviewer's decisions."""
+    from runner.video.pipeline import build_identity_sets
+
+    ctx, opts = job.ctx, job.opts
+    handles: dict[str, Any] = {}
+
+    def progress(desc: str, done: int, total: int | None) -> None:
+        h = handles.get(desc)
+        if h is None:
+            h = handles[desc] = ctx.progress(total, f"{desc} {Path(job.video_rel).name}")
+        h.update(done - h.completed if hasattr(h, "completed") else 1)
+
     result = build_identity_sets(
-        str(video), face_backend=backend, general_embedder=general, options=pipe_opts,
+        str(job.video), face_backend=backends[0], general_embedder=general, options=pipeline_options(job.config, opts),
         reference_embeddings=ref_emb, progress=progress, on_truncated=opts.get("on_truncated", "quarantine"),
         extra_backends=backends[1:],
     )
@@ -274,36 +322,26 @@ def _run_with(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx:
         h.close()
     if not opts.get("pair_set", True):
         result.pairs = []
-    if config.get("review"):
+    if job.config.get("review"):
         from runner.video.review import apply_identity_decisions
 
-        done = apply_identity_decisions(result, config["review"].get("identity", {}))
+        done = apply_identity_decisions(result, job.config["review"].get("identity", {}))
         ctx.log(f"review: {done['dropped']} frame(s) dropped, {done['moved']} moved to another set")
-        identity_dir.joinpath("review.json").write_text(json.dumps(done, indent=1), encoding="utf-8")
+        job.identity_dir.joinpath("review.json").write_text(json.dumps(done, indent=1), encoding="utf-8")
+    return result
 
+
+def _write_quarantine(job: VideoJob, result: Any) -> list[dict[str, Any]]:
+    """quarantine.jsonl: the video with the reason, when it is not readable (or truncated)."""
     quarantined = []
     if result.quarantine:
-        quarantined.append({"source": video_rel, **result.quarantine})
-        ctx.warn(f"quarantined {video_rel}: {result.quarantine['reason']} ({result.quarantine['detail']})")
-    with (quarantine_dir / "quarantine.jsonl").open("w", encoding="utf-8") as fh:
-        for q in quarantined:
-            fh.write(json.dumps(q) + "\n")
+        quarantined.append({"source": job.video_rel, **result.quarantine})
+        job.ctx.warn(f"quarantined {job.video_rel}: {result.quarantine['reason']} ({result.quarantine['detail']})")
+    write_jsonl(job.quarantine_dir / "quarantine.jsonl", quarantined)
+    return quarantined
 
-    summary = export_result(
-        result, identity_dir, images_dir, video_rel=video_rel,
-        video_sha256=_sha256_file(video), source_index=int(config["source_index"]), label=config.get("label", ""),
-        identity_model=getattr(backend, "embedding_model", backend.name), general_model=general.name,
-        general_is_fallback=bool(general.is_fallback),
-        extra_summary={
-            "face_backend": backend.name,
-            "face_backend_note": selection_note,
-            "general_note": general_note,
-            "general_is_tiny_random": bool(getattr(general, "is_tiny_random", False)),
-            "references": [_rel(f, ctx.project_root) for f in ref_files],
-            "reference_faces": len(ref_emb),
-            "workers": workers,
-        },
-    )
+
+def _log_result(ctx: contract.StageContext, video_rel: str, result: Any, summary: dict[str, Any]) -> None:
     if result.empty_reason:
         ctx.warn(f"{video_rel}: empty result: {result.empty_reason}")
     for note in result.notes:
@@ -316,12 +354,6 @@ def _run_with(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx:
     ctx.metric("sampled_frames", summary["sampled_frames"])
     if result.info and result.info.duration_s and result.timings.get("total_s"):
         ctx.metric("realtime_ratio", result.info.duration_s / result.timings["total_s"])
-    return {
-        "identity": contract.Artifact("identity", identity_dir, meta={"persons": len(summary["persons"]),
-                                                                  "empty_reason": result.empty_reason}),
-        "images": contract.Artifact("images", images_dir, meta={"count": summary["images"]}),
-        "quarantine": contract.Artifact("quarantine", quarantine_dir, meta={"count": len(quarantined)}),
-    }
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -361,7 +393,8 @@ def _read_set(folder: Path) -> list[dict[str, Any]]:
     return out
 
 
-def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact], env: dict[str, Any]) -> list[contract.ReportSection]:
+def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact],
+                    env: dict[str, Any]) -> list[contract.ReportSection]:
     from runner.report.charts import line_chart
     from runner.report.embed import thumbnail_data_uri
 
