@@ -65,11 +65,12 @@ class SafetyFilter:
 
     def __init__(self, model_ref: str, device: str = "cpu") -> None:
         from runner.hub import ModelUnavailable, is_hub_id, resolve_hub_model
+        from runner.serve import ServeError
 
         try:  # before the heavy imports: an uncached id offline fails in seconds
             location = resolve_hub_model(model_ref, key="--safety-model") if is_hub_id(model_ref) else model_ref
         except ModelUnavailable as exc:
-            raise RuntimeError(f"the safety checker: {exc} ({exc.hint})") from None
+            raise ServeError(f"the safety checker: {exc}", hint=exc.hint) from None
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
         from transformers import CLIPImageProcessor
 
@@ -77,9 +78,9 @@ class SafetyFilter:
             self.checker = StableDiffusionSafetyChecker.from_pretrained(location).to(device).eval()
             self.processor = CLIPImageProcessor.from_pretrained(location)
         except (OSError, ValueError) as exc:
-            raise RuntimeError(
-                f"could not load the safety checker {model_ref!r}: {exc}. Download it first "
-                f"(huggingface-cli download {SAFETY_CHECKER_DEFAULT}) or pass --safety-model FOLDER") from None
+            raise ServeError(f"could not load the safety checker {model_ref!r}: {exc}",
+                             hint=f"Download it first (huggingface-cli download {SAFETY_CHECKER_DEFAULT}) "
+                                  "or pass --safety-model FOLDER.") from None
         self.model_ref = model_ref
         self.device = device
 
