@@ -24,47 +24,52 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from runner.core import contract
-from runner.stages.common import CURATION_DEFAULTS, backend_options, read_jsonl
+from runner.spec.config import node_field, schema_config, to_plain, view_of
+from runner.spec.sections import CurationConfig, DatasetConfig, ExtractConfig, ReportConfig, spec_config
+from runner.stages.common import CURATION_DEFAULTS, backend_options, read_jsonl  # noqa: F401 (tests build curation from it)
 
 KIND = "extract"
 INPUT = "images:extract"  # the name curate and caption give this stage's images
 
 
-def option_defaults() -> dict[str, Any]:
-    """``dataset.extract`` defaults, read from the schema (where spec defaults live)."""
-    from runner.spec.schema import section_schema
+@schema_config("dataset", "extract")
+class ExtractNode(ExtractConfig):
+    """The extract stage's node config: dataset.extract (less ``enabled``), the face backend of the
+    analysis, dataset.curation, the shot targets and the videos by their dataset.sources index."""
 
-    return {k: v["default"] for k, v in section_schema("dataset")["properties"]["extract"]["properties"].items()}
+    face: Mapping[str, Any] | None = node_field(None)  # runner.stages.common.backend_options
+    curation: CurationConfig = node_field(CurationConfig.from_dict({}))
+    targets: Mapping[str, tuple[float, ...]] = node_field()
+    videos: Mapping[str, str] = node_field()
 
 
-def _videos(dataset: dict[str, Any]) -> list[tuple[int, str]]:
-    return [(i, s["video"]) for i, s in enumerate(dataset.get("sources") or []) if "video" in s]
+def _videos(dataset: DatasetConfig) -> list[tuple[int, str]]:
+    return [(i, s.video) for i, s in enumerate(dataset.sources) if s.video]
 
 
 def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.PlanNode]:
-    dataset = spec.get("dataset", {}) or {}
-    opts = {**option_defaults(), **(dataset.get("extract") or {})}
-    targets = (dataset.get("shots") or {}).get("targets") or {}
+    dataset = spec_config(spec).dataset
+    opts, targets = dataset.extract, dataset.shots.targets
     analyze = graph.node(contract.node_id(graph.character, "analyze"))
     videos = _videos(dataset)
-    if not (opts["enabled"] and videos and analyze is not None and any(lo > 0 for lo, _ in targets.values())):
+    if not (opts.enabled and videos and analyze is not None and any(lo > 0 for lo, _ in targets.values())):
         return []
     inputs: dict[str, contract.InputRef] = {"analysis": contract.StageOutputRef(analyze.id, "analysis")}
     for i, rel in videos:
         p = Path(rel) if Path(rel).is_absolute() else graph.project_root / rel
         inputs[f"video{i}"] = contract.FileSetRef(root=p.parent, patterns=(glob.escape(p.name),), recursive=False,
                                               spec_key=f"dataset.sources[{i}].video")
-    analysis = dataset.get("analysis", {}) or {}
     config = {
-        "face": backend_options(analysis),
-        "curation": {**CURATION_DEFAULTS, **(dataset.get("curation") or {})},
+        "face": backend_options(to_plain(dataset.analysis)),
+        "curation": dataset.curation.to_dict(),
         "targets": {k: list(v) for k, v in sorted(targets.items())},
         "videos": {str(i): rel for i, rel in videos},
-        **{k: v for k, v in opts.items() if k != "enabled"},
+        **{k: v for k, v in opts.to_dict().items() if k != "enabled"},
     }
     return [contract.PlanNode(
         id=contract.node_id(graph.character, KIND), kind=KIND, character=graph.character, config=config, inputs=inputs,
@@ -76,45 +81,50 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
 # --------------------------------------------------------------------------- what the dataset lacks
 
 
-def curated_view(records: list[dict[str, Any]], cfg: dict[str, Any], threshold: float | None) -> list[dict[str, Any]]:
+def curated_view(records: list[dict[str, Any]], cfg: CurationConfig | dict[str, Any],
+                 threshold: float | None) -> list[dict[str, Any]]:
     """The records curate keeps before balancing (gates, then near-duplicates), with quality."""
     from runner.stages.common import dedupe, gate, quality_score
 
+    curation = CurationConfig.from_dict(cfg)
+    rules = curation.to_dict()  # curate's gate reads a mapping
     kept = []
     for rec in records:
         rec["quality"] = quality_score(rec)
-        if gate(rec, cfg, threshold) is None:
+        if gate(rec, rules, threshold) is None:
             kept.append(rec)
-    return dedupe(kept, int(cfg["dedupe_hamming"]))[0]
+    return dedupe(kept, curation.dedupe_hamming)[0]
 
 
-def _threshold(cfg: dict[str, Any], summary: dict[str, Any]) -> float | None:
+def _threshold(cfg: CurationConfig, summary: dict[str, Any]) -> float | None:
+    """The identity threshold of curation (the backend's default when unset); None without references."""
     if not summary.get("references"):
         return None
-    t = cfg.get("identity_threshold")
+    t = cfg.identity_threshold
     return summary.get("default_identity_threshold") if t is None else t
 
 
-def _needs(config: dict[str, Any], adir: Path) -> tuple[list[Any], list[dict[str, Any]], dict[str, Any]]:
+def _needs(config: ExtractNode, adir: Path) -> tuple[list[Any], list[dict[str, Any]], dict[str, Any]]:
     from runner.video import extract as X
     from runner.vision import balance as B
 
     summary = json.loads((adir / "summary.json").read_text(encoding="utf-8"))
-    kept = curated_view(list(read_jsonl(adir / "records.jsonl")), config["curation"],
-                        _threshold(config["curation"], summary))
+    kept = curated_view(list(read_jsonl(adir / "records.jsonl")), config.curation,
+                        _threshold(config.curation, summary))
     tally = B.Tally.of((r["categories"], 1.0) for r in kept)
-    return X.needs(tally, config["targets"], int(config["max_per_category"])), kept, summary
+    return X.needs(tally, config.targets, config.max_per_category), kept, summary
 
 
 def plan_notes(config: dict[str, Any], upstream: dict[str, contract.Artifact | None]) -> list[str]:
     """'will extract up to 3 full-body, 2 medium from 1 video to reach targets', or what it looks for."""
-    n = len(config["videos"])
+    config = ExtractNode.from_dict(config)
+    n = len(config.videos)
     vids = f"{n} video{'s' if n != 1 else ''}"
     art = upstream.get("analysis")
     if art is None or not (Path(art.path) / "records.jsonl").exists():
         from runner.vision import balance as B
 
-        wanted = ", ".join(f"{B.label(c)} ({lo:.0%}-{hi:.0%})" for c, (lo, hi) in config["targets"].items() if lo > 0)
+        wanted = ", ".join(f"{B.label(c)} ({lo:.0%}-{hi:.0%})" for c, (lo, hi) in config.targets.items() if lo > 0)
         return [f"after analysis: will look in {vids} for frames of the categories under target among {wanted}"]
     need_list = _needs(config, Path(art.path))[0]
     if not need_list:
@@ -136,6 +146,7 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contr
     from runner.video import extract as X
     from runner.vision import balance as B
 
+    config = ExtractNode.from_dict(config)
     images_dir, adir_out = ctx.out_dir / "images", ctx.out_dir / "analysis"
     (images_dir / "images").mkdir(parents=True)
     (adir_out / "thumbs").mkdir(parents=True)
@@ -159,10 +170,9 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contr
     elif need_list:
         candidates = _scan_videos(config, inputs, summary, {nd.category for nd in need_list}, stats, ctx)
         picks, lost = X.diverse(candidates, {nd.category: nd.cap for nd in need_list},
-                                min_gap_s=float(config["min_gap_s"]),
-                                dedupe_hamming=int(config["curation"]["dedupe_hamming"]),
+                                min_gap_s=float(config.min_gap_s), dedupe_hamming=config.curation.dedupe_hamming,
                                 dataset_hashes=[r["phash"] for r in kept])
-        chosen = X.choose([{"categories": r["categories"], "repeats": 1} for r in kept], picks, config["targets"])
+        chosen = X.choose([{"categories": r["categories"], "repeats": 1} for r in kept], picks, config.targets)
     else:
         ctx.log("no targeted category is under its minimum: no video decoded")
 
@@ -177,13 +187,13 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contr
         "backend": summary.get("backend"),
         "default_identity_threshold": summary.get("default_identity_threshold"),
         "references": summary.get("references", 0),
-        "identity_threshold": _threshold(config["curation"], summary),
-        "targets": config["targets"],
+        "identity_threshold": _threshold(config.curation, summary),
+        "targets": config.targets,
         "needs": [{"category": nd.category, "share": nd.share, "target": list(nd.target), "wanted": nd.wanted,
                    "cap": nd.cap, "reason": nd.reason()} for nd in need_list],
-        "before": B.table_json(B.shot_balance_table(((r["categories"], 1) for r in kept), config["targets"])),
+        "before": B.table_json(B.shot_balance_table(((r["categories"], 1) for r in kept), config.targets)),
         "after": B.table_json(B.shot_balance_table([(r["categories"], 1) for r in kept]
-                                                   + [(r["categories"], 1) for r in records], config["targets"])),
+                                                   + [(r["categories"], 1) for r in records], config.targets)),
         "videos": [s.as_dict() for s in stats],
         "added": len(records),
         "could_not_supply": missing,
@@ -197,11 +207,11 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contr
             "analysis": contract.Artifact("analysis", adir_out, meta={"count": len(records)})}
 
 
-def _backend(config: dict[str, Any], summary: dict[str, Any], project_root: Path) -> Any:
+def _backend(config: ExtractNode, summary: dict[str, Any], project_root: Path) -> Any:
     """The face backend analyze used (its records and this stage's must be comparable)."""
     from runner.stages.common import make_face_backend, resolve_pack
 
-    opts = resolve_pack(dict(config["face"]), project_root)
+    opts = resolve_pack(dict(config.face or backend_options({})), project_root)
     opts["name"] = summary.get("backend") or opts["name"]
     return make_face_backend(opts)
 
@@ -216,7 +226,7 @@ def _reference_matrix(adir: Path) -> Any:
     return reference_matrix([np.asarray(r["embedding"], dtype=np.float32) for r in refs if r.get("used")])
 
 
-def _scan_videos(config: dict[str, Any], inputs: dict[str, contract.Artifact], summary: dict[str, Any],
+def _scan_videos(config: ExtractNode, inputs: dict[str, contract.Artifact], summary: dict[str, Any],
                  wanted: set[str], stats: list[Any], ctx: contract.StageContext) -> list[Any]:
     from runner.stages.common import gate, quality_score
     from runner.video import extract as X
@@ -224,18 +234,19 @@ def _scan_videos(config: dict[str, Any], inputs: dict[str, contract.Artifact], s
 
     backend = _backend(config, summary, Path(ctx.project_root))
     refs = _reference_matrix(Path(inputs["analysis"].path))
-    threshold = _threshold(config["curation"], summary)
+    threshold = _threshold(config.curation, summary)
+    rules = config.curation.to_dict()  # curate's gate reads a mapping
 
     def analyze(rgb: Any) -> dict[str, Any]:
         rec = analyze_image(rgb, backend, refs)
         rec["quality"] = quality_score(rec)
         return rec
 
-    gate_fn = lambda r: gate(r, config["curation"], threshold)  # noqa: E731
+    gate_fn = lambda r: gate(r, rules, threshold)  # noqa: E731
     out: list[X.Candidate] = []
-    for i, rel in config["videos"].items():
+    for i, rel in config.videos.items():
         files = list(inputs[f"video{i}"].files) if f"video{i}" in inputs else []
-        st, found = scan_video(i, rel, Path(files[0]) if files else None, float(config["sample_fps"]),
+        st, found = scan_video(i, rel, Path(files[0]) if files else None, float(config.sample_fps),
                                analyze, gate_fn, wanted, ctx)
         stats.append(st)
         out += found
@@ -292,7 +303,7 @@ def frame_id(video_sha: str, frame_index: int) -> str:
     return hashlib.sha256(f"{video_sha}:{frame_index}".encode()).hexdigest()[:16]
 
 
-def _write_frames(chosen: list[Any], config: dict[str, Any], inputs: dict[str, contract.Artifact], reasons: dict[str, str],
+def _write_frames(chosen: list[Any], config: ExtractNode, inputs: dict[str, contract.Artifact], reasons: dict[str, str],
                   images_dir: Path, adir: Path, ctx: contract.StageContext) -> list[dict[str, Any]]:
     """Decode the chosen frames again and write them, the manifest and the records, in pick order."""
     from PIL import Image
@@ -304,7 +315,7 @@ def _write_frames(chosen: list[Any], config: dict[str, Any], inputs: dict[str, c
     by_video: dict[str, list[Any]] = {}
     for c in chosen:
         by_video.setdefault(c.video, []).append(c)
-    files = {rel: Path(inputs[f"video{i}"].files[0]) for i, rel in config["videos"].items() if inputs[f"video{i}"].files}
+    files = {rel: Path(inputs[f"video{i}"].files[0]) for i, rel in config.videos.items() if inputs[f"video{i}"].files}
     records = []
     for rel, cands in by_video.items():
         sha = file_sha256(files[rel])
@@ -338,7 +349,7 @@ def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact
 
     adir = Path(outputs["analysis"].path)
     summary = json.loads((adir / "summary.json").read_text(encoding="utf-8"))
-    px = int(env.get("thumbnail_px", 192))
+    px = view_of(ReportConfig, env).thumbnail_px
     frames = []
     for r in read_jsonl(adir / "records.jsonl"):
         thumb = adir / "thumbs" / f"{r['id']}.jpg"
