@@ -375,3 +375,39 @@ def test_flow_prediction_is_what_the_pipeline_steps_with(name: str, tiny_cache: 
         v = fam.predict(c, noise, torch.ones(1), batch)
     assert stepped.shape == noise.shape
     assert torch.allclose(stepped, noise - v, atol=1e-4), float((stepped - (noise - v)).abs().max())
+
+
+def _checkpoint(path: Path, shapes: dict[str, tuple[int, ...]]) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({k: torch.zeros(s) for k, s in shapes.items()}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("model_type,family", [("v1", "sd15"), ("xl_base", "sdxl"), ("flux-dev", "flux1"),
+                                               ("flux-schnell", "flux1"), ("flux2", "flux2"), ("z-image", "z_image")])
+def test_single_files_are_detected_by_the_keys_diffusers_reads(model_type: str, family: str, tmp_path: Path):
+    from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES as K
+
+    def first(name: str) -> str:
+        return K[name][0] if isinstance(K[name], list) else K[name]
+
+    shapes = {
+        "v1": {K["v1"]: (4, 4, 1, 1)},
+        "xl_base": {K["xl_base"]: (4,)},
+        "flux-dev": {first("flux"): (4,), "guidance_in.in_layer.bias": (4,), "img_in.weight": (8, 64)},
+        "flux-schnell": {first("flux"): (4,), "img_in.weight": (8, 64)},
+        "flux2": {first("flux2"): (4,)},
+        "z-image": {first("z-image-turbo"): (4,)},
+    }[model_type]
+    assert families.detect_file(_checkpoint(tmp_path / "model.safetensors", shapes)).name == family
+
+
+def test_single_file_that_is_no_base_model_is_refused(tmp_path: Path):
+    lora = _checkpoint(tmp_path / "char.safetensors", {"unet.down.0.lora_A.weight": (4, 4)})
+    with pytest.raises(UserError, match="char.safetensors: a LoRA"):
+        families.detect_file(lora)
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match="broken.safetensors"):
+        families.detect_file(tmp_path / "broken.safetensors")

@@ -98,6 +98,52 @@ def detect_folder(folder: Path | str) -> Family:
                     hint=f"Supported pipelines: {known}.")
 
 
+class _Keys:
+    """A safetensors file seen as the mapping diffusers' model-type inference reads: key
+    membership and tensor shapes, no tensor loaded."""
+
+    def __init__(self, handle) -> None:
+        self.handle, self.keys_ = handle, set(handle.keys())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys_
+
+    def __iter__(self):
+        return iter(self.keys_)
+
+    def keys(self):
+        return self.keys_
+
+    def __getitem__(self, key: str):
+        shape = self.handle.get_slice(key).get_shape()
+        return type("_Shape", (), {"shape": tuple(shape)})()
+
+
+def detect_file(path: Path | str) -> Family:
+    """The family of a single-file checkpoint (.safetensors), from its key names as diffusers'
+    single-file loader reads them."""
+    from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES, infer_diffusers_model_type
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = _Keys(f)
+            model_type = infer_diffusers_model_type(keys)
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise UserError(f"{path}: not a readable .safetensors checkpoint ({exc})",
+                        hint="Give a full single-file checkpoint, a diffusers folder or a hub id.") from None
+    if model_type == "v1" and CHECKPOINT_KEY_NAMES["v1"] not in keys:  # diffusers' fallback: nothing matched
+        kind = "a LoRA" if any("lora" in k for k in keys) else "not a base model the runner knows"
+        raise UserError(f"{path}: {kind} (no UNet or transformer keys of a supported family)",
+                        hint="Set train.base_model to the full checkpoint, a diffusers folder or a hub id.")
+    for fam in all_families():
+        if model_type in fam.single_file_types:
+            return fam
+    raise UserError(f"{path}: a {model_type} checkpoint, which the runner does not train",
+                    hint=f"Supported families: {', '.join(names())}.")
+
+
 def detect_hub_id(ref: str) -> Family | None:
     """The family a hub id names by its well-known pattern, or None (then read its
     model_index.json)."""

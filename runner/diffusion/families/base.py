@@ -109,6 +109,8 @@ class Family:
     extra_conditioning: str = ""  # in words: what else conditions the denoiser (time ids, image ids)
     variants: Mapping[str, str] = field(default_factory=dict)  # variant -> how it differs
     pipeline_kwargs: Mapping[str, Any] = field(default_factory=dict)  # from_pretrained extras
+    # what diffusers' single-file loader calls this family's checkpoints (infer_diffusers_model_type)
+    single_file_types: tuple[str, ...] = ()
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         return (self.collate_text or stack_text)(items)

@@ -110,6 +110,7 @@ FAMILY = Family(
     encode_captions=encode_captions,
     to_model_latents=scale_shift,
     predict=predict,
+    single_file_types=("flux-dev", "flux-schnell"),
     extra_conditioning="image ids (0, row, col) per 2x2 patch; zero text ids; dev: the guidance embedding",
     variants={"dev": "guidance-distilled: transformer.config.guidance_embeds, 28-50 steps",
               "schnell": "timestep-distilled, no guidance embedding, 1-4 steps, 256 T5 tokens"},

@@ -166,6 +166,7 @@ DEV = Family(
     hub_patterns=(r"flux\.?2-dev",),
     sample=SampleDefaults(steps=50, guidance=4.0),
     tiny="tiny-flux2",
+    single_file_types=("flux-2-dev",),  # klein files share its key layout and are read as dev
     build_tiny=build_tiny_dev,
     variants={"dev": "guidance-distilled: the guidance embedding takes objective.guidance while training"},
     **_COMMON,

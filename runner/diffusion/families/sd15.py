@@ -53,5 +53,6 @@ FAMILY = Family(
     encode_captions=encode_captions,
     to_model_latents=scale_shift,
     predict=predict,
+    single_file_types=("v1",),
     pipeline_kwargs={"safety_checker": None, "requires_safety_checker": False},
 )

@@ -71,5 +71,6 @@ FAMILY = Family(
     encode_captions=encode_captions,
     to_model_latents=scale_shift,
     predict=predict,
+    single_file_types=("xl_base",),
     extra_conditioning="time ids (original size, crop top-left, target size) and the pooled text embedding",
 )

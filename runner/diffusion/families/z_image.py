@@ -91,6 +91,7 @@ FAMILY = Family(
     to_model_latents=scale_shift,
     predict=predict,
     collate_text=list_text,
+    single_file_types=("z-image-turbo",),
     extra_conditioning="none besides the caption (positions come from the lists' shapes)",
     variants={"turbo": "distilled, 8 steps, guidance_scale 0 (the pipeline's CFG is pos + g (pos - neg))",
               "base": "undistilled, ~30-50 steps with CFG"},
