@@ -141,7 +141,8 @@ def _identity_sets(out: Path, shared_data: Path, ps) -> None:
         (out / "images" / "images" / f"{image_id}.png").write_bytes(png)
         manifest.append({"id": image_id, "file": f"images/{image_id}.png", "source": ps.node.config["video"],
                          "source_index": 1, "label": "", "sha256": hashlib.sha256(png).hexdigest(),
-                         "width": 128, "height": 128, "video": {"person_id": 0, "frame_idx": n * 10, "sets": [set_name[0]]}})
+                         "width": 128, "height": 128,
+                         "video": {"person_id": 0, "frame_idx": n * 10, "sets": [set_name[0]]}})
     (out / "identity" / "person_0" / "meta.json").write_text(json.dumps({"person_id": 0, "main": True}))
     (out / "identity" / "summary.json").write_text(json.dumps({"video": ps.node.config["video"], "persons": []}))
     (out / "images" / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in manifest))
@@ -154,7 +155,8 @@ def _fake_lora(folder: Path) -> None:
         f = folder / f"checkpoint-{step}" / "pytorch_lora_weights.safetensors"
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_bytes(hashlib.sha256(f"lora {step}".encode()).digest() * 8)
-        checkpoints.append({"step": step, "phase": "main", "diffusers": f"checkpoint-{step}/pytorch_lora_weights.safetensors"})
+        checkpoints.append({"step": step, "phase": "main",
+                            "diffusers": f"checkpoint-{step}/pytorch_lora_weights.safetensors"})
     (folder / "index.json").write_text(json.dumps({"base_model": "builtin:tiny-sd", "model_family": "sd15",
                                                    "tiny_random_model": True, "checkpoints": checkpoints, "final": 1}))
 
@@ -174,7 +176,8 @@ def _evaluation(folder: Path, ps, lora: Path) -> None:
         for p in prompts:
             for seed in ps.node.config["seeds"]:
                 fname = f"{p['category']}_{p['index']:02d}_seed{seed}.png"
-                _png(Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)), folder / "images" / name / fname)
+                _png(Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)),
+                     folder / "images" / name / fname)
                 images.append({"category": p["category"], "prompt_index": p["index"], "seed": seed, "file": fname,
                                "path": f"images/{name}/{fname}", "face_similarity": round(float(rng.random()), 4),
                                "clip_t": round(float(rng.random()), 4), "clip_i": round(float(rng.random()), 4),
@@ -202,7 +205,8 @@ def _clip(folder: Path, shared_data: Path) -> None:
     (folder / "clips").mkdir(parents=True)
     shutil.copy(shared_data / "video" / "carphone.mp4", folder / "clips" / "frame01.mp4")
     Image.new("RGB", (64, 64), (90, 90, 90)).save(folder / "clips" / "frame01.jpg")
-    (folder / "report.json").write_text(json.dumps({"format": 1, "clips": [{"name": "frame01", "file": "clips/frame01.mp4",
+    (folder / "report.json").write_text(json.dumps({"format": 1,
+                                                    "clips": [{"name": "frame01", "file": "clips/frame01.mp4",
                                                                           "poster": "clips/frame01.jpg"}]}))
 
 

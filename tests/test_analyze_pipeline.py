@@ -65,12 +65,14 @@ def analyzed(tmp_path_factory, shared_data):
     smooth = np.kron(rng.integers(0, 255, (6, 8, 3)), np.ones((40, 40, 1))).astype(np.uint8)
     Image.fromarray(smooth).save(photos / "synthetic--no_face.png")
     images = _ingest(project, "photos", tmp)
-    ctx = LocalStageContext.for_folder(tmp / "analyze", stage_id="obama:analyze", character="obama", project_root=project)
+    ctx = LocalStageContext.for_folder(tmp / "analyze", stage_id="obama:analyze", character="obama",
+                                       project_root=project)
     refs = contract.Artifact("reference0", project / "refs", files=(project / "refs" / "obama_01.jpg",),
                          meta={"spec_key": "character.references[0]"})
     out = analyze.run(analyze_config(), {"images": images, "reference0": refs}, ctx)
     records = {Path(r["source"]).name: r for r in _jsonl(out["analysis"].path / "records.jsonl")}
-    return {"tmp": tmp, "project": project, "images": images, "analysis": out["analysis"], "records": records, "ctx": ctx}
+    return {"tmp": tmp, "project": project, "images": images, "analysis": out["analysis"], "records": records,
+            "ctx": ctx}
 
 
 def test_records_stream_in_input_order_with_the_summary(analyzed):
@@ -252,7 +254,8 @@ def test_caption_writes_the_dataset_interface(captioned, augmented):
     records = _jsonl(ddir / "dataset.jsonl")
     assert len(records) == len(_jsonl(augmented[0] / "curated.jsonl"))
     for r in records:
-        assert set(r) >= {"id", "image", "caption", "shot", "categories", "repeats", "parent", "width", "height", "source"}
+        assert set(r) >= {"id", "image", "caption", "shot", "categories", "repeats", "parent", "width", "height",
+                          "source"}
         assert r["shot"] in ("extreme_close_up", "close_up", "medium", "full_body", "wide")
         assert r["categories"][0] == r["shot"] and r["repeats"] >= 1
         assert (ddir / r["image"]).exists() and r["image"] == f"{r['id']}.png"
@@ -405,7 +408,8 @@ def test_augment_names_a_busy_background_it_cannot_remove(analyzed):
     assert busy and all("busy background" in e.get("caption_hints", []) for e in busy)
     assert not any(e.get("caption_hints") for e in entries if e not in busy)
     cfg = {"trigger": TRIGGER, "class_word": CLASS, "extra_tags": []}
-    assert "busy background" in caption.render_caption("{trigger} {class}, {attributes}", caption.caption_fields(busy[0], cfg))
+    assert "busy background" in caption.render_caption("{trigger} {class}, {attributes}",
+                                                       caption.caption_fields(busy[0], cfg))
     if _rows(bal, "after")["complex_background"]["status"] == "over":
         text = bal["shortfalls"][0]["text"]
         assert "segmentation" in text and "busy background" in text

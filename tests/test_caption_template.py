@@ -27,7 +27,8 @@ def test_template_fields():
 
 def test_empty_fields_leave_no_double_commas():
     e = entry(pose=None, exposure=None, people=0, shot="wide")
-    text = caption.render_caption("{trigger}, {pose}, {lighting}, {shot}, {expression},", caption.caption_fields(e, CFG))
+    text = caption.render_caption("{trigger}, {pose}, {lighting}, {shot}, {expression},",
+                                  caption.caption_fields(e, CFG))
     assert text == "vlntna, wide shot"
 
 
@@ -37,7 +38,8 @@ def test_group_and_model_text():
     assert fields["attributes"].endswith("3 people, a woman on a stage, film grain")
 
 
-@pytest.mark.parametrize("template,msg", [("{trigger} {mood}", "unknown field {mood}"), ("{trigger", "dataset.captions.template")])
+@pytest.mark.parametrize("template,msg",
+                         [("{trigger} {mood}", "unknown field {mood}"), ("{trigger", "dataset.captions.template")])
 def test_bad_template_is_a_stage_error(template, msg):
     with pytest.raises(StageError, match=msg.replace("{", r"\{").replace("}", r"\}")):
         caption.check_template(template, "dataset.captions.template")

@@ -92,7 +92,8 @@ def test_reweight_repeats_reach_target_midpoints():
     targets = {"close_up": [0.4, 0.6], "full_body": [0.4, 0.6]}
     reps, short = B.reweight(items, targets)
     assert reps == {("close_up",): 1, ("full_body",): 4} and not short
-    rows = {r.category: r for r in B.shot_balance_table([(i["categories"], reps[B.signature(i)]) for i in items], targets)}
+    rows = {r.category: r for r in B.shot_balance_table([(i["categories"], reps[B.signature(i)]) for i in items],
+                                                        targets)}
     assert rows["close_up"].share == 0.5 and rows["full_body"].status == "ok"
     assert B.reweight(items, {"full_body": [0.9, 1.0]}, max_repeats=5)[0][("full_body",)] == 5
 
@@ -104,7 +105,8 @@ def test_reweight_moves_several_groups_when_one_step_alone_dilutes_another():
              + [item(7, "medium", flags=("multi_character", "complex_background"))])
     targets = {"close_up": [0.45, 0.55], "medium": [0.25, 0.35], "full_body": [0.15, 0.25]}
     reps, short = B.reweight(items, targets)
-    rows = {r.category: r for r in B.shot_balance_table([(i["categories"], reps[B.signature(i)]) for i in items], targets)}
+    rows = {r.category: r for r in B.shot_balance_table([(i["categories"], reps[B.signature(i)]) for i in items],
+                                                        targets)}
     assert all(rows[c].status == "ok" for c in targets) and not short
 
 
@@ -138,7 +140,8 @@ def test_targets_min_above_max_is_a_clear_error(tmp_path):
 
     adir = tmp_path / "analysis"
     adir.mkdir()
-    (adir / "summary.json").write_text(json.dumps({"backend": "dlib", "default_identity_threshold": 0.92, "references": 0}))
+    (adir / "summary.json").write_text(json.dumps({"backend": "dlib", "default_identity_threshold": 0.92,
+                                                   "references": 0}))
     (adir / "records.jsonl").write_text("")
     ctx = LocalStageContext.for_folder(tmp_path / "c")
     with pytest.raises(StageError, match="close_up"):
@@ -294,7 +297,8 @@ def test_dedupe_keeps_the_better_image():
 
 
 def test_gate_reasons():
-    face = {"box": [0, 0, 40, 40], "blur": 100.0, "exposure": {"clipped_dark": 0.0, "clipped_bright": 0.0}, "identity": 0.95}
+    face = {"box": [0, 0, 40, 40], "blur": 100.0, "exposure": {"clipped_dark": 0.0, "clipped_bright": 0.0},
+            "identity": 0.95}
     rec = {"id": "x", "faces": [face], "main_face": 0, "identity": 0.95}
     cfg = dict(curate.DEFAULTS)
     assert curate.gate(rec, cfg, 0.92)[0] == "face too small"

@@ -68,11 +68,13 @@ def test_single_file_family_from_keys(tmp_path: Path) -> None:
 
     def t():
         return torch.zeros(1)
-    save_file({"model.diffusion_model.input_blocks.0.0.weight": t(), "conditioner.embedders.1.model.ln_final.weight": t()},
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": t(),
+               "conditioner.embedders.1.model.ln_final.weight": t()},
               str(tmp_path / "xl.safetensors"))
     save_file({"model.diffusion_model.input_blocks.0.0.weight": t(), "cond_stage_model.transformer.x": t()},
               str(tmp_path / "v15.safetensors"))
-    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": t()}, str(tmp_path / "lora.safetensors"))
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": t()},
+              str(tmp_path / "lora.safetensors"))
     assert detect_family_of_file(tmp_path / "xl.safetensors") == "sdxl"
     assert detect_family_of_file(tmp_path / "v15.safetensors") == "sd15"
     with pytest.raises(ModelLoadError, match="LoRA"):
@@ -92,7 +94,8 @@ def test_folder_load_and_family_mismatch() -> None:
 def test_batched_generation_equals_one_at_a_time(model: str) -> None:
     pipe = load_pipeline(model)
     kw = dict(steps=2, guidance=4.0, width=64, height=48)
-    batch = generate_images(pipe, ["a photo of a man", "full body, park", "close-up"], seeds=[3, 4, 5], batch_size=3, **kw)
+    batch = generate_images(pipe, ["a photo of a man", "full body, park", "close-up"], seeds=[3, 4, 5], batch_size=3,
+                            **kw)
     single = generate_images(pipe, ["full body, park"], seeds=[4], batch_size=1, **kw)
     assert [im.size for im in batch] == [(64, 48)] * 3
     diff = np.abs(np.asarray(batch[1], dtype=int) - np.asarray(single[0], dtype=int))

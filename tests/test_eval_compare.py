@@ -18,7 +18,8 @@ def _evaluation(folder: Path, *, fs: dict[str, float], no_face: float = 0.0, tin
     prompts = [{"category": c, "index": 0, "template": f"{{trigger}} {c}", "prompt": f"tok {c}", "negative": ""}
                for c in fs]
     if extra_prompt:
-        prompts.append({"category": "close_up", "index": 1, "template": "only here", "prompt": "only here", "negative": ""})
+        prompts.append({"category": "close_up", "index": 1, "template": "only here", "prompt": "only here",
+                        "negative": ""})
     images = []
     (folder / "images" / "c").mkdir(parents=True)
     for i, p in enumerate(prompts):
@@ -31,7 +32,8 @@ def _evaluation(folder: Path, *, fs: dict[str, float], no_face: float = 0.0, tin
                 "diversity": None} for c, v in fs.items()}
     overall = {"face_similarity": sum(fs.values()) / len(fs), "no_face_rate": no_face, "clip_t": 0.3}
     cell = {"cell": "c", "step": 100, "phase": None, "lora_scale": 1.0, "categories": cats, "overall": overall,
-            "images": images, "targets": {}, "targets_passed": 0, "targets_total": 0, "score": overall["face_similarity"]}
+            "images": images, "targets": {}, "targets_passed": 0, "targets_total": 0,
+            "score": overall["face_similarity"]}
     ev = {"run_id": run_id, "stage_id": "demo:evaluate", "variant": None, "cells": [cell],
           "best": {"cell": "c", "objective": {"maximize": "face_similarity"}},
           "suite": {"source": "inline", "categories": list(fs), "prompts": prompts},
@@ -98,7 +100,8 @@ def test_cli_compare(tmp_path: Path) -> None:
 
     a = _evaluation(tmp_path / "a", fs={"close_up": 0.8})
     b = _evaluation(tmp_path / "b", fs={"close_up": 0.9})
-    res = CliRunner().invoke(cli, ["compare", str(a), str(b), "-o", str(tmp_path / "c.html"), "--project", str(tmp_path)])
+    res = CliRunner().invoke(cli, ["compare", str(a), str(b), "-o", str(tmp_path / "c.html"), "--project",
+                                   str(tmp_path)])
     assert res.exit_code == 0, res.output
     assert "2 evaluations" in res.output and (tmp_path / "c.html").is_file()
     res = CliRunner().invoke(cli, ["compare", str(a), "r-unknown", "--project", str(tmp_path)])

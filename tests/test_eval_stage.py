@@ -67,8 +67,10 @@ def _config(refs: list[str], **over) -> dict:
     cfg = {
         "trigger": "dmochr", "class_word": "man", "variant": None,
         "suite": {"source": "inline", "prompts": [
-            {"category": "close_up", "index": 0, "template": "", "prompt": "close-up photo of dmochr man", "negative": "blurry"},
-            {"category": "full_body", "index": 0, "template": "", "prompt": "full body photo of dmochr man", "negative": ""},
+            {"category": "close_up", "index": 0, "template": "", "prompt": "close-up photo of dmochr man",
+             "negative": "blurry"},
+            {"category": "full_body", "index": 0, "template": "", "prompt": "full body photo of dmochr man",
+             "negative": ""},
         ]},
         "seeds": [1, 2], "lora_scales": [0.0, 1.0], "checkpoints": "all", "steps": 2, "guidance": 2.0,
         "resolution": None, "batch_size": 4,
@@ -299,7 +301,8 @@ def test_expand_one_node_per_train_variant(tmp_path: Path) -> None:
     ({"categories": ["occluded"]}, "occluded not in suite"),
 ])
 def test_expand_rejects_bad_evaluate_sections(tmp_path: Path, patch: dict, match: str) -> None:
-    spec = {"character": {"name": "luca", "trigger": "t", "references": ["r"]}, "evaluate": {"suite": "builtin", **patch}}
+    spec = {"character": {"name": "luca", "trigger": "t", "references": ["r"]},
+            "evaluate": {"suite": "builtin", **patch}}
     with pytest.raises(contract.StageError, match=match):
         E.expand(spec, _Graph(tmp_path, [_train(None)]))
 

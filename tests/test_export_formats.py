@@ -101,7 +101,8 @@ BUCKET_CASES = [
     ({"resolution": 128, "buckets": {"min_side": 256, "max_side": 2048, "step": 64}}, {}),  # min above resolution
     ({"resolution": 512, "buckets": {"enabled": False}}, {}),
     ({"base_model": "builtin:tiny-sd", "resolution": 64, "buckets": {"min_side": 32, "max_side": 128, "step": 16}}, {}),
-    ({"base_model": "builtin:tiny-sdxl", "resolution": 96, "buckets": {"min_side": 40, "max_side": 200, "step": 12}}, {}),
+    ({"base_model": "builtin:tiny-sdxl", "resolution": 96, "buckets": {"min_side": 40, "max_side": 200, "step": 12}},
+     {}),
 ]
 
 
@@ -188,7 +189,8 @@ def sd_scripts_dir() -> Path:
     return Path(d)
 
 
-@pytest.mark.parametrize("train", [None, {"resolution": 1024, "buckets": {"min_side": 512, "max_side": 1536, "step": 32},
+@pytest.mark.parametrize("train", [None,
+                                   {"resolution": 1024, "buckets": {"min_side": 512, "max_side": 1536, "step": 32},
                                           "base_model": "builtin:tiny-sdxl"}])
 def test_sd_scripts_config_util_reads_the_published_dataset_config(train, tmp_path: Path) -> None:
     root = sd_scripts_dir()
@@ -325,7 +327,8 @@ def test_apply_publishes_the_export_outside_the_store(project: Path, shared_data
     pub = project / ".runner" / "exports" / "hero"
     store = project / ".runner" / "store"
     assert len(ai_toolkit_images(pub / "plain")) == 2
-    assert not any(store in p.parents for p in map(Path, (c["path"] for c in json.loads((pub / "concepts.json").read_text()))))
+    assert not any(store in p.parents for p in map(Path,
+                                                   (c["path"] for c in json.loads((pub / "concepts.json").read_text()))))
     (pub / "plain" / "_latent_cache").mkdir()
     before = _tree_digest(store)
     res = apply([load_spec(spec)], ApplyOptions(only=["export"]), QuietReporter())  # cached: kept as it is

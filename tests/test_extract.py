@@ -103,7 +103,8 @@ def _close_ups(clip: Path, dest: Path) -> None:
     for fr in _frames(clip, set(CLOSE_UP_FRAMES)):
         x0, y0, x1, y1 = backend.analyze(fr.rgb)[0].box
         fh = y1 - y0
-        box = (max(0, x0 - 0.6 * fh), max(0, y0 - 0.7 * fh), min(fr.rgb.shape[1], x1 + 0.6 * fh), min(fr.rgb.shape[0], y1 + 0.9 * fh))
+        box = (max(0, x0 - 0.6 * fh), max(0, y0 - 0.7 * fh), min(fr.rgb.shape[1], x1 + 0.6 * fh),
+               min(fr.rgb.shape[0], y1 + 0.9 * fh))
         Image.fromarray(fr.rgb).crop(tuple(int(v) for v in box)).save(dest / f"closeup_{fr.index:03d}.png")
 
 
@@ -219,7 +220,8 @@ def test_what_the_clip_cannot_supply_is_said(lin_project, shared_data, monkeypat
 def _record(i: int, shot: str) -> dict:
     return {"id": f"r{i}", "shot": shot, "categories": [shot], "main_face": 0, "no_face": False, "identity": 0.95,
             "phash": f"{(0x9E3779B97F4A7C15 * (i + 1)) % 2**64:016x}", "flags": {},
-            "faces": [{"box": [0, 0, 100, 100], "blur": 80.0, "exposure": {"clipped_dark": 0.0, "clipped_bright": 0.0}}]}
+            "faces": [{"box": [0, 0, 100, 100], "blur": 80.0,
+                       "exposure": {"clipped_dark": 0.0, "clipped_bright": 0.0}}]}
 
 
 @pytest.mark.parametrize("close,full", [(7, 0), (10, 1), (4, 2)])

@@ -78,6 +78,7 @@ def intervals(path: Path) -> dict[str, tuple[float, float]]:
     return out
 
 
+@pytest.mark.slow  # several seconds
 def test_fanout_runs_variants_in_parallel_and_a_failure_keeps_the_others(hero, tmp_path, monkeypatch):
     project = hero.parent.parent
     monkeypatch.setenv("FAKE_GPU_VARIANTS", "a,b,FAILc")

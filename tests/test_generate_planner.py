@@ -137,7 +137,8 @@ class _Server:
                 raw = isinstance(content, bytes) or status != 200
                 payload = content.decode() if isinstance(content, bytes) else content if raw else {
                     "id": "x", "object": "chat.completion",
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]}
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                 "finish_reason": "stop"}]}
                 data = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -168,7 +169,8 @@ def _llm_spec(server: _Server, **llm: Any) -> dict:
                      "timeout_s": 5, **llm})
 
 
-SCENES = {"scenes": [{"text": "Aldar arrives on his horse.", "description": "a man on a horse faces the viewer in a village",
+SCENES = {"scenes": [{"text": "Aldar arrives on his horse.",
+                      "description": "a man on a horse faces the viewer in a village",
                        "hero": True, "shot": "wide"},
                       {"text": "The bai shivers.", "description": "an old man in a thin coat shivers, front view",
                        "hero": False, "shot": "close_up"}]}

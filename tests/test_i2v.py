@@ -31,7 +31,8 @@ def proj(tmp_path_factory, shared_data: Path) -> Path:
 def spec(**video) -> dict:
     v = {"model": "builtin:tiny-ltx", "source": "still.jpg", "preset": "baseline", "steps": 2, "guidance": 1.0,
          "image_conditioning": 1.0, "prompt_prefix": "", "prompt_suffix": "subtle motion", "frames": 9, "fps": 8,
-         "width": 64, "height": 64, "fidelity": {"frames": 3, "excellent": 20, "fail": 30, "on_fail": "flag", "retries": 1},
+         "width": 64, "height": 64, "fidelity": {"frames": 3, "excellent": 20, "fail": 30, "on_fail": "flag",
+                                                 "retries": 1},
          "targets": {"max_seconds": 600, "max_cost": 0.0001}}
     v.update(video)
     return {"character": {"name": "demo", "trigger": "dmochr", "class_word": "man", "references": ["refs"],
@@ -42,7 +43,8 @@ def spec(**video) -> dict:
 
 def inputs_for(root: Path) -> dict[str, contract.Artifact]:
     return {"source": contract.Artifact("source", root / "still.jpg", files=(root / "still.jpg",)),
-            "reference0": contract.Artifact("reference0", root / "refs", files=tuple(sorted((root / "refs").iterdir())))}
+            "reference0": contract.Artifact("reference0", root / "refs",
+                                            files=tuple(sorted((root / "refs").iterdir())))}
 
 
 def run(root: Path, tmp: Path, s: dict):
@@ -207,8 +209,10 @@ def test_fidelity_dynamics_on_real_faces(shared_data: Path) -> None:
     refs = np.stack([r["embedding"] for r in MS.analyse_faces(obama[:2], [0, 1], fb)])
     same = obama[2:5]
     other = _photos(shared_data, "biden")[:3]
-    fs = MS.fidelity(MS.analyse_faces(same, range(len(same)), fb), refs, fb.default_identity_threshold, excellent=20, fail=30)
-    fo = MS.fidelity(MS.analyse_faces(other, range(len(other)), fb), refs, fb.default_identity_threshold, excellent=20, fail=30)
+    fs = MS.fidelity(MS.analyse_faces(same, range(len(same)), fb), refs, fb.default_identity_threshold, excellent=20,
+                     fail=30)
+    fo = MS.fidelity(MS.analyse_faces(other, range(len(other)), fb), refs, fb.default_identity_threshold, excellent=20,
+                     fail=30)
     assert fs["grade"] != "fail" and fs["distance"] <= 30 and fs["faces_found"] == 3
     assert fo["grade"] == "fail" and fo["distance"] > 30
     # a still repeated is a frozen face; different photos of him move mouth and eyes

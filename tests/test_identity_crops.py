@@ -194,7 +194,8 @@ def test_small_faces_are_skipped_per_crop(shared_data, dlib):
     # 23 px between the eyes: fine for the 112 px ArcFace crop, too small for 224 and 512
     assert set(p.skip_adapter) == {"ip_adapter_faceid_plus", "pulid"}
     assert "too small for the ffhq512 crop" in p.skip_adapter["pulid"]
-    assert not IC.plan_image({"id": "x"}, analysis_record(rgb, dlib.analyze(rgb)[0]), settings(max_upscale=6)).skip_adapter
+    assert not IC.plan_image({"id": "x"}, analysis_record(rgb, dlib.analyze(rgb)[0]),
+                             settings(max_upscale=6)).skip_adapter
 
 
 def test_export_writes_folders_and_manifests_and_skips_unreadable_files(tmp_path, shared_data, dlib):
@@ -236,7 +237,8 @@ def tiny_matting_model(path: Path, size: int, tiny: bool = True) -> Path:
     x = helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, size, size])
     y = helper.make_tensor_value_info("mask", TensorProto.FLOAT, [1, 1, size, size])
     w = numpy_helper.from_array(rng.normal(size=(1, 3, 1, 1)).astype(np.float32), "w")
-    graph = helper.make_graph([helper.make_node("Conv", ["input.1", "w"], ["c"]), helper.make_node("Sigmoid", ["c"], ["mask"])],
+    graph = helper.make_graph([helper.make_node("Conv", ["input.1", "w"], ["c"]),
+                               helper.make_node("Sigmoid", ["c"], ["mask"])],
                               "tiny_matting", [x], [y], [w])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
@@ -314,7 +316,8 @@ def test_apply_exports_identity_crops_per_adapter(project: Path, shared_data: Pa
     from runner.engine.progress import QuietReporter
     from runner.spec import load_spec
 
-    for folder, names in (("photos", ["obama_02.jpg", "obama_240p.jpg", "obama_partial_01.jpg"]), ("refs", ["obama_04.jpg"])):
+    for folder, names in (("photos", ["obama_02.jpg", "obama_240p.jpg", "obama_partial_01.jpg"]),
+                          ("refs", ["obama_04.jpg"])):
         (project / folder).mkdir()
         for n in names:
             shutil.copy(shared_data / "faces" / "obama" / n, project / folder / n)
@@ -354,7 +357,9 @@ def test_apply_exports_identity_crops_per_adapter(project: Path, shared_data: Pa
     from runner.core import contract
     from runner.stages import export
 
-    (sec,) = export.report_sections({}, {"export": contract.Artifact("export", project / ".runner" / "exports" / "hero")}, {})
+    (sec,) = export.report_sections({},
+                                    {"export": contract.Artifact("export", project / ".runner" / "exports" / "hero")},
+                                    {})
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(resource_dir("templates"))), autoescape=True)
     html = env.get_template(sec.template).render(**sec.context)
     assert "<code>pulid</code>" in html and "manifest.json" in html

@@ -118,7 +118,8 @@ def test_face_worker_processes_give_the_same_faces_as_in_process(shared_data: Pa
 
     clip, dino = load_image_embedder(TINY_CLIP), load_image_embedder(TINY_DINO)
     images = [_load(f, 256) for f in sorted((shared_data / "faces" / "obama").iterdir())[:3]]
-    images += [Image.new("RGB", (200, 160), (90, 140, 200)), _load(shared_data / "faces" / "biden" / "biden_01.jpg", 256)]
+    images += [Image.new("RGB", (200, 160), (90, 140, 200)),
+               _load(shared_data / "faces" / "biden" / "biden_01.jpg", 256)]
     plain = MetricComputer(clip=clip, dino=dino, face_backend=backend).embed(images)
     with MetricComputer(clip=clip, dino=dino, face_backend=backend,
                         face_pool=FacePool(2, {"name": "dlib"})) as mc:

@@ -194,7 +194,8 @@ def test_deploy_declares_an_asgi_web_endpoint(hero, tmp_path):
 
     vol = tmp_path / "vol"
     FolderVolume(vol).upload(dep.uploads)
-    manifest = {**dep.manifest, "_links": [[b, str(tmp_path / "local" / Path(d).name)] for b, d in dep.manifest["_links"]],
+    manifest = {**dep.manifest,
+                "_links": [[b, str(tmp_path / "local" / Path(d).name)] for b, d in dep.manifest["_links"]],
                 "lora_file": str(tmp_path / "local" / "pytorch_lora_weights.safetensors")}
     t = prepare_target(manifest, vol)
     assert Path(t.lora_file).read_bytes() == b"lora bytes" and t.lora_scale == 0.8 and t.character == "hero"

@@ -122,7 +122,8 @@ def _train(tmp: Path) -> dict:
 
 def _cells() -> list[dict]:
     return [{"cell": f"s{step}_x{scale:g}", "step": step, "checkpoint_index": i, "lora_scale": scale,
-             "overall": {"face_similarity": 0.5 + step / 100 + scale / 10, "clip_t": 0.2 + scale / 100, "no_face_rate": 0.0},
+             "overall": {"face_similarity": 0.5 + step / 100 + scale / 10, "clip_t": 0.2 + scale / 100,
+                         "no_face_rate": 0.0},
              "score": round(step / 10 + scale, 3), "targets_passed": 1, "targets_total": 2}
             for i, step in enumerate(STEPS) for scale in SCALES]
 
@@ -195,7 +196,7 @@ class Dest:
         return {n[len(self.root.rstrip("/")) + 1:]: self.fs.cat_file(n) for n in names}
 
 
-@pytest.fixture(params=["s3", "file"])
+@pytest.fixture(params=[pytest.param("s3", marks=pytest.mark.slow), "file"])  # s3: a moto server, seconds
 def dest(request, tmp_path):
     endpoint = request.getfixturevalue("s3_env") if request.param == "s3" else None
     return Dest(request.param, tmp_path, endpoint)

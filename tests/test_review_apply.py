@@ -94,7 +94,8 @@ def test_apply_uses_the_picked_checkpoint_and_regenerates_a_rejected_frame(proje
     # Evaluation's best is step 4; the reviewer picks step 8 and rejects the frame of scene 2 (the
     # frame's hash is only its key in the file: what the stage uses is the scene).
     review = decisions.review_path(project / "specs" / "hero.yaml")
-    decisions.save(review, [("checkpoints", "hero:evaluate", {"cell": "step000008_scale1", "step": 8, "lora_scale": 1.0}),
+    decisions.save(review, [("checkpoints", "hero:evaluate",
+                             {"cell": "step000008_scale1", "step": 8, "lora_scale": 1.0}),
                             ("frames", "ab" * 32, {"verdict": "reject", "scene": 2, "note": "not him"})], by="Ada")
     r = runner("apply", "specs/hero.yaml", "--only", "storyboard", cwd=project)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -24,7 +24,8 @@ SHA = [f"{i:02x}" * 32 for i in range(40)]
 def test_file_is_sorted_blocks_with_who_and_when(tmp_path: Path) -> None:
     f = tmp_path / "hero.review.yaml"
     for sha in (SHA[3], SHA[1], SHA[2]):
-        decisions.save(f, [("images", sha, {"decision": "drop", "file": f"photos/{sha[:4]}.jpg", "image_id": sha[:16]})],
+        decisions.save(f, [("images", sha,
+                            {"decision": "drop", "file": f"photos/{sha[:4]}.jpg", "image_id": sha[:16]})],
                        by="alice")
     text = f.read_text()
     assert text.startswith("# Review decisions")
@@ -91,7 +92,8 @@ def test_broken_file_names_its_line(tmp_path: Path) -> None:
 
 def test_stage_sections_hold_only_what_changes_outputs() -> None:
     data = decisions.empty()
-    data["images"][SHA[0]] = {"decision": "drop", "note": "blurry", "by": "a", "at": "t", "image_id": "vid0000000000001"}
+    data["images"][SHA[0]] = {"decision": "drop", "note": "blurry", "by": "a", "at": "t",
+                              "image_id": "vid0000000000001"}
     data["images"][SHA[1]] = {"shot": "medium", "by": "a", "at": "t"}
     data["ratings"][SHA[2]] = {"rating": "fail"}
     data["frames"][SHA[3]] = {"verdict": "reject", "scene": 2}
@@ -167,7 +169,8 @@ def _run_curate(tmp_path: Path, records: list[dict], review: dict) -> tuple[dict
     ctx = _Ctx(tmp_path / "out")
     out = curate.run(cfg, {"analysis": contract.Artifact("analysis", adir)}, ctx)["curated"].path
     read = lambda f: [json.loads(x) for x in (Path(out) / f).read_text().splitlines() if x]  # noqa: E731
-    return {"kept": {e["id"]: e for e in read("curated.jsonl")}, "rejected": {r["id"]: r for r in read("rejected.jsonl")},
+    return {"kept": {e["id"]: e for e in read("curated.jsonl")},
+            "rejected": {r["id"]: r for r in read("rejected.jsonl")},
             "review": json.loads((Path(out) / "review.json").read_text())}, ctx
 
 
@@ -384,9 +387,11 @@ def test_report_review_section_shows_decisions_agreement_and_escapes(tmp_path: P
     for i, r in enumerate(["pass", "pass", "fail", "pass"]):
         data["ratings"][file_sha256(ev / "images" / "c" / f"{i}.png")] = {"rating": r}
     data["checkpoints"]["hero:evaluate"] = {"cell": "c", "step": 4, "by": "Ada", "at": "t"}
-    data["images"][SHA[0]] = {"decision": "drop", "file": "photos/<script>x</script>.jpg", "note": "“ü” <b>", "by": "Ada"}
+    data["images"][SHA[0]] = {"decision": "drop", "file": "photos/<script>x</script>.jpg", "note": "“ü” <b>",
+                              "by": "Ada"}
     inputs = {"hero:evaluate/evaluation": contract.Artifact("evaluation", ev)}
-    html = _review_section({"review": {k: v for k, v in data.items() if k != "format" and v}}, inputs, _jinja_env())["html"]
+    html = _review_section({"review": {k: v for k, v in data.items() if k != "format" and v}}, inputs,
+                           _jinja_env())["html"]
     assert "images dropped: <b>1</b>" in html and "picked by Ada" in html
     assert "<script>x" not in html and "&lt;script&gt;x&lt;/script&gt;" in html and "&lt;b&gt;" in html
     assert "face_similarity" in html and ">= 0.5" in html.replace("&gt;", ">")

@@ -451,7 +451,8 @@ def test_non_recursive_sources_only_check_what_they_read(project):
     folder = _folder_with_links(project, project.parent / "outside")
     for name in ("file_link.jpg", "dir_link", "etc"):
         (folder / name).unlink()
-    spec = write_bytes(project, (MINIMAL + "dataset:\n  sources: [{images: ../data/photos, recursive: false}]\n").encode())
+    spec = write_bytes(project,
+                       (MINIMAL + "dataset:\n  sources: [{images: ../data/photos, recursive: false}]\n").encode())
     load_spec(spec)  # the link two folders down is never read
 
 
@@ -581,7 +582,8 @@ def test_paths_in_train_variants_obey_the_same_rule(project):
         with pytest.raises(SpecError) as ei:
             load_spec(spec)
         assert [p.key_path for p in ei.value.problems] == [key] and "outside the project" in str(ei.value)
-    spec = write_bytes(project, (MINIMAL + "train:\n  variants:\n    other: {base_model: ../models/m.safetensors}\n").encode())
+    spec = write_bytes(project,
+                       (MINIMAL + "train:\n  variants:\n    other: {base_model: ../models/m.safetensors}\n").encode())
     # held relative to the project root, like every resolved path
     assert load_spec(spec).data["train"]["variants"]["other"]["base_model"] == "models/m.safetensors"
 

@@ -91,7 +91,8 @@ def inputs_for(proj: Path, node: contract.PlanNode) -> dict[str, contract.Artifa
 def test_expand_picks_the_lora_source(proj: Path) -> None:
     s = spec()
     # evaluate present: best comes from the first evaluate node (the base variant with variants)
-    g = Graph(proj, [_node("train", "base"), _node("train", "rank64"), _node("evaluate", "base"), _node("evaluate", "rank64")])
+    g = Graph(proj, [_node("train", "base"), _node("train", "rank64"), _node("evaluate", "base"),
+                     _node("evaluate", "rank64")])
     n = SB.expand(s, g)[0]
     assert n.id == "demo:storyboard" and n.inputs["evaluation"] == contract.StageOutputRef("demo:evaluate[base]", "evaluation")
     assert [sc["index"] for sc in n.config["scenes"]] == [1, 2, 3]
@@ -210,6 +211,7 @@ def test_reference_guided_ip_adapter_and_controlnet(proj: Path, tmp_path: Path, 
     assert rep["summary"]["passed"] == 3
 
 
+@pytest.mark.slow  # the tiny ControlNets: several seconds
 def test_control_maps(shared_data: Path) -> None:
     import numpy as np
 
@@ -239,7 +241,8 @@ def test_llm_planner_in_the_stage_is_asked_once(proj: Path, tmp_path: Path, monk
     try:
         server.answers.append((200, json.dumps({"scenes": [
             {"text": "He looks up.", "description": "a man looks up, front view", "hero": True, "shot": "close_up"},
-            {"text": "He crosses the bridge.", "description": "a man crosses a bridge", "hero": True, "shot": "wide"}]})))
+            {"text": "He crosses the bridge.", "description": "a man crosses a bridge", "hero": True,
+             "shot": "wide"}]})))
         server.answers.append((200, json.dumps({"prompts": ["man looking up", "man crossing a stone bridge"]})))
         s = spec(planner="llm", story="He looks up and crosses the bridge.", min_scenes=2, max_scenes=3,
                  llm={"base_url": server.url, "model": "m", "api_key_env": "SB_TEST_KEY", "timeout_s": 5},
@@ -261,7 +264,8 @@ def test_llm_planner_in_the_stage_is_asked_once(proj: Path, tmp_path: Path, monk
 def test_best_attempt_and_validator_errors() -> None:
     from runner.generate.frames import FrameValidator, Thresholds, best_attempt, seed_for
 
-    assert best_attempt([{"margin": -0.2, "pass": False}, {"margin": 0.05, "pass": True}, {"margin": 0.3, "pass": True}]) == 2
+    assert best_attempt([{"margin": -0.2, "pass": False}, {"margin": 0.05, "pass": True},
+                         {"margin": 0.3, "pass": True}]) == 2
     assert best_attempt([{"margin": -0.2, "pass": False}, {"margin": -0.1, "pass": False}]) == 1
     assert best_attempt([{"margin": None, "pass": True}]) == 0
     assert [seed_for(100, i, a, 3) for a in (0, 1) for i in range(3)] == [100, 101, 102, 103, 104, 105]
@@ -274,6 +278,7 @@ def test_best_attempt_and_validator_errors() -> None:
                        reference_images=[Image.new("RGB", (96, 96), "white")], thresholds=Thresholds(0.7, None))
 
 
+@pytest.mark.slow  # a tiny SDXL storyboard: several seconds
 def test_sdxl_lora_by_path(proj: Path, tmp_path: Path) -> None:
     """generate.checkpoint as a LoRA file on builtin:tiny-sdxl (generate.base_model): the SDXL
     pipeline is detected and the frames come out at the asked size."""
@@ -386,7 +391,8 @@ def test_reference_mode_validates_against_frame1_references_or_both(proj: Path, 
 
     monkeypatch.setattr(G, "generate_images", fake_generate)
     monkeypatch.setattr(GD, "load_ip_adapter", lambda pipe, *a, **k: {"ip_adapter": a[0], "scale": k.get("scale")})
-    s = spec(scenes=[{"text": "He smiles.", "shot": "close_up"}, {"text": "A horse sleeps in the barn.", "shot": "wide"},
+    s = spec(scenes=[{"text": "He smiles.", "shot": "close_up"},
+                     {"text": "A horse sleeps in the barn.", "shot": "wide"},
                      {"text": "He laughs.", "shot": "close_up"}],
              validation={"face_similarity": 0.93, "clip_i": None, "retries": 1},
              reference_guided={"enabled": True, "ip_adapter": "builtin:tiny-ip-adapter", "validate_against": against})
@@ -414,6 +420,7 @@ def test_reference_mode_validates_against_frame1_references_or_both(proj: Path, 
         assert f3["attempts"][1]["frame1_face_similarity"] > 0.93 > f3["attempts"][0]["frame1_face_similarity"]
 
 
+@pytest.mark.slow  # several seconds
 def test_report_section_shows_presence_and_what_was_checked(proj: Path, tmp_path: Path, shared_data: Path,
                                                            monkeypatch, no_pipeline) -> None:
     import runner.diffusion.generate as G
@@ -422,7 +429,8 @@ def test_report_section_shows_presence_and_what_was_checked(proj: Path, tmp_path
 
     photos = _photos(shared_data)
     monkeypatch.setattr(G, "generate_images", lambda pipe, p, *, seeds, **kw: [_small(photos["obama"]) for _ in seeds])
-    monkeypatch.setattr(GD, "load_ip_adapter", lambda pipe, *a, **k: {"ip_adapter": a[0], "weight_name": "w", "scale": 0.6})
+    monkeypatch.setattr(GD, "load_ip_adapter",
+                        lambda pipe, *a, **k: {"ip_adapter": a[0], "weight_name": "w", "scale": 0.6})
     s = spec(scenes=[{"text": "He smiles.", "shot": "close_up"}, {"text": "Snow falls on the barn.", "shot": "wide"},
                      {"text": "He laughs.", "shot": "close_up"}],
              validation={"face_similarity": 0.9, "clip_i": None, "retries": 0},

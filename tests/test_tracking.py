@@ -310,7 +310,8 @@ def test_train_and_evaluate_runs_read_back_through_the_mlflow_client(tracked, ml
             cells = {c["step"]: c for c in evaluation["cells"] if f"{c['lora_scale']:g}" == scale}
             for metric in ("clip_t", "clip_i", "dino"):
                 history = client.get_metric_history(ev.info.run_id, f"eval/{category}/{metric}/scale_{scale}")
-                want = [(s, (cells[s]["overall"] if category == "overall" else cells[s]["categories"][category])[metric])
+                want = [(s,
+                         (cells[s]["overall"] if category == "overall" else cells[s]["categories"][category])[metric])
                         for s in steps]
                 got = sorted((m.step, m.value) for m in history)
                 assert [g[0] for g in got] == steps and [g[1] for g in got] == pytest.approx([w[1] for w in want])

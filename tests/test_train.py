@@ -183,7 +183,8 @@ def test_variants_expand_to_nodes_and_share_caches(dataset: Path, tmp_path: Path
     # without the dataset stage there is nothing to train
     assert T.expand(spec, FakeGraph(tmp_path, [])) == []
     # one node without variants
-    plain = T.expand({**spec, "train": {k: v for k, v in section.items() if k != "variants"}}, FakeGraph(tmp_path, [caption]))
+    plain = T.expand({**spec, "train": {k: v for k, v in section.items() if k != "variants"}},
+                     FakeGraph(tmp_path, [caption]))
     assert [n.id for n in plain] == ["demo:train"] and plain[0].config["variant"] is None
     # a typo in a variant fails at plan time, naming the key
     bad = {**spec, "train": {**section, "variants": {"oops": {"lora": {"rnak": 8}}}}}
@@ -230,7 +231,8 @@ def test_kill_and_resume_matches_uninterrupted_run(dataset: Path, tmp_path: Path
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     run_root = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(tmp_path / "cfg.json"), str(run_root), str(dataset), str(cache)],
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(tmp_path / "cfg.json"), str(run_root), str(dataset),
+                              str(cache)],
                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     meta = run_root / "scratch" / "state" / "resume.json"
     deadline = time.monotonic() + 120
@@ -291,6 +293,7 @@ def test_bad_input_gives_clear_errors(dataset: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "r3" / "out" / "lora").exists()  # no half-written output
 
 
+@pytest.mark.slow  # tiny SDXL training: several seconds
 def test_sdxl_with_cached_text_buckets_and_class_image_folder(dataset: Path, shared_data: Path, tmp_path: Path) -> None:
     from PIL import Image
 
@@ -303,7 +306,8 @@ def test_sdxl_with_cached_text_buckets_and_class_image_folder(dataset: Path, sha
                regularization={"enabled": True, "images": "class", "prior_loss_weight": 1.0},
                checkpoints={"every_steps": 2, "sample_prompts": ["{trigger} {class}"], "validation_fraction": 0.2})
     ctx = LocalStageContext.for_folder(tmp_path / "run", stage_id="demo:train")
-    out = T.run(cfg, {"dataset": contract.Artifact("dataset", dataset), "regularization": contract.Artifact("regularization", reg)}, ctx)
+    out = T.run(cfg, {"dataset": contract.Artifact("dataset", dataset),
+                      "regularization": contract.Artifact("regularization", reg)}, ctx)
     index = json.loads((out["lora"].path / "index.json").read_text())
     assert index["model_family"] == "sdxl" and index["dataset"]["regularization_images"] == 2
     assert len(index["dataset"]["buckets"]) > 1  # portrait, landscape and square photos

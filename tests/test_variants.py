@@ -143,7 +143,8 @@ def test_two_identical_variants_name_each_other(project):
 def test_precedence_variant_over_phase_over_section(project):
     from runner.stages.train import train_config
 
-    spec = load_spec(write_spec(project, {**PHASED, "variants": {"low": {"lr": 5.0e-5}, "rank": {"lora": {"rank": 8}}}}),
+    spec = load_spec(write_spec(project,
+                                {**PHASED, "variants": {"low": {"lr": 5.0e-5}, "rank": {"lora": {"rank": 8}}}}),
                      require_files=False)
     section = spec.data["train"]
     cfg = lambda v: train_config(section, character="hero", trigger="t", class_word="c", variant=v,  # noqa: E731
@@ -215,7 +216,8 @@ def test_an_integer_written_as_a_float_is_the_same_value(project, path):
     if same is None:
         same = 3
         base_spec = load_spec(write_spec(project, {**PHASED, **nested(path, 3)}, "base.yaml"), require_files=False)
-    spec_file = write_spec(project, {**PHASED, **nested(path, same), "variants": {"as_float": nested(path, float(same))}})
+    spec_file = write_spec(project, {**PHASED, **nested(path, same),
+                                     "variants": {"as_float": nested(path, float(same))}})
     probs = [p for p in problems_of(spec_file) if "train.variants.as_float" in p]
     assert probs and "changes nothing" in probs[0], probs
     as_float = load_spec(write_spec(project, {**PHASED, **nested(path, float(same))}, "f.yaml"), require_files=False)

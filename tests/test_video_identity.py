@@ -362,7 +362,8 @@ def test_reviewer_drop_and_move_reach_the_stage_outputs(carphone, tmp_path, shar
     by_set = {s: [r for r in manifest if r["video"]["sets"] == [s]] for s in ("anchor", "coverage", "challenge")}
     drop = (by_set["coverage"] or by_set["challenge"])[0]
     move = next(r for r in manifest if r is not drop and "coverage" not in r["video"]["sets"])
-    review = {"identity": {drop["sha256"]: {"decision": "drop"}, move["sha256"]: {"decision": "set", "set": "coverage"}}}
+    review = {"identity": {drop["sha256"]: {"decision": "drop"},
+                           move["sha256"]: {"decision": "set", "set": "coverage"}}}
     before = json.loads((out["identity"].path / "person_0" / "meta.json").read_text())
     ctx = LocalStageContext.for_folder(tmp_path / "r2", stage_id="hero:video_identity[0]", character="hero",
                                        project_root=shared_data / "video")

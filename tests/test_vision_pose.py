@@ -150,7 +150,8 @@ def test_clip_frames_read_the_same_pose_as_a_crop_centred_on_the_face(shared_dat
             x0, y0, x1, y1 = faces[0].box
             m = 1.0 * (x1 - x0)
             h, w = rgb.shape[:2]
-            crop = np.ascontiguousarray(rgb[int(max(0, y0 - m)):int(min(h, y1 + m)), int(max(0, x0 - m)):int(min(w, x1 + m))])
+            crop = np.ascontiguousarray(rgb[int(max(0, y0 - m)):int(min(h, y1 + m)),
+                                            int(max(0, x0 - m)):int(min(w, x1 + m))])
             again = backend.analyze(crop)
             if not again:  # HOG misses some small faces without their context
                 continue

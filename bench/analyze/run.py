@@ -172,7 +172,8 @@ def main() -> None:
     print(f"speed, {n1} images: 1 worker {n1 / dt1:.2f} images/s ({cpu1 / n1:.3f} CPU-s/image, {cpu1 / dt1:.2f} cores used); "
           f"{workers} workers {nn / dtn:.2f} images/s ({cpun / nn:.3f} CPU-s/image, {cpun / dtn:.2f} cores used); "
           f"wall ratio {dt1 / dtn:.2f}x (1-min load average at the end: {load:.1f} on {os.cpu_count()} cores)")
-    speed = {"speed_images": n1, "images_per_s_1_worker": round(n1 / dt1, 3), "images_per_s_n_workers": round(nn / dtn, 3),
+    speed = {"speed_images": n1, "images_per_s_1_worker": round(n1 / dt1, 3),
+             "images_per_s_n_workers": round(nn / dtn, 3),
              "speedup": round(dt1 / dtn, 3), "cpu_s_per_image_1_worker": round(cpu1 / n1, 4),
              "cpu_s_per_image_n_workers": round(cpun / nn, 4), "cores_used_1_worker": round(cpu1 / dt1, 3),
              "cores_used_n_workers": round(cpun / dtn, 3), "load_average_1min": round(load, 2)}

@@ -39,7 +39,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="batch size of the batched mode")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (both modes)")
     ap.add_argument("--face", default="dlib", help="face backend (dlib, insightface, auto)")
-    ap.add_argument("--face-workers", type=int, default=0, help="face worker processes of the pooled run (0: one per core)")
+    ap.add_argument("--face-workers", type=int, default=0,
+                    help="face worker processes of the pooled run (0: one per core)")
     ap.add_argument("--clip", default="builtin:tiny-clip")
     ap.add_argument("--dino", default="builtin:tiny-dino")
     ap.add_argument("--json", type=Path, default=REPO / "bench" / "_work" / "evaluate.json")
@@ -95,7 +96,8 @@ def main() -> None:
         faces.append(emb)
     from runner.metrics.compute import EmbeddedImages
 
-    emb1 = EmbeddedImages(clip=np.stack(clip_rows), dino=np.stack(dino_rows), faces=faces, face_boxes=[None] * len(faces))
+    emb1 = EmbeddedImages(clip=np.stack(clip_rows), dino=np.stack(dino_rows), faces=faces,
+                          face_boxes=[None] * len(faces))
     per1, cat1, all1 = mc.score(emb1, np.stack(text_rows), refs, categories=cats, prompt_keys=keys)
     t_one = time.perf_counter() - t0
 

@@ -75,7 +75,8 @@ def storyboard_part(args, work: Path) -> dict:
     load_lora(pipe, make_lora(pipe, work / "lora"), adapter_name="character", scale=1.0)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.frames)]
     seeds = [1000 + i for i in range(args.frames)]
-    kw = dict(negative_prompt="blurry", steps=args.steps, guidance=7.0, width=args.side, height=args.side, lora_scale=1.0)
+    kw = dict(negative_prompt="blurry", steps=args.steps, guidance=7.0, width=args.side, height=args.side,
+              lora_scale=1.0)
     modes = (("one at a time", 1), (f"batched ({args.batch})", args.batch))
     for _, bs in modes:
         generate_images(pipe, prompts[:bs], seeds=seeds[:bs], batch_size=bs, **kw)  # warm-up
@@ -116,7 +117,8 @@ def ltx_gpu_part(args) -> dict:
     tokens = f * h * w
     text_len = 128
     out = {"gpu": torch.cuda.get_device_name(0), "params_b": round(n_params / 1e9, 3), "latent": [f, h, w],
-           "tokens": tokens, "frames": args.gpu_frames, "width": args.gpu_width, "height": args.gpu_height, "presets": {}}
+           "tokens": tokens, "frames": args.gpu_frames, "width": args.gpu_width, "height": args.gpu_height,
+           "presets": {}}
     for preset, steps, guidance in (("baseline", 10, 1.0), ("aggressive-quality", 20, 3.0)):
         b = 2 if guidance > 1.0 else 1
         hidden = torch.randn(b, tokens, 128, device=dev, dtype=dtype)
@@ -136,7 +138,8 @@ def ltx_gpu_part(args) -> dict:
             step()
         torch.cuda.synchronize()
         per_step = (time.perf_counter() - t0) / 3
-        out["presets"][preset] = {"steps": steps, "guidance": guidance, "batch": b, "seconds_per_step": round(per_step, 4),
+        out["presets"][preset] = {"steps": steps, "guidance": guidance, "batch": b,
+                                  "seconds_per_step": round(per_step, 4),
                                   "seconds_per_clip": round(per_step * steps, 2)}
     return out
 

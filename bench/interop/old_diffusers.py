@@ -118,7 +118,8 @@ def main() -> int:
                     help="folder holding diffusers 0.32 and transformers 4.47 (installed there if missing)")
     args = ap.parse_args()
     if not (args.target / "diffusers").is_dir():
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(args.target), *PACKAGES],
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(args.target),
+                        *PACKAGES],
                        check=True)
     from runner.diffusion.lora import load_lora
     from runner.diffusion.models import load_pipeline
@@ -134,7 +135,8 @@ def main() -> int:
         file = write_lora(model, WORK / model.split(":")[1])
         new = probe(load_lora(load_pipeline(model), file, "x"), IDS)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(args.target), str(WORK)])}
-        r = subprocess.run([sys.executable, "-c", _READER, str(tiny_model_path(model)), str(file.parent), json.dumps(IDS)],
+        r = subprocess.run([sys.executable, "-c", _READER, str(tiny_model_path(model)), str(file.parent),
+                            json.dumps(IDS)],
                            env=env, capture_output=True, text=True)
         if r.returncode != 0:
             print(f"{model}: diffusers 0.32 failed to load the file:\n{r.stderr[-1500:]}")

@@ -111,7 +111,8 @@ def bench_one(family: str, res: int, bs: int, *, rank: int, steps: int, warmup: 
     # The model and optimizer are freed when this returns (step's closure holds them until then,
     # so a `del` here would free nothing); the caller empties the CUDA cache after each run.
     return {"family": family, "resolution": res, "batch": bs, "steps_per_s": round(1 / dt, 3),
-            "images_per_s": round(bs / dt, 2), "step_ms": round(dt * 1000, 1), "peak_mem_gib": None if peak_mem is None else round(peak_mem, 2),
+            "images_per_s": round(bs / dt, 2), "step_ms": round(dt * 1000, 1),
+            "peak_mem_gib": None if peak_mem is None else round(peak_mem, 2),
             "tflop_per_step": round(flops / 1e12, 3), "achieved_tflops": round(flops / dt / 1e12, 1)}
 
 

@@ -128,7 +128,8 @@ def main() -> None:
         cache = work / "cache"
         if r == 0:
             shutil.rmtree(cache, ignore_errors=True)
-        tr = LoraTrainer(cfg, dataset_dir=dataset, out_dir=work / f"r{r}" / "out", scratch_dir=work / f"r{r}" / "scratch",
+        tr = LoraTrainer(cfg, dataset_dir=dataset, out_dir=work / f"r{r}" / "out",
+                         scratch_dir=work / f"r{r}" / "scratch",
                          cache_dir=cache, device=device)
         index = tr.run()
         t = index["timings"]
