@@ -16,7 +16,7 @@ from runner.diffusion.families import base
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-EXPECTED = {"sd15", "sdxl", "flux1", "flux2", "flux2_klein", "qwen_image", "z_image"}
+EXPECTED = {"sd15", "sdxl", "sd3", "flux1", "flux2", "flux2_klein", "qwen_image", "z_image"}
 HUB_IDS = {
     "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15",
     "runwayml/stable-diffusion-v1-5": "sd15",
@@ -28,6 +28,7 @@ HUB_IDS = {
     "black-forest-labs/FLUX.2-klein-base-9B": "flux2_klein",
     "Qwen/Qwen-Image": "qwen_image",
     "Tongyi-MAI/Z-Image-Turbo": "z_image",
+    "stabilityai/stable-diffusion-3.5-medium": "sd3",
 }
 SIDE = 32  # pixels: every tiny model's latents are 8x8 or 16x16 at this size
 LR, STEPS = 5e-2, 15  # overfitting one batch: enough for every tiny family's LoRA to cut its loss by 10%
@@ -65,7 +66,7 @@ def test_registry_import_is_light():
 
 def test_unknown_family_and_unknown_pipeline_say_what_exists(tmp_path: Path):
     with pytest.raises(UserError) as exc:
-        families.get("sd3")
+        families.get("chroma")
     assert "flux1" in exc.value.hint
     (tmp_path / "model_index.json").write_text('{"_class_name": "KandinskyPipeline"}')
     with pytest.raises(UserError) as exc:
@@ -342,6 +343,7 @@ def _pipeline_layouts(name: str):
         "flux2_klein": (same, lambda pipe, out, x: families.get("flux2_klein").to_model_latents(pipe, out)),
         "qwen_image": (qwen, qwen_back),
         "z_image": (same, lambda pipe, out, x: out),
+        "sd3": (same, lambda pipe, out, x: out),
     }[name]
 
 

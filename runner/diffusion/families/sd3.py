@@ -1,0 +1,104 @@
+"""Stable Diffusion 3 / 3.5: an MMDiT on 16-channel latents (VAE x8, ``(x - 0.0609) x 1.5305``),
+patchified 2x2 inside the transformer. Captions: the penultimate hidden states of two CLIPs
+(concatenated, zero-padded to T5's width) followed by T5-XXL's last hidden state (256 tokens);
+pooled: both CLIPs' projections concatenated. Rectified flow with logit-normal sigmas and the
+scheduler's static shift 3; the transformer takes the time on the 0..1000 scale.
+
+This module is the whole of the family: the registry finds it, nothing else names it."""
+
+from __future__ import annotations
+
+from runner.diffusion.families.base import (
+    Family,
+    LatentFormat,
+    Objective,
+    SampleDefaults,
+    TextEncoding,
+    scale_shift,
+    split_batch,
+)
+
+MAX_TOKENS = 256
+LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                "attn.add_v_proj", "attn.to_add_out")
+
+
+def encode_captions(pipe, captions: list[str]) -> list[dict]:
+    import torch
+
+    caps = list(captions)
+    with torch.no_grad():
+        pe, _, pooled, _ = pipe.encode_prompt(prompt=caps, prompt_2=None, prompt_3=None,
+                                              device=pipe.transformer.device, do_classifier_free_guidance=False,
+                                              max_sequence_length=MAX_TOKENS)
+    return split_batch({"prompt_embeds": pe, "pooled": pooled})
+
+
+def predict(c, noisy, sigmas, batch):
+    return c.denoiser(hidden_states=noisy.to(c.dtype), timestep=(sigmas * 1000).to(c.dtype),
+                      encoder_hidden_states=batch.text["prompt_embeds"].to(c.device, c.dtype),
+                      pooled_projections=batch.text["pooled"].to(c.device, c.dtype), return_dict=False)[0]
+
+
+def build_tiny(dest) -> None:
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from runner.diffusion.families import tinykit
+    from runner.diffusion.tiny import _text_config
+
+    clip_tok = tinykit.tiny_clip_tokenizer(dest / "_clip")
+    t5_tok = tinykit.t5_tokenizer(dest / "_t5", model_max_length=MAX_TOKENS)
+    tinykit.seeded(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=64, pooled_projection_dim=64,
+        pos_embed_max_size=32,
+    )
+    encoders = []
+    for k in (1, 2):
+        tinykit.seeded(k)
+        encoders.append(CLIPTextModelWithProjection(_text_config(len(clip_tok), hidden_act="gelu")))
+    tinykit.seeded(3)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=64, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                 relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                 decoder_start_token_id=0))
+    vae = tinykit.kl_vae(latent_channels=4, scaling_factor=1.5305, shift_factor=0.0609, seed=4)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=tinykit.flow_scheduler(shift=3.0), vae=vae,
+        text_encoder=encoders[0], tokenizer=clip_tok, text_encoder_2=encoders[1], tokenizer_2=clip_tok,
+        text_encoder_3=t5, tokenizer_3=t5_tok,
+    )
+    tinykit.save_pipeline(pipe, dest)
+    tinykit.remove(dest / "_clip", dest / "_t5")
+
+
+FAMILY = Family(
+    name="sd3",
+    title="Stable Diffusion 3.5",
+    pipeline="StableDiffusion3Pipeline",
+    components={"transformer": "SD3Transformer2DModel", "vae": "AutoencoderKL",
+                "text_encoder": "CLIPTextModelWithProjection", "text_encoder_2": "CLIPTextModelWithProjection",
+                "text_encoder_3": "T5EncoderModel", "tokenizer": "CLIPTokenizer", "tokenizer_2": "CLIPTokenizer",
+                "tokenizer_3": "T5TokenizerFast", "scheduler": "FlowMatchEulerDiscreteScheduler"},
+    denoiser="transformer",
+    text=TextEncoding(encoders=("text_encoder", "text_encoder_2", "text_encoder_3"),
+                      outputs="both CLIPs' penultimate states (padded to T5 width) then T5's; both CLIP projections "
+                              "(pooled)", pooled=True, max_tokens=MAX_TOKENS),
+    latents=LatentFormat(channels=16, downscale=8, patch=2,
+                         normalization="(raw - vae.shift_factor) x vae.scaling_factor; the transformer patchifies"),
+    objective=Objective(prediction="flow", timestep_sampling="logit_normal"),
+    lora_targets=LORA_TARGETS,
+    class_names=("StableDiffusion3Pipeline",),
+    hub_patterns=(r"stable-diffusion-3",),
+    sample=SampleDefaults(steps=28, guidance=4.5),
+    size_multiple=16,
+    tiny="tiny-sd3",
+    tiny_version=1,
+    build_tiny=build_tiny,
+    encode_captions=encode_captions,
+    to_model_latents=scale_shift,
+    predict=predict,
+    single_file_types=("sd3", "sd35_large", "sd35_medium"),
+    extra_conditioning="the pooled CLIP projections",
+)
