@@ -131,12 +131,22 @@ def test_carphone_blinks_read_closed_and_open_frames_do_not(scale: float) -> Non
     assert not open_called_closed
 
 
-@pytest.mark.parametrize("rel", PHOTOS)
+@pytest.mark.parametrize("rel", [*PHOTOS, "obama/obama_240p.jpg", "obama/obama_small.jpg", "rose_leslie/rose_02.jpg"])
 @pytest.mark.slow  # 2-4 s each
 def test_open_eyes_stay_open_when_the_face_is_small(rel: str) -> None:
-    for target in (None, 48.0, 30.0, 20.0):  # eyes 20 px apart: faces of about 50 px
+    """Open eyes at every size down to 20 px between the eyes (faces of about 50 px). At 25 px
+    (eyes 9-10 px wide) the landmark rule read biden_02 (smiling) and obama_240p (at its own size)
+    "both" closed; both irises show in the pixels (iris_visible), which overrules it."""
+    for target in (None, 48.0, 30.0, 25.0, 20.0):
         eyes = M.face_measures(*face_at(rel, target))["eyes"]
         assert eyes is not None and eyes["closed"] == "none", (rel, target, eyes)
+
+
+def test_eyes_too_small_to_read_are_null_with_a_reason() -> None:
+    """Under 7 px eye width (16 px between the eyes: faces of about 40 px) nothing is guessed."""
+    for rel in PHOTOS[:3]:
+        m = M.face_measures(*face_at(rel, 16.0))
+        assert m["eyes"] is None and "too small" in m["unmeasured"]["eyes"], (rel, m["eyes"])
 
 
 @pytest.mark.slow  # about 7 s
@@ -186,29 +196,32 @@ def closed_eye_copy(rgb: np.ndarray, lm: np.ndarray, side: str) -> np.ndarray:
 
 @pytest.mark.slow  # about 15 s
 def test_a_wink_pasted_into_real_faces_is_called_on_its_side_at_50_to_130_px() -> None:
-    """One eye shut (closed_eye_copy) on six photos at faces of 50-130 px: the appearance of the two
-    eyes calls the wink on the right side, and the mirrored copy on the other; the landmark rule
-    alone called none of them (it reads such a face open, or "both" closed on a small smiling one).
-    Measured: 23 of 36 called, 21 of 36 mirrored, none on the wrong side."""
+    """One eye shut (closed_eye_copy) on six photos at faces of 50-130 px (20-48 px between the
+    eyes): the appearance of the two eyes (the iris's darkness and edges, each eye against the
+    skin under it) calls the wink on the right side, and the mirrored copy on the other; the
+    landmark rule alone called none of them. With the edges ratio alone 23 of 36 (sizes 48, 30,
+    20) were called; with the darkness ratio 34 of 36 (33 mirrored), and 44 of 48 (44 mirrored)
+    with 25 px, none on the wrong side or "both"."""
     backend = get_face_backend("dlib")
     called = wrong = mirrored_ok = mirrored_wrong = 0
     for rel in PHOTOS:
-        for target in (48.0, 30.0, 20.0):  # faces of about 130, 80 and 50 px
+        for target in (48.0, 30.0, 25.0, 20.0):  # faces of about 130, 80, 65 and 50 px
             rgb, face = face_at(rel, target)
             for side in ("left", "right"):
+                other = "right" if side == "left" else "left"
                 shut = closed_eye_copy(rgb, face.landmarks, side)
                 eyes = M.face_measures(shut, backend.analyze(shut)[0])["eyes"]
                 assert eyes is not None, (rel, target)
                 called += eyes["closed"] == side
-                wrong += eyes["closed"] == ("right" if side == "left" else "left")
+                wrong += eyes["closed"] not in (side, "none")
                 mirror = np.ascontiguousarray(shut[:, ::-1])
                 m_eyes = M.face_measures(mirror, backend.analyze(mirror)[0])["eyes"]
                 assert m_eyes is not None, (rel, target)
-                mirrored_ok += m_eyes["closed"] == ("right" if side == "left" else "left")
-                mirrored_wrong += m_eyes["closed"] == side
-    print("winks called", called, "mirrored", mirrored_ok, "of", 2 * 3 * len(PHOTOS))
+                mirrored_ok += m_eyes["closed"] == other
+                mirrored_wrong += m_eyes["closed"] not in (other, "none")
+    print("winks called", called, "mirrored", mirrored_ok, "of", 2 * 4 * len(PHOTOS))
     assert wrong == 0 and mirrored_wrong == 0, (wrong, mirrored_wrong)
-    assert called >= 20 and mirrored_ok >= 20, (called, mirrored_ok)
+    assert called >= 42 and mirrored_ok >= 42, (called, mirrored_ok)
 
 
 @pytest.mark.slow  # about 4 s
