@@ -27,7 +27,7 @@ from typing import Any, Callable, Protocol
 
 from runner.core import contract
 from runner.core.fs import atomic_write_text
-from runner.core.hashing import HashIndex
+from runner.core.hashing import HashIndex, file_sha256
 
 MANIFEST_NAME = "_manifest.json"
 
@@ -68,8 +68,9 @@ class DigestCache:
     apply. The same files are the local side of the content addressing: an output whose bytes are
     already here (in the store, in the project) is copied, not downloaded."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, hasher: Callable[[Path], str] = file_sha256) -> None:
         self.folder = folder
+        self.hasher = hasher  # reads a file's sha256 (tests count the reads)
         self._lock = threading.Lock()
         self._known: dict[str, Path] = {}
         self._indexed = False
@@ -85,7 +86,7 @@ class DigestCache:
             entries = data.get("files", {}) if data.get("root") == str(root) else {}
         except (OSError, json.JSONDecodeError, AttributeError):
             entries = {}
-        return HashIndex(entries)
+        return HashIndex(entries, hasher=self.hasher)
 
     def _save(self, root: Path, index: HashIndex) -> None:
         """Keep what was known of the folder's other files (stages name different files of one

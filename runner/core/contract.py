@@ -212,7 +212,8 @@ class StageKind:
     track: TrackFn | None = None
     # Traits. ``summarizes``: the stage summarizes its character's run (the report): it re-runs
     # whenever another stage of its character runs, runs after them, is not counted as pending
-    # work of its own, and its ``document`` output is copied to the spec's report folder.
+    # work of its own, and its first declared output (its document, a file) is copied to the
+    # spec's report folder as ``<run id><suffix>`` and ``latest<suffix>``.
     summarizes: bool = False
     # Typical wall time of one remote execution, for `runner plan` cost estimates while the state
     # database has no earlier run of the stage (None: the engine's fallback).
