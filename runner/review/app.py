@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 
@@ -91,104 +91,125 @@ def filter_rows(rows: list[dict[str, Any]], *, shot: str = "", status: str = "al
 
 
 def create_app(spec: Any, *, token: str | None = None) -> FastAPI:
-    state = ReviewState.open(spec)
-    env = _jinja()
+    """The review app for ``spec``; ``token`` (None: no authentication) guards every request."""
     app = FastAPI(title=f"character-runner review: {spec.name}", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.review = state
-
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        given = request.query_params.get("token")
-        if token is not None and given and hmac.compare_digest(given.encode(), token.encode()):
-            resp = RedirectResponse(request.url.path, status_code=303)
-            resp.set_cookie(COOKIE, given, httponly=True, samesite="strict")
-            return resp
-        if not token_ok(request, token):
-            return JSONResponse({"error": {"code": "unauthorized", "message": "missing or wrong bearer token: send "
-                                           "'Authorization: Bearer <token>' or open /?token=<token> once"}},
-                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
-        return await call_next(request)
-
-    def page(name: str, request: Request, **ctx: Any) -> HTMLResponse:
-        data = state.decisions()
-        orphans = state.orphans()
-        html = env.get_template(f"{name}.html.j2").render(
-            page=name, pages=PAGES, character=spec.name, spec_file=spec.file.name,
-            review_file=state.review_file.name, summary=decisions.summary(data), orphans=orphans,
-            reviewer=decisions.reviewer(), shot_types=decisions.SHOT_TYPES, **ctx)
-        return HTMLResponse(html, headers={"Cache-Control": "no-store",
-                                           "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; "
-                                                                      "img-src 'self'; media-src 'self'; frame-ancestors 'none'"})
-
-    @app.get("/")
-    def index() -> RedirectResponse:
-        return RedirectResponse("/dataset", status_code=303)
-
-    @app.get("/dataset", response_class=HTMLResponse)
-    def dataset(request: Request, shot: str = "", status: str = "all", q: str = "", sort: str = "name"):
-        state.refresh()
-        rows = state.dataset()
-        shown = filter_rows(rows, shot=shot if shot in decisions.SHOT_TYPES else "",
-                            status=status if status in STATUSES else "all", q=q[:200],
-                            sort=sort if sort in SORTS else "name")
-        return page("dataset", request, rows=shown, total=len(rows), shot=shot, status=status, q=q, sort=sort,
-                    sorts=SORTS, statuses=STATUSES)
-
-    @app.get("/identity", response_class=HTMLResponse)
-    def identity(request: Request):
-        state.refresh()
-        return page("identity", request, videos=state.identity(), sets=decisions.VIDEO_SETS)
-
-    @app.get("/evaluation", response_class=HTMLResponse)
-    def evaluation(request: Request):
-        state.refresh()
-        return page("evaluation", request, evaluations=[_grid(e, state) for e in state.evaluations()])
-
-    @app.get("/storyboard", response_class=HTMLResponse)
-    def storyboard(request: Request):
-        state.refresh()
-        return page("storyboard", request, **state.storyboard())
-
-    @app.get("/static/review.js")
-    def script() -> Response:
-        from runner.resources import resource_dir
-
-        js = (resource_dir("templates") / "review" / "review.js").read_text(encoding="utf-8")
-        return Response(js, media_type="text/javascript", headers={"Cache-Control": "no-store"})
-
-    @app.get("/file/{rel:path}")
-    def file(rel: str) -> Response:
-        path = state.store_file(rel)
-        if path is None:
-            return JSONResponse({"error": {"code": "not_found", "message": "no such file in the workspace store"}},
-                                status_code=404)
-        return FileResponse(path, headers={"Cache-Control": "private, max-age=3600",
-                                           "X-Content-Type-Options": "nosniff"})
-
-    @app.get("/api/decisions")
-    def get_decisions() -> JSONResponse:
-        return JSONResponse(state.decisions())
-
-    @app.post("/api/decide")
-    async def decide(request: Request) -> JSONResponse:
-        if request.headers.get("x-review") != "1":
-            return _bad(403, "send the X-Review: 1 header (the page does)")
-        raw = await request.body()
-        return await run_in_threadpool(_decide, raw)
-
-    def _decide(raw: bytes) -> JSONResponse:
-        try:
-            body = json.loads(raw)
-            section, key, fields = body["section"], str(body["key"]), dict(body["fields"])
-        except (ValueError, KeyError, TypeError):
-            return _bad(422, "expected JSON {section, key, fields: {...}, by}")
-        try:
-            data = decisions.save(state.review_file, [(section, key, fields)], by=body.get("by"))
-        except decisions.ReviewError as exc:
-            return _bad(422, str(exc))
-        return JSONResponse({"entry": data[section].get(key, {}), "summary": decisions.summary(data)})
-
+    app.state.review = ReviewState.open(spec)
+    app.state.spec, app.state.token, app.state.jinja = spec, token, _jinja()
+    app.middleware("http")(_auth)
+    app.include_router(router)
     return app
+
+
+async def _auth(request: Request, call_next):
+    token = request.app.state.token
+    given = request.query_params.get("token")
+    if token is not None and given and hmac.compare_digest(given.encode(), token.encode()):
+        resp = RedirectResponse(request.url.path, status_code=303)
+        resp.set_cookie(COOKIE, given, httponly=True, samesite="strict")
+        return resp
+    if not token_ok(request, token):
+        return JSONResponse({"error": {"code": "unauthorized", "message": "missing or wrong bearer token: send "
+                                       "'Authorization: Bearer <token>' or open /?token=<token> once"}},
+                            status_code=401, headers={"WWW-Authenticate": "Bearer"})
+    return await call_next(request)
+
+
+def _state(request: Request, refresh: bool = False) -> ReviewState:
+    state = request.app.state.review
+    if refresh:
+        state.refresh()
+    return state
+
+
+def _page(name: str, request: Request, **ctx: Any) -> HTMLResponse:
+    spec, state = request.app.state.spec, _state(request)
+    data = state.decisions()
+    orphans = state.orphans()
+    html = request.app.state.jinja.get_template(f"{name}.html.j2").render(
+        page=name, pages=PAGES, character=spec.name, spec_file=spec.file.name,
+        review_file=state.review_file.name, summary=decisions.summary(data), orphans=orphans,
+        reviewer=decisions.reviewer(), shot_types=decisions.SHOT_TYPES, **ctx)
+    return HTMLResponse(html, headers={"Cache-Control": "no-store", "Content-Security-Policy": PAGE_POLICY})
+
+
+PAGE_POLICY = ("default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self'; media-src 'self'; "
+               "frame-ancestors 'none'")
+router = APIRouter()
+
+
+@router.get("/")
+def index() -> RedirectResponse:
+    return RedirectResponse("/dataset", status_code=303)
+
+
+@router.get("/dataset", response_class=HTMLResponse)
+def dataset(request: Request, shot: str = "", status: str = "all", q: str = "", sort: str = "name"):
+    rows = _state(request, refresh=True).dataset()
+    shown = filter_rows(rows, shot=shot if shot in decisions.SHOT_TYPES else "",
+                        status=status if status in STATUSES else "all", q=q[:200],
+                        sort=sort if sort in SORTS else "name")
+    return _page("dataset", request, rows=shown, total=len(rows), shot=shot, status=status, q=q, sort=sort,
+                 sorts=SORTS, statuses=STATUSES)
+
+
+@router.get("/identity", response_class=HTMLResponse)
+def identity(request: Request):
+    return _page("identity", request, videos=_state(request, refresh=True).identity(), sets=decisions.VIDEO_SETS)
+
+
+@router.get("/evaluation", response_class=HTMLResponse)
+def evaluation(request: Request):
+    state = _state(request, refresh=True)
+    return _page("evaluation", request, evaluations=[_grid(e, state) for e in state.evaluations()])
+
+
+@router.get("/storyboard", response_class=HTMLResponse)
+def storyboard(request: Request):
+    return _page("storyboard", request, **_state(request, refresh=True).storyboard())
+
+
+@router.get("/static/review.js")
+def script() -> Response:
+    from runner.resources import resource_dir
+
+    js = (resource_dir("templates") / "review" / "review.js").read_text(encoding="utf-8")
+    return Response(js, media_type="text/javascript", headers={"Cache-Control": "no-store"})
+
+
+@router.get("/file/{rel:path}")
+def file(rel: str, request: Request) -> Response:
+    path = _state(request).store_file(rel)
+    if path is None:
+        return JSONResponse({"error": {"code": "not_found", "message": "no such file in the workspace store"}},
+                            status_code=404)
+    return FileResponse(path, headers={"Cache-Control": "private, max-age=3600",
+                                       "X-Content-Type-Options": "nosniff"})
+
+
+@router.get("/api/decisions")
+def get_decisions(request: Request) -> JSONResponse:
+    return JSONResponse(_state(request).decisions())
+
+
+@router.post("/api/decide")
+async def decide(request: Request) -> JSONResponse:
+    if request.headers.get("x-review") != "1":
+        return _bad(403, "send the X-Review: 1 header (the page does)")
+    raw = await request.body()
+    return await run_in_threadpool(_decide, _state(request), raw)
+
+
+def _decide(state: ReviewState, raw: bytes) -> JSONResponse:
+    try:
+        body = json.loads(raw)
+        section, key, fields = body["section"], str(body["key"]), dict(body["fields"])
+    except (ValueError, KeyError, TypeError):
+        return _bad(422, "expected JSON {section, key, fields: {...}, by}")
+    try:
+        data = decisions.save(state.review_file, [(section, key, fields)], by=body.get("by"))
+    except decisions.ReviewError as exc:
+        return _bad(422, str(exc))
+    return JSONResponse({"entry": data[section].get(key, {}), "summary": decisions.summary(data)})
 
 
 def _bad(status: int, message: str) -> JSONResponse:
@@ -214,8 +235,8 @@ def _grid(e: dict[str, Any], state: ReviewState) -> dict[str, Any]:
                              "rating": r.get("rating"), "note": r.get("note", ""),
                              "disagree": e["disagree"].get(img["path"], []),
                              "metrics": {k: img.get(k) for k in ("face_similarity", "clip_t", "clip_i", "dino")}})
-            per_cat[cat] = {"metrics": c.get("categories", {}).get(cat, {}), "targets": (c.get("targets") or {}).get(cat, {}),
-                            "images": imgs}
+            per_cat[cat] = {"metrics": c.get("categories", {}).get(cat, {}),
+                            "targets": (c.get("targets") or {}).get(cat, {}), "images": imgs}
         columns.append({"cell": c["cell"], "step": c["step"], "lora_scale": c["lora_scale"], "score": c.get("score"),
                         "overall": c.get("overall", {}), "per_cat": per_cat,
                         "lora_sha256": e["lora_sha"].get(int(c["step"]), ""),
