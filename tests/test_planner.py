@@ -125,6 +125,7 @@ def test_changing_a_value_back_restores_cached_outputs(hero):
     assert "earlier run" in stages["hero:fake_a"].reasons[0]
 
 
+@pytest.mark.slow  # three whole applies over real photos (test_planner_units checks the same reasons in memory)
 def test_data_change_is_detected_and_explained(hero, shared_data):
     run(hero)
     shutil.copy(shared_data / "faces" / "obama" / "obama_03.jpg", hero.parent.parent / "photos" / "new.jpg")
