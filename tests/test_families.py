@@ -39,6 +39,9 @@ def test_registry_holds_every_family():
     for fam in families.all_families():
         assert families.get(fam.name) is fam
         assert fam.pipeline in fam.class_names
+        line = fam.describe()
+        assert line.startswith(f"{fam.title} ({fam.name})") and fam.components[fam.denoiser] in line
+        assert ("flow matching" in line) == (fam.objective.prediction == "flow")
         assert fam.lora_targets and fam.text.max_tokens > 0 and fam.size_multiple % 8 == 0
         assert families.by_tiny_name(f"builtin:{fam.tiny}") is fam
 
@@ -246,6 +249,8 @@ def test_tiny_family_detects_trains_and_generates(name: str, tiny_cache: Path, s
     for target in fam.lora_targets:
         assert any(n.removesuffix(".lora_A").endswith(target) for n in lora_modules), target
 
+    empty = fam.encode_captions(pipe, [""])  # caption dropout trains on the empty caption
+    assert len(empty) == 1 and all(torch.isfinite(v).all() for v in empty[0].values())
     batch = _batch(fam, pipe, _pixels(shared_data), ["a photo of the man, portrait", "a man smiling in the park"], 0)
     params = [p for p in c.denoiser.parameters() if p.requires_grad]
     assert params and all(".lora_" in n for n, p in c.denoiser.named_parameters() if p.requires_grad)

@@ -112,6 +112,18 @@ class Family:
     # what diffusers' single-file loader calls this family's checkpoints (infer_diffusers_model_type)
     single_file_types: tuple[str, ...] = ()
 
+    def describe(self) -> str:
+        """One line for the plan and the report: what is trained, on what objective."""
+        o = self.objective
+        if o.prediction == "flow":
+            shift = "the scheduler's shift" if o.shift is None else f"shift {o.shift:g}"
+            obj = f"flow matching, {o.timestep_sampling.replace('_', '-')} sigmas, {shift}"
+            obj += f", guidance {o.guidance:g} where embedded" if o.guidance is not None else ""
+        else:
+            obj = "epsilon/v as the scheduler says" + (f", min-SNR {o.min_snr_gamma:g}" if o.min_snr_gamma else "")
+        return (f"{self.title} ({self.name}): LoRA on the {self.denoiser} {self.components[self.denoiser]}; {obj}; "
+                f"text: {self.text.outputs}, {self.text.max_tokens} tokens")
+
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         return (self.collate_text or stack_text)(items)
 
