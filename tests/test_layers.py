@@ -320,26 +320,63 @@ def _doc_layers_section() -> str:
     return match.group(0)
 
 
+def _numbered_layers(section: str) -> dict[str, set[int]]:
+    """Package (dotted, without ``runner.``) -> the layer numbers of the lines that name it, for a
+    list written as ``  3 domain: vision, video, ..., review.decisions/agreement/summary``."""
+    found: dict[str, set[int]] = {}
+    for number, text in re.findall(r"^\s*(\d+)\s+(\S.*)$", section, flags=re.MULTILINE):
+        for token in re.findall(r"[A-Za-z_][\w.]*(?:/[\w.]+)*", text.replace("runner/", "")):
+            parts = [t.removesuffix(".py") for t in token.strip("/").split("/") if t]
+            if len(parts) > 1 and "." in parts[0]:  # review.decisions/agreement: siblings
+                prefix = parts[0].rpartition(".")[0]
+                names = [parts[0], *(f"{prefix}.{p}" for p in parts[1:])]
+            else:  # review/app: a path
+                names = [".".join(parts)]
+            for name in names:
+                found.setdefault(name, set()).add(int(number))
+    return found
+
+
 def test_architecture_doc_lists_the_same_packages():
     """docs/architecture.md's layer list names each package of LAYERS, and only paths that exist.
 
     A package is named by its path (``runner/core/``, ``runner/paths.py``, ``runner/review/app.py``)
-    or its dotted name (``runner.review.app``)."""
+    or its dotted name (``runner.review.app``). Where the list numbers its layers (lines such as
+    ``  1 paths, resources, hub``), each package is on the line of its number in LAYERS."""
     section = _doc_layers_section()
-    unnamed = []
-    for package in LAYERS:
-        path = package.replace(".", "/")
-        if not re.search(rf"{re.escape(path)}(/|\.py\b|\b)|\b{re.escape(package)}\b", section):
-            unnamed.append(path)
+    problems = []
+    numbered = _numbered_layers(section)
+    if len(re.findall(r"^\s*\d+\s+\S", section, flags=re.MULTILINE)) >= 3:
+        for package, layer in LAYERS.items():
+            short = package.removeprefix("runner.")
+            there = sorted(numbered.get(short, ()))
+            if there != [layer]:
+                problems.append(f"{short} is on layer {layer} in LAYERS, on {there or 'no line'} there")
+    else:
+        unnamed = [package.replace(".", "/") for package in LAYERS
+                   if not re.search(rf"{re.escape(package.replace('.', '/'))}(/|\.py\b|\b)|\b{re.escape(package)}\b",
+                                    section)]
+        if unnamed:
+            problems.append("packages it does not name: " + ", ".join(unnamed))
     named = set(re.findall(r"\brunner/[\w/]*\w(?:\.py)?", section))
     # runner/_data/ exists only inside the wheel (schemas/ and templates/ are copied there).
     stale = sorted(p for p in named if not (ROOT / p).exists() and not p.startswith("runner/_data"))
-    problems = []
-    if unnamed:
-        problems.append("packages it does not name: " + ", ".join(unnamed))
     if stale:
         problems.append("paths it names that do not exist: " + ", ".join(stale))
     assert not problems, f"{ARCHITECTURE_DOC.relative_to(ROOT)}, '## Layers': " + "; ".join(problems)
+
+
+def test_numbered_layer_lists_are_read_like_the_plan():
+    section = """
+  0 core
+  1 paths, resources, hub, buildcache, tracking, report (embed/charts)
+  3 domain: vision, video, review.decisions/agreement/summary
+  8 apps: cli, serve, publish, runner/review/app.py, review/state
+"""
+    found = _numbered_layers(section)
+    assert found["core"] == {0} and found["report"] == {1} and found["tracking"] == {1}
+    assert found["review.decisions"] == found["review.agreement"] == found["review.summary"] == {3}
+    assert found["review.app"] == found["review.state"] == {8} and found["cli"] == {8}
 
 
 def test_no_engine_function_over_60_lines():
