@@ -122,86 +122,111 @@ def best_evaluation(ws: Any, character: str) -> tuple[str, dict[str, Any], float
     return best
 
 
+@dataclass
+class _Choice:
+    """The LoRA chosen and the generation settings that come with it (the spec's train section's
+    until the evaluation or the train output says otherwise)."""
+
+    base_model: str
+    family: str
+    resolution: int
+    lora: Path | None = None
+    scale: float = 1.0
+    source: str = ""
+    steps: int = 30
+    guidance: float = 7.0
+
+    def use_train_index(self, index: dict[str, Any]) -> None:
+        self.base_model = index.get("base_model") or self.base_model
+        self.family = index.get("model_family") or self.family
+        self.resolution = int(index.get("resolution") or self.resolution)
+
+
 def resolve_target(spec: Any, *, checkpoint: str | None = None) -> ServeTarget:
     """The model and LoRA to serve for ``spec`` (a loaded runner.spec Spec)."""
     from runner.engine.workspace import Workspace
 
     data = spec.data
-    character = data["character"]
     gen = data.get("generate") or {}
     train = data.get("train") or {}
     choice = checkpoint or gen.get("checkpoint") or "best"
     root = Path(spec.project_root)
     warnings: list[str] = []
-    base_model = train.get("base_model", "builtin:tiny-sd")
-    family = train.get("model_family", "auto")
-    resolution = int(train.get("resolution", 512))
-    steps, guidance = 30, 7.0
-    scale = 1.0
-    lora: Path | None = None
-    source = ""
+    c = _Choice(train.get("base_model", "builtin:tiny-sd"), train.get("model_family", "auto"),
+                int(train.get("resolution", 512)))
     ws = Workspace(root)
     try:
         if choice == "best":
-            best = best_evaluation(ws, spec.name)
-            if best is not None:
-                sid, outs, score, ev = best
-                b = ev["best"]
-                lora = Path(outs["evaluation"].path) / b["lora_diffusers"]
-                scale = float(b.get("lora_scale", 1.0))
-                base_model = ev.get("base_model") or base_model
-                family = ev.get("model_family") or family
-                g = ev.get("generation") or {}
-                steps = int(g.get("steps", steps))
-                guidance = float(g.get("guidance", guidance))
-                resolution = int(g.get("resolution") or resolution)
-                source = (f"best of {sid}: step {b.get('step')} at LoRA scale {scale:g}"
-                          + (f" (score {score:.3f})" if isinstance(score, (int, float)) else ""))
-                picked = _reviewer_pick(spec, ws, sid, warnings)
-                if picked is not None:
-                    lora, scale, source = picked
-            else:
-                last = _last_checkpoint(ws, spec.name) if ws.exists() else None
-                if last is None:
-                    raise StageError(
-                        f"{spec.file}: no trained LoRA for {spec.name} in {ws.dir} (generate.checkpoint: best)",
-                        hint="Run `runner apply` first (train and evaluate), or set generate.checkpoint to a LoRA file.")
-                lora, index, source = last
-                warnings.append("no evaluation found: serving the last train checkpoint instead of the best one")
-                base_model = index.get("base_model") or base_model
-                family = index.get("model_family") or family
-                resolution = int(index.get("resolution") or resolution)
+            _use_best(spec, ws, c, warnings)
         elif choice == "last":
-            last = _last_checkpoint(ws, spec.name) if ws.exists() else None
-            if last is None:
+            if not _use_last(spec, ws, c):
                 raise StageError(f"{spec.file}: no train stage output for {spec.name} (generate.checkpoint: last)",
                                  hint="Run `runner apply` first.")
-            lora, index, source = last
-            base_model = index.get("base_model") or base_model
-            family = index.get("model_family") or family
-            resolution = int(index.get("resolution") or resolution)
         else:
-            p = Path(choice).expanduser()
-            lora = p if p.is_absolute() else root / p
-            if not lora.is_file():
-                raise StageError(f"{spec.file}: generate.checkpoint {choice!r} is not a file ({lora})",
-                                 hint="Give 'best', 'last' or the path of a LoRA .safetensors file.")
-            source = f"generate.checkpoint {choice}"
+            _use_file(spec, choice, root, c)
     finally:
         ws.close()
-    if lora is not None and not lora.is_file():
-        raise StageError(f"the LoRA file {lora} is missing from the workspace store",
+    if c.lora is not None and not c.lora.is_file():
+        raise StageError(f"the LoRA file {c.lora} is missing from the workspace store",
                          hint="Re-run `runner apply` for this character.")
     if gen.get("lora_scale") is not None:
-        scale = float(gen["lora_scale"])
+        c.scale = float(gen["lora_scale"])
+    base_model = c.base_model
     bm = Path(str(base_model)).expanduser()
     if not str(base_model).startswith("builtin:") and not bm.is_absolute() and (root / bm).exists():
         base_model = str(root / bm)
+    character = data["character"]
     return ServeTarget(
         character=spec.name, trigger=character["trigger"], class_word=character.get("class_word", "person"),
-        base_model=str(base_model), family=family, lora_file=str(lora) if lora else None, lora_source=source,
-        lora_scale=scale, resolution=resolution, steps=steps, guidance=guidance,
+        base_model=str(base_model), family=c.family, lora_file=str(c.lora) if c.lora else None,
+        lora_source=c.source, lora_scale=c.scale, resolution=c.resolution, steps=c.steps, guidance=c.guidance,
         tiny_random=str(base_model).startswith("builtin:"), project_root=str(root),
         api=dict(gen.get("api") or {}), video=dict(gen["video"]) if isinstance(gen.get("video"), dict) else None,
         hardware=dict(data.get("hardware") or {}), warnings=warnings,
     )
+
+
+def _use_best(spec: Any, ws: Any, c: _Choice, warnings: list[str]) -> None:
+    """``best``: evaluation's best cell (or the reviewer's pick); the last checkpoint, with a
+    warning, when nothing was evaluated yet."""
+    best = best_evaluation(ws, spec.name)
+    if best is None:
+        if not _use_last(spec, ws, c):
+            raise StageError(
+                f"{spec.file}: no trained LoRA for {spec.name} in {ws.dir} (generate.checkpoint: best)",
+                hint="Run `runner apply` first (train and evaluate), or set generate.checkpoint to a LoRA file.")
+        warnings.append("no evaluation found: serving the last train checkpoint instead of the best one")
+        return
+    sid, outs, score, ev = best
+    b, g = ev["best"], ev.get("generation") or {}
+    c.lora = Path(outs["evaluation"].path) / b["lora_diffusers"]
+    c.scale = float(b.get("lora_scale", 1.0))
+    c.base_model = ev.get("base_model") or c.base_model
+    c.family = ev.get("model_family") or c.family
+    c.steps = int(g.get("steps", c.steps))
+    c.guidance = float(g.get("guidance", c.guidance))
+    c.resolution = int(g.get("resolution") or c.resolution)
+    c.source = (f"best of {sid}: step {b.get('step')} at LoRA scale {c.scale:g}"
+                + (f" (score {score:.3f})" if isinstance(score, (int, float)) else ""))
+    picked = _reviewer_pick(spec, ws, sid, warnings)
+    if picked is not None:
+        c.lora, c.scale, c.source = picked
+
+
+def _use_last(spec: Any, ws: Any, c: _Choice) -> bool:
+    """The final checkpoint of the train stage; False when there is none."""
+    last = _last_checkpoint(ws, spec.name) if ws.exists() else None
+    if last is None:
+        return False
+    c.lora, index, c.source = last
+    c.use_train_index(index)
+    return True
+
+
+def _use_file(spec: Any, choice: str, root: Path, c: _Choice) -> None:
+    p = Path(choice).expanduser()
+    c.lora = p if p.is_absolute() else root / p
+    if not c.lora.is_file():
+        raise StageError(f"{spec.file}: generate.checkpoint {choice!r} is not a file ({c.lora})",
+                         hint="Give 'best', 'last' or the path of a LoRA .safetensors file.")
+    c.source = f"generate.checkpoint {choice}"
