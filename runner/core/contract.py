@@ -225,6 +225,10 @@ def _first_line(doc: str | None) -> str:
     return lines[0] if lines else ""
 
 
+def _origin(sk: StageKind) -> tuple[str, str]:
+    return sk.run.__module__, sk.run.__qualname__
+
+
 class Registry:
     """Stage kinds by name. The built-in kinds register into :data:`BUILTIN` (see
     ``runner.stages.registry()``); planner and engine take a registry as an argument, so tests can
@@ -237,8 +241,9 @@ class Registry:
 
     def add(self, sk: StageKind) -> StageKind:
         prev = self._kinds.get(sk.kind)
-        if prev is not None and (prev.run.__module__, prev.run.__qualname__) != (sk.run.__module__, sk.run.__qualname__):
-            raise RuntimeError(f"stage kind {sk.kind!r} registered twice ({prev.run.__module__} and {sk.run.__module__})")
+        if prev is not None and _origin(prev) != _origin(sk):
+            raise RuntimeError(f"stage kind {sk.kind!r} registered twice "
+                               f"({prev.run.__module__} and {sk.run.__module__})")
         self._kinds[sk.kind] = sk
         return sk
 
