@@ -263,55 +263,63 @@ def _find_preset(
 def _resolve_paths(data: dict, loaded: LoadedYaml, rules: PathRules, require_files: bool = True) -> list[Problem]:
     """Normalize every ``x-path`` value of the schema and apply the outside-project rule to it
     (runner.spec.paths: one check for every path key, found from the schema)."""
-    problems: list[Problem] = []
-    project_root = rules.project_root
+    walk = _PathWalk(loaded, rules, require_files)
+    walk.visit(data, S.root_schema(), S.root_uri(), (), None, None)
+    return walk.problems
 
-    def visit(node: Any, sch: dict, uri: str, path: tuple, parent: Any, key: Any) -> None:
+
+@dataclass
+class _PathWalk:
+    """One walk over a spec's values with their schemas, normalizing path values in place."""
+
+    loaded: LoadedYaml
+    rules: PathRules
+    require_files: bool
+    problems: list[Problem] = field(default_factory=list)
+
+    def visit(self, node: Any, sch: dict, uri: str, path: tuple, parent: Any, key: Any) -> None:
         if sch.get("x-override-of"):  # a train variant holds keys of the train section
             sch = S.section_schema(sch["x-override-of"])
             uri = sch["$id"]
         sch, uri = S.pick_branch(sch, uri, node)
         kind = sch.get("x-path")
         if kind:
-            new = _resolve_one(node, kind, sch, path, parent)
+            new = self.resolve_one(node, kind, sch, path, parent)
             if new is not None:
                 parent[key] = new
             return
-        if isinstance(node, dict):
-            for k in list(node):
-                sub, suri = S.child_schema(sch, uri, k, node)
-                if sub is not None:
-                    visit(node[k], sub, suri, path + (k,), node, k)
-        elif isinstance(node, list):
-            for i in range(len(node)):
-                sub, suri = S.child_schema(sch, uri, i, node)
-                if sub is not None:
-                    visit(node[i], sub, suri, path + (i,), node, i)
+        children = list(node) if isinstance(node, dict) else range(len(node)) if isinstance(node, list) else ()
+        for k in children:
+            sub, suri = S.child_schema(sch, uri, k, node)
+            if sub is not None:
+                self.visit(node[k], sub, suri, path + (k,), node, k)
 
-    def problem(path: tuple, message: str, hint: str = "") -> None:
-        m = loaded.mark_for(path)
-        problems.append(Problem(m.file, m.line, m.col, format_key_path(path), message, hint=hint))
+    def problem(self, path: tuple, message: str, hint: str = "") -> None:
+        m = self.loaded.mark_for(path)
+        self.problems.append(Problem(m.file, m.line, m.col, format_key_path(path), message, hint=hint))
 
-    def missing(value: str, kind: str, sch: dict, p: Path, path: tuple) -> None:
-        shadow = project_root / value  # where the loaders would look for a project-relative path
+    def missing(self, value: str, kind: str, sch: dict, p: Path, path: tuple) -> None:
+        rules = self.rules
+        shadow = rules.project_root / value  # where the loaders would look for a project-relative path
         if kind == "model" and os.path.lexists(shadow):
-            problem(path, f"'{value}' names nothing next to the spec file, but {shadow} exists",
-                    f"Paths are relative to the spec file: write it as {os.path.relpath(shadow, rules.spec_dir)}.")
-        elif require_files:
+            self.problem(path, f"'{value}' names nothing next to the spec file, but {shadow} exists",
+                         f"Paths are relative to the spec file: write it as {os.path.relpath(shadow, rules.spec_dir)}.")
+        elif self.require_files:
             names = sorted(declared_names(sch)) if kind == "named-or-data" else []
-            problem(path, f"{'model path' if kind == 'model' else 'path'} not found: {p}",
-                    f"Paths are relative to the spec file ({rules.spec_dir})."
-                    + (f" Or one of: {', '.join(names)}." if names else "")
-                    + (" Or a hub id like 'org/name'." if kind == "model" else ""))
+            self.problem(path, f"{'model path' if kind == 'model' else 'path'} not found: {p}",
+                         f"Paths are relative to the spec file ({rules.spec_dir})."
+                         + (f" Or one of: {', '.join(names)}." if names else "")
+                         + (" Or a hub id like 'org/name'." if kind == "model" else ""))
 
-    def _resolve_one(value: Any, kind: str, sch: dict, path: tuple, parent: Any) -> str | None:
+    def resolve_one(self, value: Any, kind: str, sch: dict, path: tuple, parent: Any) -> str | None:
+        rules = self.rules
         if kind == "output" and value is None and sch.get("x-project-default"):
-            return rules.normalize(project_root / sch["x-project-default"])
+            return rules.normalize(rules.project_root / sch["x-project-default"])
         if kind in EXEMPT_KINDS:  # a shared cache: only '~' is expanded
             try:
                 return str(Path(value).expanduser()) if isinstance(value, str) else None
             except RuntimeError as exc:  # ~nosuchuser
-                problem(path, f"path '{value}' cannot be resolved: {exc}")
+                self.problem(path, f"path '{value}' cannot be resolved: {exc}")
                 return None
         if kind == "preset" or not isinstance(value, str):  # presets were placed by _find_preset
             return None
@@ -319,24 +327,21 @@ def _resolve_paths(data: dict, loaded: LoadedYaml, rules: PathRules, require_fil
             return None  # a builtin or shipped name, a hub id
         p, trouble = rules.locate(value)
         if trouble:
-            problem(path, trouble, OUTSIDE_HINT if p is not None else "")
+            self.problem(path, trouble, OUTSIDE_HINT if p is not None else "")
             return rules.normalize(p) if p is not None else None
         if kind != "output" and not os.path.exists(p):
-            missing(value, kind, sch, p, path)
+            self.missing(value, kind, sch, p, path)
         elif os.path.exists(p) and not os.path.isdir(p) and (kind == "output" or not os.path.isfile(p)):
             # a FIFO would hang the digest, a device would be read without end
-            problem(path, f"{p} is not a {'folder' if kind == 'output' else 'regular file or folder'} "
-                          f"(it is a {_file_type(p)})", "Point the key at a plain file or folder.")
+            self.problem(path, f"{p} is not a {'folder' if kind == 'output' else 'regular file or folder'} "
+                               f"(it is a {_file_type(p)})", "Point the key at a plain file or folder.")
             return rules.normalize(p)
         recursive = parent.get("recursive", True) if isinstance(parent, dict) else True
         links = rules.links_out(p, recursive is not False)
         if links:
-            problem(path, links, "Remove the links or copy what they point at into the project, "
-                                 "or pass --allow-outside-project if this is intended.")
+            self.problem(path, links, "Remove the links or copy what they point at into the project, "
+                                      "or pass --allow-outside-project if this is intended.")
         return rules.normalize(p)
-
-    visit(data, S.root_schema(), S.root_uri(), (), None, None)
-    return problems
 
 
 def _file_type(p: Path) -> str:
