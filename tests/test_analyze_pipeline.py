@@ -236,7 +236,8 @@ def test_augment_derives_close_ups_from_wider_images_with_parents(augmented, ana
         with Image.open(folder / c["file"]) as im:
             assert im.size == (x1 - x0, y1 - y0) and min(im.size) >= 384
     bal = json.loads((folder / "balance.json").read_text())
-    assert {r["category"]: r for r in bal["after"]}["close_up"]["share"] > {r["category"]: r for r in bal["before"]}["close_up"]["share"]
+    share = {which: {r["category"]: r for r in bal[which]}["close_up"]["share"] for which in ("before", "after")}
+    assert share["after"] > share["before"]
 
 
 @pytest.fixture(scope="module")
@@ -392,7 +393,8 @@ def test_augment_mirrors_only_when_flips_are_allowed(analyzed):
     html = _render(curate.report_sections({}, {"curated": contract.Artifact("curated", on)}, {"thumbnail_px": 64}))
     assert "mirror of " in html and "1 mirrored copy" in html
     bal = json.loads((on / "balance.json").read_text())
-    assert bal["mirrors"] == 1 and _rows(bal, "after")["full_body"]["share"] > _rows(bal, "before")["full_body"]["share"]
+    assert bal["mirrors"] == 1
+    assert _rows(bal, "after")["full_body"]["share"] > _rows(bal, "before")["full_body"]["share"]
     sided, ctx = curate_run(analyzed, "augment_sided", strategy="augment", targets=targets, allow_flips=True,
                             sided_traits=["mole on the left cheek"])
     assert not any(e.get("mirrored") for e in _jsonl(sided / "curated.jsonl"))

@@ -76,7 +76,8 @@ def test_coco_keypoints_in_openpose_order(k: int) -> None:
 
 
 def test_openpose_names_and_limbs_are_the_controlnet_ones() -> None:
-    assert P.OPENPOSE_BODY[:2] == ("nose", "neck") and P.OPENPOSE_BODY[14:] == ("right_eye", "left_eye", "right_ear", "left_ear")
+    assert P.OPENPOSE_BODY[:2] == ("nose", "neck")
+    assert P.OPENPOSE_BODY[14:] == ("right_eye", "left_eye", "right_ear", "left_ear")
     assert len(P.LIMBS) == 17 and len(P.COLORS) == 18
     assert P.LIMBS[0] == (1, 2) and P.LIMBS[12] == (1, 0) and P.LIMBS[16] == (15, 17)
     assert P.COLORS[0] == (255, 0, 0) and P.COLORS[12] == (0, 0, 255) and P.COLORS[17] == (255, 0, 85)

@@ -101,7 +101,8 @@ def test_reweight_repeats_reach_target_midpoints():
 def test_reweight_moves_several_groups_when_one_step_alone_dilutes_another():
     # The real Obama set's groups: every single extra repeat pushes some category farther off.
     items = ([item(0, "close_up"), item(1, "close_up"), item(2, "full_body", flags=("complex_background",))]
-             + [item(3 + i, "medium") for i in range(2)] + [item(5 + i, "medium", flags=("occluded",)) for i in range(2)]
+             + [item(3 + i, "medium") for i in range(2)]
+             + [item(5 + i, "medium", flags=("occluded",)) for i in range(2)]
              + [item(7, "medium", flags=("multi_character", "complex_background"))])
     targets = {"close_up": [0.45, 0.55], "medium": [0.25, 0.35], "full_body": [0.15, 0.25]}
     reps, short = B.reweight(items, targets)
@@ -183,7 +184,8 @@ def test_select_is_never_farther_and_keeps_last_images(items, targets):
         protected = c not in targets or B.status_of(before.share(c), targets[c]) == "under" or targets[c][0] > 0
         if n and protected:
             assert after.counts.get(c, 0) >= 1, f"the last {c} image was dropped"
-    assert {s.category for s in short} == {c for c in targets if B.status_of(after.share(c), targets[c]) in ("under", "over")}
+    off = {c for c in targets if B.status_of(after.share(c), targets[c]) in ("under", "over")}
+    assert {s.category for s in short} == off
 
 
 @settings(max_examples=150, deadline=None)

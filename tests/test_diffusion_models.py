@@ -33,7 +33,8 @@ def test_tiny_tokenizer_is_clip_shaped(tmp_path: Path) -> None:
 
 def test_tiny_models_built_once_concurrently(tmp_path: Path) -> None:
     paths: list[Path] = []
-    threads = [threading.Thread(target=lambda: paths.append(tiny_model_path("builtin:tiny-sd", tmp_path))) for _ in range(3)]
+    threads = [threading.Thread(target=lambda: paths.append(tiny_model_path("builtin:tiny-sd", tmp_path)))
+               for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:

@@ -283,7 +283,8 @@ def test_expand_one_node_per_train_variant(tmp_path: Path) -> None:
     assert [n.id for n in nodes] == ["luca:evaluate[base]", "luca:evaluate[higher_rank]"]
     n = nodes[1]
     assert n.inputs["lora"] == contract.StageOutputRef("luca:train[higher_rank]", "lora")
-    assert isinstance(n.inputs["reference0"], contract.FileSetRef) and n.inputs["reference0"].root == tmp_path / "data/ref"
+    assert isinstance(n.inputs["reference0"], contract.FileSetRef)
+    assert n.inputs["reference0"].root == tmp_path / "data/ref"
     assert n.config["variant"] == "higher_rank" and n.gpu == "L40S"
     prompts = n.config["suite"]["prompts"]
     assert len(prompts) == 6 and all("lcachar 3d cartoon boy" in p["prompt"] for p in prompts)

@@ -327,8 +327,8 @@ def test_apply_publishes_the_export_outside_the_store(project: Path, shared_data
     pub = project / ".runner" / "exports" / "hero"
     store = project / ".runner" / "store"
     assert len(ai_toolkit_images(pub / "plain")) == 2
-    assert not any(store in p.parents for p in map(Path,
-                                                   (c["path"] for c in json.loads((pub / "concepts.json").read_text()))))
+    concepts = json.loads((pub / "concepts.json").read_text())
+    assert not any(store in Path(c["path"]).parents for c in concepts)
     (pub / "plain" / "_latent_cache").mkdir()
     before = _tree_digest(store)
     res = apply([load_spec(spec)], ApplyOptions(only=["export"]), QuietReporter())  # cached: kept as it is

@@ -186,8 +186,8 @@ def test_llm_planner_against_loopback_server(server: _Server, monkeypatch) -> No
     assert [(s.text, s.shot, s.source, s.hero) for s in scenes] == [
         ("Aldar arrives on his horse.", "wide", "llm", True), ("The bai shivers.", "close_up", "llm", False)]
     # the refined prompts, with the trigger and traits only where the hero is
-    assert scenes[0].prompt == ("aldrkse man, wide establishing shot, man riding a brown horse, front view, snowy village, "
-                                "morning light, fox-fur hat, beardless face, storybook")
+    assert scenes[0].prompt == ("aldrkse man, wide establishing shot, man riding a brown horse, front view, "
+                                "snowy village, morning light, fox-fur hat, beardless face, storybook")
     assert scenes[1].prompt == "close-up portrait, old man shivering, worn thin coat, front view, frost, storybook"
     first, second = server.requests
     assert first["path"] == "/v1/chat/completions" and first["auth"] == "Bearer sk-test"

@@ -216,7 +216,9 @@ def run_plan(spec: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProc
 def test_plan_warns_about_every_uncached_hub_model_key(tmp_path, shared_data):
     # the template fills every string-valued model key of the schema (but the insightface packs,
     # which are pack names, not hub ids); a new model key shows up here
-    assert set(SLOTS.values()) == {k for k in schema_model_keys() if "insightface" not in k} - {"generate.base_model", "generate.video.lora"}
+    not_slots = {"generate.base_model", "generate.video.lora"}
+    expected = {k for k in schema_model_keys() if "insightface" not in k} - not_slots
+    assert set(SLOTS.values()) == expected
     values = {slot: f"test-org/{slot.replace('_', '-')}-model" for slot in SLOTS}
     spec = plan_project(tmp_path, shared_data, values)
     r = run_plan(spec, tmp_path)

@@ -240,10 +240,12 @@ def test_video_presets_fill_values_and_spec_overrides_win(project: Path) -> None
 
     f = project / "specs" / "v.yaml"
     f.write_text("version: 1\ncharacter: {name: v, trigger: vchr}\n"
-                 "generate:\n  video: {preset: aggressive-quality, source: storyboard, steps: 5, prompt_suffix: slow}\n")
+                 "generate:\n  video: {preset: aggressive-quality, source: storyboard, steps: 5, "
+                 "prompt_suffix: slow}\n")
     v = load_spec(f).data["generate"]["video"]
     assert (v["steps"], v["guidance"], v["image_conditioning"]) == (5, 3.0, 0.85)
-    assert v["prompt_prefix"].startswith("Cinematic motion, natural character movement") and v["prompt_suffix"] == "slow"
+    assert v["prompt_prefix"].startswith("Cinematic motion, natural character movement")
+    assert v["prompt_suffix"] == "slow"
     f.write_text("version: 1\ncharacter: {name: v, trigger: vchr}\ngenerate:\n  video: {source: storyboard}\n")
     data = load_spec(f).data
     data["generate"]["video"].update(source="still.jpg")

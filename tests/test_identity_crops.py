@@ -264,7 +264,8 @@ def test_matting_runs_a_local_model_in_rembgs_session(session, size, tmp_path):
     assert rgba.shape == (90, 70, 4) and (rgba[..., 3] == alpha).all()
     flat = MT.composite(rgb, np.zeros_like(alpha), "flat", (10, 20, 30))
     assert (flat == [10, 20, 30]).all()
-    assert MT.load_matting(str(tmp_path), session, tmp_path, key="k.model").info["file"] == "m.onnx"  # a folder with one
+    # a folder with one model in it
+    assert MT.load_matting(str(tmp_path), session, tmp_path, key="k.model").info["file"] == "m.onnx"
     assert MT.load_matting(str(tiny_matting_model(tmp_path / "m.onnx", size, tiny=False)), session, tmp_path,
                            key="k.model").info["tiny_random_model"] is False
 

@@ -244,8 +244,8 @@ def full_project(tmp_path_factory, shared_data) -> Path:
         for name in names:
             shutil.copy(shared_data / "faces" / "obama" / name, root / folder / name)
     shutil.copy(root / "refs" / "obama_03.jpg", root / "refs" / "r1.jpg")
-    shutil.copy(shared_data / "faces" / "biden" / sorted(p.name for p in (shared_data / "faces" / "biden").iterdir())[0],
-                root / "refs" / "r2.jpg")
+    biden = shared_data / "faces" / "biden"
+    shutil.copy(biden / sorted(p.name for p in biden.iterdir())[0], root / "refs" / "r2.jpg")
     (root / "clips").mkdir()
     shutil.copy(shared_data / "video" / "carphone.mp4", root / "clips" / "clip.mp4")
     shutil.copy(shared_data / "video" / "bigbuckbunny_no_faces.mp4", root / "clips" / "other.mp4")
@@ -451,7 +451,8 @@ def test_every_key_declares_its_effect():
             bad.append(f"{dotted(path)}: {decl!r}")
     assert not missing, ("schema keys without an \"x-affects\" declaration (a list of stage kinds, or "
                          "\"none\"; see docs/architecture.md, Cache keys): " + ", ".join(missing))
-    assert not bad, "x-affects must be \"none\", \"all\" or a list of stage kinds " + str(sorted(kinds)) + ": " + "; ".join(bad)
+    assert not bad, (f'x-affects must be "none", "all" or a list of stage kinds {sorted(kinds)}: '
+                     + "; ".join(bad))
 
 
 def test_full_spec_expands_to_every_stage_kind(full_spec):
@@ -545,7 +546,8 @@ def test_replaced_model_file_reruns_train_and_says_which_file(full_spec, full_pr
         ws.close()
     train = again["hero:train[base]"]
     assert train.action == "rerun"
-    assert any("train.base_model" in r and "m.safetensors" in r and "modified" in r for r in train.reasons), train.reasons
+    assert any("train.base_model" in r and "m.safetensors" in r and "modified" in r
+               for r in train.reasons), train.reasons
     assert again["hero:caption"].action == "cached"
     assert again["hero:evaluate[base]"].action == "rerun"  # downstream of the new LoRA
 

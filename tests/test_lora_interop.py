@@ -119,7 +119,8 @@ def test_diffusers_and_kohya_files_give_the_same_images(model: str, shared_data:
 # The nested CLIP layout every reader expects for a text-encoder LoRA in a diffusers file:
 # diffusers <= 0.32 with transformers 4.x (flat keys raised IndexError there), ComfyUI's
 # "text_encoder.text_model.encoder.layers.{b}.{c}" map, and the installed diffusers.
-_TE_KEY = r"text_encoder(_2)?\.text_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])\.lora_[AB]\.weight"
+_TE_KEY = (r"text_encoder(_2)?\.text_model\.encoder\.layers\.\d+\."
+           r"(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])\.lora_[AB]\.weight")
 
 
 @pytest.mark.parametrize("model", ["builtin:tiny-sd", "builtin:tiny-sdxl"])
@@ -152,7 +153,8 @@ def test_diffusers_file_text_encoder_keys_load_everywhere(model: str, tmp_path: 
 
     with safe_open(str(file), "pt") as f:
         te_keys = [k for k in f.keys() if k.startswith("text_encoder")]
-    assert te_keys and all(re.fullmatch(_TE_KEY, k) for k in te_keys), [k for k in te_keys if not re.fullmatch(_TE_KEY, k)][:3]
+    assert te_keys
+    assert all(re.fullmatch(_TE_KEY, k) for k in te_keys), [k for k in te_keys if not re.fullmatch(_TE_KEY, k)][:3]
     assert len(te_keys) == sum(len(state[n]) for n in encoders)
     # a reader that ignores the metadata (alpha = rank: diffusers 0.32, ComfyUI) gets B @ A as is
     file_sd = load_file(str(file))

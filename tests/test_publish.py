@@ -254,7 +254,8 @@ def test_publish_is_content_addressed_idempotent_and_never_overwrites(dest, tmp_
     assert code == 0, out
     lines = [line for line in out.splitlines() if line.startswith("hero ")]
     assert [line.split()[1] for line in lines] == ["v1", "v2"]
-    assert "step 10 @ 0.8" in lines[0] and manifest["content_digest"][:19] in lines[0] and "face_similarity=0.680" in lines[0]
+    assert "step 10 @ 0.8" in lines[0] and manifest["content_digest"][:19] in lines[0]
+    assert "face_similarity=0.680" in lines[0]
     code, out = run("publish", "--list", "--json", "--to", dest.url)
     rows = json.loads(out)
     assert [(r["character"], r["tag"]) for r in rows] == [("hero", "v1"), ("hero", "v2")]
@@ -267,7 +268,8 @@ def test_reviewer_pick_and_checkpoint_option_choose_what_is_published(tmp_path):
     train_ck = next((tmp_path / "proj" / ".runner" / "store").glob("*/lora/step-000005"))
     lora5 = train_ck / "pytorch_lora_weights.safetensors"
     spec.with_name("hero.review.yaml").write_text(
-        "format: 1\ncheckpoints:\n  hero:evaluate: {step: 5, lora_scale: 1.0, lora_sha256: " + _sha(lora5.read_bytes()) + "}\n")
+        "format: 1\ncheckpoints:\n  hero:evaluate: {step: 5, lora_scale: 1.0, lora_sha256: "
+        + _sha(lora5.read_bytes()) + "}\n")
     code, out = run("publish", str(spec), "--to", url, "--tag", "picked")
     assert code == 0 and "reviewer's pick for hero:evaluate: step 5" in out, out
     m = json.loads((tmp_path / "out" / "hero" / "versions" / "picked" / "manifest.json").read_text())
@@ -278,14 +280,16 @@ def test_reviewer_pick_and_checkpoint_option_choose_what_is_published(tmp_path):
     code, out = run("publish", str(spec), "--to", url, "--tag", "last", "--checkpoint", "last")
     assert code == 0, out
     m = json.loads((tmp_path / "out" / "hero" / "versions" / "last" / "manifest.json").read_text())
-    assert m["checkpoint"]["step"] == 10 and not m["checkpoint"]["picked_by_reviewer"] and m["checkpoint"]["cell"] == "s10_x1"
+    assert m["checkpoint"]["step"] == 10 and m["checkpoint"]["cell"] == "s10_x1"
+    assert not m["checkpoint"]["picked_by_reviewer"]
     # a LoRA file from elsewhere: published without a step or metrics
     other = tmp_path / "proj" / "mine.safetensors"
     other.write_bytes(b"not from this workspace")
     code, out = run("publish", str(spec), "--to", url, "--tag", "file", "--checkpoint", "mine.safetensors")
     assert code == 0, out
     m = json.loads((tmp_path / "out" / "hero" / "versions" / "file" / "manifest.json").read_text())
-    assert m["checkpoint"]["step"] is None and m["metrics"] == {} and "lora_kohya" not in {f["role"] for f in m["files"]}
+    assert m["checkpoint"]["step"] is None and m["metrics"] == {}
+    assert "lora_kohya" not in {f["role"] for f in m["files"]}
 
 
 def test_nothing_to_publish_and_bad_requests_exit_non_zero(tmp_path):

@@ -126,7 +126,8 @@ def test_pages_fit_phone_and_desktop_and_escape_hostile_names(server: str, brows
         for name in PAGES:
             page.goto(f"{server}/{name}")
             _load_all_images(page)
-            assert page.evaluate("document.scrollingElement.scrollWidth <= innerWidth"), f"/{name} overflows at {width} px"
+            fits = page.evaluate("document.scrollingElement.scrollWidth <= innerWidth")
+            assert fits, f"/{name} overflows at {width} px"
             # Only our script runs, hostile text is shown as text, no injected element exists.
             assert page.evaluate("document.scripts.length") == 1
             assert page.locator("img[src='x']").count() == 0
@@ -242,7 +243,8 @@ def test_two_sessions_saving_at_once_lose_nothing(server: str, browser, project:
     before = {p: items[p].get_attribute("data-saved") for p in (a, b)}
     for p in (a, b):  # both saves are in flight together: fill fires change events without waiting
         items[p].locator("input[data-field=note]").fill(notes[p])
-        items[p].evaluate("el => el.querySelector('input[data-field=note]').dispatchEvent(new Event('change', {bubbles: true}))")
+        items[p].evaluate("el => el.querySelector('input[data-field=note]')"
+                          ".dispatchEvent(new Event('change', {bubbles: true}))")
         items[p].locator("button.reject").evaluate("el => el.click()")
     for p in (a, b):
         _saved(p, items[p], before[p])

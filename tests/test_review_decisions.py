@@ -108,7 +108,8 @@ def test_stage_sections_hold_only_what_changes_outputs() -> None:
     sb = decisions.stage_section(data, "storyboard", evaluate="hero:evaluate")
     assert sb == {"regenerate_scenes": {"2": 1},
                   "checkpoint": {"stage": "hero:evaluate", "step": 8, "lora_scale": 0.8}}
-    assert decisions.stage_section(data, "storyboard", evaluate="hero:evaluate[other]") == {"regenerate_scenes": {"2": 1}}
+    other = decisions.stage_section(data, "storyboard", evaluate="hero:evaluate[other]")
+    assert other == {"regenerate_scenes": {"2": 1}}
 
 
 @settings(max_examples=60, deadline=None)
@@ -421,7 +422,8 @@ def test_a_renamed_photo_keeps_its_key(project: Path, shared_data: Path) -> None
     photo = project / "photos" / "a.jpg"
     photo.write_bytes((shared_data / "faces" / "obama" / "obama_02.jpg").read_bytes())
     spec_file = project / "specs" / "hero.yaml"
-    spec_file.write_text("version: 1\ncharacter: {name: hero, trigger: hrochr}\ndataset: {sources: [{images: ../photos}]}\n")
+    spec_file.write_text("version: 1\ncharacter: {name: hero, trigger: hrochr}\n"
+                         "dataset: {sources: [{images: ../photos}]}\n")
 
     def manifest() -> list[dict]:
         spec = load_spec(spec_file)

@@ -191,8 +191,8 @@ def test_presets_are_overridden_key_by_key(project):
 
 
 def test_unknown_preset_and_bad_variant(project):
-    p = write(project,
-              MINIMAL + "train:\n  preset: sdxl-charactr\n  variants:\n    big: {lora: {rank: -1}}\n    ok: {lr: 1.0e-5}\n")
+    p = write(project, MINIMAL + "train:\n  preset: sdxl-charactr\n"
+              "  variants:\n    big: {lora: {rank: -1}}\n    ok: {lr: 1.0e-5}\n")
     with pytest.raises(SpecError) as ei:
         load_spec(p)
     probs = {pr.key_path: pr for pr in ei.value.problems}

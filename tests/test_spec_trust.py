@@ -320,7 +320,8 @@ def test_every_path_key_is_marked_and_of_a_known_kind():
     unmarked = []
     for path, sub, uri in S.walk_fields(S.root_schema(), S.root_uri()):
         branches = S.branches(sub, uri)
-        strings = [b for b in branches if "string" in (b.get("type") if isinstance(b.get("type"), list) else [b.get("type")])]
+        strings = [b for b in branches
+                   if "string" in (b.get("type") if isinstance(b.get("type"), list) else [b.get("type")])]
         if not strings or sub.get("enum"):
             continue
         if re.search(r"\b(path|folder|file|directory)s?\b", sub.get("description", ""), re.I):

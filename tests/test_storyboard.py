@@ -94,7 +94,8 @@ def test_expand_picks_the_lora_source(proj: Path) -> None:
     g = Graph(proj, [_node("train", "base"), _node("train", "rank64"), _node("evaluate", "base"),
                      _node("evaluate", "rank64")])
     n = SB.expand(s, g)[0]
-    assert n.id == "demo:storyboard" and n.inputs["evaluation"] == contract.StageOutputRef("demo:evaluate[base]", "evaluation")
+    assert n.id == "demo:storyboard"
+    assert n.inputs["evaluation"] == contract.StageOutputRef("demo:evaluate[base]", "evaluation")
     assert [sc["index"] for sc in n.config["scenes"]] == [1, 2, 3]
     assert n.config["scenes"][0]["prompt"].startswith("dmochr man, close-up portrait, He waves at the camera")
     assert "short grey hair" in n.config["scenes"][1]["prompt"]
@@ -152,8 +153,9 @@ def test_validation_keeps_the_passing_attempt(proj: Path, tmp_path: Path, shared
     character; scene 1 passes at once. CLIP-I is checked too (tiny CLIP, threshold -1)."""
     import runner.diffusion.generate as G
 
+    biden = shared_data / "faces" / "biden"
     photos = {"obama": shared_data / "faces" / "obama" / "obama_03.jpg",
-              "biden": shared_data / "faces" / "biden" / sorted(p.name for p in (shared_data / "faces" / "biden").iterdir())[0]}
+              "biden": biden / sorted(p.name for p in biden.iterdir())[0]}
     by_seed = {5: "obama", 6: "biden", 8: "obama"}  # scene 1 seed 5; scene 2 seeds 6 then 6+2
 
     calls = []
@@ -255,7 +257,8 @@ def test_llm_planner_in_the_stage_is_asked_once(proj: Path, tmp_path: Path, monk
             out = SB.run(node.config, inputs_for(proj, node), ctx)
             rep = json.loads((out["storyboard"].path / "report.json").read_text())
             assert [f["text"] for f in rep["frames"]] == ["He looks up.", "He crosses the bridge."]
-            assert rep["frames"][1]["prompt"].startswith("dmochr man, wide establishing shot, man crossing a stone bridge")
+            wide = "dmochr man, wide establishing shot, man crossing a stone bridge"
+            assert rep["frames"][1]["prompt"].startswith(wide)
             assert rep["llm"]["model"] == "m" and len(server.requests) == 2  # scenes + prompt refinement
     finally:
         server.close()
@@ -308,7 +311,8 @@ def test_sdxl_lora_by_path(proj: Path, tmp_path: Path) -> None:
     inputs = {**inputs_for(proj, node), "lora_file": contract.Artifact("lora_file", art, files=(art,))}
     del inputs["lora"]
     rep = json.loads((SB.run(node.config, inputs, ctx)["storyboard"].path / "report.json").read_text())
-    assert rep["model_family"] == "sdxl" and rep["lora"]["scale"] == 0.8 and rep["lora_file"] == "xl_lora/pytorch_lora_weights.safetensors"
+    assert rep["model_family"] == "sdxl" and rep["lora"]["scale"] == 0.8
+    assert rep["lora_file"] == "xl_lora/pytorch_lora_weights.safetensors"
     assert rep["frames"][0]["passed"] and rep["generation"]["width"] == 64
 
 

@@ -325,7 +325,8 @@ def test_train_and_evaluate_runs_read_back_through_the_mlflow_client(tracked, ml
     for sid, run in runs.items():
         entries = {t["backend"]: t for t in ex[sid]["tracking"]}
         assert entries["mlflow"]["run_id"] == run.info.run_id and not entries["mlflow"]["warning"]
-        assert entries["mlflow"]["url"] == f"{mlflow_server.uri}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}"
+        run_url = f"{mlflow_server.uri}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}"
+        assert entries["mlflow"]["url"] == run_url
         assert entries["wandb"]["mode"] == "offline" and entries["wandb"]["run_id"]
 
 

@@ -195,7 +195,8 @@ def test_variants_expand_to_nodes_and_share_caches(dataset: Path, tmp_path: Path
     i1, _ = _run(by["demo:train[base]"].config, dataset, tmp_path / "a", cache)
     i2, _ = _run(by["demo:train[higher_rank]"].config, dataset, tmp_path / "b", cache)
     assert i1["cache"]["misses"]["latents"] > 0
-    assert i2["cache"]["misses"] == {"latents": 0, "text": 0} and i2["cache"]["hits"]["latents"] == i1["cache"]["misses"]["latents"]
+    assert i2["cache"]["misses"] == {"latents": 0, "text": 0}
+    assert i2["cache"]["hits"]["latents"] == i1["cache"]["misses"]["latents"]
     assert i1["variant"] == "base" and i2["variant"] == "higher_rank" and i2["rank"] == 8
     k1 = i1["checkpoints"][-1]["kohya"]
     k2 = i2["checkpoints"][-1]["kohya"]
@@ -240,7 +241,8 @@ def test_kill_and_resume_matches_uninterrupted_run(dataset: Path, tmp_path: Path
         if meta.is_file() and json.loads(meta.read_text())["step"] >= 4:
             break
         time.sleep(0.02)
-    assert child.poll() is None, "the child finished (or crashed) before it could be killed: " + child.stderr.read().decode()[-2000:]
+    assert child.poll() is None, ("the child finished (or crashed) before it could be killed: "
+                                  + child.stderr.read().decode()[-2000:])
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
     stopped = json.loads(meta.read_text())["step"]
@@ -268,7 +270,8 @@ def test_kill_and_resume_matches_uninterrupted_run(dataset: Path, tmp_path: Path
 
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
-    assert [h["val_loss"] for h in index["history"]] == pytest.approx([h["val_loss"] for h in ref_index["history"]], rel=1e-4)
+    ref_losses = [h["val_loss"] for h in ref_index["history"]]
+    assert [h["val_loss"] for h in index["history"]] == pytest.approx(ref_losses, rel=1e-4)
 
 
 def test_bad_input_gives_clear_errors(dataset: Path, tmp_path: Path) -> None:
@@ -320,4 +323,5 @@ def test_sdxl_with_cached_text_buckets_and_class_image_folder(dataset: Path, sha
             "train": {**{k: v for k, v in cfg.items() if k not in ("character", "trigger", "class_word", "variant")}}}
     caption = contract.PlanNode(id="demo:caption", kind="caption", character="demo", config={}, outputs=("dataset",))
     node = T.expand(spec, FakeGraph(tmp_path, [caption]))[0]
-    assert isinstance(node.inputs["regularization"], contract.FileSetRef) and node.inputs["regularization"].root == tmp_path / "class"
+    assert isinstance(node.inputs["regularization"], contract.FileSetRef)
+    assert node.inputs["regularization"].root == tmp_path / "class"

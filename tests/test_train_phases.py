@@ -66,7 +66,8 @@ def test_the_guides_plan_in_epochs() -> None:
     cfg = {"lr": 1e-4, "steps": 1, "phases": [{"name": "foundation", "epochs": 6}, {"name": "refinement", "epochs": 6},
                                             {"name": "polish", "epochs": 4}]}
     assert describe_phases(cfg, 6, "6 images").startswith(
-        "phases: foundation steps 1-36 = epochs 1-6; refinement steps 37-72 = epochs 7-12; polish steps 73-96 = epochs 13-16")
+        "phases: foundation steps 1-36 = epochs 1-6; refinement steps 37-72 = epochs 7-12; "
+        "polish steps 73-96 = epochs 13-16")
 
 
 @pytest.mark.parametrize("phase, message", [
@@ -171,4 +172,5 @@ def test_runner_plan_prints_the_phases_from_the_stored_dataset(project: Path, sh
     assert "known once the caption stage has run" in notes()[-1]
     res = apply([load_spec(spec)], ApplyOptions(only=["caption"]), QuietReporter())
     assert res.status == "succeeded", [(r.stage_id, r.error) for r in res.failed]
-    assert notes()[-1].startswith("phases: foundation steps 1-6 = epochs 1-3; polish steps 7-8 = epoch 4 (2 steps per epoch")
+    assert notes()[-1].startswith(
+        "phases: foundation steps 1-6 = epochs 1-3; polish steps 7-8 = epoch 4 (2 steps per epoch")

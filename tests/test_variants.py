@@ -197,7 +197,8 @@ def test_plan_prints_each_variants_effective_differences(tmp_path):
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     low = next(i for i, line in enumerate(lines) if "demo:train[low]" in line)
-    assert lines[low + 1].strip() == "variant low vs the train section: phases[0].lr 0.0002 -> 5e-05; phases[1].lr 0.001 -> 5e-05"
+    assert lines[low + 1].strip() == ("variant low vs the train section: "
+                                      "phases[0].lr 0.0002 -> 5e-05; phases[1].lr 0.001 -> 5e-05")
     rank = next(i for i, line in enumerate(lines) if "demo:train[rank8]" in line)
     assert lines[rank + 1].strip() == "variant rank8 vs the train section: lora.rank 4 -> 8"
 

@@ -92,7 +92,8 @@ def test_hamilton_anchors_are_lin_manuel_miranda(hamilton, shared_data, dlib_bac
     out, ctx = hamilton
     s = summary_of(out)
     assert s["empty_reason"] == "" and s["quarantine"] is None and len(s["persons"]) == 1
-    ref = dlib_backend.analyze(np.asarray(Image.open(shared_data / "faces/lin_manuel_miranda/lmm_01.png").convert("RGB")))
+    lmm = Image.open(shared_data / "faces/lin_manuel_miranda/lmm_01.png").convert("RGB")
+    ref = dlib_backend.analyze(np.asarray(lmm))
     person = out["identity"].path / "person_0"
     anchors = sorted((person / "anchors").glob("*.jpg"))
     assert len(anchors) >= 2

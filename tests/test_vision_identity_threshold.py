@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from runner.vision.faces import IDENTITY_THRESHOLDS, DlibFaceBackend, InsightFaceBackend, get_face_backend, identity_similarity
+from runner.vision.faces import (
+    IDENTITY_THRESHOLDS,
+    DlibFaceBackend,
+    InsightFaceBackend,
+    get_face_backend,
+    identity_similarity,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CALIBRATION = REPO / "bench" / "calibrate_identity"
@@ -41,7 +47,8 @@ def test_the_threshold_holds_on_the_photos_it_was_not_fitted_on(shared_data: Pat
         if p.parent.name == "groups":
             continue
         with Image.open(p) as im:
-            embs[(p.parent.name, p.name)] = backend.analyze(np.asarray(ImageOps.exif_transpose(im).convert("RGB")))[0].embedding
+            rgb = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+            embs[(p.parent.name, p.name)] = backend.analyze(rgb)[0].embedding
     same, diff = [], []
     for (k1, e1), (k2, e2) in itertools.combinations(embs.items(), 2):
         (same if k1[0] == k2[0] else diff).append(identity_similarity(e1, e2))

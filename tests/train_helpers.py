@@ -56,5 +56,6 @@ def two_photo_project(project: Path, shared_data: Path, extra_yaml: str = "") ->
         shutil.copy(shared_data / "faces" / "obama" / name, project / "photos" / name)
     spec = project / "specs" / "hero.yaml"
     spec.write_text("version: 1\ncharacter: {name: hero, trigger: hrochr, class_word: man}\n"
-                    "dataset:\n  sources: [{images: ../photos}]\n  analysis: {backend: dlib, workers: 1}\n" + extra_yaml)
+                    "dataset:\n  sources: [{images: ../photos}]\n  analysis: {backend: dlib, workers: 1}\n"
+                    + extra_yaml)
     return spec

@@ -38,7 +38,8 @@ def make_images(dest: Path, n: int, side: int, seed: int = 0) -> Path:
         return dest
     shutil.rmtree(dest, ignore_errors=True)
     (dest / "images").mkdir(parents=True)
-    photos = sorted(p for p in (REPO.parent / "shared" / "data" / "faces").glob("*/*") if p.suffix.lower() in (".jpg", ".png"))
+    faces = REPO.parent / "shared" / "data" / "faces"
+    photos = sorted(p for p in faces.glob("*/*") if p.suffix.lower() in (".jpg", ".png"))
     rng = np.random.default_rng(seed)
     sources = []
     for p in photos:
@@ -139,7 +140,8 @@ def run_analyze(images: Path, workers: int, work: Path, reporter=None) -> tuple[
     out = analyze.run(cfg, {"images": contract.Artifact("images", images)}, ctx)
     dt = time.perf_counter() - t0
     c1 = os.times()
-    cpu = (c1.user - c0.user) + (c1.system - c0.system) + (c1.children_user - c0.children_user) + (c1.children_system - c0.children_system)
+    cpu = ((c1.user - c0.user) + (c1.system - c0.system)
+           + (c1.children_user - c0.children_user) + (c1.children_system - c0.children_system))
     n = sum(1 for _ in open(out["analysis"].path / "records.jsonl"))
     return dt, n, cpu
 
@@ -169,7 +171,8 @@ def main() -> None:
     # "cores used" = CPU seconds / wall seconds: what the scheduler actually gave the run. On a
     # shared machine (sched autogroup: one share per session) it stays near the same value
     # whatever the worker count, and then only the CPU cost per image is comparable.
-    print(f"speed, {n1} images: 1 worker {n1 / dt1:.2f} images/s ({cpu1 / n1:.3f} CPU-s/image, {cpu1 / dt1:.2f} cores used); "
+    print(f"speed, {n1} images: 1 worker {n1 / dt1:.2f} images/s "
+          f"({cpu1 / n1:.3f} CPU-s/image, {cpu1 / dt1:.2f} cores used); "
           f"{workers} workers {nn / dtn:.2f} images/s ({cpun / nn:.3f} CPU-s/image, {cpun / dtn:.2f} cores used); "
           f"wall ratio {dt1 / dtn:.2f}x (1-min load average at the end: {load:.1f} on {os.cpu_count()} cores)")
     speed = {"speed_images": n1, "images_per_s_1_worker": round(n1 / dt1, 3),

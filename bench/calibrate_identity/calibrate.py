@@ -37,7 +37,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 VIDEO = ROOT.parent / "shared" / "data" / "video"
 CLIPS = {"short_hamilton_clip.mp4": 3, "carphone.mp4": 6}  # clip: keep every n-th frame
-MIN_FACE_PX = 28  # audience faces down to 28 px (the curate gate keeps 48 and up): small faces look more alike, so the threshold errs strict
+# Audience faces down to 28 px (the curate gate keeps 48 and up): small faces look more alike, so
+# the threshold errs strict.
+MIN_FACE_PX = 28
 UPSAMPLE = 2  # the HOG detector finds the audience's faces only on a 2x copy
 
 

@@ -154,13 +154,17 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(res, indent=1))
     label = " [tiny random CLIP/DINO: timing of the code path only]" if tiny else ""
-    print(f"metrics on {args.n} images of {args.side}px, CLIP {clip.name}, DINO {dino.name}, faces {res['face']}{label}")
+    print(f"metrics on {args.n} images of {args.side}px, CLIP {clip.name}, DINO {dino.name}, "
+          f"faces {res['face']}{label}")
     print("  CLIP/DINO metrics (CLIP-T, CLIPScore, CLIP-I, DINO, diversity):")
     print(f"    one at a time : {res['embedding_one_at_a_time_img_s']:8.1f} images/s")
-    print(f"    batched ({args.batch:>3}) : {res['embedding_batched_img_s']:8.1f} images/s   speedup {res['embedding_speedup']:.2f}x")
+    print(f"    batched ({args.batch:>3}) : {res['embedding_batched_img_s']:8.1f} images/s   "
+          f"speedup {res['embedding_speedup']:.2f}x")
     print(f"  all metrics, with the face backend ({1000 * t_face_b / args.n:.1f} ms/image, per image in both modes):")
-    print(f"    one at a time : {res['one_at_a_time_img_s']:8.1f} images/s  ({t_one:.2f} s; face backend {100 * t_face / t_one:.0f}% of it)")
-    print(f"    batched ({args.batch:>3}) : {res['batched_img_s']:8.1f} images/s  ({t_batched:.2f} s)   speedup {res['speedup']:.2f}x")
+    print(f"    one at a time : {res['one_at_a_time_img_s']:8.1f} images/s  "
+          f"({t_one:.2f} s; face backend {100 * t_face / t_one:.0f}% of it)")
+    print(f"    batched ({args.batch:>3}) : {res['batched_img_s']:8.1f} images/s  ({t_batched:.2f} s)   "
+          f"speedup {res['speedup']:.2f}x")
     print(f"    batched + {workers} face processes: {res['pooled_img_s']:8.1f} images/s  ({t_pooled:.2f} s)   "
           f"speedup {res['pooled_speedup']:.2f}x  (workers started once beforehand: {t_pool_start:.2f} s)")
 

@@ -93,7 +93,8 @@ def storyboard_part(args, work: Path) -> dict:
         results[label] = {"seconds": round(med, 3), "frames_per_s": round(args.frames / med, 3),
                           "runs_s": [round(t, 3) for t in ts]}
     a, b = images.values()
-    diff = max(float(np.abs(np.asarray(x, dtype=np.float32) - np.asarray(y, dtype=np.float32)).max()) for x, y in zip(a, b))
+    diff = max(float(np.abs(np.asarray(x, dtype=np.float32) - np.asarray(y, dtype=np.float32)).max())
+               for x, y in zip(a, b))
     one, batched = results.values()
     return {"frames": args.frames, "steps": args.steps, "side": args.side, "batch": args.batch,
             "modes": results, "speedup": round(batched["frames_per_s"] / one["frames_per_s"], 2),

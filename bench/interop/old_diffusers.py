@@ -52,7 +52,8 @@ for name in ("text_encoder", "text_encoder_2"):
         missing, _ = te.text_model.load_state_dict(sd, strict=False)
         assert not missing, missing
 pipe.load_lora_weights(folder, weight_name="pytorch_lora_weights.safetensors", adapter_name="x")
-print(json.dumps({"versions": [diffusers.__version__, transformers.__version__], **__import__("probe").probe(pipe, ids)}))
+probed = __import__("probe").probe(pipe, ids)
+print(json.dumps({"versions": [diffusers.__version__, transformers.__version__], **probed}))
 """
 
 _PROBE = r'''

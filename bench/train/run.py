@@ -65,7 +65,8 @@ def plain_loop(cfg: dict, dataset: Path, steps: int, device: str) -> tuple[float
     for _ in range(steps):
         batch = [examples[i] for i in rng.choice(len(examples), size=bs)]
         imgs = [load_bucketed(e.image, (res, res))[0] for e in batch]
-        x = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 127.5 - 1 for im in imgs])).permute(0, 3, 1, 2)
+        pixels = np.stack([np.asarray(im, dtype=np.float32) / 127.5 - 1 for im in imgs])
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2)
         with torch.no_grad():
             latents = vae.encode(x.to(device)).latent_dist.sample() * vae.config.scaling_factor
             ids = tok([e.caption for e in batch], padding="max_length", max_length=tok.model_max_length,

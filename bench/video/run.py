@@ -133,13 +133,19 @@ def main() -> None:
               "loadavg_end": [round(x, 2) for x in os.getloadavg()], "cold_first_run": cold, "rows": rows,
               "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print("\n| config | stride | upsample | full search every | profiles | threads | novelty descriptor | decode-only s | stage s (median) | ratio | best run s | best ratio | stage CPU s | duration / CPU s | sampled | CNN runs / faces | anchors/coverage/challenge | yaw bins |")
+    print("\n| config | stride | upsample | full search every | profiles | threads | novelty descriptor "
+          "| decode-only s | stage s (median) | ratio | best run s | best ratio | stage CPU s | duration / CPU s "
+          "| sampled | CNN runs / faces | anchors/coverage/challenge | yaw bins |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['config']} | {r['stride']} | {r['upsample']} | {r['full_detect_every']} | {r['profile_detector']} | {r['threads']} | {r['general']} | {r['decode_s']} | "
-              f"{r['stage_s']} | {r['ratio']} | {r['stage_min_s']} | {r['ratio_best']} | {r['cpu_s']} | {r['ratio_cpu']} | {r['sampled']} | "
-              f"{r['cnn_runs']} / {r['cnn_faces']} | {r['anchors']}/{r['coverage']}/{r['challenge']} | {r['yaw_filled']} |")
-    print(f"\nclip {duration:.2f} s; {cores} cores; load average at the end {result['loadavg_end']}; cold first run {cold}")
+        print(f"| {r['config']} | {r['stride']} | {r['upsample']} | {r['full_detect_every']} "
+              f"| {r['profile_detector']} | {r['threads']} | {r['general']} | {r['decode_s']} | "
+              f"{r['stage_s']} | {r['ratio']} | {r['stage_min_s']} | {r['ratio_best']} | {r['cpu_s']} "
+              f"| {r['ratio_cpu']} | {r['sampled']} | "
+              f"{r['cnn_runs']} / {r['cnn_faces']} | {r['anchors']}/{r['coverage']}/{r['challenge']} "
+              f"| {r['yaw_filled']} |")
+    print(f"\nclip {duration:.2f} s; {cores} cores; load average at the end {result['loadavg_end']}; "
+          f"cold first run {cold}")
 
 
 if __name__ == "__main__":
