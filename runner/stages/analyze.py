@@ -20,11 +20,15 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from runner.core import contract
+from runner.core.fs import atomic_path
 from runner.paths import list_files
+from runner.spec.config import node_field, schema_config, schema_default, to_plain, view_of
+from runner.spec.sections import ReportConfig, spec_config
 from runner.stages.common import (
     IMAGE_EXTENSIONS,
     backend_options,
@@ -37,21 +41,43 @@ from runner.stages.common import make_face_backend as _make_backend
 from runner.stages.common import resolve_pack as _resolve_pack
 
 THUMB_PX = 256
+FACE_KEYS = ("name", "dlib_detector", "upsample", "insightface_pack", "insightface_root", "max_side")
+
+
+@schema_config("dataset", "analysis")
+class AnalyzeNode:
+    """analyze's node config: the face backend's options (runner.stages.common.backend_options:
+    dataset.analysis under the backend's names), the worker count, the character's reference
+    paths and the reviewer's reference marks (``review``, only when there are some)."""
+
+    name: str = node_field()
+    dlib_detector: str = node_field()
+    upsample: int = node_field()
+    insightface_pack: str = node_field()
+    insightface_root: str = node_field()
+    max_side: int = node_field()
+    workers: int = node_field(schema_default("dataset", "analysis", "workers"))
+    references: tuple[str, ...] = node_field(())
+    review: Mapping[str, Any] | None = node_field(None)
+
+    def face_options(self) -> dict[str, Any]:
+        """The options make_face_backend takes."""
+        return {k: getattr(self, k) for k in FACE_KEYS}
 
 
 def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.PlanNode]:
-    dataset = spec.get("dataset", {})
-    if not dataset.get("sources"):
+    typed = spec_config(spec)
+    if not typed.dataset.sources:
         return []
     images = image_inputs(graph)
     if not images:
         return []
-    analysis = dataset.get("analysis", {})
+    analysis = typed.dataset.analysis
     config = {
-        **backend_options(analysis),
+        **backend_options(to_plain(analysis)),
         # Only changes speed: passed to run, left out of the cache key (unkeyed below).
-        "workers": int(analysis.get("workers", 0)),
-        "references": list(spec.get("character", {}).get("references", []) or []),
+        "workers": analysis.workers,
+        "references": list(typed.character.references),
     }
     review = review_section(graph, "references")
     if review:  # images a reviewer marked as references (runner review): only that part is keyed
@@ -64,7 +90,7 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
             config=config,
             inputs={**images, **reference_inputs(spec, graph)},
             outputs=("analysis",),
-            label=f"faces ({config['name']}), shot types, identity",
+            label=f"faces ({analysis.backend}), shot types, identity",
             unkeyed=("workers",),
         )
     ]
@@ -77,7 +103,7 @@ def _backend_options_for_workers(backend: Any, opts: dict[str, Any]) -> dict[str
     return kw
 
 
-def _reference_embeddings(config: dict[str, Any], inputs: dict[str, contract.Artifact], backend: Any,
+def _reference_embeddings(config: AnalyzeNode, inputs: dict[str, contract.Artifact], backend: Any,
                           ctx: contract.StageContext) -> tuple[list[Any], list[dict[str, Any]]]:
     from runner.vision.analysis import load_rgb
 
@@ -113,21 +139,26 @@ def _reference_embeddings(config: dict[str, Any], inputs: dict[str, contract.Art
             embeddings.append(faces[0].embedding)
             records.append({"file": rel, "faces": len(faces), "used": True, "box": [round(v, 1) for v in faces[0].box],
                             "embedding": [round(float(v), 6) for v in faces[0].embedding]})
-    if ref_names and not embeddings and not (config.get("review") or {}).get("images"):
+    if ref_names and not embeddings and not _marked(config):
         raise contract.StageError(
-            "no face was found in any reference image (" + ", ".join(config.get("references", [])) + ")",
+            "no face was found in any reference image (" + ", ".join(config.references) + ")",
             hint="character.references should show the character's face clearly; without them the identity filter cannot work",
         )
     return embeddings, records
 
 
-def _reviewed_references(config: dict[str, Any], jobs: list[dict[str, Any]], backend: Any,
+def _marked(config: AnalyzeNode) -> Mapping[str, Any]:
+    """The images a reviewer marked as reference, by image id (the review file's ``images``)."""
+    return (config.review or {}).get("images") or {}
+
+
+def _reviewed_references(config: AnalyzeNode, jobs: list[dict[str, Any]], backend: Any,
                          ctx: contract.StageContext) -> tuple[list[Any], list[dict[str, Any]]]:
     """Images a reviewer marked as reference (``review.images``, by image id): their main face
     joins the reference embeddings. A mark for an image no longer in the dataset is a warning."""
     from runner.vision.analysis import load_rgb
 
-    marked = (config.get("review") or {}).get("images") or {}
+    marked = _marked(config)
     by_id = {j["id"]: j for j in jobs}
     embeddings, records = [], []
     for image_id in sorted(marked):
@@ -186,15 +217,15 @@ def _jobs(inputs: dict[str, contract.Artifact], thumbs: Path, ctx: contract.Stag
                report=lambda config, outputs, env: report_sections(config, outputs, env))
 def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contract.StageContext) -> dict[str, contract.Artifact]:
     """Per image: faces, pose, expression, quality, shot type, identity, perceptual hash."""
-    from runner.vision.analysis import default_workers, iter_analyses, reference_matrix
+    from runner.vision.analysis import reference_matrix
 
     out = Path(ctx.out_dir) / "analysis"
     thumbs = out / "thumbs"
     thumbs.mkdir(parents=True)
 
+    config = AnalyzeNode.from_dict(config)
     # 1. The backend ("auto" decides here, once) and the reference embeddings.
-    opts = _resolve_pack({k: config[k] for k in ("name", "dlib_detector", "upsample", "insightface_pack",
-                                                  "insightface_root", "max_side")}, Path(ctx.project_root))
+    opts = _resolve_pack(config.face_options(), Path(ctx.project_root))
     backend = _make_backend(opts)
     ctx.log(f"face backend: {backend.selection_note}")
     ref_embs, ref_records = _reference_embeddings(config, inputs, backend, ctx)
@@ -214,36 +245,10 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contr
         ctx.log(f"{dupes} image(s) appear in more than one input; analyzed once")
     if not jobs:
         ctx.warn("no images to analyze")
-    workers = min(default_workers(int(config.get("workers", 0))), max(1, len(jobs)))
-    if int(config.get("workers", 0)) == 0 and "CUDAExecutionProvider" in getattr(backend, "providers", []):
-        workers = 1  # the GPU does the work; more processes would each hold a CUDA context
-        ctx.log("insightface on CUDA: analyzing in one process")
-    if len(jobs) < 4:
-        workers = 1  # starting processes costs more than it saves
-    counts = {"images": 0, "faces": 0, "no_face": 0, "errors": 0}
-    shots: dict[str, int] = {}
-    flags: dict[str, int] = {}
+    workers = _workers(config, backend, len(jobs), ctx)
     t0 = time.monotonic()
-    progress = ctx.progress(len(jobs), "analyze images")
-    tmp = out / "records.jsonl.partial"
-    with tmp.open("w", encoding="utf-8") as fh:
-        for rec in iter_analyses(jobs, workers=workers, backend_options=_backend_options_for_workers(backend, opts),
-                                 refs=refs):
-            fh.write(json.dumps(rec) + "\n")
-            counts["images"] += 1
-            counts["faces"] += len(rec.get("faces", []))
-            if rec.get("error"):
-                counts["errors"] += 1
-                ctx.warn(f"{rec.get('source') or rec['id']}: {rec['error']}")
-            elif rec.get("no_face"):
-                counts["no_face"] += 1
-            if not rec.get("error"):
-                shots[rec["shot"]] = shots.get(rec["shot"], 0) + 1
-                for f, on in rec.get("flags", {}).items():
-                    flags[f] = flags.get(f, 0) + int(bool(on))
-            progress.update(1)
-    progress.close()
-    tmp.rename(out / "records.jsonl")
+    counts, shots, flags = _analyze_all(jobs, workers, _backend_options_for_workers(backend, opts), refs,
+                                        out / "records.jsonl", ctx)
     elapsed = time.monotonic() - t0
 
     summary = {
@@ -269,6 +274,49 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contr
     ctx.log(f"{counts['images']} images analyzed with {workers} worker(s): {counts['faces']} faces, "
             f"{counts['no_face']} without a face, {counts['errors']} unreadable")
     return {"analysis": contract.Artifact("analysis", out, meta={"count": counts["images"], "backend": backend.name})}
+
+
+def _workers(config: AnalyzeNode, backend: Any, n_jobs: int, ctx: contract.StageContext) -> int:
+    """Analysis processes: dataset.analysis.workers (0: one per core), one for insightface on CUDA
+    or a handful of images."""
+    from runner.vision.analysis import default_workers
+
+    workers = min(default_workers(config.workers), max(1, n_jobs))
+    if config.workers == 0 and "CUDAExecutionProvider" in getattr(backend, "providers", []):
+        workers = 1  # the GPU does the work; more processes would each hold a CUDA context
+        ctx.log("insightface on CUDA: analyzing in one process")
+    if n_jobs < 4:
+        workers = 1  # starting processes costs more than it saves
+    return workers
+
+
+def _analyze_all(jobs: list[dict[str, Any]], workers: int, backend_options: dict[str, Any], refs: Any,
+                 records_file: Path, ctx: contract.StageContext) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+    """Analyze every job, streaming the records to ``records_file`` in input order (renamed into
+    place when complete); (counts, images per shot type, images per flag)."""
+    from runner.vision.analysis import iter_analyses
+
+    counts = {"images": 0, "faces": 0, "no_face": 0, "errors": 0}
+    shots: dict[str, int] = {}
+    flags: dict[str, int] = {}
+    progress = ctx.progress(len(jobs), "analyze images")
+    with atomic_path(records_file) as tmp, tmp.open("w", encoding="utf-8") as fh:
+        for rec in iter_analyses(jobs, workers=workers, backend_options=backend_options, refs=refs):
+            fh.write(json.dumps(rec) + "\n")
+            counts["images"] += 1
+            counts["faces"] += len(rec.get("faces", []))
+            if rec.get("error"):
+                counts["errors"] += 1
+                ctx.warn(f"{rec.get('source') or rec['id']}: {rec['error']}")
+            elif rec.get("no_face"):
+                counts["no_face"] += 1
+            if not rec.get("error"):
+                shots[rec["shot"]] = shots.get(rec["shot"], 0) + 1
+                for f, on in rec.get("flags", {}).items():
+                    flags[f] = flags.get(f, 0) + int(bool(on))
+            progress.update(1)
+    progress.close()
+    return counts, shots, flags
 
 
 def ref_names_present(inputs: dict[str, contract.Artifact]) -> bool:
@@ -309,8 +357,8 @@ def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact
 
     adir = Path(outputs["analysis"].path)
     summary = json.loads((adir / "summary.json").read_text(encoding="utf-8"))
-    px = int(env.get("thumbnail_px", 192))
-    limit = int(env.get("gallery_limit", 120))
+    rep = view_of(ReportConfig, env)
+    px, limit = rep.thumbnail_px, rep.gallery_limit
     per_shot = max(4, limit // len(SHOT_TYPES))
     galleries: dict[str, list[dict[str, Any]]] = {s: [] for s in SHOT_TYPES}
     totals: dict[str, int] = {s: 0 for s in SHOT_TYPES}

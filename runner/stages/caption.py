@@ -237,7 +237,7 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contr
 def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact], env: dict[str, Any]) -> list[contract.ReportSection]:
     from runner.report.embed import thumbnail_data_uri
 
-    node = CaptionNode.from_dict(config)
+    node = view_of(CaptionsConfig, config)  # the template and model are all the section shows
     folder = Path(outputs["dataset"].path)
     rep = view_of(ReportConfig, env)
     px, limit = rep.thumbnail_px, min(rep.gallery_limit, 48)

@@ -37,7 +37,7 @@ from typing import Any
 
 from runner.core.fs import replace_folder
 from runner.core import contract
-from runner.spec.config import node_field, schema_config
+from runner.spec.config import node_field, schema_config, schema_default
 from runner.spec.sections import (BackgroundConfig, BucketsConfig, DatasetExportConfig, IdentityCropsConfig, TrainConfig,
                                   spec_config)
 from runner.stages.common import analysis_inputs, read_jsonl
@@ -63,10 +63,10 @@ class ExportNode(DatasetExportConfig):
     identity_crops: IdentityCropsNode | None = node_field(None)  # only with the identity_crops format
     trigger: str = node_field()
     class_word: str = node_field()
-    resolution: int = node_field()
-    buckets: BucketsConfig = node_field()
+    resolution: int = node_field(schema_default("train", "resolution"))
+    buckets: BucketsConfig = node_field(BucketsConfig.from_dict({}))
     base_model: str | None = node_field(None)
-    model_family: str = node_field()
+    model_family: str = node_field(schema_default("train", "model_family"))
 
 
 def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.PlanNode]:
