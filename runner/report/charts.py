@@ -54,29 +54,34 @@ def bar_chart(
     vmax = max([*values.values(), *(r[1] for r in ranges.values() if len(r) == 2), 0.0])
     vmax = 1.0 if as_percent and vmax <= 1.0 else _nice_max(vmax)
     colors = {"ok": "#2b8a3e", "under": "#e8590c", "over": "#c92a2a"}
-    out = [f'<svg class="chart" role="img" width="{width}" height="{height}" viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">']
+    out = [f'<svg class="chart" role="img" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+           f'xmlns="http://www.w3.org/2000/svg">']
     if title:
         out.append(f'<text x="0" y="15" font-size="13" font-weight="600">{escape(title)}</text>')
     for i, label in enumerate(labels):
         y = top + i * (bar_height + 6)
         v = values[label]
         w = plot_w * (v / vmax if vmax else 0)
-        out.append(f'<text x="{label_w - 6}" y="{y + bar_height * 0.7:.1f}" font-size="12" text-anchor="end">{escape(label)}</text>')
+        out.append(f'<text x="{label_w - 6}" y="{y + bar_height * 0.7:.1f}" font-size="12" '
+                   f'text-anchor="end">{escape(label)}</text>')
         out.append(f'<rect x="{label_w}" y="{y}" width="{plot_w}" height="{bar_height}" fill="#f1f3f5"/>')
         if label in ranges and len(ranges[label]) == 2:
             lo, hi = ranges[label]
             out.append(
                 f'<rect x="{label_w + plot_w * lo / vmax:.1f}" y="{y}" width="{plot_w * max(0.0, hi - lo) / vmax:.1f}" '
-                f'height="{bar_height}" fill="#b2f2bb" opacity="0.8"><title>target {_fmt(lo * 100) + "%" if as_percent else _fmt(lo)}'
+                f'height="{bar_height}" fill="#b2f2bb" opacity="0.8"><title>target '
+                f'{_fmt(lo * 100) + "%" if as_percent else _fmt(lo)}'
                 f' to {_fmt(hi * 100) + "%" if as_percent else _fmt(hi)}</title></rect>'
             )
         st = status.get(label, "")
         color = colors.get(st, PALETTE[0])
         out.append(f'<rect x="{label_w}" y="{y + 5}" width="{w:.1f}" height="{bar_height - 10}" fill="{color}"/>')
         text = f"{v * 100:.1f}%" if as_percent else _fmt(v)
-        out.append(f'<text x="{label_w + min(w, plot_w - 40) + 4:.1f}" y="{y + bar_height * 0.7:.1f}" font-size="11">{escape(text)}</text>')
+        out.append(f'<text x="{label_w + min(w, plot_w - 40) + 4:.1f}" y="{y + bar_height * 0.7:.1f}" '
+                   f'font-size="11">{escape(text)}</text>')
         if st:
-            out.append(f'<text x="{label_w + plot_w + 8}" y="{y + bar_height * 0.7:.1f}" font-size="11" fill="{color}" font-weight="600">{escape(st)}</text>')
+            out.append(f'<text x="{label_w + plot_w + 8}" y="{y + bar_height * 0.7:.1f}" font-size="11" fill="{color}" '
+                       f'font-weight="600">{escape(st)}</text>')
     out.append("</svg>")
     return Markup("".join(out))
 
@@ -109,21 +114,25 @@ def histogram(
     pad_l, pad_b, pad_t = 30, 28, 20 if title else 6
     pw, ph = width - pad_l - 10, height - pad_b - pad_t
     bw = pw / bins
-    out = [f'<svg class="chart" role="img" width="{width}" height="{height}" viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">']
+    out = [f'<svg class="chart" role="img" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+           f'xmlns="http://www.w3.org/2000/svg">']
     if title:
         out.append(f'<text x="0" y="14" font-size="13" font-weight="600">{escape(title)}</text>')
     for i, c in enumerate(counts):
         h = ph * c / cmax
-        out.append(f'<rect x="{pad_l + i * bw:.1f}" y="{pad_t + ph - h:.1f}" width="{max(bw - 1, 1):.1f}" height="{h:.1f}" fill="{PALETTE[0]}"><title>{c}</title></rect>')
+        out.append(f'<rect x="{pad_l + i * bw:.1f}" y="{pad_t + ph - h:.1f}" width="{max(bw - 1, 1):.1f}" '
+                   f'height="{h:.1f}" fill="{PALETTE[0]}"><title>{c}</title></rect>')
     out.append(f'<line x1="{pad_l}" y1="{pad_t + ph}" x2="{pad_l + pw}" y2="{pad_t + ph}" stroke="#555"/>')
     out.append(f'<text x="{pad_l}" y="{height - 10}" font-size="10">{escape(_fmt(lo))}</text>')
     out.append(f'<text x="{pad_l + pw}" y="{height - 10}" font-size="10" text-anchor="end">{escape(_fmt(hi))}</text>')
     out.append(f'<text x="{pad_l - 4}" y="{pad_t + 10}" font-size="10" text-anchor="end">{cmax}</text>')
     if xlabel:
-        out.append(f'<text x="{pad_l + pw / 2}" y="{height - 10}" font-size="10" text-anchor="middle">{escape(xlabel)}</text>')
+        out.append(f'<text x="{pad_l + pw / 2}" y="{height - 10}" font-size="10" '
+                   f'text-anchor="middle">{escape(xlabel)}</text>')
     if threshold is not None and lo <= threshold <= hi:
         x = pad_l + pw * (threshold - lo) / (hi - lo)
-        out.append(f'<line x1="{x:.1f}" y1="{pad_t}" x2="{x:.1f}" y2="{pad_t + ph}" stroke="#c92a2a" stroke-dasharray="4 3"><title>threshold {escape(_fmt(threshold))}</title></line>')
+        out.append(f'<line x1="{x:.1f}" y1="{pad_t}" x2="{x:.1f}" y2="{pad_t + ph}" stroke="#c92a2a" '
+                   f'stroke-dasharray="4 3"><title>threshold {escape(_fmt(threshold))}</title></line>')
     out.append("</svg>")
     return Markup("".join(out))
 
@@ -156,7 +165,8 @@ def line_chart(
         y1 = y0 + 1e-6
     pad_l, pad_r, pad_t, pad_b = 48, 10, 22 if title else 8, 30
     pw, ph = width - pad_l - pad_r, height - pad_t - pad_b
-    out = [f'<svg class="chart" role="img" width="{width}" height="{height + 18 * ((len(series) + 3) // 4)}" xmlns="http://www.w3.org/2000/svg">']
+    out = [f'<svg class="chart" role="img" width="{width}" height="{height + 18 * ((len(series) + 3) // 4)}" '
+           f'xmlns="http://www.w3.org/2000/svg">']
     if title:
         out.append(f'<text x="0" y="14" font-size="13" font-weight="600">{escape(title)}</text>')
     out.append(f'<rect x="{pad_l}" y="{pad_t}" width="{pw}" height="{ph}" fill="none" stroke="#ced4da"/>')
@@ -171,16 +181,20 @@ def line_chart(
             out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.6" points="{" ".join(path)}"/>')
         lx = (i % 4) * (width // 4)
         ly = height + 12 + 18 * (i // 4)
-        out.append(f'<rect x="{lx}" y="{ly - 9}" width="10" height="10" fill="{color}"/><text x="{lx + 14}" y="{ly}" font-size="11">{escape(name)}</text>')
+        out.append(f'<rect x="{lx}" y="{ly - 9}" width="10" height="10" fill="{color}"/><text x="{lx + 14}" y="{ly}" '
+                   f'font-size="11">{escape(name)}</text>')
     ylab = (lambda v: _fmt(10**v)) if log_y else _fmt
     out.append(f'<text x="{pad_l - 4}" y="{pad_t + 10}" font-size="10" text-anchor="end">{escape(ylab(y1))}</text>')
     out.append(f'<text x="{pad_l - 4}" y="{pad_t + ph}" font-size="10" text-anchor="end">{escape(ylab(y0))}</text>')
     out.append(f'<text x="{pad_l}" y="{pad_t + ph + 14}" font-size="10">{escape(_fmt(x0))}</text>')
-    out.append(f'<text x="{pad_l + pw}" y="{pad_t + ph + 14}" font-size="10" text-anchor="end">{escape(_fmt(x1))}</text>')
+    out.append(f'<text x="{pad_l + pw}" y="{pad_t + ph + 14}" font-size="10" '
+               f'text-anchor="end">{escape(_fmt(x1))}</text>')
     if xlabel:
-        out.append(f'<text x="{pad_l + pw / 2}" y="{pad_t + ph + 14}" font-size="10" text-anchor="middle">{escape(xlabel)}</text>')
+        out.append(f'<text x="{pad_l + pw / 2}" y="{pad_t + ph + 14}" font-size="10" '
+                   f'text-anchor="middle">{escape(xlabel)}</text>')
     if ylabel:
-        out.append(f'<text x="10" y="{pad_t + ph / 2}" font-size="10" transform="rotate(-90 10 {pad_t + ph / 2})" text-anchor="middle">{escape(ylabel)}</text>')
+        out.append(f'<text x="10" y="{pad_t + ph / 2}" font-size="10" transform="rotate(-90 10 {pad_t + ph / 2})" '
+                   f'text-anchor="middle">{escape(ylabel)}</text>')
     out.append("</svg>")
     return Markup("".join(out))
 
@@ -211,7 +225,8 @@ def scatter(
     x0, x1, y0, y1 = x0 - 0.08 * dx, x1 + 0.08 * dx, y0 - 0.08 * dy, y1 + 0.08 * dy
     pad_l, pad_r, pad_t, pad_b = 48, 10, 22 if title else 8, 34
     pw, ph = width - pad_l - pad_r, height - pad_t - pad_b
-    out = [f'<svg class="chart" role="img" width="{width}" height="{height}" viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">']
+    out = [f'<svg class="chart" role="img" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+           f'xmlns="http://www.w3.org/2000/svg">']
     if title:
         out.append(f'<text x="0" y="14" font-size="13" font-weight="600">{escape(title)}</text>')
     out.append(f'<rect x="{pad_l}" y="{pad_t}" width="{pw}" height="{ph}" fill="none" stroke="#ced4da"/>')
@@ -220,15 +235,20 @@ def scatter(
         cy = pad_t + ph - ph * (yv - y0) / (y1 - y0)
         hl = bool(p.get(highlight))
         tip = f"{p.get(label, '')}: {xlabel or x}={_fmt(xv)}, {ylabel or y}={_fmt(yv)}"
-        out.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="{6 if hl else 4}" fill="{PALETTE[1] if hl else PALETTE[0]}" '
+        out.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="{6 if hl else 4}" '
+                   f'fill="{PALETTE[1] if hl else PALETTE[0]}" '
                    f'stroke="{"#000" if hl else "none"}" stroke-width="1.5"><title>{escape(tip)}</title></circle>')
         if hl:
-            out.append(f'<text x="{cx + 8:.1f}" y="{cy - 6:.1f}" font-size="11" font-weight="600">{escape(str(p.get(label, "")))}</text>')
+            out.append(f'<text x="{cx + 8:.1f}" y="{cy - 6:.1f}" font-size="11" '
+                       f'font-weight="600">{escape(str(p.get(label, "")))}</text>')
     out.append(f'<text x="{pad_l}" y="{pad_t + ph + 14}" font-size="10">{escape(_fmt(x0))}</text>')
-    out.append(f'<text x="{pad_l + pw}" y="{pad_t + ph + 14}" font-size="10" text-anchor="end">{escape(_fmt(x1))}</text>')
+    out.append(f'<text x="{pad_l + pw}" y="{pad_t + ph + 14}" font-size="10" '
+               f'text-anchor="end">{escape(_fmt(x1))}</text>')
     out.append(f'<text x="{pad_l - 4}" y="{pad_t + 10}" font-size="10" text-anchor="end">{escape(_fmt(y1))}</text>')
     out.append(f'<text x="{pad_l - 4}" y="{pad_t + ph}" font-size="10" text-anchor="end">{escape(_fmt(y0))}</text>')
-    out.append(f'<text x="{pad_l + pw / 2}" y="{height - 6}" font-size="11" text-anchor="middle">{escape(xlabel or x)}</text>')
-    out.append(f'<text x="12" y="{pad_t + ph / 2}" font-size="11" transform="rotate(-90 12 {pad_t + ph / 2})" text-anchor="middle">{escape(ylabel or y)}</text>')
+    out.append(f'<text x="{pad_l + pw / 2}" y="{height - 6}" font-size="11" '
+               f'text-anchor="middle">{escape(xlabel or x)}</text>')
+    out.append(f'<text x="12" y="{pad_t + ph / 2}" font-size="11" transform="rotate(-90 12 {pad_t + ph / 2})" '
+               f'text-anchor="middle">{escape(ylabel or y)}</text>')
     out.append("</svg>")
     return Markup("".join(out))
