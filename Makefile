@@ -39,7 +39,8 @@ demo: $(STAMP)
 # Both run even when the first fails, so one call lists every problem.
 lint: $(STAMP)
 	@status=0; \
-	$(BIN)/ruff check . || status=1; \
+	echo "$(BIN)/ruff check ."; $(BIN)/ruff check . || status=1; \
+	echo "$(BIN)/python -m pytest -q tests/test_layers.py"; \
 	$(BIN)/python -m pytest -q tests/test_layers.py || status=1; \
 	exit $$status
 
