@@ -200,7 +200,7 @@ def test_a_wink_pasted_into_real_faces_is_called_on_its_side_at_50_to_130_px() -
     eyes): the appearance of the two eyes (the iris's darkness and edges, each eye against the
     skin under it) calls the wink on the right side, and the mirrored copy on the other; the
     landmark rule alone called none of them. With the edges ratio alone 23 of 36 (sizes 48, 30,
-    20) were called; with the darkness ratio 34 of 36 (33 mirrored), and 44 of 48 (44 mirrored)
+    20) were called; with the darkness ratio 33 of 36, and 43 of 48 (44 mirrored)
     with 25 px, none on the wrong side or "both"."""
     backend = get_face_backend("dlib")
     called = wrong = mirrored_ok = mirrored_wrong = 0

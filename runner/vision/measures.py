@@ -161,11 +161,13 @@ def iris_visible(eye: dict[str, float]) -> bool:
 def wink_by_appearance(app: dict[str, dict[str, float]]) -> str | None:
     """"left" or "right" (image side) when that eye shows much less of an iris than the other: its
     ``dark`` under :data:`WINK_DARK_RATIO` or its ``edges`` under :data:`WINK_EDGE_RATIO` of the
-    other eye's (both ratios of the same face, so free of its size, light and contrast), and it
-    does not itself show an iris (:func:`iris_visible`); else None."""
+    other eye's (both ratios of the same face, so free of its size, light and contrast), it does
+    not itself show an iris (:func:`iris_visible`), and it is not the darker of the two (on an eye
+    7-8 px wide, JPEG blocks and a bright rim make ``edges`` differ between two open eyes; the
+    cues must not contradict); else None."""
     for key, ratio in (("dark", WINK_DARK_RATIO), ("edges", WINK_EDGE_RATIO)):
         lo, hi = sorted(("left", "right"), key=lambda k: app[k][key])
-        if app[lo][key] < ratio * app[hi][key] and not iris_visible(app[lo]):
+        if app[lo][key] < ratio * app[hi][key] and not iris_visible(app[lo]) and app[lo]["dark"] <= app[hi]["dark"]:
             return lo
     return None
 
@@ -190,21 +192,31 @@ def eye_openness(rgb: np.ndarray, lm: np.ndarray) -> dict[str, Any] | None:
 
 
 #: A frame of a track is a blink when both eyes' ``sclera`` is under this fraction of the track's
-#: median (the face's own open-eye baseline).
+#: median (the face's own open-eye baseline) ...
 BLINK_SCLERA_RATIO = 0.5
+#: ... and both eyes' ``edges`` under this fraction of the track's median: a blink hides the iris's
+#: sides (carphone's blinks: 0.30-0.53 of the median, its frames more than one from a blink 0.8
+#: and up), while warm stage light can take the grey out of an open eye's white (Hamilton frame
+#: 125: sclera at 0.28 of its median, edges at 0.87).
+BLINK_EDGE_RATIO = 0.6
 
 
 def blinks_in_track(appearances: Sequence[dict[str, dict[str, float]] | None]) -> list[bool | None]:
     """For the eye appearances of one face over the frames of a track (None: not measured), which
     frames show both eyes shut: the larger of the two eyes' ``sclera`` under
-    :data:`BLINK_SCLERA_RATIO` of the track's median of it. Eyes are open most of the time, so the
-    median is the open-eye baseline; a track of fewer than 5 measured frames gives None."""
-    vals = [None if a is None else max(a["left"]["sclera"], a["right"]["sclera"]) for a in appearances]
-    known = [v for v in vals if v is not None]
+    :data:`BLINK_SCLERA_RATIO` of the track's median of it and the larger ``edges`` under
+    :data:`BLINK_EDGE_RATIO` of its median. Eyes are open most of the time, so the medians are the
+    open-eye baseline; a track of fewer than 5 measured frames gives None."""
+    def larger(key: str) -> list[float | None]:
+        return [None if a is None else max(a["left"][key], a["right"][key]) for a in appearances]
+
+    sclera, edges = larger("sclera"), larger("edges")
+    known = [v for v in sclera if v is not None]
     if len(known) < 5 or float(np.median(known)) <= 0:
-        return [None] * len(vals)
-    limit = BLINK_SCLERA_RATIO * float(np.median(known))
-    return [None if v is None else v < limit for v in vals]
+        return [None] * len(sclera)
+    s_limit = BLINK_SCLERA_RATIO * float(np.median(known))
+    e_limit = BLINK_EDGE_RATIO * float(np.median([v for v in edges if v is not None]))
+    return [None if s is None else bool(s < s_limit and e < e_limit) for s, e in zip(sclera, edges)]
 
 
 def mouth_openness(lm: np.ndarray) -> float:
