@@ -6,7 +6,8 @@ read, at module level and inside functions alike (a lazy import is still a depen
 package of the longest matching entry of ``LAYERS``. An import may go to a lower layer, or stay in
 its own package; an import to another package of the same layer must be an edge of ``SIDEWAYS``,
 which is a DAG. A new package has to be placed in ``LAYERS`` (and in docs/architecture.md) before
-anything passes.
+anything passes. Within runner/stages/, a stage kind imports no other kind: what kinds share lives
+in runner/stages/common.py.
 
 Functions stay short: none in runner/engine/ over 60 lines, none in runner/ over 100 (def line to
 last line, decorators not counted).
@@ -229,6 +230,24 @@ def core_imports_from_above(root: pathlib.Path) -> list[str]:
     )
 
 
+# What a stage kind module may import of runner.stages: the package (its registry) and the helpers
+# several kinds share. A kind never imports another kind (docs/architecture.md, layer 4).
+STAGE_SHARED = {"runner.stages", "runner.stages.common"}
+
+
+def stage_to_stage_imports(root: pathlib.Path) -> list[str]:
+    return sorted({
+        f"{module} -> {imported} at {where}:{line}"
+        for module, imported, where, line in _all_imports(root)
+        if package_of(module) == "runner.stages" and module not in STAGE_SHARED
+        and package_of(imported) == "runner.stages" and imported not in STAGE_SHARED and imported != module
+    } | {
+        f"{module} -> {imported} at {where}:{line} (the shared helpers import no stage kind)"
+        for module, imported, where, line in _all_imports(root)
+        if module == "runner.stages.common" and package_of(imported) == "runner.stages" and imported not in STAGE_SHARED
+    })
+
+
 def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
     """A cycle of a directed graph as [a, b, ..., a], or None when it is a DAG."""
     state: dict[str, str] = {}  # node -> "open" while on the DFS path, "done" after
@@ -299,6 +318,12 @@ def test_no_upward_imports():
 def test_core_imports_nothing_of_runner_outside_core():
     bad = core_imports_from_above(ROOT)
     assert not bad, "runner/core imports runner modules outside runner/core:" + _listing(bad)
+
+
+def test_no_stage_kind_imports_another():
+    bad = stage_to_stage_imports(ROOT)
+    assert not bad, ("stage kinds import each other (move what they share to runner/stages/common.py):"
+                     + _listing(bad))
 
 
 def test_sideways_edges_join_one_layer_and_form_a_dag():
@@ -439,6 +464,23 @@ def test_checkers_find_every_kind_of_upward_import(tmp_path):
     assert unplaced_modules(root) == ["runner.newpkg"]
     assert missing_imports(root) == [
         "runner/stages/__init__.py:4 imports runner.gone, which does not exist",
+    ]
+
+
+def test_stage_checker_finds_a_kind_importing_another(tmp_path):
+    root = _write(tmp_path, {
+        "runner/__init__.py": "",
+        "runner/stages/__init__.py": (
+            "import importlib\ndef load(n):\n    importlib.import_module(f'runner.stages.{n}')\n"
+        ),
+        "runner/stages/common.py": "from runner.stages import load\n",
+        "runner/stages/a.py": "from runner.stages.common import load\nfrom runner.stages import registry\n",
+        "runner/stages/b.py": "def f():\n    from runner.stages.a import g\n    return g\n",
+        "runner/stages/c.py": "from . import a\n",
+    })
+    assert stage_to_stage_imports(root) == [
+        "runner.stages.b -> runner.stages.a at runner/stages/b.py:2",
+        "runner.stages.c -> runner.stages.a at runner/stages/c.py:1",
     ]
 
 
