@@ -7,7 +7,7 @@ package of the longest matching entry of ``LAYERS``. An import may go to a lower
 its own package; an import to another package of the same layer must be an edge of ``SIDEWAYS``,
 which is a DAG. A new package has to be placed in ``LAYERS`` (and in docs/architecture.md) before
 anything passes. Within runner/stages/, a stage kind imports no other kind: what kinds share lives
-in runner/stages/common.py.
+in runner/stages/common.py; and no module outside runner/stages/ names a stage kind.
 
 Functions stay short: none in runner/engine/ over 60 lines, none in runner/ over 100 (def line to
 last line, decorators not counted).
@@ -248,6 +248,41 @@ def stage_to_stage_imports(root: pathlib.Path) -> list[str]:
     })
 
 
+def builtin_kinds(root: pathlib.Path) -> set[str]:
+    """The built-in stage kinds: BUILTIN_STAGE_MODULES of runner/stages/__init__.py (one kind a module)."""
+    for node in _statements(_tree(root / "runner" / "stages" / "__init__.py").body):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "BUILTIN_STAGE_MODULES" for t in node.targets):
+            return {e.value for e in node.value.elts}
+    raise AssertionError("runner/stages/__init__.py defines no BUILTIN_STAGE_MODULES")
+
+
+def _names_kind(expr: ast.expr) -> bool:
+    return getattr(expr, "attr", None) == "kind" or getattr(expr, "id", None) == "kind"
+
+
+def kind_names_outside_stages(root: pathlib.Path) -> list[str]:
+    """Places outside runner/stages/ that name a stage kind: ``kind == "report"``, ``node.kind in
+    ("train", ...)``, or a table keyed by kind names. What makes a kind special is a trait it declares."""
+    kinds = builtin_kinds(root)
+    found = []
+    for module, path in _modules(root).items():
+        if package_of(module) == "runner.stages":
+            continue
+        for node in ast.walk(_tree(path)):
+            literals: list[str] = []
+            if isinstance(node, ast.Compare) and any(_names_kind(e) for e in (node.left, *node.comparators)):
+                for e in (node.left, *node.comparators):
+                    for v in [e, *getattr(e, "elts", ())]:
+                        if isinstance(v, ast.Constant) and v.value in kinds:
+                            literals.append(v.value)
+            elif isinstance(node, ast.Dict) and len(node.keys) >= 2:  # a table whose every key is a kind
+                keys = [k.value for k in node.keys if isinstance(k, ast.Constant) and k.value in kinds]
+                literals = keys if len(keys) == len(node.keys) else []
+            if literals:
+                found.append(f"{path.relative_to(root)}:{node.lineno} names {', '.join(sorted(set(literals)))}")
+    return sorted(found)
+
+
 def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
     """A cycle of a directed graph as [a, b, ..., a], or None when it is a DAG."""
     state: dict[str, str] = {}  # node -> "open" while on the DFS path, "done" after
@@ -323,6 +358,12 @@ def test_core_imports_nothing_of_runner_outside_core():
 def test_no_stage_kind_imports_another():
     bad = stage_to_stage_imports(ROOT)
     assert not bad, ("stage kinds import each other (move what they share to runner/stages/common.py):"
+                     + _listing(bad))
+
+
+def test_no_module_outside_stages_names_a_stage_kind():
+    bad = kind_names_outside_stages(ROOT)
+    assert not bad, ("modules outside runner/stages/ name stage kinds (declare a trait on the kind instead):"
                      + _listing(bad))
 
 
@@ -481,6 +522,28 @@ def test_stage_checker_finds_a_kind_importing_another(tmp_path):
     assert stage_to_stage_imports(root) == [
         "runner.stages.b -> runner.stages.a at runner/stages/b.py:2",
         "runner.stages.c -> runner.stages.a at runner/stages/c.py:1",
+    ]
+
+
+def test_kind_checker_finds_comparisons_and_tables_of_kind_names(tmp_path):
+    root = _write(tmp_path, {
+        "runner/__init__.py": "",
+        "runner/stages/__init__.py": 'BUILTIN_STAGE_MODULES = ("train", "report")\n',
+        "runner/stages/report.py": 'def f(node):\n    return node.kind == "report"\n',  # a stage may
+        "runner/engine/__init__.py": "",
+        "runner/engine/x.py": (
+            'def f(ps, kind):\n'
+            '    if ps.node.kind == "report":\n'
+            '        return kind in ("train", "other")\n'
+            '    section = spec["report"]  # a spec section of that name is no kind\n'
+            '    row = {"train": 1, "name": "x"}  # a row with a field of that name is no table of kinds\n'
+            '    return {"train": 60, "report": 1}\n'
+        ),
+    })
+    assert kind_names_outside_stages(root) == [
+        "runner/engine/x.py:2 names report",
+        "runner/engine/x.py:3 names train",
+        "runner/engine/x.py:6 names report, train",
     ]
 
 
