@@ -243,6 +243,14 @@ def model_ref(value: str, project_root: Path) -> str:
     return value
 
 
+def device_setting(config: dict[str, Any]) -> str:
+    """A node config's ``device`` (hardware.device as expand copied it; absent: the schema's default),
+    for :func:`runner.core.device.choose_device`."""
+    from runner.spec.sections import HardwareConfig
+
+    return config.get("device") or HardwareConfig.from_dict({}).device
+
+
 def load_embedder(ref: str, ctx: contract.StageContext, key: str, device: str = "auto"):
     """A CLIP/DINO image embedder for a spec value; a bad value is a StageError naming ``key``."""
     from runner.metrics.embedders import EmbedderError, load_image_embedder
@@ -346,6 +354,11 @@ def dedupe(items: list[dict[str, Any]], max_distance: int) -> tuple[list[dict[st
 
 
 # --------------------------------------------------------------------------- report and resume
+
+
+def run_header(ctx: contract.StageContext) -> dict[str, Any]:
+    """The first keys of a stage's report.json / evaluation.json: format, character, stage and run."""
+    return {"format": 1, "character": ctx.character, "stage_id": ctx.stage_id, "run_id": ctx.run_id}
 
 
 def output_json(outputs: dict[str, contract.Artifact], name: str, file: str) -> tuple[Path, dict[str, Any]] | None:

@@ -37,9 +37,11 @@ from typing import Any
 from runner.core import contract
 from runner.core.device import choose_device
 from runner.core.fs import atomic_write_text
+from runner.spec.config import schema_config, view_of
 from runner.spec.sections import CharacterConfig, EvaluateConfig, HardwareConfig
 from runner.stages.common import (
     IMAGE_EXTENSIONS,
+    device_setting,
     face_backend,
     face_options,
     load_embedder,
@@ -48,6 +50,7 @@ from runner.stages.common import (
     reference_files,
     reference_inputs,
     rel_path,
+    run_header,
     resume_note,
     stage_gpu,
     variant_of,
@@ -151,6 +154,14 @@ def _node_config(spec: dict[str, Any], ev: EvaluateConfig, character: CharacterC
 # --------------------------------------------------------------------------- running
 
 
+@schema_config("evaluate")
+class EvaluateRun:
+    """The evaluate settings run() reads that a node config may leave out (the schema's defaults)."""
+
+    checkpoints: str
+    face_workers: int
+
+
 def cell_name(step: int, scale: float) -> str:
     return f"step{int(step):06d}_scale{float(scale):g}"
 
@@ -188,7 +199,7 @@ class EvalJob:
         lora_root = Path(inputs["lora"].path)
         index = _read_index(lora_root)
         checkpoints = [Checkpoint(i, ck, lora_root / ck.get("diffusers", ""))
-                       for i, ck in _select_checkpoints(index, config.get("checkpoints", "all"))]
+                       for i, ck in _select_checkpoints(index, view_of(EvaluateRun, config).checkpoints)]
         for ck in checkpoints:
             if not ck.entry.get("diffusers") or not ck.file.is_file():
                 raise contract.StageError(f"checkpoint at step {ck.entry.get('step')} has no LoRA file {ck.file}",
@@ -316,7 +327,7 @@ def _scorer(job: EvalJob, inputs: dict[str, contract.Artifact], ctx: contract.St
                                   f"({', '.join(config.get('references', []))})",
                                   hint=f"Put images ({', '.join(IMAGE_EXTENSIONS)}) in the reference folders.")
     face = face_backend(config["face"], ctx.project_root)
-    device = config.get("device", "auto")
+    device = device_setting(config)
     computer = MetricComputer(
         clip=load_embedder(config["clip_model"], ctx, "evaluate.clip_model", device),
         dino=load_embedder(config["dino_model"], ctx, "evaluate.dino_model", device),
@@ -346,7 +357,7 @@ def _face_pool(config: dict[str, Any], face: Any, images_per_cell: int, ctx: con
     from runner.stages.common import face_backend_kwargs
     from runner.vision.analysis import FacePool, default_workers
 
-    workers = min(default_workers(int(config.get("face_workers", 0))), images_per_cell)
+    workers = min(default_workers(int(view_of(EvaluateRun, config).face_workers)), images_per_cell)
     if face.name != "dlib" or workers <= 1:
         return None
     ctx.log(f"face analysis: {workers} worker processes for sets whose in-process analysis would take "
@@ -361,7 +372,7 @@ def _load_pipeline(index: dict[str, Any], config: dict[str, Any], ctx: contract.
 
     try:
         return load_pipeline(index["base_model"], family=index.get("model_family", "auto"),
-                             device=choose_device(config.get("device", "auto")),
+                             device=choose_device(device_setting(config)),
                              cache_dir=ctx.cache_dir, project_root=ctx.project_root)
     except ModelLoadError as exc:
         raise contract.StageError(f"evaluate: {exc}", hint=exc.hint) from None
@@ -542,7 +553,7 @@ def _common_cell_key(job: EvalJob, ref_files: list[Path]) -> str:
         "prompts": config["suite"]["prompts"], "seeds": config["seeds"], "steps": config["steps"],
         "guidance": config["guidance"], "resolution": job.resolution, "batch_size": config["batch_size"],
         "clip": config["clip_model"], "dino": config["dino_model"], "face": config["face"],
-        "device": config.get("device", "auto"),
+        "device": device_setting(config),
         "references": sorted(file_sha256(f) for f in ref_files),
     }, sort_keys=True))
 
@@ -644,10 +655,7 @@ def _evaluation(job: EvalJob, scorer: Scorer, cells: list[dict[str, Any]], best:
     config, prompts = job.config, job.prompts
     refs = scorer.refs
     return {
-        "format": 1,
-        "character": ctx.character,
-        "stage_id": ctx.stage_id,
-        "run_id": ctx.run_id,
+        **run_header(ctx),
         "variant": config.get("variant"),
         "trigger": config["trigger"],
         "class_word": config["class_word"],

@@ -38,9 +38,18 @@ from typing import Any
 from runner.core import contract
 from runner.core.device import choose_device
 from runner.core.fs import atomic_write_text
+from runner.spec.sections import (
+    CharacterConfig,
+    EvaluateConfig,
+    GenerateConfig,
+    HardwareConfig,
+    StoryboardConfig,
+    TrainConfig,
+)
 from runner.stages.common import face_backend as common_face_backend
 from runner.stages.common import (
     face_options,
+    device_setting,
     input_file,
     load_embedder,
     load_references,
@@ -49,6 +58,7 @@ from runner.stages.common import (
     output_json,
     reference_inputs,
     rel_path,
+    run_header,
     review_section,
     stage_gpu,
     tiny_note,
@@ -63,13 +73,13 @@ VERSION = 1
 def lora_source(spec: dict[str, Any], graph: contract.GraphView,
                 where: str) -> tuple[dict[str, Any], dict[str, contract.InputRef]]:
     """Where the character's LoRA comes from: (config part, inputs). See the module docstring."""
-    gen = spec.get("generate") or {}
-    checkpoint = str(gen.get("checkpoint", "best"))
-    train_spec = spec.get("train") or {}
-    base_model = gen.get("base_model") or train_spec.get("base_model", "builtin:tiny-sd")
-    common = {"checkpoint": checkpoint, "lora_scale": gen.get("lora_scale"),
-              "base_model": base_model, "model_family": train_spec.get("model_family", "auto"),
-              "resolution": train_spec.get("resolution")}
+    gen = GenerateConfig.from_dict(spec.get("generate") or {})
+    train = TrainConfig.from_dict(spec.get("train") or {})
+    checkpoint = str(gen.checkpoint)
+    common = {"checkpoint": checkpoint, "lora_scale": gen.lora_scale, "base_model": gen.base_model or train.base_model,
+              "model_family": train.model_family,
+              # without a train section there is no training resolution (frames take their own)
+              "resolution": train.resolution if spec.get("train") else None}
     if checkpoint not in ("best", "last"):
         p = graph.project_root / checkpoint
         return ({**common, "source": "file", "lora_file": checkpoint},
@@ -151,38 +161,40 @@ def _node_config(spec: dict[str, Any], sb: dict[str, Any], story: Any, scenes: l
                  guided: dict[str, Any]) -> dict[str, Any]:
     """The node config after the LoRA source's part (lora_source) and before the review's."""
     from runner.generate import guided as G
+    from runner.spec.config import to_plain
 
-    val = dict(sb.get("validation") or {})
-    ev = spec.get("evaluate") or {}
-    character = spec.get("character") or {}
+    board = StoryboardConfig.from_dict(sb)
+    val = board.validation
+    character = CharacterConfig.from_dict(spec["character"])
+    raw_character = spec.get("character") or {}
     return {
         "planner": story.planner,
         "planner_notes": story.notes,
         "scenes": scenes,
         # What the llm planner is asked at run time (manual/rules scenes are already in "scenes").
         "llm_request": None if story.planner != "llm" else {
-            "story": sb.get("story", ""), "llm": sb.get("llm", {}), "min_scenes": sb.get("min_scenes", 6),
-            "max_scenes": sb.get("max_scenes", 10), "style_prompt": sb.get("style_prompt", ""),
-            "character": {k: character.get(k) for k in ("name", "display_name", "trigger", "class_word",
-                                                        "description", "traits", "aliases", "pronouns")}},
-        "negative_prompt": sb.get("negative_prompt", ""),
-        "seed": int(sb.get("seed", 1000)),
-        "steps": int(sb.get("steps", 30)),
-        "guidance": float(sb.get("guidance", 7.0)),
-        "width": sb.get("width"),
-        "height": sb.get("height"),
-        "batch_size": int(sb.get("batch_size", 4)),
+            "story": board.story, "llm": to_plain(board.llm), "min_scenes": board.min_scenes,
+            "max_scenes": board.max_scenes, "style_prompt": board.style_prompt,
+            "character": {k: raw_character.get(k) for k in ("name", "display_name", "trigger", "class_word",
+                                                            "description", "traits", "aliases", "pronouns")}},
+        "negative_prompt": board.negative_prompt,
+        "seed": int(board.seed),
+        "steps": int(board.steps),
+        "guidance": float(board.guidance),
+        "width": board.width,
+        "height": board.height,
+        "batch_size": int(board.batch_size),
         "validation": {
-            "face_similarity": val.get("face_similarity", "backend"),
-            "clip_i": val.get("clip_i"),
-            "retries": int(val.get("retries", 2)),
-            "clip_model": val.get("clip_model") or ev.get("clip_model") or "openai/clip-vit-large-patch14",
+            "face_similarity": val.face_similarity,
+            "clip_i": val.clip_i,
+            "retries": int(val.retries),
+            "clip_model": val.clip_model or EvaluateConfig.from_dict(spec.get("evaluate") or {}).clip_model,
         },
-        "face": face_options(spec, val.get("face_model")),
-        "reference_guided": ({**G.keyed_options(guided), "validate_against": validation_sets(guided, character)}
+        "face": face_options(spec, val.face_model),
+        "reference_guided": ({**G.keyed_options(guided), "validate_against": validation_sets(guided, raw_character)}
                              if guided.get("enabled") else {"enabled": False}),
-        "references": list(character.get("references") or []),
-        "device": (spec.get("hardware") or {}).get("device", "auto"),
+        "references": list(character.references),
+        "device": HardwareConfig.from_dict(spec.get("hardware") or {}).device,
     }
 
 
@@ -456,7 +468,7 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
 
     # 2. pipeline, references, validator
     t = time.monotonic()
-    device = choose_device(config.get("device", "auto"))
+    device = choose_device(device_setting(config))
     lora = _lora(config, inputs, ctx)
     pipe = load_character_pipeline(lora, device, ctx, "generate.storyboard")
     family = family_of(pipe)
@@ -566,10 +578,7 @@ def _report_head(config: dict[str, Any], ctx: contract.StageContext, exchange: d
     """report.json up to the reference-guided part: the run, the LoRA, the settings, the validation."""
     face_backend = checks.face_backend
     return {
-        "format": 1,
-        "character": ctx.character,
-        "stage_id": ctx.stage_id,
-        "run_id": ctx.run_id,
+        **run_header(ctx),
         "planner": config["planner"],
         "llm": exchange,
         "lora": {k: (str(v) if isinstance(v, Path) else v) for k, v in lora.items()},

@@ -36,8 +36,10 @@ from typing import Any
 from runner.core import contract
 from runner.core.device import choose_device
 from runner.core.fs import atomic_write_text
+from runner.spec.sections import CharacterConfig, EvaluateConfig, HardwareConfig, VideoConfig
 from runner.stages.common import (
     face_backend,
+    device_setting,
     face_options,
     input_file,
     load_embedder,
@@ -47,6 +49,7 @@ from runner.stages.common import (
     output_json,
     reference_inputs,
     rel_path,
+    run_header,
     resume_note,
     review_section,
     stage_gpu,
@@ -133,20 +136,20 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
     video = (spec.get("generate") or {}).get("video")
     if not isinstance(video, dict):
         return []
-    source = video.get("source", "storyboard")
-    key_frames = [int(k) for k in video.get("key_frames", [1])]
+    v = VideoConfig.from_dict(video)
+    source, key_frames = v.source, [int(k) for k in v.key_frames]
     inputs = _source_input(source, key_frames, graph)
-    width, height = int(video.get("width", 704)), int(video.get("height", 480))
+    width, height = int(v.width), int(v.height)
     if width % 32 or height % 32:
         raise contract.StageError(f"generate.video: width and height must be multiples of 32 for LTX-Video "
                                   f"(got {width}x{height})",
                                   hint=f"e.g. width: {width // 32 * 32}, height: {height // 32 * 32}")
     inputs.update(reference_inputs(spec, graph))
     for key in ("model", "lora", "upsampler"):
-        ref = model_input(video.get(key), graph, f"generate.video.{key}")
+        ref = model_input(getattr(v, key), graph, f"generate.video.{key}")
         if ref is not None:
             inputs[f"{key}_files"] = ref
-    suite = load_suite(video.get("suite"), graph.project_root)
+    suite = load_suite(v.suite, graph.project_root)
     if suite is not None:
         character = spec.get("character") or {}
         suite = {"source": suite["source"], "cases": [_render_case(c, character) for c in suite["cases"]]}
@@ -181,48 +184,48 @@ def _source_input(source: str, key_frames: list[int], graph: contract.GraphView)
 def _node_config(spec: dict[str, Any], video: dict[str, Any], source: str, key_frames: list[int],
                  suite: dict[str, Any] | None) -> dict[str, Any]:
     """The node config (``video`` has the preset's values filled in), without the review's part."""
-    hardware = spec.get("hardware") or {}
-    fid = dict(video.get("fidelity") or {})
-    targets = dict(video.get("targets") or {})
+    from runner.spec.config import to_plain
+
+    v = VideoConfig.from_dict(video)
+    hardware = HardwareConfig.from_dict(spec.get("hardware") or {})
+    fid, targets = v.fidelity, v.targets
     return {
-        "model": video.get("model", "Lightricks/LTX-Video"),
-        "pipeline": video.get("pipeline", "auto"),
-        "preset": video.get("preset", "baseline"),
+        "model": v.model,
+        "pipeline": v.pipeline,
+        "preset": v.preset,
         "source": source,
         "key_frames": key_frames if source == "storyboard" else [],
-        "prompt": video.get("prompt"),
-        "prompt_prefix": video.get("prompt_prefix") or "",
-        "prompt_suffix": video.get("prompt_suffix") or "",
-        "negative_prompt": video.get("negative_prompt", ""),
-        "steps": int(video.get("steps") or 10),
-        "guidance": float(video.get("guidance") if video.get("guidance") is not None else 1.0),
-        "image_conditioning": float(video.get("image_conditioning")
-                                    if video.get("image_conditioning") is not None else 1.0),
-        "frames": int(video.get("frames", 97)),
-        "fps": int(video.get("fps", 24)),
-        "width": int(video.get("width", 704)),
-        "height": int(video.get("height", 480)),
-        "seed": int(video.get("seed", 42)),
-        "lora": video.get("lora"),
-        "lora_scale": float(video.get("lora_scale", 1.0)),
-        "replace_first_frame": bool(video.get("replace_first_frame", False)),
-        "upscale": bool(video.get("upscale", False)),
-        "upsampler": video.get("upsampler"),
-        "decode_timestep": float(video.get("decode_timestep", 0.03)),
-        "decode_noise_scale": float(video.get("decode_noise_scale", 0.025)),
-        "fidelity": {"frames": int(fid.get("frames", 5)), "excellent": float(fid.get("excellent", 20)),
-                     "fail": float(fid.get("fail", 30)), "on_fail": fid.get("on_fail", "flag"),
-                     "retries": int(fid.get("retries", 1)), "against": fid.get("against", "references")},
-        "dynamics": {"frames": 16, "frozen_below": 0.01, "flow_side": 256, **(video.get("dynamics") or {})},
-        "targets": {"max_seconds": targets.get("max_seconds"), "max_cost": targets.get("max_cost")},
-        "price": {"targets_gpu": targets.get("gpu"), "backend": hardware.get("backend", "local"),
-                  "gpu": hardware.get("gpu"), "stage_gpu": hardware.get("stage_gpu", {}),
-                  "table": hardware.get("price_table", {}), "currency": hardware.get("currency", "USD")},
-        "face": face_options(spec, fid.get("face_model")),
-        "clip_model": (spec.get("evaluate") or {}).get("clip_model") or "openai/clip-vit-large-patch14",
+        "prompt": v.prompt,
+        "prompt_prefix": v.prompt_prefix or "",
+        "prompt_suffix": v.prompt_suffix or "",
+        "negative_prompt": v.negative_prompt,
+        "steps": int(v.steps or 10),
+        "guidance": float(v.guidance if v.guidance is not None else 1.0),
+        "image_conditioning": float(v.image_conditioning if v.image_conditioning is not None else 1.0),
+        "frames": int(v.frames),
+        "fps": int(v.fps),
+        "width": int(v.width),
+        "height": int(v.height),
+        "seed": int(v.seed),
+        "lora": v.lora,
+        "lora_scale": float(v.lora_scale),
+        "replace_first_frame": bool(v.replace_first_frame),
+        "upscale": bool(v.upscale),
+        "upsampler": v.upsampler,
+        "decode_timestep": float(v.decode_timestep),
+        "decode_noise_scale": float(v.decode_noise_scale),
+        "fidelity": {"frames": int(fid.frames), "excellent": float(fid.excellent), "fail": float(fid.fail),
+                     "on_fail": fid.on_fail, "retries": int(fid.retries), "against": fid.against},
+        "dynamics": v.dynamics.to_dict(),
+        "targets": {"max_seconds": targets.max_seconds, "max_cost": targets.max_cost},
+        "price": {"targets_gpu": targets.gpu, "backend": hardware.backend, "gpu": hardware.gpu,
+                  "stage_gpu": to_plain(hardware.stage_gpu), "table": to_plain(hardware.price_table),
+                  "currency": hardware.currency},
+        "face": face_options(spec, fid.face_model),
+        "clip_model": EvaluateConfig.from_dict(spec.get("evaluate") or {}).clip_model,
         "suite": suite,
-        "references": list((spec.get("character") or {}).get("references") or []),
-        "device": hardware.get("device", "auto"),
+        "references": list(CharacterConfig.from_dict(spec["character"]).references),
+        "device": hardware.device,
     }
 
 
@@ -313,7 +316,7 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
     """Image-to-video clips (LTX-Video) with fidelity, expression dynamics, motion, time and cost."""
     t_start = time.monotonic()
     sources = _sources(config, inputs)
-    device = choose_device(config.get("device", "auto"))
+    device = choose_device(device_setting(config))
     # 1. the model (first: a bad shape fails before anything slow)
     t = time.monotonic()
     vp = _video_pipeline(config, inputs, device, ctx)
@@ -407,10 +410,7 @@ def _report_head(config: dict[str, Any], ctx: contract.StageContext, vp: Any, fi
     """report.json up to its tiny_random flags: the run, the model and settings, fidelity, prices."""
     backend = fidelity.face_backend
     return {
-        "format": 1,
-        "character": ctx.character,
-        "stage_id": ctx.stage_id,
-        "run_id": ctx.run_id,
+        **run_header(ctx),
         "model": config["model"],
         "pipeline": vp.kind,
         "preset": config["preset"],

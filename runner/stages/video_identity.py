@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.core import contract
+from runner.spec.sections import AnalysisConfig, SourceConfig, VideoOptionsConfig
 from runner.stages.common import IMAGE_EXTENSIONS, rel_path, review_section, write_jsonl
 
 KIND = "video_identity"
@@ -38,11 +39,8 @@ VERSION = 3
 REFERENCE_EXTS = IMAGE_EXTENSIONS
 
 def video_option_defaults() -> dict[str, Any]:
-    """``dataset.sources[].video_options`` defaults, read from the schema (where spec defaults live)."""
-    from runner.spec.schema import section_schema
-
-    props = section_schema("dataset")["$defs"]["source"]["properties"]["video_options"]["properties"]
-    return {k: v["default"] for k, v in props.items()}
+    """``dataset.sources[].video_options`` defaults: the schema's (where spec defaults live)."""
+    return VideoOptionsConfig.from_dict({}).to_dict()
 
 
 def _file_ref(path: Path, spec_key: str) -> contract.FileSetRef:
@@ -51,43 +49,16 @@ def _file_ref(path: Path, spec_key: str) -> contract.FileSetRef:
 
 def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.PlanNode]:
     dataset = spec.get("dataset", {}) or {}
-    analysis = dataset.get("analysis", {}) or {}
-    character = spec.get("character", {}) or {}
-    refs = list(character.get("references", []) or [])
-    defaults = video_option_defaults()
+    analysis = AnalysisConfig.from_dict(dataset.get("analysis", {}) or {})
+    refs = list((spec.get("character", {}) or {}).get("references", []) or [])
     nodes = []
-    for i, src in enumerate(dataset.get("sources", []) or []):
-        if "video" not in src:
+    for i, raw in enumerate(dataset.get("sources", []) or []):
+        if "video" not in raw:
             continue
-        video_rel = src["video"]
-        video_abs = Path(video_rel) if Path(video_rel).is_absolute() else graph.project_root / video_rel
-        inputs: dict[str, contract.InputRef] = {"video": _file_ref(video_abs, f"dataset.sources[{i}].video")}
-        for j, ref in enumerate(refs):
-            rp = Path(ref) if Path(ref).is_absolute() else graph.project_root / ref
-            key = f"character.references[{j}]"
-            if rp.is_dir():
-                patterns = tuple(f"*{e}" for e in REFERENCE_EXTS) + tuple(f"*{e.upper()}" for e in REFERENCE_EXTS)
-                inputs[f"references{j}"] = contract.FileSetRef(root=rp, patterns=patterns, recursive=True, spec_key=key)
-            else:
-                inputs[f"references{j}"] = _file_ref(rp, key)
-        opts = {**defaults, **(src.get("video_options") or {})}
-        upsample = opts["upsample"] if opts["upsample"] is not None else analysis.get("upsample", 1)
-        config = {
-            "video": video_rel,
-            "source_index": i,
-            "label": src.get("label", ""),
-            "people": int(src.get("people", 1)),
-            "stride": int(src.get("stride", 5)),
-            "face": {
-                "backend": analysis.get("backend", "auto"),
-                "dlib_detector": analysis.get("dlib_detector", "hog"),
-                "upsample": int(upsample),
-                "insightface_pack": analysis.get("insightface_pack", "buffalo_l"),
-                "insightface_root": analysis.get("insightface_root", "~/.insightface"),
-            },
-            "options": {k: v for k, v in opts.items() if k != "upsample"},
-            "references": refs,
-        }
+        src = SourceConfig.from_dict(raw)
+        video_abs = Path(src.video) if Path(src.video).is_absolute() else graph.project_root / src.video
+        inputs = {"video": _file_ref(video_abs, f"dataset.sources[{i}].video"), **_reference_inputs(refs, graph)}
+        config = {**_node_config(src, i, analysis), "references": refs}
         review = review_section(graph, "identity", stage=contract.node_id(graph.character, KIND, str(i)))
         if review:  # the reviewer's drops and moves of frames (runner review): only that part is keyed
             config["review"] = review
@@ -98,10 +69,45 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
             config=config,
             inputs=inputs,
             outputs=("identity", "images", "quarantine"),
-            label=f"{video_rel}: {config['people']} person{'s' if config['people'] != 1 else ''}, "
+            label=f"{src.video}: {config['people']} person{'s' if config['people'] != 1 else ''}, "
                   f"every {config['stride']}th frame",
         ))
     return nodes
+
+
+def _reference_inputs(refs: list[str], graph: contract.GraphView) -> dict[str, contract.InputRef]:
+    """``references<j>``: the image files of a reference folder, or the reference file."""
+    inputs: dict[str, contract.InputRef] = {}
+    for j, ref in enumerate(refs):
+        rp = Path(ref) if Path(ref).is_absolute() else graph.project_root / ref
+        key = f"character.references[{j}]"
+        if rp.is_dir():
+            patterns = tuple(f"*{e}" for e in REFERENCE_EXTS) + tuple(f"*{e.upper()}" for e in REFERENCE_EXTS)
+            inputs[f"references{j}"] = contract.FileSetRef(root=rp, patterns=patterns, recursive=True, spec_key=key)
+        else:
+            inputs[f"references{j}"] = _file_ref(rp, key)
+    return inputs
+
+
+def _node_config(src: SourceConfig, i: int, analysis: AnalysisConfig) -> dict[str, Any]:
+    """A video source's node config (without the references and the review's part)."""
+    opts = src.video_options.to_dict()
+    upsample = opts["upsample"] if opts["upsample"] is not None else analysis.upsample
+    return {
+        "video": src.video,
+        "source_index": i,
+        "label": src.label,
+        "people": int(src.people),
+        "stride": int(src.stride),
+        "face": {
+            "backend": analysis.backend,
+            "dlib_detector": analysis.dlib_detector,
+            "upsample": int(upsample),
+            "insightface_pack": analysis.insightface_pack,
+            "insightface_root": analysis.insightface_root,
+        },
+        "options": {k: v for k, v in opts.items() if k != "upsample"},
+    }
 
 
 def analysis_threads() -> int:
@@ -166,7 +172,12 @@ class VideoJob:
     ctx: contract.StageContext
     video: Path
     video_rel: str  # as the spec and the outputs name it
-    opts: dict[str, Any]  # video_options
+    opts: dict[str, Any]  # video_options as the node config has them (upsample is in face)
+
+    @property
+    def options(self) -> VideoOptionsConfig:
+        """The typed view of ``opts`` (absent keys: the schema's defaults)."""
+        return VideoOptionsConfig.from_dict(self.opts)
 
     @property
     def identity_dir(self) -> Path:
@@ -234,7 +245,7 @@ def _run_with(job: VideoJob, inputs: dict[str, contract.Artifact], backends: lis
     # 1. the reference faces and the general (novelty) embedder
     ref_files = sorted(Path(f) for name, art in inputs.items() if name.startswith("references") for f in art.files)
     ref_emb = _reference_embeddings(ref_files, backend, ctx) if ref_files else []
-    general, general_note = _general_embedder(job.opts, ctx)
+    general, general_note = _general_embedder(job.options, ctx)
     # 2. the identity sets, with the reviewer's drops and moves applied
     result = _build(job, backends, general, ref_emb)
     # 3. outputs: quarantine.jsonl, then the sets and the images (runner/video/export.py)
@@ -263,15 +274,15 @@ def _run_with(job: VideoJob, inputs: dict[str, contract.Artifact], backends: lis
     }
 
 
-def _general_embedder(opts: dict[str, Any], ctx: contract.StageContext) -> tuple[Any, str]:
+def _general_embedder(opts: VideoOptionsConfig, ctx: contract.StageContext) -> tuple[Any, str]:
     """The general image embedder novelty is measured with (video_options.general_model)."""
     from runner.video.descriptors import load_general_embedder
 
-    model_ref = opts.get("general_model")
+    model_ref = opts.general_model
     if model_ref and not Path(model_ref).is_absolute() and (ctx.project_root / model_ref).exists():
         model_ref = str(ctx.project_root / model_ref)  # the resolved spec keeps local paths project-relative
     general, note = load_general_embedder(model_ref, cache_dir=ctx.cache_dir,
-                                          fallback=opts.get("general_fallback", "auto"), warn=ctx.warn)
+                                          fallback=opts.general_fallback, warn=ctx.warn)
     ctx.log(note)
     if getattr(general, "is_tiny_random", False):
         ctx.warn(f"novelty uses {general.name}, a tiny random model: its numbers are meaningless")
@@ -279,7 +290,8 @@ def _general_embedder(opts: dict[str, Any], ctx: contract.StageContext) -> tuple
 
 
 def pipeline_options(config: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
-    """build_identity_sets' options from the node config and its video_options."""
+    """build_identity_sets' options from the node config and its video_options (``opts``, complete:
+    expand writes every key)."""
     return {
         "people": config["people"],
         "stride": config["stride"],
@@ -288,7 +300,7 @@ def pipeline_options(config: dict[str, Any], opts: dict[str, Any]) -> dict[str, 
         "novelty_add": opts["novelty_add"],
         "anchors_max": opts["anchors"],
         "challenge_max": opts["challenge"],
-        "pair_max": opts["pair_max"] if opts.get("pair_set", True) else 0,
+        "pair_max": opts["pair_max"] if opts["pair_set"] else 0,
         "crop_scale": opts["crop_scale"],
         "crop_max_side": opts["crop_max_side"],
         "early_stop": opts["early_stop"],
@@ -304,7 +316,7 @@ def _build(job: VideoJob, backends: list[Any], general: Any, ref_emb: list[Any])
     """build_identity_sets on the video (progress per step), then the reviewer's decisions."""
     from runner.video.pipeline import build_identity_sets
 
-    ctx, opts = job.ctx, job.opts
+    ctx, opts = job.ctx, job.options
     handles: dict[str, Any] = {}
 
     def progress(desc: str, done: int, total: int | None) -> None:
@@ -314,13 +326,14 @@ def _build(job: VideoJob, backends: list[Any], general: Any, ref_emb: list[Any])
         h.update(done - h.completed if hasattr(h, "completed") else 1)
 
     result = build_identity_sets(
-        str(job.video), face_backend=backends[0], general_embedder=general, options=pipeline_options(job.config, opts),
-        reference_embeddings=ref_emb, progress=progress, on_truncated=opts.get("on_truncated", "quarantine"),
+        str(job.video), face_backend=backends[0], general_embedder=general,
+        options=pipeline_options(job.config, {**opts.to_dict(), **job.opts}),
+        reference_embeddings=ref_emb, progress=progress, on_truncated=opts.on_truncated,
         extra_backends=backends[1:],
     )
     for h in handles.values():
         h.close()
-    if not opts.get("pair_set", True):
+    if not opts.pair_set:
         result.pairs = []
     if job.config.get("review"):
         from runner.video.review import apply_identity_decisions
