@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from runner.spec.config import schema_default
 from runner.video import buckets as B
 from runner.video.decode import VideoDecodeError, VideoInfo, check_complete, iter_frames, probe_video
 from runner.video.gates import GATE_VERSION, Gate, make_gates, quality_score
@@ -34,27 +36,66 @@ from runner.video.selection import Candidate, Selector, StopRule, conditioning_r
 from runner.video.stability import l2n, mark_continuity_admissions, medoid, novelty, profile_floor, stability
 from runner.video.tracking import FaceObs, FaceTracker, Track, TrackScore, box_iou, cosine, track_scores
 
-DEFAULTS: dict[str, Any] = {
-    "people": 1,
-    "stride": 5,
-    "tau": None,  # None: the face backend's default identity threshold
-    "max_per_bucket": 2,
-    "novelty_add": 0.15,
-    "anchors_max": 5,
-    "challenge_max": 8,
-    "pair_max": 10,
-    "crop_scale": 2.2,
-    "crop_max_side": 512,
-    "smoothing": 0.6,
-    "min_track_observations": 3,
-    "stop_novelty": 0.08,
-    "stop_window": 20,
-    "early_stop": True,
-    "conditioning_ratio": [20, 70, 10],
-    "adjust_ratio": True,
-    "full_detect_every": 3,
-    "profile_detector": "cnn",
-}
+def _source_default(name: str) -> Any:
+    return schema_default("dataset", "sources", "[]", name)
+
+
+def _video_default(name: str) -> Any:
+    return schema_default("dataset", "sources", "[]", "video_options", name)
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """How :func:`build_identity_sets` runs. What a spec sets (``dataset.sources[].people``,
+    ``stride`` and ``video_options``, under the names the steps use) defaults to the schema's
+    value; smoothing, min_track_observations and stop_window are tunables of the method."""
+
+    people: int = _source_default("people")
+    stride: int = _source_default("stride")
+    tau: float | None = _video_default("tau")  # None: the face backend's default identity threshold
+    max_per_bucket: int = _video_default("max_per_bucket")
+    novelty_add: float = _video_default("novelty_add")
+    anchors_max: int = _video_default("anchors")
+    challenge_max: int = _video_default("challenge")
+    pair_max: int = _video_default("pair_max")
+    crop_scale: float = _video_default("crop_scale")
+    crop_max_side: int = _video_default("crop_max_side")
+    smoothing: float = 0.6
+    min_track_observations: int = 3
+    stop_novelty: float = _video_default("stop_novelty")
+    stop_window: int = 20
+    early_stop: bool = _video_default("early_stop")
+    conditioning_ratio: tuple[int, ...] = tuple(_video_default("conditioning_ratio"))
+    adjust_ratio: bool = _video_default("adjust_ratio")
+    full_detect_every: int = _video_default("full_detect_every")
+    profile_detector: str = _video_default("profile_detector")
+
+    @classmethod
+    def of(cls, options: Mapping[str, Any] | PipelineOptions) -> PipelineOptions:
+        """The options of a mapping (None means the default for every key but tau); an unknown key
+        is a ValueError naming it."""
+        if isinstance(options, PipelineOptions):
+            return options
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(k for k in options if k not in names)
+        if unknown:
+            raise ValueError(f"build_identity_sets: unknown option {unknown[0]!r} (options: {', '.join(names)})")
+        given = {k: v for k, v in options.items() if v is not None or k == "tau"}
+        if "conditioning_ratio" in given:
+            given["conditioning_ratio"] = tuple(given["conditioning_ratio"])
+        return cls(**given)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data (VideoResult.options, written with the result)."""
+        out = asdict(self)
+        out["conditioning_ratio"] = list(self.conditioning_ratio)
+        return out
+
+
+#: The options' defaults as plain data.
+DEFAULTS: dict[str, Any] = PipelineOptions().as_dict()
+#: Sampled frames a track may miss before it ends.
+MAX_GAP_SAMPLES = 3
 
 #: Why a person's selection ended (``stop_reason`` in meta.json); ``stop_detail`` says more.
 STOP_REASONS = {
@@ -451,13 +492,9 @@ def group_persons(tracks: list[Track], ranked: list[Any], people: int, id_thresh
 # ------------------------------------------------------------------------------------------- steps
 
 
-def resolve_options(options: dict[str, Any]) -> dict[str, Any]:
-    """DEFAULTS overlaid with ``options``; None means "the default" for every key but tau."""
-    opts = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None or k == "tau"}}
-    for k, v in DEFAULTS.items():
-        if opts.get(k) is None and k != "tau":
-            opts[k] = v
-    return opts
+def resolve_options(options: Mapping[str, Any] | PipelineOptions) -> PipelineOptions:
+    """``options`` over the defaults (see :meth:`PipelineOptions.of`)."""
+    return PipelineOptions.of(options)
 
 
 def _unusable(result: VideoResult, reason: str, detail: str, empty_reason: str) -> None:
@@ -466,19 +503,19 @@ def _unusable(result: VideoResult, reason: str, detail: str, empty_reason: str) 
     result.empty_reason = empty_reason
 
 
-def _pass1(video_path: str, info: VideoInfo, opts: dict[str, Any], backends: Sequence[Any],
+def _pass1(video_path: str, info: VideoInfo, opts: PipelineOptions, backends: Sequence[Any],
            tracker: FaceTracker, result: VideoResult, progress: Any, on_truncated: str) -> int | None:
     """Step 2: detect, measure, track every sampled frame; returns the number of faces seen, or
     None when the video is not usable (``result`` then says why)."""
     stats: dict[str, Any] = {}
     n_faces = 0
-    stride = int(opts["stride"])
+    stride = opts.stride
     total_est = -(-info.frame_count // stride) if info.frame_count else None
-    detector = FrameDetector(profile=opts["profile_detector"] == "cnn")
+    detector = FrameDetector(profile=opts.profile_detector == "cnn")
     t0 = time.perf_counter()
     frames_iter = iter_frames(video_path, stride=stride, decoder=info.decoder, stats=stats)
     try:
-        for _frame, obs in _analyze_frames(frames_iter, backends, full_every=int(opts["full_detect_every"]),
+        for _frame, obs in _analyze_frames(frames_iter, backends, full_every=opts.full_detect_every,
                                            detector=detector):
             tracker.update(obs)
             n_faces += len(obs)
@@ -504,12 +541,12 @@ def _pass1(video_path: str, info: VideoInfo, opts: dict[str, Any], backends: Seq
     return n_faces
 
 
-def _main_people(tracker: FaceTracker, info: VideoInfo, opts: dict[str, Any], tau: float, n_faces: int,
+def _main_people(tracker: FaceTracker, info: VideoInfo, opts: PipelineOptions, tau: float, n_faces: int,
                  reference_embeddings: Sequence[np.ndarray], result: VideoResult) -> list[tuple]:
     """Step 3: rank the tracks and pick the people (empty: ``result.empty_reason`` says why)."""
-    sampled, stride = result.sampled_frames, int(opts["stride"])
+    sampled, stride = result.sampled_frames, opts.stride
     ranked = track_scores(tracker.tracks, frame_w=info.width, frame_h=info.height, sampled_frames=sampled,
-                          min_observations=int(opts["min_track_observations"]))
+                          min_observations=opts.min_track_observations)
     result.tracks = [_track_record(s, tracker.tracks[s.track_id]) for s in ranked]
     if not ranked:
         if n_faces == 0:
@@ -517,16 +554,16 @@ def _main_people(tracker: FaceTracker, info: VideoInfo, opts: dict[str, Any], ta
         else:
             result.empty_reason = (f"no person found: {n_faces} face detection(s) in {sampled} sampled frames "
                                    f"(every {stride}th frame), but no face track lasted "
-                                   f"{opts['min_track_observations']} sampled frames; isolated detections are "
+                                   f"{opts.min_track_observations} sampled frames; isolated detections are "
                                    "treated as false positives")
         return []
     ref_emb = l2n(np.mean([l2n(e) for e in reference_embeddings], axis=0)) if len(reference_embeddings) else None
-    groups = group_persons(tracker.tracks, ranked, int(opts["people"]), tau, ref_emb)
+    groups = group_persons(tracker.tracks, ranked, opts.people, tau, ref_emb)
     if ref_emb is not None and groups and groups[0][2] is not None and groups[0][2] < tau:
         result.notes.append(f"no track matches the references (best similarity {groups[0][2]:.3f} < {tau}); "
                             "the main person was chosen by track_score alone")
-    if len(groups) < int(opts["people"]):
-        result.notes.append(f"asked for {opts['people']} people, found {len(groups)} distinct person(s)")
+    if len(groups) < opts.people:
+        result.notes.append(f"asked for {opts.people} people, found {len(groups)} distinct person(s)")
     return groups
 
 
@@ -570,7 +607,7 @@ def _mark_blinks(obs: list[FaceObs]) -> None:
 
 
 def plan_person(pid: int, members: list[Track], score: TrackScore, ref_sim: float | None, *, gates: tuple[Gate, Gate],
-                tau: float, backend_name: str, opts: dict[str, Any], max_gap_frames: int, fps: float) -> PersonPlan:
+                tau: float, backend_name: str, opts: PipelineOptions, max_gap_frames: int, fps: float) -> PersonPlan:
     """Step 4 for one person: gates, prototype, stability per frame, smoothed boxes."""
     strict_gate, loose_gate = gates
     obs = sorted((o for t in members for o in t.observations), key=lambda o: o.frame_idx)
@@ -590,14 +627,14 @@ def plan_person(pid: int, members: list[Track], score: TrackScore, ref_sim: floa
             cands.append((o, st))
         timeline.append(entry)
     half_second = max(1, int(round(fps / 2)))  # anchors and challenge frames are spaced by this
-    selector = Selector(max_per_bucket=int(opts["max_per_bucket"]), novelty_add=float(opts["novelty_add"]),
-                        anchors_max=int(opts["anchors_max"]), anchor_min_gap=half_second,
-                        challenge_max=int(opts["challenge_max"]), challenge_min_gap=half_second,
-                        stop=StopRule(novelty_window=int(opts["stop_window"]), novelty_below=float(opts["stop_novelty"])))
+    selector = Selector(max_per_bucket=opts.max_per_bucket, novelty_add=opts.novelty_add,
+                        anchors_max=opts.anchors_max, anchor_min_gap=half_second,
+                        challenge_max=opts.challenge_max, challenge_min_gap=half_second,
+                        stop=StopRule(novelty_window=opts.stop_window, novelty_below=opts.stop_novelty))
     return PersonPlan(
         person_id=pid, members=members, score=score, reference_similarity=ref_sim, prototype_type=proto_type,
         prototype_frames=len(pool), prototype_frame_idx=proto_frame, observations=obs,
-        smoothed=_smooth_boxes(obs, float(opts["smoothing"]), max_gap_frames), strict_ids=strict_ids,
+        smoothed=_smooth_boxes(obs, opts.smoothing, max_gap_frames), strict_ids=strict_ids,
         timeline=timeline, candidates=cands, selector=selector,
         gate_counts={"observations": len(obs), "strict": len(strict), "loose": len(loose),
                      "stable_candidates": len(cands), "continuity_admitted": admitted})
@@ -621,14 +658,14 @@ def _offer(plan: PersonPlan, o: FaceObs, st: float, crop: np.ndarray, g: np.ndar
         plan.stopped_at = c
 
 
-def _pass2(video_path: str, info: VideoInfo, plans: list[PersonPlan], opts: dict[str, Any], general_embedder: Any,
+def _pass2(video_path: str, info: VideoInfo, plans: list[PersonPlan], opts: PipelineOptions, general_embedder: Any,
            backend_name: str, result: VideoResult, progress: Any) -> None:
     """Step 5: decode the frames that can still be saved; crops, novelty, selection, pairs."""
     by_frame: dict[int, list[tuple[PersonPlan, FaceObs, float]]] = {}
     for p in plans:
         for o, st in p.candidates:
             by_frame.setdefault(o.frame_idx, []).append((p, o, st))
-    pair_wanted = len(plans) == 2 and int(opts["pair_max"]) > 0
+    pair_wanted = len(plans) == 2 and opts.pair_max > 0
     t0, done = time.perf_counter(), 0
     if by_frame:
         try:
@@ -640,17 +677,17 @@ def _pass2(video_path: str, info: VideoInfo, plans: list[PersonPlan], opts: dict
                     if all(p.stopped_at is not None for p in plans) and not pair_wanted:
                         break
                     continue
-                boxes = [crop_box_for(p.smoothed[o.frame_idx], info.width, info.height, float(opts["crop_scale"]))
+                boxes = [crop_box_for(p.smoothed[o.frame_idx], info.width, info.height, opts.crop_scale)
                          for p, o, _ in everyone]
                 live = [(e, b) for e, b in zip(everyone, boxes) if e[0].stopped_at is None]
-                crops = [_crop(frame.rgb, b, int(opts["crop_max_side"])) for _, b in live]
+                crops = [_crop(frame.rgb, b, opts.crop_max_side) for _, b in live]
                 gen = l2n(general_embedder.embed(crops)) if crops else []
                 for ((p, o, st), b), crop, g in zip(live, crops, gen):
-                    _offer(p, o, st, crop, g, b, backend_name, bool(opts["early_stop"]))
+                    _offer(p, o, st, crop, g, b, backend_name, opts.early_stop)
                 if want_pair:
                     result.pairs.append(_pair_candidate(frame, [(p.person_id, o, st) for p, o, st in everyone], boxes,
                                                         opts, backend_name, general_embedder))
-                    _keep_pairs(result.pairs, int(opts["pair_max"]), float(opts["novelty_add"]))
+                    _keep_pairs(result.pairs, opts.pair_max, opts.novelty_add)
                 done += 1
                 if progress:
                     progress("select", done, len(by_frame))
@@ -701,7 +738,7 @@ def build_identity_sets(
     *,
     face_backend: Any,
     general_embedder: Any,
-    options: dict[str, Any],
+    options: Mapping[str, Any] | PipelineOptions,
     reference_embeddings: Sequence[np.ndarray] = (),
     progress: Callable[[str, int, int | None], None] | None = None,
     on_truncated: str = "quarantine",
@@ -717,14 +754,14 @@ def build_identity_sets(
     t_start = time.perf_counter()
     # 1. probe
     try:
-        info = probe_video(video_path, decoder=opts.get("decoder", "auto"))
+        info = probe_video(video_path)
     except VideoDecodeError as exc:
         return VideoResult(None, quarantine={"reason": exc.reason, "detail": exc.detail},
-                           empty_reason=f"not a readable video: {exc.detail}", options=opts)
-    result = VideoResult(info, options=opts)  # early returns keep what was timed
-    tau = float(opts["tau"]) if opts.get("tau") is not None else float(face_backend.default_identity_threshold)
+                           empty_reason=f"not a readable video: {exc.detail}", options=opts.as_dict())
+    result = VideoResult(info, options=opts.as_dict())  # early returns keep what was timed
+    tau = float(opts.tau) if opts.tau is not None else float(face_backend.default_identity_threshold)
     # 2. pass 1: detect, measure, track
-    tracker = FaceTracker(id_threshold=tau, max_gap=int(opts.get("max_gap_samples", 3)),
+    tracker = FaceTracker(id_threshold=tau, max_gap=MAX_GAP_SAMPLES,
                           veto_threshold=veto_threshold(face_backend))
     n_faces = _pass1(video_path, info, opts, [face_backend, *extra_backends], tracker, result, progress, on_truncated)
     if n_faces is None:
@@ -732,9 +769,9 @@ def build_identity_sets(
     # 3. main people
     groups = _main_people(tracker, info, opts, tau, n_faces, reference_embeddings, result)
     # 4. per person: gates, prototype, stability, smoothed boxes
-    gates = make_gates(opts)
+    gates = make_gates(opts.as_dict())
     plans = [plan_person(pid, members, score, ref_sim, gates=gates, tau=tau, backend_name=face_backend.name, opts=opts,
-                         max_gap_frames=int(opts["stride"]) * (tracker.max_gap + 1), fps=info.fps or 25.0)
+                         max_gap_frames=opts.stride * (tracker.max_gap + 1), fps=info.fps or 25.0)
              for pid, (members, score, ref_sim) in enumerate(groups)]
     # 5. pass 2: crops, general-vision embeddings, novelty, selection
     if plans:
@@ -745,14 +782,14 @@ def build_identity_sets(
     return result
 
 
-def _pair_candidate(frame: Any, entries: list, boxes: list, opts: dict[str, Any],
+def _pair_candidate(frame: Any, entries: list, boxes: list, opts: PipelineOptions,
                     backend_name: str, general_embedder: Any) -> dict[str, Any]:
     x0 = min(b[0] for b in boxes)
     y0 = min(b[1] for b in boxes)
     x1 = max(b[2] for b in boxes)
     y1 = max(b[3] for b in boxes)
     cb = (x0, y0, x1, y1)
-    crop = _crop(frame.rgb, cb, int(opts["crop_max_side"]) * 2)
+    crop = _crop(frame.rgb, cb, opts.crop_max_side * 2)
     q = min(quality_score(o.size, _score01(o, backend_name), o.measures) for _, o, _ in entries)
     g = l2n(general_embedder.embed([crop]))[0]
     return {"frame_idx": frame.index, "timestamp_ms": frame.timestamp_ms, "crop": crop, "crop_box": cb,
@@ -811,6 +848,8 @@ def person_meta(p: PersonResult, *, conditioning: dict[str, Any]) -> dict[str, A
     }
 
 
-def conditioning_for(p: PersonResult, opts: dict[str, Any]) -> dict[str, Any]:
-    return conditioning_ratio(opts["conditioning_ratio"], anchors=len(p.anchors), challenge=len(p.challenge),
-                              yaw_filled=p.filled["yaw"], adjust=bool(opts["adjust_ratio"]))
+def conditioning_for(p: PersonResult, opts: PipelineOptions | Mapping[str, Any]) -> dict[str, Any]:
+    """The person's conditioning ratio (``opts``: the options, or VideoResult.options)."""
+    opts = PipelineOptions.of(opts)
+    return conditioning_ratio(opts.conditioning_ratio, anchors=len(p.anchors), challenge=len(p.challenge),
+                              yaw_filled=p.filled["yaw"], adjust=opts.adjust_ratio)
