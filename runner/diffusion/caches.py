@@ -14,10 +14,10 @@ leaves a truncated entry, and two runs writing the same entry write the same byt
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from runner.core.fs import atomic_path
 from runner.core.hashing import file_sha256
 
 CROP_METHOD = "cover-center-crop-v1"
@@ -30,15 +30,8 @@ def _key(*parts: Any) -> str:
 def _atomic_save(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 class TrainCache:
