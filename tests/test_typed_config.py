@@ -269,3 +269,12 @@ def test_a_node_config_adds_stage_keys_beside_the_section():
     assert "variant" not in schema_fields(LoraNode) and "rank" in schema_fields(LoraNode)
     with pytest.raises(ConfigError, match="unknown key 'varaint'"):
         LoraNode.from_dict({"varaint": "v"})
+
+
+def test_a_loaded_spec_has_its_typed_view():
+    from runner.spec import load_spec
+
+    spec = load_spec(ROOT / "specs" / "luca.yaml", require_files=False)
+    assert spec.config.character.name == spec.name == "luca"
+    assert spec.config.train.variants["higher_rank"]["lora"]["rank"] == 64
+    assert spec.config.train.phases[1].mix["full_body"] == 0.35 and spec.config.evaluate.lora_scales == (0.7, 0.8, 1.0)

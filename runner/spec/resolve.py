@@ -9,7 +9,7 @@ import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runner.resources import resource_dir
 from runner.spec import schema as S
@@ -18,6 +18,9 @@ from runner.spec.paths import EXEMPT_KINDS, OUTSIDE_HINT, PathRules, declared_na
 from runner.spec.yamlio import LoadedYaml, YamlError, load_yaml_file
 
 # Which preset folder serves which section (key path of the 'preset' field -> folder).
+if TYPE_CHECKING:
+    from runner.spec.sections import SpecConfig
+
 PRESET_FOLDERS: dict[tuple[str, ...], str] = {
     ("train",): "train",
     ("evaluate",): "inference",
@@ -42,6 +45,14 @@ class Spec:
     @property
     def name(self) -> str:
         return self.data["character"]["name"]
+
+    @property
+    def config(self) -> "SpecConfig":
+        """The typed, frozen view of ``data``: a field per key, the schema's defaults
+        (runner.spec.sections)."""
+        from runner.spec.sections import spec_config
+
+        return spec_config(self.data)
 
     def abspath(self, value: str) -> Path:
         """Absolute path of a normalized path value from the resolved spec."""
