@@ -175,3 +175,28 @@ def test_no_other_persons_face_is_admitted_into_a_real_track(real_faces: dict[st
         over_floor += stability(emb, proto) >= FLOOR
     if person == "lin":  # a group face passes the floor: the chain is what keeps it out
         assert over_floor >= 1
+
+
+# ----------------------------------------------------------------------------------- challenge note
+
+
+def _timeline(hard: list[int], unstable: int = 0) -> list[dict]:
+    entries = [{"frame_idx": f, "action": "save:new_bucket+challenge:extreme_pose"} for f in hard]
+    return entries + [{"frame_idx": 1000 + k, "action": "unstable (0.880 < tau 0.92)"} for k in range(unstable)]
+
+
+@pytest.mark.parametrize("hard,taken,moments", [
+    ([0, 5, 10, 15, 135, 210], [0, 135, 210], 3),  # Hamilton's: the wide shot, two turned heads
+    (list(range(0, 120, 4)), [12, 44, 80, 112], 4),  # carphone's: one long hard stretch, 4 s
+    (list(range(0, 300, 30)), [0, 30, 60, 90, 120, 150], 10),  # plenty: no note
+])
+def test_a_short_challenge_set_says_how_many_hard_moments_the_clip_had(hard, taken, moments) -> None:
+    from runner.video.selection import challenge_report
+
+    r = challenge_report(_timeline(hard, unstable=15), taken, fps=30.0, challenge_max=8, stopped_early=False)
+    assert r["wanted"] == "5-8" and r["hard_frames"] == len(hard) and r["moments"] == moments
+    if len(taken) >= 5:
+        assert r["note"] == ""
+    else:
+        assert f"{len(taken)} challenge image(s), under 5" in r["note"] and f"hold {moments} moment(s)" in r["note"]
+        assert "15 frame(s) under tau" in r["note"]

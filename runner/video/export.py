@@ -161,7 +161,8 @@ class _Export:
         pm["embedding_model"] = em
         fps = (self.result.info.fps if self.result.info else 0.0) or 25.0
         pm["challenge"] = challenge_report(p.timeline, [c.frame_idx for c in p.challenge], fps=fps,
-                                           challenge_max=int(self.result.options.get("challenge_max", 8)))
+                                           challenge_max=int(self.result.options.get("challenge_max", 8)),
+                                           stopped_early=p.stopped_early)
         _write_json(pdir / "meta.json", pm)
         _write_json(pdir / "timeline.json", p.timeline)
         return pm

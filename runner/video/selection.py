@@ -271,7 +271,7 @@ CHALLENGE_MIN = 5
 
 
 def challenge_report(timeline: list[dict[str, Any]], taken: list[int], *, fps: float,
-                     challenge_max: int) -> dict[str, Any]:
+                     challenge_max: int, stopped_early: bool = False) -> dict[str, Any]:
     """How many distinct hard moments the person's frames offered, and why the set is short.
 
     ``timeline`` is the person's timeline (an offered hard frame's action names its challenge
@@ -295,5 +295,6 @@ def challenge_report(timeline: list[dict[str, Any]], taken: list[int], *, fps: f
                        + (f"; {unconfirmed} frame(s) under tau, not tied to a confirmed frame by the track, are not "
                           "used" if unconfirmed else "")
                        + (f"; {moments - len(taken)} more would have needed frames within a second of a taken "
-                          "one that look alike" if moments > len(taken) else ""))
+                          "one that look alike" if moments > len(taken) else "")
+                       + ("; the early stop ended the selection before the end of the clip" if stopped_early else ""))
     return out
