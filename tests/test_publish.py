@@ -311,6 +311,7 @@ def test_nothing_to_publish_and_bad_requests_exit_non_zero(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # s3: the moto server, seconds
 def test_spec_defaults_and_a_spec_with_credentials_in_the_url(tmp_path, s3_env, capsys, monkeypatch):
     monkeypatch.delenv("AWS_ENDPOINT_URL")  # the endpoint comes from the spec, then from the flag
     spec = make_project(tmp_path / "proj", extra=f"publish: {{to: 's3://{BUCKET}/spec-default', tag: v7, "
@@ -329,6 +330,7 @@ def test_spec_defaults_and_a_spec_with_credentials_in_the_url(tmp_path, s3_env, 
     assert exit_.value.code == 2 and "hero.yaml:12:" in err and "publish.to" in err and "credentials" in err, err
 
 
+@pytest.mark.slow  # s3: the moto server, seconds
 def test_missing_credentials_and_missing_bucket_are_clear(tmp_path, s3_env, monkeypatch):
     spec = make_project(tmp_path / "proj")
     code, out = run("publish", str(spec), "--to", "s3://no-such-bucket/p", "--tag", "v1")

@@ -65,6 +65,7 @@ def _analyze(photos, review: dict, tag: str) -> dict:
             "summary": json.loads((out / "summary.json").read_text())}
 
 
+@pytest.mark.slow  # analyzes real photos twice: several seconds
 def test_a_photo_marked_as_reference_joins_the_reference_set_and_moves_identity_scores(photos) -> None:
     base_run = _analyze(photos, {}, "plain")
     section = decisions.stage_section(_marked(photos, "obama_02.jpg"), "references")
