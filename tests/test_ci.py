@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import re
 import pathlib
+import re
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
