@@ -130,7 +130,8 @@ def _config_reads(path: Path) -> list[int]:
     return lines
 
 
-@pytest.mark.parametrize("module", ["runner/diffusion/trainer.py", "runner/video/pipeline.py", "runner/stages/train.py"])
+@pytest.mark.parametrize("module", ["runner/diffusion/trainer.py", "runner/video/pipeline.py",
+                                    "runner/stages/train.py"])
 def test_no_string_key_config_reads_and_no_defaults_of_their_own(module):
     assert _config_reads(ROOT / module) == []
 

@@ -95,7 +95,8 @@ class TrainCache:
                     progress.update(len(chunk))
         return paths
 
-    def ensure_text(self, captions: Sequence[str], encode: Callable, *, batch_size: int = 32, progress=None) -> dict[str, Path]:
+    def ensure_text(self, captions: Sequence[str], encode: Callable, *, batch_size: int = 32,
+                    progress=None) -> dict[str, Path]:
         """Make sure every caption has an entry; ``encode(list[str])`` returns a dict of batched
         tensors (``prompt_embeds``, and ``pooled`` for SDXL)."""
         out: dict[str, Path] = {}

@@ -177,7 +177,8 @@ def bucket_settings(resolution: int, buckets: BucketsConfig | Mapping[str, Any],
     return BucketSettings(int(resolution), b.enabled, step, lo, hi)
 
 
-def make_buckets(resolution: int, *, min_side: int, max_side: int, step: int, multiple: int = 8) -> list[tuple[int, int]]:
+def make_buckets(resolution: int, *, min_side: int, max_side: int, step: int,
+                 multiple: int = 8) -> list[tuple[int, int]]:
     """(width, height) buckets of about resolution**2 pixels, sides multiples of ``step``.
 
     ``multiple`` is what the model needs (VAE scale x UNet downsampling); ``step`` is rounded up
@@ -310,7 +311,8 @@ class BatchSampler:
     replays exactly the batches an uninterrupted run draws.
     """
 
-    def __init__(self, examples: Sequence[Example], weights: Sequence[float], batch_size: int, *, seed: int, salt: str) -> None:
+    def __init__(self, examples: Sequence[Example], weights: Sequence[float], batch_size: int, *, seed: int,
+                 salt: str) -> None:
         import numpy as np
 
         self.examples = list(examples)

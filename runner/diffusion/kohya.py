@@ -238,7 +238,8 @@ def kohya_metadata(
     }
     for k, v in (extra or {}).items():
         md[k] = v
-    return {k: (v if isinstance(v, str) else json.dumps(v) if isinstance(v, (dict, list)) else str(v)) for k, v in md.items()}
+    return {k: (v if isinstance(v, str) else json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+            for k, v in md.items()}
 
 
 def save_kohya(path: Path, state_dict: Mapping[str, Any], metadata: Mapping[str, str]) -> None:

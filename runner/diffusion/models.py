@@ -143,7 +143,7 @@ def size_multiple(base_model: str, *, family: str = "auto", cache_dir: Path | st
             hf_hub_download(loc, "vae/config.json")
         except Exception:
             folder = None
-    if folder is not None and (folder / "unet" / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
+    if folder is not None and all((folder / part / "config.json").is_file() for part in ("unet", "vae")):
         unet = json.loads((folder / "unet" / "config.json").read_text())
         vae = json.loads((folder / "vae" / "config.json").read_text())
         return 2 ** (len(vae["block_out_channels"]) - 1) * 2 ** (len(unet["block_out_channels"]) - 1)
@@ -244,7 +244,8 @@ def model_fingerprint(base_model: str, *, cache_dir: Path | str | None = None,
         h.update(f"v{TINY_VERSION}".encode())
     elif kind in ("folder", "file"):
         p = Path(loc)
-        files = [p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file() and x.suffix in (".safetensors", ".bin", ".json"))
+        weights = (".safetensors", ".bin", ".json")
+        files = [p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file() and x.suffix in weights)
         for f in files:
             st = f.stat()
             h.update(f"{f.relative_to(p) if p.is_dir() else f.name}:{st.st_size}:{int(st.st_mtime)}".encode())

@@ -240,7 +240,8 @@ class LoraTrainer:
             self.pipe = load_pipeline(self.cfg.base_model, family=self.cfg.model_family,
                                       device=self.device, dtype=self.weight_dtype, cache_dir=self.cache_dir,
                                       project_root=self.project_root)
-            self.model_fp = model_fingerprint(self.cfg.base_model, cache_dir=self.cache_dir, project_root=self.project_root)
+            self.model_fp = model_fingerprint(self.cfg.base_model, cache_dir=self.cache_dir,
+                                              project_root=self.project_root)
         except ModelLoadError as exc:
             raise TrainError(f"train.base_model: {exc}", hint=exc.hint) from None
         self.pipe.set_progress_bar_config(disable=True)
@@ -248,7 +249,8 @@ class LoraTrainer:
         self.tiny = self.cfg.base_model.startswith("builtin:")
         self.unet = self.pipe.unet
         self.vae = self.pipe.vae
-        self.text_encoders = [m for m in (self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None)) if m is not None]
+        encoders = (self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None))
+        self.text_encoders = [m for m in encoders if m is not None]
         for m in (self.unet, self.vae, *self.text_encoders):
             m.requires_grad_(False)
         self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
@@ -308,7 +310,8 @@ class LoraTrainer:
         import numpy as np
         import torch
 
-        x = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 127.5 - 1.0 for im in images])).permute(0, 3, 1, 2)
+        pixels = np.stack([np.asarray(im, dtype=np.float32) / 127.5 - 1.0 for im in images])
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2)
         vae = self.vae
         upcast = vae.dtype == torch.float16  # fp16 VAEs (SDXL's) overflow while encoding
         if upcast:
@@ -371,7 +374,8 @@ class LoraTrainer:
                             im.save(folder / f"class-{seed}.png")
                         bar.update(len(chunk))
                     bar.close()
-                    atomic_write_text(done, json.dumps({"prompt": prompt, "count": count, "tiny_random_model": self.tiny}))
+                    atomic_write_text(done, json.dumps({"prompt": prompt, "count": count,
+                                                        "tiny_random_model": self.tiny}))
         return sorted(folder.glob("class-*.png"))
 
     def _fill_caches(self) -> None:
@@ -435,7 +439,8 @@ class LoraTrainer:
             self.unet.add_adapter(conf)
         except ValueError as exc:
             raise TrainError(f"train.lora.target_modules {targets} match no UNet module ({exc})",
-                             hint="Use names such as to_q, to_k, to_v, to_out.0, proj_in, proj_out, ff.net.2.") from None
+                             hint="Use names such as to_q, to_k, to_v, to_out.0, proj_in, proj_out, ff.net.2.",
+                             ) from None
         self.trained = [self.unet]
         if self.train_te:
             for te in self.text_encoders:
@@ -475,7 +480,8 @@ class LoraTrainer:
         if self.train_te:
             te_lr = self.cfg.lora.text_encoder_lr
             te_lr = phase.lr if te_lr is None else float(te_lr) * phase.lr / float(self.cfg.lr)
-            groups.append({"params": [p for te in self.text_encoders for p in te.parameters() if p.requires_grad], "lr": te_lr})
+            params = [p for te in self.text_encoders for p in te.parameters() if p.requires_grad]
+            groups.append({"params": params, "lr": te_lr})
         return groups
 
     def _optimizer(self, phase: Phase):
@@ -520,9 +526,11 @@ class LoraTrainer:
         drop = float(self.cfg.caption_dropout)
         caps = []
         for e in examples:
-            k = int(torch.randint(len(e.captions), (1,), generator=gen)) if len(e.captions) > 1 and not fixed_caption else 0
+            vary = len(e.captions) > 1 and not fixed_caption
+            k = int(torch.randint(len(e.captions), (1,), generator=gen)) if vary else 0
             c = e.captions[k]
-            if drop > 0 and not fixed_caption and not e.is_regularization and float(torch.rand((), generator=gen)) < drop:
+            may_drop = drop > 0 and not fixed_caption and not e.is_regularization
+            if may_drop and float(torch.rand((), generator=gen)) < drop:
                 c = ""
             caps.append(c)
         if self.train_te:
@@ -531,8 +539,9 @@ class LoraTrainer:
             enc = {k: torch.stack([self.text[c][k] for c in caps]) for k in self.text[caps[0]]}
         added = None
         if self.family == "sdxl":
-            time_ids = torch.stack([torch.cat([self.latents[id(e)]["original_size"], self.latents[id(e)]["crop_top_left"],
-                                               self.latents[id(e)]["target_size"]]) for e in examples]).float()
+            entries = [self.latents[id(e)] for e in examples]
+            time_ids = torch.stack([torch.cat([x["original_size"], x["crop_top_left"], x["target_size"]])
+                                    for x in entries]).float()
             added = {"text_embeds": enc["pooled"].to(self.device, self.weight_dtype),
                      "time_ids": time_ids.to(self.device, self.weight_dtype)}
         return latents, enc["prompt_embeds"].to(self.device, self.weight_dtype), added
@@ -549,7 +558,8 @@ class LoraTrainer:
             if off > 0:
                 noise = noise + off * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=gen)
         if timesteps is None:
-            timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
+            n_steps = self.noise_scheduler.config.num_train_timesteps
+            timesteps = torch.randint(0, n_steps, (latents.shape[0],), generator=gen)
         latents, noise, timesteps = latents.to(self.device), noise.to(self.device), timesteps.to(self.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         ptype = self.noise_scheduler.config.prediction_type
@@ -601,7 +611,8 @@ class LoraTrainer:
 
     def _sample_prompts(self) -> list[str]:
         trig, cls = self.cfg.trigger, self.cfg.class_word
-        return [p.replace("{trigger}", trig).replace("{class}", cls).strip() for p in self.cfg.checkpoints.sample_prompts]
+        prompts = self.cfg.checkpoints.sample_prompts
+        return [p.replace("{trigger}", trig).replace("{class}", cls).strip() for p in prompts]
 
     def _samples(self, folder: Path) -> list[str]:
         from runner.diffusion.generate import generate_images
@@ -700,7 +711,8 @@ class LoraTrainer:
         if val is not None:
             self.cb.metric("val_loss", val, step)
             self._log_metrics({"step": step, "phase": phase.name, "val_loss": val})
-        self.cb.log(f"checkpoint at step {step}" + (f", validation loss {val:.4f}" if val is not None else ""), step=step)
+        self.cb.log(f"checkpoint at step {step}" + (f", validation loss {val:.4f}" if val is not None else ""),
+                    step=step)
         self.timings["checkpoint_s"] = self.timings.get("checkpoint_s", 0.0) + time.perf_counter() - t0
         self.timings["checkpoint_cpu_s"] = self.timings.get("checkpoint_cpu_s", 0.0) + time.process_time() - c0
 
@@ -998,8 +1010,8 @@ class LoraTrainer:
             "rank": self.rank,
             "alpha": self.alpha,
             "buckets": {"resolution": self.bucket_settings.resolution, **self.bucket_settings.kohya()},
-            "phases": [{"name": p.name, "steps": p.steps, "epochs": p.epochs, "lr": p.lr, "start": p.start, "mix": p.mix,
-                        "shot_share": self.phase_mix.get(p.name, {})} for p in self.phases],
+            "phases": [{"name": p.name, "steps": p.steps, "epochs": p.epochs, "lr": p.lr, "start": p.start,
+                        "mix": p.mix, "shot_share": self.phase_mix.get(p.name, {})} for p in self.phases],
             "steps_per_epoch": self.steps_per_epoch,
             "dataset": self.dataset_summary(),
             "total_steps": self.total_steps,

@@ -142,7 +142,8 @@ def _reference_embeddings(config: AnalyzeNode, inputs: dict[str, contract.Artifa
     if ref_names and not embeddings and not _marked(config):
         raise contract.StageError(
             "no face was found in any reference image (" + ", ".join(config.references) + ")",
-            hint="character.references should show the character's face clearly; without them the identity filter cannot work",
+            hint="character.references should show the character's face clearly; without them the identity filter "
+                 "cannot work",
         )
     return embeddings, records
 
@@ -186,7 +187,8 @@ def _reviewed_references(config: AnalyzeNode, jobs: list[dict[str, Any]], backen
     return embeddings, records
 
 
-def _jobs(inputs: dict[str, contract.Artifact], thumbs: Path, ctx: contract.StageContext) -> tuple[list[dict[str, Any]], int]:
+def _jobs(inputs: dict[str, contract.Artifact], thumbs: Path,
+          ctx: contract.StageContext) -> tuple[list[dict[str, Any]], int]:
     """Jobs from every images* input's manifest (records are small; the images stay on disk)."""
     jobs: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -215,7 +217,8 @@ def _jobs(inputs: dict[str, contract.Artifact], thumbs: Path, ctx: contract.Stag
 @contract.register("analyze", version=3, order=20, expand=expand,
                description="Per image: faces, pose, expression, quality, shot type, identity, perceptual hash.",
                report=lambda config, outputs, env: report_sections(config, outputs, env))
-def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contract.StageContext) -> dict[str, contract.Artifact]:
+def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
+        ctx: contract.StageContext) -> dict[str, contract.Artifact]:
     """Per image: faces, pose, expression, quality, shot type, identity, perceptual hash."""
     from runner.vision.analysis import reference_matrix
 
@@ -291,7 +294,8 @@ def _workers(config: AnalyzeNode, backend: Any, n_jobs: int, ctx: contract.Stage
 
 
 def _analyze_all(jobs: list[dict[str, Any]], workers: int, backend_options: dict[str, Any], refs: Any,
-                 records_file: Path, ctx: contract.StageContext) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+                 records_file: Path,
+                 ctx: contract.StageContext) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
     """Analyze every job, streaming the records to ``records_file`` in input order (renamed into
     place when complete); (counts, images per shot type, images per flag)."""
     from runner.vision.analysis import iter_analyses
@@ -351,7 +355,8 @@ def thumb_with_boxes(analysis_dir: Path, rec: dict[str, Any], px: int, *, main_c
     return image_to_data_uri(img)
 
 
-def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact], env: dict[str, Any]) -> list[contract.ReportSection]:
+def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact],
+                    env: dict[str, Any]) -> list[contract.ReportSection]:
     from runner.report import charts
     from runner.vision.shots import SHOT_TYPES, SHOT_WORDS
 
@@ -384,13 +389,15 @@ def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact
                 if rec.get("identity") is not None:
                     cap += f" · id {rec['identity']:.2f}"
                 galleries[shot].append({"src": src, "caption": cap})
-        if rec.get("main_face") is not None and all(math.isfinite(v) for v in rec["faces"][rec["main_face"]]["pose"].values()):
+        main = rec["faces"][rec["main_face"]] if rec.get("main_face") is not None else None
+        if main is not None and all(math.isfinite(v) for v in main["pose"].values()):
             p = rec["faces"][rec["main_face"]]["pose"]
             yaw.append(p["yaw"])
             pitch.append(p["pitch"])
             roll.append(p["roll"])
             ay = abs(p["yaw"])
-            pose_buckets["frontal (|yaw| < 15)" if ay < 15 else ("three-quarter (15-45)" if ay < 45 else "profile (>= 45)")] += 1
+            bucket = "frontal (|yaw| < 15)" if ay < 15 else "three-quarter (15-45)" if ay < 45 else "profile (>= 45)"
+            pose_buckets[bucket] += 1
             e = rec.get("expression") or {}
             hit = False
             for k in ("smiling", "mouth_open", "eyes_closed"):
@@ -403,10 +410,13 @@ def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact
             ident.append(rec["identity"])
     n_faces = max(1, len(yaw))
     charts_html = {
-        "yaw": charts.histogram(yaw, bins=18, lo=-90, hi=90, title="Yaw (degrees; > 0 = turned to their left)", xlabel="yaw"),
-        "pitch": charts.histogram(pitch, bins=12, lo=-45, hi=45, title="Pitch (degrees; > 0 = looking up)", xlabel="pitch"),
+        "yaw": charts.histogram(yaw, bins=18, lo=-90, hi=90, title="Yaw (degrees; > 0 = turned to their left)",
+                                xlabel="yaw"),
+        "pitch": charts.histogram(pitch, bins=12, lo=-45, hi=45, title="Pitch (degrees; > 0 = looking up)",
+                                  xlabel="pitch"),
         "pose_buckets": charts.bar_chart({k: v / n_faces for k, v in pose_buckets.items()}, title="Head pose coverage"),
-        "expression": charts.bar_chart({k.replace("_", " "): v / n_faces for k, v in expr.items()}, title="Expression coverage"),
+        "expression": charts.bar_chart({k.replace("_", " "): v / n_faces for k, v in expr.items()},
+                                       title="Expression coverage"),
     }
     threshold = summary.get("default_identity_threshold")
     if ident:
@@ -421,7 +431,8 @@ def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact
             anchor="analyze",
             context={
                 "summary": summary,
-                "galleries": [{"shot": s, "words": SHOT_WORDS[s], "total": totals[s], "items": galleries[s]} for s in SHOT_TYPES],
+                "galleries": [{"shot": s, "words": SHOT_WORDS[s], "total": totals[s], "items": galleries[s]}
+                              for s in SHOT_TYPES],
                 "charts": charts_html,
                 "no_face": no_face,
                 "has_identity": bool(ident),

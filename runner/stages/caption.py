@@ -74,10 +74,12 @@ def check_template(template: str, key: str) -> None:
     try:
         names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
     except ValueError as exc:
-        raise contract.StageError(f"{key}: {exc}", hint="use {field} placeholders; write {{ and }} for literal braces") from None
+        raise contract.StageError(f"{key}: {exc}",
+                                  hint="use {field} placeholders; write {{ and }} for literal braces") from None
     unknown = [n for n in names if n not in TEMPLATE_FIELDS]
     if unknown:
-        raise contract.StageError(f"{key}: unknown field {{{unknown[0]}}}", hint="fields: " + " ".join("{" + f + "}" for f in TEMPLATE_FIELDS))
+        raise contract.StageError(f"{key}: unknown field {{{unknown[0]}}}",
+                                  hint="fields: " + " ".join("{" + f + "}" for f in TEMPLATE_FIELDS))
 
 
 def people_words(n: int) -> str:
@@ -136,14 +138,16 @@ class ModelCaptioner:
             from transformers import AutoModelForImageTextToText, AutoProcessor
         except ImportError as exc:
             raise contract.StageError("captions.model needs transformers and torch",
-                                  hint="pip install 'character-runner[train]', or remove dataset.captions.model") from exc
+                                  hint="pip install 'character-runner[train]', or remove dataset.captions.model",
+                                  ) from exc
         try:
             self._processor = AutoProcessor.from_pretrained(location)
             self._model = AutoModelForImageTextToText.from_pretrained(location).eval()
         except (OSError, ValueError) as exc:
             raise contract.StageError(
                 f"dataset.captions.model: cannot load {self.ref!r}: {str(exc).splitlines()[0]}",
-                hint="give a local folder with the model, or a hub id reachable from this machine; captions work without a model",
+                hint="give a local folder with the model, or a hub id reachable from this machine; captions work "
+                     "without a model",
             ) from exc
 
     def __call__(self, image) -> str:
@@ -175,7 +179,8 @@ def _place_image(src: Path, dest: Path) -> None:
 @contract.register("caption", version=1, order=40, expand=expand,
                description="Template captions (optional captioning model) as .txt sidecars; the training dataset.",
                report=lambda config, outputs, env: report_sections(config, outputs, env))
-def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contract.StageContext) -> dict[str, contract.Artifact]:
+def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
+        ctx: contract.StageContext) -> dict[str, contract.Artifact]:
     """Template captions (optional captioning model) as .txt sidecars; the training dataset."""
     node = CaptionNode.from_dict(config)
     check_template(node.template, "dataset.captions.template")
@@ -234,7 +239,8 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contr
     }
 
 
-def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact], env: dict[str, Any]) -> list[contract.ReportSection]:
+def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact],
+                    env: dict[str, Any]) -> list[contract.ReportSection]:
     from runner.report.embed import thumbnail_data_uri
 
     node = view_of(CaptionsConfig, config)  # the template and model are all the section shows

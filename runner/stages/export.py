@@ -38,8 +38,8 @@ from typing import Any
 from runner.core.fs import replace_folder
 from runner.core import contract
 from runner.spec.config import node_field, schema_config, schema_default
-from runner.spec.sections import (BackgroundConfig, BucketsConfig, DatasetExportConfig, IdentityCropsConfig, TrainConfig,
-                                  spec_config)
+from runner.spec.sections import (BackgroundConfig, BucketsConfig, DatasetExportConfig, IdentityCropsConfig,
+                                  TrainConfig, spec_config)
 from runner.stages.common import analysis_inputs, read_jsonl
 
 FORMATS = ("kohya", "plain", "jsonl", "identity_crops")
@@ -109,9 +109,10 @@ def identity_crops_config(section: IdentityCropsConfig | dict[str, Any]) -> dict
     crops = IdentityCropsConfig.from_dict(section)
     bg = crops.background
     if bg.model and not bg.model.startswith("rembg:") and not bg.session:
-        raise contract.StageError("dataset.export.identity_crops.background.session: a local or hub model needs the rembg "
-                              "session it was exported for", hint="e.g. session: u2net (320 px), isnet-general-use, "
-                              "birefnet-general or bria-rmbg; or use model: rembg:<session>")
+        raise contract.StageError("dataset.export.identity_crops.background.session: a local or hub model needs "
+                                  "the rembg session it was exported for",
+                                  hint="e.g. session: u2net (320 px), isnet-general-use, birefnet-general or "
+                                       "bria-rmbg; or use model: rembg:<session>")
     return {"adapters": sorted(set(crops.adapters)), "max_upscale": float(crops.max_upscale),
             "max_yaw": float(crops.max_yaw), "max_pitch": float(crops.max_pitch),
             "background": bg.to_dict() if bg.model else None}
@@ -199,7 +200,8 @@ def bucket_settings_of(config: ExportNode | dict[str, Any], ctx: contract.StageC
         try:
             from runner.diffusion.models import ModelLoadError, size_multiple
 
-            multiple = size_multiple(node.base_model, family=node.model_family, cache_dir=getattr(ctx, "cache_dir", None),
+            multiple = size_multiple(node.base_model, family=node.model_family,
+                                     cache_dir=getattr(ctx, "cache_dir", None),
                                      project_root=getattr(ctx, "project_root", None))
         except (ImportError, ModelLoadError, OSError, KeyError, ValueError) as exc:
             if ctx is not None:
@@ -308,15 +310,18 @@ def _export_plain(records: list[dict], ddir: Path, out: Path) -> dict[str, Any]:
 
 
 @contract.register("export", version=2, order=45, expand=expand,
-               description="Trainer-ready folders: kohya sd-scripts, image+txt (ai-toolkit, OneTrainer), metadata.jsonl.",
+               description="Trainer-ready folders: kohya sd-scripts, image+txt (ai-toolkit, OneTrainer), "
+                           "metadata.jsonl.",
                report=lambda config, outputs, env: report_sections(config, outputs, env),
                publish=lambda config, outputs, dest: publish(outputs["export"].path, dest))
-def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contract.StageContext) -> dict[str, contract.Artifact]:
+def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
+        ctx: contract.StageContext) -> dict[str, contract.Artifact]:
     """Trainer-ready folders: kohya sd-scripts, image+txt (ai-toolkit, OneTrainer), metadata.jsonl."""
     node = ExportNode.from_dict(config)
     unknown = [f for f in node.formats if f not in FORMATS]
     if unknown:
-        raise contract.StageError(f"dataset.export.formats: unknown format {unknown[0]!r}", hint="use " + ", ".join(FORMATS))
+        raise contract.StageError(f"dataset.export.formats: unknown format {unknown[0]!r}",
+                                  hint="use " + ", ".join(FORMATS))
     if "_" in node.trigger and "kohya" in node.formats:
         ctx.warn(f"trigger {node.trigger!r} contains '_': sd-scripts splits '<repeats>_<name>' at the first '_', "
                  "which still works, but check the class tokens in dataset_config.toml")
@@ -365,10 +370,12 @@ def publish(src: Path, dest: Path) -> Path:
     return replace_folder(dest, fill)
 
 
-def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact], env: dict[str, Any]) -> list[contract.ReportSection]:
+def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact],
+                    env: dict[str, Any]) -> list[contract.ReportSection]:
     folder = Path(outputs["export"].path)
     summary = json.loads((folder / "export.json").read_text(encoding="utf-8"))
-    toml = (folder / "kohya" / "dataset_config.toml").read_text(encoding="utf-8") if (folder / "kohya" / "dataset_config.toml").exists() else ""
+    toml_file = folder / "kohya" / "dataset_config.toml"
+    toml = toml_file.read_text(encoding="utf-8") if toml_file.exists() else ""
     return [contract.ReportSection(title="Trainer export", template="sections/export.html.j2", anchor="export",
                                context={"summary": summary, "toml": toml,
                                         "published": f".runner/{PUBLISHED.as_posix()}/{summary.get('name', '')}"})]

@@ -141,7 +141,8 @@ def plan_notes(config: dict[str, Any], upstream: dict[str, contract.Artifact | N
 @contract.register(KIND, version=1, order=25, expand=expand, plan_notes=plan_notes,
                description="Frames of the character from the videos for the shot categories under target.",
                report=lambda config, outputs, env: report_sections(config, outputs, env))
-def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contract.StageContext) -> dict[str, contract.Artifact]:
+def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
+        ctx: contract.StageContext) -> dict[str, contract.Artifact]:
     """Frames of the character from the videos for the shot categories under target."""
     from runner.video import extract as X
     from runner.vision import balance as B
@@ -156,7 +157,8 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contr
     need_list, kept, summary = _needs(config, adir)
     before = B.Tally.of((r["categories"], 1.0) for r in kept)
     for nd in need_list:
-        ctx.log(f"need {nd.wanted} {B.label(nd.category)} ({nd.share:.0%}, target {nd.target[0]:.0%}-{nd.target[1]:.0%})"
+        lo, hi = nd.target
+        ctx.log(f"need {nd.wanted} {B.label(nd.category)} ({nd.share:.0%}, target {lo:.0%}-{hi:.0%})"
                 + (f", capped at {nd.cap}" if nd.cap < nd.wanted else ""))
 
     # 2-3. Scan the videos, pick diverse frames, keep those the balance search adds.
@@ -343,7 +345,8 @@ def _write_frames(chosen: list[Any], config: ExtractNode, inputs: dict[str, cont
 # --------------------------------------------------------------------------- report
 
 
-def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact], env: dict[str, Any]) -> list[contract.ReportSection]:
+def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact],
+                    env: dict[str, Any]) -> list[contract.ReportSection]:
     from runner.report.embed import thumbnail_data_uri
     from runner.stages.common import balance_chart
 

@@ -108,7 +108,8 @@ def normalize_image(data: bytes, *, max_pixels: int, max_side: int, min_side: in
         raise _Reject("too many pixels (decompression bomb guard)", str(exc)) from None
     except (OSError, SyntaxError, ValueError) as exc:
         msg = str(exc)
-        reason = "truncated or corrupt image" if "truncat" in msg.lower() or "broken" in msg.lower() else "cannot decode image"
+        broken = "truncat" in msg.lower() or "broken" in msg.lower()
+        reason = "truncated or corrupt image" if broken else "cannot decode image"
         raise _Reject(reason, msg) from None
 
     transposed = False
@@ -180,12 +181,14 @@ def _process(job: tuple[int, str, Path, str, int, str], cfg: IngestNode, images_
     try:
         data = path.read_bytes()
     except OSError as exc:
-        return {"order": order, "reject": {"source": rel_source, "reason": "cannot read file", "detail": exc.strerror or str(exc)}}
+        return {"order": order, "reject": {"source": rel_source, "reason": "cannot read file",
+                                           "detail": exc.strerror or str(exc)}}
     sha = hashlib.sha256(data).hexdigest()
     try:
         im, info = normalize_image(data, max_pixels=cfg.max_pixels, max_side=cfg.max_side, min_side=cfg.min_side)
     except _Reject as rej:
-        return {"order": order, "reject": {"source": rel_source, "reason": rej.reason, "detail": rej.detail, "sha256": sha}}
+        return {"order": order, "reject": {"source": rel_source, "reason": rej.reason, "detail": rej.detail,
+                                           "sha256": sha}}
     image_id = sha[:16]
     ext = "png" if cfg.format == "png" else "jpg"
     out = images_dir / f"{image_id}.{ext}"
@@ -212,7 +215,8 @@ def _process(job: tuple[int, str, Path, str, int, str], cfg: IngestNode, images_
 @contract.register("ingest", version=1, order=10, expand=expand,
                description="Read image folders; normalize images; quarantine unusable files.",
                report=lambda config, outputs, env: report_sections(config, outputs, env))
-def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contract.StageContext) -> dict[str, contract.Artifact]:
+def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
+        ctx: contract.StageContext) -> dict[str, contract.Artifact]:
     """Read image folders; normalize images; quarantine unusable files."""
     images_art = ctx.out_dir / "images"
     images_dir = images_art / "images"
@@ -247,7 +251,8 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contr
             continue
         rec = r["record"]
         if rec["id"] in seen:
-            rejected.append({"source": rec["source"], "reason": "exact duplicate", "detail": f"same bytes as {seen[rec['id']]}"})
+            rejected.append({"source": rec["source"], "reason": "exact duplicate",
+                             "detail": f"same bytes as {seen[rec['id']]}"})
             continue
         seen[rec["id"]] = rec["source"]
         kept.append(rec)
@@ -277,7 +282,8 @@ def read_manifest(images_artifact: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact], env: dict[str, Any]) -> list[contract.ReportSection]:
+def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact],
+                    env: dict[str, Any]) -> list[contract.ReportSection]:
     from runner.report.embed import thumbnail_data_uri
 
     records = read_manifest(outputs["images"].path)
@@ -289,7 +295,8 @@ def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact
         for r in records[:limit]
     ]
     qpath = outputs["quarantine"].path / "quarantine.jsonl"
-    quarantined = [json.loads(line) for line in qpath.read_text(encoding="utf-8").splitlines() if line.strip()] if qpath.exists() else []
+    lines = qpath.read_text(encoding="utf-8").splitlines() if qpath.exists() else []
+    quarantined = [json.loads(line) for line in lines if line.strip()]
     return [
         contract.ReportSection(
             title="Ingested images",

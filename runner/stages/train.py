@@ -113,8 +113,11 @@ def _node(cfg: dict[str, Any], variant: str | None, section: dict[str, Any], cap
                              gpu=gpu, label=label, notes=notes)
 
 
-def _length(cfg: TrainConfig) -> str:
+def _length(config: TrainConfig | dict[str, Any]) -> str:
     """'1000 steps', '16 epochs', or '500 steps + 6 epochs' (phases in both)."""
+    from runner.diffusion.trainer import train_section
+
+    cfg = train_section(config)
     steps = sum(p.steps or 0 for p in cfg.phases) if cfg.phases else cfg.steps
     epochs = sum(p.epochs or 0 for p in cfg.phases)
     return " + ".join(t for t in (f"{steps} steps" if steps else "", f"{epochs} epochs" if epochs else "") if t)

@@ -576,7 +576,8 @@ def _track_record(score: TrackScore, track: Track) -> dict[str, Any]:
             "last_frame": track.observations[-1].frame_idx, "detectors": detectors}
 
 
-def _prototype(obs: list[FaceObs], strict: list[FaceObs], loose: list[FaceObs]) -> tuple[np.ndarray, str, list[FaceObs], int]:
+def _prototype(obs: list[FaceObs], strict: list[FaceObs],
+               loose: list[FaceObs]) -> tuple[np.ndarray, str, list[FaceObs], int]:
     """The medoid of the strict-gate frames, else of the loose-gate ones, else of all frames."""
     kind, pool = next((k, p) for k, p in (("medoid_strict", strict), ("medoid_loose", loose), ("medoid_all", obs)) if p)
     proto, i = medoid([o.embedding for o in pool])
@@ -645,7 +646,8 @@ def _offer(plan: PersonPlan, o: FaceObs, st: float, crop: np.ndarray, g: np.ndar
     """One candidate of one person through the selection policy (step 5)."""
     sel = plan.selector
     c = Candidate(person=plan.person_id, frame_idx=o.frame_idx, timestamp_ms=o.timestamp_ms,
-                  bins=B.bins_for(o.yaw, o.pitch, o.measures), quality=quality_score(o.size, _score01(o, backend_name), o.measures),
+                  bins=B.bins_for(o.yaw, o.pitch, o.measures),
+                  quality=quality_score(o.size, _score01(o, backend_name), o.measures),
                   stable=st, strict=id(o) in plan.strict_ids, extreme_pose=B.extreme_pose(o.yaw, o.pitch), general=g,
                   crop=crop, face_bbox=o.box, crop_box=crop_box, yaw=o.yaw, pitch=o.pitch, measures=o.measures,
                   detector=o.detector, admitted=o.admitted)
