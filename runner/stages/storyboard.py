@@ -38,11 +38,13 @@ from typing import Any
 from runner.core import contract
 from runner.core.device import choose_device
 from runner.core.fs import atomic_write_text
+from runner.spec.config import view_of
 from runner.spec.sections import (
     CharacterConfig,
     EvaluateConfig,
     GenerateConfig,
     HardwareConfig,
+    ReferenceGuidedConfig,
     StoryboardConfig,
     TrainConfig,
 )
@@ -640,7 +642,7 @@ def _guided_frames(config: dict[str, Any], inputs: dict[str, contract.Artifact],
         results[k] = res
     reference = first[0].image
     info: dict[str, Any] = {"enabled": True, "reference_frame": jobs[ref_pos].scene_index,
-                            "control": g.get("control", "canny"),
+                            "control": view_of(ReferenceGuidedConfig, g).control,
                             "unguided_frames": [jobs[k].scene_index for k in plain[1:]]}
     if not rest_pos:
         return results, info
@@ -684,10 +686,10 @@ def _with_ip_adapter(guidance: Guidance, g: dict[str, Any], family: str, referen
                      ctx: contract.StageContext) -> dict[str, Any]:
     from runner.generate import guided as G
 
-    info = G.load_ip_adapter(guidance.pipe, g["ip_adapter"], weight_name=g.get("ip_adapter_weight_name"),
-                             subfolder=g.get("ip_adapter_subfolder"),
-                             image_encoder_folder=g.get("ip_adapter_image_encoder_folder"),
-                             scale=g.get("ip_adapter_scale", 0.6), family=family, project_root=ctx.project_root,
+    rg = view_of(ReferenceGuidedConfig, g)
+    info = G.load_ip_adapter(guidance.pipe, rg.ip_adapter, weight_name=rg.ip_adapter_weight_name,
+                             subfolder=rg.ip_adapter_subfolder, image_encoder_folder=rg.ip_adapter_image_encoder_folder,
+                             scale=rg.ip_adapter_scale, family=family, project_root=ctx.project_root,
                              cache_dir=ctx.cache_dir)
     guidance.kwargs["ip_adapter_image"] = reference
     return info
@@ -702,7 +704,7 @@ def _with_controlnet(guidance: Guidance, g: dict[str, Any], family: str, referen
     pipe = guidance.pipe
     guidance.pipe = G.controlnet_pipeline(pipe, g["controlnet"], family=family, project_root=ctx.project_root,
                                           cache_dir=ctx.cache_dir)
-    scale = float(g.get("controlnet_scale", 0.5))
+    scale = float(view_of(ReferenceGuidedConfig, g).controlnet_scale)
     guidance.kwargs["controlnet_conditioning_scale"] = scale
     maker = G.ControlMaps(g, checks.face_backend, reference.size, device=str(pipe.device),
                           project_root=ctx.project_root, cache_dir=ctx.cache_dir)
