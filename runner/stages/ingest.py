@@ -86,69 +86,12 @@ def normalize_image(data: bytes, *, max_pixels: int, max_side: int, min_side: in
 
     Returns (image, info) where info records the original size/format/mode and what was done.
     """
-    from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+    from PIL import Image
 
-    if not data:
-        raise _Reject("empty file", "0 bytes")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-            w, h = im.size
-            if w * h > max_pixels:
-                raise _Reject("too many pixels (decompression bomb guard)",
-                              f"{w}x{h} = {w * h} pixels > max_pixels {max_pixels}")
-            fmt, mode = im.format, im.mode
-            im.load()
-    except _Reject:
-        raise
-    except UnidentifiedImageError:
-        raise _Reject("not an image", "the file's content is not a format Pillow can read") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise _Reject("too many pixels (decompression bomb guard)", str(exc)) from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        msg = str(exc)
-        broken = "truncat" in msg.lower() or "broken" in msg.lower()
-        reason = "truncated or corrupt image" if broken else "cannot decode image"
-        raise _Reject(reason, msg) from None
-
-    transposed = False
-    try:
-        exif_orientation = im.getexif().get(0x0112, 1)
-    except Exception:
-        exif_orientation = 1
-    if exif_orientation not in (None, 1):
-        im = ImageOps.exif_transpose(im)
-        transposed = True
-
-    # Colour: to 8-bit RGB.
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        import numpy as np
-
-        arr = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype("uint8")
-        im = Image.fromarray(arr, mode="L")
-    if im.mode == "CMYK":
-        icc = im.info.get("icc_profile")
-        if icc:
-            try:
-                src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-                im = ImageCms.profileToProfile(im, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
-            except (ImageCms.PyCMSError, OSError):
-                im = im.convert("RGB")
-        else:
-            im = im.convert("RGB")
-    if im.mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = im.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        bg.alpha_composite(rgba)
-        im = bg.convert("RGB")
-    if im.mode != "RGB":
-        im = im.convert("RGB")
-
+    im = _decode(data, max_pixels)
+    (w, h), fmt, mode = im.size, im.format, im.mode
+    im, transposed = _upright(im)
+    im = _to_rgb(im)
     ow, oh = im.size
     if min(ow, oh) < min_side:
         raise _Reject("too small", f"{ow}x{oh}, shorter side below min_side {min_side}")
@@ -165,6 +108,80 @@ def normalize_image(data: bytes, *, max_pixels: int, max_side: int, min_side: in
         "scale": round(scale, 6),
     }
     return im, info
+
+
+def _decode(data: bytes, max_pixels: int):
+    """The decoded image; _Reject for an empty, unreadable, truncated or oversized one (the pixel
+    count is checked before the pixels are decoded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise _Reject("empty file", "0 bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            w, h = im.size
+            if w * h > max_pixels:
+                raise _Reject("too many pixels (decompression bomb guard)",
+                              f"{w}x{h} = {w * h} pixels > max_pixels {max_pixels}")
+            im.load()
+            return im
+    except _Reject:
+        raise
+    except UnidentifiedImageError:
+        raise _Reject("not an image", "the file's content is not a format Pillow can read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _Reject("too many pixels (decompression bomb guard)", str(exc)) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        msg = str(exc)
+        broken = "truncat" in msg.lower() or "broken" in msg.lower()
+        reason = "truncated or corrupt image" if broken else "cannot decode image"
+        raise _Reject(reason, msg) from None
+
+
+def _upright(im):
+    """(the image with its EXIF orientation applied, whether it was turned)."""
+    from PIL import ImageOps
+
+    try:
+        exif_orientation = im.getexif().get(0x0112, 1)
+    except Exception:
+        exif_orientation = 1
+    if exif_orientation in (None, 1):
+        return im, False
+    return ImageOps.exif_transpose(im), True
+
+
+def _to_rgb(im):
+    """8-bit RGB: 16-bit and float scaled, CMYK through its ICC profile when it has one,
+    transparency flattened on white."""
+    from PIL import Image, ImageCms
+
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        import numpy as np
+
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype("uint8")
+        im = Image.fromarray(arr, mode="L")
+    if im.mode == "CMYK":
+        icc = im.info.get("icc_profile")
+        try:
+            if not icc:
+                raise OSError("no ICC profile")
+            src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            im = ImageCms.profileToProfile(im, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        except (ImageCms.PyCMSError, OSError):
+            im = im.convert("RGB")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        bg.alpha_composite(rgba)
+        im = bg.convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
 
 
 def _process(job: tuple[int, str, Path, str, int, str], cfg: IngestNode, images_dir: Path,
