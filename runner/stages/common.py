@@ -214,13 +214,16 @@ def make_face_backend(opts: dict[str, Any]):
 
 def face_backend_kwargs(opts: dict[str, Any], project_root: Path) -> dict[str, Any]:
     """``get_face_backend`` keyword arguments for ``opts`` (name, dlib_detector, upsample,
-    insightface_pack/root); a pack folder relative to the project is made absolute."""
-    pack = opts.get("insightface_pack", "buffalo_l")
-    if pack and not Path(pack).is_absolute() and (project_root / pack).is_dir():
-        pack = str(project_root / pack)
-    return {"name": opts.get("name", "auto"), "dlib_detector": opts.get("dlib_detector", "hog"),
-            "upsample": int(opts.get("upsample", 1)), "insightface_pack": pack,
-            "insightface_root": opts.get("insightface_root", "~/.insightface")}
+    insightface_pack/root; absent: the schema's defaults); a pack folder relative to the project is
+    made absolute."""
+    from runner.spec.config import view_of
+    from runner.spec.sections import AnalysisConfig, EvaluateConfig
+
+    a = view_of(AnalysisConfig, opts)
+    pack = resolve_pack({"insightface_pack": a.insightface_pack}, project_root)["insightface_pack"]
+    return {"name": opts["name"] if "name" in opts else EvaluateConfig.from_dict({}).face_model,
+            "dlib_detector": a.dlib_detector, "upsample": int(a.upsample), "insightface_pack": pack,
+            "insightface_root": a.insightface_root}
 
 
 def face_backend(opts: dict[str, Any], project_root: Path, key: str = "evaluate.face_model"):
