@@ -21,6 +21,7 @@ import json
 import math
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -355,75 +356,94 @@ def thumb_with_boxes(analysis_dir: Path, rec: dict[str, Any], px: int, *, main_c
     return image_to_data_uri(img)
 
 
+@dataclass
+class _Coverage:
+    """What the analysis report shows of the records: galleries per shot type, head pose,
+    expression and identity distributions, the images without a face."""
+
+    per_shot: int
+    galleries: dict[str, list[dict[str, Any]]]
+    totals: dict[str, int]
+    yaw: list[float] = field(default_factory=list)
+    pitch: list[float] = field(default_factory=list)
+    identity: list[float] = field(default_factory=list)
+    expression: dict[str, int] = field(default_factory=lambda: {"smiling": 0, "mouth_open": 0, "eyes_closed": 0,
+                                                                  "neutral": 0})
+    pose_buckets: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("frontal (|yaw| < 15)", "three-quarter (15-45)", "profile (>= 45)"), 0))
+    no_face: list[str] = field(default_factory=list)
+
+    def add(self, rec: dict[str, Any], adir: Path, px: int) -> None:
+        shot = rec["shot"]
+        self.totals[shot] += 1
+        if rec.get("no_face"):
+            self.no_face.append(rec.get("source") or rec["id"])
+        elif len(self.galleries[shot]) < self.per_shot:
+            src = thumb_with_boxes(adir, rec, px)
+            if src:
+                self.galleries[shot].append({"src": src, "caption": _caption(rec)})
+        main = rec["faces"][rec["main_face"]] if rec.get("main_face") is not None else None
+        if main is not None and all(math.isfinite(v) for v in main["pose"].values()):
+            self._add_face(main["pose"], rec.get("expression") or {})
+        if rec.get("identity") is not None:
+            self.identity.append(rec["identity"])
+
+    def _add_face(self, pose: dict[str, float], expression: dict[str, Any]) -> None:
+        self.yaw.append(pose["yaw"])
+        self.pitch.append(pose["pitch"])
+        ay = abs(pose["yaw"])
+        self.pose_buckets["frontal (|yaw| < 15)" if ay < 15 else "three-quarter (15-45)" if ay < 45
+                          else "profile (>= 45)"] += 1
+        shown = [k for k in ("smiling", "mouth_open", "eyes_closed") if expression.get(k)]
+        for k in shown or ["neutral"]:
+            self.expression[k] += 1
+
+    def charts(self, summary: dict[str, Any]) -> dict[str, str]:
+        from runner.report import charts
+
+        n_faces = max(1, len(self.yaw))
+        out = {
+            "yaw": charts.histogram(self.yaw, bins=18, lo=-90, hi=90, title="Yaw (degrees; > 0 = turned to their left)",
+                                    xlabel="yaw"),
+            "pitch": charts.histogram(self.pitch, bins=12, lo=-45, hi=45, title="Pitch (degrees; > 0 = looking up)",
+                                      xlabel="pitch"),
+            "pose_buckets": charts.bar_chart({k: v / n_faces for k, v in self.pose_buckets.items()},
+                                             title="Head pose coverage"),
+            "expression": charts.bar_chart({k.replace("_", " "): v / n_faces for k, v in self.expression.items()},
+                                           title="Expression coverage"),
+        }
+        threshold = summary.get("default_identity_threshold")
+        if self.identity:
+            lo = min(min(self.identity), threshold or 1.0) - 0.02
+            out["identity"] = charts.histogram(self.identity, bins=24, lo=lo, hi=1.0, threshold=threshold,
+                                               title="Identity similarity of the main face to the references",
+                                               xlabel=f"cosine ({summary['backend']})")
+        return out
+
+
+def _caption(rec: dict[str, Any]) -> str:
+    """A gallery caption: the file name, the main face's yaw and identity similarity."""
+    face_yaw = rec["faces"][rec["main_face"]]["pose"].get("yaw")
+    cap = Path(rec.get("source") or rec["id"]).name
+    if face_yaw is not None and math.isfinite(face_yaw):
+        cap += f" · yaw {round(face_yaw):d}°"
+    if rec.get("identity") is not None:
+        cap += f" · id {rec['identity']:.2f}"
+    return cap
+
+
 def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact],
                     env: dict[str, Any]) -> list[contract.ReportSection]:
-    from runner.report import charts
     from runner.vision.shots import SHOT_TYPES, SHOT_WORDS
 
     adir = Path(outputs["analysis"].path)
     summary = json.loads((adir / "summary.json").read_text(encoding="utf-8"))
     rep = view_of(ReportConfig, env)
-    px, limit = rep.thumbnail_px, rep.gallery_limit
-    per_shot = max(4, limit // len(SHOT_TYPES))
-    galleries: dict[str, list[dict[str, Any]]] = {s: [] for s in SHOT_TYPES}
-    totals: dict[str, int] = {s: 0 for s in SHOT_TYPES}
-    yaw, pitch, roll, ident = [], [], [], []
-    expr = {"smiling": 0, "mouth_open": 0, "eyes_closed": 0, "neutral": 0}
-    pose_buckets = {"frontal (|yaw| < 15)": 0, "three-quarter (15-45)": 0, "profile (>= 45)": 0}
-    no_face = []
+    cov = _Coverage(per_shot=max(4, rep.gallery_limit // len(SHOT_TYPES)),
+                    galleries={s: [] for s in SHOT_TYPES}, totals={s: 0 for s in SHOT_TYPES})
     for rec in read_jsonl(adir / "records.jsonl"):
-        if rec.get("error"):
-            continue
-        shot = rec["shot"]
-        totals[shot] += 1
-        if rec.get("no_face"):
-            no_face.append(rec.get("source") or rec["id"])
-        elif len(galleries[shot]) < per_shot:
-            src = thumb_with_boxes(adir, rec, px)
-            if src:
-                f = rec["faces"][rec["main_face"]]
-                face_yaw = f["pose"].get("yaw")
-                cap = Path(rec.get("source") or rec["id"]).name
-                if face_yaw is not None and math.isfinite(face_yaw):
-                    cap += f" · yaw {round(face_yaw):d}°"
-                if rec.get("identity") is not None:
-                    cap += f" · id {rec['identity']:.2f}"
-                galleries[shot].append({"src": src, "caption": cap})
-        main = rec["faces"][rec["main_face"]] if rec.get("main_face") is not None else None
-        if main is not None and all(math.isfinite(v) for v in main["pose"].values()):
-            p = rec["faces"][rec["main_face"]]["pose"]
-            yaw.append(p["yaw"])
-            pitch.append(p["pitch"])
-            roll.append(p["roll"])
-            ay = abs(p["yaw"])
-            bucket = "frontal (|yaw| < 15)" if ay < 15 else "three-quarter (15-45)" if ay < 45 else "profile (>= 45)"
-            pose_buckets[bucket] += 1
-            e = rec.get("expression") or {}
-            hit = False
-            for k in ("smiling", "mouth_open", "eyes_closed"):
-                if e.get(k):
-                    expr[k] += 1
-                    hit = True
-            if not hit:
-                expr["neutral"] += 1
-        if rec.get("identity") is not None:
-            ident.append(rec["identity"])
-    n_faces = max(1, len(yaw))
-    charts_html = {
-        "yaw": charts.histogram(yaw, bins=18, lo=-90, hi=90, title="Yaw (degrees; > 0 = turned to their left)",
-                                xlabel="yaw"),
-        "pitch": charts.histogram(pitch, bins=12, lo=-45, hi=45, title="Pitch (degrees; > 0 = looking up)",
-                                  xlabel="pitch"),
-        "pose_buckets": charts.bar_chart({k: v / n_faces for k, v in pose_buckets.items()}, title="Head pose coverage"),
-        "expression": charts.bar_chart({k.replace("_", " "): v / n_faces for k, v in expr.items()},
-                                       title="Expression coverage"),
-    }
-    threshold = summary.get("default_identity_threshold")
-    if ident:
-        lo = min(min(ident), threshold or 1.0) - 0.02
-        charts_html["identity"] = charts.histogram(ident, bins=24, lo=lo, hi=1.0, threshold=threshold,
-                                                   title="Identity similarity of the main face to the references",
-                                                   xlabel=f"cosine ({summary['backend']})")
+        if not rec.get("error"):
+            cov.add(rec, adir, rep.thumbnail_px)
     return [
         contract.ReportSection(
             title="Dataset analysis",
@@ -431,11 +451,11 @@ def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact
             anchor="analyze",
             context={
                 "summary": summary,
-                "galleries": [{"shot": s, "words": SHOT_WORDS[s], "total": totals[s], "items": galleries[s]}
+                "galleries": [{"shot": s, "words": SHOT_WORDS[s], "total": cov.totals[s], "items": cov.galleries[s]}
                               for s in SHOT_TYPES],
-                "charts": charts_html,
-                "no_face": no_face,
-                "has_identity": bool(ident),
+                "charts": cov.charts(summary),
+                "no_face": cov.no_face,
+                "has_identity": bool(cov.identity),
             },
         )
     ]
