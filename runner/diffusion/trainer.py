@@ -13,6 +13,10 @@ Reading order of :meth:`LoraTrainer.run`:
    samples at fixed seeds, validation loss at fixed timesteps, then the resume state (atomic);
 7. copy the kept checkpoints, samples and logs into the output folder with ``index.json``.
 
+Configuration: a :class:`TrainerConfig`, the typed view of the train stage's node config (the
+train section with a variant's overrides, plus the character's trigger, class word and name). The
+trainer keeps no default of its own: what the node config leaves out is the schema's default.
+
 Resume: randomness of a step (batch choice, noise, timesteps, caption variant, dropout of the
 caption) is a pure function of (seed, phase, position), so resuming from a checkpoint replays the
 same steps; the global torch/numpy/python RNG states (LoRA dropout) are saved and restored too.
