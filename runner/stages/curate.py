@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from runner.core import contract
-from runner.spec.sections import CurationConfig, ShotsConfig
+from runner.spec.config import view_of
+from runner.spec.sections import CurationConfig, ReportConfig, ShotsConfig
 from runner.stages.common import CURATION_DEFAULTS as DEFAULTS
 from runner.stages.common import (
     analysis_inputs,
@@ -633,8 +634,8 @@ def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact
 
     folder = Path(outputs["curated"].path)
     bal = read_balance(folder)
-    px = int(env.get("thumbnail_px", 192))
-    limit = int(env.get("gallery_limit", 120))
+    rep = view_of(ReportConfig, env)
+    px, limit = rep.thumbnail_px, rep.gallery_limit
     rejected = []
     for r in list(read_jsonl(folder / "rejected.jsonl")):
         item = {"source": r.get("source") or r["id"], "reason": r["reason"], "detail": r.get("detail", ""), "src": None}

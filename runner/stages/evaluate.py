@@ -38,7 +38,7 @@ from runner.core import contract
 from runner.core.device import choose_device
 from runner.core.fs import atomic_write_text
 from runner.spec.config import schema_config, view_of
-from runner.spec.sections import CharacterConfig, EvaluateConfig, HardwareConfig
+from runner.spec.sections import CharacterConfig, EvaluateConfig, HardwareConfig, ReportConfig
 from runner.stages.common import (
     IMAGE_EXTENSIONS,
     device_setting,
@@ -730,7 +730,7 @@ def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact
     if found is None:
         return []
     folder, ev = found
-    ctx = evaluation_context(ev, folder, thumb_px=int(env.get("thumbnail_px", 192)))
+    ctx = evaluation_context(ev, folder, thumb_px=view_of(ReportConfig, env).thumbnail_px)
     variant = ev.get("variant")
     title = "Evaluation" + (f" [{variant}]" if variant else "")
     return [contract.ReportSection(title=title, template="sections/evaluate.html.j2", context=ctx,

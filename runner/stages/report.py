@@ -14,6 +14,8 @@ from typing import Any
 
 from runner.paths import list_files
 from runner.core import contract
+from runner.spec.config import view_of
+from runner.spec.sections import ReportConfig
 from runner.stages import registry as stage_registry
 
 
@@ -126,10 +128,10 @@ def _spec_yaml(spec: dict[str, Any]) -> str:
 def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
         ctx: contract.StageContext) -> dict[str, contract.Artifact]:
     """Render the self-contained HTML report."""
-    rep = config.get("report", {})
+    rep = view_of(ReportConfig, config.get("report", {}))
     env_settings = {
-        "gallery_limit": rep.get("gallery_limit", 120),
-        "thumbnail_px": rep.get("thumbnail_px", 192),
+        "gallery_limit": rep.gallery_limit,
+        "thumbnail_px": rep.thumbnail_px,
         "character": config.get("character", {}),
         "project_root": str(ctx.project_root),
     }
@@ -184,7 +186,7 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
     total_time = sum(t["duration"] for t in timeline)
     total_cost = sum((t.get("cost") or 0.0) for t in timeline)
     character = config.get("character", {})
-    title = rep.get("title") or character.get("display_name") or character.get("name", "character")
+    title = rep.title or character.get("display_name") or character.get("name", "character")
     refs = []
     for ref in character.get("references", []):
         p = Path(ref) if Path(ref).is_absolute() else ctx.project_root / ref

@@ -45,6 +45,7 @@ from runner.spec.sections import (
     GenerateConfig,
     HardwareConfig,
     ReferenceGuidedConfig,
+    ReportConfig,
     StoryboardConfig,
     TrainConfig,
 )
@@ -729,7 +730,7 @@ def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact
     if found is None:
         return []
     folder, rep = found
-    px = int(env.get("thumbnail_px", 192))
+    px = view_of(ReportConfig, env).thumbnail_px
     frames = []
     for f in rep["frames"]:
         attempts = [{**a, "kept": i == f["kept_attempt"],

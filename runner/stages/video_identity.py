@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from runner.core import contract
-from runner.spec.sections import AnalysisConfig, SourceConfig, VideoOptionsConfig
+from runner.spec.config import view_of
+from runner.spec.sections import AnalysisConfig, ReportConfig, SourceConfig, VideoOptionsConfig
 from runner.stages.common import IMAGE_EXTENSIONS, rel_path, review_section, write_jsonl
 
 KIND = "video_identity"
@@ -416,8 +417,8 @@ def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact
     if not summary_file.exists():
         return []
     summary = json.loads(summary_file.read_text(encoding="utf-8"))
-    px = int(env.get("thumbnail_px", 192))
-    limit = int(env.get("gallery_limit", 120))
+    rep = view_of(ReportConfig, env)
+    px, limit = rep.thumbnail_px, rep.gallery_limit
     persons = []
     for pm in summary["persons"]:
         pdir = root / f"person_{pm['person_id']}"
