@@ -218,6 +218,11 @@ class StageKind:
     # Typical wall time of one remote execution, for `runner plan` cost estimates while the state
     # database has no earlier run of the stage (None: the engine's fallback).
     typical_seconds: float | None = None
+    # What `runner review` shows of this kind's outputs (None: nothing): "analysis" (records.jsonl
+    # in output ``analysis``), "curation" (output ``curated``), "identity" (per-person sets),
+    # "evaluation" (evaluation.json), "frames" (storyboard report.json), "clips" (mp4 files).
+    # The review pages find their stages by this, so a plugin kind can appear there too.
+    review_view: str | None = None
 
 
 def _first_line(doc: str | None) -> str:

@@ -15,6 +15,8 @@ from typing import Any
 
 from runner.core.hashing import file_sha256
 from runner.review import agreement, decisions
+from runner.spec.config import view_of
+from runner.spec.sections import CurationConfig
 
 KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 SERVABLE = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".mp4", ".webm"}
@@ -76,8 +78,11 @@ class ReviewState:
     def decisions(self) -> dict[str, Any]:
         return decisions.load(self.review_file)
 
-    def of_kind(self, kind: str) -> list[StageOutputs]:
-        return [s for sid, s in self.stages.items() if self.plan.graph.nodes[sid].kind == kind]
+    def showing(self, view: str) -> list[StageOutputs]:
+        """The stages whose kind declares ``review_view=view`` (runner.core.contract.StageKind)."""
+        registry = self.plan.graph.registry
+        return [s for sid, s in self.stages.items()
+                if _review_view(registry, self.plan.graph.nodes[sid].kind) == view]
 
     def url(self, path: Path) -> str:
         """The page URL of a file inside the store."""
@@ -110,7 +115,7 @@ class ReviewState:
         """Every analyzed image with its analysis, curate's decision and the reviewer's."""
         from runner.stages.common import read_jsonl
 
-        analyze = self.of_kind("analyze")
+        analyze = self.showing("analysis")
         if not analyze:
             return []
         adir = analyze[0].folders["analysis"]
@@ -120,9 +125,9 @@ class ReviewState:
                 if name.startswith("images") and (folder / "manifest.jsonl").is_file():
                     for rec in read_jsonl(folder / "manifest.jsonl"):
                         manifests[rec["id"]] = {**rec, "path": folder / rec["file"]}
-        view = CurateView.of(self.of_kind("curate"))
+        view = CurateView.of(self.showing("curation"))
         records = list(read_jsonl(adir / "records.jsonl"))
-        groups = _duplicate_groups(records, int(view.cfg.get("dedupe_hamming", 6)) if view.cfg else 6)
+        groups = _duplicate_groups(records, view_of(CurationConfig, view.cfg).dedupe_hamming)
         dec = self.decisions()["images"]
         rows = []
         for rec in records:
@@ -141,7 +146,7 @@ class ReviewState:
     def identity(self) -> list[dict[str, Any]]:
         dec = self.decisions()["identity"]
         out = []
-        for s in self.of_kind("video_identity"):
+        for s in self.showing("identity"):
             root = s.folders.get("identity")
             if root is None:
                 continue
@@ -179,7 +184,7 @@ class ReviewState:
     def evaluations(self) -> list[dict[str, Any]]:
         data = self.decisions()
         out = []
-        for s in self.of_kind("evaluate"):
+        for s in self.showing("evaluation"):
             folder = s.folders.get("evaluation")
             if folder is None or not (folder / "evaluation.json").is_file():
                 continue
@@ -208,7 +213,7 @@ class ReviewState:
     def storyboard(self) -> dict[str, Any]:
         data = self.decisions()
         frames, clips = [], []
-        for s in self.of_kind("storyboard"):
+        for s in self.showing("frames"):
             folder = s.folders.get("storyboard")
             rep = _read_json(folder / "report.json") if folder else {}
             for f in rep.get("frames", []):
@@ -217,7 +222,7 @@ class ReviewState:
                     sha = self.sha(path)
                     frames.append({**f, "stage": s.stage_id, "sha": sha, "src": self.url(path),
                                    **_verdict(data["frames"].get(sha))})
-        for s in self.of_kind("video"):
+        for s in self.showing("clips"):
             folder = s.folders.get("video")
             if folder is None:
                 continue
@@ -249,6 +254,10 @@ class ReviewState:
                 if sha not in shas:
                     out.append({**decisions.describe(section, sha, entry), "sha": sha})
         return out
+
+
+def _review_view(registry: Any, kind: str) -> str | None:
+    return registry.get(kind).review_view if kind in registry else None
 
 
 def _verdict(d: dict[str, Any] | None) -> dict[str, Any]:

@@ -215,7 +215,7 @@ def _jobs(inputs: dict[str, contract.Artifact], thumbs: Path,
 
 # version 2: pose relative to the line of sight, sharpness (blur) as 100 / sigma^2 on a fixed eye
 # distance, eyes.closed, None + unmeasured for faces too small (records of version 1 mean other things)
-@contract.register("analyze", version=3, order=20, expand=expand,
+@contract.register("analyze", version=3, review_view="analysis", order=20, expand=expand,
                description="Per image: faces, pose, expression, quality, shot type, identity, perceptual hash.",
                report=lambda config, outputs, env: report_sections(config, outputs, env))
 def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],

@@ -455,7 +455,7 @@ class Sorting:
     rejected: list[dict[str, Any]] = field(default_factory=list)
 
 
-@contract.register("curate", version=2, order=30, expand=expand,
+@contract.register("curate", version=2, review_view="curation", order=30, expand=expand,
                description="Identity filter, near-duplicate removal, quality gates and shot balance.",
                report=lambda config, outputs, env: report_sections(config, outputs, env))
 def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],

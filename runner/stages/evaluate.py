@@ -258,7 +258,8 @@ def track(config: dict[str, Any], outputs: dict[str, contract.Artifact], env: di
     return send(config, log, env)
 
 
-@contract.register("evaluate", version=VERSION, order=60, expand=expand, track=track, typical_seconds=1200.0,
+@contract.register("evaluate", version=VERSION,
+                   review_view="evaluation", order=60, expand=expand, track=track, typical_seconds=1200.0,
                    description="Generate the prompt suite per checkpoint x LoRA scale, score identity and prompt "
                                "alignment, pick the best.",
                    resume_info=lambda scratch: _resume_info(scratch),

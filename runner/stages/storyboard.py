@@ -452,7 +452,8 @@ class FrameMaker:
         return out
 
 
-@contract.register("storyboard", version=VERSION, order=70, expand=expand, typical_seconds=600.0,
+@contract.register("storyboard", version=VERSION,
+                   review_view="frames", order=70, expand=expand, typical_seconds=600.0,
                    description="Story -> scenes -> frames with the character's LoRA, validated and regenerated "
                                "below threshold.",
                    report=lambda config, outputs, env: report_sections(config, outputs, env))

@@ -306,7 +306,8 @@ class Pricing:
     currency: str
 
 
-@contract.register("video", version=VERSION, order=80, expand=expand, typical_seconds=900.0,
+@contract.register("video", version=VERSION,
+                   review_view="clips", order=80, expand=expand, typical_seconds=900.0,
                    description="Image-to-video clips (LTX-Video) with fidelity, expression dynamics, motion, time "
                                "and cost.",
                    resume_info=lambda scratch: _resume_info(scratch),

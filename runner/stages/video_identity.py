@@ -206,7 +206,7 @@ class VideoJob:
         return cls(config, ctx, files[0], rel_path(files[0], ctx.project_root), dict(config["options"]))
 
 
-@contract.register(KIND, version=VERSION, order=15, expand=expand,
+@contract.register(KIND, version=VERSION, review_view="identity", order=15, expand=expand,
                    description="Video -> per-person identity sets: tracks, main person, buckets, novelty, "
                                "anchors/coverage/challenge.",
                    report=lambda config, outputs, env: report_sections(config, outputs, env))
