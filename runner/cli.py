@@ -362,7 +362,8 @@ def _run_state(r: dict) -> str:
 
 @cli.command()
 @click.argument("specs", nargs=-1, type=click.Path(path_type=str))
-@click.option("--project", type=click.Path(file_okay=False), help="Project folder (default: found from the current folder).")
+@click.option("--project", type=click.Path(file_okay=False),
+              help="Project folder (default: found from the current folder).")
 def status(specs: tuple[str, ...], project: str | None) -> None:
     """Show the workspace: lock holder, last run, and (given specs) what is out of date."""
     from runner.engine.lock import lock_status
@@ -373,7 +374,8 @@ def status(specs: tuple[str, ...], project: str | None) -> None:
     info = lock_status(ws.dir)
     if info.held:
         h = info.holder
-        click.echo(f"lock:      held by pid {h.get('pid')} on {h.get('host')} since {_when(h.get('since'))} ({h.get('command')})")
+        click.echo(f"lock:      held by pid {h.get('pid')} on {h.get('host')} "
+                   f"since {_when(h.get('since'))} ({h.get('command')})")
     else:
         click.echo("lock:      free")
     if ws.exists():
@@ -399,7 +401,8 @@ def status(specs: tuple[str, ...], project: str | None) -> None:
 @cli.command()
 @click.argument("run_id", required=False)
 @click.option("--limit", default=20, show_default=True, help="How many runs to list.")
-@click.option("--project", type=click.Path(file_okay=False), help="Project folder (default: found from the current folder).")
+@click.option("--project", type=click.Path(file_okay=False),
+              help="Project folder (default: found from the current folder).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def runs(run_id: str | None, limit: int, project: str | None, as_json: bool) -> None:
     """List recent runs, or the stage executions of RUN_ID."""
@@ -443,8 +446,10 @@ def runs(run_id: str | None, limit: int, project: str | None, as_json: bool) -> 
 
 @cli.command()
 @click.argument("refs", metavar="RUN...", nargs=-1, required=True)
-@click.option("--out", "-o", type=click.Path(dir_okay=False), help="HTML file to write (default: reports/compare-<time>.html).")
-@click.option("--project", type=click.Path(file_okay=False), help="Project folder (default: found from the current folder).")
+@click.option("--out", "-o", type=click.Path(dir_okay=False),
+              help="HTML file to write (default: reports/compare-<time>.html).")
+@click.option("--project", type=click.Path(file_okay=False),
+              help="Project folder (default: found from the current folder).")
 def compare(refs: tuple[str, ...], out: str | None, project: str | None) -> None:
     """Compare evaluations on one HTML page: run ids ('latest' too; every evaluate variant of the
     run) or evaluation folders. The first is the baseline."""
@@ -470,7 +475,8 @@ def compare(refs: tuple[str, ...], out: str | None, project: str | None) -> None
         if len(sources) < 2:
             raise BadRequest(f"found {len(sources)} evaluation(s); a comparison needs at least two")
         root = ws.project_root if ws is not None else Path.cwd()
-        path = write_comparison(sources, Path(out) if out else root / "reports" / f"compare-{time.strftime('%Y%m%d-%H%M%S')}.html")
+        path = write_comparison(
+            sources, Path(out) if out else root / "reports" / f"compare-{time.strftime('%Y%m%d-%H%M%S')}.html")
     finally:
         if ws is not None:
             ws.close()
@@ -478,7 +484,8 @@ def compare(refs: tuple[str, ...], out: str | None, project: str | None) -> None
 
 
 @cli.command()
-@click.option("--project", type=click.Path(file_okay=False), help="Project folder (default: found from the current folder).")
+@click.option("--project", type=click.Path(file_okay=False),
+              help="Project folder (default: found from the current folder).")
 @click.option("--force", is_flag=True,
               help="Kept for scripts: a lock that a live process holds is never taken (two applies would run at once).")
 def unlock(project: str | None, force: bool) -> None:
@@ -648,7 +655,8 @@ def _print_versions(rows: list[dict[str, Any]], as_json: bool) -> None:
         where += f" @ {ck['lora_scale']:g}" if isinstance(ck.get("lora_scale"), (int, float)) else ""
         where += " (review)" if ck.get("picked_by_reviewer") else ""
         m = r["metrics"]
-        figures = " ".join(f"{k}={m[k]:.3f}" for k in ("face_similarity", "clip_t", "score") if isinstance(m.get(k), (int, float)))
+        figures = " ".join(f"{k}={m[k]:.3f}" for k in ("face_similarity", "clip_t", "score")
+                           if isinstance(m.get(k), (int, float)))
         click.echo(f"{r['character']:<14} {r['tag']:<14} {r['created'] or '?':<21} {where:<22} {figures or '-':<50} "
                    f"{(r['digest'] or '?')[:19]}")
 

@@ -80,7 +80,8 @@ def validate_objective(objective: dict[str, Any], categories: Iterable[str],
     for ckey, cmp in (objective.get("constraints") or {}).items():
         cat, _, m = ckey.rpartition(".")
         if m not in SELECTABLE:
-            raise StageError(f"{key}.constraints.{ckey}: unknown metric {m!r}", hint=f"One of: {', '.join(SELECTABLE)}.")
+            raise StageError(f"{key}.constraints.{ckey}: unknown metric {m!r}",
+                             hint=f"One of: {', '.join(SELECTABLE)}.")
         if cat and cat != OVERALL and cat not in cats:
             raise StageError(f"{key}.constraints.{ckey}: category {cat!r} is not evaluated",
                              hint=f"Evaluated categories: {', '.join(sorted(cats))}.")
@@ -103,7 +104,8 @@ def evaluate_targets(per_category: dict[str, dict[str, Any]], overall: dict[str,
     return out
 
 
-def cell_score(target_results: dict[str, dict[str, dict[str, Any]]], overall: dict[str, Any]) -> tuple[float | None, str]:
+def cell_score(target_results: dict[str, dict[str, dict[str, Any]]],
+               overall: dict[str, Any]) -> tuple[float | None, str]:
     """(score, how it was computed)."""
     cells = [c for row in target_results.values() for c in row.values()]
     if cells:

@@ -118,7 +118,8 @@ def _read_yaml(path: Path, spec_key: str) -> Any:
 
 def _parse(data: Any, *, source: str, where: str) -> Suite:
     def bad(key: str, msg: str, hint: str = "") -> StageError:
-        return StageError(f"{where}: {key}: {msg}", hint=hint or "See runner/presets/suites/builtin.yaml for the format.")
+        return StageError(f"{where}: {key}: {msg}",
+                          hint=hint or "See runner/presets/suites/builtin.yaml for the format.")
 
     if not isinstance(data, dict):
         raise bad("(top level)", "a suite must be a mapping with a 'categories:' key")

@@ -153,7 +153,8 @@ class ControlMaps:
         m, people = body_pose_map(image, self.pose, self.size, self.parts)
         self.info["maps"][label] = {"from": "photo", "made": "pose", "people": len(people), "visible_keypoints": people}
         if not any(people):
-            self.warnings.append(f"control map of {label}: no body keypoints found (score above 0.3); the pose map is black")
+            self.warnings.append(f"control map of {label}: no body keypoints found (score above 0.3); "
+                                 "the pose map is black")
         return m
 
     def given(self, image, label: str):
@@ -294,7 +295,8 @@ def tiny_guided_path(name: str, cache_dir: Path | str | None = None) -> Path:
     name = name.removeprefix("builtin:")
     if name not in TINY_GUIDED:
         raise StageError(f"unknown builtin model builtin:{name}",
-                         hint="Use builtin:tiny-ip-adapter or builtin:tiny-controlnet (for builtin:tiny-sd), a hub id or a path.")
+                         hint="Use builtin:tiny-ip-adapter or builtin:tiny-controlnet (for builtin:tiny-sd), "
+                              "a hub id or a path.")
     final = models_cache_dir(cache_dir) / f"builtin-{name}-v{TINY_GUIDED_VERSION}-sd{TINY_VERSION}"
     if (final / "DONE").is_file():
         return final

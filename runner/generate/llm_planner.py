@@ -135,13 +135,15 @@ class Endpoint:
         import httpx
 
         if self.format == "json_schema":
-            fmt: dict[str, Any] = {"type": "json_schema", "json_schema": {"name": name, "strict": True, "schema": schema}}
+            fmt: dict[str, Any] = {"type": "json_schema",
+                                   "json_schema": {"name": name, "strict": True, "schema": schema}}
         else:
             fmt = {"type": "json_object"}
         body = {"model": self.model, "messages": messages, "response_format": fmt, "temperature": self.temperature}
         self.requests += 1
         try:
-            resp = httpx.post(self.url, json=body, headers={"Authorization": f"Bearer {self.key}"}, timeout=self.timeout)
+            resp = httpx.post(self.url, json=body, headers={"Authorization": f"Bearer {self.key}"},
+                              timeout=self.timeout)
         except httpx.TimeoutException:
             raise PlannerError(f"generate.storyboard.llm: no answer from {self.url} within {self.timeout:g} s",
                                hint="Raise llm.timeout_s or check the endpoint.") from None
@@ -149,7 +151,8 @@ class Endpoint:
             raise PlannerError(f"generate.storyboard.llm: cannot reach {self.url}: {exc}",
                                hint="Check llm.base_url and the network.") from None
         if resp.status_code != 200:
-            raise PlannerError(f"generate.storyboard.llm: {self.url} answered HTTP {resp.status_code}: {resp.text[:300]}",
+            raise PlannerError(f"generate.storyboard.llm: {self.url} answered HTTP {resp.status_code}: "
+                               f"{resp.text[:300]}",
                                hint=f"Check llm.model and the key in {self.env}.")
         try:
             return resp.json()["choices"][0]["message"]["content"]
@@ -194,7 +197,8 @@ def call_llm_planner(story: str, character: dict[str, Any], llm: dict[str, Any],
     for s in scenes:
         s["prompt"] = s["description"]
     if llm.get("refine_prompts", True):
-        refined, retried = ep.ask_json(refine_messages(scenes, character), "prompt_list", prompt_list_schema(len(scenes)))
+        refined, retried = ep.ask_json(refine_messages(scenes, character), "prompt_list",
+                                       prompt_list_schema(len(scenes)))
         for s, p in zip(scenes, refined["prompts"]):
             s["prompt"] = p.strip()
         record["refined"] = refined

@@ -219,19 +219,23 @@ def check_shape(vp: VideoPipeline, width: int, height: int, frames: int) -> None
     if (frames - 1) % t:
         bad.append(f"frames must be k*{t}+1 (got {frames}; e.g. {(frames - 1) // t * t + 1})")
     if bad:
-        raise StageError("generate.video: " + "; ".join(bad), hint=f"The LTX pipelines need multiples of {s} in space; {vp.model} compresses {t}x in time.")
+        raise StageError("generate.video: " + "; ".join(bad),
+                         hint=f"The LTX pipelines need multiples of {s} in space; "
+                              f"{vp.model} compresses {t}x in time.")
 
 
 def load_video_lora(vp: VideoPipeline, file: str | Path, scale: float) -> None:
     f = Path(file)
     if not f.is_file():
-        raise StageError(f"generate.video.lora: {f} is not a file", hint="Give a .safetensors LoRA made for the LTX-Video model.")
+        raise StageError(f"generate.video.lora: {f} is not a file",
+                         hint="Give a .safetensors LoRA made for the LTX-Video model.")
     try:
         vp.pipe.load_lora_weights(str(f.parent), weight_name=f.name, adapter_name="video")
         vp.pipe.set_adapters(["video"], adapter_weights=[float(scale)])
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
         raise StageError(f"generate.video.lora: cannot load {f} onto {vp.model}: {exc}",
-                         hint="The LoRA must be made for this LTX-Video transformer (diffusers or original LTX format).") from None
+                         hint="The LoRA must be made for this LTX-Video transformer "
+                              "(diffusers or original LTX format).") from None
 
 
 # --------------------------------------------------------------------------- generating
@@ -282,7 +286,8 @@ def latent_upscale(vp: VideoPipeline, latents, upsampler: str, *, width: int, he
                                                         if (Path(location) / "latent_upsampler").is_dir() else None)
     except (OSError, ValueError) as exc:
         raise VideoModelError(f"generate.video.upsampler: cannot load {upsampler!r}: {exc}",
-                              hint="e.g. Lightricks/ltxv-spatial-upscaler-0.9.7, a local folder, or builtin:tiny-ltx-upsampler.") from None
+                              hint="e.g. Lightricks/ltxv-spatial-upscaler-0.9.7, a local folder, "
+                                   "or builtin:tiny-ltx-upsampler.") from None
     model = model.to(device=vp.pipe.device, dtype=vp.pipe.vae.dtype)
     up = LTXLatentUpsamplePipeline(vae=vp.pipe.vae, latent_upsampler=model)
     up.set_progress_bar_config(disable=True)

@@ -108,7 +108,8 @@ def fidelity(face_records: Sequence[dict[str, Any]], ref_faces: np.ndarray, thre
 
 
 def expression_dynamics(face_records: Sequence[dict[str, Any]], frozen_below: float) -> dict[str, Any]:
-    mouth = [r["mouth_open"] for r in face_records if r.get("mouth_open") is not None and not math.isnan(r["mouth_open"])]
+    mouth = [r["mouth_open"] for r in face_records
+             if r.get("mouth_open") is not None and not math.isnan(r["mouth_open"])]
     eyes = [r["eye_ratio"] for r in face_records if r.get("eye_ratio") is not None and not math.isnan(r["eye_ratio"])]
     res: dict[str, Any] = {"frames_with_landmarks": min(len(mouth), len(eyes)), "frozen_below": float(frozen_below),
                            "mouth_std": None, "eye_std": None, "mouth_range": None, "eye_range": None,
@@ -141,7 +142,8 @@ def motion_magnitude(frames: Sequence[Any], indices: Sequence[int], flow_side: i
             "flow_side": int(flow_side), "analysis_size": list(size)}
 
 
-def text_feature_drift(clip, frames: Sequence[Any], indices: Sequence[int], source, features: Sequence[str]) -> list[dict[str, Any]]:
+def text_feature_drift(clip, frames: Sequence[Any], indices: Sequence[int], source,
+                       features: Sequence[str]) -> list[dict[str, Any]]:
     """Distinctive features kept: per feature text (e.g. "glasses"), the CLIP similarity of the
     source image and the mean over the clip's frames; ``kept`` when the frames' similarity drops
     by at most 10% of the source's (CLIP's image-text cosine)."""

@@ -180,7 +180,8 @@ class PoseDetector:
         import onnxruntime as ort
 
         self.ref, self.tiny_random = ref or str(folder), tiny_random
-        run_on = "cuda" if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+        run_on = ("cuda" if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers()
+                  else "cpu")
         det_path = _model_file(folder, detector_file, "pose_detector_file") if detector_file else None
         est_path = _model_file(folder, estimator_file, "pose_estimator_file")
         try:
@@ -241,7 +242,8 @@ def _model_file(folder: Path, name: str, key: str) -> Path:
     if not p.is_file():
         have = sorted(q.name for q in folder.glob("*.onnx"))
         raise StageError(f"{KEY}: {folder} has no {name} (reference_guided.{key})",
-                         hint=f"ONNX files there: {', '.join(have) or 'none'}; set reference_guided.{key} to one of them.")
+                         hint=f"ONNX files there: {', '.join(have) or 'none'}; "
+                              f"set reference_guided.{key} to one of them.")
     return p
 
 
@@ -267,7 +269,8 @@ def pose_model_folder(ref: str, files: list[str], project_root: Path | None = No
 
     if not is_hub_id(ref, project_root):
         raise StageError(f"{KEY}: {ref!r} is neither a folder nor a hub id",
-                         hint="Give a folder holding the two ONNX files, a hub id (yzd-v/DWPose) or builtin:tiny-dwpose.")
+                         hint="Give a folder holding the two ONNX files, a hub id (yzd-v/DWPose) "
+                              "or builtin:tiny-dwpose.")
     try:
         where = resolve_hub_model(ref, key=KEY)
     except ModelUnavailable as exc:

@@ -265,7 +265,8 @@ class Reader:
             return fits[:1]
         return [self.hero] if key in self.cast.pronouns and not_this is not self.hero else []
 
-    def _clause(self, clause: str, subject: Entity | None) -> tuple[Entity | None, list[Entity], str | None, str | None]:
+    def _clause(self, clause: str,
+                subject: Entity | None) -> tuple[Entity | None, list[Entity], str | None, str | None]:
         """(its subject, who it mentions, why the hero is in it or None, the subject as written)."""
         sp = subject_phrase(clause, self.common)
         words = [w.lower() for w in _words(clause)]

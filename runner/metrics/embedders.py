@@ -330,7 +330,8 @@ def _quiet_transformers():
             tf_logging.enable_progress_bar()
 
 
-def _load_transformers_inner(path: str, name: str, device: str, dtype: str | None, *, is_tiny_random: bool) -> ImageEmbedder:
+def _load_transformers_inner(path: str, name: str, device: str, dtype: str | None, *,
+                             is_tiny_random: bool) -> ImageEmbedder:
     try:
         from transformers import AutoConfig
     except ImportError as exc:  # pragma: no cover - depends on the install
@@ -341,7 +342,8 @@ def _load_transformers_inner(path: str, name: str, device: str, dtype: str | Non
         raise EmbedderError(
             f"cannot load the embedding model {name!r}: {exc}".strip(),
             hint="Give a hub id reachable from this machine (or already in the Hugging Face cache), "
-            "or a local folder saved with save_pretrained(). Tests and the demo use builtin:tiny-clip / builtin:tiny-dino.",
+            "or a local folder saved with save_pretrained(). "
+            "Tests and the demo use builtin:tiny-clip / builtin:tiny-dino.",
         ) from None
     model_type = getattr(config, "model_type", "")
     tdtype = _torch_dtype(dtype, device)
@@ -349,7 +351,8 @@ def _load_transformers_inner(path: str, name: str, device: str, dtype: str | Non
         if model_type == "clip":
             from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-            model = CLIPModel.from_pretrained(path, dtype=tdtype) if _new_tf() else CLIPModel.from_pretrained(path, torch_dtype=tdtype)
+            model = (CLIPModel.from_pretrained(path, dtype=tdtype) if _new_tf()
+                     else CLIPModel.from_pretrained(path, torch_dtype=tdtype))
             emb: ImageEmbedder = ClipEmbedder(
                 model.eval().to(device), AutoImageProcessor.from_pretrained(path),
                 AutoTokenizer.from_pretrained(path), name, is_tiny_random=is_tiny_random, device=device,
@@ -398,11 +401,13 @@ def _load_open_clip(spec: str, name: str, device: str) -> ImageEmbedder:
             tokenizer = open_clip.get_tokenizer(spec)
         else:
             arch, _, pretrained = spec.partition("/")
-            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained or None, device=device)
+            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained or None,
+                                                                         device=device)
             tokenizer = open_clip.get_tokenizer(arch)
     except Exception as exc:  # open_clip raises RuntimeError/OSError/ValueError for unknown names
         raise EmbedderError(f"open_clip cannot load {name!r}: {exc}",
-                            hint="Use open_clip:<architecture>/<pretrained tag> or open_clip:hf-hub:<org>/<name>.") from None
+                            hint="Use open_clip:<architecture>/<pretrained tag> "
+                                 "or open_clip:hf-hub:<org>/<name>.") from None
     return OpenClipEmbedder(model.eval(), preprocess, tokenizer, name, device=device)
 
 
@@ -468,7 +473,8 @@ def _build_tiny_clip(folder: Path) -> None:
     with _quiet_transformers():
         model.save_pretrained(str(folder))
     with _quiet_transformers():
-        CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(str(folder))
+        CLIPImageProcessor(size={"shortest_edge": 64},
+                           crop_size={"height": 64, "width": 64}).save_pretrained(str(folder))
 
 
 def _build_tiny_dino(folder: Path) -> None:

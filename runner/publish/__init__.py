@@ -26,7 +26,8 @@ from runner.core.errors import UserError
 from runner.publish.release import NothingToPublish, Release, build, content_digest
 from runner.publish.store import BadDestination, Store, StoreError
 
-__all__ = ["BadDestination", "NothingToPublish", "PublishError", "Published", "StoreError", "VersionExists", "list_versions", "publish"]
+__all__ = ["BadDestination", "NothingToPublish", "PublishError", "Published", "StoreError", "VersionExists",
+           "list_versions", "publish"]
 
 
 class PublishError(UserError):
@@ -111,7 +112,8 @@ def publish(spec: Any, to: str, tag: str, *, checkpoint: str | None = None,
                 continue
             store.put_blob(f.local, f.data, blob)
             if not store.has_blob(blob, f.size):
-                raise StoreError(f"uploading {f.path} to {store.where()}: the stored blob does not have its size {f.size}")
+                raise StoreError(f"uploading {f.path} to {store.where()}: "
+                                 f"the stored blob does not have its size {f.size}")
             done.uploaded.append(f.path)
         body = json.dumps(release.manifest, indent=1, sort_keys=True).encode("utf-8") + b"\n"
         try:

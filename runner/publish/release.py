@@ -125,7 +125,8 @@ def _cell_metrics(evaluation: dict[str, Any] | None, step: Any, scale: float) ->
     """Metrics of the evaluation cell at (step, scale): its overall figures and score."""
     for c in (evaluation or {}).get("cells", []):
         if c.get("step") == step and abs(float(c.get("lora_scale", -1)) - scale) < 1e-9:
-            figures = {k: v for k, v in (c.get("overall") or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            figures = {k: v for k, v in (c.get("overall") or {}).items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
             if c.get("score") is not None:
                 figures["score"] = c["score"]
             for k in ("targets_passed", "targets_total"):

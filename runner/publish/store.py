@@ -133,9 +133,11 @@ class Store:
         except FileNotFoundError as exc:
             if reading:
                 raise
-            raise StoreError(f"{what} at {self.where()}: not found ({scrubbed(str(exc))}); does the bucket exist?") from None
+            raise StoreError(f"{what} at {self.where()}: not found ({scrubbed(str(exc))}); "
+                             "does the bucket exist?") from None
         except PermissionError as exc:
-            raise StoreError(f"{what} at {self.where()}: permission denied ({scrubbed(str(exc))}); check the credentials in "
+            raise StoreError(f"{what} at {self.where()}: permission denied ({scrubbed(str(exc))}); "
+                             "check the credentials in "
                              "the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY or AWS_PROFILE)") from None
         except Exception as exc:  # botocore and aiohttp errors have no common base class
             name = type(exc).__name__
@@ -152,7 +154,8 @@ class Store:
         try:
             return json.loads(data)
         except ValueError as exc:
-            raise StoreError(f"{self.scheme}://{path} is not valid JSON ({exc}); it was not written by runner publish") from None
+            raise StoreError(f"{self.scheme}://{path} is not valid JSON ({exc}); "
+                             "it was not written by runner publish") from None
 
     def has_blob(self, path: str, size: int) -> bool:
         try:

@@ -173,7 +173,8 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def apply_patch(data: dict[str, Any], section: str, key: str, fields: dict[str, Any], *, by: str, at: str) -> dict[str, Any]:
+def apply_patch(data: dict[str, Any], section: str, key: str, fields: dict[str, Any], *,
+                by: str, at: str) -> dict[str, Any]:
     """Set ``fields`` on one decision (``None`` removes a field); a decision left with nothing but
     names and times is removed. Returns the decision (or {} when removed)."""
     validate(section, key, fields)
@@ -271,7 +272,8 @@ def describe_change(old: dict[str, Any] | None, new: dict[str, Any] | None) -> s
         def has(d: dict, k: str) -> bool:
             v = d.get(k, {}).get(field)
             return v is not None and (value is None or v == value)
-        added = sum(1 for k in b if has(b, k) and (not has(a, k) or (value is None and a[k].get(field) != b[k].get(field))))
+        added = sum(1 for k in b
+                    if has(b, k) and (not has(a, k) or (value is None and a[k].get(field) != b[k].get(field))))
         removed = sum(1 for k in a if has(a, k) and not has(b, k))
         return added, removed
 
@@ -304,7 +306,8 @@ def describe_change(old: dict[str, Any] | None, new: dict[str, Any] | None) -> s
     for section, noun in (("frames", "frame"), ("clips", "clip")):
         for verdict, verb in (("reject", "rejected"), ("approve", "approved")):
             word(count(section, "verdict", verdict)[0], noun, verb)
-    picks = sum(1 for k, v in new.get("checkpoints", {}).items() if old.get("checkpoints", {}).get(k, {}).get("cell") != v.get("cell"))
+    picks = sum(1 for k, v in new.get("checkpoints", {}).items()
+                if old.get("checkpoints", {}).get(k, {}).get("cell") != v.get("cell"))
     word(picks, "checkpoint", "picked")
     if old.get("checkpoint") != new.get("checkpoint"):
         c = new.get("checkpoint")

@@ -35,7 +35,8 @@ EXEMPT_KINDS = ("cache",)
 MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pt", ".pth", ".onnx", ".gguf")
 DATA_FILE_SUFFIXES = (".yaml", ".yml", ".json")
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9_+.-]*:(?![\\/])")  # builtin:tiny-sd, open_clip:ViT-B-32
-OUTSIDE_HINT = "Keep it inside the project (move or copy what it names there), or pass --allow-outside-project if this is intended."
+OUTSIDE_HINT = ("Keep it inside the project (move or copy what it names there), "
+                "or pass --allow-outside-project if this is intended.")
 MAX_LINKS_LISTED = 5
 MAX_PATH_BYTES = 4096  # PATH_MAX on Linux
 

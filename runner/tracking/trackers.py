@@ -74,5 +74,6 @@ def attach(runs: list[dict[str, Any]], files: list[tuple[Path, str]], workspace_
         try:
             tracker(run.backend, (settings or {}).get(run.backend, {}), workspace_dir).attach(run, files)
         except Exception as exc:  # noqa: BLE001
-            warnings.append(_failure(run.backend, exc, f"add {', '.join(p.name for p, _ in files)} to run {run.run_id}"))
+            warnings.append(_failure(run.backend, exc,
+                                     f"add {', '.join(p.name for p, _ in files)} to run {run.run_id}"))
     return warnings

@@ -188,7 +188,8 @@ class _Export:
             "video": self.video_rel,
             "source_index": self.source_index,
             "info": None if info is None else {k: getattr(info, k) for k in
-                                               ("width", "height", "fps", "frame_count", "duration_s", "codec", "decoder")},
+                                               ("width", "height", "fps", "frame_count", "duration_s",
+                                                "codec", "decoder")},
             "sampled_frames": result.sampled_frames,
             "decoded_frames": result.decoded_frames,
             "truncated": result.truncated,

@@ -3,15 +3,15 @@
 Everything that runner.vision.measures already measures is taken from there (the same numbers
 the analyze stage records for still images): eye aspect ratio, mouth openness, the smile proxy,
 sharpness (``blur``: 100 / sigma^2 of the face resampled to 40 px between the eyes; None when the
-face is too small), exposure, and truncation at the frame edge. Added here, for the occlusion bucket only, is a skin-chroma proxy (see
-:func:`skin_occlusion`).
+face is too small), exposure, and truncation at the frame edge. Added here, for the occlusion
+bucket only, is a skin-chroma proxy (see :func:`skin_occlusion`).
 
 Keys returned by :func:`face_measures`:
 ``blur``, ``brightness`` (0-255 mean grey of the face), ``clipped`` (share of clipped dark +
 bright pixels), ``eye_open`` (mean EAR), ``eyes_closed`` ("none", "left", "right", "both" with the
 size-aware threshold, a wink by eye appearance; None when the eyes are too small),
-``eye_appearance`` (per eye, for a track's open-eye baseline: VM.blinks_in_track), ``mouth_open``, ``smile`` (score 0-1),
-``out_of_frame`` (truncation), ``occlusion`` (max of truncation and the skin proxy).
+``eye_appearance`` (per eye, for a track's open-eye baseline: VM.blinks_in_track), ``mouth_open``,
+``smile`` (score 0-1), ``out_of_frame`` (truncation), ``occlusion`` (max of truncation and the skin proxy).
 """
 
 from __future__ import annotations

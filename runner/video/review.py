@@ -33,8 +33,8 @@ def apply_identity_decisions(result: Any, decided: dict[str, dict[str, Any]],
                              key: Callable[[Any], str] = frame_sha) -> dict[str, Any]:
     """Drop and move frames of ``result``'s persons in place; returns {"dropped": frames left in
     no set, "moved": frames added to another set, "applied": the keys of the decisions used}
-    (identity/review.json, so the review page tells an applied drop from a vanished frame). Decisions for frames not in the result are ignored here
-    (the review page lists them)."""
+    (identity/review.json, so the review page tells an applied drop from a vanished frame). Decisions
+    for frames not in the result are ignored here (the review page lists them)."""
     counts: dict[str, Any] = {"dropped": 0, "moved": 0, "applied": []}
     if not decided:
         return counts

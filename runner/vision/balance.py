@@ -211,7 +211,8 @@ def _feasible(tally: Tally, keep: set[str]) -> bool:
     return tally.total >= 1.0 - EPS and all(tally.counts.get(c, 0.0) >= 1.0 - EPS for c in keep)
 
 
-def _cost(tally: Tally, targets: Targets, d0: Mapping[str, float], focus: Mapping[str, str], penalty: float) -> float | None:
+def _cost(tally: Tally, targets: Targets, d0: Mapping[str, float], focus: Mapping[str, str],
+          penalty: float) -> float | None:
     d = tally.distances(targets)
     worse = sum(max(0.0, d[c] - d0[c] - EPS) for c in targets)
     if worse > 0 and penalty == math.inf:
@@ -242,7 +243,8 @@ def _descend(start: Tally, targets: Targets, options: Sequence[Option], focus: M
     return levels, tally
 
 
-def _forward(options: Sequence[Option], levels: list[int], tally: Tally, keep: set[str]) -> list[tuple[tuple[str, ...], float]]:
+def _forward(options: Sequence[Option], levels: list[int], tally: Tally,
+             keep: set[str]) -> list[tuple[tuple[str, ...], float]]:
     """The single moves still possible from the plan's end (for :func:`shortfalls`)."""
     return [(o.cats, o.weight) for o, n in zip(options, levels)
             if n < o.limit and _feasible(tally.after(o.cats, o.weight), keep)]
@@ -284,7 +286,8 @@ def _groups(items: Iterable[Mapping[str, Any]], order: Callable[[Any], Any]) -> 
     groups: dict[tuple[str, ...], list[Any]] = {}
     for it in items:
         groups.setdefault(signature(it), []).append(it)
-    return {g: sorted(v, key=order) for g, v in sorted(groups.items(), key=lambda gv: [CATEGORIES.index(c) for c in gv[0]])}
+    return {g: sorted(v, key=order)
+            for g, v in sorted(groups.items(), key=lambda gv: [CATEGORIES.index(c) for c in gv[0]])}
 
 
 def select(items: list[dict[str, Any]], targets: Targets, score_key: str = "quality", *,

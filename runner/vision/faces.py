@@ -372,7 +372,8 @@ class FaceBackend(ABC):
                 if f.landmarks is not None:
                     f.landmarks = (f.landmarks * inv).astype(np.float32)
                 if "landmarks_106" in f.extra:
-                    f.extra["landmarks_106"] = [[round(x * inv, 1), round(y * inv, 1)] for x, y in f.extra["landmarks_106"]]
+                    f.extra["landmarks_106"] = [[round(x * inv, 1), round(y * inv, 1)]
+                                                for x, y in f.extra["landmarks_106"]]
         return faces
 
     @abstractmethod
@@ -445,7 +446,8 @@ class DlibFaceBackend(FaceBackend):
         try:
             import dlib
         except ImportError as exc:  # pragma: no cover - depends on the install
-            raise StageError("the dlib face backend needs dlib", hint="pip install 'character-runner[faces]' (dlib-bin)") from exc
+            raise StageError("the dlib face backend needs dlib",
+                             hint="pip install 'character-runner[faces]' (dlib-bin)") from exc
         if detector not in ("hog", "cnn"):
             raise StageError(f"unknown dlib detector {detector!r}", hint="dataset.analysis.dlib_detector: hog or cnn")
         models = _face_recognition_models_dir()
@@ -538,7 +540,8 @@ class DlibFaceBackend(FaceBackend):
         centre = lm.mean(0)
         side = float(np.sqrt(((lm - centre) ** 2).sum(1).mean())) / rms
         x0, y0 = centre[0] - cx * side, centre[1] - cy * side
-        return self._dlib.rectangle(int(round(x0)), int(round(y0)), int(round(x0 + side)) - 1, int(round(y0 + side)) - 1)
+        return self._dlib.rectangle(int(round(x0)), int(round(y0)),
+                                    int(round(x0 + side)) - 1, int(round(y0 + side)) - 1)
 
     def _fit_shape(self, rgb: np.ndarray, rect: Any) -> tuple[np.ndarray, Any, np.ndarray]:
         """(landmarks in ``rgb``, dlib shape, the image it was fitted on).
@@ -624,10 +627,12 @@ class InsightFaceBackend(FaceBackend):
             self._app = FaceAnalysis(name=str(folder.resolve()), providers=providers)
         except AssertionError:  # FaceAnalysis asserts that the pack has a detector
             raise StageError(f"insightface pack {folder} has no face detection model",
-                             hint="a pack needs a detector (det_*.onnx) and a recognition model (w600k_*.onnx, glintr100.onnx)") from None
+                             hint="a pack needs a detector (det_*.onnx) and a recognition model "
+                                  "(w600k_*.onnx, glintr100.onnx)") from None
         except Exception as exc:
             raise StageError(f"insightface pack {folder} cannot be loaded: {type(exc).__name__}: {exc}",
-                             hint="check the pack's .onnx files (re-download and unzip it), or use backend: dlib") from exc
+                             hint="check the pack's .onnx files (re-download and unzip it), "
+                                  "or use backend: dlib") from exc
         if "recognition" not in self._app.models:
             raise StageError(f"insightface pack {folder} has no recognition model: identity needs one",
                              hint="use a full pack such as buffalo_l or antelopev2")
@@ -729,13 +734,15 @@ def get_face_backend(
     else dlib; ``backend.selection_note`` says which it took and why. Backends are cached per
     process (loading the models is the slow part) unless ``cache=False``.
     """
-    key = (name, dlib_detector, upsample, insightface_pack, insightface_root, tuple(providers or ()), det_size, max_side)
+    key = (name, dlib_detector, upsample, insightface_pack, insightface_root, tuple(providers or ()),
+           det_size, max_side)
     if cache:
         with _CACHE_LOCK:
             if key in _CACHE:
                 return _CACHE[key]
-    backend = _make_backend(name, dlib_detector=dlib_detector, upsample=upsample, insightface_pack=insightface_pack,
-                            insightface_root=insightface_root, providers=providers, det_size=det_size, max_side=max_side)
+    backend = _make_backend(name, dlib_detector=dlib_detector, upsample=upsample,
+                            insightface_pack=insightface_pack, insightface_root=insightface_root,
+                            providers=providers, det_size=det_size, max_side=max_side)
     if cache:
         with _CACHE_LOCK:
             _CACHE[key] = backend

@@ -14,9 +14,10 @@ For each adapter in ``adapters`` (see :data:`runner.vision.align.ADAPTERS`), a f
 Only the main face of original images (not curate's crops or mirrored copies) whose identity was
 checked against the character's references is used; every image left out is listed with its reason
 (a derived copy, no face, identity unchecked or below the threshold, a face cut by the frame
-(:data:`MAX_FACE_OUTSIDE`) or turned too far, or too small for a crop: enlarged more than ``max_upscale``). Background removal
-(:mod:`runner.vision.matting`), when configured, is applied to the ``image`` crops only: the
-``embedding`` crops feed ArcFace models, which were trained on unmatted faces.
+(:data:`MAX_FACE_OUTSIDE`) or turned too far, or too small for a crop: enlarged more than
+``max_upscale``). Background removal (:mod:`runner.vision.matting`), when configured, is applied to
+the ``image`` crops only: the ``embedding`` crops feed ArcFace models, which were trained on
+unmatted faces.
 """
 
 from __future__ import annotations
@@ -122,7 +123,8 @@ def _link_or_write(img: np.ndarray, dest: Path, written: dict[str, Path], name: 
     written[name] = dest
 
 
-def _crops_of(rgb: np.ndarray, face: dict[str, Any], crops: list[A.Crop], s: Settings) -> dict[str, tuple[np.ndarray, A.Aligned]]:
+def _crops_of(rgb: np.ndarray, face: dict[str, Any], crops: list[A.Crop],
+              s: Settings) -> dict[str, tuple[np.ndarray, A.Aligned]]:
     out: dict[str, tuple[np.ndarray, A.Aligned]] = {}
     for crop in crops:
         al = A.align(rgb, face["keypoints"], crop.alignment, crop.size)

@@ -391,7 +391,8 @@ def background_edge_density(rgb: np.ndarray, face_boxes: Sequence[Sequence[float
 
     h, w = rgb.shape[:2]
     s = min(1.0, work_side / float(max(h, w)))
-    small = cv2.resize(rgb, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA) if s < 1 else rgb
+    small = (cv2.resize(rgb, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+             if s < 1 else rgb)
     gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
     edges = cv2.Canny(gray, 80, 160) > 0
     mask = np.ones_like(edges, dtype=bool)
