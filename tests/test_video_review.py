@@ -160,9 +160,11 @@ def _state(tmp: Path, review_file: Path):
     from types import SimpleNamespace
 
     from runner.review.state import ReviewState, StageOutputs
+    from runner.stages import registry
 
     sid = "hero:video_identity[0]"
-    plan = SimpleNamespace(graph=SimpleNamespace(nodes={sid: SimpleNamespace(kind="video_identity")}))
+    plan = SimpleNamespace(graph=SimpleNamespace(nodes={sid: SimpleNamespace(kind="video_identity")},
+                                                 registry=registry()))
     folders = {"identity": tmp / "identity", "images": tmp / "images"}
     return ReviewState(spec=None, review_file=review_file, plan=plan, store_dir=tmp.resolve(),
                        stages={sid: StageOutputs(sid, "k", folders, {}, True)})
