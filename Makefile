@@ -44,13 +44,19 @@ lint: $(STAMP)
 	$(BIN)/python -m pytest -q tests/test_layers.py || status=1; \
 	exit $$status
 
+# The suite runs in $(TEST_WORKERS) processes (pytest-xdist), whole test files per process
+# (--dist loadfile: a module's fixtures, servers and caches stay in one process). CI has 2 cores.
+# TEST_WORKERS=0 runs it in this process (for pdb, or a single test file).
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 test: lint browser
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 # The fast lane: what `make test` runs but the tests marked @pytest.mark.slow (more than a few
 # seconds each: whole applies, real-photo and real-clip sweeps, the demo); `make test` runs them all.
 test-fast: lint
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 clean:
 	rm -rf .runner reports/demo
