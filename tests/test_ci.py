@@ -8,11 +8,22 @@ import re
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def _expand(text: str, variables: dict[str, str]) -> str:
+    """$(NAME) replaced by the Makefile's value of NAME, until nothing changes (functions stay)."""
+    for _ in range(10):
+        text, before = re.sub(r"\$\((\w+)\)", lambda m: variables.get(m.group(1), m.group(0)), text), text
+        if text == before:
+            break
+    return text
+
+
 def _make_rules() -> dict[str, tuple[list[str], str]]:
-    """target -> (prerequisites, recipe text) for the Makefile's plain rules."""
+    """target -> (prerequisites, recipe text with the Makefile's variables expanded) for its plain rules."""
+    text = (ROOT / "Makefile").read_text(encoding="utf-8")
+    variables = dict(re.findall(r"^(\w+)\s*[:?]?=\s*(.*)$", text, flags=re.MULTILINE))
     rules: dict[str, tuple[list[str], str]] = {}
     target = None
-    for line in (ROOT / "Makefile").read_text(encoding="utf-8").splitlines():
+    for line in _expand(text, variables).splitlines():
         head = re.match(r"^([\w.-]+):(?!=)\s*(.*)$", line)
         if head:
             target = head.group(1)
