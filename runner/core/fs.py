@@ -28,7 +28,7 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     safetensors, PIL, sqlite)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(path, path.suffix + ".tmp" if path.suffix else ".tmp")
+    tmp = temp_sibling(path)
     try:
         yield tmp
         os.replace(tmp, path)

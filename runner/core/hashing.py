@@ -32,7 +32,7 @@ def stat_signature(st: os.stat_result) -> tuple[int, int, int]:
 class HashIndex:
     """sha256 of the files under one root, keyed by relative path and remembered with their stat
     signature. Where the entries are kept (a database row, a JSON file) is the caller's business:
-    it loads them with :meth:`from_entries` and saves :attr:`entries` when :attr:`changed`.
+    it passes the loaded entries in and saves :attr:`entries` when :attr:`changed`.
 
     ``hasher`` reads a file's content hash (the engine passes its own so tests can count reads).
     """
@@ -43,10 +43,6 @@ class HashIndex:
         self.entries: dict[str, tuple] = {}
         self.hasher = hasher
         self._rehashed = False
-
-    @classmethod
-    def from_entries(cls, entries: dict[str, Any] | None, hasher=file_sha256) -> "HashIndex":
-        return cls(entries, hasher)
 
     def sha256(self, rel: str, path: Path | str, st: os.stat_result | None = None) -> str:
         """The content hash of ``path`` (known as ``rel``), read only if its signature changed."""

@@ -314,17 +314,11 @@ class LoraTrainer:
         import numpy as np
         import torch
 
+        from runner.diffusion.families.base import vae_encode
+
         pixels = np.stack([np.asarray(im, dtype=np.float32) / 127.5 - 1.0 for im in images])
-        x = torch.from_numpy(pixels).permute(0, 3, 1, 2)
-        vae = self.vae
-        upcast = vae.dtype == torch.float16  # fp16 VAEs (SDXL's) overflow while encoding
-        if upcast:
-            vae.to(torch.float32)
-        with torch.no_grad():
-            dist = vae.encode(x.to(self.device, vae.dtype)).latent_dist
-        if upcast:
-            vae.to(self.weight_dtype)
-        return dist.mean.float().cpu(), dist.std.float().cpu()
+        raw = vae_encode(self.pipe, torch.from_numpy(pixels).permute(0, 3, 1, 2))
+        return raw["mean"], raw["std"]
 
     def _encode_text(self, captions: list[str], *, grad: bool = False) -> dict[str, Any]:
         import torch
