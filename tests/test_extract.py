@@ -20,6 +20,7 @@ import pytest
 from runner.core import contract
 
 from runner.stages import registry as stage_registry
+from runner.stages import common
 from runner.video import extract as X
 from runner.vision import balance as B
 
@@ -229,7 +230,7 @@ def test_plan_notes_say_what_will_be_extracted(tmp_path, close, full):
     from runner.stages import extract as E
 
     config = {"videos": {"1": "clips/a.mp4", "2": "clips/b.mp4"}, "targets": {"full_body": [0.25, 0.3]},
-              "max_per_category": 50, "curation": dict(E.CURATION_DEFAULTS)}
+              "max_per_category": 50, "curation": dict(common.CURATION_DEFAULTS)}
     before = E.plan_notes(config, {"analysis": None})
     assert before == ["after analysis: will look in 2 videos for frames of the categories under target among "
                       "full-body (25%-30%)"]

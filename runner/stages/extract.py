@@ -31,7 +31,7 @@ from typing import Any
 from runner.core import contract
 from runner.spec.config import node_field, schema_config, to_plain, view_of
 from runner.spec.sections import CurationConfig, DatasetConfig, ExtractConfig, ReportConfig, spec_config
-from runner.stages.common import CURATION_DEFAULTS, backend_options, read_jsonl  # noqa: F401 (tests build curation from it)
+from runner.stages.common import backend_options, read_jsonl
 
 KIND = "extract"
 INPUT = "images:extract"  # the name curate and caption give this stage's images
