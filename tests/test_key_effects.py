@@ -63,6 +63,8 @@ train:
   base_model: builtin:tiny-sd
   steps: 20
   lora: {alpha: 8, text_encoder_lr: 0.00005}
+  objective: {timestep_sampling: logit_normal, logit_mean: 0.0, logit_std: 1.0, mode_scale: 1.29, shift: 3.0,
+              weighting: none, guidance: 1.0}
   regularization: {enabled: true, images: ../reg, prompt: a photo of a man}
   phases:
     - {name: first, steps: 10, lr: 0.0002, mix: balanced}

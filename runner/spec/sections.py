@@ -215,9 +215,20 @@ class LoraConfig:
     rank: int
     alpha: float | None
     dropout: float
-    target_modules: tuple[str, ...]
+    target_modules: tuple[str, ...] | None
     train_text_encoder: bool
     text_encoder_lr: float | None
+
+
+@schema_config('train', 'objective')
+class TrainObjectiveConfig:
+    timestep_sampling: str | None
+    logit_mean: float | None
+    logit_std: float | None
+    mode_scale: float | None
+    shift: float | None
+    weighting: str | None
+    guidance: float | None
 
 
 @schema_config('train', 'buckets')
@@ -248,6 +259,7 @@ class TrainConfig:
     lr_scheduler: LrSchedulerConfig
     min_snr_gamma: float | None
     noise_offset: float
+    objective: TrainObjectiveConfig | None
     caption_dropout: float
     shuffle_tags: bool
     keep_tokens: int
