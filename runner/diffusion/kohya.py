@@ -1,6 +1,7 @@
-"""peft/diffusers LoRA state dict -> kohya-format LoRA file (what ComfyUI and A1111 load).
+"""peft/diffusers LoRA state dict -> kohya-format LoRA file (what ComfyUI and A1111 load), for
+every model family; the DiT families' native layouts live in :mod:`runner.diffusion.comfy`.
 
-Key naming rules (written from the formats themselves):
+Key naming rules for the UNet families (written from the formats themselves):
 
 - A LoRA on module ``M`` becomes ``<prefix><M with dots as underscores>.lora_down.weight``
   (peft's ``lora_A``), ``.lora_up.weight`` (``lora_B``) and ``.alpha`` (a scalar tensor holding the
@@ -97,14 +98,6 @@ def diffusers_unet_module_to_sgm(module: str, unet_config: Mapping[str, Any]) ->
     raise ValueError(f"no sgm name known for SDXL UNet module {module!r}")
 
 
-def _split_peft_key(key: str) -> tuple[str, str]:
-    """'a.b.to_q.lora_A.weight' -> ('a.b.to_q', 'lora_A')."""
-    m = re.match(r"(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight$", key)
-    if not m:
-        raise ValueError(f"not a peft LoRA weight key: {key!r}")
-    return m[1], m[2]
-
-
 def peft_to_kohya(
     unet_sd: Mapping[str, Any],
     *,
@@ -113,47 +106,19 @@ def peft_to_kohya(
     alpha: float,
     text_encoder_sds: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Build the kohya state dict from peft state dicts (as ``get_peft_model_state_dict`` gives).
+    """Build the kohya state dict (the file ComfyUI, A1111/Forge and sd-scripts load) from peft
+    state dicts (as ``get_peft_model_state_dict`` gives), for any registry family.
 
-    ``text_encoder_sds`` maps ``text_encoder`` / ``text_encoder_2`` to their peft state dicts.
-    Keys may carry a ``unet.`` / ``text_encoder.`` prefix (diffusers-converted dicts); it is dropped.
+    ``unet_sd`` is the denoiser's (UNet or transformer), ``unet_config`` its config; ``text_encoder_sds``
+    maps ``text_encoder`` / ``text_encoder_2`` / ... to their peft state dicts. Keys may carry a
+    ``unet.`` / ``transformer.`` / ``text_encoder.`` prefix (diffusers-converted dicts); it is dropped.
+    SD 1.x and SDXL follow the rules above; DiT families use their native layout with fused
+    weights (:mod:`runner.diffusion.comfy`).
     """
-    import torch
+    from runner.diffusion.comfy import peft_to_comfy
 
-    out: dict[str, Any] = {}
-
-    def add(prefix: str, sd: Mapping[str, Any], rename) -> None:
-        modules: dict[str, dict[str, Any]] = {}
-        for key, tensor in sd.items():
-            for pre in ("unet.", "text_encoder.", "text_encoder_2.", "base_model.model."):
-                if key.startswith(pre):
-                    key = key[len(pre):]
-            if "lora_magnitude_vector" in key:
-                raise ValueError("DoRA weights are not supported by the kohya writer")
-            module, which = _split_peft_key(key)
-            modules.setdefault(module, {})[which] = tensor
-        for module, parts in sorted(modules.items()):
-            if set(parts) != {"lora_A", "lora_B"}:
-                raise ValueError(f"LoRA module {module!r} lacks lora_A or lora_B")
-            name = prefix + rename(module).replace(".", "_")
-            down, up = parts["lora_A"], parts["lora_B"]
-            out[f"{name}.lora_down.weight"] = down.detach().contiguous()
-            out[f"{name}.lora_up.weight"] = up.detach().contiguous()
-            out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=down.dtype)
-
-    if family == "sdxl":
-        add("lora_unet_", unet_sd, lambda m: diffusers_unet_module_to_sgm(m, unet_config))
-    else:
-        add("lora_unet_", unet_sd, lambda m: m)
-    for name, sd in (text_encoder_sds or {}).items():
-        if not sd:
-            continue
-        if family == "sdxl":
-            prefix = "lora_te1_" if name == "text_encoder" else "lora_te2_"
-        else:
-            prefix = "lora_te_"
-        add(prefix, sd, clip_text_model_path)
-    return out
+    return peft_to_comfy(unet_sd, family=family, denoiser_config=unet_config, alpha=alpha,
+                         text_encoder_sds=text_encoder_sds)
 
 
 def clip_text_model_path(path: str) -> str:
@@ -201,15 +166,24 @@ def kohya_metadata(
     dataset_summary: Mapping[str, Any],
     seed: int,
     extra: Mapping[str, Any] | None = None,
+    denoiser_config: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
-    """ss_* (kohya sd-scripts) and modelspec.* (Stability model spec) metadata, all strings."""
-    sdxl = family == "sdxl"
+    """ss_* (kohya sd-scripts) and modelspec.* (Stability model spec) metadata, all strings.
+
+    The family is named by ``modelspec.architecture`` (``<model>/lora``), ``ss_base_model_version``
+    and ``runner.model_family``; ``denoiser_config`` tells variants apart where the architecture
+    names them (FLUX.1 dev / schnell, FLUX.2 klein 4B / 9B, SD 3 / 3.5). Flow-matching families
+    carry no ``modelspec.prediction_type`` (as sd-scripts writes FLUX.1).
+    """
+    from runner.diffusion.comfy import architecture, layout_for
+
+    lay = layout_for(family)
     now = _dt.datetime.now(_dt.timezone.utc)
     md: dict[str, Any] = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": rank,
         "ss_network_alpha": alpha,
-        "ss_base_model_version": "sdxl_base_v1-0" if sdxl else "sd_v1",
+        "ss_base_model_version": lay.base_model_version,
         "ss_v2": "False",
         "ss_sd_model_name": base_model,
         "ss_learning_rate": lr,
@@ -226,16 +200,19 @@ def kohya_metadata(
         "ss_output_name": title,
         "ss_training_finished_at": str(now.timestamp()),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora" if sdxl else "stable-diffusion-v1/lora",
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if sdxl else "diffusers",
+        "modelspec.architecture": architecture(family, denoiser_config),
+        "modelspec.implementation": lay.implementation,
         "modelspec.title": title,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.date": now.strftime("%Y-%m-%dT%H:%M:%S"),
-        "modelspec.prediction_type": "epsilon",
+        "modelspec.prediction_type": lay.prediction_type,
         "modelspec.trigger_phrase": trigger,
         "modelspec.description": json.dumps(dict(dataset_summary), sort_keys=True),
         "modelspec.author": "character-runner",
+        "runner.model_family": family,
     }
+    if md["modelspec.prediction_type"] is None:
+        del md["modelspec.prediction_type"]
     for k, v in (extra or {}).items():
         md[k] = v
     return {k: (v if isinstance(v, str) else json.dumps(v) if isinstance(v, (dict, list)) else str(v))
