@@ -718,13 +718,16 @@ def publish(spec: str | None, to: str | None, tag: str | None, checkpoint: str |
 @click.option("--dir", "folder", default="specs", show_default=True, type=click.Path(file_okay=False),
               help="Folder to write NAME.yaml into.")
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
-def init(name: str, folder: str, force: bool) -> None:
+@click.option("--family", default=None, metavar="FAMILY",
+              help="Train and evaluate with this model family's presets (a family name as train.model_family "
+                   "spells it, or a short name its preset lists; an unknown one lists them all).")
+def init(name: str, folder: str, force: bool, family: str | None) -> None:
     """Write a commented starter spec NAME.yaml that editors can autocomplete."""
     from runner.spec.starter import write_starter
 
-    path = write_starter(name, Path(folder), force=force)
+    path = write_starter(name, Path(folder), force=force, family=family)
     click.echo(f"wrote {_rel(path)}")
-    click.echo(f"next: put photos in the folder it names, then `runner plan {_rel(path)}`")
+    click.echo(f"next: put photos in the folder{'s' if family else ''} it names, then `runner plan {_rel(path)}`")
 
 
 @cli.command()

@@ -1,0 +1,162 @@
+"""Model families as the spec sees them: train.model_family is the registry, every family has a
+training preset `runner init --family` starts from, every shipped preset validates and resolves,
+train.objective mirrors the registry's Objective, and SD specs keep their node configs (cache keys)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from runner.core.errors import UserError
+from runner.diffusion import families
+from runner.diffusion.families import base as family_base
+from runner.spec import load_spec
+from runner.spec import schema as S
+from runner.spec.resolve import list_presets
+from runner.spec.starter import family_starters, starter_for, write_starter
+
+TRAIN_PRESETS = sorted(list_presets("train"))
+INFERENCE_PRESETS = sorted(list_presets("inference"))
+
+SPEC = """\
+version: 1
+character: {{name: hero, trigger: hrochr, class_word: man}}
+dataset:
+  sources: [{{images: ../photos}}]
+{sections}"""
+
+
+def train_schema() -> dict:
+    return S.section_schema("train")["properties"]
+
+
+def preset_data(folder: str, name: str) -> dict:
+    return yaml.safe_load(list_presets(folder)[name].read_text(encoding="utf-8"))
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    (tmp_path / "runner.toml").write_text("")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "specs").mkdir()
+    return tmp_path
+
+
+def spec_with(project: Path, sections: str):
+    path = project / "specs" / "hero.yaml"
+    path.write_text(SPEC.format(sections=sections))
+    return load_spec(path)
+
+
+# --------------------------------------------------------------------------- the schema and the registry
+
+
+def test_model_family_enum_is_auto_and_the_registry():
+    enum = train_schema()["model_family"]["enum"]
+    assert len(enum) == len(set(enum))
+    assert enum[0] == "auto"
+    assert set(enum[1:]) == set(families.names()), "train.model_family must list every family in the registry"
+
+
+def test_base_model_description_names_every_tiny_model():
+    text = train_schema()["base_model"]["description"]
+    missing = [f"builtin:{f.tiny}" for f in families.all_families() if f"builtin:{f.tiny}" not in text]
+    assert not missing, f"train.base_model's description lacks {missing}"
+
+
+def test_objective_keys_mirror_the_registry_objective():
+    """train.objective's keys are fields of families.Objective, its enums within the registry's,
+    and every key defaults to null (the family's value): the trainer maps it onto the family's
+    Objective with dataclasses.replace."""
+    props = train_schema()["objective"]["properties"]
+    fields = {f.name for f in dataclasses.fields(family_base.Objective)}
+    assert set(props) <= fields
+    assert set(props["timestep_sampling"]["enum"]) - {None} <= set(family_base.TIMESTEP_SAMPLING)
+    assert set(props["weighting"]["enum"]) - {None} <= set(family_base.WEIGHTINGS)
+    assert all(p["default"] is None for p in props.values())
+    assert "default" not in train_schema()["objective"], "absent from SD node configs: their keys stay the same"
+
+
+def test_sd_node_configs_keep_their_keys(project):
+    """The demo's SD settings reach the train node exactly as before families: the UNet targets,
+    no objective key (a key there would change every SD cache key)."""
+    from runner.plan.graph import expand_spec
+
+    spec = spec_with(project, "train: {base_model: 'builtin:tiny-sd'}\n")
+    (node,) = [n for n in expand_spec(spec) if n.kind == "train"]
+    assert node.config["lora"]["target_modules"] == ["to_q", "to_k", "to_v", "to_out.0"]
+    assert "objective" not in node.config
+
+
+# --------------------------------------------------------------------------- presets
+
+
+@pytest.mark.parametrize("preset", TRAIN_PRESETS)
+def test_train_preset_validates_and_resolves(project, preset):
+    spec = spec_with(project, f"train: {{preset: {preset}}}\n")
+    values = preset_data("train", preset)["values"]
+    train = spec.config.train
+    assert train.base_model == values["base_model"] and train.model_family == values["model_family"]
+    assert train.model_family in families.names()
+    fam = families.get(train.model_family)
+    if fam.denoiser != "unet":  # DiT presets train the family's own targets (null)
+        assert train.lora.target_modules is None
+    assert train.resolution % fam.size_multiple == 0
+
+
+@pytest.mark.parametrize("preset", INFERENCE_PRESETS)
+def test_inference_preset_validates_and_resolves(project, preset):
+    spec = spec_with(project, f"evaluate: {{preset: {preset}}}\n")
+    values = preset_data("inference", preset)["values"]
+    assert spec.config.evaluate.steps == values["steps"]
+
+
+def test_every_family_has_one_starter_preset():
+    starters = family_starters()
+    named = [preset_data("train", p)["init"].get("family") for p in TRAIN_PRESETS
+             if "init" in preset_data("train", p)]
+    for family in families.names():
+        assert named.count(family) == 1, f"{family}: one training preset's init block must name it"
+        s = starters[family]
+        assert s.family == family, f"{s.train}: init.family {family} but model_family {s.family}"
+        assert s.evaluate in INFERENCE_PRESETS, f"{s.train}: init.evaluate {s.evaluate!r} is not an inference preset"
+    for key, s in starters.items():
+        assert s.family in families.names(), f"--family {key}: preset {s.train} has no registry family"
+
+
+# --------------------------------------------------------------------------- runner init --family
+
+
+@pytest.mark.parametrize("family", [*families.names(), "flux"])
+def test_init_family_writes_a_spec_that_validates_and_plans(project, family):
+    from runner.engine.executor import plan_specs
+
+    path = write_starter("hero", project / "specs", family=family)
+    for folder in ("photos", "references"):
+        (project / "data" / "hero" / folder).mkdir(parents=True)
+    spec = load_spec(path)
+    want = starter_for(family)
+    assert spec.config.train.preset == want.train and spec.config.train.model_family == want.family
+    assert spec.config.evaluate.preset == want.evaluate
+    plan, ws = plan_specs([spec])
+    try:
+        trains = [st for st in plan.stages if st.node.kind == "train"]
+        assert len(trains) == 1 and trains[0].node.config["model_family"] == want.family
+        assert any(st.node.kind == "evaluate" for st in plan.stages)
+    finally:
+        ws.close()
+
+
+def test_init_without_family_keeps_training_commented(project):
+    text = write_starter("hero", project / "specs").read_text()
+    assert "\n# train:\n#   preset: sdxl-character\n" in text and "\ntrain:" not in text
+
+
+def test_init_unknown_family_names_the_known_ones(project):
+    with pytest.raises(UserError) as exc:
+        write_starter("hero", project / "specs", family="flux3")
+    assert "flux1" in exc.value.hint and "flux" in exc.value.hint
+    assert not (project / "specs" / "hero.yaml").exists()
