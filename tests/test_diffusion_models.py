@@ -61,26 +61,23 @@ def test_model_refs_and_family(tmp_path: Path) -> None:
         resolve_model_ref(str(tmp_path / "missing.safetensors"))
 
 
-def test_single_file_family_from_keys(tmp_path: Path) -> None:
+def test_single_file_with_odd_shapes_or_lora_keys_is_refused_by_name(tmp_path: Path) -> None:
+    """The families' detection reads real key shapes (tests/test_families.py); a file whose
+    known keys have shapes no checkpoint has, or a LoRA, is refused naming the file."""
     import torch
     from safetensors.torch import save_file
 
     from runner.diffusion.models import detect_family_of_file
 
-    def t():
-        return torch.zeros(1)
-    save_file({"model.diffusion_model.input_blocks.0.0.weight": t(),
-               "conditioner.embedders.1.model.ln_final.weight": t()},
-              str(tmp_path / "xl.safetensors"))
-    save_file({"model.diffusion_model.input_blocks.0.0.weight": t(), "cond_stage_model.transformer.x": t()},
-              str(tmp_path / "v15.safetensors"))
-    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": t()},
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1),
+               "conditioner.embedders.1.model.ln_final.weight": torch.zeros(1)}, str(tmp_path / "odd.safetensors"))
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(1)},
               str(tmp_path / "lora.safetensors"))
-    assert detect_family_of_file(tmp_path / "xl.safetensors") == "sdxl"
-    assert detect_family_of_file(tmp_path / "v15.safetensors") == "sd15"
-    with pytest.raises(ModelLoadError, match="LoRA"):
+    with pytest.raises(ModelLoadError, match="odd.safetensors: the tensors"):
+        detect_family_of_file(tmp_path / "odd.safetensors")
+    with pytest.raises(ModelLoadError, match="lora.safetensors: a LoRA"):
         detect_family_of_file(tmp_path / "lora.safetensors")
-    assert resolve_model_ref(str(tmp_path / "xl.safetensors"))[0] == "file"
+    assert resolve_model_ref(str(tmp_path / "odd.safetensors"))[0] == "file"
 
 
 def test_folder_load_and_family_mismatch() -> None:

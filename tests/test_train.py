@@ -138,9 +138,9 @@ def test_overfitting_one_image_lowers_its_loss(shared_data: Path, tmp_path: Path
                      cache_dir=tmp_path / "cache", device="cpu")
     tr.run()
     with_lora = tr.validation_loss(tr.train_ex)
-    tr.unet.disable_adapters()  # LoRA B starts at zero: the base model is the starting point
+    tr.denoiser.disable_adapters()  # LoRA B starts at zero: the base model is the starting point
     before = tr.validation_loss(tr.train_ex)
-    tr.unet.enable_adapters()
+    tr.denoiser.enable_adapters()
     assert with_lora < 0.8 * before, (before, with_lora)
 
 

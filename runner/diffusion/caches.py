@@ -4,7 +4,8 @@ Entries live under ``<cache_dir>/train/<model fingerprint>/`` and are keyed by c
 
 - latents: image bytes (sha256) + bucket size + crop method -> the VAE's latent distribution
   (mean and std, so each step can still sample from it) and SDXL's size/crop conditioning;
-- text: caption string -> prompt embeddings (and SDXL's pooled embedding).
+- text: caption string -> the family's caption embeddings (prompt embeddings, and a pooled
+  embedding where the family has one).
 
 A second variant or phase of the same model on the same data finds every entry and encodes
 nothing. Each entry is written to a temporary file and renamed into place, so a killed run never
@@ -97,8 +98,9 @@ class TrainCache:
 
     def ensure_text(self, captions: Sequence[str], encode: Callable, *, batch_size: int = 32,
                     progress=None) -> dict[str, Path]:
-        """Make sure every caption has an entry; ``encode(list[str])`` returns a dict of batched
-        tensors (``prompt_embeds``, and ``pooled`` for SDXL)."""
+        """Make sure every caption has an entry; ``encode(list[str])`` returns one dict of tensors
+        per caption (the family's embeddings: ``prompt_embeds``, and ``pooled`` where the family
+        has a pooled vector; lengths may differ between captions)."""
         out: dict[str, Path] = {}
         todo: list[str] = []
         for c in dict.fromkeys(captions):
@@ -111,9 +113,8 @@ class TrainCache:
                 todo.append(c)
         for s in range(0, len(todo), batch_size):
             chunk = todo[s:s + batch_size]
-            enc = encode(chunk)
-            for j, c in enumerate(chunk):
-                _atomic_save({k: v[j] for k, v in enc.items()}, out[c])
+            for c, tensors in zip(chunk, encode(chunk), strict=True):
+                _atomic_save(tensors, out[c])
             if progress is not None:
                 progress.update(len(chunk))
         return out

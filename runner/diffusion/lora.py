@@ -17,11 +17,13 @@ DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 _TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
-def save_diffusers_lora(pipe, folder: Path, state: Mapping[str, Mapping[str, Any]]) -> Path:
+def save_diffusers_lora(pipe, folder: Path, state: Mapping[str, Mapping[str, Any]], *,
+                        weight_name: str | None = None) -> Path:
     """Write ``folder/pytorch_lora_weights.safetensors`` from peft state dicts.
 
-    ``state`` maps ``unet`` (and ``text_encoder`` / ``text_encoder_2`` when trained) to what
-    ``get_peft_model_state_dict`` gives for that model of ``pipe``. The LoRA scale alpha / rank is
+    ``state`` maps the denoiser (``unet`` or ``transformer``, and ``text_encoder`` /
+    ``text_encoder_2`` when the CLIP text encoders trained) to what ``get_peft_model_state_dict``
+    gives for that component of ``pipe``. The LoRA scale alpha / rank is
     folded into ``lora_B`` and the adapter metadata says ``lora_alpha = r``: readers that ignore
     the metadata (diffusers 0.32, ComfyUI, A1111 take alpha = rank for peft keys) then apply the
     strength it was trained with, and the installed diffusers reads the same. Returns the path.
@@ -29,14 +31,15 @@ def save_diffusers_lora(pipe, folder: Path, state: Mapping[str, Mapping[str, Any
     from runner.diffusion.kohya import clip_text_model_layout
 
     kw: dict[str, Any] = {}
-    for name in ("unet", *_TEXT_ENCODERS):
-        if not state.get(name):
+    for name, layers in state.items():
+        if not layers:
             continue
-        sd, meta = _fold_alpha(state[name], getattr(pipe, name).peft_config["default"].to_dict())
-        kw[f"{name}_lora_layers"] = sd if name == "unet" else clip_text_model_layout(sd)
+        sd, meta = _fold_alpha(layers, getattr(pipe, name).peft_config["default"].to_dict())
+        kw[f"{name}_lora_layers"] = clip_text_model_layout(sd) if name in _TEXT_ENCODERS else sd
         kw[f"{name}_lora_adapter_metadata"] = meta
-    type(pipe).save_lora_weights(str(folder), weight_name=DIFFUSERS_FILE, safe_serialization=True, **kw)
-    return Path(folder) / DIFFUSERS_FILE
+    weight_name = weight_name or DIFFUSERS_FILE
+    type(pipe).save_lora_weights(str(folder), weight_name=weight_name, safe_serialization=True, **kw)
+    return Path(folder) / weight_name
 
 
 def _fold_alpha(sd: Mapping[str, Any], config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

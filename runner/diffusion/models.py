@@ -1,9 +1,10 @@
 """Loading base models: hub id, local diffusers folder, single .safetensors file, or builtin:tiny-*.
 
-``load_pipeline`` returns a ``StableDiffusionPipeline`` (family ``sd15``) or a
-``StableDiffusionXLPipeline`` (family ``sdxl``). The family is detected from the model itself
-when ``family="auto"``: ``model_index.json`` / the UNet config for folders, the key names for
-single files (SDXL checkpoints carry ``conditioner.embedders.1``).
+``load_pipeline`` returns the diffusers pipeline of the model's family (one of
+:mod:`runner.diffusion.families`: ``StableDiffusionPipeline`` for sd15, ``FluxPipeline`` for
+flux1, ...). The family is detected from the model itself when ``family="auto"``:
+``model_index.json``'s pipeline class for folders (and cached hub snapshots), the key names
+diffusers' single-file loader reads for single files, the name for builtin models.
 """
 
 from __future__ import annotations
@@ -13,12 +14,19 @@ from pathlib import Path
 from typing import Any
 
 from runner.core.errors import UserError
-
-FAMILIES = ("sd15", "sdxl")
+from runner.diffusion import families
 
 
 class ModelLoadError(UserError):
     """A base model could not be found or loaded; the message says what to do."""
+
+
+def family_names() -> list[str]:
+    return families.names()
+
+
+def _builtin_hint() -> str:
+    return "Use one of " + ", ".join(f"builtin:{f.tiny}" for f in families.all_families()) + "."
 
 
 def resolve_model_ref(base_model: str, *, cache_dir: Path | str | None = None,
@@ -30,12 +38,9 @@ def resolve_model_ref(base_model: str, *, cache_dir: Path | str | None = None,
     """
     ref = str(base_model)
     if ref.startswith("builtin:"):
-        from runner.diffusion.tiny import tiny_model_path
-
-        try:
-            return "builtin", str(tiny_model_path(ref, cache_dir))
-        except ValueError as exc:
-            raise ModelLoadError(str(exc), hint="Use builtin:tiny-sd or builtin:tiny-sdxl.") from None
+        if families.by_tiny_name(ref) is None:
+            raise ModelLoadError(f"unknown builtin model {ref!r}", hint=_builtin_hint())
+        return "builtin", str(families.tiny_path(ref, cache_dir))
     p = Path(ref).expanduser()
     if not p.is_absolute() and project_root is not None:
         cand = Path(project_root) / p
@@ -45,7 +50,7 @@ def resolve_model_ref(base_model: str, *, cache_dir: Path | str | None = None,
         if not (p / "model_index.json").is_file():
             raise ModelLoadError(
                 f"model folder {p} has no model_index.json",
-                hint="Give a diffusers-format folder (with model_index.json, unet/, vae/, text_encoder/), "
+                hint="Give a diffusers-format folder (with model_index.json and a folder per component), "
                 "a single .safetensors checkpoint, or a hub id.",
             )
         return "folder", str(p)
@@ -63,44 +68,36 @@ def resolve_model_ref(base_model: str, *, cache_dir: Path | str | None = None,
     )
 
 
+def _as_load_error(fn, *args):
+    try:
+        return fn(*args)
+    except ModelLoadError:
+        raise
+    except UserError as exc:
+        raise ModelLoadError(exc.message, hint=exc.hint) from None
+
+
 def detect_family_of_folder(folder: Path) -> str:
-    index = json.loads((Path(folder) / "model_index.json").read_text())
-    cls = str(index.get("_class_name", ""))
-    if "XL" in cls or "text_encoder_2" in index:
-        return "sdxl"
-    unet_cfg = Path(folder) / "unet" / "config.json"
-    if unet_cfg.is_file() and json.loads(unet_cfg.read_text()).get("addition_embed_type") == "text_time":
-        return "sdxl"
-    return "sd15"
+    return _as_load_error(families.detect_folder, folder).name
 
 
 def detect_family_of_file(path: Path) -> str:
-    from safetensors import safe_open
-
-    if Path(path).suffix != ".safetensors":
-        return "sd15" if "xl" not in Path(path).name.lower() else "sdxl"
-    with safe_open(str(path), framework="pt") as f:
-        keys = list(f.keys())
-    if any(k.startswith("conditioner.embedders.1") for k in keys):
-        return "sdxl"
-    if any(k.startswith("cond_stage_model") for k in keys) or any(k.startswith("model.diffusion_model") for k in keys):
-        return "sd15"
-    if any("lora" in k.lower() for k in keys[:50]):
-        raise ModelLoadError(f"{path} is a LoRA file, not a base model",
-                             hint="Set train.base_model to the checkpoint the LoRA was trained on.")
-    raise ModelLoadError(f"{path} does not look like an SD 1.5 or SDXL checkpoint (no UNet keys)",
-                         hint="Give a full single-file checkpoint, not a LoRA or VAE file.")
+    if Path(path).suffix != ".safetensors":  # a pickle: only its name can be read safely
+        return "sdxl" if "xl" in Path(path).name.lower() else "sd15"
+    return _as_load_error(families.detect_file, path).name
 
 
 def detect_family(base_model: str, *, cache_dir: Path | str | None = None,
                   project_root: Path | None = None) -> str:
-    """sd15 or sdxl for a model reference, without loading weights where possible."""
+    """The family name of a model reference, without loading weights."""
     kind, loc = resolve_model_ref(base_model, cache_dir=cache_dir, project_root=project_root)
-    if kind in ("builtin", "folder"):
+    if kind == "builtin":
+        return families.by_tiny_name(str(base_model)).name
+    if kind == "folder":
         return detect_family_of_folder(Path(loc))
     if kind == "file":
         return detect_family_of_file(Path(loc))
-    # hub id: ask the hub's model_index.json (the cached snapshot's when the hub is out of reach)
+    # hub id: its model_index.json (the cached snapshot's when the hub is out of reach)
     loc = hub_location(loc)
     if Path(loc).is_dir():
         return detect_family_of_folder(Path(loc))
@@ -108,8 +105,14 @@ def detect_family(base_model: str, *, cache_dir: Path | str | None = None,
         from huggingface_hub import hf_hub_download
 
         return detect_family_of_folder(Path(hf_hub_download(loc, "model_index.json")).parent)
+    except ModelLoadError:
+        raise
     except Exception:
-        return "sdxl" if "xl" in loc.lower() else "sd15"
+        fam = families.detect_hub_id(loc)
+        if fam is None:
+            raise ModelLoadError(f"cannot tell the model family of {loc!r} (no model_index.json reachable)",
+                                 hint=f"Set train.model_family to one of {', '.join(family_names())}.") from None
+        return fam.name
 
 
 def hub_location(ref: str, key: str = "train.base_model") -> str:
@@ -123,39 +126,36 @@ def hub_location(ref: str, key: str = "train.base_model") -> str:
         raise ModelLoadError(str(exc), hint=exc.hint) from None
 
 
-# VAE downscale x 2**(UNet down blocks - 1) of the real architectures (sd-scripts requires the
-# same of bucket_reso_steps): what image sides must be multiples of.
-FAMILY_SIZE_MULTIPLE = {"sd15": 64, "sdxl": 32}
+def _folder_multiple(folder: Path, fam) -> int | None:
+    """What the family's config files in ``folder`` say image sides must be divisible by."""
+    den = folder / fam.denoiser / "config.json"
+    vae = folder / "vae" / "config.json"
+    if not (den.is_file() and vae.is_file()):
+        return None
+    den_cfg, vae_cfg = json.loads(den.read_text()), json.loads(vae.read_text())
+    return fam.multiple_from_configs(den_cfg, vae_cfg)
 
 
 def size_multiple(base_model: str, *, family: str = "auto", cache_dir: Path | str | None = None,
                   project_root: Path | None = None) -> int:
-    """What image sides must be divisible by for ``base_model`` (VAE downscale x 2 ** (UNet down
-    blocks - 1), the trainer's ``multiple``), read from the model's config files, no weights.
-    Single files and hub ids that are not cached locally use their family's value."""
+    """What image sides must be divisible by for ``base_model`` (the trainer's bucket
+    ``multiple``), read from the model's config files, no weights. Single files and hub ids that
+    are not cached locally use their family's value."""
     kind, loc = resolve_model_ref(base_model, cache_dir=cache_dir, project_root=project_root)
+    if family == "auto":
+        family = detect_family(base_model, cache_dir=cache_dir, project_root=project_root)
+    fam = families.get(family)
     folder = Path(loc) if kind in ("builtin", "folder") else None
     if kind == "hub":
         try:
             from huggingface_hub import hf_hub_download
 
-            folder = Path(hf_hub_download(loc, "unet/config.json")).parent.parent
+            folder = Path(hf_hub_download(loc, f"{fam.denoiser}/config.json")).parent.parent
             hf_hub_download(loc, "vae/config.json")
         except Exception:
             folder = None
-    if folder is not None and all((folder / part / "config.json").is_file() for part in ("unet", "vae")):
-        unet = json.loads((folder / "unet" / "config.json").read_text())
-        vae = json.loads((folder / "vae" / "config.json").read_text())
-        return 2 ** (len(vae["block_out_channels"]) - 1) * 2 ** (len(unet["block_out_channels"]) - 1)
-    if family == "auto":
-        family = detect_family(base_model, cache_dir=cache_dir, project_root=project_root)
-    return FAMILY_SIZE_MULTIPLE[family]
-
-
-def _pipeline_class(family: str):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    found = _folder_multiple(folder, fam) if folder is not None else None
+    return found or fam.size_multiple
 
 
 def default_dtype(device: str):
@@ -166,65 +166,73 @@ def default_dtype(device: str):
     return torch.float32
 
 
+def _chosen_family(base_model: str, family: str, kind: str, **where) -> str:
+    if family not in ("auto", *family_names()):
+        raise ModelLoadError(f"unknown model family {family!r}",
+                             hint=f"Use auto or one of {', '.join(family_names())}.")
+    detected = detect_family(base_model, **where)
+    if family != "auto" and family != detected and kind != "hub":
+        raise ModelLoadError(f"base model {base_model!r} is {detected}, not {family}",
+                             hint=f"Set train.model_family to {detected} or auto.")
+    return detected if family == "auto" else family
+
+
 def load_pipeline(base_model: str, *, family: str = "auto", device: str = "cpu", dtype: Any = None,
                   cache_dir: Path | str | None = None, project_root: Path | None = None):
-    """Load a Stable Diffusion 1.5 or SDXL pipeline.
+    """Load the diffusers pipeline of ``base_model``'s family.
 
-    base_model: hub id ("stabilityai/stable-diffusion-xl-base-1.0"), a local diffusers folder, a
-    single .safetensors checkpoint, or builtin:tiny-sd / builtin:tiny-sdxl.
-    family: "auto" (detect), "sd15" or "sdxl". dtype: torch dtype; None picks fp32 on CPU and
+    base_model: a hub id ("black-forest-labs/FLUX.1-dev"), a local diffusers folder, a single
+    .safetensors checkpoint, or builtin:tiny-<family>. family: "auto" (detect) or a family name
+    (:func:`runner.diffusion.families.names`). dtype: torch dtype; None picks fp32 on CPU and
     bf16 (fp16 where bf16 is unsupported) on CUDA.
 
     Raises :class:`ModelLoadError` with a hint when the model cannot be found or loaded.
     """
-    if family not in ("auto", *FAMILIES):
-        raise ModelLoadError(f"unknown model family {family!r}", hint="Use auto, sd15 or sdxl.")
-    kind, loc = resolve_model_ref(base_model, cache_dir=cache_dir, project_root=project_root)
+    where = {"cache_dir": cache_dir, "project_root": project_root}
+    kind, loc = resolve_model_ref(base_model, **where)
     if kind == "hub":
         loc = hub_location(loc)  # before any download attempt: offline and uncached fails now
-    detected = detect_family(base_model, cache_dir=cache_dir, project_root=project_root)
-    if family != "auto" and family != detected and kind != "hub":
-        raise ModelLoadError(f"base model {base_model!r} is {detected}, not {family}",
-                             hint=f"Set train.model_family to {detected} or auto.")
-    if family != "auto":
-        detected = family
-    if dtype is None:
-        dtype = default_dtype(device)
-    cls = _pipeline_class(detected)
-    extra: dict[str, Any] = {}
-    if detected == "sd15":
-        extra = {"safety_checker": None, "requires_safety_checker": False}
-    from diffusers.utils import logging as dlogging
-
-    from transformers.utils import logging as tlogging
-
-    dlogging.disable_progress_bar()  # loading bars would bypass ctx.progress
-    tlogging.disable_progress_bar()
-    try:
-        if kind == "file":
-            pipe = cls.from_single_file(loc, dtype=dtype, **extra)
-        else:
-            pipe = cls.from_pretrained(loc, dtype=dtype, **extra)
-    except (OSError, EnvironmentError, ValueError) as exc:
-        hint = ("This machine may have no access to the Hugging Face hub: download the model first "
-                "(huggingface-cli download ...) or point base_model at a local folder or file.")
-        if kind == "file":
-            hint = ("Single-file loading needs the model's config; offline, set HF_HUB_OFFLINE=0 once to "
-                    "fetch it, or convert the checkpoint to a diffusers folder.")
-        raise ModelLoadError(f"could not load base model {base_model!r} ({kind}): {exc}", hint=hint) from None
-    actual = "sdxl" if hasattr(pipe, "text_encoder_2") else "sd15"
-    if actual != detected:
-        raise ModelLoadError(f"base model {base_model!r} is {actual}, not {detected}",
-                             hint=f"Set train.model_family to {actual} or auto.")
-    if kind == "builtin":
-        pipe.set_progress_bar_config(disable=True)
-    pipe._character_runner_family = detected  # noqa: SLF001  (read by family_of)
+    fam = families.get(_chosen_family(base_model, family, kind, **where))
+    pipe = _from_pretrained(fam, kind, loc, base_model, dtype or default_dtype(device))
+    actual = _as_load_error(families.detect_pipeline, pipe)
+    if actual is not fam:
+        raise ModelLoadError(f"base model {base_model!r} is {actual.name}, not {fam.name}",
+                             hint=f"Set train.model_family to {actual.name} or auto.")
+    pipe.set_progress_bar_config(disable=True)  # bars would bypass ctx.progress
+    pipe._character_runner_family = fam.name  # noqa: SLF001  (read by family_of)
     pipe._character_runner_tiny = kind == "builtin"
     return pipe.to(device)
 
 
+def _from_pretrained(fam, kind: str, loc: str, base_model: str, dtype):
+    import diffusers
+    from diffusers.utils import logging as dlogging
+    from transformers.utils import logging as tlogging
+
+    dlogging.disable_progress_bar()  # loading bars would bypass ctx.progress
+    tlogging.disable_progress_bar()
+    cls = getattr(diffusers, fam.pipeline)
+    extra = dict(fam.pipeline_kwargs)
+    try:
+        if kind == "file":
+            if not hasattr(cls, "from_single_file"):
+                raise ModelLoadError(f"{base_model}: a {fam.title} single file cannot be loaded as a pipeline",
+                                     hint=f"Point train.base_model at the {fam.title} diffusers folder or hub id.")
+            return cls.from_single_file(loc, dtype=dtype, **extra)
+        return cls.from_pretrained(loc, dtype=dtype, **extra)
+    except (OSError, EnvironmentError, ValueError, TypeError) as exc:
+        hint = ("This machine may have no access to the Hugging Face hub: download the model first "
+                "(hf download ...) or point base_model at a local folder or file.")
+        if kind == "file":
+            hint = ("Single-file loading needs the model's config; offline, set HF_HUB_OFFLINE=0 once to "
+                    "fetch it, or convert the checkpoint to a diffusers folder.")
+        raise ModelLoadError(f"could not load base model {base_model!r} ({kind}): {exc}", hint=hint) from None
+
+
 def family_of(pipe) -> str:
-    return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd15"
+    """The family name of a loaded pipeline."""
+    name = getattr(pipe, "_character_runner_family", None)
+    return name or families.detect_pipeline(pipe).name
 
 
 def model_fingerprint(base_model: str, *, cache_dir: Path | str | None = None,
@@ -239,9 +247,7 @@ def model_fingerprint(base_model: str, *, cache_dir: Path | str | None = None,
     kind, loc = resolve_model_ref(base_model, cache_dir=cache_dir, project_root=project_root)
     h = hashlib.sha256(f"{kind}:{base_model}".encode())
     if kind == "builtin":
-        from runner.diffusion.tiny import TINY_VERSION
-
-        h.update(f"v{TINY_VERSION}".encode())
+        h.update(f"v{families.by_tiny_name(str(base_model)).tiny_version}".encode())
     elif kind in ("folder", "file"):
         p = Path(loc)
         weights = (".safetensors", ".bin", ".json")

@@ -6,9 +6,12 @@ Reading order of :meth:`LoraTrainer.run`:
 2. read the dataset, hold out validation images, assign aspect buckets, make caption variants;
 3. fill the latent and text-embedding caches (shared across variants and phases), and the
    prior-preservation class images when asked;
-4. attach the LoRA adapters (UNet, optionally the text encoders), restore the last resume state;
+4. attach the LoRA adapters (the family's denoiser, optionally CLIP text encoders), restore the
+   last resume state;
 5. run the phases: per optimizer step, ``gradient_accumulation`` micro-batches drawn by the
-   phase's weighted sampler; min-SNR weighted loss, noise offset, caption dropout, prior loss;
+   phase's weighted sampler; the family's objective (epsilon/v with min-SNR weighting for UNet
+   families, flow matching for DiT families: :func:`runner.diffusion.families.training_loss`),
+   noise offset, caption dropout, prior loss;
 6. every N steps and at the end of each phase: a checkpoint (diffusers/peft file + kohya file),
    samples at fixed seeds, validation loss at fixed timesteps, then the resume state (atomic);
 7. copy the kept checkpoints, samples and logs into the output folder with ``index.json``.
@@ -235,9 +238,9 @@ class LoraTrainer:
     # 1. model
     def _load_model(self) -> None:
         import torch
-        from diffusers import DDPMScheduler
 
-        from runner.diffusion.models import ModelLoadError, load_pipeline, model_fingerprint
+        from runner.diffusion import families
+        from runner.diffusion.models import ModelLoadError, family_of, load_pipeline, model_fingerprint
 
         self.weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.mixed_precision, torch.float32)
         try:
@@ -248,19 +251,27 @@ class LoraTrainer:
                                               project_root=self.project_root)
         except ModelLoadError as exc:
             raise TrainError(f"train.base_model: {exc}", hint=exc.hint) from None
-        self.pipe.set_progress_bar_config(disable=True)
-        self.family = "sdxl" if getattr(self.pipe, "text_encoder_2", None) is not None else "sd15"
+        self.fam = families.get(family_of(self.pipe))
+        self.family = self.fam.name
         self.tiny = self.cfg.base_model.startswith("builtin:")
-        self.unet = self.pipe.unet
+        self.c = families.components_of(self.pipe, self.fam, self._objective())
+        self.denoiser = self.c.denoiser
         self.vae = self.pipe.vae
-        encoders = (self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None))
+        encoders = (getattr(self.pipe, name, None) for name in self.fam.text.encoders)
         self.text_encoders = [m for m in encoders if m is not None]
-        for m in (self.unet, self.vae, *self.text_encoders):
+        for m in (self.denoiser, self.vae, *self.text_encoders):
             m.requires_grad_(False)
-        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        self.noise_scheduler = self.c.scheduler
         self._use_sdpa()
-        # what the bucket sides must be divisible by: VAE downscale x UNet downsamplings
-        self.multiple = self.pipe.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        self.multiple = self.fam.multiple_of(self.pipe)  # what the bucket sides must be divisible by
+
+    def _objective(self):
+        """The family's training objective with the spec's noise offset and min-SNR gamma (the
+        latter only weighs epsilon/v objectives)."""
+        from dataclasses import replace
+
+        return replace(self.fam.objective, noise_offset=float(self.cfg.noise_offset),
+                       min_snr_gamma=self.cfg.min_snr_gamma or None)
 
     def _use_sdpa(self) -> None:
         """Attention through torch's scaled_dot_product_attention (flash / memory-efficient
@@ -268,10 +279,11 @@ class LoraTrainer:
         is switched over."""
         from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-        procs = self.unet.attn_processors
+        procs = getattr(self.denoiser, "attn_processors", {})
         if any(type(p) is AttnProcessor for p in procs.values()):
-            self.unet.set_attn_processor(AttnProcessor2_0())
-        self.attention = sorted({type(p).__name__ for p in self.unet.attn_processors.values()})
+            self.denoiser.set_attn_processor(AttnProcessor2_0())
+            procs = self.denoiser.attn_processors
+        self.attention = sorted({type(p).__name__ for p in procs.values()}) or ["sdpa"]
 
     # ------------------------------------------------------------------------------------
     # 2. data
@@ -314,25 +326,16 @@ class LoraTrainer:
         import numpy as np
         import torch
 
-        from runner.diffusion.families.base import vae_encode
-
         pixels = np.stack([np.asarray(im, dtype=np.float32) / 127.5 - 1.0 for im in images])
-        raw = vae_encode(self.pipe, torch.from_numpy(pixels).permute(0, 3, 1, 2))
+        raw = self.fam.images_to_raw(self.pipe, torch.from_numpy(pixels).permute(0, 3, 1, 2))
         return raw["mean"], raw["std"]
 
-    def _encode_text(self, captions: list[str], *, grad: bool = False) -> dict[str, Any]:
-        import torch
-
-        ctx = torch.enable_grad() if grad else torch.no_grad()
-        with ctx:
-            if self.family == "sdxl":
-                pe, _, pooled, _ = self.pipe.encode_prompt(prompt=list(captions), device=self.device,
-                                                           num_images_per_prompt=1, do_classifier_free_guidance=False)
-                out = {"prompt_embeds": pe, "pooled": pooled}
-            else:
-                pe, _ = self.pipe.encode_prompt(list(captions), self.device, 1, False)
-                out = {"prompt_embeds": pe}
-        return out if grad else {k: v.float().cpu() for k, v in out.items()}
+    def _encode_text(self, captions: list[str], *, grad: bool = False):
+        """Caption embeddings: one dict per caption for the cache, or (``grad``: the text
+        encoders train) the batch collated, with gradients."""
+        if grad:
+            return self.fam.encode_text(self.pipe, list(captions))
+        return self.fam.encode_captions(self.pipe, list(captions))
 
     def _class_prompt(self) -> str:
         return self.cfg.regularization.prompt or f"a photo of a {self.cfg.class_word}"
@@ -366,8 +369,9 @@ class LoraTrainer:
                     seeds = [seed * 100003 + i for i in range(count)]
                     for s in range(0, count, 4):
                         chunk = seeds[s:s + 4]
-                        imgs = generate_images(self.pipe, [prompt], seeds=chunk, steps=steps, guidance=6.0,
-                                               width=res, height=res, batch_size=4)
+                        imgs = generate_images(self.pipe, [prompt], seeds=chunk, steps=steps,
+                                               guidance=self.fam.sample.guidance, width=res, height=res,
+                                               batch_size=4)
                         for seed, im in zip(chunk, imgs):
                             im.save(folder / f"class-{seed}.png")
                         bar.update(len(chunk))
@@ -426,21 +430,23 @@ class LoraTrainer:
         from diffusers.training_utils import cast_training_params
         from peft import LoraConfig
 
+        from runner.diffusion import families
+
         lcfg = self.cfg.lora
         self.rank = lcfg.rank
         self.alpha = float(lcfg.alpha if lcfg.alpha is not None else self.rank)
-        targets = list(lcfg.target_modules)
-        torch.manual_seed(_h(self.cfg.seed, "lora-init"))  # same initial A matrices on every run
-        conf = LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=float(lcfg.dropout),
-                          init_lora_weights="gaussian", target_modules=targets)
-        try:
-            self.unet.add_adapter(conf)
-        except ValueError as exc:
-            raise TrainError(f"train.lora.target_modules {targets} match no UNet module ({exc})",
-                             hint="Use names such as to_q, to_k, to_v, to_out.0, proj_in, proj_out, ff.net.2.",
-                             ) from None
-        self.trained = [self.unet]
+        targets = list(lcfg.target_modules or self.fam.lora_targets)
+        try:  # seeded: the same initial A matrices on every run
+            families.add_lora(self.c, rank=self.rank, alpha=self.alpha, targets=targets, dropout=float(lcfg.dropout),
+                              seed=_h(self.cfg.seed, "lora-init"))
+        except UserError as exc:
+            raise TrainError(f"train.lora.target_modules: {exc.message}", hint=exc.hint) from None
+        self.trained = [self.denoiser]
         if self.train_te:
+            if self.fam.encode_text is None:
+                raise TrainError(f"train.lora.train_text_encoder: the {self.fam.title} text encoders "
+                                 f"({', '.join(self.fam.text.encoders)}) are not trained by the runner",
+                                 hint="Set train.lora.train_text_encoder to false (only the denoiser is trained).")
             for te in self.text_encoders:
                 te.add_adapter(LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=float(lcfg.dropout),
                                           init_lora_weights="gaussian", target_modules=TE_TARGETS))
@@ -448,33 +454,35 @@ class LoraTrainer:
         if self.weight_dtype != torch.float32:
             cast_training_params(self.trained, dtype=torch.float32)  # LoRA weights train in fp32
         if self.cfg.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
+            self.denoiser.enable_gradient_checkpointing()
             if self.train_te:
                 for te in self.text_encoders:
                     te.gradient_checkpointing_enable()
-        self.unet.train()
+        self.denoiser.train()
         for te in self.text_encoders:
             te.train(self.train_te)
 
     def _lora_state(self) -> dict[str, dict]:
+        """peft state dicts by pipeline component: the denoiser's, and the text encoders' when
+        they train (the resume state and the LoRA files are written from it)."""
         from peft.utils import get_peft_model_state_dict
 
-        out = {"unet": get_peft_model_state_dict(self.unet)}
+        out = {self.fam.denoiser: get_peft_model_state_dict(self.denoiser)}
         if self.train_te:
-            for name, te in zip(("text_encoder", "text_encoder_2"), self.text_encoders):
+            for name, te in zip(self.fam.text.encoders, self.text_encoders):
                 out[name] = get_peft_model_state_dict(te)
         return out
 
     def _load_lora_state(self, state: dict[str, dict]) -> None:
         from peft.utils import set_peft_model_state_dict
 
-        set_peft_model_state_dict(self.unet, state["unet"])
-        for name, te in zip(("text_encoder", "text_encoder_2"), self.text_encoders):
+        set_peft_model_state_dict(self.denoiser, state[self.fam.denoiser])
+        for name, te in zip(self.fam.text.encoders, self.text_encoders):
             if name in state:
                 set_peft_model_state_dict(te, state[name])
 
     def _param_groups(self, phase: Phase) -> list[dict]:
-        groups = [{"params": [p for p in self.unet.parameters() if p.requires_grad], "lr": phase.lr}]
+        groups = [{"params": [p for p in self.denoiser.parameters() if p.requires_grad], "lr": phase.lr}]
         if self.train_te:
             te_lr = self.cfg.lora.text_encoder_lr
             te_lr = phase.lr if te_lr is None else float(te_lr) * phase.lr / float(self.cfg.lr)
@@ -512,67 +520,48 @@ class LoraTrainer:
 
     # ------------------------------------------------------------------------------------
     # 5. the loss of one micro-batch
-    def _batch_tensors(self, examples: list[Example], gen, *, fixed_caption: bool = False):
+    def _batch(self, examples: list[Example], gen, *, fixed_caption: bool = False, noise=None, timesteps=None):
+        """The micro-batch of ``examples``: a latent sampled from each cached distribution (model
+        latents of the family), a caption variant each (or the empty caption, dropped), their
+        embeddings, and the size/crop conditioning (SDXL reads it as time ids)."""
         import torch
 
-        mean = torch.stack([self.latents[id(e)]["mean"] for e in examples])
-        std = torch.stack([self.latents[id(e)]["std"] for e in examples])
-        latents = mean + std * torch.randn(mean.shape, generator=gen)
-        sf = self.vae.config.scaling_factor
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        latents = (latents - shift) * sf
-        drop = float(self.cfg.caption_dropout)
-        caps = []
-        for e in examples:
-            vary = len(e.captions) > 1 and not fixed_caption
-            k = int(torch.randint(len(e.captions), (1,), generator=gen)) if vary else 0
-            c = e.captions[k]
-            may_drop = drop > 0 and not fixed_caption and not e.is_regularization
-            if may_drop and float(torch.rand((), generator=gen)) < drop:
-                c = ""
-            caps.append(c)
+        from runner.diffusion.families import Batch
+
+        entries = [self.latents[id(e)] for e in examples]
+        mean = torch.stack([x["mean"] for x in entries])
+        std = torch.stack([x["std"] for x in entries])
+        latents = self.fam.to_model_latents(self.pipe, mean + std * torch.randn(mean.shape, generator=gen))
+        caps = [self._caption(e, gen, fixed_caption) for e in examples]
         if self.train_te:
-            enc = self._encode_text(caps, grad=True)
+            text = self._encode_text(caps, grad=True)
         else:
-            enc = {k: torch.stack([self.text[c][k] for c in caps]) for k in self.text[caps[0]]}
-        added = None
-        if self.family == "sdxl":
-            entries = [self.latents[id(e)] for e in examples]
-            time_ids = torch.stack([torch.cat([x["original_size"], x["crop_top_left"], x["target_size"]])
-                                    for x in entries]).float()
-            added = {"text_embeds": enc["pooled"].to(self.device, self.weight_dtype),
-                     "time_ids": time_ids.to(self.device, self.weight_dtype)}
-        return latents, enc["prompt_embeds"].to(self.device, self.weight_dtype), added
+            text = self.fam.collate([self.text[c] for c in caps])
+        time_ids = torch.stack([torch.cat([x["original_size"], x["crop_top_left"], x["target_size"]])
+                                for x in entries]).float()
+        return Batch(latents=latents.to(self.device), text=text, extra={"time_ids": time_ids}, generator=gen,
+                     noise=noise, timesteps=timesteps)
+
+    def _caption(self, e: Example, gen, fixed: bool) -> str:
+        """A caption variant of ``e`` drawn from ``gen`` (its first when ``fixed``), or the empty
+        caption with probability ``caption_dropout``."""
+        import torch
+
+        vary = len(e.captions) > 1 and not fixed
+        k = int(torch.randint(len(e.captions), (1,), generator=gen)) if vary else 0
+        drop = float(self.cfg.caption_dropout)
+        if drop > 0 and not fixed and not e.is_regularization and float(torch.rand((), generator=gen)) < drop:
+            return ""
+        return e.captions[k]
 
     def _loss(self, examples: list[Example], gen, *, timesteps=None, noise=None, weighted: bool = True):
-        import torch
-        import torch.nn.functional as F
-        from diffusers.training_utils import compute_snr
+        """The mean loss of one micro-batch under the family's objective (noise and timesteps
+        drawn from ``gen`` unless given)."""
+        from runner.diffusion import families
 
-        latents, emb, added = self._batch_tensors(examples, gen, fixed_caption=timesteps is not None)
-        if noise is None:
-            noise = torch.randn(latents.shape, generator=gen)
-            off = float(self.cfg.noise_offset)
-            if off > 0:
-                noise = noise + off * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=gen)
-        if timesteps is None:
-            n_steps = self.noise_scheduler.config.num_train_timesteps
-            timesteps = torch.randint(0, n_steps, (latents.shape[0],), generator=gen)
-        latents, noise, timesteps = latents.to(self.device), noise.to(self.device), timesteps.to(self.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        ptype = self.noise_scheduler.config.prediction_type
-        target = noise if ptype == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        batch = self._batch(examples, gen, fixed_caption=timesteps is not None, noise=noise, timesteps=timesteps)
         with self.accelerator.autocast():
-            pred = self.unet(noisy.to(self.weight_dtype), timesteps, encoder_hidden_states=emb,
-                             added_cond_kwargs=added, return_dict=False)[0]
-        per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        gamma = self.cfg.min_snr_gamma
-        if weighted and gamma:
-            snr = compute_snr(self.noise_scheduler, timesteps)
-            w = torch.clamp(snr, max=float(gamma))
-            w = w / snr if ptype == "epsilon" else w / (snr + 1)
-            per = per * w
-        return per.mean()
+            return families.training_loss(self.c, batch, weighted=weighted).mean()
 
     def validation_loss(self, examples: list[Example] | None = None) -> float | None:
         """Unweighted MSE on the held-out images (or ``examples``) at fixed timesteps with fixed
@@ -590,8 +579,8 @@ class LoraTrainer:
             for e in examples:
                 for t in ts:
                     gen = torch.Generator().manual_seed(_h(self.cfg.seed, "val", e.id, t))
-                    shape = self.latents[id(e)]["mean"].shape
-                    noise = torch.randn((1, *shape), generator=gen)
+                    shape = self.fam.to_model_latents(self.pipe, self.latents[id(e)]["mean"][None]).shape
+                    noise = torch.randn(shape, generator=gen)
                     total += float(self._loss([e], gen, timesteps=torch.tensor([t]), noise=noise, weighted=False))
                     n += 1
         self._eval_mode(False)
@@ -644,8 +633,9 @@ class LoraTrainer:
         save_dtype = torch.float32 if self.mixed_precision == "no" else torch.float16
         state = {k: {n: t.detach().to("cpu", save_dtype) for n, t in sd.items()} for k, sd in state.items()}
         save_diffusers_lora(self.pipe, folder, state)
-        kohya = peft_to_kohya(state["unet"], family=self.family, unet_config=self.unet.config, alpha=self.alpha,
-                              text_encoder_sds={k: v for k, v in state.items() if k != "unet"})
+        den = self.fam.denoiser
+        kohya = peft_to_kohya(state[den], family=self.family, unet_config=self.denoiser.config, alpha=self.alpha,
+                              text_encoder_sds={k: v for k, v in state.items() if k != den})
         cfg, ph = self.cfg, self._phase_at(step)
         md = kohya_metadata(
             family=self.family, base_model=cfg.base_model, rank=self.rank, alpha=self.alpha,
@@ -922,7 +912,7 @@ class LoraTrainer:
             batch = [self.train_ex[i] for i in sampler.batch(pos)]
             for e in batch:
                 shots[e.shot] = shots.get(e.shot, 0) + 1
-            with self.accelerator.accumulate(self.unet):
+            with self.accelerator.accumulate(self.denoiser):
                 loss = self._loss(batch, gen)
                 losses.append(float(loss.detach()))
                 if reg_sampler is not None:

@@ -98,6 +98,16 @@ def detect_folder(folder: Path | str) -> Family:
                     hint=f"Supported pipelines: {known}.")
 
 
+def detect_pipeline(pipe) -> Family:
+    """The family of a loaded diffusers pipeline, by its class."""
+    cls = type(pipe).__name__
+    for fam in all_families():
+        if cls in fam.class_names:
+            return fam
+    raise UserError(f"pipeline {cls} is not a model family the runner trains",
+                    hint=f"Supported pipelines: {', '.join(c for f in all_families() for c in f.class_names)}.")
+
+
 class _Keys:
     """A safetensors file seen as the mapping diffusers' model-type inference reads: key
     membership and tensor shapes, no tensor loaded."""
@@ -132,6 +142,9 @@ def detect_file(path: Path | str) -> Family:
             model_type = infer_diffusers_model_type(keys)
     except (OSError, ValueError, SafetensorError) as exc:
         raise UserError(f"{path}: not a readable .safetensors checkpoint ({exc})",
+                        hint="Give a full single-file checkpoint, a diffusers folder or a hub id.") from None
+    except (IndexError, KeyError) as exc:  # a known key with a shape no real checkpoint has
+        raise UserError(f"{path}: the tensors do not have the shapes of a checkpoint diffusers knows ({exc!r})",
                         hint="Give a full single-file checkpoint, a diffusers folder or a hub id.") from None
     if model_type == "v1" and CHECKPOINT_KEY_NAMES["v1"] not in keys:  # diffusers' fallback: nothing matched
         kind = "a LoRA" if any("lora" in k for k in keys) else "not a base model the runner knows"

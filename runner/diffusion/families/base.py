@@ -81,6 +81,65 @@ class SampleDefaults:
 
 
 @dataclass(frozen=True)
+class ControlNetArgs:
+    """A family's ControlNet in diffusers: the model class, the pipeline class built from the base
+    pipeline with ``from_pipe(pipe, controlnet=...)``, and the ``__call__`` keyword of the map."""
+
+    model: str
+    pipeline: str
+    image_keyword: str = "control_image"
+
+
+@dataclass(frozen=True)
+class IPAdapterArgs:
+    """A family's IP-Adapter loader (``pipe.load_ip_adapter``): the defaults of the usual adapter
+    repo's layout, and the loader's keyword for the image encoder's location."""
+
+    subfolder: str
+    weight_name: str
+    encoder_keyword: str = "image_encoder_folder"
+
+
+@dataclass(frozen=True)
+class ReferenceArgs:
+    """In-context references: a pipeline (``pipeline``, the family's own or one built with
+    ``from_pipe``) takes reference images as ``image=``, up to ``max_images``; ``needs`` says, in
+    words, which checkpoint was trained to read them."""
+
+    pipeline: str
+    max_images: int
+    needs: str = ""
+
+
+@dataclass(frozen=True)
+class GenerationArgs:
+    """How the family's pipeline ``__call__`` takes the sampler settings (from the diffusers
+    0.42 signatures). ``guidance`` names the keyword that gets the spec's guidance; ``cfg`` says
+    whether that is classifier-free guidance (with the negative prompt) or a distilled guidance
+    embedding. ``negative``: ``given`` passes ``negative_prompt`` when one is set, ``always``
+    every call (Qwen-Image's true CFG runs only with one), ``none``: the pipeline takes no
+    negative prompt text. A LoRA's scale goes through ``pipe.set_adapters`` for every family."""
+
+    guidance: str = "guidance_scale"
+    cfg: bool = True
+    negative: str = "given"
+    ip_adapter: IPAdapterArgs | None = None
+    controlnet: ControlNetArgs | None = None
+    references: ReferenceArgs | None = None
+
+    def describe(self) -> str:
+        g = f"{self.guidance} ({'classifier-free' if self.cfg else 'distilled guidance embedding'})"
+        neg = {"given": "negative prompt when set", "always": "negative prompt always passed",
+               "none": "no negative prompt"}[self.negative]
+        ip = self.ip_adapter
+        ref = [f"IP-Adapter ({ip.subfolder or '.'}/{ip.weight_name})"] if ip else []
+        ref += [f"ControlNet ({self.controlnet.pipeline})"] if self.controlnet else []
+        if self.references:
+            ref.append(f"in-context references ({self.references.pipeline}, up to {self.references.max_images})")
+        return f"guidance: {g}; {neg}; references: {', '.join(ref) or 'none'}"
+
+
+@dataclass(frozen=True)
 class Family:
     """A model family. The functions receive the loaded diffusers pipeline (or
     :class:`Components`) and import what they need inside."""
@@ -105,12 +164,16 @@ class Family:
     to_model_latents: Callable[[Any, Any], Any]  # (pipe, raw latents sample) -> model latents
     predict: Callable[["Components", Any, Any, "Batch"], Any]  # (c, noisy, t, batch) -> prediction
     encode_images: Callable[[Any, Any], dict[str, Any]] | None = None  # default: vae_encode
+    # the batch's embeddings with gradients (families whose text encoders the runner can train:
+    # CLIP); None: the text encoders stay frozen
+    encode_text: Callable[[Any, list[str]], dict[str, Any]] | None = None
     collate_text: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None  # default: stack
     extra_conditioning: str = ""  # in words: what else conditions the denoiser (time ids, image ids)
     variants: Mapping[str, str] = field(default_factory=dict)  # variant -> how it differs
     pipeline_kwargs: Mapping[str, Any] = field(default_factory=dict)  # from_pretrained extras
     # what diffusers' single-file loader calls this family's checkpoints (infer_diffusers_model_type)
     single_file_types: tuple[str, ...] = ()
+    generation: GenerationArgs = field(default_factory=GenerationArgs)  # how its pipeline takes guidance, refs
 
     def describe(self) -> str:
         """One line for the plan and the report: what is trained, on what objective."""
@@ -123,6 +186,21 @@ class Family:
             obj = "epsilon/v as the scheduler says" + (f", min-SNR {o.min_snr_gamma:g}" if o.min_snr_gamma else "")
         return (f"{self.title} ({self.name}): LoRA on the {self.denoiser} {self.components[self.denoiser]}; {obj}; "
                 f"text: {self.text.outputs}, {self.text.max_tokens} tokens")
+
+    def multiple_from_configs(self, denoiser_config: Mapping[str, Any], vae_config: Mapping[str, Any]) -> int:
+        """What image sides must be divisible by, from the denoiser's and the VAE's configs: the
+        VAE's downscale times the UNet's downsamplings, or times the DiT's patch side."""
+        if "temperal_downsample" in vae_config:  # the causal 3D VAEs (Qwen-Image): one 2x per entry
+            vae = 2 ** len(vae_config["temperal_downsample"])
+        else:
+            vae = 2 ** (len(vae_config["block_out_channels"]) - 1)
+        if self.denoiser == "unet":
+            return vae * 2 ** (len(denoiser_config["block_out_channels"]) - 1)
+        return vae * self.latents.patch
+
+    def multiple_of(self, pipe) -> int:
+        """:meth:`multiple_from_configs` of a loaded pipeline."""
+        return self.multiple_from_configs(dict(getattr(pipe, self.denoiser).config), dict(pipe.vae.config))
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         return (self.collate_text or stack_text)(items)
@@ -362,18 +440,11 @@ def add_lora(c: Components, *, rank: int, alpha: float | None = None, targets=No
 
 def save_lora(c: Components, folder, *, weight_name: str | None = None):
     """Write the denoiser's LoRA as the diffusers file ``<Pipeline>.load_lora_weights`` reads
-    (``<denoiser>.<module>.lora_A/B.weight``; alpha / r folded into lora_B, so readers that
-    ignore the adapter metadata apply the trained strength). Returns the file's path."""
-    from pathlib import Path
-
+    (:func:`runner.diffusion.lora.save_diffusers_lora`: alpha / r folded into lora_B). Returns
+    the file's path."""
     from peft.utils import get_peft_model_state_dict
 
-    from runner.diffusion.lora import DIFFUSERS_FILE, _fold_alpha
+    from runner.diffusion.lora import save_diffusers_lora
 
-    weight_name = weight_name or DIFFUSERS_FILE
     sd = {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(c.denoiser).items()}
-    sd, meta = _fold_alpha(sd, c.denoiser.peft_config["default"].to_dict())
-    name = c.family.denoiser
-    type(c.pipe).save_lora_weights(str(folder), weight_name=weight_name, safe_serialization=True,
-                                   **{f"{name}_lora_layers": sd, f"{name}_lora_adapter_metadata": meta})
-    return Path(folder) / weight_name
+    return save_diffusers_lora(c.pipe, folder, {c.family.denoiser: sd}, weight_name=weight_name)

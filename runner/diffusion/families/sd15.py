@@ -6,7 +6,10 @@ config says, optionally min-SNR weighted. The tiny model is ``builtin:tiny-sd``,
 from __future__ import annotations
 
 from runner.diffusion.families.base import (
+    ControlNetArgs,
     Family,
+    GenerationArgs,
+    IPAdapterArgs,
     LatentFormat,
     Objective,
     SampleDefaults,
@@ -19,12 +22,16 @@ from runner.diffusion.tiny import TINY_VERSION
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
+def encode_text(pipe, captions: list[str]) -> dict:
+    pe, _ = pipe.encode_prompt(list(captions), pipe.unet.device, 1, False)
+    return {"prompt_embeds": pe}
+
+
 def encode_captions(pipe, captions: list[str]) -> list[dict]:
     import torch
 
     with torch.no_grad():
-        pe, _ = pipe.encode_prompt(list(captions), pipe.unet.device, 1, False)
-    return split_batch({"prompt_embeds": pe})
+        return split_batch(encode_text(pipe, captions))
 
 
 def predict(c, noisy, t, batch):
@@ -51,8 +58,12 @@ FAMILY = Family(
     tiny_version=TINY_VERSION,
     build_tiny=None,
     encode_captions=encode_captions,
+    encode_text=encode_text,
     to_model_latents=scale_shift,
     predict=predict,
     single_file_types=("v1",),
+    generation=GenerationArgs(ip_adapter=IPAdapterArgs("models", "ip-adapter_sd15.safetensors"),
+                              controlnet=ControlNetArgs("ControlNetModel", "StableDiffusionControlNetPipeline",
+                                                        "image")),
     pipeline_kwargs={"safety_checker": None, "requires_safety_checker": False},
 )

@@ -6,7 +6,10 @@ projection and six time ids (original size, crop top-left, target size) through 
 from __future__ import annotations
 
 from runner.diffusion.families.base import (
+    ControlNetArgs,
     Family,
+    GenerationArgs,
+    IPAdapterArgs,
     LatentFormat,
     Objective,
     SampleDefaults,
@@ -18,13 +21,17 @@ from runner.diffusion.families.sd15 import UNET_LORA_TARGETS
 from runner.diffusion.tiny import TINY_VERSION
 
 
+def encode_text(pipe, captions: list[str]) -> dict:
+    pe, _, pooled, _ = pipe.encode_prompt(prompt=list(captions), device=pipe.unet.device,
+                                          num_images_per_prompt=1, do_classifier_free_guidance=False)
+    return {"prompt_embeds": pe, "pooled": pooled}
+
+
 def encode_captions(pipe, captions: list[str]) -> list[dict]:
     import torch
 
     with torch.no_grad():
-        pe, _, pooled, _ = pipe.encode_prompt(prompt=list(captions), device=pipe.unet.device,
-                                              num_images_per_prompt=1, do_classifier_free_guidance=False)
-    return split_batch({"prompt_embeds": pe, "pooled": pooled})
+        return split_batch(encode_text(pipe, captions))
 
 
 def time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int], target_size: tuple[int, int]):
@@ -69,8 +76,12 @@ FAMILY = Family(
     tiny_version=TINY_VERSION,
     build_tiny=None,
     encode_captions=encode_captions,
+    encode_text=encode_text,
     to_model_latents=scale_shift,
     predict=predict,
     single_file_types=("xl_base",),
+    generation=GenerationArgs(ip_adapter=IPAdapterArgs("sdxl_models", "ip-adapter_sdxl.safetensors"),
+                              controlnet=ControlNetArgs("ControlNetModel", "StableDiffusionXLControlNetPipeline",
+                                                        "image")),
     extra_conditioning="time ids (original size, crop top-left, target size) and the pooled text embedding",
 )
