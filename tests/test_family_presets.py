@@ -18,6 +18,7 @@ from runner.spec import schema as S
 from runner.spec.resolve import list_presets
 from runner.spec.starter import family_starters, starter_for, write_starter
 
+REPO = Path(__file__).resolve().parents[1]
 TRAIN_PRESETS = sorted(list_presets("train"))
 INFERENCE_PRESETS = sorted(list_presets("inference"))
 
@@ -160,3 +161,17 @@ def test_init_unknown_family_names_the_known_ones(project):
         write_starter("hero", project / "specs", family="flux3")
     assert "flux1" in exc.value.hint and "flux" in exc.value.hint
     assert not (project / "specs" / "hero.yaml").exists()
+
+
+# --------------------------------------------------------------------------- the docs
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/families.md"])
+def test_docs_list_every_family_and_its_presets(doc):
+    text = (REPO / doc).read_text(encoding="utf-8")
+    missing = [f"`{n}`" for n in families.names() if f"`{n}`" not in text]
+    missing += [f"`builtin:{f.tiny}`" for f in families.all_families() if f"`builtin:{f.tiny}`" not in text]
+    missing += [f"`{p}`" for p in TRAIN_PRESETS if "init" in preset_data("train", p) and f"`{p}`" not in text]
+    evaluate = {s.evaluate for s in family_starters().values()}
+    missing += [f"`{p}`" for p in sorted(evaluate) if f"`{p}`" not in text]
+    assert not missing, f"{doc} does not list {missing}"
