@@ -174,6 +174,7 @@ class Family:
     # what diffusers' single-file loader calls this family's checkpoints (infer_diffusers_model_type)
     single_file_types: tuple[str, ...] = ()
     generation: GenerationArgs = field(default_factory=GenerationArgs)  # how its pipeline takes guidance, refs
+    sizes: Any = None  # runner.diffusion.memory.ModelSizes of the real model (GPU memory estimate); None: unknown
 
     def describe(self) -> str:
         """One line for the plan and the report: what is trained, on what objective."""
