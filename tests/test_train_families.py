@@ -90,3 +90,20 @@ def test_text_encoder_training_is_refused_for_families_that_freeze_them(shared_d
     dataset = make_dataset(shared_data, tmp_path / "ds", n=1)
     with pytest.raises(TrainError, match="train.lora.train_text_encoder: the FLUX.1 text encoders"):
         _trainer(cfg, dataset, tmp_path / "r", tmp_path / "cache").run()
+
+
+def test_objective_knobs_reach_the_loss_and_are_refused_for_unet_families(shared_data: Path, tmp_path: Path):
+    """train.objective sets the flow objective the loss uses; on an epsilon/v family it would
+    change nothing, so it is refused naming the keys."""
+    from runner.diffusion.trainer import TrainError
+
+    dataset = make_dataset(shared_data, tmp_path / "ds", n=1)
+    fam = families.get("flux1")
+    cfg = {**_config(fam), "objective": {"timestep_sampling": "mode", "shift": 2.0, "weighting": "cosmap"}}
+    tr = _trainer(cfg, dataset, tmp_path / "f", tmp_path / "cache")
+    tr._load_model()
+    o = tr.c.objective
+    assert (o.timestep_sampling, o.shift, o.weighting, o.guidance) == ("mode", 2.0, "cosmap", fam.objective.guidance)
+    sd = {**_config(families.get("sd15")), "objective": {"shift": 3.0}}
+    with pytest.raises(TrainError, match=r"train.objective.shift: Stable Diffusion 1.5 trains epsilon/v"):
+        _trainer(sd, dataset, tmp_path / "s", tmp_path / "cache").run()

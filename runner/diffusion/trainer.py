@@ -266,12 +266,18 @@ class LoraTrainer:
         self.multiple = self.fam.multiple_of(self.pipe)  # what the bucket sides must be divisible by
 
     def _objective(self):
-        """The family's training objective with the spec's noise offset and min-SNR gamma (the
-        latter only weighs epsilon/v objectives)."""
+        """The family's training objective with the spec's noise offset, min-SNR gamma (which
+        only weighs epsilon/v objectives) and the ``train.objective`` knobs that are set."""
         from dataclasses import replace
 
+        knobs = {k: v for k, v in (self.cfg.objective.to_dict() if self.cfg.objective else {}).items()
+                 if v is not None}
+        if knobs and self.fam.objective.prediction != "flow":
+            raise TrainError(f"train.objective.{', '.join(sorted(knobs))}: {self.fam.title} trains epsilon/v "
+                             "prediction, not flow matching, so these knobs would change nothing",
+                             hint="Remove train.objective (min_snr_gamma and noise_offset tune UNet families).")
         return replace(self.fam.objective, noise_offset=float(self.cfg.noise_offset),
-                       min_snr_gamma=self.cfg.min_snr_gamma or None)
+                       min_snr_gamma=self.cfg.min_snr_gamma or None, **knobs)
 
     def _use_sdpa(self) -> None:
         """Attention through torch's scaled_dot_product_attention (flash / memory-efficient
@@ -984,6 +990,7 @@ class LoraTrainer:
         return {
             "base_model": cfg.base_model,
             "model_family": self.family,
+            "model": self.fam.describe(),
             "resolution": cfg.resolution,
             "trigger": cfg.trigger,
             "class_word": cfg.class_word,

@@ -166,6 +166,24 @@ def detect_hub_id(ref: str) -> Family | None:
     return None
 
 
+def family_of_ref(ref: str, *, project_root: Path | str | None = None, guess: bool = True) -> Family | None:
+    """The family a model reference names, read cheaply (no weights, no build, no network): a
+    builtin model's, a local folder's model index, and (``guess``) a hub id's well-known
+    pattern; None when only loading would tell (single files, other hub ids)."""
+    ref = str(ref)
+    if ref.startswith("builtin:"):
+        return by_tiny_name(ref)
+    folder = Path(ref).expanduser()
+    if not folder.is_absolute() and project_root is not None:
+        folder = Path(project_root) / folder
+    if (folder / "model_index.json").is_file():
+        try:
+            return detect_folder(folder)
+        except UserError:
+            return None
+    return detect_hub_id(ref) if guess else None
+
+
 def by_tiny_name(ref: str) -> Family | None:
     name = ref.removeprefix("builtin:")
     return next((f for f in all_families() if f.tiny == name), None)
