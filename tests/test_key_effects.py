@@ -65,6 +65,7 @@ train:
   lora: {alpha: 8, text_encoder_lr: 0.00005}
   objective: {timestep_sampling: logit_normal, logit_mean: 0.0, logit_std: 1.0, mode_scale: 1.29, shift: 3.0,
               weighting: none, guidance: 1.0}
+  memory: {quantize_base: int8, text_encoders: offload, offload_idle: true}
   regularization: {enabled: true, images: ../reg, prompt: a photo of a man}
   phases:
     - {name: first, steps: 10, lr: 0.0002, mix: balanced}
@@ -125,6 +126,8 @@ generate:
 hardware:
   stage_gpu: {train: A100-80GB}
   price_table: {A10G: 1.1}
+  gpu_memory_gib: {A10G: 22.0}
+  memory_check: warn
   modal: {app_name: hero-app, secrets: [hf]}
 report: {title: Hero}
 publish: {to: "s3://releases/characters", tag: v1, endpoint_url: "http://127.0.0.1:9000"}
@@ -223,6 +226,7 @@ CHANGES: dict[str, Any] = {
     "hardware.gpu": "T4",
     "hardware.stage_gpu": {"train": "H100"},
     "hardware.price_table": {"A10G": 2.2},
+    "hardware.gpu_memory_gib": {"A10G": 40.0},
     "hardware.modal.secrets": ["hf", "wandb"],
     "report.output_dir": "other-reports",
     "dataset.export.identity_crops.background.session": "isnet-general-use",

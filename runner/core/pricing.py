@@ -1,4 +1,4 @@
-"""GPU prices per hour and the cost of a stage's duration.
+"""GPU prices per hour, the cost of a stage's duration, and the memory of each GPU type.
 
 The built-in prices are estimates of on-demand prices (USD); a spec's ``hardware.price_table``
 overrides them, and its ``hardware.currency`` names the currency.
@@ -21,6 +21,32 @@ BUILTIN_PRICES_PER_HOUR: dict[str, float] = {
     "B200": 6.25,
 }
 
+
+# GPU memory in GiB as nvidia-smi reports memory.total for each type (quoted from the vendors'
+# figures: 16/24/48/40/80/141/180 GB cards less what the driver reserves); the train stage's plan
+# compares its estimated peak against these (runner.diffusion.memory). hardware.gpu_memory_gib
+# overrides them.
+GPU_MEMORY_GIB: dict[str, float] = {
+    "T4": 15.0,
+    "L4": 22.5,
+    "A10G": 22.5,
+    "L40S": 45.0,
+    "A100-40GB": 40.0,
+    "A100-80GB": 80.0,
+    "H100": 79.6,
+    "H200": 140.4,
+    "B200": 179.0,
+}
+
+
+def gpu_memory_gib(gpu: str | None, hardware: dict[str, Any] | None) -> float | None:
+    """GPU memory of ``gpu`` in GiB (the spec's hardware.gpu_memory_gib over the built-in
+    figures); None for a type neither knows."""
+    if not gpu:
+        return None
+    table = {**GPU_MEMORY_GIB, **((hardware or {}).get("gpu_memory_gib") or {})}
+    value = table.get(gpu)
+    return float(value) if value is not None else None
 
 def price_table(hardware: dict[str, Any] | None) -> dict[str, float]:
     """The built-in prices with the spec's own on top."""

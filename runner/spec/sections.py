@@ -231,6 +231,13 @@ class TrainObjectiveConfig:
     guidance: float | None
 
 
+@schema_config('train', 'memory')
+class MemoryConfig:
+    quantize_base: str
+    text_encoders: str
+    offload_idle: bool
+
+
 @schema_config('train', 'buckets')
 class BucketsConfig:
     enabled: bool
@@ -254,6 +261,7 @@ class TrainConfig:
     gradient_checkpointing: bool
     mixed_precision: str
     optimizer: str
+    memory: MemoryConfig | None
     weight_decay: float
     max_grad_norm: float
     lr_scheduler: LrSchedulerConfig
@@ -483,6 +491,8 @@ class HardwareConfig:
     device: str
     gpu: str
     stage_gpu: Mapping[str, str]
+    gpu_memory_gib: Mapping[str, float]
+    memory_check: str
     currency: str
     price_table: Mapping[str, float]
     modal: ModalConfig

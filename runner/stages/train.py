@@ -70,8 +70,28 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
         cfg = train_config(section, character=char, trigger=typed.character.trigger,
                            class_word=typed.character.class_word, variant=variant, overrides=ov)
         cfg["device"] = hw.device  # torch numerics differ by device: part of the key
-        nodes.append(with_tracking(_node(cfg, variant, section, caption.id, graph, gpu), spec, graph))
+        node = _node(_memory_keyed(cfg), variant, section, caption.id, graph, gpu)
+        nodes.append(with_tracking(_memory_note(node, hw, gpu), spec, graph))
     return nodes
+
+
+def _memory_keyed(cfg: dict[str, Any]) -> dict[str, Any]:
+    """train.memory left out of the node config when it only repeats the defaults (keys unchanged)."""
+    from runner.diffusion.memory import keyed
+
+    return keyed(cfg)
+
+
+def _memory_note(node: contract.PlanNode, hardware: Any, gpu: str | None) -> contract.PlanNode:
+    """The stage's estimated peak GPU memory as a note (runner.diffusion.memory); a stage that
+    cannot fit its GPU is refused there (exit 2), naming the settings that would fit."""
+    from runner.diffusion import memory
+    from runner.diffusion.trainer import TrainerConfig
+
+    note = memory.plan_note(node.id, TrainerConfig.from_dict(node.config), memory.target_of(hardware, gpu))
+    if note:
+        node.notes = (*node.notes, note)
+    return node
 
 
 def _runs(train: TrainConfig) -> list[tuple[str | None, dict[str, Any]]]:

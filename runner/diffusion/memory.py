@@ -1,0 +1,600 @@
+"""Peak GPU memory of a train stage, estimated from the model family and the settings, before
+anything runs (the plan prints it and refuses a stage that cannot fit its GPU).
+
+The model, per training step on the device (bytes; ``GiB`` = 2**30):
+
+- **weights** of the components resident during the loop: the denoiser at 2 bytes a parameter
+  (bf16/fp16; 4 with ``mixed_precision: no``), its ``nn.Linear`` weights at 1 byte (+1% for
+  scales) when ``train.memory.quantize_base`` is int8 or fp8; the text encoders unless
+  ``train.memory.text_encoders`` is offload or free (the embeddings are cached first); the VAE
+  unless ``train.memory.offload_idle`` (latents are cached first). Parameter counts are those of
+  the family's real model (:class:`ModelSizes`, ``Family.sizes``), not of its tiny one.
+- **LoRA**: rank x ``lora_per_rank`` parameters in fp32 (the trainer keeps them in fp32) plus
+  their fp32 gradients: 8 bytes a parameter; **optimizer** states: AdamW 8 bytes a parameter
+  (two fp32 moments), 8-bit AdamW (bitsandbytes) 2.
+- **activations** that autograd keeps for the backward pass, linear in the image tokens
+  ``(resolution / (vae downscale x patch))**2`` (latent pixels for a UNet) and in the batch:
+  ``batch x (per_token x tokens + per_image)``, where ``per_image`` is the part of the text tokens
+  that run through the blocks. With gradient checkpointing only each block's inputs are kept, plus
+  one block's activations while it is recomputed. Both are also held once more for one block's
+  backward (its gradients in flight). The coefficients are *computed*: the family's own
+  ``predict`` runs on the meta device (no memory, no weights) with a LoRA attached and every
+  tensor saved for backward counted once (:func:`measure_activations`): attention as a fused
+  kernel keeps it (q, k, v, output, log-sum-exp; no s x s matrix), and each LoRA module keeps its
+  own bf16 copy of its input, as peft under autocast does. ``mixed_precision: no`` doubles them.
+- **overhead**: 0.8 GiB (CUDA context, cuBLAS workspaces) + 8% of the rest (allocator
+  fragmentation). The CUDA context is not in ``torch.cuda.max_memory_allocated``; nvidia-smi
+  shows it.
+
+Two other moments of a run are estimated and the peak is the largest: **caching** (the weights
+loaded then, and the VAE encoding batches of images: four live tensors of 128 channels at full
+resolution a image) and the **loop** above. Sampling at checkpoints runs without gradients after
+the loop's activations are freed and stays below the loop.
+
+What was checked against what (docs/training.md, "GPU memory"): FLUX.1-dev LoRA at 1024 px with
+an 8-bit base and checkpointing, the setting ai-toolkit documents for 24 GB cards, comes out at
+about 16 GiB here; without quantization the bf16 transformer alone is 22.2 GiB. No GPU was
+available to measure this estimate against ``torch.cuda.max_memory_allocated``; the CPU's peak
+RSS is not GPU memory and was not used as a stand-in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from runner.core.errors import UserError
+
+GIB = float(2**30)
+OVERHEAD_FIXED = 0.8 * GIB
+OVERHEAD_SHARE = 0.08
+QUANT_SCALE_OVERHEAD = 1.01  # int8/fp8 weights with their per-channel scales
+OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2}
+LORA_BYTES = 8  # fp32 weight + fp32 gradient
+VAE_ENCODE_BATCH = 8  # images per VAE call while caching (the trainer's batch)
+VAE_LIVE = 4 * 128  # live tensors x channels of the VAE's first block at full resolution
+QUANTIZE = ("none", "int8", "fp8")
+TEXT_ENCODERS = ("keep", "offload", "free")
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """Sizes of a family's real model (the published checkpoint; not of its tiny random one).
+
+    ``params`` component -> parameters; ``linear_share`` the share of the denoiser's parameters
+    in ``nn.Linear`` weights (what an 8-bit base stores in 8 bits); ``lora_per_rank`` LoRA
+    parameters per unit of rank on the family's default targets; ``activations``,
+    ``checkpointed`` and ``block``: (bytes per image token, bytes per image) at bf16, batch 1,
+    without checkpointing, with it (block inputs), and of the largest block; ``source`` says which
+    figures are computed and which quoted."""
+
+    params: Mapping[str, float]
+    denoiser: str
+    linear_share: float
+    lora_per_rank: float
+    activations: tuple[float, float]
+    checkpointed: tuple[float, float]
+    block: tuple[float, float]
+    source: str
+    vae: str = "vae"
+    text_encoders: tuple[str, ...] = ()
+
+    @property
+    def denoiser_params(self) -> float:
+        return self.params[self.denoiser]
+
+
+def sizes(params: Mapping[str, float], *, denoiser: str, linear_share: float, lora_per_rank: float,
+          activations: tuple[float, float], checkpointed: tuple[float, float], block: tuple[float, float],
+          source: str) -> ModelSizes:
+    """A family's ``sizes=`` (text encoders: the components named text_encoder*)."""
+    return ModelSizes(params=dict(params), denoiser=denoiser, linear_share=linear_share, lora_per_rank=lora_per_rank,
+                      activations=activations, checkpointed=checkpointed, block=block, source=source,
+                      text_encoders=tuple(k for k in params if k.startswith("text_encoder")))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the estimate reads of a train config (the defaults are the schema's)."""
+
+    resolution: int = 512
+    batch_size: int = 1
+    rank: int = 16
+    mixed_precision: str = "bf16"
+    gradient_checkpointing: bool = False
+    optimizer: str = "adamw"
+    quantize_base: str = "none"
+    text_encoders: str = "keep"
+    offload_idle: bool = False
+    train_text_encoder: bool = False
+
+    @classmethod
+    def of(cls, train: Any) -> "Settings":
+        """From a typed train config (TrainConfig or TrainerConfig)."""
+        from runner.spec.sections import MemoryConfig
+
+        m = train.memory or MemoryConfig.from_dict({})
+        return cls(resolution=train.resolution, batch_size=train.batch_size, rank=train.lora.rank,
+                   mixed_precision=train.mixed_precision, gradient_checkpointing=train.gradient_checkpointing,
+                   optimizer=train.optimizer, quantize_base=m.quantize_base, text_encoders=m.text_encoders,
+                   offload_idle=m.offload_idle, train_text_encoder=train.lora.train_text_encoder)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Peak bytes of one train stage on the device, by part (the loop) and the caching peak."""
+
+    weights: float
+    lora: float
+    optimizer: float
+    activations: float
+    caching: float
+    resident: tuple[str, ...]
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def loop(self) -> float:
+        raw = self.weights + self.lora + self.optimizer + self.activations
+        return raw + OVERHEAD_FIXED + OVERHEAD_SHARE * raw
+
+    @property
+    def peak(self) -> float:
+        return max(self.loop, self.caching)
+
+    def line(self, gpu: str, capacity_gib: float | None) -> str:
+        where = f" on {gpu} ({capacity_gib:g} GiB)" if capacity_gib else f" on {gpu}"
+        text = (f"peak GPU memory ~{gib(self.peak)} GiB{where} (weights {gib(self.weights)}, LoRA+optimizer "
+                f"{gib(self.lora + self.optimizer)}, activations {gib(self.activations)}")
+        if self.caching > self.loop:
+            text += f"; while caching {gib(self.caching)}"
+        return text + f"; resident: {', '.join(self.resident)})"
+
+
+def gib(n: float) -> str:
+    v = n / GIB
+    return f"{v:.1f}" if v < 100 else f"{v:.0f}"
+
+
+def image_tokens(family: Any, resolution: int) -> int:
+    lat = family.latents
+    side = resolution // (lat.downscale * lat.patch)
+    return side * side
+
+
+def estimate(family: Any, s: Settings) -> Estimate:
+    """The estimate of :mod:`this module <runner.diffusion.memory>` for ``family`` (its real model)."""
+    z: ModelSizes = family.sizes
+    wbytes = 4 if s.mixed_precision == "no" else 2
+    dn = z.denoiser_params
+    if s.quantize_base != "none":
+        denoiser = dn * z.linear_share * QUANT_SCALE_OVERHEAD + dn * (1 - z.linear_share) * wbytes
+    else:
+        denoiser = dn * wbytes
+    text = sum(z.params[k] for k in z.text_encoders) * wbytes
+    vae = z.params.get(z.vae, 0.0) * wbytes
+    keep_text = s.text_encoders == "keep" or s.train_text_encoder
+    resident = [f"{z.denoiser}" + (f" ({s.quantize_base})" if s.quantize_base != "none" else "")]
+    weights = denoiser
+    if keep_text:
+        weights += text
+        resident += list(z.text_encoders)
+    if not s.offload_idle:
+        weights += vae
+        resident.append(z.vae)
+    lora_params = s.rank * z.lora_per_rank
+    tokens = image_tokens(family, s.resolution)
+    scale = s.batch_size * (2 if s.mixed_precision == "no" else 1)
+
+    def act(coef: tuple[float, float]) -> float:
+        return scale * (coef[0] * tokens + coef[1])
+
+    block = act(z.block)
+    activations = (act(z.checkpointed) + block if s.gradient_checkpointing else act(z.activations)) + block
+    # caching: text encoders and VAE on the device with the denoiser (loaded first), or only
+    # what encodes when the idle ones wait on the CPU
+    cache_weights = (text + vae) if s.offload_idle else (denoiser + text + vae)
+    pixels = s.resolution * s.resolution
+    caching = cache_weights + VAE_ENCODE_BATCH * VAE_LIVE * pixels * wbytes + OVERHEAD_FIXED
+    return Estimate(weights=weights, lora=lora_params * LORA_BYTES,
+                    optimizer=lora_params * OPTIMIZER_BYTES.get(s.optimizer, 8), activations=activations,
+                    caching=caching, resident=tuple(resident))
+
+
+# The switches tried, in order, when a stage does not fit: each adds to the ones before.
+SWITCHES: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("train.gradient_checkpointing: true", {"gradient_checkpointing": True}),
+    ("train.memory.text_encoders: free", {"text_encoders": "free"}),
+    ("train.memory.offload_idle: true", {"offload_idle": True}),
+    ("train.memory.quantize_base: int8", {"quantize_base": "int8"}),
+    ("train.optimizer: adamw8bit", {"optimizer": "adamw8bit"}),
+)
+
+
+def settings_that_fit(family: Any, s: Settings, capacity: float) -> tuple[list[str], Estimate] | None:
+    """The fewest switches of :data:`SWITCHES` (in their order, each kept once on) that bring the
+    peak under ``capacity`` bytes, with that estimate; None when even all of them do not."""
+    from dataclasses import replace
+
+    changed: list[str] = []
+    current = s
+    for label, change in SWITCHES:
+        if all(getattr(current, k) == v for k, v in change.items()):
+            continue
+        if k_unsafe(change, current):
+            continue
+        current = replace(current, **change)
+        changed.append(label)
+        e = estimate(family, current)
+        if e.peak <= capacity:
+            return changed, e
+    return None
+
+
+def k_unsafe(change: Mapping[str, Any], s: Settings) -> bool:
+    """Switches that do not apply: the text encoders cannot leave while they train."""
+    return "text_encoders" in change and s.train_text_encoder
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan: one note per train stage, a refusal when it cannot fit
+
+
+class GpuMemoryError(UserError):
+    """A train stage's estimated peak GPU memory exceeds its GPU's (the plan refuses it)."""
+
+    exit_code = 2
+
+
+def default_memory() -> dict[str, Any]:
+    from runner.spec.sections import MemoryConfig
+
+    return MemoryConfig.from_dict({}).to_dict()
+
+
+def keyed(config: dict[str, Any]) -> dict[str, Any]:
+    """The node config without a ``memory`` entry that only repeats the defaults (so a spec that
+    writes ``memory: {}`` or the defaults keeps the key it had before train.memory existed)."""
+    if "memory" in config and (config["memory"] is None or dict(config["memory"]) == default_memory()):
+        config = {k: v for k, v in config.items() if k != "memory"}
+    return config
+
+
+def plan_family(base_model: str, model_family: str) -> tuple[Any | None, str]:
+    """(family, why not) for the estimate, read without loading anything: the named family, a
+    diffusers folder's model_index.json, or a hub id's well-known name. Tiny models and single
+    files give no family here (the figures are of the real models; a single file's keys need
+    diffusers, too heavy for the plan)."""
+    from pathlib import Path
+
+    from runner.diffusion import families
+
+    if base_model.startswith("builtin:"):
+        return None, "a tiny random model"
+    if model_family != "auto":
+        return families.get(model_family), ""
+    p = Path(base_model)
+    if (p / "model_index.json").is_file():
+        try:
+            return families.detect_folder(p), ""
+        except UserError as exc:
+            return None, exc.message
+    if p.suffix in (".safetensors", ".ckpt"):
+        return None, "a single-file checkpoint (set train.model_family for an estimate)"
+    fam = families.detect_hub_id(base_model)
+    return (fam, "") if fam else (None, "family unknown at plan time (set train.model_family for an estimate)")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a train stage runs, for the check: the GPU's name and memory (None: unknown), and
+    whether the plan may refuse (not for CPU runs or unknown GPUs, not with memory_check)."""
+
+    gpu: str
+    capacity_gib: float | None
+    check: str  # refuse | warn | off
+    cpu: bool = False
+
+
+def target_of(hardware: Any, gpu: str | None) -> Target:
+    """The GPU a train stage runs on: the stage's remote GPU type with backend modal; locally the
+    machine's first CUDA GPU as nvidia-smi reports it (none: a CPU run, never refused)."""
+    from runner.core.pricing import gpu_memory_gib
+
+    hw = hardware.to_dict() if hasattr(hardware, "to_dict") else dict(hardware)
+    if hw.get("backend") != "local":
+        return Target(gpu or "?", gpu_memory_gib(gpu, hw), hw.get("memory_check", "refuse"))
+    local = None if hw.get("device") in ("cpu", "mps") else _local_gpu()
+    if local is None:
+        return Target("this machine's CPU", None, "warn", cpu=True)
+    name, total = local
+    return Target(name, hw.get("gpu_memory_gib", {}).get(name, total), hw.get("memory_check", "refuse"))
+
+
+_LOCAL: list = []
+
+
+def _local_gpu() -> tuple[str, float] | None:
+    """(name, GiB) of the first CUDA GPU from nvidia-smi, without importing torch; None without one."""
+    if not _LOCAL:
+        import shutil
+        import subprocess
+
+        found = None
+        exe = shutil.which("nvidia-smi")
+        if exe:
+            try:
+                out = subprocess.run([exe, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=5, check=True).stdout
+                name, mib = out.splitlines()[0].rsplit(",", 1)
+                found = (name.strip(), round(float(mib) / 1024, 1))
+            except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+                found = None
+        _LOCAL.append(found)
+    return _LOCAL[0]
+
+
+def plan_note(node_id: str, train: Any, target: Target) -> str | None:
+    """The plan's line for one train stage, or None when there is nothing to estimate; raises
+    :class:`GpuMemoryError` when the stage cannot fit and the check refuses."""
+    if target.check == "off":
+        return None
+    family, why = plan_family(train.base_model, train.model_family)
+    if family is None or getattr(family, "sizes", None) is None:
+        return f"GPU memory: not estimated ({why or 'no sizes for this family'})"
+    s = Settings.of(train)
+    e = estimate(family, s)
+    note = e.line(target.gpu, target.capacity_gib) + f"; {family.title} figures"
+    if target.cpu or target.capacity_gib is None:
+        return note + ("" if target.cpu else f"; memory of {target.gpu} unknown: set hardware.gpu_memory_gib")
+    capacity = target.capacity_gib * GIB
+    if e.peak <= capacity:
+        return note
+    message = (f"{node_id}: estimated peak GPU memory ~{gib(e.peak)} GiB does not fit the {target.gpu} "
+               f"({target.capacity_gib:g} GiB)")
+    hint = refusal_hint(family, s, e, capacity)
+    if target.check == "warn":
+        return note + f"; DOES NOT FIT: {hint}"
+    raise GpuMemoryError(message, hint=hint)
+
+
+def refusal_hint(family: Any, s: Settings, e: Estimate, capacity: float) -> str:
+    """What would fit: the switches (computed, in the order of :data:`SWITCHES`), and the GPU
+    types with enough memory for the settings as they are."""
+    from runner.core.pricing import GPU_MEMORY_GIB
+
+    parts = []
+    fit = settings_that_fit(family, s, capacity)
+    if fit:
+        changed, better = fit
+        parts.append(f"settings that would fit (~{gib(better.peak)} GiB): {', '.join(changed)}")
+    else:
+        parts.append("no combination of train.gradient_checkpointing, train.memory and train.optimizer fits")
+    bigger = [g for g, v in sorted(GPU_MEMORY_GIB.items(), key=lambda kv: kv[1]) if v * GIB >= e.peak]
+    if bigger:
+        parts.append(f"or a GPU with more memory as it is (hardware.stage_gpu: {{train: {bigger[0]}}})")
+    parts.append("or hardware.memory_check: warn if your setup needs less (docs/training.md, GPU memory)")
+    return "; ".join(parts) + "."
+
+
+# ---------------------------------------------------------------------------------------------
+# computing the sizes of a model (bench/memory/real_sizes.py runs these on the real configs)
+
+
+def count_params(module) -> float:
+    return float(sum(p.numel() for p in module.parameters()))
+
+
+def linear_share(module) -> float:
+    import torch
+
+    lin = sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
+    return round(lin / max(1.0, count_params(module)), 4)
+
+
+def lora_targets_of(module, targets: Iterable[str]) -> list:
+    """The ``nn.Linear`` modules peft targets for ``targets`` (a name equal to or ending in
+    ``.<target>``)."""
+    import torch
+
+    targets = tuple(targets)
+    return [m for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)
+            and any(name == t or name.endswith("." + t) for t in targets)]
+
+
+def lora_params_per_rank(module, targets: Iterable[str]) -> float:
+    """LoRA A (rank x in) plus B (out x rank) of every targeted linear, per unit of rank."""
+    return float(sum(m.in_features + m.out_features for m in lora_targets_of(module, targets)))
+
+
+CHECKPOINT_UNITS = ("transformer_blocks", "single_transformer_blocks", "layers", "noise_refiner", "context_refiner",
+                    "resnets", "attentions", "joint_blocks")
+
+
+def measure_activations(family: Any, denoiser, text: Mapping[str, tuple[int, ...] | None],
+                        resolutions: tuple[int, int] = (512, 1024), *, latents: tuple[int, int] | None = None,
+                        rank: int = 16) -> dict[str, tuple[float, float]]:
+    """(bytes per image token, bytes per image) at bf16, batch 1, of what autograd keeps for the
+    backward pass of ``family.predict`` on ``denoiser`` (a module on the meta device, or a small
+    real one on the CPU), fitted on two resolutions: ``activations`` (no checkpointing),
+    ``checkpointed`` (the inputs of each checkpointed block and what is saved outside blocks)
+    and ``block`` (the largest block's own). ``text``: the shape of one caption's cached tensor
+    per name (None: left out); ``latents``: (channels, downscale) of the model latents when the
+    family folds patches into channels (default: the family's channels and VAE downscale)."""
+    fits = {}
+    points = [_saved_bytes(family, denoiser, text, r, latents, rank) for r in resolutions]
+    (t1, s1), (t2, s2) = [(image_tokens(family, r), p) for r, p in zip(resolutions, points)]
+    for key in ("activations", "checkpointed", "block"):
+        a = (s2[key] - s1[key]) / (t2 - t1)
+        fits[key] = (round(a, 1), round(max(0.0, s1[key] - a * t1), 1))
+    return fits
+
+
+def _saved_bytes(family, denoiser, text, resolution, latents, rank) -> dict[str, float]:
+    import torch
+
+    from runner.diffusion.families.base import Batch, Components
+
+    _with_lora(denoiser, family.lora_targets, rank)
+    device = next(denoiser.parameters()).device
+    ch, down = latents or (family.latents.channels, family.latents.downscale)
+    side = resolution // down
+    dtype = torch.bfloat16
+    noisy = torch.zeros((1, ch, side, side), device=device, dtype=dtype)
+    items = [{k: torch.zeros(shape, device=device, dtype=dtype) for k, shape in text.items() if shape is not None}]
+    batch = Batch(latents=noisy, text=family.collate(items))
+    c = Components(family=family, pipe=_stand_in_pipe(family), denoiser=denoiser, scheduler=None,
+                   objective=family.objective)
+    t = torch.full((1,), 0.5 if family.objective.prediction == "flow" else 500, device=device,
+                   dtype=dtype if family.objective.prediction == "flow" else torch.long)
+    counter = _SavedCounter(denoiser)
+    done = []
+    hook = denoiser.register_forward_hook(lambda *a: done.append(True))
+    try:
+        with counter, torch.enable_grad(), _fused_attention():
+            family.predict(c, noisy, t, batch)
+    except RuntimeError:
+        # unpacking after the denoiser that the meta device cannot run (FLUX.2 scatters by its
+        # ids, reading their maximum): it keeps nothing sizeable for backward
+        if not done:
+            raise
+    finally:
+        hook.remove()
+    return counter.result()
+
+
+def _with_lora(denoiser, targets, rank: int) -> None:
+    """A bf16 LoRA on the family's targets (once), each module's input copied as peft's cast under
+    autocast copies it."""
+    import torch
+
+    if getattr(denoiser, "_memory_lora", False):
+        return
+    from peft import LoraConfig
+
+    denoiser.requires_grad_(False)
+    denoiser.to(torch.bfloat16)
+    denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                    target_modules=list(targets)))
+    for name, m in denoiser.named_modules():
+        if name.endswith("lora_A.default"):
+            m.register_forward_pre_hook(lambda mod, args: (args[0].clone(),) + tuple(args[1:]))
+    denoiser._memory_lora = True
+
+
+def _stand_in_pipe(family):
+    """An instance of the family's pipeline class without components: ``predict`` reads only
+    its class methods and ``vae_scale_factor``."""
+    import diffusers
+
+    pipe = object.__new__(getattr(diffusers, family.pipeline))
+    object.__setattr__(pipe, "vae_scale_factor", family.latents.downscale)
+    return pipe
+
+
+class _SavedCounter:
+    """Counts every tensor saved for backward once (views by their base; parameters not at all),
+    and per checkpointed block what it saves and takes as input."""
+
+    def __init__(self, denoiser) -> None:
+        self.denoiser = denoiser
+        self.total = 0.0
+        self.seen: dict[int, Any] = {}
+        self.inputs: dict[int, Any] = {}
+        self.unit_saved: list[float] = []
+        self.handles: list = []
+        self.depth = 0
+
+    def _bytes_once(self, t, seen: dict[int, Any]) -> float:
+        import torch
+
+        base = t._base if t._base is not None else t
+        if isinstance(base, torch.nn.Parameter) or id(base) in seen:
+            return 0.0
+        seen[id(base)] = base  # kept alive so ids stay unique
+        return float(base.numel() * base.element_size())
+
+    def pack(self, t):
+        self.total += self._bytes_once(t, self.seen)
+        return t
+
+    def __enter__(self):
+        import torch
+
+        units = [m for name, mod in self.denoiser.named_modules() if name.split(".")[-1] in CHECKPOINT_UNITS
+                 and isinstance(mod, torch.nn.ModuleList) for m in mod]
+        inner = {id(sub) for u in units for sub in u.modules() if sub is not u}
+        for u in units:
+            if id(u) in inner:
+                continue
+            self.handles.append(u.register_forward_pre_hook(self._enter_unit, with_kwargs=True))
+            self.handles.append(u.register_forward_hook(self._leave_unit))
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+        self.hooks.__enter__()
+        return self
+
+    def _enter_unit(self, module, args, kwargs):
+        import torch
+
+        if self.depth == 0:
+            self.start = self.total
+            for v in (*args, *kwargs.values()):
+                for t in (v if isinstance(v, (tuple, list)) else (v,)):
+                    if isinstance(t, torch.Tensor) and t.requires_grad:
+                        self.inputs.setdefault(id(t), t)
+        self.depth += 1
+
+    def _leave_unit(self, module, args, output):
+        self.depth -= 1
+        if self.depth == 0:
+            self.unit_saved.append(self.total - self.start)
+
+    def __exit__(self, *exc):
+        self.hooks.__exit__(*exc)
+        for h in self.handles:
+            h.remove()
+
+    def result(self) -> dict[str, float]:
+        inside = sum(self.unit_saved)
+        kept_inputs = sum(float(t.numel() * t.element_size()) for t in self.inputs.values())
+        return {"activations": self.total, "checkpointed": self.total - inside + kept_inputs,
+                "block": max(self.unit_saved, default=0.0)}
+
+
+class _fused_attention:
+    """``scaled_dot_product_attention`` as a fused kernel saves for backward: q, k, v, the output
+    and a float32 log-sum-exp per query and head (not the attention matrix, which the math
+    fallback the meta device would take keeps)."""
+
+    def __enter__(self):
+        import torch
+        import torch.nn.functional as F
+
+        self.original = F.scaled_dot_product_attention
+
+        class Fused(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, q, k, v):
+                out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+                lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+                ctx.save_for_backward(q, k, v, out, lse)
+                return out
+
+            @staticmethod
+            def backward(ctx, grad):  # pragma: no cover - never run (counting only)
+                raise NotImplementedError
+
+        def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+            q, k, v = query, key, value
+            if enable_gqa and k.shape[-3] != q.shape[-3]:
+                rep = q.shape[-3] // k.shape[-3]
+                k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
+            return Fused.apply(q, k, v)
+
+        F.scaled_dot_product_attention = sdpa
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.nn.functional.scaled_dot_product_attention = self.original
