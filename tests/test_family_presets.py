@@ -175,3 +175,43 @@ def test_docs_list_every_family_and_its_presets(doc):
     evaluate = {s.evaluate for s in family_starters().values()}
     missing += [f"`{p}`" for p in sorted(evaluate) if f"`{p}`" not in text]
     assert not missing, f"{doc} does not list {missing}"
+
+
+# --------------------------------------------------------------------------- demo specs per DiT family
+
+DIT_FAMILIES = [f.name for f in families.all_families() if f.denoiser != "unet"]
+
+
+def demo_spec(family: str) -> Path:
+    return REPO / "specs" / f"demo-{family.replace('_', '-')}.yaml"
+
+
+@pytest.mark.parametrize("family", DIT_FAMILIES)
+def test_demo_spec_of_each_dit_family_validates_and_plans(family):
+    from runner.plan.graph import expand_spec
+
+    spec = load_spec(demo_spec(family))
+    fam = families.get(family)
+    assert spec.config.train.base_model == f"builtin:{fam.tiny}" and spec.config.train.model_family == family
+    kinds = {n.kind for n in expand_spec(spec)}
+    assert {"train", "evaluate", "storyboard", "video", "report"} <= kinds
+
+
+@pytest.mark.slow  # a whole apply on CPU: ~40-60 s on 2 idle cores (analysis, training, evaluation, storyboard, clip)
+def test_demo_flux1_applies_end_to_end(tmp_path):
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    root = tmp_path / "project"
+    (root / "specs").mkdir(parents=True)
+    (root / "runner.toml").write_text("")
+    shutil.copy(demo_spec("flux1"), root / "specs" / "demo.yaml")
+    shutil.copytree(REPO / "specs" / "demo", root / "specs" / "demo")
+    r = subprocess.run([sys.executable, "-m", "runner.cli", "apply", "specs/demo.yaml"], cwd=root,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "Report for demo_flux1:" in r.stdout
+    indexes = list((root / ".runner" / "store").glob("*/lora/index.json"))
+    assert indexes and json.loads(indexes[0].read_text())["model_family"] == "flux1"
