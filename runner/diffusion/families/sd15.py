@@ -5,6 +5,7 @@ config says, optionally min-SNR weighted. The tiny model is ``builtin:tiny-sd``,
 
 from __future__ import annotations
 
+from runner.diffusion import memory
 from runner.diffusion.families.base import (
     ControlNetArgs,
     Family,
@@ -39,9 +40,19 @@ def predict(c, noisy, t, batch):
     return c.denoiser(noisy.to(c.dtype), t, encoder_hidden_states=emb, return_dict=False)[0]
 
 
+# The real model's sizes for the GPU memory estimate (runner.diffusion.memory), computed by
+# bench/memory/real_sizes.py on the meta device from the SD 1.5 configs (UNet 860M, CLIP-L 123M, as
+# published); activations per latent pixel and per image (bf16, batch 1).
+SIZES = memory.sizes({"unet": 859.5e6, "text_encoder": 123.1e6, "vae": 83.7e6}, denoiser="unet",
+                     linear_share=0.3142, lora_per_rank=199296,
+                     activations=(217553.9, 7714816.0), checkpointed=(19320.0, 128.0),
+                     block=(19480.0, 340160.0), source="computed on the meta device (bench/memory/real_sizes.py)")
+
+
 FAMILY = Family(
     name="sd15",
     title="Stable Diffusion 1.5",
+    sizes=SIZES,
     pipeline="StableDiffusionPipeline",
     components={"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel",
                 "tokenizer": "CLIPTokenizer", "scheduler": "PNDMScheduler"},

@@ -5,6 +5,7 @@ projection and six time ids (original size, crop top-left, target size) through 
 
 from __future__ import annotations
 
+from runner.diffusion import memory
 from runner.diffusion.families.base import (
     ControlNetArgs,
     Family,
@@ -54,9 +55,19 @@ def predict(c, noisy, t, batch):
     return c.denoiser(noisy.to(c.dtype), t, encoder_hidden_states=emb, added_cond_kwargs=added, return_dict=False)[0]
 
 
+# The real model's sizes for the GPU memory estimate (runner.diffusion.memory), computed by
+# bench/memory/real_sizes.py on the meta device from the SDXL base 1.0 configs (UNet 2.57B, text
+# encoders 817M, as published); activations per latent pixel and per image (bf16, batch 1).
+SIZES = memory.sizes({"unet": 2567.5e6, "text_encoder": 123.1e6, "text_encoder_2": 694.7e6, "vae": 83.7e6},
+                     denoiser="unet", linear_share=0.8696, lora_per_rank=1451520,
+                     activations=(391748.0, 70130432.0), checkpointed=(14720.0, 128.0),
+                     block=(43595.0, 10299648.0), source="computed on the meta device (bench/memory/real_sizes.py)")
+
+
 FAMILY = Family(
     name="sdxl",
     title="Stable Diffusion XL",
+    sizes=SIZES,
     pipeline="StableDiffusionXLPipeline",
     components={"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel",
                 "text_encoder_2": "CLIPTextModelWithProjection", "tokenizer": "CLIPTokenizer",
