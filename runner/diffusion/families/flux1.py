@@ -8,6 +8,7 @@ none (``transformer.config.guidance_embeds`` says which)."""
 
 from __future__ import annotations
 
+from runner.diffusion import memory
 from runner.diffusion.families.base import (
     Family,
     LatentFormat,
@@ -85,8 +86,20 @@ def build_tiny(dest) -> None:
     tinykit.remove(dest / "_clip", dest / "_t5")
 
 
+# The real model's sizes for the GPU memory estimate (runner.diffusion.memory), computed on the
+# meta device by bench/memory/real_sizes.py from the published configs; activations per image
+# token and per image at bf16, batch 1, 512 T5 tokens.
+# FLUX.1-dev: transformer 11.9B, T5-XXL encoder 4.76B, CLIP-L 123M.
+SIZES = memory.sizes({"transformer": 11901.4e6, "text_encoder": 123.1e6, "text_encoder_2": 4762.3e6, "vae": 83.8e6},
+                     denoiser="transformer", linear_share=0.9997, lora_per_rank=2801664,
+                     activations=(6445824.0, 3303053312.0), checkpointed=(350216.0, 179312640.0),
+                     block=(141808.0, 72704000.0),
+                     source="computed on the meta device (bench/memory/real_sizes.py)")
+
+
 FAMILY = Family(
     name="flux1",
+    sizes=SIZES,
     title="FLUX.1",
     pipeline="FluxPipeline",
     components={"transformer": "FluxTransformer2DModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel",

@@ -9,6 +9,7 @@ blocks and the fused qkv+MLP input of the single-stream blocks."""
 
 from __future__ import annotations
 
+from runner.diffusion import memory
 from runner.diffusion.families.base import Family, LatentFormat, Objective, SampleDefaults, TextEncoding, split_batch
 
 MAX_TOKENS = 512
@@ -124,6 +125,26 @@ def build_tiny_dev(dest) -> None:
     tinykit.remove(dest / "_tok")
 
 
+# The real model's sizes for the GPU memory estimate (runner.diffusion.memory), computed on the
+# meta device by bench/memory/real_sizes.py from the published configs; activations per image
+# token and per image at bf16, batch 1, 512 text tokens.
+# FLUX.2 dev: transformer 32B, Mistral Small 3.1 24B.
+DEV_SIZES = memory.sizes({"transformer": 32223.3e6, "text_encoder": 24011.4e6, "vae": 84.0e6},
+                         denoiser="transformer", linear_share=1.0, lora_per_rank=3735552,
+                         activations=(14683648.0, 7519178752.0), checkpointed=(688136.0, 352333824.0),
+                         block=(283344.0, 145121280.0),
+                         source="computed on the meta device (bench/memory/real_sizes.py)")
+# The real model's sizes for the GPU memory estimate (runner.diffusion.memory), computed on the
+# meta device by bench/memory/real_sizes.py from the published configs; activations per image
+# token and per image at bf16, batch 1, 512 text tokens.
+# FLUX.2 klein 4B: transformer 3.9B, Qwen3-4B; klein 9B is larger.
+KLEIN_SIZES = memory.sizes({"transformer": 3875.5e6, "text_encoder": 4022.5e6, "vae": 84.0e6},
+                           denoiser="transformer", linear_share=1.0, lora_per_rank=860160,
+                           activations=(3296784.0, 1688281088.0), checkpointed=(153608.0, 78649344.0),
+                           block=(141744.0, 72597504.0),
+                           source="computed on the meta device (bench/memory/real_sizes.py)")
+
+
 _COMMON = dict(
     denoiser="transformer",
     latents=LatentFormat(channels=32, downscale=8, patch=2,
@@ -140,6 +161,7 @@ _COMMON = dict(
 
 KLEIN = Family(
     name="flux2_klein",
+    sizes=KLEIN_SIZES,
     title="FLUX.2 klein",
     pipeline="Flux2KleinPipeline",
     components={**_COMPONENTS, "text_encoder": "Qwen3ForCausalLM", "tokenizer": "Qwen2TokenizerFast"},
@@ -156,6 +178,7 @@ KLEIN = Family(
 
 DEV = Family(
     name="flux2",
+    sizes=DEV_SIZES,
     title="FLUX.2 dev",
     pipeline="Flux2Pipeline",
     components={**_COMPONENTS, "text_encoder": "Mistral3ForConditionalGeneration", "tokenizer": "PixtralProcessor"},

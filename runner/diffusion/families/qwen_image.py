@@ -7,6 +7,7 @@ its scheduler shifts (resolution-dependent, ``max_shift`` 0.9). No guidance embe
 
 from __future__ import annotations
 
+from runner.diffusion import memory
 from runner.diffusion.families.base import Family, LatentFormat, Objective, SampleDefaults, TextEncoding, pad_text
 
 MAX_TOKENS = 1024
@@ -94,8 +95,20 @@ def build_tiny(dest) -> None:
     tinykit.remove(dest / "_tok")
 
 
+# The real model's sizes for the GPU memory estimate (runner.diffusion.memory), computed on the
+# meta device by bench/memory/real_sizes.py from the published configs; activations per image
+# token and per image at bf16, batch 1, a caption of 128 tokens.
+# Qwen-Image: transformer 20B, Qwen2.5-VL-7B 8.3B.
+SIZES = memory.sizes({"transformer": 20430.4e6, "text_encoder": 8292.2e6, "vae": 126.9e6},
+                     denoiser="transformer", linear_share=0.9997, lora_per_rank=2949120,
+                     activations=(7399232.0, 954237952.0), checkpointed=(368648.0, 46405632.0),
+                     block=(123312.0, 15882240.0),
+                     source="computed on the meta device (bench/memory/real_sizes.py)")
+
+
 FAMILY = Family(
     name="qwen_image",
+    sizes=SIZES,
     title="Qwen-Image",
     pipeline="QwenImagePipeline",
     components={"transformer": "QwenImageTransformer2DModel", "vae": "AutoencoderKLQwenImage",

@@ -8,6 +8,7 @@ This module is the whole of the family: the registry finds it, nothing else name
 
 from __future__ import annotations
 
+from runner.diffusion import memory
 from runner.diffusion.families.base import (
     Family,
     LatentFormat,
@@ -73,8 +74,21 @@ def build_tiny(dest) -> None:
     tinykit.remove(dest / "_clip", dest / "_t5")
 
 
+# The real model's sizes for the GPU memory estimate (runner.diffusion.memory), computed on the
+# meta device by bench/memory/real_sizes.py from the published configs; activations per image
+# token and per image at bf16, batch 1, 77 + 256 tokens.
+# SD 3.5 Large: transformer 8.1B, CLIP-L, CLIP-G, T5-XXL; Medium is 2.5B.
+SIZES = memory.sizes({"transformer": 8056.6e6, "text_encoder": 123.7e6, "text_encoder_2": 694.7e6,
+                      "text_encoder_3": 4762.3e6, "vae": 83.8e6},
+                     denoiser="transformer", linear_share=0.9996, lora_per_rank=1473792,
+                     activations=(3719440.0, 1230137952.0), checkpointed=(184840.0, 59934208.0),
+                     block=(97880.0, 32671864.0),
+                     source="computed on the meta device (bench/memory/real_sizes.py)")
+
+
 FAMILY = Family(
     name="sd3",
+    sizes=SIZES,
     title="Stable Diffusion 3.5",
     pipeline="StableDiffusion3Pipeline",
     components={"transformer": "SD3Transformer2DModel", "vae": "AutoencoderKL",

@@ -7,6 +7,7 @@ and predicts ``x0 - noise``, so the prediction is negated. Static shift 3 as its
 
 from __future__ import annotations
 
+from runner.diffusion import memory
 from runner.diffusion.families.base import Family, LatentFormat, Objective, SampleDefaults, TextEncoding, scale_shift
 
 MAX_TOKENS = 512
@@ -66,8 +67,20 @@ def build_tiny(dest) -> None:
     tinykit.remove(dest / "_tok")
 
 
+# The real model's sizes for the GPU memory estimate (runner.diffusion.memory), computed on the
+# meta device by bench/memory/real_sizes.py from the published configs; activations per image
+# token and per image at bf16, batch 1, a caption of 128 tokens.
+# Z-Image: transformer 6.15B, Qwen3-4B.
+SIZES = memory.sizes({"transformer": 6154.9e6, "text_encoder": 4022.5e6, "vae": 83.8e6},
+                     denoiser="transformer", linear_share=0.9998, lora_per_rank=1044480,
+                     activations=(8357636.0, 1070760448.0), checkpointed=(245768.0, 31465984.0),
+                     block=(262136.0, 33584128.0),
+                     source="computed on the meta device (bench/memory/real_sizes.py)")
+
+
 FAMILY = Family(
     name="z_image",
+    sizes=SIZES,
     title="Z-Image",
     pipeline="ZImagePipeline",
     components={"transformer": "ZImageTransformer2DModel", "vae": "AutoencoderKL", "text_encoder": "Qwen3Model",
