@@ -40,10 +40,11 @@ QWEN25_VL_7B = ("Qwen2_5_VLForConditionalGeneration", dict(
     tie_word_embeddings=False))
 MISTRAL_SMALL_31 = ("Mistral3ForConditionalGeneration", dict(
     text_config=dict(model_type="mistral", vocab_size=131072, hidden_size=5120, intermediate_size=32768,
-                     num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=8, head_dim=128),
+                     num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                     tie_word_embeddings=False),
     vision_config=dict(model_type="pixtral", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                        num_attention_heads=16, image_size=1540, patch_size=14),
-    spatial_merge_size=2, projector_hidden_act="gelu", multimodal_projector_bias=False))
+    spatial_merge_size=2, projector_hidden_act="gelu", multimodal_projector_bias=False, tie_word_embeddings=False))
 SD_VAE = ("AutoencoderKL", dict(block_out_channels=(128, 256, 512, 512), latent_channels=4, layers_per_block=2,
                                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4))
 FLUX_VAE = ("AutoencoderKL", dict(SD_VAE[1], latent_channels=16, use_quant_conv=False, use_post_quant_conv=False))

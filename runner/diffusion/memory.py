@@ -26,10 +26,12 @@ The model, per training step on the device (bytes; ``GiB`` = 2**30):
   fragmentation). The CUDA context is not in ``torch.cuda.max_memory_allocated``; nvidia-smi
   shows it.
 
-Two other moments of a run are estimated and the peak is the largest: **caching** (the weights
-loaded then, and the VAE encoding batches of images: four live tensors of 128 channels at full
-resolution a image) and the **loop** above. Sampling at checkpoints runs without gradients after
-the loop's activations are freed and stays below the loop.
+The peak is the larger of the **loop** above and **caching**, before the loop: every component on
+the device (the denoiser already quantized when asked), or with ``offload_idle`` one at a time
+(diffusers' model CPU offload: the largest text encoder, or the VAE), plus the VAE encoding
+batches of 8 images (four live tensors of 128 channels at full resolution an image). Checkpoint
+samples run without gradients once the loop's activations are freed; with components off the
+device they run under model CPU offload too, so they stay below the loop.
 
 What was checked against what (docs/training.md, "GPU memory"): FLUX.1-dev LoRA at 1024 px with
 an 8-bit base and checkpointing, the setting ai-toolkit documents for 24 GB cards, comes out at
@@ -40,6 +42,7 @@ RSS is not GPU memory and was not used as a stand-in.
 
 from __future__ import annotations
 
+from contextlib import contextmanager as contextlib_contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -190,9 +193,13 @@ def estimate(family: Any, s: Settings) -> Estimate:
 
     block = act(z.block)
     activations = (act(z.checkpointed) + block if s.gradient_checkpointing else act(z.activations)) + block
-    # caching: text encoders and VAE on the device with the denoiser (loaded first), or only
-    # what encodes when the idle ones wait on the CPU
-    cache_weights = (text + vae) if s.offload_idle else (denoiser + text + vae)
+    # caching: every component on the device (the denoiser in its loop dtype, quantized or not);
+    # with offload_idle under model CPU offload, one component at a time
+    if s.offload_idle:
+        largest_text = max([z.params[k] * wbytes for k in z.text_encoders], default=0.0)
+        cache_weights = max(largest_text, vae)
+    else:
+        cache_weights = denoiser + text + vae
     pixels = s.resolution * s.resolution
     caching = cache_weights + VAE_ENCODE_BATCH * VAE_LIVE * pixels * wbytes + OVERHEAD_FIXED
     return Estimate(weights=weights, lora=lora_params * LORA_BYTES,
@@ -203,7 +210,7 @@ def estimate(family: Any, s: Settings) -> Estimate:
 # The switches tried, in order, when a stage does not fit: each adds to the ones before.
 SWITCHES: tuple[tuple[str, dict[str, Any]], ...] = (
     ("train.gradient_checkpointing: true", {"gradient_checkpointing": True}),
-    ("train.memory.text_encoders: free", {"text_encoders": "free"}),
+    ("train.memory.text_encoders: offload", {"text_encoders": "offload"}),
     ("train.memory.offload_idle: true", {"offload_idle": True}),
     ("train.memory.quantize_base: int8", {"quantize_base": "int8"}),
     ("train.optimizer: adamw8bit", {"optimizer": "adamw8bit"}),
@@ -374,6 +381,129 @@ def refusal_hint(family: Any, s: Settings, e: Estimate, capacity: float) -> str:
         parts.append(f"or a GPU with more memory as it is (hardware.stage_gpu: {{train: {bigger[0]}}})")
     parts.append("or hardware.memory_check: warn if your setup needs less (docs/training.md, GPU memory)")
     return "; ".join(parts) + "."
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainer's side: quantize the frozen base, place the components (LoraTrainer calls these)
+
+
+QUANTIZE_EXTRA = "pip install 'character-runner[quantize]'  (torchao)"
+
+
+def quantize_denoiser(module, kind: str, device: str) -> str:
+    """Store every ``nn.Linear`` weight of the frozen ``module`` in 8 bits with torchao's
+    weight-only configs (int8: per-channel int8; fp8: float8 e4m3 with per-channel scales),
+    moving it to ``device`` module by module on the way (the full-precision model never sits on
+    the device). Done before the LoRA is attached: peft wraps the quantized linears
+    (``TorchaoLoraLinear``) and trains its fp32 adapters on top. Returns what was done, in words."""
+    try:
+        import torchao  # noqa: F401
+        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        raise UserError(f"train.memory.quantize_base is {kind}, but torchao is not installed",
+                        hint=f"Install the quantize extra: {QUANTIZE_EXTRA}; or set train.memory.quantize_base: "
+                             "none.") from None
+    config = Int8WeightOnlyConfig() if kind == "int8" else Float8WeightOnlyConfig()
+    quantize_(module, config, device=device)
+    return f"denoiser linear weights in {kind} (torchao {type(config).__name__})"
+
+
+class Placement:
+    """Where the pipeline's components live during a training run, from ``train.memory``. On
+    the CPU only quantize_base and text_encoders: free do anything.
+
+    - load: on CUDA, with an 8-bit base or offload_idle, the pipeline loads on the CPU;
+      :meth:`place` quantizes the denoiser (moved to the device module by module) and moves the
+      other components to the device;
+    - :meth:`caching`: with offload_idle, the caches are filled under diffusers' model CPU offload
+      (each component on the device only while it runs);
+    - :meth:`after_caches`: the loop's placement: the denoiser on the device; text encoders
+      kept, offloaded to the CPU (CUDA) or freed (any device: checkpoint samples are then
+      skipped, they need the encoders); the VAE on the CPU with offload_idle;
+    - :meth:`sampling`: with anything off the device, checkpoint samples run under model CPU
+      offload, then the loop's placement comes back."""
+
+    def __init__(self, memory_config: Any, device: str) -> None:
+        from runner.spec.sections import MemoryConfig
+
+        self.m = memory_config or MemoryConfig.from_dict({})
+        self.device = device
+        self.cuda = device.startswith("cuda")
+        self.offload_idle = self.cuda and self.m.offload_idle
+        self.offloaded: list[str] = []
+        self.freed = False
+        self.done: list[str] = []
+
+    @property
+    def load_device(self) -> str:
+        return "cpu" if self.cuda and (self.m.quantize_base != "none" or self.m.offload_idle) else self.device
+
+    def place(self, pipe, family) -> None:
+        if self.m.quantize_base != "none":
+            self.done.append(quantize_denoiser(getattr(pipe, family.denoiser), self.m.quantize_base, self.device))
+        if self.load_device != self.device and not self.offload_idle:
+            for name in (*family.text.encoders, "vae"):
+                module = getattr(pipe, name, None)
+                if module is not None:
+                    module.to(self.device)
+
+    def caching(self, pipe):
+        """A context for filling the caches (see the class doc)."""
+        import contextlib
+
+        if not self.offload_idle:
+            return contextlib.nullcontext()
+        self.done.append("caches filled under model CPU offload")
+        return self._offloaded(pipe)
+
+    @contextlib_contextmanager
+    def _offloaded(self, pipe):
+        pipe.enable_model_cpu_offload(device=self.device)
+        try:
+            yield
+        finally:
+            pipe.remove_all_hooks()
+
+    def after_caches(self, pipe, family) -> list[str]:
+        """The loop's placement; returns the names of the text encoders left."""
+        encoders = [n for n in family.text.encoders if getattr(pipe, n, None) is not None]
+        if self.m.text_encoders == "free":
+            for name in encoders:
+                setattr(pipe, name, None)
+            self.freed, encoders = True, []
+            self.done.append("text encoders freed after caching (no checkpoint samples)")
+        elif self.m.text_encoders == "offload" and self.cuda:
+            self.offloaded += encoders
+            self.done.append("text encoders offloaded to the CPU after caching")
+        if self.offload_idle:
+            self.offloaded.append("vae")
+            self.done.append("VAE on the CPU during the loop")
+        if self.cuda:
+            self._restore(pipe, family)
+        return encoders
+
+    def _restore(self, pipe, family) -> None:
+        import torch
+
+        for name in (family.denoiser, "vae", *family.text.encoders):
+            module = getattr(pipe, name, None)
+            if module is not None:
+                module.to("cpu" if name in self.offloaded else self.device)
+        torch.cuda.empty_cache()
+
+    def sampling(self, pipe, family):
+        """A context for checkpoint samples (see the class doc)."""
+        import contextlib
+
+        if not self.offloaded:
+            return contextlib.nullcontext()
+        return self._sampling(pipe, family)
+
+    @contextlib_contextmanager
+    def _sampling(self, pipe, family):
+        with self._offloaded(pipe):
+            yield
+        self._restore(pipe, family)
 
 
 # ---------------------------------------------------------------------------------------------

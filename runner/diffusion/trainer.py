@@ -240,18 +240,21 @@ class LoraTrainer:
         import torch
 
         from runner.diffusion import families
+        from runner.diffusion.memory import Placement
         from runner.diffusion.models import ModelLoadError, family_of, load_pipeline, model_fingerprint
 
         self.weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.mixed_precision, torch.float32)
+        self.placement = Placement(self.cfg.memory, self.device)  # train.memory (runner.diffusion.memory)
         try:
             self.pipe = load_pipeline(self.cfg.base_model, family=self.cfg.model_family,
-                                      device=self.device, dtype=self.weight_dtype, cache_dir=self.cache_dir,
-                                      project_root=self.project_root)
+                                      device=self.placement.load_device, dtype=self.weight_dtype,
+                                      cache_dir=self.cache_dir, project_root=self.project_root)
             self.model_fp = model_fingerprint(self.cfg.base_model, cache_dir=self.cache_dir,
                                               project_root=self.project_root)
         except ModelLoadError as exc:
             raise TrainError(f"train.base_model: {exc}", hint=exc.hint) from None
         self.fam = families.get(family_of(self.pipe))
+        self._place_components()
         self.family = self.fam.name
         self.tiny = self.cfg.base_model.startswith("builtin:")
         self.c = families.components_of(self.pipe, self.fam, self._objective())
@@ -264,6 +267,27 @@ class LoraTrainer:
         self.noise_scheduler = self.c.scheduler
         self._use_sdpa()
         self.multiple = self.fam.multiple_of(self.pipe)  # what the bucket sides must be divisible by
+
+    def _place_components(self) -> None:
+        """train.memory before anything runs: the frozen denoiser quantized to 8 bits (torchao),
+        every component on the device for caching (runner.diffusion.memory.Placement)."""
+        memory = self.placement.m
+        if memory.text_encoders != "keep" and self.cfg.lora.train_text_encoder:
+            raise TrainError(f"train.memory.text_encoders: {memory.text_encoders} frees the text encoders, "
+                             "which train.lora.train_text_encoder trains",
+                             hint="Set train.memory.text_encoders: keep, or train.lora.train_text_encoder: false.")
+        try:
+            self.placement.place(self.pipe, self.fam)
+        except UserError as exc:
+            raise TrainError(exc.message, hint=exc.hint) from None
+
+    def _after_caches(self) -> None:
+        """train.memory once the caches are filled: text encoders offloaded or freed, the VAE off
+        the device (see Placement.after_caches)."""
+        left = self.placement.after_caches(self.pipe, self.fam)
+        self.text_encoders = [getattr(self.pipe, n) for n in left]
+        for line in self.placement.done:
+            self.cb.log(f"memory: {line}")
 
     def _objective(self):
         """The family's training objective with the spec's noise offset, min-SNR gamma (which
@@ -612,14 +636,15 @@ class LoraTrainer:
 
         ck = self.cfg.checkpoints
         prompts, seeds = self._sample_prompts(), [int(s) for s in ck.sample_seeds]
-        if not prompts or not seeds:
+        if not prompts or not seeds or self.placement.freed:  # freed text encoders cannot encode prompts
             return []
         pairs = [(pi, p, s) for pi, p in enumerate(prompts) for s in seeds]
         res = self.cfg.resolution
         self._eval_mode(True)
-        imgs = generate_images(self.pipe, [p for _, p, _ in pairs], seeds=[s for _, _, s in pairs],
-                               steps=ck.sample_steps, guidance=float(ck.sample_guidance),
-                               width=res, height=res, batch_size=4, negative_prompt=ck.sample_negative_prompt)
+        with self.placement.sampling(self.pipe, self.fam):  # model CPU offload when components left the device
+            imgs = generate_images(self.pipe, [p for _, p, _ in pairs], seeds=[s for _, _, s in pairs],
+                                   steps=ck.sample_steps, guidance=float(ck.sample_guidance), width=res, height=res,
+                                   batch_size=4, negative_prompt=ck.sample_negative_prompt)
         self._eval_mode(False)
         folder.mkdir(parents=True, exist_ok=True)
         names = []
@@ -813,7 +838,9 @@ class LoraTrainer:
         t_start = time.perf_counter()
         self._load_model()
         self._prepare_data()
-        self._fill_caches()
+        with self.placement.caching(self.pipe):  # train.memory.offload_idle: one component on the device at a time
+            self._fill_caches()
+        self._after_caches()
         self._attach_lora()
         self._new_accelerator()
         state = self._load_state()
