@@ -104,11 +104,19 @@ class IPAdapterArgs:
 class ReferenceArgs:
     """In-context references: a pipeline (``pipeline``, the family's own or one built with
     ``from_pipe``) takes reference images as ``image=``, up to ``max_images``; ``needs`` says, in
-    words, which checkpoint was trained to read them."""
+    words, which checkpoint was trained to read them. ``area_keyword``: the keyword that sets the
+    output area (FLUX.1 Kontext rescales every output to it), given width x height; ``fixed``:
+    keywords passed as they are on every call of that pipeline."""
 
     pipeline: str
     max_images: int
     needs: str = ""
+    area_keyword: str | None = None
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+
+    def call_kwargs(self, width: int, height: int) -> dict[str, Any]:
+        area = {self.area_keyword: int(width) * int(height)} if self.area_keyword else {}
+        return {**self.fixed, **area}
 
 
 @dataclass(frozen=True)

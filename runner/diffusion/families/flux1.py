@@ -10,9 +10,13 @@ from __future__ import annotations
 
 from runner.diffusion import memory
 from runner.diffusion.families.base import (
+    ControlNetArgs,
     Family,
+    GenerationArgs,
+    IPAdapterArgs,
     LatentFormat,
     Objective,
+    ReferenceArgs,
     SampleDefaults,
     TextEncoding,
     scale_shift,
@@ -124,6 +128,12 @@ FAMILY = Family(
     to_model_latents=scale_shift,
     predict=predict,
     single_file_types=("flux-dev", "flux-schnell"),
+    generation=GenerationArgs(cfg=False, negative="none",  # guidance_scale is the embedding (true CFG: true_cfg_scale)
+                              ip_adapter=IPAdapterArgs("", "ip_adapter.safetensors",
+                                                       "image_encoder_pretrained_model_name_or_path"),
+                              controlnet=ControlNetArgs("FluxControlNetModel", "FluxControlNetPipeline"),
+                              references=ReferenceArgs("FluxKontextPipeline", 1, "a FLUX.1 Kontext checkpoint",
+                                                       area_keyword="max_area", fixed={"_auto_resize": False})),
     extra_conditioning="image ids (0, row, col) per 2x2 patch; zero text ids; dev: the guidance embedding",
     variants={"dev": "guidance-distilled: transformer.config.guidance_embeds, 28-50 steps",
               "schnell": "timestep-distilled, no guidance embedding, 1-4 steps, 256 T5 tokens"},

@@ -10,7 +10,16 @@ blocks and the fused qkv+MLP input of the single-stream blocks."""
 from __future__ import annotations
 
 from runner.diffusion import memory
-from runner.diffusion.families.base import Family, LatentFormat, Objective, SampleDefaults, TextEncoding, split_batch
+from runner.diffusion.families.base import (
+    Family,
+    GenerationArgs,
+    LatentFormat,
+    Objective,
+    ReferenceArgs,
+    SampleDefaults,
+    TextEncoding,
+    split_batch,
+)
 
 MAX_TOKENS = 512
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
@@ -173,6 +182,7 @@ KLEIN = Family(
     tiny="tiny-flux2-klein",
     build_tiny=build_tiny_klein,
     variants={"base": "undistilled, ~50 steps with CFG", "distilled": "4 steps (model_index is_distilled)"},
+    generation=GenerationArgs(negative="none", references=ReferenceArgs("Flux2KleinPipeline", 4)),  # CFG vs ""
     **_COMMON,
 )
 
@@ -192,6 +202,7 @@ DEV = Family(
     single_file_types=("flux-2-dev",),  # klein files share its key layout and are read as dev
     build_tiny=build_tiny_dev,
     variants={"dev": "guidance-distilled: the guidance embedding takes objective.guidance while training"},
+    generation=GenerationArgs(cfg=False, negative="none", references=ReferenceArgs("Flux2Pipeline", 10)),
     **_COMMON,
 )
 

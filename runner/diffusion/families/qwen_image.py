@@ -8,7 +8,16 @@ its scheduler shifts (resolution-dependent, ``max_shift`` 0.9). No guidance embe
 from __future__ import annotations
 
 from runner.diffusion import memory
-from runner.diffusion.families.base import Family, LatentFormat, Objective, SampleDefaults, TextEncoding, pad_text
+from runner.diffusion.families.base import (
+    ControlNetArgs,
+    Family,
+    GenerationArgs,
+    LatentFormat,
+    Objective,
+    SampleDefaults,
+    TextEncoding,
+    pad_text,
+)
 
 MAX_TOKENS = 1024
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -134,5 +143,7 @@ FAMILY = Family(
     to_model_latents=to_model_latents,
     predict=predict,
     collate_text=pad_text,
+    generation=GenerationArgs(guidance="true_cfg_scale", negative="always",
+                              controlnet=ControlNetArgs("QwenImageControlNetModel", "QwenImageControlNetPipeline")),
     extra_conditioning="image shapes (frames, rows, cols) for its 3D RoPE; the text mask",
 )

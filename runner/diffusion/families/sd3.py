@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from runner.diffusion import memory
 from runner.diffusion.families.base import (
+    ControlNetArgs,
     Family,
+    GenerationArgs,
+    IPAdapterArgs,
     LatentFormat,
     Objective,
     SampleDefaults,
@@ -114,5 +117,7 @@ FAMILY = Family(
     to_model_latents=scale_shift,
     predict=predict,
     single_file_types=("sd3", "sd35_large", "sd35_medium"),
+    generation=GenerationArgs(ip_adapter=IPAdapterArgs("", "ip-adapter.safetensors"),
+                              controlnet=ControlNetArgs("SD3ControlNetModel", "StableDiffusion3ControlNetPipeline")),
     extra_conditioning="the pooled CLIP projections",
 )

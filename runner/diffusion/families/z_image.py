@@ -8,7 +8,16 @@ and predicts ``x0 - noise``, so the prediction is negated. Static shift 3 as its
 from __future__ import annotations
 
 from runner.diffusion import memory
-from runner.diffusion.families.base import Family, LatentFormat, Objective, SampleDefaults, TextEncoding, scale_shift
+from runner.diffusion.families.base import (
+    ControlNetArgs,
+    Family,
+    GenerationArgs,
+    LatentFormat,
+    Objective,
+    SampleDefaults,
+    TextEncoding,
+    scale_shift,
+)
 
 MAX_TOKENS = 512
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -105,6 +114,7 @@ FAMILY = Family(
     predict=predict,
     collate_text=list_text,
     single_file_types=("z-image-turbo",),
+    generation=GenerationArgs(controlnet=ControlNetArgs("ZImageControlNetModel", "ZImageControlNetPipeline")),
     extra_conditioning="none besides the caption (positions come from the lists' shapes)",
     variants={"turbo": "distilled, 8 steps, guidance_scale 0 (the pipeline's CFG is pos + g (pos - neg))",
               "base": "undistilled, ~30-50 steps with CFG"},
