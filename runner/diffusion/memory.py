@@ -193,15 +193,14 @@ def estimate(family: Any, s: Settings) -> Estimate:
 
     block = act(z.block)
     activations = (act(z.checkpointed) + block if s.gradient_checkpointing else act(z.activations)) + block
-    # caching: every component on the device (the denoiser in its loop dtype, quantized or not);
-    # with offload_idle under model CPU offload, one component at a time
+    # caching: every component on the device (the denoiser in its loop dtype, quantized or not)
+    # while the VAE encodes; with offload_idle under model CPU offload, one component at a time
+    vae_encoding = VAE_ENCODE_BATCH * VAE_LIVE * s.resolution * s.resolution * wbytes
     if s.offload_idle:
         largest_text = max([z.params[k] * wbytes for k in z.text_encoders], default=0.0)
-        cache_weights = max(largest_text, vae)
+        caching = max(largest_text, vae + vae_encoding) + OVERHEAD_FIXED
     else:
-        cache_weights = denoiser + text + vae
-    pixels = s.resolution * s.resolution
-    caching = cache_weights + VAE_ENCODE_BATCH * VAE_LIVE * pixels * wbytes + OVERHEAD_FIXED
+        caching = denoiser + text + vae + vae_encoding + OVERHEAD_FIXED
     return Estimate(weights=weights, lora=lora_params * LORA_BYTES,
                     optimizer=lora_params * OPTIMIZER_BYTES.get(s.optimizer, 8), activations=activations,
                     caching=caching, resident=tuple(resident))
@@ -312,7 +311,7 @@ def target_of(hardware: Any, gpu: str | None) -> Target:
         return Target(gpu or "?", gpu_memory_gib(gpu, hw), hw.get("memory_check", "refuse"))
     local = None if hw.get("device") in ("cpu", "mps") else _local_gpu()
     if local is None:
-        return Target("this machine's CPU", None, "warn", cpu=True)
+        return Target("a GPU", None, "warn", cpu=True)
     name, total = local
     return Target(name, hw.get("gpu_memory_gib", {}).get(name, total), hw.get("memory_check", "refuse"))
 
@@ -351,8 +350,10 @@ def plan_note(node_id: str, train: Any, target: Target) -> str | None:
     s = Settings.of(train)
     e = estimate(family, s)
     note = e.line(target.gpu, target.capacity_gib) + f"; {family.title} figures"
-    if target.cpu or target.capacity_gib is None:
-        return note + ("" if target.cpu else f"; memory of {target.gpu} unknown: set hardware.gpu_memory_gib")
+    if target.cpu:
+        return note + "; this run is local without a CUDA GPU: not checked"
+    if target.capacity_gib is None:
+        return note + f"; memory of {target.gpu} unknown: set hardware.gpu_memory_gib"
     capacity = target.capacity_gib * GIB
     if e.peak <= capacity:
         return note
