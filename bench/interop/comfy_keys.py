@@ -4,7 +4,7 @@ whether ComfyUI's ``model_lora_keys_unet`` maps every module of it, ``load_lora`
 and every LoRA's shape fits the ComfyUI weight it patches (rows at its offset, input width).
 
 Not a timing. The denoisers are built from their published configs (written below) on the meta
-device (no weights, no download); the LoRA is rank 1 with random values, shaped from the modules.
+device (no weights, no download); the LoRA is rank 1, alpha 2, with random values, shaped from the modules.
 Needs a ComfyUI checkout: ``COMFYUI_DIR=../ComfyUI .venv/bin/python bench/interop/comfy_keys.py``
 (without it, only our side is listed). About 30 s on 2 cores.
 """
@@ -18,6 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+ALPHA = 2.0  # of a rank-1 LoRA
 
 # the denoisers' config.json as published (the fields that shape the layout)
 FULL = {
@@ -88,6 +90,29 @@ def rank1_lora(fam, model, seed: int = 0) -> dict:
     return sd
 
 
+def diffusers_reads(pipeline: str, kohya_sd: dict, peft_sd: dict, scale: float) -> tuple[int, float]:
+    """``<pipeline>.lora_state_dict`` of the kohya file (diffusers' converter of non-diffusers
+    LoRAs): how many trained modules come back, and the largest |B A x - trained delta x| over
+    random x (modules it splits off that were not trained must give 0)."""
+    import diffusers
+    import torch
+
+    out = getattr(diffusers, pipeline).lora_state_dict(dict(kohya_sd))
+    sd = out[0] if isinstance(out, tuple) else out
+    got = {k[len("transformer."):].split(".lora_")[0] for k in sd if k.startswith("transformer.") and ".lora_A." in k}
+    g = torch.Generator().manual_seed(0)
+    err = 0.0
+    for m in sorted(got):
+        a, b = sd[f"transformer.{m}.lora_A.weight"].float(), sd[f"transformer.{m}.lora_B.weight"].float()
+        x = torch.randn(a.shape[1], 4, generator=g)
+        have = b @ (a @ x)
+        if f"{m}.lora_A.weight" in peft_sd:
+            have = have - peft_sd[f"{m}.lora_B.weight"] @ (peft_sd[f"{m}.lora_A.weight"] @ x) * scale
+        err = max(err, float(have.abs().max()))
+    trained = {k.split(".lora_")[0] for k in peft_sd}
+    return len(got & trained), err
+
+
 def check(name: str, cu) -> dict:
     from runner.diffusion.comfy import PREFIX, layout_for
     from runner.diffusion.kohya import peft_to_kohya
@@ -95,7 +120,7 @@ def check(name: str, cu) -> dict:
     fam, model = meta_denoiser(name)
     cfg = dict(model.config)
     sd = rank1_lora(fam, model)
-    f = peft_to_kohya(sd, family=name, unet_config=cfg, alpha=1.0)
+    f = peft_to_kohya(sd, family=name, unet_config=cfg, alpha=ALPHA)  # alpha != rank: the strength is checked
     lay = layout_for(name)
     natives = {lay.native(k.split(".lora_")[0], cfg).native for k in sd}
     fused = sum(1 for k in f if k.endswith(".lora_down.weight") and f[k].shape[0] > 1)
@@ -107,6 +132,12 @@ def check(name: str, cu) -> dict:
                                  text_encoder_lr=None, steps=1, max_steps=1, resolution=1024, trigger="sks",
                                  title="t", captions=["sks"], dataset_summary={}, seed=0,
                                  denoiser_config=cfg)["modelspec.architecture"]
+    if fam.denoiser == "transformer":
+        try:
+            n, err = diffusers_reads(fam.pipeline, f, sd, ALPHA)
+            row["diffusers"] = f"{n} / {len(sd) // 2}" + (f", max err {err:.0e}" if n else "")
+        except Exception as exc:  # noqa: BLE001  (diffusers has no converter for this layout: say so)
+            row["diffusers"] = f"not read ({type(exc).__name__})"
     if cu is None:
         return row
     import torch
@@ -145,14 +176,16 @@ def main() -> int:
     t0 = time.time()
     rows = [check(name, cu) for name in FULL]
     print(f"ComfyUI: {cu.root if cu else 'not checked (set COMFYUI_DIR)'}; {time.time() - t0:.0f} s\n")
-    head = "| family | model (published config) | modelspec.architecture | modules trained | modules in file (fused) |"
+    head = ("| family | model (published config) | modelspec.architecture | modules trained | modules in file (fused) |"
+            " diffusers reads |")
     if cu:
         head += " mapped by ComfyUI | keys not loaded | shapes fit |"
     print(head)
     print("|" + " --- |" * (head.count("|") - 1))
     ok = True
     for r in rows:
-        line = (f"| {r['family']} | {r['model']} | {r['arch']} | {r['trained']} | {r['file']} ({r['fused']}) |")
+        line = (f"| {r['family']} | {r['model']} | {r['arch']} | {r['trained']} | {r['file']} ({r['fused']}) |"
+                f" {r.get('diffusers', 'n/a (kohya UNet: tests/test_lora_interop.py)')} |")
         if cu:
             line += f" {r['mapped']} / {r['file']} | {r['not_loaded']} | {r['shapes_ok']} / {r['patches']} |"
             ok &= r["mapped"] == r["file"] and r["not_loaded"] == 0 and r["shapes_ok"] == r["patches"]
