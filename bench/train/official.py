@@ -414,10 +414,13 @@ COLUMNS = ("steady steps/s (wall)", "steady steps per CPU s", "wall s", "CPU s",
 
 
 def _cells(rs: list[RunResult]) -> list[str]:
-    bare = rs[0].side.startswith("bare")
+    kind = rs[0].side.split("-")[0]
     cells = [_rng([r.steady_steps_per_s for r in rs]), _rng([r.steady_cpu_steps_per_s for r in rs])]
-    if bare:
+    if kind == "bare":
         return cells + [""] * 4
+    if kind == "base":
+        return ["", "", _rng([r.wall_s for r in rs], "{:.1f}"), _rng([r.cpu_s for r in rs], "{:.1f}"),
+                _rng([r.peak_rss_mib for r in rs], "{:.0f}"), ""]
     return cells + [_rng([r.wall_s for r in rs], "{:.1f}"), _rng([r.cpu_s for r in rs], "{:.1f}"),
                     _rng([r.peak_rss_mib for r in rs], "{:.0f}"), _rng([r.first_step_s for r in rs], "{:.1f}")]
 
@@ -425,7 +428,7 @@ def _cells(rs: list[RunResult]) -> list[str]:
 def summarize(results: list[RunResult]) -> str:
     rows = ["| family | side | " + " | ".join(COLUMNS) + " | runs ok |", "| --- " * (len(COLUMNS) + 3) + "|"]
     for f in dict.fromkeys(r.family for r in results):
-        for side in ("official", "runner", "bare-main", "bare-peer"):
+        for side in SIDES:
             rs = [r for r in results if r.family == f and r.side == side]
             ok = [r for r in rs if r.rc == 0]
             if rs:
@@ -435,11 +438,28 @@ def summarize(results: list[RunResult]) -> str:
             cells = _ratio_cells(results, f, a, b)
             if cells:
                 rows.append(f"| {f} | {name} | " + " | ".join(cells) + " | |")
+        excess = _excess(results, f)
+        if excess:
+            rows.append(f"| {f} | peak RSS over the venv's import baseline | | | | | {excess} | | |")
     return "\n".join(rows)
 
 
+def _excess(results: list[RunResult], fam: str) -> str:
+    """Peak RSS minus the same round's import baseline of the side's venv (the torch builds
+    differ: the peer's CUDA build maps more library memory before any model is loaded)."""
+    by = {(r.side, r.round): r for r in results if r.family == fam and r.rc == 0}
+    out = []
+    for side, base in (("runner", "base-main"), ("official", "base-peer"), ("runner-peer", "base-peer")):
+        vals = [by[(side, k)].peak_rss_mib - by[(base, k)].peak_rss_mib for (s, k) in list(by)
+                if s == side and (base, k) in by]
+        if vals:
+            out.append(f"{side} {_rng(vals, '{:.0f}')}")
+    return ", ".join(out)
+
+
 # ratio rows: name -> (numerator side, denominator side); per round (the runs next to each other)
-RATIOS = {"runner / official": ("runner", "official"), "runner / bare-main": ("runner", "bare-main"),
+RATIOS = {"runner / official": ("runner", "official"), "runner-peer / official": ("runner-peer", "official"),
+          "runner / bare-main": ("runner", "bare-main"), "runner-peer / bare-peer": ("runner-peer", "bare-peer"),
           "official / bare-peer": ("official", "bare-peer")}
 
 
@@ -462,8 +482,13 @@ def _ratio_cells(results: list[RunResult], fam: str, a: str, b: str) -> list[str
 # ---------------------------------------------------------------------------------------------
 
 
+SIDES = ("official", "runner", "runner-peer", "bare-main", "bare-peer", "base-main", "base-peer")
+# the import baseline: what the libraries alone hold (the same imports in both venvs)
+BASE_IMPORTS = "import torch, diffusers, transformers, peft, accelerate; print('Steps: 100%|x| 1/1')"
+
+
 def _sides(args, rnd: int) -> list[str]:
-    sides = ["official", "runner"] + [f"bare-{v}" for v in args.bare]
+    sides = [s for s in SIDES if s in args.sides.split(",")]
     return sides if rnd % 2 == 0 else sides[::-1]
 
 
@@ -481,19 +506,18 @@ def one_run(args, side: str, family: str, rnd: int, ctx: dict[str, Any]) -> RunR
     if side == "official":
         cmd = peer_cmd(args, fam, PEERS[family], ctx["peer_model"], ctx["instance"], work / "out")
         env = _env(args.threads)
-    elif side == "runner":
-        cmd = [sys.executable, me, "--child", "runner", "--spec", str(work / "spec.json")]
-        env = _env(args.threads, args.runner_src)
     else:
-        py = sys.executable if side == "bare-main" else args.peer_python
-        cmd = [py, me, "--child", "bare", "--spec", str(work / "spec.json")]
+        py = args.peer_python if side.endswith("-peer") else sys.executable
+        kind = side.split("-")[0]
+        cmd = [py, "-c", BASE_IMPORTS] if kind == "base" else [py, me, "--child", kind, "--spec",
+                                                                 str(work / "spec.json")]
         env = _env(args.threads, args.runner_src)
     measure(cmd, env=env, log=work / "log.txt", total=args.steps, res=res)
     if side.startswith("bare") and res.rc == 0:
         bare = json.loads((work / "bare.json").read_text())
         res.steady_steps_per_s, res.steady_cpu_steps_per_s = bare["steps_per_s"], bare["cpu_steps_per_s"]
         res.extra = bare
-    if side == "runner" and (work / "timings.json").is_file():
+    if side.startswith("runner") and (work / "timings.json").is_file():
         res.extra = json.loads((work / "timings.json").read_text())
     return res
 
@@ -510,8 +534,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1, help="OMP/MKL threads of every child (same for all sides)")
-    ap.add_argument("--bare", default="main,peer", help="venvs to time the bare step in: main (this python), peer")
-    ap.add_argument("--sides", default="official,runner,bare", help="which sides to run")
+    ap.add_argument("--sides", default="official,runner,bare-main,bare-peer,base-main,base-peer",
+                    help=f"which of {','.join(SIDES)} to run (-main: this python, -peer: --peer-python; runner-peer: "
+                         "the runner on the peer's torch build, a control)")
     ap.add_argument("--peer-python", default=os.environ.get("PEER_PYTHON", "/work/peers/venv/bin/python"))
     ap.add_argument("--examples", default=os.environ.get(
         "DIFFUSERS_EXAMPLES", "/work/peers/diffusers-examples/examples/dreambooth"))
@@ -524,7 +549,6 @@ def main() -> None:
         spec = json.loads(Path(args.spec).read_text())
         (run_runner_child if args.child == "runner" else run_bare_child)(spec)
         return
-    args.bare = [v for v in args.bare.split(",") if v] if "bare" in args.sides else []
     sys.path.insert(0, args.runner_src)
     from runner.diffusion import families
 
@@ -536,12 +560,9 @@ def main() -> None:
         ctx_by[f] = {"model": model, "peer_model": peer_model(args, f, model), "dataset": dataset,
                      "instance": instance, "targets": runner_targets(fam, model, PEERS[f].targets)}
     results: list[RunResult] = []
-    wanted = set(args.sides.split(","))
     for rnd in range(args.runs):
         for f in ctx_by:
             for side in _sides(args, rnd):
-                if side.split("-")[0] not in wanted:
-                    continue
                 r = one_run(args, side, f, rnd, ctx_by[f])
                 results.append(r)
                 print(f"round {rnd} {f:12s} {side:9s} rc={r.rc} steps/s={r.steady_steps_per_s} "
