@@ -16,6 +16,7 @@ from runner.diffusion.families import base as family_base
 from runner.spec import load_spec
 from runner.spec import schema as S
 from runner.spec.resolve import list_presets
+from runner.spec.sections import TrainConfig
 from runner.spec.starter import family_starters, starter_for, write_starter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,6 +107,18 @@ def test_train_preset_validates_and_resolves(project, preset):
     if fam.denoiser != "unet":  # DiT presets train the family's own targets (null)
         assert train.lora.target_modules is None
     assert train.resolution % fam.size_multiple == 0
+
+
+def test_every_character_preset_fits_an_80_gb_gpu_by_the_plans_estimate():
+    from runner.diffusion import memory
+
+    for preset in TRAIN_PRESETS:
+        values = preset_data("train", preset)["values"]
+        if str(values["base_model"]).startswith("builtin:"):
+            continue
+        fam = families.get(values["model_family"])
+        est = memory.estimate(fam, memory.Settings.of(TrainConfig.from_dict(values)))
+        assert est.peak <= 80 * 2**30, f"{preset}: ~{est.peak / 2**30:.1f} GiB by the plan's estimate"
 
 
 @pytest.mark.parametrize("preset", INFERENCE_PRESETS)
