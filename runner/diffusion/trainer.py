@@ -669,8 +669,8 @@ class LoraTrainer:
                               text_encoder_sds={k: v for k, v in state.items() if k != den})
         cfg, ph = self.cfg, self._phase_at(step)
         md = kohya_metadata(
-            family=self.family, base_model=cfg.base_model, rank=self.rank, alpha=self.alpha,
-            lr=ph.lr, text_encoder_lr=cfg.lora.text_encoder_lr, steps=step,
+            family=self.family, denoiser_config=self.denoiser.config, base_model=cfg.base_model, rank=self.rank,
+            alpha=self.alpha, lr=ph.lr, text_encoder_lr=cfg.lora.text_encoder_lr, steps=step,
             max_steps=self.total_steps, resolution=cfg.resolution, trigger=cfg.trigger,
             title=f"{self._stem()} step {step}", captions=[e.caption for e in self.train_ex],
             dataset_summary=self.dataset_summary(), seed=cfg.seed, extra=self._kohya_extra(ph),
