@@ -16,8 +16,10 @@ The model, per training step on the device (bytes; ``GiB`` = 2**30):
   ``(resolution / (vae downscale x patch))**2`` (latent pixels for a UNet) and in the batch:
   ``batch x (per_token x tokens + per_image)``, where ``per_image`` is the part of the text tokens
   that run through the blocks. With gradient checkpointing only each block's inputs are kept, plus
-  one block's activations while it is recomputed. Both are also held once more for one block's
-  backward (its gradients in flight). The coefficients are *computed*: the family's own
+  one block's activations while it is recomputed. The backward adds gradients in flight: 0.6 of
+  the largest block's activations on top (1.25 blocks with checkpointing, recomputation
+  included); measured 0.52 and 1.12 on the CPU with torch's profiler (bench/memory/cpu_check.py,
+  bench/README.md), rounded up. The coefficients are *computed*: the family's own
   ``predict`` runs on the meta device (no memory, no weights) with a LoRA attached and every
   tensor saved for backward counted once (:func:`measure_activations`): attention as a fused
   kernel keeps it (q, k, v, output, log-sum-exp; no s x s matrix), and each LoRA module keeps its
@@ -35,9 +37,11 @@ device they run under model CPU offload too, so they stay below the loop.
 
 What was checked against what (docs/training.md, "GPU memory"): FLUX.1-dev LoRA at 1024 px with
 an 8-bit base and checkpointing, the setting ai-toolkit documents for 24 GB cards, comes out at
-about 16 GiB here; without quantization the bf16 transformer alone is 22.2 GiB. No GPU was
-available to measure this estimate against ``torch.cuda.max_memory_allocated``; the CPU's peak
-RSS is not GPU memory and was not used as a stand-in.
+about 16 GiB here; without quantization the bf16 transformer alone is 22.2 GiB. On the CPU the
+activation counting matches the tensor bytes torch's profiler sees a real run keep
+(bench/memory/cpu_check.py). No GPU was available to measure the estimate against
+``torch.cuda.max_memory_allocated``; the CPU's peak RSS is not GPU memory and was not used as a
+stand-in.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ OVERHEAD_SHARE = 0.08
 QUANT_SCALE_OVERHEAD = 1.01  # int8/fp8 weights with their per-channel scales
 OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2}
 LORA_BYTES = 8  # fp32 weight + fp32 gradient
+BACKWARD_BLOCKS = 0.6  # largest blocks' worth of activations the backward adds (see the module doc)
+BACKWARD_CHECKPOINTED = 1.25  # the same with checkpointing, the recomputed block included
 VAE_ENCODE_BATCH = 8  # images per VAE call while caching (the trainer's batch)
 VAE_LIVE = 4 * 128  # live tensors x channels of the VAE's first block at full resolution
 QUANTIZE = ("none", "int8", "fp8")
@@ -192,7 +198,10 @@ def estimate(family: Any, s: Settings) -> Estimate:
         return scale * (coef[0] * tokens + coef[1])
 
     block = act(z.block)
-    activations = (act(z.checkpointed) + block if s.gradient_checkpointing else act(z.activations)) + block
+    if s.gradient_checkpointing:
+        activations = act(z.checkpointed) + BACKWARD_CHECKPOINTED * block
+    else:
+        activations = act(z.activations) + BACKWARD_BLOCKS * block
     # caching: every component on the device (the denoiser in its loop dtype, quantized or not)
     # while the VAE encodes; with offload_idle under model CPU offload, one component at a time
     vae_encoding = VAE_ENCODE_BATCH * VAE_LIVE * s.resolution * s.resolution * wbytes
