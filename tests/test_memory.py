@@ -133,7 +133,20 @@ def test_cpu_runs_and_tiny_models_are_never_refused():
     note = memory.plan_note("hero:train", big, Target("a GPU", None, "warn", cpu=True))
     assert "peak GPU memory" in note and "not checked" in note
     tiny = trainer_config(base_model="builtin:tiny-flux1", resolution=2048, batch_size=8)
-    assert "not estimated (a tiny random model)" in memory.plan_note("hero:train", tiny, Target("T4", 15.0, "refuse"))
+    assert memory.plan_note("hero:train", tiny, Target("T4", 15.0, "refuse")) is None
+
+
+def test_the_gpu_of_a_stage_and_its_memory():
+    remote = {"backend": "modal", "device": "auto", "gpu_memory_gib": {"A10G": 24.0}, "memory_check": "refuse"}
+    assert memory.target_of(remote, "A10G") == Target("A10G", 24.0, "refuse")
+    assert memory.target_of({**remote, "gpu_memory_gib": {}}, "H100").capacity_gib == 79.6
+    assert memory.target_of(remote, "XYZ").capacity_gib is None
+    local_cpu = memory.target_of({"backend": "local", "device": "cpu"}, "A10G")
+    assert local_cpu.cpu and local_cpu.capacity_gib is None
+    unknown = trainer_config(base_model="black-forest-labs/FLUX.1-dev", resolution=1024)
+    assert "set hardware.gpu_memory_gib" in memory.plan_note("hero:train", unknown, Target("XYZ", None, "refuse"))
+    single = trainer_config(base_model="/models/flux1-dev.safetensors")
+    assert "single-file checkpoint" in memory.plan_note("hero:train", single, Target("A10G", 22.5, "refuse"))
 
 
 def test_default_memory_settings_leave_the_node_config_unchanged():
