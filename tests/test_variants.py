@@ -60,9 +60,19 @@ def nested(path: tuple, value: Any) -> dict:
 
 
 def resolved_value(section: dict, path: tuple) -> Any:
+    """The key's value in the resolved section; an object the resolver leaves out while it holds
+    only defaults (train.memory, train.objective: node configs unchanged) gives the default."""
     for k in path:
+        if k not in section:
+            return _default(path)
         section = section[k]
     return section
+
+
+def _default(path: tuple) -> Any:
+    from runner.spec.config import schema_default
+
+    return schema_default("train", *path)
 
 
 def other_value(value: Any, sub: dict) -> Any:

@@ -69,7 +69,20 @@ def effective(cfg: dict[str, Any]) -> dict[str, Any]:
     for path, _ in _unused_settings(out):
         parent = out if len(path) == 1 else out.get(path[0]) or {}
         parent.pop(path[-1], None)
+    for key in OPTIONAL_OBJECTS:  # absent means all defaults: compare leaf by leaf
+        out[key] = {**_object_defaults(key), **(out.get(key) or {})}
     return out
+
+
+# train objects the resolver leaves out while they hold only defaults (their node configs, and
+# so the cache keys of specs that never set them, stay as they were)
+OPTIONAL_OBJECTS = ("memory", "objective")
+
+
+def _object_defaults(key: str) -> dict[str, Any]:
+    from runner.spec.config import schema_node
+
+    return {k: copy.deepcopy(sub.get("default")) for k, sub in schema_node("train", key)["properties"].items()}
 
 
 def _unused_settings(cfg: dict[str, Any]) -> list[tuple[tuple[str, ...], str]]:
