@@ -18,16 +18,17 @@ from runner.diffusion.memory import GIB, Settings, Target, estimate
 
 SIZED = [f for f in families.all_families() if f.sizes is not None]
 FLUX = families.get("flux1")
-FLUX_24GB = Settings(resolution=1024, gradient_checkpointing=True, optimizer="adamw8bit", quantize_base="int8",
-                     text_encoders="offload", offload_idle=True)
+DEFAULTS = Settings.defaults()  # the schema's train defaults: 512 px, batch 1, rank 16, bf16, AdamW
+FLUX_24GB = replace(DEFAULTS, resolution=1024, gradient_checkpointing=True, optimizer="adamw8bit",
+                    quantize_base="int8", text_encoders="offload", offload_idle=True)
 
 
 def loop(fam, **changes) -> float:
-    return estimate(fam, replace(Settings(), **changes)).loop
+    return estimate(fam, replace(DEFAULTS, **changes)).loop
 
 
 def peak(fam, **changes) -> float:
-    return estimate(fam, replace(Settings(), **changes)).peak
+    return estimate(fam, replace(DEFAULTS, **changes)).peak
 
 
 @pytest.mark.parametrize("fam", SIZED, ids=lambda f: f.name)
@@ -41,7 +42,7 @@ def test_estimate_grows_with_resolution_batch_and_rank(fam):
 
 @pytest.mark.parametrize("fam", SIZED, ids=lambda f: f.name)
 def test_each_switch_lowers_the_loop(fam):
-    base = Settings(resolution=1024)
+    base = replace(DEFAULTS, resolution=1024)
     loop = estimate(fam, base).loop
     for change in ({"gradient_checkpointing": True}, {"quantize_base": "int8"}, {"quantize_base": "fp8"},
                    {"optimizer": "adamw8bit"}, {"text_encoders": "free"}, {"offload_idle": True}):
@@ -73,7 +74,7 @@ def test_flux_at_1024_fits_24gb_only_with_the_8bit_base():
 
 
 def test_switches_that_fit_are_computed_in_order():
-    s = Settings(resolution=1024)
+    s = replace(DEFAULTS, resolution=1024)
     changed, fitted = memory.settings_that_fit(FLUX, s, 22.5 * GIB)
     assert changed[0] == "train.gradient_checkpointing: true"
     assert "train.memory.quantize_base: int8" in changed
@@ -89,7 +90,7 @@ def test_switches_that_fit_are_computed_in_order():
 
 
 def test_text_encoders_that_train_stay_resident():
-    s = Settings(train_text_encoder=True, text_encoders="free")
+    s = replace(DEFAULTS, train_text_encoder=True, text_encoders="free")
     fam = families.get("sd15")
     assert "text_encoder" in estimate(fam, s).resident
     changed, _ = memory.settings_that_fit(fam, replace(s, resolution=1024, batch_size=8), 8 * GIB) or ([], None)

@@ -62,8 +62,6 @@ BACKWARD_BLOCKS = 0.6  # largest blocks' worth of activations the backward adds 
 BACKWARD_CHECKPOINTED = 1.25  # the same with checkpointing, the recomputed block included
 VAE_ENCODE_BATCH = 8  # images per VAE call while caching (the trainer's batch)
 VAE_LIVE = 4 * 128  # live tensors x channels of the VAE's first block at full resolution
-QUANTIZE = ("none", "int8", "fp8")
-TEXT_ENCODERS = ("keep", "offload", "free")
 
 
 @dataclass(frozen=True)
@@ -104,18 +102,25 @@ def sizes(params: Mapping[str, float], *, denoiser: str, linear_share: float, lo
 
 @dataclass(frozen=True)
 class Settings:
-    """What the estimate reads of a train config (the defaults are the schema's)."""
+    """What the estimate reads of a train config (:meth:`defaults`: the schema's). The LoRA is
+    counted on the family's default targets, whatever ``lora.target_modules`` says."""
 
-    resolution: int = 512
-    batch_size: int = 1
-    rank: int = 16
-    mixed_precision: str = "bf16"
-    gradient_checkpointing: bool = False
-    optimizer: str = "adamw"
-    quantize_base: str = "none"
-    text_encoders: str = "keep"
-    offload_idle: bool = False
-    train_text_encoder: bool = False
+    resolution: int
+    batch_size: int
+    rank: int
+    mixed_precision: str
+    gradient_checkpointing: bool
+    optimizer: str
+    quantize_base: str
+    text_encoders: str
+    offload_idle: bool
+    train_text_encoder: bool
+
+    @classmethod
+    def defaults(cls) -> "Settings":
+        from runner.spec.sections import TrainConfig
+
+        return cls.of(TrainConfig.from_dict({}))
 
     @classmethod
     def of(cls, train: Any) -> "Settings":
@@ -235,7 +240,7 @@ def settings_that_fit(family: Any, s: Settings, capacity: float) -> tuple[list[s
     for label, change in SWITCHES:
         if all(getattr(current, k) == v for k, v in change.items()):
             continue
-        if k_unsafe(change, current):
+        if _not_applicable(change, current):
             continue
         current = replace(current, **change)
         changed.append(label)
@@ -245,7 +250,7 @@ def settings_that_fit(family: Any, s: Settings, capacity: float) -> tuple[list[s
     return None
 
 
-def k_unsafe(change: Mapping[str, Any], s: Settings) -> bool:
+def _not_applicable(change: Mapping[str, Any], s: Settings) -> bool:
     """Switches that do not apply: the text encoders cannot leave while they train."""
     return "text_encoders" in change and s.train_text_encoder
 
