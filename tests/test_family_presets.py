@@ -210,8 +210,10 @@ def test_demo_spec_of_each_dit_family_validates_and_plans(family):
     assert {"train", "evaluate", "storyboard", "video", "report"} <= kinds
 
 
-@pytest.mark.slow  # a whole apply on CPU: ~40-60 s on 2 idle cores (analysis, training, evaluation, storyboard, clip)
-def test_demo_flux1_applies_end_to_end(tmp_path):
+# The cheapest of the DiT demos on CPU (27 s of CPU; 26-88 s wall measured on the shared 2-core
+# machine, by its load; demo-flux1 takes 35-42 s of CPU): the others validate and plan above.
+@pytest.mark.slow  # a whole apply: analysis, training, evaluation, storyboard, clip and report
+def test_demo_qwen_image_applies_end_to_end(tmp_path):
     import json
     import shutil
     import subprocess
@@ -220,11 +222,11 @@ def test_demo_flux1_applies_end_to_end(tmp_path):
     root = tmp_path / "project"
     (root / "specs").mkdir(parents=True)
     (root / "runner.toml").write_text("")
-    shutil.copy(demo_spec("flux1"), root / "specs" / "demo.yaml")
+    shutil.copy(demo_spec("qwen_image"), root / "specs" / "demo.yaml")
     shutil.copytree(REPO / "specs" / "demo", root / "specs" / "demo")
     r = subprocess.run([sys.executable, "-m", "runner.cli", "apply", "specs/demo.yaml"], cwd=root,
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "Report for demo_flux1:" in r.stdout
+    assert "Report for demo_qwen_image:" in r.stdout
     indexes = list((root / ".runner" / "store").glob("*/lora/index.json"))
-    assert indexes and json.loads(indexes[0].read_text())["model_family"] == "flux1"
+    assert indexes and json.loads(indexes[0].read_text())["model_family"] == "qwen_image"
