@@ -153,6 +153,8 @@ def test_the_gpu_of_a_stage_and_its_memory():
 def test_default_memory_settings_leave_the_node_config_unchanged():
     cfg = {"base_model": "builtin:tiny-sd", "memory": memory.default_memory()}
     assert "memory" not in memory.keyed(cfg)
+    assert "memory" not in memory.keyed({"base_model": "builtin:tiny-sd", "memory": {"quantize_base": "none"}})
+    assert memory.keyed({"base_model": "builtin:tiny-sd"}) == {"base_model": "builtin:tiny-sd"}
     changed = {"base_model": "builtin:tiny-sd", "memory": {**memory.default_memory(), "quantize_base": "int8"}}
     assert memory.keyed(changed) == changed
 

@@ -274,7 +274,10 @@ def default_memory() -> dict[str, Any]:
 def keyed(config: dict[str, Any]) -> dict[str, Any]:
     """The node config without a ``memory`` entry that only repeats the defaults (so a spec that
     writes ``memory: {}`` or the defaults keeps the key it had before train.memory existed)."""
-    if "memory" in config and (config["memory"] is None or dict(config["memory"]) == default_memory()):
+    from runner.spec.sections import MemoryConfig
+
+    m = config.get("memory", ...)
+    if m is None or (m is not ... and MemoryConfig.from_dict(m).to_dict() == default_memory()):
         config = {k: v for k, v in config.items() if k != "memory"}
     return config
 
