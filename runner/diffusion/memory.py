@@ -47,7 +47,7 @@ stand-in.
 from __future__ import annotations
 
 from contextlib import contextmanager as contextlib_contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from runner.core.errors import UserError
@@ -144,7 +144,6 @@ class Estimate:
     activations: float
     caching: float
     resident: tuple[str, ...]
-    notes: tuple[str, ...] = field(default=())
 
     @property
     def loop(self) -> float:
