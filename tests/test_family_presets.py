@@ -230,3 +230,30 @@ def test_demo_qwen_image_applies_end_to_end(tmp_path):
     assert "Report for demo_qwen_image:" in r.stdout
     indexes = list((root / ".runner" / "store").glob("*/lora/index.json"))
     assert indexes and json.loads(indexes[0].read_text())["model_family"] == "qwen_image"
+
+
+def test_a_flux1_folder_with_the_flux_preset_plans_the_same_stages_as_sdxl(project):
+    """The issue's user: a FLUX.1 diffusers folder (here its model index only: planning reads no
+    weights), photos, `train.preset: flux-character`: the same stages as `sdxl-character`."""
+    import json
+    import shutil
+
+    from runner.plan.graph import expand_spec
+
+    (project / "models" / "FLUX.1-dev").mkdir(parents=True)
+    (project / "models" / "FLUX.1-dev" / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (project / "refs").mkdir()
+    shutil.copy(REPO / "specs" / "demo" / "references" / "obama_01.jpg", project / "refs" / "r.jpg")
+    common = "evaluate: {preset: tiny-demo}\ngenerate: {storyboard: {story: He walks in. He smiles.}}\n"
+
+    def stages(train: str) -> tuple[dict, set]:
+        path = project / "specs" / "hero.yaml"
+        path.write_text(SPEC.format(sections=f"train: {train}\n{common}").replace("class_word: man", "class_word: man, "
+                                                                                   "references: [../refs]"))
+        nodes = expand_spec(load_spec(path))
+        return next(n for n in nodes if n.kind == "train").config, {n.id.split(":", 1)[1] for n in nodes}
+
+    flux, flux_stages = stages("{preset: flux-character, base_model: ../models/FLUX.1-dev}")
+    _, sdxl_stages = stages("{preset: sdxl-character}")
+    assert flux_stages == sdxl_stages
+    assert flux["model_family"] == "flux1" and flux["lora"]["target_modules"] is None
