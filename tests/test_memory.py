@@ -63,9 +63,9 @@ def test_sizes_are_the_published_ones():
 
 
 def test_flux_at_1024_fits_24gb_only_with_the_8bit_base():
-    """ai-toolkit's train_lora_flux_24gb.yaml: 1024 px, batch 1, bf16, checkpointing, 8-bit base
-    (quantize: true), 8-bit AdamW, text embeddings and latents cached, the encoders and the VAE off
-    the GPU during the loop."""
+    """ai-toolkit's config/examples/train_lora_flux_24gb.yaml: up to 1024 px, batch 1, bf16,
+    rank 16, checkpointing, 8-bit base (quantize: true), 8-bit AdamW, latents cached; here also the
+    text encoders and the VAE off the GPU during the loop."""
     a10g = 22.5 * GIB
     assert estimate(FLUX, FLUX_24GB).peak < a10g
     assert estimate(FLUX, replace(FLUX_24GB, quantize_base="none")).peak > a10g  # the bf16 transformer: 22 GiB
