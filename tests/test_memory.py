@@ -279,3 +279,69 @@ def test_quantized_base_trains_a_lora(kind: str, shared_data: Path, tmp_path: Pa
     lora = load_file(str(tmp_path / "out" / "lora" / index["checkpoints"][-1]["diffusers"]))
     assert lora and any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k or "lora.up" in k)
     assert any(f"in {kind}" in line for line in trainer.placement.done)
+
+
+class _Module:
+    def __init__(self, log: list, name: str) -> None:
+        self.log, self.name = log, name
+
+    def to(self, device):
+        self.log.append((self.name, str(device)))
+        return self
+
+
+class _Pipe:
+    """A stand-in pipeline that records where its components are sent and the offload hooks."""
+
+    def __init__(self, fam) -> None:
+        self.log: list = []
+        for name in (fam.denoiser, "vae", *fam.text.encoders):
+            setattr(self, name, _Module(self.log, name))
+
+    def enable_model_cpu_offload(self, device=None):
+        self.log.append(("offload hooks", str(device)))
+
+    def remove_all_hooks(self):
+        self.log.append(("hooks removed", ""))
+
+
+def test_placement_on_cuda_moves_what_train_memory_says(monkeypatch):
+    """The CUDA side of Placement without a GPU: which component goes where, and when the
+    model CPU offload hooks are on (torch.cuda.empty_cache stubbed)."""
+    import torch
+
+    from runner.spec.sections import MemoryConfig
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    cfg = MemoryConfig.from_dict({"text_encoders": "offload", "offload_idle": True})
+    place = memory.Placement(cfg, "cuda")
+    assert place.load_device == "cpu"
+    pipe = _Pipe(FLUX)
+    place.place(pipe, FLUX)
+    assert pipe.log == []  # offload_idle: the caches fill under the hooks, nothing moved yet
+    with place.caching(pipe):
+        assert pipe.log == [("offload hooks", "cuda")]
+    assert place.after_caches(pipe, FLUX) == ["text_encoder", "text_encoder_2"]
+    moved = dict(pipe.log[2:])
+    assert moved == {"transformer": "cuda", "vae": "cpu", "text_encoder": "cpu", "text_encoder_2": "cpu"}
+    pipe.log.clear()
+    with place.sampling(pipe, FLUX):
+        assert pipe.log == [("offload hooks", "cuda")]
+    assert pipe.log[1] == ("hooks removed", "") and dict(pipe.log[2:])["transformer"] == "cuda"
+
+    keep = memory.Placement(MemoryConfig.from_dict({}), "cuda")
+    assert keep.load_device == "cuda"
+    pipe = _Pipe(FLUX)
+    keep.place(pipe, FLUX)
+    keep.after_caches(pipe, FLUX)
+    assert all(device == "cuda" for _, device in pipe.log)
+    assert isinstance(keep.sampling(pipe, FLUX), type(__import__("contextlib").nullcontext()))
+
+
+def test_placement_frees_text_encoders_on_any_device():
+    from runner.spec.sections import MemoryConfig
+
+    place = memory.Placement(MemoryConfig.from_dict({"text_encoders": "free"}), "cpu")
+    pipe = _Pipe(FLUX)
+    assert place.after_caches(pipe, FLUX) == [] and place.freed
+    assert pipe.text_encoder is None and pipe.text_encoder_2 is None and pipe.log == []
