@@ -167,6 +167,7 @@ CONTEXTS: list[tuple[str, dict[str, Any]]] = [
 CHANGES: dict[str, Any] = {
     "$schema": "../other.schema.json",
     "character.name": "villain",
+    "evaluate.conditions": ["lora", "references"],
     "character.references": ["../refs", "../reg"],
     "character.canonical_reference": "../refs/r2.jpg",
     "dataset.sources": "drop-first",

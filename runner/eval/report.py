@@ -36,8 +36,11 @@ def tiny_note(ev: dict[str, Any]) -> str:
 
 
 def cell_label(cell: dict[str, Any]) -> str:
+    condition = cell.get("condition", "lora")
+    if condition == "references":
+        return "references alone (base model, no LoRA)"
     phase = f" {cell['phase']}" if cell.get("phase") else ""
-    return f"step {cell['step']}{phase} @ {cell['lora_scale']:g}"
+    return f"step {cell['step']}{phase} @ {cell['lora_scale']:g}" + (" + references" if condition != "lora" else "")
 
 
 def target_class(cell: dict[str, Any], category: str, metric: str) -> str:

@@ -184,16 +184,32 @@ def _local_or_hub(ref: str, project_root: Path | None, cache_dir: Path | None = 
         raise StageError(f"{key}: {exc}", hint=exc.hint) from None
 
 
+def _family(family: Any):
+    """A Family given as itself or by its registry name."""
+    if isinstance(family, str):
+        from runner.diffusion import families
+
+        return families.get(family)
+    return family
+
+
 def load_ip_adapter(pipe, ref: str, *, weight_name: str | None, subfolder: str | None,
-                    image_encoder_folder: str | None, scale: float, family: str,
+                    image_encoder_folder: str | None, scale: float, family: Any,
                     project_root: Path | None = None, cache_dir: Path | None = None) -> dict[str, Any]:
-    """Load an IP-Adapter onto ``pipe`` (in place); returns what was loaded (for the report)."""
-    location = _local_or_hub(ref, project_root, cache_dir, "generate.storyboard.reference_guided.ip_adapter")
-    sub = subfolder if subfolder is not None else ("sdxl_models" if family == "sdxl" else "models")
-    weight = weight_name or ("ip-adapter_sdxl.safetensors" if family == "sdxl" else "ip-adapter_sd15.safetensors")
+    """Load an IP-Adapter onto ``pipe`` (in place) with the family's loader and defaults
+    (``family.generation.ip_adapter``); returns what was loaded (for the report)."""
+    from runner.generate.references import require_adapters
+
+    fam = _family(family)
+    key = "generate.storyboard.reference_guided"
+    require_adapters(fam, ip_adapter=True, controlnet=False, key=key)
+    args = fam.generation.ip_adapter
+    location = _local_or_hub(ref, project_root, cache_dir, f"{key}.ip_adapter")
+    sub = subfolder if subfolder is not None else args.subfolder
+    weight = weight_name or args.weight_name
     enc = image_encoder_folder or "image_encoder"
     try:
-        pipe.load_ip_adapter(location, subfolder=sub, weight_name=weight, image_encoder_folder=enc)
+        pipe.load_ip_adapter(location, subfolder=sub, weight_name=weight, **{args.encoder_keyword: enc})
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise StageError(
             f"generate.storyboard.reference_guided.ip_adapter: cannot load {ref!r} "
@@ -207,22 +223,28 @@ def load_ip_adapter(pipe, ref: str, *, weight_name: str | None, subfolder: str |
             "scale": float(scale)}
 
 
-def controlnet_pipeline(pipe, ref: str, *, family: str, project_root: Path | None = None,
+def controlnet_pipeline(pipe, ref: str, *, family: Any, project_root: Path | None = None,
                         cache_dir: Path | None = None):
-    """A ControlNet pipeline sharing ``pipe``'s modules, with the ControlNet at ``ref``."""
-    location = _local_or_hub(ref, project_root, cache_dir, "generate.storyboard.reference_guided.controlnet")
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
+    """The family's ControlNet pipeline (``family.generation.controlnet``) sharing ``pipe``'s
+    modules, with the ControlNet at ``ref``."""
+    import diffusers
 
+    from runner.generate.references import require_adapters
+
+    fam = _family(family)
+    key = "generate.storyboard.reference_guided"
+    require_adapters(fam, ip_adapter=False, controlnet=True, key=key)
+    args = fam.generation.controlnet
+    location = _local_or_hub(ref, project_root, cache_dir, f"{key}.controlnet")
     try:
-        cn = ControlNetModel.from_pretrained(location, dtype=pipe.unet.dtype)
+        cn = getattr(diffusers, args.model).from_pretrained(location, dtype=getattr(pipe, fam.denoiser).dtype)
     except (OSError, ValueError) as exc:
         raise StageError(
             f"generate.storyboard.reference_guided.controlnet: cannot load {ref!r}: {exc}",
             hint="Give a ControlNet hub id (e.g. lllyasviel/control_v11p_sd15_canny) or a local diffusers folder "
             "made for the base model's family.",
         ) from None
-    cls = StableDiffusionXLControlNetPipeline if family == "sdxl" else StableDiffusionControlNetPipeline
-    cpipe = cls.from_pipe(pipe, controlnet=cn.to(pipe.device))
+    cpipe = getattr(diffusers, args.pipeline).from_pipe(pipe, controlnet=cn.to(pipe.device))
     cpipe.set_progress_bar_config(disable=True)
     return cpipe
 

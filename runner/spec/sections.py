@@ -309,6 +309,7 @@ class EvaluateConfig:
     negative_prompt: str
     seeds: tuple[int, ...]
     lora_scales: tuple[float, ...]
+    conditions: tuple[str, ...]
     checkpoints: str
     steps: int
     guidance: float
@@ -410,6 +411,9 @@ class ReferenceGuidedConfig:
     validate_against: str
     ip_adapter_subfolder: str | None
     ip_adapter_image_encoder_folder: str | None
+    mode: str
+    in_context_images: str
+    lora: bool
 
 
 @schema_config('generate', 'storyboard', 'validation')

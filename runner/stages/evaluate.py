@@ -81,9 +81,10 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
     # The suite as written (a name, a file or inline categories) is what load_suite reads.
     rendered = _rendered_suite(spec["evaluate"].get("suite", ev.suite), ev, character, graph)
     config = _node_config(spec, ev, character, rendered)
-    n_images = len(rendered.prompts) * len(config["seeds"]) * len(config["lora_scales"])
+    with_lora = [c for c in config.get("conditions", ["lora"]) if c != "references"]
+    n_images = len(rendered.prompts) * len(config["seeds"]) * len(config["lora_scales"]) * len(with_lora)
     label = (f"{len(rendered.categories)} categories x {len(rendered.prompts)} prompts x {len(config['seeds'])} seeds "
-             f"x {len(config['lora_scales'])} scales = {n_images} images per checkpoint")
+             f"x {len(config['lora_scales'])} scales{_conditions_label(config)} = {n_images} images per checkpoint")
     nodes = []
     for train in trains:
         variant = variant_of(train.id)
@@ -99,6 +100,15 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
             label=label,
         ), spec, graph))
     return nodes
+
+
+def _conditions_label(config: dict[str, Any]) -> str:
+    conditions = config.get("conditions", ["lora"])
+    with_lora = [c for c in conditions if c != "references"]
+    label = f" x {len(with_lora)} conditions ({', '.join(with_lora)})" if len(with_lora) > 1 else ""
+    if with_lora == ["lora+references"]:
+        label = " with the references"
+    return label + (", plus the references alone on the base model" if "references" in conditions else "")
 
 
 def _rendered_suite(suite: Any, ev: EvaluateConfig, character: CharacterConfig, graph: contract.GraphView):
@@ -128,12 +138,17 @@ def _node_config(spec: dict[str, Any], ev: EvaluateConfig, character: CharacterC
     if not ev.seeds or not ev.lora_scales:
         raise contract.StageError("evaluate: seeds and lora_scales need at least one value each",
                                   hint="e.g. seeds: [1, 2], lora_scales: [0.8, 1.0]")
+    if not any(c != "references" for c in ev.conditions):
+        raise contract.StageError("evaluate.conditions: the references alone cannot choose a checkpoint",
+                                  hint="Add lora or lora+references: [lora, references] compares the two.")
     return {
         "trigger": character.trigger,
         "class_word": character.class_word,
         "suite": {"source": rendered.source, "prompts": [p.to_dict() for p in rendered.prompts]},
         "seeds": [int(s) for s in ev.seeds],
         "lora_scales": [float(s) for s in ev.lora_scales],
+        # only when compared (the default, LoRA alone, leaves the node config as it was)
+        **({"conditions": list(ev.conditions)} if list(ev.conditions) != ["lora"] else {}),
         "checkpoints": ev.checkpoints,
         "steps": int(ev.steps),
         "guidance": float(ev.guidance),
@@ -208,6 +223,10 @@ class EvalJob:
                    config["lora_scales"], int(config.get("resolution") or index.get("resolution") or 512))
 
     @property
+    def conditions(self) -> list[str]:
+        return list(self.config.get("conditions") or ["lora"])
+
+    @property
     def jobs(self) -> list[tuple[dict[str, Any], int]]:
         """(prompt, seed) of every image of a cell, in the order of the text embeddings."""
         return [(p, s) for p in self.prompts for s in self.seeds]
@@ -277,7 +296,7 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
         pipe = _load_pipeline(job.index, config, ctx)
         tiny_diffusion = bool(job.index.get("tiny_random_model") or getattr(pipe, "_character_runner_tiny", False))
         # 3. cells, generated and scored once each (or taken from the shared cache)
-        runner = CellRunner.start(job, scorer, pipe, ctx)
+        runner = CellRunner.start(job, scorer, pipe, ctx, _in_context(job, scorer, pipe))
         cells = runner.run_all()
     # 4. targets, score, best
     choice, score_kind = _choose(cells, config, ctx)
@@ -291,6 +310,8 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
     evaluation["duration_s"] = round(time.monotonic() - t_start, 2)
     atomic_write_text(out / "evaluation.json", json.dumps(evaluation, indent=1, default=_json_default))
     _log_best(ctx, best_cell, best, choice["reason"], evaluation["tiny_random"]["any"])
+    for condition, c in (evaluation.get("conditions") or {}).items():
+        ctx.log(f"condition {condition}: best {c['cell']}, {c['maximize']} {c['value']}")
     meta = {"best": best, "tiny_random": evaluation["tiny_random"]["any"]}
     return {"evaluation": contract.Artifact("evaluation", out, meta=meta)}
 
@@ -368,6 +389,33 @@ def _face_pool(config: dict[str, Any], face: Any, images_per_cell: int, ctx: con
                     hint="set evaluate.face_workers: 1 to analyze faces in-process and see the error")
 
 
+@dataclass
+class InContext:
+    """The character's references given in context (``evaluate.conditions`` with references): the
+    pipeline that takes them (built from the base one, sharing its modules) and its keywords."""
+
+    pipe: Any
+    kwargs: dict[str, Any]
+    plain: dict[str, Any]  # the keywords of that pipeline's calls without references
+
+
+def _in_context(job: EvalJob, scorer: Scorer, pipe: Any) -> InContext | None:
+    if all(c == "lora" for c in job.conditions):
+        return None
+    from runner.core.errors import UserError
+    from runner.generate import references as R
+
+    family = R.family_named(job.index.get("model_family"), pipe)
+    try:
+        R.in_context_args(family, "evaluate.conditions")
+    except UserError as exc:
+        raise contract.StageError(str(exc), hint=exc.hint) from None
+    rpipe = R.reference_pipeline(pipe, family)
+    images = [load_rgb(f) for f in scorer.ref_files]
+    res = job.resolution
+    return InContext(rpipe, R.in_context_kwargs(family, images, res, res), R.plain_kwargs(rpipe, family, res, res))
+
+
 def _load_pipeline(index: dict[str, Any], config: dict[str, Any], ctx: contract.StageContext):
     from runner.diffusion.models import ModelLoadError, load_pipeline
 
@@ -399,20 +447,35 @@ class CellRunner:
     ctx: contract.StageContext
     common_key: str
     prog: Any
+    refs: InContext | None = None
     folders: dict[str, Path] = field(default_factory=dict)  # cell name -> its cache folder
     done: list[str] = field(default_factory=list)  # finished cells, in order (scratch/cells_done.json)
 
     @classmethod
-    def start(cls, job: EvalJob, scorer: Scorer, pipe: Any, ctx: contract.StageContext) -> CellRunner:
+    def start(cls, job: EvalJob, scorer: Scorer, pipe: Any, ctx: contract.StageContext,
+              refs: InContext | None = None) -> CellRunner:
         (ctx.cache_dir / "evaluate-cells").mkdir(parents=True, exist_ok=True)
-        total = len(job.checkpoints) * len(job.scales) * len(job.jobs)
+        with_lora = [c for c in job.conditions if c != "references"]
+        total = (len(job.checkpoints) * len(job.scales) * len(with_lora) + ("references" in job.conditions)) \
+            * len(job.jobs)
         return cls(job, scorer, pipe, ctx, _common_cell_key(job, scorer.ref_files),
-                   ctx.progress(total, "evaluate: generate + score"))
+                   ctx.progress(total, "evaluate: generate + score"), refs)
 
     def run_all(self) -> list[dict[str, Any]]:
-        cells = [cell for ck in self.job.checkpoints for cell in self.checkpoint(ck)]
+        cells = [self.references_alone()] if "references" in self.job.conditions else []
+        cells += [cell for ck in self.job.checkpoints for cell in self.checkpoint(ck)]
         self.prog.close()
         return cells
+
+    def references_alone(self) -> dict[str, Any]:
+        """The suite on the base model with the references in context (no LoRA loaded yet)."""
+        key = _sha256_text(json.dumps([self.common_key, "references"]))[:40]
+        folder = self.ctx.cache_dir / "evaluate-cells" / key
+        cell = self._cached(folder) or self._generate_cell(None, folder, True)
+        cell.update({"cell": "references", "condition": "references", "step": 0, "phase": None,
+                     "checkpoint_index": None, "lora_scale": 0.0})
+        self.folders["references"] = folder
+        return cell
 
     def checkpoint(self, ck: Checkpoint) -> list[dict[str, Any]]:
         """Every scale of one checkpoint; its LoRA is loaded only when a cell is not cached."""
@@ -422,14 +485,15 @@ class CellRunner:
         lora_sha = file_sha256(ck.file)
         loaded = False
         cells = []
-        for scale in self.job.scales:
-            key = _sha256_text(json.dumps([self.common_key, lora_sha, float(scale)]))[:40]
-            folder = self.ctx.cache_dir / "evaluate-cells" / key
-            cell = self._cached(folder)
-            if cell is None:
-                loaded = loaded or self._load_lora(ck)
-                cell = self._generate_cell(scale, folder)
-            cells.append(self._done(cell, ck, scale, folder))
+        for condition in (c for c in self.job.conditions if c != "references"):
+            for scale in self.job.scales:
+                parts = [self.common_key, lora_sha, float(scale)] + ([condition] if condition != "lora" else [])
+                folder = self.ctx.cache_dir / "evaluate-cells" / _sha256_text(json.dumps(parts))[:40]
+                cell = self._cached(folder)
+                if cell is None:
+                    loaded = loaded or self._load_lora(ck)
+                    cell = self._generate_cell(scale, folder, condition != "lora")
+                cells.append(self._done(cell, ck, scale, folder, condition))
         if loaded:
             unload_loras(self.pipe)
         return cells
@@ -448,17 +512,20 @@ class CellRunner:
             load_lora(self.pipe, ck.file, adapter_name="evaluate")
         return True
 
-    def _done(self, cell: dict[str, Any], ck: Checkpoint, scale: float, folder: Path) -> dict[str, Any]:
+    def _done(self, cell: dict[str, Any], ck: Checkpoint, scale: float, folder: Path,
+              condition: str = "lora") -> dict[str, Any]:
         """Which checkpoint this is belongs to this run, not to the cached content."""
-        name = cell_name(ck.step, scale)
+        name = cell_name(ck.step, scale) + ("_refs" if condition != "lora" else "")
         cell.update({"cell": name, "step": ck.step, "phase": ck.entry.get("phase"),
                      "checkpoint_index": ck.index, "lora_scale": float(scale)})
+        if condition != "lora":
+            cell["condition"] = condition
         self.folders[name] = folder
         self.done.append(name)
         atomic_write_text(self.ctx.scratch_dir / "cells_done.json", json.dumps(self.done, default=_json_default))
         return cell
 
-    def _generate_cell(self, scale: float, final: Path) -> dict[str, Any]:
+    def _generate_cell(self, scale: float | None, final: Path, with_refs: bool = False) -> dict[str, Any]:
         """Generate and score one cell into ``final``: written in a temporary folder, then renamed
         into place, so a crash or a concurrent run never leaves a half-written cell."""
         import tempfile
@@ -466,13 +533,13 @@ class CellRunner:
         folder = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
         try:
             t0 = time.monotonic()
-            images = self._generate(scale)
+            images = self._generate(scale, with_refs)
             t_gen = time.monotonic() - t0
             t0 = time.monotonic()
             per_image, per_cat, overall = self._score(images)
             timing = {"generate_s": round(t_gen, 3), "metrics_s": round(time.monotonic() - t0, 3),
                       "images": len(images)}
-            cell = {"lora_scale": float(scale), "categories": per_cat, "overall": overall,
+            cell = {"lora_scale": float(scale or 0.0), "categories": per_cat, "overall": overall,
                     "images": self._save(images, per_image, folder), "timing": timing}
             atomic_write_text(folder / "cell.json", json.dumps(cell, default=_json_default))
             return _promote_cell(folder, final, cell)
@@ -480,20 +547,25 @@ class CellRunner:
             if folder.exists():  # failed, or lost a race: nothing half-written stays in the cache
                 shutil.rmtree(folder, ignore_errors=True)
 
-    def _generate(self, scale: float) -> list[Any]:
-        """Every (prompt, seed) image; prompts sharing a negative prompt are generated together, in batches."""
+    def _generate(self, scale: float | None, with_refs: bool = False) -> list[Any]:
+        """Every (prompt, seed) image; prompts sharing a negative prompt are generated together, in
+        batches; with the references in context when ``with_refs``."""
         from runner.diffusion.generate import generate_images
 
         jobs, config, res = self.job.jobs, self.job.config, self.job.resolution
+        pipe, kwargs = self.pipe, None
+        if self.refs is not None:  # the reference pipeline shares the base one's modules and LoRA
+            pipe, kwargs = self.refs.pipe, (self.refs.kwargs if with_refs else self.refs.plain)
         images: list[Any] = [None] * len(jobs)
         by_negative: dict[str, list[int]] = {}
         for i, (p, _) in enumerate(jobs):
             by_negative.setdefault(p.get("negative", ""), []).append(i)
         for negative, rows in by_negative.items():
             imgs = generate_images(
-                self.pipe, [jobs[i][0]["prompt"] for i in rows], negative_prompt=negative,
+                pipe, [jobs[i][0]["prompt"] for i in rows], negative_prompt=negative,
                 seeds=[jobs[i][1] for i in rows], steps=config["steps"], guidance=config["guidance"],
                 width=res, height=res, lora_scale=scale, batch_size=config["batch_size"], progress=self.prog,
+                pipe_kwargs=kwargs,
             )
             for i, im in zip(rows, imgs):
                 images[i] = im
@@ -587,7 +659,10 @@ def _choose(cells: list[dict[str, Any]], config: dict[str, Any],
         c["targets_passed"] = sum(1 for row in c["targets"].values() for t in row.values() if t["pass"])
         c["score"], _ = selection.cell_score(c["targets"], c["overall"])
     score_kind = selection.cell_score(cells[0]["targets"], cells[0]["overall"])[1]
-    choice = selection.select_best(cells, config["objective"])
+    with_lora = [i for i, c in enumerate(cells) if c.get("checkpoint_index") is not None]
+    choice = selection.select_best([cells[i] for i in with_lora], config["objective"])
+    choice["index"] = with_lora[choice["index"]]
+    choice["feasible"] = [with_lora[i] for i in choice["feasible"]]
     if not choice["constraints_met"]:
         ctx.warn(f"evaluate: {choice['reason']}")
     return choice, score_kind
@@ -665,7 +740,8 @@ def _evaluation(job: EvalJob, scorer: Scorer, cells: list[dict[str, Any]], best:
         "tiny_random": {**tiny, "any": any(tiny.values())},
         "models": scorer.computer.models(),
         "generation": {"steps": config["steps"], "guidance": config["guidance"], "resolution": job.resolution,
-                       "seeds": job.seeds, "lora_scales": job.scales, "batch_size": config["batch_size"]},
+                       "seeds": job.seeds, "lora_scales": job.scales, "batch_size": config["batch_size"],
+                       **({"conditions": job.conditions} if config.get("conditions") else {})},
         "suite": {"source": config["suite"]["source"],
                   "categories": list(dict.fromkeys(p["category"] for p in prompts)), "prompts": prompts},
         "references": [{"file": n, "face_found": ok} for n, ok in zip(refs.names, refs.face_found)],
@@ -674,7 +750,27 @@ def _evaluation(job: EvalJob, scorer: Scorer, cells: list[dict[str, Any]], best:
         "score_kind": score_kind,
         "cells": cells,
         "best": best,
+        **({"conditions": _compare_conditions(cells, config)} if config.get("conditions") else {}),
     }
+
+
+def _compare_conditions(cells: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
+    """Per condition (lora, references, lora+references), its best cell by the objective's metric
+    and that cell's headline metrics: does the family need a LoRA for this character at all?"""
+    from runner.eval import selection
+
+    metric = (config.get("objective") or {}).get("maximize") or "face_similarity"
+    out: dict[str, Any] = {}
+    for condition in config["conditions"]:
+        mine = [c for c in cells if c.get("condition", "lora") == condition]
+        if not mine:
+            continue
+        best = selection.select_best(mine, {"maximize": metric})
+        c = mine[best["index"]]
+        out[condition] = {"cell": c["cell"], "maximize": metric, "value": selection.metric_value(c, metric),
+                          "score": c.get("score"),
+                          **{m: c["overall"].get(m) for m in ("face_similarity", "clip_t", "clip_i")}}
+    return out
 
 
 def _log_best(ctx: contract.StageContext, best_cell: dict[str, Any], best: dict[str, Any], reason: str,

@@ -103,6 +103,15 @@ def lora_source(spec: dict[str, Any], graph: contract.GraphView,
     )
 
 
+def base_model_source(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, contract.InputRef]]:
+    """``reference_guided.lora: false``: no LoRA, the base model (generate.base_model or train.base_model)."""
+    gen = GenerateConfig.from_dict(spec.get("generate") or {})
+    train = TrainConfig.from_dict(spec.get("train") or {})
+    return ({"checkpoint": "none", "lora_scale": None, "base_model": gen.base_model or train.base_model,
+             "model_family": train.model_family, "resolution": train.resolution if spec.get("train") else None,
+             "source": "none"}, {})
+
+
 def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.PlanNode]:
     from runner.generate.planner import plan_story
 
@@ -110,15 +119,18 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
     if not isinstance(sb, dict):
         return []
     story = plan_story(spec, allow_llm=False)
-    lora_cfg, inputs = lora_source(spec, graph, "generate.storyboard")
+    guided = dict(sb.get("reference_guided") or {})
+    if guided.get("enabled") and guided.get("lora") is False:  # references alone: the base model
+        lora_cfg, inputs = base_model_source(spec)
+    else:
+        lora_cfg, inputs = lora_source(spec, graph, "generate.storyboard")
     review = review_section(graph, "storyboard",
                             evaluate=lora_cfg["source_node"] if lora_cfg.get("source") == "evaluate" else None)
-    if review.get("checkpoint"):  # the picked checkpoint's LoRA file is in the train output
+    if review.get("checkpoint") and lora_cfg.get("source_node"):  # the pick's LoRA file is in the train output
         inputs["lora"] = graph.node(lora_cfg["source_node"]).inputs["lora"]
     inputs.update(reference_inputs(spec, graph))
     scenes = [s.to_dict() for s in story.scenes]
     inputs.update(_control_inputs(scenes, graph))
-    guided = dict(sb.get("reference_guided") or {})
     inputs.update(_guided_inputs(guided, graph))
     config = {**lora_cfg, **_node_config(spec, sb, story, scenes, guided), **({"review": review} if review else {})}
     absent = [str(s["index"]) for s in scenes if not s.get("hero", True)]
@@ -150,10 +162,11 @@ def _guided_inputs(guided: dict[str, Any], graph: contract.GraphView) -> dict[st
     """Reference mode's local model files (IP-Adapter, ControlNet, pose model) as inputs."""
     if not guided.get("enabled"):
         return {}
-    if not guided.get("ip_adapter") and not guided.get("controlnet"):
-        raise contract.StageError("generate.storyboard.reference_guided: enabled, but neither ip_adapter nor "
+    if guided.get("mode") == "adapters" and not guided.get("ip_adapter") and not guided.get("controlnet"):
+        raise contract.StageError("generate.storyboard.reference_guided: mode adapters, but neither ip_adapter nor "
                                   "controlnet is set",
-                                  hint="Give an IP-Adapter (e.g. h94/IP-Adapter) and/or a ControlNet id or path.")
+                                  hint="Give an IP-Adapter (e.g. h94/IP-Adapter) and/or a ControlNet id or path, "
+                                       "or mode: in_context on a family whose pipeline takes reference images.")
     names = ["ip_adapter", "controlnet"] + (["pose_model"] if guided.get("control") == "pose" else [])
     refs = {name: model_input(guided.get(name), graph, f"generate.storyboard.reference_guided.{name}")
             for name in names}
@@ -206,7 +219,8 @@ def _label(config: dict[str, Any], absent: list[str], guided: bool) -> str:
     n = f"{len(scenes)} scenes" if scenes else f"{req['min_scenes']}-{req['max_scenes']} scenes from the LLM"
     if absent:
         n += f" (the character not in {len(absent)}: {', '.join(absent)})"
-    label = f"{n} ({config['planner']}), LoRA from {config.get('source_node') or config.get('lora_file')}"
+    lora = config.get('source_node') or config.get('lora_file')
+    label = f"{n} ({config['planner']}), " + (f"LoRA from {lora}" if lora else f"no LoRA, {config['base_model']}")
     return label + (", reference-guided" if guided else "")
 
 
@@ -225,6 +239,10 @@ def validation_sets(guided: dict[str, Any], character: dict[str, Any]) -> list[s
 def resolve_lora(config: dict[str, Any], inputs: dict[str, contract.Artifact]) -> dict[str, Any]:
     """The LoRA file, scale, base model and family to generate with (from whichever input exists)."""
     scale_override = config.get("lora_scale")
+    if config.get("source") == "none":
+        return {"file": None, "scale": None, "base_model": config["base_model"],
+                "family": config.get("model_family", "auto"), "step": None, "variant": None, "from": None,
+                "tiny_random": str(config["base_model"]).startswith("builtin:")}
     pick = (config.get("review") or {}).get("checkpoint")
     if pick and "lora" in inputs:
         picked = picked_checkpoint(pick, inputs["lora"], scale_override)
@@ -342,6 +360,8 @@ def load_character_pipeline(lora: dict[str, Any], device: str, ctx: contract.Sta
     except ModelLoadError as exc:
         raise contract.StageError(f"{where}: {exc}", hint=exc.hint) from None
     pipe.set_progress_bar_config(disable=True)
+    if lora["file"] is None:  # references alone (reference_guided.lora: false)
+        return pipe
     if not Path(lora["file"]).is_file():
         raise contract.StageError(f"{where}: LoRA file {lora['file']} not found", hint="Re-run the stage that made it.")
     load_lora(pipe, lora["file"], adapter_name="character", scale=lora["scale"])
@@ -476,13 +496,14 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
     lora = _lora(config, inputs, ctx)
     pipe = load_character_pipeline(lora, device, ctx, "generate.storyboard")
     family = family_of(pipe)
+    mode = _reference_mode(config, family)
     ref_files, ref_images = load_references(inputs)
     checks = _checks(config, ref_images, ctx)
     timing["load_s"] = round(time.monotonic() - t, 3)
 
     # 3. frames
     maker = _frame_maker(config, lora, ctx)
-    results, guided_info = _all_frames(config, inputs, ctx, pipe, family, scenes, checks, maker)
+    results, guided_info = _all_frames(config, inputs, ctx, pipe, family, scenes, checks, maker, mode)
     maker.prog.close()
     timing["generate_s"] = round(maker.seconds, 3)
     timing["images_generated"] = maker.images
@@ -538,7 +559,7 @@ def _frame_maker(config: dict[str, Any], lora: dict[str, Any], ctx: contract.Sta
 
 def _all_frames(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contract.StageContext, pipe: Any,
                 family: str, scenes: list[dict[str, Any]], checks: Checks,
-                maker: FrameMaker) -> tuple[list[Any], dict[str, Any]]:
+                maker: FrameMaker, mode: str | None = None) -> tuple[list[Any], dict[str, Any]]:
     """A validated frame per scene (reference mode: _guided_frames), and what reference mode did."""
     from runner.generate.frames import FrameJob
 
@@ -551,6 +572,8 @@ def _all_frames(config: dict[str, Any], inputs: dict[str, contract.Artifact], ct
     if not (config.get("reference_guided") or {}).get("enabled"):
         results = validated_frames(jobs, maker.generator(pipe), checks.validator, config, len(jobs), on_round)
         return results, {"enabled": False}
+    if mode == "in_context":
+        return _in_context_frames(config, inputs, pipe, family, jobs, checks, maker, on_round)
     return _guided_frames(config, inputs, ctx, pipe, family, jobs, checks, maker, on_round)
 
 
@@ -586,7 +609,7 @@ def _report_head(config: dict[str, Any], ctx: contract.StageContext, exchange: d
         "planner": config["planner"],
         "llm": exchange,
         "lora": {k: (str(v) if isinstance(v, Path) else v) for k, v in lora.items()},
-        "lora_file": rel_path(Path(lora["file"]), ctx.project_root),
+        "lora_file": rel_path(Path(lora["file"]), ctx.project_root) if lora["file"] else None,
         "model_family": family,
         "generation": {"steps": config["steps"], "guidance": config["guidance"], "width": maker.width,
                        "height": maker.height, "seed": config["seed"], "negative_prompt": config["negative_prompt"],
@@ -668,6 +691,79 @@ def _guided_frames(config: dict[str, Any], inputs: dict[str, contract.Artifact],
     return results, info
 
 
+def _reference_mode(config: dict[str, Any], family_name: str) -> str | None:
+    """Reference mode's way for this family (``reference_guided.mode``; auto: adapters when an
+    IP-Adapter or ControlNet is set, else in context), or None when reference mode is off. A
+    family without that way is refused before any frame is made."""
+    from runner.core.errors import UserError
+    from runner.generate import references as R
+
+    g = config.get("reference_guided") or {}
+    if not g.get("enabled"):
+        return None
+    rg = view_of(ReferenceGuidedConfig, g)
+    mode = rg.mode if rg.mode != "auto" else ("adapters" if rg.ip_adapter or rg.controlnet else "in_context")
+    family = R.family_named(family_name)
+    key = "generate.storyboard.reference_guided"
+    try:
+        if mode == "adapters":
+            R.require_adapters(family, ip_adapter=bool(rg.ip_adapter), controlnet=bool(rg.controlnet), key=key)
+        else:
+            R.in_context_args(family, f"{key}.mode: in_context")
+    except UserError as exc:
+        raise contract.StageError(str(exc), hint=exc.hint) from None
+    return mode
+
+
+def _in_context_frames(config: dict[str, Any], inputs: dict[str, contract.Artifact], pipe: Any, family_name: str,
+                       jobs: list[Any], checks: Checks, maker: FrameMaker,
+                       on_round: Any) -> tuple[list[Any], dict[str, Any]]:
+    """Reference mode in context: the family's reference pipeline (built from ``pipe``, the same
+    modules and LoRA) takes images as input. Frame 1 (the first scene with the character) is
+    conditioned on the character's references when ``in_context_images`` includes them; frames
+    2+ on frame 1 and/or the references; scenes without the character take none."""
+    from runner.generate import references as R
+    from runner.stages.common import load_references
+
+    g = view_of(ReferenceGuidedConfig, config["reference_guided"])
+    family = R.family_named(family_name)
+    rpipe = R.reference_pipeline(pipe, family)
+    size = (maker.width, maker.height)
+    character_refs = load_references(inputs)[1] if g.in_context_images != "frame1" else []
+    n = len(jobs)
+    ref_pos = next((k for k, j in enumerate(jobs) if j.hero), 0)
+    unguided = [k for k, j in enumerate(jobs) if not j.hero and k != ref_pos]
+    rest_pos = [k for k in range(n) if k != ref_pos and k not in unguided]
+    results: list[Any] = [None] * n
+    plain = R.plain_kwargs(rpipe, family, *size)
+    for k, res in zip(unguided, validated_frames([jobs[k] for k in unguided], maker.generator(rpipe, lambda _: plain),
+                                                 checks.validator, config, n, on_round, positions=unguided)):
+        results[k] = res
+    first_kw = R.in_context_kwargs(family, character_refs, *size)
+    results[ref_pos] = validated_frames([jobs[ref_pos]], maker.generator(rpipe, lambda _: first_kw), checks.validator,
+                                        config, n, on_round, positions=[ref_pos])[0]
+    reference = results[ref_pos].image
+    info: dict[str, Any] = {"enabled": True, "mode": "in_context", "pipeline": type(rpipe).__name__,
+                            "reference_frame": jobs[ref_pos].scene_index, "in_context_images": g.in_context_images,
+                            "frame1_conditioned_on_references": "image" in first_kw,
+                            "unguided_frames": [jobs[k].scene_index for k in unguided],
+                            "lora": config.get("source") != "none"}
+    if family.generation.references.needs:
+        info["needs"] = family.generation.references.needs
+    if not rest_pos:
+        return results, info
+    later = checks.later_validator(reference)
+    info.update(validate_against=later.against, validation_notes=later.notes)
+    images = ([reference] if g.in_context_images != "references" else []) + character_refs
+    rest_kw = R.in_context_kwargs(family, images, *size)
+    info["images_per_frame"] = len(rest_kw["image"]) if isinstance(rest_kw.get("image"), list) else 1
+    rest = validated_frames([jobs[k] for k in rest_pos], maker.generator(rpipe, lambda _: rest_kw), later, config, n,
+                            on_round, positions=rest_pos)
+    for k, res in zip(rest_pos, rest):
+        results[k] = res
+    return results, info
+
+
 @dataclass
 class Guidance:
     """What reference mode's frames 2+ are generated with: the pipeline (a ControlNet pipeline when
@@ -676,11 +772,12 @@ class Guidance:
     pipe: Any
     kwargs: dict[str, Any] = field(default_factory=dict)
     maps: dict[str, Any] = field(default_factory=dict)
+    map_keyword: str = "image"  # the ControlNet pipeline's keyword of the map (the family's)
 
     def kwargs_for(self, group: str) -> dict[str, Any]:
         kw = dict(self.kwargs)
         if self.maps:
-            kw["image"] = self.maps.get(group, self.maps[""])
+            kw[self.map_keyword] = self.maps.get(group, self.maps[""])
         return kw
 
 
@@ -708,6 +805,7 @@ def _with_controlnet(guidance: Guidance, g: dict[str, Any], family: str, referen
                                           cache_dir=ctx.cache_dir)
     scale = float(view_of(ReferenceGuidedConfig, g).controlnet_scale)
     guidance.kwargs["controlnet_conditioning_scale"] = scale
+    guidance.map_keyword = G._family(family).generation.controlnet.image_keyword
     maker = G.ControlMaps(g, checks.face_backend, reference.size, device=str(pipe.device),
                           project_root=ctx.project_root, cache_dir=ctx.cache_dir)
     guidance.maps[""] = maker.extract(reference, "frame 1")
