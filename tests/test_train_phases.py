@@ -145,11 +145,12 @@ def test_trainer_runs_epoch_phases_and_resumes_them(dataset: Path, tmp_path: Pat
 def test_plan_shows_steps_and_epochs(dataset: Path, tmp_path: Path) -> None:
     cfg = _cfg(phases=[{"name": "foundation", "epochs": 2}, {"name": "polish", "steps": 4}])
     waiting = T.plan_notes(cfg, {"dataset": None})
-    assert waiting == ["phases: foundation 2 epochs; polish 4 steps (steps of phases in epochs are known once the "
+    assert waiting[1].startswith("model: Stable Diffusion 1.5 (sd15): LoRA on the unet")
+    assert waiting[:1] == ["phases: foundation 2 epochs; polish 4 steps (steps of phases in epochs are known once the "
                        "caption stage has run: ceil(images x repeats after the validation hold-out / "
                        "(batch_size x gradient_accumulation)) per epoch)"]
     known = T.plan_notes(cfg, {"dataset": contract.Artifact("dataset", dataset)})
-    assert known == ["phases: foundation steps 1-6 = epochs 1-2; polish steps 7-10 = 1.3 epochs (3 steps per epoch: "
+    assert known[:1] == ["phases: foundation steps 1-6 = epochs 1-2; polish steps 7-10 = 1.3 epochs (3 steps per epoch: "
                      "5 training images, 6 with repeats, / (batch 2 x accumulation 1))"]
     # the plan line label names the length as given
     assert T._length(cfg) == "4 steps + 2 epochs"
