@@ -386,7 +386,10 @@ class LoraTrainer:
             return files
         count, res, steps, seed = reg.count, self.cfg.resolution, reg.steps, self.cfg.seed
         prompt = self._class_prompt()
-        key = hashlib.sha256(json.dumps([self.model_fp, prompt, count, res, steps, seed]).encode()).hexdigest()[:16]
+        parts = [self.model_fp, prompt, count, res, steps, seed]
+        if self.cfg.memory.quantize_base != "none":  # a quantized base draws other images (unquantized: key as before)
+            parts.append(self.cfg.memory.quantize_base)
+        key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
         folder = self.cache_dir / "train" / self.model_fp / "class-images" / key
         done = folder / "done.json"
         if not done.is_file():
@@ -654,7 +657,7 @@ class LoraTrainer:
             names.append(name)
         return names
 
-    def _save_lora_files(self, folder: Path, step: int) -> dict[str, str]:
+    def _save_lora_files(self, folder: Path, step: int) -> dict[str, str | None]:
         import torch
 
         from runner.diffusion.kohya import kohya_metadata, peft_to_kohya, save_kohya
@@ -664,6 +667,9 @@ class LoraTrainer:
         save_dtype = torch.float32 if self.mixed_precision == "no" else torch.float16
         state = {k: {n: t.detach().to("cpu", save_dtype) for n, t in sd.items()} for k, sd in state.items()}
         save_diffusers_lora(self.pipe, folder, state)
+        if self.fam.comfy is None:  # no ComfyUI/kohya layout known for this family: the diffusers file only
+            self.cb.log(f"no ComfyUI/kohya LoRA file for {self.fam.title} (no layout known): the diffusers file only")
+            return {"diffusers": DIFFUSERS_FILE, "kohya": None}
         den = self.fam.denoiser
         kohya = peft_to_kohya(state[den], family=self.family, unet_config=self.denoiser.config, alpha=self.alpha,
                               text_encoder_sds={k: v for k, v in state.items() if k != den})
@@ -1005,7 +1011,8 @@ class LoraTrainer:
             if src.is_dir():
                 shutil.copytree(src, lora_dir / src.name, dirs_exist_ok=True)
                 checkpoints.append({"step": h["step"], "phase": h["phase"],
-                                    "diffusers": f"{src.name}/{h['diffusers']}", "kohya": f"{src.name}/{h['kohya']}",
+                                    "diffusers": f"{src.name}/{h['diffusers']}",
+                                    "kohya": f"{src.name}/{h['kohya']}" if h.get("kohya") else None,
                                     "val_loss": h["val_loss"], "samples": h["samples"]})
         if (self.scratch / "samples").is_dir():
             shutil.copytree(self.scratch / "samples", lora_dir / "samples", dirs_exist_ok=True)
