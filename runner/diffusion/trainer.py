@@ -387,8 +387,9 @@ class LoraTrainer:
         count, res, steps, seed = reg.count, self.cfg.resolution, reg.steps, self.cfg.seed
         prompt = self._class_prompt()
         parts = [self.model_fp, prompt, count, res, steps, seed]
-        if self.cfg.memory.quantize_base != "none":  # a quantized base draws other images (unquantized: key as before)
-            parts.append(self.cfg.memory.quantize_base)
+        quantized = self.placement.m.quantize_base
+        if quantized != "none":  # a quantized base draws other images (unquantized: the key as before)
+            parts.append(quantized)
         key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
         folder = self.cache_dir / "train" / self.model_fp / "class-images" / key
         done = folder / "done.json"
