@@ -296,6 +296,7 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
         pipe = _load_pipeline(job.index, config, ctx)
         tiny_diffusion = bool(job.index.get("tiny_random_model") or getattr(pipe, "_character_runner_tiny", False))
         # 3. cells, generated and scored once each (or taken from the shared cache)
+        _warn_ignored(job, pipe, ctx)
         runner = CellRunner.start(job, scorer, pipe, ctx, _in_context(job, scorer, pipe))
         cells = runner.run_all()
     # 4. targets, score, best
@@ -387,6 +388,17 @@ def _face_pool(config: dict[str, Any], face: Any, images_per_cell: int, ctx: con
     options = {**face_backend_kwargs(config["face"], ctx.project_root), "name": face.name}
     return FacePool(workers, options,
                     hint="set evaluate.face_workers: 1 to analyze faces in-process and see the error")
+
+
+def _warn_ignored(job: EvalJob, pipe: Any, ctx: contract.StageContext) -> None:
+    """The suite's settings the family's pipeline does not take (a negative prompt on FLUX)."""
+    from runner.diffusion.generate import ignored_settings
+    from runner.generate.references import family_named
+
+    family = family_named(job.index.get("model_family"), pipe)
+    negative = next((p.get("negative") for p in job.prompts if p.get("negative")), "")
+    for what in ignored_settings(family, negative_prompt=negative or ""):
+        ctx.warn(f"evaluate: {what} is not used")
 
 
 @dataclass

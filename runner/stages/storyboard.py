@@ -497,6 +497,7 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
     pipe = load_character_pipeline(lora, device, ctx, "generate.storyboard")
     family = family_of(pipe)
     mode = _reference_mode(config, family)
+    _warn_ignored(config, family, ctx)
     ref_files, ref_images = load_references(inputs)
     checks = _checks(config, ref_images, ctx)
     timing["load_s"] = round(time.monotonic() - t, 3)
@@ -613,13 +614,20 @@ def _report_head(config: dict[str, Any], ctx: contract.StageContext, exchange: d
         "model_family": family,
         "generation": {"steps": config["steps"], "guidance": config["guidance"], "width": maker.width,
                        "height": maker.height, "seed": config["seed"], "negative_prompt": config["negative_prompt"],
-                       "batch_size": config["batch_size"], "device": device},
+                       "batch_size": config["batch_size"], "device": device,
+                       "family_arguments": _family_arguments(family)},
         "validation": {**config["validation"], "against": checks.validator.against,
                        "face_backend": getattr(face_backend, "name", None),
                        "face_embedding_model": getattr(face_backend, "embedding_model", None),
                        "clip": getattr(checks.clip, "name", None)},
         "references": [rel_path(f, ctx.project_root) for f in ref_files],
     }
+
+
+def _family_arguments(family_name: str) -> str:
+    from runner.generate.references import family_named
+
+    return family_named(family_name).generation.describe()
 
 
 def _summary(scenes: list[dict[str, Any]], frames: list[dict[str, Any]]) -> dict[str, int]:
@@ -689,6 +697,14 @@ def _guided_frames(config: dict[str, Any], inputs: dict[str, contract.Artifact],
         guidance.maps[""].save(folder / "reference_control.png")
         info["control_map_file"] = "control/reference_control.png"
     return results, info
+
+
+def _warn_ignored(config: dict[str, Any], family_name: str, ctx: contract.StageContext) -> None:
+    from runner.diffusion.generate import ignored_settings
+    from runner.generate.references import family_named
+
+    for what in ignored_settings(family_named(family_name), negative_prompt=config["negative_prompt"]):
+        ctx.warn(f"generate.storyboard: {what} is not used")
 
 
 def _reference_mode(config: dict[str, Any], family_name: str) -> str | None:
