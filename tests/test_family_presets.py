@@ -139,6 +139,9 @@ def test_every_family_has_one_starter_preset():
         assert s.evaluate in INFERENCE_PRESETS, f"{s.train}: init.evaluate {s.evaluate!r} is not an inference preset"
     for key, s in starters.items():
         assert s.family in families.names(), f"--family {key}: preset {s.train} has no registry family"
+    keys = [k for p in TRAIN_PRESETS for init in [preset_data("train", p).get("init") or {}]
+            for k in ([init["family"]] if init.get("family") else []) + list(init.get("names") or [])]
+    assert len(keys) == len(set(keys)), f"a --family name is listed by two presets: {sorted(keys)}"
 
 
 # --------------------------------------------------------------------------- runner init --family
