@@ -121,7 +121,7 @@ def _node(cfg: dict[str, Any], variant: str | None, section: dict[str, Any], cap
             patterns=("*.png", "*.jpg", "*.jpeg", "*.webp", "*.PNG", "*.JPG", "*.JPEG"),
             spec_key="train.regularization.images",
         )
-    _family_of(cfg)  # a contradicting model_family fails the plan
+    _family_of(node)  # a contradicting model_family fails the plan
     label = f"{node.base_model} r{node.lora.rank} {_length(node)}"
     if node.phases:
         label += f" in {len(node.phases)} phases"
@@ -164,21 +164,23 @@ def plan_notes(config: dict[str, Any], upstream: dict[str, contract.Artifact | N
 def _family_note(config: dict[str, Any]) -> list[str]:
     """'model: <family, what is trained, on what objective>' when the family can be told without
     loading weights (train.model_family, or the base model: see :func:`_family_of`)."""
-    fam = _family_of(config)
+    from runner.diffusion.trainer import TrainerConfig
+
+    fam = _family_of(TrainerConfig.from_dict(config))
     return [f"model: {fam.describe()}"] if fam else []
 
 
-def _family_of(config: dict[str, Any]):
-    """The family of the node's model from train.model_family, or read cheaply from the base
-    model (builtin, a folder's model index, a hub id's well-known name); a model_family that the
-    model contradicts is refused at plan time, naming both."""
+def _family_of(node: Any):
+    """The family of a train node (a TrainerConfig) from train.model_family, or read cheaply from
+    the base model (builtin, a folder's model index, a hub id's well-known name); a model_family
+    that the model contradicts is refused at plan time, naming both."""
     from runner.diffusion import families
 
-    named = config.get("model_family", "auto")
-    seen = families.family_of_ref(config.get("base_model", ""))
-    sure = families.family_of_ref(config.get("base_model", ""), guess=False)  # not a hub id's name
+    named = node.model_family
+    seen = families.family_of_ref(node.base_model)
+    sure = families.family_of_ref(node.base_model, guess=False)  # not a hub id's name
     if sure is not None and named not in ("auto", sure.name):
-        raise contract.StageError(f"train.model_family is {named} but train.base_model {config['base_model']} "
+        raise contract.StageError(f"train.model_family is {named} but train.base_model {node.base_model} "
                                   f"is a {sure.title} model ({sure.name})",
                                   hint=f"Set train.model_family to {sure.name} or auto.")
     return seen if named == "auto" else families.get(named)
