@@ -205,6 +205,44 @@ def test_untranslatable_modules_and_encoders_are_refused():
                       denoiser_config=cfg, alpha=4)
 
 
+def test_a_family_without_a_layout_gets_the_diffusers_file_only(tmp_path: Path, monkeypatch):
+    """A family module with ``comfy=None``: peft_to_kohya refuses it by name, the trainer's
+    checkpoint writes the diffusers file alone (kohya None, one log line) and the index says None."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    import torch
+
+    from runner.diffusion import lora
+    from runner.diffusion.comfy import layout_for
+    from runner.diffusion.kohya import peft_to_kohya
+    from runner.diffusion.trainer import LoraTrainer
+
+    bare = dataclasses.replace(families.get("qwen_image"), name="no_layout", title="No Layout", comfy=None)
+    real_get = families.get
+    monkeypatch.setattr(families, "get", lambda name: bare if name == "no_layout" else real_get(name))
+    with pytest.raises(ValueError, match=r"No Layout \(no_layout\).*families with one: .*qwen_image"):
+        layout_for("no_layout")
+    with pytest.raises(ValueError, match="no ComfyUI/kohya LoRA layout"):
+        peft_to_kohya({}, family="no_layout", unet_config={}, alpha=1.0)
+
+    monkeypatch.setattr(lora, "save_diffusers_lora",
+                        lambda pipe, folder, state: (folder / lora.DIFFUSERS_FILE).write_bytes(b"x"))
+    logs: list[str] = []
+    sd = {"a.lora_A.weight": torch.zeros(1, 2), "a.lora_B.weight": torch.zeros(2, 1)}
+    fake = SimpleNamespace(fam=bare, family="no_layout", mixed_precision="no", pipe=None,
+                           cb=SimpleNamespace(log=logs.append), _lora_state=lambda: {"transformer": sd})
+    step_dir = tmp_path / "scratch" / "checkpoints" / "step-000001"
+    step_dir.mkdir(parents=True)
+    files = LoraTrainer._save_lora_files(fake, step_dir, 1)
+    assert files == {"diffusers": lora.DIFFUSERS_FILE, "kohya": None}
+    assert [p.name for p in step_dir.iterdir()] == [lora.DIFFUSERS_FILE] and len(logs) == 1
+    fake.scratch, fake.history = tmp_path / "scratch", [{"step": 1, "phase": "p", "val_loss": None, "samples": [],
+                                                         **files}]
+    (ck,) = LoraTrainer._copy_checkpoints(fake, tmp_path / "out")
+    assert ck["kohya"] is None and ck["diffusers"] == f"step-000001/{lora.DIFFUSERS_FILE}"
+
+
 # ---------------------------------------------------------------------------------------------
 # ComfyUI's own code (COMFYUI_DIR)
 

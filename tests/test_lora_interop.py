@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runner.diffusion.kohya import diffusers_unet_module_to_sgm
+from runner.diffusion.families.sdxl import diffusers_unet_module_to_sgm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_helpers import make_dataset  # noqa: E402

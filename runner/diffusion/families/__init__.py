@@ -40,7 +40,7 @@ from runner.diffusion.families.base import (  # noqa: F401  (the package's publi
 )
 from runner.core.errors import UserError
 
-_NOT_FAMILIES = {"base", "tinykit"}
+_NOT_FAMILIES = {"base", "comfykit", "tinykit"}
 _REGISTRY: dict[str, Family] = {}
 
 

@@ -183,6 +183,8 @@ class Family:
     single_file_types: tuple[str, ...] = ()
     generation: GenerationArgs = field(default_factory=GenerationArgs)  # how its pipeline takes guidance, refs
     sizes: Any = None  # runner.diffusion.memory.ModelSizes of the real model (GPU memory estimate); None: unknown
+    # the LoRA file for ComfyUI/A1111 (families.comfykit.Layout: native names, metadata); None: diffusers file only
+    comfy: Any = None
 
     def describe(self) -> str:
         """One line for the plan and the report: what is trained, on what objective."""

@@ -22,6 +22,7 @@ from runner.diffusion.families.base import (
     scale_shift,
     split_batch,
 )
+from runner.diffusion.families.comfykit import Layout, hidden, table, three
 
 MAX_TOKENS = 512
 # the attention and feed-forward projections of the double-stream blocks (the single-stream
@@ -101,6 +102,44 @@ SIZES = memory.sizes({"transformer": 11901.4e6, "text_encoder": 123.1e6, "text_e
                      source="computed on the meta device (bench/memory/real_sizes.py)")
 
 
+# ---------------------------------------------------------------------------------------------
+# The LoRA file for ComfyUI (runner.diffusion.comfy): Black Forest Labs' checkpoint names; the
+# single blocks' q, k, v and MLP input are one fused ``linear1``.
+def _flux1_linear1(cfg) -> tuple[int, int, int, int]:
+    h = hidden(cfg)
+    return (h, h, h, int(h * float(cfg.get("mlp_ratio", 4.0))))
+
+
+_FLUX1 = {
+    r"transformer_blocks\.(\d+)": ("double_blocks.{}", {
+        "attn.to_q": ("img_attn.qkv", 0, three), "attn.to_k": ("img_attn.qkv", 1, three),
+        "attn.to_v": ("img_attn.qkv", 2, three),
+        "attn.add_q_proj": ("txt_attn.qkv", 0, three), "attn.add_k_proj": ("txt_attn.qkv", 1, three),
+        "attn.add_v_proj": ("txt_attn.qkv", 2, three),
+        "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
+        "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2",
+        "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2",
+        "norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin",
+    }),
+    r"single_transformer_blocks\.(\d+)": ("single_blocks.{}", {
+        "attn.to_q": ("linear1", 0, _flux1_linear1), "attn.to_k": ("linear1", 1, _flux1_linear1),
+        "attn.to_v": ("linear1", 2, _flux1_linear1), "proj_mlp": ("linear1", 3, _flux1_linear1),
+        "proj_out": "linear2", "norm.linear": "modulation.lin",
+    }),
+}
+
+
+def _flux1_arch(cfg) -> str:
+    if "guidance_embeds" not in cfg:
+        return "flux-1"
+    return "flux-1-dev" if cfg["guidance_embeds"] else "flux-1-schnell"
+
+
+_FLUX1_TE = {"text_encoder": ("lora_te1_", True), "text_encoder_2": ("lora_te2_", False)}
+COMFY = Layout(table("FluxTransformer2DModel", _FLUX1), _FLUX1_TE, _flux1_arch, "flux1",
+               "https://github.com/black-forest-labs/flux", None)
+
+
 FAMILY = Family(
     name="flux1",
     sizes=SIZES,
@@ -137,4 +176,5 @@ FAMILY = Family(
     extra_conditioning="image ids (0, row, col) per 2x2 patch; zero text ids; dev: the guidance embedding",
     variants={"dev": "guidance-distilled: transformer.config.guidance_embeds, 28-50 steps",
               "schnell": "timestep-distilled, no guidance embedding, 1-4 steps, 256 T5 tokens"},
+    comfy=COMFY,
 )

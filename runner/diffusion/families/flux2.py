@@ -20,6 +20,7 @@ from runner.diffusion.families.base import (
     TextEncoding,
     split_batch,
 )
+from runner.diffusion.families.comfykit import Layout, hidden, table, three
 
 MAX_TOKENS = 512
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
@@ -154,6 +155,37 @@ KLEIN_SIZES = memory.sizes({"transformer": 3875.5e6, "text_encoder": 4022.5e6, "
                            source="computed on the meta device (bench/memory/real_sizes.py)")
 
 
+# ---------------------------------------------------------------------------------------------
+# The LoRA file for ComfyUI (runner.diffusion.comfy): Black Forest Labs' checkpoint names (dev and
+# klein share them); the single blocks' ``to_qkv_mlp_proj`` is already fused, as ``linear1``.
+
+_FLUX2 = {
+    r"transformer_blocks\.(\d+)": ("double_blocks.{}", {
+        "attn.to_q": ("img_attn.qkv", 0, three), "attn.to_k": ("img_attn.qkv", 1, three),
+        "attn.to_v": ("img_attn.qkv", 2, three),
+        "attn.add_q_proj": ("txt_attn.qkv", 0, three), "attn.add_k_proj": ("txt_attn.qkv", 1, three),
+        "attn.add_v_proj": ("txt_attn.qkv", 2, three),
+        "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
+        "ff.linear_in": "img_mlp.0", "ff.linear_out": "img_mlp.2",
+        "ff_context.linear_in": "txt_mlp.0", "ff_context.linear_out": "txt_mlp.2",
+    }),
+    r"single_transformer_blocks\.(\d+)": ("single_blocks.{}", {
+        "attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2",
+    }),
+}
+
+
+def _klein_arch(cfg) -> str:
+    width = hidden(cfg) if "num_attention_heads" in cfg else 0
+    return {3072: "Flux.2-klein-4b", 4096: "Flux.2-klein-9b"}.get(width, "Flux.2-klein")
+
+
+_FLUX2_REPO = "https://github.com/black-forest-labs/flux2"
+DEV_COMFY = Layout(table("Flux2Transformer2DModel", _FLUX2), {}, lambda cfg: "Flux.2-dev", "flux2_dev", _FLUX2_REPO,
+                   None)
+KLEIN_COMFY = Layout(table("Flux2Transformer2DModel", _FLUX2), {}, _klein_arch, "flux2_klein", _FLUX2_REPO, None)
+
+
 _COMMON = dict(
     denoiser="transformer",
     latents=LatentFormat(channels=32, downscale=8, patch=2,
@@ -183,6 +215,7 @@ KLEIN = Family(
     build_tiny=build_tiny_klein,
     variants={"base": "undistilled, ~50 steps with CFG", "distilled": "4 steps (model_index is_distilled)"},
     generation=GenerationArgs(negative="none", references=ReferenceArgs("Flux2KleinPipeline", 4)),  # CFG vs ""
+    comfy=KLEIN_COMFY,
     **_COMMON,
 )
 
@@ -203,6 +236,7 @@ DEV = Family(
     build_tiny=build_tiny_dev,
     variants={"dev": "guidance-distilled: the guidance embedding takes objective.guidance while training"},
     generation=GenerationArgs(cfg=False, negative="none", references=ReferenceArgs("Flux2Pipeline", 10)),
+    comfy=DEV_COMFY,
     **_COMMON,
 )
 

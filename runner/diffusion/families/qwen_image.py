@@ -18,6 +18,7 @@ from runner.diffusion.families.base import (
     TextEncoding,
     pad_text,
 )
+from runner.diffusion.families.comfykit import Layout, same
 
 MAX_TOKENS = 1024
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -115,6 +116,11 @@ SIZES = memory.sizes({"transformer": 20430.4e6, "text_encoder": 8292.2e6, "vae":
                      source="computed on the meta device (bench/memory/real_sizes.py)")
 
 
+# ---------------------------------------------------------------------------------------------
+# The LoRA file for ComfyUI (runner.diffusion.comfy): Qwen-Image's original names are the diffusers ones.
+COMFY = Layout(same, {}, lambda cfg: "Qwen-Image", "qwen_image", "https://github.com/QwenLM/Qwen-Image", None)
+
+
 FAMILY = Family(
     name="qwen_image",
     sizes=SIZES,
@@ -146,4 +152,5 @@ FAMILY = Family(
     generation=GenerationArgs(guidance="true_cfg_scale", negative="always",
                               controlnet=ControlNetArgs("QwenImageControlNetModel", "QwenImageControlNetPipeline")),
     extra_conditioning="image shapes (frames, rows, cols) for its 3D RoPE; the text mask",
+    comfy=COMFY,
 )

@@ -18,6 +18,7 @@ from runner.diffusion.families.base import (
     scale_shift,
     split_batch,
 )
+from runner.diffusion.families.comfykit import Layout, same
 from runner.diffusion.tiny import TINY_VERSION
 
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -49,6 +50,12 @@ SIZES = memory.sizes({"unet": 859.5e6, "text_encoder": 123.1e6, "vae": 83.7e6}, 
                      block=(19480.0, 340160.0), source="computed on the meta device (bench/memory/real_sizes.py)")
 
 
+# The LoRA file for ComfyUI/A1111 (runner.diffusion.comfy): kohya trains SD 1.x on the diffusers
+# UNet, so its modules keep the diffusers names (``lora_unet_down_blocks_0_attentions_0_..._to_q``,
+# which ComfyUI maps through ``unet_to_diffusers``); the text encoder's prefix is ``lora_te_``.
+COMFY = Layout(same, {"text_encoder": ("lora_te_", True)}, lambda cfg: "stable-diffusion-v1", "sd_v1")
+
+
 FAMILY = Family(
     name="sd15",
     title="Stable Diffusion 1.5",
@@ -77,4 +84,5 @@ FAMILY = Family(
                               controlnet=ControlNetArgs("ControlNetModel", "StableDiffusionControlNetPipeline",
                                                         "image")),
     pipeline_kwargs={"safety_checker": None, "requires_safety_checker": False},
+    comfy=COMFY,
 )

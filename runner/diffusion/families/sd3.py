@@ -21,6 +21,7 @@ from runner.diffusion.families.base import (
     scale_shift,
     split_batch,
 )
+from runner.diffusion.families.comfykit import Layout, table, three
 
 MAX_TOKENS = 256
 LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
@@ -89,6 +90,43 @@ SIZES = memory.sizes({"transformer": 8056.6e6, "text_encoder": 123.7e6, "text_en
                      source="computed on the meta device (bench/memory/real_sizes.py)")
 
 
+# ---------------------------------------------------------------------------------------------
+# The LoRA file for ComfyUI (runner.diffusion.comfy): Stability's MMDiT checkpoint names (sd3.5).
+
+_SD3 = {
+    r"transformer_blocks\.(\d+)": ("joint_blocks.{}", {
+        "attn.to_q": ("x_block.attn.qkv", 0, three), "attn.to_k": ("x_block.attn.qkv", 1, three),
+        "attn.to_v": ("x_block.attn.qkv", 2, three),
+        "attn.add_q_proj": ("context_block.attn.qkv", 0, three),
+        "attn.add_k_proj": ("context_block.attn.qkv", 1, three),
+        "attn.add_v_proj": ("context_block.attn.qkv", 2, three),
+        "attn2.to_q": ("x_block.attn2.qkv", 0, three), "attn2.to_k": ("x_block.attn2.qkv", 1, three),
+        "attn2.to_v": ("x_block.attn2.qkv", 2, three),
+        "attn.to_out.0": "x_block.attn.proj", "attn.to_add_out": "context_block.attn.proj",
+        "attn2.to_out.0": "x_block.attn2.proj",
+        "ff.net.0.proj": "x_block.mlp.fc1", "ff.net.2": "x_block.mlp.fc2",
+        "ff_context.net.0.proj": "context_block.mlp.fc1", "ff_context.net.2": "context_block.mlp.fc2",
+        "norm1.linear": "x_block.adaLN_modulation.1",
+        # norm1_context.linear: not mapped (the last block's is stored with scale and shift swapped)
+    }),
+}
+
+
+def _sd3_arch(cfg) -> str:
+    if int(cfg.get("num_layers", 0)) == 38:
+        return "stable-diffusion-3-5-large"
+    if cfg.get("dual_attention_layers"):
+        return "stable-diffusion-3-5-medium"
+    return "stable-diffusion-3-medium" if int(cfg.get("num_layers", 0)) == 24 else "stable-diffusion-3"
+
+
+# ComfyUI numbers the encoders it holds: CLIP-L te1, CLIP-G te2, then T5 (OneTrainer's naming)
+_SD3_TE = {"text_encoder": ("lora_te1_", True), "text_encoder_2": ("lora_te2_", True),
+           "text_encoder_3": ("lora_te3_", False)}
+COMFY = Layout(table("SD3Transformer2DModel", _SD3), _SD3_TE, _sd3_arch, "sd3", "https://github.com/Stability-AI/sd3.5",
+               None)
+
+
 FAMILY = Family(
     name="sd3",
     sizes=SIZES,
@@ -120,4 +158,5 @@ FAMILY = Family(
     generation=GenerationArgs(ip_adapter=IPAdapterArgs("", "ip-adapter.safetensors"),
                               controlnet=ControlNetArgs("SD3ControlNetModel", "StableDiffusion3ControlNetPipeline")),
     extra_conditioning="the pooled CLIP projections",
+    comfy=COMFY,
 )

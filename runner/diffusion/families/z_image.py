@@ -18,6 +18,7 @@ from runner.diffusion.families.base import (
     TextEncoding,
     scale_shift,
 )
+from runner.diffusion.families.comfykit import Layout, table
 
 MAX_TOKENS = 512
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -87,6 +88,28 @@ SIZES = memory.sizes({"transformer": 6154.9e6, "text_encoder": 4022.5e6, "vae": 
                      source="computed on the meta device (bench/memory/real_sizes.py)")
 
 
+# ---------------------------------------------------------------------------------------------
+# The LoRA file for ComfyUI (runner.diffusion.comfy): the Lumina-2 checkpoint names (q, k, v fused
+# into ``attention.qkv``).
+def _zimage_qkv(cfg) -> tuple[int, int, int]:
+    dim, heads = int(cfg["dim"]), int(cfg["n_heads"])
+    kv = int(cfg.get("n_kv_heads") or heads) * (dim // heads)
+    return (dim, kv, kv)
+
+
+_ZIMAGE_BLOCK = {
+    "attention.to_q": ("attention.qkv", 0, _zimage_qkv), "attention.to_k": ("attention.qkv", 1, _zimage_qkv),
+    "attention.to_v": ("attention.qkv", 2, _zimage_qkv), "attention.to_out.0": "attention.out",
+    "feed_forward.w1": "feed_forward.w1", "feed_forward.w2": "feed_forward.w2", "feed_forward.w3": "feed_forward.w3",
+    "adaLN_modulation.0": "adaLN_modulation.0",
+}
+_ZIMAGE = {rf"({kind})\.(\d+)": ("{}.{}", _ZIMAGE_BLOCK) for kind in ("layers", "noise_refiner", "context_refiner")}
+
+
+COMFY = Layout(table("ZImageTransformer2DModel", _ZIMAGE), {}, lambda cfg: "Z-Image", "z_image",
+               "https://github.com/Tongyi-MAI/Z-Image", None)
+
+
 FAMILY = Family(
     name="z_image",
     sizes=SIZES,
@@ -118,4 +141,5 @@ FAMILY = Family(
     extra_conditioning="none besides the caption (positions come from the lists' shapes)",
     variants={"turbo": "distilled, 8 steps, guidance_scale 0 (the pipeline's CFG is pos + g (pos - neg))",
               "base": "undistilled, ~30-50 steps with CFG"},
+    comfy=COMFY,
 )
