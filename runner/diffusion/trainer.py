@@ -475,6 +475,7 @@ class LoraTrainer:
                               seed=_h(self.cfg.seed, "lora-init"))
         except UserError as exc:
             raise TrainError(f"train.lora.target_modules: {exc.message}", hint=exc.hint) from None
+        self._check_comfy_names()
         self.trained = [self.denoiser]
         if self.train_te:
             if self.fam.encode_text is None:
@@ -495,6 +496,22 @@ class LoraTrainer:
         self.denoiser.train()
         for te in self.text_encoders:
             te.train(self.train_te)
+
+    def _check_comfy_names(self) -> None:
+        """Before the first step: every adapted module has a name in the ComfyUI file (a target
+        without one would fail at the first checkpoint)."""
+        from peft.utils import get_peft_model_state_dict
+
+        from runner.diffusion.families.comfykit import NoNativeName
+        from runner.diffusion.kohya import peft_to_kohya
+
+        if self.fam.comfy is None:
+            return
+        try:
+            peft_to_kohya(get_peft_model_state_dict(self.denoiser), family=self.family,
+                          unet_config=self.denoiser.config, alpha=self.alpha)
+        except NoNativeName as exc:
+            raise TrainError(f"train.lora.target_modules: {exc.message}", hint=exc.hint) from None
 
     def _lora_state(self) -> dict[str, dict]:
         """peft state dicts by pipeline component: the denoiser's, and the text encoders' when

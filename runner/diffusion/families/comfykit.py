@@ -5,7 +5,7 @@ turns a peft state dict into the file from it (fused weights, alpha, text-encode
 
 A native-name function takes ``(diffusers module, denoiser config)`` and gives a :class:`Target`;
 most are a :func:`table` of block regexes (what every DiT family uses) or :func:`same` (the native
-names are the diffusers ones). Standard library only, so family modules import it at load time.
+names are the diffusers ones). Standard library (and runner.core) only, so family modules import it at load time.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
+
+from runner.core.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -37,8 +39,12 @@ class Layout:
     prediction_type: str | None = "epsilon"  # modelspec.prediction_type (flow models: none, as sd-scripts)
 
 
-class NoNativeName(ValueError):
+class NoNativeName(UserError, ValueError):
     """A trained module has no name in the model's native layout (ComfyUI could not load it)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, hint="Set train.lora.target_modules to null (the family's targets) or to "
+                                       "attention and feed-forward projections.")
 
 
 def unknown(cls: str, module: str) -> NoNativeName:
