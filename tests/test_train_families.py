@@ -107,3 +107,14 @@ def test_objective_knobs_reach_the_loss_and_are_refused_for_unet_families(shared
     sd = {**_config(families.get("sd15")), "objective": {"shift": 3.0}}
     with pytest.raises(TrainError, match=r"train.objective.shift: Stable Diffusion 1.5 trains epsilon/v"):
         _trainer(sd, dataset, tmp_path / "s", tmp_path / "cache").run()
+
+
+def test_a_target_without_a_comfyui_name_is_refused_before_the_first_step(shared_data: Path, tmp_path: Path):
+    from runner.diffusion.trainer import TrainError
+
+    fam = families.get("flux1")
+    cfg = {**_config(fam), "lora": {"rank": 4, "alpha": 4, "target_modules": ["attn.to_q", "x_embedder"]}}
+    dataset = make_dataset(shared_data, tmp_path / "ds", n=1)
+    with pytest.raises(TrainError, match=r"train.lora.target_modules: no ComfyUI \(native\) name .*'x_embedder'"):
+        _trainer(cfg, dataset, tmp_path / "r", tmp_path / "cache").run()
+    assert not (tmp_path / "r" / "scratch" / "logs" / "metrics.jsonl").exists()  # no step ran
