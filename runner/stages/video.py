@@ -629,7 +629,9 @@ class ClipMaker:
         skip = 1 if self.config["replace_first_frame"] and len(frames) > 1 else 0
         idx_fid = [i + skip for i in MS.evenly_spaced(len(frames) - skip, fid_cfg["frames"])]
         idx_dyn = MS.evenly_spaced(len(frames), dyn_cfg["frames"])
-        recs = MS.analyse_faces(frames, sorted(set(idx_fid) | set(idx_dyn)), self.fidelity.face_backend)
+        idx_blink = MS.blink_indices(len(frames), self.config["fps"])
+        recs = MS.analyse_faces(frames, sorted(set(idx_fid) | set(idx_dyn) | set(idx_blink)),
+                                self.fidelity.face_backend)
         by_frame = {r["frame"]: r for r in recs}
         threshold = self.fidelity.threshold
         if len(compare):
@@ -639,7 +641,9 @@ class ClipMaker:
             fid = {"distance": 100.0, "worst": 100.0, "grade": "fail", "frames": [], "threshold": threshold,
                    "excellent": fid_cfg["excellent"], "fail": fid_cfg["fail"], "faces_found": 0,
                    "note": "no face in the references nor in the source image: nothing to compare with"}
-        dyn = MS.expression_dynamics([by_frame[i] for i in idx_dyn], dyn_cfg["frozen_below"])
+        dyn = MS.expression_dynamics([by_frame[i] for i in idx_dyn], dyn_cfg["frozen_below"],
+                                     [by_frame[i] for i in idx_blink])
+        dyn["identity_drift"] = MS.identity_drift([by_frame[i] for i in idx_dyn], threshold)
         return fid, dyn, MS.motion_magnitude(frames, idx_dyn, dyn_cfg["flow_side"])
 
     def _checks(self, job: ClipJob, best: Attempt) -> dict[str, Any]:
@@ -653,8 +657,7 @@ class ClipMaker:
         exp = case.get("expect") or {}
         if exp.get("not_frozen"):
             checks["not_frozen"] = {"pass": None if dyn["frozen"] is None else not dyn["frozen"],
-                                    "detail": "no landmarks in 2+ frames" if dyn["frozen"] is None else
-                                    f"mouth std {dyn['mouth_std']}, eye std {dyn['eye_std']}"}
+                                    "detail": MS.dynamics_detail(dyn)}
         if exp.get("features_kept"):
             if case["features"] and self.clip_model is not None:
                 feats = MS.text_feature_drift(self.clip_model, best.frames,
