@@ -118,3 +118,10 @@ def test_a_target_without_a_comfyui_name_is_refused_before_the_first_step(shared
     with pytest.raises(TrainError, match=r"train.lora.target_modules: no ComfyUI \(native\) name .*'x_embedder'"):
         _trainer(cfg, dataset, tmp_path / "r", tmp_path / "cache").run()
     assert not (tmp_path / "r" / "scratch" / "logs" / "metrics.jsonl").exists()  # no step ran
+
+
+def test_a_guidance_far_from_a_distilled_familys_is_a_plan_warning():
+    flux, sdxl = families.get("flux1"), families.get("sdxl")
+    assert "set it near 3.5" in flux.guidance_note(7.0, "evaluate.guidance")
+    assert flux.guidance_note(3.5, "evaluate.guidance") is None and flux.guidance_note(4.5, "x") is None
+    assert sdxl.guidance_note(7.0, "evaluate.guidance") is None  # classifier-free: no judgement

@@ -435,3 +435,13 @@ def track(node_config: dict[str, Any], log: Any, env: dict[str, Any]) -> list[di
                      "runner.character": env["character"], "runner.key": env["key"][:16]})
     runs = tracking.log_stage(node_config.get("tracking"), log, Path(env["workspace_dir"]))
     return [r.as_json() for r in runs]
+
+
+def guidance_notes(value: float, key: str, base_model: str, model_family: str = "auto") -> tuple[str, ...]:
+    """The family's warning about a guidance value far from what it samples with (see
+    runner.diffusion.families.Family.guidance_note), when the family can be told cheaply."""
+    from runner.diffusion import families
+
+    fam = families.get(model_family) if model_family != "auto" else families.family_of_ref(base_model)
+    note = fam.guidance_note(float(value), key) if fam is not None else None
+    return (note,) if note else ()

@@ -44,6 +44,7 @@ from runner.stages.common import (
     device_setting,
     face_backend,
     face_options,
+    guidance_notes,
     load_embedder,
     load_rgb,
     output_json,
@@ -98,6 +99,8 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
             gpu=stage_gpu(spec, "evaluate"),
             unkeyed=("face_workers",),
             label=label,
+            notes=guidance_notes(config["guidance"], "evaluate.guidance", train.config.get("base_model", ""),
+                                 train.config.get("model_family", "auto")),
         ), spec, graph))
     return nodes
 

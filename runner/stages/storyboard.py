@@ -52,6 +52,7 @@ from runner.spec.sections import (
 from runner.stages.common import face_backend as common_face_backend
 from runner.stages.common import (
     face_options,
+    guidance_notes,
     device_setting,
     input_file,
     load_embedder,
@@ -146,7 +147,8 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
         gpu=stage_gpu(spec, "storyboard"),
         label=_label(config, absent, bool(guided.get("enabled"))),
         unkeyed=("planner_notes",),
-        notes=tuple(story.notes + notes),
+        notes=tuple(story.notes + notes) + guidance_notes(config["guidance"], "generate.storyboard.guidance",
+                                                          config["base_model"], config["model_family"]),
     )]
 
 

@@ -185,6 +185,8 @@ class Family:
     sizes: Any = None  # runner.diffusion.memory.ModelSizes of the real model (GPU memory estimate); None: unknown
     # the LoRA file for ComfyUI/A1111 (families.comfykit.Layout: native names, metadata); None: diffusers file only
     comfy: Any = None
+    modality: str = "image"  # "video": listed only when asked (families.names(modality="video")), not trained
+    video: Any = None  # families.videokit.VideoArgs of a video family (pipelines, frame rule, presets); else None
 
     def describe(self) -> str:
         """One line for the plan and the report: what is trained, on what objective."""
@@ -197,6 +199,17 @@ class Family:
             obj = "epsilon/v as the scheduler says" + (f", min-SNR {o.min_snr_gamma:g}" if o.min_snr_gamma else "")
         return (f"{self.title} ({self.name}): LoRA on the {self.denoiser} {self.components[self.denoiser]}; {obj}; "
                 f"text: {self.text.outputs}, {self.text.max_tokens} tokens")
+
+    def guidance_note(self, value: float, key: str) -> str | None:
+        """A plan warning when ``value`` (the spec's ``key``) is far from the guidance a
+        guidance-distilled family samples with (FLUX dev's embedded 3.5: a classifier-free
+        scale such as 7 burns its images); None for classifier-free families, whose variants
+        differ too much (Z-Image Turbo 0, base 5) to judge."""
+        g = self.sample.guidance
+        if self.generation.cfg or g / 2 - 0.5 <= value <= 1.5 * g + 1:
+            return None
+        return (f"warning: {key} {value:g} is far from the {g:g} {self.title} samples with (its distilled guidance "
+                f"embedding, not classifier-free guidance); set it near {g:g}")
 
     def multiple_from_configs(self, denoiser_config: Mapping[str, Any], vae_config: Mapping[str, Any]) -> int:
         """What image sides must be divisible by, from the denoiser's and the VAE's configs: the
