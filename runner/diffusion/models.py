@@ -188,6 +188,7 @@ def load_pipeline(base_model: str, *, family: str = "auto", device: str = "cpu",
 
     Raises :class:`ModelLoadError` with a hint when the model cannot be found or loaded.
     """
+    families.refuse_video(base_model, family, project_root=project_root)  # a video family is not trained here
     where = {"cache_dir": cache_dir, "project_root": project_root}
     kind, loc = resolve_model_ref(base_model, **where)
     if kind == "hub":

@@ -26,74 +26,20 @@ loaded back with ``from_pretrained``. Its clips are noise.
 
 from __future__ import annotations
 
-import json
-import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runner.core.errors import StageError
+from runner.diffusion.families import ltx_video
+from runner.generate import video_models
 
-TINY_LTX_VERSION = 1
-TINY_SEED = 7
+TINY_LTX_VERSION = ltx_video.TINY_VERSION
+TINY_SEED = ltx_video.TINY_SEED
 TINY_NAMES = ("tiny-ltx", "tiny-ltx-upsampler")
-_TINY_WORDS = (
-    "a the an of and with in on at to his her their face eyes mouth smile smiles smiling slowly subtle "
-    "motion cinematic natural character movement high dynamic range man woman person cries crying tears "
-    "turns head looks camera glasses beard hat coat neutral expression starts breaks into begins gently "
-    "light wind hair moves blinks breathes walks rides laughs portrait close up medium shot wide"
-).split()
-
-
-class VideoModelError(StageError):
-    """The video model could not be found or loaded."""
+VideoModelError = video_models.VideoModelError  # one error class for every video family
+VideoPipeline = video_models.VideoPipeline
 
 
 # --------------------------------------------------------------------------- tiny models
-
-
-def _tiny_t5_tokenizer(dest: Path):
-    """A T5 tokenizer (Unigram) over a fixed vocabulary: special tokens, bytes-as-chars, words."""
-    from transformers import T5Tokenizer
-
-    vocab: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
-    vocab += [(chr(c), -6.0) for c in range(33, 127)]
-    vocab += [("\u2581" + w, -2.0) for w in dict.fromkeys(_TINY_WORDS)]
-    tok = T5Tokenizer(vocab=vocab, extra_ids=0)
-    tok.save_pretrained(str(dest))
-    return T5Tokenizer.from_pretrained(str(dest))
-
-
-def _build_tiny_ltx(dest: Path) -> None:
-    import torch
-    from diffusers import (AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXImageToVideoPipeline,
-                           LTXVideoTransformer3DModel)
-    from transformers import T5Config, T5EncoderModel
-
-    tokenizer = _tiny_t5_tokenizer(dest / "_tok")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
-        transformer = LTXVideoTransformer3DModel(
-            in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=4,
-            attention_head_dim=8, cross_attention_dim=32, num_layers=1, caption_channels=32)
-        torch.manual_seed(TINY_SEED + 1)
-        vae = AutoencoderKLLTXVideo(
-            in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8, 8, 8, 8),
-            decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
-            decoder_layers_per_block=(1, 1, 1, 1, 1), spatio_temporal_scaling=(True, True, False, False),
-            decoder_spatio_temporal_scaling=(True, True, False, False),
-            decoder_inject_noise=(False, False, False, False, False), upsample_residual=(False, False, False, False),
-            upsample_factor=(1, 1, 1, 1), timestep_conditioning=False, patch_size=1, patch_size_t=1,
-            encoder_causal=True, decoder_causal=False)
-        torch.manual_seed(TINY_SEED + 2)
-        text_encoder = T5EncoderModel(T5Config(
-            vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-            relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id))
-    pipe = LTXImageToVideoPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
-                                   tokenizer=tokenizer, transformer=transformer)
-    pipe.save_pretrained(str(dest), safe_serialization=True)
-    shutil.rmtree(dest / "_tok", ignore_errors=True)
 
 
 def _build_tiny_ltx_upsampler(dest: Path) -> None:
@@ -107,7 +53,7 @@ def _build_tiny_ltx_upsampler(dest: Path) -> None:
     model.save_pretrained(str(dest))
 
 
-_BUILDERS = {"tiny-ltx": _build_tiny_ltx, "tiny-ltx-upsampler": _build_tiny_ltx_upsampler}
+_BUILDERS = {"tiny-ltx": ltx_video.build_tiny, "tiny-ltx-upsampler": _build_tiny_ltx_upsampler}
 
 
 def tiny_ltx_path(name: str, cache_dir: Path | str | None = None) -> Path:
@@ -127,115 +73,34 @@ def tiny_ltx_path(name: str, cache_dir: Path | str | None = None) -> Path:
 # --------------------------------------------------------------------------- loading
 
 
-@dataclass
-class VideoPipeline:
-    pipe: Any
-    kind: str  # "image-to-video" | "condition"
-    model: str
-    tiny_random: bool
-    spatial_ratio: int
-    temporal_ratio: int
-
-
 def _locate(model: str, cache_dir, project_root: Path | None, key: str = "generate.video.model") -> tuple[str, bool]:
     if model.startswith("builtin:"):
         return str(tiny_ltx_path(model, cache_dir)), True
-    p = Path(model).expanduser()
-    if not p.is_absolute() and project_root is not None and (project_root / p).exists():
-        p = project_root / p
-    if p.exists():
-        return str(p), False
-    from runner.hub import ModelUnavailable, is_hub_id, resolve_hub_model
-
-    if is_hub_id(model):
-        try:  # offline and not cached: fail now, not after the hub client's retries
-            return resolve_hub_model(model, key=key), False
-        except ModelUnavailable as exc:
-            raise VideoModelError(f"{key}: {exc}", hint=exc.hint) from None
-    raise VideoModelError(f"{key}: {model!r} is neither a hub id, an existing folder nor builtin:tiny-ltx",
-                          hint="e.g. Lightricks/LTX-Video, a local diffusers folder, or builtin:tiny-ltx for tests.")
-
-
-def _declared_class(location: str) -> str:
-    p = Path(location) / "model_index.json"
-    if p.is_file():
-        return str(json.loads(p.read_text()).get("_class_name", ""))
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return str(json.loads(Path(hf_hub_download(location, "model_index.json")).read_text()).get("_class_name", ""))
-    except Exception:
-        return ""
+    return video_models.locate(model, cache_dir, project_root, key)
 
 
 def choose_pipeline(requested: str, declared_class: str, image_conditioning: float) -> str:
-    if requested in ("image-to-video", "condition"):
-        return requested
-    if declared_class == "LTXConditionPipeline" or float(image_conditioning) < 1.0:
-        return "condition"
-    return "image-to-video"
+    return ltx_video.VIDEO.kind_for(requested, declared_class, image_conditioning)
 
 
 def load_video_pipeline(model: str, *, pipeline: str = "auto", image_conditioning: float = 1.0,
                         device: str = "cpu", dtype: Any = None, cache_dir: Path | str | None = None,
-                        project_root: Path | None = None) -> VideoPipeline:
-    location, tiny = _locate(model, cache_dir, project_root)  # before the heavy imports: fails fast
-    import torch
-    from diffusers import LTXConditionPipeline, LTXImageToVideoPipeline
-    from diffusers.utils import logging as dlogging
-    from transformers.utils import logging as tlogging
-
-    kind = choose_pipeline(pipeline, _declared_class(location), image_conditioning)
-    cls = LTXConditionPipeline if kind == "condition" else LTXImageToVideoPipeline
-    if dtype is None:
-        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    dlogging.disable_progress_bar()
-    tlogging.disable_progress_bar()
-    prev = dlogging.get_verbosity()
-    dlogging.set_verbosity_error()
-    try:
-        pipe = cls.from_pretrained(location, dtype=dtype)
-    except (OSError, ValueError, EnvironmentError) as exc:
-        raise VideoModelError(
-            f"could not load the video model {model!r} as {cls.__name__}: {exc}",
-            hint="This machine may have no hub access: download the model first or point generate.video.model "
-            "at a local diffusers folder (builtin:tiny-ltx for tests).") from None
-    finally:
-        dlogging.set_verbosity(prev)
-    pipe.set_progress_bar_config(disable=True)
-    pipe = pipe.to(device)
-    return VideoPipeline(pipe=pipe, kind=kind, model=model, tiny_random=tiny,
-                         spatial_ratio=int(pipe.vae_spatial_compression_ratio),
-                         temporal_ratio=int(pipe.vae_temporal_compression_ratio))
+                        project_root: Path | None = None, family: str = "ltx_video") -> VideoPipeline:
+    """An LTX-Video 0.9 model (or ``family``'s) through :func:`video_models.load_video_model`."""
+    if model.startswith("builtin:") and model.removeprefix("builtin:") in _BUILDERS:
+        tiny_ltx_path(model, cache_dir)  # the folder this module has always built (same note)
+    return video_models.load_video_model(model, family=family, pipeline=pipeline,
+                                         image_conditioning=image_conditioning, device=device, dtype=dtype,
+                                         cache_dir=cache_dir, project_root=project_root)
 
 
 def check_shape(vp: VideoPipeline, width: int, height: int, frames: int) -> None:
     """LTX needs width/height divisible by 32 (and the VAE's spatial ratio) and frames = k * temporal ratio + 1."""
-    s, t = max(32, vp.spatial_ratio), vp.temporal_ratio
-    bad = []
-    if width % s or height % s:
-        bad.append(f"width and height must be multiples of {s} (got {width}x{height}; e.g. "
-                   f"{width // s * s}x{height // s * s})")
-    if (frames - 1) % t:
-        bad.append(f"frames must be k*{t}+1 (got {frames}; e.g. {(frames - 1) // t * t + 1})")
-    if bad:
-        raise StageError("generate.video: " + "; ".join(bad),
-                         hint=f"The LTX pipelines need multiples of {s} in space; "
-                              f"{vp.model} compresses {t}x in time.")
+    video_models.check_shape(vp, width, height, frames)
 
 
 def load_video_lora(vp: VideoPipeline, file: str | Path, scale: float) -> None:
-    f = Path(file)
-    if not f.is_file():
-        raise StageError(f"generate.video.lora: {f} is not a file",
-                         hint="Give a .safetensors LoRA made for the LTX-Video model.")
-    try:
-        vp.pipe.load_lora_weights(str(f.parent), weight_name=f.name, adapter_name="video")
-        vp.pipe.set_adapters(["video"], adapter_weights=[float(scale)])
-    except (ValueError, KeyError, RuntimeError, OSError) as exc:
-        raise StageError(f"generate.video.lora: cannot load {f} onto {vp.model}: {exc}",
-                         hint="The LoRA must be made for this LTX-Video transformer "
-                              "(diffusers or original LTX format).") from None
+    video_models.load_lora(vp, file, scale)
 
 
 # --------------------------------------------------------------------------- generating
@@ -244,33 +109,21 @@ def load_video_lora(vp: VideoPipeline, file: str | Path, scale: float) -> None:
 def generate_clip(vp: VideoPipeline, image, *, prompt: str, negative_prompt: str, width: int, height: int,
                   frames: int, fps: int, steps: int, guidance: float, image_conditioning: float, seed: int,
                   decode_timestep: float, decode_noise_scale: float, output_latents: bool = False):
-    """One clip from ``image``: a list of PIL frames, or (latents, shape) when ``output_latents``."""
-    import torch
-
-    gen = torch.Generator("cpu").manual_seed(int(seed))
-    kwargs: dict[str, Any] = dict(
-        prompt=prompt, negative_prompt=negative_prompt if guidance > 1.0 else None, width=int(width),
-        height=int(height), num_frames=int(frames), frame_rate=int(fps), num_inference_steps=int(steps),
-        guidance_scale=float(guidance), generator=gen, output_type="latent" if output_latents else "pil",
-    )
-    if vp.pipe.vae.config.timestep_conditioning:
-        kwargs.update(decode_timestep=float(decode_timestep), decode_noise_scale=float(decode_noise_scale))
-    image = fit_to(image, int(width), int(height))
-    if vp.kind == "condition":
-        kwargs.update(image=image, strength=float(image_conditioning))
-    else:
-        kwargs.update(image=image)
-    with torch.inference_mode():
-        out = vp.pipe(**kwargs)
+    """One clip from ``image``: a list of PIL frames, or the latents (B, C, F, H, W) when ``output_latents``."""
+    s = video_models.ClipSettings(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
+                                  frames=frames, fps=fps, steps=steps, guidance=guidance,
+                                  image_conditioning=image_conditioning, seed=seed, decode_timestep=decode_timestep,
+                                  decode_noise_scale=decode_noise_scale)
+    clip = video_models.generate(vp, image, s, output_latents=output_latents)
     if output_latents:
-        latents = out.frames
+        latents = clip.frames
         if latents.ndim == 3:  # LTXImageToVideoPipeline returns packed latents: unpack to (B, C, F, H, W)
             p = vp.pipe.transformer_spatial_patch_size
             pt = vp.pipe.transformer_temporal_patch_size
             latents = vp.pipe._unpack_latents(latents, (int(frames) - 1) // vp.temporal_ratio + 1,
                                               int(height) // vp.spatial_ratio, int(width) // vp.spatial_ratio, p, pt)
         return latents
-    return list(out.frames[0])
+    return clip.frames
 
 
 def latent_upscale(vp: VideoPipeline, latents, upsampler: str, *, width: int, height: int, seed: int,
@@ -323,12 +176,7 @@ def resize_frames(frames: list, factor: int = 2) -> list:
     return [f.resize((f.width * factor, f.height * factor), Image.Resampling.LANCZOS) for f in frames]
 
 
-def fit_to(image, width: int, height: int):
-    """Centre-crop to the clip's aspect ratio, then resize (a square storyboard frame into a 704x480
-    clip keeps its proportions)."""
-    from PIL import Image, ImageOps
-
-    return ImageOps.fit(image.convert("RGB"), (int(width), int(height)), Image.Resampling.LANCZOS)
+fit_to = video_models.fit_to
 
 
 def replace_first_frame(frames: list, image) -> list:

@@ -384,6 +384,8 @@ class VideoConfig:
     fidelity: VideoFidelityConfig
     targets: VideoTargetsConfig
     pipeline: str
+    family: str
+    audio: bool
     negative_prompt: str
     prompt_prefix: str | None
     prompt_suffix: str | None

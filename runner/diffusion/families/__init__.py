@@ -40,7 +40,7 @@ from runner.diffusion.families.base import (  # noqa: F401  (the package's publi
 )
 from runner.core.errors import UserError
 
-_NOT_FAMILIES = {"base", "comfykit", "tinykit"}
+_NOT_FAMILIES = {"base", "comfykit", "tinykit", "videokit"}
 _REGISTRY: dict[str, Family] = {}
 
 
@@ -63,18 +63,24 @@ def register(family: Family) -> Family:
     return family
 
 
-def names() -> list[str]:
-    return sorted(_load())
+MODALITIES = ("image", "video")
 
 
-def all_families() -> list[Family]:
-    return [_load()[n] for n in names()]
+def names(modality: str | None = "image") -> list[str]:
+    """The families of one modality ("image": what train.model_family takes; "video": the video
+    stage's), or all of them (None)."""
+    return sorted(n for n, f in _load().items() if modality is None or f.modality == modality)
+
+
+def all_families(modality: str | None = "image") -> list[Family]:
+    return [_load()[n] for n in names(modality)]
 
 
 def get(name: str) -> Family:
+    """A family of either modality by name."""
     fams = _load()
     if name not in fams:
-        raise UserError(f"unknown model family {name!r}", hint=f"Known families: {', '.join(names())}.")
+        raise UserError(f"unknown model family {name!r}", hint=f"Known families: {', '.join(names(None))}.")
     return fams[name]
 
 
@@ -82,26 +88,30 @@ def get(name: str) -> Family:
 # detection
 
 
-def detect_folder(folder: Path | str) -> Family:
-    """The family of a diffusers folder, from its model_index.json ``_class_name``."""
+def detect_folder(folder: Path | str, modality: str | None = "image") -> Family:
+    """The family of a diffusers folder, from its model_index.json ``_class_name`` (among the
+    families of ``modality``; None: any)."""
     index_path = Path(folder) / "model_index.json"
     try:
-        cls = str(json.loads(index_path.read_text()).get("_class_name", ""))
-    except (OSError, json.JSONDecodeError) as exc:
+        index = json.loads(index_path.read_text())
+        cls = str(index.get("_class_name", ""))
+    except (OSError, json.JSONDecodeError, AttributeError) as exc:
         raise UserError(f"{index_path}: cannot read the model index ({exc})",
                         hint="Give a diffusers-format folder (with model_index.json).") from None
-    for fam in all_families():
-        if cls in fam.class_names:
+    for fam in all_families(modality):  # video families sharing a class tell their folders apart by the index
+        if cls in fam.class_names and (fam.video is None or fam.video.index_match is None
+                                       or fam.video.index_match(index)):
             return fam
-    known = ", ".join(c for f in all_families() for c in f.class_names)
-    raise UserError(f"{index_path}: pipeline {cls or '(none)'} is not a model family the runner trains",
+    known = ", ".join(c for f in all_families(modality) for c in f.class_names)
+    what = "video model family the runner generates with" if modality == "video" else "model family the runner trains"
+    raise UserError(f"{index_path}: pipeline {cls or '(none)'} is not a {what}",
                     hint=f"Supported pipelines: {known}.")
 
 
-def detect_pipeline(pipe) -> Family:
+def detect_pipeline(pipe, modality: str | None = "image") -> Family:
     """The family of a loaded diffusers pipeline, by its class."""
     cls = type(pipe).__name__
-    for fam in all_families():
+    for fam in all_families(modality):
         if cls in fam.class_names:
             return fam
     raise UserError(f"pipeline {cls} is not a model family the runner trains",
@@ -157,10 +167,10 @@ def detect_file(path: Path | str) -> Family:
                     hint=f"Supported families: {', '.join(names())}.")
 
 
-def detect_hub_id(ref: str) -> Family | None:
+def detect_hub_id(ref: str, modality: str | None = "image") -> Family | None:
     """The family a hub id names by its well-known pattern, or None (then read its
     model_index.json)."""
-    for fam in all_families():
+    for fam in all_families(modality):
         if any(re.search(p, ref, re.IGNORECASE) for p in fam.hub_patterns):
             return fam
     return None
@@ -184,9 +194,39 @@ def family_of_ref(ref: str, *, project_root: Path | str | None = None, guess: bo
     return detect_hub_id(ref) if guess else None
 
 
+def refuse_video(base_model: str, family: str = "auto", *, key: str = "train.base_model",
+                 project_root: Path | str | None = None) -> None:
+    """A UserError when an image stage (training, image generation) is given a video family, by
+    name or by a model that is one (a builtin, a folder's model index, a hub id's pattern)."""
+    fam = _load().get(family) if family != "auto" else None
+    if fam is None and family == "auto":
+        ref = str(base_model)
+        fam = by_tiny_name(ref) if ref.startswith("builtin:") else None
+        folder = Path(ref).expanduser()
+        if not folder.is_absolute() and project_root is not None:
+            folder = Path(project_root) / folder
+        if fam is None and (folder / "model_index.json").is_file():
+            try:
+                fam = detect_folder(folder, modality="video")
+            except UserError:
+                fam = None
+        if fam is None and not folder.exists() and detect_hub_id(ref) is None:
+            fam = detect_hub_id(ref, modality="video")
+    if fam is not None and fam.modality == "video" and family != "auto":
+        raise UserError(f"train.model_family: {family!r} is a video family ({fam.title})",
+                        hint=f"Use it in generate.video.family; training a video LoRA (train_video) is not built "
+                             f"yet. Image families: {', '.join(names())}.")
+    if fam is not None and fam.modality == "video":
+        raise UserError(f"{key}: {base_model!r} is a video model ({fam.title}, family {fam.name}); image training "
+                        f"and image generation take image families only",
+                        hint=f"Use it in generate.video.model (generate.video.family: {fam.name}); training a video "
+                             f"LoRA (train_video) is not built yet. Image families: {', '.join(names())}.")
+
+
 def by_tiny_name(ref: str) -> Family | None:
+    """The family (either modality) whose tiny model ``builtin:<tiny>`` names."""
     name = ref.removeprefix("builtin:")
-    return next((f for f in all_families() if f.tiny == name), None)
+    return next((f for f in all_families(None) if f.tiny == name), None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +241,7 @@ def tiny_path(ref: str, cache_dir: Path | str | None = None) -> Path:
     fam = by_tiny_name(ref)
     if fam is None:
         raise UserError(f"unknown builtin model {ref!r}",
-                        hint=f"Known: {', '.join('builtin:' + f.tiny for f in all_families())}.")
+                        hint=f"Known: {', '.join('builtin:' + f.tiny for f in all_families(None))}.")
     if fam.build_tiny is None:  # SD 1.5 / SDXL: the folder runner.diffusion.tiny has always built
         return tiny_model_path(fam.tiny, cache_dir)
     final = models_cache_dir(cache_dir) / f"builtin-{fam.tiny}-v{fam.tiny_version}"

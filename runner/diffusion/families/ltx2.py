@@ -1,0 +1,124 @@
+"""LTX-2 (Lightricks): an audio-video DiT (19B: a video stream and an audio stream with
+cross-attention between them) on 128-channel video latents (32x spatial, 8x temporal: 8k+1
+frames at multiples of 32 px) and audio latents of a mel-spectrogram VAE, decoded to a waveform by
+a vocoder. Captions: Gemma 3's hidden states of every layer, stacked, through the text
+connectors (1024 tokens, with a mask). Image-to-video: ``LTX2ImageToVideoPipeline`` (``image=``,
+strength 1) and ``LTX2ConditionPipeline`` (``conditions=[LTX2VideoCondition(frames, index,
+strength)]``, a partial strength). Every clip is generated with its audio; the video stage saves
+the audio into the mp4 when ``generate.video.audio`` is on and drops it otherwise.
+
+``builtin:tiny-ltx2``: a 1-layer transformer (video 2x8, audio 2x4 heads), a 1-block VAE on
+4-channel latents (its compression read from its config), a tiny audio VAE and vocoder
+(16 kHz), a 1-layer Gemma 3 (16 wide, with a 1-layer SigLIP tower) and a byte-level tokenizer
+with Gemma's special tokens. Random weights: its clips are noise and its audio is hiss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from runner.diffusion.families.base import Family, GenerationArgs, LatentFormat, Objective, SampleDefaults, TextEncoding
+from runner.diffusion.families.videokit import PipelineKind, VideoArgs, encode_prompt_captions, not_trained
+
+TINY_VERSION = 1
+TINY_SEED = 11
+# the video stream's attention projections (the audio stream's and the cross-modal ones have
+# their own names: audio_attn*, audio_to_video_attn, video_to_audio_attn), as LTX-2's trainer does
+LORA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
+                "attn2.to_v", "attn2.to_out.0")
+
+
+def build_tiny(dest: Path) -> None:
+    import torch
+    from diffusers import (AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, FlowMatchEulerDiscreteScheduler,
+                           LTX2ImageToVideoPipeline, LTX2VideoTransformer3DModel)
+    from diffusers.pipelines.ltx2 import LTX2TextConnectors
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+
+    from runner.diffusion.families import tinykit, videokit
+
+    tokenizer = videokit.gemma_tokenizer(dest / "_tok")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        text_encoder = videokit.gemma3_text_encoder(tokenizer, hidden=16)
+        width, layers = text_encoder.config.text_config.hidden_size, text_encoder.config.text_config.num_hidden_layers
+        torch.manual_seed(TINY_SEED + 1)
+        transformer = LTX2VideoTransformer3DModel(
+            in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
+            cross_attention_dim=16, audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2,
+            audio_attention_head_dim=4, audio_cross_attention_dim=8, num_layers=1, qk_norm="rms_norm_across_heads",
+            caption_channels=width, rope_double_precision=False, rope_type="split")
+        torch.manual_seed(TINY_SEED + 2)
+        connectors = LTX2TextConnectors(
+            caption_channels=width, text_proj_in_factor=layers + 1, video_connector_num_attention_heads=2,
+            video_connector_attention_head_dim=8, video_connector_num_layers=1,
+            video_connector_num_learnable_registers=None, audio_connector_num_attention_heads=2,
+            audio_connector_attention_head_dim=8, audio_connector_num_layers=1,
+            audio_connector_num_learnable_registers=None, connector_rope_base_seq_len=32, rope_theta=10000.0,
+            rope_double_precision=False, causal_temporal_positioning=False, rope_type="split")
+        torch.manual_seed(TINY_SEED + 3)
+        vae = AutoencoderKLLTX2Video(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,), decoder_block_out_channels=(8,),
+            layers_per_block=(1,), decoder_layers_per_block=(1, 1), spatio_temporal_scaling=(True,),
+            decoder_spatio_temporal_scaling=(True,), decoder_inject_noise=(False, False),
+            downsample_type=("spatial",), upsample_residual=(False,), upsample_factor=(1,),
+            timestep_conditioning=False, patch_size=1, patch_size_t=1, encoder_causal=True, decoder_causal=False)
+        torch.manual_seed(TINY_SEED + 4)
+        audio_vae = AutoencoderKLLTX2Audio(
+            base_channels=4, output_channels=2, ch_mult=(1,), num_res_blocks=1, attn_resolutions=None, in_channels=2,
+            resolution=32, latent_channels=2, norm_type="pixel", causality_axis="height", dropout=0.0,
+            mid_block_add_attention=False, sample_rate=16000, mel_hop_length=160, is_causal=True, mel_bins=8)
+        torch.manual_seed(TINY_SEED + 5)
+        vocoder = LTX2Vocoder(in_channels=2 * 8, hidden_channels=16, out_channels=2, upsample_kernel_sizes=[4, 4],
+                              upsample_factors=[2, 2], resnet_kernel_sizes=[3], resnet_dilations=[[1, 3, 5]],
+                              leaky_relu_negative_slope=0.1, output_sampling_rate=16000)
+    pipe = LTX2ImageToVideoPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, audio_vae=audio_vae,
+                                    text_encoder=text_encoder, tokenizer=tokenizer, connectors=connectors,
+                                    transformer=transformer, vocoder=vocoder)
+    tinykit.save_pipeline(pipe, dest)
+    tinykit.remove(dest / "_tok")
+
+
+VIDEO = VideoArgs(
+    kinds={"image-to-video": PipelineKind("LTX2ImageToVideoPipeline"),
+           "condition": PipelineKind("LTX2ConditionPipeline", image_way="conditions",
+                                     condition_class="LTX2VideoCondition", partial_strength=True)},
+    default_kind="image-to-video", temporal=8, spatial=32, size_multiple=32, fps_keyword="frame_rate",
+    decode_noise=True, audio=True, audio_rate_attr="vocoder.output_sampling_rate",
+    presets=("ltx2-baseline", "ltx2-quality"), defaults={"frames": 121, "fps": 24, "width": 768, "height": 512},
+    lora_loader="LTX2LoraLoaderMixin",
+)
+
+FAMILY = Family(
+    name="ltx2",
+    title="LTX-2",
+    modality="video",
+    video=VIDEO,
+    pipeline="LTX2ImageToVideoPipeline",
+    components={"transformer": "LTX2VideoTransformer3DModel", "vae": "AutoencoderKLLTX2Video",
+                "audio_vae": "AutoencoderKLLTX2Audio", "vocoder": "LTX2Vocoder",
+                "text_encoder": "Gemma3ForConditionalGeneration", "tokenizer": "GemmaTokenizerFast",
+                "connectors": "LTX2TextConnectors", "scheduler": "FlowMatchEulerDiscreteScheduler"},
+    denoiser="transformer",
+    text=TextEncoding(encoders=("text_encoder", "connectors"),
+                      outputs="Gemma 3 hidden states of every layer, stacked, through the text connectors",
+                      pooled=False, max_tokens=1024, masked=True),
+    latents=LatentFormat(channels=128, downscale=32, patch=1,
+                         normalization="(raw - vae.latents_mean) / vae.latents_std x scaling_factor; 8x temporal "
+                                       "compression (8k+1 frames); audio: mel VAE latents, normalized"),
+    objective=Objective(prediction="flow", timestep_sampling="logit_normal"),
+    lora_targets=LORA_TARGETS,
+    class_names=("LTX2ImageToVideoPipeline", "LTX2ConditionPipeline", "LTX2Pipeline"),
+    hub_patterns=(r"lightricks/ltx-2", r"ltx-?2"),
+    sample=SampleDefaults(steps=40, guidance=4.0),
+    size_multiple=32,
+    tiny="tiny-ltx2",
+    tiny_version=TINY_VERSION,
+    build_tiny=build_tiny,
+    encode_captions=encode_prompt_captions,
+    to_model_latents=not_trained,
+    predict=not_trained,
+    generation=GenerationArgs(guidance="guidance_scale", cfg=True, negative="given"),
+    extra_conditioning="the key frame (first latent frame, or a condition with a strength); the frame rate; "
+                       "the audio stream (generated jointly)",
+    variants={"LTX-2": "19B audio-video, 8k+1 frames"},
+)

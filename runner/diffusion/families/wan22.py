@@ -1,0 +1,158 @@
+"""Wan 2.2 image-to-video (Alibaba), two families on ``WanImageToVideoPipeline``:
+
+- ``wan22_i2v`` (Wan2.2-I2V-A14B): two 14B experts, ``transformer`` for the high-noise steps and
+  ``transformer_2`` for the low-noise ones, split at ``boundary_ratio`` (0.9) of the schedule;
+  16-channel latents of the Wan 2.1 VAE (8x spatial, 4x temporal: 4k+1 frames), the key frame's
+  latents concatenated to the noise as channels (36 in), sides multiples of 16.
+- ``wan22_ti2v`` (Wan2.2-TI2V-5B): one 5B transformer, ``expand_timesteps`` (the key frame's
+  latent frame is kept clean with per-token timesteps), its own VAE with z_dim 48 and 16x spatial
+  compression (sides multiples of 32), 4x temporal.
+
+Captions: UMT5-XXL's last hidden state (512 tokens, trimmed to each caption's length). Flow
+matching (UniPC flow sampler at inference, shift 5 / 3). No frame-rate keyword (16 / 24 fps is
+the mp4's). Tiny models: ``builtin:tiny-wan22-i2v`` (two 1-layer experts, boundary 0.875) and
+``builtin:tiny-wan22-ti2v`` (one 1-layer transformer, a z_dim 48 VAE), a 1-layer UMT5 and the
+tinykit T5 tokenizer; random weights, their clips are noise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from runner.diffusion.families.base import Family, GenerationArgs, LatentFormat, Objective, SampleDefaults, TextEncoding
+from runner.diffusion.families.videokit import PipelineKind, VideoArgs, encode_prompt_captions, not_trained
+
+TINY_VERSION = 1
+TINY_SEED = 13
+# the attention and feed-forward projections of every block (self and cross attention), as
+# musubi-tuner and diffusers' Wan LoRA examples train
+LORA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
+                "attn2.to_v", "attn2.to_out.0", "ffn.net.0.proj", "ffn.net.2")
+
+
+def _transformer(in_channels: int, out_channels: int):
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                 in_channels=in_channels, out_channels=out_channels, text_dim=32, freq_dim=32,
+                                 ffn_dim=32, num_layers=1, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                 rope_max_seq_len=32)
+
+
+def _build(dest: Path, *, two_experts: bool) -> None:
+    import torch
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline
+
+    from runner.diffusion.families import tinykit, videokit
+
+    tokenizer = tinykit.t5_tokenizer(dest / "_tok", model_max_length=512)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        if two_experts:
+            vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                   temperal_downsample=[False, True, True])
+        else:
+            vae = AutoencoderKLWan(base_dim=3, z_dim=48, in_channels=12, out_channels=12, is_residual=True,
+                                   patch_size=2, latents_mean=[0.0] * 48, latents_std=[1.0] * 48,
+                                   dim_mult=[1, 1, 1, 1], num_res_blocks=1, scale_factor_spatial=16,
+                                   scale_factor_temporal=4, temperal_downsample=[False, True, True])
+        torch.manual_seed(TINY_SEED + 1)
+        text_encoder = videokit.umt5_encoder(len(tokenizer), d_model=32)
+        torch.manual_seed(TINY_SEED + 2)
+        transformer = _transformer(36, 16) if two_experts else _transformer(48, 48)
+        torch.manual_seed(TINY_SEED + 3)
+        transformer_2 = _transformer(36, 16) if two_experts else None
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        flow_shift=5.0 if two_experts else 3.0)
+    pipe = WanImageToVideoPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                                   transformer=transformer, transformer_2=transformer_2,
+                                   boundary_ratio=0.875 if two_experts else None, expand_timesteps=not two_experts)
+    tinykit.save_pipeline(pipe, dest)
+    tinykit.remove(dest / "_tok")
+
+
+def build_tiny_i2v(dest: Path) -> None:
+    _build(dest, two_experts=True)
+
+
+def build_tiny_ti2v(dest: Path) -> None:
+    _build(dest, two_experts=False)
+
+
+def prepare(pipe) -> None:
+    """Wan's prompt cleaning calls ``ftfy.fix_text``, and diffusers imports ftfy only when it is
+    installed; without it the prompt is only HTML-unescaped and whitespace-cleaned (what ftfy
+    does to a clean prompt: nothing)."""
+    import importlib
+    import types
+
+    mod = importlib.import_module(type(pipe).__module__)
+    if not hasattr(mod, "ftfy"):
+        mod.ftfy = types.SimpleNamespace(fix_text=lambda text: text)
+
+
+def _two_experts(index) -> bool:
+    """A14B's model index names a ``transformer_2`` (the 5B's is null) and no expand_timesteps."""
+    second = index.get("transformer_2")
+    return bool(second and second[0]) and not index.get("expand_timesteps")
+
+
+_KINDS = {"image-to-video": PipelineKind("WanImageToVideoPipeline")}
+_COMPONENTS = {"transformer": "WanTransformer3DModel", "vae": "AutoencoderKLWan", "text_encoder": "UMT5EncoderModel",
+               "tokenizer": "T5TokenizerFast", "scheduler": "UniPCMultistepScheduler"}
+_TEXT = TextEncoding(encoders=("text_encoder",), outputs="UMT5-XXL last hidden state, trimmed per caption",
+                     pooled=False, max_tokens=512, masked=True)
+_COMMON = dict(
+    modality="video", pipeline="WanImageToVideoPipeline", denoiser="transformer", text=_TEXT,
+    objective=Objective(prediction="flow", timestep_sampling="logit_normal"), lora_targets=LORA_TARGETS,
+    class_names=("WanImageToVideoPipeline",), encode_captions=encode_prompt_captions, to_model_latents=not_trained,
+    predict=not_trained, generation=GenerationArgs(guidance="guidance_scale", cfg=True, negative="given"),
+    tiny_version=TINY_VERSION,
+)
+
+I2V = Family(
+    name="wan22_i2v",
+    title="Wan 2.2 I2V A14B",
+    video=VideoArgs(kinds=_KINDS, default_kind="image-to-video", temporal=4, spatial=8, size_multiple=16,
+                    fps_keyword=None, experts=("transformer", "transformer_2"),
+                    expert_note="transformer: high-noise steps, transformer_2: low-noise steps, split at "
+                                "boundary_ratio of the schedule; guidance_scale_2 for the low-noise expert",
+                    presets=("wan22-i2v-baseline", "wan22-i2v-quality"),
+                    defaults={"frames": 81, "fps": 16, "width": 832, "height": 480}, lora_loader="WanLoraLoaderMixin",
+                    prepare=prepare, index_match=_two_experts),
+    components={**_COMPONENTS, "transformer_2": "WanTransformer3DModel"},
+    latents=LatentFormat(channels=16, downscale=8, patch=2,
+                         normalization="(raw - vae.latents_mean) / vae.latents_std; 4x temporal (4k+1 frames); "
+                                       "the key frame's latents and mask concatenated as channels (36 in)"),
+    hub_patterns=(r"wan-?ai/wan2\.2-i2v", r"wan2\.?2.*i2v.*a14b", r"wan2\.?2-i2v"),
+    sample=SampleDefaults(steps=40, guidance=3.5),
+    size_multiple=16,
+    tiny="tiny-wan22-i2v",
+    build_tiny=build_tiny_i2v,
+    extra_conditioning="the key frame's latents and a frame mask as extra input channels; two experts by noise level",
+    variants={"A14B": "two 14B experts (MoE by timestep), 480p/720p"},
+    **_COMMON,
+)
+
+TI2V = Family(
+    name="wan22_ti2v",
+    title="Wan 2.2 TI2V 5B",
+    video=VideoArgs(kinds=_KINDS, default_kind="image-to-video", temporal=4, spatial=16, size_multiple=32,
+                    fps_keyword=None, presets=("wan22-ti2v-baseline", "wan22-ti2v-quality"),
+                    defaults={"frames": 121, "fps": 24, "width": 1280, "height": 704},
+                    lora_loader="WanLoraLoaderMixin", prepare=prepare, index_match=lambda i: not _two_experts(i)),
+    components=_COMPONENTS,
+    latents=LatentFormat(channels=48, downscale=16, patch=2,
+                         normalization="(raw - vae.latents_mean) / vae.latents_std (z_dim 48, 2x2 pixel patches in "
+                                       "the VAE); 4x temporal (4k+1 frames); the key frame kept clean "
+                                       "(expand_timesteps)"),
+    hub_patterns=(r"wan-?ai/wan2\.2-ti2v", r"wan2\.?2-ti2v", r"ti2v-5b"),
+    sample=SampleDefaults(steps=50, guidance=5.0),
+    size_multiple=32,
+    tiny="tiny-wan22-ti2v",
+    build_tiny=build_tiny_ti2v,
+    extra_conditioning="the key frame's clean latent frame with per-token timesteps (expand_timesteps)",
+    variants={"TI2V-5B": "text and image to video, 720p 24 fps, z_dim 48 VAE"},
+    **_COMMON,
+)
+
+FAMILIES = (I2V, TI2V)
