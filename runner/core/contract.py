@@ -218,6 +218,11 @@ class StageKind:
     # Typical wall time of one remote execution, for `runner plan` cost estimates while the state
     # database has no earlier run of the stage (None: the engine's fallback).
     typical_seconds: float | None = None
+    # The work one execution does, from its node config: (how many, unit), e.g. (12, "clip") or
+    # (1500, "step"); None: not known from the config. Estimates learn seconds per unit from
+    # earlier runs (runner.engine.cost); a stage may report the units it really did with
+    # ``ctx.metric("work_units", n)``. None: estimates go by whole executions.
+    work_units: Callable[[dict[str, Any]], tuple[float, str] | None] | None = None
     # What `runner review` shows of this kind's outputs (None: nothing): "analysis" (records.jsonl
     # in output ``analysis``), "curation" (output ``curated``), "identity" (per-person sets),
     # "evaluation" (evaluation.json), "frames" (storyboard report.json), "clips" (mp4 files).

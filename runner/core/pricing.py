@@ -71,3 +71,27 @@ def remote_gpu(kind: str, requested: str | None, hardware: dict[str, Any] | None
         return None
     hardware = hardware or {}
     return (hardware.get("stage_gpu") or {}).get(kind) or requested or hardware.get("gpu")
+
+
+# --------------------------------------------------------------------------- per unit of work (report)
+
+
+def per_unit(execution: dict[str, Any], targets: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Seconds and cost per unit of work of one recorded execution (a row of
+    ``Workspace.executions``), against ``targets`` (``max_seconds`` / ``max_cost`` per unit, None:
+    no target); None when the row did no counted work or did not succeed."""
+    m = execution.get("metrics") or {}
+    units = m.get("work_units")
+    if execution.get("status") != "succeeded" or not isinstance(units, (int, float)) or units <= 0:
+        return None
+    seconds = float(m.get("remote.billed_s") or execution.get("duration") or 0.0) / units
+    cost = float(execution.get("cost") or 0.0) / units
+    out: dict[str, Any] = {"units": units, "unit": m.get("work_unit") or "unit", "seconds": round(seconds, 3),
+                           "cost": round(cost, 6), "currency": execution.get("currency") or "",
+                           "max_seconds": None, "max_cost": None, "time_pass": None, "cost_pass": None}
+    targets = targets or {}
+    if targets.get("max_seconds") is not None:
+        out.update(max_seconds=float(targets["max_seconds"]), time_pass=seconds <= float(targets["max_seconds"]))
+    if targets.get("max_cost") is not None:
+        out.update(max_cost=float(targets["max_cost"]), cost_pass=cost <= float(targets["max_cost"]))
+    return out

@@ -24,6 +24,10 @@ def stage_gpu(node: contract.PlanNode, hardware: dict[str, Any] | None, backend:
 FALLBACK_DURATION_S = 1800.0
 
 
+#: Latest successful runs per (stage kind, GPU) an estimate learns from.
+HISTORY_RUNS = 10
+
+
 @dataclass
 class Estimate:
     stage_id: str
@@ -34,13 +38,28 @@ class Estimate:
     source: str  # "history" | "default"
     runs: int  # earlier runs the figure comes from (0 for the default)
     note: str
+    units: float | None = None  # the work this execution does (from the node config), e.g. 12
+    unit: str | None = None  # ... in these units: "clip", "step", "image"
+    per_unit_s: float | None = None  # learned seconds per unit (None: learned per execution, or default)
 
     def as_json(self) -> dict[str, Any]:
         return {"gpu": self.gpu, "seconds": round(self.seconds, 1), "cost": self.cost,
-                "currency": self.currency, "source": self.source, "runs": self.runs, "note": self.note}
+                "currency": self.currency, "source": self.source, "runs": self.runs, "note": self.note,
+                "units": self.units, "unit": self.unit,
+                "per_unit_s": None if self.per_unit_s is None else round(self.per_unit_s, 4)}
 
     def short(self) -> str:
         return f"~{self.cost:.2f} {self.currency}"
+
+
+@dataclass(frozen=True)
+class PastRun:
+    """One earlier successful remote execution: its billed seconds and the work it did."""
+
+    stage_id: str
+    seconds: float
+    units: float | None
+    unit: str | None
 
 
 def _median(values: list[float]) -> float:
@@ -49,49 +68,115 @@ def _median(values: list[float]) -> float:
     return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
 
 
+def work_metrics(work: tuple[float, str] | None) -> dict[str, Any]:
+    """The metrics an execution's row keeps of its planned work (a stage's own ``work_units``
+    metric, reported through ctx.metric, takes precedence)."""
+    if not work or not work[0] or work[0] <= 0:
+        return {}
+    return {"work_units": float(work[0]), "work_unit": str(work[1])}
+
+
+def work_of(kind: contract.StageKind | None, node: contract.PlanNode) -> tuple[float, str] | None:
+    """(units, unit) of ``node``'s work by its kind's ``work_units`` trait; None when unknown."""
+    fn = getattr(kind, "work_units", None)
+    if fn is None:
+        return None
+    try:
+        got = fn(node.config)
+    except (KeyError, TypeError, ValueError):
+        return None
+    return (float(got[0]), str(got[1])) if got and got[0] and got[0] > 0 else None
+
+
+def load_history(db: Any, kinds: list[str] | set[str],
+                 limit: int = HISTORY_RUNS) -> dict[tuple[str, str], list[PastRun]]:
+    """The latest ``limit`` successful remote runs per (kind, GPU) of ``kinds``, newest first, in
+    one query (on the index executions_learn)."""
+    kinds = sorted(set(kinds))
+    if db is None or not kinds:
+        return {}
+    marks = ",".join("?" * len(kinds))
+    rows = db.execute(
+        "SELECT kind, gpu, stage_id, duration, metrics FROM ("
+        " SELECT kind, gpu, stage_id, duration, metrics, ROW_NUMBER() OVER"
+        "  (PARTITION BY kind, gpu ORDER BY started DESC) AS n FROM executions"
+        f"  WHERE kind IN ({marks}) AND status='succeeded' AND backend='modal')"
+        " WHERE n <= ? ORDER BY kind, gpu, n", (*kinds, int(limit))).fetchall()
+    out: dict[tuple[str, str], list[PastRun]] = {}
+    for kind, gpu, stage_id, duration, metrics in rows:
+        try:
+            m = json.loads(metrics or "{}")
+        except ValueError:
+            m = {}
+        value = m.get("remote.billed_s") or duration
+        if not value or value <= 0:
+            continue
+        units = m.get("work_units")
+        units = float(units) if isinstance(units, (int, float)) and units > 0 else None
+        out.setdefault((kind, gpu), []).append(PastRun(stage_id, float(value), units,
+                                                       m.get("work_unit") if units else None))
+    return out
+
+
 def earlier_durations(db: Any, node: contract.PlanNode, gpu: str) -> tuple[list[float], str]:
     """Billed seconds of earlier successful remote runs on ``gpu``: of this stage if any, else of
     its kind. Returns (seconds, which)."""
-    if db is None:
-        return [], ""
-    for where, args, which in (
-        ("stage_id=?", (node.id,), "this stage"),
-        ("kind=?", (node.kind,), f"{node.kind} stages"),
-    ):
-        rows = db.execute(
-            f"SELECT duration, metrics FROM executions WHERE {where} AND gpu=? AND backend='modal'"
-            " AND status='succeeded' ORDER BY started DESC LIMIT 20", (*args, gpu)).fetchall()
-        secs = []
-        for duration, metrics in rows:
-            try:
-                billed = json.loads(metrics or "{}").get("remote.billed_s")
-            except ValueError:
-                billed = None
-            value = billed if billed else duration
-            if value and value > 0:
-                secs.append(float(value))
-        if secs:
-            return secs, which
-    return [], ""
+    runs, which = _pick(load_history(db, [node.kind]).get((node.kind, gpu), []), node)
+    return [r.seconds for r in runs], which
+
+
+def _pick(runs: list[PastRun], node: contract.PlanNode) -> tuple[list[PastRun], str]:
+    same = [r for r in runs if r.stage_id == node.id]
+    if same:
+        return same, "this stage"
+    return (runs, f"{node.kind} stages") if runs else ([], "")
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 def estimate_stage(node: contract.PlanNode, hardware: dict[str, Any] | None, backend: str,
-                   db: Any = None, typical_seconds: float | None = None) -> Estimate | None:
-    """Estimated GPU type and cost of running ``node`` remotely (None when it runs locally);
-    ``typical_seconds`` is its kind's declared typical duration, used when no earlier run is known."""
+                   db: Any = None, typical_seconds: float | None = None, *,
+                   history: dict[tuple[str, str], list[PastRun]] | None = None,
+                   work: tuple[float, str] | None = None) -> Estimate | None:
+    """Estimated GPU type, time and cost of running ``node`` remotely (None when it runs locally).
+
+    Learned from the latest successful runs of its kind on the same GPU (``history``, from
+    :func:`load_history`; read from ``db`` when not given), those of this very stage first: where
+    the node's ``work`` (units, unit) is known and earlier runs recorded theirs, the median
+    seconds per unit times this node's units; else the median seconds per execution. With no
+    earlier run, ``typical_seconds`` (its kind's declared typical duration) or the fallback."""
     gpu = stage_gpu(node, hardware, backend)
     if gpu is None:
         return None
-    secs, which = earlier_durations(db, node, gpu)
-    if secs:
-        seconds = _median(secs)
-        source, runs = "history", len(secs)
-        note = f"median of {runs} earlier run{'s' if runs != 1 else ''} of {which} on {gpu} ({seconds / 60:.0f} min)"
+    if history is None:
+        history = load_history(db, [node.kind])
+    runs = history.get((node.kind, gpu), [])
+    per_unit_s = None
+    counted = [r for r in runs if work is not None and r.units and r.unit == work[1]]
+    picked, which = _pick(counted, node)
+    if picked:
+        per_unit_s = _median([r.seconds / r.units for r in picked])
+        seconds = per_unit_s * work[0]
+        n = len(picked)
+        note = (f"~{_minutes(seconds)} (learned from {n} run{'s' if n != 1 else ''} of {which} on {gpu}: "
+                f"{per_unit_s:.3g} s per {work[1]} x {work[0]:g} {work[1]}s)")
     else:
-        seconds = typical_seconds or FALLBACK_DURATION_S
-        source, runs = "default", 0
-        note = f"no earlier runs: price table x default estimate for {node.kind} ({seconds / 60:.0f} min)"
+        picked, which = _pick(runs, node)
+        if picked:
+            seconds = _median([r.seconds for r in picked])
+            n = len(picked)
+            note = (f"~{_minutes(seconds)} (learned from {n} run{'s' if n != 1 else ''} of {which} on {gpu}: "
+                    "median per execution)")
+        else:
+            seconds = typical_seconds or FALLBACK_DURATION_S
+            note = f"no earlier runs: price table x default estimate for {node.kind} ({seconds / 60:.0f} min) (default)"
+    source, runs_n = ("history", len(picked)) if picked else ("default", 0)
     price, currency = stage_cost(seconds, gpu, hardware)
     if gpu not in price_table(hardware):
         note += f"; no price for {gpu!r}: add it to hardware.price_table"
-    return Estimate(node.id, gpu, seconds, round(price, 2), currency, source, runs, note)
+    return Estimate(node.id, gpu, seconds, round(price, 2), currency, source, runs_n, note,
+                    units=None if work is None else work[0], unit=None if work is None else work[1],
+                    per_unit_s=per_unit_s)
+

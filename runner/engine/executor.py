@@ -128,17 +128,19 @@ def _check_backend(options: ApplyOptions, plan: Plan) -> list[str]:
 
 def plan_estimates(plan: Plan, backend: str | None = None, ws: Workspace | None = None) -> dict[str, cost_mod.Estimate]:
     """Estimated GPU and cost of every remote stage of ``plan`` (``runner plan`` shows them):
-    from earlier runs in the state database where there are some, else from the price table and
-    the typical duration its kind declares (each estimate says which)."""
+    learned from the latest earlier runs of its kind on its GPU in the state database (per clip,
+    per step, ... where the kind declares ``work_units``), else from the price table and the
+    typical duration its kind declares (each estimate says which)."""
     out: dict[str, cost_mod.Estimate] = {}
     opts = ApplyOptions(backend=backend)
     db = ws.db if ws is not None and ws.exists() else None
-    for ps in plan.stages:
-        if not is_remote(ps.node, plan.graph, opts):
-            continue
+    remote = [ps for ps in plan.stages if is_remote(ps.node, plan.graph, opts)]
+    history = cost_mod.load_history(db, {ps.node.kind for ps in remote})  # one query for the plan
+    for ps in remote:
         hardware = plan.graph.specs[ps.node.character].data.get("hardware", {})
-        typical = plan.graph.registry.get(ps.node.kind).typical_seconds
-        est = cost_mod.estimate_stage(ps.node, hardware, "modal", db, typical)
+        kind = plan.graph.registry.get(ps.node.kind)
+        est = cost_mod.estimate_stage(ps.node, hardware, "modal", db, kind.typical_seconds, history=history,
+                                      work=cost_mod.work_of(kind, ps.node))
         if est is not None:
             out[ps.id] = est
     return out

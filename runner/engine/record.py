@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from runner.core import contract
 from runner.core.pricing import stage_cost
-from runner.engine.cost import stage_gpu
+from runner.engine.cost import stage_gpu, work_metrics, work_of
 from runner.engine.workspace import ExecutionRecord, Workspace
 from runner.plan.graph import Graph
 from runner.plan.planner import PlannedStage
@@ -67,10 +67,19 @@ class Recorder:
         return ExecutionRecord(
             run_id=self.run_id, stage_id=ps.id, kind=ps.node.kind, character=ps.node.character, key=ps.key,
             action=ps.action, reason="; ".join(ps.reasons), status=e.status, started=e.started,
-            duration=e.duration, metrics=e.metrics, cost=price[0], currency=price[1], gpu=gpu,
+            duration=e.duration, metrics=self._with_work(ps, e), cost=price[0], currency=price[1], gpu=gpu,
             backend=backend, remote_call_id=(e.remote.call_id or None) if e.remote is not None else None,
             error=e.error, log_path=e.log_path,
         )
+
+    def _with_work(self, ps: PlannedStage, e: Ended) -> dict[str, Any]:
+        """The execution's metrics with the work it did (``work_units``, ``work_unit``) for the
+        plan's learned estimates: the stage's own metric, else its kind's planned work."""
+        if e.status != "succeeded" or "work_units" in e.metrics:
+            return e.metrics
+        registry = self.graph.registry
+        kind = registry.get(ps.node.kind) if ps.node.kind in registry else None
+        return {**work_metrics(work_of(kind, ps.node)), **e.metrics}
 
     def insert(self, ps: PlannedStage, e: Ended) -> int:
         """A new row (a stage that starts is recorded as running at once: a process that dies

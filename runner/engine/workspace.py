@@ -44,6 +44,7 @@ CREATE TABLE IF NOT EXISTS executions(
   log_path TEXT, tracking TEXT);
 CREATE INDEX IF NOT EXISTS executions_run ON executions(run_id);
 CREATE INDEX IF NOT EXISTS executions_stage ON executions(stage_id);
+CREATE INDEX IF NOT EXISTS executions_learn ON executions(kind, gpu, status, started);
 CREATE TABLE IF NOT EXISTS stage_current(
   stage_id TEXT PRIMARY KEY, key TEXT, components TEXT, run_id TEXT, finished REAL);
 CREATE TABLE IF NOT EXISTS filesets(digest TEXT PRIMARY KEY, listing TEXT);

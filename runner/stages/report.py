@@ -14,6 +14,7 @@ from typing import Any
 
 from runner.paths import list_files
 from runner.core import contract
+from runner.core.pricing import per_unit
 from runner.spec.config import view_of
 from runner.spec.sections import ReportConfig
 from runner.stages import registry as stage_registry
@@ -58,6 +59,14 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
             unkeyed=("report", "character", "spec", "stages"),
         )
     ]
+
+
+def unit_targets(spec: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    """The spec's time and cost targets per unit of a stage kind's work (per clip:
+    generate.video.targets); None where the spec sets none."""
+    if kind == "video":
+        return ((spec.get("generate") or {}).get("video") or {}).get("targets")
+    return None
 
 
 def _review_decisions(graph: contract.GraphView) -> dict[str, Any]:
@@ -178,6 +187,7 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
         t["currency"] = e["currency"] if e else ""
         t["gpu"] = e["gpu"] if e else None
         t["backend"] = e["backend"] if e else ""
+        t["per_unit"] = per_unit(e, unit_targets(config.get("spec", {}), t["kind"])) if e else None
     tracked = _tracked_runs(ws, ctx.run_id, ctx.character) if ws is not None else []
     if tracked:  # the experiment-tracker runs of this report's stages (runner.tracking)
         sections.append({"title": "Experiment tracking", "anchor": "tracking", "stage": "tracking",

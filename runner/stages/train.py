@@ -285,8 +285,17 @@ def track(config: dict[str, Any], outputs: dict[str, contract.Artifact], env: di
     return send(config, log, env)
 
 
+def work_units(config: dict[str, Any]) -> tuple[float, str] | None:
+    """Optimizer steps of one execution (the plan's estimates learn seconds per step); None when a
+    phase is given in epochs (its steps are known once the dataset is)."""
+    from runner.diffusion.trainer import phases_of
+
+    end = phases_of(config, None)[-1].end
+    return (float(end), "step") if end else None
+
+
 @contract.register(KIND, version=VERSION, order=50, expand=expand, resume_info=resume_info, report=report_sections,
-               plan_notes=plan_notes, track=track, typical_seconds=5400.0,
+               plan_notes=plan_notes, track=track, typical_seconds=5400.0, work_units=work_units,
                description="Train a LoRA (diffusers + peft) with cached latents, phases, checkpoints and samples.")
 def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
         ctx: contract.StageContext) -> dict[str, contract.Artifact]:
