@@ -306,8 +306,15 @@ class Pricing:
     currency: str
 
 
+def work_units(config: dict[str, Any]) -> tuple[float, str]:
+    """Clips one execution makes: a clip per source (each key frame, or the source image), and
+    one per suite case and source (the plan's estimates learn seconds per clip)."""
+    sources = len(config.get("key_frames") or []) if config.get("source") == "storyboard" else 1
+    return float(sources * (1 + len((config.get("suite") or {}).get("cases", [])))), "clip"
+
+
 @contract.register("video", version=VERSION,
-                   review_view="clips", order=80, expand=expand, typical_seconds=900.0,
+                   review_view="clips", order=80, expand=expand, typical_seconds=900.0, work_units=work_units,
                    description="Image-to-video clips (LTX-Video) with fidelity, expression dynamics, motion, time "
                                "and cost.",
                    resume_info=lambda scratch: _resume_info(scratch),
