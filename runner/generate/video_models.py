@@ -37,6 +37,7 @@ class VideoPipeline:
     spatial_ratio: int
     temporal_ratio: int
     family: Any = None  # the registry Family (modality "video")
+    last_audio: Any = None  # (audio (channels, samples), sample rate) of the latest clip, when the family makes audio
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,11 @@ def load_video_model(model: str, *, family: str = "auto", pipeline: str = "auto"
     if declared and declared not in fam.class_names:
         raise VideoModelError(f"generate.video.model: {model!r} is a {declared}, not a {fam.title} model",
                               hint=f"Set {FAMILY_KEY} to auto, or point generate.video.model at a {fam.title} model.")
+    if float(image_conditioning) < 1.0 and not any(pk.partial_strength for pk in fam.video.kinds.values()):
+        raise UserError(f"generate.video.image_conditioning: {fam.title}'s pipeline always conditions fully on the "
+                        f"key frame (got {image_conditioning:g})",
+                        hint="Set generate.video.image_conditioning to 1.0 (or null for the preset's), or use a "
+                             "family with a condition pipeline (ltx_video, ltx2).")
     kind = fam.video.kind_for(pipeline, declared, image_conditioning)
     cls = getattr(diffusers, fam.video.kinds[kind].pipeline)
     if dtype is None:
@@ -300,6 +306,7 @@ def generate(vp: VideoPipeline, image, s: ClipSettings, *, output_latents: bool 
         audio = out.audio[0].float().cpu()
         comp, _, key = vp.family.video.audio_rate_attr.partition(".")
         rate = int(getattr(getattr(vp.pipe, comp).config, key))
+    vp.last_audio = (audio, rate) if audio is not None else None
     return Clip(frames=list(out.frames[0]), audio=audio, sample_rate=rate)
 
 
