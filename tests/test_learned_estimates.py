@@ -180,3 +180,17 @@ def test_the_estimates_stay_fast_on_a_long_history(project: Path) -> None:
         assert took < 0.25, took  # ~5 ms here; the old per-stage scans had no index on kind
     finally:
         ws.close()
+
+
+def test_the_report_timeline_shows_the_per_clip_figures_against_the_targets() -> None:
+    from runner.stages.report import _jinja_env
+
+    row = {"status": "succeeded", "duration": 130.0, "cost": 0.6, "currency": "USD",
+           "metrics": {"work_units": 4.0, "work_unit": "clip"}}
+    entry = {"stage_id": "hero:video", "kind": "video", "character": "hero", "action": "run", "status": "succeeded",
+             "duration": 130.0, "started": 0.0, "reason": "new stage", "note": "", "cost": 0.6, "currency": "USD",
+             "gpu": "L4", "backend": "modal", "per_unit": per_unit(row, {"max_seconds": 60, "max_cost": 0.1})}
+    html = _jinja_env().get_template("report.html.j2").render(
+        title="t", character={}, spec_file="", spec_yaml="", references=[], sections=[], timeline=[entry],
+        killed_runs=[], total_time=130.0, total_cost=0.6, currency="USD", run_id="r", generated="now", version="0")
+    assert "32.5 s / 60.0 s pass · 0.1500 USD / 0.1 fail per clip (4 clips)" in html
