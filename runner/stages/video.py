@@ -733,11 +733,13 @@ def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact
 
 
 def _dynamics_chart(series: dict[str, list[float]]):
-    """Mouth openness and eye aspect ratio over the analysed frames (None under two frames)."""
+    """Mouth opening (what "frozen" reads: gap over eye distance; mouth openness, over its width, in
+    reports made before it) and eye aspect ratio over the analysed frames (None under two frames)."""
     from runner.report import charts
 
-    if len(series.get("mouth_open", [])) < 2:
+    key, label = ("mouth_gap", "mouth opening") if "mouth_gap" in series else ("mouth_open", "mouth openness")
+    if len(series.get(key, [])) < 2:
         return None
-    return charts.line_chart({"mouth openness": list(enumerate(series["mouth_open"])),
+    return charts.line_chart({label: list(enumerate(series[key])),
                               "eye aspect ratio": list(enumerate(series.get("eye_ratio", [])))},
                              width=320, height=140, xlabel="analysed frame")
