@@ -56,7 +56,7 @@ from runner.stages.common import (
     tiny_note,
 )
 
-VERSION = 1
+VERSION = 2  # 2: dynamics read mouth opening over eye distance and blinks on every frame (issue 16)
 # Steps whose wall time counts against targets.max_seconds (analysis is the runner's own check).
 COUNTED_STEPS = ("generation", "upscale", "first_frame", "export")
 # The settings report.json repeats.
