@@ -34,6 +34,16 @@ def photo(shared_data: Path) -> Image.Image:
     return Image.open(shared_data / "faces" / "obama" / "obama_01.jpg").convert("RGB")
 
 
+@pytest.fixture(scope="session")
+def base_clips(video_cache: Path, photo: Image.Image) -> dict:
+    """Each new tiny family loaded once and its clip without a LoRA (shared by the clip and LoRA tests)."""
+    out = {}
+    for ref in NEW:
+        vp = VM.load_video_model(ref, cache_dir=video_cache)
+        out[ref] = (vp, VM.generate(vp, photo, _settings()))
+    return out
+
+
 def _settings(**kw) -> VM.ClipSettings:
     base = dict(prompt="a man smiles slowly", width=32, height=32, frames=9, fps=24, steps=2, guidance=1.0, seed=5)
     return VM.ClipSettings(**{**base, **kw})
@@ -83,15 +93,14 @@ def test_detection_of_each_tiny_folder(video_cache: Path) -> None:
         VM.choose_family("flux1", "builtin:tiny-ltx", None)
 
 
-@pytest.mark.slow  # ~8 s on 2 cores: a 9-frame 32 px 2-step clip on each new tiny family (LTX-2's 1024 tokens)
-def test_clip_on_each_family(video_cache: Path, photo: Image.Image, tmp_path: Path) -> None:
+@pytest.mark.slow  # ~10 s on 2 cores: a 9-frame 32 px 2-step clip per new tiny family (base_clips; LTX-2: 1024 tokens)
+def test_clip_on_each_family(video_cache: Path, photo: Image.Image, base_clips: dict, tmp_path: Path) -> None:
     for ref in NEW:
-        vp = VM.load_video_model(ref, cache_dir=video_cache)
+        vp, clip = base_clips[ref]
         assert vp.family.name == FAMILY_OF[ref] and vp.tiny_random and vp.kind == "image-to-video"
         VM.check_shape(vp, 32, 32, 9)
         with pytest.raises(StageError, match=rf"k\*{vp.temporal_ratio}\+1"):
             VM.check_shape(vp, 32, 32, 10)
-        clip = VM.generate(vp, photo, _settings())
         assert len(clip.frames) == 9 and clip.frames[0].size == (32, 32)
         assert np.asarray(clip.frames[4]).std() > 0
         if vp.family.video.audio:  # LTX-2: the audio, muxed into the mp4
@@ -115,16 +124,16 @@ def test_clip_on_each_family(video_cache: Path, photo: Image.Image, tmp_path: Pa
         VM.load_video_model("builtin:tiny-wan22-ti2v", cache_dir=video_cache, image_conditioning=0.8)
 
 
-@pytest.mark.slow  # ~10 s on 2 cores: base and LoRA clips on the three new tiny families
+@pytest.mark.slow  # ~10 s on 2 cores: a LoRA clip on each of the three new tiny families
 def test_lora_loads_through_the_pipeline_api_and_changes_the_clip(video_cache: Path, photo: Image.Image,
-                                                                  tmp_path: Path) -> None:
+                                                                  base_clips: dict, tmp_path: Path) -> None:
     import torch
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     for ref in NEW:
-        vp = VM.load_video_model(ref, cache_dir=video_cache)
-        base = VM.generate(vp, photo, _settings()).frames
+        vp = VM.load_video_model(ref, cache_dir=video_cache)  # a copy to train on (base_clips' stays clean)
+        base = base_clips[ref][1].frames
         c = families.components_of(vp.pipe, vp.family)
         families.add_lora(c, rank=4, seed=0)  # the family's default targets must exist on its transformer
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
@@ -142,3 +151,29 @@ def test_lora_loads_through_the_pipeline_api_and_changes_the_clip(video_cache: P
         assert diff > 0.5, (ref, diff)
     with pytest.raises(StageError, match="generate.video.lora"):
         VM.load_lora(fresh, tmp_path / "missing.safetensors", 1.0)
+
+
+@pytest.mark.slow  # ~8 s on 2 cores: the video stage on builtin:tiny-ltx2 (face checks included), 9 frames 32 px
+def test_video_stage_on_ltx2_saves_the_audio_when_on(shared_data: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import av
+
+    from runner.stages import video as V
+    from test_i2v import run, spec
+    from test_storyboard import Graph
+
+    root = tmp_path / "proj"
+    (root / "refs").mkdir(parents=True)
+    for n in ("obama_01.jpg", "obama_02.jpg"):
+        shutil.copy(shared_data / "faces" / "obama" / n, root / "refs" / n)
+    shutil.copy(shared_data / "faces" / "obama" / "obama_03.jpg", root / "still.jpg")
+    node, _, out, rep = run(root, tmp_path / "run", spec(model="builtin:tiny-ltx2", width=32, height=32))
+    assert node.config["family"] == "auto" and node.config["audio"] is True
+    assert rep["family"] == "ltx2" and rep["tiny_random"]["video_model"]
+    assert rep["clips"][0]["video"]["sample_rate"] == 16000  # the clip record has the muxed audio's figures
+    with av.open(str(out["video"].path / rep["clips"][0]["file"])) as c:
+        assert len(c.streams.audio) == 1 and len(c.streams.video) == 1
+    assert V.expand(spec(model="builtin:tiny-ltx2", audio=False), Graph(root))[0].config["audio"] is False
+    with pytest.raises(StageError, match="is a LTX2ImageToVideoPipeline, not a"):
+        run(root, tmp_path / "wrong", spec(model="builtin:tiny-ltx2", family="wan22_ti2v", width=32, height=32))

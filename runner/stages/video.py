@@ -1,4 +1,5 @@
-"""`video`: image-to-video clips (LTX-Video) with fidelity, expression dynamics, motion, time and cost.
+"""`video`: image-to-video clips (a video family: LTX-Video 0.9, LTX-2, Wan 2.2) with fidelity, expression
+dynamics, motion, time and cost.
 
 Node ``<char>:video`` when the spec has ``generate.video``. Its sources:
 
@@ -11,7 +12,9 @@ guidance, image conditioning and the prompt prefix/suffix; every value can be se
 With ``suite: builtin`` (runner/presets/video_suite/builtin.yaml) or a suite file, the suite's
 cases also run on every source.
 
-Per clip (run): 1. generate with LTX (:mod:`runner.generate.ltx`); 2. optional 2x upscale (latent
+The model is one of the registry's video families (``generate.video.family``, auto-detected from
+``generate.video.model``; :mod:`runner.generate.video_models`); LTX-2's audio goes into the mp4
+when ``generate.video.audio`` is on. Per clip (run): 1. generate; 2. optional 2x upscale (latent
 upsampler when ``upsampler`` is set, else a Lanczos resize, and the report says which);
 3. optional first-frame replacement by the source image; 4. measure fidelity at ``fidelity.frames``
 evenly spaced frames, expression dynamics and motion (:mod:`runner.generate.measures`); a clip
@@ -127,7 +130,8 @@ def _preset_fill(video: dict[str, Any], project_root: Path) -> dict[str, Any]:
     path = list_presets("video").get(name) or (project_root / name)
     if not Path(path).is_file():
         raise contract.StageError(f"generate.video.preset: unknown preset {name!r}",
-                              hint="Use baseline or aggressive-quality (runner presets), or a path to a preset .yaml.")
+                              hint="Use a shipped preset (runner/presets/video: baseline, aggressive-quality for "
+                                   "LTX-Video 0.9; ltx2-*, wan22-i2v-*, wan22-ti2v-*), or a path to a preset .yaml.")
     values = (load_yaml_file(Path(path)).data or {}).get("values") or {}
     return {k: values[k] for k in missing if values.get(k) is not None}
 
@@ -141,8 +145,8 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
     inputs = _source_input(source, key_frames, graph)
     width, height = int(v.width), int(v.height)
     if width % 32 or height % 32:
-        raise contract.StageError(f"generate.video: width and height must be multiples of 32 for LTX-Video "
-                                  f"(got {width}x{height})",
+        raise contract.StageError(f"generate.video: width and height must be multiples of 32 for the video "
+                                  f"families (got {width}x{height})",
                                   hint=f"e.g. width: {width // 32 * 32}, height: {height // 32 * 32}")
     inputs.update(reference_inputs(spec, graph))
     for key in ("model", "lora", "upsampler"):
@@ -192,6 +196,8 @@ def _node_config(spec: dict[str, Any], video: dict[str, Any], source: str, key_f
     return {
         "model": v.model,
         "pipeline": v.pipeline,
+        "family": v.family,
+        "audio": bool(v.audio),
         "preset": v.preset,
         "source": source,
         "key_frames": key_frames if source == "storyboard" else [],
@@ -351,19 +357,23 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
 
 def _video_pipeline(config: dict[str, Any], inputs: dict[str, contract.Artifact], device: str,
                     ctx: contract.StageContext):
-    """The LTX pipeline (its shape checked) with the video LoRA when one is set."""
-    from runner.generate import ltx
+    """The video family's pipeline (its shape checked) with the video LoRA when one is set."""
+    from runner.generate import ltx, video_models
 
     try:
         vp = ltx.load_video_pipeline(config["model"], pipeline=config["pipeline"],
                                      image_conditioning=config["image_conditioning"], device=device,
-                                     cache_dir=ctx.cache_dir, project_root=ctx.project_root)
-    except ltx.VideoModelError as exc:
+                                     cache_dir=ctx.cache_dir, project_root=ctx.project_root,
+                                     family=config.get("family", "auto"))
+    except video_models.VideoModelError as exc:
         raise contract.StageError(f"generate.video.model: {exc}", hint=exc.hint) from None
-    ltx.check_shape(vp, config["width"], config["height"], config["frames"])
+    video_models.check_shape(vp, config["width"], config["height"], config["frames"])
+    if config["upscale"] and config.get("upsampler") and not vp.family.video.latent_upsampler:
+        raise contract.StageError(f"generate.video.upsampler: {vp.family.title} has no latent upsampler here",
+                                  hint="Unset generate.video.upsampler (upscale: true then resizes 2x).")
     if config.get("lora"):
         lora_path = input_file(inputs.get("lora_files"), ctx.project_root / config["lora"])
-        ltx.load_video_lora(vp, lora_path, config["lora_scale"])
+        video_models.load_lora(vp, lora_path, config["lora_scale"])
     return vp
 
 
@@ -420,6 +430,7 @@ def _report_head(config: dict[str, Any], ctx: contract.StageContext, vp: Any, fi
     return {
         **run_header(ctx),
         "model": config["model"],
+        "family": vp.family.name,
         "pipeline": vp.kind,
         "preset": config["preset"],
         "settings": {k: config[k] for k in SETTINGS},
@@ -553,6 +564,7 @@ class Attempt:
     fidelity: dict[str, Any]
     dynamics: dict[str, Any]
     motion: Any
+    audio: Any = None  # (samples (channels, n), sample rate) when the family generates audio
 
 
 @dataclass
@@ -595,6 +607,10 @@ class ClipMaker:
         checks = self._checks(job, best)
         with timer.step("export"):
             meta = ltx.export_mp4(best.frames, folder / f"{job.name}.mp4", self.config["fps"])
+            if best.audio is not None and self.config.get("audio", True):  # LTX-2: its audio into the mp4
+                from runner.generate.video_models import add_audio
+
+                meta.update(add_audio(folder / f"{job.name}.mp4", *best.audio))
             best.frames[0].convert("RGB").save(folder / f"{job.name}.jpg", quality=88)
         p = self.pricing
         bud = budget(timer.seconds, p.per_hour, p.currency, p.gpu, self.config["targets"], COUNTED_STEPS)
@@ -618,7 +634,8 @@ class ClipMaker:
             seed = config["seed"] + j_index + (attempt + rejected * (retries + 1)) * 1000
             frames = render_clip(self.vp, job, config, seed, timer, self.ctx)
             with timer.step("analysis"):
-                got = Attempt(frames, seed, attempt, *self._measure(frames, compare))
+                got = Attempt(frames, seed, attempt, *self._measure(frames, compare),
+                              audio=getattr(self.vp, "last_audio", None))
             attempts.append({"attempt": attempt, "seed": seed, "distance": got.fidelity["distance"],
                              "grade": got.fidelity["grade"]})
             if best is None or got.fidelity["distance"] < best.fidelity["distance"]:
