@@ -145,7 +145,7 @@ class ImageEngine:
 
                 v = self.target.video or {}
                 self._video = load_video_pipeline(
-                    v.get("model", "Lightricks/LTX-Video"), device=self.device,
+                    v.get("model", "Lightricks/LTX-Video"), device=self.device, family=v.get("family") or "auto",
                     project_root=Path(self.target.project_root) if self.target.project_root else None)
             return self._video
 
