@@ -175,5 +175,12 @@ def test_video_stage_on_ltx2_saves_the_audio_when_on(shared_data: Path, tmp_path
     with av.open(str(out["video"].path / rep["clips"][0]["file"])) as c:
         assert len(c.streams.audio) == 1 and len(c.streams.video) == 1
     assert V.expand(spec(model="builtin:tiny-ltx2", audio=False), Graph(root))[0].config["audio"] is False
-    with pytest.raises(StageError, match="is a LTX2ImageToVideoPipeline, not a"):
-        run(root, tmp_path / "wrong", spec(model="builtin:tiny-ltx2", family="wan22_ti2v", width=32, height=32))
+    assert node.label.endswith(" on LTX-2")
+    with pytest.raises(StageError, match="'wan22_ti2v', but generate.video.model 'builtin:tiny-ltx2' is a LTX-2"):
+        V.expand(spec(model="builtin:tiny-ltx2", family="wan22_ti2v"), Graph(root))  # at plan time
+    folder = VM.tiny_video_path("builtin:tiny-ltx2", root / "cache")
+    with pytest.raises(StageError, match="is a LTX2ImageToVideoPipeline, not a"):  # and when loading
+        VM.load_video_model(str(folder), family="wan22_ti2v")
+    assert VM.family_of_ref("someone/Wan2.2-TI2V-5B-finetune").name == "wan22_ti2v"
+    assert VM.family_of_ref("someone/ltx-2-finetune", "wan22_ti2v").name == "wan22_ti2v"  # a pattern is a guess
+    assert VM.family_of_ref("someone/my-video-model") is None

@@ -112,6 +112,37 @@ def choose_family(requested: str, model: str, location: str | None = None):
                     hint=f"Set {FAMILY_KEY} to one of: {', '.join(family_names())}.")
 
 
+def family_of_ref(model: str, family: str = "auto", project_root: Path | None = None):
+    """The video family a model reference names, read cheaply at plan time (no weights, no build,
+    no network): the named family, a builtin's, a local folder's model index, a hub id's
+    pattern; None when only loading would tell. A named family that the model is not: UserError."""
+    from runner.diffusion import families
+
+    ref = str(model)
+    folder = Path(ref).expanduser()
+    if not folder.is_absolute() and project_root is not None:
+        folder = Path(project_root) / folder
+    seen = None
+    if ref.startswith("builtin:"):
+        seen = families.by_tiny_name(ref)
+        seen = seen if seen is not None and seen.modality == "video" else None
+    elif (folder / "model_index.json").is_file():
+        try:
+            seen = families.detect_folder(folder, modality="video")
+        except UserError:
+            seen = None
+    elif not folder.exists():
+        seen = families.detect_hub_id(ref, modality="video")
+    if family and family != "auto":
+        named = choose_family(family, ref)
+        certain = ref.startswith("builtin:") or folder.exists()  # a hub id's pattern is only a guess
+        if seen is not None and seen is not named and certain:
+            raise UserError(f"{FAMILY_KEY}: {family!r}, but generate.video.model {ref!r} is a {seen.title} model "
+                            f"({seen.name})", hint=f"Set {FAMILY_KEY} to auto or {seen.name}.")
+        return named
+    return seen
+
+
 def detect_folder(folder: Path | str):
     """The video family of a diffusers folder (model_index.json's class)."""
     from runner.diffusion import families

@@ -163,9 +163,23 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
     if review:
         config["review"] = review
     # Prices and time/cost targets only grade the clips (re-graded at report time): not keyed.
+    label = _label(config, key_frames)
+    fam = _family_of(config, graph.project_root)  # cheap: a builtin's, a folder's, a hub id's pattern
+    label += f" on {fam.title}" if fam is not None else ""
     return [contract.PlanNode(id=contract.node_id(graph.character, "video"), kind="video", character=graph.character,
                               config=config, inputs=inputs, outputs=("video",), gpu=stage_gpu(spec, "video"),
-                              label=_label(config, key_frames), unkeyed=("price", "targets"))]
+                              label=label, unkeyed=("price", "targets"))]
+
+
+def _family_of(config: dict[str, Any], project_root: Path):
+    """The video family the spec names or its model is (None when only loading tells)."""
+    from runner.core.errors import UserError
+    from runner.generate.video_models import family_of_ref
+
+    try:
+        return family_of_ref(config["model"], config.get("family", "auto"), project_root)
+    except UserError as exc:
+        raise contract.StageError(str(exc), hint=exc.hint) from None
 
 
 def _source_input(source: str, key_frames: list[int], graph: contract.GraphView) -> dict[str, contract.InputRef]:
