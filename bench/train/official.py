@@ -132,6 +132,10 @@ PEERS: dict[str, Peer] = {
                          *(f"single_transformer_blocks.{i}.attn.to_out" for i in range(24))),
                         extra=("--text_encoder_out_layers", "9", "18", "27")),
     "qwen_image": Peer("train_dreambooth_lora_qwen_image.py", _ATTN),
+    # With one instance prompt and --train_batch_size > 1 this script doubles its list of prompt
+    # embeddings at every step (`prompt_embeds = [pe for pe in prompt_embeds for _ in range(n)]`
+    # reassigns the list it reads): steps slow from step ~20 and the process passed 22 GiB RSS
+    # by step 30 (killed). Run it with --batch-size 1.
     "z_image": Peer("train_dreambooth_lora_z_image.py", _ATTN),
 }
 
@@ -189,6 +193,28 @@ def _cpu_of(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+MAX_RSS_GIB = 8.0  # a child over this is killed (the machine is shared; see z_image above)
+
+
+def _rss_gib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2 ** 20
+    except OSError:
+        pass
+    return 0.0
+
+
+def _watch(proc: subprocess.Popen, res: RunResult) -> None:
+    while proc.returncode is None:
+        if _rss_gib(proc.pid) > MAX_RSS_GIB:
+            res.error = f"killed by the driver: RSS over {MAX_RSS_GIB:g} GiB"
+            proc.kill()
+            return
+        time.sleep(0.5)
+
+
 def measure(cmd: list[str], *, env: dict[str, str], log: Path, total: int, res: RunResult) -> RunResult:
     """Run ``cmd``; fill wall / CPU / peak RSS / step timestamps into ``res``."""
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -215,6 +241,7 @@ def measure(cmd: list[str], *, env: dict[str, str], log: Path, total: int, res: 
 
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
+        threading.Thread(target=_watch, args=(proc, res), daemon=True).start()
         _, status, ru = os.wait4(proc.pid, 0)
         res.wall_s = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -228,7 +255,7 @@ def measure(cmd: list[str], *, env: dict[str, str], log: Path, total: int, res: 
     if res.rc != 0:
         tail = log.read_bytes()[-4000:].decode("utf-8", "replace")
         lines = [ln for ln in re.split(r"[\r\n]", tail) if ln.strip()]
-        res.error = " | ".join(lines[-3:])[-600:]
+        res.error = (res.error + " " + " | ".join(lines[-3:])[-600:]).strip()
     return res
 
 
@@ -541,7 +568,8 @@ def main() -> None:
     ap.add_argument("--examples", default=os.environ.get(
         "DIFFUSERS_EXAMPLES", "/work/peers/diffusers-examples/examples/dreambooth"))
     ap.add_argument("--runner-src", default=str(REPO),
-                    help="the runner source tree the runner and bare children import (default: this checkout)")
+                    help="the runner source tree the runner and bare children import (default: this checkout; "
+                         "a `git archive <commit>` snapshot keeps a shared, changing work tree out of the runs)")
     ap.add_argument("--out", default=str(WORK / "results.json"))
     args = ap.parse_args()
     if args.child:
@@ -569,7 +597,7 @@ def main() -> None:
                       f"wall={r.wall_s:.1f}s cpu={r.cpu_s:.1f}s rss={r.peak_rss_mib:.0f}MiB "
                       f"first={r.first_step_s} {r.error}", flush=True)
     git = subprocess.run(["git", "-C", args.runner_src, "describe", "--always", "--dirty"], capture_output=True,
-                         text=True).stdout.strip()
+                         text=True).stdout.strip() or args.runner_src  # a snapshot: git archive <commit>
     meta = {"label": "tiny random models (builtin:tiny-<family>) on a shared 2-core CPU",
             "runner_tree": git, "peer_commit": _peer_commit(args.examples), "threads": args.threads,
             "steps": args.steps, "resolution": args.resolution, "batch_size": args.batch_size, "rank": args.rank,
