@@ -51,10 +51,15 @@ only adds a launcher process around the same script) and ``--mixed_precision no`
 defaults otherwise (``--report_to tensorboard``, no validation prompt, no latent or text cache
 unless a script does it by default).
 
-    .venv/bin/python bench/train/official.py [--families sd15,sdxl] [--runs 3] [--steps 60]
-        [--resolution 64] [--batch-size 2] [--rank 4] [--threads 1]
+    .venv/bin/python bench/train/official.py [--families sd15,sdxl,flux1,flux2,flux2_klein,qwen_image]
+        [--runs 3] [--steps 60] [--resolution 64] [--batch-size 2] [--rank 4] [--threads 1]
+        [--sides official,runner,runner-peer,bare-main,bare-peer,base-main,base-peer]
+        [--runner-src <a git-archive snapshot of the runner>]
         [--peer-python /work/peers/venv/bin/python]
         [--examples /work/peers/diffusers-examples/examples/dreambooth]
+    # z_image at --batch-size 1 (its script's prompt list doubles per step at batch > 1, see PEERS)
+
+The figures of the last run and what each script needed are in bench/README.md, train (c).
 
 Writes ``bench/_work/official/results.json`` and prints a Markdown table.
 """
