@@ -119,26 +119,13 @@ def family_of_ref(model: str, family: str = "auto", project_root: Path | None = 
     from runner.diffusion import families
 
     ref = str(model)
-    folder = Path(ref).expanduser()
-    if not folder.is_absolute() and project_root is not None:
-        folder = Path(project_root) / folder
-    seen = None
-    if ref.startswith("builtin:"):
-        seen = families.by_tiny_name(ref)
-        seen = seen if seen is not None and seen.modality == "video" else None
-    elif (folder / "model_index.json").is_file():
-        try:
-            seen = families.detect_folder(folder, modality="video")
-        except UserError:
-            seen = None
-    elif not folder.exists():
-        seen = families.detect_hub_id(ref, modality="video")
+    seen = families.family_of_ref(ref, project_root=project_root, modality="video")
     if family and family != "auto":
         named = choose_family(family, ref)
-        certain = ref.startswith("builtin:") or folder.exists()  # a hub id's pattern is only a guess
-        if seen is not None and seen is not named and certain:
-            raise UserError(f"{FAMILY_KEY}: {family!r}, but generate.video.model {ref!r} is a {seen.title} model "
-                            f"({seen.name})", hint=f"Set {FAMILY_KEY} to auto or {seen.name}.")
+        sure = families.family_of_ref(ref, project_root=project_root, modality="video", guess=False)
+        if sure is not None and sure is not named:  # a hub id's pattern is only a guess: not refused
+            raise UserError(f"{FAMILY_KEY}: {family!r}, but generate.video.model {ref!r} is a {sure.title} model "
+                            f"({sure.name})", hint=f"Set {FAMILY_KEY} to auto or {sure.name}.")
         return named
     return seen
 

@@ -176,22 +176,27 @@ def detect_hub_id(ref: str, modality: str | None = "image") -> Family | None:
     return None
 
 
-def family_of_ref(ref: str, *, project_root: Path | str | None = None, guess: bool = True) -> Family | None:
-    """The family a model reference names, read cheaply (no weights, no build, no network): a
-    builtin model's, a local folder's model index, and (``guess``) a hub id's well-known
-    pattern; None when only loading would tell (single files, other hub ids)."""
+def family_of_ref(ref: str, *, project_root: Path | str | None = None, guess: bool = True,
+                  modality: str | None = "image") -> Family | None:
+    """The family of ``modality`` (None: any) a model reference names, read cheaply (no
+    weights, no build, no network): a builtin model's, a local folder's model index, and
+    (``guess``) a hub id's well-known pattern; None when only loading would tell (single files,
+    other hub ids)."""
     ref = str(ref)
     if ref.startswith("builtin:"):
-        return by_tiny_name(ref)
+        fam = by_tiny_name(ref)
+        return fam if fam is not None and modality in (None, fam.modality) else None
     folder = Path(ref).expanduser()
     if not folder.is_absolute() and project_root is not None:
         folder = Path(project_root) / folder
     if (folder / "model_index.json").is_file():
         try:
-            return detect_folder(folder)
+            return detect_folder(folder, modality=modality)
         except UserError:
             return None
-    return detect_hub_id(ref) if guess else None
+    if folder.exists():  # a local path, not a hub id: its name is no evidence
+        return None
+    return detect_hub_id(ref, modality=modality) if guess else None
 
 
 def refuse_video(base_model: str, family: str = "auto", *, key: str = "train.base_model",
