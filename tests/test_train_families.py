@@ -125,3 +125,15 @@ def test_a_guidance_far_from_a_distilled_familys_is_a_plan_warning():
     assert "set it near 3.5" in flux.guidance_note(7.0, "evaluate.guidance")
     assert flux.guidance_note(3.5, "evaluate.guidance") is None and flux.guidance_note(4.5, "x") is None
     assert sdxl.guidance_note(7.0, "evaluate.guidance") is None  # classifier-free: no judgement
+
+
+@pytest.mark.parametrize("model, says", [("builtin:tiny-nope", "is unknown"),
+                                         ("builtin:tiny-ltx", "is LTX-Video 0.9, a video model")])
+def test_a_builtin_that_is_no_image_model_fails_the_plan(model: str, says: str):
+    from runner.core import contract
+    from runner.diffusion.trainer import TrainerConfig
+    from runner.stages import train as T
+
+    node = TrainerConfig.from_dict({**_config(families.get("flux1")), "base_model": model, "model_family": "auto"})
+    with pytest.raises(contract.StageError, match=f"train.base_model {model} {says}"):
+        T._family_of(node)

@@ -177,6 +177,12 @@ def _family_of(node: Any):
     from runner.diffusion import families
 
     named = node.model_family
+    if node.base_model.startswith("builtin:"):
+        any_kind = families.by_tiny_name(node.base_model)
+        if any_kind is None or any_kind.modality != "image":
+            known = ", ".join(f"builtin:{f.tiny}" for f in families.all_families())
+            what = "unknown" if any_kind is None else f"{any_kind.title}, a video model, not an image model"
+            raise contract.StageError(f"train.base_model {node.base_model} is {what}", hint=f"Use one of {known}.")
     seen = families.family_of_ref(node.base_model)
     sure = families.family_of_ref(node.base_model, guess=False)  # not a hub id's name
     if sure is not None and named not in ("auto", sure.name):
