@@ -447,25 +447,38 @@ def iter_schema_fields(schema: dict[str, Any], doc_uri: str, path: tuple = ()) -
         yield field_path, sub
 
 
-def walk_fields(schema: dict[str, Any], doc_uri: str, path: tuple = ()) -> Iterator[tuple[tuple, dict, str]]:
+def walk_fields(schema: dict[str, Any], doc_uri: str, path: tuple = (),
+                affects: Any = None) -> Iterator[tuple[tuple, dict, str]]:
     """(key path, property schema, URI of the document it lives in) for every property in the
-    tree; lists add "[]" to the path and named entries (additionalProperties) "<name>"."""
+    tree; lists add "[]" to the path and named entries (additionalProperties) "<name>".
+
+    A property that reuses another section's definition (``$ref``) with an ``x-affects`` of its
+    own next to it (train_video's lora, phases, memory: train's keys, train_video's stage)
+    declares that effect for itself and every key below it."""
     schema, doc_uri = _walk_ref(schema, doc_uri)
     for key, sub in schema.get("properties", {}).items():
         sub_r, sub_uri = _walk_ref(sub, doc_uri)
-        yield path + (key,), sub_r, sub_uri
-        yield from walk_fields(sub_r, sub_uri, path + (key,))
+        here = sub.get("x-affects") if isinstance(sub, dict) and "$ref" in sub and "x-affects" in sub else affects
+        yield path + (key,), _with_affects(sub_r, here), sub_uri
+        yield from walk_fields(sub_r, sub_uri, path + (key,), here)
     for kw in ("oneOf", "anyOf"):
         for branch in schema.get(kw, []):
             b, u = _walk_ref(branch, doc_uri)
             if b.get("properties") or b.get("items") or b.get("additionalProperties"):
-                yield from walk_fields(b, u, path)
+                yield from walk_fields(b, u, path, affects)
     items = schema.get("items")
     if isinstance(items, dict):
-        yield from walk_fields(items, doc_uri, path + ("[]",))
+        yield from walk_fields(items, doc_uri, path + ("[]",), affects)
     addl = schema.get("additionalProperties")
     if isinstance(addl, dict):
-        yield from walk_fields(addl, doc_uri, path + ("<name>",))
+        yield from walk_fields(addl, doc_uri, path + ("<name>",), affects)
+
+
+def _with_affects(sub: dict[str, Any], affects: Any) -> dict[str, Any]:
+    """``sub`` with the ``x-affects`` of the reusing property (a copy), or as it is."""
+    if affects is None or "x-affects" not in sub:
+        return sub
+    return {**sub, "x-affects": affects}
 
 
 def branches(schema: dict[str, Any], doc_uri: str) -> list[dict[str, Any]]:

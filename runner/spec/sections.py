@@ -280,6 +280,64 @@ class TrainConfig:
     checkpoints: TrainCheckpointsConfig
 
 
+# --------------------------------------------------------------------------- train_video
+
+
+@schema_config('train_video', 'images')
+class TrainVideoImagesConfig:
+    use: bool
+    max: int | None
+
+
+@schema_config('train_video', 'clips')
+class TrainVideoClipsConfig:
+    enabled: bool
+    frames: int
+    stride: int
+    max_per_source: int
+    caption: str
+
+
+@schema_config('train_video', 'checkpoints')
+class TrainVideoCheckpointsConfig:
+    every_steps: int
+    every_epochs: int | None
+    keep_last: int
+    validation_fraction: float
+    validation_timesteps: tuple[int, ...]
+
+
+@schema_config('train_video')
+class TrainVideoConfig:
+    base_model: str | None
+    model_family: str
+    resolution: int
+    buckets: BucketsConfig
+    frame_buckets: tuple[int, ...]
+    images: TrainVideoImagesConfig
+    clips: TrainVideoClipsConfig
+    experts: str
+    lora: LoraConfig
+    steps: int
+    lr: float
+    batch_size: int
+    gradient_accumulation: int
+    gradient_checkpointing: bool
+    mixed_precision: str
+    optimizer: str
+    memory: MemoryConfig | None
+    weight_decay: float
+    max_grad_norm: float
+    lr_scheduler: LrSchedulerConfig
+    objective: TrainObjectiveConfig | None
+    caption_dropout: float
+    seed: int
+    phases: tuple[PhaseConfig, ...]
+    variants: Mapping[str, Mapping[str, Any]]
+    include_base_variant: bool
+    checkpoints: TrainVideoCheckpointsConfig
+
+
 # --------------------------------------------------------------------------- evaluate
 
 
@@ -563,6 +621,7 @@ class SpecConfig:
     character: CharacterConfig
     dataset: DatasetConfig
     train: TrainConfig | None
+    train_video: TrainVideoConfig | None
     evaluate: EvaluateConfig | None
     generate: GenerateConfig | None
     hardware: HardwareConfig
