@@ -73,6 +73,19 @@ train:
   variants:
     wide: {lora: {rank: 32}}
   checkpoints: {every_epochs: 2}
+train_video:
+  base_model: builtin:tiny-wan22-ti2v
+  frame_buckets: [1, 17]
+  images: {max: 4}
+  objective: {timestep_sampling: logit_normal, logit_mean: 0.0, logit_std: 1.0, mode_scale: 1.29, shift: 3.0,
+              weighting: none, guidance: 1.0}
+  memory: {quantize_base: int8, text_encoders: offload, offload_idle: true}
+  phases:
+    - {name: first, steps: 10, lr: 0.0002, mix: balanced}
+    - {name: second, epochs: 2, mix: {close_up: 0.5, medium: 0.5}}
+  variants:
+    wide: {lora: {rank: 32}}
+  checkpoints: {every_epochs: 2}
 evaluate:
   suite:
     categories:
@@ -159,6 +172,8 @@ CONTEXTS: list[tuple[str, dict[str, Any]]] = [
     ("generate.storyboard.short_story", {"generate.storyboard.min_scenes": 5, "generate.storyboard.max_scenes": 6}),
     ("evaluate.suite", {"evaluate.categories": [], "evaluate.targets": {}}),
     ("train.steps", {"train.phases": []}),
+    ("train_video.steps", {"train_video.phases": []}),
+    ("train_video.model_family", {"train_video.base_model": "Lightricks/LTX-Video"}),
     *((f"generate.storyboard.reference_guided.{k}", {"generate.storyboard.reference_guided.control": "pose"})
       for k in ("pose_model", "pose_detector_file", "pose_estimator_file", "pose_parts")),
 ]
@@ -190,6 +205,18 @@ CHANGES: dict[str, Any] = {
     "train.phases.[].name": "renamed",
     "train.phases.[].mix": "natural",
     "train.variants": {"wide": {"lora": {"rank": 64}}},
+    "train_video.base_model": "builtin:tiny-ltx",
+    "train_video.resolution": 256,
+    "train_video.frame_buckets": [1, 9],
+    "train_video.lora.alpha": 8,
+    "train_video.lora.text_encoder_lr": 0.0001,
+    "train_video.lora.target_modules": ["attn1.to_q", "attn1.to_v"],
+    "train_video.phases.[].lr": 0.0003,
+    "train_video.phases": "drop-last",
+    "train_video.phases.[].name": "renamed",
+    "train_video.phases.[].mix": "natural",
+    "train_video.variants": {"wide": {"lora": {"rank": 64}}},
+    "train_video.checkpoints.validation_timesteps": [100, 500],
     "train.lora.target_modules": ["to_q", "to_v"],
     "train.checkpoints.sample_prompts": ["{trigger} {class}, smiling"],
     "train.checkpoints.validation_timesteps": [100, 500],

@@ -44,19 +44,25 @@ class TrainCache:
         self.misses = {"latents": 0, "text": 0}
 
     # -- latents ---------------------------------------------------------------------------
-    def latent_path(self, image_sha: str, bucket: tuple[int, int]) -> Path:
-        k = _key("latent", image_sha, bucket[0], bucket[1], CROP_METHOD)
+    def latent_path(self, image_sha: str, bucket: tuple[int, ...]) -> Path:
+        """(width, height) for images; (width, height, frames) for a video family's clips."""
+        k = _key("latent", image_sha, *bucket, CROP_METHOD)
         return self.root / "latents" / k[:2] / f"{k}.safetensors"
 
     def text_path(self, caption: str) -> Path:
         k = _key("text", caption)
         return self.root / "text" / k[:2] / f"{k}.safetensors"
 
-    def ensure_latents(self, items: Sequence[tuple[Path, tuple[int, int]]], encode: Callable, *,
-                       batch_size: int = 8, progress=None) -> list[Path]:
+    def ensure_latents(self, items: Sequence[tuple[Path, tuple[int, ...]]], encode: Callable, *,
+                       batch_size: int = 8, progress=None, load: Callable | None = None) -> list[Path]:
         """Make sure every (image, bucket) has an entry; ``encode(list[PIL], bucket)`` returns
-        (mean, std) tensors. Returns the entry paths in ``items`` order."""
+        (mean, std) tensors, or a dict of batched tensors with "mean" and "std" and whatever
+        else conditions the family (all cached). ``load(path, bucket)`` reads one item as
+        (pixels, original size, crop): an image by default, a clip's frames for video families.
+        Returns the entry paths in ``items`` order."""
         from runner.diffusion.data import load_bucketed
+
+        load = load or load_bucketed
 
         paths: list[Path] = []
         todo: dict[tuple[int, int], list[tuple[Path, Path]]] = {}
@@ -76,18 +82,20 @@ class TrainCache:
                 loaded = []
                 for img, _ in chunk:
                     try:
-                        loaded.append(load_bucketed(img, bucket))
+                        loaded.append(load(img, bucket))
                     except OSError as exc:  # PIL's UnidentifiedImageError is an OSError
                         from runner.diffusion.data import DataError
 
                         raise DataError(f"{img}: cannot read the image ({exc})",
                                         hint="Re-run the caption stage, or remove the file from the dataset.") from None
-                mean, std = encode([im for im, _, _ in loaded], bucket)
+                encoded = encode([im for im, _, _ in loaded], bucket)
+                if not isinstance(encoded, dict):
+                    encoded = {"mean": encoded[0], "std": encoded[1]}
                 for j, ((_, p), (_, orig, crop)) in enumerate(zip(chunk, loaded)):
                     import torch
 
                     _atomic_save(
-                        {"mean": mean[j], "std": std[j],
+                        {**{k: v[j] for k, v in encoded.items()},
                          "original_size": torch.tensor(orig), "crop_top_left": torch.tensor(crop),
                          "target_size": torch.tensor((bucket[1], bucket[0]))},
                         p, metadata={"crop_method": CROP_METHOD},

@@ -37,8 +37,9 @@ class Example:
     parent: str | None = None
     width: int = 0
     height: int = 0
-    # filled in by the trainer
-    bucket: tuple[int, int] = (0, 0)
+    clip_frames: int = 0  # frames of a clip file (video LoRA training); 0: a still image
+    # filled in by the trainer: (width, height), or (width, height, frames) for video families
+    bucket: tuple[int, ...] = (0, 0)
     captions: list[str] = field(default_factory=list)  # caption variants (index 0 = as written)
     is_regularization: bool = False
 
@@ -214,6 +215,41 @@ def load_bucketed(path: Path, bucket: tuple[int, int]):
 
     with Image.open(path) as im:
         img = ImageOps.exif_transpose(im).convert("RGB")
+    return _cover_crop(img, tuple(bucket[:2]))
+
+
+def load_clip_bucketed(path: Path, bucket: tuple[int, int, int]):
+    """The first ``bucket[2]`` frames of a clip (or the image, for one frame), each scaled to
+    cover the bucket and center-cropped as :func:`load_bucketed` does: (list of PIL frames,
+    original (height, width), crop top-left)."""
+    width, height, frames = bucket
+    if frames == 1 and Path(path).suffix.lower() not in VIDEO_EXTS:
+        img, orig, crop = load_bucketed(path, (width, height))
+        return [img], orig, crop
+    import av
+
+    out, orig, crop = [], (0, 0), (0, 0)
+    try:
+        with av.open(str(path)) as container:
+            for frame in container.decode(video=0):
+                img, orig, crop = _cover_crop(frame.to_image().convert("RGB"), (width, height))
+                out.append(img)
+                if len(out) == frames:
+                    break
+    except (av.error.FFmpegError, OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read the clip ({exc})", hint="Re-run the video_clips stage.") from None
+    if len(out) < frames:
+        raise DataError(f"{path}: {len(out)} frames decoded, the frame bucket needs {frames}",
+                        hint="Re-run the video_clips stage (clips.jsonl lists more frames than the file has).")
+    return out, orig, crop
+
+
+VIDEO_EXTS = {".mp4", ".mov", ".webm", ".mkv", ".avi"}
+
+
+def _cover_crop(img, bucket: tuple[int, int]):
+    from PIL import Image
+
     bw, bh = bucket
     w, h = img.size
     scale = max(bw / w, bh / h)
@@ -221,6 +257,34 @@ def load_bucketed(path: Path, bucket: tuple[int, int]):
     img = img.resize((nw, nh), Image.Resampling.LANCZOS)
     left, top = (nw - bw) // 2, (nh - bh) // 2
     return img.crop((left, top, left + bw, top + bh)), (h, w), (top, left)
+
+
+def read_clips(folder: Path) -> list[Example]:
+    """Read ``clips.jsonl`` of a video_clips stage's ``clips`` artifact (one Example per clip)."""
+    folder = Path(folder)
+    manifest = folder / "clips.jsonl"
+    if not manifest.is_file():
+        raise DataError(f"{manifest} not found", hint="The train_video stage takes the video_clips stage's `clips`.")
+    out: list[Example] = []
+    for n, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{manifest}:{n}: not valid JSON ({exc.msg})") from None
+        missing = [k for k in ("id", "clip", "caption", "frames") if k not in rec]
+        if missing:
+            raise DataError(f"{manifest}:{n}: record lacks {', '.join(map(repr, missing))}",
+                            hint="Re-run the video_clips stage.")
+        clip = folder / rec["clip"]
+        if not clip.is_file():
+            raise DataError(f"{manifest}:{n}: clip {rec['clip']!r} is missing from {folder}")
+        shot = rec.get("shot") or "medium"
+        out.append(Example(id=str(rec["id"]), image=clip, caption=str(rec["caption"]), shot=shot, categories=[shot],
+                           width=int(rec.get("width") or 0), height=int(rec.get("height") or 0),
+                           clip_frames=int(rec["frames"])))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ from runner.diffusion.data import (
 )
 from runner.spec.config import fields, node_field, schema_config
 from runner.spec.config import schema_default as _schema_default
-from runner.spec.sections import PhaseConfig, TrainConfig
+from runner.spec.sections import PhaseConfig, TrainConfig, TrainVideoConfig
 
 STATE_DIR = "state"
 STATE_FILE = "resume.pt"
@@ -85,8 +85,9 @@ def _h(*parts: Any) -> int:
 
 
 def train_section(config: TrainConfig | Mapping[str, Any]) -> TrainConfig:
-    """The train section of a node config (its stage keys set aside) or of a section mapping."""
-    if isinstance(config, TrainConfig):
+    """The train section of a node config (its stage keys set aside) or of a section mapping
+    (a train_video section's typed view is taken as it is: phases and steps mean the same)."""
+    if isinstance(config, (TrainConfig, TrainVideoConfig)):
         return config
     stage_keys = {f.name for f in fields(TrainerConfig) if f.node}
     return TrainConfig.from_dict({k: v for k, v in config.items() if k not in stage_keys})
@@ -202,6 +203,8 @@ class Callbacks:
 
 
 class LoraTrainer:
+    config_class: type = TrainerConfig  # the node config's typed view (VideoLoraTrainer: train_video's)
+
     def __init__(
         self,
         config: TrainerConfig | Mapping[str, Any],
@@ -216,7 +219,7 @@ class LoraTrainer:
         callbacks: Callbacks | None = None,
         stop_after_step: int | None = None,
     ) -> None:
-        self.cfg = TrainerConfig.from_dict(config)
+        self.cfg = self.config_class.from_dict(config)
         # resume states carry this digest; the node config as given, so a state written before
         # the typed view still resumes
         self.digest = config_digest(config if isinstance(config, Mapping) else self.cfg.to_dict())

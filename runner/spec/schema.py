@@ -85,6 +85,11 @@ def format_checker() -> Any:
     return checker
 
 
+def section_validator(section: str) -> Any:
+    """A validator of one section's values (its refs to other sections resolve offline)."""
+    return _validator(section_schema(section))
+
+
 def _validator(schema: dict[str, Any]) -> Any:
     from jsonschema import Draft202012Validator
 

@@ -34,16 +34,17 @@ PHASE_KEYS = ("lr",)
 BASE = "base"
 
 
-def apply_variant(section: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+def apply_variant(section: dict[str, Any], overrides: dict[str, Any] | None, *,
+                  name: str = "train") -> dict[str, Any]:
     """The train section of one stage: ``section`` with ``overrides`` (see the module doc), plan-only
-    keys removed, schema defaults filled."""
+    keys removed, schema defaults filled (of the section ``name``: train, or train_video)."""
     cfg = {k: v for k, v in section.items() if k not in PLAN_ONLY}
     if overrides:
         cfg = deep_merge(cfg, {k: v for k, v in overrides.items() if k not in PLAN_ONLY})
         phase_values = {k: overrides[k] for k in PHASE_KEYS if k in overrides}
         if phase_values and "phases" not in overrides:
             cfg["phases"] = [{**p, **phase_values} for p in cfg.get("phases") or []]
-    cfg = S.fill_defaults(cfg, S.section_schema("train"), S.section_uri("train"))
+    cfg = S.fill_defaults(cfg, S.section_schema(name), S.section_uri(name))
     for k in PLAN_ONLY:
         cfg.pop(k, None)
     return cfg

@@ -21,6 +21,7 @@ BUILTIN_STAGE_MODULES = (
     "caption",
     "export",
     "train",
+    "train_video",
     "evaluate",
     "storyboard",
     "video",

@@ -445,3 +445,38 @@ def guidance_notes(value: float, key: str, base_model: str, model_family: str = 
     fam = families.get(model_family) if model_family != "auto" else families.family_of_ref(base_model)
     note = fam.guidance_note(float(value), key) if fam is not None else None
     return (note,) if note else ()
+
+
+def check_variant(section: str, name: str, overrides: Any) -> None:
+    """A variant's overrides (``<section>.variants.<name>``) must themselves be a valid
+    ``section`` (train or train_video): typos fail at plan time."""
+    from runner.spec import schema as S
+    from runner.spec.variants import PLAN_ONLY
+
+    if not isinstance(overrides, dict):
+        raise contract.StageError(f"{section}.variants.{name} must be a mapping of {section} keys to override",
+                                  hint="e.g. higher_rank: {lora: {rank: 64}}")
+    bad = [k for k in overrides if k in PLAN_ONLY]
+    if bad:
+        raise contract.StageError(f"{section}.variants.{name} cannot override {', '.join(bad)}")
+    errors = sorted(S.section_validator(section).iter_errors(overrides), key=lambda e: list(e.path))
+    if errors:
+        e = errors[0]
+        where = ".".join(str(p) for p in e.path)
+        raise contract.StageError(f"{section}.variants.{name}{'.' + where if where else ''}: {e.message}",
+                                  hint=f"A variant overrides keys of the {section} section; "
+                                       "see `runner plan --resolved`.")
+
+
+def variant_runs(section: Any, name: str) -> list[tuple[str | None, dict[str, Any]]]:
+    """(variant, its overrides) of every stage of a train-like section (typed): one without
+    variants; with them, each variant (checked) and 'base' when include_base_variant."""
+    from runner.spec.config import to_plain
+
+    if not section.variants:
+        return [(None, {})]
+    runs: list[tuple[str | None, dict[str, Any]]] = [("base", {})] if section.include_base_variant else []
+    for variant, ov in section.variants.items():
+        check_variant(name, variant, to_plain(ov))  # plain data: the overrides are merged into node configs
+        runs.append((variant, to_plain(ov)))
+    return runs

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from runner.core import contract
-from runner.spec.config import to_plain, view_of
+from runner.spec.config import view_of
 from runner.spec.sections import ReportConfig, TrainConfig, spec_config
-from runner.stages.common import with_tracking
+from runner.stages.common import variant_runs, with_tracking
 
 KIND = "train"
 VERSION = 1
@@ -34,28 +34,6 @@ def train_config(section: dict[str, Any], *, character: str, trigger: str, class
     return cfg
 
 
-def _check_variant(name: str, overrides: Any) -> None:
-    """A variant's overrides must themselves be a valid train section (typos fail at plan time)."""
-    import jsonschema
-
-    from runner.spec import schema as S
-    from runner.spec.variants import PLAN_ONLY
-
-    if not isinstance(overrides, dict):
-        raise contract.StageError(f"train.variants.{name} must be a mapping of train keys to override",
-                              hint="e.g. higher_rank: {lora: {rank: 64}}")
-    bad = [k for k in overrides if k in PLAN_ONLY]
-    if bad:
-        raise contract.StageError(f"train.variants.{name} cannot override {', '.join(bad)}")
-    validator = jsonschema.Draft202012Validator(S.section_schema("train"))
-    errors = sorted(validator.iter_errors(overrides), key=lambda e: list(e.path))
-    if errors:
-        e = errors[0]
-        where = ".".join(str(p) for p in e.path)
-        raise contract.StageError(f"train.variants.{name}{'.' + where if where else ''}: {e.message}",
-                              hint="A variant overrides keys of the train section; see `runner plan --resolved`.")
-
-
 def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.PlanNode]:
     typed = spec_config(spec)
     char = graph.character
@@ -66,7 +44,7 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
     hw = typed.hardware
     gpu = hw.stage_gpu.get(KIND) or hw.gpu
     nodes = []
-    for variant, ov in _runs(typed.train):
+    for variant, ov in variant_runs(typed.train, KIND):
         cfg = train_config(section, character=char, trigger=typed.character.trigger,
                            class_word=typed.character.class_word, variant=variant, overrides=ov)
         cfg["device"] = hw.device  # torch numerics differ by device: part of the key
@@ -92,18 +70,6 @@ def _memory_note(node: contract.PlanNode, hardware: Any, gpu: str | None) -> con
     if note:
         node.notes = (*node.notes, note)
     return node
-
-
-def _runs(train: TrainConfig) -> list[tuple[str | None, dict[str, Any]]]:
-    """(variant, its overrides) of every train stage: one without variants; with them, each
-    variant (checked) and 'base' when include_base_variant."""
-    if not train.variants:
-        return [(None, {})]
-    runs: list[tuple[str | None, dict[str, Any]]] = [("base", {})] if train.include_base_variant else []
-    for name, ov in train.variants.items():
-        _check_variant(name, to_plain(ov))  # plain data: the overrides are merged into node configs
-        runs.append((name, to_plain(ov)))
-    return runs
 
 
 def _node(cfg: dict[str, Any], variant: str | None, section: dict[str, Any], caption_id: str,
