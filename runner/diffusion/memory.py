@@ -747,3 +747,290 @@ class _fused_attention:
         import torch
 
         torch.nn.functional.scaled_dot_product_attention = self.original
+
+
+# ---------------------------------------------------------------------------------------------
+# video families (issue 16 part 4): LoRA training and generation, estimated from the real models'
+# published configs. Parameter counts: the diffusers classes built on the meta device with the
+# configs' numbers (bench/memory/real_sizes.py --video). Activations per token are *computed from
+# the block's shape* (not profiled, not measured on a GPU; there was none): a transformer block
+# keeps about 20 x dim + 3 x ffn_dim bf16 values per token for its backward (norms, q/k/v/out,
+# the FFN's input, hidden and activation, LoRA input copies); with checkpointing only the block
+# inputs (dim values a token per block) stay, plus one block recomputed (BACKWARD_CHECKPOINTED).
+
+
+@dataclass(frozen=True)
+class VideoSizes:
+    """A video family's real model: ``params`` per component (``transformer`` is one expert),
+    ``experts`` denoisers of that size (2 for Wan 2.2 A14B), the blocks' ``dim``/``ffn``/``layers``,
+    the VAE's ``spatial``/``temporal`` compression and the transformer's spatial ``patch``, the VAE
+    decoder's widest channels and the frames it decodes at once (``decode_frames``; 0 = all), its
+    tile side in pixels with tiling on; ``source`` says where the numbers come from."""
+
+    params: Mapping[str, float]
+    experts: int
+    dim: int
+    ffn: int
+    layers: int
+    spatial: int
+    temporal: int
+    patch: int
+    decoder_channels: int
+    decode_frames: int
+    tile: int
+    source: str
+
+    @property
+    def text_params(self) -> float:
+        return sum(v for k, v in self.params.items() if k.startswith("text_encoder"))
+
+    @property
+    def block_bytes_per_token(self) -> float:
+        return (20 * self.dim + 3 * self.ffn) * 2.0
+
+    @property
+    def lora_per_rank(self) -> float:
+        # q, k, v, o of self- and cross-attention (d x d each) and the FFN's two linears, per block
+        return self.layers * (8 * 2 * self.dim + 2 * (self.dim + self.ffn))
+
+
+_VIDEO_SOURCE = ("parameter counts: diffusers classes on the meta device with the published config.json "
+                 "numbers (bench/memory/real_sizes.py --video); activations computed from the block shape; "
+                 "not measured on a GPU")
+TILE_FRAMES = 16  # frames of a temporal tile (diffusers' LTX VAEs, tile_sample_min_num_frames)
+VIDEO_SIZES: dict[str, VideoSizes] = {
+    # Lightricks/LTX-Video 0.9.x (2B): 28 layers, 32 heads x 64, T5-XXL encoder, VAE 32x spatial / 8x temporal
+    "ltx_video": VideoSizes({"transformer": 1923.4e6, "text_encoder": 4762.3e6, "vae": 419.2e6}, 1, 2048, 8192, 28,
+                            32, 8, 1, 128, 0, 512, _VIDEO_SOURCE),
+    # Lightricks/LTX-2 (19B audio+video): LTX2VideoTransformer3DModel defaults (48 layers, 32 heads x 128),
+    # Gemma 3 12B text encoder (11.8e9, quoted from its model card), AutoencoderKLLTX2Video defaults
+    "ltx2": VideoSizes({"transformer": 18876.2e6, "text_encoder": 11766.0e6, "vae": 1222.5e6}, 1, 4096, 16384, 48,
+                       32, 8, 1, 128, 0, 512, _VIDEO_SOURCE),
+    # Wan-AI/Wan2.2-I2V-A14B: two experts of 40 layers, 40 heads x 128, ffn 13824, in 36; umT5-XXL encoder
+    # (5.68e9, quoted); Wan 2.1 VAE (AutoencoderKLWan defaults), causal: 4 frames a decoder call
+    "wan22_i2v": VideoSizes({"transformer": 14288.9e6, "text_encoder": 5680.0e6, "vae": 126.9e6}, 2, 5120, 13824, 40,
+                            8, 4, 2, 96, 4, 256, _VIDEO_SOURCE),
+    # Wan-AI/Wan2.2-TI2V-5B: 30 layers, 24 heads x 128, ffn 14336, in/out 48; Wan 2.2 VAE (z 48, 16x spatial)
+    "wan22_ti2v": VideoSizes({"transformer": 4999.8e6, "text_encoder": 5680.0e6, "vae": 704.7e6}, 1, 3072, 14336, 30,
+                             16, 4, 2, 256, 4, 256, _VIDEO_SOURCE),
+}
+
+
+def video_sizes(family: Any) -> VideoSizes | None:
+    name = family if isinstance(family, str) else getattr(family, "name", "")
+    return VIDEO_SIZES.get(name)
+
+
+def video_tokens(z: VideoSizes, frames: int, width: int, height: int) -> int:
+    """latent frames x (H / spatial / patch) x (W / spatial / patch)."""
+    lf = (frames - 1) // z.temporal + 1
+    return lf * (height // z.spatial // z.patch) * (width // z.spatial // z.patch)
+
+
+@dataclass(frozen=True)
+class VideoSettings:
+    """What the video estimate reads: train.memory's keys (quantize_base, text_encoders,
+    offload_idle) plus the video-only ``offload_idle_expert`` (Wan A14B: the expert not in use
+    waits on the CPU) and ``block_swap`` (N transformer blocks on the CPU; estimated, refused
+    when asked: not implemented in the trainer)."""
+
+    rank: int = 16
+    batch_size: int = 1
+    gradient_checkpointing: bool = True
+    optimizer: str = "adamw"
+    quantize_base: str = "none"
+    text_encoders: str = "free"
+    offload_idle: bool = True
+    offload_idle_expert: bool = False
+    block_swap: int = 0
+
+    @classmethod
+    def of(cls, memory_cfg: Any = None, **train: Any) -> "VideoSettings":
+        m = memory_cfg.to_dict() if hasattr(memory_cfg, "to_dict") else dict(memory_cfg or {})
+        keys = {k: m[k] for k in ("quantize_base", "text_encoders", "offload_idle", "offload_idle_expert",
+                                  "block_swap") if m.get(k) is not None}
+        keys.update({k: v for k, v in train.items() if v is not None and k in cls.__dataclass_fields__})
+        return cls(**keys)
+
+
+def video_train_estimate(z: VideoSizes, s: VideoSettings, frames: int, width: int, height: int,
+                         experts_trained: int | None = None) -> Estimate:
+    """Peak bytes of a video LoRA training step (bf16, batch ``s.batch_size``)."""
+    dn = z.params["transformer"]
+    one = dn * QUANT_SCALE_OVERHEAD if s.quantize_base != "none" else dn * 2.0
+    layers_on = max(z.layers - s.block_swap, 1)
+    one *= layers_on / z.layers
+    resident_experts = 1 if (z.experts == 1 or s.offload_idle_expert) else z.experts
+    weights = one * resident_experts
+    resident = [f"transformer{' (' + s.quantize_base + ')' if s.quantize_base != 'none' else ''}"
+                + (f" x{resident_experts} experts" if resident_experts > 1 else "")
+                + (f", {s.block_swap} blocks swapped to CPU" if s.block_swap else "")]
+    if s.text_encoders == "keep":
+        weights += z.text_params * 2
+        resident.append("text encoder")
+    vae = z.params["vae"] * 2
+    if not s.offload_idle:
+        weights += vae
+        resident.append("vae")
+    n_trained = experts_trained or z.experts
+    lora_params = s.rank * z.lora_per_rank * n_trained
+    tokens = video_tokens(z, frames, width, height) * s.batch_size
+    block = z.block_bytes_per_token * tokens
+    if s.gradient_checkpointing:
+        activations = z.layers * z.dim * 2.0 * tokens + BACKWARD_CHECKPOINTED * block
+    else:
+        activations = z.layers * block + BACKWARD_BLOCKS * block
+    # caching: the VAE encodes one clip with its tiling on (causal VAEs a few frames at a time), the
+    # text encoder alone
+    px = min(width * height, z.tile * z.tile) * (z.decode_frames or min(frames, TILE_FRAMES))
+    encoding = px * z.decoder_channels * 4 * 2.0
+    caching = max(z.text_params * 2, vae + encoding) + OVERHEAD_FIXED
+    if not s.offload_idle:
+        caching += weights
+    return Estimate(weights=weights, lora=lora_params * LORA_BYTES,
+                    optimizer=lora_params * OPTIMIZER_BYTES.get(s.optimizer, 8), activations=activations,
+                    caching=caching, resident=tuple(resident))
+
+
+VIDEO_SWITCHES: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("train_video.gradient_checkpointing: true", {"gradient_checkpointing": True}),
+    ("train_video.memory.text_encoders: free", {"text_encoders": "free"}),
+    ("train_video.memory.offload_idle: true", {"offload_idle": True}),
+    ("train_video.memory.offload_idle_expert: true", {"offload_idle_expert": True}),
+    ("train_video.memory.quantize_base: int8", {"quantize_base": "int8"}),
+    ("train_video.optimizer: adamw8bit", {"optimizer": "adamw8bit"}),
+)
+
+
+def _video_fit(z: VideoSizes, s: VideoSettings, capacity: float, frames: int, width: int, height: int,
+               n: int | None) -> tuple[list[str], Estimate] | None:
+    from dataclasses import replace
+
+    changed: list[str] = []
+    cur = s
+    for label, change in VIDEO_SWITCHES:
+        if all(getattr(cur, k) == v for k, v in change.items()):
+            continue
+        if "offload_idle_expert" in change and z.experts == 1:
+            continue
+        cur = replace(cur, **change)
+        changed.append(label)
+        e = video_train_estimate(z, cur, frames, width, height, n)
+        if e.peak <= capacity:
+            return changed, e
+    return None
+
+
+def _smaller_shapes(z: VideoSizes, s: VideoSettings, capacity: float, frames: int, width: int, height: int,
+                    n: int | None) -> str:
+    """The largest frame count (k*temporal+1, at this size) that fits with the settings as they are."""
+    f = frames
+    while f > 1:
+        f = max(1, f - z.temporal * max(1, (f // z.temporal) // 4))
+        f = (f - 1) // z.temporal * z.temporal + 1
+        if video_train_estimate(z, s, f, width, height, n).peak <= capacity:
+            return f"or clips of {f} frames at {width}x{height} (train_video.frame_buckets)"
+    return ""
+
+
+def video_train_note(node_id: str, family: Any, frames: int, width: int, height: int, memory_cfg: Any,
+                     target: Target, *, rank: int = 16, batch_size: int = 1, optimizer: str = "adamw",
+                     gradient_checkpointing: bool = True, experts: str = "both") -> str | None:
+    """The plan's line for a train_video stage at its largest bucket (``frames`` x ``width`` x
+    ``height``), or None; raises :class:`GpuMemoryError` when it cannot fit and the check refuses,
+    naming the settings that would. ``memory_cfg``: train_video.memory (a dict or typed config)."""
+    if target.check == "off":
+        return None
+    z = video_sizes(family)
+    title = getattr(family, "title", str(family))
+    if z is None:
+        return "GPU memory: not estimated (no sizes for this family)"
+    s = VideoSettings.of(memory_cfg, rank=rank, batch_size=batch_size, optimizer=optimizer,
+                         gradient_checkpointing=gradient_checkpointing)
+    if s.block_swap:
+        raise UserError(f"{node_id}: train_video.memory.block_swap: {s.block_swap} is not implemented by the "
+                        "video trainer (it would keep that many transformer blocks on the CPU)",
+                        hint="set block_swap: 0; use offload_idle_expert, quantize_base: int8 or smaller "
+                             "frame buckets instead")
+    n = 1 if (z.experts > 1 and experts != "both") else None
+    e = video_train_estimate(z, s, frames, width, height, n)
+    shape = f"{frames}x{height}x{width}, {video_tokens(z, frames, width, height)} tokens"
+    note = e.line(target.gpu, target.capacity_gib) + f"; {title} figures at {shape} (computed from configs)"
+    if target.cpu:
+        return note + "; this run is local without a CUDA GPU: not checked"
+    if target.capacity_gib is None:
+        return note + f"; memory of {target.gpu} unknown: set hardware.gpu_memory_gib"
+    capacity = target.capacity_gib * GIB
+    if e.peak <= capacity:
+        return note
+    parts = []
+    fit = _video_fit(z, s, capacity, frames, width, height, n)
+    if fit:
+        parts.append(f"settings that would fit (~{gib(fit[1].peak)} GiB): {', '.join(fit[0])}")
+    else:
+        parts.append("no combination of train_video.gradient_checkpointing, train_video.memory and "
+                     "train_video.optimizer fits")
+    smaller = _smaller_shapes(z, s, capacity, frames, width, height, n)
+    if not smaller and not fit:
+        from dataclasses import replace
+
+        every = s
+        for _label, change in VIDEO_SWITCHES:
+            every = replace(every, **change)
+        smaller = _smaller_shapes(z, every, capacity, frames, width, height, n)
+        smaller = smaller and smaller.replace("or clips", "clips", 1) + ", with all of those settings on"
+    if smaller:
+        parts.append(smaller)
+    hint = "; ".join(parts)
+    if target.check == "warn":
+        return note + f"; DOES NOT FIT: {hint}"
+    raise GpuMemoryError(f"{node_id}: estimated peak GPU memory ~{gib(e.peak)} GiB does not fit the "
+                         f"{target.gpu} ({target.capacity_gib:g} GiB)", hint=hint)
+
+
+def video_generate_estimate(z: VideoSizes, frames: int, width: int, height: int, *, offload: str = "model",
+                            vae_tiling: bool = True) -> float:
+    """Peak bytes of the video stage's generation (bf16, no gradients). ``offload``: none (every
+    component on the device), model (diffusers model CPU offload: one component at a time; the
+    experts take turns) or group (block-level group offload: one transformer block at a time)."""
+    tokens = video_tokens(z, frames, width, height)
+    working = 0.5 * z.block_bytes_per_token * tokens * 2  # one block's working set, cond + uncond batch
+    dn = z.params["transformer"] * 2
+    if offload == "none":
+        weights = dn * z.experts + z.text_params * 2 + z.params["vae"] * 2
+    elif offload == "group":
+        weights = dn / z.layers * 2
+    else:
+        weights = max(dn, z.text_params * 2)
+    px = min(width * height, z.tile * z.tile) if vae_tiling else width * height
+    chunk = z.decode_frames or (min(frames, TILE_FRAMES) if vae_tiling else frames)
+    decode = px * chunk * z.decoder_channels * 4 * 2.0
+    loop = weights + working
+    vae_peak = z.params["vae"] * 2 + decode
+    if offload == "none":
+        vae_peak += weights - z.params["vae"] * 2
+    raw = max(loop, vae_peak)
+    return raw + OVERHEAD_FIXED + OVERHEAD_SHARE * raw
+
+
+def video_generate_note(node_id: str, family: Any, frames: int, width: int, height: int, target: Target, *,
+                        offload: str = "model", vae_tiling: bool = True) -> str | None:
+    """The plan's line for the video stage (a note; never refuses: diffusers' offload can always
+    go further, the note says which setting would fit)."""
+    if target.check == "off":
+        return None
+    z = video_sizes(family)
+    if z is None:
+        return None
+    peak = video_generate_estimate(z, frames, width, height, offload=offload, vae_tiling=vae_tiling)
+    where = f" on {target.gpu} ({target.capacity_gib:g} GiB)" if target.capacity_gib else f" on {target.gpu}"
+    note = (f"GPU memory ~{gib(peak)} GiB{where} generating {frames}x{height}x{width} (offload {offload}, "
+            f"VAE tiling {'on' if vae_tiling else 'off'}; {getattr(family, 'title', family)} figures computed "
+            "from configs)")
+    if target.capacity_gib and peak > target.capacity_gib * GIB and not target.cpu:
+        for off, tile in (("model", True), ("group", True)):
+            p = video_generate_estimate(z, frames, width, height, offload=off, vae_tiling=tile)
+            if p <= target.capacity_gib * GIB:
+                return note + f"; DOES NOT FIT: offload {off} with VAE tiling would (~{gib(p)} GiB)"
+        return note + "; DOES NOT FIT even with group offload and VAE tiling: fewer frames or a smaller size"
+    return note
