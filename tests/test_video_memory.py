@@ -94,3 +94,21 @@ def test_generate_note():
     note = memory.video_generate_note("x:video", families.get("wan22_i2v"), 81, 832, 480, L4, offload="none")
     assert "DOES NOT FIT" in note and "offload group" in note
     assert "DOES NOT FIT" not in memory.video_generate_note("x:video", "wan22_i2v", 81, 832, 480, H100)
+
+
+def test_apply_memory_switches():
+    from types import SimpleNamespace
+
+    from runner.generate import video_models
+
+    calls = []
+    vae = SimpleNamespace(enable_tiling=lambda: calls.append("tiling"))
+    pipe = SimpleNamespace(vae=vae, enable_model_cpu_offload=lambda device: calls.append(("model", device)),
+                           enable_group_offload=lambda **kw: calls.append(("group", kw["offload_type"])))
+    vp = SimpleNamespace(pipe=pipe)
+    assert video_models.apply_memory(vp, offload="model", device="cpu") == ["vae tiling"]  # no offload on CPU
+    assert video_models.apply_memory(vp, offload="model", vae_tiling=False, device="cuda") == ["model cpu offload"]
+    assert video_models.apply_memory(vp, offload="group", vae_tiling=False, device="cuda")
+    assert calls == ["tiling", ("model", "cuda"), ("group", "block_level")]
+    with pytest.raises(UserError, match="offload"):
+        video_models.apply_memory(vp, offload="disk", vae_tiling=False, device="cuda")

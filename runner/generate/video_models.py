@@ -234,6 +234,34 @@ def load_video_model(model: str, *, family: str = "auto", pipeline: str = "auto"
                          temporal_ratio=_ratio(pipe, "temporal"), family=fam)
 
 
+def apply_memory(vp: VideoPipeline, *, offload: str = "none", vae_tiling: bool = True,
+                 device: str = "cuda") -> list[str]:
+    """GPU memory switches on a loaded pipeline (runner.diffusion.memory.video_generate_estimate
+    counts them): ``vae_tiling`` -> ``pipe.vae.enable_tiling()`` where the family's VAE has it;
+    ``offload``: none, model (``enable_model_cpu_offload``: one component on the device at a time,
+    the two Wan A14B experts take turns) or group (``enable_group_offload``, block level, one
+    block at a time). Offload only applies on a CUDA device. Returns what was switched on."""
+    pipe, done = vp.pipe, []
+    vae = getattr(pipe, "vae", None)
+    if vae_tiling and vae is not None and hasattr(vae, "enable_tiling"):
+        vae.enable_tiling()
+        done.append("vae tiling")
+    if offload == "none" or not str(device).startswith("cuda"):
+        return done
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+        done.append("model cpu offload")
+    elif offload == "group":
+        import torch
+
+        pipe.enable_group_offload(onload_device=torch.device(device), offload_device=torch.device("cpu"),
+                                  offload_type="block_level", num_blocks_per_group=1)
+        done.append("group offload (block level)")
+    else:
+        raise UserError(f"generate.video.offload: {offload!r} is not one of none, model, group")
+    return done
+
+
 def _ratio(pipe, which: str) -> int:
     """The VAE's compression as the pipeline states it (LTX: vae_*_compression_ratio; Wan:
     vae_scale_factor_*)."""
