@@ -47,6 +47,9 @@ def test_user_specs_use_their_features():
     aldar = load_spec(REPO / "specs" / "aldar_kose.yaml", require_files=False).data
     assert aldar["generate"]["storyboard"]["planner"] == "rules"
     assert aldar["generate"]["video"]["fidelity"]["fail"] == 30
+    assert aldar["generate"]["video"]["family"] == "wan22_ti2v"
+    assert aldar["generate"]["video"]["model"] == "Wan-AI/Wan2.2-TI2V-5B-Diffusers"  # from the preset
+    assert aldar["train_video"]["frame_buckets"] == [1, 17, 33] and aldar["train_video"]["base_model"] is None
     val = load_spec(REPO / "specs" / "valentina.yaml", require_files=False).data
     assert val["train"]["resolution"] == 1024  # from the sdxl-character preset
     assert val["train"]["steps"] == 2400  # the spec overrides the preset key by key

@@ -201,3 +201,25 @@ def test_plan_refuses_what_cannot_train(tmp_path: Path, extra: str, message: str
 
     with pytest.raises(UserError, match=message):
         _plan(tmp_path, extra)
+
+
+def test_aldar_kose_plans_a_video_lora_for_the_video_model(tmp_path: Path, shared_data: Path):
+    """specs/aldar_kose.yaml names generate.video.family and a train_video section: the plan has
+    both stages, the LoRA made for the video stage's Wan 2.2 5B, on a GPU."""
+    import shutil
+
+    from runner.plan.graph import expand_spec
+    from runner.spec import load_spec
+
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "specs").mkdir()
+    (tmp_path / "runner.toml").write_text("")
+    shutil.copy(repo / "specs" / "aldar_kose.yaml", tmp_path / "specs" / "aldar_kose.yaml")
+    for folder in ("reference", "illustrations"):
+        (tmp_path / "data" / "aldar_kose" / folder).mkdir(parents=True)
+        shutil.copy(shared_data / "faces" / "obama" / "obama_01.jpg", tmp_path / "data" / "aldar_kose" / folder)
+    nodes = {n.id: n for n in expand_spec(load_spec(tmp_path / "specs" / "aldar_kose.yaml"))}
+    tv, video = nodes["aldar_kose:train_video"], nodes["aldar_kose:video"]
+    assert tv.config["base_model"] == video.config["model"] == "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
+    assert "Wan 2.2 TI2V 5B" in tv.label and "Wan 2.2 TI2V 5B" in video.label
+    assert tv.gpu and video.gpu and set(tv.inputs) == {"dataset"}
