@@ -10,7 +10,11 @@ from typing import Any
 
 from runner.spec import schema as S
 
-SECTIONS = ["character", "dataset", "train", "evaluate", "generate", "hardware", "report", "publish", "tracking"]
+
+
+def sections() -> list[str]:
+    """The spec's sections in the root schema's order (each a file under schemas/sections/)."""
+    return [k for k, v in S.root_schema()["properties"].items() if "$ref" in v]
 
 
 def _type(sub: dict[str, Any]) -> str:
@@ -75,7 +79,7 @@ def render() -> str:
         "",
     ]
     root = S.root_schema()
-    for section in SECTIONS:
+    for section in sections():
         sch = S.section_schema(section)
         required = " (required)" if section in root.get("required", []) else ""
         out += [f"## `{section}`{required}", "", sch.get("description", ""), "",
