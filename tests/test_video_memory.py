@@ -112,3 +112,11 @@ def test_apply_memory_switches():
     assert calls == ["tiling", ("model", "cuda"), ("group", "block_level")]
     with pytest.raises(UserError, match="offload"):
         video_models.apply_memory(vp, offload="disk", vae_tiling=False, device="cuda")
+
+
+def test_video_stage_notes():
+    spec = {"character": {"name": "a"}, "hardware": {"backend": "modal", "gpu": "H100"}}
+    cfg = {"model": "Wan-AI/Wan2.2-I2V-A14B-Diffusers", "frames": 81, "width": 832, "height": 480}
+    (note,) = memory.video_stage_notes(spec, cfg, families.get("wan22_i2v"))
+    assert "generating 81x480x832" in note and "offload none" in note
+    assert memory.video_stage_notes(spec, {**cfg, "model": "builtin:tiny-wan22-i2v"}, families.get("wan22_i2v")) == ()

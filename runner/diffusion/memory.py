@@ -1034,3 +1034,19 @@ def video_generate_note(node_id: str, family: Any, frames: int, width: int, heig
                 return note + f"; DOES NOT FIT: offload {off} with VAE tiling would (~{gib(p)} GiB)"
         return note + "; DOES NOT FIT even with group offload and VAE tiling: fewer frames or a smaller size"
     return note
+
+
+def video_stage_notes(spec: Mapping[str, Any], config: Mapping[str, Any], family: Any) -> tuple[str, ...]:
+    """The video stage's plan note (one call from runner/stages/video.py expand): its clip shape,
+    the GPU it runs on, and ``generate.video.offload`` / ``vae_tiling`` when the schema has them
+    (today the stage loads everything on the device, untiled: offload none, tiling off)."""
+    if family is None or video_sizes(family) is None or str(config.get("model", "")).startswith("builtin:"):
+        return ()  # tiny random models: the figures are of the real ones
+    from runner.spec.sections import HardwareConfig
+
+    hw = HardwareConfig.from_dict(spec.get("hardware") or {})
+    target = target_of(hw, hw.stage_gpu.get("video") or hw.gpu)
+    note = video_generate_note(f"{config.get('model', '')}", family, int(config["frames"]), int(config["width"]),
+                               int(config["height"]), target, offload=str(config.get("offload") or "none"),
+                               vae_tiling=bool(config.get("vae_tiling", False)))
+    return (note,) if note else ()

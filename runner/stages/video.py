@@ -166,9 +166,11 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
     label = _label(config, key_frames)
     fam = _family_of(config, graph.project_root)  # cheap: a builtin's, a folder's, a hub id's pattern
     label += f" on {fam.title}" if fam is not None else ""
+    from runner.diffusion import memory  # the plan's GPU memory note (issue 16 part 4)
     return [contract.PlanNode(id=contract.node_id(graph.character, "video"), kind="video", character=graph.character,
                               config=config, inputs=inputs, outputs=("video",), gpu=stage_gpu(spec, "video"),
-                              label=label, unkeyed=("price", "targets"))]
+                              label=label, unkeyed=("price", "targets"),
+                              notes=memory.video_stage_notes(spec, config, fam))]
 
 
 def _family_of(config: dict[str, Any], project_root: Path):
