@@ -752,7 +752,7 @@ class _fused_attention:
 # ---------------------------------------------------------------------------------------------
 # video families (issue 16 part 4): LoRA training and generation, estimated from the real models'
 # published configs. Parameter counts: the diffusers classes built on the meta device with the
-# configs' numbers (bench/memory/real_sizes.py --video). Activations per token are *computed from
+# configs' numbers (bench/memory/video_sizes.py). Activations per token are *computed from
 # the block's shape* (not profiled, not measured on a GPU; there was none): a transformer block
 # keeps about 20 x dim + 3 x ffn_dim bf16 values per token for its backward (norms, q/k/v/out,
 # the FFN's input, hidden and activation, LoRA input copies); with checkpointing only the block
@@ -795,7 +795,7 @@ class VideoSizes:
 
 
 _VIDEO_SOURCE = ("parameter counts: diffusers classes on the meta device with the published config.json "
-                 "numbers (bench/memory/real_sizes.py --video); activations computed from the block shape; "
+                 "numbers (bench/memory/video_sizes.py); activations computed from the block shape; "
                  "not measured on a GPU")
 TILE_FRAMES = 16  # frames of a temporal tile (diffusers' LTX VAEs, tile_sample_min_num_frames)
 VIDEO_SIZES: dict[str, VideoSizes] = {
