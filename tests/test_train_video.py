@@ -223,3 +223,4 @@ def test_aldar_kose_plans_a_video_lora_for_the_video_model(tmp_path: Path, share
     assert tv.config["base_model"] == video.config["model"] == "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
     assert "Wan 2.2 TI2V 5B" in tv.label and "Wan 2.2 TI2V 5B" in video.label
     assert tv.gpu and video.gpu and set(tv.inputs) == {"dataset"}
+    assert any("peak GPU memory" in n and "33x512x512" in n for n in tv.notes), tv.notes

@@ -63,7 +63,8 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
     nodes = []
     for variant, ov in variant_runs(typed.train_video, KIND):
         cfg = node_config(section, spec, variant=variant, overrides=ov)
-        nodes.append(with_tracking(_node(cfg, variant, dict(inputs), gpu, graph), spec, graph))
+        node = _node(cfg, variant, dict(inputs), gpu, graph)
+        nodes.append(with_tracking(_memory_note(node, hw, gpu, graph), spec, graph))
     return nodes
 
 
@@ -101,6 +102,28 @@ def _node(cfg: dict[str, Any], variant: str | None, inputs: dict[str, contract.I
         label += f" (variant {variant})"
     return contract.PlanNode(id=contract.node_id(node.character, KIND, variant), kind=KIND, character=node.character,
                              config=cfg, inputs=inputs, outputs=("lora", "logs"), gpu=gpu, label=label)
+
+
+def _memory_note(node: contract.PlanNode, hardware: Any, gpu: str | None,
+                 graph: contract.GraphView) -> contract.PlanNode:
+    """The stage's estimated peak GPU memory at its largest frame bucket and resolution
+    (runner.diffusion.memory); a stage that cannot fit its GPU is refused there (exit 2),
+    naming the settings and frame counts that would fit."""
+    from runner.diffusion import memory
+    from runner.diffusion.video_trainer import VideoTrainerConfig
+
+    cfg = VideoTrainerConfig.from_dict(node.config)
+    fam = family_of(cfg, graph.project_root)
+    if fam is None or cfg.base_model.startswith("builtin:"):
+        return node  # unknown family, or a tiny random model: the figures are the real models'
+    side = int(cfg.resolution)
+    note = memory.video_train_note(node.id, fam, max(int(f) for f in cfg.frame_buckets), side, side,
+                                   cfg.memory.to_dict() if cfg.memory else {}, memory.target_of(hardware, gpu),
+                                   rank=cfg.lora.rank, batch_size=cfg.batch_size, optimizer=cfg.optimizer,
+                                   gradient_checkpointing=cfg.gradient_checkpointing, experts=cfg.experts)
+    if note:
+        node.notes = (*node.notes, note)
+    return node
 
 
 def family_of(node: Any, project_root: Path):
