@@ -96,8 +96,8 @@ def validate(specs: tuple[str, ...], allow_outside_project: bool, require_files:
 def _plan_line(ps: Any, estimate: Any = None) -> str:
     sym = {"run": "+", "rerun": "~", "resume": ">", "cached": "="}[ps.action]
     extra = ""
-    if estimate is not None:  # a remote stage: its GPU on Modal and what a run would cost
-        extra = f"  [modal {estimate.gpu}, {estimate.short()}: {estimate.note}]"
+    if estimate is not None:  # its GPU (on Modal or here) and what a run would take / cost
+        extra = f"  [{estimate.backend} {estimate.gpu}, {estimate.short()}: {estimate.note}]"
     elif ps.node.gpu:  # runs here; the GPU type only applies on a remote backend
         extra = "  [gpu stage, local]"
     return f"  {sym} {ps.id:<38} {ps.action:<7} {'; '.join(ps.reasons)}{extra}"
@@ -115,7 +115,8 @@ def _print_plan(plan: Any, specs: list[Any], *, header: bool = True, estimates: 
             click.echo(f"      {note}")
     click.echo(plan.summary())
     _warn_uncached_models(plan)
-    todo = [estimates[ps.id] for ps in plan.stages if ps.id in estimates and ps.will_execute]
+    todo = [estimates[ps.id] for ps in plan.stages if ps.id in estimates and ps.will_execute
+            and getattr(estimates[ps.id], "backend", "modal") == "modal"]
     if todo:
         cur = todo[0].currency
         click.echo(f"Estimated Modal cost of this plan: ~{sum(e.cost for e in todo):.2f} {cur} "
@@ -190,7 +191,8 @@ def plan(specs: tuple[str, ...], resolved: bool, as_json: bool, detailed_exitcod
             data["uncached_models"] = [m.as_json() for m in uncached_models(p)]
             for st in data["stages"]:
                 if st["stage"] in estimates:
-                    st["remote"] = {"backend": "modal", **estimates[st["stage"]].as_json()}
+                    est = estimates[st["stage"]].as_json()
+                    st["remote" if est["backend"] == "modal" else "estimate"] = est
             data["review_orphans"] = _review_orphans(p, ws, loaded)
             click.echo(json.dumps(data, indent=2))
         else:

@@ -15,6 +15,16 @@ def stage_gpu(node: contract.PlanNode, hardware: dict[str, Any] | None, backend:
     return remote_gpu(node.kind, node.gpu, hardware) if backend == "modal" else None
 
 
+#: The device name a local stage's estimates learn under when the spec names no hardware.gpu.
+LOCAL_DEVICE = "local"
+
+
+def local_device(hardware: dict[str, Any] | None) -> str:
+    """The device a stage running here is estimated on: the spec's ``hardware.gpu`` (priced when
+    hardware.price_table names it), else ``local`` (time only)."""
+    return str((hardware or {}).get("gpu") or LOCAL_DEVICE)
+
+
 # --------------------------------------------------------------------------- estimates (plan)
 
 # The wall time `runner plan` assumes for a remote stage whose kind declares no
@@ -41,14 +51,19 @@ class Estimate:
     units: float | None = None  # the work this execution does (from the node config), e.g. 12
     unit: str | None = None  # ... in these units: "clip", "step", "image"
     per_unit_s: float | None = None  # learned seconds per unit (None: learned per execution, or default)
+    backend: str = "modal"  # "modal" | "local" (then ``gpu`` is the local device, cost 0 when unpriced)
+    priced: bool = True  # False: no price for ``gpu`` in the table (the estimate is time only)
 
     def as_json(self) -> dict[str, Any]:
         return {"gpu": self.gpu, "seconds": round(self.seconds, 1), "cost": self.cost,
                 "currency": self.currency, "source": self.source, "runs": self.runs, "note": self.note,
                 "units": self.units, "unit": self.unit,
-                "per_unit_s": None if self.per_unit_s is None else round(self.per_unit_s, 4)}
+                "per_unit_s": None if self.per_unit_s is None else round(self.per_unit_s, 4),
+                "backend": self.backend, "priced": self.priced}
 
     def short(self) -> str:
+        if not self.priced:
+            return f"~{_minutes(self.seconds)}, time only"
         return f"~{self.cost:.2f} {self.currency}"
 
 
@@ -88,20 +103,21 @@ def work_of(kind: contract.StageKind | None, node: contract.PlanNode) -> tuple[f
     return (float(got[0]), str(got[1])) if got and got[0] and got[0] > 0 else None
 
 
-def load_history(db: Any, kinds: list[str] | set[str],
-                 limit: int = HISTORY_RUNS) -> dict[tuple[str, str], list[PastRun]]:
-    """The latest ``limit`` successful remote runs per (kind, GPU) of ``kinds``, newest first, in
-    one query (on the index executions_learn)."""
+def load_history(db: Any, kinds: list[str] | set[str], limit: int = HISTORY_RUNS,
+                 backend: str = "modal") -> dict[tuple[str, str], list[PastRun]]:
+    """The latest ``limit`` successful runs on ``backend`` per (kind, GPU) of ``kinds``, newest
+    first, in one query (on the index executions_learn). Local rows carry no GPU: they are keyed
+    by :data:`LOCAL_DEVICE`."""
     kinds = sorted(set(kinds))
     if db is None or not kinds:
         return {}
     marks = ",".join("?" * len(kinds))
     rows = db.execute(
         "SELECT kind, gpu, stage_id, duration, metrics FROM ("
-        " SELECT kind, gpu, stage_id, duration, metrics, ROW_NUMBER() OVER"
+        " SELECT kind, COALESCE(gpu, ?) AS gpu, stage_id, duration, metrics, ROW_NUMBER() OVER"
         "  (PARTITION BY kind, gpu ORDER BY started DESC) AS n FROM executions"
-        f"  WHERE kind IN ({marks}) AND status='succeeded' AND backend='modal')"
-        " WHERE n <= ? ORDER BY kind, gpu, n", (*kinds, int(limit))).fetchall()
+        f"  WHERE kind IN ({marks}) AND status='succeeded' AND backend=?)"
+        " WHERE n <= ? ORDER BY kind, gpu, n", (LOCAL_DEVICE, *kinds, backend, int(limit))).fetchall()
     out: dict[tuple[str, str], list[PastRun]] = {}
     for kind, gpu, stage_id, duration, metrics in rows:
         try:
@@ -140,19 +156,23 @@ def estimate_stage(node: contract.PlanNode, hardware: dict[str, Any] | None, bac
                    db: Any = None, typical_seconds: float | None = None, *,
                    history: dict[tuple[str, str], list[PastRun]] | None = None,
                    work: tuple[float, str] | None = None) -> Estimate | None:
-    """Estimated GPU type, time and cost of running ``node`` remotely (None when it runs locally).
+    """Estimated GPU type, time and cost of running ``node`` on ``backend`` (None for a remote
+    backend that gives it no GPU). Locally (``backend="local"``) the device is
+    :func:`local_device` and history is that of local runs (keyed ``local``: a local row records
+    no GPU); the cost is the price table's for ``hardware.gpu`` when it names one, else time only.
 
     Learned from the latest successful runs of its kind on the same GPU (``history``, from
     :func:`load_history`; read from ``db`` when not given), those of this very stage first: where
     the node's ``work`` (units, unit) is known and earlier runs recorded theirs, the median
     seconds per unit times this node's units; else the median seconds per execution. With no
     earlier run, ``typical_seconds`` (its kind's declared typical duration) or the fallback."""
-    gpu = stage_gpu(node, hardware, backend)
+    local = backend != "modal"
+    gpu = local_device(hardware) if local else stage_gpu(node, hardware, backend)
     if gpu is None:
         return None
     if history is None:
-        history = load_history(db, [node.kind])
-    runs = history.get((node.kind, gpu), [])
+        history = load_history(db, [node.kind], backend="local" if local else "modal")
+    runs = history.get((node.kind, LOCAL_DEVICE if local else gpu), [])
     per_unit_s = None
     counted = [r for r in runs if work is not None and r.units and r.unit == work[1]]
     picked, which = _pick(counted, node)
@@ -172,11 +192,15 @@ def estimate_stage(node: contract.PlanNode, hardware: dict[str, Any] | None, bac
         else:
             seconds = typical_seconds or FALLBACK_DURATION_S
             note = f"no earlier runs: price table x default estimate for {node.kind} ({seconds / 60:.0f} min) (default)"
+            if work is not None:
+                note += f"; {seconds / work[0]:.3g} s per {work[1]} x {work[0]:g} {work[1]}s"
     source, runs_n = ("history", len(picked)) if picked else ("default", 0)
     price, currency = stage_cost(seconds, gpu, hardware)
-    if gpu not in price_table(hardware):
-        note += f"; no price for {gpu!r}: add it to hardware.price_table"
+    priced = gpu in price_table(hardware)
+    if not priced:
+        note += (f"; no price for {gpu!r}: add it to hardware.price_table" if not local or gpu != LOCAL_DEVICE
+                 else "; time only (no hardware.gpu to price)")
     return Estimate(node.id, gpu, seconds, round(price, 2), currency, source, runs_n, note,
                     units=None if work is None else work[0], unit=None if work is None else work[1],
-                    per_unit_s=per_unit_s)
+                    per_unit_s=per_unit_s, backend="local" if local else "modal", priced=priced or not local)
 

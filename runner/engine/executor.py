@@ -127,7 +127,8 @@ def _check_backend(options: ApplyOptions, plan: Plan) -> list[str]:
 
 
 def plan_estimates(plan: Plan, backend: str | None = None, ws: Workspace | None = None) -> dict[str, cost_mod.Estimate]:
-    """Estimated GPU and cost of every remote stage of ``plan`` (``runner plan`` shows them):
+    """Estimated GPU, time and cost of every remote stage of ``plan`` and of every local GPU stage
+    whose kind declares ``typical_seconds`` or ``work_units`` (``runner plan`` shows them):
     learned from the latest earlier runs of its kind on its GPU in the state database (per clip,
     per step, ... where the kind declares ``work_units``), else from the price table and the
     typical duration its kind declares (each estimate says which)."""
@@ -135,14 +136,20 @@ def plan_estimates(plan: Plan, backend: str | None = None, ws: Workspace | None 
     opts = ApplyOptions(backend=backend)
     db = ws.db if ws is not None and ws.exists() else None
     remote = [ps for ps in plan.stages if is_remote(ps.node, plan.graph, opts)]
-    history = cost_mod.load_history(db, {ps.node.kind for ps in remote})  # one query for the plan
-    for ps in remote:
-        hardware = plan.graph.specs[ps.node.character].data.get("hardware", {})
-        kind = plan.graph.registry.get(ps.node.kind)
-        est = cost_mod.estimate_stage(ps.node, hardware, "modal", db, kind.typical_seconds, history=history,
-                                      work=cost_mod.work_of(kind, ps.node))
-        if est is not None:
-            out[ps.id] = est
+    remote_ids = {ps.id for ps in remote}
+    registry = plan.graph.registry
+    local = [ps for ps in plan.stages if ps.id not in remote_ids and ps.node.gpu and ps.node.kind in registry
+             and (registry.get(ps.node.kind).typical_seconds or registry.get(ps.node.kind).work_units)]
+    history = cost_mod.load_history(db, {ps.node.kind for ps in remote})  # one query per backend
+    history_here = cost_mod.load_history(db, {ps.node.kind for ps in local}, backend="local")
+    for backend, stages, hist in (("modal", remote, history), ("local", local, history_here)):
+        for ps in stages:
+            hardware = plan.graph.specs[ps.node.character].data.get("hardware", {})
+            kind = registry.get(ps.node.kind)
+            est = cost_mod.estimate_stage(ps.node, hardware, backend, db, kind.typical_seconds, history=hist,
+                                          work=cost_mod.work_of(kind, ps.node))
+            if est is not None:
+                out[ps.id] = est
     return out
 
 
