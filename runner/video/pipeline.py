@@ -587,7 +587,8 @@ def _prototype(obs: list[FaceObs], strict: list[FaceObs],
 def _timeline_entry(o: FaceObs, st: float, strict: bool, loose_failures: list[str], tau: float) -> dict[str, Any]:
     entry = {"frame_idx": o.frame_idx, "t_s": round(o.timestamp_ms / 1000.0, 3), "stable": round(st, 4),
              "strict": strict, "loose": not loose_failures, "detector": o.detector or "backend",
-             "novelty": None, "action": "", "identity": "embedding" if o.admitted is None else "track_continuity"}
+             "novelty": None, "action": "", "identity": "embedding" if o.admitted is None else "track_continuity",
+             "box": [round(float(v), 1) for v in o.box]}  # face box, frame pixels (runner/video/clips.py)
     if loose_failures:
         entry["action"] = "gate:" + "; ".join(loose_failures)
     elif st < tau and o.admitted is None:
