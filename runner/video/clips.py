@@ -17,6 +17,24 @@ from typing import Any
 SHOTS = ("extreme_close_up", "close_up", "medium", "full_body", "wide")
 
 
+def write_mp4(images: list[Any], path: Path, fps: int, *, crf: int = 20) -> dict[str, Any]:
+    """PIL images -> H.264 mp4 (yuv420p, even sides) with PyAV; {width, height, frames}."""
+    import av
+    import numpy as np
+
+    w, h = images[0].size
+    w, h = w - w % 2, h - h % 2
+    with av.open(str(path), mode="w", format="mp4") as out:
+        st = out.add_stream("libx264", rate=int(fps))
+        st.width, st.height, st.pix_fmt = w, h, "yuv420p"
+        st.options = {"crf": str(crf), "preset": "veryfast"}
+        for im in images:
+            arr = np.ascontiguousarray(np.asarray(im.convert("RGB"))[:h, :w])
+            out.mux(st.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")))
+        out.mux(st.encode())
+    return {"width": w, "height": h, "frames": len(images)}
+
+
 def shot_of(face_share: float) -> str:
     """Shot type from the face box's share of the crop's height."""
     if face_share >= 0.6:
@@ -100,7 +118,6 @@ def cut_clips(video: Path, identity_dir: Path, out_dir: Path, *, frames: int = 3
     """Write clips/<id>.mp4 + clips.jsonl + summary.json under ``out_dir``; returns the summary."""
     from PIL import Image
 
-    from runner.generate.ltx import export_mp4
     from runner.video.decode import VideoDecodeError, iter_frames, probe_video
 
     (out_dir / "clips").mkdir(parents=True, exist_ok=True)
@@ -137,7 +154,7 @@ def cut_clips(video: Path, identity_dir: Path, out_dir: Path, *, frames: int = 3
         face_h = sum(b[3] - b[1] for b in boxes) / len(boxes)
         shot = shot_of(face_h / max(1, box[3] - box[1]))
         cid = f"p{pid}_f{s:06d}"
-        meta = export_mp4(imgs, out_dir / "clips" / f"{cid}.mp4", int(round(fps / stride)))
+        meta = write_mp4(imgs, out_dir / "clips" / f"{cid}.mp4", int(round(fps / stride)))
         records.append({"id": cid, "clip": f"clips/{cid}.mp4",
                         "caption": caption.format_map({"trigger": trigger, "class": class_word,
                                                        "shot": shot.replace("_", " ")}),
