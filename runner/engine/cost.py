@@ -20,9 +20,10 @@ LOCAL_DEVICE = "local"
 
 
 def local_device(hardware: dict[str, Any] | None) -> str:
-    """The device a stage running here is estimated on: the spec's ``hardware.gpu`` (priced when
-    hardware.price_table names it), else ``local`` (time only)."""
-    return str((hardware or {}).get("gpu") or LOCAL_DEVICE)
+    """The device a stage running here is estimated on: this machine (``local``). ``hardware.gpu``
+    names the remote GPU, not this machine's, so local estimates are time only, learned from
+    earlier local runs."""
+    return LOCAL_DEVICE
 
 
 # --------------------------------------------------------------------------- estimates (plan)
@@ -190,10 +191,10 @@ def estimate_stage(node: contract.PlanNode, hardware: dict[str, Any] | None, bac
             note = (f"~{_minutes(seconds)} (learned from {n} run{'s' if n != 1 else ''} of {which} on {gpu}: "
                     "median per execution)")
         else:
+            if local:  # the kinds' typical durations are GPU figures: nothing to go by on this machine yet
+                return None
             seconds = typical_seconds or FALLBACK_DURATION_S
             note = f"no earlier runs: price table x default estimate for {node.kind} ({seconds / 60:.0f} min) (default)"
-            if work is not None:
-                note += f"; {seconds / work[0]:.3g} s per {work[1]} x {work[0]:g} {work[1]}s"
     source, runs_n = ("history", len(picked)) if picked else ("default", 0)
     price, currency = stage_cost(seconds, gpu, hardware)
     priced = gpu in price_table(hardware)
