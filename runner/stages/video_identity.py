@@ -35,8 +35,9 @@ from runner.stages.common import IMAGE_EXTENSIONS, rel_path, review_section, wri
 
 KIND = "video_identity"
 # 2: anchor_001.jpg / cov_<bucket>.jpg / challenge_001.jpg layout, meta.json fields (issue 15);
-# 3: turned faces admitted by track continuity, "identity" in meta
-VERSION = 3
+# 3: turned faces admitted by track continuity, "identity" in meta; 4: timeline.json entries carry the
+# face box (what the clip cutter for video LoRAs crops around, runner/video/clips.py)
+VERSION = 4
 REFERENCE_EXTS = IMAGE_EXTENSIONS
 
 def video_option_defaults() -> dict[str, Any]:
