@@ -157,7 +157,7 @@ dataset:
   captions: {{model: {captions}}}
   export: {{formats: [kohya, identity_crops], identity_crops: {{background: {{model: {matting}, session: u2net}}}}}}
 train: {{base_model: {base}, steps: 2, resolution: 64}}
-train_video: {{base_model: {video_lora_base}, model_family: ltx_video, steps: 2, resolution: 64}}
+train_video: {{base_model: {video_lora_base}, model_family: wan22_ti2v, steps: 2, resolution: 64}}
 evaluate: {{clip_model: {clip}, dino_model: {dino}, seeds: [1], resolution: 64, prompts_per_category: 1}}
 generate:
   storyboard:
@@ -242,7 +242,7 @@ def test_plan_is_quiet_about_builtin_local_and_cached_models(tmp_path, shared_da
 
     values = {slot: "builtin:tiny-clip" if slot in ("clip", "validation_clip") else "builtin:tiny-dino"
               for slot in SLOTS}
-    values.update(base="builtin:tiny-sd", video="builtin:tiny-ltx", video_lora_base="builtin:tiny-ltx", upsampler="builtin:tiny-ltx-upsampler",
+    values.update(base="builtin:tiny-sd", video="builtin:tiny-ltx", video_lora_base="builtin:tiny-wan22-ti2v", upsampler="builtin:tiny-ltx-upsampler",
                   ip_adapter="builtin:tiny-ip-adapter", controlnet="../models/cn", captions="test-org/cached-captioner",
                   general_model="builtin:tiny-dino", pose="builtin:tiny-dwpose", matting="rembg:u2net")
     spec = plan_project(tmp_path, shared_data, values)

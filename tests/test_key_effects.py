@@ -173,7 +173,7 @@ CONTEXTS: list[tuple[str, dict[str, Any]]] = [
     ("evaluate.suite", {"evaluate.categories": [], "evaluate.targets": {}}),
     ("train.steps", {"train.phases": []}),
     ("train_video.steps", {"train_video.phases": []}),
-    ("train_video.model_family", {"train_video.base_model": "Lightricks/LTX-Video"}),
+    ("train_video.model_family", {"train_video.base_model": "Wan-AI/Wan2.2-TI2V-5B-Diffusers"}),
     *((f"generate.storyboard.reference_guided.{k}", {"generate.storyboard.reference_guided.control": "pose"})
       for k in ("pose_model", "pose_detector_file", "pose_estimator_file", "pose_parts")),
 ]
@@ -205,7 +205,8 @@ CHANGES: dict[str, Any] = {
     "train.phases.[].name": "renamed",
     "train.phases.[].mix": "natural",
     "train.variants": {"wide": {"lora": {"rank": 64}}},
-    "train_video.base_model": "builtin:tiny-ltx",
+    "train_video.base_model": "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+    "train_video.model_family": "wan22_ti2v",
     "train_video.resolution": 256,
     "train_video.frame_buckets": [1, 9],
     "train_video.lora.alpha": 8,

@@ -178,22 +178,24 @@ def _plan(tmp_path: Path, extra: str):
 
 
 def test_plan_takes_the_video_model_and_makes_a_stage_per_variant(tmp_path: Path):
-    nodes = _plan(tmp_path, "generate:\n  video: {model: builtin:tiny-ltx, source: photos/x.png}\n"
+    nodes = _plan(tmp_path, "generate:\n  video: {model: builtin:tiny-wan22-ti2v, source: photos/x.png}\n"
                             "train_video:\n  frame_buckets: [1, 17]\n  variants: {rank8: {lora: {rank: 8}}}\n")
     base, r8 = nodes["hero:train_video[base]"], nodes["hero:train_video[rank8]"]
-    assert base.config["base_model"] == r8.config["base_model"] == "builtin:tiny-ltx"
+    assert base.config["base_model"] == r8.config["base_model"] == "builtin:tiny-wan22-ti2v"
     assert r8.config["lora"]["rank"] == 8 and base.config["lora"]["rank"] == 16
-    assert "LTX-Video 0.9" in base.label and set(base.inputs) == {"dataset"}
+    assert "Wan 2.2 TI2V 5B" in base.label and set(base.inputs) == {"dataset"}
 
 
 @pytest.mark.parametrize("extra, message", [
-    ("train_video: {base_model: builtin:tiny-ltx, frame_buckets: [1, 12]}",
-     r"train_video.frame_buckets: 12 is not k x 8 \+ 1 \(nearest: 9, 17\) for LTX-Video 0.9"),
+    ("train_video: {base_model: builtin:tiny-wan22-ti2v, frame_buckets: [1, 12]}",
+     r"train_video.frame_buckets: 12 is not k x 4 \+ 1 \(nearest: 9, 13\) for Wan 2.2 TI2V 5B"),
+    ("train_video: {base_model: builtin:tiny-ltx}", r"training a LoRA for LTX-Video 0.9 \(ltx_video\) is not built"),
+    ("train_video: {base_model: builtin:tiny-wan22-i2v}", r"Wan 2.2 I2V A14B \(wan22_i2v\) is not built"),
     ("train_video: {base_model: builtin:tiny-sd}", r"builtin:tiny-sd is .*an image model"),
-    ("train_video: {base_model: builtin:tiny-ltx, model_family: wan22_ti2v}",
-     r"model_family is wan22_ti2v but .* is a LTX-Video 0.9 model"),
+    ("train_video: {base_model: builtin:tiny-wan22-ti2v, model_family: ltx2}",
+     r"model_family is ltx2 but .* is a Wan 2.2 TI2V 5B model"),
     ("train_video: {}", r"train_video.base_model is not set and the spec has no generate.video"),
-    ("train_video: {base_model: builtin:tiny-ltx, images: {use: false}, clips: {enabled: false}}",
+    ("train_video: {base_model: builtin:tiny-wan22-ti2v, images: {use: false}, clips: {enabled: false}}",
      "train_video has nothing to train on"),
 ])
 def test_plan_refuses_what_cannot_train(tmp_path: Path, extra: str, message: str):

@@ -963,7 +963,7 @@ class LoraTrainer:
         import torch
 
         losses, prior_losses, shots = [], [], {}
-        reg_w = float(self.cfg.regularization.prior_loss_weight)
+        reg_w = float(self.cfg.regularization.prior_loss_weight) if reg_sampler is not None else 0.0
         max_norm = float(self.cfg.max_grad_norm)
         grad_norm = None
         for micro in range(self.ga):
@@ -1056,7 +1056,7 @@ class LoraTrainer:
             "history": [{"step": h["step"], "phase": h["phase"], "val_loss": h["val_loss"], "samples": h["samples"]}
                         for h in self.history],
             "sample_prompts": self._sample_prompts(),
-            "sample_seeds": [int(s) for s in cfg.checkpoints.sample_seeds],
+            "sample_seeds": [int(s) for s in getattr(cfg.checkpoints, "sample_seeds", ())],
             "rank": self.rank,
             "alpha": self.alpha,
             "buckets": {"resolution": self.bucket_settings.resolution, **self.bucket_settings.kohya()},

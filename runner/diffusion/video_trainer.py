@@ -320,7 +320,7 @@ class VideoLoraTrainer(LoraTrainer):
                               or None, dropout=float(lcfg.dropout), seed=_seed(self.cfg.seed))
         except UserError as exc:
             raise TrainError(f"train_video.lora.target_modules: {exc.message}", hint=exc.hint) from None
-        self.modules = families.lora_modules(self.c)
+        self.modules = videokit.lora_modules(self.c)
         self.trained = list(self.modules.values())
         self._check_comfy_names()
         if self.weight_dtype != torch.float32:
@@ -377,7 +377,10 @@ class VideoLoraTrainer(LoraTrainer):
                      timesteps=timesteps)
 
     def _samples(self, folder: Path) -> list[str]:
-        return []  # clips per checkpoint: the evaluate_video stage
+        return []  # clips per checkpoint cost minutes on a GPU: not made while training
+
+    def _sample_prompts(self) -> list[str]:
+        return []
 
     def _save_lora_files(self, folder: Path, step: int) -> dict[str, str | None]:
         """The family's diffusers file(s) (a second one for a second expert) and, where the family

@@ -130,6 +130,7 @@ def family_of(node: Any, project_root: Path):
     """The video family of a train_video node, read cheaply (train_video.model_family, a builtin's
     name, a folder's model index, a hub id's pattern); an image model or a contradiction is refused."""
     from runner.diffusion import families
+    from runner.diffusion.families import videokit
 
     ref, named = node.base_model, node.model_family
     if ref.startswith("builtin:"):
@@ -146,9 +147,13 @@ def family_of(node: Any, project_root: Path):
         raise contract.StageError(f"train_video.model_family is {named} but train_video.base_model {ref} is a "
                                   f"{sure.title} model ({sure.name})",
                                   hint=f"Set train_video.model_family to {sure.name} or auto.")
-    if named != "auto":
-        return families.get(named)
-    return sure or families.family_of_ref(ref, project_root=project_root, modality="video")
+    fam = families.get(named) if named != "auto" else (
+        sure or families.family_of_ref(ref, project_root=project_root, modality="video"))
+    if fam is not None and not videokit.trainable(fam):
+        built = ", ".join(f.name for f in families.all_families("video") if videokit.trainable(f))
+        raise contract.StageError(f"train_video: training a LoRA for {fam.title} ({fam.name}) is not built yet",
+                                  hint=f"The video families train_video trains: {built}.")
+    return fam
 
 
 def _check_frames(node: Any, fam: Any) -> None:

@@ -348,7 +348,7 @@ def _noise(c: Components, batch: Batch):
         return batch.noise.to(x0.device, torch.float32)
     noise = torch.randn(x0.shape, generator=batch.generator)
     if c.objective.noise_offset > 0:
-        offset = torch.randn((x0.shape[0], x0.shape[1], 1, 1), generator=batch.generator)
+        offset = torch.randn((x0.shape[0], x0.shape[1]) + (1,) * (x0.ndim - 2), generator=batch.generator)
         noise = noise + c.objective.noise_offset * offset
     return noise.to(x0.device)
 
@@ -396,7 +396,7 @@ def shift_sigmas(c: Components, u, seq_len: int):
     if c.objective.shift is None and cfg.get("use_dynamic_shifting"):
         mu = dynamic_mu(cfg, seq_len)
         return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
-    shift = float(c.objective.shift if c.objective.shift is not None else cfg.get("shift", 1.0))
+    shift = float(c.objective.shift if c.objective.shift is not None else cfg.get("shift", cfg.get("flow_shift", 1.0)))
     return shift * u / (1 + (shift - 1) * u)
 
 
@@ -409,21 +409,35 @@ def dynamic_mu(cfg, seq_len: int) -> float:
     return seq_len * m + base - m * base_len
 
 
+def _clean_key_frame(c: Components, x0) -> bool:
+    """A video family that conditions on the key frame by keeping a clip's first latent frame
+    clean (``video.key_frame == "clean_first"``), on a clip of more than one latent frame (a still
+    trains as text-to-video)."""
+    video = c.family.video
+    return bool(video is not None and video.key_frame == "clean_first" and x0.ndim == 5 and x0.shape[2] > 1)
+
+
 def _flow_loss(c: Components, batch: Batch, weighted: bool):
+    import torch
     from diffusers.training_utils import compute_loss_weighting_for_sd3
 
     x0 = batch.latents.float()
     noise = _noise(c, batch)
     if batch.timesteps is None:
         seq_len = (x0.shape[-2] // c.family.latents.patch) * (x0.shape[-1] // c.family.latents.patch)
+        seq_len *= x0.shape[2] if x0.ndim == 5 else 1  # a clip's latent frames (B, C, F, H, W)
         sigmas = sample_sigmas(c, x0.shape[0], seq_len, batch.generator)
     else:
         sigmas = batch.timesteps.float() / 1000.0
     sigmas = sigmas.to(x0.device)
     s = sigmas.view(-1, *([1] * (x0.ndim - 1)))
     noisy = (1.0 - s) * x0 + s * noise
+    clean_first = _clean_key_frame(c, x0)
+    if clean_first:  # the key frame's latent frame stays clean, as the pipeline keeps it
+        noisy = torch.cat([x0[:, :, :1], noisy[:, :, 1:]], dim=2)
     pred = c.family.predict(c, noisy, sigmas, batch)
-    per = ((pred.float() - (noise - x0)) ** 2).mean(dim=tuple(range(1, x0.ndim)))
+    err = (pred.float() - (noise - x0)) ** 2
+    per = (err[:, :, 1:] if clean_first else err).mean(dim=tuple(range(1, x0.ndim)))
     if weighted and c.objective.weighting in ("sigma_sqrt", "cosmap"):
         per = per * compute_loss_weighting_for_sd3(c.objective.weighting, sigmas).float()
     return per

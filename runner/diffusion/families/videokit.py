@@ -64,6 +64,9 @@ class VideoArgs:
     prepare: Callable[[Any], None] | None = None  # run on the loaded pipeline before the first clip
     # families sharing a pipeline class (Wan 2.2 A14B / 5B) tell a folder apart by its model_index.json
     index_match: Callable[[Mapping[str, Any]], bool] | None = None
+    # how training conditions on the key frame: "clean_first" (the first latent frame of a clip is
+    # kept clean and left out of the loss, as the pipeline keeps it: Wan 2.2 TI2V), or "none"
+    key_frame: str = "none"
 
     @property
     def frame_rule(self) -> str:
@@ -94,6 +97,26 @@ class VideoArgs:
 
 # ---------------------------------------------------------------------------------------------
 # the family functions video families share
+
+
+def trainable(family) -> bool:
+    """Whether the runner trains LoRAs for this video family (its latents and denoiser call are built)."""
+    return family.predict is not not_trained
+
+
+def select_experts(c, experts: str) -> None:
+    """The denoisers a run trains (``c.experts``): the family's one transformer; Wan 2.2 A14B's two
+    experts are not trained yet (refused with a UserError naming the key)."""
+    names = c.family.video.experts if c.family.video else (c.family.denoiser,)
+    if len(names) > 1:
+        raise UserError(f"training a LoRA for {c.family.title}'s two experts is not built yet",
+                        hint="Train Wan 2.2 TI2V 5B (wan22_ti2v) for now.")
+    c.experts = tuple(names)
+
+
+def lora_modules(c) -> dict:
+    """{component: module} of the denoisers with the LoRA (``select_experts`` chose them)."""
+    return {name: getattr(c.pipe, name) for name in getattr(c, "experts", (c.family.denoiser,))}
 
 
 def not_trained(*_args, **_kwargs):

@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from runner.diffusion.families.base import Family, GenerationArgs, LatentFormat, Objective, SampleDefaults, TextEncoding
+from runner.diffusion.families.base import pad_text
 from runner.diffusion.families.videokit import PipelineKind, VideoArgs, encode_prompt_captions, not_trained
 
 TINY_VERSION = 1
@@ -90,6 +91,54 @@ def prepare(pipe) -> None:
         mod.ftfy = types.SimpleNamespace(fix_text=lambda text: text)
 
 
+# ---------------------------------------------------------------------------------------------
+# training (TI2V 5B; the A14B's two experts and their condition channels are not built)
+
+
+def encode_video(pipe, pixels) -> dict:
+    """Raw latents of clips (B, 3, F, H, W) in [-1, 1]: the Wan VAE's distribution, float32 on
+    the CPU (its causal encoder makes the first latent frame the first frame's alone)."""
+    import torch
+
+    vae = pipe.vae
+    with torch.no_grad():
+        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    return {"mean": dist.mean.float().cpu(), "std": dist.std.float().cpu()}
+
+
+def to_model_latents(pipe, raw):
+    """(raw - latents_mean) / latents_std per channel, as WanImageToVideoPipeline normalizes."""
+    import torch
+
+    cfg = pipe.vae.config
+    mean = torch.tensor(cfg.latents_mean, dtype=raw.dtype).view(1, -1, 1, 1, 1)
+    std = torch.tensor(cfg.latents_std, dtype=raw.dtype).view(1, -1, 1, 1, 1)
+    return (raw - mean) / std
+
+
+def predict_ti2v(c, noisy, sigmas, batch):
+    """The TI2V transformer on a noisy clip: per-token timesteps (expand_timesteps), 0 on the
+    clean key frame's tokens when the clip conditions on it (more than one latent frame), the
+    UMT5 embeddings zero-padded to 512 tokens as the pipeline pads them."""
+    import torch
+
+    b, _, frames, h, w = noisy.shape
+    patch = c.denoiser.config.patch_size
+    t = (sigmas.to(c.device, torch.float32) * 1000.0).view(b, 1, 1, 1)
+    grid = torch.ones(b, frames, h // patch[1], w // patch[2], device=c.device) * t
+    if frames > 1:
+        grid[:, 0] = 0.0
+    emb = batch.text["prompt_embeds"].to(c.device, c.dtype)
+    pad = MAX_TOKENS - emb.shape[1]
+    if pad > 0:
+        emb = torch.cat([emb, emb.new_zeros(b, pad, emb.shape[2])], dim=1)
+    return c.denoiser(hidden_states=noisy.to(c.dtype), timestep=grid.flatten(1), encoder_hidden_states=emb,
+                      return_dict=False)[0]
+
+
+MAX_TOKENS = 512
+
+
 def _two_experts(index) -> bool:
     """A14B's model index names a ``transformer_2`` (the 5B's is null) and no expand_timesteps."""
     second = index.get("transformer_2")
@@ -139,7 +188,8 @@ TI2V = Family(
     video=VideoArgs(kinds=_KINDS, default_kind="image-to-video", temporal=4, spatial=16, size_multiple=32,
                     fps_keyword=None, presets=("wan22-ti2v-baseline", "wan22-ti2v-quality"),
                     defaults={"frames": 121, "fps": 24, "width": 1280, "height": 704},
-                    lora_loader="WanLoraLoaderMixin", prepare=prepare, index_match=lambda i: not _two_experts(i)),
+                    lora_loader="WanLoraLoaderMixin", prepare=prepare, index_match=lambda i: not _two_experts(i),
+                    key_frame="clean_first"),
     components=_COMPONENTS,
     latents=LatentFormat(channels=48, downscale=16, patch=2,
                          normalization="(raw - vae.latents_mean) / vae.latents_std (z_dim 48, 2x2 pixel patches in "
@@ -152,7 +202,8 @@ TI2V = Family(
     build_tiny=build_tiny_ti2v,
     extra_conditioning="the key frame's clean latent frame with per-token timesteps (expand_timesteps)",
     variants={"TI2V-5B": "text and image to video, 720p 24 fps, z_dim 48 VAE"},
-    **_COMMON,
+    **{**_COMMON, "to_model_latents": to_model_latents, "predict": predict_ti2v, "encode_images": encode_video,
+       "collate_text": pad_text},
 )
 
 FAMILIES = (I2V, TI2V)
