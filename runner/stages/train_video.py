@@ -188,8 +188,9 @@ def plan_notes(config: dict[str, Any], upstream: dict[str, contract.Artifact | N
         if fam.video and len(fam.video.experts) > 1:
             notes.append(f"experts: {node.experts} ({fam.video.expert_note})")
     data = [f"images as stills{f' (at most {node.images.max})' if node.images.max else ''}"] if node.images.use else []
-    if node.clips.enabled:
-        data.append(f"clips of up to {node.clips.frames} frames cut from the video sources")
+    clips = [k for k in upstream if k.startswith("clips")]
+    if node.clips.enabled and clips:
+        data.append(f"clips of up to {node.clips.frames} frames from {len(clips)} video source(s)")
     notes.append(f"data: {' + '.join(data) or 'none'}; frame buckets {list(node.frame_buckets)}")
     return notes
 
