@@ -44,6 +44,18 @@ class Example:
     is_regularization: bool = False
 
 
+def _manifest_records(manifest: Path):
+    """(line number, record) of each non-blank line of a JSONL manifest; a line that is not JSON
+    is a DataError naming the file and line."""
+    for n, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{manifest}:{n}: not valid JSON ({exc.msg})") from None
+
+
 def read_dataset(folder: Path) -> list[Example]:
     """Read ``dataset.jsonl`` of the caption stage's ``dataset`` artifact."""
     folder = Path(folder)
@@ -51,13 +63,7 @@ def read_dataset(folder: Path) -> list[Example]:
     if not manifest.is_file():
         raise DataError(f"{manifest} not found", hint="The train stage takes the caption stage's `dataset` artifact.")
     examples: list[Example] = []
-    for n, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{manifest}:{n}: not valid JSON ({exc.msg})") from None
+    for n, rec in _manifest_records(manifest):
         for key in ("id", "image", "caption"):
             if key not in rec:
                 raise DataError(f"{manifest}:{n}: record lacks {key!r}", hint="Re-run the caption stage.")
@@ -266,13 +272,7 @@ def read_clips(folder: Path) -> list[Example]:
     if not manifest.is_file():
         raise DataError(f"{manifest} not found", hint="The train_video stage takes the video_clips stage's `clips`.")
     out: list[Example] = []
-    for n, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{manifest}:{n}: not valid JSON ({exc.msg})") from None
+    for n, rec in _manifest_records(manifest):
         missing = [k for k in ("id", "clip", "caption", "frames") if k not in rec]
         if missing:
             raise DataError(f"{manifest}:{n}: record lacks {', '.join(map(repr, missing))}",

@@ -450,10 +450,20 @@ class LoraTrainer:
             captions += [e.caption for e in all_ex]
             if self.cfg.caption_dropout > 0:
                 captions.append("")
-            bar = self.cb.bar(len(set(captions)), "caching text embeddings")
-            tpaths = self.cache.ensure_text(captions, lambda caps: self._encode_text(caps), progress=bar)
-            bar.close()
-            self.text = {c: load_entry(p) for c, p in tpaths.items()}
+            self._cache_text(captions)
+        self._caches_done(t0, c0)
+
+    def _cache_text(self, captions: list[str]) -> None:
+        """``self.text``: the cached embeddings of every caption (encoded once, shared by runs)."""
+        from runner.diffusion.caches import load_entry
+
+        bar = self.cb.bar(len(set(captions)), "caching text embeddings")
+        tpaths = self.cache.ensure_text(captions, lambda caps: self._encode_text(caps), progress=bar)
+        bar.close()
+        self.text = {c: load_entry(p) for c, p in tpaths.items()}
+
+    def _caches_done(self, t0: float, c0: float) -> None:
+        """The caching time (wall, CPU) into the timings, and the hits and misses into the log."""
         self.timings["cache_s"] = time.perf_counter() - t0
         self.timings["cache_cpu_s"] = time.process_time() - c0
         self.cb.log(f"caches: latents {self.cache.hits['latents']} hit / {self.cache.misses['latents']} encoded, "

@@ -287,16 +287,8 @@ class VideoLoraTrainer(LoraTrainer):
         bar.close()
         self.latents = {id(e): load_entry(p) for e, p in zip(all_ex, paths)}
         self.train_te = False
-        captions = [e.caption for e in all_ex] + ([""] if self.cfg.caption_dropout > 0 else [])
-        bar = self.cb.bar(len(set(captions)), "caching text embeddings")
-        tpaths = self.cache.ensure_text(captions, lambda caps: self._encode_text(caps), progress=bar)
-        bar.close()
-        self.text = {c: load_entry(p) for c, p in tpaths.items()}
-        self.timings["cache_s"] = time.perf_counter() - t0
-        self.timings["cache_cpu_s"] = time.process_time() - c0
-        self.cb.log(f"caches: latents {self.cache.hits['latents']} hit / {self.cache.misses['latents']} encoded, "
-                    f"text {self.cache.hits['text']} hit / {self.cache.misses['text']} encoded",
-                    hits=self.cache.hits, misses=self.cache.misses)
+        self._cache_text([e.caption for e in all_ex] + ([""] if self.cfg.caption_dropout > 0 else []))
+        self._caches_done(t0, c0)
 
     # ------------------------------------------------------------------------------------
     # 4. adapters

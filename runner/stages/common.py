@@ -480,3 +480,26 @@ def variant_runs(section: Any, name: str) -> list[tuple[str | None, dict[str, An
         check_variant(name, variant, to_plain(ov))  # plain data: the overrides are merged into node configs
         runs.append((variant, to_plain(ov)))
     return runs
+
+
+def training_resume_info(scratch_dir: Path) -> str | None:
+    """"resume at step N of M (phase, epoch)" when a killed training run (train, train_video) left
+    a resume state (no heavy imports); the meta is the trainer's JSON file, not a config."""
+    from runner.diffusion.trainer import read_resume_meta
+
+    meta = read_resume_meta(scratch_dir)
+    if not meta or not meta.get("step"):
+        return None
+    where = f"phase {meta['phase']}"
+    if meta.get("steps_per_epoch"):
+        spe = meta["steps_per_epoch"]
+        where += f", epoch {meta['step'] / spe:.3g} of {meta['total_steps'] / spe:.3g}"
+    return f"resume at step {meta['step']} of {meta['total_steps']} ({where})"
+
+
+def read_metrics(logs: Path) -> list[dict[str, Any]]:
+    """A trainer's logged history (logs/metrics.jsonl: one record per step and per validation)."""
+    path = Path(logs) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]

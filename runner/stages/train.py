@@ -16,7 +16,8 @@ from typing import Any
 from runner.core import contract
 from runner.spec.config import view_of
 from runner.spec.sections import ReportConfig, TrainConfig, spec_config
-from runner.stages.common import variant_runs, with_tracking
+from runner.stages.common import read_metrics, variant_runs, with_tracking
+from runner.stages.common import training_resume_info as resume_info
 
 KIND = "train"
 VERSION = 1
@@ -158,21 +159,6 @@ def _family_of(node: Any):
     return seen if named == "auto" else families.get(named)
 
 
-def resume_info(scratch_dir: Path) -> str | None:
-    """"resume at step N of M" when a killed run left a resume state (no heavy imports); the
-    meta is the trainer's JSON file, not a config."""
-    from runner.diffusion.trainer import read_resume_meta
-
-    meta = read_resume_meta(scratch_dir)
-    if not meta or not meta.get("step"):
-        return None
-    where = f"phase {meta['phase']}"
-    if meta.get("steps_per_epoch"):
-        spe = meta["steps_per_epoch"]
-        where += f", epoch {meta['step'] / spe:.3g} of {meta['total_steps'] / spe:.3g}"
-    return f"resume at step {meta['step']} of {meta['total_steps']} ({where})"
-
-
 def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact],
                     env: dict[str, Any]) -> list[contract.ReportSection]:
     from runner.report import charts
@@ -181,7 +167,7 @@ def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact
     lora = outputs["lora"].path
     index = json.loads((lora / "index.json").read_text())
     logs = outputs.get("logs")
-    records = _records(logs.path) if logs is not None else []
+    records = read_metrics(logs.path) if logs is not None else []
     loss = [(r["step"], r["loss"]) for r in records if "loss" in r]
     # a smoothed curve next to the raw one (exponential moving average)
     ema, smooth = None, []
@@ -223,14 +209,6 @@ def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact
     )]
 
 
-def _records(logs: Path) -> list[dict[str, Any]]:
-    """The trainer's logged history (logs/metrics.jsonl: one record per step and per validation)."""
-    path = logs / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-
-
 def track(config: dict[str, Any], outputs: dict[str, contract.Artifact], env: dict[str, Any]) -> list[dict[str, Any]]:
     """One tracked run: the node config as params, every numeric field of the logged history as a
     curve (loss, lr, val_loss, grad_norm, ...), each kept checkpoint's LoRA files as artifacts."""
@@ -241,7 +219,7 @@ def track(config: dict[str, Any], outputs: dict[str, contract.Artifact], env: di
     lora, logs = outputs["lora"].path, outputs["logs"].path
     index = json.loads((lora / "index.json").read_text())
     series: dict[str, list[tuple[int, float]]] = {}
-    for rec in _records(logs):
+    for rec in read_metrics(logs):
         for name, value in rec.items():
             if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                 series.setdefault(name, []).append((int(rec["step"]), float(value)))

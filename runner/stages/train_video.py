@@ -19,7 +19,8 @@ from typing import Any
 
 from runner.core import contract
 from runner.spec.sections import spec_config
-from runner.stages.common import variant_runs, with_tracking
+from runner.stages.common import read_metrics, variant_runs, with_tracking
+from runner.stages.common import training_resume_info as resume_info
 
 KIND = "train_video"
 VERSION = 1
@@ -195,15 +196,6 @@ def plan_notes(config: dict[str, Any], upstream: dict[str, contract.Artifact | N
     return notes
 
 
-def resume_info(scratch_dir: Path) -> str | None:
-    from runner.diffusion.trainer import read_resume_meta
-
-    meta = read_resume_meta(scratch_dir)
-    if not meta or not meta.get("step"):
-        return None
-    return f"resume at step {meta['step']} of {meta['total_steps']} (phase {meta['phase']})"
-
-
 def work_units(config: dict[str, Any]) -> tuple[float, str] | None:
     """Optimizer steps of one execution (the plan's estimates learn seconds per step)."""
     from runner.diffusion.trainer import phases_of
@@ -220,7 +212,7 @@ def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact
     lora = outputs["lora"].path
     index = json.loads((lora / "index.json").read_text())
     logs = outputs.get("logs")
-    records = _records(logs.path) if logs is not None else []
+    records = read_metrics(logs.path) if logs is not None else []
     loss = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     tiny = bool(index.get("tiny_random_model"))
@@ -233,13 +225,6 @@ def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact
         anchor="train-video" + (f"-{variant}" if variant else ""),
         context={"index": index, "tiny": tiny, "loss_chart": chart, "config": config,
                  "last_loss": loss[-1][1] if loss else None})]
-
-
-def _records(logs: Path) -> list[dict[str, Any]]:
-    path = logs / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
 @contract.register(KIND, version=VERSION, order=55, expand=expand, resume_info=resume_info, report=report_sections,
