@@ -219,3 +219,26 @@ def test_aldar_kose_plans_a_video_lora_for_the_video_model(tmp_path: Path, share
     assert "Wan 2.2 TI2V 5B" in tv.label and "Wan 2.2 TI2V 5B" in video.label
     assert tv.gpu and video.gpu and set(tv.inputs) == {"dataset"}
     assert any("peak GPU memory" in n and "33x512x512" in n for n in tv.notes), tv.notes
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "bad_json", "missing"])
+def test_broken_clips_are_refused_naming_the_file(shared_data: Path, tmp_path: Path, damage: str):
+    """A clip that is not a video, one cut short, a manifest line that is not JSON and a listed
+    clip that is gone: each a TrainError naming the file, before any step."""
+    from runner.diffusion.trainer import TrainError
+
+    clips = make_clips(shared_data, tmp_path / "clips", n=1)
+    clip = clips / "clips" / "clip00.mp4"
+    if damage == "garbage":
+        clip.write_bytes(b"not a video at all" * 100)
+    elif damage == "truncated":
+        clip.write_bytes(clip.read_bytes()[:600])
+    elif damage == "bad_json":
+        (clips / "clips.jsonl").write_text((clips / "clips.jsonl").read_text() + "{oops\n")
+    else:
+        clip.unlink()
+    expect = {"garbage": "clip00.mp4: cannot read the clip", "truncated": r"clip00.mp4: (cannot read the clip|\d+ frames)",
+              "bad_json": r"clips.jsonl:2: not valid JSON", "missing": "clip 'clips/clip00.mp4' is missing"}[damage]
+    with pytest.raises(TrainError, match=expect):
+        _trainer(_config(), None, [clips], tmp_path / "r", tmp_path / "cache").run()
+    assert not (tmp_path / "r" / "out").exists()
