@@ -242,9 +242,10 @@ def test_plan_is_quiet_about_builtin_local_and_cached_models(tmp_path, shared_da
 
     values = {slot: "builtin:tiny-clip" if slot in ("clip", "validation_clip") else "builtin:tiny-dino"
               for slot in SLOTS}
-    values.update(base="builtin:tiny-sd", video="builtin:tiny-ltx", video_lora_base="builtin:tiny-wan22-ti2v", upsampler="builtin:tiny-ltx-upsampler",
+    values.update(base="builtin:tiny-sd", video="builtin:tiny-ltx", upsampler="builtin:tiny-ltx-upsampler",
                   ip_adapter="builtin:tiny-ip-adapter", controlnet="../models/cn", captions="test-org/cached-captioner",
-                  general_model="builtin:tiny-dino", pose="builtin:tiny-dwpose", matting="rembg:u2net")
+                  general_model="builtin:tiny-dino", pose="builtin:tiny-dwpose", matting="rembg:u2net",
+                  video_lora_base="builtin:tiny-wan22-ti2v")
     spec = plan_project(tmp_path, shared_data, values)
     (spec.parent.parent / "models" / "cn").mkdir(parents=True)
     (spec.parent.parent / "models" / "cn" / "config.json").write_text("{}")

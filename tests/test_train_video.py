@@ -237,7 +237,8 @@ def test_broken_clips_are_refused_naming_the_file(shared_data: Path, tmp_path: P
         (clips / "clips.jsonl").write_text((clips / "clips.jsonl").read_text() + "{oops\n")
     else:
         clip.unlink()
-    expect = {"garbage": "clip00.mp4: cannot read the clip", "truncated": r"clip00.mp4: (cannot read the clip|\d+ frames)",
+    expect = {"garbage": "clip00.mp4: cannot read the clip",
+              "truncated": r"clip00.mp4: (cannot read the clip|\d+ frames)",
               "bad_json": r"clips.jsonl:2: not valid JSON", "missing": "clip 'clips/clip00.mp4' is missing"}[damage]
     with pytest.raises(TrainError, match=expect):
         _trainer(_config(), None, [clips], tmp_path / "r", tmp_path / "cache").run()
