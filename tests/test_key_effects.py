@@ -181,6 +181,9 @@ CONTEXTS: list[tuple[str, dict[str, Any]]] = [
 # New values for keys whose change cannot be derived from the schema alone.
 CHANGES: dict[str, Any] = {
     "$schema": "../other.schema.json",
+    # auto resolves to none / off for the full spec's tiny model: a setting the resolution keeps
+    "generate.video.offload": "model",
+    "generate.video.vae_tiling": True,
     "character.name": "villain",
     "evaluate.conditions": ["lora", "references"],
     "character.references": ["../refs", "../reg"],

@@ -120,3 +120,25 @@ def test_video_stage_notes():
     (note,) = memory.video_stage_notes(spec, cfg, families.get("wan22_i2v"))
     assert "generating 81x480x832" in note and "offload none" in note
     assert memory.video_stage_notes(spec, {**cfg, "model": "builtin:tiny-wan22-i2v"}, families.get("wan22_i2v")) == ()
+
+
+def test_auto_offload_takes_the_first_setting_that_fits_the_gpu():
+    """generate.video.offload / vae_tiling auto: nothing for tiny models and CPU runs; on a GPU the
+    first of none, model, group (tiling on with any offload) whose estimate fits; what the spec
+    sets is kept."""
+    wan = families.get("wan22_i2v")
+    cfg = {"model": "Wan-AI/Wan2.2-I2V-A14B-Diffusers", "frames": 81, "width": 832, "height": 480,
+           "offload": "auto", "vae_tiling": "auto"}
+
+    def on(gpu, **over):
+        spec = {"character": {"name": "a"}, "hardware": {"backend": "modal", "gpu": gpu}}
+        return memory.video_generate_memory(spec, {**cfg, **over}, wan)
+
+    assert on("H200") == {"offload": "none", "vae_tiling": False}  # 2 x 14B bf16 + UMT5 fit 141 GB
+    assert on("L40S") == {"offload": "model", "vae_tiling": True}  # one 14B expert at a time
+    assert on("L4") == {"offload": "group", "vae_tiling": True}  # not even one expert: block by block
+    assert on("L40S", offload="none") == {"offload": "none", "vae_tiling": True}  # untiled decode too big
+    assert on("H200", vae_tiling=False, offload="group") == {"offload": "group", "vae_tiling": False}
+    assert on("L4", model="builtin:tiny-wan22-i2v") == {"offload": "none", "vae_tiling": False}
+    local = {"character": {"name": "a"}, "hardware": {"backend": "local", "device": "cpu"}}
+    assert memory.video_generate_memory(local, cfg, wan) == {"offload": "none", "vae_tiling": False}

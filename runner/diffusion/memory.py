@@ -1036,16 +1036,66 @@ def video_generate_note(node_id: str, family: Any, frames: int, width: int, heig
     return note
 
 
-def video_stage_notes(spec: Mapping[str, Any], config: Mapping[str, Any], family: Any) -> tuple[str, ...]:
-    """The video stage's plan note (one call from runner/stages/video.py expand): its clip shape,
-    the GPU it runs on, and ``generate.video.offload`` / ``vae_tiling`` when the schema has them
-    (today the stage loads everything on the device, untiled: offload none, tiling off)."""
+GENERATE_LADDER = (("none", False), ("none", True), ("model", True), ("group", True))
+
+
+def video_generate_memory(spec: Mapping[str, Any], config: Mapping[str, Any], family: Any) -> dict[str, Any]:
+    """``generate.video.offload`` and ``vae_tiling`` with ``auto`` resolved (the video stage's node
+    config takes these): for a tiny random model, a CPU run or an unknown family, no offload and no
+    tiling; else the first rung of GENERATE_LADDER whose estimated peak fits the stage's GPU
+    (offload model with tiling when the GPU's memory is unknown). A value the spec sets is kept;
+    tiling ``auto`` is on whenever offload is not none."""
+    offload, tiling = str(config.get("offload", "auto")), config.get("vae_tiling", "auto")
+    if offload == "auto":
+        offload = _auto_offload(spec, config, family, None if tiling == "auto" else bool(tiling))
+    if tiling == "auto":
+        tiling = offload != "none" or (offload == "none" and _untiled_too_big(spec, config, family))
+    return {"offload": offload, "vae_tiling": bool(tiling)}
+
+
+def _video_target(spec: Mapping[str, Any], config: Mapping[str, Any], family: Any) -> Target | None:
+    """The video stage's GPU, or None where no estimate applies (tiny random model, unknown family)."""
     if family is None or video_sizes(family) is None or str(config.get("model", "")).startswith("builtin:"):
-        return ()  # tiny random models: the figures are of the real ones
+        return None
     from runner.spec.sections import HardwareConfig
 
     hw = HardwareConfig.from_dict(spec.get("hardware") or {})
-    target = target_of(hw, hw.stage_gpu.get("video") or hw.gpu)
+    return target_of(hw, hw.stage_gpu.get("video") or hw.gpu)
+
+
+def _clip_peak(config: Mapping[str, Any], family: Any, offload: str, tiling: bool) -> float:
+    return video_generate_estimate(video_sizes(family), int(config["frames"]), int(config["width"]),
+                                   int(config["height"]), offload=offload, vae_tiling=tiling)
+
+
+def _auto_offload(spec: Mapping[str, Any], config: Mapping[str, Any], family: Any, tiling: bool | None) -> str:
+    target = _video_target(spec, config, family)
+    if target is None or target.cpu:
+        return "none"
+    if target.capacity_gib is None:
+        return "model"
+    for offload, tiled in GENERATE_LADDER:
+        if tiling is not None and tiled != tiling:
+            continue
+        if _clip_peak(config, family, offload, tiled) <= target.capacity_gib * GIB:
+            return offload
+    return "group"
+
+
+def _untiled_too_big(spec: Mapping[str, Any], config: Mapping[str, Any], family: Any) -> bool:
+    target = _video_target(spec, config, family)
+    if target is None or target.cpu or target.capacity_gib is None:
+        return False
+    return _clip_peak(config, family, "none", False) > target.capacity_gib * GIB
+
+
+def video_stage_notes(spec: Mapping[str, Any], config: Mapping[str, Any], family: Any) -> tuple[str, ...]:
+    """The video stage's plan note (one call from runner/stages/video.py expand): its clip shape,
+    the GPU it runs on, and the resolved ``generate.video.offload`` / ``vae_tiling``
+    (:func:`video_generate_memory`)."""
+    target = _video_target(spec, config, family)
+    if target is None:
+        return ()  # tiny random models: the figures are of the real ones
     note = video_generate_note(f"{config.get('model', '')}", family, int(config["frames"]), int(config["width"]),
                                int(config["height"]), target, offload=str(config.get("offload") or "none"),
                                vae_tiling=bool(config.get("vae_tiling", False)))

@@ -453,6 +453,8 @@ class VideoConfig:
     decode_noise_scale: float
     suite: str | None
     dynamics: VideoDynamicsConfig
+    offload: str
+    vae_tiling: Any
 
 
 @schema_config('generate', 'storyboard', 'reference_guided')

@@ -165,7 +165,9 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
     label = _label(config, key_frames)
     fam = _family_of(config, graph.project_root)  # cheap: a builtin's, a folder's, a hub id's pattern
     label += f" on {fam.title}" if fam is not None else ""
-    from runner.diffusion import memory  # the plan's GPU memory note (issue 16 part 4)
+    from runner.diffusion import memory  # offload / VAE tiling resolved, and the plan's GPU memory note
+    config.update(memory.video_generate_memory(spec, {**config, "offload": v.offload, "vae_tiling": v.vae_tiling},
+                                               fam))
     return [contract.PlanNode(id=contract.node_id(graph.character, "video"), kind="video", character=graph.character,
                               config=config, inputs=inputs, outputs=("video",), gpu=stage_gpu(spec, "video"),
                               label=label, unkeyed=("price", "targets"),
@@ -357,6 +359,10 @@ def _video_pipeline(config: dict[str, Any], inputs: dict[str, contract.Artifact]
     if config.get("lora"):
         lora_path = input_file(inputs.get("lora_files"), ctx.project_root / config["lora"])
         video_models.load_lora(vp, lora_path, config["lora_scale"])
+    done = video_models.apply_memory(vp, offload=config.get("offload", "none"),
+                                     vae_tiling=bool(config.get("vae_tiling")), device=device)
+    if done:
+        ctx.log(f"video: GPU memory: {', '.join(done)}")
     return vp
 
 
