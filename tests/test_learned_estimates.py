@@ -215,3 +215,32 @@ def test_a_local_gpu_stage_is_estimated_once_it_has_run_here(project: Path) -> N
         assert "[gpu stage, local, ~25 s, time only: ~25 s (learned from 1 run of clips stages" in line, line
     finally:
         ws.close()
+
+
+def test_each_execution_records_what_the_plan_estimated_and_the_report_shows_it(project: Path) -> None:
+    """An apply records, with each execution's metrics, the estimate its plan showed (seconds,
+    cost, learned or default): none for a local stage's first run here, then learned from it; the
+    report's timeline sets it beside what the stage took."""
+    from runner.engine.executor import ApplyOptions, apply
+    from runner.engine.workspace import Workspace
+    from runner.stages.report import _jinja_env, plan_estimate
+
+    spec = project / "specs" / "hero.yaml"
+    spec.write_text(SPEC)
+    runs = [apply([load_spec(spec)], ApplyOptions(force=["clips"]), registry=registry()).run_id for _ in range(2)]
+    ws = Workspace(project)
+    try:
+        first, second = (next(e for e in ws.executions(r) if e["kind"] == "clips") for r in runs)
+    finally:
+        ws.close()
+    assert plan_estimate(first) is None  # a local stage has no estimate before it ran here once
+    est = plan_estimate(second)
+    assert est["source"] == "history" and est["runs"] == 1
+    assert est["seconds"] == pytest.approx(first["duration"], abs=0.06)  # same 5 clips as the first run
+    entry = {"stage_id": "hero:clips", "kind": "clips", "character": "hero", "action": "run", "status": "succeeded",
+             "duration": 2.0, "started": 0.0, "reason": "", "note": "", "cost": None, "currency": "USD", "gpu": None,
+             "backend": "local", "per_unit": None, "estimate": {**est, "seconds": 90.0}}
+    html = _jinja_env().get_template("report.html.j2").render(
+        title="t", character={}, spec_file="", spec_yaml="", references=[], sections=[], timeline=[entry],
+        killed_runs=[], total_time=2.0, total_cost=0.0, currency="USD", run_id="r", generated="now", version="0")
+    assert "est. 90.0 s (learned from 1 run)" in html

@@ -175,9 +175,11 @@ def _execute(plan: Plan, ws: Workspace, options: ApplyOptions, reporter: Any, sp
     stages fan out (:mod:`runner.engine.fanout`). Only this thread touches the state database and
     the store."""
     fanout = RemoteFanout.start(plan.graph, ws, options, remote_ids, reporter) if remote_ids else None
+    estimates = plan_estimates(plan, options.backend, ws) if plan.has_changes else {}  # before this run's rows
     run_id = ws.start_run(options.command, spec_files)
     heartbeat = ws.heartbeat(run_id)
-    run = _Run(plan, options, StageEnv(ws, run_id, plan, fanout.reporter if fanout else reporter), fanout, remote_ids)
+    run = _Run(plan, options, StageEnv(ws, run_id, plan, fanout.reporter if fanout else reporter), fanout, remote_ids,
+               estimates)
     interrupted = False
     try:
         run.loop()
@@ -207,9 +209,9 @@ class _Run:
     """The loop of one run: ask the scheduler for the next step, carry it out, record it."""
 
     def __init__(self, plan: Plan, options: ApplyOptions, env: StageEnv, fanout: RemoteFanout | None,
-                 remote_ids: list[str]) -> None:
+                 remote_ids: list[str], estimates: dict[str, Any] | None = None) -> None:
         self.options, self.env, self.fanout = options, env, fanout
-        self.rec = Recorder(env.ws, env.run_id, plan.graph, lambda n: is_remote(n, plan.graph, options))
+        self.rec = Recorder(env.ws, env.run_id, plan.graph, lambda n: is_remote(n, plan.graph, options), estimates)
         self.sched = Scheduler(plan.stages, remote_ids if fanout is not None else ())
         self.status = "succeeded" if plan.has_changes else "no-op"
         self.stop = False  # a stage failed and the run does not keep going

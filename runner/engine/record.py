@@ -52,8 +52,9 @@ class Recorder:
     runs on the remote backend (its row names the backend and the GPU it is billed for)."""
 
     def __init__(self, ws: Workspace, run_id: str, graph: Graph,
-                 remote_of: Callable[[contract.PlanNode], bool]) -> None:
+                 remote_of: Callable[[contract.PlanNode], bool], estimates: dict[str, Any] | None = None) -> None:
         self.ws, self.run_id, self.graph, self.remote_of = ws, run_id, graph, remote_of
+        self.estimates = estimates or {}  # stage id -> runner.engine.cost.Estimate the plan showed
         self.results: list[StageResult] = []
         self.timeline: list[dict[str, Any]] = []
         self.done: dict[str, str] = {}  # stage id -> final status
@@ -67,7 +68,8 @@ class Recorder:
         return ExecutionRecord(
             run_id=self.run_id, stage_id=ps.id, kind=ps.node.kind, character=ps.node.character, key=ps.key,
             action=ps.action, reason="; ".join(ps.reasons), status=e.status, started=e.started,
-            duration=e.duration, metrics=self._with_work(ps, e), cost=price[0], currency=price[1], gpu=gpu,
+            duration=e.duration, metrics=self._with_estimate(ps, self._with_work(ps, e)), cost=price[0],
+            currency=price[1], gpu=gpu,
             backend=backend, remote_call_id=(e.remote.call_id or None) if e.remote is not None else None,
             error=e.error, log_path=e.log_path,
         )
@@ -80,6 +82,15 @@ class Recorder:
         registry = self.graph.registry
         kind = registry.get(ps.node.kind) if ps.node.kind in registry else None
         return {**work_metrics(work_of(kind, ps.node)), **e.metrics}
+
+    def _with_estimate(self, ps: PlannedStage, metrics: dict[str, Any]) -> dict[str, Any]:
+        """The metrics with what the plan estimated for this execution before it ran (``plan.*``:
+        seconds, cost, where the figure came from), so the report can set it against what it took."""
+        est = self.estimates.get(ps.id)
+        if est is None:
+            return metrics
+        return {**metrics, "plan.estimate_s": round(est.seconds, 1), "plan.estimate_cost": est.cost,
+                "plan.estimate_source": est.source, "plan.estimate_runs": est.runs}
 
     def insert(self, ps: PlannedStage, e: Ended) -> int:
         """A new row (a stage that starts is recorded as running at once: a process that dies

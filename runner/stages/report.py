@@ -69,6 +69,16 @@ def unit_targets(spec: dict[str, Any], kind: str) -> dict[str, Any] | None:
     return None
 
 
+def plan_estimate(execution: dict[str, Any]) -> dict[str, Any] | None:
+    """What the plan estimated for an execution before it ran (recorded with its metrics by the
+    engine: seconds, cost, learned from how many earlier runs or the default), for the timeline."""
+    m = execution.get("metrics") or {}
+    if m.get("plan.estimate_s") is None:
+        return None
+    return {"seconds": float(m["plan.estimate_s"]), "cost": float(m.get("plan.estimate_cost") or 0.0),
+            "source": m.get("plan.estimate_source") or "default", "runs": int(m.get("plan.estimate_runs") or 0)}
+
+
 def _review_decisions(graph: contract.GraphView) -> dict[str, Any]:
     """Everything people decided in `runner review`, for the report's review section."""
     from runner.review import decisions
@@ -188,6 +198,7 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
         t["gpu"] = e["gpu"] if e else None
         t["backend"] = e["backend"] if e else ""
         t["per_unit"] = per_unit(e, unit_targets(config.get("spec", {}), t["kind"])) if e else None
+        t["estimate"] = plan_estimate(e) if e else None
     tracked = _tracked_runs(ws, ctx.run_id, ctx.character) if ws is not None else []
     if tracked:  # the experiment-tracker runs of this report's stages (runner.tracking)
         sections.append({"title": "Experiment tracking", "anchor": "tracking", "stage": "tracking",
