@@ -10,14 +10,37 @@ the audio into the mp4 when ``generate.video.audio`` is on and drops it otherwis
 ``builtin:tiny-ltx2``: a 1-layer transformer (video 2x8, audio 2x4 heads), a 1-block VAE on
 4-channel latents (its compression read from its config), a tiny audio VAE and vocoder
 (16 kHz), a 1-layer Gemma 3 (16 wide, with a 1-layer SigLIP tower) and a byte-level tokenizer
-with Gemma's special tokens. Random weights: its clips are noise and its audio is hiss."""
+with Gemma's special tokens. Random weights: its clips are noise and its audio is hiss.
+
+Training (``train_video``) trains the video stream only, as Lightricks' own trainer does without
+``with_audio`` (its audio modality is None):
+
+- captions are cached as what ``LTX2ImageToVideoPipeline.__call__`` hands the transformer: Gemma's
+  stacked hidden states (``encode_prompt``) through the frozen text connectors, i.e. the video
+  connector's embeddings and its mask (Gemma's raw stack, 49 layers x 3840 for 1024 tokens, would
+  be ~770 MB a caption; the connectors' output is 1024 x 3840);
+- latents, packing, the clean key frame (per-token timesteps, 0 on latent frame 0) and the
+  velocity target are LTX-Video's (:mod:`.ltx_video`): the same ``_normalize_latents`` /
+  ``_pack_latents`` and conditioning mask; video RoPE coordinates from
+  ``rope.prepare_video_coords`` at the training frame rate ``TRAIN_FPS`` (24, the pipeline's
+  default ``frame_rate``);
+- diffusers' transformer always runs its audio stream and has no zero-length audio (its audio
+  RoPE cannot reshape 0 tokens), so the audio stream gets one zero latent token with a one-token
+  zero caption, and ``isolate_modalities=True`` switches off the audio-to-video and
+  video-to-audio attention (the model's own switch, which the pipeline's modality guidance
+  uses): the video prediction is then exactly the audio-free one, whatever the audio inputs
+  (tests/test_video_lora_ltx.py checks it), and the audio output is dropped. The loss is the
+  video loss; the LoRA sits on the video stream's attention only (``LORA_TARGETS``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from runner.diffusion.families.base import Family, GenerationArgs, LatentFormat, Objective, SampleDefaults, TextEncoding
-from runner.diffusion.families.videokit import PipelineKind, VideoArgs, encode_prompt_captions, not_trained
+from runner.diffusion.families.comfykit import Layout, table
+from runner.diffusion.families.ltx_video import TRAIN_FPS, encode_video, pack, patches, to_model_latents
+from runner.diffusion.families.ltx_video import token_timesteps, unpack
+from runner.diffusion.families.videokit import PipelineKind, VideoArgs
 
 TINY_VERSION = 1
 TINY_SEED = 11
@@ -78,6 +101,75 @@ def build_tiny(dest: Path) -> None:
     tinykit.remove(dest / "_tok")
 
 
+# ---------------------------------------------------------------------------------------------
+# training: the video stream (see the module docstring)
+
+
+def encode_captions(pipe, captions: list[str]) -> list[dict]:
+    """Per caption, what ``__call__`` gives the transformer's video stream: ``encode_prompt``
+    (Gemma's stacked hidden states, left-padded to 1024 tokens, and their mask) through the
+    frozen ``connectors`` -> the video embeddings ("prompt_embeds") and their mask ("mask")."""
+    import torch
+
+    from runner.diffusion.families.base import split_batch
+
+    conn = pipe.connectors
+    with torch.no_grad():
+        embeds, mask, _, _ = pipe.encode_prompt(prompt=list(captions), do_classifier_free_guidance=False,
+                                                device=conn.device)
+        side = getattr(pipe.tokenizer, "padding_side", "left") if getattr(pipe, "tokenizer", None) else "left"
+        video, _audio, video_mask = conn(embeds.to(conn.dtype), mask, padding_side=side)
+    return split_batch({"prompt_embeds": video, "mask": video_mask})
+
+
+def _silent_audio(tr, batch: int, device, dtype):
+    """One zero audio latent token, its RoPE coordinates and a one-token zero caption of the width
+    the audio stream reads (the caption projection's input, or the audio width without one)."""
+    import torch
+
+    cfg = tr.config
+    width = (tr.audio_caption_projection.linear_1.in_features if cfg.use_prompt_embeddings
+             else cfg.audio_num_attention_heads * cfg.audio_attention_head_dim)
+    latents = torch.zeros(batch, 1, cfg.audio_in_channels, device=device, dtype=dtype)
+    context = torch.zeros(batch, 1, width, device=device, dtype=dtype)
+    return latents, tr.audio_rope.prepare_audio_coords(batch, 1, device), context
+
+
+def predict(c, noisy, sigmas, batch, *, audio=None):
+    """The LTX-2 transformer's video prediction on a noisy clip (B, C, F, h, w), called as the
+    image-to-video pipeline's loop calls it, the audio stream isolated (see the module docstring);
+    ``audio`` (tests): (latents, coords, context) instead of the one silent token."""
+    import torch
+
+    b, _, f, h, w = noisy.shape
+    tr = c.denoiser
+    p, pt = patches(tr)
+    t = sigmas.to(c.device, torch.float32) * 1000.0
+    a_latents, a_coords, a_context = audio or _silent_audio(tr, b, c.device, c.dtype)
+    ones = torch.ones(b, a_context.shape[1], device=c.device, dtype=torch.long)
+    video, _ = tr(hidden_states=pack(noisy.to(c.device, c.dtype), p, pt), audio_hidden_states=a_latents,
+                  encoder_hidden_states=batch.text["prompt_embeds"].to(c.device, c.dtype),
+                  audio_encoder_hidden_states=a_context,
+                  timestep=token_timesteps(sigmas, noisy.shape, p, pt, c.device), audio_timestep=t, sigma=t,
+                  encoder_attention_mask=batch.text["mask"].to(c.device, torch.long), audio_encoder_attention_mask=ones,
+                  num_frames=f // pt, height=h // p, width=w // p, fps=TRAIN_FPS, audio_num_frames=a_latents.shape[1],
+                  video_coords=tr.rope.prepare_video_coords(b, f // pt, h // p, w // p, c.device, fps=TRAIN_FPS),
+                  audio_coords=a_coords, isolate_modalities=True, use_cross_timestep=True, return_dict=False)
+    return unpack(video, f // pt, h // p, w // p, p, pt)
+
+
+# The LoRA file for ComfyUI (runner.diffusion.comfy): the original LTX-2 checkpoint (and ComfyUI's
+# LTXAV model, comfy/ldm/lightricks/av_model.py) names every block's attention and feed-forward
+# projections as diffusers does (video: attn1, attn2, ff; audio: audio_attn1, audio_attn2,
+# audio_ff; cross-modal: audio_to_video_attn, video_to_audio_attn); the stem is renamed
+# (patchify_proj, adaln_single, ...), not trained.
+_ATTN = ("attn1", "attn2", "audio_attn1", "audio_attn2", "audio_to_video_attn", "video_to_audio_attn")
+BLOCK = {f"{a}.{proj}": f"{a}.{proj}" for a in _ATTN for proj in ("to_q", "to_k", "to_v", "to_out.0")}
+BLOCK.update({f"{ff}.{proj}": f"{ff}.{proj}" for ff in ("ff", "audio_ff") for proj in ("net.0.proj", "net.2")})
+COMFY = Layout(table("LTX2VideoTransformer3DModel", {r"transformer_blocks\.(\d+)": ("transformer_blocks.{}", BLOCK)}),
+               {}, lambda cfg: "LTX-2", "ltx2", "https://github.com/Lightricks/LTX-2", None)
+
+
 VIDEO = VideoArgs(
     kinds={"image-to-video": PipelineKind("LTX2ImageToVideoPipeline"),
            "condition": PipelineKind("LTX2ConditionPipeline", image_way="conditions",
@@ -85,7 +177,7 @@ VIDEO = VideoArgs(
     default_kind="image-to-video", temporal=8, spatial=32, size_multiple=32, fps_keyword="frame_rate",
     decode_noise=True, audio=True, audio_rate_attr="vocoder.output_sampling_rate",
     presets=("ltx2-baseline", "ltx2-quality"), defaults={"frames": 121, "fps": 24, "width": 768, "height": 512},
-    lora_loader="LTX2LoraLoaderMixin",
+    lora_loader="LTX2LoraLoaderMixin", key_frame="clean_first",
 )
 
 FAMILY = Family(
@@ -100,7 +192,8 @@ FAMILY = Family(
                 "connectors": "LTX2TextConnectors", "scheduler": "FlowMatchEulerDiscreteScheduler"},
     denoiser="transformer",
     text=TextEncoding(encoders=("text_encoder", "connectors"),
-                      outputs="Gemma 3 hidden states of every layer, stacked, through the text connectors",
+                      outputs="Gemma 3 hidden states of every layer, stacked, through the text connectors "
+                              "(cached after the connectors: the video stream's embeddings and mask)",
                       pooled=False, max_tokens=1024, masked=True),
     latents=LatentFormat(channels=128, downscale=32, patch=1,
                          normalization="(raw - vae.latents_mean) / vae.latents_std x scaling_factor; 8x temporal "
@@ -114,9 +207,11 @@ FAMILY = Family(
     tiny="tiny-ltx2",
     tiny_version=TINY_VERSION,
     build_tiny=build_tiny,
-    encode_captions=encode_prompt_captions,
-    to_model_latents=not_trained,
-    predict=not_trained,
+    encode_captions=encode_captions,
+    to_model_latents=to_model_latents,
+    predict=predict,
+    encode_images=encode_video,
+    comfy=COMFY,
     generation=GenerationArgs(guidance="guidance_scale", cfg=True, negative="given"),
     extra_conditioning="the key frame (first latent frame, or a condition with a strength); the frame rate; "
                        "the audio stream (generated jointly)",
