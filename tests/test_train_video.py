@@ -182,7 +182,8 @@ def test_plan_takes_the_video_model_and_makes_a_stage_per_variant(tmp_path: Path
 @pytest.mark.parametrize("extra, message", [
     ("train_video: {base_model: builtin:tiny-wan22-ti2v, frame_buckets: [1, 12]}",
      r"train_video.frame_buckets: 12 is not k x 4 \+ 1 \(nearest: 9, 13\) for Wan 2.2 TI2V 5B"),
-    ("train_video: {base_model: builtin:tiny-ltx}", r"training a LoRA for LTX-Video 0.9 \(ltx_video\) is not built"),
+    ("train_video: {base_model: builtin:tiny-ltx, frame_buckets: [1, 12]}",
+     r"train_video.frame_buckets: 12 is not k x 8 \+ 1 \(nearest: 9, 17\) for LTX-Video 0.9"),
     ("train_video: {base_model: builtin:tiny-wan22-i2v}", r"Wan 2.2 I2V A14B \(wan22_i2v\) is not built"),
     ("train_video: {base_model: builtin:tiny-sd}", r"builtin:tiny-sd is .*an image model"),
     ("train_video: {base_model: builtin:tiny-wan22-ti2v, model_family: ltx2}",
