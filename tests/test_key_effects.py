@@ -221,6 +221,7 @@ CHANGES: dict[str, Any] = {
     "train_video.phases.[].mix": "natural",
     "train_video.variants": {"wide": {"lora": {"rank": 64}}},
     "train_video.checkpoints.validation_timesteps": [100, 500],
+    "train_video.clips.max_gap": 10,
     "train.lora.target_modules": ["to_q", "to_v"],
     "train.checkpoints.sample_prompts": ["{trigger} {class}, smiling"],
     "train.checkpoints.validation_timesteps": [100, 500],

@@ -296,6 +296,9 @@ class TrainVideoClipsConfig:
     stride: int
     max_per_source: int
     caption: str
+    margin: float
+    max_gap: int | None
+    max_side: int
 
 
 @schema_config('train_video', 'checkpoints')

@@ -15,6 +15,7 @@ from runner.core.contract import BUILTIN, Registry
 BUILTIN_STAGE_MODULES = (
     "ingest",
     "video_identity",
+    "video_clips",
     "analyze",
     "curate",
     "extract",

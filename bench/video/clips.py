@@ -1,0 +1,154 @@
+"""Benchmark cutting training clips (the video_clips stage's work) against real time.
+
+For each clip in ../shared/data/video (short_hamilton_clip.mp4 640x360 9.2 s, carphone.mp4 176x144
+4.8 s, bigbuckbunny_no_faces.mp4: no face, so no clip) the main person's track is built once with
+the video_identity stage (dlib HOG, every 5th frame, the fallback novelty descriptor; not timed),
+then runner.video.clips.cut_clips cuts the clips with the schema's defaults for train_video.clips
+(33 frames, stride 1, at most 24 per source, margin 0.6, longest side 512), --repeat times,
+the videos interleaved (a, b, c, a, b, c, ...) so a busy moment of a shared machine falls on all.
+
+Besides it, the floor: decoding the same frames only (PyAV, RGB conversion of the frames the
+clips take), what cutting cannot beat. Reported per video: the median and range of wall seconds,
+and the real-time ratios ``source seconds / wall seconds`` (the video's duration: the source a
+video_clips run gets through) and ``clip seconds / wall seconds`` (the seconds of clips written).
+Ratio >= 1.0: faster than real time.
+
+    taskset -c 0,1 .venv/bin/python bench/video/clips.py [--repeat 5] [--videos short_hamilton_clip,carphone]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+DATA = REPO.parent / "shared" / "data" / "video"
+WORK = REPO / "bench" / "_work" / "clips"
+VIDEOS = ("short_hamilton_clip", "carphone", "bigbuckbunny_no_faces")
+
+
+def identity_of(video: Path) -> Path:
+    """The video_identity stage's ``identity`` output for ``video`` (built once, then reused)."""
+    from runner.backends.context import LocalStageContext
+    from runner.core import contract
+    from runner.stages import video_identity as V
+
+    folder = WORK / f"identity-v{V.VERSION}" / video.stem
+    done = folder / "out" / "identity" / "summary.json"
+    if done.exists():
+        return done.parent
+    shutil.rmtree(folder, ignore_errors=True)
+    ctx = LocalStageContext.for_folder(folder, stage_id="bench:video_identity[0]", project_root=video.parent)
+    opts = {k: v for k, v in V.video_option_defaults().items() if k != "upsample"}
+    opts["general_fallback"] = "always"
+    cfg = {"video": video.name, "source_index": 0, "label": "", "people": 1, "stride": 5,
+           "face": {"backend": "dlib", "dlib_detector": "hog", "upsample": 1, "insightface_pack": "buffalo_l",
+                    "insightface_root": "~/.insightface"}, "options": opts, "references": []}
+    out = V.run(cfg, {"video": contract.Artifact("video", video.parent, files=(video,))}, ctx)
+    return out["identity"].path
+
+
+def clip_defaults() -> dict:
+    """train_video.clips as a spec gets it (the schema's defaults), less ``enabled``."""
+    from runner.spec.sections import TrainVideoClipsConfig
+
+    d = TrainVideoClipsConfig.from_dict({}).to_dict()
+    d.pop("enabled")
+    return d
+
+
+def cut(video: Path, identity: Path, out: Path, opts: dict) -> tuple[float, dict]:
+    from runner.video.clips import cut_clips
+
+    shutil.rmtree(out, ignore_errors=True)
+    t = time.perf_counter()
+    summary = cut_clips(video, identity, out, trigger="hrochr", class_word="man", source=video.name, **opts)
+    return time.perf_counter() - t, summary
+
+
+def decode_only(video: Path, out: Path) -> float:
+    """Decode the frames the clips took (read back from clips.jsonl) and convert them to RGB."""
+    from runner.video.decode import iter_frames
+
+    records = [json.loads(x) for x in (out / "clips.jsonl").read_text().splitlines() if x.strip()]
+    wanted = {f for r in records for f in range(r["start_frame"], r["end_frame"] + 1, r.get("stride", 1))}
+    t = time.perf_counter()
+    if wanted:
+        sum(1 for _ in iter_frames(video, wanted=wanted))
+    return time.perf_counter() - t
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3), "max": round(max(values), 3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--videos", default=",".join(VIDEOS))
+    ap.add_argument("--out", default=str(WORK / "results.json"))
+    args = ap.parse_args()
+    from runner.video.decode import probe_video
+
+    opts = clip_defaults()
+    videos = [DATA / f"{n}.mp4" for n in args.videos.split(",") if n]
+    ids = {v: identity_of(v) for v in videos}
+    times: dict[Path, list[float]] = {v: [] for v in videos}
+    floors: dict[Path, list[float]] = {v: [] for v in videos}
+    summaries: dict[Path, dict] = {}
+    cut(videos[0], ids[videos[0]], WORK / "warm", opts)  # imports and codec set-up, not timed
+    for _ in range(args.repeat):
+        for v in videos:
+            dt, summaries[v] = cut(v, ids[v], WORK / "out" / v.stem, opts)
+            times[v].append(dt)
+            floors[v].append(decode_only(v, WORK / "out" / v.stem))
+    rows = []
+    for v in videos:
+        info = probe_video(v)
+        duration = info.duration_s or (info.frame_count or 0) / (info.fps or 25.0)
+        s = summaries[v]
+        recs = [json.loads(x) for x in (WORK / "out" / v.stem / "clips.jsonl").read_text().splitlines() if x]
+        clip_s = sum(r["frames"] / r["fps"] for r in recs)
+        t = spread(times[v])
+        rows.append({"video": v.name, "size": f"{info.width}x{info.height}", "duration_s": round(duration, 2),
+                     "clips": s["clips"], "reason": s["reason"], "shots": s["shots"],
+                     "clip_sides": sorted({f"{r['width']}x{r['height']}" for r in recs}),
+                     "clip_seconds": round(clip_s, 2), "cut_s": t,
+                     # frames decoded: once up to the last clip's end, where one decode per clip from the
+                     # start of the video would take the sum of the clips' end frames
+                     "decoded_frames": s.get("decoded_frames"),
+                     "decoded_if_per_clip": sum(r["end_frame"] + 1 for r in recs),
+                     "runs_s": [round(x, 3) for x in times[v]],
+                     "decode_only_s": spread(floors[v]),
+                     "source_ratio": {k: round(duration / x, 2) for k, x in t.items()},
+                     "clip_ratio": {k: round(clip_s / x, 2) for k, x in t.items()}})
+        print(json.dumps(rows[-1]), flush=True)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    result = {"options": opts, "repeat": args.repeat, "cores": cores, "rows": rows,
+              "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+              "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print("\n| video | size | duration s | clips (shots) | clip s | frames decoded | cut s median [min-max] "
+          "| decode-only s median | source s / wall s median [range] | clip s / wall s median |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        c, sr = r["cut_s"], r["source_ratio"]
+        shots = ", ".join(f"{k} {n}" for k, n in r["shots"].items()) or r["reason"]
+        ratios = (f"{sr['median']} [{sr['max']}-{sr['min']}] | {r['clip_ratio']['median']}" if r["clips"]
+                  else "n/a (nothing cut) | n/a")
+        print(f"| {r['video']} | {r['size']} | {r['duration_s']} | {r['clips']} ({shots}) | {r['clip_seconds']} "
+              f"| {r['decoded_frames']} | {c['median']} [{c['min']}-{c['max']}] | {r['decode_only_s']['median']} "
+              f"| {ratios} |")
+    print(f"\n{cores} cores; load average at the end {result['loadavg_end']}; {result['when']}")
+
+
+if __name__ == "__main__":
+    main()
