@@ -42,11 +42,13 @@ EXPECTED = {
     "qwen_image": ["lora_unet_transformer_blocks_0_attn_to_q", "lora_unet_transformer_blocks_0_attn_to_add_out"],
     "z_image": ["lora_unet_layers_0_attention_qkv", "lora_unet_noise_refiner_0_attention_out",
                 "lora_unet_context_refiner_0_attention_qkv"],
+    "ltx_video": ["lora_unet_transformer_blocks_0_attn1_to_q", "lora_unet_transformer_blocks_0_attn2_to_out_0"],
+    "ltx2": ["lora_unet_transformer_blocks_0_attn1_to_k", "lora_unet_transformer_blocks_0_attn2_to_v"],
 }
 ARCH = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora",
         "sd3": "stable-diffusion-3/lora",
         "flux1": "flux-1-dev/lora", "flux2": "Flux.2-dev/lora", "flux2_klein": "Flux.2-klein/lora",
-        "qwen_image": "Qwen-Image/lora", "z_image": "Z-Image/lora"}
+        "qwen_image": "Qwen-Image/lora", "z_image": "Z-Image/lora", "ltx_video": "LTX-Video/lora", "ltx2": "LTX-2/lora"}
 
 
 def _denoiser(fam, sd3_comfy_width: bool = False):

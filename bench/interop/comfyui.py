@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 MODEL_CLASSES = {"sd15": "BaseModel", "sdxl": "SDXL", "sd3": "SD3", "flux1": "Flux", "flux2": "Flux2",
-                 "flux2_klein": "Flux2", "qwen_image": "QwenImage", "z_image": "Lumina2"}
+                 "flux2_klein": "Flux2", "qwen_image": "QwenImage", "z_image": "Lumina2", "ltx_video": "LTXV",
+                 "ltx2": "LTXAV"}
 
 
 def _stub(name: str, **attrs) -> types.ModuleType:
@@ -41,7 +42,8 @@ def _model_base():
     base = type("BaseModel", (), {})
     classes = {"BaseModel": base}
     for name, parent in (("SDXL", "BaseModel"), ("SD3", "BaseModel"), ("Flux", "BaseModel"), ("Flux2", "Flux"),
-                         ("QwenImage", "BaseModel"), ("Lumina2", "BaseModel")):
+                         ("QwenImage", "BaseModel"), ("Lumina2", "BaseModel"), ("LTXV", "BaseModel"),
+                         ("LTXAV", "BaseModel")):
         classes[name] = type(name, (classes[parent],), {})
     mod = _stub("comfy.model_base", **classes)
 
@@ -121,6 +123,8 @@ def unet_config(family: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
                 "n_refiner_layers": int(cfg["n_refiner_layers"])}
     if family == "qwen_image":
         return {"image_model": "qwen_image"}
+    if family in ("ltx_video", "ltx2"):
+        return {"image_model": "ltxv" if family == "ltx_video" else "ltxav"}
     raise ValueError(f"no ComfyUI model known for family {family!r}")
 
 
@@ -136,7 +140,31 @@ def key_map(cu, family: str, ucfg: Mapping[str, Any], diffusers_keys) -> dict[st
         return u.flux_to_diffusers(dict(ucfg), output_prefix="diffusion_model.")
     if family == "z_image":
         return u.z_image_to_diffusers(dict(ucfg), output_prefix="diffusion_model.")
+    if family in ("ltx_video", "ltx2"):  # ComfyUI holds the original LTX checkpoint's names
+        return {k: "diffusion_model." + ltx_native(k) for k in diffusers_keys}
     return {k: "diffusion_model." + k for k in diffusers_keys}  # Qwen-Image: ComfyUI keeps the diffusers names
+
+
+# diffusers name -> original LTX-Video / LTX-2 checkpoint name: the inverse of diffusers' own
+# converters (single_file_utils.convert_ltx*_transformer_checkpoint_to_diffusers,
+# lora_conversion_utils._convert_non_diffusers_ltx2_lora_to_diffusers); the blocks' attention and
+# feed-forward projections keep their names (comfy/ldm/lightricks/model.py, av_model.py).
+LTX_RENAMES = (("audio_proj_in", "audio_patchify_proj"), ("proj_in", "patchify_proj"),
+               ("audio_time_embed", "audio_adaln_single"), ("time_embed", "adaln_single"),
+               ("av_cross_attn_video_scale_shift", "av_ca_video_scale_shift_adaln_single"),
+               ("av_cross_attn_video_a2v_gate", "av_ca_a2v_gate_adaln_single"),
+               ("av_cross_attn_audio_scale_shift", "av_ca_audio_scale_shift_adaln_single"),
+               ("av_cross_attn_audio_v2a_gate", "av_ca_v2a_gate_adaln_single"),
+               ("video_a2v_cross_attn_scale_shift_table", "scale_shift_table_a2v_ca_video"),
+               ("audio_a2v_cross_attn_scale_shift_table", "scale_shift_table_a2v_ca_audio"),
+               (".norm_q.", ".q_norm."), (".norm_k.", ".k_norm."))
+
+
+def ltx_native(key: str) -> str:
+    for new, old in LTX_RENAMES:
+        if new.startswith(".") and new in key or key.startswith(new + "."):
+            return key.replace(new, old, 1)
+    return key
 
 
 def native_shapes(cmap: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
