@@ -202,3 +202,16 @@ def test_apply_cuts_clips_and_a_changed_clips_key_reruns_only_video_clips(projec
     second = apply([load_spec(spec_file)], ApplyOptions(), QuietReporter())
     ran = {r.stage_id: r.status for r in second.results}
     assert ran["hero:video_clips[0]"] == "succeeded" and ran.get("hero:video_identity[0]") in (None, "cached")
+
+
+def test_plan_notes_count_the_clips_the_track_gives(tmp_path):
+    from runner.stages import video_clips as VC
+
+    config = {"frames": 9, "stride": 3, "max_per_source": 5, "max_gap": None}
+    assert "once video_identity has run" in VC.plan_notes(config, {"identity": None})[0]
+    track = _identity_out(tmp_path / "a", {i: [60, 30, 110, 90] for i in range(0, 80, 4)})
+    assert VC.plan_notes(config, {"identity": track}) == ["2 clip(s) of 9 frames along person 0's track"]
+    short = _identity_out(tmp_path / "b", {i: [60, 30, 110, 90] for i in range(0, 12, 4)})
+    assert "no continuous stretch of 9 frames" in VC.plan_notes(config, {"identity": short})[0]
+    nobody = _identity_out(tmp_path / "c", {}, persons=False)
+    assert VC.plan_notes(config, {"identity": nobody}) == ["no clips: no faces"]

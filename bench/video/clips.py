@@ -64,13 +64,14 @@ def clip_defaults() -> dict:
     return d
 
 
-def cut(video: Path, identity: Path, out: Path, opts: dict) -> tuple[float, dict]:
+def cut(video: Path, identity: Path, out: Path, opts: dict) -> tuple[float, float, dict]:
+    """(wall s, CPU s of this process, summary) of one cut_clips run."""
     from runner.video.clips import cut_clips
 
     shutil.rmtree(out, ignore_errors=True)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     summary = cut_clips(video, identity, out, trigger="hrochr", class_word="man", source=video.name, **opts)
-    return time.perf_counter() - t, summary
+    return time.perf_counter() - t, time.process_time() - c, summary
 
 
 def decode_only(video: Path, out: Path) -> float:
@@ -102,12 +103,14 @@ def main() -> None:
     ids = {v: identity_of(v) for v in videos}
     times: dict[Path, list[float]] = {v: [] for v in videos}
     floors: dict[Path, list[float]] = {v: [] for v in videos}
+    cpus: dict[Path, list[float]] = {v: [] for v in videos}
     summaries: dict[Path, dict] = {}
     cut(videos[0], ids[videos[0]], WORK / "warm", opts)  # imports and codec set-up, not timed
     for _ in range(args.repeat):
         for v in videos:
-            dt, summaries[v] = cut(v, ids[v], WORK / "out" / v.stem, opts)
+            dt, cpu, summaries[v] = cut(v, ids[v], WORK / "out" / v.stem, opts)
             times[v].append(dt)
+            cpus[v].append(cpu)
             floors[v].append(decode_only(v, WORK / "out" / v.stem))
     rows = []
     for v in videos:
@@ -126,7 +129,9 @@ def main() -> None:
                      "decoded_frames": s.get("decoded_frames"),
                      "decoded_if_per_clip": sum(r["end_frame"] + 1 for r in recs),
                      "runs_s": [round(x, 3) for x in times[v]],
-                     "decode_only_s": spread(floors[v]),
+                     "decode_only_s": spread(floors[v]), "cpu_s": spread(cpus[v]),
+                     # CPU seconds are far less sensitive than wall time to other jobs on a shared machine
+                     "source_per_cpu_s": round(duration / statistics.median(cpus[v]), 2),
                      "source_ratio": {k: round(duration / x, 2) for k, x in t.items()},
                      "clip_ratio": {k: round(clip_s / x, 2) for k, x in t.items()}})
         print(json.dumps(rows[-1]), flush=True)
@@ -137,13 +142,15 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print("\n| video | size | duration s | clips (shots) | clip s | frames decoded | cut s median [min-max] "
-          "| decode-only s median | source s / wall s median [range] | clip s / wall s median |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| decode-only s median | source s / wall s median [range] | clip s / wall s median | CPU s median "
+          "| source s / CPU s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         c, sr = r["cut_s"], r["source_ratio"]
         shots = ", ".join(f"{k} {n}" for k, n in r["shots"].items()) or r["reason"]
-        ratios = (f"{sr['median']} [{sr['max']}-{sr['min']}] | {r['clip_ratio']['median']}" if r["clips"]
-                  else "n/a (nothing cut) | n/a")
+        cpu = r["cpu_s"]["median"]
+        ratios = (f"{sr['median']} [{sr['max']}-{sr['min']}] | {r['clip_ratio']['median']} | {cpu} "
+                  f"| {r['source_per_cpu_s']}" if r["clips"] else f"n/a (nothing cut) | n/a | {cpu} | n/a")
         print(f"| {r['video']} | {r['size']} | {r['duration_s']} | {r['clips']} ({shots}) | {r['clip_seconds']} "
               f"| {r['decoded_frames']} | {c['median']} [{c['min']}-{c['max']}] | {r['decode_only_s']['median']} "
               f"| {ratios} |")
