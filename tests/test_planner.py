@@ -228,3 +228,44 @@ def test_symlink_loops_in_a_photo_folder_are_followed_once(hero):
     (photos / "loop").symlink_to(photos)
     stages, _ = plan_of(hero)
     assert stages["hero:ingest"].fileset_digests["source0"].count == 2
+
+
+def test_file_sets_sharing_a_folder_keep_each_others_stat_cache(tmp_path, monkeypatch):
+    """One file set per video of a folder (a video source each) plus a glob over the folder: after
+    the first digest nothing is read again, a changed file is read once for all the sets naming it,
+    a deleted one leaves the sets, and a set naming its files never scans the folder."""
+    import glob
+
+    from runner.engine import workspace as wsmod
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name in ("a.mp4", "b.mp4", "c [1].mp4"):
+        (videos / name).write_bytes(name.encode())
+    one = [contract.FileSetRef(root=videos, patterns=(glob.escape(n),), recursive=False, spec_key="k")
+           for n in ("a.mp4", "b.mp4", "c [1].mp4")]
+    every = contract.FileSetRef(root=videos, patterns=("*.mp4",), recursive=False, spec_key="k")
+    calls, scans = [], []
+    real_digest, real_tree = wsmod.file_digest, wsmod.iter_tree
+    monkeypatch.setattr(wsmod, "file_digest", lambda p, *a: calls.append(Path(p).name) or real_digest(p, *a))
+    monkeypatch.setattr(wsmod, "iter_tree", lambda *a, **k: scans.append(a) or real_tree(*a, **k))
+
+    def digest_all():
+        ws = wsmod.Workspace(tmp_path)
+        try:
+            return [[rel for rel, _ in ws.digest_fileset(r).files] for r in (*one, every)]
+        finally:
+            ws.close()
+
+    assert digest_all() == [["a.mp4"], ["b.mp4"], ["c [1].mp4"], ["a.mp4", "b.mp4", "c [1].mp4"]]
+    assert sorted(calls) == ["a.mp4", "b.mp4", "c [1].mp4"] and len(scans) == 1  # only the glob scans
+    calls.clear()
+    digest_all()
+    assert calls == []
+    (videos / "a.mp4").write_bytes(b"changed")
+    (videos / "b.mp4").unlink()
+    got = digest_all()
+    assert calls == ["a.mp4"] and got[1] == [] and got[3] == ["a.mp4", "c [1].mp4"]
+    calls.clear()
+    digest_all()
+    assert calls == []

@@ -38,8 +38,8 @@ class HashIndex:
     """
 
     def __init__(self, entries: dict[str, Any] | None = None, hasher=file_sha256) -> None:
-        # rel -> (size, mtime_ns, inode, sha256)
-        self.old: dict[str, tuple] = {k: tuple(v) for k, v in (entries or {}).items()}
+        # rel -> (size, mtime_ns, inode, sha256); read only, never copied (a root may hold 100k)
+        self.old: dict[str, Any] = entries if entries is not None else {}
         self.entries: dict[str, tuple] = {}
         self.hasher = hasher
         self._rehashed = False
@@ -61,6 +61,11 @@ class HashIndex:
         """Record a file whose hash is known (downloaded by digest) without reading it."""
         self.entries[rel] = (*stat_signature(os.stat(path)), sha)
         self._rehashed = True
+
+    @property
+    def rehashed(self) -> bool:
+        """Whether a file was read (new or changed signature) or remembered since loading."""
+        return self._rehashed
 
     @property
     def changed(self) -> bool:

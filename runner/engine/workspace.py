@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import marshal
 import os
+import re
 import shutil
 import socket
 import sqlite3
@@ -97,6 +98,7 @@ class Workspace:
         self.scratch_root = self.dir / "scratch"
         self.logs_dir = self.dir / "logs"
         self._db: sqlite3.Connection | None = None
+        self._stat_entries: dict[str, dict[str, Any]] = {}  # root -> its stat cache, loaded once
 
     # ------------------------------------------------------------------ db
     @property
@@ -148,19 +150,30 @@ class Workspace:
 
         The stat cache of one root is a single marshalled row: loading 10,000 entries this way is
         an order of magnitude faster than 10,000 SQLite rows, and a no-op plan is dominated by it.
+        It is loaded once per root and process; file sets sharing a root (one video file each of a
+        folder of ride videos) each replace only their own files' entries, never the others'.
         """
         root = Path(ref.root)
         root_key = str(root)
-        row = self.db.execute("SELECT data FROM stat_blob WHERE root=?", (root_key,)).fetchone()
+        old = self._stat_root(root_key)
         # file_digest is looked up at call time: tests replace it to count reads
-        index = HashIndex(marshal.loads(row[0]) if row else {}, hasher=lambda path: file_digest(Path(path)))
+        index = HashIndex(old, hasher=lambda path: file_digest(Path(path)))
         files = sorted((rel, index.sha256(rel, full, st)) for rel, full, st in _scan(root, ref.patterns, ref.recursive))
-        if index.changed:
+        gone = _gone(old, index.entries, ref)
+        if index.rehashed or gone or any(rel not in old for rel in index.entries):
+            merged = {rel: e for rel, e in old.items() if rel not in gone}
+            merged.update(index.entries)
             with self.db:
-                self.db.execute("INSERT OR REPLACE INTO stat_blob VALUES (?, ?)",
-                                (root_key, marshal.dumps(index.entries)))
+                self.db.execute("INSERT OR REPLACE INTO stat_blob VALUES (?, ?)", (root_key, marshal.dumps(merged)))
+            self._stat_entries[root_key] = merged
         digest = sha256_text(canonical_json(files))
         return FileSetDigest(digest=digest, files=tuple(files), root=root)
+
+    def _stat_root(self, root_key: str) -> dict[str, Any]:
+        if root_key not in self._stat_entries:
+            row = self.db.execute("SELECT data FROM stat_blob WHERE root=?", (root_key,)).fetchone()
+            self._stat_entries[root_key] = marshal.loads(row[0]) if row else {}
+        return self._stat_entries[root_key]
 
     # ------------------------------------------------------------------ runs
     def start_run(self, command: str, specs: Iterable[str]) -> str:
@@ -413,6 +426,13 @@ def _scan(root: Path, patterns: tuple[str, ...], recursive: bool):
     if not os.path.isdir(root):
         yield root.name, str(root), st
         return
+    literal = None if recursive else _literal_names(patterns)
+    if literal is not None:  # a file set naming its files (one video of a folder): no folder scan
+        found = [(name, root / name) for name in literal if (root / name).is_file()]
+        if len(found) == len(literal):
+            for name, full in found:
+                yield name, str(full), full.stat()
+            return
     pats = tuple(p.lower() for p in patterns)
     match_all = pats == ("*",)
     for rel, entry in iter_tree(root, recursive):
@@ -424,6 +444,34 @@ def _scan(root: Path, patterns: tuple[str, ...], recursive: bool):
             yield rel, entry.path, entry.stat(follow_symlinks=True)
         except OSError:
             continue
+
+
+_ESCAPED = re.compile(r"\[([*?\[])\]")
+
+
+def _literal_names(patterns: tuple[str, ...]) -> list[str] | None:
+    """The file names of patterns that are plain names (``glob.escape``d ones included), or None
+    when any pattern is a real glob."""
+    names = []
+    for p in patterns:
+        name = _ESCAPED.sub(r"\1", p)
+        if any(c in _ESCAPED.sub("", p) for c in "*?[") or name.startswith(".") or "/" in name:
+            return None
+        names.append(name)
+    return names
+
+
+def _gone(old: dict[str, Any], scanned: dict[str, Any], ref: contract.FileSetRef) -> set[str]:
+    """Stat-cache entries of files ``ref`` would list that the scan no longer found (deleted):
+    for a ref naming its files, only those names are looked at, not the whole root's cache."""
+    import fnmatch
+
+    names = None if ref.recursive else _literal_names(ref.patterns)
+    if names is not None:
+        return {n for n in names if n in old and n not in scanned}
+    pats = [p.lower() for p in ref.patterns]
+    return {rel for rel in old if rel not in scanned and (ref.recursive or "/" not in rel)
+            and any(fnmatch.fnmatchcase(rel.rsplit("/", 1)[-1].lower(), p) for p in pats)}
 
 
 def _fsync_dir(path: Path) -> None:
