@@ -24,7 +24,8 @@ REFS = {"ltx_video": "builtin:tiny-ltx", "ltx2": "builtin:tiny-ltx2"}
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("ltx_lora_cache")
+    """The session's model cache (conftest's): the tiny models built once for every test using them."""
+    return tmp_path_factory.getbasetemp() / "model-cache"
 
 
 @pytest.fixture(scope="module")

@@ -116,9 +116,9 @@ def encode_captions(pipe, captions: list[str]) -> list[dict]:
     conn = pipe.connectors
     with torch.no_grad():
         embeds, mask, _, _ = pipe.encode_prompt(prompt=list(captions), do_classifier_free_guidance=False,
-                                                device=conn.device)
-        side = getattr(pipe.tokenizer, "padding_side", "left") if getattr(pipe, "tokenizer", None) else "left"
-        video, _audio, video_mask = conn(embeds.to(conn.dtype), mask, padding_side=side)
+                                                device=pipe.text_encoder.device)
+        side = getattr(pipe.tokenizer, "padding_side", "left")  # as __call__ reads it ("left" for Gemma)
+        video, _audio, video_mask = conn(embeds.to(conn.device, conn.dtype), mask.to(conn.device), padding_side=side)
     return split_batch({"prompt_embeds": video, "mask": video_mask})
 
 
