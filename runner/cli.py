@@ -52,6 +52,16 @@ class _Commands(click.Group):
 
 
 spec_args = click.argument("specs", nargs=-1, required=True, type=click.Path(path_type=str))
+
+
+def budget_opts(fn: Any) -> Any:
+    """--max-cost / --max-hours: the batch's budget, over hardware.budget of every spec."""
+    fn = click.option("--max-hours", type=click.FloatRange(min=0), default=None, metavar="HOURS",
+                      help="Refuse when the stages that would run are estimated at more stage hours "
+                           "(overrides hardware.budget.max_hours).")(fn)
+    return click.option("--max-cost", type=click.FloatRange(min=0), default=None, metavar="AMOUNT",
+                        help="Refuse, before anything runs, when the stages that would run are estimated to cost "
+                             "more on Modal (hardware.currency; overrides hardware.budget.max_cost).")(fn)
 allow_outside_opt = click.option(
     "--allow-outside-project", is_flag=True,
     help="Allow spec paths that resolve outside the project folder.",
@@ -104,7 +114,8 @@ def _plan_line(ps: Any, estimate: Any = None) -> str:
     return f"  {sym} {ps.id:<38} {ps.action:<7} {'; '.join(ps.reasons)}{extra}"
 
 
-def _print_plan(plan: Any, specs: list[Any], *, header: bool = True, estimates: dict | None = None) -> None:
+def _print_plan(plan: Any, specs: list[Any], *, header: bool = True, estimates: dict | None = None,
+                budget: Any = None) -> None:
     estimates = estimates or {}
     if header:
         root = specs[0].project_root if specs else Path.cwd()
@@ -122,6 +133,18 @@ def _print_plan(plan: Any, specs: list[Any], *, header: bool = True, estimates: 
         cur = todo[0].currency
         click.echo(f"Estimated Modal cost of this plan: ~{sum(e.cost for e in todo):.2f} {cur} "
                    f"({len(todo)} remote stage{'s' if len(todo) != 1 else ''}; price table in hardware.price_table)")
+    _print_batch(plan, estimates, budget)
+
+
+def _print_batch(plan: Any, estimates: dict, budget: Any) -> None:
+    """The whole batch's stage hours, wall time at best and budget (runner.engine.budget)."""
+    from runner.engine.budget import Budget, batch_cost, plan_line
+    from runner.engine.executor import ApplyOptions
+    from runner.engine.fanout import max_parallel
+
+    batch, budget = batch_cost(plan, estimates), budget or Budget()
+    if batch.stages or budget.is_set:
+        click.echo(plan_line(batch, budget, max_parallel(plan.graph, ApplyOptions())))
 
 
 def _warn_uncached_models(plan: Any) -> None:
@@ -160,10 +183,11 @@ def _rel(p: Path) -> Path:
               help="Override hardware.backend (modal: show GPU types and estimated costs).")
 @click.option("--scenes", is_flag=True,
               help="Also print each storyboard's scenes and frame prompts (manual and rules planners; no GPU).")
+@budget_opts
 @allow_outside_opt
 def plan(specs: tuple[str, ...], resolved: bool, as_json: bool, detailed_exitcode: bool,
          force: tuple[str, ...], only: tuple[str, ...], backend: str | None, scenes: bool,
-         allow_outside_project: bool) -> None:
+         max_cost: float | None, max_hours: float | None, allow_outside_project: bool) -> None:
     """Show, per stage, whether it runs, is cached, or re-runs, and why."""
     from runner.engine.executor import plan_specs
     from runner.spec import load_specs
@@ -182,9 +206,11 @@ def plan(specs: tuple[str, ...], resolved: bool, as_json: bool, detailed_exitcod
         return
     p, ws = plan_specs(loaded, force=list(force), only=list(only), registry=registry())
     try:
+        from runner.engine.budget import batch_budget, batch_cost, check_budget
         from runner.engine.executor import plan_estimates
 
         estimates = plan_estimates(p, backend, ws)
+        budget = batch_budget(loaded, max_cost, max_hours)
         if as_json:
             from runner.plan.preflight import uncached_models
 
@@ -195,14 +221,17 @@ def plan(specs: tuple[str, ...], resolved: bool, as_json: bool, detailed_exitcod
                     est = estimates[st["stage"]].as_json()
                     st["remote" if est["backend"] == "modal" else "estimate"] = est
             data["review_orphans"] = _review_orphans(p, ws, loaded)
+            data["batch"] = {**batch_cost(p, estimates).as_json(), "max_cost": budget.max_cost,
+                             "max_hours": budget.max_hours}
             click.echo(json.dumps(data, indent=2))
         else:
-            _print_plan(p, loaded, estimates=estimates)
+            _print_plan(p, loaded, estimates=estimates, budget=budget)
             _print_review_orphans(p, ws, loaded)
             if scenes:
                 _print_scenes(loaded)
     finally:
         ws.close()
+    check_budget(p, estimates, budget)  # over budget: the refusal `runner apply` would give (exit 2)
     if detailed_exitcode and p.has_changes:
         sys.exit(2)
 
@@ -261,11 +290,14 @@ def _print_scenes(specs: list[Any]) -> None:
 @click.option("--backend", type=click.Choice(["local", "modal"]), default=None,
               help="Override hardware.backend for every spec.")
 @click.option("--quiet", "-q", is_flag=True, help="Only the plan summary, warnings and the result.")
+@budget_opts
 @allow_outside_opt
 def apply(specs: tuple[str, ...], force: tuple[str, ...], only: tuple[str, ...], keep_going: bool,
-          wait_s: float, backend: str | None, quiet: bool, allow_outside_project: bool) -> None:
+          wait_s: float, backend: str | None, quiet: bool, max_cost: float | None, max_hours: float | None,
+          allow_outside_project: bool) -> None:
     """Run the stages that changed and write the HTML report."""
     from runner.engine.executor import ApplyOptions
+    from runner.engine.budget import batch_budget
     from runner.engine.executor import apply as do_apply
     from runner.engine.progress import make_reporter
     from runner.spec import load_specs
@@ -273,12 +305,16 @@ def apply(specs: tuple[str, ...], force: tuple[str, ...], only: tuple[str, ...],
 
     loaded = load_specs(list(specs), allow_outside=allow_outside_project)
     options = ApplyOptions(force=list(force), only=list(only), keep_going=keep_going, wait_s=wait_s,
-                           backend=backend, command="runner apply " + " ".join(specs))
+                           backend=backend, command="runner apply " + " ".join(specs), max_cost=max_cost,
+                           max_hours=max_hours)
     t0 = time.monotonic()
     reporter = make_reporter(quiet=quiet)
-    result = do_apply(loaded, options, reporter, registry=registry(),
-                      on_plan=None if quiet else (lambda p: (_print_plan(p, loaded, estimates=_estimates(p, backend)),
-                                                             sys.stdout.flush())))
+
+    def show(p: Any) -> None:
+        _print_plan(p, loaded, estimates=_estimates(p, backend), budget=batch_budget(loaded, max_cost, max_hours))
+        sys.stdout.flush()
+
+    result = do_apply(loaded, options, reporter, registry=registry(), on_plan=None if quiet else show)
     elapsed = time.monotonic() - t0
     counts: dict[str, int] = {}
     for r in result.results:

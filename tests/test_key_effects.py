@@ -260,6 +260,8 @@ CHANGES: dict[str, Any] = {
     "hardware.stage_gpu": {"train": "H100"},
     "hardware.price_table": {"A10G": 2.2},
     "hardware.gpu_memory_gib": {"A10G": 40.0},
+    "hardware.budget.max_cost": 25.0,
+    "hardware.budget.max_hours": 4.0,
     "hardware.modal.secrets": ["hf", "wandb"],
     "report.output_dir": "other-reports",
     "dataset.export.identity_crops.background.session": "isnet-general-use",

@@ -223,10 +223,15 @@ class RemoteInfo:
     downloaded_bytes: int = 0
     reused_result: bool = False
     resumed: str | None = None
+    queue_s: float | None = None  # submitted -> the first container started (None: not measured)
+    containers: int = 0  # containers this call started (its attempts; 0 when the result was reused)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_metrics(self) -> dict[str, float]:
+        queue = {} if self.queue_s is None else {"remote.queue_s": round(self.queue_s, 3)}
         return {
+            **queue,
+            "remote.containers": float(self.containers),
             "remote.billed_s": round(self.billed_s, 3),
             "remote.duration_s": round(self.remote_s, 3),
             "remote.attempts": float(self.attempts),
@@ -343,6 +348,7 @@ class RemoteBackend:
             self._upload(local, info)
             ctx.log(f"inputs: {info.uploaded_files} file(s) uploaded ({info.uploaded_bytes} bytes), "
                     f"{info.reused_files} already on the volume")
+            manifest["submitted"] = time.time()  # the worker measures the queue time from it
             call = self.transport.invoke(kind.kind, node.config, manifest, node)
             info.call_id = call.call_id
             ctx._write({"event": "remote_call", "call_id": call.call_id, "transport": self.transport.name,
@@ -361,6 +367,11 @@ class RemoteBackend:
         if note is not None and result.get("files"):
             note({sha for _, sha, _ in result["files"]})  # the outputs are on the volume now
         info.attempts = int(result.get("attempts", 0))
+        if result.get("reused") and not info.reused_result:  # a container found the outputs there
+            info.containers = 1
+        elif not info.reused_result:
+            info.containers = int(result.get("call_attempts", info.attempts))
+            info.queue_s = float(result["queue_s"]) if result.get("queue_s") is not None else None
         info.billed_s = 0.0 if info.reused_result else float(result.get("billed_s", 0.0))
         info.remote_s = float(result.get("duration_s", 0.0))
         info.resumed = result.get("resumed")

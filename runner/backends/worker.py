@@ -158,6 +158,7 @@ class _Attempt:
     scratch: Path  # scratch/<key> (kept across attempts)
     resume: str | None
     commit: Callable[[], None] | None
+    submitted: float | None = None  # when the client submitted the call (its clock), for the queue time
 
     @property
     def log_file(self) -> Path:
@@ -167,10 +168,23 @@ class _Attempt:
         """Record the attempt's end; the fields every result carries."""
         _append_attempt(self.root, self.key, {"event": "end", "attempt": self.number, "t": time.time(),
                                               "status": status})
-        billed, n = billed_seconds(_attempts(self.root, self.key), time.time())
+        attempts = _attempts(self.root, self.key)
+        billed, n = billed_seconds(attempts, time.time())
         return {"status": status, "stage_id": self.stage_id, "key": self.key, "attempt": self.number,
                 "attempts": n, "billed_s": billed, "duration_s": duration, "resumed": self.resume,
+                **self._queue(attempts),
                 "metrics": ctx.metrics, "warnings": ctx.warnings, "events": _read_events(self.log_file)}
+
+    def _queue(self, attempts: list[dict[str, Any]]) -> dict[str, Any]:
+        """The containers this call started (its attempts) and the seconds from its submission to
+        the first one starting (``queue_s``: the provider's queue and cold start; the two clocks
+        are the client's and the container's, so it is clamped at 0)."""
+        if self.submitted is None:
+            return {}
+        starts = [a["t"] for a in attempts if a.get("event") == "start" and a.get("submitted") == self.submitted]
+        if not starts:
+            return {}
+        return {"call_attempts": len(starts), "queue_s": max(0.0, min(starts) - self.submitted)}
 
     def commit_volume(self) -> None:
         if self.commit is not None:
@@ -223,15 +237,17 @@ def _begin_attempt(vol: FolderVolume, manifest: dict[str, Any], stage: Any,
     stage would resume from the scratch folder an earlier attempt left."""
     root, key = vol.root, manifest["key"]
     number = 1 + sum(1 for a in _attempts(root, key) if a.get("event") == "start")
+    submitted = manifest.get("submitted")
     _append_attempt(root, key, {"event": "start", "attempt": number, "t": time.time(),
-                                "host": socket.gethostname(), "pid": os.getpid()})
+                                "host": socket.gethostname(), "pid": os.getpid(), "submitted": submitted})
     if commit is not None:
         commit()
     work = root / WORK / key / f"attempt{number}"
     shutil.rmtree(work, ignore_errors=True)
     scratch = root / SCRATCH / key
     resume = stage.resume_info(scratch) if stage.resume_info and scratch.is_dir() else None
-    return _Attempt(root, key, manifest["stage_id"], number, work, scratch, resume, commit)
+    return _Attempt(root, key, manifest["stage_id"], number, work, scratch, resume, commit,
+                    float(submitted) if isinstance(submitted, (int, float)) else None)
 
 
 def _materialize_inputs(vol: FolderVolume, manifest: dict[str, Any], work: Path) -> dict[str, Any]:

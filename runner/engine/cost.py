@@ -107,20 +107,35 @@ def work_of(kind: contract.StageKind | None, node: contract.PlanNode) -> tuple[f
 def load_history(db: Any, kinds: list[str] | set[str], limit: int = HISTORY_RUNS,
                  backend: str = "modal") -> dict[tuple[str, str], list[PastRun]]:
     """The latest ``limit`` successful runs on ``backend`` per (kind, GPU) of ``kinds``, newest
-    first, in one query (on the index executions_learn). Local rows carry no GPU: they are keyed
-    by :data:`LOCAL_DEVICE`."""
+    first. Local rows carry no GPU: they are keyed by :data:`LOCAL_DEVICE`.
+
+    Every read is a seek on the index executions_history (kind, backend, status, gpu, started
+    DESC) that returns at most ``limit`` rows: the rows of the GPU after the last one seen, newest
+    first; so the plan reads a few rows per kind and GPU however long the history (a million
+    executions: bench/scale/statedb.py)."""
     kinds = sorted(set(kinds))
     if db is None or not kinds:
         return {}
-    marks = ",".join("?" * len(kinds))
-    rows = db.execute(
-        "SELECT kind, gpu, stage_id, duration, metrics FROM ("
-        " SELECT kind, COALESCE(gpu, ?) AS gpu, stage_id, duration, metrics, ROW_NUMBER() OVER"
-        "  (PARTITION BY kind, gpu ORDER BY started DESC) AS n FROM executions"
-        f"  WHERE kind IN ({marks}) AND status='succeeded' AND backend=?)"
-        " WHERE n <= ? ORDER BY kind, gpu, n", (LOCAL_DEVICE, *kinds, backend, int(limit))).fetchall()
     out: dict[tuple[str, str], list[PastRun]] = {}
-    for kind, gpu, stage_id, duration, metrics in rows:
+    base = "SELECT gpu, stage_id, duration, metrics FROM executions WHERE kind=? AND backend=? AND status='succeeded'"
+    for kind in kinds:
+        rows = db.execute(base + " AND gpu IS NULL ORDER BY started DESC LIMIT ?", (kind, backend, limit)).fetchall()
+        after = None
+        while True:
+            if rows:
+                _add_runs(out, kind, [r for r in rows if r[0] == rows[0][0]])
+            nxt = db.execute(base + (" AND gpu > ?" if after is not None else " AND gpu IS NOT NULL")
+                             + " ORDER BY gpu, started DESC LIMIT ?",
+                             (kind, backend, *((after,) if after is not None else ()), limit)).fetchall()
+            if not nxt:
+                break
+            rows, after = nxt, nxt[0][0]
+    return out
+
+
+def _add_runs(out: dict[tuple[str, str], list[PastRun]], kind: str, rows: list[tuple]) -> None:
+    """Rows (gpu, stage_id, duration, metrics) of one (kind, GPU), newest first, as past runs."""
+    for gpu, stage_id, duration, metrics in rows:
         try:
             m = json.loads(metrics or "{}")
         except ValueError:
@@ -130,9 +145,8 @@ def load_history(db: Any, kinds: list[str] | set[str], limit: int = HISTORY_RUNS
             continue
         units = m.get("work_units")
         units = float(units) if isinstance(units, (int, float)) and units > 0 else None
-        out.setdefault((kind, gpu), []).append(PastRun(stage_id, float(value), units,
-                                                       m.get("work_unit") if units else None))
-    return out
+        out.setdefault((kind, gpu or LOCAL_DEVICE), []).append(
+            PastRun(stage_id, float(value), units, m.get("work_unit") if units else None))
 
 
 def earlier_durations(db: Any, node: contract.PlanNode, gpu: str) -> tuple[list[float], str]:

@@ -20,6 +20,7 @@ from typing import Any
 
 from runner.core import contract
 from runner.engine import cost as cost_mod
+from runner.engine.budget import batch_budget, check_budget
 from runner.engine.fanout import RemoteFanout
 from runner.engine.lock import workspace_lock
 from runner.engine.progress import PlainReporter, make_reporter
@@ -92,10 +93,13 @@ def apply(specs: list[Spec], options: ApplyOptions | None = None, reporter: Plai
             _settle_dead_runs(ws, reporter)
             ws.clear_tmp()
             plan = _plan(specs, ws, options.force, options.only, registry)
+            # the estimates before this run's rows; a batch over its budget stops here
+            estimates = plan_estimates(plan, options.backend, ws) if plan.has_changes else {}
+            check_budget(plan, estimates, batch_budget(specs, options.max_cost, options.max_hours))
             remote_ids = _check_backend(options, plan)
             if on_plan is not None:
                 on_plan(plan)
-            return _execute(plan, ws, options, reporter, [str(s.file) for s in specs], remote_ids)
+            return _execute(plan, ws, options, reporter, [str(s.file) for s in specs], remote_ids, estimates)
     finally:
         reporter.close()
         ws.close()
@@ -140,7 +144,7 @@ def plan_estimates(plan: Plan, backend: str | None = None, ws: Workspace | None 
     registry = plan.graph.registry
     local = [ps for ps in plan.stages if ps.id not in remote_ids and ps.node.gpu and ps.node.kind in registry
              and (registry.get(ps.node.kind).typical_seconds or registry.get(ps.node.kind).work_units)]
-    history = cost_mod.load_history(db, {ps.node.kind for ps in remote})  # one query per backend
+    history = cost_mod.load_history(db, {ps.node.kind for ps in remote})  # a few index seeks per kind
     history_here = cost_mod.load_history(db, {ps.node.kind for ps in local}, backend="local")
     for backend, stages, hist in (("modal", remote, history), ("local", local, history_here)):
         for ps in stages:
@@ -170,12 +174,11 @@ def summary_options(registry: contract.Registry) -> ApplyOptions:
 
 
 def _execute(plan: Plan, ws: Workspace, options: ApplyOptions, reporter: Any, spec_files: list[str],
-             remote_ids: list[str]) -> ApplyResult:
+             remote_ids: list[str], estimates: dict[str, cost_mod.Estimate]) -> ApplyResult:
     """Run the plan in dependency order. Local stages run one at a time in this thread; remote
     stages fan out (:mod:`runner.engine.fanout`). Only this thread touches the state database and
     the store."""
     fanout = RemoteFanout.start(plan.graph, ws, options, remote_ids, reporter) if remote_ids else None
-    estimates = plan_estimates(plan, options.backend, ws) if plan.has_changes else {}  # before this run's rows
     run_id = ws.start_run(options.command, spec_files)
     heartbeat = ws.heartbeat(run_id)
     run = _Run(plan, options, StageEnv(ws, run_id, plan, fanout.reporter if fanout else reporter), fanout, remote_ids,
@@ -183,9 +186,11 @@ def _execute(plan: Plan, ws: Workspace, options: ApplyOptions, reporter: Any, sp
     interrupted = False
     try:
         run.loop()
+        run.rec.flush()
     except KeyboardInterrupt:
         interrupted = True
         run.interrupt()
+        run.rec.flush()
     except BaseException:  # a bug or a database error: the run ended, say so rather than "running"
         heartbeat.stop()
         ws.finish_run(run_id, "failed", {"counts": plan.counts(), "stages": len(plan.stages),

@@ -58,6 +58,7 @@ class Recorder:
         self.results: list[StageResult] = []
         self.timeline: list[dict[str, Any]] = []
         self.done: dict[str, str] = {}  # stage id -> final status
+        self._pending: list[ExecutionRecord] = []  # cached and skipped rows not written yet
 
     def row(self, ps: PlannedStage, e: Ended) -> ExecutionRecord:
         hardware = self.graph.specs[ps.node.character].data.get("hardware", {})
@@ -94,8 +95,21 @@ class Recorder:
 
     def insert(self, ps: PlannedStage, e: Ended) -> int:
         """A new row (a stage that starts is recorded as running at once: a process that dies
-        then leaves a row `runner runs` marks killed); returns its id."""
+        then leaves a row `runner runs` marks killed); returns its id. The rows held back are
+        written first, so the table keeps the order stages were taken in."""
+        self.flush()
         return self.ws.record_execution(self.row(ps, e))
+
+    def hold(self, ps: PlannedStage, e: Ended) -> None:
+        """A finished row nobody needs the id of (a cached or skipped stage), written with the
+        others at the next :meth:`flush`: a no-op apply of 10,000 stages is one transaction."""
+        self._pending.append(self.row(ps, e))
+
+    def flush(self) -> None:
+        """Write the rows held back (at the next started stage and at the end of the run)."""
+        if self._pending:
+            rows, self._pending = self._pending, []
+            self.ws.record_executions(rows)
 
     def update(self, exec_id: int, ps: PlannedStage, e: Ended) -> None:
         self.ws.update_execution(exec_id, self.row(ps, e))
@@ -112,11 +126,11 @@ class Recorder:
 
     def skipped(self, ps: PlannedStage, why: str) -> None:
         self.result(ps, "skipped", error=why)
-        self.insert(ps, Ended("skipped", time.time(), error=why))
+        self.hold(ps, Ended("skipped", time.time(), error=why))
 
     def cached(self, ps: PlannedStage) -> None:
         self.result(ps, "cached", note="; ".join(ps.reasons))
-        self.insert(ps, Ended("cached", time.time()))
+        self.hold(ps, Ended("cached", time.time()))
 
 
 def _billed(e: Ended) -> float:

@@ -31,6 +31,9 @@ class ApplyOptions:
     remote: Any = None
     # Remote stages at once (default: the smallest hardware.modal.max_parallel of the batch).
     max_parallel: int | None = None
+    # The batch's budget, over hardware.budget of every spec (runner.engine.budget).
+    max_cost: float | None = None
+    max_hours: float | None = None
 
 
 def backend_of(spec: Spec, options: ApplyOptions) -> str:

@@ -43,13 +43,30 @@ CREATE TABLE IF NOT EXISTS executions(
   key TEXT, action TEXT, reason TEXT, status TEXT, started REAL, duration REAL, metrics TEXT,
   cost REAL, currency TEXT, gpu TEXT, backend TEXT, remote_call_id TEXT, error TEXT,
   log_path TEXT, tracking TEXT);
-CREATE INDEX IF NOT EXISTS executions_run ON executions(run_id);
-CREATE INDEX IF NOT EXISTS executions_stage ON executions(stage_id);
-CREATE INDEX IF NOT EXISTS executions_learn ON executions(kind, gpu, status, started);
 CREATE TABLE IF NOT EXISTS stage_current(
   stage_id TEXT PRIMARY KEY, key TEXT, components TEXT, run_id TEXT, finished REAL);
 CREATE TABLE IF NOT EXISTS filesets(digest TEXT PRIMARY KEY, listing TEXT);
 CREATE TABLE IF NOT EXISTS stat_blob(root TEXT PRIMARY KEY, data BLOB);
+"""
+
+# The indexes every query of a plan and an apply seeks on, so none reads a share of the
+# executions table that grows with its size (a million rows: a year of ride-day batches; see
+# bench/scale/statedb.py): a run's rows of one status (the dead-run check, the newest run with a
+# finished stage) and of one character (its report), the tracked rows of one stage and key (the
+# tracker runs of a cached stage; a partial index: most rows are not tracked), the latest
+# successful runs of a kind on one GPU (the plan's estimates), runs by status and by start.
+# Created on every open (IF NOT EXISTS: the migration of an older database, once); the older,
+# narrower indexes these replace are dropped.
+INDEXES = """
+CREATE INDEX IF NOT EXISTS executions_run_status ON executions(run_id, status);
+CREATE INDEX IF NOT EXISTS executions_run_character ON executions(run_id, character);
+CREATE INDEX IF NOT EXISTS executions_tracked ON executions(stage_id, key) WHERE tracking IS NOT NULL;
+CREATE INDEX IF NOT EXISTS executions_history ON executions(kind, backend, status, gpu, started DESC);
+CREATE INDEX IF NOT EXISTS runs_status ON runs(status);
+CREATE INDEX IF NOT EXISTS runs_started ON runs(started);
+DROP INDEX IF EXISTS executions_run;
+DROP INDEX IF EXISTS executions_stage;
+DROP INDEX IF EXISTS executions_learn;
 """
 
 MANIFEST = "_manifest.json"
@@ -111,6 +128,7 @@ class Workspace:
             db.executescript(SCHEMA)
             _add_missing_columns(db, "runs", {"heartbeat": "REAL"})
             _add_missing_columns(db, "executions", {"tracking": "TEXT"})
+            db.executescript(INDEXES)
             self._db = db
         return self._db
 
@@ -246,13 +264,16 @@ class Workspace:
     def record_execution(self, rec: ExecutionRecord) -> int:
         """Insert an execution row (status ``running`` while a stage runs); returns its id."""
         with self.db:
-            cur = self.db.execute(
-                "INSERT INTO executions(run_id, stage_id, kind, character, key, action, reason, status,"
-                " started, duration, metrics, cost, currency, gpu, backend, remote_call_id, error, log_path)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                _execution_values(rec),
-            )
+            cur = self.db.execute(_INSERT_EXECUTION, _execution_values(rec))
         return int(cur.lastrowid)
+
+    def record_executions(self, recs: list[ExecutionRecord]) -> None:
+        """Insert many finished rows (the cached and skipped stages of a run) in one transaction:
+        10,000 cached stages are one commit, not 10,000."""
+        if not recs:
+            return
+        with self.db:
+            self.db.executemany(_INSERT_EXECUTION, [_execution_values(r) for r in recs])
 
     def update_execution(self, exec_id: int, rec: ExecutionRecord) -> None:
         """Overwrite the row ``record_execution`` returned (a running stage that finished)."""
@@ -302,13 +323,15 @@ class Workspace:
             for r in rows
         ]
 
-    def executions(self, run_id: str) -> list[dict[str, Any]]:
+    def executions(self, run_id: str, character: str | None = None) -> list[dict[str, Any]]:
+        """The rows of a run in the order they were written; of one ``character`` only when given
+        (a report reads its own, not the whole batch's)."""
         cols = ["stage_id", "kind", "character", "key", "action", "reason", "status", "started",
                 "duration", "metrics", "cost", "currency", "gpu", "backend", "remote_call_id", "error",
                 "log_path", "tracking"]
-        rows = self.db.execute(
-            f"SELECT {', '.join(cols)} FROM executions WHERE run_id=? ORDER BY id", (run_id,)
-        ).fetchall()
+        where, args = ("run_id=? AND character=?", (run_id, character)) if character is not None \
+            else ("run_id=?", (run_id,))
+        rows = self.db.execute(f"SELECT {', '.join(cols)} FROM executions WHERE {where} ORDER BY id", args).fetchall()
         out = []
         for r in rows:
             d = dict(zip(cols, r))
@@ -394,6 +417,12 @@ class Heartbeat:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+_INSERT_EXECUTION = (
+    "INSERT INTO executions(run_id, stage_id, kind, character, key, action, reason, status, started, duration,"
+    " metrics, cost, currency, gpu, backend, remote_call_id, error, log_path)"
+    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
 
 
 def _execution_values(rec: ExecutionRecord) -> tuple:

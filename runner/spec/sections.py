@@ -554,6 +554,12 @@ class ModalConfig:
     max_parallel: int
 
 
+@schema_config('hardware', 'budget')
+class BudgetConfig:
+    max_cost: float | None
+    max_hours: float | None
+
+
 @schema_config('hardware')
 class HardwareConfig:
     backend: str
@@ -564,6 +570,7 @@ class HardwareConfig:
     memory_check: str
     currency: str
     price_table: Mapping[str, float]
+    budget: BudgetConfig
     modal: ModalConfig
 
 

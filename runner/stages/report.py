@@ -79,6 +79,40 @@ def plan_estimate(execution: dict[str, Any]) -> dict[str, Any] | None:
             "source": m.get("plan.estimate_source") or "default", "runs": int(m.get("plan.estimate_runs") or 0)}
 
 
+def fanout_summary(executions: list[dict[str, Any]], max_parallel: int | None = None) -> dict[str, Any] | None:
+    """How the remote stages of a run fanned out, from their execution rows: how many ran, on how
+    many containers (a retried call starts more than one), the most running at once (the peak
+    overlap of their spans), the queue time before a container started (where the worker
+    measured it), and the cost per stage and per unit of work. None when nothing ran remotely."""
+    rows = [e for e in executions if e.get("backend") == "modal" and e.get("status") in ("succeeded", "failed")]
+    if not rows:
+        return None
+
+    def m(e: dict[str, Any]) -> dict[str, Any]:
+        return e.get("metrics") or {}
+
+    containers = [int(m(e).get("remote.containers", m(e).get("remote.attempts", 1)) or 0) for e in rows]
+    queues = sorted(float(m(e)["remote.queue_s"]) for e in rows if m(e).get("remote.queue_s") is not None)
+    spans = sorted([(float(e["started"] or 0), 1) for e in rows]
+                   + [(float(e["started"] or 0) + float(e["duration"] or 0), -1) for e in rows])
+    peak = running = 0
+    for _, step in spans:  # an end sorts before a start at the same instant
+        running += step
+        peak = max(peak, running)
+    cost = sum(float(e.get("cost") or 0.0) for e in rows)
+    units: dict[str, list[float]] = {}
+    for e in rows:
+        n = m(e).get("work_units")
+        if isinstance(n, (int, float)) and n > 0:
+            acc = units.setdefault(str(m(e).get("work_unit") or "unit"), [0.0, 0.0])
+            acc[0], acc[1] = acc[0] + float(n), acc[1] + float(e.get("cost") or 0.0)
+    return {"stages": len(rows), "containers": sum(containers), "retried": sum(1 for c in containers if c > 1),
+            "peak": peak, "max_parallel": max_parallel, "queued": len(queues),
+            "queue_median": queues[len(queues) // 2] if queues else None, "queue_max": queues[-1] if queues else None,
+            "cost": cost, "cost_per_stage": cost / len(rows), "currency": rows[0].get("currency") or "",
+            "per_unit": [{"unit": u, "units": n, "cost": c / n} for u, (n, c) in sorted(units.items())]}
+
+
 def _review_decisions(graph: contract.GraphView) -> dict[str, Any]:
     """Everything people decided in `runner review`, for the report's review section."""
     from runner.review import decisions
@@ -185,11 +219,7 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
     extra = getattr(ctx, "extra", {}) or {}
     timeline = [t for t in extra.get("timeline", []) if t.get("character") == ctx.character]
     ws = extra.get("workspace")
-    costs = []
-    if ws is not None:
-        for e in ws.executions(ctx.run_id):
-            if e["character"] == ctx.character:
-                costs.append(e)
+    costs = ws.executions(ctx.run_id, ctx.character) if ws is not None else []
     cost_by_stage = {e["stage_id"]: e for e in costs}
     for t in timeline:
         e = cost_by_stage.get(t["stage_id"])
@@ -199,6 +229,9 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
         t["backend"] = e["backend"] if e else ""
         t["per_unit"] = per_unit(e, unit_targets(config.get("spec", {}), t["kind"])) if e else None
         t["estimate"] = plan_estimate(e) if e else None
+        t["queue_s"] = (e["metrics"] or {}).get("remote.queue_s") if e else None
+    modal = (config.get("spec", {}).get("hardware") or {}).get("modal") or {}
+    fanout = fanout_summary(costs, modal.get("max_parallel"))
     tracked = _tracked_runs(ws, ctx.run_id, ctx.character) if ws is not None else []
     if tracked:  # the experiment-tracker runs of this report's stages (runner.tracking)
         sections.append({"title": "Experiment tracking", "anchor": "tracking", "stage": "tracking",
@@ -226,6 +259,7 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
         references=refs,
         sections=sections,
         timeline=timeline,
+        fanout=fanout,
         killed_runs=killed_runs,
         total_time=total_time,
         total_cost=total_cost,
@@ -245,9 +279,7 @@ def _tracked_runs(ws: Any, run_id: str, character: str) -> list[dict[str, Any]]:
     """Tracker runs of the character's stages in this apply; a cached stage shows the runs of the
     execution that produced its outputs."""
     rows = []
-    for e in ws.executions(run_id):
-        if e["character"] != character:
-            continue
+    for e in ws.executions(run_id, character):
         runs = e["tracking"] or (ws.tracked_runs(e["stage_id"], e["key"]) if e["status"] == "cached" else [])
         rows += [{**r, "stage_id": e["stage_id"], "status": e["status"]} for r in runs]
     return rows
@@ -265,7 +297,7 @@ def _killed_runs_before(ws: Any, run_id: str, character: str) -> list[dict[str, 
             continue
         if r["status"] != "killed":
             break  # older runs were in an earlier report
-        mine = [e for e in ws.executions(r["id"]) if e["character"] == character]
+        mine = ws.executions(r["id"], character)
         if mine:
             out.append({"id": r["id"], "started": utc(r["started"]), "last_seen": utc(r["last_seen"]),
                         "stages": [e["stage_id"] for e in mine if e["status"] == "killed"]})
