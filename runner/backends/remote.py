@@ -28,6 +28,7 @@ from typing import Any, Callable, Protocol
 from runner.core import contract
 from runner.core.fs import atomic_write_text
 from runner.core.hashing import HashIndex, file_sha256
+from runner.core.pricing import gpu_count
 
 MANIFEST_NAME = "_manifest.json"
 
@@ -242,6 +243,15 @@ class RemoteInfo:
         }
 
 
+def remote_config(node: contract.PlanNode, gpu: str | None) -> dict[str, Any]:
+    """The node config a remote call runs with: a data-parallel stage (its config has an unkeyed
+    ``processes``, hardware.local_processes) runs one process per GPU of its function instead
+    (``H100:8``: 8)."""
+    if "processes" not in node.config:
+        return node.config
+    return {**node.config, "processes": gpu_count(gpu)}
+
+
 class RemoteBackend:
     """Runs a stage through a transport. Thread-safe: the executor fans out with one call per
     thread. It never touches the state database; what it learned about the call is left in
@@ -349,7 +359,7 @@ class RemoteBackend:
             ctx.log(f"inputs: {info.uploaded_files} file(s) uploaded ({info.uploaded_bytes} bytes), "
                     f"{info.reused_files} already on the volume")
             manifest["submitted"] = time.time()  # the worker measures the queue time from it
-            call = self.transport.invoke(kind.kind, node.config, manifest, node)
+            call = self.transport.invoke(kind.kind, remote_config(node, info.gpu), manifest, node)
             info.call_id = call.call_id
             ctx._write({"event": "remote_call", "call_id": call.call_id, "transport": self.transport.name,
                         "gpu": info.gpu})

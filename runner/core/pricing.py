@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from runner.core.errors import UserError
+
 BUILTIN_PRICES_PER_HOUR: dict[str, float] = {
     "cpu": 0.0,
     "T4": 0.59,
@@ -39,13 +41,45 @@ GPU_MEMORY_GIB: dict[str, float] = {
 }
 
 
+#: The most GPUs one container takes (Modal's limit for ``<type>:<n>``).
+MAX_GPUS = 8
+
+
+class GpuSpecError(UserError):
+    """A GPU setting that is not ``<type>`` or ``<type>:<n>`` with n in 1..MAX_GPUS."""
+
+
+def parse_gpu(gpu: str, key: str = "hardware.gpu") -> tuple[str, int]:
+    """(type, count) of a GPU setting in Modal's syntax: ``H100`` -> (H100, 1), ``H100:8`` ->
+    (H100, 8). ``key`` names the setting in the message of a count that is not 1..MAX_GPUS."""
+    kind, sep, count = str(gpu).strip().rpartition(":")
+    if not sep:
+        return str(gpu).strip(), 1
+    if not kind or not count.isdigit() or not 1 <= int(count) <= MAX_GPUS:
+        raise GpuSpecError(f"{key}: {gpu!r} is not a GPU type with a count of 1 to {MAX_GPUS}",
+                           hint=f"Write the type alone (H100) or <type>:<n> with n from 1 to {MAX_GPUS} "
+                                "(Modal's syntax, e.g. H100:8 for eight H100s in one container).")
+    return kind, int(count)
+
+
+def gpu_type(gpu: str | None) -> str | None:
+    """The GPU type of a setting without its count (``H100:8`` -> ``H100``)."""
+    return parse_gpu(gpu)[0] if gpu else gpu
+
+
+def gpu_count(gpu: str | None) -> int:
+    """GPUs of a setting (``H100:8`` -> 8; a type alone, or none, -> 1)."""
+    return parse_gpu(gpu)[1] if gpu else 1
+
+
 def gpu_memory_gib(gpu: str | None, hardware: dict[str, Any] | None) -> float | None:
-    """GPU memory of ``gpu`` in GiB (the spec's hardware.gpu_memory_gib over the built-in
-    figures); None for a type neither knows."""
+    """GPU memory of one GPU of ``gpu`` in GiB (the spec's hardware.gpu_memory_gib over the
+    built-in figures; ``H100:8`` is eight H100s, each with an H100's memory); None for a type
+    neither knows."""
     if not gpu:
         return None
     table = {**GPU_MEMORY_GIB, **((hardware or {}).get("gpu_memory_gib") or {})}
-    value = table.get(gpu)
+    value = table.get(gpu, table.get(gpu_type(gpu)))
     return float(value) if value is not None else None
 
 def price_table(hardware: dict[str, Any] | None) -> dict[str, float]:
@@ -54,8 +88,29 @@ def price_table(hardware: dict[str, Any] | None) -> dict[str, float]:
 
 
 def price_per_hour(gpu: str | None, hardware: dict[str, Any] | None) -> tuple[float, str]:
+    """Price per hour of ``gpu``: the table's price of its type times its count (``H100:8`` costs
+    eight H100s), unless the table prices the setting itself."""
     currency = (hardware or {}).get("currency", "USD")
-    return float(price_table(hardware).get(gpu or "cpu", 0.0)), currency
+    table = price_table(hardware)
+    if gpu and gpu not in table:
+        kind, count = parse_gpu(gpu)
+        return float(table.get(kind, 0.0)) * count, currency
+    return float(table.get(gpu or "cpu", 0.0)), currency
+
+
+def is_priced(gpu: str, hardware: dict[str, Any] | None) -> bool:
+    """Whether the price table prices ``gpu`` (its type, for ``<type>:<n>``)."""
+    table = price_table(hardware)
+    return gpu in table or gpu_type(gpu) in table
+
+
+def price_note(gpu: str | None, hardware: dict[str, Any] | None) -> str:
+    """'; 8 x H100 at 3.95 USD/h each' for a several-GPU setting the table prices by type, else ''."""
+    if not gpu or gpu in price_table(hardware) or gpu_count(gpu) == 1 or not is_priced(gpu, hardware):
+        return ""
+    kind, count = parse_gpu(gpu)
+    per_gpu = price_table(hardware)[kind]
+    return f"; {count} x {kind} at {per_gpu:g} {(hardware or {}).get('currency', 'USD')}/h each"
 
 
 def stage_cost(duration_s: float, gpu: str | None, hardware: dict[str, Any] | None) -> tuple[float, str]:

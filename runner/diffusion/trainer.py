@@ -34,7 +34,8 @@ import random
 import shutil
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -60,6 +61,7 @@ STATE_DIR = "state"
 STATE_FILE = "resume.pt"
 STATE_META = "resume.json"
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+UNKEYED = ("processes",)  # node config keys a resume state does not depend on
 
 
 class TrainError(UserError):
@@ -78,6 +80,9 @@ class TrainerConfig(TrainConfig):
     variant: str | None = node_field(None)
     device: str = node_field(_schema_default("hardware", "device"))
     tracking: Mapping[str, Any] | None = node_field(None)  # unkeyed: trackers of the run
+    # unkeyed: data-parallel processes (hardware.local_processes here, the GPU count on Modal);
+    # they split each step's micro-batches, so the LoRA does not depend on them
+    processes: int = node_field(1)
 
 
 def _h(*parts: Any) -> int:
@@ -183,6 +188,20 @@ def _epoch_span(start: int, end: int, steps_per_epoch: int) -> str:
     return f"{(end - start) / steps_per_epoch:.1f} epochs"
 
 
+class _Forwarding:
+    """A DDP-wrapped module as the family code sees it: calls go through the wrapper (gradient
+    sync), attributes (config, dtype, device) come from the module itself."""
+
+    def __init__(self, ddp: Any) -> None:
+        self._ddp = ddp
+
+    def __call__(self, *args: Any, **kw: Any) -> Any:
+        return self._ddp(*args, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ddp.module, name)
+
+
 class Callbacks:
     """What the trainer reports through (the stage passes ctx methods in)."""
 
@@ -222,7 +241,8 @@ class LoraTrainer:
         self.cfg = self.config_class.from_dict(config)
         # resume states carry this digest; the node config as given, so a state written before
         # the typed view still resumes
-        self.digest = config_digest(config if isinstance(config, Mapping) else self.cfg.to_dict())
+        given = config if isinstance(config, Mapping) else self.cfg.to_dict()
+        self.digest = config_digest({k: v for k, v in given.items() if k not in UNKEYED})
         self.dataset_dir = Path(dataset_dir)
         self.out_dir = Path(out_dir)
         self.scratch = Path(scratch_dir)
@@ -839,6 +859,8 @@ class LoraTrainer:
     # ------------------------------------------------------------------------------------
     # logging
     def _log_metrics(self, rec: dict[str, Any]) -> None:
+        if not self.main:
+            return
         with open(self.metrics_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(rec) + "\n")
         if self.tb is not None:
@@ -847,6 +869,9 @@ class LoraTrainer:
                     self.tb.add_scalar(k if "/" in k else f"train/{k}", v, rec["step"])
 
     def _open_logs(self, resume_step: int) -> None:
+        self.tb = None
+        if not self.main:
+            return
         logs = self.scratch / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         self.metrics_path = logs / "metrics.jsonl"
@@ -873,13 +898,16 @@ class LoraTrainer:
         """Train every phase (see the module doc for the order); the output index, or
         ``{"stopped_at": step}`` when ``stop_after_step`` (tests) stopped it early."""
         t_start = time.perf_counter()
+        self._new_accelerator()  # first: with several processes it picks this rank's device
         self._load_model()
         self._prepare_data()
-        with self.placement.caching(self.pipe):  # train.memory.offload_idle: one component on the device at a time
-            self._fill_caches()
+        self._split_accumulation()
+        with self.accelerator.main_process_first():  # rank 0 fills the caches, the others then read them
+            with self.placement.caching(self.pipe):  # train.memory.offload_idle: one component on the device at a time
+                self._fill_caches()
         self._after_caches()
         self._attach_lora()
-        self._new_accelerator()
+        self._data_parallel()
         state = self._load_state()
         step = self.resumed_from = self._restore(state)
         self._open_logs(step)
@@ -901,7 +929,8 @@ class LoraTrainer:
         self.timings["train_cpu_s"] = time.process_time() - c_train
         self.timings["steps_run"] = self.steps_run
         self.timings["total_s"] = time.perf_counter() - t_start
-        return self._write_outputs()
+        self.accelerator.wait_for_everyone()
+        return self._write_outputs() if self.main else {}
 
     def _new_accelerator(self) -> None:
         """A fresh accelerate state per run (tests run several trainers in one process)."""
@@ -910,8 +939,56 @@ class LoraTrainer:
 
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
-        self.accelerator = Accelerator(mixed_precision=self.mixed_precision, gradient_accumulation_steps=self.ga,
-                                       cpu=self.device == "cpu")
+        self.accelerator = Accelerator(mixed_precision=self.mixed_precision, cpu=self.device == "cpu")
+        self.world = self.accelerator.num_processes  # > 1: this is one rank of a data-parallel run
+        self.rank_index = self.accelerator.process_index
+        self.main = self.accelerator.is_main_process  # rank 0 alone writes logs, checkpoints and outputs
+        self.ddp = None
+        if self.world > 1 and self.device.startswith("cuda"):
+            self.device = str(self.accelerator.device)  # cuda:<local rank>: every placement on this rank's GPU
+
+    def _split_accumulation(self) -> None:
+        """Each of the ``world`` processes takes its own ``gradient_accumulation / world`` of every
+        step's micro-batches (rank r the r-th run of them), so N processes compute the gradient of
+        the same global batch as one process does (see :meth:`_optimizer_step`)."""
+        if self.ga % self.world:
+            raise TrainError(f"train.gradient_accumulation {self.ga} is not a multiple of the {self.world} "
+                             "data-parallel processes, which split each step's micro-batches",
+                             hint=f"Set train.gradient_accumulation to {self.world} (or a multiple of it): the "
+                                  "global batch is batch_size x gradient_accumulation on any number of GPUs.")
+        self.local_ga = self.ga // self.world
+        self.accelerator.gradient_accumulation_steps = self.local_ga
+
+    def _data_parallel(self) -> None:
+        """With several processes: the denoiser wrapped in DistributedDataParallel by accelerate
+        (gloo on the CPU, nccl on CUDA), its frozen weights and buffers left out of DDP (every rank
+        loaded the same ones, and the seeded LoRA init is the same), so only the LoRA gradients
+        are all-reduced, once per optimizer step (no_sync on the other micro-batches)."""
+        if self.world == 1:
+            return
+        if self.train_te:
+            raise TrainError("train.lora.train_text_encoder: text-encoder LoRAs train in one process only",
+                             hint="Set hardware.local_processes to 1 (one GPU on Modal), or train the denoiser only.")
+        from torch.nn.parallel import DistributedDataParallel
+
+        frozen = [n for n, p in self.denoiser.named_parameters() if not p.requires_grad]
+        frozen += [n for n, _ in self.denoiser.named_buffers()]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.denoiser, frozen)
+        self.ddp = self.accelerator.prepare_model(self.denoiser, device_placement=False)
+
+    @contextmanager
+    def _synced(self):
+        """The training step's components: the denoiser called through its DDP wrapper (which
+        hooks the gradient all-reduce) while the family code reads its attributes as usual."""
+        if self.ddp is None:
+            yield
+            return
+        plain = self.c
+        self.c = replace(plain, denoiser=_Forwarding(self.ddp))
+        try:
+            yield
+        finally:
+            self.c = plain
 
     def _phase_samplers(self, pi: int, phase: Phase) -> tuple[BatchSampler, BatchSampler | None, list[str]]:
         """The phase's batch sampler over its data mix (and the prior images'), with the mix's
@@ -958,7 +1035,7 @@ class LoraTrainer:
             step += 1
             self.steps_run += 1
             self._record_step(step, rec, bar)
-            if step % self.every == 0 or step == phase.end:
+            if (step % self.every == 0 or step == phase.end) and self.main:
                 self._checkpoint(step, phase)
                 self._save_state(step, pi, optimizer, scheduler)
             if self.stop_after_step is not None and step >= self.stop_after_step:
@@ -976,13 +1053,16 @@ class LoraTrainer:
         reg_w = float(self.cfg.regularization.prior_loss_weight) if reg_sampler is not None else 0.0
         max_norm = float(self.cfg.max_grad_norm)
         grad_norm = None
+        mine = range(self.rank_index * self.local_ga, (self.rank_index + 1) * self.local_ga)  # this rank's share
         for micro in range(self.ga):
             pos = (step - phase.start) * self.ga + micro
-            gen = torch.Generator().manual_seed(_h(self.cfg.seed, "step", phase.name, pos))
             batch = [self.train_ex[i] for i in sampler.batch(pos)]
-            for e in batch:
+            for e in batch:  # the shots of the global batch (every rank knows them)
                 shots[e.shot] = shots.get(e.shot, 0) + 1
-            with self.accelerator.accumulate(self.denoiser):
+            if micro not in mine:
+                continue
+            gen = torch.Generator().manual_seed(_h(self.cfg.seed, "step", phase.name, pos))
+            with self._synced(), self.accelerator.accumulate(self.ddp or self.denoiser):
                 loss = self._loss(batch, gen)
                 losses.append(float(loss.detach()))
                 if reg_sampler is not None:
@@ -997,12 +1077,23 @@ class LoraTrainer:
                 optimizer.zero_grad(set_to_none=True)
         if not self.accelerator.sync_gradients:
             raise RuntimeError("gradient accumulation out of step with optimizer steps")
+        losses, prior_losses = self._gathered(losses), self._gathered(prior_losses)
         rec: dict[str, Any] = {"phase": phase.name, "loss": sum(losses) / len(losses), "shots": shots}
         if prior_losses:
             rec["prior_loss"] = sum(prior_losses) / len(prior_losses)
         if grad_norm is not None and math.isfinite(grad_norm):
             rec["grad_norm"] = grad_norm
         return rec
+
+    def _gathered(self, values: list[float]) -> list[float]:
+        """Every rank's ``values`` in rank order (the global micro-batch order), as one process
+        would have them; ``values`` as they are in a one-process run."""
+        if self.world == 1 or not values:
+            return values
+        import torch
+
+        mine = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        return [float(v) for v in self.accelerator.gather(mine).cpu()]
 
     def _record_step(self, step: int, rec: dict[str, Any], bar) -> None:
         """Log one optimizer step (metrics.jsonl, TensorBoard, callbacks); a loss that is not
@@ -1078,6 +1169,8 @@ class LoraTrainer:
             "resumed_from_step": self.resumed_from,
             "cache": {"hits": self.cache.hits, "misses": self.cache.misses},
             "device": self.device,
+            "processes": self.world,
+            "global_batch": self.bs * self.ga,
             "mixed_precision": self.mixed_precision,
             "optimizer": getattr(self, "optimizer_name", cfg.optimizer),
             "attention": self.attention,

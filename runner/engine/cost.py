@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from runner.core import contract
-from runner.core.pricing import price_table, remote_gpu, stage_cost
+from runner.core.pricing import is_priced, price_note, remote_gpu, stage_cost
 
 
 def stage_gpu(node: contract.PlanNode, hardware: dict[str, Any] | None, backend: str) -> str | None:
@@ -211,7 +211,8 @@ def estimate_stage(node: contract.PlanNode, hardware: dict[str, Any] | None, bac
             note = f"no earlier runs: price table x default estimate for {node.kind} ({seconds / 60:.0f} min) (default)"
     source, runs_n = ("history", len(picked)) if picked else ("default", 0)
     price, currency = stage_cost(seconds, gpu, hardware)
-    priced = gpu in price_table(hardware)
+    priced = is_priced(gpu, hardware)
+    note += price_note(gpu, hardware)  # H100:8: eight GPUs at the table's price each
     if not priced:
         note += (f"; no price for {gpu!r}: add it to hardware.price_table" if not local or gpu != LOCAL_DEVICE
                  else "; time only (no hardware.gpu to price)")

@@ -387,6 +387,26 @@ def _noop_variants(data: dict, loaded: LoadedYaml) -> list[Problem]:
     return out
 
 
+def _gpu_settings(data: dict, loaded: LoadedYaml) -> list[Problem]:
+    """hardware.gpu and hardware.stage_gpu.<kind>: a GPU type, or <type>:<n> with n in 1..8
+    (runner.core.pricing.parse_gpu)."""
+    from runner.core.pricing import GpuSpecError, parse_gpu
+
+    hw = data.get("hardware") or {}
+    settings = [(("hardware", "gpu"), hw.get("gpu"))]
+    settings += [(("hardware", "stage_gpu", kind), v) for kind, v in (hw.get("stage_gpu") or {}).items()]
+    out = []
+    for path, value in settings:
+        if not isinstance(value, str):
+            continue
+        try:
+            parse_gpu(value, format_key_path(path))
+        except GpuSpecError as exc:
+            m = loaded.mark_for(path)
+            out.append(Problem(m.file, m.line, m.col, format_key_path(path), exc.message, hint=exc.hint))
+    return out
+
+
 def _semantic_checks(data: dict, loaded: LoadedYaml) -> list[Problem]:
     problems: list[Problem] = []
 
@@ -414,6 +434,7 @@ def _semantic_checks(data: dict, loaded: LoadedYaml) -> list[Problem]:
         else:
             problems += _noop_variants(data, loaded)
 
+    problems += _gpu_settings(data, loaded)
     sb = data.get("generate", {}).get("storyboard")
     if isinstance(sb, dict):
         if sb["min_scenes"] > sb["max_scenes"]:

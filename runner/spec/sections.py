@@ -566,6 +566,7 @@ class HardwareConfig:
     device: str
     gpu: str
     stage_gpu: Mapping[str, str]
+    local_processes: int
     gpu_memory_gib: Mapping[str, float]
     memory_check: str
     currency: str

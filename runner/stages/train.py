@@ -49,9 +49,36 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
         cfg = train_config(section, character=char, trigger=typed.character.trigger,
                            class_word=typed.character.class_word, variant=variant, overrides=ov)
         cfg["device"] = hw.device  # torch numerics differ by device: part of the key
+        cfg["processes"] = _processes(cfg, hw, gpu)  # unkeyed: they split each step, the LoRA is the same
         node = _node(_memory_keyed(cfg), variant, section, caption.id, graph, gpu)
         nodes.append(with_tracking(_memory_note(node, hw, gpu), spec, graph))
     return nodes
+
+
+def _processes(cfg: dict[str, Any], hardware: Any, gpu: str | None) -> int:
+    """The data-parallel processes of a train stage run here (hardware.local_processes); the
+    counts it runs with here and, when the spec's backend is Modal, on its GPUs (``H100:8``: 8)
+    must divide train.gradient_accumulation (each process takes its share of every step's
+    micro-batches), and text-encoder training runs in one process. The remote backend sets the
+    count of the GPU it calls (runner.backends.remote)."""
+    from runner.core.pricing import gpu_count
+
+    counts = {"hardware.local_processes": hardware.local_processes}
+    if hardware.backend == "modal" and gpu:
+        counts[f"hardware.stage_gpu.{KIND}" if hardware.stage_gpu.get(KIND) else "hardware.gpu"] = gpu_count(gpu)
+    ga = int(cfg.get("gradient_accumulation") or 1)
+    for key, n in counts.items():
+        if ga % n:
+            raise contract.StageError(
+                f"{key} gives {n} data-parallel processes, which split each step's micro-batches, but "
+                f"train.gradient_accumulation is {ga}, not a multiple of {n}",
+                hint=f"Set train.gradient_accumulation to {n} (or a multiple): the global batch is "
+                     "batch_size x gradient_accumulation on any number of GPUs (docs/training.md, Several GPUs).")
+        if n > 1 and (cfg.get("lora") or {}).get("train_text_encoder"):
+            raise contract.StageError(f"{key} gives {n} processes, but text-encoder LoRAs "
+                                      "(train.lora.train_text_encoder) train in one process only",
+                                      hint=f"Set {key} to 1, or train.lora.train_text_encoder: false.")
+    return int(hardware.local_processes)
 
 
 def _memory_keyed(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -98,7 +125,7 @@ def _node(cfg: dict[str, Any], variant: str | None, section: dict[str, Any], cap
                                                   + "; ".join(variant_notes(section, variant)),)
     return contract.PlanNode(id=contract.node_id(node.character, KIND, variant), kind=KIND,
                              character=node.character, config=cfg, inputs=inputs, outputs=("lora", "logs"),
-                             gpu=gpu, label=label, notes=notes)
+                             gpu=gpu, label=label, notes=notes, unkeyed=("processes",))
 
 
 def _length(config: TrainConfig | dict[str, Any]) -> str:
@@ -258,13 +285,18 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
     reg = inputs.get("regularization")
     cb = Callbacks(log=ctx.log, warn=ctx.warn, metric=ctx.metric, progress=ctx.progress)
     node = TrainerConfig.from_dict(config)
-    trainer = LoraTrainer(
-        node, dataset_dir=inputs["dataset"].path, out_dir=ctx.out_dir, scratch_dir=ctx.scratch_dir,
-        cache_dir=ctx.cache_dir, project_root=ctx.project_root, regularization_dir=reg.path if reg else None,
-        device=choose_device(node.device), callbacks=cb,
-    )
+    paths = {"dataset_dir": inputs["dataset"].path, "out_dir": ctx.out_dir, "scratch_dir": ctx.scratch_dir,
+             "cache_dir": ctx.cache_dir, "project_root": ctx.project_root,
+             "regularization_dir": reg.path if reg else None}
+    device = choose_device(node.device)
     try:
-        index = trainer.run()
+        if node.processes > 1:  # data-parallel: N ranks of the same trainer (runner.diffusion.parallel)
+            from runner.diffusion.parallel import train_data_parallel
+
+            index = train_data_parallel(node.to_dict(), node.processes, paths=paths, device=device, callbacks=cb,
+                                        setting="hardware.local_processes (on Modal: the GPU count)")
+        else:
+            index = LoraTrainer(node, **paths, device=device, callbacks=cb).run()
     except TrainError as exc:
         raise contract.StageError(str(exc), hint=exc.hint) from None
     if index.get("tiny_random_model"):

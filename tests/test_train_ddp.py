@@ -1,0 +1,94 @@
+"""Data-parallel training (runner.diffusion.parallel): 2 processes on the CPU (gloo, launched by
+torch.distributed.run) train what one process trains at the same global batch, through a stop and
+a resume; the GPU count of ``<type>:<n>`` prices the plan n times and sets the processes on Modal."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runner.backends.context import LocalStageContext
+from runner.core import contract
+from runner.stages import train as T
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_helpers import make_dataset  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _cfg(**over: Any) -> dict[str, Any]:
+    section = {
+        "base_model": "builtin:tiny-sd", "resolution": 32,
+        "buckets": {"min_side": 32, "max_side": 64, "step": 16},
+        "lora": {"rank": 4, "alpha": 2}, "steps": 4, "lr": 1e-2, "batch_size": 1, "gradient_accumulation": 2,
+        "mixed_precision": "no", "lr_scheduler": {"name": "constant"},
+        "checkpoints": {"every_steps": 2, "keep_last": 2, "sample_prompts": [], "validation_fraction": 0.2},
+    }
+    from runner.spec.resolve import deep_merge
+
+    cfg = T.train_config(deep_merge(section, over), character="demo", trigger="sks", class_word="person")
+    cfg["device"] = "cpu"
+    return cfg
+
+
+def _ctx(root: Path, cache: Path) -> LocalStageContext:
+    ctx = LocalStageContext.for_folder(root, stage_id="demo:train")
+    ctx.cache_dir = cache
+    return ctx
+
+
+def _losses(root: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(x) for x in (root / "out" / "logs" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def test_two_processes_train_what_one_trains_through_a_stop_and_resume(shared_data: Path, tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from runner.diffusion.parallel import train_data_parallel
+    from runner.diffusion.trainer import Callbacks
+
+    dataset = make_dataset(shared_data, tmp_path / "dataset", max_side=48)
+    cache = tmp_path / "cache"
+    one = T.run(_cfg(), {"dataset": contract.Artifact("dataset", dataset)}, _ctx(tmp_path / "one", cache))
+    ref = json.loads((one["lora"].path / "index.json").read_text())
+    assert ref["processes"] == 1 and ref["global_batch"] == 2
+
+    # two ranks (each one micro-batch of every step), stopped after the checkpoint at step 2
+    two = tmp_path / "two"
+    ctx = _ctx(two, cache)
+    paths = {"dataset_dir": dataset, "out_dir": ctx.out_dir, "scratch_dir": ctx.scratch_dir, "cache_dir": cache,
+             "project_root": None, "regularization_dir": None}
+    logs: list[str] = []
+    stopped = train_data_parallel(_cfg(processes=2), 2, paths=paths, device="cpu",
+                                  callbacks=Callbacks(log=lambda m, **k: logs.append(m)), stop_after_step=2)
+    assert stopped == {"stopped_at": 2}
+    assert any("checkpoint at step 2" in m for m in logs)  # rank 0's reports reach the stage
+    assert not (two / "out" / "lora" / "index.json").exists()
+    # the stage resumes it in two processes (the unkeyed count is no part of the resume state)
+    out = T.run({**_cfg(), "processes": 2}, {"dataset": contract.Artifact("dataset", dataset)}, ctx)
+    index = json.loads((out["lora"].path / "index.json").read_text())
+    assert index["processes"] == 2 and index["resumed_from_step"] == 2 and index["global_batch"] == 2
+
+    a, b = _losses(two), _losses(tmp_path / "one")
+    assert [s for s, _ in a] == [1, 2, 3, 4] == [s for s, _ in b]
+    for (_, la), (_, lb) in zip(a, b):
+        assert la == pytest.approx(lb, rel=1e-5, abs=1e-7)
+    assert len({round(x, 6) for _, x in b}) > 1  # the curve moves: the LoRA trains
+    assert [h["val_loss"] for h in index["history"]] == pytest.approx([h["val_loss"] for h in ref["history"]],
+                                                                      rel=1e-5)
+    wa = load_file(str(out["lora"].path / index["checkpoints"][-1]["diffusers"]))
+    wb = load_file(str(one["lora"].path / ref["checkpoints"][-1]["diffusers"]))
+    assert wa.keys() == wb.keys() and wa
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-7)
+    # only rank 0 wrote: one metrics line per step, one kohya file per kept checkpoint
+    assert len(a) == 4
+    assert sorted(p.name for p in (out["lora"].path / "step-000004").glob("*.safetensors")) == sorted(
+        p.name for p in (one["lora"].path / "step-000004").glob("*.safetensors"))
