@@ -13,6 +13,13 @@ and the real-time ratios ``source seconds / wall seconds`` (the video's duration
 video_clips run gets through) and ``clip seconds / wall seconds`` (the seconds of clips written).
 Ratio >= 1.0: faster than real time.
 
+The peer, when an ``ffmpeg`` binary is on PATH (Debian's package; not a project dependency):
+the same clips cut by the ffmpeg command line, one process per clip as a script would run it,
+unmodified: ``ffmpeg -ss <start> -i <video> -vf select=not(mod(n,<stride>)),crop=..,scale=..
+-frames:v <frames> -c:v libx264 -preset veryfast -crf 20 -pix_fmt yuv420p`` with each clip's
+start, crop box and size read from clips.jsonl (the same encoder settings as ours). It runs right
+after ours on each video in each repetition; the ratio ours / ffmpeg is taken per repetition.
+
     taskset -c 0,1 .venv/bin/python bench/video/clips.py [--repeat 5] [--videos short_hamilton_clip,carphone]
 """
 
@@ -86,6 +93,66 @@ def decode_only(video: Path, out: Path) -> float:
     return time.perf_counter() - t
 
 
+def video_offset(video: Path) -> float:
+    """Seconds from the file's start to its first video frame (ffmpeg's -ss counts from the file's
+    start; an audio stream may start before the video, as in short_hamilton_clip.mp4)."""
+    import av
+
+    with av.open(str(video)) as c:
+        s = c.streams.video[0]
+        first = float((s.start_time or 0) * s.time_base) if s.time_base is not None else 0.0
+        return first - (c.start_time or 0) / 1e6
+
+
+def peer_ffmpeg(video: Path, out: Path, fps: float, max_side: int) -> float | None:
+    """Wall seconds of the ffmpeg command line cutting the clips listed in ``out``/clips.jsonl."""
+    import subprocess
+
+    ffmpeg = shutil.which("ffmpeg")
+    records = [json.loads(x) for x in (out / "clips.jsonl").read_text().splitlines() if x.strip()]
+    if ffmpeg is None or not records:
+        return None
+    dest = out.with_name(out.name + "-ffmpeg")
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    offset = video_offset(video)
+    t = time.perf_counter()
+    for r in records:
+        x0, y0, x1, y1 = r["crop_box"]
+        select = f"select=not(mod(n\\,{r['stride']}))," if r["stride"] > 1 else ""
+        # as cut_clips does: the crop scaled to at most max_side, then cut to even sides
+        scale = min(1.0, max_side / max(x1 - x0, y1 - y0))
+        sw, sh = max(2, int((x1 - x0) * scale)), max(2, int((y1 - y0) * scale))
+        vf = (f"{select}setpts=N/({r['fps']}*TB),crop={x1 - x0}:{y1 - y0}:{x0}:{y0}:exact=1,"
+              f"scale={sw}:{sh},crop={r['width']}:{r['height']}:0:0")
+        start = max(0.0, offset + (r["start_frame"] - 0.5) / fps)  # mid-way before the frame: no rounding miss
+        subprocess.run([ffmpeg, "-v", "error", "-y", "-ss", f"{start:.6f}", "-i", str(video),
+                        "-vf", vf, "-frames:v", str(r["frames"]), "-an", "-c:v", "libx264", "-preset", "veryfast",
+                        "-crf", "20", "-pix_fmt", "yuv420p", "-r", str(r["fps"]), str(dest / f"{r['id']}.mp4")],
+                       check=True)
+    elapsed = time.perf_counter() - t
+    _same_frames(records, dest)
+    return elapsed
+
+
+def _same_frames(records: list[dict], dest: Path) -> None:
+    """The peer wrote the clips ours did: as many frames, the same size, the same pictures (mean
+    absolute difference of the first frames under 6 of 255: encoder noise, not a shifted frame)."""
+    import av
+    import numpy as np
+
+    def frames_of(path: Path) -> list:
+        with av.open(str(path)) as c:
+            return [f.to_ndarray(format="rgb24").astype(np.float32) for f in c.decode(video=0)]
+
+    for r in records:
+        theirs, ours = frames_of(dest / f"{r['id']}.mp4"), frames_of(dest.parent / dest.name[:-7] / r["clip"])
+        got = (len(theirs), theirs[0].shape[1], theirs[0].shape[0])
+        assert got == (r["frames"], r["width"], r["height"]), (r["id"], got)
+        diff = float(np.abs(theirs[0] - ours[0]).mean())
+        assert diff < 6.0, f"{r['id']}: ffmpeg's first frame differs from ours by {diff:.1f} (a shifted seek?)"
+
+
 def spread(values: list[float]) -> dict:
     return {"median": round(statistics.median(values), 3), "min": round(min(values), 3), "max": round(max(values), 3)}
 
@@ -104,6 +171,8 @@ def main() -> None:
     times: dict[Path, list[float]] = {v: [] for v in videos}
     floors: dict[Path, list[float]] = {v: [] for v in videos}
     cpus: dict[Path, list[float]] = {v: [] for v in videos}
+    peers: dict[Path, list[float]] = {v: [] for v in videos}
+    fps = {v: probe_video(v).fps or 25.0 for v in videos}
     summaries: dict[Path, dict] = {}
     cut(videos[0], ids[videos[0]], WORK / "warm", opts)  # imports and codec set-up, not timed
     for _ in range(args.repeat):
@@ -112,6 +181,9 @@ def main() -> None:
             times[v].append(dt)
             cpus[v].append(cpu)
             floors[v].append(decode_only(v, WORK / "out" / v.stem))
+            peer = peer_ffmpeg(v, WORK / "out" / v.stem, fps[v], opts["max_side"])
+            if peer is not None:
+                peers[v].append(peer)
     rows = []
     for v in videos:
         info = probe_video(v)
@@ -132,6 +204,8 @@ def main() -> None:
                      "decode_only_s": spread(floors[v]), "cpu_s": spread(cpus[v]),
                      # CPU seconds are far less sensitive than wall time to other jobs on a shared machine
                      "source_per_cpu_s": round(duration / statistics.median(cpus[v]), 2),
+                     "ffmpeg_s": spread(peers[v]) if peers[v] else None,
+                     "ours_over_ffmpeg": spread([a / b for a, b in zip(times[v], peers[v])]) if peers[v] else None,
                      "source_ratio": {k: round(duration / x, 2) for k, x in t.items()},
                      "clip_ratio": {k: round(clip_s / x, 2) for k, x in t.items()}})
         print(json.dumps(rows[-1]), flush=True)
@@ -143,17 +217,19 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(result, indent=2))
     print("\n| video | size | duration s | clips (shots) | clip s | frames decoded | cut s median [min-max] "
           "| decode-only s median | source s / wall s median [range] | clip s / wall s median | CPU s median "
-          "| source s / CPU s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| source s / CPU s | ffmpeg CLI s median [min-max] | ours / ffmpeg median [range] |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         c, sr = r["cut_s"], r["source_ratio"]
         shots = ", ".join(f"{k} {n}" for k, n in r["shots"].items()) or r["reason"]
         cpu = r["cpu_s"]["median"]
         ratios = (f"{sr['median']} [{sr['max']}-{sr['min']}] | {r['clip_ratio']['median']} | {cpu} "
                   f"| {r['source_per_cpu_s']}" if r["clips"] else f"n/a (nothing cut) | n/a | {cpu} | n/a")
+        f, q = r["ffmpeg_s"], r["ours_over_ffmpeg"]
+        peer = f"{f['median']} [{f['min']}-{f['max']}] | {q['median']} [{q['min']}-{q['max']}]" if f else "n/a | n/a"
         print(f"| {r['video']} | {r['size']} | {r['duration_s']} | {r['clips']} ({shots}) | {r['clip_seconds']} "
               f"| {r['decoded_frames']} | {c['median']} [{c['min']}-{c['max']}] | {r['decode_only_s']['median']} "
-              f"| {ratios} |")
+              f"| {ratios} | {peer} |")
     print(f"\n{cores} cores; load average at the end {result['loadavg_end']}; {result['when']}")
 
 
