@@ -8,9 +8,9 @@ strength)]``, a partial strength). Every clip is generated with its audio; the v
 the audio into the mp4 when ``generate.video.audio`` is on and drops it otherwise.
 
 ``builtin:tiny-ltx2``: a 1-layer transformer (video 2x8, audio 2x4 heads), a 1-block VAE on
-4-channel latents (its compression read from its config), a tiny audio VAE and vocoder
-(16 kHz), a 1-layer Gemma 3 (16 wide, with a 1-layer SigLIP tower) and a byte-level tokenizer
-with Gemma's special tokens. Random weights: its clips are noise and its audio is hiss.
+4-channel latents (2x spatial and 2x temporal compression: 9 frames are 5 latent frames), a
+tiny audio VAE and vocoder (16 kHz), a 1-layer Gemma 3 (16 wide, with a 1-layer SigLIP tower)
+and a byte-level tokenizer with Gemma's special tokens. Random weights: its clips are noise and its audio is hiss.
 
 Training (``train_video``) trains the video stream only, as Lightricks' own trainer does without
 ``with_audio`` (its audio modality is None):
@@ -42,7 +42,7 @@ from runner.diffusion.families.ltx_video import TRAIN_FPS, encode_video, pack, p
 from runner.diffusion.families.ltx_video import token_timesteps, unpack
 from runner.diffusion.families.videokit import PipelineKind, VideoArgs
 
-TINY_VERSION = 1
+TINY_VERSION = 2  # v2: the VAE's encoder compresses time 2x, as its config (and decoder) say
 TINY_SEED = 11
 # the video stream's attention projections (the audio stream's and the cross-modal ones have
 # their own names: audio_attn*, audio_to_video_attn, video_to_audio_attn), as LTX-2's trainer does
@@ -83,7 +83,7 @@ def build_tiny(dest: Path) -> None:
             in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,), decoder_block_out_channels=(8,),
             layers_per_block=(1,), decoder_layers_per_block=(1, 1), spatio_temporal_scaling=(True,),
             decoder_spatio_temporal_scaling=(True,), decoder_inject_noise=(False, False),
-            downsample_type=("spatial",), upsample_residual=(False,), upsample_factor=(1,),
+            downsample_type=("spatiotemporal",), upsample_residual=(False,), upsample_factor=(1,),
             timestep_conditioning=False, patch_size=1, patch_size_t=1, encoder_causal=True, decoder_causal=False)
         torch.manual_seed(TINY_SEED + 4)
         audio_vae = AutoencoderKLLTX2Audio(
