@@ -92,3 +92,61 @@ def test_two_processes_train_what_one_trains_through_a_stop_and_resume(shared_da
     assert len(a) == 4
     assert sorted(p.name for p in (out["lora"].path / "step-000004").glob("*.safetensors")) == sorted(
         p.name for p in (one["lora"].path / "step-000004").glob("*.safetensors"))
+
+
+def test_gpu_count_sets_price_memory_plan_line_and_remote_processes() -> None:
+    from types import SimpleNamespace
+
+    from runner.backends.remote import remote_config
+    from runner.cli import _plan_line
+    from runner.core import pricing
+    from runner.engine import cost as C
+
+    assert pricing.parse_gpu("H100:8") == ("H100", 8) and pricing.parse_gpu("L40S") == ("L40S", 1)
+    assert pricing.price_per_hour("H100:8", {})[0] == pytest.approx(8 * pricing.price_per_hour("H100", {})[0])
+    assert pricing.gpu_memory_gib("H100:8", {}) == pricing.GPU_MEMORY_GIB["H100"]  # memory per GPU
+    for bad in ("H100:9", "H100:0", "H100:x", ":2"):
+        with pytest.raises(pricing.GpuSpecError, match=r"hardware\.stage_gpu\.train: .* count of 1 to 8"):
+            pricing.parse_gpu(bad, "hardware.stage_gpu.train")
+
+    node = contract.PlanNode(id="demo:train", kind="train", character="demo", config={"processes": 1}, gpu="A10G",
+                             unkeyed=("processes",))
+    hw = {"stage_gpu": {"train": "H100:8"}}
+    eight = C.estimate_stage(node, hw, "modal", typical_seconds=3600.0)
+    one = C.estimate_stage(node, {"stage_gpu": {"train": "H100"}}, "modal", typical_seconds=3600.0)
+    assert eight.gpu == "H100:8" and eight.priced and eight.cost == pytest.approx(8 * one.cost, abs=0.01)
+    line = _plan_line(SimpleNamespace(action="run", id=node.id, reasons=["new"], node=node), eight)
+    assert f"modal H100:8, ~{eight.cost:.2f} USD" in line and "8 x H100 at 3.95 USD/h each" in line
+    # on Modal the stage runs one process per GPU of its function; the key does not change
+    assert remote_config(node, "H100:8")["processes"] == 8 and node.config["processes"] == 1
+    assert "processes" not in node.keyed_config()
+    other = contract.PlanNode(id="demo:evaluate", kind="evaluate", character="demo", config={"a": 1}, gpu="L4")
+    assert remote_config(other, "L4:2") == {"a": 1}
+
+
+def test_process_counts_are_checked_at_plan_time(project: Path) -> None:
+    from types import SimpleNamespace
+
+    from runner.spec import load_spec
+    from runner.spec.errors import SpecError
+
+    spec = project / "specs" / "demo.yaml"
+    base = "version: 1\ncharacter:\n  name: demo\n  trigger: sks\n  description: d\n"
+    spec.write_text(base + "hardware:\n  stage_gpu:\n    train: H100:16\n")
+    with pytest.raises(SpecError, match=r"hardware\.stage_gpu\.train"):
+        load_spec(spec)
+    spec.write_text(base + "hardware:\n  local_processes: 9\n")
+    with pytest.raises(SpecError, match=r"hardware\.local_processes"):
+        load_spec(spec)
+    spec.write_text(base + "hardware:\n  backend: modal\n  stage_gpu:\n    train: H100:8\n")
+    assert load_spec(spec).data["hardware"]["local_processes"] == 1
+
+    hw = SimpleNamespace(local_processes=1, backend="modal", stage_gpu={"train": "H100:8"}, gpu="A10G")
+    refused = r"hardware\.stage_gpu\.train gives 8 .* train\.gradient_accumulation is 2"
+    with pytest.raises(contract.StageError, match=refused):
+        T._processes(_cfg(), hw, "H100:8")
+    assert T._processes(_cfg(gradient_accumulation=8), hw, "H100:8") == 1
+    here = SimpleNamespace(local_processes=2, backend="local", stage_gpu={}, gpu="A10G")
+    assert T._processes(_cfg(), here, "A10G") == 2
+    with pytest.raises(contract.StageError, match="train_text_encoder"):
+        T._processes(_cfg(lora={"train_text_encoder": True}), here, "A10G")

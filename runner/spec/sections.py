@@ -361,6 +361,28 @@ class InlineSuiteConfig:
     categories: Mapping[str, SuiteCategoryConfig]
 
 
+@schema_config('evaluate', 'video', 'targets')
+class EvaluateVideoTargetsConfig:
+    fidelity: str
+    min_blinks: int
+    not_frozen: bool
+    max_drift: float | None
+
+
+@schema_config('evaluate', 'video')
+class EvaluateVideoConfig:
+    checkpoints: str | tuple[int, ...]
+    lora_scales: tuple[float, ...]
+    prompts: tuple[str, ...]
+    key_frames: tuple[str, ...]
+    seeds: tuple[int, ...]
+    frames: int | None
+    width: int | None
+    height: int | None
+    steps: int | None
+    targets: EvaluateVideoTargetsConfig
+
+
 @schema_config('evaluate')
 class EvaluateConfig:
     preset: str | None
@@ -384,6 +406,7 @@ class EvaluateConfig:
     dino_model: str
     targets: Mapping[str, Mapping[str, str]]
     objective: ObjectiveConfig
+    video: EvaluateVideoConfig | None
 
 
 # --------------------------------------------------------------------------- generate
