@@ -44,11 +44,14 @@ EXPECTED = {
                 "lora_unet_context_refiner_0_attention_qkv"],
     "ltx_video": ["lora_unet_transformer_blocks_0_attn1_to_q", "lora_unet_transformer_blocks_0_attn2_to_out_0"],
     "ltx2": ["lora_unet_transformer_blocks_0_attn1_to_k", "lora_unet_transformer_blocks_0_attn2_to_v"],
+    "wan22_i2v": ["lora_unet_blocks_0_self_attn_q", "lora_unet_blocks_0_cross_attn_o", "lora_unet_blocks_0_ffn_0"],
+    "wan22_ti2v": ["lora_unet_blocks_0_self_attn_o", "lora_unet_blocks_0_cross_attn_k", "lora_unet_blocks_0_ffn_2"],
 }
 ARCH = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora",
         "sd3": "stable-diffusion-3/lora",
         "flux1": "flux-1-dev/lora", "flux2": "Flux.2-dev/lora", "flux2_klein": "Flux.2-klein/lora",
-        "qwen_image": "Qwen-Image/lora", "z_image": "Z-Image/lora", "ltx_video": "LTX-Video/lora", "ltx2": "LTX-2/lora"}
+        "qwen_image": "Qwen-Image/lora", "z_image": "Z-Image/lora", "ltx_video": "LTX-Video/lora", "ltx2": "LTX-2/lora",
+        "wan22_i2v": "Wan2.2-I2V-A14B/lora", "wan22_ti2v": "Wan2.2-TI2V-5B/lora"}
 
 
 def _denoiser(fam, sd3_comfy_width: bool = False):
@@ -324,7 +327,7 @@ def test_comfyui_maps_text_encoder_loras(name: str, comfy):
 
 
 @pytest.mark.slow  # the tiny denoisers (shared with the tests above); diffusers' converters take < 1 s
-@pytest.mark.parametrize("name", ["flux2", "flux2_klein", "qwen_image", "z_image"])
+@pytest.mark.parametrize("name", ["flux2", "flux2_klein", "qwen_image", "z_image", "wan22_i2v", "wan22_ti2v"])
 def test_diffusers_reads_the_kohya_file_back(name: str, tiny_lora):
     """diffusers' own converter of kohya/musubi files gives back every trained module at the
     trained strength. (FLUX.1's converter has the real model's widths written in, so it is checked

@@ -98,6 +98,12 @@ evaluate:
   resolution: 64
   targets: {portrait: {face_similarity: ">=0.5"}}
   objective: {maximize: face_similarity, constraints: {clip_t: ">=0.2"}}
+  video:
+    checkpoints: all
+    lora_scales: [0, 0.8, 1.0]
+    key_frames: [../refs/r1.jpg]
+    seeds: [1]
+    targets: {fidelity: ok, min_blinks: 1, not_frozen: true, max_drift: 30}
 generate:
   lora_scale: 0.9
   storyboard:
@@ -186,6 +192,13 @@ CHANGES: dict[str, Any] = {
     "generate.video.vae_tiling": True,
     "character.name": "villain",
     "evaluate.conditions": ["lora", "references"],
+    "evaluate.video.checkpoints": "last",
+    "evaluate.video.key_frames": ["../refs/r2.jpg"],
+    "evaluate.video.prompts": ["the hero smiles"],
+    "evaluate.video.frames": 9,
+    "evaluate.video.width": 96,
+    "evaluate.video.height": 96,
+    "evaluate.video.steps": 2,
     "character.references": ["../refs", "../reg"],
     "character.canonical_reference": "../refs/r2.jpg",
     "dataset.sources": "drop-first",

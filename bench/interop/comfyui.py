@@ -28,7 +28,7 @@ from typing import Any, Mapping
 
 MODEL_CLASSES = {"sd15": "BaseModel", "sdxl": "SDXL", "sd3": "SD3", "flux1": "Flux", "flux2": "Flux2",
                  "flux2_klein": "Flux2", "qwen_image": "QwenImage", "z_image": "Lumina2", "ltx_video": "LTXV",
-                 "ltx2": "LTXAV"}
+                 "ltx2": "LTXAV", "wan22_i2v": "WAN21", "wan22_ti2v": "WAN22"}
 
 
 def _stub(name: str, **attrs) -> types.ModuleType:
@@ -43,7 +43,7 @@ def _model_base():
     classes = {"BaseModel": base}
     for name, parent in (("SDXL", "BaseModel"), ("SD3", "BaseModel"), ("Flux", "BaseModel"), ("Flux2", "Flux"),
                          ("QwenImage", "BaseModel"), ("Lumina2", "BaseModel"), ("LTXV", "BaseModel"),
-                         ("LTXAV", "BaseModel")):
+                         ("LTXAV", "BaseModel"), ("WAN21", "BaseModel"), ("WAN22", "WAN21")):
         classes[name] = type(name, (classes[parent],), {})
     mod = _stub("comfy.model_base", **classes)
 
@@ -125,6 +125,10 @@ def unet_config(family: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
         return {"image_model": "qwen_image"}
     if family in ("ltx_video", "ltx2"):
         return {"image_model": "ltxv" if family == "ltx_video" else "ltxav"}
+    if family in ("wan22_i2v", "wan22_ti2v"):  # comfy/model_detection.py's Wan keys (A14B: WAN21_I2V, in 36)
+        return {"image_model": "wan2.1", "dim": int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"]),
+                "num_layers": int(cfg["num_layers"]), "in_dim": int(cfg["in_channels"]),
+                "out_dim": int(cfg["out_channels"])}
     raise ValueError(f"no ComfyUI model known for family {family!r}")
 
 
@@ -142,6 +146,8 @@ def key_map(cu, family: str, ucfg: Mapping[str, Any], diffusers_keys) -> dict[st
         return u.z_image_to_diffusers(dict(ucfg), output_prefix="diffusion_model.")
     if family in ("ltx_video", "ltx2"):  # ComfyUI holds the original LTX checkpoint's names
         return {k: "diffusion_model." + ltx_native(k) for k in diffusers_keys}
+    if family in ("wan22_i2v", "wan22_ti2v"):
+        return wan_key_map(diffusers_keys)
     return {k: "diffusion_model." + k for k in diffusers_keys}  # Qwen-Image: ComfyUI keeps the diffusers names
 
 
@@ -165,6 +171,38 @@ def ltx_native(key: str) -> str:
         if new.startswith(".") and new in key or key.startswith(new + "."):
             return key.replace(new, old, 1)
     return key
+
+
+# diffusers name -> original Wan checkpoint name (what ComfyUI's comfy/ldm/wan/model.py WanModel holds:
+# blocks.N.self_attn.q, cross_attn.o, ffn.0, norm3, modulation, head.head, ...): the inverse of
+# diffusers' single_file_utils.convert_wan_transformer_to_diffusers. wan_key_map keeps a name only
+# when that converter turns it back into the diffusers one.
+WAN_RENAMES = (
+    (r"^condition_embedder\.time_embedder\.linear_([12])", lambda m: f"time_embedding.{2 * int(m[1]) - 2}"),
+    (r"^condition_embedder\.text_embedder\.linear_([12])", lambda m: f"text_embedding.{2 * int(m[1]) - 2}"),
+    (r"^condition_embedder\.time_proj", "time_projection.1"), (r"^scale_shift_table", "head.modulation"),
+    (r"^proj_out", "head.head"), (r"\.scale_shift_table$", ".modulation"), (r"\.attn1\.", ".self_attn."),
+    (r"\.attn2\.", ".cross_attn."), (r"\.to_out\.0\.", ".o."), (r"\.to_([qkv])\.", r".\1."),
+    (r"\.add_([kv])_proj\.", r".\1_img."), (r"\.norm_added_k\.", ".norm_k_img."), (r"\.ffn\.net\.0\.proj\.", ".ffn.0."),
+    (r"\.ffn\.net\.2\.", ".ffn.2."), (r"\.norm([23])\.", lambda m: f".norm{5 - int(m[1])}."),
+)
+
+
+def wan_native(key: str) -> str:
+    import re
+
+    for pattern, repl in WAN_RENAMES:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def wan_key_map(diffusers_keys) -> dict[str, str]:
+    """{diffusers key: diffusion_model.<original Wan name>} for the keys diffusers' converter maps back."""
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    native = {k: wan_native(k) for k in diffusers_keys}
+    back = convert_wan_transformer_to_diffusers({n: k for k, n in native.items()})
+    return {k: "diffusion_model." + native[k] for k in native if back.get(k) == k}
 
 
 def native_shapes(cmap: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:

@@ -440,31 +440,72 @@ class Placement:
       kept, offloaded to the CPU (CUDA) or freed (any device: checkpoint samples are then
       skipped, they need the encoders); the VAE on the CPU with offload_idle;
     - :meth:`sampling`: with anything off the device, checkpoint samples run under model CPU
-      offload, then the loop's placement comes back."""
+      offload, then the loop's placement comes back.
 
-    def __init__(self, memory_config: Any, device: str) -> None:
+    Two-expert video families (Wan 2.2 A14B, ``train_video.memory.offload_idle_expert`` on CUDA;
+    a no-op on the CPU): ``trained`` names the experts the run trains. An expert not trained is
+    never put on the GPU; with both trained, the loop holds one expert's frozen weights on the GPU
+    at a time (:meth:`swap_to` between steps; every LoRA weight and its optimizer state stay on
+    the GPU, so nothing an optimizer step touches moves)."""
+
+    def __init__(self, memory_config: Any, device: str, trained: tuple[str, ...] = ()) -> None:
         from runner.spec.sections import MemoryConfig
 
         self.m = memory_config or MemoryConfig.from_dict({})
         self.device = device
         self.cuda = device.startswith("cuda")
         self.offload_idle = self.cuda and self.m.offload_idle
+        self.trained = tuple(trained)
+        self.offload_expert = self.cuda and bool(self.trained) and bool(getattr(self.m, "offload_idle_expert", False))
+        self.resident: tuple[str, ...] = ()  # the experts on the device in the loop (set by place)
         self.offloaded: list[str] = []
         self.freed = False
         self.done: list[str] = []
 
     @property
     def load_device(self) -> str:
-        return "cpu" if self.cuda and (self.m.quantize_base != "none" or self.m.offload_idle) else self.device
+        cpu_first = self.m.quantize_base != "none" or self.m.offload_idle or self.offload_expert
+        return "cpu" if self.cuda and cpu_first else self.device
+
+    def denoisers(self, family) -> tuple[str, ...]:
+        """The family's denoisers (Wan 2.2 A14B: both experts)."""
+        video = getattr(family, "video", None)
+        return tuple(video.experts) if video is not None else (family.denoiser,)
 
     def place(self, pipe, family) -> None:
+        names = self.denoisers(family)
+        self.resident = (self.trained[0],) if self.offload_expert else names
         if self.m.quantize_base != "none":
-            self.done.append(quantize_denoiser(getattr(pipe, family.denoiser), self.m.quantize_base, self.device))
+            for name in names if not self.offload_expert else self.trained:
+                where = self.device if name in self.resident else "cpu"
+                self.done.append(quantize_denoiser(getattr(pipe, name), self.m.quantize_base, where)
+                                 + (f" ({name})" if len(names) > 1 else ""))
         if self.load_device != self.device and not self.offload_idle:
-            for name in (*family.text.encoders, "vae"):
+            todo = [*family.text.encoders, "vae"]
+            if self.m.quantize_base == "none" and self.offload_expert:
+                todo += list(self.resident)
+            for name in todo:
                 module = getattr(pipe, name, None)
                 if module is not None:
                     module.to(self.device)
+        idle = [n for n in names if n not in self.resident]
+        if idle:
+            self.done.append(f"{', '.join(idle)} kept on the CPU (offload_idle_expert" +
+                             (": not trained)" if not set(idle) & set(self.trained) else
+                              ": the experts take turns on the GPU, one per step)"))
+
+    def swap_to(self, pipe, name: str) -> bool:
+        """Make ``name`` the expert on the device (its frozen weights in, the other's out; LoRA
+        weights never move); True when something moved. A no-op unless offload_idle_expert with
+        both experts trained on CUDA."""
+        if not self.offload_expert or len(self.trained) < 2 or self.resident == (name,):
+            return False
+        for other in self.trained:
+            if other != name:
+                move_frozen(getattr(pipe, other), "cpu")
+        move_frozen(getattr(pipe, name), self.device)
+        self.resident = (name,)
+        return True
 
     def caching(self, pipe):
         """A context for filling the caches (see the class doc)."""
@@ -504,10 +545,16 @@ class Placement:
     def _restore(self, pipe, family) -> None:
         import torch
 
-        for name in (family.denoiser, "vae", *family.text.encoders):
+        denoisers = self.denoisers(family)
+        for name in (*denoisers, "vae", *family.text.encoders):
             module = getattr(pipe, name, None)
-            if module is not None:
-                module.to("cpu" if name in self.offloaded else self.device)
+            if module is None:
+                continue
+            idle = name in denoisers and name not in (self.resident or denoisers)
+            if name in denoisers and name in self.trained and self.offload_expert:
+                move_frozen(module, self.device if not idle else "cpu", trainable=self.device)
+            else:
+                module.to("cpu" if name in self.offloaded or idle else self.device)
         torch.cuda.empty_cache()
 
     def sampling(self, pipe, family):
@@ -523,6 +570,27 @@ class Placement:
         with self._offloaded(pipe):
             yield
         self._restore(pipe, family)
+
+
+def move_frozen(module, device: str | None, *, trainable: str | None = None) -> None:
+    """Move ``module``'s frozen parameters and buffers to ``device`` in place (``param.data``, so
+    the parameters stay the objects an optimizer holds); trainable ones (a LoRA) go to
+    ``trainable``. None: those stay where they are."""
+    for sub in module.modules():
+        for p in sub.parameters(recurse=False):
+            target = trainable if p.requires_grad else device
+            if target is not None and p.device != _device(target):
+                p.data = p.data.to(target)
+        for key, buf in sub._buffers.items():
+            if device is not None and buf is not None and buf.device != _device(device):
+                sub._buffers[key] = buf.to(device)
+
+
+def _device(name: str):
+    import torch
+
+    d = torch.device(name)
+    return torch.device("cuda", torch.cuda.current_device()) if d.type == "cuda" and d.index is None else d
 
 
 # ---------------------------------------------------------------------------------------------

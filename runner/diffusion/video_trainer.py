@@ -98,11 +98,12 @@ class VideoLoraTrainer(LoraTrainer):
         import torch
 
         from runner.diffusion import families
+        from runner.diffusion.families import videokit
         from runner.diffusion.memory import Placement
         from runner.diffusion.models import ModelLoadError, hub_location, model_fingerprint, resolve_model_ref
+        from runner.spec.sections import TrainVideoMemoryConfig
 
         self.weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.mixed_precision, torch.float32)
-        self.placement = Placement(self.cfg.memory, self.device)
         ref = self.cfg.base_model
         try:
             kind, loc = resolve_model_ref(ref, cache_dir=self.cache_dir, project_root=self.project_root)
@@ -112,6 +113,9 @@ class VideoLoraTrainer(LoraTrainer):
             if kind == "hub":
                 loc = hub_location(ref, key="train_video.base_model")
             self.fam = self._family(ref, loc)
+            trained = videokit.experts_trained(self.fam, self.cfg.experts) if len(self.fam.video.experts) > 1 else ()
+            self.placement = Placement(self.cfg.memory or TrainVideoMemoryConfig.from_dict({}), self.device,
+                                       trained=trained)
             self.pipe = families.load_pipeline(self.fam, loc, device=self.placement.load_device,
                                                dtype=self.weight_dtype)
             self.model_fp = model_fingerprint(ref, cache_dir=self.cache_dir, project_root=self.project_root)
@@ -321,6 +325,26 @@ class VideoLoraTrainer(LoraTrainer):
             if self.cfg.gradient_checkpointing:
                 m.enable_gradient_checkpointing()
             m.train()
+        self._place_experts()
+
+    def _place_experts(self) -> None:
+        """offload_idle_expert with both A14B experts trained (CUDA): every LoRA weight on the
+        device (peft put the waiting expert's on the CPU with its base), the experts' frozen
+        weights then take turns (:meth:`_loss`). Logs which expert trains in which sigma range."""
+        from runner.diffusion.families import videokit
+        from runner.diffusion.memory import move_frozen
+
+        self.swapping = self.placement.offload_expert and len(self.modules) > 1
+        if self.swapping:
+            for m in self.trained:
+                move_frozen(m, None, trainable=self.device)
+        ranges = videokit.expert_ranges(self.c)
+        if len(ranges) > 1:
+            shown = ", ".join(f"{n} sigma in [{ranges[n][0]:g}, {min(ranges[n][1], 1.0):g})" for n in self.modules)
+            self.cb.log(f"experts trained ({self.cfg.experts}): {shown}")
+        elif self.cfg.experts != "both":
+            self.cb.warn(f"train_video.experts: {self.cfg.experts} is for Wan 2.2 A14B's two experts; "
+                         f"{self.fam.title} has one transformer, trained on every noise level")
 
     def _check_comfy_names(self) -> None:
         from peft.utils import get_peft_model_state_dict
@@ -368,6 +392,63 @@ class VideoLoraTrainer(LoraTrainer):
         return Batch(latents=latents.to(self.device), text=text, extra=extra, generator=gen, noise=noise,
                      timesteps=timesteps)
 
+    def _loss(self, examples: list[Example], gen, *, timesteps=None, noise=None, weighted: bool = True):
+        """The image trainer's micro-batch loss; with the A14B's experts taking turns on the GPU
+        (offload_idle_expert, both trained) the micro-batch's expert comes first: the one a sigma
+        drawn from the full density belongs to (the fixed timestep's at validation), its frozen
+        weights moved in, the batch's sigmas drawn from its range."""
+        if not getattr(self, "swapping", False):
+            return super()._loss(examples, gen, timesteps=timesteps, noise=noise, weighted=weighted)
+        from runner.diffusion.families import base, videokit
+
+        if timesteps is None:
+            frames, h, w = self.latents[id(examples[0])]["mean"].shape[-3:]
+            patch = self.fam.latents.patch
+            first = base.sample_sigmas(self.c, 1, frames * (h // patch) * (w // patch), gen)
+        else:
+            first = timesteps.float() / 1000.0
+        name = videokit.expert_of(self.c, first[:1])[0]
+        if self.placement.swap_to(self.pipe, name):
+            self.timings["expert_swaps"] = self.timings.get("expert_swaps", 0) + 1
+        self.c.sigma_range = videokit.expert_ranges(self.c)[name] if timesteps is None else None
+        try:
+            return super()._loss(examples, gen, timesteps=timesteps, noise=noise, weighted=weighted)
+        finally:
+            self.c.sigma_range = None
+
+    def validation_loss(self, examples: list[Example] | None = None) -> float | None:
+        """The image trainer's validation loss (fixed noise per item and timestep) at the
+        validation timesteps the trained experts cover (one A14B expert: those in its sigma range,
+        or the middle of the range when none is), grouped by expert so that experts taking turns
+        on the GPU swap at most once per group."""
+        import torch
+
+        from runner.diffusion.families import videokit
+        from runner.diffusion.trainer import _h
+
+        examples = self.val_ex if examples is None else examples
+        if not examples:
+            return None
+        top = self.noise_scheduler.config.num_train_timesteps - 1
+        ranges = videokit.expert_ranges(self.c)
+        ts = [min(int(t), top) for t in self.cfg.checkpoints.validation_timesteps]
+        if self.c.sigma_range is not None and len(ranges) > 1:
+            lo, hi = self.c.sigma_range
+            ts = [t for t in ts if lo <= t / 1000.0 < hi] or [min(top, round(500.0 * (lo + min(hi, 1.0))))]
+        ts.sort(key=lambda t: videokit.expert_of(self.c, [t / 1000.0])[0])
+        self._eval_mode(True)
+        total, n = 0.0, 0
+        with torch.no_grad():
+            for t in ts:
+                for e in examples:
+                    gen = torch.Generator().manual_seed(_h(self.cfg.seed, "val", e.id, t))
+                    shape = self.fam.to_model_latents(self.pipe, self.latents[id(e)]["mean"][None]).shape
+                    noise = torch.randn(shape, generator=gen)
+                    total += float(self._loss([e], gen, timesteps=torch.tensor([t]), noise=noise, weighted=False))
+                    n += 1
+        self._eval_mode(False)
+        return total / max(1, n)
+
     def _samples(self, folder: Path) -> list[str]:
         return []  # clips per checkpoint cost minutes on a GPU: not made while training
 
@@ -380,15 +461,17 @@ class VideoLoraTrainer(LoraTrainer):
         import torch
 
         from runner.diffusion import families
+        from runner.diffusion.families import videokit
         from runner.diffusion.kohya import kohya_metadata, peft_to_kohya, save_kohya
 
         save_dtype = torch.float32 if self.mixed_precision == "no" else torch.float16
         written = families.save_lora(self.c, folder)  # {component: file}; one file for one denoiser
         if not isinstance(written, dict):
             written = {self.fam.denoiser: written}
-        files: dict[str, str | None] = {}
+        files: dict[str, Any] = {"experts": {name: Path(path).name for name, path in written.items()}}
         for i, (name, path) in enumerate(written.items()):
             suffix = "" if i == 0 else f"_{i + 1}"
+            role = videokit.expert_role(self.fam, name)  # Wan A14B: high_noise / low_noise, one ComfyUI file each
             files["diffusers" + suffix] = Path(path).name
             files["kohya" + suffix] = None
             if self.fam.comfy is None:
@@ -400,10 +483,10 @@ class VideoLoraTrainer(LoraTrainer):
                 family=self.family, denoiser_config=self.modules[name].config, base_model=self.cfg.base_model,
                 rank=self.rank, alpha=self.alpha, lr=ph.lr, text_encoder_lr=None, steps=step,
                 max_steps=self.total_steps, resolution=self.cfg.resolution, trigger=self.cfg.trigger,
-                title=f"{self._stem()} step {step}" + (f" ({name})" if suffix else ""),
+                title=f"{self._stem()} step {step}" + (f" ({role} expert, {name})" if role else ""),
                 captions=[e.caption for e in self.train_ex], dataset_summary=self.dataset_summary(),
                 seed=self.cfg.seed, extra=self._kohya_extra(ph))
-            kname = f"{self._stem()}-step{step:06d}{'-' + name if suffix else ''}.safetensors"
+            kname = f"{self._stem()}-step{step:06d}{'-' + role if role else ''}.safetensors"
             save_kohya(folder / kname, kohya, md)
             files["kohya" + suffix] = kname
         return files
@@ -432,7 +515,9 @@ class VideoLoraTrainer(LoraTrainer):
                 "left_out": dict(self.dropped)}
 
     def _copy_checkpoints(self, lora_dir: Path) -> list[dict[str, Any]]:
-        """The image trainer's entries, plus the second expert's files (diffusers_2, kohya_2)."""
+        """The image trainer's entries, plus the second expert's files (diffusers_2, kohya_2) and
+        ``experts``: {component: its diffusers file} (what video_models.load_lora reads to load
+        each file into its expert)."""
         checkpoints = super()._copy_checkpoints(lora_dir)
         by_step = {h["step"]: h for h in self.history}
         for ck in checkpoints:
@@ -441,6 +526,7 @@ class VideoLoraTrainer(LoraTrainer):
             for key in ("diffusers_2", "kohya_2"):
                 if h.get(key):
                     ck[key] = f"{folder}/{h[key]}"
+            ck["experts"] = {name: f"{folder}/{f}" for name, f in (h.get("experts") or {}).items()}
         return checkpoints
 
     def _index(self, checkpoints: list[dict[str, Any]]) -> dict[str, Any]:

@@ -10,8 +10,15 @@ checkpoint and scale:
   baseline's objective metric (``evaluate.objective.maximize``, face similarity by default);
 - the same prompts side by side (matched by category, prompt template and seed).
 
+Video evaluations (the evaluate_video stage's results.json) add video rows: per evaluation, a row
+per checkpoint x LoRA scale with a strip of the analysed frames of each clip (and the clip itself
+when small), the video suite's figures, each target's pass/fail and the best cell marked
+(:func:`runner.eval.video.video_rows`). One video evaluation is a page of its own (its cells are
+what is compared); image evaluations need two or more.
+
 Library entry points: :func:`evaluations_in` (find evaluation folders under a path),
-:func:`evaluations_of_run` (a run's evaluate outputs, given a workspace), :func:`write_comparison`.
+:func:`evaluations_of_run` (a run's evaluate and evaluate_video outputs, given a workspace),
+:func:`load_any`, :func:`write_comparison`.
 """
 
 from __future__ import annotations
@@ -64,14 +71,63 @@ def load_evaluation(path: str | Path, label: str | None = None) -> Evaluation:
     return Evaluation(label=label or default, folder=f.parent, data=data)
 
 
+@dataclass
+class VideoEvaluation:
+    """An evaluate_video stage's results.json (checkpoint x scale cells of clips)."""
+
+    label: str
+    folder: Path
+    data: dict[str, Any]
+
+
+VIDEO_RESULTS = "results.json"
+
+
+def _is_video_results(f: Path) -> bool:
+    try:
+        return json.loads(f.read_text(encoding="utf-8")).get("kind") == "evaluate_video"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_video_evaluation(path: str | Path, label: str | None = None) -> VideoEvaluation:
+    """A video evaluation from its results folder or its results.json."""
+    p = Path(path)
+    f = p if p.is_file() else p / VIDEO_RESULTS
+    if not f.is_file() or not _is_video_results(f):
+        raise StageError(f"no evaluate_video results.json at {p}",
+                         hint="Give the evaluate_video stage's results folder or its results.json.")
+    data = json.loads(f.read_text(encoding="utf-8"))
+    for key in ("cells", "best"):
+        if key not in data:
+            raise StageError(f"{f} is not a finished evaluate_video output (no {key!r})")
+    default = data.get("stage_id") or f.parent.name
+    if data.get("run_id") and not label:
+        default = f"{data['run_id']} {default}"
+    return VideoEvaluation(label=label or default, folder=f.parent, data=data)
+
+
+def load_any(path: str | Path, label: str | None = None) -> Evaluation | VideoEvaluation:
+    """An image evaluation (evaluation.json) or a video one (evaluate_video's results.json)."""
+    p = Path(path)
+    f = p if p.is_file() else (p / "evaluation.json" if (p / "evaluation.json").is_file() else p / VIDEO_RESULTS)
+    if f.name == VIDEO_RESULTS and _is_video_results(f):
+        return load_video_evaluation(f, label)
+    return load_evaluation(p, label)
+
+
 def evaluations_in(path: str | Path) -> list[Path]:
-    """evaluation.json files at or below ``path`` (a file, an evaluation folder or a tree)."""
+    """evaluation.json (and evaluate_video results.json) files at or below ``path`` (a file, an
+    evaluation folder or a tree)."""
     p = Path(path)
     if p.is_file():
         return [p]
-    if (p / "evaluation.json").is_file():
-        return [p / "evaluation.json"]
-    return sorted(p.rglob("evaluation.json")) if p.is_dir() else []
+    for name in ("evaluation.json", VIDEO_RESULTS):
+        if (p / name).is_file() and (name != VIDEO_RESULTS or _is_video_results(p / name)):
+            return [p / name]
+    if not p.is_dir():
+        return []
+    return sorted([*p.rglob("evaluation.json"), *(f for f in p.rglob(VIDEO_RESULTS) if _is_video_results(f))])
 
 
 def evaluations_of_run(workspace: Any, run_id: str) -> list[tuple[str, Path]]:
@@ -82,7 +138,12 @@ def evaluations_of_run(workspace: Any, run_id: str) -> list[tuple[str, Path]]:
     """
     out = []
     for e in workspace.executions(run_id):
-        if e.get("kind") != "evaluate" or not e.get("key") or not workspace.store_has(e["key"]):
+        if not e.get("key") or not workspace.store_has(e["key"]):
+            continue
+        if e.get("kind") != "evaluate":  # a video evaluation is known by its results.json
+            arts = workspace.load_outputs(e["key"])
+            if "results" in arts and _is_video_results(Path(arts["results"].path) / VIDEO_RESULTS):
+                out.append((f"{run_id} {e['stage_id']}", Path(arts["results"].path)))
             continue
         arts = workspace.load_outputs(e["key"])
         if "evaluation" in arts:
@@ -107,14 +168,33 @@ _NO_DELTA = {"text": "", "cls": ""}
 CATEGORY_METRICS = ("face_similarity", "consistency", "no_face_rate", "clip_t", "dino", "diversity")
 
 
-def comparison_context(evals: Sequence[Evaluation], *, thumb_px: int = 160,
+def comparison_context(evals: Sequence[Evaluation | VideoEvaluation], *, thumb_px: int = 160,
                        prompts_per_category: int = 3) -> dict[str, Any]:
-    """What compare.html.j2 renders: each evaluation's best cell against the first one's (overall
-    and per category, with deltas and verdicts), the same prompts side by side and a scatter."""
-    if len(evals) < 2:
+    """What compare.html.j2 renders: each image evaluation's best cell against the first one's
+    (overall and per category, with deltas and verdicts), the same prompts side by side and a
+    scatter; and the video rows of every video evaluation."""
+    from runner.eval.video import video_rows
+
+    images = [e for e in evals if isinstance(e, Evaluation)]
+    videos = [{**video_rows(v.data, v.folder), "label": v.label} for v in evals if isinstance(v, VideoEvaluation)]
+    if len(images) < 2 and not videos:
         raise StageError("a comparison needs at least two evaluations",
                          hint="Pass two or more runs, folders or evaluation.json files "
                               "(or a run with several variants).")
+    title = [e.label for e in evals]
+    if len(images) < 2:
+        return {"images": False, "videos": videos, "title": title,
+                "lone_image": images[0].label if images else "",
+                "tiny_notes": sorted({v["tiny_note"] for v in videos if v["tiny_note"]}),
+                "generated": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    return {**_image_context(images, thumb_px, prompts_per_category), "images": True, "videos": videos,
+            "title": title, "lone_image": "",
+            "tiny_notes": sorted({tiny_note(e.data) for e in images if tiny_note(e.data)}
+                                 | {v["tiny_note"] for v in videos if v["tiny_note"]})}
+
+
+def _image_context(evals: Sequence[Evaluation], thumb_px: int, prompts_per_category: int) -> dict[str, Any]:
+    """The image part of the page: two or more evaluate outputs, the first the baseline."""
     objective = _objective(evals[0])
     bests = [e.best_cell for e in evals]
     columns = [{"label": e.label, "best": cell_label(c), "variant": e.data.get("variant") or "",
@@ -135,7 +215,6 @@ def comparison_context(evals: Sequence[Evaluation], *, thumb_px: int = 160,
                      for i, c in enumerate(bests) if i],
         "side_by_side": side_by_side,
         "scatter": _scatter(evals, bests, any(col["tiny"] for col in columns)),
-        "tiny_notes": sorted({tiny_note(e.data) for e in evals if tiny_note(e.data)}),
         "common_prompts": len({(k[0], k[1]) for k in common}),
         "metric_help": [{"name": SHORT[m], "desc": METRICS[m]["desc"], "better": METRICS[m]["better"]}
                         for m in TABLE_METRICS],
@@ -227,7 +306,7 @@ def _prompt_text(ev: Evaluation, key: tuple, img: dict[str, Any]) -> str:
     return p.get("prompt", key[1])
 
 
-def render_comparison(evals: Sequence[Evaluation], **kw: Any) -> str:
+def render_comparison(evals: Sequence[Evaluation | VideoEvaluation], **kw: Any) -> str:
     import jinja2
 
     from runner.resources import resource_dir
@@ -238,8 +317,9 @@ def render_comparison(evals: Sequence[Evaluation], **kw: Any) -> str:
 
 
 def write_comparison(sources: Iterable[tuple[str | None, str | Path]], out_file: str | Path, **kw: Any) -> Path:
-    """Write the comparison page of ``sources`` ((label or None, evaluation folder/json), first = baseline)."""
-    evals = [load_evaluation(path, label) for label, path in sources]
+    """Write the comparison page of ``sources`` ((label or None, evaluation folder/json or
+    evaluate_video results), the first image evaluation = the baseline)."""
+    evals = [load_any(path, label) for label, path in sources]
     html = render_comparison(evals, **kw)
     out = Path(out_file)
     atomic_write_text(out, html)

@@ -288,17 +288,44 @@ def check_shape(vp: VideoPipeline, width: int, height: int, frames: int) -> None
 
 
 def load_lora(vp: VideoPipeline, file: str | Path, scale: float, *, key: str = "generate.video.lora") -> None:
-    """A diffusers-format (or the original trainer's) LoRA onto the pipeline's transformer, at ``scale``."""
+    """A diffusers-format (or the original trainer's) LoRA onto the pipeline's transformer, at
+    ``scale``. A checkpoint of a two-expert LoRA (train_video on Wan 2.2 A14B: the index.json of
+    its lora folder lists ``experts`` per checkpoint) loads every expert's file, a
+    ``transformer_2`` one with ``load_into_transformer_2=True`` as diffusers' WanLoraLoaderMixin
+    takes a low-noise expert's LoRA; given either file of the checkpoint, both load."""
     f = Path(file)
     if not f.is_file():
         raise StageError(f"{key}: {f} is not a file", hint=f"Give a .safetensors LoRA made for {vp.family.title}.")
+    files = expert_files(f)
     try:
-        vp.pipe.load_lora_weights(str(f.parent), weight_name=f.name, adapter_name="video")
+        for component, path in files.items():
+            extra = {"load_into_transformer_2": True} if component == "transformer_2" else {}
+            if extra and getattr(vp.pipe, "transformer_2", None) is None:
+                raise ValueError(f"{path.name} is a LoRA for the low-noise expert (transformer_2), which "
+                                 f"{type(vp.pipe).__name__} does not have")
+            vp.pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="video", **extra)
         vp.pipe.set_adapters(["video"], adapter_weights=[float(scale)])
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
         raise StageError(f"{key}: cannot load {f} onto {vp.model}: {exc}",
                          hint=f"The LoRA must be made for this {vp.family.title} transformer "
                               f"(diffusers or the original trainer's format).") from None
+
+
+def expert_files(file: Path) -> dict[str, Path]:
+    """{component: file} of the checkpoint ``file`` belongs to, from the index.json of the
+    train_video lora folder it sits in (``<lora>/step-N/<file>``); {"transformer": file} for any
+    other LoRA (one file, into the pipeline's transformer)."""
+    f = file.resolve()
+    for index_path in (f.parent.parent / "index.json", f.parent / "index.json"):
+        try:
+            index = json.loads(index_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        for ck in index.get("checkpoints", []) if isinstance(index, dict) else []:
+            experts = {c: (index_path.parent / p).resolve() for c, p in (ck.get("experts") or {}).items()}
+            if f in experts.values():
+                return experts
+    return {"transformer": file}
 
 
 # --------------------------------------------------------------------------- generating

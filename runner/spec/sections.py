@@ -301,6 +301,14 @@ class TrainVideoClipsConfig:
     max_side: int
 
 
+@schema_config('train_video', 'memory')
+class TrainVideoMemoryConfig:
+    quantize_base: str
+    text_encoders: str
+    offload_idle: bool
+    offload_idle_expert: bool
+
+
 @schema_config('train_video', 'checkpoints')
 class TrainVideoCheckpointsConfig:
     every_steps: int
@@ -328,7 +336,7 @@ class TrainVideoConfig:
     gradient_checkpointing: bool
     mixed_precision: str
     optimizer: str
-    memory: MemoryConfig | None
+    memory: TrainVideoMemoryConfig | None
     weight_decay: float
     max_grad_norm: float
     lr_scheduler: LrSchedulerConfig

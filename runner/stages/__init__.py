@@ -24,6 +24,7 @@ BUILTIN_STAGE_MODULES = (
     "train",
     "train_video",
     "evaluate",
+    "evaluate_video",
     "storyboard",
     "video",
     "report",

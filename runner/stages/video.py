@@ -148,8 +148,9 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
                                   f"families (got {width}x{height})",
                                   hint=f"e.g. width: {width // 32 * 32}, height: {height // 32 * 32}")
     inputs.update(reference_inputs(spec, graph))
+    lora_from = _lora_inputs(v.lora, graph, inputs)  # best / step-N: from evaluate_video / train_video
     for key in ("model", "lora", "upsampler"):
-        ref = model_input(getattr(v, key), graph, f"generate.video.{key}")
+        ref = model_input(getattr(v, key), graph, f"generate.video.{key}") if key != "lora" or not lora_from else None
         if ref is not None:
             inputs[f"{key}_files"] = ref
     suite = load_suite(v.suite, graph.project_root)
@@ -158,6 +159,8 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
         suite = {"source": suite["source"], "cases": [_render_case(c, character) for c in suite["cases"]]}
     video = {**video, **_preset_fill(video, graph.project_root)}
     config = _node_config(spec, video, source, key_frames, suite)
+    if lora_from:
+        config["lora_from"] = lora_from
     review = review_section(graph, "video")  # clips a reviewer rejected (runner review)
     if review:
         config["review"] = review
@@ -172,6 +175,38 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
                               config=config, inputs=inputs, outputs=("video",), gpu=stage_gpu(spec, "video"),
                               label=label, unkeyed=("price", "targets"),
                               notes=memory.video_stage_notes(spec, config, fam))]
+
+
+def _lora_inputs(lora: str | None, graph: contract.GraphView, inputs: dict[str, contract.InputRef]) -> str | None:
+    """``generate.video.lora: best`` (evaluate_video's pick: input ``lora_best``) or ``step-<N>``
+    (that checkpoint of train_video's lora: input ``lora_train``); the node it comes from, or None
+    for a path (a file-set input, as before) or no LoRA."""
+    from runner.generate.video_lora import planned_steps, step_of
+
+    step = step_of(lora)
+    if lora != "best" and step is None:
+        return None
+    trains = graph.nodes_of("train_video")
+    if not trains:
+        raise contract.StageError(f"generate.video.lora: {lora!r} names a train_video checkpoint, but the spec has no "
+                                  "train_video", hint="Add a train_video section, or set generate.video.lora to a "
+                                                      "LoRA .safetensors file.")
+    if lora == "best":
+        evaluates = graph.nodes_of("evaluate_video")
+        if not evaluates:
+            raise contract.StageError("generate.video.lora: best needs evaluate.video (the evaluate_video stage "
+                                      "picks the best checkpoint)",
+                                      hint="Add an evaluate.video section, or use step-<N> (a train_video checkpoint).")
+        inputs["lora_best"] = contract.StageOutputRef(evaluates[0].id, "best")
+        return evaluates[0].id
+    kept = planned_steps(trains[0].config)
+    if kept is not None and step not in kept:
+        raise contract.StageError(f"generate.video.lora: {trains[0].id} will not keep step {step}; it keeps "
+                                  f"{', '.join(f'step-{s}' for s in kept)}",
+                                  hint="Use one of those, best, or change train_video.checkpoints "
+                                       "(every_steps, keep_last).")
+    inputs["lora_train"] = contract.StageOutputRef(trains[0].id, "lora")
+    return trains[0].id
 
 
 def _family_of(config: dict[str, Any], project_root: Path):
@@ -357,13 +392,32 @@ def _video_pipeline(config: dict[str, Any], inputs: dict[str, contract.Artifact]
         raise contract.StageError(f"generate.video.upsampler: {vp.family.title} has no latent upsampler here",
                                   hint="Unset generate.video.upsampler (upscale: true then resizes 2x).")
     if config.get("lora"):
-        lora_path = input_file(inputs.get("lora_files"), ctx.project_root / config["lora"])
-        video_models.load_lora(vp, lora_path, config["lora_scale"])
+        chosen = _chosen_lora(config, inputs, ctx)
+        if "diffusers_2" in chosen.files:
+            raise contract.StageError(f"generate.video.lora: {chosen.source} has a second expert's LoRA; loading "
+                                      "both experts' LoRAs is not built yet",
+                                      hint="Use a single-transformer family (Wan 2.2 TI2V 5B) for now.")
+        video_models.load_lora(vp, chosen.files["diffusers"], chosen.scale)
+        vp.lora_used = chosen.to_dict()  # report.json says which checkpoint and scale
+        ctx.log(f"video: LoRA {chosen.files['diffusers'].name} ({chosen.source}) at scale {chosen.scale:g}")
     done = video_models.apply_memory(vp, offload=config.get("offload", "none"),
                                      vae_tiling=bool(config.get("vae_tiling")), device=device)
     if done:
         ctx.log(f"video: GPU memory: {', '.join(done)}")
     return vp
+
+
+def _chosen_lora(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contract.StageContext):
+    """The LoRA file(s) and scale: evaluate_video's best (its scale), a train_video step, or a path."""
+    from runner.generate import video_lora
+
+    if "lora_best" in inputs:
+        return video_lora.from_best(Path(inputs["lora_best"].path))
+    if "lora_train" in inputs:
+        return video_lora.from_step(Path(inputs["lora_train"].path), video_lora.step_of(config["lora"]),
+                                    config["lora_scale"])
+    path = input_file(inputs.get("lora_files"), ctx.project_root / config["lora"])
+    return video_lora.ChosenLora({"diffusers": path}, float(config["lora_scale"]), None, config["lora"])
 
 
 def _fidelity(config: dict[str, Any], inputs: dict[str, contract.Artifact],
@@ -423,6 +477,7 @@ def _report_head(config: dict[str, Any], ctx: contract.StageContext, vp: Any, fi
         "pipeline": vp.kind,
         "preset": config["preset"],
         "settings": {k: config[k] for k in SETTINGS},
+        "lora_used": getattr(vp, "lora_used", None),
         "upscale_method": _upscale_method(config),
         "fidelity_settings": {**config["fidelity"], "against": fidelity.against, "threshold": fidelity.threshold,
                               "face_backend": getattr(backend, "name", None),

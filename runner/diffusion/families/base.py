@@ -242,6 +242,11 @@ class Components:
     denoiser: Any
     scheduler: Any  # DDPMScheduler for 'scheduler' objectives, the pipeline's flow scheduler otherwise
     objective: Objective
+    # the denoisers trained (pipeline component names; videokit.select_experts sets them): () = the
+    # family's denoiser. add_lora and save_lora act on each.
+    experts: tuple[str, ...] = ()
+    # sampled training sigmas restricted to [lo, hi) (one Wan 2.2 A14B expert's range); None: (0, 1)
+    sigma_range: tuple[float, float] | None = None
 
     @property
     def device(self):
@@ -379,7 +384,30 @@ def _scheduler_loss(c: Components, batch: Batch, weighted: bool):
 
 
 def sample_sigmas(c: Components, batch_size: int, seq_len: int, generator=None):
-    """Sigmas in (0, 1) for a batch: the objective's density, then its shift."""
+    """Sigmas in (0, 1) for a batch: the objective's density, then its shift; with
+    ``c.sigma_range`` the density conditioned on that range (draws outside it are rejected, so
+    the shape inside the range is the unrestricted one)."""
+    import torch
+
+    if c.sigma_range is None:
+        return _draw_sigmas(c, batch_size, seq_len, generator)
+    lo, hi = c.sigma_range
+    kept, n = [], 0
+    for _ in range(RANGE_DRAWS):
+        s = _draw_sigmas(c, max(64, 8 * batch_size), seq_len, generator)
+        s = s[(s >= lo) & (s < hi)]
+        kept.append(s)
+        n += len(s)
+        if n >= batch_size:
+            return torch.cat(kept)[:batch_size]
+    raise ValueError(f"the timestep sampling almost never draws sigmas in [{lo:g}, {hi:g}) (the trained expert's "
+                     "range); widen the objective's logit_std or change its shift")
+
+
+RANGE_DRAWS = 200  # rounds of candidate sigmas sample_sigmas draws for a restricted range before giving up
+
+
+def _draw_sigmas(c: Components, batch_size: int, seq_len: int, generator=None):
     import torch
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
@@ -472,17 +500,47 @@ def add_lora(c: Components, *, rank: int, alpha: float | None = None, targets=No
         torch.manual_seed(seed)
     conf = LoraConfig(r=rank, lora_alpha=float(alpha if alpha is not None else rank), lora_dropout=dropout,
                       init_lora_weights="gaussian", target_modules=targets)
-    c.denoiser.add_adapter(conf)
+    for module in _trained(c).values():  # the same seed stream: the first expert's init is a lone denoiser's
+        module.add_adapter(conf)
     return conf
+
+
+def _trained(c: Components) -> dict[str, Any]:
+    """{component: module} of the denoisers with the LoRA (``c.experts``, or the family's denoiser)."""
+    if not c.experts:
+        return {c.family.denoiser: c.denoiser}
+    return {name: getattr(c.pipe, name) for name in c.experts}
 
 
 def save_lora(c: Components, folder, *, weight_name: str | None = None):
     """Write the denoiser's LoRA as the diffusers file ``<Pipeline>.load_lora_weights`` reads
     (:func:`runner.diffusion.lora.save_diffusers_lora`: alpha / r folded into lora_B). Returns
-    the file's path."""
+    the file's path; with several trained denoisers (``c.experts``: Wan 2.2 A14B) ``{component:
+    path}``, one file each, every one written with the denoiser's prefix (``transformer.``) as
+    diffusers writes a LoRA: the pipeline loads a second expert's with
+    ``load_lora_weights(..., load_into_transformer_2=True)``."""
     from peft.utils import get_peft_model_state_dict
 
-    from runner.diffusion.lora import save_diffusers_lora
+    from runner.diffusion.lora import DIFFUSERS_FILE, save_diffusers_lora
 
-    sd = {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(c.denoiser).items()}
-    return save_diffusers_lora(c.pipe, folder, {c.family.denoiser: sd}, weight_name=weight_name)
+    modules = _trained(c)
+    if not c.experts:
+        sd = {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(c.denoiser).items()}
+        return save_diffusers_lora(c.pipe, folder, {c.family.denoiser: sd}, weight_name=weight_name)
+    out = {}
+    stem = (weight_name or DIFFUSERS_FILE).removesuffix(".safetensors")
+    for name, module in modules.items():
+        sd = {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(module).items()}
+        name_on_disk = f"{stem}.safetensors" if name == c.family.denoiser else f"{stem}_{name}.safetensors"
+        view = _with_denoiser(c.pipe, c.family.denoiser, module)
+        out[name] = save_diffusers_lora(view, folder, {c.family.denoiser: sd}, weight_name=name_on_disk)
+    return out
+
+
+def _with_denoiser(pipe, denoiser: str, module):
+    """What the diffusers writer reads of ``pipe`` (its class's ``save_lora_weights``, the
+    component's peft config) with ``module`` as its ``denoiser``: a second expert's LoRA is
+    written under the ``transformer.`` prefix, as diffusers expects it."""
+    view = type("PipelineView", (), {"save_lora_weights": type(pipe).save_lora_weights})()
+    setattr(view, denoiser, module)
+    return view

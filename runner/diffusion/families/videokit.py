@@ -6,8 +6,9 @@ that only video families use (a Gemma 3 text encoder, a UMT5 one).
 A video family is a ``Family`` with ``modality="video"`` and ``video=VideoArgs(...)``; the
 registry lists it only when asked (``families.names(modality="video")``), so image training
 never sees it. Generation goes through :mod:`runner.generate.video_models`, which reads only
-this data. Video LoRA training (``train_video``, issue 16 part 2) is not built: a video
-family's ``predict`` / ``to_model_latents`` refuse with a UserError saying so.
+this data. Video LoRA training (``train_video``): a family whose ``predict`` / ``to_model_latents``
+are built (:func:`trainable`); the others refuse with a UserError saying so. Two-expert
+families (Wan 2.2 A14B): :func:`select_experts` picks the experts trained and their sigma range.
 """
 
 from __future__ import annotations
@@ -104,19 +105,66 @@ def trainable(family) -> bool:
     return family.predict is not not_trained
 
 
+EXPERT_CHOICES = {"both": None, "high_noise": 0, "low_noise": 1}  # train_video.experts -> which expert (index)
+
+
+def experts_trained(family, experts: str) -> tuple[str, ...]:
+    """The pipeline components ``train_video.experts`` trains for ``family`` (see select_experts)."""
+    names = family.video.experts if family.video else (family.denoiser,)
+    if experts not in EXPERT_CHOICES:
+        raise UserError(f"train_video.experts: {experts!r} is not one of {', '.join(EXPERT_CHOICES)}",
+                        hint="Use both, high_noise or low_noise.")
+    which = EXPERT_CHOICES[experts]
+    return tuple(names) if len(names) == 1 or which is None else (names[which],)
+
+
+def expert_role(family, name: str) -> str | None:
+    """high_noise / low_noise for a two-expert family's component (what ComfyUI users call the
+    two files), None for a one-denoiser family."""
+    names = family.video.experts if family.video else (family.denoiser,)
+    if len(names) < 2 or name not in names:
+        return None
+    return next(role for role, i in EXPERT_CHOICES.items() if i == names.index(name))
+
+
 def select_experts(c, experts: str) -> None:
-    """The denoisers a run trains (``c.experts``): the family's one transformer; Wan 2.2 A14B's two
-    experts are not trained yet (refused with a UserError naming the key)."""
+    """The denoisers a run trains (``c.experts``) from ``train_video.experts``: a one-denoiser
+    family's transformer whatever it says; Wan 2.2 A14B's two experts (``both``), or the high-noise
+    ``transformer`` / the low-noise ``transformer_2`` alone, with the sampled sigmas then restricted
+    to that expert's range (``c.sigma_range``: sigma >= boundary_ratio for high_noise, below it for
+    low_noise, as the pipeline hands the steps over at t >= boundary_ratio x num_train_timesteps)."""
+    c.experts = experts_trained(c.family, experts)
     names = c.family.video.experts if c.family.video else (c.family.denoiser,)
-    if len(names) > 1:
-        raise UserError(f"training a LoRA for {c.family.title}'s two experts is not built yet",
-                        hint="Train Wan 2.2 TI2V 5B (wan22_ti2v) for now.")
-    c.experts = tuple(names)
+    c.sigma_range = expert_ranges(c)[c.experts[0]] if len(c.experts) < len(names) else None
+
+
+def boundary(c) -> float | None:
+    """Where a two-expert pipeline switches from the high-noise expert to the low-noise one, as a
+    sigma (its config's boundary_ratio; None: one denoiser)."""
+    ratio = getattr(getattr(c.pipe, "config", None), "boundary_ratio", None)
+    names = c.family.video.experts if c.family.video else ()
+    return float(ratio) if ratio is not None and len(names) > 1 else None
+
+
+def expert_ranges(c) -> dict[str, tuple[float, float]]:
+    """{expert: [lo, hi) of sigma} of a two-expert family: ``transformer`` from the boundary up,
+    ``transformer_2`` below it; a one-denoiser family's covers (0, 1)."""
+    b = boundary(c)
+    names = c.family.video.experts if c.family.video else (c.family.denoiser,)
+    if b is None:
+        return {names[0]: (0.0, float("inf"))}
+    return {names[0]: (b, float("inf")), names[1]: (0.0, b)}
+
+
+def expert_of(c, sigmas) -> list[str]:
+    """The expert each sigma belongs to (the pipeline's rule: t >= boundary -> the high-noise one)."""
+    ranges = expert_ranges(c)
+    return [next(n for n, (lo, hi) in ranges.items() if lo <= float(s) < hi) for s in sigmas]
 
 
 def lora_modules(c) -> dict:
     """{component: module} of the denoisers with the LoRA (``select_experts`` chose them)."""
-    return {name: getattr(c.pipe, name) for name in getattr(c, "experts", (c.family.denoiser,))}
+    return {name: getattr(c.pipe, name) for name in (c.experts or (c.family.denoiser,))}
 
 
 def not_trained(*_args, **_kwargs):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from runner.diffusion.families.base import Family, GenerationArgs, LatentFormat, Objective, SampleDefaults, TextEncoding
 from runner.diffusion.families.base import pad_text
+from runner.diffusion.families.comfykit import Layout, table
 from runner.diffusion.families.videokit import PipelineKind, VideoArgs, encode_prompt_captions, not_trained
 
 TINY_VERSION = 1
@@ -92,7 +93,8 @@ def prepare(pipe) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# training (TI2V 5B; the A14B's two experts and their condition channels are not built)
+# training: the TI2V 5B (one transformer, the key frame kept clean) and the A14B (two experts by
+# noise level, the key frame's latents and a frame mask as 20 extra input channels)
 
 
 def encode_video(pipe, pixels) -> dict:
@@ -104,6 +106,66 @@ def encode_video(pipe, pixels) -> dict:
     with torch.no_grad():
         dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
     return {"mean": dist.mean.float().cpu(), "std": dist.std.float().cpu()}
+
+
+def encode_i2v(pipe, pixels) -> dict:
+    """The A14B's cache entry of clips (B, 3, F, H, W) in [-1, 1]: the VAE distribution of the clip
+    ("mean", "std") and its ``condition`` (B, 20, f, h, w), what WanImageToVideoPipeline.prepare_latents
+    builds from the key frame: the first frame followed by F - 1 black (zero) frames through the
+    VAE (its mode), normalized per channel, after a 4-channel frame mask (1 on the key frame's
+    latent frame, 0 after). A still (F = 1) is its own condition, mask 1, as the pipeline does for
+    a 1-frame clip."""
+    import torch
+
+    vae = pipe.vae
+    x = pixels.to(vae.device, vae.dtype)
+    with torch.no_grad():
+        dist = vae.encode(x).latent_dist
+        first = torch.cat([x[:, :, :1], x.new_zeros(x.shape[0], x.shape[1], x.shape[2] - 1, *x.shape[3:])], dim=2)
+        cond = to_model_latents(pipe, vae.encode(first).latent_dist.mode().float())
+    b, _, frames, h, w = cond.shape
+    mask = torch.zeros(b, pipe.vae_scale_factor_temporal, frames, h, w)
+    mask[:, :, 0] = 1.0
+    return {"mean": dist.mean.float().cpu(), "std": dist.std.float().cpu(),
+            "condition": torch.cat([mask, cond.cpu()], dim=1)}
+
+
+def predict_i2v(c, noisy, sigmas, batch):
+    """The A14B on a noisy clip: each example through the expert its sigma belongs to (the
+    pipeline's rule: t = 1000 sigma >= boundary_ratio x 1000 -> ``transformer``, the high-noise
+    expert, else ``transformer_2``), the batch split by expert and put back in order; the input is
+    the noisy latents and the cached condition (mask + key-frame latents) concatenated as channels
+    (16 + 20 = 36), one timestep per example, the UMT5 embeddings zero-padded to 512 tokens."""
+    import torch
+
+    from runner.diffusion.families.videokit import expert_of
+
+    device = noisy.device
+    cond = batch.extra["condition"].to(device)
+    emb = _padded(batch.text["prompt_embeds"].to(device))
+    owners = expert_of(c, sigmas)
+    outs, order = [], []
+    for name in dict.fromkeys(owners):
+        idx = [i for i, o in enumerate(owners) if o == name]
+        model = getattr(c.pipe, name)
+        sel = torch.tensor(idx, device=device)
+        x = torch.cat([noisy[sel], cond[sel].to(noisy.dtype)], dim=1).to(model.dtype)
+        t = (sigmas.to(device, torch.float32) * 1000.0)[sel]
+        outs.append(model(hidden_states=x, timestep=t, encoder_hidden_states=emb[sel].to(model.dtype),
+                          return_dict=False)[0])
+        order += idx
+    out = torch.cat(outs) if len(outs) > 1 else outs[0]
+    if order != sorted(order):
+        out = out[torch.tensor(order, device=device).argsort()]
+    return out
+
+
+def _padded(emb):
+    """UMT5 embeddings (B, L, D) zero-padded to the 512 tokens the pipeline passes."""
+    import torch
+
+    pad = MAX_TOKENS - emb.shape[1]
+    return torch.cat([emb, emb.new_zeros(emb.shape[0], pad, emb.shape[2])], dim=1) if pad > 0 else emb
 
 
 def to_model_latents(pipe, raw):
@@ -128,15 +190,30 @@ def predict_ti2v(c, noisy, sigmas, batch):
     grid = torch.ones(b, frames, h // patch[1], w // patch[2], device=c.device) * t
     if frames > 1:
         grid[:, 0] = 0.0
-    emb = batch.text["prompt_embeds"].to(c.device, c.dtype)
-    pad = MAX_TOKENS - emb.shape[1]
-    if pad > 0:
-        emb = torch.cat([emb, emb.new_zeros(b, pad, emb.shape[2])], dim=1)
+    emb = _padded(batch.text["prompt_embeds"].to(c.device, c.dtype))
     return c.denoiser(hidden_states=noisy.to(c.dtype), timestep=grid.flatten(1), encoder_hidden_states=emb,
                       return_dict=False)[0]
 
 
 MAX_TOKENS = 512
+
+
+# ---------------------------------------------------------------------------------------------
+# The LoRA file for ComfyUI (runner.diffusion.comfy): the original Wan checkpoints' names, which
+# ComfyUI's WanModel keeps (blocks.N.self_attn.q/k/v/o, cross_attn.*, ffn.0 / ffn.2; diffusers'
+# convert_wan_transformer_to_diffusers renames them to attn1.to_q ... ffn.net.2). The A14B's two
+# experts are two files (high noise / low noise), loaded into ComfyUI's two Wan models.
+_WAN_BLOCK = {
+    "attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.to_v": "self_attn.v",
+    "attn1.to_out.0": "self_attn.o", "attn2.to_q": "cross_attn.q", "attn2.to_k": "cross_attn.k",
+    "attn2.to_v": "cross_attn.v", "attn2.to_out.0": "cross_attn.o", "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2",
+}
+_WAN = {r"blocks\.(\d+)": ("blocks.{}", _WAN_BLOCK)}
+
+
+def _layout(arch: str, version: str) -> Layout:
+    return Layout(table("WanTransformer3DModel", _WAN), {}, lambda cfg: arch, version,
+                  "https://github.com/Wan-Video/Wan2.2", None)
 
 
 def _two_experts(index) -> bool:
@@ -179,7 +256,9 @@ I2V = Family(
     build_tiny=build_tiny_i2v,
     extra_conditioning="the key frame's latents and a frame mask as extra input channels; two experts by noise level",
     variants={"A14B": "two 14B experts (MoE by timestep), 480p/720p"},
-    **_COMMON,
+    comfy=_layout("Wan2.2-I2V-A14B", "wan22_i2v_a14b"),
+    **{**_COMMON, "to_model_latents": to_model_latents, "predict": predict_i2v, "encode_images": encode_i2v,
+       "collate_text": pad_text},
 )
 
 TI2V = Family(
@@ -202,6 +281,7 @@ TI2V = Family(
     build_tiny=build_tiny_ti2v,
     extra_conditioning="the key frame's clean latent frame with per-token timesteps (expand_timesteps)",
     variants={"TI2V-5B": "text and image to video, 720p 24 fps, z_dim 48 VAE"},
+    comfy=_layout("Wan2.2-TI2V-5B", "wan22_ti2v_5b"),
     **{**_COMMON, "to_model_latents": to_model_latents, "predict": predict_ti2v, "encode_images": encode_video,
        "collate_text": pad_text},
 )
