@@ -88,6 +88,58 @@ def test_latents_tokens_and_timesteps_are_the_pipelines(name: str, loaded):
     assert bool((still == (sigmas * 1000.0)[:, None]).all())  # a still has no key frame
 
 
+def _pipeline_call(pipe, name: str):
+    """The keywords and the output of the transformer's first call in one step of the pipeline's
+    image-to-video ``__call__`` (9 frames, 32 px, 24 fps), row ``-1`` (the prompt's, after CFG's
+    negative one where the pipeline batches both)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    seen = []
+    hook = pipe.transformer.register_forward_hook(lambda m, a, kw, out: seen.append((kw, out)), with_kwargs=True)
+    image = Image.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype("uint8"))
+    try:
+        with torch.no_grad():
+            pipe(image=image, prompt="sks person smiles", num_frames=9, height=32, width=32, num_inference_steps=1,
+                 guidance_scale=1.0, output_type="latent", frame_rate=24, generator=_gen(0),
+                 **({"image_crf": 0} if name == "ltx2" else {}))
+    finally:
+        hook.remove()
+    kw, out = seen[0]
+    rows = kw["hidden_states"].shape[0]
+    kw = {k: v[-1:] if torch.is_tensor(v) and v.ndim and v.shape[0] == rows else v for k, v in kw.items()}
+    return kw, out[0][-1:]
+
+
+@pytest.mark.parametrize("name", sorted(REFS))
+def test_predict_is_the_pipelines_transformer_call(name: str, loaded):
+    """The cached captions are what the pipeline's __call__ hands the transformer (LTX-2: after
+    its connectors), and predict on the pipeline's noisy latents at its sigma gives the pipeline's
+    transformer output (LTX-2: the same call with the audio stream isolated)."""
+    import torch
+
+    from runner.diffusion.families import Batch, ltx_video
+
+    fam, pipe, c = loaded(name)
+    kw, out = _pipeline_call(pipe, name)
+    text = fam.collate(fam.encode_captions(pipe, ["sks person smiles"]))
+    torch.testing.assert_close(text["prompt_embeds"], kw["encoder_hidden_states"])
+    torch.testing.assert_close(text["mask"], kw["encoder_attention_mask"].float())
+    f, h, w = kw["num_frames"], kw["height"], kw["width"]
+    noisy = ltx_video.unpack(kw["hidden_states"], f, h, w, 1, 1)
+    sigma = kw["timestep"].amax(dim=1) / 1000.0
+    audio = None
+    if name == "ltx2":
+        audio = (kw["audio_hidden_states"], kw["audio_coords"], kw["audio_encoder_hidden_states"])
+        with torch.no_grad():
+            out = pipe.transformer(**{**kw, "isolate_modalities": True})[0]
+    with torch.no_grad():
+        mine = fam.predict(c, noisy, sigma, Batch(latents=noisy, text=text), **({"audio": audio} if audio else {}))
+    assert f > 1 and bool((kw["timestep"][:, :h * w] == 0).all())  # the key frame's tokens: timestep 0
+    torch.testing.assert_close(mine, ltx_video.unpack(out, f, h, w, 1, 1))
+
+
 @pytest.mark.parametrize("name", sorted(REFS))
 def test_the_velocity_noise_minus_x0_is_what_the_scheduler_steps_with(name: str, loaded):
     """x_sigma = (1 - sigma) x0 + sigma noise; the pipeline's scheduler step from sigma with the
