@@ -24,6 +24,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -272,7 +273,7 @@ class Workspace:
         10,000 cached stages are one commit, not 10,000."""
         if not recs:
             return
-        with self.db:
+        with _transaction(self.db):
             self.db.executemany(_INSERT_EXECUTION, [_execution_values(r) for r in recs])
 
     def update_execution(self, exec_id: int, rec: ExecutionRecord) -> None:
@@ -417,6 +418,22 @@ class Heartbeat:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+@contextmanager
+def _transaction(db: sqlite3.Connection):
+    """One explicit transaction (the connection autocommits every statement otherwise: with
+    ``isolation_level=None``, ``with db:`` commits nothing of its own)."""
+    if db.in_transaction:
+        yield
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 _INSERT_EXECUTION = (
