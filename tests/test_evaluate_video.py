@@ -288,14 +288,22 @@ def test_engine_run_best_feeds_the_video_stage_and_the_compare_page(project: Pat
     html = res.reports["hero"].read_text()
     assert "Video LoRA evaluation" in html and html.count("data-cell=") == 5 and "compare.html" in html
 
-    # Only the targets change: the cells come from the shared cache, nothing is generated again.
+    # Only the targets change: the cells come from the shared cache. One cell is left as a kill -9
+    # mid-cell leaves it (no cell.json, its clip's folder without clip.json): only that clip is made again.
     from runner.generate import clipcheck
+    from runner.paths import cache_root
 
+    cells = sorted((cache_root() / "evaluate-video-cells").glob("*/cell.json"))
+    assert len(cells) == 5
+    cells[0].unlink()
+    next(cells[0].parent.glob("clips/*/clip.json")).unlink()
+    made, make = [], clipcheck.ClipMaker.make
+    monkeypatch.setattr(clipcheck.ClipMaker, "make", lambda self, job, *a: made.append(job.name) or make(self, job, *a))
     spec_file = project / "specs" / "hero.yaml"
     spec_file.write_text(SPEC.replace("frames: 5, steps: 2}", "frames: 5, steps: 2,\n"
                                       "          targets: {fidelity: any, not_frozen: false, max_drift: null}}"))
-    monkeypatch.setattr(clipcheck.ClipMaker, "make", lambda *a, **k: pytest.fail("should come from the cache"))
     again = apply([load_spec(spec_file)], ApplyOptions(only=["evaluate_video"]), QuietReporter())
+    assert made == ["p0_kf0_s1"] and cells[0].is_file()
     assert again.status == "succeeded", [(r.stage_id, r.error) for r in again.results]
     ran = {r.stage_id: r.status for r in again.results}
     assert ran["hero:evaluate_video"] == "succeeded" and "hero:video" not in ran
