@@ -150,3 +150,41 @@ def test_process_counts_are_checked_at_plan_time(project: Path) -> None:
     assert T._processes(_cfg(), here, "A10G") == 2
     with pytest.raises(contract.StageError, match="train_text_encoder"):
         T._processes(_cfg(lora={"train_text_encoder": True}), here, "A10G")
+
+
+SPEC = """\
+version: 1
+character: {name: hero, trigger: hrochr, class_word: man}
+dataset:
+  sources: [{images: ../photos}]
+train: {base_model: black-forest-labs/FLUX.1-dev, resolution: 512, gradient_checkpointing: true, ACCUM}
+hardware: {backend: modal, stage_gpu: {train: H100:8}}
+"""
+
+
+def test_a_spec_on_eight_h100s_plans_eight_processes_priced_eight_times(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from runner.cli import _plan_line
+    from runner.engine import cost as C
+    from runner.plan.graph import GraphError, expand_spec
+    from runner.spec import load_spec
+
+    (tmp_path / "runner.toml").write_text("")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "specs").mkdir()
+    path = tmp_path / "specs" / "hero.yaml"
+    path.write_text(SPEC.replace("ACCUM", "gradient_accumulation: 8"))
+    spec = load_spec(path)
+    (node,) = [n for n in expand_spec(spec) if n.kind == "train"]
+    assert node.gpu == "H100:8" and node.config["processes"] == 1 and "processes" in node.unkeyed
+    assert any(n.startswith("data-parallel: 8 processes on H100:8") and "global batch 8" in n for n in node.notes)
+    assert any("on H100:8 (79.6 GiB)" in n for n in node.notes)  # the memory check is per GPU
+    est = C.estimate_stage(node, spec.data["hardware"], "modal", typical_seconds=3600.0)
+    assert est.gpu == "H100:8" and est.cost == pytest.approx(8 * 3.95, abs=0.01)
+    line = _plan_line(SimpleNamespace(action="run", id=node.id, reasons=["new"], node=node), est)
+    assert "[modal H100:8, ~31.60 USD:" in line and "8 x H100 at 3.95 USD/h each" in line
+
+    path.write_text(SPEC.replace("ACCUM", "gradient_accumulation: 4"))
+    with pytest.raises(GraphError, match=r"hero\.yaml: hardware\.stage_gpu\.train gives 8 data-parallel processes"):
+        expand_spec(load_spec(path))

@@ -51,6 +51,7 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
         cfg["device"] = hw.device  # torch numerics differ by device: part of the key
         cfg["processes"] = _processes(cfg, hw, gpu)  # unkeyed: they split each step, the LoRA is the same
         node = _node(_memory_keyed(cfg), variant, section, caption.id, graph, gpu)
+        node.notes = (*node.notes, *_parallel_note(cfg, hw, gpu))
         nodes.append(with_tracking(_memory_note(node, hw, gpu), spec, graph))
     return nodes
 
@@ -79,6 +80,21 @@ def _processes(cfg: dict[str, Any], hardware: Any, gpu: str | None) -> int:
                                       "(train.lora.train_text_encoder) train in one process only",
                                       hint=f"Set {key} to 1, or train.lora.train_text_encoder: false.")
     return int(hardware.local_processes)
+
+
+def _parallel_note(cfg: dict[str, Any], hardware: Any, gpu: str | None) -> list[str]:
+    """'data-parallel: 8 processes on H100:8 ...' for the plan when the spec's backend runs the
+    stage on several GPUs (Modal) or processes (here)."""
+    from runner.core.pricing import gpu_count
+
+    remote = hardware.backend == "modal" and gpu
+    n = gpu_count(gpu) if remote else int(hardware.local_processes)
+    if n == 1:
+        return []
+    ga, bs = int(cfg.get("gradient_accumulation") or 1), int(cfg.get("batch_size") or 1)
+    where = f"on {gpu} (one per GPU)" if remote else "here (hardware.local_processes)"
+    return [f"data-parallel: {n} processes {where}, each {ga // n} of a step's {ga} micro-batches; "
+            f"global batch {bs * ga} (batch_size {bs} x gradient_accumulation {ga}), as on one GPU"]
 
 
 def _memory_keyed(cfg: dict[str, Any]) -> dict[str, Any]:
