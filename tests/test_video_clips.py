@@ -92,6 +92,9 @@ def test_plan_chains_video_identity_clips_and_train_video(project, shared_data):
     assert clips.inputs["video"].spec_key == "dataset.sources[1].video" and clips.outputs == ("clips",)
     assert clips.config["frames"] == 9 and clips.config["margin"] == 0.6 and clips.config["max_gap"] is None
     assert clips.config["trigger"] == "hrochr" and clips.config["class_word"] == "man"
+    # 9-frame clips at most 64 px against the default frame buckets (1, 17, 33) and 512 px: said at plan
+    assert any("shorter than every frame bucket above 1 ([17, 33])" in n for n in clips.notes), clips.notes
+    assert any("max_side 64 is under train_video.resolution 512" in n for n in clips.notes), clips.notes
     train = graph.nodes["hero:train_video"]
     assert train.inputs["clips0"] == contract.StageOutputRef("hero:video_clips[1]", "clips")
     assert not [n for n in graph.nodes if "video_clips[0]" in n]

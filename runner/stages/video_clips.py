@@ -55,6 +55,7 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
         return []
     clips = section.clips
     check_caption(clips.caption)
+    notes = _fit_notes(section)
     nodes = []
     for i, src in enumerate(typed.dataset.sources):
         identity = graph.node(contract.node_id(graph.character, "video_identity", str(i)))
@@ -69,11 +70,25 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
         nodes.append(contract.PlanNode(
             id=contract.node_id(graph.character, KIND, str(i)), kind=KIND, character=graph.character,
             config=config, inputs={"video": video, "identity": contract.StageOutputRef(identity.id, "identity")},
-            outputs=("clips",),
+            outputs=("clips",), notes=notes,
             label=f"{src.video}: up to {clips.max_per_source} clips of {clips.frames} frames"
                   + (f", every {clips.stride}th frame" if clips.stride > 1 else ""),
         ))
     return nodes
+
+
+def _fit_notes(section: Any) -> tuple[str, ...]:
+    """What train_video will make of the clips: left out when shorter than every frame bucket above
+    one frame, scaled up when their longest side is under the training resolution."""
+    clips, notes = section.clips, []
+    longer = sorted(int(f) for f in section.frame_buckets if int(f) > 1)
+    if longer and clips.frames < longer[0]:
+        notes.append(f"train_video.clips.frames {clips.frames} is shorter than every frame bucket above 1 "
+                     f"({longer}): train_video leaves these clips out")
+    if clips.max_side < section.resolution:
+        notes.append(f"train_video.clips.max_side {clips.max_side} is under train_video.resolution "
+                     f"{section.resolution}: the trainer scales the clips up")
+    return tuple(notes)
 
 
 def plan_notes(config: dict[str, Any], upstream: dict[str, contract.Artifact | None]) -> list[str]:
