@@ -335,3 +335,94 @@ def test_from_step_and_from_best_read_the_outputs(tmp_path: Path):
     assert (chosen.step, chosen.scale, chosen.files["diffusers"]) == (2, 0.8, best / "w.safetensors")
     with pytest.raises(contract.StageError, match="cannot read evaluate_video's choice"):
         VL.from_best(tmp_path)
+
+
+# --------------------------------------------------------------------------- the compare page
+
+
+def _results(folder: Path, shared_data: Path) -> Path:
+    """An evaluate_video results folder: a baseline and two checkpoint cells of one real 9-frame clip
+    each (frames of a real photo, shifted), their strips, and the figures the suite records."""
+    import av
+    import numpy as np
+    from PIL import Image
+
+    photo = Image.open(shared_data / "faces" / "obama" / "obama_01.jpg").convert("RGB").resize((64, 64))
+    cells = []
+    for i, (name, step, scale) in enumerate([("baseline", None, 0.0), ("step000001_scale1", 1, 1.0),
+                                             ("step000002_scale1", 2, 1.0)]):
+        dest = folder / "clips" / name
+        dest.mkdir(parents=True)
+        with av.open(str(dest / "c.mp4"), "w") as out:
+            stream = out.add_stream("libx264", rate=8)
+            stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+            for k in range(9):
+                img = Image.fromarray(np.roll(np.asarray(photo), 2 * k * (i + 1), axis=1))
+                for packet in stream.encode(av.VideoFrame.from_image(img)):
+                    out.mux(packet)
+            for packet in stream.encode():
+                out.mux(packet)
+        photo.save(dest / "c.jpg")
+        clip = {**_clip(12.0 + 6 * i, "excellent" if i < 2 else "ok", frozen=i == 2), "name": "c",
+                "prompt": "he smiles", "seed": 1, "file": f"clips/{name}/c.mp4", "poster": f"clips/{name}/c.jpg"}
+        clip["fidelity"]["frames"] = [{"frame": f} for f in (0, 4, 8)]
+        clip["strip"] = f"clips/{name}/" + EV.write_strip(dest / "c.mp4", [0, 4, 8], dest / "c_strip.jpg")
+        cell = EV.score_cell({"cell": name, "step": step, "phase": None, "lora_scale": scale,
+                              "checkpoint_index": None if step is None else step - 1, "clips": [clip]},
+                             {"fidelity": "ok", "not_frozen": True, "max_drift": 30})
+        cells.append(cell)
+    best = {**EV.select_best(cells), "step": 1, "lora_scale": 1.0, "cell": "step000001_scale1"}
+    (folder / "results.json").write_text(json.dumps({
+        "kind": "evaluate_video", "stage_id": "hero:evaluate_video", "run_id": "r1", "model": MODEL,
+        "family": "wan22_ti2v", "tiny_random": {"video_model": True, "any": True}, "cells": cells, "best": best,
+        "generation": {"frames": 9, "fps": 8, "width": 64, "height": 64, "steps": 2, "seeds": [1],
+                       "lora_scales": [0, 1.0]}}))
+    return folder
+
+
+def test_compare_page_video_rows(tmp_path: Path, shared_data: Path):
+    from runner.eval import compare as C
+
+    folder = _results(tmp_path / "results", shared_data)
+    assert C.evaluations_in(tmp_path) == [folder / "results.json"]
+    page = C.write_comparison([(None, folder)], tmp_path / "compare.html").read_text()
+    assert page.count("data-cell=") == 3 and page.count('class="video-row best"') == 1
+    assert page.count('class="strip"') == 3 and page.count("data:video/mp4;base64,") == 3
+    assert "baseline (no LoRA)" in page and "Tiny random model" in page and "r1 hero:evaluate_video" in page
+    assert "not_frozen fail" in page and "fidelity pass" in page  # step 2's clip is frozen
+    import re
+
+    assert not re.search(r'(src|href)="(?!data:|#)', page)  # one self-contained file
+
+
+@pytest.mark.slow  # Chromium: ~3 s
+def test_compare_page_video_rows_in_a_browser(tmp_path: Path, shared_data: Path):
+    from test_review_browser import CHROMIUM, _need_browser
+
+    _need_browser()
+    from playwright.sync_api import sync_playwright
+
+    from runner.eval import compare as C
+
+    page_file = C.write_comparison([(None, _results(tmp_path / "results", shared_data))], tmp_path / "compare.html")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = b.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(page_file.as_uri())
+            rows = page.locator("tr.video-row")
+            assert rows.count() == 3
+            # every strip decoded (a broken data URI has no natural size), the best row highlighted
+            sizes = page.eval_on_selector_all("img.strip", "els => els.map(e => [e.naturalWidth, e.naturalHeight])")
+            assert len(sizes) == 3 and all(w > 100 and h > 30 for w, h in sizes), sizes
+            green = page.eval_on_selector("tr.video-row.best td", "e => getComputedStyle(e).backgroundColor")
+            assert green == "rgb(218, 251, 225)"
+            shot = tmp_path / "video-rows.png"
+            page.locator("table.video-rows").screenshot(path=str(shot))
+        finally:
+            b.close()
+    import numpy as np
+    from PIL import Image
+
+    img = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert img.shape[1] > 600 and img.std() > 20  # the rows drawn, not a blank box

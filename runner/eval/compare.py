@@ -185,12 +185,11 @@ def comparison_context(evals: Sequence[Evaluation | VideoEvaluation], *, thumb_p
     if len(images) < 2:
         return {"images": False, "videos": videos, "title": title,
                 "lone_image": images[0].label if images else "",
-                "tiny_notes": sorted({v["tiny_note"] for v in videos if v["tiny_note"]}),
+                "tiny_notes": [],  # each video evaluation carries its own note
                 "generated": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     return {**_image_context(images, thumb_px, prompts_per_category), "images": True, "videos": videos,
             "title": title, "lone_image": "",
-            "tiny_notes": sorted({tiny_note(e.data) for e in images if tiny_note(e.data)}
-                                 | {v["tiny_note"] for v in videos if v["tiny_note"]})}
+            "tiny_notes": sorted({tiny_note(e.data) for e in images if tiny_note(e.data)})}
 
 
 def _image_context(evals: Sequence[Evaluation], thumb_px: int, prompts_per_category: int) -> dict[str, Any]:
