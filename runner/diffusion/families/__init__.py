@@ -219,13 +219,13 @@ def refuse_video(base_model: str, family: str = "auto", *, key: str = "train.bas
             fam = detect_hub_id(ref, modality="video")
     if fam is not None and fam.modality == "video" and family != "auto":
         raise UserError(f"train.model_family: {family!r} is a video family ({fam.title})",
-                        hint=f"Use it in generate.video.family; training a video LoRA (train_video) is not built "
-                             f"yet. Image families: {', '.join(names())}.")
+                        hint=f"Use it in generate.video.family, and train a LoRA for it in the train_video "
+                             f"section. Image families: {', '.join(names())}.")
     if fam is not None and fam.modality == "video":
         raise UserError(f"{key}: {base_model!r} is a video model ({fam.title}, family {fam.name}); image training "
                         f"and image generation take image families only",
-                        hint=f"Use it in generate.video.model (generate.video.family: {fam.name}); training a video "
-                             f"LoRA (train_video) is not built yet. Image families: {', '.join(names())}.")
+                        hint=f"Use it in generate.video.model (generate.video.family: {fam.name}), and train a LoRA "
+                             f"for it in the train_video section. Image families: {', '.join(names())}.")
 
 
 def by_tiny_name(ref: str) -> Family | None:
