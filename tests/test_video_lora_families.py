@@ -195,3 +195,53 @@ def test_expert_ranges_and_the_mixed_batch_split(tmp_path: Path):
                               return_dict=False)[0]
     torch.testing.assert_close(both[1:], hi)
     assert videokit.expert_ranges(c)["transformer"][0] == 0.875
+
+
+def test_experts_take_turns_with_offload_idle_expert(shared_data: Path, tmp_path: Path, monkeypatch):
+    """offload_idle_expert with both experts (what it does on CUDA, its moves recorded here on
+    the CPU): each micro-batch trains one expert, its sigmas all in that expert's range, the
+    expert made resident before it runs; validation swaps at most once per expert; both LoRAs
+    train."""
+    from runner.diffusion import memory
+    from runner.diffusion.families import base, videokit
+
+    real_init, real_sample = memory.Placement.__init__, base.sample_sigmas
+    swaps, drawn, state = [], [], {"resident": None}
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        self.offload_expert = bool(self.trained)  # as on CUDA
+
+    def swap_to(self, pipe, name):
+        moved = self.resident != (name,)
+        if moved:
+            swaps.append(name)
+        self.resident = (name,)
+        state["resident"] = name
+        return moved
+
+    def sample(c, n, *a, **kw):
+        out = real_sample(c, n, *a, **kw)
+        if n > 1 or c.sigma_range is not None:  # the batch's sigmas (not the one that picks the expert)
+            drawn.append((state["resident"], c.sigma_range, out))
+        return out
+
+    monkeypatch.setattr(memory.Placement, "__init__", init)
+    monkeypatch.setattr(memory.Placement, "swap_to", swap_to)
+    monkeypatch.setattr(base, "sample_sigmas", sample)
+    clips = make_clips(shared_data, tmp_path / "clips", n=2)
+    cfg = _cfg(steps=6, memory={"offload_idle_expert": True},
+               checkpoints={"every_steps": 6, "validation_fraction": 0.5})
+    tr = _trainer(cfg, None, [clips], tmp_path / "r", tmp_path / "cache")
+    index = tr.run()
+    assert index["experts"] == ["transformer", "transformer_2"] and tr.swapping
+    ranges = videokit.expert_ranges(tr.c)
+    assert len(drawn) == 6
+    for resident, r, s in drawn:  # the expert on the device is the one whose range the batch is drawn from
+        assert r == ranges[resident] and bool(((s >= r[0]) & (s < r[1])).all()), (resident, r, s)
+    assert {resident for resident, _, _ in drawn} == {"transformer", "transformer_2"}  # this seed: both
+    tail = swaps[-2:]  # validation: the 900 timestep (high noise) first, then 100-700 (low noise)
+    assert tail == ["transformer", "transformer_2"] or tail[-1] == "transformer_2"
+    for name in ("transformer", "transformer_2"):
+        lora = [p for n, p in getattr(tr.pipe, name).named_parameters() if "lora_B" in n]
+        assert lora and any(float(p.detach().abs().sum()) > 0 for p in lora), name  # lora_B starts at 0

@@ -895,21 +895,28 @@ def video_tokens(z: VideoSizes, frames: int, width: int, height: int) -> int:
     return lf * (height // z.spatial // z.patch) * (width // z.spatial // z.patch)
 
 
+def _video_memory_default(key: str) -> Any:
+    from runner.spec.config import schema_default
+
+    return schema_default("train_video", "memory", key)
+
+
 @dataclass(frozen=True)
 class VideoSettings:
-    """What the video estimate reads: train.memory's keys (quantize_base, text_encoders,
-    offload_idle) plus the video-only ``offload_idle_expert`` (Wan A14B: the expert not in use
-    waits on the CPU) and ``block_swap`` (N transformer blocks on the CPU; estimated, refused
-    when asked: not implemented in the trainer)."""
+    """What the video estimate reads: train_video.memory's keys (quantize_base, text_encoders,
+    offload_idle, and ``offload_idle_expert``: Wan A14B's one expert on the GPU at a time, as
+    the trainer's Placement keeps it), their defaults the schema's (what the trainer uses when
+    the spec leaves them out), and ``block_swap`` (N transformer blocks on the CPU; estimated,
+    refused when asked: not implemented in the trainer, not a schema key)."""
 
     rank: int = 16
     batch_size: int = 1
     gradient_checkpointing: bool = True
     optimizer: str = "adamw"
-    quantize_base: str = "none"
-    text_encoders: str = "free"
-    offload_idle: bool = True
-    offload_idle_expert: bool = False
+    quantize_base: str = _video_memory_default("quantize_base")
+    text_encoders: str = _video_memory_default("text_encoders")
+    offload_idle: bool = _video_memory_default("offload_idle")
+    offload_idle_expert: bool = _video_memory_default("offload_idle_expert")
     block_swap: int = 0
 
     @classmethod
