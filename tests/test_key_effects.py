@@ -178,6 +178,8 @@ CONTEXTS: list[tuple[str, dict[str, Any]]] = [
     ("generate.storyboard.short_story", {"generate.storyboard.min_scenes": 5, "generate.storyboard.max_scenes": 6}),
     ("evaluate.suite", {"evaluate.categories": [], "evaluate.targets": {}}),
     ("train.steps", {"train.phases": []}),
+    # 2 processes split each step's micro-batches: gradient_accumulation a multiple of 2
+    ("hardware.local_processes", {"train.gradient_accumulation": 2}),
     ("train_video.steps", {"train_video.phases": []}),
     ("train_video.model_family", {"train_video.base_model": "Wan-AI/Wan2.2-TI2V-5B-Diffusers"}),
     *((f"generate.storyboard.reference_guided.{k}", {"generate.storyboard.reference_guided.control": "pose"})
