@@ -113,6 +113,14 @@ def test_two_experts_train_save_load_and_resume(shared_data: Path, tmp_path: Pat
     got = _outputs(vp.pipe)
     torch.testing.assert_close(got[0], after[0])
     torch.testing.assert_close(got[1], after[1])
+    copied = tmp_path / "copied"  # files moved out of the lora folder: the caller names both
+    copied.mkdir()
+    for f in (high, low):
+        (copied / f.name).write_bytes(f.read_bytes())
+    vp.pipe = WanImageToVideoPipeline.from_pretrained(str(families.tiny_path(MODEL, cache)))
+    video_models.load_lora(vp, copied / high.name, 1.0,
+                           experts={"transformer": copied / high.name, "transformer_2": copied / low.name})
+    torch.testing.assert_close(_outputs(vp.pipe)[1], after[1])
 
     # kill after the first checkpoint, resume: the same two files as the uninterrupted run
     assert _trainer(_cfg(), None, [clips], tmp_path / "run", cache, stop_after_step=2).run() == {"stopped_at": 2}

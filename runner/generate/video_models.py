@@ -287,16 +287,22 @@ def check_shape(vp: VideoPipeline, width: int, height: int, frames: int) -> None
                          hint=f"{vp.family.title} needs multiples of {s} in space; {vp.model} compresses {t}x in time.")
 
 
-def load_lora(vp: VideoPipeline, file: str | Path, scale: float, *, key: str = "generate.video.lora") -> None:
+def load_lora(vp: VideoPipeline, file: str | Path, scale: float, *, key: str = "generate.video.lora",
+              experts: dict[str, Path] | None = None) -> None:
     """A diffusers-format (or the original trainer's) LoRA onto the pipeline's transformer, at
-    ``scale``. A checkpoint of a two-expert LoRA (train_video on Wan 2.2 A14B: the index.json of
-    its lora folder lists ``experts`` per checkpoint) loads every expert's file, a
+    ``scale``. A two-expert LoRA (train_video on Wan 2.2 A14B) loads every expert's file, a
     ``transformer_2`` one with ``load_into_transformer_2=True`` as diffusers' WanLoraLoaderMixin
-    takes a low-noise expert's LoRA; given either file of the checkpoint, both load."""
+    takes a low-noise expert's LoRA: ``experts`` ({component: file}) when given, else the
+    checkpoint's ``experts`` in the index.json of the lora folder ``file`` sits in (given either
+    file of a checkpoint, both load)."""
     f = Path(file)
     if not f.is_file():
         raise StageError(f"{key}: {f} is not a file", hint=f"Give a .safetensors LoRA made for {vp.family.title}.")
-    files = expert_files(f)
+    files = {c: Path(p) for c, p in experts.items()} if experts else expert_files(f)
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise StageError(f"{key}: {', '.join(missing)} (an expert's LoRA of {f.name}) is not a file",
+                         hint="Give the train_video checkpoint's files as the lora folder holds them.")
     try:
         for component, path in files.items():
             extra = {"load_into_transformer_2": True} if component == "transformer_2" else {}
