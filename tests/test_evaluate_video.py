@@ -270,9 +270,10 @@ def test_engine_run_best_feeds_the_video_stage_and_the_compare_page(project: Pat
         assert (folder / c["clips"][0]["strip"]).is_file() and set(c["targets"]) == {"fidelity", "not_frozen",
                                                                                      "max_drift"}
         assert c["targets_met"] is False  # noise: no face, fidelity 100
-    # the LoRA changes the clip; scale 0 is the base model
-    a, b = (folder / results["cells"][i]["clips"][0]["file"] for i in (0, 2))
-    assert a.read_bytes() != b.read_bytes()
+    # the LoRA changes the clip (scale 0 is the base model), so do its scale and the next checkpoint
+    # (loaded after the first was unloaded)
+    clips = [(folder / c["clips"][0]["file"]).read_bytes() for c in results["cells"]]
+    assert len(set(clips)) == 5
     best = results["best"]
     assert best["step"] in (1, 2) and best["lora_scale"] == 0.5  # equal (100) distances: the lower scale wins
     best_dir = Path(outs["hero:evaluate_video"]["best"].path)
