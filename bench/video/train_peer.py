@@ -324,13 +324,30 @@ def kind_of(side: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def medians(results: list[official.RunResult]) -> str:
+    """Median and range over the rounds of each within-round ratio (official.RATIOS), steps per
+    wall second and per CPU second of the child."""
+    import statistics
+
+    by = {(r.side, r.round): r for r in results if r.rc == 0}
+    out = []
+    for name, (a, b) in official.RATIOS.items():
+        for attr, label in (("steady_cpu_steps_per_s", "per CPU s"), ("steady_steps_per_s", "per wall s")):
+            vals = sorted(getattr(by[(a, k)], attr) / getattr(by[(b, k)], attr) for (s, k) in list(by)
+                          if s == a and (b, k) in by and getattr(by[(a, k)], attr) and getattr(by[(b, k)], attr))
+            if vals:
+                out.append(f"{name} steps {label}: median {statistics.median(vals):.2f}x "
+                           f"(range {vals[0]:.2f}-{vals[-1]:.2f}x, {len(vals)} rounds)")
+    return "\n".join(out)
+
+
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", choices=["runner", "bare"], help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--bare-steps", type=int, default=20)
+    ap.add_argument("--bare-steps", type=int, default=60)
     ap.add_argument("--resolution", type=int, default=64)
     ap.add_argument("--frames", type=int, default=17)
     ap.add_argument("--clips", type=int, default=4)
@@ -348,6 +365,7 @@ def parse_args() -> argparse.Namespace:
                     help="the runner source tree the runner and bare children import (default: this checkout; "
                          "a `git archive <commit>` snapshot keeps a shared, changing work tree out of the runs)")
     ap.add_argument("--out", default=str(WORK / "results.json"))
+    ap.add_argument("--summarize", action="store_true", help="print the tables of --out (a finished run) and exit")
     return ap.parse_args()
 
 
@@ -357,6 +375,13 @@ def main() -> None:
     if args.child:
         spec = json.loads(Path(args.spec).read_text())
         (run_runner_child if args.child == "runner" else run_bare_child)(spec)
+        return
+    if args.summarize:
+        saved = json.loads(Path(args.out).read_text())
+        results = [official.RunResult(**r) for r in saved["runs"]]
+        print(json.dumps(saved["meta"]))
+        print(official.summarize(results))
+        print(medians(results))
         return
     from runner.diffusion import families
     from runner.diffusion.families.wan22 import LORA_TARGETS
@@ -386,6 +411,7 @@ def main() -> None:
     Path(args.out).write_text(json.dumps({"meta": meta, "runs": [r.__dict__ for r in results]}, indent=1))
     print(json.dumps(meta))
     print(official.summarize(results))
+    print(medians(results))
 
 
 if __name__ == "__main__":
