@@ -101,6 +101,7 @@ def test_video_lora_trains_resumes_and_loads(shared_data: Path, tmp_path: Path):
     for m in ref.trained:
         m.enable_adapters()
     assert trained < untrained, (trained, untrained)
+    _renders_in_the_report(cfg, tmp_path / "ref" / "out")
 
     stopped = _trainer(cfg, dataset, [clips], tmp_path / "run", cache, stop_after_step=3).run()
     assert stopped == {"stopped_at": 3}
@@ -126,6 +127,18 @@ def test_video_lora_trains_resumes_and_loads(shared_data: Path, tmp_path: Path):
                                weight_name=Path(index["checkpoints"][-1]["diffusers"]).name)
         after = pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=emb, return_dict=False)[0]
     assert not torch.allclose(before, after)
+
+
+def _renders_in_the_report(cfg: dict, out: Path) -> None:
+    """The stage's report section renders the run (the report's strict templates: a key a
+    one-expert run lacks, such as diffusers_2, must not fail the report)."""
+    from runner.core import contract
+    from runner.stages import report, train_video
+
+    outputs = {name: contract.Artifact(name, out / name) for name in ("lora", "logs")}
+    (section,) = train_video.report_sections(cfg, outputs, {})
+    html = report._jinja_env().get_template(section.template).render(**section.context, stage_id="x", section=section)
+    assert "Tiny random model" in html and "<h3>Checkpoints</h3>" in html
 
 
 def test_a_frame_bucket_the_vae_cannot_take_is_refused_at_run(shared_data: Path, tmp_path: Path):

@@ -24,6 +24,7 @@ from runner.stages.common import training_resume_info as resume_info
 
 KIND = "train_video"
 VERSION = 1
+CLIP_KEYS_READ = ("enabled", "frames")
 
 
 def base_model_of(spec: dict[str, Any]) -> str:
@@ -47,6 +48,8 @@ def node_config(section: dict[str, Any], spec: dict[str, Any], *, variant: str |
 
     typed = spec_config(spec)
     cfg = apply_variant(section, overrides, name=KIND)
+    # of the clips keys, the trainer reads these; how clips are cut is the video_clips stage's key
+    cfg["clips"] = {k: v for k, v in (cfg.get("clips") or {}).items() if k in CLIP_KEYS_READ}
     cfg["base_model"] = cfg.get("base_model") or base_model_of(spec)
     cfg.update({"character": typed.character.name, "trigger": typed.character.trigger,
                 "class_word": typed.character.class_word, "variant": variant, "device": typed.hardware.device})
