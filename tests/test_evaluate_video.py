@@ -277,7 +277,9 @@ def test_engine_run_best_feeds_the_video_stage_and_the_compare_page(project: Pat
     best = results["best"]
     assert best["step"] in (1, 2) and best["lora_scale"] == 0.5  # equal (100) distances: the lower scale wins
     best_dir = Path(outs["hero:evaluate_video"]["best"].path)
-    assert json.loads((best_dir / "best.json").read_text())["files"]["diffusers"] == "pytorch_lora_weights.safetensors"
+    chosen = json.loads((best_dir / "best.json").read_text())
+    assert chosen["file"] == "pytorch_lora_weights.safetensors" and chosen["experts"] == {"transformer": chosen["file"]}
+    assert (best_dir / chosen["file"]).is_file()
     # generate.video.lora: best -> that checkpoint at that scale
     rep = json.loads((Path(outs["hero:video"]["video"].path) / "report.json").read_text())
     assert rep["lora_used"]["step"] == best["step"] and rep["lora_used"]["scale"] == 0.5
@@ -324,16 +326,24 @@ def test_from_step_and_from_best_read_the_outputs(tmp_path: Path):
     (lora / "index.json").write_text(json.dumps({"checkpoints": [{"step": 2,
                                                                   "diffusers": "step-000002/w.safetensors"}]}))
     chosen = VL.from_step(lora, 2, 0.7)
-    assert chosen.files["diffusers"] == lora / "step-000002" / "w.safetensors" and chosen.scale == 0.7
+    assert chosen.main == lora / "step-000002" / "w.safetensors" and chosen.scale == 0.7
+    assert chosen.experts == {"transformer": chosen.main}
     with pytest.raises(contract.StageError, match="step-3 is not a checkpoint") as refused:
         VL.from_step(lora, 3, 1.0)
     assert refused.value.hint == "Its checkpoints: step-2."
     best = tmp_path / "best"
     best.mkdir()
+    experts = {"transformer": "w.safetensors", "transformer_2": "w2.safetensors"}
     (best / "best.json").write_text(json.dumps({"stage_id": "hero:evaluate_video", "step": 2, "lora_scale": 0.8,
-                                                "files": {"diffusers": "w.safetensors"}}))
+                                                "file": "w.safetensors", "experts": experts}))
     chosen = VL.from_best(best)
-    assert (chosen.step, chosen.scale, chosen.files["diffusers"]) == (2, 0.8, best / "w.safetensors")
+    assert (chosen.step, chosen.scale, chosen.main) == (2, 0.8, best / "w.safetensors")
+    assert chosen.experts == {"transformer": best / "w.safetensors", "transformer_2": best / "w2.safetensors"}
+    # a Wan 2.2 A14B checkpoint: each expert's file, as train_video lists them
+    (lora / "index.json").write_text(json.dumps({"checkpoints": [{
+        "step": 2, "diffusers": "step-000002/w.safetensors", "diffusers_2": "step-000002/w2.safetensors",
+        "experts": {"transformer": "step-000002/w.safetensors", "transformer_2": "step-000002/w2.safetensors"}}]}))
+    assert VL.from_step(lora, 2, 1.0).experts["transformer_2"] == lora / "step-000002" / "w2.safetensors"
     with pytest.raises(contract.StageError, match="cannot read evaluate_video's choice"):
         VL.from_best(tmp_path)
 

@@ -1,7 +1,7 @@
 """Which video LoRA file a stage generates with, when it comes from train_video.
 
 ``generate.video.lora`` (and evaluate_video's checkpoints) name a train_video checkpoint as
-``best`` (evaluate_video's pick: its ``best`` output, best.json + the LoRA file(s)) or
+``best`` (evaluate_video's pick: its ``best`` output, best.json + the LoRA file of each expert) or
 ``step-<N>`` (that checkpoint of train_video's ``lora`` output, index.json). This module reads
 those outputs, and tells at plan time which steps a train_video node will keep (every
 ``checkpoints.every_steps`` steps and each phase's end, the last ``keep_last`` of them, as
@@ -24,16 +24,25 @@ STEP = re.compile(r"^step-(\d+)$")
 
 @dataclass(frozen=True)
 class ChosenLora:
-    """A video LoRA to load: its file(s) (diffusers; diffusers_2 for a second expert), scale and origin."""
+    """A video LoRA to load: its main (diffusers) file, every expert's file ({component: file}, Wan
+    2.2 A14B: transformer and transformer_2; None: the file alone), scale and origin."""
 
-    files: dict[str, Path]
+    main: Path
+    experts: dict[str, Path] | None
     scale: float
     step: int | None
     source: str  # what chose it: "evaluate_video <stage id>", "train_video step N", or the path
 
     def to_dict(self) -> dict[str, Any]:
-        return {"files": {k: str(v) for k, v in self.files.items()}, "scale": self.scale, "step": self.step,
-                "source": self.source}
+        return {"file": str(self.main), "experts": {k: str(v) for k, v in (self.experts or {}).items()},
+                "scale": self.scale, "step": self.step, "source": self.source}
+
+
+def checkpoint_files(lora_root: Path, entry: dict[str, Any]) -> tuple[Path, dict[str, Path]]:
+    """(main file, {component: file}) of a train_video checkpoint entry of index.json."""
+    main = lora_root / entry["diffusers"]
+    experts = {c: lora_root / f for c, f in (entry.get("experts") or {}).items()} or {"transformer": main}
+    return main, experts
 
 
 def step_of(value: str | None) -> int | None:
@@ -67,11 +76,12 @@ def from_best(folder: Path, scale: float | None = None) -> ChosenLora:
     """evaluate_video's ``best`` output: best.json's checkpoint at its scale (``scale`` overrides)."""
     try:
         best = json.loads((folder / "best.json").read_text(encoding="utf-8"))
-        files = {k: folder / name for k, name in best["files"].items()}
+        main = folder / best["file"]
+        experts = {c: folder / name for c, name in best["experts"].items()}
     except (OSError, ValueError, KeyError) as exc:
         raise StageError(f"cannot read evaluate_video's choice {folder}/best.json: {exc}",
                          hint="Re-run evaluate_video (runner apply --force evaluate_video).") from None
-    return ChosenLora(files, float(best["lora_scale"] if scale is None else scale), int(best["step"]),
+    return ChosenLora(main, experts, float(best["lora_scale"] if scale is None else scale), int(best["step"]),
                       f"evaluate_video {best.get('stage_id', '')}".strip())
 
 
@@ -87,5 +97,5 @@ def from_step(lora_root: Path, step: int, scale: float) -> ChosenLora:
     if ck is None:
         raise StageError(f"generate.video.lora: step-{step} is not a checkpoint of {lora_root}/index.json",
                          hint=f"Its checkpoints: {', '.join(f'step-{s}' for s in have) or 'none'}.")
-    files = {k: lora_root / ck[k] for k in ("diffusers", "diffusers_2") if ck.get(k)}
-    return ChosenLora(files, float(scale), step, f"train_video step {step}")
+    main, experts = checkpoint_files(lora_root, ck)
+    return ChosenLora(main, experts, float(scale), step, f"train_video step {step}")

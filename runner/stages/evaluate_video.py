@@ -204,8 +204,9 @@ def _check_steps(which: Any, train: contract.PlanNode) -> None:
 @dataclass(frozen=True)
 class Checkpoint:
     index: int  # position in index.json's checkpoints
-    entry: dict[str, Any]  # step, phase, diffusers (diffusers_2) file names
-    files: dict[str, Path]  # diffusers (and diffusers_2) -> the file
+    entry: dict[str, Any]  # step, phase, diffusers and experts file names
+    main: Path  # the diffusers file
+    files: dict[str, Path]  # every expert's file: {component: file} (Wan 2.2 A14B: transformer, transformer_2)
 
     @property
     def step(self) -> int:
@@ -237,14 +238,19 @@ def select_checkpoints(index: dict[str, Any], lora_root: Path, which: Any) -> li
             raise contract.StageError(f"evaluate.video.checkpoints: step(s) {missing} not in {lora_root}/index.json",
                                       hint=f"Its checkpoints: steps {have}.")
         cks = [(i, ck) for i, ck in cks if int(ck["step"]) in which]
+    from runner.generate.video_lora import checkpoint_files
+
     out = []
     for i, ck in cks:
-        files = {k: lora_root / ck[k] for k in ("diffusers", "diffusers_2") if ck.get(k)}
-        bad = [str(f) for f in files.values() if not f.is_file()] or ([] if files else ["(none listed)"])
+        if not ck.get("diffusers"):
+            raise contract.StageError(f"train_video checkpoint at step {ck.get('step')} lists no LoRA file",
+                                      hint="Re-run train_video; its output looks incomplete.")
+        main, files = checkpoint_files(lora_root, ck)
+        bad = [str(f) for f in {main, *files.values()} if not f.is_file()]
         if bad:
             raise contract.StageError(f"train_video checkpoint at step {ck.get('step')}: LoRA file missing: "
                                       f"{', '.join(bad)}", hint="Re-run train_video; its output looks incomplete.")
-        out.append(Checkpoint(i, ck, files))
+        out.append(Checkpoint(i, ck, main, files))
     return out
 
 
@@ -398,11 +404,7 @@ class Grid:
             names = list(self.vp.pipe.get_active_adapters())
             self.vp.pipe.set_adapters(names, adapter_weights=[float(scale)] * len(names))
             return
-        if "diffusers_2" in ck.files:
-            raise contract.StageError(f"evaluate_video: checkpoint step {ck.step} has a second expert's LoRA "
-                                      f"({ck.entry['diffusers_2']}); loading both experts' LoRAs is not built yet",
-                                      hint="Evaluate a single-transformer family (Wan 2.2 TI2V 5B) for now.")
-        video_models.load_lora(self.vp, ck.files["diffusers"], scale, key=f"train_video checkpoint {ck.step}")
+        video_models.load_lora(self.vp, ck.main, scale, key=f"train_video checkpoint {ck.step}", experts=ck.files)
 
     def _clip(self, job: Any, seed: int, folder: Path) -> dict[str, Any]:
         """One clip with the video stage's ClipMaker (kept when its clip.json exists)."""
@@ -493,14 +495,19 @@ def _write_best(ctx, index: dict[str, Any], checkpoints: list[Checkpoint], best_
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    files = {}
-    for key, f in ck.files.items():
-        name = f"{key}_{f.name}" if key != "diffusers" else f.name
+    experts = {}
+    for component, f in ck.files.items():  # each expert's file; a second one with the same name is prefixed
+        name = f.name if f.name not in experts.values() else f"{component}_{f.name}"
         shutil.copy2(f, folder / name)
-        files[key] = name
+        experts[component] = name
+    main = next((n for c, n in experts.items() if ck.files[c] == ck.main), None)
+    if main is None:
+        main = ck.main.name
+        shutil.copy2(ck.main, folder / main)
     best = {"stage_id": ctx.stage_id, "variant": config.get("variant"), "step": ck.step, "phase": ck.entry.get("phase"),
             "checkpoint_index": ck.index, "lora_scale": best_cell["lora_scale"], "cell": best_cell["cell"],
-            "files": files, "base_model": index.get("base_model"), "model_family": index.get("model_family"),
+            "file": main, "experts": experts, "base_model": index.get("base_model"),
+            "model_family": index.get("model_family"),
             "targets_met": choice["targets_met"], "decided_by": choice["decided_by"], "reason": choice["reason"],
             "tiny_random": tiny}
     atomic_write_text(folder / "best.json", json.dumps(best, indent=1))

@@ -393,13 +393,9 @@ def _video_pipeline(config: dict[str, Any], inputs: dict[str, contract.Artifact]
                                   hint="Unset generate.video.upsampler (upscale: true then resizes 2x).")
     if config.get("lora"):
         chosen = _chosen_lora(config, inputs, ctx)
-        if "diffusers_2" in chosen.files:
-            raise contract.StageError(f"generate.video.lora: {chosen.source} has a second expert's LoRA; loading "
-                                      "both experts' LoRAs is not built yet",
-                                      hint="Use a single-transformer family (Wan 2.2 TI2V 5B) for now.")
-        video_models.load_lora(vp, chosen.files["diffusers"], chosen.scale)
+        video_models.load_lora(vp, chosen.main, chosen.scale, experts=chosen.experts)
         vp.lora_used = chosen.to_dict()  # report.json says which checkpoint and scale
-        ctx.log(f"video: LoRA {chosen.files['diffusers'].name} ({chosen.source}) at scale {chosen.scale:g}")
+        ctx.log(f"video: LoRA {chosen.main.name} ({chosen.source}) at scale {chosen.scale:g}")
     done = video_models.apply_memory(vp, offload=config.get("offload", "none"),
                                      vae_tiling=bool(config.get("vae_tiling")), device=device)
     if done:
@@ -417,7 +413,7 @@ def _chosen_lora(config: dict[str, Any], inputs: dict[str, contract.Artifact], c
         return video_lora.from_step(Path(inputs["lora_train"].path), video_lora.step_of(config["lora"]),
                                     config["lora_scale"])
     path = input_file(inputs.get("lora_files"), ctx.project_root / config["lora"])
-    return video_lora.ChosenLora({"diffusers": path}, float(config["lora_scale"]), None, config["lora"])
+    return video_lora.ChosenLora(path, None, float(config["lora_scale"]), None, config["lora"])
 
 
 def _fidelity(config: dict[str, Any], inputs: dict[str, contract.Artifact],
