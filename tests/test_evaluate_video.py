@@ -134,6 +134,10 @@ def test_plan_one_node_per_variant_and_the_refusals(tmp_path: Path):
     assert n.config["lora_scales"] == [0.0, 0.5, 1.0] and n.config["frames"] == 5 and n.config["width"] == 32
     assert n.config["prompts"] == ["he smiles"] and n.config["fidelity"]["on_fail"] == "flag"
     assert n.label.startswith("1 clip (5 frames 32x32, 2 steps) per checkpoint (all)")
+    assert "key_frame0" not in n.inputs  # no key frames, no canonical reference: the first reference image
+    listed = E.expand(spec(tmp_path, ev={"key_frames": ["a.png", "b.png"]}), Graph(tmp_path, train_nodes(s)))[0]
+    assert [listed.inputs[f"key_frame{i}"].root for i in (0, 1)] == [tmp_path / "a.png", tmp_path / "b.png"]
+    assert listed.label.startswith("2 clips")
     json.dumps(n.config)
     assert E.expand({**s, "evaluate": {}}, Graph(tmp_path, train_nodes(s))) == []
     with pytest.raises(contract.StageError, match="the spec has no train_video"):
@@ -217,7 +221,8 @@ def _stand_in_train_video() -> contract.StageKind:
 
 SPEC = """\
 version: 1
-character: {name: hero, trigger: hrochr, class_word: man, references: [../refs]}
+character: {name: hero, trigger: hrochr, class_word: man, references: [../refs],
+            canonical_reference: ../refs/obama_02.jpg}
 train_video:
   base_model: builtin:tiny-wan22-ti2v
   resolution: 32
@@ -265,6 +270,7 @@ def test_engine_run_best_feeds_the_video_stage_and_the_compare_page(project: Pat
     assert [c["cell"] for c in results["cells"]] == ["baseline", "step000001_scale0.5", "step000001_scale1",
                                                      "step000002_scale0.5", "step000002_scale1"]
     assert results["tiny_random"]["any"] and results["kind"] == "evaluate_video"
+    assert results["key_frames"] == ["refs/obama_02.jpg"]  # the canonical reference
     for c in results["cells"]:
         assert len(c["clips"]) == 1 and (folder / c["clips"][0]["file"]).is_file()
         assert (folder / c["clips"][0]["strip"]).is_file() and set(c["targets"]) == {"fidelity", "not_frozen",
