@@ -138,6 +138,8 @@ def test_plan_one_node_per_variant_and_the_refusals(tmp_path: Path):
     listed = E.expand(spec(tmp_path, ev={"key_frames": ["a.png", "b.png"]}), Graph(tmp_path, train_nodes(s)))[0]
     assert [listed.inputs[f"key_frame{i}"].root for i in (0, 1)] == [tmp_path / "a.png", tmp_path / "b.png"]
     assert listed.label.startswith("2 clips")
+    assert E.work_units(n.config) is None  # all: only the train output tells how many checkpoints
+    assert E.work_units({**listed.config, "checkpoints": [1, 2]}) == (2 * (1 + 2 * 2), "clip")
     json.dumps(n.config)
     assert E.expand({**s, "evaluate": {}}, Graph(tmp_path, train_nodes(s))) == []
     with pytest.raises(contract.StageError, match="the spec has no train_video"):

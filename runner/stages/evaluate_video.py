@@ -423,7 +423,19 @@ class Grid:
         return rec
 
 
-@contract.register(KIND, version=VERSION, order=65, expand=expand, typical_seconds=1800.0,
+def work_units(config: dict[str, Any]) -> tuple[float, str] | None:
+    """Clips one execution makes (the plan's estimates learn seconds per clip); None for
+    ``checkpoints: all``, whose count only train_video's output tells."""
+    which = config.get("checkpoints", "all")
+    if which == "all":
+        return None
+    per_cell = len(config["prompts"]) * len(config["seeds"]) * max(1, len(config.get("key_frames") or []))
+    scales = config["lora_scales"]
+    n_ckpt = 1 if which == "last" else len(which)
+    return float(per_cell * ((0 in scales) + n_ckpt * sum(1 for s in scales if s > 0))), "clip"
+
+
+@contract.register(KIND, version=VERSION, order=65, expand=expand, typical_seconds=1800.0, work_units=work_units,
                    description="Clips per video LoRA checkpoint x scale, checked by the video suite; the best one.",
                    report=lambda config, outputs, env: report_sections(config, outputs, env))
 def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
