@@ -12,7 +12,12 @@ Captions: UMT5-XXL's last hidden state (512 tokens, trimmed to each caption's le
 matching (UniPC flow sampler at inference, shift 5 / 3). No frame-rate keyword (16 / 24 fps is
 the mp4's). Tiny models: ``builtin:tiny-wan22-i2v`` (two 1-layer experts, boundary 0.875) and
 ``builtin:tiny-wan22-ti2v`` (one 1-layer transformer, a z_dim 48 VAE), a 1-layer UMT5 and the
-tinykit T5 tokenizer; random weights, their clips are noise."""
+tinykit T5 tokenizer; random weights, their clips are noise.
+
+Training (train_video): the TI2V keeps the key frame's latent frame clean and out of the loss; the
+A14B caches the pipeline's key-frame condition with each clip and sends each example through the
+expert its noise level belongs to (:func:`predict_i2v`; ``train_video.experts`` picks both or
+one). ComfyUI files in the original checkpoints' names, one per A14B expert."""
 
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from pathlib import Path
 from runner.diffusion.families.base import Family, GenerationArgs, LatentFormat, Objective, SampleDefaults, TextEncoding
 from runner.diffusion.families.base import pad_text
 from runner.diffusion.families.comfykit import Layout, table
-from runner.diffusion.families.videokit import PipelineKind, VideoArgs, encode_prompt_captions, not_trained
+from runner.diffusion.families.videokit import PipelineKind, VideoArgs, encode_prompt_captions
 
 TINY_VERSION = 1
 TINY_SEED = 13
@@ -230,8 +235,8 @@ _TEXT = TextEncoding(encoders=("text_encoder",), outputs="UMT5-XXL last hidden s
 _COMMON = dict(
     modality="video", pipeline="WanImageToVideoPipeline", denoiser="transformer", text=_TEXT,
     objective=Objective(prediction="flow", timestep_sampling="logit_normal"), lora_targets=LORA_TARGETS,
-    class_names=("WanImageToVideoPipeline",), encode_captions=encode_prompt_captions, to_model_latents=not_trained,
-    predict=not_trained, generation=GenerationArgs(guidance="guidance_scale", cfg=True, negative="given"),
+    class_names=("WanImageToVideoPipeline",), encode_captions=encode_prompt_captions, collate_text=pad_text,
+    generation=GenerationArgs(guidance="guidance_scale", cfg=True, negative="given"),
     tiny_version=TINY_VERSION,
 )
 
@@ -257,8 +262,10 @@ I2V = Family(
     extra_conditioning="the key frame's latents and a frame mask as extra input channels; two experts by noise level",
     variants={"A14B": "two 14B experts (MoE by timestep), 480p/720p"},
     comfy=_layout("Wan2.2-I2V-A14B", "wan22_i2v_a14b"),
-    **{**_COMMON, "to_model_latents": to_model_latents, "predict": predict_i2v, "encode_images": encode_i2v,
-       "collate_text": pad_text},
+    to_model_latents=to_model_latents,
+    predict=predict_i2v,
+    encode_images=encode_i2v,
+    **_COMMON,
 )
 
 TI2V = Family(
@@ -282,8 +289,10 @@ TI2V = Family(
     extra_conditioning="the key frame's clean latent frame with per-token timesteps (expand_timesteps)",
     variants={"TI2V-5B": "text and image to video, 720p 24 fps, z_dim 48 VAE"},
     comfy=_layout("Wan2.2-TI2V-5B", "wan22_ti2v_5b"),
-    **{**_COMMON, "to_model_latents": to_model_latents, "predict": predict_ti2v, "encode_images": encode_video,
-       "collate_text": pad_text},
+    to_model_latents=to_model_latents,
+    predict=predict_ti2v,
+    encode_images=encode_video,
+    **_COMMON,
 )
 
 FAMILIES = (I2V, TI2V)
