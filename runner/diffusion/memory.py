@@ -576,11 +576,18 @@ def move_frozen(module, device: str | None, *, trainable: str | None = None) -> 
     """Move ``module``'s frozen parameters and buffers to ``device`` in place (``param.data``, so
     the parameters stay the objects an optimizer holds); trainable ones (a LoRA) go to
     ``trainable``. None: those stay where they are."""
+    import torch
+
     for sub in module.modules():
-        for p in sub.parameters(recurse=False):
-            target = trainable if p.requires_grad else device
-            if target is not None and p.device != _device(target):
-                p.data = p.data.to(target)
+        for key, p in list(sub._parameters.items()):
+            target = None if p is None else trainable if p.requires_grad else device
+            if target is None or p.device == _device(target):
+                continue
+            moved = p.data.to(target)
+            if p.requires_grad or torch._has_compatible_shallow_copy_type(p.data, moved):
+                p.data = moved
+            else:  # a tensor subclass (torchao's 8-bit weights): a new frozen Parameter, as Module.to makes
+                sub._parameters[key] = torch.nn.Parameter(moved, requires_grad=False)
         for key, buf in sub._buffers.items():
             if device is not None and buf is not None and buf.device != _device(device):
                 sub._buffers[key] = buf.to(device)
