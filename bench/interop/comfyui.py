@@ -14,6 +14,9 @@ A ComfyUI model is given as what those functions read: ``state_dict()`` in Comfy
 come from the diffusers weights through ComfyUI's own map for the family (``unet_to_diffusers``,
 ``mmdit_to_diffusers``, ``flux_to_diffusers``, ``z_image_to_diffusers``; Qwen-Image's ComfyUI
 model uses the diffusers names), so the check is against ComfyUI's idea of the layout, not ours.
+ComfyUI has no diffusers map for the video models (it loads their original checkpoints): there the
+names are the inverse of diffusers' own converters of those checkpoints (Wan: every name checked
+by converting it back with ``convert_wan_transformer_to_diffusers``).
 ``patch`` does what ``ModelPatcher.add_patches`` and ``patch_weight_to_device`` do (patch list
 per weight, then ``comfy.lora.calculate_weight``).
 """
