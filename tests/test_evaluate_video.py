@@ -299,6 +299,18 @@ def test_engine_run_best_feeds_the_video_stage_and_the_compare_page(project: Pat
     html = res.reports["hero"].read_text()
     assert "Video LoRA evaluation" in html and html.count("data-cell=") == 5 and "compare.html" in html
 
+    # The tracked run (mlflow / wandb when enabled): each figure over the steps, per scale
+    import runner.tracking as T
+    from runner.stages import evaluate_video as E
+
+    sent = []
+    monkeypatch.setattr(T, "log_stage", lambda conf, log, ws_dir: sent.append(log) or [])
+    env = {"stage_id": "hero:evaluate_video", "run_id": "r", "character": "hero", "key": "k" * 16,
+           "workspace_dir": str(project)}
+    assert E.track({"variant": None}, outs["hero:evaluate_video"], env) == []
+    assert sent[0].series["eval_video/distance/scale_0.5"] == [(1, 100.0), (2, 100.0)]
+    assert sent[0].metrics["best_step"] == best["step"] and sent[0].metrics["best_distance"] == 100.0
+
     # Only the targets change: the cells come from the shared cache. One cell is left as a kill -9
     # mid-cell leaves it (no cell.json, its clip's folder without clip.json): only that clip is made again.
     from runner.generate import clipcheck

@@ -56,6 +56,7 @@ from runner.stages.common import (
     run_header,
     stage_gpu,
     variant_of,
+    with_tracking,
 )
 
 KIND = "evaluate_video"
@@ -94,10 +95,10 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
         notes = () if train.config.get("base_model") == config["model"] else (
             f"train_video trains on {train.config.get('base_model')} but the clips are made with "
             f"generate.video.model {config['model']}: the LoRA must fit that model",)
-        nodes.append(contract.PlanNode(
+        nodes.append(with_tracking(contract.PlanNode(
             id=contract.node_id(graph.character, KIND, variant), kind=KIND, character=graph.character,
             config={**config, "variant": variant}, inputs={"lora": contract.StageOutputRef(train.id, "lora"), **inputs},
-            outputs=("results", "best"), gpu=stage_gpu(spec, KIND), label=_label(config), notes=notes))
+            outputs=("results", "best"), gpu=stage_gpu(spec, KIND), label=_label(config), notes=notes), spec, graph))
     return nodes
 
 
@@ -423,6 +424,38 @@ class Grid:
         return rec
 
 
+TRACKED = ("distance", "worst_distance", "excellent", "fail", "frozen", "blinks_min", "mouth_spread", "motion",
+           "drift_max")
+
+
+def track(config: dict[str, Any], outputs: dict[str, contract.Artifact], env: dict[str, Any]) -> list[dict[str, Any]]:
+    """One tracked run: the node config as params; per LoRA scale, each figure over the checkpoint
+    steps (``eval_video/<figure>/scale_<s>``); the best cell's figures as the summary; results.json
+    and best/ as artifacts."""
+    from runner.stages.common import track as send
+    from runner.tracking import StageLog
+
+    out = outputs["results"].path
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    series: dict[str, list[tuple[int, float]]] = {}
+    for cell in results["cells"]:
+        for name in TRACKED:
+            v = cell["summary"].get(name)
+            if cell.get("step") is not None and isinstance(v, (int, float)):
+                series.setdefault(f"eval_video/{name}/scale_{float(cell['lora_scale']):g}", []).append(
+                    (int(cell["step"]), float(v)))
+    best = results["best"]
+    best_cell = next(c for c in results["cells"] if c["cell"] == best["cell"])
+    summary = {"best_step": float(best["step"]), "best_lora_scale": float(best["lora_scale"]),
+               **{f"best_{k}": float(v) for k, v in best_cell["summary"].items()
+                  if k in TRACKED and isinstance(v, (int, float))}}
+    log = StageLog(name=f"{env['stage_id']} {env['run_id']}", kind=KIND,
+                   params={k: v for k, v in config.items() if k != "tracking"},
+                   tags={"runner.variant": str(config.get("variant") or "")}, series=series, metrics=summary,
+                   artifacts=[(out / "results.json", "results"), (outputs["best"].path, "best")])
+    return send(config, log, env)
+
+
 def work_units(config: dict[str, Any]) -> tuple[float, str] | None:
     """Clips one execution makes (the plan's estimates learn seconds per clip); None for
     ``checkpoints: all``, whose count only train_video's output tells."""
@@ -436,6 +469,7 @@ def work_units(config: dict[str, Any]) -> tuple[float, str] | None:
 
 
 @contract.register(KIND, version=VERSION, order=65, expand=expand, typical_seconds=1800.0, work_units=work_units,
+                   track=track,
                    description="Clips per video LoRA checkpoint x scale, checked by the video suite; the best one.",
                    report=lambda config, outputs, env: report_sections(config, outputs, env))
 def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
