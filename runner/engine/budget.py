@@ -120,6 +120,10 @@ def batch_cost(plan: Any, estimates: dict[str, Estimate]) -> BatchCost:
         out.stages.append((ps.id, est))
         if est.backend == "modal":
             currencies[est.currency] = None
+    if not currencies:  # nothing priced runs: the batch's own currency
+        for spec in plan.graph.specs.values():
+            currencies.setdefault((spec.data.get("hardware") or {}).get("currency") or "USD", None)
+            break
     out.currencies = tuple(currencies)
     return out
 
