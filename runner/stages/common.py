@@ -154,6 +154,29 @@ def review_section(graph: contract.GraphView, part: str, **kw: Any) -> dict[str,
                                              "`git diff` shows hand edits") from None
 
 
+VIDEO_PRESET_KEYS = ("steps", "guidance", "image_conditioning", "prompt_prefix", "prompt_suffix")
+
+
+def video_preset_fill(video: dict[str, Any], project_root: Path) -> dict[str, Any]:
+    """Values the video preset gives for the ``generate.video`` keys still null (the video and
+    evaluate_video stages make clips alike). The spec resolver merges a preset the user names;
+    this also covers the default preset (``baseline``) when none is named."""
+    missing = [k for k in VIDEO_PRESET_KEYS if video.get(k) is None]
+    if not missing:
+        return {}
+    from runner.spec.resolve import list_presets
+    from runner.spec.yamlio import load_yaml_file
+
+    name = video.get("preset") or "baseline"
+    path = list_presets("video").get(name) or (project_root / name)
+    if not Path(path).is_file():
+        raise contract.StageError(f"generate.video.preset: unknown preset {name!r}",
+                                  hint="Use a shipped preset (runner/presets/video: baseline, aggressive-quality for "
+                                       "LTX-Video 0.9; ltx2-*, wan22-i2v-*, wan22-ti2v-*) or a path to a preset .yaml.")
+    values = (load_yaml_file(Path(path)).data or {}).get("values") or {}
+    return {k: values[k] for k in missing if values.get(k) is not None}
+
+
 def stage_gpu(spec: dict[str, Any], kind: str) -> str | None:
     """The GPU a stage asks for: hardware.stage_gpu.<kind>, else hardware.gpu."""
     hardware = spec.get("hardware") or {}

@@ -54,6 +54,7 @@ from runner.stages.common import (
     reference_inputs,
     rel_path,
     run_header,
+    video_preset_fill,
     stage_gpu,
     variant_of,
     with_tracking,
@@ -62,7 +63,6 @@ from runner.stages.common import (
 KIND = "evaluate_video"
 VERSION = 1
 CELLS_DIR = "evaluate-video-cells"
-PRESET_KEYS = ("steps", "guidance", "image_conditioning", "prompt_prefix", "prompt_suffix")
 DEFAULT_PROMPT = "the character moves naturally"  # the video stage's, when generate.video.prompt is null
 
 
@@ -109,30 +109,13 @@ def _label(config: dict[str, Any]) -> str:
             f"{config['steps']} steps) per checkpoint ({config['checkpoints']}) x LoRA scale ({scales})")
 
 
-def _preset_values(video: dict[str, Any], project_root: Path) -> dict[str, Any]:
-    """The preset's values for the clip keys still null (the video stage fills them the same way)."""
-    missing = [k for k in PRESET_KEYS if video.get(k) is None]
-    if not missing:
-        return {}
-    from runner.spec.resolve import list_presets
-    from runner.spec.yamlio import load_yaml_file
-
-    name = video.get("preset") or "baseline"
-    path = list_presets("video").get(name) or (project_root / name)
-    if not Path(path).is_file():
-        raise contract.StageError(f"generate.video.preset: unknown preset {name!r}",
-                                  hint="Use a shipped preset (runner/presets/video) or a path to a preset .yaml.")
-    values = (load_yaml_file(Path(path)).data or {}).get("values") or {}
-    return {k: values[k] for k in missing if values.get(k) is not None}
-
-
 def _node_config(spec: dict[str, Any], ev: Any, graph: contract.GraphView) -> dict[str, Any]:
     """What every evaluate_video node runs with: the video stage's clip settings (with
     evaluate.video's frames / size / steps), the grid, the targets."""
     from runner.spec.config import to_plain
 
     raw = (spec.get("generate") or {}).get("video") or {}
-    v = VideoConfig.from_dict({**raw, **_preset_values(raw, graph.project_root)})
+    v = VideoConfig.from_dict({**raw, **video_preset_fill(raw, graph.project_root)})
     width, height = int(ev.width or v.width), int(ev.height or v.height)
     if width % 32 or height % 32:
         raise contract.StageError(f"evaluate.video: width and height must be multiples of 32 for the video families "

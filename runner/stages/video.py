@@ -54,6 +54,7 @@ from runner.stages.common import (
     reference_inputs,
     rel_path,
     run_header,
+    video_preset_fill,
     resume_note,
     review_section,
     stage_gpu,
@@ -113,28 +114,6 @@ def _render_case(case: dict[str, Any], character: dict[str, Any]) -> dict[str, A
             "expect": dict(case.get("expect") or {})}
 
 
-PRESET_KEYS = ("steps", "guidance", "image_conditioning", "prompt_prefix", "prompt_suffix")
-
-
-def _preset_fill(video: dict[str, Any], project_root: Path) -> dict[str, Any]:
-    """Values the preset gives for keys still null. The spec resolver merges a preset the user
-    names; this also covers the default preset (``baseline``) when none is named."""
-    missing = [k for k in PRESET_KEYS if video.get(k) is None]
-    if not missing:
-        return {}
-    from runner.spec.resolve import list_presets
-    from runner.spec.yamlio import load_yaml_file
-
-    name = video.get("preset") or "baseline"
-    path = list_presets("video").get(name) or (project_root / name)
-    if not Path(path).is_file():
-        raise contract.StageError(f"generate.video.preset: unknown preset {name!r}",
-                              hint="Use a shipped preset (runner/presets/video: baseline, aggressive-quality for "
-                                   "LTX-Video 0.9; ltx2-*, wan22-i2v-*, wan22-ti2v-*), or a path to a preset .yaml.")
-    values = (load_yaml_file(Path(path)).data or {}).get("values") or {}
-    return {k: values[k] for k in missing if values.get(k) is not None}
-
-
 def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.PlanNode]:
     video = (spec.get("generate") or {}).get("video")
     if not isinstance(video, dict):
@@ -157,7 +136,7 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
     if suite is not None:
         character = spec.get("character") or {}
         suite = {"source": suite["source"], "cases": [_render_case(c, character) for c in suite["cases"]]}
-    video = {**video, **_preset_fill(video, graph.project_root)}
+    video = {**video, **video_preset_fill(video, graph.project_root)}
     config = _node_config(spec, video, source, key_frames, suite)
     if lora_from:
         config["lora_from"] = lora_from
