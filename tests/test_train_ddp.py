@@ -28,6 +28,8 @@ def _cfg(**over: Any) -> dict[str, Any]:
         "lora": {"rank": 4, "alpha": 2}, "steps": 4, "lr": 1e-2, "batch_size": 1, "gradient_accumulation": 2,
         "mixed_precision": "no", "lr_scheduler": {"name": "constant"},
         "checkpoints": {"every_steps": 2, "keep_last": 2, "sample_prompts": [], "validation_fraction": 0.2},
+        # prior preservation: two forwards per micro-batch (DDP takes one backward each)
+        "regularization": {"enabled": True, "count": 2, "steps": 1, "prior_loss_weight": 0.5},
     }
     from runner.spec.resolve import deep_merge
 
@@ -42,13 +44,12 @@ def _ctx(root: Path, cache: Path) -> LocalStageContext:
     return ctx
 
 
-def _losses(root: Path) -> list[tuple[int, float]]:
+def _losses(root: Path) -> list[tuple[int, float, float]]:
     rows = [json.loads(x) for x in (root / "out" / "logs" / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    return [(r["step"], r["loss"], r["prior_loss"]) for r in rows if "loss" in r]
 
 
 def test_two_processes_train_what_one_trains_through_a_stop_and_resume(shared_data: Path, tmp_path: Path) -> None:
-    import torch
     from safetensors.torch import load_file
 
     from runner.diffusion.parallel import train_data_parallel
@@ -76,18 +77,19 @@ def test_two_processes_train_what_one_trains_through_a_stop_and_resume(shared_da
     index = json.loads((out["lora"].path / "index.json").read_text())
     assert index["processes"] == 2 and index["resumed_from_step"] == 2 and index["global_batch"] == 2
 
+    assert index["dataset"]["regularization_images"] == 2
     a, b = _losses(two), _losses(tmp_path / "one")
-    assert [s for s, _ in a] == [1, 2, 3, 4] == [s for s, _ in b]
-    for (_, la), (_, lb) in zip(a, b):
-        assert la == pytest.approx(lb, rel=1e-5, abs=1e-7)
-    assert len({round(x, 6) for _, x in b}) > 1  # the curve moves: the LoRA trains
+    assert [s for s, *_ in a] == [1, 2, 3, 4] == [s for s, *_ in b]
+    for (_, la, pa), (_, lb, pb) in zip(a, b):
+        assert la == pytest.approx(lb, rel=1e-5, abs=1e-7) and pa == pytest.approx(pb, rel=1e-5, abs=1e-7)
+    assert len({round(x, 6) for _, x, _ in b}) > 1  # the curve moves: the LoRA trains
     assert [h["val_loss"] for h in index["history"]] == pytest.approx([h["val_loss"] for h in ref["history"]],
                                                                       rel=1e-5)
     wa = load_file(str(out["lora"].path / index["checkpoints"][-1]["diffusers"]))
     wb = load_file(str(one["lora"].path / ref["checkpoints"][-1]["diffusers"]))
     assert wa.keys() == wb.keys() and wa
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-7)
+    for k in wa:  # per tensor: Adam magnifies the float reduction order of a gradient that nearly cancels
+        assert float((wa[k] - wb[k]).norm()) <= 1e-4 * float(wb[k].norm()) + 1e-9, k
     # only rank 0 wrote: one metrics line per step, one kohya file per kept checkpoint
     assert len(a) == 4
     assert sorted(p.name for p in (out["lora"].path / "step-000004").glob("*.safetensors")) == sorted(

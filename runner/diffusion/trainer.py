@@ -34,7 +34,7 @@ import random
 import shutil
 import time
 from collections.abc import Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -1065,10 +1065,12 @@ class LoraTrainer:
             with self._synced(), self.accelerator.accumulate(self.ddp or self.denoiser):
                 loss = self._loss(batch, gen)
                 losses.append(float(loss.detach()))
-                if reg_sampler is not None:
+                if reg_sampler is not None:  # one backward per forward (DDP's rule): the data loss's first, unsynced
+                    with self.ddp.no_sync() if self.ddp is not None else nullcontext():
+                        self.accelerator.backward(loss)
                     prior = self._loss([self.reg_ex[i] for i in reg_sampler.batch(pos)], gen)
                     prior_losses.append(float(prior.detach()))
-                    loss = loss + reg_w * prior
+                    loss = reg_w * prior
                 self.accelerator.backward(loss)
                 grad_norm = None
                 if self.accelerator.sync_gradients and max_norm > 0:
