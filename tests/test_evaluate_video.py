@@ -159,7 +159,7 @@ def test_video_lora_best_and_step_are_resolved_at_plan_time(tmp_path: Path):
     trains = train_nodes(s)
     graph = Graph(tmp_path, trains + E.expand(s, Graph(tmp_path, trains)))
     node = V.expand(s, graph)[0]
-    assert node.inputs["lora_best"] == contract.StageOutputRef("hero:evaluate_video", "best")
+    assert node.inputs["lora_best0"] == contract.StageOutputRef("hero:evaluate_video", "best")
     assert node.config["lora_from"] == "hero:evaluate_video" and "lora_files" not in node.inputs
     step = V.expand(spec(tmp_path, video={"lora": "step-1"}), graph)[0]
     assert step.inputs["lora_train"] == contract.StageOutputRef("hero:train_video", "lora")
@@ -169,6 +169,40 @@ def test_video_lora_best_and_step_are_resolved_at_plan_time(tmp_path: Path):
         V.expand(s, Graph(tmp_path, trains))
     with pytest.raises(contract.StageError, match="the spec has no train_video"):
         V.expand(s, Graph(tmp_path))
+    # variants: best reads every variant's pick; step-N would be ambiguous
+    trains = train_nodes(s, (None, "wide"))
+    graph = Graph(tmp_path, trains + E.expand(s, Graph(tmp_path, trains)))
+    node = V.expand(s, graph)[0]
+    assert [node.inputs[f"lora_best{i}"].stage_id for i in (0, 1)] == ["hero:evaluate_video",
+                                                                      "hero:evaluate_video[wide]"]
+    with pytest.raises(contract.StageError, match="step-1 is ambiguous: train_video has 2 variants"):
+        V.expand(spec(tmp_path, video={"lora": "step-1"}), graph)
+
+
+def test_best_across_variants_ranks_their_picks_as_the_cells_are_ranked(tmp_path: Path):
+    """generate.video.lora: best with variants: the variant whose pick meets the targets wins over
+    a closer face that misses one; among those that meet them, the lower mean face distance."""
+    from types import SimpleNamespace
+
+    from runner.stages import video as V
+
+    def pick(name: str, distance: float, met: bool, step: int) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "best.json").write_text(json.dumps({
+            "stage_id": f"hero:evaluate_video[{name}]", "step": step, "lora_scale": 1.0, "file": "w.safetensors",
+            "experts": {"transformer": "w.safetensors"}, "targets_met": met, "targets_passed": 3 if met else 2,
+            "targets_total": 3, "summary": {"distance": distance, "frozen": 0}}))
+        return folder
+
+    ctx = SimpleNamespace(log=lambda *_: None)
+    folders = [pick("close_but_frozen", 9.0, False, 4), pick("good", 14.0, True, 6), pick("better", 12.0, True, 8)]
+    chosen = V._best_of(folders, ctx)
+    assert (chosen.source, chosen.step) == ("evaluate_video hero:evaluate_video[better]", 8)
+    (folders[2] / "best.json").write_text(json.dumps({"step": 8, "lora_scale": 1.0, "file": "w.safetensors",
+                                                      "experts": {}}))
+    with pytest.raises(contract.StageError, match="written by an older evaluate_video"):
+        V._best_of(folders, ctx)
 
 
 # --------------------------------------------------------------------------- one engine run

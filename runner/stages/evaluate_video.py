@@ -538,7 +538,9 @@ def _write_best(ctx, index: dict[str, Any], checkpoints: list[Checkpoint], best_
             "file": main, "experts": experts, "base_model": index.get("base_model"),
             "model_family": index.get("model_family"),
             "targets_met": choice["targets_met"], "decided_by": choice["decided_by"], "reason": choice["reason"],
-            "tiny_random": tiny}
+            # what the selection ranked it by, so the video stage can rank the variants' picks alike
+            "summary": best_cell["summary"], "targets_passed": best_cell["targets_passed"],
+            "targets_total": best_cell["targets_total"], "tiny_random": tiny}
     atomic_write_text(folder / "best.json", json.dumps(best, indent=1))
     return best
 

@@ -157,7 +157,7 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
 
 
 def _lora_inputs(lora: str | None, graph: contract.GraphView, inputs: dict[str, contract.InputRef]) -> str | None:
-    """``generate.video.lora: best`` (evaluate_video's pick: input ``lora_best``) or ``step-<N>``
+    """``generate.video.lora: best`` (each evaluate_video's pick: inputs ``lora_best<i>``) or ``step-<N>``
     (that checkpoint of train_video's lora: input ``lora_train``); the node it comes from, or None
     for a path (a file-set input, as before) or no LoRA."""
     from runner.generate.video_lora import planned_steps, step_of
@@ -176,8 +176,14 @@ def _lora_inputs(lora: str | None, graph: contract.GraphView, inputs: dict[str, 
             raise contract.StageError("generate.video.lora: best needs evaluate.video (the evaluate_video stage "
                                       "picks the best checkpoint)",
                                       hint="Add an evaluate.video section, or use step-<N> (a train_video checkpoint).")
-        inputs["lora_best"] = contract.StageOutputRef(evaluates[0].id, "best")
-        return evaluates[0].id
+        for i, node in enumerate(evaluates):  # one per train_video variant: the best of their picks
+            inputs[f"lora_best{i}"] = contract.StageOutputRef(node.id, "best")
+        return ", ".join(n.id for n in evaluates)
+    if len(trains) > 1:
+        raise contract.StageError(f"generate.video.lora: {lora} is ambiguous: train_video has {len(trains)} variants "
+                                  f"({', '.join(t.id for t in trains)})",
+                                  hint="Use best (evaluate.video picks among every variant's checkpoints), or a "
+                                       "LoRA file path.")
     kept = planned_steps(trains[0].config)
     if kept is not None and step not in kept:
         raise contract.StageError(f"generate.video.lora: {trains[0].id} will not keep step {step}; it keeps "
@@ -386,13 +392,36 @@ def _chosen_lora(config: dict[str, Any], inputs: dict[str, contract.Artifact], c
     """The LoRA file(s) and scale: evaluate_video's best (its scale), a train_video step, or a path."""
     from runner.generate import video_lora
 
-    if "lora_best" in inputs:
-        return video_lora.from_best(Path(inputs["lora_best"].path))
+    bests = [Path(inputs[k].path) for k in sorted(inputs) if k.startswith("lora_best")]
+    if bests:
+        return _best_of(bests, ctx)
     if "lora_train" in inputs:
         return video_lora.from_step(Path(inputs["lora_train"].path), video_lora.step_of(config["lora"]),
                                     config["lora_scale"])
     path = input_file(inputs.get("lora_files"), ctx.project_root / config["lora"])
     return video_lora.ChosenLora(path, None, float(config["lora_scale"]), None, config["lora"])
+
+
+def _best_of(folders: list[Path], ctx: contract.StageContext):
+    """The best of evaluate_video's picks (one per train_video variant), ranked as each stage ranked
+    its cells (runner.eval.video.select_best: targets met, face distance, frozen clips, scale, step)."""
+    from runner.eval.video import select_best
+    from runner.generate import video_lora
+
+    chosen = [video_lora.from_best(f) for f in folders]
+    if len(chosen) == 1:
+        return chosen[0]
+    cells = []
+    for folder, c in zip(folders, chosen):
+        best = json.loads((folder / "best.json").read_text(encoding="utf-8"))
+        if "summary" not in best:
+            raise contract.StageError(f"{folder}/best.json was written by an older evaluate_video",
+                                      hint="Re-run evaluate_video (runner apply --force evaluate_video).")
+        cells.append({**best, "checkpoint_index": 0, "step": c.step, "lora_scale": c.scale})
+    pick = select_best(cells)
+    ctx.log(f"video: LoRA {chosen[pick['index']].source} step {chosen[pick['index']].step}, the best of "
+            f"{len(chosen)} variants' picks ({pick['reason']})")
+    return chosen[pick["index"]]
 
 
 def _fidelity(config: dict[str, Any], inputs: dict[str, contract.Artifact],
