@@ -90,9 +90,15 @@ def make_data(shared: Path, *, clips: int, frames: int, side: int) -> tuple[Path
     """The clips of tests/test_train_video.py (``clips`` clips of ``frames`` frames of carphone.mp4
     at ``side`` px, H.264), as a video_clips-stage folder for the runner, and the same mp4 files
     (hard links) each beside a caption .txt, as finetrainers' VideoCaptionFilePairDataset reads them."""
+    import av
+
     sys.path.insert(0, str(REPO / "tests"))
     from test_train_video import make_clips
 
+    with av.open(str(shared / "video" / "carphone.mp4")) as src:
+        have = sum(1 for _ in src.decode(video=0))
+    if clips * frames > have:
+        raise SystemExit(f"--clips {clips} x --frames {frames} needs {clips * frames} frames; carphone.mp4 has {have}")
     root = WORK / f"clips-{clips}x{frames}x{side}"
     if not (root / "clips.jsonl").is_file():
         make_clips(shared, root, n=clips, frames=frames, side=side)
