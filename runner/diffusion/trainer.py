@@ -23,6 +23,10 @@ trainer keeps no default of its own: what the node config leaves out is the sche
 Resume: randomness of a step (batch choice, noise, timesteps, caption variant, dropout of the
 caption) is a pure function of (seed, phase, position), so resuming from a checkpoint replays the
 same steps; the global torch/numpy/python RNG states (LoRA dropout) are saved and restored too.
+
+Data-parallel (runner.diffusion.parallel launches N processes of this trainer): rank r computes
+its ``gradient_accumulation / N`` of every step's micro-batches, the denoiser's LoRA gradients are
+all-reduced by DDP, and rank 0 alone writes; N processes train what one trains.
 """
 
 from __future__ import annotations
