@@ -37,8 +37,8 @@ to exit; peak RSS (``wait4``). All figures are tiny random models on a shared 2-
 
 Setup of the peer (outside the repository; nothing of it is copied in). finetrainers' last
 commit (f476c37, 2025-06-04) imports private ``torch.distributed`` names that torch 2.14 no
-longer has (``_AttentionOp``) and ``torchvision.io.video_reader`` (gone from torchvision 0.25
-on), so it runs on the torch of its time, in its own venv, with the project's other pins:
+longer has (``_AttentionOp``) and ``torchvision.io.video_reader``, which torchvision 0.29 does
+not have, so it runs on the torch of its time, in its own venv, with the project's other pins:
 
     git --git-dir=<finetrainers mirror> archive f476c3717da6cbfb1070505a99ee989426b46d9c \\
         | tar x -C /tmp/finetrainers && echo f476c3717da6cbfb1070505a99ee989426b46d9c > /tmp/finetrainers/COMMIT
