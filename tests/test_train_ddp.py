@@ -25,7 +25,8 @@ def _cfg(**over: Any) -> dict[str, Any]:
     section = {
         "base_model": "builtin:tiny-sd", "resolution": 32,
         "buckets": {"min_side": 32, "max_side": 64, "step": 16},
-        "lora": {"rank": 4, "alpha": 2}, "steps": 4, "lr": 1e-2, "batch_size": 1, "gradient_accumulation": 2,
+        "lora": {"rank": 4, "alpha": 2, "dropout": 0.1},  # dropout masks seeded by step position, as the noise
+        "steps": 4, "lr": 1e-2, "batch_size": 1, "gradient_accumulation": 2,
         "mixed_precision": "no", "lr_scheduler": {"name": "constant"},
         "checkpoints": {"every_steps": 2, "keep_last": 2, "sample_prompts": [], "validation_fraction": 0.2},
         # prior preservation: two forwards per micro-batch (DDP takes one backward each)

@@ -21,8 +21,9 @@ train section with a variant's overrides, plus the character's trigger, class wo
 trainer keeps no default of its own: what the node config leaves out is the schema's default.
 
 Resume: randomness of a step (batch choice, noise, timesteps, caption variant, dropout of the
-caption) is a pure function of (seed, phase, position), so resuming from a checkpoint replays the
-same steps; the global torch/numpy/python RNG states (LoRA dropout) are saved and restored too.
+caption, LoRA dropout) is a pure function of (seed, phase, position), so resuming from a
+checkpoint replays the same steps; the global torch/numpy/python RNG states are saved and
+restored too.
 
 Data-parallel (runner.diffusion.parallel launches N processes of this trainer): rank r computes
 its ``gradient_accumulation / N`` of every step's micro-batches, the denoiser's LoRA gradients are
@@ -981,6 +982,18 @@ class LoraTrainer:
         self.ddp = self.accelerator.prepare_model(self.denoiser, device_placement=False)
 
     @contextmanager
+    def _seeded(self, phase: Phase, pos: int):
+        """The global torch RNGs (LoRA dropout draws from them) seeded from (seed, phase,
+        position) for one micro-batch and restored after it: its dropout masks are the same in
+        whichever process computes it, and after a resume."""
+        import torch
+
+        devices = [torch.cuda.current_device()] if self.device.startswith("cuda") else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(_h(self.cfg.seed, "dropout", phase.name, pos))
+            yield
+
+    @contextmanager
     def _synced(self):
         """The training step's components: the denoiser called through its DDP wrapper (which
         hooks the gradient all-reduce) while the family code reads its attributes as usual."""
@@ -1066,7 +1079,7 @@ class LoraTrainer:
             if micro not in mine:
                 continue
             gen = torch.Generator().manual_seed(_h(self.cfg.seed, "step", phase.name, pos))
-            with self._synced(), self.accelerator.accumulate(self.ddp or self.denoiser):
+            with self._synced(), self._seeded(phase, pos), self.accelerator.accumulate(self.ddp or self.denoiser):
                 loss = self._loss(batch, gen)
                 losses.append(float(loss.detach()))
                 if reg_sampler is not None:  # one backward per forward (DDP's rule): the data loss's first, unsynced
