@@ -82,12 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _launch_env(device: str) -> dict[str, str]:
+def _launch_env(device: str, processes: int) -> dict[str, str]:
+    """The ranks' environment: the package importable, gloo on loopback, the cores shared out
+    (torch.distributed.run would give each rank one thread)."""
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])  # the runner package, importable in every rank
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if device == "cpu":
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one machine: loopback (hostname lookup is flaky on CI)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
     return env
 
 
@@ -125,8 +128,8 @@ def train_data_parallel(config: Any, processes: int, *, paths: dict[str, Path | 
            "-m", "runner.diffusion.parallel", str(job)]
     log = folder / "launcher.log"
     with log.open("w", encoding="utf-8") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=_launch_env(device), text=True,
-                                bufsize=1)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=_launch_env(device, processes),
+                                text=True, bufsize=1)
         result = _relay(proc, callbacks)
         rc = proc.wait()
     if result.get("error"):

@@ -67,6 +67,7 @@ STATE_FILE = "resume.pt"
 STATE_META = "resume.json"
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 UNKEYED = ("processes",)  # node config keys a resume state does not depend on
+COLLECTIVE_TIMEOUT_H = 3  # data-parallel ranks wait this long for each other (caches, samples on rank 0)
 
 
 class TrainError(UserError):
@@ -939,12 +940,19 @@ class LoraTrainer:
 
     def _new_accelerator(self) -> None:
         """A fresh accelerate state per run (tests run several trainers in one process)."""
+        from datetime import timedelta
+
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState, GradientState
+        from accelerate.utils import InitProcessGroupKwargs
 
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
-        self.accelerator = Accelerator(mixed_precision=self.mixed_precision, cpu=self.device == "cpu")
+        # with several processes the others wait while rank 0 fills the caches and draws samples:
+        # longer than the 30 min default collective timeout on a large dataset
+        wait = InitProcessGroupKwargs(timeout=timedelta(hours=COLLECTIVE_TIMEOUT_H))
+        self.accelerator = Accelerator(mixed_precision=self.mixed_precision, cpu=self.device == "cpu",
+                                       kwargs_handlers=[wait])
         self.world = self.accelerator.num_processes  # > 1: this is one rank of a data-parallel run
         self.rank_index = self.accelerator.process_index
         self.main = self.accelerator.is_main_process  # rank 0 alone writes logs, checkpoints and outputs
