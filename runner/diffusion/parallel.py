@@ -130,8 +130,16 @@ def train_data_parallel(config: Any, processes: int, *, paths: dict[str, Path | 
     with log.open("w", encoding="utf-8") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=_launch_env(device, processes),
                                 text=True, bufsize=1)
-        result = _relay(proc, callbacks)
-        rc = proc.wait()
+        try:
+            result = _relay(proc, callbacks)
+            rc = proc.wait()
+        except BaseException:  # interrupted (Ctrl-C, a cancelled call): the launcher stops its ranks on SIGTERM
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
     if result.get("error"):
         raise TrainError(result["error"], hint=result.get("hint", ""))
     if rc != 0:
