@@ -73,6 +73,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 WORK = REPO / "bench" / "_work" / "video_peer"
 CAPTION = "sks person, close up, moving naturally"
+# the runner's family -> finetrainers' --model_name (both load the family's tiny diffusers folder)
+PEER_MODEL = {"wan22_ti2v": "wan", "ltx_video": "ltx_video"}
 
 sys.path.insert(0, str(REPO / "bench" / "train"))
 import official  # noqa: E402  (the image benchmark's measuring code and tables, reused as they are)
@@ -126,14 +128,22 @@ def peer_dataset_config(pairs: Path, frames: int, side: int) -> Path:
 # the sides
 
 
+def flow_shift(model: Path) -> float:
+    """The shift of the model's own scheduler (Wan: flow_shift, LTX: shift), which the runner
+    trains with; finetrainers is given the same (its default is 1)."""
+    cfg = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
+    return float(cfg.get("flow_shift") or cfg.get("shift") or 1.0)
+
+
 def peer_cmd(args, model: Path, dataset_config: Path, targets: list[str], out: Path) -> list[str]:
     """finetrainers' train.py as its README runs it, on one process (accelerate backend,
     WORLD_SIZE=1), fp32, no validation, no checkpoint before the end, no tracker."""
     cmd = [args.peer_python, str(Path(args.finetrainers) / "train.py"),
-           "--parallel_backend", "accelerate", "--model_name", "wan",
+           "--parallel_backend", "accelerate", "--model_name", PEER_MODEL[args.family],
            "--pretrained_model_name_or_path", str(model), "--text_encoder_dtype", "fp32",
            "--transformer_dtype", "fp32", "--vae_dtype", "fp32", "--dataset_config", str(dataset_config),
-           "--dataloader_num_workers", "0", "--flow_weighting_scheme", "logit_normal", "--flow_shift", "3.0",
+           "--dataloader_num_workers", "0", "--flow_weighting_scheme", "logit_normal",
+           "--flow_shift", str(flow_shift(model)),
            "--training_type", "lora", "--seed", "0", "--batch_size", str(args.batch_size),
            "--train_steps", str(args.steps), "--rank", str(args.rank), "--lora_alpha", str(args.rank),
            "--target_modules", *targets, "--checkpointing_steps", str(10 ** 9), "--optimizer", "adamw",
@@ -203,9 +213,10 @@ def run_bare_child(spec: dict[str, Any]) -> None:
     from runner.diffusion import families
     from runner.diffusion.families import videokit
 
-    fam = families.get("wan22_ti2v")
+    fam = families.get(spec["family"])
     pipe = families.load_pipeline(fam, spec["model"])
-    fam.video.prepare(pipe)
+    if fam.video.prepare is not None:
+        fam.video.prepare(pipe)
     c = families.components_of(pipe, fam)
     videokit.select_experts(c, "both")
     families.add_lora(c, rank=spec["rank"], alpha=spec["rank"], targets=spec["targets"], seed=0)
@@ -292,11 +303,11 @@ def _peer_env(args) -> dict[str, str]:
 
 
 def one_run(args, side: str, rnd: int, ctx: dict[str, Any]) -> official.RunResult:
-    res = official.RunResult(side=side, family="wan22_ti2v", round=rnd)
-    work = WORK / "runs" / f"{side}-{rnd}"
+    res = official.RunResult(side=side, family=args.family, round=rnd)
+    work = WORK / "runs" / f"{args.family}-{side}-{rnd}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    spec = {"model": str(ctx["model"]), "clips": str(ctx["clips"]), "targets": ctx["targets"],
+    spec = {"family": args.family, "model": str(ctx["model"]), "clips": str(ctx["clips"]), "targets": ctx["targets"],
             "resolution": args.resolution, "frames": args.frames, "batch_size": args.batch_size,
             "rank": args.rank, "steps": args.steps, "bare_steps": args.bare_steps, "work": str(work)}
     (work / "spec.json").write_text(json.dumps(spec))
@@ -351,6 +362,9 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", choices=["runner", "bare"], help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
+    ap.add_argument("--family", choices=sorted(PEER_MODEL), default="wan22_ti2v",
+                    help="the video family (finetrainers' --model_name: " + ", ".join(
+                        f"{k} -> {v}" for k, v in PEER_MODEL.items()) + ")")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--bare-steps", type=int, default=60)
@@ -390,11 +404,11 @@ def main() -> None:
         print(medians(results))
         return
     from runner.diffusion import families
-    from runner.diffusion.families.wan22 import LORA_TARGETS
 
+    fam = families.get(args.family)
     clips, pairs = make_data(REPO.parent / "shared" / "data", clips=args.clips, frames=args.frames,
                              side=args.resolution)
-    ctx = {"model": families.tiny_path("builtin:tiny-wan22-ti2v"), "clips": clips, "targets": list(LORA_TARGETS),
+    ctx = {"model": families.tiny_path(f"builtin:{fam.tiny}"), "clips": clips, "targets": list(fam.lora_targets),
            "dataset_config": peer_dataset_config(pairs, args.frames, args.resolution)}
     results: list[official.RunResult] = []
     for rnd in range(args.runs):
@@ -407,7 +421,7 @@ def main() -> None:
                   f"first={r.first_step_s} {r.error}", flush=True)
     git = subprocess.run(["git", "-C", args.runner_src, "describe", "--always", "--dirty"], capture_output=True,
                          text=True).stdout.strip() or args.runner_src
-    meta = {"label": "tiny random Wan 2.2 TI2V 5B (builtin:tiny-wan22-ti2v) on a shared 2-core CPU",
+    meta = {"label": f"tiny random {fam.title} (builtin:{fam.tiny}) on a shared 2-core CPU", "family": args.family,
             "peer": "finetrainers", "peer_commit": official._peer_commit(str(Path(args.finetrainers) / "train.py")),
             "peer_precompute": args.peer_precompute, "runner_tree": git, "threads": args.threads,
             "steps": args.steps, "resolution": args.resolution, "frames": args.frames, "clips": args.clips,
