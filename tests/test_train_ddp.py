@@ -91,6 +91,14 @@ def test_two_processes_train_what_one_trains_through_a_stop_and_resume(shared_da
     assert wa.keys() == wb.keys() and wa
     for k in wa:  # per tensor: Adam magnifies the float reduction order of a gradient that nearly cancels
         assert float((wa[k] - wb[k]).norm()) <= 1e-4 * float(wb[k].norm()) + 1e-9, k
+    # the report says how it was trained
+    import jinja2
+
+    from runner.resources import resource_dir
+
+    (sec,) = T.report_sections(_cfg(), out, {"thumbnail_px": 32})
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(resource_dir("templates"))), autoescape=True)
+    assert "2 data-parallel processes, global batch 2" in env.get_template(sec.template).render(**sec.context)
     # only rank 0 wrote: one metrics line per step, one kohya file per kept checkpoint
     assert len(a) == 4
     assert sorted(p.name for p in (out["lora"].path / "step-000004").glob("*.safetensors")) == sorted(
