@@ -10,7 +10,11 @@ runs UNMODIFIED from a copy outside the repository, beside the runner's
 random Wan 2.2 TI2V 5B folder (``builtin:tiny-wan22-ti2v``), the same clips (cut from
 ``../shared/data/video/carphone.mp4`` as tests/test_train_video.py cuts them), the same
 resolution, frames, batch size, LoRA rank / alpha / target modules (the family's default list,
-given to both), learning rate, seed, steps, fp32, one OMP thread per process. Runs are
+given to both), learning rate, seed, steps, fp32, one OMP thread per process. ``--family
+ltx_video`` does the same on ``builtin:tiny-ltx`` (finetrainers ``--model_name ltx_video``) at
+``--batch-size 1``: finetrainers' LTX path views the VAE's per-channel ``latents_mean`` as
+``(batch_size, -1)`` and stops at batch 2 ("The size of tensor a (8) must match the size of
+tensor b (4)"). Runs are
 interleaved (every side once, then the next round in the opposite order) and repeated; ratios
 are taken within a round and quoted with their range over the rounds.
 
@@ -20,6 +24,9 @@ What differs, and cannot be made the same with the peer unmodified:
   sample); the runner trains Wan 2.2 TI2V as its pipeline generates, the key frame's latent
   frame clean, per-token timesteps (``expand_timesteps``) and that frame out of the loss. The
   denoiser sees the same tokens; the per-token timestep embedding is the runner's extra work.
+- LTX-Video: finetrainers conditions on the clean first frame in 10 % of its steps (unseeded
+  ``random``) and scales RoPE for 25 fps; the runner keeps the key frame clean in every step,
+  per-token timesteps, RoPE at 24 fps, as the image-to-video pipeline does.
 - finetrainers' default (no ``--enable_precomputation``) is its in-memory path, which decodes
   the clip, T5-encodes the caption and VAE-encodes the clip at every step; its precomputation
   path calls ``torch.cuda.reset_peak_memory_stats(device)`` and stops on a CPU ("Expected a cuda
