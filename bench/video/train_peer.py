@@ -24,8 +24,8 @@ What differs, and cannot be made the same with the peer unmodified:
   sample); the runner trains Wan 2.2 TI2V as its pipeline generates, the key frame's latent
   frame clean, per-token timesteps (``expand_timesteps``) and that frame out of the loss. The
   denoiser sees the same tokens; the per-token timestep embedding is the runner's extra work.
-- LTX-Video: finetrainers conditions on the clean first frame in 10 % of its steps (unseeded
-  ``random``) and scales RoPE for 25 fps; the runner keeps the key frame clean in every step,
+- LTX-Video: finetrainers noises the first latent frame less (sigma at most 0.25) in 10 % of its
+  steps (unseeded ``random``) and scales RoPE for 25 fps; the runner keeps the key frame clean in every step,
   per-token timesteps, RoPE at 24 fps, as the image-to-video pipeline does.
 - finetrainers' default (no ``--enable_precomputation``) is its in-memory path, which decodes
   the clip, T5-encodes the caption and VAE-encodes the clip at every step; its precomputation
