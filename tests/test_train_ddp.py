@@ -50,6 +50,7 @@ def _losses(root: Path) -> list[tuple[int, float, float]]:
     return [(r["step"], r["loss"], r["prior_loss"]) for r in rows if "loss" in r]
 
 
+@pytest.mark.slow  # ~35 s on 2 idle cores: one run in-process, two launches of 2 ranks (each imports torch + diffusers)
 def test_two_processes_train_what_one_trains_through_a_stop_and_resume(shared_data: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
