@@ -160,11 +160,14 @@ def _relay(proc: subprocess.Popen, cb: Callbacks) -> dict[str, Any]:
     bars: dict[int, Any] = {}
     out: dict[str, Any] = {}
     for line in proc.stdout:
-        if not line.startswith(EVENT):
+        try:
+            ev = json.loads(line[len(EVENT):]) if line.startswith(EVENT) else None
+        except ValueError:  # a line another rank's output cut into
+            ev = None
+        if not isinstance(ev, dict):
             if line.strip():
                 cb.log(line.rstrip())
             continue
-        ev = json.loads(line[len(EVENT):])
         if "bar" in ev:
             if "total" in ev:
                 bars[ev["bar"]] = cb.bar(ev["total"], ev["desc"])
