@@ -63,11 +63,13 @@ def _processes(cfg: dict[str, Any], hardware: Any, gpu: str | None) -> int:
     micro-batches), and text-encoder training runs in one process. The remote backend sets the
     count of the GPU it calls (runner.backends.remote)."""
     from runner.core.pricing import gpu_count
+    from runner.diffusion.trainer import TrainerConfig
 
+    node = TrainerConfig.from_dict(cfg)
     counts = {"hardware.local_processes": hardware.local_processes}
     if hardware.backend == "modal" and gpu:
         counts[f"hardware.stage_gpu.{KIND}" if hardware.stage_gpu.get(KIND) else "hardware.gpu"] = gpu_count(gpu)
-    ga = int(cfg.get("gradient_accumulation") or 1)
+    ga = int(node.gradient_accumulation)
     for key, n in counts.items():
         if ga % n:
             raise contract.StageError(
@@ -75,7 +77,7 @@ def _processes(cfg: dict[str, Any], hardware: Any, gpu: str | None) -> int:
                 f"train.gradient_accumulation is {ga}, not a multiple of {n}",
                 hint=f"Set train.gradient_accumulation to {n} (or a multiple): the global batch is "
                      "batch_size x gradient_accumulation on any number of GPUs (docs/training.md, Several GPUs).")
-        if n > 1 and (cfg.get("lora") or {}).get("train_text_encoder"):
+        if n > 1 and node.lora.train_text_encoder:
             raise contract.StageError(f"{key} gives {n} processes, but text-encoder LoRAs "
                                       "(train.lora.train_text_encoder) train in one process only",
                                       hint=f"Set {key} to 1, or train.lora.train_text_encoder: false.")
@@ -86,12 +88,14 @@ def _parallel_note(cfg: dict[str, Any], hardware: Any, gpu: str | None) -> list[
     """'data-parallel: 8 processes on H100:8 ...' for the plan when the spec's backend runs the
     stage on several GPUs (Modal) or processes (here)."""
     from runner.core.pricing import gpu_count
+    from runner.diffusion.trainer import TrainerConfig
 
     remote = hardware.backend == "modal" and gpu
     n = gpu_count(gpu) if remote else int(hardware.local_processes)
     if n == 1:
         return []
-    ga, bs = int(cfg.get("gradient_accumulation") or 1), int(cfg.get("batch_size") or 1)
+    node = TrainerConfig.from_dict(cfg)
+    ga, bs = int(node.gradient_accumulation), int(node.batch_size)
     where = f"on {gpu} (one per GPU)" if remote else "here (hardware.local_processes)"
     return [f"data-parallel: {n} processes {where}, each {ga // n} of a step's {ga} micro-batches; "
             f"global batch {bs * ga} (batch_size {bs} x gradient_accumulation {ga}), as on one GPU"]

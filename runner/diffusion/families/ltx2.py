@@ -141,19 +141,20 @@ def predict(c, noisy, sigmas, batch, *, audio=None):
     ``audio`` (tests): (latents, coords, context) instead of the one silent token."""
     import torch
 
+    device, dtype = c.device, c.dtype  # read once: each read walks the model's modules
     b, _, f, h, w = noisy.shape
     tr = c.denoiser
     p, pt = patches(tr)
-    t = sigmas.to(c.device, torch.float32) * 1000.0
-    a_latents, a_coords, a_context = audio or _silent_audio(tr, b, c.device, c.dtype)
-    ones = torch.ones(b, a_context.shape[1], device=c.device, dtype=torch.long)
-    video, _ = tr(hidden_states=pack(noisy.to(c.device, c.dtype), p, pt), audio_hidden_states=a_latents,
-                  encoder_hidden_states=batch.text["prompt_embeds"].to(c.device, c.dtype),
+    t = sigmas.to(device, torch.float32) * 1000.0
+    a_latents, a_coords, a_context = audio or _silent_audio(tr, b, device, dtype)
+    ones = torch.ones(b, a_context.shape[1], device=device, dtype=torch.long)
+    video, _ = tr(hidden_states=pack(noisy.to(device, dtype), p, pt), audio_hidden_states=a_latents,
+                  encoder_hidden_states=batch.text["prompt_embeds"].to(device, dtype),
                   audio_encoder_hidden_states=a_context,
-                  timestep=token_timesteps(sigmas, noisy.shape, p, pt, c.device), audio_timestep=t, sigma=t,
-                  encoder_attention_mask=batch.text["mask"].to(c.device, torch.long), audio_encoder_attention_mask=ones,
+                  timestep=token_timesteps(sigmas, noisy.shape, p, pt, device), audio_timestep=t, sigma=t,
+                  encoder_attention_mask=batch.text["mask"].to(device, torch.long), audio_encoder_attention_mask=ones,
                   num_frames=f // pt, height=h // p, width=w // p, fps=TRAIN_FPS, audio_num_frames=a_latents.shape[1],
-                  video_coords=tr.rope.prepare_video_coords(b, f // pt, h // p, w // p, c.device, fps=TRAIN_FPS),
+                  video_coords=tr.rope.prepare_video_coords(b, f // pt, h // p, w // p, device, fps=TRAIN_FPS),
                   audio_coords=a_coords, isolate_modalities=True, use_cross_timestep=True, return_dict=False)
     return unpack(video, f // pt, h // p, w // p, p, pt)
 

@@ -153,15 +153,16 @@ def predict(c, noisy, sigmas, batch):
     pipeline's denoising loop calls it; returns the velocity (B, C, F, h, w)."""
     import torch
 
+    device, dtype = c.device, c.dtype  # read once: each read walks the model's modules
     _, _, f, h, w = noisy.shape
     p, pt = patches(c.denoiser)
     pipe = c.pipe
     scale = (pipe.vae_temporal_compression_ratio / TRAIN_FPS, pipe.vae_spatial_compression_ratio,
              pipe.vae_spatial_compression_ratio)
-    out = c.denoiser(hidden_states=pack(noisy.to(c.device, c.dtype), p, pt),
-                     encoder_hidden_states=batch.text["prompt_embeds"].to(c.device, c.dtype),
-                     timestep=token_timesteps(sigmas, noisy.shape, p, pt, c.device),
-                     encoder_attention_mask=batch.text["mask"].to(c.device, torch.long),
+    out = c.denoiser(hidden_states=pack(noisy.to(device, dtype), p, pt),
+                     encoder_hidden_states=batch.text["prompt_embeds"].to(device, dtype),
+                     timestep=token_timesteps(sigmas, noisy.shape, p, pt, device),
+                     encoder_attention_mask=batch.text["mask"].to(device, torch.long),
                      num_frames=f // pt, height=h // p, width=w // p, rope_interpolation_scale=scale,
                      return_dict=False)[0]
     return unpack(out, f // pt, h // p, w // p, p, pt)

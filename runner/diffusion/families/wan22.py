@@ -189,14 +189,15 @@ def predict_ti2v(c, noisy, sigmas, batch):
     UMT5 embeddings zero-padded to 512 tokens as the pipeline pads them."""
     import torch
 
+    device, dtype = c.device, c.dtype  # read once: each read walks the model's modules
     b, _, frames, h, w = noisy.shape
     patch = c.denoiser.config.patch_size
-    t = (sigmas.to(c.device, torch.float32) * 1000.0).view(b, 1, 1, 1)
-    grid = torch.ones(b, frames, h // patch[1], w // patch[2], device=c.device) * t
+    t = (sigmas.to(device, torch.float32) * 1000.0).view(b, 1, 1, 1)
+    grid = torch.ones(b, frames, h // patch[1], w // patch[2], device=device) * t
     if frames > 1:
         grid[:, 0] = 0.0
-    emb = _padded(batch.text["prompt_embeds"].to(c.device, c.dtype))
-    return c.denoiser(hidden_states=noisy.to(c.dtype), timestep=grid.flatten(1), encoder_hidden_states=emb,
+    emb = _padded(batch.text["prompt_embeds"].to(device, dtype))
+    return c.denoiser(hidden_states=noisy.to(dtype), timestep=grid.flatten(1), encoder_hidden_states=emb,
                       return_dict=False)[0]
 
 
