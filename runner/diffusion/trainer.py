@@ -661,13 +661,12 @@ class LoraTrainer:
         examples = self.val_ex if examples is None else examples
         if not examples:
             return None
-        ts = [int(t) for t in self.cfg.checkpoints.validation_timesteps]
-        ts = [min(t, self.noise_scheduler.config.num_train_timesteps - 1) for t in ts]
+        ts = self._validation_timesteps()
         self._eval_mode(True)
         total, n = 0.0, 0
         with torch.no_grad():
-            for e in examples:
-                for t in ts:
+            for t in ts:
+                for e in examples:
                     gen = torch.Generator().manual_seed(_h(self.cfg.seed, "val", e.id, t))
                     shape = self.fam.to_model_latents(self.pipe, self.latents[id(e)]["mean"][None]).shape
                     noise = torch.randn(shape, generator=gen)
@@ -675,6 +674,12 @@ class LoraTrainer:
                     n += 1
         self._eval_mode(False)
         return total / max(1, n)
+
+    def _validation_timesteps(self) -> list[int]:
+        """checkpoints.validation_timesteps, within the scheduler's range (the outer loop of
+        :meth:`validation_loss`)."""
+        top = self.noise_scheduler.config.num_train_timesteps - 1
+        return [min(int(t), top) for t in self.cfg.checkpoints.validation_timesteps]
 
     def _eval_mode(self, on: bool) -> None:
         for m in self.trained:

@@ -416,38 +416,18 @@ class VideoLoraTrainer(LoraTrainer):
         finally:
             self.c.sigma_range = None
 
-    def validation_loss(self, examples: list[Example] | None = None) -> float | None:
-        """The image trainer's validation loss (fixed noise per item and timestep) at the
-        validation timesteps the trained experts cover (one A14B expert: those in its sigma range,
-        or the middle of the range when none is), grouped by expert so that experts taking turns
-        on the GPU swap at most once per group."""
-        import torch
-
+    def _validation_timesteps(self) -> list[int]:
+        """The image trainer's validation timesteps that the trained experts cover (one A14B
+        expert: those in its sigma range, or the middle of the range when none is), grouped by
+        expert so that experts taking turns on the GPU swap at most once per group."""
         from runner.diffusion.families import videokit
-        from runner.diffusion.trainer import _h
 
-        examples = self.val_ex if examples is None else examples
-        if not examples:
-            return None
-        top = self.noise_scheduler.config.num_train_timesteps - 1
-        ranges = videokit.expert_ranges(self.c)
-        ts = [min(int(t), top) for t in self.cfg.checkpoints.validation_timesteps]
-        if self.c.sigma_range is not None and len(ranges) > 1:
+        ts = super()._validation_timesteps()
+        if self.c.sigma_range is not None and len(videokit.expert_ranges(self.c)) > 1:
+            top = self.noise_scheduler.config.num_train_timesteps - 1
             lo, hi = self.c.sigma_range
             ts = [t for t in ts if lo <= t / 1000.0 < hi] or [min(top, round(500.0 * (lo + min(hi, 1.0))))]
-        ts.sort(key=lambda t: videokit.expert_of(self.c, [t / 1000.0])[0])
-        self._eval_mode(True)
-        total, n = 0.0, 0
-        with torch.no_grad():
-            for t in ts:
-                for e in examples:
-                    gen = torch.Generator().manual_seed(_h(self.cfg.seed, "val", e.id, t))
-                    shape = self.fam.to_model_latents(self.pipe, self.latents[id(e)]["mean"][None]).shape
-                    noise = torch.randn(shape, generator=gen)
-                    total += float(self._loss([e], gen, timesteps=torch.tensor([t]), noise=noise, weighted=False))
-                    n += 1
-        self._eval_mode(False)
-        return total / max(1, n)
+        return sorted(ts, key=lambda t: videokit.expert_of(self.c, [t / 1000.0])[0])
 
     def _samples(self, folder: Path) -> list[str]:
         return []  # clips per checkpoint cost minutes on a GPU: not made while training

@@ -177,6 +177,24 @@ def video_preset_fill(video: dict[str, Any], project_root: Path) -> dict[str, An
     return {k: values[k] for k in missing if values.get(k) is not None}
 
 
+def clip_fidelity(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx: contract.StageContext, *,
+                  source_is: str = "source image"):
+    """(Fidelity, reference files): what the video and evaluate_video stages compare each clip's
+    faces with (runner.generate.clipcheck): the references' faces, or each clip's own source image
+    (``source_is``: how the stage calls it) when the spec says so or no reference has a face."""
+    from runner.generate.clipcheck import Fidelity, face_embeddings
+
+    backend = face_backend(config["face"], ctx.project_root, key="generate.video.fidelity")
+    ref_files, ref_images = load_references(inputs)
+    ref_faces = face_embeddings(backend, ref_images)
+    against = config["fidelity"]["against"]
+    if against == "references" and len(ref_faces) == 0:
+        ctx.warn(f"{ctx.stage_id}: no reference face found in character.references; fidelity compares with each "
+                 f"clip's {source_is}")
+        against = "source"
+    return Fidelity(backend, ref_faces, against, float(getattr(backend, "default_identity_threshold", 0.5))), ref_files
+
+
 def stage_gpu(spec: dict[str, Any], kind: str) -> str | None:
     """The GPU a stage asks for: hardware.stage_gpu.<kind>, else hardware.gpu."""
     hardware = spec.get("hardware") or {}

@@ -44,15 +44,14 @@ from runner.spec.sections import CharacterConfig, EvaluateConfig, HardwareConfig
 from runner.stages.common import (
     IMAGE_EXTENSIONS,
     device_setting,
-    face_backend,
     face_options,
-    load_references,
     load_rgb,
     model_input,
     output_json,
     reference_files,
     reference_inputs,
     rel_path,
+    clip_fidelity,
     run_header,
     video_preset_fill,
     stage_gpu,
@@ -260,21 +259,6 @@ def _key_frames(config: dict[str, Any], inputs: dict[str, contract.Artifact], ct
     return frames
 
 
-def _fidelity(config: dict[str, Any], inputs: dict[str, contract.Artifact], ctx):
-    """What clips are compared with (the references' faces), as the video stage compares them."""
-    from runner.generate.clipcheck import Fidelity, face_embeddings
-
-    backend = face_backend(config["face"], ctx.project_root, key="generate.video.fidelity")
-    ref_files, ref_images = load_references(inputs)
-    ref_faces = face_embeddings(backend, ref_images)
-    against = config["fidelity"]["against"]
-    if against == "references" and len(ref_faces) == 0:
-        ctx.warn("evaluate_video: no reference face found in character.references; fidelity compares with each "
-                 "clip's key frame")
-        against = "source"
-    return Fidelity(backend, ref_faces, against, float(getattr(backend, "default_identity_threshold", 0.5))), ref_files
-
-
 def _load_pipeline(config: dict[str, Any], ctx):
     from runner.core.device import choose_device
     from runner.generate import ltx, video_models
@@ -468,7 +452,7 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
     checkpoints = select_checkpoints(index, lora_root, config["checkpoints"])
     key_frames = _key_frames(config, inputs, ctx)
     vp = _load_pipeline(config, ctx)
-    fidelity, ref_files = _fidelity(config, inputs, ctx)
+    fidelity, ref_files = clip_fidelity(config, inputs, ctx, source_is="key frame")
     grid = Grid.start(config, vp, fidelity, key_frames, ref_files, ctx)
     cells = [EV.score_cell(c, config["targets"]) for c in grid.run_all(checkpoints)]
     choice = EV.select_best(cells)

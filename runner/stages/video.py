@@ -39,20 +39,19 @@ from runner.core import contract
 from runner.core.device import choose_device
 from runner.core.fs import atomic_write_text
 from runner.generate.clipcheck import (  # noqa: F401 (COUNTED_STEPS: the stage's names)
-    COUNTED_STEPS, ClipJob, ClipMaker, Fidelity, Pricing, face_embeddings as _face_embeddings)
+    COUNTED_STEPS, ClipJob, ClipMaker, Fidelity, Pricing)
 from runner.spec.sections import CharacterConfig, EvaluateConfig, HardwareConfig, VideoConfig
 from runner.stages.common import (
-    face_backend,
     device_setting,
     face_options,
     input_file,
     load_embedder,
-    load_references,
     load_rgb,
     model_input,
     output_json,
     reference_inputs,
     rel_path,
+    clip_fidelity,
     run_header,
     video_preset_fill,
     resume_note,
@@ -341,7 +340,7 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
     vp = _video_pipeline(config, inputs, device, ctx)
     load_s = time.monotonic() - t
     # 2. what each clip compares with
-    fidelity, ref_files = _fidelity(config, inputs, ctx)
+    fidelity, ref_files = clip_fidelity(config, inputs, ctx)
     pricing = _pricing(config, device)
     clip_model = _clip_model(config, ctx)
     # 3. clips (finished ones are kept in scratch)
@@ -422,21 +421,6 @@ def _best_of(folders: list[Path], ctx: contract.StageContext):
     ctx.log(f"video: LoRA {chosen[pick['index']].source} step {chosen[pick['index']].step}, the best of "
             f"{len(chosen)} variants' picks ({pick['reason']})")
     return chosen[pick["index"]]
-
-
-def _fidelity(config: dict[str, Any], inputs: dict[str, contract.Artifact],
-              ctx: contract.StageContext) -> tuple[Fidelity, list[Path]]:
-    """What clips are compared with, and the reference files."""
-    backend = face_backend(config["face"], ctx.project_root, key="generate.video.fidelity")
-    ref_files, ref_images = load_references(inputs)
-    ref_faces = _face_embeddings(backend, ref_images)
-    against = config["fidelity"]["against"]
-    if against == "references" and len(ref_faces) == 0:
-        ctx.warn("video: no reference face found in character.references; fidelity compares with each clip's "
-                 "source image")
-        against = "source"
-    threshold = float(getattr(backend, "default_identity_threshold", 0.5))
-    return Fidelity(backend, ref_faces, against, threshold), ref_files
 
 
 def _clip_model(config: dict[str, Any], ctx: contract.StageContext):
