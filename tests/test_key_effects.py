@@ -144,6 +144,7 @@ generate:
     suite: builtin
 hardware:
   stage_gpu: {train: A100-80GB}
+  stage_cpu: {video_identity: {cores: 4.0, memory_gib: 16.0}}
   price_table: {A10G: 1.1}
   gpu_memory_gib: {A10G: 22.0}
   memory_check: warn
@@ -273,6 +274,8 @@ CHANGES: dict[str, Any] = {
     "generate.video.targets.gpu": "L40S",
     "hardware.gpu": "T4",
     "hardware.stage_gpu": {"train": "H100"},
+    "hardware.stage_backend": {"analyze": "modal", "evaluate": "local"},
+    "hardware.stage_cpu": {"analyze": {"cores": 8.0}},
     "hardware.price_table": {"A10G": 2.2},
     "hardware.gpu_memory_gib": {"A10G": 40.0},
     "hardware.budget.max_cost": 25.0,

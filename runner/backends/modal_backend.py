@@ -1,4 +1,5 @@
-"""The Modal app built from specs: one Modal function per GPU stage kind (and GPU type), an image
+"""The Modal app built from specs: one Modal function per remote stage kind (and GPU type, or CPU
+container for a CPU stage sent there by hardware.stage_backend), an image
 built from the package's own pinned requirements, a Volume for the artifact store and the model
 cache, secrets from ``modal.Secret.from_name``, ``modal.Retries`` and a timeout from the spec.
 
@@ -25,7 +26,7 @@ from typing import Any, Iterator
 
 from runner.core import contract
 from runner.core.errors import UserError
-from runner.core.pricing import remote_gpu
+from runner.core.pricing import remote_cpu, remote_gpu, stage_backend
 
 VOLUME_MOUNT = "/vol"
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -205,7 +206,7 @@ def _entry_named(name: str):
 class StageFunction:
     name: str
     kind: str
-    gpu: str | None
+    gpu: str | None  # the GPU setting, or a CPU container's label (runner.core.pricing.cpu_label)
     timeout_s: int
     retries: int
     function: Any  # modal.Function
@@ -240,12 +241,15 @@ def _common_settings(specs_hw: dict[str, dict[str, Any]]) -> tuple[str, dict[str
 
 
 def build_stage_app(graph: Any, nodes: list[contract.PlanNode] | None = None) -> ModalStageApp:
-    """Declare the Modal app for the GPU stages of ``graph`` (a runner.plan.graph.Graph):
-    no network call happens here."""
+    """Declare the Modal app for ``nodes`` (default: the GPU stages of ``graph``, a
+    runner.plan.graph.Graph, and the CPU stages its hardware.stage_backend sends to Modal): one
+    function per (kind, GPU or CPU container); no network call happens here."""
     import modal
 
-    nodes = [n for n in (nodes if nodes is not None else graph.nodes.values()) if n.gpu is not None]
     hw_of = {c: s.data.get("hardware", {}) for c, s in graph.specs.items()}
+    if nodes is None:
+        nodes = [n for n in graph.nodes.values()
+                 if n.gpu is not None or stage_backend(n.kind, n.gpu, hw_of[n.character]) == "modal"]
     app_name, settings = _common_settings({c: hw_of[c] for c in {n.character for n in nodes} or hw_of})
     first = next(iter(settings.values()))
     secret_names = sorted({name for s in settings.values() for name in s["secrets"]})
@@ -258,11 +262,15 @@ def build_stage_app(graph: Any, nodes: list[contract.PlanNode] | None = None) ->
     for node in nodes:
         s = settings[node.character]
         gpu = remote_gpu(node.kind, node.gpu, hw_of[node.character])
-        name = f"stage-{slug(node.kind)}-{slug(gpu or 'cpu')}-t{int(s['timeout_s'])}-r{int(s['retries'])}"
+        # a CPU stage asks for its container's cores and memory instead of a GPU (Modal bills both)
+        box = remote_cpu(node.kind, hw_of[node.character]) if gpu is None else None
+        resources = {"gpu": gpu} if box is None else {"cpu": box.cores, "memory": box.memory_mib}
+        what = gpu if box is None else f"cpu{box.cores:g}-m{box.memory_mib}"
+        name = f"stage-{slug(node.kind)}-{slug(what)}-t{int(s['timeout_s'])}-r{int(s['retries'])}"
         if name not in out.functions:
             fn = app.function(
                 image=image,
-                gpu=gpu,
+                **resources,
                 timeout=int(s["timeout_s"]),
                 retries=modal.Retries(max_retries=int(s["retries"]), backoff_coefficient=1.0,
                                       initial_delay=5.0),
@@ -271,7 +279,8 @@ def build_stage_app(graph: Any, nodes: list[contract.PlanNode] | None = None) ->
                 serialized=True,
                 name=name,
             )(_entry_named(name.replace("-", "_")))
-            out.functions[name] = StageFunction(name, node.kind, gpu, int(s["timeout_s"]), int(s["retries"]), fn)
+            out.functions[name] = StageFunction(name, node.kind, gpu if box is None else box.label,
+                                                int(s["timeout_s"]), int(s["retries"]), fn)
         out.by_node[node.id] = name
     return out
 

@@ -167,6 +167,16 @@ def _artifact_files(art: contract.Artifact) -> tuple[Path, str, list[Path]]:
     return root, "dir", files
 
 
+def _project_relative(folder: Path, project_root: Path) -> str | None:
+    """Where ``folder`` lies in the project (``photos``, ``.runner/store/<key>``), or None outside
+    it: the worker materializes an input there, so a stage that records project-relative paths
+    (ingest's ``source``) writes the same bytes remotely as here."""
+    try:
+        return folder.resolve().relative_to(project_root.resolve()).as_posix()
+    except (ValueError, OSError):
+        return None
+
+
 def project_paths(config: Any, project_root: Path, limit: int = 20000) -> list[Path]:
     """Files in the project that the stage config names (a local base model, a prompt suite
     file...): a remote stage gets them at the same project-relative path."""
@@ -274,14 +284,15 @@ class RemoteBackend:
         manifest: dict[str, Any] = {"stage_id": node.id, "character": node.character, "kind": node.kind,
                                     "key": ctx.extra.get("key", ""), "run_id": ctx.run_id, "inputs": {}}
         local: dict[str, Path] = {}
+        project_root = Path(ctx.project_root)
         for name, art in inputs.items():
             root, typ, files = _artifact_files(art)
             listing = self.digests.digest_tree(root, files)
             for (_rel, sha, _), f in zip(listing, files):
                 local[sha] = f
             manifest["inputs"][name] = {"type": typ, "files": listing, "meta": contract.jsonable(art.meta),
-                                        "digest": art.digest, "fileset": bool(art.files)}
-        project_root = Path(ctx.project_root)
+                                        "digest": art.digest, "fileset": bool(art.files),
+                                        "at": _project_relative(root.parent if typ == "file" else root, project_root)}
         proj_files = project_paths(node.config, project_root)
         if proj_files:
             listing = self.digests.digest_tree(project_root, proj_files)

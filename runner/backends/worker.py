@@ -251,13 +251,17 @@ def _begin_attempt(vol: FolderVolume, manifest: dict[str, Any], stage: Any,
 
 
 def _materialize_inputs(vol: FolderVolume, manifest: dict[str, Any], work: Path) -> dict[str, Any]:
-    """The stage's inputs as artifacts under ``work/inputs``, and the project files it names under
-    ``work/project`` (at their project-relative paths)."""
+    """The stage's inputs as artifacts under ``work/project`` at their project-relative paths
+    (``at``: where they lie in the client's project, its store included) or, for an input outside
+    the project, under ``work/inputs``; and the project files it names under ``work/project``. So
+    paths a stage derives from its inputs relative to the project root are those of a local run."""
     from runner.core import contract
 
     inputs: dict[str, contract.Artifact] = {}
     for name, entry in manifest.get("inputs", {}).items():
-        path, files = _materialize(vol, entry, work / "inputs" / name)
+        at = entry.get("at")
+        dest = work / "project" / at if isinstance(at, str) and ".." not in Path(at).parts else work / "inputs" / name
+        path, files = _materialize(vol, entry, dest)
         inputs[name] = contract.Artifact(name=name, path=path, digest=entry.get("digest", ""),
                                          files=files if entry.get("fileset") else (),
                                          meta=entry.get("meta", {}))

@@ -1,11 +1,17 @@
-"""GPU prices per hour, the cost of a stage's duration, and the memory of each GPU type.
+"""GPU prices per hour, CPU container prices, the cost of a stage's duration, and the memory of
+each GPU type.
 
 The built-in prices are estimates of on-demand prices (USD); a spec's ``hardware.price_table``
-overrides them, and its ``hardware.currency`` names the currency.
+overrides them, and its ``hardware.currency`` names the currency. A CPU stage sent to Modal
+(``hardware.stage_backend``) runs in a container of ``hardware.cpu`` cores and memory, billed as
+Modal bills CPU functions: per physical core-hour plus per GiB-hour of memory (the table's
+``cpu_core`` and ``memory_gib`` entries).
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Any
 
 from runner.core.errors import UserError
@@ -21,7 +27,14 @@ BUILTIN_PRICES_PER_HOUR: dict[str, float] = {
     "H100": 3.95,
     "H200": 4.54,
     "B200": 6.25,
+    # CPU containers on Modal (hardware.stage_backend): per physical core-hour and per GiB-hour of
+    # memory (Modal's list prices, $0.0000131/core/s and $0.00000222/GiB/s).
+    "cpu_core": 0.0472,
+    "memory_gib": 0.0080,
 }
+
+#: The price table entries of a CPU container (not GPU types).
+CPU_PRICE_KEYS = ("cpu_core", "memory_gib")
 
 
 # GPU memory in GiB as nvidia-smi reports memory.total for each type (quoted from the vendors'
@@ -89,9 +102,14 @@ def price_table(hardware: dict[str, Any] | None) -> dict[str, float]:
 
 def price_per_hour(gpu: str | None, hardware: dict[str, Any] | None) -> tuple[float, str]:
     """Price per hour of ``gpu``: the table's price of its type times its count (``H100:8`` costs
-    eight H100s), unless the table prices the setting itself."""
+    eight H100s), unless the table prices the setting itself; a CPU container's label
+    (:func:`cpu_label`) costs its cores at ``cpu_core`` plus its memory at ``memory_gib``."""
     currency = (hardware or {}).get("currency", "USD")
     table = price_table(hardware)
+    box = parse_cpu_label(gpu)
+    if box is not None:
+        return float(table.get("cpu_core", 0.0)) * box.cores + float(table.get("memory_gib", 0.0)) * box.memory_gib, \
+            currency
     if gpu and gpu not in table:
         kind, count = parse_gpu(gpu)
         return float(table.get(kind, 0.0)) * count, currency
@@ -99,13 +117,21 @@ def price_per_hour(gpu: str | None, hardware: dict[str, Any] | None) -> tuple[fl
 
 
 def is_priced(gpu: str, hardware: dict[str, Any] | None) -> bool:
-    """Whether the price table prices ``gpu`` (its type, for ``<type>:<n>``)."""
+    """Whether the price table prices ``gpu`` (its type, for ``<type>:<n>``; a CPU container always:
+    the built-in table holds its two entries)."""
+    if parse_cpu_label(gpu) is not None:
+        return True
     table = price_table(hardware)
     return gpu in table or gpu_type(gpu) in table
 
 
 def price_note(gpu: str | None, hardware: dict[str, Any] | None) -> str:
     """'; 8 x H100 at 3.95 USD/h each' for a several-GPU setting the table prices by type, else ''."""
+    box = parse_cpu_label(gpu)
+    if box is not None:
+        t, cur = price_table(hardware), (hardware or {}).get("currency", "USD")
+        return (f"; {box.cores:g} cores at {float(t.get('cpu_core', 0.0)):g} {cur}/h each + "
+                f"{box.memory_gib:g} GiB at {float(t.get('memory_gib', 0.0)):g} {cur}/h each")
     if not gpu or gpu in price_table(hardware) or gpu_count(gpu) == 1 or not is_priced(gpu, hardware):
         return ""
     kind, count = parse_gpu(gpu)
@@ -126,6 +152,68 @@ def remote_gpu(kind: str, requested: str | None, hardware: dict[str, Any] | None
         return None
     hardware = hardware or {}
     return (hardware.get("stage_gpu") or {}).get(kind) or requested or hardware.get("gpu")
+
+
+# --------------------------------------------------------------------------- CPU stages on Modal
+
+#: Where stage kinds run: "local" (this machine) or "modal".
+BACKENDS = ("local", "modal")
+
+
+@dataclass(frozen=True)
+class CpuBox:
+    """A CPU container a remote CPU stage asks for: physical cores (Modal's ``cpu=``) and memory in
+    GiB (Modal's ``memory=`` is MiB)."""
+
+    cores: float
+    memory_gib: float
+
+    @property
+    def label(self) -> str:
+        return cpu_label(self.cores, self.memory_gib)
+
+    @property
+    def memory_mib(self) -> int:
+        return int(round(self.memory_gib * 1024))
+
+
+_CPU_LABEL = re.compile(r"^cpu (\d+(?:\.\d+)?) cores? (\d+(?:\.\d+)?) GiB$")
+
+
+def cpu_label(cores: float, memory_gib: float) -> str:
+    """How a CPU container is named where a GPU type would be (the plan line, the executions
+    table's ``gpu`` column, the history estimates learn from): ``cpu 4 cores 16 GiB``."""
+    return f"cpu {float(cores):g} cores {float(memory_gib):g} GiB"
+
+
+def parse_cpu_label(label: str | None) -> CpuBox | None:
+    """The container of a :func:`cpu_label`, or None for anything else (a GPU setting, None)."""
+    m = _CPU_LABEL.match(label or "")
+    return CpuBox(float(m.group(1)), float(m.group(2))) if m else None
+
+
+def stage_backend(kind: str, gpu: str | None, hardware: dict[str, Any] | None, override: str | None = None) -> str:
+    """Where a stage of ``kind`` runs: ``override`` (``--backend``) ``local`` keeps every stage here;
+    else ``hardware.stage_backend[kind]`` when set; else a GPU stage (``gpu`` not None) follows
+    ``override`` or ``hardware.backend``, and a CPU stage runs here."""
+    hardware = hardware or {}
+    if override == "local":
+        return "local"
+    chosen = (hardware.get("stage_backend") or {}).get(kind)
+    if chosen:
+        return str(chosen)
+    return (override or hardware.get("backend", "local")) if gpu is not None else "local"
+
+
+def remote_cpu(kind: str, hardware: dict[str, Any] | None) -> CpuBox:
+    """The CPU container of a CPU stage of ``kind`` on Modal: ``hardware.stage_cpu[kind]`` over
+    ``hardware.cpu`` (each key on its own). ``hardware`` is a resolved spec's (the schema's
+    defaults of hardware.cpu filled in: they are the one source of the default container)."""
+    hardware = hardware or {}
+    box = {**(hardware.get("cpu") or {}), **((hardware.get("stage_cpu") or {}).get(kind) or {})}
+    if "cores" not in box or "memory_gib" not in box:
+        raise ValueError("hardware.cpu has no cores/memory_gib: pass a resolved spec's hardware section")
+    return CpuBox(float(box["cores"]), float(box["memory_gib"]))
 
 
 # --------------------------------------------------------------------------- per unit of work (report)

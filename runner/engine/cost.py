@@ -7,12 +7,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from runner.core import contract
-from runner.core.pricing import is_priced, price_note, remote_gpu, stage_cost
+from runner.core.pricing import is_priced, price_note, remote_cpu, remote_gpu, stage_cost
 
 
 def stage_gpu(node: contract.PlanNode, hardware: dict[str, Any] | None, backend: str) -> str | None:
-    """The GPU a stage would use on a remote backend (None when it runs on the CPU/locally)."""
-    return remote_gpu(node.kind, node.gpu, hardware) if backend == "modal" else None
+    """What a stage is billed for on a remote backend: its GPU, or for a CPU stage sent there
+    (hardware.stage_backend) its CPU container's label (``cpu 4 cores 16 GiB``, priced per core-hour
+    and GiB-hour); None when it runs locally."""
+    if backend != "modal":
+        return None
+    if node.gpu is None:
+        return remote_cpu(node.kind, hardware).label
+    return remote_gpu(node.kind, node.gpu, hardware)
 
 
 #: The device name a local stage's estimates learn under when the spec names no hardware.gpu.

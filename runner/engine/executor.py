@@ -26,7 +26,7 @@ from runner.engine.lock import workspace_lock
 from runner.engine.progress import PlainReporter, make_reporter
 from runner.engine.publish import publish_outputs, publish_reports, report_folder, track_reports, track_stage
 from runner.engine.record import Ended, Recorder, StageResult
-from runner.engine.request import ApplyError, ApplyOptions, backend_of, is_remote
+from runner.engine.request import ApplyError, ApplyOptions, backend_of, check_stage_backends, is_remote
 from runner.engine.run_one import Outcome, Running, StageEnv, discard, open_stage, run_body, settle
 from runner.engine.schedule import Scheduler, Step
 from runner.engine.workspace import Workspace
@@ -64,6 +64,7 @@ def project_root_of(specs: list[Spec]) -> Path:
 def _plan(specs: list[Spec], ws: Workspace, force: list[str] | None, only: list[str] | None,
           registry: contract.Registry | None) -> Plan:
     graph = build_graph(specs, registry)
+    check_stage_backends(graph)
     try:
         return make_plan(graph, ws, ws, force=force, only=only)
     except KeyError as exc:
@@ -125,7 +126,7 @@ def _check_backend(options: ApplyOptions, plan: Plan) -> list[str]:
         try:
             require_credentials("hardware.backend: modal" if options.backend is None else "--backend modal")
         except ModalUnavailable as exc:
-            raise ApplyError(f"{len(remote)} GPU stage(s) to run on Modal ({', '.join(remote[:4])}"
+            raise ApplyError(f"{len(remote)} stage(s) to run on Modal ({', '.join(remote[:4])}"
                              f"{', ...' if len(remote) > 4 else ''}): {exc}") from None
     return remote
 

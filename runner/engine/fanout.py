@@ -1,4 +1,5 @@
-"""Remote fan-out: GPU stages on Modal (or a stand-in transport) run in a thread pool, up to
+"""Remote fan-out: remote stages on Modal (GPU stages, and CPU stages sent there by
+hardware.stage_backend), or on a stand-in transport, run in a thread pool, up to
 ``hardware.modal.max_parallel`` at once.
 
 A worker thread only uploads, calls and downloads into the stage's tmp folder
@@ -58,13 +59,13 @@ class RemoteFanout:
         cannot be built or started fails the apply cleanly (ApplyError)."""
         fan = cls(remote_backend(graph, ws, options, remote_ids), max_parallel(graph, options), reporter)
         if getattr(fan.backend.transport, "name", "") == "modal":
-            reporter.log("modal", "info", f"starting the Modal app for {len(remote_ids)} GPU stage(s) "
+            reporter.log("modal", "info", f"starting the Modal app for {len(remote_ids)} remote stage(s) "
                          "(the first run builds the image: a few minutes)")
         session = fan.backend.session()
         try:
             session.__enter__()  # for Modal: app.run() (builds the image the first time)
         except Exception as exc:
-            raise ApplyError(f"could not start the Modal app for the GPU stages: {type(exc).__name__}: {exc}",
+            raise ApplyError(f"could not start the Modal app for the remote stages: {type(exc).__name__}: {exc}",
                              hint="check `modal token new` / `modal profile current`, or run with --backend local"
                              ) from None
         fan._session = session
@@ -118,8 +119,9 @@ def remote_backend(graph: Graph, ws: Workspace, options: ApplyOptions, remote_id
     except ModalUnavailable as exc:
         raise ApplyError(str(exc)) from None
     except Exception as exc:  # the SDK rejected a setting (a GPU name, a timeout...)
-        raise ApplyError(f"the Modal app for the GPU stages could not be declared: {type(exc).__name__}: {exc} "
-                         "(check hardware.gpu, hardware.stage_gpu and hardware.modal)") from None
+        raise ApplyError(f"the Modal app for the remote stages could not be declared: {type(exc).__name__}: {exc} "
+                         "(check hardware.gpu, hardware.stage_gpu, hardware.cpu, hardware.stage_cpu and "
+                         "hardware.modal)") from None
     return RemoteBackend(ModalTransport(stage_app), ws.dir, gpu_of)
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from runner.core import contract
 from runner.core.errors import UserError
+from runner.core.pricing import stage_backend
 from runner.plan.graph import Graph
 from runner.spec.resolve import Spec
 
@@ -41,5 +42,27 @@ def backend_of(spec: Spec, options: ApplyOptions) -> str:
 
 
 def is_remote(node: contract.PlanNode, graph: Graph, options: ApplyOptions) -> bool:
-    """GPU stages of a spec whose backend is modal run remotely; everything else stays local."""
-    return node.gpu is not None and backend_of(graph.specs[node.character], options) == "modal"
+    """Whether ``node`` runs on Modal: its kind's ``hardware.stage_backend`` entry when set, else a
+    GPU stage of a spec whose backend is modal; CPU stages stay here unless sent; ``--backend
+    local`` keeps everything here (runner.core.pricing.stage_backend)."""
+    hardware = graph.specs[node.character].data.get("hardware", {})
+    return stage_backend(node.kind, node.gpu, hardware, options.backend) == "modal"
+
+
+def check_stage_backends(graph: Graph) -> None:
+    """Refuse a ``hardware.stage_backend`` / ``hardware.stage_cpu`` entry naming a kind that is not
+    registered (a typo would silently run the stage here), or sending a kind that summarizes the
+    run (the report reads this machine's state database) to Modal."""
+    kinds = {k.kind: k for k in graph.registry}
+    for spec in graph.specs.values():
+        hardware = spec.data.get("hardware", {})
+        for key in ("stage_backend", "stage_cpu"):
+            for kind, value in (hardware.get(key) or {}).items():
+                where = f"{spec.file}: hardware.{key}.{kind}"
+                if kind not in kinds:
+                    raise ApplyError(f"{where}: no stage kind is called {kind!r}",
+                                     hint="Known kinds: " + ", ".join(sorted(kinds)) + ".")
+                if key == "stage_backend" and value == "modal" and kinds[kind].summarizes:
+                    raise ApplyError(f"{where}: the {kind} stage summarizes the run from this machine's "
+                                     "state database and cannot run on Modal",
+                                     hint=f"Remove {kind} from hardware.stage_backend (it runs here).")

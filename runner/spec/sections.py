@@ -591,12 +591,27 @@ class BudgetConfig:
     max_hours: float | None
 
 
+@schema_config('hardware', 'cpu')
+class CpuContainerConfig:
+    cores: float
+    memory_gib: float
+
+
+@schema_config('hardware', 'stage_cpu', '<name>')
+class StageCpuConfig:
+    cores: float | None
+    memory_gib: float | None
+
+
 @schema_config('hardware')
 class HardwareConfig:
     backend: str
     device: str
     gpu: str
     stage_gpu: Mapping[str, str]
+    stage_backend: Mapping[str, str]
+    cpu: CpuContainerConfig
+    stage_cpu: Mapping[str, StageCpuConfig]
     local_processes: int
     gpu_memory_gib: Mapping[str, float]
     memory_check: str
