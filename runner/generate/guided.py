@@ -226,9 +226,8 @@ def load_ip_adapter(pipe, ref: str, *, weight_name: str | None, subfolder: str |
 def controlnet_pipeline(pipe, ref: str, *, family: Any, project_root: Path | None = None,
                         cache_dir: Path | None = None):
     """The family's ControlNet pipeline (``family.generation.controlnet``) sharing ``pipe``'s
-    modules, with the ControlNet at ``ref``."""
-    import diffusers
-
+    modules, with the ControlNet at ``ref`` (a hub id missing from the cache fails before diffusers
+    is imported)."""
     from runner.generate.references import require_adapters
 
     fam = _family(family)
@@ -236,6 +235,8 @@ def controlnet_pipeline(pipe, ref: str, *, family: Any, project_root: Path | Non
     require_adapters(fam, ip_adapter=False, controlnet=True, key=key)
     args = fam.generation.controlnet
     location = _local_or_hub(ref, project_root, cache_dir, f"{key}.controlnet")
+    import diffusers
+
     try:
         cn = getattr(diffusers, args.model).from_pretrained(location, dtype=getattr(pipe, fam.denoiser).dtype)
     except (OSError, ValueError) as exc:
