@@ -23,14 +23,13 @@ import json
 import os
 import re
 import shutil
-import string
 from pathlib import Path
 from typing import Any
 
 from runner.core import contract
 from runner.spec.config import node_field, schema_config, view_of
 from runner.spec.sections import CaptionsConfig, ReportConfig, spec_config
-from runner.stages.common import curated_image_inputs, read_jsonl
+from runner.stages.common import check_fields, curated_image_inputs, read_jsonl
 
 TEMPLATE_FIELDS = ("trigger", "class", "shot", "attributes", "pose", "expression", "lighting", "people")
 
@@ -71,15 +70,7 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
 
 
 def check_template(template: str, key: str) -> None:
-    try:
-        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
-    except ValueError as exc:
-        raise contract.StageError(f"{key}: {exc}",
-                                  hint="use {field} placeholders; write {{ and }} for literal braces") from None
-    unknown = [n for n in names if n not in TEMPLATE_FIELDS]
-    if unknown:
-        raise contract.StageError(f"{key}: unknown field {{{unknown[0]}}}",
-                                  hint="fields: " + " ".join("{" + f + "}" for f in TEMPLATE_FIELDS))
+    check_fields(template, key, TEMPLATE_FIELDS)
 
 
 def people_words(n: int) -> str:

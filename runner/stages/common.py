@@ -154,6 +154,22 @@ def review_section(graph: contract.GraphView, part: str, **kw: Any) -> dict[str,
                                              "`git diff` shows hand edits") from None
 
 
+def check_fields(template: str, key: str, fields: tuple[str, ...]) -> None:
+    """A ``str.format`` template (a caption) may name only ``fields``; refused at plan time naming
+    ``key`` otherwise (the caption and video_clips stages' templates)."""
+    import string
+
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise contract.StageError(f"{key}: {exc}",
+                                  hint="use {field} placeholders; write {{ and }} for literal braces") from None
+    unknown = [n for n in names if n not in fields]
+    if unknown:
+        raise contract.StageError(f"{key}: unknown field {{{unknown[0]}}}",
+                                  hint="fields: " + " ".join("{" + f + "}" for f in fields))
+
+
 VIDEO_PRESET_KEYS = ("steps", "guidance", "image_conditioning", "prompt_prefix", "prompt_suffix")
 
 

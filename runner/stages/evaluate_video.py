@@ -40,7 +40,8 @@ from typing import Any
 
 from runner.core import contract
 from runner.core.fs import atomic_write_text
-from runner.spec.sections import CharacterConfig, EvaluateConfig, HardwareConfig, VideoConfig
+from runner.spec.config import view_of
+from runner.spec.sections import CharacterConfig, EvaluateConfig, HardwareConfig, ReportConfig, VideoConfig
 from runner.stages.common import (
     IMAGE_EXTENSIONS,
     device_setting,
@@ -559,7 +560,7 @@ def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact
     if found is None:
         return []
     folder, results = found
-    rows = video_rows(results, folder, thumb_px=int(env.get("thumbnail_px") or 96) // 2,
+    rows = video_rows(results, folder, thumb_px=view_of(ReportConfig, env).thumbnail_px // 2,
                       embed_max_bytes=int(env.get("video_embed_max_bytes", 2 * 1024 * 1024)))
     page = folder / "compare.html"
     ctx = {"v": rows, "compare_uri": page.resolve().as_uri() if page.is_file() else "",

@@ -20,14 +20,13 @@ import glob
 import json
 import os
 import shutil
-import string
 import time
 from pathlib import Path
 from typing import Any
 
 from runner.core import contract
 from runner.spec.sections import spec_config
-from runner.stages.common import rel_path
+from runner.stages.common import check_fields, rel_path
 
 KIND = "video_clips"
 VERSION = 1
@@ -36,16 +35,7 @@ CAPTION_FIELDS = ("trigger", "class", "shot")
 
 def check_caption(template: str) -> None:
     """train_video.clips.caption may name {trigger}, {class} and {shot} only (refused at plan time)."""
-    key = "train_video.clips.caption"
-    try:
-        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
-    except ValueError as exc:
-        raise contract.StageError(f"{key}: {exc}",
-                                  hint="use {field} placeholders; write {{ and }} for literal braces") from None
-    unknown = [n for n in names if n not in CAPTION_FIELDS]
-    if unknown:
-        raise contract.StageError(f"{key}: unknown field {{{unknown[0]}}}",
-                                  hint="fields: " + " ".join("{" + f + "}" for f in CAPTION_FIELDS))
+    check_fields(template, "train_video.clips.caption", CAPTION_FIELDS)
 
 
 def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.PlanNode]:
