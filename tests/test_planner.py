@@ -223,6 +223,41 @@ def test_batch_of_specs_and_duplicate_names(hero, project):
         plan_specs(load_specs([project / "specs"]), registry=_Kinds.registry)
 
 
+def test_a_first_plan_of_many_new_files_in_one_folder_writes_its_stat_cache_once(tmp_path):
+    """A day of ride videos: one file set per video, all new. The root's stat cache is written once
+    when the plan is flushed (not once per file set: that was quadratic at 10,000 videos), and a
+    fresh workspace reads every file back without re-hashing."""
+    import glob
+
+    from runner.engine import workspace as wsmod
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    names = [f"ride_{i:03d}.mp4" for i in range(40)]
+    for n in names:
+        (videos / n).write_bytes(n.encode())
+    refs = [contract.FileSetRef(root=videos, patterns=(glob.escape(n),), recursive=False, spec_key="k") for n in names]
+    ws = wsmod.Workspace(tmp_path)
+    writes = []
+    ws.db.set_trace_callback(lambda sql: writes.append(sql) if "stat_blob" in sql and "INSERT" in sql else None)
+    try:
+        for r in refs:
+            ws.digest_fileset(r)
+        assert writes == []
+        ws.flush_digests()
+        assert len(writes) == 1
+        ws.flush_digests()
+        assert len(writes) == 1  # nothing changed since
+    finally:
+        ws.close()
+    ws = wsmod.Workspace(tmp_path)
+    try:
+        cached = ws._stat_root(str(videos))
+        assert sorted(cached) == names
+    finally:
+        ws.close()
+
+
 def test_symlink_loops_in_a_photo_folder_are_followed_once(hero):
     photos = hero.parent.parent / "photos"
     (photos / "loop").symlink_to(photos)

@@ -304,8 +304,21 @@ def node_id(character: str, kind: str, variant: str | None = None) -> str:
     return f"{character}:{kind}" + (f"[{variant}]" if variant else "")
 
 
+_PLAIN = (str, int, float, bool, type(None))
+
+
 def jsonable(obj: Any) -> Any:
-    """Convert paths/dataclasses/tuples into plain JSON types (for configs and manifests)."""
+    """Convert paths/dataclasses/tuples into plain JSON types (for configs and manifests).
+
+    Plain values are tested first by exact type: every plan runs this over every node's config
+    (10,000 video nodes at fleet size), and the dataclass test is the slow one."""
+    kind = type(obj)
+    if kind in _PLAIN:
+        return obj
+    if kind is dict:
+        return {k if type(k) is str else str(k): jsonable(v) for k, v in obj.items()}
+    if kind is list or kind is tuple:
+        return [jsonable(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):

@@ -66,9 +66,11 @@ def _plan(specs: list[Spec], ws: Workspace, force: list[str] | None, only: list[
     graph = build_graph(specs, registry)
     check_stage_backends(graph)
     try:
-        return make_plan(graph, ws, ws, force=force, only=only)
+        plan = make_plan(graph, ws, ws, force=force, only=only)
     except KeyError as exc:
         raise ApplyError(str(exc.args[0]) if exc.args else str(exc)) from None
+    ws.flush_digests()
+    return plan
 
 
 def plan_specs(specs: list[Spec], *, force: list[str] | None = None, only: list[str] | None = None,

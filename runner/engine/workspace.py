@@ -117,6 +117,7 @@ class Workspace:
         self.logs_dir = self.dir / "logs"
         self._db: sqlite3.Connection | None = None
         self._stat_entries: dict[str, dict[str, Any]] = {}  # root -> its stat cache, loaded once
+        self._dirty_roots: set[str] = set()  # roots whose stat cache changed since flush_digests
 
     # ------------------------------------------------------------------ db
     @property
@@ -135,6 +136,7 @@ class Workspace:
 
     def close(self) -> None:
         if self._db is not None:
+            self.flush_digests()
             self._db.close()
             self._db = None
 
@@ -180,13 +182,23 @@ class Workspace:
         files = sorted((rel, index.sha256(rel, full, st)) for rel, full, st in _scan(root, ref.patterns, ref.recursive))
         gone = _gone(old, index.entries, ref)
         if index.rehashed or gone or any(rel not in old for rel in index.entries):
-            merged = {rel: e for rel, e in old.items() if rel not in gone}
-            merged.update(index.entries)
-            with self.db:
-                self.db.execute("INSERT OR REPLACE INTO stat_blob VALUES (?, ?)", (root_key, marshal.dumps(merged)))
-            self._stat_entries[root_key] = merged
+            for rel in gone:  # in place: file sets of one root each touch only their own entries
+                del old[rel]
+            old.update(index.entries)
+            self._dirty_roots.add(root_key)
         digest = sha256_text(canonical_json(files))
         return FileSetDigest(digest=digest, files=tuple(files), root=root)
+
+    def flush_digests(self) -> None:
+        """Write the stat caches that changed since the last flush: once per plan, not once per file
+        set (a first plan of 10,000 new videos in one folder would rewrite that root's blob 10,000
+        times). Losing them (a crash before the flush) only costs re-hashing at the next plan."""
+        if not self._dirty_roots:
+            return
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO stat_blob VALUES (?, ?)",
+                                [(root, marshal.dumps(self._stat_entries[root])) for root in sorted(self._dirty_roots)])
+        self._dirty_roots.clear()
 
     def _stat_root(self, root_key: str) -> dict[str, Any]:
         if root_key not in self._stat_entries:
