@@ -1,13 +1,19 @@
 """bench/scale/plan.py: `runner plan` time and peak memory as a spec grows to fleet size (issue 18).
 
-    python bench/scale/plan.py [--videos 100,1000] [--images 0,10000] [--repeat 3] [--work DIR]
+    python bench/scale/plan.py [--videos 100,1000] [--folder 1000,10000] [--images 0,10000]
+                               [--repeat 3] [--cached] [--work DIR]
 
-For each size, a fresh project: a spec whose dataset lists N video sources (hard links of one
-short clip, so the files are real but cost no disk), or one image folder of N small JPEGs. The
-first plan digests every file; the later ones (``--repeat``) find nothing changed. Each plan runs
-`runner plan` in a subprocess (what a user waits for, Python start-up included) and reports wall
-seconds, CPU seconds and the child's peak RSS. Sizes are interleaved across repetitions, so a
-busy machine slows every size alike; quote the ratios.
+For each size, a fresh project: a spec whose dataset lists N video sources (``--videos``), one
+video source naming a folder of N videos (``--folder``: a ride day), or one image folder of N
+small JPEGs (``--images``); the videos are hard links of one short clip, so the files are real
+but cost no disk. The first plan digests every file; the later ones (``--repeat``) find nothing
+changed. With ``--cached`` every stage of the first plan is then recorded as run (an empty output
+folder promoted into the store under its key and made the stage's current key, which is all a
+plan reads of an earlier run), so the later plans are the no-op plan a user sees the morning after,
+every stage ``cached``, and a no-op ``runner apply`` is timed too. Each command runs in a
+subprocess (what a user waits for, Python start-up included) and reports wall seconds, CPU seconds
+and the child's peak RSS. Sizes are interleaved across repetitions, so a busy machine slows every
+size alike; quote the ratios.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from pathlib import Path
 CLIP = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "video" / "carphone.mp4"
 HEAD = "version: 1\ncharacter:\n  name: rides\n  trigger: rdrs\ndataset:\n  sources:\n"
 MEASURE = ("import resource, sys, time; from runner.cli import main; t = time.perf_counter(); sys.argv = "
-           "['runner', 'plan', 'specs/bench.yaml']\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
+           "['runner', sys.argv[1], 'specs/bench.yaml']\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
            "r = resource.getrusage(resource.RUSAGE_SELF)\n"
            "print('BENCH', time.perf_counter() - t, r.ru_utime + r.ru_stime, r.ru_maxrss, file=sys.stderr)")
 
@@ -39,6 +45,43 @@ def make_videos(project: Path, n: int) -> None:
             os.link(CLIP, dest)
     lines = "".join(f"    - video: ../videos/ride_{i:06d}.mp4\n" for i in range(n))
     (project / "specs" / "bench.yaml").write_text(HEAD + lines)
+
+
+def make_folder(project: Path, n: int) -> None:
+    """One video source naming a folder of ``n`` ride videos (one video_identity stage each)."""
+    videos = project / "rides"
+    videos.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        dest = videos / f"guest_{i:06d}.mp4"
+        if not dest.exists():
+            os.link(CLIP, dest)
+    (project / "specs" / "bench.yaml").write_text(HEAD + "    - video: ../rides/\n")
+
+
+def plant_cached(project: Path) -> int:
+    """Record every stage of the project's plan as run: an empty output folder per promised output
+    promoted into the store under the stage's key, and the key made the stage's current one. The
+    plan reads nothing else of an earlier run, so the next plan is the no-op plan at this size."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from runner.engine.executor import plan_specs
+    from runner.spec import load_specs
+    from runner.stages import registry
+
+    plan, ws = plan_specs(load_specs([project / "specs" / "bench.yaml"]), registry=registry())
+    try:
+        run_id = ws.start_run("bench plant", ["specs/bench.yaml"])
+        for ps in plan.stages:
+            tmp = ws.new_tmp_dir(ps.key)
+            for out in ps.node.outputs:
+                (tmp / out).mkdir()
+            ws.promote(tmp, ps.key, {"stage_id": ps.id, "kind": ps.node.kind, "key": ps.key, "run_id": run_id,
+                                     "outputs": {o: o for o in ps.node.outputs}, "meta": {},
+                                     "components": ps.components})
+            ws.set_current(ps.id, ps.key, ps.components, run_id, ps.fileset_digests)
+        ws.finish_run(run_id, "succeeded", {})
+    finally:
+        ws.close()
+    return len(plan.stages)
 
 
 def make_images(project: Path, n: int) -> None:
@@ -55,13 +98,13 @@ def make_images(project: Path, n: int) -> None:
     (project / "specs" / "bench.yaml").write_text(HEAD + "    - images: ../images\n")
 
 
-def plan_once(project: Path) -> dict[str, float]:
+def plan_once(project: Path, command: str = "plan") -> dict[str, float]:
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-c", MEASURE], cwd=project, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", MEASURE, command], cwd=project, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     line = next((ln for ln in r.stderr.splitlines() if ln.startswith("BENCH")), None)
     if r.returncode != 0 or line is None:
-        sys.exit(f"runner plan failed in {project}:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+        sys.exit(f"runner {command} failed in {project}:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
     _, inner, cpu, rss_kib = line.split()
     return {"wall_s": wall, "in_process_s": float(inner), "cpu_s": float(cpu), "peak_rss_mib": int(rss_kib) / 1024}
 
@@ -78,18 +121,21 @@ def summary(runs: list[dict[str, float]]) -> dict[str, object]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--videos", default="100,1000", help="comma-separated numbers of video sources ('' for none)")
+    ap.add_argument("--folder", default="", help="comma-separated numbers of videos in one folder source")
     ap.add_argument("--images", default="", help="comma-separated numbers of images in one folder")
+    ap.add_argument("--cached", action="store_true",
+                    help="after the first plan, record every stage as run: later plans are no-op plans")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--work", type=Path, default=Path(__file__).resolve().parents[1] / "_work" / "scale_plan")
     args = ap.parse_args()
-    cases = [("videos", int(n)) for n in args.videos.split(",") if n] + \
-            [("images", int(n)) for n in args.images.split(",") if n]
+    makers = {"videos": make_videos, "folder": make_folder, "images": make_images}
+    cases = [(what, int(n)) for what in makers for n in getattr(args, what).split(",") if n]
     projects = {}
     for what, n in cases:
         project = args.work.resolve() / f"{what}_{n}"
         (project / "specs").mkdir(parents=True, exist_ok=True)
         (project / "runner.toml").write_text("")
-        (make_videos if what == "videos" else make_images)(project, n)
+        makers[what](project, n)
         for state in (project / ".runner",):
             if state.exists():
                 import shutil
@@ -97,14 +143,22 @@ def main() -> None:
                 shutil.rmtree(state)
         projects[(what, n)] = project
     first = {case: plan_once(p) for case, p in projects.items()}
+    stages = {case: plant_cached(p) for case, p in projects.items()} if args.cached else {}
     later: dict[tuple[str, int], list[dict[str, float]]] = {case: [] for case in projects}
+    applies: dict[tuple[str, int], list[dict[str, float]]] = {case: [] for case in projects}
     for _ in range(args.repeat):  # interleaved: every size once per round
         for case, p in projects.items():
             later[case].append(plan_once(p))
+            if args.cached:
+                applies[case].append(plan_once(p, "apply"))
     result = {"machine": {"cpu_cores": os.cpu_count(), "python": platform.python_version(),
                           "date": time.strftime("%Y-%m-%d")},
-              "cases": [{"what": what, "n": n, "first_plan": {k: round(v, 3) for k, v in first[(what, n)].items()},
-                         "unchanged_plan": summary(later[(what, n)])} for what, n in projects]}
+              "cached": args.cached,
+              "cases": [{"what": what, "n": n, "stages": stages.get((what, n)),
+                         "first_plan": {k: round(v, 3) for k, v in first[(what, n)].items()},
+                         "unchanged_plan": summary(later[(what, n)]),
+                         **({"noop_apply": summary(applies[(what, n)])} if args.cached else {})}
+                        for what, n in projects]}
     print(json.dumps(result, indent=2))
     (args.work / "result.json").write_text(json.dumps(result, indent=2))
 

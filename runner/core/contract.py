@@ -95,7 +95,7 @@ class PlanNode:
 
     def keyed_config(self) -> dict[str, Any]:
         """The part of the config that is in the cache key: all of it but ``unkeyed``."""
-        return {k: v for k, v in jsonable(self.config).items() if k not in self.unkeyed}
+        return {str(k): jsonable(v) for k, v in self.config.items() if k not in self.unkeyed}
 
     def upstream_ids(self) -> list[str]:
         ids = [ref.stage_id for ref in self.inputs.values() if isinstance(ref, StageOutputRef)]

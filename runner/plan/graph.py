@@ -137,6 +137,8 @@ def model_inputs(node: contract.PlanNode, models: list[LocalModel]) -> dict[str,
     A node reads a model when the key declares an effect on its kind and the value is in its
     config; models the stage already takes as an input (same folder or file) are not added twice.
     """
+    if not models:  # most specs name hub models only: no walk over every node's config
+        return {}
     have = {Path(r.root).resolve() for r in node.inputs.values() if isinstance(r, contract.FileSetRef)}
     strings = set(_strings(node.config))
     out: dict[str, contract.FileSetRef] = {}

@@ -46,6 +46,8 @@ def uncached_models(plan: Plan) -> list[UncachedModel]:
     """The hub models that stages about to run need and the local cache does not hold. Linear in
     keys + stages (a spec with 1,000 video sources names a model in each)."""
     found: dict[str, UncachedModel] = {}
+    if not any(ps.will_execute for ps in plan.stages):
+        return []  # a no-op plan loads no model
     checked: dict[str, str | None] = {}
     several = len(plan.graph.specs) > 1
     for spec in plan.graph.specs.values():

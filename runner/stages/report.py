@@ -39,10 +39,11 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
         "spec_file": spec_rel,
         "spec": spec,
         "stages": stages,
-        # What the key covers: the spec and the stage configs without settings that change no
-        # output (prices, worker counts...): editing one re-renders nothing.
+        # What the key covers besides every stage's key (each stage is an input: its key holds its
+        # keyed config): the spec without settings that change no output (prices, worker
+        # counts...), so editing one re-renders nothing, and the stages' ids, kinds and labels.
         "keyed": {"spec": S.without_effect_free(spec),
-                  "stages": [{**st, "config": node.keyed_config()} for st, node in zip(stages, graph.nodes)]},
+                  "stages": [[st["id"], st["kind"], st["label"]] for st in stages]},
     }
     review = _review_decisions(graph)
     if review:
@@ -196,10 +197,10 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
         kind = registry.get(st["kind"])
         if kind is None or kind.report is None:
             continue
-        outputs = {
-            name.split("/", 1)[1]: art
+        outputs = {  # "<stage id>/<output>": a stage id may hold '/' (a video in a sub-folder), an output not
+            name.rpartition("/")[2]: art
             for name, art in inputs.items()
-            if name.split("/", 1)[0] == st["id"]
+            if name.rpartition("/")[0] == st["id"]
         }
         try:
             produced = kind.report(st["config"], outputs, env_settings)
