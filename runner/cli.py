@@ -107,7 +107,8 @@ def _plan_line(ps: Any, estimate: Any = None) -> str:
     sym = {"run": "+", "rerun": "~", "resume": ">", "cached": "="}[ps.action]
     extra = ""
     if estimate is not None:  # its GPU (on Modal or here) and what a run would take / cost
-        where = "gpu stage, local" if estimate.backend == "local" else f"{estimate.backend} {estimate.gpu}"
+        here = "gpu stage, local" if ps.node.gpu else "local"
+        where = here if estimate.backend == "local" else f"{estimate.backend} {estimate.gpu}"
         extra = f"  [{where}, {estimate.short()}: {estimate.note}]"
     elif ps.node.gpu:  # runs here; the GPU type only applies on a remote backend
         extra = "  [gpu stage, local]"

@@ -219,6 +219,36 @@ def test_a_local_gpu_stage_is_estimated_once_it_has_run_here(project: Path) -> N
         ws.close()
 
 
+def test_a_local_cpu_stage_is_estimated_once_it_has_run_here(project: Path) -> None:
+    """A CPU stage (a ride video's identity sets) that ran here before gets its time on this
+    machine in the plan, learned per execution from the local runs of its kind; before that it has
+    none (no CPU kind declares a duration for this machine)."""
+    from runner.cli import _plan_line
+
+    def expand_ident(spec, graph):
+        return [contract.PlanNode(id=contract.node_id(graph.character, "ident", str(i)), kind="ident",
+                                  character=graph.character, config={"i": i}, outputs=("items",)) for i in range(3)]
+
+    reg = contract.Registry()
+    reg.register("ident", version=1, order=10, expand=expand_ident)(run_clips)
+    plan, ws = planned(project, reg)
+    try:
+        assert plan_estimates(plan, "local", ws) == {}
+        for seconds in (70.0, 80.0, 90.0):
+            ws.record_execution(ExecutionRecord(
+                run_id="r", stage_id="other:ident[0]", kind="ident", character="other", key="k", action="run",
+                reason="", status="succeeded", started=time.time(), duration=seconds, metrics={}, cost=0.0,
+                currency="USD", gpu=None, backend="local", remote_call_id=None, error=None, log_path=None))
+        est = plan_estimates(plan, None, ws)
+        assert sorted(est) == ["hero:ident[0]", "hero:ident[1]", "hero:ident[2]"]
+        first = est["hero:ident[0]"]
+        assert (first.backend, first.seconds, first.runs, first.priced) == ("local", 80.0, 3, False)
+        line = _plan_line(plan.stages[0], first)
+        assert "[local, ~80 s, time only: ~80 s (learned from 3 runs of ident stages on local" in line, line
+    finally:
+        ws.close()
+
+
 def test_each_execution_records_what_the_plan_estimated_and_the_report_shows_it(project: Path) -> None:
     """An apply records, with each execution's metrics, the estimate its plan showed (seconds,
     cost, learned or default): none for a local stage's first run here, then learned from it; the

@@ -134,19 +134,20 @@ def _check_backend(options: ApplyOptions, plan: Plan) -> list[str]:
 
 
 def plan_estimates(plan: Plan, backend: str | None = None, ws: Workspace | None = None) -> dict[str, cost_mod.Estimate]:
-    """Estimated GPU, time and cost of every remote stage of ``plan`` and of every local GPU stage
-    whose kind declares ``typical_seconds`` or ``work_units`` (``runner plan`` shows them):
-    learned from the latest earlier runs of its kind on its GPU in the state database (per clip,
-    per step, ... where the kind declares ``work_units``), else from the price table and the
-    typical duration its kind declares (each estimate says which)."""
+    """Estimated GPU, time and cost of every remote stage of ``plan``, and the time of every local
+    stage (GPU or CPU) whose kind has run on this machine before (``runner plan`` shows them):
+    learned from the latest earlier runs of its kind on its GPU (or CPU container, or this machine)
+    in the state database (per clip, per step, ... where the kind declares ``work_units``); a
+    remote stage with no history gets the price table and the typical duration its kind declares
+    (each estimate says which). The summarizing report is not estimated."""
     out: dict[str, cost_mod.Estimate] = {}
     opts = ApplyOptions(backend=backend)
     db = ws.db if ws is not None and ws.exists() else None
     remote = [ps for ps in plan.stages if is_remote(ps.node, plan.graph, opts)]
     remote_ids = {ps.id for ps in remote}
     registry = plan.graph.registry
-    local = [ps for ps in plan.stages if ps.id not in remote_ids and ps.node.gpu and ps.node.kind in registry
-             and (registry.get(ps.node.kind).typical_seconds or registry.get(ps.node.kind).work_units)]
+    local = [ps for ps in plan.stages if ps.id not in remote_ids and ps.node.kind in registry
+             and not registry.get(ps.node.kind).summarizes]
     history = cost_mod.load_history(db, {ps.node.kind for ps in remote})  # a few index seeks per kind
     history_here = cost_mod.load_history(db, {ps.node.kind for ps in local}, backend="local")
     for backend, stages, hist in (("modal", remote, history), ("local", local, history_here)):
