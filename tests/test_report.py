@@ -83,3 +83,50 @@ def test_runner_report_rerenders(project, shared_data, only_ingest_and_report):
     statuses = {r.stage_id: r.status for r in again.results}
     assert statuses == {"hero:ingest": "cached", "hero:report": "succeeded"}
     assert again.reports["hero"] != first.reports["hero"] and again.reports["hero"].exists()
+
+
+def _ride_registry(n: int) -> contract.Registry:
+    """A stand-in for a ride day: ``n`` stages of one kind with a section each and a report row
+    (the third one needs attention), plus the real report."""
+    def expand(spec, graph):
+        return [contract.PlanNode(id=contract.node_id(graph.character, "ride", f"0:guest_{i}.mp4"), kind="ride",
+                                  character=graph.character, config={"i": i}, outputs=("sets",)) for i in range(n)]
+
+    def run(config, inputs, ctx):
+        (ctx.out_dir / "sets").mkdir()
+        (ctx.out_dir / "sets" / "count.txt").write_text(str(config["i"] * 10))
+        return {"sets": contract.Artifact("sets", ctx.out_dir / "sets")}
+
+    def section(config, outputs, env):
+        return [contract.ReportSection(title=f"Ride {config['i']}", template="sections/tracking.html.j2",
+                                       anchor=f"ride-{config['i']}", context={"runs": []})]
+
+    def row(config, outputs):
+        images = int((outputs["sets"].path / "count.txt").read_text())
+        return {"images": images, "attention": "no face found" if config["i"] == 3 else None}
+
+    reg = contract.Registry([stage_registry().get("report")])
+    reg.register("ride", version=1, order=15, expand=expand, report=section, report_row=row)(run)
+    return reg
+
+
+@pytest.mark.parametrize("rides, tables", [(3, 0), (6, 1)])
+def test_a_kind_with_many_stages_gets_one_table_and_a_few_sections(project, rides, tables):
+    """Above report.max_sections_per_kind stages of a kind, the report holds one table with a row
+    per stage and the detailed sections of that many (those needing attention first); at or
+    under it, every stage keeps its section."""
+    spec_file = project / "specs" / "hero.yaml"
+    spec_file.write_text("version: 1\ncharacter: {name: hero, trigger: hrochr}\nreport: {max_sections_per_kind: 3}\n")
+    res = apply([load_spec(spec_file)], ApplyOptions(), QuietReporter(), registry=_ride_registry(rides))
+    assert res.status == "succeeded"
+    html = res.reports["hero"].read_text()
+    assert html.count('class="stage-table"') == tables
+    shown = sorted(int(i) for i in re.findall(r'<section id="ride-(\d+)"', html))
+    if not tables:
+        assert shown == list(range(rides))
+        return
+    table = re.search(r'<table class="stage-table">.*?</table>', html, re.S).group(0)
+    assert "6 ride stages" in html and table.count("<code>hero:ride[0:guest_") == 6
+    assert shown == [0, 1, 3]  # the one needing attention, then the first ones in plan order
+    assert table.count('<tr class="attention">') == 1 and "no face found" in table
+    assert '<td class="num">50</td>' in table  # hero:ride[0:guest_5.mp4] row: its images

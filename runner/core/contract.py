@@ -223,6 +223,11 @@ class StageKind:
     # earlier runs (runner.engine.cost); a stage may report the units it really did with
     # ``ctx.metric("work_units", n)``. None: estimates go by whole executions.
     work_units: Callable[[dict[str, Any]], tuple[float, str] | None] | None = None
+    # One row of this kind's table in the report, from a node's config and outputs (a few short
+    # fields, no images; key "attention": a short text for a stage that needs a look), used when a
+    # character has more stages of the kind than report.max_sections_per_kind (None: every stage
+    # keeps its own sections, however many).
+    report_row: Callable[[dict[str, Any], dict[str, Artifact]], dict[str, Any]] | None = None
     # What `runner review` shows of this kind's outputs (None: nothing): "analysis" (records.jsonl
     # in output ``analysis``), "curation" (output ``curated``), "identity" (per-person sets),
     # "evaluation" (evaluation.json), "frames" (storyboard report.json), "clips" (mp4 files).

@@ -629,6 +629,7 @@ class ReportConfig:
     title: str | None
     output_dir: str | None
     gallery_limit: int
+    max_sections_per_kind: int
     thumbnail_px: int
 
 

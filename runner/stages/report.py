@@ -191,29 +191,9 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
     }
     # the registry the engine planned with (a test's fake kinds); the built-in one when run alone
     registry = (getattr(ctx, "extra", {}) or {}).get("registry") or stage_registry()
-    sections: list[dict[str, Any]] = []
     jenv = _jinja_env()
-    for st in config["stages"]:
-        kind = registry.get(st["kind"])
-        if kind is None or kind.report is None:
-            continue
-        outputs = {  # "<stage id>/<output>": a stage id may hold '/' (a video in a sub-folder), an output not
-            name.rpartition("/")[2]: art
-            for name, art in inputs.items()
-            if name.rpartition("/")[0] == st["id"]
-        }
-        try:
-            produced = kind.report(st["config"], outputs, env_settings)
-        except Exception as exc:  # a broken section must not cost the whole report
-            ctx.warn(f"report section of {st['id']} failed: {type(exc).__name__}: {exc}")
-            sections.append({"title": st["id"], "anchor": _anchor(st["id"]), "stage": st["id"],
-                             "html": f'<p class="error">This section could not be rendered: '
-                                     f'{html.escape(type(exc).__name__)}: {html.escape(str(exc))}</p>'})
-            continue
-        for sec in produced:
-            body = jenv.get_template(sec.template).render(**sec.context, stage_id=st["id"], section=sec)
-            sections.append({"title": sec.title, "anchor": sec.anchor or _anchor(st["id"] + "-" + sec.title),
-                             "stage": st["id"], "html": body})
+    sections = _stage_sections(config["stages"], inputs, registry, env_settings, jenv, ctx,
+                               rep.max_sections_per_kind)
 
     if config.get("review"):  # what people decided in `runner review`
         sections.append(_review_section(config, inputs, jenv))
@@ -274,6 +254,72 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
     out.write_text(page, encoding="utf-8")
     ctx.metric("report_bytes", out.stat().st_size)
     return {"report": contract.Artifact("report", out)}
+
+
+def _outputs_of(stage_id: str, inputs: dict[str, contract.Artifact]) -> dict[str, contract.Artifact]:
+    """A stage's outputs among the report's inputs ("<stage id>/<output>": a stage id may hold '/'
+    (a video in a sub-folder), an output name not)."""
+    return {name.rpartition("/")[2]: art for name, art in inputs.items() if name.rpartition("/")[0] == stage_id}
+
+
+def _stage_sections(stages: list[dict[str, Any]], inputs: dict[str, contract.Artifact], registry: Any,
+                    env_settings: dict[str, Any], jenv: Any, ctx: contract.StageContext,
+                    limit: int) -> list[dict[str, Any]]:
+    """Every stage's sections in plan order. A kind with more than ``limit`` stages (a ride day's
+    thousand videos) that declares ``report_row`` gets one table of all of them instead, then the
+    detailed sections of ``limit`` of them, those whose row asks for attention first."""
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for st in stages:
+        by_kind.setdefault(st["kind"], []).append(st)
+    sections: list[dict[str, Any]] = []
+    for st in stages:
+        kind = registry.get(st["kind"])
+        if kind is None or kind.report is None:
+            continue
+        group = by_kind[st["kind"]]
+        if kind.report_row is None or len(group) <= limit:
+            sections += _sections_of(st, kind, inputs, env_settings, jenv, ctx)
+        elif st is group[0]:
+            sections += _kind_table(kind, group, inputs, env_settings, jenv, ctx, limit)
+    return sections
+
+
+def _sections_of(st: dict[str, Any], kind: Any, inputs: dict[str, contract.Artifact], env_settings: dict[str, Any],
+                 jenv: Any, ctx: contract.StageContext) -> list[dict[str, Any]]:
+    """One stage's rendered sections; a section that fails to render is replaced by its error."""
+    try:
+        produced = kind.report(st["config"], _outputs_of(st["id"], inputs), env_settings)
+    except Exception as exc:  # a broken section must not cost the whole report
+        ctx.warn(f"report section of {st['id']} failed: {type(exc).__name__}: {exc}")
+        return [{"title": st["id"], "anchor": _anchor(st["id"]), "stage": st["id"],
+                 "html": f'<p class="error">This section could not be rendered: '
+                         f'{html.escape(type(exc).__name__)}: {html.escape(str(exc))}</p>'}]
+    return [{"title": sec.title, "anchor": sec.anchor or _anchor(st["id"] + "-" + sec.title), "stage": st["id"],
+             "html": jenv.get_template(sec.template).render(**sec.context, stage_id=st["id"], section=sec)}
+            for sec in produced]
+
+
+def _kind_table(kind: Any, group: list[dict[str, Any]], inputs: dict[str, contract.Artifact],
+                env_settings: dict[str, Any], jenv: Any, ctx: contract.StageContext,
+                limit: int) -> list[dict[str, Any]]:
+    """The table of every stage of a kind (a row each, from ``report_row``), then ``limit``
+    detailed sections: the stages whose row has ``attention`` first, then in plan order."""
+    rows = []
+    for st in group:
+        try:
+            row = dict(kind.report_row(st["config"], _outputs_of(st["id"], inputs)) or {})
+        except Exception as exc:  # one unreadable output leaves its row saying so
+            row = {"attention": f"row could not be read: {type(exc).__name__}: {exc}"}
+        rows.append({"stage": st["id"], **row})
+    columns = list(dict.fromkeys(c for r in rows for c in r if c not in ("stage", "attention")))
+    first = sorted(range(len(group)), key=lambda i: (not rows[i].get("attention"), i))[:limit]
+    table = {"title": f"{len(group)} {kind.kind} stages", "anchor": _anchor(f"{kind.kind}-table"),
+             "stage": kind.kind,
+             "html": jenv.get_template("sections/stage_table.html.j2").render(
+                 kind=kind.kind, rows=rows, columns=columns, detailed=[group[i]["id"] for i in first],
+                 limit=limit)}
+    details = [sec for i in sorted(first) for sec in _sections_of(group[i], kind, inputs, env_settings, jenv, ctx)]
+    return [table, *details]
 
 
 def _tracked_runs(ws: Any, run_id: str, character: str) -> list[dict[str, Any]]:
