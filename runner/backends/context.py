@@ -13,7 +13,7 @@ import json
 import threading
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 
 class Reporter(Protocol):
@@ -91,6 +91,9 @@ class LocalStageContext:
         # Run-level facts a few stages need (the report's timeline); not part of any cache key.
         self.extra: dict[str, Any] = extra or {}
         self._lock = threading.Lock()
+        # Runs ctx.map_items over containers (runner.backends.mapping.VolumeMapper): set by the
+        # remote worker; None here, where the items are mapped in this process.
+        self.mapper: Callable[..., Iterator[dict[str, Any]]] | None = None
         for d in (out_dir, scratch_dir, cache_dir):
             d.mkdir(parents=True, exist_ok=True)
 
@@ -136,3 +139,18 @@ class LocalStageContext:
         entry = {"name": name, "value": value, "step": step}
         self.metric_history.append(entry)
         self._write({"event": "metric", **entry})
+
+    def map_items(self, fn: str, items: list[dict[str, Any]], shared: dict[str, Any], *,
+                  containers: int | None = None) -> Iterator[dict[str, Any]]:
+        """``fn`` over ``items``, results in input order (runner.core.contract.StageContext): over
+        ``containers`` containers where the remote worker set a mapper, else in this process."""
+        from runner.backends.mapping import run_here
+
+        wanted = int(containers or 1)
+        if self.mapper is not None and wanted > 1 and len(items) > 1:
+            return self.mapper(self, fn, items, shared, wanted)
+        if wanted > 1:
+            self.log(f"hardware.stage_map: {wanted} containers apply when the stage runs on Modal "
+                     "(hardware.stage_backend); here the items are mapped in this process",
+                     map_containers=1)
+        return run_here(fn, items, shared)

@@ -177,23 +177,72 @@ def build_image(python_version: str | None = None):
 # ----------------------------------------------------------------------------- the function body
 
 
-def modal_stage_entry(kind: str, config: dict[str, Any], manifest: dict[str, Any], volume_name: str) -> dict[str, Any]:
-    """Body of every stage function, run in the Modal container."""
-    import modal
-
+def modal_stage_entry(kind: str, config: dict[str, Any], manifest: dict[str, Any], volume_name: str,
+                      map_fn: Any = None) -> dict[str, Any]:
+    """Body of every stage function, run in the Modal container. ``map_fn`` (the stage's map
+    function, hydrated by the client's app and passed as an argument) runs the stage's
+    ``ctx.map_items`` over containers (hardware.stage_map)."""
     from runner.backends.worker import run_stage_in_volume
+
+    vol = _reloaded(volume_name)
+    launcher = None if map_fn is None else _ModalMapLauncher(map_fn, volume_name)
+    return run_stage_in_volume(kind, config, manifest, VOLUME_MOUNT, commit=vol.commit, launcher=launcher,
+                               fetch=lambda sha, dest: _read_blob(vol, sha, dest))
+
+
+def modal_map_entry(request: dict[str, Any], volume_name: str) -> dict[str, Any]:
+    """Body of every map function: one chunk of a stage's map (runner.backends.mapping)."""
+    from runner.backends.mapping import run_chunk_in_volume
+
+    vol = _reloaded(volume_name)
+    return run_chunk_in_volume(request, VOLUME_MOUNT, commit=vol.commit)
+
+
+def _reloaded(volume_name: str) -> Any:
+    import modal
 
     vol = modal.Volume.from_name(volume_name)
     try:
         vol.reload()  # see the inputs the client uploaded after this container started
     except Exception:
         pass
-    return run_stage_in_volume(kind, config, manifest, VOLUME_MOUNT, commit=vol.commit)
+    return vol
+
+
+def _read_blob(vol: Any, sha: str, dest: Path) -> None:
+    """A blob through the SDK, which sees what other containers committed (the mount shows it
+    only after a reload, which open files can refuse)."""
+    from runner.backends.volume import blob_relpath
+    from runner.core.fs import atomic_path
+
+    with atomic_path(dest) as tmp, open(tmp, "wb") as fh:
+        vol.read_file_into_fileobj("/" + blob_relpath(sha), fh)
+
+
+class _ModalMapLauncher:
+    """Chunk requests through ``map_fn.map``: one input per chunk, retried each on its own by the
+    function's modal.Retries, results in input order."""
+
+    def __init__(self, map_fn: Any, volume_name: str) -> None:
+        self.map_fn = map_fn
+        self.volume_name = volume_name
+
+    def __call__(self, requests: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        yield from self.map_fn.map(requests, kwargs={"volume_name": self.volume_name}, order_outputs=True)
 
 
 def _entry_named(name: str):
-    def entry(kind: str, config: dict[str, Any], manifest: dict[str, Any], volume_name: str) -> dict[str, Any]:
-        return modal_stage_entry(kind, config, manifest, volume_name)
+    def entry(kind: str, config: dict[str, Any], manifest: dict[str, Any], volume_name: str,
+              map_fn: Any = None) -> dict[str, Any]:
+        return modal_stage_entry(kind, config, manifest, volume_name, map_fn)
+
+    entry.__name__ = entry.__qualname__ = name
+    return entry
+
+
+def _map_entry_named(name: str):
+    def entry(request: dict[str, Any], volume_name: str) -> dict[str, Any]:
+        return modal_map_entry(request, volume_name)
 
     entry.__name__ = entry.__qualname__ = name
     return entry
@@ -210,6 +259,7 @@ class StageFunction:
     timeout_s: int
     retries: int
     function: Any  # modal.Function
+    map_function: Any = None  # the function of its per-item map (hardware.stage_map), or None
 
 
 @dataclass
@@ -266,23 +316,37 @@ def build_stage_app(graph: Any, nodes: list[contract.PlanNode] | None = None) ->
         box = remote_cpu(node.kind, hw_of[node.character]) if gpu is None else None
         resources = {"gpu": gpu} if box is None else {"cpu": box.cores, "memory": box.memory_mib}
         what = gpu if box is None else f"cpu{box.cores:g}-m{box.memory_mib}"
-        name = f"stage-{slug(node.kind)}-{slug(what)}-t{int(s['timeout_s'])}-r{int(s['retries'])}"
+        containers = int(((hw_of[node.character].get("stage_map") or {}).get(node.kind)) or 1)
+        name = (f"stage-{slug(node.kind)}-{slug(what)}-t{int(s['timeout_s'])}-r{int(s['retries'])}"
+                + ("-map" if containers > 1 else ""))
         if name not in out.functions:
-            fn = app.function(
-                image=image,
-                **resources,
-                timeout=int(s["timeout_s"]),
-                retries=modal.Retries(max_retries=int(s["retries"]), backoff_coefficient=1.0,
-                                      initial_delay=5.0),
-                volumes={VOLUME_MOUNT: volume},
-                secrets=secrets,
-                serialized=True,
-                name=name,
-            )(_entry_named(name.replace("-", "_")))
+            declare = _declarer(app, image, resources, s, volume, secrets)
+            # the map's containers are the stage's (hardware.stage_map): same image, box and retries
+            map_fn = declare("map" + name[len("stage"):-len("-map")], _map_entry_named) if containers > 1 else None
             out.functions[name] = StageFunction(name, node.kind, gpu if box is None else box.label,
-                                                int(s["timeout_s"]), int(s["retries"]), fn)
+                                                int(s["timeout_s"]), int(s["retries"]),
+                                                declare(name, _entry_named), map_fn)
         out.by_node[node.id] = name
     return out
+
+
+def _declarer(app: Any, image: Any, resources: dict[str, Any], s: dict[str, Any], volume: Any, secrets: list):
+    """Declares a function of the app named ``name`` with the body ``entry(name)`` returns."""
+    import modal
+
+    def declare(name: str, entry: Any) -> Any:
+        return app.function(
+            image=image,
+            **resources,
+            timeout=int(s["timeout_s"]),
+            retries=modal.Retries(max_retries=int(s["retries"]), backoff_coefficient=1.0, initial_delay=5.0),
+            volumes={VOLUME_MOUNT: volume},
+            secrets=secrets,
+            serialized=True,
+            name=name,
+        )(entry(name.replace("-", "_")))
+
+    return declare
 
 
 # ----------------------------------------------------------------------------- transport
@@ -395,5 +459,6 @@ class ModalTransport:
 
     def invoke(self, kind: str, config: dict[str, Any], manifest: dict[str, Any],
                node: contract.PlanNode) -> _ModalCall:
-        fn = self.stage_app.function_for(node).function
-        return _ModalCall(fn.spawn(kind, config, manifest, self.stage_app.volume_name))
+        sf = self.stage_app.function_for(node)
+        extra = () if sf.map_function is None else (sf.map_function,)  # hydrated: it pickles as a handle
+        return _ModalCall(sf.function.spawn(kind, config, manifest, self.stage_app.volume_name, *extra))

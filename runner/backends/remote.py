@@ -569,4 +569,6 @@ class FolderTransport:
 
     def invoke(self, kind: str, config: dict[str, Any], manifest: dict[str, Any],
                node: contract.PlanNode) -> _SubprocessCall:
-        return _SubprocessCall(self, {"kind": kind, "config": config, "manifest": manifest})
+        # the stage's map (hardware.stage_map) runs over subprocesses of this python, as retried
+        return _SubprocessCall(self, {"kind": kind, "config": config, "manifest": manifest,
+                                      "map": {"python": self.python, "retries": self.retries}})

@@ -10,6 +10,8 @@ plain folder standing in for the volume. Either way:
 3. the stage runs with ``scratch_dir`` on the volume (``scratch/<key>``), so a preempted or
    crashed attempt leaves its checkpoints there and the next attempt (modal.Retries, or a new
    apply) resumes from them; while it runs the volume is committed every ``commit_every_s``;
+   given a launcher, its ``ctx.map_items`` runs over containers (hardware.stage_map,
+   :mod:`runner.backends.mapping`; ``python -m runner.backends.worker map`` runs one chunk);
 4. its outputs are stored as blobs, the output manifest goes to ``results/<key>.json``, the
    scratch and work folders are removed, the volume is committed, and the manifest returned.
 
@@ -84,8 +86,10 @@ def billed_seconds(attempts: list[dict[str, Any]], now: float) -> tuple[float, i
     return total, len(starts)
 
 
-def _materialize(vol: FolderVolume, entry: dict[str, Any], dest: Path) -> tuple[Path, tuple[Path, ...]]:
-    """Copy an input's blobs into ``dest``; returns (artifact path, listed files)."""
+def _materialize(vol: FolderVolume, entry: dict[str, Any], dest: Path,
+                 shas: dict[str, str]) -> tuple[Path, tuple[Path, ...]]:
+    """Copy an input's blobs into ``dest``; returns (artifact path, listed files). ``shas`` gets
+    each file's sha256 by its normalized path (what a map's chunks materialize again)."""
     files = []
     for rel, sha, _size in entry["files"]:
         target = dest / rel
@@ -95,6 +99,7 @@ def _materialize(vol: FolderVolume, entry: dict[str, Any], dest: Path) -> tuple[
             raise FileNotFoundError(f"input blob {sha} ({rel}) is missing from the volume")
         shutil.copyfile(src, target)
         files.append(target)
+        shas[os.path.normpath(target)] = sha
     dest.mkdir(parents=True, exist_ok=True)
     if entry["type"] == "file":
         return dest / entry["files"][0][0], tuple(files)
@@ -168,10 +173,14 @@ class _Attempt:
         """Record the attempt's end; the fields every result carries."""
         _append_attempt(self.root, self.key, {"event": "end", "attempt": self.number, "t": time.time(),
                                               "status": status})
+        from runner.backends.mapping import map_billed_seconds
+
         attempts = _attempts(self.root, self.key)
         billed, n = billed_seconds(attempts, time.time())
+        mapped = map_billed_seconds(self.root, self.key)  # the containers of its map (hardware.stage_map)
         return {"status": status, "stage_id": self.stage_id, "key": self.key, "attempt": self.number,
-                "attempts": n, "billed_s": billed, "duration_s": duration, "resumed": self.resume,
+                "attempts": n, "billed_s": billed + mapped, "map_billed_s": mapped, "duration_s": duration,
+                "resumed": self.resume,
                 **self._queue(attempts),
                 "metrics": ctx.metrics, "warnings": ctx.warnings, "events": _read_events(self.log_file)}
 
@@ -193,10 +202,13 @@ class _Attempt:
 
 def run_stage_in_volume(kind: str, node_config: dict[str, Any], input_manifest: dict[str, Any],
                         volume_root: str | Path, *, commit: Callable[[], None] | None = None,
-                        commit_every_s: float = 60.0, registry: Any = None) -> dict[str, Any]:
+                        commit_every_s: float = 60.0, registry: Any = None,
+                        launcher: Any = None, fetch: Callable[[str, Path], None] | None = None) -> dict[str, Any]:
     """Run stage ``kind`` with ``node_config`` on the inputs listed in ``input_manifest`` (blobs
     already on the volume at ``volume_root``); returns the output manifest (see module doc).
-    ``registry`` holds the stage kinds (default: the built-in ones and plugins)."""
+    ``registry`` holds the stage kinds (default: the built-in ones and plugins). With a
+    ``launcher`` (runner.backends.mapping), the stage's ``ctx.map_items`` runs over containers;
+    ``fetch(sha, dest)`` reads what they wrote on the volume (default: from the folder)."""
     from runner.core.errors import UserError
 
     vol = FolderVolume(Path(volume_root))
@@ -209,8 +221,15 @@ def run_stage_in_volume(kind: str, node_config: dict[str, Any], input_manifest: 
         registry = stage_registry()
     stage = registry.get(kind)
     att = _begin_attempt(vol, input_manifest, stage, commit)
-    inputs = _materialize_inputs(vol, input_manifest, att.work)
+    shas: dict[str, str] = {}
+    inputs = _materialize_inputs(vol, input_manifest, att.work, shas)
     ctx = _context(att, input_manifest)
+    if launcher is not None:
+        from runner.backends.mapping import VolumeMapper
+
+        project = att.work / "project"
+        always = {os.path.normpath(project / rel): sha for rel, sha, _size in input_manifest.get("project", [])}
+        ctx.mapper = VolumeMapper(vol, att.key, att.work, shas, always, launcher, fetch)
     t0 = time.monotonic()
     try:
         with _Committer(commit, commit_every_s):
@@ -250,7 +269,8 @@ def _begin_attempt(vol: FolderVolume, manifest: dict[str, Any], stage: Any,
                     float(submitted) if isinstance(submitted, (int, float)) else None)
 
 
-def _materialize_inputs(vol: FolderVolume, manifest: dict[str, Any], work: Path) -> dict[str, Any]:
+def _materialize_inputs(vol: FolderVolume, manifest: dict[str, Any], work: Path,
+                        shas: dict[str, str]) -> dict[str, Any]:
     """The stage's inputs as artifacts under ``work/project`` at their project-relative paths
     (``at``: where they lie in the client's project, its store included) or, for an input outside
     the project, under ``work/inputs``; and the project files it names under ``work/project``. So
@@ -261,7 +281,7 @@ def _materialize_inputs(vol: FolderVolume, manifest: dict[str, Any], work: Path)
     for name, entry in manifest.get("inputs", {}).items():
         at = entry.get("at")
         dest = work / "project" / at if isinstance(at, str) and ".." not in Path(at).parts else work / "inputs" / name
-        path, files = _materialize(vol, entry, dest)
+        path, files = _materialize(vol, entry, dest, shas)
         inputs[name] = contract.Artifact(name=name, path=path, digest=entry.get("digest", ""),
                                          files=files if entry.get("fileset") else (),
                                          meta=entry.get("meta", {}))
@@ -313,15 +333,29 @@ def _store_outputs(vol: FolderVolume, stage_id: str, outputs: Any, out_dir: Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m runner.backends.worker --request R.json --volume-root DIR --result OUT.json``"""
+    """``python -m runner.backends.worker [stage|map] --request R.json --volume-root DIR --result OUT.json``
+
+    ``stage`` (the default): a stage call, the request {kind, config, manifest, map}; its ``map``
+    ({python, retries}, from the folder transport) runs the stage's map over subprocesses.
+    ``map``: one chunk of a stage's map (runner.backends.mapping.run_chunk_in_volume)."""
+    from runner.backends import mapping
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--request", required=True, help="JSON: {kind, config, manifest}")
+    ap.add_argument("mode", nargs="?", choices=("stage", "map"), default="stage")
+    ap.add_argument("--request", required=True, help="JSON: {kind, config, manifest, map}, or a map chunk")
     ap.add_argument("--volume-root", required=True)
     ap.add_argument("--result", required=True, help="where the output manifest is written")
     args = ap.parse_args(argv)
     req = json.loads(Path(args.request).read_text(encoding="utf-8"))
     try:
-        result = run_stage_in_volume(req["kind"], req["config"], req["manifest"], args.volume_root)
+        if args.mode == "map":
+            result = mapping.run_chunk_in_volume(req, args.volume_root)
+        else:
+            opts = req.get("map") or {}
+            launcher = (mapping.SubprocessLauncher(opts.get("python") or sys.executable, args.volume_root,
+                                                   int(opts.get("retries", 0))) if req.get("map") else None)
+            result = run_stage_in_volume(req["kind"], req["config"], req["manifest"], args.volume_root,
+                                         launcher=launcher)
     except Exception:
         traceback.print_exc()
         return 3

@@ -131,6 +131,14 @@ class StageContext(Protocol):
 
     def warn(self, message: str, **fields: Any) -> None: ...
 
+    def map_items(self, fn: str, items: list[dict[str, Any]], shared: dict[str, Any], *,
+                  containers: int | None = None) -> Iterator[dict[str, Any]]:
+        """``fn`` ("module:function", called as ``fn(items, shared)``, yielding one JSON record per
+        item in order) over ``items``, results in input order. Here it runs in this process; a stage
+        on Modal with ``containers`` > 1 splits the items into that many chunks, one container each
+        (runner.backends.mapping: item strings naming the stage's files are carried over)."""
+        ...
+
 
 class GraphView(Protocol):
     """What ``expand`` may ask about the nodes planned so far (same character).

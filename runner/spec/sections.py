@@ -603,6 +603,11 @@ class StageCpuConfig:
     memory_gib: float | None
 
 
+@schema_config('hardware', 'stage_map')
+class StageMapConfig:
+    analyze: int
+
+
 @schema_config('hardware')
 class HardwareConfig:
     backend: str
@@ -612,6 +617,7 @@ class HardwareConfig:
     stage_backend: Mapping[str, str]
     cpu: CpuContainerConfig
     stage_cpu: Mapping[str, StageCpuConfig]
+    stage_map: StageMapConfig
     local_processes: int
     gpu_memory_gib: Mapping[str, float]
     memory_check: str

@@ -12,7 +12,9 @@ file sets ``reference<i>``. Output ``analysis``: a folder with
 - ``thumbs/<id>.jpg``: 256 px thumbnails for the report (face boxes are drawn at report time).
 
 Images are analyzed in a pool of ``dataset.analysis.workers`` processes (0: one per core) and the
-records are streamed to disk in input order, so memory stays flat with the dataset's size.
+records are streamed to disk in input order, so memory stays flat with the dataset's size. On Modal,
+``hardware.stage_map.analyze: N`` splits the images over N containers, each with its own pool
+(``ctx.map_items``, runner.backends.mapping); the outputs are the same.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,7 @@ from runner.stages.common import make_face_backend as _make_backend
 from runner.stages.common import resolve_pack as _resolve_pack
 
 THUMB_PX = 256
+MAP_FN = "runner.vision.analysis:analyze_chunk"  # the per-image work, by chunk (ctx.map_items)
 FACE_KEYS = ("name", "dlib_detector", "upsample", "insightface_pack", "insightface_root", "max_side")
 
 
@@ -60,6 +63,7 @@ class AnalyzeNode:
     workers: int = node_field(schema_default("dataset", "analysis", "workers"))
     references: tuple[str, ...] = node_field(())
     review: Mapping[str, Any] | None = node_field(None)
+    map_containers: int | None = node_field(None)  # hardware.stage_map.analyze (unkeyed)
 
     def face_options(self) -> dict[str, Any]:
         """The options make_face_backend takes."""
@@ -80,6 +84,9 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
         "workers": analysis.workers,
         "references": list(typed.character.references),
     }
+    containers = typed.hardware.stage_map.analyze
+    if containers and containers > 1:  # speed only: the map's containers (unkeyed below)
+        config["map_containers"] = containers
     review = review_section(graph, "references")
     if review:  # images a reviewer marked as references (runner review): only that part is keyed
         config["review"] = review
@@ -92,7 +99,7 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
             inputs={**images, **reference_inputs(spec, graph)},
             outputs=("analysis",),
             label=f"faces ({analysis.backend}), shot types, identity",
-            unkeyed=("workers",),
+            unkeyed=("workers", "map_containers"),
         )
     ]
 
@@ -251,8 +258,10 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
         ctx.warn("no images to analyze")
     workers = _workers(config, backend, len(jobs), ctx)
     t0 = time.monotonic()
-    counts, shots, flags = _analyze_all(jobs, workers, _backend_options_for_workers(backend, opts), refs,
-                                        out / "records.jsonl", ctx)
+    shared = {"workers": workers, "backend_options": _backend_options_for_workers(backend, opts),
+              "refs": None if refs is None else refs.tolist()}
+    counts, shots, flags = _analyze_all(ctx.map_items(MAP_FN, jobs, shared, containers=config.map_containers),
+                                        len(jobs), out / "records.jsonl", ctx)
     elapsed = time.monotonic() - t0
 
     summary = {
@@ -294,19 +303,16 @@ def _workers(config: AnalyzeNode, backend: Any, n_jobs: int, ctx: contract.Stage
     return workers
 
 
-def _analyze_all(jobs: list[dict[str, Any]], workers: int, backend_options: dict[str, Any], refs: Any,
-                 records_file: Path,
+def _analyze_all(records: Iterator[dict[str, Any]], n_jobs: int, records_file: Path,
                  ctx: contract.StageContext) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
-    """Analyze every job, streaming the records to ``records_file`` in input order (renamed into
-    place when complete); (counts, images per shot type, images per flag)."""
-    from runner.vision.analysis import iter_analyses
-
+    """Stream the ``records`` of the ``n_jobs`` jobs (in input order) to ``records_file`` (renamed
+    into place when complete); (counts, images per shot type, images per flag)."""
     counts = {"images": 0, "faces": 0, "no_face": 0, "errors": 0}
     shots: dict[str, int] = {}
     flags: dict[str, int] = {}
-    progress = ctx.progress(len(jobs), "analyze images")
+    progress = ctx.progress(n_jobs, "analyze images")
     with atomic_path(records_file) as tmp, tmp.open("w", encoding="utf-8") as fh:
-        for rec in iter_analyses(jobs, workers=workers, backend_options=backend_options, refs=refs):
+        for rec in records:
             fh.write(json.dumps(rec) + "\n")
             counts["images"] += 1
             counts["faces"] += len(rec.get("faces", []))

@@ -226,6 +226,16 @@ def iter_analyses(jobs: Iterable[dict[str, Any]], *, workers: int, backend_optio
             yield res
 
 
+def analyze_chunk(jobs: list[dict[str, Any]], shared: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """:func:`iter_analyses` over a chunk of jobs, the per-image work the analyze stage hands to
+    ``ctx.map_items`` (all its jobs in one chunk locally; one chunk per container on Modal with
+    hardware.stage_map). ``shared``: ``workers``, ``backend_options`` and ``refs`` (the reference
+    embeddings as lists, or None); each image's record depends on nothing else."""
+    refs = reference_matrix(shared.get("refs") or [])
+    workers = min(int(shared.get("workers") or 1), max(1, len(jobs)))
+    return iter_analyses(jobs, workers=workers, backend_options=shared["backend_options"], refs=refs)
+
+
 def spawn_pool(workers: int, backend_options: dict[str, Any], refs: list[list[float]] | None = None
                ) -> ProcessPoolExecutor:
     """``workers`` processes, each with its own face backend built from ``backend_options``.
