@@ -179,3 +179,63 @@ def list_files(root: Path | str, recursive: bool = True) -> list[Path]:
         except OSError:
             continue
     return sorted(out)
+
+
+# --------------------------------------------------------------------------- videos and globs
+
+# The video files a folder or glob source reads (the train_video clip reader knows the same ones).
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".webm", ".mkv", ".avi")
+_GLOB_MAGIC = frozenset("*?[")
+
+
+def is_video_file(name: str) -> bool:
+    """Whether a file name ends with one of :data:`VIDEO_EXTENSIONS` (any case)."""
+    return name.lower().endswith(VIDEO_EXTENSIONS)
+
+
+def split_glob(value: str) -> tuple[str, str] | None:
+    """(root folder, pattern) of a glob: the leading path parts without ``*``, ``?`` or ``[`` and
+    the rest (``rides/**/*.mp4`` -> ``('rides', '**/*.mp4')``; ``*.mp4`` -> ``('', '*.mp4')``);
+    None when ``value`` has no glob character."""
+    parts = value.split("/")
+    first = next((k for k, part in enumerate(parts) if _GLOB_MAGIC & set(part)), None)
+    if first is None:
+        return None
+    return "/".join(parts[:first]), "/".join(parts[first:])
+
+
+def glob_walks_folders(pattern: str) -> bool:
+    """Whether matching ``pattern`` needs sub-folders (``**``, or a wildcard before a ``/``)."""
+    return "/" in pattern.strip("/")
+
+
+def _matches(parts: list[str], segs: list[str]) -> bool:
+    """Segment-wise glob match: ``*``, ``?`` and ``[...]`` within one name, ``**`` any number of
+    folders (none included)."""
+    from fnmatch import fnmatchcase
+
+    if not segs:
+        return not parts
+    if segs[0] == "**":
+        return any(_matches(parts[k:], segs[1:]) for k in range(len(parts) + 1))
+    return bool(parts) and fnmatchcase(parts[0], segs[0]) and _matches(parts[1:], segs[1:])
+
+
+def video_files_under(root: Path | str, *, pattern: str | None = None,
+                      recursive: bool = True) -> list[tuple[str, Path]]:
+    """(relative posix path, path) of the video files under folder ``root``, sorted: every one the
+    runner reads (iter_tree: hidden names skipped, ``recursive`` honoured) or, with ``pattern``
+    (a glob relative to ``root``), those it matches (sub-folders only as far as it reaches). One
+    walk; ``path`` lies under ``root`` as the walk found it (symlinks are not resolved)."""
+    segs = [s for s in pattern.split("/") if s] if pattern is not None else None
+    walk = recursive if segs is None else glob_walks_folders(pattern or "")
+    out = []
+    for rel, entry in iter_tree(Path(root), walk):
+        if not is_video_file(entry.name) or (segs is not None and not _matches(rel.split("/"), segs)):
+            continue
+        try:
+            if entry.is_file(follow_symlinks=True):
+                out.append((rel, Path(entry.path)))
+        except OSError:
+            continue
+    return sorted(out)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from runner.resources import resource_dir
 from runner.spec import schema as S
 from runner.spec.errors import Problem, SpecError, format_key_path
+from runner.paths import glob_walks_folders, split_glob
 from runner.spec.paths import EXEMPT_KINDS, OUTSIDE_HINT, PathRules, declared_names, is_path
 from runner.spec.yamlio import LoadedYaml, YamlError, load_yaml_file
 
@@ -28,6 +29,10 @@ PRESET_FOLDERS: dict[tuple[str, ...], str] = {
 }
 
 PROJECT_MARKERS = (".git", "runner.toml", ".runner")
+LINKS_HINT = ("Remove the links or copy what they point at into the project, "
+              "or pass --allow-outside-project if this is intended.")
+GLOB_HINT = ("A video source names a video file, a folder of videos, or a glob relative to the spec file "
+             "(../rides/*.mp4, ../rides/**/*.mp4) whose part before the first wildcard is an existing folder.")
 
 
 @dataclass
@@ -320,7 +325,27 @@ class _PathWalk:
             self.problem(path, f"{'model path' if kind == 'model' else 'path'} not found: {p}",
                          f"Paths are relative to the spec file ({rules.spec_dir})."
                          + (f" Or one of: {', '.join(names)}." if names else "")
-                         + (" Or a hub id like 'org/name'." if kind == "model" else ""))
+                         + (" Or a hub id like 'org/name'." if kind == "model" else "")
+                         + (f" {GLOB_HINT}" if sch.get("x-glob") else ""))
+
+    def resolve_glob(self, value: str, root_value: str, pattern: str, path: tuple) -> str | None:
+        """A glob (keys marked ``x-glob``: dataset.sources[].video), relative to the spec file: its
+        folder (the part before the first wildcard) must exist and obeys the rule of a folder
+        source: no symlink under it that the match would read may lead outside the project (every
+        file it matches lies under that folder). Held as the folder, normalized, / the pattern."""
+        rules = self.rules
+        root, trouble = rules.locate(root_value or ".")
+        if trouble:
+            self.problem(path, trouble, OUTSIDE_HINT if root is not None else "")
+            return None
+        if not os.path.isdir(root) and (self.require_files or os.path.exists(root)):
+            what = "is not a folder" if os.path.exists(root) else "does not exist"
+            self.problem(path, f"the glob '{value}' looks in {root}, which {what}", GLOB_HINT)
+        links = rules.links_out(root, glob_walks_folders(pattern))
+        if links:
+            self.problem(path, links, LINKS_HINT)
+        base = rules.normalize(root)
+        return pattern if base == "." else f"{base}/{pattern}"
 
     def resolve_one(self, value: Any, kind: str, sch: dict, path: tuple, parent: Any) -> str | None:
         rules = self.rules
@@ -336,6 +361,9 @@ class _PathWalk:
             return None
         if not is_path(value, kind, sch, rules):
             return None  # a builtin or shipped name, a hub id
+        glob = split_glob(value) if sch.get("x-glob") else None
+        if glob is not None and not _names_a_file(rules, value):
+            return self.resolve_glob(value, *glob, path)
         p, trouble = rules.locate(value)
         if trouble:
             self.problem(path, trouble, OUTSIDE_HINT if p is not None else "")
@@ -350,9 +378,17 @@ class _PathWalk:
         recursive = parent.get("recursive", True) if isinstance(parent, dict) else True
         links = rules.links_out(p, recursive is not False)
         if links:
-            self.problem(path, links, "Remove the links or copy what they point at into the project, "
-                                      "or pass --allow-outside-project if this is intended.")
+            self.problem(path, links, LINKS_HINT)
         return rules.normalize(p)
+
+
+def _names_a_file(rules: PathRules, value: str) -> bool:
+    """Whether a value with glob characters names a file or folder as written (``ride[1].mp4``):
+    then it is that path, not a glob."""
+    try:
+        return os.path.lexists(rules.spec_dir / Path(value).expanduser())
+    except RuntimeError:  # ~nosuchuser: locate says so
+        return True
 
 
 def _file_type(p: Path) -> str:

@@ -11,12 +11,14 @@ Like every module under runner/stages, it keeps heavy imports inside functions.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from runner.core import contract
-from runner.paths import list_files
+from runner.paths import list_files, split_glob, video_files_under
 from runner.spec.sections import CurationConfig
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -109,8 +111,19 @@ def model_input(value: str | None, graph: contract.GraphView, key: str) -> contr
     return None
 
 
+def input_name(name: str) -> str:
+    """An input name that is safe where names become file or folder names (the remote worker
+    materializes an input from outside the project under ``inputs/<name>``): a video's path inside
+    its folder source is percent-encoded (``/`` -> ``%2F``, spaces, non-ASCII), which keeps
+    distinct names distinct; names of letters, digits, ``_.-~:`` stay as they are."""
+    from urllib.parse import quote
+
+    return quote(name, safe=":")
+
+
 def image_inputs(graph: contract.GraphView) -> dict[str, contract.InputRef]:
-    """Every upstream output named ``images...``: ingest's, and video identity builders'."""
+    """Every upstream output named ``images...``: ingest's, and video identity builders'
+    (``images:video_identity.<variant>``, the variant as :func:`input_name` makes it safe)."""
     inputs: dict[str, contract.InputRef] = {}
     ingest = graph.node(contract.node_id(graph.character, "ingest"))
     if ingest is not None:
@@ -118,11 +131,62 @@ def image_inputs(graph: contract.GraphView) -> dict[str, contract.InputRef]:
             if out.startswith("images"):
                 inputs[out] = contract.StageOutputRef(ingest.id, out)
     for node in graph.nodes_of("video_identity"):
-        tag = node.id.split(":", 1)[1].replace("[", ".").replace("]", "")
+        variant = variant_of(node.id)
+        tag = node.kind if variant is None else f"{node.kind}.{variant}"
         for out in node.outputs:
             if out.startswith("images"):
-                inputs[f"images:{tag}" + ("" if out == "images" else f":{out}")] = contract.StageOutputRef(node.id, out)
+                name = input_name(f"images:{tag}" + ("" if out == "images" else f":{out}"))
+                inputs[name] = contract.StageOutputRef(node.id, out)
     return inputs
+
+
+@dataclass(frozen=True)
+class VideoFile:
+    """One video file of a video source (``dataset.sources[i].video``: a file, a folder or a glob)."""
+
+    variant: str  # "<i>" for a one-file source, "<i>:<member>" for a folder or glob
+    path: Path  # absolute
+    rel: str  # project-relative posix (absolute when outside the project): what node configs name
+    member: str | None  # its path inside the folder / under the glob's root (posix); None for one file
+    spec_key: str  # "dataset.sources[<i>].video"
+
+    def file_ref(self) -> contract.FileSetRef:
+        """This file alone as a file-set input (siblings in its folder are not in its digest)."""
+        import glob
+
+        return contract.FileSetRef(root=self.path.parent, patterns=(glob.escape(self.path.name),),
+                                   recursive=False, spec_key=self.spec_key)
+
+
+_LISTED: list[Any] = [None, {}]  # [the graph view of the plan being expanded, its listings]
+
+
+def video_files(source: Any, i: int, graph: contract.GraphView) -> list[VideoFile]:
+    """The video files of source ``i`` (a typed SourceConfig), sorted: the one file it names (a
+    file that is missing stays one item: the stage says so), or every video file of its folder
+    (``recursive`` honoured) or glob (relative to the project root in the resolved spec). The one
+    expansion video_identity, video_clips and extract share: a folder is walked once per plan."""
+    value = source.video
+    if not value:
+        return []
+    if _LISTED[0] is not graph:
+        _LISTED[:] = [graph, {}]
+    key = (value, bool(source.recursive), i)
+    if key not in _LISTED[1]:
+        _LISTED[1][key] = _list_video_source(value, bool(source.recursive), i, graph.project_root)
+    return _LISTED[1][key]
+
+
+def _list_video_source(value: str, recursive: bool, i: int, project_root: Path) -> list[VideoFile]:
+    spec_key = f"dataset.sources[{i}].video"
+    path = Path(value) if Path(value).is_absolute() else project_root / value
+    base, pattern = (value, None) if os.path.lexists(path) else (split_glob(value) or (value, None))
+    root = Path(base) if Path(base).is_absolute() else project_root / (base or ".")
+    if not os.path.isdir(root):  # a file, or a file (or glob folder) that is missing: the stage says so
+        return [VideoFile(str(i), path, value, None, spec_key)]
+    prefix = "" if base in ("", ".") else base.rstrip("/") + "/"
+    return [VideoFile(f"{i}:{rel}", full, prefix + rel, rel, spec_key)
+            for rel, full in video_files_under(root, pattern=pattern, recursive=recursive)]
 
 
 def _extract_output(graph: contract.GraphView, output: str) -> dict[str, contract.InputRef]:
@@ -435,6 +499,20 @@ def resume_note(done: int, what: str) -> str | None:
     if not done:
         return None
     return f"resume after {done} finished {what}{'s' if done != 1 else ''}"
+
+
+def report_anchor(prefix: str, config: dict[str, Any]) -> str:
+    """The report anchor of a per-video stage's section: ``<prefix>-<source index>``, and for a video
+    of a folder or glob source (``member`` in its config) its path there, as letters, digits and
+    dashes with a short hash (two names that read alike stay apart)."""
+    import hashlib
+
+    anchor = f"{prefix}-{config.get('source_index', 0)}"
+    member = config.get("member")
+    if not member:
+        return anchor
+    slug = "".join(c if c.isascii() and c.isalnum() else "-" for c in member.lower()).strip("-")
+    return f"{anchor}-{slug}-{hashlib.sha256(member.encode()).hexdigest()[:6]}"
 
 
 def tiny_note(tiny: dict[str, Any], parts: tuple[str, ...], what: str) -> str:

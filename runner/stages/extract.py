@@ -21,7 +21,6 @@ Outputs:
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 from collections.abc import Mapping
@@ -31,7 +30,7 @@ from typing import Any
 from runner.core import contract
 from runner.spec.config import node_field, schema_config, to_plain, view_of
 from runner.spec.sections import CurationConfig, DatasetConfig, ExtractConfig, ReportConfig, spec_config
-from runner.stages.common import backend_options, read_jsonl
+from runner.stages.common import VideoFile, backend_options, input_name, read_jsonl, video_files
 
 KIND = "extract"
 INPUT = "images:extract"  # the name curate and caption give this stage's images
@@ -40,7 +39,8 @@ INPUT = "images:extract"  # the name curate and caption give this stage's images
 @schema_config("dataset", "extract")
 class ExtractNode(ExtractConfig):
     """The extract stage's node config: dataset.extract (less ``enabled``), the face backend of the
-    analysis, dataset.curation, the shot targets and the videos by their dataset.sources index."""
+    analysis, dataset.curation, the shot targets and the videos by their variant (the dataset.sources
+    index, ``<i>:<path in the folder>`` for each video of a folder or glob source)."""
 
     face: Mapping[str, Any] | None = node_field(None)  # runner.stages.common.backend_options
     curation: CurationConfig = node_field(CurationConfig.from_dict({}))
@@ -48,27 +48,39 @@ class ExtractNode(ExtractConfig):
     videos: Mapping[str, str] = node_field()
 
 
-def _videos(dataset: DatasetConfig) -> list[tuple[int, str]]:
-    return [(i, s.video) for i, s in enumerate(dataset.sources) if s.video]
+def _videos(dataset: DatasetConfig, graph: contract.GraphView) -> list[VideoFile]:
+    """Every video file of the video sources (a folder or glob gives each of its files)."""
+    return [vf for i, s in enumerate(dataset.sources) if s.video for vf in video_files(s, i, graph)]
+
+
+def video_input(variant: str) -> str:
+    """The input name of a video: ``video<i>`` (one file), ``video<i>:<path in its folder>`` (made
+    safe by stages.common.input_name); ``config.videos`` is keyed by the variant."""
+    return input_name(f"video{variant}")
+
+
+def _source_key(variant: str) -> str:
+    """``dataset.sources[1].video`` (and ``(rides/a.mp4)`` for a video of a folder), for messages."""
+    i, _, member = variant.partition(":")
+    return f"dataset.sources[{i}].video" + (f" ({member})" if member else "")
 
 
 def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.PlanNode]:
     dataset = spec_config(spec).dataset
     opts, targets = dataset.extract, dataset.shots.targets
     analyze = graph.node(contract.node_id(graph.character, "analyze"))
-    videos = _videos(dataset)
-    if not (opts.enabled and videos and analyze is not None and any(lo > 0 for lo, _ in targets.values())):
+    if not (opts.enabled and analyze is not None and any(lo > 0 for lo, _ in targets.values())):
+        return []
+    videos = _videos(dataset, graph)
+    if not videos:
         return []
     inputs: dict[str, contract.InputRef] = {"analysis": contract.StageOutputRef(analyze.id, "analysis")}
-    for i, rel in videos:
-        p = Path(rel) if Path(rel).is_absolute() else graph.project_root / rel
-        inputs[f"video{i}"] = contract.FileSetRef(root=p.parent, patterns=(glob.escape(p.name),), recursive=False,
-                                              spec_key=f"dataset.sources[{i}].video")
+    inputs.update((video_input(vf.variant), vf.file_ref()) for vf in videos)
     config = {
         "face": backend_options(to_plain(dataset.analysis)),
         "curation": dataset.curation.to_dict(),
         "targets": {k: list(v) for k, v in sorted(targets.items())},
-        "videos": {str(i): rel for i, rel in videos},
+        "videos": {vf.variant: vf.rel for vf in videos},
         **{k: v for k, v in opts.to_dict().items() if k != "enabled"},
     }
     return [contract.PlanNode(
@@ -247,7 +259,7 @@ def _scan_videos(config: ExtractNode, inputs: dict[str, contract.Artifact], summ
     gate_fn = lambda r: gate(r, rules, threshold)  # noqa: E731
     out: list[X.Candidate] = []
     for i, rel in config.videos.items():
-        files = list(inputs[f"video{i}"].files) if f"video{i}" in inputs else []
+        files = list(inputs[video_input(i)].files) if video_input(i) in inputs else []
         st, found = scan_video(i, rel, Path(files[0]) if files else None, float(config.sample_fps),
                                analyze, gate_fn, wanted, ctx)
         stats.append(st)
@@ -269,7 +281,7 @@ def scan_video(i: int | str, rel: str, path: Path | None, sample_fps: float, ana
         info = probe_video(path)
     except VideoDecodeError as exc:
         st.error = f"{exc.reason}: {exc.detail}"
-        ctx.warn(f"dataset.sources[{i}].video: {st.error}; skipped")
+        ctx.warn(f"{_source_key(str(i))}: {st.error}; skipped")
         return st, []
     stride = max(1, round((info.fps or 25.0) / sample_fps))
     progress = ctx.progress(info.frame_count // stride + 1 if info.frame_count else None, f"extract {Path(rel).name}")
@@ -277,7 +289,7 @@ def scan_video(i: int | str, rel: str, path: Path | None, sample_fps: float, ana
                    wanted, st)
     progress.close()
     if st.error:
-        ctx.warn(f"dataset.sources[{i}].video: {st.error}; "
+        ctx.warn(f"{_source_key(str(i))}: {st.error}; "
                  + (f"the {st.sampled} frames sampled before it are used" if st.sampled else "skipped"))
     ctx.log(f"{rel}: {st.sampled} frames sampled, {st.candidates} candidates "
             + ", ".join(f"{n} {c}" for c, n in sorted(st.per_category.items())))
@@ -317,7 +329,8 @@ def _write_frames(chosen: list[Any], config: ExtractNode, inputs: dict[str, cont
     by_video: dict[str, list[Any]] = {}
     for c in chosen:
         by_video.setdefault(c.video, []).append(c)
-    files = {rel: Path(inputs[f"video{i}"].files[0]) for i, rel in config.videos.items() if inputs[f"video{i}"].files}
+    files = {rel: Path(inputs[video_input(i)].files[0]) for i, rel in config.videos.items()
+             if inputs[video_input(i)].files}
     records = []
     for rel, cands in by_video.items():
         sha = file_sha256(files[rel])

@@ -1,11 +1,13 @@
 """`video_clips`: short clips of the main person cut from each video source, for the video LoRA.
 
-One node per video source, ``<character>:video_clips[<i>]`` (i = the source's index in
-dataset.sources, as video_identity's), planned only when the spec has a ``train_video`` section
-with ``clips.enabled``. Inputs: ``video``, the source's file (its bytes are in the key), and
-``identity`` of ``video_identity[<i>]`` (the main person's face box per analyzed frame, in
-person_<k>/timeline.json). Config: train_video.clips (frames, stride, max_per_source, caption,
-margin, max_gap, max_side) with character.trigger and class_word for the captions.
+One node per video_identity node, with the same variant: ``<character>:video_clips[<i>]`` for a
+source naming one file (i = its index in dataset.sources), ``video_clips[<i>:<path in the folder>]``
+for each video of a folder or glob source (stages.common.video_files); planned only when the spec
+has a ``train_video`` section with ``clips.enabled``. Inputs: ``video``, that one file (its bytes
+are in the key), and ``identity`` of the video_identity node of the same variant (the main
+person's face box per analyzed frame, in person_<k>/timeline.json). Config: train_video.clips
+(frames, stride, max_per_source, caption, margin, max_gap, max_side) with character.trigger and
+class_word for the captions, and for a folder's video its ``member`` path (in its clip ids).
 
 Output ``clips``, the folder train_video reads (runner.diffusion.data.read_clips):
 ``clips.jsonl`` (per clip: id, clip, caption, frames, fps, width, height, shot, and its source,
@@ -16,7 +18,6 @@ side folder that is renamed into place once complete. The cutting is runner.vide
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ from typing import Any
 
 from runner.core import contract
 from runner.spec.sections import spec_config
-from runner.stages.common import check_fields, rel_path
+from runner.stages.common import VideoFile, check_fields, rel_path, report_anchor, video_files
 
 KIND = "video_clips"
 VERSION = 1
@@ -46,25 +47,41 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
     clips = section.clips
     check_caption(clips.caption)
     notes = _fit_notes(section)
+    identity = {n.id: n for n in graph.nodes_of("video_identity")}
+    base = {**clips.to_dict(), "trigger": typed.character.trigger, "class_word": typed.character.class_word}
+    base.pop("enabled")
     nodes = []
     for i, src in enumerate(typed.dataset.sources):
-        identity = graph.node(contract.node_id(graph.character, "video_identity", str(i)))
-        if not src.video or identity is None:
-            continue
-        video_abs = Path(src.video) if Path(src.video).is_absolute() else graph.project_root / src.video
-        video = contract.FileSetRef(root=video_abs.parent, patterns=(glob.escape(video_abs.name),), recursive=False,
-                                    spec_key=f"dataset.sources[{i}].video")
-        config = {"video": src.video, "source_index": i, **clips.to_dict(),
-                  "trigger": typed.character.trigger, "class_word": typed.character.class_word}
-        config.pop("enabled")
-        nodes.append(contract.PlanNode(
-            id=contract.node_id(graph.character, KIND, str(i)), kind=KIND, character=graph.character,
-            config=config, inputs={"video": video, "identity": contract.StageOutputRef(identity.id, "identity")},
-            outputs=("clips",), notes=notes,
-            label=f"{src.video}: up to {clips.max_per_source} clips of {clips.frames} frames"
-                  + (f", every {clips.stride}th frame" if clips.stride > 1 else ""),
-        ))
+        for vf in video_files(src, i, graph):
+            ident = identity.get(contract.node_id(graph.character, "video_identity", vf.variant))
+            if ident is not None:
+                nodes.append(_node(vf, ident, base, notes, graph))
     return nodes
+
+
+def _node(vf: VideoFile, identity: contract.PlanNode, base: dict[str, Any], notes: tuple[str, ...],
+          graph: contract.GraphView) -> contract.PlanNode:
+    """The clips of one video file, paired with the video_identity node of the same variant."""
+    config = {"video": vf.rel, "source_index": int(vf.variant.split(":", 1)[0]), **base}
+    if vf.member is not None:  # keyed: the clip ids of a folder's videos carry it (unique per video)
+        config["member"] = vf.member
+    return contract.PlanNode(
+        id=contract.node_id(graph.character, KIND, vf.variant), kind=KIND, character=graph.character,
+        config=config, inputs={"video": vf.file_ref(), "identity": contract.StageOutputRef(identity.id, "identity")},
+        outputs=("clips",), notes=notes,
+        label=f"{vf.rel}: up to {base['max_per_source']} clips of {base['frames']} frames"
+              + (f", every {base['stride']}th frame" if base["stride"] > 1 else ""),
+    )
+
+
+def clip_id_prefix(config: dict[str, Any]) -> str:
+    """``s<source index>_``, and for a video of a folder or glob source a short hash of its path
+    there (``s2_1f0c3a9b_``): clip ids stay unique across every video train_video reads."""
+    import hashlib
+
+    prefix = f"s{int(config['source_index'])}_"
+    member = config.get("member")
+    return prefix + (f"{hashlib.sha256(member.encode()).hexdigest()[:8]}_" if member else "")
 
 
 def _fit_notes(section: Any) -> tuple[str, ...]:
@@ -125,7 +142,7 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
                         stride=int(config["stride"]), max_per_source=int(config["max_per_source"]),
                         caption=config["caption"], trigger=config["trigger"], class_word=config["class_word"],
                         max_side=int(config["max_side"]), margin=float(config["margin"]), max_gap=config["max_gap"],
-                        source=video_rel, id_prefix=f"s{int(config['source_index'])}_")
+                        source=video_rel, id_prefix=clip_id_prefix(config))
     summary["elapsed_s"] = round(time.monotonic() - t0, 3)
     (partial / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     shutil.rmtree(final, ignore_errors=True)
@@ -158,5 +175,5 @@ def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact
     records = [json.loads(x) for x in (folder / "clips.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
     return [contract.ReportSection(
         title=f"Training clips from video {summary['source']}", template="sections/video_clips.html.j2",
-        anchor=f"video-clips-{config.get('source_index', 0)}",
+        anchor=report_anchor("video-clips", config),
         context={"summary": summary, "records": records, "config": config})]

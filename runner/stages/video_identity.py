@@ -1,6 +1,8 @@
 """`video_identity`: a video source becomes per-person identity sets (anchors, coverage, challenge).
 
-One node per video source: ``<character>:video_identity[<i>]`` (i = index in dataset.sources).
+One node per video file: ``<character>:video_identity[<i>]`` for a source naming one file (i = index
+in dataset.sources), ``<character>:video_identity[<i>:<path inside the folder or under the glob's
+root>]`` for each video file of a folder or glob source (stages.common.video_files).
 Outputs:
 
 - ``identity``: person_<k>/{anchors,coverage,challenge}/ (image + _meta.json each), person meta.json
@@ -31,7 +33,8 @@ from typing import Any
 from runner.core import contract
 from runner.spec.config import view_of
 from runner.spec.sections import AnalysisConfig, ReportConfig, SourceConfig, VideoOptionsConfig
-from runner.stages.common import IMAGE_EXTENSIONS, rel_path, review_section, write_jsonl
+from runner.stages.common import (IMAGE_EXTENSIONS, VideoFile, rel_path, report_anchor, review_section, video_files,
+                                  write_jsonl)
 
 KIND = "video_identity"
 # 2: anchor_001.jpg / cov_<bucket>.jpg / challenge_001.jpg layout, meta.json fields (issue 15);
@@ -53,28 +56,38 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
     dataset = spec.get("dataset", {}) or {}
     analysis = AnalysisConfig.from_dict(dataset.get("analysis", {}) or {})
     refs = list((spec.get("character", {}) or {}).get("references", []) or [])
+    ref_inputs = _reference_inputs(refs, graph)
+    reviewed = bool(review_section(graph, "identity"))  # any frame decisions at all (else none per node)
     nodes = []
     for i, raw in enumerate(dataset.get("sources", []) or []):
         if "video" not in raw:
             continue
         src = SourceConfig.from_dict(raw)
-        video_abs = Path(src.video) if Path(src.video).is_absolute() else graph.project_root / src.video
-        inputs = {"video": _file_ref(video_abs, f"dataset.sources[{i}].video"), **_reference_inputs(refs, graph)}
-        config = {**_node_config(src, i, analysis), "references": refs}
-        review = review_section(graph, "identity", stage=contract.node_id(graph.character, KIND, str(i)))
-        if review:  # the reviewer's drops and moves of frames (runner review): only that part is keyed
-            config["review"] = review
-        nodes.append(contract.PlanNode(
-            id=contract.node_id(graph.character, KIND, str(i)),
-            kind=KIND,
-            character=graph.character,
-            config=config,
-            inputs=inputs,
-            outputs=("identity", "images", "quarantine"),
-            label=f"{src.video}: {config['people']} person{'s' if config['people'] != 1 else ''}, "
-                  f"every {config['stride']}th frame",
-        ))
+        base = {**_node_config(src, i, analysis), "references": refs}
+        nodes += [_node(vf, base, ref_inputs, graph, reviewed) for vf in video_files(src, i, graph)]
     return nodes
+
+
+def _node(vf: VideoFile, base: dict[str, Any], ref_inputs: dict[str, contract.InputRef],
+          graph: contract.GraphView, reviewed: bool = True) -> contract.PlanNode:
+    """The node of one video file: its config names the file itself (``video``), never the folder or
+    glob it came from nor its siblings, so adding a video to the folder leaves the others' keys."""
+    node_id = contract.node_id(graph.character, KIND, vf.variant)
+    config = {**base, "video": vf.rel}
+    unkeyed: tuple[str, ...] = ()
+    if vf.member is not None:  # its place in the folder: for the report's anchor only
+        config["member"] = vf.member
+        unkeyed = ("member",)
+    review = review_section(graph, "identity", stage=node_id) if reviewed else {}
+    if review:  # the reviewer's drops and moves of frames (runner review): only that part is keyed
+        config["review"] = review
+    people = config["people"]
+    return contract.PlanNode(
+        id=node_id, kind=KIND, character=graph.character, config=config,
+        inputs={"video": vf.file_ref(), **ref_inputs}, outputs=("identity", "images", "quarantine"),
+        unkeyed=unkeyed,
+        label=f"{vf.rel}: {people} person{'s' if people != 1 else ''}, every {config['stride']}th frame",
+    )
 
 
 def _reference_inputs(refs: list[str], graph: contract.GraphView) -> dict[str, contract.InputRef]:
@@ -457,6 +470,6 @@ def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact
     return [contract.ReportSection(
         title=f"Identity sets from video {summary['video']}",
         template="sections/video_identity.html.j2",
-        anchor=f"video-identity-{config.get('source_index', 0)}",
+        anchor=report_anchor("video-identity", config),
         context={"summary": summary, "persons": persons, "pairs": pairs, "quarantined": quarantined},
     )]
