@@ -183,6 +183,30 @@ def test_report_anchors_are_unique_per_video(project, shared_data):
     assert all(a.replace("-", "").isalnum() for a in anchors)
 
 
+def test_report_rows_of_a_video_say_what_needs_a_look(tmp_path):
+    import json
+
+    from runner.stages import video_clips as VC
+    from runner.stages import video_identity as VI
+
+    ident = tmp_path / "identity"
+    ident.mkdir()
+    (ident / "summary.json").write_text(json.dumps({"video": "rides/a.mp4", "images": 7, "empty_reason": "",
+                                                    "quarantine": None, "truncated": False,
+                                                    "persons": [{"anchor_count": 3}, {"anchor_count": 2}]}))
+    row = VI.report_row({"video": "rides/a.mp4"}, {"identity": contract.Artifact("identity", ident)})
+    assert row == {"video": "rides/a.mp4", "persons": 2, "images": 7, "anchors": 5}
+    (ident / "summary.json").write_text(json.dumps({"video": "rides/b.mp4", "images": 0, "persons": [],
+                                                    "quarantine": {"reason": "unreadable", "detail": "x"}}))
+    row = VI.report_row({}, {"identity": contract.Artifact("identity", ident)})
+    assert row["attention"] == "quarantined: unreadable" and row["persons"] == 0
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    (clips / "summary.json").write_text(json.dumps({"source": "rides/b.mp4", "clips": 0, "clip_seconds": 0.0,
+                                                    "reason": "no faces"}))
+    assert VC.report_row({}, {"clips": contract.Artifact("clips", clips)})["attention"] == "no clips: no faces"
+
+
 # --------------------------------------------------------------------------- spec errors
 
 
@@ -241,6 +265,11 @@ def test_a_video_added_to_the_folder_runs_alone_and_a_removed_one_goes(project, 
         assert f"Identity sets from video {video}" in html
     before = _plan(spec)
     assert {a for a, _ in before.values()} == {"cached"}
+    # a ride day's videos beyond report.max_sections_per_kind: one row each (video_identity's report_row)
+    table = _spec(project, "../rides/", extra="report: {max_sections_per_kind: 1}\n", name="table.yaml")
+    html = apply([load_spec(table)], ApplyOptions(), QuietReporter()).reports["hero"].read_text()
+    assert "2 video_identity stages" in html and html.count("<h2>Identity sets from video ") == 1
+    assert "<code>hero:video_identity[0:cam2/ride_002.mp4]</code>" in html and "rides/ride_001.mp4" in html
 
     shutil.copy(rides / "ride_001.mp4", rides / "ride_003.mp4")
     added = _plan(spec)

@@ -126,6 +126,7 @@ def _video_file(config: dict[str, Any], inputs: dict[str, contract.Artifact]) ->
 
 @contract.register(KIND, version=VERSION, order=17, expand=expand, plan_notes=plan_notes,
                    report=lambda config, outputs, env: report_sections(config, outputs, env),
+                   report_row=lambda config, outputs: report_row(config, outputs),
                    description="Short clips of the main person cut around their face track in a video source, "
                                "for the video LoRA.")
 def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
@@ -163,6 +164,17 @@ def _log(ctx: contract.StageContext, video_rel: str, summary: dict[str, Any]) ->
     ctx.metric("clip_seconds", summary["clip_seconds"])
     if summary.get("source_seconds") and summary["elapsed_s"]:
         ctx.metric("realtime_ratio", summary["source_seconds"] / summary["elapsed_s"])
+
+
+def report_row(config: dict[str, Any], outputs: dict[str, contract.Artifact]) -> dict[str, Any]:
+    """The video's row in the report's table of video_clips stages (a folder of ride videos): clips,
+    seconds, and why none were cut when none were."""
+    summary = json.loads((outputs["clips"].path / "summary.json").read_text(encoding="utf-8"))
+    row = {"video": summary.get("source", config.get("video", "")), "clips": summary.get("clips", 0),
+           "clip_seconds": summary.get("clip_seconds", 0.0)}
+    if not summary.get("clips"):
+        row["attention"] = f"no clips: {summary.get('reason') or 'none cut'}"
+    return row
 
 
 def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact],

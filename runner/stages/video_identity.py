@@ -223,7 +223,8 @@ class VideoJob:
 @contract.register(KIND, version=VERSION, review_view="identity", order=15, expand=expand,
                    description="Video -> per-person identity sets: tracks, main person, buckets, novelty, "
                                "anchors/coverage/challenge.",
-                   report=lambda config, outputs, env: report_sections(config, outputs, env))
+                   report=lambda config, outputs, env: report_sections(config, outputs, env),
+                   report_row=lambda config, outputs: report_row(config, outputs))
 def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
         ctx: contract.StageContext) -> dict[str, contract.Artifact]:
     """Video -> per-person identity sets (anchors, coverage, challenge, pair)."""
@@ -419,6 +420,20 @@ def _read_set(folder: Path) -> list[dict[str, Any]]:
         m["_image"] = img if img.exists() else None
         out.append(m)
     return out
+
+
+def report_row(config: dict[str, Any], outputs: dict[str, contract.Artifact]) -> dict[str, Any]:
+    """The video's row in the report's table of a ride day's videos (more video_identity stages
+    than report.max_sections_per_kind): persons, images, anchors, and what needs a look (a
+    quarantined or truncated video, no person found)."""
+    summary = json.loads((outputs["identity"].path / "summary.json").read_text(encoding="utf-8"))
+    persons = summary.get("persons") or []
+    quarantine = summary.get("quarantine") or {}
+    attention = (f"quarantined: {quarantine.get('reason', '')}" if quarantine
+                 else summary.get("empty_reason") or ("truncated" if summary.get("truncated") else ""))
+    row = {"video": summary.get("video", config.get("video", "")), "persons": len(persons),
+           "images": summary.get("images", 0), "anchors": sum(int(p.get("anchor_count", 0)) for p in persons)}
+    return {**row, "attention": attention} if attention else row
 
 
 def report_sections(config: dict[str, Any], outputs: dict[str, contract.Artifact],
