@@ -163,6 +163,17 @@ def test_the_map_over_three_containers_equals_the_local_run(tmp_path, shared_dat
     per_hour = 0.0472 * box.cores + 0.0080 * box.memory_gib
     assert row["cost"] == pytest.approx(per_hour * m["remote.billed_s"] / 3600, rel=1e-3, abs=1e-6)
 
+    # a stage attempt that comes after its chunks finished (its container was lost) reuses them
+    (tmp_path / "volume" / "results" / f"{key_there}.json").unlink()
+    spec = tmp_path / "there" / "specs" / "hero.yaml"
+    again = apply(load_specs([str(spec)]), ApplyOptions(only=["analyze"], force=["analyze"], command="test",
+                                                        remote=FolderTransport(tmp_path / "volume")),
+                  PlainReporter(io.StringIO()))
+    assert again.status == "succeeded"
+    _key, files, row = analyze_outputs(tmp_path / "there", again.run_id)
+    assert files == here
+    assert [c["reused"] for c in chunk_lines(row)] == [True, True, True]
+
 
 def test_a_chunk_whose_container_dies_is_retried_and_the_outputs_are_unchanged(tmp_path, shared_data, monkeypatch):
     _key, here, _row = run_local(make_project(tmp_path / "here", shared_data))

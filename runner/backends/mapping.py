@@ -139,7 +139,7 @@ class VolumeMapper:
             ctx.log(f"map: chunk {len(done)}/{len(chunks)}: {res['items']} items in {res['duration_s']:.1f} s "
                     f"({res['attempts']} attempt(s){', reused' if res.get('reused') else ''})",
                     map_chunk=len(done) - 1, items=res["items"], seconds=round(res["duration_s"], 3),
-                    attempts=res["attempts"], host=res.get("host"))
+                    attempts=res["attempts"], reused=bool(res.get("reused")), host=res.get("host"))
             yield from self._records(res)
         self._record(ctx, done)
 
@@ -258,6 +258,21 @@ def _run_chunk(vol: FolderVolume, request: dict[str, Any], work: Path) -> dict[s
 
 
 # ----------------------------------------------------------------------------- folder transport
+
+
+def exit_with_parent(every_s: float = 1.0) -> None:
+    """End this chunk process once the stage's worker that started it is gone (a cancelled or
+    killed call), as a container of a cancelled Modal call would be."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 class SubprocessLauncher:

@@ -349,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     req = json.loads(Path(args.request).read_text(encoding="utf-8"))
     try:
         if args.mode == "map":
+            mapping.exit_with_parent()
             result = mapping.run_chunk_in_volume(req, args.volume_root)
         else:
             opts = req.get("map") or {}
