@@ -25,6 +25,7 @@ import click
 
 from runner import __version__
 from runner.core.errors import UserError
+from runner.engine.watch import DEFAULT_INTERVAL_S, DEFAULT_SETTLE_S
 
 
 def _echo_err(text: str) -> None:
@@ -78,6 +79,7 @@ def cli() -> None:
     runner validate SPEC...     check specs against the schema
     runner plan SPEC...         show what would run, and why
     runner apply SPEC...        run what changed, write the HTML report
+    runner watch SPEC...        apply again whenever the specs or their files change
     runner status / runs        what the workspace holds
     runner publish SPEC --to URL  upload a released version (LoRA, report, manifest)
     """
@@ -281,42 +283,56 @@ def _print_scenes(specs: list[Any]) -> None:
 # ----------------------------------------------------------------------------- apply
 
 
-@cli.command()
-@spec_args
-@click.option("--force", multiple=True, metavar="STAGE", help="Re-run STAGE (id, kind or glob) even if cached.")
-@click.option("--only", multiple=True, metavar="STAGE", help="Run only STAGE and whatever it needs.")
-@click.option("--keep-going", "-k", is_flag=True, help="After a failure, keep running independent stages.")
-@click.option("--wait", "wait_s", type=float, default=0.0, metavar="SECONDS",
-              help="Wait up to SECONDS for another runner's workspace lock.")
-@click.option("--backend", type=click.Choice(["local", "modal"]), default=None,
-              help="Override hardware.backend for every spec.")
-@click.option("--quiet", "-q", is_flag=True, help="Only the plan summary, warnings and the result.")
-@budget_opts
-@allow_outside_opt
-def apply(specs: tuple[str, ...], force: tuple[str, ...], only: tuple[str, ...], keep_going: bool,
-          wait_s: float, backend: str | None, quiet: bool, max_cost: float | None, max_hours: float | None,
-          allow_outside_project: bool) -> None:
-    """Run the stages that changed and write the HTML report."""
+def apply_opts(fn: Any) -> Any:
+    """The options of one apply, shared by `runner apply` and `runner watch`."""
+    fn = allow_outside_opt(budget_opts(fn))
+    fn = click.option("--quiet", "-q", is_flag=True, help="Only the plan summary, warnings and the result.")(fn)
+    fn = click.option("--backend", type=click.Choice(["local", "modal"]), default=None,
+                      help="Override hardware.backend for every spec.")(fn)
+    fn = click.option("--wait", "wait_s", type=float, default=0.0, metavar="SECONDS",
+                      help="Wait up to SECONDS for another runner's workspace lock.")(fn)
+    fn = click.option("--keep-going", "-k", is_flag=True, help="After a failure, keep running independent stages.")(fn)
+    return click.option("--only", multiple=True, metavar="STAGE", help="Run only STAGE and whatever it needs.")(fn)
+
+
+def _apply_options(command: str, specs: tuple[str, ...], *, force: tuple[str, ...] = (), only: tuple[str, ...],
+                   keep_going: bool, wait_s: float, backend: str | None, max_cost: float | None,
+                   max_hours: float | None) -> Any:
     from runner.engine.executor import ApplyOptions
+
+    return ApplyOptions(force=list(force), only=list(only), keep_going=keep_going, wait_s=wait_s, backend=backend,
+                        command=f"{command} " + " ".join(specs), max_cost=max_cost, max_hours=max_hours)
+
+
+def _apply_and_print(specs: tuple[str, ...], options: Any, *, quiet: bool, allow_outside: bool,
+                     on_plan: Any = None) -> Any:
+    """One apply as `runner apply` runs it (`runner watch` applies through this too): load the
+    specs, print the plan (unless quiet; ``on_plan(plan)`` first), run, print the result; the
+    ApplyResult."""
     from runner.engine.budget import batch_budget
     from runner.engine.executor import apply as do_apply
     from runner.engine.progress import make_reporter
     from runner.spec import load_specs
     from runner.stages import registry
 
-    loaded = load_specs(list(specs), allow_outside=allow_outside_project)
-    options = ApplyOptions(force=list(force), only=list(only), keep_going=keep_going, wait_s=wait_s,
-                           backend=backend, command="runner apply " + " ".join(specs), max_cost=max_cost,
-                           max_hours=max_hours)
+    loaded = load_specs(list(specs), allow_outside=allow_outside)
     t0 = time.monotonic()
-    reporter = make_reporter(quiet=quiet)
 
     def show(p: Any) -> None:
-        _print_plan(p, loaded, estimates=_estimates(p, backend), budget=batch_budget(loaded, max_cost, max_hours))
-        sys.stdout.flush()
+        if on_plan is not None:
+            on_plan(p)
+        if not quiet:
+            _print_plan(p, loaded, estimates=_estimates(p, options.backend),
+                        budget=batch_budget(loaded, options.max_cost, options.max_hours))
+            sys.stdout.flush()
 
-    result = do_apply(loaded, options, reporter, registry=registry(), on_plan=None if quiet else show)
-    elapsed = time.monotonic() - t0
+    result = do_apply(loaded, options, make_reporter(quiet=quiet), registry=registry(), on_plan=show)
+    _print_result(result, time.monotonic() - t0)
+    return result
+
+
+def _print_result(result: Any, elapsed: float) -> None:
+    """The summary line, the report of each character and each failed stage with its log."""
     counts: dict[str, int] = {}
     for r in result.results:
         counts[r.status] = counts.get(r.status, 0) + 1
@@ -328,12 +344,57 @@ def apply(specs: tuple[str, ...], force: tuple[str, ...], only: tuple[str, ...],
                    f"in {elapsed:.1f}s (run {result.run_id}).")
     for char, path in result.reports.items():
         click.echo(f"Report for {char}: {_rel(path)}")
-    if result.failed:
-        for r in result.failed:
-            _echo_err(f"error: {r.stage_id} failed: {r.error}")
-            if r.log_path:
-                _echo_err(f"  log: {_rel(Path(r.log_path))}")
+    for r in result.failed:
+        _echo_err(f"error: {r.stage_id} failed: {r.error}")
+        if r.log_path:
+            _echo_err(f"  log: {_rel(Path(r.log_path))}")
+
+
+@cli.command()
+@spec_args
+@click.option("--force", multiple=True, metavar="STAGE", help="Re-run STAGE (id, kind or glob) even if cached.")
+@apply_opts
+def apply(specs: tuple[str, ...], force: tuple[str, ...], only: tuple[str, ...], keep_going: bool,
+          wait_s: float, backend: str | None, quiet: bool, max_cost: float | None, max_hours: float | None,
+          allow_outside_project: bool) -> None:
+    """Run the stages that changed and write the HTML report."""
+    options = _apply_options("runner apply", specs, force=force, only=only, keep_going=keep_going, wait_s=wait_s,
+                             backend=backend, max_cost=max_cost, max_hours=max_hours)
+    if _apply_and_print(specs, options, quiet=quiet, allow_outside=allow_outside_project).failed:
         sys.exit(1)
+
+
+# ----------------------------------------------------------------------------- watch
+
+
+@cli.command()
+@spec_args
+@click.option("--interval", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_INTERVAL_S,
+              show_default=True, metavar="SECONDS", help="Look at the specs and the files they read every SECONDS.")
+@click.option("--settle", type=click.FloatRange(min=0), default=DEFAULT_SETTLE_S, show_default=True,
+              metavar="SECONDS", help="Apply once nothing has changed for SECONDS (a file still being copied "
+                                      "keeps changing size).")
+@click.option("--max-applies", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Stop after N applies, the first one included (scripts, tests).")
+@apply_opts
+def watch(specs: tuple[str, ...], interval: float, settle: float, max_applies: int | None, only: tuple[str, ...],
+          keep_going: bool, wait_s: float, backend: str | None, quiet: bool, max_cost: float | None,
+          max_hours: float | None, allow_outside_project: bool) -> None:
+    """Apply now, then again whenever the specs or the files they read change and settle.
+
+    \b
+    Watched: the specs (a folder: every spec in it, new ones too), every source folder and file
+    the plan reads, and the review files. A failed apply is reported and the watch goes on;
+    Ctrl-C stops it (exit 0)."""
+    from runner.engine.watch import Watch, WatchSettings
+
+    options = _apply_options("runner watch", specs, only=only, keep_going=keep_going, wait_s=wait_s,
+                             backend=backend, max_cost=max_cost, max_hours=max_hours)
+
+    def apply_once(on_plan: Any) -> Any:
+        return _apply_and_print(specs, options, quiet=quiet, allow_outside=allow_outside_project, on_plan=on_plan)
+
+    Watch(list(specs), apply_once, WatchSettings(interval, settle, max_applies), echo=click.echo).run()
 
 
 # ----------------------------------------------------------------------------- report
