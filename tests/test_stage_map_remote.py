@@ -157,7 +157,8 @@ def test_the_map_over_three_containers_equals_the_local_run(tmp_path, shared_dat
     m = row["metrics"]
     assert m["map.containers"] == 3 and m["map.attempts"] == 3 and m["map.items_max"] == 4
     # billed: the stage's container and the map's three, all at the stage's CPU price
-    assert m["remote.billed_s"] > m["remote.duration_s"] + sum(c["seconds"] for c in chunks) * 0.99
+    assert m["map.billed_s"] >= sum(c["seconds"] for c in chunks) * 0.99
+    assert m["remote.billed_s"] > m["remote.duration_s"] + m["map.billed_s"] * 0.99
     box = pricing.parse_cpu_label(row["gpu"])
     assert row["gpu"] == "cpu 2 cores 4 GiB" and box is not None
     per_hour = 0.0472 * box.cores + 0.0080 * box.memory_gib
@@ -191,7 +192,9 @@ def test_a_chunk_whose_container_dies_is_retried_and_the_outputs_are_unchanged(t
     chunks = chunk_lines(row)
     assert sorted(c["attempts"] for c in chunks) == [1, 1, 2]
     assert row["metrics"]["map.attempts"] == 4
-    # the dead attempt is billed up to its retry's start: four chunk attempts, each recorded
+    # the dead attempt is billed too, up to its retry's start
+    assert row["metrics"]["map.billed_s"] > sum(c["seconds"] for c in chunks)
+    # four chunk attempts, each recorded on the volume
     attempts = [p for p in (tmp_path / "volume" / "attempts").glob("*-map*.jsonl")]
     assert len(attempts) == 3
     starts = sum(1 for p in attempts for line in p.read_text().splitlines() if json.loads(line)["event"] == "start")

@@ -22,8 +22,9 @@ the parent streams, so its memory stays flat however many items there are.
 Retries and cost. A chunk that raises or whose container dies is retried by the transport
 (``modal.Retries`` of the map function; the folder transport's ``retries``); a :class:`UserError`
 comes back as a failed chunk and is not. Each attempt is recorded in
-``attempts/<key>-map<i>of<n>.jsonl`` (billed like a stage attempt: :func:`map_billed_seconds`),
-and a finished chunk's manifest in ``results/<key>-map<i>of<n>.json`` is reused by a later
+``attempts/<key>-map<i>of<n>.jsonl`` and billed like a stage attempt (each chunk's result carries
+its attempts' seconds: the parent on Modal does not see files other containers commit to its
+mounted volume), and a finished chunk's manifest in ``results/<key>-map<i>of<n>.json`` is reused by a later
 attempt at the stage, so a preempted parent does not analyze again what its chunks finished.
 """
 
@@ -41,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from runner.backends.volume import ATTEMPTS, CACHE, FolderVolume, blob_relpath, result_relpath
+from runner.backends.volume import CACHE, FolderVolume, blob_relpath, result_relpath
 from runner.core.fs import atomic_write_text
 
 #: A launcher runs chunk requests in containers and yields their results in request order.
@@ -91,16 +92,6 @@ def chunk_name(key: str, index: int, count: int) -> str:
     return f"{key}-map{index}of{count}"
 
 
-def map_billed_seconds(root: Path, key: str) -> float:
-    """Seconds of every attempt of every chunk of the stage at ``key`` (its map's containers)."""
-    from runner.backends.worker import _attempts, billed_seconds
-
-    total = 0.0
-    for p in sorted((Path(root) / ATTEMPTS).glob(f"{key}-map*.jsonl")):
-        total += billed_seconds(_attempts(Path(root), p.stem), time.time())[0]
-    return total
-
-
 # ----------------------------------------------------------------------------- the parent
 
 
@@ -118,6 +109,7 @@ class VolumeMapper:
         self.always = always  # project files the stage config names: every chunk gets them
         self.launcher = launcher
         self.fetch = fetch or vol.fetch
+        self.billed_s = 0.0  # seconds of every attempt of every chunk mapped so far (the stage bills them)
 
     def __call__(self, ctx: Any, fn: str, items: list[dict[str, Any]], shared: dict[str, Any],
                  containers: int) -> Iterator[dict[str, Any]]:
@@ -135,6 +127,7 @@ class VolumeMapper:
                 raise StageError(f"map chunk {res.get('index', len(done)) + 1} of {len(chunks)}: "
                                  f"{res.get('error', 'failed')}", hint=res.get("hint", ""))
             self._collect_files(res)
+            self.billed_s += float(res.get("billed_s", 0.0))
             done.append(res)
             ctx.log(f"map: chunk {len(done)}/{len(chunks)}: {res['items']} items in {res['duration_s']:.1f} s "
                     f"({res['attempts']} attempt(s){', reused' if res.get('reused') else ''})",
@@ -178,8 +171,8 @@ class VolumeMapper:
                                f"{res['items']} records")
 
     def _record(self, ctx: Any, done: list[dict[str, Any]]) -> None:
-        """The map in the stage's log and metrics (the containers' billing is the stage's:
-        :func:`map_billed_seconds`)."""
+        """The map in the stage's log and metrics (the worker adds :attr:`billed_s` to the stage's
+        billed seconds)."""
         seconds = [round(float(r["duration_s"]), 3) for r in done]
         ctx.log(f"map: {len(done)} containers done, the longest {max(seconds, default=0.0):.1f} s",
                 map={"containers": len(done), "items": [r["items"] for r in done], "seconds": seconds,
@@ -188,6 +181,7 @@ class VolumeMapper:
         ctx.metric("map.attempts", sum(int(r["attempts"]) for r in done))
         ctx.metric("map.items_max", max((r["items"] for r in done), default=0))
         ctx.metric("map.seconds_max", max(seconds, default=0.0))
+        ctx.metric("map.billed_s", round(self.billed_s, 3))
 
 
 # ----------------------------------------------------------------------------- one chunk

@@ -173,11 +173,10 @@ class _Attempt:
         """Record the attempt's end; the fields every result carries."""
         _append_attempt(self.root, self.key, {"event": "end", "attempt": self.number, "t": time.time(),
                                               "status": status})
-        from runner.backends.mapping import map_billed_seconds
-
         attempts = _attempts(self.root, self.key)
         billed, n = billed_seconds(attempts, time.time())
-        mapped = map_billed_seconds(self.root, self.key)  # the containers of its map (hardware.stage_map)
+        mapper = getattr(ctx, "mapper", None)  # the containers of its map (hardware.stage_map)
+        mapped = float(getattr(mapper, "billed_s", 0.0))
         return {"status": status, "stage_id": self.stage_id, "key": self.key, "attempt": self.number,
                 "attempts": n, "billed_s": billed + mapped, "map_billed_s": mapped, "duration_s": duration,
                 "resumed": self.resume,
