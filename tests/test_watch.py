@@ -195,21 +195,23 @@ def test_what_is_watched(watched):
     assert describe_change(before, signature(roots)) == "specs (1 added)"
 
 
-def test_an_empty_video_folder_is_watched_before_any_stage_reads_it(watched, shared_data):
-    """The post-ride case: the spec names the ride's folder before its videos are copied in."""
+@pytest.mark.parametrize("source", ["../rides", "../rides/*/*.mp4"])
+def test_an_empty_video_folder_is_watched_before_any_stage_reads_it(watched, shared_data, source):
+    """The post-ride case: the spec names the ride's folder (or a glob in it) before its videos
+    are copied in; a glob's folder is walked whole."""
     from runner.engine.executor import plan_specs
 
-    (watched / "rides").mkdir()
+    (watched / "rides" / "day1").mkdir(parents=True)
     spec = watched / "specs" / "hero.yaml"
     spec.write_text(spec.read_text().replace("    - images: ../photos/hero\n",
-                                             "    - images: ../photos/hero\n    - video: ../rides\n"))
+                                             f"    - images: ../photos/hero\n    - video: {source}\n"))
     plan, ws = plan_specs(load_specs(["specs"]))
     ws.close()
     assert not any(n.kind.startswith("video") for n in plan.graph.nodes.values())  # nothing reads it yet
     roots = watched_roots(["specs"], plan)
     assert Root(watched / "rides", recursive=True) in roots
     before = signature(roots)
-    shutil.copy(shared_data / "video" / "carphone.mp4", watched / "rides")
+    shutil.copy(shared_data / "video" / "carphone.mp4", watched / "rides" / "day1")
     assert describe_change(before, signature(roots)) == "rides (1 added)"
 
 
