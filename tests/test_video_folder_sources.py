@@ -142,11 +142,18 @@ EXTRACT = ("  shots: {strategy: report, targets: {full_body: [0.2, 0.4]}}\n"
            "  extract: {sample_fps: 2, min_gap_s: 1.0}\n")
 
 
-def test_video_clips_pair_with_each_identity_node_and_extract_reads_every_video(project, shared_data):
+def test_video_clips_pair_with_each_identity_node_and_extract_reads_every_video(project, shared_data, monkeypatch):
+    from runner.paths import video_files_under
+    from runner.stages import common
+
     _rides(project, shared_data, ["a.mp4", "cam2/b.mp4"])
     (project / "clip.mp4").write_bytes((project / "rides" / "a.mp4").read_bytes())
     spec = _spec(project, "../rides", extra="    - video: ../clip.mp4\n" + EXTRACT + CLIPS)
+    walks = []
+    monkeypatch.setattr(common, "video_files_under", lambda root, **kw: walks.append(root) or
+                        video_files_under(root, **kw))
     graph = _graph(spec)
+    assert walks == [project / "rides"]  # one walk of the folder for the three kinds that read it
     clips = {n.id: n for n in graph.nodes.values() if n.kind == "video_clips"}
     assert sorted(clips) == ["hero:video_clips[0:a.mp4]", "hero:video_clips[0:cam2/b.mp4]", "hero:video_clips[1]"]
     for cid, node in clips.items():
