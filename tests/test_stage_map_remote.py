@@ -52,26 +52,31 @@ hardware:
 # Fields two local runs do not share either (the stage's own wall time).
 TIMINGS = {"analysis/summary.json": ("seconds", "images_per_s")}
 
-# Runs the worker entry point; the first chunk container to start dies (os._exit, as a preempted
-# container) while analyzing its second image, after the first image's thumbnail was written.
+# Runs the worker entry point. The first chunk container to start dies (os._exit, as a preempted
+# container) while analyzing its second image, after the first image's thumbnail was written; the
+# stage's first container dies once its map has finished, before it wrote any output.
 CRASH_ONCE = """\
 import os, runpy, sys
 module, args = sys.argv[2], sys.argv[3:]
 sys.argv = [module, *args]
-if args[:1] == ["map"]:
+def first(marker):
     try:
-        os.mkdir(os.environ["MAP_CRASH_MARKER"])
+        os.mkdir(os.environ[marker])
     except FileExistsError:
-        pass
-    else:
-        import runner.vision.analysis as analysis
-        real, seen = analysis.analyze_job, []
-        def dying(job):
-            seen.append(job["id"])
-            if len(seen) == 2:
-                os._exit(137)
-            return real(job)
-        analysis.analyze_job = dying
+        return False
+    return True
+if args[:1] == ["map"] and first("MAP_CRASH_MARKER"):
+    import runner.vision.analysis as analysis
+    real, seen = analysis.analyze_job, []
+    def dying(job):
+        seen.append(job["id"])
+        if len(seen) == 2:
+            os._exit(137)
+        return real(job)
+    analysis.analyze_job = dying
+elif args[:1] != ["map"] and first("STAGE_CRASH_MARKER"):
+    import runner.backends.mapping as mapping
+    mapping.VolumeMapper._record = lambda self, ctx, done: os._exit(137)
 runpy.run_module(module, run_name="__main__", alter_sys=True)
 """
 
@@ -164,32 +169,30 @@ def test_the_map_over_three_containers_equals_the_local_run(tmp_path, shared_dat
     per_hour = 0.0472 * box.cores + 0.0080 * box.memory_gib
     assert row["cost"] == pytest.approx(per_hour * m["remote.billed_s"] / 3600, rel=1e-3, abs=1e-6)
 
-    # a stage attempt that comes after its chunks finished (its container was lost) reuses them
-    (tmp_path / "volume" / "results" / f"{key_there}.json").unlink()
-    spec = tmp_path / "there" / "specs" / "hero.yaml"
-    again = apply(load_specs([str(spec)]), ApplyOptions(only=["analyze"], force=["analyze"], command="test",
-                                                        remote=FolderTransport(tmp_path / "volume")),
-                  PlainReporter(io.StringIO()))
-    assert again.status == "succeeded"
-    _key, files, row = analyze_outputs(tmp_path / "there", again.run_id)
-    assert files == here
-    assert [c["reused"] for c in chunk_lines(row)] == [True, True, True]
+    # the chunks' outputs and manifests are gone from the volume once the stage succeeded
+    volume = tmp_path / "volume"
+    assert (volume / "results" / f"{key_there}.json").is_file()
+    assert not (volume / "map" / key_there).exists() and not list((volume / "results").glob("*-map*"))
 
 
-def test_a_chunk_whose_container_dies_is_retried_and_the_outputs_are_unchanged(tmp_path, shared_data, monkeypatch):
+def test_containers_that_die_are_retried_and_the_outputs_are_unchanged(tmp_path, shared_data, monkeypatch):
     _key, here, _row = run_local(make_project(tmp_path / "here", shared_data))
     (tmp_path / "crash_once.py").write_text(CRASH_ONCE)
     python = tmp_path / "python"
     python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{tmp_path / "crash_once.py"}" "$@"\n')
     python.chmod(0o755)
-    marker = tmp_path / "crashed"
-    monkeypatch.setenv("MAP_CRASH_MARKER", str(marker))
+    monkeypatch.setenv("MAP_CRASH_MARKER", str(tmp_path / "chunk-died"))
+    monkeypatch.setenv("STAGE_CRASH_MARKER", str(tmp_path / "stage-died"))
     transport = FolderTransport(tmp_path / "volume", retries=1, python=str(python))  # as modal.Retries(1)
 
     _key, there, row = run_remote(make_project(tmp_path / "there", shared_data), transport)
-    assert marker.is_dir()  # a chunk container did die
+    assert (tmp_path / "chunk-died").is_dir() and (tmp_path / "stage-died").is_dir()  # both did die
     assert there == here
+    assert row["metrics"]["remote.attempts"] == 2
+    # the stage's second container found its three chunks finished on the volume, one of them in
+    # its second attempt
     chunks = chunk_lines(row)
+    assert [c["reused"] for c in chunks] == [True, True, True]
     assert sorted(c["attempts"] for c in chunks) == [1, 1, 2]
     assert row["metrics"]["map.attempts"] == 4
     # the dead attempt is billed too, up to its retry's start

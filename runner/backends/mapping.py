@@ -15,9 +15,12 @@ shared settings that lies under the parent's work folder is rewritten to the chu
 (and back in its records): the input files the items name (and the project files the stage
 config names) are materialized there from their blobs (content-addressed: the parent has each
 input file's sha256 from the input manifest), the parent's output folder's subfolders are
-created, and what the chunk writes under its output folder goes back as blobs, which the parent
-copies into its own output folder at the same place. The records go back as one JSONL blob that
-the parent streams, so its memory stays flat however many items there are.
+created. What the chunk writes under its output folder goes back as one archive and its records
+as one JSONL file, both at ``map/<key>/<i>of<n>/`` on the volume: the parent reads two files per
+chunk (on Modal through the SDK, which sees what the chunks committed; its own mount would not
+without a reload), unpacks the archive into its output folder at the same place and streams the
+records, so its memory stays flat however many items there are. Both, and the chunks' manifests,
+are removed when the stage succeeds (:meth:`VolumeMapper.cleanup`).
 
 Retries and cost. A chunk that raises or whose container dies is retried by the transport
 (``modal.Retries`` of the map function; the folder transport's ``retries``); a :class:`UserError`
@@ -36,14 +39,15 @@ import os
 import shutil
 import socket
 import subprocess
+import tarfile
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from runner.backends.volume import CACHE, FolderVolume, blob_relpath, result_relpath
-from runner.core.fs import atomic_write_text
+from runner.backends.volume import CACHE, MAP, FolderVolume, blob_relpath, result_relpath
+from runner.core.fs import atomic_write_text, copy_atomic
 
 #: A launcher runs chunk requests in containers and yields their results in request order.
 Launcher = Callable[[list[dict[str, Any]]], Iterator[dict[str, Any]]]
@@ -97,19 +101,22 @@ def chunk_name(key: str, index: int, count: int) -> str:
 
 class VolumeMapper:
     """The map of a remote stage's worker: chunk requests out through ``launcher``, the chunks'
-    output files and records back from the volume (``fetch(sha, dest)``: a copy from the mounted
-    folder, or for Modal a read through the SDK, which sees what the chunks committed)."""
+    outputs and records back from the volume (``read(rel, dest)`` copies a file of the volume:
+    from the mounted folder by default, through the SDK on Modal; ``remove(rel)`` deletes one)."""
 
     def __init__(self, vol: FolderVolume, key: str, base: Path, files: dict[str, str], always: dict[str, str],
-                 launcher: Launcher, fetch: Callable[[str, Path], None] | None = None) -> None:
+                 launcher: Launcher, read: Callable[[str, Path], None] | None = None,
+                 remove: Callable[[str], None] | None = None) -> None:
         self.vol = vol
         self.key = key
         self.base = str(base)
         self.files = files  # input files of the stage (normalized absolute path -> sha256)
         self.always = always  # project files the stage config names: every chunk gets them
         self.launcher = launcher
-        self.fetch = fetch or vol.fetch
+        self.read = read or (lambda rel, dest: copy_atomic(vol.path(rel), dest))
+        self.remove = remove or (lambda rel: _remove(vol.path(rel)))
         self.billed_s = 0.0  # seconds of every attempt of every chunk mapped so far (the stage bills them)
+        self._names: list[str] = []  # the chunks mapped (their manifests on the volume)
 
     def __call__(self, ctx: Any, fn: str, items: list[dict[str, Any]], shared: dict[str, Any],
                  containers: int) -> Iterator[dict[str, Any]]:
@@ -117,6 +124,7 @@ class VolumeMapper:
         out = Path(self.base) / "out"
         dirs = ["out", *sorted(self._rel(str(d)) for d in out.rglob("*") if d.is_dir())] if out.is_dir() else []
         requests = [self._request(fn, chunk, shared, i, len(chunks), dirs) for i, chunk in enumerate(chunks)]
+        self._names += [chunk_name(self.key, i, len(chunks)) for i in range(len(chunks))]
         ctx.log(f"map: {len(items)} items over {len(chunks)} containers "
                 f"({', '.join(str(len(c)) for c in chunks)} items each)", map_containers=len(chunks))
         done: list[dict[str, Any]] = []
@@ -151,17 +159,25 @@ class VolumeMapper:
     def _rel(self, path: str) -> str:
         return Path(path).relative_to(self.base).as_posix()
 
+    def cleanup(self) -> None:
+        """Remove the chunks' outputs and manifests from the volume (the stage succeeded)."""
+        for rel in [f"{MAP}/{self.key}", *(result_relpath(n) for n in self._names)]:
+            try:
+                self.remove(rel)
+            except Exception:  # already gone, or a lost connection: the files are only garbage
+                pass
+
     def _collect_files(self, res: dict[str, Any]) -> None:
-        for rel, sha, _size in res["files"]:
-            dest = Path(self.base) / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            self.fetch(sha, dest)
+        with tempfile.TemporaryDirectory(prefix="runner-map-out-") as d:
+            archive = Path(d) / "outputs.tar"
+            self.read(res["archive"], archive)
+            _unpack(archive, Path(self.base))
 
     def _records(self, res: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        sha, _size, count = res["results"]
+        rel, count = res["records"], res["items"]
         with tempfile.TemporaryDirectory(prefix="runner-map-records-") as d:
             local = Path(d) / "records.jsonl"
-            self.fetch(sha, local)
+            self.read(rel, local)
             with local.open(encoding="utf-8") as fh:
                 for line in fh:
                     yield json.loads(line)
@@ -190,14 +206,14 @@ class VolumeMapper:
 def run_chunk_in_volume(request: dict[str, Any], volume_root: str | Path, *,
                         commit: Callable[[], None] | None = None) -> dict[str, Any]:
     """Run one chunk (a request of :class:`VolumeMapper`) next to the volume; returns its manifest:
-    status, items, output files and the records blob as [sha256, size, count], attempts, seconds."""
+    status, items, the volume paths of its outputs' archive and of its records, attempts, seconds."""
     from runner.backends.worker import _append_attempt, _attempts, billed_seconds
     from runner.core.errors import UserError
 
     vol = FolderVolume(Path(volume_root))
     name = chunk_name(request["key"], request["index"], request["count"])
     done = vol.read_result(name)
-    if done is not None:
+    if done is not None and all(vol.path(done[k]).is_file() for k in ("archive", "records")):
         return {**done, "reused": True}
     number = 1 + sum(1 for a in _attempts(vol.root, name) if a.get("event") == "start")
     _append_attempt(vol.root, name, {"event": "start", "attempt": number, "t": time.time(),
@@ -210,7 +226,7 @@ def run_chunk_in_volume(request: dict[str, Any], volume_root: str | Path, *,
     try:
         result = {"status": "succeeded", **_run_chunk(vol, request, work)}
     except UserError as exc:  # the user's problem: a failed chunk, not retried
-        result = {"status": "failed", "error": str(exc), "hint": exc.hint, "files": [], "items": 0}
+        result = {"status": "failed", "error": str(exc), "hint": exc.hint, "files": 0, "items": 0}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     _append_attempt(vol.root, name, {"event": "end", "attempt": number, "t": time.time(), "status": result["status"]})
@@ -225,7 +241,8 @@ def run_chunk_in_volume(request: dict[str, Any], volume_root: str | Path, *,
 
 
 def _run_chunk(vol: FolderVolume, request: dict[str, Any], work: Path) -> dict[str, Any]:
-    """Materialize the chunk's files under ``work``, run its function, store what it wrote."""
+    """Materialize the chunk's files under ``work``, run its function, put what it wrote on the
+    volume (``map/<key>/<i>of<n>/``)."""
     for rel, sha in request["files"].items():
         target = work / rel
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -245,10 +262,38 @@ def _run_chunk(vol: FolderVolume, request: dict[str, Any], work: Path) -> dict[s
             count += 1
     if count != len(items):
         raise RuntimeError(f"{request['fn']} yielded {count} records for {len(items)} items")
-    out = work / "out"
-    files = [[f.relative_to(work).as_posix(), vol.put_blob(f), f.stat().st_size]
-             for f in sorted(x for x in out.rglob("*") if x.is_file())]
-    return {"items": count, "files": files, "results": [vol.put_blob(records), records.stat().st_size, count]}
+    files = sorted(x for x in (work / "out").rglob("*") if x.is_file())
+    archive = work / "outputs.tar"
+    with tarfile.open(archive, "w") as tar:  # the outputs are images mostly: not compressed
+        for f in files:
+            tar.add(f, arcname=f.relative_to(work).as_posix(), recursive=False)
+    where = f"{MAP}/{request['key']}/{request['index']}of{request['count']}"
+    copy_atomic(archive, vol.path(f"{where}/outputs.tar"))
+    copy_atomic(records, vol.path(f"{where}/records.jsonl"))
+    return {"items": count, "files": len(files), "archive": f"{where}/outputs.tar",
+            "records": f"{where}/records.jsonl"}
+
+
+def _unpack(archive: Path, dest: Path) -> None:
+    """The files of a chunk's archive into ``dest``; only regular files under ``out/``."""
+    with tarfile.open(archive) as tar:
+        for member in tar:
+            parts = Path(member.name).parts
+            if not member.isfile() or member.name.startswith("/") or ".." in parts or parts[:1] != ("out",):
+                raise RuntimeError(f"a map chunk's archive holds {member.name!r}, not a file of its output folder")
+            target = dest / member.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            src = tar.extractfile(member)
+            assert src is not None
+            with src, open(target, "wb") as fh:
+                shutil.copyfileobj(src, fh)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
 
 
 # ----------------------------------------------------------------------------- folder transport

@@ -187,7 +187,8 @@ def modal_stage_entry(kind: str, config: dict[str, Any], manifest: dict[str, Any
     vol = _reloaded(volume_name)
     launcher = None if map_fn is None else _ModalMapLauncher(map_fn, volume_name)
     return run_stage_in_volume(kind, config, manifest, VOLUME_MOUNT, commit=vol.commit, launcher=launcher,
-                               fetch=lambda sha, dest: _read_blob(vol, sha, dest))
+                               volume_files=(lambda rel, dest: _read_file(vol, rel, dest),
+                                             lambda rel: vol.remove_file("/" + rel, recursive=True)))
 
 
 def modal_map_entry(request: dict[str, Any], volume_name: str) -> dict[str, Any]:
@@ -209,14 +210,13 @@ def _reloaded(volume_name: str) -> Any:
     return vol
 
 
-def _read_blob(vol: Any, sha: str, dest: Path) -> None:
-    """A blob through the SDK, which sees what other containers committed (the mount shows it
-    only after a reload, which open files can refuse)."""
-    from runner.backends.volume import blob_relpath
+def _read_file(vol: Any, rel: str, dest: Path) -> None:
+    """A file of the volume through the SDK, which sees what other containers committed (the
+    mount shows it only after a reload, which the stage's open files can refuse)."""
     from runner.core.fs import atomic_path
 
     with atomic_path(dest) as tmp, open(tmp, "wb") as fh:
-        vol.read_file_into_fileobj("/" + blob_relpath(sha), fh)
+        vol.read_file_into_fileobj("/" + rel, fh)
 
 
 class _ModalMapLauncher:

@@ -9,6 +9,9 @@
     attempts/<key>.jsonl         one line per attempt at a stage (start, end), for resume and cost
     work/<key>/attempt<N>/       inputs materialized for one attempt, and its output folder
     cache/                       the model cache (CHARACTER_RUNNER_CACHE, HF_HOME) shared by calls
+    map/<key>/<i>of<n>/          one chunk of a stage's map (hardware.stage_map): outputs.tar and
+                                 records.jsonl, removed with its results/<key>-map<i>of<n>.json
+                                 when the stage succeeds (runner.backends.mapping)
 
 Inputs go up only when the volume lacks their digest, and outputs come back the same way: a
 file is fetched only when no local file with its digest is known.
@@ -29,6 +32,7 @@ SCRATCH = "scratch"
 ATTEMPTS = "attempts"
 WORK = "work"
 CACHE = "cache"
+MAP = "map"
 
 
 def blob_relpath(sha: str) -> str:

@@ -202,12 +202,13 @@ class _Attempt:
 def run_stage_in_volume(kind: str, node_config: dict[str, Any], input_manifest: dict[str, Any],
                         volume_root: str | Path, *, commit: Callable[[], None] | None = None,
                         commit_every_s: float = 60.0, registry: Any = None,
-                        launcher: Any = None, fetch: Callable[[str, Path], None] | None = None) -> dict[str, Any]:
+                        launcher: Any = None, volume_files: tuple[Callable, Callable] | None = None) -> dict[str, Any]:
     """Run stage ``kind`` with ``node_config`` on the inputs listed in ``input_manifest`` (blobs
     already on the volume at ``volume_root``); returns the output manifest (see module doc).
     ``registry`` holds the stage kinds (default: the built-in ones and plugins). With a
     ``launcher`` (runner.backends.mapping), the stage's ``ctx.map_items`` runs over containers;
-    ``fetch(sha, dest)`` reads what they wrote on the volume (default: from the folder)."""
+    ``volume_files`` (``read(rel, dest)``, ``remove(rel)``) reaches what they wrote on the volume
+    (default: in the folder; Modal's go through the SDK)."""
     from runner.core.errors import UserError
 
     vol = FolderVolume(Path(volume_root))
@@ -228,7 +229,7 @@ def run_stage_in_volume(kind: str, node_config: dict[str, Any], input_manifest: 
 
         project = att.work / "project"
         always = {os.path.normpath(project / rel): sha for rel, sha, _size in input_manifest.get("project", [])}
-        ctx.mapper = VolumeMapper(vol, att.key, att.work, shas, always, launcher, fetch)
+        ctx.mapper = VolumeMapper(vol, att.key, att.work, shas, always, launcher, *(volume_files or ()))
     t0 = time.monotonic()
     try:
         with _Committer(commit, commit_every_s):
@@ -243,6 +244,8 @@ def run_stage_in_volume(kind: str, node_config: dict[str, Any], input_manifest: 
     result = {**att.end("succeeded", ctx, duration), "outputs": listing, "files": files,
               "metric_history": ctx.metric_history, "finished": time.time()}
     atomic_write_text(att.root / result_relpath(att.key), json.dumps(result))
+    if ctx.mapper is not None:
+        ctx.mapper.cleanup()
     shutil.rmtree(att.scratch, ignore_errors=True)
     shutil.rmtree(att.root / WORK / att.key, ignore_errors=True)
     att.commit_volume()
