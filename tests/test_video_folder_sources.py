@@ -120,6 +120,10 @@ def test_an_empty_folder_plans_no_identity_node(project):
     (project / "rides" / "2026-12-03").mkdir(parents=True)
     graph = _graph(_spec(project, "../rides/2026-12-03/"))
     assert not [n for n in graph.nodes.values() if n.kind in ("video_identity", "video_clips", "extract")]
+    from runner.core.errors import UserError
+
+    with pytest.raises(UserError, match="train_video has nothing to train on"):  # not a GPU stage on nothing
+        _graph(_spec(project, "../rides/2026-12-03/", extra=CLIPS))
 
 
 def test_a_thousand_files_plan_a_thousand_nodes(project, monkeypatch):

@@ -19,7 +19,7 @@ from typing import Any
 
 from runner.core import contract
 from runner.spec.sections import spec_config
-from runner.stages.common import read_metrics, variant_runs, with_tracking
+from runner.stages.common import read_metrics, variant_runs, video_files, with_tracking
 from runner.stages.common import training_resume_info as resume_info
 
 KIND = "train_video"
@@ -61,7 +61,8 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
     if typed.train_video is None:
         return []
     section = spec[KIND]
-    inputs = _data_inputs(typed.train_video, graph, has_video=any(s.video for s in typed.dataset.sources))
+    has_video = any(video_files(s, i, graph) for i, s in enumerate(typed.dataset.sources))  # an empty folder: none
+    inputs = _data_inputs(typed.train_video, graph, has_video=has_video)
     hw = typed.hardware
     gpu = hw.stage_gpu.get(KIND) or hw.gpu
     nodes = []
