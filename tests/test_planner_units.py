@@ -109,7 +109,7 @@ class MemoryState:
         """What a successful apply of ``plan`` leaves: every executed stage current and stored."""
         for ps in plan.stages:
             if ps.will_execute:
-                self.current[ps.id] = PriorRecord(ps.key, ps.components, "run", 0.0)
+                self.current[ps.id] = PriorRecord(ps.key, json.dumps(ps.components), "run", 0.0)
                 self.stored.add(ps.key)
                 for fd in ps.fileset_digests.values():
                     self.listings[fd.digest] = dict(fd.files)

@@ -21,6 +21,7 @@ import re
 import shutil
 import socket
 import sqlite3
+import stat
 import threading
 import time
 import uuid
@@ -150,7 +151,7 @@ class Workspace:
         ).fetchone()
         if row is None:
             return None
-        return PriorRecord(key=row[0], components=json.loads(row[1]), run_id=row[2], finished_at=row[3])
+        return PriorRecord(key=row[0], components_json=row[1], run_id=row[2], finished_at=row[3])
 
     def store_path(self, key: str) -> Path:
         return self.store_dir / key
@@ -482,18 +483,17 @@ def _scan(root: Path, patterns: tuple[str, ...], recursive: bool):
     import fnmatch
 
     try:
-        st = root.stat()
+        st = os.stat(root)
     except FileNotFoundError:
         return
-    if not os.path.isdir(root):
+    if not stat.S_ISDIR(st.st_mode):
         yield root.name, str(root), st
         return
     literal = None if recursive else _literal_names(patterns)
-    if literal is not None:  # a file set naming its files (one video of a folder): no folder scan
-        found = [(name, root / name) for name in literal if (root / name).is_file()]
-        if len(found) == len(literal):
-            for name, full in found:
-                yield name, str(full), full.stat()
+    if literal is not None:  # a file set naming its files (one video of a folder): one stat each, no scan
+        found = _stat_files(str(root), literal)
+        if found is not None:
+            yield from found
             return
     pats = tuple(p.lower() for p in patterns)
     match_all = pats == ("*",)
@@ -508,6 +508,22 @@ def _scan(root: Path, patterns: tuple[str, ...], recursive: bool):
             continue
 
 
+def _stat_files(root: str, names: list[str]) -> list[tuple[str, str, os.stat_result]] | None:
+    """(name, full path, stat) of each of ``names`` in ``root``; None when one is not a regular
+    file (then the folder is scanned the usual way, which says what is there)."""
+    out = []
+    for name in names:
+        full = os.path.join(root, name)
+        try:
+            st = os.stat(full)
+        except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        out.append((name, full, st))
+    return out
+
+
 _ESCAPED = re.compile(r"\[([*?\[])\]")
 
 
@@ -516,6 +532,9 @@ def _literal_names(patterns: tuple[str, ...]) -> list[str] | None:
     when any pattern is a real glob."""
     names = []
     for p in patterns:
+        if not any(c in p for c in "*?[") and not p.startswith(".") and "/" not in p:
+            names.append(p)  # a plain name (most ride videos): no unescaping to do
+            continue
         name = _ESCAPED.sub(r"\1", p)
         if any(c in _ESCAPED.sub("", p) for c in "*?[") or name.startswith(".") or "/" in name:
             return None

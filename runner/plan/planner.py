@@ -25,7 +25,21 @@ ACTIONS = ("run", "rerun", "resume", "cached")
 
 
 def canonical_json(obj: Any) -> str:
-    return json.dumps(contract.jsonable(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """The text a cache key hashes: sorted keys, no spaces, paths and dataclasses as plain JSON.
+    Configs are plain JSON already (every node's, 10,000 of them at fleet size): json encodes them
+    in one pass, and only a value it cannot encode, or keys it cannot sort, take the full
+    conversion of :func:`runner.core.contract.jsonable`."""
+    try:
+        return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default)
+    except TypeError:
+        return json.dumps(contract.jsonable(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _json_default(value: Any) -> Any:
+    converted = contract.jsonable(value)
+    if converted is value:
+        raise TypeError(f"{type(value).__name__} is not JSON")
+    return converted
 
 
 def sha256_text(text: str) -> str:
@@ -50,9 +64,13 @@ class FileDigester(Protocol):
 @dataclass(frozen=True)
 class PriorRecord:
     key: str
-    components: dict[str, Any]
+    components_json: str  # parsed only when the key changed and the plan explains why
     run_id: str
     finished_at: float
+
+    @property
+    def components(self) -> dict[str, Any]:
+        return json.loads(self.components_json)
 
 
 class PlanState(Protocol):
