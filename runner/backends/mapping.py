@@ -14,21 +14,22 @@ Files. A chunk sees the volume, not the parent's work folder. Every string in th
 shared settings that lies under the parent's work folder is rewritten to the chunk's own folder
 (and back in its records): the input files the items name (and the project files the stage
 config names) are materialized there from their blobs (content-addressed: the parent has each
-input file's sha256 from the input manifest), the parent's output folder's subfolders are
+input file's sha256 from the input manifest), and the parent's output folder's subfolders are
 created. What the chunk writes under its output folder goes back as one archive and its records
-as one JSONL file, both at ``map/<key>/<i>of<n>/`` on the volume: the parent reads two files per
-chunk (on Modal through the SDK, which sees what the chunks committed; its own mount would not
-without a reload), unpacks the archive into its output folder at the same place and streams the
-records, so its memory stays flat however many items there are. Both, and the chunks' manifests,
-are removed when the stage succeeds (:meth:`VolumeMapper.cleanup`).
+as one JSONL file, both at ``map/<key>/<m>.<i>of<n>/`` on the volume (chunk i of n of the
+stage's map m): the parent reads two files per chunk (on Modal through the SDK, which sees what
+the chunks committed; its own mount would not without a reload), unpacks the archive into its
+output folder at the same place and streams the records, so its memory stays flat however many
+items there are. Both, and the chunks' manifests, are removed when the stage succeeds
+(:meth:`VolumeMapper.cleanup`).
 
 Retries and cost. A chunk that raises or whose container dies is retried by the transport
 (``modal.Retries`` of the map function; the folder transport's ``retries``); a :class:`UserError`
 comes back as a failed chunk and is not. Each attempt is recorded in
-``attempts/<key>-map<i>of<n>.jsonl`` and billed like a stage attempt (each chunk's result carries
-its attempts' seconds: the parent on Modal does not see files other containers commit to its
-mounted volume), and a finished chunk's manifest in ``results/<key>-map<i>of<n>.json`` is reused by a later
-attempt at the stage, so a preempted parent does not analyze again what its chunks finished.
+``attempts/<key>-map<m>.<i>of<n>.jsonl`` and billed like a stage attempt (each chunk's result
+carries its attempts' seconds: the parent on Modal does not see what other containers commit to
+its mounted volume), and a finished chunk's manifest, ``results/<key>-map<m>.<i>of<n>.json``, is
+reused by a later attempt at the stage, so a preempted parent does not redo finished chunks.
 """
 
 from __future__ import annotations
@@ -91,9 +92,10 @@ def rebase(value: Any, old: str, new: str) -> Any:
     return value
 
 
-def chunk_name(key: str, index: int, count: int) -> str:
-    """The name of one chunk's attempts and result on the volume."""
-    return f"{key}-map{index}of{count}"
+def chunk_name(key: str, index: int, count: int, seq: int = 0) -> str:
+    """The name of one chunk's attempts and result on the volume: chunk ``index`` of ``count`` of
+    the stage's map number ``seq`` (a stage may map more than once; the first is 0)."""
+    return f"{key}-map{seq}.{index}of{count}"
 
 
 # ----------------------------------------------------------------------------- the parent
@@ -117,6 +119,7 @@ class VolumeMapper:
         self.remove = remove or (lambda rel: _remove(vol.path(rel)))
         self.billed_s = 0.0  # seconds of every attempt of every chunk mapped so far (the stage bills them)
         self._names: list[str] = []  # the chunks mapped (their manifests on the volume)
+        self._maps = 0  # map_items calls so far (the same order in every attempt at the stage)
 
     def __call__(self, ctx: Any, fn: str, items: list[dict[str, Any]], shared: dict[str, Any],
                  containers: int) -> Iterator[dict[str, Any]]:
@@ -124,7 +127,8 @@ class VolumeMapper:
         out = Path(self.base) / "out"
         dirs = ["out", *sorted(self._rel(str(d)) for d in out.rglob("*") if d.is_dir())] if out.is_dir() else []
         requests = [self._request(fn, chunk, shared, i, len(chunks), dirs) for i, chunk in enumerate(chunks)]
-        self._names += [chunk_name(self.key, i, len(chunks)) for i in range(len(chunks))]
+        self._names += [chunk_name(self.key, i, len(chunks), self._maps) for i in range(len(chunks))]
+        self._maps += 1
         ctx.log(f"map: {len(items)} items over {len(chunks)} containers "
                 f"({', '.join(str(len(c)) for c in chunks)} items each)", map_containers=len(chunks))
         done: list[dict[str, Any]] = []
@@ -149,12 +153,12 @@ class VolumeMapper:
         files = {self._rel(p): sha for p, sha in self.always.items()}
         for item in chunk:
             for v in item.values():
-                if isinstance(v, str) and v.startswith(self.base):
+                if isinstance(v, str) and v.startswith(self.base + os.sep):
                     sha = self.files.get(os.path.normpath(v))
                     if sha is not None:
                         files[self._rel(os.path.normpath(v))] = sha
-        return {"fn": fn, "items": chunk, "shared": shared, "key": self.key, "index": index, "count": count,
-                "base": self.base, "files": files, "dirs": dirs, "submitted": time.time()}
+        return {"fn": fn, "items": chunk, "shared": shared, "key": self.key, "seq": self._maps, "index": index,
+                "count": count, "base": self.base, "files": files, "dirs": dirs, "submitted": time.time()}
 
     def _rel(self, path: str) -> str:
         return Path(path).relative_to(self.base).as_posix()
@@ -211,7 +215,7 @@ def run_chunk_in_volume(request: dict[str, Any], volume_root: str | Path, *,
     from runner.core.errors import UserError
 
     vol = FolderVolume(Path(volume_root))
-    name = chunk_name(request["key"], request["index"], request["count"])
+    name = chunk_name(request["key"], request["index"], request["count"], request.get("seq", 0))
     done = vol.read_result(name)
     if done is not None and all(vol.path(done[k]).is_file() for k in ("archive", "records")):
         return {**done, "reused": True}
@@ -242,7 +246,7 @@ def run_chunk_in_volume(request: dict[str, Any], volume_root: str | Path, *,
 
 def _run_chunk(vol: FolderVolume, request: dict[str, Any], work: Path) -> dict[str, Any]:
     """Materialize the chunk's files under ``work``, run its function, put what it wrote on the
-    volume (``map/<key>/<i>of<n>/``)."""
+    volume (``map/<key>/<m>.<i>of<n>/``)."""
     for rel, sha in request["files"].items():
         target = work / rel
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -267,7 +271,7 @@ def _run_chunk(vol: FolderVolume, request: dict[str, Any], work: Path) -> dict[s
     with tarfile.open(archive, "w") as tar:  # the outputs are images mostly: not compressed
         for f in files:
             tar.add(f, arcname=f.relative_to(work).as_posix(), recursive=False)
-    where = f"{MAP}/{request['key']}/{request['index']}of{request['count']}"
+    where = f"{MAP}/{request['key']}/{request.get('seq', 0)}.{request['index']}of{request['count']}"
     copy_atomic(archive, vol.path(f"{where}/outputs.tar"))
     copy_atomic(records, vol.path(f"{where}/records.jsonl"))
     return {"items": count, "files": len(files), "archive": f"{where}/outputs.tar",

@@ -9,8 +9,8 @@
     attempts/<key>.jsonl         one line per attempt at a stage (start, end), for resume and cost
     work/<key>/attempt<N>/       inputs materialized for one attempt, and its output folder
     cache/                       the model cache (CHARACTER_RUNNER_CACHE, HF_HOME) shared by calls
-    map/<key>/<i>of<n>/          one chunk of a stage's map (hardware.stage_map): outputs.tar and
-                                 records.jsonl, removed with its results/<key>-map<i>of<n>.json
+    map/<key>/<m>.<i>of<n>/      one chunk of a stage's map (hardware.stage_map): outputs.tar and
+                                 records.jsonl, removed with its results/<key>-map<m>.<i>of<n>.json
                                  when the stage succeeds (runner.backends.mapping)
 
 Inputs go up only when the volume lacks their digest, and outputs come back the same way: a
