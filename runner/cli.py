@@ -124,7 +124,10 @@ def _print_plan(plan: Any, specs: list[Any], *, header: bool = True, estimates: 
         root = specs[0].project_root if specs else Path.cwd()
         names = ", ".join(str(_rel(s.file)) for s in specs)
         click.echo(f"Plan for {names} (project {root})")
-    for ps in plan.stages:
+    for ps in _listed_stages(plan):
+        if isinstance(ps, str):
+            click.echo(ps)
+            continue
         click.echo(_plan_line(ps, estimates.get(ps.id)))
         for note in ps.notes:  # a variant's effective differences, phases in steps and epochs
             click.echo(f"      {note}")
@@ -137,6 +140,37 @@ def _print_plan(plan: Any, specs: list[Any], *, header: bool = True, estimates: 
         click.echo(f"Estimated Modal cost of this plan: ~{sum(e.cost for e in todo):.2f} {cur} "
                    f"({len(todo)} remote stage{'s' if len(todo) != 1 else ''}; price table in hardware.price_table)")
     _print_batch(plan, estimates, budget)
+
+
+#: Cached stages of one kind that `runner plan` lists one by one; a ride day's thousands more are
+#: counted in one line (`--json` lists every stage).
+LISTED_CACHED = 12
+SHOWN_OF_MANY = 3
+
+
+def _listed_stages(plan: Any) -> list[Any]:
+    """The plan's stages as printed: every stage that would execute, and the cached ones of a
+    character's kind one by one up to LISTED_CACHED; beyond that the first SHOWN_OF_MANY and, in
+    place of the rest, a line counting them."""
+    cached: dict[tuple[str, str], int] = {}
+    for ps in plan.stages:
+        if ps.action == "cached":
+            cached[(ps.node.character, ps.node.kind)] = cached.get((ps.node.character, ps.node.kind), 0) + 1
+    out: list[Any] = []
+    seen: dict[tuple[str, str], int] = {}
+    for ps in plan.stages:
+        group = (ps.node.character, ps.node.kind)
+        if ps.action != "cached" or cached[group] <= LISTED_CACHED:
+            out.append(ps)
+            continue
+        seen[group] = seen.get(group, 0) + 1
+        if seen[group] <= SHOWN_OF_MANY:
+            out.append(ps)
+        elif seen[group] == SHOWN_OF_MANY + 1:
+            rest = cached[group] - SHOWN_OF_MANY
+            out.append(f"  = ... and {rest} more cached {ps.node.kind} stages of {ps.node.character} "
+                       "(`runner plan --json` lists every stage)")
+    return out
 
 
 def _print_batch(plan: Any, estimates: dict, budget: Any) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,11 +112,16 @@ def model_input(value: str | None, graph: contract.GraphView, key: str) -> contr
     return None
 
 
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_.\-~:]*")  # what quote(name, safe=":") leaves as it is
+
+
 def input_name(name: str) -> str:
     """An input name that is safe where names become file or folder names (the remote worker
     materializes an input from outside the project under ``inputs/<name>``): a video's path inside
     its folder source is percent-encoded (``/`` -> ``%2F``, spaces, non-ASCII), which keeps
     distinct names distinct; names of letters, digits, ``_.-~:`` stay as they are."""
+    if _SAFE_NAME.fullmatch(name):
+        return name  # nothing to encode (a thousand ride videos named guest_0001.mp4 ...)
     from urllib.parse import quote
 
     return quote(name, safe=":")
