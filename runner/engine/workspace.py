@@ -14,6 +14,7 @@ Layout::
 
 from __future__ import annotations
 
+import functools
 import json
 import marshal
 import os
@@ -119,6 +120,7 @@ class Workspace:
         self._db: sqlite3.Connection | None = None
         self._stat_entries: dict[str, dict[str, Any]] = {}  # root -> its stat cache, loaded once
         self._dirty_roots: set[str] = set()  # roots whose stat cache changed since flush_digests
+        self._current: dict[str, tuple] | None = None  # stage id -> (key, run id, finished), read once
 
     # ------------------------------------------------------------------ db
     @property
@@ -146,12 +148,21 @@ class Workspace:
 
     # ------------------------------------------------------------------ PlanState
     def last_success(self, stage_id: str) -> PriorRecord | None:
-        row = self.db.execute(
-            "SELECT key, components, run_id, finished FROM stage_current WHERE stage_id=?", (stage_id,)
-        ).fetchone()
+        """The stage's current key (the last successful execution's). Every stage's is read in one
+        query at the first call (10,000 stages: one query, not 10,000), kept up to date by
+        set_current; its components are read only when asked for."""
+        if self._current is None:
+            self._current = {r[0]: r[1:] for r in self.db.execute(
+                "SELECT stage_id, key, run_id, finished FROM stage_current")}
+        row = self._current.get(stage_id)
         if row is None:
             return None
-        return PriorRecord(key=row[0], components_json=row[1], run_id=row[2], finished_at=row[3])
+        return PriorRecord(key=row[0], components_json=lambda: self._components_of(stage_id),
+                           run_id=row[1], finished_at=row[2])
+
+    def _components_of(self, stage_id: str) -> str:
+        row = self.db.execute("SELECT components FROM stage_current WHERE stage_id=?", (stage_id,)).fetchone()
+        return row[0] if row else "{}"
 
     def store_path(self, key: str) -> Path:
         return self.store_dir / key
@@ -319,15 +330,18 @@ class Workspace:
                     filesets: dict[str, FileSetDigest]) -> None:
         """The stage's current key and the listings of its file sets, in one transaction (a
         stage over a folder of 1,000 videos has 1,000 file sets: one commit, not 1,001)."""
+        now = time.time()
         with _transaction(self.db):
             self.db.execute(
                 "INSERT OR REPLACE INTO stage_current VALUES (?,?,?,?,?)",
-                (stage_id, key, json.dumps(components), run_id, time.time()),
+                (stage_id, key, json.dumps(components), run_id, now),
             )
             for fd in filesets.values():
                 self.db.execute(
                     "INSERT OR IGNORE INTO filesets VALUES (?,?)", (fd.digest, json.dumps(fd.files))
                 )
+        if self._current is not None:
+            self._current[stage_id] = (key, run_id, now)
 
     def runs(self, limit: int = 20) -> list[dict[str, Any]]:
         """Recent runs, newest first; ``last_seen`` is the run's last heartbeat."""
@@ -509,7 +523,7 @@ def _scan(root: Path, patterns: tuple[str, ...], recursive: bool):
             continue
 
 
-def _stat_files(root: str, names: list[str]) -> list[tuple[str, str, os.stat_result]] | None:
+def _stat_files(root: str, names: tuple[str, ...]) -> list[tuple[str, str, os.stat_result]] | None:
     """(name, full path, stat) of each of ``names`` in ``root``; None when one is not a regular
     file (then the folder is scanned the usual way, which says what is there)."""
     out = []
@@ -529,7 +543,8 @@ _ESCAPED = re.compile(r"\[([*?\[])\]")
 _SPECIAL = re.compile(r"[*?\[/]")  # a pattern without these is a plain file name
 
 
-def _literal_names(patterns: tuple[str, ...]) -> list[str] | None:
+@functools.lru_cache(maxsize=1 << 16)
+def _literal_names(patterns: tuple[str, ...]) -> tuple[str, ...] | None:
     """The file names of patterns that are plain names (``glob.escape``d ones included), or None
     when any pattern is a real glob."""
     names = []
@@ -541,7 +556,7 @@ def _literal_names(patterns: tuple[str, ...]) -> list[str] | None:
         if any(c in _ESCAPED.sub("", p) for c in "*?[") or name.startswith(".") or "/" in name:
             return None
         names.append(name)
-    return names
+    return tuple(names)
 
 
 def _gone(old: dict[str, Any], scanned: dict[str, Any], ref: contract.FileSetRef) -> set[str]:

@@ -16,7 +16,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 from runner.core import contract
 from runner.plan.graph import Graph
@@ -64,13 +64,16 @@ class FileDigester(Protocol):
 @dataclass(frozen=True)
 class PriorRecord:
     key: str
-    components_json: str  # parsed only when the key changed and the plan explains why
+    # the key's components as JSON text, or a function that reads it: read and parsed only when
+    # the key changed and the plan explains why (a no-op plan of 10,000 stages reads none)
+    components_json: str | Callable[[], str] = field(compare=False, repr=False)
     run_id: str
     finished_at: float
 
     @property
     def components(self) -> dict[str, Any]:
-        return json.loads(self.components_json)
+        text = self.components_json
+        return json.loads(text() if callable(text) else text)
 
 
 class PlanState(Protocol):
