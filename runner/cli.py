@@ -128,7 +128,7 @@ def _print_plan(plan: Any, specs: list[Any], *, header: bool = True, estimates: 
         if isinstance(ps, str):
             click.echo(ps)
             continue
-        click.echo(_plan_line(ps, estimates.get(ps.id)))
+        click.echo(_plan_line(ps, estimates.get(ps.id) if ps.will_execute else None))
         for note in ps.notes:  # a variant's effective differences, phases in steps and epochs
             click.echo(f"      {note}")
     click.echo(plan.summary())

@@ -368,3 +368,15 @@ def test_remote_stages_wait_for_a_slot_and_stages_wait_for_running_upstreams():
     s.finished("hero:side", "succeeded")
     s.finished("hero:shape", "succeeded")
     assert s.next().ps.id == "hero:summary"
+
+
+def test_many_inputs_added_are_counted_in_one_reason():
+    """A report reading a ride day's thousand new videos says how many inputs came, naming three."""
+    from runner.plan.planner import explain_change
+
+    old = {"kind": "k", "version": 1, "config": {}, "inputs": {"a": {"stage": "x:a", "key": "1"}}}
+    new = {**old, "inputs": {**old["inputs"], **{f"v{i:04d}": {"stage": f"x:v[{i}]", "key": str(i)} for i in range(1000)}}}
+    assert explain_change(old, new) == ["1000 inputs added (v0000, v0001, v0002 and 997 more)"]
+    few = {**old, "inputs": {**old["inputs"], "v1": {"stage": "x:v1", "key": "1"}}}
+    assert explain_change(old, few) == ["input v1 added"]
+    assert explain_change(new, old) == ["1000 inputs removed (v0000, v0001, v0002 and 997 more)"]

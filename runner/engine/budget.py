@@ -186,12 +186,19 @@ def _hint(batch: BatchCost, budget: Budget) -> str:
     return hint
 
 
+def _wall(seconds: float) -> str:
+    """Hours from one hour up, else minutes (a ride day fanned out over 100 containers: ~12 min)."""
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{max(1, round(seconds / 60)) if seconds > 0 else 0} min"
+
+
 def plan_line(batch: BatchCost, budget: Budget, max_parallel: int) -> str:
     """`runner plan`'s line on the whole batch: its stage hours, the wall time it needs at best, and
     its budget (within, or over: then `runner apply` refuses)."""
     n = len(batch.stages)
     line = (f"  ~{batch.seconds / 3600:.1f} stage hours over {n} estimated stage{'s' if n != 1 else ''}; at best "
-            f"~{batch.wall_seconds(max_parallel) / 3600:.1f} h of wall time with {max_parallel} remote at once")
+            f"~{_wall(batch.wall_seconds(max_parallel))} of wall time with {max_parallel} remote at once")
     limits = []
     if budget.max_cost is not None:
         limits.append(f"{budget.max_cost:.2f} {batch.currency} ({budget.cost_from})")

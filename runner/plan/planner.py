@@ -335,15 +335,12 @@ def explain_change(
         else:
             reasons.append(f"config {path} changed: {_short(a)} -> {_short(b)}")
     old_in, new_in = old.get("inputs", {}), new.get("inputs", {})
-    for name in sorted(set(old_in) | set(new_in)):
+    reasons += _inputs_come_and_gone(old_in, new_in)
+    for name in sorted(set(old_in) & set(new_in)):
         a, b = old_in.get(name), new_in.get(name)
         if a == b:
             continue
-        if b is None:
-            reasons.append(f"input {name} removed")
-        elif a is None:
-            reasons.append(f"input {name} added")
-        elif "stage" in b:
+        if "stage" in b:
             up = (planned or {}).get(b["stage"])
             if up is not None and up.will_execute:
                 reasons.append(f"input {name}: {b['stage']} {'re-runs' if up.action != 'run' else 'runs'}")
@@ -352,6 +349,23 @@ def explain_change(
         else:
             reasons.append(f"input {name}: " + _fileset_change(a, b, name, state, filesets))
     return reasons or ["key changed"]
+
+
+#: Inputs added (or removed) named one by one in a reason; more are counted (a report reading a
+#: ride day's thousand new videos).
+NAMED_INPUTS = 3
+
+
+def _inputs_come_and_gone(old_in: dict[str, Any], new_in: dict[str, Any]) -> list[str]:
+    """``input X added`` / ``input X removed``, or past NAMED_INPUTS of either, one counting line."""
+    reasons = []
+    for what, names in (("added", sorted(set(new_in) - set(old_in))), ("removed", sorted(set(old_in) - set(new_in)))):
+        if len(names) <= NAMED_INPUTS:
+            reasons += [f"input {n} {what}" for n in names]
+        else:
+            shown = ", ".join(names[:NAMED_INPUTS])
+            reasons.append(f"{len(names)} inputs {what} ({shown} and {len(names) - NAMED_INPUTS} more)")
+    return reasons
 
 
 def _fileset_change(a: dict, b: dict, name: str, state: PlanState | None,

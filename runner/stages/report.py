@@ -40,11 +40,10 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
         "spec_file": spec_rel,
         "spec": spec,
         "stages": stages,
-        # What the key covers besides every stage's key (each stage is an input: its key holds its
-        # keyed config): the spec without settings that change no output (prices, worker
-        # counts...), so editing one re-renders nothing, and the stages' ids, kinds and labels.
-        "keyed": {"spec": S.without_effect_free(spec),
-                  "stages": [[st["id"], st["kind"], st["label"]] for st in stages]},
+        # What the key covers besides every stage's key (each stage's outputs are inputs, named by
+        # its id; its key holds its keyed config): the spec without settings that change no output
+        # (prices, worker counts...), so editing one re-renders nothing.
+        "keyed": {"spec": S.without_effect_free(spec)},
     }
     review = _review_decisions(graph)
     if review:

@@ -42,6 +42,10 @@ KIND = "video_identity"
 # face box (what the clip cutter for video LoRAs crops around, runner/video/clips.py)
 VERSION = 4
 REFERENCE_EXTS = IMAGE_EXTENSIONS
+# The plan's default for one execution on Modal before any has run: a two-minute ride video at
+# about real time on a 2-core container (bench/README.md, video: ~1.5x real time on 2 busy cores at
+# stride 5). Estimates learn real figures from the first runs.
+TYPICAL_SECONDS = 120.0
 
 def video_option_defaults() -> dict[str, Any]:
     """``dataset.sources[].video_options`` defaults: the schema's (where spec defaults live)."""
@@ -221,6 +225,7 @@ class VideoJob:
 
 
 @contract.register(KIND, version=VERSION, review_view="identity", order=15, expand=expand,
+                   typical_seconds=TYPICAL_SECONDS,
                    description="Video -> per-person identity sets: tracks, main person, buckets, novelty, "
                                "anchors/coverage/challenge.",
                    report=lambda config, outputs, env: report_sections(config, outputs, env),
