@@ -111,6 +111,8 @@ def _reference_inputs(refs: list[str], graph: contract.GraphView) -> dict[str, c
 def _node_config(src: SourceConfig, i: int, analysis: AnalysisConfig) -> dict[str, Any]:
     """A video source's node config (without the references and the review's part)."""
     opts = src.video_options.to_dict()
+    if opts["general_fallback"] == "always":  # no model is loaded: naming one changes nothing
+        opts["general_model"] = None
     upsample = opts["upsample"] if opts["upsample"] is not None else analysis.upsample
     return {
         "video": src.video,
