@@ -36,6 +36,11 @@ MEASURE = ("import resource, sys, time; from runner.cli import main; t = time.pe
            "print('BENCH', time.perf_counter() - t, r.ru_utime + r.ru_stime, r.ru_maxrss, file=sys.stderr)")
 
 
+# Bytecode as an installed package has it: pip compiles a wheel's modules at install time, but this
+# machine sets PYTHONDONTWRITEBYTECODE, which would add ~0.5 s of compiling to every command.
+CHILD_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
 def make_videos(project: Path, n: int) -> None:
     videos = project / "videos"
     videos.mkdir(parents=True, exist_ok=True)
@@ -84,6 +89,16 @@ def plant_cached(project: Path) -> int:
     return len(plan.stages)
 
 
+def plant_in_child(project: Path) -> int:
+    """plant_cached in a child process: Linux carries a process's peak RSS across exec, so a
+    parent that planned 10,000 stages itself would lend its peak to every command measured after."""
+    r = subprocess.run([sys.executable, __file__, "--plant", str(project)], capture_output=True, text=True,
+                       env=CHILD_ENV)
+    if r.returncode != 0:
+        sys.exit(f"planting the cached state failed in {project}:\n{r.stderr[-2000:]}")
+    return int(r.stdout.split()[-1])
+
+
 def make_images(project: Path, n: int) -> None:
     import numpy as np
     from PIL import Image
@@ -100,7 +115,8 @@ def make_images(project: Path, n: int) -> None:
 
 def plan_once(project: Path, command: str = "plan") -> dict[str, float]:
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-c", MEASURE, command], cwd=project, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", MEASURE, command], cwd=project, capture_output=True, text=True,
+                       env=CHILD_ENV)
     wall = time.perf_counter() - t0
     line = next((ln for ln in r.stderr.splitlines() if ln.startswith("BENCH")), None)
     if r.returncode != 0 or line is None:
@@ -143,7 +159,7 @@ def main() -> None:
                 shutil.rmtree(state)
         projects[(what, n)] = project
     first = {case: plan_once(p) for case, p in projects.items()}
-    stages = {case: plant_cached(p) for case, p in projects.items()} if args.cached else {}
+    stages = {case: plant_in_child(p) for case, p in projects.items()} if args.cached else {}
     later: dict[tuple[str, int], list[dict[str, float]]] = {case: [] for case in projects}
     applies: dict[tuple[str, int], list[dict[str, float]]] = {case: [] for case in projects}
     for _ in range(args.repeat):  # interleaved: every size once per round
@@ -164,6 +180,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--plant"]:
+        print(plant_cached(Path(sys.argv[2])))
+        sys.exit(0)
     if not CLIP.is_file():
         sys.exit(f"{CLIP} not found (../shared/data, see its README)")
     main()
