@@ -151,7 +151,7 @@ def test_plan_shows_the_batch_and_refuses_like_apply(specs, project, monkeypatch
     runner = CliRunner()
     r = runner.invoke(cli, ["plan", "specs/hero.yaml"])
     assert r.exit_code == 0, r.output
-    assert "~1.0 stage hours over 2 estimated stages; at best ~15 min of wall time with 4 remote at once" in r.output
+    assert "~1.0 stage hours over 2 estimated stages; at best ~1.0 h of wall time with 4 remote at once" in r.output  # train, then eval
     assert "budget 5.00 USD (hardware.budget.max_cost of specs/hero.yaml): within" in r.output
     r = runner.invoke(cli, ["plan", "--max-cost", "1", "specs/hero.yaml"])
     assert r.exit_code == 2 and "OVER, apply would refuse" in r.output

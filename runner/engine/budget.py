@@ -75,6 +75,7 @@ class BatchCost:
     stages: list[tuple[str, Estimate]] = field(default_factory=list)  # (stage id, estimate), plan order
     unestimated: list[str] = field(default_factory=list)  # would run; no estimate (CPU stages, new here)
     currencies: tuple[str, ...] = ()
+    path_seconds: float = 0.0  # the longest chain of estimated stages that wait for each other
 
     @property
     def cost(self) -> float:
@@ -94,11 +95,12 @@ class BatchCost:
         return sum(1 for _, e in self.stages if e.source != "history")
 
     def wall_seconds(self, max_parallel: int) -> float:
-        """A lower bound of the batch's wall time: local stages one after another, remote ones
-        ``max_parallel`` at a time (dependencies can only make it longer)."""
+        """A lower bound of the batch's wall time: its longest chain of stages that wait for each
+        other (train, then evaluate), and no less than local stages one after another plus remote
+        ones ``max_parallel`` at a time."""
         local = sum(e.seconds for _, e in self.stages if e.backend != "modal")
         remote = sum(e.seconds for _, e in self.stages if e.backend == "modal")
-        return local + remote / max(1, int(max_parallel))
+        return max(self.path_seconds, local + remote / max(1, int(max_parallel)))
 
     def as_json(self) -> dict[str, Any]:
         return {"stages": len(self.stages) + len(self.unestimated), "estimated": len(self.stages),
@@ -125,7 +127,19 @@ def batch_cost(plan: Any, estimates: dict[str, Estimate]) -> BatchCost:
             currencies.setdefault((spec.data.get("hardware") or {}).get("currency") or "USD", None)
             break
     out.currencies = tuple(currencies)
+    out.path_seconds = _longest_chain(plan, dict(out.stages))
     return out
+
+
+def _longest_chain(plan: Any, estimated: dict[str, Estimate]) -> float:
+    """Seconds of the longest chain of estimated stages through the plan's dependencies (stages
+    are in dependency order; cached and unestimated ones count 0)."""
+    done: dict[str, float] = {}
+    for ps in plan.stages:
+        start = max((done.get(u, 0.0) for u in ps.node.upstream_ids()), default=0.0)
+        est = estimated.get(ps.id)
+        done[ps.id] = start + (est.seconds if est is not None else 0.0)
+    return max(done.values(), default=0.0)
 
 
 def check_budget(plan: Any, estimates: dict[str, Estimate], budget: Budget) -> BatchCost:
