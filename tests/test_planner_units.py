@@ -380,3 +380,14 @@ def test_many_inputs_added_are_counted_in_one_reason():
     few = {**old, "inputs": {**old["inputs"], "v1": {"stage": "x:v1", "key": "1"}}}
     assert explain_change(old, few) == ["input v1 added"]
     assert explain_change(new, old) == ["1000 inputs removed (v0000, v0001, v0002 and 997 more)"]
+
+
+def test_many_changed_inputs_name_three_and_count_the_rest():
+    from runner.plan.planner import explain_change
+
+    old = {"kind": "k", "version": 1, "config": {}, "inputs": {f"v{i}": {"stage": f"x:v{i}", "key": "a"} for i in range(10)}}
+    new = {**old, "inputs": {f"v{i}": {"stage": f"x:v{i}", "key": "b"} for i in range(10)}}
+    assert explain_change(old, new) == ["input v0: x:v0 changed", "input v1: x:v1 changed", "input v2: x:v2 changed",
+                                        "and 7 more inputs changed"]
+    four = {**old, "inputs": {**old["inputs"], **{f"v{i}": {"stage": f"x:v{i}", "key": "b"} for i in range(4)}}}
+    assert len(explain_change(old, four)) == 4  # four are named: a count line would save nothing

@@ -336,10 +336,9 @@ def explain_change(
             reasons.append(f"config {path} changed: {_short(a)} -> {_short(b)}")
     old_in, new_in = old.get("inputs", {}), new.get("inputs", {})
     reasons += _inputs_come_and_gone(old_in, new_in)
-    for name in sorted(set(old_in) & set(new_in)):
-        a, b = old_in.get(name), new_in.get(name)
-        if a == b:
-            continue
+    changed = [name for name in sorted(set(old_in) & set(new_in)) if old_in[name] != new_in[name]]
+    for name in changed[:NAMED_INPUTS] if len(changed) > NAMED_INPUTS + 1 else changed:
+        a, b = old_in[name], new_in[name]
         if "stage" in b:
             up = (planned or {}).get(b["stage"])
             if up is not None and up.will_execute:
@@ -348,6 +347,8 @@ def explain_change(
                 reasons.append(f"input {name}: {b['stage']} changed")
         else:
             reasons.append(f"input {name}: " + _fileset_change(a, b, name, state, filesets))
+    if len(changed) > NAMED_INPUTS + 1:
+        reasons.append(f"and {len(changed) - NAMED_INPUTS} more inputs changed")
     return reasons or ["key changed"]
 
 
