@@ -219,9 +219,10 @@ def estimate_stage(node: contract.PlanNode, hardware: dict[str, Any] | None, bac
     price, currency = stage_cost(seconds, gpu, hardware)
     priced = is_priced(gpu, hardware)
     note += price_note(gpu, hardware)  # H100:8: eight GPUs at the table's price each
-    if not priced:
-        note += (f"; no price for {gpu!r}: add it to hardware.price_table" if not local or gpu != LOCAL_DEVICE
-                 else "; time only (no hardware.gpu to price)")
+    if not priced and (not local or gpu != LOCAL_DEVICE):
+        note += f"; no price for {gpu!r}: add it to hardware.price_table"
+    elif not priced and node.gpu:  # a GPU stage here: this machine's GPU has no price
+        note += "; time only (no hardware.gpu to price)"
     return Estimate(node.id, gpu, seconds, round(price, 2), currency, source, runs_n, note,
                     units=None if work is None else work[0], unit=None if work is None else work[1],
                     per_unit_s=per_unit_s, backend="local" if local else "modal", priced=priced or not local)
