@@ -35,6 +35,13 @@ batches of 8 images (four live tensors of 128 channels at full resolution an ima
 samples run without gradients once the loop's activations are freed; with components off the
 device they run under model CPU offload too, so they stay below the loop.
 
+With FSDP over N GPUs (``hardware.parallel``, :func:`parallel_choice`) the estimate is of one
+GPU: the denoiser's weights, its LoRA and the optimizer states divided by N, plus
+:data:`FSDP_GATHERED` of the denoiser's weights for the blocks gathered whole while they run
+(the one computing and the one prefetched; an allowance, not measured); the text encoders and the
+VAE stay whole on every GPU, and the denoiser is not on the GPU while the caches fill (it is
+sharded onto the GPUs after caching).
+
 What was checked against what (docs/training.md, "GPU memory"): FLUX.1-dev LoRA at 1024 px with
 an 8-bit base and checkpointing, the setting ai-toolkit documents for 24 GB cards, comes out at
 about 16 GiB here; without quantization the bf16 transformer alone is 22.2 GiB. On the CPU the
@@ -62,6 +69,7 @@ BACKWARD_BLOCKS = 0.6  # largest blocks' worth of activations the backward adds 
 BACKWARD_CHECKPOINTED = 1.25  # the same with checkpointing, the recomputed block included
 VAE_ENCODE_BATCH = 8  # images per VAE call while caching (the trainer's batch)
 VAE_LIVE = 4 * 128  # live tensors x channels of the VAE's first block at full resolution
+FSDP_GATHERED = 0.1  # share of the denoiser's weights gathered whole at once under FSDP (two blocks of the DiTs' 20-60)
 
 
 @dataclass(frozen=True)
@@ -174,8 +182,9 @@ def image_tokens(family: Any, resolution: int) -> int:
     return side * side
 
 
-def estimate(family: Any, s: Settings) -> Estimate:
-    """The estimate of :mod:`this module <runner.diffusion.memory>` for ``family`` (its real model)."""
+def estimate(family: Any, s: Settings, shards: int = 1) -> Estimate:
+    """The estimate of :mod:`this module <runner.diffusion.memory>` for ``family`` (its real model);
+    ``shards`` > 1: one GPU's under FSDP over that many GPUs (see the module doc)."""
     z: ModelSizes = family.sizes
     wbytes = 4 if s.mixed_precision == "no" else 2
     dn = z.denoiser_params
@@ -187,6 +196,10 @@ def estimate(family: Any, s: Settings) -> Estimate:
     vae = z.params.get(z.vae, 0.0) * wbytes
     keep_text = s.text_encoders == "keep" or s.train_text_encoder
     resident = [f"{z.denoiser}" + (f" ({s.quantize_base})" if s.quantize_base != "none" else "")]
+    whole = denoiser
+    if shards > 1:  # FSDP: a 1/N shard of the denoiser, plus the blocks gathered while they run
+        denoiser = denoiser / shards + FSDP_GATHERED * denoiser
+        resident[0] += f" (1/{shards} shard)"
     weights = denoiser
     if keep_text:
         weights += text
@@ -212,10 +225,10 @@ def estimate(family: Any, s: Settings) -> Estimate:
     if s.offload_idle:
         largest_text = max([z.params[k] * wbytes for k in z.text_encoders], default=0.0)
         caching = max(largest_text, vae + vae_encoding) + OVERHEAD_FIXED
-    else:
-        caching = denoiser + text + vae + vae_encoding + OVERHEAD_FIXED
-    return Estimate(weights=weights, lora=lora_params * LORA_BYTES,
-                    optimizer=lora_params * OPTIMIZER_BYTES.get(s.optimizer, 8), activations=activations,
+    else:  # under FSDP the denoiser is sharded onto the GPUs after caching
+        caching = (whole if shards == 1 else 0.0) + text + vae + vae_encoding + OVERHEAD_FIXED
+    return Estimate(weights=weights, lora=lora_params * LORA_BYTES / shards,
+                    optimizer=lora_params * OPTIMIZER_BYTES.get(s.optimizer, 8) / shards, activations=activations,
                     caching=caching, resident=tuple(resident))
 
 
@@ -229,7 +242,7 @@ SWITCHES: tuple[tuple[str, dict[str, Any]], ...] = (
 )
 
 
-def settings_that_fit(family: Any, s: Settings, capacity: float) -> tuple[list[str], Estimate] | None:
+def settings_that_fit(family: Any, s: Settings, capacity: float, shards: int = 1) -> tuple[list[str], Estimate] | None:
     """The fewest switches of :data:`SWITCHES` (in their order, each kept once on) that bring the
     peak under ``capacity`` bytes, with that estimate; None when even all of them do not."""
     from dataclasses import replace
@@ -243,7 +256,7 @@ def settings_that_fit(family: Any, s: Settings, capacity: float) -> tuple[list[s
             continue
         current = replace(current, **change)
         changed.append(label)
-        e = estimate(family, current)
+        e = estimate(family, current, shards)
         if e.peak <= capacity:
             return changed, e
     return None
@@ -355,9 +368,10 @@ def _local_gpu() -> tuple[str, float] | None:
     return _LOCAL[0]
 
 
-def plan_note(node_id: str, train: Any, target: Target) -> str | None:
+def plan_note(node_id: str, train: Any, target: Target, shards: int = 1) -> str | None:
     """The plan's line for one train stage, or None when there is nothing to estimate; raises
-    :class:`GpuMemoryError` when the stage cannot fit and the check refuses."""
+    :class:`GpuMemoryError` when the stage cannot fit and the check refuses. ``shards`` > 1: the
+    stage runs FSDP over that many GPUs (the figure is one GPU's, its shard)."""
     if target.check == "off":
         return None
     family, why = plan_family(train.base_model, train.model_family)
@@ -366,7 +380,7 @@ def plan_note(node_id: str, train: Any, target: Target) -> str | None:
     if family is None or getattr(family, "sizes", None) is None:
         return f"GPU memory: not estimated ({why or 'no sizes for this family'})"
     s = Settings.of(train)
-    e = estimate(family, s)
+    e = estimate(family, s, shards)
     note = e.line(target.gpu, target.capacity_gib) + f"; {family.title} figures"
     if target.cpu:
         return note + "; this run is local without a CUDA GPU: not checked"
@@ -377,19 +391,19 @@ def plan_note(node_id: str, train: Any, target: Target) -> str | None:
         return note
     message = (f"{node_id}: estimated peak GPU memory ~{gib(e.peak)} GiB does not fit the {target.gpu} "
                f"({target.capacity_gib:g} GiB)")
-    hint = refusal_hint(family, s, e, capacity)
+    hint = refusal_hint(family, s, e, capacity, shards)
     if target.check == "warn":
         return note + f"; DOES NOT FIT: {hint}"
     raise GpuMemoryError(message, hint=hint)
 
 
-def refusal_hint(family: Any, s: Settings, e: Estimate, capacity: float) -> str:
+def refusal_hint(family: Any, s: Settings, e: Estimate, capacity: float, shards: int = 1) -> str:
     """What would fit: the switches (computed, in the order of :data:`SWITCHES`), and the GPU
     types with enough memory for the settings as they are."""
     from runner.core.pricing import GPU_MEMORY_GIB
 
     parts = []
-    fit = settings_that_fit(family, s, capacity)
+    fit = settings_that_fit(family, s, capacity, shards)
     if fit:
         changed, better = fit
         parts.append(f"settings that would fit (~{gib(better.peak)} GiB): {', '.join(changed)}")
@@ -400,6 +414,30 @@ def refusal_hint(family: Any, s: Settings, e: Estimate, capacity: float) -> str:
         parts.append(f"or a GPU with more memory as it is (hardware.stage_gpu: {{train: {bigger[0]}}})")
     parts.append("or hardware.memory_check: warn if your setup needs less (docs/training.md, GPU memory)")
     return "; ".join(parts) + "."
+
+
+def parallel_choice(train: Any, target: Target, processes: int, setting: str) -> tuple[str, str]:
+    """(ddp or fsdp, why) for a train stage of ``processes`` processes on ``target`` under
+    ``hardware.parallel`` ``setting``: auto picks fsdp when the whole model's estimated peak does
+    not fit one GPU but its sharded one (over ``processes`` GPUs) does, else ddp."""
+    if setting != "auto":
+        return setting, f"hardware.parallel: {setting}"
+    family, _ = plan_family(train.base_model, train.model_family)
+    if family is None or getattr(family, "sizes", None) is None or target.cpu or target.capacity_gib is None:
+        return "ddp", "auto: no memory estimate for this model or GPU, so each process holds the whole model"
+    s = Settings.of(train)
+    if s.quantize_base != "none":
+        return "ddp", "auto: an 8-bit base (train.memory.quantize_base) trains data-parallel only"
+    capacity, cap = target.capacity_gib * GIB, f"{target.capacity_gib:g} GiB"
+    whole = estimate(family, s).peak
+    if whole <= capacity:
+        return "ddp", f"auto: the whole model fits one GPU (~{gib(whole)} of {cap})"
+    sharded = estimate(family, s, processes).peak
+    if sharded > capacity:
+        return "ddp", (f"auto: the whole model (~{gib(whole)} GiB) does not fit one GPU's {cap}, "
+                       f"nor does a 1/{processes} shard (~{gib(sharded)} GiB)")
+    return "fsdp", (f"auto: the whole model (~{gib(whole)} GiB) does not fit one GPU's {cap}, "
+                    f"a 1/{processes} shard of the denoiser does (~{gib(sharded)} GiB)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,9 +484,13 @@ class Placement:
     a no-op on the CPU): ``trained`` names the experts the run trains. An expert not trained is
     never put on the GPU; with both trained, the loop holds one expert's frozen weights on the GPU
     at a time (:meth:`swap_to` between steps; every LoRA weight and its optimizer state stay on
-    the GPU, so nothing an optimizer step touches moves)."""
+    the GPU, so nothing an optimizer step touches moves).
 
-    def __init__(self, memory_config: Any, device: str, trained: tuple[str, ...] = ()) -> None:
+    ``sharded`` (FSDP on CUDA): the pipeline loads on the CPU, every component but the denoiser goes
+    to the device, and the denoiser stays on the CPU until the trainer shards it onto the GPUs."""
+
+    def __init__(self, memory_config: Any, device: str, trained: tuple[str, ...] = (), *,
+                 sharded: bool = False) -> None:
         from runner.spec.sections import MemoryConfig
 
         self.m = memory_config or MemoryConfig.from_dict({})
@@ -456,6 +498,7 @@ class Placement:
         self.cuda = device.startswith("cuda")
         self.offload_idle = self.cuda and self.m.offload_idle
         self.trained = tuple(trained)
+        self.sharded = self.cuda and sharded
         self.offload_expert = self.cuda and bool(self.trained) and bool(getattr(self.m, "offload_idle_expert", False))
         self.resident: tuple[str, ...] = ()  # the experts on the device in the loop (set by place)
         self.offloaded: list[str] = []
@@ -464,7 +507,7 @@ class Placement:
 
     @property
     def load_device(self) -> str:
-        cpu_first = self.m.quantize_base != "none" or self.m.offload_idle or self.offload_expert
+        cpu_first = self.m.quantize_base != "none" or self.m.offload_idle or self.offload_expert or self.sharded
         return "cpu" if self.cuda and cpu_first else self.device
 
     def denoisers(self, family) -> tuple[str, ...]:
@@ -548,7 +591,7 @@ class Placement:
         denoisers = self.denoisers(family)
         for name in (*denoisers, "vae", *family.text.encoders):
             module = getattr(pipe, name, None)
-            if module is None:
+            if module is None or (self.sharded and name in denoisers):  # FSDP places the denoiser's shards
                 continue
             idle = name in denoisers and name not in (self.resident or denoisers)
             if name in denoisers and name in self.trained and self.offload_expert:

@@ -6,7 +6,9 @@ N processes of :func:`main`. Each builds the same trainer from a job file; accel
 ``Accelerator`` reads the launcher's environment (RANK, WORLD_SIZE, LOCAL_RANK) and joins the
 process group: nccl with one CUDA device per process, gloo on the CPU. The trainer splits each
 step's micro-batches across the ranks and wraps the denoiser in DDP (LoRA gradients only), so the
-run trains what one process trains (see ``docs/training.md``, "Several GPUs").
+run trains what one process trains (see ``docs/training.md``, "Several GPUs"). With
+``hardware.parallel`` resolved to fsdp (the node config's ``parallel``) the trainer shards the
+denoiser over the ranks instead of wrapping it in DDP; the launch is the same.
 
 Rank 0 alone writes logs, checkpoints, the resume state and the outputs; every rank reads the
 same resume state. What rank 0 reports (log lines, warnings, metrics, progress bars) comes back to

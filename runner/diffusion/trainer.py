@@ -27,7 +27,10 @@ restored too.
 
 Data-parallel (runner.diffusion.parallel launches N processes of this trainer): rank r computes
 its ``gradient_accumulation / N`` of every step's micro-batches, the denoiser's LoRA gradients are
-all-reduced by DDP, and rank 0 alone writes; N processes train what one trains.
+all-reduced by DDP, and rank 0 alone writes; N processes train what one trains. With FSDP
+(``parallel: fsdp``) the denoiser is sharded over the ranks instead (torch's ``fully_shard``, one
+unit per block); checkpoints (samples, validation loss, the LoRA gathered whole) run on every rank
+in step, rank 0 alone writing.
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ STATE_DIR = "state"
 STATE_FILE = "resume.pt"
 STATE_META = "resume.json"
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-UNKEYED = ("processes",)  # node config keys a resume state does not depend on
+UNKEYED = ("processes", "parallel")  # node config keys a resume state does not depend on
 COLLECTIVE_TIMEOUT_H = 3  # data-parallel ranks wait this long for each other (caches, samples on rank 0)
 
 
@@ -89,6 +92,15 @@ class TrainerConfig(TrainConfig):
     # unkeyed: data-parallel processes (hardware.local_processes here, the GPU count on Modal);
     # they split each step's micro-batches, so the LoRA does not depend on them
     processes: int = node_field(1)
+    # unkeyed: with several processes, ddp or fsdp (the plan resolves hardware.parallel: auto from
+    # the memory estimate; auto left here means ddp); the LoRA is the same either way
+    parallel: str = node_field(_schema_default("hardware", "parallel"))
+
+
+def _whole(tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """``tensors`` with FSDP's sharded ones (DTensor) gathered whole: a collective, so every rank
+    of an FSDP run calls it, in the same order; plain tensors as they are."""
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in tensors.items()}
 
 
 def _h(*parts: Any) -> int:
@@ -273,7 +285,7 @@ class LoraTrainer:
         from runner.diffusion.models import ModelLoadError, family_of, load_pipeline, model_fingerprint
 
         self.weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.mixed_precision, torch.float32)
-        self.placement = Placement(self.cfg.memory, self.device)  # train.memory (runner.diffusion.memory)
+        self.placement = Placement(self.cfg.memory, self.device, sharded=self.fsdp)  # train.memory (memory.py)
         try:
             self.pipe = load_pipeline(self.cfg.base_model, family=self.cfg.model_family,
                                       device=self.placement.load_device, dtype=self.weight_dtype,
@@ -557,7 +569,7 @@ class LoraTrainer:
         they train (the resume state and the LoRA files are written from it)."""
         from peft.utils import get_peft_model_state_dict
 
-        out = {self.fam.denoiser: get_peft_model_state_dict(self.denoiser)}
+        out = {self.fam.denoiser: _whole(get_peft_model_state_dict(self.denoiser))}
         if self.train_te:
             for name, te in zip(self.fam.text.encoders, self.text_encoders):
                 out[name] = get_peft_model_state_dict(te)
@@ -711,11 +723,12 @@ class LoraTrainer:
                                    steps=ck.sample_steps, guidance=float(ck.sample_guidance), width=res, height=res,
                                    batch_size=4, negative_prompt=ck.sample_negative_prompt)
         self._eval_mode(False)
-        folder.mkdir(parents=True, exist_ok=True)
         names = []
         for (pi, _, s), im in zip(pairs, imgs):
             name = f"p{pi}-s{s}.png"
-            im.save(folder / name)
+            if self.main:  # under FSDP every rank draws them, rank 0 writes
+                folder.mkdir(parents=True, exist_ok=True)
+                im.save(folder / name)
             names.append(name)
         return names
 
@@ -774,7 +787,9 @@ class LoraTrainer:
         return self.phases[-1]
 
     def _checkpoint(self, step: int, phase: Phase) -> None:
-        """The LoRA files (folder replaced whole), samples, validation loss; keep_last kept."""
+        """The LoRA files (folder replaced whole), samples, validation loss; keep_last kept. Under
+        FSDP every rank runs it (the model's forward and the LoRA's gathering are collectives),
+        rank 0 alone writing."""
         t0, c0 = time.perf_counter(), time.process_time()
         ck_root = self.scratch / "checkpoints"
         files: dict[str, str] = {}
@@ -783,9 +798,12 @@ class LoraTrainer:
             tmp.mkdir(parents=True)
             files.update(self._save_lora_files(tmp, step))
 
-        replace_folder(ck_root / f"step-{step:06d}", fill)
         sample_dir = self.scratch / "samples" / f"step-{step:06d}"
-        shutil.rmtree(sample_dir, ignore_errors=True)
+        if self.main:
+            replace_folder(ck_root / f"step-{step:06d}", fill)
+            shutil.rmtree(sample_dir, ignore_errors=True)
+        else:  # an FSDP rank: its part of gathering the LoRA
+            self._lora_state()
         samples = self._samples(sample_dir)
         val = self.validation_loss()
         self.history = [h for h in self.history if h["step"] != step]
@@ -793,7 +811,7 @@ class LoraTrainer:
                              "samples": [f"samples/step-{step:06d}/{n}" for n in samples]})
         kept_steps = [h["step"] for h in self.history][-self.cfg.checkpoints.keep_last:]
         for h in self.history:
-            if h["step"] not in kept_steps:
+            if h["step"] not in kept_steps and self.main:
                 shutil.rmtree(ck_root / f"step-{h['step']:06d}", ignore_errors=True)
         if val is not None:
             self.cb.metric("val_loss", val, step)
@@ -813,19 +831,41 @@ class LoraTrainer:
             "step": step,
             "phase_index": phase_index,
             "lora": {k: {n: t.detach().cpu() for n, t in sd.items()} for k, sd in self._lora_state().items()},
-            "optimizer": optimizer.state_dict(),
+            "optimizer": self._whole_optimizer_state(optimizer),
             "scheduler": scheduler.state_dict(),
             "scaler": self.accelerator.scaler.state_dict() if getattr(self.accelerator, "scaler", None) else None,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             "history": self.history,
         }
+        if not self.main:  # an FSDP rank: its part of the gathering above done, rank 0 writes
+            return
         with atomic_path(d / STATE_FILE) as tmp:
             torch.save(state, tmp)
         atomic_write_text(d / STATE_META, json.dumps({"step": step, "total_steps": self.total_steps,
                                                       "phase": self.phases[phase_index].name,
                                                       "steps_per_epoch": self.steps_per_epoch,
                                                       "config_digest": state["config_digest"]}))
+
+    def _whole_optimizer_state(self, optimizer) -> dict[str, Any]:
+        """The optimizer's state dict with FSDP's sharded moments gathered whole (every rank
+        calls it): the layout one process writes, so a state resumes on any number of ranks."""
+        sd = optimizer.state_dict()
+        if not self.fsdp:
+            return sd
+        return {**sd, "state": {i: _whole(st) for i, st in sd["state"].items()}}
+
+    def _shard_optimizer_state(self, optimizer) -> None:
+        """After loading a whole state into an FSDP run's optimizer: each moment split as its
+        parameter is (``distribute_tensor`` with the parameter's mesh and placements)."""
+        from torch.distributed.tensor import distribute_tensor
+
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                st = optimizer.state.get(p, {})
+                for k, v in st.items():
+                    if hasattr(p, "device_mesh") and not hasattr(v, "device_mesh") and v.shape == p.shape:
+                        st[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
 
     def _load_state(self) -> dict | None:
         import torch
@@ -918,9 +958,9 @@ class LoraTrainer:
                 self._fill_caches()
         self._after_caches()
         self._attach_lora()
-        self._data_parallel()
         state = self._load_state()
         step = self.resumed_from = self._restore(state)
+        self._data_parallel()  # after the restore: FSDP shards the restored LoRA weights
         self._open_logs(step)
         bar = self.cb.bar(self.total_steps, "training")
         if step:
@@ -962,6 +1002,8 @@ class LoraTrainer:
         self.rank_index = self.accelerator.process_index
         self.main = self.accelerator.is_main_process  # rank 0 alone writes logs, checkpoints and outputs
         self.ddp = None
+        # the denoiser sharded over the ranks (the video trainer's config has no such field: ddp)
+        self.fsdp = self.world > 1 and getattr(self.cfg, "parallel", "ddp") == "fsdp"
         if self.world > 1 and self.device.startswith("cuda"):
             self.device = str(self.accelerator.device)  # cuda:<local rank>: every placement on this rank's GPU
 
@@ -987,12 +1029,43 @@ class LoraTrainer:
         if self.train_te:
             raise TrainError("train.lora.train_text_encoder: text-encoder LoRAs train in one process only",
                              hint="Set hardware.local_processes to 1 (one GPU on Modal), or train the denoiser only.")
+        if self.fsdp:
+            self._sharded()
+            return
         from torch.nn.parallel import DistributedDataParallel
 
         frozen = [n for n, p in self.denoiser.named_parameters() if not p.requires_grad]
         frozen += [n for n, _ in self.denoiser.named_buffers()]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.denoiser, frozen)
         self.ddp = self.accelerator.prepare_model(self.denoiser, device_placement=False)
+
+    def _sharded(self) -> None:
+        """FSDP (torch's ``fully_shard``, FSDP2: per-parameter DTensor shards, mixed requires_grad
+        allowed): each block of the denoiser's top-level ModuleLists one unit, the rest of it the
+        root; every weight, frozen or LoRA, split over the ranks and gathered per unit while it
+        runs; gradients reduce-scattered after each backward (summed over a step's micro-batches,
+        averaged over the ranks, as DDP). On CUDA the denoiser comes from the CPU (Placement) and
+        each unit's shard goes to this rank's GPU as it is sharded."""
+        import torch
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        m = self.cfg.memory
+        if m is not None and (m.quantize_base != "none" or m.offload_idle or m.text_encoders == "offload"):
+            raise TrainError("hardware.parallel fsdp: train.memory.quantize_base, offload_idle and "
+                             "text_encoders: offload are for one GPU's whole model, not for a sharded one",
+                             hint="Set them to their defaults (none, false, keep) or hardware.parallel: ddp.")
+        kind = "cuda" if self.device.startswith("cuda") else "cpu"
+        mesh = init_device_mesh(kind, (self.world,))
+        units = [block for child in self.denoiser.children() if isinstance(child, torch.nn.ModuleList)
+                 for block in child]
+        for block in units:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.denoiser, mesh=mesh)
+        params = list(self.denoiser.parameters())
+        mine = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params)
+        self.cb.log(f"FSDP: denoiser sharded over {self.world} processes in {len(units) + 1} units; rank 0 "
+                    f"holds {mine:,} of its {sum(p.numel() for p in params):,} parameters")
 
     @contextmanager
     def _seeded(self, phase: Phase, pos: int):
@@ -1042,6 +1115,8 @@ class LoraTrainer:
         scheduler = self._lr_scheduler(optimizer, phase)
         if state is not None:
             optimizer.load_state_dict(state["optimizer"])
+            if self.fsdp:
+                self._shard_optimizer_state(optimizer)
             scheduler.load_state_dict(state["scheduler"])
             if state.get("scaler") and getattr(self.accelerator, "scaler", None):
                 self.accelerator.scaler.load_state_dict(state["scaler"])
@@ -1065,7 +1140,7 @@ class LoraTrainer:
             step += 1
             self.steps_run += 1
             self._record_step(step, rec, bar)
-            if (step % self.every == 0 or step == phase.end) and self.main:
+            if (step % self.every == 0 or step == phase.end) and (self.main or self.fsdp):  # FSDP: every rank
                 self._checkpoint(step, phase)
                 self._save_state(step, pi, optimizer, scheduler)
             if self.stop_after_step is not None and step >= self.stop_after_step:
@@ -1104,7 +1179,8 @@ class LoraTrainer:
                 self.accelerator.backward(loss)
                 grad_norm = None
                 if self.accelerator.sync_gradients and max_norm > 0:
-                    grad_norm = float(self.accelerator.clip_grad_norm_(self.trainable, max_norm))
+                    norm = self.accelerator.clip_grad_norm_(self.trainable, max_norm)
+                    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         if not self.accelerator.sync_gradients:
@@ -1202,6 +1278,7 @@ class LoraTrainer:
             "cache": {"hits": self.cache.hits, "misses": self.cache.misses},
             "device": self.device,
             "processes": self.world,
+            "parallel": ("fsdp" if self.fsdp else "ddp") if self.world > 1 else None,
             "global_batch": self.bs * self.ga,
             "mixed_precision": self.mixed_precision,
             "optimizer": getattr(self, "optimizer_name", cfg.optimizer),

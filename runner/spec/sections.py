@@ -619,6 +619,7 @@ class HardwareConfig:
     stage_cpu: Mapping[str, StageCpuConfig]
     stage_map: StageMapConfig
     local_processes: int
+    parallel: str
     gpu_memory_gib: Mapping[str, float]
     memory_check: str
     currency: str

@@ -50,8 +50,9 @@ def expand(spec: dict[str, Any], graph: contract.GraphView) -> list[contract.Pla
                            class_word=typed.character.class_word, variant=variant, overrides=ov)
         cfg["device"] = hw.device  # torch numerics differ by device: part of the key
         cfg["processes"] = _processes(cfg, hw, gpu)  # unkeyed: they split each step, the LoRA is the same
+        cfg["parallel"], why = _strategy(cfg, hw, gpu)  # unkeyed too: ddp or fsdp train the same LoRA
         node = _node(_memory_keyed(cfg), variant, section, caption.id, graph, gpu)
-        node.notes = (*node.notes, *_parallel_note(cfg, hw, gpu))
+        node.notes = (*node.notes, *_parallel_note(cfg, hw, gpu, why))
         nodes.append(with_tracking(_memory_note(node, hw, gpu), spec, graph))
     return nodes
 
@@ -84,21 +85,54 @@ def _processes(cfg: dict[str, Any], hardware: Any, gpu: str | None) -> int:
     return int(hardware.local_processes)
 
 
-def _parallel_note(cfg: dict[str, Any], hardware: Any, gpu: str | None) -> list[str]:
-    """'data-parallel: 8 processes on H100:8 ...' for the plan when the spec's backend runs the
-    stage on several GPUs (Modal) or processes (here)."""
+def _ranks(hardware: Any, gpu: str | None) -> int:
+    """The processes a train stage runs in: the GPU count on Modal, hardware.local_processes here."""
     from runner.core.pricing import gpu_count
+
+    return gpu_count(gpu) if hardware.backend == "modal" and gpu else int(hardware.local_processes)
+
+
+def _strategy(cfg: dict[str, Any], hardware: Any, gpu: str | None) -> tuple[str, str]:
+    """(ddp or fsdp, why) from hardware.parallel (auto: runner.diffusion.memory.parallel_choice);
+    fsdp asked for a stage of one process is refused."""
+    from runner.diffusion import memory
+    from runner.diffusion.trainer import TrainerConfig
+
+    n, setting = _ranks(hardware, gpu), hardware.parallel
+    if n == 1:
+        if setting == "fsdp":
+            raise contract.StageError(
+                "hardware.parallel: fsdp shards the denoiser over several processes, but this train stage runs in one",
+                hint="Give it several GPUs (hardware.stage_gpu.train: H100:8 on Modal, hardware.local_processes "
+                     "here), or set hardware.parallel: auto.")
+        return "ddp", ""
+    node = TrainerConfig.from_dict(cfg)
+    m = node.memory
+    if setting == "fsdp" and m is not None and (m.quantize_base != "none" or m.offload_idle
+                                                or m.text_encoders == "offload"):
+        raise contract.StageError("hardware.parallel: fsdp does not combine with train.memory.quantize_base, "
+                                  "offload_idle or text_encoders: offload (they place one GPU's whole model)",
+                                  hint="Set those to their defaults, or hardware.parallel: ddp.")
+    return memory.parallel_choice(node, memory.target_of(hardware, gpu), n, setting)
+
+
+def _parallel_note(cfg: dict[str, Any], hardware: Any, gpu: str | None, why: str = "") -> list[str]:
+    """'data-parallel: 8 processes on H100:8 ...' for the plan when the spec's backend runs the
+    stage on several GPUs (Modal) or processes (here), with the strategy and why."""
     from runner.diffusion.trainer import TrainerConfig
 
     remote = hardware.backend == "modal" and gpu
-    n = gpu_count(gpu) if remote else int(hardware.local_processes)
+    n = _ranks(hardware, gpu)
     if n == 1:
         return []
     node = TrainerConfig.from_dict(cfg)
     ga, bs = int(node.gradient_accumulation), int(node.batch_size)
     where = f"on {gpu} (one per GPU)" if remote else "here (hardware.local_processes)"
+    how = ("FSDP, the denoiser sharded over the processes" if node.parallel == "fsdp"
+           else "DDP, each process holding the whole model")
     return [f"data-parallel: {n} processes {where}, each {ga // n} of a step's {ga} micro-batches; "
-            f"global batch {bs * ga} (batch_size {bs} x gradient_accumulation {ga}), as on one GPU"]
+            f"global batch {bs * ga} (batch_size {bs} x gradient_accumulation {ga}), as on one GPU; "
+            f"{how} ({why})"]
 
 
 def _memory_keyed(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -114,7 +148,9 @@ def _memory_note(node: contract.PlanNode, hardware: Any, gpu: str | None) -> con
     from runner.diffusion import memory
     from runner.diffusion.trainer import TrainerConfig
 
-    note = memory.plan_note(node.id, TrainerConfig.from_dict(node.config), memory.target_of(hardware, gpu))
+    cfg = TrainerConfig.from_dict(node.config)
+    shards = _ranks(hardware, gpu) if cfg.parallel == "fsdp" else 1  # FSDP: one GPU's shard
+    note = memory.plan_note(node.id, cfg, memory.target_of(hardware, gpu), shards)
     if note:
         node.notes = (*node.notes, note)
     return node
@@ -145,7 +181,7 @@ def _node(cfg: dict[str, Any], variant: str | None, section: dict[str, Any], cap
                                                   + "; ".join(variant_notes(section, variant)),)
     return contract.PlanNode(id=contract.node_id(node.character, KIND, variant), kind=KIND,
                              character=node.character, config=cfg, inputs=inputs, outputs=("lora", "logs"),
-                             gpu=gpu, label=label, notes=notes, unkeyed=("processes",))
+                             gpu=gpu, label=label, notes=notes, unkeyed=("processes", "parallel"))
 
 
 def _length(config: TrainConfig | dict[str, Any]) -> str:
