@@ -328,10 +328,10 @@ def jsonable(obj: Any) -> Any:
     kind = type(obj)
     if kind in _PLAIN:
         return obj
-    if kind is dict:
-        return {k if type(k) is str else str(k): jsonable(v) for k, v in obj.items()}
+    if kind is dict:  # plain leaves kept without a call: most of a config's values are
+        return {k if type(k) is str else str(k): v if type(v) in _PLAIN else jsonable(v) for k, v in obj.items()}
     if kind is list or kind is tuple:
-        return [jsonable(v) for v in obj]
+        return [v if type(v) in _PLAIN else jsonable(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
