@@ -6,6 +6,7 @@ model whose estimated peak does not fit one GPU of H100:8 and DDP for one that d
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -55,6 +56,7 @@ def test_two_fsdp_processes_train_what_one_trains_through_a_stop_and_resume(shar
     assert all(type(t) is torch.Tensor for t in lora + moments)  # not DTensor shards
     assert sorted(tuple(t.shape) for t in moments) == sorted(tuple(t.shape) for t in lora + lora)
 
+    shutil.copytree(two, tmp_path / "three")  # the same stopped run, to resume in one process below
     out = T.run({**ddp._cfg(), "processes": 2, "parallel": "fsdp"},
                 {"dataset": contract.Artifact("dataset", dataset)}, ctx)
     index = json.loads((out["lora"].path / "index.json").read_text())
@@ -76,6 +78,14 @@ def test_two_fsdp_processes_train_what_one_trains_through_a_stop_and_resume(shar
     assert sorted(p.name for p in (out["lora"].path / "step-000004").glob("*.safetensors")) == sorted(
         p.name for p in (one["lora"].path / "step-000004").glob("*.safetensors"))
     assert len(a) == 4  # only rank 0 wrote metrics
+    # the state FSDP wrote resumes in one process too, to the same LoRA
+    solo = T.run(ddp._cfg(), {"dataset": contract.Artifact("dataset", dataset)}, ddp._ctx(tmp_path / "three", cache))
+    si = json.loads((solo["lora"].path / "index.json").read_text())
+    assert si["resumed_from_step"] == 2 and si["processes"] == 1
+    wc = load_file(str(solo["lora"].path / si["checkpoints"][-1]["diffusers"]))
+    assert wc.keys() == wb.keys()
+    for k in wc:
+        assert float((wc[k] - wb[k]).norm()) <= 1e-4 * float(wb[k].norm()) + 1e-9, k
 
 
 SPEC = """\
