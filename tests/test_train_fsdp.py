@@ -144,3 +144,43 @@ def test_auto_picks_fsdp_when_the_whole_model_does_not_fit_one_gpu(tmp_path: Pat
         _plan(tmp_path, "resolution: 512", gpu="H100", hw=", parallel: fsdp")
     with pytest.raises(GraphError, match=r"hardware\.parallel: fsdp does not combine"):
         _plan(tmp_path, "resolution: 512, memory: {quantize_base: int8}", hw=", parallel: fsdp")
+
+
+@pytest.mark.slow  # ~40 s on 2 idle cores: one run in-process, one launch of 2 ranks
+def test_fsdp_shards_a_dit_with_gradient_checkpointing_and_samples_as_one_process(shared_data: Path,
+                                                                                tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from runner.diffusion.parallel import train_data_parallel
+    from runner.diffusion.trainer import Callbacks, LoraTrainer
+
+    dataset = make_dataset(shared_data, tmp_path / "dataset", max_side=48)
+    section = {"base_model": "builtin:tiny-qwen-image", "resolution": 32,
+               "buckets": {"min_side": 32, "max_side": 64, "step": 16}, "lora": {"rank": 4, "alpha": 2},
+               "steps": 2, "lr": 1e-2, "batch_size": 1, "gradient_accumulation": 2, "mixed_precision": "no",
+               "gradient_checkpointing": True, "lr_scheduler": {"name": "constant"},
+               "checkpoints": {"every_steps": 2, "keep_last": 1, "sample_prompts": ["a photo of sks"],
+                               "sample_seeds": [1], "sample_steps": 2, "validation_fraction": 0.2}}
+    cfg = {**T.train_config(section, character="demo", trigger="sks", class_word="person"), "device": "cpu"}
+
+    def paths(name: str) -> dict[str, Path | None]:
+        return {"dataset_dir": dataset, "out_dir": tmp_path / name / "out", "scratch_dir": tmp_path / name / "scratch",
+                "cache_dir": tmp_path / "cache", "project_root": None, "regularization_dir": None}
+
+    logs: list[str] = []
+    one = LoraTrainer(cfg, **paths("one"), device="cpu").run()
+    two = train_data_parallel({**cfg, "parallel": "fsdp"}, 2, paths=paths("two"), device="cpu",
+                              callbacks=Callbacks(log=lambda m, **k: logs.append(m)))
+    assert two["parallel"] == "fsdp" and any(m.startswith("FSDP: denoiser sharded over 2") for m in logs)
+
+    def losses(name: str) -> list[float]:
+        rows = (json.loads(x) for x in (tmp_path / name / "out" / "logs" / "metrics.jsonl").read_text().splitlines())
+        return [r["loss"] for r in rows if "loss" in r]
+
+    assert losses("two") == pytest.approx(losses("one"), rel=1e-5) and len(losses("one")) == 2
+    assert two["history"][-1]["val_loss"] == pytest.approx(one["history"][-1]["val_loss"], rel=1e-5)
+    (sample,) = two["checkpoints"][-1]["samples"]  # drawn by every rank over the shards, written by rank 0
+    assert sample == one["checkpoints"][-1]["samples"][0]
+    a, b = (np.asarray(Image.open(tmp_path / n / "out" / "lora" / sample), dtype=np.int16) for n in ("one", "two"))
+    assert int(np.abs(a - b).max()) <= 1
