@@ -1,7 +1,7 @@
 """bench/scale/plan.py: `runner plan` time and peak memory as a spec grows to fleet size (issue 18).
 
     python bench/scale/plan.py [--videos 100,1000] [--folder 1000,10000] [--images 0,10000]
-                               [--repeat 3] [--cached] [--work DIR]
+                               [--repeat 3] [--cached] [--before DIR] [--work DIR]
 
 For each size, a fresh project: a spec whose dataset lists N video sources (``--videos``), one
 video source naming a folder of N videos (``--folder``: a ride day), or one image folder of N
@@ -10,7 +10,9 @@ but cost no disk. The first plan digests every file; the later ones (``--repeat`
 changed. With ``--cached`` every stage of the first plan is then recorded as run (an empty output
 folder promoted into the store under its key and made the stage's current key, which is all a
 plan reads of an earlier run), so the later plans are the no-op plan a user sees the morning after,
-every stage ``cached``, and a no-op ``runner apply`` is timed too. Each command runs in a
+every stage ``cached``, and a no-op ``runner apply`` is timed too. With ``--before DIR`` (a
+checkout of an older commit, e.g. ``git worktree add /tmp/before <commit>``) every case is also
+planned by that code, in a project of its own, interleaved with today's. Each command runs in a
 subprocess (what a user waits for, Python start-up included) and reports wall seconds, CPU seconds
 and the child's peak RSS. Sizes are interleaved across repetitions, so a busy machine slows every
 size alike; quote the ratios.
@@ -89,11 +91,16 @@ def plant_cached(project: Path) -> int:
     return len(plan.stages)
 
 
-def plant_in_child(project: Path) -> int:
+def code_env(code: Path | None) -> dict[str, str]:
+    """The children's environment; with ``code``, its ``runner`` package is imported first."""
+    return CHILD_ENV if code is None else {**CHILD_ENV, "PYTHONPATH": str(code)}
+
+
+def plant_in_child(project: Path, code: Path | None = None) -> int:
     """plant_cached in a child process: Linux carries a process's peak RSS across exec, so a
     parent that planned 10,000 stages itself would lend its peak to every command measured after."""
     r = subprocess.run([sys.executable, __file__, "--plant", str(project)], capture_output=True, text=True,
-                       env=CHILD_ENV)
+                       env=code_env(code))
     if r.returncode != 0:
         sys.exit(f"planting the cached state failed in {project}:\n{r.stderr[-2000:]}")
     return int(r.stdout.split()[-1])
@@ -113,10 +120,10 @@ def make_images(project: Path, n: int) -> None:
     (project / "specs" / "bench.yaml").write_text(HEAD + "    - images: ../images\n")
 
 
-def plan_once(project: Path, command: str = "plan") -> dict[str, float]:
+def plan_once(project: Path, command: str = "plan", code: Path | None = None) -> dict[str, float]:
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", MEASURE, command], cwd=project, capture_output=True, text=True,
-                       env=CHILD_ENV)
+                       env=code_env(code))
     wall = time.perf_counter() - t0
     line = next((ln for ln in r.stderr.splitlines() if ln.startswith("BENCH")), None)
     if r.returncode != 0 or line is None:
@@ -134,6 +141,16 @@ def summary(runs: list[dict[str, float]]) -> dict[str, object]:
     return out
 
 
+def ratios(later: dict[tuple, list[dict[str, float]]], case: tuple[str, int]) -> dict[str, object]:
+    """Per round, the older code's wall and CPU seconds over today's (same round: same load)."""
+    before, today = later[(*case, "before")], later[(*case, "today")]
+    out: dict[str, object] = {}
+    for key in ("wall_s", "cpu_s"):
+        r = [b[key] / t[key] for b, t in zip(before, today)]
+        out[key] = {"median": round(statistics.median(r), 2), "min": round(min(r), 2), "max": round(max(r), 2)}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--videos", default="100,1000", help="comma-separated numbers of video sources ('' for none)")
@@ -141,14 +158,17 @@ def main() -> None:
     ap.add_argument("--images", default="", help="comma-separated numbers of images in one folder")
     ap.add_argument("--cached", action="store_true",
                     help="after the first plan, record every stage as run: later plans are no-op plans")
+    ap.add_argument("--before", type=Path, default=None,
+                    help="a checkout of older code: every case is planned by it too, interleaved")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--work", type=Path, default=Path(__file__).resolve().parents[1] / "_work" / "scale_plan")
     args = ap.parse_args()
     makers = {"videos": make_videos, "folder": make_folder, "images": make_images}
-    cases = [(what, int(n)) for what in makers for n in getattr(args, what).split(",") if n]
+    codes = {"today": None, **({"before": args.before.resolve()} if args.before else {})}
+    cases = [(what, int(n), code) for what in makers for n in getattr(args, what).split(",") if n for code in codes]
     projects = {}
-    for what, n in cases:
-        project = args.work.resolve() / f"{what}_{n}"
+    for what, n, code in cases:
+        project = args.work.resolve() / f"{what}_{n}" / code
         (project / "specs").mkdir(parents=True, exist_ok=True)
         (project / "runner.toml").write_text("")
         makers[what](project, n)
@@ -157,24 +177,25 @@ def main() -> None:
                 import shutil
 
                 shutil.rmtree(state)
-        projects[(what, n)] = project
-    first = {case: plan_once(p) for case, p in projects.items()}
-    stages = {case: plant_in_child(p) for case, p in projects.items()} if args.cached else {}
-    later: dict[tuple[str, int], list[dict[str, float]]] = {case: [] for case in projects}
-    applies: dict[tuple[str, int], list[dict[str, float]]] = {case: [] for case in projects}
-    for _ in range(args.repeat):  # interleaved: every size once per round
+        projects[(what, n, code)] = project
+    first = {case: plan_once(p, code=codes[case[2]]) for case, p in projects.items()}
+    stages = {case: plant_in_child(p, codes[case[2]]) for case, p in projects.items()} if args.cached else {}
+    later: dict[tuple, list[dict[str, float]]] = {case: [] for case in projects}
+    applies: dict[tuple, list[dict[str, float]]] = {case: [] for case in projects}
+    for _ in range(args.repeat):  # interleaved: every size (and code) once per round
         for case, p in projects.items():
-            later[case].append(plan_once(p))
+            later[case].append(plan_once(p, code=codes[case[2]]))
             if args.cached:
-                applies[case].append(plan_once(p, "apply"))
+                applies[case].append(plan_once(p, "apply", codes[case[2]]))
     result = {"machine": {"cpu_cores": os.cpu_count(), "python": platform.python_version(),
                           "date": time.strftime("%Y-%m-%d")},
               "cached": args.cached,
-              "cases": [{"what": what, "n": n, "stages": stages.get((what, n)),
-                         "first_plan": {k: round(v, 3) for k, v in first[(what, n)].items()},
-                         "unchanged_plan": summary(later[(what, n)]),
-                         **({"noop_apply": summary(applies[(what, n)])} if args.cached else {})}
-                        for what, n in projects]}
+              "cases": [{"what": what, "n": n, "code": code, "stages": stages.get((what, n, code)),
+                         "first_plan": {k: round(v, 3) for k, v in first[(what, n, code)].items()},
+                         "unchanged_plan": summary(later[(what, n, code)]),
+                         **({"noop_apply": summary(applies[(what, n, code)])} if args.cached else {}),
+                         **({"before_over_today": ratios(later, (what, n))} if code == "today" and args.before else {})}
+                        for what, n, code in projects]}
     print(json.dumps(result, indent=2))
     (args.work / "result.json").write_text(json.dumps(result, indent=2))
 
