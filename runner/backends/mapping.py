@@ -47,7 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from runner.backends.volume import CACHE, MAP, FolderVolume, blob_relpath, result_relpath
+from runner.backends.volume import CACHE, MAP, FolderVolume, result_relpath
 from runner.core.fs import atomic_write_text, copy_atomic
 
 #: A launcher runs chunk requests in containers and yields their results in request order.
@@ -248,12 +248,7 @@ def _run_chunk(vol: FolderVolume, request: dict[str, Any], work: Path) -> dict[s
     """Materialize the chunk's files under ``work``, run its function, put what it wrote on the
     volume (``map/<key>/<m>.<i>of<n>/``)."""
     for rel, sha in request["files"].items():
-        target = work / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        src = vol.path(blob_relpath(sha))
-        if not src.is_file():
-            raise FileNotFoundError(f"input blob {sha} ({rel}) is missing from the volume")
-        shutil.copyfile(src, target)
+        vol.materialize(sha, rel, work / rel)
     for rel in request["dirs"]:
         (work / rel).mkdir(parents=True, exist_ok=True)
     base, here = request["base"], str(work)

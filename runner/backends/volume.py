@@ -20,6 +20,7 @@ file is fetched only when no local file with its digest is known.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -73,6 +74,14 @@ class FolderVolume:
         return json.loads(p.read_text(encoding="utf-8"))
 
     # worker-side
+    def materialize(self, sha: str, rel: str, target: Path) -> None:
+        """Copy blob ``sha`` (an input file known as ``rel``) to ``target``, making its folder."""
+        src = self.root / blob_relpath(sha)
+        if not src.is_file():
+            raise FileNotFoundError(f"input blob {sha} ({rel}) is missing from the volume")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, target)
+
     def put_blob(self, src: Path, sha: str | None = None) -> str:
         sha = sha or sha256_file(src)
         dest = self.root / blob_relpath(sha)

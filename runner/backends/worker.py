@@ -93,11 +93,7 @@ def _materialize(vol: FolderVolume, entry: dict[str, Any], dest: Path,
     files = []
     for rel, sha, _size in entry["files"]:
         target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        src = vol.path(blob_relpath(sha))
-        if not src.is_file():
-            raise FileNotFoundError(f"input blob {sha} ({rel}) is missing from the volume")
-        shutil.copyfile(src, target)
+        vol.materialize(sha, rel, target)
         files.append(target)
         shas[os.path.normpath(target)] = sha
     dest.mkdir(parents=True, exist_ok=True)

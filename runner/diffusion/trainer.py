@@ -274,6 +274,7 @@ class LoraTrainer:
         self.device = device = choose_device(device)
         self.mixed_precision = self.cfg.mixed_precision if device.startswith("cuda") else "no"
         self.timings: dict[str, float] = {}
+        self.fsdp = False  # one process until the accelerator says otherwise (_new_accelerator)
 
     # ------------------------------------------------------------------------------------
     # 1. model
