@@ -151,7 +151,7 @@ def test_plan_shows_the_batch_and_refuses_like_apply(specs, project, monkeypatch
     runner = CliRunner()
     r = runner.invoke(cli, ["plan", "specs/hero.yaml"])
     assert r.exit_code == 0, r.output
-    assert "~1.0 stage hours over 2 estimated stages; at best ~1.0 h of wall time with 4 remote at once" in r.output  # train, then eval
+    assert "~1.0 stage hours over 2 estimated stages; at best ~1.0 h of wall time with 4 remote at once" in r.output
     assert "budget 5.00 USD (hardware.budget.max_cost of specs/hero.yaml): within" in r.output
     r = runner.invoke(cli, ["plan", "--max-cost", "1", "specs/hero.yaml"])
     assert r.exit_code == 2 and "OVER, apply would refuse" in r.output
@@ -219,6 +219,9 @@ def test_the_timeline_shows_the_fan_out_containers_queue_and_cost_per_stage(spec
     for e in remote:
         assert queue_s <= e["metrics"]["remote.queue_s"] < queue_s + 5, e["metrics"]
         assert e["metrics"]["remote.containers"] == 1.0
+        # the remote path's phases: the call waited out the queue; upload and download are measured
+        assert e["metrics"]["remote.call_s"] >= queue_s, e["metrics"]
+        assert e["metrics"]["remote.upload_s"] >= 0 and e["metrics"]["remote.download_s"] >= 0
     f = fanout_summary(rows, 4)
     assert (f["stages"], f["containers"], f["retried"], f["queued"]) == (4, 4, 0, 4)
     assert 1 <= f["peak"] <= 4 and f["queue_median"] >= queue_s
@@ -229,3 +232,15 @@ def test_the_timeline_shows_the_fan_out_containers_queue_and_cost_per_stage(spec
         version="0")
     assert "4 remote stages on 4 containers" in html and "(hardware.modal.max_parallel 4)" in html
     assert "queue before a container started: median" in html and "cost per stage" in html
+    from runner.stages.report import _remote_phases
+
+    phases = _remote_phases(remote[0]["metrics"])
+    row = {"stage_id": "hero:x", "kind": "x", "action": "run", "status": "succeeded", "duration": 3.0, "reason": "",
+           "note": None, "cost": None, "per_unit": None,
+           "started": 0.0, "character": "hero", "phases": phases}
+    assert phases["call"] >= queue_s and _remote_phases({}) is None
+    page = _jinja_env().get_template("report.html.j2").render(
+        title="t", character={}, spec_file="", spec_yaml="", references=[], sections=[], timeline=[row],
+        fanout=None, killed_runs=[], total_time=3.0, total_cost=0.0, currency="USD", run_id="r", generated="now",
+        version="0")
+    assert "up " in page and " · call " in page and " · down " in page

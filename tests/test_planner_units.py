@@ -375,7 +375,8 @@ def test_many_inputs_added_are_counted_in_one_reason():
     from runner.plan.planner import explain_change
 
     old = {"kind": "k", "version": 1, "config": {}, "inputs": {"a": {"stage": "x:a", "key": "1"}}}
-    new = {**old, "inputs": {**old["inputs"], **{f"v{i:04d}": {"stage": f"x:v[{i}]", "key": str(i)} for i in range(1000)}}}
+    added = {f"v{i:04d}": {"stage": f"x:v[{i}]", "key": str(i)} for i in range(1000)}
+    new = {**old, "inputs": {**old["inputs"], **added}}
     assert explain_change(old, new) == ["1000 inputs added (v0000, v0001, v0002 and 997 more)"]
     few = {**old, "inputs": {**old["inputs"], "v1": {"stage": "x:v1", "key": "1"}}}
     assert explain_change(old, few) == ["input v1 added"]
@@ -385,7 +386,8 @@ def test_many_inputs_added_are_counted_in_one_reason():
 def test_many_changed_inputs_name_three_and_count_the_rest():
     from runner.plan.planner import explain_change
 
-    old = {"kind": "k", "version": 1, "config": {}, "inputs": {f"v{i}": {"stage": f"x:v{i}", "key": "a"} for i in range(10)}}
+    inputs = {f"v{i}": {"stage": f"x:v{i}", "key": "a"} for i in range(10)}
+    old = {"kind": "k", "version": 1, "config": {}, "inputs": inputs}
     new = {**old, "inputs": {f"v{i}": {"stage": f"x:v{i}", "key": "b"} for i in range(10)}}
     assert explain_change(old, new) == ["input v0: x:v0 changed", "input v1: x:v1 changed", "input v2: x:v2 changed",
                                         "and 7 more inputs changed"]

@@ -236,6 +236,11 @@ class RemoteInfo:
     resumed: str | None = None
     queue_s: float | None = None  # submitted -> the first container started (None: not measured)
     containers: int = 0  # containers this call started (its attempts; 0 when the result was reused)
+    # the remote path's phases on this machine's clock: inputs hashed and uploaded, the call (its
+    # containers' start and the stage's run), the outputs brought back
+    upload_s: float = 0.0
+    call_s: float = 0.0
+    download_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_metrics(self) -> dict[str, float]:
@@ -250,6 +255,9 @@ class RemoteInfo:
             "remote.uploaded_bytes": float(self.uploaded_bytes),
             "remote.downloaded_files": float(self.downloaded_files),
             "remote.downloaded_bytes": float(self.downloaded_bytes),
+            "remote.upload_s": round(self.upload_s, 3),
+            "remote.call_s": round(self.call_s, 3),
+            "remote.download_s": round(self.download_s, 3),
         }
 
 
@@ -367,6 +375,7 @@ class RemoteBackend:
             ctx.log("outputs for this cache key were already on the volume; fetching them")
         else:
             self._upload(local, info)
+            info.upload_s = time.monotonic() - t0
             ctx.log(f"inputs: {info.uploaded_files} file(s) uploaded ({info.uploaded_bytes} bytes), "
                     f"{info.reused_files} already on the volume")
             manifest["submitted"] = time.time()  # the worker measures the queue time from it
@@ -381,6 +390,7 @@ class RemoteBackend:
             try:
                 result = call.result()
             finally:
+                info.call_s = time.monotonic() - t0 - info.upload_s
                 relay.stop()
                 with self._lock:
                     self._calls.pop(call.call_id, None)
@@ -403,7 +413,9 @@ class RemoteBackend:
             info.wall_s = time.monotonic() - t0
             raise contract.StageError(f"{result.get('error', 'remote stage failed')} (remote call {info.call_id})",
                                   hint=result.get("hint", ""))
+        t_down = time.monotonic()
         outputs = self._download(result, Path(ctx.out_dir), info)
+        info.download_s = time.monotonic() - t_down
         info.wall_s = time.monotonic() - t0
         return outputs
 

@@ -114,6 +114,14 @@ def fanout_summary(executions: list[dict[str, Any]], max_parallel: int | None = 
             "per_unit": [{"unit": u, "units": n, "cost": c / n} for u, (n, c) in sorted(units.items())]}
 
 
+def _remote_phases(metrics: dict[str, Any]) -> dict[str, float] | None:
+    """A remote execution's upload, call and download seconds (None for a local one, or a row
+    recorded before they were)."""
+    if metrics.get("remote.call_s") is None:
+        return None
+    return {p: float(metrics.get(f"remote.{p}_s") or 0.0) for p in ("upload", "call", "download")}
+
+
 def _review_decisions(graph: contract.GraphView) -> dict[str, Any]:
     """Everything people decided in `runner review`, for the report's review section."""
     from runner.review import decisions
@@ -214,6 +222,7 @@ def run(config: dict[str, Any], inputs: dict[str, contract.Artifact],
         t["per_unit"] = per_unit(e, unit_targets(config.get("spec", {}), t["kind"])) if e else None
         t["estimate"] = plan_estimate(e) if e else None
         t["queue_s"] = (e["metrics"] or {}).get("remote.queue_s") if e else None
+        t["phases"] = _remote_phases(e["metrics"] or {}) if e else None
     modal = (config.get("spec", {}).get("hardware") or {}).get("modal") or {}
     fanout = fanout_summary(costs, modal.get("max_parallel"))
     tracked = _tracked_runs(ws, ctx.run_id, ctx.character) if ws is not None else []
