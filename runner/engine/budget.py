@@ -134,6 +134,8 @@ def batch_cost(plan: Any, estimates: dict[str, Estimate]) -> BatchCost:
 def _longest_chain(plan: Any, estimated: dict[str, Estimate]) -> float:
     """Seconds of the longest chain of estimated stages through the plan's dependencies (stages
     are in dependency order; cached and unestimated ones count 0)."""
+    if not estimated:  # nothing to run (a no-op plan of 10,000 stages): no walk
+        return 0.0
     done: dict[str, float] = {}
     for ps in plan.stages:
         start = max((done.get(u, 0.0) for u in ps.node.upstream_ids()), default=0.0)
