@@ -126,22 +126,14 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="interleaved rounds")
     ap.add_argument("--stride", type=int, default=None, help="dataset.sources[].stride (default: the schema's)")
     ap.add_argument("--quick", action="store_true", help="4 stages at stride 20, one round (under 2 min)")
-    ap.add_argument("--work", type=Path, default=K.REPO / "bench" / "_work" / "scale_fanout")
-    ap.add_argument("--summarize", action="store_true", help="reprint the table of the last results.json")
-    ap.add_argument("--child", help=argparse.SUPPRESS)
+    K.bench_args(ap, "scale_fanout")
     args = ap.parse_args()
-    if args.child:
-        return run_child(json.loads(args.child))
-    if args.summarize:
-        return print(table(resummarize(args.work / "results.json")))
+    if K.dispatch(args, run_child, resummarize, table):
+        return
     if args.quick:
         args.n, args.repeat, args.stride = 4, 1, 20
     K.check_data()
-    result = measure(args)
-    print(table(result))
-    args.work.mkdir(parents=True, exist_ok=True)
-    (args.work / "results.json").write_text(json.dumps(result, indent=1))
-    print(f"\nwrote {args.work / 'results.json'}")
+    K.write_results(args, measure(args), table)
 
 
 if __name__ == "__main__":

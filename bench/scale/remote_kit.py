@@ -11,6 +11,7 @@ volume (``.runner/`` and the volume folder removed), so nothing is cached or reu
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data"
@@ -154,6 +155,30 @@ def machine() -> dict[str, Any]:
     return {"cpu_cores": os.cpu_count(), "shared": "2 cores shared with other sessions and test runs",
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
             "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
+
+
+def bench_args(ap: Any, work: str) -> None:
+    """The options both benches share: --work, --summarize and the hidden --child."""
+    ap.add_argument("--work", type=Path, default=REPO / "bench" / "_work" / work)
+    ap.add_argument("--summarize", action="store_true", help="reprint the table of the last results.json")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+
+
+def dispatch(args: Any, run_child: Callable[[dict], None], resummarize: Callable[[Path], dict],
+             table: Callable[[dict], str]) -> bool:
+    """Answer --child or --summarize; True when one was (then the bench has nothing left to do)."""
+    if args.child:
+        run_child(json.loads(args.child))
+    elif args.summarize:
+        print(table(resummarize(args.work / "results.json")))
+    return bool(args.child or args.summarize)
+
+
+def write_results(args: Any, result: dict, table: Callable[[dict], str]) -> None:
+    print(table(result))
+    args.work.mkdir(parents=True, exist_ok=True)
+    (args.work / "results.json").write_text(json.dumps(result, indent=1))
+    print(f"\nwrote {args.work / 'results.json'}")
 
 
 def check_data() -> None:

@@ -248,14 +248,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=7, help="rounds (each: every case, local and remote)")
     ap.add_argument("--stride", type=int, default=None, help="the video source's stride (default: the schema's)")
     ap.add_argument("--quick", action="store_true", help="2 rounds (under 2 minutes)")
-    ap.add_argument("--work", type=Path, default=K.REPO / "bench" / "_work" / "scale_remote")
-    ap.add_argument("--summarize", action="store_true", help="reprint the table of the last results.json")
-    ap.add_argument("--child", help=argparse.SUPPRESS)
+    K.bench_args(ap, "scale_remote")
     args = ap.parse_args()
-    if args.child:
-        return run_child(json.loads(args.child))
-    if args.summarize:
-        return print(table(resummarize(args.work / "results.json")))
+    if K.dispatch(args, run_child, resummarize, table):
+        return
     args.cases = [c for c in args.cases.split(",") if c]
     unknown = [c for c in args.cases if c not in CASES]
     if unknown:
@@ -263,11 +259,7 @@ def main() -> None:
     if args.quick:
         args.repeat = 2
     K.check_data()
-    result = measure(args)
-    print(table(result))
-    args.work.mkdir(parents=True, exist_ok=True)
-    (args.work / "results.json").write_text(json.dumps(result, indent=1))
-    print(f"\nwrote {args.work / 'results.json'}")
+    K.write_results(args, measure(args), table)
 
 
 if __name__ == "__main__":
