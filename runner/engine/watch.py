@@ -31,12 +31,11 @@ from typing import Any, Callable
 
 from runner.core.errors import UserError
 from runner.engine.lock import LockHeld
-from runner.paths import iter_tree
+from runner.paths import glob_walks_folders, iter_tree, split_glob
 
 # The one place for the defaults (`runner watch --interval/--settle` show these).
 DEFAULT_INTERVAL_S = 5.0
 DEFAULT_SETTLE_S = 10.0
-_GLOB_CHARS = frozenset("*?[")
 
 
 @dataclass(frozen=True)
@@ -94,9 +93,9 @@ def _source_roots(spec: Any) -> list[Root]:
         if not value:
             continue
         path = spec.abspath(value)
-        if _GLOB_CHARS & set(value):
-            path = next(p for p in path.parents if not _GLOB_CHARS & set(str(p)))
-            out.append(Root(path, recursive=True))
+        glob = None if os.path.lexists(path) else split_glob(value)  # as runner.stages.common lists it
+        if glob is not None:
+            out.append(Root(spec.abspath(glob[0] or "."), recursive=glob_walks_folders(glob[1])))
         else:
             out.append(Root(path, source.recursive))
     return out
