@@ -158,6 +158,11 @@ class GraphView(Protocol):
 
     def node(self, stage_id: str) -> PlanNode | None: ...
 
+    def memo(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """``compute()``, once per key for this spec's expansion (several kinds reading one
+        folder of videos walk it once)."""
+        ...
+
 
 RunFn = Callable[[dict[str, Any], dict[str, Artifact], StageContext], dict[str, Artifact]]
 ExpandFn = Callable[[dict[str, Any], GraphView], Iterable[PlanNode]]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from runner.spec import schema as S
 from runner.spec.errors import format_key_path
@@ -30,15 +30,23 @@ class _View:
     project_root: Path
     spec_file: Path
     _nodes: list[contract.PlanNode] = field(default_factory=list)
+    _by_id: dict[str, contract.PlanNode] = field(default_factory=dict)
+    _memo: dict[Any, Any] = field(default_factory=dict)
+
+    def add(self, node: contract.PlanNode) -> None:
+        self._nodes.append(node)
+        self._by_id[node.id] = node
 
     def nodes_of(self, kind: str) -> list[contract.PlanNode]:
         return [n for n in self._nodes if n.kind == kind]
 
     def node(self, stage_id: str) -> contract.PlanNode | None:
-        for n in self._nodes:
-            if n.id == stage_id:
-                return n
-        return None
+        return self._by_id.get(stage_id)  # a ride day's clip nodes each look up their identity node
+
+    def memo(self, key: Any, compute: Callable[[], Any]) -> Any:
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
     @property
     def nodes(self) -> list[contract.PlanNode]:
@@ -89,7 +97,7 @@ def expand_spec(spec: Spec, registry: contract.Registry | None = None) -> list[c
             if node.kind != kind.kind:
                 raise GraphError(f"stage kind {kind.kind!r} expanded a node of kind {node.kind!r}")
             node.inputs.update(model_inputs(node, models))
-            view._nodes.append(node)
+            view.add(node)
     return view.nodes
 
 

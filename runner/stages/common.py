@@ -164,26 +164,17 @@ class VideoFile:
                                    recursive=False, spec_key=self.spec_key)
 
 
-_LISTED: tuple[Any, dict[tuple, list[VideoFile]]] = (None, {})  # (the graph view being expanded, its listings)
-
-
 def video_files(source: Any, i: int, graph: contract.GraphView) -> list[VideoFile]:
     """The video files of source ``i`` (a typed SourceConfig), sorted: the one file it names (a
     file that is missing stays one item: the stage says so), or every video file of its folder
     (``recursive`` honoured) or glob (relative to the project root in the resolved spec). The one
     expansion video_identity, video_clips and extract share: a folder is walked once per plan."""
-    global _LISTED
     value = source.video
     if not value:
         return []
-    owner, listed = _LISTED  # one pair, replaced whole: two plans at once list twice, never mix
-    if owner is not graph:
-        listed = {}
-        _LISTED = (graph, listed)
-    key = (value, bool(source.recursive), i)
-    if key not in listed:
-        listed[key] = _list_video_source(value, bool(source.recursive), i, graph.project_root)
-    return listed[key]
+    recursive = bool(source.recursive)
+    return graph.memo(("video_files", value, recursive, i),
+                      lambda: _list_video_source(value, recursive, i, graph.project_root))
 
 
 def _list_video_source(value: str, recursive: bool, i: int, project_root: Path) -> list[VideoFile]:
