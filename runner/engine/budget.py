@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from runner.engine.cost import Estimate
+from runner.engine.cost import Estimate, duration_text
 from runner.engine.request import ApplyError
 from runner.spec.config import view_of
 from runner.spec.sections import BudgetConfig
@@ -202,19 +202,12 @@ def _hint(batch: BatchCost, budget: Budget) -> str:
     return hint
 
 
-def _wall(seconds: float) -> str:
-    """Hours from one hour up, else minutes (a ride day fanned out over 100 containers: ~12 min)."""
-    if seconds >= 3600:
-        return f"{seconds / 3600:.1f} h"
-    return f"{max(1, round(seconds / 60)) if seconds > 0 else 0} min"
-
-
 def plan_line(batch: BatchCost, budget: Budget, max_parallel: int) -> str:
     """`runner plan`'s line on the whole batch: its stage hours, the wall time it needs at best, and
     its budget (within, or over: then `runner apply` refuses)."""
     n = len(batch.stages)
     line = (f"  ~{batch.seconds / 3600:.1f} stage hours over {n} estimated stage{'s' if n != 1 else ''}; at best "
-            f"~{_wall(batch.wall_seconds(max_parallel))} of wall time with {max_parallel} remote at once")
+            f"~{duration_text(batch.wall_seconds(max_parallel))} of wall time with {max_parallel} remote at once")
     limits = []
     if budget.max_cost is not None:
         limits.append(f"{budget.max_cost:.2f} {batch.currency} ({budget.cost_from})")

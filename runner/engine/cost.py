@@ -169,6 +169,11 @@ def _pick(runs: list[PastRun], node: contract.PlanNode) -> tuple[list[PastRun], 
     return (runs, f"{node.kind} stages") if runs else ([], "")
 
 
+def duration_text(seconds: float) -> str:
+    """``40 s``, ``12 min``, ``1.8 h``: how the plan writes a duration."""
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else _minutes(seconds)
+
+
 def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
