@@ -258,6 +258,31 @@ def test_a_first_plan_of_many_new_files_in_one_folder_writes_its_stat_cache_once
         ws.close()
 
 
+def test_a_plan_killed_while_hashing_keeps_what_it_read_until_the_last_periodic_flush(tmp_path, monkeypatch):
+    """While a first plan hashes new files it writes the stat cache every DIGEST_FLUSH_S, so a kill
+    (the workspace never closed, no final flush) costs only the files read since."""
+    import glob
+
+    from runner.engine import workspace as wsmod
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    names = [f"ride_{i}.mp4" for i in range(6)]
+    for n in names:
+        (videos / n).write_bytes(n.encode())
+    refs = [contract.FileSetRef(root=videos, patterns=(glob.escape(n),), recursive=False, spec_key="k") for n in names]
+    monkeypatch.setattr(wsmod, "DIGEST_FLUSH_S", -1.0)  # every new file set flushes
+    ws = wsmod.Workspace(tmp_path)
+    for r in refs[:4]:
+        ws.digest_fileset(r)  # then the process dies: no flush_digests, no close
+    again = wsmod.Workspace(tmp_path)
+    try:
+        assert sorted(again._stat_root(str(videos))) == names[:4]
+    finally:
+        again.close()
+        ws._db.close()
+
+
 def test_symlink_loops_in_a_photo_folder_are_followed_once(hero):
     photos = hero.parent.parent / "photos"
     (photos / "loop").symlink_to(photos)

@@ -73,6 +73,8 @@ DROP INDEX IF EXISTS executions_learn;
 """
 
 MANIFEST = "_manifest.json"
+# Seconds between two writes of the stat caches while a plan hashes files it has not seen.
+DIGEST_FLUSH_S = 10.0
 
 # Seconds between two "still alive" writes of a running apply (runs.heartbeat).
 HEARTBEAT_S = float(os.environ.get("CHARACTER_RUNNER_HEARTBEAT_S", "5"))
@@ -120,6 +122,7 @@ class Workspace:
         self._db: sqlite3.Connection | None = None
         self._stat_entries: dict[str, dict[str, Any]] = {}  # root -> its stat cache, loaded once
         self._dirty_roots: set[str] = set()  # roots whose stat cache changed since flush_digests
+        self._flushed_at = time.monotonic()
         self._current: dict[str, tuple] | None = None  # stage id -> (key, run id, finished), read once
 
     # ------------------------------------------------------------------ db
@@ -228,12 +231,16 @@ class Workspace:
                 del old[rel]
             old.update(index.entries)
             self._dirty_roots.add(root_key)
+            if index.rehashed and time.monotonic() - self._flushed_at > DIGEST_FLUSH_S:
+                self.flush_digests()  # a first plan hashing a day of videos keeps what it read so far
         return files
 
     def flush_digests(self) -> None:
-        """Write the stat caches that changed since the last flush: once per plan, not once per file
-        set (a first plan of 10,000 new videos in one folder would rewrite that root's blob 10,000
-        times). Losing them (a crash before the flush) only costs re-hashing at the next plan."""
+        """Write the stat caches that changed since the last flush: at the end of a plan, and while
+        a plan reads files, every DIGEST_FLUSH_S, never once per file set (a first plan of 10,000
+        new videos in one folder would rewrite that root's blob 10,000 times). A plan killed in
+        between re-hashes at the next plan only the files read since the last flush."""
+        self._flushed_at = time.monotonic()
         if not self._dirty_roots:
             return
         with self.db:
