@@ -421,6 +421,9 @@ def test_expand_one_node_per_video_source(tmp_path):
         project_root = tmp_path
         spec_file = tmp_path / "specs" / "hero.yaml"
 
+        def memo(self, key, compute):  # contract.GraphView: nothing kept between calls here
+            return compute()
+
     (tmp_path / "refs").mkdir()
     spec = {"character": {"name": "hero", "references": ["refs", "refs2/one.png"]},
             "dataset": {"sources": [{"images": "photos"},
